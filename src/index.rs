@@ -1,0 +1,309 @@
+//! The local index: one `FileRecord` per path as this node has it applied, a local
+//! sequence number per change (what peers are sent as increments), and the local stat
+//! cache that lets a rescan skip hashing unchanged files. Pure: no I/O.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::identity::ShortId;
+use crate::paths::RelPath;
+use crate::version::VersionVector;
+
+/// What a path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    File,
+    Directory,
+    Symlink,
+}
+
+/// BLAKE3 of a file's content.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ContentHash(pub [u8; 32]);
+
+impl std::fmt::Debug for ContentHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.0[..6] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The replicated state of one path. Records with equal versions are identical on
+/// every node (except `mode`, which local policy may tighten on apply).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecord {
+    pub path: RelPath,
+    pub kind: Kind,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub hash: ContentHash,
+    pub target: String,
+    pub version: VersionVector,
+    pub deleted: bool,
+    pub modified_by: ShortId,
+}
+
+impl FileRecord {
+    /// Same bytes on disk (kind, content, link target, deletion), ignoring metadata.
+    pub fn same_content(&self, other: &FileRecord) -> bool {
+        self.deleted == other.deleted
+            && (self.deleted
+                || (self.kind == other.kind
+                    && self.hash == other.hash
+                    && self.target == other.target))
+    }
+
+    /// The deterministic conflict rule: of two concurrent records, the later mtime
+    /// wins, ties go to the higher device, then to content so the order is total.
+    pub fn wins_over(&self, other: &FileRecord) -> bool {
+        (self.mtime_ns, self.modified_by, self.deleted, self.hash)
+            > (other.mtime_ns, other.modified_by, other.deleted, other.hash)
+    }
+}
+
+/// What the local filesystem showed at the last scan or apply: when a new stat
+/// equals this, the file is unchanged and is not hashed again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LocalStat {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    pub ino: u64,
+    pub ctime_ns: i64,
+}
+
+/// A path as seen on disk by the scanner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub kind: Kind,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub hash: ContentHash,
+    pub target: String,
+    pub stat: LocalStat,
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub record: FileRecord,
+    pub sequence: u64,
+    pub stat: Option<LocalStat>,
+}
+
+/// The local index.
+#[derive(Debug)]
+pub struct Index {
+    me: ShortId,
+    entries: HashMap<RelPath, Entry>,
+    by_sequence: BTreeMap<u64, RelPath>,
+    sequence: u64,
+}
+
+impl Index {
+    pub fn new(me: ShortId) -> Self {
+        Index {
+            me,
+            entries: HashMap::new(),
+            by_sequence: BTreeMap::new(),
+            sequence: 0,
+        }
+    }
+
+    pub fn me(&self) -> ShortId {
+        self.me
+    }
+
+    /// The highest local sequence number handed out.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    pub fn get(&self, p: &RelPath) -> Option<&Entry> {
+        self.entries.get(p)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Live (not deleted) records.
+    pub fn live_count(&self) -> usize {
+        self.entries.values().filter(|e| !e.record.deleted).count()
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    /// Records changed after `sequence`, in sequence order.
+    pub fn changed_since(&self, sequence: u64) -> impl Iterator<Item = &Entry> {
+        self.by_sequence
+            .range(sequence + 1..)
+            .filter_map(|(_, p)| self.entries.get(p))
+    }
+
+    /// Paths at or below `dir` (for a directory that vanished or was moved away).
+    pub fn paths_within(&self, dir: &RelPath) -> Vec<RelPath> {
+        self.entries
+            .keys()
+            .filter(|p| p.is_within(dir))
+            .cloned()
+            .collect()
+    }
+
+    /// True when `stat` matches what we last saw, so hashing can be skipped.
+    pub fn unchanged(&self, p: &RelPath, stat: &LocalStat) -> bool {
+        self.entries
+            .get(p)
+            .is_some_and(|e| !e.record.deleted && e.stat.as_ref() == Some(stat))
+    }
+
+    /// Stores `record` (from a peer or a local change) under a fresh sequence number.
+    pub fn put(&mut self, record: FileRecord, stat: Option<LocalStat>) -> u64 {
+        self.sequence += 1;
+        let seq = self.sequence;
+        if let Some(old) = self.entries.get(&record.path) {
+            self.by_sequence.remove(&old.sequence);
+        }
+        self.by_sequence.insert(seq, record.path.clone());
+        self.entries.insert(
+            record.path.clone(),
+            Entry {
+                record,
+                sequence: seq,
+                stat,
+            },
+        );
+        seq
+    }
+
+    /// Restores an entry as persisted (no new sequence number).
+    pub fn restore(&mut self, entry: Entry) {
+        self.sequence = self.sequence.max(entry.sequence);
+        if let Some(old) = self.entries.get(&entry.record.path) {
+            self.by_sequence.remove(&old.sequence);
+        }
+        self.by_sequence
+            .insert(entry.sequence, entry.record.path.clone());
+        self.entries.insert(entry.record.path.clone(), entry);
+    }
+
+    /// Updates only the stat cache (after an apply or a content-neutral touch).
+    pub fn set_stat(&mut self, p: &RelPath, stat: Option<LocalStat>) {
+        if let Some(e) = self.entries.get_mut(p) {
+            e.stat = stat;
+        }
+    }
+
+    /// Folds one scan observation in. Returns the new record when it is a change
+    /// (our counter bumped), `None` when nothing replicable changed.
+    pub fn observe(&mut self, p: &RelPath, seen: Option<Observed>, now_ns: i64) -> Option<FileRecord> {
+        let prev = self.entries.get(p);
+        match (prev, seen) {
+            (None, None) => None,
+            (Some(e), None) if e.record.deleted => None,
+            (Some(e), None) => {
+                let mut r = e.record.clone();
+                r.version.bump(self.me);
+                r.deleted = true;
+                r.size = 0;
+                r.hash = ContentHash::default();
+                r.target.clear();
+                r.mtime_ns = now_ns.max(e.record.mtime_ns);
+                r.modified_by = self.me;
+                self.put(r.clone(), None);
+                Some(r)
+            }
+            (prev, Some(o)) => {
+                if let Some(e) = prev.filter(|e| !e.record.deleted) {
+                    let applied_mode = e.stat.map_or(e.record.mode, |s| s.mode);
+                    let same = e.record.kind == o.kind
+                        && e.record.hash == o.hash
+                        && e.record.target == o.target
+                        && applied_mode == o.mode;
+                    if same {
+                        self.set_stat(p, Some(o.stat));
+                        return None;
+                    }
+                }
+                let mut version = prev.map(|e| e.record.version.clone()).unwrap_or_default();
+                version.bump(self.me);
+                let r = FileRecord {
+                    path: p.clone(),
+                    kind: o.kind,
+                    size: o.size,
+                    mode: o.mode,
+                    mtime_ns: o.mtime_ns,
+                    hash: o.hash,
+                    target: o.target,
+                    version,
+                    deleted: false,
+                    modified_by: self.me,
+                };
+                self.put(r.clone(), Some(o.stat));
+                Some(r)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn file(path: &str, content: u8, mtime: i64) -> Observed {
+        Observed {
+            kind: Kind::File,
+            size: 1,
+            mode: 0o644,
+            mtime_ns: mtime,
+            hash: ContentHash([content; 32]),
+            target: String::new(),
+            stat: LocalStat {
+                size: 1,
+                mtime_ns: mtime,
+                mode: 0o644,
+                ino: path.len() as u64,
+                ctime_ns: mtime,
+            },
+        }
+    }
+
+    #[test]
+    fn observe_bumps_only_on_change() {
+        let me = ShortId(7);
+        let mut ix = Index::new(me);
+        let p = RelPath::parse("a").unwrap();
+        let r1 = ix.observe(&p, Some(file("a", 1, 10)), 10).unwrap();
+        assert_eq!(r1.version.counter(me), 1);
+        // Same content, new mtime: no new version.
+        assert!(ix.observe(&p, Some(file("a", 1, 20)), 20).is_none());
+        let r2 = ix.observe(&p, Some(file("a", 2, 30)), 30).unwrap();
+        assert_eq!(r2.version.counter(me), 2);
+        let del = ix.observe(&p, None, 40).unwrap();
+        assert!(del.deleted && del.version.counter(me) == 3);
+        assert!(ix.observe(&p, None, 50).is_none());
+        assert_eq!(ix.sequence(), 3);
+        let seqs: Vec<u64> = ix.changed_since(0).map(|e| e.sequence).collect();
+        assert_eq!(seqs, vec![3]);
+    }
+
+    #[test]
+    fn chmod_is_a_change() {
+        let mut ix = Index::new(ShortId(1));
+        let p = RelPath::parse("k.pem").unwrap();
+        ix.observe(&p, Some(file("k.pem", 1, 10)), 10);
+        let mut o = file("k.pem", 1, 10);
+        o.mode = 0o600;
+        o.stat.mode = 0o600;
+        let r = ix.observe(&p, Some(o), 11).unwrap();
+        assert_eq!(r.mode, 0o600);
+    }
+}

@@ -1,0 +1,24 @@
+//! certmesh keeps one directory — the certificate tree — identical on every node of a
+//! fleet of TLS frontends, over QUIC with mutual TLS.
+//!
+//! # Layout
+//! Pure core (no I/O): [`version`] (version vectors), [`index`] (local records and
+//! sequence numbers), [`plan`] (peers' records, needs, conflict rule, acks),
+//! [`paths`] (the validated path type).
+//!
+//! Edges: [`config`] (TOML), [`identity`] (device key + ID), [`wire`] (protobuf from
+//! `proto/`, framing), [`store`] (index on disk), [`scan`] + [`watch`] (reading the
+//! tree, notify + debounce), [`apply`] (staged atomic writes), [`transport`] (quinn +
+//! pinned mTLS), [`peer`] (one task per connection), [`node`] (the daemon wiring it
+//! together), [`control`] (local socket for `status`), [`demo`].
+
+pub mod apply;
+pub mod config;
+pub mod identity;
+pub mod index;
+pub mod paths;
+pub mod plan;
+pub mod scan;
+pub mod store;
+pub mod version;
+pub mod wire;

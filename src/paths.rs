@@ -1,0 +1,220 @@
+//! Paths inside the tree: the one validated type (`RelPath`) every module uses, so a
+//! path from a peer or from disk can't name anything outside the tree.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Longest path accepted, in bytes.
+pub const MAX_PATH: usize = 4096;
+/// Longest single name, in bytes (what Linux filesystems hold).
+pub const MAX_NAME: usize = 255;
+/// Internal directory at the tree root.
+pub const INTERNAL_DIR: &str = ".certmesh";
+
+/// Why a path was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// The empty path (the tree root itself) is not a record.
+    #[error("empty path")]
+    Empty,
+    /// Longer than `MAX_PATH` bytes or with a name longer than `MAX_NAME`.
+    #[error("path too long: {0:.80}…")]
+    TooLong(String),
+    /// Absolute paths name something outside the tree.
+    #[error("absolute path {0:?}")]
+    Absolute(String),
+    /// `..`, `.` or empty components.
+    #[error("path {0:?} has a '.', '..' or empty component")]
+    BadComponent(String),
+    /// NUL bytes cannot be held by the OS.
+    #[error("path contains a NUL byte")]
+    Nul,
+    /// The path is local-only internal state (`.certmesh/tmp`, `.certmesh/conflicts`).
+    #[error("path {0:?} is local-only internal state")]
+    LocalOnly(String),
+    /// A symlink whose target is absolute or leaves the tree.
+    #[error("symlink {link:?} -> {target:?} leaves the tree")]
+    EscapingSymlink { link: String, target: String },
+}
+
+/// A relative, normalised, '/'-separated path inside the tree.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RelPath(String);
+
+impl RelPath {
+    /// Validates a path received from a peer or built from disk.
+    pub fn parse(s: &str) -> Result<Self, PathError> {
+        if s.is_empty() {
+            return Err(PathError::Empty);
+        }
+        if s.contains('\0') {
+            return Err(PathError::Nul);
+        }
+        if s.len() > MAX_PATH {
+            return Err(PathError::TooLong(s.to_string()));
+        }
+        if s.starts_with('/') {
+            return Err(PathError::Absolute(s.to_string()));
+        }
+        for c in s.split('/') {
+            if c.is_empty() || c == "." || c == ".." {
+                return Err(PathError::BadComponent(s.to_string()));
+            }
+            if c.len() > MAX_NAME {
+                return Err(PathError::TooLong(s.to_string()));
+            }
+        }
+        Ok(RelPath(s.to_string()))
+    }
+
+    /// Validates and also refuses local-only internal paths: what a peer may send.
+    pub fn parse_shared(s: &str) -> Result<Self, PathError> {
+        let p = Self::parse(s)?;
+        if p.is_local_only() {
+            return Err(PathError::LocalOnly(s.to_string()));
+        }
+        Ok(p)
+    }
+
+    /// The path relative to `root`, if it is inside it and valid.
+    pub fn from_fs(root: &Path, full: &Path) -> Option<Self> {
+        let rel = full.strip_prefix(root).ok()?;
+        Self::parse(rel.to_str()?).ok()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Where this path lives under `root`.
+    pub fn under(&self, root: &Path) -> PathBuf {
+        root.join(&self.0)
+    }
+
+    /// The parent path, `None` at top level.
+    pub fn parent(&self) -> Option<RelPath> {
+        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_string()))
+    }
+
+    /// The last component.
+    pub fn name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+
+    /// Number of components.
+    pub fn depth(&self) -> usize {
+        self.0.split('/').count()
+    }
+
+    /// True when `self` is `other` or below it.
+    pub fn is_within(&self, other: &RelPath) -> bool {
+        self.0 == other.0
+            || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+    }
+
+    /// `.certmesh/tmp/**` and `.certmesh/conflicts/**`: never replicated.
+    pub fn is_local_only(&self) -> bool {
+        let s = &self.0;
+        ["tmp", "conflicts"].iter().any(|d| {
+            let base = format!("{INTERNAL_DIR}/{d}");
+            s == &base || s.starts_with(&(base + "/"))
+        })
+    }
+
+    /// Private keys keep "other" permission bits off on every node.
+    pub fn is_private_key(&self) -> bool {
+        let name = self.name().to_ascii_lowercase();
+        (name.contains("key") && name.ends_with(".pem")) || name.ends_with(".key")
+    }
+
+    /// Checks that a relative symlink at this path stays inside the tree.
+    pub fn check_symlink_target(&self, target: &str) -> Result<(), PathError> {
+        let escape = || PathError::EscapingSymlink {
+            link: self.0.clone(),
+            target: target.to_string(),
+        };
+        if target.is_empty() || target.starts_with('/') || target.len() > MAX_PATH {
+            return Err(escape());
+        }
+        if target.contains('\0') {
+            return Err(PathError::Nul);
+        }
+        let mut stack: Vec<&str> = match self.0.rfind('/') {
+            Some(i) => self.0[..i].split('/').collect(),
+            None => Vec::new(),
+        };
+        for c in target.split('/') {
+            match c {
+                "" | "." => {}
+                ".." => {
+                    stack.pop().ok_or_else(escape)?;
+                }
+                name => stack.push(name),
+            }
+        }
+        if stack.is_empty() {
+            return Err(escape());
+        }
+        let resolved = RelPath(stack.join("/"));
+        if resolved.is_local_only() {
+            return Err(escape());
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_escapes() {
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "a\0b"] {
+            assert!(RelPath::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(RelPath::parse(&"a".repeat(256)).is_err());
+        assert!(RelPath::parse(&"a/".repeat(3000)).is_err());
+        for good in ["a", "acme/.well-known/acme-challenge/tok", "ünï cödé/ x", "..a", "a.."] {
+            assert!(RelPath::parse(good).is_ok(), "{good:?} refused");
+        }
+        assert!(RelPath::parse_shared(".certmesh/tmp/x").is_err());
+        assert!(RelPath::parse_shared(".certmesh/conflicts").is_err());
+        assert!(RelPath::parse_shared(".certmesh/acme/account.json").is_ok());
+        assert!(RelPath::parse_shared(".certmesh/tmpx").is_ok());
+    }
+
+    #[test]
+    fn symlink_targets() {
+        let live = RelPath::parse("live/www").unwrap();
+        assert!(live.check_symlink_target("../archive/www/3").is_ok());
+        assert!(live.check_symlink_target("../../etc").is_err());
+        assert!(live.check_symlink_target("..").is_err());
+        assert!(live.check_symlink_target("/etc/passwd").is_err());
+        assert!(live.check_symlink_target("../.certmesh/conflicts/x").is_err());
+        let top = RelPath::parse("link").unwrap();
+        assert!(top.check_symlink_target("dir/file").is_ok());
+        assert!(top.check_symlink_target("../x").is_err());
+    }
+
+    #[test]
+    fn within_and_keys() {
+        let a = RelPath::parse("a/b").unwrap();
+        assert!(a.is_within(&RelPath::parse("a").unwrap()));
+        assert!(!RelPath::parse("ab").unwrap().is_within(&RelPath::parse("a").unwrap()));
+        assert!(RelPath::parse("live/x/privkey.pem").unwrap().is_private_key());
+        assert!(RelPath::parse("www.example.com.key").unwrap().is_private_key());
+        assert!(!RelPath::parse("live/x/fullchain.pem").unwrap().is_private_key());
+    }
+}

@@ -1,0 +1,207 @@
+//! Reading the tree: lstat + BLAKE3 of single paths (what the watcher asks for) and a
+//! full walk (start-up and the periodic safety-net rescan). Never follows symlinks.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use crate::index::{ContentHash, Kind, LocalStat, Observed};
+use crate::paths::{RelPath, INTERNAL_DIR};
+
+/// What is at a path right now.
+#[derive(Debug)]
+pub enum Seen {
+    /// Nothing (or not something we sync: then the reason is logged by the caller).
+    Absent,
+    /// Present but not syncable (fifo, socket, device, escaping symlink, …).
+    Skipped(String),
+    /// A file, directory or symlink with its stat.
+    Present {
+        kind: Kind,
+        stat: LocalStat,
+        target: String,
+    },
+}
+
+/// The stat cache entry of metadata.
+pub fn local_stat(m: &fs::Metadata) -> LocalStat {
+    LocalStat {
+        size: if m.is_file() { m.len() } else { 0 },
+        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        mode: m.mode() & 0o7777,
+        ino: m.ino(),
+        ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+    }
+}
+
+/// lstat of one path, refusing paths reached through a symlinked directory.
+pub fn look(root: &Path, p: &RelPath) -> io::Result<Seen> {
+    // Every ancestor must be a real directory, or the path is not really in the tree.
+    let mut anc = p.parent();
+    while let Some(a) = anc {
+        match fs::symlink_metadata(a.under(root)) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Ok(Seen::Absent),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Seen::Absent),
+            Err(e) => return Err(e),
+        }
+        anc = a.parent();
+    }
+    let m = match fs::symlink_metadata(p.under(root)) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Seen::Absent),
+        Err(e) => return Err(e),
+    };
+    let ft = m.file_type();
+    let stat = local_stat(&m);
+    if ft.is_file() {
+        Ok(Seen::Present {
+            kind: Kind::File,
+            stat,
+            target: String::new(),
+        })
+    } else if ft.is_dir() {
+        Ok(Seen::Present {
+            kind: Kind::Directory,
+            stat,
+            target: String::new(),
+        })
+    } else if ft.is_symlink() {
+        let target = fs::read_link(p.under(root))?;
+        let Some(target) = target.to_str() else {
+            return Ok(Seen::Skipped("symlink target is not UTF-8".into()));
+        };
+        match p.check_symlink_target(target) {
+            Ok(()) => Ok(Seen::Present {
+                kind: Kind::Symlink,
+                stat,
+                target: target.to_string(),
+            }),
+            Err(e) => Ok(Seen::Skipped(e.to_string())),
+        }
+    } else {
+        let what = if ft.is_fifo() {
+            "fifo"
+        } else if ft.is_socket() {
+            "socket"
+        } else {
+            "device"
+        };
+        Ok(Seen::Skipped(format!("special file ({what}) is not synced")))
+    }
+}
+
+/// BLAKE3 of a file, with the stat taken around the read; `None` if the file changed
+/// or vanished while being read (the caller looks again later).
+pub fn hash_file(full: &Path) -> io::Result<Option<(ContentHash, LocalStat)>> {
+    let f = match fs::File::open(full) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let before = local_stat(&f.metadata()?);
+    let mut h = blake3::Hasher::new();
+    h.update_reader(&f)?;
+    let after = local_stat(&fs::symlink_metadata(full)?);
+    if before != after {
+        return Ok(None);
+    }
+    Ok(Some((ContentHash(*h.finalize().as_bytes()), before)))
+}
+
+/// Turns a `Seen::Present` into an observation, hashing files.
+pub fn observe(root: &Path, p: &RelPath, kind: Kind, stat: LocalStat, target: String) -> io::Result<Option<Observed>> {
+    let hash = match kind {
+        Kind::File => match hash_file(&p.under(root))? {
+            Some((h, s)) if s == stat => h,
+            _ => return Ok(None),
+        },
+        _ => ContentHash::default(),
+    };
+    Ok(Some(Observed {
+        kind,
+        size: stat.size,
+        mode: stat.mode,
+        mtime_ns: stat.mtime_ns,
+        hash,
+        target,
+        stat,
+    }))
+}
+
+/// Every syncable path under `root` (directories before their contents), skipping
+/// local-only internal state. Unreadable directories are reported, not fatal.
+pub fn walk(root: &Path, start: Option<&RelPath>, out: &mut Vec<RelPath>, errors: &mut Vec<String>) {
+    let dir = start.map_or_else(|| root.to_path_buf(), |s| s.under(root));
+    let rd = match fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => {
+            errors.push(format!("{}: {e}", dir.display()));
+            return;
+        }
+    };
+    for ent in rd.flatten() {
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else {
+            errors.push(format!("{}: name is not UTF-8, skipped", ent.path().display()));
+            continue;
+        };
+        let rel = match start {
+            Some(s) => format!("{s}/{name}"),
+            None => name.to_string(),
+        };
+        let Ok(rel) = RelPath::parse(&rel) else {
+            errors.push(format!("{rel:?}: not a valid path, skipped"));
+            continue;
+        };
+        if rel.is_local_only() {
+            continue;
+        }
+        let is_dir = ent.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        out.push(rel.clone());
+        if is_dir {
+            walk(root, Some(&rel), out, errors);
+        }
+    }
+}
+
+/// The internal directories, created on start.
+pub fn internal_dirs(root: &Path) -> [std::path::PathBuf; 2] {
+    [
+        root.join(INTERNAL_DIR).join("tmp"),
+        root.join(INTERNAL_DIR).join("conflicts"),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walk_skips_internal_and_looks_at_kinds() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        fs::write(root.join("a/b/f"), "x").unwrap();
+        for i in internal_dirs(root) {
+            fs::create_dir_all(&i).unwrap();
+            fs::write(i.join("junk"), "x").unwrap();
+        }
+        std::os::unix::fs::symlink("../../etc", root.join("a/out")).unwrap();
+        std::os::unix::fs::symlink("b/f", root.join("a/in")).unwrap();
+        let mut out = Vec::new();
+        let mut errs = Vec::new();
+        walk(root, None, &mut out, &mut errs);
+        let mut names: Vec<String> = out.iter().map(|p| p.to_string()).collect();
+        names.sort();
+        assert_eq!(names, [".certmesh", "a", "a/b", "a/b/f", "a/in", "a/out"]);
+        let p = |s| RelPath::parse(s).unwrap();
+        assert!(matches!(look(root, &p("a/out")).unwrap(), Seen::Skipped(_)));
+        assert!(matches!(look(root, &p("a/in")).unwrap(), Seen::Present { kind: Kind::Symlink, .. }));
+        // A path reached through a symlinked directory is not in the tree.
+        std::os::unix::fs::symlink("b", root.join("a/lnk")).unwrap();
+        assert!(matches!(look(root, &p("a/lnk/f")).unwrap(), Seen::Absent));
+    }
+}
