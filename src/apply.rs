@@ -261,13 +261,16 @@ impl Tree {
                 }
                 fs::set_permissions(&full, fs::Permissions::from_mode(mode))?;
             }
-            Kind::File => {
-                let staged = item
-                    .staged
-                    .as_ref()
-                    .ok_or_else(|| io::Error::other("file without staged content"))?;
-                fs::rename(staged, &full)?;
-            }
+            Kind::File => match &item.staged {
+                Some(staged) => fs::rename(staged, &full)?,
+                // Same content already here: only mode and mtime change.
+                None => {
+                    let mode = self.local_mode(r, existing.as_ref());
+                    let f = fs::OpenOptions::new().write(true).open(&full)?;
+                    f.set_permissions(fs::Permissions::from_mode(mode))?;
+                    f.set_modified(to_system_time(r.mtime_ns))?;
+                }
+            },
             Kind::Symlink => {
                 let resolved = r.path.parent().map_or_else(|| self.root.clone(), |p| p.under(&self.root)).join(&r.target);
                 if fs::symlink_metadata(&resolved).is_err() {

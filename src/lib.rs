@@ -9,16 +9,24 @@
 //! Edges: [`config`] (TOML), [`identity`] (device key + ID), [`wire`] (protobuf from
 //! `proto/`, framing), [`store`] (index on disk), [`scan`] + [`watch`] (reading the
 //! tree, notify + debounce), [`apply`] (staged atomic writes), [`transport`] (quinn +
-//! pinned mTLS), [`peer`] (one task per connection), [`node`] (the daemon wiring it
-//! together), [`control`] (local socket for `status`), [`demo`].
+//! pinned mTLS), [`peer`] (one task per connection), [`pull`] (fetch + apply batches),
+//! [`node`] (the daemon wiring it together), [`control`] (local socket for `status`),
+//! [`demo`] (a 3-node mesh on loopback).
 
 pub mod apply;
 pub mod config;
+pub mod control;
+pub mod demo;
 pub mod identity;
 pub mod index;
+pub mod node;
 pub mod paths;
+pub mod peer;
 pub mod plan;
+pub mod pull;
 pub mod scan;
 pub mod store;
+pub mod transport;
 pub mod version;
+pub mod watch;
 pub mod wire;

@@ -1,1 +1,158 @@
-fn main() {}
+//! The `certmesh` command: parse flags, start tracing, load config, run, map errors to
+//! exit codes (0 ok, 1 runtime error, 2 usage or config error).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use certmesh::config::Config;
+use certmesh::identity::Identity;
+
+#[derive(Parser)]
+#[command(name = "certmesh", version, about = "Keeps a TLS certificate tree identical on every node, over QUIC with mutual TLS")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create this node's identity (key + self-signed cert) if absent; print the device ID.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+    },
+    /// Print this node's device ID.
+    Id {
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+    },
+    /// Validate the config and exit (for config management).
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run the daemon in the foreground (logs to stderr; SIGHUP re-reads peers).
+    Run {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Ask the running daemon for peers, sync state and errors.
+    Status {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Machine-readable output with stable keys.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a 3-node mesh on loopback in a temp dir, show a file propagating, clean up.
+    Demo {
+        /// How many propagation samples to take.
+        #[arg(long, default_value_t = 20)]
+        samples: usize,
+    },
+}
+
+enum Failure {
+    Config(String),
+    Runtime(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(cli.cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(m)) => {
+            eprintln!("certmesh: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(m)) => {
+            eprintln!("certmesh: {m}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, Failure> {
+    Config::load(path).map_err(|e| Failure::Config(e.to_string()))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Runtime(format!("starting the runtime: {e}")))
+}
+
+fn dispatch(cmd: Cmd) -> Result<(), Failure> {
+    let rt_err = |e: anyhow::Error| Failure::Runtime(format!("{e:#}"));
+    match cmd {
+        Cmd::Init { state_dir } => {
+            let id = Identity::init(&state_dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+            println!("{}", id.id);
+        }
+        Cmd::Id { state_dir } => {
+            let id = Identity::load(&state_dir).map_err(|e| Failure::Runtime(e.to_string()))?;
+            println!("{}", id.id);
+        }
+        Cmd::Check { config } => {
+            let c = load(&config)?;
+            if let Ok(me) = Identity::load(&c.state_dir) {
+                if let Some(p) = c.peers.iter().find(|p| p.id == me.id) {
+                    return Err(Failure::Config(format!(
+                        "{}: peer {:?} has this node's own device ID",
+                        config.display(),
+                        p.name
+                    )));
+                }
+            }
+            println!("{}: ok ({} peers, tree {})", config.display(), c.peers.len(), c.tree.display());
+        }
+        Cmd::Run { config } => {
+            let c = load(&config)?;
+            runtime()?.block_on(certmesh::node::run(c, shutdown_signal())).map_err(rt_err)?;
+        }
+        Cmd::Status { config, json } => {
+            let c = load(&config)?;
+            let v = runtime()?
+                .block_on(certmesh::control::request(&c.control_socket(), "status"))
+                .map_err(rt_err)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                let s: certmesh::control::Status =
+                    serde_json::from_value(v).map_err(|e| Failure::Runtime(format!("daemon answer: {e}")))?;
+                print!("{}", certmesh::control::render(&s));
+            }
+        }
+        Cmd::Demo { samples } => {
+            runtime()?.block_on(certmesh::demo::run(samples)).map_err(rt_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

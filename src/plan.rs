@@ -85,6 +85,11 @@ impl Plan {
         self.peers.get(peer).map_or(0, |v| v.acked)
     }
 
+    /// How many records a peer has announced.
+    pub fn peer_record_count(&self, peer: &DeviceId) -> usize {
+        self.peers.get(peer).map_or(0, |v| v.records.len())
+    }
+
     /// The peer's announced record for a path.
     pub fn peer_record(&self, peer: &DeviceId, p: &RelPath) -> Option<&FileRecord> {
         self.peers.get(peer)?.records.get(p).map(|(r, _)| r)

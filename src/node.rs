@@ -1,0 +1,356 @@
+//! The daemon: loads identity, index and tree, then runs the watcher, the puller, the
+//! QUIC endpoint (accept + one dialler per peer) and the control socket until the
+//! injected shutdown future resolves. All mutable sync state sits in one `State`
+//! behind a mutex held only for pure-core calls; I/O happens outside it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::apply::Tree;
+use crate::config::{Config, PeerConfig};
+use crate::identity::{DeviceId, Identity};
+use crate::index::{Entry, Index};
+use crate::paths::RelPath;
+use crate::plan::Plan;
+use crate::store::Store;
+use crate::transport::{Allowed, Transport};
+
+/// How many recent errors `status` shows.
+const RECENT_ERRORS: usize = 20;
+
+/// A live session with a peer.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub id: u64,
+    pub instance: u64,
+    pub dialed_by_me: bool,
+    pub conn: quinn::Connection,
+}
+
+/// Per configured peer.
+#[derive(Debug)]
+pub struct PeerSlot {
+    pub config: PeerConfig,
+    pub session: Option<Session>,
+    /// Woken when the session ends, so the dialler tries again.
+    pub gone: Arc<Notify>,
+    pub last_error: Option<String>,
+}
+
+/// Everything the pure core needs, under one lock.
+pub struct State {
+    pub index: Index,
+    pub plan: Plan,
+    pub store: Store,
+    pub peers: HashMap<DeviceId, PeerSlot>,
+    /// Paths being written by the puller: the scanner must not read them mid-apply.
+    pub applying: HashSet<RelPath>,
+    /// Paths the scanner skipped while they were being applied.
+    pub rescan_after_apply: Vec<RelPath>,
+    pub errors: VecDeque<String>,
+}
+
+impl State {
+    /// Records an error for `status` (and logs it).
+    pub fn error(&mut self, msg: String) {
+        tracing::warn!("{msg}");
+        if self.errors.len() == RECENT_ERRORS {
+            self.errors.pop_front();
+        }
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        self.errors.push_back(format!("{t} {msg}"));
+    }
+
+    /// Persists the entries changed after `since` and tells peers about them.
+    pub fn commit(&mut self, since: u64, shared: &Shared) {
+        let seq = self.index.sequence();
+        if seq == since {
+            return;
+        }
+        let entries: Vec<&Entry> = self.index.changed_since(since).collect();
+        if let Err(e) = self.store.append(entries.into_iter(), &self.index) {
+            self.error(format!("writing the index: {e}"));
+        }
+        shared.changed.send_replace(seq);
+    }
+}
+
+/// Shared by every task of the daemon.
+pub struct Shared {
+    pub config: Mutex<Config>,
+    pub identity: Arc<Identity>,
+    pub tree: Tree,
+    pub state: Mutex<State>,
+    /// Latest local sequence: peer senders wake on it.
+    pub changed: watch::Sender<u64>,
+    /// Bumped when acks may have changed: peer senders wake on it.
+    pub progress: watch::Sender<u64>,
+    /// Wakes the puller.
+    pub pull: Notify,
+    /// Paths for the scanner (from the watcher, and from the puller's deferrals).
+    pub rescan: mpsc::UnboundedSender<Vec<RelPath>>,
+    pub allowed: Allowed,
+    pub started: Instant,
+    pub instance: u64,
+    session_ids: AtomicU64,
+    /// Set once shutdown begins: no new batches start.
+    pub stopping: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn next_session_id(&self) -> u64 {
+        self.session_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn bump_progress(&self) {
+        self.progress.send_modify(|v| *v += 1);
+    }
+
+    pub fn me(&self) -> DeviceId {
+        self.identity.id
+    }
+}
+
+/// Nanoseconds since the epoch.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs the daemon until `shutdown` resolves; in-flight writes finish first.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let identity = Arc::new(Identity::load(&config.state_dir)?);
+    let tree = Tree::new(config.tree.clone());
+    tree.prepare()
+        .with_context(|| format!("preparing tree {}", config.tree.display()))?;
+    let mut index = Index::new(identity.id.short());
+    let (store, report) = Store::open(&config.state_dir, &mut index)
+        .with_context(|| format!("opening the index in {}", config.state_dir.display()))?;
+    let mut errors = VecDeque::new();
+    if let Some(why) = &report.damaged {
+        let msg = format!(
+            "index file was damaged ({why}); kept {} entries, rebuilding the rest from a rescan and the peers",
+            report.entries
+        );
+        tracing::warn!("{msg}");
+        errors.push_back(msg);
+    }
+    tracing::info!(node = %config.name, id = %identity.id, entries = report.entries, "index loaded");
+
+    let allowed: Allowed = Arc::new(std::sync::RwLock::new(
+        config.peers.iter().map(|p| (p.id, p.name.clone())).collect(),
+    ));
+    let transport = Arc::new(Transport::bind(identity.clone(), config.listen, allowed.clone())?);
+    let peers = config
+        .peers
+        .iter()
+        .map(|p| (p.id, new_slot(p.clone())))
+        .collect();
+    let (rescan_tx, rescan_rx) = mpsc::unbounded_channel();
+    let (changed, _) = watch::channel(index.sequence());
+    let shared = Arc::new(Shared {
+        config: Mutex::new(config.clone()),
+        identity,
+        tree,
+        state: Mutex::new(State {
+            index,
+            plan: Plan::default(),
+            store,
+            peers,
+            applying: HashSet::new(),
+            rescan_after_apply: Vec::new(),
+            errors,
+        }),
+        changed,
+        progress: watch::channel(0).0,
+        pull: Notify::new(),
+        rescan: rescan_tx,
+        allowed,
+        started: Instant::now(),
+        instance: rand::random(),
+        session_ids: AtomicU64::new(1),
+        stopping: watch::channel(false).0,
+    });
+
+    // Watch first, then scan: nothing changed in between is missed.
+    let watcher = crate::watch::start(shared.clone(), rescan_rx)?;
+    crate::watch::full_rescan(&shared).await;
+    let puller = tokio::spawn(crate::pull::run(shared.clone()));
+    let control = crate::control::start(shared.clone(), &config.control_socket())?;
+    tokio::spawn(accept_loop(shared.clone(), transport.clone()));
+    for p in &config.peers {
+        tokio::spawn(dial_loop(shared.clone(), transport.clone(), p.id));
+    }
+    tokio::spawn(periodic_rescan(shared.clone()));
+    tokio::spawn(reload_on_sighup(shared.clone(), transport.clone()));
+    tracing::info!(listen = %config.listen, tree = %config.tree.display(), peers = config.peers.len(), "certmesh running");
+
+    shutdown.await;
+    tracing::info!("shutting down: finishing in-flight writes");
+    shared.stopping.send_replace(true);
+    shared.pull.notify_one();
+    let _ = tokio::time::timeout(Duration::from_secs(30), puller).await;
+    transport.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+    drop(watcher);
+    control.abort();
+    let _ = std::fs::remove_file(config.control_socket());
+    let _ = tokio::time::timeout(Duration::from_secs(2), transport.endpoint.wait_idle()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn new_slot(config: PeerConfig) -> PeerSlot {
+    PeerSlot {
+        config,
+        session: None,
+        gone: Arc::new(Notify::new()),
+        last_error: None,
+    }
+}
+
+/// Re-reads the peer list (SIGHUP): new peers are dialled, removed ones dropped.
+pub fn reload(shared: &Arc<Shared>, transport: &Arc<Transport>, new: Config) {
+    let mut added = Vec::new();
+    {
+        let mut st = shared.lock();
+        let wanted: HashMap<DeviceId, PeerConfig> = new.peers.iter().map(|p| (p.id, p.clone())).collect();
+        let removed: Vec<DeviceId> = st.peers.keys().filter(|id| !wanted.contains_key(id)).copied().collect();
+        for id in removed {
+            if let Some(slot) = st.peers.remove(&id) {
+                if let Some(s) = slot.session {
+                    s.conn.close(quinn::VarInt::from_u32(2), b"removed from config");
+                }
+                slot.gone.notify_waiters();
+            }
+            let State { plan, index, .. } = &mut *st;
+            plan.disconnected(id, index);
+            tracing::info!(peer = %id, "peer removed from config");
+        }
+        for (id, p) in wanted {
+            match st.peers.get_mut(&id) {
+                Some(slot) => slot.config = p,
+                None => {
+                    st.peers.insert(id, new_slot(p));
+                    added.push(id);
+                }
+            }
+        }
+        if let Ok(mut a) = shared.allowed.write() {
+            *a = new.peers.iter().map(|p| (p.id, p.name.clone())).collect();
+        }
+    }
+    for id in added {
+        tracing::info!(peer = %id, "peer added to config");
+        tokio::spawn(dial_loop(shared.clone(), transport.clone(), id));
+    }
+    if let Ok(mut c) = shared.config.lock() {
+        *c = new;
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
+    while let Some(incoming) = transport.endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => crate::peer::run_session(shared, conn, false).await,
+                Err(e) => tracing::debug!(%remote, error = %e, "incoming handshake failed"),
+            }
+        });
+    }
+}
+
+/// Keeps one connection to a peer: dials with backoff while there is none.
+async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceId) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if *shared.stopping.borrow() {
+            return;
+        }
+        let (addr, gone, connected) = {
+            let st = shared.lock();
+            let Some(slot) = st.peers.get(&peer) else {
+                return; // removed from config
+            };
+            (slot.config.address, slot.gone.clone(), slot.session.is_some())
+        };
+        if connected {
+            let notified = gone.notified();
+            // Re-check after registering, so a wakeup between the two is not lost.
+            if shared.lock().peers.get(&peer).is_some_and(|s| s.session.is_some()) {
+                notified.await;
+            }
+            backoff = Duration::from_millis(50);
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), transport.connect(peer, addr)).await {
+            Ok(Ok(conn)) => {
+                backoff = Duration::from_millis(50);
+                let shared = shared.clone();
+                // The session runs on; this loop waits for it to end via `gone`.
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    crate::peer::run_session_with_ready(shared, conn, true, Some(tx)).await;
+                });
+                let _ = rx.await;
+                continue;
+            }
+            Ok(Err(e)) => {
+                let msg = format!("{e:#}");
+                if let Some(slot) = shared.lock().peers.get_mut(&peer) {
+                    slot.last_error = Some(msg.clone());
+                }
+                tracing::debug!(peer = %peer, %addr, error = %msg, "dial failed");
+            }
+            Err(_) => tracing::debug!(peer = %peer, %addr, "dial timed out"),
+        }
+        let jitter = Duration::from_millis(rand::random::<u64>() % 50);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = gone.notified() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn reload_on_sighup(shared: Arc<Shared>, transport: Arc<Transport>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler; reload needs a restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let file = match shared.config.lock() {
+            Ok(c) => c.file.clone(),
+            Err(_) => continue,
+        };
+        match Config::load(&file) {
+            Ok(new) => {
+                tracing::info!(file = %file.display(), peers = new.peers.len(), "SIGHUP: peer list reloaded");
+                reload(&shared, &transport, new);
+            }
+            Err(e) => shared.lock().error(format!("SIGHUP: config not reloaded: {e}")),
+        }
+    }
+}
+
+async fn periodic_rescan(shared: Arc<Shared>) {
+    loop {
+        let every = shared.config.lock().map(|c| c.rescan_interval).unwrap_or(Duration::from_secs(3600));
+        tokio::time::sleep(every).await;
+        crate::watch::full_rescan(&shared).await;
+    }
+}

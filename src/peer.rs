@@ -1,0 +1,360 @@
+//! One connection with a peer: hello, duplicate resolution, then three loops — send
+//! our index (full, then increments) and acks; receive theirs; serve content requests
+//! on the bidirectional streams they open. A peer that sends anything invalid is
+//! disconnected and logged; the rest of the node is unaffected.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::identity::DeviceId;
+use crate::index::Kind;
+use crate::node::{Session, Shared};
+use crate::paths::RelPath;
+use crate::wire::{self, pb, record_from_wire, record_to_wire, WireError, INDEX_BATCH, MAX_FRAME, MAX_HEADER};
+
+/// Close codes.
+pub const CLOSE_DUPLICATE: u32 = 1;
+pub const CLOSE_PROTOCOL: u32 = 3;
+/// Most records one peer may announce (bounds memory against an index flood).
+pub const MAX_PEER_RECORDS: usize = 2_000_000;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent content requests served per connection.
+const MAX_SERVING: usize = 64;
+
+/// Runs a session on an established connection.
+pub async fn run_session(shared: Arc<Shared>, conn: quinn::Connection, dialed_by_me: bool) {
+    run_session_with_ready(shared, conn, dialed_by_me, None).await
+}
+
+/// As `run_session`; `ready` fires once the session is registered or refused.
+pub async fn run_session_with_ready(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    dialed_by_me: bool,
+    ready: Option<oneshot::Sender<()>>,
+) {
+    let Some(peer) = crate::transport::peer_device(&conn) else {
+        conn.close(CLOSE_PROTOCOL.into(), b"no certificate");
+        return;
+    };
+    let remote = conn.remote_address();
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, exchange_hello(&shared, &conn)).await;
+    let (send, recv, hello) = match hello {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %peer, %remote, error = %e, "hello failed");
+            conn.close(CLOSE_PROTOCOL.into(), b"hello failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(peer = %peer, %remote, "no hello within 10s, closing");
+            conn.close(CLOSE_PROTOCOL.into(), b"hello timeout");
+            return;
+        }
+    };
+    let session = Session {
+        id: shared.next_session_id(),
+        instance: hello.instance,
+        dialed_by_me,
+        conn: conn.clone(),
+    };
+    if !register(&shared, peer, &session) {
+        conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
+        if let Some(r) = ready {
+            let _ = r.send(());
+        }
+        return;
+    }
+    if let Some(r) = ready {
+        let _ = r.send(());
+    }
+    tracing::info!(peer = %peer, name = %hello.name, %remote, dialed_by_me, "peer connected");
+    let sender = tokio::spawn(send_loop(shared.clone(), peer, send));
+    let server = tokio::spawn(serve_requests(shared.clone(), conn.clone()));
+    let result = tokio::select! {
+        r = recv_loop(&shared, peer, recv) => r,
+        r = sender_result(sender) => r,
+    };
+    server.abort();
+    match result {
+        Ok(()) => tracing::info!(peer = %peer, "peer disconnected"),
+        Err(e) => {
+            let reason = conn.close_reason();
+            if reason.is_none() {
+                shared.lock().error(format!("peer {peer} ({remote}): {e}; disconnecting"));
+                conn.close(CLOSE_PROTOCOL.into(), b"protocol violation");
+            } else {
+                tracing::info!(peer = %peer, reason = ?reason, "peer connection closed");
+            }
+        }
+    }
+    unregister(&shared, peer, session.id);
+}
+
+async fn sender_result(h: tokio::task::JoinHandle<Result<(), WireError>>) -> Result<(), WireError> {
+    match h.await {
+        Ok(r) => r,
+        Err(e) => Err(WireError::Io(std::io::Error::other(e.to_string()))),
+    }
+}
+
+async fn exchange_hello(
+    shared: &Shared,
+    conn: &quinn::Connection,
+) -> Result<(quinn::SendStream, quinn::RecvStream, pb::Hello), WireError> {
+    let mut send = conn.open_uni().await.map_err(io)?;
+    let name = shared.config.lock().map(|c| c.name.clone()).unwrap_or_default();
+    let hello = pb::Frame {
+        body: Some(pb::frame::Body::Hello(pb::Hello {
+            name,
+            instance: shared.instance,
+            version: env!("CARGO_PKG_VERSION").into(),
+        })),
+    };
+    wire::write_msg(&mut send, &hello).await?;
+    let mut recv = conn.accept_uni().await.map_err(io)?;
+    match wire::read_msg::<_, pb::Frame>(&mut recv, MAX_HEADER).await? {
+        Some(pb::Frame {
+            body: Some(pb::frame::Body::Hello(h)),
+        }) => Ok((send, recv, h)),
+        _ => Err(WireError::Invalid {
+            what: "hello",
+            why: "first message is not a hello".into(),
+        }),
+    }
+}
+
+fn io(e: impl std::fmt::Display) -> WireError {
+    WireError::Io(std::io::Error::other(e.to_string()))
+}
+
+/// Registers a session, resolving duplicates the same way on both sides: a restarted
+/// peer (new instance) replaces the old session; between two live sessions of the
+/// same instance, the one dialled by the lower device ID stays.
+fn register(shared: &Shared, peer: DeviceId, session: &Session) -> bool {
+    let me = shared.me();
+    let mut st = shared.lock();
+    let crate::node::State { peers, plan, index, .. } = &mut *st;
+    let Some(slot) = peers.get_mut(&peer) else {
+        return false;
+    };
+    if let Some(existing) = &slot.session {
+        let preferred = |s: &Session| s.dialed_by_me == (me < peer);
+        let existing_alive = existing.conn.close_reason().is_none();
+        if existing_alive && existing.instance == session.instance && (preferred(existing) || !preferred(session)) {
+            return false;
+        }
+        existing.conn.close(CLOSE_DUPLICATE.into(), b"replaced");
+    }
+    slot.session = Some(session.clone());
+    slot.last_error = None;
+    plan.connected(peer, index);
+    true
+}
+
+fn unregister(shared: &Shared, peer: DeviceId, session_id: u64) {
+    let mut st = shared.lock();
+    let crate::node::State { peers, plan, index, .. } = &mut *st;
+    if let Some(slot) = peers.get_mut(&peer) {
+        if slot.session.as_ref().is_some_and(|s| s.id == session_id) {
+            slot.session = None;
+            plan.disconnected(peer, index);
+            slot.gone.notify_waiters();
+        }
+    }
+    drop(st);
+    shared.bump_progress();
+}
+
+fn index_frame(files: Vec<pb::FileInfo>, last_sequence: u64, full: bool, full_done: bool) -> pb::Frame {
+    pb::Frame {
+        body: Some(pb::frame::Body::Index(pb::IndexUpdate {
+            files,
+            last_sequence,
+            full,
+            full_done,
+        })),
+    }
+}
+
+/// Sends the full index, then increments and acks as they happen.
+async fn send_loop(shared: Arc<Shared>, peer: DeviceId, mut send: quinn::SendStream) -> Result<(), WireError> {
+    let mut changed = shared.changed.subscribe();
+    let mut progress = shared.progress.subscribe();
+    let (full, upto) = {
+        let st = shared.lock();
+        let files: Vec<pb::FileInfo> = st
+            .index
+            .changed_since(0)
+            .map(|e| record_to_wire(&e.record, e.sequence))
+            .collect();
+        (files, st.index.sequence())
+    };
+    let n = full.len().div_ceil(INDEX_BATCH).max(1);
+    let mut chunks = full.into_iter().peekable();
+    for i in 0..n {
+        let batch: Vec<pb::FileInfo> = chunks.by_ref().take(INDEX_BATCH).collect();
+        wire::write_msg(&mut send, &index_frame(batch, upto, true, i + 1 == n)).await?;
+    }
+    let mut sent = upto;
+    let mut acked = 0;
+    loop {
+        changed.borrow_and_update();
+        progress.borrow_and_update();
+        let (files, upto, ack) = {
+            let st = shared.lock();
+            let files: Vec<pb::FileInfo> = st
+                .index
+                .changed_since(sent)
+                .filter(|e| {
+                    st.plan
+                        .peer_record(&peer, &e.record.path)
+                        .is_none_or(|r| r.version != e.record.version)
+                })
+                .map(|e| record_to_wire(&e.record, e.sequence))
+                .collect();
+            (files, st.index.sequence(), st.plan.ack_for(&peer, &st.index))
+        };
+        if upto > sent {
+            let mut files = files.into_iter().peekable();
+            loop {
+                let batch: Vec<pb::FileInfo> = files.by_ref().take(INDEX_BATCH).collect();
+                let last = files.peek().is_none();
+                wire::write_msg(&mut send, &index_frame(batch, upto, false, false)).await?;
+                if last {
+                    break;
+                }
+            }
+            sent = upto;
+        }
+        if ack != acked {
+            let f = pb::Frame {
+                body: Some(pb::frame::Body::Ack(pb::Ack { sequence: ack })),
+            };
+            wire::write_msg(&mut send, &f).await?;
+            acked = ack;
+        }
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return Ok(()) },
+            r = progress.changed() => if r.is_err() { return Ok(()) },
+        }
+    }
+}
+
+/// Reads the peer's index and acks; anything invalid ends the session.
+async fn recv_loop(shared: &Shared, peer: DeviceId, mut recv: quinn::RecvStream) -> Result<(), WireError> {
+    loop {
+        let Some(frame) = wire::read_msg::<_, pb::Frame>(&mut recv, MAX_FRAME).await? else {
+            return Ok(());
+        };
+        match frame.body {
+            Some(pb::frame::Body::Index(ix)) => {
+                let records = ix
+                    .files
+                    .into_iter()
+                    .map(record_from_wire)
+                    .collect::<Result<Vec<_>, _>>()?;
+                {
+                    let mut st = shared.lock();
+                    let crate::node::State { plan, index, .. } = &mut *st;
+                    if plan.peer_record_count(&peer) + records.len() > MAX_PEER_RECORDS {
+                        return Err(WireError::Invalid {
+                            what: "index",
+                            why: format!("more than {MAX_PEER_RECORDS} records"),
+                        });
+                    }
+                    plan.receive(peer, records, ix.last_sequence, index);
+                }
+                shared.pull.notify_one();
+                shared.bump_progress();
+            }
+            Some(pb::frame::Body::Ack(a)) => {
+                shared.lock().plan.acked(peer, a.sequence);
+                shared.bump_progress();
+            }
+            Some(pb::frame::Body::Hello(_)) | None => {
+                return Err(WireError::Invalid {
+                    what: "frame",
+                    why: "unexpected or empty frame".into(),
+                })
+            }
+        }
+    }
+}
+
+/// Serves content requests on the bidirectional streams the peer opens.
+async fn serve_requests(shared: Arc<Shared>, conn: quinn::Connection) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_SERVING));
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(&shared, send, recv).await {
+                tracing::debug!(error = %e, "serving a request failed");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_one(shared: &Shared, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), WireError> {
+    let req: pb::Request = tokio::time::timeout(HELLO_TIMEOUT, wire::read_msg(&mut recv, MAX_HEADER))
+        .await
+        .map_err(|_| io("request timeout"))??
+        .ok_or_else(|| io("empty request"))?;
+    let path = RelPath::parse_shared(&req.path)?;
+    let size = {
+        let st = shared.lock();
+        st.index
+            .get(&path)
+            .filter(|e| !e.record.deleted && e.record.kind == Kind::File && e.record.hash.0.as_slice() == req.hash.as_slice())
+            .map(|e| e.record.size)
+    };
+    let file = match size {
+        Some(_) => tokio::fs::File::open(path.under(&shared.tree.root)).await.ok(),
+        None => None,
+    };
+    let (Some(size), Some(mut file)) = (size, file) else {
+        let resp = pb::Response {
+            status: pb::response::Status::NotFound as i32,
+            size: 0,
+        };
+        wire::write_msg(&mut send, &resp).await?;
+        let _ = send.finish();
+        return Ok(());
+    };
+    wire::write_msg(
+        &mut send,
+        &pb::Response {
+            status: pb::response::Status::Ok as i32,
+            size,
+        },
+    )
+    .await?;
+    // Hash while sending: if the file changed under us, reset instead of finishing,
+    // so the requester retries rather than taking us for a liar.
+    let mut hasher = blake3::Hasher::new();
+    let mut left = size;
+    let mut buf = vec![0u8; 256 << 10];
+    use tokio::io::AsyncReadExt;
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = file.read(&mut buf[..want]).await?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        send.write_all(&buf[..n]).await.map_err(io)?;
+        left -= n as u64;
+    }
+    if left != 0 || hasher.finalize().as_bytes().as_slice() != req.hash.as_slice() {
+        let _ = send.reset(quinn::VarInt::from_u32(1));
+        return Ok(());
+    }
+    let _ = send.finish();
+    Ok(())
+}

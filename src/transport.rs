@@ -1,0 +1,206 @@
+//! The QUIC endpoint: quinn over rustls 1.3 with mutual TLS, ALPN `certmesh/1`, both
+//! sides accepting only certificates whose device ID is configured. The pinning
+//! happens inside the handshake, so an unknown device never gets to send a message.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::identity::{DeviceId, Identity};
+
+/// The ALPN protocol of this wire version.
+pub const ALPN: &[u8] = b"certmesh/1";
+/// The SNI every node presents (identity is the pinned certificate, not a name).
+pub const SERVER_NAME: &str = "certmesh";
+
+/// Device IDs allowed to connect, shared with the daemon so SIGHUP can change them.
+pub type Allowed = Arc<RwLock<HashMap<DeviceId, String>>>;
+
+/// Errors setting up the endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// TLS configuration was refused.
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The QUIC crypto config was refused.
+    #[error("QUIC setup: {0}")]
+    Quic(String),
+    /// Binding the UDP socket failed.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Checks a presented certificate: parseable, currently valid, and its device ID one
+/// we accept. Returns the device ID.
+fn check_cert(end_entity: &CertificateDer<'_>, now: UnixTime) -> Result<DeviceId, rustls::Error> {
+    let (_, cert) = x509_parser::parse_x509_certificate(end_entity)
+        .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+    let now = x509_parser::time::ASN1Time::from_timestamp(now.as_secs() as i64)
+        .map_err(|_| rustls::Error::General("bad clock".into()))?;
+    if !cert.validity().is_valid_at(now) {
+        return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Expired));
+    }
+    Ok(DeviceId::of_cert(end_entity))
+}
+
+fn verify13(message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+}
+
+fn schemes() -> Vec<SignatureScheme> {
+    provider().signature_verification_algorithms.supported_schemes()
+}
+
+/// Server side: accept a client certificate only if its ID is configured.
+#[derive(Debug)]
+struct PinnedClients {
+    allowed: Allowed,
+}
+
+impl ClientCertVerifier for PinnedClients {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let id = check_cert(end_entity, now).inspect_err(|e| {
+            tracing::warn!(error = %e, "refused incoming connection: bad certificate");
+        })?;
+        let known = self.allowed.read().map(|a| a.contains_key(&id)).unwrap_or(false);
+        if !known {
+            tracing::warn!(device = %id, "refused incoming connection from unknown device");
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        schemes()
+    }
+}
+
+/// Client side: the server must be exactly the peer we dialled.
+#[derive(Debug)]
+struct PinnedServer {
+    expected: DeviceId,
+}
+
+impl ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let id = check_cert(end_entity, now)?;
+        if id != self.expected {
+            tracing::warn!(expected = %self.expected, presented = %id, "refused: peer presented another device ID");
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        schemes()
+    }
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(20_000))));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(4));
+    t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
+    t.receive_window(quinn::VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    Arc::new(t)
+}
+
+/// The bound endpoint plus what is needed to dial pinned peers.
+pub struct Transport {
+    pub endpoint: quinn::Endpoint,
+    identity: Arc<Identity>,
+}
+
+impl Transport {
+    /// Binds the endpoint on `listen`, accepting the devices in `allowed`.
+    pub fn bind(identity: Arc<Identity>, listen: SocketAddr, allowed: Allowed) -> Result<Self, TransportError> {
+        let mut server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(Arc::new(PinnedClients { allowed }))
+            .with_single_cert(vec![identity.cert.clone()], identity.key_der())?;
+        server.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = QuicServerConfig::try_from(server).map_err(|e| TransportError::Quic(e.to_string()))?;
+        let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        sc.transport_config(transport_config());
+        let endpoint = quinn::Endpoint::server(sc, listen).map_err(|source| TransportError::Bind { addr: listen, source })?;
+        Ok(Transport { endpoint, identity })
+    }
+
+    /// A client config that only accepts `expected` as the server.
+    pub fn client_config(&self, expected: DeviceId) -> Result<quinn::ClientConfig, TransportError> {
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedServer { expected }))
+            .with_client_auth_cert(vec![self.identity.cert.clone()], self.identity.key_der())?;
+        client.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = QuicClientConfig::try_from(client).map_err(|e| TransportError::Quic(e.to_string()))?;
+        let mut cc = quinn::ClientConfig::new(Arc::new(quic));
+        cc.transport_config(transport_config());
+        Ok(cc)
+    }
+
+    /// Dials `expected` at `addr`.
+    pub async fn connect(&self, expected: DeviceId, addr: SocketAddr) -> anyhow::Result<quinn::Connection> {
+        let cc = self.client_config(expected)?;
+        let conn = self.endpoint.connect_with(cc, addr, SERVER_NAME)?.await?;
+        Ok(conn)
+    }
+}
+
+/// The device ID a connection's peer authenticated with.
+pub fn peer_device(conn: &quinn::Connection) -> Option<DeviceId> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| DeviceId::of_cert(c))
+}

@@ -1,0 +1,220 @@
+//! Turning filesystem activity into index changes: notify (inotify) events are
+//! debounced for a millisecond (hard deadline 10 ms) and the touched paths rescanned;
+//! a full rescan runs at start-up, on watcher overflow and periodically as a safety
+//! net. Paths being applied by the puller are rescanned only after their apply, so our
+//! own writes are never announced as new local changes.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::index::{Kind, Observed};
+use crate::node::{now_ns, Shared};
+use crate::paths::RelPath;
+use crate::scan::{self, Seen};
+
+/// Quiet time that ends a burst of events.
+const QUIET: Duration = Duration::from_millis(1);
+/// A burst is cut after this long, however busy.
+const DEADLINE: Duration = Duration::from_millis(10);
+
+enum Batch {
+    Paths(BTreeSet<RelPath>),
+    Full,
+}
+
+/// Starts watching the tree; the returned watcher must be kept alive.
+pub fn start(
+    shared: Arc<Shared>,
+    rescan_rx: mpsc::UnboundedReceiver<Vec<RelPath>>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
+    let (tx, rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+    let mut watcher = notify::recommended_watcher(move |ev| {
+        let _ = tx.send(ev);
+    })?;
+    watcher.watch(&shared.tree.root, RecursiveMode::Recursive)?;
+    tokio::spawn(debounce(shared, rx, rescan_rx));
+    Ok(watcher)
+}
+
+async fn debounce(
+    shared: Arc<Shared>,
+    mut events: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    mut requests: mpsc::UnboundedReceiver<Vec<RelPath>>,
+) {
+    let root = shared.tree.root.clone();
+    let add = |batch: &mut Batch, ev: notify::Result<notify::Event>| match ev {
+        Ok(ev) if !ev.need_rescan() => {
+            if let Batch::Paths(set) = batch {
+                for p in ev.paths {
+                    if let Some(rel) = RelPath::from_fs(&root, &p) {
+                        if !rel.is_local_only() {
+                            set.insert(rel);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(_) => *batch = Batch::Full,
+        Err(e) => {
+            tracing::warn!(error = %e, "watcher error; doing a full rescan");
+            *batch = Batch::Full;
+        }
+    };
+    loop {
+        let mut batch = Batch::Paths(BTreeSet::new());
+        tokio::select! {
+            ev = events.recv() => match ev { Some(ev) => add(&mut batch, ev), None => return },
+            req = requests.recv() => match req {
+                Some(ps) => if let Batch::Paths(set) = &mut batch { set.extend(ps) },
+                None => return,
+            },
+        }
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let until = (Instant::now() + QUIET).min(deadline);
+            tokio::select! {
+                ev = events.recv() => match ev { Some(ev) => add(&mut batch, ev), None => return },
+                req = requests.recv() => match req {
+                    Some(ps) => if let Batch::Paths(set) = &mut batch { set.extend(ps) },
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(until) => break,
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        match batch {
+            Batch::Full => full_rescan(&shared).await,
+            Batch::Paths(set) if !set.is_empty() => rescan(&shared, set.into_iter().collect(), false).await,
+            Batch::Paths(_) => {}
+        }
+    }
+}
+
+/// Rescans everything on disk and everything in the index.
+pub async fn full_rescan(shared: &Arc<Shared>) {
+    rescan(shared, Vec::new(), true).await;
+}
+
+/// Rescans the given paths (directories with their contents).
+pub async fn rescan(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
+    let s = shared.clone();
+    let r = tokio::task::spawn_blocking(move || rescan_blocking(&s, paths, full)).await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "rescan task failed");
+    }
+}
+
+fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
+    let root = &shared.tree.root;
+    let mut errors = Vec::new();
+    // Expand: directories bring their contents, vanished ones their indexed children.
+    let mut todo: BTreeSet<RelPath> = BTreeSet::new();
+    if full {
+        let mut all = Vec::new();
+        scan::walk(root, None, &mut all, &mut errors);
+        todo.extend(all);
+        todo.extend(shared.lock().index.entries().map(|e| e.record.path.clone()));
+    } else {
+        for p in paths {
+            if p.is_local_only() {
+                continue;
+            }
+            let mut below = Vec::new();
+            if std::fs::symlink_metadata(p.under(root)).is_ok_and(|m| m.is_dir()) {
+                scan::walk(root, Some(&p), &mut below, &mut errors);
+            }
+            todo.extend(below);
+            todo.extend(shared.lock().index.paths_within(&p));
+            todo.insert(p);
+        }
+    }
+    // Look (stat) outside the lock; skip what is being applied; hash what changed.
+    let mut observed: Vec<(RelPath, Option<Observed>)> = Vec::with_capacity(todo.len());
+    for p in todo {
+        if p.is_local_only() {
+            continue;
+        }
+        {
+            let mut st = shared.lock();
+            if st.applying.contains(&p) {
+                st.rescan_after_apply.push(p);
+                continue;
+            }
+        }
+        let seen = match scan::look(root, &p) {
+            Ok(s) => s,
+            Err(e) => {
+                errors.push(format!("{p}: {e}"));
+                continue;
+            }
+        };
+        let obs = match seen {
+            Seen::Absent => None,
+            Seen::Skipped(why) => {
+                let mut st = shared.lock();
+                if st.index.get(&p).is_none_or(|e| e.record.deleted) {
+                    tracing::debug!(path = %p, %why, "skipped");
+                    if !full {
+                        tracing::warn!(path = %p, %why, "not synced");
+                    }
+                    continue;
+                }
+                st.error(format!("{p}: {why}; treating as removed"));
+                None
+            }
+            Seen::Present { kind, stat, target } => {
+                if kind == Kind::File && shared.lock().index.unchanged(&p, &stat) {
+                    continue;
+                }
+                match scan::observe(root, &p, kind, stat, target) {
+                    Ok(Some(o)) => Some(o),
+                    Ok(None) => {
+                        // Changed while hashing: look again shortly.
+                        let _ = shared.rescan.send(vec![p]);
+                        continue;
+                    }
+                    Err(e) => {
+                        errors.push(format!("{p}: {e}"));
+                        continue;
+                    }
+                }
+            }
+        };
+        observed.push((p, obs));
+    }
+    let mut st = shared.lock();
+    for e in errors {
+        st.error(format!("scan: {e}"));
+    }
+    let since = st.index.sequence();
+    let now = now_ns();
+    let mut changed = 0;
+    for (p, obs) in observed {
+        if st.applying.contains(&p) {
+            st.rescan_after_apply.push(p);
+            continue;
+        }
+        if let Some(r) = st.index.observe(&p, obs, now) {
+            tracing::debug!(path = %p, deleted = r.deleted, "local change");
+            changed += 1;
+            let crate::node::State { plan, index, .. } = &mut *st;
+            plan.evaluate(&p, index);
+        }
+    }
+    if changed > 0 {
+        tracing::info!(changed, "local changes");
+    }
+    st.commit(since, shared);
+    drop(st);
+    if changed > 0 {
+        shared.pull.notify_one();
+        shared.bump_progress();
+    }
+}
