@@ -30,3 +30,5 @@ pub mod transport;
 pub mod version;
 pub mod watch;
 pub mod wire;
+#[cfg(test)]
+mod sim;

@@ -1,0 +1,1 @@
+//! Deterministic multi-peer harness for the pure core (see tests below).
