@@ -69,7 +69,10 @@ impl Tree {
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
         }
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&tmp)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&tmp)?;
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -79,7 +82,8 @@ impl Tree {
 
     /// A fresh staging path.
     pub fn staging_path(&self) -> PathBuf {
-        self.tmp_dir().join(format!("{:016x}", rand::random::<u64>()))
+        self.tmp_dir()
+            .join(format!("{:016x}", rand::random::<u64>()))
     }
 
     /// Applies a batch. Outcomes are in the order of `items`.
@@ -88,10 +92,15 @@ impl Tree {
         let mut dirty_dirs: BTreeSet<PathBuf> = BTreeSet::new();
 
         // 1. Finish staging: final mode and mtime, then make the content durable.
-        let staged: Vec<usize> = (0..items.len()).filter(|&i| items[i].staged.is_some()).collect();
+        let staged: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].staged.is_some())
+            .collect();
         for &i in &staged {
             if let Err(e) = self.finish_staged(&items[i]) {
-                out[i] = Some(Outcome::Failed(format!("staging {}: {e}", items[i].record.path)));
+                out[i] = Some(Outcome::Failed(format!(
+                    "staging {}: {e}",
+                    items[i].record.path
+                )));
             }
         }
         let sync_result = if staged.len() > SYNCFS_THRESHOLD {
@@ -218,7 +227,10 @@ impl Tree {
             (Some(_), None, _) => false,
         };
         if !matches {
-            return Ok(Outcome::Deferred(format!("{}: changed locally, rescanning first", r.path)));
+            return Ok(Outcome::Deferred(format!(
+                "{}: changed locally, rescanning first",
+                r.path
+            )));
         }
         if item.conflict {
             if let Some(m) = &existing {
@@ -233,9 +245,9 @@ impl Tree {
                 None => Ok(Outcome::Applied(None)),
                 Some(m) if m.is_dir() => match fs::remove_dir(&full) {
                     Ok(()) => Ok(Outcome::Applied(None)),
-                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-                        Ok(Outcome::Deferred(format!("{}: directory not empty", r.path)))
-                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => Ok(Outcome::Deferred(
+                        format!("{}: directory not empty", r.path),
+                    )),
                     Err(e) => Err(e),
                 },
                 Some(_) => fs::remove_file(&full).map(|_| Outcome::Applied(None)),
@@ -245,7 +257,10 @@ impl Tree {
         if let Some(m) = &existing {
             if m.is_dir() && r.kind != Kind::Directory {
                 if let Err(e) = fs::remove_dir(&full) {
-                    return Ok(Outcome::Deferred(format!("{}: directory in the way: {e}", r.path)));
+                    return Ok(Outcome::Deferred(format!(
+                        "{}: directory in the way: {e}",
+                        r.path
+                    )));
                 }
             } else if !m.is_dir() && r.kind == Kind::Directory {
                 fs::remove_file(&full)?;
@@ -272,9 +287,16 @@ impl Tree {
                 }
             },
             Kind::Symlink => {
-                let resolved = r.path.parent().map_or_else(|| self.root.clone(), |p| p.under(&self.root)).join(&r.target);
+                let resolved = r
+                    .path
+                    .parent()
+                    .map_or_else(|| self.root.clone(), |p| p.under(&self.root))
+                    .join(&r.target);
                 if fs::symlink_metadata(&resolved).is_err() {
-                    return Ok(Outcome::Deferred(format!("{}: link target {} not present yet", r.path, r.target)));
+                    return Ok(Outcome::Deferred(format!(
+                        "{}: link target {} not present yet",
+                        r.path, r.target
+                    )));
                 }
                 let tmp = self.staging_path();
                 std::os::unix::fs::symlink(&r.target, &tmp)?;
@@ -290,10 +312,18 @@ impl Tree {
 
     /// Moves the local losing copy to `.certmesh/conflicts/<path>.conflict-<time>`.
     fn keep_conflict(&self, p: &RelPath, full: &Path) -> io::Result<()> {
-        let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let dest = self.conflicts_dir().join(format!("{}.conflict-{secs}", p.as_str()));
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let dest = self
+            .conflicts_dir()
+            .join(format!("{}.conflict-{secs}", p.as_str()));
         if let Some(parent) = dest.parent() {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)?;
         }
         fs::rename(full, &dest)?;
         tracing::warn!(path = %p, kept = %dest.display(), "conflict: local version lost, kept a copy");
@@ -302,7 +332,9 @@ impl Tree {
 }
 
 fn parent_of(p: &Path) -> PathBuf {
-    p.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"))
+    p.parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"))
 }
 
 fn to_system_time(ns: i64) -> SystemTime {
@@ -366,16 +398,41 @@ mod tests {
         let mut link = rec("live/www", Kind::Symlink, 0o777);
         link.target = "../archive/www/1".into();
         let items = vec![
-            Item { record: link, staged: None, expect: None, conflict: false },
-            Item { record: rec("archive/www/1/privkey.pem", Kind::File, 0o644), staged: Some(stage(&t, "KEY")), expect: None, conflict: false },
-            Item { record: rec("archive/www/1", Kind::Directory, 0o755), staged: None, expect: None, conflict: false },
+            Item {
+                record: link,
+                staged: None,
+                expect: None,
+                conflict: false,
+            },
+            Item {
+                record: rec("archive/www/1/privkey.pem", Kind::File, 0o644),
+                staged: Some(stage(&t, "KEY")),
+                expect: None,
+                conflict: false,
+            },
+            Item {
+                record: rec("archive/www/1", Kind::Directory, 0o755),
+                staged: None,
+                expect: None,
+                conflict: false,
+            },
         ];
         let out = t.apply(&items);
-        assert!(out.iter().all(|o| matches!(o, Outcome::Applied(_))), "{out:?}");
+        assert!(
+            out.iter().all(|o| matches!(o, Outcome::Applied(_))),
+            "{out:?}"
+        );
         let key = t.root.join("live/www/privkey.pem");
         assert_eq!(fs::read_to_string(&key).unwrap(), "KEY");
-        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o640);
-        assert_eq!(fs::read_dir(t.tmp_dir()).unwrap().count(), 0, "staging left behind");
+        assert_eq!(
+            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert_eq!(
+            fs::read_dir(t.tmp_dir()).unwrap().count(),
+            0,
+            "staging left behind"
+        );
     }
 
     #[test]
@@ -387,11 +444,24 @@ mod tests {
         let mut link = rec("l", Kind::Symlink, 0o777);
         link.target = "missing".into();
         let items = vec![
-            Item { record: rec("f", Kind::File, 0o644), staged: Some(stage(&t, "theirs")), expect: None, conflict: false },
-            Item { record: link, staged: None, expect: None, conflict: false },
+            Item {
+                record: rec("f", Kind::File, 0o644),
+                staged: Some(stage(&t, "theirs")),
+                expect: None,
+                conflict: false,
+            },
+            Item {
+                record: link,
+                staged: None,
+                expect: None,
+                conflict: false,
+            },
         ];
         let out = t.apply(&items);
-        assert!(matches!(out[0], Outcome::Deferred(_)) && matches!(out[1], Outcome::Deferred(_)), "{out:?}");
+        assert!(
+            matches!(out[0], Outcome::Deferred(_)) && matches!(out[1], Outcome::Deferred(_)),
+            "{out:?}"
+        );
         assert_eq!(fs::read_to_string(t.root.join("f")).unwrap(), "mine");
         assert!(fs::symlink_metadata(t.root.join("l")).is_err());
     }
@@ -404,7 +474,12 @@ mod tests {
         let t = Tree::new(d.path().join("tree"));
         t.prepare().unwrap();
         std::os::unix::fs::symlink(&outside, t.root.join("sneaky")).unwrap();
-        let items = vec![Item { record: rec("sneaky/x", Kind::File, 0o644), staged: Some(stage(&t, "x")), expect: None, conflict: false }];
+        let items = vec![Item {
+            record: rec("sneaky/x", Kind::File, 0o644),
+            staged: Some(stage(&t, "x")),
+            expect: None,
+            conflict: false,
+        }];
         let out = t.apply(&items);
         assert!(matches!(out[0], Outcome::Failed(_)), "{out:?}");
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
@@ -417,7 +492,12 @@ mod tests {
         t.prepare().unwrap();
         fs::write(t.root.join("f"), "loser").unwrap();
         let st = local_stat(&fs::symlink_metadata(t.root.join("f")).unwrap());
-        let items = vec![Item { record: rec("f", Kind::File, 0o644), staged: Some(stage(&t, "winner")), expect: Some(st), conflict: true }];
+        let items = vec![Item {
+            record: rec("f", Kind::File, 0o644),
+            staged: Some(stage(&t, "winner")),
+            expect: Some(st),
+            conflict: true,
+        }];
         assert!(matches!(t.apply(&items)[0], Outcome::Applied(_)));
         assert_eq!(fs::read_to_string(t.root.join("f")).unwrap(), "winner");
         let kept: Vec<_> = fs::read_dir(t.conflicts_dir()).unwrap().flatten().collect();

@@ -120,25 +120,46 @@ impl Config {
         };
         let name = raw.node.name.get_ref().trim().to_string();
         if name.is_empty() {
-            return Err(bad(raw.node.name.span(), "node.name", "must not be empty".into()));
+            return Err(bad(
+                raw.node.name.span(),
+                "node.name",
+                "must not be empty".into(),
+            ));
         }
-        let state_dir = absolute(&raw.node.state_dir).map_err(|m| bad(raw.node.state_dir.span(), "node.state_dir", m))?;
+        let state_dir = absolute(&raw.node.state_dir)
+            .map_err(|m| bad(raw.node.state_dir.span(), "node.state_dir", m))?;
         let listen = raw
             .node
             .listen
             .get_ref()
             .parse::<SocketAddr>()
-            .map_err(|e| bad(raw.node.listen.span(), "node.listen", format!("{e} (expected ip:port, e.g. \"[2001:db8::1]:22000\")")))?;
-        let tree = absolute(&raw.tree.path).map_err(|m| bad(raw.tree.path.span(), "tree.path", m))?;
+            .map_err(|e| {
+                bad(
+                    raw.node.listen.span(),
+                    "node.listen",
+                    format!("{e} (expected ip:port, e.g. \"[2001:db8::1]:22000\")"),
+                )
+            })?;
+        let tree =
+            absolute(&raw.tree.path).map_err(|m| bad(raw.tree.path.span(), "tree.path", m))?;
         if state_dir.starts_with(&tree) {
-            return Err(bad(raw.node.state_dir.span(), "node.state_dir", "must not be inside tree.path (the node key would be replicated)".into()));
+            return Err(bad(
+                raw.node.state_dir.span(),
+                "node.state_dir",
+                "must not be inside tree.path (the node key would be replicated)".into(),
+            ));
         }
         let rescan_interval = match &raw.tree.rescan_interval {
             None => Duration::from_secs(3600),
             Some(s) => {
-                let d = parse_duration(s.get_ref()).map_err(|m| bad(s.span(), "tree.rescan_interval", m))?;
+                let d = parse_duration(s.get_ref())
+                    .map_err(|m| bad(s.span(), "tree.rescan_interval", m))?;
                 if d < Duration::from_secs(1) {
-                    return Err(bad(s.span(), "tree.rescan_interval", "must be at least 1s".into()));
+                    return Err(bad(
+                        s.span(),
+                        "tree.rescan_interval",
+                        "must be at least 1s".into(),
+                    ));
                 }
                 d
             }
@@ -149,19 +170,30 @@ impl Config {
             if pname.is_empty() {
                 return Err(bad(p.name.span(), "peer.name", "must not be empty".into()));
             }
-            let id = p
-                .id
-                .get_ref()
-                .parse::<DeviceId>()
-                .map_err(|e| bad(p.id.span(), "peer.id", format!("peer {pname:?}: {e}")))?;
+            let id =
+                p.id.get_ref()
+                    .parse::<DeviceId>()
+                    .map_err(|e| bad(p.id.span(), "peer.id", format!("peer {pname:?}: {e}")))?;
             let address = p.address.get_ref().parse::<SocketAddr>().map_err(|e| {
-                bad(p.address.span(), "peer.address", format!("peer {pname:?}: {e} (expected ip:port)"))
+                bad(
+                    p.address.span(),
+                    "peer.address",
+                    format!("peer {pname:?}: {e} (expected ip:port)"),
+                )
             })?;
             if pname == name || peers.iter().any(|q| q.name == pname) {
-                return Err(bad(p.name.span(), "peer.name", format!("duplicate name {pname:?}")));
+                return Err(bad(
+                    p.name.span(),
+                    "peer.name",
+                    format!("duplicate name {pname:?}"),
+                ));
             }
             if peers.iter().any(|q| q.id == id) {
-                return Err(bad(p.id.span(), "peer.id", format!("peer {pname:?}: device ID listed twice")));
+                return Err(bad(
+                    p.id.span(),
+                    "peer.id",
+                    format!("peer {pname:?}: device ID listed twice"),
+                ));
             }
             peers.push(PeerConfig {
                 name: pname,
@@ -228,7 +260,9 @@ mod tests {
     }
 
     fn err(text: &str) -> String {
-        Config::parse(Path::new("c.toml"), text).unwrap_err().to_string()
+        Config::parse(Path::new("c.toml"), text)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -251,9 +285,13 @@ mod tests {
         let mut typo = id.clone().into_bytes();
         typo[0] = if typo[0] == b'A' { b'B' } else { b'A' };
         let typo = String::from_utf8(typo).unwrap();
-        let e = err(&cfg(&format!("[[peer]]\nname = \"lb1\"\nid = \"{typo}\"\naddress = \"127.0.0.2:1\"\n")));
+        let e = err(&cfg(&format!(
+            "[[peer]]\nname = \"lb1\"\nid = \"{typo}\"\naddress = \"127.0.0.2:1\"\n"
+        )));
         assert!(e.contains(":10: peer.id") && e.contains("mistyped"), "{e}");
-        let e = err(&cfg(&format!("[[peer]]\nname = \"lb1\"\nid = \"{id}\"\naddress = \"nowhere\"\n")));
+        let e = err(&cfg(&format!(
+            "[[peer]]\nname = \"lb1\"\nid = \"{id}\"\naddress = \"nowhere\"\n"
+        )));
         assert!(e.contains("peer.address"), "{e}");
         let e = err(&cfg("rescan_interval = \"10 parsecs\"\n"));
         assert!(e.contains("tree.rescan_interval"), "{e}");
@@ -262,7 +300,10 @@ mod tests {
         )));
         assert!(e.contains("listed twice") && e.contains(":14:"), "{e}");
         let e = err(&cfg("").replace("/var/lib/certmesh", "relative"));
-        assert!(e.contains("node.state_dir") && e.contains("absolute"), "{e}");
+        assert!(
+            e.contains("node.state_dir") && e.contains("absolute"),
+            "{e}"
+        );
         let e = err(&cfg("").replace("/var/lib/certmesh", "/etc/nginx/certs/state"));
         assert!(e.contains("inside tree.path"), "{e}");
         let _ = ID;

@@ -56,7 +56,13 @@ pub fn status(shared: &Shared) -> Status {
     let (name, listen, tree) = shared
         .config
         .lock()
-        .map(|c| (c.name.clone(), c.listen.to_string(), c.tree.display().to_string()))
+        .map(|c| {
+            (
+                c.name.clone(),
+                c.listen.to_string(),
+                c.tree.display().to_string(),
+            )
+        })
         .unwrap_or_default();
     let st = shared.lock();
     let mut peers: Vec<PeerStatus> = st
@@ -106,7 +112,10 @@ struct Request {
 pub fn start(shared: Arc<Shared>, path: &Path) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("{}: another certmesh is already running with this state_dir", path.display());
+            anyhow::bail!(
+                "{}: another certmesh is already running with this state_dir",
+                path.display()
+            );
         }
         std::fs::remove_file(path)?;
     }
@@ -144,7 +153,10 @@ async fn serve(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
 /// Client side: sends one command to a running daemon.
 pub async fn request(socket: &Path, cmd: &str) -> anyhow::Result<serde_json::Value> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
-        anyhow::anyhow!("{}: {e} (is `certmesh run` running with this config?)", socket.display())
+        anyhow::anyhow!(
+            "{}: {e} (is `certmesh run` running with this config?)",
+            socket.display()
+        )
     })?;
     let (r, mut w) = stream.into_split();
     let mut req = serde_json::to_vec(&serde_json::json!({ "cmd": cmd }))?;
@@ -168,19 +180,43 @@ use tokio::io::AsyncReadExt as _;
 pub fn render(s: &Status) -> String {
     use std::fmt::Write;
     let mut o = String::new();
-    let _ = writeln!(o, "node   {} ({})  listen {}  up {}s", s.node.name, s.node.id, s.node.listen, s.node.uptime_s);
-    let _ = writeln!(o, "tree   {}  {} files  {} out of sync  seq {}", s.tree.path, s.tree.files, s.tree.out_of_sync, s.tree.sequence);
+    let _ = writeln!(
+        o,
+        "node   {} ({})  listen {}  up {}s",
+        s.node.name, s.node.id, s.node.listen, s.node.uptime_s
+    );
+    let _ = writeln!(
+        o,
+        "tree   {}  {} files  {} out of sync  seq {}",
+        s.tree.path, s.tree.files, s.tree.out_of_sync, s.tree.sequence
+    );
     let _ = writeln!(o);
-    let _ = writeln!(o, "{:<16} {:<24} {:<10} {:<8} {:>8}  {}", "PEER", "ADDRESS", "CONNECTED", "IN SYNC", "RTT", "NOTE");
+    let _ = writeln!(
+        o,
+        "{:<16} {:<24} {:<10} {:<8} {:>8}  NOTE",
+        "PEER", "ADDRESS", "CONNECTED", "IN SYNC", "RTT"
+    );
     for p in &s.peers {
-        let rtt = p.rtt_ms.map(|r| format!("{r:.2}ms")).unwrap_or_else(|| "-".into());
+        let rtt = p
+            .rtt_ms
+            .map(|r| format!("{r:.2}ms"))
+            .unwrap_or_else(|| "-".into());
         let note = match (&p.last_error, p.pending_from) {
             (_, n) if n > 0 => format!("{n} items pending"),
             (Some(e), _) if !p.connected => e.chars().take(60).collect(),
             _ => String::new(),
         };
         let yn = |b: bool| if b { "yes" } else { "no" };
-        let _ = writeln!(o, "{:<16} {:<24} {:<10} {:<8} {:>8}  {}", p.name, p.address, yn(p.connected), yn(p.in_sync), rtt, note);
+        let _ = writeln!(
+            o,
+            "{:<16} {:<24} {:<10} {:<8} {:>8}  {}",
+            p.name,
+            p.address,
+            yn(p.connected),
+            yn(p.in_sync),
+            rtt,
+            note
+        );
     }
     if !s.errors.is_empty() {
         let _ = writeln!(o, "\nrecent errors:");

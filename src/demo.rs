@@ -64,7 +64,9 @@ pub fn write_mesh(dir: &Path, n: usize) -> anyhow::Result<Vec<(String, PathBuf, 
         );
         for (pname, _, _, pid, paddr) in &nodes {
             if pname != name {
-                cfg.push_str(&format!("\n[[peer]]\nname = \"{pname}\"\nid = \"{pid}\"\naddress = \"{paddr}\"\n"));
+                cfg.push_str(&format!(
+                    "\n[[peer]]\nname = \"{pname}\"\nid = \"{pid}\"\naddress = \"{paddr}\"\n"
+                ));
             }
         }
         let path = dir.join(name).join("certmesh.toml");
@@ -80,7 +82,10 @@ pub fn spawn(exe: &Path, name: &str, config: &Path, tree: &Path) -> anyhow::Resu
     let child = Command::new(exe)
         .args(["run", "--config"])
         .arg(config)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -131,7 +136,12 @@ pub fn write_atomic(tree: &Path, rel: &str, content: &[u8]) -> std::io::Result<(
 }
 
 /// Polls (100 µs) until every `trees[i]/rel` holds `content`; the elapsed time.
-pub fn wait_present(trees: &[&Path], rel: &str, content: &[u8], timeout: Duration) -> Option<Duration> {
+pub fn wait_present(
+    trees: &[&Path],
+    rel: &str,
+    content: &[u8],
+    timeout: Duration,
+) -> Option<Duration> {
     let start = Instant::now();
     loop {
         if trees
@@ -149,9 +159,14 @@ pub fn wait_present(trees: &[&Path], rel: &str, content: &[u8], timeout: Duratio
 
 /// Runs the demo.
 pub async fn run(samples: usize) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new().prefix("certmesh-demo-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("certmesh-demo-")
+        .tempdir()?;
     let exe = std::env::current_exe()?;
-    println!("certmesh demo: 3 nodes on 127.0.0.2-4, temp dir {}", dir.path().display());
+    println!(
+        "certmesh demo: 3 nodes on 127.0.0.2-4, temp dir {}",
+        dir.path().display()
+    );
     let configs = write_mesh(dir.path(), 3)?;
     let nodes: Vec<LocalNode> = configs
         .iter()
@@ -159,19 +174,32 @@ pub async fn run(samples: usize) -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let t0 = Instant::now();
     wait_connected(&nodes, Duration::from_secs(20)).await?;
-    println!("mesh connected in {:.0} ms", t0.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "mesh connected in {:.0} ms",
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
     let others: Vec<&Path> = nodes[1..].iter().map(|n| n.tree.as_path()).collect();
     let mut times = Vec::new();
     for i in 0..samples.max(1) {
         let rel = format!("acme/.well-known/acme-challenge/token-{i}");
-        let content = format!("token-{i}.demo-key-authorization-{:016x}", rand::random::<u64>());
+        let content = format!(
+            "token-{i}.demo-key-authorization-{:016x}",
+            rand::random::<u64>()
+        );
         write_atomic(&nodes[0].tree, &rel, content.as_bytes())?;
-        let Some(t) = wait_present(&others, &rel, content.as_bytes(), Duration::from_secs(10)) else {
-            bail!("{rel} did not reach node2 and node3 within 10 s (logs in {})", dir.path().display());
+        let Some(t) = wait_present(&others, &rel, content.as_bytes(), Duration::from_secs(10))
+        else {
+            bail!(
+                "{rel} did not reach node2 and node3 within 10 s (logs in {})",
+                dir.path().display()
+            );
         };
         times.push(t);
         if i < 3 {
-            println!("  {rel}: on node2 and node3 after {:.2} ms", t.as_secs_f64() * 1000.0);
+            println!(
+                "  {rel}: on node2 and node3 after {:.2} ms",
+                t.as_secs_f64() * 1000.0
+            );
         }
     }
     times.sort();

@@ -168,16 +168,20 @@ impl Identity {
             path: path.to_path_buf(),
             reason: reason.to_string(),
         };
-        let key = pem_block(&key_pem, "PRIVATE KEY").ok_or_else(|| corrupt(&key_path, "no PRIVATE KEY block"))?;
-        let cert =
-            pem_block(&cert_pem, "CERTIFICATE").ok_or_else(|| corrupt(&cert_path, "no CERTIFICATE block"))?;
+        let key = pem_block(&key_pem, "PRIVATE KEY")
+            .ok_or_else(|| corrupt(&key_path, "no PRIVATE KEY block"))?;
+        let cert = pem_block(&cert_pem, "CERTIFICATE")
+            .ok_or_else(|| corrupt(&cert_path, "no CERTIFICATE block"))?;
         // The key must be the certificate's key: check by parsing both.
         let kp = rcgen::KeyPair::try_from(key.as_slice())
             .map_err(|e| corrupt(&key_path, &format!("not a usable key: {e}")))?;
         let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
             .map_err(|e| corrupt(&cert_path, &format!("not a certificate: {e}")))?;
         if *parsed.public_key().subject_public_key.data != *kp.public_key_raw() {
-            return Err(corrupt(&cert_path, "certificate does not belong to node-key.pem"));
+            return Err(corrupt(
+                &cert_path,
+                "certificate does not belong to node-key.pem",
+            ));
         }
         Ok(Identity {
             id: DeviceId::of_cert(&cert),
@@ -275,7 +279,10 @@ mod tests {
         let a = Identity::init(&state).unwrap();
         let b = Identity::init(&state).unwrap();
         assert_eq!(a.id, b.id);
-        let mode = fs::metadata(state.join(KEY_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(state.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(Identity::load(&state).unwrap().id, a.id);
     }

@@ -204,7 +204,12 @@ impl Index {
 
     /// Folds one scan observation in. Returns the new record when it is a change
     /// (our counter bumped), `None` when nothing replicable changed.
-    pub fn observe(&mut self, p: &RelPath, seen: Option<Observed>, now_ns: i64) -> Option<FileRecord> {
+    pub fn observe(
+        &mut self,
+        p: &RelPath,
+        seen: Option<Observed>,
+        now_ns: i64,
+    ) -> Option<FileRecord> {
         let prev = self.entries.get(p);
         match (prev, seen) {
             (None, None) => None,

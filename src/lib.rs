@@ -25,10 +25,10 @@ pub mod peer;
 pub mod plan;
 pub mod pull;
 pub mod scan;
+#[cfg(test)]
+mod sim;
 pub mod store;
 pub mod transport;
 pub mod version;
 pub mod watch;
 pub mod wire;
-#[cfg(test)]
-mod sim;

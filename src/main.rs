@@ -10,7 +10,11 @@ use certmesh::config::Config;
 use certmesh::identity::Identity;
 
 #[derive(Parser)]
-#[command(name = "certmesh", version, about = "Keeps a TLS certificate tree identical on every node, over QUIC with mutual TLS")]
+#[command(
+    name = "certmesh",
+    version,
+    about = "Keeps a TLS certificate tree identical on every node, over QUIC with mutual TLS"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -63,8 +67,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -115,11 +120,18 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     )));
                 }
             }
-            println!("{}: ok ({} peers, tree {})", config.display(), c.peers.len(), c.tree.display());
+            println!(
+                "{}: ok ({} peers, tree {})",
+                config.display(),
+                c.peers.len(),
+                c.tree.display()
+            );
         }
         Cmd::Run { config } => {
             let c = load(&config)?;
-            runtime()?.block_on(certmesh::node::run(c, shutdown_signal())).map_err(rt_err)?;
+            runtime()?
+                .block_on(certmesh::node::run(c, shutdown_signal()))
+                .map_err(rt_err)?;
         }
         Cmd::Status { config, json } => {
             let c = load(&config)?;
@@ -129,13 +141,15 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
-                let s: certmesh::control::Status =
-                    serde_json::from_value(v).map_err(|e| Failure::Runtime(format!("daemon answer: {e}")))?;
+                let s: certmesh::control::Status = serde_json::from_value(v)
+                    .map_err(|e| Failure::Runtime(format!("daemon answer: {e}")))?;
                 print!("{}", certmesh::control::render(&s));
             }
         }
         Cmd::Demo { samples } => {
-            runtime()?.block_on(certmesh::demo::run(samples)).map_err(rt_err)?;
+            runtime()?
+                .block_on(certmesh::demo::run(samples))
+                .map_err(rt_err)?;
         }
     }
     Ok(())

@@ -63,7 +63,10 @@ impl State {
         if self.errors.len() == RECENT_ERRORS {
             self.errors.pop_front();
         }
-        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         self.errors.push_back(format!("{t} {msg}"));
     }
 
@@ -150,9 +153,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!(node = %config.name, id = %identity.id, entries = report.entries, "index loaded");
 
     let allowed: Allowed = Arc::new(std::sync::RwLock::new(
-        config.peers.iter().map(|p| (p.id, p.name.clone())).collect(),
+        config
+            .peers
+            .iter()
+            .map(|p| (p.id, p.name.clone()))
+            .collect(),
     ));
-    let transport = Arc::new(Transport::bind(identity.clone(), config.listen, allowed.clone())?);
+    let transport = Arc::new(Transport::bind(
+        identity.clone(),
+        config.listen,
+        allowed.clone(),
+    )?);
     let peers = config
         .peers
         .iter()
@@ -202,7 +213,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     shared.stopping.send_replace(true);
     shared.pull.notify_one();
     let _ = tokio::time::timeout(Duration::from_secs(30), puller).await;
-    transport.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+    transport
+        .endpoint
+        .close(quinn::VarInt::from_u32(0), b"shutdown");
     drop(watcher);
     control.abort();
     let _ = std::fs::remove_file(config.control_socket());
@@ -225,12 +238,19 @@ pub fn reload(shared: &Arc<Shared>, transport: &Arc<Transport>, new: Config) {
     let mut added = Vec::new();
     {
         let mut st = shared.lock();
-        let wanted: HashMap<DeviceId, PeerConfig> = new.peers.iter().map(|p| (p.id, p.clone())).collect();
-        let removed: Vec<DeviceId> = st.peers.keys().filter(|id| !wanted.contains_key(id)).copied().collect();
+        let wanted: HashMap<DeviceId, PeerConfig> =
+            new.peers.iter().map(|p| (p.id, p.clone())).collect();
+        let removed: Vec<DeviceId> = st
+            .peers
+            .keys()
+            .filter(|id| !wanted.contains_key(id))
+            .copied()
+            .collect();
         for id in removed {
             if let Some(slot) = st.peers.remove(&id) {
                 if let Some(s) = slot.session {
-                    s.conn.close(quinn::VarInt::from_u32(2), b"removed from config");
+                    s.conn
+                        .close(quinn::VarInt::from_u32(2), b"removed from config");
                 }
                 slot.gone.notify_waiters();
             }
@@ -285,12 +305,21 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
             let Some(slot) = st.peers.get(&peer) else {
                 return; // removed from config
             };
-            (slot.config.address, slot.gone.clone(), slot.session.is_some())
+            (
+                slot.config.address,
+                slot.gone.clone(),
+                slot.session.is_some(),
+            )
         };
         if connected {
             let notified = gone.notified();
             // Re-check after registering, so a wakeup between the two is not lost.
-            if shared.lock().peers.get(&peer).is_some_and(|s| s.session.is_some()) {
+            if shared
+                .lock()
+                .peers
+                .get(&peer)
+                .is_some_and(|s| s.session.is_some())
+            {
                 notified.await;
             }
             backoff = Duration::from_millis(50);
@@ -342,14 +371,20 @@ async fn reload_on_sighup(shared: Arc<Shared>, transport: Arc<Transport>) {
                 tracing::info!(file = %file.display(), peers = new.peers.len(), "SIGHUP: peer list reloaded");
                 reload(&shared, &transport, new);
             }
-            Err(e) => shared.lock().error(format!("SIGHUP: config not reloaded: {e}")),
+            Err(e) => shared
+                .lock()
+                .error(format!("SIGHUP: config not reloaded: {e}")),
         }
     }
 }
 
 async fn periodic_rescan(shared: Arc<Shared>) {
     loop {
-        let every = shared.config.lock().map(|c| c.rescan_interval).unwrap_or(Duration::from_secs(3600));
+        let every = shared
+            .config
+            .lock()
+            .map(|c| c.rescan_interval)
+            .unwrap_or(Duration::from_secs(3600));
         tokio::time::sleep(every).await;
         crate::watch::full_rescan(&shared).await;
     }

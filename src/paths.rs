@@ -181,12 +181,27 @@ mod tests {
 
     #[test]
     fn refuses_escapes() {
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "a\0b"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            "a/.",
+            "a\0b",
+        ] {
             assert!(RelPath::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(RelPath::parse(&"a".repeat(256)).is_err());
         assert!(RelPath::parse(&"a/".repeat(3000)).is_err());
-        for good in ["a", "acme/.well-known/acme-challenge/tok", "ünï cödé/ x", "..a", "a.."] {
+        for good in [
+            "a",
+            "acme/.well-known/acme-challenge/tok",
+            "ünï cödé/ x",
+            "..a",
+            "a..",
+        ] {
             assert!(RelPath::parse(good).is_ok(), "{good:?} refused");
         }
         assert!(RelPath::parse_shared(".certmesh/tmp/x").is_err());
@@ -202,7 +217,9 @@ mod tests {
         assert!(live.check_symlink_target("../../etc").is_err());
         assert!(live.check_symlink_target("..").is_err());
         assert!(live.check_symlink_target("/etc/passwd").is_err());
-        assert!(live.check_symlink_target("../.certmesh/conflicts/x").is_err());
+        assert!(live
+            .check_symlink_target("../.certmesh/conflicts/x")
+            .is_err());
         let top = RelPath::parse("link").unwrap();
         assert!(top.check_symlink_target("dir/file").is_ok());
         assert!(top.check_symlink_target("../x").is_err());
@@ -212,9 +229,17 @@ mod tests {
     fn within_and_keys() {
         let a = RelPath::parse("a/b").unwrap();
         assert!(a.is_within(&RelPath::parse("a").unwrap()));
-        assert!(!RelPath::parse("ab").unwrap().is_within(&RelPath::parse("a").unwrap()));
-        assert!(RelPath::parse("live/x/privkey.pem").unwrap().is_private_key());
-        assert!(RelPath::parse("www.example.com.key").unwrap().is_private_key());
-        assert!(!RelPath::parse("live/x/fullchain.pem").unwrap().is_private_key());
+        assert!(!RelPath::parse("ab")
+            .unwrap()
+            .is_within(&RelPath::parse("a").unwrap()));
+        assert!(RelPath::parse("live/x/privkey.pem")
+            .unwrap()
+            .is_private_key());
+        assert!(RelPath::parse("www.example.com.key")
+            .unwrap()
+            .is_private_key());
+        assert!(!RelPath::parse("live/x/fullchain.pem")
+            .unwrap()
+            .is_private_key());
     }
 }

@@ -12,7 +12,9 @@ use crate::identity::DeviceId;
 use crate::index::Kind;
 use crate::node::{Session, Shared};
 use crate::paths::RelPath;
-use crate::wire::{self, pb, record_from_wire, record_to_wire, WireError, INDEX_BATCH, MAX_FRAME, MAX_HEADER};
+use crate::wire::{
+    self, pb, record_from_wire, record_to_wire, WireError, INDEX_BATCH, MAX_FRAME, MAX_HEADER,
+};
 
 /// Close codes.
 pub const CLOSE_DUPLICATE: u32 = 1;
@@ -83,7 +85,9 @@ pub async fn run_session_with_ready(
         Err(e) => {
             let reason = conn.close_reason();
             if reason.is_none() {
-                shared.lock().error(format!("peer {peer} ({remote}): {e}; disconnecting"));
+                shared
+                    .lock()
+                    .error(format!("peer {peer} ({remote}): {e}; disconnecting"));
                 conn.close(CLOSE_PROTOCOL.into(), b"protocol violation");
             } else {
                 tracing::info!(peer = %peer, reason = ?reason, "peer connection closed");
@@ -105,7 +109,11 @@ async fn exchange_hello(
     conn: &quinn::Connection,
 ) -> Result<(quinn::SendStream, quinn::RecvStream, pb::Hello), WireError> {
     let mut send = conn.open_uni().await.map_err(io)?;
-    let name = shared.config.lock().map(|c| c.name.clone()).unwrap_or_default();
+    let name = shared
+        .config
+        .lock()
+        .map(|c| c.name.clone())
+        .unwrap_or_default();
     let hello = pb::Frame {
         body: Some(pb::frame::Body::Hello(pb::Hello {
             name,
@@ -136,14 +144,19 @@ fn io(e: impl std::fmt::Display) -> WireError {
 fn register(shared: &Shared, peer: DeviceId, session: &Session) -> bool {
     let me = shared.me();
     let mut st = shared.lock();
-    let crate::node::State { peers, plan, index, .. } = &mut *st;
+    let crate::node::State {
+        peers, plan, index, ..
+    } = &mut *st;
     let Some(slot) = peers.get_mut(&peer) else {
         return false;
     };
     if let Some(existing) = &slot.session {
         let preferred = |s: &Session| s.dialed_by_me == (me < peer);
         let existing_alive = existing.conn.close_reason().is_none();
-        if existing_alive && existing.instance == session.instance && (preferred(existing) || !preferred(session)) {
+        if existing_alive
+            && existing.instance == session.instance
+            && (preferred(existing) || !preferred(session))
+        {
             return false;
         }
         existing.conn.close(CLOSE_DUPLICATE.into(), b"replaced");
@@ -156,7 +169,9 @@ fn register(shared: &Shared, peer: DeviceId, session: &Session) -> bool {
 
 fn unregister(shared: &Shared, peer: DeviceId, session_id: u64) {
     let mut st = shared.lock();
-    let crate::node::State { peers, plan, index, .. } = &mut *st;
+    let crate::node::State {
+        peers, plan, index, ..
+    } = &mut *st;
     if let Some(slot) = peers.get_mut(&peer) {
         if slot.session.as_ref().is_some_and(|s| s.id == session_id) {
             slot.session = None;
@@ -168,7 +183,12 @@ fn unregister(shared: &Shared, peer: DeviceId, session_id: u64) {
     shared.bump_progress();
 }
 
-fn index_frame(files: Vec<pb::FileInfo>, last_sequence: u64, full: bool, full_done: bool) -> pb::Frame {
+fn index_frame(
+    files: Vec<pb::FileInfo>,
+    last_sequence: u64,
+    full: bool,
+    full_done: bool,
+) -> pb::Frame {
     pb::Frame {
         body: Some(pb::frame::Body::Index(pb::IndexUpdate {
             files,
@@ -180,7 +200,11 @@ fn index_frame(files: Vec<pb::FileInfo>, last_sequence: u64, full: bool, full_do
 }
 
 /// Sends the full index, then increments and acks as they happen.
-async fn send_loop(shared: Arc<Shared>, peer: DeviceId, mut send: quinn::SendStream) -> Result<(), WireError> {
+async fn send_loop(
+    shared: Arc<Shared>,
+    peer: DeviceId,
+    mut send: quinn::SendStream,
+) -> Result<(), WireError> {
     let mut changed = shared.changed.subscribe();
     let mut progress = shared.progress.subscribe();
     let (full, upto) = {
@@ -215,7 +239,11 @@ async fn send_loop(shared: Arc<Shared>, peer: DeviceId, mut send: quinn::SendStr
                 })
                 .map(|e| record_to_wire(&e.record, e.sequence))
                 .collect();
-            (files, st.index.sequence(), st.plan.ack_for(&peer, &st.index))
+            (
+                files,
+                st.index.sequence(),
+                st.plan.ack_for(&peer, &st.index),
+            )
         };
         if upto > sent {
             let mut files = files.into_iter().peekable();
@@ -244,7 +272,11 @@ async fn send_loop(shared: Arc<Shared>, peer: DeviceId, mut send: quinn::SendStr
 }
 
 /// Reads the peer's index and acks; anything invalid ends the session.
-async fn recv_loop(shared: &Shared, peer: DeviceId, mut recv: quinn::RecvStream) -> Result<(), WireError> {
+async fn recv_loop(
+    shared: &Shared,
+    peer: DeviceId,
+    mut recv: quinn::RecvStream,
+) -> Result<(), WireError> {
     loop {
         let Some(frame) = wire::read_msg::<_, pb::Frame>(&mut recv, MAX_FRAME).await? else {
             return Ok(());
@@ -301,21 +333,32 @@ async fn serve_requests(shared: Arc<Shared>, conn: quinn::Connection) {
     }
 }
 
-async fn serve_one(shared: &Shared, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), WireError> {
-    let req: pb::Request = tokio::time::timeout(HELLO_TIMEOUT, wire::read_msg(&mut recv, MAX_HEADER))
-        .await
-        .map_err(|_| io("request timeout"))??
-        .ok_or_else(|| io("empty request"))?;
+async fn serve_one(
+    shared: &Shared,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), WireError> {
+    let req: pb::Request =
+        tokio::time::timeout(HELLO_TIMEOUT, wire::read_msg(&mut recv, MAX_HEADER))
+            .await
+            .map_err(|_| io("request timeout"))??
+            .ok_or_else(|| io("empty request"))?;
     let path = RelPath::parse_shared(&req.path)?;
     let size = {
         let st = shared.lock();
         st.index
             .get(&path)
-            .filter(|e| !e.record.deleted && e.record.kind == Kind::File && e.record.hash.0.as_slice() == req.hash.as_slice())
+            .filter(|e| {
+                !e.record.deleted
+                    && e.record.kind == Kind::File
+                    && e.record.hash.0.as_slice() == req.hash.as_slice()
+            })
             .map(|e| e.record.size)
     };
     let file = match size {
-        Some(_) => tokio::fs::File::open(path.under(&shared.tree.root)).await.ok(),
+        Some(_) => tokio::fs::File::open(path.under(&shared.tree.root))
+            .await
+            .ok(),
         None => None,
     };
     let (Some(size), Some(mut file)) = (size, file) else {

@@ -189,7 +189,9 @@ impl Plan {
             .keys()
             .filter_map(|p| {
                 let (r, seq) = view.records.get(p)?;
-                let covered = index.get(p).is_some_and(|e| e.record.version.covers(&r.version));
+                let covered = index
+                    .get(p)
+                    .is_some_and(|e| e.record.version.covers(&r.version));
                 (!covered).then_some(*seq)
             })
             .min();
@@ -216,7 +218,9 @@ impl Plan {
             .keys()
             .filter(|p| {
                 view.records.get(*p).is_some_and(|(r, _)| {
-                    !index.get(p).is_some_and(|e| e.record.version.covers(&r.version))
+                    !index
+                        .get(p)
+                        .is_some_and(|e| e.record.version.covers(&r.version))
                 })
             })
             .count()

@@ -104,7 +104,11 @@ fn take_batch(shared: &Shared, retry: &mut Retry) -> Vec<Work> {
             bytes += need.target.size;
         }
         st.applying.insert(p.clone());
-        out.push(Work { need, expect, sources });
+        out.push(Work {
+            need,
+            expect,
+            sources,
+        });
         if out.len() >= BATCH_ITEMS {
             break;
         }
@@ -124,13 +128,21 @@ async fn run_batch(shared: &Arc<Shared>, batch: Vec<Work>, retry: &mut Retry) {
         }
         let dest = shared.tree.staging_path();
         let sources = w.sources.clone();
-        let (path, hash, size) = (w.need.target.path.clone(), w.need.target.hash, w.need.target.size);
+        let (path, hash, size) = (
+            w.need.target.path.clone(),
+            w.need.target.hash,
+            w.need.target.size,
+        );
         let limit = limit.clone();
         set.spawn(async move {
             let _permit = limit.acquire_owned().await;
             let mut last = String::new();
             for (peer, conn) in sources {
-                match fetch(&conn, &path, hash, size, &dest).await {
+                let result = fetch(&conn, &path, hash, size, &dest).await;
+                if result.is_err() {
+                    let _ = tokio::fs::remove_file(&dest).await;
+                }
+                match result {
                     Ok(()) => return (i, Ok(dest)),
                     Err(FetchError::Hostile(why)) => {
                         tracing::warn!(peer = %peer, path = %path, why = %why, "peer sent bad content; disconnecting it");
@@ -139,7 +151,6 @@ async fn run_batch(shared: &Arc<Shared>, batch: Vec<Work>, retry: &mut Retry) {
                     }
                     Err(FetchError::Retry(why)) => last = why,
                 }
-                let _ = tokio::fs::remove_file(&dest).await;
             }
             (i, Err(format!("fetching {path}: {last}")))
         });
@@ -237,7 +248,13 @@ enum FetchError {
 }
 
 /// Streams one file's content from a peer into `dest`, verifying size and BLAKE3.
-async fn fetch(conn: &quinn::Connection, path: &RelPath, hash: ContentHash, size: u64, dest: &std::path::Path) -> Result<(), FetchError> {
+async fn fetch(
+    conn: &quinn::Connection,
+    path: &RelPath,
+    hash: ContentHash,
+    size: u64,
+    dest: &std::path::Path,
+) -> Result<(), FetchError> {
     let retry = |e: &dyn std::fmt::Display| FetchError::Retry(e.to_string());
     let deadline = Duration::from_secs(30) + Duration::from_millis(size / 1000); // ≥ 1 MB/s
     let work = async {
@@ -246,7 +263,9 @@ async fn fetch(conn: &quinn::Connection, path: &RelPath, hash: ContentHash, size
             path: path.as_str().to_string(),
             hash: hash.0.to_vec(),
         };
-        wire::write_msg(&mut send, &req).await.map_err(|e| retry(&e))?;
+        wire::write_msg(&mut send, &req)
+            .await
+            .map_err(|e| retry(&e))?;
         let _ = send.finish();
         let resp: pb::Response = wire::read_msg(&mut recv, MAX_HEADER)
             .await
@@ -256,7 +275,10 @@ async fn fetch(conn: &quinn::Connection, path: &RelPath, hash: ContentHash, size
             return Err(retry(&"not found at peer"));
         }
         if resp.size != size {
-            return Err(FetchError::Hostile(format!("announced {size} bytes, sends {}", resp.size)));
+            return Err(FetchError::Hostile(format!(
+                "announced {size} bytes, sends {}",
+                resp.size
+            )));
         }
         let mut f = tokio::fs::OpenOptions::new()
             .write(true)
@@ -286,7 +308,9 @@ async fn fetch(conn: &quinn::Connection, path: &RelPath, hash: ContentHash, size
             return Err(retry(&format!("stream ended after {got} of {size} bytes")));
         }
         if hasher.finalize().as_bytes() != &hash.0 {
-            return Err(FetchError::Hostile("content does not match its BLAKE3 hash".into()));
+            return Err(FetchError::Hostile(
+                "content does not match its BLAKE3 hash".into(),
+            ));
         }
         f.flush().await.map_err(|e| retry(&e))?;
         Ok(())

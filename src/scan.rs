@@ -88,7 +88,9 @@ pub fn look(root: &Path, p: &RelPath) -> io::Result<Seen> {
         } else {
             "device"
         };
-        Ok(Seen::Skipped(format!("special file ({what}) is not synced")))
+        Ok(Seen::Skipped(format!(
+            "special file ({what}) is not synced"
+        )))
     }
 }
 
@@ -111,7 +113,13 @@ pub fn hash_file(full: &Path) -> io::Result<Option<(ContentHash, LocalStat)>> {
 }
 
 /// Turns a `Seen::Present` into an observation, hashing files.
-pub fn observe(root: &Path, p: &RelPath, kind: Kind, stat: LocalStat, target: String) -> io::Result<Option<Observed>> {
+pub fn observe(
+    root: &Path,
+    p: &RelPath,
+    kind: Kind,
+    stat: LocalStat,
+    target: String,
+) -> io::Result<Option<Observed>> {
     let hash = match kind {
         Kind::File => match hash_file(&p.under(root))? {
             Some((h, s)) if s == stat => h,
@@ -132,7 +140,12 @@ pub fn observe(root: &Path, p: &RelPath, kind: Kind, stat: LocalStat, target: St
 
 /// Every syncable path under `root` (directories before their contents), skipping
 /// local-only internal state. Unreadable directories are reported, not fatal.
-pub fn walk(root: &Path, start: Option<&RelPath>, out: &mut Vec<RelPath>, errors: &mut Vec<String>) {
+pub fn walk(
+    root: &Path,
+    start: Option<&RelPath>,
+    out: &mut Vec<RelPath>,
+    errors: &mut Vec<String>,
+) {
     let dir = start.map_or_else(|| root.to_path_buf(), |s| s.under(root));
     let rd = match fs::read_dir(&dir) {
         Ok(rd) => rd,
@@ -145,7 +158,10 @@ pub fn walk(root: &Path, start: Option<&RelPath>, out: &mut Vec<RelPath>, errors
     for ent in rd.flatten() {
         let name = ent.file_name();
         let Some(name) = name.to_str() else {
-            errors.push(format!("{}: name is not UTF-8, skipped", ent.path().display()));
+            errors.push(format!(
+                "{}: name is not UTF-8, skipped",
+                ent.path().display()
+            ));
             continue;
         };
         let rel = match start {
@@ -199,7 +215,13 @@ mod tests {
         assert_eq!(names, [".certmesh", "a", "a/b", "a/b/f", "a/in", "a/out"]);
         let p = |s| RelPath::parse(s).unwrap();
         assert!(matches!(look(root, &p("a/out")).unwrap(), Seen::Skipped(_)));
-        assert!(matches!(look(root, &p("a/in")).unwrap(), Seen::Present { kind: Kind::Symlink, .. }));
+        assert!(matches!(
+            look(root, &p("a/in")).unwrap(),
+            Seen::Present {
+                kind: Kind::Symlink,
+                ..
+            }
+        ));
         // A path reached through a symlinked directory is not in the tree.
         std::os::unix::fs::symlink("b", root.join("a/lnk")).unwrap();
         assert!(matches!(look(root, &p("a/lnk/f")).unwrap(), Seen::Absent));

@@ -93,7 +93,11 @@ impl Store {
     }
 
     /// Durably appends changed entries (fdatasync once per call).
-    pub fn append<'a>(&mut self, entries: impl Iterator<Item = &'a Entry>, index: &Index) -> io::Result<()> {
+    pub fn append<'a>(
+        &mut self,
+        entries: impl Iterator<Item = &'a Entry>,
+        index: &Index,
+    ) -> io::Result<()> {
         let mut buf = Vec::new();
         let mut n = 0;
         for e in entries {

@@ -53,17 +53,30 @@ fn check_cert(end_entity: &CertificateDer<'_>, now: UnixTime) -> Result<DeviceId
     let now = x509_parser::time::ASN1Time::from_timestamp(now.as_secs() as i64)
         .map_err(|_| rustls::Error::General("bad clock".into()))?;
     if !cert.validity().is_valid_at(now) {
-        return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Expired));
+        return Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired,
+        ));
     }
     Ok(DeviceId::of_cert(end_entity))
 }
 
-fn verify13(message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-    rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+fn verify13(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    rustls::crypto::verify_tls13_signature(
+        message,
+        cert,
+        dss,
+        &provider().signature_verification_algorithms,
+    )
 }
 
 fn schemes() -> Vec<SignatureScheme> {
-    provider().signature_verification_algorithms.supported_schemes()
+    provider()
+        .signature_verification_algorithms
+        .supported_schemes()
 }
 
 /// Server side: accept a client certificate only if its ID is configured.
@@ -86,19 +99,37 @@ impl ClientCertVerifier for PinnedClients {
         let id = check_cert(end_entity, now).inspect_err(|e| {
             tracing::warn!(error = %e, "refused incoming connection: bad certificate");
         })?;
-        let known = self.allowed.read().map(|a| a.contains_key(&id)).unwrap_or(false);
+        let known = self
+            .allowed
+            .read()
+            .map(|a| a.contains_key(&id))
+            .unwrap_or(false);
         if !known {
             tracing::warn!(device = %id, "refused incoming connection from unknown device");
-            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure));
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
         }
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify13(message, cert, dss)
     }
 
@@ -125,16 +156,30 @@ impl ServerCertVerifier for PinnedServer {
         let id = check_cert(end_entity, now)?;
         if id != self.expected {
             tracing::warn!(expected = %self.expected, presented = %id, "refused: peer presented another device ID");
-            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure));
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
         }
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify13(message, cert, dss)
     }
 
@@ -146,7 +191,9 @@ impl ServerCertVerifier for PinnedServer {
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(20_000))));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        20_000,
+    ))));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(4));
     t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
@@ -163,16 +210,25 @@ pub struct Transport {
 
 impl Transport {
     /// Binds the endpoint on `listen`, accepting the devices in `allowed`.
-    pub fn bind(identity: Arc<Identity>, listen: SocketAddr, allowed: Allowed) -> Result<Self, TransportError> {
+    pub fn bind(
+        identity: Arc<Identity>,
+        listen: SocketAddr,
+        allowed: Allowed,
+    ) -> Result<Self, TransportError> {
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(PinnedClients { allowed }))
             .with_single_cert(vec![identity.cert.clone()], identity.key_der())?;
         server.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = QuicServerConfig::try_from(server).map_err(|e| TransportError::Quic(e.to_string()))?;
+        let quic =
+            QuicServerConfig::try_from(server).map_err(|e| TransportError::Quic(e.to_string()))?;
         let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
         sc.transport_config(transport_config());
-        let endpoint = quinn::Endpoint::server(sc, listen).map_err(|source| TransportError::Bind { addr: listen, source })?;
+        let endpoint =
+            quinn::Endpoint::server(sc, listen).map_err(|source| TransportError::Bind {
+                addr: listen,
+                source,
+            })?;
         Ok(Transport { endpoint, identity })
     }
 
@@ -184,14 +240,19 @@ impl Transport {
             .with_custom_certificate_verifier(Arc::new(PinnedServer { expected }))
             .with_client_auth_cert(vec![self.identity.cert.clone()], self.identity.key_der())?;
         client.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = QuicClientConfig::try_from(client).map_err(|e| TransportError::Quic(e.to_string()))?;
+        let quic =
+            QuicClientConfig::try_from(client).map_err(|e| TransportError::Quic(e.to_string()))?;
         let mut cc = quinn::ClientConfig::new(Arc::new(quic));
         cc.transport_config(transport_config());
         Ok(cc)
     }
 
     /// Dials `expected` at `addr`.
-    pub async fn connect(&self, expected: DeviceId, addr: SocketAddr) -> anyhow::Result<quinn::Connection> {
+    pub async fn connect(
+        &self,
+        expected: DeviceId,
+        addr: SocketAddr,
+    ) -> anyhow::Result<quinn::Connection> {
         let cc = self.client_config(expected)?;
         let conn = self.endpoint.connect_with(cc, addr, SERVER_NAME)?.await?;
         Ok(conn)

@@ -123,8 +123,14 @@ mod tests {
     fn relations() {
         assert_eq!(vv(&[(1, 1)]).compare(&vv(&[(1, 1)])), Relation::Equal);
         assert_eq!(vv(&[(1, 2)]).compare(&vv(&[(1, 1)])), Relation::Newer);
-        assert_eq!(vv(&[(1, 1)]).compare(&vv(&[(1, 1), (2, 1)])), Relation::Older);
-        assert_eq!(vv(&[(1, 2)]).compare(&vv(&[(1, 1), (2, 1)])), Relation::Concurrent);
+        assert_eq!(
+            vv(&[(1, 1)]).compare(&vv(&[(1, 1), (2, 1)])),
+            Relation::Older
+        );
+        assert_eq!(
+            vv(&[(1, 2)]).compare(&vv(&[(1, 1), (2, 1)])),
+            Relation::Concurrent
+        );
         assert_eq!(vv(&[]).compare(&vv(&[(3, 1)])), Relation::Older);
         let mut a = vv(&[(2, 1)]);
         a.bump(ShortId(1));

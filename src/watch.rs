@@ -91,7 +91,9 @@ async fn debounce(
         }
         match batch {
             Batch::Full => full_rescan(&shared).await,
-            Batch::Paths(set) if !set.is_empty() => rescan(&shared, set.into_iter().collect(), false).await,
+            Batch::Paths(set) if !set.is_empty() => {
+                rescan(&shared, set.into_iter().collect(), false).await
+            }
             Batch::Paths(_) => {}
         }
     }

@@ -92,10 +92,18 @@ pub fn record_from_wire(f: pb::FileInfo) -> Result<(FileRecord, u64), WireError>
         Ok(pb::Kind::File) => Kind::File,
         Ok(pb::Kind::Directory) => Kind::Directory,
         Ok(pb::Kind::Symlink) => Kind::Symlink,
-        Err(_) => return Err(invalid("record", format!("{path}: unknown kind {}", f.kind))),
+        Err(_) => {
+            return Err(invalid(
+                "record",
+                format!("{path}: unknown kind {}", f.kind),
+            ))
+        }
     };
     if f.version.is_empty() || f.version.len() > MAX_VERSION_ENTRIES {
-        return Err(invalid("record", format!("{path}: {} version entries", f.version.len())));
+        return Err(invalid(
+            "record",
+            format!("{path}: {} version entries", f.version.len()),
+        ));
     }
     let version = VersionVector::from_pairs(
         f.version
@@ -109,7 +117,10 @@ pub fn record_from_wire(f: pb::FileInfo) -> Result<(FileRecord, u64), WireError>
     let mut hash = ContentHash::default();
     if kind == Kind::File && !f.deleted {
         if f.hash.len() != 32 {
-            return Err(invalid("record", format!("{path}: hash of {} bytes", f.hash.len())));
+            return Err(invalid(
+                "record",
+                format!("{path}: hash of {} bytes", f.hash.len()),
+            ));
         }
         hash.0.copy_from_slice(&f.hash);
     } else if !f.hash.is_empty() {
@@ -118,7 +129,10 @@ pub fn record_from_wire(f: pb::FileInfo) -> Result<(FileRecord, u64), WireError>
     if kind == Kind::Symlink && !f.deleted {
         path.check_symlink_target(&f.symlink_target)?;
     } else if !f.symlink_target.is_empty() {
-        return Err(invalid("record", format!("{path}: link target on a non-symlink")));
+        return Err(invalid(
+            "record",
+            format!("{path}: link target on a non-symlink"),
+        ));
     }
     if f.mode & !0o7777 != 0 {
         return Err(invalid("record", format!("{path}: mode {:o}", f.mode)));
@@ -141,7 +155,10 @@ pub fn record_from_wire(f: pb::FileInfo) -> Result<(FileRecord, u64), WireError>
 }
 
 /// Writes one length-prefixed message.
-pub async fn write_msg<W: AsyncWrite + Unpin, M: Message>(w: &mut W, m: &M) -> Result<(), WireError> {
+pub async fn write_msg<W: AsyncWrite + Unpin, M: Message>(
+    w: &mut W,
+    m: &M,
+) -> Result<(), WireError> {
     let len = m.encoded_len();
     let mut buf = Vec::with_capacity(4 + len);
     buf.extend_from_slice(&(len as u32).to_be_bytes());
@@ -250,7 +267,11 @@ mod tests {
             ),
         ];
         for (frame, hex) in cases {
-            let got: String = frame.encode_to_vec().iter().map(|b| format!("{b:02x}")).collect();
+            let got: String = frame
+                .encode_to_vec()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
             assert_eq!(got, hex.replace(' ', ""), "{frame:?}");
             assert_eq!(decode_frame(&frame.encode_to_vec()).unwrap(), frame);
         }
@@ -270,13 +291,35 @@ mod tests {
     fn hostile_records_are_refused() {
         let good = record_to_wire(&sample(), 1);
         for (mutate, what) in [
-            (Box::new(|f: &mut pb::FileInfo| f.path = "../etc/passwd".into()) as Box<dyn Fn(&mut pb::FileInfo)>, "dotdot"),
-            (Box::new(|f: &mut pb::FileInfo| f.path = "/etc/passwd".into()), "absolute"),
-            (Box::new(|f: &mut pb::FileInfo| f.path = "a\0b".into()), "nul"),
-            (Box::new(|f: &mut pb::FileInfo| f.path = ".certmesh/conflicts/x".into()), "local-only"),
-            (Box::new(|f: &mut pb::FileInfo| f.hash = vec![1; 31]), "short hash"),
-            (Box::new(|f: &mut pb::FileInfo| f.version.clear()), "no version"),
-            (Box::new(|f: &mut pb::FileInfo| f.mode = 0o170000), "file type bits"),
+            (
+                Box::new(|f: &mut pb::FileInfo| f.path = "../etc/passwd".into())
+                    as Box<dyn Fn(&mut pb::FileInfo)>,
+                "dotdot",
+            ),
+            (
+                Box::new(|f: &mut pb::FileInfo| f.path = "/etc/passwd".into()),
+                "absolute",
+            ),
+            (
+                Box::new(|f: &mut pb::FileInfo| f.path = "a\0b".into()),
+                "nul",
+            ),
+            (
+                Box::new(|f: &mut pb::FileInfo| f.path = ".certmesh/conflicts/x".into()),
+                "local-only",
+            ),
+            (
+                Box::new(|f: &mut pb::FileInfo| f.hash = vec![1; 31]),
+                "short hash",
+            ),
+            (
+                Box::new(|f: &mut pb::FileInfo| f.version.clear()),
+                "no version",
+            ),
+            (
+                Box::new(|f: &mut pb::FileInfo| f.mode = 0o170000),
+                "file type bits",
+            ),
             (
                 Box::new(|f: &mut pb::FileInfo| {
                     f.kind = pb::Kind::Symlink as i32;
@@ -312,26 +355,39 @@ mod tests {
             any::<bool>(),
             any::<u64>(),
         )
-            .prop_filter_map("valid path", |(p, k, size, mode, mtime, hash, vv, deleted, by)| {
-                let path = RelPath::parse(&p).ok()?;
-                if path.name() == "." || path.name() == ".." || path.is_local_only() {
-                    return None;
-                }
-                let kind = [Kind::File, Kind::Directory, Kind::Symlink][k as usize];
-                let is_link = kind == Kind::Symlink && !deleted;
-                Some(FileRecord {
-                    target: if is_link { path.name().to_string() } else { String::new() },
-                    path,
-                    kind,
-                    size: if kind == Kind::File { size } else { 0 },
-                    mode,
-                    mtime_ns: mtime,
-                    hash: if kind == Kind::File && !deleted { ContentHash(hash) } else { ContentHash::default() },
-                    version: VersionVector::from_pairs(vv.into_iter().map(|(d, v)| (ShortId(d), v)).collect()),
-                    deleted,
-                    modified_by: ShortId(by),
-                })
-            })
+            .prop_filter_map(
+                "valid path",
+                |(p, k, size, mode, mtime, hash, vv, deleted, by)| {
+                    let path = RelPath::parse(&p).ok()?;
+                    if path.name() == "." || path.name() == ".." || path.is_local_only() {
+                        return None;
+                    }
+                    let kind = [Kind::File, Kind::Directory, Kind::Symlink][k as usize];
+                    let is_link = kind == Kind::Symlink && !deleted;
+                    Some(FileRecord {
+                        target: if is_link {
+                            path.name().to_string()
+                        } else {
+                            String::new()
+                        },
+                        path,
+                        kind,
+                        size: if kind == Kind::File { size } else { 0 },
+                        mode,
+                        mtime_ns: mtime,
+                        hash: if kind == Kind::File && !deleted {
+                            ContentHash(hash)
+                        } else {
+                            ContentHash::default()
+                        },
+                        version: VersionVector::from_pairs(
+                            vv.into_iter().map(|(d, v)| (ShortId(d), v)).collect(),
+                        ),
+                        deleted,
+                        modified_by: ShortId(by),
+                    })
+                },
+            )
     }
 
     proptest! {

@@ -1,0 +1,110 @@
+//! The command line: init/id, check on good and bad configs, exit codes.
+
+use std::fs;
+
+use crate::util::certmesh;
+
+#[test]
+fn init_is_idempotent_and_id_matches() {
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("state");
+    let s = state.to_str().unwrap();
+    let a = certmesh(&["init", "--state-dir", s]);
+    let b = certmesh(&["init", "--state-dir", s]);
+    let id = certmesh(&["id", "--state-dir", s]);
+    assert!(a.status.success() && b.status.success() && id.status.success());
+    let last = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(last(&a), last(&b));
+    assert_eq!(last(&a), last(&id));
+    assert_eq!(last(&a).len(), 63);
+    let missing = certmesh(&["id", "--state-dir", d.path().join("nope").to_str().unwrap()]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("certmesh init"));
+}
+
+#[test]
+fn shipped_example_configs_pass_check() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+    let mut n = 0;
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let out = certmesh(&["check", "--config", p.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                p.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no example configs in config/");
+}
+
+#[test]
+fn check_names_the_problem() {
+    let d = tempfile::tempdir().unwrap();
+    let id = {
+        let out = certmesh(&[
+            "init",
+            "--state-dir",
+            d.path().join("other").to_str().unwrap(),
+        ]);
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let mut typo = id.clone().into_bytes();
+    typo[3] = if typo[3] == b'A' { b'B' } else { b'A' };
+    let typo = String::from_utf8(typo).unwrap();
+    let base = "[node]\nname = \"lb0\"\nstate_dir = \"/var/lib/certmesh\"\nlisten = \"127.0.0.1:22000\"\n[tree]\npath = \"/etc/nginx/certs\"\n";
+    let cases = [
+        (
+            format!(
+                "{base}[[peer]]\nname = \"lb1\"\nid = \"{typo}\"\naddress = \"127.0.0.2:22000\"\n"
+            ),
+            "mistyped",
+        ),
+        (
+            format!("{base}[[peer]]\nname = \"lb1\"\nid = \"{id}\"\naddress = \"lb1:22000\"\n"),
+            "peer.address",
+        ),
+        (format!("{base}colour = 1\n"), "colour"),
+        (base.replace("listen = \"127.0.0.1:22000\"\n", ""), "listen"),
+        (base.replace("/etc/nginx/certs", "certs"), "tree.path"),
+        ("this is not toml".to_string(), "TOML"),
+    ];
+    for (text, needle) in cases {
+        let f = d.path().join("c.toml");
+        fs::write(&f, &text).unwrap();
+        let out = certmesh(&["check", "--config", f.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}\n{err}");
+        assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    }
+    let ok = d.path().join("ok.toml");
+    fs::write(
+        &ok,
+        format!("{base}[[peer]]\nname = \"lb1\"\nid = \"{id}\"\naddress = \"127.0.0.2:22000\"\n"),
+    )
+    .unwrap();
+    assert!(certmesh(&["check", "--config", ok.to_str().unwrap()])
+        .status
+        .success());
+}
+
+#[test]
+fn status_without_daemon_is_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("c.toml");
+    let state = d.path().join("state");
+    fs::write(&f, format!("[node]\nname = \"lb0\"\nstate_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n[tree]\npath = \"{}\"\n", state.display(), d.path().join("t").display())).unwrap();
+    let out = certmesh(&["status", "--config", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is `certmesh run` running"));
+}

@@ -1,0 +1,6 @@
+//! Integration tests: real `certmesh` processes talking QUIC on 127.0.0.x.
+
+mod cli;
+mod hostile;
+mod sync;
+mod util;

@@ -1,0 +1,304 @@
+//! Helpers that start real `certmesh` processes on 127.0.0.x in temp dirs and always
+//! clean up (processes are stopped on drop, temp dirs removed).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_certmesh");
+/// Generous: CI machines are slow and busy; this bounds a wait, it is not a timing.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `f` every 10 ms until it returns true or the deadline passes.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < DEADLINE {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("timed out after {DEADLINE:?} waiting for: {what}");
+}
+
+pub fn certmesh(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("running certmesh")
+}
+
+/// One node: its files and, while running, its process.
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub tree: PathBuf,
+    pub state: PathBuf,
+    pub id: String,
+    pub addr: String,
+    pub child: Option<Child>,
+}
+
+impl Node {
+    /// Creates the identity and picks a free port on `ip`; no config yet.
+    pub fn new(root: &Path, name: &str, ip: &str) -> Node {
+        let dir = root.join(name);
+        let state = dir.join("state");
+        let out = certmesh(&["init", "--state-dir", state.to_str().unwrap()]);
+        assert!(out.status.success(), "init failed: {out:?}");
+        let id = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .to_string();
+        let sock = std::net::UdpSocket::bind(format!("{ip}:0")).unwrap();
+        let addr = sock.local_addr().unwrap().to_string();
+        Node {
+            name: name.into(),
+            config: dir.join("certmesh.toml"),
+            tree: dir.join("tree"),
+            state,
+            dir,
+            id,
+            addr,
+            child: None,
+        }
+    }
+
+    /// Writes the config listing `peers`.
+    pub fn configure(&self, peers: &[&Node]) {
+        let mut cfg = format!(
+            "[node]\nname = \"{}\"\nstate_dir = \"{}\"\nlisten = \"{}\"\n\n[tree]\npath = \"{}\"\n",
+            self.name,
+            self.state.display(),
+            self.addr,
+            self.tree.display()
+        );
+        for p in peers {
+            cfg.push_str(&format!(
+                "\n[[peer]]\nname = \"{}\"\nid = \"{}\"\naddress = \"{}\"\n",
+                p.name, p.id, p.addr
+            ));
+        }
+        fs::write(&self.config, cfg).unwrap();
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config", self.config.to_str().unwrap()])
+            .env("RUST_LOG", "info,certmesh=debug,quinn=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let sock = self.state.join("control.sock");
+        let name = self.name.clone();
+        wait_until(&format!("{name} control socket"), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+    }
+
+    /// SIGTERM and wait; asserts a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let status = c.wait().unwrap();
+            assert!(
+                status.success(),
+                "{} exited with {status} on SIGTERM\n{}",
+                self.name,
+                self.log()
+            );
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let c = self.child.as_ref().expect("running");
+        unsafe { libc::kill(c.id() as i32, sig) };
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let out = certmesh(&[
+            "status",
+            "--config",
+            self.config.to_str().unwrap(),
+            "--json",
+        ]);
+        if !out.status.success() {
+            return serde_json::Value::Null;
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Every configured peer connected.
+    pub fn all_connected(&self) -> bool {
+        let s = self.status();
+        s["peers"]
+            .as_array()
+            .is_some_and(|ps| !ps.is_empty() && ps.iter().all(|p| p["connected"] == true))
+    }
+
+    /// Every configured peer connected and in sync, nothing pending here.
+    pub fn all_in_sync(&self) -> bool {
+        let s = self.status();
+        s["tree"]["out_of_sync"] == 0
+            && s["peers"].as_array().is_some_and(|ps| {
+                ps.iter()
+                    .all(|p| p["connected"] == true && p["in_sync"] == true)
+            })
+    }
+
+    pub fn write(&self, rel: &str, content: &str) {
+        let p = self.tree.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, content).unwrap();
+    }
+
+    pub fn read(&self, rel: &str) -> Option<String> {
+        fs::read_to_string(self.tree.join(rel)).ok()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A set of nodes in one temp dir.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// `n` nodes on 127.0.0.2…; `links` (pairs of indices) or a full mesh.
+    pub fn new(n: usize, links: Option<&[(usize, usize)]>) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("certmesh-test-")
+            .tempdir()
+            .unwrap();
+        let nodes: Vec<Node> = (0..n)
+            .map(|i| {
+                Node::new(
+                    dir.path(),
+                    &format!("n{}", i + 1),
+                    &format!("127.0.0.{}", i + 2),
+                )
+            })
+            .collect();
+        let linked = |a: usize, b: usize| match links {
+            None => a != b,
+            Some(l) => l.iter().any(|&(x, y)| (x, y) == (a, b) || (y, x) == (a, b)),
+        };
+        for (i, node) in nodes.iter().enumerate() {
+            let peers: Vec<&Node> = (0..n)
+                .filter(|&j| linked(i, j))
+                .map(|j| &nodes[j])
+                .collect();
+            node.configure(&peers);
+        }
+        Cluster { nodes, dir }
+    }
+
+    pub fn start_all(&mut self) {
+        for n in &mut self.nodes {
+            n.start();
+        }
+        for n in &self.nodes {
+            wait_until(&format!("{} connected to all peers", n.name), || {
+                n.all_connected()
+            });
+        }
+    }
+
+    /// Waits until every tree has the same content and every node reports in sync.
+    pub fn wait_converged(&self) {
+        self.wait_converged_except(&[]);
+    }
+
+    /// As `wait_converged`, ignoring paths that are expected to stay local.
+    pub fn wait_converged_except(&self, local: &[&str]) {
+        let snap = |n: &Node| {
+            let mut s = snapshot(&n.tree);
+            s.retain(|k, _| !local.contains(&k.as_str()));
+            s
+        };
+        wait_until("all trees identical and in sync", || {
+            let first = snap(&self.nodes[0]);
+            self.nodes.iter().all(|n| snap(n) == first)
+                && self.nodes.iter().all(|n| n.all_in_sync())
+        });
+    }
+}
+
+/// What a tree holds: path → (kind, content or link target, mode with private-key
+/// "other" bits ignored). Local-only internal dirs are excluded.
+pub fn snapshot(root: &Path) -> BTreeMap<String, (char, Vec<u8>, u32)> {
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (char, Vec<u8>, u32)>) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
+        if rel == ".certmesh/tmp" || rel == ".certmesh/conflicts" {
+            continue;
+        }
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let mode = m.permissions().mode() & 0o7777;
+        if m.is_dir() {
+            out.insert(rel, ('d', vec![], mode));
+            walk(root, &p, out);
+        } else if m.file_type().is_symlink() {
+            out.insert(
+                rel,
+                (
+                    'l',
+                    fs::read_link(&p)
+                        .unwrap()
+                        .to_string_lossy()
+                        .as_bytes()
+                        .to_vec(),
+                    0,
+                ),
+            );
+        } else {
+            let mode = if rel.ends_with("key.pem") {
+                mode & !0o007
+            } else {
+                mode
+            };
+            out.insert(rel, ('f', fs::read(&p).unwrap_or_default(), mode));
+        }
+    }
+}
