@@ -1,6 +1,7 @@
 //! Integration tests: real `certmesh` processes talking QUIC on 127.0.0.x.
 
 mod cli;
+mod crash;
 mod hostile;
 mod sync;
 mod util;
