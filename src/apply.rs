@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -84,6 +84,22 @@ impl Tree {
     pub fn staging_path(&self) -> PathBuf {
         self.tmp_dir()
             .join(format!("{:016x}", rand::random::<u64>()))
+    }
+
+    /// Stages content held in memory (0600 until its final mode is set).
+    pub fn stage_bytes(&self, data: &[u8]) -> io::Result<PathBuf> {
+        use std::io::Write;
+        let p = self.staging_path();
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)?;
+        if let Err(e) = f.write_all(data) {
+            let _ = fs::remove_file(&p);
+            return Err(e);
+        }
+        Ok(p)
     }
 
     /// Applies a batch. Outcomes are in the order of `items`.

@@ -63,6 +63,11 @@ impl FileRecord {
     }
 }
 
+/// The version counter floor for a change made at `now_ns`: microseconds.
+fn clock(now_ns: i64) -> u64 {
+    (now_ns.max(0) / 1000) as u64
+}
+
 /// What the local filesystem showed at the last scan or apply: when a new stat
 /// equals this, the file is unchanged and is not hashed again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -216,7 +221,7 @@ impl Index {
             (Some(e), None) if e.record.deleted => None,
             (Some(e), None) => {
                 let mut r = e.record.clone();
-                r.version.bump(self.me);
+                r.version.bump_at(self.me, clock(now_ns));
                 r.deleted = true;
                 r.size = 0;
                 r.hash = ContentHash::default();
@@ -239,7 +244,7 @@ impl Index {
                     }
                 }
                 let mut version = prev.map(|e| e.record.version.clone()).unwrap_or_default();
-                version.bump(self.me);
+                version.bump_at(self.me, clock(now_ns));
                 let r = FileRecord {
                     path: p.clone(),
                     kind: o.kind,
@@ -292,8 +297,9 @@ pub(crate) mod tests {
         assert!(ix.observe(&p, Some(file("a", 1, 20)), 20).is_none());
         let r2 = ix.observe(&p, Some(file("a", 2, 30)), 30).unwrap();
         assert_eq!(r2.version.counter(me), 2);
-        let del = ix.observe(&p, None, 40).unwrap();
-        assert!(del.deleted && del.version.counter(me) == 3);
+        // Counters follow the clock (µs) when it is ahead.
+        let del = ix.observe(&p, None, 40_000).unwrap();
+        assert!(del.deleted && del.version.counter(me) == 40);
         assert!(ix.observe(&p, None, 50).is_none());
         assert_eq!(ix.sequence(), 3);
         let seqs: Vec<u64> = ix.changed_since(0).map(|e| e.sequence).collect();

@@ -19,6 +19,7 @@ pub mod control;
 pub mod demo;
 pub mod identity;
 pub mod index;
+pub mod inline;
 pub mod node;
 pub mod paths;
 pub mod peer;

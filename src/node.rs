@@ -102,6 +102,8 @@ pub struct Shared {
     pub started: Instant,
     pub instance: u64,
     session_ids: AtomicU64,
+    /// Recent small contents, sent inline with their records.
+    pub inline: Mutex<crate::inline::InlineCache>,
     /// Set once shutdown begins: no new batches start.
     pub stopping: watch::Sender<bool>,
 }
@@ -117,6 +119,10 @@ impl Shared {
 
     pub fn bump_progress(&self) {
         self.progress.send_modify(|v| *v += 1);
+    }
+
+    pub fn inline(&self) -> MutexGuard<'_, crate::inline::InlineCache> {
+        self.inline.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn me(&self) -> DeviceId {
@@ -193,6 +199,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         instance: rand::random(),
         session_ids: AtomicU64::new(1),
         stopping: watch::channel(false).0,
+        inline: Mutex::new(Default::default()),
     });
 
     // Watch first, then scan: nothing changed in between is missed.

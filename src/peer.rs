@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::identity::DeviceId;
-use crate::index::Kind;
+use crate::index::{ContentHash, Kind};
 use crate::node::{Session, Shared};
 use crate::paths::RelPath;
 use crate::wire::{
@@ -199,6 +199,37 @@ fn index_frame(
     }
 }
 
+/// Most encoded bytes of records per index frame (well under `MAX_FRAME`).
+const FRAME_BYTES: usize = 2 << 20;
+
+/// Sends records in frames bounded in count and bytes; the last one of a full index
+/// says so.
+async fn send_records(
+    send: &mut quinn::SendStream,
+    files: Vec<pb::FileInfo>,
+    upto: u64,
+    full: bool,
+) -> Result<(), WireError> {
+    use prost::Message;
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    let total = files.len();
+    for (i, f) in files.into_iter().enumerate() {
+        bytes += f.encoded_len() + 8;
+        batch.push(f);
+        let last = i + 1 == total;
+        if last || batch.len() >= INDEX_BATCH || bytes >= FRAME_BYTES {
+            let frame = index_frame(std::mem::take(&mut batch), upto, full, full && last);
+            wire::write_msg(send, &frame).await?;
+            bytes = 0;
+        }
+    }
+    if total == 0 {
+        wire::write_msg(send, &index_frame(Vec::new(), upto, full, full)).await?;
+    }
+    Ok(())
+}
+
 /// Sends the full index, then increments and acks as they happen.
 async fn send_loop(
     shared: Arc<Shared>,
@@ -216,12 +247,7 @@ async fn send_loop(
             .collect();
         (files, st.index.sequence())
     };
-    let n = full.len().div_ceil(INDEX_BATCH).max(1);
-    let mut chunks = full.into_iter().peekable();
-    for i in 0..n {
-        let batch: Vec<pb::FileInfo> = chunks.by_ref().take(INDEX_BATCH).collect();
-        wire::write_msg(&mut send, &index_frame(batch, upto, true, i + 1 == n)).await?;
-    }
+    send_records(&mut send, full, upto, true).await?;
     let mut sent = upto;
     let mut acked = 0;
     loop {
@@ -246,15 +272,31 @@ async fn send_loop(
             )
         };
         if upto > sent {
-            let mut files = files.into_iter().peekable();
-            loop {
-                let batch: Vec<pb::FileInfo> = files.by_ref().take(INDEX_BATCH).collect();
-                let last = files.peek().is_none();
-                wire::write_msg(&mut send, &index_frame(batch, upto, false, false)).await?;
-                if last {
-                    break;
-                }
-            }
+            let files = {
+                let cache = shared.inline();
+                files
+                    .into_iter()
+                    .map(|mut f| {
+                        if !f.deleted
+                            && f.kind == pb::Kind::File as i32
+                            && f.size as usize <= wire::MAX_INLINE
+                        {
+                            if let Some(d) = f
+                                .hash
+                                .as_slice()
+                                .try_into()
+                                .ok()
+                                .and_then(|h| cache.get(&ContentHash(h)))
+                            {
+                                f.data = d.as_ref().clone();
+                            }
+                        }
+                        f
+                    })
+                    .collect()
+            };
+            send_records(&mut send, files, upto, false).await?;
+            tracing::trace!(peer = %peer, upto, "sent increment");
             sent = upto;
         }
         if ack != acked {
@@ -283,11 +325,17 @@ async fn recv_loop(
         };
         match frame.body {
             Some(pb::frame::Body::Index(ix)) => {
-                let records = ix
-                    .files
-                    .into_iter()
-                    .map(record_from_wire)
-                    .collect::<Result<Vec<_>, _>>()?;
+                tracing::trace!(peer = %peer, n = ix.files.len(), "received index");
+                let mut records = Vec::with_capacity(ix.files.len());
+                for mut f in ix.files {
+                    let data = std::mem::take(&mut f.data);
+                    let (r, seq) = record_from_wire(f)?;
+                    if !data.is_empty() {
+                        wire::check_inline(&r, &data)?;
+                        shared.inline().insert(r.hash, Arc::new(data));
+                    }
+                    records.push((r, seq));
+                }
                 {
                     let mut st = shared.lock();
                     let crate::node::State { plan, index, .. } = &mut *st;

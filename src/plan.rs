@@ -123,14 +123,13 @@ impl Plan {
                     conflict: false,
                 }),
                 _ if l.wins_over(b) => None,
-                _ => {
-                    let mut target = b.clone();
-                    target.version = b.version.merge(&l.version);
-                    Some(Need {
-                        conflict: !l.deleted && !l.same_content(b),
-                        target,
-                    })
-                }
+                // Concurrent and the remote record wins: adopt it as it is (no merged
+                // version, so the author of the losing edit still sees the conflict
+                // and keeps its copy). Only the author keeps a copy.
+                _ => Some(Need {
+                    conflict: !l.deleted && !l.same_content(b) && l.modified_by == index.me(),
+                    target: b.clone(),
+                }),
             },
         };
         // A tombstone for a path we never had still gets recorded, so it propagates.

@@ -31,6 +31,8 @@ struct Work {
     expect: Option<LocalStat>,
     /// Peers to fetch from, in order; empty when no content is needed.
     sources: Vec<(DeviceId, quinn::Connection)>,
+    /// The content, when it came inline with the record.
+    inline: Option<Arc<Vec<u8>>>,
 }
 
 #[derive(Default)]
@@ -89,7 +91,15 @@ fn take_batch(shared: &Shared, retry: &mut Retry) -> Vec<Work> {
             !e.record.deleted && e.record.kind == Kind::File && e.record.hash == need.target.hash
         });
         let mut sources = Vec::new();
+        let mut inline = None;
         if need.target.kind == Kind::File && !need.target.deleted && !have_content {
+            inline = shared.inline().get(&need.target.hash);
+        }
+        if need.target.kind == Kind::File
+            && !need.target.deleted
+            && !have_content
+            && inline.is_none()
+        {
             for id in st.plan.sources(&need) {
                 if let Some(s) = st.peers.get(&id).and_then(|s| s.session.as_ref()) {
                     sources.push((id, s.conn.clone()));
@@ -108,6 +118,7 @@ fn take_batch(shared: &Shared, retry: &mut Retry) -> Vec<Work> {
             need,
             expect,
             sources,
+            inline,
         });
         if out.len() >= BATCH_ITEMS {
             break;
@@ -117,6 +128,7 @@ fn take_batch(shared: &Shared, retry: &mut Retry) -> Vec<Work> {
 }
 
 async fn run_batch(shared: &Arc<Shared>, batch: Vec<Work>, retry: &mut Retry) {
+    tracing::trace!(n = batch.len(), "batch start");
     // 1. Fetch what is missing, in parallel.
     let mut staged: Vec<Option<PathBuf>> = vec![None; batch.len()];
     let mut fetch_failed = vec![false; batch.len()];
@@ -166,8 +178,9 @@ async fn run_batch(shared: &Arc<Shared>, batch: Vec<Work>, retry: &mut Retry) {
         }
     }
     // 2. Apply everything that is ready, as one unit.
+    tracing::trace!("fetched");
     let mut items = Vec::new();
-    let mut which = Vec::new();
+    let mut inline = Vec::new();
     for (i, w) in batch.iter().enumerate() {
         if fetch_failed[i] || (!w.sources.is_empty() && staged[i].is_none()) {
             continue;
@@ -178,12 +191,31 @@ async fn run_batch(shared: &Arc<Shared>, batch: Vec<Work>, retry: &mut Retry) {
             expect: w.expect,
             conflict: w.need.conflict,
         });
-        which.push(i);
+        inline.push(w.inline.clone());
     }
     let tree = shared.tree.clone();
     let (items, outcomes) = tokio::task::spawn_blocking(move || {
-        let o = tree.apply(&items);
-        (items, o)
+        // Inline content is staged here, in the same blocking call as the apply.
+        let mut ready = Vec::with_capacity(items.len());
+        let mut failed = Vec::new();
+        for (mut item, data) in items.into_iter().zip(inline) {
+            if let Some(d) = data {
+                match tree.stage_bytes(&d) {
+                    Ok(p) => item.staged = Some(p),
+                    Err(e) => {
+                        failed.push((item, Outcome::Failed(format!("staging: {e}"))));
+                        continue;
+                    }
+                }
+            }
+            ready.push(item);
+        }
+        let mut o = tree.apply(&ready);
+        for (item, outcome) in failed {
+            ready.push(item);
+            o.push(outcome);
+        }
+        (ready, o)
     })
     .await
     .unwrap_or_else(|e| {
@@ -191,6 +223,7 @@ async fn run_batch(shared: &Arc<Shared>, batch: Vec<Work>, retry: &mut Retry) {
         (Vec::new(), Vec::new())
     });
     // 3. Record results.
+    tracing::trace!("applied to disk");
     let mut rescan = Vec::new();
     let mut applied = 0usize;
     {

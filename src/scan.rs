@@ -2,7 +2,7 @@
 //! full walk (start-up and the periodic safety-net rescan). Never follows symlinks.
 
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
@@ -95,39 +95,51 @@ pub fn look(root: &Path, p: &RelPath) -> io::Result<Seen> {
 }
 
 /// BLAKE3 of a file, with the stat taken around the read; `None` if the file changed
-/// or vanished while being read (the caller looks again later).
-pub fn hash_file(full: &Path) -> io::Result<Option<(ContentHash, LocalStat)>> {
+/// or vanished while being read (the caller looks again later). Small files' content
+/// comes back too, so it can travel inline to peers.
+pub fn hash_file(full: &Path) -> io::Result<Option<(ContentHash, LocalStat, Option<Vec<u8>>)>> {
     let f = match fs::File::open(full) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
     let before = local_stat(&f.metadata()?);
-    let mut h = blake3::Hasher::new();
-    h.update_reader(&f)?;
+    let (hash, data) = if before.size as usize <= crate::wire::MAX_INLINE {
+        let mut data = Vec::with_capacity(before.size as usize);
+        Read::read_to_end(
+            &mut (&f).take(crate::wire::MAX_INLINE as u64 + 1),
+            &mut data,
+        )?;
+        (ContentHash(*blake3::hash(&data).as_bytes()), Some(data))
+    } else {
+        let mut h = blake3::Hasher::new();
+        h.update_reader(&f)?;
+        (ContentHash(*h.finalize().as_bytes()), None)
+    };
     let after = local_stat(&fs::symlink_metadata(full)?);
-    if before != after {
+    if before != after || data.as_ref().is_some_and(|d| d.len() as u64 != before.size) {
         return Ok(None);
     }
-    Ok(Some((ContentHash(*h.finalize().as_bytes()), before)))
+    Ok(Some((hash, before, data)))
 }
 
-/// Turns a `Seen::Present` into an observation, hashing files.
+/// Turns a `Seen::Present` into an observation, hashing files (with the content of
+/// small ones).
 pub fn observe(
     root: &Path,
     p: &RelPath,
     kind: Kind,
     stat: LocalStat,
     target: String,
-) -> io::Result<Option<Observed>> {
-    let hash = match kind {
+) -> io::Result<Option<(Observed, Option<Vec<u8>>)>> {
+    let (hash, data) = match kind {
         Kind::File => match hash_file(&p.under(root))? {
-            Some((h, s)) if s == stat => h,
+            Some((h, s, data)) if s == stat => (h, data),
             _ => return Ok(None),
         },
-        _ => ContentHash::default(),
+        _ => (ContentHash::default(), None),
     };
-    Ok(Some(Observed {
+    let o = Observed {
         kind,
         size: stat.size,
         mode: stat.mode,
@@ -135,7 +147,8 @@ pub fn observe(
         hash,
         target,
         stat,
-    }))
+    };
+    Ok(Some((o, data)))
 }
 
 /// Every syncable path under `root` (directories before their contents), skipping

@@ -54,9 +54,16 @@ impl VersionVector {
 
     /// Records one more change by `d`.
     pub fn bump(&mut self, d: ShortId) {
+        self.bump_at(d, 0);
+    }
+
+    /// Records one more change by `d`, with a counter of at least `floor`. Passing
+    /// the clock (µs) as `floor` keeps a device's counters fresh even if it lost part
+    /// of its index in a crash, so one version never names two different contents.
+    pub fn bump_at(&mut self, d: ShortId, floor: u64) {
         match self.0.binary_search_by_key(&d, |(k, _)| *k) {
-            Ok(i) => self.0[i].1 = self.0[i].1.saturating_add(1),
-            Err(i) => self.0.insert(i, (d, 1)),
+            Ok(i) => self.0[i].1 = self.0[i].1.saturating_add(1).max(floor),
+            Err(i) => self.0.insert(i, (d, floor.max(1))),
         }
     }
 

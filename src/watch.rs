@@ -1,5 +1,5 @@
 //! Turning filesystem activity into index changes: notify (inotify) events are
-//! debounced for a millisecond (hard deadline 10 ms) and the touched paths rescanned;
+//! debounced for 300 µs of quiet (hard deadline 10 ms) and the touched paths rescanned;
 //! a full rescan runs at start-up, on watcher overflow and periodically as a safety
 //! net. Paths being applied by the puller are rescanned only after their apply, so our
 //! own writes are never announced as new local changes.
@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use crate::index::{Kind, Observed};
 use crate::node::{now_ns, Shared};
@@ -18,7 +17,7 @@ use crate::paths::RelPath;
 use crate::scan::{self, Seen};
 
 /// Quiet time that ends a burst of events.
-const QUIET: Duration = Duration::from_millis(1);
+const QUIET: Duration = Duration::from_micros(300);
 /// A burst is cut after this long, however busy.
 const DEADLINE: Duration = Duration::from_millis(10);
 
@@ -30,28 +29,35 @@ enum Batch {
 /// Starts watching the tree; the returned watcher must be kept alive.
 pub fn start(
     shared: Arc<Shared>,
-    rescan_rx: mpsc::UnboundedReceiver<Vec<RelPath>>,
+    requests: mpsc::UnboundedReceiver<Vec<RelPath>>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
-    let (tx, rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+    let (tx, rx) = std::sync::mpsc::channel::<notify::Result<notify::Event>>();
     let mut watcher = notify::recommended_watcher(move |ev| {
         let _ = tx.send(ev);
     })?;
     watcher.watch(&shared.tree.root, RecursiveMode::Recursive)?;
-    tokio::spawn(debounce(shared, rx, rescan_rx));
+    let (batches_tx, batches_rx) = mpsc::unbounded_channel();
+    let root = shared.tree.root.clone();
+    // A plain thread: tokio timers tick in whole milliseconds, too coarse here.
+    std::thread::Builder::new()
+        .name("certmesh-debounce".into())
+        .spawn(move || debounce(&root, rx, batches_tx))?;
+    tokio::spawn(scan_loop(shared, batches_rx, requests));
     Ok(watcher)
 }
 
-async fn debounce(
-    shared: Arc<Shared>,
-    mut events: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
-    mut requests: mpsc::UnboundedReceiver<Vec<RelPath>>,
+/// Collects events into batches: a burst ends after `QUIET` without events, or at
+/// `DEADLINE` after its first event.
+fn debounce(
+    root: &std::path::Path,
+    events: std::sync::mpsc::Receiver<notify::Result<notify::Event>>,
+    out: mpsc::UnboundedSender<Batch>,
 ) {
-    let root = shared.tree.root.clone();
     let add = |batch: &mut Batch, ev: notify::Result<notify::Event>| match ev {
         Ok(ev) if !ev.need_rescan() => {
             if let Batch::Paths(set) = batch {
                 for p in ev.paths {
-                    if let Some(rel) = RelPath::from_fs(&root, &p) {
+                    if let Some(rel) = RelPath::from_fs(root, &p) {
                         if !rel.is_local_only() {
                             set.insert(rel);
                         }
@@ -65,29 +71,56 @@ async fn debounce(
             *batch = Batch::Full;
         }
     };
-    loop {
+    while let Ok(first) = events.recv() {
         let mut batch = Batch::Paths(BTreeSet::new());
-        tokio::select! {
-            ev = events.recv() => match ev { Some(ev) => add(&mut batch, ev), None => return },
-            req = requests.recv() => match req {
-                Some(ps) => if let Batch::Paths(set) = &mut batch { set.extend(ps) },
-                None => return,
-            },
-        }
-        let deadline = Instant::now() + DEADLINE;
+        add(&mut batch, first);
+        let deadline = std::time::Instant::now() + DEADLINE;
         loop {
-            let until = (Instant::now() + QUIET).min(deadline);
-            tokio::select! {
-                ev = events.recv() => match ev { Some(ev) => add(&mut batch, ev), None => return },
-                req = requests.recv() => match req {
-                    Some(ps) => if let Batch::Paths(set) = &mut batch { set.extend(ps) },
-                    None => return,
-                },
-                _ = tokio::time::sleep_until(until) => break,
-            }
-            if Instant::now() >= deadline {
+            let now = std::time::Instant::now();
+            if now >= deadline {
                 break;
             }
+            match events.recv_timeout(QUIET.min(deadline - now)) {
+                Ok(ev) => add(&mut batch, ev),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        if out.send(batch).is_err() {
+            return;
+        }
+    }
+}
+
+async fn scan_loop(
+    shared: Arc<Shared>,
+    mut batches: mpsc::UnboundedReceiver<Batch>,
+    mut requests: mpsc::UnboundedReceiver<Vec<RelPath>>,
+) {
+    loop {
+        let mut batch = tokio::select! {
+            b = batches.recv() => match b { Some(b) => b, None => return },
+            r = requests.recv() => match r { Some(ps) => Batch::Paths(ps.into_iter().collect()), None => return },
+        };
+        // Fold in whatever else is already queued.
+        while let Ok(more) = batches
+            .try_recv()
+            .map(Some)
+            .or_else(|_| {
+                requests
+                    .try_recv()
+                    .map(|ps| Some(Batch::Paths(ps.into_iter().collect())))
+            })
+            .or(Ok::<_, ()>(None))
+        {
+            let Some(more) = more else { break };
+            batch = match (batch, more) {
+                (Batch::Paths(mut a), Batch::Paths(b)) => {
+                    a.extend(b);
+                    Batch::Paths(a)
+                }
+                _ => Batch::Full,
+            };
         }
         match batch {
             Batch::Full => full_rescan(&shared).await,
@@ -176,7 +209,12 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
                     continue;
                 }
                 match scan::observe(root, &p, kind, stat, target) {
-                    Ok(Some(o)) => Some(o),
+                    Ok(Some((o, data))) => {
+                        if let Some(d) = data {
+                            shared.inline().insert(o.hash, Arc::new(d));
+                        }
+                        Some(o)
+                    }
                     Ok(None) => {
                         // Changed while hashing: look again shortly.
                         let _ = shared.rescan.send(vec![p]);

@@ -11,19 +11,26 @@ use crate::util::{snapshot, Cluster};
 
 /// Content that proves its own integrity: first line is the BLAKE3 of the rest.
 fn self_checking(seed: u64, len: usize) -> Vec<u8> {
-    let body: Vec<u8> = (0..len).map(|i| (seed as usize * 31 + i * 7) as u8).collect();
+    let body: Vec<u8> = (0..len)
+        .map(|i| (seed as usize * 31 + i * 7) as u8)
+        .collect();
     let mut out = format!("{}\n", blake3::hash(&body).to_hex()).into_bytes();
     out.extend_from_slice(&body);
     out
 }
 
 fn intact(content: &[u8]) -> bool {
-    content.len() > 65 && content[64] == b'\n' && blake3::hash(&content[65..]).to_hex().as_bytes() == &content[..64]
+    content.len() > 65
+        && content[64] == b'\n'
+        && blake3::hash(&content[65..]).to_hex().as_bytes() == &content[..64]
 }
 
 #[test]
 fn kill_9_during_updates_never_leaves_partial_files() {
-    let iterations: u64 = std::env::var("CERTMESH_CRASH_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let iterations: u64 = std::env::var("CERTMESH_CRASH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
     let mut c = Cluster::new(2, None);
     c.start_all();
     let writer_tree = c.nodes[0].tree.clone();
@@ -35,7 +42,11 @@ fn kill_9_during_updates_never_leaves_partial_files() {
             while !stop.load(Ordering::Relaxed) {
                 seed += 1;
                 // Small cert-like files, and now and then a large one.
-                let (name, len) = if seed % 10 == 0 { (format!("big{}.bin", seed % 3), 4 << 20) } else { (format!("certs/c{}.pem", seed % 20), 3000) };
+                let (name, len) = if seed % 10 == 0 {
+                    (format!("big{}.bin", seed % 3), 4 << 20)
+                } else {
+                    (format!("certs/c{}.pem", seed % 20), 3000)
+                };
                 let p = writer_tree.join(&name);
                 fs::create_dir_all(p.parent().unwrap()).unwrap();
                 let tmp = writer_tree.with_file_name(format!("w{seed}.tmp"));
@@ -48,7 +59,11 @@ fn kill_9_during_updates_never_leaves_partial_files() {
     let check = |tree: &std::path::Path, when: &str| {
         for (path, (kind, content, _)) in snapshot(tree) {
             if kind == 'f' && !path.starts_with(".certmesh") {
-                assert!(intact(&content), "{when}: {path} is partial ({} bytes)", content.len());
+                assert!(
+                    intact(&content),
+                    "{when}: {path} is partial ({} bytes)",
+                    content.len()
+                );
             }
         }
     };
@@ -58,7 +73,9 @@ fn kill_9_during_updates_never_leaves_partial_files() {
         c.nodes[1].kill9();
         check(&c.nodes[1].tree, &format!("after kill {i}"));
         c.nodes[1].start();
-        let leftovers = fs::read_dir(c.nodes[1].tree.join(".certmesh/tmp")).unwrap().count();
+        let leftovers = fs::read_dir(c.nodes[1].tree.join(".certmesh/tmp"))
+            .unwrap()
+            .count();
         assert_eq!(leftovers, 0, "staging files survived restart {i}");
     }
     stop.store(true, Ordering::Relaxed);

@@ -56,6 +56,7 @@ fn file_info(path: &str, content: &[u8]) -> pb::FileInfo {
         sequence: 1,
         symlink_target: String::new(),
         modified_by: 42,
+        data: Vec::new(),
     }
 }
 
