@@ -22,6 +22,8 @@ pub const MAX_FRAME: usize = 4 << 20;
 pub const MAX_HEADER: usize = 8 << 10;
 /// Records per index batch sent.
 pub const INDEX_BATCH: usize = 1000;
+/// Largest file whose content may travel inline in an index increment.
+pub const MAX_INLINE: usize = 16 << 10;
 /// Largest version vector accepted (one entry per device that ever wrote the path).
 pub const MAX_VERSION_ENTRIES: usize = 4096;
 
@@ -82,6 +84,7 @@ pub fn record_to_wire(r: &FileRecord, sequence: u64) -> pb::FileInfo {
         sequence,
         symlink_target: r.target.clone(),
         modified_by: r.modified_by.0,
+        data: Vec::new(),
     }
 }
 
@@ -154,6 +157,17 @@ pub fn record_from_wire(f: pb::FileInfo) -> Result<(FileRecord, u64), WireError>
     ))
 }
 
+/// Validates content sent inline with a record: small, a live file, matching hash.
+pub fn check_inline(r: &FileRecord, data: &[u8]) -> Result<(), WireError> {
+    if data.len() > MAX_INLINE || r.kind != Kind::File || r.deleted || data.len() as u64 != r.size {
+        return Err(invalid("inline content", format!("{}: {} bytes not acceptable", r.path, data.len())));
+    }
+    if blake3::hash(data).as_bytes() != &r.hash.0 {
+        return Err(invalid("inline content", format!("{}: content does not match its BLAKE3 hash", r.path)));
+    }
+    Ok(())
+}
+
 /// Writes one length-prefixed message.
 pub async fn write_msg<W: AsyncWrite + Unpin, M: Message>(
     w: &mut W,
@@ -196,7 +210,10 @@ pub fn decode_frame(bytes: &[u8]) -> Result<pb::Frame, WireError> {
     let frame = pb::Frame::decode(bytes)?;
     if let Some(pb::frame::Body::Index(ix)) = &frame.body {
         for f in &ix.files {
-            record_from_wire(f.clone())?;
+            let (r, _) = record_from_wire(f.clone())?;
+            if !f.data.is_empty() {
+                check_inline(&r, &f.data)?;
+            }
         }
     }
     Ok(frame)
