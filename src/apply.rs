@@ -146,10 +146,26 @@ impl Tree {
             }
         });
         for i in order {
+            let item = &items[i];
+            if out[i].is_none() && item.record.kind == Kind::Symlink && !item.record.deleted {
+                // A link flips only once everything under its target is in place, so
+                // `live/<name>` never shows a half-written archive version.
+                if let Ok(target) = item.record.path.resolve_symlink_target(&item.record.target) {
+                    let incomplete = items.iter().zip(&out).any(|(other, o)| {
+                        other.record.path.is_within(&target)
+                            && !matches!(o, Some(Outcome::Applied(_)))
+                    });
+                    if incomplete {
+                        out[i] = Some(Outcome::Deferred(format!(
+                            "{}: target {target} not complete yet",
+                            item.record.path
+                        )));
+                    }
+                }
+            }
             if out[i].is_some() {
                 continue;
             }
-            let item = &items[i];
             let res = self.apply_one(item, &mut dirty_dirs);
             out[i] = Some(match res {
                 Ok(o) => o,
@@ -480,6 +496,46 @@ mod tests {
         );
         assert_eq!(fs::read_to_string(t.root.join("f")).unwrap(), "mine");
         assert!(fs::symlink_metadata(t.root.join("l")).is_err());
+    }
+
+    #[test]
+    fn link_waits_until_its_whole_target_is_applied() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        let mut link = rec("live/www", Kind::Symlink, 0o777);
+        link.target = "../archive/www/2".into();
+        let items = vec![
+            Item {
+                record: rec("archive/www/2", Kind::Directory, 0o755),
+                staged: None,
+                expect: None,
+                conflict: false,
+            },
+            Item {
+                record: rec("archive/www/2/cert.pem", Kind::File, 0o644),
+                staged: Some(stage(&t, "C")),
+                expect: None,
+                conflict: false,
+            },
+            // The key's content never arrived: staged path missing.
+            Item {
+                record: rec("archive/www/2/privkey.pem", Kind::File, 0o600),
+                staged: Some(t.tmp_dir().join("missing")),
+                expect: None,
+                conflict: false,
+            },
+            Item {
+                record: link,
+                staged: None,
+                expect: None,
+                conflict: false,
+            },
+        ];
+        let out = t.apply(&items);
+        assert!(matches!(out[2], Outcome::Failed(_)), "{out:?}");
+        assert!(matches!(out[3], Outcome::Deferred(_)), "{out:?}");
+        assert!(fs::symlink_metadata(t.root.join("live/www")).is_err());
     }
 
     #[test]

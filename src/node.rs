@@ -396,3 +396,62 @@ async fn periodic_rescan(shared: Arc<Shared>) {
         crate::watch::full_rescan(&shared).await;
     }
 }
+
+/// How one peer answered a barrier.
+#[derive(Debug, Clone)]
+pub struct PeerAck {
+    pub peer: DeviceId,
+    pub name: String,
+    /// How long until it acknowledged; `None` if it did not before the deadline.
+    pub after: Option<Duration>,
+}
+
+/// Waits until every connected peer has acknowledged the current local version of
+/// `path` (applied it, or something newer), or until `timeout`. The barrier the ACME
+/// client uses before telling the CA to validate. Peers that are not connected are
+/// not waited for (they cannot be asked by the CA's validator through us either).
+pub async fn wait_peers_have(shared: &Shared, path: &RelPath, timeout: Duration) -> Vec<PeerAck> {
+    let start = Instant::now();
+    let mut progress = shared.progress.subscribe();
+    let mut acks: HashMap<DeviceId, PeerAck> = HashMap::new();
+    loop {
+        progress.borrow_and_update();
+        let pending = {
+            let st = shared.lock();
+            let seq = st.index.get(path).map_or(0, |e| e.sequence);
+            let mut pending = 0;
+            for (id, slot) in &st.peers {
+                if slot.session.is_none() {
+                    continue;
+                }
+                let ack = acks.entry(*id).or_insert_with(|| PeerAck {
+                    peer: *id,
+                    name: slot.config.name.clone(),
+                    after: None,
+                });
+                if ack.after.is_none() {
+                    if st.plan.peer_acked(id) >= seq {
+                        ack.after = Some(start.elapsed());
+                    } else {
+                        pending += 1;
+                    }
+                }
+            }
+            pending
+        };
+        if pending == 0 {
+            break;
+        }
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero()
+            || tokio::time::timeout(left, progress.changed())
+                .await
+                .is_err()
+        {
+            break;
+        }
+    }
+    let mut out: Vec<PeerAck> = acks.into_values().collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}

@@ -129,6 +129,11 @@ impl RelPath {
 
     /// Checks that a relative symlink at this path stays inside the tree.
     pub fn check_symlink_target(&self, target: &str) -> Result<(), PathError> {
+        self.resolve_symlink_target(target).map(|_| ())
+    }
+
+    /// Where a relative symlink at this path points, inside the tree.
+    pub fn resolve_symlink_target(&self, target: &str) -> Result<RelPath, PathError> {
         let escape = || PathError::EscapingSymlink {
             link: self.0.clone(),
             target: target.to_string(),
@@ -159,7 +164,7 @@ impl RelPath {
         if resolved.is_local_only() {
             return Err(escape());
         }
-        Ok(())
+        Ok(resolved)
     }
 }
 

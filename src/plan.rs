@@ -153,6 +153,15 @@ impl Plan {
         self.needs.values()
     }
 
+    /// Needed paths at or below `dir`.
+    pub fn needs_within<'a>(&'a self, dir: &'a RelPath) -> impl Iterator<Item = &'a RelPath> + 'a {
+        self.needs
+            .range(dir.clone()..)
+            .map(|(p, _)| p)
+            .take_while(move |p| p.as_str().starts_with(dir.as_str()))
+            .filter(move |p| p.is_within(dir))
+    }
+
     pub fn need(&self, p: &RelPath) -> Option<&Need> {
         self.needs.get(p)
     }

@@ -124,7 +124,24 @@ fn take_batch(shared: &Shared, retry: &mut Retry) -> Vec<Work> {
             break;
         }
     }
-    out
+    // A symlink waits until everything its target still needs is in the same batch.
+    let taken: std::collections::HashSet<RelPath> =
+        out.iter().map(|w| w.need.target.path.clone()).collect();
+    let plan = &st.plan;
+    let (keep, wait): (Vec<Work>, Vec<Work>) = out.into_iter().partition(|w| {
+        let r = &w.need.target;
+        if r.kind != Kind::Symlink || r.deleted {
+            return true;
+        }
+        match r.path.resolve_symlink_target(&r.target) {
+            Ok(t) => plan.needs_within(&t).all(|p| taken.contains(p)),
+            Err(_) => true,
+        }
+    });
+    for w in wait {
+        st.applying.remove(&w.need.target.path);
+    }
+    keep
 }
 
 async fn run_batch(shared: &Arc<Shared>, batch: Vec<Work>, retry: &mut Retry) {
