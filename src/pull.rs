@@ -179,16 +179,23 @@ async fn run_batch(shared: &Arc<Shared>, batch: Vec<Work>, retry: &mut Retry) {
                         last = why;
                     }
                     Err(FetchError::Retry(why)) => last = why,
+                    Err(FetchError::Local(why)) => {
+                        return (i, Err((true, format!("staging {path}: {why}"))));
+                    }
                 }
             }
-            (i, Err(format!("fetching {path}: {last}")))
+            (i, Err((false, format!("fetching {path}: {last}"))))
         });
     }
     while let Some(r) = set.join_next().await {
         match r {
             Ok((i, Ok(dest))) => staged[i] = Some(dest),
-            Ok((i, Err(e))) => {
-                tracing::debug!("{e}");
+            Ok((i, Err((local, e)))) => {
+                if local {
+                    shared.lock().error(e);
+                } else {
+                    tracing::debug!("{e}");
+                }
                 fetch_failed[i] = true;
             }
             Err(e) => tracing::error!(error = %e, "fetch task failed"),
@@ -293,8 +300,10 @@ async fn run_batch(shared: &Arc<Shared>, batch: Vec<Work>, retry: &mut Retry) {
 enum FetchError {
     /// The peer broke the protocol (wrong size, wrong hash, too many bytes).
     Hostile(String),
-    /// Try another source or later (not found, changed meanwhile, I/O).
+    /// Try another source or later (not found, changed meanwhile, network).
     Retry(String),
+    /// Writing here failed (disk full, permissions): reported, retried later.
+    Local(String),
 }
 
 /// Streams one file's content from a peer into `dest`, verifying size and BLAKE3.
@@ -336,7 +345,7 @@ async fn fetch(
             .mode(0o600)
             .open(dest)
             .await
-            .map_err(|e| retry(&e))?;
+            .map_err(|e| FetchError::Local(e.to_string()))?;
         let mut hasher = blake3::Hasher::new();
         let mut got = 0u64;
         let mut buf = vec![0u8; 256 << 10];
@@ -348,7 +357,9 @@ async fn fetch(
                         return Err(FetchError::Hostile(format!("sent more than {size} bytes")));
                     }
                     hasher.update(&buf[..n]);
-                    f.write_all(&buf[..n]).await.map_err(|e| retry(&e))?;
+                    f.write_all(&buf[..n])
+                        .await
+                        .map_err(|e| FetchError::Local(e.to_string()))?;
                 }
                 Ok(None) => break,
                 Err(e) => return Err(retry(&e)),
@@ -362,7 +373,9 @@ async fn fetch(
                 "content does not match its BLAKE3 hash".into(),
             ));
         }
-        f.flush().await.map_err(|e| retry(&e))?;
+        f.flush()
+            .await
+            .map_err(|e| FetchError::Local(e.to_string()))?;
         Ok(())
     };
     match tokio::time::timeout(deadline, work).await {

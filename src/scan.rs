@@ -94,10 +94,13 @@ pub fn look(root: &Path, p: &RelPath) -> io::Result<Seen> {
     }
 }
 
+/// A file's hash, the stat it was taken under, and the content when small.
+pub type Hashed = (ContentHash, LocalStat, Option<Vec<u8>>);
+
 /// BLAKE3 of a file, with the stat taken around the read; `None` if the file changed
 /// or vanished while being read (the caller looks again later). Small files' content
 /// comes back too, so it can travel inline to peers.
-pub fn hash_file(full: &Path) -> io::Result<Option<(ContentHash, LocalStat, Option<Vec<u8>>)>> {
+pub fn hash_file(full: &Path) -> io::Result<Option<Hashed>> {
     let f = match fs::File::open(full) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),

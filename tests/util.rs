@@ -41,11 +41,26 @@ pub struct Node {
     pub id: String,
     pub addr: String,
     pub child: Option<Child>,
+    /// Network namespace the process runs in (`ip netns exec`), if any.
+    pub netns: Option<String>,
 }
 
 impl Node {
     /// Creates the identity and picks a free port on `ip`; no config yet.
     pub fn new(root: &Path, name: &str, ip: &str) -> Node {
+        let sock = std::net::UdpSocket::bind(format!("{ip}:0")).unwrap();
+        let addr = sock.local_addr().unwrap().to_string();
+        Self::with_addr(root, name, &addr)
+    }
+
+    /// A node that will run inside network namespace `ns`, listening on `addr`.
+    pub fn in_netns(root: &Path, name: &str, ns: &str, addr: &str) -> Node {
+        let mut n = Self::with_addr(root, name, addr);
+        n.netns = Some(ns.to_string());
+        n
+    }
+
+    fn with_addr(root: &Path, name: &str, addr: &str) -> Node {
         let dir = root.join(name);
         let state = dir.join("state");
         let out = certmesh(&["init", "--state-dir", state.to_str().unwrap()]);
@@ -56,8 +71,6 @@ impl Node {
             .last()
             .unwrap()
             .to_string();
-        let sock = std::net::UdpSocket::bind(format!("{ip}:0")).unwrap();
-        let addr = sock.local_addr().unwrap().to_string();
         Node {
             name: name.into(),
             config: dir.join("certmesh.toml"),
@@ -65,8 +78,9 @@ impl Node {
             state,
             dir,
             id,
-            addr,
+            addr: addr.to_string(),
             child: None,
+            netns: None,
         }
     }
 
@@ -99,7 +113,15 @@ impl Node {
             .append(true)
             .open(self.dir.join("node.log"))
             .unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(["run", "--config", self.config.to_str().unwrap()])
             .env("RUST_LOG", "info,certmesh=debug,quinn=warn")
             .stdin(Stdio::null())
