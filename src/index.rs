@@ -56,10 +56,21 @@ impl FileRecord {
     }
 
     /// The deterministic conflict rule: of two concurrent records, the later mtime
-    /// wins, ties go to the higher device, then to content so the order is total.
+    /// wins, ties go to the higher device, then to content and metadata so the order
+    /// is total (two different records never tie).
     pub fn wins_over(&self, other: &FileRecord) -> bool {
-        (self.mtime_ns, self.modified_by, self.deleted, self.hash)
-            > (other.mtime_ns, other.modified_by, other.deleted, other.hash)
+        let key = |r: &FileRecord| {
+            (
+                r.mtime_ns,
+                r.modified_by,
+                r.deleted,
+                r.hash,
+                r.mode,
+                r.kind as u8,
+                r.target.clone(),
+            )
+        };
+        key(self) > key(other)
     }
 }
 

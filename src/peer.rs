@@ -255,15 +255,19 @@ async fn send_loop(
         progress.borrow_and_update();
         let (files, upto, ack) = {
             let st = shared.lock();
-            let files: Vec<pb::FileInfo> = st
+            // Every change goes to every peer, even one it came from: the peer's view
+            // of us must stay exact for the conflict rule. Content goes inline only
+            // where the peer does not already have it.
+            let files: Vec<(pb::FileInfo, bool)> = st
                 .index
                 .changed_since(sent)
-                .filter(|e| {
-                    st.plan
+                .map(|e| {
+                    let has = st
+                        .plan
                         .peer_record(&peer, &e.record.path)
-                        .is_none_or(|r| r.version != e.record.version)
+                        .is_some_and(|r| !r.deleted && r.hash == e.record.hash);
+                    (record_to_wire(&e.record, e.sequence), has)
                 })
-                .map(|e| record_to_wire(&e.record, e.sequence))
                 .collect();
             (
                 files,
@@ -276,8 +280,9 @@ async fn send_loop(
                 let cache = shared.inline();
                 files
                     .into_iter()
-                    .map(|mut f| {
-                        if !f.deleted
+                    .map(|(mut f, peer_has_it)| {
+                        if !peer_has_it
+                            && !f.deleted
                             && f.kind == pb::Kind::File as i32
                             && f.size as usize <= wire::MAX_INLINE
                         {

@@ -98,47 +98,51 @@ impl Plan {
     /// Re-derives the need for one path after its local record or a peer's changed.
     pub fn evaluate(&mut self, p: &RelPath, index: &Index) {
         let local = index.get(p).map(|e| &e.record);
-        let mut best: Option<&FileRecord> = None;
-        for view in self.peers.values() {
-            let Some((r, _)) = view.records.get(p) else {
-                continue;
-            };
-            if local.is_some_and(|l| l.version.covers(&r.version)) {
-                continue;
+        // Contenders: peers' records the local one has not seen…
+        let seen = self
+            .peers
+            .values()
+            .filter_map(|v| v.records.get(p).map(|(r, _)| r))
+            .filter(|r| !local.is_some_and(|l| l.version.covers(&r.version)));
+        let mut contenders: Vec<&FileRecord> = Vec::new();
+        for r in seen {
+            if !contenders.iter().any(|c| c.version == r.version) {
+                contenders.push(r);
             }
-            best = Some(match best {
-                None => r,
-                Some(b) => pick(b, r),
-            });
         }
-        let need = match (best, local) {
+        // …minus those another contender has seen: history, not a rival.
+        let all = contenders.clone();
+        contenders.retain(|c| {
+            !all.iter()
+                .any(|d| d.version.compare(&c.version) == Relation::Newer)
+        });
+        // The local record competes unless a contender has seen it.
+        let local_competes = local.filter(|l| {
+            !contenders
+                .iter()
+                .any(|c| c.version.compare(&l.version) == Relation::Newer)
+        });
+        let winner = contenders
+            .iter()
+            .copied()
+            .reduce(|a, b| if b.wins_over(a) { b } else { a });
+        let need = match (winner, local_competes) {
             (None, _) => None,
-            (Some(b), None) => (!b.deleted).then(|| Need {
-                target: b.clone(),
+            (Some(w), Some(l)) if l.wins_over(w) => None,
+            // Concurrent and the remote record wins: adopt it as it is (no merged
+            // version, so the author of the losing edit still sees the conflict and
+            // keeps its copy). Only the author keeps a copy.
+            (Some(w), Some(l)) => Some(Need {
+                conflict: !l.deleted && !l.same_content(w) && l.modified_by == index.me(),
+                target: w.clone(),
+            }),
+            // Newer than ours, or a path we never had (tombstones are recorded too,
+            // so they propagate).
+            (Some(w), None) => Some(Need {
+                target: w.clone(),
                 conflict: false,
             }),
-            (Some(b), Some(l)) => match b.version.compare(&l.version) {
-                Relation::Newer => Some(Need {
-                    target: b.clone(),
-                    conflict: false,
-                }),
-                _ if l.wins_over(b) => None,
-                // Concurrent and the remote record wins: adopt it as it is (no merged
-                // version, so the author of the losing edit still sees the conflict
-                // and keeps its copy). Only the author keeps a copy.
-                _ => Some(Need {
-                    conflict: !l.deleted && !l.same_content(b) && l.modified_by == index.me(),
-                    target: b.clone(),
-                }),
-            },
         };
-        // A tombstone for a path we never had still gets recorded, so it propagates.
-        let need = need.or_else(|| {
-            best.filter(|b| b.deleted && local.is_none()).map(|b| Need {
-                target: b.clone(),
-                conflict: false,
-            })
-        });
         match need {
             Some(n) => {
                 self.needs.insert(p.clone(), n);
@@ -232,20 +236,5 @@ impl Plan {
                 })
             })
             .count()
-    }
-}
-
-/// Of two records neither of which the local one covers, the one to converge on.
-fn pick<'a>(a: &'a FileRecord, b: &'a FileRecord) -> &'a FileRecord {
-    match a.version.compare(&b.version) {
-        Relation::Newer | Relation::Equal => a,
-        Relation::Older => b,
-        Relation::Concurrent => {
-            if a.wins_over(b) {
-                a
-            } else {
-                b
-            }
-        }
     }
 }

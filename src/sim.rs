@@ -1,1 +1,876 @@
-//! Deterministic multi-peer harness for the pure core (see tests below).
+//! Deterministic multi-peer harness for the pure sync core ([`Index`] + [`Plan`]),
+//! modelled on quinn-proto's `tests/util.rs` `Pair`: N in-memory nodes, a simulated
+//! nanosecond clock, and a message queue between linked nodes with latency and loss
+//! driven by a seeded RNG. No I/O, no tokio: a node's tree is a map path → file.
+//!
+//! Each node does what `peer.rs` / `pull.rs` / `watch.rs` do: on connect, send the
+//! full index; then increments (skipping what the peer announced) and acks; the puller
+//! fetches content by hash from a connected source, keeps conflict losers, applies,
+//! `index.put` + `plan.evaluate`. The real transport is reliable and ordered, so
+//! "loss" is a connection drop (in-flight messages vanish) and a reconnect later,
+//! which triggers a fresh full index exchange.
+
+use std::collections::BTreeMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::identity::DeviceId;
+use crate::index::{ContentHash, FileRecord, Index, Kind, LocalStat, Observed};
+use crate::paths::RelPath;
+use crate::plan::{Need, Plan};
+
+const MS: i64 = 1_000_000;
+
+/// One file of a node's in-memory tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimFile {
+    pub content: Vec<u8>,
+    pub mode: u32,
+    pub kind: Kind,
+    pub mtime_ns: i64,
+}
+
+impl SimFile {
+    fn file(content: Vec<u8>, mode: u32, mtime_ns: i64) -> Self {
+        let kind = Kind::File;
+        SimFile {
+            content,
+            mode,
+            kind,
+            mtime_ns,
+        }
+    }
+
+    fn stat(&self) -> LocalStat {
+        let (size, mtime_ns, mode) = (self.content.len() as u64, self.mtime_ns, self.mode);
+        let ctime_ns = mtime_ns;
+        LocalStat {
+            size,
+            mtime_ns,
+            mode,
+            ino: 0,
+            ctime_ns,
+        }
+    }
+}
+
+fn hash(content: &[u8]) -> ContentHash {
+    ContentHash(*blake3::hash(content).as_bytes())
+}
+
+pub struct Node {
+    pub id: DeviceId,
+    pub index: Index,
+    pub plan: Plan,
+    pub files: BTreeMap<RelPath, SimFile>,
+    /// Losing local contents kept by conflicts (`.certmesh/conflicts/` in the daemon).
+    pub conflicts: Vec<(RelPath, SimFile)>,
+    /// Clock skew added to the mtimes of local edits.
+    pub skew: i64,
+    up: bool,
+    /// Per connected peer: `(sent up to, last ack sent)`, as `send_loop` keeps them.
+    sessions: BTreeMap<usize, (u64, u64)>,
+}
+
+#[derive(Debug)]
+enum Msg {
+    Index(Vec<(FileRecord, u64)>, u64),
+    Ack(u64),
+}
+
+#[derive(Debug, Default)]
+struct Link {
+    wanted: bool,
+    up: bool,
+    /// Bumped on every connect and disconnect: stale in-flight messages are dropped.
+    epoch: u64,
+    reconnect_at: Option<i64>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub delivered: u64,
+    pub drops: u64,
+    pub applied: u64,
+    pub fetched: u64,
+}
+
+pub struct Sim {
+    pub nodes: Vec<Node>,
+    pub now: i64,
+    /// Per-message latency, uniform in `latency.0..=latency.1` ns.
+    pub latency: (i64, i64),
+    /// Probability that delivering a message instead drops its connection.
+    pub loss: f64,
+    pub stats: Stats,
+    rng: StdRng,
+    links: BTreeMap<(usize, usize), Link>,
+    /// `(arrival, order) → (from, to, link epoch, message)`.
+    queue: BTreeMap<(i64, u64), (usize, usize, u64, Msg)>,
+    order: u64,
+    /// Last arrival time per direction, so each connection stays ordered.
+    last_arrival: BTreeMap<(usize, usize), i64>,
+}
+
+fn key(a: usize, b: usize) -> (usize, usize) {
+    (a.min(b), a.max(b))
+}
+
+impl Sim {
+    pub fn new(n: usize, seed: u64) -> Self {
+        let node = |i: usize| {
+            let id = DeviceId(*blake3::hash(format!("sim-node-{i}").as_bytes()).as_bytes());
+            let (index, plan) = (Index::new(id.short()), Plan::default());
+            let (files, conflicts, sessions) = Default::default();
+            Node {
+                id,
+                index,
+                plan,
+                files,
+                conflicts,
+                skew: 0,
+                up: true,
+                sessions,
+            }
+        };
+        Sim {
+            nodes: (0..n).map(node).collect(),
+            now: 1_000 * MS,
+            latency: (MS, 5 * MS),
+            loss: 0.0,
+            stats: Stats::default(),
+            rng: StdRng::seed_from_u64(seed),
+            links: BTreeMap::new(),
+            queue: BTreeMap::new(),
+            order: 0,
+            last_arrival: BTreeMap::new(),
+        }
+    }
+
+    pub fn mesh(n: usize, seed: u64) -> Self {
+        let mut sim = Sim::new(n, seed);
+        (0..n).for_each(|a| (a + 1..n).for_each(|b| sim.link(a, b)));
+        sim
+    }
+
+    pub fn chain(n: usize, seed: u64) -> Self {
+        let mut sim = Sim::new(n, seed);
+        (1..n).for_each(|a| sim.link(a - 1, a));
+        sim
+    }
+
+    /// Declares a link (or heals it) and connects it.
+    pub fn link(&mut self, a: usize, b: usize) {
+        self.links.entry(key(a, b)).or_default().wanted = true;
+        self.connect(key(a, b));
+    }
+
+    /// Cuts a link until `link` heals it.
+    pub fn partition(&mut self, a: usize, b: usize) {
+        if let Some(l) = self.links.get_mut(&key(a, b)) {
+            (l.wanted, l.reconnect_at) = (false, None);
+        }
+        self.disconnect(key(a, b));
+    }
+
+    /// Heals every link and restarts every crashed node.
+    pub fn heal_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].up {
+                self.restart(i);
+            }
+        }
+        for (a, b) in self.link_keys() {
+            self.link(a, b);
+        }
+    }
+
+    pub fn link_keys(&self) -> Vec<(usize, usize)> {
+        self.links.keys().copied().collect()
+    }
+
+    /// The node stops: its connections drop, its in-memory peer state is lost.
+    pub fn crash(&mut self, i: usize) {
+        self.nodes[i].up = false;
+        for k in self
+            .link_keys()
+            .into_iter()
+            .filter(|k| k.0 == i || k.1 == i)
+        {
+            self.disconnect(k);
+        }
+    }
+
+    /// The node comes back with its index (and files) intact and a fresh `Plan`.
+    pub fn restart(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        (node.up, node.plan) = (true, Plan::default());
+        node.sessions.clear();
+        for k in self
+            .link_keys()
+            .into_iter()
+            .filter(|k| k.0 == i || k.1 == i)
+        {
+            self.connect(k);
+        }
+    }
+
+    fn connect(&mut self, (a, b): (usize, usize)) {
+        let l = self.links.get_mut(&(a, b)).expect("declared link");
+        l.reconnect_at = None;
+        if l.up || !l.wanted || !self.nodes[a].up || !self.nodes[b].up {
+            return;
+        }
+        (l.up, l.epoch) = (true, l.epoch + 1);
+        for (x, y) in [(a, b), (b, a)] {
+            let peer = self.nodes[y].id;
+            let Node {
+                plan,
+                index,
+                sessions,
+                ..
+            } = &mut self.nodes[x];
+            plan.connected(peer, index);
+            let full = index
+                .changed_since(0)
+                .map(|e| (e.record.clone(), e.sequence));
+            let (full, upto) = (full.collect(), index.sequence());
+            sessions.insert(y, (upto, 0));
+            self.send(x, y, Msg::Index(full, upto));
+        }
+    }
+
+    fn disconnect(&mut self, (a, b): (usize, usize)) {
+        let Some(l) = self.links.get_mut(&(a, b)).filter(|l| l.up) else {
+            return;
+        };
+        (l.up, l.epoch) = (false, l.epoch + 1);
+        for (x, y) in [(a, b), (b, a)] {
+            let peer = self.nodes[y].id;
+            let Node {
+                plan,
+                index,
+                sessions,
+                ..
+            } = &mut self.nodes[x];
+            sessions.remove(&y);
+            plan.disconnected(peer, index);
+        }
+    }
+
+    fn send(&mut self, from: usize, to: usize, msg: Msg) {
+        let epoch = self.links[&key(from, to)].epoch;
+        let delay = self.rng.random_range(self.latency.0..=self.latency.1);
+        let last = self.last_arrival.entry((from, to)).or_default();
+        *last = (self.now + delay).max(*last);
+        self.order += 1;
+        self.queue
+            .insert((*last, self.order), (from, to, epoch, msg));
+    }
+
+    fn deliver(&mut self, (from, to, epoch, msg): (usize, usize, u64, Msg)) {
+        let k = key(from, to);
+        if !self.links[&k].up || self.links[&k].epoch != epoch {
+            return;
+        }
+        if self.loss > 0.0 && self.rng.random::<f64>() < self.loss {
+            self.stats.drops += 1;
+            self.disconnect(k);
+            let delay = self.rng.random_range(self.latency.0..=self.latency.1);
+            self.links.get_mut(&k).expect("link").reconnect_at = Some(self.now + delay);
+            return;
+        }
+        self.stats.delivered += 1;
+        let peer = self.nodes[from].id;
+        let Node { plan, index, .. } = &mut self.nodes[to];
+        match msg {
+            Msg::Index(records, last) => plan.receive(peer, records, last, index),
+            Msg::Ack(seq) => plan.acked(peer, seq),
+        }
+    }
+
+    /// One step: every live node's puller then senders run at the current time, then
+    /// the clock jumps to the next event and everything due is delivered. False once
+    /// nothing is in flight and no node had anything to do.
+    pub fn step(&mut self) -> bool {
+        let mut busy = false;
+        for i in 0..self.nodes.len() {
+            busy |= self.nodes[i].up && self.pull(i);
+        }
+        for i in 0..self.nodes.len() {
+            busy |= self.flush(i);
+        }
+        let next_msg = self.queue.keys().next().map(|k| k.0);
+        let next_re = self.links.values().filter_map(|l| l.reconnect_at).min();
+        let Some(t) = next_msg.into_iter().chain(next_re).min() else {
+            return busy;
+        };
+        self.now = self.now.max(t);
+        for (k, l) in self
+            .links
+            .iter()
+            .map(|(k, l)| (*k, l.reconnect_at))
+            .collect::<Vec<_>>()
+        {
+            if l.is_some_and(|r| r <= self.now) {
+                self.connect(k);
+            }
+        }
+        while let Some(e) = self.queue.first_entry().filter(|e| e.key().0 <= self.now) {
+            let f = e.remove();
+            self.deliver(f);
+        }
+        true
+    }
+
+    /// Steps until quiet; returns the steps used.
+    pub fn run_until_quiet(&mut self, max_steps: usize) -> Result<usize, String> {
+        (0..max_steps)
+            .find(|_| !self.step())
+            .ok_or_else(|| format!("not quiet after {max_steps} steps"))
+    }
+
+    /// Sends index increments and acks to every connected peer (`send_loop`).
+    fn flush(&mut self, i: usize) -> bool {
+        let mut out = Vec::new();
+        let ids: Vec<DeviceId> = self.nodes.iter().map(|n| n.id).collect();
+        let Node {
+            index,
+            plan,
+            sessions,
+            ..
+        } = &mut self.nodes[i];
+        for (&j, (sent, acked)) in sessions.iter_mut() {
+            let upto = index.sequence();
+            if upto > *sent {
+                // Like the real sender: every change to every peer, so views stay exact.
+                let files = index
+                    .changed_since(*sent)
+                    .map(|e| (e.record.clone(), e.sequence));
+                out.push((j, Msg::Index(files.collect(), upto)));
+                *sent = upto;
+            }
+            let ack = plan.ack_for(&ids[j], index);
+            if ack != *acked {
+                out.push((j, Msg::Ack(ack)));
+                *acked = ack;
+            }
+        }
+        let busy = !out.is_empty();
+        out.into_iter().for_each(|(j, m)| self.send(i, j, m));
+        busy
+    }
+
+    /// Content for a need from the first connected source that really has it.
+    fn fetch(&self, i: usize, need: &Need) -> Option<Vec<u8>> {
+        let t = &need.target;
+        self.nodes[i].plan.sources(need).iter().find_map(|d| {
+            let j = self.nodes.iter().position(|n| n.id == *d)?;
+            let linked = self.nodes[i].sessions.contains_key(&j) && self.nodes[j].up;
+            let f = self.nodes[j].files.get(&t.path).filter(|_| linked)?;
+            let ok = f.kind == Kind::File
+                && f.content.len() as u64 == t.size
+                && hash(&f.content) == t.hash;
+            ok.then(|| f.content.clone())
+        })
+    }
+
+    /// The puller: applies every need it can satisfy now.
+    fn pull(&mut self, i: usize) -> bool {
+        let needs: Vec<Need> = self.nodes[i].plan.needs().cloned().collect();
+        let mut busy = false;
+        for need in needs {
+            let t = &need.target;
+            assert_eq!(t.kind, Kind::File, "the sim only makes files");
+            let local = self.nodes[i].files.get(&t.path);
+            let have = local
+                .filter(|f| hash(&f.content) == t.hash)
+                .map(|f| f.content.clone());
+            let content = match (t.deleted, have) {
+                (true, _) => None,
+                (false, Some(c)) => Some(c),
+                (false, None) => match self.fetch(i, &need) {
+                    Some(c) => Some(c).inspect(|_| self.stats.fetched += 1),
+                    None => continue, // no connected source yet
+                },
+            };
+            self.apply(i, need, content);
+            busy = true;
+        }
+        busy
+    }
+
+    fn apply(&mut self, i: usize, need: Need, content: Option<Vec<u8>>) {
+        self.stats.applied += 1;
+        let node = &mut self.nodes[i];
+        let p = need.target.path.clone();
+        if need.conflict {
+            if let Some(old) = node.files.get(&p) {
+                node.conflicts.push((p.clone(), old.clone()));
+            }
+        }
+        let stat = match content {
+            None => node.files.remove(&p).and(None),
+            Some(content) => {
+                let f = SimFile::file(content, need.target.mode, need.target.mtime_ns);
+                let stat = f.stat();
+                node.files.insert(p.clone(), f);
+                Some(stat)
+            }
+        };
+        node.index.put(need.target, stat);
+        node.plan.evaluate(&p, &node.index);
+    }
+
+    /// What the scanner would see at `p` on node `i`.
+    fn observed(node: &Node, p: &RelPath) -> Option<Observed> {
+        let f = node.files.get(p)?;
+        Some(Observed {
+            kind: f.kind,
+            size: f.content.len() as u64,
+            mode: f.mode,
+            mtime_ns: f.mtime_ns,
+            hash: hash(&f.content),
+            target: String::new(),
+            stat: f.stat(),
+        })
+    }
+
+    /// A local write (`None`: delete) then the watcher's rescan of that path.
+    pub fn edit(&mut self, i: usize, path: &str, file: Option<(&[u8], u32, i64)>) {
+        let p = RelPath::parse(path).expect("valid path");
+        let now = self.now;
+        let node = &mut self.nodes[i];
+        assert!(node.up, "node {i} is down");
+        match file {
+            Some((c, mode, mtime)) => node
+                .files
+                .insert(p.clone(), SimFile::file(c.into(), mode, mtime)),
+            None => node.files.remove(&p),
+        };
+        let seen = Self::observed(node, &p);
+        node.index.observe(&p, seen, now + node.skew);
+        node.plan.evaluate(&p, &node.index);
+    }
+
+    /// A local write now (node clock), mode 0644.
+    pub fn write(&mut self, i: usize, path: &str, content: &[u8]) {
+        let mtime = self.now + self.nodes[i].skew;
+        self.edit(i, path, Some((content, 0o644, mtime)));
+    }
+
+    pub fn delete(&mut self, i: usize, path: &str) {
+        self.edit(i, path, None);
+    }
+
+    /// Rescans every file of a node; returns how many were taken for local changes
+    /// (0 when applied writes are not echoed back).
+    pub fn rescan(&mut self, i: usize) -> usize {
+        let now = self.now;
+        let node = &mut self.nodes[i];
+        let paths: Vec<RelPath> = node.files.keys().cloned().collect();
+        paths
+            .iter()
+            .filter(|p| {
+                let seen = Self::observed(node, p);
+                node.index.observe(p, seen, now).is_some()
+            })
+            .count()
+    }
+
+    pub fn content(&self, i: usize, path: &str) -> Option<&[u8]> {
+        let p = RelPath::parse(path).expect("valid path");
+        self.nodes[i].files.get(&p).map(|f| f.content.as_slice())
+    }
+
+    /// Every live node has the same files (content, mode, kind: a content-neutral
+    /// touch changes only the mtime) and the same index records, no needs, and every
+    /// connected pair is in sync.
+    pub fn check_converged(&self) -> Result<(), String> {
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].up)
+            .collect();
+        let view = |i: usize| {
+            let n = &self.nodes[i];
+            let files = n
+                .files
+                .iter()
+                .map(|(p, f)| (p, (&f.content, f.mode, f.kind)));
+            let index = n.index.entries().map(|e| (&e.record.path, &e.record));
+            (
+                files.collect::<BTreeMap<_, _>>(),
+                index.collect::<BTreeMap<_, _>>(),
+            )
+        };
+        let first = *live.first().ok_or("no live node")?;
+        let v0 = view(first);
+        for &i in &live {
+            let (n, v) = (&self.nodes[i], view(i));
+            if v != v0 {
+                return Err(format!("node {first}: {v0:?}\nnode {i}: {v:?}"));
+            }
+            if let Some(need) = n.plan.needs().next() {
+                return Err(format!("node {i} still needs {need:?}"));
+            }
+            for e in n.index.entries().filter(|e| !e.record.deleted) {
+                if n.files
+                    .get(&e.record.path)
+                    .is_none_or(|f| hash(&f.content) != e.record.hash)
+                {
+                    return Err(format!("node {i}: file {} != index", e.record.path));
+                }
+            }
+        }
+        for (&(a, b), l) in self.links.iter().filter(|(_, l)| l.up) {
+            for (x, y) in [(a, b), (b, a)] {
+                let n = &self.nodes[x];
+                if !n.plan.in_sync(&self.nodes[y].id, &n.index) {
+                    return Err(format!("node {x} not in sync with node {y} ({l:?})"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::Rng;
+
+    const QUIET: usize = 100_000;
+
+    fn quiet_and_converged(sim: &mut Sim) {
+        sim.run_until_quiet(QUIET).unwrap();
+        sim.check_converged().unwrap();
+    }
+
+    #[test]
+    fn change_reaches_full_mesh() {
+        for seed in 0..50 {
+            let mut sim = Sim::mesh(3, seed);
+            sim.write(1, "live/www/fullchain.pem", b"chain v1");
+            sim.write(1, "live/www/privkey.pem", b"key v1");
+            quiet_and_converged(&mut sim); // includes in_sync for every linked pair
+            for i in 0..3 {
+                assert_eq!(
+                    sim.content(i, "live/www/fullchain.pem"),
+                    Some(&b"chain v1"[..])
+                );
+                assert!(sim.nodes[i].conflicts.is_empty());
+            }
+            sim.delete(0, "live/www/privkey.pem");
+            quiet_and_converged(&mut sim);
+            assert!((0..3).all(|i| sim.content(i, "live/www/privkey.pem").is_none()));
+        }
+    }
+
+    #[test]
+    fn chain_is_transitive() {
+        for seed in 0..50 {
+            let mut sim = Sim::chain(3, seed);
+            sim.write(0, "a/cert.pem", b"from a");
+            quiet_and_converged(&mut sim);
+            assert_eq!(sim.content(2, "a/cert.pem"), Some(&b"from a"[..]));
+            sim.write(2, "a/cert.pem", b"from c");
+            quiet_and_converged(&mut sim);
+            assert_eq!(sim.content(0, "a/cert.pem"), Some(&b"from c"[..]));
+            assert_eq!(sim.stats.fetched, 4); // each hop fetched from its neighbour
+        }
+    }
+
+    /// A (node 0) and B (node 1) edit `cert.pem` (`None` = delete) while A is cut off
+    /// from B and C, then A's links heal in `heal` order. Checks the conflict rule and
+    /// that only losing content a node had is kept there; returns the winner.
+    fn two_writers(seed: u64, a: Option<i64>, b: Option<i64>, heal: &[usize]) -> (Sim, usize) {
+        let mut sim = Sim::mesh(3, seed);
+        sim.edit(0, "cert.pem", Some((b"base", 0o644, 10)));
+        sim.run_until_quiet(QUIET).unwrap();
+        sim.partition(0, 1);
+        sim.partition(0, 2);
+        for (i, mtime) in [(0, a), (1, b)] {
+            let content = format!("from {i}");
+            sim.edit(i, "cert.pem", mtime.map(|m| (content.as_bytes(), 0o600, m)));
+        }
+        sim.run_until_quiet(QUIET).unwrap();
+        let before: Vec<_> = (0..3)
+            .map(|i| sim.content(i, "cert.pem").map(<[u8]>::to_vec))
+            .collect();
+        let p = RelPath::parse("cert.pem").unwrap();
+        let rule = |i: usize| {
+            let r = &sim.nodes[i].index.get(&p).unwrap().record;
+            (r.mtime_ns, r.modified_by)
+        };
+        let (winner, loser) = if rule(0) > rule(1) { (0, 1) } else { (1, 0) };
+        for &i in heal {
+            sim.link(0, i);
+            quiet_and_converged(&mut sim);
+        }
+        let last = sim.content(2, "cert.pem").map(<[u8]>::to_vec);
+        assert_eq!(last, before[winner], "seed {seed}");
+        for (i, had) in before.iter().enumerate() {
+            let kept: Vec<_> = sim.nodes[i]
+                .conflicts
+                .iter()
+                .map(|c| Some(&c.1.content))
+                .collect();
+            assert!(
+                kept.is_empty() || (kept == [had.as_ref()] && *had != last),
+                "seed {seed}"
+            );
+        }
+        let lost = before[loser].as_ref().filter(|_| before[loser] != last);
+        let kept = |n: &Node| n.conflicts.iter().any(|c| Some(&c.1.content) == lost);
+        assert!(
+            lost.is_none() || sim.nodes.iter().any(kept),
+            "seed {seed}: loser kept nowhere"
+        );
+        (sim, winner)
+    }
+
+    fn conflicts(sim: &Sim, i: usize) -> Vec<&[u8]> {
+        sim.nodes[i]
+            .conflicts
+            .iter()
+            .map(|(_, f)| f.content.as_slice())
+            .collect()
+    }
+
+    #[test]
+    fn conflict_rule_later_mtime_then_higher_device() {
+        let ids = Sim::new(2, 0)
+            .nodes
+            .iter()
+            .map(|n| n.id.short())
+            .collect::<Vec<_>>();
+        let higher = usize::from(ids[1] > ids[0]);
+        // (A's mtime, B's mtime, winner); `None` is a delete, at the clock (> 1000 ms).
+        let cases = [(Some(100), Some(200), 1), (Some(300), Some(200), 0)];
+        let cases = cases.into_iter().chain([(Some(100), Some(100), higher)]);
+        let cases = cases.chain([(None, Some(100), 0), (None, Some(5_000), 1)]);
+        for seed in 0..50 {
+            for (a, b, expected) in cases.clone() {
+                let heal: &[usize] = if seed % 2 == 0 { &[1, 2] } else { &[2, 1] };
+                let (sim, winner) = two_writers(seed, a.map(|m| m * MS), b.map(|m| m * MS), heal);
+                assert_eq!(winner, expected, "seed {seed}: {a:?} vs {b:?}");
+                match (a, b) {
+                    // Only A ever had A's losing content: A keeps it.
+                    (Some(100), Some(200)) => assert_eq!(conflicts(&sim, 0), [b"from 0"]),
+                    // A deleted and lost: nothing to keep anywhere.
+                    (None, Some(5_000)) => {
+                        assert!(sim.nodes.iter().all(|n| n.conflicts.is_empty()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn two_writers_converge(seed in any::<u64>(), a in prop::option::of(0i64..3),
+                                b in prop::option::of(0i64..3), c_first: bool) {
+            // Deletes take the clock (≥ 1000 ms) as mtime; edits at 999..1001 ms.
+            let heal: &[usize] = if c_first { &[2, 1] } else { &[1, 2] };
+            two_writers(seed, a.map(|m| (999 + m) * MS), b.map(|m| (999 + m) * MS), heal);
+        }
+    }
+
+    /// B's edit loses to A's; C had B's content and resolves first (A–C heals before
+    /// A–B). C only relayed B's edit, so it keeps no copy; B, the author, does.
+    #[test]
+    fn author_keeps_losing_content() {
+        let (sim, winner) = two_writers(1, Some(300 * MS), Some(200 * MS), &[2, 1]);
+        assert_eq!(winner, 0);
+        assert!(conflicts(&sim, 2).is_empty());
+        assert_eq!(conflicts(&sim, 1), vec![&b"from 1"[..]]);
+    }
+
+    /// A deletes (T, mtime t0); B concurrently writes L1 (t0 - 20 ms); C applies T,
+    /// then writes L with an older mtime (t0 - 10 ms: clock skew) and hands L to E.
+    /// B merges T with L1 (T wins). D merges L1 with L from E (L wins): version
+    /// T∪L1∪L, content L. C merges L with B's T∪L1: T wins by mtime although L
+    /// descends from T: version T∪L1∪L, no file. `Equal` on both sides, forever.
+    #[test]
+    fn successor_with_older_mtime_converges() {
+        let mut sim = Sim::mesh(5, 1);
+        sim.edit(0, "f", Some((b"base", 0o644, 10)));
+        quiet_and_converged(&mut sim);
+        sim.link_keys()
+            .into_iter()
+            .for_each(|(a, b)| sim.partition(a, b));
+        let t0 = sim.now;
+        sim.delete(0, "f");
+        sim.edit(1, "f", Some((b"L1", 0o644, t0 - 20 * MS)));
+        for (a, b, keep) in [(1, 3, false), (0, 2, false), (2, 4, false), (0, 1, true)] {
+            if (a, b) == (2, 4) {
+                sim.edit(2, "f", Some((b"L", 0o644, t0 - 10 * MS)));
+            }
+            sim.link(a, b);
+            sim.run_until_quiet(QUIET).unwrap();
+            if !keep {
+                sim.partition(a, b);
+            }
+        }
+        for (a, b) in [(3, 4), (1, 2)] {
+            sim.link(a, b);
+            sim.run_until_quiet(QUIET).unwrap();
+        }
+        sim.heal_all();
+        quiet_and_converged(&mut sim);
+    }
+
+    /// A writes `k` (R1: mode 0644, mtime 20) and chmods it to 0600 (R2: same mtime,
+    /// as chmod keeps it) while C has a concurrent older edit. C meets R1 via B and
+    /// merges {A:1,C:1} with R1's data; then A (R2) and C (merged R1) meet: the conflict
+    /// rule ties (mode is not in its key), each side takes the other's record, and both
+    /// end at version {A:2,C:1}: A with mode 0644, C with 0600. Expected: 0600.
+    #[test]
+    fn chmod_after_write_converges() {
+        let mut sim = Sim::mesh(3, 1);
+        sim.link_keys()
+            .into_iter()
+            .for_each(|(a, b)| sim.partition(a, b));
+        sim.edit(2, "k", Some((b"x", 0o644, 10)));
+        sim.edit(0, "k", Some((b"key", 0o644, 20)));
+        for (a, b, keep) in [(0, 1, false), (1, 2, true), (0, 2, true)] {
+            if (a, b) == (1, 2) {
+                sim.edit(0, "k", Some((b"key", 0o600, 20)));
+            }
+            sim.link(a, b);
+            sim.run_until_quiet(QUIET).unwrap();
+            if !keep {
+                sim.partition(a, b);
+            }
+        }
+        let mode = |i: usize| sim.nodes[i].files[&RelPath::parse("k").unwrap()].mode;
+        assert_eq!((mode(0), mode(2)), (0o600, 0o600));
+    }
+
+    const PATHS: [&str; 5] = ["a", "b", "live/x/cert.pem", "live/x/privkey.pem", "d/e"];
+
+    /// Random edits, deletes, partitions, heals and crashes on a random topology with
+    /// random latency and 10% loss; then everything heals and must converge.
+    fn random_workload(seed: u64, max_skew_ms: i64) -> Result<Stats, String> {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_5eed);
+        let n = rng.random_range(2..=5);
+        let mut sim = match rng.random_range(0..3) {
+            0 => Sim::mesh(n, seed),
+            1 => Sim::chain(n, seed),
+            _ => {
+                let mut s = Sim::new(n, seed);
+                (1..n).for_each(|i| s.link(0, i));
+                s
+            }
+        };
+        let max = rng.random_range(0..20);
+        sim.latency = (rng.random_range(0..=max) * MS, max * MS);
+        sim.loss = 0.1;
+        for node in &mut sim.nodes {
+            node.skew = rng.random_range(-max_skew_ms..=max_skew_ms) * MS;
+        }
+        let links = sim.link_keys();
+        for _ in 0..rng.random_range(10..80) {
+            let i = rng.random_range(0..n);
+            let path = PATHS[rng.random_range(0..PATHS.len())];
+            let (a, b) = links[rng.random_range(0..links.len())];
+            sim.now += 1_000; // edits take time: with no skew, mtimes never repeat
+            match rng.random_range(0..100) {
+                _ if !sim.nodes[i].up => sim.restart(i),
+                0..50 => {
+                    let len = rng.random_range(0..4);
+                    let content: Vec<u8> = (0..len).map(|_| rng.random_range(b'0'..b'3')).collect();
+                    let mode = [0o644, 0o600][rng.random_range(0..2)];
+                    let mtime = sim.now + sim.nodes[i].skew;
+                    sim.edit(i, path, Some((&content, mode, mtime)));
+                }
+                50..65 => sim.delete(i, path),
+                65..75 => sim.partition(a, b),
+                75..85 => sim.link(a, b),
+                85..90 => sim.crash(i),
+                _ => sim.now += rng.random_range(0..10) * MS,
+            }
+            for _ in 0..rng.random_range(0..6) {
+                sim.step();
+            }
+        }
+        sim.loss = 0.0;
+        sim.heal_all();
+        sim.run_until_quiet(QUIET)?;
+        sim.check_converged()?;
+        match (0..n).find(|&i| sim.rescan(i) != 0) {
+            Some(i) => Err(format!("node {i}: applied writes seen as local changes")),
+            None => Ok(sim.stats),
+        }
+    }
+
+    #[test]
+    fn random_workloads_converge() {
+        let mut total = Stats::default();
+        for seed in 0..300 {
+            let s = random_workload(seed, 0).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            total.drops += s.drops;
+            total.applied += s.applied;
+        }
+        assert!(
+            total.drops > 100 && total.applied > 1000,
+            "knobs unused: {total:?}"
+        );
+    }
+
+    /// As above with ±3 ms of clock skew between nodes (3000 seeds; more with
+    /// `CERTMESH_SIM_SEEDS`). This found the merge and stale-view bugs fixed in plan.rs.
+    #[test]
+    fn random_workloads_with_clock_skew_converge() {
+        let seeds = std::env::var("CERTMESH_SIM_SEEDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        for seed in 0..seeds {
+            random_workload(seed, 3).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        }
+    }
+
+    #[test]
+    fn restart_with_index_intact_converges() {
+        for seed in 0..50 {
+            let mut sim = Sim::mesh(3, seed);
+            sim.write(0, "x", b"1");
+            sim.write(1, "y", b"1");
+            quiet_and_converged(&mut sim);
+            // B crashes mid-stream: its new edit may not have left yet.
+            sim.write(1, "y", b"2");
+            sim.write(0, "x", b"2");
+            sim.step();
+            sim.crash(1);
+            sim.write(0, "z", b"while B was down");
+            sim.delete(2, "x");
+            sim.run_until_quiet(QUIET).unwrap();
+            sim.restart(1);
+            quiet_and_converged(&mut sim);
+            assert_eq!(sim.content(1, "z"), Some(&b"while B was down"[..]));
+            assert_eq!(sim.content(2, "y"), Some(&b"2"[..]));
+            assert!(sim.content(1, "x").is_none());
+            assert_eq!(sim.rescan(1), 0);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_run() {
+        let run = |seed| {
+            let mut sim = Sim::mesh(4, seed);
+            sim.loss = 0.1;
+            for k in 0..20u8 {
+                sim.write(usize::from(k % 4), PATHS[usize::from(k) % 5], &[k]);
+                sim.step();
+            }
+            sim.loss = 0.0;
+            let steps = sim.run_until_quiet(QUIET).unwrap();
+            (steps, sim.now, sim.stats.delivered, sim.stats.drops)
+        };
+        assert_eq!(run(7), run(7));
+    }
+}

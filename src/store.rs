@@ -118,6 +118,14 @@ impl Store {
     }
 }
 
+/// Loads index entries from the bytes of an index file (what `open` does; the fuzz
+/// entry point).
+pub fn load_bytes(bytes: &[u8], index: &mut Index) -> LoadReport {
+    let mut report = LoadReport::default();
+    load_into(bytes, index, &mut report);
+    report
+}
+
 fn load_into(bytes: &[u8], index: &mut Index, report: &mut LoadReport) {
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
         report.damaged = Some("not a certmesh index file (bad header)".into());

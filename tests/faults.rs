@@ -314,7 +314,10 @@ fn full_disk_keeps_old_files_and_completes_when_space_returns() {
     c.wait_converged();
     // 4 MiB does not fit in 3 MiB.
     c.nodes[0].write("fullchain.pem", "new cert");
-    c.nodes[0].write("big.bin", &"y".repeat(4 << 20));
+    // Written atomically, so any big.bin a peer shows must be complete.
+    let tmp = c.dir.path().join("big.tmp");
+    fs::write(&tmp, "y".repeat(4 << 20)).unwrap();
+    fs::rename(&tmp, c.nodes[0].tree.join("big.bin")).unwrap();
     wait_until("n2 reports the full disk", || {
         c.nodes[1].status()["errors"]
             .to_string()
