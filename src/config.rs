@@ -40,6 +40,70 @@ struct RawConfig {
     tree: RawTree,
     #[serde(default)]
     peer: Vec<RawPeer>,
+    acme: Option<RawAcme>,
+    #[serde(default)]
+    certificate: Vec<RawCertificate>,
+    #[serde(default)]
+    hook: Vec<RawHook>,
+    http: Option<RawHttp>,
+}
+
+/// `[acme]`: present on the nodes allowed to order certificates.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcme {
+    /// The CA's ACME directory URL (staging vs production is just this).
+    directory: Spanned<String>,
+    /// Account contacts, e.g. `["mailto:ops@example.com"]`.
+    #[serde(default)]
+    contact: Vec<Spanned<String>>,
+    /// PEM file of extra roots to trust for the directory's HTTPS (private/test CAs).
+    ca_roots: Option<Spanned<String>>,
+    /// External account binding: key ID given by the CA.
+    eab_kid: Option<Spanned<String>>,
+    /// External account binding: base64url HMAC key given by the CA.
+    eab_hmac: Option<Spanned<String>>,
+    /// ACME profile to request (only if the CA offers profiles).
+    profile: Option<Spanned<String>>,
+    /// How long peers get to acknowledge a challenge file before `set_ready` anyway.
+    barrier_timeout: Option<Spanned<String>>,
+    /// How long a renewer's lease holds off the other nodes (default 2m).
+    lease: Option<Spanned<String>>,
+}
+
+/// `[[certificate]]`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    /// Directory name under `live/` and `archive/`.
+    name: Spanned<String>,
+    /// DNS names (SANs), 1 to 100.
+    domains: Spanned<Vec<String>>,
+    /// rsa2048 | rsa3072 | rsa4096 | ecdsa-p256 | ecdsa-p384
+    key: Option<Spanned<String>>,
+    /// Keep the current private key on renewal (default: a new key every time).
+    #[serde(default)]
+    reuse_key: bool,
+}
+
+/// `[[hook]]`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    /// Globs relative to the tree, e.g. `"live/www.example.com/**"`.
+    paths: Spanned<Vec<String>>,
+    /// argv, run without a shell.
+    run: Spanned<Vec<String>>,
+    /// Killed after this long (default 30s).
+    timeout: Option<Spanned<String>>,
+}
+
+/// `[http]`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    /// Address of the built-in http-01 responder.
+    listen: Spanned<String>,
 }
 
 /// `[node]`
@@ -84,6 +148,63 @@ pub struct PeerConfig {
     pub address: SocketAddr,
 }
 
+/// Private key algorithm of a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    Rsa2048,
+    Rsa3072,
+    Rsa4096,
+    EcdsaP256,
+    EcdsaP384,
+}
+
+impl KeyType {
+    pub const NAMES: &'static str = "rsa2048 | rsa3072 | rsa4096 | ecdsa-p256 | ecdsa-p384";
+
+    pub fn parse(s: &str) -> Option<KeyType> {
+        Some(match s {
+            "rsa2048" => KeyType::Rsa2048,
+            "rsa3072" => KeyType::Rsa3072,
+            "rsa4096" => KeyType::Rsa4096,
+            "ecdsa-p256" => KeyType::EcdsaP256,
+            "ecdsa-p384" => KeyType::EcdsaP384,
+            _ => return None,
+        })
+    }
+}
+
+/// `[acme]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    pub directory: String,
+    pub contact: Vec<String>,
+    pub ca_roots: Option<PathBuf>,
+    /// External account binding (key ID, base64url HMAC key).
+    pub eab: Option<(String, String)>,
+    pub profile: Option<String>,
+    pub barrier_timeout: Duration,
+    /// Renewal lease duration: how long others wait for a renewer that went silent.
+    pub lease: Duration,
+}
+
+/// One `[[certificate]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateConfig {
+    pub name: String,
+    pub domains: Vec<String>,
+    pub key: KeyType,
+    pub reuse_key: bool,
+}
+
+/// One `[[hook]]`.
+#[derive(Debug, Clone)]
+pub struct HookConfig {
+    pub paths: Vec<String>,
+    pub matcher: globset::GlobSet,
+    pub run: Vec<String>,
+    pub timeout: Duration,
+}
+
 /// The validated config.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -94,6 +215,12 @@ pub struct Config {
     pub tree: PathBuf,
     pub rescan_interval: Duration,
     pub peers: Vec<PeerConfig>,
+    /// `None`: this node never orders (it still shows and syncs certificates).
+    pub acme: Option<AcmeConfig>,
+    pub certificates: Vec<CertificateConfig>,
+    pub hooks: Vec<HookConfig>,
+    /// Built-in http-01 responder address.
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -201,6 +328,34 @@ impl Config {
                 address,
             });
         }
+        let acme = raw.acme.as_ref().map(|a| acme(a, &bad)).transpose()?;
+        let mut certificates: Vec<CertificateConfig> = Vec::new();
+        for c in &raw.certificate {
+            let cert = certificate(c, &bad)?;
+            if certificates.iter().any(|o| o.name == cert.name) {
+                return Err(bad(
+                    c.name.span(),
+                    "certificate.name",
+                    format!("duplicate certificate name {:?}", cert.name),
+                ));
+            }
+            certificates.push(cert);
+        }
+        let hooks = raw
+            .hook
+            .iter()
+            .map(|h| hook(h, &bad))
+            .collect::<Result<Vec<_>, _>>()?;
+        let http_listen = match &raw.http {
+            None => None,
+            Some(h) => Some(h.listen.get_ref().parse::<SocketAddr>().map_err(|e| {
+                bad(
+                    h.listen.span(),
+                    "http.listen",
+                    format!("{e} (expected ip:port, e.g. \"127.0.0.1:8402\")"),
+                )
+            })?),
+        };
         Ok(Config {
             file: path.to_path_buf(),
             name,
@@ -209,6 +364,10 @@ impl Config {
             tree,
             rescan_interval,
             peers,
+            acme,
+            certificates,
+            hooks,
+            http_listen,
         })
     }
 
@@ -216,6 +375,238 @@ impl Config {
     pub fn control_socket(&self) -> PathBuf {
         self.state_dir.join("control.sock")
     }
+}
+
+type Bad<'a> = dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError + 'a;
+
+fn acme(a: &RawAcme, bad: &Bad) -> Result<AcmeConfig, ConfigError> {
+    let directory = a.directory.get_ref().trim().to_string();
+    if !directory.starts_with("https://") {
+        return Err(bad(
+            a.directory.span(),
+            "acme.directory",
+            format!("{directory:?} must be an https:// URL"),
+        ));
+    }
+    let mut contact = Vec::new();
+    for c in &a.contact {
+        if !c.get_ref().contains(':') {
+            return Err(bad(
+                c.span(),
+                "acme.contact",
+                format!(
+                    "{:?} must be a URL such as \"mailto:ops@example.com\"",
+                    c.get_ref()
+                ),
+            ));
+        }
+        contact.push(c.get_ref().clone());
+    }
+    let ca_roots = a
+        .ca_roots
+        .as_ref()
+        .map(|r| absolute(r).map_err(|m| bad(r.span(), "acme.ca_roots", m)))
+        .transpose()?;
+    let eab = match (&a.eab_kid, &a.eab_hmac) {
+        (None, None) => None,
+        (Some(k), Some(h)) => {
+            use data_encoding::BASE64URL_NOPAD;
+            if BASE64URL_NOPAD
+                .decode(h.get_ref().trim_end_matches('=').as_bytes())
+                .is_err()
+            {
+                return Err(bad(
+                    h.span(),
+                    "acme.eab_hmac",
+                    "must be base64url (as the CA gives it)".into(),
+                ));
+            }
+            Some((k.get_ref().clone(), h.get_ref().clone()))
+        }
+        (Some(k), None) => {
+            return Err(bad(
+                k.span(),
+                "acme.eab_kid",
+                "needs acme.eab_hmac too".into(),
+            ))
+        }
+        (None, Some(h)) => {
+            return Err(bad(
+                h.span(),
+                "acme.eab_hmac",
+                "needs acme.eab_kid too".into(),
+            ))
+        }
+    };
+    let barrier_timeout = match &a.barrier_timeout {
+        None => Duration::from_secs(10),
+        Some(s) => {
+            parse_duration(s.get_ref()).map_err(|m| bad(s.span(), "acme.barrier_timeout", m))?
+        }
+    };
+    let lease = match &a.lease {
+        None => Duration::from_secs(120),
+        Some(s) => {
+            let d = parse_duration(s.get_ref()).map_err(|m| bad(s.span(), "acme.lease", m))?;
+            if d < Duration::from_secs(1) {
+                return Err(bad(s.span(), "acme.lease", "must be at least 1s".into()));
+            }
+            d
+        }
+    };
+    Ok(AcmeConfig {
+        directory,
+        contact,
+        ca_roots,
+        eab,
+        profile: a.profile.as_ref().map(|p| p.get_ref().clone()),
+        barrier_timeout,
+        lease,
+    })
+}
+
+fn certificate(c: &RawCertificate, bad: &Bad) -> Result<CertificateConfig, ConfigError> {
+    let name = c.name.get_ref().clone();
+    if !valid_cert_name(&name) {
+        return Err(bad(
+            c.name.span(),
+            "certificate.name",
+            format!("{name:?} must be a plain directory name (letters, digits, '.', '-', '_'; not starting with '.')"),
+        ));
+    }
+    let domains = c.domains.get_ref();
+    if domains.is_empty() {
+        return Err(bad(
+            c.domains.span(),
+            "certificate.domains",
+            format!("certificate {name:?}: must list at least one domain"),
+        ));
+    }
+    if domains.len() > 100 {
+        return Err(bad(
+            c.domains.span(),
+            "certificate.domains",
+            format!(
+                "certificate {name:?}: {} domains, at most 100",
+                domains.len()
+            ),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for d in domains {
+        if let Err(m) = valid_domain(d) {
+            return Err(bad(
+                c.domains.span(),
+                "certificate.domains",
+                format!("certificate {name:?}: {d:?} {m}"),
+            ));
+        }
+        if !seen.insert(d.to_ascii_lowercase()) {
+            return Err(bad(
+                c.domains.span(),
+                "certificate.domains",
+                format!("certificate {name:?}: {d:?} listed twice"),
+            ));
+        }
+    }
+    let key = match &c.key {
+        None => KeyType::EcdsaP256,
+        Some(k) => KeyType::parse(k.get_ref()).ok_or_else(|| {
+            bad(
+                k.span(),
+                "certificate.key",
+                format!(
+                    "certificate {name:?}: unknown key type {:?} (expected {})",
+                    k.get_ref(),
+                    KeyType::NAMES
+                ),
+            )
+        })?,
+    };
+    Ok(CertificateConfig {
+        name,
+        domains: domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+        key,
+        reuse_key: c.reuse_key,
+    })
+}
+
+fn hook(h: &RawHook, bad: &Bad) -> Result<HookConfig, ConfigError> {
+    if h.run.get_ref().is_empty() || h.run.get_ref()[0].trim().is_empty() {
+        return Err(bad(
+            h.run.span(),
+            "hook.run",
+            "must be a non-empty argv, e.g. [\"systemctl\", \"reload\", \"nginx\"]".into(),
+        ));
+    }
+    if h.paths.get_ref().is_empty() {
+        return Err(bad(
+            h.paths.span(),
+            "hook.paths",
+            "must list at least one glob, e.g. \"live/www.example.com/**\"".into(),
+        ));
+    }
+    let mut set = globset::GlobSetBuilder::new();
+    for p in h.paths.get_ref() {
+        let g = globset::GlobBuilder::new(p)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| bad(h.paths.span(), "hook.paths", format!("{p:?}: {e}")))?;
+        set.add(g);
+    }
+    let matcher = set
+        .build()
+        .map_err(|e| bad(h.paths.span(), "hook.paths", e.to_string()))?;
+    let timeout = match &h.timeout {
+        None => Duration::from_secs(30),
+        Some(s) => parse_duration(s.get_ref()).map_err(|m| bad(s.span(), "hook.timeout", m))?,
+    };
+    if timeout.is_zero() {
+        return Err(bad(
+            h.timeout.as_ref().map_or(h.run.span(), |t| t.span()),
+            "hook.timeout",
+            "must be more than 0".into(),
+        ));
+    }
+    Ok(HookConfig {
+        paths: h.paths.get_ref().clone(),
+        matcher,
+        run: h.run.get_ref().clone(),
+        timeout,
+    })
+}
+
+/// A certificate name is a directory under `live/` and `archive/`.
+fn valid_cert_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 200
+        && !s.starts_with('.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+/// A DNS name an ACME CA can validate over http-01 (no wildcards, no IPs).
+fn valid_domain(d: &str) -> Result<(), &'static str> {
+    if d.starts_with("*.") {
+        return Err("is a wildcard (needs dns-01, which certmesh does not do)");
+    }
+    if d.parse::<std::net::IpAddr>().is_ok() {
+        return Err("is an IP address, not a DNS name");
+    }
+    if d.is_empty() || d.len() > 253 || !d.contains('.') {
+        return Err("is not a fully qualified DNS name");
+    }
+    for label in d.split('.') {
+        if label.is_empty()
+            || label.len() > 63
+            || label.starts_with('-')
+            || label.ends_with('-')
+            || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err("is not a valid DNS name");
+        }
+    }
+    Ok(())
 }
 
 fn absolute(s: &Spanned<String>) -> Result<PathBuf, String> {
@@ -307,5 +698,69 @@ mod tests {
         let e = err(&cfg("").replace("/var/lib/certmesh", "/etc/nginx/certs/state"));
         assert!(e.contains("inside tree.path"), "{e}");
         let _ = ID;
+    }
+
+    const ACME: &str = "[acme]\ndirectory = \"https://127.0.0.1:14000/dir\"\ncontact = [\"mailto:ops@example.com\"]\n";
+
+    #[test]
+    fn acme_certificates_hooks_http() {
+        let c = Config::parse(
+            Path::new("c.toml"),
+            &cfg(&format!(
+                "{ACME}ca_roots = \"/etc/certmesh/roots.pem\"\nprofile = \"shortlived\"\n\
+                 [[certificate]]\nname = \"www.example.com\"\ndomains = [\"www.example.com\", \"Example.com\"]\nkey = \"rsa3072\"\nreuse_key = true\n\
+                 [[certificate]]\nname = \"api\"\ndomains = [\"api.example.com\"]\n\
+                 [[hook]]\npaths = [\"live/www.example.com/**\"]\nrun = [\"systemctl\", \"reload\", \"nginx\"]\ntimeout = \"5s\"\n\
+                 [http]\nlisten = \"127.0.0.1:8402\"\n"
+            )),
+        )
+        .unwrap();
+        let a = c.acme.unwrap();
+        assert_eq!(a.contact, ["mailto:ops@example.com"]);
+        assert_eq!(a.profile.as_deref(), Some("shortlived"));
+        assert_eq!(a.barrier_timeout, Duration::from_secs(10));
+        assert_eq!(c.certificates.len(), 2);
+        assert_eq!(c.certificates[0].key, KeyType::Rsa3072);
+        assert_eq!(c.certificates[0].domains[1], "example.com");
+        assert!(c.certificates[0].reuse_key);
+        assert_eq!(c.certificates[1].key, KeyType::EcdsaP256);
+        assert!(!c.certificates[1].reuse_key);
+        assert_eq!(c.hooks[0].timeout, Duration::from_secs(5));
+        assert!(c.hooks[0]
+            .matcher
+            .is_match("live/www.example.com/fullchain.pem"));
+        assert!(!c.hooks[0].matcher.is_match("live/api/fullchain.pem"));
+        assert_eq!(c.http_listen, Some("127.0.0.1:8402".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_acme_config_is_named() {
+        let cert = |body: &str| cfg(&format!("{ACME}[[certificate]]\n{body}"));
+        let cases = [
+            (cert("name = \"www\"\ndomains = [\"www.example.com\"]\nkey = \"dsa1024\"\n"), "certificate.key", "dsa1024"),
+            (cert("name = \"www\"\ndomains = []\n"), "certificate.domains", "at least one"),
+            (cert("name = \"www\"\ndomains = [\"*.example.com\"]\n"), "certificate.domains", "wildcard"),
+            (cert("name = \"../etc\"\ndomains = [\"a.example.com\"]\n"), "certificate.name", "directory name"),
+            (cert("name = \"www\"\ndomains = [\"a.example.com\"]\n[[certificate]]\nname = \"www\"\ndomains = [\"b.example.com\"]\n"), "certificate.name", "duplicate"),
+            (cert("name = \"www\"\ndomains = [\"a.example.com\"]\ncolour = 1\n"), "colour", ""),
+            (cfg("[acme]\ndirectory = \"http://insecure/dir\"\n"), "acme.directory", "https"),
+            (cfg(&format!("{ACME}eab_kid = \"kid\"\n")), "acme.eab_kid", "eab_hmac"),
+            (cfg("[[hook]]\npaths = [\"live/**\"]\nrun = []\n"), "hook.run", "non-empty"),
+            (cfg("[[hook]]\npaths = [\"live/[\"]\nrun = [\"true\"]\n"), "hook.paths", ""),
+            (cfg("[http]\nlisten = \"nowhere\"\n"), "http.listen", ""),
+        ];
+        for (text, key, what) in cases {
+            let e = err(&text);
+            assert!(
+                e.contains(key) && e.contains(what),
+                "expected {key} / {what:?} in: {e}"
+            );
+        }
+        let hundred_one: Vec<String> = (0..101).map(|i| format!("\"d{i}.example.com\"")).collect();
+        let e = err(&cert(&format!(
+            "name = \"big\"\ndomains = [{}]\n",
+            hundred_one.join(",")
+        )));
+        assert!(e.contains("at most 100") && e.contains(":13:"), "{e}");
     }
 }

@@ -12,11 +12,16 @@
 //! pinned mTLS), [`peer`] (one task per connection), [`pull`] (fetch + apply batches),
 //! [`node`] (the daemon wiring it together), [`control`] (local socket for `status`),
 //! [`demo`] (a 3-node mesh on loopback).
+//!
+//! On top: [`acme`] (cluster ACME: shared account, renewer lease, challenge barrier,
+//! versioned publish) and [`hooks`] (commands run when matching paths change).
 
+pub mod acme;
 pub mod apply;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod hooks;
 pub mod identity;
 pub mod index;
 pub mod inline;

@@ -50,6 +50,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the running daemon to order certificate NAME now (waits for the result).
+    Issue {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The `[[certificate]]` name.
+        name: String,
+    },
+    /// Ask the running daemon to renew every certificate that is due (waits for the result).
+    Renew {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Order even certificates that are not due, even if this node is not the renewer.
+        #[arg(long)]
+        force: bool,
+        /// Only show what would be ordered, and by whom.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Start a 3-node mesh on loopback in a temp dir, show a file propagating, clean up.
     Demo {
         /// How many propagation samples to take.
@@ -120,10 +138,22 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     )));
                 }
             }
+            if let Some(roots) = c.acme.as_ref().and_then(|a| a.ca_roots.as_ref()) {
+                if let Err(e) = std::fs::read(roots) {
+                    return Err(Failure::Config(format!(
+                        "{}: acme.ca_roots {}: {e}",
+                        config.display(),
+                        roots.display()
+                    )));
+                }
+            }
             println!(
-                "{}: ok ({} peers, tree {})",
+                "{}: ok ({} peers, {} certificates, {} hooks, acme {}, tree {})",
                 config.display(),
                 c.peers.len(),
+                c.certificates.len(),
+                c.hooks.len(),
+                if c.acme.is_some() { "on" } else { "off" },
                 c.tree.display()
             );
         }
@@ -144,6 +174,72 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                 let s: certmesh::control::Status = serde_json::from_value(v)
                     .map_err(|e| Failure::Runtime(format!("daemon answer: {e}")))?;
                 print!("{}", certmesh::control::render(&s));
+            }
+        }
+        Cmd::Issue { config, name } => {
+            let c = load(&config)?;
+            if !c.certificates.iter().any(|x| x.name == name) {
+                return Err(Failure::Config(format!(
+                    "{}: no [[certificate]] named {name:?}",
+                    config.display()
+                )));
+            }
+            let v = runtime()?
+                .block_on(certmesh::control::request_with(
+                    &c.control_socket(),
+                    serde_json::json!({ "cmd": "issue", "name": name }),
+                ))
+                .map_err(rt_err)?;
+            println!(
+                "{}: version {} issued, valid until {} ({} ms)",
+                name,
+                v["version"],
+                v["not_after"].as_str().unwrap_or("?"),
+                v["took_ms"]
+            );
+        }
+        Cmd::Renew {
+            config,
+            force,
+            dry_run,
+        } => {
+            let c = load(&config)?;
+            let v = runtime()?
+                .block_on(certmesh::control::request_with(
+                    &c.control_socket(),
+                    serde_json::json!({ "cmd": "renew", "force": force, "dry_run": dry_run }),
+                ))
+                .map_err(rt_err)?;
+            for r in v["results"].as_array().into_iter().flatten() {
+                let what = if dry_run {
+                    if r["would_order"] == true {
+                        "would order now".to_string()
+                    } else if r["due"] == true {
+                        format!(
+                            "due, not ordering here: {}",
+                            r["waiting_for"].as_str().unwrap_or("?")
+                        )
+                    } else {
+                        "not due".to_string()
+                    }
+                } else if r["ordered"] == true {
+                    format!("renewed: version {} ({} ms)", r["version"], r["took_ms"])
+                } else if let Some(e) = r["error"].as_str() {
+                    format!("FAILED: {e}")
+                } else if let Some(w) = r["waiting_for"].as_str() {
+                    format!("not ordering here: {w}")
+                } else {
+                    "not due".to_string()
+                };
+                println!(
+                    "{:<24} next {:<22} renewer {:<12} {what}",
+                    r["name"].as_str().unwrap_or("?"),
+                    r["next_renewal"].as_str().unwrap_or("-"),
+                    r["renewer"].as_str().unwrap_or("-")
+                );
+            }
+            if v["failed"].as_u64().unwrap_or(0) > 0 {
+                return Err(Failure::Runtime(format!("{} renewals failed", v["failed"])));
             }
         }
         Cmd::Demo { samples } => {

@@ -106,6 +106,8 @@ pub struct Shared {
     pub inline: Mutex<crate::inline::InlineCache>,
     /// Set once shutdown begins: no new batches start.
     pub stopping: watch::Sender<bool>,
+    /// The ACME driver, when `[acme]` is configured (for `status`, `issue`, `renew`).
+    pub acme: std::sync::OnceLock<Arc<crate::acme::Acme>>,
 }
 
 impl Shared {
@@ -200,6 +202,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         session_ids: AtomicU64::new(1),
         stopping: watch::channel(false).0,
         inline: Mutex::new(Default::default()),
+        acme: std::sync::OnceLock::new(),
     });
 
     // Watch first, then scan: nothing changed in between is missed.
@@ -207,6 +210,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     crate::watch::full_rescan(&shared).await;
     let puller = tokio::spawn(crate::pull::run(shared.clone()));
     let control = crate::control::start(shared.clone(), &config.control_socket())?;
+    crate::acme::start(&shared)?;
+    crate::hooks::start(&shared);
     tokio::spawn(accept_loop(shared.clone(), transport.clone()));
     for p in &config.peers {
         tokio::spawn(dial_loop(shared.clone(), transport.clone(), p.id));

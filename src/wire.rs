@@ -160,10 +160,16 @@ pub fn record_from_wire(f: pb::FileInfo) -> Result<(FileRecord, u64), WireError>
 /// Validates content sent inline with a record: small, a live file, matching hash.
 pub fn check_inline(r: &FileRecord, data: &[u8]) -> Result<(), WireError> {
     if data.len() > MAX_INLINE || r.kind != Kind::File || r.deleted || data.len() as u64 != r.size {
-        return Err(invalid("inline content", format!("{}: {} bytes not acceptable", r.path, data.len())));
+        return Err(invalid(
+            "inline content",
+            format!("{}: {} bytes not acceptable", r.path, data.len()),
+        ));
     }
     if blake3::hash(data).as_bytes() != &r.hash.0 {
-        return Err(invalid("inline content", format!("{}: content does not match its BLAKE3 hash", r.path)));
+        return Err(invalid(
+            "inline content",
+            format!("{}: content does not match its BLAKE3 hash", r.path),
+        ));
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Integration tests: real `certmesh` processes talking QUIC on 127.0.0.x.
 
+mod acme;
 mod cli;
 mod crash;
 mod faults;

@@ -1,0 +1,465 @@
+//! The ACME driver: one task per ACME-enabled node. It waits for the mesh to form,
+//! then orders whatever is missing or due when this node is the renewer, at most
+//! once a minute when idle, with backoff on failure; it also serves `issue` and
+//! `renew` from the control socket.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use instant_acme::{Account, CertificateIdentifier};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::schedule::{self, RenewalLease, Window};
+use super::{
+    account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, tree, unix_now,
+    Acme, Command, LEASES_DIR,
+};
+use crate::config::CertificateConfig;
+use crate::node::Shared;
+
+/// How long a starting node waits for its configured peers before ordering.
+const STARTUP_GRACE: Duration = Duration::from_secs(10);
+/// The driver's idle wakeups are at least this far apart.
+const MIN_WAKE: i64 = 60;
+/// ... and at most this far (to notice a certificate that fell due or a lost renewer).
+const MAX_WAKE: i64 = 3600;
+
+/// Waits until every configured peer is connected and in sync, or [`STARTUP_GRACE`]:
+/// the renewer choice (which reads the peers' announcements in the tree) and the
+/// challenge barrier are only meaningful once the mesh has formed.
+async fn startup_grace(shared: &Shared) {
+    let start = Instant::now();
+    let mut progress = shared.progress.subscribe();
+    while start.elapsed() < STARTUP_GRACE {
+        {
+            let st = shared.lock();
+            let formed = st.plan.needs_len() == 0
+                && st
+                    .peers
+                    .iter()
+                    .all(|(id, s)| s.session.is_some() && st.plan.in_sync(id, &st.index));
+            if formed {
+                return;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), progress.changed()).await;
+    }
+    tracing::info!("not every peer is connected and in sync; going ahead with the ones that are");
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    handle: Arc<Acme>,
+    account: Option<(String, Account)>,
+    /// `Some(false)` once the directory showed it has no ARI.
+    ari: Option<bool>,
+}
+
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    handle: Arc<Acme>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    startup_grace(&shared).await;
+    let mut d = Driver {
+        shared,
+        handle,
+        account: None,
+        ari: None,
+    };
+    // Peers connecting and leaving bump `progress`: when that changes who the
+    // renewer is (the renewer went away, say), look again at once.
+    let mut progress = d.shared.progress.subscribe();
+    let mut seen_renewer = renewer(&d.shared);
+    loop {
+        let wake = d.tick().await;
+        let sleep = Duration::from_secs((wake - unix_now()).clamp(1, MAX_WAKE) as u64);
+        let deadline = tokio::time::Instant::now() + sleep;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                changed = progress.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = renewer(&d.shared);
+                    if now != seen_renewer {
+                        tracing::info!(
+                            renewer = %now.map(|id| node_name(&d.shared, id)).unwrap_or_default(),
+                            "the renewer changed"
+                        );
+                        seen_renewer = now;
+                        break;
+                    }
+                }
+                cmd = commands.recv() => {
+                    match cmd {
+                        None => return,
+                        Some(Command::Issue { name, reply }) => {
+                            let v = d.issue(&name).await;
+                            let _ = reply.send(v);
+                        }
+                        Some(Command::Renew { force, dry_run, reply }) => {
+                            let v = d.renew(force, dry_run).await;
+                            let _ = reply.send(v);
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Driver {
+    /// Orders what is due and ours; returns when to look again (Unix seconds): not
+    /// sooner than [`MIN_WAKE`] from now, except to take over a lease that expires.
+    async fn tick(&mut self) -> i64 {
+        let Some((_, certs)) = snapshot(&self.shared) else {
+            return unix_now() + MAX_WAKE;
+        };
+        let mut wake = unix_now() + MAX_WAKE;
+        for cert in &certs {
+            let now = unix_now();
+            let due = self.due(cert).await;
+            let retry_at = self
+                .handle
+                .runtime(&cert.name)
+                .and_then(|r| r.retry_at)
+                .unwrap_or(0);
+            let at = due.max(retry_at);
+            if at > now {
+                wake = wake.min(at.max(now + MIN_WAKE));
+                continue;
+            }
+            match self.attempt(cert, false).await {
+                Ok(_) => {}
+                Err(Attempt::Wait(schedule::Wait::Leased { until, .. })) => {
+                    // The holder may be gone: look again right when its lease ends.
+                    wake = wake.min((until + 1).min(now + MIN_WAKE));
+                }
+                Err(Attempt::Wait(_)) => wake = wake.min(now + MIN_WAKE),
+                Err(Attempt::Failed(_)) => {
+                    let r = self.handle.runtime(&cert.name).and_then(|r| r.retry_at);
+                    wake = wake.min(r.unwrap_or(now + MIN_WAKE).max(now + MIN_WAKE));
+                }
+            }
+        }
+        wake
+    }
+
+    /// When `cert` is due (0: now), updating `next_renewal` in its runtime.
+    async fn due(&mut self, cert: &CertificateConfig) -> i64 {
+        let root = self.shared.tree.root.clone();
+        let leaf = bundle::live_leaf(&root, &cert.name);
+        let missing_domain = leaf
+            .as_ref()
+            .is_some_and(|l| cert.domains.iter().any(|d| !l.domains.contains(d)));
+        let current = if missing_domain {
+            None // the config gained a domain: order a new certificate now
+        } else {
+            leaf.as_ref().map(|l| l.validity)
+        };
+        if let Some(l) = &leaf {
+            self.refresh_ari(cert, l).await;
+        }
+        self.handle.update(&cert.name, |_| {});
+        let rt = self.handle.runtime(&cert.name).unwrap_or_default();
+        let window = match (rt.ari_start, rt.ari_end) {
+            (Some(start), Some(end)) => Some(Window { start, end }),
+            _ => None,
+        };
+        let due = schedule::due_at(current, window, rt.jitter);
+        self.handle.update(&cert.name, |r| {
+            r.next_renewal = Some(due.max(r.retry_at.unwrap_or(0)))
+        });
+        due
+    }
+
+    /// Asks the CA for its ARI window (RFC 9773) when this node is the renewer and
+    /// the CA offers ARI; at most every 6 hours per certificate.
+    async fn refresh_ari(&mut self, cert: &CertificateConfig, leaf: &bundle::Leaf) {
+        if self.ari == Some(false) || renewer(&self.shared) != Some(self.shared.me()) {
+            return;
+        }
+        let rt = self.handle.runtime(&cert.name).unwrap_or_default();
+        let now = unix_now();
+        if rt.ari_serial == leaf.serial && rt.ari_next_query > now {
+            return;
+        }
+        let Some(id) = self.cert_id(&cert.name) else {
+            return;
+        };
+        let Ok(account) = self.account().await else {
+            return;
+        };
+        match account.renewal_info(&id).await {
+            Ok((info, retry)) => {
+                self.ari = Some(true);
+                let serial = leaf.serial.clone();
+                let next = now + retry.as_secs().clamp(600, 6 * 3600) as i64;
+                self.handle.update(&cert.name, |r| {
+                    r.ari_start = Some(info.suggested_window.start.unix_timestamp());
+                    r.ari_end = Some(info.suggested_window.end.unix_timestamp());
+                    r.ari_serial = serial;
+                    r.ari_next_query = next;
+                });
+            }
+            Err(instant_acme::Error::Unsupported(_)) => {
+                tracing::info!(
+                    "the CA does not offer ARI; renewing with a third of the lifetime left"
+                );
+                self.ari = Some(false);
+            }
+            Err(e) => {
+                tracing::debug!(cert = %cert.name, error = %e, "ARI query failed");
+                self.handle
+                    .update(&cert.name, |r| r.ari_next_query = now + 3600);
+            }
+        }
+    }
+
+    fn cert_id(&self, name: &str) -> Option<CertificateIdentifier<'static>> {
+        let pem = tree::read(&self.shared.tree.root, &format!("live/{name}/cert.pem"))?;
+        let der = bundle::chain_der(&pem).ok()?.into_iter().next()?;
+        let der = rustls::pki_types::CertificateDer::from(der);
+        CertificateIdentifier::try_from(&der)
+            .ok()
+            .map(|c| c.into_owned())
+    }
+
+    async fn account(&mut self) -> anyhow::Result<Account> {
+        let Some((cfg, _)) = snapshot(&self.shared) else {
+            anyhow::bail!("[acme] is not configured");
+        };
+        if let Some((dir, a)) = &self.account {
+            let on_disk = tree::read(&self.shared.tree.root, account::ACCOUNT_FILE);
+            // Still the directory we loaded, and nobody replaced the shared file.
+            if *dir == cfg.directory && on_disk.is_some() {
+                return Ok(a.clone());
+            }
+        }
+        let (a, _) = account::load_or_create(&self.shared, &cfg).await?;
+        self.account = Some((cfg.directory.clone(), a.clone()));
+        Ok(a)
+    }
+
+    async fn issue(&mut self, name: &str) -> serde_json::Value {
+        let Some((_, certs)) = snapshot(&self.shared) else {
+            return json!({"error": "[acme] is not configured on this node"});
+        };
+        let Some(cert) = certs.into_iter().find(|c| c.name == name) else {
+            return json!({"error": format!("no [[certificate]] named {name:?} in the config")});
+        };
+        match self.attempt(&cert, true).await {
+            Ok(i) => json!({
+                "name": name,
+                "version": i.version,
+                "not_after": rfc3339(i.not_after),
+                "took_ms": i.took.as_millis() as u64,
+            }),
+            Err(e) => json!({"error": format!("{name}: {e}")}),
+        }
+    }
+
+    async fn renew(&mut self, force: bool, dry_run: bool) -> serde_json::Value {
+        let Some((_, certs)) = snapshot(&self.shared) else {
+            return json!({"error": "[acme] is not configured on this node"});
+        };
+        let mut results = Vec::new();
+        let mut failed = 0;
+        for cert in &certs {
+            let now = unix_now();
+            let due = self.due(cert).await;
+            let is_due = force || due <= now;
+            let me = self.shared.me();
+            let who = renewer(&self.shared).unwrap_or(me);
+            let lease = read_lease(&self.shared, &cert.name);
+            let allowed = schedule::may_order(me, who, lease.as_ref(), now, force);
+            let mut r = json!({
+                "name": cert.name,
+                "due": is_due,
+                "next_renewal": rfc3339(due),
+                "renewer": node_name(&self.shared, who),
+            });
+            if dry_run {
+                r["would_order"] = json!(is_due && allowed.is_ok());
+                if let Err(w) = &allowed {
+                    r["waiting_for"] = json!(w.to_string());
+                }
+            } else if is_due {
+                match self.attempt(cert, force).await {
+                    Ok(i) => {
+                        r["ordered"] = json!(true);
+                        r["version"] = json!(i.version);
+                        r["not_after"] = json!(rfc3339(i.not_after));
+                        r["took_ms"] = json!(i.took.as_millis() as u64);
+                    }
+                    Err(Attempt::Wait(w)) => {
+                        r["ordered"] = json!(false);
+                        r["waiting_for"] = json!(w.to_string());
+                    }
+                    Err(Attempt::Failed(e)) => {
+                        failed += 1;
+                        r["ordered"] = json!(false);
+                        r["error"] = json!(e);
+                    }
+                }
+            }
+            results.push(r);
+        }
+        json!({"dry_run": dry_run, "failed": failed, "results": results})
+    }
+
+    /// One attempt: lease, order, publish, bookkeeping. `forced`: asked by an operator
+    /// (ignores the schedule and the renewer choice, not another node's lease).
+    async fn attempt(
+        &mut self,
+        cert: &CertificateConfig,
+        forced: bool,
+    ) -> Result<order::Issued, Attempt> {
+        let shared = self.shared.clone();
+        let me = shared.me();
+        let now = unix_now();
+        let who = renewer(&shared).unwrap_or(me);
+        let lease = read_lease(&shared, &cert.name);
+        if let Err(w) = schedule::may_order(me, who, lease.as_ref(), now, forced) {
+            let why = w.to_string();
+            self.handle.update(&cert.name, |r| {
+                r.state = "waiting".into();
+                r.waiting_for = Some(why);
+            });
+            return Err(Attempt::Wait(w));
+        }
+        self.handle.update(&cert.name, |r| {
+            r.state = "ordering".into();
+            r.waiting_for = None;
+            r.last_attempt = Some(now);
+        });
+        tracing::info!(cert = %cert.name, domains = ?cert.domains, forced, "ordering");
+        let span = tracing::info_span!("order", cert = %cert.name);
+        let result = self.lease_and_order(cert).instrument(span).await;
+        let lease_path = tree::rel(&format!("{LEASES_DIR}/{}", cert.name));
+        if let Ok(p) = lease_path {
+            if read_lease(&shared, &cert.name).is_some_and(|l| l.holder == me.to_string()) {
+                tree::remove(&shared, &p);
+            }
+        }
+        match result {
+            Ok(i) => {
+                tracing::info!(
+                    cert = %cert.name,
+                    version = i.version,
+                    ms = i.took.as_millis() as u64,
+                    "certificate issued and published"
+                );
+                self.handle.update(&cert.name, |r| {
+                    r.state = "idle".into();
+                    r.failures = 0;
+                    r.retry_at = None;
+                    r.last_error = None;
+                    r.last_success = Some(unix_now());
+                    r.last_took_ms = Some(i.took.as_millis() as u64);
+                    r.jitter = rand::random();
+                });
+                Ok(i)
+            }
+            Err(f) if f.lost_to.is_some() => {
+                let w = schedule::Wait::Leased {
+                    node: f.lost_to.unwrap_or_default(),
+                    until: read_lease(&self.shared, &cert.name).map_or(unix_now(), |l| l.expires),
+                };
+                tracing::info!(cert = %cert.name, "{w}; not ordering");
+                let why = w.to_string();
+                self.handle.update(&cert.name, |r| {
+                    r.state = "waiting".into();
+                    r.waiting_for = Some(why);
+                });
+                Err(Attempt::Wait(w))
+            }
+            Err(f) => {
+                let msg = format!("{:#}", f.error);
+                shared.lock().error(format!("acme: {}: {msg}", cert.name));
+                self.handle.update(&cert.name, |r| {
+                    r.failures += 1;
+                    let wait = schedule::backoff(r.failures, rand::random(), f.retry_after);
+                    r.state = "backoff".into();
+                    r.retry_at = Some(unix_now() + wait.as_secs() as i64);
+                    r.last_error = Some(msg.clone());
+                });
+                // A broken account file or directory change: reload next time.
+                self.account = None;
+                Err(Attempt::Failed(msg))
+            }
+        }
+    }
+
+    async fn lease_and_order(
+        &mut self,
+        cert: &CertificateConfig,
+    ) -> Result<order::Issued, order::Failed> {
+        let shared = self.shared.clone();
+        let me = shared.me();
+        let node = shared
+            .config
+            .lock()
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        let ttl = snapshot(&shared).map_or(Duration::from_secs(120), |(c, _)| c.lease);
+        let lease = RenewalLease::new(me, &node, unix_now(), ttl);
+        let p = tree::rel(&format!("{LEASES_DIR}/{}", cert.name))?;
+        let e = tree::write_file(
+            &shared,
+            &p,
+            &serde_json::to_vec(&lease).map_err(anyhow::Error::from)?,
+            0o644,
+        )?;
+        tree::await_indexed(&shared, &[(p.clone(), e)], Duration::from_secs(5)).await?;
+        let (cfg, _) = snapshot(&shared).ok_or_else(|| anyhow::anyhow!("[acme] was removed"))?;
+        // Another node's lease already applied here won the conflict: it orders.
+        if let Some(l) = read_lease(&shared, &cert.name) {
+            if l.holder != me.to_string() && l.fresh(unix_now()) {
+                return Err(order::Failed {
+                    error: anyhow::anyhow!("{} took the renewal lease first", l.node),
+                    retry_after: None,
+                    lost_to: Some(l.node),
+                });
+            }
+        }
+        let account = self.account().await?;
+        let replaces = if self.ari == Some(true) {
+            self.cert_id(&cert.name)
+        } else {
+            None
+        };
+        match order::run(&shared, &cfg, &account, cert, replaces.clone(), &p).await {
+            Err(f) if order::account_gone(&f.error) => {
+                tracing::warn!(
+                    "the CA does not know the shared account any more; creating a new one"
+                );
+                let account = account::create(&shared, &cfg).await?;
+                self.account = Some((cfg.directory.clone(), account.clone()));
+                order::run(&shared, &cfg, &account, cert, replaces, &p).await
+            }
+            r => r,
+        }
+    }
+}
+
+/// Why an attempt did not order.
+#[derive(Debug)]
+enum Attempt {
+    Wait(schedule::Wait),
+    Failed(String),
+}
+
+impl std::fmt::Display for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attempt::Wait(w) => write!(f, "not ordering: {w}"),
+            Attempt::Failed(e) => f.write_str(e),
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Cluster ACME (DESIGN §5): any ACME-enabled node can order into the shared tree.
+//!
+//! - [`schedule`]: pure — when a certificate is due, backoff, renewer choice, leases.
+//! - [`account`]: the account shared in `.certmesh/acme/account.json`.
+//! - [`order`]: one order — challenges through the tree, the ack barrier, finalize.
+//! - [`bundle`]: keys, CSRs, PEM, the versioned publish and `live/<name>` flip.
+//! - [`tree`]: atomic writes into the tree and waiting for the index to have them.
+//! - [`http`]: the optional built-in http-01 responder (`[http] listen`).
+//! - `driver`: the task that orders whatever is missing or due when this node is
+//!   the renewer, and serves `issue` / `renew`.
+//!
+//! This file: the handle the control socket talks to, and what both the driver and
+//! `status` need (renewer, leases, node names).
+
+pub mod account;
+pub mod bundle;
+mod driver;
+pub mod http;
+pub mod order;
+pub mod schedule;
+pub mod tree;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{AcmeConfig, CertificateConfig};
+use crate::identity::DeviceId;
+use crate::node::Shared;
+use schedule::{RenewalLease, Validity};
+
+/// Each ACME-enabled node announces itself with a file here named by its device ID.
+pub const NODES_DIR: &str = ".certmesh/acme/nodes";
+/// Renewal leases, one file per certificate name.
+pub const LEASES_DIR: &str = ".certmesh/leases";
+
+/// What the driver knows about one certificate (shown in `status`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Runtime {
+    /// idle | ordering | waiting | backoff
+    pub state: String,
+    pub last_attempt: Option<i64>,
+    pub last_success: Option<i64>,
+    pub last_error: Option<String>,
+    pub failures: u32,
+    /// No automatic attempt before this (backoff).
+    pub retry_at: Option<i64>,
+    /// When the next automatic order is planned.
+    pub next_renewal: Option<i64>,
+    /// Why this node is not ordering although the certificate is due.
+    pub waiting_for: Option<String>,
+    pub last_took_ms: Option<u64>,
+    /// ARI window from the CA, if it offers ARI.
+    pub ari_start: Option<i64>,
+    pub ari_end: Option<i64>,
+    #[serde(skip)]
+    jitter: f64,
+    #[serde(skip)]
+    ari_serial: String,
+    #[serde(skip)]
+    ari_next_query: i64,
+}
+
+pub(crate) enum Command {
+    Issue {
+        name: String,
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+    Renew {
+        force: bool,
+        dry_run: bool,
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+}
+
+/// The handle the control socket talks to.
+pub struct Acme {
+    runtime: Mutex<BTreeMap<String, Runtime>>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Acme {
+    fn rt(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Runtime>> {
+        self.runtime.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn runtime(&self, name: &str) -> Option<Runtime> {
+        self.rt().get(name).cloned()
+    }
+
+    fn update(&self, name: &str, f: impl FnOnce(&mut Runtime)) {
+        let mut rt = self.rt();
+        let r = rt.entry(name.to_string()).or_insert_with(|| Runtime {
+            state: "idle".into(),
+            jitter: rand::random::<f64>(),
+            ..Default::default()
+        });
+        f(r);
+    }
+
+    /// `certmesh issue NAME`: order now (unless another node holds the lease).
+    pub async fn issue(&self, name: String) -> serde_json::Value {
+        let (reply, rx) = oneshot::channel();
+        if self.commands.send(Command::Issue { name, reply }).is_err() {
+            return json!({"error": "the ACME task has stopped"});
+        }
+        rx.await
+            .unwrap_or_else(|_| json!({"error": "the ACME task has stopped"}))
+    }
+
+    /// `certmesh renew [--force] [--dry-run]`.
+    pub async fn renew(&self, force: bool, dry_run: bool) -> serde_json::Value {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Renew {
+                force,
+                dry_run,
+                reply,
+            })
+            .is_err()
+        {
+            return json!({"error": "the ACME task has stopped"});
+        }
+        rx.await
+            .unwrap_or_else(|_| json!({"error": "the ACME task has stopped"}))
+    }
+}
+
+pub fn unix_now() -> i64 {
+    crate::node::now_ns() / 1_000_000_000
+}
+
+/// Starts the ACME driver (and the http-01 responder) if `[acme]` / `[http]` are
+/// configured. Call once, after the control socket is up.
+pub fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
+    let (acme, http) = shared
+        .config
+        .lock()
+        .map(|c| (c.acme.is_some(), c.http_listen))
+        .unwrap_or((false, None));
+    if let Some(addr) = http {
+        http::start(shared.clone(), addr)?;
+    }
+    if !acme {
+        return Ok(());
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = Arc::new(Acme {
+        runtime: Mutex::new(BTreeMap::new()),
+        commands: tx,
+    });
+    if shared.acme.set(handle.clone()).is_err() {
+        anyhow::bail!("the ACME task was started twice");
+    }
+    // Before any peer connects: peers then learn of us with our first index.
+    advertise(shared);
+    tokio::spawn(driver::run(shared.clone(), handle, rx));
+    Ok(())
+}
+
+/// Device IDs that announced themselves as ACME-enabled.
+pub fn acme_nodes(shared: &Shared) -> Vec<DeviceId> {
+    std::fs::read_dir(shared.tree.root.join(NODES_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The renewer as this node sees it: the lowest device ID among the ACME nodes
+/// that are this node (if `[acme]` is on) or connected to it. `None` if there is none.
+pub fn renewer(shared: &Shared) -> Option<DeviceId> {
+    let me = shared.me();
+    let enabled = shared
+        .config
+        .lock()
+        .map(|c| c.acme.is_some())
+        .unwrap_or(false);
+    let adverts = acme_nodes(shared);
+    let st = shared.lock();
+    let connected: Vec<DeviceId> = adverts
+        .into_iter()
+        .filter(|id| *id != me)
+        .filter(|id| st.peers.get(id).is_some_and(|s| s.session.is_some()))
+        .collect();
+    drop(st);
+    if enabled {
+        Some(schedule::renewer(me, &connected))
+    } else {
+        connected.into_iter().min()
+    }
+}
+
+/// A device's node name (this node or a configured peer).
+pub fn node_name(shared: &Shared, id: DeviceId) -> String {
+    if id == shared.me() {
+        return shared
+            .config
+            .lock()
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+    }
+    shared
+        .lock()
+        .peers
+        .get(&id)
+        .map(|s| s.config.name.clone())
+        .unwrap_or_else(|| id.to_string())
+}
+
+pub fn read_lease(shared: &Shared, name: &str) -> Option<RenewalLease> {
+    let bytes = tree::read(&shared.tree.root, &format!("{LEASES_DIR}/{name}"))?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn advertise(shared: &Shared) {
+    let me = shared.me();
+    let name = shared
+        .config
+        .lock()
+        .map(|c| c.name.clone())
+        .unwrap_or_default();
+    let rel = format!("{NODES_DIR}/{me}");
+    if tree::read(&shared.tree.root, &rel).as_deref() == Some(name.as_bytes()) {
+        return;
+    }
+    if let Err(e) =
+        tree::rel(&rel).and_then(|p| tree::write_file(shared, &p, name.as_bytes(), 0o644))
+    {
+        shared
+            .lock()
+            .error(format!("acme: announcing this node: {e:#}"));
+    }
+}
+
+/// Certificates in the current config, with the ACME settings.
+pub(crate) fn snapshot(shared: &Shared) -> Option<(AcmeConfig, Vec<CertificateConfig>)> {
+    let c = shared.config.lock().ok()?;
+    Some((c.acme.clone()?, c.certificates.clone()))
+}
+
+/// Unix seconds as RFC 3339 (UTC).
+pub fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// The validity of the live certificate `name`, read from the tree.
+pub fn live_validity(shared: &Shared, name: &str) -> Option<(Validity, Vec<String>, String)> {
+    bundle::live_leaf(&shared.tree.root, name).map(|l| (l.validity, l.domains, l.serial))
+}

@@ -1,0 +1,288 @@
+//! One ACME order, start to publish: http-01 challenges written into the tree, the
+//! ack barrier (every connected peer has the token before `set_ready`), finalize
+//! with a fresh (or reused) key, publish as one unit, tokens removed whatever happens.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use instant_acme::{
+    Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder,
+    OrderStatus, RetryPolicy,
+};
+
+use super::bundle::{self, Bundle};
+use super::tree::{self, Expect};
+use crate::config::{AcmeConfig, CertificateConfig};
+use crate::node::Shared;
+use crate::paths::RelPath;
+
+/// Where http-01 key authorizations go (nginx: `root <tree>/acme;`).
+pub const CHALLENGE_DIR: &str = "acme/.well-known/acme-challenge";
+
+/// A published certificate.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub version: u32,
+    pub not_after: i64,
+    pub took: Duration,
+}
+
+/// An order that failed, with the CA's Retry-After when it gave one.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: anyhow::Error,
+    pub retry_after: Option<Duration>,
+    /// Not an error: another node's lease won (it orders, we do not).
+    pub lost_to: Option<String>,
+}
+
+impl From<anyhow::Error> for Failed {
+    fn from(error: anyhow::Error) -> Self {
+        let retry_after = error.chain().find_map(|c| match c.downcast_ref() {
+            Some(instant_acme::Error::Timeout(Some(at))) => {
+                Some(at.saturating_duration_since(Instant::now()))
+            }
+            _ => None,
+        });
+        Failed {
+            error,
+            retry_after,
+            lost_to: None,
+        }
+    }
+}
+
+fn policy() -> RetryPolicy {
+    // Pebble without VA sleep (and Let's Encrypt) validate within milliseconds.
+    RetryPolicy::new()
+        .initial_delay(Duration::from_millis(10))
+        .backoff(1.5)
+        .timeout(Duration::from_secs(90))
+}
+
+/// The CA no longer knows the account (a test CA restarted, a staging reset).
+pub fn account_gone(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref(),
+            Some(instant_acme::Error::Api(p))
+                if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist")
+        )
+    })
+}
+
+fn valid_token(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 256
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Orders `cert` and publishes it. `replaces`: the ARI identifier of the certificate
+/// being renewed, when the CA supports ARI. `lease`: our renewal lease, already in
+/// the local index; the order is dropped before `set_ready` if another's won.
+pub async fn run(
+    shared: &Arc<Shared>,
+    cfg: &AcmeConfig,
+    account: &Account,
+    cert: &CertificateConfig,
+    replaces: Option<CertificateIdentifier<'static>>,
+    lease: &RelPath,
+) -> Result<Issued, Failed> {
+    let start = Instant::now();
+    let mut tokens: Vec<RelPath> = Vec::new();
+    let result = order(shared, cfg, account, cert, replaces, lease, &mut tokens).await;
+    // The order has settled: the tokens go, whatever happened.
+    let gone: Vec<(RelPath, Expect)> = tokens
+        .iter()
+        .map(|t| (t.clone(), tree::remove(shared, t)))
+        .collect();
+    if !gone.is_empty() {
+        if let Err(e) = tree::await_indexed(shared, &gone, Duration::from_secs(5)).await {
+            tracing::debug!(error = %e, "token removal not indexed yet");
+        }
+    }
+    let (version, not_after) = result?;
+    Ok(Issued {
+        version,
+        not_after,
+        took: start.elapsed(),
+    })
+}
+
+async fn order(
+    shared: &Arc<Shared>,
+    cfg: &AcmeConfig,
+    account: &Account,
+    cert: &CertificateConfig,
+    replaces: Option<CertificateIdentifier<'static>>,
+    lease: &RelPath,
+    tokens: &mut Vec<RelPath>,
+) -> Result<(u32, i64), Failed> {
+    let t0 = Instant::now();
+    let ids: Vec<Identifier> = cert
+        .domains
+        .iter()
+        .map(|d| Identifier::Dns(d.clone()))
+        .collect();
+    let mut new = NewOrder::new(&ids);
+    if let Some(p) = &cfg.profile {
+        new = new.profile(p);
+    }
+    if let Some(r) = replaces {
+        new = new.replaces(r);
+    }
+    let mut order = account.new_order(&new).await.context("new order")?;
+    tracing::debug!(url = order.url(), "order created");
+
+    // 1. Key authorizations into the tree.
+    let mut written: Vec<(RelPath, Expect)> = Vec::new();
+    {
+        let mut auths = order.authorizations();
+        while let Some(a) = auths.next().await {
+            let mut a = a.context("fetching an authorization")?;
+            let ident = a.identifier().to_string();
+            match a.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                s => return Err(anyhow!("authorization for {ident} is {s:?}").into()),
+            }
+            let ch = a
+                .challenge(ChallengeType::Http01)
+                .ok_or_else(|| anyhow!("the CA offers no http-01 challenge for {ident}"))?;
+            if !valid_token(&ch.token) {
+                return Err(
+                    anyhow!("the CA sent a token that is not base64url: {:?}", ch.token).into(),
+                );
+            }
+            let path = tree::rel(&format!("{CHALLENGE_DIR}/{}", ch.token))?;
+            let ka = ch.key_authorization();
+            let e = tree::write_file(shared, &path, ka.as_str().as_bytes(), 0o644)?;
+            tokens.push(path.clone());
+            written.push((path, e));
+        }
+    }
+
+    // 2. The barrier: the local index has every token, then every connected peer
+    //    has acknowledged it. Only then may the CA's validator ask any node. Acks are
+    //    cumulative, so this also means every peer has our renewal lease (written
+    //    before the tokens); with no token to place, wait for the lease itself.
+    if !written.is_empty() {
+        tree::await_indexed(shared, &written, Duration::from_secs(10)).await?;
+    }
+    let last = {
+        let st = shared.lock();
+        written
+            .iter()
+            .map(|(p, _)| p)
+            .max_by_key(|p| st.index.get(p).map_or(0, |e| e.sequence))
+            .unwrap_or(lease)
+            .clone()
+    };
+    let t_barrier = Instant::now();
+    let acks = crate::node::wait_peers_have(shared, &last, cfg.barrier_timeout).await;
+    for a in &acks {
+        match a.after {
+            Some(d) => tracing::info!(
+                peer = %a.name,
+                ms = format!("{:.1}", d.as_secs_f64() * 1000.0),
+                "challenge acknowledged"
+            ),
+            None => tracing::warn!(
+                peer = %a.name,
+                timeout = ?cfg.barrier_timeout,
+                "peer did not acknowledge the challenge in time; going ahead"
+            ),
+        }
+    }
+    tracing::info!(
+        tokens = written.len(),
+        peers = acks.len(),
+        barrier_ms = format!("{:.1}", t_barrier.elapsed().as_secs_f64() * 1000.0),
+        since_order_ms = t0.elapsed().as_millis() as u64,
+        "challenges in place on every connected node"
+    );
+    // Every peer has our lease now; if another node's lease won meanwhile, it orders.
+    if let Some(l) = super::read_lease(shared, &cert.name) {
+        if l.holder != shared.me().to_string() && l.fresh(super::unix_now()) {
+            return Err(Failed {
+                error: anyhow!("{} took the renewal lease first", l.node),
+                retry_after: None,
+                lost_to: Some(l.node),
+            });
+        }
+    }
+
+    // 3. Tell the CA.
+    {
+        let mut auths = order.authorizations();
+        while let Some(a) = auths.next().await {
+            let mut a = a.context("fetching an authorization")?;
+            if a.status != AuthorizationStatus::Pending {
+                continue;
+            }
+            let mut ch = a
+                .challenge(ChallengeType::Http01)
+                .ok_or_else(|| anyhow!("no http-01 challenge"))?;
+            ch.set_ready().await.context("set_ready")?;
+        }
+    }
+    let status = order
+        .poll_ready(&policy())
+        .await
+        .context("waiting for validation")?;
+    if status != OrderStatus::Ready {
+        let mut why = Vec::new();
+        let mut auths = order.authorizations();
+        while let Some(Ok(mut a)) = auths.next().await {
+            if let Ok(s) = a.refresh().await {
+                for c in &s.challenges {
+                    if let Some(p) = &c.error {
+                        why.push(format!("{}: {}", s.identifier(), p));
+                    }
+                }
+            }
+        }
+        return Err(anyhow!("order is {status:?}: {}", why.join("; ")).into());
+    }
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "order ready");
+
+    // 4. Key, CSR, certificate.
+    let root = shared.tree.root.clone();
+    let key = match cert
+        .reuse_key
+        .then(|| bundle::live_key(&root, &cert.name))
+        .flatten()
+    {
+        Some(k) => k,
+        None => {
+            let kind = cert.key;
+            tokio::task::spawn_blocking(move || bundle::generate_key(kind))
+                .await
+                .map_err(|e| anyhow!("key generation: {e}"))??
+        }
+    };
+    let csr = bundle::csr(&cert.domains, &key)?;
+    order.finalize_csr(&csr).await.context("finalize")?;
+    // Many CAs (Pebble among them) answer finalize with the order already valid.
+    let ready = match order.state().status {
+        OrderStatus::Valid => order
+            .certificate()
+            .await
+            .context("fetching the certificate")?,
+        _ => None,
+    };
+    let chain = match ready {
+        Some(c) => c,
+        None => order
+            .poll_certificate(&policy())
+            .await
+            .context("fetching the certificate")?,
+    };
+    let b = Bundle::new(&chain, &key, &cert.domains)?;
+
+    // 5. Publish as one unit.
+    let (version, _) = bundle::publish(shared, &cert.name, &b).await?;
+    Ok((version, b.leaf.validity.not_after))
+}

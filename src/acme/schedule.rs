@@ -1,0 +1,244 @@
+//! When to order and who orders: pure functions over plain data. Times are Unix
+//! seconds passed in by the caller; randomness comes in as a `jitter` in `[0, 1)`.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::DeviceId;
+
+/// First retry after a failure; doubles per consecutive failure.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(60);
+/// Longest wait between retries.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(6 * 3600);
+
+/// The validity of the certificate currently live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// An ARI (RFC 9773) suggested window, Unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: i64,
+    pub end: i64,
+}
+
+/// When the certificate should be renewed: now if there is none; inside the ARI
+/// window when the CA gave one (at `jitter` of its width); otherwise when a third of
+/// the lifetime is left, moved earlier by up to a fifteenth of the lifetime so a
+/// fleet's certificates do not all renew in the same minute.
+pub fn due_at(current: Option<Validity>, ari: Option<Window>, jitter: f64) -> i64 {
+    let Some(v) = current else { return 0 };
+    let jitter = jitter.clamp(0.0, 1.0);
+    if let Some(w) = ari {
+        if w.end > w.start {
+            return w.start + ((w.end - w.start) as f64 * jitter) as i64;
+        }
+        if w.end == w.start {
+            return w.start;
+        }
+    }
+    let lifetime = (v.not_after - v.not_before).max(0);
+    v.not_after - lifetime / 3 - (lifetime as f64 / 15.0 * jitter) as i64
+}
+
+/// Wait before the next attempt after `failures` consecutive failures (≥ 1):
+/// exponential from [`BACKOFF_BASE`], capped at [`BACKOFF_MAX`], with +0–50 % jitter,
+/// and never sooner than the CA's Retry-After.
+pub fn backoff(failures: u32, jitter: f64, retry_after: Option<Duration>) -> Duration {
+    let exp = failures.saturating_sub(1).min(20);
+    let base = BACKOFF_BASE.saturating_mul(1u32 << exp).min(BACKOFF_MAX);
+    let d = base.mul_f64(1.0 + 0.5 * jitter.clamp(0.0, 1.0));
+    match retry_after {
+        Some(r) if r > d => r,
+        _ => d,
+    }
+}
+
+/// The renewer lease in `.certmesh/leases/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewalLease {
+    /// Device ID of the holder.
+    pub holder: String,
+    /// Its node name (for people).
+    pub node: String,
+    /// Unix seconds after which the lease is void.
+    pub expires: i64,
+}
+
+impl RenewalLease {
+    pub fn new(me: DeviceId, node: &str, now: i64, ttl: Duration) -> Self {
+        RenewalLease {
+            holder: me.to_string(),
+            node: node.to_string(),
+            expires: now + ttl.as_secs() as i64,
+        }
+    }
+
+    pub fn fresh(&self, now: i64) -> bool {
+        self.expires > now
+    }
+}
+
+/// The renewer of every certificate: the lowest device ID among this node and the
+/// connected peers that advertise ACME. Nodes that see each other agree on it.
+pub fn renewer(me: DeviceId, connected_acme_peers: &[DeviceId]) -> DeviceId {
+    connected_acme_peers
+        .iter()
+        .copied()
+        .chain(std::iter::once(me))
+        .min()
+        .expect("the chain holds at least `me`")
+}
+
+/// Why this node does not order now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wait {
+    /// Another node holds a fresh lease.
+    Leased { node: String, until: i64 },
+    /// Another node is the renewer (and is connected).
+    NotRenewer { renewer: DeviceId },
+}
+
+impl std::fmt::Display for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Wait::Leased { node, until } => {
+                write!(f, "{node} holds the renewal lease until {until}")
+            }
+            Wait::NotRenewer { renewer } => write!(f, "{renewer} is the renewer"),
+        }
+    }
+}
+
+/// May this node order now? A fresh lease of another node always wins (so two
+/// nodes that see each other never order at once); otherwise the renewer orders,
+/// and any ACME node may when asked explicitly (`forced`: `certmesh issue`).
+pub fn may_order(
+    me: DeviceId,
+    renewer: DeviceId,
+    lease: Option<&RenewalLease>,
+    now: i64,
+    forced: bool,
+) -> Result<(), Wait> {
+    if let Some(l) = lease {
+        if l.fresh(now) && l.holder != me.to_string() {
+            return Err(Wait::Leased {
+                node: l.node.clone(),
+                until: l.expires,
+            });
+        }
+    }
+    if !forced && renewer != me {
+        return Err(Wait::NotRenewer { renewer });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400;
+
+    fn id(b: u8) -> DeviceId {
+        DeviceId([b; 32])
+    }
+
+    #[test]
+    fn missing_certificate_is_due_now() {
+        assert_eq!(due_at(None, None, 0.5), 0);
+    }
+
+    #[test]
+    fn a_third_of_the_lifetime_left_with_earlier_jitter() {
+        let v = Validity {
+            not_before: 0,
+            not_after: 90 * DAY,
+        };
+        assert_eq!(due_at(Some(v), None, 0.0), 60 * DAY);
+        let j = due_at(Some(v), None, 0.999);
+        assert!(j < 60 * DAY && j > 54 * DAY, "{j}");
+        // Short-lived (6 days): renews with 2 days left.
+        let s = Validity {
+            not_before: 0,
+            not_after: 6 * DAY,
+        };
+        assert_eq!(due_at(Some(s), None, 0.0), 4 * DAY);
+    }
+
+    #[test]
+    fn ari_window_wins_over_the_lifetime_rule() {
+        let v = Validity {
+            not_before: 0,
+            not_after: 90 * DAY,
+        };
+        let w = Window {
+            start: 10 * DAY,
+            end: 12 * DAY,
+        };
+        assert_eq!(due_at(Some(v), Some(w), 0.0), 10 * DAY);
+        assert_eq!(due_at(Some(v), Some(w), 0.5), 11 * DAY);
+        let t = due_at(Some(v), Some(w), 0.99);
+        assert!(t < 12 * DAY && t > 11 * DAY);
+        // A window in the past (revocation, say): due now.
+        let past = Window { start: -5, end: -1 };
+        assert!(due_at(Some(v), Some(past), 0.3) < 0);
+        // A degenerate window is its start; an inverted one is ignored.
+        let point = Window { start: 7, end: 7 };
+        assert_eq!(due_at(Some(v), Some(point), 0.3), 7);
+        let inverted = Window { start: 9, end: 1 };
+        assert_eq!(due_at(Some(v), Some(inverted), 0.0), 60 * DAY);
+    }
+
+    #[test]
+    fn backoff_doubles_caps_and_honours_retry_after() {
+        assert_eq!(backoff(1, 0.0, None), Duration::from_secs(60));
+        assert_eq!(backoff(2, 0.0, None), Duration::from_secs(120));
+        assert_eq!(backoff(4, 0.0, None), Duration::from_secs(480));
+        assert_eq!(backoff(1, 1.0, None), Duration::from_secs(90));
+        assert_eq!(backoff(30, 0.0, None), BACKOFF_MAX);
+        assert_eq!(
+            backoff(1, 0.0, Some(Duration::from_secs(3600))),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            backoff(3, 0.0, Some(Duration::from_secs(1))),
+            Duration::from_secs(240)
+        );
+    }
+
+    #[test]
+    fn lowest_connected_acme_node_renews() {
+        assert_eq!(renewer(id(5), &[]), id(5));
+        assert_eq!(renewer(id(5), &[id(7), id(3)]), id(3));
+        assert_eq!(renewer(id(1), &[id(7), id(3)]), id(1));
+    }
+
+    #[test]
+    fn leases_are_respected_while_fresh() {
+        let me = id(1);
+        let ttl = Duration::from_secs(120);
+        let other = RenewalLease::new(id(2), "lb1", 100, ttl);
+        let now = 150;
+        assert!(matches!(
+            may_order(me, me, Some(&other), now, true),
+            Err(Wait::Leased { .. })
+        ));
+        // Expired: the renewer takes over.
+        let later = 100 + ttl.as_secs() as i64;
+        assert_eq!(may_order(me, me, Some(&other), later, false), Ok(()));
+        // Our own lease does not stop us.
+        let mine = RenewalLease::new(me, "lb0", 100, ttl);
+        assert_eq!(may_order(me, me, Some(&mine), now, false), Ok(()));
+        // Not the renewer: only when forced.
+        assert_eq!(
+            may_order(id(9), me, None, now, false),
+            Err(Wait::NotRenewer { renewer: me })
+        );
+        assert_eq!(may_order(id(9), me, None, now, true), Ok(()));
+    }
+}
