@@ -168,6 +168,14 @@ pub async fn run(samples: usize) -> anyhow::Result<()> {
         dir.path().display()
     );
     let configs = write_mesh(dir.path(), 3)?;
+    let ca = if crate::demo_pebble::available() {
+        Some(with_local_ca(dir.path(), &configs)?)
+    } else {
+        println!(
+            "(pebble not installed: `apt-get install pebble` to also see a certificate issued)"
+        );
+        None
+    };
     let nodes: Vec<LocalNode> = configs
         .iter()
         .map(|(name, cfg, tree)| spawn(&exe, name, cfg, tree))
@@ -178,6 +186,11 @@ pub async fn run(samples: usize) -> anyhow::Result<()> {
         "mesh connected in {:.0} ms",
         t0.elapsed().as_secs_f64() * 1000.0
     );
+    // The first issuance runs on its own at start; let it finish before timing sync.
+    let first = match &ca {
+        Some(_) => Some(first_issuance(&nodes, t0)?),
+        None => None,
+    };
     let others: Vec<&Path> = nodes[1..].iter().map(|n| n.tree.as_path()).collect();
     let mut times = Vec::new();
     for i in 0..samples.max(1) {
@@ -213,7 +226,113 @@ pub async fn run(samples: usize) -> anyhow::Result<()> {
         ms(pct(0.9)),
         ms(times[times.len() - 1])
     );
+    if let Some(first) = first {
+        reissue(&nodes, &first).await?;
+    }
     drop(nodes);
+    drop(ca);
     println!("stopped the nodes and removed {}", dir.path().display());
+    Ok(())
+}
+
+/// Starts Pebble, gives every node `[acme]`, and points the demo name at a node that
+/// is not the renewer (the lowest device ID), so the CA asks a node that did not order.
+fn with_local_ca(
+    dir: &Path,
+    configs: &[(String, PathBuf, PathBuf)],
+) -> anyhow::Result<crate::demo_pebble::LocalCa> {
+    let ca = crate::demo_pebble::LocalCa::start(dir)?;
+    let mut ids = Vec::new();
+    for (i, (_, cfg, _)) in configs.iter().enumerate() {
+        let ip = format!("127.0.0.{}", i + 2);
+        let mut text = std::fs::read_to_string(cfg)?;
+        text.push_str(&ca.node_config(&ip));
+        std::fs::write(cfg, text)?;
+        let state = cfg.with_file_name("state");
+        ids.push(Identity::load(&state)?.id);
+    }
+    let renewer = (0..ids.len()).min_by_key(|&i| ids[i]).unwrap_or(0);
+    let target = (renewer + 1) % ids.len();
+    ca.set_a(
+        crate::demo_pebble::DOMAIN,
+        &format!("127.0.0.{}", target + 2),
+    )?;
+    println!(
+        "local Pebble CA at {} (validation sleep off); {} resolves to node{} while node{} orders",
+        ca.directory,
+        crate::demo_pebble::DOMAIN,
+        target + 1,
+        renewer + 1
+    );
+    Ok(ca)
+}
+
+/// The serial live on every node once all agree and every key matches its cert.
+fn same_serial_everywhere(nodes: &[LocalNode], deadline: Duration) -> anyhow::Result<String> {
+    let start = Instant::now();
+    loop {
+        let all: Vec<Option<(String, bool)>> = nodes
+            .iter()
+            .map(|n| crate::demo_pebble::live_bundle(&n.tree))
+            .collect();
+        if let Some(Some((serial, _))) = all.first() {
+            if all
+                .iter()
+                .all(|b| b.as_ref().is_some_and(|(s, ok)| s == serial && *ok))
+            {
+                return Ok(serial.clone());
+            }
+        }
+        if start.elapsed() > deadline {
+            bail!("the certificate did not reach every node within {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Waits for the daemon's own first issuance to be live on every node.
+fn first_issuance(nodes: &[LocalNode], started: Instant) -> anyhow::Result<String> {
+    let first = same_serial_everywhere(nodes, Duration::from_secs(60))?;
+    println!(
+        "certificate for {} issued on its own and live on all 3 nodes {:.0} ms after start (serial {first}, key matches cert on every node)",
+        crate::demo_pebble::DOMAIN,
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(first)
+}
+
+/// Times `certmesh issue` until the new certificate is live on every node.
+async fn reissue(nodes: &[LocalNode], first: &str) -> anyhow::Result<()> {
+    // Ask the nodes in turn: the one holding the renewal lease takes it.
+    let t = Instant::now();
+    let mut asked = None;
+    for n in nodes {
+        let cfg = crate::config::Config::load(&n.config)?;
+        let req = serde_json::json!({ "cmd": "issue", "name": "www" });
+        match crate::control::request_with(&cfg.control_socket(), req).await {
+            Ok(_) => {
+                asked = Some(n.name.clone());
+                break;
+            }
+            Err(e) if e.to_string().contains("lease") => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let asked = asked.ok_or_else(|| anyhow::anyhow!("no node accepted `issue`"))?;
+    let start = Instant::now();
+    let second = loop {
+        let s = same_serial_everywhere(nodes, Duration::from_secs(60))?;
+        if s != first {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("the reissued certificate did not reach every node");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    println!(
+        "`certmesh issue` on {asked}: new certificate (serial {second}) live on all 3 nodes after {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
     Ok(())
 }

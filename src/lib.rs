@@ -21,6 +21,7 @@ pub mod apply;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod demo_pebble;
 pub mod hooks;
 pub mod identity;
 pub mod index;
