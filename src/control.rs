@@ -63,6 +63,9 @@ pub struct TreeStatus {
     pub files: usize,
     pub out_of_sync: usize,
     pub sequence: u64,
+    /// Rescans run since start (watcher-driven and periodic): stays put when idle.
+    #[serde(default)]
+    pub scans: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -169,6 +172,7 @@ pub fn status(shared: &Shared) -> Status {
             path: tree,
             files: st.index.live_count(),
             out_of_sync: st.plan.needs_len(),
+            scans: shared.scans.load(std::sync::atomic::Ordering::Relaxed),
             sequence: st.index.sequence(),
         },
         peers,

@@ -102,6 +102,8 @@ pub struct Shared {
     pub started: Instant,
     pub instance: u64,
     session_ids: AtomicU64,
+    /// Rescans run (for `status`: an idle node does none).
+    pub scans: AtomicU64,
     /// Recent small contents, sent inline with their records.
     pub inline: Mutex<crate::inline::InlineCache>,
     /// Set once shutdown begins: no new batches start.
@@ -200,6 +202,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         started: Instant::now(),
         instance: rand::random(),
         session_ids: AtomicU64::new(1),
+        scans: AtomicU64::new(0),
         stopping: watch::channel(false).0,
         inline: Mutex::new(Default::default()),
         acme: std::sync::OnceLock::new(),

@@ -54,6 +54,9 @@ fn debounce(
     out: mpsc::UnboundedSender<Batch>,
 ) {
     let add = |batch: &mut Batch, ev: notify::Result<notify::Event>| match ev {
+        // Reads and opens are not changes; they are also what our own scans and
+        // serving cause, so following them would loop.
+        Ok(ev) if is_read_only(&ev.kind) => {}
         Ok(ev) if !ev.need_rescan() => {
             if let Batch::Paths(set) = batch {
                 for p in ev.paths {
@@ -90,6 +93,11 @@ fn debounce(
             return;
         }
     }
+}
+
+fn is_read_only(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    matches!(kind, notify::EventKind::Access(a) if !matches!(a, AccessKind::Close(AccessMode::Write)))
 }
 
 async fn scan_loop(
@@ -147,6 +155,9 @@ pub async fn rescan(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
 }
 
 fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
+    shared
+        .scans
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let root = &shared.tree.root;
     let mut errors = Vec::new();
     // Expand: directories bring their contents, vanished ones their indexed children.

@@ -348,3 +348,51 @@ fn full_disk_keeps_old_files_and_completes_when_space_returns() {
         n.stop();
     }
 }
+
+#[test]
+fn unusual_names_sync_and_special_files_are_skipped() {
+    let mut c = Cluster::new(2, None);
+    c.start_all();
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let long = "l".repeat(255);
+    let names = [
+        "ünïcødé/证书.pem".to_string(),
+        "with spaces/and  two.pem".to_string(),
+        "Case.pem".to_string(),
+        "case.pem".to_string(),
+        format!("deep/{long}"),
+        "-leading-dash".to_string(),
+        "new\nline".to_string(),
+    ];
+    for (i, n) in names.iter().enumerate() {
+        a.write(n, &format!("content {i}"));
+    }
+    // Special files: never synced, never a crash.
+    let fifo = std::ffi::CString::new(a.tree.join("a.fifo").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let _sock = std::os::unix::net::UnixListener::bind(a.tree.join("a.sock")).unwrap();
+    // A file that appears and vanishes at once.
+    for i in 0..50 {
+        let p = a.tree.join(format!("flicker{i}"));
+        fs::write(&p, "x").unwrap();
+        fs::remove_file(&p).unwrap();
+    }
+    c.wait_converged_except(&["a.fifo", "a.sock"]);
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(b.read(n), Some(format!("content {i}")), "{n:?}");
+    }
+    assert!(fs::symlink_metadata(b.tree.join("a.fifo")).is_err());
+    assert!(fs::symlink_metadata(b.tree.join("a.sock")).is_err());
+    assert!(!b.tree.join("flicker0").exists());
+    // Idle means idle: no rescans once everything has settled (our own reads and the
+    // peer's must not wake the watcher).
+    let scans = |n: &crate::util::Node| n.status()["tree"]["scans"].as_u64().unwrap();
+    let before = (scans(a), scans(b));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        (scans(a), scans(b)),
+        before,
+        "nodes keep rescanning while idle"
+    );
+    assert!(!a.log().contains("panicked") && !b.log().contains("panicked"));
+}

@@ -314,6 +314,9 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (char, Vec<u8>, u32)
                     0,
                 ),
             );
+        } else if !m.is_file() {
+            // fifo, socket, device: never read (a fifo would block).
+            out.insert(rel, ('s', vec![], mode));
         } else {
             let mode = if rel.ends_with("key.pem") {
                 mode & !0o007
