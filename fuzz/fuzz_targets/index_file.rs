@@ -1,0 +1,8 @@
+//! The on-disk index log (a damaged or hostile state_dir/index.db).
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let mut index = certmesh::index::Index::new(certmesh::identity::ShortId(1));
+    let _ = certmesh::store::load_bytes(data, &mut index);
+});
