@@ -21,6 +21,10 @@ use crate::plan::Plan;
 use crate::store::Store;
 use crate::transport::{Allowed, Transport};
 
+/// A handshake on the backnet takes milliseconds; one that has not completed by then
+/// went to a peer that was not listening yet: try again rather than wait.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How many recent errors `status` shows.
 const RECENT_ERRORS: usize = 20;
 
@@ -340,7 +344,7 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
             backoff = Duration::from_millis(50);
             continue;
         }
-        match tokio::time::timeout(Duration::from_secs(10), transport.connect(peer, addr)).await {
+        match tokio::time::timeout(DIAL_TIMEOUT, transport.connect(peer, addr)).await {
             Ok(Ok(conn)) => {
                 backoff = Duration::from_millis(50);
                 let shared = shared.clone();
