@@ -6,9 +6,9 @@
 //! Measures (see BENCHMARKS.md and DESIGN.md §6):
 //! 1. small-file propagation, 3 nodes (100-byte file written atomically on node 1, time until
 //!    the right content is on both other nodes);
-//! 2. a cert + key bundle (3 KB + 1.7 KB) replaced together, time until both are on all
-//!    peers, and whether a peer was ever seen holding the new cert with the old key (or the
-//!    reverse);
+//! 2. a cert + key bundle (3 KB + 1.7 KB) published as a new `archive/<name>/<i>/` version
+//!    with `live/<name>` flipped to it, time until `live/<name>/*` reads the new pair on all
+//!    peers, and whether a peer was ever seen with a mismatched or dangling pair;
 //! 3. idle RSS, CPU seconds and context switches per node;
 //! 4. bulk initial sync between 2 nodes (N files / M MiB created on node 1 before start);
 //! 5. certmesh only: 16 and 32 node full meshes (formation time, propagation p50/p99).
@@ -1302,6 +1302,9 @@ impl Table {
     ) {
         let cell = |v: Option<f64>| v.map_or("—".to_string(), |v| fmt_val(v, u));
         let ratio = |v: Option<f64>| match (v, cm) {
+            // CPU time is counted in 10 ms clock ticks: no ratio of a tick or two.
+            (Some(s), Some(_)) if matches!(u, Unit::Cpu) && s < 0.05 => "—".to_string(),
+            (Some(_), Some(c)) if matches!(u, Unit::Cpu) && c < 0.05 => "—".to_string(),
             (Some(s), Some(c)) if c > 0.0 && !matches!(u, Unit::Count) => fmt_ratio(s / c),
             _ => "—".to_string(),
         };
