@@ -45,19 +45,46 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Checks a presented certificate: parseable, currently valid, and its device ID one
-/// we accept. Returns the device ID.
+/// Checks a presented certificate: parseable and inside its validity period (an
+/// expired or not-yet-valid node certificate is refused even when its device ID is
+/// pinned; RELIABILITY.md explains why). Returns the device ID; a refusal is logged
+/// with its reason, the dates and our clock (a wrong clock shows up here).
 fn check_cert(end_entity: &CertificateDer<'_>, now: UnixTime) -> Result<DeviceId, rustls::Error> {
-    let (_, cert) = x509_parser::parse_x509_certificate(end_entity)
-        .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
-    let now = x509_parser::time::ASN1Time::from_timestamp(now.as_secs() as i64)
+    let id = DeviceId::of_cert(end_entity);
+    let (_, cert) = x509_parser::parse_x509_certificate(end_entity).map_err(|_| {
+        tracing::warn!(device = %id, "refused peer certificate: not a valid X.509 certificate");
+        rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+    })?;
+    let clock = x509_parser::time::ASN1Time::from_timestamp(now.as_secs() as i64)
         .map_err(|_| rustls::Error::General("bad clock".into()))?;
-    if !cert.validity().is_valid_at(now) {
-        return Err(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::Expired,
-        ));
+    let validity = cert.validity();
+    let refused = if clock < validity.not_before {
+        Some(("not yet valid", rustls::CertificateError::NotValidYet))
+    } else if clock > validity.not_after {
+        Some(("expired", rustls::CertificateError::Expired))
+    } else {
+        None
+    };
+    if let Some((why, error)) = refused {
+        tracing::warn!(
+            device = %id,
+            not_before = %validity.not_before,
+            not_after = %validity.not_after,
+            local_clock = %clock,
+            "refused peer certificate: {why}"
+        );
+        return Err(rustls::Error::InvalidCertificate(error));
     }
-    Ok(DeviceId::of_cert(end_entity))
+    Ok(id)
+}
+
+/// True if `cert` is inside its validity period now.
+fn currently_valid(cert: &CertificateDer<'_>) -> bool {
+    let now = UnixTime::now();
+    x509_parser::parse_x509_certificate(cert)
+        .ok()
+        .zip(x509_parser::time::ASN1Time::from_timestamp(now.as_secs() as i64).ok())
+        .is_some_and(|((_, c), t)| c.validity().is_valid_at(t))
 }
 
 fn verify13(
@@ -71,6 +98,13 @@ fn verify13(
         dss,
         &provider().signature_verification_algorithms,
     )
+    .inspect_err(|e| {
+        tracing::warn!(
+            device = %DeviceId::of_cert(cert),
+            error = %e,
+            "refused: the handshake signature does not match the presented certificate (the peer does not hold its key)"
+        );
+    })
 }
 
 fn schemes() -> Vec<SignatureScheme> {
@@ -96,9 +130,7 @@ impl ClientCertVerifier for PinnedClients {
         _intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let id = check_cert(end_entity, now).inspect_err(|e| {
-            tracing::warn!(error = %e, "refused incoming connection: bad certificate");
-        })?;
+        let id = check_cert(end_entity, now)?;
         let known = self
             .allowed
             .read()
@@ -195,7 +227,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
         20_000,
     ))));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256));
-    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(4));
+    // One unidirectional stream each way carries hello, index and acks; more would
+    // only let a peer park unread data in our receive window.
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(1));
     t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
     t.receive_window(quinn::VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
@@ -215,6 +249,12 @@ impl Transport {
         listen: SocketAddr,
         allowed: Allowed,
     ) -> Result<Self, TransportError> {
+        if !currently_valid(&identity.cert) {
+            tracing::warn!(
+                id = %identity.id,
+                "this node's certificate is outside its validity period: every peer will refuse it"
+            );
+        }
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(PinnedClients { allowed }))

@@ -2,6 +2,8 @@
 //! conversion to and from domain types (validating everything a peer sends), and
 //! length-prefixed framing with a hard size limit.
 
+use std::time::Duration;
+
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -27,6 +29,21 @@ pub const MAX_INLINE: usize = 16 << 10;
 /// Largest version vector accepted (one entry per device that ever wrote the path).
 pub const MAX_VERSION_ENTRIES: usize = 4096;
 
+/// Time a frame may take once its first byte arrived, before its length is counted.
+pub const FRAME_BASE_TIME: Duration = Duration::from_secs(10);
+/// Slowest rate a started frame may arrive at (bytes per second) beyond the base.
+pub const FRAME_MIN_RATE: usize = 64 << 10;
+
+/// How long a frame of `len` bytes may take from its first byte to its last: a peer
+/// that starts a frame and then trickles (slow-loris) or stops is cut off.
+pub fn frame_deadline(len: usize) -> Duration {
+    deadline_from(FRAME_BASE_TIME, len)
+}
+
+fn deadline_from(base: Duration, len: usize) -> Duration {
+    base + Duration::from_secs((len / FRAME_MIN_RATE) as u64)
+}
+
 /// A peer sent something it must not.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -45,6 +62,13 @@ pub enum WireError {
     /// The stream failed or ended early.
     #[error("stream: {0}")]
     Io(#[from] std::io::Error),
+    /// A frame was started but not completed in time.
+    #[error("frame of {len} bytes not completed within {within:?} ({got} bytes arrived)")]
+    Stalled {
+        len: usize,
+        got: usize,
+        within: Duration,
+    },
 }
 
 fn invalid(what: &'static str, why: impl Into<String>) -> WireError {
@@ -189,22 +213,49 @@ pub async fn write_msg<W: AsyncWrite + Unpin, M: Message>(
 }
 
 /// Reads one length-prefixed message of at most `limit` bytes; `None` at a clean end.
+/// Waiting for a frame to start is unbounded (the caller decides about idle peers);
+/// once its first byte is here the rest must follow within [`frame_deadline`], and
+/// memory grows only as bytes arrive.
 pub async fn read_msg<R: AsyncRead + Unpin, M: Message + Default>(
     r: &mut R,
     limit: usize,
 ) -> Result<Option<M>, WireError> {
+    read_msg_within(r, limit, FRAME_BASE_TIME).await
+}
+
+async fn read_msg_within<R: AsyncRead + Unpin, M: Message + Default>(
+    r: &mut R,
+    limit: usize,
+    base: Duration,
+) -> Result<Option<M>, WireError> {
     let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
+    match r.read_exact(&mut len[..1]).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
+    let started = tokio::time::Instant::now();
+    let stalled = |len, got| WireError::Stalled {
+        len,
+        got,
+        within: deadline_from(base, len),
+    };
+    tokio::time::timeout(base, r.read_exact(&mut len[1..]))
+        .await
+        .map_err(|_| stalled(0, 1))??;
     let len = u32::from_be_bytes(len) as usize;
     if len > limit {
         return Err(WireError::TooLarge(len, limit));
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await?;
+    let mut buf = Vec::with_capacity(len.min(64 << 10));
+    let mut body = (&mut *r).take(len as u64);
+    let body = body.read_to_end(&mut buf);
+    match tokio::time::timeout_at(started + deadline_from(base, len), body).await {
+        Ok(Ok(_)) if buf.len() == len => {}
+        Ok(Ok(_)) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err(stalled(len, buf.len())),
+    }
     Ok(Some(M::decode(buf.as_slice())?))
 }
 
@@ -229,6 +280,37 @@ pub fn decode_frame(bytes: &[u8]) -> Result<pb::Frame, WireError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[tokio::test]
+    async fn a_started_frame_that_stalls_is_cut_off() {
+        let base = Duration::from_millis(50);
+        // A 1000-byte frame of which 3 bytes ever arrive.
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        client.write_all(&[0, 0, 3, 0xe8, 1, 2, 3]).await.unwrap();
+        let r: Result<Option<pb::Frame>, _> = read_msg_within(&mut server, MAX_FRAME, base).await;
+        match r {
+            Err(WireError::Stalled {
+                len: 1000, got: 3, ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        // A length prefix that stops after one byte.
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        client.write_all(&[0]).await.unwrap();
+        let r: Result<Option<pb::Frame>, _> = read_msg_within(&mut server, MAX_FRAME, base).await;
+        assert!(matches!(r, Err(WireError::Stalled { .. })), "{r:?}");
+        // A stream that ends inside a frame is an error, a clean end is `None`.
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        client.write_all(&[0, 0, 0, 9, 1]).await.unwrap();
+        drop(client);
+        let r: Result<Option<pb::Frame>, _> = read_msg_within(&mut server, MAX_FRAME, base).await;
+        assert!(matches!(r, Err(WireError::Io(_))), "{r:?}");
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        drop(client);
+        let r: Option<pb::Frame> = read_msg(&mut server, MAX_FRAME).await.unwrap();
+        assert!(r.is_none());
+        assert_eq!(frame_deadline(4 << 20), Duration::from_secs(74));
+    }
 
     fn sample() -> FileRecord {
         FileRecord {

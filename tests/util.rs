@@ -327,3 +327,29 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (char, Vec<u8>, u32)
         }
     }
 }
+
+impl Node {
+    /// As `start`, with extra environment for the daemon (e.g. libfaketime).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config", self.config.to_str().unwrap()])
+            .env("RUST_LOG", "info,certmesh=debug,quinn=warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let sock = self.state.join("control.sock");
+        wait_until(&format!("{} control socket", self.name), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+    }
+}

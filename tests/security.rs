@@ -1,0 +1,797 @@
+//! Security and robustness with real processes (issue #6 items 1, 5, 7, 8): expired
+//! and swapped node certificates, a certificate presented without its key, a hostile
+//! configured peer flooding its index or holding frames and connections open
+//! (slow-loris), and nodes whose clocks are an hour apart (libfaketime). During each
+//! attack the propagation between two healthy nodes is measured and printed.
+//! Addresses 127.0.0.80–99 only.
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use certmesh::identity::{DeviceId, Identity};
+use certmesh::transport::{Transport, ALPN, SERVER_NAME};
+use certmesh::wire::{self, pb};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::util::{wait_until, Cluster, Node};
+
+/// How long a healthy file may take to reach the other healthy node during an attack
+/// (generous: the machine is shared; the measured times are printed).
+const PROPAGATION_DEADLINE: Duration = Duration::from_secs(10);
+/// The attacked node's resident memory must stay under this.
+const RSS_BOUND_MIB: u64 = 200;
+/// The flood stops here whatever happens, so a failing run does not take the machine.
+const RSS_SAFETY_MIB: u64 = 600;
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("certmesh-sec-")
+        .tempdir()
+        .unwrap()
+}
+
+fn wait_within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("timed out after {limit:?} waiting for: {what}");
+}
+
+fn count(log: &str, needle: &str) -> usize {
+    log.matches(needle).count()
+}
+
+/// Writes a config naming peers freely: (name, device ID, address).
+fn configure_raw(node: &Node, peers: &[(&str, &str, &str)]) {
+    let mut cfg = format!(
+        "[node]\nname = \"{}\"\nstate_dir = \"{}\"\nlisten = \"{}\"\n\n[tree]\npath = \"{}\"\n",
+        node.name,
+        node.state.display(),
+        node.addr,
+        node.tree.display()
+    );
+    for (name, id, addr) in peers {
+        cfg.push_str(&format!(
+            "\n[[peer]]\nname = \"{name}\"\nid = \"{id}\"\naddress = \"{addr}\"\n"
+        ));
+    }
+    fs::write(&node.config, cfg).unwrap();
+}
+
+/// The status entry of the peer called `name`.
+fn peer_status(node: &Node, name: &str) -> serde_json::Value {
+    node.status()["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name).cloned())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+// ---------------------------------------------------------------------------------
+// Item 8: expired, swapped and stolen certificates.
+
+/// Re-signs the node's certificate with the same key but validity 2020–2021, and
+/// returns the device ID before and after. The ID is the SHA-256 of the certificate,
+/// so it changes: a peer can only pin the expired certificate itself.
+fn expire_certificate(node: &mut Node) -> (String, String) {
+    let key_pem = fs::read_to_string(node.state.join("node-key.pem")).unwrap();
+    let kp = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["certmesh".to_string()]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "certmesh");
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let cert = params.self_signed(&kp).unwrap();
+    fs::write(node.state.join("node-cert.pem"), cert.pem()).unwrap();
+    let before = node.id.clone();
+    node.id = Identity::load(&node.state).unwrap().id.to_string();
+    (before, node.id.clone())
+}
+
+#[test]
+fn expired_node_certificate_is_refused_before_any_data() {
+    let dir = tmp();
+    let mut n1 = Node::new(dir.path(), "n1", "127.0.0.80");
+    let mut x = Node::new(dir.path(), "x", "127.0.0.81");
+    let mut h = Node::new(dir.path(), "h", "127.0.0.82");
+    let (old_id, expired_id) = expire_certificate(&mut x);
+    assert_ne!(old_id, expired_id, "the device ID pins the certificate");
+    // n1 pins exactly the expired certificate's ID: only the dates can refuse it.
+    n1.configure(&[&x, &h]);
+    x.configure(&[&n1]);
+    h.configure(&[&n1]);
+    x.write("from-expired", "must not arrive");
+    n1.write("secret-on-n1", "must not leave");
+    for n in [&mut n1, &mut x, &mut h] {
+        n.start();
+    }
+    // Both directions: x dials n1 (n1's server side refuses) and n1 dials x (n1's
+    // client side refuses), each logged with the reason.
+    wait_until(
+        "n1 refuses x's expired certificate at least 3 times",
+        || count(&n1.log(), "refused peer certificate: expired") >= 3,
+    );
+    let log = n1.log();
+    assert!(log.contains(&expired_id[..7]), "{log}");
+    assert!(log.contains("local_clock"), "{log}");
+    assert!(
+        x.log().contains("outside its validity period"),
+        "{}",
+        x.log()
+    );
+    // Positive control: a healthy peer's file written now does arrive.
+    h.write("from-healthy", "ok");
+    wait_until("h's file reaches n1", || {
+        n1.read("from-healthy").as_deref() == Some("ok")
+    });
+    assert!(
+        n1.read("from-expired").is_none(),
+        "data from an expired cert"
+    );
+    assert!(x.read("secret-on-n1").is_none(), "data to an expired cert");
+    assert!(x.read("from-healthy").is_none());
+    assert_eq!(peer_status(&n1, "x")["connected"], false);
+    assert!(!x.all_connected());
+}
+
+#[test]
+fn a_peer_presenting_another_id_is_refused_before_any_data() {
+    let dir = tmp();
+    let mut n1 = Node::new(dir.path(), "n1", "127.0.0.83");
+    let mut x = Node::new(dir.path(), "x", "127.0.0.84");
+    let b = Node::new(dir.path(), "b", "127.0.0.85"); // identity only, never runs
+                                                      // n1 believes "b" (B's ID) lives at x's address; x runs with its own certificate.
+    configure_raw(&n1, &[("b", &b.id, &x.addr)]);
+    x.configure(&[&n1]);
+    x.write("from-x", "must not arrive");
+    n1.write("secret-on-n1", "must not leave");
+    n1.start();
+    x.start();
+    wait_until("n1 refuses x in both directions", || {
+        let log = n1.log();
+        count(&log, "peer presented another device ID") >= 2 && count(&log, "unknown device") >= 2
+    });
+    let log = n1.log();
+    assert!(
+        log.contains(&x.id[..7]) && log.contains(&b.id[..7]),
+        "{log}"
+    );
+    assert!(n1.read("from-x").is_none());
+    assert!(x.read("secret-on-n1").is_none());
+    assert_eq!(peer_status(&n1, "b")["connected"], false);
+}
+
+#[test]
+fn a_node_at_another_peers_address_is_accepted_only_as_itself() {
+    let dir = tmp();
+    let mut n1 = Node::new(dir.path(), "n1", "127.0.0.86");
+    let b = Node::new(dir.path(), "b", "127.0.0.87"); // identity only, never runs
+    let mut c = Node::new(dir.path(), "c", "127.0.0.88");
+    let nowhere = std::net::UdpSocket::bind("127.0.0.89:0").unwrap();
+    let nowhere = nowhere.local_addr().unwrap().to_string();
+    // C runs at the address n1 has for B.
+    configure_raw(&n1, &[("b", &b.id, &c.addr), ("c", &c.id, &nowhere)]);
+    c.configure(&[&n1]);
+    c.write("from-c", "c's own file");
+    n1.start();
+    c.start();
+    // n1 dialling "b" meets C's certificate and refuses it...
+    wait_until("n1 refuses C at B's address", || {
+        n1.log().contains("peer presented another device ID")
+    });
+    // ...while C dialling n1 is accepted, as C (its pinned ID), and its data with it.
+    wait_until("c connected as c", || {
+        peer_status(&n1, "c")["connected"] == true
+    });
+    wait_until("c's file arrives", || n1.read("from-c").is_some());
+    // Nothing ever ran under B's name.
+    let b_status = peer_status(&n1, "b");
+    assert_eq!(b_status["connected"], false, "{b_status}");
+    assert_eq!(b_status["acked"], 0, "{b_status}");
+}
+
+/// Presents a fixed certificate with whatever key it was given.
+#[derive(Debug)]
+struct Present(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Present {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Present {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Accepts any server (the attacker does not care who answers).
+#[derive(Debug)]
+struct AnyServer;
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// B's certificate with X's key: what a thief who copied only the certificate has.
+fn stolen(cert_of: &Node, key_of: &Node) -> Arc<rustls::sign::CertifiedKey> {
+    let cert = Identity::load(&cert_of.state).unwrap().cert;
+    let key = Identity::load(&key_of.state).unwrap().key_der();
+    let key = provider().key_provider.load_private_key(key).unwrap();
+    Arc::new(rustls::sign::CertifiedKey::new(vec![cert], key))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_without_its_key_fails_the_handshake() {
+    let dir = tmp();
+    let mut n1 = Node::new(dir.path(), "n1", "127.0.0.90");
+    let b = Node::new(dir.path(), "b", "127.0.0.91");
+    let thief = Node::new(dir.path(), "thief", "127.0.0.92");
+    n1.configure(&[&b]);
+    n1.write("secret-on-n1", "must not leave");
+    n1.start();
+    let n1_addr: SocketAddr = n1.addr.parse().unwrap();
+
+    // As a client: the thief dials n1 presenting B's certificate.
+    let mut client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer))
+        .with_client_cert_resolver(Arc::new(Present(stolen(&b, &thief))));
+    client.alpn_protocols = vec![ALPN.to_vec()];
+    let client = quinn::crypto::rustls::QuicClientConfig::try_from(client).unwrap();
+    let ep = quinn::Endpoint::client(thief.addr.parse().unwrap()).unwrap();
+    let conn = ep
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(client)),
+            n1_addr,
+            SERVER_NAME,
+        )
+        .unwrap()
+        .await;
+    // TLS 1.3: the client may think it is connected before the server has checked its
+    // CertificateVerify; either way not one stream may ever arrive.
+    if let Ok(conn) = conn {
+        let stream = tokio::time::timeout(Duration::from_secs(10), conn.accept_uni()).await;
+        assert!(
+            !matches!(stream, Ok(Ok(_))),
+            "n1 opened a stream to a thief"
+        );
+    }
+    wait_until("n1 logs the key mismatch", || {
+        n1.log().contains("does not hold its key")
+    });
+
+    // As a server: the thief listens at B's address with B's certificate; n1 dials it.
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Present(stolen(&b, &thief))));
+    server.alpn_protocols = vec![ALPN.to_vec()];
+    let server = quinn::crypto::rustls::QuicServerConfig::try_from(server).unwrap();
+    let ep = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(server)),
+        b.addr.parse().unwrap(),
+    )
+    .unwrap();
+    let before = count(&n1.log(), "does not hold its key");
+    let incoming = tokio::time::timeout(Duration::from_secs(30), ep.accept())
+        .await
+        .expect("n1 dials B's address")
+        .unwrap();
+    if let Ok(conn) = incoming.await {
+        let stream = tokio::time::timeout(Duration::from_secs(10), conn.accept_uni()).await;
+        assert!(
+            !matches!(stream, Ok(Ok(_))),
+            "n1 opened a stream to a thief"
+        );
+    }
+    wait_until("n1 logs the key mismatch as a client", || {
+        count(&n1.log(), "does not hold its key") > before
+    });
+    assert_eq!(peer_status(&n1, "b")["connected"], false);
+    assert!(!thief.tree.exists() && !b.tree.exists());
+}
+
+// ---------------------------------------------------------------------------------
+// Item 7: a hostile configured peer floods, stalls and trickles.
+
+fn evil_transport(evil: &Node, target: &Node) -> Transport {
+    let me = Arc::new(Identity::load(&evil.state).unwrap());
+    let id: DeviceId = target.id.parse().unwrap();
+    let allowed = Arc::new(RwLock::new(HashMap::from([(id, target.name.clone())])));
+    Transport::bind(me, evil.addr.parse().unwrap(), allowed).unwrap()
+}
+
+async fn hello(conn: &quinn::Connection, instance: u64) -> (quinn::SendStream, quinn::RecvStream) {
+    let mut send = conn.open_uni().await.unwrap();
+    let h = pb::Frame {
+        body: Some(pb::frame::Body::Hello(pb::Hello {
+            name: "evil".into(),
+            instance,
+            version: "x".into(),
+        })),
+    };
+    wire::write_msg(&mut send, &h).await.unwrap();
+    let recv = conn.accept_uni().await.unwrap();
+    (send, recv)
+}
+
+/// Answers every content request with "not found" (so the flood test measures the
+/// index, not a peer that never serves).
+fn answer_not_found(conn: quinn::Connection) {
+    tokio::spawn(async move {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            tokio::spawn(async move {
+                let _: Result<Option<pb::Request>, _> =
+                    wire::read_msg(&mut recv, wire::MAX_HEADER).await;
+                let resp = pb::Response {
+                    status: pb::response::Status::NotFound as i32,
+                    size: 0,
+                };
+                let _ = wire::write_msg(&mut send, &resp).await;
+                let _ = send.finish();
+            });
+        }
+    });
+}
+
+/// Samples a process's resident memory every 50 ms; keeps the maximum.
+struct RssWatch {
+    max_kib: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RssWatch {
+    fn start(node: &Node) -> RssWatch {
+        let pid = node.child.as_ref().expect("running").id();
+        let (max_kib, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (m, s) = (max_kib.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some(kib) = rss_kib(pid) {
+                    m.fetch_max(kib, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        RssWatch { max_kib, stop }
+    }
+
+    fn max_mib(&self) -> u64 {
+        self.max_kib.load(Ordering::Relaxed) / 1024
+    }
+}
+
+impl Drop for RssWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Writes `n` files on `from` one after another and times each until `to` has it.
+fn propagation(from: &Node, to: &Node, tag: &str, n: usize) -> Vec<Duration> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let (rel, content) = (format!("healthy/{tag}-{i}"), format!("{tag} {i}"));
+        let t = Instant::now();
+        from.write(&rel, &content);
+        wait_within(
+            PROPAGATION_DEADLINE,
+            &format!("{rel} on {}", to.name),
+            || to.read(&rel).as_deref() == Some(content.as_str()),
+        );
+        out.push(t.elapsed());
+    }
+    eprintln!(
+        "propagation {} -> {} during {tag}: {:?}",
+        from.name,
+        to.name,
+        out.iter().map(|d| d.as_millis()).collect::<Vec<_>>()
+    );
+    out
+}
+
+/// Two healthy nodes and an evil identity configured on the first.
+fn healthy_pair_and_evil(dir: &std::path::Path, ips: [&str; 3]) -> (Node, Node, Node) {
+    let mut n1 = Node::new(dir, "n1", ips[0]);
+    let mut n2 = Node::new(dir, "n2", ips[1]);
+    let evil = Node::new(dir, "evil", ips[2]);
+    n1.configure(&[&n2, &evil]);
+    n2.configure(&[&n1]);
+    n1.start();
+    n2.start();
+    wait_until("n1 and n2 connected", || n2.all_connected());
+    (n1, n2, evil)
+}
+
+async fn closed_by_node(conn: &quinn::Connection, within: Duration) -> Option<u64> {
+    match tokio::time::timeout(within, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code.into_inner()),
+        _ => None,
+    }
+}
+
+fn flood_frame(conn_no: u64, first: u64, n: u64) -> pb::Frame {
+    let files = (first..first + n)
+        .map(|i| pb::FileInfo {
+            path: format!("flood/{conn_no}/{i:09}.pem"),
+            kind: pb::Kind::File as i32,
+            size: 100,
+            mode: 0o644,
+            mtime_ns: 1,
+            hash: blake3::hash(&i.to_be_bytes()).as_bytes().to_vec(),
+            version: vec![pb::Counter {
+                device: 42,
+                value: 1,
+            }],
+            deleted: false,
+            sequence: i + 1,
+            symlink_target: String::new(),
+            modified_by: 42,
+            data: Vec::new(),
+        })
+        .collect();
+    pb::Frame {
+        body: Some(pb::frame::Body::Index(pb::IndexUpdate {
+            files,
+            last_sequence: first + n,
+            full: false,
+            full_done: false,
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_flood_is_bounded_and_healthy_peers_keep_syncing() {
+    let dir = tmp();
+    let (n1, n2, evil) =
+        healthy_pair_and_evil(dir.path(), ["127.0.0.93", "127.0.0.94", "127.0.0.95"]);
+    let t = evil_transport(&evil, &n1);
+    let conn = t
+        .connect(n1.id.parse().unwrap(), n1.addr.parse().unwrap())
+        .await
+        .unwrap();
+    let (mut send, _recv) = hello(&conn, 1).await;
+    answer_not_found(conn.clone());
+    let rss = RssWatch::start(&n1);
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let (sent, stop, max) = (sent.clone(), stop.clone(), rss.max_kib.clone());
+        tokio::spawn(async move {
+            // Frames of 1000 new paths each, as fast as the node takes them, until it
+            // cuts us off (or the safety stop).
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed)
+                && max.load(Ordering::Relaxed) / 1024 < RSS_SAFETY_MIB
+            {
+                if wire::write_msg(&mut send, &flood_frame(1, i, 1000))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                i += 1000;
+                sent.store(i, Ordering::Relaxed);
+            }
+        })
+    };
+    let start = Instant::now();
+    let lat = tokio::task::block_in_place(|| propagation(&n2, &n1, "index flood", 5));
+    eprintln!(
+        "index flood: {} records sent in {:?}, n1 max RSS {} MiB",
+        sent.load(Ordering::Relaxed),
+        start.elapsed(),
+        rss.max_mib()
+    );
+    let code = closed_by_node(&conn, Duration::from_secs(60)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = flood.await;
+    eprintln!(
+        "index flood: ended after {} records, {:?}, close code {code:?}, n1 max RSS {} MiB",
+        sent.load(Ordering::Relaxed),
+        start.elapsed(),
+        rss.max_mib()
+    );
+    assert!(lat.iter().all(|d| *d < PROPAGATION_DEADLINE));
+    assert!(
+        rss.max_mib() < RSS_BOUND_MIB,
+        "n1 grew to {} MiB under an index flood of {} records",
+        rss.max_mib(),
+        sent.load(Ordering::Relaxed)
+    );
+    assert_eq!(code, Some(3), "the flooding peer was not disconnected");
+    let log = n1.log();
+    assert!(log.contains("records; disconnecting"), "{log}");
+    // And afterwards, still healthy.
+    propagation(&n2, &n1, "after the flood", 2);
+}
+
+/// Writes `bytes` one per second.
+fn trickle<W>(mut w: W, bytes: Vec<u8>)
+where
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncWriteExt;
+    tokio::spawn(async move {
+        for b in bytes {
+            if w.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_frames_and_slow_loris_are_cut_off() {
+    let dir = tmp();
+    let (n1, n2, evil) =
+        healthy_pair_and_evil(dir.path(), ["127.0.0.96", "127.0.0.97", "127.0.0.98"]);
+    let t = evil_transport(&evil, &n1);
+    let (id, addr): (DeviceId, SocketAddr) = (n1.id.parse().unwrap(), n1.addr.parse().unwrap());
+    let rss = RssWatch::start(&n1);
+    let start = Instant::now();
+    // 1. Twenty connections that trickle their hello at 1 byte/s.
+    let mut loris = Vec::new();
+    for _ in 0..20 {
+        let conn = t.connect(id, addr).await.unwrap();
+        let send = conn.open_uni().await.unwrap();
+        trickle(send, vec![0, 0, 0, 40, 10, 38]);
+        loris.push(conn);
+    }
+    // 2. A session that opens 16 content requests trickled at 1 byte/s, then starts
+    // an index frame it never finishes (1 byte/s of 100 000).
+    let conn = t.connect(id, addr).await.unwrap();
+    let (mut send, _recv) = hello(&conn, 7).await;
+    for _ in 0..16 {
+        let (s, _r) = conn.open_bi().await.unwrap();
+        trickle(s, vec![0, 0, 0, 100, 10, 1, b'a']);
+    }
+    send.write_all(&[0, 1, 0x86, 0xa0]).await.unwrap();
+    trickle(send, vec![0x12; 600]);
+
+    let lat = tokio::task::block_in_place(|| propagation(&n2, &n1, "slow-loris", 5));
+    let mut codes = Vec::new();
+    for c in loris.iter().chain(std::iter::once(&conn)) {
+        codes.push(closed_by_node(c, Duration::from_secs(40)).await);
+    }
+    eprintln!(
+        "slow-loris: all 21 connections closed by n1 after {:?}, n1 max RSS {} MiB",
+        start.elapsed(),
+        rss.max_mib()
+    );
+    assert!(codes.iter().all(|c| *c == Some(3)), "{codes:?}");
+    assert!(lat.iter().all(|d| *d < PROPAGATION_DEADLINE));
+    assert!(rss.max_mib() < RSS_BOUND_MIB, "{} MiB", rss.max_mib());
+    let log = n1.log();
+    assert!(count(&log, "no hello within 10s") >= 20, "{log}");
+    assert!(log.contains("not completed within"), "{log}");
+    assert!(count(&log, "serving a request failed") >= 16, "{log}");
+    propagation(&n2, &n1, "after the slow-loris", 2);
+}
+
+// ---------------------------------------------------------------------------------
+// Item 5: clocks an hour apart.
+
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// The first log timestamp of a node, as seconds since the epoch.
+fn first_log_time(node: &Node) -> Option<i64> {
+    let log = node.log();
+    let i = log.find("20")?;
+    let ts = time::OffsetDateTime::parse(
+        log.get(i..i + 27)?,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .ok()?;
+    Some(ts.unix_timestamp())
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn set_mtime(node: &Node, rel: &str, t: SystemTime) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(node.tree.join(rel))
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+#[test]
+fn clocks_an_hour_apart_converge_by_the_conflict_rule_with_nothing_lost() {
+    if !std::path::Path::new(LIBFAKETIME).exists() {
+        eprintln!("SKIPPED: libfaketime not installed (apt-get install faketime)");
+        return;
+    }
+    let dir = tmp();
+    let ahead = Node::new(dir.path(), "ahead", "127.0.0.99");
+    let behind = Node::new(dir.path(), "behind", "127.0.0.80");
+    let exact = Node::new(dir.path(), "exact", "127.0.0.81");
+    ahead.configure(&[&behind, &exact]);
+    behind.configure(&[&ahead, &exact]);
+    exact.configure(&[&ahead, &behind]);
+    let mut c = Cluster {
+        nodes: vec![ahead, behind, exact],
+        dir,
+    };
+    let skew = |i: usize| match i {
+        0 => Some("+1h"),
+        1 => Some("-1h"),
+        _ => None,
+    };
+    for (i, n) in c.nodes.iter_mut().enumerate() {
+        match skew(i) {
+            Some(s) => n.start_with_env(&[
+                ("LD_PRELOAD", LIBFAKETIME),
+                ("FAKETIME", s),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ]),
+            None => n.start(),
+        }
+    }
+    // The faked clock reaches the daemon (its log timestamps come from SystemTime).
+    let now = unix_now();
+    let ahead_t = first_log_time(&c.nodes[0]).expect("a timestamp in ahead's log");
+    let behind_t = first_log_time(&c.nodes[1]).expect("a timestamp in behind's log");
+    assert!((ahead_t - now - 3600).abs() < 300, "ahead is not +1h");
+    assert!((behind_t - now + 3600).abs() < 300, "behind is not -1h");
+    for n in &c.nodes {
+        wait_until(&format!("{} connected", n.name), || n.all_connected());
+    }
+    c.nodes[2].write("dhparam.pem", "v0");
+    c.nodes[2].write("exact-only", "from the exact clock");
+    c.wait_converged();
+
+    // Partition "behind" (stop it); both sides edit the same file. "behind" edits
+    // later in real time, but its clock is two hours behind "ahead"'s, so by the
+    // rule (later mtime wins) ahead's edit wins everywhere.
+    c.nodes[1].stop();
+    let t0 = SystemTime::now();
+    c.nodes[0].write("dhparam.pem", "ahead's edit");
+    set_mtime(&c.nodes[0], "dhparam.pem", t0 + Duration::from_secs(3600));
+    wait_until("exact gets ahead's edit", || {
+        c.nodes[2].read("dhparam.pem").as_deref() == Some("ahead's edit")
+    });
+    c.nodes[1].write("dhparam.pem", "behind's edit");
+    set_mtime(
+        &c.nodes[1],
+        "dhparam.pem",
+        t0 + Duration::from_secs(10) - Duration::from_secs(3600),
+    );
+    // A file written during the partition on the behind side only.
+    c.nodes[1].write("behind-only", "from the slow clock");
+    set_mtime(&c.nodes[1], "behind-only", t0 - Duration::from_secs(3600));
+    c.nodes[1].start_with_env(&[
+        ("LD_PRELOAD", LIBFAKETIME),
+        ("FAKETIME", "-1h"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ]);
+    c.wait_converged();
+    for n in &c.nodes {
+        assert_eq!(
+            n.read("dhparam.pem").as_deref(),
+            Some("ahead's edit"),
+            "{}",
+            n.name
+        );
+        assert_eq!(
+            n.read("behind-only").as_deref(),
+            Some("from the slow clock")
+        );
+        assert_eq!(
+            n.read("exact-only").as_deref(),
+            Some("from the exact clock")
+        );
+    }
+    let kept = crate::util::snapshot(&c.nodes[1].tree.join(".certmesh/conflicts"));
+    assert!(
+        kept.values().any(|(_, b, _)| b == b"behind's edit"),
+        "behind's edit was lost: {kept:?}"
+    );
+    for n in &mut c.nodes {
+        n.stop();
+    }
+}
+
+#[test]
+fn renewal_schedule_under_an_hour_of_skew_moves_by_the_skew_only() {
+    use certmesh::acme::schedule::{due_at, may_order, renewer, RenewalLease, Validity};
+    const DAY: i64 = 86_400;
+    let issued = 1_800_000_000;
+    let v = Validity {
+        not_before: issued,
+        not_after: issued + 90 * DAY,
+    };
+    let ids: Vec<DeviceId> = (1..=3).map(|b| DeviceId([b; 32])).collect();
+    // The due time is a function of the certificate alone (no clock in it), so a
+    // skewed node reaches it at most `skew` early or late, once.
+    let due = due_at(Some(v), None, 0.4);
+    assert_eq!(due, due_at(Some(v), None, 0.4));
+    assert!(due > issued + 54 * DAY && due < issued + 60 * DAY, "{due}");
+    // Renewer choice needs no clock: all agree whatever their skew.
+    for me in &ids {
+        let others: Vec<DeviceId> = ids.iter().copied().filter(|d| d != me).collect();
+        assert_eq!(renewer(*me, &others), ids[0]);
+    }
+    // A fresh lease held by ids[0] (120 s TTL, its clock -1h) as seen by a node +1h:
+    // looks stale, but that node is not the renewer, so it still does not order.
+    let lease = RenewalLease::new(ids[0], "n1", due - 3600, Duration::from_secs(120));
+    let ahead_now = due + 3600;
+    assert!(!lease.fresh(ahead_now));
+    assert!(may_order(ids[2], ids[0], Some(&lease), ahead_now, false).is_err());
+    // Only an explicit `certmesh issue` on the skewed node would order meanwhile.
+    assert!(may_order(ids[2], ids[0], Some(&lease), ahead_now, true).is_ok());
+}
