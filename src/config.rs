@@ -46,6 +46,7 @@ struct RawConfig {
     #[serde(default)]
     hook: Vec<RawHook>,
     http: Option<RawHttp>,
+    metrics: Option<RawMetrics>,
 }
 
 /// `[acme]`: present on the nodes allowed to order certificates.
@@ -103,6 +104,15 @@ struct RawHook {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     /// Address of the built-in http-01 responder.
+    listen: Spanned<String>,
+}
+
+/// `[metrics]`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    /// Address of the Prometheus `/metrics` endpoint (plain HTTP; keep it local or
+    /// on the backnet).
     listen: Spanned<String>,
 }
 
@@ -221,6 +231,8 @@ pub struct Config {
     pub hooks: Vec<HookConfig>,
     /// Built-in http-01 responder address.
     pub http_listen: Option<SocketAddr>,
+    /// Prometheus `/metrics` endpoint address (`[metrics] listen`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -356,6 +368,16 @@ impl Config {
                 )
             })?),
         };
+        let metrics_listen = match &raw.metrics {
+            None => None,
+            Some(m) => Some(m.listen.get_ref().parse::<SocketAddr>().map_err(|e| {
+                bad(
+                    m.listen.span(),
+                    "metrics.listen",
+                    format!("{e} (expected ip:port, e.g. \"127.0.0.1:9402\")"),
+                )
+            })?),
+        };
         Ok(Config {
             file: path.to_path_buf(),
             name,
@@ -368,6 +390,7 @@ impl Config {
             certificates,
             hooks,
             http_listen,
+            metrics_listen,
         })
     }
 
@@ -748,6 +771,8 @@ mod tests {
             (cfg("[[hook]]\npaths = [\"live/**\"]\nrun = []\n"), "hook.run", "non-empty"),
             (cfg("[[hook]]\npaths = [\"live/[\"]\nrun = [\"true\"]\n"), "hook.paths", ""),
             (cfg("[http]\nlisten = \"nowhere\"\n"), "http.listen", ""),
+            (cfg("[metrics]\nlisten = \"localhost\"\n"), "metrics.listen", ":9:"),
+            (cfg("[metrics]\nlisten = \"127.0.0.1:9402\"\npath = \"/m\"\n"), "path", ""),
         ];
         for (text, key, what) in cases {
             let e = err(&text);

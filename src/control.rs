@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::identity::DeviceId;
 use crate::node::Shared;
 
 /// `certmesh status --json`: the keys are stable.
@@ -19,6 +20,18 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     pub certificates: Vec<CertStatus>,
     pub errors: Vec<String>,
+    /// Failure counters since start (also exported as metrics).
+    #[serde(default)]
+    pub counters: Counters,
+}
+
+/// Monotonic counters since the daemon started.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Counters {
+    /// Hooks that failed to start, exited non-zero or timed out.
+    pub hook_failures: u64,
+    /// ACME orders that failed (0 on nodes without `[acme]`).
+    pub acme_failures: u64,
 }
 
 /// One configured certificate as this node sees it: what is live in the tree, and
@@ -55,6 +68,9 @@ pub struct NodeStatus {
     pub id: String,
     pub listen: String,
     pub uptime_s: u64,
+    /// The daemon's clock (unix seconds) when it answered: ages are relative to it.
+    #[serde(default)]
+    pub now_unix: i64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -81,6 +97,17 @@ pub struct PeerStatus {
     /// Records we still need that only this peer has announced.
     pub pending_from: usize,
     pub last_error: Option<String>,
+    /// Items between us and this peer: our records it has not acknowledged (as of
+    /// its last ack, also while disconnected) plus `pending_from`.
+    #[serde(default)]
+    pub out_of_sync: usize,
+    /// Unix seconds of the last successful sync: the last ack from this peer, or the
+    /// last time it was seen fully in sync. `None`: never since start.
+    #[serde(default)]
+    pub last_sync_unix: Option<i64>,
+    /// The same as RFC 3339.
+    #[serde(default)]
+    pub last_sync: Option<String>,
 }
 
 /// The certificates part of the status (reads `live/<name>/cert.pem` of each).
@@ -141,25 +168,54 @@ pub fn status(shared: &Shared) -> Status {
             )
         })
         .unwrap_or_default();
-    let st = shared.lock();
-    let mut peers: Vec<PeerStatus> = st
+    let now = crate::acme::unix_now();
+    let mut st = shared.lock();
+    let (ids, mut peers): (Vec<DeviceId>, Vec<PeerStatus>) = st
         .peers
         .iter()
         .map(|(id, slot)| {
             let conn = slot.session.as_ref().map(|s| &s.conn);
-            PeerStatus {
+            let in_sync = conn.is_some() && st.plan.in_sync(id, &st.index);
+            let acked = if conn.is_some() {
+                st.plan.peer_acked(id).max(slot.last_acked)
+            } else {
+                slot.last_acked
+            };
+            let pending_from = st.plan.pending_from(id, &st.index);
+            let unacked = st.index.changed_since(acked).count();
+            let last_sync = if in_sync { Some(now) } else { slot.last_sync };
+            let p = PeerStatus {
                 name: slot.config.name.clone(),
                 id: id.to_string(),
                 address: slot.config.address.to_string(),
                 connected: conn.is_some(),
-                in_sync: conn.is_some() && st.plan.in_sync(id, &st.index),
+                in_sync,
                 rtt_ms: conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
                 acked: st.plan.peer_acked(id),
-                pending_from: st.plan.pending_from(id, &st.index),
+                pending_from,
                 last_error: slot.last_error.clone(),
-            }
+                out_of_sync: if in_sync { 0 } else { unacked + pending_from },
+                last_sync_unix: last_sync,
+                last_sync: last_sync.map(crate::acme::rfc3339),
+            };
+            (*id, p)
         })
-        .collect();
+        .unzip();
+    // Seen in sync now: remembered, so the timestamp never goes back.
+    for (id, p) in ids.iter().zip(&peers) {
+        if let (true, Some(slot)) = (p.in_sync, st.peers.get_mut(id)) {
+            slot.last_sync = Some(now);
+        }
+    }
+    let errors = st.errors.iter().cloned().collect();
+    let tree = TreeStatus {
+        path: tree,
+        files: st.index.live_count(),
+        out_of_sync: st.plan.needs_len(),
+        scans: shared.scans.load(std::sync::atomic::Ordering::Relaxed),
+        sequence: st.index.sequence(),
+    };
+    drop(st);
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     Status {
         node: NodeStatus {
@@ -167,17 +223,18 @@ pub fn status(shared: &Shared) -> Status {
             id: shared.me().to_string(),
             listen,
             uptime_s: shared.started.elapsed().as_secs(),
+            now_unix: now,
         },
-        tree: TreeStatus {
-            path: tree,
-            files: st.index.live_count(),
-            out_of_sync: st.plan.needs_len(),
-            scans: shared.scans.load(std::sync::atomic::Ordering::Relaxed),
-            sequence: st.index.sequence(),
-        },
+        tree,
         peers,
         certificates,
-        errors: st.errors.iter().cloned().collect(),
+        errors,
+        counters: Counters {
+            hook_failures: shared
+                .hook_failures
+                .load(std::sync::atomic::Ordering::Relaxed),
+            acme_failures: shared.acme.get().map_or(0, |a| a.failures_total()),
+        },
     }
 }
 
@@ -281,86 +338,318 @@ pub async fn request_with(
 
 use tokio::io::AsyncReadExt as _;
 
-/// Renders the status as a table for people.
+/// Renders the status as tables for people: node, tree, peers, certificates,
+/// recent errors.
 pub fn render(s: &Status) -> String {
     use std::fmt::Write;
+    let now = if s.node.now_unix > 0 {
+        s.node.now_unix
+    } else {
+        crate::acme::unix_now()
+    };
+    let dash = || "-".to_string();
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "node   {} ({})  listen {}  up {}s",
-        s.node.name, s.node.id, s.node.listen, s.node.uptime_s
+        "node {} ({})  listen {}  up {}\n",
+        s.node.name,
+        s.node.id,
+        s.node.listen,
+        age(s.node.uptime_s as i64)
     );
-    let _ = writeln!(
-        o,
-        "tree   {}  {} files  {} out of sync  seq {}",
-        s.tree.path, s.tree.files, s.tree.out_of_sync, s.tree.sequence
+    table(
+        &mut o,
+        &["TREE", "FILES", "OUT OF SYNC", "SCANS", "SEQUENCE"],
+        vec![vec![
+            s.tree.path.clone(),
+            s.tree.files.to_string(),
+            s.tree.out_of_sync.to_string(),
+            s.tree.scans.to_string(),
+            s.tree.sequence.to_string(),
+        ]],
     );
     let _ = writeln!(o);
-    let _ = writeln!(
-        o,
-        "{:<16} {:<24} {:<10} {:<8} {:>8}  NOTE",
-        "PEER", "ADDRESS", "CONNECTED", "IN SYNC", "RTT"
+    let peers = s
+        .peers
+        .iter()
+        .map(|p| {
+            let sync = if p.in_sync {
+                "in sync".to_string()
+            } else if p.out_of_sync > 0 {
+                format!("{} out of sync", p.out_of_sync)
+            } else if p.connected {
+                "syncing".to_string()
+            } else {
+                dash()
+            };
+            vec![
+                p.name.clone(),
+                p.address.clone(),
+                if p.connected { "yes" } else { "no" }.to_string(),
+                p.rtt_ms.map_or_else(dash, |r| format!("{r:.2}ms")),
+                sync,
+                p.last_sync_unix.map_or_else(
+                    || "never".to_string(),
+                    |t| match now - t {
+                        ..=1 => "just now".to_string(),
+                        a => format!("{} ago", age(a)),
+                    },
+                ),
+            ]
+        })
+        .collect();
+    table(
+        &mut o,
+        &["PEER", "ADDRESS", "CONNECTED", "RTT", "SYNC", "LAST SYNC"],
+        peers,
     );
-    for p in &s.peers {
-        let rtt = p
-            .rtt_ms
-            .map(|r| format!("{r:.2}ms"))
-            .unwrap_or_else(|| "-".into());
-        let note = match (&p.last_error, p.pending_from) {
-            (_, n) if n > 0 => format!("{n} items pending"),
-            (Some(e), _) if !p.connected => e.chars().take(60).collect(),
-            _ => String::new(),
-        };
-        let yn = |b: bool| if b { "yes" } else { "no" };
-        let _ = writeln!(
-            o,
-            "{:<16} {:<24} {:<10} {:<8} {:>8}  {}",
-            p.name,
-            p.address,
-            yn(p.connected),
-            yn(p.in_sync),
-            rtt,
-            note
-        );
-    }
     if !s.certificates.is_empty() {
         let _ = writeln!(o);
-        let _ = writeln!(
-            o,
-            "{:<24} {:<22} {:>6} {:>4} {:<12} {:<22} {:<8}  NOTE",
-            "CERTIFICATE", "NOT AFTER", "DAYS", "VER", "RENEWER", "NEXT RENEWAL", "STATE"
+        let certs = s
+            .certificates
+            .iter()
+            .map(|c| {
+                let domains = match c.domains.as_slice() {
+                    [] => dash(),
+                    [one] => one.clone(),
+                    [first, rest @ ..] => format!("{first} (+{})", rest.len()),
+                };
+                let note = match (&c.lease, &c.waiting_for) {
+                    (Some(l), _) => format!("lease held by {l}"),
+                    (_, Some(w)) => w.clone(),
+                    _ => String::new(),
+                };
+                vec![
+                    c.name.clone(),
+                    domains,
+                    c.not_after.clone().unwrap_or_else(|| "missing".into()),
+                    c.days_left.map_or_else(dash, |d| format!("{d:.1}")),
+                    c.version.map_or_else(dash, |v| v.to_string()),
+                    c.renewer.clone().unwrap_or_else(dash),
+                    c.next_renewal.clone().unwrap_or_else(dash),
+                    c.state.clone(),
+                    note,
+                ]
+            })
+            .collect();
+        table(
+            &mut o,
+            &[
+                "CERTIFICATE",
+                "DOMAINS",
+                "NOT AFTER",
+                "DAYS LEFT",
+                "VER",
+                "RENEWER",
+                "NEXT RENEWAL",
+                "STATE",
+                "NOTE",
+            ],
+            certs,
         );
-        for c in &s.certificates {
-            let dash = || "-".to_string();
-            let note = match (&c.last_error, &c.waiting_for, &c.lease) {
-                (Some(e), _, _) => format!(
-                    "{} failures: {}",
-                    c.failures,
-                    e.chars().take(80).collect::<String>()
-                ),
-                (_, _, Some(l)) => format!("lease held by {l}"),
-                (_, Some(w), _) => w.clone(),
-                _ => c.domains.join(" ").chars().take(80).collect(),
-            };
-            let _ = writeln!(
-                o,
-                "{:<24} {:<22} {:>6} {:>4} {:<12} {:<22} {:<8}  {}",
-                c.name,
-                c.not_after.clone().unwrap_or_else(|| "missing".into()),
-                c.days_left.map(|d| format!("{d:.1}")).unwrap_or_else(dash),
-                c.version.map(|v| v.to_string()).unwrap_or_else(dash),
-                c.renewer.clone().unwrap_or_else(dash),
-                c.next_renewal.clone().unwrap_or_else(dash),
-                c.state,
-                note
-            );
+    }
+    // Last errors: per peer and per certificate, then the daemon's recent ones.
+    let mut errors: Vec<String> = Vec::new();
+    for p in s.peers.iter().filter(|p| !p.connected) {
+        if let Some(e) = &p.last_error {
+            errors.push(format!("peer {}: {}", p.name, one_line(e, 160)));
         }
     }
-    if !s.errors.is_empty() {
-        let _ = writeln!(o, "\nrecent errors:");
-        for e in &s.errors {
+    for c in &s.certificates {
+        if let Some(e) = &c.last_error {
+            errors.push(format!(
+                "certificate {} ({} failures): {}",
+                c.name,
+                c.failures,
+                one_line(e, 160)
+            ));
+        }
+    }
+    const SHOWN: usize = 5;
+    let skipped = s.errors.len().saturating_sub(SHOWN);
+    for e in &s.errors[skipped..] {
+        // `State::error` prefixes the unix time.
+        let line = match e.split_once(' ') {
+            Some((t, msg)) => match t.parse::<i64>() {
+                Ok(t) => format!("{} ago: {}", age(now - t), one_line(msg, 160)),
+                Err(_) => one_line(e, 160),
+            },
+            None => one_line(e, 160),
+        };
+        errors.push(line);
+    }
+    let counters = &s.counters;
+    if counters.hook_failures + counters.acme_failures > 0 {
+        errors.push(format!(
+            "since start: {} hook failures, {} ACME failures",
+            counters.hook_failures, counters.acme_failures
+        ));
+    }
+    if !errors.is_empty() {
+        let more = if skipped > 0 {
+            format!(" (last {SHOWN} of {}, all in --json)", s.errors.len())
+        } else {
+            String::new()
+        };
+        let _ = writeln!(o, "\nERRORS{more}");
+        for e in errors {
             let _ = writeln!(o, "  {e}");
         }
     }
     o
+}
+
+/// Left-aligned columns as wide as their widest cell; the last one is not padded.
+fn table(o: &mut String, headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            l.push_str(c);
+            if i + 1 < cells.len() {
+                l.extend(std::iter::repeat_n(' ', w - c.chars().count()));
+            }
+        }
+        o.push_str(l.trim_end());
+        o.push('\n');
+    };
+    line(headers.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+/// `95` → `1m35s`, `7300` → `2h01m`, `200000` → `2d07h`.
+fn age(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        ..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// The first line of `s`, at most `max` characters.
+fn one_line(s: &str, max: usize) -> String {
+    let first = s.lines().next().unwrap_or("");
+    if first.chars().count() > max {
+        let mut t: String = first.chars().take(max).collect();
+        t.push('…');
+        t
+    } else {
+        first.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            node: NodeStatus {
+                name: "lb0".into(),
+                id: "AAAA".into(),
+                listen: "127.0.0.1:22000".into(),
+                uptime_s: 7300,
+                now_unix: 1_000_000,
+            },
+            tree: TreeStatus {
+                path: "/etc/nginx/certs".into(),
+                files: 42,
+                out_of_sync: 3,
+                sequence: 120,
+                scans: 7,
+            },
+            peers: vec![
+                PeerStatus {
+                    name: "lb1".into(),
+                    id: "B".into(),
+                    address: "10.0.0.2:22000".into(),
+                    connected: true,
+                    in_sync: true,
+                    rtt_ms: Some(0.412),
+                    acked: 120,
+                    pending_from: 0,
+                    last_error: None,
+                    out_of_sync: 0,
+                    last_sync_unix: Some(1_000_000),
+                    last_sync: None,
+                },
+                PeerStatus {
+                    name: "lb2".into(),
+                    id: "C".into(),
+                    address: "10.0.0.3:22000".into(),
+                    connected: false,
+                    in_sync: false,
+                    rtt_ms: None,
+                    acked: 0,
+                    pending_from: 0,
+                    last_error: Some("timed out\nsecond line".into()),
+                    out_of_sync: 4,
+                    last_sync_unix: Some(1_000_000 - 312),
+                    last_sync: None,
+                },
+            ],
+            certificates: Vec::new(),
+            errors: vec![
+                "999990 hook [\"false\"] failed".into(),
+                "index damaged".into(),
+            ],
+            counters: Counters {
+                hook_failures: 1,
+                acme_failures: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn table_is_aligned_and_complete() {
+        let out = render(&sample());
+        let lines: Vec<&str> = out.lines().collect();
+        let head = lines.iter().position(|l| l.starts_with("PEER")).unwrap();
+        let col = |l: &str| {
+            l.find("CONNECTED")
+                .or_else(|| l.find("yes"))
+                .or_else(|| l.find("no "))
+        };
+        assert_eq!(col(lines[head]), col(lines[head + 1]), "{out}");
+        assert_eq!(col(lines[head]), col(lines[head + 2]), "{out}");
+        for needle in [
+            "TREE",
+            "OUT OF SYNC",
+            "SCANS",
+            "in sync",
+            "just now",
+            "4 out of sync",
+            "5m12s ago",
+            "0.41ms",
+            "peer lb2: timed out",
+            "10s ago: hook",
+            "index damaged",
+            "since start: 1 hook failures, 0 ACME failures",
+            "up 2h01m",
+        ] {
+            assert!(out.contains(needle), "{needle:?} missing in:\n{out}");
+        }
+        assert!(!out.contains("second line"), "{out}");
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(age(0), "0s");
+        assert_eq!(age(95), "1m35s");
+        assert_eq!(age(7300), "2h01m");
+        assert_eq!(age(200_000), "2d07h");
+        assert_eq!(age(-5), "0s");
+    }
 }

@@ -116,9 +116,7 @@ async fn run_one(shared: &Shared, h: &HookConfig, names: &[String], paths: &[Str
     let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            shared
-                .lock()
-                .error(format!("hook {:?}: cannot start: {e}", h.run));
+            shared.hook_failed(format!("hook {:?}: cannot start: {e}", h.run));
             return;
         }
     };
@@ -129,14 +127,14 @@ async fn run_one(shared: &Shared, h: &HookConfig, names: &[String], paths: &[Str
             ms = started.elapsed().as_millis() as u64,
             "hook ran"
         ),
-        Ok(Ok(out)) => shared.lock().error(format!(
+        Ok(Ok(out)) => shared.hook_failed(format!(
             "hook {:?} failed ({}): {}",
             h.run,
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         )),
-        Ok(Err(e)) => shared.lock().error(format!("hook {:?}: {e}", h.run)),
-        Err(_) => shared.lock().error(format!(
+        Ok(Err(e)) => shared.hook_failed(format!("hook {:?}: {e}", h.run)),
+        Err(_) => shared.hook_failed(format!(
             "hook {:?} timed out after {:?} and was killed",
             h.run, h.timeout
         )),

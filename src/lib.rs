@@ -11,6 +11,7 @@
 //! tree, notify + debounce), [`apply`] (staged atomic writes), [`transport`] (quinn +
 //! pinned mTLS), [`peer`] (one task per connection), [`pull`] (fetch + apply batches),
 //! [`node`] (the daemon wiring it together), [`control`] (local socket for `status`),
+//! [`metrics`] (optional Prometheus `/metrics`),
 //! [`demo`] (a 3-node mesh on loopback).
 //!
 //! On top: [`acme`] (cluster ACME: shared account, renewer lease, challenge barrier,
@@ -26,6 +27,7 @@ pub mod hooks;
 pub mod identity;
 pub mod index;
 pub mod inline;
+pub mod metrics;
 pub mod node;
 pub mod paths;
 pub mod peer;

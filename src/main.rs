@@ -90,6 +90,9 @@ fn main() -> ExitCode {
             }),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: under systemd stderr goes to journald, which
+        // would store the escape codes verbatim.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match dispatch(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,

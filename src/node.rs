@@ -45,6 +45,12 @@ pub struct PeerSlot {
     /// Woken when the session ends, so the dialler tries again.
     pub gone: Arc<Notify>,
     pub last_error: Option<String>,
+    /// Our sequence this peer last acknowledged; kept across disconnects (for the
+    /// items it is missing while away).
+    pub last_acked: u64,
+    /// Unix seconds of the last ack from this peer, or of the last time it was seen
+    /// fully in sync (`status`, metrics).
+    pub last_sync: Option<i64>,
 }
 
 /// Everything the pure core needs, under one lock.
@@ -72,6 +78,15 @@ impl State {
             .unwrap_or_default()
             .as_secs();
         self.errors.push_back(format!("{t} {msg}"));
+    }
+
+    /// An ack from `peer`: the plan learns it, the slot remembers when.
+    pub fn acked(&mut self, peer: DeviceId, sequence: u64) {
+        self.plan.acked(peer, sequence);
+        if let Some(slot) = self.peers.get_mut(&peer) {
+            slot.last_acked = slot.last_acked.max(sequence);
+            slot.last_sync = Some(now_ns() / 1_000_000_000);
+        }
     }
 
     /// Persists the entries changed after `since` and tells peers about them.
@@ -114,6 +129,8 @@ pub struct Shared {
     pub stopping: watch::Sender<bool>,
     /// The ACME driver, when `[acme]` is configured (for `status`, `issue`, `renew`).
     pub acme: std::sync::OnceLock<Arc<crate::acme::Acme>>,
+    /// Hooks that failed to start, exited non-zero or timed out (metrics).
+    pub hook_failures: AtomicU64,
 }
 
 impl Shared {
@@ -135,6 +152,12 @@ impl Shared {
 
     pub fn me(&self) -> DeviceId {
         self.identity.id
+    }
+
+    /// Records a failed hook run: counted for metrics, logged and kept for `status`.
+    pub fn hook_failed(&self, msg: String) {
+        self.hook_failures.fetch_add(1, Ordering::Relaxed);
+        self.lock().error(msg);
     }
 }
 
@@ -210,12 +233,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         stopping: watch::channel(false).0,
         inline: Mutex::new(Default::default()),
         acme: std::sync::OnceLock::new(),
+        hook_failures: AtomicU64::new(0),
     });
 
     // Watch first, then scan: nothing changed in between is missed.
     let watcher = crate::watch::start(shared.clone(), rescan_rx)?;
     crate::watch::full_rescan(&shared).await;
     let puller = tokio::spawn(crate::pull::run(shared.clone()));
+    crate::metrics::start(&shared)?;
     let control = crate::control::start(shared.clone(), &config.control_socket())?;
     crate::acme::start(&shared)?;
     crate::hooks::start(&shared);
@@ -249,6 +274,8 @@ fn new_slot(config: PeerConfig) -> PeerSlot {
         session: None,
         gone: Arc::new(Notify::new()),
         last_error: None,
+        last_acked: 0,
+        last_sync: None,
     }
 }
 

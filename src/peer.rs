@@ -356,7 +356,7 @@ async fn recv_loop(
                 shared.bump_progress();
             }
             Some(pb::frame::Body::Ack(a)) => {
-                shared.lock().plan.acked(peer, a.sequence);
+                shared.lock().acked(peer, a.sequence);
                 shared.bump_progress();
             }
             Some(pb::frame::Body::Hello(_)) | None => {

@@ -5,5 +5,6 @@ mod cli;
 mod crash;
 mod faults;
 mod hostile;
+mod observe;
 mod sync;
 mod util;

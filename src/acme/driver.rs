@@ -382,6 +382,9 @@ impl Driver {
             Err(f) => {
                 let msg = format!("{:#}", f.error);
                 shared.lock().error(format!("acme: {}: {msg}", cert.name));
+                self.handle
+                    .failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.handle.update(&cert.name, |r| {
                     r.failures += 1;
                     let wait = schedule::backoff(r.failures, rand::random(), f.retry_after);

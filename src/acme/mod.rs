@@ -80,6 +80,8 @@ pub(crate) enum Command {
 pub struct Acme {
     runtime: Mutex<BTreeMap<String, Runtime>>,
     commands: mpsc::UnboundedSender<Command>,
+    /// Orders that failed since start (metrics).
+    failures: std::sync::atomic::AtomicU64,
 }
 
 impl Acme {
@@ -89,6 +91,11 @@ impl Acme {
 
     pub fn runtime(&self, name: &str) -> Option<Runtime> {
         self.rt().get(name).cloned()
+    }
+
+    /// Orders that failed since the daemon started.
+    pub fn failures_total(&self) -> u64 {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn update(&self, name: &str, f: impl FnOnce(&mut Runtime)) {
@@ -152,6 +159,7 @@ pub fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
     let handle = Arc::new(Acme {
         runtime: Mutex::new(BTreeMap::new()),
         commands: tx,
+        failures: Default::default(),
     });
     if shared.acme.set(handle.clone()).is_err() {
         anyhow::bail!("the ACME task was started twice");
