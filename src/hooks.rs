@@ -1,17 +1,23 @@
-//! `[[hook]]`: commands run once per applied change of matching paths, on every
+//! `[[hook]]`: actions run once per applied change of matching paths, on every
 //! node, whether the change was made here (the ACME client, an operator) or applied
 //! from a peer. A burst of changes (a published bundle: five files and a link) is
-//! debounced into one run. argv without a shell; the names of the certificates that
-//! changed are in `CERTMESH_CHANGED` (space separated), the changed paths in
-//! `CERTMESH_PATHS`. A hook that fails or hangs is logged and killed after its
-//! timeout; sync goes on.
+//! debounced into one run. Two kinds of action:
+//! - `run = [argv]`: a command without a shell; the names of the certificates that
+//!   changed are in `CERTMESH_CHANGED` (space separated), the changed paths in
+//!   `CERTMESH_PATHS`.
+//! - `haproxy_socket` + `haproxy_crt`: a zero-downtime swap through HAProxy's runtime
+//!   API (>= 2.1): `live/<name>/combined.pem` is sent with `set ssl cert <crt> <<`
+//!   (payload ended by an empty line), then `commit ssl cert <crt>`; no reload.
+//!
+//! A hook that fails or hangs is logged, counted (`Shared::hook_failures`) and killed
+//! after its timeout; sync goes on.
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::HookConfig;
+use crate::config::{HaproxySocket, HookAction, HookConfig};
 use crate::index::Kind;
 use crate::node::Shared;
 
@@ -95,7 +101,6 @@ async fn run(shared: Arc<Shared>) {
                 continue;
             }
             let names = cert_names(&matched);
-            let shared = shared.clone();
             let list: Vec<String> = matched.into_iter().cloned().collect();
             // One at a time per burst, in config order; never blocks sync.
             run_one(&shared, &h, &names, &list).await;
@@ -103,42 +108,213 @@ async fn run(shared: Arc<Shared>) {
     }
 }
 
+/// How a hook is named in logs and errors.
+pub fn label(h: &HookConfig) -> String {
+    match &h.action {
+        HookAction::Run(argv) => format!("{argv:?}"),
+        HookAction::Haproxy { socket, crt, .. } => format!("haproxy {crt} via {socket}"),
+    }
+}
+
 async fn run_one(shared: &Shared, h: &HookConfig, names: &[String], paths: &[String]) {
     let started = std::time::Instant::now();
-    let mut cmd = tokio::process::Command::new(&h.run[0]);
-    cmd.args(&h.run[1..])
+    let outcome = match &h.action {
+        HookAction::Run(argv) => {
+            tokio::time::timeout(h.timeout, command(shared, argv, names, paths)).await
+        }
+        HookAction::Haproxy { socket, crt, cert } => {
+            tokio::time::timeout(h.timeout, haproxy_swap(shared, socket, crt, cert)).await
+        }
+    };
+    match outcome {
+        Ok(Ok(done)) => tracing::info!(
+            hook = %label(h),
+            changed = %names.join(" "),
+            ms = started.elapsed().as_millis() as u64,
+            "hook ran: {done}"
+        ),
+        Ok(Err(e)) => shared.hook_failed(format!("hook {}: {e}", label(h))),
+        // Dropping the future killed a command (`kill_on_drop`) or closed the socket.
+        Err(_) => shared.hook_failed(format!(
+            "hook {} timed out after {:?} and was killed",
+            label(h),
+            h.timeout
+        )),
+    }
+}
+
+/// `run = [argv]`.
+async fn command(
+    shared: &Shared,
+    argv: &[String],
+    names: &[String],
+    paths: &[String],
+) -> Result<String, String> {
+    let (program, args) = argv.split_first().ok_or_else(|| "empty argv".to_string())?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
         .env("CERTMESH_CHANGED", names.join(" "))
         .env("CERTMESH_PATHS", paths.join(" "))
         .env("CERTMESH_TREE", &shared.tree.root)
         .current_dir(&shared.tree.root)
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    let child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            shared.hook_failed(format!("hook {:?}: cannot start: {e}", h.run));
-            return;
-        }
-    };
-    match tokio::time::timeout(h.timeout, child.wait_with_output()).await {
-        Ok(Ok(out)) if out.status.success() => tracing::info!(
-            hook = ?h.run,
-            changed = %names.join(" "),
-            ms = started.elapsed().as_millis() as u64,
-            "hook ran"
-        ),
-        Ok(Ok(out)) => shared.hook_failed(format!(
-            "hook {:?} failed ({}): {}",
-            h.run,
+    let child = cmd.spawn().map_err(|e| format!("cannot start: {e}"))?;
+    let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok("exited 0".into())
+    } else {
+        Err(format!(
+            "failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Ok(Err(e)) => shared.hook_failed(format!("hook {:?}: {e}", h.run)),
-        Err(_) => shared.hook_failed(format!(
-            "hook {:?} timed out after {:?} and was killed",
-            h.run, h.timeout
-        )),
+        ))
     }
+}
+
+/// HAProxy's CLI reads one command (payload included) into one buffer of
+/// `tune.bufsize` bytes (16384 by default).
+const HAPROXY_BUFSIZE: usize = 16384;
+
+/// Pushes `live/<cert>/combined.pem` into HAProxy as `crt`, atomically for clients:
+/// HAProxy builds the new SSL contexts and swaps them in on commit, so handshakes in
+/// progress finish with the old certificate and new ones get the new one.
+async fn haproxy_swap(
+    shared: &Shared,
+    socket: &HaproxySocket,
+    crt: &str,
+    cert: &str,
+) -> Result<String, String> {
+    let file = shared
+        .tree
+        .root
+        .join("live")
+        .join(cert)
+        .join("combined.pem");
+    let pem = tokio::fs::read_to_string(&file)
+        .await
+        .map_err(|e| format!("reading {}: {e}", file.display()))?;
+    let payload = haproxy_payload(&pem).map_err(|e| format!("{}: {e}", file.display()))?;
+    let set = format!("set ssl cert {crt} <<\n{payload}\n");
+    let answer = haproxy_cli(socket, &set).await?;
+    if let Err(e) = check_set(&answer, socket, crt) {
+        if set.len() > HAPROXY_BUFSIZE {
+            return Err(format!(
+                "{e} (the command is {} bytes; HAProxy's CLI takes at most tune.bufsize, {HAPROXY_BUFSIZE} by default)",
+                set.len()
+            ));
+        }
+        return Err(e);
+    }
+    let answer = haproxy_cli(socket, &format!("commit ssl cert {crt}\n")).await?;
+    if !answer.contains("Success!") {
+        // Leave no half-done transaction behind for the next attempt or an operator.
+        let _ = haproxy_cli(socket, &format!("abort ssl cert {crt}\n")).await;
+        return Err(format!(
+            "HAProxy at {socket} did not commit {crt}: {}",
+            one_line(&answer)
+        ));
+    }
+    Ok(format!(
+        "live/{cert}/combined.pem now served by HAProxy as {crt}"
+    ))
+}
+
+/// The answer to `set ssl cert`, as an error when it is not a transaction.
+fn check_set(answer: &str, socket: &HaproxySocket, crt: &str) -> Result<(), String> {
+    if answer.starts_with("Transaction created") || answer.starts_with("Transaction updated") {
+        return Ok(());
+    }
+    if answer.contains("not referenced by the configuration") {
+        return Err(format!(
+            "HAProxy at {socket} does not know the certificate {crt:?}: haproxy_crt must be exactly \
+             the path of a `crt` in its configuration (see `show ssl cert`); HAProxy said: {}",
+            one_line(answer)
+        ));
+    }
+    Err(format!(
+        "HAProxy at {socket} refused `set ssl cert {crt}`: {}",
+        one_line(answer)
+    ))
+}
+
+fn one_line(answer: &str) -> String {
+    let s = answer.trim().replace('\n', " / ");
+    if s.is_empty() {
+        "(no answer: is the stats socket at level admin?)".into()
+    } else {
+        s
+    }
+}
+
+/// The PEM blocks of `combined.pem` without blank lines or anything between blocks
+/// (an empty line would end HAProxy's payload early). Needs a certificate and a key.
+pub fn haproxy_payload(pem: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut inside = false;
+    let (mut certs, mut keys) = (0, 0);
+    for line in pem.lines() {
+        let line = line.trim_end();
+        if let Some(label) = line.strip_prefix("-----BEGIN ") {
+            inside = true;
+            if label.starts_with("CERTIFICATE") {
+                certs += 1;
+            } else if label.contains("PRIVATE KEY") {
+                keys += 1;
+            }
+        }
+        if inside && !line.is_empty() {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if line.starts_with("-----END ") {
+            inside = false;
+        }
+    }
+    if certs == 0 || keys != 1 {
+        return Err(format!(
+            "expected certificates and one private key, found {certs} certificate(s) and {keys} key(s)"
+        ));
+    }
+    Ok(out)
+}
+
+/// One command on a fresh connection to HAProxy's runtime API (non-interactive: it
+/// answers, then closes); returns the answer.
+async fn haproxy_cli(socket: &HaproxySocket, command: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        mut s: S,
+        command: &str,
+    ) -> std::io::Result<String> {
+        s.write_all(command.as_bytes()).await?;
+        s.flush().await?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await?;
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    }
+    let verb = command.split(" <<").next().unwrap_or(command).trim();
+    let connect_err = |e: std::io::Error| {
+        format!(
+            "cannot connect to HAProxy's runtime API at {socket}: {e} \
+             (is `stats socket {socket} level admin` in haproxy.cfg, and HAProxy running?)"
+        )
+    };
+    let answer = match socket {
+        HaproxySocket::Unix(p) => {
+            let s = tokio::net::UnixStream::connect(p)
+                .await
+                .map_err(connect_err)?;
+            exchange(s, command).await
+        }
+        HaproxySocket::Tcp(a) => {
+            let s = tokio::net::TcpStream::connect(a)
+                .await
+                .map_err(connect_err)?;
+            exchange(s, command).await
+        }
+    };
+    answer.map_err(|e| format!("`{verb}` on HAProxy's runtime API at {socket}: {e}"))
 }
 
 #[cfg(test)]
@@ -159,5 +335,46 @@ mod tests {
         .collect();
         let refs: Vec<&String> = p.iter().collect();
         assert_eq!(cert_names(&refs), ["api", "www.example.com"]);
+    }
+
+    #[test]
+    fn haproxy_payload_has_no_blank_lines() {
+        let pem = "-----BEGIN CERTIFICATE-----\r\nAAAA\n\n-----END CERTIFICATE-----\n\n\
+                   junk between blocks\n\n-----BEGIN PRIVATE KEY-----\nBBBB\n-----END PRIVATE KEY-----\n\n";
+        let p = haproxy_payload(pem).unwrap();
+        assert_eq!(
+            p,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n\
+             -----BEGIN PRIVATE KEY-----\nBBBB\n-----END PRIVATE KEY-----\n"
+        );
+        assert!(!p.contains("\n\n"));
+        let e = haproxy_payload("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+            .unwrap_err();
+        assert!(e.contains("0 key"), "{e}");
+    }
+
+    #[test]
+    fn haproxy_answers_are_read() {
+        let sock = HaproxySocket::Unix("/run/haproxy/admin.sock".into());
+        let crt = "/etc/haproxy/certs/www.pem";
+        assert!(check_set("Transaction created for certificate x!\n\n", &sock, crt).is_ok());
+        assert!(check_set("Transaction updated for certificate x!\n\n", &sock, crt).is_ok());
+        let e = check_set(
+            "Can't replace a certificate which is not referenced by the configuration!\nCan't update x!\n\n",
+            &sock,
+            crt,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("does not know the certificate") && e.contains(crt),
+            "{e}"
+        );
+        let e = check_set("Permission denied\n\n", &sock, crt).unwrap_err();
+        assert!(
+            e.contains("refused") && e.contains("Permission denied"),
+            "{e}"
+        );
+        let e = check_set("", &sock, crt).unwrap_err();
+        assert!(e.contains("level admin"), "{e}");
     }
 }

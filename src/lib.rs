@@ -15,7 +15,8 @@
 //! [`demo`] (a 3-node mesh on loopback).
 //!
 //! On top: [`acme`] (cluster ACME: shared account, renewer lease, challenge barrier,
-//! versioned publish) and [`hooks`] (commands run when matching paths change).
+//! versioned publish), [`hooks`] (commands or HAProxy hot swaps when matching paths
+//! change) and [`dhparam`] (an RFC 7919 group written once into the tree).
 
 pub mod acme;
 pub mod apply;
@@ -23,6 +24,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod demo_pebble;
+pub mod dhparam;
 pub mod hooks;
 pub mod identity;
 pub mod index;

@@ -244,6 +244,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let control = crate::control::start(shared.clone(), &config.control_socket())?;
     crate::acme::start(&shared)?;
     crate::hooks::start(&shared);
+    crate::dhparam::start(&shared);
     tokio::spawn(accept_loop(shared.clone(), transport.clone()));
     for p in &config.peers {
         tokio::spawn(dial_loop(shared.clone(), transport.clone(), p.id));

@@ -3,8 +3,10 @@
 mod acme;
 mod cli;
 mod crash;
+mod dhparam;
 mod faults;
 mod hostile;
 mod observe;
+mod reload;
 mod sync;
 mod util;
