@@ -17,6 +17,8 @@
 //! On top: [`acme`] (cluster ACME: shared account, renewer lease, challenge barrier,
 //! versioned publish), [`hooks`] (commands or HAProxy hot swaps when matching paths
 //! change) and [`dhparam`] (an RFC 7919 group written once into the tree).
+//!
+//! Operations: [`firewall`] (nftables / iptables rules for the QUIC port from the config).
 
 pub mod acme;
 pub mod apply;
@@ -25,6 +27,7 @@ pub mod control;
 pub mod demo;
 pub mod demo_pebble;
 pub mod dhparam;
+pub mod firewall;
 pub mod hooks;
 pub mod identity;
 pub mod index;

@@ -68,6 +68,17 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Print packet filter rules admitting the QUIC port only from the configured peers.
+    Firewall {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// nft | iptables | ip6tables
+        #[arg(long, default_value = "nft")]
+        format: String,
+        /// Admit peers only on this interface (the backnet).
+        #[arg(long, value_name = "IFACE")]
+        interface: Option<String>,
+    },
     /// Start a 3-node mesh on loopback in a temp dir, show a file propagating, clean up.
     Demo {
         /// How many propagation samples to take.
@@ -244,6 +255,20 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             if v["failed"].as_u64().unwrap_or(0) > 0 {
                 return Err(Failure::Runtime(format!("{} renewals failed", v["failed"])));
             }
+        }
+        Cmd::Firewall {
+            config,
+            format,
+            interface,
+        } => {
+            let c = load(&config)?;
+            let cfg_err = |e: certmesh::firewall::FirewallError| Failure::Config(e.to_string());
+            let format = certmesh::firewall::Format::parse(&format)
+                .ok_or(certmesh::firewall::FirewallError::Format(format))
+                .map_err(cfg_err)?;
+            let rules =
+                certmesh::firewall::render(&c, format, interface.as_deref()).map_err(cfg_err)?;
+            print!("{rules}");
         }
         Cmd::Demo { samples } => {
             runtime()?

@@ -374,15 +374,28 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
         }
         match tokio::time::timeout(DIAL_TIMEOUT, transport.connect(peer, addr)).await {
             Ok(Ok(conn)) => {
-                backoff = Duration::from_millis(50);
-                let shared = shared.clone();
+                let probe = conn.clone();
+                let shared2 = shared.clone();
                 // The session runs on; this loop waits for it to end via `gone`.
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 tokio::spawn(async move {
-                    crate::peer::run_session_with_ready(shared, conn, true, Some(tx)).await;
+                    crate::peer::run_session_with_ready(shared2, conn, true, Some(tx)).await;
                 });
-                let _ = rx.await;
-                continue;
+                if rx.await.is_ok() {
+                    backoff = Duration::from_millis(50);
+                    continue;
+                }
+                // Ended before the hello: typically the peer refused our certificate
+                // because it does not list this node (yet). Back off like a failed
+                // dial instead of redialling at once, and show why in `status`.
+                let why = probe
+                    .close_reason()
+                    .map_or_else(|| "no reason".to_string(), |r| r.to_string());
+                let msg = format!("closed before hello ({why}); does the peer list this node?");
+                if let Some(slot) = shared.lock().peers.get_mut(&peer) {
+                    slot.last_error = Some(msg.clone());
+                }
+                tracing::debug!(peer = %peer, %addr, error = %msg, "session refused");
             }
             Ok(Err(e)) => {
                 let msg = format!("{e:#}");

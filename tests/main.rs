@@ -7,6 +7,7 @@ mod dhparam;
 mod faults;
 mod hostile;
 mod observe;
+mod ops;
 mod reload;
 mod sync;
 mod util;

@@ -1,0 +1,404 @@
+//! Operations (issue #7): the firewall rules `certmesh firewall` prints (checked by
+//! `nft -c`), the shipped packaging examples, the shell + jq config-management path,
+//! and adding / removing a node with an inventory edit + SIGHUP. Nodes on
+//! 127.0.0.50–59.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use crate::util::{certmesh, wait_until, Node, BIN};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs `cmd` with `input` on stdin.
+fn run_with_input(cmd: &mut Command, input: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input)
+        .expect("writing stdin");
+    child.wait_with_output().expect("waiting")
+}
+
+fn nft_check(rules: &str) -> Output {
+    run_with_input(
+        Command::new("nft").args(["-c", "-f", "-"]),
+        rules.as_bytes(),
+    )
+}
+
+fn firewall(config: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["firewall", "--config", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    certmesh(&args)
+}
+
+#[test]
+fn firewall_rules_pass_nft_check() {
+    let d = tempfile::tempdir().unwrap();
+    let me = Node::new(d.path(), "fw0", "127.0.0.50");
+    let v4 = Node::new(d.path(), "fw1", "127.0.0.51");
+    let mut v6 = Node::new(d.path(), "fw2", "127.0.0.52");
+    v6.addr = "[2001:db8::f002]:22000".into();
+    me.configure(&[&v4, &v6]);
+
+    // The check itself can fail: a broken ruleset is refused.
+    assert!(
+        !nft_check("table inet certmesh { chain input { udp dport x accept } }")
+            .status
+            .success()
+    );
+
+    for extra in [
+        &["--interface", "lo"][..],
+        &[][..],
+        &["--format", "nft"][..],
+    ] {
+        let out = firewall(&me.config, extra);
+        assert!(out.status.success(), "{}", text(&out));
+        let rules = String::from_utf8(out.stdout).unwrap();
+        let port = me.addr.rsplit(':').next().unwrap();
+        assert!(rules.contains(&format!("udp dport {port} ")), "{rules}");
+        assert!(rules.contains("elements = { 127.0.0.51 }"), "{rules}");
+        // Listening on one IPv4 address: the IPv6 peer cannot reach it, no accept.
+        assert!(!rules.contains("@peers6 udp"), "{rules}");
+        let check = nft_check(&rules);
+        assert!(
+            check.status.success(),
+            "nft -c refused:\n{rules}\n{}",
+            text(&check)
+        );
+    }
+
+    // Dual-stack listener, no peers at all: still a valid ruleset (drop only).
+    let lone = d.path().join("lone.toml");
+    fs::write(
+        &lone,
+        format!(
+            "[node]\nname = \"lone\"\nstate_dir = \"{}\"\nlisten = \"[::]:22000\"\n[tree]\npath = \"{}\"\n",
+            me.state.display(),
+            me.tree.display()
+        ),
+    )
+    .unwrap();
+    let out = firewall(&lone, &["--interface", "eth1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let rules = String::from_utf8(out.stdout).unwrap();
+    assert!(!rules.contains("accept\n"), "{rules}");
+    assert!(nft_check(&rules).status.success(), "{rules}");
+
+    // Usage and config errors: exit code 2, naming what was wrong.
+    for (extra, says) in [
+        (&["--format", "pf"][..], "--format \"pf\""),
+        (&["--interface", "eth 1"][..], "--interface \"eth 1\""),
+    ] {
+        let out = firewall(&me.config, extra);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{}",
+            text(&out)
+        );
+    }
+    let missing = firewall(&d.path().join("nope.toml"), &[]);
+    assert_eq!(missing.status.code(), Some(2), "{}", text(&missing));
+    let host = d.path().join("host.toml");
+    fs::write(
+        &host,
+        fs::read_to_string(&me.config)
+            .unwrap()
+            .replace("127.0.0.51:", "lb1.backnet:"),
+    )
+    .unwrap();
+    let out = firewall(&host, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("peer.address"));
+}
+
+#[test]
+fn shipped_packaging_files_match_the_code() {
+    let example = format!("{ROOT}/packaging/firewall/example.toml");
+    for format in ["nft", "iptables", "ip6tables"] {
+        let out = Command::new(BIN)
+            .current_dir(ROOT)
+            .args([
+                "firewall",
+                "--config",
+                "packaging/firewall/example.toml",
+                "--format",
+                format,
+                "--interface",
+                "eth1",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let shipped =
+            fs::read_to_string(format!("{ROOT}/packaging/firewall/certmesh.{format}")).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            shipped,
+            "packaging/firewall/certmesh.{format} is stale: regenerate it from {example}"
+        );
+        let restore = format!("{format}-restore");
+        if format == "nft" {
+            let check = nft_check(&shipped);
+            assert!(check.status.success(), "{}", text(&check));
+        } else if Command::new(&restore).arg("--version").output().is_ok() {
+            let check = run_with_input(
+                Command::new(&restore).args(["--test", "--noflush"]),
+                shipped.as_bytes(),
+            );
+            assert!(check.status.success(), "{restore}: {}", text(&check));
+        } else {
+            eprintln!("{restore} not installed: only nft syntax is checked");
+        }
+    }
+    // The conffile the .deb installs is a config `check` accepts.
+    let conf = format!("{ROOT}/packaging/certmesh.toml");
+    let out = certmesh(&["check", "--config", &conf]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// The shell + jq path: `gen-peers.sh`, with a "transport" that runs the command
+/// locally instead of over ssh.
+struct Shell {
+    dir: PathBuf,
+}
+
+impl Shell {
+    fn new(root: &Path) -> Shell {
+        let dir = root.join("shell");
+        fs::create_dir_all(dir.join("bin")).unwrap();
+        std::os::unix::fs::symlink(BIN, dir.join("bin/certmesh")).unwrap();
+        fs::write(dir.join("local-ssh"), "#!/bin/sh\nshift\nexec \"$@\"\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir.join("local-ssh"), fs::Permissions::from_mode(0o755)).unwrap();
+        Shell { dir }
+    }
+
+    fn gen(&self, args: &[&str]) -> Output {
+        let path = format!(
+            "{}:{}",
+            self.dir.join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        Command::new("sh")
+            .arg(format!("{ROOT}/packaging/shell/gen-peers.sh"))
+            .args(args)
+            .env("PATH", path)
+            .env("CERTMESH_SSH", self.dir.join("local-ssh"))
+            .output()
+            .expect("running gen-peers.sh")
+    }
+
+    /// Writes an inventory of `nodes` and collects their IDs into nodes.json.
+    fn collect(&self, nodes: &[&Node]) -> PathBuf {
+        let inv = serde_json::json!({
+            "tree": "/unused/by/these/nodes",
+            "nodes": nodes.iter().map(|n| serde_json::json!({
+                "name": n.name,
+                "address": n.addr,
+                "state_dir": n.state,
+                "tree": n.tree,
+            })).collect::<Vec<_>>(),
+        });
+        let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        let tag = names.join("-");
+        let inventory = self.dir.join(format!("inventory-{tag}.json"));
+        fs::write(&inventory, inv.to_string()).unwrap();
+        let out = self.gen(&["collect", inventory.to_str().unwrap()]);
+        assert!(out.status.success(), "collect: {}", text(&out));
+        let collected = self.dir.join(format!("nodes-{tag}.json"));
+        fs::write(&collected, &out.stdout).unwrap();
+        collected
+    }
+
+    /// Renders `node`'s config from `nodes_json` into its config file.
+    fn render(&self, nodes_json: &Path, node: &Node) {
+        let out = self.gen(&["render", nodes_json.to_str().unwrap(), &node.name]);
+        assert!(out.status.success(), "render {}: {}", node.name, text(&out));
+        fs::write(&node.config, &out.stdout).unwrap();
+        let check = certmesh(&["check", "--config", node.config.to_str().unwrap()]);
+        assert!(check.status.success(), "{}: {}", node.name, text(&check));
+    }
+}
+
+#[test]
+fn shell_path_generates_configs_that_check_accepts() {
+    let d = tempfile::tempdir().unwrap();
+    let sh = Shell::new(d.path());
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| Node::new(d.path(), &format!("gen{i}"), &format!("127.0.0.5{}", 3 + i)))
+        .collect();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let collected = sh.collect(&refs);
+    let json: serde_json::Value = serde_json::from_slice(&fs::read(&collected).unwrap()).unwrap();
+    for (n, j) in nodes.iter().zip(json["nodes"].as_array().unwrap()) {
+        assert_eq!(j["id"], n.id.as_str(), "collected ID of {}", n.name);
+    }
+    for n in &nodes {
+        sh.render(&collected, n);
+        let cfg = fs::read_to_string(&n.config).unwrap();
+        assert!(!cfg.contains(&n.id), "{} lists itself:\n{cfg}", n.name);
+        for other in nodes.iter().filter(|o| o.name != n.name) {
+            assert!(cfg.contains(&format!("id = \"{}\"", other.id)), "{cfg}");
+            assert!(
+                cfg.contains(&format!("address = \"{}\"", other.addr)),
+                "{cfg}"
+            );
+        }
+        assert!(cfg.contains(&format!("path = \"{}\"", n.tree.display())));
+    }
+    // Mistakes are reported, not rendered.
+    let out = sh.gen(&["render", collected.to_str().unwrap(), "nosuch"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no node named \"nosuch\""));
+    let bad = d.path().join("bad.json");
+    fs::write(&bad, r#"{"nodes":[{"name":"x"}]}"#).unwrap();
+    let out = sh.gen(&["collect", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing \"address\""));
+}
+
+fn peer_names(n: &Node) -> Option<Vec<String>> {
+    let s = n.status();
+    let mut v: Vec<String> = s["peers"]
+        .as_array()?
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(String::from))
+        .collect();
+    v.sort();
+    Some(v)
+}
+
+fn connected_to(n: &Node, peer: &str) -> bool {
+    n.status()["peers"].as_array().is_some_and(|ps| {
+        ps.iter()
+            .any(|p| p["name"] == peer && p["connected"] == true)
+    })
+}
+
+fn connected_to_nobody(n: &Node) -> bool {
+    n.status()["peers"]
+        .as_array()
+        .is_some_and(|ps| ps.iter().all(|p| p["connected"] == false))
+}
+
+#[test]
+fn inventory_edit_and_sighup_add_then_remove_a_node() {
+    let d = tempfile::tempdir().unwrap();
+    let sh = Shell::new(d.path());
+    let mut a = Node::new(d.path(), "a", "127.0.0.56");
+    let mut b = Node::new(d.path(), "b", "127.0.0.57");
+    let mut c = Node::new(d.path(), "c", "127.0.0.58");
+
+    // A and B form the mesh; C is configured with both, but neither lists C yet.
+    let ab = sh.collect(&[&a, &b]);
+    let abc = sh.collect(&[&a, &b, &c]);
+    sh.render(&ab, &a);
+    sh.render(&ab, &b);
+    sh.render(&abc, &c);
+    a.start();
+    b.start();
+    wait_until("a and b connected", || {
+        a.all_connected() && b.all_connected()
+    });
+    c.write("from-c", "written on c before anyone lists it");
+    c.start();
+    wait_until("c's dials refused by a and b", || {
+        let s = c.status();
+        s["peers"].as_array().is_some_and(|ps| {
+            ps.len() == 2
+                && ps
+                    .iter()
+                    .all(|p| p["connected"] == false && p["last_error"].is_string())
+        })
+    });
+    let refused = c.status()["peers"][0]["last_error"].to_string();
+    assert!(
+        refused.contains("does the peer list this node?"),
+        "{refused}"
+    );
+    assert_eq!(peer_names(&a), Some(vec!["b".to_string()]));
+    assert!(a.read("from-c").is_none() && b.read("from-c").is_none());
+
+    // Adding C: the inventory gains C, configs are regenerated, A and B reload.
+    sh.render(&abc, &a);
+    sh.render(&abc, &b);
+    let (pid_a, pid_b) = (
+        a.child.as_ref().unwrap().id(),
+        b.child.as_ref().unwrap().id(),
+    );
+    a.signal(libc::SIGHUP);
+    b.signal(libc::SIGHUP);
+    wait_until("c's file on a and b", || {
+        a.read("from-c").is_some() && b.read("from-c").is_some()
+    });
+    wait_until("full mesh of 3", || {
+        a.all_connected() && b.all_connected() && c.all_connected()
+    });
+    a.write("from-a", "reaches everyone");
+    wait_until("a's file on b and c", || {
+        b.read("from-a").is_some() && c.read("from-a").is_some()
+    });
+    // Reloaded, not restarted.
+    assert_eq!(a.child.as_ref().unwrap().id(), pid_a);
+    assert_eq!(b.child.as_ref().unwrap().id(), pid_b);
+    assert!(a.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    assert!(a.log().contains("peer list reloaded"));
+
+    // Removing B: the inventory loses B, A and C reload; B is cut off.
+    let ac = sh.collect(&[&a, &c]);
+    sh.render(&ac, &a);
+    sh.render(&ac, &c);
+    a.signal(libc::SIGHUP);
+    c.signal(libc::SIGHUP);
+    wait_until("b gone from a's and c's status", || {
+        peer_names(&a) == Some(vec!["c".to_string()])
+            && peer_names(&c) == Some(vec!["a".to_string()])
+    });
+    wait_until("b connected to nobody", || connected_to_nobody(&b));
+    assert!(connected_to(&a, "c") && connected_to(&c, "a"));
+    let seq = |n: &Node| n.status()["tree"]["sequence"].as_u64();
+    let before = seq(&b).expect("b's status has tree.sequence");
+    b.write("from-b-after-removal", "must not arrive");
+    wait_until("b indexed its change", || {
+        seq(&b).is_some_and(|s| s > before)
+    });
+    // A and C still sync with each other; B's change reaches neither, A's not B.
+    a.write("from-a-after-removal", "a and c only");
+    wait_until("a's later file on c", || {
+        c.read("from-a-after-removal").is_some()
+    });
+    c.write("from-c-after-removal", "c and a only");
+    wait_until("c's later file on a", || {
+        a.read("from-c-after-removal").is_some()
+    });
+    assert!(connected_to_nobody(&b), "b reconnected: {}", b.status());
+    assert!(a.read("from-b-after-removal").is_none());
+    assert!(c.read("from-b-after-removal").is_none());
+    assert!(b.read("from-a-after-removal").is_none());
+    assert!(a.log().contains("peer removed from config"));
+    for n in [&mut a, &mut b, &mut c] {
+        n.stop();
+    }
+}
