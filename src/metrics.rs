@@ -18,6 +18,8 @@ use crate::node::Shared;
 const MAX_REQUEST: usize = 8 << 10;
 /// A client gets this long to send its request and read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Clients served at once; more are turned away (a scraper needs one).
+const MAX_CLIENTS: usize = 16;
 
 /// Starts the endpoint if `[metrics] listen` is configured.
 pub fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
@@ -28,16 +30,22 @@ pub fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
     let listener = bind(addr)?;
     tracing::info!(%addr, "metrics endpoint listening");
     let shared = shared.clone();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
+                Ok((stream, remote)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tracing::debug!(%remote, "metrics: too many clients, closing");
+                        continue;
+                    };
                     let shared = shared.clone();
                     tokio::spawn(async move {
                         let r = tokio::time::timeout(CLIENT_TIMEOUT, serve(&shared, stream)).await;
                         if let Ok(Err(e)) = r {
                             tracing::debug!(error = %e, "metrics client");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {

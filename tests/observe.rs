@@ -67,7 +67,7 @@ fn metrics_and_status_follow_a_peer() {
     let metrics = free_tcp("127.0.0.70");
     let mut cfg = fs::read_to_string(&a.config).unwrap();
     cfg.push_str(&format!(
-        "\n[metrics]\nlisten = \"{metrics}\"\n\n[[certificate]]\nname = \"www\"\ndomains = [\"www.example.com\", \"example.com\"]\n"
+        "\n[metrics]\nlisten = \"{metrics}\"\n\n[[certificate]]\nname = \"www\"\ndomains = [\"www.example.com\", \"example.com\"]\n\n[[hook]]\npaths = [\"*.txt\"]\nrun = [\"false\"]\n"
     ));
     fs::write(&a.config, cfg).unwrap();
     put_cert(&a, "www", "www.example.com");
@@ -184,8 +184,14 @@ fn metrics_and_status_follow_a_peer() {
         .is_some_and(|t| t >= synced),
         "{text}"
     );
+    // The hook on *.txt failed: counted, and shown as the last error.
+    wait_until("hook failure counted", || {
+        sample(&get(&metrics, "/metrics").1, "certmesh_hook_failures_total") == Some(1.0)
+    });
+    let text = get(&metrics, "/metrics").1;
     let t = table(&a);
     assert!(t.contains("out of sync") && t.contains(" no "), "{t}");
+    assert!(t.contains("ERRORS") && t.contains("1 hook failures"), "{t}");
     if std::env::var_os("CERTMESH_SHOW_STATUS").is_some() {
         eprintln!("--- status\n{t}\n--- metrics\n{text}");
     }
