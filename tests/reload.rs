@@ -403,6 +403,18 @@ fn haproxy_hot_swap_through_the_runtime_api() {
             .contains("does not know the certificate \"/not/in/haproxy.cfg.pem\"")
     });
     assert!(b.log().contains("now served by HAProxy"), "{}", b.log());
+    let failures = b.status()["counters"]["hook_failures"].as_u64();
+    assert!(
+        failures.is_some_and(|n| n >= 1),
+        "hook_failures: {failures:?}"
+    );
+    assert!(
+        b.status()["errors"]
+            .to_string()
+            .contains("does not know the certificate"),
+        "{}",
+        b.status()
+    );
     assert_eq!(
         b.read(&format!("live/{NAME}/combined.pem")),
         Some(v2.combined())
