@@ -18,13 +18,22 @@ use crate::util::{wait_until, Node, DEADLINE};
 const NAME: &str = "www";
 const HOST: &str = "www.reload.test";
 
-/// A child process killed (and reaped) on drop.
+/// A server stopped (and reaped) on drop: SIGTERM first, so nginx's master takes its
+/// workers with it (a SIGKILLed master leaves them running), SIGKILL if it lingers.
 struct Proc {
     child: Child,
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
