@@ -872,3 +872,54 @@ fn renewal_schedule_under_an_hour_of_skew_moves_by_the_skew_only() {
     // Only an explicit `certmesh issue` on the skewed node would order meanwhile.
     assert!(may_order(ids[2], ids[0], Some(&lease), ahead_now, true).is_ok());
 }
+
+/// A configured peer that announces a file and then serves it at 1 byte/s: the fetch
+/// times out (30 s + 1 ms per KB), but content from the healthy peer must not wait for
+/// it. Today the puller applies a batch only when every fetch in it has ended, and
+/// starts the next batch only then, so one trickling source holds up everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "src/pull.rs run_batch waits for every fetch of a batch: one trickling peer stalls all pulls"]
+async fn a_peer_trickling_content_does_not_hold_up_the_others() {
+    let dir = tmp();
+    let (n1, n2, evil) =
+        healthy_pair_and_evil(dir.path(), ["127.0.0.96", "127.0.0.97", "127.0.0.98"]);
+    let t = evil_transport(&evil, &n1);
+    let conn = t
+        .connect(n1.id.parse().unwrap(), n1.addr.parse().unwrap())
+        .await
+        .unwrap();
+    let (mut send, _recv) = hello(&conn, 1).await;
+    let content = vec![7u8; 1 << 20];
+    let mut info = flood_frame(9, 0, 1);
+    if let Some(pb::frame::Body::Index(ix)) = &mut info.body {
+        ix.files[0].path = "slow.bin".into();
+        ix.files[0].size = content.len() as u64;
+        ix.files[0].hash = blake3::hash(&content).as_bytes().to_vec();
+    }
+    wire::write_msg(&mut send, &info).await.unwrap();
+    let (mut rs, mut rr) = conn.accept_bi().await.unwrap();
+    let _: Option<pb::Request> = wire::read_msg(&mut rr, wire::MAX_HEADER).await.unwrap();
+    let resp = pb::Response {
+        status: pb::response::Status::Ok as i32,
+        size: content.len() as u64,
+    };
+    wire::write_msg(&mut rs, &resp).await.unwrap();
+    trickle(rs, content);
+    // Files too big to travel inline, so they are fetched like slow.bin.
+    let big = "x".repeat(64 << 10);
+    let lat = tokio::task::block_in_place(|| {
+        let mut out = Vec::new();
+        for i in 0..3 {
+            let rel = format!("healthy/big-{i}");
+            let t = Instant::now();
+            n2.write(&rel, &big);
+            wait_within(Duration::from_secs(60), &rel, || {
+                n1.read(&rel).is_some_and(|c| c.len() == big.len())
+            });
+            out.push(t.elapsed());
+        }
+        out
+    });
+    eprintln!("propagation n2 -> n1 of 64 KiB files while evil trickles: {lat:?}");
+    assert!(lat.iter().all(|d| *d < PROPAGATION_DEADLINE), "{lat:?}");
+}
