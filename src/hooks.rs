@@ -136,9 +136,14 @@ async fn run_one(shared: &Shared, h: &HookConfig, names: &[String], paths: &[Str
         Ok(Err(e)) => shared.hook_failed(format!("hook {}: {e}", label(h))),
         // Dropping the future killed a command (`kill_on_drop`) or closed the socket.
         Err(_) => shared.hook_failed(format!(
-            "hook {} timed out after {:?} and was killed",
+            "hook {} timed out after {:?} and was {}",
             label(h),
-            h.timeout
+            h.timeout,
+            match h.action {
+                HookAction::Run(_) => "killed",
+                HookAction::Haproxy { .. } =>
+                    "abandoned (a retry updates HAProxy's open transaction)",
+            }
         )),
     }
 }
@@ -195,8 +200,21 @@ async fn haproxy_swap(
         .await
         .map_err(|e| format!("reading {}: {e}", file.display()))?;
     let payload = haproxy_payload(&pem).map_err(|e| format!("{}: {e}", file.display()))?;
+    // Look first: an unknown crt is reported as such, and another open transaction is
+    // left alone (HAProxy 2.6 would put our PEM into *that* transaction).
+    let listing = haproxy_cli(socket, "show ssl cert\n").await?;
+    check_listing(&listing, socket, crt)?;
     let set = format!("set ssl cert {crt} <<\n{payload}\n");
     let answer = haproxy_cli(socket, &set).await?;
+    if let Some(other) = transaction_of(&answer).filter(|t| *t != crt) {
+        // A transaction for another crt opened in between and now holds our PEM:
+        // it must not be committed under that name.
+        let _ = haproxy_cli(socket, &format!("abort ssl cert {other}\n")).await;
+        return Err(format!(
+            "HAProxy at {socket} put the PEM for {crt} into an open transaction for {other}, \
+             which was aborted; retry when no other `set ssl cert` is in progress"
+        ));
+    }
     if let Err(e) = check_set(&answer, socket, crt) {
         if set.len() > HAPROXY_BUFSIZE {
             return Err(format!(
@@ -220,15 +238,62 @@ async fn haproxy_swap(
     ))
 }
 
+/// The file an answer to `set ssl cert` names (`Transaction created for certificate
+/// <file>!`).
+fn transaction_of(answer: &str) -> Option<&str> {
+    let line = answer.lines().next()?;
+    let rest = line
+        .strip_prefix("Transaction created for certificate ")
+        .or_else(|| line.strip_prefix("Transaction updated for certificate "))?;
+    rest.strip_suffix('!')
+}
+
+/// Reads `show ssl cert` (`# transaction` / `*<file>`, then `# filename` / one per
+/// line): an error if another file's transaction is open or if HAProxy lists
+/// certificates but not `crt`. An answer in another shape is not judged here.
+fn check_listing(listing: &str, socket: &HaproxySocket, crt: &str) -> Result<(), String> {
+    let mut section = "";
+    let mut files = Vec::new();
+    for line in listing.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("# ") {
+            section = name;
+        } else if let (Some(open), "transaction") = (line.strip_prefix('*'), section) {
+            if open != crt {
+                return Err(format!(
+                    "HAProxy at {socket} has a certificate transaction open for {open} (an operator's, \
+                     or a hook's that was cut off); not touching it — `abort ssl cert {open}` ends it"
+                ));
+            }
+        } else if section == "filename" && !line.is_empty() {
+            files.push(line);
+        }
+    }
+    if !files.is_empty() && !files.contains(&crt) {
+        return Err(format!(
+            "HAProxy at {socket} does not know the certificate {crt:?}: haproxy_crt must be exactly \
+             the path of a `crt` in its configuration; `show ssl cert` lists: {}",
+            files.join(" ")
+        ));
+    }
+    Ok(())
+}
+
 /// The answer to `set ssl cert`, as an error when it is not a transaction.
 fn check_set(answer: &str, socket: &HaproxySocket, crt: &str) -> Result<(), String> {
-    if answer.starts_with("Transaction created") || answer.starts_with("Transaction updated") {
+    if transaction_of(answer) == Some(crt) {
         return Ok(());
     }
     if answer.contains("not referenced by the configuration") {
         return Err(format!(
             "HAProxy at {socket} does not know the certificate {crt:?}: haproxy_crt must be exactly \
              the path of a `crt` in its configuration (see `show ssl cert`); HAProxy said: {}",
+            one_line(answer)
+        ));
+    }
+    if answer.contains("ongoing transaction") {
+        return Err(format!(
+            "HAProxy at {socket} has another certificate transaction open (an operator's, or a \
+             hook for another crt that was cut off; `abort ssl cert <file>` ends it): {}",
             one_line(answer)
         ));
     }
@@ -357,8 +422,31 @@ mod tests {
     fn haproxy_answers_are_read() {
         let sock = HaproxySocket::Unix("/run/haproxy/admin.sock".into());
         let crt = "/etc/haproxy/certs/www.pem";
-        assert!(check_set("Transaction created for certificate x!\n\n", &sock, crt).is_ok());
-        assert!(check_set("Transaction updated for certificate x!\n\n", &sock, crt).is_ok());
+        let created = format!("Transaction created for certificate {crt}!\n\n");
+        let updated = format!("Transaction updated for certificate {crt}!\n\n");
+        assert!(check_set(&created, &sock, crt).is_ok());
+        assert!(check_set(&updated, &sock, crt).is_ok());
+        assert_eq!(transaction_of(&updated), Some(crt));
+        assert!(check_set(
+            "Transaction updated for certificate /other.pem!\n\n",
+            &sock,
+            crt
+        )
+        .is_err());
+        // `show ssl cert`, as HAProxy 2.6 answers it.
+        let listing = |tx: &str| {
+            format!("# transaction\n{tx}# filename\n/etc/haproxy/certs/www.pem\n/etc/haproxy/api.pem\n\n")
+        };
+        assert!(check_listing(&listing(""), &sock, crt).is_ok());
+        assert!(check_listing(&listing(&format!("*{crt}\n")), &sock, crt).is_ok());
+        let e = check_listing(&listing("*/etc/haproxy/api.pem\n"), &sock, crt).unwrap_err();
+        assert!(e.contains("open for /etc/haproxy/api.pem"), "{e}");
+        let e = check_listing(&listing(""), &sock, "/etc/haproxy/other.pem").unwrap_err();
+        assert!(
+            e.contains("does not know the certificate") && e.contains("api.pem"),
+            "{e}"
+        );
+        assert!(check_listing("Unknown command\n\n", &sock, crt).is_ok());
         let e = check_set(
             "Can't replace a certificate which is not referenced by the configuration!\nCan't update x!\n\n",
             &sock,
