@@ -9,5 +9,6 @@ mod hostile;
 mod observe;
 mod ops;
 mod reload;
+mod security;
 mod sync;
 mod util;
