@@ -189,7 +189,12 @@ impl Shell {
         let dir = root.join("shell");
         fs::create_dir_all(dir.join("bin")).unwrap();
         std::os::unix::fs::symlink(BIN, dir.join("bin/certmesh")).unwrap();
-        fs::write(dir.join("local-ssh"), "#!/bin/sh\nshift\nexec \"$@\"\n").unwrap();
+        // Like ssh: the words after the host are joined and run by a shell.
+        fs::write(
+            dir.join("local-ssh"),
+            "#!/bin/sh\nshift\nexec sh -c \"$*\"\n",
+        )
+        .unwrap();
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(dir.join("local-ssh"), fs::Permissions::from_mode(0o755)).unwrap();
         Shell { dir }
@@ -230,6 +235,26 @@ impl Shell {
         let collected = self.dir.join(format!("nodes-{tag}.json"));
         fs::write(&collected, &out.stdout).unwrap();
         collected
+    }
+
+    /// `gen-peers.sh push`: every node of `nodes_json` gets its config installed
+    /// (after `certmesh check`) and is reloaded with SIGHUP, as `systemctl reload` does.
+    fn push(&self, nodes_json: &Path, running: &[&Node]) {
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&fs::read(nodes_json).unwrap()).unwrap();
+        for n in json["nodes"].as_array_mut().unwrap() {
+            let node = running
+                .iter()
+                .find(|r| n["name"] == r.name.as_str())
+                .expect("pushing to a running node");
+            let pid = node.child.as_ref().expect("running").id();
+            n["config"] = node.config.to_str().unwrap().into();
+            n["reload"] = format!("kill -HUP {pid}").into();
+        }
+        let pushed = nodes_json.with_extension("push.json");
+        fs::write(&pushed, json.to_string()).unwrap();
+        let out = self.gen(&["push", pushed.to_str().unwrap()]);
+        assert!(out.status.success(), "push: {}", text(&out));
     }
 
     /// Renders `node`'s config from `nodes_json` into its config file.
@@ -341,15 +366,14 @@ fn inventory_edit_and_sighup_add_then_remove_a_node() {
     assert_eq!(peer_names(&a), Some(vec!["b".to_string()]));
     assert!(a.read("from-c").is_none() && b.read("from-c").is_none());
 
-    // Adding C: the inventory gains C, configs are regenerated, A and B reload.
-    sh.render(&abc, &a);
-    sh.render(&abc, &b);
+    // Adding C: the inventory gains C; `push` installs every node's config and
+    // reloads it (SIGHUP).
     let (pid_a, pid_b) = (
         a.child.as_ref().unwrap().id(),
         b.child.as_ref().unwrap().id(),
     );
-    a.signal(libc::SIGHUP);
-    b.signal(libc::SIGHUP);
+    sh.push(&abc, &[&a, &b, &c]);
+    assert!(fs::read_to_string(&a.config).unwrap().contains(&c.id));
     wait_until("c's file on a and b", || {
         a.read("from-c").is_some() && b.read("from-c").is_some()
     });
@@ -368,10 +392,7 @@ fn inventory_edit_and_sighup_add_then_remove_a_node() {
 
     // Removing B: the inventory loses B, A and C reload; B is cut off.
     let ac = sh.collect(&[&a, &c]);
-    sh.render(&ac, &a);
-    sh.render(&ac, &c);
-    a.signal(libc::SIGHUP);
-    c.signal(libc::SIGHUP);
+    sh.push(&ac, &[&a, &c]);
     wait_until("b gone from a's and c's status", || {
         peer_names(&a) == Some(vec!["c".to_string()])
             && peer_names(&c) == Some(vec!["a".to_string()])

@@ -18,11 +18,12 @@
 #                  "address": "[2001:db8::f001]:22000" }, ... ] }
 # `address` is where the peers dial the node (ip:port, IPv6 in brackets — host names
 # are refused by certmesh); `listen` (default: `address`), `tree`, `state_dir` and
-# `config` (default /etc/certmesh/certmesh.toml) may be set per node. A node that
-# already has an `id` in the inventory is not asked again.
+# `config` (default /etc/certmesh/certmesh.toml) and `reload` (default `systemctl
+# reload certmesh`) may be set per node (paths without spaces). A node that already
+# has an `id` in the inventory is not asked again.
 #
-# CERTMESH_SSH is called as `$CERTMESH_SSH HOST COMMAND...`; set it to a wrapper for
-# another transport (the tests use one that runs the command locally).
+# CERTMESH_SSH is called as `$CERTMESH_SSH HOST COMMAND...` and must, like ssh, run
+# the command words with the node's shell; the tests use `shift; exec sh -c "$*"`.
 set -eu
 
 SSH=${CERTMESH_SSH:-ssh}
@@ -48,6 +49,7 @@ normalized() {
           | .tree = (.tree // $top.tree // "/etc/ssl/certmesh")
           | .state_dir = (.state_dir // $top.state_dir // "/var/lib/certmesh")
           | .config = (.config // $top.config // "/etc/certmesh/certmesh.toml")
+          | .reload = (.reload // $top.reload // "systemctl reload certmesh")
           | .host = (.host // .name))
       | if (.nodes | map(.name) | length) != (.nodes | map(.name) | unique | length)
         then error("duplicate node name") else . end' "$1" ||
@@ -112,11 +114,14 @@ push() {
         node=$(printf '%s' "$nodes" | jq -c --arg n "$name" '.nodes[] | select(.name == $n)')
         host=$(printf '%s' "$node" | jq -r .host)
         cfg=$(printf '%s' "$node" | jq -r .config)
+        reload=$(printf '%s' "$node" | jq -r .reload)
+        # One string, run by the node's shell (as ssh does with its arguments).
+        remote="cat > $cfg.new && certmesh check --config $cfg.new >/dev/null && mv $cfg.new $cfg && $reload"
         if [ $# -ge 2 ]; then
             render "$1" "$name" "$2"
         else
             render "$1" "$name"
-        fi | $SSH "$host" sh -c "'cat > $cfg.new && certmesh check --config $cfg.new && mv $cfg.new $cfg && systemctl reload certmesh'" ||
+        fi | $SSH "$host" "$remote" ||
             die "node $name ($host): config not installed"
         echo "gen-peers.sh: $name: config installed, peers reloaded" >&2
     done <<NAMES
