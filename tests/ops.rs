@@ -423,3 +423,64 @@ fn inventory_edit_and_sighup_add_then_remove_a_node() {
         n.stop();
     }
 }
+
+#[test]
+fn rotating_an_identity_as_the_readme_says() {
+    let d = tempfile::tempdir().unwrap();
+    let sh = Shell::new(d.path());
+    let mut a = Node::new(d.path(), "rot-a", "127.0.0.59");
+    let mut b = Node::new(d.path(), "rot-b", "127.0.0.55");
+    let both = sh.collect(&[&a, &b]);
+    sh.render(&both, &a);
+    sh.render(&both, &b);
+    a.start();
+    b.start();
+    a.write("live-before", "synced before the rotation");
+    wait_until("first file on b", || b.read("live-before").is_some());
+
+    // On b: stop, move the key + cert away (keep index.db), init a new identity.
+    b.stop();
+    let old = d.path().join("old-id");
+    fs::create_dir_all(&old).unwrap();
+    for f in ["node-key.pem", "node-cert.pem"] {
+        fs::rename(b.state.join(f), old.join(f)).unwrap();
+    }
+    let out = certmesh(&["init", "--state-dir", b.state.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let new_id = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert_ne!(new_id, b.id, "init made no new identity");
+    b.id = new_id.clone();
+    a.write("while-b-was-away", "fetched after the rotation");
+
+    // The inventory reads the new ID; a reloads, b starts with it.
+    let rotated = sh.collect(&[&a, &b]);
+    sh.render(&rotated, &a);
+    sh.render(&rotated, &b);
+    a.signal(libc::SIGHUP);
+    b.start();
+    wait_until("a connected to b's new identity", || {
+        a.status()["peers"].as_array().is_some_and(|ps| {
+            ps.len() == 1 && ps[0]["id"] == new_id.as_str() && ps[0]["connected"] == true
+        })
+    });
+    wait_until("b caught up", || b.read("while-b-was-away").is_some());
+    b.write("after-rotation", "from the new identity");
+    wait_until("b's new file on a", || a.read("after-rotation").is_some());
+    wait_until("in sync both ways", || a.all_in_sync() && b.all_in_sync());
+    let conflicts = |n: &Node| {
+        fs::read_dir(n.tree.join(".certmesh/conflicts"))
+            .map(|rd| rd.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        (conflicts(&a), conflicts(&b)),
+        (0, 0),
+        "rotation made conflicts"
+    );
+    a.stop();
+    b.stop();
+}
