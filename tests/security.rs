@@ -534,10 +534,11 @@ fn flood_frame(conn_no: u64, first: u64, n: u64) -> pb::Frame {
 }
 
 /// Records a flood sends while propagation is measured in the bounded variant.
-const FLOOD_RECORDS: u64 = 100_000;
+const FLOOD_RECORDS: u64 = 30_000;
 
 struct FloodResult {
     sent: u64,
+    acked: u64,
     max_rss_mib: u64,
     close_code: Option<u64>,
     log: String,
@@ -554,8 +555,21 @@ async fn flood(ips: [&str; 3], limit: Option<u64>) -> FloodResult {
         .connect(n1.id.parse().unwrap(), n1.addr.parse().unwrap())
         .await
         .unwrap();
-    let (mut send, _recv) = hello(&conn, 1).await;
+    let (mut send, mut recv) = hello(&conn, 1).await;
     answer_not_found(conn.clone());
+    // n1 acks the sequence of the last index frame it has taken in.
+    let acked = Arc::new(AtomicU64::new(0));
+    {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(f)) = wire::read_msg::<_, pb::Frame>(&mut recv, wire::MAX_FRAME).await
+            {
+                if let Some(pb::frame::Body::Ack(a)) = f.body {
+                    acked.fetch_max(a.sequence, Ordering::Relaxed);
+                }
+            }
+        });
+    }
     let rss = RssWatch::start(&n1);
     let sent = Arc::new(AtomicU64::new(0));
     let limit = limit.unwrap_or(u64::MAX);
@@ -577,8 +591,18 @@ async fn flood(ips: [&str; 3], limit: Option<u64>) -> FloodResult {
     };
     let start = Instant::now();
     tokio::task::block_in_place(|| {
+        // Until n1 has taken in everything sent (the sender is far ahead of it: the
+        // frames wait in QUIC's windows), or has cut the flooder off.
+        // n1 digests long after the sender is done (the frames wait in QUIC's
+        // windows; n1 acks only what it could fetch, so acks do not tell): measure
+        // until it cuts the flooder off, or for 20 s after the last frame was sent.
+        let mut finished: Option<Instant> = None;
         propagation_until(&n2, &n1, "index flood", || {
-            flood.is_finished() || conn.close_reason().is_some()
+            if flood.is_finished() && finished.is_none() {
+                finished = Some(Instant::now());
+            }
+            conn.close_reason().is_some()
+                || finished.is_some_and(|t| t.elapsed() > Duration::from_secs(20))
         })
     });
     let close_code = match conn.close_reason() {
@@ -588,13 +612,15 @@ async fn flood(ips: [&str; 3], limit: Option<u64>) -> FloodResult {
     conn.close(0u32.into(), b"done");
     let result = FloodResult {
         sent: sent.load(Ordering::Relaxed),
+        acked: acked.load(Ordering::Relaxed),
         max_rss_mib: rss.max_mib(),
         close_code,
         log: n1.log(),
     };
     eprintln!(
-        "index flood: {} records in {:?}, n1 max RSS {} MiB, closed by n1: {close_code:?}",
+        "index flood: {} records sent (n1 acked {}) in {:?}, n1 max RSS {} MiB, closed by n1: {close_code:?}",
         result.sent,
+        result.acked,
         start.elapsed(),
         result.max_rss_mib
     );
