@@ -52,7 +52,15 @@ struct Opts {
     idle_secs: u64,
     rss_after_secs: u64,
     scale: Vec<usize>,
+    /// Sections to run (`--only`); empty: all.
+    only: Vec<String>,
     args: Vec<String>,
+}
+
+impl Opts {
+    fn runs(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
 }
 
 const USAGE: &str = "\
@@ -65,7 +73,9 @@ usage: cargo bench --bench compare -- [flags]
   --bulk-mib M          bulk initial sync: total size in MiB (default 1024)
   --scale LIST          certmesh mesh sizes, comma separated (default 16,32)
   --idle-secs S         idle window for CPU / context switches (default 30)
-  --skip-syncthing      certmesh only";
+  --skip-syncthing      certmesh only
+  --only LIST           sections to run, comma separated: latency (small file, bundle,
+                        idle), bulk, scale (default: all)";
 
 fn parse_opts() -> Result<Opts> {
     let args: Vec<String> = std::env::args()
@@ -83,6 +93,7 @@ fn parse_opts() -> Result<Opts> {
         idle_secs: if quick { 3 } else { 30 },
         rss_after_secs: if quick { 3 } else { 10 },
         scale: if quick { vec![16] } else { vec![16, 32] },
+        only: Vec::new(),
         args: args.clone(),
     };
     let mut it = args.iter().flat_map(|a| match a.split_once('=') {
@@ -116,6 +127,21 @@ fn parse_opts() -> Result<Opts> {
                             .map_err(|_| anyhow!("--scale: bad value {s:?}"))
                     })
                     .collect::<Result<_>>()?;
+            }
+            "--only" => {
+                let v: String = val(&a, it.next())?;
+                o.only = v
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if let Some(bad) = o
+                    .only
+                    .iter()
+                    .find(|s| !["latency", "bulk", "scale"].contains(&s.as_str()))
+                {
+                    bail!("--only: unknown section {bad:?} (latency, bulk, scale)");
+                }
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -1636,10 +1662,16 @@ fn main() -> Result<()> {
     let header = machine_header(&o, &exe, st.as_deref());
 
     let mut cm = SysResult::default();
-    run_certmesh_3(&exe, &rt, &o, &mut cm).context("certmesh, 3 nodes")?;
-    let cm_bulk = Some(run_certmesh_bulk(&exe, &o).context("certmesh, bulk")?);
+    if o.runs("latency") {
+        run_certmesh_3(&exe, &rt, &o, &mut cm).context("certmesh, 3 nodes")?;
+    }
+    let cm_bulk = if o.runs("bulk") {
+        Some(run_certmesh_bulk(&exe, &o).context("certmesh, bulk")?)
+    } else {
+        None
+    };
     let mut scale = Vec::new();
-    for &n in &o.scale {
+    for &n in o.scale.iter().filter(|_| o.runs("scale")) {
         scale.push(run_scale(&exe, &rt, n, &o).with_context(|| format!("certmesh, {n} nodes"))?);
     }
 
@@ -1648,17 +1680,20 @@ fn main() -> Result<()> {
     let mut def = SysResult::default();
     let mut st_bulk = None;
     if let Some(st) = &st {
-        if let Err(e) = run_syncthing_3(st, TUNED, 101, o.samples, &o, &mut tuned) {
-            eprintln!("syncthing tuned failed: {e:#}");
-            tuned.error = Some(format!("{e:#}"));
+        if o.runs("latency") {
+            if let Err(e) = run_syncthing_3(st, TUNED, 101, o.samples, &o, &mut tuned) {
+                eprintln!("syncthing tuned failed: {e:#}");
+                tuned.error = Some(format!("{e:#}"));
+            }
+            if let Err(e) = run_syncthing_3(st, DEFAULTS, 111, o.defaults_samples, &o, &mut def) {
+                eprintln!("syncthing defaults failed: {e:#}");
+                def.error = Some(format!("{e:#}"));
+            }
         }
-        if let Err(e) = run_syncthing_3(st, DEFAULTS, 111, o.defaults_samples, &o, &mut def) {
-            eprintln!("syncthing defaults failed: {e:#}");
-            def.error = Some(format!("{e:#}"));
-        }
-        match run_syncthing_bulk(st, &o) {
-            Ok(s) => st_bulk = Some(s),
-            Err(e) => {
+        match o.runs("bulk").then(|| run_syncthing_bulk(st, &o)) {
+            None => {}
+            Some(Ok(s)) => st_bulk = Some(s),
+            Some(Err(e)) => {
                 eprintln!("syncthing bulk failed: {e:#}");
                 notes.push(format!(
                     "Syncthing bulk failed: {}",

@@ -19,11 +19,14 @@ use crate::wire::{
 /// Close codes.
 pub const CLOSE_DUPLICATE: u32 = 1;
 pub const CLOSE_PROTOCOL: u32 = 3;
-/// Most records one peer may announce (bounds memory against an index flood).
-pub const MAX_PEER_RECORDS: usize = 2_000_000;
+/// Most records one peer may announce (bounds memory against an index flood: about
+/// 0.7 KiB each, so ~140 MiB; a certificate tree has a few thousand).
+pub const MAX_PEER_RECORDS: usize = 200_000;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent content requests served per connection.
 const MAX_SERVING: usize = 64;
+/// A served file is read in pieces of at most this size.
+const READ_CHUNK: usize = 1 << 20;
 
 /// Runs a session on an established connection.
 pub async fn run_session(shared: Arc<Shared>, conn: quinn::Connection, dialed_by_me: bool) {
@@ -409,9 +412,13 @@ async fn serve_one(
             .map(|e| e.record.size)
     };
     let file = match size {
-        Some(_) => tokio::fs::File::open(path.under(&shared.tree.root))
-            .await
-            .ok(),
+        Some(_) => {
+            let p = path.under(&shared.tree.root);
+            tokio::task::spawn_blocking(move || std::fs::File::open(p).ok())
+                .await
+                .ok()
+                .flatten()
+        }
         None => None,
     };
     let (Some(size), Some(mut file)) = (size, file) else {
@@ -432,20 +439,38 @@ async fn serve_one(
     )
     .await?;
     // Hash while sending: if the file changed under us, reset instead of finishing,
-    // so the requester retries rather than taking us for a liar.
+    // so the requester retries rather than taking us for a liar. Read in pieces of
+    // READ_CHUNK with one blocking call each; quinn takes the buffers without a copy.
     let mut hasher = blake3::Hasher::new();
     let mut left = size;
-    let mut buf = vec![0u8; 256 << 10];
-    use tokio::io::AsyncReadExt;
     while left > 0 {
-        let want = buf.len().min(left as usize);
-        let n = file.read(&mut buf[..want]).await?;
-        if n == 0 {
+        let want = READ_CHUNK.min(left as usize);
+        let (f, buf) = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut buf = vec![0u8; want];
+            let mut n = 0;
+            while n < want {
+                match file.read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            buf.truncate(n);
+            Ok((file, buf))
+        })
+        .await
+        .map_err(|e| io(e.to_string()))??;
+        file = f;
+        if buf.is_empty() {
             break;
         }
-        hasher.update(&buf[..n]);
-        send.write_all(&buf[..n]).await.map_err(io)?;
-        left -= n as u64;
+        hasher.update(&buf);
+        left -= buf.len() as u64;
+        send.write_chunk(bytes::Bytes::from(buf))
+            .await
+            .map_err(io)?;
     }
     if left != 0 || hasher.finalize().as_bytes().as_slice() != req.hash.as_slice() {
         let _ = send.reset(quinn::VarInt::from_u32(1));

@@ -220,6 +220,32 @@ impl ServerCertVerifier for PinnedServer {
     }
 }
 
+/// Socket buffers asked for (the kernel caps them at net.core.[rw]mem_max).
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
+
+/// Bigger socket buffers, so a burst of large datagrams is not dropped on arrival;
+/// best effort: the defaults still work, only slower.
+fn grow_socket_buffers(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        let v = SOCKET_BUFFER;
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&v`, which lives
+        // across the call; the descriptor is owned by `socket`.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "could not grow a socket buffer");
+        }
+    }
+}
+
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(5)));
@@ -264,11 +290,16 @@ impl Transport {
             QuicServerConfig::try_from(server).map_err(|e| TransportError::Quic(e.to_string()))?;
         let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
         sc.transport_config(transport_config());
-        let endpoint =
-            quinn::Endpoint::server(sc, listen).map_err(|source| TransportError::Bind {
-                addr: listen,
-                source,
-            })?;
+        let bind_err = |source| TransportError::Bind {
+            addr: listen,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
+        grow_socket_buffers(&socket);
+        let ec = quinn::EndpointConfig::default();
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| TransportError::Quic("no async runtime".into()))?;
+        let endpoint = quinn::Endpoint::new(ec, Some(sc), socket, runtime).map_err(bind_err)?;
         Ok(Transport { endpoint, identity })
     }
 

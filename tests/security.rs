@@ -645,11 +645,9 @@ async fn index_flood_leaves_memory_bounded_and_healthy_peers_syncing() {
     );
 }
 
-/// An endless flood must be cut off before the node's memory passes the bound. Today
-/// the per-peer cap (`MAX_PEER_RECORDS` = 2 000 000 in src/peer.rs) lets one peer pin
-/// about 0.7 KiB per record, ~1.4 GiB: ignored until that cap is lowered.
+/// An endless flood must be cut off before the node's memory passes the bound: the
+/// per-peer cap (`MAX_PEER_RECORDS` in src/peer.rs, 200 000 records of ~0.7 KiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "src/peer.rs MAX_PEER_RECORDS (2M, ~1.4 GiB) must drop to ~200k for a 200 MiB bound"]
 async fn endless_index_flood_is_cut_off_within_the_memory_bound() {
     let r = flood(["127.0.0.93", "127.0.0.94", "127.0.0.95"], None).await;
     assert!(
@@ -899,12 +897,11 @@ fn renewal_schedule_under_an_hour_of_skew_moves_by_the_skew_only() {
     assert!(may_order(ids[2], ids[0], Some(&lease), ahead_now, true).is_ok());
 }
 
-/// A configured peer that announces a file and then serves it at 1 byte/s: the fetch
-/// times out (30 s + 1 ms per KB), but content from the healthy peer must not wait for
-/// it. Today the puller applies a batch only when every fetch in it has ended, and
-/// starts the next batch only then, so one trickling source holds up everything.
+/// A configured peer that announces a file and then serves it at 1 byte/s: that fetch
+/// is cut off as stalled (under 64 KiB in 10 s), and meanwhile content from the
+/// healthy peer must not wait for it (the puller applies whatever is ready while
+/// other fetches run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "src/pull.rs run_batch waits for every fetch of a batch: one trickling peer stalls all pulls"]
 async fn a_peer_trickling_content_does_not_hold_up_the_others() {
     let dir = tmp();
     let (n1, n2, evil) =
