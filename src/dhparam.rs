@@ -11,7 +11,7 @@ use std::io::ErrorKind;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 
@@ -150,25 +150,11 @@ async fn ensure(shared: Arc<Shared>, group: DhGroup) {
 /// Waits until every configured peer is connected and in sync (their copy of the
 /// file, if any, has arrived), or [`MESH_GRACE`].
 async fn wait_for_mesh(shared: &Shared) {
-    let start = Instant::now();
-    let mut progress = shared.progress.subscribe();
-    while start.elapsed() < MESH_GRACE {
-        {
-            let st = shared.lock();
-            let formed = st.plan.needs_len() == 0
-                && st
-                    .peers
-                    .iter()
-                    .all(|(id, s)| s.session.is_some() && st.plan.in_sync(id, &st.index));
-            if formed {
-                return;
-            }
-        }
-        let _ = tokio::time::timeout(Duration::from_millis(50), progress.changed()).await;
+    if !shared.wait_mesh_formed(MESH_GRACE).await {
+        tracing::info!(
+            "{FILE}: not every peer is connected and in sync; deciding with the ones that are"
+        );
     }
-    tracing::info!(
-        "{FILE}: not every peer is connected and in sync; deciding with the ones that are"
-    );
 }
 
 /// Writes `group` to `<root>/dhparam.pem` unless something is there already. The

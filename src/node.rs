@@ -142,6 +142,29 @@ impl Shared {
         self.session_ids.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Waits until every configured peer is connected and in sync and nothing is
+    /// needed, or `grace` has passed; says whether the mesh formed. Decisions that
+    /// read the peers' state from the tree (renewer choice, dhparam) wait for this.
+    pub async fn wait_mesh_formed(&self, grace: Duration) -> bool {
+        let start = Instant::now();
+        let mut progress = self.progress.subscribe();
+        while start.elapsed() < grace {
+            {
+                let st = self.lock();
+                let formed = st.plan.needs_len() == 0
+                    && st
+                        .peers
+                        .iter()
+                        .all(|(id, s)| s.session.is_some() && st.plan.in_sync(id, &st.index));
+                if formed {
+                    return true;
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), progress.changed()).await;
+        }
+        false
+    }
+
     pub fn bump_progress(&self) {
         self.progress.send_modify(|v| *v += 1);
     }

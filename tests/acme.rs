@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use certmesh::identity::DeviceId;
 
-use crate::util::{certmesh, Cluster, Node};
+use crate::util::{certmesh, wait_listening, Cluster, Node};
 
 const DOMAIN: &str = "www.certmesh.test";
 /// An external account binding key (Pebble's documented example).
@@ -64,23 +64,6 @@ fn free_udp(ip: &str) -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn wait_tcp(addr: &str, what: &str, child: &mut Child, log: &Path) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!(
-                "{what} exited with {st}:\n{}",
-                fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("{what} did not listen on {addr}");
 }
 
 /// Pebble + its DNS, with a TLS cert for 127.0.0.1 from a CA made here.
@@ -146,7 +129,7 @@ impl Pebble {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("starting pebble-challtestsrv");
-        wait_tcp(&dns_mgmt, "pebble-challtestsrv", &mut dns, &dns_log);
+        wait_listening(&dns_mgmt, "pebble-challtestsrv", &mut dns, &dns_log);
         let dns = Proc { child: dns };
         let api = format!("127.0.0.1:{}", free_tcp("127.0.0.1"));
         let mgmt = format!("127.0.0.1:{}", free_tcp("127.0.0.1"));
@@ -211,7 +194,7 @@ impl Pebble {
             .trim_start_matches("https://")
             .trim_end_matches("/dir")
             .to_string();
-        wait_tcp(&api, "pebble", &mut child, &log);
+        wait_listening(&api, "pebble", &mut child, &log);
         self.pebble = Some(Proc { child });
     }
 
@@ -286,7 +269,7 @@ fn nginx_with(dir: &Path, ip: &str, port: u16, http_extra: &str, location: &str)
         .stderr(fs::File::create(d.join("stderr.log")).unwrap())
         .spawn()
         .expect("starting nginx");
-    wait_tcp(
+    wait_listening(
         &format!("{ip}:{port}"),
         "nginx",
         &mut child,

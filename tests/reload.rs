@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::util::{wait_until, Node, DEADLINE};
+use crate::util::{wait_listening, wait_until, Node};
 
 const NAME: &str = "www";
 const HOST: &str = "www.reload.test";
@@ -56,24 +56,6 @@ fn free_tcp(ip: &str) -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Waits until `addr` accepts TCP, failing early if the server exited.
-fn wait_listening(addr: &str, what: &str, child: &mut Child, log: &Path) {
-    let start = Instant::now();
-    while start.elapsed() < DEADLINE {
-        if TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!(
-                "{what} exited with {st}:\n{}",
-                fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{what} did not listen on {addr}");
 }
 
 /// A test CA and certificates for [`HOST`] with chosen serial numbers.

@@ -353,3 +353,26 @@ impl Node {
         });
     }
 }
+
+/// Waits until `addr` accepts TCP, failing early if the server exited.
+pub fn wait_listening(
+    addr: &str,
+    what: &str,
+    child: &mut std::process::Child,
+    log: &std::path::Path,
+) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "{what} exited with {st}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{what} did not listen on {addr}");
+}

@@ -4,7 +4,7 @@
 //! `renew` from the control socket.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use instant_acme::{Account, CertificateIdentifier};
 use serde_json::json;
@@ -26,27 +26,15 @@ const MIN_WAKE: i64 = 60;
 /// ... and at most this far (to notice a certificate that fell due or a lost renewer).
 const MAX_WAKE: i64 = 3600;
 
-/// Waits until every configured peer is connected and in sync, or [`STARTUP_GRACE`]:
-/// the renewer choice (which reads the peers' announcements in the tree) and the
-/// challenge barrier are only meaningful once the mesh has formed.
+/// Waits until the mesh has formed, or [`STARTUP_GRACE`]: the renewer choice (which
+/// reads the peers' announcements in the tree) and the challenge barrier are only
+/// meaningful then.
 async fn startup_grace(shared: &Shared) {
-    let start = Instant::now();
-    let mut progress = shared.progress.subscribe();
-    while start.elapsed() < STARTUP_GRACE {
-        {
-            let st = shared.lock();
-            let formed = st.plan.needs_len() == 0
-                && st
-                    .peers
-                    .iter()
-                    .all(|(id, s)| s.session.is_some() && st.plan.in_sync(id, &st.index));
-            if formed {
-                return;
-            }
-        }
-        let _ = tokio::time::timeout(Duration::from_millis(50), progress.changed()).await;
+    if !shared.wait_mesh_formed(STARTUP_GRACE).await {
+        tracing::info!(
+            "not every peer is connected and in sync; going ahead with the ones that are"
+        );
     }
-    tracing::info!("not every peer is connected and in sync; going ahead with the ones that are");
 }
 
 struct Driver {
