@@ -276,6 +276,35 @@ pub struct Config {
 }
 
 impl Config {
+    /// Keys whose change a SIGHUP cannot apply (only `[[peer]]` and
+    /// `rescan_interval` are reloaded live): they need a restart.
+    pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
+        // Sections without PartialEq compare by their Debug rendering: any change counts.
+        let dbg = |v: &dyn std::fmt::Debug| format!("{v:?}");
+        let mut out = Vec::new();
+        let checks: [(&'static str, bool); 10] = [
+            ("node.name", self.name != new.name),
+            ("node.state_dir", self.state_dir != new.state_dir),
+            ("node.listen", self.listen != new.listen),
+            ("tree.path", self.tree != new.tree),
+            ("tree.dhparam", self.dhparam != new.dhparam),
+            ("acme", dbg(&self.acme) != dbg(&new.acme)),
+            (
+                "certificate",
+                dbg(&self.certificates) != dbg(&new.certificates),
+            ),
+            ("hook", dbg(&self.hooks) != dbg(&new.hooks)),
+            ("http.listen", self.http_listen != new.http_listen),
+            ("metrics.listen", self.metrics_listen != new.metrics_listen),
+        ];
+        for (key, changed) in checks {
+            if changed {
+                out.push(key);
+            }
+        }
+        out
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -813,6 +842,19 @@ mod tests {
         Config::parse(Path::new("c.toml"), text)
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn sighup_names_what_needs_a_restart() {
+        let a = Config::parse(Path::new("c.toml"), &cfg("")).unwrap();
+        let same = Config::parse(Path::new("c.toml"), &cfg("rescan_interval = \"10m\"\n")).unwrap();
+        assert!(a.needs_restart(&same).is_empty());
+        let moved = cfg("").replace("127.0.0.1:22000", "127.0.0.1:22001");
+        let b = Config::parse(Path::new("c.toml"), &moved).unwrap();
+        assert_eq!(a.needs_restart(&b), vec!["node.listen"]);
+        let hooked = cfg("[[hook]]\npaths = [\"live/**\"]\nrun = [\"true\"]\n");
+        let c = Config::parse(Path::new("c.toml"), &hooked).unwrap();
+        assert_eq!(a.needs_restart(&c), vec!["hook"]);
     }
 
     #[test]

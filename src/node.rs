@@ -345,8 +345,11 @@ pub fn reload(shared: &Arc<Shared>, transport: &Arc<Transport>, new: Config) {
         tracing::info!(peer = %id, "peer added to config");
         tokio::spawn(dial_loop(shared.clone(), transport.clone(), id));
     }
+    // Only what is reloaded live changes; the rest keeps the running values
+    // (Config::needs_restart names them).
     if let Ok(mut c) = shared.config.lock() {
-        *c = new;
+        c.peers = new.peers;
+        c.rescan_interval = new.rescan_interval;
     }
 }
 
@@ -445,13 +448,21 @@ async fn reload_on_sighup(shared: Arc<Shared>, transport: Arc<Transport>) {
         return;
     };
     while hup.recv().await.is_some() {
-        let file = match shared.config.lock() {
-            Ok(c) => c.file.clone(),
+        let old = match shared.config.lock() {
+            Ok(c) => c.clone(),
             Err(_) => continue,
         };
+        let file = old.file.clone();
         match Config::load(&file) {
             Ok(new) => {
                 tracing::info!(file = %file.display(), peers = new.peers.len(), "SIGHUP: peer list reloaded");
+                let restart = old.needs_restart(&new);
+                if !restart.is_empty() {
+                    shared.lock().error(format!(
+                        "SIGHUP: changed {} (kept the running values; restart certmesh to apply them)",
+                        restart.join(", ")
+                    ));
+                }
                 reload(&shared, &transport, new);
             }
             Err(e) => shared
