@@ -20,8 +20,8 @@ use crate::wire::{
 pub const CLOSE_DUPLICATE: u32 = 1;
 pub const CLOSE_PROTOCOL: u32 = 3;
 /// Most records one peer may announce (bounds memory against an index flood: about
-/// 0.7 KiB each, so ~140 MiB; a certificate tree has a few thousand).
-pub const MAX_PEER_RECORDS: usize = 200_000;
+/// 0.7 KiB each, so ~70 MiB; a certificate tree has a few thousand).
+pub const MAX_PEER_RECORDS: usize = 100_000;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent content requests served per connection.
 const MAX_SERVING: usize = 64;

@@ -541,6 +541,9 @@ struct FloodResult {
     acked: u64,
     max_rss_mib: u64,
     close_code: Option<u64>,
+    /// How the connection ended, if it did (n1's close frame, or a stateless reset
+    /// when the flooder's packets kept coming after n1 had dropped the connection).
+    closed: Option<String>,
     log: String,
 }
 
@@ -605,6 +608,7 @@ async fn flood(ips: [&str; 3], limit: Option<u64>) -> FloodResult {
                 || finished.is_some_and(|t| t.elapsed() > Duration::from_secs(20))
         })
     });
+    let closed = conn.close_reason().map(|e| e.to_string());
     let close_code = match conn.close_reason() {
         Some(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code.into_inner()),
         _ => None,
@@ -615,6 +619,7 @@ async fn flood(ips: [&str; 3], limit: Option<u64>) -> FloodResult {
         acked: acked.load(Ordering::Relaxed),
         max_rss_mib: rss.max_mib(),
         close_code,
+        closed,
         log: n1.log(),
     };
     eprintln!(
@@ -646,7 +651,7 @@ async fn index_flood_leaves_memory_bounded_and_healthy_peers_syncing() {
 }
 
 /// An endless flood must be cut off before the node's memory passes the bound: the
-/// per-peer cap (`MAX_PEER_RECORDS` in src/peer.rs, 200 000 records of ~0.7 KiB).
+/// per-peer cap (`MAX_PEER_RECORDS` in src/peer.rs, 100 000 records of ~0.7 KiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_index_flood_is_cut_off_within_the_memory_bound() {
     let r = flood(["127.0.0.93", "127.0.0.94", "127.0.0.95"], None).await;
@@ -656,7 +661,11 @@ async fn endless_index_flood_is_cut_off_within_the_memory_bound() {
         r.max_rss_mib,
         r.sent
     );
-    assert_eq!(r.close_code, Some(3), "the flooding peer was not cut off");
+    assert!(
+        r.close_code == Some(3) || r.closed.as_deref() == Some("reset by peer"),
+        "the flooding peer was not cut off: {:?}",
+        r.closed
+    );
     assert!(r.log.contains("records; disconnecting"), "{}", r.log);
 }
 
