@@ -54,6 +54,7 @@ struct Opts {
     scale: Vec<usize>,
     /// Sections to run (`--only`); empty: all.
     only: Vec<String>,
+    acme_samples: usize,
     args: Vec<String>,
 }
 
@@ -75,7 +76,9 @@ usage: cargo bench --bench compare -- [flags]
   --idle-secs S         idle window for CPU / context switches (default 30)
   --skip-syncthing      certmesh only
   --only LIST           sections to run, comma separated: latency (small file, bundle,
-                        idle), bulk, scale (default: all)";
+                        idle), bulk, scale, acme (issuance against a local Pebble on 1
+                        and 3 nodes; skipped when pebble is not installed) (default: all)
+  --acme-samples N      issuances per cluster size (default 10)";
 
 fn parse_opts() -> Result<Opts> {
     let args: Vec<String> = std::env::args()
@@ -94,6 +97,7 @@ fn parse_opts() -> Result<Opts> {
         rss_after_secs: if quick { 3 } else { 10 },
         scale: if quick { vec![16] } else { vec![16, 32] },
         only: Vec::new(),
+        acme_samples: if quick { 3 } else { 10 },
         args: args.clone(),
     };
     let mut it = args.iter().flat_map(|a| match a.split_once('=') {
@@ -109,6 +113,7 @@ fn parse_opts() -> Result<Opts> {
             "--quick" => {}
             "--skip-syncthing" => o.skip_syncthing = true,
             "--samples" => o.samples = val(&a, it.next())?,
+            "--acme-samples" => o.acme_samples = val::<usize>(&a, it.next())?.max(1),
             "--defaults-samples" => o.defaults_samples = val(&a, it.next())?,
             "--bulk-files" => o.bulk_files = val(&a, it.next())?,
             "--bulk-mib" => o.bulk_mib = val(&a, it.next())?,
@@ -138,9 +143,9 @@ fn parse_opts() -> Result<Opts> {
                 if let Some(bad) = o
                     .only
                     .iter()
-                    .find(|s| !["latency", "bulk", "scale"].contains(&s.as_str()))
+                    .find(|s| !["latency", "bulk", "scale", "acme"].contains(&s.as_str()))
                 {
-                    bail!("--only: unknown section {bad:?} (latency, bulk, scale)");
+                    bail!("--only: unknown section {bad:?} (latency, bulk, scale, acme)");
                 }
             }
             "-h" | "--help" => {
@@ -1253,6 +1258,23 @@ fn run_syncthing_bulk(st: &Path, o: &Opts) -> Result<f64> {
     Ok(took.as_secs_f64())
 }
 
+/// Issuance times against a local Pebble: a 1-node cluster, then a 3-node one.
+fn run_acme(exe: &Path, rt: &tokio::runtime::Runtime, o: &Opts) -> Result<(Stats, Stats)> {
+    eprintln!(
+        "[certmesh] ACME: {} issuances on 1 node and on 3 nodes",
+        o.acme_samples
+    );
+    let one = rt.block_on(demo::acme_issue_times(exe, 1, o.acme_samples))?;
+    let three = rt.block_on(demo::acme_issue_times(exe, 3, o.acme_samples))?;
+    let (one, three) = (stats(one), stats(three));
+    eprintln!(
+        "[certmesh] ACME p50: 1 node {:.0} ms, 3 nodes {:.0} ms",
+        one.p50 * 1000.0,
+        three.p50 * 1000.0
+    );
+    Ok((one, three))
+}
+
 fn run_scale(exe: &Path, rt: &tokio::runtime::Runtime, n: usize, o: &Opts) -> Result<ScaleResult> {
     eprintln!("[certmesh] scale: {n} nodes, full mesh, started together");
     let (c, t0) = cm_start(exe, n, |_| Ok(()))?;
@@ -1370,6 +1392,7 @@ fn render_report(
     cm_bulk: Option<f64>,
     st_bulk: Option<f64>,
     scale: &[ScaleResult],
+    acme: Option<&(Stats, Stats)>,
     notes: &[String],
 ) -> String {
     let mut t = Table { rows: Vec::new() };
@@ -1565,6 +1588,30 @@ fn render_report(
             target,
         );
     }
+    // 6. ACME issuance, 1 node vs 3
+    if let Some((one, three)) = acme {
+        for (label, st) in [("1 node", one), ("3 nodes", three)] {
+            for (p, v) in [("p50", st.p50), ("max", st.max)] {
+                t.row(
+                    &format!("ACME issue → live everywhere, {label}: {p}"),
+                    Unit::Secs,
+                    Some(v),
+                    None,
+                    None,
+                    String::new(),
+                );
+            }
+        }
+        let extra = three.p50 - one.p50;
+        t.row(
+            "ACME issue: 3 nodes − 1 node (p50)",
+            Unit::Secs,
+            Some(extra),
+            None,
+            None,
+            check(extra <= 0.05, "≤ 50 ms"),
+        );
+    }
 
     let mut out = String::new();
     out.push_str(header);
@@ -1675,6 +1722,15 @@ fn main() -> Result<()> {
         scale.push(run_scale(&exe, &rt, n, &o).with_context(|| format!("certmesh, {n} nodes"))?);
     }
 
+    let acme = if o.runs("acme") && certmesh::demo_pebble::available() {
+        Some(run_acme(&exe, &rt, &o).context("certmesh, ACME")?)
+    } else {
+        if o.runs("acme") {
+            notes.push("ACME rows skipped: pebble / pebble-challtestsrv not installed.".into());
+        }
+        None
+    };
+
     // Syncthing failures are reported in the table rather than aborting the run.
     let mut tuned = SysResult::default();
     let mut def = SysResult::default();
@@ -1737,8 +1793,20 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     ));
 
+    if acme.is_some() {
+        notes.push(format!("ACME: a local Pebble (Debian package, validation sleep off) and pebble-challtestsrv as its DNS; the first issuance at start is awaited, then {} times `certmesh issue` over the control socket until the new certificate (key matching) is live on every node. With 3 nodes the CA's DNS points the name at a node that did not order, so the http-01 token must travel through the tree (and every peer acknowledge it) before the CA is told to validate, and the bundle must reach the others; with 1 node nothing is synced.", o.acme_samples));
+    }
     let report = render_report(
-        &o, &header, &cm, &tuned, &def, cm_bulk, st_bulk, &scale, &notes,
+        &o,
+        &header,
+        &cm,
+        &tuned,
+        &def,
+        cm_bulk,
+        st_bulk,
+        &scale,
+        acme.as_ref(),
+        &notes,
     );
     println!("{report}");
     let path = target_dir().join("bench-report.md");

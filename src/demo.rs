@@ -169,7 +169,7 @@ pub async fn run(samples: usize) -> anyhow::Result<()> {
     );
     let configs = write_mesh(dir.path(), 3)?;
     let ca = if crate::demo_pebble::available() {
-        Some(with_local_ca(dir.path(), &configs)?)
+        Some(with_local_ca(dir.path(), &configs, false)?)
     } else {
         println!(
             "(pebble not installed: `apt-get install pebble` to also see a certificate issued)"
@@ -240,6 +240,7 @@ pub async fn run(samples: usize) -> anyhow::Result<()> {
 fn with_local_ca(
     dir: &Path,
     configs: &[(String, PathBuf, PathBuf)],
+    quiet: bool,
 ) -> anyhow::Result<crate::demo_pebble::LocalCa> {
     let ca = crate::demo_pebble::LocalCa::start(dir)?;
     let mut ids = Vec::new();
@@ -257,13 +258,15 @@ fn with_local_ca(
         crate::demo_pebble::DOMAIN,
         &format!("127.0.0.{}", target + 2),
     )?;
-    println!(
-        "local Pebble CA at {} (validation sleep off); {} resolves to node{} while node{} orders",
-        ca.directory,
-        crate::demo_pebble::DOMAIN,
-        target + 1,
-        renewer + 1
-    );
+    if !quiet {
+        println!(
+            "local Pebble CA at {} (validation sleep off); {} resolves to node{} while node{} orders",
+            ca.directory,
+            crate::demo_pebble::DOMAIN,
+            target + 1,
+            renewer + 1
+        );
+    }
     Ok(ca)
 }
 
@@ -303,7 +306,22 @@ fn first_issuance(nodes: &[LocalNode], started: Instant) -> anyhow::Result<Strin
 
 /// Times `certmesh issue` until the new certificate is live on every node.
 async fn reissue(nodes: &[LocalNode], first: &str) -> anyhow::Result<()> {
-    // Ask the nodes in turn: the one holding the renewal lease takes it.
+    let (took, asked, second) = issue_until_live(nodes, first).await?;
+    println!(
+        "`certmesh issue` on {asked}: new certificate (serial {second}) live on all {} nodes after {:.0} ms",
+        nodes.len(),
+        took.as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+/// Asks the nodes in turn to `issue` (the one holding the renewal lease takes it) and
+/// waits until a certificate other than `previous` is live on every node; returns
+/// the time taken, the node that ordered and the new serial.
+async fn issue_until_live(
+    nodes: &[LocalNode],
+    previous: &str,
+) -> anyhow::Result<(Duration, String, String)> {
     let t = Instant::now();
     let mut asked = None;
     for n in nodes {
@@ -319,20 +337,42 @@ async fn reissue(nodes: &[LocalNode], first: &str) -> anyhow::Result<()> {
         }
     }
     let asked = asked.ok_or_else(|| anyhow::anyhow!("no node accepted `issue`"))?;
-    let start = Instant::now();
-    let second = loop {
+    loop {
         let s = same_serial_everywhere(nodes, Duration::from_secs(60))?;
-        if s != first {
-            break s;
+        if s != previous {
+            return Ok((t.elapsed(), asked, s));
         }
-        if start.elapsed() > Duration::from_secs(60) {
+        if t.elapsed() > Duration::from_secs(60) {
             bail!("the reissued certificate did not reach every node");
         }
         std::thread::sleep(Duration::from_millis(2));
-    };
-    println!(
-        "`certmesh issue` on {asked}: new certificate (serial {second}) live on all 3 nodes after {:.0} ms",
-        t.elapsed().as_secs_f64() * 1000.0
-    );
-    Ok(())
+    }
+}
+
+/// For the benchmark: `n` nodes with a local Pebble (the validator pointed at a node
+/// that does not order, when there are several), the first issuance awaited, then
+/// `samples` times `certmesh issue` until the new certificate is live on every node.
+pub async fn acme_issue_times(
+    exe: &Path,
+    n: usize,
+    samples: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let dir = tempfile::Builder::new()
+        .prefix("certmesh-bench-acme-")
+        .tempdir()?;
+    let configs = write_mesh(dir.path(), n)?;
+    let _ca = with_local_ca(dir.path(), &configs, true)?;
+    let nodes: Vec<LocalNode> = configs
+        .iter()
+        .map(|(name, cfg, tree)| spawn(exe, name, cfg, tree))
+        .collect::<anyhow::Result<_>>()?;
+    wait_connected(&nodes, Duration::from_secs(20)).await?;
+    let mut serial = same_serial_everywhere(&nodes, Duration::from_secs(60))?;
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let (took, _, s) = issue_until_live(&nodes, &serial).await?;
+        out.push(took);
+        serial = s;
+    }
+    Ok(out)
 }
