@@ -350,29 +350,39 @@ async fn issue_until_live(
 }
 
 /// For the benchmark: `n` nodes with a local Pebble (the validator pointed at a node
-/// that does not order, when there are several), the first issuance awaited, then
-/// `samples` times `certmesh issue` until the new certificate is live on every node.
-pub async fn acme_issue_times(
-    exe: &Path,
-    n: usize,
-    samples: usize,
-) -> anyhow::Result<Vec<Duration>> {
-    let dir = tempfile::Builder::new()
-        .prefix("certmesh-bench-acme-")
-        .tempdir()?;
-    let configs = write_mesh(dir.path(), n)?;
-    let _ca = with_local_ca(dir.path(), &configs, true)?;
-    let nodes: Vec<LocalNode> = configs
-        .iter()
-        .map(|(name, cfg, tree)| spawn(exe, name, cfg, tree))
-        .collect::<anyhow::Result<_>>()?;
-    wait_connected(&nodes, Duration::from_secs(20)).await?;
-    let mut serial = same_serial_everywhere(&nodes, Duration::from_secs(60))?;
-    let mut out = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let (took, _, s) = issue_until_live(&nodes, &serial).await?;
-        out.push(took);
-        serial = s;
+/// that does not order, when there are several), their first issuance done.
+pub struct AcmeCluster {
+    nodes: Vec<LocalNode>,
+    serial: String,
+    _ca: crate::demo_pebble::LocalCa,
+    _dir: tempfile::TempDir,
+}
+
+impl AcmeCluster {
+    pub async fn start(exe: &Path, n: usize) -> anyhow::Result<AcmeCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix("certmesh-bench-acme-")
+            .tempdir()?;
+        let configs = write_mesh(dir.path(), n)?;
+        let ca = with_local_ca(dir.path(), &configs, true)?;
+        let nodes: Vec<LocalNode> = configs
+            .iter()
+            .map(|(name, cfg, tree)| spawn(exe, name, cfg, tree))
+            .collect::<anyhow::Result<_>>()?;
+        wait_connected(&nodes, Duration::from_secs(20)).await?;
+        let serial = same_serial_everywhere(&nodes, Duration::from_secs(60))?;
+        Ok(AcmeCluster {
+            nodes,
+            serial,
+            _ca: ca,
+            _dir: dir,
+        })
     }
-    Ok(out)
+
+    /// `certmesh issue` until the new certificate is live on every node.
+    pub async fn issue(&mut self) -> anyhow::Result<Duration> {
+        let (took, _, serial) = issue_until_live(&self.nodes, &self.serial).await?;
+        self.serial = serial;
+        Ok(took)
+    }
 }
