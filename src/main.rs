@@ -94,17 +94,21 @@ enum Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn")
-            }),
-        )
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colours only on a terminal: under systemd stderr goes to journald, which
         // would store the escape codes verbatim.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // CERTMESH_LOG_FORMAT=json: one JSON object per line (fields as keys), for log
+    // shippers reading the journal; otherwise readable `key=value` lines.
+    if std::env::var("CERTMESH_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     match dispatch(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(m)) => {

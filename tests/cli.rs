@@ -108,3 +108,38 @@ fn status_without_daemon_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `certmesh run` running"));
 }
+
+/// `CERTMESH_LOG_FORMAT=json`: every log line the daemon writes is one JSON object
+/// with the level and the event's fields (what log shippers reading journald want).
+#[test]
+fn json_logs_on_request() {
+    let d = tempfile::tempdir().unwrap();
+    let mut n = crate::util::Node::new(d.path(), "solo", "127.0.0.40");
+    n.configure(&[]);
+    let log = d.path().join("json.log");
+    let child = std::process::Command::new(crate::util::BIN)
+        .args(["run", "--config", n.config.to_str().unwrap()])
+        .env("CERTMESH_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    n.child = Some(child);
+    crate::util::wait_until("the daemon to log that it runs", || {
+        fs::read_to_string(&log).is_ok_and(|t| t.contains("certmesh running"))
+    });
+    let text = fs::read_to_string(&log).unwrap();
+    let mut running = false;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(v["level"].is_string(), "{line}");
+        if v["fields"]["message"] == "certmesh running" {
+            running = true;
+            assert!(v["fields"]["listen"].is_string(), "{line}");
+        }
+    }
+    assert!(running, "{text}");
+}
