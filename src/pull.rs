@@ -454,7 +454,11 @@ async fn fetch(
         let _ = send.finish();
         let resp: pb::Response = wire::read_msg(&mut recv, MAX_HEADER)
             .await
-            .map_err(|e| FetchError::Hostile(format!("bad response header: {e}")))?
+            .map_err(|e| match e {
+                // A lost connection or reset stream is not the peer's fault.
+                wire::WireError::Io(_) => retry(&e),
+                e => FetchError::Hostile(format!("bad response header: {e}")),
+            })?
             .ok_or_else(|| retry(&"stream ended"))?;
         Ok::<_, FetchError>((recv, resp))
     };

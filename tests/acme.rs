@@ -763,13 +763,16 @@ fn a_renewer_killed_mid_order_is_taken_over() {
         "TIMING: takeover after the renewer was killed (lease 3s): {:?}",
         killed.elapsed()
     );
-    assert!(
-        c.nodes[second]
-            .log()
-            .contains("certificate issued and published"),
-        "{}",
-        c.nodes[second].log()
-    );
+    // The publisher logs once its order has finished, a moment after the files it
+    // published are visible (here or on the peer).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.nodes[second]
+        .log()
+        .contains("certificate issued and published")
+    {
+        assert!(Instant::now() < deadline, "{}", c.nodes[second].log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(
         !c.nodes[third].log().contains("ordering"),
         "{}",
