@@ -10,6 +10,8 @@ pub const MAX_PATH: usize = 4096;
 pub const MAX_NAME: usize = 255;
 /// Internal directory at the tree root.
 pub const INTERNAL_DIR: &str = ".certmesh";
+/// Directories under [`INTERNAL_DIR`] that stay on this node.
+pub const LOCAL_ONLY_DIRS: [&str; 3] = ["tmp", "conflicts", "kept"];
 
 /// Why a path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,10 +114,11 @@ impl RelPath {
             || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
     }
 
-    /// `.certmesh/tmp/**` and `.certmesh/conflicts/**`: never replicated.
+    /// `.certmesh/tmp/**`, `.certmesh/conflicts/**` and `.certmesh/kept/**` (versions
+    /// a peer's change replaced or deleted): never replicated.
     pub fn is_local_only(&self) -> bool {
         let s = &self.0;
-        ["tmp", "conflicts"].iter().any(|d| {
+        LOCAL_ONLY_DIRS.iter().any(|d| {
             let base = format!("{INTERNAL_DIR}/{d}");
             s == &base || s.starts_with(&(base + "/"))
         })
@@ -211,6 +214,7 @@ mod tests {
         }
         assert!(RelPath::parse_shared(".certmesh/tmp/x").is_err());
         assert!(RelPath::parse_shared(".certmesh/conflicts").is_err());
+        assert!(RelPath::parse_shared(".certmesh/kept/live/x").is_err());
         assert!(RelPath::parse_shared(".certmesh/acme/account.json").is_ok());
         assert!(RelPath::parse_shared(".certmesh/tmpx").is_ok());
     }
