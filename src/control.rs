@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -266,22 +267,49 @@ pub fn start(shared: Arc<Shared>, path: &Path) -> anyhow::Result<tokio::task::Jo
     let listener = UnixListener::bind(path)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     Ok(tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                if let Err(e) = serve(shared, stream).await {
-                    tracing::debug!(error = %e, "control client");
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    // Over the cap the connection is closed at once: a stuck or
+                    // flooding local client cannot exhaust descriptors or tasks.
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tracing::warn!(
+                            "control socket: {MAX_CLIENTS} clients already, closing one more"
+                        );
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve(shared, stream).await {
+                            tracing::debug!(error = %e, "control client");
+                        }
+                        drop(slot);
+                    });
                 }
-            });
+                // EMFILE and friends: the listener stays; try again shortly.
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
     }))
 }
 
+/// Control clients served at once (`status`, `issue`, `renew` are one-shot).
+const MAX_CLIENTS: usize = 32;
+/// A client that sends no complete request line for this long is dropped.
+const IDLE: Duration = Duration::from_secs(30);
+
 async fn serve(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r.take(64 << 10)).lines();
-    while let Some(line) = lines.next_line().await? {
+    while let Some(line) = tokio::time::timeout(IDLE, lines.next_line())
+        .await
+        .map_err(|_| anyhow::anyhow!("no request within {IDLE:?}"))??
+    {
         let no_acme = || serde_json::json!({ "error": "[acme] is not configured on this node" });
         let answer = match serde_json::from_str::<Request>(&line) {
             Ok(req) if req.cmd == "status" => serde_json::to_value(status(&shared))?,

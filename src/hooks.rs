@@ -3,8 +3,9 @@
 //! from a peer. A burst of changes (a published bundle: five files and a link) is
 //! debounced into one run. Two kinds of action:
 //! - `run = [argv]`: a command without a shell; the names of the certificates that
-//!   changed are in `CERTMESH_CHANGED` (space separated), the changed paths in
-//!   `CERTMESH_PATHS`.
+//!   changed are in `CERTMESH_CHANGED`, the changed paths in `CERTMESH_PATHS`, one
+//!   per line (a path holding a control character, which a hostile peer may send, is
+//!   written with that character escaped, so one path is always one line).
 //! - `haproxy_socket` + `haproxy_crt`: a zero-downtime swap through HAProxy's runtime
 //!   API (>= 2.1): `live/<name>/combined.pem` is sent with `set ssl cert <crt> <<`
 //!   (payload ended by an empty line), then `commit ssl cert <crt>`; no reload.
@@ -158,8 +159,8 @@ async fn command(
     let (program, args) = argv.split_first().ok_or_else(|| "empty argv".to_string())?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
-        .env("CERTMESH_CHANGED", names.join(" "))
-        .env("CERTMESH_PATHS", paths.join(" "))
+        .env("CERTMESH_CHANGED", one_per_line(names))
+        .env("CERTMESH_PATHS", one_per_line(paths))
         .env("CERTMESH_TREE", &shared.tree.root)
         .current_dir(&shared.tree.root)
         .stdin(Stdio::null())
@@ -175,6 +176,25 @@ async fn command(
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
+}
+
+/// `items` one per line; control characters (a newline in a peer's file name) are
+/// escaped so that a name can never pose as two.
+pub fn one_per_line(items: &[String]) -> String {
+    let mut out = String::new();
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        for c in item.chars() {
+            if c.is_control() {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+    }
+    out
 }
 
 /// HAProxy's CLI reads one command (payload included) into one buffer of
@@ -385,6 +405,26 @@ async fn haproxy_cli(socket: &HaproxySocket, command: &str) -> Result<String, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hook_lists_are_one_per_line_and_a_newline_cannot_forge_a_path() {
+        let paths = vec![
+            "live/www/cert.pem".to_string(),
+            "dir with space/x".to_string(),
+            "evil\nlive/other/privkey.pem".to_string(),
+        ];
+        let text = one_per_line(&paths);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "live/www/cert.pem",
+                "dir with space/x",
+                "evil\\nlive/other/privkey.pem"
+            ]
+        );
+        assert_eq!(one_per_line(&[]), "");
+    }
 
     #[test]
     fn names_from_paths() {

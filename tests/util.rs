@@ -43,6 +43,8 @@ pub struct Node {
     pub child: Option<Child>,
     /// Network namespace the process runs in (`ip netns exec`), if any.
     pub netns: Option<String>,
+    /// A command the daemon is started through (`prlimit --nofile=…`), if any.
+    pub launcher: Vec<String>,
 }
 
 impl Node {
@@ -81,6 +83,7 @@ impl Node {
             addr: addr.to_string(),
             child: None,
             netns: None,
+            launcher: Vec::new(),
         }
     }
 
@@ -117,6 +120,11 @@ impl Node {
             Some(ns) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None if !self.launcher.is_empty() => {
+                let mut c = Command::new(&self.launcher[0]);
+                c.args(&self.launcher[1..]).arg(BIN);
                 c
             }
             None => Command::new(BIN),
