@@ -224,7 +224,7 @@ impl Tree {
     }
 
     /// The mode a file record gets here, whatever the peer sent: no setuid, setgid or
-    /// sticky bit, nothing world-writable; a private key (by name or by content) never
+    /// sticky bit, nothing group- or world-writable; a private key (by name or by content) never
     /// readable by others; an already-private file never readable by group or others.
     fn local_mode(&self, r: &FileRecord, existing: Option<&Metadata>, holds_key: bool) -> u32 {
         let private = existing.is_some_and(|m| m.is_file() && m.permissions().mode() & 0o077 == 0);
@@ -406,10 +406,11 @@ impl Handles {
     }
 }
 
-/// A file's mode on this node: permission bits only, nothing world-writable, and no
+/// A file's mode on this node: permission bits only, nothing writable by group or
+/// others (a write there would replicate to every node), and no
 /// "other" bits at all for a private key or group/other bits for an already-private file.
 pub fn clamp_file_mode(requested: u32, private_key: bool, already_private: bool) -> u32 {
-    let mut mode = requested & 0o777 & !0o002;
+    let mut mode = requested & 0o755;
     if private_key {
         mode &= !0o007;
     }
@@ -632,5 +633,184 @@ mod tests {
         let kept: Vec<_> = fs::read_dir(t.conflicts_dir()).unwrap().flatten().collect();
         assert_eq!(kept.len(), 1);
         assert_eq!(fs::read_to_string(kept[0].path()).unwrap(), "loser");
+    }
+
+    fn item(record: FileRecord, staged: Option<PathBuf>) -> Item {
+        Item {
+            record,
+            staged,
+            expect: None,
+            conflict: false,
+        }
+    }
+
+    fn link(path: &str, target: &str) -> Item {
+        let mut r = rec(path, Kind::Symlink, 0o777);
+        r.target = target.into();
+        item(r, None)
+    }
+
+    fn mode_of(t: &Tree, p: &str) -> u32 {
+        fs::symlink_metadata(t.root.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    #[test]
+    fn symlink_chain_escaping_the_tree_is_never_created() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        fs::write(d.path().join("outside"), "secret").unwrap();
+        fs::create_dir_all(t.root.join("deep/a/b/c")).unwrap();
+        fs::create_dir_all(t.root.join("x")).unwrap();
+        // The first link is fine on its own (a shallower directory inside the tree).
+        let out = t.apply(&[link("deep/a/b/c/l", "../../../../x")]);
+        assert!(matches!(out[0], Outcome::Applied(_)), "{out:?}");
+        let chain = "../deep/a/b/c/l/../../../../../outside";
+        let out = t.apply(&[
+            link("pub/steal", chain),
+            link("pub/thru", "../deep/a/b/c/l"),
+        ]);
+        assert!(
+            out.iter().all(|o| matches!(o, Outcome::Failed(_))),
+            "{out:?}"
+        );
+        assert!(fs::symlink_metadata(t.root.join("pub/steal")).is_err());
+        assert!(fs::symlink_metadata(t.root.join("pub/thru")).is_err());
+    }
+
+    #[test]
+    fn link_through_a_link_is_refused_and_nothing_is_created() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        fs::create_dir_all(t.root.join("real/sub")).unwrap();
+        fs::write(t.root.join("real/sub/f"), "x").unwrap();
+        std::os::unix::fs::symlink("real", t.root.join("alias")).unwrap();
+        let out = t.apply(&[link("l1", "alias/sub/f"), link("l2", "alias")]);
+        for o in &out {
+            assert!(
+                matches!(o, Outcome::Failed(why) if why.contains("through another link")),
+                "{out:?}"
+            );
+        }
+        assert!(fs::symlink_metadata(t.root.join("l1")).is_err());
+        // Through real directories it goes.
+        let out = t.apply(&[link("l3", "real/sub/f")]);
+        assert!(matches!(out[0], Outcome::Applied(_)), "{out:?}");
+    }
+
+    #[test]
+    fn links_under_acme_or_into_internal_state_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        fs::create_dir_all(t.root.join("live/x")).unwrap();
+        fs::write(t.root.join("live/x/privkey.pem"), "KEY").unwrap();
+        fs::create_dir_all(t.root.join(".certmesh/acme")).unwrap();
+        fs::write(t.root.join(".certmesh/acme/account.json"), "{}").unwrap();
+        let out = t.apply(&[
+            link(
+                "acme/.well-known/acme-challenge/k",
+                "../../../live/x/privkey.pem",
+            ),
+            link("acct", ".certmesh/acme/account.json"),
+        ]);
+        assert!(
+            out.iter().all(|o| matches!(o, Outcome::Failed(_))),
+            "{out:?}"
+        );
+        assert!(fs::symlink_metadata(t.root.join("acme/.well-known/acme-challenge/k")).is_err());
+        assert!(fs::symlink_metadata(t.root.join("acct")).is_err());
+    }
+
+    #[test]
+    fn modes_are_clamped_whatever_the_peer_sent() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        let combined = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n\
+                        -----BEGIN EC PRIVATE KEY-----\nMHc\n-----END EC PRIVATE KEY-----\n";
+        let out = t.apply(&[
+            item(rec("d", Kind::Directory, 0o777), None),
+            item(
+                rec("d/plain.pem", Kind::File, 0o666),
+                Some(stage(&t, "cert")),
+            ),
+            item(
+                rec("d/combined.pem", Kind::File, 0o644),
+                Some(stage(&t, combined)),
+            ),
+            item(rec("d/suid", Kind::File, 0o4755), Some(stage(&t, "#!"))),
+            item(rec("d/sticky", Kind::Directory, 0o1777), None),
+        ]);
+        assert!(
+            out.iter().all(|o| matches!(o, Outcome::Applied(_))),
+            "{out:?}"
+        );
+        assert_eq!(mode_of(&t, "d"), 0o755);
+        assert_eq!(mode_of(&t, "d/plain.pem"), 0o644);
+        assert_eq!(mode_of(&t, "d/combined.pem"), 0o640);
+        assert_eq!(mode_of(&t, "d/suid"), 0o755);
+        assert_eq!(mode_of(&t, "d/sticky"), 0o755);
+    }
+
+    #[test]
+    fn mode_only_change_is_clamped_by_content() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        fs::write(
+            t.root.join("bundle"),
+            "x\n-----BEGIN PRIVATE KEY-----\nMC4\n",
+        )
+        .unwrap();
+        fs::set_permissions(t.root.join("bundle"), fs::Permissions::from_mode(0o640)).unwrap();
+        let st = local_stat(&fs::symlink_metadata(t.root.join("bundle")).unwrap());
+        let mut it = item(rec("bundle", Kind::File, 0o666), None);
+        it.expect = Some(st);
+        let out = t.apply(&[it]);
+        assert!(matches!(out[0], Outcome::Applied(_)), "{out:?}");
+        assert_eq!(mode_of(&t, "bundle"), 0o640);
+    }
+
+    #[test]
+    fn clamped_mode_is_not_seen_as_a_local_change() {
+        use crate::index::Index;
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        let mut index = Index::new(ShortId(2));
+        let dir = rec("d", Kind::Directory, 0o777);
+        let mut key = rec("d/combined.pem", Kind::File, 0o666);
+        let content = "-----BEGIN PRIVATE KEY-----\n";
+        key.hash = ContentHash(*blake3::hash(content.as_bytes()).as_bytes());
+        key.size = content.len() as u64;
+        let out = t.apply(&[
+            item(dir.clone(), None),
+            item(key.clone(), Some(stage(&t, content))),
+        ]);
+        // What pull.rs does with the outcome, then what the scanner sees next.
+        for (r, o) in [dir, key].into_iter().zip(out) {
+            let Outcome::Applied(stat) = o else {
+                panic!("{o:?}")
+            };
+            index.put(r, stat);
+        }
+        for p in ["d", "d/combined.pem"] {
+            let p = RelPath::parse(p).unwrap();
+            let crate::scan::Seen::Present { kind, stat, target } =
+                crate::scan::look(&t.root, &p).unwrap()
+            else {
+                panic!("{p} not present")
+            };
+            let (o, _) = crate::scan::observe(&t.root, &p, kind, stat, target)
+                .unwrap()
+                .unwrap();
+            assert!(index.observe(&p, Some(o), 1).is_none(), "{p} re-announced");
+        }
     }
 }
