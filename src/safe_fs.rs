@@ -305,6 +305,19 @@ pub fn list(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// The names directly in the directory `fd` with their `d_type` (may be `Unknown`).
+pub fn list_typed(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, rustix::fs::FileType)>> {
+    let mut out = Vec::new();
+    for ent in rustix::fs::Dir::read_from(fd)? {
+        let ent = ent?;
+        let n = ent.file_name().to_bytes().to_vec();
+        if n != b"." && n != b".." {
+            out.push((n, ent.file_type()));
+        }
+    }
+    Ok(out)
+}
+
 /// Reads at most `max` bytes; a longer file is an error, not a truncation.
 pub fn read_bounded(f: &File, max: u64) -> io::Result<Vec<u8>> {
     let mut data = Vec::new();

@@ -6,6 +6,7 @@
 use std::fs;
 use std::io::{self, Read};
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
@@ -200,21 +201,33 @@ pub fn walk(
     out: &mut Vec<RelPath>,
     errors: &mut Vec<String>,
 ) {
-    let dir = start.map_or_else(|| root.to_path_buf(), |s| s.under(root));
-    let rd = match fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+    let shown = start.map_or_else(|| root.to_path_buf(), |s| s.under(root));
+    // Listed through the tree's handle: a directory reached through a link is not listed.
+    let listed = Root::open(root).and_then(|r| {
+        let fd = r.dir(start.map_or("", |s| s.as_str()))?;
+        let names = safe_fs::list_typed(fd.as_fd())?;
+        Ok((fd, names))
+    });
+    let (fd, names) = match listed {
+        Ok(l) => l,
+        // Gone, or not a real directory (a link is looked at, never walked into).
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                || matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) =>
+        {
+            return
+        }
         Err(e) => {
-            errors.push(format!("{}: {e}", dir.display()));
+            errors.push(format!("{}: {e}", shown.display()));
             return;
         }
     };
-    for ent in rd.flatten() {
-        let name = ent.file_name();
+    for (name, kind) in names {
+        let name = std::ffi::OsString::from_vec(name);
         let Some(name) = name.to_str() else {
             errors.push(format!(
                 "{}: name is not UTF-8, skipped",
-                ent.path().display()
+                shown.join(&name).display()
             ));
             continue;
         };
@@ -229,7 +242,14 @@ pub fn walk(
         if rel.is_local_only() {
             continue;
         }
-        let is_dir = ent.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        let is_dir = match kind {
+            rustix::fs::FileType::Directory => true,
+            rustix::fs::FileType::Unknown => safe_fs::lstat_at(fd.as_fd(), rel.name())
+                .ok()
+                .flatten()
+                .is_some_and(|m| m.is_dir()),
+            _ => false,
+        };
         out.push(rel.clone());
         if is_dir {
             walk(root, Some(&rel), out, errors);
