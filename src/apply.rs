@@ -2,17 +2,25 @@
 //! `.certmesh/tmp/` (content verified, mode set, fsynced), then everything is renamed
 //! into place, directories first and symlinks last, then the touched directories are
 //! fsynced. A path changed locally since the last scan is never clobbered; a path is
-//! never reached through a symlink; a private key never becomes readable by others.
+//! never reached through a symlink (everything goes through [`crate::safe_fs`], relative
+//! to the tree's directory handle); a link is created only when its target is on disk
+//! and reached through real directories; modes are clamped whatever the peer sent
+//! (nothing world-writable, directories at most 0755, a file holding a PEM private key,
+//! found by content, never readable by others).
 
 use std::collections::BTreeSet;
-use std::fs;
+use std::fs::{self, File, Metadata};
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustix::fs::OFlags;
+
 use crate::index::{FileRecord, Kind, LocalStat};
 use crate::paths::{RelPath, INTERNAL_DIR};
+use crate::safe_fs::{self, KeyScanner, LinkError, Root};
 use crate::scan::local_stat;
 
 /// Above this many staged files, one `syncfs` replaces per-file fsyncs.
@@ -104,15 +112,24 @@ impl Tree {
 
     /// Applies a batch. Outcomes are in the order of `items`.
     pub fn apply(&self, items: &[Item]) -> Vec<Outcome> {
+        let h = match Handles::open(self) {
+            Ok(h) => h,
+            Err(e) => {
+                return items
+                    .iter()
+                    .map(|_| Outcome::Failed(format!("opening the tree: {e}")))
+                    .collect()
+            }
+        };
         let mut out: Vec<Option<Outcome>> = items.iter().map(|_| None).collect();
-        let mut dirty_dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut dirty_dirs: BTreeSet<String> = BTreeSet::new();
 
         // 1. Finish staging: final mode and mtime, then make the content durable.
         let staged: Vec<usize> = (0..items.len())
             .filter(|&i| items[i].staged.is_some())
             .collect();
         for &i in &staged {
-            if let Err(e) = self.finish_staged(&items[i]) {
+            if let Err(e) = self.finish_staged(&h, &items[i]) {
                 out[i] = Some(Outcome::Failed(format!(
                     "staging {}: {e}",
                     items[i].record.path
@@ -120,12 +137,15 @@ impl Tree {
             }
         }
         let sync_result = if staged.len() > SYNCFS_THRESHOLD {
-            syncfs(&self.tmp_dir())
+            syncfs(h.tmp.as_fd())
         } else {
             staged
                 .iter()
                 .filter(|&&i| out[i].is_none())
-                .try_for_each(|&i| fsync_path(items[i].staged.as_deref().unwrap_or(Path::new("/"))))
+                .try_for_each(|&i| {
+                    let name = self.staged_name(items[i].staged.as_deref())?;
+                    safe_fs::open_at(h.tmp.as_fd(), name, OFlags::RDONLY)?.sync_all()
+                })
         };
         if let Err(e) = sync_result {
             for &i in &staged {
@@ -166,7 +186,7 @@ impl Tree {
             if out[i].is_some() {
                 continue;
             }
-            let res = self.apply_one(item, &mut dirty_dirs);
+            let res = self.apply_one(&h, item, &mut dirty_dirs);
             out[i] = Some(match res {
                 Ok(o) => o,
                 Err(e) => Outcome::Failed(format!("{}: {e}", item.record.path)),
@@ -174,14 +194,14 @@ impl Tree {
         }
         // 3. Make the renames durable.
         for d in &dirty_dirs {
-            if let Err(e) = fsync_path(d) {
-                tracing::warn!(dir = %d.display(), error = %e, "fsync of directory failed");
+            if let Err(e) = h.root.dir(d).and_then(|fd| File::from(fd).sync_all()) {
+                tracing::warn!(dir = %d, error = %e, "fsync of directory failed");
             }
         }
         // Failed staged files must not linger.
         for item in items {
-            if let Some(s) = &item.staged {
-                let _ = fs::remove_file(s);
+            if let Ok(name) = self.staged_name(item.staged.as_deref()) {
+                let _ = safe_fs::unlink_at(h.tmp.as_fd(), name, false);
             }
         }
         out.into_iter()
@@ -189,67 +209,77 @@ impl Tree {
             .collect()
     }
 
-    /// The mode a record gets here: private keys and already-private files never
-    /// become readable by others.
-    fn local_mode(&self, r: &FileRecord, existing: Option<&fs::Metadata>) -> u32 {
-        let mut mode = r.mode & 0o7777;
-        if r.path.is_private_key() {
-            mode &= !0o007;
+    /// The name of a staged file inside `.certmesh/tmp/` (staging is only ever there).
+    fn staged_name<'a>(&self, staged: Option<&'a Path>) -> io::Result<&'a str> {
+        let p = staged.ok_or_else(|| io::Error::other("nothing staged"))?;
+        if p.parent() != Some(self.tmp_dir().as_path()) {
+            return Err(io::Error::other(format!(
+                "{} is not in the staging directory",
+                p.display()
+            )));
         }
-        if let Some(m) = existing {
-            if m.is_file() && m.permissions().mode() & 0o077 == 0 {
-                mode &= !0o077;
-            }
-        }
-        mode
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| io::Error::other("staging name is not UTF-8"))
     }
 
-    fn finish_staged(&self, item: &Item) -> io::Result<()> {
-        let Some(staged) = &item.staged else {
-            return Ok(());
-        };
-        let existing = fs::symlink_metadata(item.record.path.under(&self.root)).ok();
-        let mode = self.local_mode(&item.record, existing.as_ref());
-        let f = fs::OpenOptions::new().write(true).open(staged)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.set_modified(to_system_time(item.record.mtime_ns))?;
-        Ok(())
+    /// The mode a file record gets here, whatever the peer sent: no setuid, setgid or
+    /// sticky bit, nothing group- or world-writable; a private key (by name or by content) never
+    /// readable by others; an already-private file never readable by group or others.
+    fn local_mode(&self, r: &FileRecord, existing: Option<&Metadata>, holds_key: bool) -> u32 {
+        let private = existing.is_some_and(|m| m.is_file() && m.permissions().mode() & 0o077 == 0);
+        clamp_file_mode(r.mode, r.path.is_private_key() || holds_key, private)
     }
 
-    /// Refuses a path whose ancestors are not real directories; creates missing ones.
-    fn ensure_parents(&self, p: &RelPath, dirty: &mut BTreeSet<PathBuf>) -> io::Result<()> {
-        let mut chain = Vec::new();
-        let mut anc = p.parent();
-        while let Some(a) = anc {
-            anc = a.parent();
-            chain.push(a);
-        }
-        for a in chain.iter().rev() {
-            let full = a.under(&self.root);
-            match fs::symlink_metadata(&full) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    return Err(io::Error::other(format!("{a} is not a directory")));
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::DirBuilder::new().mode(0o755).create(&full)?;
-                    dirty.insert(parent_of(&full));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    /// Sets the staged file's final mode and mtime (content scanned for a key first).
+    fn finish_staged(&self, h: &Handles, item: &Item) -> io::Result<()> {
+        let name = self.staged_name(item.staged.as_deref())?;
+        let existing = h.root.lstat(item.record.path.as_str()).ok().flatten();
+        let f = safe_fs::open_at(h.tmp.as_fd(), name, OFlags::RDONLY)?;
+        self.set_mode_and_mtime(&f, &item.record, existing.as_ref())
     }
 
-    fn apply_one(&self, item: &Item, dirty: &mut BTreeSet<PathBuf>) -> io::Result<Outcome> {
+    /// `fchmod` + `futimens` on an open file, its mode clamped by [`Self::local_mode`].
+    fn set_mode_and_mtime(
+        &self,
+        f: &File,
+        r: &FileRecord,
+        existing: Option<&Metadata>,
+    ) -> io::Result<()> {
+        let mut mode = self.local_mode(r, existing, false);
+        // Only read the content when it could still loosen something.
+        if mode & 0o007 != 0 && KeyScanner::scan(f)? {
+            mode = self.local_mode(r, existing, true);
+        }
+        safe_fs::chmod_fd(f.as_fd(), mode)?;
+        f.set_modified(to_system_time(r.mtime_ns))
+    }
+
+    /// Opens the parent directory of `p` without following links, creating missing
+    /// directories (0755); a parent that is a link or not a directory is refused.
+    fn ensure_parents(
+        &self,
+        h: &Handles,
+        p: &RelPath,
+        dirty: &mut BTreeSet<String>,
+    ) -> io::Result<OwnedFd> {
+        let parent = parent_rel(p);
+        let mut created = Vec::new();
+        let fd = h.root.make_dirs(&parent, 0o755, &mut created)?;
+        dirty.extend(created);
+        Ok(fd)
+    }
+
+    fn apply_one(
+        &self,
+        h: &Handles,
+        item: &Item,
+        dirty: &mut BTreeSet<String>,
+    ) -> io::Result<Outcome> {
         let r = &item.record;
-        self.ensure_parents(&r.path, dirty)?;
-        let full = r.path.under(&self.root);
-        let existing = match fs::symlink_metadata(&full) {
-            Ok(m) => Some(m),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
-        };
+        let dir = self.ensure_parents(h, &r.path, dirty)?;
+        let name = r.path.name();
+        let existing = safe_fs::lstat_at(dir.as_fd(), name)?;
         // Never clobber a local change the scanner has not seen yet.
         let on_disk = existing.as_ref().map(local_stat);
         let matches = match (&on_disk, &item.expect, &existing) {
@@ -267,106 +297,139 @@ impl Tree {
         if item.conflict {
             if let Some(m) = &existing {
                 if !m.is_dir() {
-                    self.keep_conflict(&r.path, &full)?;
+                    self.keep_conflict(h, &r.path, dir.as_fd())?;
                 }
             }
         }
-        dirty.insert(parent_of(&full));
+        dirty.insert(parent_rel(&r.path));
         if r.deleted {
             return match &existing {
                 None => Ok(Outcome::Applied(None)),
-                Some(m) if m.is_dir() => match fs::remove_dir(&full) {
+                Some(m) if m.is_dir() => match safe_fs::unlink_at(dir.as_fd(), name, true) {
                     Ok(()) => Ok(Outcome::Applied(None)),
                     Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => Ok(Outcome::Deferred(
                         format!("{}: directory not empty", r.path),
                     )),
                     Err(e) => Err(e),
                 },
-                Some(_) => fs::remove_file(&full).map(|_| Outcome::Applied(None)),
+                Some(_) => {
+                    safe_fs::unlink_at(dir.as_fd(), name, false).map(|_| Outcome::Applied(None))
+                }
             };
+        }
+        // A link is checked against the disk before anything is removed for it.
+        if r.kind == Kind::Symlink {
+            match safe_fs::check_link(&h.root, &r.path, &r.target) {
+                Ok(_) => {}
+                Err(e @ LinkError::Missing { .. }) => return Ok(Outcome::Deferred(e.to_string())),
+                Err(e) => {
+                    tracing::warn!(path = %r.path, target = %r.target, error = %e, "refusing a symlink from a peer");
+                    return Ok(Outcome::Failed(format!("refused: {e}")));
+                }
+            }
         }
         // A directory in the way of a file or link must be empty to go.
         if let Some(m) = &existing {
             if m.is_dir() && r.kind != Kind::Directory {
-                if let Err(e) = fs::remove_dir(&full) {
+                if let Err(e) = safe_fs::unlink_at(dir.as_fd(), name, true) {
                     return Ok(Outcome::Deferred(format!(
                         "{}: directory in the way: {e}",
                         r.path
                     )));
                 }
             } else if !m.is_dir() && r.kind == Kind::Directory {
-                fs::remove_file(&full)?;
+                safe_fs::unlink_at(dir.as_fd(), name, false)?;
             }
         }
         match r.kind {
             Kind::Directory => {
-                let mode = r.mode & 0o7777;
-                match fs::DirBuilder::new().mode(mode).create(&full) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(e),
-                }
-                fs::set_permissions(&full, fs::Permissions::from_mode(mode))?;
+                let mode = clamp_dir_mode(r.mode);
+                safe_fs::mkdir_at(dir.as_fd(), name, mode)?;
+                let d = safe_fs::open_at(dir.as_fd(), name, OFlags::RDONLY | OFlags::DIRECTORY)?;
+                safe_fs::chmod_fd(d.as_fd(), mode)?;
             }
             Kind::File => match &item.staged {
-                Some(staged) => fs::rename(staged, &full)?,
+                Some(staged) => {
+                    let staged = self.staged_name(Some(staged))?;
+                    safe_fs::rename_at(h.tmp.as_fd(), staged, dir.as_fd(), name)?
+                }
                 // Same content already here: only mode and mtime change.
                 None => {
-                    let mode = self.local_mode(r, existing.as_ref());
-                    let f = fs::OpenOptions::new().write(true).open(&full)?;
-                    f.set_permissions(fs::Permissions::from_mode(mode))?;
-                    f.set_modified(to_system_time(r.mtime_ns))?;
+                    let f = safe_fs::open_at(dir.as_fd(), name, OFlags::RDONLY | OFlags::NONBLOCK)?;
+                    if !f.metadata()?.is_file() {
+                        return Err(io::Error::other("not a regular file"));
+                    }
+                    self.set_mode_and_mtime(&f, r, existing.as_ref())?;
                 }
             },
             Kind::Symlink => {
-                let resolved = r
-                    .path
-                    .parent()
-                    .map_or_else(|| self.root.clone(), |p| p.under(&self.root))
-                    .join(&r.target);
-                if fs::symlink_metadata(&resolved).is_err() {
-                    return Ok(Outcome::Deferred(format!(
-                        "{}: link target {} not present yet",
-                        r.path, r.target
-                    )));
-                }
-                let tmp = self.staging_path();
-                std::os::unix::fs::symlink(&r.target, &tmp)?;
-                if let Err(e) = fs::rename(&tmp, &full) {
-                    let _ = fs::remove_file(&tmp);
+                let tmp = format!("{:016x}", rand::random::<u64>());
+                safe_fs::symlink_at(&r.target, h.tmp.as_fd(), &tmp)?;
+                if let Err(e) = safe_fs::rename_at(h.tmp.as_fd(), &tmp, dir.as_fd(), name) {
+                    let _ = safe_fs::unlink_at(h.tmp.as_fd(), &tmp, false);
                     return Err(e);
                 }
             }
         }
-        let m = fs::symlink_metadata(&full)?;
+        let m = safe_fs::lstat_at(dir.as_fd(), name)?
+            .ok_or_else(|| io::Error::other("vanished right after being written"))?;
         Ok(Outcome::Applied(Some(local_stat(&m))))
     }
 
-    /// Moves the local losing copy to `.certmesh/conflicts/<path>.conflict-<time>`.
-    fn keep_conflict(&self, p: &RelPath, full: &Path) -> io::Result<()> {
+    /// Moves the local losing copy (`name` in `dir`) to
+    /// `.certmesh/conflicts/<path>.conflict-<time>`.
+    fn keep_conflict(&self, h: &Handles, p: &RelPath, dir: BorrowedFd<'_>) -> io::Result<()> {
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        let dest = self
-            .conflicts_dir()
-            .join(format!("{}.conflict-{secs}", p.as_str()));
-        if let Some(parent) = dest.parent() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)?;
-        }
-        fs::rename(full, &dest)?;
-        tracing::warn!(path = %p, kept = %dest.display(), "conflict: local version lost, kept a copy");
+        let dest = format!("{INTERNAL_DIR}/conflicts/{}.conflict-{secs}", p.as_str());
+        let (dest_dir, dest_name) = dest.rsplit_once('/').unwrap_or(("", dest.as_str()));
+        let to = h.root.make_dirs(dest_dir, 0o700, &mut Vec::new())?;
+        safe_fs::rename_at(dir, p.name(), to.as_fd(), dest_name)?;
+        tracing::warn!(path = %p, kept = %dest, "conflict: local version lost, kept a copy");
         Ok(())
     }
 }
 
-fn parent_of(p: &Path) -> PathBuf {
+/// The tree root and the staging directory, opened once per batch.
+struct Handles {
+    root: Root,
+    tmp: OwnedFd,
+}
+
+impl Handles {
+    fn open(tree: &Tree) -> io::Result<Handles> {
+        let root = Root::open(&tree.root)?;
+        let tmp = root.dir(&format!("{INTERNAL_DIR}/tmp"))?;
+        Ok(Handles { root, tmp })
+    }
+}
+
+/// A file's mode on this node: permission bits only, nothing writable by group or
+/// others (a write there would replicate to every node), and no
+/// "other" bits at all for a private key or group/other bits for an already-private file.
+pub fn clamp_file_mode(requested: u32, private_key: bool, already_private: bool) -> u32 {
+    let mut mode = requested & 0o755;
+    if private_key {
+        mode &= !0o007;
+    }
+    if already_private {
+        mode &= !0o077;
+    }
+    mode
+}
+
+/// A directory's mode on this node: at most 0755.
+pub fn clamp_dir_mode(requested: u32) -> u32 {
+    requested & 0o755
+}
+
+/// The relative path of `p`'s parent (`""` for the root).
+fn parent_rel(p: &RelPath) -> String {
     p.parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/"))
+        .map(|a| a.as_str().to_string())
+        .unwrap_or_default()
 }
 
 fn to_system_time(ns: i64) -> SystemTime {
@@ -377,16 +440,11 @@ fn to_system_time(ns: i64) -> SystemTime {
     }
 }
 
-fn fsync_path(p: &Path) -> io::Result<()> {
-    fs::File::open(p)?.sync_all()
-}
-
-/// Flushes the whole filesystem holding `p`: one call for a large batch.
-fn syncfs(p: &Path) -> io::Result<()> {
-    let f = fs::File::open(p)?;
+/// Flushes the whole filesystem holding `dir`: one call for a large batch.
+fn syncfs(dir: BorrowedFd<'_>) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
-    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
+    // SAFETY: syncfs only reads the descriptor, which `dir` keeps open for the call.
+    let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
     if rc == 0 {
         Ok(())
     } else {
@@ -575,5 +633,184 @@ mod tests {
         let kept: Vec<_> = fs::read_dir(t.conflicts_dir()).unwrap().flatten().collect();
         assert_eq!(kept.len(), 1);
         assert_eq!(fs::read_to_string(kept[0].path()).unwrap(), "loser");
+    }
+
+    fn item(record: FileRecord, staged: Option<PathBuf>) -> Item {
+        Item {
+            record,
+            staged,
+            expect: None,
+            conflict: false,
+        }
+    }
+
+    fn link(path: &str, target: &str) -> Item {
+        let mut r = rec(path, Kind::Symlink, 0o777);
+        r.target = target.into();
+        item(r, None)
+    }
+
+    fn mode_of(t: &Tree, p: &str) -> u32 {
+        fs::symlink_metadata(t.root.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    #[test]
+    fn symlink_chain_escaping_the_tree_is_never_created() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        fs::write(d.path().join("outside"), "secret").unwrap();
+        fs::create_dir_all(t.root.join("deep/a/b/c")).unwrap();
+        fs::create_dir_all(t.root.join("x")).unwrap();
+        // The first link is fine on its own (a shallower directory inside the tree).
+        let out = t.apply(&[link("deep/a/b/c/l", "../../../../x")]);
+        assert!(matches!(out[0], Outcome::Applied(_)), "{out:?}");
+        let chain = "../deep/a/b/c/l/../../../../../outside";
+        let out = t.apply(&[
+            link("pub/steal", chain),
+            link("pub/thru", "../deep/a/b/c/l"),
+        ]);
+        assert!(
+            out.iter().all(|o| matches!(o, Outcome::Failed(_))),
+            "{out:?}"
+        );
+        assert!(fs::symlink_metadata(t.root.join("pub/steal")).is_err());
+        assert!(fs::symlink_metadata(t.root.join("pub/thru")).is_err());
+    }
+
+    #[test]
+    fn link_through_a_link_is_refused_and_nothing_is_created() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        fs::create_dir_all(t.root.join("real/sub")).unwrap();
+        fs::write(t.root.join("real/sub/f"), "x").unwrap();
+        std::os::unix::fs::symlink("real", t.root.join("alias")).unwrap();
+        let out = t.apply(&[link("l1", "alias/sub/f"), link("l2", "alias")]);
+        for o in &out {
+            assert!(
+                matches!(o, Outcome::Failed(why) if why.contains("through another link")),
+                "{out:?}"
+            );
+        }
+        assert!(fs::symlink_metadata(t.root.join("l1")).is_err());
+        // Through real directories it goes.
+        let out = t.apply(&[link("l3", "real/sub/f")]);
+        assert!(matches!(out[0], Outcome::Applied(_)), "{out:?}");
+    }
+
+    #[test]
+    fn links_under_acme_or_into_internal_state_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        fs::create_dir_all(t.root.join("live/x")).unwrap();
+        fs::write(t.root.join("live/x/privkey.pem"), "KEY").unwrap();
+        fs::create_dir_all(t.root.join(".certmesh/acme")).unwrap();
+        fs::write(t.root.join(".certmesh/acme/account.json"), "{}").unwrap();
+        let out = t.apply(&[
+            link(
+                "acme/.well-known/acme-challenge/k",
+                "../../../live/x/privkey.pem",
+            ),
+            link("acct", ".certmesh/acme/account.json"),
+        ]);
+        assert!(
+            out.iter().all(|o| matches!(o, Outcome::Failed(_))),
+            "{out:?}"
+        );
+        assert!(fs::symlink_metadata(t.root.join("acme/.well-known/acme-challenge/k")).is_err());
+        assert!(fs::symlink_metadata(t.root.join("acct")).is_err());
+    }
+
+    #[test]
+    fn modes_are_clamped_whatever_the_peer_sent() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        let combined = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n\
+                        -----BEGIN EC PRIVATE KEY-----\nMHc\n-----END EC PRIVATE KEY-----\n";
+        let out = t.apply(&[
+            item(rec("d", Kind::Directory, 0o777), None),
+            item(
+                rec("d/plain.pem", Kind::File, 0o666),
+                Some(stage(&t, "cert")),
+            ),
+            item(
+                rec("d/combined.pem", Kind::File, 0o644),
+                Some(stage(&t, combined)),
+            ),
+            item(rec("d/suid", Kind::File, 0o4755), Some(stage(&t, "#!"))),
+            item(rec("d/sticky", Kind::Directory, 0o1777), None),
+        ]);
+        assert!(
+            out.iter().all(|o| matches!(o, Outcome::Applied(_))),
+            "{out:?}"
+        );
+        assert_eq!(mode_of(&t, "d"), 0o755);
+        assert_eq!(mode_of(&t, "d/plain.pem"), 0o644);
+        assert_eq!(mode_of(&t, "d/combined.pem"), 0o640);
+        assert_eq!(mode_of(&t, "d/suid"), 0o755);
+        assert_eq!(mode_of(&t, "d/sticky"), 0o755);
+    }
+
+    #[test]
+    fn mode_only_change_is_clamped_by_content() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        fs::write(
+            t.root.join("bundle"),
+            "x\n-----BEGIN PRIVATE KEY-----\nMC4\n",
+        )
+        .unwrap();
+        fs::set_permissions(t.root.join("bundle"), fs::Permissions::from_mode(0o640)).unwrap();
+        let st = local_stat(&fs::symlink_metadata(t.root.join("bundle")).unwrap());
+        let mut it = item(rec("bundle", Kind::File, 0o666), None);
+        it.expect = Some(st);
+        let out = t.apply(&[it]);
+        assert!(matches!(out[0], Outcome::Applied(_)), "{out:?}");
+        assert_eq!(mode_of(&t, "bundle"), 0o640);
+    }
+
+    #[test]
+    fn clamped_mode_is_not_seen_as_a_local_change() {
+        use crate::index::Index;
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        let mut index = Index::new(ShortId(2));
+        let dir = rec("d", Kind::Directory, 0o777);
+        let mut key = rec("d/combined.pem", Kind::File, 0o666);
+        let content = "-----BEGIN PRIVATE KEY-----\n";
+        key.hash = ContentHash(*blake3::hash(content.as_bytes()).as_bytes());
+        key.size = content.len() as u64;
+        let out = t.apply(&[
+            item(dir.clone(), None),
+            item(key.clone(), Some(stage(&t, content))),
+        ]);
+        // What pull.rs does with the outcome, then what the scanner sees next.
+        for (r, o) in [dir, key].into_iter().zip(out) {
+            let Outcome::Applied(stat) = o else {
+                panic!("{o:?}")
+            };
+            index.put(r, stat);
+        }
+        for p in ["d", "d/combined.pem"] {
+            let p = RelPath::parse(p).unwrap();
+            let crate::scan::Seen::Present { kind, stat, target } =
+                crate::scan::look(&t.root, &p).unwrap()
+            else {
+                panic!("{p} not present")
+            };
+            let (o, _) = crate::scan::observe(&t.root, &p, kind, stat, target)
+                .unwrap()
+                .unwrap();
+            assert!(index.observe(&p, Some(o), 1).is_none(), "{p} re-announced");
+        }
     }
 }

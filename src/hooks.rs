@@ -210,14 +210,15 @@ async fn haproxy_swap(
     crt: &str,
     cert: &str,
 ) -> Result<String, String> {
-    let file = shared
-        .tree
-        .root
-        .join("live")
-        .join(cert)
-        .join("combined.pem");
-    let pem = tokio::fs::read_to_string(&file)
+    // Read through the tree's handle: only a well-formed `live/<cert>` link is followed.
+    let rel = format!("live/{cert}/combined.pem");
+    let file = shared.tree.root.join(&rel);
+    let root = shared.tree.root.clone();
+    let read = tokio::task::spawn_blocking(move || crate::acme::tree::read_checked(&root, &rel))
         .await
+        .map_err(|e| format!("reading {}: {e}", file.display()))?;
+    let pem = read
+        .and_then(|b| String::from_utf8(b).map_err(std::io::Error::other))
         .map_err(|e| format!("reading {}: {e}", file.display()))?;
     let payload = haproxy_payload(&pem).map_err(|e| format!("{}: {e}", file.display()))?;
     // Look first: an unknown crt is reported as such, and another open transaction is

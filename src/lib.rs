@@ -10,6 +10,7 @@
 //! `proto/`, framing), [`store`] (index on disk), [`scan`] + [`watch`] (reading the
 //! tree, notify + debounce), [`apply`] (staged atomic writes), [`transport`] (quinn +
 //! pinned mTLS), [`peer`] (one task per connection), [`pull`] (fetch + apply batches),
+//! [`safe_fs`] (no-symlink access relative to the tree root handle),
 //! [`node`] (the daemon wiring it together), [`control`] (local socket for `status`),
 //! [`metrics`] (optional Prometheus `/metrics`),
 //! [`demo`] (a 3-node mesh on loopback).
@@ -38,6 +39,7 @@ pub mod paths;
 pub mod peer;
 pub mod plan;
 pub mod pull;
+pub mod safe_fs;
 pub mod scan;
 #[cfg(test)]
 mod sim;

@@ -12,6 +12,8 @@ pub const MAX_NAME: usize = 255;
 pub const INTERNAL_DIR: &str = ".certmesh";
 /// Directories under [`INTERNAL_DIR`] that stay on this node.
 pub const LOCAL_ONLY_DIRS: [&str; 3] = ["tmp", "conflicts", "kept"];
+/// The folder web servers publish (`root <tree>/acme`): no symlinks at or under it.
+pub const ACME_DIR: &str = "acme";
 
 /// Why a path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +39,17 @@ pub enum PathError {
     /// A symlink whose target is absolute or leaves the tree.
     #[error("symlink {link:?} -> {target:?} leaves the tree")]
     EscapingSymlink { link: String, target: String },
+    /// A symlink whose target goes down and then back up (`a/../b`): which directory
+    /// that reaches depends on whether `a` is a link, so it is refused.
+    #[error("symlink {link:?} -> {target:?} has '..' after a name")]
+    WindingSymlink { link: String, target: String },
+    /// A symlink at or under `acme/`, the folder web servers publish: tokens are
+    /// regular files, and a link there could publish a key.
+    #[error("symlink {0:?} is under {ACME_DIR}/ (web servers publish it)")]
+    SymlinkUnderAcme(String),
+    /// A symlink into `.certmesh/` (internal state: leases, account, kept versions).
+    #[error("symlink {link:?} -> {target:?} points into {INTERNAL_DIR}/")]
+    SymlinkIntoInternal { link: String, target: String },
 }
 
 /// A relative, normalised, '/'-separated path inside the tree.
@@ -135,12 +148,19 @@ impl RelPath {
         self.resolve_symlink_target(target).map(|_| ())
     }
 
-    /// Where a relative symlink at this path points, inside the tree.
+    /// Where a relative symlink at this path points, inside the tree. Refused: links
+    /// at or under `acme/`, absolute or escaping targets, targets in `.certmesh/`, and
+    /// targets with `..` after a name (only a leading run of `..` is accepted, so the
+    /// directories the target passes are exactly the ancestors of where it lands,
+    /// which `apply` then checks on disk, component by component).
     pub fn resolve_symlink_target(&self, target: &str) -> Result<RelPath, PathError> {
         let escape = || PathError::EscapingSymlink {
             link: self.0.clone(),
             target: target.to_string(),
         };
+        if self.0 == ACME_DIR || self.0.starts_with(&format!("{ACME_DIR}/")) {
+            return Err(PathError::SymlinkUnderAcme(self.0.clone()));
+        }
         if target.is_empty() || target.starts_with('/') || target.len() > MAX_PATH {
             return Err(escape());
         }
@@ -151,23 +171,35 @@ impl RelPath {
             Some(i) => self.0[..i].split('/').collect(),
             None => Vec::new(),
         };
+        let mut named = false;
         for c in target.split('/') {
             match c {
                 "" | "." => {}
+                ".." if named => {
+                    return Err(PathError::WindingSymlink {
+                        link: self.0.clone(),
+                        target: target.to_string(),
+                    })
+                }
                 ".." => {
                     stack.pop().ok_or_else(escape)?;
                 }
-                name => stack.push(name),
+                name => {
+                    named = true;
+                    stack.push(name);
+                }
             }
         }
         if stack.is_empty() {
             return Err(escape());
         }
-        let resolved = RelPath(stack.join("/"));
-        if resolved.is_local_only() {
-            return Err(escape());
+        if stack[0] == INTERNAL_DIR {
+            return Err(PathError::SymlinkIntoInternal {
+                link: self.0.clone(),
+                target: target.to_string(),
+            });
         }
-        Ok(resolved)
+        Ok(RelPath(stack.join("/")))
     }
 }
 
@@ -232,6 +264,60 @@ mod tests {
         let top = RelPath::parse("link").unwrap();
         assert!(top.check_symlink_target("dir/file").is_ok());
         assert!(top.check_symlink_target("../x").is_err());
+    }
+
+    #[test]
+    fn symlink_chain_through_a_deeper_link_is_refused() {
+        // Read as plain directories this lands inside the tree; with `l` a link to a
+        // shallower directory the kernel lands outside. `..` after a name is refused.
+        let steal = RelPath::parse("acme/.well-known/acme-challenge/steal").unwrap();
+        let target = "../../../deep/a/b/c/l/../../../../../outside";
+        assert!(steal.check_symlink_target(target).is_err());
+        let elsewhere = RelPath::parse("pub/steal").unwrap();
+        assert!(matches!(
+            elsewhere.check_symlink_target("../deep/a/b/c/l/../../../../../x"),
+            Err(PathError::WindingSymlink { .. })
+        ));
+        let l = RelPath::parse("deep/a/b/c/l").unwrap();
+        assert!(l.check_symlink_target("../../../../x").is_ok());
+        assert!(l.check_symlink_target("./../../../../x/./y/").is_ok());
+    }
+
+    #[test]
+    fn no_symlink_under_acme() {
+        for p in [
+            "acme",
+            "acme/.well-known",
+            "acme/.well-known/acme-challenge/k",
+        ] {
+            let p = RelPath::parse(p).unwrap();
+            assert!(matches!(
+                p.check_symlink_target("../../../live/x/privkey.pem"),
+                Err(PathError::SymlinkUnderAcme(_))
+            ));
+        }
+        let ok = RelPath::parse("acmex/k").unwrap();
+        assert!(ok.check_symlink_target("../live/x").is_ok());
+    }
+
+    #[test]
+    fn no_symlink_into_internal_state() {
+        let l = RelPath::parse("live/x").unwrap();
+        for t in [
+            "../.certmesh",
+            "../.certmesh/acme/account.json",
+            "../.certmesh/leases/x",
+            "../.certmesh/kept/live/x",
+        ] {
+            assert!(
+                matches!(
+                    l.check_symlink_target(t),
+                    Err(PathError::SymlinkIntoInternal { .. })
+                ),
+                "{t}"
+            );
+        }
+        assert!(l.check_symlink_target("../.certmeshx/y").is_ok());
     }
 
     #[test]

@@ -1,13 +1,20 @@
 //! Reading the tree: lstat + BLAKE3 of single paths (what the watcher asks for) and a
-//! full walk (start-up and the periodic safety-net rescan). Never follows symlinks.
+//! full walk (start-up and the periodic safety-net rescan). Never follows symlinks:
+//! paths are opened relative to the tree's handle (see [`crate::safe_fs`]), and a
+//! local link a peer's link would be refused for is skipped, not announced.
 
 use std::fs;
 use std::io::{self, Read};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
+use rustix::fs::{Mode, OFlags};
+
 use crate::index::{ContentHash, Kind, LocalStat, Observed};
 use crate::paths::{RelPath, INTERNAL_DIR};
+use crate::safe_fs::{self, LinkError, Root};
 
 /// What is at a path right now.
 #[derive(Debug)]
@@ -35,24 +42,28 @@ pub fn local_stat(m: &fs::Metadata) -> LocalStat {
     }
 }
 
-/// lstat of one path, refusing paths reached through a symlinked directory.
+/// lstat of one path, refusing paths reached through a symlinked directory (opened
+/// relative to the tree's handle, following no link). A link that breaks the rules a
+/// peer's link is held to (see [`safe_fs::check_link`]) is skipped, so a bad link made
+/// on this node is never replicated.
 pub fn look(root: &Path, p: &RelPath) -> io::Result<Seen> {
-    // Every ancestor must be a real directory, or the path is not really in the tree.
-    let mut anc = p.parent();
-    while let Some(a) = anc {
-        match fs::symlink_metadata(a.under(root)) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => return Ok(Seen::Absent),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Seen::Absent),
-            Err(e) => return Err(e),
+    let r = Root::open(root)?;
+    let fd = match r.open_at(p.as_str(), OFlags::PATH, Mode::empty()) {
+        Ok(fd) => fd,
+        // Absent, or a directory on the way is a link or not a directory: not in the tree.
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                || matches!(
+                    e.raw_os_error(),
+                    Some(libc::ELOOP) | Some(libc::ENOTDIR) | Some(libc::EXDEV)
+                ) =>
+        {
+            return Ok(Seen::Absent)
         }
-        anc = a.parent();
-    }
-    let m = match fs::symlink_metadata(p.under(root)) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Seen::Absent),
         Err(e) => return Err(e),
     };
+    let f = fs::File::from(fd);
+    let m = f.metadata()?;
     let ft = m.file_type();
     let stat = local_stat(&m);
     if ft.is_file() {
@@ -68,15 +79,16 @@ pub fn look(root: &Path, p: &RelPath) -> io::Result<Seen> {
             target: String::new(),
         })
     } else if ft.is_symlink() {
-        let target = fs::read_link(p.under(root))?;
-        let Some(target) = target.to_str() else {
+        let target = safe_fs::readlink_fd(f.as_fd())?;
+        let Ok(target) = String::from_utf8(target) else {
             return Ok(Seen::Skipped("symlink target is not UTF-8".into()));
         };
-        match p.check_symlink_target(target) {
-            Ok(()) => Ok(Seen::Present {
+        match safe_fs::check_link(&r, p, &target) {
+            // A dangling link is announced; peers apply it once the target is there.
+            Ok(_) | Err(LinkError::Missing { .. }) => Ok(Seen::Present {
                 kind: Kind::Symlink,
                 stat,
-                target: target.to_string(),
+                target,
             }),
             Err(e) => Ok(Seen::Skipped(e.to_string())),
         }
@@ -106,20 +118,47 @@ pub fn hash_file(full: &Path) -> io::Result<Option<Hashed>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
+    hash_open(&f, || fs::symlink_metadata(full))
+}
+
+/// [`hash_file`] for a path of the tree, opened without following any link.
+pub fn hash_rel(root: &Path, p: &RelPath) -> io::Result<Option<Hashed>> {
+    let r = Root::open(root)?;
+    let f = match r.open_at(p.as_str(), OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty()) {
+        Ok(fd) => fs::File::from(fd),
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    if !f.metadata()?.is_file() {
+        return Ok(None);
+    }
+    hash_open(&f, || {
+        r.lstat(p.as_str())?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+    })
+}
+
+fn hash_open(
+    f: &fs::File,
+    again: impl FnOnce() -> io::Result<fs::Metadata>,
+) -> io::Result<Option<Hashed>> {
     let before = local_stat(&f.metadata()?);
     let (hash, data) = if before.size as usize <= crate::wire::MAX_INLINE {
         let mut data = Vec::with_capacity(before.size as usize);
-        Read::read_to_end(
-            &mut (&f).take(crate::wire::MAX_INLINE as u64 + 1),
-            &mut data,
-        )?;
+        Read::read_to_end(&mut f.take(crate::wire::MAX_INLINE as u64 + 1), &mut data)?;
         (ContentHash(*blake3::hash(&data).as_bytes()), Some(data))
     } else {
         let mut h = blake3::Hasher::new();
-        h.update_reader(&f)?;
+        h.update_reader(f)?;
         (ContentHash(*h.finalize().as_bytes()), None)
     };
-    let after = local_stat(&fs::symlink_metadata(full)?);
+    let after = match again() {
+        Ok(m) => local_stat(&m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
     if before != after || data.as_ref().is_some_and(|d| d.len() as u64 != before.size) {
         return Ok(None);
     }
@@ -136,7 +175,7 @@ pub fn observe(
     target: String,
 ) -> io::Result<Option<(Observed, Option<Vec<u8>>)>> {
     let (hash, data) = match kind {
-        Kind::File => match hash_file(&p.under(root))? {
+        Kind::File => match hash_rel(root, p)? {
             Some((h, s, data)) if s == stat => (h, data),
             _ => return Ok(None),
         },
@@ -162,21 +201,33 @@ pub fn walk(
     out: &mut Vec<RelPath>,
     errors: &mut Vec<String>,
 ) {
-    let dir = start.map_or_else(|| root.to_path_buf(), |s| s.under(root));
-    let rd = match fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+    let shown = start.map_or_else(|| root.to_path_buf(), |s| s.under(root));
+    // Listed through the tree's handle: a directory reached through a link is not listed.
+    let listed = Root::open(root).and_then(|r| {
+        let fd = r.dir(start.map_or("", |s| s.as_str()))?;
+        let names = safe_fs::list_typed(fd.as_fd())?;
+        Ok((fd, names))
+    });
+    let (fd, names) = match listed {
+        Ok(l) => l,
+        // Gone, or not a real directory (a link is looked at, never walked into).
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                || matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) =>
+        {
+            return
+        }
         Err(e) => {
-            errors.push(format!("{}: {e}", dir.display()));
+            errors.push(format!("{}: {e}", shown.display()));
             return;
         }
     };
-    for ent in rd.flatten() {
-        let name = ent.file_name();
+    for (name, kind) in names {
+        let name = std::ffi::OsString::from_vec(name);
         let Some(name) = name.to_str() else {
             errors.push(format!(
                 "{}: name is not UTF-8, skipped",
-                ent.path().display()
+                shown.join(&name).display()
             ));
             continue;
         };
@@ -191,7 +242,14 @@ pub fn walk(
         if rel.is_local_only() {
             continue;
         }
-        let is_dir = ent.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        let is_dir = match kind {
+            rustix::fs::FileType::Directory => true,
+            rustix::fs::FileType::Unknown => safe_fs::lstat_at(fd.as_fd(), rel.name())
+                .ok()
+                .flatten()
+                .is_some_and(|m| m.is_dir()),
+            _ => false,
+        };
         out.push(rel.clone());
         if is_dir {
             walk(root, Some(&rel), out, errors);
@@ -241,5 +299,41 @@ mod tests {
         // A path reached through a symlinked directory is not in the tree.
         std::os::unix::fs::symlink("b", root.join("a/lnk")).unwrap();
         assert!(matches!(look(root, &p("a/lnk/f")).unwrap(), Seen::Absent));
+    }
+
+    #[test]
+    fn bad_local_links_are_skipped_not_announced() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        fs::create_dir_all(root.join("deep/a/b/c")).unwrap();
+        fs::create_dir_all(root.join("x")).unwrap();
+        fs::create_dir_all(root.join("live/w")).unwrap();
+        fs::create_dir_all(root.join("acme/.well-known/acme-challenge")).unwrap();
+        fs::create_dir_all(root.join(".certmesh/acme")).unwrap();
+        let ln = |t: &str, at: &str| std::os::unix::fs::symlink(t, root.join(at)).unwrap();
+        ln("../../../../x", "deep/a/b/c/l");
+        ln("../deep/a/b/c/l/../../../../../out", "pub");
+        ln("deep/a/b/c/l", "thru");
+        ln(
+            "../../../live/w/privkey.pem",
+            "acme/.well-known/acme-challenge/k",
+        );
+        ln(".certmesh/acme", "acct");
+        ln("not/yet", "dangling");
+        let p = |s| RelPath::parse(s).unwrap();
+        assert!(matches!(
+            look(root, &p("deep/a/b/c/l")).unwrap(),
+            Seen::Present { .. }
+        ));
+        assert!(matches!(
+            look(root, &p("dangling")).unwrap(),
+            Seen::Present { .. }
+        ));
+        for bad in ["pub", "thru", "acme/.well-known/acme-challenge/k", "acct"] {
+            assert!(
+                matches!(look(root, &p(bad)).unwrap(), Seen::Skipped(_)),
+                "{bad}"
+            );
+        }
     }
 }

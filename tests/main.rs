@@ -12,4 +12,5 @@ mod reload;
 mod security;
 mod sync;
 mod trust_ops;
+mod trust_links;
 mod util;

@@ -1,7 +1,9 @@
 //! A certificate bundle as it lives in the tree: keys, CSRs, PEM splitting, the
 //! key-matches-cert check, and the versioned publish (`archive/<name>/<n>/` then the
-//! `live/<name>` flip).
+//! `live/<name>` flip). The tree is read and pruned through [`crate::acme::tree`],
+//! which follows no link but a well-formed `live/<name>`.
 
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,6 +15,7 @@ use super::schedule::Validity;
 use super::tree;
 use crate::config::KeyType;
 use crate::node::Shared;
+use crate::safe_fs::{self, Root};
 
 /// The files of one version, `archive/<name>/<n>/`.
 pub const FILES: [&str; 5] = [
@@ -136,19 +139,29 @@ impl Bundle {
     }
 }
 
-/// The version `live/<name>` points at, from its link target `../archive/<name>/<n>`.
+/// The version `live/<name>` points at: its link target must be exactly
+/// `../archive/<name>/<n>` (read with `readlinkat`, see [`tree::live_version`]).
 pub fn live_version(root: &Path, name: &str) -> Option<u32> {
-    let t = std::fs::read_link(root.join("live").join(name)).ok()?;
-    t.file_name()?.to_str()?.parse().ok()
+    tree::live_version(root, name)
 }
 
-/// Version numbers present under `archive/<name>/`.
+/// Version numbers present under `archive/<name>/` (real directories only).
 fn archive_versions(root: &Path, name: &str) -> Vec<u32> {
-    let mut v: Vec<u32> = std::fs::read_dir(root.join("archive").join(name))
+    let Ok(r) = Root::open(root) else {
+        return Vec::new();
+    };
+    let Ok(dir) = r.dir(&format!("archive/{name}")) else {
+        return Vec::new();
+    };
+    let mut v: Vec<u32> = safe_fs::list(dir.as_fd())
+        .unwrap_or_default()
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter_map(|n| {
+            let n = String::from_utf8(n).ok()?;
+            let m = safe_fs::lstat_at(dir.as_fd(), &n).ok()??;
+            m.is_dir().then_some(())?;
+            n.parse().ok()
+        })
         .collect();
     v.sort_unstable();
     v
@@ -156,14 +169,14 @@ fn archive_versions(root: &Path, name: &str) -> Vec<u32> {
 
 /// The certificate currently live for `name`, if any.
 pub fn live_leaf(root: &Path, name: &str) -> Option<Leaf> {
-    let pem = std::fs::read(root.join("live").join(name).join("cert.pem")).ok()?;
+    let pem = tree::read(root, &format!("live/{name}/cert.pem"))?;
     let ders = chain_der(&pem).ok()?;
     parse_leaf(&ders[0]).ok()
 }
 
 /// The private key currently live for `name` (for `reuse_key`).
 pub fn live_key(root: &Path, name: &str) -> Option<KeyPair> {
-    let pem = std::fs::read_to_string(root.join("live").join(name).join("privkey.pem")).ok()?;
+    let pem = String::from_utf8(tree::read(root, &format!("live/{name}/privkey.pem"))?).ok()?;
     KeyPair::from_pem(&pem).ok()
 }
 
@@ -200,8 +213,8 @@ pub async fn publish(shared: &Shared, name: &str, b: &Bundle) -> anyhow::Result<
     for (p, s) in staged {
         expect.push((p, tree::place(shared, s)?));
     }
-    if let Ok(d) = std::fs::File::open(root.join(&dir)) {
-        let _ = d.sync_all();
+    if let Ok(d) = Root::open(&root).and_then(|r| r.dir(&dir)) {
+        let _ = std::fs::File::from(d).sync_all();
     }
     tree::await_indexed(shared, &expect, Duration::from_secs(10)).await?;
     let link = tree::rel(&format!("live/{name}"))?;

@@ -3,6 +3,9 @@
 //! serving `<tree>/acme` itself. It serves the token files from the tree and answers
 //! a token it does not have yet statelessly with `<token>.<account thumbprint>`: the
 //! account is shared, so the answer is right whichever node placed the order.
+//! Only regular files with token-shaped names directly in the challenge directory are
+//! served (no link followed, at most 4 KiB); at most 256 connections at once; an
+//! accept error (EMFILE) pauses the loop, never ends it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,18 +20,44 @@ use crate::node::Shared;
 
 const PREFIX: &str = "/.well-known/acme-challenge/";
 
+/// Connections served at once; more are closed at once (a CA validates a handful).
+const MAX_CLIENTS: usize = 256;
+/// A key authorization is under 100 bytes; anything over this is not one.
+const MAX_TOKEN_FILE: u64 = 4096;
+
 /// Binds and serves in the background.
 pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<()> {
     let std = std::net::TcpListener::bind(addr).with_context(|| format!("http.listen {addr}"))?;
     std.set_nonblocking(true)?;
     let listener = TcpListener::from_std(std)?;
     tracing::info!(%addr, "http-01 responder listening");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(10), serve(&shared, stream)).await;
-            });
+        let mut last_warn: Option<std::time::Instant> = None;
+        loop {
+            match listener.accept().await {
+                Ok((stream, remote)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tracing::debug!(%remote, "http-01: too many clients, closing");
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(10), serve(&shared, stream))
+                                .await;
+                        drop(slot);
+                    });
+                }
+                // EMFILE and friends: keep the responder, warn at most every 10 s.
+                Err(e) => {
+                    if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!(error = %e, "http-01: accept failed");
+                        last_warn = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
     });
     Ok(())
@@ -72,11 +101,19 @@ pub fn answer(shared: &Shared, target: &str) -> Option<Vec<u8>> {
     {
         return None;
     }
-    if let Some(b) = tree::read(&shared.tree.root, &format!("{CHALLENGE_DIR}/{token}")) {
+    if let Some(b) = token_file(&shared.tree.root, token) {
         return Some(b);
     }
     let thumb = thumbprint(&tree::read(&shared.tree.root, ACCOUNT_FILE)?)?;
     Some(format!("{token}.{thumb}").into_bytes())
+}
+
+/// The content of `acme/.well-known/acme-challenge/<token>` if it is a regular file
+/// (reached without following any link) of at most [`MAX_TOKEN_FILE`] bytes.
+fn token_file(root: &std::path::Path, token: &str) -> Option<Vec<u8>> {
+    let r = crate::safe_fs::Root::open(root).ok()?;
+    r.read(&format!("{CHALLENGE_DIR}/{token}"), MAX_TOKEN_FILE)
+        .ok()
 }
 
 /// RFC 7638 thumbprint of the shared account's key (instant-acme: ECDSA P-256).
@@ -115,4 +152,37 @@ async fn reply(stream: &mut TcpStream, code: u16, body: &[u8]) -> std::io::Resul
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn only_small_regular_token_files_are_served() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let dir = root.join(CHALLENGE_DIR);
+        fs::create_dir_all(&dir).unwrap();
+        fs::create_dir_all(root.join("live/x")).unwrap();
+        fs::write(root.join("live/x/privkey.pem"), "KEY").unwrap();
+        fs::write(dir.join("tok"), "tok.thumb").unwrap();
+        fs::write(dir.join("big"), vec![b'a'; 4097]).unwrap();
+        fs::create_dir(dir.join("sub")).unwrap();
+        std::os::unix::fs::symlink("../../../live/x/privkey.pem", dir.join("k")).unwrap();
+        assert_eq!(token_file(root, "tok").as_deref(), Some(&b"tok.thumb"[..]));
+        for refused in ["k", "big", "sub", "missing"] {
+            assert!(token_file(root, refused).is_none(), "{refused}");
+        }
+        // The challenge directory itself reached through a link: refused too.
+        let other = tempfile::tempdir().unwrap();
+        fs::create_dir_all(other.path().join("acme")).unwrap();
+        std::os::unix::fs::symlink(
+            root.join("acme/.well-known"),
+            other.path().join("acme/.well-known"),
+        )
+        .unwrap();
+        assert!(token_file(other.path(), "tok").is_none());
+    }
 }

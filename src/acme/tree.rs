@@ -1,18 +1,26 @@
 //! Writing into the shared tree the way a person would, so the sync core picks it
 //! up: stage under `.certmesh/tmp/` (local-only, same filesystem), fsync, rename into
 //! place; then make sure the local index holds the change before relying on it.
+//! Everything goes through the tree's directory handle ([`crate::safe_fs`]) and follows
+//! no link, except `live/<name>`, which certmesh made: it is read with `readlinkat` and
+//! followed only when it is exactly `../archive/<name>/<n>` ([`live_version`]).
 
-use std::fs;
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use rustix::fs::{Mode, OFlags};
 
 use crate::index::{ContentHash, Kind};
 use crate::node::Shared;
-use crate::paths::RelPath;
+use crate::paths::{RelPath, INTERNAL_DIR};
+use crate::safe_fs::{self, Root};
+
+/// Largest file certmesh reads back from its tree (PEM chains, leases, the account).
+pub const MAX_READ: u64 = 1 << 20;
 
 /// What the index must show for a path.
 #[derive(Debug, Clone)]
@@ -26,15 +34,28 @@ pub fn rel(s: &str) -> anyhow::Result<RelPath> {
     RelPath::parse_shared(s).map_err(|e| anyhow::anyhow!("{s}: {e}"))
 }
 
-fn mkdirs(shared: &Shared, rel: &RelPath) -> anyhow::Result<()> {
-    if let Some(parent) = rel.under(&shared.tree.root).parent() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    Ok(())
+fn root(shared: &Shared) -> anyhow::Result<Root> {
+    Root::open(&shared.tree.root)
+        .with_context(|| format!("opening the tree {}", shared.tree.root.display()))
+}
+
+/// The parent directory of `rel`, created where missing, never through a link.
+fn mkdirs(root: &Root, rel: &RelPath) -> anyhow::Result<OwnedFd> {
+    let parent = rel
+        .parent()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    root.make_dirs(&parent, 0o755, &mut Vec::new())
+        .with_context(|| format!("creating {parent}"))
+}
+
+fn tmp_dir(root: &Root) -> anyhow::Result<OwnedFd> {
+    root.dir(&format!("{INTERNAL_DIR}/tmp"))
+        .context("opening the staging directory")
+}
+
+fn fresh_name() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// Atomically replaces `rel` with `data` (mode `mode`); returns what the index must show.
@@ -50,35 +71,41 @@ pub fn write_file(
 
 /// A file written and fsynced under `.certmesh/tmp/`, not yet in place.
 pub struct Staged {
-    tmp: std::path::PathBuf,
+    tmp_dir: OwnedFd,
+    name: String,
     rel: RelPath,
     expect: Expect,
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.tmp);
+        let _ = safe_fs::unlink_at(self.tmp_dir.as_fd(), &self.name, false);
     }
 }
 
 /// Writes and fsyncs `data` for `rel` under `.certmesh/tmp/` (so that several files
 /// can be renamed into place together, in one watcher batch).
 pub fn stage(shared: &Shared, rel: &RelPath, data: &[u8], mode: u32) -> anyhow::Result<Staged> {
-    mkdirs(shared, rel)?;
-    let tmp = shared.tree.staging_path();
+    let root = root(shared)?;
+    mkdirs(&root, rel)?;
     let staged = Staged {
-        tmp,
+        tmp_dir: tmp_dir(&root)?,
+        name: fresh_name(),
         rel: rel.clone(),
         expect: Expect::File(ContentHash(*blake3::hash(data).as_bytes())),
     };
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&staged.tmp)
-        .with_context(|| format!("staging {rel}"))?;
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(
+        &staged.tmp_dir,
+        staged.name.as_str(),
+        flags,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(std::io::Error::from)
+    .with_context(|| format!("staging {rel}"))?;
+    let mut f = File::from(fd);
     f.write_all(data)
-        .and_then(|()| f.set_permissions(fs::Permissions::from_mode(mode)))
+        .and_then(|()| safe_fs::chmod_fd(f.as_fd(), mode))
         .and_then(|()| f.sync_all())
         .with_context(|| format!("staging {rel}"))?;
     Ok(staged)
@@ -86,45 +113,60 @@ pub fn stage(shared: &Shared, rel: &RelPath, data: &[u8], mode: u32) -> anyhow::
 
 /// Renames a staged file into place; returns what the index must show.
 pub fn place(shared: &Shared, staged: Staged) -> anyhow::Result<Expect> {
-    fs::rename(&staged.tmp, staged.rel.under(&shared.tree.root))
-        .with_context(|| format!("writing {}", staged.rel))?;
+    let root = root(shared)?;
+    let dir = mkdirs(&root, &staged.rel)?;
+    safe_fs::rename_at(
+        staged.tmp_dir.as_fd(),
+        &staged.name,
+        dir.as_fd(),
+        staged.rel.name(),
+    )
+    .with_context(|| format!("writing {}", staged.rel))?;
     Ok(staged.expect.clone())
 }
 
 /// Atomically points the symlink `rel` at `target` (relative), replacing what was there.
 pub fn symlink(shared: &Shared, rel: &RelPath, target: &str) -> anyhow::Result<Expect> {
-    mkdirs(shared, rel)?;
-    let tmp = shared.tree.staging_path();
-    std::os::unix::fs::symlink(target, &tmp).with_context(|| format!("staging link {rel}"))?;
-    if let Err(e) = fs::rename(&tmp, rel.under(&shared.tree.root)) {
-        let _ = fs::remove_file(&tmp);
+    let root = root(shared)?;
+    let dir = mkdirs(&root, rel)?;
+    let tmp = tmp_dir(&root)?;
+    let name = fresh_name();
+    safe_fs::symlink_at(target, tmp.as_fd(), &name)
+        .with_context(|| format!("staging link {rel}"))?;
+    if let Err(e) = safe_fs::rename_at(tmp.as_fd(), &name, dir.as_fd(), rel.name()) {
+        let _ = safe_fs::unlink_at(tmp.as_fd(), &name, false);
         return Err(e).with_context(|| format!("flipping {rel}"));
     }
-    if let Some(parent) = rel.under(&shared.tree.root).parent() {
-        if let Ok(d) = fs::File::open(parent) {
-            let _ = d.sync_all();
-        }
-    }
+    let _ = File::from(dir).sync_all();
     Ok(Expect::Symlink(target.to_string()))
 }
 
-/// Removes a file (or an empty directory) if present.
+/// Removes a file, link (never what it points at) or empty directory if present.
 pub fn remove(shared: &Shared, rel: &RelPath) -> Expect {
-    let p = rel.under(&shared.tree.root);
-    if fs::remove_file(&p).is_err() {
-        let _ = fs::remove_dir(&p);
+    let parent = rel
+        .parent()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    if let Ok(dir) = Root::open(&shared.tree.root).and_then(|r| r.dir(&parent)) {
+        if safe_fs::unlink_at(dir.as_fd(), rel.name(), false).is_err() {
+            let _ = safe_fs::unlink_at(dir.as_fd(), rel.name(), true);
+        }
     }
     Expect::Gone
 }
 
-/// Removes a directory and everything below it.
+/// Removes a directory and everything below it, following no link.
 pub fn remove_all(shared: &Shared, rel: &RelPath) -> anyhow::Result<()> {
-    let p = rel.under(&shared.tree.root);
-    match fs::remove_dir_all(&p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", p.display())),
-    }
+    let parent = rel
+        .parent()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let dir = match root(shared)?.dir(&parent) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("removing {rel}")),
+    };
+    safe_fs::remove_all_at(dir.as_fd(), rel.name()).with_context(|| format!("removing {rel}"))
 }
 
 fn indexed(shared: &Shared, rel: &RelPath, want: &Expect) -> bool {
@@ -179,7 +221,92 @@ pub async fn await_indexed(
     }
 }
 
-/// Reads a file of the tree, `None` if absent.
+/// Reads a regular file of the tree (at most [`MAX_READ`] bytes), `None` if absent or
+/// refused. `live/<name>/<file>` is read from the version `live/<name>` points at.
 pub fn read(root: &Path, rel: &str) -> Option<Vec<u8>> {
-    fs::read(root.join(rel)).ok()
+    read_checked(root, rel).ok()
+}
+
+/// [`read`] with the reason when it fails.
+pub fn read_checked(root: &Path, rel: &str) -> std::io::Result<Vec<u8>> {
+    let r = Root::open(root)?;
+    let rel = resolve_live(&r, rel)?;
+    r.read(&rel, MAX_READ)
+}
+
+/// Maps `live/<name>/<rest>` to `archive/<name>/<n>/<rest>` through the checked link;
+/// any other path is returned as is.
+fn resolve_live(r: &Root, rel: &str) -> std::io::Result<String> {
+    let mut parts = rel.splitn(3, '/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("live"), Some(name), Some(rest)) => {
+            let n = live_version_at(r, name)?;
+            Ok(format!("archive/{name}/{n}/{rest}"))
+        }
+        _ => Ok(rel.to_string()),
+    }
+}
+
+/// The version `live/<name>` points at; `None` unless it is a link whose target is
+/// exactly `../archive/<name>/<n>`.
+pub fn live_version(root: &Path, name: &str) -> Option<u32> {
+    live_version_at(&Root::open(root).ok()?, name).ok()
+}
+
+fn live_version_at(r: &Root, name: &str) -> std::io::Result<u32> {
+    let refuse = |why: String| std::io::Error::other(format!("live/{name}: {why}"));
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(refuse("not a certificate name".into()));
+    }
+    let live = r.dir("live")?;
+    let target = safe_fs::readlink_at(live.as_fd(), name)?;
+    let target = String::from_utf8(target).map_err(|_| refuse("target is not UTF-8".into()))?;
+    parse_live_target(name, &target).ok_or_else(|| refuse(format!("unexpected target {target:?}")))
+}
+
+/// `n` of `../archive/<name>/<n>` (decimal, no leading zero), nothing else.
+pub fn parse_live_target(name: &str, target: &str) -> Option<u32> {
+    let n = target
+        .strip_prefix("../archive/")?
+        .strip_prefix(name)?
+        .strip_prefix('/')?;
+    let v: u32 = n.parse().ok()?;
+    (v.to_string() == n).then_some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn live_link_is_followed_only_in_its_own_form() {
+        assert_eq!(parse_live_target("www", "../archive/www/3"), Some(3));
+        for bad in [
+            "../archive/www/03",
+            "../archive/www/3/",
+            "../archive/other/3",
+            "../archive/www/../../x",
+            "/etc",
+            "../archive/www/+3",
+        ] {
+            assert_eq!(parse_live_target("www", bad), None, "{bad}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        fs::create_dir_all(root.join("archive/www/1")).unwrap();
+        fs::create_dir_all(root.join("live")).unwrap();
+        fs::create_dir_all(root.join("elsewhere")).unwrap();
+        fs::write(root.join("archive/www/1/cert.pem"), "C").unwrap();
+        fs::write(root.join("elsewhere/cert.pem"), "E").unwrap();
+        std::os::unix::fs::symlink("../archive/www/1", root.join("live/www")).unwrap();
+        std::os::unix::fs::symlink("../elsewhere", root.join("live/bad")).unwrap();
+        assert_eq!(read(root, "live/www/cert.pem").as_deref(), Some(&b"C"[..]));
+        assert_eq!(live_version(root, "www"), Some(1));
+        assert!(read(root, "live/bad/cert.pem").is_none());
+        assert!(read(root, "elsewhere/cert.pem").is_some());
+        // A link to the key elsewhere in the tree is not followed by plain reads.
+        std::os::unix::fs::symlink("../archive/www/1/cert.pem", root.join("elsewhere/k")).unwrap();
+        assert!(read(root, "elsewhere/k").is_none());
+    }
 }
