@@ -32,12 +32,14 @@ pub mod hooks;
 pub mod identity;
 pub mod index;
 pub mod inline;
+pub mod keep;
 pub mod metrics;
 pub mod node;
 pub mod paths;
 pub mod peer;
 pub mod plan;
 pub mod pull;
+pub mod repair;
 pub mod scan;
 #[cfg(test)]
 mod sim;
