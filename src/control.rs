@@ -470,7 +470,13 @@ pub fn render(s: &Status) -> String {
             .collect();
         table(
             &mut o,
-            &["REPAIRED", "WHEN", "CAUSED BY", "FROM VERSION", "WHAT WAS WRONG"],
+            &[
+                "REPAIRED",
+                "WHEN",
+                "CAUSED BY",
+                "FROM VERSION",
+                "WHAT WAS WRONG",
+            ],
             rows,
         );
     }

@@ -115,12 +115,16 @@ pub fn parse_meta(data: &[u8]) -> Result<KeptMeta, MetaError> {
     if !is_hex(&m.modified_by, 16) {
         return bad("modified_by", "not 16 hex digits".into());
     }
-    if m.record_version.len() > MAX_META_COUNTERS
-        || m.record_version.keys().any(|k| !is_hex(k, 16))
+    if m.record_version.len() > MAX_META_COUNTERS || m.record_version.keys().any(|k| !is_hex(k, 16))
     {
         return bad("record_version", "too many or malformed device keys".into());
     }
     Ok(m)
+}
+
+/// The bytes of a metadata file, as [`parse_meta`] reads them.
+pub fn to_meta_bytes(m: &KeptMeta) -> Result<Vec<u8>, MetaError> {
+    Ok(serde_json::to_vec(m)?)
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -206,7 +210,9 @@ pub fn before_apply(
         }
         Ok(None) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(path = %record.path, error = %e, "could not keep the replaced version"),
+        Err(e) => {
+            tracing::warn!(path = %record.path, error = %e, "could not keep the replaced version")
+        }
     }
 }
 
@@ -295,7 +301,7 @@ fn finish_keep(
     let stem = format!("{:020}-{}", now_ns.max(0), &hash[..16]);
     let content = dir.join(format!("{stem}.{CONTENT_EXT}"));
     let meta_tmp = dir.join(format!(".tmp-{stem}.{META_EXT}"));
-    let json = serde_json::to_vec(&meta).map_err(io::Error::other)?;
+    let json = to_meta_bytes(&meta).map_err(io::Error::other)?;
     fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -588,7 +594,11 @@ mod tests {
         assert_eq!(got[4], b"v2");
         use std::os::unix::fs::MetadataExt;
         let ino = fs::metadata(t.join("dhparam.pem")).unwrap().ino();
-        assert_eq!(fs::metadata(&vs[0].content).unwrap().ino(), ino, "not a hard link");
+        assert_eq!(
+            fs::metadata(&vs[0].content).unwrap().ino(),
+            ino,
+            "not a hard link"
+        );
         assert_eq!(list_paths(&t).unwrap(), vec![p]);
     }
 
@@ -635,7 +645,10 @@ mod tests {
         assert!(list_paths(&t).unwrap().is_empty());
         before_apply(&t, &r, true, Some(&m));
         let v = list(&t, &r.path).unwrap();
-        assert_eq!(v[0].meta.as_ref().unwrap().record_version["0000000000000007"], 2);
+        assert_eq!(
+            v[0].meta.as_ref().unwrap().record_version["0000000000000007"],
+            2
+        );
     }
 
     #[test]
@@ -682,7 +695,10 @@ mod tests {
         let back = fs::read_to_string(t.join(p.as_str())).unwrap();
         assert!(back.ends_with("old"));
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(t.join(p.as_str())).unwrap().permissions().mode();
+        let mode = fs::metadata(t.join(p.as_str()))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o007, 0);
         let other = RelPath::parse("nothing").unwrap();
         assert!(matches!(

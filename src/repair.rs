@@ -252,7 +252,10 @@ pub enum Decision {
     Healthy,
     /// Broken, and no unexpired matching key + certificate is left.
     NothingGood(String),
-    Restore { why: String, restore: Restore },
+    Restore {
+        why: String,
+        restore: Restore,
+    },
 }
 
 /// The files to write back and the link to flip.
@@ -380,7 +383,10 @@ pub fn decide(root: &Path, name: &str, now_unix: i64) -> Decision {
                 "privkey.pem" => key.0.clone(),
                 other => {
                     let cands = candidates(root, &format!("{dir}/{other}"));
-                    match cands.iter().find(|c| consistent(other, &c.0, &fc.0, &key.0)) {
+                    match cands
+                        .iter()
+                        .find(|c| consistent(other, &c.0, &fc.0, &key.0))
+                    {
                         Some(c) => {
                             caused_by = caused_by.or(c.1);
                             c.0.clone()
@@ -501,7 +507,9 @@ mod tests {
             modified_by: ShortId(42),
             version: Default::default(),
         };
-        keep::keep(root, &p, &cause, crate::node::now_ns()).unwrap().unwrap();
+        keep::keep(root, &p, &cause, crate::node::now_ns())
+            .unwrap()
+            .unwrap();
         let (_, other) = bundle_pem(90);
         let tmp = root.join("new-key");
         fs::write(&tmp, other).unwrap();
@@ -539,8 +547,7 @@ mod tests {
         place(root, 2, &fc2, &key2);
         // Version 3: a broken one a peer made live.
         place(root, 3, &fc, &key2);
-        let Decision::Restore { restore, .. } = decide(root, "www", crate::acme::unix_now())
-        else {
+        let Decision::Restore { restore, .. } = decide(root, "www", crate::acme::unix_now()) else {
             panic!("not repaired");
         };
         assert_eq!((restore.version, restore.flip_link), (2, true));
