@@ -35,9 +35,7 @@ fn mesh(root: &Path) -> Vec<Node> {
         n.configure(&peers);
         if n.name.starts_with("good") {
             let mut cfg = fs::read_to_string(&n.config).unwrap();
-            cfg.push_str(
-                "\n[[certificate]]\nname = \"www\"\ndomains = [\"www.example.com\"]\n",
-            );
+            cfg.push_str("\n[[certificate]]\nname = \"www\"\ndomains = [\"www.example.com\"]\n");
             fs::write(&n.config, cfg).unwrap();
         }
     }
@@ -98,19 +96,31 @@ fn deleted_certificate_comes_back_from_kept_versions_on_every_node() {
     // The bad node (or a mistake on it) removes every certificate.
     fs::remove_dir_all(nodes[2].tree.join("live")).unwrap();
     fs::remove_dir_all(nodes[2].tree.join("archive")).unwrap();
-    wait_until("the deletion reached a healthy node, or was repaired", || {
-        nodes[..2]
-            .iter()
-            .any(|n| !n.status()["repairs"].as_array().is_none_or(|r| r.is_empty()))
-    });
+    wait_until(
+        "the deletion reached a healthy node, or was repaired",
+        || {
+            nodes[..2].iter().any(|n| {
+                !n.status()["repairs"]
+                    .as_array()
+                    .is_none_or(|r| r.is_empty())
+            })
+        },
+    );
 
     // Put back, the same bytes, everywhere: the repair replicated to the bad node too.
     for n in &nodes {
-        wait_until(&format!("bundle back on {}", n.name), || has_bundle(n, &bundle));
+        wait_until(&format!("bundle back on {}", n.name), || {
+            has_bundle(n, &bundle)
+        });
     }
     let repairs: Vec<serde_json::Value> = nodes[..2]
         .iter()
-        .flat_map(|n| n.status()["repairs"].as_array().cloned().unwrap_or_default())
+        .flat_map(|n| {
+            n.status()["repairs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
         .collect();
     assert!(!repairs.is_empty());
     for r in &repairs {
@@ -155,7 +165,10 @@ fn a_replaced_file_is_listed_and_restored_by_hand_and_replicates() {
     let out = String::from_utf8_lossy(&list.stdout);
     assert!(list.status.success(), "{list:?}");
     assert!(out.contains("replaced by lb1"), "{out}");
-    assert!(out.lines().nth(1).is_some_and(|l| l.starts_with("1 ")), "{out}");
+    assert!(
+        out.lines().nth(1).is_some_and(|l| l.starts_with("1 ")),
+        "{out}"
+    );
 
     let none = certmesh(&["restore", "--config", cfg, "never-kept.pem"]);
     assert_eq!(none.status.code(), Some(1), "{none:?}");
