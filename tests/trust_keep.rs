@@ -18,7 +18,10 @@ const FILES: [&str; 5] = [
 /// Three nodes in a full mesh; the first two list certificate `www` in their config
 /// (no `[acme]`: they never order), the third is the bad one.
 fn mesh(root: &Path) -> Vec<Node> {
-    let ips = ["127.0.0.70", "127.0.0.71", "127.0.0.72"];
+    mesh_on(root, ["127.0.0.70", "127.0.0.71", "127.0.0.72"])
+}
+
+fn mesh_on(root: &Path, ips: [&str; 3]) -> Vec<Node> {
     let names = ["good1", "good2", "bad"];
     let nodes: Vec<Node> = names
         .iter()
@@ -182,6 +185,35 @@ fn a_replaced_file_is_listed_and_restored_by_hand_and_replicates() {
     wait_until("restored version on lb1", || {
         b.read("dhparam.pem").as_deref() == Some("GOOD DH PARAMS")
     });
+    for n in &mut nodes {
+        n.stop();
+    }
+}
+
+#[test]
+fn a_key_that_does_not_match_is_put_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = mesh_on(dir.path(), ["127.0.0.75", "127.0.0.76", "127.0.0.77"]);
+    let bundle = place_bundle(&nodes[0].tree);
+    start(&mut nodes);
+    for n in &nodes {
+        wait_until(&format!("bundle on {}", n.name), || has_bundle(n, &bundle));
+    }
+    // The bad node swaps in another key: nginx would refuse the pair everywhere.
+    let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    nodes[2].write("archive/www/1/privkey.pem", &other);
+    wait_until("a healthy node repaired the key", || {
+        nodes[..2].iter().any(|n| {
+            !n.status()["repairs"]
+                .as_array()
+                .is_none_or(|r| r.is_empty())
+        })
+    });
+    for n in &nodes {
+        wait_until(&format!("matching key back on {}", n.name), || {
+            has_bundle(n, &bundle)
+        });
+    }
     for n in &mut nodes {
         n.stop();
     }
