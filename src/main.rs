@@ -84,6 +84,7 @@ enum Cmd {
     /// 30 days; not under acme/). Written atomically into the tree; a running daemon
     /// replicates it like any local change.
     Restore {
+        /// This node's config (kept versions are under its [tree] path).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// The path in the tree, e.g. `dhparam.pem` or `archive/www/3/privkey.pem`.
