@@ -301,6 +301,10 @@ impl Tree {
                 }
             }
         }
+        // keep (src/keep.rs): the regular file a peer's change is about to replace or
+        // delete is kept under `.certmesh/kept/` first (hard link; a conflict loser
+        // is already gone to `.certmesh/conflicts/`).
+        crate::keep::before_apply(&self.root, r, item.staged.is_some(), existing.as_ref());
         dirty.insert(parent_rel(&r.path));
         if r.deleted {
             return match &existing {

@@ -24,6 +24,10 @@ pub struct Status {
     /// Failure counters since start (also exported as metrics).
     #[serde(default)]
     pub counters: Counters,
+    /// Certificates this node put back after a peer's change broke them, oldest
+    /// first: `repairs[].certificate`, `.at`, `.caused_by`, `.from_version`.
+    #[serde(default)]
+    pub repairs: Vec<crate::repair::RepairStatus>,
 }
 
 /// Monotonic counters since the daemon started.
@@ -236,6 +240,7 @@ pub fn status(shared: &Shared) -> Status {
                 .load(std::sync::atomic::Ordering::Relaxed),
             acme_failures: shared.acme.get().map_or(0, |a| a.failures_total()),
         },
+        repairs: shared.repairs.recent(),
     }
 }
 
@@ -476,6 +481,33 @@ pub fn render(s: &Status) -> String {
             certs,
         );
     }
+    if !s.repairs.is_empty() {
+        let _ = writeln!(o);
+        let rows = s
+            .repairs
+            .iter()
+            .map(|r| {
+                vec![
+                    r.certificate.clone(),
+                    format!("{} ago", age(now - r.at_unix)),
+                    r.caused_by.clone(),
+                    r.from_version.to_string(),
+                    one_line(&r.reason, 80),
+                ]
+            })
+            .collect();
+        table(
+            &mut o,
+            &[
+                "REPAIRED",
+                "WHEN",
+                "CAUSED BY",
+                "FROM VERSION",
+                "WHAT WAS WRONG",
+            ],
+            rows,
+        );
+    }
     // Last errors: per peer and per certificate, then the daemon's recent ones.
     let mut errors: Vec<String> = Vec::new();
     for p in s.peers.iter().filter(|p| !p.connected) {
@@ -637,6 +669,14 @@ mod tests {
                 hook_failures: 1,
                 acme_failures: 0,
             },
+            repairs: vec![crate::repair::RepairStatus {
+                certificate: "www".into(),
+                at: String::new(),
+                at_unix: 1_000_000 - 95,
+                caused_by: "lb2".into(),
+                from_version: 3,
+                reason: "live/www missing".into(),
+            }],
         }
     }
 
@@ -666,6 +706,9 @@ mod tests {
             "index damaged",
             "since start: 1 hook failures, 0 ACME failures",
             "up 2h01m",
+            "REPAIRED",
+            "1m35s ago",
+            "live/www missing",
         ] {
             assert!(out.contains(needle), "{needle:?} missing in:\n{out}");
         }

@@ -19,6 +19,10 @@
 //! versioned publish), [`hooks`] (commands or HAProxy hot swaps when matching paths
 //! change) and [`dhparam`] (an RFC 7919 group written once into the tree).
 //!
+//! Nothing lost for good: [`keep`] (versions a peer's change replaced or deleted,
+//! kept locally under `.certmesh/kept/`, bounded; `certmesh restore`) and [`repair`]
+//! (configured certificates a peer's change broke are put back from them).
+//!
 //! Operations: [`firewall`] (nftables / iptables rules for the QUIC port from the config).
 
 pub mod acme;
@@ -33,12 +37,14 @@ pub mod hooks;
 pub mod identity;
 pub mod index;
 pub mod inline;
+pub mod keep;
 pub mod metrics;
 pub mod node;
 pub mod paths;
 pub mod peer;
 pub mod plan;
 pub mod pull;
+pub mod repair;
 pub mod safe_fs;
 pub mod scan;
 #[cfg(test)]

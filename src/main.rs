@@ -79,6 +79,24 @@ enum Cmd {
         #[arg(long, value_name = "IFACE")]
         interface: Option<String>,
     },
+    /// Bring back a version of PATH that a peer's change replaced or deleted, kept on
+    /// this node under `<tree>/.certmesh/kept/` (the last 5 versions per path, up to
+    /// 30 days; not under acme/). Written atomically into the tree; a running daemon
+    /// replicates it like any local change.
+    Restore {
+        /// This node's config (kept versions are under its [tree] path).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The path in the tree, e.g. `dhparam.pem` or `archive/www/3/privkey.pem`.
+        #[arg(required_unless_present = "list")]
+        path: Option<String>,
+        /// Which kept version: 1 is the newest (see --list).
+        #[arg(long, value_name = "N", default_value_t = 1, conflicts_with = "list")]
+        version: usize,
+        /// Show the kept versions of PATH (newest first), or every kept path.
+        #[arg(long)]
+        list: bool,
+    },
     /// Start a 3-node mesh on loopback in a temp dir, show a file propagating, clean up.
     Demo {
         /// How many propagation samples to take.
@@ -274,11 +292,74 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                 certmesh::firewall::render(&c, format, interface.as_deref()).map_err(cfg_err)?;
             print!("{rules}");
         }
+        Cmd::Restore {
+            config,
+            path,
+            version,
+            list,
+        } => restore(&load(&config)?, path.as_deref(), version, list)?,
         Cmd::Demo { samples } => {
             runtime()?
                 .block_on(certmesh::demo::run(samples))
                 .map_err(rt_err)?;
         }
+    }
+    Ok(())
+}
+
+/// `certmesh restore`: list kept versions, or write one back into the tree.
+fn restore(c: &Config, path: Option<&str>, version: usize, list: bool) -> Result<(), Failure> {
+    use certmesh::keep;
+    let io = |e: std::io::Error| Failure::Runtime(format!("{}: {e}", c.tree.display()));
+    let Some(path) = path else {
+        for p in keep::list_paths(&c.tree).map_err(io)? {
+            let n = keep::list(&c.tree, &p).map_err(io)?.len();
+            println!("{p}  ({n} kept)");
+        }
+        return Ok(());
+    };
+    let rel = certmesh::paths::RelPath::parse_shared(path)
+        .map_err(|e| Failure::Config(format!("PATH {path:?}: {e}")))?;
+    if !list {
+        let v = keep::restore(&c.tree, &rel, version).map_err(|e| match e {
+            keep::RestoreError::NoSuchVersion { .. } => Failure::Config(e.to_string()),
+            e => Failure::Runtime(e.to_string()),
+        })?;
+        println!(
+            "restored {rel} from version {version} (kept {}, {} bytes)",
+            certmesh::acme::rfc3339(v.kept_at_ns / 1_000_000_000),
+            v.size
+        );
+        return Ok(());
+    }
+    let versions = keep::list(&c.tree, &rel).map_err(io)?;
+    if versions.is_empty() {
+        return Err(Failure::Runtime(
+            keep::RestoreError::NothingKept(rel).to_string(),
+        ));
+    }
+    println!("{:<3}  {:<20}  {:>9}  CAUSE", "N", "KEPT", "SIZE");
+    for (i, v) in versions.iter().enumerate() {
+        let cause = v.meta.as_ref().map_or_else(
+            || "unknown".to_string(),
+            |m| {
+                let by = u64::from_str_radix(&m.modified_by, 16).map_or_else(
+                    |_| m.modified_by.clone(),
+                    |id| certmesh::repair::name_of(&c.peers, certmesh::identity::ShortId(id)),
+                );
+                let what = match m.reason {
+                    keep::Reason::Replaced => "replaced",
+                    keep::Reason::Deleted => "deleted",
+                };
+                format!("{what} by {by}")
+            },
+        );
+        println!(
+            "{:<3}  {:<20}  {:>9}  {cause}",
+            i + 1,
+            certmesh::acme::rfc3339(v.kept_at_ns / 1_000_000_000),
+            v.size
+        );
     }
     Ok(())
 }

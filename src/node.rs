@@ -131,6 +131,8 @@ pub struct Shared {
     pub acme: std::sync::OnceLock<Arc<crate::acme::Acme>>,
     /// Hooks that failed to start, exited non-zero or timed out (metrics).
     pub hook_failures: AtomicU64,
+    /// Certificate repairs: queue and recent results (`status`).
+    pub repairs: crate::repair::Repairs,
 }
 
 impl Shared {
@@ -257,6 +259,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         inline: Mutex::new(Default::default()),
         acme: std::sync::OnceLock::new(),
         hook_failures: AtomicU64::new(0),
+        repairs: Default::default(),
     });
 
     // Watch first, then scan: nothing changed in between is missed.
@@ -268,6 +271,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     crate::acme::start(&shared)?;
     crate::hooks::start(&shared);
     crate::dhparam::start(&shared);
+    if let Err(e) = crate::keep::prune_all(&shared.tree.root, now_ns()) {
+        tracing::warn!(error = %e, "pruning kept versions");
+    }
+    crate::repair::start(&shared);
     tokio::spawn(accept_loop(shared.clone(), transport.clone()));
     for p in &config.peers {
         tokio::spawn(dial_loop(shared.clone(), transport.clone(), p.id));

@@ -343,6 +343,7 @@ fn record(shared: &Shared, retry: &mut Retry, (done, outcomes): Applied) {
     tracing::trace!(n = done.len(), "applied to disk");
     let mut rescan = Vec::new();
     let mut applied = 0usize;
+    let mut touched = Vec::new(); // for certificate repair
     {
         let mut st = shared.lock();
         let since = st.index.sequence();
@@ -354,6 +355,7 @@ fn record(shared: &Shared, retry: &mut Retry, (done, outcomes): Applied) {
                     retry.at.remove(&p);
                     applied += 1;
                     tracing::debug!(path = %p, deleted = w.need.target.deleted, "applied");
+                    touched.push(p.clone());
                     st.index.put(w.need.target, stat);
                     let crate::node::State { plan, index, .. } = &mut *st;
                     plan.evaluate(&p, index);
@@ -382,6 +384,8 @@ fn record(shared: &Shared, retry: &mut Retry, (done, outcomes): Applied) {
     if !rescan.is_empty() {
         let _ = shared.rescan.send(rescan);
     }
+    let certs = crate::repair::names(shared);
+    shared.repairs.touched(&certs, &touched);
     shared.bump_progress();
 }
 

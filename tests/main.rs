@@ -13,4 +13,5 @@ mod security;
 mod sync;
 mod trust_ops;
 mod trust_links;
+mod trust_keep;
 mod util;

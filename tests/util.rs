@@ -299,7 +299,7 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (char, Vec<u8>, u32)
     for e in rd.flatten() {
         let p = e.path();
         let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
-        if rel == ".certmesh/tmp" || rel == ".certmesh/conflicts" {
+        if rel == ".certmesh/tmp" || rel == ".certmesh/conflicts" || rel == ".certmesh/kept" {
             continue;
         }
         let Ok(m) = fs::symlink_metadata(&p) else {

@@ -1,0 +1,573 @@
+//! Repair of the certificates named in this node's `[[certificate]]` config: when a
+//! peer's change deletes or breaks one (`live/<name>` missing or dangling, key not
+//! matching the leaf of `fullchain.pem`, unparsable), the same certificate is put
+//! back from the files still in `archive/<name>/` and the kept versions
+//! ([`crate::keep`]), written into the tree as a normal local change so it
+//! replicates. No new order: when nothing good (unexpired, matching) is left, the
+//! ACME driver orders the missing certificate as it always does.
+//!
+//! Two nodes repairing at once write the same bytes (the newest good archive version,
+//! preferring files still in place, then the newest kept ones), so they never fight.
+//! A certificate deleted on purpose comes back while another node still lists it:
+//! remove it from every node's config first.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::acme::bundle::{self, chain_der, parse_leaf, Leaf};
+use crate::acme::tree;
+use crate::identity::ShortId;
+use crate::keep;
+use crate::node::Shared;
+use crate::paths::RelPath;
+
+/// A PEM file of a bundle larger than this is not a certificate or key.
+const MAX_PEM: u64 = 1 << 20;
+/// After a batch touched a certificate, wait this long for more before checking.
+const SETTLE: Duration = Duration::from_millis(200);
+/// While changes to a certificate are still arriving, check again after this.
+const RETRY: Duration = Duration::from_secs(1);
+/// How long the start-up check waits for the mesh to form first.
+const START_GRACE: Duration = Duration::from_secs(10);
+/// Repairs shown in `status`.
+const RECENT: usize = 20;
+
+/// One repair, as `status` shows it (stable JSON keys).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepairStatus {
+    pub certificate: String,
+    /// RFC 3339.
+    pub at: String,
+    pub at_unix: i64,
+    /// The node whose change broke the certificate (peer name, or short ID).
+    pub caused_by: String,
+    /// The `archive/<name>/<n>` version put back.
+    pub from_version: u32,
+    /// What was wrong.
+    pub reason: String,
+}
+
+/// The repair queue and its recent results (a handle in `Shared`).
+#[derive(Default)]
+pub struct Repairs {
+    wake: Notify,
+    pending: Mutex<BTreeSet<String>>,
+    recent: Mutex<VecDeque<RepairStatus>>,
+}
+
+impl Repairs {
+    /// The puller applied these paths from peers: queue the certificates they touch.
+    pub fn touched<'a>(&self, names: &[String], paths: impl IntoIterator<Item = &'a RelPath>) {
+        let mut hit = BTreeSet::new();
+        for p in paths {
+            let mut parts = p.as_str().splitn(3, '/');
+            if let (Some("live" | "archive"), Some(n)) = (parts.next(), parts.next()) {
+                if names.iter().any(|c| c == n) {
+                    hit.insert(n.to_string());
+                }
+            }
+        }
+        if !hit.is_empty() {
+            self.lock_pending().extend(hit);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Recent repairs, oldest first.
+    pub fn recent(&self) -> Vec<RepairStatus> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, r: RepairStatus) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(r);
+    }
+}
+
+/// Starts the repair task: one check of every configured certificate once the mesh
+/// has formed, then one after each applied batch that touched one.
+pub fn start(shared: &Arc<Shared>) {
+    tokio::spawn(run(shared.clone()));
+}
+
+fn configured(shared: &Shared) -> Vec<String> {
+    shared
+        .config
+        .lock()
+        .map(|c| c.certificates.iter().map(|c| c.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// The names of configured certificates, for [`Repairs::touched`].
+pub fn names(shared: &Shared) -> Vec<String> {
+    configured(shared)
+}
+
+async fn run(shared: Arc<Shared>) {
+    shared.wait_mesh_formed(START_GRACE).await;
+    shared.repairs.lock_pending().extend(configured(&shared));
+    let mut stopping = shared.stopping.subscribe();
+    loop {
+        if shared.repairs.lock_pending().is_empty() {
+            tokio::select! {
+                _ = shared.repairs.wake.notified() => {}
+                _ = stopping.changed() => {}
+            }
+        }
+        if *stopping.borrow() {
+            return;
+        }
+        tokio::time::sleep(SETTLE).await;
+        let names = std::mem::take(&mut *shared.repairs.lock_pending());
+        let mut unsettled = Vec::new();
+        for name in names {
+            if !settled(&shared, &name) {
+                unsettled.push(name);
+                continue;
+            }
+            match repair(&shared, &name).await {
+                Ok(Some(r)) => {
+                    tracing::warn!(cert = %name, version = r.from_version, caused_by = %r.caused_by, reason = %r.reason, "certificate repaired");
+                    shared.repairs.push(r);
+                }
+                Ok(None) => {}
+                Err(e) => shared
+                    .lock()
+                    .error(format!("repairing certificate {name}: {e:#}")),
+            }
+        }
+        if !unsettled.is_empty() {
+            shared.repairs.lock_pending().extend(unsettled);
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+}
+
+/// Nothing still to arrive or being applied for this certificate.
+fn settled(shared: &Shared, name: &str) -> bool {
+    let st = shared.lock();
+    ["live", "archive"].iter().all(|top| {
+        RelPath::parse(&format!("{top}/{name}")).is_ok_and(|dir| {
+            st.plan.needs_within(&dir).next().is_none()
+                && !st.applying.iter().any(|p| p.is_within(&dir))
+        })
+    })
+}
+
+/// Checks one certificate and puts it back if it is broken and something good is left.
+async fn repair(shared: &Shared, name: &str) -> anyhow::Result<Option<RepairStatus>> {
+    let root = shared.tree.root.clone();
+    let now = crate::acme::unix_now();
+    let n = name.to_string();
+    let decision = tokio::task::spawn_blocking(move || decide(&root, &n, now)).await?;
+    let (why, r) = match decision {
+        Decision::Healthy => return Ok(None),
+        Decision::NothingGood(why) => {
+            tracing::info!(cert = name, %why, "certificate broken and nothing good kept; left to the ACME driver");
+            return Ok(None);
+        }
+        Decision::Restore { why, restore } => (why, restore),
+    };
+    let dir = format!("archive/{name}/{}", r.version);
+    let mut staged = Vec::new();
+    for (file, data, mode) in &r.files {
+        let p = tree::rel(&format!("{dir}/{file}"))?;
+        staged.push((p.clone(), tree::stage(shared, &p, data, *mode)?));
+    }
+    let mut expect = Vec::new();
+    for (p, s) in staged {
+        expect.push((p, tree::place(shared, s)?));
+    }
+    if !expect.is_empty() {
+        if let Ok(d) = std::fs::File::open(shared.tree.root.join(&dir)) {
+            let _ = d.sync_all();
+        }
+        tree::await_indexed(shared, &expect, Duration::from_secs(10)).await?;
+    }
+    let link = tree::rel(&format!("live/{name}"))?;
+    let cause = r.caused_by.or_else(|| {
+        let st = shared.lock();
+        st.index.get(&link).map(|e| e.record.modified_by)
+    });
+    if r.flip_link {
+        let e = tree::symlink(shared, &link, &format!("../archive/{name}/{}", r.version))?;
+        tree::await_indexed(shared, &[(link, e)], Duration::from_secs(10)).await?;
+    }
+    let at = crate::acme::unix_now();
+    Ok(Some(RepairStatus {
+        certificate: name.to_string(),
+        at: crate::acme::rfc3339(at),
+        at_unix: at,
+        caused_by: cause.map_or_else(|| "unknown".into(), |c| node_name(shared, c)),
+        from_version: r.version,
+        reason: why,
+    }))
+}
+
+/// The configured name of the node with this short ID (or the ID in hex).
+pub fn node_name(shared: &Shared, id: ShortId) -> String {
+    if shared.me().short() == id {
+        return shared
+            .config
+            .lock()
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+    }
+    let peers = shared
+        .config
+        .lock()
+        .map(|c| c.peers.clone())
+        .unwrap_or_default();
+    name_of(&peers, id)
+}
+
+/// The name of the peer with this short ID, or the ID in hex.
+pub fn name_of(peers: &[crate::config::PeerConfig], id: ShortId) -> String {
+    peers
+        .iter()
+        .find(|p| p.id.short() == id)
+        .map_or_else(|| keep::short_hex(id), |p| p.name.clone())
+}
+
+/// What to do about one certificate.
+#[derive(Debug)]
+pub enum Decision {
+    Healthy,
+    /// Broken, and no unexpired matching key + certificate is left.
+    NothingGood(String),
+    Restore {
+        why: String,
+        restore: Restore,
+    },
+}
+
+/// The files to write back and the link to flip.
+#[derive(Debug)]
+pub struct Restore {
+    pub version: u32,
+    /// `(file, content, mode)` under `archive/<name>/<version>/`, only those that differ.
+    pub files: Vec<(&'static str, Vec<u8>, u32)>,
+    pub flip_link: bool,
+    /// Who made the change that removed the kept files used, if any were.
+    pub caused_by: Option<ShortId>,
+}
+
+/// Reads a regular file (never through a symlink at its last component), bounded.
+fn read_file(p: &Path) -> Option<Vec<u8>> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(p)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut out = Vec::new();
+    f.take(MAX_PEM + 1).read_to_end(&mut out).ok()?;
+    (out.len() as u64 <= MAX_PEM).then_some(out)
+}
+
+/// The leaf of `fullchain` if `key` is its private key.
+pub fn check_pair(fullchain: &[u8], key: &[u8]) -> Result<Leaf, String> {
+    let ders = chain_der(fullchain).map_err(|e| format!("fullchain.pem: {e:#}"))?;
+    let leaf = parse_leaf(&ders[0]).map_err(|e| format!("fullchain.pem: {e:#}"))?;
+    let key = std::str::from_utf8(key)
+        .ok()
+        .and_then(|k| rcgen::KeyPair::from_pem(k).ok())
+        .ok_or("privkey.pem: no private key")?;
+    use rcgen::PublicKeyData;
+    if leaf.spki != key.subject_public_key_info() {
+        return Err("privkey.pem does not match fullchain.pem".into());
+    }
+    Ok(leaf)
+}
+
+/// Is `live/<name>` good? `Err` says what is wrong.
+pub fn health(root: &Path, name: &str) -> Result<(), String> {
+    let live = root.join("live").join(name);
+    if std::fs::symlink_metadata(&live).is_err() {
+        return Err(format!("live/{name} missing"));
+    }
+    let fc = read_file(&live.join("fullchain.pem"));
+    let key = read_file(&live.join("privkey.pem"));
+    match (fc, key) {
+        (Some(fc), Some(key)) => check_pair(&fc, &key).map(|_| ()),
+        _ => Err(format!("live/{name} dangling or incomplete")),
+    }
+}
+
+/// Candidates for one file of one version: the file in place first, then the kept
+/// versions newest first. Each with who removed it (kept ones).
+fn candidates(root: &Path, rel: &str) -> Vec<(Vec<u8>, Option<ShortId>)> {
+    let mut out = Vec::new();
+    if let Some(d) = read_file(&root.join(rel)) {
+        out.push((d, None));
+    }
+    if let Ok(p) = RelPath::parse(rel) {
+        for v in keep::list(root, &p).unwrap_or_default() {
+            if v.size > MAX_PEM {
+                continue;
+            }
+            let by = v
+                .meta
+                .as_ref()
+                .and_then(|m| u64::from_str_radix(&m.modified_by, 16).ok())
+                .map(ShortId);
+            if let Ok(d) = v.read() {
+                out.push((d, by));
+            }
+        }
+    }
+    out
+}
+
+/// Archive versions present in the tree or in the kept store.
+fn versions(root: &Path, name: &str) -> BTreeSet<u32> {
+    let mut out = BTreeSet::new();
+    for dir in [
+        root.join("archive").join(name),
+        keep::kept_root(root).join("archive").join(name),
+    ] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if let Some(n) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+                out.insert(n);
+            }
+        }
+    }
+    out
+}
+
+/// Decides whether and how to repair certificate `name` (pure reads, no writes).
+pub fn decide(root: &Path, name: &str, now_unix: i64) -> Decision {
+    let why = match health(root, name) {
+        Ok(()) => return Decision::Healthy,
+        Err(why) => why,
+    };
+    for n in versions(root, name).into_iter().rev() {
+        let dir = format!("archive/{name}/{n}");
+        let fcs = candidates(root, &format!("{dir}/fullchain.pem"));
+        let keys = candidates(root, &format!("{dir}/privkey.pem"));
+        let found = fcs.iter().find_map(|fc| {
+            keys.iter().find_map(|k| {
+                check_pair(&fc.0, &k.0)
+                    .ok()
+                    .filter(|leaf| leaf.validity.not_after > now_unix)
+                    .map(|_| (fc, k))
+            })
+        });
+        let Some((fc, key)) = found else {
+            continue;
+        };
+        let mut caused_by = fc.1.or(key.1);
+        let mut chosen: Vec<(&'static str, Vec<u8>)> = Vec::new();
+        for file in bundle::FILES {
+            let data = match file {
+                "fullchain.pem" => fc.0.clone(),
+                "privkey.pem" => key.0.clone(),
+                other => {
+                    let cands = candidates(root, &format!("{dir}/{other}"));
+                    match cands
+                        .iter()
+                        .find(|c| consistent(other, &c.0, &fc.0, &key.0))
+                    {
+                        Some(c) => {
+                            caused_by = caused_by.or(c.1);
+                            c.0.clone()
+                        }
+                        None => derive(other, &fc.0, &key.0),
+                    }
+                }
+            };
+            chosen.push((file, data));
+        }
+        let files = chosen
+            .into_iter()
+            .filter(|(f, d)| read_file(&root.join(format!("{dir}/{f}"))).as_ref() != Some(d))
+            .map(|(f, d)| {
+                let mode = if matches!(f, "privkey.pem" | "combined.pem") {
+                    0o640
+                } else {
+                    0o644
+                };
+                (f, d, mode)
+            })
+            .collect();
+        let target = format!("../archive/{name}/{n}");
+        let flip_link = std::fs::read_link(root.join("live").join(name))
+            .map_or(true, |t| t.to_str() != Some(target.as_str()));
+        return Decision::Restore {
+            why,
+            restore: Restore {
+                version: n,
+                files,
+                flip_link,
+                caused_by,
+            },
+        };
+    }
+    Decision::NothingGood(why)
+}
+
+/// Does `data` fit as `file` next to this fullchain and key?
+fn consistent(file: &str, data: &[u8], fc: &[u8], key: &[u8]) -> bool {
+    let fc_ders = chain_der(fc).unwrap_or_default();
+    match file {
+        "cert.pem" => chain_der(data).is_ok_and(|d| d.first() == fc_ders.first()),
+        "chain.pem" => match chain_der(data) {
+            Ok(d) => d.as_slice() == fc_ders.get(1..).unwrap_or_default(),
+            Err(_) => fc_ders.len() == 1 && data.is_empty(),
+        },
+        "combined.pem" => {
+            let key = key.trim_ascii();
+            chain_der(data).is_ok_and(|d| d == fc_ders)
+                && !key.is_empty()
+                && data.windows(key.len()).any(|w| w == key)
+        }
+        _ => false,
+    }
+}
+
+/// `cert.pem`, `chain.pem` or `combined.pem` made from the fullchain and key, as
+/// publish writes them.
+fn derive(file: &str, fc: &[u8], key: &[u8]) -> Vec<u8> {
+    let ders = chain_der(fc).unwrap_or_default();
+    let pem = |ds: &[Vec<u8>]| -> Vec<u8> {
+        ds.iter()
+            .map(|d| x509_pem(d))
+            .collect::<String>()
+            .into_bytes()
+    };
+    match file {
+        "cert.pem" => pem(ders.get(..1).unwrap_or_default()),
+        "chain.pem" => pem(ders.get(1..).unwrap_or_default()),
+        _ => [fc, key].concat(),
+    }
+}
+
+fn x509_pem(der: &[u8]) -> String {
+    use std::fmt::Write;
+    let b64 = data_encoding::BASE64.encode(der);
+    let mut s = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        let _ = writeln!(s, "{}", String::from_utf8_lossy(line));
+    }
+    s.push_str("-----END CERTIFICATE-----\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn bundle_pem(days: i64) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["www.example.com".to_string()]).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(2);
+        p.not_after = now + time::Duration::days(days);
+        let cert = p.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn place(root: &Path, n: u32, fc: &str, key: &str) {
+        let d = root.join(format!("archive/www/{n}"));
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("fullchain.pem"), fc).unwrap();
+        fs::write(d.join("cert.pem"), fc).unwrap();
+        fs::write(d.join("chain.pem"), "").unwrap();
+        fs::write(d.join("privkey.pem"), key).unwrap();
+        fs::write(d.join("combined.pem"), format!("{fc}{key}")).unwrap();
+        fs::create_dir_all(root.join("live")).unwrap();
+        let _ = fs::remove_file(root.join("live/www"));
+        std::os::unix::fs::symlink(format!("../archive/www/{n}"), root.join("live/www")).unwrap();
+    }
+
+    fn kill_key(root: &Path, n: u32) {
+        let p = RelPath::parse(&format!("archive/www/{n}/privkey.pem")).unwrap();
+        let cause = keep::Cause {
+            reason: keep::Reason::Replaced,
+            modified_by: ShortId(42),
+            version: Default::default(),
+        };
+        keep::keep(root, &p, &cause, crate::node::now_ns())
+            .unwrap()
+            .unwrap();
+        let (_, other) = bundle_pem(90);
+        let tmp = root.join("new-key");
+        fs::write(&tmp, other).unwrap();
+        fs::rename(tmp, root.join(p.as_str())).unwrap(); // a new inode, as apply does
+    }
+
+    #[test]
+    fn mismatching_key_is_put_back_from_the_kept_version() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let (fc, key) = bundle_pem(90);
+        place(root, 1, &fc, &key);
+        let now = crate::acme::unix_now();
+        assert!(matches!(decide(root, "www", now), Decision::Healthy));
+        kill_key(root, 1);
+        let Decision::Restore { why, restore } = decide(root, "www", now) else {
+            panic!("not repaired");
+        };
+        assert!(why.contains("does not match"), "{why}");
+        assert_eq!(restore.version, 1);
+        assert_eq!(restore.caused_by, Some(ShortId(42)));
+        assert_eq!(restore.files.len(), 1, "only the key differs");
+        assert_eq!(restore.files[0].0, "privkey.pem");
+        assert_eq!(restore.files[0].1, key.as_bytes());
+        assert!(!restore.flip_link);
+    }
+
+    #[test]
+    fn deleted_live_link_points_back_to_the_newest_good_version() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let (fc, key) = bundle_pem(90);
+        place(root, 1, &fc, &key);
+        let (fc2, key2) = bundle_pem(90);
+        place(root, 2, &fc2, &key2);
+        // Version 3: a broken one a peer made live.
+        place(root, 3, &fc, &key2);
+        let Decision::Restore { restore, .. } = decide(root, "www", crate::acme::unix_now()) else {
+            panic!("not repaired");
+        };
+        assert_eq!((restore.version, restore.flip_link), (2, true));
+        assert!(restore.files.is_empty());
+    }
+
+    #[test]
+    fn expired_or_absent_is_left_to_acme() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        assert!(matches!(
+            decide(root, "www", crate::acme::unix_now()),
+            Decision::NothingGood(_)
+        ));
+        let (fc, key) = bundle_pem(-1);
+        place(root, 1, &fc, &key);
+        kill_key(root, 1);
+        assert!(matches!(
+            decide(root, "www", crate::acme::unix_now()),
+            Decision::NothingGood(_)
+        ));
+    }
+}
