@@ -47,10 +47,14 @@ fn a_burst_of_changes_runs_a_hook_once_with_one_path_per_line() {
         log.display()
     );
     let (a, b) = pair(dir.path(), ("127.0.0.90", "127.0.0.91"), &hook, &[]);
-    // One burst: 40 files, one with a space in its name, written as fast as a script can.
+    // One burst: 40 files with spaces in their names, moved into the tree at once (as
+    // a deploy script would), so they reach b as one batch whatever the machine's load.
+    let staging = dir.path().join("staging-certs");
+    fs::create_dir(&staging).unwrap();
     for i in 0..40 {
-        a.write(&format!("certs/site {i}.pem"), &format!("cert {i}"));
+        fs::write(staging.join(format!("site {i}.pem")), format!("cert {i}")).unwrap();
     }
+    fs::rename(&staging, a.tree.join("certs")).unwrap();
     wait_until("the burst applied on b and the hook ran", || {
         (0..40).all(|i| b.read(&format!("certs/site {i}.pem")).is_some())
             && hook_runs(&log).iter().flatten().count() >= 40
