@@ -142,6 +142,18 @@ struct RawTree {
     rescan_interval: Option<Spanned<String>>,
     /// RFC 7919 group written once to `<tree>/dhparam.pem`: ffdhe2048 | ffdhe3072 | ffdhe4096.
     dhparam: Option<Spanned<String>>,
+    /// Largest file fetched from a peer (default "64MiB"): a size like "512KiB",
+    /// "64MiB", "1GiB", or a number of bytes. Larger ones are not fetched (shown in
+    /// `status`); local files of any size are still announced.
+    max_file_size: Option<Spanned<RawSize>>,
+}
+
+/// A size: a number of bytes or a string with a binary unit.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 /// `[[peer]]`
@@ -264,6 +276,8 @@ pub struct Config {
     pub rescan_interval: Duration,
     /// `tree.dhparam`: the group to write to `<tree>/dhparam.pem` if absent.
     pub dhparam: Option<crate::dhparam::DhGroup>,
+    /// `tree.max_file_size`: larger files from peers are not fetched.
+    pub max_file_size: u64,
     pub peers: Vec<PeerConfig>,
     /// `None`: this node never orders (it still shows and syncs certificates).
     pub acme: Option<AcmeConfig>,
@@ -282,12 +296,16 @@ impl Config {
         // Sections without PartialEq compare by their Debug rendering: any change counts.
         let dbg = |v: &dyn std::fmt::Debug| format!("{v:?}");
         let mut out = Vec::new();
-        let checks: [(&'static str, bool); 10] = [
+        let checks: [(&'static str, bool); 11] = [
             ("node.name", self.name != new.name),
             ("node.state_dir", self.state_dir != new.state_dir),
             ("node.listen", self.listen != new.listen),
             ("tree.path", self.tree != new.tree),
             ("tree.dhparam", self.dhparam != new.dhparam),
+            (
+                "tree.max_file_size",
+                self.max_file_size != new.max_file_size,
+            ),
             ("acme", dbg(&self.acme) != dbg(&new.acme)),
             (
                 "certificate",
@@ -386,6 +404,14 @@ impl Config {
                 )
             })?),
         };
+        let max_file_size = match &raw.tree.max_file_size {
+            None => crate::plan::DEFAULT_MAX_FILE_SIZE,
+            Some(s) => match s.get_ref() {
+                RawSize::Bytes(n) => Ok(*n),
+                RawSize::Text(t) => parse_size(t),
+            }
+            .map_err(|m| bad(s.span(), "tree.max_file_size", m))?,
+        };
         let mut peers: Vec<PeerConfig> = Vec::new();
         for p in &raw.peer {
             let pname = p.name.get_ref().trim().to_string();
@@ -469,6 +495,7 @@ impl Config {
             tree,
             rescan_interval,
             dhparam,
+            max_file_size,
             peers,
             acme,
             certificates,
@@ -826,9 +853,55 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?} is too long"))
 }
 
+/// Parses a size: bytes ("1048576") or with a unit B, KiB, MiB, GiB (also K, M, G,
+/// meaning the same binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. \"512KiB\", \"64MiB\", \"1GiB\")"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        u => {
+            return Err(format!(
+                "{s:?}: unknown unit {u:?} (expected B, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_file_size_takes_units_or_bytes() {
+        let size = |v: &str| {
+            Config::parse(Path::new("c.toml"), &cfg(&format!("max_file_size = {v}\n")))
+                .map(|c| c.max_file_size)
+        };
+        let c = Config::parse(Path::new("c.toml"), &cfg("")).unwrap();
+        assert_eq!(c.max_file_size, 64 << 20);
+        assert_eq!(size("\"64MiB\"").unwrap(), 64 << 20);
+        assert_eq!(size("\"1GiB\"").unwrap(), 1 << 30);
+        assert_eq!(size("\"512KiB\"").unwrap(), 512 << 10);
+        assert_eq!(size("1048576").unwrap(), 1 << 20);
+        let e = size("\"64 parsecs\"").unwrap_err().to_string();
+        assert!(e.contains("c.toml:8: tree.max_file_size"), "{e}");
+        let e = size("\"99999999999GiB\"").unwrap_err().to_string();
+        assert!(
+            e.contains("tree.max_file_size") && e.contains("too large"),
+            "{e}"
+        );
+        assert!(size("-1").is_err());
+    }
 
     const ID: &str = "MFZWI3D-BONSGYC-YLTMRWG-C43ENR5-QXGZDMM-FZWI3DP-BONSGYY-LTMRWAD";
 

@@ -87,6 +87,26 @@ pub struct TreeStatus {
     /// Rescans run since start (watcher-driven and periodic): stays put when idle.
     #[serde(default)]
     pub scans: u64,
+    /// Peers' files larger than `[tree] max_file_size`: not fetched (at most
+    /// `TOO_LARGE_SHOWN` listed; `too_large_count` counts them all).
+    #[serde(default)]
+    pub too_large: Vec<TooLargeFile>,
+    #[serde(default)]
+    pub too_large_count: usize,
+    /// Times a peer's new path was not taken in because the index was full
+    /// (`index::MAX_INDEX_RECORDS`), since start.
+    #[serde(default)]
+    pub not_adopted: u64,
+}
+
+/// How many files too large `status` lists.
+const TOO_LARGE_SHOWN: usize = 100;
+
+/// A peer's file not fetched because of its size.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TooLargeFile {
+    pub path: String,
+    pub size: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -219,6 +239,17 @@ pub fn status(shared: &Shared) -> Status {
         out_of_sync: st.plan.needs_len(),
         scans: shared.scans.load(std::sync::atomic::Ordering::Relaxed),
         sequence: st.index.sequence(),
+        too_large: st
+            .plan
+            .too_large()
+            .take(TOO_LARGE_SHOWN)
+            .map(|(p, size)| TooLargeFile {
+                path: p.as_str().to_string(),
+                size,
+            })
+            .collect(),
+        too_large_count: st.plan.too_large_len(),
+        not_adopted: st.plan.not_adopted(),
     };
     drop(st);
     peers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -401,6 +432,27 @@ pub fn render(s: &Status) -> String {
             s.tree.sequence.to_string(),
         ]],
     );
+    for f in &s.tree.too_large {
+        let _ = writeln!(
+            o,
+            "too large, not fetched: {} ({} bytes; see [tree] max_file_size)",
+            f.path, f.size
+        );
+    }
+    if s.tree.too_large_count > s.tree.too_large.len() {
+        let _ = writeln!(
+            o,
+            "… and {} more files too large",
+            s.tree.too_large_count - s.tree.too_large.len()
+        );
+    }
+    if s.tree.not_adopted > 0 {
+        let _ = writeln!(
+            o,
+            "index full: new paths from peers refused {} times",
+            s.tree.not_adopted
+        );
+    }
     let _ = writeln!(o);
     let peers = s
         .peers
@@ -629,6 +681,12 @@ mod tests {
                 out_of_sync: 3,
                 sequence: 120,
                 scans: 7,
+                too_large: vec![TooLargeFile {
+                    path: "big.iso".into(),
+                    size: 2 << 20,
+                }],
+                too_large_count: 1,
+                not_adopted: 0,
             },
             peers: vec![
                 PeerStatus {
@@ -709,6 +767,7 @@ mod tests {
             "REPAIRED",
             "1m35s ago",
             "live/www missing",
+            "too large, not fetched: big.iso (2097152 bytes",
         ] {
             assert!(out.contains(needle), "{needle:?} missing in:\n{out}");
         }

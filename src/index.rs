@@ -3,6 +3,8 @@
 //! cache that lets a rescan skip hashing unchanged files. Pure: no I/O.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::time::Duration;
 
 use crate::identity::ShortId;
 use crate::paths::RelPath;
@@ -78,6 +80,18 @@ impl FileRecord {
 fn clock(now_ns: i64) -> u64 {
     (now_ns.max(0) / 1000) as u64
 }
+
+/// Most records the index adopts from peers: beyond it, paths this node does not
+/// have are not taken in (see `Plan::evaluate`); local files are always recorded.
+/// With tombstone collection this bounds what peers can make the index hold across
+/// any number of reconnects: 200 000 records, each at most ~33 KiB on disk and
+/// typically ~0.5 KiB in memory (a certificate tree has a few thousand).
+pub const MAX_INDEX_RECORDS: usize = 200_000;
+
+/// How long a tombstone is kept at least (from its deletion time, `mtime_ns`) before
+/// it may be collected, and only once every configured peer has acknowledged it. A
+/// peer away for longer than this may bring a deleted file back.
+pub const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What the local filesystem showed at the last scan or apply: when a new stat
 /// equals this, the file is unchanged and is not hashed again.
@@ -161,7 +175,7 @@ impl Index {
     /// Records changed after `sequence`, in sequence order.
     pub fn changed_since(&self, sequence: u64) -> impl Iterator<Item = &Entry> {
         self.by_sequence
-            .range(sequence + 1..)
+            .range((Bound::Excluded(sequence), Bound::Unbounded))
             .filter_map(|(_, p)| self.entries.get(p))
     }
 
@@ -211,6 +225,34 @@ impl Index {
         self.entries.insert(entry.record.path.clone(), entry);
     }
 
+    /// Collects tombstones that every configured peer has acknowledged (`acked_by_all`
+    /// is the lowest sequence of ours any of them acknowledged) and that are older than
+    /// [`TOMBSTONE_RETENTION`] at `now_ns`. The newest record is never collected, so
+    /// the sequence survives a restart (it is restored from the records). Returns the
+    /// collected paths.
+    pub fn collect_tombstones(&mut self, now_ns: i64, acked_by_all: u64) -> Vec<RelPath> {
+        let retention = TOMBSTONE_RETENTION.as_nanos() as i64;
+        let cutoff = now_ns.saturating_sub(retention);
+        let newest = self.sequence;
+        let gone: Vec<RelPath> = self
+            .entries
+            .values()
+            .filter(|e| {
+                e.record.deleted
+                    && e.sequence <= acked_by_all
+                    && e.sequence < newest
+                    && e.record.mtime_ns < cutoff
+            })
+            .map(|e| e.record.path.clone())
+            .collect();
+        for p in &gone {
+            if let Some(e) = self.entries.remove(p) {
+                self.by_sequence.remove(&e.sequence);
+            }
+        }
+        gone
+    }
+
     /// Updates only the stat cache (after an apply or a content-neutral touch).
     pub fn set_stat(&mut self, p: &RelPath, stat: Option<LocalStat>) {
         if let Some(e) = self.entries.get_mut(p) {
@@ -232,7 +274,10 @@ impl Index {
             (Some(e), None) if e.record.deleted => None,
             (Some(e), None) => {
                 let mut r = e.record.clone();
-                r.version.bump_at(self.me, clock(now_ns));
+                if let Err(e) = r.version.bump_at(self.me, clock(now_ns)) {
+                    tracing::error!(path = %p, error = %e, "deletion not recorded");
+                    return None;
+                }
                 r.deleted = true;
                 r.size = 0;
                 r.hash = ContentHash::default();
@@ -255,7 +300,10 @@ impl Index {
                     }
                 }
                 let mut version = prev.map(|e| e.record.version.clone()).unwrap_or_default();
-                version.bump_at(self.me, clock(now_ns));
+                if let Err(e) = version.bump_at(self.me, clock(now_ns)) {
+                    tracing::error!(path = %p, error = %e, "change not recorded");
+                    return None;
+                }
                 let r = FileRecord {
                     path: p.clone(),
                     kind: o.kind,
@@ -327,5 +375,49 @@ pub(crate) mod tests {
         o.stat.mode = 0o600;
         let r = ix.observe(&p, Some(o), 11).unwrap();
         assert_eq!(r.mode, 0o600);
+    }
+
+    #[test]
+    fn tombstones_are_collected_once_acked_by_all_and_retained() {
+        let mut ix = Index::new(ShortId(1));
+        let day = 24 * 3600 * 1_000_000_000i64;
+        let t0 = 100 * day;
+        for name in ["a", "b", "c"] {
+            let p = RelPath::parse(name).unwrap();
+            ix.observe(&p, Some(file(name, 1, t0)), t0);
+            ix.observe(&p, None, t0); // tombstones at sequences 2, 4, 6
+        }
+        ix.observe(
+            &RelPath::parse("live").unwrap(),
+            Some(file("live", 1, t0)),
+            t0,
+        ); // 7
+        let tombstones = |ix: &Index| ix.entries().filter(|e| e.record.deleted).count();
+        // Acked by every peer, but not yet retained long enough.
+        assert!(ix.collect_tombstones(t0 + 6 * day, 7).is_empty());
+        // Retained long enough, but one peer has only acked up to 3.
+        let gone = ix.collect_tombstones(t0 + 8 * day, 3);
+        assert_eq!(gone, vec![RelPath::parse("a").unwrap()]);
+        assert_eq!(tombstones(&ix), 2);
+        // Everyone acked everything: all go; the live file stays, the sequence too.
+        assert_eq!(ix.collect_tombstones(t0 + 8 * day, 7).len(), 2);
+        assert_eq!((ix.len(), tombstones(&ix), ix.sequence()), (1, 0, 7));
+        assert_eq!(ix.changed_since(0).count(), 1);
+    }
+
+    #[test]
+    fn the_newest_record_is_never_collected() {
+        let mut ix = Index::new(ShortId(1));
+        let p = RelPath::parse("a").unwrap();
+        ix.observe(&p, Some(file("a", 1, 1)), 1);
+        ix.observe(&p, None, 1);
+        assert!(ix.collect_tombstones(i64::MAX, u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn changed_since_the_maximum_is_empty() {
+        let mut ix = Index::new(ShortId(1));
+        ix.observe(&RelPath::parse("a").unwrap(), Some(file("a", 1, 1)), 1);
+        assert_eq!(ix.changed_since(u64::MAX).count(), 0);
     }
 }

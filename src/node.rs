@@ -212,6 +212,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tracing::warn!("{msg}");
         errors.push_back(msg);
     }
+    if report.skipped_count > 0 {
+        let msg = format!(
+            "index file: skipped {} entries that were intact but not acceptable (first: {})",
+            report.skipped_count,
+            report.skipped.first().map_or("", String::as_str)
+        );
+        tracing::warn!("{msg}");
+        errors.push_back(msg);
+    }
     tracing::info!(node = %config.name, id = %identity.id, entries = report.entries, "index loaded");
 
     let allowed: Allowed = Arc::new(std::sync::RwLock::new(
@@ -239,7 +248,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tree,
         state: Mutex::new(State {
             index,
-            plan: Plan::default(),
+            plan: Plan::new(config.max_file_size),
             store,
             peers,
             applying: HashSet::new(),
@@ -280,6 +289,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tokio::spawn(dial_loop(shared.clone(), transport.clone(), p.id));
     }
     tokio::spawn(periodic_rescan(shared.clone()));
+    tokio::spawn(collect_tombstones(shared.clone()));
     tokio::spawn(reload_on_sighup(shared.clone(), transport.clone()));
     tracing::info!(listen = %config.listen, tree = %config.tree.display(), peers = config.peers.len(), "certmesh running");
 
@@ -475,6 +485,36 @@ async fn reload_on_sighup(shared: Arc<Shared>, transport: Arc<Transport>) {
             Err(e) => shared
                 .lock()
                 .error(format!("SIGHUP: config not reloaded: {e}")),
+        }
+    }
+}
+
+/// How often tombstones are looked at for collection.
+const TOMBSTONE_SWEEP: Duration = Duration::from_secs(3600);
+
+/// Drops tombstones every configured peer has acknowledged and that are older than
+/// `index::TOMBSTONE_RETENTION`, so deletions (and a peer's floods of them) do not
+/// grow the index forever.
+async fn collect_tombstones(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(TOMBSTONE_SWEEP).await;
+        let mut st = shared.lock();
+        let acked_by_all = st.peers.values().map(|s| s.last_acked).min();
+        let gone = st
+            .index
+            .collect_tombstones(now_ns(), acked_by_all.unwrap_or(u64::MAX));
+        if gone.is_empty() {
+            continue;
+        }
+        tracing::info!(
+            n = gone.len(),
+            "collected tombstones acknowledged by every peer"
+        );
+        let State { store, index, .. } = &mut *st;
+        if let Err(e) = store.rewrite(index) {
+            st.error(format!(
+                "writing the index after collecting tombstones: {e}"
+            ));
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::identity::DeviceId;
 use crate::index::{ContentHash, Kind};
 use crate::node::{Session, Shared};
 use crate::paths::RelPath;
+use crate::plan::PlanEvent;
 use crate::wire::{
     self, pb, record_from_wire, record_to_wire, WireError, INDEX_BATCH, MAX_FRAME, MAX_HEADER,
 };
@@ -20,7 +21,8 @@ use crate::wire::{
 pub const CLOSE_DUPLICATE: u32 = 1;
 pub const CLOSE_PROTOCOL: u32 = 3;
 /// Most records one peer may announce (bounds memory against an index flood: about
-/// 0.7 KiB each, so ~70 MiB; a certificate tree has a few thousand).
+/// 0.7 KiB each, so ~70 MiB; a certificate tree has a few thousand). Bytes are
+/// bounded too: `plan::MAX_PEER_BYTES`.
 pub const MAX_PEER_RECORDS: usize = 100_000;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent content requests served per connection.
@@ -334,10 +336,12 @@ async fn recv_loop(
         match frame.body {
             Some(pb::frame::Body::Index(ix)) => {
                 tracing::trace!(peer = %peer, n = ix.files.len(), "received index");
+                wire::check_last_sequence(ix.last_sequence)?;
+                let now = wire::now_us();
                 let mut records = Vec::with_capacity(ix.files.len());
                 for mut f in ix.files {
                     let data = std::mem::take(&mut f.data);
-                    let (r, seq) = record_from_wire(f)?;
+                    let (r, seq) = record_from_wire(f, now)?;
                     if !data.is_empty() {
                         wire::check_inline(&r, &data)?;
                         shared.inline().insert(r.hash, Arc::new(data));
@@ -353,13 +357,22 @@ async fn recv_loop(
                             why: format!("more than {MAX_PEER_RECORDS} records"),
                         });
                     }
+                    plan.admit(&peer, &records)
+                        .map_err(|e| WireError::Invalid {
+                            what: "index",
+                            why: e.to_string(),
+                        })?;
                     plan.receive(peer, records, ix.last_sequence, index);
+                    report_plan_events(&mut st, peer);
                 }
                 shared.pull.notify_one();
                 shared.bump_progress();
             }
             Some(pb::frame::Body::Ack(a)) => {
-                shared.lock().acked(peer, a.sequence);
+                let mut st = shared.lock();
+                wire::check_ack(a.sequence, st.index.sequence())?;
+                st.acked(peer, a.sequence);
+                drop(st);
                 shared.bump_progress();
             }
             Some(pb::frame::Body::Hello(_)) | None => {
@@ -368,6 +381,24 @@ async fn recv_loop(
                     why: "unexpected or empty frame".into(),
                 })
             }
+        }
+    }
+}
+
+/// Logs what the plan decided about a peer's records: each file too large once per
+/// content, a full index once.
+fn report_plan_events(st: &mut crate::node::State, peer: DeviceId) {
+    for e in st.plan.take_events() {
+        match e {
+            PlanEvent::TooLarge { path, size, max } => tracing::warn!(
+                peer = %peer, path = %path, size, max_file_size = max,
+                "file larger than max_file_size: not fetched (acknowledged as refused)"
+            ),
+            PlanEvent::IndexFull { path } => st.error(format!(
+                "the index holds {} records: new paths from peers are not taken in \
+                 (first: {path} from {peer})",
+                crate::index::MAX_INDEX_RECORDS
+            )),
         }
     }
 }

@@ -2,12 +2,49 @@
 //! needed records (with the conflict rule applied), and the acknowledgements. Pure:
 //! the peer tasks feed it records, the puller reads `needs()`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::identity::DeviceId;
-use crate::index::{FileRecord, Index};
+use crate::index::{ContentHash, FileRecord, Index, Kind, MAX_INDEX_RECORDS};
 use crate::paths::RelPath;
 use crate::version::Relation;
+
+/// `[tree] max_file_size` when not configured.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 64 << 20;
+/// Most bytes (estimated by [`record_cost`]) the records one peer announced may hold
+/// in its view. A record at every wire limit costs ~29 KiB (so ≥ 2 200 such records
+/// fit), a typical one ~0.3 KiB (~200 000 fit; `peer::MAX_PEER_RECORDS` caps the
+/// count at 100 000 first). The view is dropped on disconnect; what a peer can make
+/// this node keep across reconnects is bounded by `MAX_INDEX_RECORDS` and tombstone
+/// collection (`Index::collect_tombstones`).
+pub const MAX_PEER_BYTES: usize = 64 << 20;
+/// The fixed part of [`record_cost`]: the record and its sequence (~150 bytes), the
+/// map slot and the path's allocation headers.
+pub const RECORD_OVERHEAD: usize = 256;
+
+/// Estimated heap bytes a record announced by a peer holds in its view: the path
+/// twice (map key and record), the link target, 16 bytes per version entry, and
+/// [`RECORD_OVERHEAD`].
+pub fn record_cost(r: &FileRecord) -> usize {
+    RECORD_OVERHEAD + 2 * r.path.as_str().len() + r.target.len() + 16 * r.version.pairs().len()
+}
+
+/// A peer announced more than its view may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("announced records would hold ~{bytes} bytes, more than the {MAX_PEER_BYTES} a peer may")]
+pub struct OverBudget {
+    pub bytes: usize,
+}
+
+/// Something the plan decided that the node should log once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanEvent {
+    /// A peer's file is larger than `max_file_size`: not fetched (and acknowledged as
+    /// refused, so the peer is not held up).
+    TooLarge { path: RelPath, size: u64, max: u64 },
+    /// The index holds `MAX_INDEX_RECORDS`: a peer's new path was not taken in.
+    IndexFull { path: RelPath },
+}
 
 /// One record to bring in. `target.version` is the version to store once applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,18 +57,91 @@ pub struct Need {
 #[derive(Debug, Default)]
 struct PeerView {
     records: HashMap<RelPath, (FileRecord, u64)>,
+    /// Sum of `record_cost` over `records`.
+    bytes: usize,
     received_upto: u64,
     acked: u64,
 }
 
 /// Peers' views and the needs derived from them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Plan {
     peers: HashMap<DeviceId, PeerView>,
     needs: BTreeMap<RelPath, Need>,
+    max_file_size: u64,
+    max_index_records: usize,
+    /// Peers' files larger than `max_file_size`, not fetched: path → (hash, size).
+    too_large: BTreeMap<RelPath, (ContentHash, u64)>,
+    /// `(path, hash)` already reported, so each is logged once (cleared when large).
+    reported: HashSet<(RelPath, ContentHash)>,
+    /// New paths not taken in because the index is full, since start.
+    not_adopted: u64,
+    events: Vec<PlanEvent>,
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Plan::new(DEFAULT_MAX_FILE_SIZE)
+    }
 }
 
 impl Plan {
+    /// A plan that fetches no file larger than `max_file_size` bytes.
+    pub fn new(max_file_size: u64) -> Self {
+        Plan {
+            peers: HashMap::new(),
+            needs: BTreeMap::new(),
+            max_file_size,
+            max_index_records: MAX_INDEX_RECORDS,
+            too_large: BTreeMap::new(),
+            reported: HashSet::new(),
+            not_adopted: 0,
+            events: Vec::new(),
+        }
+    }
+
+    /// Checks, before `receive`, that `records` fit the peer's byte budget.
+    pub fn admit(&self, peer: &DeviceId, records: &[(FileRecord, u64)]) -> Result<(), OverBudget> {
+        let Some(view) = self.peers.get(peer) else {
+            return Ok(());
+        };
+        let mut bytes = view.bytes;
+        for (r, _) in records {
+            bytes += record_cost(r);
+            if let Some((old, _)) = view.records.get(&r.path) {
+                bytes = bytes.saturating_sub(record_cost(old));
+            }
+        }
+        if bytes > MAX_PEER_BYTES {
+            return Err(OverBudget { bytes });
+        }
+        Ok(())
+    }
+
+    /// Estimated bytes the records `peer` announced hold.
+    pub fn peer_bytes(&self, peer: &DeviceId) -> usize {
+        self.peers.get(peer).map_or(0, |v| v.bytes)
+    }
+
+    /// What happened since the last call that the node should log.
+    pub fn take_events(&mut self) -> Vec<PlanEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Peers' files not fetched because they are larger than `max_file_size`.
+    pub fn too_large(&self) -> impl Iterator<Item = (&RelPath, u64)> {
+        self.too_large.iter().map(|(p, (_, size))| (p, *size))
+    }
+
+    pub fn too_large_len(&self) -> usize {
+        self.too_large.len()
+    }
+
+    /// How many times a peer's new path was not taken in because the index was full.
+    pub fn not_adopted(&self) -> u64 {
+        self.not_adopted
+    }
+
     /// A peer (re)connected: it will send its full index again.
     pub fn connected(&mut self, peer: DeviceId, index: &Index) {
         self.disconnected(peer, index);
@@ -66,7 +176,10 @@ impl Plan {
         let paths: Vec<RelPath> = records.iter().map(|(r, _)| r.path.clone()).collect();
         for (r, seq) in records {
             view.received_upto = view.received_upto.max(seq);
-            view.records.insert(r.path.clone(), (r, seq));
+            view.bytes += record_cost(&r);
+            if let Some((old, _)) = view.records.insert(r.path.clone(), (r, seq)) {
+                view.bytes = view.bytes.saturating_sub(record_cost(&old));
+            }
         }
         for p in &paths {
             self.evaluate(p, index);
@@ -143,6 +256,7 @@ impl Plan {
                 conflict: false,
             }),
         };
+        let need = need.filter(|n| self.fetchable(n) && self.adoptable(n, local, index));
         match need {
             Some(n) => {
                 self.needs.insert(p.clone(), n);
@@ -151,6 +265,47 @@ impl Plan {
                 self.needs.remove(p);
             }
         }
+    }
+
+    /// False for a live file larger than `max_file_size`: remembered for `status`,
+    /// reported once per (path, content), never fetched. Not being a need, it does
+    /// not hold back the acks to the peer (it is acknowledged as refused).
+    fn fetchable(&mut self, n: &Need) -> bool {
+        let t = &n.target;
+        if t.deleted || t.kind != Kind::File || t.size <= self.max_file_size {
+            self.too_large.remove(&t.path);
+            return true;
+        }
+        self.too_large.insert(t.path.clone(), (t.hash, t.size));
+        if self.reported.len() >= 10_000 {
+            self.reported.clear();
+        }
+        if self.reported.insert((t.path.clone(), t.hash)) {
+            self.events.push(PlanEvent::TooLarge {
+                path: t.path.clone(),
+                size: t.size,
+                max: self.max_file_size,
+            });
+        }
+        false
+    }
+
+    /// False for a path this node does not have (a tombstone included) while the
+    /// index and the needs fill `MAX_INDEX_RECORDS`: a peer cannot grow the index
+    /// without bound by announcing new paths on every connection.
+    fn adoptable(&mut self, n: &Need, local: Option<&FileRecord>, index: &Index) -> bool {
+        let p = &n.target.path;
+        if local.is_some()
+            || self.needs.contains_key(p)
+            || index.len() + self.needs.len() < self.max_index_records
+        {
+            return true;
+        }
+        if self.not_adopted == 0 {
+            self.events.push(PlanEvent::IndexFull { path: p.clone() });
+        }
+        self.not_adopted += 1;
+        false
     }
 
     pub fn needs(&self) -> impl Iterator<Item = &Need> {
@@ -236,5 +391,111 @@ impl Plan {
                 })
             })
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ShortId;
+    use crate::index::ContentHash;
+    use crate::paths::MAX_PATH;
+    use crate::version::VersionVector;
+
+    fn record(path: &str, size: u64, counters: u64) -> FileRecord {
+        FileRecord {
+            path: RelPath::parse(path).unwrap(),
+            kind: Kind::File,
+            size,
+            mode: 0o644,
+            mtime_ns: 1,
+            hash: ContentHash([size as u8; 32]),
+            target: String::new(),
+            version: VersionVector::from_pairs((1..=counters).map(|d| (ShortId(d), 1)).collect()),
+            deleted: false,
+            modified_by: ShortId(1),
+        }
+    }
+
+    fn connected(plan: &mut Plan, index: &Index) -> DeviceId {
+        let peer = DeviceId([9; 32]);
+        plan.connected(peer, index);
+        peer
+    }
+
+    #[test]
+    fn a_peer_view_is_bounded_in_bytes() {
+        let index = Index::new(ShortId(100));
+        let mut plan = Plan::default();
+        let peer = connected(&mut plan, &index);
+        // Records at the wire's limits: a 4 KiB path and 1024 version entries.
+        let big = |i: usize| {
+            let name = format!("{i:04}{}", "x".repeat(200));
+            let path = vec![name; MAX_PATH / 205].join("/");
+            (record(&path, 1, 1024), i as u64 + 1)
+        };
+        let cost = record_cost(&big(0).0);
+        assert!(cost > 20 << 10, "{cost}");
+        let fit = MAX_PEER_BYTES / cost;
+        let batch: Vec<_> = (0..fit).map(big).collect();
+        plan.admit(&peer, &batch).unwrap();
+        plan.receive(peer, batch, fit as u64, &index);
+        assert!(plan.peer_bytes(&peer) <= MAX_PEER_BYTES);
+        // The same records again replace, they do not add up…
+        plan.admit(&peer, &(0..fit).map(big).collect::<Vec<_>>())
+            .unwrap();
+        // …new ones are refused.
+        let more: Vec<_> = (fit..fit + 1).map(big).collect();
+        assert!(plan.admit(&peer, &more).is_err());
+        // A reconnect starts a new view.
+        plan.connected(peer, &index);
+        assert_eq!(plan.peer_bytes(&peer), 0);
+        plan.admit(&peer, &more).unwrap();
+    }
+
+    #[test]
+    fn too_large_files_are_not_needed_and_do_not_hold_back_acks() {
+        let index = Index::new(ShortId(100));
+        let mut plan = Plan::new(1 << 20);
+        let peer = connected(&mut plan, &index);
+        let records = vec![(record("big", 2 << 20, 1), 1), (record("small", 10, 1), 2)];
+        plan.receive(peer, records.clone(), 2, &index);
+        let needed: Vec<&str> = plan.needs().map(|n| n.target.path.as_str()).collect();
+        assert_eq!(needed, vec!["small"]);
+        assert_eq!(plan.too_large().collect::<Vec<_>>().len(), 1);
+        let events = plan.take_events();
+        assert!(matches!(&events[..], [PlanEvent::TooLarge { size, .. }] if *size == 2 << 20));
+        // Announced again: not reported again.
+        plan.receive(peer, records, 2, &index);
+        assert!(plan.take_events().is_empty());
+        // Only "small" is pending: the ack stops before it (sequence 2), past "big".
+        assert_eq!(plan.ack_for(&peer, &index), 1);
+    }
+
+    #[test]
+    fn new_paths_are_not_adopted_beyond_the_index_bound() {
+        let mut index = Index::new(ShortId(100));
+        let mut plan = Plan {
+            max_index_records: 3,
+            ..Plan::default()
+        };
+        let mine = RelPath::parse("mine").unwrap();
+        index.observe(&mine, Some(crate::index::tests::file("mine", 1, 1)), 1);
+        let peer = connected(&mut plan, &index);
+        let records: Vec<_> = (0..5)
+            .map(|i| (record(&format!("p{i}"), 1, 1), i + 1))
+            .collect();
+        plan.receive(peer, records, 5, &index);
+        assert_eq!(plan.needs_len(), 2);
+        assert_eq!(plan.not_adopted(), 3);
+        assert!(matches!(
+            &plan.take_events()[..],
+            [PlanEvent::IndexFull { .. }]
+        ));
+        // A newer version of a path we have is still taken.
+        let mut r = record("mine", 1, 1);
+        r.version = VersionVector::from_pairs(vec![(ShortId(1), 5), (ShortId(100), 9)]);
+        plan.receive(peer, vec![(r, 6)], 6, &index);
+        assert!(plan.need(&mine).is_some());
     }
 }

@@ -2,7 +2,9 @@
 //! frames, each `[len u32][blake3 prefix u32][protobuf]`, fdatasynced per batch and
 //! compacted when mostly superseded. A torn tail (crash) or garbage is detected by the
 //! checksum: loading stops there, says so, and the rescan and the peers rebuild the
-//! rest.
+//! rest. An intact entry that is not acceptable (too long, undecodable, or a record
+//! the wire would refuse, e.g. a counter far ahead of the clock) is skipped by its
+//! length, and loading goes on with the next one.
 
 use std::fs;
 use std::io::{self, Write};
@@ -11,10 +13,14 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 
 use crate::index::{Entry, Index, LocalStat};
-use crate::wire::{pb, record_from_wire, record_to_wire};
+use crate::wire::{now_us, pb, record_from_wire, record_to_wire};
 
 const MAGIC: &[u8; 8] = b"CMIDX01\n";
+/// Largest entry loaded. A record at every wire limit (a `MAX_PATH` path and link
+/// target, `MAX_VERSION_ENTRIES` counters) encodes to ~33 KiB (tested below).
 const MAX_ENTRY: usize = 64 << 10;
+/// Longest body read past when skipping an entry that is intact but too long.
+const MAX_SKIP: usize = 16 << 20;
 
 /// The open index file.
 pub struct Store {
@@ -29,6 +35,10 @@ pub struct LoadReport {
     pub entries: usize,
     /// Set when the file was damaged: where and why loading stopped.
     pub damaged: Option<String>,
+    /// Intact entries that were not loaded, with where and why (at most 10 kept).
+    pub skipped: Vec<String>,
+    /// How many entries were skipped.
+    pub skipped_count: usize,
 }
 
 fn checksum(b: &[u8]) -> [u8; 4] {
@@ -55,10 +65,13 @@ fn encode(e: &Entry, out: &mut Vec<u8>) {
     out.extend_from_slice(&body);
 }
 
-fn decode(body: &[u8]) -> Option<Entry> {
-    let msg = pb::StoredEntry::decode(body).ok()?;
-    let (record, sequence) = record_from_wire(msg.record?).ok()?;
-    Some(Entry {
+/// Decodes and validates one entry as the wire would a peer's record.
+fn decode(body: &[u8], now_us: u64) -> Result<Entry, String> {
+    let msg = pb::StoredEntry::decode(body).map_err(|e| format!("undecodable entry: {e}"))?;
+    let record = msg.record.ok_or("entry without a record")?;
+    let (record, sequence) =
+        record_from_wire(record, now_us).map_err(|e| format!("refused entry: {e}"))?;
+    Ok(Entry {
         record,
         sequence,
         stat: msg.stat.map(|s| LocalStat {
@@ -118,15 +131,43 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Rewrites the file from `index` (after records were removed from it, e.g.
+    /// collected tombstones: the append-only log cannot say "removed").
+    pub fn rewrite(&mut self, index: &Index) -> io::Result<()> {
+        self.file = write_compacted(&self.path, index)?;
+        self.appended = 0;
+        Ok(())
+    }
+}
+
 /// Loads index entries from the bytes of an index file (what `open` does; the fuzz
 /// entry point).
 pub fn load_bytes(bytes: &[u8], index: &mut Index) -> LoadReport {
+    load_bytes_at(bytes, index, now_us())
+}
+
+/// As `load_bytes`, validating counters against the clock reading `now_us`.
+pub fn load_bytes_at(bytes: &[u8], index: &mut Index, now_us: u64) -> LoadReport {
     let mut report = LoadReport::default();
-    load_into(bytes, index, &mut report);
+    load_at(bytes, index, &mut report, now_us);
     report
 }
 
 fn load_into(bytes: &[u8], index: &mut Index, report: &mut LoadReport) {
+    load_at(bytes, index, report, now_us())
+}
+
+impl LoadReport {
+    fn skip(&mut self, why: String) {
+        self.skipped_count += 1;
+        if self.skipped.len() < 10 {
+            self.skipped.push(why);
+        }
+    }
+}
+
+fn load_at(bytes: &[u8], index: &mut Index, report: &mut LoadReport, now_us: u64) {
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
         report.damaged = Some("not a certmesh index file (bad header)".into());
         return;
@@ -139,7 +180,7 @@ fn load_into(bytes: &[u8], index: &mut Index, report: &mut LoadReport) {
             return;
         };
         let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        if len > MAX_ENTRY {
+        if len > MAX_SKIP {
             report.damaged = Some(stop("entry length out of range"));
             return;
         }
@@ -151,12 +192,19 @@ fn load_into(bytes: &[u8], index: &mut Index, report: &mut LoadReport) {
             report.damaged = Some(stop("checksum mismatch"));
             return;
         }
-        let Some(entry) = decode(body) else {
-            report.damaged = Some(stop("undecodable entry"));
-            return;
+        // Intact (the checksum matches), so its length is right: skip it if bad.
+        let entry = if len > MAX_ENTRY {
+            Err(format!("entry of {len} bytes, more than {MAX_ENTRY}"))
+        } else {
+            decode(body, now_us)
         };
-        index.restore(entry);
-        report.entries += 1;
+        match entry {
+            Ok(entry) => {
+                index.restore(entry);
+                report.entries += 1;
+            }
+            Err(why) => report.skip(stop(&why)),
+        }
         pos += 8 + len;
     }
 }
@@ -221,5 +269,100 @@ mod tests {
         let (_, rep) = Store::open(d.path(), &mut ix4).unwrap();
         assert_eq!(ix4.len(), 0);
         assert!(rep.damaged.unwrap().contains("bad header"));
+    }
+
+    /// The largest record the wire accepts: a `MAX_PATH` path of 255-byte names, a
+    /// `MAX_PATH` link target, `MAX_VERSION_ENTRIES` counters at the clock bound with
+    /// 10-byte device ids, every integer at its widest.
+    fn largest_record(now_us: u64) -> pb::FileInfo {
+        use crate::paths::MAX_PATH;
+        use crate::wire::{MAX_CLOCK_AHEAD_US, MAX_SEQUENCE, MAX_VERSION_ENTRIES};
+        let name = "n".repeat(254);
+        let mut path = vec![name.as_str(); 16].join("/");
+        path.push('/');
+        path.push_str(&"p".repeat(MAX_PATH - path.len()));
+        let mut target = "x/../".repeat(MAX_PATH / 5);
+        target.push_str(&"t".repeat(MAX_PATH - target.len()));
+        pb::FileInfo {
+            path,
+            kind: pb::Kind::Symlink as i32,
+            size: 0,
+            mode: 0o7777,
+            mtime_ns: i64::MIN,
+            hash: Vec::new(),
+            version: (0..MAX_VERSION_ENTRIES as u64)
+                .map(|i| pb::Counter {
+                    device: u64::MAX - i,
+                    value: now_us + MAX_CLOCK_AHEAD_US,
+                })
+                .collect(),
+            deleted: false,
+            sequence: MAX_SEQUENCE,
+            symlink_target: target,
+            modified_by: u64::MAX,
+            data: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_largest_record_the_wire_accepts_is_stored_and_reloaded() {
+        let now = crate::wire::now_us();
+        let f = largest_record(now);
+        assert_eq!((f.path.len(), f.symlink_target.len()), (4096, 4096));
+        let (record, sequence) = record_from_wire(f, now).expect("the wire accepts it");
+        let entry = Entry {
+            record,
+            sequence,
+            stat: Some(LocalStat {
+                size: u64::MAX,
+                mtime_ns: i64::MIN,
+                mode: u32::MAX,
+                ino: u64::MAX,
+                ctime_ns: i64::MIN,
+            }),
+        };
+        let mut bytes = MAGIC.to_vec();
+        encode(&entry, &mut bytes);
+        let len = bytes.len() - MAGIC.len() - 8;
+        assert!(len <= MAX_ENTRY, "{len} bytes > MAX_ENTRY");
+        eprintln!("largest entry: {len} bytes of {MAX_ENTRY}");
+        let mut ix = Index::new(ShortId(1));
+        let rep = load_bytes_at(&bytes, &mut ix, now);
+        assert!(rep.damaged.is_none() && rep.skipped.is_empty(), "{rep:?}");
+        assert_eq!(ix.get(&entry.record.path).unwrap().record, entry.record);
+    }
+
+    #[test]
+    fn bad_entries_are_skipped_and_the_rest_still_loads() {
+        let now = 1_000_000_000_000;
+        let entry = |name: &str, counter: u64| {
+            let mut record = record_from_wire(largest_record(now), now).unwrap().0;
+            record.path = RelPath::parse(name).unwrap();
+            record.target = "x".into();
+            record.version = crate::version::VersionVector::from_pairs(vec![(ShortId(2), counter)]);
+            Entry {
+                record,
+                sequence: counter,
+                stat: None,
+            }
+        };
+        let mut bytes = MAGIC.to_vec();
+        encode(&entry("a", 5), &mut bytes);
+        // A corrupted counter (a frozen path if it were loaded).
+        encode(&entry("b", u64::MAX), &mut bytes);
+        // An intact entry longer than MAX_ENTRY (as an older build could write).
+        let body = vec![0u8; MAX_ENTRY + 1];
+        bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&checksum(&body));
+        bytes.extend_from_slice(&body);
+        encode(&entry("c", 6), &mut bytes);
+        let mut ix = Index::new(ShortId(1));
+        let rep = load_bytes_at(&bytes, &mut ix, now);
+        assert!(rep.damaged.is_none(), "{rep:?}");
+        assert_eq!((rep.entries, rep.skipped_count), (2, 2), "{rep:?}");
+        assert!(rep.skipped[0].contains("ahead"), "{rep:?}");
+        let mut paths: Vec<&str> = ix.entries().map(|e| e.record.path.as_str()).collect();
+        paths.sort();
+        assert_eq!(paths, ["a", "c"]);
     }
 }

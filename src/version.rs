@@ -17,6 +17,11 @@ pub enum Relation {
     Concurrent,
 }
 
+/// A counter that is at `u64::MAX` cannot record another change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("version counter of device {0:?} is at its maximum")]
+pub struct CounterOverflow(pub ShortId);
+
 /// Sorted `(device, counter)` pairs, no zero counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct VersionVector(Vec<(ShortId, u64)>);
@@ -53,18 +58,26 @@ impl VersionVector {
     }
 
     /// Records one more change by `d`.
-    pub fn bump(&mut self, d: ShortId) {
-        self.bump_at(d, 0);
+    pub fn bump(&mut self, d: ShortId) -> Result<(), CounterOverflow> {
+        self.bump_at(d, 0)
     }
 
     /// Records one more change by `d`, with a counter of at least `floor`. Passing
     /// the clock (µs) as `floor` keeps a device's counters fresh even if it lost part
     /// of its index in a crash, so one version never names two different contents.
-    pub fn bump_at(&mut self, d: ShortId, floor: u64) {
+    /// A counter that cannot grow is refused (the vector is left as it was), never
+    /// saturated: a saturated counter would make the next change look like no
+    /// change. The wire and the store refuse counters far ahead of the clock, so this
+    /// only happens on a corrupted state.
+    pub fn bump_at(&mut self, d: ShortId, floor: u64) -> Result<(), CounterOverflow> {
         match self.0.binary_search_by_key(&d, |(k, _)| *k) {
-            Ok(i) => self.0[i].1 = self.0[i].1.saturating_add(1).max(floor),
+            Ok(i) => {
+                let next = self.0[i].1.checked_add(1).ok_or(CounterOverflow(d))?;
+                self.0[i].1 = next.max(floor);
+            }
             Err(i) => self.0.insert(i, (d, floor.max(1))),
         }
+        Ok(())
     }
 
     /// The element-wise maximum: a vector that has seen both.
@@ -140,9 +153,18 @@ mod tests {
         );
         assert_eq!(vv(&[]).compare(&vv(&[(3, 1)])), Relation::Older);
         let mut a = vv(&[(2, 1)]);
-        a.bump(ShortId(1));
-        a.bump(ShortId(2));
+        a.bump(ShortId(1)).unwrap();
+        a.bump(ShortId(2)).unwrap();
         assert_eq!(a, vv(&[(1, 1), (2, 2)]));
+    }
+
+    #[test]
+    fn a_counter_at_the_maximum_is_refused_not_saturated() {
+        let mut a = vv(&[(1, u64::MAX), (2, 5)]);
+        assert_eq!(a.bump_at(ShortId(1), 10), Err(CounterOverflow(ShortId(1))));
+        assert_eq!(a, vv(&[(1, u64::MAX), (2, 5)]));
+        a.bump_at(ShortId(2), 0).unwrap();
+        assert_eq!(a.counter(ShortId(2)), 6);
     }
 
     proptest! {

@@ -26,8 +26,24 @@ pub const MAX_HEADER: usize = 8 << 10;
 pub const INDEX_BATCH: usize = 1000;
 /// Largest file whose content may travel inline in an index increment.
 pub const MAX_INLINE: usize = 16 << 10;
-/// Largest version vector accepted (one entry per device that ever wrote the path).
-pub const MAX_VERSION_ENTRIES: usize = 4096;
+/// Largest version vector accepted. A vector has one entry per device that ever
+/// wrote the path; a fleet's certificate tree is written by its few ACME nodes and
+/// the operators' edits, so even a 1000-node fleet where every node once touched a
+/// path fits. Bounded so that a record at every limit still fits the store's
+/// `MAX_ENTRY` (see `store::tests`).
+pub const MAX_VERSION_ENTRIES: usize = 1024;
+/// Most records one index frame may carry (a sender batches `INDEX_BATCH`). Counted
+/// on the raw bytes before decoding: a 4 MiB frame of empty entries would otherwise
+/// decode to ~350 MiB of structs before any record is looked at.
+pub const MAX_FRAME_RECORDS: usize = 2 * INDEX_BATCH;
+/// How far (µs) a version counter may be ahead of the receiver's clock. Counters are
+/// floored at the writer's clock in µs, so nodes' clocks must agree within this
+/// (1 day); a counter beyond it is hostile (a counter near `u64::MAX` would freeze
+/// the path: it can never be bumped past).
+pub const MAX_CLOCK_AHEAD_US: u64 = 86_400 * 1_000_000;
+/// Largest sequence number a peer may announce or acknowledge: 2^62, which one
+/// change per nanosecond takes 146 years to reach, so `+ 1` never wraps.
+pub const MAX_SEQUENCE: u64 = 1 << 62;
 
 /// Time a frame may take once its first byte arrived, before its length is counted.
 pub const FRAME_BASE_TIME: Duration = Duration::from_secs(10);
@@ -112,9 +128,36 @@ pub fn record_to_wire(r: &FileRecord, sequence: u64) -> pb::FileInfo {
     }
 }
 
-/// Validates a received record: path, hash, symlink target, version, mode.
-pub fn record_from_wire(f: pb::FileInfo) -> Result<(FileRecord, u64), WireError> {
+/// The clock as version counters use it: µs since the epoch.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Validates a received record: path, hash, symlink target, version (no counter
+/// beyond `now_us + MAX_CLOCK_AHEAD_US`), sequence (at most `MAX_SEQUENCE`), mode.
+/// `now_us` is the receiver's clock ([`now_us`]); passed in to keep this pure.
+pub fn record_from_wire(f: pb::FileInfo, now_us: u64) -> Result<(FileRecord, u64), WireError> {
     let path = RelPath::parse_shared(&f.path)?;
+    let limit = now_us.saturating_add(MAX_CLOCK_AHEAD_US);
+    if let Some(c) = f.version.iter().find(|c| c.value > limit) {
+        return Err(invalid(
+            "record",
+            format!(
+                "{path}: counter {} of device {:016x} is more than {}s ahead of this node's clock",
+                c.value,
+                c.device,
+                MAX_CLOCK_AHEAD_US / 1_000_000
+            ),
+        ));
+    }
+    if f.sequence > MAX_SEQUENCE {
+        return Err(invalid(
+            "record",
+            format!("{path}: sequence {} beyond {MAX_SEQUENCE}", f.sequence),
+        ));
+    }
     let kind = match pb::Kind::try_from(f.kind) {
         Ok(pb::Kind::File) => Kind::File,
         Ok(pb::Kind::Directory) => Kind::Directory,
@@ -181,6 +224,28 @@ pub fn record_from_wire(f: pb::FileInfo) -> Result<(FileRecord, u64), WireError>
     ))
 }
 
+/// Validates a peer's ack: it cannot have processed more of our records than we have.
+pub fn check_ack(sequence: u64, ours: u64) -> Result<(), WireError> {
+    if sequence > ours {
+        return Err(invalid(
+            "ack",
+            format!("acknowledges sequence {sequence}, ours is only {ours}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates an index frame's `last_sequence`.
+pub fn check_last_sequence(last_sequence: u64) -> Result<(), WireError> {
+    if last_sequence > MAX_SEQUENCE {
+        return Err(invalid(
+            "index",
+            format!("last_sequence {last_sequence} beyond {MAX_SEQUENCE}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Validates content sent inline with a record: small, a live file, matching hash.
 pub fn check_inline(r: &FileRecord, data: &[u8]) -> Result<(), WireError> {
     if data.len() > MAX_INLINE || r.kind != Kind::File || r.deleted || data.len() as u64 != r.size {
@@ -216,14 +281,14 @@ pub async fn write_msg<W: AsyncWrite + Unpin, M: Message>(
 /// Waiting for a frame to start is unbounded (the caller decides about idle peers);
 /// once its first byte is here the rest must follow within [`frame_deadline`], and
 /// memory grows only as bytes arrive.
-pub async fn read_msg<R: AsyncRead + Unpin, M: Message + Default>(
+pub async fn read_msg<R: AsyncRead + Unpin, M: WireMessage>(
     r: &mut R,
     limit: usize,
 ) -> Result<Option<M>, WireError> {
     read_msg_within(r, limit, FRAME_BASE_TIME).await
 }
 
-async fn read_msg_within<R: AsyncRead + Unpin, M: Message + Default>(
+async fn read_msg_within<R: AsyncRead + Unpin, M: WireMessage>(
     r: &mut R,
     limit: usize,
     base: Duration,
@@ -256,18 +321,134 @@ async fn read_msg_within<R: AsyncRead + Unpin, M: Message + Default>(
         Ok(Err(e)) => return Err(e.into()),
         Err(_) => return Err(stalled(len, buf.len())),
     }
+    M::precheck(&buf)?;
     Ok(Some(M::decode(buf.as_slice())?))
 }
 
-/// Decodes a frame from bytes already read (the fuzz entry point).
+/// A message [`read_msg`] reads: its raw bytes are checked before it is decoded.
+pub trait WireMessage: Message + Default {
+    /// Refuses bytes whose decoding would allocate far more than their own size.
+    fn precheck(_bytes: &[u8]) -> Result<(), WireError> {
+        Ok(())
+    }
+}
+
+impl WireMessage for pb::Frame {
+    fn precheck(bytes: &[u8]) -> Result<(), WireError> {
+        precheck_frame(bytes)
+    }
+}
+impl WireMessage for pb::Request {}
+impl WireMessage for pb::Response {}
+
+fn read_varint(b: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for i in 0..10 {
+        let byte = *b.get(*pos)?;
+        *pos += 1;
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Walks the fields of one protobuf message without allocating, calling `f` with the
+/// number and body of each length-delimited field. Groups (unused by certmesh) and
+/// anything malformed are refused.
+fn for_each_len_field(
+    b: &[u8],
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), WireError>,
+) -> Result<(), WireError> {
+    let bad = || invalid("frame", "malformed protobuf");
+    let mut pos = 0;
+    while pos < b.len() {
+        let key = read_varint(b, &mut pos).ok_or_else(bad)?;
+        match key & 7 {
+            0 => {
+                read_varint(b, &mut pos).ok_or_else(bad)?;
+            }
+            1 => {
+                pos = pos
+                    .checked_add(8)
+                    .filter(|p| *p <= b.len())
+                    .ok_or_else(bad)?
+            }
+            5 => {
+                pos = pos
+                    .checked_add(4)
+                    .filter(|p| *p <= b.len())
+                    .ok_or_else(bad)?
+            }
+            2 => {
+                let len = read_varint(b, &mut pos).ok_or_else(bad)?;
+                let end = usize::try_from(len)
+                    .ok()
+                    .and_then(|l| pos.checked_add(l))
+                    .filter(|e| *e <= b.len())
+                    .ok_or_else(bad)?;
+                f(key >> 3, &b[pos..end])?;
+                pos = end;
+            }
+            _ => return Err(bad()),
+        }
+    }
+    Ok(())
+}
+
+/// Counts, on the raw bytes of a `Frame`, the records of its index update(s) and the
+/// version entries of each, refusing more than `MAX_FRAME_RECORDS` /
+/// `MAX_VERSION_ENTRIES` before anything is decoded (and allocated).
+pub fn precheck_frame(bytes: &[u8]) -> Result<(), WireError> {
+    let mut records = 0usize;
+    for_each_len_field(bytes, |field, index| {
+        if field != 2 {
+            return Ok(()); // Frame.index
+        }
+        for_each_len_field(index, |field, record| {
+            if field != 1 {
+                return Ok(()); // IndexUpdate.files
+            }
+            records += 1;
+            if records > MAX_FRAME_RECORDS {
+                return Err(invalid(
+                    "index",
+                    format!("more than {MAX_FRAME_RECORDS} records in one frame"),
+                ));
+            }
+            let mut counters = 0usize;
+            for_each_len_field(record, |field, _| {
+                counters += usize::from(field == 7); // FileInfo.version
+                if counters > MAX_VERSION_ENTRIES {
+                    return Err(invalid(
+                        "record",
+                        format!("more than {MAX_VERSION_ENTRIES} version entries"),
+                    ));
+                }
+                Ok(())
+            })
+        })
+    })
+}
+
+/// Decodes a frame from bytes already read (the fuzz entry point), at this node's
+/// clock.
 pub fn decode_frame(bytes: &[u8]) -> Result<pb::Frame, WireError> {
+    decode_frame_at(bytes, now_us())
+}
+
+/// Decodes and validates a frame as a receiver whose clock reads `now_us`.
+pub fn decode_frame_at(bytes: &[u8], now_us: u64) -> Result<pb::Frame, WireError> {
     if bytes.len() > MAX_FRAME {
         return Err(WireError::TooLarge(bytes.len(), MAX_FRAME));
     }
+    precheck_frame(bytes)?;
     let frame = pb::Frame::decode(bytes)?;
     if let Some(pb::frame::Body::Index(ix)) = &frame.body {
+        check_last_sequence(ix.last_sequence)?;
         for f in &ix.files {
-            let (r, _) = record_from_wire(f.clone())?;
+            let (r, _) = record_from_wire(f.clone(), now_us)?;
             if !f.data.is_empty() {
                 check_inline(&r, &f.data)?;
             }
@@ -280,6 +461,9 @@ pub fn decode_frame(bytes: &[u8]) -> Result<pb::Frame, WireError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The receiver's clock in these tests (µs): 2023-11-14.
+    const NOW: u64 = 1_700_000_000_000_000;
 
     #[tokio::test]
     async fn a_started_frame_that_stalls_is_cut_off() {
@@ -436,9 +620,107 @@ mod tests {
         ] {
             let mut f = good.clone();
             mutate(&mut f);
-            assert!(record_from_wire(f).is_err(), "{what} accepted");
+            assert!(record_from_wire(f, NOW).is_err(), "{what} accepted");
         }
-        assert!(record_from_wire(good).is_ok());
+        assert!(record_from_wire(good, NOW).is_ok());
+    }
+
+    #[test]
+    fn counters_ahead_of_the_clock_are_refused() {
+        let with_counter = |value: u64| {
+            let mut f = record_to_wire(&sample(), 1);
+            f.version[1].value = value;
+            record_from_wire(f, NOW)
+        };
+        assert!(with_counter(NOW + MAX_CLOCK_AHEAD_US).is_ok());
+        for value in [NOW + MAX_CLOCK_AHEAD_US + 1, u64::MAX] {
+            let e = with_counter(value).unwrap_err().to_string();
+            assert!(
+                e.contains("live/www/privkey.pem")
+                    && e.contains(&value.to_string())
+                    && e.contains("0000000000000009"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn sequences_and_acks_beyond_the_bounds_are_refused() {
+        let mut f = record_to_wire(&sample(), MAX_SEQUENCE);
+        assert!(record_from_wire(f.clone(), NOW).is_ok());
+        f.sequence = MAX_SEQUENCE + 1;
+        assert!(record_from_wire(f, NOW).is_err());
+        assert!(check_last_sequence(MAX_SEQUENCE).is_ok());
+        assert!(check_last_sequence(u64::MAX).is_err());
+        assert!(check_ack(7, 7).is_ok());
+        assert!(check_ack(8, 7).is_err());
+        assert!(check_ack(u64::MAX, 7).is_err());
+        let ack = pb::Frame {
+            body: Some(pb::frame::Body::Index(pb::IndexUpdate {
+                last_sequence: u64::MAX,
+                ..Default::default()
+            })),
+        };
+        assert!(decode_frame(&ack.encode_to_vec()).is_err());
+    }
+
+    /// A `MAX_FRAME` frame of index entries that are all empty (2 bytes each).
+    fn frame_of_empty_entries() -> Vec<u8> {
+        let n = (MAX_FRAME - 16) / 2;
+        let mut inner = Vec::with_capacity(2 * n);
+        for _ in 0..n {
+            inner.extend_from_slice(&[0x0a, 0x00]);
+        }
+        let mut frame = vec![0x12];
+        prost::encoding::encode_varint(inner.len() as u64, &mut frame);
+        frame.extend_from_slice(&inner);
+        frame
+    }
+
+    #[tokio::test]
+    async fn a_frame_of_empty_entries_is_refused_before_decoding() {
+        let frame = frame_of_empty_entries();
+        assert!(frame.len() <= MAX_FRAME && frame.len() > MAX_FRAME - 32);
+        let start = std::time::Instant::now();
+        let e = decode_frame(&frame).unwrap_err();
+        assert!(e.to_string().contains("records in one frame"), "{e}");
+        let mut framed = (frame.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&frame);
+        let r: Result<Option<pb::Frame>, _> = read_msg(&mut framed.as_slice(), MAX_FRAME).await;
+        assert!(
+            matches!(r, Err(WireError::Invalid { what: "index", .. })),
+            "{r:?}"
+        );
+        // Refused after walking ~4 KiB, not after decoding 2 million structs.
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            start.elapsed()
+        );
+        // At the bound it is accepted (as far as counting goes).
+        let mut ok = vec![0x12];
+        prost::encoding::encode_varint(2 * MAX_FRAME_RECORDS as u64, &mut ok);
+        ok.extend(std::iter::repeat_n([0x0a, 0x00], MAX_FRAME_RECORDS).flatten());
+        assert!(precheck_frame(&ok).is_ok());
+    }
+
+    #[test]
+    fn version_entries_are_counted_before_decoding() {
+        let mut f = record_to_wire(&sample(), 1);
+        f.version = (0..=MAX_VERSION_ENTRIES as u64)
+            .map(|d| pb::Counter {
+                device: d,
+                value: 1,
+            })
+            .collect();
+        let frame = pb::Frame {
+            body: Some(pb::frame::Body::Index(pb::IndexUpdate {
+                files: vec![f],
+                ..Default::default()
+            })),
+        };
+        let e = precheck_frame(&frame.encode_to_vec()).unwrap_err();
+        assert!(e.to_string().contains("version entries"), "{e}");
     }
 
     #[tokio::test]
@@ -456,7 +738,8 @@ mod tests {
             0u32..0o7777,
             any::<i64>(),
             any::<[u8; 32]>(),
-            prop::collection::vec((any::<u64>(), 1u64..1000), 1..5),
+            // Counters up to the clock bound of a receiver at NOW.
+            prop::collection::vec((any::<u64>(), 1u64..=NOW + MAX_CLOCK_AHEAD_US), 1..5),
             any::<bool>(),
             any::<u64>(),
         )
@@ -497,14 +780,14 @@ mod tests {
 
     proptest! {
         #[test]
-        fn record_round_trips(r in arb_record(), seq in any::<u64>()) {
+        fn record_round_trips(r in arb_record(), seq in 0..=MAX_SEQUENCE) {
             let bytes = record_to_wire(&r, seq).encode_to_vec();
-            let back = record_from_wire(pb::FileInfo::decode(bytes.as_slice()).unwrap()).unwrap();
+            let back = record_from_wire(pb::FileInfo::decode(bytes.as_slice()).unwrap(), NOW).unwrap();
             prop_assert_eq!(back, (r, seq));
         }
 
         #[test]
-        fn frames_round_trip(name in ".{0,20}", inst in any::<u64>(), seq in any::<u64>(), rs in prop::collection::vec(arb_record(), 0..4)) {
+        fn frames_round_trip(name in ".{0,20}", inst in any::<u64>(), seq in 0..=MAX_SEQUENCE, rs in prop::collection::vec(arb_record(), 0..4)) {
             for frame in [
                 pb::Frame { body: Some(pb::frame::Body::Hello(pb::Hello { name: name.clone(), instance: inst, version: "1".into() })) },
                 pb::Frame { body: Some(pb::frame::Body::Ack(pb::Ack { sequence: seq })) },
