@@ -47,7 +47,21 @@ pub struct FileRecord {
     pub modified_by: ShortId,
 }
 
+/// The fixed part of [`FileRecord::heap_cost`]: the record and its sequence (~150
+/// bytes), a map slot and the path's allocation headers.
+pub const RECORD_OVERHEAD: usize = 256;
+
 impl FileRecord {
+    /// Estimated heap bytes this record holds in a map keyed by its path: the path
+    /// twice (key and record), the link target, 16 bytes per version entry, and
+    /// [`RECORD_OVERHEAD`].
+    pub fn heap_cost(&self) -> usize {
+        RECORD_OVERHEAD
+            + 2 * self.path.as_str().len()
+            + self.target.len()
+            + 16 * self.version.pairs().len()
+    }
+
     /// Same bytes on disk (kind, content, link target, deletion), ignoring metadata.
     pub fn same_content(&self, other: &FileRecord) -> bool {
         self.deleted == other.deleted
@@ -87,6 +101,11 @@ fn clock(now_ns: i64) -> u64 {
 /// any number of reconnects: 200 000 records, each at most ~33 KiB on disk and
 /// typically ~0.5 KiB in memory (a certificate tree has a few thousand).
 pub const MAX_INDEX_RECORDS: usize = 200_000;
+
+/// Most estimated bytes ([`FileRecord::heap_cost`]) the index may hold before new
+/// paths from peers are no longer taken in: 256 MiB, so the record cap above is not
+/// a loophole for records at every wire limit (~29 KiB each).
+pub const MAX_INDEX_BYTES: usize = 256 << 20;
 
 /// How long a tombstone is kept at least (from its deletion time, `mtime_ns`) before
 /// it may be collected, and only once every configured peer has acknowledged it. A
@@ -130,6 +149,8 @@ pub struct Index {
     entries: HashMap<RelPath, Entry>,
     by_sequence: BTreeMap<u64, RelPath>,
     sequence: u64,
+    /// Sum of `heap_cost` over the records.
+    bytes: usize,
 }
 
 impl Index {
@@ -139,6 +160,7 @@ impl Index {
             entries: HashMap::new(),
             by_sequence: BTreeMap::new(),
             sequence: 0,
+            bytes: 0,
         }
     }
 
@@ -161,6 +183,29 @@ impl Index {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Estimated heap bytes of the records (see [`FileRecord::heap_cost`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Stores `entry`, keeping `by_sequence` and `bytes` in step.
+    fn insert(&mut self, entry: Entry) {
+        if let Some(old) = self.entries.remove(&entry.record.path) {
+            self.forget(&old);
+        }
+        self.bytes += entry.record.heap_cost();
+        self.by_sequence
+            .insert(entry.sequence, entry.record.path.clone());
+        self.entries.insert(entry.record.path.clone(), entry);
+    }
+
+    fn forget(&mut self, old: &Entry) {
+        self.bytes = self.bytes.saturating_sub(old.record.heap_cost());
+        if self.by_sequence.get(&old.sequence) == Some(&old.record.path) {
+            self.by_sequence.remove(&old.sequence);
+        }
     }
 
     /// Live (not deleted) records.
@@ -199,30 +244,18 @@ impl Index {
     pub fn put(&mut self, record: FileRecord, stat: Option<LocalStat>) -> u64 {
         self.sequence += 1;
         let seq = self.sequence;
-        if let Some(old) = self.entries.get(&record.path) {
-            self.by_sequence.remove(&old.sequence);
-        }
-        self.by_sequence.insert(seq, record.path.clone());
-        self.entries.insert(
-            record.path.clone(),
-            Entry {
-                record,
-                sequence: seq,
-                stat,
-            },
-        );
+        self.insert(Entry {
+            record,
+            sequence: seq,
+            stat,
+        });
         seq
     }
 
     /// Restores an entry as persisted (no new sequence number).
     pub fn restore(&mut self, entry: Entry) {
         self.sequence = self.sequence.max(entry.sequence);
-        if let Some(old) = self.entries.get(&entry.record.path) {
-            self.by_sequence.remove(&old.sequence);
-        }
-        self.by_sequence
-            .insert(entry.sequence, entry.record.path.clone());
-        self.entries.insert(entry.record.path.clone(), entry);
+        self.insert(entry);
     }
 
     /// Collects tombstones that every configured peer has acknowledged (`acked_by_all`
@@ -247,7 +280,7 @@ impl Index {
             .collect();
         for p in &gone {
             if let Some(e) = self.entries.remove(p) {
-                self.by_sequence.remove(&e.sequence);
+                self.forget(&e);
             }
         }
         gone
@@ -402,6 +435,8 @@ pub(crate) mod tests {
         // Everyone acked everything: all go; the live file stays, the sequence too.
         assert_eq!(ix.collect_tombstones(t0 + 8 * day, 7).len(), 2);
         assert_eq!((ix.len(), tombstones(&ix), ix.sequence()), (1, 0, 7));
+        let live = ix.entries().next().unwrap().record.heap_cost();
+        assert_eq!(ix.bytes(), live);
         assert_eq!(ix.changed_since(0).count(), 1);
     }
 

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::identity::DeviceId;
-use crate::index::{ContentHash, FileRecord, Index, Kind, MAX_INDEX_RECORDS};
+use crate::index::{ContentHash, FileRecord, Index, Kind, MAX_INDEX_BYTES, MAX_INDEX_RECORDS};
 use crate::paths::RelPath;
 use crate::version::Relation;
 
@@ -18,15 +18,9 @@ pub const DEFAULT_MAX_FILE_SIZE: u64 = 64 << 20;
 /// this node keep across reconnects is bounded by `MAX_INDEX_RECORDS` and tombstone
 /// collection (`Index::collect_tombstones`).
 pub const MAX_PEER_BYTES: usize = 64 << 20;
-/// The fixed part of [`record_cost`]: the record and its sequence (~150 bytes), the
-/// map slot and the path's allocation headers.
-pub const RECORD_OVERHEAD: usize = 256;
-
-/// Estimated heap bytes a record announced by a peer holds in its view: the path
-/// twice (map key and record), the link target, 16 bytes per version entry, and
-/// [`RECORD_OVERHEAD`].
+/// Estimated heap bytes a record announced by a peer holds in its view.
 pub fn record_cost(r: &FileRecord) -> usize {
-    RECORD_OVERHEAD + 2 * r.path.as_str().len() + r.target.len() + 16 * r.version.pairs().len()
+    r.heap_cost()
 }
 
 /// A peer announced more than its view may hold.
@@ -68,8 +62,11 @@ struct PeerView {
 pub struct Plan {
     peers: HashMap<DeviceId, PeerView>,
     needs: BTreeMap<RelPath, Need>,
+    /// Sum of `heap_cost` over the needs' targets.
+    needs_bytes: usize,
     max_file_size: u64,
     max_index_records: usize,
+    max_index_bytes: usize,
     /// Peers' files larger than `max_file_size`, not fetched: path → (hash, size).
     too_large: BTreeMap<RelPath, (ContentHash, u64)>,
     /// `(path, hash)` already reported, so each is logged once (cleared when large).
@@ -91,8 +88,10 @@ impl Plan {
         Plan {
             peers: HashMap::new(),
             needs: BTreeMap::new(),
+            needs_bytes: 0,
             max_file_size,
             max_index_records: MAX_INDEX_RECORDS,
+            max_index_bytes: MAX_INDEX_BYTES,
             too_large: BTreeMap::new(),
             reported: HashSet::new(),
             not_adopted: 0,
@@ -259,10 +258,15 @@ impl Plan {
         let need = need.filter(|n| self.fetchable(n) && self.adoptable(n, local, index));
         match need {
             Some(n) => {
-                self.needs.insert(p.clone(), n);
+                self.needs_bytes += n.target.heap_cost();
+                if let Some(old) = self.needs.insert(p.clone(), n) {
+                    self.needs_bytes = self.needs_bytes.saturating_sub(old.target.heap_cost());
+                }
             }
             None => {
-                self.needs.remove(p);
+                if let Some(old) = self.needs.remove(p) {
+                    self.needs_bytes = self.needs_bytes.saturating_sub(old.target.heap_cost());
+                }
             }
         }
     }
@@ -291,13 +295,15 @@ impl Plan {
     }
 
     /// False for a path this node does not have (a tombstone included) while the
-    /// index and the needs fill `MAX_INDEX_RECORDS`: a peer cannot grow the index
-    /// without bound by announcing new paths on every connection.
+    /// index and the needs fill `MAX_INDEX_RECORDS` or `MAX_INDEX_BYTES`: a peer
+    /// cannot grow the index without bound by announcing new paths on every
+    /// connection.
     fn adoptable(&mut self, n: &Need, local: Option<&FileRecord>, index: &Index) -> bool {
         let p = &n.target.path;
         if local.is_some()
             || self.needs.contains_key(p)
-            || index.len() + self.needs.len() < self.max_index_records
+            || (index.len() + self.needs.len() < self.max_index_records
+                && index.bytes() + self.needs_bytes + n.target.heap_cost() <= self.max_index_bytes)
         {
             return true;
         }
@@ -497,5 +503,25 @@ mod tests {
         r.version = VersionVector::from_pairs(vec![(ShortId(1), 5), (ShortId(100), 9)]);
         plan.receive(peer, vec![(r, 6)], 6, &index);
         assert!(plan.need(&mine).is_some());
+    }
+
+    #[test]
+    fn new_paths_are_not_adopted_beyond_the_index_byte_bound() {
+        let index = Index::new(ShortId(100));
+        let cost = record("p0", 1, 1).heap_cost();
+        let mut plan = Plan {
+            max_index_bytes: 2 * cost,
+            ..Plan::default()
+        };
+        let peer = connected(&mut plan, &index);
+        let records: Vec<_> = (0..4)
+            .map(|i| (record(&format!("p{i}"), 1, 1), i + 1))
+            .collect();
+        plan.receive(peer, records, 4, &index);
+        assert_eq!((plan.needs_len(), plan.not_adopted()), (2, 2));
+        assert_eq!(plan.needs_bytes, 2 * cost);
+        // The peer goes away: its needs go, and so does their weight.
+        plan.disconnected(peer, &index);
+        assert_eq!((plan.needs_len(), plan.needs_bytes), (0, 0));
     }
 }
