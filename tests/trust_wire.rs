@@ -223,8 +223,12 @@ async fn files_above_max_file_size_are_not_fetched_and_hold_nothing_up() {
         "max_file_size = \"1MiB\"\n",
     );
     let n2 = s.n2.as_ref().unwrap();
+    // Written beside the tree and renamed in, so no smaller partial version of it is
+    // ever seen (and rightly synced).
     fs::create_dir_all(s.n1.tree.join("data")).unwrap();
-    fs::write(s.n1.tree.join("data/big.bin"), vec![7u8; 2 << 20]).unwrap();
+    let staged = s.n1.dir.join("big.bin");
+    fs::write(&staged, vec![7u8; 2 << 20]).unwrap();
+    fs::rename(&staged, s.n1.tree.join("data/big.bin")).unwrap();
     s.n1.write("data/marker", "after the big one\n");
     wait("the marker on n2", || n2.read("data/marker").is_some());
     wait("n2's status names the big file", || {
