@@ -96,7 +96,8 @@ fn clock(now_ns: i64) -> u64 {
 }
 
 /// Most records the index adopts from peers: beyond it, paths this node does not
-/// have are not taken in (see `Plan::evaluate`); local files are always recorded.
+/// have are not taken in (see `Plan::evaluate`; tombstones of such paths only up
+/// to half of it); local files are always recorded.
 /// With tombstone collection this bounds what peers can make the index hold across
 /// any number of reconnects: 200 000 records, each at most ~33 KiB on disk and
 /// typically ~0.5 KiB in memory (a certificate tree has a few thousand).

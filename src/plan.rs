@@ -294,16 +294,20 @@ impl Plan {
         false
     }
 
-    /// False for a path this node does not have (a tombstone included) while the
-    /// index and the needs fill `MAX_INDEX_RECORDS` or `MAX_INDEX_BYTES`: a peer
-    /// cannot grow the index without bound by announcing new paths on every
-    /// connection.
+    /// False for a path this node does not have while the index and the needs fill
+    /// `MAX_INDEX_RECORDS` or `MAX_INDEX_BYTES`: a peer cannot grow the index without
+    /// bound by announcing new paths on every connection. A tombstone for a path
+    /// never had gets only half of that room, so tombstones a peer never
+    /// acknowledges (and which are therefore never collected) cannot crowd out new
+    /// files such as a renewed certificate.
     fn adoptable(&mut self, n: &Need, local: Option<&FileRecord>, index: &Index) -> bool {
         let p = &n.target.path;
+        let share = if n.target.deleted { 2 } else { 1 };
         if local.is_some()
             || self.needs.contains_key(p)
-            || (index.len() + self.needs.len() < self.max_index_records
-                && index.bytes() + self.needs_bytes + n.target.heap_cost() <= self.max_index_bytes)
+            || ((index.len() + self.needs.len()) * share < self.max_index_records
+                && (index.bytes() + self.needs_bytes + n.target.heap_cost()) * share
+                    <= self.max_index_bytes)
         {
             return true;
         }
@@ -523,5 +527,27 @@ mod tests {
         // The peer goes away: its needs go, and so does their weight.
         plan.disconnected(peer, &index);
         assert_eq!((plan.needs_len(), plan.needs_bytes), (0, 0));
+    }
+
+    #[test]
+    fn tombstones_of_unknown_paths_get_half_the_room() {
+        let index = Index::new(ShortId(100));
+        let mut plan = Plan {
+            max_index_records: 4,
+            ..Plan::default()
+        };
+        let peer = connected(&mut plan, &index);
+        let tombstone = |i: u64| {
+            let mut r = record(&format!("t{i}"), 0, 1);
+            (r.deleted, r.hash) = (true, ContentHash::default());
+            (r, i + 1)
+        };
+        plan.receive(peer, (0..4).map(tombstone).collect(), 4, &index);
+        assert_eq!(plan.needs_len(), 2);
+        let files: Vec<_> = (4..8)
+            .map(|i| (record(&format!("f{i}"), 1, 1), i + 1))
+            .collect();
+        plan.receive(peer, files, 8, &index);
+        assert_eq!(plan.needs_len(), 4);
     }
 }
