@@ -281,7 +281,7 @@ mod tests {
         let mut path = vec![name.as_str(); 16].join("/");
         path.push('/');
         path.push_str(&"p".repeat(MAX_PATH - path.len()));
-        let mut target = "x/../".repeat(MAX_PATH / 5);
+        let mut target = "./".repeat(MAX_PATH / 2 - 1);
         target.push_str(&"t".repeat(MAX_PATH - target.len()));
         pb::FileInfo {
             path,
