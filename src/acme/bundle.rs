@@ -145,7 +145,13 @@ pub fn live_version(root: &Path, name: &str) -> Option<u32> {
     tree::live_version(root, name)
 }
 
-/// Version numbers present under `archive/<name>/` (real directories only).
+/// Highest archive version number taken into account: a peer can create
+/// `archive/<name>/4294967295`, which must neither wrap the next number nor stop
+/// publishing (a real certificate gets one version per renewal, a few per year).
+pub const MAX_ARCHIVE_VERSION: u32 = 1_000_000;
+
+/// Version numbers present under `archive/<name>/` (real directories only, at most
+/// [`MAX_ARCHIVE_VERSION`]).
 fn archive_versions(root: &Path, name: &str) -> Vec<u32> {
     let Ok(r) = Root::open(root) else {
         return Vec::new();
@@ -160,7 +166,7 @@ fn archive_versions(root: &Path, name: &str) -> Vec<u32> {
             let n = String::from_utf8(n).ok()?;
             let m = safe_fs::lstat_at(dir.as_fd(), &n).ok()??;
             m.is_dir().then_some(())?;
-            n.parse().ok()
+            n.parse().ok().filter(|&v| v <= MAX_ARCHIVE_VERSION)
         })
         .collect();
     v.sort_unstable();
@@ -190,9 +196,13 @@ pub async fn publish(shared: &Shared, name: &str, b: &Bundle) -> anyhow::Result<
     let n = archive_versions(&root, name)
         .last()
         .copied()
-        .max(live_version(&root, name))
+        .max(live_version(&root, name).filter(|&v| v <= MAX_ARCHIVE_VERSION))
         .unwrap_or(0)
-        + 1;
+        .checked_add(1)
+        .filter(|&n| n <= MAX_ARCHIVE_VERSION)
+        .ok_or_else(|| {
+            anyhow::anyhow!("archive/{name}: no version number left below {MAX_ARCHIVE_VERSION}")
+        })?;
     let dir = format!("archive/{name}/{n}");
     let fullchain = b.fullchain();
     let combined = format!("{fullchain}{}", b.key);
@@ -285,5 +295,14 @@ mod tests {
             .unwrap();
         assert!(e.to_string().contains("api.example.com"), "{e}");
         assert!(chain_der(b"no pem here").is_err());
+    }
+
+    #[test]
+    fn a_peers_huge_archive_version_is_ignored_not_wrapped() {
+        let d = tempfile::tempdir().unwrap();
+        for v in ["1", "2", "4294967295", "1000001", "x"] {
+            std::fs::create_dir_all(d.path().join("archive/www").join(v)).unwrap();
+        }
+        assert_eq!(archive_versions(d.path(), "www"), vec![1, 2]);
     }
 }
