@@ -34,7 +34,7 @@ fn free_port(ip: &str) -> u16 {
 }
 
 /// `GET path` against the responder: (status code, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
+pub(crate) fn get(addr: &str, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,

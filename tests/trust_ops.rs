@@ -5,6 +5,7 @@
 use std::fs;
 use std::os::unix::net::UnixStream;
 
+use crate::trust_links::get;
 use crate::util::{wait_until, Node};
 
 fn pair(
@@ -78,27 +79,51 @@ fn a_burst_of_changes_runs_a_hook_once_with_one_path_per_line() {
 }
 
 #[test]
-fn control_socket_survives_a_flood_and_running_out_of_descriptors() {
+fn control_socket_and_responder_survive_a_flood_and_running_out_of_descriptors() {
     let dir = tempfile::tempdir().unwrap();
+    let http = {
+        let l = std::net::TcpListener::bind("127.0.0.93:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
     // b runs with few descriptors, as under a full process table.
     let (a, b) = pair(
         dir.path(),
         ("127.0.0.92", "127.0.0.93"),
-        "",
+        &format!("\n[http]\nlisten = \"{http}\"\n"),
         &["prlimit", "--nofile=96:96"],
     );
+    a.write("acme/.well-known/acme-challenge/tok-1", "tok-1.thumb");
+    wait_until("the token reaches b", || {
+        b.read("acme/.well-known/acme-challenge/tok-1").is_some()
+    });
     let sock = b.state.join("control.sock");
     // Far more clients than descriptors: accept fails with EMFILE for many of them.
     let flood: Vec<UnixStream> = (0..300)
         .filter_map(|_| UnixStream::connect(&sock).ok())
         .collect();
     assert!(flood.len() >= 100, "only {} clients got in", flood.len());
+
     // Sync goes on meanwhile.
     a.write("during-flood.txt", "x");
     wait_until("a change during the flood reaches b", || {
         b.read("during-flood.txt").is_some()
     });
     drop(flood);
+    // The responder (capped at 256 clients, above this node's 96 descriptors): its
+    // accepts fail with EMFILE too, and it must outlive that.
+    let web_flood: Vec<std::net::TcpStream> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(&http).ok())
+        .collect();
+    assert!(
+        web_flood.len() >= 100,
+        "only {} web clients got in",
+        web_flood.len()
+    );
+    drop(web_flood);
+    wait_until("the responder serves the token after the flood", || {
+        std::net::TcpStream::connect(&http).is_ok()
+            && get(&http, "/.well-known/acme-challenge/tok-1") == (200, "tok-1.thumb".into())
+    });
     // The accept loop outlived the errors: status answers again.
     wait_until("status answers after the flood", || {
         b.status()["peers"][0]["connected"] == true
