@@ -63,7 +63,7 @@ pub(super) async fn run(
     let mut seen_renewer = renewer(&d.shared);
     loop {
         let wake = d.tick().await;
-        let sleep = Duration::from_secs((wake - unix_now()).clamp(1, MAX_WAKE) as u64);
+        let sleep = Duration::from_secs(wake.saturating_sub(unix_now()).clamp(1, MAX_WAKE) as u64);
         let deadline = tokio::time::Instant::now() + sleep;
         loop {
             tokio::select! {
@@ -119,14 +119,14 @@ impl Driver {
                 .unwrap_or(0);
             let at = due.max(retry_at);
             if at > now {
-                wake = wake.min(at.max(now + MIN_WAKE));
+                wake = wake.min(at.max(now.saturating_add(MIN_WAKE)));
                 continue;
             }
             match self.attempt(cert, false).await {
                 Ok(_) => {}
                 Err(Attempt::Wait(schedule::Wait::Leased { until, .. })) => {
                     // The holder may be gone: look again right when its lease ends.
-                    wake = wake.min((until + 1).min(now + MIN_WAKE));
+                    wake = wake.min(until.saturating_add(1).min(now + MIN_WAKE));
                 }
                 Err(Attempt::Wait(_)) => wake = wake.min(now + MIN_WAKE),
                 Err(Attempt::Failed(_)) => {
@@ -331,7 +331,7 @@ impl Driver {
         let result = self.lease_and_order(cert).instrument(span).await;
         let lease_path = tree::rel(&format!("{LEASES_DIR}/{}", cert.name));
         if let Ok(p) = lease_path {
-            if read_lease(&shared, &cert.name).is_some_and(|l| l.holder == me.to_string()) {
+            if read_lease(&shared, &cert.name).is_some_and(|l| l.holder == me) {
                 tree::remove(&shared, &p);
             }
         }
@@ -377,7 +377,7 @@ impl Driver {
                     r.failures += 1;
                     let wait = schedule::backoff(r.failures, rand::random(), f.retry_after);
                     r.state = "backoff".into();
-                    r.retry_at = Some(unix_now() + wait.as_secs() as i64);
+                    r.retry_at = Some(unix_now().saturating_add(schedule::secs(wait)));
                     r.last_error = Some(msg.clone());
                 });
                 // A broken account file or directory change: reload next time.
@@ -401,17 +401,12 @@ impl Driver {
         let ttl = snapshot(&shared).map_or(Duration::from_secs(120), |(c, _)| c.lease);
         let lease = RenewalLease::new(me, &node, unix_now(), ttl);
         let p = tree::rel(&format!("{LEASES_DIR}/{}", cert.name))?;
-        let e = tree::write_file(
-            &shared,
-            &p,
-            &serde_json::to_vec(&lease).map_err(anyhow::Error::from)?,
-            0o644,
-        )?;
+        let e = tree::write_file(&shared, &p, &lease.to_json(), 0o644)?;
         tree::await_indexed(&shared, &[(p.clone(), e)], Duration::from_secs(5)).await?;
         let (cfg, _) = snapshot(&shared).ok_or_else(|| anyhow::anyhow!("[acme] was removed"))?;
         // Another node's lease already applied here won the conflict: it orders.
         if let Some(l) = read_lease(&shared, &cert.name) {
-            if l.holder != me.to_string() && l.fresh(unix_now()) {
+            if l.holder != me && l.fresh(unix_now()) {
                 return Err(order::Failed {
                     error: anyhow::anyhow!("{} took the renewal lease first", l.node),
                     retry_after: None,

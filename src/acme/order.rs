@@ -205,7 +205,7 @@ async fn order(
     );
     // Every peer has our lease now; if another node's lease won meanwhile, it orders.
     if let Some(l) = super::read_lease(shared, &cert.name) {
-        if l.holder != shared.me().to_string() && l.fresh(super::unix_now()) {
+        if l.holder != shared.me() && l.fresh(super::unix_now()) {
             return Err(Failed {
                 error: anyhow!("{} took the renewal lease first", l.node),
                 retry_after: None,
