@@ -183,14 +183,30 @@ impl Driver {
         let Ok(account) = self.account().await else {
             return;
         };
-        match account.renewal_info(&id).await {
+        let limit =
+            snapshot(&self.shared).map_or(Duration::from_secs(30), |(c, _)| c.request_timeout);
+        let answer = match tokio::time::timeout(limit, account.renewal_info(&id)).await {
+            Ok(a) => a,
+            Err(_) => Err(instant_acme::Error::Str("no answer from the CA in time")),
+        };
+        match answer {
             Ok((info, retry)) => {
                 self.ari = Some(true);
                 let serial = leaf.serial.clone();
-                let next = now + retry.as_secs().clamp(600, 6 * 3600) as i64;
+                let next = now.saturating_add(schedule::secs(schedule::ari_retry(retry)));
+                let window = schedule::clamp_window(
+                    Window {
+                        start: info.suggested_window.start.unix_timestamp(),
+                        end: info.suggested_window.end.unix_timestamp(),
+                    },
+                    leaf.validity,
+                );
+                if window.is_none() {
+                    tracing::warn!(cert = %cert.name, "the CA's ARI window is inverted; ignoring it");
+                }
                 self.handle.update(&cert.name, |r| {
-                    r.ari_start = Some(info.suggested_window.start.unix_timestamp());
-                    r.ari_end = Some(info.suggested_window.end.unix_timestamp());
+                    r.ari_start = window.map(|w| w.start);
+                    r.ari_end = window.map(|w| w.end);
                     r.ari_serial = serial;
                     r.ari_next_query = next;
                 });

@@ -75,10 +75,10 @@ pub fn clamp_window(w: Window, v: Validity) -> Option<Window> {
     (start <= end && w.start <= w.end).then_some(Window { start, end })
 }
 
-/// The CA's ARI retry hint as used: at least 10 minutes, at most [`MAX_RETRY_AFTER`]
-/// (RFC 9773 suggests hours).
+/// The CA's ARI retry hint as used: ask again after 10 minutes at the soonest and
+/// 6 hours at the latest (well under [`MAX_RETRY_AFTER`]), whatever the CA said.
 pub fn ari_retry(retry: Duration) -> Duration {
-    retry.clamp(Duration::from_secs(600), MAX_RETRY_AFTER)
+    retry.clamp(Duration::from_secs(600), Duration::from_secs(6 * 3600))
 }
 
 /// Wait before the next attempt after `failures` consecutive failures (≥ 1):
