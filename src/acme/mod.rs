@@ -258,20 +258,13 @@ pub fn read_lease(shared: &Shared, name: &str) -> Option<RenewalLease> {
             tracing::warn!(cert = %name, "ignoring the renewal lease in {LEASES_DIR}/{name}: {why}");
         }
     };
-    let lease = match RenewalLease::parse(&bytes) {
+    let lease = match RenewalLease::parse_from(&bytes, shared.me(), &known) {
         Ok(l) => l,
         Err(e) => {
             report(e.to_string());
             return None;
         }
     };
-    if lease.holder != shared.me() && !known.contains(&lease.holder) {
-        report(format!(
-            "holder {} is neither this node nor a configured peer",
-            lease.holder
-        ));
-        return None;
-    }
     let now = unix_now();
     Some(match clock {
         Some(c) => c.lock().unwrap_or_else(|p| p.into_inner()).honour(

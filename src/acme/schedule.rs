@@ -131,6 +131,9 @@ pub enum LeaseError {
     /// `expires` outside `0..=MAX_UNIX_TIME`.
     #[error("expires {0} is out of range")]
     Expires(i64),
+    /// The holder is neither this node nor a configured peer.
+    #[error("holder {0} is neither this node nor a configured peer")]
+    Stranger(DeviceId),
 }
 
 impl RenewalLease {
@@ -167,6 +170,15 @@ impl RenewalLease {
             node: raw.node,
             expires: raw.expires,
         })
+    }
+
+    /// Parses a lease file and accepts it only from `me` or one of `peers`.
+    pub fn parse_from(bytes: &[u8], me: DeviceId, peers: &[DeviceId]) -> Result<Self, LeaseError> {
+        let l = Self::parse(bytes)?;
+        if l.holder != me && !peers.contains(&l.holder) {
+            return Err(LeaseError::Stranger(l.holder));
+        }
+        Ok(l)
     }
 
     /// The lease file's bytes.
@@ -397,5 +409,201 @@ mod tests {
             Err(Wait::NotRenewer { renewer: me })
         );
         assert_eq!(may_order(id(9), me, None, now, true), Ok(()));
+    }
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    fn lease_bytes(holder: DeviceId, expires: i64) -> Vec<u8> {
+        RenewalLease {
+            holder,
+            node: "bad".into(),
+            expires,
+        }
+        .to_json()
+    }
+
+    #[test]
+    fn century_lease_is_honoured_only_lease_long() {
+        let now = 1_700_000_000;
+        let century = RenewalLease::parse(&lease_bytes(id(2), now + 100 * 365 * DAY)).unwrap();
+        let mut clock = LeaseClock::default();
+        let t0 = Duration::from_secs(1000);
+        let seen = clock.honour("www", [7; 32], century.clone(), now, t0, MIN);
+        assert_eq!(seen.expires, now + 60);
+        assert!(may_order(id(1), id(1), Some(&seen), now, true).is_err());
+        // 61 s later (monotonic), same content: void, whatever `expires` says.
+        let later = clock.honour(
+            "www",
+            [7; 32],
+            century.clone(),
+            now + 61,
+            t0 + MIN + Duration::from_secs(1),
+            MIN,
+        );
+        assert!(!later.fresh(now + 61));
+        assert_eq!(
+            may_order(id(1), id(1), Some(&later), now + 61, false),
+            Ok(())
+        );
+        // A wall clock set back a year extends nothing.
+        let back = clock.honour("www", [7; 32], century, now - 365 * DAY, t0 + 2 * MIN, MIN);
+        assert!(!back.fresh(now - 365 * DAY));
+    }
+
+    #[test]
+    fn a_short_lease_keeps_its_own_expiry() {
+        let now = 1_700_000_000;
+        let short = RenewalLease::parse(&lease_bytes(id(2), now + 10)).unwrap();
+        let mut clock = LeaseClock::default();
+        let seen = clock.honour("www", [1; 32], short, now, Duration::ZERO, MIN);
+        assert_eq!(seen.expires, now + 10);
+    }
+
+    #[test]
+    fn new_lease_content_is_a_new_lease_and_memory_is_bounded() {
+        let mut clock = LeaseClock::default();
+        let l = RenewalLease::new(id(2), "lb1", 0, MIN * 100);
+        for i in 0..100u8 {
+            let t = Duration::from_secs(u64::from(i));
+            let seen = clock.honour("www", [i; 32], l.clone(), 0, t, MIN);
+            assert_eq!(seen.expires, 60);
+        }
+        assert_eq!(clock.seen["www"].len(), REMEMBERED_PER_NAME);
+    }
+
+    #[test]
+    fn lease_from_an_unknown_holder_is_ignored() {
+        let bytes = lease_bytes(id(9), 2_000_000_000);
+        assert_eq!(
+            RenewalLease::parse_from(&bytes, id(1), &[id(2), id(3)]),
+            Err(LeaseError::Stranger(id(9)))
+        );
+        assert!(RenewalLease::parse_from(&bytes, id(9), &[]).is_ok());
+        assert!(RenewalLease::parse_from(&bytes, id(1), &[id(9)]).is_ok());
+    }
+
+    #[test]
+    fn malformed_leases_are_refused() {
+        let ok = String::from_utf8(lease_bytes(id(2), 5)).unwrap();
+        let holder = id(2).to_string();
+        let cases = [
+            r#"{"holder":"nope","node":"lb1","expires":5}"#.to_string(),
+            format!(r#"{{"holder":"{holder}","node":"","expires":5}}"#),
+            format!(
+                r#"{{"holder":"{holder}","node":"a
+b","expires":5}}"#
+            ),
+            format!(
+                r#"{{"holder":"{holder}","node":"{}","expires":5}}"#,
+                "x".repeat(200)
+            ),
+            format!(r#"{{"holder":"{holder}","node":"lb1","expires":-1}}"#),
+            format!(
+                r#"{{"holder":"{holder}","node":"lb1","expires":{}}}"#,
+                i64::MAX
+            ),
+            format!(
+                r#"{{"holder":"{holder}","node":"lb1","expires":{}}}"#,
+                u64::MAX
+            ),
+            format!("{ok}{}", " ".repeat(MAX_LEASE_BYTES)),
+            "[]".into(),
+        ];
+        for c in cases {
+            assert!(RenewalLease::parse(c.as_bytes()).is_err(), "{c}");
+        }
+        assert!(RenewalLease::parse(ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn extreme_times_do_not_overflow() {
+        let l = RenewalLease::new(id(1), "lb0", i64::MAX, Duration::from_secs(u64::MAX));
+        assert_eq!(l.expires, MAX_UNIX_TIME);
+        let mut clock = LeaseClock::default();
+        let h = clock.honour(
+            "www",
+            [0; 32],
+            l.clone(),
+            i64::MAX,
+            Duration::MAX,
+            Duration::MAX,
+        );
+        assert_eq!(h.expires, MAX_UNIX_TIME);
+        let h = clock.honour("www", [1; 32], l, i64::MIN, Duration::ZERO, Duration::MAX);
+        assert!(h.expires <= MAX_UNIX_TIME);
+        let v = Validity {
+            not_before: i64::MIN,
+            not_after: i64::MAX,
+        };
+        let _ = due_at(Some(v), None, 0.5);
+        let _ = due_at(
+            Some(Validity {
+                not_before: i64::MAX,
+                not_after: i64::MIN,
+            }),
+            None,
+            1.0,
+        );
+        assert_eq!(secs(Duration::MAX), i64::MAX);
+        assert_eq!(backoff(u32::MAX, 1.0, Some(Duration::MAX)), MAX_RETRY_AFTER);
+    }
+
+    #[test]
+    fn retry_after_and_ari_are_capped() {
+        assert_eq!(
+            backoff(1, 0.0, Some(Duration::from_secs(u64::MAX))),
+            MAX_RETRY_AFTER
+        );
+        assert_eq!(
+            ari_retry(Duration::from_secs(u64::MAX)),
+            Duration::from_secs(6 * 3600)
+        );
+        assert_eq!(ari_retry(Duration::ZERO), Duration::from_secs(600));
+        let v = Validity {
+            not_before: 100,
+            not_after: 1000,
+        };
+        let far = Window {
+            start: 500,
+            end: i64::MAX,
+        };
+        assert_eq!(
+            clamp_window(far, v),
+            Some(Window {
+                start: 500,
+                end: 1000
+            })
+        );
+        let early = Window {
+            start: i64::MIN,
+            end: 50,
+        };
+        assert_eq!(
+            clamp_window(early, v),
+            Some(Window {
+                start: 100,
+                end: 100
+            })
+        );
+        assert_eq!(
+            clamp_window(
+                Window {
+                    start: 900,
+                    end: 200
+                },
+                v
+            ),
+            None
+        );
+        let w = clamp_window(
+            Window {
+                start: i64::MIN,
+                end: i64::MAX,
+            },
+            v,
+        )
+        .unwrap();
+        let due = due_at(Some(v), Some(w), 0.99);
+        assert!((100..=1000).contains(&due), "{due}");
     }
 }
