@@ -386,3 +386,144 @@ pub async fn create(shared: &Shared, cfg: &AcmeConfig) -> anyhow::Result<Account
     );
     Ok(account)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIR: &str = "https://127.0.0.1:14000/dir";
+
+    /// An account file as instant-acme 0.8 writes it, with `inner` spliced into the
+    /// credentials object.
+    fn file(outer: &str, inner: &str) -> Vec<u8> {
+        format!(
+            r#"{{"directory":"{outer}","credentials":{{"id":"https://127.0.0.1:14000/my-account/1","key_pkcs8":"AAAA"{inner}}}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn account_for_the_configured_directory_is_used() {
+        assert!(parse_account(&file(DIR, &format!(r#","directory":"{DIR}""#)), DIR).is_ok());
+        assert!(parse_account(&file(DIR, ""), DIR).is_ok());
+    }
+
+    #[test]
+    fn forged_inner_directory_is_refused() {
+        let forged = file(DIR, r#","directory":"https://evil.example/dir""#);
+        let Err(e) = parse_account(&forged, DIR) else {
+            panic!("forged directory accepted")
+        };
+        assert!(
+            matches!(
+                e,
+                AccountRefused::Url {
+                    field: "directory",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // Same origin, other path: still not the configured directory.
+        let other = file(DIR, r#","directory":"https://127.0.0.1:14000/other""#);
+        assert!(parse_account(&other, DIR).is_err());
+    }
+
+    #[test]
+    fn forged_urls_are_refused() {
+        let urls = |nonce: &str, order: &str| {
+            format!(
+                r#","directory":null,"urls":{{"newNonce":"{nonce}","newAccount":"https://127.0.0.1:14000/acct","newOrder":"{order}","renewalInfo":null}}"#
+            )
+        };
+        let good = urls(
+            "https://127.0.0.1:14000/nonce",
+            "https://127.0.0.1:14000/order",
+        );
+        assert!(parse_account(&file(DIR, &good), DIR).is_ok());
+        for (nonce, order) in [
+            (
+                "https://127.0.0.50:14000/nonce",
+                "https://127.0.0.1:14000/order",
+            ),
+            (
+                "https://127.0.0.1:14000/nonce",
+                "http://127.0.0.1:14000/order",
+            ),
+            (
+                "https://127.0.0.1:14001/nonce",
+                "https://127.0.0.1:14000/order",
+            ),
+            (
+                "https://127.0.0.1:14000@evil/nonce",
+                "https://127.0.0.1:14000/order",
+            ),
+        ] {
+            let Err(e) = parse_account(&file(DIR, &urls(nonce, order)), DIR) else {
+                panic!("{nonce} {order} accepted")
+            };
+            assert!(
+                matches!(e, AccountRefused::Url { .. }),
+                "{nonce} {order}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn forged_account_url_and_outer_directory_are_refused() {
+        let evil_id = br#"{"directory":"https://127.0.0.1:14000/dir","credentials":{"id":"https://evil.example/acct/1","key_pkcs8":"AAAA","directory":"https://127.0.0.1:14000/dir"}}"#;
+        assert!(matches!(
+            parse_account(evil_id, DIR),
+            Err(AccountRefused::Url { field: "id", .. })
+        ));
+        assert!(matches!(
+            parse_account(&file("https://evil.example/dir", ""), DIR),
+            Err(AccountRefused::Directory { .. })
+        ));
+        assert!(parse_account(b"{}", DIR).is_err());
+        assert!(parse_account(&vec![b' '; MAX_ACCOUNT_BYTES + 1], DIR).is_err());
+    }
+
+    #[test]
+    fn origins() {
+        assert_eq!(
+            https_origin("https://A.example/x"),
+            Some(("a.example".into(), 443))
+        );
+        assert_eq!(
+            https_origin("https://a.example:443"),
+            Some(("a.example".into(), 443))
+        );
+        assert_eq!(
+            https_origin("https://[::1]:14000/d"),
+            Some(("[::1]".into(), 14000))
+        );
+        for bad in [
+            "http://a/x",
+            "https://",
+            "https://u@a/",
+            "https://a:99999/",
+            "ftp://a",
+        ] {
+            assert_eq!(https_origin(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_capped() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let cap = MAX_RETRY_AFTER.as_secs();
+        assert_eq!(capped_retry_after(&u64::MAX.to_string(), now), Some(cap));
+        assert_eq!(capped_retry_after("120", now), Some(120));
+        assert_eq!(
+            capped_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now),
+            Some(cap)
+        );
+        assert_eq!(
+            capped_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(0)
+        );
+        assert_eq!(capped_retry_after("soon", now), None);
+        assert_eq!(capped_retry_after("-1", now), None);
+    }
+}
