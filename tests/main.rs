@@ -11,4 +11,5 @@ mod ops;
 mod reload;
 mod security;
 mod sync;
+mod trust_acme;
 mod util;
