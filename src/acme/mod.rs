@@ -248,15 +248,17 @@ pub fn read_lease(shared: &Shared, name: &str) -> Option<RenewalLease> {
         (known, max)
     };
     let clock = shared.acme.get().map(|a| &a.leases);
-    let report = |why: String| {
-        let first = clock.is_none_or(|c| {
-            c.lock()
+    let report = |why: String| match clock {
+        Some(c) => {
+            if c.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .first_report(name, content)
-        });
-        if first {
-            tracing::warn!(cert = %name, "ignoring the renewal lease in {LEASES_DIR}/{name}: {why}");
+            {
+                tracing::warn!(cert = %name, "ignoring the renewal lease in {LEASES_DIR}/{name}: {why}");
+            }
         }
+        // No ACME task here (only `status` reads leases): nothing to act on.
+        None => tracing::debug!(cert = %name, "ignoring the renewal lease: {why}"),
     };
     let lease = match RenewalLease::parse_from(&bytes, shared.me(), &known) {
         Ok(l) => l,
