@@ -70,6 +70,8 @@ struct RawAcme {
     barrier_timeout: Option<Spanned<String>>,
     /// How long a renewer's lease holds off the other nodes (default 2m).
     lease: Option<Spanned<String>>,
+    /// Longest any one request to the CA may take, body included (default 30s).
+    request_timeout: Option<Spanned<String>>,
 }
 
 /// `[[certificate]]`
@@ -213,6 +215,8 @@ pub struct AcmeConfig {
     pub barrier_timeout: Duration,
     /// Renewal lease duration: how long others wait for a renewer that went silent.
     pub lease: Duration,
+    /// Longest any one request to the CA may take, body included.
+    pub request_timeout: Duration,
 }
 
 /// One `[[certificate]]`.
@@ -588,6 +592,21 @@ fn acme(a: &RawAcme, bad: &Bad) -> Result<AcmeConfig, ConfigError> {
             d
         }
     };
+    let request_timeout = match &a.request_timeout {
+        None => Duration::from_secs(30),
+        Some(s) => {
+            let d = parse_duration(s.get_ref())
+                .map_err(|m| bad(s.span(), "acme.request_timeout", m))?;
+            if d < Duration::from_secs(1) {
+                return Err(bad(
+                    s.span(),
+                    "acme.request_timeout",
+                    "must be at least 1s".into(),
+                ));
+            }
+            d
+        }
+    };
     Ok(AcmeConfig {
         directory,
         contact,
@@ -596,6 +615,7 @@ fn acme(a: &RawAcme, bad: &Bad) -> Result<AcmeConfig, ConfigError> {
         profile: a.profile.as_ref().map(|p| p.get_ref().clone()),
         barrier_timeout,
         lease,
+        request_timeout,
     })
 }
 
@@ -993,6 +1013,7 @@ mod tests {
         assert_eq!(a.contact, ["mailto:ops@example.com"]);
         assert_eq!(a.profile.as_deref(), Some("shortlived"));
         assert_eq!(a.barrier_timeout, Duration::from_secs(10));
+        assert_eq!(a.request_timeout, Duration::from_secs(30));
         assert_eq!(c.certificates.len(), 2);
         assert_eq!(c.certificates[0].key, KeyType::Rsa3072);
         assert_eq!(c.certificates[0].domains[1], "example.com");
@@ -1019,6 +1040,7 @@ mod tests {
             (cert("name = \"www\"\ndomains = [\"a.example.com\"]\ncolour = 1\n"), "colour", ""),
             (cfg("[acme]\ndirectory = \"http://insecure/dir\"\n"), "acme.directory", "https"),
             (cfg(&format!("{ACME}eab_kid = \"kid\"\n")), "acme.eab_kid", "eab_hmac"),
+            (cfg(&format!("{ACME}request_timeout = \"0s\"\n")), "acme.request_timeout", "1s"),
             (cfg("[[hook]]\npaths = [\"live/**\"]\nrun = []\n"), "hook.run", "non-empty"),
             (cfg("[[hook]]\npaths = [\"live/[\"]\nrun = [\"true\"]\n"), "hook.paths", ""),
             (cfg("[http]\nlisten = \"nowhere\"\n"), "http.listen", ""),

@@ -14,17 +14,17 @@ use certmesh::identity::DeviceId;
 
 use crate::util::{certmesh, wait_listening, Cluster, Node};
 
-const DOMAIN: &str = "www.certmesh.test";
+pub(crate) const DOMAIN: &str = "www.certmesh.test";
 /// An external account binding key (Pebble's documented example).
 const EAB: (&str, &str) = (
     "kid-1",
     "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W",
 );
 /// Issuance involves key generation and several CA round trips: a generous bound.
-const ISSUE_DEADLINE: Duration = Duration::from_secs(90);
+pub(crate) const ISSUE_DEADLINE: Duration = Duration::from_secs(90);
 
 /// A child process killed (and reaped) on drop.
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
 }
 
@@ -35,7 +35,7 @@ impl Drop for Proc {
     }
 }
 
-fn tools_present() -> bool {
+pub(crate) fn tools_present() -> bool {
     let ok = [
         "/usr/bin/pebble",
         "/usr/bin/pebble-challtestsrv",
@@ -50,7 +50,7 @@ fn tools_present() -> bool {
     ok
 }
 
-fn free_tcp(ip: &str) -> u16 {
+pub(crate) fn free_tcp(ip: &str) -> u16 {
     std::net::TcpListener::bind(format!("{ip}:0"))
         .unwrap()
         .local_addr()
@@ -67,21 +67,21 @@ fn free_udp(ip: &str) -> u16 {
 }
 
 /// Pebble + its DNS, with a TLS cert for 127.0.0.1 from a CA made here.
-struct Pebble {
+pub(crate) struct Pebble {
     dir: PathBuf,
     /// PEM of the CA that signed Pebble's HTTPS cert (certmesh's `ca_roots`).
     pub ca_roots: PathBuf,
     pub directory: String,
     mgmt: String,
     dns_mgmt: String,
-    http_port: u16,
+    pub http_port: u16,
     dns: String,
     pebble: Option<Proc>,
     _dns: Proc,
 }
 
 impl Pebble {
-    fn start(dir: &Path, http_port: u16) -> Pebble {
+    pub(crate) fn start(dir: &Path, http_port: u16) -> Pebble {
         Self::start_with(dir, http_port, false)
     }
 
@@ -199,7 +199,7 @@ impl Pebble {
     }
 
     /// Points `host` at `ip` in Pebble's DNS.
-    fn set_a(&self, host: &str, ip: &str) {
+    pub(crate) fn set_a(&self, host: &str, ip: &str) {
         let body = serde_json::json!({"host": host, "addresses": [ip]}).to_string();
         let mut s = std::net::TcpStream::connect(&self.dns_mgmt).unwrap();
         write!(
@@ -214,7 +214,7 @@ impl Pebble {
     }
 
     /// Pebble's root (regenerated at every Pebble start), PEM.
-    fn root(&self) -> String {
+    pub(crate) fn root(&self) -> String {
         let out = Command::new("curl")
             .args(["-sf", "--cacert", self.ca_roots.to_str().unwrap()])
             .arg(format!("https://{}/roots/0", self.mgmt))
@@ -226,7 +226,7 @@ impl Pebble {
 }
 
 /// One nginx serving `<tree>/acme` on `ip:port`, as in the README snippet.
-fn nginx(dir: &Path, ip: &str, port: u16, tree: &Path) -> Proc {
+pub(crate) fn nginx(dir: &Path, ip: &str, port: u16, tree: &Path) -> Proc {
     let body = format!(
         "location /.well-known/acme-challenge/ {{ root {}/acme; }}",
         tree.display()
@@ -283,7 +283,7 @@ fn enable_acme(node: &Node, pebble: &Pebble) {
     enable_acme_with(node, pebble, "")
 }
 
-fn enable_acme_with(node: &Node, pebble: &Pebble, acme_extra: &str) {
+pub(crate) fn enable_acme_with(node: &Node, pebble: &Pebble, acme_extra: &str) {
     let hook_log = node.dir.join("hook.log");
     let mut cfg = fs::read_to_string(&node.config).unwrap();
     cfg.push_str(&format!(
@@ -297,7 +297,7 @@ fn enable_acme_with(node: &Node, pebble: &Pebble, acme_extra: &str) {
     fs::write(&node.config, cfg).unwrap();
 }
 
-fn live_version(node: &Node) -> Option<u32> {
+pub(crate) fn live_version(node: &Node) -> Option<u32> {
     fs::read_link(node.tree.join("live/www"))
         .ok()?
         .file_name()?
@@ -306,7 +306,7 @@ fn live_version(node: &Node) -> Option<u32> {
         .ok()
 }
 
-fn wait_version(nodes: &[&Node], at_least: u32, what: &str) -> Duration {
+pub(crate) fn wait_version(nodes: &[&Node], at_least: u32, what: &str) -> Duration {
     let start = Instant::now();
     while start.elapsed() < ISSUE_DEADLINE {
         if nodes.iter().all(|n| {
@@ -332,7 +332,7 @@ fn pem_ders(pem: &str) -> Vec<Vec<u8>> {
 
 /// On one node: the live key belongs to the live cert, the cert names DOMAIN, the
 /// chain goes leaf → intermediate → Pebble's root, modes are private.
-fn check_bundle(node: &Node, root_pem: &str) {
+pub(crate) fn check_bundle(node: &Node, root_pem: &str) {
     let dir = node.tree.join("live/www");
     let full = fs::read_to_string(dir.join("fullchain.pem")).unwrap();
     let key = fs::read_to_string(dir.join("privkey.pem")).unwrap();

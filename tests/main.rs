@@ -15,4 +15,5 @@ mod trust_keep;
 mod trust_links;
 mod trust_ops;
 mod trust_wire;
+mod trust_acme;
 mod util;

@@ -1,19 +1,36 @@
 //! The ACME account, shared by every node through the tree in
 //! `.certmesh/acme/account.json` (0600): created by the first node that needs it,
 //! loaded by all others. Also the HTTPS client, trusting the system roots plus
-//! `acme.ca_roots`.
+//! `acme.ca_roots`, with a timeout and a size cap on every request and `Retry-After`
+//! capped before instant-acme sees it.
+//!
+//! The account file is untrusted (any peer can write it): [`parse_account`] uses it
+//! only if its outer directory and every URL inside instant-acme's credentials
+//! (`directory`, the `urls` of older files, the account URL) belong to the configured
+//! directory's origin; otherwise no request goes to them and a new account is made.
 
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
-use instant_acme::{Account, AccountCredentials, ExternalAccountKey, NewAccount};
+use bytes::Bytes;
+use instant_acme::{
+    Account, AccountCredentials, BodyWrapper, BytesResponse, ExternalAccountKey, HttpClient,
+    NewAccount,
+};
 use serde::{Deserialize, Serialize};
 
+use super::schedule::MAX_RETRY_AFTER;
 use super::tree;
 use crate::config::AcmeConfig;
 use crate::node::Shared;
 
 pub const ACCOUNT_FILE: &str = ".certmesh/acme/account.json";
+/// An account file is at most this many bytes.
+pub const MAX_ACCOUNT_BYTES: usize = 64 * 1024;
+/// A CA response body is at most this many bytes (a chain is a few KiB).
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 
 /// On disk: the directory the account belongs to, and instant-acme's credentials.
 #[derive(Serialize, Deserialize)]
@@ -22,8 +39,234 @@ struct Stored {
     credentials: AccountCredentials,
 }
 
+/// The URLs in an account file, mirroring what instant-acme 0.8 serialises in
+/// `AccountCredentials` (`id`, `directory`, and `urls` in files of older versions).
+#[derive(Deserialize)]
+struct StoredUrls {
+    directory: String,
+    credentials: CredentialUrls,
+}
+
+#[derive(Deserialize)]
+struct CredentialUrls {
+    /// The account URL.
+    id: String,
+    directory: Option<String>,
+    urls: Option<DirectoryUrls>,
+}
+
+/// instant-acme's `Directory` (camelCase, as the CA's directory object).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DirectoryUrls {
+    new_nonce: String,
+    new_account: String,
+    new_order: String,
+    new_authz: Option<String>,
+    revoke_cert: Option<String>,
+    key_change: Option<String>,
+    renewal_info: Option<String>,
+}
+
+/// Why an account file is not used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccountRefused {
+    /// Larger than [`MAX_ACCOUNT_BYTES`].
+    #[error("{0} bytes (at most {MAX_ACCOUNT_BYTES})")]
+    TooLarge(usize),
+    /// Not an account file.
+    #[error("unreadable: {0}")]
+    Json(String),
+    /// The outer `directory` is not the configured one.
+    #[error("it belongs to directory {found:?}, not {configured:?}")]
+    Directory { found: String, configured: String },
+    /// A URL inside the credentials is not on the configured directory's origin.
+    #[error("credentials field {field} is {found:?}, not on the origin of {configured:?}")]
+    Url {
+        field: &'static str,
+        found: String,
+        configured: String,
+    },
+    /// The configured directory is not an https URL with a host.
+    #[error("the configured directory {0:?} has no https origin")]
+    Configured(String),
+}
+
+/// `(host, port)` of an `https://` URL (lowercased host, default port 443); `None`
+/// for anything else, userinfo included.
+pub fn https_origin(url: &str) -> Option<(String, u16)> {
+    let rest = url
+        .get(..8)
+        .filter(|s| s.eq_ignore_ascii_case("https://"))?;
+    let rest = &url[rest.len()..];
+    let authority = rest.split(['/', '?', '#']).next()?;
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6.split_once(']')?;
+        (format!("[{h}]"), after)
+    } else {
+        match authority.rfind(':') {
+            Some(i) => (authority[..i].to_string(), &authority[i..]),
+            None => (authority.to_string(), ""),
+        }
+    };
+    let port = match port {
+        "" => 443,
+        p => p.strip_prefix(':')?.parse().ok()?,
+    };
+    if host.is_empty() || host.len() > 253 {
+        return None;
+    }
+    Some((host.to_ascii_lowercase(), port))
+}
+
+/// Parses an account file (untrusted) and returns its credentials only if every URL
+/// in it belongs to `directory` (the configured one): the outer `directory` and the
+/// inner one equal it, and the account URL and any stored directory URLs are on its
+/// origin. Nothing is fetched.
+pub fn parse_account(bytes: &[u8], directory: &str) -> Result<AccountCredentials, AccountRefused> {
+    if bytes.len() > MAX_ACCOUNT_BYTES {
+        return Err(AccountRefused::TooLarge(bytes.len()));
+    }
+    let origin =
+        https_origin(directory).ok_or_else(|| AccountRefused::Configured(directory.into()))?;
+    let urls: StoredUrls =
+        serde_json::from_slice(bytes).map_err(|e| AccountRefused::Json(e.to_string()))?;
+    if urls.directory != directory {
+        return Err(AccountRefused::Directory {
+            found: urls.directory,
+            configured: directory.into(),
+        });
+    }
+    let c = &urls.credentials;
+    let same = |field: &'static str, url: &str, exact: bool| {
+        let ok = if exact {
+            url == directory
+        } else {
+            https_origin(url).as_ref() == Some(&origin)
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(AccountRefused::Url {
+                field,
+                found: url.chars().take(200).collect(),
+                configured: directory.into(),
+            })
+        }
+    };
+    same("id", &c.id, false)?;
+    if let Some(d) = &c.directory {
+        same("directory", d, true)?;
+    }
+    if let Some(u) = &c.urls {
+        same("urls.newNonce", &u.new_nonce, false)?;
+        same("urls.newAccount", &u.new_account, false)?;
+        same("urls.newOrder", &u.new_order, false)?;
+        let optional = [
+            ("urls.newAuthz", &u.new_authz),
+            ("urls.revokeCert", &u.revoke_cert),
+            ("urls.keyChange", &u.key_change),
+            ("urls.renewalInfo", &u.renewal_info),
+        ];
+        for (field, url) in optional {
+            if let Some(url) = url {
+                same(field, url, false)?;
+            }
+        }
+    }
+    let stored: Stored =
+        serde_json::from_slice(bytes).map_err(|e| AccountRefused::Json(e.to_string()))?;
+    Ok(stored.credentials)
+}
+
+/// A `Retry-After` value as passed on to instant-acme: delay-seconds capped at
+/// [`MAX_RETRY_AFTER`] (instant-acme adds the raw value to `SystemTime::now()`, which
+/// panics on overflow); an HTTP-date becomes the (capped) seconds until then; `None`
+/// (header dropped) for anything else.
+pub fn capped_retry_after(value: &str, now: SystemTime) -> Option<u64> {
+    let value = value.trim();
+    let cap = MAX_RETRY_AFTER.as_secs();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(secs.min(cap));
+    }
+    let at =
+        time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822).ok()?;
+    let now = time::OffsetDateTime::from(now);
+    let secs = (at - now).whole_seconds().clamp(0, cap as i64);
+    Some(secs as u64)
+}
+
+/// Wraps the HTTPS client: each request (body included) within `timeout`, bodies at
+/// most [`MAX_RESPONSE_BYTES`], `Retry-After` capped ([`capped_retry_after`]).
+struct Guarded {
+    inner: Box<dyn HttpClient>,
+    timeout: Duration,
+}
+
+impl HttpClient for Guarded {
+    fn request(
+        &self,
+        req: http::Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let what = format!("{} {}", req.method(), req.uri());
+        let fut = self.inner.request(req);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let other = |m: String| instant_acme::Error::Other(m.into());
+            let exchange = async {
+                let mut rsp = fut.await?;
+                let declared = rsp
+                    .parts
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                if declared.is_some_and(|n| n > MAX_RESPONSE_BYTES as u64) {
+                    return Err(other(format!("{what}: response body too large")));
+                }
+                let body = rsp
+                    .body
+                    .into_bytes()
+                    .await
+                    .map_err(instant_acme::Error::Other)?;
+                if body.len() > MAX_RESPONSE_BYTES {
+                    return Err(other(format!("{what}: response body too large")));
+                }
+                let body = String::from_utf8(body.to_vec())
+                    .map_err(|_| other(format!("{what}: response body is not UTF-8")))?;
+                let headers = &mut rsp.parts.headers;
+                let capped = headers.get(http::header::RETRY_AFTER).map(|v| {
+                    v.to_str()
+                        .ok()
+                        .and_then(|v| capped_retry_after(v, SystemTime::now()))
+                });
+                match capped {
+                    None => {}
+                    Some(None) => {
+                        headers.remove(http::header::RETRY_AFTER);
+                    }
+                    Some(Some(secs)) => {
+                        headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+                    }
+                }
+                Ok(BytesResponse::from(http::Response::from_parts(
+                    rsp.parts, body,
+                )))
+            };
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(r) => r,
+                Err(_) => Err(other(format!(
+                    "{what}: no complete answer within {timeout:?}"
+                ))),
+            }
+        })
+    }
+}
+
 /// The HTTPS client for the CA: system roots plus `ca_roots`.
-fn http_client(cfg: &AcmeConfig) -> anyhow::Result<Box<dyn instant_acme::HttpClient>> {
+fn http_client(cfg: &AcmeConfig) -> anyhow::Result<Box<dyn HttpClient>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();
@@ -62,30 +305,44 @@ fn http_client(cfg: &AcmeConfig) -> anyhow::Result<Box<dyn instant_acme::HttpCli
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector);
-    Ok(Box::new(client))
+    Ok(Box::new(Guarded {
+        inner: Box::new(client),
+        timeout: cfg.request_timeout,
+    }))
+}
+
+/// `fut` (one step of talking to the CA) within `limit`.
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl Future<Output = Result<T, instant_acme::Error>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.with_context(|| what.to_string()),
+        Err(_) => bail!("{what}: no answer from the CA within {limit:?}"),
+    }
 }
 
 /// Loads the shared account for `cfg.directory`, or creates it (once, cluster-wide:
 /// the file syncs to every node). Returns the account and whether it was created.
 pub async fn load_or_create(shared: &Shared, cfg: &AcmeConfig) -> anyhow::Result<(Account, bool)> {
-    let path = shared.tree.root.join(ACCOUNT_FILE);
-    if let Ok(bytes) = std::fs::read(&path) {
-        match serde_json::from_slice::<Stored>(&bytes) {
-            Ok(s) if s.directory == cfg.directory => {
-                let account = Account::builder_with_http(http_client(cfg)?)
-                    .from_credentials(s.credentials)
-                    .await
-                    .context("loading the shared ACME account")?;
+    if let Some(bytes) = tree::read(&shared.tree.root, ACCOUNT_FILE) {
+        match parse_account(&bytes, &cfg.directory) {
+            Ok(credentials) => {
+                let account = within(
+                    cfg.request_timeout,
+                    "loading the shared ACME account",
+                    Account::builder_with_http(http_client(cfg)?).from_credentials(credentials),
+                )
+                .await?;
                 return Ok((account, false));
             }
-            Ok(s) => tracing::info!(
-                old = %s.directory,
-                new = %cfg.directory,
-                "the shared account belongs to another directory; creating one"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "{ACCOUNT_FILE} is unreadable; creating a new account")
+            Err(e @ AccountRefused::Directory { .. }) => {
+                tracing::info!("{ACCOUNT_FILE}: {e}; creating an account at the configured CA")
             }
+            Err(e) => tracing::warn!(
+                "{ACCOUNT_FILE} is not used: {e}; creating an account at the configured CA"
+            ),
         }
     }
     create(shared, cfg).await.map(|a| (a, true))
@@ -104,8 +361,10 @@ pub async fn create(shared: &Shared, cfg: &AcmeConfig) -> anyhow::Result<Account
             Some(ExternalAccountKey::new(kid.clone(), &key))
         }
     };
-    let (account, credentials) = Account::builder_with_http(http_client(cfg)?)
-        .create(
+    let (account, credentials) = within(
+        cfg.request_timeout,
+        &format!("creating an ACME account at {}", cfg.directory),
+        Account::builder_with_http(http_client(cfg)?).create(
             &NewAccount {
                 contact: &contact,
                 terms_of_service_agreed: true,
@@ -113,9 +372,9 @@ pub async fn create(shared: &Shared, cfg: &AcmeConfig) -> anyhow::Result<Account
             },
             cfg.directory.clone(),
             eab.as_ref(),
-        )
-        .await
-        .with_context(|| format!("creating an ACME account at {}", cfg.directory))?;
+        ),
+    )
+    .await?;
     let stored = serde_json::to_vec_pretty(&Stored {
         directory: cfg.directory.clone(),
         credentials,
@@ -126,4 +385,145 @@ pub async fn create(shared: &Shared, cfg: &AcmeConfig) -> anyhow::Result<Account
         "ACME account created and shared in {ACCOUNT_FILE}"
     );
     Ok(account)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIR: &str = "https://127.0.0.1:14000/dir";
+
+    /// An account file as instant-acme 0.8 writes it, with `inner` spliced into the
+    /// credentials object.
+    fn file(outer: &str, inner: &str) -> Vec<u8> {
+        format!(
+            r#"{{"directory":"{outer}","credentials":{{"id":"https://127.0.0.1:14000/my-account/1","key_pkcs8":"AAAA"{inner}}}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn account_for_the_configured_directory_is_used() {
+        assert!(parse_account(&file(DIR, &format!(r#","directory":"{DIR}""#)), DIR).is_ok());
+        assert!(parse_account(&file(DIR, ""), DIR).is_ok());
+    }
+
+    #[test]
+    fn forged_inner_directory_is_refused() {
+        let forged = file(DIR, r#","directory":"https://evil.example/dir""#);
+        let Err(e) = parse_account(&forged, DIR) else {
+            panic!("forged directory accepted")
+        };
+        assert!(
+            matches!(
+                e,
+                AccountRefused::Url {
+                    field: "directory",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // Same origin, other path: still not the configured directory.
+        let other = file(DIR, r#","directory":"https://127.0.0.1:14000/other""#);
+        assert!(parse_account(&other, DIR).is_err());
+    }
+
+    #[test]
+    fn forged_urls_are_refused() {
+        let urls = |nonce: &str, order: &str| {
+            format!(
+                r#","directory":null,"urls":{{"newNonce":"{nonce}","newAccount":"https://127.0.0.1:14000/acct","newOrder":"{order}","renewalInfo":null}}"#
+            )
+        };
+        let good = urls(
+            "https://127.0.0.1:14000/nonce",
+            "https://127.0.0.1:14000/order",
+        );
+        assert!(parse_account(&file(DIR, &good), DIR).is_ok());
+        for (nonce, order) in [
+            (
+                "https://127.0.0.50:14000/nonce",
+                "https://127.0.0.1:14000/order",
+            ),
+            (
+                "https://127.0.0.1:14000/nonce",
+                "http://127.0.0.1:14000/order",
+            ),
+            (
+                "https://127.0.0.1:14001/nonce",
+                "https://127.0.0.1:14000/order",
+            ),
+            (
+                "https://127.0.0.1:14000@evil/nonce",
+                "https://127.0.0.1:14000/order",
+            ),
+        ] {
+            let Err(e) = parse_account(&file(DIR, &urls(nonce, order)), DIR) else {
+                panic!("{nonce} {order} accepted")
+            };
+            assert!(
+                matches!(e, AccountRefused::Url { .. }),
+                "{nonce} {order}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn forged_account_url_and_outer_directory_are_refused() {
+        let evil_id = br#"{"directory":"https://127.0.0.1:14000/dir","credentials":{"id":"https://evil.example/acct/1","key_pkcs8":"AAAA","directory":"https://127.0.0.1:14000/dir"}}"#;
+        assert!(matches!(
+            parse_account(evil_id, DIR),
+            Err(AccountRefused::Url { field: "id", .. })
+        ));
+        assert!(matches!(
+            parse_account(&file("https://evil.example/dir", ""), DIR),
+            Err(AccountRefused::Directory { .. })
+        ));
+        assert!(parse_account(b"{}", DIR).is_err());
+        assert!(parse_account(&vec![b' '; MAX_ACCOUNT_BYTES + 1], DIR).is_err());
+    }
+
+    #[test]
+    fn origins() {
+        assert_eq!(
+            https_origin("https://A.example/x"),
+            Some(("a.example".into(), 443))
+        );
+        assert_eq!(
+            https_origin("https://a.example:443"),
+            Some(("a.example".into(), 443))
+        );
+        assert_eq!(
+            https_origin("https://[::1]:14000/d"),
+            Some(("[::1]".into(), 14000))
+        );
+        for bad in [
+            "http://a/x",
+            "https://",
+            "https://u@a/",
+            "https://a:99999/",
+            "ftp://a",
+        ] {
+            assert_eq!(https_origin(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_capped() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let cap = MAX_RETRY_AFTER.as_secs();
+        assert_eq!(capped_retry_after(&u64::MAX.to_string(), now), Some(cap));
+        assert_eq!(capped_retry_after("120", now), Some(120));
+        assert_eq!(
+            capped_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now),
+            Some(cap)
+        );
+        assert_eq!(
+            capped_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(0)
+        );
+        assert_eq!(capped_retry_after("soon", now), None);
+        assert_eq!(capped_retry_after("-1", now), None);
+    }
 }

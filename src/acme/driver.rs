@@ -63,7 +63,7 @@ pub(super) async fn run(
     let mut seen_renewer = renewer(&d.shared);
     loop {
         let wake = d.tick().await;
-        let sleep = Duration::from_secs((wake - unix_now()).clamp(1, MAX_WAKE) as u64);
+        let sleep = Duration::from_secs(wake.saturating_sub(unix_now()).clamp(1, MAX_WAKE) as u64);
         let deadline = tokio::time::Instant::now() + sleep;
         loop {
             tokio::select! {
@@ -119,14 +119,14 @@ impl Driver {
                 .unwrap_or(0);
             let at = due.max(retry_at);
             if at > now {
-                wake = wake.min(at.max(now + MIN_WAKE));
+                wake = wake.min(at.max(now.saturating_add(MIN_WAKE)));
                 continue;
             }
             match self.attempt(cert, false).await {
                 Ok(_) => {}
                 Err(Attempt::Wait(schedule::Wait::Leased { until, .. })) => {
                     // The holder may be gone: look again right when its lease ends.
-                    wake = wake.min((until + 1).min(now + MIN_WAKE));
+                    wake = wake.min(until.saturating_add(1).min(now + MIN_WAKE));
                 }
                 Err(Attempt::Wait(_)) => wake = wake.min(now + MIN_WAKE),
                 Err(Attempt::Failed(_)) => {
@@ -183,14 +183,30 @@ impl Driver {
         let Ok(account) = self.account().await else {
             return;
         };
-        match account.renewal_info(&id).await {
+        let limit =
+            snapshot(&self.shared).map_or(Duration::from_secs(30), |(c, _)| c.request_timeout);
+        let answer = match tokio::time::timeout(limit, account.renewal_info(&id)).await {
+            Ok(a) => a,
+            Err(_) => Err(instant_acme::Error::Str("no answer from the CA in time")),
+        };
+        match answer {
             Ok((info, retry)) => {
                 self.ari = Some(true);
                 let serial = leaf.serial.clone();
-                let next = now + retry.as_secs().clamp(600, 6 * 3600) as i64;
+                let next = now.saturating_add(schedule::secs(schedule::ari_retry(retry)));
+                let window = schedule::clamp_window(
+                    Window {
+                        start: info.suggested_window.start.unix_timestamp(),
+                        end: info.suggested_window.end.unix_timestamp(),
+                    },
+                    leaf.validity,
+                );
+                if window.is_none() {
+                    tracing::warn!(cert = %cert.name, "the CA's ARI window is inverted; ignoring it");
+                }
                 self.handle.update(&cert.name, |r| {
-                    r.ari_start = Some(info.suggested_window.start.unix_timestamp());
-                    r.ari_end = Some(info.suggested_window.end.unix_timestamp());
+                    r.ari_start = window.map(|w| w.start);
+                    r.ari_end = window.map(|w| w.end);
                     r.ari_serial = serial;
                     r.ari_next_query = next;
                 });
@@ -331,7 +347,7 @@ impl Driver {
         let result = self.lease_and_order(cert).instrument(span).await;
         let lease_path = tree::rel(&format!("{LEASES_DIR}/{}", cert.name));
         if let Ok(p) = lease_path {
-            if read_lease(&shared, &cert.name).is_some_and(|l| l.holder == me.to_string()) {
+            if read_lease(&shared, &cert.name).is_some_and(|l| l.holder == me) {
                 tree::remove(&shared, &p);
             }
         }
@@ -377,7 +393,7 @@ impl Driver {
                     r.failures += 1;
                     let wait = schedule::backoff(r.failures, rand::random(), f.retry_after);
                     r.state = "backoff".into();
-                    r.retry_at = Some(unix_now() + wait.as_secs() as i64);
+                    r.retry_at = Some(unix_now().saturating_add(schedule::secs(wait)));
                     r.last_error = Some(msg.clone());
                 });
                 // A broken account file or directory change: reload next time.
@@ -401,17 +417,12 @@ impl Driver {
         let ttl = snapshot(&shared).map_or(Duration::from_secs(120), |(c, _)| c.lease);
         let lease = RenewalLease::new(me, &node, unix_now(), ttl);
         let p = tree::rel(&format!("{LEASES_DIR}/{}", cert.name))?;
-        let e = tree::write_file(
-            &shared,
-            &p,
-            &serde_json::to_vec(&lease).map_err(anyhow::Error::from)?,
-            0o644,
-        )?;
+        let e = tree::write_file(&shared, &p, &lease.to_json(), 0o644)?;
         tree::await_indexed(&shared, &[(p.clone(), e)], Duration::from_secs(5)).await?;
         let (cfg, _) = snapshot(&shared).ok_or_else(|| anyhow::anyhow!("[acme] was removed"))?;
         // Another node's lease already applied here won the conflict: it orders.
         if let Some(l) = read_lease(&shared, &cert.name) {
-            if l.holder != me.to_string() && l.fresh(unix_now()) {
+            if l.holder != me && l.fresh(unix_now()) {
                 return Err(order::Failed {
                     error: anyhow::anyhow!("{} took the renewal lease first", l.node),
                     retry_after: None,

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{AcmeConfig, CertificateConfig};
 use crate::identity::DeviceId;
 use crate::node::Shared;
-use schedule::{RenewalLease, Validity};
+use schedule::{LeaseClock, RenewalLease, Validity};
 
 /// Each ACME-enabled node announces itself with a file here named by its device ID.
 pub const NODES_DIR: &str = ".certmesh/acme/nodes";
@@ -82,6 +82,8 @@ pub struct Acme {
     commands: mpsc::UnboundedSender<Command>,
     /// Orders that failed since start (metrics).
     failures: std::sync::atomic::AtomicU64,
+    /// When each lease content was first seen (a lease holds at most `lease` from then).
+    leases: Mutex<LeaseClock>,
 }
 
 impl Acme {
@@ -160,6 +162,7 @@ pub fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
         runtime: Mutex::new(BTreeMap::new()),
         commands: tx,
         failures: Default::default(),
+        leases: Mutex::new(LeaseClock::default()),
     });
     if shared.acme.set(handle.clone()).is_err() {
         anyhow::bail!("the ACME task was started twice");
@@ -221,9 +224,65 @@ pub fn node_name(shared: &Shared, id: DeviceId) -> String {
         .unwrap_or_else(|| id.to_string())
 }
 
+/// A monotonic clock for [`LeaseClock`] (origin: first use in this process).
+fn mono_now() -> std::time::Duration {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(std::time::Instant::now).elapsed()
+}
+
+/// The lease on `name` as this node honours it, `None` if there is none. The file is
+/// untrusted (any peer can write it): it must parse ([`RenewalLease::parse`]) and name
+/// this node or a configured peer as holder, else it is ignored (logged once per
+/// content); its `expires` is lowered to at most `[acme] lease` after this node first
+/// saw that content.
 pub fn read_lease(shared: &Shared, name: &str) -> Option<RenewalLease> {
     let bytes = tree::read(&shared.tree.root, &format!("{LEASES_DIR}/{name}"))?;
-    serde_json::from_slice(&bytes).ok()
+    let content = *blake3::hash(&bytes).as_bytes();
+    let (known, max) = {
+        let c = shared.config.lock().ok()?;
+        let known: Vec<DeviceId> = c.peers.iter().map(|p| p.id).collect();
+        let max = c
+            .acme
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(120), |a| a.lease);
+        (known, max)
+    };
+    let clock = shared.acme.get().map(|a| &a.leases);
+    let report = |why: String| match clock {
+        Some(c) => {
+            if c.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .first_report(name, content)
+            {
+                tracing::warn!(cert = %name, "ignoring the renewal lease in {LEASES_DIR}/{name}: {why}");
+            }
+        }
+        // No ACME task here (only `status` reads leases): nothing to act on.
+        None => tracing::debug!(cert = %name, "ignoring the renewal lease: {why}"),
+    };
+    let lease = match RenewalLease::parse_from(&bytes, shared.me(), &known) {
+        Ok(l) => l,
+        Err(e) => {
+            report(e.to_string());
+            return None;
+        }
+    };
+    let now = unix_now();
+    Some(match clock {
+        Some(c) => c.lock().unwrap_or_else(|p| p.into_inner()).honour(
+            name,
+            content,
+            lease,
+            now,
+            mono_now(),
+            max,
+        ),
+        // No ACME task (status on a node without `[acme]`): at most `lease` from now.
+        None => RenewalLease {
+            expires: lease.expires.min(now.saturating_add(schedule::secs(max))),
+            ..lease
+        },
+    })
 }
 
 fn advertise(shared: &Shared) {

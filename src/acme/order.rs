@@ -11,6 +11,7 @@ use instant_acme::{
     OrderStatus, RetryPolicy,
 };
 
+use super::account::within;
 use super::bundle::{self, Bundle};
 use super::tree::{self, Expect};
 use crate::config::{AcmeConfig, CertificateConfig};
@@ -40,9 +41,10 @@ pub struct Failed {
 impl From<anyhow::Error> for Failed {
     fn from(error: anyhow::Error) -> Self {
         let retry_after = error.chain().find_map(|c| match c.downcast_ref() {
-            Some(instant_acme::Error::Timeout(Some(at))) => {
-                Some(at.saturating_duration_since(Instant::now()))
-            }
+            Some(instant_acme::Error::Timeout(Some(at))) => Some(
+                at.saturating_duration_since(Instant::now())
+                    .min(super::schedule::MAX_RETRY_AFTER),
+            ),
             _ => None,
         });
         Failed {
@@ -53,12 +55,31 @@ impl From<anyhow::Error> for Failed {
     }
 }
 
+/// How long validation, and then issuance, may take at the CA.
+const POLL_TIMEOUT: Duration = Duration::from_secs(90);
+
 fn policy() -> RetryPolicy {
     // Pebble without VA sleep (and Let's Encrypt) validate within milliseconds.
+    // A Retry-After from the CA is capped before instant-acme sees it (see
+    // `account::capped_retry_after`); one beyond the timeout ends the poll.
     RetryPolicy::new()
         .initial_delay(Duration::from_millis(10))
         .backoff(1.5)
-        .timeout(Duration::from_secs(90))
+        .timeout(POLL_TIMEOUT)
+}
+
+/// Times out a wait for the next authorization (each may be one request).
+async fn next_within<'a>(
+    limit: Duration,
+    auths: &'a mut instant_acme::Authorizations<'_>,
+) -> Result<Option<instant_acme::AuthorizationHandle<'a>>, anyhow::Error> {
+    match tokio::time::timeout(limit, auths.next()).await {
+        Ok(None) => Ok(None),
+        Ok(Some(a)) => a.map(Some).context("fetching an authorization"),
+        Err(_) => Err(anyhow!(
+            "fetching an authorization: no answer from the CA within {limit:?}"
+        )),
+    }
 }
 
 /// The CA no longer knows the account (a test CA restarted, a staging reset).
@@ -133,15 +154,15 @@ async fn order(
     if let Some(r) = replaces {
         new = new.replaces(r);
     }
-    let mut order = account.new_order(&new).await.context("new order")?;
+    let limit = cfg.request_timeout;
+    let mut order = within(limit, "new order", account.new_order(&new)).await?;
     tracing::debug!(url = order.url(), "order created");
 
     // 1. Key authorizations into the tree.
     let mut written: Vec<(RelPath, Expect)> = Vec::new();
     {
         let mut auths = order.authorizations();
-        while let Some(a) = auths.next().await {
-            let mut a = a.context("fetching an authorization")?;
+        while let Some(mut a) = next_within(limit, &mut auths).await? {
             let ident = a.identifier().to_string();
             match a.status {
                 AuthorizationStatus::Pending => {}
@@ -205,7 +226,7 @@ async fn order(
     );
     // Every peer has our lease now; if another node's lease won meanwhile, it orders.
     if let Some(l) = super::read_lease(shared, &cert.name) {
-        if l.holder != shared.me().to_string() && l.fresh(super::unix_now()) {
+        if l.holder != shared.me() && l.fresh(super::unix_now()) {
             return Err(Failed {
                 error: anyhow!("{} took the renewal lease first", l.node),
                 retry_after: None,
@@ -217,26 +238,27 @@ async fn order(
     // 3. Tell the CA.
     {
         let mut auths = order.authorizations();
-        while let Some(a) = auths.next().await {
-            let mut a = a.context("fetching an authorization")?;
+        while let Some(mut a) = next_within(limit, &mut auths).await? {
             if a.status != AuthorizationStatus::Pending {
                 continue;
             }
             let mut ch = a
                 .challenge(ChallengeType::Http01)
                 .ok_or_else(|| anyhow!("no http-01 challenge"))?;
-            ch.set_ready().await.context("set_ready")?;
+            within(limit, "set_ready", ch.set_ready()).await?;
         }
     }
-    let status = order
-        .poll_ready(&policy())
-        .await
-        .context("waiting for validation")?;
+    let status = within(
+        POLL_TIMEOUT + limit,
+        "waiting for validation",
+        order.poll_ready(&policy()),
+    )
+    .await?;
     if status != OrderStatus::Ready {
         let mut why = Vec::new();
         let mut auths = order.authorizations();
-        while let Some(Ok(mut a)) = auths.next().await {
-            if let Ok(s) = a.refresh().await {
+        while let Ok(Some(mut a)) = next_within(limit, &mut auths).await {
+            if let Ok(Ok(s)) = tokio::time::timeout(limit, a.refresh()).await {
                 for c in &s.challenges {
                     if let Some(p) = &c.error {
                         why.push(format!("{}: {}", s.identifier(), p));
@@ -264,21 +286,24 @@ async fn order(
         }
     };
     let csr = bundle::csr(&cert.domains, &key)?;
-    order.finalize_csr(&csr).await.context("finalize")?;
+    within(limit, "finalize", order.finalize_csr(&csr)).await?;
     // Many CAs (Pebble among them) answer finalize with the order already valid.
     let ready = match order.state().status {
-        OrderStatus::Valid => order
-            .certificate()
-            .await
-            .context("fetching the certificate")?,
+        OrderStatus::Valid => {
+            within(limit, "fetching the certificate", order.certificate()).await?
+        }
         _ => None,
     };
     let chain = match ready {
         Some(c) => c,
-        None => order
-            .poll_certificate(&policy())
-            .await
-            .context("fetching the certificate")?,
+        None => {
+            within(
+                POLL_TIMEOUT + limit,
+                "fetching the certificate",
+                order.poll_certificate(&policy()),
+            )
+            .await?
+        }
     };
     let b = Bundle::new(&chain, &key, &cert.domains)?;
 

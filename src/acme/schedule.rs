@@ -1,6 +1,13 @@
 //! When to order and who orders: pure functions over plain data. Times are Unix
 //! seconds passed in by the caller; randomness comes in as a `jitter` in `[0, 1)`.
+//!
+//! Leases come from the replicated tree, so any peer can write one: they are parsed
+//! into a [`RenewalLease`] with bounded fields ([`RenewalLease::parse`]) and honoured
+//! for at most the configured `lease` from when this node first saw that content
+//! ([`LeaseClock`]), whatever their `expires` says. Times from the tree or the CA are
+//! combined with saturating arithmetic only.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -11,6 +18,19 @@ use crate::identity::DeviceId;
 pub const BACKOFF_BASE: Duration = Duration::from_secs(60);
 /// Longest wait between retries.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(6 * 3600);
+/// Longest `Retry-After` (or ARI retry) honoured from a CA.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+/// A lease file is at most this many bytes.
+pub const MAX_LEASE_BYTES: usize = 1024;
+/// A lease's node name (shown to people, never used as a path) is at most this long.
+pub const MAX_NODE_NAME: usize = 128;
+/// Latest time accepted from a lease: 9999-12-31T23:59:59Z.
+pub const MAX_UNIX_TIME: i64 = 253_402_300_799;
+
+/// Whole seconds of `d`, saturating at `i64::MAX`.
+pub fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
 
 /// The validity of the certificate currently live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +61,24 @@ pub fn due_at(current: Option<Validity>, ari: Option<Window>, jitter: f64) -> i6
             return w.start;
         }
     }
-    let lifetime = (v.not_after - v.not_before).max(0);
-    v.not_after - lifetime / 3 - (lifetime as f64 / 15.0 * jitter) as i64
+    let lifetime = v.not_after.saturating_sub(v.not_before).max(0);
+    v.not_after
+        .saturating_sub(lifetime / 3)
+        .saturating_sub((lifetime as f64 / 15.0 * jitter) as i64)
+}
+
+/// An ARI window as trusted: clamped to the certificate's lifetime (a CA cannot
+/// push a renewal past expiry, nor before issuance); `None` if nothing is left.
+pub fn clamp_window(w: Window, v: Validity) -> Option<Window> {
+    let start = w.start.clamp(v.not_before, v.not_after);
+    let end = w.end.clamp(v.not_before, v.not_after);
+    (start <= end && w.start <= w.end).then_some(Window { start, end })
+}
+
+/// The CA's ARI retry hint as used: ask again after 10 minutes at the soonest and
+/// 6 hours at the latest (well under [`MAX_RETRY_AFTER`]), whatever the CA said.
+pub fn ari_retry(retry: Duration) -> Duration {
+    retry.clamp(Duration::from_secs(600), Duration::from_secs(6 * 3600))
 }
 
 /// Wait before the next attempt after `failures` consecutive failures (≥ 1):
@@ -52,34 +88,167 @@ pub fn backoff(failures: u32, jitter: f64, retry_after: Option<Duration>) -> Dur
     let exp = failures.saturating_sub(1).min(20);
     let base = BACKOFF_BASE.saturating_mul(1u32 << exp).min(BACKOFF_MAX);
     let d = base.mul_f64(1.0 + 0.5 * jitter.clamp(0.0, 1.0));
-    match retry_after {
+    match retry_after.map(|r| r.min(MAX_RETRY_AFTER)) {
         Some(r) if r > d => r,
         _ => d,
     }
 }
 
-/// The renewer lease in `.certmesh/leases/<name>`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The renewer lease in `.certmesh/leases/<name>`, parsed and bounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenewalLease {
-    /// Device ID of the holder.
-    pub holder: String,
-    /// Its node name (for people).
+    /// The holder.
+    pub holder: DeviceId,
+    /// Its node name (for people): at most [`MAX_NODE_NAME`] bytes, no control chars.
     pub node: String,
-    /// Unix seconds after which the lease is void.
+    /// Unix seconds after which the lease is void, in `0..=MAX_UNIX_TIME`.
     pub expires: i64,
+}
+
+/// The lease file as JSON.
+#[derive(Serialize, Deserialize)]
+struct RawLease {
+    holder: String,
+    node: String,
+    expires: i64,
+}
+
+/// Why a lease file is not a lease.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// Larger than [`MAX_LEASE_BYTES`].
+    #[error("{0} bytes (at most {MAX_LEASE_BYTES})")]
+    TooLarge(usize),
+    /// Not the lease JSON.
+    #[error("not a lease: {0}")]
+    Json(String),
+    /// `holder` is not a device ID.
+    #[error("holder {0:?} is not a device ID")]
+    Holder(String),
+    /// `node` is empty, too long or holds control characters.
+    #[error("node name is empty, longer than {MAX_NODE_NAME} bytes or has control characters")]
+    Node,
+    /// `expires` outside `0..=MAX_UNIX_TIME`.
+    #[error("expires {0} is out of range")]
+    Expires(i64),
+    /// The holder is neither this node nor a configured peer.
+    #[error("holder {0} is neither this node nor a configured peer")]
+    Stranger(DeviceId),
 }
 
 impl RenewalLease {
     pub fn new(me: DeviceId, node: &str, now: i64, ttl: Duration) -> Self {
         RenewalLease {
-            holder: me.to_string(),
+            holder: me,
             node: node.to_string(),
-            expires: now + ttl.as_secs() as i64,
+            expires: now.saturating_add(secs(ttl)).clamp(0, MAX_UNIX_TIME),
         }
+    }
+
+    /// Parses a lease file (untrusted: any peer can write one).
+    pub fn parse(bytes: &[u8]) -> Result<Self, LeaseError> {
+        if bytes.len() > MAX_LEASE_BYTES {
+            return Err(LeaseError::TooLarge(bytes.len()));
+        }
+        let raw: RawLease =
+            serde_json::from_slice(bytes).map_err(|e| LeaseError::Json(e.to_string()))?;
+        let holder = raw
+            .holder
+            .parse()
+            .map_err(|_| LeaseError::Holder(raw.holder.chars().take(64).collect()))?;
+        if raw.node.is_empty()
+            || raw.node.len() > MAX_NODE_NAME
+            || raw.node.chars().any(char::is_control)
+        {
+            return Err(LeaseError::Node);
+        }
+        if !(0..=MAX_UNIX_TIME).contains(&raw.expires) {
+            return Err(LeaseError::Expires(raw.expires));
+        }
+        Ok(RenewalLease {
+            holder,
+            node: raw.node,
+            expires: raw.expires,
+        })
+    }
+
+    /// Parses a lease file and accepts it only from `me` or one of `peers`.
+    pub fn parse_from(bytes: &[u8], me: DeviceId, peers: &[DeviceId]) -> Result<Self, LeaseError> {
+        let l = Self::parse(bytes)?;
+        if l.holder != me && !peers.contains(&l.holder) {
+            return Err(LeaseError::Stranger(l.holder));
+        }
+        Ok(l)
+    }
+
+    /// The lease file's bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&RawLease {
+            holder: self.holder.to_string(),
+            node: self.node.clone(),
+            expires: self.expires,
+        })
+        .expect("a struct of strings and an integer serialises")
     }
 
     pub fn fresh(&self, now: i64) -> bool {
         self.expires > now
+    }
+}
+
+/// Lease contents remembered per certificate name (older ones are forgotten first).
+const REMEMBERED_PER_NAME: usize = 16;
+
+/// When this node first saw each lease content: a lease is honoured for at most
+/// `max` (the configured `lease`) from then, whatever its `expires` says. Times are a
+/// monotonic clock (`mono`, any fixed origin) so a wall-clock jump extends nothing.
+/// Memory: at most [`REMEMBERED_PER_NAME`] contents per certificate name, and the
+/// callers only ask about configured names.
+#[derive(Debug, Default)]
+pub struct LeaseClock {
+    /// name -> (content hash, first seen), oldest first.
+    seen: HashMap<String, Vec<([u8; 32], Duration)>>,
+    /// (name, content hash) already reported as ignored.
+    reported: HashSet<(String, [u8; 32])>,
+}
+
+impl LeaseClock {
+    /// `lease` (read from `name`'s lease file, whose content hashes to `content`) as
+    /// honoured at `now` (Unix seconds) / `mono`: its `expires` lowered to first seen
+    /// + `max`.
+    pub fn honour(
+        &mut self,
+        name: &str,
+        content: [u8; 32],
+        mut lease: RenewalLease,
+        now: i64,
+        mono: Duration,
+        max: Duration,
+    ) -> RenewalLease {
+        let list = self.seen.entry(name.to_string()).or_default();
+        let first = match list.iter().find(|(h, _)| *h == content) {
+            Some((_, t)) => *t,
+            None => {
+                if list.len() >= REMEMBERED_PER_NAME {
+                    list.remove(0);
+                }
+                list.push((content, mono));
+                mono
+            }
+        };
+        let left = max.saturating_sub(mono.saturating_sub(first));
+        // Round up: a lease seen 0.4 s ago with 1 s to go still holds this second.
+        let left = secs(left).saturating_add(i64::from(left.subsec_nanos() > 0));
+        lease.expires = lease.expires.min(now.saturating_add(left));
+        lease
+    }
+
+    /// True the first time an ignored lease content is reported (log it once).
+    pub fn first_report(&mut self, name: &str, content: [u8; 32]) -> bool {
+        if self.reported.len() >= 1024 {
+            self.reported.clear();
+        }
+        self.reported.insert((name.to_string(), content))
     }
 }
 
@@ -125,7 +294,7 @@ pub fn may_order(
     forced: bool,
 ) -> Result<(), Wait> {
     if let Some(l) = lease {
-        if l.fresh(now) && l.holder != me.to_string() {
+        if l.fresh(now) && l.holder != me {
             return Err(Wait::Leased {
                 node: l.node.clone(),
                 until: l.expires,
@@ -240,5 +409,201 @@ mod tests {
             Err(Wait::NotRenewer { renewer: me })
         );
         assert_eq!(may_order(id(9), me, None, now, true), Ok(()));
+    }
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    fn lease_bytes(holder: DeviceId, expires: i64) -> Vec<u8> {
+        RenewalLease {
+            holder,
+            node: "bad".into(),
+            expires,
+        }
+        .to_json()
+    }
+
+    #[test]
+    fn century_lease_is_honoured_only_lease_long() {
+        let now = 1_700_000_000;
+        let century = RenewalLease::parse(&lease_bytes(id(2), now + 100 * 365 * DAY)).unwrap();
+        let mut clock = LeaseClock::default();
+        let t0 = Duration::from_secs(1000);
+        let seen = clock.honour("www", [7; 32], century.clone(), now, t0, MIN);
+        assert_eq!(seen.expires, now + 60);
+        assert!(may_order(id(1), id(1), Some(&seen), now, true).is_err());
+        // 61 s later (monotonic), same content: void, whatever `expires` says.
+        let later = clock.honour(
+            "www",
+            [7; 32],
+            century.clone(),
+            now + 61,
+            t0 + MIN + Duration::from_secs(1),
+            MIN,
+        );
+        assert!(!later.fresh(now + 61));
+        assert_eq!(
+            may_order(id(1), id(1), Some(&later), now + 61, false),
+            Ok(())
+        );
+        // A wall clock set back a year extends nothing.
+        let back = clock.honour("www", [7; 32], century, now - 365 * DAY, t0 + 2 * MIN, MIN);
+        assert!(!back.fresh(now - 365 * DAY));
+    }
+
+    #[test]
+    fn a_short_lease_keeps_its_own_expiry() {
+        let now = 1_700_000_000;
+        let short = RenewalLease::parse(&lease_bytes(id(2), now + 10)).unwrap();
+        let mut clock = LeaseClock::default();
+        let seen = clock.honour("www", [1; 32], short, now, Duration::ZERO, MIN);
+        assert_eq!(seen.expires, now + 10);
+    }
+
+    #[test]
+    fn new_lease_content_is_a_new_lease_and_memory_is_bounded() {
+        let mut clock = LeaseClock::default();
+        let l = RenewalLease::new(id(2), "lb1", 0, MIN * 100);
+        for i in 0..100u8 {
+            let t = Duration::from_secs(u64::from(i));
+            let seen = clock.honour("www", [i; 32], l.clone(), 0, t, MIN);
+            assert_eq!(seen.expires, 60);
+        }
+        assert_eq!(clock.seen["www"].len(), REMEMBERED_PER_NAME);
+    }
+
+    #[test]
+    fn lease_from_an_unknown_holder_is_ignored() {
+        let bytes = lease_bytes(id(9), 2_000_000_000);
+        assert_eq!(
+            RenewalLease::parse_from(&bytes, id(1), &[id(2), id(3)]),
+            Err(LeaseError::Stranger(id(9)))
+        );
+        assert!(RenewalLease::parse_from(&bytes, id(9), &[]).is_ok());
+        assert!(RenewalLease::parse_from(&bytes, id(1), &[id(9)]).is_ok());
+    }
+
+    #[test]
+    fn malformed_leases_are_refused() {
+        let ok = String::from_utf8(lease_bytes(id(2), 5)).unwrap();
+        let holder = id(2).to_string();
+        let cases = [
+            r#"{"holder":"nope","node":"lb1","expires":5}"#.to_string(),
+            format!(r#"{{"holder":"{holder}","node":"","expires":5}}"#),
+            format!(
+                r#"{{"holder":"{holder}","node":"a
+b","expires":5}}"#
+            ),
+            format!(
+                r#"{{"holder":"{holder}","node":"{}","expires":5}}"#,
+                "x".repeat(200)
+            ),
+            format!(r#"{{"holder":"{holder}","node":"lb1","expires":-1}}"#),
+            format!(
+                r#"{{"holder":"{holder}","node":"lb1","expires":{}}}"#,
+                i64::MAX
+            ),
+            format!(
+                r#"{{"holder":"{holder}","node":"lb1","expires":{}}}"#,
+                u64::MAX
+            ),
+            format!("{ok}{}", " ".repeat(MAX_LEASE_BYTES)),
+            "[]".into(),
+        ];
+        for c in cases {
+            assert!(RenewalLease::parse(c.as_bytes()).is_err(), "{c}");
+        }
+        assert!(RenewalLease::parse(ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn extreme_times_do_not_overflow() {
+        let l = RenewalLease::new(id(1), "lb0", i64::MAX, Duration::from_secs(u64::MAX));
+        assert_eq!(l.expires, MAX_UNIX_TIME);
+        let mut clock = LeaseClock::default();
+        let h = clock.honour(
+            "www",
+            [0; 32],
+            l.clone(),
+            i64::MAX,
+            Duration::MAX,
+            Duration::MAX,
+        );
+        assert_eq!(h.expires, MAX_UNIX_TIME);
+        let h = clock.honour("www", [1; 32], l, i64::MIN, Duration::ZERO, Duration::MAX);
+        assert!(h.expires <= MAX_UNIX_TIME);
+        let v = Validity {
+            not_before: i64::MIN,
+            not_after: i64::MAX,
+        };
+        let _ = due_at(Some(v), None, 0.5);
+        let _ = due_at(
+            Some(Validity {
+                not_before: i64::MAX,
+                not_after: i64::MIN,
+            }),
+            None,
+            1.0,
+        );
+        assert_eq!(secs(Duration::MAX), i64::MAX);
+        assert_eq!(backoff(u32::MAX, 1.0, Some(Duration::MAX)), MAX_RETRY_AFTER);
+    }
+
+    #[test]
+    fn retry_after_and_ari_are_capped() {
+        assert_eq!(
+            backoff(1, 0.0, Some(Duration::from_secs(u64::MAX))),
+            MAX_RETRY_AFTER
+        );
+        assert_eq!(
+            ari_retry(Duration::from_secs(u64::MAX)),
+            Duration::from_secs(6 * 3600)
+        );
+        assert_eq!(ari_retry(Duration::ZERO), Duration::from_secs(600));
+        let v = Validity {
+            not_before: 100,
+            not_after: 1000,
+        };
+        let far = Window {
+            start: 500,
+            end: i64::MAX,
+        };
+        assert_eq!(
+            clamp_window(far, v),
+            Some(Window {
+                start: 500,
+                end: 1000
+            })
+        );
+        let early = Window {
+            start: i64::MIN,
+            end: 50,
+        };
+        assert_eq!(
+            clamp_window(early, v),
+            Some(Window {
+                start: 100,
+                end: 100
+            })
+        );
+        assert_eq!(
+            clamp_window(
+                Window {
+                    start: 900,
+                    end: 200
+                },
+                v
+            ),
+            None
+        );
+        let w = clamp_window(
+            Window {
+                start: i64::MIN,
+                end: i64::MAX,
+            },
+            v,
+        )
+        .unwrap();
+        let due = due_at(Some(v), Some(w), 0.99);
+        assert!((100..=1000).contains(&due), "{due}");
     }
 }
