@@ -235,10 +235,16 @@ pub fn read_checked(root: &Path, rel: &str) -> std::io::Result<Vec<u8>> {
 }
 
 /// Maps `live/<name>/<rest>` to `archive/<name>/<n>/<rest>` through the checked link;
-/// any other path is returned as is.
+/// any other path, and a `live/<name>` that is a real directory (files placed by
+/// hand), is returned as is and read without following any link.
 fn resolve_live(r: &Root, rel: &str) -> std::io::Result<String> {
     let mut parts = rel.splitn(3, '/');
     match (parts.next(), parts.next(), parts.next()) {
+        (Some("live"), Some(name), Some(_))
+            if r.lstat(&format!("live/{name}"))?.is_some_and(|m| m.is_dir()) =>
+        {
+            Ok(rel.to_string())
+        }
         (Some("live"), Some(name), Some(rest)) => {
             let n = live_version_at(r, name)?;
             Ok(format!("archive/{name}/{n}/{rest}"))
@@ -305,6 +311,12 @@ mod tests {
         assert_eq!(live_version(root, "www"), Some(1));
         assert!(read(root, "live/bad/cert.pem").is_none());
         assert!(read(root, "elsewhere/cert.pem").is_some());
+        // A live/<name> that is a real directory (placed by hand) is read as it is.
+        fs::create_dir_all(root.join("live/plain")).unwrap();
+        fs::write(root.join("live/plain/cert.pem"), "P").unwrap();
+        assert_eq!(read(root, "live/plain/cert.pem").as_deref(), Some(&b"P"[..]));
+        std::os::unix::fs::symlink("../../archive/www/1/cert.pem", root.join("live/plain/l")).unwrap();
+        assert!(read(root, "live/plain/l").is_none());
         // A link to the key elsewhere in the tree is not followed by plain reads.
         std::os::unix::fs::symlink("../archive/www/1/cert.pem", root.join("elsewhere/k")).unwrap();
         assert!(read(root, "elsewhere/k").is_none());
