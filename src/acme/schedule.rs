@@ -208,6 +208,11 @@ const REMEMBERED_PER_NAME: usize = 16;
 pub struct LeaseClock {
     /// name -> (content hash, first seen), oldest first.
     seen: HashMap<String, Vec<([u8; 32], Duration)>>,
+    /// name -> the run of leases it is in: (start, first sight of its newest content).
+    /// A new content first seen within `max` of the run's previous one continues the
+    /// run, so rewriting the lease every few seconds (a new content each time) buys
+    /// nothing: the run as a whole is honoured for `max`.
+    runs: HashMap<String, (Duration, Duration)>,
     /// (name, content hash) already reported as ignored.
     reported: HashSet<(String, [u8; 32])>,
 }
@@ -236,7 +241,17 @@ impl LeaseClock {
                 mono
             }
         };
-        let left = max.saturating_sub(mono.saturating_sub(first));
+        let since = match self.runs.get_mut(name) {
+            Some((since, newest)) if first <= newest.saturating_add(max) => {
+                *newest = (*newest).max(first);
+                (*since).min(first)
+            }
+            _ => {
+                self.runs.insert(name.to_string(), (first, first));
+                first
+            }
+        };
+        let left = max.saturating_sub(mono.saturating_sub(since));
         // Round up: a lease seen 0.4 s ago with 1 s to go still holds this second.
         let left = secs(left).saturating_add(i64::from(left.subsec_nanos() > 0));
         lease.expires = lease.expires.min(now.saturating_add(left));
@@ -460,15 +475,28 @@ mod tests {
     }
 
     #[test]
-    fn new_lease_content_is_a_new_lease_and_memory_is_bounded() {
+    fn a_lease_rewritten_every_second_holds_only_lease_long_in_all() {
         let mut clock = LeaseClock::default();
         let l = RenewalLease::new(id(2), "lb1", 0, MIN * 100);
         for i in 0..100u8 {
             let t = Duration::from_secs(u64::from(i));
-            let seen = clock.honour("www", [i; 32], l.clone(), 0, t, MIN);
-            assert_eq!(seen.expires, 60);
+            let now = i64::from(i);
+            let seen = clock.honour("www", [i; 32], l.clone(), now, t, MIN);
+            assert_eq!(seen.fresh(now), i < 60, "second {i}");
         }
         assert_eq!(clock.seen["www"].len(), REMEMBERED_PER_NAME);
+    }
+
+    #[test]
+    fn a_new_lease_after_a_quiet_lease_period_is_a_new_run() {
+        let mut clock = LeaseClock::default();
+        let l = RenewalLease::new(id(2), "lb1", 0, MIN * 100);
+        let first = clock.honour("www", [1; 32], l.clone(), 0, Duration::ZERO, MIN);
+        assert_eq!(first.expires, 60);
+        // The next attempt's lease, 3 minutes later: honoured in full again.
+        let t = Duration::from_secs(180);
+        let next = clock.honour("www", [2; 32], l, 180, t, MIN);
+        assert_eq!(next.expires, 240);
     }
 
     #[test]

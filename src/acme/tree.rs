@@ -241,7 +241,8 @@ fn resolve_live(r: &Root, rel: &str) -> std::io::Result<String> {
     let mut parts = rel.splitn(3, '/');
     match (parts.next(), parts.next(), parts.next()) {
         (Some("live"), Some(name), Some(_))
-            if r.lstat(&format!("live/{name}"))?.is_some_and(|m| m.is_dir()) =>
+            if r.lstat(&format!("live/{name}"))?
+                .is_some_and(|m| m.is_dir()) =>
         {
             Ok(rel.to_string())
         }
@@ -314,8 +315,12 @@ mod tests {
         // A live/<name> that is a real directory (placed by hand) is read as it is.
         fs::create_dir_all(root.join("live/plain")).unwrap();
         fs::write(root.join("live/plain/cert.pem"), "P").unwrap();
-        assert_eq!(read(root, "live/plain/cert.pem").as_deref(), Some(&b"P"[..]));
-        std::os::unix::fs::symlink("../../archive/www/1/cert.pem", root.join("live/plain/l")).unwrap();
+        assert_eq!(
+            read(root, "live/plain/cert.pem").as_deref(),
+            Some(&b"P"[..])
+        );
+        std::os::unix::fs::symlink("../../archive/www/1/cert.pem", root.join("live/plain/l"))
+            .unwrap();
         assert!(read(root, "live/plain/l").is_none());
         // A link to the key elsewhere in the tree is not followed by plain reads.
         std::os::unix::fs::symlink("../archive/www/1/cert.pem", root.join("elsewhere/k")).unwrap();
