@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::clients::Clients;
 use crate::identity::DeviceId;
 use crate::node::Shared;
 
@@ -303,17 +304,14 @@ pub fn start(shared: Arc<Shared>, path: &Path) -> anyhow::Result<tokio::task::Jo
     let listener = UnixListener::bind(path)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    let mut clients = Clients::new("control socket", MAX_CLIENTS);
     Ok(tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
                     // Over the cap the connection is closed at once: a stuck or
                     // flooding local client cannot exhaust descriptors or tasks.
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        tracing::warn!(
-                            "control socket: {MAX_CLIENTS} clients already, closing one more"
-                        );
+                    let Some(slot) = clients.admit() else {
                         continue;
                     };
                     let shared = shared.clone();
@@ -324,11 +322,7 @@ pub fn start(shared: Arc<Shared>, path: &Path) -> anyhow::Result<tokio::task::Jo
                         drop(slot);
                     });
                 }
-                // EMFILE and friends: the listener stays; try again shortly.
-                Err(e) => {
-                    tracing::warn!(error = %e, "control socket: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                Err(e) => clients.accept_failed(&e).await,
             }
         }
     }))

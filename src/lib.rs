@@ -27,6 +27,7 @@
 
 pub mod acme;
 pub mod apply;
+pub mod clients;
 pub mod config;
 pub mod control;
 pub mod demo;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::clients::Clients;
 use crate::control::{self, Status};
 use crate::node::Shared;
 
@@ -30,13 +31,12 @@ pub fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
     let listener = bind(addr)?;
     tracing::info!(%addr, "metrics endpoint listening");
     let shared = shared.clone();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    let mut clients = Clients::new("metrics", MAX_CLIENTS);
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok((stream, remote)) => {
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        tracing::debug!(%remote, "metrics: too many clients, closing");
+                Ok((stream, _)) => {
+                    let Some(slot) = clients.admit() else {
                         continue;
                     };
                     let shared = shared.clone();
@@ -48,10 +48,7 @@ pub fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
                         drop(slot);
                     });
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                Err(e) => clients.accept_failed(&e).await,
             }
         }
     });

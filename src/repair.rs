@@ -450,7 +450,7 @@ fn derive(file: &str, fc: &[u8], key: &[u8]) -> Vec<u8> {
     let ders = chain_der(fc).unwrap_or_default();
     let pem = |ds: &[Vec<u8>]| -> Vec<u8> {
         ds.iter()
-            .map(|d| x509_pem(d))
+            .map(|d| crate::acme::bundle::pem_cert(d))
             .collect::<String>()
             .into_bytes()
     };
@@ -459,17 +459,6 @@ fn derive(file: &str, fc: &[u8], key: &[u8]) -> Vec<u8> {
         "chain.pem" => pem(ders.get(1..).unwrap_or_default()),
         _ => [fc, key].concat(),
     }
-}
-
-fn x509_pem(der: &[u8]) -> String {
-    use std::fmt::Write;
-    let b64 = data_encoding::BASE64.encode(der);
-    let mut s = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        let _ = writeln!(s, "{}", String::from_utf8_lossy(line));
-    }
-    s.push_str("-----END CERTIFICATE-----\n");
-    s
 }
 
 #[cfg(test)]

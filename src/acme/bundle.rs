@@ -63,7 +63,8 @@ pub fn chain_der(pem: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
-fn pem_cert(der: &[u8]) -> String {
+/// One certificate as PEM (64-column base64).
+pub(crate) fn pem_cert(der: &[u8]) -> String {
     use std::fmt::Write;
     let b64 = data_encoding::BASE64.encode(der);
     let mut s = String::from("-----BEGIN CERTIFICATE-----\n");

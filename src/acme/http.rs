@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{account::ACCOUNT_FILE, order::CHALLENGE_DIR, tree};
+use crate::clients::Clients;
 use crate::node::Shared;
 
 const PREFIX: &str = "/.well-known/acme-challenge/";
@@ -31,14 +32,12 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<()> {
     std.set_nonblocking(true)?;
     let listener = TcpListener::from_std(std)?;
     tracing::info!(%addr, "http-01 responder listening");
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    let mut clients = Clients::new("http-01 responder", MAX_CLIENTS);
     tokio::spawn(async move {
-        let mut last_warn: Option<std::time::Instant> = None;
         loop {
             match listener.accept().await {
-                Ok((stream, remote)) => {
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        tracing::debug!(%remote, "http-01: too many clients, closing");
+                Ok((stream, _)) => {
+                    let Some(slot) = clients.admit() else {
                         continue;
                     };
                     let shared = shared.clone();
@@ -49,14 +48,7 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<()> {
                         drop(slot);
                     });
                 }
-                // EMFILE and friends: keep the responder, warn at most every 10 s.
-                Err(e) => {
-                    if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                        tracing::warn!(error = %e, "http-01: accept failed");
-                        last_warn = Some(std::time::Instant::now());
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                Err(e) => clients.accept_failed(&e).await,
             }
         }
     });
