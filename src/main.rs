@@ -312,7 +312,11 @@ fn restore(c: &Config, path: Option<&str>, version: usize, list: bool) -> Result
     use certmesh::keep;
     let io = |e: std::io::Error| Failure::Runtime(format!("{}: {e}", c.tree.display()));
     let Some(path) = path else {
-        for p in keep::list_paths(&c.tree).map_err(io)? {
+        let paths = keep::list_paths(&c.tree).map_err(io)?;
+        if paths.is_empty() {
+            println!("nothing kept under {}/.certmesh/kept", c.tree.display());
+        }
+        for p in paths {
             let n = keep::list(&c.tree, &p).map_err(io)?.len();
             println!("{p}  ({n} kept)");
         }

@@ -206,10 +206,9 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
             Seen::Skipped(why) => {
                 let mut st = shared.lock();
                 if st.index.get(&p).is_none_or(|e| e.record.deleted) {
-                    tracing::debug!(path = %p, %why, "skipped");
-                    if !full {
-                        tracing::warn!(path = %p, %why, "not synced");
-                    }
+                    // Also on full rescans (start, then hourly): a link made in the
+                    // tree that breaks the link rules must be seen by the operator.
+                    tracing::warn!(path = %p, %why, "not synced");
                     continue;
                 }
                 st.error(format!("{p}: {why}; treating as removed"));
