@@ -405,16 +405,35 @@ impl KeyScanner {
         Self::default()
     }
 
-    /// Feeds the next chunk.
+    /// Feeds the next chunk. The chunk is searched in place; only the seam with the
+    /// previous chunk (at most [`CARRY`] bytes each side) is copied.
     pub fn feed(&mut self, chunk: &[u8]) {
         if self.found {
             return;
         }
-        let mut buf = std::mem::take(&mut self.carry);
-        buf.extend_from_slice(chunk);
-        self.found = holds_begin_key(&buf);
-        let keep = buf.len().min(CARRY);
-        self.carry = buf[buf.len() - keep..].to_vec();
+        if !self.carry.is_empty() {
+            let mut seam = std::mem::take(&mut self.carry);
+            seam.extend_from_slice(&chunk[..chunk.len().min(CARRY)]);
+            if holds_begin_key(&seam) {
+                self.found = true;
+                return;
+            }
+            self.carry = seam;
+            self.carry
+                .truncate(self.carry.len() - chunk.len().min(CARRY));
+        }
+        if holds_begin_key(chunk) {
+            self.found = true;
+            return;
+        }
+        if chunk.len() >= CARRY {
+            self.carry.clear();
+            self.carry.extend_from_slice(&chunk[chunk.len() - CARRY..]);
+        } else {
+            self.carry.extend_from_slice(chunk);
+            let extra = self.carry.len().saturating_sub(CARRY);
+            self.carry.drain(..extra);
+        }
     }
 
     pub fn found(&self) -> bool {
@@ -459,11 +478,11 @@ fn holds_begin_key(buf: &[u8]) -> bool {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).rposition(|w| w == needle)
+    memchr::memmem::rfind(hay, needle)
 }
 
 #[cfg(test)]
@@ -488,6 +507,15 @@ mod tests {
                 assert!(s.found(), "{label:?} in chunks of {size}");
             }
             assert!(KeyScanner::scan(pem.as_bytes()).unwrap());
+        }
+        // A key after a large padding, the file cut in two at every offset around it.
+        let mut padded = vec![b'x'; 100_000];
+        padded.extend_from_slice(b"-----BEGIN EC PRIVATE KEY-----\n");
+        for cut in 99_950..padded.len() {
+            let mut s = KeyScanner::new();
+            s.feed(&padded[..cut]);
+            s.feed(&padded[cut..]);
+            assert!(s.found(), "cut at {cut}");
         }
         let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
         assert!(!KeyScanner::scan(cert.as_bytes()).unwrap());
