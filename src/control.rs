@@ -201,14 +201,14 @@ pub fn status(shared: &Shared) -> Status {
         .iter()
         .map(|(id, slot)| {
             let conn = slot.session.as_ref().map(|s| &s.conn);
-            let in_sync = conn.is_some() && st.plan.in_sync(id, &st.index);
+            let in_sync = conn.is_some() && st.engine.plan().in_sync(id, st.engine.index());
             let acked = if conn.is_some() {
-                st.plan.peer_acked(id).max(slot.last_acked)
+                st.engine.plan().peer_acked(id).max(slot.last_acked)
             } else {
                 slot.last_acked
             };
-            let pending_from = st.plan.pending_from(id, &st.index);
-            let unacked = st.index.changed_since(acked).count();
+            let pending_from = st.engine.plan().pending_from(id, st.engine.index());
+            let unacked = st.engine.index().changed_since(acked).count();
             let last_sync = if in_sync { Some(now) } else { slot.last_sync };
             let p = PeerStatus {
                 name: slot.config.name.clone(),
@@ -217,7 +217,7 @@ pub fn status(shared: &Shared) -> Status {
                 connected: conn.is_some(),
                 in_sync,
                 rtt_ms: conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
-                acked: st.plan.peer_acked(id),
+                acked: st.engine.plan().peer_acked(id),
                 pending_from,
                 last_error: slot.last_error.clone(),
                 out_of_sync: if in_sync { 0 } else { unacked + pending_from },
@@ -236,12 +236,13 @@ pub fn status(shared: &Shared) -> Status {
     let errors = st.errors.iter().cloned().collect();
     let tree = TreeStatus {
         path: tree,
-        files: st.index.live_count(),
-        out_of_sync: st.plan.needs_len(),
+        files: st.engine.index().live_count(),
+        out_of_sync: st.engine.plan().needs_len(),
         scans: shared.scans.load(std::sync::atomic::Ordering::Relaxed),
-        sequence: st.index.sequence(),
+        sequence: st.engine.index().sequence(),
         too_large: st
-            .plan
+            .engine
+            .plan()
             .too_large()
             .take(TOO_LARGE_SHOWN)
             .map(|(p, size)| TooLargeFile {
@@ -249,8 +250,8 @@ pub fn status(shared: &Shared) -> Status {
                 size,
             })
             .collect(),
-        too_large_count: st.plan.too_large_len(),
-        not_adopted: st.plan.not_adopted(),
+        too_large_count: st.engine.plan().too_large_len(),
+        not_adopted: st.engine.plan().not_adopted(),
     };
     drop(st);
     peers.sort_by(|a, b| a.name.cmp(&b.name));

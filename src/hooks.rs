@@ -44,11 +44,11 @@ pub fn start(shared: &Arc<Shared>) {
 fn touched(shared: &Shared, since: u64) -> Vec<String> {
     let st = shared.lock();
     let mut out = BTreeSet::new();
-    for e in st.index.changed_since(since) {
+    for e in st.engine.index().changed_since(since) {
         let p = e.record.path.as_str().to_string();
         if e.record.kind == Kind::Symlink && !e.record.deleted {
             if let Ok(target) = e.record.path.resolve_symlink_target(&e.record.target) {
-                for inner in st.index.paths_within(&target) {
+                for inner in st.engine.index().paths_within(&target) {
                     if let Some(rest) = inner.as_str().strip_prefix(target.as_str()) {
                         out.insert(format!("{p}{rest}"));
                     }

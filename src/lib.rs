@@ -30,6 +30,7 @@ pub mod apply;
 pub mod clients;
 pub mod config;
 pub mod control;
+pub mod core;
 pub mod demo;
 pub mod demo_pebble;
 pub mod dhparam;

@@ -13,11 +13,11 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::apply::Tree;
+use crate::core::engine::{Engine, EngineError};
 use crate::config::{Config, PeerConfig};
 use crate::identity::{DeviceId, Identity};
 use crate::index::{Entry, Index};
 use crate::paths::RelPath;
-use crate::plan::Plan;
 use crate::store::Store;
 use crate::transport::{Allowed, Transport};
 
@@ -55,8 +55,8 @@ pub struct PeerSlot {
 
 /// Everything the pure core needs, under one lock.
 pub struct State {
-    pub index: Index,
-    pub plan: Plan,
+    /// Index, plan and per-peer send state: changed only through its methods.
+    pub engine: Engine,
     pub store: Store,
     pub peers: HashMap<DeviceId, PeerSlot>,
     /// Paths being written by the puller: the scanner must not read them mid-apply.
@@ -80,23 +80,25 @@ impl State {
         self.errors.push_back(format!("{t} {msg}"));
     }
 
-    /// An ack from `peer`: the plan learns it, the slot remembers when.
-    pub fn acked(&mut self, peer: DeviceId, sequence: u64) {
-        self.plan.acked(peer, sequence);
+    /// An ack from `peer`: the engine checks and learns it, the slot remembers when.
+    pub fn acked(&mut self, peer: DeviceId, sequence: u64) -> Result<(), EngineError> {
+        self.engine.handle_ack(peer, sequence)?;
         if let Some(slot) = self.peers.get_mut(&peer) {
             slot.last_acked = slot.last_acked.max(sequence);
             slot.last_sync = Some(now_ns() / 1_000_000_000);
         }
+        Ok(())
     }
 
     /// Persists the entries changed after `since` and tells peers about them.
     pub fn commit(&mut self, since: u64, shared: &Shared) {
-        let seq = self.index.sequence();
+        let index = self.engine.index();
+        let seq = index.sequence();
         if seq == since {
             return;
         }
-        let entries: Vec<&Entry> = self.index.changed_since(since).collect();
-        if let Err(e) = self.store.append(entries.into_iter(), &self.index) {
+        let entries: Vec<&Entry> = index.changed_since(since).collect();
+        if let Err(e) = self.store.append(entries.into_iter(), index) {
             self.error(format!("writing the index: {e}"));
         }
         shared.changed.send_replace(seq);
@@ -153,11 +155,11 @@ impl Shared {
         while start.elapsed() < grace {
             {
                 let st = self.lock();
-                let formed = st.plan.needs_len() == 0
+                let formed = st.engine.plan().needs_len() == 0
                     && st
                         .peers
                         .iter()
-                        .all(|(id, s)| s.session.is_some() && st.plan.in_sync(id, &st.index));
+                        .all(|(id, s)| s.session.is_some() && st.engine.plan().in_sync(id, st.engine.index()));
                 if formed {
                     return true;
                 }
@@ -247,8 +249,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         identity,
         tree,
         state: Mutex::new(State {
-            index,
-            plan: Plan::new(config.max_file_size),
+            engine: Engine::new(index, config.max_file_size),
             store,
             peers,
             applying: HashSet::new(),
@@ -341,8 +342,7 @@ pub fn reload(shared: &Arc<Shared>, transport: &Arc<Transport>, new: Config) {
                 }
                 slot.gone.notify_waiters();
             }
-            let State { plan, index, .. } = &mut *st;
-            plan.disconnected(id, index);
+            st.engine.disconnected(id);
             tracing::info!(peer = %id, "peer removed from config");
         }
         for (id, p) in wanted {
@@ -501,7 +501,7 @@ async fn collect_tombstones(shared: Arc<Shared>) {
         let mut st = shared.lock();
         let acked_by_all = st.peers.values().map(|s| s.last_acked).min();
         let gone = st
-            .index
+            .engine
             .collect_tombstones(now_ns(), acked_by_all.unwrap_or(u64::MAX));
         if gone.is_empty() {
             continue;
@@ -510,8 +510,8 @@ async fn collect_tombstones(shared: Arc<Shared>) {
             n = gone.len(),
             "collected tombstones acknowledged by every peer"
         );
-        let State { store, index, .. } = &mut *st;
-        if let Err(e) = store.rewrite(index) {
+        let State { store, engine, .. } = &mut *st;
+        if let Err(e) = store.rewrite(engine.index()) {
             st.error(format!(
                 "writing the index after collecting tombstones: {e}"
             ));
@@ -552,7 +552,7 @@ pub async fn wait_peers_have(shared: &Shared, path: &RelPath, timeout: Duration)
         progress.borrow_and_update();
         let pending = {
             let st = shared.lock();
-            let seq = st.index.get(path).map_or(0, |e| e.sequence);
+            let seq = st.engine.index().get(path).map_or(0, |e| e.sequence);
             let mut pending = 0;
             for (id, slot) in &st.peers {
                 if slot.session.is_none() {
@@ -564,7 +564,7 @@ pub async fn wait_peers_have(shared: &Shared, path: &RelPath, timeout: Duration)
                     after: None,
                 });
                 if ack.after.is_none() {
-                    if st.plan.peer_acked(id) >= seq {
+                    if st.engine.plan().peer_acked(id) >= seq {
                         ack.after = Some(start.elapsed());
                     } else {
                         pending += 1;

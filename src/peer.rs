@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::identity::DeviceId;
-use crate::index::{ContentHash, Kind};
+use crate::core::engine::{EngineError, IndexSend, SendToken};
+use crate::index::Kind;
 use crate::node::{Session, Shared};
 use crate::paths::RelPath;
 use crate::plan::PlanEvent;
@@ -20,10 +21,7 @@ use crate::wire::{
 /// Close codes.
 pub const CLOSE_DUPLICATE: u32 = 1;
 pub const CLOSE_PROTOCOL: u32 = 3;
-/// Most records one peer may announce (bounds memory against an index flood: about
-/// 0.7 KiB each, so ~70 MiB; a certificate tree has a few thousand). Bytes are
-/// bounded too: `plan::MAX_PEER_BYTES`.
-pub const MAX_PEER_RECORDS: usize = 100_000;
+pub use crate::core::engine::MAX_PEER_RECORDS;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent content requests served per connection.
 const MAX_SERVING: usize = 64;
@@ -67,18 +65,18 @@ pub async fn run_session_with_ready(
         dialed_by_me,
         conn: conn.clone(),
     };
-    if !register(&shared, peer, &session) {
+    let Some(token) = register(&shared, peer, &session) else {
         conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
         if let Some(r) = ready {
             let _ = r.send(());
         }
         return;
-    }
+    };
     if let Some(r) = ready {
         let _ = r.send(());
     }
     tracing::info!(peer = %peer, name = %hello.name, %remote, dialed_by_me, "peer connected");
-    let sender = tokio::spawn(send_loop(shared.clone(), peer, send));
+    let sender = tokio::spawn(send_loop(shared.clone(), peer, token, send));
     let server = tokio::spawn(serve_requests(shared.clone(), conn.clone()));
     let result = tokio::select! {
         r = recv_loop(&shared, peer, recv) => r,
@@ -145,16 +143,13 @@ fn io(e: impl std::fmt::Display) -> WireError {
 
 /// Registers a session, resolving duplicates the same way on both sides: a restarted
 /// peer (new instance) replaces the old session; between two live sessions of the
-/// same instance, the one dialled by the lower device ID stays.
-fn register(shared: &Shared, peer: DeviceId, session: &Session) -> bool {
+/// same instance, the one dialled by the lower device ID stays. Returns the new
+/// session's send token, `None` when it is refused.
+fn register(shared: &Shared, peer: DeviceId, session: &Session) -> Option<SendToken> {
     let me = shared.me();
     let mut st = shared.lock();
-    let crate::node::State {
-        peers, plan, index, ..
-    } = &mut *st;
-    let Some(slot) = peers.get_mut(&peer) else {
-        return false;
-    };
+    let crate::node::State { peers, engine, .. } = &mut *st;
+    let slot = peers.get_mut(&peer)?;
     if let Some(existing) = &slot.session {
         let preferred = |s: &Session| s.dialed_by_me == (me < peer);
         let existing_alive = existing.conn.close_reason().is_none();
@@ -162,25 +157,22 @@ fn register(shared: &Shared, peer: DeviceId, session: &Session) -> bool {
             && existing.instance == session.instance
             && (preferred(existing) || !preferred(session))
         {
-            return false;
+            return None;
         }
         existing.conn.close(CLOSE_DUPLICATE.into(), b"replaced");
     }
     slot.session = Some(session.clone());
     slot.last_error = None;
-    plan.connected(peer, index);
-    true
+    Some(engine.connected(peer))
 }
 
 fn unregister(shared: &Shared, peer: DeviceId, session_id: u64) {
     let mut st = shared.lock();
-    let crate::node::State {
-        peers, plan, index, ..
-    } = &mut *st;
+    let crate::node::State { peers, engine, .. } = &mut *st;
     if let Some(slot) = peers.get_mut(&peer) {
         if slot.session.as_ref().is_some_and(|s| s.id == session_id) {
             slot.session = None;
-            plan.disconnected(peer, index);
+            engine.disconnected(peer);
             slot.gone.notify_waiters();
         }
     }
@@ -235,92 +227,68 @@ async fn send_records(
     Ok(())
 }
 
-/// Sends the full index, then increments and acks as they happen.
+/// Sends what the engine says to send: the full index, then increments and acks as
+/// they happen. Ends when the session's send state is gone (replaced or ended).
 async fn send_loop(
     shared: Arc<Shared>,
     peer: DeviceId,
+    token: SendToken,
     mut send: quinn::SendStream,
 ) -> Result<(), WireError> {
     let mut changed = shared.changed.subscribe();
     let mut progress = shared.progress.subscribe();
-    let (full, upto) = {
-        let st = shared.lock();
-        let files: Vec<pb::FileInfo> = st
-            .index
-            .changed_since(0)
-            .map(|e| record_to_wire(&e.record, e.sequence))
-            .collect();
-        (files, st.index.sequence())
-    };
-    send_records(&mut send, full, upto, true).await?;
-    let mut sent = upto;
-    let mut acked = 0;
     loop {
         changed.borrow_and_update();
         progress.borrow_and_update();
-        let (files, upto, ack) = {
-            let st = shared.lock();
-            // Every change goes to every peer, even one it came from: the peer's view
-            // of us must stay exact for the conflict rule. Content goes inline only
-            // where the peer does not already have it.
-            let files: Vec<(pb::FileInfo, bool)> = st
-                .index
-                .changed_since(sent)
-                .map(|e| {
-                    let has = st
-                        .plan
-                        .peer_record(&peer, &e.record.path)
-                        .is_some_and(|r| !r.deleted && r.hash == e.record.hash);
-                    (record_to_wire(&e.record, e.sequence), has)
-                })
-                .collect();
-            (
-                files,
-                st.index.sequence(),
-                st.plan.ack_for(&peer, &st.index),
-            )
+        let transmit = {
+            let mut st = shared.lock();
+            if !st.engine.is_current(&peer, token) {
+                return Ok(());
+            }
+            st.engine.poll_transmit(peer, token)
         };
-        if upto > sent {
-            let files = {
-                let cache = shared.inline();
-                files
-                    .into_iter()
-                    .map(|(mut f, peer_has_it)| {
-                        if !peer_has_it
-                            && !f.deleted
-                            && f.kind == pb::Kind::File as i32
-                            && f.size as usize <= wire::MAX_INLINE
-                        {
-                            if let Some(d) = f
-                                .hash
-                                .as_slice()
-                                .try_into()
-                                .ok()
-                                .and_then(|h| cache.get(&ContentHash(h)))
-                            {
-                                f.data = d.as_ref().clone();
-                            }
-                        }
-                        f
-                    })
-                    .collect()
-            };
-            send_records(&mut send, files, upto, false).await?;
-            tracing::trace!(peer = %peer, upto, "sent increment");
-            sent = upto;
-        }
-        if ack != acked {
-            let f = pb::Frame {
-                body: Some(pb::frame::Body::Ack(pb::Ack { sequence: ack })),
-            };
-            wire::write_msg(&mut send, &f).await?;
-            acked = ack;
+        if let Some(t) = transmit {
+            if let Some(ix) = t.index {
+                let (full, upto) = (ix.full, ix.upto);
+                let files = to_frames(&shared, ix);
+                send_records(&mut send, files, upto, full).await?;
+                tracing::trace!(peer = %peer, upto, full, "sent index");
+            }
+            if let Some(ack) = t.ack {
+                let f = pb::Frame {
+                    body: Some(pb::frame::Body::Ack(pb::Ack { sequence: ack })),
+                };
+                wire::write_msg(&mut send, &f).await?;
+            }
         }
         tokio::select! {
             r = changed.changed() => if r.is_err() { return Ok(()) },
             r = progress.changed() => if r.is_err() { return Ok(()) },
         }
     }
+}
+
+/// Our records as wire records. In increments, small content the peer does not
+/// already have goes inline when the cache holds it; the full index goes without.
+fn to_frames(shared: &Shared, ix: IndexSend) -> Vec<pb::FileInfo> {
+    let cache = shared.inline();
+    ix.records
+        .into_iter()
+        .map(|o| {
+            let mut f = record_to_wire(&o.record, o.sequence);
+            if !ix.full
+                && !o.peer_has_content
+                && !o.record.deleted
+                && o.record.kind == Kind::File
+                && o.record.size as usize <= wire::MAX_INLINE
+            {
+                if let Some(d) = cache.get(&o.record.hash) {
+                    f.data = d.as_ref().clone();
+                }
+            }
+            f
+        })
+        .collect()
 }
 
 /// Reads the peer's index and acks; anything invalid ends the session.
@@ -350,29 +318,16 @@ async fn recv_loop(
                 }
                 {
                     let mut st = shared.lock();
-                    let crate::node::State { plan, index, .. } = &mut *st;
-                    if plan.peer_record_count(&peer) + records.len() > MAX_PEER_RECORDS {
-                        return Err(WireError::Invalid {
-                            what: "index",
-                            why: format!("more than {MAX_PEER_RECORDS} records"),
-                        });
-                    }
-                    plan.admit(&peer, &records)
-                        .map_err(|e| WireError::Invalid {
-                            what: "index",
-                            why: e.to_string(),
-                        })?;
-                    plan.receive(peer, records, ix.last_sequence, index);
+                    st.engine
+                        .handle_index(peer, records, ix.last_sequence)
+                        .map_err(refused)?;
                     report_plan_events(&mut st, peer);
                 }
                 shared.pull.notify_one();
                 shared.bump_progress();
             }
             Some(pb::frame::Body::Ack(a)) => {
-                let mut st = shared.lock();
-                wire::check_ack(a.sequence, st.index.sequence())?;
-                st.acked(peer, a.sequence);
-                drop(st);
+                shared.lock().acked(peer, a.sequence).map_err(refused)?;
                 shared.bump_progress();
             }
             Some(pb::frame::Body::Hello(_)) | None => {
@@ -385,10 +340,18 @@ async fn recv_loop(
     }
 }
 
+/// A rule the engine enforces, as the wire error that ends the session.
+fn refused(e: EngineError) -> WireError {
+    WireError::Invalid {
+        what: e.what(),
+        why: e.to_string(),
+    }
+}
+
 /// Logs what the plan decided about a peer's records: each file too large once per
 /// content, a full index once.
 fn report_plan_events(st: &mut crate::node::State, peer: DeviceId) {
-    for e in st.plan.take_events() {
+    for e in st.engine.take_events() {
         match e {
             PlanEvent::TooLarge { path, size, max } => tracing::warn!(
                 peer = %peer, path = %path, size, max_file_size = max,
@@ -433,7 +396,8 @@ async fn serve_one(
     let path = RelPath::parse_shared(&req.path)?;
     let size = {
         let st = shared.lock();
-        st.index
+        st.engine
+            .index()
             .get(&path)
             .filter(|e| {
                 !e.record.deleted

@@ -190,12 +190,12 @@ fn take(shared: &Shared, retry: &mut Retry, room: usize) -> Vec<Work> {
     let mut guard = shared.lock();
     let inline_cache = shared.inline(); // lock order: state, then inline cache
     let crate::node::State {
-        plan,
-        index,
+        engine,
         peers,
         applying,
         ..
     } = &mut *guard;
+    let (plan, index) = (engine.plan(), engine.index());
     let mut out = Vec::new();
     for need in plan.needs() {
         if out.len() >= room {
@@ -258,7 +258,8 @@ fn form_batch(shared: &Shared, ready: &mut Vec<Work>) -> Vec<Work> {
             continue;
         };
         let missing: Vec<RelPath> = st
-            .plan
+            .engine
+            .plan()
             .needs_within(&target)
             .filter(|p| !in_batch.contains(*p))
             .cloned()
@@ -346,7 +347,7 @@ fn record(shared: &Shared, retry: &mut Retry, (done, outcomes): Applied) {
     let mut touched = Vec::new(); // for certificate repair
     {
         let mut st = shared.lock();
-        let since = st.index.sequence();
+        let since = st.engine.index().sequence();
         for (w, outcome) in done.into_iter().zip(outcomes) {
             let p = w.need.target.path.clone();
             st.applying.remove(&p);
@@ -356,9 +357,7 @@ fn record(shared: &Shared, retry: &mut Retry, (done, outcomes): Applied) {
                     applied += 1;
                     tracing::debug!(path = %p, deleted = w.need.target.deleted, "applied");
                     touched.push(p.clone());
-                    st.index.put(w.need.target, stat);
-                    let crate::node::State { plan, index, .. } = &mut *st;
-                    plan.evaluate(&p, index);
+                    st.engine.applied(w.need.target, stat);
                 }
                 Outcome::Deferred(why) => {
                     tracing::debug!(path = %p, %why, "deferred");

@@ -165,7 +165,7 @@ fn settled(shared: &Shared, name: &str) -> bool {
     let st = shared.lock();
     ["live", "archive"].iter().all(|top| {
         RelPath::parse(&format!("{top}/{name}")).is_ok_and(|dir| {
-            st.plan.needs_within(&dir).next().is_none()
+            st.engine.plan().needs_within(&dir).next().is_none()
                 && !st.applying.iter().any(|p| p.is_within(&dir))
         })
     })
@@ -204,7 +204,7 @@ async fn repair(shared: &Shared, name: &str) -> anyhow::Result<Option<RepairStat
     let link = tree::rel(&format!("live/{name}"))?;
     let cause = r.caused_by.or_else(|| {
         let st = shared.lock();
-        st.index.get(&link).map(|e| e.record.modified_by)
+        st.engine.index().get(&link).map(|e| e.record.modified_by)
     });
     if r.flip_link {
         let e = tree::symlink(shared, &link, &format!("../archive/{name}/{}", r.version))?;

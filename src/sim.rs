@@ -1,24 +1,28 @@
-//! Deterministic multi-peer harness for the pure sync core ([`Index`] + [`Plan`]),
-//! modelled on quinn-proto's `tests/util.rs` `Pair`: N in-memory nodes, a simulated
-//! nanosecond clock, and a message queue between linked nodes with latency and loss
-//! driven by a seeded RNG. No I/O, no tokio: a node's tree is a map path → file.
+//! Deterministic multi-peer harness for the sync [`Engine`], modelled on quinn-proto's
+//! `tests/util.rs` `Pair`: N in-memory nodes, a simulated nanosecond clock, and a
+//! message queue between linked nodes with latency and loss driven by a seeded RNG.
+//! No I/O, no tokio: a node's tree is a map path → file.
 //!
-//! Each node does what `peer.rs` / `pull.rs` / `watch.rs` do: on connect, send the
-//! full index; then increments (skipping what the peer announced) and acks; the puller
-//! fetches content by hash from a connected source, keeps conflict losers, applies,
-//! `index.put` + `plan.evaluate`. The real transport is reliable and ordered, so
-//! "loss" is a connection drop (in-flight messages vanish) and a reconnect later,
-//! which triggers a fresh full index exchange.
+//! Each node runs the production engine, the code the daemon runs: `connected` /
+//! `disconnected` on link changes, `poll_transmit` for what to send (full index,
+//! increments, acks), `handle_index` / `handle_ack` for what arrives (a refusal ends
+//! the connection and fails [`Sim::check_converged`]), `observe` for local edits and
+//! `applied` for what the puller wrote. Only the I/O shells are simulated here: the
+//! puller fetches content by hash from a connected source and keeps conflict losers.
+//! The real transport is reliable and ordered, so "loss" is a connection drop
+//! (in-flight messages vanish) and a reconnect later, which triggers a fresh full
+//! index exchange.
 
 use std::collections::BTreeMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::core::engine::{Engine, SendToken, Transmit};
 use crate::identity::DeviceId;
 use crate::index::{ContentHash, FileRecord, Index, Kind, LocalStat, Observed};
 use crate::paths::RelPath;
-use crate::plan::{Need, Plan};
+use crate::plan::{Need, DEFAULT_MAX_FILE_SIZE};
 
 const MS: i64 = 1_000_000;
 
@@ -61,16 +65,15 @@ fn hash(content: &[u8]) -> ContentHash {
 
 pub struct Node {
     pub id: DeviceId,
-    pub index: Index,
-    pub plan: Plan,
+    pub engine: Engine,
     pub files: BTreeMap<RelPath, SimFile>,
     /// Losing local contents kept by conflicts (`.certmesh/conflicts/` in the daemon).
     pub conflicts: Vec<(RelPath, SimFile)>,
     /// Clock skew added to the mtimes of local edits.
     pub skew: i64,
     up: bool,
-    /// Per connected peer: `(sent up to, last ack sent)`, as `send_loop` keeps them.
-    sessions: BTreeMap<usize, (u64, u64)>,
+    /// Per connected peer: the engine's send token for the session.
+    sessions: BTreeMap<usize, SendToken>,
 }
 
 #[derive(Debug)]
@@ -96,6 +99,9 @@ pub struct Stats {
     pub fetched: u64,
 }
 
+/// A message an engine refused: `(to, from, error)`.
+pub type Refusal = (usize, usize, String);
+
 pub struct Sim {
     pub nodes: Vec<Node>,
     pub now: i64,
@@ -104,6 +110,8 @@ pub struct Sim {
     /// Probability that delivering a message instead drops its connection.
     pub loss: f64,
     pub stats: Stats,
+    /// Messages an engine refused (the daemon would log them and disconnect).
+    pub refused: Vec<Refusal>,
     rng: StdRng,
     links: BTreeMap<(usize, usize), Link>,
     /// `(arrival, order) → (from, to, link epoch, message)`.
@@ -121,12 +129,11 @@ impl Sim {
     pub fn new(n: usize, seed: u64) -> Self {
         let node = |i: usize| {
             let id = DeviceId(*blake3::hash(format!("sim-node-{i}").as_bytes()).as_bytes());
-            let (index, plan) = (Index::new(id.short()), Plan::default());
+            let engine = Engine::new(Index::new(id.short()), DEFAULT_MAX_FILE_SIZE);
             let (files, conflicts, sessions) = Default::default();
             Node {
                 id,
-                index,
-                plan,
+                engine,
                 files,
                 conflicts,
                 skew: 0,
@@ -140,6 +147,7 @@ impl Sim {
             latency: (MS, 5 * MS),
             loss: 0.0,
             stats: Stats::default(),
+            refused: Vec::new(),
             rng: StdRng::seed_from_u64(seed),
             links: BTreeMap::new(),
             queue: BTreeMap::new(),
@@ -202,10 +210,14 @@ impl Sim {
         }
     }
 
-    /// The node comes back with its index (and files) intact and a fresh `Plan`.
+    /// The node comes back with its index (and files) intact and a fresh engine
+    /// around it (no peer views, no send state).
     pub fn restart(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        (node.up, node.plan) = (true, Plan::default());
+        let blank = Engine::new(Index::new(node.id.short()), DEFAULT_MAX_FILE_SIZE);
+        let index = std::mem::replace(&mut node.engine, blank).into_index();
+        node.engine = Engine::new(index, DEFAULT_MAX_FILE_SIZE);
+        node.up = true;
         node.sessions.clear();
         for k in self
             .link_keys()
@@ -225,19 +237,12 @@ impl Sim {
         (l.up, l.epoch) = (true, l.epoch + 1);
         for (x, y) in [(a, b), (b, a)] {
             let peer = self.nodes[y].id;
-            let Node {
-                plan,
-                index,
-                sessions,
-                ..
-            } = &mut self.nodes[x];
-            plan.connected(peer, index);
-            let full = index
-                .changed_since(0)
-                .map(|e| (e.record.clone(), e.sequence));
-            let (full, upto) = (full.collect(), index.sequence());
-            sessions.insert(y, (upto, 0));
-            self.send(x, y, Msg::Index(full, upto));
+            let node = &mut self.nodes[x];
+            let token = node.engine.connected(peer);
+            node.sessions.insert(y, token);
+            // The full index leaves at once, as `send_loop` sends it on connect.
+            let transmit = node.engine.poll_transmit(peer, token);
+            self.transmit(x, y, transmit);
         }
     }
 
@@ -248,14 +253,22 @@ impl Sim {
         (l.up, l.epoch) = (false, l.epoch + 1);
         for (x, y) in [(a, b), (b, a)] {
             let peer = self.nodes[y].id;
-            let Node {
-                plan,
-                index,
-                sessions,
-                ..
-            } = &mut self.nodes[x];
-            sessions.remove(&y);
-            plan.disconnected(peer, index);
+            let node = &mut self.nodes[x];
+            node.sessions.remove(&y);
+            node.engine.disconnected(peer);
+        }
+    }
+
+    /// Queues what an engine decided to send, as `send_loop` writes it: index
+    /// records first, then the ack.
+    fn transmit(&mut self, from: usize, to: usize, t: Option<Transmit>) {
+        let Some(t) = t else { return };
+        if let Some(ix) = t.index {
+            let records = ix.records.into_iter().map(|o| (o.record, o.sequence));
+            self.send(from, to, Msg::Index(records.collect(), ix.upto));
+        }
+        if let Some(ack) = t.ack {
+            self.send(from, to, Msg::Ack(ack));
         }
     }
 
@@ -283,10 +296,15 @@ impl Sim {
         }
         self.stats.delivered += 1;
         let peer = self.nodes[from].id;
-        let Node { plan, index, .. } = &mut self.nodes[to];
-        match msg {
-            Msg::Index(records, last) => plan.receive(peer, records, last, index),
-            Msg::Ack(seq) => plan.acked(peer, seq),
+        let engine = &mut self.nodes[to].engine;
+        let handled = match msg {
+            Msg::Index(records, last) => engine.handle_index(peer, records, last),
+            Msg::Ack(seq) => engine.handle_ack(peer, seq),
+        };
+        // Like `recv_loop`: a refused message ends the connection (logged there).
+        if let Err(e) = handled {
+            self.refused.push((to, from, e.to_string()));
+            self.disconnect(k);
         }
     }
 
@@ -331,41 +349,25 @@ impl Sim {
             .ok_or_else(|| format!("not quiet after {max_steps} steps"))
     }
 
-    /// Sends index increments and acks to every connected peer (`send_loop`).
+    /// Sends what the engine has for every connected peer (`send_loop`).
     fn flush(&mut self, i: usize) -> bool {
-        let mut out = Vec::new();
         let ids: Vec<DeviceId> = self.nodes.iter().map(|n| n.id).collect();
-        let Node {
-            index,
-            plan,
-            sessions,
-            ..
-        } = &mut self.nodes[i];
-        for (&j, (sent, acked)) in sessions.iter_mut() {
-            let upto = index.sequence();
-            if upto > *sent {
-                // Like the real sender: every change to every peer, so views stay exact.
-                let files = index
-                    .changed_since(*sent)
-                    .map(|e| (e.record.clone(), e.sequence));
-                out.push((j, Msg::Index(files.collect(), upto)));
-                *sent = upto;
-            }
-            let ack = plan.ack_for(&ids[j], index);
-            if ack != *acked {
-                out.push((j, Msg::Ack(ack)));
-                *acked = ack;
-            }
-        }
+        let node = &mut self.nodes[i];
+        let out: Vec<(usize, Transmit)> = node
+            .sessions
+            .iter()
+            .filter_map(|(&j, &token)| Some((j, node.engine.poll_transmit(ids[j], token)?)))
+            .collect();
         let busy = !out.is_empty();
-        out.into_iter().for_each(|(j, m)| self.send(i, j, m));
+        out.into_iter()
+            .for_each(|(j, t)| self.transmit(i, j, Some(t)));
         busy
     }
 
     /// Content for a need from the first connected source that really has it.
     fn fetch(&self, i: usize, need: &Need) -> Option<Vec<u8>> {
         let t = &need.target;
-        self.nodes[i].plan.sources(need).iter().find_map(|d| {
+        self.nodes[i].engine.plan().sources(need).iter().find_map(|d| {
             let j = self.nodes.iter().position(|n| n.id == *d)?;
             let linked = self.nodes[i].sessions.contains_key(&j) && self.nodes[j].up;
             let f = self.nodes[j].files.get(&t.path).filter(|_| linked)?;
@@ -378,7 +380,7 @@ impl Sim {
 
     /// The puller: applies every need it can satisfy now.
     fn pull(&mut self, i: usize) -> bool {
-        let needs: Vec<Need> = self.nodes[i].plan.needs().cloned().collect();
+        let needs: Vec<Need> = self.nodes[i].engine.plan().needs().cloned().collect();
         let mut busy = false;
         for need in needs {
             let t = &need.target;
@@ -419,8 +421,7 @@ impl Sim {
                 Some(stat)
             }
         };
-        node.index.put(need.target, stat);
-        node.plan.evaluate(&p, &node.index);
+        node.engine.applied(need.target, stat);
     }
 
     /// What the scanner would see at `p` on node `i`.
@@ -450,8 +451,7 @@ impl Sim {
             None => node.files.remove(&p),
         };
         let seen = Self::observed(node, &p);
-        node.index.observe(&p, seen, now + node.skew);
-        node.plan.evaluate(&p, &node.index);
+        node.engine.observe(&p, seen, now + node.skew);
     }
 
     /// A local write now (node clock), mode 0644.
@@ -474,7 +474,7 @@ impl Sim {
             .iter()
             .filter(|p| {
                 let seen = Self::observed(node, p);
-                node.index.observe(p, seen, now).is_some()
+                node.engine.observe(p, seen, now).is_some()
             })
             .count()
     }
@@ -497,12 +497,15 @@ impl Sim {
                 .files
                 .iter()
                 .map(|(p, f)| (p, (&f.content, f.mode, f.kind)));
-            let index = n.index.entries().map(|e| (&e.record.path, &e.record));
+            let index = n.engine.index().entries().map(|e| (&e.record.path, &e.record));
             (
                 files.collect::<BTreeMap<_, _>>(),
                 index.collect::<BTreeMap<_, _>>(),
             )
         };
+        if let Some((to, from, e)) = self.refused.first() {
+            return Err(format!("node {to} refused a message from node {from}: {e}"));
+        }
         let first = *live.first().ok_or("no live node")?;
         let v0 = view(first);
         for &i in &live {
@@ -510,10 +513,10 @@ impl Sim {
             if v != v0 {
                 return Err(format!("node {first}: {v0:?}\nnode {i}: {v:?}"));
             }
-            if let Some(need) = n.plan.needs().next() {
+            if let Some(need) = n.engine.plan().needs().next() {
                 return Err(format!("node {i} still needs {need:?}"));
             }
-            for e in n.index.entries().filter(|e| !e.record.deleted) {
+            for e in n.engine.index().entries().filter(|e| !e.record.deleted) {
                 if n.files
                     .get(&e.record.path)
                     .is_none_or(|f| hash(&f.content) != e.record.hash)
@@ -525,7 +528,7 @@ impl Sim {
         for (&(a, b), l) in self.links.iter().filter(|(_, l)| l.up) {
             for (x, y) in [(a, b), (b, a)] {
                 let n = &self.nodes[x];
-                if !n.plan.in_sync(&self.nodes[y].id, &n.index) {
+                if !n.engine.plan().in_sync(&self.nodes[y].id, n.engine.index()) {
                     return Err(format!("node {x} not in sync with node {y} ({l:?})"));
                 }
             }
@@ -600,7 +603,7 @@ mod tests {
             .collect();
         let p = RelPath::parse("cert.pem").unwrap();
         let rule = |i: usize| {
-            let r = &sim.nodes[i].index.get(&p).unwrap().record;
+            let r = &sim.nodes[i].engine.index().get(&p).unwrap().record;
             (r.mtime_ns, r.modified_by)
         };
         let (winner, loser) = if rule(0) > rule(1) { (0, 1) } else { (1, 0) };
@@ -856,6 +859,21 @@ mod tests {
             assert!(sim.content(1, "x").is_none());
             assert_eq!(sim.rescan(1), 0);
         }
+    }
+
+    /// The sim runs the production engine: break one of its rules (acks one sequence
+    /// too far) and a seeded run no longer converges.
+    #[test]
+    fn a_broken_engine_rule_fails_the_sim() {
+        let mut sim = Sim::mesh(3, 7);
+        sim.write(0, "live/www/fullchain.pem", b"chain v1");
+        quiet_and_converged(&mut sim);
+        sim.nodes.iter_mut().for_each(|n| n.engine.break_acks = true);
+        sim.write(1, "live/www/fullchain.pem", b"chain v2");
+        sim.run_until_quiet(QUIET).unwrap();
+        let err = sim.check_converged().unwrap_err();
+        assert!(err.contains("invalid") || err.contains("acknowledges"), "{err}");
+        eprintln!("broken acks: {err}");
     }
 
     #[test]

@@ -166,7 +166,7 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
         let mut all = Vec::new();
         scan::walk(root, None, &mut all, &mut errors);
         todo.extend(all);
-        todo.extend(shared.lock().index.entries().map(|e| e.record.path.clone()));
+        todo.extend(shared.lock().engine.index().entries().map(|e| e.record.path.clone()));
     } else {
         for p in paths {
             if p.is_local_only() {
@@ -177,7 +177,7 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
                 scan::walk(root, Some(&p), &mut below, &mut errors);
             }
             todo.extend(below);
-            todo.extend(shared.lock().index.paths_within(&p));
+            todo.extend(shared.lock().engine.index().paths_within(&p));
             todo.insert(p);
         }
     }
@@ -205,7 +205,7 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
             Seen::Absent => None,
             Seen::Skipped(why) => {
                 let mut st = shared.lock();
-                if st.index.get(&p).is_none_or(|e| e.record.deleted) {
+                if st.engine.index().get(&p).is_none_or(|e| e.record.deleted) {
                     // Also on full rescans (start, then hourly): a link made in the
                     // tree that breaks the link rules must be seen by the operator.
                     tracing::warn!(path = %p, %why, "not synced");
@@ -215,7 +215,7 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
                 None
             }
             Seen::Present { kind, stat, target } => {
-                if kind == Kind::File && shared.lock().index.unchanged(&p, &stat) {
+                if kind == Kind::File && shared.lock().engine.index().unchanged(&p, &stat) {
                     continue;
                 }
                 match scan::observe(root, &p, kind, stat, target) {
@@ -243,7 +243,7 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
     for e in errors {
         st.error(format!("scan: {e}"));
     }
-    let since = st.index.sequence();
+    let since = st.engine.index().sequence();
     let now = now_ns();
     let mut changed = 0;
     for (p, obs) in observed {
@@ -251,11 +251,9 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
             st.rescan_after_apply.push(p);
             continue;
         }
-        if let Some(r) = st.index.observe(&p, obs, now) {
+        if let Some(r) = st.engine.observe(&p, obs, now) {
             tracing::debug!(path = %p, deleted = r.deleted, "local change");
             changed += 1;
-            let crate::node::State { plan, index, .. } = &mut *st;
-            plan.evaluate(&p, index);
         }
     }
     if changed > 0 {

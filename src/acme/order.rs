@@ -197,7 +197,7 @@ async fn order(
         written
             .iter()
             .map(|(p, _)| p)
-            .max_by_key(|p| st.index.get(p).map_or(0, |e| e.sequence))
+            .max_by_key(|p| st.engine.index().get(p).map_or(0, |e| e.sequence))
             .unwrap_or(lease)
             .clone()
     };

@@ -171,7 +171,7 @@ pub fn remove_all(shared: &Shared, rel: &RelPath) -> anyhow::Result<()> {
 
 fn indexed(shared: &Shared, rel: &RelPath, want: &Expect) -> bool {
     let st = shared.lock();
-    let e = st.index.get(rel);
+    let e = st.engine.index().get(rel);
     match want {
         Expect::Gone => e.is_none_or(|e| e.record.deleted),
         Expect::File(h) => e.is_some_and(|e| {
@@ -202,7 +202,7 @@ pub async fn await_indexed(
             let st = shared.lock();
             return Ok(items
                 .iter()
-                .filter_map(|(p, _)| st.index.get(p).map(|e| e.sequence))
+                .filter_map(|(p, _)| st.engine.index().get(p).map(|e| e.sequence))
                 .max()
                 .unwrap_or(0));
         }
