@@ -2,9 +2,12 @@
 //! fleet of TLS frontends, over QUIC with mutual TLS.
 //!
 //! # Layout
-//! Pure core (no I/O): [`version`] (version vectors), [`index`] (local records and
-//! sequence numbers), [`plan`] (peers' records, needs, conflict rule, acks),
-//! [`paths`] (the validated path type).
+//! Pure core (no I/O): [`core`] (the sans-I/O [`core::engine::Engine`]: the only way
+//! to change the index and the plan; what to send and ack to each peer; driven by
+//! the daemon's tasks and by the simulator alike), [`version`] (version vectors),
+//! [`index`] (local records and sequence numbers), [`plan`] (peers' records, needs,
+//! conflict rule, acks), [`paths`] (the validated path type). Moving them under
+//! `core/` is a later step of issue 12.
 //!
 //! Edges: [`config`] (TOML), [`identity`] (device key + ID), [`wire`] (protobuf from
 //! `proto/`, framing), [`store`] (index on disk), [`scan`] + [`watch`] (reading the

@@ -1,7 +1,8 @@
 //! The daemon: loads identity, index and tree, then runs the watcher, the puller, the
 //! QUIC endpoint (accept + one dialler per peer) and the control socket until the
 //! injected shutdown future resolves. All mutable sync state sits in one `State`
-//! behind a mutex held only for pure-core calls; I/O happens outside it.
+//! (the sync [`Engine`] and the node's bookkeeping) behind a mutex held only for
+//! pure-core calls; I/O happens outside it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -13,8 +14,8 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::apply::Tree;
-use crate::core::engine::{Engine, EngineError};
 use crate::config::{Config, PeerConfig};
+use crate::core::engine::{Engine, EngineError};
 use crate::identity::{DeviceId, Identity};
 use crate::index::{Entry, Index};
 use crate::paths::RelPath;
@@ -156,10 +157,9 @@ impl Shared {
             {
                 let st = self.lock();
                 let formed = st.engine.plan().needs_len() == 0
-                    && st
-                        .peers
-                        .iter()
-                        .all(|(id, s)| s.session.is_some() && st.engine.plan().in_sync(id, st.engine.index()));
+                    && st.peers.iter().all(|(id, s)| {
+                        s.session.is_some() && st.engine.plan().in_sync(id, st.engine.index())
+                    });
                 if formed {
                     return true;
                 }

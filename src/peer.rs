@@ -1,15 +1,17 @@
 //! One connection with a peer: hello, duplicate resolution, then three loops — send
-//! our index (full, then increments) and acks; receive theirs; serve content requests
-//! on the bidirectional streams they open. A peer that sends anything invalid is
-//! disconnected and logged; the rest of the node is unaffected.
+//! what the engine's `poll_transmit` says (full index, increments, acks), adding
+//! inline content from the cache; feed what arrives to `handle_index` / `handle_ack`;
+//! serve content requests on the bidirectional streams they open. A peer that sends
+//! anything invalid (on the wire or by the engine's rules) is disconnected and
+//! logged; the rest of the node is unaffected.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::identity::DeviceId;
 use crate::core::engine::{EngineError, IndexSend, SendToken};
+use crate::identity::DeviceId;
 use crate::index::Kind;
 use crate::node::{Session, Shared};
 use crate::paths::RelPath;

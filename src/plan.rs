@@ -1,6 +1,7 @@
 //! What this node needs from whom: the peers' announced records, the resulting set of
 //! needed records (with the conflict rule applied), and the acknowledgements. Pure:
-//! the peer tasks feed it records, the puller reads `needs()`.
+//! changed only through [`crate::core::engine::Engine`], which re-evaluates after
+//! every index change; the puller reads `needs()`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 

@@ -367,15 +367,20 @@ impl Sim {
     /// Content for a need from the first connected source that really has it.
     fn fetch(&self, i: usize, need: &Need) -> Option<Vec<u8>> {
         let t = &need.target;
-        self.nodes[i].engine.plan().sources(need).iter().find_map(|d| {
-            let j = self.nodes.iter().position(|n| n.id == *d)?;
-            let linked = self.nodes[i].sessions.contains_key(&j) && self.nodes[j].up;
-            let f = self.nodes[j].files.get(&t.path).filter(|_| linked)?;
-            let ok = f.kind == Kind::File
-                && f.content.len() as u64 == t.size
-                && hash(&f.content) == t.hash;
-            ok.then(|| f.content.clone())
-        })
+        self.nodes[i]
+            .engine
+            .plan()
+            .sources(need)
+            .iter()
+            .find_map(|d| {
+                let j = self.nodes.iter().position(|n| n.id == *d)?;
+                let linked = self.nodes[i].sessions.contains_key(&j) && self.nodes[j].up;
+                let f = self.nodes[j].files.get(&t.path).filter(|_| linked)?;
+                let ok = f.kind == Kind::File
+                    && f.content.len() as u64 == t.size
+                    && hash(&f.content) == t.hash;
+                ok.then(|| f.content.clone())
+            })
     }
 
     /// The puller: applies every need it can satisfy now.
@@ -497,7 +502,11 @@ impl Sim {
                 .files
                 .iter()
                 .map(|(p, f)| (p, (&f.content, f.mode, f.kind)));
-            let index = n.engine.index().entries().map(|e| (&e.record.path, &e.record));
+            let index = n
+                .engine
+                .index()
+                .entries()
+                .map(|e| (&e.record.path, &e.record));
             (
                 files.collect::<BTreeMap<_, _>>(),
                 index.collect::<BTreeMap<_, _>>(),
@@ -868,11 +877,16 @@ mod tests {
         let mut sim = Sim::mesh(3, 7);
         sim.write(0, "live/www/fullchain.pem", b"chain v1");
         quiet_and_converged(&mut sim);
-        sim.nodes.iter_mut().for_each(|n| n.engine.break_acks = true);
+        sim.nodes
+            .iter_mut()
+            .for_each(|n| n.engine.break_acks = true);
         sim.write(1, "live/www/fullchain.pem", b"chain v2");
         sim.run_until_quiet(QUIET).unwrap();
         let err = sim.check_converged().unwrap_err();
-        assert!(err.contains("invalid") || err.contains("acknowledges"), "{err}");
+        assert!(
+            err.contains("invalid") || err.contains("acknowledges"),
+            "{err}"
+        );
         eprintln!("broken acks: {err}");
     }
 

@@ -166,7 +166,14 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
         let mut all = Vec::new();
         scan::walk(root, None, &mut all, &mut errors);
         todo.extend(all);
-        todo.extend(shared.lock().engine.index().entries().map(|e| e.record.path.clone()));
+        todo.extend(
+            shared
+                .lock()
+                .engine
+                .index()
+                .entries()
+                .map(|e| e.record.path.clone()),
+        );
     } else {
         for p in paths {
             if p.is_local_only() {

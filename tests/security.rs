@@ -651,7 +651,7 @@ async fn index_flood_leaves_memory_bounded_and_healthy_peers_syncing() {
 }
 
 /// An endless flood must be cut off before the node's memory passes the bound: the
-/// per-peer cap (`MAX_PEER_RECORDS` in src/peer.rs, 100 000 records of ~0.7 KiB).
+/// per-peer cap (`MAX_PEER_RECORDS` in src/core/engine.rs, 100 000 records of ~0.7 KiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_index_flood_is_cut_off_within_the_memory_bound() {
     let r = flood(["127.0.0.93", "127.0.0.94", "127.0.0.95"], None).await;
