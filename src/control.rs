@@ -13,6 +13,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::clients::Clients;
 use crate::identity::DeviceId;
 use crate::node::Shared;
+use crate::telemetry::RecentError;
 
 /// `certmesh status --json`: the keys are stable.
 #[derive(Debug, Serialize, Deserialize)]
@@ -21,7 +22,7 @@ pub struct Status {
     pub tree: TreeStatus,
     pub peers: Vec<PeerStatus>,
     pub certificates: Vec<CertStatus>,
-    pub errors: Vec<String>,
+    pub errors: Vec<RecentError>,
     /// Failure counters since start (also exported as metrics).
     #[serde(default)]
     pub counters: Counters,
@@ -575,15 +576,11 @@ pub fn render(s: &Status) -> String {
     const SHOWN: usize = 5;
     let skipped = s.errors.len().saturating_sub(SHOWN);
     for e in &s.errors[skipped..] {
-        // `State::error` prefixes the unix time.
-        let line = match e.split_once(' ') {
-            Some((t, msg)) => match t.parse::<i64>() {
-                Ok(t) => format!("{} ago: {}", age(now - t), one_line(msg, 160)),
-                Err(_) => one_line(e, 160),
-            },
-            None => one_line(e, 160),
-        };
-        errors.push(line);
+        errors.push(format!(
+            "{} ago: {}",
+            age(now.saturating_sub(e.at_unix)),
+            one_line(&e.message, 160)
+        ));
     }
     let counters = &s.counters;
     if counters.hook_failures + counters.acme_failures > 0 {
@@ -715,8 +712,14 @@ mod tests {
             ],
             certificates: Vec::new(),
             errors: vec![
-                "999990 hook [\"false\"] failed".into(),
-                "index damaged".into(),
+                RecentError {
+                    at_unix: 999_990,
+                    message: "hook [\"false\"] failed".into(),
+                },
+                RecentError {
+                    at_unix: 999_000,
+                    message: "index damaged".into(),
+                },
             ],
             counters: Counters {
                 hook_failures: 1,

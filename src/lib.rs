@@ -55,6 +55,7 @@ pub mod scan;
 #[cfg(test)]
 mod sim;
 pub mod store;
+pub mod telemetry;
 pub mod transport;
 pub mod version;
 pub mod watch;

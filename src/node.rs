@@ -4,7 +4,7 @@
 //! (the sync [`Engine`] and the node's bookkeeping) behind a mutex held only for
 //! pure-core calls; I/O happens outside it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,9 +25,6 @@ use crate::transport::{Allowed, Transport};
 /// A handshake on the backnet takes milliseconds; one that has not completed by then
 /// went to a peer that was not listening yet: try again rather than wait.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// How many recent errors `status` shows.
-const RECENT_ERRORS: usize = 20;
 
 /// A live session with a peer.
 #[derive(Debug, Clone)]
@@ -64,21 +61,18 @@ pub struct State {
     pub applying: HashSet<RelPath>,
     /// Paths the scanner skipped while they were being applied.
     pub rescan_after_apply: Vec<RelPath>,
-    pub errors: VecDeque<String>,
+    pub errors: crate::telemetry::RecentErrors,
 }
 
 impl State {
     /// Records an error for `status` (and logs it).
     pub fn error(&mut self, msg: String) {
         tracing::warn!("{msg}");
-        if self.errors.len() == RECENT_ERRORS {
-            self.errors.pop_front();
-        }
         let t = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        self.errors.push_back(format!("{t} {msg}"));
+        self.errors.push(i64::try_from(t).unwrap_or(i64::MAX), msg);
     }
 
     /// An ack from `peer`: the engine checks and learns it, the slot remembers when.
@@ -205,14 +199,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut index = Index::new(identity.id.short());
     let (store, report) = Store::open(&config.state_dir, &mut index)
         .with_context(|| format!("opening the index in {}", config.state_dir.display()))?;
-    let mut errors = VecDeque::new();
+    let mut errors = crate::telemetry::RecentErrors::default();
+    let started_unix = i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+    )
+    .unwrap_or(i64::MAX);
     if let Some(why) = &report.damaged {
         let msg = format!(
             "index file was damaged ({why}); kept {} entries, rebuilding the rest from a rescan and the peers",
             report.entries
         );
         tracing::warn!("{msg}");
-        errors.push_back(msg);
+        errors.push(started_unix, msg);
     }
     if report.skipped_count > 0 {
         let msg = format!(
@@ -221,7 +222,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             report.skipped.first().map_or("", String::as_str)
         );
         tracing::warn!("{msg}");
-        errors.push_back(msg);
+        errors.push(started_unix, msg);
     }
     tracing::info!(node = %config.name, id = %identity.id, entries = report.entries, "index loaded");
 
