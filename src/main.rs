@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use certmesh::config::Config;
+
+/// The packaged config: what every subcommand reads when neither `--config` nor
+/// `$CERTMESH_CONFIG` names another file.
+const DEFAULT_CONFIG: &str = "/etc/certmesh/certmesh.toml";
 use certmesh::identity::Identity;
 
 #[derive(Parser)]
@@ -34,17 +38,17 @@ enum Cmd {
     },
     /// Validate the config and exit (for config management).
     Check {
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Run the daemon in the foreground (logs to stderr; SIGHUP re-reads peers).
     Run {
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Ask the running daemon for peers, sync state and errors.
     Status {
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Machine-readable output with stable keys.
         #[arg(long)]
@@ -52,14 +56,14 @@ enum Cmd {
     },
     /// Ask the running daemon to order certificate NAME now (waits for the result).
     Issue {
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// The `[[certificate]]` name.
         name: String,
     },
     /// Ask the running daemon to renew every certificate that is due (waits for the result).
     Renew {
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Order even certificates that are not due, even if this node is not the renewer.
         #[arg(long)]
@@ -70,7 +74,7 @@ enum Cmd {
     },
     /// Print packet filter rules admitting the QUIC port only from the configured peers.
     Firewall {
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// nft | iptables | ip6tables
         #[arg(long, default_value = "nft")]
@@ -85,7 +89,7 @@ enum Cmd {
     /// replicates it like any local change.
     Restore {
         /// This node's config (kept versions are under its [tree] path).
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// The path in the tree, e.g. `dhparam.pem` or `archive/www/3/privkey.pem`.
         #[arg(required_unless_present = "list")]

@@ -143,3 +143,45 @@ fn json_logs_on_request() {
     }
     assert!(running, "{text}");
 }
+
+#[test]
+fn config_comes_from_the_flag_then_certmesh_config_then_the_packaged_path() {
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("from-env.toml");
+    let run = |args: &[&str], env: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new(crate::util::BIN);
+        c.args(args).env_remove("CERTMESH_CONFIG");
+        if let Some(p) = env {
+            c.env("CERTMESH_CONFIG", p);
+        }
+        c.output().expect("running certmesh")
+    };
+    // $CERTMESH_CONFIG is read when --config is absent: the error names that file.
+    let out = run(&["check"], Some(&missing));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("from-env.toml"),
+        "{out:?}"
+    );
+    // --config wins over the environment.
+    let flag = d.path().join("from-flag.toml");
+    let out = run(
+        &["status", "--config", flag.to_str().unwrap()],
+        Some(&missing),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("from-flag.toml") && !err.contains("from-env"),
+        "{err}"
+    );
+    // Neither: the packaged path, shown in every subcommand's help.
+    for cmd in [
+        "check", "run", "status", "issue", "renew", "firewall", "restore",
+    ] {
+        let help = run(&[cmd, "--help"], None);
+        assert!(
+            String::from_utf8_lossy(&help.stdout).contains("/etc/certmesh/certmesh.toml"),
+            "{cmd} --help"
+        );
+    }
+}
