@@ -275,7 +275,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     // Watch first, then scan: nothing changed in between is missed.
     let watcher = crate::watch::start(shared.clone(), rescan_rx)?;
-    crate::watch::full_rescan(&shared).await;
+    watcher.full_rescan(&shared).await;
     let puller = tokio::spawn(crate::pull::run(shared.clone()));
     crate::metrics::start(&shared)?;
     let control = crate::control::start(shared.clone(), &config.control_socket())?;
@@ -290,7 +290,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     for p in &config.peers {
         tokio::spawn(dial_loop(shared.clone(), transport.clone(), p.id));
     }
-    tokio::spawn(periodic_rescan(shared.clone()));
+    tokio::spawn(periodic_rescan(shared.clone(), watcher.clone()));
     tokio::spawn(collect_tombstones(shared.clone()));
     tokio::spawn(reload_on_sighup(shared.clone(), transport.clone()));
     tracing::info!(listen = %config.listen, tree = %config.tree.display(), peers = config.peers.len(), "certmesh running");
@@ -520,7 +520,7 @@ async fn collect_tombstones(shared: Arc<Shared>) {
     }
 }
 
-async fn periodic_rescan(shared: Arc<Shared>) {
+async fn periodic_rescan(shared: Arc<Shared>, watcher: crate::watch::Watch) {
     loop {
         let every = shared
             .config
@@ -528,7 +528,7 @@ async fn periodic_rescan(shared: Arc<Shared>) {
             .map(|c| c.rescan_interval)
             .unwrap_or(Duration::from_secs(3600));
         tokio::time::sleep(every).await;
-        crate::watch::full_rescan(&shared).await;
+        watcher.full_rescan(&shared).await;
     }
 }
 
