@@ -15,6 +15,9 @@ use crate::index::{FileRecord, Index, LocalStat, Observed};
 use crate::paths::RelPath;
 use crate::plan::{OverBudget, Plan, PlanEvent};
 
+/// Largest content sent inline with its record.
+pub const MAX_INLINE: usize = 16 << 10;
+
 /// Most records one peer may announce (bounds memory against an index flood: about
 /// 0.7 KiB each, so ~70 MiB; a certificate tree has a few thousand). Bytes are
 /// bounded too: `plan::MAX_PEER_BYTES`.
@@ -57,6 +60,9 @@ pub struct Outgoing {
     pub sequence: u64,
     /// The peer announced exactly this (live) content: no need to send it inline.
     pub peer_has_content: bool,
+    /// Send the content with the record if the sender has it at hand: a small file
+    /// the peer does not have, in an increment (the full index goes without).
+    pub send_inline: bool,
 }
 
 /// Index records to send: the full index once per session, then increments.
@@ -198,12 +204,12 @@ impl Engine {
         let index = match send.sent {
             None => Some(IndexSend {
                 full: true,
-                records: changes(&self.index, &self.plan, &peer, 0),
+                records: changes(&self.index, &self.plan, &peer, 0, true),
                 upto,
             }),
             Some(sent) if upto > sent => Some(IndexSend {
                 full: false,
-                records: changes(&self.index, &self.plan, &peer, sent),
+                records: changes(&self.index, &self.plan, &peer, sent, false),
                 upto,
             }),
             Some(_) => None,
@@ -256,16 +262,27 @@ impl Engine {
     }
 }
 
-/// Our records changed after `since`, each marked with whether `peer` has its content.
-fn changes(index: &Index, plan: &Plan, peer: &DeviceId, since: u64) -> Vec<Outgoing> {
+/// Our records changed after `since`, each marked with whether `peer` has its content
+/// and whether it should go inline.
+fn changes(index: &Index, plan: &Plan, peer: &DeviceId, since: u64, full: bool) -> Vec<Outgoing> {
     index
         .changed_since(since)
-        .map(|e| Outgoing {
-            record: e.record.clone(),
-            sequence: e.sequence,
-            peer_has_content: plan
-                .peer_record(peer, &e.record.path)
-                .is_some_and(|r| !r.deleted && r.hash == e.record.hash),
+        .map(|e| {
+            let r = &e.record;
+            let peer_has_content = plan
+                .peer_record(peer, &r.path)
+                .is_some_and(|p| !p.deleted && p.hash == r.hash);
+            let send_inline = !full
+                && !peer_has_content
+                && !r.deleted
+                && r.kind == crate::index::Kind::File
+                && r.size as usize <= MAX_INLINE;
+            Outgoing {
+                record: r.clone(),
+                sequence: e.sequence,
+                peer_has_content,
+                send_inline,
+            }
         })
         .collect()
 }

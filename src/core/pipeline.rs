@@ -116,6 +116,13 @@ pub struct Pipeline {
     applying: bool,
     /// The needs may have changed: take again.
     dirty: bool,
+    /// When `refill` last took: retries due by then were considered, so only later
+    /// ones need a timer.
+    last_refill: Option<Instant>,
+    /// Test fault: a failed fetch stays in flight, so a test can prove the
+    /// simulator runs this code.
+    #[cfg(test)]
+    pub(crate) break_failures: bool,
 }
 
 impl Pipeline {
@@ -130,7 +137,14 @@ impl Pipeline {
             ready_since: None,
             applying: false,
             dirty: true,
+            last_refill: None,
+            #[cfg(test)]
+            break_failures: false,
         }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// The needs or the connected peers changed (or a timer fired): take again.
@@ -164,7 +178,10 @@ impl Pipeline {
             return;
         }
         self.dirty = false;
+        self.last_refill = Some(now);
         let (plan, index) = (engine.plan(), engine.index());
+        // A path no longer needed (a newer record arrived, or ours won) keeps no retry.
+        self.retry.retain(|p, _| plan.need(p).is_some());
         let mut taken = 0;
         for need in plan.needs() {
             if taken >= room {
@@ -239,6 +256,10 @@ impl Pipeline {
     pub fn fetch_failed(&mut self, w: Work, in_flight: &mut HashSet<RelPath>, now: Instant) {
         self.fetching = self.fetching.saturating_sub(1);
         self.later(w.path(), now);
+        #[cfg(test)]
+        if self.break_failures {
+            return;
+        }
         in_flight.remove(w.path());
         self.dirty = true;
     }
@@ -339,7 +360,7 @@ impl Pipeline {
         }
         if !out.applied.is_empty() {
             for (t, _) in self.retry.values_mut() {
-                *t = now;
+                *t = (*t).min(now);
             }
         }
         out
@@ -351,14 +372,20 @@ impl Pipeline {
         self.dirty = true;
     }
 
-    /// When a timer should wake the pipeline: the next retry, or when ready work
-    /// waiting for more has waited long enough.
+    /// When a timer should wake the pipeline: the next retry not yet due at the last
+    /// take, or when ready work waiting for more has waited long enough. (A retry
+    /// already due was considered then; waking for it again would spin.)
     pub fn next_wake(&self) -> Option<Instant> {
         let due = self
             .ready_since
             .filter(|_| !self.applying)
             .map(|t| t + self.limits.apply_delay);
-        let retry = self.retry.values().map(|(t, _)| *t).min();
+        let retry = self
+            .retry
+            .values()
+            .map(|(t, _)| *t)
+            .filter(|t| self.last_refill.is_none_or(|r| *t > r))
+            .min();
         due.into_iter().chain(retry).min()
     }
 
@@ -476,6 +503,33 @@ mod tests {
         p.wake();
         p.refill(&e, &mut flight, |_| None, |_| true, at);
         assert!(p.next_fetch().is_some());
+    }
+
+    #[test]
+    fn a_due_or_stale_retry_does_not_keep_waking() {
+        let mut e = engine_needing(&[("a", 1)]);
+        let (mut p, mut flight, t0) = (Pipeline::new(limits()), HashSet::new(), Instant::now());
+        p.refill(&e, &mut flight, |_| None, |_| true, t0);
+        let a = p.next_fetch().unwrap();
+        p.fetch_failed(a, &mut flight, t0);
+        let at = p.next_wake().unwrap();
+        // Retaken at its time and fetching again: no timer for it meanwhile.
+        p.wake();
+        p.refill(&e, &mut flight, |_| None, |_| true, at);
+        let a = p.next_fetch().unwrap();
+        assert_eq!(p.next_wake(), None);
+        // Fetched and applied: the need and its retry are gone.
+        p.fetched(a, "staged-a".into(), at);
+        let unit = p.poll_apply(e.plan(), &mut flight, at).unwrap();
+        let done = unit
+            .into_iter()
+            .map(|w| (w, Outcome::Applied(None)))
+            .collect();
+        let rec = p.applied(done, &mut e, &mut flight, at);
+        assert_eq!(rec.applied.len(), 1);
+        p.refill(&e, &mut flight, |_| None, |_| true, at);
+        assert_eq!(p.next_wake(), None);
+        assert!(p.is_idle());
     }
 
     #[test]
