@@ -465,6 +465,7 @@ mod tests {
             version: VersionVector::from_pairs(vec![(ShortId(1), 1)]),
             deleted: false,
             modified_by: ShortId(1),
+            auth: None,
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::identity::DeviceId;
+use crate::identity::{DeviceId, DeviceIdError};
 
 /// A config that can't be used, with where and why.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +148,11 @@ struct RawTree {
     /// "64MiB", "1GiB", or a number of bytes. Larger ones are not fetched (shown in
     /// `status`); local files of any size are still announced.
     max_file_size: Option<Spanned<RawSize>>,
+    /// The nodes allowed to change the tree: this node's name, `[[peer]]` names, or
+    /// device IDs of nodes further away. Absent: every node may. Records whose
+    /// author is not listed are refused; a node not listed keeps its own tree at the
+    /// writers' version (issue 13).
+    writers: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// A size: a number of bytes or a string with a binary unit.
@@ -176,6 +181,27 @@ pub struct PeerConfig {
     pub name: String,
     pub id: DeviceId,
     pub address: SocketAddr,
+}
+
+/// One entry of `[tree] writers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Writer {
+    /// `node.name`: this node.
+    ThisNode,
+    /// A `[[peer]]` by name.
+    Peer { name: String, id: DeviceId },
+    /// A device ID (a node further away than the configured peers, or any node).
+    Device(DeviceId),
+}
+
+impl Writer {
+    /// The device ID, given this node's own.
+    pub fn id(&self, me: DeviceId) -> DeviceId {
+        match self {
+            Writer::ThisNode => me,
+            Writer::Peer { id, .. } | Writer::Device(id) => *id,
+        }
+    }
 }
 
 /// Private key algorithm of a certificate.
@@ -282,6 +308,8 @@ pub struct Config {
     pub dhparam: Option<crate::dhparam::DhGroup>,
     /// `tree.max_file_size`: larger files from peers are not fetched.
     pub max_file_size: u64,
+    /// `tree.writers`: `None`, every node may change the tree.
+    pub writers: Option<Vec<Writer>>,
     pub peers: Vec<PeerConfig>,
     /// `None`: this node never orders (it still shows and syncs certificates).
     pub acme: Option<AcmeConfig>,
@@ -300,7 +328,8 @@ impl Config {
         // Sections without PartialEq compare by their Debug rendering: any change counts.
         let dbg = |v: &dyn std::fmt::Debug| format!("{v:?}");
         let mut out = Vec::new();
-        let checks: [(&'static str, bool); 11] = [
+        let checks: [(&'static str, bool); 12] = [
+            ("tree.writers", self.writers != new.writers),
             ("node.name", self.name != new.name),
             ("node.state_dir", self.state_dir != new.state_dir),
             ("node.listen", self.listen != new.listen),
@@ -453,7 +482,28 @@ impl Config {
                 address,
             });
         }
+        let writers = raw
+            .tree
+            .writers
+            .as_ref()
+            .map(|w| writers(w, &name, &peers, &bad))
+            .transpose()?;
         let acme = raw.acme.as_ref().map(|a| acme(a, &bad)).transpose()?;
+        if let (Some(a), Some(w)) = (&raw.acme, &writers) {
+            let maybe_me = w
+                .iter()
+                .any(|w| matches!(w, Writer::ThisNode | Writer::Device(_)));
+            if !maybe_me {
+                return Err(bad(
+                    a.directory.span(),
+                    "acme",
+                    format!(
+                        "node {name:?} is not in tree.writers: only writers may renew \
+                         certificates (add it to tree.writers or remove [acme])"
+                    ),
+                ));
+            }
+        }
         let mut certificates: Vec<CertificateConfig> = Vec::new();
         for c in &raw.certificate {
             let cert = certificate(c, &bad)?;
@@ -500,6 +550,7 @@ impl Config {
             rescan_interval,
             dhparam,
             max_file_size,
+            writers,
             peers,
             acme,
             certificates,
@@ -516,6 +567,65 @@ impl Config {
 }
 
 type Bad<'a> = dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError + 'a;
+
+/// `[tree] writers`: each entry is this node's name, a peer's name or a device ID.
+fn writers(
+    list: &Spanned<Vec<Spanned<String>>>,
+    name: &str,
+    peers: &[PeerConfig],
+    bad: &Bad,
+) -> Result<Vec<Writer>, ConfigError> {
+    if list.get_ref().is_empty() {
+        return Err(bad(
+            list.span(),
+            "tree.writers",
+            "names no node: nobody could change the tree (remove the key to let every node write)"
+                .into(),
+        ));
+    }
+    let mut out: Vec<Writer> = Vec::new();
+    for entry in list.get_ref() {
+        let s = entry.get_ref().trim();
+        let w = if s == name {
+            Writer::ThisNode
+        } else if let Some(p) = peers.iter().find(|p| p.name == s) {
+            Writer::Peer {
+                name: p.name.clone(),
+                id: p.id,
+            }
+        } else {
+            match s.parse::<DeviceId>() {
+                Ok(id) => Writer::Device(id),
+                Err(DeviceIdError::Length(_)) => {
+                    return Err(bad(
+                        entry.span(),
+                        "tree.writers",
+                        format!(
+                            "unknown writer {s:?}: not node.name ({name:?}), a [[peer]] name \
+                             or a device ID"
+                        ),
+                    ))
+                }
+                Err(e) => {
+                    return Err(bad(
+                        entry.span(),
+                        "tree.writers",
+                        format!("writer {s:?}: {e}"),
+                    ))
+                }
+            }
+        };
+        if out.contains(&w) {
+            return Err(bad(
+                entry.span(),
+                "tree.writers",
+                format!("{s:?} listed twice"),
+            ));
+        }
+        out.push(w);
+    }
+    Ok(out)
+}
 
 fn acme(a: &RawAcme, bad: &Bad) -> Result<AcmeConfig, ConfigError> {
     let directory = a.directory.get_ref().trim().to_string();
@@ -948,6 +1058,56 @@ mod tests {
         let hooked = cfg("[[hook]]\npaths = [\"live/**\"]\nrun = [\"true\"]\n");
         let c = Config::parse(Path::new("c.toml"), &hooked).unwrap();
         assert_eq!(a.needs_restart(&c), vec!["hook"]);
+    }
+
+    #[test]
+    fn writers_name_this_node_peers_or_device_ids() {
+        let id = DeviceId::of_cert(b"x");
+        let far = DeviceId::of_cert(b"far");
+        let peer = format!("[[peer]]\nname = \"lb1\"\nid = \"{id}\"\naddress = \"127.0.0.2:1\"\n");
+        let c = Config::parse(
+            Path::new("c.toml"),
+            &cfg(&format!("writers = [\"lb0\", \"lb1\", \"{far}\"]\n{peer}")),
+        )
+        .unwrap();
+        let me = DeviceId::of_cert(b"me");
+        let ids: Vec<DeviceId> = c.writers.unwrap().iter().map(|w| w.id(me)).collect();
+        assert_eq!(ids, vec![me, id, far]);
+        assert!(Config::parse(Path::new("c.toml"), &cfg(""))
+            .unwrap()
+            .writers
+            .is_none());
+        let e = err(&cfg(&format!("writers = [\"lb0\", \"ops\"]\n{peer}")));
+        assert!(
+            e.contains(":8: tree.writers") && e.contains("unknown writer \"ops\""),
+            "{e}"
+        );
+        let e = err(&cfg("writers = []\n"));
+        assert!(
+            e.contains("tree.writers") && e.contains("names no node"),
+            "{e}"
+        );
+        let e = err(&cfg("writers = [\"lb0\", \"lb0\"]\n"));
+        assert!(e.contains("listed twice"), "{e}");
+        let mut typo = far.to_string().into_bytes();
+        typo[2] = if typo[2] == b'A' { b'B' } else { b'A' };
+        let typo = String::from_utf8(typo).unwrap();
+        let e = err(&cfg(&format!("writers = [\"{typo}\"]\n")));
+        assert!(e.contains("tree.writers") && e.contains("mistyped"), "{e}");
+    }
+
+    #[test]
+    fn acme_on_a_node_that_is_not_a_writer_is_refused() {
+        let id = DeviceId::of_cert(b"x");
+        let peer = format!("[[peer]]\nname = \"lb1\"\nid = \"{id}\"\naddress = \"127.0.0.2:1\"\n");
+        let acme = "[acme]\ndirectory = \"https://ca.example/dir\"\n";
+        let e = err(&cfg(&format!("writers = [\"lb1\"]\n{peer}{acme}")));
+        assert!(
+            e.contains("acme") && e.contains("not in tree.writers"),
+            "{e}"
+        );
+        let ok = cfg(&format!("writers = [\"lb0\"]\n{peer}{acme}"));
+        Config::parse(Path::new("c.toml"), &ok).unwrap();
     }
 
     #[test]

@@ -217,6 +217,90 @@ impl Identity {
     }
 }
 
+/// Signs with this node's key (ECDSA P-256 with SHA-256, ASN.1 DER signatures, the
+/// algorithm of the node certificate): how a node signs the records it authors
+/// (issue 13). The certificate travels with each signature so any node can check it
+/// against the author's device ID.
+pub struct NodeSigner {
+    id: DeviceId,
+    cert: std::sync::Arc<[u8]>,
+    key: aws_lc_rs::signature::EcdsaKeyPair,
+    rng: aws_lc_rs::rand::SystemRandom,
+}
+
+impl fmt::Debug for NodeSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeSigner({:?})", self.id)
+    }
+}
+
+impl NodeSigner {
+    /// A signer for this identity's key; refused unless it is an ECDSA P-256 key.
+    pub fn new(identity: &Identity) -> Result<Self, IdentityError> {
+        let key = aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            identity.key.secret_pkcs8_der(),
+        )
+        .map_err(|e| IdentityError::Corrupt {
+            path: PathBuf::from(KEY_FILE),
+            reason: format!("not an ECDSA P-256 key, cannot sign records: {e}"),
+        })?;
+        Ok(NodeSigner {
+            id: identity.id,
+            cert: identity.cert.as_ref().into(),
+            key,
+            rng: aws_lc_rs::rand::SystemRandom::new(),
+        })
+    }
+
+    pub fn id(&self) -> DeviceId {
+        self.id
+    }
+
+    /// The node certificate (DER); its SHA-256 is [`Self::id`].
+    pub fn cert(&self) -> &std::sync::Arc<[u8]> {
+        &self.cert
+    }
+
+    /// Signs `msg`; `None` only if the system's random source fails.
+    pub fn sign(&self, msg: &[u8]) -> Option<Vec<u8>> {
+        self.key
+            .sign(&self.rng, msg)
+            .ok()
+            .map(|s| s.as_ref().to_vec())
+    }
+}
+
+/// The public key (uncompressed EC point) of a DER certificate, if it is an ECDSA
+/// P-256 key (the only kind `init` makes).
+pub fn cert_public_key(der: &[u8]) -> Result<Vec<u8>, String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("not a certificate: {e}"))?;
+    let spki = cert.public_key();
+    let ec = spki.algorithm.algorithm.to_id_string() == "1.2.840.10045.2.1";
+    let p256 = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .is_some_and(|o| o.to_id_string() == "1.2.840.10045.3.1.7");
+    if !(ec && p256) {
+        return Err("not an ECDSA P-256 key".into());
+    }
+    Ok(spki.subject_public_key.data.to_vec())
+}
+
+/// True when `signature` (ASN.1 DER) is a valid ECDSA P-256 / SHA-256 signature of
+/// `msg` by `public_key` (uncompressed point).
+pub fn verify_p256(public_key: &[u8], msg: &[u8], signature: &[u8]) -> bool {
+    aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+        public_key,
+    )
+    .verify(msg, signature)
+    .is_ok()
+}
+
 /// Writes a 0600 file atomically (temp + fsync + rename).
 fn write_private(path: &Path, data: &[u8]) -> Result<(), IdentityError> {
     let tmp = path.with_extension("tmp");
@@ -285,6 +369,25 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(Identity::load(&state).unwrap().id, a.id);
+    }
+
+    #[test]
+    fn signatures_verify_only_for_the_signed_message_and_key() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ia, ib) = (
+            Identity::init(a.path()).unwrap(),
+            Identity::init(b.path()).unwrap(),
+        );
+        let signer = NodeSigner::new(&ia).unwrap();
+        assert_eq!(DeviceId::of_cert(signer.cert()), ia.id);
+        let sig = signer.sign(b"record").unwrap();
+        let key_a = cert_public_key(&ia.cert).unwrap();
+        let key_b = cert_public_key(&ib.cert).unwrap();
+        assert!(verify_p256(&key_a, b"record", &sig));
+        assert!(!verify_p256(&key_a, b"recorD", &sig));
+        assert!(!verify_p256(&key_b, b"record", &sig));
+        assert!(!verify_p256(&key_a, b"record", &sig[..sig.len() - 1]));
+        assert!(cert_public_key(b"garbage").is_err());
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct FileRecord {
     pub version: VersionVector,
     pub deleted: bool,
     pub modified_by: ShortId,
+    /// The author's signature (issue 13), forwarded unchanged by relays; `None` for
+    /// records of nodes that do not sign (older versions, the simulator).
+    pub auth: Option<crate::core::authorship::Authorship>,
 }
 
 /// The fixed part of [`FileRecord::heap_cost`]: the record and its sequence (~150
@@ -60,6 +63,7 @@ impl FileRecord {
             + 2 * self.path.as_str().len()
             + self.target.len()
             + 16 * self.version.pairs().len()
+            + self.auth.as_ref().map_or(0, |a| a.heap_cost())
     }
 
     /// Same bytes on disk (kind, content, link target, deletion), ignoring metadata.
@@ -287,6 +291,16 @@ impl Index {
         gone
     }
 
+    /// Attaches the author's signature to the record at `p` (same sequence: the
+    /// signature is made right after the change is recorded, before it is sent).
+    pub fn set_auth(&mut self, p: &RelPath, auth: crate::core::authorship::Authorship) {
+        if let Some(mut e) = self.entries.remove(p) {
+            self.forget(&e);
+            e.record.auth = Some(auth);
+            self.insert(e);
+        }
+    }
+
     /// Updates only the stat cache (after an apply or a content-neutral touch).
     pub fn set_stat(&mut self, p: &RelPath, stat: Option<LocalStat>) {
         if let Some(e) = self.entries.get_mut(p) {
@@ -318,6 +332,7 @@ impl Index {
                 r.target.clear();
                 r.mtime_ns = now_ns.max(e.record.mtime_ns);
                 r.modified_by = self.me;
+                r.auth = None;
                 self.put(r.clone(), None);
                 Some(r)
             }
@@ -349,6 +364,7 @@ impl Index {
                     version,
                     deleted: false,
                     modified_by: self.me,
+                    auth: None,
                 };
                 self.put(r.clone(), Some(o.stat));
                 Some(r)

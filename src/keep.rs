@@ -636,6 +636,7 @@ mod tests {
             version: VersionVector::from_pairs(vec![(ShortId(7), 2)]),
             deleted: true,
             modified_by: ShortId(7),
+            auth: None,
         };
         let m = fs::metadata(t.join(r.path.as_str())).unwrap();
         before_apply(&t, &r, false, Some(&m));

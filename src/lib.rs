@@ -26,6 +26,9 @@
 //! kept locally under `.certmesh/kept/`, bounded; `certmesh restore`) and [`repair`]
 //! (configured certificates a peer's change broke are put back from them).
 //!
+//! Who may change the tree: [`writers`] (`[tree] writers` resolved at start-up) and
+//! [`core::authorship`] (signed records, checked on receipt).
+//!
 //! Operations: [`firewall`] (nftables / iptables rules for the QUIC port from the config).
 
 pub mod acme;
@@ -60,3 +63,4 @@ pub mod transport;
 pub mod version;
 pub mod watch;
 pub mod wire;
+pub mod writers;

@@ -177,6 +177,9 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                         p.name
                     )));
                 }
+                if let Err(e) = certmesh::writers::policy(&c, me.id) {
+                    return Err(Failure::Config(e.to_string()));
+                }
             }
             if let Some(roots) = c.acme.as_ref().and_then(|a| a.ca_roots.as_ref()) {
                 if let Err(e) = std::fs::read(roots) {

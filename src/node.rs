@@ -226,6 +226,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     tracing::info!(node = %config.name, id = %identity.id, entries = report.entries, "index loaded");
 
+    // issue 13: sign what this node authors; take in only what `writers` allows.
+    let signer = Arc::new(crate::identity::NodeSigner::new(&identity)?);
+    let writers = crate::writers::policy(&config, identity.id)?;
+
     let allowed: Allowed = Arc::new(std::sync::RwLock::new(
         config
             .peers
@@ -250,7 +254,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         identity,
         tree,
         state: Mutex::new(State {
-            engine: Engine::new(index, config.max_file_size),
+            engine: Engine::new(index, config.max_file_size).with_authorship(Some(signer), writers),
             store,
             peers,
             applying: HashSet::new(),

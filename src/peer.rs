@@ -354,6 +354,22 @@ fn report_plan_events(st: &mut crate::node::State, peer: DeviceId) {
                 peer = %peer, path = %path, size, max_file_size = max,
                 "file larger than max_file_size: not fetched (acknowledged as refused)"
             ),
+            PlanEvent::NotAuthorized {
+                path,
+                author,
+                why,
+                count,
+            } => {
+                let author = author.map_or_else(|| "nobody".to_string(), |a| a.to_string());
+                st.error(format!(
+                    "peer {} sent {count} record(s) not taken in for their authorship \
+                     (first: {path}, claiming {author}: {why})",
+                    st.peers.get(&peer).map_or_else(
+                        || peer.to_string(),
+                        |s| format!("{} ({peer})", s.config.name)
+                    )
+                ));
+            }
             PlanEvent::IndexFull { path } => st.error(format!(
                 "the index holds {} records: new paths from peers are not taken in \
                  (first: {path} from {peer})",

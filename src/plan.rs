@@ -39,6 +39,14 @@ pub enum PlanEvent {
     TooLarge { path: RelPath, size: u64, max: u64 },
     /// The index holds `MAX_INDEX_RECORDS`: a peer's new path was not taken in.
     IndexFull { path: RelPath },
+    /// Records of a peer refused for their authorship (issue 13): `count` in one
+    /// batch, the first of them at `path`, claiming `author`.
+    NotAuthorized {
+        path: RelPath,
+        author: Option<DeviceId>,
+        why: String,
+        count: u64,
+    },
 }
 
 /// One record to bring in. `target.version` is the version to store once applied.
@@ -75,6 +83,9 @@ pub struct Plan {
     /// New paths not taken in because the index is full, since start.
     not_adopted: u64,
     events: Vec<PlanEvent>,
+    /// A reader's local changes being put back: path → whether the content differs
+    /// (then it must be fetched again, not reused).
+    reverts: HashMap<RelPath, bool>,
 }
 
 impl Default for Plan {
@@ -97,7 +108,34 @@ impl Plan {
             reported: HashSet::new(),
             not_adopted: 0,
             events: Vec::new(),
+            reverts: HashMap::new(),
         }
+    }
+
+    /// Records an event for the node to log.
+    pub fn report(&mut self, e: PlanEvent) {
+        self.events.push(e);
+    }
+
+    /// A reader changed `p` locally: put the local record back (`content`: the
+    /// content on disk differs from the record's). Re-evaluate `p` after this.
+    pub fn revert(&mut self, p: RelPath, content: bool) {
+        let c = self.reverts.entry(p).or_insert(false);
+        *c |= content;
+    }
+
+    /// The record at `p` was applied: nothing left to put back.
+    pub fn reverted(&mut self, p: &RelPath) {
+        self.reverts.remove(p);
+    }
+
+    pub fn is_reverting(&self, p: &RelPath) -> bool {
+        self.reverts.contains_key(p)
+    }
+
+    /// True while a revert at `p` must fetch the content (it differs on disk).
+    pub fn reverting_content(&self, p: &RelPath) -> bool {
+        self.reverts.get(p).copied().unwrap_or(false)
     }
 
     /// Checks, before `receive`, that `records` fit the peer's byte budget.
@@ -256,6 +294,14 @@ impl Plan {
                 conflict: false,
             }),
         };
+        // A reader's local change: the local record (the writers' version) goes back.
+        let need = need.or_else(|| {
+            let l = local.filter(|l| !l.deleted && self.reverts.contains_key(p))?;
+            Some(Need {
+                target: l.clone(),
+                conflict: false,
+            })
+        });
         let need = need.filter(|n| self.fetchable(n) && self.adoptable(n, local, index));
         match need {
             Some(n) => {
@@ -425,6 +471,7 @@ mod tests {
             version: VersionVector::from_pairs((1..=counters).map(|d| (ShortId(d), 1)).collect()),
             deleted: false,
             modified_by: ShortId(1),
+            auth: None,
         }
     }
 

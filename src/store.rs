@@ -301,6 +301,9 @@ mod tests {
             symlink_target: target,
             modified_by: u64::MAX,
             data: Vec::new(),
+            author: vec![0xff; 32],
+            signature: vec![0xff; crate::core::authorship::MAX_SIGNATURE],
+            author_cert: vec![0xff; crate::core::authorship::MAX_AUTHOR_CERT],
         }
     }
 

@@ -7,7 +7,8 @@ use std::time::Duration;
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::identity::ShortId;
+use crate::core::authorship::{Authorship, MAX_AUTHOR_CERT, MAX_SIGNATURE};
+use crate::identity::{DeviceId, ShortId};
 use crate::index::{ContentHash, FileRecord, Kind};
 use crate::paths::{PathError, RelPath};
 use crate::version::VersionVector;
@@ -125,6 +126,9 @@ pub fn record_to_wire(r: &FileRecord, sequence: u64) -> pb::FileInfo {
         symlink_target: r.target.clone(),
         modified_by: r.modified_by.0,
         data: Vec::new(),
+        author: r.auth.as_ref().map_or(Vec::new(), |a| a.author.0.to_vec()),
+        signature: r.auth.as_ref().map_or(Vec::new(), |a| a.signature.clone()),
+        author_cert: r.auth.as_ref().map_or(Vec::new(), |a| a.cert.to_vec()),
     }
 }
 
@@ -207,6 +211,7 @@ pub fn record_from_wire(f: pb::FileInfo, now_us: u64) -> Result<(FileRecord, u64
     if f.mode & !0o7777 != 0 {
         return Err(invalid("record", format!("{path}: mode {:o}", f.mode)));
     }
+    let auth = authorship_from_wire(&path, f.author, f.signature, f.author_cert)?;
     Ok((
         FileRecord {
             path,
@@ -219,9 +224,46 @@ pub fn record_from_wire(f: pb::FileInfo, now_us: u64) -> Result<(FileRecord, u64
             version,
             deleted: f.deleted,
             modified_by: ShortId(f.modified_by),
+            auth,
         },
         f.sequence,
     ))
+}
+
+/// The authorship fields of a record: all three or none, within their sizes. Whether
+/// the signature is good is the receiver's policy (`core::authorship::Writers`).
+fn authorship_from_wire(
+    path: &RelPath,
+    author: Vec<u8>,
+    signature: Vec<u8>,
+    cert: Vec<u8>,
+) -> Result<Option<Authorship>, WireError> {
+    if author.is_empty() && signature.is_empty() && cert.is_empty() {
+        return Ok(None);
+    }
+    let Ok(author) = <[u8; 32]>::try_from(author.as_slice()) else {
+        return Err(invalid(
+            "record",
+            format!("{path}: author of {} bytes", author.len()),
+        ));
+    };
+    if signature.is_empty() || signature.len() > MAX_SIGNATURE {
+        return Err(invalid(
+            "record",
+            format!("{path}: signature of {} bytes", signature.len()),
+        ));
+    }
+    if cert.is_empty() || cert.len() > MAX_AUTHOR_CERT {
+        return Err(invalid(
+            "record",
+            format!("{path}: author certificate of {} bytes", cert.len()),
+        ));
+    }
+    Ok(Some(Authorship {
+        author: DeviceId(author),
+        signature,
+        cert: cert.into(),
+    }))
 }
 
 /// Validates a peer's ack: it cannot have processed more of our records than we have.
@@ -508,6 +550,7 @@ mod tests {
             version: VersionVector::from_pairs(vec![(ShortId(1), 2), (ShortId(9), 1)]),
             deleted: false,
             modified_by: ShortId(9),
+            auth: None,
         }
     }
 
@@ -773,6 +816,7 @@ mod tests {
                         ),
                         deleted,
                         modified_by: ShortId(by),
+                        auth: None,
                     })
                 },
             )

@@ -57,6 +57,7 @@ fn file_info(path: &str, content: &[u8]) -> pb::FileInfo {
         symlink_target: String::new(),
         modified_by: 42,
         data: Vec::new(),
+        ..Default::default()
     }
 }
 

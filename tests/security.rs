@@ -521,6 +521,7 @@ fn flood_frame(conn_no: u64, first: u64, n: u64) -> pb::Frame {
             symlink_target: String::new(),
             modified_by: 42,
             data: Vec::new(),
+            ..Default::default()
         })
         .collect();
     pb::Frame {

@@ -123,6 +123,7 @@ fn record(path: &str, counter: u64) -> pb::FileInfo {
         symlink_target: String::new(),
         modified_by: 42,
         data: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -8,9 +8,11 @@
 //! The daemon's async tasks (`peer`, `pull`, `watch`, `node`) and the simulator
 //! (`sim`) drive this same code. No tokio, no `std::fs`, no quinn here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
-use crate::identity::DeviceId;
+use crate::core::authorship::{self, Writers};
+use crate::identity::{DeviceId, NodeSigner};
 use crate::index::{FileRecord, Index, LocalStat, Observed};
 use crate::paths::RelPath;
 use crate::plan::{OverBudget, Plan, PlanEvent};
@@ -94,6 +96,39 @@ struct SendState {
     acked: u64,
 }
 
+/// Records of one peer refused for their authorship (issue 13), since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Refused {
+    pub count: u64,
+    pub last_path: Option<RelPath>,
+    /// The author the last refused record claimed (`None`: it claimed none).
+    pub last_author: Option<DeviceId>,
+    pub last_reason: Option<String>,
+}
+
+/// Most paths [`NotSent::recent`] remembers.
+pub const NOT_SENT_RECENT: usize = 16;
+
+/// Local changes of a node that is not a writer: not sent, put back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NotSent {
+    /// Local changes seen since start.
+    pub count: u64,
+    /// The latest paths, newest last, each once.
+    pub recent: VecDeque<RelPath>,
+}
+
+/// Signing what this node authors and checking what peers send (issue 13).
+#[derive(Debug, Default)]
+struct Authority {
+    signer: Option<Arc<NodeSigner>>,
+    writers: Writers,
+    /// This node may change the tree (it is in `writers`, or there is no list).
+    writer: bool,
+    refused: HashMap<DeviceId, Refused>,
+    not_sent: NotSent,
+}
+
 /// The index, the plan and the per-peer send state, changed only together.
 #[derive(Debug)]
 pub struct Engine {
@@ -101,6 +136,7 @@ pub struct Engine {
     plan: Plan,
     sends: HashMap<DeviceId, SendState>,
     next_token: u64,
+    authority: Authority,
     /// Test fault: acks one sequence further than `Plan::ack_for` allows, so a test
     /// can prove the simulator runs this code.
     #[cfg(test)]
@@ -116,9 +152,66 @@ impl Engine {
             plan: Plan::new(max_file_size),
             sends: HashMap::new(),
             next_token: 0,
+            authority: Authority {
+                writer: true,
+                ..Authority::default()
+            },
             #[cfg(test)]
             break_acks: false,
         }
+    }
+
+    /// Signs what this node authors with `signer` and takes in only records
+    /// `writers` allows. Records of ours loaded unsigned (written before this
+    /// version) are signed now, so they pass other nodes' checks.
+    pub fn with_authorship(mut self, signer: Option<Arc<NodeSigner>>, writers: Writers) -> Self {
+        let writer = signer
+            .as_ref()
+            .map_or(!writers.is_restricted(), |s| writers.allows(&s.id()));
+        if let Some(s) = &signer {
+            let unsigned: Vec<FileRecord> = self
+                .index
+                .entries()
+                .filter(|e| e.record.modified_by == s.id().short())
+                .filter(|e| e.record.auth.as_ref().is_none_or(|a| a.author != s.id()))
+                .map(|e| e.record.clone())
+                .collect();
+            for mut r in unsigned {
+                if authorship::sign(&mut r, s) {
+                    if let Some(a) = r.auth {
+                        self.index.set_auth(&r.path, a);
+                    }
+                }
+            }
+        }
+        self.authority = Authority {
+            signer,
+            writers,
+            writer,
+            ..Authority::default()
+        };
+        self
+    }
+
+    /// True when this node may change the tree (`[tree] writers` lists it or is
+    /// absent). A reader's local changes are not sent and are put back.
+    pub fn is_writer(&self) -> bool {
+        self.authority.writer
+    }
+
+    /// True when `[tree] writers` is configured.
+    pub fn writers_restricted(&self) -> bool {
+        self.authority.writers.is_restricted()
+    }
+
+    /// Records refused per peer for their authorship.
+    pub fn refused(&self) -> &HashMap<DeviceId, Refused> {
+        &self.authority.refused
+    }
+
+    /// A reader's local changes that were not sent.
+    pub fn not_sent(&self) -> &NotSent {
+        &self.authority.not_sent
     }
 
     /// Gives the index back (a restart keeps it and loses everything else).
@@ -178,8 +271,56 @@ impl Engine {
             return Err(EngineError::TooManyRecords);
         }
         self.plan.admit(&peer, &records)?;
+        let records = self.authorized(peer, records);
         self.plan.receive(peer, records, last_sequence, &self.index);
         Ok(())
+    }
+
+    /// The records whose author may write and signed them (all of them without
+    /// `writers`). A record identical to our own needs no check (it was checked or
+    /// made here). The others are refused: counted for `peer`, reported once per
+    /// batch, left out of its view (so never needed) and acknowledged as refused.
+    fn authorized(
+        &mut self,
+        peer: DeviceId,
+        records: Vec<(FileRecord, u64)>,
+    ) -> Vec<(FileRecord, u64)> {
+        if !self.authority.writers.is_restricted() {
+            return records;
+        }
+        let mut first: Option<(RelPath, Option<DeviceId>, String)> = None;
+        let mut refused = 0;
+        let mut out = Vec::with_capacity(records.len());
+        for (r, seq) in records {
+            let same_as_ours = self.index.get(&r.path).is_some_and(|e| e.record == r);
+            let verdict = if same_as_ours {
+                Ok(())
+            } else {
+                self.authority.writers.check(&r)
+            };
+            match verdict {
+                Ok(()) => out.push((r, seq)),
+                Err(why) => {
+                    let author = r.auth.as_ref().map(|a| a.author);
+                    let stats = self.authority.refused.entry(peer).or_default();
+                    stats.count += 1;
+                    stats.last_path = Some(r.path.clone());
+                    stats.last_author = author;
+                    stats.last_reason = Some(why.to_string());
+                    refused += 1;
+                    first.get_or_insert((r.path, author, why.to_string()));
+                }
+            }
+        }
+        if let Some((path, author, why)) = first {
+            self.plan.report(PlanEvent::NotAuthorized {
+                path,
+                author,
+                why,
+                count: refused,
+            });
+        }
+        out
     }
 
     /// `peer` acknowledged our records up to `sequence`; refused beyond our sequence.
@@ -235,15 +376,88 @@ impl Engine {
         seen: Option<Observed>,
         now_ns: i64,
     ) -> Option<FileRecord> {
-        let changed = self.index.observe(p, seen, now_ns)?;
+        if !self.authority.writer {
+            self.diverged(p, seen);
+            return None;
+        }
+        let mut changed = self.index.observe(p, seen, now_ns)?;
+        if let Some(s) = &self.authority.signer {
+            if authorship::sign(&mut changed, s) {
+                if let Some(a) = &changed.auth {
+                    self.index.set_auth(p, a.clone());
+                }
+            } else {
+                tracing::error!(path = %p, "could not sign a local change (no randomness?)");
+            }
+        }
         self.plan.evaluate(p, &self.index);
         Some(changed)
+    }
+
+    /// A reader saw `seen` at `p`: the index keeps the writers' version (nothing is
+    /// sent) and, when the disk differs from it, the plan puts it back (the puller
+    /// keeps the local copy under `.certmesh/kept/`, as for any replaced file). A
+    /// path the writers never made (or deleted) is left as it is, not sent.
+    fn diverged(&mut self, p: &RelPath, seen: Option<Observed>) {
+        let Some(e) = self.index.get(p) else {
+            if seen.is_some() {
+                self.note_not_sent(p);
+            }
+            return;
+        };
+        let r = &e.record;
+        let reverting = self.plan.is_reverting(p);
+        let same = match (&seen, r.deleted) {
+            (None, true) => true,
+            (Some(o), false) => {
+                !reverting
+                    && o.kind == r.kind
+                    && o.hash == r.hash
+                    && o.target == r.target
+                    && o.mode == e.stat.map_or(r.mode, |s| s.mode)
+            }
+            _ => false,
+        };
+        if same {
+            if let Some(o) = seen {
+                self.index.set_stat(p, Some(o.stat));
+            }
+            return;
+        }
+        let deleted = r.deleted;
+        let content = seen
+            .as_ref()
+            .is_none_or(|o| o.kind != r.kind || o.hash != r.hash || o.target != r.target);
+        self.note_not_sent(p);
+        if deleted {
+            return;
+        }
+        self.index.set_stat(p, seen.map(|o| o.stat));
+        self.plan.revert(p.clone(), content);
+        self.plan.evaluate(p, &self.index);
+    }
+
+    fn note_not_sent(&mut self, p: &RelPath) {
+        let ns = &mut self.authority.not_sent;
+        ns.count += 1;
+        ns.recent.retain(|q| q != p);
+        ns.recent.push_back(p.clone());
+        if ns.recent.len() > NOT_SENT_RECENT {
+            ns.recent.pop_front();
+        }
+    }
+
+    /// True while the plan puts back a reader's local change at `p` whose content
+    /// differs from the record: its content must be fetched, not reused.
+    pub fn reverting_content(&self, p: &RelPath) -> bool {
+        self.plan.reverting_content(p)
     }
 
     /// A needed record was written to the tree (`stat`: what is on disk now, `None`
     /// for a deletion): it becomes the local record. Returns its sequence.
     pub fn applied(&mut self, record: FileRecord, stat: Option<LocalStat>) -> u64 {
         let p = record.path.clone();
+        self.plan.reverted(&p);
         let seq = self.index.put(record, stat);
         self.plan.evaluate(&p, &self.index);
         seq

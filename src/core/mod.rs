@@ -3,5 +3,6 @@
 //! what to send) and the puller's [`pipeline`] (what to fetch, when to apply, retries);
 //! the value types (ids, paths, versions, index, plan) move here in a later step.
 
+pub mod authorship;
 pub mod engine;
 pub mod pipeline;

@@ -197,7 +197,7 @@ impl Pipeline {
                 !e.record.deleted
                     && e.record.kind == Kind::File
                     && e.record.hash == need.target.hash
-            });
+            }) && !plan.reverting_content(p);
             let wants_content =
                 need.target.kind == Kind::File && !need.target.deleted && !have_content;
             let inline = wants_content.then(|| inline(&need.target.hash)).flatten();
