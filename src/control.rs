@@ -78,6 +78,9 @@ pub struct NodeStatus {
     /// The daemon's clock (unix seconds) when it answered: ages are relative to it.
     #[serde(default)]
     pub now_unix: i64,
+    /// "writer" or "reader" (`[tree] writers`, issue 13).
+    #[serde(default)]
+    pub role: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -99,6 +102,23 @@ pub struct TreeStatus {
     /// (`index::MAX_INDEX_RECORDS`), since start.
     #[serde(default)]
     pub not_adopted: u64,
+    /// A reader's local changes, not sent ("this node is not a writer") and put
+    /// back: the latest paths, newest last, and how many since start.
+    #[serde(default)]
+    pub not_sent: Vec<String>,
+    #[serde(default)]
+    pub not_sent_count: u64,
+}
+
+/// Records of one peer not taken in because of their authorship (issue 13).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct RefusedStatus {
+    /// Since start.
+    pub count: u64,
+    pub last_path: Option<String>,
+    /// Device ID the last refused record claimed as its author.
+    pub last_author: Option<String>,
+    pub last_reason: Option<String>,
 }
 
 /// How many files too large `status` lists.
@@ -135,6 +155,9 @@ pub struct PeerStatus {
     /// The same as RFC 3339.
     #[serde(default)]
     pub last_sync: Option<String>,
+    /// Records this peer sent that were refused for their authorship.
+    #[serde(default)]
+    pub refused: RefusedStatus,
 }
 
 /// The certificates part of the status (reads `live/<name>/cert.pem` of each).
@@ -211,6 +234,7 @@ pub fn status(shared: &Shared) -> Status {
             let pending_from = st.engine.plan().pending_from(id, st.engine.index());
             let unacked = st.engine.index().changed_since(acked).count();
             let last_sync = if in_sync { Some(now) } else { slot.last_sync };
+            let refused = st.engine.refused().get(id).cloned().unwrap_or_default();
             let p = PeerStatus {
                 name: slot.config.name.clone(),
                 id: id.to_string(),
@@ -224,6 +248,12 @@ pub fn status(shared: &Shared) -> Status {
                 out_of_sync: if in_sync { 0 } else { unacked + pending_from },
                 last_sync_unix: last_sync,
                 last_sync: last_sync.map(crate::acme::rfc3339),
+                refused: RefusedStatus {
+                    count: refused.count,
+                    last_path: refused.last_path.map(|p| p.as_str().to_string()),
+                    last_author: refused.last_author.map(|a| a.to_string()),
+                    last_reason: refused.last_reason,
+                },
             };
             (*id, p)
         })
@@ -253,7 +283,16 @@ pub fn status(shared: &Shared) -> Status {
             .collect(),
         too_large_count: st.engine.plan().too_large_len(),
         not_adopted: st.engine.plan().not_adopted(),
+        not_sent: st
+            .engine
+            .not_sent()
+            .recent
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect(),
+        not_sent_count: st.engine.not_sent().count,
     };
+    let role = crate::writers::role(st.engine.is_writer()).to_string();
     drop(st);
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     Status {
@@ -263,6 +302,7 @@ pub fn status(shared: &Shared) -> Status {
             listen,
             uptime_s: shared.started.elapsed().as_secs(),
             now_unix: now,
+            role,
         },
         tree,
         peers,
@@ -411,11 +451,16 @@ pub fn render(s: &Status) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "node {} ({})  listen {}  up {}\n",
+        "node {} ({})  listen {}  up {}{}\n",
         s.node.name,
         s.node.id,
         s.node.listen,
-        age(s.node.uptime_s as i64)
+        age(s.node.uptime_s as i64),
+        if s.node.role.is_empty() {
+            String::new()
+        } else {
+            format!("  {}", s.node.role)
+        }
     );
     table(
         &mut o,
@@ -447,6 +492,14 @@ pub fn render(s: &Status) -> String {
             o,
             "index full: new paths from peers refused {} times",
             s.tree.not_adopted
+        );
+    }
+    if s.tree.not_sent_count > 0 {
+        let _ = writeln!(
+            o,
+            "not sent: this node is not a writer ({} local changes put back): {}",
+            s.tree.not_sent_count,
+            s.tree.not_sent.join(", ")
         );
     }
     let _ = writeln!(o);
@@ -484,6 +537,25 @@ pub fn render(s: &Status) -> String {
         &["PEER", "ADDRESS", "CONNECTED", "RTT", "SYNC", "LAST SYNC"],
         peers,
     );
+    for p in s.peers.iter().filter(|p| p.refused.count > 0) {
+        let r = &p.refused;
+        let author = r.last_author.as_deref().map_or_else(dash, |a| {
+            let known = s.peers.iter().find(|q| q.id == a).map(|q| q.name.as_str());
+            match (known, a == s.node.id) {
+                (_, true) => format!("{} (this node)", s.node.name),
+                (Some(n), _) => format!("{n} ({a})"),
+                (None, _) => a.to_string(),
+            }
+        });
+        let _ = writeln!(
+            o,
+            "refused from {}: {} records for their authorship (last: {}, claiming {author}: {})",
+            p.name,
+            r.count,
+            r.last_path.as_deref().unwrap_or("-"),
+            r.last_reason.as_deref().unwrap_or("-")
+        );
+    }
     if !s.certificates.is_empty() {
         let _ = writeln!(o);
         let certs = s
@@ -666,6 +738,7 @@ mod tests {
                 listen: "127.0.0.1:22000".into(),
                 uptime_s: 7300,
                 now_unix: 1_000_000,
+                role: "reader".into(),
             },
             tree: TreeStatus {
                 path: "/etc/nginx/certs".into(),
@@ -679,6 +752,8 @@ mod tests {
                 }],
                 too_large_count: 1,
                 not_adopted: 0,
+                not_sent: vec!["live/www/cert.pem".into()],
+                not_sent_count: 2,
             },
             peers: vec![
                 PeerStatus {
@@ -694,6 +769,7 @@ mod tests {
                     out_of_sync: 0,
                     last_sync_unix: Some(1_000_000),
                     last_sync: None,
+                    refused: RefusedStatus::default(),
                 },
                 PeerStatus {
                     name: "lb2".into(),
@@ -708,6 +784,12 @@ mod tests {
                     out_of_sync: 4,
                     last_sync_unix: Some(1_000_000 - 312),
                     last_sync: None,
+                    refused: RefusedStatus {
+                        count: 3,
+                        last_path: Some("live/www/privkey.pem".into()),
+                        last_author: Some("B".into()),
+                        last_reason: Some("the signature does not match the record".into()),
+                    },
                 },
             ],
             certificates: Vec::new(),
@@ -766,6 +848,10 @@ mod tests {
             "1m35s ago",
             "live/www missing",
             "too large, not fetched: big.iso (2097152 bytes",
+            "  reader",
+            "not sent: this node is not a writer (2 local changes put back): live/www/cert.pem",
+            "refused from lb2: 3 records for their authorship (last: live/www/privkey.pem, \
+             claiming lb1 (B): the signature does not match the record)",
         ] {
             assert!(out.contains(needle), "{needle:?} missing in:\n{out}");
         }

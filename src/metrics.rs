@@ -266,6 +266,29 @@ pub fn render(s: &Status, unconfigured: &[(String, i64)]) -> String {
         "Unix time of the last successful sync with the peer: its last ack, or the last time it was seen fully in sync (absent: never since start).",
         &|p| p.last_sync_unix.map(|t| t.to_string()),
     );
+    // issue 13 (writers): refused authorship per peer, this node's role, a reader's
+    // local changes not sent.
+    per_peer(
+        &mut o,
+        "certmesh_peer_refused_authorship_total",
+        "counter",
+        "Records from the peer not taken in because their author is not in [tree] writers or the signature does not match (since start).",
+        &|p| Some(p.refused.count.to_string()),
+    );
+    family(
+        &mut o,
+        "certmesh_writer",
+        "gauge",
+        "1 if this node may change the tree ([tree] writers lists it or is absent), 0 for a reader.",
+    )
+    .sample("certmesh_writer", &[], u8::from(s.node.role != "reader"));
+    family(
+        &mut o,
+        "certmesh_not_sent_total",
+        "counter",
+        "Local changes of this reader node that were not sent and were put back (since start).",
+    )
+    .sample("certmesh_not_sent_total", &[], s.tree.not_sent_count);
     family(
         &mut o,
         "certmesh_tree_files",

@@ -563,6 +563,100 @@ mod tests {
         assert_eq!(e.poll_transmit(peer(), token), None);
     }
 
+    fn signed_by(
+        s: &crate::identity::NodeSigner,
+        path: &str,
+        content: u8,
+        counter: u64,
+    ) -> FileRecord {
+        let mut ix = Index::new(s.id().short());
+        let p = RelPath::parse(path).unwrap();
+        let seen = crate::index::tests::file(path, content, 1);
+        let mut r = ix.observe(&p, Some(seen), counter as i64 * 1000).unwrap();
+        assert!(authorship::sign(&mut r, s));
+        r
+    }
+
+    #[test]
+    fn records_not_signed_by_a_writer_are_refused_counted_and_acked() {
+        let (_d1, writer) = authorship::tests::signer();
+        let (_d2, relay) = authorship::tests::signer();
+        let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX)
+            .with_authorship(None, Writers::only([writer.id()]));
+        let token = e.connected(peer());
+        let honest = signed_by(&writer, "a", 1, 1);
+        let mut forged = signed_by(&writer, "b", 2, 1);
+        forged.hash = crate::index::ContentHash([9; 32]);
+        let own = signed_by(&relay, "c", 3, 1);
+        e.handle_index(peer(), vec![(honest, 1), (forged, 2), (own, 3)], 3)
+            .unwrap();
+        let needed: Vec<&str> = e.plan().needs().map(|n| n.target.path.as_str()).collect();
+        assert_eq!(needed, vec!["a"]);
+        let refused = &e.refused()[&peer()];
+        assert_eq!(refused.count, 2);
+        assert_eq!(refused.last_path.as_ref().unwrap().as_str(), "c");
+        assert_eq!(refused.last_author, Some(relay.id()));
+        assert!(matches!(
+            &e.take_events()[..],
+            [PlanEvent::NotAuthorized { count: 2, .. }]
+        ));
+        // Refused records do not hold the ack back: once the honest one is applied,
+        // everything is acknowledged.
+        e.poll_transmit(peer(), token);
+        let need = e.plan().needs().next().unwrap().target.clone();
+        e.applied(need, None);
+        let t = e.poll_transmit(peer(), token).unwrap();
+        assert_eq!(t.ack, Some(3));
+    }
+
+    #[test]
+    fn a_readers_local_change_is_not_recorded_and_is_put_back() {
+        let (_d, me) = authorship::tests::signer();
+        let (_d2, writer) = authorship::tests::signer();
+        let signer = Arc::new(me);
+        let mut e = Engine::new(Index::new(signer.id().short()), u64::MAX)
+            .with_authorship(Some(signer.clone()), Writers::only([writer.id()]));
+        assert!(!e.is_writer());
+        e.connected(peer());
+        let r = signed_by(&writer, "live/cert.pem", 1, 1);
+        e.handle_index(peer(), vec![(r.clone(), 1)], 1).unwrap();
+        let need = e.plan().need(&r.path).unwrap().target.clone();
+        e.applied(need, Some(crate::index::tests::file("x", 1, 1).stat));
+        let seq = e.index().sequence();
+        // The reader edits the file: nothing recorded, nothing to send…
+        let edited = crate::index::tests::file("live/cert.pem", 7, 5);
+        assert_eq!(e.observe(&r.path, Some(edited), 5), None);
+        assert_eq!(e.index().sequence(), seq);
+        assert_eq!(e.not_sent().count, 1);
+        // …and the writers' version is needed again, content fetched anew.
+        assert_eq!(e.plan().need(&r.path).unwrap().target, r);
+        assert!(e.reverting_content(&r.path));
+        e.applied(r.clone(), Some(crate::index::tests::file("x", 1, 9).stat));
+        assert!(e.plan().need(&r.path).is_none() && !e.reverting_content(&r.path));
+        // A chmod is put back too (same content: no fetch).
+        let mut chmod = crate::index::tests::file("live/cert.pem", 1, 9);
+        (chmod.mode, chmod.stat.mode) = (0o600, 0o600);
+        assert_eq!(e.observe(&r.path, Some(chmod), 10), None);
+        assert!(e.plan().need(&r.path).is_some() && !e.reverting_content(&r.path));
+    }
+
+    #[test]
+    fn a_writer_signs_its_changes() {
+        let (_d, me) = authorship::tests::signer();
+        let me = Arc::new(me);
+        let mut e = Engine::new(Index::new(me.id().short()), u64::MAX)
+            .with_authorship(Some(me.clone()), Writers::only([me.id()]));
+        let p = RelPath::parse("a").unwrap();
+        let r = e
+            .observe(&p, Some(crate::index::tests::file("a", 1, 1)), 1)
+            .unwrap();
+        let mut check = Writers::only([me.id()]);
+        assert_eq!(check.check(&r), Ok(()));
+        assert_eq!(e.index().get(&p).unwrap().record, r);
+        let gone = e.observe(&p, None, 2).unwrap();
+        assert_eq!(check.check(&gone), Ok(()));
+    }
+
     #[test]
     fn an_ack_beyond_our_sequence_is_refused() {
         let mut e = engine_with(&["a"]);
