@@ -348,6 +348,7 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
         st.error(format!("scan: {e}"));
     }
     let since = st.engine.index().sequence();
+    let not_sent = st.engine.not_sent().count;
     let now = now_ns();
     let mut changed = 0;
     for (p, obs) in observed {
@@ -363,8 +364,18 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
     if changed > 0 {
         tracing::info!(changed, "local changes");
     }
+    // A reader's local changes are not sent but put back by the puller (issue 13).
+    let put_back = st.engine.not_sent().count != not_sent;
+    if put_back {
+        tracing::info!(
+            "local changes not sent: this node is not a writer; putting the writers' version back"
+        );
+    }
     st.commit(since, shared);
     drop(st);
+    if put_back {
+        shared.pull.notify_one();
+    }
     if changed > 0 {
         shared.pull.notify_one();
         shared.bump_progress();

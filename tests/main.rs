@@ -17,3 +17,4 @@ mod trust_links;
 mod trust_ops;
 mod trust_wire;
 mod util;
+mod writers;
