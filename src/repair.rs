@@ -108,6 +108,10 @@ pub fn start(shared: &Arc<Shared>) {
 }
 
 fn configured(shared: &Shared) -> Vec<String> {
+    // A reader (issue 13) may not change the tree: its repair would be put back.
+    if !shared.lock().engine.is_writer() {
+        return Vec::new();
+    }
     shared
         .config
         .lock()

@@ -127,6 +127,31 @@ struct Authority {
     writer: bool,
     refused: HashMap<DeviceId, Refused>,
     not_sent: NotSent,
+    /// One copy of each author's certificate, shared by its records (at most
+    /// [`MAX_SHARED_CERTS`] authors; beyond, records keep their own copy).
+    certs: HashMap<DeviceId, Arc<[u8]>>,
+}
+
+/// Most authors whose certificate copies are shared (a fleet has a few writers).
+const MAX_SHARED_CERTS: usize = 1024;
+
+impl Authority {
+    /// Makes `r` share the copy of its author's certificate already held, if equal.
+    fn share_cert(&mut self, r: &mut FileRecord) {
+        let Some(a) = r.auth.as_mut() else {
+            return;
+        };
+        match self.certs.get(&a.author) {
+            Some(c) if *c == a.cert => a.cert = c.clone(),
+            Some(_) => {}
+            None if self.certs.len() < MAX_SHARED_CERTS
+                && DeviceId::of_cert(&a.cert) == a.author =>
+            {
+                self.certs.insert(a.author, a.cert.clone());
+            }
+            None => {}
+        }
+    }
 }
 
 /// The index, the plan and the per-peer send state, changed only together.
@@ -271,7 +296,10 @@ impl Engine {
             return Err(EngineError::TooManyRecords);
         }
         self.plan.admit(&peer, &records)?;
-        let records = self.authorized(peer, records);
+        let mut records = self.authorized(peer, records);
+        for (r, _) in &mut records {
+            self.authority.share_cert(r);
+        }
         self.plan.receive(peer, records, last_sequence, &self.index);
         Ok(())
     }
