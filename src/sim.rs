@@ -711,6 +711,46 @@ mod tests {
         sim.check_converged().unwrap();
     }
 
+    /// Issue 13 in the simulator: nodes with real keys, `writers` = node 0 only, in
+    /// a chain 0 – 1 – 2. The relay's own edit is put back and never reaches node 2;
+    /// the writer's changes reach it through the relay, signatures intact.
+    #[test]
+    fn only_writers_change_the_tree_also_through_a_relay() {
+        use crate::core::authorship::{tests::signer, Writers};
+        let (dirs, signers): (Vec<_>, Vec<_>) = (0..3)
+            .map(|_| {
+                let (dir, s) = signer();
+                (dir, Arc::new(s))
+            })
+            .unzip();
+        let writer = signers[0].id();
+        let path = "live/www/cert.pem";
+        for seed in 0..20 {
+            let mut sim = Sim::new(3, seed);
+            for (node, s) in sim.nodes.iter_mut().zip(&signers) {
+                node.id = s.id();
+                node.engine = Engine::new(Index::new(s.id().short()), DEFAULT_MAX_FILE_SIZE)
+                    .with_authorship(Some(s.clone()), Writers::only([writer]));
+            }
+            sim.link(0, 1);
+            sim.link(1, 2);
+            sim.write(0, path, b"v1");
+            quiet_and_converged(&mut sim);
+            sim.write(1, path, b"the relay's own");
+            sim.delete(1, "never/there");
+            quiet_and_converged(&mut sim);
+            assert_eq!(sim.content(1, path), Some(&b"v1"[..]), "seed {seed}");
+            assert_eq!(sim.nodes[1].engine.not_sent().count, 1);
+            sim.write(0, path, b"v2");
+            quiet_and_converged(&mut sim);
+            assert_eq!(sim.content(2, path), Some(&b"v2"[..]), "seed {seed}");
+            for n in &sim.nodes {
+                assert!(n.engine.refused().is_empty(), "seed {seed}");
+            }
+        }
+        drop(dirs);
+    }
+
     #[test]
     fn change_reaches_full_mesh() {
         for seed in 0..50 {
