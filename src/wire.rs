@@ -620,6 +620,39 @@ mod tests {
     }
 
     #[test]
+    fn authorship_travels_intact_and_malformed_authorship_is_refused() {
+        let (_d, signer) = crate::core::authorship::tests::signer();
+        let mut r = sample();
+        r.modified_by = signer.id().short();
+        r.version = VersionVector::from_pairs(vec![(signer.id().short(), 3)]);
+        assert!(crate::core::authorship::sign(&mut r, &signer));
+        let f = record_to_wire(&r, 1);
+        let back = record_from_wire(f.clone(), now_us()).unwrap().0;
+        assert_eq!(back, r);
+        let cases: [fn(&mut pb::FileInfo); 5] = [
+            |f| f.author.truncate(31),
+            |f| f.signature.clear(),
+            |f| f.signature = vec![1; MAX_SIGNATURE + 1],
+            |f| f.author_cert.clear(),
+            |f| f.author_cert = vec![1; MAX_AUTHOR_CERT + 1],
+        ];
+        for mutate in cases {
+            let mut bad = f.clone();
+            mutate(&mut bad);
+            let err = record_from_wire(bad, now_us()).unwrap_err().to_string();
+            assert!(err.contains("live/www/privkey.pem"), "{err}");
+        }
+        // None at all: an unsigned record (an older node).
+        let mut unsigned = f;
+        (unsigned.author, unsigned.signature, unsigned.author_cert) = Default::default();
+        assert!(record_from_wire(unsigned, now_us())
+            .unwrap()
+            .0
+            .auth
+            .is_none());
+    }
+
+    #[test]
     fn hostile_records_are_refused() {
         let good = record_to_wire(&sample(), 1);
         for (mutate, what) in [
