@@ -31,11 +31,13 @@
 pub mod acme;
 pub mod apply;
 pub mod clients;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod core;
 pub mod demo;
 pub mod demo_pebble;
+pub mod dhgroup;
 pub mod dhparam;
 pub mod firewall;
 pub mod hooks;
