@@ -338,7 +338,19 @@ fn certbot_tree_imported_renews_once_and_nginx_keeps_its_paths() {
     ]);
     assert!(out.status.success(), "{out:?}");
     let report = String::from_utf8_lossy(&out.stdout);
-    assert!(report.contains("account: "), "{report}");
+    eprintln!("certmesh import --from certbot:\n{report}");
+    // certbot's account key is RSA, which instant-acme cannot sign with: said so.
+    assert!(
+        report.contains("account: ") && report.contains("RSA"),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!(
+            "still valid: {}",
+            live.join("fullchain.pem").display()
+        )),
+        "{report}"
+    );
     assert_eq!(pebble.issued(), 1);
     assert_eq!(fs::read_link(&live).unwrap(), Path::new("../archive/www/1"));
     assert_eq!(file_serial(&live.join("cert.pem")), first);
@@ -426,7 +438,21 @@ fn lego_tree_imported_with_its_account_renews_once() {
     ]);
     assert!(out.status.success(), "{out:?}");
     let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("certmesh import --from lego:\n{report}");
     assert!(report.contains("account: imported"), "{report}");
+    let lego_account = fs::read_dir(lego.join("accounts"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let lego_account = lego_account.join("ops@import.test/account.json");
+    let lego_account: serde_json::Value =
+        serde_json::from_slice(&fs::read(&lego_account).unwrap()).unwrap();
+    let uri = lego_account["registration"]["uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(pebble.issued(), 1);
     assert_eq!(
         fs::read_link(&crt).unwrap(),
@@ -440,6 +466,8 @@ fn lego_tree_imported_with_its_account_renews_once() {
     assert_eq!(pebble.issued(), 2, "{}", n.log());
     // The imported account was used: no new registration.
     assert!(!n.log().contains("account created"), "{}", n.log());
+    let ours = fs::read_to_string(tree.join(".certmesh/acme/account.json")).unwrap();
+    assert!(ours.contains(&uri), "{ours}");
     let second = file_serial(&crt);
     assert_ne!(second, first);
     wait_for(
@@ -556,4 +584,72 @@ fn a_key_that_does_not_match_is_refused_and_nothing_changes() {
         "{err}"
     );
     assert_eq!(crate::util::snapshot(&le), before);
+}
+
+#[test]
+fn certbot_tree_elsewhere_becomes_a_link_into_the_tree_and_a_second_import_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let le = dir.path().join("letsencrypt");
+    certbot_shaped(&le);
+    let served = fs::read(le.join("live/www/fullchain.pem")).unwrap();
+    let mut n = Node::new(dir.path(), "lb0", "127.0.2.33");
+    n.configure(&[]);
+    let mut cfg = fs::read_to_string(&n.config).unwrap();
+    cfg.push_str(&format!(
+        "\n[[certificate]]\nname = \"www\"\ndomains = [\"{DOMAIN}\"]\n"
+    ));
+    fs::write(&n.config, cfg).unwrap();
+    let cfg = n.config.to_str().unwrap().to_string();
+    let out = certmesh(&[
+        "import",
+        "--config",
+        &cfg,
+        "--from",
+        "certbot",
+        le.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    // nginx's path now goes through the tree's live/www, which holds the same chain.
+    let tree = fs::canonicalize(&n.tree).unwrap();
+    assert_eq!(
+        fs::read_link(le.join("live/www")).unwrap(),
+        tree.join("live/www")
+    );
+    assert_eq!(
+        fs::read_link(n.tree.join("live/www")).unwrap(),
+        Path::new("../archive/www/1")
+    );
+    assert_eq!(fs::read(le.join("live/www/fullchain.pem")).unwrap(), served);
+    assert!(le.join("archive/www/fullchain1.pem").is_file());
+    // certbot's links were kept, as they were, in the backup.
+    let backup = fs::read_dir(n.state.join("import-backup"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        fs::read_link(backup.join("live/www/fullchain.pem")).unwrap(),
+        Path::new("../../archive/www/fullchain1.pem")
+    );
+    // A second import is refused (exit 2, the path named), nothing changes.
+    let before = (crate::util::snapshot(&le), crate::util::snapshot(&n.tree));
+    let out = certmesh(&[
+        "import",
+        "--config",
+        &cfg,
+        "--from",
+        "certbot",
+        le.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("live/www") && err.contains("imported before"),
+        "{err}"
+    );
+    assert_eq!(
+        (crate::util::snapshot(&le), crate::util::snapshot(&n.tree)),
+        before
+    );
 }

@@ -387,6 +387,37 @@ mod tests {
     use std::fs;
 
     #[test]
+    fn a_certbot_live_dir_is_refused_before_ordering() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        assert_eq!(check_publish_target(root, "www"), Ok(()));
+        fs::create_dir_all(root.join("live/www")).unwrap();
+        let e = check_publish_target(root, "www").unwrap_err();
+        assert!(matches!(e, PublishTarget::CertbotLive { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&root.join("live/www").display().to_string()),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("certmesh import") && msg.contains("--from certbot"),
+            "{msg}"
+        );
+        fs::remove_dir(root.join("live/www")).unwrap();
+        std::os::unix::fs::symlink("../archive/www/1", root.join("live/www")).unwrap();
+        assert_eq!(check_publish_target(root, "www"), Ok(()));
+        // Something else where a directory must be: named, with what it is.
+        fs::write(root.join("archive"), "x").unwrap();
+        let e = check_publish_target(root, "www").unwrap_err().to_string();
+        assert!(e.contains("archive is a regular file"), "{e}");
+        fs::remove_file(root.join("archive")).unwrap();
+        fs::create_dir_all(root.join("archive")).unwrap();
+        fs::write(root.join("archive/www"), "x").unwrap();
+        let e = check_publish_target(root, "www").unwrap_err().to_string();
+        assert!(e.contains("archive/www is a regular file"), "{e}");
+    }
+
+    #[test]
     fn live_link_is_followed_only_in_its_own_form() {
         assert_eq!(parse_live_target("www", "../archive/www/3"), Some(3));
         for bad in [
