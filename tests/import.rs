@@ -592,7 +592,7 @@ fn certbot_tree_elsewhere_becomes_a_link_into_the_tree_and_a_second_import_is_re
     let le = dir.path().join("letsencrypt");
     certbot_shaped(&le);
     let served = fs::read(le.join("live/www/fullchain.pem")).unwrap();
-    let mut n = Node::new(dir.path(), "lb0", "127.0.2.33");
+    let n = Node::new(dir.path(), "lb0", "127.0.2.33");
     n.configure(&[]);
     let mut cfg = fs::read_to_string(&n.config).unwrap();
     cfg.push_str(&format!(
