@@ -361,6 +361,12 @@ fn lego_cert(base: &Path, c: &CertificateConfig) -> Result<Option<Found>, Import
         return Ok(None);
     };
     let crt = dir.join(format!("{stem}.crt"));
+    if fs::symlink_metadata(&crt).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(bad(
+            &crt,
+            "is already a link, not the file lego wrote (imported before?)",
+        ));
+    }
     let key = dir.join(format!("{stem}.key"));
     let issuer = dir.join(format!("{stem}.issuer.crt"));
     let mut chain = read_inside(base, &crt)?;
@@ -388,10 +394,14 @@ fn lego_cert(base: &Path, c: &CertificateConfig) -> Result<Option<Found>, Import
 fn publish(tree: &Path, f: &Found, in_place: bool, backup: &Path) -> Result<u32, ImportError> {
     let archive = tree.join("archive").join(&f.name);
     let tmp = tree.join(".certmesh/tmp");
-    for d in [&archive, &tmp, &tree.join("live")] {
+    for (d, mode) in [
+        (&archive, 0o755),
+        (&tree.join("live"), 0o755),
+        (&tmp, 0o700),
+    ] {
         fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o755)
+            .mode(mode)
             .create(d)
             .map_err(io(d))?;
     }
@@ -757,8 +767,17 @@ fn write_account(tree: &Path, bytes: &[u8]) -> Result<String, ImportError> {
 pub fn check_tree(cfg: &Config) -> Vec<String> {
     cfg.certificates
         .iter()
-        .filter_map(|c| crate::acme::tree::check_publish_target(&cfg.tree, &c.name).err())
-        .map(|e| format!("[[certificate]] {}: {e}", cfg.tree.display()))
+        .filter_map(|c| {
+            crate::acme::tree::check_publish_target(&cfg.tree, &c.name)
+                .err()
+                .map(|e| {
+                    let e = e.to_string().replace(
+                        "--config <file>",
+                        &format!("--config {}", cfg.file.display()),
+                    );
+                    format!("[[certificate]] {:?}: {e}", c.name)
+                })
+        })
         .collect()
 }
 
