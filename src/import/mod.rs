@@ -16,11 +16,10 @@
 //! `<state_dir>/import-backup/<source>-<unix time>/`, never deleted unseen; certbot's
 //! `renewal/<name>.conf` is renamed `<name>.conf.certmesh-imported` so certbot stops
 //! renewing behind certmesh's back.
-
 //!
-//! Files: this one (the order of steps, errors, `certmesh check`), [`source`] (reading
-//! and checking certbot's and lego's files), [`place`] (writing into the tree and
-//! swapping the old paths for links), [`account`] (their ACME account as certmesh's).
+//! Files: this one (the order of steps, errors, `certmesh check`), `source` (reading
+//! and checking certbot's and lego's files), `place` (writing into the tree and
+//! swapping the old paths for links), `account` (their ACME account as certmesh's).
 
 mod account;
 mod place;
@@ -272,13 +271,17 @@ fn keep_paths_valid(
 }
 
 /// `certmesh check`: configured certificates whose `live/<name>` in the tree cannot
-/// be published into (a certbot directory of links, a file), with the fix.
+/// be published into (a certbot directory of links, a file), with the fix. A tree
+/// this user cannot read is not reported here (config management may run `check` as
+/// another user than the daemon); the daemon reports it before ordering.
 pub fn check_tree(cfg: &Config) -> Vec<String> {
+    use crate::acme::tree::{check_publish_target, PublishTarget};
     cfg.certificates
         .iter()
         .filter_map(|c| {
-            crate::acme::tree::check_publish_target(&cfg.tree, &c.name)
+            check_publish_target(&cfg.tree, &c.name)
                 .err()
+                .filter(|e| !matches!(e, PublishTarget::Io { .. }))
                 .map(|e| {
                     let e = e.to_string().replace(
                         "--config <file>",
