@@ -406,11 +406,14 @@ fn import(
             Failure::Runtime(format!("import: {e}"))
         }
     })?;
-    for (name, version, serial, not_after) in &r.imported {
+    for i in &r.imported {
         println!(
-            "imported {name}: {}/live/{name} -> archive/{name}/{version} (serial {serial}, valid until {})",
+            "imported {n}: {}/live/{n} -> archive/{n}/{} (serial {}, valid until {})",
             c.tree.display(),
-            certmesh::acme::rfc3339(*not_after)
+            i.version,
+            i.serial,
+            certmesh::acme::rfc3339(i.not_after),
+            n = i.name,
         );
     }
     for p in &r.kept_valid {

@@ -103,11 +103,24 @@ pub(crate) enum Compat {
     Lego(Vec<(PathBuf, &'static str)>),
 }
 
+/// One certificate now in certmesh's layout.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    /// The `[[certificate]]` name (`live/<name>`).
+    pub name: String,
+    /// `archive/<name>/<version>/`.
+    pub version: u32,
+    /// The leaf's serial, as x509-parser prints it.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
 /// What an import did.
 #[derive(Debug, Default)]
 pub struct Report {
-    /// `(name, version, serial, not_after)` of each imported certificate.
-    pub imported: Vec<(String, u32, String, i64)>,
+    /// Each imported certificate.
+    pub imported: Vec<Imported>,
     /// Paths that now resolve to certmesh's `live/<name>` files.
     pub kept_valid: Vec<PathBuf>,
     /// What happened to the account, and anything skipped.
@@ -170,12 +183,12 @@ pub fn import(cfg: &Config, from: Source, path: &Path) -> Result<Report, ImportE
     for f in found {
         let version = place::publish(&tree, &f, in_place, &backup)?;
         keep_paths_valid(&f, &tree, in_place, &backup, &mut report)?;
-        report.imported.push((
-            f.name.clone(),
+        report.imported.push(Imported {
+            name: f.name.clone(),
             version,
-            f.leaf.serial.clone(),
-            f.leaf.validity.not_after,
-        ));
+            serial: f.leaf.serial.clone(),
+            not_after: f.leaf.validity.not_after,
+        });
     }
     match account {
         Ok(stored) => report.notes.push(account::write_account(&tree, &stored)?),
