@@ -26,7 +26,8 @@
 //! kept locally under `.certmesh/kept/`, bounded; `certmesh restore`) and [`repair`]
 //! (configured certificates a peer's change broke are put back from them).
 //!
-//! Operations: [`firewall`] (nftables / iptables rules for the QUIC port from the config).
+//! Operations: [`firewall`] (nftables / iptables rules for the QUIC port from the config),
+//! [`import`] (adopting a certbot or lego tree without a new order).
 
 pub mod acme;
 pub mod apply;
@@ -42,6 +43,7 @@ pub mod dhparam;
 pub mod firewall;
 pub mod hooks;
 pub mod identity;
+pub mod import;
 pub mod index;
 pub mod inline;
 pub mod keep;

@@ -101,6 +101,18 @@ enum Cmd {
         #[arg(long)]
         list: bool,
     },
+    /// Adopt the certificates (and account, where possible) of a certbot or lego tree
+    /// into certmesh's layout without a new order; the paths nginx already uses stay
+    /// valid (see README "Moving from certbot or lego").
+    Import {
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The client that made PATH.
+        #[arg(long, value_enum)]
+        from: certmesh::import::Source,
+        /// certbot's config dir (e.g. /etc/letsencrypt) or lego's --path (e.g. ~/.lego).
+        path: PathBuf,
+    },
     /// Start a 3-node mesh on loopback in a temp dir, show a file propagating, clean up.
     Demo {
         /// How many propagation samples to take.
@@ -186,6 +198,14 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                         roots.display()
                     )));
                 }
+            }
+            let problems = certmesh::import::check_tree(&c);
+            if !problems.is_empty() {
+                return Err(Failure::Config(format!(
+                    "{}: {}",
+                    config.display(),
+                    problems.join("\n")
+                )));
             }
             println!(
                 "{}: ok ({} peers, {} certificates, {} hooks, acme {}, tree {})",
@@ -302,6 +322,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             version,
             list,
         } => restore(&load(&config)?, path.as_deref(), version, list)?,
+        Cmd::Import { config, from, path } => import(&load(&config)?, from, &path)?,
         Cmd::Demo { samples } => {
             runtime()?
                 .block_on(certmesh::demo::run(samples))
@@ -368,6 +389,41 @@ fn restore(c: &Config, path: Option<&str>, version: usize, list: bool) -> Result
             certmesh::acme::rfc3339(v.kept_at_ns / 1_000_000_000),
             v.size
         );
+    }
+    Ok(())
+}
+
+/// `certmesh import`: bad input is a config/usage error (2), nothing written.
+fn import(
+    c: &Config,
+    from: certmesh::import::Source,
+    path: &std::path::Path,
+) -> Result<(), Failure> {
+    let r = certmesh::import::import(c, from, path).map_err(|e| {
+        if e.is_input() {
+            Failure::Config(format!("import: {e}"))
+        } else {
+            Failure::Runtime(format!("import: {e}"))
+        }
+    })?;
+    for i in &r.imported {
+        println!(
+            "imported {n}: {}/live/{n} -> archive/{n}/{} (serial {}, valid until {})",
+            c.tree.display(),
+            i.version,
+            i.serial,
+            certmesh::acme::rfc3339(i.not_after),
+            n = i.name,
+        );
+    }
+    for p in &r.kept_valid {
+        println!("still valid: {}", p.display());
+    }
+    for n in &r.notes {
+        println!("{n}");
+    }
+    if let Some(b) = &r.backup {
+        println!("replaced files copied to {}", b.display());
     }
     Ok(())
 }
