@@ -198,7 +198,7 @@ mod tests {
             .unwrap();
         assert_eq!(place(root, DhGroup::Ffdhe2048).unwrap(), Placed::Written);
         let written = fs::read_to_string(root.join(FILE)).unwrap();
-        assert_eq!(written, FFDHE2048);
+        assert_eq!(written, DhGroup::Ffdhe2048.pem());
         let meta = fs::metadata(root.join(FILE)).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o644);
         assert_eq!(
@@ -208,7 +208,10 @@ mod tests {
         assert_eq!(place(root, DhGroup::Ffdhe2048).unwrap(), Placed::Present);
         // Another group configured later: the file there is kept.
         assert_eq!(place(root, DhGroup::Ffdhe4096).unwrap(), Placed::KeptOther);
-        assert_eq!(fs::read_to_string(root.join(FILE)).unwrap(), FFDHE2048);
+        assert_eq!(
+            fs::read_to_string(root.join(FILE)).unwrap(),
+            DhGroup::Ffdhe2048.pem()
+        );
         fs::write(root.join(FILE), "operator's own\n").unwrap();
         assert_eq!(place(root, DhGroup::Ffdhe2048).unwrap(), Placed::KeptOther);
         assert_eq!(
