@@ -31,6 +31,7 @@
 
 pub mod acme;
 pub mod apply;
+pub mod atomic;
 pub mod clients;
 pub mod clock;
 pub mod config;

@@ -286,16 +286,7 @@ fn encode_compacted(index: &Index) -> Vec<u8> {
 /// Replaces the file at `path` with `bytes` atomically and durably; returns it
 /// opened for appending.
 fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<fs::File> {
-    let tmp = path.with_extension("db.tmp");
-    {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
+    crate::atomic::replace(path, bytes, 0o600)?;
     fs::OpenOptions::new().append(true).open(path)
 }
 
