@@ -26,7 +26,9 @@
 //! kept locally under `.certmesh/kept/`, bounded; `certmesh restore`) and [`repair`]
 //! (configured certificates a peer's change broke are put back from them).
 //!
-//! Operations: [`firewall`] (nftables / iptables rules for the QUIC port from the config).
+//! Operations: [`firewall`] (nftables / iptables rules for the QUIC port from the config),
+//! [`systemd`] (readiness, status line, reload and watchdog for `Type=notify`),
+//! [`logging`] (stderr, journald or `<N>`-prefixed lines for the journal).
 
 pub mod acme;
 pub mod apply;
@@ -43,6 +45,7 @@ pub mod identity;
 pub mod index;
 pub mod inline;
 pub mod keep;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod paths;
@@ -55,6 +58,7 @@ pub mod scan;
 #[cfg(test)]
 mod sim;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod transport;
 pub mod version;

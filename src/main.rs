@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use certmesh::config::Config;
 
@@ -60,6 +60,9 @@ enum Cmd {
         config: PathBuf,
         /// The `[[certificate]]` name.
         name: String,
+        /// Print the daemon's answer as JSON (version, not_after, took_ms).
+        #[arg(long)]
+        json: bool,
     },
     /// Ask the running daemon to renew every certificate that is due (waits for the result).
     Renew {
@@ -71,14 +74,17 @@ enum Cmd {
         /// Only show what would be ordered, and by whom.
         #[arg(long)]
         dry_run: bool,
+        /// Print the daemon's answer as JSON (`results[]`, `failed`).
+        #[arg(long)]
+        json: bool,
     },
     /// Print packet filter rules admitting the QUIC port only from the configured peers.
     Firewall {
         #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
-        /// nft | iptables | ip6tables
-        #[arg(long, default_value = "nft")]
-        format: String,
+        /// The rule syntax.
+        #[arg(long, value_enum, default_value_t = FirewallFormat::Nft)]
+        format: FirewallFormat,
         /// Admit peers only on this interface (the backnet).
         #[arg(long, value_name = "IFACE")]
         interface: Option<String>,
@@ -100,6 +106,9 @@ enum Cmd {
         /// Show the kept versions of PATH (newest first), or every kept path.
         #[arg(long)]
         list: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Start a 3-node mesh on loopback in a temp dir, show a file propagating, clean up.
     Demo {
@@ -107,6 +116,40 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         samples: usize,
     },
+    /// Print a shell completion script (the .deb installs them for bash, zsh and fish).
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page certmesh(1), or write it and one page per subcommand into DIR.
+    #[command(hide = true)]
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+/// `certmesh firewall --format`.
+#[derive(Clone, Copy, ValueEnum)]
+enum FirewallFormat {
+    /// An nftables table `inet certmesh` (`nft -f`).
+    #[value(alias = "nftables")]
+    Nft,
+    /// An iptables chain `certmesh-in` (`iptables-restore --noflush`).
+    Iptables,
+    /// The same for IPv6 (`ip6tables-restore --noflush`).
+    Ip6tables,
+}
+
+impl From<FirewallFormat> for certmesh::firewall::Format {
+    fn from(f: FirewallFormat) -> Self {
+        match f {
+            FirewallFormat::Nft => Self::Nft,
+            FirewallFormat::Iptables => Self::Iptables,
+            FirewallFormat::Ip6tables => Self::Ip6tables,
+        }
+    }
 }
 
 enum Failure {
@@ -116,21 +159,7 @@ enum Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: under systemd stderr goes to journald, which
-        // would store the escape codes verbatim.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // CERTMESH_LOG_FORMAT=json: one JSON object per line (fields as keys), for log
-    // shippers reading the journal; otherwise readable `key=value` lines.
-    if std::env::var("CERTMESH_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
+    certmesh::logging::init();
     match dispatch(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(m)) => {
@@ -199,9 +228,12 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         }
         Cmd::Run { config } => {
             let c = load(&config)?;
-            runtime()?
-                .block_on(certmesh::node::run(c, shutdown_signal()))
-                .map_err(rt_err)?;
+            let rt = runtime()?;
+            let stop = {
+                let _in_runtime = rt.enter();
+                shutdown_signal()
+            };
+            rt.block_on(certmesh::node::run(c, stop)).map_err(rt_err)?;
         }
         Cmd::Status { config, json } => {
             let c = load(&config)?;
@@ -216,7 +248,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                 print!("{}", certmesh::control::render(&s));
             }
         }
-        Cmd::Issue { config, name } => {
+        Cmd::Issue { config, name, json } => {
             let c = load(&config)?;
             if !c.certificates.iter().any(|x| x.name == name) {
                 return Err(Failure::Config(format!(
@@ -230,6 +262,10 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     serde_json::json!({ "cmd": "issue", "name": name }),
                 ))
                 .map_err(rt_err)?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
             println!(
                 "{}: version {} issued, valid until {} ({} ms)",
                 name,
@@ -242,6 +278,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             config,
             force,
             dry_run,
+            json,
         } => {
             let c = load(&config)?;
             let v = runtime()?
@@ -250,33 +287,10 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     serde_json::json!({ "cmd": "renew", "force": force, "dry_run": dry_run }),
                 ))
                 .map_err(rt_err)?;
-            for r in v["results"].as_array().into_iter().flatten() {
-                let what = if dry_run {
-                    if r["would_order"] == true {
-                        "would order now".to_string()
-                    } else if r["due"] == true {
-                        format!(
-                            "due, not ordering here: {}",
-                            r["waiting_for"].as_str().unwrap_or("?")
-                        )
-                    } else {
-                        "not due".to_string()
-                    }
-                } else if r["ordered"] == true {
-                    format!("renewed: version {} ({} ms)", r["version"], r["took_ms"])
-                } else if let Some(e) = r["error"].as_str() {
-                    format!("FAILED: {e}")
-                } else if let Some(w) = r["waiting_for"].as_str() {
-                    format!("not ordering here: {w}")
-                } else {
-                    "not due".to_string()
-                };
-                println!(
-                    "{:<24} next {:<22} renewer {:<12} {what}",
-                    r["name"].as_str().unwrap_or("?"),
-                    r["next_renewal"].as_str().unwrap_or("-"),
-                    r["renewer"].as_str().unwrap_or("-")
-                );
+            if json {
+                print_json(&v);
+            } else {
+                print_renewals(&v, dry_run);
             }
             if v["failed"].as_u64().unwrap_or(0) > 0 {
                 return Err(Failure::Runtime(format!("{} renewals failed", v["failed"])));
@@ -288,12 +302,8 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             interface,
         } => {
             let c = load(&config)?;
-            let cfg_err = |e: certmesh::firewall::FirewallError| Failure::Config(e.to_string());
-            let format = certmesh::firewall::Format::parse(&format)
-                .ok_or(certmesh::firewall::FirewallError::Format(format))
-                .map_err(cfg_err)?;
-            let rules =
-                certmesh::firewall::render(&c, format, interface.as_deref()).map_err(cfg_err)?;
+            let rules = certmesh::firewall::render(&c, format.into(), interface.as_deref())
+                .map_err(|e| Failure::Config(e.to_string()))?;
             print!("{rules}");
         }
         Cmd::Restore {
@@ -301,7 +311,15 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             path,
             version,
             list,
-        } => restore(&load(&config)?, path.as_deref(), version, list)?,
+            json,
+        } => restore(&load(&config)?, path.as_deref(), version, list, json)?,
+        Cmd::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "certmesh", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)
+                .map_err(|e| Failure::Runtime(format!("writing the completions: {e}")))?;
+        }
+        Cmd::Man { out_dir } => man(out_dir.as_deref())?,
         Cmd::Demo { samples } => {
             runtime()?
                 .block_on(certmesh::demo::run(samples))
@@ -311,33 +329,92 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `certmesh renew` as a table: one line per certificate.
+fn print_renewals(v: &serde_json::Value, dry_run: bool) {
+    for r in v["results"].as_array().into_iter().flatten() {
+        let what = if dry_run {
+            if r["would_order"] == true {
+                "would order now".to_string()
+            } else if r["due"] == true {
+                format!(
+                    "due, not ordering here: {}",
+                    r["waiting_for"].as_str().unwrap_or("?")
+                )
+            } else {
+                "not due".to_string()
+            }
+        } else if r["ordered"] == true {
+            format!("renewed: version {} ({} ms)", r["version"], r["took_ms"])
+        } else if let Some(e) = r["error"].as_str() {
+            format!("FAILED: {e}")
+        } else if let Some(w) = r["waiting_for"].as_str() {
+            format!("not ordering here: {w}")
+        } else {
+            "not due".to_string()
+        };
+        println!(
+            "{:<24} next {:<22} renewer {:<12} {what}",
+            r["name"].as_str().unwrap_or("?"),
+            r["next_renewal"].as_str().unwrap_or("-"),
+            r["renewer"].as_str().unwrap_or("-")
+        );
+    }
+}
+
 /// `certmesh restore`: list kept versions, or write one back into the tree.
-fn restore(c: &Config, path: Option<&str>, version: usize, list: bool) -> Result<(), Failure> {
+fn restore(
+    c: &Config,
+    path: Option<&str>,
+    version: usize,
+    list: bool,
+    json: bool,
+) -> Result<(), Failure> {
     use certmesh::keep;
     let io = |e: std::io::Error| Failure::Runtime(format!("{}: {e}", c.tree.display()));
     let Some(path) = path else {
-        let paths = keep::list_paths(&c.tree).map_err(io)?;
-        if paths.is_empty() {
-            println!("nothing kept under {}/.certmesh/kept", c.tree.display());
-        }
-        for p in paths {
+        let mut kept = Vec::new();
+        for p in keep::list_paths(&c.tree).map_err(io)? {
             let n = keep::list(&c.tree, &p).map_err(io)?.len();
-            println!("{p}  ({n} kept)");
+            kept.push((p, n));
+        }
+        if json {
+            let v: Vec<_> = kept
+                .iter()
+                .map(|(p, n)| serde_json::json!({ "path": p.to_string(), "kept": n }))
+                .collect();
+            print_json(&serde_json::json!({ "paths": v }));
+        } else {
+            if kept.is_empty() {
+                println!("nothing kept under {}/.certmesh/kept", c.tree.display());
+            }
+            for (p, n) in kept {
+                println!("{p}  ({n} kept)");
+            }
         }
         return Ok(());
     };
     let rel = certmesh::paths::RelPath::parse_shared(path)
         .map_err(|e| Failure::Config(format!("PATH {path:?}: {e}")))?;
+    let kept_at = |ns: i64| certmesh::acme::rfc3339(ns / 1_000_000_000);
     if !list {
         let v = keep::restore(&c.tree, &rel, version).map_err(|e| match e {
             keep::RestoreError::NoSuchVersion { .. } => Failure::Config(e.to_string()),
             e => Failure::Runtime(e.to_string()),
         })?;
-        println!(
-            "restored {rel} from version {version} (kept {}, {} bytes)",
-            certmesh::acme::rfc3339(v.kept_at_ns / 1_000_000_000),
-            v.size
-        );
+        if json {
+            print_json(&serde_json::json!({
+                "restored": rel.to_string(),
+                "version": version,
+                "kept_at": kept_at(v.kept_at_ns),
+                "size": v.size,
+            }));
+        } else {
+            println!(
+                "restored {rel} from version {version} (kept {}, {} bytes)",
+                kept_at(v.kept_at_ns),
+                v.size
+            );
+        }
         return Ok(());
     }
     let versions = keep::list(&c.tree, &rel).map_err(io)?;
@@ -346,44 +423,82 @@ fn restore(c: &Config, path: Option<&str>, version: usize, list: bool) -> Result
             keep::RestoreError::NothingKept(rel).to_string(),
         ));
     }
+    let rows: Vec<(String, u64, String)> = versions
+        .iter()
+        .map(|v| (kept_at(v.kept_at_ns), v.size, cause(c, v.meta.as_ref())))
+        .collect();
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, (at, size, cause))| {
+                serde_json::json!({ "version": i + 1, "kept_at": at, "size": size, "cause": cause })
+            })
+            .collect();
+        print_json(&serde_json::json!({ "path": rel.to_string(), "versions": v }));
+        return Ok(());
+    }
     println!("{:<3}  {:<20}  {:>9}  CAUSE", "N", "KEPT", "SIZE");
-    for (i, v) in versions.iter().enumerate() {
-        let cause = v.meta.as_ref().map_or_else(
-            || "unknown".to_string(),
-            |m| {
-                let by = u64::from_str_radix(&m.modified_by, 16).map_or_else(
-                    |_| m.modified_by.clone(),
-                    |id| certmesh::repair::name_of(&c.peers, certmesh::identity::ShortId(id)),
-                );
-                let what = match m.reason {
-                    keep::Reason::Replaced => "replaced",
-                    keep::Reason::Deleted => "deleted",
-                };
-                format!("{what} by {by}")
-            },
-        );
-        println!(
-            "{:<3}  {:<20}  {:>9}  {cause}",
-            i + 1,
-            certmesh::acme::rfc3339(v.kept_at_ns / 1_000_000_000),
-            v.size
-        );
+    for (i, (at, size, cause)) in rows.iter().enumerate() {
+        println!("{:<3}  {at:<20}  {size:>9}  {cause}", i + 1);
     }
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Why a version was kept: `replaced by lb1`, `deleted by lb2`, or `unknown`.
+fn cause(c: &Config, meta: Option<&certmesh::keep::KeptMeta>) -> String {
+    meta.map_or_else(
+        || "unknown".to_string(),
+        |m| {
+            let by = u64::from_str_radix(&m.modified_by, 16).map_or_else(
+                |_| m.modified_by.clone(),
+                |id| certmesh::repair::name_of(&c.peers, certmesh::identity::ShortId(id)),
+            );
+            let what = match m.reason {
+                certmesh::keep::Reason::Replaced => "replaced",
+                certmesh::keep::Reason::Deleted => "deleted",
+            };
+            format!("{what} by {by}")
+        },
+    )
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed by this call (inside the
+/// runtime), not when the future is first polled: a SIGTERM right after `READY=1`
+/// is a clean stop, never the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                one.recv().await;
+            }
+            (Err(_), Err(_)) => std::future::pending().await,
         }
     }
+}
+
+/// `certmesh man`: certmesh(1) on stdout, or every page into `out_dir`.
+fn man(out_dir: Option<&std::path::Path>) -> Result<(), Failure> {
+    let cmd = Cli::command();
+    let Some(dir) = out_dir else {
+        return clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .map_err(|e| Failure::Runtime(format!("writing the man page: {e}")));
+    };
+    std::fs::create_dir_all(dir)
+        .and_then(|()| clap_mangen::generate_to(cmd, dir))
+        .map_err(|e| Failure::Runtime(format!("writing man pages into {}: {e}", dir.display())))
 }
