@@ -256,12 +256,24 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     config.display()
                 )));
             }
-            let v = runtime()?
-                .block_on(certmesh::control::request_with(
-                    &c.control_socket(),
-                    serde_json::json!({ "cmd": "issue", "name": name }),
-                ))
-                .map_err(rt_err)?;
+            let rt = runtime()?;
+            // On a terminal, show the order's steps while waiting for its result.
+            let progress =
+                (!json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+                    rt.spawn(issue_progress(
+                        c.control_socket(),
+                        name.clone(),
+                        c.tree.clone(),
+                    ))
+                });
+            let v = rt.block_on(certmesh::control::request_with(
+                &c.control_socket(),
+                serde_json::json!({ "cmd": "issue", "name": name }),
+            ));
+            if let Some(p) = progress {
+                p.abort();
+            }
+            let v = v.map_err(rt_err)?;
             if json {
                 print_json(&v);
                 return Ok(());
@@ -327,6 +339,69 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// How often `certmesh issue` asks the daemon for the order's state on a terminal.
+const PROGRESS_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Prints the steps of an order (to stderr) as `status` shows them, until aborted.
+async fn issue_progress(socket: PathBuf, name: String, tree: PathBuf) {
+    let challenges = tree.join("acme/.well-known/acme-challenge");
+    let mut first_version = None;
+    let mut last = String::new();
+    loop {
+        if let Ok(v) = certmesh::control::request(&socket, "status").await {
+            if let Ok(s) = serde_json::from_value::<certmesh::control::Status>(v) {
+                let tokens = std::fs::read_dir(&challenges).map_or(0, |d| d.count());
+                if let Some(cert) = s.certificates.iter().find(|c| c.name == name) {
+                    let first = *first_version.get_or_insert(cert.version);
+                    let line = issue_step(cert, &s.peers, tokens, first);
+                    if line != last {
+                        eprintln!("{name}: {line}");
+                        last = line;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(PROGRESS_POLL).await;
+    }
+}
+
+/// One progress line from what `status` and the tree show: the driver's state, the
+/// challenge files in the tree and how many connected peers acknowledged them, and
+/// a live version newer than the one the order started from.
+fn issue_step(
+    cert: &certmesh::control::CertStatus,
+    peers: &[certmesh::control::PeerStatus],
+    challenges: usize,
+    started_at: Option<u32>,
+) -> String {
+    if cert.version.is_some() && cert.version != started_at {
+        let v = cert.version.unwrap_or_default();
+        return format!("published version {v}, waiting for the order to settle");
+    }
+    match cert.state.as_str() {
+        "ordering" if challenges > 0 => {
+            let connected = peers.iter().filter(|p| p.connected).count();
+            let acked = peers.iter().filter(|p| p.connected && p.in_sync).count();
+            format!(
+                "challenge in the tree, acknowledged by {}/{} nodes; CA validating",
+                acked + 1,
+                connected + 1
+            )
+        }
+        "ordering" => "ordering".to_string(),
+        "waiting" => format!(
+            "waiting: {}",
+            cert.waiting_for.as_deref().unwrap_or("another node")
+        ),
+        "backoff" => format!(
+            "backing off after: {}",
+            cert.last_error.as_deref().unwrap_or("an error")
+        ),
+        "idle" => "queued".to_string(),
+        other => other.to_string(),
+    }
 }
 
 /// `certmesh renew` as a table: one line per certificate.
@@ -501,4 +576,42 @@ fn man(out_dir: Option<&std::path::Path>) -> Result<(), Failure> {
     std::fs::create_dir_all(dir)
         .and_then(|()| clap_mangen::generate_to(cmd, dir))
         .map_err(|e| Failure::Runtime(format!("writing man pages into {}: {e}", dir.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(state: &str, version: Option<u32>) -> certmesh::control::CertStatus {
+        serde_json::from_value(serde_json::json!({"name": "www", "domains": [],
+            "not_after": null, "not_after_unix": null, "days_left": null,
+            "version": version, "serial": null, "renewer": null, "lease": null,
+            "next_renewal": null, "state": state, "last_attempt": null,
+            "last_error": null, "failures": 0, "waiting_for": null, "last_took_ms": null}))
+        .expect("a certificate status")
+    }
+
+    fn peer(connected: bool, in_sync: bool) -> certmesh::control::PeerStatus {
+        serde_json::from_value(serde_json::json!({"name": "p", "id": "Y",
+            "address": "127.0.1.2:1", "connected": connected, "in_sync": in_sync,
+            "rtt_ms": null, "acked": 0, "pending_from": 0, "last_error": null}))
+        .expect("a peer status")
+    }
+
+    #[test]
+    fn issue_progress_counts_this_node_and_connected_peers() {
+        let peers = [peer(true, true), peer(true, false), peer(false, false)];
+        assert_eq!(
+            issue_step(&cert("ordering", Some(1)), &peers, 0, Some(1)),
+            "ordering"
+        );
+        assert_eq!(
+            issue_step(&cert("ordering", Some(1)), &peers, 1, Some(1)),
+            "challenge in the tree, acknowledged by 2/3 nodes; CA validating"
+        );
+        assert!(issue_step(&cert("ordering", Some(2)), &peers, 1, Some(1))
+            .starts_with("published version 2"));
+        assert!(issue_step(&cert("ordering", Some(1)), &peers, 0, None)
+            .starts_with("published version 1"));
+    }
 }
