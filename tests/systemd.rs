@@ -285,3 +285,89 @@ fn no_color_means_no_escapes_on_a_terminal() {
     assert!(plain.contains("damaged"), "{plain}");
     assert!(!plain.contains('\x1b'), "NO_COLOR: {plain:?}");
 }
+
+/// `certmesh issue` on a terminal says what the order is doing while it waits, and
+/// `--json` answers for scripts (Pebble validating through the built-in responder).
+#[test]
+fn issue_shows_progress_on_a_terminal_and_json_for_scripts() {
+    use crate::acme::{enable_acme_with, free_tcp, wait_version, Pebble, DOMAIN};
+    if !crate::acme::tools_present() || Command::new("script").arg("-V").output().is_err() {
+        return;
+    }
+    let d = tempdir();
+    let mut n = Node::new(d.path(), "solo", "127.0.1.10");
+    n.configure(&[]);
+    let http_port = free_tcp("127.0.1.10");
+    let pebble = Pebble::start(d.path(), http_port);
+    pebble.set_a(DOMAIN, "127.0.1.10");
+    enable_acme_with(&n, &pebble, "");
+    let cfg = fs::read_to_string(&n.config).unwrap();
+    let listen = format!("127.0.1.10:{http_port}");
+    fs::write(&n.config, format!("{cfg}\n[http]\nlisten = \"{listen}\"\n")).unwrap();
+    n.start();
+    wait_version(&[&n], 1, "the first certificate");
+
+    let cmd = format!("exec {BIN} issue --config {} www", n.config.display());
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c", &cmd, "/dev/null"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running script(1)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("--- certmesh issue on a pty:\n{text}");
+    assert!(out.status.success(), "{text}\n{}", n.log());
+    // The first step is always shown (it is polled before the order can finish).
+    assert!(
+        text.lines().any(|l| l.starts_with("www: ")),
+        "no progress: {text}"
+    );
+    assert!(text.contains("www: version 2 issued"), "{text}");
+
+    let out = crate::util::certmesh(&[
+        "issue",
+        "--config",
+        n.config.to_str().unwrap(),
+        "www",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("issue --json");
+    assert_eq!(v["version"], 3, "{v}");
+    let out = crate::util::certmesh(&[
+        "renew",
+        "--config",
+        n.config.to_str().unwrap(),
+        "--dry-run",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("renew --json");
+    assert_eq!(v["results"][0]["name"], "www", "{v}");
+    n.stop();
+}
+
+#[test]
+fn man_page_and_completions_come_from_the_cli_definition() {
+    let man = crate::util::certmesh(&["man"]);
+    assert!(man.status.success());
+    let man = String::from_utf8(man.stdout).unwrap();
+    assert!(man.contains(".TH certmesh 1"), "{man}");
+    assert!(man.contains("status"), "subcommands listed: {man}");
+    for shell in ["bash", "zsh", "fish"] {
+        let out = crate::util::certmesh(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains("firewall"), "{shell}: {script}");
+        assert!(
+            script.contains("ip6tables"),
+            "{shell}: --format values: {script}"
+        );
+    }
+    let out = crate::util::certmesh(&["completions", "bash"]);
+    let path = tempdir();
+    let f = path.path().join("certmesh.bash");
+    fs::write(&f, out.stdout).unwrap();
+    let syntax = Command::new("bash").arg("-n").arg(&f).status().unwrap();
+    assert!(syntax.success(), "bash -n on the completions");
+}
