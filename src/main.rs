@@ -13,11 +13,28 @@ use certmesh::config::Config;
 const DEFAULT_CONFIG: &str = "/etc/certmesh/certmesh.toml";
 use certmesh::identity::Identity;
 
+/// The end of `certmesh --help` and of certmesh(1).
+const AFTER_HELP: &str = "\
+Exit status: 0 ok, 1 runtime error, 2 usage or config error.
+
+Files: /etc/certmesh/certmesh.toml (the config every subcommand reads unless --config \
+or $CERTMESH_CONFIG names another), <state_dir>/control.sock (status, issue, renew), \
+<state_dir>/node-key.pem + node-cert.pem (the identity), <state_dir>/index.db.
+
+Environment: CERTMESH_CONFIG, RUST_LOG (log filter), CERTMESH_LOG_FORMAT=json, \
+NO_COLOR; set by systemd: NOTIFY_SOCKET, WATCHDOG_USEC, JOURNAL_STREAM.
+
+Signals (run): SIGHUP re-reads the peer list; SIGTERM finishes the batch being written \
+and exits 0.
+
+See /usr/share/doc/certmesh/README.md.";
+
 #[derive(Parser)]
 #[command(
     name = "certmesh",
     version,
-    about = "Keeps a TLS certificate tree identical on every node, over QUIC with mutual TLS"
+    about = "Keeps a TLS certificate tree identical on every node, over QUIC with mutual TLS",
+    after_long_help = AFTER_HELP
 )]
 struct Cli {
     #[command(subcommand)]
