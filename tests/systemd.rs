@@ -371,3 +371,42 @@ fn man_page_and_completions_come_from_the_cli_definition() {
     let syntax = Command::new("bash").arg("-n").arg(&f).status().unwrap();
     assert!(syntax.success(), "bash -n on the completions");
 }
+
+/// `restore --json`: the kept versions and the restored one, for scripts.
+#[test]
+fn restore_answers_in_json() {
+    let d = tempdir();
+    let mut a = Node::new(d.path(), "a", "127.0.1.11");
+    let mut b = Node::new(d.path(), "b", "127.0.1.12");
+    a.configure(&[&b]);
+    b.configure(&[&a]);
+    a.start();
+    b.start();
+    wait_until("connected", || a.all_connected() && b.all_connected());
+    a.write("dhparam.pem", "one");
+    wait_until("b has one", || {
+        b.read("dhparam.pem").as_deref() == Some("one")
+    });
+    a.write("dhparam.pem", "two");
+    wait_until("b has two", || {
+        b.read("dhparam.pem").as_deref() == Some("two")
+    });
+
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["restore", "--config", b.config.to_str().unwrap(), "--json"];
+        all.extend_from_slice(args);
+        let out = crate::util::certmesh(&all);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).expect("restore --json")
+    };
+    assert_eq!(json(&["--list"])["paths"][0]["path"], "dhparam.pem");
+    let listed = json(&["dhparam.pem", "--list"]);
+    assert_eq!(listed["versions"][0]["version"], 1, "{listed}");
+    assert_eq!(listed["versions"][0]["cause"], "replaced by a", "{listed}");
+    let restored = json(&["dhparam.pem"]);
+    assert_eq!(restored["restored"], "dhparam.pem", "{restored}");
+    assert_eq!(restored["size"], 3, "{restored}");
+    wait_until("a has one again", || {
+        a.read("dhparam.pem").as_deref() == Some("one")
+    });
+}
