@@ -39,17 +39,7 @@ pub struct Item {
     pub conflict: bool,
 }
 
-/// What happened to one item.
-#[derive(Debug)]
-pub enum Outcome {
-    /// Applied; the stat of what is on disk now (`None` for a deletion).
-    Applied(Option<LocalStat>),
-    /// Not applied now, try again later (local change pending, link target missing,
-    /// directory not empty).
-    Deferred(String),
-    /// An I/O error (disk full, permissions): reported, old content intact.
-    Failed(String),
-}
+pub use crate::core::pipeline::Outcome;
 
 /// The tree root and its staging area.
 #[derive(Debug, Clone)]

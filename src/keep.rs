@@ -204,7 +204,7 @@ pub fn before_apply(
             .map(|(d, c)| (short_hex(*d), *c))
             .collect(),
     };
-    match keep(tree, &record.path, &cause, crate::node::now_ns()) {
+    match keep(tree, &record.path, &cause, crate::clock::now_ns()) {
         Ok(Some(v)) => {
             tracing::info!(path = %record.path, kept = %v.content.display(), by = %cause_name(&cause), "kept the version a peer's change replaced")
         }

@@ -28,20 +28,24 @@
 //!
 //! Operations: [`firewall`] (nftables / iptables rules for the QUIC port from the config),
 //! [`systemd`] (readiness, status line, reload and watchdog for `Type=notify`),
-//! [`logging`] (stderr, journald or `<N>`-prefixed lines for the journal).
+//! [`logging`] (stderr, journald or `<N>`-prefixed lines for the journal),
+//! [`import`] (adopting a certbot or lego tree without a new order).
 
 pub mod acme;
 pub mod apply;
 pub mod clients;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod core;
 pub mod demo;
 pub mod demo_pebble;
+pub mod dhgroup;
 pub mod dhparam;
 pub mod firewall;
 pub mod hooks;
 pub mod identity;
+pub mod import;
 pub mod index;
 pub mod inline;
 pub mod keep;

@@ -127,6 +127,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Adopt the certificates (and account, where possible) of a certbot or lego tree
+    /// into certmesh's layout without a new order; the paths nginx already uses stay
+    /// valid (see README "Moving from certbot or lego").
+    Import {
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The client that made PATH.
+        #[arg(long, value_enum)]
+        from: certmesh::import::Source,
+        /// certbot's config dir (e.g. /etc/letsencrypt) or lego's --path (e.g. ~/.lego).
+        path: PathBuf,
+    },
     /// Start a 3-node mesh on loopback in a temp dir, show a file propagating, clean up.
     Demo {
         /// How many propagation samples to take.
@@ -232,6 +244,14 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                         roots.display()
                     )));
                 }
+            }
+            let problems = certmesh::import::check_tree(&c);
+            if !problems.is_empty() {
+                return Err(Failure::Config(format!(
+                    "{}: {}",
+                    config.display(),
+                    problems.join("\n")
+                )));
             }
             println!(
                 "{}: ok ({} peers, {} certificates, {} hooks, acme {}, tree {})",
@@ -349,6 +369,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                 .map_err(|e| Failure::Runtime(format!("writing the completions: {e}")))?;
         }
         Cmd::Man { out_dir } => man(out_dir.as_deref())?,
+        Cmd::Import { config, from, path } => import(&load(&config)?, from, &path)?,
         Cmd::Demo { samples } => {
             runtime()?
                 .block_on(certmesh::demo::run(samples))
@@ -557,6 +578,41 @@ fn cause(c: &Config, meta: Option<&certmesh::keep::KeptMeta>) -> String {
 
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// `certmesh import`: bad input is a config/usage error (2), nothing written.
+fn import(
+    c: &Config,
+    from: certmesh::import::Source,
+    path: &std::path::Path,
+) -> Result<(), Failure> {
+    let r = certmesh::import::import(c, from, path).map_err(|e| {
+        if e.is_input() {
+            Failure::Config(format!("import: {e}"))
+        } else {
+            Failure::Runtime(format!("import: {e}"))
+        }
+    })?;
+    for i in &r.imported {
+        println!(
+            "imported {n}: {}/live/{n} -> archive/{n}/{} (serial {}, valid until {})",
+            c.tree.display(),
+            i.version,
+            i.serial,
+            certmesh::acme::rfc3339(i.not_after),
+            n = i.name,
+        );
+    }
+    for p in &r.kept_valid {
+        println!("still valid: {}", p.display());
+    }
+    for n in &r.notes {
+        println!("{n}");
+    }
+    if let Some(b) = &r.backup {
+        println!("replaced files copied to {}", b.display());
+    }
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed by this call (inside the

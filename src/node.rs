@@ -17,9 +17,9 @@ use crate::apply::Tree;
 use crate::config::{Config, PeerConfig};
 use crate::core::engine::{Engine, EngineError};
 use crate::identity::{DeviceId, Identity};
-use crate::index::{Entry, Index};
+use crate::index::Index;
 use crate::paths::RelPath;
-use crate::store::Store;
+use crate::store::{Journal, Pending, Store, StoreFile};
 use crate::transport::{Allowed, Transport};
 
 /// A handshake on the backnet takes milliseconds; one that has not completed by then
@@ -55,7 +55,8 @@ pub struct PeerSlot {
 pub struct State {
     /// Index, plan and per-peer send state: changed only through its methods.
     pub engine: Engine,
-    pub store: Store,
+    /// Encodes index changes for the persister (no I/O under this lock).
+    pub journal: Journal,
     pub peers: HashMap<DeviceId, PeerSlot>,
     /// Paths being written by the puller: the scanner must not read them mid-apply.
     pub applying: HashSet<RelPath>,
@@ -85,18 +86,60 @@ impl State {
         Ok(())
     }
 
-    /// Persists the entries changed after `since` and tells peers about them.
+    /// Hands the entries changed after `since` to the persister, which writes them
+    /// outside this lock and then lets the peers' senders announce them.
     pub fn commit(&mut self, since: u64, shared: &Shared) {
         let index = self.engine.index();
         let seq = index.sequence();
         if seq == since {
             return;
         }
-        let entries: Vec<&Entry> = index.changed_since(since).collect();
-        if let Err(e) = self.store.append(entries.into_iter(), index) {
-            self.error(format!("writing the index: {e}"));
+        if let Some(p) = self.journal.prepare(index.changed_since(since), index) {
+            shared.persist(seq, p);
         }
-        shared.changed.send_replace(seq);
+    }
+}
+
+/// What the persister thread is told, in order.
+pub enum PersistMsg {
+    /// Write this; then our records up to the sequence may be announced.
+    Write(u64, Pending),
+    /// Finish what is queued and end.
+    Stop,
+}
+
+/// Writes the index file on its own thread, in the order commits were made, with
+/// one fdatasync per run of commits; then marks them durable in the engine and wakes
+/// the senders. A slow disk holds up announcements, never the state lock.
+fn persister(shared: Arc<Shared>, mut file: StoreFile, rx: std::sync::mpsc::Receiver<PersistMsg>) {
+    while let Ok(first) = rx.recv() {
+        let mut upto = None;
+        let mut writes = Vec::new();
+        let mut stop = false;
+        for m in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            match m {
+                PersistMsg::Write(seq, p) => {
+                    upto = Some(upto.unwrap_or(0).max(seq));
+                    writes.push(p);
+                }
+                PersistMsg::Stop => stop = true,
+            }
+        }
+        let written = file.write(writes);
+        if let Some(seq) = upto {
+            let mut st = shared.lock();
+            if let Err(e) = written {
+                // As before the persister: reported, and the change still goes out
+                // (the tree holds it; a restart rescans).
+                st.error(format!("writing the index: {e}"));
+            }
+            st.engine.persisted(seq);
+            drop(st);
+            shared.changed.send_replace(seq);
+        }
+        if stop {
+            return;
+        }
     }
 }
 
@@ -130,11 +173,22 @@ pub struct Shared {
     pub hook_failures: AtomicU64,
     /// Certificate repairs: queue and recent results (`status`).
     pub repairs: crate::repair::Repairs,
+    /// The persister's queue (see [`persister`]).
+    persist: Mutex<std::sync::mpsc::Sender<PersistMsg>>,
 }
 
 impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues index bytes for the persister (in commit order: callers hold the
+    /// state lock).
+    pub fn persist(&self, seq: u64, p: Pending) {
+        let tx = self.persist.lock().unwrap_or_else(|p| p.into_inner());
+        if tx.send(PersistMsg::Write(seq, p)).is_err() {
+            tracing::error!("the index persister has stopped; index changes are not saved");
+        }
     }
 
     pub fn next_session_id(&self) -> u64 {
@@ -182,13 +236,7 @@ impl Shared {
     }
 }
 
-/// Nanoseconds since the epoch.
-pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ns;
 
 /// Runs the daemon until `shutdown` resolves; in-flight writes finish first.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -245,13 +293,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .collect();
     let (rescan_tx, rescan_rx) = mpsc::unbounded_channel();
     let (changed, _) = watch::channel(index.sequence());
+    let (journal, store_file) = store.split();
+    let (persist_tx, persist_rx) = std::sync::mpsc::channel();
+    let mut engine = Engine::new(index, config.max_file_size);
+    engine.track_durability();
     let shared = Arc::new(Shared {
         config: Mutex::new(config.clone()),
         identity,
         tree,
         state: Mutex::new(State {
-            engine: Engine::new(index, config.max_file_size),
-            store,
+            engine,
+            journal,
             peers,
             applying: HashSet::new(),
             rescan_after_apply: Vec::new(),
@@ -271,11 +323,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         acme: std::sync::OnceLock::new(),
         hook_failures: AtomicU64::new(0),
         repairs: Default::default(),
+        persist: Mutex::new(persist_tx),
     });
+    let persist_thread = {
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("certmesh-persist".into())
+            .spawn(move || persister(s, store_file, persist_rx))?
+    };
 
     // Watch first, then scan: nothing changed in between is missed.
     let watcher = crate::watch::start(shared.clone(), rescan_rx)?;
-    crate::watch::full_rescan(&shared).await;
+    watcher.full_rescan(&shared).await;
     let puller = tokio::spawn(crate::pull::run(shared.clone()));
     crate::metrics::start(&shared)?;
     let control = crate::control::start(shared.clone(), &config.control_socket())?;
@@ -290,7 +349,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     for p in &config.peers {
         tokio::spawn(dial_loop(shared.clone(), transport.clone(), p.id));
     }
-    tokio::spawn(periodic_rescan(shared.clone()));
+    tokio::spawn(periodic_rescan(shared.clone(), watcher.clone()));
     tokio::spawn(collect_tombstones(shared.clone()));
     // Installed before READY=1: a `systemctl reload` right after start must not kill us.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
@@ -304,6 +363,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     shared.stopping.send_replace(true);
     shared.pull.notify_one();
     let _ = tokio::time::timeout(Duration::from_secs(30), puller).await;
+    // What the last apply and scan committed reaches the disk before we exit.
+    if let Ok(tx) = shared.persist.lock() {
+        let _ = tx.send(PersistMsg::Stop);
+    }
+    let _ = tokio::task::spawn_blocking(move || persist_thread.join()).await;
     transport
         .endpoint
         .close(quinn::VarInt::from_u32(0), b"shutdown");
@@ -523,16 +587,15 @@ async fn collect_tombstones(shared: Arc<Shared>) {
             n = gone.len(),
             "collected tombstones acknowledged by every peer"
         );
-        let State { store, engine, .. } = &mut *st;
-        if let Err(e) = store.rewrite(engine.index()) {
-            st.error(format!(
-                "writing the index after collecting tombstones: {e}"
-            ));
-        }
+        let State {
+            journal, engine, ..
+        } = &mut *st;
+        let p = journal.prepare_rewrite(engine.index());
+        shared.persist(engine.index().sequence(), p);
     }
 }
 
-async fn periodic_rescan(shared: Arc<Shared>) {
+async fn periodic_rescan(shared: Arc<Shared>, watcher: crate::watch::Watch) {
     loop {
         let every = shared
             .config
@@ -540,7 +603,7 @@ async fn periodic_rescan(shared: Arc<Shared>) {
             .map(|c| c.rescan_interval)
             .unwrap_or(Duration::from_secs(3600));
         tokio::time::sleep(every).await;
-        crate::watch::full_rescan(&shared).await;
+        watcher.full_rescan(&shared).await;
     }
 }
 

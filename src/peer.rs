@@ -278,12 +278,7 @@ fn to_frames(shared: &Shared, ix: IndexSend) -> Vec<pb::FileInfo> {
         .into_iter()
         .map(|o| {
             let mut f = record_to_wire(&o.record, o.sequence);
-            if !ix.full
-                && !o.peer_has_content
-                && !o.record.deleted
-                && o.record.kind == Kind::File
-                && o.record.size as usize <= wire::MAX_INLINE
-            {
+            if o.send_inline {
                 if let Some(d) = cache.get(&o.record.hash) {
                     f.data = d.as_ref().clone();
                 }

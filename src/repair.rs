@@ -496,7 +496,7 @@ mod tests {
             modified_by: ShortId(42),
             version: Default::default(),
         };
-        keep::keep(root, &p, &cause, crate::node::now_ns())
+        keep::keep(root, &p, &cause, crate::clock::now_ns())
             .unwrap()
             .unwrap();
         let (_, other) = bundle_pem(90);

@@ -22,28 +22,110 @@ const QUIET: Duration = Duration::from_micros(300);
 const DEADLINE: Duration = Duration::from_millis(10);
 
 enum Batch {
-    Paths(BTreeSet<RelPath>),
+    /// Paths to rescan, and those of them that are new directories (created or
+    /// renamed in): those get their inotify watch from us before the rescan.
+    Paths {
+        paths: BTreeSet<RelPath>,
+        new_dirs: BTreeSet<RelPath>,
+    },
     Full,
 }
 
-/// Starts watching the tree; the returned watcher must be kept alive.
+impl Batch {
+    fn paths(paths: impl IntoIterator<Item = RelPath>) -> Batch {
+        Batch::Paths {
+            paths: paths.into_iter().collect(),
+            new_dirs: BTreeSet::new(),
+        }
+    }
+}
+
+/// The tree's watcher, shared by the scan loop and the periodic rescan. notify adds
+/// the watch on a new directory only after it has delivered the directory's create
+/// event, so a file written there in between would go unseen until the next full
+/// rescan; watching new directories ourselves before rescanning them closes that gap.
+#[derive(Clone)]
+pub struct Watch {
+    watcher: Arc<std::sync::Mutex<notify::RecommendedWatcher>>,
+}
+
+impl Watch {
+    /// Watches `dir` (recursively) now: when this returns, changes below it raise
+    /// events. A directory gone meanwhile is not an error.
+    fn cover(&self, dir: &std::path::Path) {
+        let Ok(mut w) = self.watcher.lock() else {
+            return;
+        };
+        match w.watch(dir, RecursiveMode::Recursive) {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind, notify::ErrorKind::PathNotFound) => {}
+            Err(e) if matches!(&e.kind, notify::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::NotFound) =>
+                {}
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "watching a new directory"),
+        }
+    }
+
+    /// Re-covers the whole tree (watches lost to an overflow come back), then rescans
+    /// everything on disk and everything in the index.
+    pub async fn full_rescan(&self, shared: &Arc<Shared>) {
+        let (w, s) = (self.clone(), shared.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            w.cover(&s.tree.root);
+            rescan_blocking(&s, Vec::new(), true)
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "rescan task failed");
+        }
+    }
+
+    /// Watches the new directories, then rescans the paths.
+    async fn rescan_new(&self, shared: &Arc<Shared>, paths: Vec<RelPath>, new_dirs: Vec<RelPath>) {
+        let (w, s) = (self.clone(), shared.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            for d in &new_dirs {
+                let abs = d.under(&s.tree.root);
+                if std::fs::symlink_metadata(&abs).is_ok_and(|m| m.is_dir()) {
+                    w.cover(&abs);
+                }
+            }
+            rescan_blocking(&s, paths, false)
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "rescan task failed");
+        }
+    }
+}
+
+/// Starts watching the tree; the returned handle keeps the watcher alive.
 pub fn start(
     shared: Arc<Shared>,
     requests: mpsc::UnboundedReceiver<Vec<RelPath>>,
-) -> anyhow::Result<notify::RecommendedWatcher> {
+) -> anyhow::Result<Watch> {
     let (tx, rx) = std::sync::mpsc::channel::<notify::Result<notify::Event>>();
-    let mut watcher = notify::recommended_watcher(move |ev| {
-        let _ = tx.send(ev);
-    })?;
+    // Never through links: a directory watched via `live/x -> ../archive/x/1` shares
+    // that directory's inotify watch, and notify then reports its events under the
+    // link's path, which the scanner does not follow (edits went unseen). Links out of
+    // the tree would also be watched.
+    let mut watcher = notify::RecommendedWatcher::new(
+        move |ev| {
+            let _ = tx.send(ev);
+        },
+        notify::Config::default().with_follow_symlinks(false),
+    )?;
     watcher.watch(&shared.tree.root, RecursiveMode::Recursive)?;
+    let watch = Watch {
+        watcher: Arc::new(std::sync::Mutex::new(watcher)),
+    };
     let (batches_tx, batches_rx) = mpsc::unbounded_channel();
     let root = shared.tree.root.clone();
     // A plain thread: tokio timers tick in whole milliseconds, too coarse here.
     std::thread::Builder::new()
         .name("certmesh-debounce".into())
         .spawn(move || debounce(&root, rx, batches_tx))?;
-    tokio::spawn(scan_loop(shared, batches_rx, requests));
-    Ok(watcher)
+    tokio::spawn(scan_loop(watch.clone(), shared, batches_rx, requests));
+    Ok(watch)
 }
 
 /// Collects events into batches: a burst ends after `QUIET` without events, or at
@@ -58,11 +140,15 @@ fn debounce(
         // serving cause, so following them would loop.
         Ok(ev) if is_read_only(&ev.kind) => {}
         Ok(ev) if !ev.need_rescan() => {
-            if let Batch::Paths(set) = batch {
+            if let Batch::Paths { paths, new_dirs } = batch {
+                let maybe_new_dir = is_new_dir(&ev.kind);
                 for p in ev.paths {
                     if let Some(rel) = RelPath::from_fs(root, &p) {
                         if !rel.is_local_only() {
-                            set.insert(rel);
+                            if maybe_new_dir {
+                                new_dirs.insert(rel.clone());
+                            }
+                            paths.insert(rel);
                         }
                     }
                 }
@@ -75,7 +161,7 @@ fn debounce(
         }
     };
     while let Ok(first) = events.recv() {
-        let mut batch = Batch::Paths(BTreeSet::new());
+        let mut batch = Batch::paths([]);
         add(&mut batch, first);
         let deadline = std::time::Instant::now() + DEADLINE;
         loop {
@@ -95,12 +181,25 @@ fn debounce(
     }
 }
 
+/// A directory created, or anything renamed in (it may be a directory).
+fn is_new_dir(kind: &notify::EventKind) -> bool {
+    use notify::event::{CreateKind, ModifyKind, RenameMode};
+    matches!(
+        kind,
+        notify::EventKind::Create(CreateKind::Folder | CreateKind::Any)
+            | notify::EventKind::Modify(ModifyKind::Name(
+                RenameMode::To | RenameMode::Both | RenameMode::Any
+            ))
+    )
+}
+
 fn is_read_only(kind: &notify::EventKind) -> bool {
     use notify::event::{AccessKind, AccessMode};
     matches!(kind, notify::EventKind::Access(a) if !matches!(a, AccessKind::Close(AccessMode::Write)))
 }
 
 async fn scan_loop(
+    watch: Watch,
     shared: Arc<Shared>,
     mut batches: mpsc::UnboundedReceiver<Batch>,
     mut requests: mpsc::UnboundedReceiver<Vec<RelPath>>,
@@ -108,49 +207,47 @@ async fn scan_loop(
     loop {
         let mut batch = tokio::select! {
             b = batches.recv() => match b { Some(b) => b, None => return },
-            r = requests.recv() => match r { Some(ps) => Batch::Paths(ps.into_iter().collect()), None => return },
+            r = requests.recv() => match r { Some(ps) => Batch::paths(ps), None => return },
         };
         // Fold in whatever else is already queued.
         while let Ok(more) = batches
             .try_recv()
             .map(Some)
-            .or_else(|_| {
-                requests
-                    .try_recv()
-                    .map(|ps| Some(Batch::Paths(ps.into_iter().collect())))
-            })
+            .or_else(|_| requests.try_recv().map(|ps| Some(Batch::paths(ps))))
             .or(Ok::<_, ()>(None))
         {
             let Some(more) = more else { break };
             batch = match (batch, more) {
-                (Batch::Paths(mut a), Batch::Paths(b)) => {
-                    a.extend(b);
-                    Batch::Paths(a)
+                (
+                    Batch::Paths {
+                        mut paths,
+                        mut new_dirs,
+                    },
+                    Batch::Paths {
+                        paths: p,
+                        new_dirs: d,
+                    },
+                ) => {
+                    paths.extend(p);
+                    new_dirs.extend(d);
+                    Batch::Paths { paths, new_dirs }
                 }
                 _ => Batch::Full,
             };
         }
         match batch {
-            Batch::Full => full_rescan(&shared).await,
-            Batch::Paths(set) if !set.is_empty() => {
-                rescan(&shared, set.into_iter().collect(), false).await
+            Batch::Full => watch.full_rescan(&shared).await,
+            Batch::Paths { paths, new_dirs } if !paths.is_empty() => {
+                watch
+                    .rescan_new(
+                        &shared,
+                        paths.into_iter().collect(),
+                        new_dirs.into_iter().collect(),
+                    )
+                    .await
             }
-            Batch::Paths(_) => {}
+            Batch::Paths { .. } => {}
         }
-    }
-}
-
-/// Rescans everything on disk and everything in the index.
-pub async fn full_rescan(shared: &Arc<Shared>) {
-    rescan(shared, Vec::new(), true).await;
-}
-
-/// Rescans the given paths (directories with their contents).
-pub async fn rescan(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
-    let s = shared.clone();
-    let r = tokio::task::spawn_blocking(move || rescan_blocking(&s, paths, full)).await;
-    if let Err(e) = r {
-        tracing::error!(error = %e, "rescan task failed");
     }
 }
 

@@ -25,7 +25,7 @@ pub const MAX_HEADER: usize = 8 << 10;
 /// Records per index batch sent.
 pub const INDEX_BATCH: usize = 1000;
 /// Largest file whose content may travel inline in an index increment.
-pub const MAX_INLINE: usize = 16 << 10;
+pub const MAX_INLINE: usize = crate::core::engine::MAX_INLINE;
 /// Largest version vector accepted. A vector has one entry per device that ever
 /// wrote the path; a fleet's certificate tree is written by its few ACME nodes and
 /// the operators' edits, so even a 1000-node fleet where every node once touched a

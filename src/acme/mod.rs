@@ -140,7 +140,7 @@ impl Acme {
 }
 
 pub fn unix_now() -> i64 {
-    crate::node::now_ns() / 1_000_000_000
+    crate::clock::unix_now()
 }
 
 /// Starts the ACME driver (and the http-01 responder) if `[acme]` / `[http]` are

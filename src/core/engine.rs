@@ -15,6 +15,9 @@ use crate::index::{FileRecord, Index, LocalStat, Observed};
 use crate::paths::RelPath;
 use crate::plan::{OverBudget, Plan, PlanEvent};
 
+/// Largest content sent inline with its record.
+pub const MAX_INLINE: usize = 16 << 10;
+
 /// Most records one peer may announce (bounds memory against an index flood: about
 /// 0.7 KiB each, so ~70 MiB; a certificate tree has a few thousand). Bytes are
 /// bounded too: `plan::MAX_PEER_BYTES`.
@@ -57,6 +60,9 @@ pub struct Outgoing {
     pub sequence: u64,
     /// The peer announced exactly this (live) content: no need to send it inline.
     pub peer_has_content: bool,
+    /// Send the content with the record if the sender has it at hand: a small file
+    /// the peer does not have, in an increment (the full index goes without).
+    pub send_inline: bool,
 }
 
 /// Index records to send: the full index once per session, then increments.
@@ -95,6 +101,10 @@ pub struct Engine {
     plan: Plan,
     sends: HashMap<DeviceId, SendState>,
     next_token: u64,
+    /// Our sequence known to be on disk, when tracked: records beyond it are not
+    /// announced yet (after a crash their sequence numbers would be handed out
+    /// again). `None`: everything counts as durable.
+    durable: Option<u64>,
     /// Test fault: acks one sequence further than `Plan::ack_for` allows, so a test
     /// can prove the simulator runs this code.
     #[cfg(test)]
@@ -110,8 +120,22 @@ impl Engine {
             plan: Plan::new(max_file_size),
             sends: HashMap::new(),
             next_token: 0,
+            durable: None,
             #[cfg(test)]
             break_acks: false,
+        }
+    }
+
+    /// From now on, announce only what [`Engine::persisted`] reported on disk (the
+    /// index as loaded is).
+    pub fn track_durability(&mut self) {
+        self.durable = Some(self.index.sequence());
+    }
+
+    /// Our records up to `sequence` are on disk: they may be announced.
+    pub fn persisted(&mut self, sequence: u64) {
+        if let Some(d) = &mut self.durable {
+            *d = (*d).max(sequence.min(self.index.sequence()));
         }
     }
 
@@ -194,16 +218,18 @@ impl Engine {
     /// from: the peer's view of us must stay exact for the conflict rule.
     pub fn poll_transmit(&mut self, peer: DeviceId, token: SendToken) -> Option<Transmit> {
         let send = self.sends.get_mut(&peer).filter(|s| s.token == token)?;
-        let upto = self.index.sequence();
+        let upto = self
+            .durable
+            .map_or(self.index.sequence(), |d| d.min(self.index.sequence()));
         let index = match send.sent {
             None => Some(IndexSend {
                 full: true,
-                records: changes(&self.index, &self.plan, &peer, 0),
+                records: changes(&self.index, &self.plan, &peer, 0, upto, true),
                 upto,
             }),
             Some(sent) if upto > sent => Some(IndexSend {
                 full: false,
-                records: changes(&self.index, &self.plan, &peer, sent),
+                records: changes(&self.index, &self.plan, &peer, sent, upto, false),
                 upto,
             }),
             Some(_) => None,
@@ -256,16 +282,35 @@ impl Engine {
     }
 }
 
-/// Our records changed after `since`, each marked with whether `peer` has its content.
-fn changes(index: &Index, plan: &Plan, peer: &DeviceId, since: u64) -> Vec<Outgoing> {
+/// Our records changed after `since` up to `upto`, each marked with whether `peer`
+/// has its content and whether it should go inline.
+fn changes(
+    index: &Index,
+    plan: &Plan,
+    peer: &DeviceId,
+    since: u64,
+    upto: u64,
+    full: bool,
+) -> Vec<Outgoing> {
     index
         .changed_since(since)
-        .map(|e| Outgoing {
-            record: e.record.clone(),
-            sequence: e.sequence,
-            peer_has_content: plan
-                .peer_record(peer, &e.record.path)
-                .is_some_and(|r| !r.deleted && r.hash == e.record.hash),
+        .filter(|e| e.sequence <= upto)
+        .map(|e| {
+            let r = &e.record;
+            let peer_has_content = plan
+                .peer_record(peer, &r.path)
+                .is_some_and(|p| !p.deleted && p.hash == r.hash);
+            let send_inline = !full
+                && !peer_has_content
+                && !r.deleted
+                && r.kind == crate::index::Kind::File
+                && r.size as usize <= MAX_INLINE;
+            Outgoing {
+                record: r.clone(),
+                sequence: e.sequence,
+                peer_has_content,
+                send_inline,
+            }
         })
         .collect()
 }
@@ -330,6 +375,37 @@ mod tests {
         let t = e.poll_transmit(peer(), token).unwrap();
         assert_eq!(t.ack, Some(4));
         assert_eq!(e.poll_transmit(peer(), token), None);
+    }
+
+    #[test]
+    fn only_what_is_on_disk_is_announced() {
+        let mut e = engine_with(&["a"]);
+        e.track_durability();
+        let token = e.connected(peer());
+        assert_eq!(
+            e.poll_transmit(peer(), token).unwrap().index.unwrap().upto,
+            1
+        );
+        for (i, p) in ["b", "c"].iter().enumerate() {
+            let p = RelPath::parse(p).unwrap();
+            e.observe(
+                &p,
+                Some(crate::index::tests::file(p.as_str(), 5 + i as u8, 2)),
+                2,
+            );
+        }
+        assert_eq!(
+            e.poll_transmit(peer(), token),
+            None,
+            "b and c are not on disk yet"
+        );
+        e.persisted(2);
+        let ix = e.poll_transmit(peer(), token).unwrap().index.unwrap();
+        assert_eq!((ix.upto, ix.records.len()), (2, 1));
+        assert_eq!(ix.records[0].record.path.as_str(), "b");
+        e.persisted(u64::MAX); // never beyond what exists
+        let ix = e.poll_transmit(peer(), token).unwrap().index.unwrap();
+        assert_eq!((ix.upto, ix.records.len()), (3, 1));
     }
 
     #[test]

@@ -1,0 +1,561 @@
+//! The puller's decisions, without I/O: which needs to take (and from which peers),
+//! when ready work is applied and in what units, how a symlink waits for its target's
+//! content, and when a failed item is retried. The daemon's `pull` task does the
+//! fetching (QUIC) and applying (disk) it is told to; the simulator drives the same
+//! code with instant fetches and an in-memory tree.
+//!
+//! Paths taken here are marked in the caller's `in_flight` set (the daemon's
+//! `State::applying`), which the scanner also reads: a path in flight is rescanned
+//! only after its apply, so our own writes are never announced as local changes.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::core::engine::Engine;
+use crate::identity::DeviceId;
+use crate::index::{ContentHash, Kind, LocalStat};
+use crate::paths::RelPath;
+use crate::plan::{Need, Plan};
+
+/// What happened to one item of an applied unit.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Applied; the stat of what is on disk now (`None` for a deletion).
+    Applied(Option<LocalStat>),
+    /// Not applied now, try again later (local change pending, link target missing,
+    /// directory not empty).
+    Deferred(String),
+    /// An I/O error (disk full, permissions): reported, old content intact.
+    Failed(String),
+}
+
+/// The pipeline's sizes and delays.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most records in flight (queued, fetching, ready or being applied).
+    pub in_flight: usize,
+    /// Most records applied as one unit.
+    pub batch_items: usize,
+    /// While fetches still run, ready work is applied once there is this much of it
+    /// (items or bytes), or once the oldest has waited `apply_delay`: fewer, larger
+    /// units (one syncfs each) during a bulk transfer; a lone change goes at once.
+    pub apply_items: usize,
+    pub apply_bytes: u64,
+    pub apply_delay: Duration,
+    /// Concurrent fetches.
+    pub parallel_fetches: usize,
+}
+
+impl Limits {
+    pub const DEFAULT: Limits = Limits {
+        in_flight: 8192,
+        batch_items: 4096,
+        apply_items: 1024,
+        apply_bytes: 64 << 20,
+        apply_delay: Duration::from_millis(200),
+        parallel_fetches: 32,
+    };
+}
+
+/// One need on its way: fetched (unless its content is here or came inline), then
+/// applied as part of a unit.
+#[derive(Debug)]
+pub struct Work {
+    pub need: Need,
+    /// What the scanner last saw at the path: the apply refuses to overwrite a
+    /// local change made since.
+    pub expect: Option<LocalStat>,
+    /// Connected peers to fetch from, in order; empty when no fetch is needed.
+    pub sources: Vec<DeviceId>,
+    /// The content, when it came inline with the record.
+    pub inline: Option<Arc<Vec<u8>>>,
+    /// Fetched content waiting in staging.
+    pub staged: Option<PathBuf>,
+}
+
+impl Work {
+    pub fn path(&self) -> &RelPath {
+        &self.need.target.path
+    }
+
+    /// A symlink to a directory whose content may still have to arrive.
+    fn link_target(&self) -> Option<RelPath> {
+        let r = &self.need.target;
+        if r.kind != Kind::Symlink || r.deleted {
+            return None;
+        }
+        r.path.resolve_symlink_target(&r.target).ok()
+    }
+}
+
+/// What recording an applied unit did, for the caller to report.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// Paths now as their need asked.
+    pub applied: Vec<RelPath>,
+    /// Deferred paths: look at them again (a local change may be why).
+    pub rescan: Vec<RelPath>,
+    /// Paths that failed, with why.
+    pub failed: Vec<(RelPath, String)>,
+}
+
+/// The puller's state between events.
+#[derive(Debug)]
+pub struct Pipeline {
+    limits: Limits,
+    /// Per path: not before, and how many failures in a row (backoff 0.5 s … 32 s).
+    retry: HashMap<RelPath, (Instant, u32)>,
+    queued: VecDeque<Work>,
+    fetching: usize,
+    ready: Vec<Work>,
+    ready_bytes: u64,
+    ready_since: Option<Instant>,
+    /// A unit is being applied.
+    applying: bool,
+    /// The needs may have changed: take again.
+    dirty: bool,
+    /// When `refill` last took: retries due by then were considered, so only later
+    /// ones need a timer.
+    last_refill: Option<Instant>,
+    /// Test fault: a failed fetch stays in flight, so a test can prove the
+    /// simulator runs this code.
+    #[cfg(test)]
+    pub(crate) break_failures: bool,
+}
+
+impl Pipeline {
+    pub fn new(limits: Limits) -> Self {
+        Pipeline {
+            limits,
+            retry: HashMap::new(),
+            queued: VecDeque::new(),
+            fetching: 0,
+            ready: Vec::new(),
+            ready_bytes: 0,
+            ready_since: None,
+            applying: false,
+            dirty: true,
+            last_refill: None,
+            #[cfg(test)]
+            break_failures: false,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The needs or the connected peers changed (or a timer fired): take again.
+    pub fn wake(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Nothing queued, fetching, ready or being applied.
+    pub fn is_idle(&self) -> bool {
+        self.queued.is_empty() && self.fetching == 0 && self.ready.is_empty() && !self.applying
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queued.len() + self.fetching + self.ready.len()
+    }
+
+    /// Takes needs that are not in flight, not waiting for a retry, and fetchable
+    /// from a `connected` peer (or needing no fetch: a deletion, a link, content we
+    /// have, or content `inline` has), marking them in `in_flight`. Does nothing
+    /// unless woken since the last take and there is room.
+    pub fn refill(
+        &mut self,
+        engine: &Engine,
+        in_flight: &mut HashSet<RelPath>,
+        inline: impl Fn(&ContentHash) -> Option<Arc<Vec<u8>>>,
+        connected: impl Fn(&DeviceId) -> bool,
+        now: Instant,
+    ) {
+        let room = self.limits.in_flight.saturating_sub(self.in_flight());
+        if !self.dirty || self.queued.len() >= self.limits.parallel_fetches || room == 0 {
+            return;
+        }
+        self.dirty = false;
+        self.last_refill = Some(now);
+        let (plan, index) = (engine.plan(), engine.index());
+        // A path no longer needed (a newer record arrived, or ours won) keeps no retry.
+        self.retry.retain(|p, _| plan.need(p).is_some());
+        let mut taken = 0;
+        for need in plan.needs() {
+            if taken >= room {
+                break;
+            }
+            let p = &need.target.path;
+            if in_flight.contains(p) || self.retry.get(p).is_some_and(|(t, _)| *t > now) {
+                continue;
+            }
+            let local = index.get(p);
+            let expect = local.filter(|e| !e.record.deleted).and_then(|e| e.stat);
+            let have_content = local.is_some_and(|e| {
+                !e.record.deleted
+                    && e.record.kind == Kind::File
+                    && e.record.hash == need.target.hash
+            });
+            let wants_content =
+                need.target.kind == Kind::File && !need.target.deleted && !have_content;
+            let inline = wants_content.then(|| inline(&need.target.hash)).flatten();
+            let mut sources = Vec::new();
+            if wants_content && inline.is_none() {
+                sources = plan
+                    .sources(need)
+                    .into_iter()
+                    .filter(|id| connected(id))
+                    .collect();
+                if sources.is_empty() {
+                    continue; // no connected peer has it; woken again when one connects
+                }
+            }
+            in_flight.insert(p.clone());
+            taken += 1;
+            let w = Work {
+                need: need.clone(),
+                expect,
+                sources,
+                inline,
+                staged: None,
+            };
+            if w.sources.is_empty() {
+                self.push_ready(w, now);
+            } else {
+                self.queued.push_back(w);
+            }
+        }
+    }
+
+    fn push_ready(&mut self, w: Work, now: Instant) {
+        self.ready_bytes += w.need.target.size;
+        self.ready_since.get_or_insert(now);
+        self.ready.push(w);
+    }
+
+    /// The next work to fetch, while fewer than `parallel_fetches` run.
+    pub fn next_fetch(&mut self) -> Option<Work> {
+        if self.fetching >= self.limits.parallel_fetches {
+            return None;
+        }
+        let w = self.queued.pop_front()?;
+        self.fetching += 1;
+        Some(w)
+    }
+
+    /// A fetch finished: its content waits in `staged`.
+    pub fn fetched(&mut self, mut w: Work, staged: PathBuf, now: Instant) {
+        self.fetching = self.fetching.saturating_sub(1);
+        w.staged = Some(staged);
+        self.push_ready(w, now);
+    }
+
+    /// A fetch failed (every source tried): retried later.
+    pub fn fetch_failed(&mut self, w: Work, in_flight: &mut HashSet<RelPath>, now: Instant) {
+        self.fetching = self.fetching.saturating_sub(1);
+        self.later(w.path(), now);
+        #[cfg(test)]
+        if self.break_failures {
+            return;
+        }
+        in_flight.remove(w.path());
+        self.dirty = true;
+    }
+
+    /// The next unit to apply, if one should go now: when nothing is being applied
+    /// and either nothing else is coming, or enough is ready, or the oldest ready
+    /// work waited `apply_delay`. A symlink goes only with the last of what its
+    /// target still needs: it keeps waiting while that is in flight, and is released
+    /// (taken again later) when some of it is not in flight at all.
+    pub fn poll_apply(
+        &mut self,
+        plan: &Plan,
+        in_flight: &mut HashSet<RelPath>,
+        now: Instant,
+    ) -> Option<Vec<Work>> {
+        let l = &self.limits;
+        let due = self.ready_since.is_some_and(|t| t + l.apply_delay <= now);
+        let go = !self.applying
+            && !self.ready.is_empty()
+            && ((self.fetching == 0 && self.queued.is_empty())
+                || self.ready.len() >= l.apply_items
+                || self.ready_bytes >= l.apply_bytes
+                || due);
+        if !go {
+            return None;
+        }
+        let n = self.ready.len().min(l.batch_items);
+        let mut batch: Vec<Work> = self.ready.drain(..n).collect();
+        let in_batch: HashSet<RelPath> = batch.iter().map(|w| w.path().clone()).collect();
+        let mut keep = Vec::new();
+        let mut i = 0;
+        while i < batch.len() {
+            let Some(target) = batch[i].link_target() else {
+                i += 1;
+                continue;
+            };
+            let mut missing = plan
+                .needs_within(&target)
+                .filter(|p| !in_batch.contains(*p));
+            let mut any_missing = false;
+            let all_in_flight = missing.all(|p| {
+                any_missing = true;
+                in_flight.contains(p)
+            });
+            if !any_missing {
+                i += 1;
+            } else if all_in_flight {
+                keep.push(batch.swap_remove(i));
+            } else {
+                let w = batch.swap_remove(i);
+                in_flight.remove(w.path());
+            }
+        }
+        self.ready.extend(keep);
+        self.ready_bytes = self.ready.iter().map(|w| w.need.target.size).sum();
+        // What stays (links waiting for their targets) waits for the next round.
+        self.ready_since = (!self.ready.is_empty()).then_some(now);
+        self.dirty = true;
+        if batch.is_empty() {
+            return None;
+        }
+        self.applying = true;
+        Some(batch)
+    }
+
+    /// A unit was applied (`results`: each work with its outcome): applied records
+    /// become local ones in `engine`; deferred and failed ones are retried later;
+    /// when anything was applied, waiting retries go at once (a link's target may be
+    /// there now).
+    pub fn applied(
+        &mut self,
+        results: Vec<(Work, Outcome)>,
+        engine: &mut Engine,
+        in_flight: &mut HashSet<RelPath>,
+        now: Instant,
+    ) -> Recorded {
+        self.applying = false;
+        self.dirty = true;
+        let mut out = Recorded::default();
+        for (w, outcome) in results {
+            let p = w.need.target.path.clone();
+            in_flight.remove(&p);
+            match outcome {
+                Outcome::Applied(stat) => {
+                    self.retry.remove(&p);
+                    engine.applied(w.need.target, stat);
+                    out.applied.push(p);
+                }
+                Outcome::Deferred(_) => {
+                    self.later(&p, now);
+                    out.rescan.push(p);
+                }
+                Outcome::Failed(why) => {
+                    self.later(&p, now);
+                    out.failed.push((p, why));
+                }
+            }
+        }
+        if !out.applied.is_empty() {
+            for (t, _) in self.retry.values_mut() {
+                *t = (*t).min(now);
+            }
+        }
+        out
+    }
+
+    /// The apply task died without outcomes: its paths are no longer in flight.
+    pub fn apply_lost(&mut self) {
+        self.applying = false;
+        self.dirty = true;
+    }
+
+    /// When a timer should wake the pipeline: the next retry not yet due at the last
+    /// take, or when ready work waiting for more has waited long enough. (A retry
+    /// already due was considered then; waking for it again would spin.)
+    pub fn next_wake(&self) -> Option<Instant> {
+        let due = self
+            .ready_since
+            .filter(|_| !self.applying)
+            .map(|t| t + self.limits.apply_delay);
+        let retry = self
+            .retry
+            .values()
+            .map(|(t, _)| *t)
+            .filter(|t| self.last_refill.is_none_or(|r| *t > r))
+            .min();
+        due.into_iter().chain(retry).min()
+    }
+
+    /// Ends the pipeline: everything queued or ready is dropped (its staged files
+    /// are returned for removal).
+    pub fn drain_staged(&mut self) -> Vec<PathBuf> {
+        self.queued.clear();
+        self.ready.drain(..).filter_map(|w| w.staged).collect()
+    }
+
+    fn later(&mut self, p: &RelPath, now: Instant) {
+        let e = self.retry.entry(p.clone()).or_insert((now, 0));
+        e.1 = (e.1 + 1).min(7);
+        e.0 = now + Duration::from_millis(250 << e.1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ShortId;
+    use crate::index::{FileRecord, Index};
+
+    fn peer() -> DeviceId {
+        DeviceId([9; 32])
+    }
+
+    /// An engine with a connected peer that announced `files` (new to us).
+    fn engine_needing(files: &[(&str, u8)]) -> Engine {
+        let mut e = Engine::new(Index::new(ShortId(1)), u64::MAX);
+        e.connected(peer());
+        let mut them = Index::new(ShortId(2));
+        let records: Vec<(FileRecord, u64)> = files
+            .iter()
+            .map(|(p, b)| {
+                let p = RelPath::parse(p).unwrap();
+                let r = them
+                    .observe(&p, Some(crate::index::tests::file(p.as_str(), *b, 1)), 1)
+                    .unwrap();
+                let seq = them.sequence();
+                (r, seq)
+            })
+            .collect();
+        let last = them.sequence();
+        e.handle_index(peer(), records, last).unwrap();
+        e
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            parallel_fetches: 2,
+            batch_items: 2,
+            ..Limits::DEFAULT
+        }
+    }
+
+    #[test]
+    fn needs_are_fetched_then_applied_in_units() {
+        let mut e = engine_needing(&[("a", 1), ("b", 2), ("c", 3)]);
+        let (mut p, mut flight, now) = (Pipeline::new(limits()), HashSet::new(), Instant::now());
+        p.refill(&e, &mut flight, |_| None, |_| true, now);
+        assert_eq!(flight.len(), 3);
+        let a = p.next_fetch().unwrap();
+        let b = p.next_fetch().unwrap();
+        assert!(p.next_fetch().is_none(), "at most two fetches at once");
+        assert_eq!(a.sources, vec![peer()]);
+        p.fetched(a, "staged-a".into(), now);
+        // b still fetching, c queued, one ready, not due: nothing applied yet.
+        assert!(p.poll_apply(e.plan(), &mut flight, now).is_none());
+        let c = p.next_fetch().unwrap();
+        p.fetched(b, "staged-b".into(), now);
+        p.fetched(c, "staged-c".into(), now);
+        // Nothing else is coming: a unit goes, at most two items.
+        let unit = p.poll_apply(e.plan(), &mut flight, now).unwrap();
+        assert_eq!(unit.len(), 2);
+        assert!(
+            p.poll_apply(e.plan(), &mut flight, now).is_none(),
+            "one unit at a time"
+        );
+        let results = unit
+            .into_iter()
+            .map(|w| (w, Outcome::Applied(None)))
+            .collect();
+        let rec = p.applied(results, &mut e, &mut flight, now);
+        assert_eq!(rec.applied.len(), 2);
+        assert_eq!(flight.len(), 1);
+        assert_eq!(p.poll_apply(e.plan(), &mut flight, now).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn ready_work_waits_for_more_only_until_the_delay() {
+        let e = engine_needing(&[("a", 1), ("b", 2), ("c", 3)]);
+        let (mut p, mut flight, t0) = (Pipeline::new(limits()), HashSet::new(), Instant::now());
+        p.refill(&e, &mut flight, |_| None, |_| true, t0);
+        let a = p.next_fetch().unwrap();
+        p.fetched(a, "staged-a".into(), t0);
+        assert!(p.poll_apply(e.plan(), &mut flight, t0).is_none());
+        let due = p.next_wake().unwrap();
+        assert_eq!(due, t0 + Limits::DEFAULT.apply_delay);
+        assert_eq!(p.poll_apply(e.plan(), &mut flight, due).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_failed_fetch_backs_off_and_is_retaken_after() {
+        let e = engine_needing(&[("a", 1)]);
+        let (mut p, mut flight, t0) = (Pipeline::new(limits()), HashSet::new(), Instant::now());
+        p.refill(&e, &mut flight, |_| None, |_| true, t0);
+        let a = p.next_fetch().unwrap();
+        p.fetch_failed(a, &mut flight, t0);
+        assert!(flight.is_empty());
+        p.refill(&e, &mut flight, |_| None, |_| true, t0);
+        assert!(p.next_fetch().is_none(), "not before its retry time");
+        let at = p.next_wake().unwrap();
+        assert_eq!(at, t0 + Duration::from_millis(500));
+        p.wake();
+        p.refill(&e, &mut flight, |_| None, |_| true, at);
+        assert!(p.next_fetch().is_some());
+    }
+
+    #[test]
+    fn a_due_or_stale_retry_does_not_keep_waking() {
+        let mut e = engine_needing(&[("a", 1)]);
+        let (mut p, mut flight, t0) = (Pipeline::new(limits()), HashSet::new(), Instant::now());
+        p.refill(&e, &mut flight, |_| None, |_| true, t0);
+        let a = p.next_fetch().unwrap();
+        p.fetch_failed(a, &mut flight, t0);
+        let at = p.next_wake().unwrap();
+        // Retaken at its time and fetching again: no timer for it meanwhile.
+        p.wake();
+        p.refill(&e, &mut flight, |_| None, |_| true, at);
+        let a = p.next_fetch().unwrap();
+        assert_eq!(p.next_wake(), None);
+        // Fetched and applied: the need and its retry are gone.
+        p.fetched(a, "staged-a".into(), at);
+        let unit = p.poll_apply(e.plan(), &mut flight, at).unwrap();
+        let done = unit
+            .into_iter()
+            .map(|w| (w, Outcome::Applied(None)))
+            .collect();
+        let rec = p.applied(done, &mut e, &mut flight, at);
+        assert_eq!(rec.applied.len(), 1);
+        p.refill(&e, &mut flight, |_| None, |_| true, at);
+        assert_eq!(p.next_wake(), None);
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn no_connected_source_no_work_and_inline_content_needs_no_fetch() {
+        let e = engine_needing(&[("a", 1), ("b", 2)]);
+        let (mut p, mut flight, now) = (Pipeline::new(limits()), HashSet::new(), Instant::now());
+        p.refill(&e, &mut flight, |_| None, |_| false, now);
+        assert!(flight.is_empty() && p.is_idle());
+        let b_hash = e
+            .plan()
+            .needs()
+            .find(|n| n.target.path.as_str() == "b")
+            .unwrap()
+            .target
+            .hash;
+        p.wake();
+        p.refill(
+            &e,
+            &mut flight,
+            |h| (*h == b_hash).then(|| Arc::new(b"b".to_vec())),
+            |_| false,
+            now,
+        );
+        assert!(p.next_fetch().is_none());
+        let unit = p.poll_apply(e.plan(), &mut flight, now).unwrap();
+        assert_eq!(unit.len(), 1);
+        assert!(unit[0].inline.is_some());
+    }
+}
