@@ -7,6 +7,7 @@
 //! Without `NOTIFY_SOCKET` (not started by systemd with `Type=notify`) every function
 //! here is a no-op and no task is spawned.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,9 +29,16 @@ pub fn enabled() -> bool {
     std::env::var_os("NOTIFY_SOCKET").is_some()
 }
 
+/// Sends `states`; a failure is a warning the first time only (the watchdog would
+/// repeat it every few seconds once the manager is gone).
 fn send(states: &[NotifyState]) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
     if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!(error = %e, "sd_notify to $NOTIFY_SOCKET failed");
+        if WARNED.swap(true, Ordering::Relaxed) {
+            tracing::debug!(error = %e, "sd_notify to $NOTIFY_SOCKET failed");
+        } else {
+            tracing::warn!(error = %e, "sd_notify to $NOTIFY_SOCKET failed (further failures are logged at debug level)");
+        }
     }
 }
 
