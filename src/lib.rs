@@ -27,6 +27,8 @@
 //! (configured certificates a peer's change broke are put back from them).
 //!
 //! Operations: [`firewall`] (nftables / iptables rules for the QUIC port from the config),
+//! [`systemd`] (readiness, status line, reload and watchdog for `Type=notify`),
+//! [`logging`] (stderr, journald or `<N>`-prefixed lines for the journal),
 //! [`import`] (adopting a certbot or lego tree without a new order).
 
 pub mod acme;
@@ -48,6 +50,7 @@ pub mod import;
 pub mod index;
 pub mod inline;
 pub mod keep;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod paths;
@@ -60,6 +63,7 @@ pub mod scan;
 #[cfg(test)]
 mod sim;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod transport;
 pub mod version;

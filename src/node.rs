@@ -351,10 +351,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     tokio::spawn(periodic_rescan(shared.clone(), watcher.clone()));
     tokio::spawn(collect_tombstones(shared.clone()));
-    tokio::spawn(reload_on_sighup(shared.clone(), transport.clone()));
+    // Installed before READY=1: a `systemctl reload` right after start must not kill us.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    tokio::spawn(reload_on_sighup(shared.clone(), transport.clone(), hup));
     tracing::info!(listen = %config.listen, tree = %config.tree.display(), peers = config.peers.len(), "certmesh running");
+    crate::systemd::ready(&shared);
 
     shutdown.await;
+    crate::systemd::stopping();
     tracing::info!("shutting down: finishing in-flight writes");
     shared.stopping.send_replace(true);
     shared.pull.notify_one();
@@ -523,16 +527,23 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
     }
 }
 
-async fn reload_on_sighup(shared: Arc<Shared>, transport: Arc<Transport>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+async fn reload_on_sighup(
+    shared: Arc<Shared>,
+    transport: Arc<Transport>,
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+) {
+    let Ok(mut hup) = hup else {
         tracing::warn!("cannot install the SIGHUP handler; reload needs a restart");
         return;
     };
     while hup.recv().await.is_some() {
+        crate::systemd::reloading();
         let old = match shared.config.lock() {
             Ok(c) => c.clone(),
-            Err(_) => continue,
+            Err(_) => {
+                crate::systemd::reloaded(&shared);
+                continue;
+            }
         };
         let file = old.file.clone();
         match Config::load(&file) {
@@ -551,6 +562,7 @@ async fn reload_on_sighup(shared: Arc<Shared>, transport: Arc<Transport>) {
                 .lock()
                 .error(format!("SIGHUP: config not reloaded: {e}")),
         }
+        crate::systemd::reloaded(&shared);
     }
 }
 

@@ -12,6 +12,7 @@ mod ops;
 mod reload;
 mod security;
 mod sync;
+mod systemd;
 mod trust_acme;
 mod trust_keep;
 mod trust_links;
