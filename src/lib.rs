@@ -39,6 +39,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod core;
+pub mod daemon;
 pub mod demo;
 pub mod demo_pebble;
 pub mod dhgroup;

@@ -270,7 +270,8 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                 let _in_runtime = rt.enter();
                 shutdown_signal()
             };
-            rt.block_on(certmesh::node::run(c, stop)).map_err(rt_err)?;
+            rt.block_on(certmesh::daemon::run(c, stop))
+                .map_err(rt_err)?;
         }
         Cmd::Status { config, json } => {
             let c = load(&config)?;
