@@ -169,7 +169,7 @@ pub fn certificates(shared: &Shared) -> Vec<CertStatus> {
                 renewer: renewer.clone(),
                 lease,
                 next_renewal: rt.as_ref().and_then(|r| r.next_renewal).map(acme::rfc3339),
-                state: rt.as_ref().map_or("-".into(), |r| r.state.clone()),
+                state: rt.as_ref().map_or("-", |r| r.state.as_str()).to_string(),
                 last_attempt: rt.as_ref().and_then(|r| r.last_attempt).map(acme::rfc3339),
                 last_error: rt.as_ref().and_then(|r| r.last_error.clone()),
                 failures: rt.as_ref().map_or(0, |r| r.failures),

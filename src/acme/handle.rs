@@ -12,11 +12,36 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::schedule::LeaseClock;
 
+/// What the driver is doing about one certificate (`status` shows it lowercase).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcmeState {
+    /// Nothing to do now (or not the renewer).
+    #[default]
+    Idle,
+    /// An order is running.
+    Ordering,
+    /// Due, but another node holds the lease or the mesh is not ready.
+    Waiting,
+    /// The last order failed; the next attempt waits (`retry_at`).
+    Backoff,
+}
+
+impl AcmeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AcmeState::Idle => "idle",
+            AcmeState::Ordering => "ordering",
+            AcmeState::Waiting => "waiting",
+            AcmeState::Backoff => "backoff",
+        }
+    }
+}
+
 /// What the driver knows about one certificate (shown in `status`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Runtime {
-    /// idle | ordering | waiting | backoff
-    pub state: String,
+    pub state: AcmeState,
     pub last_attempt: Option<i64>,
     pub last_success: Option<i64>,
     pub last_error: Option<String>,
@@ -78,7 +103,7 @@ impl Acme {
     pub(super) fn update(&self, name: &str, f: impl FnOnce(&mut Runtime)) {
         let mut rt = self.rt();
         let r = rt.entry(name.to_string()).or_insert_with(|| Runtime {
-            state: "idle".into(),
+            state: AcmeState::Idle,
             jitter: rand::random::<f64>(),
             ..Default::default()
         });
