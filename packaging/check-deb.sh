@@ -27,6 +27,10 @@ ok() { echo "check-deb: ok: $*"; }
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
 command -v systemd-analyze >/dev/null || fail "systemd-analyze missing (apt-get install systemd)"
 
+# Man pages and shell completions come from the clap definitions of the binary
+# being packaged (the assets listed in Cargo.toml's [package.metadata.deb]).
+cargo build --release
+packaging/gen-assets.sh target/release/certmesh target/assets
 cargo deb --strip   # release profile keeps debuginfo for benchmarks; the package does not need it
 DEB=$(ls -t target/debian/certmesh_*.deb | head -n 1)
 [ -f "$DEB" ] || fail "cargo deb produced no target/debian/certmesh_*.deb"
@@ -42,6 +46,13 @@ UNIT=$(grep -o '\./\(usr/\)\?lib/systemd/system/certmesh\.service$' "$WORK/conte
 [ -n "$UNIT" ] || fail "no certmesh.service under /lib/systemd/system in $DEB"
 grep -q ' \./etc/certmesh/certmesh\.toml$' "$WORK/contents" || fail "no /etc/certmesh/certmesh.toml"
 ok "contents: /usr/bin/certmesh, ${UNIT#.}, /etc/certmesh/certmesh.toml"
+for f in usr/share/man/man1/certmesh.1 usr/share/man/man1/certmesh-run.1 \
+    usr/share/bash-completion/completions/certmesh \
+    usr/share/zsh/vendor-completions/_certmesh \
+    usr/share/fish/vendor_completions.d/certmesh.fish; do
+    grep -q " \./$f\(\.gz\)\?\$" "$WORK/contents" || fail "no /$f in $DEB"
+done
+ok "contents: man pages, bash/zsh/fish completions"
 
 # Control: conffile, maintainer scripts with our steps and the systemd snippets.
 dpkg-deb -I "$DEB" >"$WORK/info"
@@ -71,6 +82,22 @@ systemd-analyze verify "$WORK/unit/certmesh.service" || fail "systemd-analyze ve
 ok "systemd-analyze verify certmesh.service"
 "$WORK/certmesh" check --config packaging/certmesh.toml >/dev/null || fail "shipped config"
 ok "the shipped /etc/certmesh/certmesh.toml passes certmesh check"
+
+# The packaged man page and completions are those of the packaged binary.
+mkdir "$WORK/fs"
+dpkg-deb -x "$DEB" "$WORK/fs"
+MAN="$WORK/fs/usr/share/man/man1/certmesh.1"
+[ -f "$MAN.gz" ] && gzip -dc "$MAN.gz" >"$WORK/certmesh.1" || cp "$MAN" "$WORK/certmesh.1"
+grep -q '^\.TH certmesh 1' "$WORK/certmesh.1" || fail "certmesh.1 is not a man page"
+if command -v man >/dev/null; then
+    MANWIDTH=80 man -l "$WORK/certmesh.1" 2>/dev/null | grep -q 'status' || fail "man -l certmesh.1"
+fi
+"$WORK/certmesh" completions bash | cmp -s - "$WORK/fs/usr/share/bash-completion/completions/certmesh" ||
+    fail "the bash completions are not those of the packaged binary"
+bash -n "$WORK/fs/usr/share/bash-completion/completions/certmesh" || fail "bash completions: syntax"
+if command -v zsh >/dev/null; then zsh -n "$WORK/fs/usr/share/zsh/vendor-completions/_certmesh" || fail "zsh completions: syntax"; fi
+if command -v fish >/dev/null; then fish -n "$WORK/fs/usr/share/fish/vendor_completions.d/certmesh.fish" || fail "fish completions: syntax"; fi
+ok "man page certmesh(1) and completions match the packaged binary"
 
 [ "$INSTALL" = 1 ] || exit 0
 

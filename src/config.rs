@@ -305,7 +305,7 @@ pub struct Config {
     pub tree: PathBuf,
     pub rescan_interval: Duration,
     /// `tree.dhparam`: the group to write to `<tree>/dhparam.pem` if absent.
-    pub dhparam: Option<crate::dhparam::DhGroup>,
+    pub dhparam: Option<crate::dhgroup::DhGroup>,
     /// `tree.max_file_size`: larger files from peers are not fetched.
     pub max_file_size: u64,
     /// `tree.writers`: `None`, every node may change the tree.
@@ -425,14 +425,14 @@ impl Config {
         };
         let dhparam = match &raw.tree.dhparam {
             None => None,
-            Some(s) => Some(crate::dhparam::DhGroup::parse(s.get_ref()).ok_or_else(|| {
+            Some(s) => Some(crate::dhgroup::DhGroup::parse(s.get_ref()).ok_or_else(|| {
                 bad(
                     s.span(),
                     "tree.dhparam",
                     format!(
                         "unknown group {:?} (expected {})",
                         s.get_ref(),
-                        crate::dhparam::DhGroup::NAMES
+                        crate::dhgroup::DhGroup::NAMES
                     ),
                 )
             })?),
@@ -1231,7 +1231,7 @@ mod tests {
                   [[hook]]\npaths = [\"live/api/**\", \"live/api\"]\nhaproxy_socket = \"127.0.0.1:9999\"\nhaproxy_crt = \"/etc/haproxy/api.pem\"\ntimeout = \"3s\"\n"),
         )
         .unwrap();
-        assert_eq!(c.dhparam, Some(crate::dhparam::DhGroup::Ffdhe3072));
+        assert_eq!(c.dhparam, Some(crate::dhgroup::DhGroup::Ffdhe3072));
         assert_eq!(
             c.hooks[0].action,
             HookAction::Haproxy {

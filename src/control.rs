@@ -192,7 +192,7 @@ pub fn certificates(shared: &Shared) -> Vec<CertStatus> {
                 renewer: renewer.clone(),
                 lease,
                 next_renewal: rt.as_ref().and_then(|r| r.next_renewal).map(acme::rfc3339),
-                state: rt.as_ref().map_or("-".into(), |r| r.state.clone()),
+                state: rt.as_ref().map_or("-", |r| r.state.as_str()).to_string(),
                 last_attempt: rt.as_ref().and_then(|r| r.last_attempt).map(acme::rfc3339),
                 last_error: rt.as_ref().and_then(|r| r.last_error.clone()),
                 failures: rt.as_ref().map_or(0, |r| r.failures),
@@ -318,18 +318,39 @@ pub fn status(shared: &Shared) -> Status {
     }
 }
 
-#[derive(Deserialize)]
-struct Request {
-    cmd: String,
-    /// `issue`: the certificate.
-    #[serde(default)]
-    name: Option<String>,
-    /// `renew`: order even if not due (and even if not the renewer).
-    #[serde(default)]
-    force: bool,
-    /// `renew`: only report what would be ordered.
-    #[serde(default)]
-    dry_run: bool,
+/// A request on the control socket: one JSON object per line, `cmd` naming it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// The node's status ([`Status`]).
+    Status,
+    /// Order `name` now.
+    Issue {
+        /// The certificate (`[[certificate]] name`).
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Order what is due (`force`: everything, even when not the renewer).
+    Renew {
+        #[serde(default)]
+        force: bool,
+        /// Only report what would be ordered.
+        #[serde(default)]
+        dry_run: bool,
+    },
+}
+
+/// Parses one request line; the error says what was wrong.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
+    let cmd = v.get("cmd").and_then(|c| c.as_str()).map(str::to_string);
+    serde_json::from_value(v).map_err(|e| match cmd {
+        Some(c) if !["status", "issue", "renew"].contains(&c.as_str()) => {
+            format!("unknown command {c:?}")
+        }
+        _ => format!("bad request: {e}"),
+    })
 }
 
 /// Listens on the control socket.
@@ -383,19 +404,18 @@ async fn serve(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("no request within {IDLE:?}"))??
     {
         let no_acme = || serde_json::json!({ "error": "[acme] is not configured on this node" });
-        let answer = match serde_json::from_str::<Request>(&line) {
-            Ok(req) if req.cmd == "status" => serde_json::to_value(status(&shared))?,
-            Ok(req) if req.cmd == "issue" => match (shared.acme.get(), req.name) {
+        let answer = match parse_request(&line) {
+            Ok(Request::Status) => serde_json::to_value(status(&shared))?,
+            Ok(Request::Issue { name }) => match (shared.acme.get(), name) {
                 (None, _) => no_acme(),
                 (_, None) => serde_json::json!({ "error": "issue needs a certificate name" }),
                 (Some(a), Some(name)) => a.issue(name).await,
             },
-            Ok(req) if req.cmd == "renew" => match shared.acme.get() {
+            Ok(Request::Renew { force, dry_run }) => match shared.acme.get() {
                 None => no_acme(),
-                Some(a) => a.renew(req.force, req.dry_run).await,
+                Some(a) => a.renew(force, dry_run).await,
             },
-            Ok(req) => serde_json::json!({ "error": format!("unknown command {:?}", req.cmd) }),
-            Err(e) => serde_json::json!({ "error": format!("bad request: {e}") }),
+            Err(e) => serde_json::json!({ "error": e }),
         };
         let mut out = serde_json::to_vec(&answer)?;
         out.push(b'\n');
@@ -407,6 +427,11 @@ async fn serve(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
 /// Client side: sends one command to a running daemon.
 pub async fn request(socket: &Path, cmd: &str) -> anyhow::Result<serde_json::Value> {
     request_with(socket, serde_json::json!({ "cmd": cmd })).await
+}
+
+/// Client side: sends a typed request to a running daemon.
+pub async fn send(socket: &Path, req: &Request) -> anyhow::Result<serde_json::Value> {
+    request_with(socket, serde_json::to_value(req)?).await
 }
 
 /// Client side: sends one request (`{"cmd": ..., ...}`) to a running daemon.
@@ -728,6 +753,41 @@ fn one_line(s: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn requests_parse_as_before_and_name_what_is_wrong() {
+        use super::{parse_request, Request};
+        assert_eq!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(
+            parse_request(r#"{"cmd":"renew","force":true}"#),
+            Ok(Request::Renew {
+                force: true,
+                dry_run: false
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":"issue","name":"www"}"#),
+            Ok(Request::Issue {
+                name: Some("www".into())
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":"reboot"}"#),
+            Err("unknown command \"reboot\"".into())
+        );
+        assert!(parse_request("{").unwrap_err().starts_with("bad request"));
+        assert!(parse_request(r#"{"cmd":"renew","force":"yes"}"#)
+            .unwrap_err()
+            .starts_with("bad request"));
+        let round = serde_json::to_value(Request::Renew {
+            force: false,
+            dry_run: true,
+        })
+        .unwrap();
+        assert_eq!(
+            round,
+            serde_json::json!({"cmd":"renew","force":false,"dry_run":true})
+        );
+    }
     use super::*;
 
     fn sample() -> Status {

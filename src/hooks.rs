@@ -158,10 +158,26 @@ async fn command(
 ) -> Result<String, String> {
     let (program, args) = argv.split_first().ok_or_else(|| "empty argv".to_string())?;
     let mut cmd = tokio::process::Command::new(program);
+    let domains: Vec<(String, Vec<String>)> = {
+        let c = shared.config.lock().map_err(|_| "config lock poisoned")?;
+        names
+            .iter()
+            .map(|n| {
+                let d = c
+                    .certificates
+                    .iter()
+                    .find(|x| x.name == *n)
+                    .map(|x| x.domains.clone())
+                    .unwrap_or_default();
+                (n.clone(), d)
+            })
+            .collect()
+    };
     cmd.args(args)
         .env("CERTMESH_CHANGED", one_per_line(names))
         .env("CERTMESH_PATHS", one_per_line(paths))
         .env("CERTMESH_TREE", &shared.tree.root)
+        .envs(compat_env(&shared.tree.root, &domains))
         .current_dir(&shared.tree.root)
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -176,6 +192,49 @@ async fn command(
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
+}
+
+/// What certbot's deploy hooks (`RENEWED_LINEAGE`, `RENEWED_DOMAINS`) and lego's
+/// (`LEGO_CERT_DOMAIN`, `LEGO_CERT_PATH`, `LEGO_CERT_KEY_PATH`, `LEGO_CERT_PEM_PATH`)
+/// read, for the changed certificates `(name, configured domains)`. Paths go through
+/// `live/<name>`, so they name the certificate just published. With several
+/// certificates in one burst each variable holds one value per line, in the order of
+/// `CERTMESH_CHANGED` (certbot and lego run a hook per certificate: a hook written
+/// for them sees exactly their value when one certificate changed, the usual case);
+/// `RENEWED_DOMAINS` is space-separated per line, as certbot's.
+pub fn compat_env(
+    tree: &std::path::Path,
+    certs: &[(String, Vec<String>)],
+) -> Vec<(String, String)> {
+    let live = |name: &str, file: &str| {
+        let p = tree.join("live").join(name);
+        let p = if file.is_empty() { p } else { p.join(file) };
+        p.to_string_lossy().into_owned()
+    };
+    let each = |f: &dyn Fn(&str, &[String]) -> String| {
+        let v: Vec<String> = certs.iter().map(|(n, d)| f(n, d)).collect();
+        one_per_line(&v)
+    };
+    vec![
+        ("RENEWED_LINEAGE".into(), each(&|n, _| live(n, ""))),
+        ("RENEWED_DOMAINS".into(), each(&|_, d| d.join(" "))),
+        (
+            "LEGO_CERT_DOMAIN".into(),
+            each(&|n, d| d.first().cloned().unwrap_or_else(|| n.to_string())),
+        ),
+        (
+            "LEGO_CERT_PATH".into(),
+            each(&|n, _| live(n, "fullchain.pem")),
+        ),
+        (
+            "LEGO_CERT_KEY_PATH".into(),
+            each(&|n, _| live(n, "privkey.pem")),
+        ),
+        (
+            "LEGO_CERT_PEM_PATH".into(),
+            each(&|n, _| live(n, "combined.pem")),
+        ),
+    ]
 }
 
 /// `items` one per line; control characters (a newline in a peer's file name) are
@@ -425,6 +484,51 @@ mod tests {
             ]
         );
         assert_eq!(one_per_line(&[]), "");
+    }
+
+    #[test]
+    fn certbot_and_lego_hooks_get_their_variables() {
+        let tree = std::path::Path::new("/etc/letsencrypt");
+        let one = compat_env(
+            tree,
+            &[(
+                "www".into(),
+                vec!["www.example.com".into(), "example.com".into()],
+            )],
+        );
+        let get = |env: &[(String, String)], k: &str| {
+            env.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        assert_eq!(get(&one, "RENEWED_LINEAGE"), "/etc/letsencrypt/live/www");
+        assert_eq!(get(&one, "RENEWED_DOMAINS"), "www.example.com example.com");
+        assert_eq!(get(&one, "LEGO_CERT_DOMAIN"), "www.example.com");
+        assert_eq!(
+            get(&one, "LEGO_CERT_PATH"),
+            "/etc/letsencrypt/live/www/fullchain.pem"
+        );
+        assert_eq!(
+            get(&one, "LEGO_CERT_KEY_PATH"),
+            "/etc/letsencrypt/live/www/privkey.pem"
+        );
+        assert_eq!(
+            get(&one, "LEGO_CERT_PEM_PATH"),
+            "/etc/letsencrypt/live/www/combined.pem"
+        );
+        let two = compat_env(
+            tree,
+            &[
+                ("a".into(), vec![]),
+                ("b\nc".into(), vec!["b.example".into()]),
+            ],
+        );
+        assert_eq!(
+            get(&two, "RENEWED_LINEAGE"),
+            "/etc/letsencrypt/live/a\n/etc/letsencrypt/live/b\\nc"
+        );
+        assert_eq!(get(&two, "LEGO_CERT_DOMAIN"), "a\nb.example");
     }
 
     #[test]

@@ -4,8 +4,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -301,27 +300,12 @@ pub fn verify_p256(public_key: &[u8], msg: &[u8], signature: &[u8]) -> bool {
     .is_ok()
 }
 
-/// Writes a 0600 file atomically (temp + fsync + rename).
+/// Writes a 0600 file atomically and durably.
 fn write_private(path: &Path, data: &[u8]) -> Result<(), IdentityError> {
-    let tmp = path.with_extension("tmp");
-    let io = |source| IdentityError::Io {
+    crate::atomic::replace(path, data, 0o600).map_err(|source| IdentityError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-    }
-    Ok(())
+    })
 }
 
 /// The DER bytes of the first PEM block with this label.

@@ -204,7 +204,7 @@ pub fn before_apply(
             .map(|(d, c)| (short_hex(*d), *c))
             .collect(),
     };
-    match keep(tree, &record.path, &cause, crate::node::now_ns()) {
+    match keep(tree, &record.path, &cause, crate::clock::now_ns()) {
         Ok(Some(v)) => {
             tracing::info!(path = %record.path, kept = %v.content.display(), by = %cause_name(&cause), "kept the version a peer's change replaced")
         }
@@ -503,26 +503,13 @@ pub fn restore(tree: &Path, path: &RelPath, n: usize) -> Result<KeptVersion, Res
     if keys.found() {
         mode &= !0o007;
     }
-    let staging = crate::apply::Tree::new(tree.to_path_buf());
+    let staging = tree.join(crate::paths::INTERNAL_DIR).join("tmp");
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(staging.tmp_dir())?;
-    let staged = staging.stage_bytes(&data)?;
-    let placed = make_parents(tree, path).and_then(|()| {
-        use std::os::unix::fs::PermissionsExt;
-        let f = fs::File::open(&staged)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        fs::rename(&staged, path.under(tree))
-    });
-    if placed.is_err() {
-        let _ = fs::remove_file(&staged);
-    }
-    placed?;
-    if let Some(parent) = path.under(tree).parent() {
-        let _ = fs::File::open(parent).and_then(|d| d.sync_all());
-    }
+        .create(&staging)?;
+    make_parents(tree, path)?;
+    crate::atomic::replace_via(&staging, &path.under(tree), &data, mode)?;
     Ok(v.clone())
 }
 

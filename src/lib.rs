@@ -29,23 +29,32 @@
 //! Who may change the tree: [`writers`] (`[tree] writers` resolved at start-up) and
 //! [`core::authorship`] (signed records, checked on receipt).
 //!
-//! Operations: [`firewall`] (nftables / iptables rules for the QUIC port from the config).
+//! Operations: [`firewall`] (nftables / iptables rules for the QUIC port from the config),
+//! [`systemd`] (readiness, status line, reload and watchdog for `Type=notify`),
+//! [`logging`] (stderr, journald or `<N>`-prefixed lines for the journal),
+//! [`import`] (adopting a certbot or lego tree without a new order).
 
 pub mod acme;
 pub mod apply;
+pub mod atomic;
 pub mod clients;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod core;
+pub mod daemon;
 pub mod demo;
 pub mod demo_pebble;
+pub mod dhgroup;
 pub mod dhparam;
 pub mod firewall;
 pub mod hooks;
 pub mod identity;
+pub mod import;
 pub mod index;
 pub mod inline;
 pub mod keep;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod paths;
@@ -58,6 +67,7 @@ pub mod scan;
 #[cfg(test)]
 mod sim;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod transport;
 pub mod version;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use certmesh::config::Config;
 
@@ -13,11 +13,28 @@ use certmesh::config::Config;
 const DEFAULT_CONFIG: &str = "/etc/certmesh/certmesh.toml";
 use certmesh::identity::Identity;
 
+/// The end of `certmesh --help` and of certmesh(1).
+const AFTER_HELP: &str = "\
+Exit status: 0 ok, 1 runtime error, 2 usage or config error.
+
+Files: /etc/certmesh/certmesh.toml (the config every subcommand reads unless --config \
+or $CERTMESH_CONFIG names another), <state_dir>/control.sock (status, issue, renew), \
+<state_dir>/node-key.pem + node-cert.pem (the identity), <state_dir>/index.db.
+
+Environment: CERTMESH_CONFIG, RUST_LOG (log filter), CERTMESH_LOG_FORMAT=json, \
+NO_COLOR; set by systemd: NOTIFY_SOCKET, WATCHDOG_USEC, JOURNAL_STREAM.
+
+Signals (run): SIGHUP re-reads the peer list; SIGTERM finishes the batch being written \
+and exits 0.
+
+See /usr/share/doc/certmesh/README.md.";
+
 #[derive(Parser)]
 #[command(
     name = "certmesh",
     version,
-    about = "Keeps a TLS certificate tree identical on every node, over QUIC with mutual TLS"
+    about = "Keeps a TLS certificate tree identical on every node, over QUIC with mutual TLS",
+    after_long_help = AFTER_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -60,6 +77,9 @@ enum Cmd {
         config: PathBuf,
         /// The `[[certificate]]` name.
         name: String,
+        /// Print the daemon's answer as JSON (version, not_after, took_ms).
+        #[arg(long)]
+        json: bool,
     },
     /// Ask the running daemon to renew every certificate that is due (waits for the result).
     Renew {
@@ -71,14 +91,17 @@ enum Cmd {
         /// Only show what would be ordered, and by whom.
         #[arg(long)]
         dry_run: bool,
+        /// Print the daemon's answer as JSON (`results[]`, `failed`).
+        #[arg(long)]
+        json: bool,
     },
     /// Print packet filter rules admitting the QUIC port only from the configured peers.
     Firewall {
         #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
-        /// nft | iptables | ip6tables
-        #[arg(long, default_value = "nft")]
-        format: String,
+        /// The rule syntax.
+        #[arg(long, value_enum, default_value_t = FirewallFormat::Nft)]
+        format: FirewallFormat,
         /// Admit peers only on this interface (the backnet).
         #[arg(long, value_name = "IFACE")]
         interface: Option<String>,
@@ -100,6 +123,21 @@ enum Cmd {
         /// Show the kept versions of PATH (newest first), or every kept path.
         #[arg(long)]
         list: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Adopt the certificates (and account, where possible) of a certbot or lego tree
+    /// into certmesh's layout without a new order; the paths nginx already uses stay
+    /// valid (see README "Moving from certbot or lego").
+    Import {
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The client that made PATH.
+        #[arg(long, value_enum)]
+        from: certmesh::import::Source,
+        /// certbot's config dir (e.g. /etc/letsencrypt) or lego's --path (e.g. ~/.lego).
+        path: PathBuf,
     },
     /// Start a 3-node mesh on loopback in a temp dir, show a file propagating, clean up.
     Demo {
@@ -107,6 +145,40 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         samples: usize,
     },
+    /// Print a shell completion script (the .deb installs them for bash, zsh and fish).
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page certmesh(1), or write it and one page per subcommand into DIR.
+    #[command(hide = true)]
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+/// `certmesh firewall --format`.
+#[derive(Clone, Copy, ValueEnum)]
+enum FirewallFormat {
+    /// An nftables table `inet certmesh` (`nft -f`).
+    #[value(alias = "nftables")]
+    Nft,
+    /// An iptables chain `certmesh-in` (`iptables-restore --noflush`).
+    Iptables,
+    /// The same for IPv6 (`ip6tables-restore --noflush`).
+    Ip6tables,
+}
+
+impl From<FirewallFormat> for certmesh::firewall::Format {
+    fn from(f: FirewallFormat) -> Self {
+        match f {
+            FirewallFormat::Nft => Self::Nft,
+            FirewallFormat::Iptables => Self::Iptables,
+            FirewallFormat::Ip6tables => Self::Ip6tables,
+        }
+    }
 }
 
 enum Failure {
@@ -116,21 +188,7 @@ enum Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: under systemd stderr goes to journald, which
-        // would store the escape codes verbatim.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // CERTMESH_LOG_FORMAT=json: one JSON object per line (fields as keys), for log
-    // shippers reading the journal; otherwise readable `key=value` lines.
-    if std::env::var("CERTMESH_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
+    certmesh::logging::init();
     match dispatch(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(m)) => {
@@ -190,6 +248,14 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     )));
                 }
             }
+            let problems = certmesh::import::check_tree(&c);
+            if !problems.is_empty() {
+                return Err(Failure::Config(format!(
+                    "{}: {}",
+                    config.display(),
+                    problems.join("\n")
+                )));
+            }
             println!(
                 "{}: ok ({} peers, {} certificates, {} hooks, acme {}, tree {})",
                 config.display(),
@@ -202,8 +268,12 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         }
         Cmd::Run { config } => {
             let c = load(&config)?;
-            runtime()?
-                .block_on(certmesh::node::run(c, shutdown_signal()))
+            let rt = runtime()?;
+            let stop = {
+                let _in_runtime = rt.enter();
+                shutdown_signal()
+            };
+            rt.block_on(certmesh::daemon::run(c, stop))
                 .map_err(rt_err)?;
         }
         Cmd::Status { config, json } => {
@@ -219,7 +289,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                 print!("{}", certmesh::control::render(&s));
             }
         }
-        Cmd::Issue { config, name } => {
+        Cmd::Issue { config, name, json } => {
             let c = load(&config)?;
             if !c.certificates.iter().any(|x| x.name == name) {
                 return Err(Failure::Config(format!(
@@ -227,12 +297,28 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     config.display()
                 )));
             }
-            let v = runtime()?
-                .block_on(certmesh::control::request_with(
-                    &c.control_socket(),
-                    serde_json::json!({ "cmd": "issue", "name": name }),
-                ))
-                .map_err(rt_err)?;
+            let rt = runtime()?;
+            // On a terminal, show the order's steps while waiting for its result.
+            let progress =
+                (!json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+                    rt.spawn(issue_progress(
+                        c.control_socket(),
+                        name.clone(),
+                        c.tree.clone(),
+                    ))
+                });
+            let v = rt.block_on(certmesh::control::request_with(
+                &c.control_socket(),
+                serde_json::json!({ "cmd": "issue", "name": name }),
+            ));
+            if let Some(p) = progress {
+                p.abort();
+            }
+            let v = v.map_err(rt_err)?;
+            if json {
+                print_json(&v);
+                return Ok(());
+            }
             println!(
                 "{}: version {} issued, valid until {} ({} ms)",
                 name,
@@ -245,6 +331,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             config,
             force,
             dry_run,
+            json,
         } => {
             let c = load(&config)?;
             let v = runtime()?
@@ -253,33 +340,10 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     serde_json::json!({ "cmd": "renew", "force": force, "dry_run": dry_run }),
                 ))
                 .map_err(rt_err)?;
-            for r in v["results"].as_array().into_iter().flatten() {
-                let what = if dry_run {
-                    if r["would_order"] == true {
-                        "would order now".to_string()
-                    } else if r["due"] == true {
-                        format!(
-                            "due, not ordering here: {}",
-                            r["waiting_for"].as_str().unwrap_or("?")
-                        )
-                    } else {
-                        "not due".to_string()
-                    }
-                } else if r["ordered"] == true {
-                    format!("renewed: version {} ({} ms)", r["version"], r["took_ms"])
-                } else if let Some(e) = r["error"].as_str() {
-                    format!("FAILED: {e}")
-                } else if let Some(w) = r["waiting_for"].as_str() {
-                    format!("not ordering here: {w}")
-                } else {
-                    "not due".to_string()
-                };
-                println!(
-                    "{:<24} next {:<22} renewer {:<12} {what}",
-                    r["name"].as_str().unwrap_or("?"),
-                    r["next_renewal"].as_str().unwrap_or("-"),
-                    r["renewer"].as_str().unwrap_or("-")
-                );
+            if json {
+                print_json(&v);
+            } else {
+                print_renewals(&v, dry_run);
             }
             if v["failed"].as_u64().unwrap_or(0) > 0 {
                 return Err(Failure::Runtime(format!("{} renewals failed", v["failed"])));
@@ -291,12 +355,8 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             interface,
         } => {
             let c = load(&config)?;
-            let cfg_err = |e: certmesh::firewall::FirewallError| Failure::Config(e.to_string());
-            let format = certmesh::firewall::Format::parse(&format)
-                .ok_or(certmesh::firewall::FirewallError::Format(format))
-                .map_err(cfg_err)?;
-            let rules =
-                certmesh::firewall::render(&c, format, interface.as_deref()).map_err(cfg_err)?;
+            let rules = certmesh::firewall::render(&c, format.into(), interface.as_deref())
+                .map_err(|e| Failure::Config(e.to_string()))?;
             print!("{rules}");
         }
         Cmd::Restore {
@@ -304,7 +364,16 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             path,
             version,
             list,
-        } => restore(&load(&config)?, path.as_deref(), version, list)?,
+            json,
+        } => restore(&load(&config)?, path.as_deref(), version, list, json)?,
+        Cmd::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "certmesh", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)
+                .map_err(|e| Failure::Runtime(format!("writing the completions: {e}")))?;
+        }
+        Cmd::Man { out_dir } => man(out_dir.as_deref())?,
+        Cmd::Import { config, from, path } => import(&load(&config)?, from, &path)?,
         Cmd::Demo { samples } => {
             runtime()?
                 .block_on(certmesh::demo::run(samples))
@@ -314,33 +383,155 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
     Ok(())
 }
 
+/// How often `certmesh issue` asks the daemon for the order's state on a terminal.
+const PROGRESS_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Prints the steps of an order (to stderr) as `status` shows them, until aborted.
+async fn issue_progress(socket: PathBuf, name: String, tree: PathBuf) {
+    let challenges = tree.join("acme/.well-known/acme-challenge");
+    let mut first_version = None;
+    let mut last = String::new();
+    loop {
+        if let Ok(v) = certmesh::control::request(&socket, "status").await {
+            if let Ok(s) = serde_json::from_value::<certmesh::control::Status>(v) {
+                let tokens = std::fs::read_dir(&challenges).map_or(0, |d| d.count());
+                if let Some(cert) = s.certificates.iter().find(|c| c.name == name) {
+                    let first = *first_version.get_or_insert(cert.version);
+                    let line = issue_step(cert, &s.peers, tokens, first);
+                    if line != last {
+                        eprintln!("{name}: {line}");
+                        last = line;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(PROGRESS_POLL).await;
+    }
+}
+
+/// One progress line from what `status` and the tree show: the driver's state, the
+/// challenge files in the tree and how many connected peers acknowledged them, and
+/// a live version newer than the one the order started from.
+fn issue_step(
+    cert: &certmesh::control::CertStatus,
+    peers: &[certmesh::control::PeerStatus],
+    challenges: usize,
+    started_at: Option<u32>,
+) -> String {
+    if cert.version.is_some() && cert.version != started_at {
+        let v = cert.version.unwrap_or_default();
+        return format!("published version {v}, waiting for the order to settle");
+    }
+    match cert.state.as_str() {
+        "ordering" if challenges > 0 => {
+            let connected = peers.iter().filter(|p| p.connected).count();
+            let acked = peers.iter().filter(|p| p.connected && p.in_sync).count();
+            format!(
+                "challenge in the tree, acknowledged by {}/{} nodes; CA validating",
+                acked + 1,
+                connected + 1
+            )
+        }
+        "ordering" => "ordering".to_string(),
+        "waiting" => format!(
+            "waiting: {}",
+            cert.waiting_for.as_deref().unwrap_or("another node")
+        ),
+        "backoff" => format!(
+            "backing off after: {}",
+            cert.last_error.as_deref().unwrap_or("an error")
+        ),
+        "idle" => "queued".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// `certmesh renew` as a table: one line per certificate.
+fn print_renewals(v: &serde_json::Value, dry_run: bool) {
+    for r in v["results"].as_array().into_iter().flatten() {
+        let what = if dry_run {
+            if r["would_order"] == true {
+                "would order now".to_string()
+            } else if r["due"] == true {
+                format!(
+                    "due, not ordering here: {}",
+                    r["waiting_for"].as_str().unwrap_or("?")
+                )
+            } else {
+                "not due".to_string()
+            }
+        } else if r["ordered"] == true {
+            format!("renewed: version {} ({} ms)", r["version"], r["took_ms"])
+        } else if let Some(e) = r["error"].as_str() {
+            format!("FAILED: {e}")
+        } else if let Some(w) = r["waiting_for"].as_str() {
+            format!("not ordering here: {w}")
+        } else {
+            "not due".to_string()
+        };
+        println!(
+            "{:<24} next {:<22} renewer {:<12} {what}",
+            r["name"].as_str().unwrap_or("?"),
+            r["next_renewal"].as_str().unwrap_or("-"),
+            r["renewer"].as_str().unwrap_or("-")
+        );
+    }
+}
+
 /// `certmesh restore`: list kept versions, or write one back into the tree.
-fn restore(c: &Config, path: Option<&str>, version: usize, list: bool) -> Result<(), Failure> {
+fn restore(
+    c: &Config,
+    path: Option<&str>,
+    version: usize,
+    list: bool,
+    json: bool,
+) -> Result<(), Failure> {
     use certmesh::keep;
     let io = |e: std::io::Error| Failure::Runtime(format!("{}: {e}", c.tree.display()));
     let Some(path) = path else {
-        let paths = keep::list_paths(&c.tree).map_err(io)?;
-        if paths.is_empty() {
-            println!("nothing kept under {}/.certmesh/kept", c.tree.display());
-        }
-        for p in paths {
+        let mut kept = Vec::new();
+        for p in keep::list_paths(&c.tree).map_err(io)? {
             let n = keep::list(&c.tree, &p).map_err(io)?.len();
-            println!("{p}  ({n} kept)");
+            kept.push((p, n));
+        }
+        if json {
+            let v: Vec<_> = kept
+                .iter()
+                .map(|(p, n)| serde_json::json!({ "path": p.to_string(), "kept": n }))
+                .collect();
+            print_json(&serde_json::json!({ "paths": v }));
+        } else {
+            if kept.is_empty() {
+                println!("nothing kept under {}/.certmesh/kept", c.tree.display());
+            }
+            for (p, n) in kept {
+                println!("{p}  ({n} kept)");
+            }
         }
         return Ok(());
     };
     let rel = certmesh::paths::RelPath::parse_shared(path)
         .map_err(|e| Failure::Config(format!("PATH {path:?}: {e}")))?;
+    let kept_at = |ns: i64| certmesh::acme::rfc3339(ns / 1_000_000_000);
     if !list {
         let v = keep::restore(&c.tree, &rel, version).map_err(|e| match e {
             keep::RestoreError::NoSuchVersion { .. } => Failure::Config(e.to_string()),
             e => Failure::Runtime(e.to_string()),
         })?;
-        println!(
-            "restored {rel} from version {version} (kept {}, {} bytes)",
-            certmesh::acme::rfc3339(v.kept_at_ns / 1_000_000_000),
-            v.size
-        );
+        if json {
+            print_json(&serde_json::json!({
+                "restored": rel.to_string(),
+                "version": version,
+                "kept_at": kept_at(v.kept_at_ns),
+                "size": v.size,
+            }));
+        } else {
+            println!(
+                "restored {rel} from version {version} (kept {}, {} bytes)",
+                kept_at(v.kept_at_ns),
+                v.size
+            );
+        }
         return Ok(());
     }
     let versions = keep::list(&c.tree, &rel).map_err(io)?;
@@ -349,44 +540,155 @@ fn restore(c: &Config, path: Option<&str>, version: usize, list: bool) -> Result
             keep::RestoreError::NothingKept(rel).to_string(),
         ));
     }
+    let rows: Vec<(String, u64, String)> = versions
+        .iter()
+        .map(|v| (kept_at(v.kept_at_ns), v.size, cause(c, v.meta.as_ref())))
+        .collect();
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, (at, size, cause))| {
+                serde_json::json!({ "version": i + 1, "kept_at": at, "size": size, "cause": cause })
+            })
+            .collect();
+        print_json(&serde_json::json!({ "path": rel.to_string(), "versions": v }));
+        return Ok(());
+    }
     println!("{:<3}  {:<20}  {:>9}  CAUSE", "N", "KEPT", "SIZE");
-    for (i, v) in versions.iter().enumerate() {
-        let cause = v.meta.as_ref().map_or_else(
-            || "unknown".to_string(),
-            |m| {
-                let by = u64::from_str_radix(&m.modified_by, 16).map_or_else(
-                    |_| m.modified_by.clone(),
-                    |id| certmesh::repair::name_of(&c.peers, certmesh::identity::ShortId(id)),
-                );
-                let what = match m.reason {
-                    keep::Reason::Replaced => "replaced",
-                    keep::Reason::Deleted => "deleted",
-                };
-                format!("{what} by {by}")
-            },
-        );
-        println!(
-            "{:<3}  {:<20}  {:>9}  {cause}",
-            i + 1,
-            certmesh::acme::rfc3339(v.kept_at_ns / 1_000_000_000),
-            v.size
-        );
+    for (i, (at, size, cause)) in rows.iter().enumerate() {
+        println!("{:<3}  {at:<20}  {size:>9}  {cause}", i + 1);
     }
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Why a version was kept: `replaced by lb1`, `deleted by lb2`, or `unknown`.
+fn cause(c: &Config, meta: Option<&certmesh::keep::KeptMeta>) -> String {
+    meta.map_or_else(
+        || "unknown".to_string(),
+        |m| {
+            let by = u64::from_str_radix(&m.modified_by, 16).map_or_else(
+                |_| m.modified_by.clone(),
+                |id| certmesh::repair::name_of(&c.peers, certmesh::identity::ShortId(id)),
+            );
+            let what = match m.reason {
+                certmesh::keep::Reason::Replaced => "replaced",
+                certmesh::keep::Reason::Deleted => "deleted",
+            };
+            format!("{what} by {by}")
+        },
+    )
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// `certmesh import`: bad input is a config/usage error (2), nothing written.
+fn import(
+    c: &Config,
+    from: certmesh::import::Source,
+    path: &std::path::Path,
+) -> Result<(), Failure> {
+    let r = certmesh::import::import(c, from, path).map_err(|e| {
+        if e.is_input() {
+            Failure::Config(format!("import: {e}"))
+        } else {
+            Failure::Runtime(format!("import: {e}"))
+        }
+    })?;
+    for i in &r.imported {
+        println!(
+            "imported {n}: {}/live/{n} -> archive/{n}/{} (serial {}, valid until {})",
+            c.tree.display(),
+            i.version,
+            i.serial,
+            certmesh::acme::rfc3339(i.not_after),
+            n = i.name,
+        );
+    }
+    for p in &r.kept_valid {
+        println!("still valid: {}", p.display());
+    }
+    for n in &r.notes {
+        println!("{n}");
+    }
+    if let Some(b) = &r.backup {
+        println!("replaced files copied to {}", b.display());
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed by this call (inside the
+/// runtime), not when the future is first polled: a SIGTERM right after `READY=1`
+/// is a clean stop, never the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
+            (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                one.recv().await;
+            }
+            (Err(_), Err(_)) => std::future::pending().await,
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+    }
+}
+
+/// `certmesh man`: certmesh(1) on stdout, or every page into `out_dir`.
+fn man(out_dir: Option<&std::path::Path>) -> Result<(), Failure> {
+    let cmd = Cli::command();
+    let Some(dir) = out_dir else {
+        return clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .map_err(|e| Failure::Runtime(format!("writing the man page: {e}")));
+    };
+    std::fs::create_dir_all(dir)
+        .and_then(|()| clap_mangen::generate_to(cmd, dir))
+        .map_err(|e| Failure::Runtime(format!("writing man pages into {}: {e}", dir.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(state: &str, version: Option<u32>) -> certmesh::control::CertStatus {
+        serde_json::from_value(serde_json::json!({"name": "www", "domains": [],
+            "not_after": null, "not_after_unix": null, "days_left": null,
+            "version": version, "serial": null, "renewer": null, "lease": null,
+            "next_renewal": null, "state": state, "last_attempt": null,
+            "last_error": null, "failures": 0, "waiting_for": null, "last_took_ms": null}))
+        .expect("a certificate status")
+    }
+
+    fn peer(connected: bool, in_sync: bool) -> certmesh::control::PeerStatus {
+        serde_json::from_value(serde_json::json!({"name": "p", "id": "Y",
+            "address": "127.0.1.2:1", "connected": connected, "in_sync": in_sync,
+            "rtt_ms": null, "acked": 0, "pending_from": 0, "last_error": null}))
+        .expect("a peer status")
+    }
+
+    #[test]
+    fn issue_progress_counts_this_node_and_connected_peers() {
+        let peers = [peer(true, true), peer(true, false), peer(false, false)];
+        assert_eq!(
+            issue_step(&cert("ordering", Some(1)), &peers, 0, Some(1)),
+            "ordering"
+        );
+        assert_eq!(
+            issue_step(&cert("ordering", Some(1)), &peers, 1, Some(1)),
+            "challenge in the tree, acknowledged by 2/3 nodes; CA validating"
+        );
+        assert!(issue_step(&cert("ordering", Some(2)), &peers, 1, Some(1))
+            .starts_with("published version 2"));
+        assert!(issue_step(&cert("ordering", Some(1)), &peers, 0, None)
+            .starts_with("published version 1"));
     }
 }

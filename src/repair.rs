@@ -11,15 +11,12 @@
 //! A certificate deleted on purpose comes back while another node still lists it:
 //! remove it from every node's config first.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
 
 use crate::acme::bundle::{self, chain_der, parse_leaf, Leaf};
 use crate::acme::tree;
@@ -36,70 +33,8 @@ const SETTLE: Duration = Duration::from_millis(200);
 const RETRY: Duration = Duration::from_secs(1);
 /// How long the start-up check waits for the mesh to form first.
 const START_GRACE: Duration = Duration::from_secs(10);
-/// Repairs shown in `status`.
-const RECENT: usize = 20;
 
-/// One repair, as `status` shows it (stable JSON keys).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RepairStatus {
-    pub certificate: String,
-    /// RFC 3339.
-    pub at: String,
-    pub at_unix: i64,
-    /// The node whose change broke the certificate (peer name, or short ID).
-    pub caused_by: String,
-    /// The `archive/<name>/<n>` version put back.
-    pub from_version: u32,
-    /// What was wrong.
-    pub reason: String,
-}
-
-/// The repair queue and its recent results (a handle in `Shared`).
-#[derive(Default)]
-pub struct Repairs {
-    wake: Notify,
-    pending: Mutex<BTreeSet<String>>,
-    recent: Mutex<VecDeque<RepairStatus>>,
-}
-
-impl Repairs {
-    /// The puller applied these paths from peers: queue the certificates they touch.
-    pub fn touched<'a>(&self, names: &[String], paths: impl IntoIterator<Item = &'a RelPath>) {
-        let mut hit = BTreeSet::new();
-        for p in paths {
-            let mut parts = p.as_str().splitn(3, '/');
-            if let (Some("live" | "archive"), Some(n)) = (parts.next(), parts.next()) {
-                if names.iter().any(|c| c == n) {
-                    hit.insert(n.to_string());
-                }
-            }
-        }
-        if !hit.is_empty() {
-            self.lock_pending().extend(hit);
-            self.wake.notify_one();
-        }
-    }
-
-    /// Recent repairs, oldest first.
-    pub fn recent(&self) -> Vec<RepairStatus> {
-        self.recent
-            .lock()
-            .map(|r| r.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn push(&self, r: RepairStatus) {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if recent.len() == RECENT {
-            recent.pop_front();
-        }
-        recent.push_back(r);
-    }
-}
+pub use crate::telemetry::{RepairStatus, Repairs};
 
 /// Starts the repair task: one check of every configured certificate once the mesh
 /// has formed, then one after each applied batch that touched one.
@@ -500,7 +435,7 @@ mod tests {
             modified_by: ShortId(42),
             version: Default::default(),
         };
-        keep::keep(root, &p, &cause, crate::node::now_ns())
+        keep::keep(root, &p, &cause, crate::clock::now_ns())
             .unwrap()
             .unwrap();
         let (_, other) = bundle_pem(90);

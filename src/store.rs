@@ -22,13 +22,6 @@ const MAX_ENTRY: usize = 64 << 10;
 /// Longest body read past when skipping an entry that is intact but too long.
 const MAX_SKIP: usize = 16 << 20;
 
-/// The open index file.
-pub struct Store {
-    path: PathBuf,
-    file: fs::File,
-    appended: usize,
-}
-
 /// What loading found.
 #[derive(Debug, Default)]
 pub struct LoadReport {
@@ -84,6 +77,87 @@ fn decode(body: &[u8], now_us: u64) -> Result<Entry, String> {
     })
 }
 
+/// Bytes for the index file, prepared (encoded) under the state lock and written
+/// outside it, in the order they were prepared.
+#[derive(Debug)]
+pub enum Pending {
+    /// Frames to append.
+    Append(Vec<u8>),
+    /// A whole compacted file (header and every entry) to replace it with.
+    Rewrite(Vec<u8>),
+}
+
+/// The in-memory side of the index file: encodes what changed and decides when to
+/// compact. No I/O, so it can sit under the state lock.
+pub struct Journal {
+    appended: usize,
+}
+
+impl Journal {
+    /// Encodes changed entries; the whole file instead when the log is mostly
+    /// superseded. `None` when there is nothing to write.
+    pub fn prepare<'a>(
+        &mut self,
+        entries: impl Iterator<Item = &'a Entry>,
+        index: &Index,
+    ) -> Option<Pending> {
+        let mut buf = Vec::new();
+        let mut n = 0;
+        for e in entries {
+            encode(e, &mut buf);
+            n += 1;
+        }
+        if n == 0 {
+            return None;
+        }
+        self.appended += n;
+        if self.appended > 2 * index.len() + 1024 {
+            return Some(self.prepare_rewrite(index));
+        }
+        Some(Pending::Append(buf))
+    }
+
+    /// The whole file from `index` (after records were removed from it, e.g.
+    /// collected tombstones: the append-only log cannot say "removed").
+    pub fn prepare_rewrite(&mut self, index: &Index) -> Pending {
+        self.appended = 0;
+        Pending::Rewrite(encode_compacted(index))
+    }
+}
+
+/// The file side of the index: writes what the journal prepared, durably.
+pub struct StoreFile {
+    path: PathBuf,
+    file: fs::File,
+}
+
+impl StoreFile {
+    /// Writes `pending` items in order with one fdatasync for a run of appends.
+    pub fn write(&mut self, pending: impl IntoIterator<Item = Pending>) -> io::Result<()> {
+        let mut appends = Vec::new();
+        for p in pending {
+            match p {
+                Pending::Append(b) => appends.extend_from_slice(&b),
+                Pending::Rewrite(b) => {
+                    appends.clear(); // the whole file supersedes them
+                    self.file = replace_file(&self.path, &b)?;
+                }
+            }
+        }
+        if !appends.is_empty() {
+            self.file.write_all(&appends)?;
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+/// The open index file: its journal and its file together.
+pub struct Store {
+    journal: Journal,
+    file: StoreFile,
+}
+
 impl Store {
     /// Loads `state_dir/index.db` into `index` and rewrites it compacted.
     pub fn open(state_dir: &Path, index: &mut Index) -> io::Result<(Store, LoadReport)> {
@@ -94,15 +168,20 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let file = write_compacted(&path, index)?;
+        let file = replace_file(&path, &encode_compacted(index))?;
         Ok((
             Store {
-                path,
-                file,
-                appended: 0,
+                journal: Journal { appended: 0 },
+                file: StoreFile { path, file },
             },
             report,
         ))
+    }
+
+    /// Separates the journal (kept under the state lock) from the file (written by
+    /// the persister, outside it).
+    pub fn split(self) -> (Journal, StoreFile) {
+        (self.journal, self.file)
     }
 
     /// Durably appends changed entries (fdatasync once per call).
@@ -111,33 +190,16 @@ impl Store {
         entries: impl Iterator<Item = &'a Entry>,
         index: &Index,
     ) -> io::Result<()> {
-        let mut buf = Vec::new();
-        let mut n = 0;
-        for e in entries {
-            encode(e, &mut buf);
-            n += 1;
+        match self.journal.prepare(entries, index) {
+            Some(p) => self.file.write([p]),
+            None => Ok(()),
         }
-        if n == 0 {
-            return Ok(());
-        }
-        self.file.write_all(&buf)?;
-        self.file.sync_data()?;
-        self.appended += n;
-        if self.appended > 2 * index.len() + 1024 {
-            self.file = write_compacted(&self.path, index)?;
-            self.appended = 0;
-        }
-        Ok(())
     }
-}
 
-impl Store {
-    /// Rewrites the file from `index` (after records were removed from it, e.g.
-    /// collected tombstones: the append-only log cannot say "removed").
+    /// Rewrites the file from `index`.
     pub fn rewrite(&mut self, index: &Index) -> io::Result<()> {
-        self.file = write_compacted(&self.path, index)?;
-        self.appended = 0;
-        Ok(())
+        let p = self.journal.prepare_rewrite(index);
+        self.file.write([p])
     }
 }
 
@@ -209,8 +271,8 @@ fn load_at(bytes: &[u8], index: &mut Index, report: &mut LoadReport, now_us: u64
     }
 }
 
-fn write_compacted(path: &Path, index: &Index) -> io::Result<fs::File> {
-    let tmp = path.with_extension("db.tmp");
+/// The whole file for `index`: the header, then every entry in sequence order.
+fn encode_compacted(index: &Index) -> Vec<u8> {
     let mut buf = Vec::with_capacity(64 + index.len() * 200);
     buf.extend_from_slice(MAGIC);
     let mut entries: Vec<&Entry> = index.entries().collect();
@@ -218,15 +280,13 @@ fn write_compacted(path: &Path, index: &Index) -> io::Result<fs::File> {
     for e in entries {
         encode(e, &mut buf);
     }
-    {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&buf)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
+    buf
+}
+
+/// Replaces the file at `path` with `bytes` atomically and durably; returns it
+/// opened for appending.
+fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<fs::File> {
+    crate::atomic::replace(path, bytes, 0o600)?;
     fs::OpenOptions::new().append(true).open(path)
 }
 

@@ -107,7 +107,7 @@ fn firewall_rules_pass_nft_check() {
 
     // Usage and config errors: exit code 2, naming what was wrong.
     for (extra, says) in [
-        (&["--format", "pf"][..], "--format \"pf\""),
+        (&["--format", "pf"][..], "invalid value 'pf' for '--format"),
         (&["--interface", "eth 1"][..], "--interface \"eth 1\""),
     ] {
         let out = firewall(&me.config, extra);

@@ -11,6 +11,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::handle::AcmeState;
 use super::schedule::{self, RenewalLease, Window};
 use super::{
     account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, tree, unix_now,
@@ -332,13 +333,13 @@ impl Driver {
         if let Err(w) = schedule::may_order(me, who, lease.as_ref(), now, forced) {
             let why = w.to_string();
             self.handle.update(&cert.name, |r| {
-                r.state = "waiting".into();
+                r.state = AcmeState::Waiting;
                 r.waiting_for = Some(why);
             });
             return Err(Attempt::Wait(w));
         }
         self.handle.update(&cert.name, |r| {
-            r.state = "ordering".into();
+            r.state = AcmeState::Ordering;
             r.waiting_for = None;
             r.last_attempt = Some(now);
         });
@@ -360,7 +361,7 @@ impl Driver {
                     "certificate issued and published"
                 );
                 self.handle.update(&cert.name, |r| {
-                    r.state = "idle".into();
+                    r.state = AcmeState::Idle;
                     r.failures = 0;
                     r.retry_at = None;
                     r.last_error = None;
@@ -378,7 +379,7 @@ impl Driver {
                 tracing::info!(cert = %cert.name, "{w}; not ordering");
                 let why = w.to_string();
                 self.handle.update(&cert.name, |r| {
-                    r.state = "waiting".into();
+                    r.state = AcmeState::Waiting;
                     r.waiting_for = Some(why);
                 });
                 Err(Attempt::Wait(w))
@@ -392,7 +393,7 @@ impl Driver {
                 self.handle.update(&cert.name, |r| {
                     r.failures += 1;
                     let wait = schedule::backoff(r.failures, rand::random(), f.retry_after);
-                    r.state = "backoff".into();
+                    r.state = AcmeState::Backoff;
                     r.retry_at = Some(unix_now().saturating_add(schedule::secs(wait)));
                     r.last_error = Some(msg.clone());
                 });

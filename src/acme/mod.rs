@@ -9,12 +9,16 @@
 //! - `driver`: the task that orders whatever is missing or due when this node is
 //!   the renewer, and serves `issue` / `renew`.
 //!
-//! This file: the handle the control socket talks to, and what both the driver and
-//! `status` need (renewer, leases, node names).
+//! - [`handle`]: the handle the control socket talks to (plain data and channels; it
+//!   imports nothing of the daemon, so the shared state can hold it).
+//!
+//! This file: starting it all, and what both the driver and `status` need (renewer,
+//! leases, node names).
 
 pub mod account;
 pub mod bundle;
 mod driver;
+pub mod handle;
 pub mod http;
 pub mod order;
 pub mod schedule;
@@ -23,13 +27,13 @@ pub mod tree;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-use serde_json::json;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::config::{AcmeConfig, CertificateConfig};
 use crate::identity::DeviceId;
 use crate::node::Shared;
+use handle::Command;
+pub use handle::{Acme, Runtime};
 use schedule::{LeaseClock, RenewalLease, Validity};
 
 /// Each ACME-enabled node announces itself with a file here named by its device ID.
@@ -37,110 +41,8 @@ pub const NODES_DIR: &str = ".certmesh/acme/nodes";
 /// Renewal leases, one file per certificate name.
 pub const LEASES_DIR: &str = ".certmesh/leases";
 
-/// What the driver knows about one certificate (shown in `status`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Runtime {
-    /// idle | ordering | waiting | backoff
-    pub state: String,
-    pub last_attempt: Option<i64>,
-    pub last_success: Option<i64>,
-    pub last_error: Option<String>,
-    pub failures: u32,
-    /// No automatic attempt before this (backoff).
-    pub retry_at: Option<i64>,
-    /// When the next automatic order is planned.
-    pub next_renewal: Option<i64>,
-    /// Why this node is not ordering although the certificate is due.
-    pub waiting_for: Option<String>,
-    pub last_took_ms: Option<u64>,
-    /// ARI window from the CA, if it offers ARI.
-    pub ari_start: Option<i64>,
-    pub ari_end: Option<i64>,
-    #[serde(skip)]
-    jitter: f64,
-    #[serde(skip)]
-    ari_serial: String,
-    #[serde(skip)]
-    ari_next_query: i64,
-}
-
-pub(crate) enum Command {
-    Issue {
-        name: String,
-        reply: oneshot::Sender<serde_json::Value>,
-    },
-    Renew {
-        force: bool,
-        dry_run: bool,
-        reply: oneshot::Sender<serde_json::Value>,
-    },
-}
-
-/// The handle the control socket talks to.
-pub struct Acme {
-    runtime: Mutex<BTreeMap<String, Runtime>>,
-    commands: mpsc::UnboundedSender<Command>,
-    /// Orders that failed since start (metrics).
-    failures: std::sync::atomic::AtomicU64,
-    /// When each lease content was first seen (a lease holds at most `lease` from then).
-    leases: Mutex<LeaseClock>,
-}
-
-impl Acme {
-    fn rt(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Runtime>> {
-        self.runtime.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn runtime(&self, name: &str) -> Option<Runtime> {
-        self.rt().get(name).cloned()
-    }
-
-    /// Orders that failed since the daemon started.
-    pub fn failures_total(&self) -> u64 {
-        self.failures.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn update(&self, name: &str, f: impl FnOnce(&mut Runtime)) {
-        let mut rt = self.rt();
-        let r = rt.entry(name.to_string()).or_insert_with(|| Runtime {
-            state: "idle".into(),
-            jitter: rand::random::<f64>(),
-            ..Default::default()
-        });
-        f(r);
-    }
-
-    /// `certmesh issue NAME`: order now (unless another node holds the lease).
-    pub async fn issue(&self, name: String) -> serde_json::Value {
-        let (reply, rx) = oneshot::channel();
-        if self.commands.send(Command::Issue { name, reply }).is_err() {
-            return json!({"error": "the ACME task has stopped"});
-        }
-        rx.await
-            .unwrap_or_else(|_| json!({"error": "the ACME task has stopped"}))
-    }
-
-    /// `certmesh renew [--force] [--dry-run]`.
-    pub async fn renew(&self, force: bool, dry_run: bool) -> serde_json::Value {
-        let (reply, rx) = oneshot::channel();
-        if self
-            .commands
-            .send(Command::Renew {
-                force,
-                dry_run,
-                reply,
-            })
-            .is_err()
-        {
-            return json!({"error": "the ACME task has stopped"});
-        }
-        rx.await
-            .unwrap_or_else(|_| json!({"error": "the ACME task has stopped"}))
-    }
-}
-
 pub fn unix_now() -> i64 {
-    crate::node::now_ns() / 1_000_000_000
+    crate::clock::unix_now()
 }
 
 /// Starts the ACME driver (and the http-01 responder) if `[acme]` / `[http]` are

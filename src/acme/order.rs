@@ -142,6 +142,10 @@ async fn order(
     tokens: &mut Vec<RelPath>,
 ) -> Result<(u32, i64), Failed> {
     let t0 = Instant::now();
+    // Before the CA is asked: a tree the certificate cannot be published into (a
+    // certbot `live/<name>` directory) must not cost an order per retry.
+    tree::check_publish_target(&shared.tree.root, &cert.name)
+        .map_err(|e| anyhow!("not ordering {}: {e}", cert.name))?;
     let ids: Vec<Identifier> = cert
         .domains
         .iter()

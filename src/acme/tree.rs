@@ -254,6 +254,106 @@ fn resolve_live(r: &Root, rel: &str) -> std::io::Result<String> {
     }
 }
 
+/// Why `live/<name>` cannot be published over (checked before ordering, so that a
+/// certificate the CA issued is never lost to a tree it cannot be written into).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishTarget {
+    /// `live/<name>` is a real directory: certbot's layout (per-file links into
+    /// `archive/<name>/certN.pem`), which a link cannot be renamed over (EISDIR).
+    #[error(
+        "{path} is a directory (certbot's layout: per-file links into archive/{name}/), \
+         but certmesh publishes live/{name} as a link to archive/{name}/<n>, which cannot \
+         replace a directory. Fix: stop certbot's timer and run \
+         `certmesh import --config <file> --from certbot {tree}` once (no new order; \
+         {path}/fullchain.pem and privkey.pem keep working)"
+    )]
+    CertbotLive {
+        path: String,
+        name: String,
+        tree: String,
+    },
+    /// `live/<name>`, `live`, `archive` or `archive/<name>` is something else that
+    /// certmesh cannot write through or replace.
+    #[error("{path} is {what}; certmesh needs {want}. Fix: move it out of the tree")]
+    Blocked {
+        path: String,
+        what: &'static str,
+        want: &'static str,
+    },
+    /// The tree could not be read.
+    #[error("{path}: {error}")]
+    Io { path: String, error: String },
+}
+
+/// Checks that a new version of `name` can be published: `live` and `archive` are
+/// absent or real directories, `archive/<name>` too, and `live/<name>` is absent or a
+/// link (any link: it is replaced, never followed).
+pub fn check_publish_target(root: &Path, name: &str) -> Result<(), PublishTarget> {
+    let shown = |rel: &str| root.join(rel).display().to_string();
+    let io = |rel: &str, e: std::io::Error| PublishTarget::Io {
+        path: shown(rel),
+        error: e.to_string(),
+    };
+    let r = match Root::open(root) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("", e)),
+    };
+    let kind = |m: &std::fs::Metadata| {
+        let t = m.file_type();
+        if t.is_dir() {
+            "a directory"
+        } else if t.is_symlink() {
+            "a symbolic link"
+        } else if t.is_file() {
+            "a regular file"
+        } else {
+            "a special file"
+        }
+    };
+    let archive_name = format!("archive/{name}");
+    for dir in ["live", "archive", archive_name.as_str()] {
+        // `archive/<name>` is looked at inside `archive` only if that is a real
+        // directory (checked just before); nothing on the way is followed.
+        let m = match dir.split_once('/') {
+            Some((parent, leaf)) => match r.dir(parent) {
+                Ok(d) => safe_fs::lstat_at(d.as_fd(), leaf),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            },
+            None => safe_fs::lstat_at(r.fd(), dir),
+        }
+        .map_err(|e| io(dir, e))?;
+        if let Some(m) = m.filter(|m| !m.is_dir()) {
+            return Err(PublishTarget::Blocked {
+                path: shown(dir),
+                what: kind(&m),
+                want: "a real directory there (or nothing)",
+            });
+        }
+    }
+    let live = match r.dir("live") {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("live", e)),
+    };
+    let rel = format!("live/{name}");
+    match safe_fs::lstat_at(live.as_fd(), name).map_err(|e| io(&rel, e))? {
+        None => Ok(()),
+        Some(m) if m.file_type().is_symlink() => Ok(()),
+        Some(m) if m.is_dir() => Err(PublishTarget::CertbotLive {
+            path: shown(&rel),
+            name: name.to_string(),
+            tree: root.display().to_string(),
+        }),
+        Some(m) => Err(PublishTarget::Blocked {
+            path: shown(&rel),
+            what: kind(&m),
+            want: "a link to archive/<name>/<n> there (or nothing)",
+        }),
+    }
+}
+
 /// The version `live/<name>` points at; `None` unless it is a link whose target is
 /// exactly `../archive/<name>/<n>`.
 pub fn live_version(root: &Path, name: &str) -> Option<u32> {
@@ -285,6 +385,37 @@ pub fn parse_live_target(name: &str, target: &str) -> Option<u32> {
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn a_certbot_live_dir_is_refused_before_ordering() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        assert_eq!(check_publish_target(root, "www"), Ok(()));
+        fs::create_dir_all(root.join("live/www")).unwrap();
+        let e = check_publish_target(root, "www").unwrap_err();
+        assert!(matches!(e, PublishTarget::CertbotLive { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&root.join("live/www").display().to_string()),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("certmesh import") && msg.contains("--from certbot"),
+            "{msg}"
+        );
+        fs::remove_dir(root.join("live/www")).unwrap();
+        std::os::unix::fs::symlink("../archive/www/1", root.join("live/www")).unwrap();
+        assert_eq!(check_publish_target(root, "www"), Ok(()));
+        // Something else where a directory must be: named, with what it is.
+        fs::write(root.join("archive"), "x").unwrap();
+        let e = check_publish_target(root, "www").unwrap_err().to_string();
+        assert!(e.contains("archive is a regular file"), "{e}");
+        fs::remove_file(root.join("archive")).unwrap();
+        fs::create_dir_all(root.join("archive")).unwrap();
+        fs::write(root.join("archive/www"), "x").unwrap();
+        let e = check_publish_target(root, "www").unwrap_err().to_string();
+        assert!(e.contains("archive/www is a regular file"), "{e}");
+    }
 
     #[test]
     fn live_link_is_followed_only_in_its_own_form() {

@@ -162,6 +162,10 @@ pub struct Engine {
     sends: HashMap<DeviceId, SendState>,
     next_token: u64,
     authority: Authority,
+    /// Our sequence known to be on disk, when tracked: records beyond it are not
+    /// announced yet (after a crash their sequence numbers would be handed out
+    /// again). `None`: everything counts as durable.
+    durable: Option<u64>,
     /// Test fault: acks one sequence further than `Plan::ack_for` allows, so a test
     /// can prove the simulator runs this code.
     #[cfg(test)]
@@ -181,6 +185,7 @@ impl Engine {
                 writer: true,
                 ..Authority::default()
             },
+            durable: None,
             #[cfg(test)]
             break_acks: false,
         }
@@ -237,6 +242,19 @@ impl Engine {
     /// A reader's local changes that were not sent.
     pub fn not_sent(&self) -> &NotSent {
         &self.authority.not_sent
+    }
+
+    /// From now on, announce only what [`Engine::persisted`] reported on disk (the
+    /// index as loaded is).
+    pub fn track_durability(&mut self) {
+        self.durable = Some(self.index.sequence());
+    }
+
+    /// Our records up to `sequence` are on disk: they may be announced.
+    pub fn persisted(&mut self, sequence: u64) {
+        if let Some(d) = &mut self.durable {
+            *d = (*d).max(sequence.min(self.index.sequence()));
+        }
     }
 
     /// Gives the index back (a restart keeps it and loses everything else).
@@ -369,16 +387,18 @@ impl Engine {
     /// from: the peer's view of us must stay exact for the conflict rule.
     pub fn poll_transmit(&mut self, peer: DeviceId, token: SendToken) -> Option<Transmit> {
         let send = self.sends.get_mut(&peer).filter(|s| s.token == token)?;
-        let upto = self.index.sequence();
+        let upto = self
+            .durable
+            .map_or(self.index.sequence(), |d| d.min(self.index.sequence()));
         let index = match send.sent {
             None => Some(IndexSend {
                 full: true,
-                records: changes(&self.index, &self.plan, &peer, 0, true),
+                records: changes(&self.index, &self.plan, &peer, 0, upto, true),
                 upto,
             }),
             Some(sent) if upto > sent => Some(IndexSend {
                 full: false,
-                records: changes(&self.index, &self.plan, &peer, sent, false),
+                records: changes(&self.index, &self.plan, &peer, sent, upto, false),
                 upto,
             }),
             Some(_) => None,
@@ -504,11 +524,19 @@ impl Engine {
     }
 }
 
-/// Our records changed after `since`, each marked with whether `peer` has its content
-/// and whether it should go inline.
-fn changes(index: &Index, plan: &Plan, peer: &DeviceId, since: u64, full: bool) -> Vec<Outgoing> {
+/// Our records changed after `since` up to `upto`, each marked with whether `peer`
+/// has its content and whether it should go inline.
+fn changes(
+    index: &Index,
+    plan: &Plan,
+    peer: &DeviceId,
+    since: u64,
+    upto: u64,
+    full: bool,
+) -> Vec<Outgoing> {
     index
         .changed_since(since)
+        .filter(|e| e.sequence <= upto)
         .map(|e| {
             let r = &e.record;
             let peer_has_content = plan
@@ -683,6 +711,37 @@ mod tests {
         assert_eq!(e.index().get(&p).unwrap().record, r);
         let gone = e.observe(&p, None, 2).unwrap();
         assert_eq!(check.check(&gone), Ok(()));
+    }
+
+    #[test]
+    fn only_what_is_on_disk_is_announced() {
+        let mut e = engine_with(&["a"]);
+        e.track_durability();
+        let token = e.connected(peer());
+        assert_eq!(
+            e.poll_transmit(peer(), token).unwrap().index.unwrap().upto,
+            1
+        );
+        for (i, p) in ["b", "c"].iter().enumerate() {
+            let p = RelPath::parse(p).unwrap();
+            e.observe(
+                &p,
+                Some(crate::index::tests::file(p.as_str(), 5 + i as u8, 2)),
+                2,
+            );
+        }
+        assert_eq!(
+            e.poll_transmit(peer(), token),
+            None,
+            "b and c are not on disk yet"
+        );
+        e.persisted(2);
+        let ix = e.poll_transmit(peer(), token).unwrap().index.unwrap();
+        assert_eq!((ix.upto, ix.records.len()), (2, 1));
+        assert_eq!(ix.records[0].record.path.as_str(), "b");
+        e.persisted(u64::MAX); // never beyond what exists
+        let ix = e.poll_transmit(peer(), token).unwrap().index.unwrap();
+        assert_eq!((ix.upto, ix.records.len()), (3, 1));
     }
 
     #[test]

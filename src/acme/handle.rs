@@ -1,0 +1,140 @@
+//! The ACME handle: what the driver knows per certificate (shown in `status`) and
+//! the command channel `issue` / `renew` go through. Plain data and channels: it
+//! imports nothing of the daemon, so the shared state can hold it without the ACME
+//! code and the daemon importing each other.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+
+use super::schedule::LeaseClock;
+
+/// What the driver is doing about one certificate (`status` shows it lowercase).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcmeState {
+    /// Nothing to do now (or not the renewer).
+    #[default]
+    Idle,
+    /// An order is running.
+    Ordering,
+    /// Due, but another node holds the lease or the mesh is not ready.
+    Waiting,
+    /// The last order failed; the next attempt waits (`retry_at`).
+    Backoff,
+}
+
+impl AcmeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AcmeState::Idle => "idle",
+            AcmeState::Ordering => "ordering",
+            AcmeState::Waiting => "waiting",
+            AcmeState::Backoff => "backoff",
+        }
+    }
+}
+
+/// What the driver knows about one certificate (shown in `status`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Runtime {
+    pub state: AcmeState,
+    pub last_attempt: Option<i64>,
+    pub last_success: Option<i64>,
+    pub last_error: Option<String>,
+    pub failures: u32,
+    /// No automatic attempt before this (backoff).
+    pub retry_at: Option<i64>,
+    /// When the next automatic order is planned.
+    pub next_renewal: Option<i64>,
+    /// Why this node is not ordering although the certificate is due.
+    pub waiting_for: Option<String>,
+    pub last_took_ms: Option<u64>,
+    /// ARI window from the CA, if it offers ARI.
+    pub ari_start: Option<i64>,
+    pub ari_end: Option<i64>,
+    #[serde(skip)]
+    pub(super) jitter: f64,
+    #[serde(skip)]
+    pub(super) ari_serial: String,
+    #[serde(skip)]
+    pub(super) ari_next_query: i64,
+}
+
+pub(super) enum Command {
+    Issue {
+        name: String,
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+    Renew {
+        force: bool,
+        dry_run: bool,
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+}
+
+/// The handle the control socket talks to.
+pub struct Acme {
+    pub(super) runtime: Mutex<BTreeMap<String, Runtime>>,
+    pub(super) commands: mpsc::UnboundedSender<Command>,
+    /// Orders that failed since start (metrics).
+    pub(super) failures: std::sync::atomic::AtomicU64,
+    /// When each lease content was first seen (a lease holds at most `lease` from then).
+    pub(super) leases: Mutex<LeaseClock>,
+}
+
+impl Acme {
+    pub(super) fn rt(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Runtime>> {
+        self.runtime.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn runtime(&self, name: &str) -> Option<Runtime> {
+        self.rt().get(name).cloned()
+    }
+
+    /// Orders that failed since the daemon started.
+    pub fn failures_total(&self) -> u64 {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(super) fn update(&self, name: &str, f: impl FnOnce(&mut Runtime)) {
+        let mut rt = self.rt();
+        let r = rt.entry(name.to_string()).or_insert_with(|| Runtime {
+            state: AcmeState::Idle,
+            jitter: rand::random::<f64>(),
+            ..Default::default()
+        });
+        f(r);
+    }
+
+    /// `certmesh issue NAME`: order now (unless another node holds the lease).
+    pub async fn issue(&self, name: String) -> serde_json::Value {
+        let (reply, rx) = oneshot::channel();
+        if self.commands.send(Command::Issue { name, reply }).is_err() {
+            return json!({"error": "the ACME task has stopped"});
+        }
+        rx.await
+            .unwrap_or_else(|_| json!({"error": "the ACME task has stopped"}))
+    }
+
+    /// `certmesh renew [--force] [--dry-run]`.
+    pub async fn renew(&self, force: bool, dry_run: bool) -> serde_json::Value {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Renew {
+                force,
+                dry_run,
+                reply,
+            })
+            .is_err()
+        {
+            return json!({"error": "the ACME task has stopped"});
+        }
+        rx.await
+            .unwrap_or_else(|_| json!({"error": "the ACME task has stopped"}))
+    }
+}

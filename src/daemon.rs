@@ -1,0 +1,435 @@
+//! The daemon's wiring: loads identity, index and tree, builds the shared state,
+//! starts every task (watcher, puller, persister, QUIC accept + one dialler per peer,
+//! control socket, metrics, ACME, hooks, dhparam, repairs) and stops them on
+//! shutdown. The only module that imports every feature; the features take the
+//! shared state (`node`) and never import this one.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::apply::Tree;
+use crate::config::{Config, PeerConfig};
+use crate::core::engine::Engine;
+use crate::identity::{DeviceId, Identity};
+use crate::index::Index;
+use crate::node::{now_ns, PeerSlot, PersistMsg, Shared, State};
+use crate::store::{Store, StoreFile};
+use crate::transport::{Allowed, Transport};
+
+/// A handshake on the backnet takes milliseconds; one that has not completed by then
+/// went to a peer that was not listening yet: try again rather than wait.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Writes the index file on its own thread, in the order commits were made, with
+/// one fdatasync per run of commits; then marks them durable in the engine and wakes
+/// the senders. A slow disk holds up announcements, never the state lock.
+fn persister(shared: Arc<Shared>, mut file: StoreFile, rx: std::sync::mpsc::Receiver<PersistMsg>) {
+    while let Ok(first) = rx.recv() {
+        let mut upto = None;
+        let mut writes = Vec::new();
+        let mut stop = false;
+        for m in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            match m {
+                PersistMsg::Write(seq, p) => {
+                    upto = Some(upto.unwrap_or(0).max(seq));
+                    writes.push(p);
+                }
+                PersistMsg::Stop => stop = true,
+            }
+        }
+        let written = file.write(writes);
+        if let Some(seq) = upto {
+            let mut st = shared.lock();
+            if let Err(e) = written {
+                // As before the persister: reported, and the change still goes out
+                // (the tree holds it; a restart rescans).
+                st.error(format!("writing the index: {e}"));
+            }
+            st.engine.persisted(seq);
+            drop(st);
+            shared.changed.send_replace(seq);
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves; in-flight writes finish first.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let identity = Arc::new(Identity::load(&config.state_dir)?);
+    let tree = Tree::new(config.tree.clone());
+    tree.prepare()
+        .with_context(|| format!("preparing tree {}", config.tree.display()))?;
+    let mut index = Index::new(identity.id.short());
+    let (store, report) = Store::open(&config.state_dir, &mut index)
+        .with_context(|| format!("opening the index in {}", config.state_dir.display()))?;
+    let mut errors = crate::telemetry::RecentErrors::default();
+    let started_unix = i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+    )
+    .unwrap_or(i64::MAX);
+    if let Some(why) = &report.damaged {
+        let msg = format!(
+            "index file was damaged ({why}); kept {} entries, rebuilding the rest from a rescan and the peers",
+            report.entries
+        );
+        tracing::warn!("{msg}");
+        errors.push(started_unix, msg);
+    }
+    if report.skipped_count > 0 {
+        let msg = format!(
+            "index file: skipped {} entries that were intact but not acceptable (first: {})",
+            report.skipped_count,
+            report.skipped.first().map_or("", String::as_str)
+        );
+        tracing::warn!("{msg}");
+        errors.push(started_unix, msg);
+    }
+    tracing::info!(node = %config.name, id = %identity.id, entries = report.entries, "index loaded");
+
+    let allowed: Allowed = Arc::new(std::sync::RwLock::new(
+        config
+            .peers
+            .iter()
+            .map(|p| (p.id, p.name.clone()))
+            .collect(),
+    ));
+    let transport = Arc::new(Transport::bind(
+        identity.clone(),
+        config.listen,
+        allowed.clone(),
+    )?);
+    let peers = config
+        .peers
+        .iter()
+        .map(|p| (p.id, new_slot(p.clone())))
+        .collect();
+    let (rescan_tx, rescan_rx) = mpsc::unbounded_channel();
+    let (changed, _) = watch::channel(index.sequence());
+    let (journal, store_file) = store.split();
+    let (persist_tx, persist_rx) = std::sync::mpsc::channel();
+    // issue 13: sign what this node authors; take in only what `writers` allows.
+    let signer = Arc::new(crate::identity::NodeSigner::new(&identity)?);
+    let writers = crate::writers::policy(&config, identity.id)?;
+    let mut engine =
+        Engine::new(index, config.max_file_size).with_authorship(Some(signer), writers);
+    engine.track_durability();
+    let shared = Arc::new(Shared {
+        config: Mutex::new(config.clone()),
+        identity,
+        tree,
+        state: Mutex::new(State {
+            engine,
+            journal,
+            peers,
+            applying: HashSet::new(),
+            rescan_after_apply: Vec::new(),
+            errors,
+        }),
+        changed,
+        progress: watch::channel(0).0,
+        pull: Notify::new(),
+        rescan: rescan_tx,
+        allowed,
+        started: Instant::now(),
+        instance: rand::random(),
+        session_ids: AtomicU64::new(1),
+        scans: AtomicU64::new(0),
+        stopping: watch::channel(false).0,
+        inline: Mutex::new(Default::default()),
+        acme: std::sync::OnceLock::new(),
+        hook_failures: AtomicU64::new(0),
+        repairs: Default::default(),
+        persist: Mutex::new(persist_tx),
+    });
+    let persist_thread = {
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("certmesh-persist".into())
+            .spawn(move || persister(s, store_file, persist_rx))?
+    };
+
+    // Watch first, then scan: nothing changed in between is missed.
+    let watcher = crate::watch::start(shared.clone(), rescan_rx)?;
+    watcher.full_rescan(&shared).await;
+    let puller = tokio::spawn(crate::pull::run(shared.clone()));
+    crate::metrics::start(&shared)?;
+    let control = crate::control::start(shared.clone(), &config.control_socket())?;
+    crate::acme::start(&shared)?;
+    crate::hooks::start(&shared);
+    crate::dhparam::start(&shared);
+    if let Err(e) = crate::keep::prune_all(&shared.tree.root, now_ns()) {
+        tracing::warn!(error = %e, "pruning kept versions");
+    }
+    crate::repair::start(&shared);
+    tokio::spawn(accept_loop(shared.clone(), transport.clone()));
+    for p in &config.peers {
+        tokio::spawn(dial_loop(shared.clone(), transport.clone(), p.id));
+    }
+    tokio::spawn(periodic_rescan(shared.clone(), watcher.clone()));
+    tokio::spawn(collect_tombstones(shared.clone()));
+    // Installed before READY=1: a `systemctl reload` right after start must not kill us.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    tokio::spawn(reload_on_sighup(shared.clone(), transport.clone(), hup));
+    tracing::info!(listen = %config.listen, tree = %config.tree.display(), peers = config.peers.len(), "certmesh running");
+    crate::systemd::ready(&shared);
+
+    shutdown.await;
+    crate::systemd::stopping();
+    tracing::info!("shutting down: finishing in-flight writes");
+    shared.stopping.send_replace(true);
+    shared.pull.notify_one();
+    let _ = tokio::time::timeout(Duration::from_secs(30), puller).await;
+    // What the last apply and scan committed reaches the disk before we exit.
+    if let Ok(tx) = shared.persist.lock() {
+        let _ = tx.send(PersistMsg::Stop);
+    }
+    let _ = tokio::task::spawn_blocking(move || persist_thread.join()).await;
+    transport
+        .endpoint
+        .close(quinn::VarInt::from_u32(0), b"shutdown");
+    drop(watcher);
+    control.abort();
+    let _ = std::fs::remove_file(config.control_socket());
+    let _ = tokio::time::timeout(Duration::from_secs(2), transport.endpoint.wait_idle()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn new_slot(config: PeerConfig) -> PeerSlot {
+    PeerSlot {
+        config,
+        session: None,
+        gone: Arc::new(Notify::new()),
+        last_error: None,
+        last_acked: 0,
+        last_sync: None,
+    }
+}
+
+/// Re-reads the peer list (SIGHUP): new peers are dialled, removed ones dropped.
+pub fn reload(shared: &Arc<Shared>, transport: &Arc<Transport>, new: Config) {
+    let mut added = Vec::new();
+    {
+        let mut st = shared.lock();
+        let wanted: HashMap<DeviceId, PeerConfig> =
+            new.peers.iter().map(|p| (p.id, p.clone())).collect();
+        let removed: Vec<DeviceId> = st
+            .peers
+            .keys()
+            .filter(|id| !wanted.contains_key(id))
+            .copied()
+            .collect();
+        for id in removed {
+            if let Some(slot) = st.peers.remove(&id) {
+                if let Some(s) = slot.session {
+                    s.conn
+                        .close(quinn::VarInt::from_u32(2), b"removed from config");
+                }
+                slot.gone.notify_waiters();
+            }
+            st.engine.disconnected(id);
+            tracing::info!(peer = %id, "peer removed from config");
+        }
+        for (id, p) in wanted {
+            match st.peers.get_mut(&id) {
+                Some(slot) => slot.config = p,
+                None => {
+                    st.peers.insert(id, new_slot(p));
+                    added.push(id);
+                }
+            }
+        }
+        if let Ok(mut a) = shared.allowed.write() {
+            *a = new.peers.iter().map(|p| (p.id, p.name.clone())).collect();
+        }
+    }
+    for id in added {
+        tracing::info!(peer = %id, "peer added to config");
+        tokio::spawn(dial_loop(shared.clone(), transport.clone(), id));
+    }
+    // Only what is reloaded live changes; the rest keeps the running values
+    // (Config::needs_restart names them).
+    if let Ok(mut c) = shared.config.lock() {
+        c.peers = new.peers;
+        c.rescan_interval = new.rescan_interval;
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
+    while let Some(incoming) = transport.endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => crate::peer::run_session(shared, conn, false).await,
+                Err(e) => tracing::debug!(%remote, error = %e, "incoming handshake failed"),
+            }
+        });
+    }
+}
+
+/// Keeps one connection to a peer: dials with backoff while there is none.
+async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceId) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if *shared.stopping.borrow() {
+            return;
+        }
+        let (addr, gone, connected) = {
+            let st = shared.lock();
+            let Some(slot) = st.peers.get(&peer) else {
+                return; // removed from config
+            };
+            (
+                slot.config.address,
+                slot.gone.clone(),
+                slot.session.is_some(),
+            )
+        };
+        if connected {
+            let notified = gone.notified();
+            // Re-check after registering, so a wakeup between the two is not lost.
+            if shared
+                .lock()
+                .peers
+                .get(&peer)
+                .is_some_and(|s| s.session.is_some())
+            {
+                notified.await;
+            }
+            backoff = Duration::from_millis(50);
+            continue;
+        }
+        match tokio::time::timeout(DIAL_TIMEOUT, transport.connect(peer, addr)).await {
+            Ok(Ok(conn)) => {
+                let probe = conn.clone();
+                let shared2 = shared.clone();
+                // The session runs on; this loop waits for it to end via `gone`.
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    crate::peer::run_session_with_ready(shared2, conn, true, Some(tx)).await;
+                });
+                if rx.await.is_ok() {
+                    backoff = Duration::from_millis(50);
+                    continue;
+                }
+                // Ended before the hello: typically the peer refused our certificate
+                // because it does not list this node (yet). Back off like a failed
+                // dial instead of redialling at once, and show why in `status`.
+                let why = probe
+                    .close_reason()
+                    .map_or_else(|| "no reason".to_string(), |r| r.to_string());
+                let msg = format!("closed before hello ({why}); does the peer list this node?");
+                if let Some(slot) = shared.lock().peers.get_mut(&peer) {
+                    slot.last_error = Some(msg.clone());
+                }
+                tracing::debug!(peer = %peer, %addr, error = %msg, "session refused");
+            }
+            Ok(Err(e)) => {
+                let msg = format!("{e:#}");
+                if let Some(slot) = shared.lock().peers.get_mut(&peer) {
+                    slot.last_error = Some(msg.clone());
+                }
+                tracing::debug!(peer = %peer, %addr, error = %msg, "dial failed");
+            }
+            Err(_) => tracing::debug!(peer = %peer, %addr, "dial timed out"),
+        }
+        let jitter = Duration::from_millis(rand::random::<u64>() % 50);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = gone.notified() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn reload_on_sighup(
+    shared: Arc<Shared>,
+    transport: Arc<Transport>,
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+) {
+    let Ok(mut hup) = hup else {
+        tracing::warn!("cannot install the SIGHUP handler; reload needs a restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        crate::systemd::reloading();
+        let old = match shared.config.lock() {
+            Ok(c) => c.clone(),
+            Err(_) => {
+                crate::systemd::reloaded(&shared);
+                continue;
+            }
+        };
+        let file = old.file.clone();
+        match Config::load(&file) {
+            Ok(new) => {
+                tracing::info!(file = %file.display(), peers = new.peers.len(), "SIGHUP: peer list reloaded");
+                let restart = old.needs_restart(&new);
+                if !restart.is_empty() {
+                    shared.lock().error(format!(
+                        "SIGHUP: changed {} (kept the running values; restart certmesh to apply them)",
+                        restart.join(", ")
+                    ));
+                }
+                reload(&shared, &transport, new);
+            }
+            Err(e) => shared
+                .lock()
+                .error(format!("SIGHUP: config not reloaded: {e}")),
+        }
+        crate::systemd::reloaded(&shared);
+    }
+}
+
+/// How often tombstones are looked at for collection.
+const TOMBSTONE_SWEEP: Duration = Duration::from_secs(3600);
+
+/// Drops tombstones every configured peer has acknowledged and that are older than
+/// `index::TOMBSTONE_RETENTION`, so deletions (and a peer's floods of them) do not
+/// grow the index forever.
+async fn collect_tombstones(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(TOMBSTONE_SWEEP).await;
+        let mut st = shared.lock();
+        let acked_by_all = st.peers.values().map(|s| s.last_acked).min();
+        let gone = st
+            .engine
+            .collect_tombstones(now_ns(), acked_by_all.unwrap_or(u64::MAX));
+        if gone.is_empty() {
+            continue;
+        }
+        tracing::info!(
+            n = gone.len(),
+            "collected tombstones acknowledged by every peer"
+        );
+        let State {
+            journal, engine, ..
+        } = &mut *st;
+        let p = journal.prepare_rewrite(engine.index());
+        shared.persist(engine.index().sequence(), p);
+    }
+}
+
+async fn periodic_rescan(shared: Arc<Shared>, watcher: crate::watch::Watch) {
+    loop {
+        let every = shared
+            .config
+            .lock()
+            .map(|c| c.rescan_interval)
+            .unwrap_or(Duration::from_secs(3600));
+        tokio::time::sleep(every).await;
+        watcher.full_rescan(&shared).await;
+    }
+}
