@@ -23,16 +23,16 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CLIENTS: usize = 16;
 
 /// Starts the endpoint if `[metrics] listen` is configured.
-pub fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
+pub fn start(shared: &Arc<Shared>) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let addr = shared.config.lock().ok().and_then(|c| c.metrics_listen);
     let Some(addr) = addr else {
-        return Ok(());
+        return Ok(None);
     };
     let listener = bind(addr)?;
     tracing::info!(%addr, "metrics endpoint listening");
     let shared = shared.clone();
     let mut clients = Clients::new("metrics", MAX_CLIENTS);
-    tokio::spawn(async move {
+    Ok(Some(tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
@@ -51,8 +51,7 @@ pub fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
                 Err(e) => clients.accept_failed(&e).await,
             }
         }
-    });
-    Ok(())
+    })))
 }
 
 fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {

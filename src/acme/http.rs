@@ -27,13 +27,13 @@ const MAX_CLIENTS: usize = 256;
 const MAX_TOKEN_FILE: u64 = 4096;
 
 /// Binds and serves in the background.
-pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<()> {
+pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let std = std::net::TcpListener::bind(addr).with_context(|| format!("http.listen {addr}"))?;
     std.set_nonblocking(true)?;
     let listener = TcpListener::from_std(std)?;
     tracing::info!(%addr, "http-01 responder listening");
     let mut clients = Clients::new("http-01 responder", MAX_CLIENTS);
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
@@ -51,8 +51,7 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<()> {
                 Err(e) => clients.accept_failed(&e).await,
             }
         }
-    });
-    Ok(())
+    }))
 }
 
 async fn serve(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
