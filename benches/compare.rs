@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use certmesh::demo::{self, LocalNode};
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngExt, SeedableRng};
 
 const FOLDER_ID: &str = "certmesh-bench";
 const SMALL_SIZE: usize = 100;

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 use crate::core::engine::{Engine, SendToken, Transmit};
 use crate::identity::DeviceId;
@@ -550,7 +550,7 @@ impl Sim {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use rand::Rng;
+    use rand::RngExt;
 
     const QUIET: usize = 100_000;
 
