@@ -6,6 +6,7 @@ mod crash;
 mod dhparam;
 mod faults;
 mod hostile;
+mod metrics;
 mod observe;
 mod ops;
 mod reload;
