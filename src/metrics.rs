@@ -208,6 +208,8 @@ pub enum Event {
     /// UDP bytes of ended sessions; label `peer`.
     BytesReceived,
     BytesSent,
+    /// A hook ran (succeeded or failed); label `hook`.
+    HookRun,
 }
 
 /// Event counters since start, by event and label value (`""`: no label).
@@ -256,6 +258,12 @@ pub fn order_finished(cert: &str, ok: bool) {
     if !ok {
         bump(Event::OrderFailure, cert, 1);
     }
+}
+
+/// A hook (its label: the command's path or the HAProxy socket) ran, succeeded or not
+/// (failures are `certmesh_hook_failures_total`).
+pub fn hook_ran(hook: &str) {
+    bump(Event::HookRun, hook, 1);
 }
 
 /// A batch of peers' changes was applied with these outcomes (deferred ones are
@@ -438,6 +446,14 @@ pub fn render(s: &Status, scrape: &Scrape, events: &Events) -> String {
         "counter",
         "Conflicts lost by a local version, kept under .certmesh/conflicts/, since start.",
         unlabelled(Event::Conflict),
+    );
+    o.family(
+        "certmesh_hook_runs_total",
+        "counter",
+        "Hook runs (succeeded or failed) since start, per hook (command path or HAProxy socket).",
+        events
+            .of(Event::HookRun)
+            .map(|(l, v)| (Some(("hook", l)), v)),
     );
     o.one(
         "certmesh_hook_failures_total",
@@ -668,8 +684,10 @@ mod tests {
         events.add(Event::Order, "www", 2);
         events.add(Event::OrderFailure, "www", 1);
         events.add(Event::Conflict, "", 1);
+        events.add(Event::HookRun, "/usr/sbin/nginx", 3);
         let text = render(&s, &scrape, &events);
         for line in [
+            "certmesh_hook_runs_total{hook=\"/usr/sbin/nginx\"} 3",
             "certmesh_build_info{version=\"0.1.0\"} 1",
             "certmesh_peers_connected 1",
             "certmesh_peer_connected{peer=\"lb1\"} 1",
