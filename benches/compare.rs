@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use certmesh::demo::{self, LocalNode};
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngExt, SeedableRng};
 
 const FOLDER_ID: &str = "certmesh-bench";
 const SMALL_SIZE: usize = 100;
@@ -299,13 +299,7 @@ fn stats(mut v: Vec<Duration>) -> Stats {
 }
 
 fn clk_tck() -> f64 {
-    // SAFETY: sysconf only reads a system constant.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
+    rustix::param::clock_ticks_per_second().max(1) as f64
 }
 
 /// utime + stime of a process, in seconds.
@@ -818,8 +812,9 @@ struct StNode {
 impl Drop for StNode {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid has no memory effects.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {

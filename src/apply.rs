@@ -100,8 +100,14 @@ impl Tree {
         Ok(p)
     }
 
-    /// Applies a batch. Outcomes are in the order of `items`.
+    /// Applies a batch. Outcomes are in the order of `items` (and counted for metrics).
     pub fn apply(&self, items: &[Item]) -> Vec<Outcome> {
+        let out = self.apply_batch(items);
+        crate::metrics::applied(&out);
+        out
+    }
+
+    fn apply_batch(&self, items: &[Item]) -> Vec<Outcome> {
         let h = match Handles::open(self) {
             Ok(h) => h,
             Err(e) => {
@@ -382,6 +388,7 @@ impl Tree {
         let to = h.root.make_dirs(dest_dir, 0o700, &mut Vec::new())?;
         safe_fs::rename_at(dir, p.name(), to.as_fd(), dest_name)?;
         tracing::warn!(path = %p, kept = %dest, "conflict: local version lost, kept a copy");
+        crate::metrics::conflict_kept();
         Ok(())
     }
 }
@@ -436,14 +443,7 @@ fn to_system_time(ns: i64) -> SystemTime {
 
 /// Flushes the whole filesystem holding `dir`: one call for a large batch.
 fn syncfs(dir: BorrowedFd<'_>) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: syncfs only reads the descriptor, which `dir` keeps open for the call.
-    let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    rustix::fs::syncfs(dir).map_err(io::Error::from)
 }
 
 #[cfg(test)]

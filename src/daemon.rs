@@ -163,26 +163,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let watcher = crate::watch::start(shared.clone(), rescan_rx)?;
     watcher.full_rescan(&shared).await;
     let puller = tokio::spawn(crate::pull::run(shared.clone()));
-    crate::metrics::start(&shared)?;
+    // Every other task: stopped (aborted, then awaited) on shutdown, after the puller
+    // and the persister have finished their writes.
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    tasks.extend(crate::metrics::start(&shared)?);
     let control = crate::control::start(shared.clone(), &config.control_socket())?;
-    crate::acme::start(&shared)?;
-    crate::hooks::start(&shared);
-    crate::dhparam::start(&shared);
+    tasks.extend(crate::acme::start(&shared)?);
+    tasks.extend(crate::hooks::start(&shared));
+    tasks.extend(crate::dhparam::start(&shared));
     if let Err(e) = crate::keep::prune_all(&shared.tree.root, now_ns()) {
         tracing::warn!(error = %e, "pruning kept versions");
     }
-    crate::repair::start(&shared);
-    tokio::spawn(accept_loop(shared.clone(), transport.clone()));
-    for p in &config.peers {
-        tokio::spawn(dial_loop(shared.clone(), transport.clone(), p.id));
-    }
-    tokio::spawn(periodic_rescan(shared.clone(), watcher.clone()));
-    tokio::spawn(collect_tombstones(shared.clone()));
+    tasks.push(crate::repair::start(&shared));
+    tasks.push(tokio::spawn(accept_loop(shared.clone(), transport.clone())));
     // Installed before READY=1: a `systemctl reload` right after start must not kill us.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-    tokio::spawn(reload_on_sighup(shared.clone(), transport.clone(), hup));
+    tasks.push(tokio::spawn(peers_and_reloads(
+        shared.clone(),
+        transport.clone(),
+        config.peers.iter().map(|p| p.id).collect(),
+        hup,
+    )));
+    tasks.push(tokio::spawn(periodic_rescan(
+        shared.clone(),
+        watcher.clone(),
+    )));
+    tasks.push(tokio::spawn(collect_tombstones(shared.clone())));
     tracing::info!(listen = %config.listen, tree = %config.tree.display(), peers = config.peers.len(), "certmesh running");
-    crate::systemd::ready(&shared);
+    tasks.extend(crate::systemd::ready(&shared));
 
     shutdown.await;
     crate::systemd::stopping();
@@ -200,6 +208,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .close(quinn::VarInt::from_u32(0), b"shutdown");
     drop(watcher);
     control.abort();
+    tasks.iter().for_each(|t| t.abort());
+    let _ = tokio::time::timeout(Duration::from_secs(2), futures_join(tasks)).await;
     let _ = std::fs::remove_file(config.control_socket());
     let _ = tokio::time::timeout(Duration::from_secs(2), transport.endpoint.wait_idle()).await;
     tracing::info!("stopped");
@@ -218,7 +228,8 @@ fn new_slot(config: PeerConfig) -> PeerSlot {
 }
 
 /// Re-reads the peer list (SIGHUP): new peers are dialled, removed ones dropped.
-pub fn reload(shared: &Arc<Shared>, transport: &Arc<Transport>, new: Config) {
+/// Applies a re-read config's peer list; returns the peers added (to dial).
+pub fn reload(shared: &Arc<Shared>, new: Config) -> Vec<DeviceId> {
     let mut added = Vec::new();
     {
         let mut st = shared.lock();
@@ -254,9 +265,8 @@ pub fn reload(shared: &Arc<Shared>, transport: &Arc<Transport>, new: Config) {
             *a = new.peers.iter().map(|p| (p.id, p.name.clone())).collect();
         }
     }
-    for id in added {
+    for id in &added {
         tracing::info!(peer = %id, "peer added to config");
-        tokio::spawn(dial_loop(shared.clone(), transport.clone(), id));
     }
     // Only what is reloaded live changes; the rest keeps the running values
     // (Config::needs_restart names them).
@@ -264,12 +274,19 @@ pub fn reload(shared: &Arc<Shared>, transport: &Arc<Transport>, new: Config) {
         c.peers = new.peers;
         c.rescan_interval = new.rescan_interval;
     }
+    added
 }
 
+/// Accepts sessions; they end with this task (their set is dropped with it).
 async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
-    while let Some(incoming) = transport.endpoint.accept().await {
+    let mut sessions = tokio::task::JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            i = transport.endpoint.accept() => match i { Some(i) => i, None => return },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+        };
         let shared = shared.clone();
-        tokio::spawn(async move {
+        sessions.spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => crate::peer::run_session(shared, conn, false).await,
@@ -279,9 +296,20 @@ async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
     }
 }
 
+/// Aborts the task when dropped: a session a dial loop started ends with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Keeps one connection to a peer: dials with backoff while there is none.
 async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceId) {
     let mut backoff = Duration::from_millis(50);
+    // Held, never read: dropping it (loop ends or aborted) ends the session.
+    let mut _session: Option<AbortOnDrop> = None;
     loop {
         if *shared.stopping.borrow() {
             return;
@@ -317,9 +345,9 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
                 let shared2 = shared.clone();
                 // The session runs on; this loop waits for it to end via `gone`.
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                tokio::spawn(async move {
+                _session = Some(AbortOnDrop(tokio::spawn(async move {
                     crate::peer::run_session_with_ready(shared2, conn, true, Some(tx)).await;
-                });
+                })));
                 if rx.await.is_ok() {
                     backoff = Duration::from_millis(50);
                     continue;
@@ -354,16 +382,33 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
     }
 }
 
-async fn reload_on_sighup(
+/// One dial loop per configured peer (they end with this task), and SIGHUP: the
+/// config is re-read and new peers get a dial loop.
+async fn peers_and_reloads(
     shared: Arc<Shared>,
     transport: Arc<Transport>,
+    peers: Vec<DeviceId>,
     hup: std::io::Result<tokio::signal::unix::Signal>,
 ) {
-    let Ok(mut hup) = hup else {
-        tracing::warn!("cannot install the SIGHUP handler; reload needs a restart");
-        return;
+    let mut dialers = tokio::task::JoinSet::new();
+    for id in peers {
+        dialers.spawn(dial_loop(shared.clone(), transport.clone(), id));
+    }
+    let mut hup = match hup {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install the SIGHUP handler; reload needs a restart");
+            None
+        }
     };
-    while hup.recv().await.is_some() {
+    loop {
+        let got = tokio::select! {
+            g = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => g,
+            Some(_) = dialers.join_next(), if !dialers.is_empty() => continue,
+        };
+        if got.is_none() {
+            return;
+        }
         crate::systemd::reloading();
         let old = match shared.config.lock() {
             Ok(c) => c.clone(),
@@ -383,7 +428,9 @@ async fn reload_on_sighup(
                         restart.join(", ")
                     ));
                 }
-                reload(&shared, &transport, new);
+                for id in reload(&shared, new) {
+                    dialers.spawn(dial_loop(shared.clone(), transport.clone(), id));
+                }
             }
             Err(e) => shared
                 .lock()
@@ -431,5 +478,12 @@ async fn periodic_rescan(shared: Arc<Shared>, watcher: crate::watch::Watch) {
             .unwrap_or(Duration::from_secs(3600));
         tokio::time::sleep(every).await;
         watcher.full_rescan(&shared).await;
+    }
+}
+
+/// Awaits every task (each aborted or finished).
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
     }
 }

@@ -41,11 +41,9 @@ pub enum Placed {
 }
 
 /// Starts the one-off writer if `[tree] dhparam` is set.
-pub fn start(shared: &Arc<Shared>) {
-    let group = shared.config.lock().ok().and_then(|c| c.dhparam);
-    if let Some(group) = group {
-        tokio::spawn(ensure(shared.clone(), group));
-    }
+pub fn start(shared: &Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
+    let group = shared.config.lock().ok().and_then(|c| c.dhparam)?;
+    Some(tokio::spawn(ensure(shared.clone(), group)))
 }
 
 async fn ensure(shared: Arc<Shared>, group: DhGroup) {

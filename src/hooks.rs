@@ -28,15 +28,13 @@ const QUIET: Duration = Duration::from_millis(100);
 const DEADLINE: Duration = Duration::from_secs(2);
 
 /// Starts the hook runner if any `[[hook]]` is configured.
-pub fn start(shared: &Arc<Shared>) {
+pub fn start(shared: &Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
     let any = shared
         .config
         .lock()
         .map(|c| !c.hooks.is_empty())
         .unwrap_or(false);
-    if any {
-        tokio::spawn(run(shared.clone()));
-    }
+    any.then(|| tokio::spawn(run(shared.clone())))
 }
 
 /// The paths a change touches for matching: the path itself and, for a symlink
@@ -127,6 +125,7 @@ async fn run_one(shared: &Shared, h: &HookConfig, names: &[String], paths: &[Str
             tokio::time::timeout(h.timeout, haproxy_swap(shared, socket, crt, cert)).await
         }
     };
+    crate::metrics::hook_ran(&label(h));
     match outcome {
         Ok(Ok(done)) => tracing::info!(
             hook = %label(h),

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sha2::{Digest, Sha256};
 
 const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
 const KEY_FILE: &str = "node-key.pem";
@@ -60,7 +59,10 @@ pub struct ShortId(pub u64);
 impl DeviceId {
     /// The device ID of a DER certificate.
     pub fn of_cert(der: &[u8]) -> Self {
-        DeviceId(Sha256::digest(der).into())
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+        let mut id = [0u8; 32];
+        id.copy_from_slice(digest.as_ref());
+        DeviceId(id)
     }
 
     /// The short form used in version vectors.

@@ -2,19 +2,21 @@
 //! fleet of TLS frontends, over QUIC with mutual TLS.
 //!
 //! # Layout
-//! Pure core (no I/O): [`core`] (the sans-I/O [`core::engine::Engine`]: the only way
-//! to change the index and the plan; what to send and ack to each peer; driven by
-//! the daemon's tasks and by the simulator alike), [`version`] (version vectors),
-//! [`index`] (local records and sequence numbers), [`plan`] (peers' records, needs,
-//! conflict rule, acks), [`paths`] (the validated path type). Moving them under
-//! `core/` is a later step of issue 12.
+//! Pure core (no I/O), all under [`core`]: the sans-I/O [`core::engine::Engine`]
+//! (the only way to change the index and the plan; what to send and ack to each
+//! peer) and [`core::pipeline::Pipeline`] (the puller's decisions), driven by the
+//! daemon's tasks and by the simulator alike; their value types [`version`] (version
+//! vectors), [`index`] (local records and sequence numbers), [`plan`] (peers'
+//! records, needs, conflict rule, acks), [`paths`] (the validated path type) and
+//! [`inline`] (recent small contents), re-exported here at their old paths.
 //!
 //! Edges: [`config`] (TOML), [`identity`] (device key + ID), [`wire`] (protobuf from
 //! `proto/`, framing), [`store`] (index on disk), [`scan`] + [`watch`] (reading the
 //! tree, notify + debounce), [`apply`] (staged atomic writes), [`transport`] (quinn +
 //! pinned mTLS), [`peer`] (one task per connection), [`pull`] (fetch + apply batches),
 //! [`safe_fs`] (no-symlink access relative to the tree root handle),
-//! [`node`] (the daemon wiring it together), [`control`] (local socket for `status`),
+//! [`node`] (the shared state), [`daemon`] (the wiring: starts and stops every task),
+//! [`atomic`] (the one atomic file write), [`control`] (local socket for `status`),
 //! [`metrics`] (optional Prometheus `/metrics`),
 //! [`demo`] (a 3-node mesh on loopback).
 //!
@@ -42,6 +44,8 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod core;
+// The core's value types, at the paths the rest of the crate has always used.
+pub use crate::core::{index, inline, paths, plan, version};
 pub mod daemon;
 pub mod demo;
 pub mod demo_pebble;
@@ -51,15 +55,11 @@ pub mod firewall;
 pub mod hooks;
 pub mod identity;
 pub mod import;
-pub mod index;
-pub mod inline;
 pub mod keep;
 pub mod logging;
 pub mod metrics;
 pub mod node;
-pub mod paths;
 pub mod peer;
-pub mod plan;
 pub mod pull;
 pub mod repair;
 pub mod safe_fs;
@@ -70,7 +70,6 @@ pub mod store;
 pub mod systemd;
 pub mod telemetry;
 pub mod transport;
-pub mod version;
 pub mod watch;
 pub mod wire;
 pub mod writers;

@@ -1,18 +1,23 @@
 //! The optional Prometheus endpoint (`[metrics] listen`): `GET /metrics` in the text
-//! exposition format (version 0.0.4), built from the same snapshot as `status`.
-//! A tiny HTTP/1 responder on a tokio listener: one request per connection, bounded
-//! in size and time; anything but `GET /metrics` gets a 404.
+//! exposition format (version 0.0.4), built from the same snapshot as `status`, plus
+//! event counters bumped where things happen ([`order_finished`], [`applied`],
+//! [`conflict_kept`], [`session_ended`]) and the standard `process_*` metrics read
+//! from `/proc/self`. Names follow Prometheus conventions: base units, `_total` on
+//! counters, `_timestamp_seconds` for Unix times, no `node` label (the scrape adds
+//! `instance`). A tiny HTTP/1 responder on a tokio listener: one request per
+//! connection, bounded in size and time; anything but `GET /metrics` gets a 404.
 
-use std::fmt::Write;
+use std::collections::BTreeMap;
+use std::fmt::{Display, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::clients::Clients;
-use crate::control::{self, Status};
+use crate::control::{self, PeerStatus, Status};
 use crate::node::Shared;
 
 /// Largest request head read.
@@ -23,16 +28,16 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CLIENTS: usize = 16;
 
 /// Starts the endpoint if `[metrics] listen` is configured.
-pub fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
+pub fn start(shared: &Arc<Shared>) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let addr = shared.config.lock().ok().and_then(|c| c.metrics_listen);
     let Some(addr) = addr else {
-        return Ok(());
+        return Ok(None);
     };
     let listener = bind(addr)?;
     tracing::info!(%addr, "metrics endpoint listening");
     let shared = shared.clone();
     let mut clients = Clients::new("metrics", MAX_CLIENTS);
-    tokio::spawn(async move {
+    Ok(Some(tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
@@ -51,8 +56,7 @@ pub fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
                 Err(e) => clients.accept_failed(&e).await,
             }
         }
-    });
-    Ok(())
+    })))
 }
 
 fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -82,7 +86,7 @@ async fn serve(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
-            let body = render(&control::status(shared), &live_only(shared));
+            let body = render(&control::status(shared), &scrape(shared), &events());
             let body = if method == "HEAD" { "" } else { &body };
             respond(
                 &mut stream,
@@ -120,8 +124,53 @@ async fn respond(
     stream.shutdown().await
 }
 
-/// Certificates live in the tree (`live/<name>/cert.pem`) but not configured here:
-/// name and not-after.
+/// What a scrape reads from the daemon besides the `status` snapshot.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    /// Certificates live in the tree (`live/<name>/cert.pem`) but not configured
+    /// here: name and not-after.
+    pub unconfigured: Vec<(String, i64)>,
+    /// Per configured peer: name, UDP bytes received and sent (ended sessions plus
+    /// the live one).
+    pub peer_bytes: Vec<(String, u64, u64)>,
+    pub process: Option<Process>,
+}
+
+fn scrape(shared: &Shared) -> Scrape {
+    Scrape {
+        unconfigured: live_only(shared),
+        peer_bytes: peer_bytes(shared),
+        process: Process::read(),
+    }
+}
+
+/// Bytes per peer: under the state lock, as `session_ended` is called, so a session
+/// moving from live to ended is counted exactly once.
+fn peer_bytes(shared: &Shared) -> Vec<(String, u64, u64)> {
+    let st = shared.lock();
+    let ev = events();
+    let mut out: Vec<(String, u64, u64)> = st
+        .peers
+        .values()
+        .map(|slot| {
+            let name = &slot.config.name;
+            let (mut rx, mut tx) = (
+                ev.get(Event::BytesReceived, name),
+                ev.get(Event::BytesSent, name),
+            );
+            if let Some(s) = &slot.session {
+                let stats = s.conn.stats();
+                rx += stats.udp_rx.bytes;
+                tx += stats.udp_tx.bytes;
+            }
+            (name.clone(), rx, tx)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Certificates live in the tree but not configured here: name and not-after.
 fn live_only(shared: &Shared) -> Vec<(String, i64)> {
     let configured: Vec<String> = shared
         .config
@@ -143,6 +192,164 @@ fn live_only(shared: &Shared) -> Vec<(String, i64)> {
     out
 }
 
+/// What the event counters count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Event {
+    /// An ACME order finished (issued or failed); label `cert`.
+    Order,
+    /// An ACME order failed; label `cert`.
+    OrderFailure,
+    /// A peer's change written to the tree.
+    Applied,
+    /// A peer's change that could not be written (I/O error, refused).
+    ApplyFailure,
+    /// A local version lost a conflict and was kept under `.certmesh/conflicts/`.
+    Conflict,
+    /// UDP bytes of ended sessions; label `peer`.
+    BytesReceived,
+    BytesSent,
+    /// A hook ran (succeeded or failed); label `hook`.
+    HookRun,
+}
+
+/// Event counters since start, by event and label value (`""`: no label).
+#[derive(Debug, Clone, Default)]
+pub struct Events(BTreeMap<(Event, String), u64>);
+
+impl Events {
+    fn get(&self, e: Event, label: &str) -> u64 {
+        self.0.get(&(e, label.to_string())).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, e: Event, label: &str, n: u64) {
+        let v = self.0.entry((e, label.to_string())).or_default();
+        *v = v.saturating_add(n);
+    }
+
+    /// Label values and counts of `e`, sorted.
+    fn of(&self, e: Event) -> impl Iterator<Item = (&str, u64)> {
+        self.0
+            .iter()
+            .filter(move |((k, _), _)| *k == e)
+            .map(|((_, l), v)| (l.as_str(), *v))
+    }
+}
+
+/// Process-wide, as the `process_*` metrics are: one daemon per process. Lock rule:
+/// held only to add or copy, never across I/O; taken after the state lock when both
+/// are held.
+static EVENTS: Mutex<Events> = Mutex::new(Events(BTreeMap::new()));
+
+fn bump(e: Event, label: &str, n: u64) {
+    EVENTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .add(e, label, n);
+}
+
+/// A copy of the event counters.
+pub fn events() -> Events {
+    EVENTS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// An ACME order for `cert` finished, issued (`ok`) or failed.
+pub fn order_finished(cert: &str, ok: bool) {
+    bump(Event::Order, cert, 1);
+    if !ok {
+        bump(Event::OrderFailure, cert, 1);
+    }
+}
+
+/// A hook (its label: the command's path or the HAProxy socket) ran, succeeded or not
+/// (failures are `certmesh_hook_failures_total`).
+pub fn hook_ran(hook: &str) {
+    bump(Event::HookRun, hook, 1);
+}
+
+/// A batch of peers' changes was applied with these outcomes (deferred ones are
+/// retried later and counted then).
+pub fn applied(outcomes: &[crate::apply::Outcome]) {
+    use crate::apply::Outcome;
+    let ok = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Applied(_)))
+        .count();
+    let failed = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Failed(_)))
+        .count();
+    bump(Event::Applied, "", ok as u64);
+    bump(Event::ApplyFailure, "", failed as u64);
+}
+
+/// A conflict's local loser was kept under `.certmesh/conflicts/`.
+pub fn conflict_kept() {
+    bump(Event::Conflict, "", 1);
+}
+
+/// A registered session with `peer` ended or was replaced: its traffic moves from
+/// the live figures to the totals. Called with the state lock held.
+pub fn session_ended(peer: &str, conn: &quinn::Connection) {
+    let stats = conn.stats();
+    bump(Event::BytesReceived, peer, stats.udp_rx.bytes);
+    bump(Event::BytesSent, peer, stats.udp_tx.bytes);
+}
+
+/// The standard `process_*` metrics, from `/proc/self` (Linux).
+#[derive(Debug, Clone, Default)]
+pub struct Process {
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+    pub virtual_bytes: u64,
+    pub start_time_seconds: f64,
+    pub open_fds: u64,
+    pub max_fds: Option<u64>,
+}
+
+impl Process {
+    fn read() -> Option<Process> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let boot = std::fs::read_to_string("/proc/stat").ok()?;
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        let max_fds = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        Process::parse(
+            &stat,
+            &boot,
+            rustix::param::clock_ticks_per_second(),
+            rustix::param::page_size() as u64,
+            open_fds,
+            max_fds,
+        )
+    }
+
+    /// From `/proc/self/stat` (fields after the command name, which may hold spaces
+    /// and parentheses) and `/proc/stat`'s `btime`.
+    fn parse(
+        stat: &str,
+        proc_stat: &str,
+        ticks: u64,
+        page: u64,
+        open_fds: u64,
+        max_fds: Option<u64>,
+    ) -> Option<Process> {
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        // proc(5) numbers fields from 1; `state` (field 3) is fields[0] here.
+        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+        let btime: u64 = proc_stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+        let ticks = ticks.max(1) as f64;
+        Some(Process {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
+            start_time_seconds: btime as f64 + field(22)? as f64 / ticks,
+            virtual_bytes: field(23)?,
+            resident_bytes: field(24)?.saturating_mul(page),
+            open_fds,
+            max_fds,
+        })
+    }
+}
+
 /// A label value escaped per the exposition format (backslash, quote, newline).
 pub fn escape(v: &str) -> String {
     let mut o = String::with_capacity(v.len());
@@ -157,211 +364,311 @@ pub fn escape(v: &str) -> String {
     o
 }
 
-/// One metric family: HELP, TYPE, then its samples.
-struct Family<'a> {
-    out: &'a mut String,
-}
+/// A sample's one label, if any: `(name, value)`.
+type Label<'a> = Option<(&'static str, &'a str)>;
 
-impl Family<'_> {
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-        let _ = write!(self.out, "{name}");
-        if !labels.is_empty() {
-            let l: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-                .collect();
-            let _ = write!(self.out, "{{{}}}", l.join(","));
+/// The exposition text being written.
+struct Exposition(String);
+
+impl Exposition {
+    /// One family: HELP, TYPE, then its samples.
+    fn family<'a, V: Display>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Label<'a>, V)>,
+    ) {
+        let o = &mut self.0;
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (label, value) in samples {
+            match label {
+                Some((k, v)) => {
+                    let _ = writeln!(o, "{name}{{{k}=\"{}\"}} {value}", escape(v));
+                }
+                None => {
+                    let _ = writeln!(o, "{name} {value}");
+                }
+            }
         }
-        let _ = writeln!(self.out, " {value}");
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, value: impl Display) {
+        self.family(name, kind, help, [(None, value)]);
     }
 }
 
-fn family<'a>(out: &'a mut String, name: &str, kind: &str, help: &str) -> Family<'a> {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    Family { out }
+/// The exposition text for a status snapshot, what the scrape read besides it, and
+/// the event counters.
+pub fn render(s: &Status, scrape: &Scrape, events: &Events) -> String {
+    let mut o = Exposition(String::new());
+    o.family(
+        "certmesh_build_info",
+        "gauge",
+        "Always 1; the certmesh version as a label.",
+        [(Some(("version", env!("CARGO_PKG_VERSION"))), 1)],
+    );
+    peers(&mut o, s, scrape);
+    o.one(
+        "certmesh_tree_files",
+        "gauge",
+        "Live (not deleted) records in the local index.",
+        s.tree.files,
+    );
+    o.one(
+        "certmesh_tree_items_out_of_sync",
+        "gauge",
+        "Items this node still needs from its peers.",
+        s.tree.out_of_sync,
+    );
+    o.one(
+        "certmesh_tree_scans_total",
+        "counter",
+        "Rescans of the tree since start (watcher-driven and periodic).",
+        s.tree.scans,
+    );
+    // issue 13 (writers): this node's role, a reader's local changes not sent.
+    o.one(
+        "certmesh_writer",
+        "gauge",
+        "1 if this node may change the tree ([tree] writers lists it or is absent), 0 for a reader.",
+        u8::from(s.node.role != "reader"),
+    );
+    o.one(
+        "certmesh_not_sent_total",
+        "counter",
+        "Local changes of this reader node not sent and put back, since start.",
+        s.tree.not_sent_count,
+    );
+    certificates(&mut o, s, scrape, events);
+    let unlabelled = |e: Event| events.get(e, "");
+    o.one(
+        "certmesh_applied_files_total",
+        "counter",
+        "Peers' changes (files, links, directories, deletions) written to the tree since start.",
+        unlabelled(Event::Applied),
+    );
+    o.one(
+        "certmesh_apply_failures_total",
+        "counter",
+        "Peers' changes that could not be written (I/O error or refused) since start; retried.",
+        unlabelled(Event::ApplyFailure),
+    );
+    o.one(
+        "certmesh_conflicts_total",
+        "counter",
+        "Conflicts lost by a local version, kept under .certmesh/conflicts/, since start.",
+        unlabelled(Event::Conflict),
+    );
+    o.family(
+        "certmesh_hook_runs_total",
+        "counter",
+        "Hook runs (succeeded or failed) since start, per hook (command path or HAProxy socket).",
+        events
+            .of(Event::HookRun)
+            .map(|(l, v)| (Some(("hook", l)), v)),
+    );
+    o.one(
+        "certmesh_hook_failures_total",
+        "counter",
+        "Hooks that failed to start, exited non-zero or timed out, since start.",
+        s.counters.hook_failures,
+    );
+    o.one(
+        "certmesh_recent_errors",
+        "gauge",
+        "Errors currently in the status error list (at most 20).",
+        s.errors.len(),
+    );
+    if let Some(p) = &scrape.process {
+        process(&mut o, p);
+    }
+    o.0
 }
 
-/// The exposition text for a status snapshot (plus live certificates that are not
-/// configured on this node).
-pub fn render(s: &Status, unconfigured: &[(String, i64)]) -> String {
-    let mut o = String::new();
-    let node = s.node.name.as_str();
-    let version = env!("CARGO_PKG_VERSION");
-    family(
-        &mut o,
-        "certmesh_info",
-        "gauge",
-        "Always 1; the node name and version.",
-    )
-    .sample("certmesh_info", &[("node", node), ("version", version)], 1);
-    family(
-        &mut o,
-        "certmesh_uptime_seconds",
-        "gauge",
-        "Seconds since the daemon started.",
-    )
-    .sample("certmesh_uptime_seconds", &[], s.node.uptime_s);
-    family(&mut o, "certmesh_peers", "gauge", "Configured peers.").sample(
+fn peers(o: &mut Exposition, s: &Status, scrape: &Scrape) {
+    o.one(
         "certmesh_peers",
-        &[],
+        "gauge",
+        "Configured peers.",
         s.peers.len(),
     );
-    family(
-        &mut o,
+    o.one(
         "certmesh_peers_connected",
         "gauge",
         "Configured peers with a live session.",
-    )
-    .sample(
-        "certmesh_peers_connected",
-        &[],
         s.peers.iter().filter(|p| p.connected).count(),
     );
-    let per_peer = |o: &mut String,
-                    name: &str,
-                    kind: &str,
-                    help: &str,
-                    v: &dyn Fn(&control::PeerStatus) -> Option<String>| {
-        let mut f = family(o, name, kind, help);
-        for p in &s.peers {
-            if let Some(value) = v(p) {
-                f.sample(name, &[("peer", &p.name)], value);
-            }
-        }
-    };
+    let mut per_peer =
+        |name: &str, kind: &str, help: &str, v: &dyn Fn(&PeerStatus) -> Option<String>| {
+            let samples = s
+                .peers
+                .iter()
+                .filter_map(|p| Some((Some(("peer", p.name.as_str())), v(p)?)));
+            o.family(name, kind, help, samples);
+        };
     let b = |x: bool| Some(u8::from(x).to_string());
     per_peer(
-        &mut o,
         "certmesh_peer_connected",
         "gauge",
         "1 if the peer has a live session.",
         &|p| b(p.connected),
     );
     per_peer(
-        &mut o,
         "certmesh_peer_in_sync",
         "gauge",
         "1 if the peer acknowledged everything we have and we need nothing it announced.",
         &|p| b(p.in_sync),
     );
     per_peer(
-        &mut o,
-        "certmesh_items_out_of_sync",
+        "certmesh_peer_items_out_of_sync",
         "gauge",
         "Items between us and the peer: ours it has not acknowledged (also while disconnected) plus theirs we still need.",
         &|p| Some(p.out_of_sync.to_string()),
     );
     per_peer(
-        &mut o,
         "certmesh_peer_rtt_seconds",
         "gauge",
         "QUIC round-trip time to the peer (connected peers only).",
         &|p| p.rtt_ms.map(|r| (r / 1000.0).to_string()),
     );
     per_peer(
-        &mut o,
         "certmesh_peer_last_sync_timestamp_seconds",
         "gauge",
         "Unix time of the last successful sync with the peer: its last ack, or the last time it was seen fully in sync (absent: never since start).",
         &|p| p.last_sync_unix.map(|t| t.to_string()),
     );
-    // issue 13 (writers): refused authorship per peer, this node's role, a reader's
-    // local changes not sent.
+    // issue 13 (writers): records refused for their authorship, per peer.
     per_peer(
-        &mut o,
         "certmesh_peer_refused_authorship_total",
         "counter",
-        "Records from the peer not taken in because their author is not in [tree] writers or the signature does not match (since start).",
+        "Records from the peer not taken in because their author is not in [tree] writers or the signature does not match, since start.",
         &|p| Some(p.refused.count.to_string()),
     );
-    family(
-        &mut o,
-        "certmesh_writer",
-        "gauge",
-        "1 if this node may change the tree ([tree] writers lists it or is absent), 0 for a reader.",
-    )
-    .sample("certmesh_writer", &[], u8::from(s.node.role != "reader"));
-    family(
-        &mut o,
-        "certmesh_not_sent_total",
+    let bytes = |pick: fn(&(String, u64, u64)) -> u64| {
+        scrape
+            .peer_bytes
+            .iter()
+            .map(move |e| (Some(("peer", e.0.as_str())), pick(e)))
+    };
+    o.family(
+        "certmesh_peer_received_bytes_total",
         "counter",
-        "Local changes of this reader node that were not sent and were put back (since start).",
-    )
-    .sample("certmesh_not_sent_total", &[], s.tree.not_sent_count);
-    family(
-        &mut o,
-        "certmesh_tree_files",
-        "gauge",
-        "Live (not deleted) records in the local index.",
-    )
-    .sample("certmesh_tree_files", &[], s.tree.files);
-    family(
-        &mut o,
-        "certmesh_tree_items_out_of_sync",
-        "gauge",
-        "Items this node still needs from its peers.",
-    )
-    .sample("certmesh_tree_items_out_of_sync", &[], s.tree.out_of_sync);
-    family(
-        &mut o,
-        "certmesh_tree_scans_total",
+        "UDP bytes received from the peer since start (QUIC: sync traffic and handshakes).",
+        bytes(|e| e.1),
+    );
+    o.family(
+        "certmesh_peer_sent_bytes_total",
         "counter",
-        "Rescans of the tree since start (watcher-driven and periodic).",
-    )
-    .sample("certmesh_tree_scans_total", &[], s.tree.scans);
-    {
-        let name = "certmesh_certificate_not_after_seconds";
-        let mut f = family(
-            &mut o,
-            name,
-            "gauge",
-            "Unix time the live certificate live/<name>/cert.pem expires (absent while none is live).",
-        );
-        let configured = s
+        "UDP bytes sent to the peer since start.",
+        bytes(|e| e.2),
+    );
+}
+
+fn certificates(o: &mut Exposition, s: &Status, scrape: &Scrape, events: &Events) {
+    let configured = s
+        .certificates
+        .iter()
+        .filter_map(|c| Some((c.name.as_str(), c.not_after_unix?)));
+    let others = scrape.unconfigured.iter().map(|(n, t)| (n.as_str(), *t));
+    o.family(
+        "certmesh_certificate_not_after_timestamp_seconds",
+        "gauge",
+        "Unix time the live certificate live/<cert>/cert.pem expires, configured or not (absent while none is live).",
+        configured.chain(others).map(|(c, t)| (Some(("cert", c)), t)),
+    );
+    // Every configured certificate from 0, so rate() and increase() see the first.
+    let per_cert = |e: Event| {
+        let mut m: BTreeMap<&str, u64> = s
             .certificates
             .iter()
-            .filter_map(|c| Some((c.name.as_str(), c.not_after_unix?)));
-        let others = unconfigured.iter().map(|(n, t)| (n.as_str(), *t));
-        for (cert, t) in configured.chain(others) {
-            f.sample(name, &[("name", cert), ("node", node)], t);
-        }
-    }
-    family(
-        &mut o,
-        "certmesh_hook_failures_total",
+            .map(|c| (c.name.as_str(), 0))
+            .collect();
+        m.extend(events.of(e));
+        m.into_iter().map(|(c, v)| (Some(("cert", c)), v))
+    };
+    o.family(
+        "certmesh_acme_orders_total",
         "counter",
-        "Hooks that failed to start, exited non-zero or timed out, since start.",
-    )
-    .sample(
-        "certmesh_hook_failures_total",
-        &[],
-        s.counters.hook_failures,
+        "ACME orders this node finished (issued or failed) since start.",
+        per_cert(Event::Order),
     );
-    family(
-        &mut o,
-        "certmesh_acme_failures_total",
+    o.family(
+        "certmesh_acme_order_failures_total",
         "counter",
         "ACME orders that failed on this node since start.",
-    )
-    .sample(
-        "certmesh_acme_failures_total",
-        &[],
-        s.counters.acme_failures,
+        per_cert(Event::OrderFailure),
     );
-    family(
-        &mut o,
-        "certmesh_recent_errors",
+}
+
+fn process(o: &mut Exposition, p: &Process) {
+    o.one(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        p.cpu_seconds,
+    );
+    o.one(
+        "process_resident_memory_bytes",
         "gauge",
-        "Errors currently in the status error list (at most 20).",
-    )
-    .sample("certmesh_recent_errors", &[], s.errors.len());
-    o
+        "Resident memory size in bytes.",
+        p.resident_bytes,
+    );
+    o.one(
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+        p.virtual_bytes,
+    );
+    o.one(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        p.start_time_seconds,
+    );
+    o.one(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        p.open_fds,
+    );
+    if let Some(max) = p.max_fds {
+        o.one(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max,
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_metrics_from_proc() {
+        // A command name with spaces and a parenthesis, as proc(5) allows.
+        let stat = "4242 (cert mesh) x) S 1 4242 4242 0 -1 4194560 900 0 0 0 \
+                    250 50 0 0 20 0 9 0 123400 104857600 2560 18446744073709551615";
+        let p = Process::parse(
+            stat,
+            "cpu 1 2 3\nbtime 1700000000\n",
+            100,
+            4096,
+            7,
+            Some(1024),
+        )
+        .unwrap();
+        assert_eq!(p.cpu_seconds, 3.0);
+        assert_eq!(p.start_time_seconds, 1_700_001_234.0);
+        assert_eq!(p.virtual_bytes, 104_857_600);
+        assert_eq!(p.resident_bytes, 2560 * 4096);
+        assert!(Process::parse("1 (x) S 1", "btime 1\n", 100, 4096, 0, None).is_none());
+        // This process, for real.
+        let me = Process::read().unwrap();
+        assert!(me.resident_bytes > 0 && me.open_fds > 0, "{me:?}");
+    }
 
     #[test]
     fn escapes_label_values() {
@@ -388,17 +695,34 @@ mod tests {
             "counters": {"hook_failures": 2, "acme_failures": 0}
         }))
         .unwrap();
-        let text = render(&s, &[("www".into(), 1800000000)]);
+        let scrape = Scrape {
+            unconfigured: vec![("www".into(), 1800000000)],
+            peer_bytes: vec![("lb1".into(), 1200, 900)],
+            process: None,
+        };
+        let mut events = Events::default();
+        events.add(Event::Order, "www", 2);
+        events.add(Event::OrderFailure, "www", 1);
+        events.add(Event::Conflict, "", 1);
+        events.add(Event::HookRun, "/usr/sbin/nginx", 3);
+        let text = render(&s, &scrape, &events);
         for line in [
+            "certmesh_hook_runs_total{hook=\"/usr/sbin/nginx\"} 3",
+            "certmesh_build_info{version=\"0.1.0\"} 1",
             "certmesh_peers_connected 1",
             "certmesh_peer_connected{peer=\"lb1\"} 1",
             "certmesh_peer_connected{peer=\"lb\\\\2\"} 0",
-            "certmesh_items_out_of_sync{peer=\"lb\\\\2\"} 2",
+            "certmesh_peer_items_out_of_sync{peer=\"lb\\\\2\"} 2",
             "certmesh_peer_rtt_seconds{peer=\"lb1\"} 0.0015",
             "certmesh_peer_last_sync_timestamp_seconds{peer=\"lb1\"} 1700000000",
-            "certmesh_certificate_not_after_seconds{name=\"www\",node=\"lb\\\"0\"} 1800000000",
+            "certmesh_peer_received_bytes_total{peer=\"lb1\"} 1200",
+            "certmesh_peer_sent_bytes_total{peer=\"lb1\"} 900",
+            "certmesh_certificate_not_after_timestamp_seconds{cert=\"www\"} 1800000000",
+            "certmesh_acme_orders_total{cert=\"www\"} 2",
+            "certmesh_acme_order_failures_total{cert=\"www\"} 1",
+            "certmesh_conflicts_total 1",
+            "certmesh_applied_files_total 0",
             "certmesh_hook_failures_total 2",
-            "certmesh_acme_failures_total 0",
             "# TYPE certmesh_hook_failures_total counter",
         ] {
             assert!(
@@ -406,6 +730,7 @@ mod tests {
                 "{line:?} missing in:\n{text}"
             );
         }
+        assert!(!text.contains("node="), "{text}");
         assert!(!text.contains("last_sync_timestamp_seconds{peer=\"lb\\\\2\"}"));
         // Every sample belongs to a family announced just before it.
         let mut declared = std::collections::HashSet::new();

@@ -162,6 +162,7 @@ fn register(shared: &Shared, peer: DeviceId, session: &Session) -> Option<SendTo
             return None;
         }
         existing.conn.close(CLOSE_DUPLICATE.into(), b"replaced");
+        crate::metrics::session_ended(&slot.config.name, &existing.conn);
     }
     slot.session = Some(session.clone());
     slot.last_error = None;
@@ -173,7 +174,9 @@ fn unregister(shared: &Shared, peer: DeviceId, session_id: u64) {
     let crate::node::State { peers, engine, .. } = &mut *st;
     if let Some(slot) = peers.get_mut(&peer) {
         if slot.session.as_ref().is_some_and(|s| s.id == session_id) {
-            slot.session = None;
+            if let Some(s) = slot.session.take() {
+                crate::metrics::session_ended(&slot.config.name, &s.conn);
+            }
             engine.disconnected(peer);
             slot.gone.notify_waiters();
         }

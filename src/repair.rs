@@ -38,8 +38,8 @@ pub use crate::telemetry::{RepairStatus, Repairs};
 
 /// Starts the repair task: one check of every configured certificate once the mesh
 /// has formed, then one after each applied batch that touched one.
-pub fn start(shared: &Arc<Shared>) {
-    tokio::spawn(run(shared.clone()));
+pub fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(shared.clone()))
 }
 
 fn configured(shared: &Shared) -> Vec<String> {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 use crate::core::engine::{Engine, SendToken, Transmit};
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
@@ -702,7 +702,7 @@ impl Sim {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use rand::Rng;
+    use rand::RngExt;
 
     const QUIET: usize = 100_000;
 

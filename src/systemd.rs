@@ -44,16 +44,17 @@ fn send(states: &[NotifyState]) {
 
 /// The daemon is up (endpoint bound, index loaded, control socket listening): tells
 /// systemd, then keeps the status line and the watchdog going.
-pub fn ready(shared: &Arc<Shared>) {
+pub fn ready(shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
     if !enabled() {
-        return;
+        return Vec::new();
     }
     let line = summary(&crate::control::status(shared));
     send(&[NotifyState::Ready, NotifyState::Status(&line)]);
-    tokio::spawn(status_updates(shared.clone(), line));
+    let mut tasks = vec![tokio::spawn(status_updates(shared.clone(), line))];
     if let Some(timeout) = sd_notify::watchdog_enabled() {
-        tokio::spawn(watchdog(shared.clone(), timeout / 2));
+        tasks.push(tokio::spawn(watchdog(shared.clone(), timeout / 2)));
     }
+    tasks
 }
 
 /// A SIGHUP re-read starts (`Type=notify-reload` wants `MONOTONIC_USEC` with it).

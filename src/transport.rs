@@ -221,27 +221,18 @@ impl ServerCertVerifier for PinnedServer {
 }
 
 /// Socket buffers asked for (the kernel caps them at net.core.[rw]mem_max).
-const SOCKET_BUFFER: libc::c_int = 4 << 20;
+const SOCKET_BUFFER: usize = 4 << 20;
 
 /// Bigger socket buffers, so a burst of large datagrams is not dropped on arrival;
 /// best effort: the defaults still work, only slower.
 fn grow_socket_buffers(socket: &std::net::UdpSocket) {
-    use std::os::fd::AsRawFd;
-    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        let v = SOCKET_BUFFER;
-        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&v`, which lives
-        // across the call; the descriptor is owned by `socket`.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "could not grow a socket buffer");
+    use rustix::net::sockopt;
+    for r in [
+        sockopt::set_socket_recv_buffer_size(socket, SOCKET_BUFFER),
+        sockopt::set_socket_send_buffer_size(socket, SOCKET_BUFFER),
+    ] {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "could not grow a socket buffer");
         }
     }
 }

@@ -7,6 +7,7 @@ mod dhparam;
 mod faults;
 mod hostile;
 mod import;
+mod metrics;
 mod observe;
 mod ops;
 mod reload;

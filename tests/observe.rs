@@ -92,14 +92,14 @@ fn metrics_and_status_follow_a_peer() {
         "{text}"
     );
     assert_eq!(
-        sample(&text, "certmesh_items_out_of_sync{peer=\"obs-b\"}"),
+        sample(&text, "certmesh_peer_items_out_of_sync{peer=\"obs-b\"}"),
         Some(0.0),
         "{text}"
     );
     let not_after = |t: &str, name: &str| {
         sample(
             t,
-            &format!("certmesh_certificate_not_after_seconds{{name=\"{name}\",node=\"obs-a\"}}"),
+            &format!("certmesh_certificate_not_after_timestamp_seconds{{cert=\"{name}\"}}"),
         )
     };
     assert_eq!(not_after(&text, "www"), Some(NOT_AFTER as f64), "{text}");
@@ -118,10 +118,7 @@ fn metrics_and_status_follow_a_peer() {
         .unwrap()
         .as_secs() as f64;
     assert!((now - synced).abs() < 60.0, "{synced} vs {now}");
-    for family in [
-        "certmesh_hook_failures_total",
-        "certmesh_acme_failures_total",
-    ] {
+    for family in ["certmesh_hook_failures_total", "certmesh_conflicts_total"] {
         assert!(text.contains(&format!("# TYPE {family} counter")), "{text}");
         assert_eq!(sample(&text, family), Some(0.0), "{text}");
     }
@@ -166,7 +163,7 @@ fn metrics_and_status_follow_a_peer() {
     wait_until("obs-b out of sync", || {
         sample(
             &get(&metrics, "/metrics").1,
-            "certmesh_items_out_of_sync{peer=\"obs-b\"}",
+            "certmesh_peer_items_out_of_sync{peer=\"obs-b\"}",
         )
         .is_some_and(|n| n > 0.0)
     });

@@ -182,6 +182,34 @@ pub fn parse_account(bytes: &[u8], directory: &str) -> Result<AccountCredentials
     Ok(stored.credentials)
 }
 
+/// RFC 7638 thumbprint of an account file's key (instant-acme's accounts are ECDSA
+/// P-256), what the CA expects after `<token>.`: the key is read through
+/// instant-acme's public `AccountCredentials::private_key`, not its JSON field names
+/// (`Account::key_thumbprint` needs a live `Account`, which the stateless http-01
+/// responder does not have).
+pub fn key_thumbprint(bytes: &[u8]) -> Option<String> {
+    if bytes.len() > MAX_ACCOUNT_BYTES {
+        return None;
+    }
+    let stored: Stored = serde_json::from_slice(bytes).ok()?;
+    let der = stored.credentials.private_key().secret_pkcs8_der();
+    let raw = rcgen::KeyPair::try_from(der)
+        .ok()?
+        .public_key_raw()
+        .to_vec();
+    if raw.len() != 65 || raw[0] != 4 {
+        return None;
+    }
+    let enc = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);
+    let jwk = format!(
+        r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+        enc(&raw[1..33]),
+        enc(&raw[33..])
+    );
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, jwk.as_bytes());
+    Some(enc(digest.as_ref()))
+}
+
 /// A `Retry-After` value as passed on to instant-acme: delay-seconds capped at
 /// [`MAX_RETRY_AFTER`] (instant-acme adds the raw value to `SystemTime::now()`, which
 /// panics on overflow); an HTTP-date becomes the (capped) seconds until then; `None`

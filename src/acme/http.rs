@@ -27,13 +27,13 @@ const MAX_CLIENTS: usize = 256;
 const MAX_TOKEN_FILE: u64 = 4096;
 
 /// Binds and serves in the background.
-pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<()> {
+pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let std = std::net::TcpListener::bind(addr).with_context(|| format!("http.listen {addr}"))?;
     std.set_nonblocking(true)?;
     let listener = TcpListener::from_std(std)?;
     tracing::info!(%addr, "http-01 responder listening");
     let mut clients = Clients::new("http-01 responder", MAX_CLIENTS);
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
@@ -51,8 +51,7 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<()> {
                 Err(e) => clients.accept_failed(&e).await,
             }
         }
-    });
-    Ok(())
+    }))
 }
 
 async fn serve(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
@@ -96,7 +95,7 @@ pub fn answer(shared: &Shared, target: &str) -> Option<Vec<u8>> {
     if let Some(b) = token_file(&shared.tree.root, token) {
         return Some(b);
     }
-    let thumb = thumbprint(&tree::read(&shared.tree.root, ACCOUNT_FILE)?)?;
+    let thumb = super::account::key_thumbprint(&tree::read(&shared.tree.root, ACCOUNT_FILE)?)?;
     Some(format!("{token}.{thumb}").into_bytes())
 }
 
@@ -106,28 +105,6 @@ fn token_file(root: &std::path::Path, token: &str) -> Option<Vec<u8>> {
     let r = crate::safe_fs::Root::open(root).ok()?;
     r.read(&format!("{CHALLENGE_DIR}/{token}"), MAX_TOKEN_FILE)
         .ok()
-}
-
-/// RFC 7638 thumbprint of the shared account's key (instant-acme: ECDSA P-256).
-pub fn thumbprint(account_json: &[u8]) -> Option<String> {
-    use sha2::Digest;
-    let v: serde_json::Value = serde_json::from_slice(account_json).ok()?;
-    let b64 = v["credentials"]["key_pkcs8"].as_str()?;
-    let der = data_encoding::BASE64URL_NOPAD
-        .decode(b64.trim_end_matches('=').as_bytes())
-        .ok()?;
-    let key = rcgen::KeyPair::try_from(der.as_slice()).ok()?;
-    let raw = key.public_key_raw();
-    if raw.len() != 65 || raw[0] != 4 {
-        return None;
-    }
-    let enc = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);
-    let jwk = format!(
-        r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
-        enc(&raw[1..33]),
-        enc(&raw[33..])
-    );
-    Some(enc(&sha2::Sha256::digest(jwk.as_bytes())))
 }
 
 async fn reply(stream: &mut TcpStream, code: u16, body: &[u8]) -> std::io::Result<()> {

@@ -47,17 +47,18 @@ pub fn unix_now() -> i64 {
 
 /// Starts the ACME driver (and the http-01 responder) if `[acme]` / `[http]` are
 /// configured. Call once, after the control socket is up.
-pub fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
+pub fn start(shared: &Arc<Shared>) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let (acme, http) = shared
         .config
         .lock()
         .map(|c| (c.acme.is_some(), c.http_listen))
         .unwrap_or((false, None));
+    let mut tasks = Vec::new();
     if let Some(addr) = http {
-        http::start(shared.clone(), addr)?;
+        tasks.push(http::start(shared.clone(), addr)?);
     }
     if !acme {
-        return Ok(());
+        return Ok(tasks);
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = Arc::new(Acme {
@@ -71,8 +72,8 @@ pub fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
     }
     // Before any peer connects: peers then learn of us with our first index.
     advertise(shared);
-    tokio::spawn(driver::run(shared.clone(), handle, rx));
-    Ok(())
+    tasks.push(tokio::spawn(driver::run(shared.clone(), handle, rx)));
+    Ok(tasks)
 }
 
 /// Device IDs that announced themselves as ACME-enabled.

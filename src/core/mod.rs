@@ -1,8 +1,14 @@
 //! The pure sync core: no sockets, no files, no clocks — time and events come in as
 //! arguments, decisions go out as values. It holds the [`engine`] (index, peers' views,
-//! what to send) and the puller's [`pipeline`] (what to fetch, when to apply, retries);
-//! the value types (ids, paths, versions, index, plan) move here in a later step.
+//! what to send) and the puller's [`pipeline`] (what to fetch, when to apply, retries),
+//! and their value types: [`paths`], [`version`], [`index`], [`plan`], [`inline`].
+//! (The device ID types still live in `identity`, beside the key loading.)
 
 pub mod authorship;
 pub mod engine;
+pub mod index;
+pub mod inline;
+pub mod paths;
 pub mod pipeline;
+pub mod plan;
+pub mod version;
