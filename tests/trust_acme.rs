@@ -41,6 +41,18 @@ fn fleet(good_ip: &str, bad_ip: &str, acme_extra: &str) -> Fleet {
     good.start();
     bad.start();
     wait_version(&[&good, &bad], 1, "the first certificate on both nodes");
+    // The renewer's own lease (taken for the first order, then released) must have
+    // settled on both nodes before a test writes its hostile lease: a write racing
+    // the release is a conflict between two edits, not the attack tested here.
+    wait_until(
+        "the first order's lease released on both nodes, in sync",
+        || {
+            good.read(".certmesh/leases/www").is_none()
+                && bad.read(".certmesh/leases/www").is_none()
+                && good.all_in_sync()
+                && bad.all_in_sync()
+        },
+    );
     Fleet {
         good,
         bad,
