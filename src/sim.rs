@@ -1051,6 +1051,7 @@ mod tests {
             apply_bytes: 1,
             apply_delay: Duration::from_millis(50),
             parallel_fetches: 1,
+            per_peer_fetches: 1,
         };
         for seed in 0..300 {
             random_workload_with(seed, 3, tight).unwrap_or_else(|e| panic!("seed {seed}: {e}"));

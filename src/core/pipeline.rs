@@ -19,6 +19,9 @@ use crate::index::{ContentHash, Kind, LocalStat};
 use crate::paths::RelPath;
 use crate::plan::{Need, Plan};
 
+/// How often retries of paths no longer needed are dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
 /// What happened to one item of an applied unit.
 #[derive(Debug)]
 pub enum Outcome {
@@ -46,6 +49,10 @@ pub struct Limits {
     pub apply_delay: Duration,
     /// Concurrent fetches.
     pub parallel_fetches: usize,
+    /// Most fetches queued or running whose first source is one peer: a peer that
+    /// announces more than it serves (a flood of unfetchable records) cannot take
+    /// every slot and starve the needs other peers can serve.
+    pub per_peer_fetches: usize,
 }
 
 impl Limits {
@@ -56,6 +63,7 @@ impl Limits {
         apply_bytes: 64 << 20,
         apply_delay: Duration::from_millis(200),
         parallel_fetches: 32,
+        per_peer_fetches: 256,
     };
 }
 
@@ -109,6 +117,8 @@ pub struct Pipeline {
     retry: HashMap<RelPath, (Instant, u32)>,
     queued: VecDeque<Work>,
     fetching: usize,
+    /// Queued or running fetches per first source.
+    per_peer: HashMap<DeviceId, usize>,
     ready: Vec<Work>,
     ready_bytes: u64,
     ready_since: Option<Instant>,
@@ -119,6 +129,8 @@ pub struct Pipeline {
     /// When `refill` last took: retries due by then were considered, so only later
     /// ones need a timer.
     last_refill: Option<Instant>,
+    /// When retries of paths no longer needed were last dropped.
+    last_prune: Option<Instant>,
     /// Test fault: a failed fetch stays in flight, so a test can prove the
     /// simulator runs this code.
     #[cfg(test)]
@@ -132,12 +144,14 @@ impl Pipeline {
             retry: HashMap::new(),
             queued: VecDeque::new(),
             fetching: 0,
+            per_peer: HashMap::new(),
             ready: Vec::new(),
             ready_bytes: 0,
             ready_since: None,
             applying: false,
             dirty: true,
             last_refill: None,
+            last_prune: None,
             #[cfg(test)]
             break_failures: false,
         }
@@ -180,8 +194,13 @@ impl Pipeline {
         self.dirty = false;
         self.last_refill = Some(now);
         let (plan, index) = (engine.plan(), engine.index());
-        // A path no longer needed (a newer record arrived, or ours won) keeps no retry.
-        self.retry.retain(|p, _| plan.need(p).is_some());
+        // A path no longer needed (a newer record arrived, or ours won) keeps no
+        // retry. At most once a second: under a flood of unfetchable needs there are
+        // thousands of retries and a refill after every failed fetch.
+        if self.last_prune.is_none_or(|t| now >= t + PRUNE_EVERY) {
+            self.last_prune = Some(now);
+            self.retry.retain(|p, _| plan.need(p).is_some());
+        }
         let mut taken = 0;
         for need in plan.needs() {
             if taken >= room {
@@ -211,6 +230,17 @@ impl Pipeline {
                 if sources.is_empty() {
                     continue; // no connected peer has it; woken again when one connects
                 }
+                // Prefer a source with room; none: it waits (not counted as taken).
+                let cap = self.limits.per_peer_fetches;
+                match sources
+                    .iter()
+                    .position(|id| self.per_peer.get(id).copied().unwrap_or(0) < cap)
+                {
+                    Some(0) => {}
+                    Some(i) => sources.swap(0, i),
+                    None => continue,
+                }
+                *self.per_peer.entry(sources[0]).or_default() += 1;
             }
             in_flight.insert(p.clone());
             taken += 1;
@@ -248,6 +278,7 @@ impl Pipeline {
     /// A fetch finished: its content waits in `staged`.
     pub fn fetched(&mut self, mut w: Work, staged: PathBuf, now: Instant) {
         self.fetching = self.fetching.saturating_sub(1);
+        self.release_source(&w);
         w.staged = Some(staged);
         self.push_ready(w, now);
     }
@@ -255,6 +286,7 @@ impl Pipeline {
     /// A fetch failed (every source tried): retried later.
     pub fn fetch_failed(&mut self, w: Work, in_flight: &mut HashSet<RelPath>, now: Instant) {
         self.fetching = self.fetching.saturating_sub(1);
+        self.release_source(&w);
         self.later(w.path(), now);
         #[cfg(test)]
         if self.break_failures {
@@ -393,7 +425,19 @@ impl Pipeline {
     /// are returned for removal).
     pub fn drain_staged(&mut self) -> Vec<PathBuf> {
         self.queued.clear();
+        self.per_peer.clear();
         self.ready.drain(..).filter_map(|w| w.staged).collect()
+    }
+
+    fn release_source(&mut self, w: &Work) {
+        if let Some(first) = w.sources.first() {
+            if let Some(n) = self.per_peer.get_mut(first) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_peer.remove(first);
+                }
+            }
+        }
     }
 
     fn later(&mut self, p: &RelPath, now: Instant) {
@@ -502,6 +546,40 @@ mod tests {
         assert_eq!(at, t0 + Duration::from_millis(500));
         p.wake();
         p.refill(&e, &mut flight, |_| None, |_| true, at);
+        assert!(p.next_fetch().is_some());
+    }
+
+    #[test]
+    fn a_peer_at_its_fetch_cap_does_not_starve_the_others() {
+        let mut e = engine_needing(&[("a", 1), ("b", 2), ("c", 3)]);
+        // "z" is announced by a second peer only.
+        let other = DeviceId([7; 32]);
+        e.connected(other);
+        let mut them = Index::new(ShortId(3));
+        let z = RelPath::parse("z").unwrap();
+        let r = them
+            .observe(&z, Some(crate::index::tests::file("z", 9, 1)), 1)
+            .unwrap();
+        e.handle_index(other, vec![(r, 1)], 1).unwrap();
+        let tight = Limits {
+            per_peer_fetches: 1,
+            ..limits()
+        };
+        let (mut p, mut flight, now) = (Pipeline::new(tight), HashSet::new(), Instant::now());
+        p.refill(&e, &mut flight, |_| None, |_| true, now);
+        let first = p.next_fetch().unwrap();
+        let second = p.next_fetch().unwrap();
+        assert_eq!(first.sources, vec![peer()]);
+        assert_eq!(
+            second.path().as_str(),
+            "z",
+            "the other peer's need is not starved"
+        );
+        assert!(p.next_fetch().is_none());
+        // The first peer's slot frees: its next need goes.
+        p.fetch_failed(first, &mut flight, now);
+        p.wake();
+        p.refill(&e, &mut flight, |_| None, |_| true, now);
         assert!(p.next_fetch().is_some());
     }
 
