@@ -103,7 +103,11 @@ impl Tree {
     /// Applies a batch. Outcomes are in the order of `items` (and counted for metrics).
     pub fn apply(&self, items: &[Item]) -> Vec<Outcome> {
         let out = self.apply_batch(items);
-        crate::metrics::applied(&out);
+        let count = |f: fn(&Outcome) -> bool| out.iter().filter(|o| f(o)).count();
+        crate::telemetry::applied(
+            count(|o| matches!(o, Outcome::Applied(_))),
+            count(|o| matches!(o, Outcome::Failed(_))),
+        );
         out
     }
 
@@ -388,7 +392,7 @@ impl Tree {
         let to = h.root.make_dirs(dest_dir, 0o700, &mut Vec::new())?;
         safe_fs::rename_at(dir, p.name(), to.as_fd(), dest_name)?;
         tracing::warn!(path = %p, kept = %dest, "conflict: local version lost, kept a copy");
-        crate::metrics::conflict_kept();
+        crate::telemetry::conflict_kept();
         Ok(())
     }
 }
