@@ -1,7 +1,7 @@
 //! The optional Prometheus endpoint (`[metrics] listen`): `GET /metrics` in the text
 //! exposition format (version 0.0.4), built from the same snapshot as `status`, plus
-//! event counters bumped where things happen ([`order_finished`], [`applied`],
-//! [`conflict_kept`], [`session_ended`]) and the standard `process_*` metrics read
+//! event counters bumped where things happen (in [`crate::telemetry`]:
+//! `order_finished`, `applied`, `conflict_kept`; here: [`session_ended`]) and the standard `process_*` metrics read
 //! from `/proc/self`. Names follow Prometheus conventions: base units, `_total` on
 //! counters, `_timestamp_seconds` for Unix times, no `node` label (the scrape adds
 //! `instance`). A tiny HTTP/1 responder on a tokio listener: one request per

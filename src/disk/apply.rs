@@ -301,7 +301,7 @@ impl Tree {
                 }
             }
         }
-        // keep (src/keep.rs): the regular file a peer's change is about to replace or
+        // keep (disk/keep.rs): the regular file a peer's change is about to replace or
         // delete is kept under `.certmesh/kept/` first (hard link; a conflict loser
         // is already gone to `.certmesh/conflicts/`).
         crate::keep::before_apply(&self.root, r, item.staged.is_some(), existing.as_ref());
