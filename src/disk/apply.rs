@@ -279,7 +279,7 @@ impl Tree {
         let r = &item.record;
         let dir = self.ensure_parents(h, &r.path, dirty)?;
         let name = r.path.name();
-        let existing = safe_fs::lstat_at(dir.as_fd(), name)?;
+        let mut existing = safe_fs::lstat_at(dir.as_fd(), name)?;
         // Never clobber a local change the scanner has not seen yet.
         let on_disk = existing.as_ref().map(local_stat);
         let matches = match (&on_disk, &item.expect, &existing) {
@@ -298,6 +298,8 @@ impl Tree {
             if let Some(m) = &existing {
                 if !m.is_dir() {
                     self.keep_conflict(h, &r.path, dir.as_fd())?;
+                    // Moved away: nothing of it is left to keep, replace or delete.
+                    existing = None;
                 }
             }
         }
@@ -632,6 +634,30 @@ mod tests {
         let kept: Vec<_> = fs::read_dir(t.conflicts_dir()).unwrap().flatten().collect();
         assert_eq!(kept.len(), 1);
         assert_eq!(fs::read_to_string(kept[0].path()).unwrap(), "loser");
+    }
+
+    #[test]
+    fn a_deletion_that_wins_a_conflict_keeps_the_loser_and_applies() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        fs::write(t.root.join("f"), "local edit").unwrap();
+        let st = local_stat(&fs::symlink_metadata(t.root.join("f")).unwrap());
+        let mut gone = rec("f", Kind::File, 0o644);
+        gone.deleted = true;
+        let items = vec![Item {
+            record: gone,
+            staged: None,
+            expect: Some(st),
+            conflict: true,
+        }];
+        // Before: the loser was moved away, then the unlink found nothing (ENOENT).
+        let out = t.apply(&items);
+        assert!(matches!(out[0], Outcome::Applied(None)), "{out:?}");
+        assert!(fs::symlink_metadata(t.root.join("f")).is_err());
+        let kept: Vec<_> = fs::read_dir(t.conflicts_dir()).unwrap().flatten().collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(fs::read_to_string(kept[0].path()).unwrap(), "local edit");
     }
 
     fn item(record: FileRecord, staged: Option<PathBuf>) -> Item {
