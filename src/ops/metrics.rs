@@ -37,27 +37,17 @@ pub fn start(shared: &Arc<Shared>) -> anyhow::Result<Option<tokio::task::JoinHan
     let listener = bind(addr)?;
     tracing::info!(%addr, "metrics endpoint listening");
     let shared = shared.clone();
-    let mut clients = Clients::new("metrics", MAX_CLIENTS);
-    Ok(Some(tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let Some(slot) = clients.admit() else {
-                        continue;
-                    };
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        let r = tokio::time::timeout(CLIENT_TIMEOUT, serve(&shared, stream)).await;
-                        if let Ok(Err(e)) = r {
-                            tracing::debug!(error = %e, "metrics client");
-                        }
-                        drop(slot);
-                    });
-                }
-                Err(e) => clients.accept_failed(&e).await,
-            }
-        }
-    })))
+    let clients = Clients::new("metrics", MAX_CLIENTS);
+    let limit = Some(CLIENT_TIMEOUT);
+    Ok(Some(crate::clients::serve_forever(
+        listener,
+        clients,
+        limit,
+        move |stream| {
+            let shared = shared.clone();
+            async move { serve(&shared, stream).await }
+        },
+    )))
 }
 
 fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
