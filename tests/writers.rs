@@ -150,6 +150,23 @@ fn a_readers_edits_deletes_and_chmods_stay_local_and_are_put_back() {
         r.read("live/a/cert.pem").as_deref() == Some("renewed by w\n")
             && o.read("live/a/cert.pem").as_deref() == Some("renewed by w\n")
     });
+
+    // A file the writers deleted, made again on the reader, goes again (kept).
+    fs::remove_file(w.tree.join("live/b/cert.pem")).unwrap();
+    wait("the writer's deletion everywhere", || {
+        r.read("live/b/cert.pem").is_none() && o.read("live/b/cert.pem").is_none()
+    });
+    r.write("live/b/cert.pem", "resurrected on the reader\n");
+    wait("the reader's resurrected file removed again", || {
+        r.read("live/b/cert.pem").is_none()
+            && files_holding(&kept, "resurrected on the reader\n") == 1
+    });
+    wait("all in sync at the end", || {
+        [&w, &r, &o].iter().all(|n| n.all_in_sync())
+    });
+    for n in [&w, &o] {
+        assert_eq!(n.read("live/b/cert.pem"), None);
+    }
 }
 
 /// A writer `w`, a real hub `h`, a third node `t` behind the hub, and a forger `f`
