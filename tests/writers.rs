@@ -112,6 +112,16 @@ fn a_readers_edits_deletes_and_chmods_stay_local_and_are_put_back() {
     });
     let kept = r.tree.join(".certmesh/kept");
     assert_eq!(files_holding(&kept, "edited on the reader\n"), 1);
+    // Restoring it there would be undone at once: refused, naming where to do it;
+    // listing what is kept still works.
+    let cfg = r.config.to_str().unwrap();
+    let out = crate::util::certmesh(&["restore", "--config", cfg, "live/a/cert.pem"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is a reader") && err.contains("(w)"), "{err}");
+    assert_eq!(r.read("live/a/cert.pem").as_deref(), Some("cert from w\n"));
+    let out = crate::util::certmesh(&["restore", "--config", cfg, "--list", "live/a/cert.pem"]);
+    assert!(out.status.success(), "{out:?}");
     wait("the reader's status says what was not sent", || {
         status(&r).is_some_and(|st| {
             st.tree.not_sent_count >= 3
