@@ -169,7 +169,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tasks.extend(crate::metrics::start(&shared)?);
     let control = crate::control::start(shared.clone(), &config.control_socket())?;
     tasks.extend(crate::acme::start(&shared)?);
-    tasks.extend(crate::hooks::start(&shared));
+    tasks.extend(crate::hooks::start(crate::hooks::Hooks {
+        changes: crate::handles::Changes::new(&shared),
+        settings: crate::handles::Settings::new(&shared),
+        reports: crate::handles::Reports::new(&shared),
+    }));
     tasks.extend(crate::dhparam::start(&shared));
     if let Err(e) = crate::keep::prune_all(&shared.tree.root, now_ns()) {
         tracing::warn!(error = %e, "pruning kept versions");

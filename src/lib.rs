@@ -40,6 +40,7 @@ pub mod demo;
 pub mod demo_pebble;
 pub mod dhgroup;
 pub mod dhparam;
+pub mod handles;
 pub mod identity;
 pub mod import;
 pub mod node;

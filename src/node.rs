@@ -184,12 +184,6 @@ impl Shared {
     pub fn me(&self) -> DeviceId {
         self.identity.id
     }
-
-    /// Records a failed hook run: counted for metrics, logged and kept for `status`.
-    pub fn hook_failed(&self, msg: String) {
-        self.hook_failures.fetch_add(1, Ordering::Relaxed);
-        self.lock().error(msg);
-    }
 }
 
 pub use crate::clock::now_ns;

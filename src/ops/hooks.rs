@@ -10,52 +10,39 @@
 //!   API (>= 2.1): `live/<name>/combined.pem` is sent with `set ssl cert <crt> <<`
 //!   (payload ended by an empty line), then `commit ssl cert <crt>`; no reload.
 //!
-//! A hook that fails or hangs is logged, counted (`Shared::hook_failures`) and killed
-//! after its timeout; sync goes on.
+//! A hook that fails or hangs is logged, counted (`certmesh_hook_failures_total`) and
+//! killed after its timeout; sync goes on. The runner sees the tree's commits, the
+//! config and the failure report through narrow handles (`crate::handles`), not the
+//! daemon's whole state.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{HaproxySocket, HookAction, HookConfig};
-use crate::index::Kind;
-use crate::node::Shared;
+use crate::handles::{Changes, Reports, Settings};
 
 /// Quiet time that ends a burst of changes.
 const QUIET: Duration = Duration::from_millis(100);
 /// A burst is cut after this long.
 const DEADLINE: Duration = Duration::from_secs(2);
 
-/// Starts the hook runner if any `[[hook]]` is configured.
-pub fn start(shared: &Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
-    let any = shared
-        .config
-        .lock()
-        .map(|c| !c.hooks.is_empty())
-        .unwrap_or(false);
-    any.then(|| tokio::spawn(run(shared.clone())))
+/// What the hook runner uses of the daemon.
+#[derive(Clone)]
+pub struct Hooks {
+    pub changes: Changes,
+    pub settings: Settings,
+    pub reports: Reports,
 }
 
-/// The paths a change touches for matching: the path itself and, for a symlink
-/// (`live/<name>`), the files it now exposes (`live/<name>/fullchain.pem`, ...).
-fn touched(shared: &Shared, since: u64) -> Vec<String> {
-    let st = shared.lock();
-    let mut out = BTreeSet::new();
-    for e in st.engine.index().changed_since(since) {
-        let p = e.record.path.as_str().to_string();
-        if e.record.kind == Kind::Symlink && !e.record.deleted {
-            if let Ok(target) = e.record.path.resolve_symlink_target(&e.record.target) {
-                for inner in st.engine.index().paths_within(&target) {
-                    if let Some(rest) = inner.as_str().strip_prefix(target.as_str()) {
-                        out.insert(format!("{p}{rest}"));
-                    }
-                }
-            }
-        }
-        out.insert(p);
-    }
-    out.into_iter().collect()
+/// Starts the hook runner if any `[[hook]]` is configured.
+pub fn start(hooks: Hooks) -> Option<tokio::task::JoinHandle<()>> {
+    let any = hooks
+        .settings
+        .read(|c| !c.hooks.is_empty())
+        .unwrap_or(false);
+    any.then(|| tokio::spawn(run(hooks)))
 }
 
 /// Certificate names a set of paths concerns (`live/<name>…`, `archive/<name>/…`).
@@ -70,8 +57,8 @@ pub fn cert_names(paths: &[&String]) -> Vec<String> {
     names.into_iter().collect()
 }
 
-async fn run(shared: Arc<Shared>) {
-    let mut changed = shared.changed.subscribe();
+async fn run(ctx: Hooks) {
+    let mut changed = ctx.changes.subscribe();
     let mut seen = *changed.borrow_and_update();
     loop {
         if changed.changed().await.is_err() {
@@ -87,13 +74,9 @@ async fn run(shared: Arc<Shared>) {
             }
         }
         let now = *changed.borrow_and_update();
-        let paths = touched(&shared, seen);
+        let paths = ctx.changes.touched_since(seen);
         seen = now;
-        let hooks: Vec<HookConfig> = shared
-            .config
-            .lock()
-            .map(|c| c.hooks.clone())
-            .unwrap_or_default();
+        let hooks: Vec<HookConfig> = ctx.settings.read(|c| c.hooks.clone()).unwrap_or_default();
         for h in hooks {
             let matched: Vec<&String> = paths.iter().filter(|p| h.matcher.is_match(p)).collect();
             if matched.is_empty() {
@@ -102,7 +85,7 @@ async fn run(shared: Arc<Shared>) {
             let names = cert_names(&matched);
             let list: Vec<String> = matched.into_iter().cloned().collect();
             // One at a time per burst, in config order; never blocks sync.
-            run_one(&shared, &h, &names, &list).await;
+            run_one(&ctx, &h, &names, &list).await;
         }
     }
 }
@@ -115,14 +98,18 @@ pub fn label(h: &HookConfig) -> String {
     }
 }
 
-async fn run_one(shared: &Shared, h: &HookConfig, names: &[String], paths: &[String]) {
+async fn run_one(ctx: &Hooks, h: &HookConfig, names: &[String], paths: &[String]) {
     let started = std::time::Instant::now();
     let outcome = match &h.action {
         HookAction::Run(argv) => {
-            tokio::time::timeout(h.timeout, command(shared, argv, names, paths)).await
+            tokio::time::timeout(h.timeout, command(ctx, argv, names, paths)).await
         }
         HookAction::Haproxy { socket, crt, cert } => {
-            tokio::time::timeout(h.timeout, haproxy_swap(shared, socket, crt, cert)).await
+            tokio::time::timeout(
+                h.timeout,
+                haproxy_swap(ctx.changes.root(), socket, crt, cert),
+            )
+            .await
         }
     };
     crate::telemetry::hook_ran(&label(h));
@@ -133,9 +120,9 @@ async fn run_one(shared: &Shared, h: &HookConfig, names: &[String], paths: &[Str
             ms = started.elapsed().as_millis() as u64,
             "hook ran: {done}"
         ),
-        Ok(Err(e)) => shared.hook_failed(format!("hook {}: {e}", label(h))),
+        Ok(Err(e)) => ctx.reports.hook_failed(format!("hook {}: {e}", label(h))),
         // Dropping the future killed a command (`kill_on_drop`) or closed the socket.
-        Err(_) => shared.hook_failed(format!(
+        Err(_) => ctx.reports.hook_failed(format!(
             "hook {} timed out after {:?} and was {}",
             label(h),
             h.timeout,
@@ -150,34 +137,37 @@ async fn run_one(shared: &Shared, h: &HookConfig, names: &[String], paths: &[Str
 
 /// `run = [argv]`.
 async fn command(
-    shared: &Shared,
+    ctx: &Hooks,
     argv: &[String],
     names: &[String],
     paths: &[String],
 ) -> Result<String, String> {
     let (program, args) = argv.split_first().ok_or_else(|| "empty argv".to_string())?;
     let mut cmd = tokio::process::Command::new(program);
-    let domains: Vec<(String, Vec<String>)> = {
-        let c = shared.config.lock().map_err(|_| "config lock poisoned")?;
-        names
-            .iter()
-            .map(|n| {
-                let d = c
-                    .certificates
-                    .iter()
-                    .find(|x| x.name == *n)
-                    .map(|x| x.domains.clone())
-                    .unwrap_or_default();
-                (n.clone(), d)
-            })
-            .collect()
-    };
+    let domains: Vec<(String, Vec<String>)> = ctx
+        .settings
+        .read(|c| {
+            names
+                .iter()
+                .map(|n| {
+                    let d = c
+                        .certificates
+                        .iter()
+                        .find(|x| x.name == *n)
+                        .map(|x| x.domains.clone())
+                        .unwrap_or_default();
+                    (n.clone(), d)
+                })
+                .collect()
+        })
+        .ok_or("config lock poisoned")?;
+    let root = ctx.changes.root();
     cmd.args(args)
         .env("CERTMESH_CHANGED", one_per_line(names))
         .env("CERTMESH_PATHS", one_per_line(paths))
-        .env("CERTMESH_TREE", &shared.tree.root)
-        .envs(compat_env(&shared.tree.root, &domains))
-        .current_dir(&shared.tree.root)
+        .env("CERTMESH_TREE", root)
+        .envs(compat_env(root, &domains))
+        .current_dir(root)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     let child = cmd.spawn().map_err(|e| format!("cannot start: {e}"))?;
@@ -263,15 +253,15 @@ const HAPROXY_BUFSIZE: usize = 16384;
 /// HAProxy builds the new SSL contexts and swaps them in on commit, so handshakes in
 /// progress finish with the old certificate and new ones get the new one.
 async fn haproxy_swap(
-    shared: &Shared,
+    root: &Path,
     socket: &HaproxySocket,
     crt: &str,
     cert: &str,
 ) -> Result<String, String> {
     // Read through the tree's handle: only a well-formed `live/<cert>` link is followed.
     let rel = format!("live/{cert}/combined.pem");
-    let file = shared.tree.root.join(&rel);
-    let root = shared.tree.root.clone();
+    let file = root.join(&rel);
+    let root = root.to_path_buf();
     let read = tokio::task::spawn_blocking(move || crate::acme::tree::read_checked(&root, &rel))
         .await
         .map_err(|e| format!("reading {}: {e}", file.display()))?;
