@@ -327,8 +327,7 @@ async fn issue_until_live(
     let mut asked = None;
     for n in nodes {
         let cfg = crate::config::Config::load(&n.config)?;
-        let req = serde_json::json!({ "cmd": "issue", "name": "www" });
-        match crate::control::request_with(&cfg.control_socket(), req).await {
+        match crate::control::issue(&cfg.control_socket(), "www").await {
             Ok(_) => {
                 asked = Some(n.name.clone());
                 break;

@@ -307,10 +307,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                         c.tree.clone(),
                     ))
                 });
-            let v = rt.block_on(certmesh::control::request_with(
-                &c.control_socket(),
-                serde_json::json!({ "cmd": "issue", "name": name }),
-            ));
+            let v = rt.block_on(certmesh::control::issue(&c.control_socket(), &name));
             if let Some(p) = progress {
                 p.abort();
             }
@@ -321,10 +318,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             }
             println!(
                 "{}: version {} issued, valid until {} ({} ms)",
-                name,
-                v["version"],
-                v["not_after"].as_str().unwrap_or("?"),
-                v["took_ms"]
+                v.name, v.version, v.not_after, v.took_ms
             );
         }
         Cmd::Renew {
@@ -335,18 +329,19 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         } => {
             let c = load(&config)?;
             let v = runtime()?
-                .block_on(certmesh::control::request_with(
+                .block_on(certmesh::control::renew(
                     &c.control_socket(),
-                    serde_json::json!({ "cmd": "renew", "force": force, "dry_run": dry_run }),
+                    force,
+                    dry_run,
                 ))
                 .map_err(rt_err)?;
             if json {
                 print_json(&v);
             } else {
-                print_renewals(&v, dry_run);
+                print_renewals(&v);
             }
-            if v["failed"].as_u64().unwrap_or(0) > 0 {
-                return Err(Failure::Runtime(format!("{} renewals failed", v["failed"])));
+            if v.failed > 0 {
+                return Err(Failure::Runtime(format!("{} renewals failed", v.failed)));
             }
         }
         Cmd::Firewall {
@@ -447,33 +442,31 @@ fn issue_step(
 }
 
 /// `certmesh renew` as a table: one line per certificate.
-fn print_renewals(v: &serde_json::Value, dry_run: bool) {
-    for r in v["results"].as_array().into_iter().flatten() {
-        let what = if dry_run {
-            if r["would_order"] == true {
-                "would order now".to_string()
-            } else if r["due"] == true {
-                format!(
-                    "due, not ordering here: {}",
-                    r["waiting_for"].as_str().unwrap_or("?")
-                )
-            } else {
-                "not due".to_string()
+fn print_renewals(v: &certmesh::acme::handle::RenewReport) {
+    for r in &v.results {
+        let waiting = r.waiting_for.as_deref().unwrap_or("?");
+        let what = if v.dry_run {
+            match (r.would_order, r.due) {
+                (Some(true), _) => "would order now".to_string(),
+                (_, true) => format!("due, not ordering here: {waiting}"),
+                _ => "not due".to_string(),
             }
-        } else if r["ordered"] == true {
-            format!("renewed: version {} ({} ms)", r["version"], r["took_ms"])
-        } else if let Some(e) = r["error"].as_str() {
+        } else if r.ordered == Some(true) {
+            format!(
+                "renewed: version {} ({} ms)",
+                r.version.unwrap_or_default(),
+                r.took_ms.unwrap_or_default()
+            )
+        } else if let Some(e) = &r.error {
             format!("FAILED: {e}")
-        } else if let Some(w) = r["waiting_for"].as_str() {
-            format!("not ordering here: {w}")
+        } else if r.waiting_for.is_some() {
+            format!("not ordering here: {waiting}")
         } else {
             "not due".to_string()
         };
         println!(
             "{:<24} next {:<22} renewer {:<12} {what}",
-            r["name"].as_str().unwrap_or("?"),
-            r["next_renewal"].as_str().unwrap_or("-"),
-            r["renewer"].as_str().unwrap_or("-")
+            r.name, r.next_renewal, r.renewer
         );
     }
 }
@@ -610,7 +603,7 @@ fn cause(c: &Config, meta: Option<&certmesh::keep::KeptMeta>) -> String {
     )
 }
 
-fn print_json(v: &serde_json::Value) {
+fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 

@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use instant_acme::{Account, CertificateIdentifier};
-use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::handle::AcmeState;
+use super::handle::{AcmeState, IssueReply, RenewReport, RenewResult};
 use super::schedule::{self, RenewalLease, Window};
 use super::{
     account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, tree, unix_now,
@@ -251,27 +250,27 @@ impl Driver {
         Ok(a)
     }
 
-    async fn issue(&mut self, name: &str) -> serde_json::Value {
+    async fn issue(&mut self, name: &str) -> Result<IssueReply, String> {
         let Some((_, certs)) = snapshot(&self.shared) else {
-            return json!({"error": "[acme] is not configured on this node"});
+            return Err("[acme] is not configured on this node".into());
         };
         let Some(cert) = certs.into_iter().find(|c| c.name == name) else {
-            return json!({"error": format!("no [[certificate]] named {name:?} in the config")});
+            return Err(format!("no [[certificate]] named {name:?} in the config"));
         };
         match self.attempt(&cert, true).await {
-            Ok(i) => json!({
-                "name": name,
-                "version": i.version,
-                "not_after": rfc3339(i.not_after),
-                "took_ms": i.took.as_millis() as u64,
+            Ok(i) => Ok(IssueReply {
+                name: name.to_string(),
+                version: i.version,
+                not_after: rfc3339(i.not_after),
+                took_ms: i.took.as_millis() as u64,
             }),
-            Err(e) => json!({"error": format!("{name}: {e}")}),
+            Err(e) => Err(format!("{name}: {e}")),
         }
     }
 
-    async fn renew(&mut self, force: bool, dry_run: bool) -> serde_json::Value {
+    async fn renew(&mut self, force: bool, dry_run: bool) -> Result<RenewReport, String> {
         let Some((_, certs)) = snapshot(&self.shared) else {
-            return json!({"error": "[acme] is not configured on this node"});
+            return Err("[acme] is not configured on this node".into());
         };
         let mut results = Vec::new();
         let mut failed = 0;
@@ -283,39 +282,39 @@ impl Driver {
             let who = renewer(&self.shared).unwrap_or(me);
             let lease = read_lease(&self.shared, &cert.name);
             let allowed = schedule::may_order(me, who, lease.as_ref(), now, force);
-            let mut r = json!({
-                "name": cert.name,
-                "due": is_due,
-                "next_renewal": rfc3339(due),
-                "renewer": node_name(&self.shared, who),
-            });
+            let mut r = RenewResult {
+                name: cert.name.clone(),
+                due: is_due,
+                next_renewal: rfc3339(due),
+                renewer: node_name(&self.shared, who),
+                ..RenewResult::default()
+            };
             if dry_run {
-                r["would_order"] = json!(is_due && allowed.is_ok());
-                if let Err(w) = &allowed {
-                    r["waiting_for"] = json!(w.to_string());
-                }
+                r.would_order = Some(is_due && allowed.is_ok());
+                r.waiting_for = allowed.err().map(|w| w.to_string());
             } else if is_due {
+                r.ordered = Some(false);
                 match self.attempt(cert, force).await {
                     Ok(i) => {
-                        r["ordered"] = json!(true);
-                        r["version"] = json!(i.version);
-                        r["not_after"] = json!(rfc3339(i.not_after));
-                        r["took_ms"] = json!(i.took.as_millis() as u64);
+                        r.ordered = Some(true);
+                        r.version = Some(i.version);
+                        r.not_after = Some(rfc3339(i.not_after));
+                        r.took_ms = Some(i.took.as_millis() as u64);
                     }
-                    Err(Attempt::Wait(w)) => {
-                        r["ordered"] = json!(false);
-                        r["waiting_for"] = json!(w.to_string());
-                    }
+                    Err(Attempt::Wait(w)) => r.waiting_for = Some(w.to_string()),
                     Err(Attempt::Failed(e)) => {
                         failed += 1;
-                        r["ordered"] = json!(false);
-                        r["error"] = json!(e);
+                        r.error = Some(e.to_string());
                     }
                 }
             }
             results.push(r);
         }
-        json!({"dry_run": dry_run, "failed": failed, "results": results})
+        Ok(RenewReport {
+            dry_run,
+            failed,
+            results,
+        })
     }
 
     /// One attempt: lease, order, publish, bookkeeping. `forced`: asked by an operator

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use super::schedule::LeaseClock;
@@ -67,14 +66,62 @@ pub struct Runtime {
 pub(super) enum Command {
     Issue {
         name: String,
-        reply: oneshot::Sender<serde_json::Value>,
+        reply: oneshot::Sender<Result<IssueReply, String>>,
     },
     Renew {
         force: bool,
         dry_run: bool,
-        reply: oneshot::Sender<serde_json::Value>,
+        reply: oneshot::Sender<Result<RenewReport, String>>,
     },
 }
+
+/// `certmesh issue NAME`'s answer (`--json` prints it as is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssueReply {
+    pub name: String,
+    /// The published version (`archive/<name>/<version>/`).
+    pub version: u32,
+    /// `notAfter` of the new certificate (RFC 3339).
+    pub not_after: String,
+    pub took_ms: u64,
+}
+
+/// `certmesh renew`'s answer: one result per configured certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewReport {
+    pub dry_run: bool,
+    /// How many orders failed.
+    pub failed: u32,
+    pub results: Vec<RenewResult>,
+}
+
+/// One certificate in a [`RenewReport`]. Absent fields do not apply: `would_order`
+/// only in a dry run; `ordered` only for a due certificate; `version`, `not_after`
+/// and `took_ms` only when it was ordered; `waiting_for` when another node or lease
+/// decides; `error` when the order failed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewResult {
+    pub name: String,
+    pub due: bool,
+    pub next_renewal: String,
+    pub renewer: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would_order: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordered: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub took_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+const STOPPED: &str = "the ACME task has stopped";
 
 /// The handle the control socket talks to.
 pub struct Acme {
@@ -111,30 +158,24 @@ impl Acme {
     }
 
     /// `certmesh issue NAME`: order now (unless another node holds the lease).
-    pub async fn issue(&self, name: String) -> serde_json::Value {
+    pub async fn issue(&self, name: String) -> Result<IssueReply, String> {
         let (reply, rx) = oneshot::channel();
-        if self.commands.send(Command::Issue { name, reply }).is_err() {
-            return json!({"error": "the ACME task has stopped"});
-        }
-        rx.await
-            .unwrap_or_else(|_| json!({"error": "the ACME task has stopped"}))
+        self.commands
+            .send(Command::Issue { name, reply })
+            .map_err(|_| STOPPED.to_string())?;
+        rx.await.map_err(|_| STOPPED.to_string())?
     }
 
     /// `certmesh renew [--force] [--dry-run]`.
-    pub async fn renew(&self, force: bool, dry_run: bool) -> serde_json::Value {
+    pub async fn renew(&self, force: bool, dry_run: bool) -> Result<RenewReport, String> {
         let (reply, rx) = oneshot::channel();
-        if self
-            .commands
+        self.commands
             .send(Command::Renew {
                 force,
                 dry_run,
                 reply,
             })
-            .is_err()
-        {
-            return json!({"error": "the ACME task has stopped"});
-        }
-        rx.await
-            .unwrap_or_else(|_| json!({"error": "the ACME task has stopped"}))
+            .map_err(|_| STOPPED.to_string())?;
+        rx.await.map_err(|_| STOPPED.to_string())?
     }
 }

@@ -396,11 +396,11 @@ async fn serve(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
             Ok(Request::Issue { name }) => match (shared.acme.get(), name) {
                 (None, _) => no_acme(),
                 (_, None) => serde_json::json!({ "error": "issue needs a certificate name" }),
-                (Some(a), Some(name)) => a.issue(name).await,
+                (Some(a), Some(name)) => reply(a.issue(name).await)?,
             },
             Ok(Request::Renew { force, dry_run }) => match shared.acme.get() {
                 None => no_acme(),
-                Some(a) => a.renew(force, dry_run).await,
+                Some(a) => reply(a.renew(force, dry_run).await)?,
             },
             Err(e) => serde_json::json!({ "error": e }),
         };
@@ -409,6 +409,32 @@ async fn serve(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
         w.write_all(&out).await?;
     }
     Ok(())
+}
+
+/// A typed answer on the socket: the value, or `{"error": ...}`.
+fn reply<T: Serialize>(r: Result<T, String>) -> serde_json::Result<serde_json::Value> {
+    match r {
+        Ok(v) => serde_json::to_value(v),
+        Err(e) => Ok(serde_json::json!({ "error": e })),
+    }
+}
+
+/// Client side: `certmesh issue NAME` (waits for the order).
+pub async fn issue(socket: &Path, name: &str) -> anyhow::Result<crate::acme::handle::IssueReply> {
+    let req = Request::Issue {
+        name: Some(name.to_string()),
+    };
+    Ok(serde_json::from_value(send(socket, &req).await?)?)
+}
+
+/// Client side: `certmesh renew [--force] [--dry-run]`.
+pub async fn renew(
+    socket: &Path,
+    force: bool,
+    dry_run: bool,
+) -> anyhow::Result<crate::acme::handle::RenewReport> {
+    let req = Request::Renew { force, dry_run };
+    Ok(serde_json::from_value(send(socket, &req).await?)?)
 }
 
 /// Client side: sends one command to a running daemon.
