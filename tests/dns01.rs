@@ -135,7 +135,7 @@ fn named(dir: &Path, ip: &str, key: &str, zone: &str) -> Proc {
     let conf = format!(
         "options {{\n  directory \"{d}\";\n  listen-on port 53 {{ {ip}; }};\n  listen-on-v6 {{ none; }};\n  \
          pid-file \"{d}/named.pid\";\n  session-keyfile \"{d}/session.key\";\n  recursion no;\n  \
-         dnssec-validation no;\n  allow-transfer {{ any; }};\n  notify-source {ip};\n  transfer-source {ip};\n}};\n\
+         dnssec-validation no;\n  allow-transfer {{ any; }};\n  notify-delay 0;\n  notify-source {ip};\n  transfer-source {ip};\n}};\n\
          controls {{ }};\n{key}\n{zone}\n",
         d = d.display()
     );
@@ -557,7 +557,7 @@ fn dns01_lagging_nameserver_holds_the_ca_back_and_is_named() {
         1,
         "",
         &s.rfc2136("propagation_timeout = \"4s\"\n"),
-        WILDCARD,
+        ALL_DNS,
     );
     nodes[0].start();
     let n = &nodes[0];
@@ -639,6 +639,9 @@ fn dns01_exec_provider_with_nsupdate() {
     wait_until("the exec provider's record removed", || {
         dig(NS1, "_acme-challenge.exec.certmesh.test", "TXT").is_empty()
     });
+    wait_until("the exec provider's cleanup call logged", || {
+        fs::read_to_string(&calls).is_ok_and(|l| l.lines().count() >= 2)
+    });
     let log = fs::read_to_string(&calls).unwrap();
     assert_eq!(
         log.lines().collect::<Vec<_>>(),
@@ -664,7 +667,7 @@ fn dns01_renewer_killed_after_the_txt_update_is_cleaned_up_by_the_next() {
         2,
         "lease = \"3s\"\n",
         &s.rfc2136("propagation_timeout = \"60s\"\n"),
-        WILDCARD,
+        ALL_DNS,
     );
     let line = renewer_first(&nodes);
     for n in &mut nodes {
