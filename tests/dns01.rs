@@ -113,6 +113,13 @@ fn keygen() -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The clause of key `name` out of several.
+fn keygen_of(clauses: &str, name: &str) -> String {
+    let start = clauses.find(&format!("key \"{name}\"")).unwrap();
+    let end = start + clauses[start..].find("};").unwrap() + 2;
+    clauses[start..end].to_string()
+}
+
 /// The zone: SOA, the NS set (`ns2` listed only if `two_ns`), their addresses.
 fn zone_file(two_ns: bool) -> String {
     let mut z = format!(
@@ -305,14 +312,19 @@ struct Setup {
 
 impl Setup {
     fn new(tag: &str, two_ns: bool) -> Setup {
+        Self::with_keys(tag, two_ns, "")
+    }
+
+    /// `extra_keys`: more key clauses the server knows (granted nothing).
+    fn with_keys(tag: &str, two_ns: bool, extra_keys: &str) -> Setup {
         let netns = Netns::enter(tag);
         let dir = tempfile::Builder::new()
             .prefix("certmesh-dns01-")
             .tempdir()
             .unwrap();
-        let key = keygen();
+        let key = format!("{}{extra_keys}", keygen());
         let key_file = dir.path().join("tsig.key");
-        fs::write(&key_file, &key).unwrap();
+        fs::write(&key_file, keygen_of(&key, KEY_NAME)).unwrap();
         fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).unwrap();
         let ns1 = primary(dir.path(), &key, two_ns);
         let ca = Ca::start(dir.path());
@@ -698,4 +710,64 @@ fn dns01_renewer_killed_after_the_txt_update_is_cleaned_up_by_the_next() {
     });
     assert!(!left.is_empty());
     assert!(!survivor.tree.join(".certmesh/acme/dns/www").exists());
+}
+
+#[test]
+fn dns01_refused_update_and_unknown_zone_are_named() {
+    if !tools_present() {
+        return;
+    }
+    // The server knows key "intruder" but its update-policy grants it nothing.
+    let out = Command::new("tsig-keygen")
+        .args(["-a", "hmac-sha256", "intruder"])
+        .output()
+        .unwrap();
+    let intruder = String::from_utf8(out.stdout).unwrap();
+    let s = Setup::with_keys("refused", false, &intruder);
+    let key = s.dir.path().join("intruder.key");
+    fs::write(&key, &intruder).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let dns = format!(
+        "server = \"{NS1}:53\"\ntsig_key_name = \"intruder\"\ntsig_secret_file = \"{}\"\n",
+        key.display()
+    );
+    let mut nodes = s.nodes(1, "", &dns, ALL_DNS);
+    let mut cfg = fs::read_to_string(&nodes[0].config).unwrap();
+    cfg.push_str("\n[[certificate]]\nname = \"elsewhere\"\ndomains = [\"*.elsewhere.test\"]\n");
+    fs::write(&nodes[0].config, cfg).unwrap();
+    nodes[0].start();
+    let n = &nodes[0];
+    let errors = |s: &serde_json::Value| -> Vec<String> {
+        s["certificates"]
+            .as_array()
+            .map(|c| {
+                c.iter()
+                    .filter_map(|c| c["last_error"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let start = Instant::now();
+    let found = loop {
+        let e = errors(&n.status());
+        if e.len() == 2 {
+            break e;
+        }
+        assert!(start.elapsed() < ISSUE_DEADLINE, "{e:?}\n{}", n.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let all = found.join("\n");
+    assert!(
+        all.contains("refused by the server's policy (REFUSED)") && all.contains("update-policy"),
+        "{all}"
+    );
+    assert!(
+        all.contains("zone not found for _acme-challenge.elsewhere.test")
+            && all.contains("REFUSED"),
+        "{all}"
+    );
+    // The unknown zone cost no order; the refused update one (the CA asked first).
+    assert_eq!(s.ca.orders(), 1, "{}", s.ca.log());
+    wait_until("nothing left in the zone", || challenge_txt(NS1).is_empty());
+    nodes[0].stop();
 }
