@@ -771,3 +771,40 @@ fn dns01_refused_update_and_unknown_zone_are_named() {
     wait_until("nothing left in the zone", || challenge_txt(NS1).is_empty());
     nodes[0].stop();
 }
+
+#[test]
+fn dns01_check_reads_the_secret_file() {
+    let d = tempfile::tempdir().unwrap();
+    let key = d.path().join("tsig.key");
+    fs::write(
+        &key,
+        "key \"certmesh\" { algorithm hmac-sha256; secret \"c2VjcmV0\"; };\n",
+    )
+    .unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = d.path().join("c.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[node]\nname = \"lb0\"\nstate_dir = \"{}\"\nlisten = \"127.0.6.9:22000\"\n[tree]\npath = \"{}\"\n\
+             [acme]\ndirectory = \"https://acme.example/dir\"\n[acme.dns]\nserver = \"192.0.2.53\"\n\
+             tsig_key_name = \"certmesh\"\ntsig_secret_file = \"{}\"\n\
+             [[certificate]]\nname = \"www\"\ndomains = [\"*.example.com\", \"example.com\"]\n",
+            d.path().join("state").display(),
+            d.path().join("tree").display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let check = || certmesh(&["check", "--config", cfg.to_str().unwrap()]);
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("acme.dns.tsig_secret_file") && err.contains("0644"),
+        "{err}"
+    );
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = check();
+    assert!(out.status.success(), "{out:?}");
+}
