@@ -21,8 +21,9 @@
 //! [`demo`] (a 3-node mesh on loopback).
 //!
 //! On top: [`acme`] (cluster ACME: shared account, renewer lease, challenge barrier,
-//! http-01 and dns-01 challenges, versioned publish), [`hooks`] (commands or HAProxy hot swaps when matching paths
-//! change) and [`dhparam`] (an RFC 7919 group written once into the tree).
+//! http-01 and dns-01 challenges, versioned publish), [`hooks`] (commands or HAProxy
+//! hot swaps when matching paths change) and [`dhparam`] (an RFC 7919 group written
+//! once into the tree).
 //!
 //! Nothing lost for good: [`keep`] (versions a peer's change replaced or deleted,
 //! kept locally under `.certmesh/kept/`, bounded; `certmesh restore`) and [`repair`]
