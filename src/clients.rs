@@ -3,10 +3,13 @@
 //! connection is closed at once — and accept errors (EMFILE under a flood) that pause
 //! the loop briefly instead of ending it, warned about at most every 10 s.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 
 /// Pause after a failed accept: the descriptors a flood holds need time to close.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -56,6 +59,70 @@ impl Clients {
             self.last_warn = Some(Instant::now());
         }
     }
+}
+
+/// A listener of a local service: TCP (http-01, `/metrics`) or Unix (control).
+pub trait Listener: Send + 'static {
+    type Stream: Send + 'static;
+    fn accept(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    async fn accept(&self) -> std::io::Result<TcpStream> {
+        TcpListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+    async fn accept(&self) -> std::io::Result<UnixStream> {
+        UnixListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
+/// The one accept loop of the local services: each admitted connection is served by
+/// `serve` on its own task, bounded by `limit` when given; over the cap a connection
+/// is closed at once; accept errors pause the loop instead of ending it. Errors of a
+/// client are logged at debug level (a client that went away is not news).
+pub fn serve_forever<L, F, Fut, E>(
+    listener: L,
+    mut clients: Clients,
+    limit: Option<Duration>,
+    serve: F,
+) -> JoinHandle<()>
+where
+    L: Listener,
+    F: Fn(L::Stream) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    let Some(slot) = clients.admit() else {
+                        continue;
+                    };
+                    let what = clients.what;
+                    let work = serve(stream);
+                    tokio::spawn(async move {
+                        let result = match limit {
+                            Some(l) => tokio::time::timeout(l, work)
+                                .await
+                                .unwrap_or_else(|_| Ok(())),
+                            None => work.await,
+                        };
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, service = what, "client");
+                        }
+                        drop(slot);
+                    });
+                }
+                Err(e) => clients.accept_failed(&e).await,
+            }
+        }
+    })
 }
 
 #[cfg(test)]

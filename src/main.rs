@@ -488,6 +488,35 @@ fn print_renewals(v: &serde_json::Value, dry_run: bool) {
     }
 }
 
+/// A reader (not in its own `tree.writers`) puts the writers' version back over any
+/// local change at once: a restore there would be undone, so it is refused and says
+/// where to run it. Listing kept versions works everywhere.
+fn refuse_on_a_reader(c: &Config) -> Result<(), Failure> {
+    let Some(writers) = &c.writers else {
+        return Ok(());
+    };
+    // Identity by the state dir's certificate (root or the certmesh user can read it).
+    let me = certmesh::identity::Identity::load(&c.state_dir)
+        .map_err(|e| Failure::Runtime(format!("reading this node's identity: {e}")))?
+        .id;
+    if writers.iter().any(|w| w.id(me) == me) {
+        return Ok(());
+    }
+    let names: Vec<String> = writers
+        .iter()
+        .map(|w| match w {
+            certmesh::config::Writer::Peer { name, .. } => name.clone(),
+            other => other.id(me).to_string(),
+        })
+        .collect();
+    Err(Failure::Config(format!(
+        "{} is a reader (not in tree.writers): a restored file would be put back to the \
+         writers' version at once; restore it on a writer ({})",
+        c.name,
+        names.join(", ")
+    )))
+}
+
 /// `certmesh restore`: list kept versions, or write one back into the tree.
 fn restore(
     c: &Config,
@@ -524,6 +553,7 @@ fn restore(
         .map_err(|e| Failure::Config(format!("PATH {path:?}: {e}")))?;
     let kept_at = |ns: i64| certmesh::acme::rfc3339(ns / 1_000_000_000);
     if !list {
+        refuse_on_a_reader(c)?;
         let v = keep::restore(&c.tree, &rel, version).map_err(|e| match e {
             keep::RestoreError::NoSuchVersion { .. } => Failure::Config(e.to_string()),
             e => Failure::Runtime(e.to_string()),

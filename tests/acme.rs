@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use certmesh::identity::DeviceId;
 
-use crate::util::{certmesh, wait_listening, Cluster, Node};
+pub(crate) use crate::util::free_tcp;
+use crate::util::{certmesh, free_udp, wait_listening, Cluster, Node};
 
 pub(crate) const DOMAIN: &str = "www.certmesh.test";
 /// An external account binding key (Pebble's documented example).
@@ -48,22 +49,6 @@ pub(crate) fn tools_present() -> bool {
         eprintln!("SKIPPED: pebble, pebble-challtestsrv and nginx are needed (apt-get install pebble nginx)");
     }
     ok
-}
-
-pub(crate) fn free_tcp(ip: &str) -> u16 {
-    std::net::TcpListener::bind(format!("{ip}:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp(ip: &str) -> u16 {
-    std::net::UdpSocket::bind(format!("{ip}:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Pebble + its DNS, with a TLS cert for 127.0.0.1 from a CA made here.

@@ -10,12 +10,6 @@ use crate::util::{certmesh, wait_until, Node, BIN};
 /// 2030-01-01T00:00:00Z, the not-after of the test certificates.
 const NOT_AFTER: i64 = 1_893_456_000;
 
-/// A free TCP port on `ip`.
-fn free_tcp(ip: &str) -> String {
-    let l = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
 /// `GET path` over plain TCP: (status line, body).
 fn get(addr: &str, path: &str) -> (String, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -64,7 +58,7 @@ fn metrics_and_status_follow_a_peer() {
     let mut b = Node::new(dir.path(), "obs-b", "127.0.0.71");
     a.configure(&[&b]);
     b.configure(&[&a]);
-    let metrics = free_tcp("127.0.0.70");
+    let metrics = format!("127.0.0.70:{}", crate::util::free_tcp("127.0.0.70"));
     let mut cfg = fs::read_to_string(&a.config).unwrap();
     cfg.push_str(&format!(
         "\n[metrics]\nlisten = \"{metrics}\"\n\n[[certificate]]\nname = \"www\"\ndomains = [\"www.example.com\", \"example.com\"]\n\n[[hook]]\npaths = [\"*.txt\"]\nrun = [\"false\"]\n"

@@ -50,14 +50,6 @@ fn have(bin: &str) -> bool {
     ok
 }
 
-fn free_tcp(ip: &str) -> u16 {
-    std::net::TcpListener::bind(format!("{ip}:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A test CA and certificates for [`HOST`] with chosen serial numbers.
 struct Ca {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
@@ -348,7 +340,7 @@ fn haproxy_hot_swap_through_the_runtime_api() {
         b.read(&format!("live/{NAME}/combined.pem")) == Some(v1.combined())
     });
 
-    let port = free_tcp("127.0.0.61");
+    let port = crate::util::free_tcp("127.0.0.61");
     let addr = format!("127.0.0.61:{port}");
     let cfg = format!(
         "global\n  stats socket {} level admin\n\
@@ -423,7 +415,7 @@ fn nginx_reload_hook_serves_the_new_certificate() {
     let d = dir.path().join("nginx");
     fs::create_dir_all(&d).unwrap();
     let b_tree = dir.path().join("b").join("tree");
-    let port = free_tcp("127.0.0.63");
+    let port = crate::util::free_tcp("127.0.0.63");
     let addr = format!("127.0.0.63:{port}");
     // The README's nginx snippet, pointed at node b's tree.
     let conf = format!(

@@ -24,15 +24,6 @@ fn link_exists(n: &Node, rel: &str) -> bool {
     fs::symlink_metadata(n.tree.join(rel)).is_ok()
 }
 
-/// A free TCP port on `ip` (bound and released).
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind(format!("{ip}:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `GET path` against the responder: (status code, body).
 pub(crate) fn get(addr: &str, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -71,7 +62,7 @@ fn mesh() -> Mesh {
     bad.configure(&[&h1, &h2]);
     h1.configure(&[&bad, &h2]);
     h2.configure(&[&bad, &h1]);
-    let http = format!("127.0.0.41:{}", free_port("127.0.0.41"));
+    let http = format!("127.0.0.41:{}", crate::util::free_tcp("127.0.0.41"));
     let cfg = fs::read_to_string(&h1.config).unwrap();
     fs::write(&h1.config, format!("{cfg}\n[http]\nlisten = \"{http}\"\n")).unwrap();
     for n in [&mut bad, &mut h1, &mut h2] {

@@ -384,3 +384,15 @@ pub fn wait_listening(
     }
     panic!("{what} did not listen on {addr}");
 }
+
+/// A free TCP port on `ip` (bound, then released for the caller to use).
+pub fn free_tcp(ip: &str) -> u16 {
+    let l = std::net::TcpListener::bind(format!("{ip}:0")).expect("binding a free TCP port");
+    l.local_addr().expect("local address").port()
+}
+
+/// A free UDP port on `ip` (bound, then released).
+pub fn free_udp(ip: &str) -> u16 {
+    let s = std::net::UdpSocket::bind(format!("{ip}:0")).expect("binding a free UDP port");
+    s.local_addr().expect("local address").port()
+}

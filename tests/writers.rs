@@ -112,6 +112,16 @@ fn a_readers_edits_deletes_and_chmods_stay_local_and_are_put_back() {
     });
     let kept = r.tree.join(".certmesh/kept");
     assert_eq!(files_holding(&kept, "edited on the reader\n"), 1);
+    // Restoring it there would be undone at once: refused, naming where to do it;
+    // listing what is kept still works.
+    let cfg = r.config.to_str().unwrap();
+    let out = crate::util::certmesh(&["restore", "--config", cfg, "live/a/cert.pem"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is a reader") && err.contains("(w)"), "{err}");
+    assert_eq!(r.read("live/a/cert.pem").as_deref(), Some("cert from w\n"));
+    let out = crate::util::certmesh(&["restore", "--config", cfg, "--list", "live/a/cert.pem"]);
+    assert!(out.status.success(), "{out:?}");
     wait("the reader's status says what was not sent", || {
         status(&r).is_some_and(|st| {
             st.tree.not_sent_count >= 3
@@ -150,6 +160,23 @@ fn a_readers_edits_deletes_and_chmods_stay_local_and_are_put_back() {
         r.read("live/a/cert.pem").as_deref() == Some("renewed by w\n")
             && o.read("live/a/cert.pem").as_deref() == Some("renewed by w\n")
     });
+
+    // A file the writers deleted, made again on the reader, goes again (kept).
+    fs::remove_file(w.tree.join("live/b/cert.pem")).unwrap();
+    wait("the writer's deletion everywhere", || {
+        r.read("live/b/cert.pem").is_none() && o.read("live/b/cert.pem").is_none()
+    });
+    r.write("live/b/cert.pem", "resurrected on the reader\n");
+    wait("the reader's resurrected file removed again", || {
+        r.read("live/b/cert.pem").is_none()
+            && files_holding(&kept, "resurrected on the reader\n") == 1
+    });
+    wait("all in sync at the end", || {
+        [&w, &r, &o].iter().all(|n| n.all_in_sync())
+    });
+    for n in [&w, &o] {
+        assert_eq!(n.read("live/b/cert.pem"), None);
+    }
 }
 
 /// A writer `w`, a real hub `h`, a third node `t` behind the hub, and a forger `f`

@@ -361,7 +361,7 @@ impl Driver {
                     ms = i.took.as_millis() as u64,
                     "certificate issued and published"
                 );
-                crate::metrics::order_finished(&cert.name, true);
+                crate::telemetry::order_finished(&cert.name, true);
                 self.handle.update(&cert.name, |r| {
                     r.state = AcmeState::Idle;
                     r.failures = 0;
@@ -389,7 +389,7 @@ impl Driver {
             Err(f) => {
                 let msg = format!("{:#}", f.error);
                 shared.lock().error(format!("acme: {}: {msg}", cert.name));
-                crate::metrics::order_finished(&cert.name, false);
+                crate::telemetry::order_finished(&cert.name, false);
                 self.handle
                     .failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -32,26 +32,17 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<tokio::tas
     std.set_nonblocking(true)?;
     let listener = TcpListener::from_std(std)?;
     tracing::info!(%addr, "http-01 responder listening");
-    let mut clients = Clients::new("http-01 responder", MAX_CLIENTS);
-    Ok(tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let Some(slot) = clients.admit() else {
-                        continue;
-                    };
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(10), serve(&shared, stream))
-                                .await;
-                        drop(slot);
-                    });
-                }
-                Err(e) => clients.accept_failed(&e).await,
-            }
-        }
-    }))
+    let clients = Clients::new("http-01 responder", MAX_CLIENTS);
+    let limit = Some(Duration::from_secs(10));
+    Ok(crate::clients::serve_forever(
+        listener,
+        clients,
+        limit,
+        move |stream| {
+            let shared = shared.clone();
+            async move { serve(&shared, stream).await }
+        },
+    ))
 }
 
 async fn serve(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {

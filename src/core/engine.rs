@@ -444,8 +444,10 @@ impl Engine {
 
     /// A reader saw `seen` at `p`: the index keeps the writers' version (nothing is
     /// sent) and, when the disk differs from it, the plan puts it back (the puller
-    /// keeps the local copy under `.certmesh/kept/`, as for any replaced file). A
-    /// path the writers never made (or deleted) is left as it is, not sent.
+    /// keeps the local copy under `.certmesh/kept/`, as for any replaced file). That
+    /// holds for a path the writers deleted too (the reader's file is removed again).
+    /// A path the writers never made, or whose deletion was forgotten, is left as it
+    /// is, not sent: there is no writers' version to put back.
     fn diverged(&mut self, p: &RelPath, seen: Option<Observed>) {
         let Some(e) = self.index.get(p) else {
             if seen.is_some() {
@@ -477,7 +479,7 @@ impl Engine {
             .as_ref()
             .is_none_or(|o| o.kind != r.kind || o.hash != r.hash || o.target != r.target);
         self.note_not_sent(p);
-        if deleted {
+        if deleted && seen.is_none() {
             return;
         }
         self.index.set_stat(p, seen.map(|o| o.stat));
@@ -694,6 +696,40 @@ mod tests {
         (chmod.mode, chmod.stat.mode) = (0o600, 0o600);
         assert_eq!(e.observe(&r.path, Some(chmod), 10), None);
         assert!(e.plan().need(&r.path).is_some() && !e.reverting_content(&r.path));
+    }
+
+    #[test]
+    fn a_file_a_reader_makes_again_after_the_writers_deleted_it_goes_again() {
+        let (_d, me) = authorship::tests::signer();
+        let (_d2, writer) = authorship::tests::signer();
+        let signer = Arc::new(me);
+        let mut e = Engine::new(Index::new(signer.id().short()), u64::MAX)
+            .with_authorship(Some(signer.clone()), Writers::only([writer.id()]));
+        e.connected(peer());
+        // The writer made live/old.pem and deleted it: its tombstone reaches us.
+        let mut ix = Index::new(writer.id().short());
+        let p = RelPath::parse("live/old.pem").unwrap();
+        ix.observe(
+            &p,
+            Some(crate::index::tests::file("live/old.pem", 1, 1)),
+            1000,
+        );
+        let mut gone = ix.observe(&p, None, 2000).unwrap();
+        assert!(gone.deleted && authorship::sign(&mut gone, &writer));
+        e.handle_index(peer(), vec![(gone.clone(), 1)], 1).unwrap();
+        let need = e.plan().need(&gone.path).unwrap().target.clone();
+        e.applied(need, None);
+        assert!(e.plan().need(&gone.path).is_none());
+        // The reader makes the file again: not recorded, and the deletion is needed.
+        let back = crate::index::tests::file("live/old.pem", 3, 5);
+        assert_eq!(e.observe(&gone.path, Some(back), 5), None);
+        assert_eq!(e.not_sent().count, 1);
+        assert_eq!(e.plan().need(&gone.path).unwrap().target, gone);
+        e.applied(gone.clone(), None);
+        assert!(e.plan().need(&gone.path).is_none());
+        // Seen gone afterwards: nothing more to do.
+        assert_eq!(e.observe(&gone.path, None, 6), None);
+        assert!(e.plan().need(&gone.path).is_none());
     }
 
     #[test]

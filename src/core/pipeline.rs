@@ -211,7 +211,11 @@ impl Pipeline {
                 continue;
             }
             let local = index.get(p);
-            let expect = local.filter(|e| !e.record.deleted).and_then(|e| e.stat);
+            // What the disk must still hold for the write to go ahead: the local
+            // record's stat (a reader's file on a path the writers deleted, too).
+            let expect = local
+                .filter(|e| !e.record.deleted || plan.is_reverting(p))
+                .and_then(|e| e.stat);
             let have_content = local.is_some_and(|e| {
                 !e.record.deleted
                     && e.record.kind == Kind::File

@@ -296,7 +296,7 @@ impl Plan {
         };
         // A reader's local change: the local record (the writers' version) goes back.
         let need = need.or_else(|| {
-            let l = local.filter(|l| !l.deleted && self.reverts.contains_key(p))?;
+            let l = local.filter(|_| self.reverts.contains_key(p))?;
             Some(Need {
                 target: l.clone(),
                 conflict: false,

@@ -3,8 +3,7 @@
 //! the configured directory's origin; anything else is reported, not imported.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
@@ -208,22 +207,9 @@ pub(super) fn write_account(tree: &Path, bytes: &[u8]) -> Result<String, ImportE
         .mode(0o700)
         .create(dir)
         .map_err(io(dir))?;
-    let tmp = tree
-        .join(".certmesh/tmp")
-        .join(format!("import-account-{:016x}", rand::random::<u64>()));
-    let written = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = written.and_then(|()| fs::rename(&tmp, &dest)) {
-        let _ = fs::remove_file(&tmp);
-        return Err(io(&dest)(e));
-    }
+    // Staged under `.certmesh/tmp` (same file system, not watched) and renamed.
+    crate::atomic::replace_via(&tree.join(".certmesh/tmp"), &dest, bytes, 0o600)
+        .map_err(io(&dest))?;
     Ok(format!("account: imported into {}", dest.display()))
 }
 

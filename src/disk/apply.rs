@@ -103,7 +103,11 @@ impl Tree {
     /// Applies a batch. Outcomes are in the order of `items` (and counted for metrics).
     pub fn apply(&self, items: &[Item]) -> Vec<Outcome> {
         let out = self.apply_batch(items);
-        crate::metrics::applied(&out);
+        let count = |f: fn(&Outcome) -> bool| out.iter().filter(|o| f(o)).count();
+        crate::telemetry::applied(
+            count(|o| matches!(o, Outcome::Applied(_))),
+            count(|o| matches!(o, Outcome::Failed(_))),
+        );
         out
     }
 
@@ -275,7 +279,7 @@ impl Tree {
         let r = &item.record;
         let dir = self.ensure_parents(h, &r.path, dirty)?;
         let name = r.path.name();
-        let existing = safe_fs::lstat_at(dir.as_fd(), name)?;
+        let mut existing = safe_fs::lstat_at(dir.as_fd(), name)?;
         // Never clobber a local change the scanner has not seen yet.
         let on_disk = existing.as_ref().map(local_stat);
         let matches = match (&on_disk, &item.expect, &existing) {
@@ -294,10 +298,12 @@ impl Tree {
             if let Some(m) = &existing {
                 if !m.is_dir() {
                     self.keep_conflict(h, &r.path, dir.as_fd())?;
+                    // Moved away: nothing of it is left to keep, replace or delete.
+                    existing = None;
                 }
             }
         }
-        // keep (src/keep.rs): the regular file a peer's change is about to replace or
+        // keep (disk/keep.rs): the regular file a peer's change is about to replace or
         // delete is kept under `.certmesh/kept/` first (hard link; a conflict loser
         // is already gone to `.certmesh/conflicts/`).
         crate::keep::before_apply(&self.root, r, item.staged.is_some(), existing.as_ref());
@@ -388,7 +394,7 @@ impl Tree {
         let to = h.root.make_dirs(dest_dir, 0o700, &mut Vec::new())?;
         safe_fs::rename_at(dir, p.name(), to.as_fd(), dest_name)?;
         tracing::warn!(path = %p, kept = %dest, "conflict: local version lost, kept a copy");
-        crate::metrics::conflict_kept();
+        crate::telemetry::conflict_kept();
         Ok(())
     }
 }
@@ -628,6 +634,30 @@ mod tests {
         let kept: Vec<_> = fs::read_dir(t.conflicts_dir()).unwrap().flatten().collect();
         assert_eq!(kept.len(), 1);
         assert_eq!(fs::read_to_string(kept[0].path()).unwrap(), "loser");
+    }
+
+    #[test]
+    fn a_deletion_that_wins_a_conflict_keeps_the_loser_and_applies() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Tree::new(d.path().join("tree"));
+        t.prepare().unwrap();
+        fs::write(t.root.join("f"), "local edit").unwrap();
+        let st = local_stat(&fs::symlink_metadata(t.root.join("f")).unwrap());
+        let mut gone = rec("f", Kind::File, 0o644);
+        gone.deleted = true;
+        let items = vec![Item {
+            record: gone,
+            staged: None,
+            expect: Some(st),
+            conflict: true,
+        }];
+        // Before: the loser was moved away, then the unlink found nothing (ENOENT).
+        let out = t.apply(&items);
+        assert!(matches!(out[0], Outcome::Applied(None)), "{out:?}");
+        assert!(fs::symlink_metadata(t.root.join("f")).is_err());
+        let kept: Vec<_> = fs::read_dir(t.conflicts_dir()).unwrap().flatten().collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(fs::read_to_string(kept[0].path()).unwrap(), "local edit");
     }
 
     fn item(record: FileRecord, staged: Option<PathBuf>) -> Item {

@@ -3,7 +3,7 @@
 //! queue with its recent results. It imports nothing of the daemon, so both the
 //! daemon's state and the control socket's types can hold it.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -131,4 +131,99 @@ impl Repairs {
         }
         recent.push_back(r);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Event counters (`/metrics`): recorded by the features, read by the metrics endpoint.
+
+/// What the event counters count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Event {
+    /// An ACME order finished (issued or failed); label `cert`.
+    Order,
+    /// An ACME order failed; label `cert`.
+    OrderFailure,
+    /// A peer's change written to the tree.
+    Applied,
+    /// A peer's change that could not be written (I/O error, refused).
+    ApplyFailure,
+    /// A local version lost a conflict and was kept under `.certmesh/conflicts/`.
+    Conflict,
+    /// UDP bytes of ended sessions; label `peer`.
+    BytesReceived,
+    BytesSent,
+    /// A hook ran (succeeded or failed); label `hook`.
+    HookRun,
+}
+
+/// Event counters since start, by event and label value (`""`: no label).
+#[derive(Debug, Clone, Default)]
+pub struct Events(BTreeMap<(Event, String), u64>);
+
+impl Events {
+    pub fn get(&self, e: Event, label: &str) -> u64 {
+        self.0.get(&(e, label.to_string())).copied().unwrap_or(0)
+    }
+
+    pub fn add(&mut self, e: Event, label: &str, n: u64) {
+        let v = self.0.entry((e, label.to_string())).or_default();
+        *v = v.saturating_add(n);
+    }
+
+    /// Label values and counts of `e`, sorted.
+    pub fn of(&self, e: Event) -> impl Iterator<Item = (&str, u64)> {
+        self.0
+            .iter()
+            .filter(move |((k, _), _)| *k == e)
+            .map(|((_, l), v)| (l.as_str(), *v))
+    }
+}
+
+/// Process-wide, as the `process_*` metrics are: one daemon per process. Lock rule:
+/// held only to add or copy, never across I/O; taken after the state lock when both
+/// are held.
+static EVENTS: Mutex<Events> = Mutex::new(Events(BTreeMap::new()));
+
+fn bump(e: Event, label: &str, n: u64) {
+    EVENTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .add(e, label, n);
+}
+
+/// A copy of the event counters.
+pub fn events() -> Events {
+    EVENTS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// An ACME order for `cert` finished, issued (`ok`) or failed.
+pub fn order_finished(cert: &str, ok: bool) {
+    bump(Event::Order, cert, 1);
+    if !ok {
+        bump(Event::OrderFailure, cert, 1);
+    }
+}
+
+/// A hook (its label: the command's path or the HAProxy socket) ran, succeeded or not
+/// (failures are `certmesh_hook_failures_total`).
+pub fn hook_ran(hook: &str) {
+    bump(Event::HookRun, hook, 1);
+}
+
+/// A batch of peers' changes was applied with these outcomes (deferred ones are
+/// retried later and counted then).
+pub fn applied(ok: usize, failed: usize) {
+    bump(Event::Applied, "", ok as u64);
+    bump(Event::ApplyFailure, "", failed as u64);
+}
+
+/// A conflict's local loser was kept under `.certmesh/conflicts/`.
+pub fn conflict_kept() {
+    bump(Event::Conflict, "", 1);
+}
+
+/// Sessions with `peer` ended having moved these UDP bytes.
+pub fn sessions_ended(peer: &str, received: u64, sent: u64) {
+    bump(Event::BytesReceived, peer, received);
+    bump(Event::BytesSent, peer, sent);
 }

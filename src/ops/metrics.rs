@@ -1,7 +1,7 @@
 //! The optional Prometheus endpoint (`[metrics] listen`): `GET /metrics` in the text
 //! exposition format (version 0.0.4), built from the same snapshot as `status`, plus
-//! event counters bumped where things happen ([`order_finished`], [`applied`],
-//! [`conflict_kept`], [`session_ended`]) and the standard `process_*` metrics read
+//! event counters bumped where things happen (in [`crate::telemetry`]:
+//! `order_finished`, `applied`, `conflict_kept`; here: [`session_ended`]) and the standard `process_*` metrics read
 //! from `/proc/self`. Names follow Prometheus conventions: base units, `_total` on
 //! counters, `_timestamp_seconds` for Unix times, no `node` label (the scrape adds
 //! `instance`). A tiny HTTP/1 responder on a tokio listener: one request per
@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt::{Display, Write};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::clients::Clients;
 use crate::control::{self, PeerStatus, Status};
 use crate::node::Shared;
+use crate::telemetry::{events, Event, Events};
 
 /// Largest request head read.
 const MAX_REQUEST: usize = 8 << 10;
@@ -36,27 +37,17 @@ pub fn start(shared: &Arc<Shared>) -> anyhow::Result<Option<tokio::task::JoinHan
     let listener = bind(addr)?;
     tracing::info!(%addr, "metrics endpoint listening");
     let shared = shared.clone();
-    let mut clients = Clients::new("metrics", MAX_CLIENTS);
-    Ok(Some(tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let Some(slot) = clients.admit() else {
-                        continue;
-                    };
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        let r = tokio::time::timeout(CLIENT_TIMEOUT, serve(&shared, stream)).await;
-                        if let Ok(Err(e)) = r {
-                            tracing::debug!(error = %e, "metrics client");
-                        }
-                        drop(slot);
-                    });
-                }
-                Err(e) => clients.accept_failed(&e).await,
-            }
-        }
-    })))
+    let clients = Clients::new("metrics", MAX_CLIENTS);
+    let limit = Some(CLIENT_TIMEOUT);
+    Ok(Some(crate::clients::serve_forever(
+        listener,
+        clients,
+        limit,
+        move |stream| {
+            let shared = shared.clone();
+            async move { serve(&shared, stream).await }
+        },
+    )))
 }
 
 fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -192,107 +183,11 @@ fn live_only(shared: &Shared) -> Vec<(String, i64)> {
     out
 }
 
-/// What the event counters count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Event {
-    /// An ACME order finished (issued or failed); label `cert`.
-    Order,
-    /// An ACME order failed; label `cert`.
-    OrderFailure,
-    /// A peer's change written to the tree.
-    Applied,
-    /// A peer's change that could not be written (I/O error, refused).
-    ApplyFailure,
-    /// A local version lost a conflict and was kept under `.certmesh/conflicts/`.
-    Conflict,
-    /// UDP bytes of ended sessions; label `peer`.
-    BytesReceived,
-    BytesSent,
-    /// A hook ran (succeeded or failed); label `hook`.
-    HookRun,
-}
-
-/// Event counters since start, by event and label value (`""`: no label).
-#[derive(Debug, Clone, Default)]
-pub struct Events(BTreeMap<(Event, String), u64>);
-
-impl Events {
-    fn get(&self, e: Event, label: &str) -> u64 {
-        self.0.get(&(e, label.to_string())).copied().unwrap_or(0)
-    }
-
-    fn add(&mut self, e: Event, label: &str, n: u64) {
-        let v = self.0.entry((e, label.to_string())).or_default();
-        *v = v.saturating_add(n);
-    }
-
-    /// Label values and counts of `e`, sorted.
-    fn of(&self, e: Event) -> impl Iterator<Item = (&str, u64)> {
-        self.0
-            .iter()
-            .filter(move |((k, _), _)| *k == e)
-            .map(|((_, l), v)| (l.as_str(), *v))
-    }
-}
-
-/// Process-wide, as the `process_*` metrics are: one daemon per process. Lock rule:
-/// held only to add or copy, never across I/O; taken after the state lock when both
-/// are held.
-static EVENTS: Mutex<Events> = Mutex::new(Events(BTreeMap::new()));
-
-fn bump(e: Event, label: &str, n: u64) {
-    EVENTS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .add(e, label, n);
-}
-
-/// A copy of the event counters.
-pub fn events() -> Events {
-    EVENTS.lock().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
-/// An ACME order for `cert` finished, issued (`ok`) or failed.
-pub fn order_finished(cert: &str, ok: bool) {
-    bump(Event::Order, cert, 1);
-    if !ok {
-        bump(Event::OrderFailure, cert, 1);
-    }
-}
-
-/// A hook (its label: the command's path or the HAProxy socket) ran, succeeded or not
-/// (failures are `certmesh_hook_failures_total`).
-pub fn hook_ran(hook: &str) {
-    bump(Event::HookRun, hook, 1);
-}
-
-/// A batch of peers' changes was applied with these outcomes (deferred ones are
-/// retried later and counted then).
-pub fn applied(outcomes: &[crate::apply::Outcome]) {
-    use crate::apply::Outcome;
-    let ok = outcomes
-        .iter()
-        .filter(|o| matches!(o, Outcome::Applied(_)))
-        .count();
-    let failed = outcomes
-        .iter()
-        .filter(|o| matches!(o, Outcome::Failed(_)))
-        .count();
-    bump(Event::Applied, "", ok as u64);
-    bump(Event::ApplyFailure, "", failed as u64);
-}
-
-/// A conflict's local loser was kept under `.certmesh/conflicts/`.
-pub fn conflict_kept() {
-    bump(Event::Conflict, "", 1);
-}
-
 /// A registered session with `peer` ended or was replaced: its traffic moves from
 /// the live figures to the totals. Called with the state lock held.
 pub fn session_ended(peer: &str, conn: &quinn::Connection) {
     let stats = conn.stats();
-    bump(Event::BytesReceived, peer, stats.udp_rx.bytes);
-    bump(Event::BytesSent, peer, stats.udp_tx.bytes);
+    crate::telemetry::sessions_ended(peer, stats.udp_rx.bytes, stats.udp_tx.bytes);
 }
 
 /// The standard `process_*` metrics, from `/proc/self` (Linux).

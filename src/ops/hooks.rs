@@ -125,7 +125,7 @@ async fn run_one(shared: &Shared, h: &HookConfig, names: &[String], paths: &[Str
             tokio::time::timeout(h.timeout, haproxy_swap(shared, socket, crt, cert)).await
         }
     };
-    crate::metrics::hook_ran(&label(h));
+    crate::telemetry::hook_ran(&label(h));
     match outcome {
         Ok(Ok(done)) => tracing::info!(
             hook = %label(h),

@@ -377,28 +377,15 @@ pub fn start(shared: Arc<Shared>, path: &Path) -> anyhow::Result<tokio::task::Jo
     let listener = UnixListener::bind(path)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let mut clients = Clients::new("control socket", MAX_CLIENTS);
-    Ok(tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    // Over the cap the connection is closed at once: a stuck or
-                    // flooding local client cannot exhaust descriptors or tasks.
-                    let Some(slot) = clients.admit() else {
-                        continue;
-                    };
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = serve(shared, stream).await {
-                            tracing::debug!(error = %e, "control client");
-                        }
-                        drop(slot);
-                    });
-                }
-                Err(e) => clients.accept_failed(&e).await,
-            }
-        }
-    }))
+    // Over the cap a connection is closed at once: a stuck or flooding local client
+    // cannot exhaust descriptors or tasks. Idle clients are dropped by `serve`.
+    let clients = Clients::new("control socket", MAX_CLIENTS);
+    Ok(crate::clients::serve_forever(
+        listener,
+        clients,
+        None,
+        move |stream| serve(shared.clone(), stream),
+    ))
 }
 
 /// Control clients served at once (`status`, `issue`, `renew` are one-shot).

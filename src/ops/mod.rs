@@ -1,0 +1,15 @@
+//! What operators see and wire up: [`control`] (the local socket behind `status`,
+//! `issue`, `renew`, `restore`), [`metrics`] (optional Prometheus `/metrics`),
+//! [`telemetry`] (typed recent errors, repair results and event counters, imported by
+//! any feature without importing the daemon), [`hooks`] (commands or HAProxy hot swaps
+//! when matching paths change), [`firewall`] (nftables / iptables rules from the
+//! config), [`systemd`] (readiness, status line, reload, watchdog) and [`logging`]
+//! (stderr, journald or `<N>`-prefixed lines).
+
+pub mod control;
+pub mod firewall;
+pub mod hooks;
+pub mod logging;
+pub mod metrics;
+pub mod systemd;
+pub mod telemetry;
