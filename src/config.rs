@@ -11,6 +11,9 @@ use toml::Spanned;
 
 use crate::identity::{DeviceId, DeviceIdError};
 
+mod dns;
+pub use dns::{ChallengeChoice, DnsConfig, DnsProvider, TsigAlgorithm, TsigKeyConfig};
+
 /// A config that can't be used, with where and why.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -72,6 +75,8 @@ struct RawAcme {
     lease: Option<Spanned<String>>,
     /// Longest any one request to the CA may take, body included (default 30s).
     request_timeout: Option<Spanned<String>>,
+    /// `[acme.dns]`: how dns-01 records are published (needed for wildcards).
+    dns: Option<Spanned<dns::RawDns>>,
 }
 
 /// `[[certificate]]`
@@ -87,6 +92,8 @@ struct RawCertificate {
     /// Keep the current private key on renewal (default: a new key every time).
     #[serde(default)]
     reuse_key: bool,
+    /// "http-01" | "dns-01"; unset: dns-01 for wildcard names, http-01 for the rest.
+    challenge: Option<Spanned<String>>,
 }
 
 /// `[[hook]]`
@@ -243,6 +250,8 @@ pub struct AcmeConfig {
     pub lease: Duration,
     /// Longest any one request to the CA may take, body included.
     pub request_timeout: Duration,
+    /// `[acme.dns]`: dns-01 provider; `None`: only http-01 certificates can be ordered.
+    pub dns: Option<DnsConfig>,
 }
 
 /// One `[[certificate]]`.
@@ -252,6 +261,29 @@ pub struct CertificateConfig {
     pub domains: Vec<String>,
     pub key: KeyType,
     pub reuse_key: bool,
+    /// Which identifiers use dns-01 ([`ChallengeChoice::uses_dns`]).
+    pub challenge: ChallengeChoice,
+}
+
+impl CertificateConfig {
+    /// Whether any identifier of this certificate is validated with dns-01.
+    pub fn needs_dns(&self) -> bool {
+        self.domains.iter().any(|d| self.challenge.uses_dns(d))
+    }
+
+    /// "http-01", "dns-01" or "dns-01+http-01" (status).
+    pub fn challenge_label(&self) -> &'static str {
+        let dns = self
+            .domains
+            .iter()
+            .filter(|d| self.challenge.uses_dns(d))
+            .count();
+        match dns {
+            0 => "http-01",
+            n if n == self.domains.len() => "dns-01",
+            _ => "dns-01+http-01",
+        }
+    }
 }
 
 /// One `[[hook]]`.
@@ -488,7 +520,11 @@ impl Config {
             .as_ref()
             .map(|w| writers(w, &name, &peers, &bad))
             .transpose()?;
-        let acme = raw.acme.as_ref().map(|a| acme(a, &bad)).transpose()?;
+        let acme = raw
+            .acme
+            .as_ref()
+            .map(|a| acme(a, &tree, &bad))
+            .transpose()?;
         if let (Some(a), Some(w)) = (&raw.acme, &writers) {
             let maybe_me = w
                 .iter()
@@ -512,6 +548,17 @@ impl Config {
                     c.name.span(),
                     "certificate.name",
                     format!("duplicate certificate name {:?}", cert.name),
+                ));
+            }
+            if cert.needs_dns() && acme.as_ref().is_some_and(|a| a.dns.is_none()) {
+                return Err(bad(
+                    c.challenge.as_ref().map_or(c.domains.span(), |s| s.span()),
+                    "certificate.challenge",
+                    format!(
+                        "certificate {:?} needs dns-01 (wildcard names or challenge = \"dns-01\"), \
+                         which needs [acme.dns] on this node (RFC 2136 server + TSIG key, or exec)",
+                        cert.name
+                    ),
                 ));
             }
             certificates.push(cert);
@@ -627,7 +674,7 @@ fn writers(
     Ok(out)
 }
 
-fn acme(a: &RawAcme, bad: &Bad) -> Result<AcmeConfig, ConfigError> {
+fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, ConfigError> {
     let directory = a.directory.get_ref().trim().to_string();
     if !directory.starts_with("https://") {
         return Err(bad(
@@ -726,6 +773,7 @@ fn acme(a: &RawAcme, bad: &Bad) -> Result<AcmeConfig, ConfigError> {
         barrier_timeout,
         lease,
         request_timeout,
+        dns: a.dns.as_ref().map(|d| dns::dns(d, tree, bad)).transpose()?,
     })
 }
 
@@ -787,11 +835,37 @@ fn certificate(c: &RawCertificate, bad: &Bad) -> Result<CertificateConfig, Confi
             )
         })?,
     };
+    let challenge = match &c.challenge {
+        None => ChallengeChoice::Auto,
+        Some(s) => ChallengeChoice::parse(s.get_ref()).ok_or_else(|| {
+            bad(
+                s.span(),
+                "certificate.challenge",
+                format!(
+                    "certificate {name:?}: unknown challenge {:?} (expected \"http-01\" or \"dns-01\")",
+                    s.get_ref()
+                ),
+            )
+        })?,
+    };
+    if challenge == ChallengeChoice::Http01 {
+        if let Some(w) = domains.iter().find(|d| d.starts_with("*.")) {
+            return Err(bad(
+                c.challenge.as_ref().map_or(c.domains.span(), |s| s.span()),
+                "certificate.challenge",
+                format!(
+                    "certificate {name:?}: {w:?} is a wildcard, which only dns-01 can validate \
+                     (set challenge = \"dns-01\" or leave it unset)"
+                ),
+            ));
+        }
+    }
     Ok(CertificateConfig {
         name,
         domains: domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
         key,
         reuse_key: c.reuse_key,
+        challenge,
     })
 }
 
@@ -930,10 +1004,13 @@ fn valid_cert_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
 }
 
-/// A DNS name an ACME CA can validate over http-01 (no wildcards, no IPs).
+/// A DNS name an ACME CA can validate (no IPs); `*.` only as the whole first label.
 fn valid_domain(d: &str) -> Result<(), &'static str> {
-    if d.starts_with("*.") {
-        return Err("is a wildcard (needs dns-01, which certmesh does not do)");
+    let d = d.strip_prefix("*.").unwrap_or(d);
+    if d.contains('*') {
+        return Err(
+            "has a '*' that is not the whole first label (only \"*.example.com\" wildcards exist)",
+        );
     }
     if d.parse::<std::net::IpAddr>().is_ok() {
         return Err("is an IP address, not a DNS name");
@@ -1194,7 +1271,8 @@ mod tests {
         let cases = [
             (cert("name = \"www\"\ndomains = [\"www.example.com\"]\nkey = \"dsa1024\"\n"), "certificate.key", "dsa1024"),
             (cert("name = \"www\"\ndomains = []\n"), "certificate.domains", "at least one"),
-            (cert("name = \"www\"\ndomains = [\"*.example.com\"]\n"), "certificate.domains", "wildcard"),
+            (cert("name = \"www\"\ndomains = [\"*.example.com\"]\n"), "certificate.challenge", "[acme.dns]"),
+            (cert("name = \"www\"\ndomains = [\"a.*.example.com\"]\n"), "certificate.domains", "first label"),
             (cert("name = \"../etc\"\ndomains = [\"a.example.com\"]\n"), "certificate.name", "directory name"),
             (cert("name = \"www\"\ndomains = [\"a.example.com\"]\n[[certificate]]\nname = \"www\"\ndomains = [\"b.example.com\"]\n"), "certificate.name", "duplicate"),
             (cert("name = \"www\"\ndomains = [\"a.example.com\"]\ncolour = 1\n"), "colour", ""),
@@ -1220,6 +1298,86 @@ mod tests {
             hundred_one.join(",")
         )));
         assert!(e.contains("at most 100") && e.contains(":13:"), "{e}");
+    }
+
+    const DNS: &str = "[acme.dns]\nserver = \"192.0.2.53\"\ntsig_key_name = \"certmesh\"\ntsig_secret_file = \"/etc/certmesh/tsig.key\"\n";
+
+    #[test]
+    fn dns01_config_and_the_challenge_rule() {
+        let c = Config::parse(
+            Path::new("c.toml"),
+            &cfg(&format!(
+                "{ACME}{DNS}zone = \"Example.com.\"\npropagation_timeout = \"30s\"\n\
+                 [[certificate]]\nname = \"mixed\"\ndomains = [\"*.example.com\", \"example.com\"]\n\
+                 [[certificate]]\nname = \"all\"\ndomains = [\"internal.example.com\"]\nchallenge = \"dns-01\"\n\
+                 [[certificate]]\nname = \"web\"\ndomains = [\"www.example.com\"]\nchallenge = \"http-01\"\n"
+            )),
+        )
+        .unwrap();
+        let d = c.acme.unwrap().dns.unwrap();
+        assert_eq!(d.zone.as_deref(), Some("example.com"));
+        assert_eq!(d.propagation_timeout, Duration::from_secs(30));
+        match d.provider {
+            DnsProvider::Rfc2136 { server, key } => {
+                assert_eq!(server, "192.0.2.53:53".parse().unwrap());
+                assert_eq!(key.algorithm, TsigAlgorithm::HmacSha256);
+                assert_eq!(key.name, "certmesh");
+            }
+            other => panic!("{other:?}"),
+        }
+        let labels: Vec<&str> = c.certificates.iter().map(|c| c.challenge_label()).collect();
+        assert_eq!(labels, ["dns-01+http-01", "dns-01", "http-01"]);
+        assert!(c.certificates[0].challenge.uses_dns("*.example.com"));
+        assert!(!c.certificates[0].challenge.uses_dns("example.com"));
+        let exec = Config::parse(
+            Path::new("c.toml"),
+            &cfg(&format!("{ACME}[acme.dns]\nexec = [\"/usr/local/bin/dns-txt\", \"--zone\", \"x\"]\nexec_timeout = \"5s\"\n")),
+        )
+        .unwrap();
+        assert_eq!(
+            exec.acme.unwrap().dns.unwrap().provider,
+            DnsProvider::Exec {
+                argv: vec!["/usr/local/bin/dns-txt".into(), "--zone".into(), "x".into()],
+                timeout: Duration::from_secs(5)
+            }
+        );
+    }
+
+    #[test]
+    fn bad_dns01_config_is_named() {
+        let dns = |extra: &str| cfg(&format!("{ACME}{DNS}{extra}"));
+        let cases = [
+            (cfg(&format!("{ACME}[acme.dns]\nserver = \"192.0.2.53\"\n")), "acme.dns.tsig_key_name", "missing"),
+            (dns("tsig_algorithm = \"hmac-md5\"\n"), "acme.dns.tsig_algorithm", "hmac-sha256"),
+            (dns("exec = [\"/bin/true\"]\n"), "acme.dns.exec", "not both"),
+            (dns("propagation_timeout = \"soon\"\n"), "acme.dns.propagation_timeout", ""),
+            (dns("zone = \"bad zone\"\n"), "acme.dns.zone", "not a DNS zone"),
+            (dns("resolver = \"dns.example\"\n"), "acme.dns.resolver", "IP address"),
+            (dns("colour = 1\n"), "colour", ""),
+            (cfg(&format!("{ACME}{DNS}").replace("/etc/certmesh/tsig.key", "/etc/nginx/certs/tsig.key")), "acme.dns.tsig_secret_file", "inside tree.path"),
+            (cfg(&format!("{ACME}{DNS}").replace("/etc/certmesh/tsig.key", "tsig.key")), "acme.dns.tsig_secret_file", "absolute"),
+            (cfg(&format!("{ACME}[acme.dns]\nexec = [\"dns-txt\"]\n")), "acme.dns.exec", "absolute"),
+            (dns("[[certificate]]\nname = \"w\"\ndomains = [\"*.example.com\"]\nchallenge = \"http-01\"\n"), "certificate.challenge", "only dns-01"),
+            (dns("[[certificate]]\nname = \"w\"\ndomains = [\"a.example.com\"]\nchallenge = \"tls-alpn-01\"\n"), "certificate.challenge", "unknown challenge"),
+            (cert_dns01_without_dns(), "certificate.challenge", "[acme.dns]"),
+        ];
+        for (text, key, what) in cases {
+            let e = err(&text);
+            assert!(
+                e.contains(key) && e.contains(what),
+                "expected {key} / {what:?} in: {e}"
+            );
+        }
+        // A node without [acme] shows wildcard certificates without needing [acme.dns].
+        Config::parse(
+            Path::new("c.toml"),
+            &cfg("[[certificate]]\nname = \"w\"\ndomains = [\"*.example.com\"]\n"),
+        )
+        .unwrap();
+    }
+
+    fn cert_dns01_without_dns() -> String {
+        cfg(&format!("{ACME}[[certificate]]\nname = \"w\"\ndomains = [\"a.example.com\"]\nchallenge = \"dns-01\"\n"))
     }
 
     #[test]

@@ -14,9 +14,9 @@
 //!   [`clients`] (local HTTP/control listeners).
 //! - [`ops`]: [`control`], [`metrics`], [`telemetry`], [`hooks`], [`firewall`],
 //!   [`systemd`], [`logging`].
-//! - Features: [`acme`] (cluster ACME), [`import`] (certbot / lego trees), [`repair`]
-//!   and [`keep`] (nothing lost for good), [`dhparam`], [`writers`] (who may change
-//!   the tree).
+//! - Features: [`acme`] (cluster ACME, http-01 and dns-01), [`import`] (certbot /
+//!   lego trees), [`repair`] and [`keep`] (nothing lost for good), [`dhparam`],
+//!   [`writers`] (who may change the tree).
 //! - [`config`], [`identity`], [`node`] (the shared state) and [`daemon`] (the wiring:
 //!   starts and stops every task); [`demo`] (a 3-node mesh on loopback).
 //!

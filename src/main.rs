@@ -248,6 +248,16 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     )));
                 }
             }
+            if let Some(certmesh::config::DnsProvider::Rfc2136 { key, .. }) = c
+                .acme
+                .as_ref()
+                .and_then(|a| a.dns.as_ref())
+                .map(|d| &d.provider)
+            {
+                if let Err(e) = certmesh::acme::dns::key::load(key) {
+                    return Err(Failure::Config(format!("{}: {e}", config.display())));
+                }
+            }
             let problems = certmesh::import::check_tree(&c);
             if !problems.is_empty() {
                 return Err(Failure::Config(format!(

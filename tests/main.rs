@@ -4,6 +4,7 @@ mod acme;
 mod cli;
 mod crash;
 mod dhparam;
+mod dns01;
 mod faults;
 mod hostile;
 mod import;

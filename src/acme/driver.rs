@@ -51,6 +51,7 @@ pub(super) async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
     startup_grace(&shared).await;
+    super::dns01::sweep(&shared).await;
     let mut d = Driver {
         shared,
         handle,

@@ -55,12 +55,25 @@ pub struct Runtime {
     /// ARI window from the CA, if it offers ARI.
     pub ari_start: Option<i64>,
     pub ari_end: Option<i64>,
+    /// dns-01: while waiting for propagation, what each authoritative nameserver serves.
+    pub dns_propagation: Option<Vec<NsProgress>>,
     #[serde(skip)]
     pub(super) jitter: f64,
     #[serde(skip)]
     pub(super) ari_serial: String,
     #[serde(skip)]
     pub(super) ari_next_query: i64,
+}
+
+/// One authoritative nameserver during a dns-01 propagation check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NsProgress {
+    /// `host (address)`.
+    pub nameserver: String,
+    /// Serves every challenge record of the order.
+    pub has_record: bool,
+    /// Why it could not be asked (unreachable, error code).
+    pub error: Option<String>,
 }
 
 pub(super) enum Command {

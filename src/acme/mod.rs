@@ -6,6 +6,8 @@
 //! - [`bundle`]: keys, CSRs, PEM, the versioned publish and `live/<name>` flip.
 //! - [`tree`]: atomic writes into the tree and waiting for the index to have them.
 //! - [`http`]: the optional built-in http-01 responder (`[http] listen`).
+//! - [`dns`]: dns-01 records (RFC 2136 + TSIG, or exec), the propagation check;
+//!   `dns01`: their place in an order and the sweep of records a crash left.
 //! - `driver`: the task that orders whatever is missing or due when this node is
 //!   the renewer, and serves `issue` / `renew`.
 //!
@@ -17,6 +19,8 @@
 
 pub mod account;
 pub mod bundle;
+pub mod dns;
+mod dns01;
 mod driver;
 pub mod handle;
 pub mod http;

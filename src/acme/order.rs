@@ -1,6 +1,8 @@
-//! One ACME order, start to publish: http-01 challenges written into the tree, the
-//! ack barrier (every connected peer has the token before `set_ready`), finalize
-//! with a fresh (or reused) key, publish as one unit, tokens removed whatever happens.
+//! One ACME order, start to publish: http-01 challenges written into the tree, dns-01
+//! records put in DNS and checked on every authoritative nameserver ([`super::dns`]),
+//! the ack barrier (every connected peer has the token before `set_ready`), finalize
+//! with a fresh (or reused) key, publish as one unit, tokens and records removed
+//! whatever happens.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +15,7 @@ use instant_acme::{
 
 use super::account::within;
 use super::bundle::{self, Bundle};
+use super::dns01;
 use super::tree::{self, Expect};
 use crate::config::{AcmeConfig, CertificateConfig};
 use crate::node::Shared;
@@ -100,6 +103,14 @@ fn valid_token(t: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// What an order put in place, removed when it settles.
+#[derive(Default)]
+struct Placed {
+    /// http-01 tokens in the tree.
+    tokens: Vec<RelPath>,
+    dns: dns01::Dns01,
+}
+
 /// Orders `cert` and publishes it. `replaces`: the ARI identifier of the certificate
 /// being renewed, when the CA supports ARI. `lease`: our renewal lease, already in
 /// the local index; the order is dropped before `set_ready` if another's won.
@@ -112,13 +123,15 @@ pub async fn run(
     lease: &RelPath,
 ) -> Result<Issued, Failed> {
     let start = Instant::now();
-    let mut tokens: Vec<RelPath> = Vec::new();
-    let result = order(shared, cfg, account, cert, replaces, lease, &mut tokens).await;
-    // The order has settled: the tokens go, whatever happened.
-    let gone: Vec<(RelPath, Expect)> = tokens
+    let mut placed = Placed::default();
+    let result = order(shared, cfg, account, cert, replaces, lease, &mut placed).await;
+    // The order has settled: the tokens and TXT records go, whatever happened.
+    let mut gone: Vec<(RelPath, Expect)> = placed
+        .tokens
         .iter()
         .map(|t| (t.clone(), tree::remove(shared, t)))
         .collect();
+    gone.extend(placed.dns.finish(shared, &cert.name).await);
     if !gone.is_empty() {
         if let Err(e) = tree::await_indexed(shared, &gone, Duration::from_secs(5)).await {
             tracing::debug!(error = %e, "token removal not indexed yet");
@@ -139,13 +152,17 @@ async fn order(
     cert: &CertificateConfig,
     replaces: Option<CertificateIdentifier<'static>>,
     lease: &RelPath,
-    tokens: &mut Vec<RelPath>,
+    placed: &mut Placed,
 ) -> Result<(u32, i64), Failed> {
+    let Placed { tokens, dns } = placed;
     let t0 = Instant::now();
     // Before the CA is asked: a tree the certificate cannot be published into (a
     // certbot `live/<name>` directory) must not cost an order per retry.
     tree::check_publish_target(&shared.tree.root, &cert.name)
         .map_err(|e| anyhow!("not ordering {}: {e}", cert.name))?;
+    // dns-01: the key, the zones and leftovers before the CA is asked, so a bad
+    // secret or a missing zone costs no order.
+    dns.prepare(shared, cfg, cert).await?;
     let ids: Vec<Identifier> = cert
         .domains
         .iter()
@@ -173,6 +190,13 @@ async fn order(
                 AuthorizationStatus::Valid => continue,
                 s => return Err(anyhow!("authorization for {ident} is {s:?}").into()),
             }
+            if cert.challenge.uses_dns(&ident) {
+                let ch = a
+                    .challenge(ChallengeType::Dns01)
+                    .ok_or_else(|| anyhow!("the CA offers no dns-01 challenge for {ident}"))?;
+                dns.want(&ident, ch.key_authorization().dns_value());
+                continue;
+            }
             let ch = a
                 .challenge(ChallengeType::Http01)
                 .ok_or_else(|| anyhow!("the CA offers no http-01 challenge for {ident}"))?;
@@ -187,6 +211,12 @@ async fn order(
             tokens.push(path.clone());
             written.push((path, e));
         }
+    }
+
+    // dns-01: recorded in the tree (and acknowledged), put in DNS, served by every
+    // authoritative nameserver.
+    if let Some(w) = dns.present(shared, cfg, &cert.name).await? {
+        written.push(w);
     }
 
     // 2. The barrier: the local index has every token, then every connected peer
@@ -246,9 +276,14 @@ async fn order(
             if a.status != AuthorizationStatus::Pending {
                 continue;
             }
+            let kind = if cert.challenge.uses_dns(&a.identifier().to_string()) {
+                ChallengeType::Dns01
+            } else {
+                ChallengeType::Http01
+            };
             let mut ch = a
-                .challenge(ChallengeType::Http01)
-                .ok_or_else(|| anyhow!("no http-01 challenge"))?;
+                .challenge(kind.clone())
+                .ok_or_else(|| anyhow!("no {kind:?} challenge"))?;
             within(limit, "set_ready", ch.set_ready()).await?;
         }
     }

@@ -38,8 +38,8 @@ pub const MAX_TOTAL_VERSIONS: usize = 10_000;
 pub const MAX_META: usize = 16 << 10;
 /// Most version-vector entries a metadata file may hold.
 const MAX_META_COUNTERS: usize = 4096;
-/// Paths never kept: http-01 tokens and renewal leases.
-pub const NOT_KEPT: [&str; 2] = ["acme/", ".certmesh/leases/"];
+/// Paths never kept: http-01 tokens, renewal leases, the dns-01 record lists.
+pub const NOT_KEPT: [&str; 3] = ["acme/", ".certmesh/leases/", ".certmesh/acme/dns/"];
 /// The whole store is checked against the totals after this many versions or bytes
 /// kept since the last check (and at start); per-path bounds are applied every time.
 const TOTALS_EVERY: u64 = 64;

@@ -67,6 +67,13 @@ pub struct CertStatus {
     pub failures: u32,
     pub waiting_for: Option<String>,
     pub last_took_ms: Option<u64>,
+    /// "http-01", "dns-01" or "dns-01+http-01" (wildcards by dns-01, the rest http-01).
+    #[serde(default)]
+    pub challenge: String,
+    /// dns-01, while an order waits for propagation: each authoritative nameserver
+    /// and whether it serves the records yet.
+    #[serde(default)]
+    pub dns_propagation: Option<Vec<crate::acme::handle::NsProgress>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -182,6 +189,7 @@ pub fn certificates(shared: &Shared) -> Vec<CertStatus> {
                 .filter(|l| l.fresh(now))
                 .map(|l| l.node);
             let na = live.as_ref().map(|(v, _, _)| v.not_after);
+            let challenge = c.challenge_label().to_string();
             CertStatus {
                 domains: c.domains,
                 not_after: na.map(acme::rfc3339),
@@ -198,6 +206,8 @@ pub fn certificates(shared: &Shared) -> Vec<CertStatus> {
                 failures: rt.as_ref().map_or(0, |r| r.failures),
                 waiting_for: rt.as_ref().and_then(|r| r.waiting_for.clone()),
                 last_took_ms: rt.as_ref().and_then(|r| r.last_took_ms),
+                dns_propagation: rt.as_ref().and_then(|r| r.dns_propagation.clone()),
+                challenge,
                 name: c.name,
             }
         })
@@ -605,11 +615,30 @@ pub fn render(s: &Status) -> String {
                     [one] => one.clone(),
                     [first, rest @ ..] => format!("{first} (+{})", rest.len()),
                 };
-                let note = match (&c.lease, &c.waiting_for) {
+                let mut note = match (&c.lease, &c.waiting_for) {
                     (Some(l), _) => format!("lease held by {l}"),
                     (_, Some(w)) => w.clone(),
                     _ => String::new(),
                 };
+                if let Some(p) = &c.dns_propagation {
+                    let have = p.iter().filter(|n| n.has_record).count();
+                    let missing: Vec<&str> = p
+                        .iter()
+                        .filter(|n| !n.has_record)
+                        .map(|n| n.nameserver.as_str())
+                        .collect();
+                    let sep = if note.is_empty() { "" } else { "; " };
+                    note = format!(
+                        "{note}{sep}{} TXT on {have}/{} nameservers{}",
+                        c.challenge,
+                        p.len(),
+                        if missing.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", waiting for {}", missing.join(", "))
+                        }
+                    );
+                }
                 vec![
                     c.name.clone(),
                     domains,
@@ -619,6 +648,7 @@ pub fn render(s: &Status) -> String {
                     c.renewer.clone().unwrap_or_else(dash),
                     c.next_renewal.clone().unwrap_or_else(dash),
                     c.state.clone(),
+                    c.challenge.clone(),
                     note,
                 ]
             })
@@ -634,6 +664,7 @@ pub fn render(s: &Status) -> String {
                 "RENEWER",
                 "NEXT RENEWAL",
                 "STATE",
+                "CHALLENGE",
                 "NOTE",
             ],
             certs,
