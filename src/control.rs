@@ -373,6 +373,9 @@ async fn confirm(shared: &Shared, path: &str, timeout_ms: u64) -> serde_json::Va
         Ok(p) => p,
         Err(e) => return serde_json::json!({ "error": format!("{path}: {e}") }),
     };
+    if shared.lock().engine.index().get(&path).is_none() {
+        return serde_json::json!({ "error": format!("{path} is not in this node's index") });
+    }
     let timeout = Duration::from_millis(timeout_ms.min(600_000));
     let acks = crate::node::wait_peers_have(shared, &path, timeout).await;
     let nodes: Vec<ConfirmedNode> = acks

@@ -6,6 +6,7 @@ mod crash;
 mod dhparam;
 mod faults;
 mod hostile;
+mod hubs;
 mod import;
 mod metrics;
 mod observe;
