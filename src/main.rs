@@ -270,6 +270,9 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     problems.join("\n")
                 )));
             }
+            for w in certmesh::core::cluster::peer_warnings(c.peers.len()) {
+                eprintln!("{}: warning: {w}", config.display());
+            }
             println!(
                 "{}: ok ({} peers, {} certificates, {} hooks, acme {}, tree {})",
                 config.display(),

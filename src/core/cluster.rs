@@ -497,6 +497,25 @@ impl Census {
     }
 }
 
+/// What `certmesh check` can say about the peer graph from one node's config: a
+/// node with no peer is cut off from the cluster; a node with one is cut off when
+/// that peer fails (a hub topology peers each edge with two hubs).
+pub fn peer_warnings(peers: usize) -> Vec<String> {
+    match peers {
+        0 => vec![
+            "no [[peer]]: this node is not connected to any other node (the peer graph is \
+             not connected)"
+                .into(),
+        ],
+        1 => vec![
+            "one [[peer]] only: if it fails, this node is cut off from the cluster (peer \
+             each edge node with two hubs; README \"Large fleets\")"
+                .into(),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
