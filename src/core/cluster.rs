@@ -116,6 +116,10 @@ pub struct BarrierStatus {
 #[derive(Debug)]
 struct Relay {
     from: DeviceId,
+    /// The request as relayed (peers that connect later are sent it too).
+    req: Confirm,
+    /// Who has been sent it (by anyone, as far as this node knows).
+    asked: HashSet<DeviceId>,
     path: RelPath,
     version: VersionVector,
     expires_ns: i64,
@@ -137,6 +141,9 @@ struct Seen {
 /// One barrier this node runs as origin.
 #[derive(Debug)]
 pub struct Census {
+    req: Confirm,
+    /// Peers sent the request: each must report (so its own peers are known).
+    asked: HashSet<DeviceId>,
     path: RelPath,
     version: VersionVector,
     nodes: HashMap<DeviceId, Seen>,
@@ -256,12 +263,14 @@ impl Cluster {
             ttl_ms: ttl_ms.min(MAX_TTL_MS),
             asked: targets.iter().copied().take(MAX_ASKED).collect(),
         };
-        for t in targets {
-            self.send(t, ClusterMsg::Confirm(req.clone()));
+        for t in &targets {
+            self.send(*t, ClusterMsg::Confirm(req.clone()));
         }
         self.barriers.insert(
             id,
             Census {
+                req,
+                asked: targets.into_iter().collect(),
                 path,
                 version,
                 nodes: HashMap::new(),
@@ -297,32 +306,39 @@ impl Cluster {
             }
         }
         let ttl_ns = i64::try_from(req.ttl_ms.min(MAX_TTL_MS) * 1_000_000).unwrap_or(i64::MAX);
-        if req.hops > 0 {
-            let mut skip: HashSet<DeviceId> = req.asked.iter().copied().collect();
-            skip.insert(from);
-            skip.insert(req.origin);
-            let targets = self.targets(v, &skip);
-            if !targets.is_empty() {
-                let mut asked = req.asked.clone();
-                for t in &targets {
-                    if asked.len() < MAX_ASKED {
-                        asked.push(*t);
-                    }
-                }
-                let fwd = Confirm {
-                    hops: req.hops - 1,
-                    asked,
-                    ..req.clone()
-                };
-                for t in targets {
-                    self.send(t, ClusterMsg::Confirm(fwd.clone()));
-                }
+        let mut skip: HashSet<DeviceId> = req.asked.iter().copied().collect();
+        skip.insert(from);
+        skip.insert(req.origin);
+        let targets = if req.hops > 0 {
+            self.targets(v, &skip)
+        } else {
+            Vec::new()
+        };
+        let mut asked = req.asked.clone();
+        for t in &targets {
+            if asked.len() < MAX_ASKED {
+                asked.push(*t);
             }
+        }
+        let fwd = Confirm {
+            hops: req.hops.saturating_sub(1),
+            asked,
+            ..req.clone()
+        };
+        for t in &targets {
+            self.send(*t, ClusterMsg::Confirm(fwd.clone()));
+        }
+        skip.extend(targets);
+        if req.hops == 0 {
+            // Not relayed any further, to late-comers either.
+            skip.extend(self.roster.iter().map(|m| m.device));
         }
         self.relays.insert(
             req.id,
             Relay {
                 from,
+                req: fwd,
+                asked: skip,
                 path: req.path,
                 version: req.version,
                 expires_ns: now_ns.saturating_add(ttl_ns),
@@ -359,6 +375,9 @@ impl Cluster {
     /// ack, a connect or a disconnect). Nothing to do without relays.
     pub fn refresh(&mut self, v: &View) {
         if self.relays.is_empty() {
+            if !self.barriers.is_empty() {
+                self.ask_late_comers(v, self.now_ns);
+            }
             return;
         }
         let Some(me) = self.me else {
@@ -366,6 +385,7 @@ impl Cluster {
         };
         let now = self.now_ns;
         let mut out = Vec::new();
+        self.ask_late_comers(v, now);
         for (id, r) in self.relays.iter_mut().filter(|(_, r)| r.expires_ns > now) {
             let has = v.has(&r.path, &r.version);
             let peers: HashMap<DeviceId, Neighbor> = self
@@ -417,6 +437,30 @@ impl Cluster {
         }
     }
 
+    /// Sends the requests this node runs or relays to peers that connected since
+    /// (or reconnected: a node relays each id once, so a repeat costs nothing).
+    fn ask_late_comers(&mut self, v: &View, now: i64) {
+        let live = self.targets(v, &HashSet::new());
+        let mut out = Vec::new();
+        for c in self.barriers.values_mut() {
+            for t in &live {
+                if c.asked.insert(*t) {
+                    out.push((*t, c.req.clone()));
+                }
+            }
+        }
+        for r in self.relays.values_mut().filter(|r| r.expires_ns > now) {
+            for t in &live {
+                if r.asked.insert(*t) {
+                    out.push((*t, r.req.clone()));
+                }
+            }
+        }
+        for (t, req) in out {
+            self.send(t, ClusterMsg::Confirm(req));
+        }
+    }
+
     /// Where barrier `id` stands: the origin's own peers (judged by their sessions
     /// and acks) merged with every report received.
     pub fn status(&self, v: &View, id: u64) -> Option<BarrierStatus> {
@@ -431,7 +475,8 @@ impl Cluster {
             let has = seen.is_some_and(|s| s.has)
                 || (connected && v.acked(&m.device, &c.path, &c.version));
             let reported = seen.is_some_and(|s| s.reported);
-            waiting |= connected && (!has || (relays && !reported));
+            let asked = c.asked.contains(&m.device);
+            waiting |= connected && (!has || (relays && asked && !reported));
             nodes.insert(
                 m.device,
                 NodeStatus {
@@ -700,6 +745,26 @@ mod tests {
         }
         deliver(&mut nodes);
         assert_eq!(confirms, 0);
+        assert!(status(&mut nodes[0]).done);
+    }
+
+    #[test]
+    fn a_node_that_connects_during_a_barrier_is_asked_too() {
+        let mut nodes = chain();
+        nodes[1].connected.remove(&dev(3));
+        let r = token();
+        start(&mut nodes, &r);
+        nodes[1].apply(&r);
+        deliver(&mut nodes);
+        // The edge connects to the hub: the hub reports it live and relays the request.
+        nodes[1].connected.insert(dev(3));
+        nodes[1].with_view(|c, v| c.refresh(v));
+        deliver(&mut nodes);
+        let s = status(&mut nodes[0]);
+        let n3 = s.nodes.iter().find(|n| n.device == dev(3)).unwrap();
+        assert!(n3.live && !n3.has && !s.done, "{s:?}");
+        nodes[2].apply(&r);
+        deliver(&mut nodes);
         assert!(status(&mut nodes[0]).done);
     }
 
