@@ -418,7 +418,7 @@ impl Cluster {
             };
             if changed {
                 let mut delta = delta;
-                delta.sort_by(|a, b| a.device.cmp(&b.device));
+                delta.sort_by_key(|a| a.device);
                 out.push((
                     r.from,
                     Report {
@@ -730,18 +730,14 @@ mod tests {
             n.apply(&r);
         }
         let mut confirms = 0;
-        for i in 1..4 {
-            for j in 0..4 {
-                confirms += nodes[i]
-                    .cluster
-                    .outbox
-                    .get(&dev(j as u8 + 1))
-                    .map_or(0, |q| {
-                        q.iter()
-                            .filter(|m| matches!(m, ClusterMsg::Confirm(_)))
-                            .count()
-                    });
-            }
+        for n in &nodes[1..] {
+            confirms += n
+                .cluster
+                .outbox
+                .values()
+                .flatten()
+                .filter(|m| matches!(m, ClusterMsg::Confirm(_)))
+                .count();
         }
         deliver(&mut nodes);
         assert_eq!(confirms, 0);
@@ -815,7 +811,7 @@ mod tests {
         };
         n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), 0));
         // Answered, not relayed (no hops left)…
-        assert!(n.cluster.outbox.get(&dev(3)).is_none());
+        assert!(!n.cluster.outbox.contains_key(&dev(3)));
         assert_eq!(n.cluster.take_outbox(&dev(1)).len(), 1);
         // …and a second copy of the same request is ignored.
         n.with_view(|c, v| c.handle_confirm(v, dev(3), req, 0));
