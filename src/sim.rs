@@ -1296,7 +1296,12 @@ mod tests {
     #[ignore = "a measurement: prints figures"]
     fn hubs_1000_nodes_wan_propagation() {
         let started = std::time::Instant::now();
-        let mut sim = wan_hubs(248, 5);
+        // SIM_HUBS_EDGES: edges per region (248: 1,000 nodes).
+        let edges = std::env::var("SIM_HUBS_EDGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(248);
+        let mut sim = wan_hubs(edges, 5);
         sim.run_until_quiet(10 * QUIET).unwrap();
         let formed = started.elapsed();
         let n = sim.nodes.len();
@@ -1346,7 +1351,7 @@ mod tests {
         let pct = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)] as f64 / 1e6;
         let b_ms: Vec<f64> = barriers.iter().map(|b| *b as f64 / 1e6).collect();
         eprintln!(
-            "sim hubs 1000 nodes (4 regions x (2 hubs + 248 edges), 20-150 ms WAN): \
+            "sim hubs {n} nodes (4 regions x (2 hubs + {edges} edges), 20-150 ms WAN): \
              small file to every node p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; \
              barrier (from an edge) {:?} ms; wall: formed {:.1} s, total {:.1} s",
             pct(0.5),
