@@ -229,6 +229,30 @@ mod tests {
         assert!(report_from_wire(many).is_err());
     }
 
+    #[test]
+    fn oversized_lists_are_refused_before_decoding() {
+        let mut c = confirm_to_wire(&sample_confirm());
+        c.asked = vec![Vec::new(); MAX_ASKED + 1];
+        let f = pb::Frame {
+            body: Some(pb::frame::Body::Confirm(c)),
+        };
+        let err = super::super::precheck_frame(&f.encode_to_vec()).unwrap_err();
+        assert!(err.to_string().contains("more than 4096"), "{err}");
+        let r = pb::Report {
+            peers: vec![pb::Neighbor::default(); MAX_REPORT_PEERS + 1],
+            ..Default::default()
+        };
+        let f = pb::Frame {
+            body: Some(pb::frame::Body::Report(r)),
+        };
+        assert!(super::super::decode_frame(&f.encode_to_vec()).is_err());
+        // Valid ones pass the whole frame check.
+        let f = pb::Frame {
+            body: Some(pb::frame::Body::Confirm(confirm_to_wire(&sample_confirm()))),
+        };
+        assert!(super::super::decode_frame(&f.encode_to_vec()).is_ok());
+    }
+
     proptest! {
         #[test]
         fn confirm_round_trips(id: u64, o: [u8; 32], hops in 0..=MAX_HOPS, ttl in 0..=MAX_TTL_MS,
