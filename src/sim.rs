@@ -1307,7 +1307,11 @@ mod tests {
         let n = sim.nodes.len();
         let mut all = Vec::new();
         let mut barriers = Vec::new();
-        for round in 0..5u8 {
+        let rounds: u8 = std::env::var("SIM_HUBS_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5);
+        for round in 0..rounds {
             let origin = 2 + usize::from(round) * 7;
             let path = format!("acme/t{round}");
             let body = vec![round; 100];
