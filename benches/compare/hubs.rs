@@ -146,17 +146,17 @@ fn confirm(
         timeout_ms: 30_000,
     };
     loop {
-        let v = rt.block_on(certmesh::control::send(&cfg.control_socket(), &req))?;
-        if v["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("not in this node's index"))
-        {
-            if since.elapsed() > Duration::from_secs(30) {
-                bail!("{rel} never indexed on {}", node.name);
+        let v = match rt.block_on(certmesh::control::send(&cfg.control_socket(), &req)) {
+            Ok(v) => v,
+            Err(e) if format!("{e:#}").contains("not in this node's index") => {
+                if since.elapsed() > Duration::from_secs(30) {
+                    bail!("{rel} never indexed on {}", node.name);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
             }
-            std::thread::sleep(Duration::from_millis(1));
-            continue;
-        }
+            Err(e) => return Err(e),
+        };
         let took = since.elapsed();
         let r: certmesh::control::ConfirmReply =
             serde_json::from_value(v.clone()).map_err(|e| anyhow!("confirm: {e}: {v}"))?;
