@@ -11,7 +11,9 @@
 //!    peers, and whether a peer was ever seen with a mismatched or dangling pair;
 //! 3. idle RSS, CPU seconds and context switches per node;
 //! 4. bulk initial sync between 2 nodes (N files / M MiB created on node 1 before start);
-//! 5. certmesh only: 16 and 32 node full meshes (formation time, propagation p50/p99).
+//! 5. certmesh only: 16 and 32 node full meshes (formation time, propagation p50/p99);
+//! 6. certmesh only, with `--only hubs`: hub topologies of 128 (`--hubs 128,248`) real
+//!    processes on 127.1.0.0/16 (see `compare/hubs.rs`).
 //!
 //! Syncthing (1.19, `/usr/bin/syncthing` or `$SYNCTHING`) runs fully offline: discovery,
 //! relays, NAT, STUN, usage and crash reporting and upgrades off; listen and GUI addresses on
@@ -34,6 +36,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use certmesh::demo::{self, LocalNode};
 use rand::{Rng, RngExt, SeedableRng};
 
+#[path = "compare/hubs.rs"]
+mod hubs;
+
 const FOLDER_ID: &str = "certmesh-bench";
 const SMALL_SIZE: usize = 100;
 const CERT_SIZE: usize = 3000;
@@ -52,6 +57,8 @@ struct Opts {
     idle_secs: u64,
     rss_after_secs: u64,
     scale: Vec<usize>,
+    /// Hub topology sizes (`--only hubs`).
+    hubs: Vec<usize>,
     /// Sections to run (`--only`); empty: all.
     only: Vec<String>,
     acme_samples: usize,
@@ -78,7 +85,10 @@ usage: cargo bench --bench compare -- [flags]
   --only LIST           sections to run, comma separated: latency (small file, bundle,
                         idle), bulk, scale, acme (issuance against a local Pebble on 1
                         and 3 nodes; skipped when pebble is not installed) (default: all)
-  --acme-samples N      issuances per cluster size (default 20)";
+  --acme-samples N      issuances per cluster size (default 20)
+  --hubs LIST           hub topology sizes for `--only hubs` (default 128; multiples of 4;
+                        hubs run only when named in --only; raises
+                        fs.inotify.max_user_instances as root for the run)";
 
 fn parse_opts() -> Result<Opts> {
     let args: Vec<String> = std::env::args()
@@ -96,6 +106,7 @@ fn parse_opts() -> Result<Opts> {
         idle_secs: if quick { 3 } else { 30 },
         rss_after_secs: if quick { 3 } else { 10 },
         scale: if quick { vec![16] } else { vec![16, 32] },
+        hubs: vec![128],
         only: Vec::new(),
         acme_samples: if quick { 3 } else { 20 },
         args: args.clone(),
@@ -133,6 +144,24 @@ fn parse_opts() -> Result<Opts> {
                     })
                     .collect::<Result<_>>()?;
             }
+            "--hubs" => {
+                let v: String = val(&a, it.next())?;
+                o.hubs = v
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| {
+                        s.trim()
+                            .parse()
+                            .map_err(|_| anyhow!("--hubs: bad value {s:?}"))
+                    })
+                    .collect::<Result<_>>()?;
+                if o.hubs
+                    .iter()
+                    .any(|&n| n % 4 != 0 || !(16..=1000).contains(&n))
+                {
+                    bail!("--hubs sizes must be multiples of 4 between 16 and 1000");
+                }
+            }
             "--only" => {
                 let v: String = val(&a, it.next())?;
                 o.only = v
@@ -143,9 +172,9 @@ fn parse_opts() -> Result<Opts> {
                 if let Some(bad) = o
                     .only
                     .iter()
-                    .find(|s| !["latency", "bulk", "scale", "acme"].contains(&s.as_str()))
+                    .find(|s| !["latency", "bulk", "scale", "acme", "hubs"].contains(&s.as_str()))
                 {
-                    bail!("--only: unknown section {bad:?} (latency, bulk, scale, acme)");
+                    bail!("--only: unknown section {bad:?} (latency, bulk, scale, acme, hubs)");
                 }
             }
             "-h" | "--help" => {
@@ -1729,6 +1758,16 @@ fn main() -> Result<()> {
         scale.push(run_scale(&exe, &rt, n, &o).with_context(|| format!("certmesh, {n} nodes"))?);
     }
 
+    let mut hub_results = Vec::new();
+    if o.only.iter().any(|s| s == "hubs") {
+        for &n in &o.hubs {
+            hub_results.push(
+                hubs::run_hubs(&exe, &rt, n, &o)
+                    .with_context(|| format!("certmesh hubs, {n} nodes"))?,
+            );
+        }
+    }
+
     let acme = if o.runs("acme") && certmesh::demo_pebble::available() {
         Some(run_acme(&exe, &rt, &o).context("certmesh, ACME")?)
     } else {
@@ -1815,6 +1854,11 @@ fn main() -> Result<()> {
         acme.as_ref(),
         &notes,
     );
+    let report = if hub_results.is_empty() {
+        report
+    } else {
+        report + &hubs::render(&hub_results, o.samples)
+    };
     println!("{report}");
     let path = target_dir().join("bench-report.md");
     std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;

@@ -124,6 +124,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut engine =
         Engine::new(index, config.max_file_size).with_authorship(Some(signer), writers);
     engine.track_durability();
+    engine.set_roster(identity.id, config.name.clone(), roster(&config.peers));
     let shared = Arc::new(Shared {
         config: Mutex::new(config.clone()),
         identity,
@@ -231,6 +232,17 @@ fn new_slot(config: PeerConfig) -> PeerSlot {
     }
 }
 
+/// The configured peers, as cluster-wide barriers name them.
+fn roster(peers: &[PeerConfig]) -> Vec<crate::core::cluster::Member> {
+    peers
+        .iter()
+        .map(|p| crate::core::cluster::Member {
+            device: p.id,
+            name: p.name.clone(),
+        })
+        .collect()
+}
+
 /// Re-reads the peer list (SIGHUP): new peers are dialled, removed ones dropped.
 /// Applies a re-read config's peer list; returns the peers added (to dial).
 pub fn reload(shared: &Arc<Shared>, new: Config) -> Vec<DeviceId> {
@@ -265,6 +277,9 @@ pub fn reload(shared: &Arc<Shared>, new: Config) -> Vec<DeviceId> {
                 }
             }
         }
+        let me = shared.me();
+        st.engine
+            .set_roster(me, new.name.clone(), roster(&new.peers));
         if let Ok(mut a) = shared.allowed.write() {
             *a = new.peers.iter().map(|p| (p.id, p.name.clone())).collect();
         }

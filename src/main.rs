@@ -95,6 +95,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Wait until every live node of the cluster (behind hubs too) has PATH as this
+    /// node has it; name the nodes that do not. Exits 1 if some live node did not.
+    Confirm {
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// A path in the tree, relative to its root.
+        path: String,
+        /// Give up after this long ("30s", "500ms").
+        #[arg(long, default_value = "30s", value_parser = certmesh::config::parse_duration)]
+        timeout: std::time::Duration,
+        /// Print the daemon's answer as JSON (`done`, `nodes[]`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print packet filter rules admitting the QUIC port only from the configured peers.
     Firewall {
         #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
@@ -266,6 +280,9 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                     problems.join("\n")
                 )));
             }
+            for w in certmesh::core::cluster::peer_warnings(c.peers.len()) {
+                eprintln!("{}: warning: {w}", config.display());
+            }
             println!(
                 "{}: ok ({} peers, {} certificates, {} hooks, acme {}, tree {})",
                 config.display(),
@@ -352,6 +369,39 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             }
             if v.failed > 0 {
                 return Err(Failure::Runtime(format!("{} renewals failed", v.failed)));
+            }
+        }
+        Cmd::Confirm {
+            config,
+            path,
+            timeout,
+            json,
+        } => {
+            let c = load(&config)?;
+            let req = certmesh::control::Request::Confirm {
+                path,
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            };
+            let v = runtime()?
+                .block_on(certmesh::control::send(&c.control_socket(), &req))
+                .map_err(rt_err)?;
+            if json {
+                print_json(&v);
+            }
+            let r: certmesh::control::ConfirmReply = serde_json::from_value(v.clone())
+                .map_err(|_| Failure::Runtime(format!("daemon answer: {v}")))?;
+            if !json {
+                for n in &r.nodes {
+                    let state = match (n.after_ms, n.live) {
+                        (Some(ms), _) => format!("has it after {ms} ms"),
+                        (None, true) => "did not confirm in time".to_string(),
+                        (None, false) => "not connected to the cluster".to_string(),
+                    };
+                    println!("{:<24} {state}", n.name);
+                }
+            }
+            if !r.done {
+                return Err(Failure::Runtime("some live nodes did not confirm".into()));
             }
         }
         Cmd::Firewall {

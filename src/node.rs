@@ -188,49 +188,65 @@ impl Shared {
 
 pub use crate::clock::now_ns;
 
-/// How one peer answered a barrier.
+/// How one node answered a barrier.
 #[derive(Debug, Clone)]
 pub struct PeerAck {
     pub peer: DeviceId,
     pub name: String,
-    /// How long until it acknowledged; `None` if it did not before the deadline.
+    /// How long until it had the path; `None` if it did not before the deadline
+    /// (or, when not `live`, was not connected to anyone who could ask it).
     pub after: Option<Duration>,
+    /// Connected to this node or to a node that answered: waited for.
+    pub live: bool,
 }
 
-/// Waits until every connected peer has acknowledged the current local version of
-/// `path` (applied it, or something newer), or until `timeout`. The barrier the ACME
-/// client uses before telling the CA to validate. Peers that are not connected are
-/// not waited for (they cannot be asked by the CA's validator through us either).
+/// Waits until every live node of the cluster — direct peers and the nodes behind
+/// them (issue 16) — has the current local version of `path` (applied it, or
+/// something newer), or until `timeout`. The barrier the ACME client uses before
+/// telling the CA to validate. Direct peers are judged by their acks (and by their
+/// reports, when they relay barriers); nodes further away by the reports relayed
+/// back. Nodes nobody is connected to are named in the result but not waited for
+/// (the CA's validator cannot reach them through the mesh either).
 pub async fn wait_peers_have(shared: &Shared, path: &RelPath, timeout: Duration) -> Vec<PeerAck> {
     let start = Instant::now();
     let mut progress = shared.progress.subscribe();
+    let id: u64 = rand::random();
+    let ttl_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    let started =
+        shared
+            .lock()
+            .engine
+            .start_barrier(id, path, ttl_ms.saturating_add(1000), now_ns());
+    if !started {
+        tracing::warn!(path = %path, "cluster-wide barrier not started; waiting for direct peers only");
+    }
+    shared.bump_progress();
     let mut acks: HashMap<DeviceId, PeerAck> = HashMap::new();
     loop {
         progress.borrow_and_update();
-        let pending = {
+        let done = {
             let st = shared.lock();
-            let seq = st.engine.index().get(path).map_or(0, |e| e.sequence);
-            let mut pending = 0;
-            for (id, slot) in &st.peers {
-                if slot.session.is_none() {
-                    continue;
-                }
-                let ack = acks.entry(*id).or_insert_with(|| PeerAck {
-                    peer: *id,
-                    name: slot.config.name.clone(),
+            let status = if started {
+                st.engine.barrier_status(id)
+            } else {
+                None
+            };
+            let status = status.unwrap_or_else(|| direct_status(&st, path));
+            for n in &status.nodes {
+                let ack = acks.entry(n.device).or_insert_with(|| PeerAck {
+                    peer: n.device,
+                    name: n.name.clone(),
                     after: None,
+                    live: n.live,
                 });
-                if ack.after.is_none() {
-                    if st.engine.plan().peer_acked(id) >= seq {
-                        ack.after = Some(start.elapsed());
-                    } else {
-                        pending += 1;
-                    }
+                ack.live = n.live;
+                if ack.after.is_none() && n.has {
+                    ack.after = Some(start.elapsed());
                 }
             }
-            pending
+            status.done
         };
-        if pending == 0 {
+        if done {
             break;
         }
         let left = timeout.saturating_sub(start.elapsed());
@@ -242,7 +258,30 @@ pub async fn wait_peers_have(shared: &Shared, path: &RelPath, timeout: Duration)
             break;
         }
     }
+    if started {
+        shared.lock().engine.finish_barrier(id);
+    }
     let mut out: Vec<PeerAck> = acks.into_values().collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// The barrier over direct peers only, by their acks (when the cluster-wide one
+/// cannot start).
+fn direct_status(st: &State, path: &RelPath) -> crate::core::cluster::BarrierStatus {
+    use crate::core::cluster::{BarrierStatus, NodeStatus};
+    let seq = st.engine.index().get(path).map_or(0, |e| e.sequence);
+    let nodes: Vec<NodeStatus> = st
+        .peers
+        .iter()
+        .filter(|(_, slot)| slot.session.is_some())
+        .map(|(id, slot)| NodeStatus {
+            device: *id,
+            name: slot.config.name.clone(),
+            has: st.engine.plan().peer_acked(id) >= seq,
+            live: true,
+        })
+        .collect();
+    let done = nodes.iter().all(|n| n.has);
+    BarrierStatus { nodes, done }
 }

@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use crate::core::cluster::ClusterMsg;
 use crate::core::engine::{EngineError, IndexSend, SendToken};
 use crate::identity::DeviceId;
 use crate::index::Kind;
 use crate::node::{Session, Shared};
 use crate::paths::RelPath;
 use crate::plan::PlanEvent;
+use crate::wire::cluster::{confirm_from_wire, confirm_to_wire, report_from_wire, report_to_wire};
 use crate::wire::{
     self, pb, record_from_wire, record_to_wire, WireError, INDEX_BATCH, MAX_FRAME, MAX_HEADER,
 };
@@ -67,7 +69,7 @@ pub async fn run_session_with_ready(
         dialed_by_me,
         conn: conn.clone(),
     };
-    let Some(token) = register(&shared, peer, &session) else {
+    let Some(token) = register(&shared, peer, &session, hello.relays_confirm) else {
         conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
         if let Some(r) = ready {
             let _ = r.send(());
@@ -124,6 +126,7 @@ async fn exchange_hello(
             name,
             instance: shared.instance,
             version: env!("CARGO_PKG_VERSION").into(),
+            relays_confirm: true,
         })),
     };
     wire::write_msg(&mut send, &hello).await?;
@@ -147,7 +150,12 @@ fn io(e: impl std::fmt::Display) -> WireError {
 /// peer (new instance) replaces the old session; between two live sessions of the
 /// same instance, the one dialled by the lower device ID stays. Returns the new
 /// session's send token, `None` when it is refused.
-fn register(shared: &Shared, peer: DeviceId, session: &Session) -> Option<SendToken> {
+fn register(
+    shared: &Shared,
+    peer: DeviceId,
+    session: &Session,
+    relays_confirm: bool,
+) -> Option<SendToken> {
     let me = shared.me();
     let mut st = shared.lock();
     let crate::node::State { peers, engine, .. } = &mut *st;
@@ -166,7 +174,11 @@ fn register(shared: &Shared, peer: DeviceId, session: &Session) -> Option<SendTo
     }
     slot.session = Some(session.clone());
     slot.last_error = None;
-    Some(engine.connected(peer))
+    let token = engine.connected(peer);
+    if relays_confirm {
+        engine.peer_relays(peer);
+    }
+    Some(token)
 }
 
 fn unregister(shared: &Shared, peer: DeviceId, session_id: u64) {
@@ -265,6 +277,13 @@ async fn send_loop(
                 };
                 wire::write_msg(&mut send, &f).await?;
             }
+            for m in t.cluster {
+                let body = match m {
+                    ClusterMsg::Confirm(c) => pb::frame::Body::Confirm(confirm_to_wire(&c)),
+                    ClusterMsg::Report(r) => pb::frame::Body::Report(report_to_wire(&r)),
+                };
+                wire::write_msg(&mut send, &pb::Frame { body: Some(body) }).await?;
+            }
         }
         tokio::select! {
             r = changed.changed() => if r.is_err() { return Ok(()) },
@@ -328,6 +347,18 @@ async fn recv_loop(
             }
             Some(pb::frame::Body::Ack(a)) => {
                 shared.lock().acked(peer, a.sequence).map_err(refused)?;
+                shared.bump_progress();
+            }
+            Some(pb::frame::Body::Confirm(c)) => {
+                let c = confirm_from_wire(c)?;
+                tracing::trace!(peer = %peer, id = c.id, path = %c.path, "barrier request");
+                let now = crate::node::now_ns();
+                shared.lock().engine.handle_confirm(peer, c, now);
+                shared.bump_progress();
+            }
+            Some(pb::frame::Body::Report(r)) => {
+                let r = report_from_wire(r)?;
+                shared.lock().engine.handle_report(peer, r);
                 shared.bump_progress();
             }
             Some(pb::frame::Body::Hello(_)) | None => {

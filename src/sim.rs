@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
+use crate::core::cluster::{ClusterMsg, Member};
 use crate::core::engine::{Engine, SendToken, Transmit};
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
 use crate::identity::DeviceId;
@@ -119,6 +120,8 @@ enum Msg {
     /// the sequence they bring the receiver up to.
     Index(Vec<WireRecord>, u64),
     Ack(u64),
+    /// A cluster-wide barrier request or report (issue 16).
+    Cluster(ClusterMsg),
 }
 
 #[derive(Debug, Default)]
@@ -164,6 +167,8 @@ pub struct Sim {
     last_arrival: BTreeMap<(usize, usize), i64>,
     /// `now` 0 as an `Instant`, for the pipeline's timers.
     epoch: Instant,
+    /// Per-link latency overriding `latency` (a WAN between regions).
+    link_latency: BTreeMap<(usize, usize), (i64, i64)>,
 }
 
 fn key(a: usize, b: usize) -> (usize, usize) {
@@ -196,6 +201,7 @@ impl Sim {
             order: 0,
             last_arrival: BTreeMap::new(),
             epoch: Instant::now(),
+            link_latency: BTreeMap::new(),
         }
     }
 
@@ -217,8 +223,72 @@ impl Sim {
 
     /// Declares a link (or heals it) and connects it.
     pub fn link(&mut self, a: usize, b: usize) {
+        let new = !self.links.contains_key(&key(a, b));
         self.links.entry(key(a, b)).or_default().wanted = true;
+        if new {
+            self.set_roster(a);
+            self.set_roster(b);
+        }
         self.connect(key(a, b));
+    }
+
+    /// As [`Sim::link`], messages on it taking `latency` (ns, uniform) instead.
+    pub fn link_with_latency(&mut self, a: usize, b: usize, latency: (i64, i64)) {
+        self.link_latency.insert(key(a, b), latency);
+        self.link(a, b);
+    }
+
+    /// Node `i`'s configured peers, as the daemon gives them to the engine: every
+    /// node it has a declared link with.
+    fn set_roster(&mut self, i: usize) {
+        let roster = self
+            .links
+            .keys()
+            .filter_map(|&(a, b)| match (a == i, b == i) {
+                (true, _) => Some(b),
+                (_, true) => Some(a),
+                _ => None,
+            })
+            .map(|j| Member {
+                device: self.nodes[j].id,
+                name: format!("n{j}"),
+            })
+            .collect();
+        let id = self.nodes[i].id;
+        self.nodes[i].engine.set_roster(id, format!("n{i}"), roster);
+    }
+
+    /// Regions of `hubs` hubs and `edges` edges each: hubs peered with every hub,
+    /// each edge with the hubs of its region (the shape `gen-peers.sh --hubs` makes).
+    /// Links within a region take `local` ns, links between regions `wan` ns. Node
+    /// numbers: region by region, hubs first.
+    pub fn hubs(
+        regions: usize,
+        hubs: usize,
+        edges: usize,
+        local: (i64, i64),
+        wan: (i64, i64),
+        seed: u64,
+    ) -> Self {
+        let per = hubs + edges;
+        let mut sim = Sim::new(regions * per, seed);
+        let all_hubs: Vec<usize> = (0..regions)
+            .flat_map(|r| (0..hubs).map(move |h| r * per + h))
+            .collect();
+        for (i, &a) in all_hubs.iter().enumerate() {
+            for &b in &all_hubs[i + 1..] {
+                let lat = if a / per == b / per { local } else { wan };
+                sim.link_with_latency(a, b, lat);
+            }
+        }
+        for r in 0..regions {
+            for e in 0..edges {
+                for h in 0..hubs {
+                    sim.link_with_latency(r * per + hubs + e, r * per + h, local);
+                }
+            }
+        }
+        sim
     }
 
     /// Cuts a link until `link` heals it.
@@ -275,6 +345,7 @@ impl Sim {
         node.inline = fresh.inline;
         node.up = true;
         node.sessions.clear();
+        self.set_roster(i);
         for k in self
             .link_keys()
             .into_iter()
@@ -295,6 +366,7 @@ impl Sim {
             let peer = self.nodes[y].id;
             let node = &mut self.nodes[x];
             let token = node.engine.connected(peer);
+            node.engine.peer_relays(peer);
             node.sessions.insert(y, token);
             node.pipe.wake();
             // The full index leaves at once, as `send_loop` sends it on connect.
@@ -337,11 +409,19 @@ impl Sim {
         if let Some(ack) = t.ack {
             self.send(from, to, Msg::Ack(ack));
         }
+        for m in t.cluster {
+            self.send(from, to, Msg::Cluster(m));
+        }
     }
 
     fn send(&mut self, from: usize, to: usize, msg: Msg) {
         let epoch = self.links[&key(from, to)].epoch;
-        let delay = self.rng.random_range(self.latency.0..=self.latency.1);
+        let (lo, hi) = self
+            .link_latency
+            .get(&key(from, to))
+            .copied()
+            .unwrap_or(self.latency);
+        let delay = self.rng.random_range(lo..=hi);
         let last = self.last_arrival.entry((from, to)).or_default();
         *last = (self.now + delay).max(*last);
         self.order += 1;
@@ -381,6 +461,14 @@ impl Sim {
                         .map_err(|e| e.to_string())
                 }),
             Msg::Ack(seq) => node.engine.handle_ack(peer, seq).map_err(|e| e.to_string()),
+            Msg::Cluster(ClusterMsg::Confirm(c)) => {
+                node.engine.handle_confirm(peer, c, self.now);
+                Ok(())
+            }
+            Msg::Cluster(ClusterMsg::Report(r)) => {
+                node.engine.handle_report(peer, r);
+                Ok(())
+            }
         };
         // Like `recv_loop`: a refused message ends the connection (logged there).
         // As the daemon: what arrives wakes the puller (`shared.pull`).
@@ -1158,5 +1246,125 @@ mod tests {
             (steps, sim.now, sim.stats.delivered, sim.stats.drops)
         };
         assert_eq!(run(7), run(7));
+    }
+
+    /// 4 regions × (2 hubs + `edges` edges), 1–5 ms within a region, 20–150 ms
+    /// between regions.
+    fn wan_hubs(edges: usize, seed: u64) -> Sim {
+        Sim::hubs(4, 2, edges, (MS, 5 * MS), (20 * MS, 150 * MS), seed)
+    }
+
+    /// Issue 16: a barrier started on an edge is done only once every node — edges
+    /// of other regions three hops away included — has the token, and then it is.
+    #[test]
+    fn a_barrier_in_a_hub_topology_waits_for_every_edge() {
+        let mut sim = wan_hubs(6, 11);
+        quiet_and_converged(&mut sim);
+        let origin = 2; // region 0, first edge
+        sim.write(origin, "acme/token", b"key-authorization");
+        let p = RelPath::parse("acme/token").unwrap();
+        let now = sim.now;
+        assert!(sim.nodes[origin].engine.start_barrier(1, &p, 60_000, now));
+        let mut done_at = None;
+        for _ in 0..QUIET {
+            let status = sim.nodes[origin].engine.barrier_status(1).unwrap();
+            let everywhere = (0..sim.nodes.len())
+                .all(|i| sim.content(i, "acme/token") == Some(&b"key-authorization"[..]));
+            assert!(!status.done || everywhere, "done before every node had it");
+            if status.done {
+                assert_eq!(status.nodes.len(), sim.nodes.len() - 1, "{status:?}");
+                assert!(status.nodes.iter().all(|n| n.live && n.has));
+                done_at = Some(sim.now);
+                break;
+            }
+            if !sim.step() {
+                break;
+            }
+        }
+        let done_at = done_at.expect("the barrier never completed");
+        // Token out, three hops to a far edge and reports back: several WAN trips.
+        assert!(done_at - now < 2_000 * MS, "{} ms", (done_at - now) / MS);
+        sim.nodes[origin].engine.finish_barrier(1);
+        quiet_and_converged(&mut sim);
+    }
+
+    /// Issue 16, item 4: 1,000 simulated nodes (4 regions × (2 hubs + 248 edges)),
+    /// WAN latencies between regions; prints propagation of a small file from an
+    /// edge to every node and the barrier's time, in simulated time. Run with
+    /// `cargo test --release --lib sim::tests::hubs_1000 -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement: prints figures"]
+    fn hubs_1000_nodes_wan_propagation() {
+        let started = std::time::Instant::now();
+        // SIM_HUBS_EDGES: edges per region (248: 1,000 nodes).
+        let edges = std::env::var("SIM_HUBS_EDGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(248);
+        let mut sim = wan_hubs(edges, 5);
+        sim.run_until_quiet(10 * QUIET).unwrap();
+        let formed = started.elapsed();
+        let n = sim.nodes.len();
+        let mut all = Vec::new();
+        let mut barriers = Vec::new();
+        let rounds: u8 = std::env::var("SIM_HUBS_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5);
+        for round in 0..rounds {
+            let origin = 2 + usize::from(round) * 7;
+            let path = format!("acme/t{round}");
+            let body = vec![round; 100];
+            sim.write(origin, &path, &body);
+            let t0 = sim.now;
+            let p = RelPath::parse(&path).unwrap();
+            assert!(sim.nodes[origin]
+                .engine
+                .start_barrier(u64::from(round) + 1, &p, 60_000, t0));
+            let mut arrived: Vec<Option<i64>> = vec![None; n];
+            arrived[origin] = Some(t0);
+            let mut barrier = None;
+            while arrived.iter().any(Option::is_none) || barrier.is_none() {
+                for (i, a) in arrived.iter_mut().enumerate() {
+                    if a.is_none() && sim.content(i, &path) == Some(&body[..]) {
+                        *a = Some(sim.now);
+                    }
+                }
+                let st = sim.nodes[origin]
+                    .engine
+                    .barrier_status(u64::from(round) + 1);
+                if barrier.is_none() && st.is_some_and(|s| s.done) {
+                    barrier = Some(sim.now - t0);
+                }
+                assert!(sim.step(), "stalled");
+            }
+            sim.nodes[origin]
+                .engine
+                .finish_barrier(u64::from(round) + 1);
+            sim.run_until_quiet(10 * QUIET).unwrap();
+            all.extend(
+                arrived
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != origin)
+                    .map(|(_, a)| a.unwrap_or(t0) - t0),
+            );
+            barriers.extend(barrier);
+        }
+        all.sort_unstable();
+        let pct = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)] as f64 / 1e6;
+        let b_ms: Vec<f64> = barriers.iter().map(|b| *b as f64 / 1e6).collect();
+        eprintln!(
+            "sim hubs {n} nodes (4 regions x (2 hubs + {edges} edges), 20-150 ms WAN): \
+             small file to every node p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; \
+             barrier (from an edge) {:?} ms; wall: formed {:.1} s, total {:.1} s",
+            pct(0.5),
+            pct(0.99),
+            pct(1.0),
+            b_ms,
+            formed.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
+        assert!(pct(0.99) < 1_000.0);
     }
 }

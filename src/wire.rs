@@ -19,6 +19,8 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/certmesh.v1.rs"));
 }
 
+pub mod cluster;
+
 /// Largest control frame accepted (an index batch of ~1000 records fits easily).
 pub const MAX_FRAME: usize = 4 << 20;
 /// Largest request/response header.
@@ -445,6 +447,9 @@ fn for_each_len_field(
 pub fn precheck_frame(bytes: &[u8]) -> Result<(), WireError> {
     let mut records = 0usize;
     for_each_len_field(bytes, |field, index| {
+        if field == 4 || field == 5 {
+            return precheck_cluster(field, index);
+        }
         if field != 2 {
             return Ok(()); // Frame.index
         }
@@ -474,6 +479,34 @@ pub fn precheck_frame(bytes: &[u8]) -> Result<(), WireError> {
     })
 }
 
+/// Counts the device IDs and version entries of a `Confirm` (field 4 of `Frame`)
+/// or the peers of a `Report` (field 5) before they are decoded (and allocated).
+fn precheck_cluster(frame_field: u64, body: &[u8]) -> Result<(), WireError> {
+    use crate::core::cluster::{MAX_ASKED, MAX_REPORT_PEERS};
+    let limits: &[(u64, usize)] = if frame_field == 4 {
+        &[(7, MAX_ASKED), (4, MAX_VERSION_ENTRIES)] // Confirm.asked, Confirm.version
+    } else {
+        &[(5, MAX_REPORT_PEERS)] // Report.peers
+    };
+    let what = if frame_field == 4 {
+        "confirm"
+    } else {
+        "report"
+    };
+    let mut counts = [0usize; 2];
+    for_each_len_field(body, |field, _| {
+        for (i, (f, max)) in limits.iter().enumerate() {
+            if field == *f {
+                counts[i] += 1;
+                if counts[i] > *max {
+                    return Err(invalid(what, format!("more than {max} entries")));
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Decodes a frame from bytes already read (the fuzz entry point), at this node's
 /// clock.
 pub fn decode_frame(bytes: &[u8]) -> Result<pb::Frame, WireError> {
@@ -487,14 +520,23 @@ pub fn decode_frame_at(bytes: &[u8], now_us: u64) -> Result<pb::Frame, WireError
     }
     precheck_frame(bytes)?;
     let frame = pb::Frame::decode(bytes)?;
-    if let Some(pb::frame::Body::Index(ix)) = &frame.body {
-        check_last_sequence(ix.last_sequence)?;
-        for f in &ix.files {
-            let (r, _) = record_from_wire(f.clone(), now_us)?;
-            if !f.data.is_empty() {
-                check_inline(&r, &f.data)?;
+    match &frame.body {
+        Some(pb::frame::Body::Index(ix)) => {
+            check_last_sequence(ix.last_sequence)?;
+            for f in &ix.files {
+                let (r, _) = record_from_wire(f.clone(), now_us)?;
+                if !f.data.is_empty() {
+                    check_inline(&r, &f.data)?;
+                }
             }
         }
+        Some(pb::frame::Body::Confirm(c)) => {
+            cluster::confirm_from_wire(c.clone())?;
+        }
+        Some(pb::frame::Body::Report(r)) => {
+            cluster::report_from_wire(r.clone())?;
+        }
+        _ => {}
     }
     Ok(frame)
 }
@@ -576,6 +618,7 @@ mod tests {
                         name: "lb0".into(),
                         instance: 5,
                         version: "0.1.0".into(),
+                        relays_confirm: false,
                     })),
                 },
                 "0a0e0a036c623010051a05302e312e30",
@@ -866,7 +909,7 @@ mod tests {
         #[test]
         fn frames_round_trip(name in ".{0,20}", inst in any::<u64>(), seq in 0..=MAX_SEQUENCE, rs in prop::collection::vec(arb_record(), 0..4)) {
             for frame in [
-                pb::Frame { body: Some(pb::frame::Body::Hello(pb::Hello { name: name.clone(), instance: inst, version: "1".into() })) },
+                pb::Frame { body: Some(pb::frame::Body::Hello(pb::Hello { name: name.clone(), instance: inst, version: "1".into(), relays_confirm: false })) },
                 pb::Frame { body: Some(pb::frame::Body::Ack(pb::Ack { sequence: seq })) },
                 pb::Frame { body: Some(pb::frame::Body::Index(pb::IndexUpdate {
                     files: rs.iter().map(|r| record_to_wire(r, seq)).collect(),

@@ -28,6 +28,7 @@ async fn hello(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStrea
             name: "evil".into(),
             instance: 1,
             version: "x".into(),
+            relays_confirm: false,
         })),
     };
     wire::write_msg(&mut send, &h).await.unwrap();

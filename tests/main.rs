@@ -7,6 +7,7 @@ mod dhparam;
 mod dns01;
 mod faults;
 mod hostile;
+mod hubs;
 mod import;
 mod metrics;
 mod observe;

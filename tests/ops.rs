@@ -304,6 +304,87 @@ fn shell_path_generates_configs_that_check_accepts() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing \"address\""));
 }
 
+/// Issue 16: an inventory with `hub` / `region` renders a hub topology — each edge
+/// peered with the hubs of its region, each hub with every hub and its region's
+/// edges — and `certmesh check` accepts every config.
+#[test]
+fn shell_path_generates_a_hub_topology() {
+    let d = tempfile::tempdir().unwrap();
+    let sh = Shell::new(d.path());
+    // Two regions × (2 hubs + 2 edges), on 127.0.7.20…
+    let shape = [
+        ("hub-a1", true, "a"),
+        ("hub-a2", true, "a"),
+        ("edge-a1", false, "a"),
+        ("edge-a2", false, "a"),
+        ("hub-b1", true, "b"),
+        ("hub-b2", true, "b"),
+        ("edge-b1", false, "b"),
+        ("edge-b2", false, "b"),
+    ];
+    let nodes: Vec<Node> = shape
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _, _))| Node::new(d.path(), name, &format!("127.0.7.{}", 20 + i)))
+        .collect();
+    let inv = serde_json::json!({
+        "nodes": nodes.iter().zip(shape).map(|(n, (_, hub, region))| serde_json::json!({
+            "name": n.name, "address": n.addr, "state_dir": n.state, "tree": n.tree,
+            "id": n.id, "hub": hub, "region": region,
+        })).collect::<Vec<_>>(),
+    });
+    let json = d.path().join("hubs.json");
+    fs::write(&json, inv.to_string()).unwrap();
+    let peers_of = |n: &Node| -> Vec<String> {
+        sh.render(&json, n);
+        let mut v: Vec<String> = fs::read_to_string(&n.config)
+            .unwrap()
+            .split("[[peer]]")
+            .skip(1)
+            .filter_map(|p| p.lines().find_map(|l| l.strip_prefix("name = \"")))
+            .map(|l| l.trim_end_matches('"').to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(peers_of(&nodes[2]), ["hub-a1", "hub-a2"]);
+    assert_eq!(peers_of(&nodes[7]), ["hub-b1", "hub-b2"]);
+    assert_eq!(
+        peers_of(&nodes[0]),
+        ["edge-a1", "edge-a2", "hub-a2", "hub-b1", "hub-b2"]
+    );
+    // An edge in a region without a hub is refused.
+    let bad = d.path().join("bad.json");
+    let mut inv = inv;
+    inv["nodes"][3]["region"] = "c".into();
+    fs::write(&bad, inv.to_string()).unwrap();
+    let out = sh.gen(&["render", bad.to_str().unwrap(), "hub-a1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no hub in region \"c\""),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn check_warns_about_a_node_with_one_peer_or_none() {
+    let d = tempfile::tempdir().unwrap();
+    let a = Node::new(d.path(), "lonely", "127.0.7.30");
+    let b = Node::new(d.path(), "other", "127.0.7.31");
+    a.configure(&[]);
+    let out = certmesh(&["check", "--config", a.config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("not connected to any other node"),
+        "{}",
+        text(&out)
+    );
+    a.configure(&[&b]);
+    let out = certmesh(&["check", "--config", a.config.to_str().unwrap()]);
+    assert!(text(&out).contains("one [[peer]] only"), "{}", text(&out));
+}
+
 fn peer_names(n: &Node) -> Option<Vec<String>> {
     let s = n.status();
     let mut v: Vec<String> = s["peers"]

@@ -370,6 +370,7 @@ async fn hello(conn: &quinn::Connection, instance: u64) -> (quinn::SendStream, q
             name: "evil".into(),
             instance,
             version: "x".into(),
+            relays_confirm: false,
         })),
     };
     wire::write_msg(&mut send, &h).await.unwrap();

@@ -239,6 +239,7 @@ async fn forger(f: &Node, target: &Node) -> Forger {
             name: "f".into(),
             instance: 1,
             version: "x".into(),
+            relays_confirm: false,
         })),
     };
     wire::write_msg(&mut send, &hello).await.unwrap();

@@ -22,6 +22,11 @@
 # reload certmesh`) may be set per node (paths without spaces). A node that already
 # has an `id` in the inventory is not asked again.
 #
+# Hub topology (large fleets, see README "Large fleets"): give nodes `"hub": true`
+# and every node a `"region"`. Then each edge peers with the hubs of its region
+# (two is the rule: one can fail), and each hub with every other hub and with the
+# edges of its region. Without any hub, every node peers with every other (full mesh).
+#
 # CERTMESH_SSH is called as `$CERTMESH_SSH HOST COMMAND...` and must, like ssh, run
 # the command words with the node's shell; the tests use `shift; exec sh -c "$*"`.
 set -eu
@@ -50,9 +55,20 @@ normalized() {
           | .state_dir = (.state_dir // $top.state_dir // "/var/lib/certmesh")
           | .config = (.config // $top.config // "/etc/certmesh/certmesh.toml")
           | .reload = (.reload // $top.reload // "systemctl reload certmesh")
-          | .host = (.host // .name))
+          | .host = (.host // .name)
+          | .hub = (.hub // false)
+          | if (.hub | type) != "boolean" then error("node \($n | tojson): hub must be true or false") else . end)
       | if (.nodes | map(.name) | length) != (.nodes | map(.name) | unique | length)
-        then error("duplicate node name") else . end' "$1" ||
+        then error("duplicate node name") else . end
+      | if any(.nodes[]; .hub) then
+          (.nodes | map(select(.hub) | .region)) as $hubregions
+          | .nodes |= map(
+              if (.region | type) != "string" or .region == ""
+              then error("node \(.name | tojson): hub topology: missing \"region\"")
+              elif (.hub | not) and (.region | IN($hubregions[]) | not)
+              then error("node \(.name | tojson): no hub in region \(.region | tojson)")
+              else . end)
+        else . end' "$1" ||
         die "$1: not a usable inventory"
 }
 
@@ -95,7 +111,10 @@ render() {
         "",
         "[tree]",
         "path = \($me.tree | tojson)",
-        (.nodes[] | select(.name != $n)
+        (if any(.nodes[]; .hub) then
+           if $me.hub then .nodes[] | select(.name != $n and (.hub or .region == $me.region))
+           else .nodes[] | select(.hub and .region == $me.region) end
+         else .nodes[] | select(.name != $n) end
           | "", "[[peer]]",
             "name = \(.name | tojson)",
             "id = \(.id | tojson)",

@@ -246,6 +246,7 @@ async fn order(
             ),
             None => tracing::warn!(
                 peer = %a.name,
+                connected = a.live,
                 timeout = ?cfg.barrier_timeout,
                 "peer did not acknowledge the challenge in time; going ahead"
             ),

@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::core::authorship::{self, Writers};
+use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Member, Report};
 use crate::identity::{DeviceId, NodeSigner};
 use crate::index::{FileRecord, Index, LocalStat, Observed};
 use crate::paths::RelPath;
@@ -84,6 +85,8 @@ pub struct Transmit {
     pub index: Option<IndexSend>,
     /// The peer's sequence we acknowledge, when it changed since the last one sent.
     pub ack: Option<u64>,
+    /// Cluster-wide barrier requests and reports (issue 16), after the ack.
+    pub cluster: Vec<ClusterMsg>,
 }
 
 /// What a sender has sent in one session (what `send_loop` used to keep).
@@ -166,6 +169,8 @@ pub struct Engine {
     /// announced yet (after a crash their sequence numbers would be handed out
     /// again). `None`: everything counts as durable.
     durable: Option<u64>,
+    /// Cluster-wide barriers: relayed requests, reports, the barriers we run.
+    cluster: Cluster,
     /// Test fault: acks one sequence further than `Plan::ack_for` allows, so a test
     /// can prove the simulator runs this code.
     #[cfg(test)]
@@ -186,6 +191,7 @@ impl Engine {
                 ..Authority::default()
             },
             durable: None,
+            cluster: Cluster::default(),
             #[cfg(test)]
             break_acks: false,
         }
@@ -287,6 +293,8 @@ impl Engine {
             acked: 0,
         };
         self.sends.insert(peer, state);
+        self.cluster.set_relaying(peer, false);
+        self.refresh_cluster();
         token
     }
 
@@ -294,6 +302,8 @@ impl Engine {
     pub fn disconnected(&mut self, peer: DeviceId) {
         self.sends.remove(&peer);
         self.plan.disconnected(peer, &self.index);
+        self.cluster.disconnected(&peer);
+        self.refresh_cluster();
     }
 
     /// True while `token` is the current session's send state for `peer`.
@@ -379,6 +389,7 @@ impl Engine {
             });
         }
         self.plan.acked(peer, sequence);
+        self.refresh_cluster();
         Ok(())
     }
 
@@ -413,7 +424,12 @@ impl Engine {
         if let Some(a) = ack {
             send.acked = a;
         }
-        (index.is_some() || ack.is_some()).then_some(Transmit { index, ack })
+        let cluster = self.cluster.take_outbox(&peer);
+        (index.is_some() || ack.is_some() || !cluster.is_empty()).then_some(Transmit {
+            index,
+            ack,
+            cluster,
+        })
     }
 
     /// The scanner saw `seen` at `p` (`None`: nothing there) at `now_ns`: a local
@@ -439,6 +455,7 @@ impl Engine {
             }
         }
         self.plan.evaluate(p, &self.index);
+        self.refresh_cluster();
         Some(changed)
     }
 
@@ -510,6 +527,7 @@ impl Engine {
         self.plan.reverted(&p);
         let seq = self.index.put(record, stat);
         self.plan.evaluate(&p, &self.index);
+        self.refresh_cluster();
         seq
     }
 
@@ -518,6 +536,84 @@ impl Engine {
     /// has seen the deletion, so none can still announce what it replaced.
     pub fn collect_tombstones(&mut self, now_ns: i64, acked_by_all: u64) -> Vec<RelPath> {
         self.index.collect_tombstones(now_ns, acked_by_all)
+    }
+
+    /// This node's device ID, name and configured peers, for cluster-wide barriers
+    /// (at start and on reload).
+    pub fn set_roster(&mut self, me: DeviceId, name: String, roster: Vec<Member>) {
+        self.cluster.set_roster(me, name, roster);
+    }
+
+    /// `peer`'s current session relays barriers (its hello said so).
+    pub fn peer_relays(&mut self, peer: DeviceId) {
+        if self.sends.contains_key(&peer) {
+            self.cluster.set_relaying(peer, true);
+            self.refresh_cluster();
+        }
+    }
+
+    /// Starts cluster-wide barrier `id` on our current version of `path`: every
+    /// node of the cluster, not only direct peers, is asked whether it has it.
+    /// False when we have no record of `path` or the barrier cannot start.
+    pub fn start_barrier(&mut self, id: u64, path: &RelPath, ttl_ms: u64, now_ns: i64) -> bool {
+        let Some(version) = self.index.get(path).map(|e| e.record.version.clone()) else {
+            return false;
+        };
+        let sends = &self.sends;
+        let connected = |d: &DeviceId| sends.contains_key(d);
+        let v = cluster::View {
+            index: &self.index,
+            plan: &self.plan,
+            connected: &connected,
+        };
+        self.cluster
+            .start(&v, id, path.clone(), version, ttl_ms, now_ns)
+    }
+
+    /// Where barrier `id` stands (`None`: not running here).
+    pub fn barrier_status(&self, id: u64) -> Option<BarrierStatus> {
+        let sends = &self.sends;
+        let connected = |d: &DeviceId| sends.contains_key(d);
+        let v = cluster::View {
+            index: &self.index,
+            plan: &self.plan,
+            connected: &connected,
+        };
+        self.cluster.status(&v, id)
+    }
+
+    /// Ends barrier `id`.
+    pub fn finish_barrier(&mut self, id: u64) {
+        self.cluster.finish(id);
+    }
+
+    /// A barrier request from `peer`: relayed and answered (see [`cluster`]).
+    pub fn handle_confirm(&mut self, peer: DeviceId, req: Confirm, now_ns: i64) {
+        let sends = &self.sends;
+        let connected = |d: &DeviceId| sends.contains_key(d);
+        let v = cluster::View {
+            index: &self.index,
+            plan: &self.plan,
+            connected: &connected,
+        };
+        self.cluster.handle_confirm(&v, peer, req, now_ns);
+    }
+
+    /// A barrier report from `peer`: merged, or passed on toward its origin.
+    pub fn handle_report(&mut self, peer: DeviceId, report: Report) {
+        self.cluster.handle_report(peer, report);
+    }
+
+    /// Reports what changed to the origins of the barriers we relay.
+    fn refresh_cluster(&mut self) {
+        let sends = &self.sends;
+        let connected = |d: &DeviceId| sends.contains_key(d);
+        let v = cluster::View {
+            index: &self.index,
+            plan: &self.plan,
+            connected: &connected,
+        };
+        self.cluster.refresh(&v);
     }
 
     /// What the plan decided since the last call that should be logged once.

@@ -5,6 +5,7 @@
 //! (The device ID types still live in `identity`, beside the key loading.)
 
 pub mod authorship;
+pub mod cluster;
 pub mod engine;
 pub mod index;
 pub mod inline;

@@ -61,7 +61,9 @@ impl Watch {
             Err(e) if matches!(e.kind, notify::ErrorKind::PathNotFound) => {}
             Err(e) if matches!(&e.kind, notify::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::NotFound) =>
                 {}
-            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "watching a new directory"),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %explain(&e, sysctl), "watching a new directory")
+            }
         }
     }
 
@@ -98,6 +100,47 @@ impl Watch {
     }
 }
 
+/// Reads an inotify limit (`max_user_instances`, `max_user_watches`) from
+/// `/proc/sys/fs/inotify/`.
+fn sysctl(name: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/sys/fs/inotify/{name}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A watcher error as an operator can act on it: running out of inotify instances
+/// (one per daemon: the 129th daemon of one user, by default) or watches (one per
+/// directory of the tree) names the limit, its value (`limit` reads it) and the
+/// sysctl to raise, not a bare "Too many open files (os error 24)".
+fn explain(e: &notify::Error, limit: fn(&str) -> Option<u64>) -> String {
+    let value = |name: &str| limit(name).map_or_else(|| "?".to_string(), |v| v.to_string());
+    let raw = match &e.kind {
+        notify::ErrorKind::Io(io) => io.raw_os_error(),
+        _ => None,
+    };
+    if raw == Some(libc::EMFILE) {
+        return format!(
+            "cannot create an inotify instance ({e}): the per-user limit \
+             fs.inotify.max_user_instances ({}) is reached, or this process's open-file \
+             limit; raise it, e.g. `sysctl -w fs.inotify.max_user_instances=1024` (and a \
+             file in /etc/sysctl.d/ to keep it)",
+            value("max_user_instances")
+        );
+    }
+    if raw == Some(libc::ENOSPC) || matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+        return format!(
+            "cannot watch the tree ({e}): the per-user limit fs.inotify.max_user_watches \
+             ({}, one per directory) is reached; raise it, e.g. \
+             `sysctl -w fs.inotify.max_user_watches=524288` (and a file in /etc/sysctl.d/ \
+             to keep it)",
+            value("max_user_watches")
+        );
+    }
+    format!("watching the tree: {e}")
+}
+
 /// Starts watching the tree; the returned handle keeps the watcher alive.
 pub fn start(
     shared: Arc<Shared>,
@@ -113,8 +156,11 @@ pub fn start(
             let _ = tx.send(ev);
         },
         notify::Config::default().with_follow_symlinks(false),
-    )?;
-    watcher.watch(&shared.tree.root, RecursiveMode::Recursive)?;
+    )
+    .map_err(|e| anyhow::anyhow!(explain(&e, sysctl)))?;
+    watcher
+        .watch(&shared.tree.root, RecursiveMode::Recursive)
+        .map_err(|e| anyhow::anyhow!(explain(&e, sysctl)))?;
     let watch = Watch {
         watcher: Arc::new(std::sync::Mutex::new(watcher)),
     };
@@ -379,5 +425,35 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
     if changed > 0 {
         shared.pull.notify_one();
         shared.bump_progress();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_inotify_instances_or_watches_names_the_sysctl() {
+        fn limit(name: &str) -> Option<u64> {
+            Some(if name == "max_user_instances" {
+                128
+            } else {
+                8192
+            })
+        }
+        let e = notify::Error::io(std::io::Error::from_raw_os_error(libc::EMFILE));
+        let m = explain(&e, limit);
+        assert!(m.contains("fs.inotify.max_user_instances (128)"), "{m}");
+        assert!(
+            m.contains("sysctl -w fs.inotify.max_user_instances="),
+            "{m}"
+        );
+        let e = notify::Error::new(notify::ErrorKind::MaxFilesWatch);
+        let m = explain(&e, limit);
+        assert!(m.contains("fs.inotify.max_user_watches (8192"), "{m}");
+        let e = notify::Error::io(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(explain(&e, limit).contains("max_user_watches"));
+        let e = notify::Error::io(std::io::Error::from_raw_os_error(libc::EACCES));
+        assert!(!explain(&e, limit).contains("sysctl"));
     }
 }

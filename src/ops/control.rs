@@ -348,6 +348,58 @@ pub enum Request {
         #[serde(default)]
         dry_run: bool,
     },
+    /// Wait until every live node of the cluster has `path` as this node has it
+    /// (the ACME challenge barrier, on any path; issue 16).
+    Confirm {
+        path: String,
+        /// Give up after this many milliseconds.
+        timeout_ms: u64,
+    },
+}
+
+/// The answer to [`Request::Confirm`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfirmReply {
+    /// Every live node has the path.
+    pub done: bool,
+    /// Every node known, by name.
+    pub nodes: Vec<ConfirmedNode>,
+}
+
+/// One node in a [`ConfirmReply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfirmedNode {
+    pub name: String,
+    pub id: String,
+    /// Connected to some node that answered: waited for.
+    pub live: bool,
+    /// Milliseconds until it had the path; `None`: it did not in time.
+    pub after_ms: Option<u64>,
+}
+
+/// Runs [`crate::node::wait_peers_have`] for the control socket.
+async fn confirm(shared: &Shared, path: &str, timeout_ms: u64) -> serde_json::Value {
+    let path = match crate::paths::RelPath::parse_shared(path) {
+        Ok(p) => p,
+        Err(e) => return serde_json::json!({ "error": format!("{path}: {e}") }),
+    };
+    if shared.lock().engine.index().get(&path).is_none() {
+        return serde_json::json!({ "error": format!("{path} is not in this node's index") });
+    }
+    let timeout = Duration::from_millis(timeout_ms.min(600_000));
+    let acks = crate::node::wait_peers_have(shared, &path, timeout).await;
+    let nodes: Vec<ConfirmedNode> = acks
+        .into_iter()
+        .map(|a| ConfirmedNode {
+            name: a.name,
+            id: a.peer.to_string(),
+            live: a.live,
+            after_ms: a.after.map(|d| d.as_millis() as u64),
+        })
+        .collect();
+    let done = nodes.iter().all(|n| !n.live || n.after_ms.is_some());
+    serde_json::to_value(ConfirmReply { done, nodes })
+        .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
 }
 
 /// Parses one request line; the error says what was wrong.
@@ -356,7 +408,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
     let cmd = v.get("cmd").and_then(|c| c.as_str()).map(str::to_string);
     serde_json::from_value(v).map_err(|e| match cmd {
-        Some(c) if !["status", "issue", "renew"].contains(&c.as_str()) => {
+        Some(c) if !["status", "issue", "renew", "confirm"].contains(&c.as_str()) => {
             format!("unknown command {c:?}")
         }
         _ => format!("bad request: {e}"),
@@ -412,6 +464,7 @@ async fn serve(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
                 None => no_acme(),
                 Some(a) => reply(a.renew(force, dry_run).await)?,
             },
+            Ok(Request::Confirm { path, timeout_ms }) => confirm(&shared, &path, timeout_ms).await,
             Err(e) => serde_json::json!({ "error": e }),
         };
         let mut out = serde_json::to_vec(&answer)?;

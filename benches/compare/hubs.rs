@@ -1,0 +1,303 @@
+//! `--only hubs` (issue 16): hub topologies of real `certmesh` processes on
+//! 127.1.0.0/16 — 4 regions × (2 hubs + edges), hubs peered with every hub and the
+//! edges of their region, edges with the two hubs of their region. Measures time to
+//! connected, a small file from an edge to every node (p50/p99), the cluster-wide
+//! barrier from that edge (`certmesh confirm`), RSS per edge and hub, and hub CPU per
+//! change. One daemon needs one inotify instance: `fs.inotify.max_user_instances`
+//! (128 by default) is raised for the run (as root) and put back afterwards.
+
+use super::*;
+
+const REGIONS: usize = 4;
+const HUBS: usize = 2;
+
+pub struct HubsResult {
+    pub n: usize,
+    pub formation: f64,
+    pub small: Stats,
+    pub confirm: Stats,
+    pub rss_edge_mean: f64,
+    pub rss_edge_max: f64,
+    pub rss_hub_max: f64,
+    pub hub_cpu_per_change_ms: f64,
+}
+
+/// Raises `fs.inotify.max_user_instances` to at least `want`, and puts the old value
+/// back on drop.
+struct InotifyInstances {
+    restore: Option<u64>,
+}
+
+const INSTANCES: &str = "/proc/sys/fs/inotify/max_user_instances";
+
+impl InotifyInstances {
+    fn raise(want: u64) -> Result<Self> {
+        let now: u64 = std::fs::read_to_string(INSTANCES)
+            .context(INSTANCES)?
+            .trim()
+            .parse()
+            .context(INSTANCES)?;
+        if now >= want {
+            return Ok(InotifyInstances { restore: None });
+        }
+        std::fs::write(INSTANCES, want.to_string()).with_context(|| {
+            format!(
+                "raising {INSTANCES} from {now} to {want} (run as root, or \
+                 `sysctl -w fs.inotify.max_user_instances={want}` first)"
+            )
+        })?;
+        eprintln!("[hubs] fs.inotify.max_user_instances {now} → {want} for this run");
+        Ok(InotifyInstances { restore: Some(now) })
+    }
+}
+
+impl Drop for InotifyInstances {
+    fn drop(&mut self) {
+        if let Some(v) = self.restore {
+            if std::fs::write(INSTANCES, v.to_string()).is_ok() {
+                eprintln!("[hubs] fs.inotify.max_user_instances back to {v}");
+            }
+        }
+    }
+}
+
+/// Node `i`'s address: 127.1.0.2 … 127.1.0.251, 127.1.1.2 …
+fn ip(i: usize) -> String {
+    format!("127.1.{}.{}", i / 250, i % 250 + 2)
+}
+
+struct Layout {
+    per: usize,
+}
+
+impl Layout {
+    fn hub(&self, i: usize) -> bool {
+        i % self.per < HUBS
+    }
+    fn region(&self, i: usize) -> usize {
+        i / self.per
+    }
+    fn name(&self, i: usize) -> String {
+        let r = self.region(i);
+        if self.hub(i) {
+            format!("r{r}-hub{}", i % self.per)
+        } else {
+            format!("r{r}-edge{}", i % self.per - HUBS)
+        }
+    }
+    /// Hubs: every other hub and their region's edges; edges: their region's hubs.
+    fn peered(&self, a: usize, b: usize) -> bool {
+        a != b
+            && match (self.hub(a), self.hub(b)) {
+                (true, true) => true,
+                (true, false) | (false, true) => self.region(a) == self.region(b),
+                (false, false) => false,
+            }
+    }
+}
+
+/// Writes the `n` configs (identities created) and returns the nodes' (name, config,
+/// tree).
+fn write_configs(dir: &Path, n: usize, l: &Layout) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+    let mut nodes = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = l.name(i);
+        let state = dir.join(&name).join("state");
+        let tree = dir.join(&name).join("tree");
+        std::fs::create_dir_all(&tree)?;
+        let id = certmesh::identity::Identity::init(&state)?.id;
+        let addr = demo::free_port(&ip(i))?;
+        nodes.push((name, state, tree, id, addr));
+    }
+    let mut out = Vec::with_capacity(n);
+    for (i, (name, state, tree, _, addr)) in nodes.iter().enumerate() {
+        let mut cfg = format!(
+            "[node]\nname = \"{name}\"\nstate_dir = \"{}\"\nlisten = \"{addr}\"\n\n[tree]\npath = \"{}\"\n",
+            state.display(),
+            tree.display()
+        );
+        for (j, (pname, _, _, pid, paddr)) in nodes.iter().enumerate() {
+            if l.peered(i, j) {
+                let _ = write!(
+                    cfg,
+                    "\n[[peer]]\nname = \"{pname}\"\nid = \"{pid}\"\naddress = \"{paddr}\"\n"
+                );
+            }
+        }
+        let path = dir.join(name).join("certmesh.toml");
+        std::fs::write(&path, cfg)?;
+        out.push((name.clone(), path, tree.clone()));
+    }
+    Ok(out)
+}
+
+/// `certmesh confirm` over the control socket of `node` until `rel` is indexed there
+/// and the barrier answers; the time from `since`.
+fn confirm(
+    rt: &tokio::runtime::Runtime,
+    node: &LocalNode,
+    rel: &str,
+    n: usize,
+    since: Instant,
+) -> Result<Duration> {
+    let cfg = certmesh::config::Config::load(&node.config)?;
+    let req = certmesh::control::Request::Confirm {
+        path: rel.to_string(),
+        timeout_ms: 30_000,
+    };
+    loop {
+        let v = match rt.block_on(certmesh::control::send(&cfg.control_socket(), &req)) {
+            Ok(v) => v,
+            Err(e) if format!("{e:#}").contains("not in this node's index") => {
+                if since.elapsed() > Duration::from_secs(30) {
+                    bail!("{rel} never indexed on {}", node.name);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let took = since.elapsed();
+        let r: certmesh::control::ConfirmReply =
+            serde_json::from_value(v.clone()).map_err(|e| anyhow!("confirm: {e}: {v}"))?;
+        let have = r.nodes.iter().filter(|x| x.after_ms.is_some()).count();
+        if !r.done || have != n - 1 {
+            bail!(
+                "barrier: done {}, {have} of {} nodes confirmed",
+                r.done,
+                n - 1
+            );
+        }
+        return Ok(took);
+    }
+}
+
+pub fn run_hubs(
+    exe: &Path,
+    rt: &tokio::runtime::Runtime,
+    n: usize,
+    o: &Opts,
+) -> Result<HubsResult> {
+    let l = Layout { per: n / REGIONS };
+    eprintln!(
+        "[hubs] {n} nodes: {REGIONS} regions × ({HUBS} hubs + {} edges), started together",
+        l.per - HUBS
+    );
+    let _limit = InotifyInstances::raise((n as u64 + 512).max(1024))?;
+    let dir = tempfile::Builder::new()
+        .prefix("certmesh-bench-hubs-")
+        .tempdir()?;
+    let configs = write_configs(dir.path(), n, &l)?;
+    let t0 = Instant::now();
+    let mut nodes = Vec::with_capacity(n);
+    for (name, cfg, tree) in &configs {
+        nodes.push(demo::spawn(exe, name, cfg, tree)?);
+    }
+    let c = CmCluster { nodes, _dir: dir };
+    cm_wait_connected(rt, &c, Duration::from_secs(120))?;
+    let formation = t0.elapsed().as_secs_f64();
+    eprintln!("[hubs] {n} nodes connected after {formation:.2} s");
+
+    // The writer is region 0's first edge: a far edge is three hops away.
+    let writer = HUBS;
+    let hub_pid = c.nodes[0].child.as_ref().map(|c| c.id());
+    let cpu0 = hub_pid.and_then(|p| cpu_seconds(p).ok());
+    let label = format!("certmesh hubs {n}");
+    let t = Trees {
+        label: &label,
+        writer: &c.nodes[writer].tree,
+        peers: (0..n)
+            .filter(|&i| i != writer)
+            .map(|i| c.nodes[i].tree.as_path())
+            .collect(),
+        jitter: Duration::from_millis(50),
+        timeout: Duration::from_secs(30),
+    };
+    let small_samples = small_file_samples(&t, o.samples, true, true)?;
+    let cpu1 = hub_pid.and_then(|p| cpu_seconds(p).ok());
+    let hub_cpu_per_change_ms = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => (b - a) * 1000.0 / (o.samples + 1) as f64,
+        _ => f64::NAN,
+    };
+    let small = stats(small_samples);
+
+    let mut barrier = Vec::new();
+    let mut rng = rand::rng();
+    for k in 0..o.samples.min(10) {
+        let rel = format!(
+            "acme/.well-known/acme-challenge/c{k}-{:08x}",
+            rng.random::<u32>()
+        );
+        let since = Instant::now();
+        demo::write_atomic(&c.nodes[writer].tree, &rel, b"key-authorization")?;
+        barrier.push(confirm(rt, &c.nodes[writer], &rel, n, since)?);
+    }
+    let confirm = stats(barrier);
+
+    let rss = |hub: bool| -> Vec<f64> {
+        c.nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| l.hub(*i) == hub)
+            .filter_map(|(_, x)| rss_mib(x.child.as_ref()?.id()).ok())
+            .collect()
+    };
+    let edges = rss(false);
+    let hubs = rss(true);
+    let r = HubsResult {
+        n,
+        formation,
+        small,
+        confirm,
+        rss_edge_mean: edges.iter().sum::<f64>() / edges.len().max(1) as f64,
+        rss_edge_max: edges.iter().copied().fold(0.0, f64::max),
+        rss_hub_max: hubs.iter().copied().fold(0.0, f64::max),
+        hub_cpu_per_change_ms,
+    };
+    eprintln!(
+        "[hubs] {n}: small file p50 {} p99 {}; barrier p50 {} p99 {}; RSS edge {:.1} MiB (max {:.1}), hub max {:.1} MiB",
+        fmt_secs(r.small.p50),
+        fmt_secs(r.small.p99),
+        fmt_secs(r.confirm.p50),
+        fmt_secs(r.confirm.p99),
+        r.rss_edge_mean,
+        r.rss_edge_max,
+        r.rss_hub_max
+    );
+    Ok(r)
+}
+
+/// The hubs table for the report.
+pub fn render(results: &[HubsResult], samples: usize) -> String {
+    let mut s = String::from(
+        "\n### Hub topologies (`--only hubs`, issue 16)\n\n\
+         | nodes | connected after | small file to all p50 | p99 | barrier from an edge p50 | p99 | RSS per edge (mean / max) | RSS hub (max) | hub CPU per change |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in results {
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} s | {} | {} | {} | {} | {:.1} / {:.1} MiB | {:.1} MiB | {:.1} ms |",
+            r.n,
+            r.formation,
+            fmt_secs(r.small.p50),
+            fmt_secs(r.small.p99),
+            fmt_secs(r.confirm.p50),
+            fmt_secs(r.confirm.p99),
+            r.rss_edge_mean,
+            r.rss_edge_max,
+            r.rss_hub_max,
+            r.hub_cpu_per_change_ms
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n{REGIONS} regions × ({HUBS} hubs + edges) on 127.1.0.0/16, all processes started at once; \
+         the writer is an edge of region 0 (three hops from the other regions' edges). \
+         Small file: {samples} samples (+1 warm-up), written atomically, until the content is on \
+         every other node. Barrier: write of a token until `certmesh confirm` on the writer says \
+         every node has it. RSS after the samples; hub CPU is utime+stime of a region-0 hub over \
+         the small-file samples, per change."
+    );
+    s
+}

@@ -1,0 +1,839 @@
+//! The cluster-wide barrier (issue 16): which nodes, near or far, have a path at a
+//! version. Acks only tell a node about its direct peers; behind a hub, an edge two
+//! hops away is invisible to them. So the asking node (the *origin*) floods a
+//! [`Confirm`] request hop by hop; every node relays each request once (by id) to
+//! its connected peers not yet asked, remembers which peer it came from, and answers
+//! with [`Report`]s sent back along that route: whether it has the path, and what it
+//! knows of its configured peers (connected or not, and — for peers too old to
+//! report for themselves — whether they acknowledged it). The origin's [`Census`]
+//! merges the reports into the set of nodes known to exist and which of them are
+//! live, and says when every live node has the path.
+//!
+//! Pure: no I/O, no clock (time comes in as `now_ns`). The engine owns one
+//! [`Cluster`] and hands it the index, the plan and who is connected.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::identity::DeviceId;
+use crate::index::Index;
+use crate::paths::RelPath;
+use crate::plan::Plan;
+use crate::version::VersionVector;
+
+/// Most hops a request is relayed (a hub topology needs 3–4).
+pub const MAX_HOPS: u32 = 16;
+/// Most device IDs a request lists as already asked (and most peers in a report).
+pub const MAX_ASKED: usize = 4096;
+/// Most peers one report lists.
+pub const MAX_REPORT_PEERS: usize = 4096;
+/// Longest node name in a report, in bytes.
+pub const MAX_NAME: usize = 255;
+/// Longest time a relay keeps a route back (a request may ask for less).
+pub const MAX_TTL_MS: u64 = 600_000;
+/// Most requests a node relays at once (older routes are dropped first).
+pub const MAX_RELAYS: usize = 64;
+/// Most barriers a node runs at once as origin.
+pub const MAX_BARRIERS: usize = 16;
+/// Most nodes one census tracks (a bigger cluster is not waited for beyond it).
+pub const MAX_CENSUS_NODES: usize = 16_384;
+/// Most messages queued for one peer (a slow peer makes a barrier time out, not
+/// memory grow).
+pub const MAX_OUTBOX: usize = 4096;
+
+/// "Tell `origin` which nodes have `path` at `version` or newer."
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirm {
+    pub id: u64,
+    pub origin: DeviceId,
+    pub path: RelPath,
+    pub version: VersionVector,
+    /// How many more times it may be relayed.
+    pub hops: u32,
+    /// How long relays keep the route back.
+    pub ttl_ms: u64,
+    /// Nodes already sent this request (not sent it again).
+    pub asked: Vec<DeviceId>,
+}
+
+/// What a node knows of one of its configured peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbor {
+    pub device: DeviceId,
+    pub name: String,
+    pub connected: bool,
+    /// It acknowledged the path (only said of peers that do not relay).
+    pub has: bool,
+    /// It relays barriers: it reports for itself.
+    pub relays: bool,
+}
+
+/// One node's answer, relayed unchanged to the origin. The first report of a node
+/// lists all its configured peers; later ones what changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub id: u64,
+    pub node: DeviceId,
+    pub name: String,
+    pub has: bool,
+    pub peers: Vec<Neighbor>,
+}
+
+/// A barrier message for one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterMsg {
+    Confirm(Confirm),
+    Report(Report),
+}
+
+/// A configured peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub device: DeviceId,
+    pub name: String,
+}
+
+/// Where one node stands in a barrier, as the origin knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub device: DeviceId,
+    pub name: String,
+    /// It has the path at the version (or newer).
+    pub has: bool,
+    /// Connected to the origin or to a node that reported: waited for.
+    pub live: bool,
+}
+
+/// A barrier's state: every node known, and whether every live one has the path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BarrierStatus {
+    pub nodes: Vec<NodeStatus>,
+    /// Every live node has the path, and every live node that relays has reported
+    /// (so its peers are known too).
+    pub done: bool,
+}
+
+/// A request relayed through this node.
+#[derive(Debug)]
+struct Relay {
+    from: DeviceId,
+    /// The request as relayed (peers that connect later are sent it too).
+    req: Confirm,
+    /// Who has been sent it (by anyone, as far as this node knows).
+    asked: HashSet<DeviceId>,
+    path: RelPath,
+    version: VersionVector,
+    expires_ns: i64,
+    /// What this node last reported (`None`: nothing yet).
+    last: Option<(bool, HashMap<DeviceId, Neighbor>)>,
+}
+
+/// What the origin learnt of one node.
+#[derive(Debug, Default)]
+struct Seen {
+    name: String,
+    has: bool,
+    reported: bool,
+    relays: bool,
+    /// Reporter → whether it is connected to this node.
+    connected_to: HashMap<DeviceId, bool>,
+}
+
+/// One barrier this node runs as origin.
+#[derive(Debug)]
+pub struct Census {
+    req: Confirm,
+    /// Peers sent the request: each must report (so its own peers are known).
+    asked: HashSet<DeviceId>,
+    path: RelPath,
+    version: VersionVector,
+    nodes: HashMap<DeviceId, Seen>,
+}
+
+/// Barrier state of one node: its identity and configured peers, the requests it
+/// relays, the barriers it runs, and what to send to each peer.
+#[derive(Debug, Default)]
+pub struct Cluster {
+    me: Option<DeviceId>,
+    name: String,
+    roster: Vec<Member>,
+    relaying: HashSet<DeviceId>,
+    relays: HashMap<u64, Relay>,
+    barriers: HashMap<u64, Census>,
+    outbox: HashMap<DeviceId, Vec<ClusterMsg>>,
+    now_ns: i64,
+}
+
+/// What the cluster reads of the rest of the engine.
+pub struct View<'a> {
+    pub index: &'a Index,
+    pub plan: &'a Plan,
+    pub connected: &'a dyn Fn(&DeviceId) -> bool,
+}
+
+impl View<'_> {
+    /// This node has `path` at `version` or newer.
+    fn has(&self, path: &RelPath, version: &VersionVector) -> bool {
+        self.index
+            .get(path)
+            .is_some_and(|e| e.record.version.covers(version))
+    }
+
+    /// `peer` acknowledged our record of `path`, which covers `version`.
+    fn acked(&self, peer: &DeviceId, path: &RelPath, version: &VersionVector) -> bool {
+        self.index.get(path).is_some_and(|e| {
+            e.record.version.covers(version) && self.plan.peer_acked(peer) >= e.sequence
+        })
+    }
+}
+
+impl Cluster {
+    /// This node's identity and configured peers (at start and on reload).
+    pub fn set_roster(&mut self, me: DeviceId, name: String, roster: Vec<Member>) {
+        self.me = Some(me);
+        self.name = name;
+        self.roster = roster;
+    }
+
+    /// Whether `peer`'s current session relays barriers (from its hello).
+    pub fn set_relaying(&mut self, peer: DeviceId, relays: bool) {
+        if relays {
+            self.relaying.insert(peer);
+        } else {
+            self.relaying.remove(&peer);
+        }
+    }
+
+    /// The session with `peer` ended: nothing more is queued for it.
+    pub fn disconnected(&mut self, peer: &DeviceId) {
+        self.outbox.remove(peer);
+        self.relaying.remove(peer);
+    }
+
+    /// Messages for `peer`, oldest first.
+    pub fn take_outbox(&mut self, peer: &DeviceId) -> Vec<ClusterMsg> {
+        self.outbox.remove(peer).unwrap_or_default()
+    }
+
+    fn send(&mut self, peer: DeviceId, msg: ClusterMsg) {
+        let q = self.outbox.entry(peer).or_default();
+        if q.len() < MAX_OUTBOX {
+            q.push(msg);
+        }
+    }
+
+    /// Connected peers that relay, and are not in `skip`.
+    fn targets(&self, v: &View, skip: &HashSet<DeviceId>) -> Vec<DeviceId> {
+        let mut t: Vec<DeviceId> = self
+            .roster
+            .iter()
+            .map(|m| m.device)
+            .filter(|d| self.relaying.contains(d) && (v.connected)(d) && !skip.contains(d))
+            .collect();
+        t.sort();
+        t.dedup();
+        t
+    }
+
+    /// Starts a barrier as origin: asks every connected peer that relays. Peers that
+    /// do not relay are judged by their acks. Refused (false) when `id` is in use, too
+    /// many barriers run, or this node has no identity yet.
+    pub fn start(
+        &mut self,
+        v: &View,
+        id: u64,
+        path: RelPath,
+        version: VersionVector,
+        ttl_ms: u64,
+        now_ns: i64,
+    ) -> bool {
+        self.now_ns = now_ns;
+        let Some(me) = self.me else {
+            return false;
+        };
+        if self.barriers.len() >= MAX_BARRIERS || self.barriers.contains_key(&id) {
+            return false;
+        }
+        let targets = self.targets(v, &HashSet::new());
+        let req = Confirm {
+            id,
+            origin: me,
+            path: path.clone(),
+            version: version.clone(),
+            hops: MAX_HOPS,
+            ttl_ms: ttl_ms.min(MAX_TTL_MS),
+            asked: targets.iter().copied().take(MAX_ASKED).collect(),
+        };
+        for t in &targets {
+            self.send(*t, ClusterMsg::Confirm(req.clone()));
+        }
+        self.barriers.insert(
+            id,
+            Census {
+                req,
+                asked: targets.into_iter().collect(),
+                path,
+                version,
+                nodes: HashMap::new(),
+            },
+        );
+        true
+    }
+
+    /// Ends a barrier this node runs (reports for it are dropped from now on).
+    pub fn finish(&mut self, id: u64) {
+        self.barriers.remove(&id);
+    }
+
+    /// A request from `from`: relayed once per id to the connected peers that relay
+    /// and were not asked yet, and answered with this node's report.
+    pub fn handle_confirm(&mut self, v: &View, from: DeviceId, req: Confirm, now_ns: i64) {
+        self.now_ns = now_ns;
+        if Some(req.origin) == self.me
+            || self.barriers.contains_key(&req.id)
+            || self.relays.contains_key(&req.id)
+        {
+            return;
+        }
+        self.relays.retain(|_, r| r.expires_ns > now_ns);
+        if self.relays.len() >= MAX_RELAYS {
+            if let Some(oldest) = self
+                .relays
+                .iter()
+                .min_by_key(|(_, r)| r.expires_ns)
+                .map(|(id, _)| *id)
+            {
+                self.relays.remove(&oldest);
+            }
+        }
+        let ttl_ns = i64::try_from(req.ttl_ms.min(MAX_TTL_MS) * 1_000_000).unwrap_or(i64::MAX);
+        let mut skip: HashSet<DeviceId> = req.asked.iter().copied().collect();
+        skip.insert(from);
+        skip.insert(req.origin);
+        let targets = if req.hops > 0 {
+            self.targets(v, &skip)
+        } else {
+            Vec::new()
+        };
+        let mut asked = req.asked.clone();
+        for t in &targets {
+            if asked.len() < MAX_ASKED {
+                asked.push(*t);
+            }
+        }
+        let fwd = Confirm {
+            hops: req.hops.saturating_sub(1),
+            asked,
+            ..req.clone()
+        };
+        for t in &targets {
+            self.send(*t, ClusterMsg::Confirm(fwd.clone()));
+        }
+        skip.extend(targets);
+        if req.hops == 0 {
+            // Not relayed any further, to late-comers either.
+            skip.extend(self.roster.iter().map(|m| m.device));
+        }
+        self.relays.insert(
+            req.id,
+            Relay {
+                from,
+                req: fwd,
+                asked: skip,
+                path: req.path,
+                version: req.version,
+                expires_ns: now_ns.saturating_add(ttl_ns),
+                last: None,
+            },
+        );
+        self.refresh(v);
+    }
+
+    /// A report from `from`: merged when this node is its origin, otherwise passed
+    /// on toward the origin (dropped when the route is unknown or expired).
+    pub fn handle_report(&mut self, from: DeviceId, report: Report) {
+        let _ = from;
+        if Some(report.node) == self.me {
+            return;
+        }
+        if let Some(c) = self.barriers.get_mut(&report.id) {
+            c.merge(report);
+            return;
+        }
+        let now = self.now_ns;
+        let Some(to) = self
+            .relays
+            .get(&report.id)
+            .filter(|r| r.expires_ns > now)
+            .map(|r| r.from)
+        else {
+            return;
+        };
+        self.send(to, ClusterMsg::Report(report));
+    }
+
+    /// Re-evaluates every live relay and reports what changed (after an apply, an
+    /// ack, a connect or a disconnect). Nothing to do without relays.
+    pub fn refresh(&mut self, v: &View) {
+        if self.relays.is_empty() {
+            if !self.barriers.is_empty() {
+                self.ask_late_comers(v, self.now_ns);
+            }
+            return;
+        }
+        let Some(me) = self.me else {
+            return;
+        };
+        let now = self.now_ns;
+        let mut out = Vec::new();
+        self.ask_late_comers(v, now);
+        for (id, r) in self.relays.iter_mut().filter(|(_, r)| r.expires_ns > now) {
+            let has = v.has(&r.path, &r.version);
+            let peers: HashMap<DeviceId, Neighbor> = self
+                .roster
+                .iter()
+                .take(MAX_REPORT_PEERS)
+                .map(|m| {
+                    let connected = (v.connected)(&m.device);
+                    let relays = connected && self.relaying.contains(&m.device);
+                    let n = Neighbor {
+                        device: m.device,
+                        name: m.name.clone(),
+                        connected,
+                        has: connected && !relays && v.acked(&m.device, &r.path, &r.version),
+                        relays,
+                    };
+                    (m.device, n)
+                })
+                .collect();
+            let (changed, delta) = match &r.last {
+                None => (true, peers.values().cloned().collect::<Vec<_>>()),
+                Some((last_has, last)) => {
+                    let delta: Vec<Neighbor> = peers
+                        .values()
+                        .filter(|n| last.get(&n.device) != Some(*n))
+                        .cloned()
+                        .collect();
+                    (*last_has != has || !delta.is_empty(), delta)
+                }
+            };
+            if changed {
+                let mut delta = delta;
+                delta.sort_by_key(|a| a.device);
+                out.push((
+                    r.from,
+                    Report {
+                        id: *id,
+                        node: me,
+                        name: self.name.clone(),
+                        has,
+                        peers: delta,
+                    },
+                ));
+                r.last = Some((has, peers));
+            }
+        }
+        for (to, report) in out {
+            self.send(to, ClusterMsg::Report(report));
+        }
+    }
+
+    /// Sends the requests this node runs or relays to peers that connected since
+    /// (or reconnected: a node relays each id once, so a repeat costs nothing).
+    fn ask_late_comers(&mut self, v: &View, now: i64) {
+        let live = self.targets(v, &HashSet::new());
+        let mut out = Vec::new();
+        for c in self.barriers.values_mut() {
+            for t in &live {
+                if c.asked.insert(*t) {
+                    out.push((*t, c.req.clone()));
+                }
+            }
+        }
+        for r in self.relays.values_mut().filter(|r| r.expires_ns > now) {
+            for t in &live {
+                if r.asked.insert(*t) {
+                    out.push((*t, r.req.clone()));
+                }
+            }
+        }
+        for (t, req) in out {
+            self.send(t, ClusterMsg::Confirm(req));
+        }
+    }
+
+    /// Where barrier `id` stands: the origin's own peers (judged by their sessions
+    /// and acks) merged with every report received.
+    pub fn status(&self, v: &View, id: u64) -> Option<BarrierStatus> {
+        let c = self.barriers.get(&id)?;
+        let me = self.me?;
+        let mut nodes: HashMap<DeviceId, NodeStatus> = HashMap::new();
+        let mut waiting = false;
+        for m in &self.roster {
+            let connected = (v.connected)(&m.device);
+            let relays = connected && self.relaying.contains(&m.device);
+            let seen = c.nodes.get(&m.device);
+            let has = seen.is_some_and(|s| s.has)
+                || (connected && v.acked(&m.device, &c.path, &c.version));
+            let reported = seen.is_some_and(|s| s.reported);
+            let asked = c.asked.contains(&m.device);
+            waiting |= connected && (!has || (relays && asked && !reported));
+            nodes.insert(
+                m.device,
+                NodeStatus {
+                    device: m.device,
+                    name: m.name.clone(),
+                    has,
+                    live: connected,
+                },
+            );
+        }
+        for (d, s) in &c.nodes {
+            if *d == me || nodes.contains_key(d) {
+                continue;
+            }
+            let live = s.reported || s.connected_to.values().any(|c| *c);
+            waiting |= live && (!s.has || (s.relays && !s.reported));
+            nodes.insert(
+                *d,
+                NodeStatus {
+                    device: *d,
+                    name: s.name.clone(),
+                    has: s.has,
+                    live,
+                },
+            );
+        }
+        let mut nodes: Vec<NodeStatus> = nodes.into_values().collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name).then(a.device.cmp(&b.device)));
+        Some(BarrierStatus {
+            nodes,
+            done: !waiting,
+        })
+    }
+}
+
+impl Census {
+    /// Takes in one node's report: it is live and says whether it has the path;
+    /// its peers are known to exist, connected to it or not.
+    fn merge(&mut self, r: Report) {
+        let room = |nodes: &HashMap<DeviceId, Seen>, d: &DeviceId| {
+            nodes.contains_key(d) || nodes.len() < MAX_CENSUS_NODES
+        };
+        if !room(&self.nodes, &r.node) {
+            return;
+        }
+        let s = self.nodes.entry(r.node).or_default();
+        s.name = r.name;
+        s.has |= r.has;
+        s.reported = true;
+        s.relays = true;
+        for n in r.peers {
+            if !room(&self.nodes, &n.device) {
+                continue;
+            }
+            let p = self.nodes.entry(n.device).or_default();
+            if p.name.is_empty() {
+                p.name = n.name;
+            }
+            p.has |= n.has;
+            p.relays |= n.relays;
+            p.connected_to.insert(r.node, n.connected);
+        }
+    }
+}
+
+/// What `certmesh check` can say about the peer graph from one node's config: a
+/// node with no peer is cut off from the cluster; a node with one is cut off when
+/// that peer fails (a hub topology peers each edge with two hubs).
+pub fn peer_warnings(peers: usize) -> Vec<String> {
+    match peers {
+        0 => vec![
+            "no [[peer]]: this node is not connected to any other node (the peer graph is \
+             not connected)"
+                .into(),
+        ],
+        1 => vec![
+            "one [[peer]] only: if it fails, this node is cut off from the cluster (peer \
+             each edge node with two hubs; README \"Large fleets\")"
+                .into(),
+        ],
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ShortId;
+
+    fn dev(n: u8) -> DeviceId {
+        DeviceId([n; 32])
+    }
+
+    fn member(n: u8) -> Member {
+        Member {
+            device: dev(n),
+            name: format!("n{n}"),
+        }
+    }
+
+    /// A node `n` with `path` at version {n: 1} when `has`.
+    struct Node {
+        cluster: Cluster,
+        index: Index,
+        plan: Plan,
+        connected: HashSet<DeviceId>,
+    }
+
+    impl Node {
+        fn new(n: u8, peers: &[u8]) -> Node {
+            let mut cluster = Cluster::default();
+            let roster = peers.iter().map(|p| member(*p)).collect();
+            cluster.set_roster(dev(n), format!("n{n}"), roster);
+            let mut connected = HashSet::new();
+            for p in peers {
+                cluster.set_relaying(dev(*p), true);
+                connected.insert(dev(*p));
+            }
+            Node {
+                cluster,
+                index: Index::new(ShortId(u64::from(n))),
+                plan: Plan::new(u64::MAX),
+                connected,
+            }
+        }
+
+        fn with_view<R>(&mut self, f: impl FnOnce(&mut Cluster, &View) -> R) -> R {
+            let connected = self.connected.clone();
+            let is = move |d: &DeviceId| connected.contains(d);
+            let v = View {
+                index: &self.index,
+                plan: &self.plan,
+                connected: &is,
+            };
+            f(&mut self.cluster, &v)
+        }
+
+        fn apply(&mut self, r: &crate::index::FileRecord) {
+            self.index.put(r.clone(), None);
+            self.with_view(|c, v| c.refresh(v));
+        }
+    }
+
+    fn token() -> crate::index::FileRecord {
+        let mut ix = Index::new(ShortId(1));
+        let p = RelPath::parse("acme/tok").unwrap();
+        ix.observe(&p, Some(crate::index::tests::file("acme/tok", 1, 1)), 1)
+            .unwrap()
+    }
+
+    /// Delivers every queued message between `nodes` (indexed by device byte - 1)
+    /// until none is left.
+    fn deliver(nodes: &mut [Node]) {
+        loop {
+            let mut moved = false;
+            for i in 0..nodes.len() {
+                let from = dev(i as u8 + 1);
+                for j in 0..nodes.len() {
+                    let to = dev(j as u8 + 1);
+                    for m in nodes[i].cluster.take_outbox(&to) {
+                        moved = true;
+                        match m {
+                            ClusterMsg::Confirm(c) => {
+                                nodes[j].with_view(|cl, v| cl.handle_confirm(v, from, c, 0))
+                            }
+                            ClusterMsg::Report(r) => nodes[j].cluster.handle_report(from, r),
+                        }
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// 1 — 2 — 3 (1 and 3 not peered).
+    fn chain() -> Vec<Node> {
+        vec![
+            Node::new(1, &[2]),
+            Node::new(2, &[1, 3]),
+            Node::new(3, &[2]),
+        ]
+    }
+
+    fn start(nodes: &mut [Node], r: &crate::index::FileRecord) {
+        nodes[0].index.put(r.clone(), None);
+        let (p, v) = (r.path.clone(), r.version.clone());
+        assert!(nodes[0].with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));
+    }
+
+    fn status(n: &mut Node) -> BarrierStatus {
+        n.with_view(|c, v| c.status(v, 7)).unwrap()
+    }
+
+    #[test]
+    fn the_origin_waits_for_a_node_two_hops_away() {
+        let mut nodes = chain();
+        let r = token();
+        start(&mut nodes, &r);
+        nodes[1].apply(&r);
+        deliver(&mut nodes);
+        let s = status(&mut nodes[0]);
+        assert!(!s.done, "{s:?}");
+        let n3 = s.nodes.iter().find(|n| n.device == dev(3)).unwrap();
+        assert!(n3.live && !n3.has);
+        nodes[2].apply(&r);
+        deliver(&mut nodes);
+        let s = status(&mut nodes[0]);
+        assert!(s.done, "{s:?}");
+        assert!(s.nodes.iter().all(|n| n.has && n.live));
+        assert_eq!(s.nodes.len(), 2);
+    }
+
+    #[test]
+    fn a_node_its_hub_is_not_connected_to_is_named_but_not_waited_for() {
+        let mut nodes = chain();
+        nodes[1].connected.remove(&dev(3));
+        let r = token();
+        start(&mut nodes, &r);
+        nodes[1].apply(&r);
+        deliver(&mut nodes);
+        let s = status(&mut nodes[0]);
+        assert!(s.done, "{s:?}");
+        let n3 = s.nodes.iter().find(|n| n.device == dev(3)).unwrap();
+        assert_eq!((n3.name.as_str(), n3.live, n3.has), ("n3", false, false));
+    }
+
+    #[test]
+    fn a_relay_that_has_not_reported_is_waited_for_even_after_acking() {
+        let mut nodes = chain();
+        let r = token();
+        start(&mut nodes, &r);
+        // Node 2 acked (judged by acks) but its report has not arrived: node 3 is
+        // still unknown, so the barrier is not done.
+        let n = &mut nodes[0];
+        n.plan.connected(dev(2), &n.index);
+        nodes[0].plan.acked(dev(2), 1);
+        assert!(!status(&mut nodes[0]).done);
+    }
+
+    #[test]
+    fn a_mesh_relays_each_request_once_and_a_full_mesh_not_at_all() {
+        // Full mesh of 4: the origin asks all; nobody relays further.
+        let mut nodes: Vec<Node> = (1..=4u8)
+            .map(|n| Node::new(n, &(1..=4u8).filter(|p| *p != n).collect::<Vec<_>>()))
+            .collect();
+        let r = token();
+        start(&mut nodes, &r);
+        for n in &mut nodes[1..] {
+            n.apply(&r);
+        }
+        let mut confirms = 0;
+        for n in &nodes[1..] {
+            confirms += n
+                .cluster
+                .outbox
+                .values()
+                .flatten()
+                .filter(|m| matches!(m, ClusterMsg::Confirm(_)))
+                .count();
+        }
+        deliver(&mut nodes);
+        assert_eq!(confirms, 0);
+        assert!(status(&mut nodes[0]).done);
+    }
+
+    #[test]
+    fn a_node_that_connects_during_a_barrier_is_asked_too() {
+        let mut nodes = chain();
+        nodes[1].connected.remove(&dev(3));
+        let r = token();
+        start(&mut nodes, &r);
+        nodes[1].apply(&r);
+        deliver(&mut nodes);
+        // The edge connects to the hub: the hub reports it live and relays the request.
+        nodes[1].connected.insert(dev(3));
+        nodes[1].with_view(|c, v| c.refresh(v));
+        deliver(&mut nodes);
+        let s = status(&mut nodes[0]);
+        let n3 = s.nodes.iter().find(|n| n.device == dev(3)).unwrap();
+        assert!(n3.live && !n3.has && !s.done, "{s:?}");
+        nodes[2].apply(&r);
+        deliver(&mut nodes);
+        assert!(status(&mut nodes[0]).done);
+    }
+
+    #[test]
+    fn a_ring_does_not_loop_and_every_node_is_counted() {
+        // 1-2-3-4-5-6-1.
+        let ring = |n: u8| {
+            let prev = if n == 1 { 6 } else { n - 1 };
+            let next = if n == 6 { 1 } else { n + 1 };
+            Node::new(n, &[prev, next])
+        };
+        let mut nodes: Vec<Node> = (1..=6).map(ring).collect();
+        let r = token();
+        start(&mut nodes, &r);
+        for n in &mut nodes[1..] {
+            n.apply(&r);
+        }
+        deliver(&mut nodes);
+        let s = status(&mut nodes[0]);
+        assert!(s.done, "{s:?}");
+        assert_eq!(s.nodes.len(), 5);
+        assert!(s.nodes.iter().all(|n| n.has));
+    }
+
+    #[test]
+    fn reports_for_unknown_requests_are_dropped_and_hops_are_bounded() {
+        let mut n = Node::new(2, &[1, 3]);
+        n.cluster.handle_report(
+            dev(3),
+            Report {
+                id: 99,
+                node: dev(3),
+                name: "n3".into(),
+                has: true,
+                peers: vec![],
+            },
+        );
+        assert!(n.cluster.outbox.is_empty());
+        let r = token();
+        let req = Confirm {
+            id: 5,
+            origin: dev(1),
+            path: r.path.clone(),
+            version: r.version.clone(),
+            hops: 0,
+            ttl_ms: 1000,
+            asked: vec![],
+        };
+        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), 0));
+        // Answered, not relayed (no hops left)…
+        assert!(!n.cluster.outbox.contains_key(&dev(3)));
+        assert_eq!(n.cluster.take_outbox(&dev(1)).len(), 1);
+        // …and a second copy of the same request is ignored.
+        n.with_view(|c, v| c.handle_confirm(v, dev(3), req, 0));
+        assert!(n.cluster.outbox.is_empty());
+    }
+
+    #[test]
+    fn a_peer_that_does_not_relay_is_reported_by_its_acks() {
+        let mut nodes = chain();
+        // Node 3 runs an old version: node 2 answers for it from its acks.
+        nodes[1].cluster.set_relaying(dev(3), false);
+        let r = token();
+        start(&mut nodes, &r);
+        nodes[1].apply(&r);
+        deliver(&mut nodes);
+        assert!(!status(&mut nodes[0]).done);
+        let seq = nodes[1].index.get(&r.path).unwrap().sequence;
+        let n = &mut nodes[1];
+        n.plan.connected(dev(3), &n.index);
+        nodes[1].plan.acked(dev(3), seq);
+        nodes[1].with_view(|c, v| c.refresh(v));
+        deliver(&mut nodes);
+        assert!(status(&mut nodes[0]).done);
+    }
+}

@@ -1,0 +1,292 @@
+//! Cluster-wide barrier messages (issue 16) on the wire: [`Confirm`] and [`Report`]
+//! to and from their protobuf form, every bound checked on receipt (device IDs of
+//! 32 bytes, names, counts, hops, paths, versions).
+
+use super::{invalid, pb, WireError, MAX_VERSION_ENTRIES};
+use crate::core::cluster::{
+    Confirm, Neighbor, Report, MAX_ASKED, MAX_HOPS, MAX_NAME, MAX_REPORT_PEERS, MAX_TTL_MS,
+};
+use crate::identity::{DeviceId, ShortId};
+use crate::paths::RelPath;
+use crate::version::VersionVector;
+
+/// Converts a request for sending.
+pub fn confirm_to_wire(c: &Confirm) -> pb::Confirm {
+    pb::Confirm {
+        id: c.id,
+        origin: c.origin.0.to_vec(),
+        path: c.path.as_str().to_string(),
+        version: c
+            .version
+            .pairs()
+            .iter()
+            .map(|(d, v)| pb::Counter {
+                device: d.0,
+                value: *v,
+            })
+            .collect(),
+        hops: c.hops,
+        ttl_ms: c.ttl_ms,
+        asked: c.asked.iter().map(|d| d.0.to_vec()).collect(),
+    }
+}
+
+/// Converts a report for sending.
+pub fn report_to_wire(r: &Report) -> pb::Report {
+    pb::Report {
+        id: r.id,
+        node: r.node.0.to_vec(),
+        name: r.name.clone(),
+        has: r.has,
+        peers: r
+            .peers
+            .iter()
+            .map(|n| pb::Neighbor {
+                device: n.device.0.to_vec(),
+                name: n.name.clone(),
+                connected: n.connected,
+                has: n.has,
+                relays: n.relays,
+            })
+            .collect(),
+    }
+}
+
+fn device(what: &'static str, b: &[u8]) -> Result<DeviceId, WireError> {
+    <[u8; 32]>::try_from(b)
+        .map(DeviceId)
+        .map_err(|_| invalid(what, format!("device ID of {} bytes", b.len())))
+}
+
+fn name(what: &'static str, n: String) -> Result<String, WireError> {
+    if n.len() > MAX_NAME {
+        return Err(invalid(what, format!("name of {} bytes", n.len())));
+    }
+    Ok(n)
+}
+
+/// Validates a received request.
+pub fn confirm_from_wire(c: pb::Confirm) -> Result<Confirm, WireError> {
+    const W: &str = "confirm";
+    let path = RelPath::parse_shared(&c.path)?;
+    if c.version.is_empty() || c.version.len() > MAX_VERSION_ENTRIES {
+        return Err(invalid(W, format!("{} version entries", c.version.len())));
+    }
+    let version = VersionVector::from_pairs(
+        c.version
+            .iter()
+            .map(|x| (ShortId(x.device), x.value))
+            .collect(),
+    );
+    if version.is_empty() {
+        return Err(invalid(W, "all-zero version"));
+    }
+    if c.hops > MAX_HOPS {
+        return Err(invalid(W, format!("{} hops (at most {MAX_HOPS})", c.hops)));
+    }
+    if c.ttl_ms > MAX_TTL_MS {
+        return Err(invalid(W, format!("ttl of {} ms", c.ttl_ms)));
+    }
+    if c.asked.len() > MAX_ASKED {
+        return Err(invalid(W, format!("{} nodes asked", c.asked.len())));
+    }
+    let asked = c
+        .asked
+        .iter()
+        .map(|d| device(W, d))
+        .collect::<Result<_, _>>()?;
+    Ok(Confirm {
+        id: c.id,
+        origin: device(W, &c.origin)?,
+        path,
+        version,
+        hops: c.hops,
+        ttl_ms: c.ttl_ms,
+        asked,
+    })
+}
+
+/// Validates a received report.
+pub fn report_from_wire(r: pb::Report) -> Result<Report, WireError> {
+    const W: &str = "report";
+    if r.peers.len() > MAX_REPORT_PEERS {
+        return Err(invalid(W, format!("{} peers", r.peers.len())));
+    }
+    let peers = r
+        .peers
+        .into_iter()
+        .map(|n| {
+            Ok(Neighbor {
+                device: device(W, &n.device)?,
+                name: name(W, n.name)?,
+                connected: n.connected,
+                has: n.has,
+                relays: n.relays,
+            })
+        })
+        .collect::<Result<_, WireError>>()?;
+    Ok(Report {
+        id: r.id,
+        node: device(W, &r.node)?,
+        name: name(W, r.name)?,
+        has: r.has,
+        peers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use prost::Message;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn sample_confirm() -> Confirm {
+        Confirm {
+            id: 7,
+            origin: DeviceId([1; 32]),
+            path: RelPath::parse("acme/t").unwrap(),
+            version: VersionVector::from_pairs(vec![(ShortId(1), 2)]),
+            hops: 3,
+            ttl_ms: 1000,
+            asked: vec![DeviceId([2; 32])],
+        }
+    }
+
+    #[test]
+    fn snapshot_confirm_and_report() {
+        let c = confirm_to_wire(&sample_confirm()).encode_to_vec();
+        assert_eq!(
+            hex(&c),
+            format!(
+                "0807122001{}1a0661636d652f74220408011002280330e8073a2002{}",
+                "01".repeat(31),
+                "02".repeat(31)
+            ),
+            "the Confirm encoding drifted"
+        );
+        let r = Report {
+            id: 7,
+            node: DeviceId([3; 32]),
+            name: "h".into(),
+            has: true,
+            peers: vec![Neighbor {
+                device: DeviceId([4; 32]),
+                name: "e".into(),
+                connected: true,
+                has: false,
+                relays: true,
+            }],
+        };
+        assert_eq!(
+            hex(&report_to_wire(&r).encode_to_vec()),
+            format!(
+                "0807122003{}1a01682001{}",
+                "03".repeat(31),
+                format!("2a290a2004{}120165180128 01", "04".repeat(31)).replace(' ', "")
+            ),
+            "the Report encoding drifted"
+        );
+    }
+
+    #[test]
+    fn hostile_values_are_refused() {
+        let ok = confirm_to_wire(&sample_confirm());
+        let mut c = ok.clone();
+        c.hops = MAX_HOPS + 1;
+        assert!(confirm_from_wire(c).is_err());
+        let mut c = ok.clone();
+        c.origin = vec![1; 31];
+        assert!(confirm_from_wire(c).is_err());
+        let mut c = ok.clone();
+        c.path = "../etc/passwd".into();
+        assert!(confirm_from_wire(c).is_err());
+        let mut c = ok.clone();
+        c.version.clear();
+        assert!(confirm_from_wire(c).is_err());
+        let mut c = ok.clone();
+        c.asked = vec![vec![0; 32]; MAX_ASKED + 1];
+        assert!(confirm_from_wire(c).is_err());
+        let mut c = ok;
+        c.ttl_ms = MAX_TTL_MS + 1;
+        assert!(confirm_from_wire(c).is_err());
+        let r = pb::Report {
+            id: 1,
+            node: vec![0; 32],
+            name: "x".repeat(MAX_NAME + 1),
+            has: false,
+            peers: vec![],
+        };
+        assert!(report_from_wire(r.clone()).is_err());
+        let many = pb::Report {
+            name: "x".into(),
+            peers: vec![pb::Neighbor::default(); MAX_REPORT_PEERS + 1],
+            ..r
+        };
+        assert!(report_from_wire(many).is_err());
+    }
+
+    #[test]
+    fn oversized_lists_are_refused_before_decoding() {
+        let mut c = confirm_to_wire(&sample_confirm());
+        c.asked = vec![Vec::new(); MAX_ASKED + 1];
+        let f = pb::Frame {
+            body: Some(pb::frame::Body::Confirm(c)),
+        };
+        let err = super::super::precheck_frame(&f.encode_to_vec()).unwrap_err();
+        assert!(err.to_string().contains("more than 4096"), "{err}");
+        let r = pb::Report {
+            peers: vec![pb::Neighbor::default(); MAX_REPORT_PEERS + 1],
+            ..Default::default()
+        };
+        let f = pb::Frame {
+            body: Some(pb::frame::Body::Report(r)),
+        };
+        assert!(super::super::decode_frame(&f.encode_to_vec()).is_err());
+        // Valid ones pass the whole frame check.
+        let f = pb::Frame {
+            body: Some(pb::frame::Body::Confirm(confirm_to_wire(&sample_confirm()))),
+        };
+        assert!(super::super::decode_frame(&f.encode_to_vec()).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn confirm_round_trips(id: u64, o: [u8; 32], hops in 0..=MAX_HOPS, ttl in 0..=MAX_TTL_MS,
+                               counters in proptest::collection::vec((any::<u64>(), 1..u64::MAX), 1..8),
+                               asked in proptest::collection::vec(any::<[u8; 32]>(), 0..8)) {
+            let c = Confirm {
+                id,
+                origin: DeviceId(o),
+                path: RelPath::parse("live/a/cert.pem").unwrap(),
+                version: VersionVector::from_pairs(counters.into_iter().map(|(d, v)| (ShortId(d), v)).collect()),
+                hops,
+                ttl_ms: ttl,
+                asked: asked.into_iter().map(DeviceId).collect(),
+            };
+            let bytes = confirm_to_wire(&c).encode_to_vec();
+            let back = confirm_from_wire(pb::Confirm::decode(bytes.as_slice()).unwrap()).unwrap();
+            prop_assert_eq!(back, c);
+        }
+
+        #[test]
+        fn report_round_trips(id: u64, node: [u8; 32], has: bool, name in "[a-z0-9-]{0,40}",
+                              peers in proptest::collection::vec((any::<[u8; 32]>(), "[a-z]{0,10}", any::<(bool, bool, bool)>()), 0..8)) {
+            let r = Report {
+                id,
+                node: DeviceId(node),
+                name,
+                has,
+                peers: peers.into_iter().map(|(d, name, (connected, has, relays))| Neighbor {
+                    device: DeviceId(d), name, connected, has, relays,
+                }).collect(),
+            };
+            let bytes = report_to_wire(&r).encode_to_vec();
+            let back = report_from_wire(pb::Report::decode(bytes.as_slice()).unwrap()).unwrap();
+            prop_assert_eq!(back, r);
+        }
+    }
+}
