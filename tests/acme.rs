@@ -116,18 +116,15 @@ impl Pebble {
             .expect("starting pebble-challtestsrv");
         wait_listening(&dns_mgmt, "pebble-challtestsrv", &mut dns, &dns_log);
         let dns = Proc { child: dns };
-        let api = format!("127.0.0.1:{}", free_tcp("127.0.0.1"));
-        let mgmt = format!("127.0.0.1:{}", free_tcp("127.0.0.1"));
-        let mut config = serde_json::json!({"pebble": {
-            "listenAddress": api,
-            "managementListenAddress": mgmt,
-            "certificate": dir.join("cert.pem"),
-            "privateKey": dir.join("key.pem"),
-            "httpPort": http_port,
-            "tlsPort": free_tcp("127.0.0.1"),
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }});
+        let mut config = crate::util::pebble_config(&dir, "127.0.0.1", http_port);
+        let api = config["pebble"]["listenAddress"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mgmt = config["pebble"]["managementListenAddress"]
+            .as_str()
+            .unwrap()
+            .to_string();
         if eab {
             config["pebble"]["externalAccountBindingRequired"] = true.into();
             config["pebble"]["externalAccountMACKeys"] = serde_json::json!({ EAB.0: EAB.1 });

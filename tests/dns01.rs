@@ -253,18 +253,12 @@ impl Ca {
         fs::write(&ca_roots, ca_cert.pem()).unwrap();
         fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
         fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-        let api = format!("{CA_IP}:{}", free_tcp(CA_IP));
         let http_port = free_tcp("127.0.6.4");
-        let config = serde_json::json!({"pebble": {
-            "listenAddress": api,
-            "managementListenAddress": format!("{CA_IP}:{}", free_tcp(CA_IP)),
-            "certificate": dir.join("cert.pem"),
-            "privateKey": dir.join("key.pem"),
-            "httpPort": http_port,
-            "tlsPort": free_tcp(CA_IP),
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }});
+        let config = crate::util::pebble_config(&dir, CA_IP, http_port);
+        let api = config["pebble"]["listenAddress"]
+            .as_str()
+            .unwrap()
+            .to_string();
         fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
         let log = dir.join("pebble.log");
         let mut child = Command::new("pebble")
@@ -350,13 +344,7 @@ impl Setup {
             })
             .collect();
         for (i, node) in nodes.iter().enumerate() {
-            let peers: Vec<&Node> = nodes
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, p)| p)
-                .collect();
-            node.configure(&peers);
+            node.configure(&crate::util::others(&nodes, i));
             let mut cfg = fs::read_to_string(&node.config).unwrap();
             cfg.push_str(&format!(
                 "\n[acme]\ndirectory = \"{}\"\ncontact = [\"mailto:ops@{ZONE}\"]\nca_roots = \"{}\"\n{acme}\

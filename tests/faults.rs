@@ -113,13 +113,7 @@ impl Lab {
             })
             .collect();
         for (i, node) in nodes.iter().enumerate() {
-            let peers: Vec<&Node> = nodes
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, p)| p)
-                .collect();
-            node.configure(&peers);
+            node.configure(&crate::util::others(&nodes, i));
         }
         Cluster { nodes, dir }
     }

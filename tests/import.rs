@@ -95,18 +95,12 @@ impl Pebble {
             .expect("starting pebble-challtestsrv");
         wait_listening(&dns_mgmt, "pebble-challtestsrv", &mut dns, &dns_log);
         let dns = Proc::new(dns);
-        let api = format!("{ip}:{}", free_tcp(ip));
         let http_port = free_tcp(ip);
-        let config = serde_json::json!({"pebble": {
-            "listenAddress": api,
-            "managementListenAddress": format!("{ip}:{}", free_tcp(ip)),
-            "certificate": dir.join("cert.pem"),
-            "privateKey": dir.join("key.pem"),
-            "httpPort": http_port,
-            "tlsPort": free_tcp(ip),
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }});
+        let config = crate::util::pebble_config(&dir, ip, http_port);
+        let api = config["pebble"]["listenAddress"]
+            .as_str()
+            .unwrap()
+            .to_string();
         fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
         let log = dir.join("pebble.log");
         let mut ca = Command::new("pebble")

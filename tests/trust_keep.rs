@@ -29,13 +29,7 @@ fn mesh_on(root: &Path, ips: [&str; 3]) -> Vec<Node> {
         .map(|(n, ip)| Node::new(root, n, ip))
         .collect();
     for (i, n) in nodes.iter().enumerate() {
-        let peers: Vec<&Node> = nodes
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, p)| p)
-            .collect();
-        n.configure(&peers);
+        n.configure(&crate::util::others(&nodes, i));
         if n.name.starts_with("good") {
             let mut cfg = fs::read_to_string(&n.config).unwrap();
             cfg.push_str("\n[[certificate]]\nname = \"www\"\ndomains = [\"www.example.com\"]\n");

@@ -396,3 +396,28 @@ pub fn free_udp(ip: &str) -> u16 {
     let s = std::net::UdpSocket::bind(format!("{ip}:0")).expect("binding a free UDP port");
     s.local_addr().expect("local address").port()
 }
+
+/// Pebble's JSON config with its API, management and TLS ports free on `ip`, the
+/// `cert.pem` / `key.pem` in `dir`, and http-01 validation on `http_port`.
+pub fn pebble_config(dir: &Path, ip: &str, http_port: u16) -> serde_json::Value {
+    serde_json::json!({"pebble": {
+        "listenAddress": format!("{ip}:{}", free_tcp(ip)),
+        "managementListenAddress": format!("{ip}:{}", free_tcp(ip)),
+        "certificate": dir.join("cert.pem"),
+        "privateKey": dir.join("key.pem"),
+        "httpPort": http_port,
+        "tlsPort": free_tcp(ip),
+        "ocspResponderURL": "",
+        "externalAccountBindingRequired": false,
+    }})
+}
+
+/// Every node of `nodes` but the `i`-th: its peers in a full mesh.
+pub fn others(nodes: &[Node], i: usize) -> Vec<&Node> {
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, p)| p)
+        .collect()
+}
