@@ -12,7 +12,10 @@ use toml::Spanned;
 use crate::identity::{DeviceId, DeviceIdError};
 
 mod dns;
+mod globs;
+
 pub use dns::{ChallengeChoice, DnsConfig, DnsProvider, TsigAlgorithm, TsigKeyConfig};
+pub use globs::Globs;
 
 /// A config that can't be used, with where and why.
 #[derive(Debug, thiserror::Error)]
@@ -290,7 +293,7 @@ impl CertificateConfig {
 #[derive(Debug, Clone)]
 pub struct HookConfig {
     pub paths: Vec<String>,
-    pub matcher: globset::GlobSet,
+    pub matcher: Globs,
     pub action: HookAction,
     pub timeout: Duration,
 }
@@ -877,17 +880,8 @@ fn hook(h: &RawHook, bad: &Bad) -> Result<HookConfig, ConfigError> {
             "must list at least one glob, e.g. \"live/www.example.com/**\"".into(),
         ));
     }
-    let mut set = globset::GlobSetBuilder::new();
-    for p in h.paths.get_ref() {
-        let g = globset::GlobBuilder::new(p)
-            .literal_separator(true)
-            .build()
-            .map_err(|e| bad(h.paths.span(), "hook.paths", format!("{p:?}: {e}")))?;
-        set.add(g);
-    }
-    let matcher = set
-        .build()
-        .map_err(|e| bad(h.paths.span(), "hook.paths", e.to_string()))?;
+    let matcher =
+        Globs::new(h.paths.get_ref()).map_err(|e| bad(h.paths.span(), "hook.paths", e))?;
     let action = hook_action(h, bad)?;
     let timeout = match &h.timeout {
         None => Duration::from_secs(30),

@@ -16,12 +16,12 @@ use std::ffi::OsStr;
 use std::fmt;
 
 use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
 
 /// Where the log goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,12 +92,28 @@ pub fn priority(level: &Level) -> u8 {
     }
 }
 
+/// What is logged when `RUST_LOG` is not set.
+const DEFAULT_FILTER: &str = "info,quinn=warn,rustls=warn";
+
+/// The log filter from `RUST_LOG` (`level` and `target=level` directives, comma-
+/// separated), or the default with the reason when it does not parse. Targets nobody
+/// named log errors, so a filter for one crate never hides certmesh's errors.
+fn filter(var: Option<&str>) -> (Targets, Option<String>) {
+    let default = || DEFAULT_FILTER.parse::<Targets>().unwrap_or_default();
+    match var.map(str::trim).filter(|v| !v.is_empty()) {
+        None => (default(), None),
+        Some(v) => match v.parse::<Targets>() {
+            Ok(t) if t.default_level().is_none() => (t.with_default(LevelFilter::ERROR), None),
+            Ok(t) => (t, None),
+            Err(e) => (default(), Some(format!("{v:?}: {e}"))),
+        },
+    }
+}
+
 /// Starts logging for the process, from the environment.
 pub fn init() {
-    let filter = || {
-        EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new("info,quinn=warn,rustls=warn"))
-    };
+    let (filter, bad_filter) = filter(std::env::var("RUST_LOG").ok().as_deref());
+    let filter = || filter.clone();
     let stderr = std::io::stderr();
     let target = target(
         std::env::var_os("CERTMESH_LOG_FORMAT").as_deref(),
@@ -133,6 +149,9 @@ pub fn init() {
             .with(filter())
             .with(fmt().with_ansi(ansi))
             .init(),
+    }
+    if let Some(e) = bad_filter {
+        tracing::warn!("RUST_LOG ignored: {e}; logging at the default \"{DEFAULT_FILTER}\"");
     }
 }
 
@@ -184,6 +203,25 @@ mod tests {
 
     fn os(s: &str) -> Option<&OsStr> {
         Some(OsStr::new(s))
+    }
+
+    #[test]
+    fn rust_log_sets_levels_per_target_and_bad_values_are_named() {
+        let (t, bad) = filter(None);
+        assert!(bad.is_none());
+        assert!(t.would_enable("certmesh::node", &Level::INFO));
+        assert!(!t.would_enable("quinn_proto::connection", &Level::INFO));
+        let (t, _) = filter(Some("certmesh=debug"));
+        assert!(t.would_enable("certmesh::peer", &Level::DEBUG));
+        assert!(t.would_enable("quinn", &Level::ERROR));
+        assert!(!t.would_enable("quinn", &Level::WARN));
+        let (t, bad) = filter(Some("warn,certmesh=trace"));
+        assert!(bad.is_none());
+        assert!(t.would_enable("certmesh::acme", &Level::TRACE));
+        assert!(!t.would_enable("rustls", &Level::INFO));
+        let (t, bad) = filter(Some("certmesh=loud"));
+        assert!(bad.unwrap().contains("certmesh=loud"));
+        assert!(t.would_enable("certmesh", &Level::INFO));
     }
 
     #[test]
