@@ -9,7 +9,7 @@
 //!   [`index`], [`plan`], [`paths`], [`inline`], [`core::authorship`]).
 //! - [`disk`]: the tree and the state directory ([`safe_fs`], [`scan`], [`watch`],
 //!   [`apply`], [`keep`], [`store`], [`atomic`]).
-//! - Network: [`transport`] (quinn + pinned mTLS), [`wire`] (protobuf from `proto/`,
+//! - [`net`]: [`transport`] (quinn + pinned mTLS), [`wire`] (protobuf from `proto/`,
 //!   framing), [`peer`] (one task per connection), [`pull`] (fetch + apply batches),
 //!   [`clients`] (local HTTP/control listeners).
 //! - [`ops`]: [`control`], [`metrics`], [`telemetry`], [`hooks`], [`firewall`],
@@ -20,20 +20,21 @@
 //! - [`config`], [`identity`], [`node`] (the shared state) and [`daemon`] (the wiring:
 //!   starts and stops every task); [`demo`] (a 3-node mesh on loopback).
 //!
-//! Modules under [`core`], [`disk`] and [`ops`] are re-exported here at the paths
+//! Modules under [`core`], [`disk`], [`net`] and [`ops`] are re-exported here at the paths
 //! the crate has always used (`crate::store`, `crate::control`, …).
 
 pub mod acme;
-pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod core;
 pub mod disk;
+pub mod net;
 pub mod ops;
-// The core's value types, the disk layer and the operations modules, at the paths
+// The core's value types, the disk, network and operations modules, at the paths
 // the rest of the crate has always used.
 pub use crate::core::{index, inline, paths, plan, version};
 pub use crate::disk::{apply, atomic, keep, safe_fs, scan, store, watch};
+pub use crate::net::{clients, peer, pull, transport, wire};
 pub use crate::ops::{control, firewall, hooks, logging, metrics, systemd, telemetry};
 pub mod daemon;
 pub mod demo;
@@ -44,11 +45,7 @@ pub mod handles;
 pub mod identity;
 pub mod import;
 pub mod node;
-pub mod peer;
-pub mod pull;
 pub mod repair;
 #[cfg(test)]
 mod sim;
-pub mod transport;
-pub mod wire;
 pub mod writers;

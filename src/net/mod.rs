@@ -1,0 +1,13 @@
+//! The network: everything that talks QUIC to peers or serves local clients.
+//! [`transport`] (quinn endpoint, pinned mutual TLS, the allow-list), [`wire`]
+//! (protobuf messages from `proto/`, framing and bounds), [`peer`] (one task per
+//! connection: index and ack frames in and out of the engine), [`pull`] (fetches by
+//! hash over QUIC, then the blocking apply) and [`clients`] (the one accept loop for
+//! the control socket, the http-01 responder and `/metrics`). These use
+//! [`crate::core`] and [`crate::disk`]; features above use them.
+
+pub mod clients;
+pub mod peer;
+pub mod pull;
+pub mod transport;
+pub mod wire;
