@@ -179,7 +179,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     if let Err(e) = crate::keep::prune_all(&shared.tree.root, now_ns()) {
         tracing::warn!(error = %e, "pruning kept versions");
     }
-    tasks.push(crate::repair::start(&shared));
+    tasks.push(crate::repair::start(crate::repair::Handles::new(&shared)));
     tasks.push(tokio::spawn(accept_loop(shared.clone(), transport.clone())));
     // Installed before READY=1: a `systemctl reload` right after start must not kill us.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
@@ -195,7 +195,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     )));
     tasks.push(tokio::spawn(collect_tombstones(shared.clone())));
     tracing::info!(listen = %config.listen, tree = %config.tree.display(), peers = config.peers.len(), "certmesh running");
-    tasks.extend(crate::systemd::ready(&shared));
+    tasks.extend(crate::systemd::ready(&crate::handles::Observer::new(
+        &shared,
+    )));
 
     shutdown.await;
     crate::systemd::stopping();
@@ -432,7 +434,7 @@ async fn peers_and_reloads(
         let old = match shared.config.lock() {
             Ok(c) => c.clone(),
             Err(_) => {
-                crate::systemd::reloaded(&shared);
+                crate::systemd::reloaded(&crate::handles::Observer::new(&shared));
                 continue;
             }
         };
@@ -455,7 +457,7 @@ async fn peers_and_reloads(
                 .lock()
                 .error(format!("SIGHUP: config not reloaded: {e}")),
         }
-        crate::systemd::reloaded(&shared);
+        crate::systemd::reloaded(&crate::handles::Observer::new(&shared));
     }
 }
 

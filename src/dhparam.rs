@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 
 use crate::acme::tree;
+use crate::handles::{Mesh, Reports, Settings, TreeWriter};
 use crate::index::ContentHash;
 use crate::node::Shared;
 
@@ -42,20 +43,31 @@ pub enum Placed {
 
 /// Starts the one-off writer if `[tree] dhparam` is set.
 pub fn start(shared: &Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
-    let group = shared.config.lock().ok().and_then(|c| c.dhparam)?;
-    Some(tokio::spawn(ensure(shared.clone(), group)))
+    let group = Settings::new(shared).read(|c| c.dhparam).flatten()?;
+    let (mesh, writer, reports) = (
+        Mesh::new(shared),
+        TreeWriter::new(shared),
+        Reports::new(shared),
+    );
+    Some(tokio::spawn(ensure(mesh, writer, reports, group)))
 }
 
-async fn ensure(shared: Arc<Shared>, group: DhGroup) {
-    wait_for_mesh(&shared).await;
-    match place(&shared.tree.root, group) {
+async fn ensure(mesh: Mesh, writer: TreeWriter, reports: Reports, group: DhGroup) {
+    // Waits until every configured peer is connected and in sync (their copy of the
+    // file, if any, has arrived), or MESH_GRACE.
+    if !mesh.wait_formed(MESH_GRACE).await {
+        tracing::info!(
+            "{FILE}: not every peer is connected and in sync; deciding with the ones that are"
+        );
+    }
+    match place(writer.root(), group) {
         Ok(Placed::Written) => {
             tracing::info!(group = group.name(), "wrote {FILE} (RFC 7919 group)");
             if let Ok(rel) = tree::rel(FILE) {
                 let want = tree::Expect::File(ContentHash(
                     *blake3::hash(group.pem().as_bytes()).as_bytes(),
                 ));
-                if let Err(e) = tree::await_indexed(&shared, &[(rel, want)], MESH_GRACE).await {
+                if let Err(e) = writer.await_indexed(&[(rel, want)], MESH_GRACE).await {
                     tracing::warn!(error = %e, "{FILE} written but not indexed yet");
                 }
             }
@@ -65,19 +77,7 @@ async fn ensure(shared: Arc<Shared>, group: DhGroup) {
             group = group.name(),
             "{FILE} in the tree is not the configured group; keeping the operator's file"
         ),
-        Err(e) => shared
-            .lock()
-            .error(format!("tree.dhparam: writing {FILE}: {e:#}")),
-    }
-}
-
-/// Waits until every configured peer is connected and in sync (their copy of the
-/// file, if any, has arrived), or [`MESH_GRACE`].
-async fn wait_for_mesh(shared: &Shared) {
-    if !shared.wait_mesh_formed(MESH_GRACE).await {
-        tracing::info!(
-            "{FILE}: not every peer is connected and in sync; deciding with the ones that are"
-        );
+        Err(e) => reports.error(format!("tree.dhparam: writing {FILE}: {e:#}")),
     }
 }
 

@@ -7,17 +7,29 @@
 //! - [`Changes`]: committed tree changes (wait for the next, list what changed).
 //! - [`Settings`]: the config as last (re)loaded.
 //! - [`Reports`]: errors and failures for `status` and `/metrics`.
+//! - [`Mesh`]: whether the peers are connected and in sync, who this node is, and
+//!   whether shutdown has begun.
+//! - [`TreeWriter`]: writes into the tree the way a person would (staged, fsynced,
+//!   renamed) and waits until the index holds the change.
+//! - [`Observer`]: what `status` shows, when it may have changed, and a liveness
+//!   probe (the systemd status line and watchdog).
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::acme::tree::{self, Expect, Staged};
 use crate::config::Config;
+use crate::control::Status;
+use crate::identity::{DeviceId, ShortId};
 use crate::index::Kind;
 use crate::node::Shared;
+use crate::paths::RelPath;
+use crate::telemetry::Repairs;
 
 /// Committed changes of the tree.
 #[derive(Clone)]
@@ -90,6 +102,126 @@ impl Reports {
     /// shown in `status`.
     pub fn hook_failed(&self, msg: String) {
         self.0.hook_failures.fetch_add(1, Ordering::Relaxed);
+        self.error(msg);
+    }
+
+    /// Something failed: shown in `status` (the last few, with their time).
+    pub fn error(&self, msg: String) {
         self.0.lock().error(msg);
+    }
+
+    /// Certificate repairs: the queue and the recent results.
+    pub fn repairs(&self) -> &Repairs {
+        &self.0.repairs
+    }
+}
+
+/// The mesh as this node sees it.
+#[derive(Clone)]
+pub struct Mesh(Arc<Shared>);
+
+impl Mesh {
+    pub fn new(shared: &Arc<Shared>) -> Self {
+        Mesh(shared.clone())
+    }
+
+    /// Waits until every configured peer is connected and in sync and nothing is
+    /// needed, or `grace`; says whether that happened.
+    pub async fn wait_formed(&self, grace: Duration) -> bool {
+        self.0.wait_mesh_formed(grace).await
+    }
+
+    /// Turns `true` once shutdown begins.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.0.stopping.subscribe()
+    }
+
+    /// This node's device ID.
+    pub fn me(&self) -> DeviceId {
+        self.0.me()
+    }
+
+    /// Whether this node may change the tree (issue #13: readers may not).
+    pub fn is_writer(&self) -> bool {
+        self.0.lock().engine.is_writer()
+    }
+
+    /// Nothing under `dir` is still needed from a peer or being applied.
+    pub fn settled_within(&self, dir: &RelPath) -> bool {
+        let st = self.0.lock();
+        st.engine.plan().needs_within(dir).next().is_none()
+            && !st.applying.iter().any(|p| p.is_within(dir))
+    }
+
+    /// The node that last changed `path`, as the index records it.
+    pub fn modified_by(&self, path: &RelPath) -> Option<ShortId> {
+        let st = self.0.lock();
+        st.engine.index().get(path).map(|e| e.record.modified_by)
+    }
+}
+
+/// Writes into the tree and waits until the local index holds the change (see
+/// [`crate::acme::tree`] for how: staged under `.certmesh/tmp/`, fsynced, renamed,
+/// no link followed).
+#[derive(Clone)]
+pub struct TreeWriter(Arc<Shared>);
+
+impl TreeWriter {
+    pub fn new(shared: &Arc<Shared>) -> Self {
+        TreeWriter(shared.clone())
+    }
+
+    /// The tree's root directory.
+    pub fn root(&self) -> &Path {
+        &self.0.tree.root
+    }
+
+    /// Writes `data` to a fresh file under `.certmesh/tmp/` (fsynced, `mode`).
+    pub fn stage(&self, rel: &RelPath, data: &[u8], mode: u32) -> anyhow::Result<Staged> {
+        tree::stage(&self.0, rel, data, mode)
+    }
+
+    /// Renames a staged file into place.
+    pub fn place(&self, staged: Staged) -> anyhow::Result<Expect> {
+        tree::place(&self.0, staged)
+    }
+
+    /// Points the link `rel` at `target` (replacing it atomically).
+    pub fn symlink(&self, rel: &RelPath, target: &str) -> anyhow::Result<Expect> {
+        tree::symlink(&self.0, rel, target)
+    }
+
+    /// Waits until the index shows every item as expected; the highest sequence.
+    pub async fn await_indexed(
+        &self,
+        items: &[(RelPath, Expect)],
+        timeout: Duration,
+    ) -> anyhow::Result<u64> {
+        tree::await_indexed(&self.0, items, timeout).await
+    }
+}
+
+/// What `status` shows, and when it may have changed.
+#[derive(Clone)]
+pub struct Observer(Arc<Shared>);
+
+impl Observer {
+    pub fn new(shared: &Arc<Shared>) -> Self {
+        Observer(shared.clone())
+    }
+
+    /// The status as `certmesh status` shows it.
+    pub fn status(&self) -> Status {
+        crate::control::status(&self.0)
+    }
+
+    /// Wake-ups: the local sequence (commits) and progress (acks, connections).
+    pub fn subscribe(&self) -> (watch::Receiver<u64>, watch::Receiver<u64>) {
+        (self.0.changed.subscribe(), self.0.progress.subscribe())
+    }
+
+    /// Takes and drops the state lock: returns only if the state is not deadlocked.
+    pub fn probe(&self) {
+        drop(self.0.lock());
     }
 }

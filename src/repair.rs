@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use crate::acme::bundle::{self, chain_der, parse_leaf, Leaf};
 use crate::acme::tree;
+use crate::handles::{Mesh, Reports, Settings, TreeWriter};
 use crate::identity::ShortId;
 use crate::keep;
 use crate::node::Shared;
@@ -36,37 +37,55 @@ const START_GRACE: Duration = Duration::from_secs(10);
 
 pub use crate::telemetry::{RepairStatus, Repairs};
 
+/// What the repair task uses of the daemon.
+#[derive(Clone)]
+pub struct Handles {
+    pub settings: Settings,
+    pub mesh: Mesh,
+    pub writer: TreeWriter,
+    pub reports: Reports,
+}
+
+impl Handles {
+    pub fn new(shared: &Arc<Shared>) -> Self {
+        Handles {
+            settings: Settings::new(shared),
+            mesh: Mesh::new(shared),
+            writer: TreeWriter::new(shared),
+            reports: Reports::new(shared),
+        }
+    }
+}
+
 /// Starts the repair task: one check of every configured certificate once the mesh
 /// has formed, then one after each applied batch that touched one.
-pub fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(run(shared.clone()))
+pub fn start(h: Handles) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(h))
 }
 
-fn configured(shared: &Shared) -> Vec<String> {
-    // A reader (issue 13) may not change the tree: its repair would be put back.
-    if !shared.lock().engine.is_writer() {
+fn configured(h: &Handles) -> Vec<String> {
+    let writer = h.mesh.is_writer();
+    h.settings.read(|c| names(writer, c)).unwrap_or_default()
+}
+
+/// The certificates this node repairs, for [`Repairs::touched`]: the configured ones,
+/// none on a reader (issue 13: its repair would be put back).
+pub fn names(is_writer: bool, config: &crate::config::Config) -> Vec<String> {
+    if !is_writer {
         return Vec::new();
     }
-    shared
-        .config
-        .lock()
-        .map(|c| c.certificates.iter().map(|c| c.name.clone()).collect())
-        .unwrap_or_default()
+    config.certificates.iter().map(|c| c.name.clone()).collect()
 }
 
-/// The names of configured certificates, for [`Repairs::touched`].
-pub fn names(shared: &Shared) -> Vec<String> {
-    configured(shared)
-}
-
-async fn run(shared: Arc<Shared>) {
-    shared.wait_mesh_formed(START_GRACE).await;
-    shared.repairs.lock_pending().extend(configured(&shared));
-    let mut stopping = shared.stopping.subscribe();
+async fn run(h: Handles) {
+    h.mesh.wait_formed(START_GRACE).await;
+    let repairs = h.reports.repairs();
+    repairs.lock_pending().extend(configured(&h));
+    let mut stopping = h.mesh.stopping();
     loop {
-        if shared.repairs.lock_pending().is_empty() {
+        if repairs.lock_pending().is_empty() {
             tokio::select! {
-                _ = shared.repairs.wake.notified() => {}
+                _ = repairs.wake.notified() => {}
                 _ = stopping.changed() => {}
             }
         }
@@ -74,45 +93,41 @@ async fn run(shared: Arc<Shared>) {
             return;
         }
         tokio::time::sleep(SETTLE).await;
-        let names = std::mem::take(&mut *shared.repairs.lock_pending());
+        let names = std::mem::take(&mut *repairs.lock_pending());
         let mut unsettled = Vec::new();
         for name in names {
-            if !settled(&shared, &name) {
+            if !settled(&h.mesh, &name) {
                 unsettled.push(name);
                 continue;
             }
-            match repair(&shared, &name).await {
+            match repair(&h, &name).await {
                 Ok(Some(r)) => {
                     tracing::warn!(cert = %name, version = r.from_version, caused_by = %r.caused_by, reason = %r.reason, "certificate repaired");
-                    shared.repairs.push(r);
+                    repairs.push(r);
                 }
                 Ok(None) => {}
-                Err(e) => shared
-                    .lock()
+                Err(e) => h
+                    .reports
                     .error(format!("repairing certificate {name}: {e:#}")),
             }
         }
         if !unsettled.is_empty() {
-            shared.repairs.lock_pending().extend(unsettled);
+            repairs.lock_pending().extend(unsettled);
             tokio::time::sleep(RETRY).await;
         }
     }
 }
 
 /// Nothing still to arrive or being applied for this certificate.
-fn settled(shared: &Shared, name: &str) -> bool {
-    let st = shared.lock();
+fn settled(mesh: &Mesh, name: &str) -> bool {
     ["live", "archive"].iter().all(|top| {
-        RelPath::parse(&format!("{top}/{name}")).is_ok_and(|dir| {
-            st.engine.plan().needs_within(&dir).next().is_none()
-                && !st.applying.iter().any(|p| p.is_within(&dir))
-        })
+        RelPath::parse(&format!("{top}/{name}")).is_ok_and(|dir| mesh.settled_within(&dir))
     })
 }
 
 /// Checks one certificate and puts it back if it is broken and something good is left.
-async fn repair(shared: &Shared, name: &str) -> anyhow::Result<Option<RepairStatus>> {
-    let root = shared.tree.root.clone();
+async fn repair(h: &Handles, name: &str) -> anyhow::Result<Option<RepairStatus>> {
+    let root = h.writer.root().to_path_buf();
     let now = crate::acme::unix_now();
     let n = name.to_string();
     let decision = tokio::task::spawn_blocking(move || decide(&root, &n, now)).await?;
@@ -128,53 +143,49 @@ async fn repair(shared: &Shared, name: &str) -> anyhow::Result<Option<RepairStat
     let mut staged = Vec::new();
     for (file, data, mode) in &r.files {
         let p = tree::rel(&format!("{dir}/{file}"))?;
-        staged.push((p.clone(), tree::stage(shared, &p, data, *mode)?));
+        staged.push((p.clone(), h.writer.stage(&p, data, *mode)?));
     }
     let mut expect = Vec::new();
     for (p, s) in staged {
-        expect.push((p, tree::place(shared, s)?));
+        expect.push((p, h.writer.place(s)?));
     }
     if !expect.is_empty() {
-        if let Ok(d) = std::fs::File::open(shared.tree.root.join(&dir)) {
+        if let Ok(d) = std::fs::File::open(h.writer.root().join(&dir)) {
             let _ = d.sync_all();
         }
-        tree::await_indexed(shared, &expect, Duration::from_secs(10)).await?;
+        h.writer
+            .await_indexed(&expect, Duration::from_secs(10))
+            .await?;
     }
     let link = tree::rel(&format!("live/{name}"))?;
-    let cause = r.caused_by.or_else(|| {
-        let st = shared.lock();
-        st.engine.index().get(&link).map(|e| e.record.modified_by)
-    });
+    let cause = r.caused_by.or_else(|| h.mesh.modified_by(&link));
     if r.flip_link {
-        let e = tree::symlink(shared, &link, &format!("../archive/{name}/{}", r.version))?;
-        tree::await_indexed(shared, &[(link, e)], Duration::from_secs(10)).await?;
+        let e = h
+            .writer
+            .symlink(&link, &format!("../archive/{name}/{}", r.version))?;
+        h.writer
+            .await_indexed(&[(link, e)], Duration::from_secs(10))
+            .await?;
     }
     let at = crate::acme::unix_now();
     Ok(Some(RepairStatus {
         certificate: name.to_string(),
         at: crate::acme::rfc3339(at),
         at_unix: at,
-        caused_by: cause.map_or_else(|| "unknown".into(), |c| node_name(shared, c)),
+        caused_by: cause.map_or_else(|| "unknown".into(), |c| node_name(h, c)),
         from_version: r.version,
         reason: why,
     }))
 }
 
 /// The configured name of the node with this short ID (or the ID in hex).
-pub fn node_name(shared: &Shared, id: ShortId) -> String {
-    if shared.me().short() == id {
-        return shared
-            .config
-            .lock()
-            .map(|c| c.name.clone())
-            .unwrap_or_default();
+fn node_name(h: &Handles, id: ShortId) -> String {
+    if h.mesh.me().short() == id {
+        return h.settings.read(|c| c.name.clone()).unwrap_or_default();
     }
-    let peers = shared
-        .config
-        .lock()
-        .map(|c| c.peers.clone())
-        .unwrap_or_default();
-    name_of(&peers, id)
+    h.settings
+        .read(|c| name_of(&c.peers, id))
+        .unwrap_or_else(|| keep::short_hex(id))
 }
 
 /// The name of the peer with this short ID, or the ID in hex.

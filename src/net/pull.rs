@@ -215,7 +215,12 @@ fn record(shared: &Shared, pipe: &mut Pipeline, done: Applied) {
     if !rescan.is_empty() {
         let _ = shared.rescan.send(rescan);
     }
-    let certs = crate::repair::names(shared);
+    let writer = shared.lock().engine.is_writer();
+    let certs = shared
+        .config
+        .lock()
+        .map(|c| crate::repair::names(writer, &c))
+        .unwrap_or_default();
     shared.repairs.touched(&certs, &touched);
     shared.bump_progress();
 }

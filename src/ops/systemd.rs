@@ -8,13 +8,12 @@
 //! here is a no-op and no task is spawned.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 
 use crate::control::Status;
-use crate::node::Shared;
+use crate::handles::Observer;
 
 /// How long the status line waits after a change before it is recomputed, so a burst
 /// of acks (a bulk sync) costs one `status` computation, not thousands.
@@ -44,15 +43,15 @@ fn send(states: &[NotifyState]) {
 
 /// The daemon is up (endpoint bound, index loaded, control socket listening): tells
 /// systemd, then keeps the status line and the watchdog going.
-pub fn ready(shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn ready(observer: &Observer) -> Vec<tokio::task::JoinHandle<()>> {
     if !enabled() {
         return Vec::new();
     }
-    let line = summary(&crate::control::status(shared));
+    let line = summary(&observer.status());
     send(&[NotifyState::Ready, NotifyState::Status(&line)]);
-    let mut tasks = vec![tokio::spawn(status_updates(shared.clone(), line))];
+    let mut tasks = vec![tokio::spawn(status_updates(observer.clone(), line))];
     if let Some(timeout) = sd_notify::watchdog_enabled() {
-        tasks.push(tokio::spawn(watchdog(shared.clone(), timeout / 2)));
+        tasks.push(tokio::spawn(watchdog(observer.clone(), timeout / 2)));
     }
     tasks
 }
@@ -69,11 +68,11 @@ pub fn reloading() {
 }
 
 /// The SIGHUP re-read is done (applied or refused: either way the daemon runs on).
-pub fn reloaded(shared: &Shared) {
+pub fn reloaded(observer: &Observer) {
     if !enabled() {
         return;
     }
-    let line = summary(&crate::control::status(shared));
+    let line = summary(&observer.status());
     send(&[NotifyState::Ready, NotifyState::Status(&line)]);
 }
 
@@ -86,9 +85,8 @@ pub fn stopping() {
 
 /// `STATUS=` whenever the summary changes: woken by index changes and acks (peers
 /// connecting and syncing), at most once per `STATUS_SETTLE`.
-async fn status_updates(shared: Arc<Shared>, mut last: String) {
-    let mut changed = shared.changed.subscribe();
-    let mut progress = shared.progress.subscribe();
+async fn status_updates(observer: Observer, mut last: String) {
+    let (mut changed, mut progress) = observer.subscribe();
     loop {
         tokio::select! {
             r = changed.changed() => if r.is_err() { return },
@@ -98,7 +96,7 @@ async fn status_updates(shared: Arc<Shared>, mut last: String) {
         tokio::time::sleep(STATUS_SETTLE).await;
         changed.borrow_and_update();
         progress.borrow_and_update();
-        let line = summary(&crate::control::status(&shared));
+        let line = summary(&observer.status());
         if line != last {
             send(&[NotifyState::Status(&line)]);
             last = line;
@@ -109,12 +107,12 @@ async fn status_updates(shared: Arc<Shared>, mut last: String) {
 /// `WATCHDOG=1` every `every` from a task on the daemon's runtime, after taking the
 /// state lock: a hung runtime or a deadlocked state stops the pings, and systemd
 /// restarts the service after `WatchdogSec=`.
-async fn watchdog(shared: Arc<Shared>, every: Duration) {
+async fn watchdog(observer: Observer, every: Duration) {
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        drop(shared.lock());
+        observer.probe();
         send(&[NotifyState::Watchdog]);
     }
 }
