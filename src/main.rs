@@ -228,8 +228,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| Failure::Runtime(format!("starting the runtime: {e}")))
 }
 
+/// An error from the daemon or the runtime, with its causes.
+fn rt_err(e: anyhow::Error) -> Failure {
+    Failure::Runtime(format!("{e:#}"))
+}
+
 fn dispatch(cmd: Cmd) -> Result<(), Failure> {
-    let rt_err = |e: anyhow::Error| Failure::Runtime(format!("{e:#}"));
     match cmd {
         Cmd::Init { state_dir } => {
             let id = Identity::init(&state_dir).map_err(|e| Failure::Runtime(e.to_string()))?;
@@ -239,60 +243,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             let id = Identity::load(&state_dir).map_err(|e| Failure::Runtime(e.to_string()))?;
             println!("{}", id.id);
         }
-        Cmd::Check { config } => {
-            let c = load(&config)?;
-            if let Ok(me) = Identity::load(&c.state_dir) {
-                if let Some(p) = c.peers.iter().find(|p| p.id == me.id) {
-                    return Err(Failure::Config(format!(
-                        "{}: peer {:?} has this node's own device ID",
-                        config.display(),
-                        p.name
-                    )));
-                }
-                if let Err(e) = certmesh::writers::policy(&c, me.id) {
-                    return Err(Failure::Config(e.to_string()));
-                }
-            }
-            if let Some(roots) = c.acme.as_ref().and_then(|a| a.ca_roots.as_ref()) {
-                if let Err(e) = std::fs::read(roots) {
-                    return Err(Failure::Config(format!(
-                        "{}: acme.ca_roots {}: {e}",
-                        config.display(),
-                        roots.display()
-                    )));
-                }
-            }
-            if let Some(certmesh::config::DnsProvider::Rfc2136 { key, .. }) = c
-                .acme
-                .as_ref()
-                .and_then(|a| a.dns.as_ref())
-                .map(|d| &d.provider)
-            {
-                if let Err(e) = certmesh::acme::dns::key::load(key) {
-                    return Err(Failure::Config(format!("{}: {e}", config.display())));
-                }
-            }
-            let problems = certmesh::import::check_tree(&c);
-            if !problems.is_empty() {
-                return Err(Failure::Config(format!(
-                    "{}: {}",
-                    config.display(),
-                    problems.join("\n")
-                )));
-            }
-            for w in certmesh::core::cluster::peer_warnings(c.peers.len()) {
-                eprintln!("{}: warning: {w}", config.display());
-            }
-            println!(
-                "{}: ok ({} peers, {} certificates, {} hooks, acme {}, tree {})",
-                config.display(),
-                c.peers.len(),
-                c.certificates.len(),
-                c.hooks.len(),
-                if c.acme.is_some() { "on" } else { "off" },
-                c.tree.display()
-            );
-        }
+        Cmd::Check { config } => check(&config)?,
         Cmd::Run { config } => {
             let c = load(&config)?;
             let rt = runtime()?;
@@ -303,51 +254,8 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             rt.block_on(certmesh::daemon::run(c, stop))
                 .map_err(rt_err)?;
         }
-        Cmd::Status { config, json } => {
-            let c = load(&config)?;
-            let v = runtime()?
-                .block_on(certmesh::control::request(&c.control_socket(), "status"))
-                .map_err(rt_err)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else {
-                let s: certmesh::control::Status = serde_json::from_value(v)
-                    .map_err(|e| Failure::Runtime(format!("daemon answer: {e}")))?;
-                print!("{}", certmesh::control::render(&s));
-            }
-        }
-        Cmd::Issue { config, name, json } => {
-            let c = load(&config)?;
-            if !c.certificates.iter().any(|x| x.name == name) {
-                return Err(Failure::Config(format!(
-                    "{}: no [[certificate]] named {name:?}",
-                    config.display()
-                )));
-            }
-            let rt = runtime()?;
-            // On a terminal, show the order's steps while waiting for its result.
-            let progress =
-                (!json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-                    rt.spawn(issue_progress(
-                        c.control_socket(),
-                        name.clone(),
-                        c.tree.clone(),
-                    ))
-                });
-            let v = rt.block_on(certmesh::control::issue(&c.control_socket(), &name));
-            if let Some(p) = progress {
-                p.abort();
-            }
-            let v = v.map_err(rt_err)?;
-            if json {
-                print_json(&v);
-                return Ok(());
-            }
-            println!(
-                "{}: version {} issued, valid until {} ({} ms)",
-                v.name, v.version, v.not_after, v.took_ms
-            );
-        }
+        Cmd::Status { config, json } => status(&load(&config)?, json)?,
+        Cmd::Issue { config, name, json } => issue(&config, &name, json)?,
         Cmd::Renew {
             config,
             force,
@@ -376,34 +284,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             path,
             timeout,
             json,
-        } => {
-            let c = load(&config)?;
-            let req = certmesh::control::Request::Confirm {
-                path,
-                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-            };
-            let v = runtime()?
-                .block_on(certmesh::control::send(&c.control_socket(), &req))
-                .map_err(rt_err)?;
-            if json {
-                print_json(&v);
-            }
-            let r: certmesh::control::ConfirmReply = serde_json::from_value(v.clone())
-                .map_err(|_| Failure::Runtime(format!("daemon answer: {v}")))?;
-            if !json {
-                for n in &r.nodes {
-                    let state = match (n.after_ms, n.live) {
-                        (Some(ms), _) => format!("has it after {ms} ms"),
-                        (None, true) => "did not confirm in time".to_string(),
-                        (None, false) => "not connected to the cluster".to_string(),
-                    };
-                    println!("{:<24} {state}", n.name);
-                }
-            }
-            if !r.done {
-                return Err(Failure::Runtime("some live nodes did not confirm".into()));
-            }
-        }
+        } => confirm(&load(&config)?, path, timeout, json)?,
         Cmd::Firewall {
             config,
             format,
@@ -434,6 +315,147 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                 .block_on(certmesh::demo::run(samples))
                 .map_err(rt_err)?;
         }
+    }
+    Ok(())
+}
+
+/// `certmesh check`: the config, the identity, the CA roots, the TSIG key and the tree.
+fn check(config: &std::path::Path) -> Result<(), Failure> {
+    let c = load(config)?;
+    if let Ok(me) = Identity::load(&c.state_dir) {
+        if let Some(p) = c.peers.iter().find(|p| p.id == me.id) {
+            return Err(Failure::Config(format!(
+                "{}: peer {:?} has this node's own device ID",
+                config.display(),
+                p.name
+            )));
+        }
+        if let Err(e) = certmesh::writers::policy(&c, me.id) {
+            return Err(Failure::Config(e.to_string()));
+        }
+    }
+    if let Some(roots) = c.acme.as_ref().and_then(|a| a.ca_roots.as_ref()) {
+        if let Err(e) = std::fs::read(roots) {
+            return Err(Failure::Config(format!(
+                "{}: acme.ca_roots {}: {e}",
+                config.display(),
+                roots.display()
+            )));
+        }
+    }
+    if let Some(certmesh::config::DnsProvider::Rfc2136 { key, .. }) = c
+        .acme
+        .as_ref()
+        .and_then(|a| a.dns.as_ref())
+        .map(|d| &d.provider)
+    {
+        if let Err(e) = certmesh::acme::dns::key::load(key) {
+            return Err(Failure::Config(format!("{}: {e}", config.display())));
+        }
+    }
+    let problems = certmesh::import::check_tree(&c);
+    if !problems.is_empty() {
+        return Err(Failure::Config(format!(
+            "{}: {}",
+            config.display(),
+            problems.join("\n")
+        )));
+    }
+    for w in certmesh::core::cluster::peer_warnings(c.peers.len()) {
+        eprintln!("{}: warning: {w}", config.display());
+    }
+    println!(
+        "{}: ok ({} peers, {} certificates, {} hooks, acme {}, tree {})",
+        config.display(),
+        c.peers.len(),
+        c.certificates.len(),
+        c.hooks.len(),
+        if c.acme.is_some() { "on" } else { "off" },
+        c.tree.display()
+    );
+    Ok(())
+}
+
+/// `certmesh status`: the daemon's answer, rendered or as JSON.
+fn status(c: &Config, json: bool) -> Result<(), Failure> {
+    let v = runtime()?
+        .block_on(certmesh::control::request(&c.control_socket(), "status"))
+        .map_err(rt_err)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        let s: certmesh::control::Status = serde_json::from_value(v)
+            .map_err(|e| Failure::Runtime(format!("daemon answer: {e}")))?;
+        print!("{}", certmesh::control::render(&s));
+    }
+    Ok(())
+}
+
+/// `certmesh issue NAME`: one order now, with its steps on a terminal.
+fn issue(config: &std::path::Path, name: &str, json: bool) -> Result<(), Failure> {
+    let c = load(config)?;
+    if !c.certificates.iter().any(|x| x.name == name) {
+        return Err(Failure::Config(format!(
+            "{}: no [[certificate]] named {name:?}",
+            config.display()
+        )));
+    }
+    let rt = runtime()?;
+    // On a terminal, show the order's steps while waiting for its result.
+    let progress = (!json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        rt.spawn(issue_progress(
+            c.control_socket(),
+            name.to_string(),
+            c.tree.clone(),
+        ))
+    });
+    let v = rt.block_on(certmesh::control::issue(&c.control_socket(), name));
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let v = v.map_err(rt_err)?;
+    if json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!(
+        "{}: version {} issued, valid until {} ({} ms)",
+        v.name, v.version, v.not_after, v.took_ms
+    );
+    Ok(())
+}
+
+/// `certmesh confirm PATH`: which nodes of the cluster have the path.
+fn confirm(
+    c: &Config,
+    path: String,
+    timeout: std::time::Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    let req = certmesh::control::Request::Confirm {
+        path,
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+    };
+    let v = runtime()?
+        .block_on(certmesh::control::send(&c.control_socket(), &req))
+        .map_err(rt_err)?;
+    if json {
+        print_json(&v);
+    }
+    let r: certmesh::control::ConfirmReply = serde_json::from_value(v.clone())
+        .map_err(|_| Failure::Runtime(format!("daemon answer: {v}")))?;
+    if !json {
+        for n in &r.nodes {
+            let state = match (n.after_ms, n.live) {
+                (Some(ms), _) => format!("has it after {ms} ms"),
+                (None, true) => "did not confirm in time".to_string(),
+                (None, false) => "not connected to the cluster".to_string(),
+            };
+            println!("{:<24} {state}", n.name);
+        }
+    }
+    if !r.done {
+        return Err(Failure::Runtime("some live nodes did not confirm".into()));
     }
     Ok(())
 }
