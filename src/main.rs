@@ -499,8 +499,9 @@ fn issue_step(
         let v = cert.version.unwrap_or_default();
         return format!("published version {v}, waiting for the order to settle");
     }
-    match cert.state.as_str() {
-        "ordering" if challenges > 0 => {
+    use certmesh::acme::handle::AcmeState;
+    match cert.state {
+        Some(AcmeState::Ordering) if challenges > 0 => {
             let connected = peers.iter().filter(|p| p.connected).count();
             let acked = peers.iter().filter(|p| p.connected && p.in_sync).count();
             format!(
@@ -509,17 +510,17 @@ fn issue_step(
                 connected + 1
             )
         }
-        "ordering" => "ordering".to_string(),
-        "waiting" => format!(
+        Some(AcmeState::Ordering) => "ordering".to_string(),
+        Some(AcmeState::Waiting) => format!(
             "waiting: {}",
             cert.waiting_for.as_deref().unwrap_or("another node")
         ),
-        "backoff" => format!(
+        Some(AcmeState::Backoff) => format!(
             "backing off after: {}",
             cert.last_error.as_deref().unwrap_or("an error")
         ),
-        "idle" => "queued".to_string(),
-        other => other.to_string(),
+        Some(AcmeState::Idle) => "queued".to_string(),
+        None => "no ACME on this node".to_string(),
     }
 }
 

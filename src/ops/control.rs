@@ -61,7 +61,8 @@ pub struct CertStatus {
     /// RFC 3339 of the next automatic order (ACME nodes).
     pub next_renewal: Option<String>,
     /// idle | ordering | waiting | backoff (ACME nodes); `-` elsewhere.
-    pub state: String,
+    /// What the ACME driver is doing; `None` (`-`) where `[acme]` is not configured.
+    pub state: Option<crate::acme::handle::AcmeState>,
     pub last_attempt: Option<String>,
     pub last_error: Option<String>,
     pub failures: u32,
@@ -200,7 +201,7 @@ pub fn certificates(shared: &Shared) -> Vec<CertStatus> {
                 renewer: renewer.clone(),
                 lease,
                 next_renewal: rt.as_ref().and_then(|r| r.next_renewal).map(acme::rfc3339),
-                state: rt.as_ref().map_or("-", |r| r.state.as_str()).to_string(),
+                state: rt.as_ref().map(|r| r.state),
                 last_attempt: rt.as_ref().and_then(|r| r.last_attempt).map(acme::rfc3339),
                 last_error: rt.as_ref().and_then(|r| r.last_error.clone()),
                 failures: rt.as_ref().map_or(0, |r| r.failures),
@@ -700,7 +701,7 @@ pub fn render(s: &Status) -> String {
                     c.version.map_or_else(dash, |v| v.to_string()),
                     c.renewer.clone().unwrap_or_else(dash),
                     c.next_renewal.clone().unwrap_or_else(dash),
-                    c.state.clone(),
+                    c.state.map_or_else(dash, |s| s.as_str().to_string()),
                     c.challenge.clone(),
                     note,
                 ]
