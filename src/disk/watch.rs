@@ -301,13 +301,25 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
     shared
         .scans
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let root = &shared.tree.root;
     let mut errors = Vec::new();
-    // Expand: directories bring their contents, vanished ones their indexed children.
+    let todo = expand(shared, paths, full, &mut errors);
+    let observed = look_at(shared, todo, &mut errors);
+    fold_in(shared, observed, errors);
+}
+
+/// The paths to look at: directories bring their contents, vanished ones their
+/// indexed children; a full rescan is everything on disk and in the index.
+fn expand(
+    shared: &Shared,
+    paths: Vec<RelPath>,
+    full: bool,
+    errors: &mut Vec<String>,
+) -> BTreeSet<RelPath> {
+    let root = &shared.tree.root;
     let mut todo: BTreeSet<RelPath> = BTreeSet::new();
     if full {
         let mut all = Vec::new();
-        scan::walk(root, None, &mut all, &mut errors);
+        scan::walk(root, None, &mut all, errors);
         todo.extend(all);
         todo.extend(
             shared
@@ -317,22 +329,32 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
                 .entries()
                 .map(|e| e.record.path.clone()),
         );
-    } else {
-        for p in paths {
-            if p.is_local_only() {
-                continue;
-            }
-            let mut below = Vec::new();
-            if std::fs::symlink_metadata(p.under(root)).is_ok_and(|m| m.is_dir()) {
-                scan::walk(root, Some(&p), &mut below, &mut errors);
-            }
-            todo.extend(below);
-            todo.extend(shared.lock().engine.index().paths_within(&p));
-            todo.insert(p);
-        }
+        return todo;
     }
-    // Look (stat) outside the lock; skip what is being applied; hash what changed.
-    let mut observed: Vec<(RelPath, Option<Observed>)> = Vec::with_capacity(todo.len());
+    for p in paths {
+        if p.is_local_only() {
+            continue;
+        }
+        let mut below = Vec::new();
+        if std::fs::symlink_metadata(p.under(root)).is_ok_and(|m| m.is_dir()) {
+            scan::walk(root, Some(&p), &mut below, errors);
+        }
+        todo.extend(below);
+        todo.extend(shared.lock().engine.index().paths_within(&p));
+        todo.insert(p);
+    }
+    todo
+}
+
+/// Looks (stat) outside the lock, skips what is being applied, hashes what changed:
+/// what each path is now (`None`: gone).
+fn look_at(
+    shared: &Shared,
+    todo: BTreeSet<RelPath>,
+    errors: &mut Vec<String>,
+) -> Vec<(RelPath, Option<Observed>)> {
+    let root = &shared.tree.root;
+    let mut observed = Vec::with_capacity(todo.len());
     for p in todo {
         if p.is_local_only() {
             continue;
@@ -389,6 +411,12 @@ fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
         };
         observed.push((p, obs));
     }
+    observed
+}
+
+/// Gives the observations to the engine under one lock, commits, and wakes the
+/// puller and the peer senders.
+fn fold_in(shared: &Shared, observed: Vec<(RelPath, Option<Observed>)>, errors: Vec<String>) {
     let mut st = shared.lock();
     for e in errors {
         st.error(format!("scan: {e}"));
