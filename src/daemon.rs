@@ -310,7 +310,10 @@ async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
         sessions.spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => crate::peer::run_session(shared, conn, false).await,
+                Ok(conn) => {
+                    crate::peer::run_session(crate::handles::SyncHandle::new(&shared), conn, false)
+                        .await
+                }
                 Err(e) => tracing::debug!(%remote, error = %e, "incoming handshake failed"),
             }
         });
@@ -367,7 +370,13 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
                 // The session runs on; this loop waits for it to end via `gone`.
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 _session = Some(AbortOnDrop(tokio::spawn(async move {
-                    crate::peer::run_session_with_ready(shared2, conn, true, Some(tx)).await;
+                    crate::peer::run_session_with_ready(
+                        crate::handles::SyncHandle::new(&shared2),
+                        conn,
+                        true,
+                        Some(tx),
+                    )
+                    .await;
                 })));
                 if rx.await.is_ok() {
                     backoff = Duration::from_millis(50);

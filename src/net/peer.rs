@@ -12,18 +12,17 @@ use tokio::sync::oneshot;
 
 use crate::core::cluster::ClusterMsg;
 use crate::core::engine::{EngineError, IndexSend, SendToken};
+use crate::handles::SyncHandle;
 use crate::identity::DeviceId;
-use crate::index::Kind;
-use crate::node::{Session, Shared};
+use crate::node::Session;
 use crate::paths::RelPath;
-use crate::plan::PlanEvent;
 use crate::wire::cluster::{confirm_from_wire, confirm_to_wire, report_from_wire, report_to_wire};
 use crate::wire::{
     self, pb, record_from_wire, record_to_wire, WireError, INDEX_BATCH, MAX_FRAME, MAX_HEADER,
 };
 
 /// Close codes.
-pub const CLOSE_DUPLICATE: u32 = 1;
+pub use crate::handles::CLOSE_DUPLICATE;
 pub const CLOSE_PROTOCOL: u32 = 3;
 pub use crate::core::engine::MAX_PEER_RECORDS;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,13 +32,13 @@ const MAX_SERVING: usize = 64;
 const READ_CHUNK: usize = 1 << 20;
 
 /// Runs a session on an established connection.
-pub async fn run_session(shared: Arc<Shared>, conn: quinn::Connection, dialed_by_me: bool) {
-    run_session_with_ready(shared, conn, dialed_by_me, None).await
+pub async fn run_session(sync: SyncHandle, conn: quinn::Connection, dialed_by_me: bool) {
+    run_session_with_ready(sync, conn, dialed_by_me, None).await
 }
 
 /// As `run_session`; `ready` fires once the session is registered or refused.
 pub async fn run_session_with_ready(
-    shared: Arc<Shared>,
+    sync: SyncHandle,
     conn: quinn::Connection,
     dialed_by_me: bool,
     ready: Option<oneshot::Sender<()>>,
@@ -49,7 +48,7 @@ pub async fn run_session_with_ready(
         return;
     };
     let remote = conn.remote_address();
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, exchange_hello(&shared, &conn)).await;
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, exchange_hello(&sync, &conn)).await;
     let (send, recv, hello) = match hello {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
@@ -64,12 +63,12 @@ pub async fn run_session_with_ready(
         }
     };
     let session = Session {
-        id: shared.next_session_id(),
+        id: sync.next_session_id(),
         instance: hello.instance,
         dialed_by_me,
         conn: conn.clone(),
     };
-    let Some(token) = register(&shared, peer, &session, hello.relays_confirm) else {
+    let Some(token) = sync.start_session(peer, &session, hello.relays_confirm) else {
         conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
         if let Some(r) = ready {
             let _ = r.send(());
@@ -80,10 +79,10 @@ pub async fn run_session_with_ready(
         let _ = r.send(());
     }
     tracing::info!(peer = %peer, name = %hello.name, %remote, dialed_by_me, "peer connected");
-    let sender = tokio::spawn(send_loop(shared.clone(), peer, token, send));
-    let server = tokio::spawn(serve_requests(shared.clone(), conn.clone()));
+    let sender = tokio::spawn(send_loop(sync.clone(), peer, token, send));
+    let server = tokio::spawn(serve_requests(sync.clone(), conn.clone()));
     let result = tokio::select! {
-        r = recv_loop(&shared, peer, recv) => r,
+        r = recv_loop(&sync, peer, recv) => r,
         r = sender_result(sender) => r,
     };
     server.abort();
@@ -92,16 +91,14 @@ pub async fn run_session_with_ready(
         Err(e) => {
             let reason = conn.close_reason();
             if reason.is_none() {
-                shared
-                    .lock()
-                    .error(format!("peer {peer} ({remote}): {e}; disconnecting"));
+                sync.error(format!("peer {peer} ({remote}): {e}; disconnecting"));
                 conn.close(CLOSE_PROTOCOL.into(), b"protocol violation");
             } else {
                 tracing::info!(peer = %peer, reason = ?reason, "peer connection closed");
             }
         }
     }
-    unregister(&shared, peer, session.id);
+    sync.end_session(peer, session.id);
 }
 
 async fn sender_result(h: tokio::task::JoinHandle<Result<(), WireError>>) -> Result<(), WireError> {
@@ -112,19 +109,14 @@ async fn sender_result(h: tokio::task::JoinHandle<Result<(), WireError>>) -> Res
 }
 
 async fn exchange_hello(
-    shared: &Shared,
+    sync: &SyncHandle,
     conn: &quinn::Connection,
 ) -> Result<(quinn::SendStream, quinn::RecvStream, pb::Hello), WireError> {
     let mut send = conn.open_uni().await.map_err(io)?;
-    let name = shared
-        .config
-        .lock()
-        .map(|c| c.name.clone())
-        .unwrap_or_default();
     let hello = pb::Frame {
         body: Some(pb::frame::Body::Hello(pb::Hello {
-            name,
-            instance: shared.instance,
+            name: sync.name(),
+            instance: sync.instance(),
             version: env!("CARGO_PKG_VERSION").into(),
             relays_confirm: true,
         })),
@@ -144,57 +136,6 @@ async fn exchange_hello(
 
 fn io(e: impl std::fmt::Display) -> WireError {
     WireError::Io(std::io::Error::other(e.to_string()))
-}
-
-/// Registers a session, resolving duplicates the same way on both sides: a restarted
-/// peer (new instance) replaces the old session; between two live sessions of the
-/// same instance, the one dialled by the lower device ID stays. Returns the new
-/// session's send token, `None` when it is refused.
-fn register(
-    shared: &Shared,
-    peer: DeviceId,
-    session: &Session,
-    relays_confirm: bool,
-) -> Option<SendToken> {
-    let me = shared.me();
-    let mut st = shared.lock();
-    let crate::node::State { peers, engine, .. } = &mut *st;
-    let slot = peers.get_mut(&peer)?;
-    if let Some(existing) = &slot.session {
-        let preferred = |s: &Session| s.dialed_by_me == (me < peer);
-        let existing_alive = existing.conn.close_reason().is_none();
-        if existing_alive
-            && existing.instance == session.instance
-            && (preferred(existing) || !preferred(session))
-        {
-            return None;
-        }
-        existing.conn.close(CLOSE_DUPLICATE.into(), b"replaced");
-        crate::metrics::session_ended(&slot.config.name, &existing.conn);
-    }
-    slot.session = Some(session.clone());
-    slot.last_error = None;
-    let token = engine.connected(peer);
-    if relays_confirm {
-        engine.peer_relays(peer);
-    }
-    Some(token)
-}
-
-fn unregister(shared: &Shared, peer: DeviceId, session_id: u64) {
-    let mut st = shared.lock();
-    let crate::node::State { peers, engine, .. } = &mut *st;
-    if let Some(slot) = peers.get_mut(&peer) {
-        if slot.session.as_ref().is_some_and(|s| s.id == session_id) {
-            if let Some(s) = slot.session.take() {
-                crate::metrics::session_ended(&slot.config.name, &s.conn);
-            }
-            engine.disconnected(peer);
-            slot.gone.notify_waiters();
-        }
-    }
-    drop(st);
-    shared.bump_progress();
 }
 
 fn index_frame(
@@ -247,27 +188,22 @@ async fn send_records(
 /// Sends what the engine says to send: the full index, then increments and acks as
 /// they happen. Ends when the session's send state is gone (replaced or ended).
 async fn send_loop(
-    shared: Arc<Shared>,
+    sync: SyncHandle,
     peer: DeviceId,
     token: SendToken,
     mut send: quinn::SendStream,
 ) -> Result<(), WireError> {
-    let mut changed = shared.changed.subscribe();
-    let mut progress = shared.progress.subscribe();
+    let (mut changed, mut progress) = sync.subscribe();
     loop {
         changed.borrow_and_update();
         progress.borrow_and_update();
-        let transmit = {
-            let mut st = shared.lock();
-            if !st.engine.is_current(&peer, token) {
-                return Ok(());
-            }
-            st.engine.poll_transmit(peer, token)
+        let Ok(transmit) = sync.poll_transmit(peer, token) else {
+            return Ok(());
         };
         if let Some(t) = transmit {
             if let Some(ix) = t.index {
                 let (full, upto) = (ix.full, ix.upto);
-                let files = to_frames(&shared, ix);
+                let files = to_frames(&sync, ix);
                 send_records(&mut send, files, upto, full).await?;
                 tracing::trace!(peer = %peer, upto, full, "sent index");
             }
@@ -294,8 +230,8 @@ async fn send_loop(
 
 /// Our records as wire records. In increments, small content the peer does not
 /// already have goes inline when the cache holds it; the full index goes without.
-fn to_frames(shared: &Shared, ix: IndexSend) -> Vec<pb::FileInfo> {
-    let cache = shared.inline();
+fn to_frames(sync: &SyncHandle, ix: IndexSend) -> Vec<pb::FileInfo> {
+    let cache = sync.inline();
     ix.records
         .into_iter()
         .map(|o| {
@@ -312,7 +248,7 @@ fn to_frames(shared: &Shared, ix: IndexSend) -> Vec<pb::FileInfo> {
 
 /// Reads the peer's index and acks; anything invalid ends the session.
 async fn recv_loop(
-    shared: &Shared,
+    sync: &SyncHandle,
     peer: DeviceId,
     mut recv: quinn::RecvStream,
 ) -> Result<(), WireError> {
@@ -331,35 +267,24 @@ async fn recv_loop(
                     let (r, seq) = record_from_wire(f, now)?;
                     if !data.is_empty() {
                         wire::check_inline(&r, &data)?;
-                        shared.inline().insert(r.hash, Arc::new(data));
+                        sync.remember_inline(r.hash, data);
                     }
                     records.push((r, seq));
                 }
-                {
-                    let mut st = shared.lock();
-                    st.engine
-                        .handle_index(peer, records, ix.last_sequence)
-                        .map_err(refused)?;
-                    report_plan_events(&mut st, peer);
-                }
-                shared.pull.notify_one();
-                shared.bump_progress();
+                sync.index_received(peer, records, ix.last_sequence)
+                    .map_err(refused)?;
             }
             Some(pb::frame::Body::Ack(a)) => {
-                shared.lock().acked(peer, a.sequence).map_err(refused)?;
-                shared.bump_progress();
+                sync.ack_received(peer, a.sequence).map_err(refused)?;
             }
             Some(pb::frame::Body::Confirm(c)) => {
                 let c = confirm_from_wire(c)?;
                 tracing::trace!(peer = %peer, id = c.id, path = %c.path, "barrier request");
-                let now = crate::node::now_ns();
-                shared.lock().engine.handle_confirm(peer, c, now);
-                shared.bump_progress();
+                sync.confirm_received(peer, c);
             }
             Some(pb::frame::Body::Report(r)) => {
                 let r = report_from_wire(r)?;
-                shared.lock().engine.handle_report(peer, r);
-                shared.bump_progress();
+                sync.report_received(peer, r);
             }
             Some(pb::frame::Body::Hello(_)) | None => {
                 return Err(WireError::Invalid {
@@ -379,50 +304,16 @@ fn refused(e: EngineError) -> WireError {
     }
 }
 
-/// Logs what the plan decided about a peer's records: each file too large once per
-/// content, a full index once.
-fn report_plan_events(st: &mut crate::node::State, peer: DeviceId) {
-    for e in st.engine.take_events() {
-        match e {
-            PlanEvent::TooLarge { path, size, max } => tracing::warn!(
-                peer = %peer, path = %path, size, max_file_size = max,
-                "file larger than max_file_size: not fetched (acknowledged as refused)"
-            ),
-            PlanEvent::NotAuthorized {
-                path,
-                author,
-                why,
-                count,
-            } => {
-                let author = author.map_or_else(|| "nobody".to_string(), |a| a.to_string());
-                st.error(format!(
-                    "peer {} sent {count} record(s) not taken in for their authorship \
-                     (first: {path}, claiming {author}: {why})",
-                    st.peers.get(&peer).map_or_else(
-                        || peer.to_string(),
-                        |s| format!("{} ({peer})", s.config.name)
-                    )
-                ));
-            }
-            PlanEvent::IndexFull { path } => st.error(format!(
-                "the index holds {} records: new paths from peers are not taken in \
-                 (first: {path} from {peer})",
-                crate::index::MAX_INDEX_RECORDS
-            )),
-        }
-    }
-}
-
 /// Serves content requests on the bidirectional streams the peer opens.
-async fn serve_requests(shared: Arc<Shared>, conn: quinn::Connection) {
+async fn serve_requests(sync: SyncHandle, conn: quinn::Connection) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_SERVING));
     while let Ok((send, recv)) = conn.accept_bi().await {
         let Ok(permit) = limit.clone().acquire_owned().await else {
             return;
         };
-        let shared = shared.clone();
+        let sync = sync.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(&shared, send, recv).await {
+            if let Err(e) = serve_one(&sync, send, recv).await {
                 tracing::debug!(error = %e, "serving a request failed");
             }
             drop(permit);
@@ -431,7 +322,7 @@ async fn serve_requests(shared: Arc<Shared>, conn: quinn::Connection) {
 }
 
 async fn serve_one(
-    shared: &Shared,
+    sync: &SyncHandle,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), WireError> {
@@ -441,21 +332,10 @@ async fn serve_one(
             .map_err(|_| io("request timeout"))??
             .ok_or_else(|| io("empty request"))?;
     let path = RelPath::parse_shared(&req.path)?;
-    let size = {
-        let st = shared.lock();
-        st.engine
-            .index()
-            .get(&path)
-            .filter(|e| {
-                !e.record.deleted
-                    && e.record.kind == Kind::File
-                    && e.record.hash.0.as_slice() == req.hash.as_slice()
-            })
-            .map(|e| e.record.size)
-    };
+    let size = sync.servable(&path, &req.hash);
     let file = match size {
         Some(_) => {
-            let p = path.under(&shared.tree.root);
+            let p = path.under(sync.root());
             tokio::task::spawn_blocking(move || std::fs::File::open(p).ok())
                 .await
                 .ok()

@@ -11,8 +11,14 @@
 //!   whether shutdown has begun.
 //! - [`TreeWriter`]: writes into the tree the way a person would (staged, fsynced,
 //!   renamed) and waits until the index holds the change.
+//! - [`SyncHandle`] (`sync.rs`): what a peer session needs — sessions, what to send,
+//!   what arrived — with the engine behind the state lock no caller holds.
 //! - [`Observer`]: what `status` shows, when it may have changed, and a liveness
 //!   probe (the systemd status line and watchdog).
+
+mod sync;
+
+pub use sync::{SessionOver, SyncHandle, CLOSE_DUPLICATE};
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -1,0 +1,240 @@
+//! The sync handle: what a peer session needs of the node, and nothing else. The
+//! engine and the peer slots stay behind the state lock, which no caller holds: each
+//! method is one short critical section of pure-core calls, followed by the wake-ups
+//! the other tasks rely on (the puller for new needs, the senders for progress).
+
+use std::path::Path;
+use std::sync::{Arc, MutexGuard};
+
+use tokio::sync::watch;
+
+use crate::core::cluster::{Confirm, Report};
+use crate::core::engine::{EngineError, SendToken, Transmit};
+use crate::identity::DeviceId;
+use crate::index::{ContentHash, FileRecord, Kind};
+use crate::inline::InlineCache;
+use crate::node::{Session, Shared, State};
+use crate::paths::RelPath;
+use crate::plan::PlanEvent;
+
+/// Close code for a duplicate (or replaced) session.
+pub const CLOSE_DUPLICATE: u32 = 1;
+
+/// The session's send state was replaced or ended: its sender stops.
+#[derive(Debug)]
+pub struct SessionOver;
+
+/// A peer session's view of the node.
+#[derive(Clone)]
+pub struct SyncHandle(Arc<Shared>);
+
+impl SyncHandle {
+    pub fn new(shared: &Arc<Shared>) -> Self {
+        SyncHandle(shared.clone())
+    }
+
+    /// This node's device ID.
+    pub fn me(&self) -> DeviceId {
+        self.0.me()
+    }
+
+    /// This process's random instance number (a restarted peer has a new one).
+    pub fn instance(&self) -> u64 {
+        self.0.instance
+    }
+
+    /// This node's configured name.
+    pub fn name(&self) -> String {
+        self.0
+            .config
+            .lock()
+            .map(|c| c.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// A number for a new session, unique in this process.
+    pub fn next_session_id(&self) -> u64 {
+        self.0.next_session_id()
+    }
+
+    /// The tree's root directory.
+    pub fn root(&self) -> &Path {
+        &self.0.tree.root
+    }
+
+    /// Wake-ups: the local sequence (commits) and progress (acks, connections).
+    pub fn subscribe(&self) -> (watch::Receiver<u64>, watch::Receiver<u64>) {
+        (self.0.changed.subscribe(), self.0.progress.subscribe())
+    }
+
+    /// Something went wrong with a peer: shown in `status` and logged.
+    pub fn error(&self, msg: String) {
+        self.0.lock().error(msg);
+    }
+
+    /// Recent small contents (sent inline with their records).
+    pub fn inline(&self) -> MutexGuard<'_, InlineCache> {
+        self.0.inline()
+    }
+
+    /// Registers a session, resolving duplicates the same way on both sides: a
+    /// restarted peer (new instance) replaces the old session; between two live
+    /// sessions of the same instance, the one dialled by the lower device ID stays.
+    /// Returns the new session's send token, `None` when it is refused.
+    pub fn start_session(
+        &self,
+        peer: DeviceId,
+        session: &Session,
+        relays_confirm: bool,
+    ) -> Option<SendToken> {
+        let me = self.me();
+        let token = {
+            let mut st = self.0.lock();
+            let State { peers, engine, .. } = &mut *st;
+            let slot = peers.get_mut(&peer)?;
+            if let Some(existing) = &slot.session {
+                let preferred = |s: &Session| s.dialed_by_me == (me < peer);
+                let existing_alive = existing.conn.close_reason().is_none();
+                if existing_alive
+                    && existing.instance == session.instance
+                    && (preferred(existing) || !preferred(session))
+                {
+                    return None;
+                }
+                existing.conn.close(CLOSE_DUPLICATE.into(), b"replaced");
+                crate::metrics::session_ended(&slot.config.name, &existing.conn);
+            }
+            slot.session = Some(session.clone());
+            slot.last_error = None;
+            let token = engine.connected(peer);
+            if relays_confirm {
+                engine.peer_relays(peer);
+            }
+            token
+        };
+        Some(token)
+    }
+
+    /// The session ended: its peer is disconnected unless a newer session replaced it.
+    pub fn end_session(&self, peer: DeviceId, session_id: u64) {
+        {
+            let mut st = self.0.lock();
+            let State { peers, engine, .. } = &mut *st;
+            if let Some(slot) = peers.get_mut(&peer) {
+                if slot.session.as_ref().is_some_and(|s| s.id == session_id) {
+                    if let Some(s) = slot.session.take() {
+                        crate::metrics::session_ended(&slot.config.name, &s.conn);
+                    }
+                    engine.disconnected(peer);
+                    slot.gone.notify_waiters();
+                }
+            }
+        }
+        self.0.bump_progress();
+    }
+
+    /// What to send this peer now (`Ok(None)`: nothing yet).
+    pub fn poll_transmit(
+        &self,
+        peer: DeviceId,
+        token: SendToken,
+    ) -> Result<Option<Transmit>, SessionOver> {
+        let mut st = self.0.lock();
+        if !st.engine.is_current(&peer, token) {
+            return Err(SessionOver);
+        }
+        Ok(st.engine.poll_transmit(peer, token))
+    }
+
+    /// Records from the peer's index (inline content already in the cache): the
+    /// engine checks and learns them; the puller is woken for what is now needed.
+    pub fn index_received(
+        &self,
+        peer: DeviceId,
+        records: Vec<(FileRecord, u64)>,
+        last_sequence: u64,
+    ) -> Result<(), EngineError> {
+        {
+            let mut st = self.0.lock();
+            st.engine.handle_index(peer, records, last_sequence)?;
+            report_plan_events(&mut st, peer);
+        }
+        self.0.pull.notify_one();
+        self.0.bump_progress();
+        Ok(())
+    }
+
+    /// An ack from the peer.
+    pub fn ack_received(&self, peer: DeviceId, sequence: u64) -> Result<(), EngineError> {
+        self.0.lock().acked(peer, sequence)?;
+        self.0.bump_progress();
+        Ok(())
+    }
+
+    /// A barrier request relayed by the peer (issue 16).
+    pub fn confirm_received(&self, peer: DeviceId, c: Confirm) {
+        let now = crate::node::now_ns();
+        self.0.lock().engine.handle_confirm(peer, c, now);
+        self.0.bump_progress();
+    }
+
+    /// A barrier report from the peer.
+    pub fn report_received(&self, peer: DeviceId, r: Report) {
+        self.0.lock().engine.handle_report(peer, r);
+        self.0.bump_progress();
+    }
+
+    /// The size of `path` if this node has exactly that content indexed as a live
+    /// file (what a content request may be served).
+    pub fn servable(&self, path: &RelPath, hash: &[u8]) -> Option<u64> {
+        let st = self.0.lock();
+        st.engine
+            .index()
+            .get(path)
+            .filter(|e| {
+                !e.record.deleted
+                    && e.record.kind == Kind::File
+                    && e.record.hash.0.as_slice() == hash
+            })
+            .map(|e| e.record.size)
+    }
+
+    /// Remembers small content that came inline with a record.
+    pub fn remember_inline(&self, hash: ContentHash, data: Vec<u8>) {
+        self.0.inline().insert(hash, Arc::new(data));
+    }
+}
+
+/// Logs what the plan decided about a peer's records: each file too large once per
+/// content, a full index once.
+fn report_plan_events(st: &mut State, peer: DeviceId) {
+    for e in st.engine.take_events() {
+        match e {
+            PlanEvent::TooLarge { path, size, max } => tracing::warn!(
+                peer = %peer, path = %path, size, max_file_size = max,
+                "file larger than max_file_size: not fetched (acknowledged as refused)"
+            ),
+            PlanEvent::NotAuthorized {
+                path,
+                author,
+                why,
+                count,
+            } => {
+                let author = author.map_or_else(|| "nobody".to_string(), |a| a.to_string());
+                st.error(format!(
+                    "peer {} sent {count} record(s) not taken in for their authorship \
+                     (first: {path}, claiming {author}: {why})",
+                    st.peers.get(&peer).map_or_else(
+                        || peer.to_string(),
+                        |s| format!("{} ({peer})", s.config.name)
+                    )
+                ));
+            }
+            PlanEvent::IndexFull { path } => st.error(format!(
+                "the index holds {} records: new paths from peers are not taken in \
+                 (first: {path} from {peer})",
+                crate::index::MAX_INDEX_RECORDS
+            )),
+        }
+    }
+}
