@@ -489,10 +489,9 @@ impl Driver {
             }
             if let Some(next) = cas.get(i + 1) {
                 let msg = format!(
-                    "{}: CA {} failed: {:#}; fell over to {}",
-                    cert.name, ca.directory, f.error, next.directory
+                    "{}: CA {} failed, fell over to {}: {:#}",
+                    cert.name, ca.directory, next.directory, f.error
                 );
-                tracing::warn!(cert = %cert.name, ca = %ca.directory, next = %next.directory, error = %format!("{:#}", f.error), "the CA is down or rate-limits; trying the next one");
                 shared.lock().error(format!("acme: {msg}"));
             }
             down.push((ca.directory.clone(), f));

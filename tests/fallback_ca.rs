@@ -1,0 +1,212 @@
+//! A fallback CA (issue #15 item 6): `acme.directory` lists two real Pebble
+//! instances; with the first stopped, orders go to the second (each CA with its own
+//! shared account) and `status` names the CA of the live certificate; with the first
+//! up, it is used. Everything binds on 127.0.8.x; the built-in http-01 responder
+//! answers the validator.
+
+use std::fs;
+use std::path::Path;
+
+use certmesh::acme::ca::{other_account_file, ACCOUNTS_DIR};
+use certmesh::control::Status;
+
+use crate::acme::{check_bundle, tools_present, wait_version, Pebble, DOMAIN};
+use crate::util::{certmesh, free_tcp, others, wait_until, Node};
+
+/// The CAs' address; nodes are on .2, .3.
+const CA_IP: &str = "127.0.8.1";
+
+/// Two Pebbles side by side (each with its own DNS answering `DOMAIN` with
+/// `target`), and one `ca_roots` file trusting both.
+struct TwoCas {
+    first: Pebble,
+    second: Pebble,
+    roots: std::path::PathBuf,
+}
+
+impl TwoCas {
+    fn start(dir: &Path, http_port: u16, target: &str) -> TwoCas {
+        let first = Pebble::start_on(&dir.join("ca-first"), CA_IP, http_port, false);
+        let second = Pebble::start_on(&dir.join("ca-second"), CA_IP, http_port, false);
+        for ca in [&first, &second] {
+            ca.set_a(DOMAIN, target);
+        }
+        let roots = dir.join("ca-roots.pem");
+        let pem = [&first.ca_roots, &second.ca_roots]
+            .iter()
+            .map(|p| fs::read_to_string(p).unwrap())
+            .collect::<String>();
+        fs::write(&roots, pem).unwrap();
+        TwoCas {
+            first,
+            second,
+            roots,
+        }
+    }
+}
+
+/// `[acme]` with both CAs (first, then second), one certificate, and the built-in
+/// http-01 responder on the node's address.
+fn enable_fallback(node: &Node, cas: &TwoCas, http_port: u16) {
+    let ip = node.addr.split(':').next().unwrap();
+    let mut cfg = fs::read_to_string(&node.config).unwrap();
+    cfg.push_str(&format!(
+        "\n[acme]\ndirectory = [\"{}\", \"{}\"]\ncontact = [\"mailto:ops@certmesh.test\"]\nca_roots = \"{}\"\n\
+         request_timeout = \"5s\"\n\
+         \n[[certificate]]\nname = \"www\"\ndomains = [\"{DOMAIN}\"]\nkey = \"ecdsa-p256\"\n\
+         \n[http]\nlisten = \"{ip}:{http_port}\"\n",
+        cas.first.directory,
+        cas.second.directory,
+        cas.roots.display(),
+    ));
+    fs::write(&node.config, cfg).unwrap();
+}
+
+fn status(n: &Node) -> Status {
+    serde_json::from_value(n.status()).expect("status --json as certmesh's Status")
+}
+
+/// The CA `status` names for the live `www`, once it names one.
+fn wait_ca(n: &Node, want: &str) {
+    wait_until(&format!("{} status naming CA {want}", n.name), || {
+        status(n)
+            .certificates
+            .first()
+            .and_then(|c| c.ca.clone())
+            .as_deref()
+            == Some(want)
+    });
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("certmesh-fallback-")
+        .tempdir()
+        .unwrap()
+}
+
+#[test]
+fn with_the_first_ca_down_one_node_issues_from_the_second() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempdir();
+    let mut n = Node::new(dir.path(), "solo", "127.0.8.2");
+    n.configure(&[]);
+    let http_port = free_tcp("127.0.8.2");
+    let mut cas = TwoCas::start(dir.path(), http_port, "127.0.8.2");
+    cas.first.stop_ca();
+    enable_fallback(&n, &cas, http_port);
+    n.start();
+
+    wait_version(&[&n], 1, "a certificate from the second CA");
+    check_bundle(&n, &cas.second.root());
+    wait_ca(&n, &cas.second.directory);
+    let s = status(&n);
+    let fell_over = s.errors.iter().any(|e| {
+        e.message.contains(&cas.first.directory)
+            && e.message.contains(&format!("fell over to {}", cas.second.directory))
+    });
+    assert!(fell_over, "no error naming the first CA: {:?}", s.errors);
+    // The second CA's account is its own; the first CA never got one.
+    let second_account = n.tree.join(other_account_file(&cas.second.directory));
+    assert!(second_account.exists(), "{}", second_account.display());
+    assert!(!n.tree.join(".certmesh/acme/account.json").exists());
+    let human = certmesh(&["status", "--config", n.config.to_str().unwrap()]);
+    if std::env::var_os("CERTMESH_ACME_LOG").is_some() {
+        eprintln!(
+            "--- status\n{}--- node log\n{}",
+            String::from_utf8_lossy(&human.stdout),
+            n.log()
+        );
+    }
+    let label = cas.second.directory.trim_start_matches("https://");
+    let label = label.trim_end_matches("/dir");
+    assert!(
+        String::from_utf8_lossy(&human.stdout).contains(label),
+        "status table without the CA {label}:\n{}",
+        String::from_utf8_lossy(&human.stdout)
+    );
+    n.stop();
+}
+
+#[test]
+fn with_the_first_ca_up_it_is_used() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempdir();
+    let mut n = Node::new(dir.path(), "solo", "127.0.8.2");
+    n.configure(&[]);
+    let http_port = free_tcp("127.0.8.2");
+    let cas = TwoCas::start(dir.path(), http_port, "127.0.8.2");
+    enable_fallback(&n, &cas, http_port);
+    n.start();
+
+    wait_version(&[&n], 1, "a certificate from the first CA");
+    check_bundle(&n, &cas.first.root());
+    wait_ca(&n, &cas.first.directory);
+    // The first CA keeps the account file of a single `directory`.
+    let account = fs::read_to_string(n.tree.join(".certmesh/acme/account.json")).unwrap();
+    assert!(account.contains(&cas.first.directory), "{account}");
+    assert!(!n.tree.join(ACCOUNTS_DIR).exists());
+    n.stop();
+}
+
+/// Two nodes, the first CA down: the renewer orders from the second, the validator
+/// asks the other node, both show the second CA. Then the first CA comes back: the
+/// next order starts at it again.
+#[test]
+fn two_nodes_fall_over_and_come_back_to_the_first_ca() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempdir();
+    let mut nodes: Vec<Node> = ["127.0.8.2", "127.0.8.3"]
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| Node::new(dir.path(), &format!("n{}", i + 1), ip))
+        .collect();
+    for (i, n) in nodes.iter().enumerate() {
+        n.configure(&others(&nodes, i));
+    }
+    let http_port = free_tcp("127.0.8.2");
+    // The validator asks the node that does not order.
+    let ids: Vec<certmesh::identity::DeviceId> =
+        nodes.iter().map(|n| n.id.parse().unwrap()).collect();
+    let renewer = usize::from(ids[1] < ids[0]);
+    let target = format!("127.0.8.{}", 3 - renewer);
+    let mut cas = TwoCas::start(dir.path(), http_port, &target);
+    cas.first.stop_ca();
+    for n in &nodes {
+        enable_fallback(n, &cas, http_port);
+    }
+    for n in &mut nodes {
+        n.start();
+    }
+    let all: Vec<&Node> = nodes.iter().collect();
+    wait_version(&all, 1, "a certificate from the second CA on both nodes");
+    for n in &nodes {
+        check_bundle(n, &cas.second.root());
+        wait_ca(n, &cas.second.directory);
+    }
+
+    cas.first.start_ca();
+    let r = &nodes[renewer];
+    let out = certmesh(&[
+        "renew",
+        "--config",
+        r.config.to_str().unwrap(),
+        "--force",
+        "--json",
+    ]);
+    assert!(out.status.success(), "renew: {out:?}\n{}", r.log());
+    wait_version(&all, 2, "a certificate from the first CA on both nodes");
+    for n in &nodes {
+        check_bundle(n, &cas.first.root());
+        wait_ca(n, &cas.first.directory);
+    }
+    for n in &mut nodes {
+        n.stop();
+    }
+}
