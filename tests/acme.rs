@@ -29,6 +29,12 @@ pub(crate) struct Proc {
     child: Child,
 }
 
+impl Proc {
+    pub(crate) fn new(child: Child) -> Proc {
+        Proc { child }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -10,8 +10,8 @@ use std::path::Path;
 use certmesh::acme::ca::{other_account_file, ACCOUNTS_DIR};
 use certmesh::control::Status;
 
-use crate::acme::{check_bundle, tools_present, wait_version, Pebble, DOMAIN};
-use crate::util::{certmesh, free_tcp, others, wait_until, Node};
+use crate::acme::{check_bundle, tools_present, wait_version, Pebble, Proc, DOMAIN};
+use crate::util::{certmesh, free_tcp, others, wait_listening, wait_until, Node};
 
 /// The CAs' address; nodes are on .2, .3.
 const CA_IP: &str = "127.0.8.1";
@@ -26,7 +26,12 @@ struct TwoCas {
 
 impl TwoCas {
     fn start(dir: &Path, http_port: u16, target: &str) -> TwoCas {
-        let first = Pebble::start_on(&dir.join("ca-first"), CA_IP, http_port, false);
+        Self::start_with(dir, http_port, target, false)
+    }
+
+    /// `eab`: the first CA requires external account binding (not configured).
+    fn start_with(dir: &Path, http_port: u16, target: &str, eab: bool) -> TwoCas {
+        let first = Pebble::start_on(&dir.join("ca-first"), CA_IP, http_port, eab);
         let second = Pebble::start_on(&dir.join("ca-second"), CA_IP, http_port, false);
         for ca in [&first, &second] {
             ca.set_a(DOMAIN, target);
@@ -48,16 +53,21 @@ impl TwoCas {
 /// `[acme]` with both CAs (first, then second), one certificate, and the built-in
 /// http-01 responder on the node's address.
 fn enable_fallback(node: &Node, cas: &TwoCas, http_port: u16) {
+    let dirs = [cas.first.directory.as_str(), cas.second.directory.as_str()];
+    enable_cas(node, &dirs, &cas.roots, http_port)
+}
+
+fn enable_cas(node: &Node, directories: &[&str], roots: &Path, http_port: u16) {
     let ip = node.addr.split(':').next().unwrap();
+    let list: Vec<String> = directories.iter().map(|d| format!("\"{d}\"")).collect();
     let mut cfg = fs::read_to_string(&node.config).unwrap();
     cfg.push_str(&format!(
-        "\n[acme]\ndirectory = [\"{}\", \"{}\"]\ncontact = [\"mailto:ops@certmesh.test\"]\nca_roots = \"{}\"\n\
+        "\n[acme]\ndirectory = [{}]\ncontact = [\"mailto:ops@certmesh.test\"]\nca_roots = \"{}\"\n\
          request_timeout = \"5s\"\n\
          \n[[certificate]]\nname = \"www\"\ndomains = [\"{DOMAIN}\"]\nkey = \"ecdsa-p256\"\n\
          \n[http]\nlisten = \"{ip}:{http_port}\"\n",
-        cas.first.directory,
-        cas.second.directory,
-        cas.roots.display(),
+        list.join(", "),
+        roots.display(),
     ));
     fs::write(&node.config, cfg).unwrap();
 }
@@ -105,7 +115,8 @@ fn with_the_first_ca_down_one_node_issues_from_the_second() {
     let s = status(&n);
     let fell_over = s.errors.iter().any(|e| {
         e.message.contains(&cas.first.directory)
-            && e.message.contains(&format!("fell over to {}", cas.second.directory))
+            && e.message
+                .contains(&format!("fell over to {}", cas.second.directory))
     });
     assert!(fell_over, "no error naming the first CA: {:?}", s.errors);
     // The second CA's account is its own; the first CA never got one.
@@ -209,4 +220,101 @@ fn two_nodes_fall_over_and_come_back_to_the_first_ca() {
     for n in &mut nodes {
         n.stop();
     }
+}
+
+/// A real HTTPS server on `CA_IP` answering every request with 503 (a CA in an
+/// outage behind its load balancer), with the first Pebble's TLS identity.
+fn unavailable_ca(dir: &Path, tls: &Path) -> (Proc, String) {
+    let d = dir.join("nginx-503");
+    fs::create_dir_all(&d).unwrap();
+    let port = free_tcp(CA_IP);
+    let conf = format!(
+        "user root;\ndaemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         server {{\n    listen {CA_IP}:{port} ssl;\n    ssl_certificate {t}/cert.pem;\n    ssl_certificate_key {t}/key.pem;\n\
+         location / {{ return 503 \"down for maintenance\"; }}\n  }}\n}}\n",
+        d = d.display(),
+        t = tls.display(),
+    );
+    let conf_path = d.join("nginx.conf");
+    fs::write(&conf_path, conf).unwrap();
+    let log = d.join("stderr.log");
+    let mut child = std::process::Command::new("nginx")
+        .args(["-p", d.to_str().unwrap(), "-e"])
+        .arg(d.join("error.log"))
+        .arg("-c")
+        .arg(&conf_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("starting nginx");
+    wait_listening(&format!("{CA_IP}:{port}"), "nginx", &mut child, &log);
+    (Proc::new(child), format!("https://{CA_IP}:{port}/dir"))
+}
+
+/// The first CA answers HTTP 503: the order goes to the second, and the error
+/// names the 503.
+#[test]
+fn a_first_ca_answering_503_falls_over() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempdir();
+    let mut n = Node::new(dir.path(), "solo", "127.0.8.2");
+    n.configure(&[]);
+    let http_port = free_tcp("127.0.8.2");
+    let cas = TwoCas::start(dir.path(), http_port, "127.0.8.2");
+    let (_down, first) = unavailable_ca(dir.path(), &dir.path().join("ca-first"));
+    let dirs = [first.as_str(), cas.second.directory.as_str()];
+    enable_cas(&n, &dirs, &cas.roots, http_port);
+    n.start();
+
+    wait_version(&[&n], 1, "a certificate from the second CA");
+    wait_ca(&n, &cas.second.directory);
+    let s = status(&n);
+    let named = s.errors.iter().any(|e| {
+        e.message.contains(&first)
+            && e.message.contains("HTTP 503")
+            && e.message.contains("down for maintenance")
+    });
+    assert!(named, "no error naming the 503: {:?}", s.errors);
+    n.stop();
+}
+
+/// An error that is not an outage or a rate limit (here the first CA wants external
+/// account binding) does not move the order to the next CA: it backs off, and says
+/// which CA refused.
+#[test]
+fn a_refusal_at_the_first_ca_does_not_fall_over() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempdir();
+    let mut n = Node::new(dir.path(), "solo", "127.0.8.2");
+    n.configure(&[]);
+    let http_port = free_tcp("127.0.8.2");
+    let cas = TwoCas::start_with(dir.path(), http_port, "127.0.8.2", true);
+    enable_fallback(&n, &cas, http_port);
+    n.start();
+
+    wait_until("the order backing off", || {
+        let s = status(&n);
+        s.certificates
+            .first()
+            .is_some_and(|c| c.state == "backoff" && c.last_error.is_some())
+    });
+    let s = status(&n);
+    let c = &s.certificates[0];
+    let e = c.last_error.as_deref().unwrap_or_default();
+    assert!(
+        e.contains(&format!("CA {}", cas.first.directory)) && e.contains("externalAccount"),
+        "{e}"
+    );
+    assert_eq!(c.version, None);
+    assert!(
+        !n.tree.join(ACCOUNTS_DIR).exists(),
+        "the second CA was asked"
+    );
+    n.stop();
 }
