@@ -318,3 +318,36 @@ fn a_refusal_at_the_first_ca_does_not_fall_over() {
     );
     n.stop();
 }
+
+/// Swapping the two CAs in the list keeps both accounts: the new first CA's account
+/// goes into `account.json` only after the old one there moved to its own file.
+#[test]
+fn reordering_the_cas_keeps_every_account() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempdir();
+    let mut n = Node::new(dir.path(), "solo", "127.0.8.2");
+    n.configure(&[]);
+    let http_port = free_tcp("127.0.8.2");
+    let cas = TwoCas::start(dir.path(), http_port, "127.0.8.2");
+    enable_fallback(&n, &cas, http_port);
+    n.start();
+    wait_version(&[&n], 1, "a certificate from the first CA");
+    let first_account = fs::read(n.tree.join(".certmesh/acme/account.json")).unwrap();
+    n.stop();
+
+    n.configure(&[]);
+    let swapped = [cas.second.directory.as_str(), cas.first.directory.as_str()];
+    enable_cas(&n, &swapped, &cas.roots, http_port);
+    n.start();
+    let out = certmesh(&["issue", "--config", n.config.to_str().unwrap(), "www"]);
+    assert!(out.status.success(), "issue: {out:?}\n{}", n.log());
+    wait_version(&[&n], 2, "a certificate from the CA now first");
+    wait_ca(&n, &cas.second.directory);
+    let moved = fs::read(n.tree.join(other_account_file(&cas.first.directory))).unwrap();
+    assert_eq!(moved, first_account, "the first CA's account was not kept");
+    let now_first = fs::read_to_string(n.tree.join(".certmesh/acme/account.json")).unwrap();
+    assert!(now_first.contains(&cas.second.directory), "{now_first}");
+    n.stop();
+}

@@ -137,6 +137,15 @@ pub fn falls_over(e: &anyhow::Error) -> bool {
     })
 }
 
+/// When to try again after every CA failed: not before the soonest Retry-After if
+/// every CA gave one (each would refuse until then); `None` (the usual backoff) if
+/// any did not, since that one may be back at any time.
+pub fn retry_after_all(each: impl IntoIterator<Item = Option<Duration>>) -> Option<Duration> {
+    each.into_iter()
+        .collect::<Option<Vec<Duration>>>()
+        .and_then(|v| v.into_iter().min())
+}
+
 /// The file under [`ISSUED_DIR`]: the CA that issued the certificate with `serial`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -243,6 +252,14 @@ mod tests {
             "order is Invalid: www: challenge failed"
         )));
         assert!(!falls_over(&acme_err(instant_acme::Error::Str("missing"))));
+    }
+
+    #[test]
+    fn every_ca_failing_waits_for_the_soonest_retry_after_only_if_all_gave_one() {
+        let s = Duration::from_secs;
+        assert_eq!(retry_after_all([Some(s(600)), Some(s(60))]), Some(s(60)));
+        assert_eq!(retry_after_all([Some(s(600)), None]), None);
+        assert_eq!(retry_after_all([]), None);
     }
 
     #[test]

@@ -498,11 +498,7 @@ impl Driver {
         }
         // Every CA is down or limits us. The next attempt starts at the first again,
         // no sooner than every CA's Retry-After (when each gave one).
-        let retry_after = down
-            .iter()
-            .map(|(_, f)| f.retry_after)
-            .collect::<Option<Vec<_>>>()
-            .and_then(|v| v.into_iter().min());
+        let retry_after = ca::retry_after_all(down.iter().map(|(_, f)| f.retry_after));
         let each: Vec<String> = down
             .iter()
             .map(|(d, f)| format!("CA {d}: {:#}", f.error))
