@@ -59,8 +59,9 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAcme {
-    /// The CA's ACME directory URL (staging vs production is just this).
-    directory: Spanned<String>,
+    /// The CA's ACME directory URL (staging vs production is just this), or a list
+    /// of them tried in order per order attempt (a fallback CA).
+    directory: Spanned<RawDirectories>,
     /// Account contacts, e.g. `["mailto:ops@example.com"]`.
     #[serde(default)]
     contact: Vec<Spanned<String>>,
@@ -80,6 +81,38 @@ struct RawAcme {
     request_timeout: Option<Spanned<String>>,
     /// `[acme.dns]`: how dns-01 records are published (needed for wildcards).
     dns: Option<Spanned<dns::RawDns>>,
+}
+
+/// `acme.directory`: one URL, or a list tried in order.
+enum RawDirectories {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for RawDirectories {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawDirectories;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an https:// directory URL, or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawDirectories, E> {
+                Ok(RawDirectories::One(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawDirectories, A::Error> {
+                let mut out = Vec::new();
+                while let Some(url) = seq.next_element::<String>()? {
+                    out.push(url);
+                }
+                Ok(RawDirectories::Many(out))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// `[[certificate]]`
@@ -242,7 +275,12 @@ impl KeyType {
 /// `[acme]`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmeConfig {
+    /// The first CA's directory URL: every order attempt starts here, and its
+    /// account is the one in `.certmesh/acme/account.json`.
     pub directory: String,
+    /// Further CAs (`directory = [first, ...]`), each tried in turn when the one
+    /// before is unreachable, answers 5xx or rate-limits the order.
+    pub fallback: Vec<String>,
     pub contact: Vec<String>,
     pub ca_roots: Option<PathBuf>,
     /// External account binding (key ID, base64url HMAC key).
@@ -255,6 +293,13 @@ pub struct AcmeConfig {
     pub request_timeout: Duration,
     /// `[acme.dns]`: dns-01 provider; `None`: only http-01 certificates can be ordered.
     pub dns: Option<DnsConfig>,
+}
+
+impl AcmeConfig {
+    /// Every configured CA's directory URL, in the order they are tried.
+    pub fn directories(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.directory.as_str()).chain(self.fallback.iter().map(String::as_str))
+    }
 }
 
 /// One `[[certificate]]`.
@@ -678,14 +723,7 @@ fn writers(
 }
 
 fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, ConfigError> {
-    let directory = a.directory.get_ref().trim().to_string();
-    if !directory.starts_with("https://") {
-        return Err(bad(
-            a.directory.span(),
-            "acme.directory",
-            format!("{directory:?} must be an https:// URL"),
-        ));
-    }
+    let (directory, fallback) = directories(&a.directory, bad)?;
     let mut contact = Vec::new();
     for c in &a.contact {
         if !c.get_ref().contains(':') {
@@ -769,6 +807,7 @@ fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, ConfigError> 
     };
     Ok(AcmeConfig {
         directory,
+        fallback,
         contact,
         ca_roots,
         eab,
@@ -778,6 +817,54 @@ fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, ConfigError> 
         request_timeout,
         dns: a.dns.as_ref().map(|d| dns::dns(d, tree, bad)).transpose()?,
     })
+}
+
+/// `acme.directory`: the first CA and the fallback ones, each an `https://` URL with a
+/// host, none listed twice.
+fn directories(
+    d: &Spanned<RawDirectories>,
+    bad: &Bad,
+) -> Result<(String, Vec<String>), ConfigError> {
+    let (list, keyed) = match d.get_ref() {
+        RawDirectories::One(u) => (vec![u.trim().to_string()], false),
+        RawDirectories::Many(l) => (l.iter().map(|u| u.trim().to_string()).collect(), true),
+    };
+    let key = |i: usize| {
+        if keyed {
+            format!("acme.directory[{i}]")
+        } else {
+            "acme.directory".to_string()
+        }
+    };
+    for (i, url) in list.iter().enumerate() {
+        let host = url
+            .strip_prefix("https://")
+            .and_then(|r| r.split(['/', '?', '#']).next())
+            .unwrap_or("");
+        if host.is_empty() {
+            return Err(bad(
+                d.span(),
+                &key(i),
+                format!("{url:?} must be an https:// URL"),
+            ));
+        }
+        if let Some(j) = list[..i].iter().position(|u| u == url) {
+            return Err(bad(
+                d.span(),
+                &key(i),
+                format!("{url:?} is listed twice (also acme.directory[{j}])"),
+            ));
+        }
+    }
+    let mut list = list.into_iter();
+    let Some(first) = list.next() else {
+        return Err(bad(
+            d.span(),
+            "acme.directory",
+            "must list at least one CA directory URL".into(),
+        ));
+    };
+    Ok((first, list.collect()))
 }
 
 fn certificate(c: &RawCertificate, bad: &Bad) -> Result<CertificateConfig, ConfigError> {
@@ -1257,6 +1344,71 @@ mod tests {
             .is_match("live/www.example.com/fullchain.pem"));
         assert!(!c.hooks[0].matcher.is_match("live/api/fullchain.pem"));
         assert_eq!(c.http_listen, Some("127.0.0.1:8402".parse().unwrap()));
+    }
+
+    #[test]
+    fn directory_may_be_a_list_of_cas_tried_in_order() {
+        let one = Config::parse(Path::new("c.toml"), &cfg(ACME)).unwrap();
+        let one = one.acme.unwrap();
+        assert_eq!(one.directory, "https://127.0.0.1:14000/dir");
+        assert!(one.fallback.is_empty());
+        let list =
+            cfg("[acme]\ndirectory = [\"https://a.example/dir\", \" https://b.example/dir \"]\n");
+        let a = Config::parse(Path::new("c.toml"), &list)
+            .unwrap()
+            .acme
+            .unwrap();
+        assert_eq!(
+            a.directories().collect::<Vec<_>>(),
+            ["https://a.example/dir", "https://b.example/dir"]
+        );
+        let single = cfg("[acme]\ndirectory = [\"https://a.example/dir\"]\n");
+        let s = Config::parse(Path::new("c.toml"), &single)
+            .unwrap()
+            .acme
+            .unwrap();
+        assert_eq!(
+            (s.directory.as_str(), s.fallback.len()),
+            ("https://a.example/dir", 0)
+        );
+    }
+
+    #[test]
+    fn bad_directory_lists_name_the_entry() {
+        let dirs = |v: &str| cfg(&format!("[acme]\ndirectory = {v}\n"));
+        let cases = [
+            (dirs("[]"), "acme.directory:", "at least one"),
+            (
+                dirs("[\"https://a/dir\", \"http://b/dir\"]"),
+                "acme.directory[1]:",
+                "https://",
+            ),
+            (dirs("[\"https:///dir\"]"), "acme.directory[0]:", "https://"),
+            (
+                dirs("[\"https://a/dir\", \"https://b/d\", \"https://a/dir\"]"),
+                "acme.directory[2]:",
+                "listed twice (also acme.directory[0])",
+            ),
+            (dirs("\"ftp://a/dir\""), "acme.directory:", "https://"),
+            (dirs("[1, 2]"), "directory = [1, 2]", "expected a string"),
+            (
+                dirs("3"),
+                "directory = 3",
+                "https:// directory URL, or a list",
+            ),
+            (
+                dirs("[\"https://a/dir\",\n  \"http://b\"]"),
+                ":9:",
+                "acme.directory[1]",
+            ),
+        ];
+        for (text, key, what) in cases {
+            let e = err(&text);
+            assert!(
+                e.contains(key) && e.contains(what),
+                "expected {key} / {what:?} in: {e}"
+            );
+        }
     }
 
     #[test]

@@ -77,7 +77,7 @@ enum Cmd {
         config: PathBuf,
         /// The `[[certificate]]` name.
         name: String,
-        /// Print the daemon's answer as JSON (version, not_after, took_ms).
+        /// Print the daemon's answer as JSON (version, not_after, took_ms, ca).
         #[arg(long)]
         json: bool,
     },
@@ -419,8 +419,8 @@ fn issue(config: &std::path::Path, name: &str, json: bool) -> Result<(), Failure
         return Ok(());
     }
     println!(
-        "{}: version {} issued, valid until {} ({} ms)",
-        v.name, v.version, v.not_after, v.took_ms
+        "{}: version {} issued, valid until {} ({} ms, CA {})",
+        v.name, v.version, v.not_after, v.took_ms, v.ca
     );
     Ok(())
 }

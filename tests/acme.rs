@@ -29,6 +29,12 @@ pub(crate) struct Proc {
     child: Child,
 }
 
+impl Proc {
+    pub(crate) fn new(child: Child) -> Proc {
+        Proc { child }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -72,7 +78,12 @@ impl Pebble {
 
     /// `eab`: Pebble requires external account binding with [`EAB`]'s key.
     fn start_with(dir: &Path, http_port: u16, eab: bool) -> Pebble {
-        let dir = dir.join("pebble");
+        Self::start_on(&dir.join("pebble"), "127.0.0.1", http_port, eab)
+    }
+
+    /// Pebble and its DNS on `ip`, files in `dir` (several may run side by side).
+    pub(crate) fn start_on(dir: &Path, ip: &str, http_port: u16, eab: bool) -> Pebble {
+        let dir = dir.to_path_buf();
         fs::create_dir_all(&dir).unwrap();
         // HTTPS identity for Pebble's API.
         let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -83,7 +94,7 @@ impl Pebble {
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca, ca_key);
         let key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), ip.into()])
             .unwrap()
             .signed_by(&key, &issuer)
             .unwrap();
@@ -92,13 +103,13 @@ impl Pebble {
         fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
         fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
 
-        let dns_port = free_udp("127.0.0.1");
-        let dns_mgmt = format!("127.0.0.1:{}", free_tcp("127.0.0.1"));
+        let dns_port = free_udp(ip);
+        let dns_mgmt = format!("{ip}:{}", free_tcp(ip));
         let dns_log = dir.join("challtestsrv.log");
         let mut dns = Command::new("pebble-challtestsrv")
             .args([
                 "-dns01",
-                &format!("127.0.0.1:{dns_port}"),
+                &format!("{ip}:{dns_port}"),
                 "-http01",
                 "",
                 "-https01",
@@ -116,7 +127,7 @@ impl Pebble {
             .expect("starting pebble-challtestsrv");
         wait_listening(&dns_mgmt, "pebble-challtestsrv", &mut dns, &dns_log);
         let dns = Proc { child: dns };
-        let mut config = crate::util::pebble_config(&dir, "127.0.0.1", http_port);
+        let mut config = crate::util::pebble_config(&dir, ip, http_port);
         let api = config["pebble"]["listenAddress"]
             .as_str()
             .unwrap()
@@ -136,7 +147,7 @@ impl Pebble {
             mgmt,
             dns_mgmt,
             http_port,
-            dns: format!("127.0.0.1:{dns_port}"),
+            dns: format!("{ip}:{dns_port}"),
             pebble: None,
             _dns: dns,
             dir,
@@ -145,9 +156,14 @@ impl Pebble {
         p
     }
 
+    /// Stops the CA itself (its DNS keeps running): its port refuses connections.
+    pub(crate) fn stop_ca(&mut self) {
+        self.pebble = None;
+    }
+
     /// Starts (or restarts) the CA itself: a restarted Pebble has a new root and
     /// has forgotten every account.
-    fn start_ca(&mut self) {
+    pub(crate) fn start_ca(&mut self) {
         self.pebble = None;
         let dns = self.dns.clone();
         let log = self.dir.join("pebble.log");

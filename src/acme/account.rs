@@ -1,6 +1,6 @@
 //! The ACME account, shared by every node through the tree in
-//! `.certmesh/acme/account.json` (0600): created by the first node that needs it,
-//! loaded by all others. Also the HTTPS client, trusting the system roots plus
+//! `.certmesh/acme/account.json` (0600; with a list of CAs, one account per CA, see
+//! [`super::ca`]): created by the first node that needs it, loaded by all others. Also the HTTPS client, trusting the system roots plus
 //! `acme.ca_roots`, with a timeout and a size cap on every request and `Retry-After`
 //! capped before instant-acme sees it.
 //!
@@ -21,6 +21,7 @@ use instant_acme::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::ca::{Ca, CaUnavailable};
 use super::schedule::MAX_RETRY_AFTER;
 use super::tree;
 use crate::config::AcmeConfig;
@@ -228,7 +229,9 @@ pub fn capped_retry_after(value: &str, now: SystemTime) -> Option<u64> {
 }
 
 /// Wraps the HTTPS client: each request (body included) within `timeout`, bodies at
-/// most [`MAX_RESPONSE_BYTES`], `Retry-After` capped ([`capped_retry_after`]).
+/// most [`MAX_RESPONSE_BYTES`], `Retry-After` capped ([`capped_retry_after`]). A
+/// transport failure, a timeout and an HTTP 5xx come back as [`CaUnavailable`] (what
+/// moves an order to the next CA).
 struct Guarded {
     inner: Box<dyn HttpClient>,
     timeout: Duration,
@@ -245,7 +248,13 @@ impl HttpClient for Guarded {
         Box::pin(async move {
             let other = |m: String| instant_acme::Error::Other(m.into());
             let exchange = async {
-                let mut rsp = fut.await?;
+                let mut rsp = fut.await.map_err(|e| {
+                    CaUnavailable::Unreachable {
+                        what: what.clone(),
+                        why: transport_error(&e),
+                    }
+                    .into_acme()
+                })?;
                 let declared = rsp
                     .parts
                     .headers
@@ -261,6 +270,15 @@ impl HttpClient for Guarded {
                     .map_err(instant_acme::Error::Other)?;
                 if body.len() > MAX_RESPONSE_BYTES {
                     return Err(other(format!("{what}: response body too large")));
+                }
+                let status = rsp.parts.status;
+                if status.is_server_error() {
+                    return Err(CaUnavailable::ServerError {
+                        what: what.clone(),
+                        status: status.as_u16(),
+                        detail: server_error_detail(&body),
+                    }
+                    .into_acme());
                 }
                 let body = String::from_utf8(body.to_vec())
                     .map_err(|_| other(format!("{what}: response body is not UTF-8")))?;
@@ -285,11 +303,50 @@ impl HttpClient for Guarded {
             };
             match tokio::time::timeout(timeout, exchange).await {
                 Ok(r) => r,
-                Err(_) => Err(other(format!(
-                    "{what}: no complete answer within {timeout:?}"
-                ))),
+                Err(_) => Err(CaUnavailable::Timeout {
+                    what,
+                    limit: timeout,
+                }
+                .into_acme()),
             }
         })
+    }
+}
+
+/// A transport error and its causes on one line ("client error (Connect): tcp
+/// connect error: Connection refused (os error 111)").
+fn transport_error(e: &instant_acme::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = match e {
+        instant_acme::Error::Other(b) => b.source(),
+        _ => None,
+    };
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out.chars().take(300).collect()
+}
+
+/// `": <detail>"` of a 5xx body: the problem document's `detail`, or the start of
+/// the body on one line; empty if there is nothing to show.
+fn server_error_detail(body: &[u8]) -> String {
+    let detail = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("detail")?.as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).to_string());
+    let one: String = detail
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(160)
+        .collect();
+    if one.is_empty() {
+        one
+    } else {
+        format!(": {one}")
     }
 }
 
@@ -339,7 +396,8 @@ fn http_client(cfg: &AcmeConfig) -> anyhow::Result<Box<dyn HttpClient>> {
     }))
 }
 
-/// `fut` (one step of talking to the CA) within `limit`.
+/// `fut` (one step of talking to the CA) within `limit`; running out of time is a
+/// [`CaUnavailable::Timeout`].
 pub async fn within<T>(
     limit: Duration,
     what: &str,
@@ -347,38 +405,76 @@ pub async fn within<T>(
 ) -> anyhow::Result<T> {
     match tokio::time::timeout(limit, fut).await {
         Ok(r) => r.with_context(|| what.to_string()),
-        Err(_) => bail!("{what}: no answer from the CA within {limit:?}"),
+        Err(_) => Err(CaUnavailable::Timeout {
+            what: what.to_string(),
+            limit,
+        }
+        .into()),
     }
 }
 
-/// Loads the shared account for `cfg.directory`, or creates it (once, cluster-wide:
-/// the file syncs to every node). Returns the account and whether it was created.
-pub async fn load_or_create(shared: &Shared, cfg: &AcmeConfig) -> anyhow::Result<(Account, bool)> {
-    if let Some(bytes) = tree::read(&shared.tree.root, ACCOUNT_FILE) {
-        match parse_account(&bytes, &cfg.directory) {
+/// Loads the shared account of `ca`, or creates it (once, cluster-wide: the file
+/// syncs to every node). Returns the account and whether it was created.
+pub async fn load_or_create(
+    shared: &Shared,
+    cfg: &AcmeConfig,
+    ca: &Ca,
+) -> anyhow::Result<(Account, bool)> {
+    let own = ca.account_file();
+    // Its own file first; after a reorder of `acme.directory`, the file it had.
+    for file in [own.clone(), ca.moved_account_file()] {
+        let Some(bytes) = tree::read(&shared.tree.root, &file) else {
+            continue;
+        };
+        match parse_account(&bytes, &ca.directory) {
             Ok(credentials) => {
                 let account = within(
                     cfg.request_timeout,
-                    "loading the shared ACME account",
+                    &format!("loading the shared ACME account for {}", ca.directory),
                     Account::builder_with_http(http_client(cfg)?).from_credentials(credentials),
                 )
                 .await?;
                 return Ok((account, false));
             }
-            Err(e @ AccountRefused::Directory { .. }) => {
-                tracing::info!("{ACCOUNT_FILE}: {e}; creating an account at the configured CA")
-            }
-            Err(e) => tracing::warn!(
-                "{ACCOUNT_FILE} is not used: {e}; creating an account at the configured CA"
+            // Another CA's account (the list was reordered, or the directory changed).
+            Err(AccountRefused::Directory { .. }) => {}
+            Err(e) if file == own => tracing::warn!(
+                "{file} is not used: {e}; creating an account at {}",
+                ca.directory
             ),
+            Err(_) => {}
         }
     }
-    create(shared, cfg).await.map(|a| (a, true))
+    tracing::info!(
+        "no shared account for {} in {own}; creating one",
+        ca.directory
+    );
+    create(shared, cfg, ca).await.map(|a| (a, true))
 }
 
-/// Creates a new account and shares it (replacing the file of an account the CA
-/// no longer knows).
-pub async fn create(shared: &Shared, cfg: &AcmeConfig) -> anyhow::Result<Account> {
+/// Before the first CA writes `account.json`: an account in it for another CA of
+/// the list (the list was reordered) moves to that CA's own file, unless that one
+/// holds an account already.
+fn keep_moved_account(shared: &Shared, cfg: &AcmeConfig, ca: &Ca) -> anyhow::Result<()> {
+    if ca.index != 0 {
+        return Ok(());
+    }
+    let Some(bytes) = tree::read(&shared.tree.root, ACCOUNT_FILE) else {
+        return Ok(());
+    };
+    for other in cfg.fallback.iter() {
+        let dest = super::ca::other_account_file(other);
+        if parse_account(&bytes, other).is_ok() && tree::read(&shared.tree.root, &dest).is_none() {
+            tree::write_file(shared, &tree::rel(&dest)?, &bytes, 0o600)?;
+            tracing::info!("{ACCOUNT_FILE}: the account of {other} moved to {dest}");
+        }
+    }
+    Ok(())
+}
+
+/// Creates a new account at `ca` and shares it in its file (replacing the file of
+/// an account the CA no longer knows).
+pub async fn create(shared: &Shared, cfg: &AcmeConfig, ca: &Ca) -> anyhow::Result<Account> {
     let contact: Vec<&str> = cfg.contact.iter().map(String::as_str).collect();
     let eab = match &cfg.eab {
         None => None,
@@ -391,26 +487,29 @@ pub async fn create(shared: &Shared, cfg: &AcmeConfig) -> anyhow::Result<Account
     };
     let (account, credentials) = within(
         cfg.request_timeout,
-        &format!("creating an ACME account at {}", cfg.directory),
+        &format!("creating an ACME account at {}", ca.directory),
         Account::builder_with_http(http_client(cfg)?).create(
             &NewAccount {
                 contact: &contact,
                 terms_of_service_agreed: true,
                 only_return_existing: false,
             },
-            cfg.directory.clone(),
+            ca.directory.clone(),
             eab.as_ref(),
         ),
     )
     .await?;
     let stored = serde_json::to_vec_pretty(&Stored {
-        directory: cfg.directory.clone(),
+        directory: ca.directory.clone(),
         credentials,
     })?;
-    tree::write_file(shared, &tree::rel(ACCOUNT_FILE)?, &stored, 0o600)?;
+    keep_moved_account(shared, cfg, ca)?;
+    let file = ca.account_file();
+    tree::write_file(shared, &tree::rel(&file)?, &stored, 0o600)?;
     tracing::info!(
         id = account.id(),
-        "ACME account created and shared in {ACCOUNT_FILE}"
+        ca = %ca.directory,
+        "ACME account created and shared in {file}"
     );
     Ok(account)
 }

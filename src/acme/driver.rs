@@ -1,8 +1,11 @@
 //! The ACME driver: one task per ACME-enabled node. It waits for the mesh to form,
 //! then orders whatever is missing or due when this node is the renewer, at most
 //! once a minute when idle, with backoff on failure; it also serves `issue` and
-//! `renew` from the control socket.
+//! `renew` from the control socket. With several CAs in `acme.directory`, each order
+//! attempt starts at the first and moves to the next while a CA is down or
+//! rate-limits ([`ca::falls_over`]).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,14 +13,16 @@ use instant_acme::{Account, CertificateIdentifier};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::ca::{self, Ca};
 use super::handle::{AcmeState, IssueReply, RenewReport, RenewResult};
 use super::schedule::{self, RenewalLease, Window};
 use super::{
     account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, tree, unix_now,
     Acme, Command, LEASES_DIR,
 };
-use crate::config::CertificateConfig;
+use crate::config::{AcmeConfig, CertificateConfig};
 use crate::node::Shared;
+use crate::paths::RelPath;
 
 /// How long a starting node waits for its configured peers before ordering.
 const STARTUP_GRACE: Duration = Duration::from_secs(10);
@@ -40,9 +45,11 @@ async fn startup_grace(shared: &Shared) {
 struct Driver {
     shared: Arc<Shared>,
     handle: Arc<Acme>,
-    account: Option<(String, Account)>,
-    /// `Some(false)` once the directory showed it has no ARI.
-    ari: Option<bool>,
+    /// The loaded account of each CA, by directory URL.
+    accounts: BTreeMap<String, Account>,
+    /// Per directory URL: `false` once the directory showed it has no ARI, `true`
+    /// once it answered an ARI query.
+    ari: BTreeMap<String, bool>,
 }
 
 pub(super) async fn run(
@@ -55,8 +62,8 @@ pub(super) async fn run(
     let mut d = Driver {
         shared,
         handle,
-        account: None,
-        ari: None,
+        accounts: BTreeMap::new(),
+        ari: BTreeMap::new(),
     };
     // Peers connecting and leaving bump `progress`: when that changes who the
     // renewer is (the renewer went away, say), look again at once.
@@ -170,7 +177,17 @@ impl Driver {
     /// Asks the CA for its ARI window (RFC 9773) when this node is the renewer and
     /// the CA offers ARI; at most every 6 hours per certificate.
     async fn refresh_ari(&mut self, cert: &CertificateConfig, leaf: &bundle::Leaf) {
-        if self.ari == Some(false) || renewer(&self.shared) != Some(self.shared.me()) {
+        if renewer(&self.shared) != Some(self.shared.me()) {
+            return;
+        }
+        let Some((cfg, _)) = snapshot(&self.shared) else {
+            return;
+        };
+        // ARI is asked of the CA that issued the live certificate.
+        let Some(ca) = self.live_ca(&cfg, &cert.name) else {
+            return;
+        };
+        if self.ari.get(&ca.directory) == Some(&false) {
             return;
         }
         let rt = self.handle.runtime(&cert.name).unwrap_or_default();
@@ -181,18 +198,17 @@ impl Driver {
         let Some(id) = self.cert_id(&cert.name) else {
             return;
         };
-        let Ok(account) = self.account().await else {
+        let Ok(account) = self.account(&cfg, &ca).await else {
             return;
         };
-        let limit =
-            snapshot(&self.shared).map_or(Duration::from_secs(30), |(c, _)| c.request_timeout);
+        let limit = cfg.request_timeout;
         let answer = match tokio::time::timeout(limit, account.renewal_info(&id)).await {
             Ok(a) => a,
             Err(_) => Err(instant_acme::Error::Str("no answer from the CA in time")),
         };
         match answer {
             Ok((info, retry)) => {
-                self.ari = Some(true);
+                self.ari.insert(ca.directory.clone(), true);
                 let serial = leaf.serial.clone();
                 let next = now.saturating_add(schedule::secs(schedule::ari_retry(retry)));
                 let window = schedule::clamp_window(
@@ -214,9 +230,10 @@ impl Driver {
             }
             Err(instant_acme::Error::Unsupported(_)) => {
                 tracing::info!(
+                    ca = %ca.directory,
                     "the CA does not offer ARI; renewing with a third of the lifetime left"
                 );
-                self.ari = Some(false);
+                self.ari.insert(ca.directory.clone(), false);
             }
             Err(e) => {
                 tracing::debug!(cert = %cert.name, error = %e, "ARI query failed");
@@ -235,19 +252,31 @@ impl Driver {
             .map(|c| c.into_owned())
     }
 
-    async fn account(&mut self) -> anyhow::Result<Account> {
-        let Some((cfg, _)) = snapshot(&self.shared) else {
-            anyhow::bail!("[acme] is not configured");
-        };
-        if let Some((dir, a)) = &self.account {
-            let on_disk = tree::read(&self.shared.tree.root, account::ACCOUNT_FILE);
-            // Still the directory we loaded, and nobody replaced the shared file.
-            if *dir == cfg.directory && on_disk.is_some() {
+    /// The CA that issued `name`'s live certificate, if it is still configured; a
+    /// live certificate without a record (issued before records were kept) counts
+    /// as the first CA's.
+    fn live_ca(&self, cfg: &AcmeConfig, name: &str) -> Option<Ca> {
+        let root = &self.shared.tree.root;
+        let leaf = bundle::live_leaf(root, name)?;
+        let cas = Ca::all(cfg);
+        match ca::issuer(root, name, &leaf.serial) {
+            Some(dir) => cas.into_iter().find(|c| c.directory == dir),
+            None => cas.into_iter().next(),
+        }
+    }
+
+    async fn account(&mut self, cfg: &AcmeConfig, ca: &Ca) -> anyhow::Result<Account> {
+        if let Some(a) = self.accounts.get(&ca.directory) {
+            // Nobody removed the shared file meanwhile.
+            let root = &self.shared.tree.root;
+            if tree::read(root, &ca.account_file()).is_some()
+                || tree::read(root, &ca.moved_account_file()).is_some()
+            {
                 return Ok(a.clone());
             }
         }
-        let (a, _) = account::load_or_create(&self.shared, &cfg).await?;
-        self.account = Some((cfg.directory.clone(), a.clone()));
+        let (a, _) = account::load_or_create(&self.shared, cfg, ca).await?;
+        self.accounts.insert(ca.directory.clone(), a.clone());
         Ok(a)
     }
 
@@ -261,6 +290,7 @@ impl Driver {
         match self.attempt(&cert, true).await {
             Ok(i) => Ok(IssueReply {
                 name: name.to_string(),
+                ca: i.ca,
                 version: i.version,
                 not_after: rfc3339(i.not_after),
                 took_ms: i.took.as_millis() as u64,
@@ -357,6 +387,7 @@ impl Driver {
                 tracing::info!(
                     cert = %cert.name,
                     version = i.version,
+                    ca = %i.ca,
                     ms = i.took.as_millis() as u64,
                     "certificate issued and published"
                 );
@@ -400,7 +431,7 @@ impl Driver {
                     r.last_error = Some(msg.clone());
                 });
                 // A broken account file or directory change: reload next time.
-                self.account = None;
+                self.accounts.clear();
                 Err(Attempt::Failed(msg))
             }
         }
@@ -412,16 +443,7 @@ impl Driver {
     ) -> Result<order::Issued, order::Failed> {
         let shared = self.shared.clone();
         let me = shared.me();
-        let node = shared
-            .config
-            .lock()
-            .map(|c| c.name.clone())
-            .unwrap_or_default();
-        let ttl = snapshot(&shared).map_or(Duration::from_secs(120), |(c, _)| c.lease);
-        let lease = RenewalLease::new(me, &node, unix_now(), ttl);
-        let p = tree::rel(&format!("{LEASES_DIR}/{}", cert.name))?;
-        let e = tree::write_file(&shared, &p, &lease.to_json(), 0o644)?;
-        tree::await_indexed(&shared, &[(p.clone(), e)], Duration::from_secs(5)).await?;
+        let p = self.write_lease(cert).await?;
         let (cfg, _) = snapshot(&shared).ok_or_else(|| anyhow::anyhow!("[acme] was removed"))?;
         // Another node's lease already applied here won the conflict: it orders.
         if let Some(l) = read_lease(&shared, &cert.name) {
@@ -433,20 +455,104 @@ impl Driver {
                 });
             }
         }
-        let account = self.account().await?;
-        let replaces = if self.ari == Some(true) {
+        let cas = Ca::all(&cfg);
+        let live_ca = self.live_ca(&cfg, &cert.name);
+        // Each CA in turn while the one before is down or rate-limits.
+        let mut down: Vec<(String, order::Failed)> = Vec::new();
+        for (i, ca) in cas.iter().enumerate() {
+            if i > 0 {
+                // The CAs before may have taken a while: the lease starts again.
+                self.write_lease(cert).await?;
+            }
+            let span = tracing::info_span!("ca", ca = %ca.directory);
+            let result = self
+                .order_at(&cfg, cert, ca, &p, live_ca.as_ref())
+                .instrument(span)
+                .await;
+            let f = match result {
+                Ok(issued) => return Ok(issued),
+                Err(f) if f.lost_to.is_some() || cas.len() == 1 => return Err(f),
+                Err(f) => f,
+            };
+            if !ca::falls_over(&f.error) {
+                // It would fail at the next CA too: the usual backoff.
+                let after: Vec<&str> = down.iter().map(|(d, _)| d.as_str()).collect();
+                let context = if after.is_empty() {
+                    format!("CA {}", ca.directory)
+                } else {
+                    format!("CA {} (after {} failed)", ca.directory, after.join(", "))
+                };
+                return Err(order::Failed {
+                    error: f.error.context(context),
+                    ..f
+                });
+            }
+            if let Some(next) = cas.get(i + 1) {
+                let msg = format!(
+                    "{}: CA {} failed, fell over to {}: {:#}",
+                    cert.name, ca.directory, next.directory, f.error
+                );
+                shared.lock().error(format!("acme: {msg}"));
+            }
+            down.push((ca.directory.clone(), f));
+        }
+        // Every CA is down or limits us. The next attempt starts at the first again,
+        // no sooner than every CA's Retry-After (when each gave one).
+        let retry_after = ca::retry_after_all(down.iter().map(|(_, f)| f.retry_after));
+        let each: Vec<String> = down
+            .iter()
+            .map(|(d, f)| format!("CA {d}: {:#}", f.error))
+            .collect();
+        Err(order::Failed {
+            error: anyhow::anyhow!("every CA failed: {}", each.join("; ")),
+            retry_after,
+            lost_to: None,
+        })
+    }
+
+    /// Writes (or renews) this node's lease on `cert` and waits until the local
+    /// index has it.
+    async fn write_lease(&self, cert: &CertificateConfig) -> anyhow::Result<RelPath> {
+        let shared = &self.shared;
+        let node = shared
+            .config
+            .lock()
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        let ttl = snapshot(shared).map_or(Duration::from_secs(120), |(c, _)| c.lease);
+        let lease = RenewalLease::new(shared.me(), &node, unix_now(), ttl);
+        let p = tree::rel(&format!("{LEASES_DIR}/{}", cert.name))?;
+        let e = tree::write_file(shared, &p, &lease.to_json(), 0o644)?;
+        tree::await_indexed(shared, &[(p.clone(), e)], Duration::from_secs(5)).await?;
+        Ok(p)
+    }
+
+    /// One order at one CA, with its account (made anew if the CA forgot it).
+    /// `live_ca`: the CA of the live certificate; ARI's `replaces` only goes to it.
+    async fn order_at(
+        &mut self,
+        cfg: &AcmeConfig,
+        cert: &CertificateConfig,
+        ca: &Ca,
+        lease: &RelPath,
+        live_ca: Option<&Ca>,
+    ) -> Result<order::Issued, order::Failed> {
+        let shared = self.shared.clone();
+        let account = self.account(cfg, ca).await?;
+        let replaces = if live_ca == Some(ca) && self.ari.get(&ca.directory) == Some(&true) {
             self.cert_id(&cert.name)
         } else {
             None
         };
-        match order::run(&shared, &cfg, &account, cert, replaces.clone(), &p).await {
+        match order::run(&shared, cfg, ca, &account, cert, replaces.clone(), lease).await {
             Err(f) if order::account_gone(&f.error) => {
                 tracing::warn!(
+                    ca = %ca.directory,
                     "the CA does not know the shared account any more; creating a new one"
                 );
-                let account = account::create(&shared, &cfg).await?;
-                self.account = Some((cfg.directory.clone(), account.clone()));
-                order::run(&shared, &cfg, &account, cert, replaces, &p).await
+                let account = account::create(&shared, cfg, ca).await?;
+                self.accounts.insert(ca.directory.clone(), account.clone());
+                order::run(&shared, cfg, ca, &account, cert, replaces, lease).await
             }
             r => r,
         }

@@ -92,6 +92,9 @@ pub(super) enum Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IssueReply {
     pub name: String,
+    /// The directory URL of the CA that issued it.
+    #[serde(default)]
+    pub ca: String,
     /// The published version (`archive/<name>/<version>/`).
     pub version: u32,
     /// `notAfter` of the new certificate (RFC 3339).

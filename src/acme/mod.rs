@@ -2,6 +2,8 @@
 //!
 //! - [`schedule`]: pure — when a certificate is due, backoff, renewer choice, leases.
 //! - [`account`]: the account shared in `.certmesh/acme/account.json`.
+//! - [`ca`]: the CA list of `acme.directory` (fallback CAs): each CA's account file,
+//!   when an order moves to the next CA, which CA issued each live certificate.
 //! - [`order`]: one order — challenges through the tree, the ack barrier, finalize.
 //! - [`bundle`]: keys, CSRs, PEM, the versioned publish and `live/<name>` flip.
 //! - [`tree`]: atomic writes into the tree and waiting for the index to have them.
@@ -19,6 +21,7 @@
 
 pub mod account;
 pub mod bundle;
+pub mod ca;
 pub mod dns;
 mod dns01;
 mod driver;

@@ -15,6 +15,7 @@ use instant_acme::{
 
 use super::account::within;
 use super::bundle::{self, Bundle};
+use super::ca::{self, Ca};
 use super::dns01;
 use super::tree::{self, Expect};
 use crate::config::{AcmeConfig, CertificateConfig};
@@ -27,6 +28,8 @@ pub const CHALLENGE_DIR: &str = "acme/.well-known/acme-challenge";
 /// A published certificate.
 #[derive(Debug, Clone)]
 pub struct Issued {
+    /// The directory URL of the CA that issued it.
+    pub ca: String,
     pub version: u32,
     pub not_after: i64,
     pub took: Duration,
@@ -111,12 +114,14 @@ struct Placed {
     dns: dns01::Dns01,
 }
 
-/// Orders `cert` and publishes it. `replaces`: the ARI identifier of the certificate
-/// being renewed, when the CA supports ARI. `lease`: our renewal lease, already in
-/// the local index; the order is dropped before `set_ready` if another's won.
+/// Orders `cert` from `ca` with its `account` and publishes it. `replaces`: the ARI
+/// identifier of the certificate being renewed, when that CA issued it and supports
+/// ARI. `lease`: our renewal lease, already in the local index; the order is dropped
+/// before `set_ready` if another's won.
 pub async fn run(
     shared: &Arc<Shared>,
     cfg: &AcmeConfig,
+    ca: &Ca,
     account: &Account,
     cert: &CertificateConfig,
     replaces: Option<CertificateIdentifier<'static>>,
@@ -124,7 +129,7 @@ pub async fn run(
 ) -> Result<Issued, Failed> {
     let start = Instant::now();
     let mut placed = Placed::default();
-    let result = order(shared, cfg, account, cert, replaces, lease, &mut placed).await;
+    let result = order(shared, cfg, ca, account, cert, replaces, lease, &mut placed).await;
     // The order has settled: the tokens and TXT records go, whatever happened.
     let mut gone: Vec<(RelPath, Expect)> = placed
         .tokens
@@ -139,15 +144,18 @@ pub async fn run(
     }
     let (version, not_after) = result?;
     Ok(Issued {
+        ca: ca.directory.clone(),
         version,
         not_after,
         took: start.elapsed(),
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn order(
     shared: &Arc<Shared>,
     cfg: &AcmeConfig,
+    ca: &Ca,
     account: &Account,
     cert: &CertificateConfig,
     replaces: Option<CertificateIdentifier<'static>>,
@@ -347,7 +355,11 @@ async fn order(
     };
     let b = Bundle::new(&chain, &key, &cert.domains)?;
 
-    // 5. Publish as one unit.
+    // 5. Which CA issued it (before the flip: peers have it when they show the new
+    //    version), then publish as one unit.
+    if let Err(e) = ca::record_issuer(shared, &cert.name, &b.leaf.serial, &ca.directory) {
+        tracing::warn!(cert = %cert.name, error = %e, "recording which CA issued the certificate");
+    }
     let (version, _) = bundle::publish(shared, &cert.name, &b).await?;
     Ok((version, b.leaf.validity.not_after))
 }

@@ -54,6 +54,11 @@ pub struct CertStatus {
     /// The `archive/<name>/<n>` that `live/<name>` points at.
     pub version: Option<u32>,
     pub serial: Option<String>,
+    /// Directory URL of the CA that issued the live certificate (from
+    /// `.certmesh/acme/issued/<name>`); `None` if unknown (no certificate, or one
+    /// issued or imported without a record).
+    #[serde(default)]
+    pub ca: Option<String>,
     /// Node name of the renewer as this node sees it.
     pub renewer: Option<String>,
     /// Node holding a fresh renewal lease (an order in progress).
@@ -197,6 +202,9 @@ pub fn certificates(shared: &Shared) -> Vec<CertStatus> {
                 not_after_unix: na,
                 days_left: na.map(|t| ((t - now) as f64 / 86400.0 * 10.0).round() / 10.0),
                 version: crate::acme::bundle::live_version(&shared.tree.root, &c.name),
+                ca: live
+                    .as_ref()
+                    .and_then(|(_, _, s)| acme::ca::issuer(&shared.tree.root, &c.name, s)),
                 serial: live.map(|(_, _, s)| s),
                 renewer: renewer.clone(),
                 lease,
@@ -699,6 +707,7 @@ pub fn render(s: &Status) -> String {
                     c.not_after.clone().unwrap_or_else(|| "missing".into()),
                     c.days_left.map_or_else(dash, |d| format!("{d:.1}")),
                     c.version.map_or_else(dash, |v| v.to_string()),
+                    c.ca.as_deref().map_or_else(dash, crate::acme::ca::ca_label),
                     c.renewer.clone().unwrap_or_else(dash),
                     c.next_renewal.clone().unwrap_or_else(dash),
                     c.state.map_or_else(dash, |s| s.as_str().to_string()),
@@ -715,6 +724,7 @@ pub fn render(s: &Status) -> String {
                 "NOT AFTER",
                 "DAYS LEFT",
                 "VER",
+                "CA",
                 "RENEWER",
                 "NEXT RENEWAL",
                 "STATE",

@@ -44,15 +44,18 @@ pub struct Presented {
 impl Presented {
     /// Parses the (untrusted, peer-written) file and keeps only records this node's
     /// config could have made for `cert`: a challenge name of one of its domains and
-    /// a key-authorization digest (43 base64url characters).
+    /// a key-authorization digest (43 base64url characters), each once (a file
+    /// listing a record twice would otherwise have it removed twice).
     pub fn parse_for(bytes: &[u8], cert: &CertificateConfig) -> Option<Presented> {
         let mut p: Presented = serde_json::from_slice(bytes).ok()?;
+        let mut seen = std::collections::HashSet::new();
         p.records.retain(|r| {
             cert.domains.iter().any(|d| challenge_name(d) == r.fqdn)
                 && r.value.len() == 43
                 && r.value
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && seen.insert((r.fqdn.clone(), r.value.clone()))
         });
         Some(p)
     }
@@ -269,5 +272,27 @@ mod tests {
         );
         assert!(Presented::parse_for(b"not json", &cert).is_none());
         assert_eq!(challenge_name("*.a.example"), "_acme-challenge.a.example");
+    }
+
+    #[test]
+    fn a_record_listed_twice_is_kept_once() {
+        let cert = CertificateConfig {
+            name: "www".into(),
+            domains: vec!["*.example.com".into(), "example.com".into()],
+            key: KeyType::EcdsaP256,
+            reuse_key: false,
+            challenge: ChallengeChoice::Auto,
+        };
+        let (a, b) = ("a".repeat(43), "b".repeat(43));
+        // The wildcard and the bare name share a challenge name with two values:
+        // both stay; the exact repeat goes.
+        let json = format!(
+            r#"{{"node":"lb0","records":[{{"fqdn":"_acme-challenge.example.com","value":"{a}"}},
+            {{"fqdn":"_acme-challenge.example.com","value":"{b}"}},
+            {{"fqdn":"_acme-challenge.example.com","value":"{a}"}}]}}"#
+        );
+        let p = Presented::parse_for(json.as_bytes(), &cert).unwrap();
+        let values: Vec<&str> = p.records.iter().map(|r| r.value.as_str()).collect();
+        assert_eq!(values, [a.as_str(), b.as_str()]);
     }
 }
