@@ -300,9 +300,9 @@ fn a_refusal_at_the_first_ca_does_not_fall_over() {
 
     wait_until("the order backing off", || {
         let s = status(&n);
-        s.certificates
-            .first()
-            .is_some_and(|c| c.state == "backoff" && c.last_error.is_some())
+        s.certificates.first().is_some_and(|c| {
+            c.state == Some(certmesh::acme::handle::AcmeState::Backoff) && c.last_error.is_some()
+        })
     });
     let s = status(&n);
     let c = &s.certificates[0];
