@@ -163,7 +163,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // Watch first, then scan: nothing changed in between is missed.
     let watcher = crate::watch::start(shared.clone(), rescan_rx)?;
     watcher.full_rescan(&shared).await;
-    let puller = tokio::spawn(crate::pull::run(shared.clone()));
+    let puller = tokio::spawn(crate::pull::run(crate::handles::SyncHandle::new(&shared)));
     // Every other task: stopped (aborted, then awaited) on shutdown, after the puller
     // and the persister have finished their writes.
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();

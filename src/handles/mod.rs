@@ -18,7 +18,7 @@
 
 mod sync;
 
-pub use sync::{SessionOver, SyncHandle, CLOSE_DUPLICATE};
+pub use sync::{PullTurn, SessionOver, SyncHandle, CLOSE_DUPLICATE};
 
 use std::collections::BTreeSet;
 use std::path::Path;

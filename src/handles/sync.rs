@@ -3,13 +3,16 @@
 //! method is one short critical section of pure-core calls, followed by the wake-ups
 //! the other tasks rely on (the puller for new needs, the senders for progress).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, MutexGuard};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
+use crate::apply::Tree;
 use crate::core::cluster::{Confirm, Report};
 use crate::core::engine::{EngineError, SendToken, Transmit};
+use crate::core::pipeline::{Outcome, Pipeline, Work};
 use crate::identity::DeviceId;
 use crate::index::{ContentHash, FileRecord, Kind};
 use crate::inline::InlineCache;
@@ -202,6 +205,114 @@ impl SyncHandle {
     /// Remembers small content that came inline with a record.
     pub fn remember_inline(&self, hash: ContentHash, data: Vec<u8>) {
         self.0.inline().insert(hash, Arc::new(data));
+    }
+}
+
+/// What the puller should start now: fetches (each with the connections of its
+/// sources) and, when `may_apply`, a unit of ready work to apply.
+pub struct PullTurn {
+    pub fetches: Vec<(Work, Vec<(DeviceId, quinn::Connection)>)>,
+    pub apply: Option<Vec<Work>>,
+}
+
+/// The puller's view of the node: the engine's needs in, applied outcomes out.
+impl SyncHandle {
+    /// Turns `true` once shutdown begins.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.0.stopping.subscribe()
+    }
+
+    /// Resolves when someone asks the puller to look again (new needs, a deferral).
+    pub async fn pull_requested(&self) {
+        self.0.pull.notified().await
+    }
+
+    /// The tree the puller applies into.
+    pub fn tree(&self) -> &Tree {
+        &self.0.tree
+    }
+
+    /// A fresh staging file name under `.certmesh/tmp/`.
+    pub fn staging_path(&self) -> PathBuf {
+        self.0.tree.staging_path()
+    }
+
+    /// Refills the pipeline from the engine's needs (inline content from the cache,
+    /// sources among the connected peers) and takes what to start.
+    pub fn pull_turn(&self, pipe: &mut Pipeline, may_apply: bool, now: Instant) -> PullTurn {
+        let mut guard = self.0.lock();
+        let inline = self.0.inline(); // lock order: state, then inline cache
+        let State {
+            engine,
+            peers,
+            applying: in_flight,
+            ..
+        } = &mut *guard;
+        let connected = |id: &DeviceId| peers.get(id).is_some_and(|p| p.session.is_some());
+        pipe.refill(engine, in_flight, |h| inline.get(h), connected, now);
+        let mut fetches = Vec::new();
+        while let Some(w) = pipe.next_fetch() {
+            let conns = w
+                .sources
+                .iter()
+                .filter_map(|id| Some((*id, peers.get(id)?.session.as_ref()?.conn.clone())))
+                .collect();
+            fetches.push((w, conns));
+        }
+        let apply = may_apply
+            .then(|| pipe.poll_apply(engine.plan(), in_flight, now))
+            .flatten();
+        PullTurn { fetches, apply }
+    }
+
+    /// A fetch failed from every source; `local` is an error to show the operator
+    /// (writing here failed), otherwise the sources did not deliver.
+    pub fn fetch_failed(&self, pipe: &mut Pipeline, w: Work, local: Option<String>) {
+        let mut st = self.0.lock();
+        if let Some(e) = local {
+            st.error(e);
+        }
+        pipe.fetch_failed(w, &mut st.applying, Instant::now());
+    }
+
+    /// Records an applied unit in the index, tells the peers (after the persister),
+    /// asks the scanner for deferred paths and the repairer for touched certificates.
+    pub fn record_applied(&self, pipe: &mut Pipeline, done: Vec<(Work, Outcome)>) {
+        tracing::trace!(n = done.len(), "applied to disk");
+        let (rescan, touched, writer) = {
+            let mut st = self.0.lock();
+            let since = st.engine.index().sequence();
+            let State {
+                engine,
+                applying: in_flight,
+                ..
+            } = &mut *st;
+            let rec = pipe.applied(done, engine, in_flight, Instant::now());
+            for p in &rec.applied {
+                tracing::debug!(path = %p, "applied");
+            }
+            for p in &rec.rescan {
+                tracing::debug!(path = %p, "deferred");
+            }
+            for (p, why) in rec.failed {
+                st.error(format!("applying {p}: {why}"));
+            }
+            let mut rescan = rec.rescan;
+            rescan.append(&mut st.rescan_after_apply);
+            st.commit(since, &self.0);
+            (rescan, rec.applied, st.engine.is_writer())
+        };
+        if !rescan.is_empty() {
+            let _ = self.0.rescan.send(rescan);
+        }
+        let certs = self
+            .0
+            .config
+            .lock()
+            .map(|c| crate::repair::names(writer, &c))
+            .unwrap_or_default();
+        self.0.repairs.touched(&certs, &touched);
+        self.0.bump_progress();
     }
 }
 

@@ -5,16 +5,15 @@
 //! recorded in the index and told to the peers. Nothing is ever half-written.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
 use crate::apply::Item;
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
+use crate::handles::SyncHandle;
 use crate::identity::DeviceId;
 use crate::index::ContentHash;
-use crate::node::Shared;
 use crate::paths::RelPath;
 use crate::wire::{self, pb, MAX_HEADER};
 
@@ -36,9 +35,9 @@ type FetchResult = (Work, Result<PathBuf, FetchFailure>);
 type Applied = Vec<(Work, Outcome)>;
 
 /// Runs until shutdown; then lets an apply in progress finish and records it.
-pub async fn run(shared: Arc<Shared>) {
+pub async fn run(sync: SyncHandle) {
     let mut pipe = Pipeline::new(Limits::DEFAULT);
-    let mut stopping = shared.stopping.subscribe();
+    let mut stopping = sync.stopping();
     let mut fetches: JoinSet<FetchResult> = JoinSet::new();
     let mut applying: Option<tokio::task::JoinHandle<Applied>> = None;
     loop {
@@ -54,62 +53,40 @@ pub async fn run(shared: Arc<Shared>) {
             }
             if let Some(h) = applying.take() {
                 if let Ok(done) = h.await {
-                    record(&shared, &mut pipe, done);
+                    sync.record_applied(&mut pipe, done);
                 }
             }
             return;
         }
-        let now = Instant::now();
-        {
-            let mut guard = shared.lock();
-            let inline = shared.inline(); // lock order: state, then inline cache
-            let crate::node::State {
-                engine,
-                peers,
-                applying: in_flight,
-                ..
-            } = &mut *guard;
-            let connected = |id: &DeviceId| peers.get(id).is_some_and(|p| p.session.is_some());
-            pipe.refill(engine, in_flight, |h| inline.get(h), connected, now);
-            while let Some(w) = pipe.next_fetch() {
-                let conns = w
-                    .sources
-                    .iter()
-                    .filter_map(|id| Some((*id, peers.get(id)?.session.as_ref()?.conn.clone())))
-                    .collect();
-                fetches.spawn(fetch_work(shared.tree.staging_path(), w, conns));
-            }
-            if applying.is_none() {
-                if let Some(unit) = pipe.poll_apply(engine.plan(), in_flight, now) {
-                    applying = Some(start_apply(&shared, unit));
-                }
-            }
+        let turn = sync.pull_turn(&mut pipe, applying.is_none(), Instant::now());
+        for (w, conns) in turn.fetches {
+            fetches.spawn(fetch_work(sync.staging_path(), w, conns));
+        }
+        if let Some(unit) = turn.apply {
+            applying = Some(start_apply(sync.tree(), unit));
         }
         let wake = pipe.next_wake().map(tokio::time::Instant::from_std);
         tokio::select! {
             Some(r) = fetches.join_next(), if !fetches.is_empty() => match r {
                 Ok((w, Ok(staged))) => pipe.fetched(w, staged, Instant::now()),
-                Ok((w, Err(failure))) => {
-                    let mut st = shared.lock();
-                    match failure {
-                        FetchFailure::Local(e) => st.error(e),
-                        FetchFailure::Remote(e) => tracing::debug!("{e}"),
-                    }
-                    pipe.fetch_failed(w, &mut st.applying, Instant::now());
+                Ok((w, Err(FetchFailure::Local(e)))) => sync.fetch_failed(&mut pipe, w, Some(e)),
+                Ok((w, Err(FetchFailure::Remote(e)))) => {
+                    tracing::debug!("{e}");
+                    sync.fetch_failed(&mut pipe, w, None);
                 }
                 Err(e) => tracing::error!(error = %e, "fetch task failed"),
             },
             r = async { applying.as_mut().expect("guarded").await }, if applying.is_some() => {
                 applying = None;
                 match r {
-                    Ok(done) => record(&shared, &mut pipe, done),
+                    Ok(done) => sync.record_applied(&mut pipe, done),
                     Err(e) => {
                         tracing::error!(error = %e, "apply task failed");
                         pipe.apply_lost();
                     }
                 }
             }
-            _ = shared.pull.notified() => pipe.wake(),
+            _ = sync.pull_requested() => pipe.wake(),
             _ = async { match wake { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => pipe.wake(),
             _ = stopping.changed() => {}
         }
@@ -152,9 +129,9 @@ async fn fetch_work(
 }
 
 /// Applies a unit on a blocking thread; inline content is staged in the same call.
-fn start_apply(shared: &Shared, unit: Vec<Work>) -> tokio::task::JoinHandle<Applied> {
+fn start_apply(tree: &crate::apply::Tree, unit: Vec<Work>) -> tokio::task::JoinHandle<Applied> {
     tracing::trace!(n = unit.len(), "apply start");
-    let tree = shared.tree.clone();
+    let tree = tree.clone();
     tokio::task::spawn_blocking(move || {
         let mut ready = Vec::with_capacity(unit.len());
         let mut items = Vec::with_capacity(unit.len());
@@ -182,47 +159,6 @@ fn start_apply(shared: &Shared, unit: Vec<Work>) -> tokio::task::JoinHandle<Appl
         done.extend(failed);
         done
     })
-}
-
-/// Records a finished unit in the index and tells the peers.
-fn record(shared: &Shared, pipe: &mut Pipeline, done: Applied) {
-    tracing::trace!(n = done.len(), "applied to disk");
-    let mut rescan;
-    let touched;
-    {
-        let mut st = shared.lock();
-        let since = st.engine.index().sequence();
-        let crate::node::State {
-            engine,
-            applying: in_flight,
-            ..
-        } = &mut *st;
-        let rec = pipe.applied(done, engine, in_flight, Instant::now());
-        for p in &rec.applied {
-            tracing::debug!(path = %p, "applied");
-        }
-        for p in &rec.rescan {
-            tracing::debug!(path = %p, "deferred");
-        }
-        for (p, why) in rec.failed {
-            st.error(format!("applying {p}: {why}"));
-        }
-        rescan = rec.rescan;
-        touched = rec.applied;
-        rescan.append(&mut st.rescan_after_apply);
-        st.commit(since, shared);
-    }
-    if !rescan.is_empty() {
-        let _ = shared.rescan.send(rescan);
-    }
-    let writer = shared.lock().engine.is_writer();
-    let certs = shared
-        .config
-        .lock()
-        .map(|c| crate::repair::names(writer, &c))
-        .unwrap_or_default();
-    shared.repairs.touched(&certs, &touched);
-    shared.bump_progress();
 }
 
 enum FetchError {
