@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::apply::Tree;
 use crate::config::{Config, PeerConfig};
 use crate::core::engine::Engine;
+use crate::handles::SyncHandle;
 use crate::identity::{DeviceId, Identity};
 use crate::index::Index;
 use crate::node::{now_ns, PeerSlot, PersistMsg, Shared, State};
@@ -161,9 +162,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
 
     // Watch first, then scan: nothing changed in between is missed.
-    let watcher = crate::watch::start(shared.clone(), rescan_rx)?;
-    watcher.full_rescan(&shared).await;
-    let puller = tokio::spawn(crate::pull::run(crate::handles::SyncHandle::new(&shared)));
+    let sync = SyncHandle::new(&shared);
+    let watcher = crate::watch::start(sync.clone(), rescan_rx)?;
+    watcher.full_rescan(&sync).await;
+    let puller = tokio::spawn(crate::pull::run(sync.clone()));
     // Every other task: stopped (aborted, then awaited) on shutdown, after the puller
     // and the persister have finished their writes.
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
@@ -310,10 +312,7 @@ async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
         sessions.spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => {
-                    crate::peer::run_session(crate::handles::SyncHandle::new(&shared), conn, false)
-                        .await
-                }
+                Ok(conn) => crate::peer::run_session(SyncHandle::new(&shared), conn, false).await,
                 Err(e) => tracing::debug!(%remote, error = %e, "incoming handshake failed"),
             }
         });
@@ -371,7 +370,7 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 _session = Some(AbortOnDrop(tokio::spawn(async move {
                     crate::peer::run_session_with_ready(
-                        crate::handles::SyncHandle::new(&shared2),
+                        SyncHandle::new(&shared2),
                         conn,
                         true,
                         Some(tx),
@@ -507,7 +506,7 @@ async fn periodic_rescan(shared: Arc<Shared>, watcher: crate::watch::Watch) {
             .map(|c| c.rescan_interval)
             .unwrap_or(Duration::from_secs(3600));
         tokio::time::sleep(every).await;
-        watcher.full_rescan(&shared).await;
+        watcher.full_rescan(&SyncHandle::new(&shared)).await;
     }
 }
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use crate::handles::SyncHandle;
 use crate::index::{Kind, Observed};
-use crate::node::{now_ns, Shared};
 use crate::paths::RelPath;
 use crate::scan::{self, Seen};
 
@@ -69,10 +69,10 @@ impl Watch {
 
     /// Re-covers the whole tree (watches lost to an overflow come back), then rescans
     /// everything on disk and everything in the index.
-    pub async fn full_rescan(&self, shared: &Arc<Shared>) {
-        let (w, s) = (self.clone(), shared.clone());
+    pub async fn full_rescan(&self, sync: &SyncHandle) {
+        let (w, s) = (self.clone(), sync.clone());
         let r = tokio::task::spawn_blocking(move || {
-            w.cover(&s.tree.root);
+            w.cover(s.root());
             rescan_blocking(&s, Vec::new(), true)
         })
         .await;
@@ -82,11 +82,11 @@ impl Watch {
     }
 
     /// Watches the new directories, then rescans the paths.
-    async fn rescan_new(&self, shared: &Arc<Shared>, paths: Vec<RelPath>, new_dirs: Vec<RelPath>) {
-        let (w, s) = (self.clone(), shared.clone());
+    async fn rescan_new(&self, sync: &SyncHandle, paths: Vec<RelPath>, new_dirs: Vec<RelPath>) {
+        let (w, s) = (self.clone(), sync.clone());
         let r = tokio::task::spawn_blocking(move || {
             for d in &new_dirs {
-                let abs = d.under(&s.tree.root);
+                let abs = d.under(s.root());
                 if std::fs::symlink_metadata(&abs).is_ok_and(|m| m.is_dir()) {
                     w.cover(&abs);
                 }
@@ -143,7 +143,7 @@ fn explain(e: &notify::Error, limit: fn(&str) -> Option<u64>) -> String {
 
 /// Starts watching the tree; the returned handle keeps the watcher alive.
 pub fn start(
-    shared: Arc<Shared>,
+    sync: SyncHandle,
     requests: mpsc::UnboundedReceiver<Vec<RelPath>>,
 ) -> anyhow::Result<Watch> {
     let (tx, rx) = std::sync::mpsc::channel::<notify::Result<notify::Event>>();
@@ -159,18 +159,18 @@ pub fn start(
     )
     .map_err(|e| anyhow::anyhow!(explain(&e, sysctl)))?;
     watcher
-        .watch(&shared.tree.root, RecursiveMode::Recursive)
+        .watch(sync.root(), RecursiveMode::Recursive)
         .map_err(|e| anyhow::anyhow!(explain(&e, sysctl)))?;
     let watch = Watch {
         watcher: Arc::new(std::sync::Mutex::new(watcher)),
     };
     let (batches_tx, batches_rx) = mpsc::unbounded_channel();
-    let root = shared.tree.root.clone();
+    let root = sync.root().to_path_buf();
     // A plain thread: tokio timers tick in whole milliseconds, too coarse here.
     std::thread::Builder::new()
         .name("certmesh-debounce".into())
         .spawn(move || debounce(&root, rx, batches_tx))?;
-    tokio::spawn(scan_loop(watch.clone(), shared, batches_rx, requests));
+    tokio::spawn(scan_loop(watch.clone(), sync, batches_rx, requests));
     Ok(watch)
 }
 
@@ -246,7 +246,7 @@ fn is_read_only(kind: &notify::EventKind) -> bool {
 
 async fn scan_loop(
     watch: Watch,
-    shared: Arc<Shared>,
+    sync: SyncHandle,
     mut batches: mpsc::UnboundedReceiver<Batch>,
     mut requests: mpsc::UnboundedReceiver<Vec<RelPath>>,
 ) {
@@ -282,11 +282,11 @@ async fn scan_loop(
             };
         }
         match batch {
-            Batch::Full => watch.full_rescan(&shared).await,
+            Batch::Full => watch.full_rescan(&sync).await,
             Batch::Paths { paths, new_dirs } if !paths.is_empty() => {
                 watch
                     .rescan_new(
-                        &shared,
+                        &sync,
                         paths.into_iter().collect(),
                         new_dirs.into_iter().collect(),
                     )
@@ -297,38 +297,29 @@ async fn scan_loop(
     }
 }
 
-fn rescan_blocking(shared: &Arc<Shared>, paths: Vec<RelPath>, full: bool) {
-    shared
-        .scans
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+fn rescan_blocking(sync: &SyncHandle, paths: Vec<RelPath>, full: bool) {
+    sync.count_scan();
     let mut errors = Vec::new();
-    let todo = expand(shared, paths, full, &mut errors);
-    let observed = look_at(shared, todo, &mut errors);
-    fold_in(shared, observed, errors);
+    let todo = expand(sync, paths, full, &mut errors);
+    let observed = look_at(sync, todo, &mut errors);
+    sync.observed(observed, errors);
 }
 
 /// The paths to look at: directories bring their contents, vanished ones their
 /// indexed children; a full rescan is everything on disk and in the index.
 fn expand(
-    shared: &Shared,
+    sync: &SyncHandle,
     paths: Vec<RelPath>,
     full: bool,
     errors: &mut Vec<String>,
 ) -> BTreeSet<RelPath> {
-    let root = &shared.tree.root;
+    let root = sync.root();
     let mut todo: BTreeSet<RelPath> = BTreeSet::new();
     if full {
         let mut all = Vec::new();
         scan::walk(root, None, &mut all, errors);
         todo.extend(all);
-        todo.extend(
-            shared
-                .lock()
-                .engine
-                .index()
-                .entries()
-                .map(|e| e.record.path.clone()),
-        );
+        todo.extend(sync.indexed_paths());
         return todo;
     }
     for p in paths {
@@ -340,7 +331,7 @@ fn expand(
             scan::walk(root, Some(&p), &mut below, errors);
         }
         todo.extend(below);
-        todo.extend(shared.lock().engine.index().paths_within(&p));
+        todo.extend(sync.indexed_within(&p));
         todo.insert(p);
     }
     todo
@@ -349,22 +340,15 @@ fn expand(
 /// Looks (stat) outside the lock, skips what is being applied, hashes what changed:
 /// what each path is now (`None`: gone).
 fn look_at(
-    shared: &Shared,
+    sync: &SyncHandle,
     todo: BTreeSet<RelPath>,
     errors: &mut Vec<String>,
 ) -> Vec<(RelPath, Option<Observed>)> {
-    let root = &shared.tree.root;
+    let root = sync.root();
     let mut observed = Vec::with_capacity(todo.len());
     for p in todo {
-        if p.is_local_only() {
+        if p.is_local_only() || sync.defer_if_applying(&p) {
             continue;
-        }
-        {
-            let mut st = shared.lock();
-            if st.applying.contains(&p) {
-                st.rescan_after_apply.push(p);
-                continue;
-            }
         }
         let seen = match scan::look(root, &p) {
             Ok(s) => s,
@@ -375,31 +359,22 @@ fn look_at(
         };
         let obs = match seen {
             Seen::Absent => None,
-            Seen::Skipped(why) => {
-                let mut st = shared.lock();
-                if st.engine.index().get(&p).is_none_or(|e| e.record.deleted) {
-                    // Also on full rescans (start, then hourly): a link made in the
-                    // tree that breaks the link rules must be seen by the operator.
-                    tracing::warn!(path = %p, %why, "not synced");
-                    continue;
-                }
-                st.error(format!("{p}: {why}; treating as removed"));
-                None
-            }
+            Seen::Skipped(why) if sync.not_synced(&p, &why) => None,
+            Seen::Skipped(_) => continue,
             Seen::Present { kind, stat, target } => {
-                if kind == Kind::File && shared.lock().engine.index().unchanged(&p, &stat) {
+                if kind == Kind::File && sync.unchanged(&p, &stat) {
                     continue;
                 }
                 match scan::observe(root, &p, kind, stat, target) {
                     Ok(Some((o, data))) => {
                         if let Some(d) = data {
-                            shared.inline().insert(o.hash, Arc::new(d));
+                            sync.remember_inline(o.hash, d);
                         }
                         Some(o)
                     }
                     Ok(None) => {
                         // Changed while hashing: look again shortly.
-                        let _ = shared.rescan.send(vec![p]);
+                        sync.rescan_later(vec![p]);
                         continue;
                     }
                     Err(e) => {
@@ -412,48 +387,6 @@ fn look_at(
         observed.push((p, obs));
     }
     observed
-}
-
-/// Gives the observations to the engine under one lock, commits, and wakes the
-/// puller and the peer senders.
-fn fold_in(shared: &Shared, observed: Vec<(RelPath, Option<Observed>)>, errors: Vec<String>) {
-    let mut st = shared.lock();
-    for e in errors {
-        st.error(format!("scan: {e}"));
-    }
-    let since = st.engine.index().sequence();
-    let not_sent = st.engine.not_sent().count;
-    let now = now_ns();
-    let mut changed = 0;
-    for (p, obs) in observed {
-        if st.applying.contains(&p) {
-            st.rescan_after_apply.push(p);
-            continue;
-        }
-        if let Some(r) = st.engine.observe(&p, obs, now) {
-            tracing::debug!(path = %p, deleted = r.deleted, "local change");
-            changed += 1;
-        }
-    }
-    if changed > 0 {
-        tracing::info!(changed, "local changes");
-    }
-    // A reader's local changes are not sent but put back by the puller (issue 13).
-    let put_back = st.engine.not_sent().count != not_sent;
-    if put_back {
-        tracing::info!(
-            "local changes not sent: this node is not a writer; putting the writers' version back"
-        );
-    }
-    st.commit(since, shared);
-    drop(st);
-    if put_back {
-        shared.pull.notify_one();
-    }
-    if changed > 0 {
-        shared.pull.notify_one();
-        shared.bump_progress();
-    }
 }
 
 #[cfg(test)]

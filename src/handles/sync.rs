@@ -14,7 +14,7 @@ use crate::core::cluster::{Confirm, Report};
 use crate::core::engine::{EngineError, SendToken, Transmit};
 use crate::core::pipeline::{Outcome, Pipeline, Work};
 use crate::identity::DeviceId;
-use crate::index::{ContentHash, FileRecord, Kind};
+use crate::index::{ContentHash, FileRecord, Kind, LocalStat, Observed};
 use crate::inline::InlineCache;
 use crate::node::{Session, Shared, State};
 use crate::paths::RelPath;
@@ -313,6 +313,111 @@ impl SyncHandle {
             .unwrap_or_default();
         self.0.repairs.touched(&certs, &touched);
         self.0.bump_progress();
+    }
+}
+
+/// The scanner's view of the node: what the index holds, and observations in.
+impl SyncHandle {
+    /// Counts one rescan (`status`: an idle node does none).
+    pub fn count_scan(&self) {
+        self.0
+            .scans
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Every path in the index (deleted ones too).
+    pub fn indexed_paths(&self) -> Vec<RelPath> {
+        let st = self.0.lock();
+        st.engine
+            .index()
+            .entries()
+            .map(|e| e.record.path.clone())
+            .collect()
+    }
+
+    /// The indexed paths under `dir`.
+    pub fn indexed_within(&self, dir: &RelPath) -> Vec<RelPath> {
+        self.0.lock().engine.index().paths_within(dir)
+    }
+
+    /// Whether the puller is writing `path` now; if so, the scanner looks again once
+    /// the apply is done.
+    pub fn defer_if_applying(&self, path: &RelPath) -> bool {
+        let mut st = self.0.lock();
+        if st.applying.contains(path) {
+            st.rescan_after_apply.push(path.clone());
+            return true;
+        }
+        false
+    }
+
+    /// Whether a file's stat matches what the index holds (no need to hash it).
+    pub fn unchanged(&self, path: &RelPath, stat: &LocalStat) -> bool {
+        self.0.lock().engine.index().unchanged(path, stat)
+    }
+
+    /// A path the scanner will not sync (`why`). Returns whether to treat it as
+    /// removed: only when the index holds a live version of it, which peers must
+    /// then see deleted; a path never synced is only warned about.
+    pub fn not_synced(&self, path: &RelPath, why: &str) -> bool {
+        let mut st = self.0.lock();
+        if st.engine.index().get(path).is_none_or(|e| e.record.deleted) {
+            // Also on full rescans (start, then hourly): a link made in the tree
+            // that breaks the link rules must be seen by the operator.
+            tracing::warn!(path = %path, %why, "not synced");
+            return false;
+        }
+        st.error(format!("{path}: {why}; treating as removed"));
+        true
+    }
+
+    /// Asks the scanner to look at these paths again shortly.
+    pub fn rescan_later(&self, paths: Vec<RelPath>) {
+        let _ = self.0.rescan.send(paths);
+    }
+
+    /// Gives the scanner's observations (`None`: gone) to the engine under one lock,
+    /// commits, and wakes the puller and the peer senders.
+    pub fn observed(&self, observed: Vec<(RelPath, Option<Observed>)>, errors: Vec<String>) {
+        let (changed, put_back) = {
+            let mut st = self.0.lock();
+            for e in errors {
+                st.error(format!("scan: {e}"));
+            }
+            let since = st.engine.index().sequence();
+            let not_sent = st.engine.not_sent().count;
+            let now = crate::node::now_ns();
+            let mut changed = 0;
+            for (p, obs) in observed {
+                if st.applying.contains(&p) {
+                    st.rescan_after_apply.push(p);
+                    continue;
+                }
+                if let Some(r) = st.engine.observe(&p, obs, now) {
+                    tracing::debug!(path = %p, deleted = r.deleted, "local change");
+                    changed += 1;
+                }
+            }
+            if changed > 0 {
+                tracing::info!(changed, "local changes");
+            }
+            // A reader's local changes are not sent but put back by the puller
+            // (issue 13).
+            let put_back = st.engine.not_sent().count != not_sent;
+            if put_back {
+                tracing::info!(
+                    "local changes not sent: this node is not a writer; putting the writers' version back"
+                );
+            }
+            st.commit(since, &self.0);
+            (changed, put_back)
+        };
+        if put_back || changed > 0 {
+            self.0.pull.notify_one();
+        }
+        if changed > 0 {
+            self.0.bump_progress();
+        }
     }
 }
 
