@@ -82,7 +82,7 @@ impl Listener for UnixListener {
 }
 
 /// The one accept loop of the local services: each admitted connection is served by
-/// `serve` on its own task, bounded by `limit` when given; over the cap a connection
+/// `serve` on its own task (stopped with the loop), bounded by `limit` when given; over the cap a connection
 /// is closed at once; accept errors pause the loop instead of ending it. Errors of a
 /// client are logged at debug level (a client that went away is not news).
 pub fn serve_forever<L, F, Fut, E>(
@@ -98,15 +98,22 @@ where
     E: std::fmt::Display,
 {
     tokio::spawn(async move {
+        // The connections' tasks belong to this one: aborting the loop at shutdown
+        // drops the set, which aborts them too.
+        let mut serving = tokio::task::JoinSet::new();
         loop {
-            match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                Some(_) = serving.join_next(), if !serving.is_empty() => continue,
+            };
+            match accepted {
                 Ok(stream) => {
                     let Some(slot) = clients.admit() else {
                         continue;
                     };
                     let what = clients.what;
                     let work = serve(stream);
-                    tokio::spawn(async move {
+                    serving.spawn(async move {
                         let result = match limit {
                             Some(l) => tokio::time::timeout(l, work)
                                 .await

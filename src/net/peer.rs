@@ -5,7 +5,6 @@
 //! anything invalid (on the wire or by the engine's rules) is disconnected and
 //! logged; the rest of the node is unaffected.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -306,17 +305,25 @@ fn refused(e: EngineError) -> WireError {
 
 /// Serves content requests on the bidirectional streams the peer opens.
 async fn serve_requests(sync: SyncHandle, conn: quinn::Connection) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_SERVING));
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
+    // The requests' tasks end with this one (aborted when the session ends).
+    let mut serving = tokio::task::JoinSet::new();
+    loop {
+        let (send, recv) = tokio::select! {
+            r = conn.accept_bi() => match r {
+                Ok(streams) => streams,
+                Err(_) => return,
+            },
+            Some(_) = serving.join_next(), if !serving.is_empty() => continue,
         };
+        if serving.len() >= MAX_SERVING {
+            // At the cap: wait for one to finish before taking the next.
+            serving.join_next().await;
+        }
         let sync = sync.clone();
-        tokio::spawn(async move {
+        serving.spawn(async move {
             if let Err(e) = serve_one(&sync, send, recv).await {
                 tracing::debug!(error = %e, "serving a request failed");
             }
-            drop(permit);
         });
     }
 }
