@@ -173,7 +173,17 @@ fn a_replaced_file_is_listed_and_restored_by_hand_and_replicates() {
     let far = certmesh(&["restore", "--config", cfg, "dhparam.pem", "--version", "9"]);
     assert_eq!(far.status.code(), Some(2), "{far:?}");
 
-    let ok = certmesh(&["restore", "--config", cfg, "dhparam.pem", "--version", "1"]);
+    // fs::write is not atomic: lb1 may have sent the empty file first, and lb0 then
+    // kept that too. Restore the version with the good content's size.
+    let good = "GOOD DH PARAMS".len().to_string();
+    let n = out
+        .lines()
+        .skip(1)
+        .find(|l| l.split_whitespace().nth(2) == Some(good.as_str()))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no kept version of {good} bytes: {out}"))
+        .to_string();
+    let ok = certmesh(&["restore", "--config", cfg, "dhparam.pem", "--version", &n]);
     assert!(ok.status.success(), "{ok:?}");
     assert_eq!(a.read("dhparam.pem").as_deref(), Some("GOOD DH PARAMS"));
     wait_until("restored version on lb1", || {
