@@ -387,7 +387,8 @@ fn restore_answers_in_json() {
     wait_until("b has one", || {
         b.read("dhparam.pem").as_deref() == Some("one")
     });
-    a.write("dhparam.pem", "two");
+    // Atomic: a plain write could send an empty file first, which b would keep too.
+    a.write_atomic("dhparam.pem", "two");
     wait_until("b has two", || {
         b.read("dhparam.pem").as_deref() == Some("two")
     });

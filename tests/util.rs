@@ -208,6 +208,19 @@ impl Node {
         fs::write(p, content).unwrap();
     }
 
+    /// Writes through a temporary file and a rename, as an editor or a deploy tool
+    /// would: peers never see an empty or partial file in between. The temporary
+    /// file is under `.certmesh/tmp/`, which is never synced.
+    pub fn write_atomic(&self, rel: &str, content: &str) {
+        let p = self.tree.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let staging = self.tree.join(".certmesh/tmp");
+        fs::create_dir_all(&staging).unwrap();
+        let tmp = staging.join(format!("test-{}", std::process::id()));
+        fs::write(&tmp, content).unwrap();
+        fs::rename(tmp, p).unwrap();
+    }
+
     pub fn read(&self, rel: &str) -> Option<String> {
         fs::read_to_string(self.tree.join(rel)).ok()
     }
