@@ -88,6 +88,16 @@ fn wait_ca(n: &Node, want: &str) {
     });
 }
 
+/// One node ("solo" on 127.0.8.2, no peers) and two CAs whose http-01 validators
+/// reach it; the node is configured but not started.
+fn solo(dir: &Path, eab_first: bool) -> (Node, TwoCas, u16) {
+    let n = Node::new(dir, "solo", "127.0.8.2");
+    n.configure(&[]);
+    let http_port = free_tcp("127.0.8.2");
+    let cas = TwoCas::start_with(dir, http_port, "127.0.8.2", eab_first);
+    (n, cas, http_port)
+}
+
 fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("certmesh-fallback-")
@@ -101,10 +111,7 @@ fn with_the_first_ca_down_one_node_issues_from_the_second() {
         return;
     }
     let dir = tempdir();
-    let mut n = Node::new(dir.path(), "solo", "127.0.8.2");
-    n.configure(&[]);
-    let http_port = free_tcp("127.0.8.2");
-    let mut cas = TwoCas::start(dir.path(), http_port, "127.0.8.2");
+    let (mut n, mut cas, http_port) = solo(dir.path(), false);
     cas.first.stop_ca();
     enable_fallback(&n, &cas, http_port);
     n.start();
@@ -147,10 +154,7 @@ fn with_the_first_ca_up_it_is_used() {
         return;
     }
     let dir = tempdir();
-    let mut n = Node::new(dir.path(), "solo", "127.0.8.2");
-    n.configure(&[]);
-    let http_port = free_tcp("127.0.8.2");
-    let cas = TwoCas::start(dir.path(), http_port, "127.0.8.2");
+    let (mut n, cas, http_port) = solo(dir.path(), false);
     enable_fallback(&n, &cas, http_port);
     n.start();
 
@@ -261,10 +265,7 @@ fn a_first_ca_answering_503_falls_over() {
         return;
     }
     let dir = tempdir();
-    let mut n = Node::new(dir.path(), "solo", "127.0.8.2");
-    n.configure(&[]);
-    let http_port = free_tcp("127.0.8.2");
-    let cas = TwoCas::start(dir.path(), http_port, "127.0.8.2");
+    let (mut n, cas, http_port) = solo(dir.path(), false);
     let (_down, first) = unavailable_ca(dir.path(), &dir.path().join("ca-first"));
     let dirs = [first.as_str(), cas.second.directory.as_str()];
     enable_cas(&n, &dirs, &cas.roots, http_port);
@@ -291,10 +292,7 @@ fn a_refusal_at_the_first_ca_does_not_fall_over() {
         return;
     }
     let dir = tempdir();
-    let mut n = Node::new(dir.path(), "solo", "127.0.8.2");
-    n.configure(&[]);
-    let http_port = free_tcp("127.0.8.2");
-    let cas = TwoCas::start_with(dir.path(), http_port, "127.0.8.2", true);
+    let (mut n, cas, http_port) = solo(dir.path(), true);
     enable_fallback(&n, &cas, http_port);
     n.start();
 
@@ -327,10 +325,7 @@ fn reordering_the_cas_keeps_every_account() {
         return;
     }
     let dir = tempdir();
-    let mut n = Node::new(dir.path(), "solo", "127.0.8.2");
-    n.configure(&[]);
-    let http_port = free_tcp("127.0.8.2");
-    let cas = TwoCas::start(dir.path(), http_port, "127.0.8.2");
+    let (mut n, cas, http_port) = solo(dir.path(), false);
     enable_fallback(&n, &cas, http_port);
     n.start();
     wait_version(&[&n], 1, "a certificate from the first CA");
