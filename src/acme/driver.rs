@@ -441,20 +441,11 @@ impl Driver {
         cert: &CertificateConfig,
     ) -> Result<order::Issued, order::Failed> {
         let h = self.h.clone();
-        let me = h.mesh.me();
         let p = self.write_lease(cert).await?;
         let (cfg, _) =
             snapshot(&h.settings).ok_or_else(|| anyhow::anyhow!("[acme] was removed"))?;
         // Another node's lease already applied here won the conflict: it orders.
-        if let Some(l) = read_lease(&h, &cert.name) {
-            if l.holder != me && l.fresh(unix_now()) {
-                return Err(order::Failed {
-                    error: anyhow::anyhow!("{} took the renewal lease first", l.node),
-                    retry_after: None,
-                    lost_to: Some(l.node),
-                });
-            }
-        }
+        order::lease_still_ours(&h, cert)?;
         let cas = Ca::all(&cfg);
         let live_ca = self.live_ca(&cfg, &cert.name);
         // Each CA in turn while the one before is down or rate-limits.

@@ -173,6 +173,7 @@ async fn order(
     }
     // 2. Every node has them, and our lease still stands.
     barrier(h, cfg, &written, lease, t0).await?;
+    // Every peer has our lease now; if another node's lease won meanwhile, it orders.
     lease_still_ours(h, cert)?;
     // 3. Tell the CA.
     validate(&mut order, cert, limit).await?;
@@ -315,8 +316,9 @@ async fn barrier(
     Ok(())
 }
 
-/// Every peer has our lease now; if another node's lease won meanwhile, it orders.
-fn lease_still_ours(h: &Handles, cert: &CertificateConfig) -> Result<(), Failed> {
+/// Our lease stands: no other node's fresh lease is in the tree (if one won, that
+/// node orders, not us).
+pub(super) fn lease_still_ours(h: &Handles, cert: &CertificateConfig) -> Result<(), Failed> {
     if let Some(l) = super::read_lease(h, &cert.name) {
         if l.holder != h.mesh.me() && l.fresh(super::unix_now()) {
             return Err(Failed {

@@ -343,6 +343,31 @@ mod tests {
     use std::fs;
 
     #[test]
+    fn the_index_shows_a_write_only_with_its_content_and_kind() {
+        use crate::identity::ShortId;
+        use crate::index::tests::file;
+        let mut index = Index::new(ShortId(1));
+        let p = rel("live/www.pem").unwrap();
+        assert!(index_shows(&index, &p, &Expect::Gone));
+        index.observe(&p, Some(file("live/www.pem", 3, 10)), 10);
+        assert!(index_shows(&index, &p, &Expect::File(ContentHash([3; 32]))));
+        assert!(!index_shows(
+            &index,
+            &p,
+            &Expect::File(ContentHash([4; 32]))
+        ));
+        assert!(!index_shows(&index, &p, &Expect::Symlink(String::new())));
+        assert!(!index_shows(&index, &p, &Expect::Gone));
+        index.observe(&p, None, 20);
+        assert!(index_shows(&index, &p, &Expect::Gone));
+        assert!(!index_shows(
+            &index,
+            &p,
+            &Expect::File(ContentHash([3; 32]))
+        ));
+    }
+
+    #[test]
     fn a_certbot_live_dir_is_refused_before_ordering() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
