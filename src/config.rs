@@ -445,7 +445,8 @@ impl Config {
         Self::parse(path, &text)
     }
 
-    /// Validates config text; `path` is only used in messages.
+    /// Validates config text; `path` is only used in messages. Each section is checked
+    /// in file order; the first bad value is the error.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
@@ -457,28 +458,7 @@ impl Config {
             key: key.to_string(),
             message,
         };
-        let name = raw.node.name.get_ref().trim().to_string();
-        if name.is_empty() {
-            return Err(bad(
-                raw.node.name.span(),
-                "node.name",
-                "must not be empty".into(),
-            ));
-        }
-        let state_dir = absolute(&raw.node.state_dir)
-            .map_err(|m| bad(raw.node.state_dir.span(), "node.state_dir", m))?;
-        let listen = raw
-            .node
-            .listen
-            .get_ref()
-            .parse::<SocketAddr>()
-            .map_err(|e| {
-                bad(
-                    raw.node.listen.span(),
-                    "node.listen",
-                    format!("{e} (expected ip:port, e.g. \"[2001:db8::1]:22000\")"),
-                )
-            })?;
+        let (name, state_dir, listen) = node(&raw.node, &bad)?;
         let tree =
             absolute(&raw.tree.path).map_err(|m| bad(raw.tree.path.span(), "tree.path", m))?;
         if state_dir.starts_with(&tree) {
@@ -488,80 +468,12 @@ impl Config {
                 "must not be inside tree.path (the node key would be replicated)".into(),
             ));
         }
-        let rescan_interval = match &raw.tree.rescan_interval {
-            None => Duration::from_secs(3600),
-            Some(s) => {
-                let d = parse_duration(s.get_ref())
-                    .map_err(|m| bad(s.span(), "tree.rescan_interval", m))?;
-                if d < Duration::from_secs(1) {
-                    return Err(bad(
-                        s.span(),
-                        "tree.rescan_interval",
-                        "must be at least 1s".into(),
-                    ));
-                }
-                d
-            }
-        };
-        let dhparam = match &raw.tree.dhparam {
-            None => None,
-            Some(s) => Some(crate::dhgroup::DhGroup::parse(s.get_ref()).ok_or_else(|| {
-                bad(
-                    s.span(),
-                    "tree.dhparam",
-                    format!(
-                        "unknown group {:?} (expected {})",
-                        s.get_ref(),
-                        crate::dhgroup::DhGroup::NAMES
-                    ),
-                )
-            })?),
-        };
-        let max_file_size = match &raw.tree.max_file_size {
-            None => crate::plan::DEFAULT_MAX_FILE_SIZE,
-            Some(s) => match s.get_ref() {
-                RawSize::Bytes(n) => Ok(*n),
-                RawSize::Text(t) => parse_size(t),
-            }
-            .map_err(|m| bad(s.span(), "tree.max_file_size", m))?,
-        };
-        let mut peers: Vec<PeerConfig> = Vec::new();
-        for p in &raw.peer {
-            let pname = p.name.get_ref().trim().to_string();
-            if pname.is_empty() {
-                return Err(bad(p.name.span(), "peer.name", "must not be empty".into()));
-            }
-            let id =
-                p.id.get_ref()
-                    .parse::<DeviceId>()
-                    .map_err(|e| bad(p.id.span(), "peer.id", format!("peer {pname:?}: {e}")))?;
-            let address = p.address.get_ref().parse::<SocketAddr>().map_err(|e| {
-                bad(
-                    p.address.span(),
-                    "peer.address",
-                    format!("peer {pname:?}: {e} (expected ip:port)"),
-                )
-            })?;
-            if pname == name || peers.iter().any(|q| q.name == pname) {
-                return Err(bad(
-                    p.name.span(),
-                    "peer.name",
-                    format!("duplicate name {pname:?}"),
-                ));
-            }
-            if peers.iter().any(|q| q.id == id) {
-                return Err(bad(
-                    p.id.span(),
-                    "peer.id",
-                    format!("peer {pname:?}: device ID listed twice"),
-                ));
-            }
-            peers.push(PeerConfig {
-                name: pname,
-                id,
-                address,
-            });
-        }
+        let TreeSettings {
+            rescan_interval,
+            dhparam,
+            max_file_size,
+        } = tree_settings(&raw.tree, &bad)?;
+        let peers = peers(&raw.peer, &name, &bad)?;
         let writers = raw
             .tree
             .writers
@@ -574,68 +486,24 @@ impl Config {
             .map(|a| acme(a, &tree, &bad))
             .transpose()?;
         if let (Some(a), Some(w)) = (&raw.acme, &writers) {
-            let maybe_me = w
-                .iter()
-                .any(|w| matches!(w, Writer::ThisNode | Writer::Device(_)));
-            if !maybe_me {
-                return Err(bad(
-                    a.directory.span(),
-                    "acme",
-                    format!(
-                        "node {name:?} is not in tree.writers: only writers may renew \
-                         certificates (add it to tree.writers or remove [acme])"
-                    ),
-                ));
-            }
+            acme_on_a_writer(a, w, &name, &bad)?;
         }
-        let mut certificates: Vec<CertificateConfig> = Vec::new();
-        for c in &raw.certificate {
-            let cert = certificate(c, &bad)?;
-            if certificates.iter().any(|o| o.name == cert.name) {
-                return Err(bad(
-                    c.name.span(),
-                    "certificate.name",
-                    format!("duplicate certificate name {:?}", cert.name),
-                ));
-            }
-            if cert.needs_dns() && acme.as_ref().is_some_and(|a| a.dns.is_none()) {
-                return Err(bad(
-                    c.challenge.as_ref().map_or(c.domains.span(), |s| s.span()),
-                    "certificate.challenge",
-                    format!(
-                        "certificate {:?} needs dns-01 (wildcard names or challenge = \"dns-01\"), \
-                         which needs [acme.dns] on this node (RFC 2136 server + TSIG key, or exec)",
-                        cert.name
-                    ),
-                ));
-            }
-            certificates.push(cert);
-        }
+        let certificates = certificates(&raw.certificate, acme.as_ref(), &bad)?;
         let hooks = raw
             .hook
             .iter()
             .map(|h| hook(h, &bad))
             .collect::<Result<Vec<_>, _>>()?;
-        let http_listen = match &raw.http {
-            None => None,
-            Some(h) => Some(h.listen.get_ref().parse::<SocketAddr>().map_err(|e| {
-                bad(
-                    h.listen.span(),
-                    "http.listen",
-                    format!("{e} (expected ip:port, e.g. \"127.0.0.1:8402\")"),
-                )
-            })?),
-        };
-        let metrics_listen = match &raw.metrics {
-            None => None,
-            Some(m) => Some(m.listen.get_ref().parse::<SocketAddr>().map_err(|e| {
-                bad(
-                    m.listen.span(),
-                    "metrics.listen",
-                    format!("{e} (expected ip:port, e.g. \"127.0.0.1:9402\")"),
-                )
-            })?),
-        };
+        let http_listen = raw
+            .http
+            .as_ref()
+            .map(|h| listen_addr(&h.listen, "http.listen", "127.0.0.1:8402", &bad))
+            .transpose()?;
+        let metrics_listen = raw
+            .metrics
+            .as_ref()
+            .map(|m| listen_addr(&m.listen, "metrics.listen", "127.0.0.1:9402", &bad))
+            .transpose()?;
         Ok(Config {
             file: path.to_path_buf(),
             name,
@@ -662,6 +530,192 @@ impl Config {
 }
 
 type Bad<'a> = dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError + 'a;
+
+/// `[node]`: the name, the state directory and the QUIC address.
+fn node(n: &RawNode, bad: &Bad) -> Result<(String, PathBuf, SocketAddr), ConfigError> {
+    let name = n.name.get_ref().trim().to_string();
+    if name.is_empty() {
+        return Err(bad(n.name.span(), "node.name", "must not be empty".into()));
+    }
+    let state_dir =
+        absolute(&n.state_dir).map_err(|m| bad(n.state_dir.span(), "node.state_dir", m))?;
+    let listen = n.listen.get_ref().parse::<SocketAddr>().map_err(|e| {
+        bad(
+            n.listen.span(),
+            "node.listen",
+            format!("{e} (expected ip:port, e.g. \"[2001:db8::1]:22000\")"),
+        )
+    })?;
+    Ok((name, state_dir, listen))
+}
+
+/// `[tree]` besides its path and writers.
+struct TreeSettings {
+    rescan_interval: Duration,
+    dhparam: Option<crate::dhgroup::DhGroup>,
+    max_file_size: u64,
+}
+
+/// `[tree]`: `rescan_interval` (at least 1s), `dhparam`, `max_file_size`.
+fn tree_settings(t: &RawTree, bad: &Bad) -> Result<TreeSettings, ConfigError> {
+    let rescan_interval = match &t.rescan_interval {
+        None => Duration::from_secs(3600),
+        Some(s) => {
+            let d = parse_duration(s.get_ref())
+                .map_err(|m| bad(s.span(), "tree.rescan_interval", m))?;
+            if d < Duration::from_secs(1) {
+                return Err(bad(
+                    s.span(),
+                    "tree.rescan_interval",
+                    "must be at least 1s".into(),
+                ));
+            }
+            d
+        }
+    };
+    let dhparam = match &t.dhparam {
+        None => None,
+        Some(s) => Some(crate::dhgroup::DhGroup::parse(s.get_ref()).ok_or_else(|| {
+            bad(
+                s.span(),
+                "tree.dhparam",
+                format!(
+                    "unknown group {:?} (expected {})",
+                    s.get_ref(),
+                    crate::dhgroup::DhGroup::NAMES
+                ),
+            )
+        })?),
+    };
+    let max_file_size = match &t.max_file_size {
+        None => crate::plan::DEFAULT_MAX_FILE_SIZE,
+        Some(s) => match s.get_ref() {
+            RawSize::Bytes(n) => Ok(*n),
+            RawSize::Text(t) => parse_size(t),
+        }
+        .map_err(|m| bad(s.span(), "tree.max_file_size", m))?,
+    };
+    Ok(TreeSettings {
+        rescan_interval,
+        dhparam,
+        max_file_size,
+    })
+}
+
+/// `[[peer]]`: names unique (and not this node's `name`), device IDs unique.
+fn peers(raw: &[RawPeer], name: &str, bad: &Bad) -> Result<Vec<PeerConfig>, ConfigError> {
+    let mut peers: Vec<PeerConfig> = Vec::new();
+    for p in raw {
+        let pname = p.name.get_ref().trim().to_string();
+        if pname.is_empty() {
+            return Err(bad(p.name.span(), "peer.name", "must not be empty".into()));
+        }
+        let id =
+            p.id.get_ref()
+                .parse::<DeviceId>()
+                .map_err(|e| bad(p.id.span(), "peer.id", format!("peer {pname:?}: {e}")))?;
+        let address = p.address.get_ref().parse::<SocketAddr>().map_err(|e| {
+            bad(
+                p.address.span(),
+                "peer.address",
+                format!("peer {pname:?}: {e} (expected ip:port)"),
+            )
+        })?;
+        if pname == name || peers.iter().any(|q| q.name == pname) {
+            return Err(bad(
+                p.name.span(),
+                "peer.name",
+                format!("duplicate name {pname:?}"),
+            ));
+        }
+        if peers.iter().any(|q| q.id == id) {
+            return Err(bad(
+                p.id.span(),
+                "peer.id",
+                format!("peer {pname:?}: device ID listed twice"),
+            ));
+        }
+        peers.push(PeerConfig {
+            name: pname,
+            id,
+            address,
+        });
+    }
+    Ok(peers)
+}
+
+/// `[acme]` with `tree.writers`: only a writer may renew, so this node (its name or
+/// a device ID, which may be its own) must be listed.
+fn acme_on_a_writer(
+    a: &RawAcme,
+    writers: &[Writer],
+    name: &str,
+    bad: &Bad,
+) -> Result<(), ConfigError> {
+    let maybe_me = writers
+        .iter()
+        .any(|w| matches!(w, Writer::ThisNode | Writer::Device(_)));
+    if maybe_me {
+        return Ok(());
+    }
+    Err(bad(
+        a.directory.span(),
+        "acme",
+        format!(
+            "node {name:?} is not in tree.writers: only writers may renew \
+             certificates (add it to tree.writers or remove [acme])"
+        ),
+    ))
+}
+
+/// `[[certificate]]`: each valid, names unique, dns-01 only with `[acme.dns]`.
+fn certificates(
+    raw: &[RawCertificate],
+    acme: Option<&AcmeConfig>,
+    bad: &Bad,
+) -> Result<Vec<CertificateConfig>, ConfigError> {
+    let mut certificates: Vec<CertificateConfig> = Vec::new();
+    for c in raw {
+        let cert = certificate(c, bad)?;
+        if certificates.iter().any(|o| o.name == cert.name) {
+            return Err(bad(
+                c.name.span(),
+                "certificate.name",
+                format!("duplicate certificate name {:?}", cert.name),
+            ));
+        }
+        if cert.needs_dns() && acme.is_some_and(|a| a.dns.is_none()) {
+            return Err(bad(
+                c.challenge.as_ref().map_or(c.domains.span(), |s| s.span()),
+                "certificate.challenge",
+                format!(
+                    "certificate {:?} needs dns-01 (wildcard names or challenge = \"dns-01\"), \
+                     which needs [acme.dns] on this node (RFC 2136 server + TSIG key, or exec)",
+                    cert.name
+                ),
+            ));
+        }
+        certificates.push(cert);
+    }
+    Ok(certificates)
+}
+
+/// A `listen` address (`[http]`, `[metrics]`); `example` is shown when it is not
+/// `ip:port`.
+fn listen_addr(
+    s: &Spanned<String>,
+    key: &str,
+    example: &str,
+    bad: &Bad,
+) -> Result<SocketAddr, ConfigError> {
+    s.get_ref().parse::<SocketAddr>().map_err(|e| {
+        bad(
+            s.span(),
+            key,
+            format!("{e} (expected ip:port, e.g. \"{example}\")"),
+        )
+    })
+}
 
 /// `[tree] writers`: each entry is this node's name, a peer's name or a device ID.
 fn writers(

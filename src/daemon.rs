@@ -171,7 +171,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     tasks.extend(crate::metrics::start(&shared)?);
     let control = crate::control::start(shared.clone(), &config.control_socket())?;
-    tasks.extend(crate::acme::start(&shared)?);
+    tasks.extend(crate::acme::start(&acme_handles(&shared))?);
     tasks.extend(crate::hooks::start(crate::hooks::Hooks {
         changes: crate::handles::Changes::new(&shared),
         settings: crate::handles::Settings::new(&shared),
@@ -223,6 +223,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = tokio::time::timeout(Duration::from_secs(2), transport.endpoint.wait_idle()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What the ACME code uses of the daemon (`acme::Handles`).
+fn acme_handles(shared: &Arc<Shared>) -> crate::acme::Handles {
+    use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
+    crate::acme::Handles {
+        settings: Settings::new(shared),
+        mesh: Mesh::new(shared),
+        writer: TreeWriter::new(shared),
+        reports: Reports::new(shared),
+        barrier: Barrier::new(shared),
+        slot: AcmeSlot::new(shared),
+    }
 }
 
 fn new_slot(config: PeerConfig) -> PeerSlot {

@@ -1,37 +1,26 @@
 //! The ACME account, shared by every node through the tree in
 //! `.certmesh/acme/account.json` (0600; with a list of CAs, one account per CA, see
-//! [`super::ca`]): created by the first node that needs it, loaded by all others. Also the HTTPS client, trusting the system roots plus
-//! `acme.ca_roots`, with a timeout and a size cap on every request and `Retry-After`
-//! capped before instant-acme sees it.
+//! [`super::ca`]): created by the first node that needs it, loaded by all others. It
+//! talks to the CA through [`super::client`].
 //!
 //! The account file is untrusted (any peer can write it): [`parse_account`] uses it
 //! only if its outer directory and every URL inside instant-acme's credentials
 //! (`directory`, the `urls` of older files, the account URL) belong to the configured
 //! directory's origin; otherwise no request goes to them and a new account is made.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::time::{Duration, SystemTime};
-
-use anyhow::{bail, Context};
-use bytes::Bytes;
-use instant_acme::{
-    Account, AccountCredentials, BodyWrapper, BytesResponse, ExternalAccountKey, HttpClient,
-    NewAccount,
-};
+use anyhow::Context;
+use instant_acme::{Account, AccountCredentials, ExternalAccountKey, NewAccount};
 use serde::{Deserialize, Serialize};
 
-use super::ca::{Ca, CaUnavailable};
-use super::schedule::MAX_RETRY_AFTER;
+use super::ca::Ca;
+use super::client::{http_client, within};
 use super::tree;
 use crate::config::AcmeConfig;
-use crate::node::Shared;
+use crate::handles::TreeWriter;
 
 pub const ACCOUNT_FILE: &str = ".certmesh/acme/account.json";
 /// An account file is at most this many bytes.
 pub const MAX_ACCOUNT_BYTES: usize = 64 * 1024;
-/// A CA response body is at most this many bytes (a chain is a few KiB).
-pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 
 /// On disk: the directory the account belongs to, and instant-acme's credentials.
 #[derive(Serialize, Deserialize)]
@@ -211,219 +200,17 @@ pub fn key_thumbprint(bytes: &[u8]) -> Option<String> {
     Some(enc(digest.as_ref()))
 }
 
-/// A `Retry-After` value as passed on to instant-acme: delay-seconds capped at
-/// [`MAX_RETRY_AFTER`] (instant-acme adds the raw value to `SystemTime::now()`, which
-/// panics on overflow); an HTTP-date becomes the (capped) seconds until then; `None`
-/// (header dropped) for anything else.
-pub fn capped_retry_after(value: &str, now: SystemTime) -> Option<u64> {
-    let value = value.trim();
-    let cap = MAX_RETRY_AFTER.as_secs();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(secs.min(cap));
-    }
-    let at =
-        time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822).ok()?;
-    let now = time::OffsetDateTime::from(now);
-    let secs = (at - now).whole_seconds().clamp(0, cap as i64);
-    Some(secs as u64)
-}
-
-/// Wraps the HTTPS client: each request (body included) within `timeout`, bodies at
-/// most [`MAX_RESPONSE_BYTES`], `Retry-After` capped ([`capped_retry_after`]). A
-/// transport failure, a timeout and an HTTP 5xx come back as [`CaUnavailable`] (what
-/// moves an order to the next CA).
-struct Guarded {
-    inner: Box<dyn HttpClient>,
-    timeout: Duration,
-}
-
-impl HttpClient for Guarded {
-    fn request(
-        &self,
-        req: http::Request<BodyWrapper<Bytes>>,
-    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
-        let what = format!("{} {}", req.method(), req.uri());
-        let fut = self.inner.request(req);
-        let timeout = self.timeout;
-        Box::pin(async move {
-            let other = |m: String| instant_acme::Error::Other(m.into());
-            let exchange = async {
-                let mut rsp = fut.await.map_err(|e| {
-                    CaUnavailable::Unreachable {
-                        what: what.clone(),
-                        why: transport_error(&e),
-                    }
-                    .into_acme()
-                })?;
-                let declared = rsp
-                    .parts
-                    .headers
-                    .get(http::header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-                if declared.is_some_and(|n| n > MAX_RESPONSE_BYTES as u64) {
-                    return Err(other(format!("{what}: response body too large")));
-                }
-                let body = rsp
-                    .body
-                    .into_bytes()
-                    .await
-                    .map_err(instant_acme::Error::Other)?;
-                if body.len() > MAX_RESPONSE_BYTES {
-                    return Err(other(format!("{what}: response body too large")));
-                }
-                let status = rsp.parts.status;
-                if status.is_server_error() {
-                    return Err(CaUnavailable::ServerError {
-                        what: what.clone(),
-                        status: status.as_u16(),
-                        detail: server_error_detail(&body),
-                    }
-                    .into_acme());
-                }
-                let body = String::from_utf8(body.to_vec())
-                    .map_err(|_| other(format!("{what}: response body is not UTF-8")))?;
-                let headers = &mut rsp.parts.headers;
-                let capped = headers.get(http::header::RETRY_AFTER).map(|v| {
-                    v.to_str()
-                        .ok()
-                        .and_then(|v| capped_retry_after(v, SystemTime::now()))
-                });
-                match capped {
-                    None => {}
-                    Some(None) => {
-                        headers.remove(http::header::RETRY_AFTER);
-                    }
-                    Some(Some(secs)) => {
-                        headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
-                    }
-                }
-                Ok(BytesResponse::from(http::Response::from_parts(
-                    rsp.parts, body,
-                )))
-            };
-            match tokio::time::timeout(timeout, exchange).await {
-                Ok(r) => r,
-                Err(_) => Err(CaUnavailable::Timeout {
-                    what,
-                    limit: timeout,
-                }
-                .into_acme()),
-            }
-        })
-    }
-}
-
-/// A transport error and its causes on one line ("client error (Connect): tcp
-/// connect error: Connection refused (os error 111)").
-fn transport_error(e: &instant_acme::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = match e {
-        instant_acme::Error::Other(b) => b.source(),
-        _ => None,
-    };
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out.chars().take(300).collect()
-}
-
-/// `": <detail>"` of a 5xx body: the problem document's `detail`, or the start of
-/// the body on one line; empty if there is nothing to show.
-fn server_error_detail(body: &[u8]) -> String {
-    let detail = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("detail")?.as_str().map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(body).to_string());
-    let one: String = detail
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .chars()
-        .take(160)
-        .collect();
-    if one.is_empty() {
-        one
-    } else {
-        format!(": {one}")
-    }
-}
-
-/// The HTTPS client for the CA: system roots plus `ca_roots`.
-fn http_client(cfg: &AcmeConfig) -> anyhow::Result<Box<dyn HttpClient>> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
-    if let Some(path) = &cfg.ca_roots {
-        let mut n = 0;
-        for c in CertificateDer::pem_file_iter(path)
-            .with_context(|| format!("reading acme.ca_roots {}", path.display()))?
-        {
-            let c = c.with_context(|| format!("parsing acme.ca_roots {}", path.display()))?;
-            roots
-                .add(c)
-                .with_context(|| format!("acme.ca_roots {}", path.display()))?;
-            n += 1;
-        }
-        if n == 0 {
-            bail!("acme.ca_roots {}: no certificate in it", path.display());
-        }
-    }
-    if roots.is_empty() {
-        bail!("no trusted roots: none in the system store and no acme.ca_roots");
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .enable_http2()
-        .build();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector);
-    Ok(Box::new(Guarded {
-        inner: Box::new(client),
-        timeout: cfg.request_timeout,
-    }))
-}
-
-/// `fut` (one step of talking to the CA) within `limit`; running out of time is a
-/// [`CaUnavailable::Timeout`].
-pub async fn within<T>(
-    limit: Duration,
-    what: &str,
-    fut: impl Future<Output = Result<T, instant_acme::Error>>,
-) -> anyhow::Result<T> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => r.with_context(|| what.to_string()),
-        Err(_) => Err(CaUnavailable::Timeout {
-            what: what.to_string(),
-            limit,
-        }
-        .into()),
-    }
-}
-
 /// Loads the shared account of `ca`, or creates it (once, cluster-wide: the file
 /// syncs to every node). Returns the account and whether it was created.
 pub async fn load_or_create(
-    shared: &Shared,
+    writer: &TreeWriter,
     cfg: &AcmeConfig,
     ca: &Ca,
 ) -> anyhow::Result<(Account, bool)> {
     let own = ca.account_file();
     // Its own file first; after a reorder of `acme.directory`, the file it had.
     for file in [own.clone(), ca.moved_account_file()] {
-        let Some(bytes) = tree::read(&shared.tree.root, &file) else {
+        let Some(bytes) = tree::read(writer.root(), &file) else {
             continue;
         };
         match parse_account(&bytes, &ca.directory) {
@@ -449,23 +236,23 @@ pub async fn load_or_create(
         "no shared account for {} in {own}; creating one",
         ca.directory
     );
-    create(shared, cfg, ca).await.map(|a| (a, true))
+    create(writer, cfg, ca).await.map(|a| (a, true))
 }
 
 /// Before the first CA writes `account.json`: an account in it for another CA of
 /// the list (the list was reordered) moves to that CA's own file, unless that one
 /// holds an account already.
-fn keep_moved_account(shared: &Shared, cfg: &AcmeConfig, ca: &Ca) -> anyhow::Result<()> {
+fn keep_moved_account(writer: &TreeWriter, cfg: &AcmeConfig, ca: &Ca) -> anyhow::Result<()> {
     if ca.index != 0 {
         return Ok(());
     }
-    let Some(bytes) = tree::read(&shared.tree.root, ACCOUNT_FILE) else {
+    let Some(bytes) = tree::read(writer.root(), ACCOUNT_FILE) else {
         return Ok(());
     };
     for other in cfg.fallback.iter() {
         let dest = super::ca::other_account_file(other);
-        if parse_account(&bytes, other).is_ok() && tree::read(&shared.tree.root, &dest).is_none() {
-            tree::write_file(shared, &tree::rel(&dest)?, &bytes, 0o600)?;
+        if parse_account(&bytes, other).is_ok() && tree::read(writer.root(), &dest).is_none() {
+            writer.write(&tree::rel(&dest)?, &bytes, 0o600)?;
             tracing::info!("{ACCOUNT_FILE}: the account of {other} moved to {dest}");
         }
     }
@@ -474,7 +261,7 @@ fn keep_moved_account(shared: &Shared, cfg: &AcmeConfig, ca: &Ca) -> anyhow::Res
 
 /// Creates a new account at `ca` and shares it in its file (replacing the file of
 /// an account the CA no longer knows).
-pub async fn create(shared: &Shared, cfg: &AcmeConfig, ca: &Ca) -> anyhow::Result<Account> {
+pub async fn create(writer: &TreeWriter, cfg: &AcmeConfig, ca: &Ca) -> anyhow::Result<Account> {
     let contact: Vec<&str> = cfg.contact.iter().map(String::as_str).collect();
     let eab = match &cfg.eab {
         None => None,
@@ -503,9 +290,9 @@ pub async fn create(shared: &Shared, cfg: &AcmeConfig, ca: &Ca) -> anyhow::Resul
         directory: ca.directory.clone(),
         credentials,
     })?;
-    keep_moved_account(shared, cfg, ca)?;
+    keep_moved_account(writer, cfg, ca)?;
     let file = ca.account_file();
-    tree::write_file(shared, &tree::rel(&file)?, &stored, 0o600)?;
+    writer.write(&tree::rel(&file)?, &stored, 0o600)?;
     tracing::info!(
         id = account.id(),
         ca = %ca.directory,
@@ -634,23 +421,5 @@ mod tests {
         ] {
             assert_eq!(https_origin(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn retry_after_is_capped() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let cap = MAX_RETRY_AFTER.as_secs();
-        assert_eq!(capped_retry_after(&u64::MAX.to_string(), now), Some(cap));
-        assert_eq!(capped_retry_after("120", now), Some(120));
-        assert_eq!(
-            capped_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now),
-            Some(cap)
-        );
-        assert_eq!(
-            capped_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now),
-            Some(0)
-        );
-        assert_eq!(capped_retry_after("soon", now), None);
-        assert_eq!(capped_retry_after("-1", now), None);
     }
 }

@@ -14,7 +14,7 @@ use x509_parser::pem::Pem;
 use super::schedule::Validity;
 use super::tree;
 use crate::config::KeyType;
-use crate::node::Shared;
+use crate::handles::TreeWriter;
 use crate::safe_fs::{self, Root};
 
 /// The files of one version, `archive/<name>/<n>/`.
@@ -192,12 +192,12 @@ pub fn live_key(root: &Path, name: &str) -> Option<KeyPair> {
 /// index again, then prunes old versions. Peers apply the link only after its target
 /// is complete, so no node ever exposes a key that does not match its certificate.
 /// Returns the new version number and the local sequence of the flip.
-pub async fn publish(shared: &Shared, name: &str, b: &Bundle) -> anyhow::Result<(u32, u64)> {
-    let root = shared.tree.root.clone();
-    let n = archive_versions(&root, name)
+pub async fn publish(writer: &TreeWriter, name: &str, b: &Bundle) -> anyhow::Result<(u32, u64)> {
+    let root = writer.root();
+    let n = archive_versions(root, name)
         .last()
         .copied()
-        .max(live_version(&root, name).filter(|&v| v <= MAX_ARCHIVE_VERSION))
+        .max(live_version(root, name).filter(|&v| v <= MAX_ARCHIVE_VERSION))
         .unwrap_or(0)
         .checked_add(1)
         .filter(|&n| n <= MAX_ARCHIVE_VERSION)
@@ -218,26 +218,30 @@ pub async fn publish(shared: &Shared, name: &str, b: &Bundle) -> anyhow::Result<
     let mut staged = Vec::new();
     for (file, data, mode) in files {
         let p = tree::rel(&format!("{dir}/{file}"))?;
-        staged.push((p.clone(), tree::stage(shared, &p, data.as_bytes(), mode)?));
+        staged.push((p.clone(), writer.stage(&p, data.as_bytes(), mode)?));
     }
     let mut expect = Vec::new();
     for (p, s) in staged {
-        expect.push((p, tree::place(shared, s)?));
+        expect.push((p, writer.place(s)?));
     }
-    if let Ok(d) = Root::open(&root).and_then(|r| r.dir(&dir)) {
+    if let Ok(d) = Root::open(root).and_then(|r| r.dir(&dir)) {
         let _ = std::fs::File::from(d).sync_all();
     }
-    tree::await_indexed(shared, &expect, Duration::from_secs(10)).await?;
+    writer
+        .await_indexed(&expect, Duration::from_secs(10))
+        .await?;
     let link = tree::rel(&format!("live/{name}"))?;
-    let e = tree::symlink(shared, &link, &format!("../archive/{name}/{n}"))?;
-    let seq = tree::await_indexed(shared, &[(link, e)], Duration::from_secs(10)).await?;
-    prune(shared, name, n);
+    let e = writer.symlink(&link, &format!("../archive/{name}/{n}"))?;
+    let seq = writer
+        .await_indexed(&[(link, e)], Duration::from_secs(10))
+        .await?;
+    prune(writer, name, n);
     Ok((n, seq))
 }
 
 /// Removes archive versions older than the last [`KEEP_VERSIONS`] (never the live one).
-fn prune(shared: &Shared, name: &str, live: u32) {
-    let root = &shared.tree.root;
+fn prune(writer: &TreeWriter, name: &str, live: u32) {
+    let root = writer.root();
     let versions = archive_versions(root, name);
     let keep_from = versions.len().saturating_sub(KEEP_VERSIONS as usize);
     for v in &versions[..keep_from] {
@@ -245,7 +249,7 @@ fn prune(shared: &Shared, name: &str, live: u32) {
             continue;
         }
         if let Ok(p) = tree::rel(&format!("archive/{name}/{v}")) {
-            if let Err(e) = tree::remove_all(shared, &p) {
+            if let Err(e) = writer.remove_all(&p) {
                 tracing::warn!(cert = name, version = v, error = %e, "pruning an old version");
             }
         }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::account::ACCOUNT_FILE;
 use super::tree::{self, Expect};
 use crate::config::AcmeConfig;
-use crate::node::Shared;
+use crate::handles::TreeWriter;
 use crate::paths::RelPath;
 
 /// Accounts of every CA but the first, one file per CA.
@@ -182,7 +182,7 @@ pub fn issued_file(name: &str) -> anyhow::Result<RelPath> {
 /// Records that `directory` issued `name`'s certificate `serial` (before the
 /// `live/<name>` flip, so peers have it by the time they show the new version).
 pub fn record_issuer(
-    shared: &Shared,
+    writer: &TreeWriter,
     name: &str,
     serial: &str,
     directory: &str,
@@ -192,7 +192,7 @@ pub fn record_issuer(
         serial: serial.to_string(),
         directory: directory.to_string(),
     })?;
-    let e = tree::write_file(shared, &p, &body, 0o644)?;
+    let e = writer.write(&p, &body, 0o644)?;
     Ok((p, e))
 }
 

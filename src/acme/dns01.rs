@@ -4,14 +4,13 @@
 //! Also the start-up sweep of records a crashed renewer left behind.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use anyhow::anyhow;
 
 use super::dns::{challenge_name, Presented, Publisher, Record, RECORDS_DIR};
 use super::tree::{self, Expect};
+use super::Handles;
 use crate::config::{AcmeConfig, CertificateConfig};
-use crate::node::Shared;
 use crate::paths::RelPath;
 
 /// The dns-01 part of one order.
@@ -32,21 +31,13 @@ fn record_file(name: &str) -> anyhow::Result<RelPath> {
     tree::rel(&format!("{RECORDS_DIR}/{name}"))
 }
 
-fn node_name(shared: &Shared) -> String {
-    shared
-        .config
-        .lock()
-        .map(|c| c.name.clone())
-        .unwrap_or_default()
-}
-
 impl Dns01 {
     /// Loads the key, finds every zone (a TSIG-signed SOA query: a refused key shows
     /// here), and removes records a previous renewer left. Nothing if `cert` has no
     /// dns-01 identifier.
     pub async fn prepare(
         &mut self,
-        shared: &Arc<Shared>,
+        h: &Handles,
         cfg: &AcmeConfig,
         cert: &CertificateConfig,
     ) -> anyhow::Result<()> {
@@ -60,7 +51,7 @@ impl Dns01 {
             )
         })?;
         let publisher = Publisher::new(dcfg)?;
-        clean_leftovers(shared, &publisher, cert).await;
+        clean_leftovers(h, &publisher, cert).await;
         for d in cert.domains.iter().filter(|d| cert.challenge.uses_dns(d)) {
             let fqdn = challenge_name(d);
             if let std::collections::btree_map::Entry::Vacant(slot) = self.zones.entry(fqdn) {
@@ -87,7 +78,7 @@ impl Dns01 {
     /// file for the barrier.
     pub async fn present(
         &mut self,
-        shared: &Arc<Shared>,
+        h: &Handles,
         cfg: &AcmeConfig,
         name: &str,
     ) -> anyhow::Result<Option<(RelPath, Expect)>> {
@@ -100,18 +91,18 @@ impl Dns01 {
             .ok_or_else(|| anyhow!("dns-01 challenge without [acme.dns]"))?;
         let file = record_file(name)?;
         let body = serde_json::to_vec_pretty(&Presented {
-            node: node_name(shared),
+            node: super::this_node(&h.settings),
             records: self.wanted.clone(),
         })?;
-        let e = tree::write_file(shared, &file, &body, 0o644)?;
+        let e = h.writer.write(&file, &body, 0o644)?;
         self.file = Some(file.clone());
-        tree::await_indexed(
-            shared,
-            &[(file.clone(), e.clone())],
-            std::time::Duration::from_secs(10),
-        )
-        .await?;
-        crate::node::wait_peers_have(shared, &file, cfg.barrier_timeout).await;
+        h.writer
+            .await_indexed(
+                &[(file.clone(), e.clone())],
+                std::time::Duration::from_secs(10),
+            )
+            .await?;
+        h.barrier.wait(&file, cfg.barrier_timeout).await;
         let mut by_zone: BTreeMap<String, Vec<Record>> = BTreeMap::new();
         for r in self.wanted.clone() {
             let zone = match self.zones.get(&r.fqdn) {
@@ -123,12 +114,12 @@ impl Dns01 {
             self.presented.push((zone.clone(), r.clone()));
             by_zone.entry(zone).or_default().push(r);
         }
-        let handle = shared.acme.get().cloned();
+        let handle = h.slot.get().cloned();
         for (zone, records) in &by_zone {
             publisher
                 .await_propagation(zone, records, |p| {
-                    if let Some(h) = &handle {
-                        h.update(name, |r| r.dns_propagation = Some(p));
+                    if let Some(a) = &handle {
+                        a.update(name, |r| r.dns_propagation = Some(p));
                     }
                 })
                 .await?;
@@ -138,9 +129,9 @@ impl Dns01 {
 
     /// Removes what was presented; the record file goes once every record is gone
     /// (else it stays, and the next order retries). Returns what the index must show.
-    pub async fn finish(&mut self, shared: &Arc<Shared>, name: &str) -> Vec<(RelPath, Expect)> {
-        if let Some(h) = shared.acme.get() {
-            h.update(name, |r| r.dns_propagation = None);
+    pub async fn finish(&mut self, h: &Handles, name: &str) -> Vec<(RelPath, Expect)> {
+        if let Some(a) = h.slot.get() {
+            a.update(name, |r| r.dns_propagation = None);
         }
         let mut all_gone = true;
         if let Some(p) = &self.publisher {
@@ -154,13 +145,13 @@ impl Dns01 {
                         let msg =
                             format!("acme: {name}: removing the dns-01 record {}: {e}", r.fqdn);
                         tracing::warn!("{msg}");
-                        shared.lock().error(msg);
+                        h.reports.error(msg);
                     }
                 }
             }
         }
         match self.file.take() {
-            Some(f) if all_gone => vec![(f.clone(), tree::remove(shared, &f))],
+            Some(f) if all_gone => vec![(f.clone(), h.writer.remove(&f))],
             _ => Vec::new(),
         }
     }
@@ -168,11 +159,11 @@ impl Dns01 {
 
 /// Removes the records listed in `cert`'s record file (left by a renewer that died
 /// or failed to clean up), then the file if it did not change meanwhile.
-async fn clean_leftovers(shared: &Arc<Shared>, publisher: &Publisher, cert: &CertificateConfig) {
+async fn clean_leftovers(h: &Handles, publisher: &Publisher, cert: &CertificateConfig) {
     let Ok(rel) = record_file(&cert.name) else {
         return;
     };
-    let Some(bytes) = tree::read(&shared.tree.root, rel.as_str()) else {
+    let Some(bytes) = tree::read(h.writer.root(), rel.as_str()) else {
         return;
     };
     let mut all_gone = true;
@@ -196,35 +187,35 @@ async fn clean_leftovers(shared: &Arc<Shared>, publisher: &Publisher, cert: &Cer
             }
         }
     }
-    if all_gone && tree::read(&shared.tree.root, rel.as_str()).as_deref() == Some(&bytes[..]) {
-        tree::remove(shared, &rel);
+    if all_gone && tree::read(h.writer.root(), rel.as_str()).as_deref() == Some(&bytes[..]) {
+        h.writer.remove(&rel);
     }
 }
 
 /// At start-up: records left by a crash, for every certificate that no other node
 /// is ordering right now.
-pub async fn sweep(shared: &Arc<Shared>) {
-    let Some((cfg, certs)) = super::snapshot(shared) else {
+pub async fn sweep(h: &Handles) {
+    let Some((cfg, certs)) = super::snapshot(&h.settings) else {
         return;
     };
     let Some(dcfg) = cfg.dns.as_ref() else {
         return;
     };
-    let me = shared.me();
+    let me = h.mesh.me();
     for cert in certs.iter().filter(|c| c.needs_dns()) {
         let Ok(rel) = record_file(&cert.name) else {
             continue;
         };
-        if tree::read(&shared.tree.root, rel.as_str()).is_none() {
+        if tree::read(h.writer.root(), rel.as_str()).is_none() {
             continue;
         }
-        if super::read_lease(shared, &cert.name)
+        if super::read_lease(h, &cert.name)
             .is_some_and(|l| l.holder != me && l.fresh(super::unix_now()))
         {
             continue; // another node is ordering: the records are its own
         }
         match Publisher::new(dcfg) {
-            Ok(p) => clean_leftovers(shared, &p, cert).await,
+            Ok(p) => clean_leftovers(h, &p, cert).await,
             Err(e) => {
                 tracing::warn!(cert = %cert.name, error = %e, "cannot remove dns-01 records left behind")
             }

@@ -17,11 +17,11 @@ use super::ca::{self, Ca};
 use super::handle::{AcmeState, IssueReply, RenewReport, RenewResult};
 use super::schedule::{self, RenewalLease, Window};
 use super::{
-    account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, tree, unix_now,
-    Acme, Command, LEASES_DIR,
+    account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, this_node, tree,
+    unix_now, Acme, Command, Handles, LEASES_DIR,
 };
 use crate::config::{AcmeConfig, CertificateConfig};
-use crate::node::Shared;
+use crate::handles::Mesh;
 use crate::paths::RelPath;
 
 /// How long a starting node waits for its configured peers before ordering.
@@ -34,8 +34,8 @@ const MAX_WAKE: i64 = 3600;
 /// Waits until the mesh has formed, or [`STARTUP_GRACE`]: the renewer choice (which
 /// reads the peers' announcements in the tree) and the challenge barrier are only
 /// meaningful then.
-async fn startup_grace(shared: &Shared) {
-    if !shared.wait_mesh_formed(STARTUP_GRACE).await {
+async fn startup_grace(mesh: &Mesh) {
+    if !mesh.wait_formed(STARTUP_GRACE).await {
         tracing::info!(
             "not every peer is connected and in sync; going ahead with the ones that are"
         );
@@ -43,7 +43,7 @@ async fn startup_grace(shared: &Shared) {
 }
 
 struct Driver {
-    shared: Arc<Shared>,
+    h: Handles,
     handle: Arc<Acme>,
     /// The loaded account of each CA, by directory URL.
     accounts: BTreeMap<String, Account>,
@@ -53,22 +53,22 @@ struct Driver {
 }
 
 pub(super) async fn run(
-    shared: Arc<Shared>,
+    h: Handles,
     handle: Arc<Acme>,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
-    startup_grace(&shared).await;
-    super::dns01::sweep(&shared).await;
+    startup_grace(&h.mesh).await;
+    super::dns01::sweep(&h).await;
     let mut d = Driver {
-        shared,
+        h,
         handle,
         accounts: BTreeMap::new(),
         ari: BTreeMap::new(),
     };
     // Peers connecting and leaving bump `progress`: when that changes who the
     // renewer is (the renewer went away, say), look again at once.
-    let mut progress = d.shared.progress.subscribe();
-    let mut seen_renewer = renewer(&d.shared);
+    let mut progress = d.h.mesh.progress();
+    let mut seen_renewer = renewer(&d.h);
     loop {
         let wake = d.tick().await;
         let sleep = Duration::from_secs(wake.saturating_sub(unix_now()).clamp(1, MAX_WAKE) as u64);
@@ -80,10 +80,10 @@ pub(super) async fn run(
                     if changed.is_err() {
                         return;
                     }
-                    let now = renewer(&d.shared);
+                    let now = renewer(&d.h);
                     if now != seen_renewer {
                         tracing::info!(
-                            renewer = %now.map(|id| node_name(&d.shared, id)).unwrap_or_default(),
+                            renewer = %now.map(|id| node_name(&d.h, id)).unwrap_or_default(),
                             "the renewer changed"
                         );
                         seen_renewer = now;
@@ -113,7 +113,7 @@ impl Driver {
     /// Orders what is due and ours; returns when to look again (Unix seconds): not
     /// sooner than [`MIN_WAKE`] from now, except to take over a lease that expires.
     async fn tick(&mut self) -> i64 {
-        let Some((_, certs)) = snapshot(&self.shared) else {
+        let Some((_, certs)) = snapshot(&self.h.settings) else {
             return unix_now() + MAX_WAKE;
         };
         let mut wake = unix_now() + MAX_WAKE;
@@ -148,8 +148,7 @@ impl Driver {
 
     /// When `cert` is due (0: now), updating `next_renewal` in its runtime.
     async fn due(&mut self, cert: &CertificateConfig) -> i64 {
-        let root = self.shared.tree.root.clone();
-        let leaf = bundle::live_leaf(&root, &cert.name);
+        let leaf = bundle::live_leaf(self.h.writer.root(), &cert.name);
         let missing_domain = leaf
             .as_ref()
             .is_some_and(|l| cert.domains.iter().any(|d| !l.domains.contains(d)));
@@ -177,10 +176,10 @@ impl Driver {
     /// Asks the CA for its ARI window (RFC 9773) when this node is the renewer and
     /// the CA offers ARI; at most every 6 hours per certificate.
     async fn refresh_ari(&mut self, cert: &CertificateConfig, leaf: &bundle::Leaf) {
-        if renewer(&self.shared) != Some(self.shared.me()) {
+        if renewer(&self.h) != Some(self.h.mesh.me()) {
             return;
         }
-        let Some((cfg, _)) = snapshot(&self.shared) else {
+        let Some((cfg, _)) = snapshot(&self.h.settings) else {
             return;
         };
         // ARI is asked of the CA that issued the live certificate.
@@ -244,7 +243,7 @@ impl Driver {
     }
 
     fn cert_id(&self, name: &str) -> Option<CertificateIdentifier<'static>> {
-        let pem = tree::read(&self.shared.tree.root, &format!("live/{name}/cert.pem"))?;
+        let pem = tree::read(self.h.writer.root(), &format!("live/{name}/cert.pem"))?;
         let der = bundle::chain_der(&pem).ok()?.into_iter().next()?;
         let der = rustls::pki_types::CertificateDer::from(der);
         CertificateIdentifier::try_from(&der)
@@ -256,7 +255,7 @@ impl Driver {
     /// live certificate without a record (issued before records were kept) counts
     /// as the first CA's.
     fn live_ca(&self, cfg: &AcmeConfig, name: &str) -> Option<Ca> {
-        let root = &self.shared.tree.root;
+        let root = self.h.writer.root();
         let leaf = bundle::live_leaf(root, name)?;
         let cas = Ca::all(cfg);
         match ca::issuer(root, name, &leaf.serial) {
@@ -268,20 +267,20 @@ impl Driver {
     async fn account(&mut self, cfg: &AcmeConfig, ca: &Ca) -> anyhow::Result<Account> {
         if let Some(a) = self.accounts.get(&ca.directory) {
             // Nobody removed the shared file meanwhile.
-            let root = &self.shared.tree.root;
+            let root = self.h.writer.root();
             if tree::read(root, &ca.account_file()).is_some()
                 || tree::read(root, &ca.moved_account_file()).is_some()
             {
                 return Ok(a.clone());
             }
         }
-        let (a, _) = account::load_or_create(&self.shared, cfg, ca).await?;
+        let (a, _) = account::load_or_create(&self.h.writer, cfg, ca).await?;
         self.accounts.insert(ca.directory.clone(), a.clone());
         Ok(a)
     }
 
     async fn issue(&mut self, name: &str) -> Result<IssueReply, String> {
-        let Some((_, certs)) = snapshot(&self.shared) else {
+        let Some((_, certs)) = snapshot(&self.h.settings) else {
             return Err("[acme] is not configured on this node".into());
         };
         let Some(cert) = certs.into_iter().find(|c| c.name == name) else {
@@ -300,7 +299,7 @@ impl Driver {
     }
 
     async fn renew(&mut self, force: bool, dry_run: bool) -> Result<RenewReport, String> {
-        let Some((_, certs)) = snapshot(&self.shared) else {
+        let Some((_, certs)) = snapshot(&self.h.settings) else {
             return Err("[acme] is not configured on this node".into());
         };
         let mut results = Vec::new();
@@ -309,15 +308,15 @@ impl Driver {
             let now = unix_now();
             let due = self.due(cert).await;
             let is_due = force || due <= now;
-            let me = self.shared.me();
-            let who = renewer(&self.shared).unwrap_or(me);
-            let lease = read_lease(&self.shared, &cert.name);
+            let me = self.h.mesh.me();
+            let who = renewer(&self.h).unwrap_or(me);
+            let lease = read_lease(&self.h, &cert.name);
             let allowed = schedule::may_order(me, who, lease.as_ref(), now, force);
             let mut r = RenewResult {
                 name: cert.name.clone(),
                 due: is_due,
                 next_renewal: rfc3339(due),
-                renewer: node_name(&self.shared, who),
+                renewer: node_name(&self.h, who),
                 ..RenewResult::default()
             };
             if dry_run {
@@ -355,11 +354,11 @@ impl Driver {
         cert: &CertificateConfig,
         forced: bool,
     ) -> Result<order::Issued, Attempt> {
-        let shared = self.shared.clone();
-        let me = shared.me();
+        let h = self.h.clone();
+        let me = h.mesh.me();
         let now = unix_now();
-        let who = renewer(&shared).unwrap_or(me);
-        let lease = read_lease(&shared, &cert.name);
+        let who = renewer(&h).unwrap_or(me);
+        let lease = read_lease(&h, &cert.name);
         if let Err(w) = schedule::may_order(me, who, lease.as_ref(), now, forced) {
             let why = w.to_string();
             self.handle.update(&cert.name, |r| {
@@ -378,8 +377,8 @@ impl Driver {
         let result = self.lease_and_order(cert).instrument(span).await;
         let lease_path = tree::rel(&format!("{LEASES_DIR}/{}", cert.name));
         if let Ok(p) = lease_path {
-            if read_lease(&shared, &cert.name).is_some_and(|l| l.holder == me) {
-                tree::remove(&shared, &p);
+            if read_lease(&h, &cert.name).is_some_and(|l| l.holder == me) {
+                h.writer.remove(&p);
             }
         }
         match result {
@@ -406,7 +405,7 @@ impl Driver {
             Err(f) if f.lost_to.is_some() => {
                 let w = schedule::Wait::Leased {
                     node: f.lost_to.unwrap_or_default(),
-                    until: read_lease(&self.shared, &cert.name).map_or(unix_now(), |l| l.expires),
+                    until: read_lease(&self.h, &cert.name).map_or(unix_now(), |l| l.expires),
                 };
                 tracing::info!(cert = %cert.name, "{w}; not ordering");
                 let why = w.to_string();
@@ -418,7 +417,7 @@ impl Driver {
             }
             Err(f) => {
                 let msg = format!("{:#}", f.error);
-                shared.lock().error(format!("acme: {}: {msg}", cert.name));
+                h.reports.error(format!("acme: {}: {msg}", cert.name));
                 crate::telemetry::order_finished(&cert.name, false);
                 self.handle
                     .failures
@@ -441,20 +440,12 @@ impl Driver {
         &mut self,
         cert: &CertificateConfig,
     ) -> Result<order::Issued, order::Failed> {
-        let shared = self.shared.clone();
-        let me = shared.me();
+        let h = self.h.clone();
         let p = self.write_lease(cert).await?;
-        let (cfg, _) = snapshot(&shared).ok_or_else(|| anyhow::anyhow!("[acme] was removed"))?;
+        let (cfg, _) =
+            snapshot(&h.settings).ok_or_else(|| anyhow::anyhow!("[acme] was removed"))?;
         // Another node's lease already applied here won the conflict: it orders.
-        if let Some(l) = read_lease(&shared, &cert.name) {
-            if l.holder != me && l.fresh(unix_now()) {
-                return Err(order::Failed {
-                    error: anyhow::anyhow!("{} took the renewal lease first", l.node),
-                    retry_after: None,
-                    lost_to: Some(l.node),
-                });
-            }
-        }
+        order::lease_still_ours(&h, cert)?;
         let cas = Ca::all(&cfg);
         let live_ca = self.live_ca(&cfg, &cert.name);
         // Each CA in turn while the one before is down or rate-limits.
@@ -492,7 +483,7 @@ impl Driver {
                     "{}: CA {} failed, fell over to {}: {:#}",
                     cert.name, ca.directory, next.directory, f.error
                 );
-                shared.lock().error(format!("acme: {msg}"));
+                h.reports.error(format!("acme: {msg}"));
             }
             down.push((ca.directory.clone(), f));
         }
@@ -513,17 +504,15 @@ impl Driver {
     /// Writes (or renews) this node's lease on `cert` and waits until the local
     /// index has it.
     async fn write_lease(&self, cert: &CertificateConfig) -> anyhow::Result<RelPath> {
-        let shared = &self.shared;
-        let node = shared
-            .config
-            .lock()
-            .map(|c| c.name.clone())
-            .unwrap_or_default();
-        let ttl = snapshot(shared).map_or(Duration::from_secs(120), |(c, _)| c.lease);
-        let lease = RenewalLease::new(shared.me(), &node, unix_now(), ttl);
+        let h = &self.h;
+        let node = this_node(&h.settings);
+        let ttl = snapshot(&h.settings).map_or(Duration::from_secs(120), |(c, _)| c.lease);
+        let lease = RenewalLease::new(h.mesh.me(), &node, unix_now(), ttl);
         let p = tree::rel(&format!("{LEASES_DIR}/{}", cert.name))?;
-        let e = tree::write_file(shared, &p, &lease.to_json(), 0o644)?;
-        tree::await_indexed(shared, &[(p.clone(), e)], Duration::from_secs(5)).await?;
+        let e = h.writer.write(&p, &lease.to_json(), 0o644)?;
+        h.writer
+            .await_indexed(&[(p.clone(), e)], Duration::from_secs(5))
+            .await?;
         Ok(p)
     }
 
@@ -537,22 +526,22 @@ impl Driver {
         lease: &RelPath,
         live_ca: Option<&Ca>,
     ) -> Result<order::Issued, order::Failed> {
-        let shared = self.shared.clone();
+        let h = self.h.clone();
         let account = self.account(cfg, ca).await?;
         let replaces = if live_ca == Some(ca) && self.ari.get(&ca.directory) == Some(&true) {
             self.cert_id(&cert.name)
         } else {
             None
         };
-        match order::run(&shared, cfg, ca, &account, cert, replaces.clone(), lease).await {
+        match order::run(&h, cfg, ca, &account, cert, replaces.clone(), lease).await {
             Err(f) if order::account_gone(&f.error) => {
                 tracing::warn!(
                     ca = %ca.directory,
                     "the CA does not know the shared account any more; creating a new one"
                 );
-                let account = account::create(&shared, cfg, ca).await?;
+                let account = account::create(&h.writer, cfg, ca).await?;
                 self.accounts.insert(ca.directory.clone(), account.clone());
-                order::run(&shared, cfg, ca, &account, cert, replaces, lease).await
+                order::run(&h, cfg, ca, &account, cert, replaces, lease).await
             }
             r => r,
         }

@@ -8,6 +8,7 @@
 //! accept error (EMFILE) pauses the loop, never ends it.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{account::ACCOUNT_FILE, order::CHALLENGE_DIR, tree};
 use crate::clients::Clients;
-use crate::node::Shared;
 
 const PREFIX: &str = "/.well-known/acme-challenge/";
 
@@ -26,26 +26,27 @@ const MAX_CLIENTS: usize = 256;
 /// A key authorization is under 100 bytes; anything over this is not one.
 const MAX_TOKEN_FILE: u64 = 4096;
 
-/// Binds and serves in the background.
-pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// Binds and serves the tree at `root` in the background.
+pub fn start(root: PathBuf, addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let std = std::net::TcpListener::bind(addr).with_context(|| format!("http.listen {addr}"))?;
     std.set_nonblocking(true)?;
     let listener = TcpListener::from_std(std)?;
     tracing::info!(%addr, "http-01 responder listening");
     let clients = Clients::new("http-01 responder", MAX_CLIENTS);
     let limit = Some(Duration::from_secs(10));
+    let root: Arc<Path> = root.into();
     Ok(crate::clients::serve_forever(
         listener,
         clients,
         limit,
         move |stream| {
-            let shared = shared.clone();
-            async move { serve(&shared, stream).await }
+            let root = root.clone();
+            async move { serve(&root, stream).await }
         },
     ))
 }
 
-async fn serve(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
+async fn serve(root: &Path, mut stream: TcpStream) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
     while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
@@ -64,7 +65,7 @@ async fn serve(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
     if method != "GET" && method != "HEAD" {
         return reply(&mut stream, 405, b"").await;
     }
-    let body = answer(shared, target);
+    let body = answer(root, target);
     match body {
         Some(b) if method == "GET" => reply(&mut stream, 200, &b).await,
         Some(_) => reply(&mut stream, 200, b"").await,
@@ -72,8 +73,9 @@ async fn serve(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
     }
 }
 
-/// The key authorization for a request target, if there is one.
-pub fn answer(shared: &Shared, target: &str) -> Option<Vec<u8>> {
+/// The key authorization for a request target, if there is one (from the tree at
+/// `root`).
+pub fn answer(root: &Path, target: &str) -> Option<Vec<u8>> {
     let token = target.strip_prefix(PREFIX)?;
     if token.is_empty()
         || token.len() > 256
@@ -83,16 +85,16 @@ pub fn answer(shared: &Shared, target: &str) -> Option<Vec<u8>> {
     {
         return None;
     }
-    if let Some(b) = token_file(&shared.tree.root, token) {
+    if let Some(b) = token_file(root, token) {
         return Some(b);
     }
-    let thumb = super::account::key_thumbprint(&tree::read(&shared.tree.root, ACCOUNT_FILE)?)?;
+    let thumb = super::account::key_thumbprint(&tree::read(root, ACCOUNT_FILE)?)?;
     Some(format!("{token}.{thumb}").into_bytes())
 }
 
 /// The content of `acme/.well-known/acme-challenge/<token>` if it is a regular file
 /// (reached without following any link) of at most [`MAX_TOKEN_FILE`] bytes.
-fn token_file(root: &std::path::Path, token: &str) -> Option<Vec<u8>> {
+fn token_file(root: &Path, token: &str) -> Option<Vec<u8>> {
     let r = crate::safe_fs::Root::open(root).ok()?;
     r.read(&format!("{CHALLENGE_DIR}/{token}"), MAX_TOKEN_FILE)
         .ok()

@@ -2,6 +2,8 @@
 //!
 //! - [`schedule`]: pure — when a certificate is due, backoff, renewer choice, leases.
 //! - [`account`]: the account shared in `.certmesh/acme/account.json`.
+//! - [`client`]: the HTTPS client for the CA (roots, timeouts, size caps,
+//!   `Retry-After`).
 //! - [`ca`]: the CA list of `acme.directory` (fallback CAs): each CA's account file,
 //!   when an order moves to the next CA, which CA issued each live certificate.
 //! - [`order`]: one order — challenges through the tree, the ack barrier, finalize.
@@ -16,12 +18,14 @@
 //! - [`handle`]: the handle the control socket talks to (plain data and channels; it
 //!   imports nothing of the daemon, so the shared state can hold it).
 //!
-//! This file: starting it all, and what both the driver and `status` need (renewer,
+//! This file: [`Handles`] (what ACME uses of the daemon: the daemon's wiring builds
+//! them), starting it all, and what both the driver and `status` need (renewer,
 //! leases, node names).
 
 pub mod account;
 pub mod bundle;
 pub mod ca;
+pub mod client;
 pub mod dns;
 mod dns01;
 mod driver;
@@ -32,13 +36,14 @@ pub mod schedule;
 pub mod tree;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
 use crate::config::{AcmeConfig, CertificateConfig};
+use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
 use crate::identity::DeviceId;
-use crate::node::Shared;
 use handle::Command;
 pub use handle::{Acme, Runtime};
 use schedule::{LeaseClock, RenewalLease, Validity};
@@ -52,17 +57,35 @@ pub fn unix_now() -> i64 {
     crate::clock::unix_now()
 }
 
+/// What the ACME code uses of the daemon, each a narrow handle (`crate::handles`).
+#[derive(Clone)]
+pub struct Handles {
+    /// `[acme]`, the certificates, this node's name and its configured peers.
+    pub settings: Settings,
+    /// Who this node is, who is connected and what they are called, and when that
+    /// changes; whether the mesh has formed.
+    pub mesh: Mesh,
+    /// Writes into the tree (tokens, leases, accounts, bundles) and waits for the
+    /// index to hold them; the tree's root for reads.
+    pub writer: TreeWriter,
+    /// Failures, shown in `status`.
+    pub reports: Reports,
+    /// Every live node has a challenge before the CA is told to validate it.
+    pub barrier: Barrier,
+    /// The driver's handle (its state per certificate, the lease clock).
+    pub slot: AcmeSlot,
+}
+
 /// Starts the ACME driver (and the http-01 responder) if `[acme]` / `[http]` are
 /// configured. Call once, after the control socket is up.
-pub fn start(shared: &Arc<Shared>) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let (acme, http) = shared
-        .config
-        .lock()
-        .map(|c| (c.acme.is_some(), c.http_listen))
+pub fn start(h: &Handles) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let (acme, http) = h
+        .settings
+        .read(|c| (c.acme.is_some(), c.http_listen))
         .unwrap_or((false, None));
     let mut tasks = Vec::new();
     if let Some(addr) = http {
-        tasks.push(http::start(shared.clone(), addr)?);
+        tasks.push(http::start(h.writer.root().to_path_buf(), addr)?);
     }
     if !acme {
         return Ok(tasks);
@@ -74,18 +97,18 @@ pub fn start(shared: &Arc<Shared>) -> anyhow::Result<Vec<tokio::task::JoinHandle
         failures: Default::default(),
         leases: Mutex::new(LeaseClock::default()),
     });
-    if shared.acme.set(handle.clone()).is_err() {
+    if !h.slot.set(handle.clone()) {
         anyhow::bail!("the ACME task was started twice");
     }
     // Before any peer connects: peers then learn of us with our first index.
-    advertise(shared);
-    tasks.push(tokio::spawn(driver::run(shared.clone(), handle, rx)));
+    advertise(h);
+    tasks.push(tokio::spawn(driver::run(h.clone(), handle, rx)));
     Ok(tasks)
 }
 
-/// Device IDs that announced themselves as ACME-enabled.
-pub fn acme_nodes(shared: &Shared) -> Vec<DeviceId> {
-    std::fs::read_dir(shared.tree.root.join(NODES_DIR))
+/// Device IDs that announced themselves as ACME-enabled (in the tree at `root`).
+pub fn acme_nodes(root: &Path) -> Vec<DeviceId> {
+    std::fs::read_dir(root.join(NODES_DIR))
         .into_iter()
         .flatten()
         .flatten()
@@ -95,21 +118,16 @@ pub fn acme_nodes(shared: &Shared) -> Vec<DeviceId> {
 
 /// The renewer as this node sees it: the lowest device ID among the ACME nodes
 /// that are this node (if `[acme]` is on) or connected to it. `None` if there is none.
-pub fn renewer(shared: &Shared) -> Option<DeviceId> {
-    let me = shared.me();
-    let enabled = shared
-        .config
-        .lock()
-        .map(|c| c.acme.is_some())
-        .unwrap_or(false);
-    let adverts = acme_nodes(shared);
-    let st = shared.lock();
+pub fn renewer(h: &Handles) -> Option<DeviceId> {
+    let me = h.mesh.me();
+    let enabled = h.settings.read(|c| c.acme.is_some()).unwrap_or(false);
+    let adverts = acme_nodes(h.writer.root());
+    let live = h.mesh.connected();
     let connected: Vec<DeviceId> = adverts
         .into_iter()
         .filter(|id| *id != me)
-        .filter(|id| st.peers.get(id).is_some_and(|s| s.session.is_some()))
+        .filter(|id| live.contains(id))
         .collect();
-    drop(st);
     if enabled {
         Some(schedule::renewer(me, &connected))
     } else {
@@ -118,20 +136,16 @@ pub fn renewer(shared: &Shared) -> Option<DeviceId> {
 }
 
 /// A device's node name (this node or a configured peer).
-pub fn node_name(shared: &Shared, id: DeviceId) -> String {
-    if id == shared.me() {
-        return shared
-            .config
-            .lock()
-            .map(|c| c.name.clone())
-            .unwrap_or_default();
+pub fn node_name(h: &Handles, id: DeviceId) -> String {
+    if id == h.mesh.me() {
+        return this_node(&h.settings);
     }
-    shared
-        .lock()
-        .peers
-        .get(&id)
-        .map(|s| s.config.name.clone())
-        .unwrap_or_else(|| id.to_string())
+    h.mesh.peer_name(id).unwrap_or_else(|| id.to_string())
+}
+
+/// This node's name (`name` in the config).
+fn this_node(settings: &Settings) -> String {
+    settings.read(|c| c.name.clone()).unwrap_or_default()
 }
 
 /// A monotonic clock for [`LeaseClock`] (origin: first use in this process).
@@ -145,19 +159,18 @@ fn mono_now() -> std::time::Duration {
 /// this node or a configured peer as holder, else it is ignored (logged once per
 /// content); its `expires` is lowered to at most `[acme] lease` after this node first
 /// saw that content.
-pub fn read_lease(shared: &Shared, name: &str) -> Option<RenewalLease> {
-    let bytes = tree::read(&shared.tree.root, &format!("{LEASES_DIR}/{name}"))?;
+pub fn read_lease(h: &Handles, name: &str) -> Option<RenewalLease> {
+    let bytes = tree::read(h.writer.root(), &format!("{LEASES_DIR}/{name}"))?;
     let content = *blake3::hash(&bytes).as_bytes();
-    let (known, max) = {
-        let c = shared.config.lock().ok()?;
+    let (known, max) = h.settings.read(|c| {
         let known: Vec<DeviceId> = c.peers.iter().map(|p| p.id).collect();
         let max = c
             .acme
             .as_ref()
             .map_or(std::time::Duration::from_secs(120), |a| a.lease);
         (known, max)
-    };
-    let clock = shared.acme.get().map(|a| &a.leases);
+    })?;
+    let clock = h.slot.get().map(|a| &a.leases);
     let report = |why: String| match clock {
         Some(c) => {
             if c.lock()
@@ -170,7 +183,7 @@ pub fn read_lease(shared: &Shared, name: &str) -> Option<RenewalLease> {
         // No ACME task here (only `status` reads leases): nothing to act on.
         None => tracing::debug!(cert = %name, "ignoring the renewal lease: {why}"),
     };
-    let lease = match RenewalLease::parse_from(&bytes, shared.me(), &known) {
+    let lease = match RenewalLease::parse_from(&bytes, h.mesh.me(), &known) {
         Ok(l) => l,
         Err(e) => {
             report(e.to_string());
@@ -195,30 +208,24 @@ pub fn read_lease(shared: &Shared, name: &str) -> Option<RenewalLease> {
     })
 }
 
-fn advertise(shared: &Shared) {
-    let me = shared.me();
-    let name = shared
-        .config
-        .lock()
-        .map(|c| c.name.clone())
-        .unwrap_or_default();
+fn advertise(h: &Handles) {
+    let me = h.mesh.me();
+    let name = this_node(&h.settings);
     let rel = format!("{NODES_DIR}/{me}");
-    if tree::read(&shared.tree.root, &rel).as_deref() == Some(name.as_bytes()) {
+    if tree::read(h.writer.root(), &rel).as_deref() == Some(name.as_bytes()) {
         return;
     }
-    if let Err(e) =
-        tree::rel(&rel).and_then(|p| tree::write_file(shared, &p, name.as_bytes(), 0o644))
-    {
-        shared
-            .lock()
+    if let Err(e) = tree::rel(&rel).and_then(|p| h.writer.write(&p, name.as_bytes(), 0o644)) {
+        h.reports
             .error(format!("acme: announcing this node: {e:#}"));
     }
 }
 
 /// Certificates in the current config, with the ACME settings.
-pub(crate) fn snapshot(shared: &Shared) -> Option<(AcmeConfig, Vec<CertificateConfig>)> {
-    let c = shared.config.lock().ok()?;
-    Some((c.acme.clone()?, c.certificates.clone()))
+pub(crate) fn snapshot(settings: &Settings) -> Option<(AcmeConfig, Vec<CertificateConfig>)> {
+    settings
+        .read(|c| Some((c.acme.clone()?, c.certificates.clone())))
+        .flatten()
 }
 
 /// Unix seconds as RFC 3339 (UTC).
@@ -233,6 +240,6 @@ pub fn rfc3339(t: i64) -> String {
 }
 
 /// The validity of the live certificate `name`, read from the tree.
-pub fn live_validity(shared: &Shared, name: &str) -> Option<(Validity, Vec<String>, String)> {
-    bundle::live_leaf(&shared.tree.root, name).map(|l| (l.validity, l.domains, l.serial))
+pub fn live_validity(root: &Path, name: &str) -> Option<(Validity, Vec<String>, String)> {
+    bundle::live_leaf(root, name).map(|l| (l.validity, l.domains, l.serial))
 }

@@ -4,22 +4,21 @@
 //! with a fresh (or reused) key, publish as one unit, tokens and records removed
 //! whatever happens.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use instant_acme::{
     Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder,
-    OrderStatus, RetryPolicy,
+    Order, OrderStatus, RetryPolicy,
 };
 
-use super::account::within;
 use super::bundle::{self, Bundle};
 use super::ca::{self, Ca};
+use super::client::within;
 use super::dns01;
 use super::tree::{self, Expect};
+use super::Handles;
 use crate::config::{AcmeConfig, CertificateConfig};
-use crate::node::Shared;
 use crate::paths::RelPath;
 
 /// Where http-01 key authorizations go (nginx: `root <tree>/acme;`).
@@ -67,7 +66,7 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(90);
 fn policy() -> RetryPolicy {
     // Pebble without VA sleep (and Let's Encrypt) validate within milliseconds.
     // A Retry-After from the CA is capped before instant-acme sees it (see
-    // `account::capped_retry_after`); one beyond the timeout ends the poll.
+    // `client::capped_retry_after`); one beyond the timeout ends the poll.
     RetryPolicy::new()
         .initial_delay(Duration::from_millis(10))
         .backoff(1.5)
@@ -119,7 +118,7 @@ struct Placed {
 /// ARI. `lease`: our renewal lease, already in the local index; the order is dropped
 /// before `set_ready` if another's won.
 pub async fn run(
-    shared: &Arc<Shared>,
+    h: &Handles,
     cfg: &AcmeConfig,
     ca: &Ca,
     account: &Account,
@@ -129,16 +128,16 @@ pub async fn run(
 ) -> Result<Issued, Failed> {
     let start = Instant::now();
     let mut placed = Placed::default();
-    let result = order(shared, cfg, ca, account, cert, replaces, lease, &mut placed).await;
+    let result = order(h, cfg, ca, account, cert, replaces, lease, &mut placed).await;
     // The order has settled: the tokens and TXT records go, whatever happened.
     let mut gone: Vec<(RelPath, Expect)> = placed
         .tokens
         .iter()
-        .map(|t| (t.clone(), tree::remove(shared, t)))
+        .map(|t| (t.clone(), h.writer.remove(t)))
         .collect();
-    gone.extend(placed.dns.finish(shared, &cert.name).await);
+    gone.extend(placed.dns.finish(h, &cert.name).await);
     if !gone.is_empty() {
-        if let Err(e) = tree::await_indexed(shared, &gone, Duration::from_secs(5)).await {
+        if let Err(e) = h.writer.await_indexed(&gone, Duration::from_secs(5)).await {
             tracing::debug!(error = %e, "token removal not indexed yet");
         }
     }
@@ -151,9 +150,10 @@ pub async fn run(
     })
 }
 
+/// The steps of one order; what it placed is left in `placed` for [`run`] to remove.
 #[allow(clippy::too_many_arguments)]
 async fn order(
-    shared: &Arc<Shared>,
+    h: &Handles,
     cfg: &AcmeConfig,
     ca: &Ca,
     account: &Account,
@@ -162,15 +162,52 @@ async fn order(
     lease: &RelPath,
     placed: &mut Placed,
 ) -> Result<(u32, i64), Failed> {
-    let Placed { tokens, dns } = placed;
     let t0 = Instant::now();
-    // Before the CA is asked: a tree the certificate cannot be published into (a
-    // certbot `live/<name>` directory) must not cost an order per retry.
-    tree::check_publish_target(&shared.tree.root, &cert.name)
+    before_ordering(h, cfg, cert, &mut placed.dns).await?;
+    let limit = cfg.request_timeout;
+    let mut order = new_order(cfg, account, cert, replaces).await?;
+    // 1. Key authorizations into the tree; dns-01 records into DNS.
+    let mut written = place_challenges(h, &mut order, cert, limit, placed).await?;
+    if let Some(w) = placed.dns.present(h, cfg, &cert.name).await? {
+        written.push(w);
+    }
+    // 2. Every node has them, and our lease still stands.
+    barrier(h, cfg, &written, lease, t0).await?;
+    // Every peer has our lease now; if another node's lease won meanwhile, it orders.
+    lease_still_ours(h, cert)?;
+    // 3. Tell the CA.
+    validate(&mut order, cert, limit).await?;
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "order ready");
+    // 4. Key, CSR, certificate.
+    let b = finalize(h, &mut order, cert, limit).await?;
+    // 5. Which CA issued it, then publish.
+    let version = publish(h, ca, cert, &b).await?;
+    Ok((version, b.leaf.validity.not_after))
+}
+
+/// Before the CA is asked: a tree the certificate cannot be published into (a
+/// certbot `live/<name>` directory) must not cost an order per retry; for dns-01,
+/// the key, the zones and leftovers, so a bad secret or a missing zone costs no
+/// order either.
+async fn before_ordering(
+    h: &Handles,
+    cfg: &AcmeConfig,
+    cert: &CertificateConfig,
+    dns: &mut dns01::Dns01,
+) -> Result<(), Failed> {
+    tree::check_publish_target(h.writer.root(), &cert.name)
         .map_err(|e| anyhow!("not ordering {}: {e}", cert.name))?;
-    // dns-01: the key, the zones and leftovers before the CA is asked, so a bad
-    // secret or a missing zone costs no order.
-    dns.prepare(shared, cfg, cert).await?;
+    dns.prepare(h, cfg, cert).await?;
+    Ok(())
+}
+
+/// Places the order for `cert`'s domains (with the profile and ARI's `replaces`).
+async fn new_order(
+    cfg: &AcmeConfig,
+    account: &Account,
+    cert: &CertificateConfig,
+    replaces: Option<CertificateIdentifier<'static>>,
+) -> Result<Order, Failed> {
     let ids: Vec<Identifier> = cert
         .domains
         .iter()
@@ -183,68 +220,77 @@ async fn order(
     if let Some(r) = replaces {
         new = new.replaces(r);
     }
-    let limit = cfg.request_timeout;
-    let mut order = within(limit, "new order", account.new_order(&new)).await?;
+    let order = within(cfg.request_timeout, "new order", account.new_order(&new)).await?;
     tracing::debug!(url = order.url(), "order created");
+    Ok(order)
+}
 
-    // 1. Key authorizations into the tree.
+/// Writes each pending http-01 key authorization into the tree (recorded in
+/// `placed.tokens`) and hands each dns-01 value to `placed.dns`. Returns what the
+/// index must show.
+async fn place_challenges(
+    h: &Handles,
+    order: &mut Order,
+    cert: &CertificateConfig,
+    limit: Duration,
+    placed: &mut Placed,
+) -> Result<Vec<(RelPath, Expect)>, Failed> {
     let mut written: Vec<(RelPath, Expect)> = Vec::new();
-    {
-        let mut auths = order.authorizations();
-        while let Some(mut a) = next_within(limit, &mut auths).await? {
-            let ident = a.identifier().to_string();
-            match a.status {
-                AuthorizationStatus::Pending => {}
-                AuthorizationStatus::Valid => continue,
-                s => return Err(anyhow!("authorization for {ident} is {s:?}").into()),
-            }
-            if cert.challenge.uses_dns(&ident) {
-                let ch = a
-                    .challenge(ChallengeType::Dns01)
-                    .ok_or_else(|| anyhow!("the CA offers no dns-01 challenge for {ident}"))?;
-                dns.want(&ident, ch.key_authorization().dns_value());
-                continue;
-            }
-            let ch = a
-                .challenge(ChallengeType::Http01)
-                .ok_or_else(|| anyhow!("the CA offers no http-01 challenge for {ident}"))?;
-            if !valid_token(&ch.token) {
-                return Err(
-                    anyhow!("the CA sent a token that is not base64url: {:?}", ch.token).into(),
-                );
-            }
-            let path = tree::rel(&format!("{CHALLENGE_DIR}/{}", ch.token))?;
-            let ka = ch.key_authorization();
-            let e = tree::write_file(shared, &path, ka.as_str().as_bytes(), 0o644)?;
-            tokens.push(path.clone());
-            written.push((path, e));
+    let mut auths = order.authorizations();
+    while let Some(mut a) = next_within(limit, &mut auths).await? {
+        let ident = a.identifier().to_string();
+        match a.status {
+            AuthorizationStatus::Pending => {}
+            AuthorizationStatus::Valid => continue,
+            s => return Err(anyhow!("authorization for {ident} is {s:?}").into()),
         }
+        if cert.challenge.uses_dns(&ident) {
+            let ch = a
+                .challenge(ChallengeType::Dns01)
+                .ok_or_else(|| anyhow!("the CA offers no dns-01 challenge for {ident}"))?;
+            placed.dns.want(&ident, ch.key_authorization().dns_value());
+            continue;
+        }
+        let ch = a
+            .challenge(ChallengeType::Http01)
+            .ok_or_else(|| anyhow!("the CA offers no http-01 challenge for {ident}"))?;
+        if !valid_token(&ch.token) {
+            return Err(
+                anyhow!("the CA sent a token that is not base64url: {:?}", ch.token).into(),
+            );
+        }
+        let path = tree::rel(&format!("{CHALLENGE_DIR}/{}", ch.token))?;
+        let ka = ch.key_authorization();
+        let e = h.writer.write(&path, ka.as_str().as_bytes(), 0o644)?;
+        placed.tokens.push(path.clone());
+        written.push((path, e));
     }
+    Ok(written)
+}
 
-    // dns-01: recorded in the tree (and acknowledged), put in DNS, served by every
-    // authoritative nameserver.
-    if let Some(w) = dns.present(shared, cfg, &cert.name).await? {
-        written.push(w);
-    }
-
-    // 2. The barrier: the local index has every token, then every connected peer
-    //    has acknowledged it. Only then may the CA's validator ask any node. Acks are
-    //    cumulative, so this also means every peer has our renewal lease (written
-    //    before the tokens); with no token to place, wait for the lease itself.
+/// The barrier: the local index has every token, then every connected peer has
+/// acknowledged it. Only then may the CA's validator ask any node. Acks are
+/// cumulative, so this also means every peer has our renewal lease (written before
+/// the tokens); with no token to place, wait for the lease itself.
+async fn barrier(
+    h: &Handles,
+    cfg: &AcmeConfig,
+    written: &[(RelPath, Expect)],
+    lease: &RelPath,
+    t0: Instant,
+) -> anyhow::Result<()> {
     if !written.is_empty() {
-        tree::await_indexed(shared, &written, Duration::from_secs(10)).await?;
+        h.writer
+            .await_indexed(written, Duration::from_secs(10))
+            .await?;
     }
-    let last = {
-        let st = shared.lock();
-        written
-            .iter()
-            .map(|(p, _)| p)
-            .max_by_key(|p| st.engine.index().get(p).map_or(0, |e| e.sequence))
-            .unwrap_or(lease)
-            .clone()
-    };
+    let last = h
+        .writer
+        .newest(written.iter().map(|(p, _)| p))
+        .unwrap_or(lease)
+        .clone();
     let t_barrier = Instant::now();
-    let acks = crate::node::wait_peers_have(shared, &last, cfg.barrier_timeout).await;
+    let acks = h.barrier.wait(&last, cfg.barrier_timeout).await;
     for a in &acks {
         match a.after {
             Some(d) => tracing::info!(
@@ -267,9 +313,14 @@ async fn order(
         since_order_ms = t0.elapsed().as_millis() as u64,
         "challenges in place on every connected node"
     );
-    // Every peer has our lease now; if another node's lease won meanwhile, it orders.
-    if let Some(l) = super::read_lease(shared, &cert.name) {
-        if l.holder != shared.me() && l.fresh(super::unix_now()) {
+    Ok(())
+}
+
+/// Our lease stands: no other node's fresh lease is in the tree (if one won, that
+/// node orders, not us).
+pub(super) fn lease_still_ours(h: &Handles, cert: &CertificateConfig) -> Result<(), Failed> {
+    if let Some(l) = super::read_lease(h, &cert.name) {
+        if l.holder != h.mesh.me() && l.fresh(super::unix_now()) {
             return Err(Failed {
                 error: anyhow!("{} took the renewal lease first", l.node),
                 retry_after: None,
@@ -277,8 +328,16 @@ async fn order(
             });
         }
     }
+    Ok(())
+}
 
-    // 3. Tell the CA.
+/// Tells the CA that every pending challenge is ready and waits until the order is
+/// ready; if it is not, why (each challenge's error).
+async fn validate(
+    order: &mut Order,
+    cert: &CertificateConfig,
+    limit: Duration,
+) -> anyhow::Result<()> {
     {
         let mut auths = order.authorizations();
         while let Some(mut a) = next_within(limit, &mut auths).await? {
@@ -314,15 +373,22 @@ async fn order(
                 }
             }
         }
-        return Err(anyhow!("order is {status:?}: {}", why.join("; ")).into());
+        return Err(anyhow!("order is {status:?}: {}", why.join("; ")));
     }
-    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "order ready");
+    Ok(())
+}
 
-    // 4. Key, CSR, certificate.
-    let root = shared.tree.root.clone();
+/// A fresh key (or the live one, with `reuse_key`), the CSR, finalize, and the
+/// certificate chain as a bundle.
+async fn finalize(
+    h: &Handles,
+    order: &mut Order,
+    cert: &CertificateConfig,
+    limit: Duration,
+) -> anyhow::Result<Bundle> {
     let key = match cert
         .reuse_key
-        .then(|| bundle::live_key(&root, &cert.name))
+        .then(|| bundle::live_key(h.writer.root(), &cert.name))
         .flatten()
     {
         Some(k) => k,
@@ -353,13 +419,20 @@ async fn order(
             .await?
         }
     };
-    let b = Bundle::new(&chain, &key, &cert.domains)?;
+    Bundle::new(&chain, &key, &cert.domains)
+}
 
-    // 5. Which CA issued it (before the flip: peers have it when they show the new
-    //    version), then publish as one unit.
-    if let Err(e) = ca::record_issuer(shared, &cert.name, &b.leaf.serial, &ca.directory) {
+/// Records which CA issued it (before the flip: peers have it when they show the
+/// new version), then publishes the bundle as one unit; the new version.
+async fn publish(
+    h: &Handles,
+    ca: &Ca,
+    cert: &CertificateConfig,
+    b: &Bundle,
+) -> anyhow::Result<u32> {
+    if let Err(e) = ca::record_issuer(&h.writer, &cert.name, &b.leaf.serial, &ca.directory) {
         tracing::warn!(cert = %cert.name, error = %e, "recording which CA issued the certificate");
     }
-    let (version, _) = bundle::publish(shared, &cert.name, &b).await?;
-    Ok((version, b.leaf.validity.not_after))
+    let (version, _) = bundle::publish(&h.writer, &cert.name, b).await?;
+    Ok(version)
 }

@@ -1,6 +1,7 @@
 //! Writing into the shared tree the way a person would, so the sync core picks it
 //! up: stage under `.certmesh/tmp/` (local-only, same filesystem), fsync, rename into
-//! place; then make sure the local index holds the change before relying on it.
+//! place; then make sure the local index holds the change before relying on it
+//! ([`index_shows`]; the wait is [`crate::handles::TreeWriter::await_indexed`]).
 //! Everything goes through the tree's directory handle ([`crate::safe_fs`]) and follows
 //! no link, except `live/<name>`, which certmesh made: it is read with `readlinkat` and
 //! followed only when it is exactly `../archive/<name>/<n>` ([`live_version`]).
@@ -9,13 +10,11 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use rustix::fs::{Mode, OFlags};
 
-use crate::index::{ContentHash, Kind};
-use crate::node::Shared;
+use crate::index::{ContentHash, Index, Kind};
 use crate::paths::{RelPath, INTERNAL_DIR};
 use crate::safe_fs::{self, Root};
 
@@ -34,9 +33,8 @@ pub fn rel(s: &str) -> anyhow::Result<RelPath> {
     RelPath::parse_shared(s).map_err(|e| anyhow::anyhow!("{s}: {e}"))
 }
 
-fn root(shared: &Shared) -> anyhow::Result<Root> {
-    Root::open(&shared.tree.root)
-        .with_context(|| format!("opening the tree {}", shared.tree.root.display()))
+fn open(root: &Path) -> anyhow::Result<Root> {
+    Root::open(root).with_context(|| format!("opening the tree {}", root.display()))
 }
 
 /// The parent directory of `rel`, created where missing, never through a link.
@@ -59,14 +57,9 @@ fn fresh_name() -> String {
 }
 
 /// Atomically replaces `rel` with `data` (mode `mode`); returns what the index must show.
-pub fn write_file(
-    shared: &Shared,
-    rel: &RelPath,
-    data: &[u8],
-    mode: u32,
-) -> anyhow::Result<Expect> {
-    let staged = stage(shared, rel, data, mode)?;
-    place(shared, staged)
+pub fn write_file(root: &Path, rel: &RelPath, data: &[u8], mode: u32) -> anyhow::Result<Expect> {
+    let staged = stage(root, rel, data, mode)?;
+    place(root, staged)
 }
 
 /// A file written and fsynced under `.certmesh/tmp/`, not yet in place.
@@ -85,8 +78,8 @@ impl Drop for Staged {
 
 /// Writes and fsyncs `data` for `rel` under `.certmesh/tmp/` (so that several files
 /// can be renamed into place together, in one watcher batch).
-pub fn stage(shared: &Shared, rel: &RelPath, data: &[u8], mode: u32) -> anyhow::Result<Staged> {
-    let root = root(shared)?;
+pub fn stage(root: &Path, rel: &RelPath, data: &[u8], mode: u32) -> anyhow::Result<Staged> {
+    let root = open(root)?;
     mkdirs(&root, rel)?;
     let staged = Staged {
         tmp_dir: tmp_dir(&root)?,
@@ -112,8 +105,8 @@ pub fn stage(shared: &Shared, rel: &RelPath, data: &[u8], mode: u32) -> anyhow::
 }
 
 /// Renames a staged file into place; returns what the index must show.
-pub fn place(shared: &Shared, staged: Staged) -> anyhow::Result<Expect> {
-    let root = root(shared)?;
+pub fn place(root: &Path, staged: Staged) -> anyhow::Result<Expect> {
+    let root = open(root)?;
     let dir = mkdirs(&root, &staged.rel)?;
     safe_fs::rename_at(
         staged.tmp_dir.as_fd(),
@@ -126,8 +119,8 @@ pub fn place(shared: &Shared, staged: Staged) -> anyhow::Result<Expect> {
 }
 
 /// Atomically points the symlink `rel` at `target` (relative), replacing what was there.
-pub fn symlink(shared: &Shared, rel: &RelPath, target: &str) -> anyhow::Result<Expect> {
-    let root = root(shared)?;
+pub fn symlink(root: &Path, rel: &RelPath, target: &str) -> anyhow::Result<Expect> {
+    let root = open(root)?;
     let dir = mkdirs(&root, rel)?;
     let tmp = tmp_dir(&root)?;
     let name = fresh_name();
@@ -142,12 +135,12 @@ pub fn symlink(shared: &Shared, rel: &RelPath, target: &str) -> anyhow::Result<E
 }
 
 /// Removes a file, link (never what it points at) or empty directory if present.
-pub fn remove(shared: &Shared, rel: &RelPath) -> Expect {
+pub fn remove(root: &Path, rel: &RelPath) -> Expect {
     let parent = rel
         .parent()
         .map(|p| p.as_str().to_string())
         .unwrap_or_default();
-    if let Ok(dir) = Root::open(&shared.tree.root).and_then(|r| r.dir(&parent)) {
+    if let Ok(dir) = Root::open(root).and_then(|r| r.dir(&parent)) {
         if safe_fs::unlink_at(dir.as_fd(), rel.name(), false).is_err() {
             let _ = safe_fs::unlink_at(dir.as_fd(), rel.name(), true);
         }
@@ -156,12 +149,12 @@ pub fn remove(shared: &Shared, rel: &RelPath) -> Expect {
 }
 
 /// Removes a directory and everything below it, following no link.
-pub fn remove_all(shared: &Shared, rel: &RelPath) -> anyhow::Result<()> {
+pub fn remove_all(root: &Path, rel: &RelPath) -> anyhow::Result<()> {
     let parent = rel
         .parent()
         .map(|p| p.as_str().to_string())
         .unwrap_or_default();
-    let dir = match root(shared)?.dir(&parent) {
+    let dir = match open(root)?.dir(&parent) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e).with_context(|| format!("removing {rel}")),
@@ -169,9 +162,10 @@ pub fn remove_all(shared: &Shared, rel: &RelPath) -> anyhow::Result<()> {
     safe_fs::remove_all_at(dir.as_fd(), rel.name()).with_context(|| format!("removing {rel}"))
 }
 
-fn indexed(shared: &Shared, rel: &RelPath, want: &Expect) -> bool {
-    let st = shared.lock();
-    let e = st.engine.index().get(rel);
+/// Whether `index` shows `rel` as expected (a pure check: the waiting around it is
+/// [`crate::handles::TreeWriter::await_indexed`]).
+pub fn index_shows(index: &Index, rel: &RelPath, want: &Expect) -> bool {
+    let e = index.get(rel);
     match want {
         Expect::Gone => e.is_none_or(|e| e.record.deleted),
         Expect::File(h) => e.is_some_and(|e| {
@@ -180,44 +174,6 @@ fn indexed(shared: &Shared, rel: &RelPath, want: &Expect) -> bool {
         Expect::Symlink(t) => e.is_some_and(|e| {
             !e.record.deleted && e.record.kind == Kind::Symlink && e.record.target == *t
         }),
-    }
-}
-
-/// Asks the scanner for these paths and waits until the local index shows every one
-/// as expected (the watcher usually has it already). Returns the highest local
-/// sequence among them, which is what peers must acknowledge.
-pub async fn await_indexed(
-    shared: &Shared,
-    items: &[(RelPath, Expect)],
-    timeout: Duration,
-) -> anyhow::Result<u64> {
-    let start = Instant::now();
-    let mut changed = shared.changed.subscribe();
-    let _ = shared
-        .rescan
-        .send(items.iter().map(|(p, _)| p.clone()).collect());
-    loop {
-        changed.borrow_and_update();
-        if items.iter().all(|(p, want)| indexed(shared, p, want)) {
-            let st = shared.lock();
-            return Ok(items
-                .iter()
-                .filter_map(|(p, _)| st.engine.index().get(p).map(|e| e.sequence))
-                .max()
-                .unwrap_or(0));
-        }
-        let left = timeout.saturating_sub(start.elapsed());
-        if left.is_zero() {
-            let missing: Vec<String> = items
-                .iter()
-                .filter(|(p, w)| !indexed(shared, p, w))
-                .map(|(p, _)| p.to_string())
-                .collect();
-            bail!("the local index did not pick up {missing:?} within {timeout:?}");
-        }
-        // Woken by the scanner's commit; the short poll covers a commit that
-        // happened before we subscribed.
-        let _ = tokio::time::timeout(left.min(Duration::from_millis(20)), changed.changed()).await;
     }
 }
 
@@ -385,6 +341,31 @@ pub fn parse_live_target(name: &str, target: &str) -> Option<u32> {
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn the_index_shows_a_write_only_with_its_content_and_kind() {
+        use crate::identity::ShortId;
+        use crate::index::tests::file;
+        let mut index = Index::new(ShortId(1));
+        let p = rel("live/www.pem").unwrap();
+        assert!(index_shows(&index, &p, &Expect::Gone));
+        index.observe(&p, Some(file("live/www.pem", 3, 10)), 10);
+        assert!(index_shows(&index, &p, &Expect::File(ContentHash([3; 32]))));
+        assert!(!index_shows(
+            &index,
+            &p,
+            &Expect::File(ContentHash([4; 32]))
+        ));
+        assert!(!index_shows(&index, &p, &Expect::Symlink(String::new())));
+        assert!(!index_shows(&index, &p, &Expect::Gone));
+        index.observe(&p, None, 20);
+        assert!(index_shows(&index, &p, &Expect::Gone));
+        assert!(!index_shows(
+            &index,
+            &p,
+            &Expect::File(ContentHash([3; 32]))
+        ));
+    }
 
     #[test]
     fn a_certbot_live_dir_is_refused_before_ordering() {

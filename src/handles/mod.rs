@@ -16,8 +16,10 @@
 //! - [`Observer`]: what `status` shows, when it may have changed, and a liveness
 //!   probe (the systemd status line and watchdog).
 
+mod acme;
 mod sync;
 
+pub use acme::{AcmeSlot, Barrier};
 pub use sync::{PullTurn, SessionOver, SyncHandle, CLOSE_DUPLICATE};
 
 use std::collections::BTreeSet;
@@ -184,17 +186,17 @@ impl TreeWriter {
 
     /// Writes `data` to a fresh file under `.certmesh/tmp/` (fsynced, `mode`).
     pub fn stage(&self, rel: &RelPath, data: &[u8], mode: u32) -> anyhow::Result<Staged> {
-        tree::stage(&self.0, rel, data, mode)
+        tree::stage(self.root(), rel, data, mode)
     }
 
     /// Renames a staged file into place.
     pub fn place(&self, staged: Staged) -> anyhow::Result<Expect> {
-        tree::place(&self.0, staged)
+        tree::place(self.root(), staged)
     }
 
     /// Points the link `rel` at `target` (replacing it atomically).
     pub fn symlink(&self, rel: &RelPath, target: &str) -> anyhow::Result<Expect> {
-        tree::symlink(&self.0, rel, target)
+        tree::symlink(self.root(), rel, target)
     }
 
     /// Waits until the index shows every item as expected; the highest sequence.
@@ -203,7 +205,7 @@ impl TreeWriter {
         items: &[(RelPath, Expect)],
         timeout: Duration,
     ) -> anyhow::Result<u64> {
-        tree::await_indexed(&self.0, items, timeout).await
+        acme::await_indexed(&self.0, items, timeout).await
     }
 }
 

@@ -173,8 +173,21 @@ pub struct PeerStatus {
     pub refused: RefusedStatus,
 }
 
+/// What the ACME lookups of `status` (renewer, leases, node names) read.
+fn acme_handles(shared: &Arc<Shared>) -> crate::acme::Handles {
+    use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
+    crate::acme::Handles {
+        settings: Settings::new(shared),
+        mesh: Mesh::new(shared),
+        writer: TreeWriter::new(shared),
+        reports: Reports::new(shared),
+        barrier: Barrier::new(shared),
+        slot: AcmeSlot::new(shared),
+    }
+}
+
 /// The certificates part of the status (reads `live/<name>/cert.pem` of each).
-pub fn certificates(shared: &Shared) -> Vec<CertStatus> {
+pub fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
     use crate::acme;
     let certs = shared
         .config
@@ -185,13 +198,14 @@ pub fn certificates(shared: &Shared) -> Vec<CertStatus> {
         return Vec::new();
     }
     let now = acme::unix_now();
-    let renewer = acme::renewer(shared).map(|id| acme::node_name(shared, id));
+    let h = acme_handles(shared);
+    let renewer = acme::renewer(&h).map(|id| acme::node_name(&h, id));
     certs
         .into_iter()
         .map(|c| {
-            let live = acme::live_validity(shared, &c.name);
+            let live = acme::live_validity(&shared.tree.root, &c.name);
             let rt = shared.acme.get().and_then(|a| a.runtime(&c.name));
-            let lease = acme::read_lease(shared, &c.name)
+            let lease = acme::read_lease(&h, &c.name)
                 .filter(|l| l.fresh(now))
                 .map(|l| l.node);
             let na = live.as_ref().map(|(v, _, _)| v.not_after);
@@ -224,7 +238,7 @@ pub fn certificates(shared: &Shared) -> Vec<CertStatus> {
 }
 
 /// Builds the status from the live state.
-pub fn status(shared: &Shared) -> Status {
+pub fn status(shared: &Arc<Shared>) -> Status {
     let certificates = certificates(shared);
     let (name, listen, tree) = shared
         .config

@@ -57,7 +57,7 @@ fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::from_std(std).map_err(|e| anyhow::anyhow!("metrics.listen {addr}: {e}"))
 }
 
-async fn serve(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
+async fn serve(shared: &Arc<Shared>, mut stream: TcpStream) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
@@ -175,7 +175,7 @@ fn live_only(shared: &Shared) -> Vec<(String, i64)> {
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| !configured.contains(n))
         .filter_map(|n| {
-            let v = crate::acme::live_validity(shared, &n)?;
+            let v = crate::acme::live_validity(&shared.tree.root, &n)?;
             Some((n, v.0.not_after))
         })
         .collect();
