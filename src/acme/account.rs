@@ -18,7 +18,7 @@ use super::tree;
 use crate::config::AcmeConfig;
 use crate::handles::TreeWriter;
 
-pub const ACCOUNT_FILE: &str = ".certmesh/acme/account.json";
+pub use super::ca::ACCOUNT_FILE;
 /// An account file is at most this many bytes.
 pub const MAX_ACCOUNT_BYTES: usize = 64 * 1024;
 

@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::account::ACCOUNT_FILE;
 use super::tree::{self, Expect};
 use crate::config::AcmeConfig;
 use crate::handles::TreeWriter;
 use crate::paths::RelPath;
+
+/// The first CA's account (the one file of a single `directory`, as before lists).
+pub const ACCOUNT_FILE: &str = ".certmesh/acme/account.json";
 
 /// Accounts of every CA but the first, one file per CA.
 pub const ACCOUNTS_DIR: &str = ".certmesh/acme/accounts";
