@@ -169,7 +169,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // Every other task: stopped (aborted, then awaited) on shutdown, after the puller
     // and the persister have finished their writes.
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-    tasks.extend(crate::metrics::start(&shared)?);
+    tasks.extend(crate::metrics::start(
+        crate::handles::Settings::new(&shared),
+        crate::handles::Observer::new(&shared),
+    )?);
     let control = crate::control::start(shared.clone(), &config.control_socket())?;
     tasks.extend(crate::acme::start(&acme_handles(&shared))?);
     tasks.extend(crate::hooks::start(crate::hooks::Hooks {

@@ -232,4 +232,28 @@ impl Observer {
     pub fn probe(&self) {
         drop(self.0.lock());
     }
+
+    /// The tree's root directory.
+    pub fn root(&self) -> &Path {
+        &self.0.tree.root
+    }
+
+    /// Per configured peer: its name, and the traffic of its live session (bytes
+    /// received, sent), if any. `f` runs under the state lock, as sessions end under
+    /// it too, so a session moving from live to ended is counted exactly once.
+    pub fn with_peer_sessions<T>(&self, f: impl FnOnce(&[(&str, Option<(u64, u64)>)]) -> T) -> T {
+        let st = self.0.lock();
+        let peers: Vec<(&str, Option<(u64, u64)>)> = st
+            .peers
+            .values()
+            .map(|slot| {
+                let live = slot.session.as_ref().map(|s| {
+                    let stats = s.conn.stats();
+                    (stats.udp_rx.bytes, stats.udp_tx.bytes)
+                });
+                (slot.config.name.as_str(), live)
+            })
+            .collect();
+        f(&peers)
+    }
 }

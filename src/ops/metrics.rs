@@ -10,15 +10,14 @@
 use std::collections::BTreeMap;
 use std::fmt::{Display, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::clients::Clients;
-use crate::control::{self, PeerStatus, Status};
-use crate::node::Shared;
+use crate::control::{PeerStatus, Status};
+use crate::handles::{Observer, Settings};
 use crate::telemetry::{events, Event, Events};
 
 /// Largest request head read.
@@ -29,14 +28,16 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CLIENTS: usize = 16;
 
 /// Starts the endpoint if `[metrics] listen` is configured.
-pub fn start(shared: &Arc<Shared>) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
-    let addr = shared.config.lock().ok().and_then(|c| c.metrics_listen);
+pub fn start(
+    settings: Settings,
+    observer: Observer,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let addr = settings.read(|c| c.metrics_listen).flatten();
     let Some(addr) = addr else {
         return Ok(None);
     };
     let listener = bind(addr)?;
     tracing::info!(%addr, "metrics endpoint listening");
-    let shared = shared.clone();
     let clients = Clients::new("metrics", MAX_CLIENTS);
     let limit = Some(CLIENT_TIMEOUT);
     Ok(Some(crate::clients::serve_forever(
@@ -44,8 +45,8 @@ pub fn start(shared: &Arc<Shared>) -> anyhow::Result<Option<tokio::task::JoinHan
         clients,
         limit,
         move |stream| {
-            let shared = shared.clone();
-            async move { serve(&shared, stream).await }
+            let (settings, observer) = (settings.clone(), observer.clone());
+            async move { serve(&settings, &observer, stream).await }
         },
     )))
 }
@@ -57,7 +58,11 @@ fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::from_std(std).map_err(|e| anyhow::anyhow!("metrics.listen {addr}: {e}"))
 }
 
-async fn serve(shared: &Arc<Shared>, mut stream: TcpStream) -> std::io::Result<()> {
+async fn serve(
+    settings: &Settings,
+    observer: &Observer,
+    mut stream: TcpStream,
+) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
@@ -77,7 +82,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream) -> std::io::Result<(
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
-            let body = render(&control::status(shared), &scrape(shared), &events());
+            let body = render(&observer.status(), &scrape(settings, observer), &events());
             let body = if method == "HEAD" { "" } else { &body };
             respond(
                 &mut stream,
@@ -127,55 +132,48 @@ pub struct Scrape {
     pub process: Option<Process>,
 }
 
-fn scrape(shared: &Shared) -> Scrape {
+fn scrape(settings: &Settings, observer: &Observer) -> Scrape {
     Scrape {
-        unconfigured: live_only(shared),
-        peer_bytes: peer_bytes(shared),
+        unconfigured: live_only(settings, observer.root()),
+        peer_bytes: peer_bytes(observer),
         process: Process::read(),
     }
 }
 
 /// Bytes per peer: under the state lock, as `session_ended` is called, so a session
 /// moving from live to ended is counted exactly once.
-fn peer_bytes(shared: &Shared) -> Vec<(String, u64, u64)> {
-    let st = shared.lock();
+fn peer_bytes(observer: &Observer) -> Vec<(String, u64, u64)> {
     let ev = events();
-    let mut out: Vec<(String, u64, u64)> = st
-        .peers
-        .values()
-        .map(|slot| {
-            let name = &slot.config.name;
-            let (mut rx, mut tx) = (
-                ev.get(Event::BytesReceived, name),
-                ev.get(Event::BytesSent, name),
-            );
-            if let Some(s) = &slot.session {
-                let stats = s.conn.stats();
-                rx += stats.udp_rx.bytes;
-                tx += stats.udp_tx.bytes;
-            }
-            (name.clone(), rx, tx)
-        })
-        .collect();
+    let mut out: Vec<(String, u64, u64)> = observer.with_peer_sessions(|peers| {
+        peers
+            .iter()
+            .map(|(name, live)| {
+                let (rx, tx) = live.unwrap_or((0, 0));
+                (
+                    name.to_string(),
+                    ev.get(Event::BytesReceived, name) + rx,
+                    ev.get(Event::BytesSent, name) + tx,
+                )
+            })
+            .collect()
+    });
     out.sort();
     out
 }
 
 /// Certificates live in the tree but not configured here: name and not-after.
-fn live_only(shared: &Shared) -> Vec<(String, i64)> {
-    let configured: Vec<String> = shared
-        .config
-        .lock()
-        .map(|c| c.certificates.iter().map(|c| c.name.clone()).collect())
+fn live_only(settings: &Settings, root: &std::path::Path) -> Vec<(String, i64)> {
+    let configured: Vec<String> = settings
+        .read(|c| c.certificates.iter().map(|c| c.name.clone()).collect())
         .unwrap_or_default();
-    let mut out: Vec<(String, i64)> = std::fs::read_dir(shared.tree.root.join("live"))
+    let mut out: Vec<(String, i64)> = std::fs::read_dir(root.join("live"))
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| !configured.contains(n))
         .filter_map(|n| {
-            let v = crate::acme::live_validity(&shared.tree.root, &n)?;
+            let v = crate::acme::live_validity(root, &n)?;
             Some((n, v.0.not_after))
         })
         .collect();
