@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::apply::Tree;
 use crate::config::{Config, PeerConfig};
 use crate::core::engine::Engine;
-use crate::handles::SyncHandle;
+use crate::handles::{Mesh, Reports, Settings, SyncHandle, TreeWriter};
 use crate::identity::{DeviceId, Identity};
 use crate::index::Index;
 use crate::node::{now_ns, PeerSlot, PersistMsg, Shared, State};
@@ -173,18 +173,35 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         crate::handles::Settings::new(&shared),
         crate::handles::Observer::new(&shared),
     )?);
-    let control = crate::control::start(shared.clone(), &config.control_socket())?;
-    tasks.extend(crate::acme::start(&acme_handles(&shared))?);
+    let control = crate::control::start(
+        crate::control::Handles {
+            observer: crate::handles::Observer::new(&shared),
+            acme: crate::handles::AcmeSlot::new(&shared),
+            barrier: crate::handles::Barrier::new(&shared),
+        },
+        &config.control_socket(),
+    )?;
+    tasks.extend(crate::acme::start(&crate::handles::acme_handles(&shared))?);
     tasks.extend(crate::hooks::start(crate::hooks::Hooks {
         changes: crate::handles::Changes::new(&shared),
         settings: crate::handles::Settings::new(&shared),
         reports: crate::handles::Reports::new(&shared),
     }));
-    tasks.extend(crate::dhparam::start(&shared));
+    tasks.extend(crate::dhparam::start(
+        &Settings::new(&shared),
+        Mesh::new(&shared),
+        TreeWriter::new(&shared),
+        Reports::new(&shared),
+    ));
     if let Err(e) = crate::keep::prune_all(&shared.tree.root, now_ns()) {
         tracing::warn!(error = %e, "pruning kept versions");
     }
-    tasks.push(crate::repair::start(crate::repair::Handles::new(&shared)));
+    tasks.push(crate::repair::start(crate::repair::Handles {
+        settings: Settings::new(&shared),
+        mesh: Mesh::new(&shared),
+        writer: TreeWriter::new(&shared),
+        reports: Reports::new(&shared),
+    }));
     tasks.push(tokio::spawn(accept_loop(shared.clone(), transport.clone())));
     // Installed before READY=1: a `systemctl reload` right after start must not kill us.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
@@ -226,19 +243,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = tokio::time::timeout(Duration::from_secs(2), transport.endpoint.wait_idle()).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// What the ACME code uses of the daemon (`acme::Handles`).
-fn acme_handles(shared: &Arc<Shared>) -> crate::acme::Handles {
-    use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
-    crate::acme::Handles {
-        settings: Settings::new(shared),
-        mesh: Mesh::new(shared),
-        writer: TreeWriter::new(shared),
-        reports: Reports::new(shared),
-        barrier: Barrier::new(shared),
-        slot: AcmeSlot::new(shared),
-    }
 }
 
 fn new_slot(config: PeerConfig) -> PeerSlot {

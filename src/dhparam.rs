@@ -10,7 +10,6 @@ use std::fs;
 use std::io::ErrorKind;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -18,7 +17,6 @@ use anyhow::Context;
 use crate::acme::tree;
 use crate::handles::{Mesh, Reports, Settings, TreeWriter};
 use crate::index::ContentHash;
-use crate::node::Shared;
 
 /// Where the group goes, relative to the tree.
 pub const FILE: &str = "dhparam.pem";
@@ -42,13 +40,13 @@ pub enum Placed {
 }
 
 /// Starts the one-off writer if `[tree] dhparam` is set.
-pub fn start(shared: &Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
-    let group = Settings::new(shared).read(|c| c.dhparam).flatten()?;
-    let (mesh, writer, reports) = (
-        Mesh::new(shared),
-        TreeWriter::new(shared),
-        Reports::new(shared),
-    );
+pub fn start(
+    settings: &Settings,
+    mesh: Mesh,
+    writer: TreeWriter,
+    reports: Reports,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let group = settings.read(|c| c.dhparam).flatten()?;
     Some(tokio::spawn(ensure(mesh, writer, reports, group)))
 }
 

@@ -15,7 +15,6 @@ use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::acme::bundle::{self, chain_der, parse_leaf, Leaf};
@@ -23,7 +22,6 @@ use crate::acme::tree;
 use crate::handles::{Mesh, Reports, Settings, TreeWriter};
 use crate::identity::ShortId;
 use crate::keep;
-use crate::node::Shared;
 use crate::paths::RelPath;
 
 /// A PEM file of a bundle larger than this is not a certificate or key.
@@ -44,17 +42,6 @@ pub struct Handles {
     pub mesh: Mesh,
     pub writer: TreeWriter,
     pub reports: Reports,
-}
-
-impl Handles {
-    pub fn new(shared: &Arc<Shared>) -> Self {
-        Handles {
-            settings: Settings::new(shared),
-            mesh: Mesh::new(shared),
-            writer: TreeWriter::new(shared),
-            reports: Reports::new(shared),
-        }
-    }
 }
 
 /// Starts the repair task: one check of every configured certificate once the mesh

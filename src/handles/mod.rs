@@ -17,9 +17,11 @@
 //!   probe (the systemd status line and watchdog).
 
 mod acme;
+mod status;
 mod sync;
 
 pub use acme::{AcmeSlot, Barrier};
+pub use status::acme_handles;
 pub use sync::{PullTurn, SessionOver, SyncHandle, CLOSE_DUPLICATE};
 
 use std::collections::BTreeSet;
@@ -32,7 +34,6 @@ use tokio::sync::watch;
 
 use crate::acme::tree::{self, Expect, Staged};
 use crate::config::Config;
-use crate::control::Status;
 use crate::identity::{DeviceId, ShortId};
 use crate::index::Kind;
 use crate::node::Shared;
@@ -218,14 +219,14 @@ impl Observer {
         Observer(shared.clone())
     }
 
-    /// The status as `certmesh status` shows it.
-    pub fn status(&self) -> Status {
-        crate::control::status(&self.0)
-    }
-
     /// Wake-ups: the local sequence (commits) and progress (acks, connections).
     pub fn subscribe(&self) -> (watch::Receiver<u64>, watch::Receiver<u64>) {
         (self.0.changed.subscribe(), self.0.progress.subscribe())
+    }
+
+    /// Whether the index holds `path` (live or deleted).
+    pub fn indexed(&self, path: &RelPath) -> bool {
+        self.0.lock().engine.index().get(path).is_some()
     }
 
     /// Takes and drops the state lock: returns only if the state is not deadlocked.

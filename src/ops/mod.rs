@@ -1,5 +1,6 @@
 //! What operators see and wire up: [`control`] (the local socket behind `status`,
-//! `issue`, `renew`, `restore`), [`metrics`] (optional Prometheus `/metrics`),
+//! `issue`, `renew`, `confirm`), [`status`] (what `certmesh status` shows, typed,
+//! and its tables), [`metrics`] (optional Prometheus `/metrics`),
 //! [`telemetry`] (typed recent errors, repair results and event counters, imported by
 //! any feature without importing the daemon), [`hooks`] (commands or HAProxy hot swaps
 //! when matching paths change), [`firewall`] (nftables / iptables rules from the
@@ -11,5 +12,6 @@ pub mod firewall;
 pub mod hooks;
 pub mod logging;
 pub mod metrics;
+pub mod status;
 pub mod systemd;
 pub mod telemetry;

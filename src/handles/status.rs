@@ -1,0 +1,196 @@
+//! Builds what `status` shows from the node's state ([`Observer::status`]): one
+//! short pass under the state lock for the peers and the tree, the certificates
+//! from the tree and the ACME driver outside it.
+
+use std::sync::Arc;
+
+use super::Observer;
+use crate::identity::DeviceId;
+use crate::node::Shared;
+use crate::ops::status::*;
+
+impl Observer {
+    /// The status as `certmesh status` shows it.
+    pub fn status(&self) -> Status {
+        status(&self.0)
+    }
+}
+
+/// The ACME feature's handles (the daemon starts the driver with them; `status`
+/// reads the renewer, leases and node names through them).
+pub fn acme_handles(shared: &Arc<Shared>) -> crate::acme::Handles {
+    use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
+    crate::acme::Handles {
+        settings: Settings::new(shared),
+        mesh: Mesh::new(shared),
+        writer: TreeWriter::new(shared),
+        reports: Reports::new(shared),
+        barrier: Barrier::new(shared),
+        slot: AcmeSlot::new(shared),
+    }
+}
+
+/// The certificates part of the status (reads `live/<name>/cert.pem` of each).
+fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
+    use crate::acme;
+    let certs = shared
+        .config
+        .lock()
+        .map(|c| c.certificates.clone())
+        .unwrap_or_default();
+    if certs.is_empty() {
+        return Vec::new();
+    }
+    let now = acme::unix_now();
+    let h = acme_handles(shared);
+    let renewer = acme::renewer(&h).map(|id| acme::node_name(&h, id));
+    certs
+        .into_iter()
+        .map(|c| {
+            let live = acme::live_validity(&shared.tree.root, &c.name);
+            let rt = shared.acme.get().and_then(|a| a.runtime(&c.name));
+            let lease = acme::read_lease(&h, &c.name)
+                .filter(|l| l.fresh(now))
+                .map(|l| l.node);
+            let na = live.as_ref().map(|(v, _, _)| v.not_after);
+            let challenge = c.challenge_label().to_string();
+            CertStatus {
+                domains: c.domains,
+                not_after: na.map(acme::rfc3339),
+                not_after_unix: na,
+                days_left: na.map(|t| ((t - now) as f64 / 86400.0 * 10.0).round() / 10.0),
+                version: crate::acme::bundle::live_version(&shared.tree.root, &c.name),
+                ca: live
+                    .as_ref()
+                    .and_then(|(_, _, s)| acme::ca::issuer(&shared.tree.root, &c.name, s)),
+                serial: live.map(|(_, _, s)| s),
+                renewer: renewer.clone(),
+                lease,
+                next_renewal: rt.as_ref().and_then(|r| r.next_renewal).map(acme::rfc3339),
+                state: rt.as_ref().map(|r| r.state),
+                last_attempt: rt.as_ref().and_then(|r| r.last_attempt).map(acme::rfc3339),
+                last_error: rt.as_ref().and_then(|r| r.last_error.clone()),
+                failures: rt.as_ref().map_or(0, |r| r.failures),
+                waiting_for: rt.as_ref().and_then(|r| r.waiting_for.clone()),
+                last_took_ms: rt.as_ref().and_then(|r| r.last_took_ms),
+                dns_propagation: rt.as_ref().and_then(|r| r.dns_propagation.clone()),
+                challenge,
+                name: c.name,
+            }
+        })
+        .collect()
+}
+
+/// Builds the status from the live state.
+fn status(shared: &Arc<Shared>) -> Status {
+    let certificates = certificates(shared);
+    let (name, listen, tree) = shared
+        .config
+        .lock()
+        .map(|c| {
+            (
+                c.name.clone(),
+                c.listen.to_string(),
+                c.tree.display().to_string(),
+            )
+        })
+        .unwrap_or_default();
+    let now = crate::acme::unix_now();
+    let mut st = shared.lock();
+    let (ids, mut peers): (Vec<DeviceId>, Vec<PeerStatus>) = st
+        .peers
+        .iter()
+        .map(|(id, slot)| {
+            let conn = slot.session.as_ref().map(|s| &s.conn);
+            let in_sync = conn.is_some() && st.engine.plan().in_sync(id, st.engine.index());
+            let acked = if conn.is_some() {
+                st.engine.plan().peer_acked(id).max(slot.last_acked)
+            } else {
+                slot.last_acked
+            };
+            let pending_from = st.engine.plan().pending_from(id, st.engine.index());
+            let unacked = st.engine.index().changed_since(acked).count();
+            let last_sync = if in_sync { Some(now) } else { slot.last_sync };
+            let refused = st.engine.refused().get(id).cloned().unwrap_or_default();
+            let p = PeerStatus {
+                name: slot.config.name.clone(),
+                id: id.to_string(),
+                address: slot.config.address.to_string(),
+                connected: conn.is_some(),
+                in_sync,
+                rtt_ms: conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
+                acked: st.engine.plan().peer_acked(id),
+                pending_from,
+                last_error: slot.last_error.clone(),
+                out_of_sync: if in_sync { 0 } else { unacked + pending_from },
+                last_sync_unix: last_sync,
+                last_sync: last_sync.map(crate::acme::rfc3339),
+                refused: RefusedStatus {
+                    count: refused.count,
+                    last_path: refused.last_path.map(|p| p.as_str().to_string()),
+                    last_author: refused.last_author.map(|a| a.to_string()),
+                    last_reason: refused.last_reason,
+                },
+            };
+            (*id, p)
+        })
+        .unzip();
+    // Seen in sync now: remembered, so the timestamp never goes back.
+    for (id, p) in ids.iter().zip(&peers) {
+        if let (true, Some(slot)) = (p.in_sync, st.peers.get_mut(id)) {
+            slot.last_sync = Some(now);
+        }
+    }
+    let errors = st.errors.iter().cloned().collect();
+    let tree = TreeStatus {
+        path: tree,
+        files: st.engine.index().live_count(),
+        out_of_sync: st.engine.plan().needs_len(),
+        scans: shared.scans.load(std::sync::atomic::Ordering::Relaxed),
+        sequence: st.engine.index().sequence(),
+        too_large: st
+            .engine
+            .plan()
+            .too_large()
+            .take(TOO_LARGE_SHOWN)
+            .map(|(p, size)| TooLargeFile {
+                path: p.as_str().to_string(),
+                size,
+            })
+            .collect(),
+        too_large_count: st.engine.plan().too_large_len(),
+        not_adopted: st.engine.plan().not_adopted(),
+        not_sent: st
+            .engine
+            .not_sent()
+            .recent
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect(),
+        not_sent_count: st.engine.not_sent().count,
+    };
+    let role = crate::writers::role(st.engine.is_writer()).to_string();
+    drop(st);
+    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    Status {
+        node: NodeStatus {
+            name,
+            id: shared.me().to_string(),
+            listen,
+            uptime_s: shared.started.elapsed().as_secs(),
+            now_unix: now,
+            role,
+        },
+        tree,
+        peers,
+        certificates,
+        errors,
+        counters: Counters {
+            hook_failures: shared
+                .hook_failures
+                .load(std::sync::atomic::Ordering::Relaxed),
+            acme_failures: shared.acme.get().map_or(0, |a| a.failures_total()),
+        },
+        repairs: shared.repairs.recent(),
+    }
+}

@@ -1,0 +1,619 @@
+//! What `certmesh status` shows: the typed answer (`status --json`, the keys are
+//! stable) and its rendering as tables for people. Built from the node's state by
+//! [`crate::handles::Observer::status`]; sent over the control socket
+//! ([`crate::control`]); read by `/metrics` and the systemd status line.
+
+use serde::{Deserialize, Serialize};
+
+use crate::telemetry::RecentError;
+
+/// `certmesh status --json`: the keys are stable.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub node: NodeStatus,
+    pub tree: TreeStatus,
+    pub peers: Vec<PeerStatus>,
+    pub certificates: Vec<CertStatus>,
+    pub errors: Vec<RecentError>,
+    /// Failure counters since start (also exported as metrics).
+    #[serde(default)]
+    pub counters: Counters,
+    /// Certificates this node put back after a peer's change broke them, oldest
+    /// first: `repairs[].certificate`, `.at`, `.caused_by`, `.from_version`.
+    #[serde(default)]
+    pub repairs: Vec<crate::repair::RepairStatus>,
+}
+
+/// Monotonic counters since the daemon started.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Counters {
+    /// Hooks that failed to start, exited non-zero or timed out.
+    pub hook_failures: u64,
+    /// ACME orders that failed (0 on nodes without `[acme]`).
+    pub acme_failures: u64,
+}
+
+/// One configured certificate as this node sees it: what is live in the tree, and
+/// (on ACME nodes) the driver's plans.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CertStatus {
+    pub name: String,
+    pub domains: Vec<String>,
+    /// RFC 3339; `None` while no certificate is live.
+    pub not_after: Option<String>,
+    pub not_after_unix: Option<i64>,
+    pub days_left: Option<f64>,
+    /// The `archive/<name>/<n>` that `live/<name>` points at.
+    pub version: Option<u32>,
+    pub serial: Option<String>,
+    /// Directory URL of the CA that issued the live certificate (from
+    /// `.certmesh/acme/issued/<name>`); `None` if unknown (no certificate, or one
+    /// issued or imported without a record).
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// Node name of the renewer as this node sees it.
+    pub renewer: Option<String>,
+    /// Node holding a fresh renewal lease (an order in progress).
+    pub lease: Option<String>,
+    /// RFC 3339 of the next automatic order (ACME nodes).
+    pub next_renewal: Option<String>,
+    /// idle | ordering | waiting | backoff (ACME nodes); `-` elsewhere.
+    /// What the ACME driver is doing; `None` (`-`) where `[acme]` is not configured.
+    pub state: Option<crate::acme::handle::AcmeState>,
+    pub last_attempt: Option<String>,
+    pub last_error: Option<String>,
+    pub failures: u32,
+    pub waiting_for: Option<String>,
+    pub last_took_ms: Option<u64>,
+    /// "http-01", "dns-01" or "dns-01+http-01" (wildcards by dns-01, the rest http-01).
+    #[serde(default)]
+    pub challenge: String,
+    /// dns-01, while an order waits for propagation: each authoritative nameserver
+    /// and whether it serves the records yet.
+    #[serde(default)]
+    pub dns_propagation: Option<Vec<crate::acme::handle::NsProgress>>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub id: String,
+    pub listen: String,
+    pub uptime_s: u64,
+    /// The daemon's clock (unix seconds) when it answered: ages are relative to it.
+    #[serde(default)]
+    pub now_unix: i64,
+    /// "writer" or "reader" (`[tree] writers`, issue 13).
+    #[serde(default)]
+    pub role: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TreeStatus {
+    pub path: String,
+    pub files: usize,
+    pub out_of_sync: usize,
+    pub sequence: u64,
+    /// Rescans run since start (watcher-driven and periodic): stays put when idle.
+    #[serde(default)]
+    pub scans: u64,
+    /// Peers' files larger than `[tree] max_file_size`: not fetched (at most
+    /// `TOO_LARGE_SHOWN` listed; `too_large_count` counts them all).
+    #[serde(default)]
+    pub too_large: Vec<TooLargeFile>,
+    #[serde(default)]
+    pub too_large_count: usize,
+    /// Times a peer's new path was not taken in because the index was full
+    /// (`index::MAX_INDEX_RECORDS`), since start.
+    #[serde(default)]
+    pub not_adopted: u64,
+    /// A reader's local changes, not sent ("this node is not a writer") and put
+    /// back: the latest paths, newest last, and how many since start.
+    #[serde(default)]
+    pub not_sent: Vec<String>,
+    #[serde(default)]
+    pub not_sent_count: u64,
+}
+
+/// Records of one peer not taken in because of their authorship (issue 13).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct RefusedStatus {
+    /// Since start.
+    pub count: u64,
+    pub last_path: Option<String>,
+    /// Device ID the last refused record claimed as its author.
+    pub last_author: Option<String>,
+    pub last_reason: Option<String>,
+}
+
+/// How many files too large `status` lists.
+pub const TOO_LARGE_SHOWN: usize = 100;
+
+/// A peer's file not fetched because of its size.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TooLargeFile {
+    pub path: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub id: String,
+    pub address: String,
+    pub connected: bool,
+    pub in_sync: bool,
+    pub rtt_ms: Option<f64>,
+    /// Our records this peer has acknowledged (its view of our sequence).
+    pub acked: u64,
+    /// Records we still need that only this peer has announced.
+    pub pending_from: usize,
+    pub last_error: Option<String>,
+    /// Items between us and this peer: our records it has not acknowledged (as of
+    /// its last ack, also while disconnected) plus `pending_from`.
+    #[serde(default)]
+    pub out_of_sync: usize,
+    /// Unix seconds of the last successful sync: the last ack from this peer, or the
+    /// last time it was seen fully in sync. `None`: never since start.
+    #[serde(default)]
+    pub last_sync_unix: Option<i64>,
+    /// The same as RFC 3339.
+    #[serde(default)]
+    pub last_sync: Option<String>,
+    /// Records this peer sent that were refused for their authorship.
+    #[serde(default)]
+    pub refused: RefusedStatus,
+}
+
+/// Renders the status as tables for people: node, tree, peers, certificates,
+/// recent errors.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write;
+    let now = if s.node.now_unix > 0 {
+        s.node.now_unix
+    } else {
+        crate::acme::unix_now()
+    };
+    let dash = || "-".to_string();
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "node {} ({})  listen {}  up {}{}\n",
+        s.node.name,
+        s.node.id,
+        s.node.listen,
+        age(s.node.uptime_s as i64),
+        if s.node.role.is_empty() {
+            String::new()
+        } else {
+            format!("  {}", s.node.role)
+        }
+    );
+    table(
+        &mut o,
+        &["TREE", "FILES", "OUT OF SYNC", "SCANS", "SEQUENCE"],
+        vec![vec![
+            s.tree.path.clone(),
+            s.tree.files.to_string(),
+            s.tree.out_of_sync.to_string(),
+            s.tree.scans.to_string(),
+            s.tree.sequence.to_string(),
+        ]],
+    );
+    for f in &s.tree.too_large {
+        let _ = writeln!(
+            o,
+            "too large, not fetched: {} ({} bytes; see [tree] max_file_size)",
+            f.path, f.size
+        );
+    }
+    if s.tree.too_large_count > s.tree.too_large.len() {
+        let _ = writeln!(
+            o,
+            "… and {} more files too large",
+            s.tree.too_large_count - s.tree.too_large.len()
+        );
+    }
+    if s.tree.not_adopted > 0 {
+        let _ = writeln!(
+            o,
+            "index full: new paths from peers refused {} times",
+            s.tree.not_adopted
+        );
+    }
+    if s.tree.not_sent_count > 0 {
+        let _ = writeln!(
+            o,
+            "not sent: this node is not a writer ({} local changes put back): {}",
+            s.tree.not_sent_count,
+            s.tree.not_sent.join(", ")
+        );
+    }
+    let _ = writeln!(o);
+    let peers = s
+        .peers
+        .iter()
+        .map(|p| {
+            let sync = if p.in_sync {
+                "in sync".to_string()
+            } else if p.out_of_sync > 0 {
+                format!("{} out of sync", p.out_of_sync)
+            } else if p.connected {
+                "syncing".to_string()
+            } else {
+                dash()
+            };
+            vec![
+                p.name.clone(),
+                p.address.clone(),
+                if p.connected { "yes" } else { "no" }.to_string(),
+                p.rtt_ms.map_or_else(dash, |r| format!("{r:.2}ms")),
+                sync,
+                p.last_sync_unix.map_or_else(
+                    || "never".to_string(),
+                    |t| match now - t {
+                        ..=1 => "just now".to_string(),
+                        a => format!("{} ago", age(a)),
+                    },
+                ),
+            ]
+        })
+        .collect();
+    table(
+        &mut o,
+        &["PEER", "ADDRESS", "CONNECTED", "RTT", "SYNC", "LAST SYNC"],
+        peers,
+    );
+    for p in s.peers.iter().filter(|p| p.refused.count > 0) {
+        let r = &p.refused;
+        let author = r.last_author.as_deref().map_or_else(dash, |a| {
+            let known = s.peers.iter().find(|q| q.id == a).map(|q| q.name.as_str());
+            match (known, a == s.node.id) {
+                (_, true) => format!("{} (this node)", s.node.name),
+                (Some(n), _) => format!("{n} ({a})"),
+                (None, _) => a.to_string(),
+            }
+        });
+        let _ = writeln!(
+            o,
+            "refused from {}: {} records for their authorship (last: {}, claiming {author}: {})",
+            p.name,
+            r.count,
+            r.last_path.as_deref().unwrap_or("-"),
+            r.last_reason.as_deref().unwrap_or("-")
+        );
+    }
+    if !s.certificates.is_empty() {
+        let _ = writeln!(o);
+        let certs = s
+            .certificates
+            .iter()
+            .map(|c| {
+                let domains = match c.domains.as_slice() {
+                    [] => dash(),
+                    [one] => one.clone(),
+                    [first, rest @ ..] => format!("{first} (+{})", rest.len()),
+                };
+                let mut note = match (&c.lease, &c.waiting_for) {
+                    (Some(l), _) => format!("lease held by {l}"),
+                    (_, Some(w)) => w.clone(),
+                    _ => String::new(),
+                };
+                if let Some(p) = &c.dns_propagation {
+                    let have = p.iter().filter(|n| n.has_record).count();
+                    let missing: Vec<&str> = p
+                        .iter()
+                        .filter(|n| !n.has_record)
+                        .map(|n| n.nameserver.as_str())
+                        .collect();
+                    let sep = if note.is_empty() { "" } else { "; " };
+                    note = format!(
+                        "{note}{sep}{} TXT on {have}/{} nameservers{}",
+                        c.challenge,
+                        p.len(),
+                        if missing.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", waiting for {}", missing.join(", "))
+                        }
+                    );
+                }
+                vec![
+                    c.name.clone(),
+                    domains,
+                    c.not_after.clone().unwrap_or_else(|| "missing".into()),
+                    c.days_left.map_or_else(dash, |d| format!("{d:.1}")),
+                    c.version.map_or_else(dash, |v| v.to_string()),
+                    c.ca.as_deref().map_or_else(dash, crate::acme::ca::ca_label),
+                    c.renewer.clone().unwrap_or_else(dash),
+                    c.next_renewal.clone().unwrap_or_else(dash),
+                    c.state.map_or_else(dash, |s| s.as_str().to_string()),
+                    c.challenge.clone(),
+                    note,
+                ]
+            })
+            .collect();
+        table(
+            &mut o,
+            &[
+                "CERTIFICATE",
+                "DOMAINS",
+                "NOT AFTER",
+                "DAYS LEFT",
+                "VER",
+                "CA",
+                "RENEWER",
+                "NEXT RENEWAL",
+                "STATE",
+                "CHALLENGE",
+                "NOTE",
+            ],
+            certs,
+        );
+    }
+    if !s.repairs.is_empty() {
+        let _ = writeln!(o);
+        let rows = s
+            .repairs
+            .iter()
+            .map(|r| {
+                vec![
+                    r.certificate.clone(),
+                    format!("{} ago", age(now - r.at_unix)),
+                    r.caused_by.clone(),
+                    r.from_version.to_string(),
+                    one_line(&r.reason, 80),
+                ]
+            })
+            .collect();
+        table(
+            &mut o,
+            &[
+                "REPAIRED",
+                "WHEN",
+                "CAUSED BY",
+                "FROM VERSION",
+                "WHAT WAS WRONG",
+            ],
+            rows,
+        );
+    }
+    // Last errors: per peer and per certificate, then the daemon's recent ones.
+    let mut errors: Vec<String> = Vec::new();
+    for p in s.peers.iter().filter(|p| !p.connected) {
+        if let Some(e) = &p.last_error {
+            errors.push(format!("peer {}: {}", p.name, one_line(e, 160)));
+        }
+    }
+    for c in &s.certificates {
+        if let Some(e) = &c.last_error {
+            errors.push(format!(
+                "certificate {} ({} failures): {}",
+                c.name,
+                c.failures,
+                one_line(e, 160)
+            ));
+        }
+    }
+    const SHOWN: usize = 5;
+    let skipped = s.errors.len().saturating_sub(SHOWN);
+    for e in &s.errors[skipped..] {
+        errors.push(format!(
+            "{} ago: {}",
+            age(now.saturating_sub(e.at_unix)),
+            one_line(&e.message, 160)
+        ));
+    }
+    let counters = &s.counters;
+    if counters.hook_failures + counters.acme_failures > 0 {
+        errors.push(format!(
+            "since start: {} hook failures, {} ACME failures",
+            counters.hook_failures, counters.acme_failures
+        ));
+    }
+    if !errors.is_empty() {
+        let more = if skipped > 0 {
+            format!(" (last {SHOWN} of {}, all in --json)", s.errors.len())
+        } else {
+            String::new()
+        };
+        let _ = writeln!(o, "\nERRORS{more}");
+        for e in errors {
+            let _ = writeln!(o, "  {e}");
+        }
+    }
+    o
+}
+
+/// Left-aligned columns as wide as their widest cell; the last one is not padded.
+fn table(o: &mut String, headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            l.push_str(c);
+            if i + 1 < cells.len() {
+                l.extend(std::iter::repeat_n(' ', w - c.chars().count()));
+            }
+        }
+        o.push_str(l.trim_end());
+        o.push('\n');
+    };
+    line(headers.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+/// `95` → `1m35s`, `7300` → `2h01m`, `200000` → `2d07h`.
+fn age(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        ..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// The first line of `s`, at most `max` characters.
+fn one_line(s: &str, max: usize) -> String {
+    let first = s.lines().next().unwrap_or("");
+    if first.chars().count() > max {
+        let mut t: String = first.chars().take(max).collect();
+        t.push('…');
+        t
+    } else {
+        first.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            node: NodeStatus {
+                name: "lb0".into(),
+                id: "AAAA".into(),
+                listen: "127.0.0.1:22000".into(),
+                uptime_s: 7300,
+                now_unix: 1_000_000,
+                role: "reader".into(),
+            },
+            tree: TreeStatus {
+                path: "/etc/nginx/certs".into(),
+                files: 42,
+                out_of_sync: 3,
+                sequence: 120,
+                scans: 7,
+                too_large: vec![TooLargeFile {
+                    path: "big.iso".into(),
+                    size: 2 << 20,
+                }],
+                too_large_count: 1,
+                not_adopted: 0,
+                not_sent: vec!["live/www/cert.pem".into()],
+                not_sent_count: 2,
+            },
+            peers: vec![
+                PeerStatus {
+                    name: "lb1".into(),
+                    id: "B".into(),
+                    address: "10.0.0.2:22000".into(),
+                    connected: true,
+                    in_sync: true,
+                    rtt_ms: Some(0.412),
+                    acked: 120,
+                    pending_from: 0,
+                    last_error: None,
+                    out_of_sync: 0,
+                    last_sync_unix: Some(1_000_000),
+                    last_sync: None,
+                    refused: RefusedStatus::default(),
+                },
+                PeerStatus {
+                    name: "lb2".into(),
+                    id: "C".into(),
+                    address: "10.0.0.3:22000".into(),
+                    connected: false,
+                    in_sync: false,
+                    rtt_ms: None,
+                    acked: 0,
+                    pending_from: 0,
+                    last_error: Some("timed out\nsecond line".into()),
+                    out_of_sync: 4,
+                    last_sync_unix: Some(1_000_000 - 312),
+                    last_sync: None,
+                    refused: RefusedStatus {
+                        count: 3,
+                        last_path: Some("live/www/privkey.pem".into()),
+                        last_author: Some("B".into()),
+                        last_reason: Some("the signature does not match the record".into()),
+                    },
+                },
+            ],
+            certificates: Vec::new(),
+            errors: vec![
+                RecentError {
+                    at_unix: 999_990,
+                    message: "hook [\"false\"] failed".into(),
+                },
+                RecentError {
+                    at_unix: 999_000,
+                    message: "index damaged".into(),
+                },
+            ],
+            counters: Counters {
+                hook_failures: 1,
+                acme_failures: 0,
+            },
+            repairs: vec![crate::repair::RepairStatus {
+                certificate: "www".into(),
+                at: String::new(),
+                at_unix: 1_000_000 - 95,
+                caused_by: "lb2".into(),
+                from_version: 3,
+                reason: "live/www missing".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn table_is_aligned_and_complete() {
+        let out = render(&sample());
+        let lines: Vec<&str> = out.lines().collect();
+        let head = lines.iter().position(|l| l.starts_with("PEER")).unwrap();
+        let col = |l: &str| {
+            l.find("CONNECTED")
+                .or_else(|| l.find("yes"))
+                .or_else(|| l.find("no "))
+        };
+        assert_eq!(col(lines[head]), col(lines[head + 1]), "{out}");
+        assert_eq!(col(lines[head]), col(lines[head + 2]), "{out}");
+        for needle in [
+            "TREE",
+            "OUT OF SYNC",
+            "SCANS",
+            "in sync",
+            "just now",
+            "4 out of sync",
+            "5m12s ago",
+            "0.41ms",
+            "peer lb2: timed out",
+            "10s ago: hook",
+            "index damaged",
+            "since start: 1 hook failures, 0 ACME failures",
+            "up 2h01m",
+            "REPAIRED",
+            "1m35s ago",
+            "live/www missing",
+            "too large, not fetched: big.iso (2097152 bytes",
+            "  reader",
+            "not sent: this node is not a writer (2 local changes put back): live/www/cert.pem",
+            "refused from lb2: 3 records for their authorship (last: live/www/privkey.pem, \
+             claiming lb1 (B): the signature does not match the record)",
+        ] {
+            assert!(out.contains(needle), "{needle:?} missing in:\n{out}");
+        }
+        assert!(!out.contains("second line"), "{out}");
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(age(0), "0s");
+        assert_eq!(age(95), "1m35s");
+        assert_eq!(age(7300), "2h01m");
+        assert_eq!(age(200_000), "2d07h");
+        assert_eq!(age(-5), "0s");
+    }
+}
