@@ -1,10 +1,12 @@
 //! `--only hubs` (issue 16): hub topologies of real `certmesh` processes on
 //! 127.1.0.0/16 — 4 regions × (2 hubs + edges), hubs peered with every hub and the
 //! edges of their region, edges with the two hubs of their region. Measures time to
-//! connected, a small file from an edge to every node (p50/p99), the cluster-wide
-//! barrier from that edge (`certmesh confirm`), RSS per edge and hub, and hub CPU per
-//! change. One daemon needs one inotify instance: `fs.inotify.max_user_instances`
-//! (128 by default) is raised for the run (as root) and put back afterwards.
+//! connected, a small file and a certificate bundle from an edge to every node
+//! (p50/p99), the cluster-wide barrier from that edge (`certmesh confirm`), RSS per
+//! edge and hub, hub CPU per change, and the load average around the run (2 cores
+//! shared with other builds: figures under load are marked by it). One daemon needs
+//! one inotify instance: `fs.inotify.max_user_instances` (128 by default) is raised
+//! for the run (as root) and put back afterwards.
 
 use super::*;
 
@@ -15,11 +17,23 @@ pub struct HubsResult {
     pub n: usize,
     pub formation: f64,
     pub small: Stats,
+    pub bundle: Stats,
+    pub torn: usize,
     pub confirm: Stats,
     pub rss_edge_mean: f64,
     pub rss_edge_max: f64,
     pub rss_hub_max: f64,
     pub hub_cpu_per_change_ms: f64,
+    /// 1-minute load average before starting the nodes and after the last sample.
+    pub load: (f64, f64),
+}
+
+/// The 1-minute load average (NaN if unreadable).
+fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// Raises `fs.inotify.max_user_instances` to at least `want`, and puts the old value
@@ -188,6 +202,7 @@ pub fn run_hubs(
         .prefix("certmesh-bench-hubs-")
         .tempdir()?;
     let configs = write_configs(dir.path(), n, &l)?;
+    let load0 = load1();
     let t0 = Instant::now();
     let mut nodes = Vec::with_capacity(n);
     for (name, cfg, tree) in &configs {
@@ -220,6 +235,8 @@ pub fn run_hubs(
         _ => f64::NAN,
     };
     let small = stats(small_samples);
+    let (bundle, torn) = bundle_samples(&t, o.samples)?;
+    let bundle = stats(bundle);
 
     let mut barrier = Vec::new();
     let mut rng = rand::rng();
@@ -248,21 +265,28 @@ pub fn run_hubs(
         n,
         formation,
         small,
+        bundle,
+        torn,
         confirm,
         rss_edge_mean: edges.iter().sum::<f64>() / edges.len().max(1) as f64,
         rss_edge_max: edges.iter().copied().fold(0.0, f64::max),
         rss_hub_max: hubs.iter().copied().fold(0.0, f64::max),
         hub_cpu_per_change_ms,
+        load: (load0, load1()),
     };
     eprintln!(
-        "[hubs] {n}: small file p50 {} p99 {}; barrier p50 {} p99 {}; RSS edge {:.1} MiB (max {:.1}), hub max {:.1} MiB",
+        "[hubs] {n}: small file p50 {} p99 {}; bundle p50 {} p99 {} ({} torn); barrier p50 {} p99 {}; RSS edge {:.1} MiB (max {:.1}), hub max {:.1} MiB; hub CPU {:.1} ms per change",
         fmt_secs(r.small.p50),
         fmt_secs(r.small.p99),
+        fmt_secs(r.bundle.p50),
+        fmt_secs(r.bundle.p99),
+        r.torn,
         fmt_secs(r.confirm.p50),
         fmt_secs(r.confirm.p99),
         r.rss_edge_mean,
         r.rss_edge_max,
-        r.rss_hub_max
+        r.rss_hub_max,
+        r.hub_cpu_per_change_ms
     );
     Ok(r)
 }
@@ -271,23 +295,28 @@ pub fn run_hubs(
 pub fn render(results: &[HubsResult], samples: usize) -> String {
     let mut s = String::from(
         "\n### Hub topologies (`--only hubs`, issue 16)\n\n\
-         | nodes | connected after | small file to all p50 | p99 | barrier from an edge p50 | p99 | RSS per edge (mean / max) | RSS hub (max) | hub CPU per change |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | nodes | connected after | small file to all p50 | p99 | bundle to all p50 | p99 | torn | barrier from an edge p50 | p99 | RSS per edge (mean / max) | RSS hub (max) | hub CPU per change | load before / after |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         let _ = writeln!(
             s,
-            "| {} | {:.2} s | {} | {} | {} | {} | {:.1} / {:.1} MiB | {:.1} MiB | {:.1} ms |",
+            "| {} | {:.2} s | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} MiB | {:.1} MiB | {:.1} ms | {:.1} / {:.1} |",
             r.n,
             r.formation,
             fmt_secs(r.small.p50),
             fmt_secs(r.small.p99),
+            fmt_secs(r.bundle.p50),
+            fmt_secs(r.bundle.p99),
+            r.torn,
             fmt_secs(r.confirm.p50),
             fmt_secs(r.confirm.p99),
             r.rss_edge_mean,
             r.rss_edge_max,
             r.rss_hub_max,
-            r.hub_cpu_per_change_ms
+            r.hub_cpu_per_change_ms,
+            r.load.0,
+            r.load.1
         );
     }
     let _ = writeln!(
@@ -295,9 +324,14 @@ pub fn render(results: &[HubsResult], samples: usize) -> String {
         "\n{REGIONS} regions × ({HUBS} hubs + edges) on 127.1.0.0/16, all processes started at once; \
          the writer is an edge of region 0 (three hops from the other regions' edges). \
          Small file: {samples} samples (+1 warm-up), written atomically, until the content is on \
-         every other node. Barrier: write of a token until `certmesh confirm` on the writer says \
+         every other node. Bundle: {samples} certificate versions (`archive/<name>/<i>/` \
+         fullchain + key, then `live/<name>` flipped) until every other node reads the new pair \
+         through `live/<name>`; torn: a node seen with a pair that is neither the old nor the new \
+         one. Barrier: write of a token until `certmesh confirm` on the writer says \
          every node has it. RSS after the samples; hub CPU is utime+stime of a region-0 hub over \
-         the small-file samples, per change."
+         the small-file samples, per change. Load: the 1-minute load average before the nodes \
+         start and after the last sample (2 cores: well above 2 means the figures were taken \
+         under load)."
     );
     s
 }
