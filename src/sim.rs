@@ -487,8 +487,9 @@ impl Sim {
         for i in 0..self.nodes.len() {
             busy |= self.nodes[i].up && self.pull(i);
         }
+        let ids: Vec<DeviceId> = self.nodes.iter().map(|n| n.id).collect();
         for i in 0..self.nodes.len() {
-            busy |= self.flush(i);
+            busy |= self.flush(i, &ids);
         }
         let next_msg = self.queue.keys().next().map(|k| k.0);
         let next_re = self.links.values().filter_map(|l| l.reconnect_at).min();
@@ -533,9 +534,9 @@ impl Sim {
             .ok_or_else(|| format!("not quiet after {max_steps} steps"))
     }
 
-    /// Sends what the engine has for every connected peer (`send_loop`).
-    fn flush(&mut self, i: usize) -> bool {
-        let ids: Vec<DeviceId> = self.nodes.iter().map(|n| n.id).collect();
+    /// Sends what the engine has for every connected peer (`send_loop`); `ids`: every
+    /// node's device ID, by number.
+    fn flush(&mut self, i: usize, ids: &[DeviceId]) -> bool {
         let node = &mut self.nodes[i];
         let out: Vec<(usize, Transmit)> = node
             .sessions

@@ -120,6 +120,10 @@ struct Relay {
     req: Confirm,
     /// Who has been sent it (by anyone, as far as this node knows).
     asked: HashSet<DeviceId>,
+    /// Who this node sent it to (asked again when the route back is re-asked).
+    sent: HashSet<DeviceId>,
+    /// No hops left: not relayed to anyone, late-comers included.
+    last_hop: bool,
     path: RelPath,
     version: VersionVector,
     expires_ns: i64,
@@ -203,10 +207,24 @@ impl Cluster {
         }
     }
 
-    /// The session with `peer` ended: nothing more is queued for it.
+    /// The session with `peer` ended: nothing more is queued for it, and what was
+    /// queued or in flight may be lost. So the requests this node runs or relays are
+    /// sent to it again when it is back, and the reports for the routes through it
+    /// are sent again in full.
     pub fn disconnected(&mut self, peer: &DeviceId) {
         self.outbox.remove(peer);
         self.relaying.remove(peer);
+        for c in self.barriers.values_mut() {
+            c.asked.remove(peer);
+        }
+        for r in self.relays.values_mut() {
+            if r.sent.remove(peer) && !r.last_hop {
+                r.asked.remove(peer);
+            }
+            if r.from == *peer {
+                r.last = None;
+            }
+        }
     }
 
     /// Messages for `peer`, oldest first.
@@ -285,13 +303,25 @@ impl Cluster {
     }
 
     /// A request from `from`: relayed once per id to the connected peers that relay
-    /// and were not asked yet, and answered with this node's report.
+    /// and were not asked yet, and answered with this node's report. A repeat from
+    /// the node it first came from (the route back) means that node reconnected and
+    /// may have lost what was on the way: this node reports again in full and asks
+    /// again the nodes it asked, so the reports behind it come again too.
     pub fn handle_confirm(&mut self, v: &View, from: DeviceId, req: Confirm, now_ns: i64) {
         self.now_ns = now_ns;
-        if Some(req.origin) == self.me
-            || self.barriers.contains_key(&req.id)
-            || self.relays.contains_key(&req.id)
-        {
+        if let Some(r) = self.relays.get_mut(&req.id) {
+            if r.from == from && r.expires_ns > now_ns {
+                r.last = None;
+                let again: Vec<DeviceId> = r.sent.iter().copied().collect();
+                let fwd = r.req.clone();
+                for t in again {
+                    self.send(t, ClusterMsg::Confirm(fwd.clone()));
+                }
+                self.refresh(v);
+            }
+            return;
+        }
+        if Some(req.origin) == self.me || self.barriers.contains_key(&req.id) {
             return;
         }
         self.relays.retain(|_, r| r.expires_ns > now_ns);
@@ -328,6 +358,7 @@ impl Cluster {
         for t in &targets {
             self.send(*t, ClusterMsg::Confirm(fwd.clone()));
         }
+        let sent: HashSet<DeviceId> = targets.iter().copied().collect();
         skip.extend(targets);
         if req.hops == 0 {
             // Not relayed any further, to late-comers either.
@@ -339,6 +370,8 @@ impl Cluster {
                 from,
                 req: fwd,
                 asked: skip,
+                sent,
+                last_hop: req.hops == 0,
                 path: req.path,
                 version: req.version,
                 expires_ns: now_ns.saturating_add(ttl_ns),
@@ -452,6 +485,7 @@ impl Cluster {
         for r in self.relays.values_mut().filter(|r| r.expires_ns > now) {
             for t in &live {
                 if r.asked.insert(*t) {
+                    r.sent.insert(*t);
                     out.push((*t, r.req.clone()));
                 }
             }
@@ -814,6 +848,81 @@ mod tests {
         assert!(!n.cluster.outbox.contains_key(&dev(3)));
         assert_eq!(n.cluster.take_outbox(&dev(1)).len(), 1);
         // …and a second copy of the same request is ignored.
+        n.with_view(|c, v| c.handle_confirm(v, dev(3), req, 0));
+        assert!(n.cluster.outbox.is_empty());
+    }
+
+    /// Cuts the link between nodes `a` and `b` (device bytes): what was queued on it
+    /// is lost, and each side's session ends as the engine reports it.
+    fn cut(nodes: &mut [Node], a: u8, b: u8) {
+        for (x, y) in [(a, b), (b, a)] {
+            let n = &mut nodes[usize::from(x) - 1];
+            n.cluster.take_outbox(&dev(y));
+            n.connected.remove(&dev(y));
+            n.cluster.disconnected(&dev(y));
+            n.with_view(|c, v| c.refresh(v));
+        }
+        // Whatever was queued for the dead session is lost with it.
+        for (x, y) in [(a, b), (b, a)] {
+            nodes[usize::from(x) - 1].cluster.take_outbox(&dev(y));
+        }
+    }
+
+    /// Connects `a` and `b` again (both relay).
+    fn heal(nodes: &mut [Node], a: u8, b: u8) {
+        for (x, y) in [(a, b), (b, a)] {
+            let n = &mut nodes[usize::from(x) - 1];
+            n.connected.insert(dev(y));
+            n.cluster.set_relaying(dev(y), true);
+            n.with_view(|c, v| c.refresh(v));
+        }
+    }
+
+    #[test]
+    fn reports_relayed_and_lost_near_the_origin_come_again_from_behind_the_relay() {
+        // 1 — 2 — 3: node 3's report reaches node 2, whose link to the origin drops
+        // with it on the way. Node 2 reconnects: the origin asks it again, node 2 asks
+        // node 3 again, and node 3's answer comes through.
+        let mut nodes = chain();
+        let r = token();
+        start(&mut nodes, &r);
+        nodes[1].apply(&r);
+        deliver(&mut nodes);
+        nodes[2].apply(&r);
+        // Node 3's report travels to node 2 and is relayed…
+        for m in nodes[2].cluster.take_outbox(&dev(2)) {
+            if let ClusterMsg::Report(rep) = m {
+                nodes[1].cluster.handle_report(dev(3), rep);
+            }
+        }
+        // …and lost with the 1–2 connection.
+        cut(&mut nodes, 1, 2);
+        deliver(&mut nodes);
+        assert!(!status(&mut nodes[0]).done);
+        heal(&mut nodes, 1, 2);
+        deliver(&mut nodes);
+        let s = status(&mut nodes[0]);
+        assert!(s.done, "{s:?}");
+        assert_eq!(s.nodes.len(), 2);
+        assert!(s.nodes.iter().all(|n| n.has && n.live));
+    }
+
+    #[test]
+    fn a_repeat_from_another_peer_is_ignored() {
+        let mut n = Node::new(2, &[1, 3]);
+        let r = token();
+        let req = Confirm {
+            id: 5,
+            origin: dev(9),
+            path: r.path.clone(),
+            version: r.version.clone(),
+            hops: 4,
+            ttl_ms: 1000,
+            asked: vec![dev(1), dev(2)],
+        };
+        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), 0));
+        assert_eq!(n.cluster.take_outbox(&dev(3)).len(), 1, "relayed to 3");
+        assert_eq!(n.cluster.take_outbox(&dev(1)).len(), 1, "reported to 1");
         n.with_view(|c, v| c.handle_confirm(v, dev(3), req, 0));
         assert!(n.cluster.outbox.is_empty());
     }
