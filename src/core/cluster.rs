@@ -39,6 +39,19 @@ pub const MAX_CENSUS_NODES: usize = 16_384;
 /// Most messages queued for one peer (a slow peer makes a barrier time out, not
 /// memory grow).
 pub const MAX_OUTBOX: usize = 4096;
+/// Most bytes (about their encoded size) queued for one peer: a peer that stops
+/// reading while reports of 4,096 neighbours are routed to it holds 4 MiB, not
+/// gigabytes.
+pub const MAX_OUTBOX_BYTES: usize = 4 << 20;
+/// Most requests relayed at once on behalf of one peer (its further ids are
+/// dropped): one hostile peer cannot take the whole relay table.
+pub const MAX_RELAYS_PER_PEER: usize = 16;
+/// Requests accepted from one peer in a burst; then one per [`CONFIRM_REFILL_NS`].
+/// Each costs a flood through the cluster, so a peer sending them at line rate
+/// is slowed to this pace (the rest are dropped: their origins time out).
+pub const CONFIRM_BURST: u32 = 32;
+/// One more request accepted from a peer per this many nanoseconds.
+pub const CONFIRM_REFILL_NS: i64 = 250_000_000;
 
 /// "Tell `origin` which nodes have `path` at `version` or newer."
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,8 +176,59 @@ pub struct Cluster {
     relaying: HashSet<DeviceId>,
     relays: HashMap<u64, Relay>,
     barriers: HashMap<u64, Census>,
-    outbox: HashMap<DeviceId, Vec<ClusterMsg>>,
+    outbox: HashMap<DeviceId, Outbox>,
+    /// Requests each peer may still send (see [`CONFIRM_BURST`]).
+    budgets: HashMap<DeviceId, Budget>,
     now_ns: i64,
+}
+
+/// Messages queued for one peer and about how many bytes they take.
+#[derive(Debug, Default)]
+struct Outbox {
+    msgs: Vec<ClusterMsg>,
+    bytes: usize,
+}
+
+/// A token bucket: requests one peer may still send.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    tokens: u32,
+    /// When the last token was added (or the bucket was last full).
+    at_ns: i64,
+}
+
+impl Budget {
+    /// Takes one token at `now_ns`, refilled at one per [`CONFIRM_REFILL_NS`] up to
+    /// [`CONFIRM_BURST`]; false when there is none.
+    fn take(&mut self, now_ns: i64) -> bool {
+        let add = now_ns.saturating_sub(self.at_ns).max(0) / CONFIRM_REFILL_NS;
+        let add = u32::try_from(add).unwrap_or(u32::MAX);
+        if add > 0 {
+            self.tokens = self.tokens.saturating_add(add).min(CONFIRM_BURST);
+            self.at_ns = if self.tokens == CONFIRM_BURST {
+                now_ns
+            } else {
+                self.at_ns + i64::from(add) * CONFIRM_REFILL_NS
+            };
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+/// About the encoded size of a message, for [`MAX_OUTBOX_BYTES`].
+fn approx_size(m: &ClusterMsg) -> usize {
+    match m {
+        ClusterMsg::Confirm(c) => {
+            64 + c.path.as_str().len() + 24 * c.version.pairs().len() + 34 * c.asked.len()
+        }
+        ClusterMsg::Report(r) => {
+            64 + r.name.len() + r.peers.iter().map(|n| 44 + n.name.len()).sum::<usize>()
+        }
+    }
 }
 
 /// What the cluster reads of the rest of the engine.
@@ -195,6 +259,8 @@ impl Cluster {
     pub fn set_roster(&mut self, me: DeviceId, name: String, roster: Vec<Member>) {
         self.me = Some(me);
         self.name = name;
+        self.budgets
+            .retain(|d, _| roster.iter().any(|m| m.device == *d));
         self.roster = roster;
     }
 
@@ -229,14 +295,30 @@ impl Cluster {
 
     /// Messages for `peer`, oldest first.
     pub fn take_outbox(&mut self, peer: &DeviceId) -> Vec<ClusterMsg> {
-        self.outbox.remove(peer).unwrap_or_default()
+        self.outbox.remove(peer).unwrap_or_default().msgs
     }
 
+    /// Queues `msg` for `peer`, unless its queue is full (by count or bytes): then
+    /// it is dropped, and the barrier it belongs to waits for that node until its
+    /// timeout.
     fn send(&mut self, peer: DeviceId, msg: ClusterMsg) {
+        let size = approx_size(&msg);
         let q = self.outbox.entry(peer).or_default();
-        if q.len() < MAX_OUTBOX {
-            q.push(msg);
+        if q.msgs.len() < MAX_OUTBOX && q.bytes + size <= MAX_OUTBOX_BYTES {
+            q.bytes += size;
+            q.msgs.push(msg);
         }
+    }
+
+    /// `from` may send one more request now ([`CONFIRM_BURST`]).
+    fn within_budget(&mut self, from: DeviceId, now_ns: i64) -> bool {
+        self.budgets
+            .entry(from)
+            .or_insert(Budget {
+                tokens: CONFIRM_BURST,
+                at_ns: now_ns,
+            })
+            .take(now_ns)
     }
 
     /// Connected peers that relay, and are not in `skip`.
@@ -307,8 +389,15 @@ impl Cluster {
     /// the node it first came from (the route back) means that node reconnected and
     /// may have lost what was on the way: this node reports again in full and asks
     /// again the nodes it asked, so the reports behind it come again too.
+    ///
+    /// Each request costs `from` one token of its budget ([`CONFIRM_BURST`]), and
+    /// at most [`MAX_RELAYS_PER_PEER`] routes back to one peer are kept: beyond,
+    /// its requests are dropped unanswered.
     pub fn handle_confirm(&mut self, v: &View, from: DeviceId, req: Confirm, now_ns: i64) {
         self.now_ns = now_ns;
+        if !self.within_budget(from, now_ns) {
+            return;
+        }
         if let Some(r) = self.relays.get_mut(&req.id) {
             if r.from == from && r.expires_ns > now_ns {
                 r.last = None;
@@ -325,6 +414,9 @@ impl Cluster {
             return;
         }
         self.relays.retain(|_, r| r.expires_ns > now_ns);
+        if self.relays.values().filter(|r| r.from == from).count() >= MAX_RELAYS_PER_PEER {
+            return;
+        }
         if self.relays.len() >= MAX_RELAYS {
             if let Some(oldest) = self
                 .relays
@@ -769,7 +861,7 @@ mod tests {
                 .cluster
                 .outbox
                 .values()
-                .flatten()
+                .flat_map(|q| &q.msgs)
                 .filter(|m| matches!(m, ClusterMsg::Confirm(_)))
                 .count();
         }
