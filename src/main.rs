@@ -70,6 +70,13 @@ enum Cmd {
         /// Machine-readable output with stable keys.
         #[arg(long)]
         json: bool,
+        /// Also ask every node of the cluster, behind hubs too, whether it is in
+        /// sync with each of its peers (`cluster` in the JSON).
+        #[arg(long)]
+        cluster: bool,
+        /// How long `--cluster` waits for the cluster to be in sync ("5s", "500ms").
+        #[arg(long, default_value = "5s", value_parser = certmesh::config::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Ask the running daemon to order certificate NAME now (waits for the result).
     Issue {
@@ -303,10 +310,18 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             rt.block_on(certmesh::daemon::run(c, stop))
                 .map_err(rt_err)?;
         }
-        Cmd::Status { config, json } => {
+        Cmd::Status {
+            config,
+            json,
+            cluster,
+            timeout,
+        } => {
             let c = load(&config)?;
+            let req = certmesh::control::Request::Status {
+                cluster_ms: cluster.then(|| u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+            };
             let v = runtime()?
-                .block_on(certmesh::control::request(&c.control_socket(), "status"))
+                .block_on(certmesh::control::send(&c.control_socket(), &req))
                 .map_err(rt_err)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -66,6 +66,8 @@ pub struct Confirm {
     pub ttl_ms: u64,
     /// Nodes already sent this request (not sent it again).
     pub asked: Vec<DeviceId>,
+    /// Also report, per peer, whether it is in sync (`status --cluster`).
+    pub sync: bool,
 }
 
 /// What a node knows of one of its configured peers.
@@ -78,6 +80,9 @@ pub struct Neighbor {
     pub has: bool,
     /// It relays barriers: it reports for itself.
     pub relays: bool,
+    /// Connected, and nothing pending either way with it (said only when the
+    /// request asks, [`Confirm::sync`]).
+    pub in_sync: bool,
 }
 
 /// One node's answer, relayed unchanged to the origin. The first report of a node
@@ -89,6 +94,18 @@ pub struct Report {
     pub name: String,
     pub has: bool,
     pub peers: Vec<Neighbor>,
+}
+
+/// What a barrier asks (see [`Cluster::start_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ask {
+    pub id: u64,
+    pub path: RelPath,
+    pub version: VersionVector,
+    /// How long relays keep the route back.
+    pub ttl_ms: u64,
+    /// Also ask every node whether it is in sync with each of its peers.
+    pub sync: bool,
 }
 
 /// A barrier message for one peer.
@@ -114,6 +131,9 @@ pub struct NodeStatus {
     pub has: bool,
     /// Connected to the origin or to a node that reported: waited for.
     pub live: bool,
+    /// Every node that reported being connected to it (the origin included) is in
+    /// sync with it. Only known in a barrier that asked ([`Confirm::sync`]).
+    pub in_sync: bool,
 }
 
 /// A barrier's state: every node known, and whether every live one has the path.
@@ -153,6 +173,8 @@ struct Seen {
     relays: bool,
     /// Reporter → whether it is connected to this node.
     connected_to: HashMap<DeviceId, bool>,
+    /// Reporter → whether it is in sync with this node.
+    in_sync_with: HashMap<DeviceId, bool>,
 }
 
 /// One barrier this node runs as origin.
@@ -244,6 +266,11 @@ impl View<'_> {
         self.index
             .get(path)
             .is_some_and(|e| e.record.version.covers(version))
+    }
+
+    /// Nothing pending either way with `peer`.
+    fn in_sync(&self, peer: &DeviceId) -> bool {
+        self.plan.in_sync(peer, self.index)
     }
 
     /// `peer` acknowledged our record of `path`, which covers `version`.
@@ -346,6 +373,25 @@ impl Cluster {
         ttl_ms: u64,
         now_ns: i64,
     ) -> bool {
+        let ask = Ask {
+            id,
+            path,
+            version,
+            ttl_ms,
+            sync: false,
+        };
+        self.start_with(v, ask, now_ns)
+    }
+
+    /// As [`Cluster::start`], with every choice of the request in `ask`.
+    pub fn start_with(&mut self, v: &View, ask: Ask, now_ns: i64) -> bool {
+        let Ask {
+            id,
+            path,
+            version,
+            ttl_ms,
+            sync,
+        } = ask;
         self.now_ns = now_ns;
         let Some(me) = self.me else {
             return false;
@@ -362,6 +408,7 @@ impl Cluster {
             hops: MAX_HOPS,
             ttl_ms: ttl_ms.min(MAX_TTL_MS),
             asked: targets.iter().copied().take(MAX_ASKED).collect(),
+            sync,
         };
         for t in &targets {
             self.send(*t, ClusterMsg::Confirm(req.clone()));
@@ -526,6 +573,7 @@ impl Cluster {
                         connected,
                         has: connected && !relays && v.acked(&m.device, &r.path, &r.version),
                         relays,
+                        in_sync: r.req.sync && connected && v.in_sync(&m.device),
                     };
                     (m.device, n)
                 })
@@ -594,6 +642,7 @@ impl Cluster {
         let me = self.me?;
         let mut nodes: HashMap<DeviceId, NodeStatus> = HashMap::new();
         let mut waiting = false;
+        let sync = c.req.sync;
         for m in &self.roster {
             let connected = (v.connected)(&m.device);
             let relays = connected && self.relaying.contains(&m.device);
@@ -602,7 +651,10 @@ impl Cluster {
                 || (connected && v.acked(&m.device, &c.path, &c.version));
             let reported = seen.is_some_and(|s| s.reported);
             let asked = c.asked.contains(&m.device);
+            let in_sync =
+                sync && connected && v.in_sync(&m.device) && seen.is_none_or(Seen::links_in_sync);
             waiting |= connected && (!has || (relays && asked && !reported));
+            waiting |= sync && connected && !in_sync;
             nodes.insert(
                 m.device,
                 NodeStatus {
@@ -610,6 +662,7 @@ impl Cluster {
                     name: m.name.clone(),
                     has,
                     live: connected,
+                    in_sync,
                 },
             );
         }
@@ -618,7 +671,9 @@ impl Cluster {
                 continue;
             }
             let live = s.reported || s.connected_to.values().any(|c| *c);
+            let in_sync = sync && live && s.links_in_sync();
             waiting |= live && (!s.has || (s.relays && !s.reported));
+            waiting |= sync && live && !in_sync;
             nodes.insert(
                 *d,
                 NodeStatus {
@@ -626,6 +681,7 @@ impl Cluster {
                     name: s.name.clone(),
                     has: s.has,
                     live,
+                    in_sync,
                 },
             );
         }
@@ -635,6 +691,16 @@ impl Cluster {
             nodes,
             done: !waiting,
         })
+    }
+}
+
+impl Seen {
+    /// Every reporter connected to this node said it is in sync with it.
+    fn links_in_sync(&self) -> bool {
+        self.connected_to
+            .iter()
+            .filter(|(_, c)| **c)
+            .all(|(r, _)| self.in_sync_with.get(r) == Some(&true))
     }
 }
 
@@ -664,6 +730,7 @@ impl Census {
             p.has |= n.has;
             p.relays |= n.relays;
             p.connected_to.insert(r.node, n.connected);
+            p.in_sync_with.insert(r.node, n.in_sync);
         }
     }
 }
@@ -934,6 +1001,7 @@ mod tests {
             hops: 0,
             ttl_ms: 1000,
             asked: vec![],
+            sync: false,
         };
         n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), 0));
         // Answered, not relayed (no hops left)…
@@ -1011,12 +1079,59 @@ mod tests {
             hops: 4,
             ttl_ms: 1000,
             asked: vec![dev(1), dev(2)],
+            sync: false,
         };
         n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), 0));
         assert_eq!(n.cluster.take_outbox(&dev(3)).len(), 1, "relayed to 3");
         assert_eq!(n.cluster.take_outbox(&dev(1)).len(), 1, "reported to 1");
         n.with_view(|c, v| c.handle_confirm(v, dev(3), req, 0));
         assert!(n.cluster.outbox.is_empty());
+    }
+
+    #[test]
+    fn a_census_names_a_node_two_hops_away_that_is_behind() {
+        // 1 — 2 — 3, every node has the token, but node 3 has not acknowledged
+        // node 2's records: node 1's own peer (2) is in sync, the cluster is not.
+        let mut nodes = chain();
+        for (i, peers) in [(0, vec![2u8]), (1, vec![1, 3]), (2, vec![2])] {
+            let n: &mut Node = &mut nodes[i];
+            for p in peers {
+                n.plan.connected(dev(p), &n.index);
+            }
+        }
+        let r = token();
+        nodes[0].index.put(r.clone(), None);
+        let ask = Ask {
+            id: 7,
+            path: r.path.clone(),
+            version: r.version.clone(),
+            ttl_ms: 10_000,
+            sync: true,
+        };
+        assert!(nodes[0].with_view(|c, v| c.start_with(v, ask, 0)));
+        nodes[1].apply(&r);
+        nodes[2].apply(&r);
+        let ack = |n: &mut Node, peer: u8| {
+            let seq = n.index.sequence();
+            n.plan.acked(dev(peer), seq);
+            n.with_view(|c, v| c.refresh(v));
+        };
+        ack(&mut nodes[0], 2);
+        ack(&mut nodes[1], 1);
+        ack(&mut nodes[2], 2);
+        deliver(&mut nodes);
+        let s = status(&mut nodes[0]);
+        assert!(!s.done, "{s:?}");
+        let by = |s: &BarrierStatus, d: u8| s.nodes.iter().find(|n| n.device == dev(d)).cloned();
+        assert!(by(&s, 2).is_some_and(|n| n.in_sync && n.has), "{s:?}");
+        assert!(
+            by(&s, 3).is_some_and(|n| !n.in_sync && n.has && n.live),
+            "{s:?}"
+        );
+        ack(&mut nodes[1], 3);
+        deliver(&mut nodes);
+        let s = status(&mut nodes[0]);
+        assert!(s.done && s.nodes.iter().all(|n| n.in_sync), "{s:?}");
     }
 
     #[test]

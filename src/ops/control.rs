@@ -30,6 +30,9 @@ pub struct Status {
     /// first: `repairs[].certificate`, `.at`, `.caused_by`, `.from_version`.
     #[serde(default)]
     pub repairs: Vec<crate::repair::RepairStatus>,
+    /// The whole cluster's sync, behind hubs too (only with `status --cluster`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::ops::census::ClusterSync>,
 }
 
 /// Monotonic counters since the daemon started.
@@ -325,6 +328,7 @@ pub fn status(shared: &Shared) -> Status {
             acme_failures: shared.acme.get().map_or(0, |a| a.failures_total()),
         },
         repairs: shared.repairs.recent(),
+        cluster: None,
     }
 }
 
@@ -332,8 +336,12 @@ pub fn status(shared: &Shared) -> Status {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
-    /// The node's status ([`Status`]).
-    Status,
+    /// The node's status ([`Status`]); with `cluster_ms`, also a census of the
+    /// whole cluster, waiting up to that long ([`crate::ops::census`]).
+    Status {
+        #[serde(default)]
+        cluster_ms: Option<u64>,
+    },
     /// Order `name` now.
     Issue {
         /// The certificate (`[[certificate]] name`).
@@ -454,7 +462,19 @@ async fn serve(shared: Arc<Shared>, stream: UnixStream) -> anyhow::Result<()> {
     {
         let no_acme = || serde_json::json!({ "error": "[acme] is not configured on this node" });
         let answer = match parse_request(&line) {
-            Ok(Request::Status) => serde_json::to_value(status(&shared))?,
+            Ok(Request::Status { cluster_ms }) => {
+                let cluster = match cluster_ms {
+                    Some(ms) => Some(
+                        crate::ops::census::run(&shared, Duration::from_millis(ms.min(600_000)))
+                            .await,
+                    ),
+                    None => None,
+                };
+                serde_json::to_value(Status {
+                    cluster,
+                    ..status(&shared)
+                })?
+            }
             Ok(Request::Issue { name }) => match (shared.acme.get(), name) {
                 (None, _) => no_acme(),
                 (_, None) => serde_json::json!({ "error": "issue needs a certificate name" }),
@@ -638,6 +658,9 @@ pub fn render(s: &Status) -> String {
         &["PEER", "ADDRESS", "CONNECTED", "RTT", "SYNC", "LAST SYNC"],
         peers,
     );
+    if let Some(c) = &s.cluster {
+        o.push_str(&crate::ops::census::render(c));
+    }
     for p in s.peers.iter().filter(|p| p.refused.count > 0) {
         let r = &p.refused;
         let author = r.last_author.as_deref().map_or_else(dash, |a| {
@@ -853,7 +876,10 @@ mod tests {
     #[test]
     fn requests_parse_as_before_and_name_what_is_wrong() {
         use super::{parse_request, Request};
-        assert_eq!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(
+            parse_request(r#"{"cmd":"status"}"#),
+            Ok(Request::Status { cluster_ms: None })
+        );
         assert_eq!(
             parse_request(r#"{"cmd":"renew","force":true}"#),
             Ok(Request::Renew {
@@ -972,6 +998,7 @@ mod tests {
                 from_version: 3,
                 reason: "live/www missing".into(),
             }],
+            cluster: None,
         }
     }
 

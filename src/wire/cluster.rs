@@ -28,6 +28,7 @@ pub fn confirm_to_wire(c: &Confirm) -> pb::Confirm {
         hops: c.hops,
         ttl_ms: c.ttl_ms,
         asked: c.asked.iter().map(|d| d.0.to_vec()).collect(),
+        sync: c.sync,
     }
 }
 
@@ -47,6 +48,7 @@ pub fn report_to_wire(r: &Report) -> pb::Report {
                 connected: n.connected,
                 has: n.has,
                 relays: n.relays,
+                in_sync: n.in_sync,
             })
             .collect(),
     }
@@ -103,6 +105,7 @@ pub fn confirm_from_wire(c: pb::Confirm) -> Result<Confirm, WireError> {
         hops: c.hops,
         ttl_ms: c.ttl_ms,
         asked,
+        sync: c.sync,
     })
 }
 
@@ -122,6 +125,7 @@ pub fn report_from_wire(r: pb::Report) -> Result<Report, WireError> {
                 connected: n.connected,
                 has: n.has,
                 relays: n.relays,
+                in_sync: n.in_sync,
             })
         })
         .collect::<Result<_, WireError>>()?;
@@ -153,6 +157,7 @@ mod tests {
             hops: 3,
             ttl_ms: 1000,
             asked: vec![DeviceId([2; 32])],
+            sync: false,
         }
     }
 
@@ -179,6 +184,7 @@ mod tests {
                 connected: true,
                 has: false,
                 relays: true,
+                in_sync: false,
             }],
         };
         assert_eq!(
@@ -375,6 +381,7 @@ mod tests {
                     connected: true,
                     has: true,
                     relays: true,
+                    in_sync: true,
                 })
                 .collect(),
         };
@@ -402,7 +409,7 @@ mod tests {
         #[test]
         fn confirm_round_trips(id: u64, o: [u8; 32], hops in 0..=MAX_HOPS, ttl in 0..=MAX_TTL_MS,
                                counters in proptest::collection::vec((any::<u64>(), 1..u64::MAX), 1..8),
-                               asked in proptest::collection::vec(any::<[u8; 32]>(), 0..8)) {
+                               asked in proptest::collection::vec(any::<[u8; 32]>(), 0..8), sync: bool) {
             let c = Confirm {
                 id,
                 origin: DeviceId(o),
@@ -411,6 +418,7 @@ mod tests {
                 hops,
                 ttl_ms: ttl,
                 asked: asked.into_iter().map(DeviceId).collect(),
+                sync,
             };
             let bytes = confirm_to_wire(&c).encode_to_vec();
             let back = confirm_from_wire(pb::Confirm::decode(bytes.as_slice()).unwrap()).unwrap();
@@ -419,14 +427,14 @@ mod tests {
 
         #[test]
         fn report_round_trips(id: u64, node: [u8; 32], has: bool, name in "[a-z0-9-]{0,40}",
-                              peers in proptest::collection::vec((any::<[u8; 32]>(), "[a-z]{0,10}", any::<(bool, bool, bool)>()), 0..8)) {
+                              peers in proptest::collection::vec((any::<[u8; 32]>(), "[a-z]{0,10}", any::<(bool, bool, bool, bool)>()), 0..8)) {
             let r = Report {
                 id,
                 node: DeviceId(node),
                 name,
                 has,
-                peers: peers.into_iter().map(|(d, name, (connected, has, relays))| Neighbor {
-                    device: DeviceId(d), name, connected, has, relays,
+                peers: peers.into_iter().map(|(d, name, (connected, has, relays, in_sync))| Neighbor {
+                    device: DeviceId(d), name, connected, has, relays, in_sync,
                 }).collect(),
             };
             let bytes = report_to_wire(&r).encode_to_vec();
