@@ -3,8 +3,9 @@
 //! edges of their region, edges with the two hubs of their region. Measures time to
 //! connected, a small file and a certificate bundle from an edge to every node
 //! (p50/p99), the cluster-wide barrier from that edge (`certmesh confirm`), RSS per
-//! edge and hub, hub CPU per change, and the load average around the run (2 cores
-//! shared with other builds: figures under load are marked by it). One daemon needs
+//! edge and hub, hub CPU per change, and how much CPU other processes took during
+//! the run (2 cores shared with other builds: figures under load are marked by
+//! it). One daemon needs
 //! one inotify instance: `fs.inotify.max_user_instances` (128 by default) is raised
 //! for the run (as root) and put back afterwards.
 
@@ -24,16 +25,28 @@ pub struct HubsResult {
     pub rss_edge_max: f64,
     pub rss_hub_max: f64,
     pub hub_cpu_per_change_ms: f64,
-    /// 1-minute load average before starting the nodes and after the last sample.
-    pub load: (f64, f64),
+    /// Cores other processes kept busy on average from start to the last sample
+    /// (the whole machine's busy time from `/proc/stat` minus the nodes' and the
+    /// harness's own).
+    pub others_cores: f64,
 }
 
-/// The 1-minute load average (NaN if unreadable).
-fn load1() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
+/// CPU seconds all processes took (all CPUs, `/proc/stat`), or NaN.
+fn machine_busy_seconds() -> f64 {
+    let busy = || -> Option<u64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let f: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user, nice, system: the time charged to processes (irq and softirq time,
+        // much of it the nodes' own loopback traffic, is left out).
+        Some(f.iter().take(3).sum())
+    };
+    busy().map_or(f64::NAN, |b| b as f64 / clk_tck())
 }
 
 /// Raises `fs.inotify.max_user_instances` to at least `want`, and puts the old value
@@ -202,7 +215,11 @@ pub fn run_hubs(
         .prefix("certmesh-bench-hubs-")
         .tempdir()?;
     let configs = write_configs(dir.path(), n, &l)?;
-    let load0 = load1();
+    let busy0 = (
+        Instant::now(),
+        machine_busy_seconds(),
+        cpu_seconds(std::process::id()),
+    );
     let t0 = Instant::now();
     let mut nodes = Vec::with_capacity(n);
     for (name, cfg, tree) in &configs {
@@ -259,6 +276,15 @@ pub fn run_hubs(
             .filter_map(|(_, x)| rss_mib(x.child.as_ref()?.id()).ok())
             .collect()
     };
+    let ours: f64 = c
+        .pids()
+        .into_iter()
+        .filter_map(|p| cpu_seconds(p).ok())
+        .sum::<f64>()
+        + cpu_seconds(std::process::id()).unwrap_or(f64::NAN)
+        - busy0.2.unwrap_or(f64::NAN);
+    let others_cores =
+        ((machine_busy_seconds() - busy0.1 - ours) / busy0.0.elapsed().as_secs_f64()).max(0.0);
     let edges = rss(false);
     let hubs = rss(true);
     let r = HubsResult {
@@ -272,7 +298,7 @@ pub fn run_hubs(
         rss_edge_max: edges.iter().copied().fold(0.0, f64::max),
         rss_hub_max: hubs.iter().copied().fold(0.0, f64::max),
         hub_cpu_per_change_ms,
-        load: (load0, load1()),
+        others_cores,
     };
     eprintln!(
         "[hubs] {n}: small file p50 {} p99 {}; bundle p50 {} p99 {} ({} torn); barrier p50 {} p99 {}; RSS edge {:.1} MiB (max {:.1}), hub max {:.1} MiB; hub CPU {:.1} ms per change",
@@ -295,13 +321,13 @@ pub fn run_hubs(
 pub fn render(results: &[HubsResult], samples: usize) -> String {
     let mut s = String::from(
         "\n### Hub topologies (`--only hubs`, issue 16)\n\n\
-         | nodes | connected after | small file to all p50 | p99 | bundle to all p50 | p99 | torn | barrier from an edge p50 | p99 | RSS per edge (mean / max) | RSS hub (max) | hub CPU per change | load before / after |\n\
+         | nodes | connected after | small file to all p50 | p99 | bundle to all p50 | p99 | torn | barrier from an edge p50 | p99 | RSS per edge (mean / max) | RSS hub (max) | hub CPU per change | others' CPU |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         let _ = writeln!(
             s,
-            "| {} | {:.2} s | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} MiB | {:.1} MiB | {:.1} ms | {:.1} / {:.1} |",
+            "| {} | {:.2} s | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} MiB | {:.1} MiB | {:.1} ms | {:.2} cores |",
             r.n,
             r.formation,
             fmt_secs(r.small.p50),
@@ -315,8 +341,7 @@ pub fn render(results: &[HubsResult], samples: usize) -> String {
             r.rss_edge_max,
             r.rss_hub_max,
             r.hub_cpu_per_change_ms,
-            r.load.0,
-            r.load.1
+            r.others_cores
         );
     }
     let _ = writeln!(
@@ -329,9 +354,9 @@ pub fn render(results: &[HubsResult], samples: usize) -> String {
          through `live/<name>`; torn: a node seen with a pair that is neither the old nor the new \
          one. Barrier: write of a token until `certmesh confirm` on the writer says \
          every node has it. RSS after the samples; hub CPU is utime+stime of a region-0 hub over \
-         the small-file samples, per change. Load: the 1-minute load average before the nodes \
-         start and after the last sample (2 cores: well above 2 means the figures were taken \
-         under load)."
+         the small-file samples, per change. Others' CPU: cores kept busy by other processes (other \
+         builds) on average from the start to the last sample, out of the machine's total; \
+         anything well above 0 means the figures were taken under load."
     );
     s
 }
