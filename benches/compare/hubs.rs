@@ -25,6 +25,9 @@ pub struct HubsResult {
     pub rss_edge_max: f64,
     pub rss_hub_max: f64,
     pub hub_cpu_per_change_ms: f64,
+    /// utime+stime of every node over the small-file samples, per change: with
+    /// all nodes on one machine, propagation is bound by it (÷ 2 cores).
+    pub all_cpu_per_change_ms: f64,
     /// Cores other processes kept busy on average from start to the last sample
     /// (the whole machine's busy time from `/proc/stat` minus the nodes' and the
     /// harness's own).
@@ -234,6 +237,13 @@ pub fn run_hubs(
     let writer = HUBS;
     let hub_pid = c.nodes[0].child.as_ref().map(|c| c.id());
     let cpu0 = hub_pid.and_then(|p| cpu_seconds(p).ok());
+    let all_cpu = || -> f64 {
+        c.pids()
+            .into_iter()
+            .filter_map(|p| cpu_seconds(p).ok())
+            .sum()
+    };
+    let all0 = all_cpu();
     let label = format!("certmesh hubs {n}");
     let t = Trees {
         label: &label,
@@ -247,6 +257,7 @@ pub fn run_hubs(
     };
     let small_samples = small_file_samples(&t, o.samples, true, true)?;
     let cpu1 = hub_pid.and_then(|p| cpu_seconds(p).ok());
+    let all_cpu_per_change_ms = (all_cpu() - all0) * 1000.0 / (o.samples + 1) as f64;
     let hub_cpu_per_change_ms = match (cpu0, cpu1) {
         (Some(a), Some(b)) => (b - a) * 1000.0 / (o.samples + 1) as f64,
         _ => f64::NAN,
@@ -298,10 +309,11 @@ pub fn run_hubs(
         rss_edge_max: edges.iter().copied().fold(0.0, f64::max),
         rss_hub_max: hubs.iter().copied().fold(0.0, f64::max),
         hub_cpu_per_change_ms,
+        all_cpu_per_change_ms,
         others_cores,
     };
     eprintln!(
-        "[hubs] {n}: small file p50 {} p99 {}; bundle p50 {} p99 {} ({} torn); barrier p50 {} p99 {}; RSS edge {:.1} MiB (max {:.1}), hub max {:.1} MiB; hub CPU {:.1} ms per change",
+        "[hubs] {n}: small file p50 {} p99 {}; bundle p50 {} p99 {} ({} torn); barrier p50 {} p99 {}; RSS edge {:.1} MiB (max {:.1}), hub max {:.1} MiB; CPU per change: hub {:.1} ms, all nodes {:.0} ms",
         fmt_secs(r.small.p50),
         fmt_secs(r.small.p99),
         fmt_secs(r.bundle.p50),
@@ -312,7 +324,8 @@ pub fn run_hubs(
         r.rss_edge_mean,
         r.rss_edge_max,
         r.rss_hub_max,
-        r.hub_cpu_per_change_ms
+        r.hub_cpu_per_change_ms,
+        r.all_cpu_per_change_ms
     );
     Ok(r)
 }
@@ -321,13 +334,13 @@ pub fn run_hubs(
 pub fn render(results: &[HubsResult], samples: usize) -> String {
     let mut s = String::from(
         "\n### Hub topologies (`--only hubs`, issue 16)\n\n\
-         | nodes | connected after | small file to all p50 | p99 | bundle to all p50 | p99 | torn | barrier from an edge p50 | p99 | RSS per edge (mean / max) | RSS hub (max) | hub CPU per change | others' CPU |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | nodes | connected after | small file to all p50 | p99 | bundle to all p50 | p99 | torn | barrier from an edge p50 | p99 | RSS per edge (mean / max) | RSS hub (max) | hub CPU per change | all nodes' CPU per change | others' CPU |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         let _ = writeln!(
             s,
-            "| {} | {:.2} s | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} MiB | {:.1} MiB | {:.1} ms | {:.2} cores |",
+            "| {} | {:.2} s | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} MiB | {:.1} MiB | {:.1} ms | {:.0} ms | {:.2} cores |",
             r.n,
             r.formation,
             fmt_secs(r.small.p50),
@@ -341,6 +354,7 @@ pub fn render(results: &[HubsResult], samples: usize) -> String {
             r.rss_edge_max,
             r.rss_hub_max,
             r.hub_cpu_per_change_ms,
+            r.all_cpu_per_change_ms,
             r.others_cores
         );
     }
@@ -354,7 +368,8 @@ pub fn render(results: &[HubsResult], samples: usize) -> String {
          through `live/<name>`; torn: a node seen with a pair that is neither the old nor the new \
          one. Barrier: write of a token until `certmesh confirm` on the writer says \
          every node has it. RSS after the samples; hub CPU is utime+stime of a region-0 hub over \
-         the small-file samples, per change. Others' CPU: cores kept busy by other processes (other \
+         the small-file samples, per change; all nodes' CPU the same summed over every node (on 2 \
+         cores, propagation to all can be no faster than half of it). Others' CPU: cores kept busy by other processes (other \
          builds) on average from the start to the last sample, out of the machine's total; \
          anything well above 0 means the figures were taken under load."
     );
