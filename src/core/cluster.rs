@@ -320,9 +320,16 @@ impl Cluster {
         }
     }
 
-    /// Messages for `peer`, oldest first.
+    /// Messages for `peer`, oldest first. Nothing for a session that does not relay
+    /// barriers (a node downgraded while they were queued would refuse the frames
+    /// and reconnect, over and over): what was queued is dropped.
     pub fn take_outbox(&mut self, peer: &DeviceId) -> Vec<ClusterMsg> {
-        self.outbox.remove(peer).unwrap_or_default().msgs
+        let q = self.outbox.remove(peer).unwrap_or_default().msgs;
+        if self.relaying.contains(peer) {
+            q
+        } else {
+            Vec::new()
+        }
     }
 
     /// Queues `msg` for `peer`, unless its queue is full (by count or bytes): then
@@ -1065,6 +1072,23 @@ mod tests {
         assert!(s.done, "{s:?}");
         assert_eq!(s.nodes.len(), 2);
         assert!(s.nodes.iter().all(|n| n.has && n.live));
+    }
+
+    #[test]
+    fn a_peer_back_without_relaying_is_sent_no_barrier_frames() {
+        // Node 2 relays for node 1; the link drops while node 2's report waits, and
+        // node 1 comes back as an older version that does not relay.
+        let mut nodes = chain();
+        let r = token();
+        start(&mut nodes, &r);
+        deliver(&mut nodes);
+        nodes[1].connected.remove(&dev(1));
+        nodes[1].cluster.disconnected(&dev(1));
+        nodes[1].apply(&r);
+        nodes[1].connected.insert(dev(1));
+        nodes[1].with_view(|c, v| c.refresh(v));
+        assert!(nodes[1].cluster.take_outbox(&dev(1)).is_empty());
+        assert!(nodes[1].cluster.outbox.is_empty(), "dropped, not kept");
     }
 
     #[test]
