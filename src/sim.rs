@@ -1292,7 +1292,9 @@ mod tests {
     /// Issue 16, item 4: 1,000 simulated nodes (4 regions × (2 hubs + 248 edges)),
     /// WAN latencies between regions; prints propagation of a small file from an
     /// edge to every node and the barrier's time, in simulated time. Run with
-    /// `cargo test --release --lib sim::tests::hubs_1000 -- --ignored --nocapture`.
+    /// `cargo test --release --lib sim::tests::hubs_1000 -- --ignored --nocapture`
+    /// (about 50 s of wall time here; `SIM_HUBS_EDGES=48 SIM_HUBS_ROUNDS=3` for a
+    /// 200-node run in a second). Figures: BENCHMARKS.md, "Session 6".
     #[test]
     #[ignore = "a measurement: prints figures"]
     fn hubs_1000_nodes_wan_propagation() {
