@@ -70,6 +70,13 @@ enum Cmd {
         /// Machine-readable output with stable keys.
         #[arg(long)]
         json: bool,
+        /// Also ask every node of the cluster, behind hubs too, whether it is in
+        /// sync with each of its peers (`cluster` in the JSON).
+        #[arg(long)]
+        cluster: bool,
+        /// How long `--cluster` waits for the cluster to be in sync ("5s", "500ms").
+        #[arg(long, default_value = "5s", value_parser = certmesh::config::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Ask the running daemon to order certificate NAME now (waits for the result).
     Issue {
@@ -254,7 +261,12 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             rt.block_on(certmesh::daemon::run(c, stop))
                 .map_err(rt_err)?;
         }
-        Cmd::Status { config, json } => status(&load(&config)?, json)?,
+        Cmd::Status {
+            config,
+            json,
+            cluster,
+            timeout,
+        } => status(&load(&config)?, json, cluster.then_some(timeout))?,
         Cmd::Issue { config, name, json } => issue(&config, &name, json)?,
         Cmd::Renew {
             config,
@@ -377,9 +389,12 @@ fn check(config: &std::path::Path) -> Result<(), Failure> {
 }
 
 /// `certmesh status`: the daemon's answer, rendered or as JSON.
-fn status(c: &Config, json: bool) -> Result<(), Failure> {
+fn status(c: &Config, json: bool, cluster: Option<std::time::Duration>) -> Result<(), Failure> {
+    let req = certmesh::control::Request::Status {
+        cluster_ms: cluster.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+    };
     let v = runtime()?
-        .block_on(certmesh::control::request(&c.control_socket(), "status"))
+        .block_on(certmesh::control::send(&c.control_socket(), &req))
         .map_err(rt_err)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::apply::Tree;
 use crate::config::{Config, PeerConfig};
+use crate::core::cluster::BarrierStatus;
 use crate::core::engine::{Engine, EngineError};
 use crate::identity::{DeviceId, Identity};
 use crate::paths::RelPath;
@@ -266,6 +267,40 @@ pub async fn wait_peers_have(shared: &Shared, path: &RelPath, timeout: Duration)
     out
 }
 
+/// A census of the cluster (`status --cluster`): asks every node, behind hubs too,
+/// whether it is in sync with each of its peers, and waits until all live ones are
+/// or until `timeout`. Returns the path it was run on (our newest record) and the
+/// last status; `None` when our index is empty or too many barriers run.
+pub async fn census(shared: &Shared, timeout: Duration) -> Option<(RelPath, BarrierStatus)> {
+    let start = Instant::now();
+    let mut progress = shared.progress.subscribe();
+    let id: u64 = rand::random();
+    let ttl_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    let path = shared
+        .lock()
+        .engine
+        .start_census(id, ttl_ms.saturating_add(1000), now_ns())?;
+    shared.bump_progress();
+    let status = loop {
+        progress.borrow_and_update();
+        let status = shared.lock().engine.barrier_status(id);
+        let left = timeout.saturating_sub(start.elapsed());
+        match status {
+            Some(s) if !s.done && !left.is_zero() => {
+                if tokio::time::timeout(left, progress.changed())
+                    .await
+                    .is_err()
+                {
+                    break shared.lock().engine.barrier_status(id);
+                }
+            }
+            s => break s,
+        }
+    };
+    shared.lock().engine.finish_barrier(id);
+    Some((path, status?))
+}
+
 /// The barrier over direct peers only, by their acks (when the cluster-wide one
 /// cannot start).
 fn direct_status(st: &State, path: &RelPath) -> crate::core::cluster::BarrierStatus {
@@ -280,6 +315,7 @@ fn direct_status(st: &State, path: &RelPath) -> crate::core::cluster::BarrierSta
             name: slot.config.name.clone(),
             has: st.engine.plan().peer_acked(id) >= seq,
             live: true,
+            in_sync: st.engine.plan().in_sync(id, st.engine.index()),
         })
         .collect();
     let done = nodes.iter().all(|n| n.has);

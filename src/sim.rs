@@ -487,8 +487,9 @@ impl Sim {
         for i in 0..self.nodes.len() {
             busy |= self.nodes[i].up && self.pull(i);
         }
+        let ids: Vec<DeviceId> = self.nodes.iter().map(|n| n.id).collect();
         for i in 0..self.nodes.len() {
-            busy |= self.flush(i);
+            busy |= self.flush(i, &ids);
         }
         let next_msg = self.queue.keys().next().map(|k| k.0);
         let next_re = self.links.values().filter_map(|l| l.reconnect_at).min();
@@ -533,9 +534,9 @@ impl Sim {
             .ok_or_else(|| format!("not quiet after {max_steps} steps"))
     }
 
-    /// Sends what the engine has for every connected peer (`send_loop`).
-    fn flush(&mut self, i: usize) -> bool {
-        let ids: Vec<DeviceId> = self.nodes.iter().map(|n| n.id).collect();
+    /// Sends what the engine has for every connected peer (`send_loop`); `ids`: every
+    /// node's device ID, by number.
+    fn flush(&mut self, i: usize, ids: &[DeviceId]) -> bool {
         let node = &mut self.nodes[i];
         let out: Vec<(usize, Transmit)> = node
             .sessions
@@ -1291,7 +1292,9 @@ mod tests {
     /// Issue 16, item 4: 1,000 simulated nodes (4 regions × (2 hubs + 248 edges)),
     /// WAN latencies between regions; prints propagation of a small file from an
     /// edge to every node and the barrier's time, in simulated time. Run with
-    /// `cargo test --release --lib sim::tests::hubs_1000 -- --ignored --nocapture`.
+    /// `cargo test --release --lib sim::tests::hubs_1000 -- --ignored --nocapture`
+    /// (about 50 s of wall time here; `SIM_HUBS_EDGES=48 SIM_HUBS_ROUNDS=3` for a
+    /// 200-node run in a second). Figures: BENCHMARKS.md, "Session 6".
     #[test]
     #[ignore = "a measurement: prints figures"]
     fn hubs_1000_nodes_wan_propagation() {

@@ -3,7 +3,8 @@
 //! the renewer.
 
 use crate::util::{certmesh, wait_until, Node};
-use certmesh::control::ConfirmReply;
+use certmesh::control::{ConfirmReply, Status};
+use certmesh::ops::census::ClusterSync;
 
 /// renewer (0) — hub (1) — edge (2), started and connected.
 fn chain() -> (tempfile::TempDir, Vec<Node>) {
@@ -127,4 +128,59 @@ fn a_stopped_edge_is_named_but_not_waited_for() {
     assert!(ok && r.done, "{r:?}");
     let edge = node(&r, "edge");
     assert!(!edge.live && edge.after_ms.is_none(), "{r:?}");
+}
+
+/// `certmesh status --cluster --json` on `node`: the cluster part.
+fn cluster(node: &Node, timeout: &str) -> ClusterSync {
+    let out = certmesh(&[
+        "status",
+        "--config",
+        node.config.to_str().unwrap(),
+        "--cluster",
+        "--timeout",
+        timeout,
+        "--json",
+    ]);
+    let s: Status = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status answer: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    s.cluster.expect("a cluster part with --cluster")
+}
+
+#[test]
+fn status_cluster_names_an_edge_two_hops_away_that_is_behind() {
+    let (_dir, nodes) = chain();
+    nodes[0].write("misc/a.txt", "v1");
+    wait_until("the edge has v1", || {
+        nodes[2].read("misc/a.txt").as_deref() == Some("v1")
+    });
+    wait_until("the cluster in sync", || cluster(&nodes[0], "5s").in_sync);
+    nodes[2].signal(libc::SIGSTOP);
+    nodes[0].write("misc/a.txt", "v2");
+    // Seen from the renewer, its only peer (the hub) is in sync…
+    wait_until("the renewer in sync with the hub", || {
+        nodes[0].all_in_sync() && nodes[1].read("misc/a.txt").as_deref() == Some("v2")
+    });
+    // …the cluster is not: the frozen edge is behind.
+    let c = cluster(&nodes[0], "1s");
+    nodes[2].signal(libc::SIGCONT);
+    assert!(!c.in_sync, "{c:?}");
+    let edge = c
+        .nodes
+        .iter()
+        .find(|n| n.name == "edge")
+        .expect("edge named");
+    assert!(edge.live && !edge.in_sync, "{c:?}");
+    assert!(
+        c.nodes.iter().any(|n| n.name == "hub" && n.in_sync),
+        "{c:?}"
+    );
+    // Once it runs again, it catches up and the cluster is in sync.
+    wait_until("the cluster in sync again", || {
+        cluster(&nodes[0], "5s").in_sync
+    });
 }

@@ -1,10 +1,13 @@
 //! `--only hubs` (issue 16): hub topologies of real `certmesh` processes on
 //! 127.1.0.0/16 — 4 regions × (2 hubs + edges), hubs peered with every hub and the
 //! edges of their region, edges with the two hubs of their region. Measures time to
-//! connected, a small file from an edge to every node (p50/p99), the cluster-wide
-//! barrier from that edge (`certmesh confirm`), RSS per edge and hub, and hub CPU per
-//! change. One daemon needs one inotify instance: `fs.inotify.max_user_instances`
-//! (128 by default) is raised for the run (as root) and put back afterwards.
+//! connected, a small file and a certificate bundle from an edge to every node
+//! (p50/p99), the cluster-wide barrier from that edge (`certmesh confirm`), RSS per
+//! edge and hub, hub CPU per change, and how much CPU other processes took during
+//! the run (2 cores shared with other builds: figures under load are marked by
+//! it). One daemon needs
+//! one inotify instance: `fs.inotify.max_user_instances` (128 by default) is raised
+//! for the run (as root) and put back afterwards.
 
 use super::*;
 
@@ -15,11 +18,38 @@ pub struct HubsResult {
     pub n: usize,
     pub formation: f64,
     pub small: Stats,
+    pub bundle: Stats,
+    pub torn: usize,
     pub confirm: Stats,
     pub rss_edge_mean: f64,
     pub rss_edge_max: f64,
     pub rss_hub_max: f64,
     pub hub_cpu_per_change_ms: f64,
+    /// utime+stime of every node over the small-file samples, per change: with
+    /// all nodes on one machine, propagation is bound by it (÷ 2 cores).
+    pub all_cpu_per_change_ms: f64,
+    /// Cores other processes kept busy on average from start to the last sample
+    /// (the whole machine's busy time from `/proc/stat` minus the nodes' and the
+    /// harness's own).
+    pub others_cores: f64,
+}
+
+/// CPU seconds all processes took (all CPUs, `/proc/stat`), or NaN.
+fn machine_busy_seconds() -> f64 {
+    let busy = || -> Option<u64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let f: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user, nice, system: the time charged to processes (irq and softirq time,
+        // much of it the nodes' own loopback traffic, is left out).
+        Some(f.iter().take(3).sum())
+    };
+    busy().map_or(f64::NAN, |b| b as f64 / clk_tck())
 }
 
 /// Raises `fs.inotify.max_user_instances` to at least `want`, and puts the old value
@@ -188,6 +218,11 @@ pub fn run_hubs(
         .prefix("certmesh-bench-hubs-")
         .tempdir()?;
     let configs = write_configs(dir.path(), n, &l)?;
+    let busy0 = (
+        Instant::now(),
+        machine_busy_seconds(),
+        cpu_seconds(std::process::id()),
+    );
     let t0 = Instant::now();
     let mut nodes = Vec::with_capacity(n);
     for (name, cfg, tree) in &configs {
@@ -202,6 +237,13 @@ pub fn run_hubs(
     let writer = HUBS;
     let hub_pid = c.nodes[0].child.as_ref().map(|c| c.id());
     let cpu0 = hub_pid.and_then(|p| cpu_seconds(p).ok());
+    let all_cpu = || -> f64 {
+        c.pids()
+            .into_iter()
+            .filter_map(|p| cpu_seconds(p).ok())
+            .sum()
+    };
+    let all0 = all_cpu();
     let label = format!("certmesh hubs {n}");
     let t = Trees {
         label: &label,
@@ -215,11 +257,14 @@ pub fn run_hubs(
     };
     let small_samples = small_file_samples(&t, o.samples, true, true)?;
     let cpu1 = hub_pid.and_then(|p| cpu_seconds(p).ok());
+    let all_cpu_per_change_ms = (all_cpu() - all0) * 1000.0 / (o.samples + 1) as f64;
     let hub_cpu_per_change_ms = match (cpu0, cpu1) {
         (Some(a), Some(b)) => (b - a) * 1000.0 / (o.samples + 1) as f64,
         _ => f64::NAN,
     };
     let small = stats(small_samples);
+    let (bundle, torn) = bundle_samples(&t, o.samples)?;
+    let bundle = stats(bundle);
 
     let mut barrier = Vec::new();
     let mut rng = rand::rng();
@@ -242,27 +287,45 @@ pub fn run_hubs(
             .filter_map(|(_, x)| rss_mib(x.child.as_ref()?.id()).ok())
             .collect()
     };
+    let ours: f64 = c
+        .pids()
+        .into_iter()
+        .filter_map(|p| cpu_seconds(p).ok())
+        .sum::<f64>()
+        + cpu_seconds(std::process::id()).unwrap_or(f64::NAN)
+        - busy0.2.unwrap_or(f64::NAN);
+    let others_cores =
+        ((machine_busy_seconds() - busy0.1 - ours) / busy0.0.elapsed().as_secs_f64()).max(0.0);
     let edges = rss(false);
     let hubs = rss(true);
     let r = HubsResult {
         n,
         formation,
         small,
+        bundle,
+        torn,
         confirm,
         rss_edge_mean: edges.iter().sum::<f64>() / edges.len().max(1) as f64,
         rss_edge_max: edges.iter().copied().fold(0.0, f64::max),
         rss_hub_max: hubs.iter().copied().fold(0.0, f64::max),
         hub_cpu_per_change_ms,
+        all_cpu_per_change_ms,
+        others_cores,
     };
     eprintln!(
-        "[hubs] {n}: small file p50 {} p99 {}; barrier p50 {} p99 {}; RSS edge {:.1} MiB (max {:.1}), hub max {:.1} MiB",
+        "[hubs] {n}: small file p50 {} p99 {}; bundle p50 {} p99 {} ({} torn); barrier p50 {} p99 {}; RSS edge {:.1} MiB (max {:.1}), hub max {:.1} MiB; CPU per change: hub {:.1} ms, all nodes {:.0} ms",
         fmt_secs(r.small.p50),
         fmt_secs(r.small.p99),
+        fmt_secs(r.bundle.p50),
+        fmt_secs(r.bundle.p99),
+        r.torn,
         fmt_secs(r.confirm.p50),
         fmt_secs(r.confirm.p99),
         r.rss_edge_mean,
         r.rss_edge_max,
-        r.rss_hub_max
+        r.rss_hub_max,
+        r.hub_cpu_per_change_ms,
+        r.all_cpu_per_change_ms
     );
     Ok(r)
 }
@@ -271,23 +334,28 @@ pub fn run_hubs(
 pub fn render(results: &[HubsResult], samples: usize) -> String {
     let mut s = String::from(
         "\n### Hub topologies (`--only hubs`, issue 16)\n\n\
-         | nodes | connected after | small file to all p50 | p99 | barrier from an edge p50 | p99 | RSS per edge (mean / max) | RSS hub (max) | hub CPU per change |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | nodes | connected after | small file to all p50 | p99 | bundle to all p50 | p99 | torn | barrier from an edge p50 | p99 | RSS per edge (mean / max) | RSS hub (max) | hub CPU per change | all nodes' CPU per change | others' CPU |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         let _ = writeln!(
             s,
-            "| {} | {:.2} s | {} | {} | {} | {} | {:.1} / {:.1} MiB | {:.1} MiB | {:.1} ms |",
+            "| {} | {:.2} s | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} MiB | {:.1} MiB | {:.1} ms | {:.0} ms | {:.2} cores |",
             r.n,
             r.formation,
             fmt_secs(r.small.p50),
             fmt_secs(r.small.p99),
+            fmt_secs(r.bundle.p50),
+            fmt_secs(r.bundle.p99),
+            r.torn,
             fmt_secs(r.confirm.p50),
             fmt_secs(r.confirm.p99),
             r.rss_edge_mean,
             r.rss_edge_max,
             r.rss_hub_max,
-            r.hub_cpu_per_change_ms
+            r.hub_cpu_per_change_ms,
+            r.all_cpu_per_change_ms,
+            r.others_cores
         );
     }
     let _ = writeln!(
@@ -295,9 +363,15 @@ pub fn render(results: &[HubsResult], samples: usize) -> String {
         "\n{REGIONS} regions × ({HUBS} hubs + edges) on 127.1.0.0/16, all processes started at once; \
          the writer is an edge of region 0 (three hops from the other regions' edges). \
          Small file: {samples} samples (+1 warm-up), written atomically, until the content is on \
-         every other node. Barrier: write of a token until `certmesh confirm` on the writer says \
+         every other node. Bundle: {samples} certificate versions (`archive/<name>/<i>/` \
+         fullchain + key, then `live/<name>` flipped) until every other node reads the new pair \
+         through `live/<name>`; torn: a node seen with a pair that is neither the old nor the new \
+         one. Barrier: write of a token until `certmesh confirm` on the writer says \
          every node has it. RSS after the samples; hub CPU is utime+stime of a region-0 hub over \
-         the small-file samples, per change."
+         the small-file samples, per change; all nodes' CPU the same summed over every node (on 2 \
+         cores, propagation to all can be no faster than half of it). Others' CPU: cores kept busy by other processes (other \
+         builds) on average from the start to the last sample, out of the machine's total; \
+         anything well above 0 means the figures were taken under load."
     );
     s
 }

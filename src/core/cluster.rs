@@ -39,6 +39,19 @@ pub const MAX_CENSUS_NODES: usize = 16_384;
 /// Most messages queued for one peer (a slow peer makes a barrier time out, not
 /// memory grow).
 pub const MAX_OUTBOX: usize = 4096;
+/// Most bytes (about their encoded size) queued for one peer: a peer that stops
+/// reading while reports of 4,096 neighbours are routed to it holds 4 MiB, not
+/// gigabytes.
+pub const MAX_OUTBOX_BYTES: usize = 4 << 20;
+/// Most requests relayed at once on behalf of one peer (its further ids are
+/// dropped): one hostile peer cannot take the whole relay table.
+pub const MAX_RELAYS_PER_PEER: usize = 16;
+/// Requests accepted from one peer in a burst; then one per [`CONFIRM_REFILL_NS`].
+/// Each costs a flood through the cluster, so a peer sending them at line rate
+/// is slowed to this pace (the rest are dropped: their origins time out).
+pub const CONFIRM_BURST: u32 = 32;
+/// One more request accepted from a peer per this many nanoseconds.
+pub const CONFIRM_REFILL_NS: i64 = 250_000_000;
 
 /// "Tell `origin` which nodes have `path` at `version` or newer."
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +66,8 @@ pub struct Confirm {
     pub ttl_ms: u64,
     /// Nodes already sent this request (not sent it again).
     pub asked: Vec<DeviceId>,
+    /// Also report, per peer, whether it is in sync (`status --cluster`).
+    pub sync: bool,
 }
 
 /// What a node knows of one of its configured peers.
@@ -65,6 +80,9 @@ pub struct Neighbor {
     pub has: bool,
     /// It relays barriers: it reports for itself.
     pub relays: bool,
+    /// Connected, and nothing pending either way with it (said only when the
+    /// request asks, [`Confirm::sync`]).
+    pub in_sync: bool,
 }
 
 /// One node's answer, relayed unchanged to the origin. The first report of a node
@@ -76,6 +94,18 @@ pub struct Report {
     pub name: String,
     pub has: bool,
     pub peers: Vec<Neighbor>,
+}
+
+/// What a barrier asks (see [`Cluster::start_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ask {
+    pub id: u64,
+    pub path: RelPath,
+    pub version: VersionVector,
+    /// How long relays keep the route back.
+    pub ttl_ms: u64,
+    /// Also ask every node whether it is in sync with each of its peers.
+    pub sync: bool,
 }
 
 /// A barrier message for one peer.
@@ -101,6 +131,9 @@ pub struct NodeStatus {
     pub has: bool,
     /// Connected to the origin or to a node that reported: waited for.
     pub live: bool,
+    /// Every node that reported being connected to it (the origin included) is in
+    /// sync with it. Only known in a barrier that asked ([`Confirm::sync`]).
+    pub in_sync: bool,
 }
 
 /// A barrier's state: every node known, and whether every live one has the path.
@@ -120,6 +153,10 @@ struct Relay {
     req: Confirm,
     /// Who has been sent it (by anyone, as far as this node knows).
     asked: HashSet<DeviceId>,
+    /// Who this node sent it to (asked again when the route back is re-asked).
+    sent: HashSet<DeviceId>,
+    /// No hops left: not relayed to anyone, late-comers included.
+    last_hop: bool,
     path: RelPath,
     version: VersionVector,
     expires_ns: i64,
@@ -136,6 +173,8 @@ struct Seen {
     relays: bool,
     /// Reporter → whether it is connected to this node.
     connected_to: HashMap<DeviceId, bool>,
+    /// Reporter → whether it is in sync with this node.
+    in_sync_with: HashMap<DeviceId, bool>,
 }
 
 /// One barrier this node runs as origin.
@@ -159,8 +198,59 @@ pub struct Cluster {
     relaying: HashSet<DeviceId>,
     relays: HashMap<u64, Relay>,
     barriers: HashMap<u64, Census>,
-    outbox: HashMap<DeviceId, Vec<ClusterMsg>>,
+    outbox: HashMap<DeviceId, Outbox>,
+    /// Requests each peer may still send (see [`CONFIRM_BURST`]).
+    budgets: HashMap<DeviceId, Budget>,
     now_ns: i64,
+}
+
+/// Messages queued for one peer and about how many bytes they take.
+#[derive(Debug, Default)]
+struct Outbox {
+    msgs: Vec<ClusterMsg>,
+    bytes: usize,
+}
+
+/// A token bucket: requests one peer may still send.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    tokens: u32,
+    /// When the last token was added (or the bucket was last full).
+    at_ns: i64,
+}
+
+impl Budget {
+    /// Takes one token at `now_ns`, refilled at one per [`CONFIRM_REFILL_NS`] up to
+    /// [`CONFIRM_BURST`]; false when there is none.
+    fn take(&mut self, now_ns: i64) -> bool {
+        let add = now_ns.saturating_sub(self.at_ns).max(0) / CONFIRM_REFILL_NS;
+        let add = u32::try_from(add).unwrap_or(u32::MAX);
+        if add > 0 {
+            self.tokens = self.tokens.saturating_add(add).min(CONFIRM_BURST);
+            self.at_ns = if self.tokens == CONFIRM_BURST {
+                now_ns
+            } else {
+                self.at_ns + i64::from(add) * CONFIRM_REFILL_NS
+            };
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+/// About the encoded size of a message, for [`MAX_OUTBOX_BYTES`].
+fn approx_size(m: &ClusterMsg) -> usize {
+    match m {
+        ClusterMsg::Confirm(c) => {
+            64 + c.path.as_str().len() + 24 * c.version.pairs().len() + 34 * c.asked.len()
+        }
+        ClusterMsg::Report(r) => {
+            64 + r.name.len() + r.peers.iter().map(|n| 44 + n.name.len()).sum::<usize>()
+        }
+    }
 }
 
 /// What the cluster reads of the rest of the engine.
@@ -178,6 +268,11 @@ impl View<'_> {
             .is_some_and(|e| e.record.version.covers(version))
     }
 
+    /// Nothing pending either way with `peer`.
+    fn in_sync(&self, peer: &DeviceId) -> bool {
+        self.plan.in_sync(peer, self.index)
+    }
+
     /// `peer` acknowledged our record of `path`, which covers `version`.
     fn acked(&self, peer: &DeviceId, path: &RelPath, version: &VersionVector) -> bool {
         self.index.get(path).is_some_and(|e| {
@@ -191,6 +286,8 @@ impl Cluster {
     pub fn set_roster(&mut self, me: DeviceId, name: String, roster: Vec<Member>) {
         self.me = Some(me);
         self.name = name;
+        self.budgets
+            .retain(|d, _| roster.iter().any(|m| m.device == *d));
         self.roster = roster;
     }
 
@@ -203,22 +300,59 @@ impl Cluster {
         }
     }
 
-    /// The session with `peer` ended: nothing more is queued for it.
+    /// The session with `peer` ended: nothing more is queued for it, and what was
+    /// queued or in flight may be lost. So the requests this node runs or relays are
+    /// sent to it again when it is back, and the reports for the routes through it
+    /// are sent again in full.
     pub fn disconnected(&mut self, peer: &DeviceId) {
         self.outbox.remove(peer);
         self.relaying.remove(peer);
-    }
-
-    /// Messages for `peer`, oldest first.
-    pub fn take_outbox(&mut self, peer: &DeviceId) -> Vec<ClusterMsg> {
-        self.outbox.remove(peer).unwrap_or_default()
-    }
-
-    fn send(&mut self, peer: DeviceId, msg: ClusterMsg) {
-        let q = self.outbox.entry(peer).or_default();
-        if q.len() < MAX_OUTBOX {
-            q.push(msg);
+        for c in self.barriers.values_mut() {
+            c.asked.remove(peer);
         }
+        for r in self.relays.values_mut() {
+            if r.sent.remove(peer) && !r.last_hop {
+                r.asked.remove(peer);
+            }
+            if r.from == *peer {
+                r.last = None;
+            }
+        }
+    }
+
+    /// Messages for `peer`, oldest first. Nothing for a session that does not relay
+    /// barriers (a node downgraded while they were queued would refuse the frames
+    /// and reconnect, over and over): what was queued is dropped.
+    pub fn take_outbox(&mut self, peer: &DeviceId) -> Vec<ClusterMsg> {
+        let q = self.outbox.remove(peer).unwrap_or_default().msgs;
+        if self.relaying.contains(peer) {
+            q
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Queues `msg` for `peer`, unless its queue is full (by count or bytes): then
+    /// it is dropped, and the barrier it belongs to waits for that node until its
+    /// timeout.
+    fn send(&mut self, peer: DeviceId, msg: ClusterMsg) {
+        let size = approx_size(&msg);
+        let q = self.outbox.entry(peer).or_default();
+        if q.msgs.len() < MAX_OUTBOX && q.bytes + size <= MAX_OUTBOX_BYTES {
+            q.bytes += size;
+            q.msgs.push(msg);
+        }
+    }
+
+    /// `from` may send one more request now ([`CONFIRM_BURST`]).
+    fn within_budget(&mut self, from: DeviceId, now_ns: i64) -> bool {
+        self.budgets
+            .entry(from)
+            .or_insert(Budget {
+                tokens: CONFIRM_BURST,
+                at_ns: now_ns,
+            })
+            .take(now_ns)
     }
 
     /// Connected peers that relay, and are not in `skip`.
@@ -246,6 +380,25 @@ impl Cluster {
         ttl_ms: u64,
         now_ns: i64,
     ) -> bool {
+        let ask = Ask {
+            id,
+            path,
+            version,
+            ttl_ms,
+            sync: false,
+        };
+        self.start_with(v, ask, now_ns)
+    }
+
+    /// As [`Cluster::start`], with every choice of the request in `ask`.
+    pub fn start_with(&mut self, v: &View, ask: Ask, now_ns: i64) -> bool {
+        let Ask {
+            id,
+            path,
+            version,
+            ttl_ms,
+            sync,
+        } = ask;
         self.now_ns = now_ns;
         let Some(me) = self.me else {
             return false;
@@ -262,6 +415,7 @@ impl Cluster {
             hops: MAX_HOPS,
             ttl_ms: ttl_ms.min(MAX_TTL_MS),
             asked: targets.iter().copied().take(MAX_ASKED).collect(),
+            sync,
         };
         for t in &targets {
             self.send(*t, ClusterMsg::Confirm(req.clone()));
@@ -285,16 +439,38 @@ impl Cluster {
     }
 
     /// A request from `from`: relayed once per id to the connected peers that relay
-    /// and were not asked yet, and answered with this node's report.
+    /// and were not asked yet, and answered with this node's report. A repeat from
+    /// the node it first came from (the route back) means that node reconnected and
+    /// may have lost what was on the way: this node reports again in full and asks
+    /// again the nodes it asked, so the reports behind it come again too.
+    ///
+    /// Each request costs `from` one token of its budget ([`CONFIRM_BURST`]), and
+    /// at most [`MAX_RELAYS_PER_PEER`] routes back to one peer are kept: beyond,
+    /// its requests are dropped unanswered.
     pub fn handle_confirm(&mut self, v: &View, from: DeviceId, req: Confirm, now_ns: i64) {
         self.now_ns = now_ns;
-        if Some(req.origin) == self.me
-            || self.barriers.contains_key(&req.id)
-            || self.relays.contains_key(&req.id)
-        {
+        if !self.within_budget(from, now_ns) {
+            return;
+        }
+        if let Some(r) = self.relays.get_mut(&req.id) {
+            if r.from == from && r.expires_ns > now_ns {
+                r.last = None;
+                let again: Vec<DeviceId> = r.sent.iter().copied().collect();
+                let fwd = r.req.clone();
+                for t in again {
+                    self.send(t, ClusterMsg::Confirm(fwd.clone()));
+                }
+                self.refresh(v);
+            }
+            return;
+        }
+        if Some(req.origin) == self.me || self.barriers.contains_key(&req.id) {
             return;
         }
         self.relays.retain(|_, r| r.expires_ns > now_ns);
+        if self.relays.values().filter(|r| r.from == from).count() >= MAX_RELAYS_PER_PEER {
+            return;
+        }
         if self.relays.len() >= MAX_RELAYS {
             if let Some(oldest) = self
                 .relays
@@ -328,6 +504,7 @@ impl Cluster {
         for t in &targets {
             self.send(*t, ClusterMsg::Confirm(fwd.clone()));
         }
+        let sent: HashSet<DeviceId> = targets.iter().copied().collect();
         skip.extend(targets);
         if req.hops == 0 {
             // Not relayed any further, to late-comers either.
@@ -339,6 +516,8 @@ impl Cluster {
                 from,
                 req: fwd,
                 asked: skip,
+                sent,
+                last_hop: req.hops == 0,
                 path: req.path,
                 version: req.version,
                 expires_ns: now_ns.saturating_add(ttl_ns),
@@ -401,6 +580,7 @@ impl Cluster {
                         connected,
                         has: connected && !relays && v.acked(&m.device, &r.path, &r.version),
                         relays,
+                        in_sync: r.req.sync && connected && v.in_sync(&m.device),
                     };
                     (m.device, n)
                 })
@@ -452,6 +632,7 @@ impl Cluster {
         for r in self.relays.values_mut().filter(|r| r.expires_ns > now) {
             for t in &live {
                 if r.asked.insert(*t) {
+                    r.sent.insert(*t);
                     out.push((*t, r.req.clone()));
                 }
             }
@@ -468,6 +649,7 @@ impl Cluster {
         let me = self.me?;
         let mut nodes: HashMap<DeviceId, NodeStatus> = HashMap::new();
         let mut waiting = false;
+        let sync = c.req.sync;
         for m in &self.roster {
             let connected = (v.connected)(&m.device);
             let relays = connected && self.relaying.contains(&m.device);
@@ -476,7 +658,10 @@ impl Cluster {
                 || (connected && v.acked(&m.device, &c.path, &c.version));
             let reported = seen.is_some_and(|s| s.reported);
             let asked = c.asked.contains(&m.device);
+            let in_sync =
+                sync && connected && v.in_sync(&m.device) && seen.is_none_or(Seen::links_in_sync);
             waiting |= connected && (!has || (relays && asked && !reported));
+            waiting |= sync && connected && !in_sync;
             nodes.insert(
                 m.device,
                 NodeStatus {
@@ -484,6 +669,7 @@ impl Cluster {
                     name: m.name.clone(),
                     has,
                     live: connected,
+                    in_sync,
                 },
             );
         }
@@ -492,7 +678,9 @@ impl Cluster {
                 continue;
             }
             let live = s.reported || s.connected_to.values().any(|c| *c);
+            let in_sync = sync && live && s.links_in_sync();
             waiting |= live && (!s.has || (s.relays && !s.reported));
+            waiting |= sync && live && !in_sync;
             nodes.insert(
                 *d,
                 NodeStatus {
@@ -500,6 +688,7 @@ impl Cluster {
                     name: s.name.clone(),
                     has: s.has,
                     live,
+                    in_sync,
                 },
             );
         }
@@ -509,6 +698,16 @@ impl Cluster {
             nodes,
             done: !waiting,
         })
+    }
+}
+
+impl Seen {
+    /// Every reporter connected to this node said it is in sync with it.
+    fn links_in_sync(&self) -> bool {
+        self.connected_to
+            .iter()
+            .filter(|(_, c)| **c)
+            .all(|(r, _)| self.in_sync_with.get(r) == Some(&true))
     }
 }
 
@@ -538,6 +737,7 @@ impl Census {
             p.has |= n.has;
             p.relays |= n.relays;
             p.connected_to.insert(r.node, n.connected);
+            p.in_sync_with.insert(r.node, n.in_sync);
         }
     }
 }
@@ -735,7 +935,7 @@ mod tests {
                 .cluster
                 .outbox
                 .values()
-                .flatten()
+                .flat_map(|q| &q.msgs)
                 .filter(|m| matches!(m, ClusterMsg::Confirm(_)))
                 .count();
         }
@@ -808,6 +1008,7 @@ mod tests {
             hops: 0,
             ttl_ms: 1000,
             asked: vec![],
+            sync: false,
         };
         n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), 0));
         // Answered, not relayed (no hops left)…
@@ -816,6 +1017,145 @@ mod tests {
         // …and a second copy of the same request is ignored.
         n.with_view(|c, v| c.handle_confirm(v, dev(3), req, 0));
         assert!(n.cluster.outbox.is_empty());
+    }
+
+    /// Cuts the link between nodes `a` and `b` (device bytes): what was queued on it
+    /// is lost, and each side's session ends as the engine reports it.
+    fn cut(nodes: &mut [Node], a: u8, b: u8) {
+        for (x, y) in [(a, b), (b, a)] {
+            let n = &mut nodes[usize::from(x) - 1];
+            n.cluster.take_outbox(&dev(y));
+            n.connected.remove(&dev(y));
+            n.cluster.disconnected(&dev(y));
+            n.with_view(|c, v| c.refresh(v));
+        }
+        // Whatever was queued for the dead session is lost with it.
+        for (x, y) in [(a, b), (b, a)] {
+            nodes[usize::from(x) - 1].cluster.take_outbox(&dev(y));
+        }
+    }
+
+    /// Connects `a` and `b` again (both relay).
+    fn heal(nodes: &mut [Node], a: u8, b: u8) {
+        for (x, y) in [(a, b), (b, a)] {
+            let n = &mut nodes[usize::from(x) - 1];
+            n.connected.insert(dev(y));
+            n.cluster.set_relaying(dev(y), true);
+            n.with_view(|c, v| c.refresh(v));
+        }
+    }
+
+    #[test]
+    fn reports_relayed_and_lost_near_the_origin_come_again_from_behind_the_relay() {
+        // 1 — 2 — 3: node 3's report reaches node 2, whose link to the origin drops
+        // with it on the way. Node 2 reconnects: the origin asks it again, node 2 asks
+        // node 3 again, and node 3's answer comes through.
+        let mut nodes = chain();
+        let r = token();
+        start(&mut nodes, &r);
+        nodes[1].apply(&r);
+        deliver(&mut nodes);
+        nodes[2].apply(&r);
+        // Node 3's report travels to node 2 and is relayed…
+        for m in nodes[2].cluster.take_outbox(&dev(2)) {
+            if let ClusterMsg::Report(rep) = m {
+                nodes[1].cluster.handle_report(dev(3), rep);
+            }
+        }
+        // …and lost with the 1–2 connection.
+        cut(&mut nodes, 1, 2);
+        deliver(&mut nodes);
+        assert!(!status(&mut nodes[0]).done);
+        heal(&mut nodes, 1, 2);
+        deliver(&mut nodes);
+        let s = status(&mut nodes[0]);
+        assert!(s.done, "{s:?}");
+        assert_eq!(s.nodes.len(), 2);
+        assert!(s.nodes.iter().all(|n| n.has && n.live));
+    }
+
+    #[test]
+    fn a_peer_back_without_relaying_is_sent_no_barrier_frames() {
+        // Node 2 relays for node 1; the link drops while node 2's report waits, and
+        // node 1 comes back as an older version that does not relay.
+        let mut nodes = chain();
+        let r = token();
+        start(&mut nodes, &r);
+        deliver(&mut nodes);
+        nodes[1].connected.remove(&dev(1));
+        nodes[1].cluster.disconnected(&dev(1));
+        nodes[1].apply(&r);
+        nodes[1].connected.insert(dev(1));
+        nodes[1].with_view(|c, v| c.refresh(v));
+        assert!(nodes[1].cluster.take_outbox(&dev(1)).is_empty());
+        assert!(nodes[1].cluster.outbox.is_empty(), "dropped, not kept");
+    }
+
+    #[test]
+    fn a_repeat_from_another_peer_is_ignored() {
+        let mut n = Node::new(2, &[1, 3]);
+        let r = token();
+        let req = Confirm {
+            id: 5,
+            origin: dev(9),
+            path: r.path.clone(),
+            version: r.version.clone(),
+            hops: 4,
+            ttl_ms: 1000,
+            asked: vec![dev(1), dev(2)],
+            sync: false,
+        };
+        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), 0));
+        assert_eq!(n.cluster.take_outbox(&dev(3)).len(), 1, "relayed to 3");
+        assert_eq!(n.cluster.take_outbox(&dev(1)).len(), 1, "reported to 1");
+        n.with_view(|c, v| c.handle_confirm(v, dev(3), req, 0));
+        assert!(n.cluster.outbox.is_empty());
+    }
+
+    #[test]
+    fn a_census_names_a_node_two_hops_away_that_is_behind() {
+        // 1 — 2 — 3, every node has the token, but node 3 has not acknowledged
+        // node 2's records: node 1's own peer (2) is in sync, the cluster is not.
+        let mut nodes = chain();
+        for (i, peers) in [(0, vec![2u8]), (1, vec![1, 3]), (2, vec![2])] {
+            let n: &mut Node = &mut nodes[i];
+            for p in peers {
+                n.plan.connected(dev(p), &n.index);
+            }
+        }
+        let r = token();
+        nodes[0].index.put(r.clone(), None);
+        let ask = Ask {
+            id: 7,
+            path: r.path.clone(),
+            version: r.version.clone(),
+            ttl_ms: 10_000,
+            sync: true,
+        };
+        assert!(nodes[0].with_view(|c, v| c.start_with(v, ask, 0)));
+        nodes[1].apply(&r);
+        nodes[2].apply(&r);
+        let ack = |n: &mut Node, peer: u8| {
+            let seq = n.index.sequence();
+            n.plan.acked(dev(peer), seq);
+            n.with_view(|c, v| c.refresh(v));
+        };
+        ack(&mut nodes[0], 2);
+        ack(&mut nodes[1], 1);
+        ack(&mut nodes[2], 2);
+        deliver(&mut nodes);
+        let s = status(&mut nodes[0]);
+        assert!(!s.done, "{s:?}");
+        let by = |s: &BarrierStatus, d: u8| s.nodes.iter().find(|n| n.device == dev(d)).cloned();
+        assert!(by(&s, 2).is_some_and(|n| n.in_sync && n.has), "{s:?}");
+        assert!(
+            by(&s, 3).is_some_and(|n| !n.in_sync && n.has && n.live),
+            "{s:?}"
+        );
+        ack(&mut nodes[1], 3);
+        deliver(&mut nodes);
+        let s = status(&mut nodes[0]);
+        assert!(s.done && s.nodes.iter().all(|n| n.in_sync), "{s:?}");
     }
 
     #[test]

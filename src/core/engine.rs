@@ -570,6 +570,30 @@ impl Engine {
             .start(&v, id, path.clone(), version, ttl_ms, now_ns)
     }
 
+    /// Starts census `id` (`status --cluster`): a barrier on our newest record that
+    /// also asks every node whether it is in sync with each of its peers. Returns
+    /// that record's path; `None` when our index is empty or the barrier cannot
+    /// start.
+    pub fn start_census(&mut self, id: u64, ttl_ms: u64, now_ns: i64) -> Option<RelPath> {
+        let newest = self.index.newest()?;
+        let ask = cluster::Ask {
+            id,
+            path: newest.record.path.clone(),
+            version: newest.record.version.clone(),
+            ttl_ms,
+            sync: true,
+        };
+        let path = ask.path.clone();
+        let sends = &self.sends;
+        let connected = |d: &DeviceId| sends.contains_key(d);
+        let v = cluster::View {
+            index: &self.index,
+            plan: &self.plan,
+            connected: &connected,
+        };
+        self.cluster.start_with(&v, ask, now_ns).then_some(path)
+    }
+
     /// Where barrier `id` stands (`None`: not running here).
     pub fn barrier_status(&self, id: u64) -> Option<BarrierStatus> {
         let sends = &self.sends;

@@ -222,6 +222,14 @@ impl Index {
         self.entries.values()
     }
 
+    /// The record changed last (`None`: the index is empty).
+    pub fn newest(&self) -> Option<&Entry> {
+        self.by_sequence
+            .values()
+            .rev()
+            .find_map(|p| self.entries.get(p))
+    }
+
     /// Records changed after `sequence`, in sequence order.
     pub fn changed_since(&self, sequence: u64) -> impl Iterator<Item = &Entry> {
         self.by_sequence

@@ -211,12 +211,28 @@ impl Plan {
             return;
         };
         view.received_upto = view.received_upto.max(last_sequence);
-        let paths: Vec<RelPath> = records.iter().map(|(r, _)| r.path.clone()).collect();
+        // A record our own covers is no contender (see `evaluate`): when the peer's
+        // new record and the one it replaces both are, the need for that path cannot
+        // change and is not re-derived. This is what a hub hears back from each of
+        // its peers after every change it relays; re-deriving it anyway costs
+        // O(peers) per record and peer, O(peers²) per change.
+        let covered = |r: &FileRecord| {
+            index
+                .get(&r.path)
+                .is_some_and(|l| l.record.version.covers(&r.version))
+        };
+        let mut paths: Vec<RelPath> = Vec::with_capacity(records.len());
         for (r, seq) in records {
             view.received_upto = view.received_upto.max(seq);
             view.bytes += record_cost(&r);
-            if let Some((old, _)) = view.records.insert(r.path.clone(), (r, seq)) {
-                view.bytes = view.bytes.saturating_sub(record_cost(&old));
+            let path = r.path.clone();
+            let new_covered = covered(&r);
+            let old = view.records.insert(r.path.clone(), (r, seq));
+            if let Some((old, _)) = &old {
+                view.bytes = view.bytes.saturating_sub(record_cost(old));
+            }
+            if !new_covered || old.is_some_and(|(o, _)| !covered(&o)) {
+                paths.push(path);
             }
         }
         for p in &paths {
@@ -479,6 +495,23 @@ mod tests {
         let peer = DeviceId([9; 32]);
         plan.connected(peer, index);
         peer
+    }
+
+    #[test]
+    fn a_contender_replaced_by_a_record_we_cover_is_no_longer_needed() {
+        // Records our own covers are not re-evaluated, unless the one they replace
+        // was a contender: a peer going back to what we have drops the need.
+        let mut index = Index::new(ShortId(1));
+        index.put(record("a", 1, 1), None);
+        let mut plan = Plan::default();
+        let peer = connected(&mut plan, &index);
+        plan.receive(peer, vec![(record("a", 2, 2), 1)], 1, &index);
+        assert_eq!(plan.needs_len(), 1);
+        plan.receive(peer, vec![(record("a", 1, 1), 2)], 2, &index);
+        assert_eq!(plan.needs_len(), 0);
+        // A covered record with no contender before it changes nothing.
+        plan.receive(peer, vec![(record("a", 1, 1), 3)], 3, &index);
+        assert_eq!(plan.needs_len(), 0);
     }
 
     #[test]

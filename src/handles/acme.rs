@@ -125,6 +125,16 @@ impl Barrier {
     pub async fn wait(&self, path: &RelPath, timeout: Duration) -> Vec<PeerAck> {
         crate::node::wait_peers_have(&self.0, path, timeout).await
     }
+
+    /// A census (`status --cluster`): a barrier on this node's newest record that
+    /// also asks every node whether it is in sync with its peers; `None` when there
+    /// is nothing to ask about or too many barriers run.
+    pub async fn census(
+        &self,
+        timeout: Duration,
+    ) -> Option<(RelPath, crate::core::cluster::BarrierStatus)> {
+        crate::node::census(&self.0, timeout).await
+    }
 }
 
 /// Where the ACME driver's handle is kept once it runs (`status`, `issue`, `renew`

@@ -192,5 +192,6 @@ fn status(shared: &Arc<Shared>) -> Status {
             acme_failures: shared.acme.get().map_or(0, |a| a.failures_total()),
         },
         repairs: shared.repairs.recent(),
+        cluster: None,
     }
 }

@@ -28,8 +28,12 @@ pub struct Handles {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
-    /// The node's status ([`Status`]).
-    Status,
+    /// The node's status ([`Status`]); with `cluster_ms`, also a census of the
+    /// whole cluster, waiting up to that long ([`crate::ops::census`]).
+    Status {
+        #[serde(default)]
+        cluster_ms: Option<u64>,
+    },
     /// Order `name` now.
     Issue {
         /// The certificate (`[[certificate]] name`).
@@ -150,7 +154,19 @@ async fn serve(h: Handles, stream: UnixStream) -> anyhow::Result<()> {
     {
         let no_acme = || serde_json::json!({ "error": "[acme] is not configured on this node" });
         let answer = match parse_request(&line) {
-            Ok(Request::Status) => serde_json::to_value(h.observer.status())?,
+            Ok(Request::Status { cluster_ms }) => {
+                let cluster = match cluster_ms {
+                    Some(ms) => Some(
+                        crate::ops::census::run(&h.barrier, Duration::from_millis(ms.min(600_000)))
+                            .await,
+                    ),
+                    None => None,
+                };
+                serde_json::to_value(Status {
+                    cluster,
+                    ..h.observer.status()
+                })?
+            }
             Ok(Request::Issue { name }) => match (h.acme.get(), name) {
                 (None, _) => no_acme(),
                 (_, None) => serde_json::json!({ "error": "issue needs a certificate name" }),
@@ -238,7 +254,10 @@ mod tests {
     #[test]
     fn requests_parse_as_before_and_name_what_is_wrong() {
         use super::{parse_request, Request};
-        assert_eq!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(
+            parse_request(r#"{"cmd":"status"}"#),
+            Ok(Request::Status { cluster_ms: None })
+        );
         assert_eq!(
             parse_request(r#"{"cmd":"renew","force":true}"#),
             Ok(Request::Renew {

@@ -5,8 +5,10 @@
 //! any feature without importing the daemon), [`hooks`] (commands or HAProxy hot swaps
 //! when matching paths change), [`firewall`] (nftables / iptables rules from the
 //! config), [`systemd`] (readiness, status line, reload, watchdog) and [`logging`]
-//! (stderr, journald or `<N>`-prefixed lines).
+//! (stderr, journald or `<N>`-prefixed lines); [`census`] (`status --cluster`: is
+//! the whole cluster in sync).
 
+pub mod census;
 pub mod control;
 pub mod firewall;
 pub mod hooks;

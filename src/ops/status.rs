@@ -22,6 +22,9 @@ pub struct Status {
     /// first: `repairs[].certificate`, `.at`, `.caused_by`, `.from_version`.
     #[serde(default)]
     pub repairs: Vec<crate::repair::RepairStatus>,
+    /// The whole cluster's sync, behind hubs too (only with `status --cluster`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::ops::census::ClusterSync>,
 }
 
 /// Monotonic counters since the daemon started.
@@ -264,6 +267,9 @@ pub fn render(s: &Status) -> String {
         &["PEER", "ADDRESS", "CONNECTED", "RTT", "SYNC", "LAST SYNC"],
         peers,
     );
+    if let Some(c) = &s.cluster {
+        o.push_str(&crate::ops::census::render(c));
+    }
     for p in s.peers.iter().filter(|p| p.refused.count > 0) {
         let r = &p.refused;
         let author = r.last_author.as_deref().map_or_else(dash, |a| {
@@ -565,6 +571,7 @@ mod tests {
                 from_version: 3,
                 reason: "live/www missing".into(),
             }],
+            cluster: None,
         }
     }
 

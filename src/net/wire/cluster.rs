@@ -28,6 +28,7 @@ pub fn confirm_to_wire(c: &Confirm) -> pb::Confirm {
         hops: c.hops,
         ttl_ms: c.ttl_ms,
         asked: c.asked.iter().map(|d| d.0.to_vec()).collect(),
+        sync: c.sync,
     }
 }
 
@@ -47,6 +48,7 @@ pub fn report_to_wire(r: &Report) -> pb::Report {
                 connected: n.connected,
                 has: n.has,
                 relays: n.relays,
+                in_sync: n.in_sync,
             })
             .collect(),
     }
@@ -103,6 +105,7 @@ pub fn confirm_from_wire(c: pb::Confirm) -> Result<Confirm, WireError> {
         hops: c.hops,
         ttl_ms: c.ttl_ms,
         asked,
+        sync: c.sync,
     })
 }
 
@@ -122,6 +125,7 @@ pub fn report_from_wire(r: pb::Report) -> Result<Report, WireError> {
                 connected: n.connected,
                 has: n.has,
                 relays: n.relays,
+                in_sync: n.in_sync,
             })
         })
         .collect::<Result<_, WireError>>()?;
@@ -153,6 +157,7 @@ mod tests {
             hops: 3,
             ttl_ms: 1000,
             asked: vec![DeviceId([2; 32])],
+            sync: false,
         }
     }
 
@@ -179,6 +184,7 @@ mod tests {
                 connected: true,
                 has: false,
                 relays: true,
+                in_sync: false,
             }],
         };
         assert_eq!(
@@ -253,11 +259,157 @@ mod tests {
         assert!(super::super::decode_frame(&f.encode_to_vec()).is_ok());
     }
 
+    /// Issue 16: a configured but hostile peer floods Confirms (fresh ids, the
+    /// longest `asked` list the wire allows), decoded as the receive loop does. The
+    /// relay keeps at most `MAX_RELAYS_PER_PEER` of its requests, takes them at the
+    /// budget's pace, bounds what it queues by bytes, and still answers a good peer.
+    #[test]
+    fn a_flood_of_confirms_from_one_peer_is_capped() {
+        use crate::core::cluster::{
+            Cluster, ClusterMsg, Member, View, CONFIRM_BURST, CONFIRM_REFILL_NS, MAX_OUTBOX_BYTES,
+            MAX_RELAYS_PER_PEER,
+        };
+        use crate::index::Index;
+        use crate::plan::Plan;
+        let (hostile, good, other, me) = (
+            DeviceId([1; 32]),
+            DeviceId([3; 32]),
+            DeviceId([4; 32]),
+            DeviceId([2; 32]),
+        );
+        let mut cl = Cluster::default();
+        let roster = [(hostile, "h"), (good, "g"), (other, "o")]
+            .into_iter()
+            .map(|(device, n)| Member {
+                device,
+                name: n.into(),
+            })
+            .collect();
+        cl.set_roster(me, "me".into(), roster);
+        for d in [hostile, good, other] {
+            cl.set_relaying(d, true);
+        }
+        let (index, plan) = (Index::new(ShortId(2)), Plan::new(u64::MAX));
+        let connected = |_: &DeviceId| true;
+        let v = View {
+            index: &index,
+            plan: &plan,
+            connected: &connected,
+        };
+        let receive = |cl: &mut Cluster, from: DeviceId, c: Confirm, now: i64| {
+            let bytes = pb::Frame {
+                body: Some(pb::frame::Body::Confirm(confirm_to_wire(&c))),
+            }
+            .encode_to_vec();
+            let Some(pb::frame::Body::Confirm(c)) =
+                super::super::decode_frame(&bytes).unwrap().body
+            else {
+                panic!("not a confirm")
+            };
+            cl.handle_confirm(&v, from, confirm_from_wire(c).unwrap(), now);
+        };
+        let flood = |id: u64| Confirm {
+            id,
+            ttl_ms: 1000,
+            asked: (0..MAX_ASKED as u32 - 1)
+                .map(|i| {
+                    let mut d = [9; 32];
+                    d[..4].copy_from_slice(&i.to_le_bytes());
+                    DeviceId(d)
+                })
+                .collect(),
+            ..sample_confirm()
+        };
+        let mut now = 0;
+        for id in 0..200u64 {
+            receive(&mut cl, hostile, flood(id), now);
+            now += 10_000; // 200 requests in 2 ms
+        }
+        for peer in [good, other] {
+            let relayed = cl.take_outbox(&peer);
+            assert_eq!(relayed.len(), MAX_RELAYS_PER_PEER, "requests relayed");
+        }
+        let reports = cl.take_outbox(&hostile);
+        assert_eq!(reports.len(), MAX_RELAYS_PER_PEER, "reports to the flooder");
+        // A good peer's request is still relayed and answered.
+        receive(
+            &mut cl,
+            good,
+            Confirm {
+                id: 1 << 40,
+                ..sample_confirm()
+            },
+            now,
+        );
+        assert_eq!(cl.take_outbox(&good).len(), 1, "report to the good peer");
+        assert_eq!(cl.take_outbox(&other).len(), 1, "relayed for the good peer");
+        // The flooder's routes expire (1 s); its budget refills at its pace only:
+        // two seconds later, eight more of its requests are taken.
+        let later = now + 2_000_000_000;
+        for id in 20_000..20_100u64 {
+            let c = Confirm {
+                id,
+                ..sample_confirm()
+            };
+            receive(&mut cl, hostile, c, later);
+        }
+        let refill = usize::try_from(2_000_000_000 / CONFIRM_REFILL_NS).unwrap();
+        assert_eq!(cl.take_outbox(&other).len(), refill, "refilled at its pace");
+        assert!(refill < CONFIRM_BURST as usize);
+        // What one peer's queue can hold is bounded by bytes: a peer that stops
+        // reading is sent reports until MAX_OUTBOX_BYTES, then nothing more.
+        let mut cl2 = Cluster::default();
+        cl2.set_roster(
+            me,
+            "me".into(),
+            vec![Member {
+                device: hostile,
+                name: "h".into(),
+            }],
+        );
+        cl2.set_relaying(hostile, true);
+        receive(&mut cl2, hostile, sample_confirm(), 0);
+        let big = Report {
+            id: sample_confirm().id,
+            node: DeviceId([7; 32]),
+            name: "x".repeat(MAX_NAME),
+            has: true,
+            peers: (0..MAX_REPORT_PEERS)
+                .map(|i| Neighbor {
+                    device: DeviceId([(i % 251) as u8; 32]),
+                    name: "n".repeat(MAX_NAME),
+                    connected: true,
+                    has: true,
+                    relays: true,
+                    in_sync: true,
+                })
+                .collect(),
+        };
+        let bytes = report_to_wire(&big).encode_to_vec();
+        for _ in 0..10 {
+            let r = report_from_wire(pb::Report::decode(bytes.as_slice()).unwrap()).unwrap();
+            cl2.handle_report(hostile, r);
+        }
+        let queued: usize = cl2
+            .take_outbox(&hostile)
+            .iter()
+            .map(|m| match m {
+                ClusterMsg::Report(r) => report_to_wire(r).encoded_len(),
+                ClusterMsg::Confirm(c) => confirm_to_wire(c).encoded_len(),
+            })
+            .sum();
+        assert!(
+            queued <= MAX_OUTBOX_BYTES + (MAX_OUTBOX_BYTES / 4),
+            "{queued} bytes queued"
+        );
+        assert!(queued > bytes.len(), "some reports are forwarded");
+    }
+
     proptest! {
         #[test]
         fn confirm_round_trips(id: u64, o: [u8; 32], hops in 0..=MAX_HOPS, ttl in 0..=MAX_TTL_MS,
                                counters in proptest::collection::vec((any::<u64>(), 1..u64::MAX), 1..8),
-                               asked in proptest::collection::vec(any::<[u8; 32]>(), 0..8)) {
+                               asked in proptest::collection::vec(any::<[u8; 32]>(), 0..8), sync: bool) {
             let c = Confirm {
                 id,
                 origin: DeviceId(o),
@@ -266,6 +418,7 @@ mod tests {
                 hops,
                 ttl_ms: ttl,
                 asked: asked.into_iter().map(DeviceId).collect(),
+                sync,
             };
             let bytes = confirm_to_wire(&c).encode_to_vec();
             let back = confirm_from_wire(pb::Confirm::decode(bytes.as_slice()).unwrap()).unwrap();
@@ -274,14 +427,14 @@ mod tests {
 
         #[test]
         fn report_round_trips(id: u64, node: [u8; 32], has: bool, name in "[a-z0-9-]{0,40}",
-                              peers in proptest::collection::vec((any::<[u8; 32]>(), "[a-z]{0,10}", any::<(bool, bool, bool)>()), 0..8)) {
+                              peers in proptest::collection::vec((any::<[u8; 32]>(), "[a-z]{0,10}", any::<(bool, bool, bool, bool)>()), 0..8)) {
             let r = Report {
                 id,
                 node: DeviceId(node),
                 name,
                 has,
-                peers: peers.into_iter().map(|(d, name, (connected, has, relays))| Neighbor {
-                    device: DeviceId(d), name, connected, has, relays,
+                peers: peers.into_iter().map(|(d, name, (connected, has, relays, in_sync))| Neighbor {
+                    device: DeviceId(d), name, connected, has, relays, in_sync,
                 }).collect(),
             };
             let bytes = report_to_wire(&r).encode_to_vec();
