@@ -1,0 +1,109 @@
+//! Local certmesh clusters for the benchmark (built on `certmesh::demo`'s harness).
+
+use super::*;
+
+/// Field order matters: the nodes are stopped before the directory is removed.
+/// Field order matters: the nodes are stopped before the directory is removed.
+pub(crate) struct CmCluster {
+    pub(crate) nodes: Vec<LocalNode>,
+    pub(crate) _dir: tempfile::TempDir,
+}
+
+impl Drop for CmCluster {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+impl CmCluster {
+    /// Stops every node at once (SIGTERM to all, then waits; SIGKILL after 10 s).
+    /// One by one, a daemon's up to 2 s of connection draining adds up to minutes
+    /// for a 128-node topology.
+    pub(crate) fn stop_all(&mut self) {
+        let mut children: Vec<Child> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.child.take())
+            .collect();
+        for c in &children {
+            if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+            if children.is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for c in &mut children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.child.as_ref().map(|c| c.id()))
+            .collect()
+    }
+
+    pub(crate) fn trees<'a>(
+        &'a self,
+        label: &'a str,
+        jitter: Duration,
+        timeout: Duration,
+    ) -> Trees<'a> {
+        Trees {
+            label,
+            writer: &self.nodes[0].tree,
+            peers: self.nodes[1..].iter().map(|n| n.tree.as_path()).collect(),
+            jitter,
+            timeout,
+        }
+    }
+}
+
+/// Writes configs for `n` nodes, lets `prepare` fill trees, starts every node at once;
+/// returns the cluster and the instant the first process was started.
+pub(crate) fn cm_start(
+    exe: &Path,
+    n: usize,
+    prepare: impl FnOnce(&[(String, PathBuf, PathBuf)]) -> Result<()>,
+) -> Result<(CmCluster, Instant)> {
+    let dir = tempfile::Builder::new()
+        .prefix("certmesh-bench-")
+        .tempdir()?;
+    let configs = demo::write_mesh(dir.path(), n)?;
+    for (_, _, tree) in &configs {
+        std::fs::create_dir_all(tree)?;
+    }
+    prepare(&configs)?;
+    let t0 = Instant::now();
+    let mut nodes = Vec::with_capacity(n);
+    for (name, cfg, tree) in &configs {
+        nodes.push(demo::spawn(exe, name, cfg, tree)?);
+    }
+    Ok((CmCluster { nodes, _dir: dir }, t0))
+}
+
+pub(crate) fn cm_wait_connected(
+    rt: &tokio::runtime::Runtime,
+    c: &CmCluster,
+    timeout: Duration,
+) -> Result<()> {
+    rt.block_on(demo::wait_connected(&c.nodes, timeout))
+        .map_err(|e| {
+            let logs: Vec<String> = c
+                .nodes
+                .iter()
+                .filter_map(|n| std::fs::read_to_string(n.config.with_file_name("node.log")).ok())
+                .filter(|l| !l.is_empty())
+                .take(2)
+                .collect();
+            anyhow!("{e:#}\nnode logs:\n{}", logs.join("\n"))
+        })
+}

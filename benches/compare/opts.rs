@@ -1,0 +1,150 @@
+//! Command-line options of the benchmark.
+
+use super::*;
+
+pub(crate) struct Opts {
+    pub(crate) quick: bool,
+    pub(crate) samples: usize,
+    pub(crate) defaults_samples: usize,
+    pub(crate) bulk_files: usize,
+    pub(crate) bulk_mib: u64,
+    pub(crate) skip_syncthing: bool,
+    pub(crate) idle_secs: u64,
+    pub(crate) rss_after_secs: u64,
+    pub(crate) scale: Vec<usize>,
+    /// Hub topology sizes (`--only hubs`).
+    pub(crate) hubs: Vec<usize>,
+    /// Sections to run (`--only`); empty: all.
+    pub(crate) only: Vec<String>,
+    pub(crate) acme_samples: usize,
+    pub(crate) args: Vec<String>,
+}
+
+impl Opts {
+    pub(crate) fn runs(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
+}
+
+pub(crate) const USAGE: &str = "\
+usage: cargo bench --bench compare -- [flags]
+  --quick               small sizes for a CI smoke run (5 samples, bulk 200 files / 2 MiB,
+                        scale 16 only, idle 3 s)
+  --samples N           propagation samples per system (default 20)
+  --defaults-samples N  cap for Syncthing with default settings (default 10; ~15 s per sample)
+  --bulk-files N        bulk initial sync: number of files (default 10000)
+  --bulk-mib M          bulk initial sync: total size in MiB (default 1024)
+  --scale LIST          certmesh mesh sizes, comma separated (default 16,32)
+  --idle-secs S         idle window for CPU / context switches (default 30)
+  --skip-syncthing      certmesh only
+  --only LIST           sections to run, comma separated: latency (small file, bundle,
+                        idle), bulk, scale, acme (issuance against a local Pebble on 1
+                        and 3 nodes; skipped when pebble is not installed) (default: all)
+  --acme-samples N      issuances per cluster size (default 20)
+  --hubs LIST           hub topology sizes for `--only hubs` (default 128; multiples of 4;
+                        hubs run only when named in --only; raises
+                        fs.inotify.max_user_instances as root for the run)";
+
+pub(crate) fn parse_opts() -> Result<Opts> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut o = Opts {
+        quick,
+        samples: if quick { 5 } else { 20 },
+        defaults_samples: if quick { 2 } else { 10 },
+        bulk_files: if quick { 200 } else { 10_000 },
+        bulk_mib: if quick { 2 } else { 1024 },
+        skip_syncthing: false,
+        idle_secs: if quick { 3 } else { 30 },
+        rss_after_secs: if quick { 3 } else { 10 },
+        scale: if quick { vec![16] } else { vec![16, 32] },
+        hubs: vec![128],
+        only: Vec::new(),
+        acme_samples: if quick { 3 } else { 20 },
+        args: args.clone(),
+    };
+    let mut it = args.iter().flat_map(|a| match a.split_once('=') {
+        Some((k, v)) if a.starts_with("--") => vec![k.to_string(), v.to_string()],
+        _ => vec![a.clone()],
+    });
+    fn val<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T> {
+        let v = v.ok_or_else(|| anyhow!("{flag} needs a value"))?;
+        v.parse().map_err(|_| anyhow!("{flag}: bad value {v:?}"))
+    }
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => {}
+            "--skip-syncthing" => o.skip_syncthing = true,
+            "--samples" => o.samples = val(&a, it.next())?,
+            "--acme-samples" => o.acme_samples = val::<usize>(&a, it.next())?.max(1),
+            "--defaults-samples" => o.defaults_samples = val(&a, it.next())?,
+            "--bulk-files" => o.bulk_files = val(&a, it.next())?,
+            "--bulk-mib" => o.bulk_mib = val(&a, it.next())?,
+            "--idle-secs" => {
+                o.idle_secs = val(&a, it.next())?;
+                o.rss_after_secs = o.rss_after_secs.min(o.idle_secs);
+            }
+            "--scale" => {
+                let v: String = val(&a, it.next())?;
+                o.scale = v
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| {
+                        s.trim()
+                            .parse()
+                            .map_err(|_| anyhow!("--scale: bad value {s:?}"))
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            "--hubs" => {
+                let v: String = val(&a, it.next())?;
+                o.hubs = v
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| {
+                        s.trim()
+                            .parse()
+                            .map_err(|_| anyhow!("--hubs: bad value {s:?}"))
+                    })
+                    .collect::<Result<_>>()?;
+                if o.hubs
+                    .iter()
+                    .any(|&n| n % 4 != 0 || !(16..=1000).contains(&n))
+                {
+                    bail!("--hubs sizes must be multiples of 4 between 16 and 1000");
+                }
+            }
+            "--only" => {
+                let v: String = val(&a, it.next())?;
+                o.only = v
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if let Some(bad) = o
+                    .only
+                    .iter()
+                    .find(|s| !["latency", "bulk", "scale", "acme", "hubs"].contains(&s.as_str()))
+                {
+                    bail!("--only: unknown section {bad:?} (latency, bulk, scale, acme, hubs)");
+                }
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if o.samples == 0 || o.bulk_files == 0 {
+        bail!("--samples and --bulk-files must be at least 1");
+    }
+    if o.scale.iter().any(|&n| !(2..=250).contains(&n)) {
+        bail!("--scale sizes must be between 2 and 250");
+    }
+    o.defaults_samples = o.defaults_samples.clamp(1, o.samples);
+    Ok(o)
+}
