@@ -45,6 +45,29 @@ pub fn free_port(ip: &str) -> anyhow::Result<SocketAddr> {
     Ok(s.local_addr()?)
 }
 
+/// The config of a local node: `[node]`, `[tree]` and one `[[peer]]` per
+/// `(name, device ID, address)`. The one config text of the demo, the benchmark and
+/// the integration tests.
+pub fn node_config(
+    name: &str,
+    state: &Path,
+    listen: &str,
+    tree: &Path,
+    peers: &[(&str, &str, &str)],
+) -> String {
+    let mut cfg = format!(
+        "[node]\nname = \"{name}\"\nstate_dir = \"{}\"\nlisten = \"{listen}\"\n\n[tree]\npath = \"{}\"\n",
+        state.display(),
+        tree.display()
+    );
+    for (pname, pid, paddr) in peers {
+        cfg.push_str(&format!(
+            "\n[[peer]]\nname = \"{pname}\"\nid = \"{pid}\"\naddress = \"{paddr}\"\n"
+        ));
+    }
+    cfg
+}
+
 /// Writes configs for a full mesh of `n` nodes on 127.0.0.2… under `dir`.
 pub fn write_mesh(dir: &Path, n: usize) -> anyhow::Result<Vec<(String, PathBuf, PathBuf)>> {
     let mut nodes = Vec::new();
@@ -58,18 +81,16 @@ pub fn write_mesh(dir: &Path, n: usize) -> anyhow::Result<Vec<(String, PathBuf, 
     }
     let mut out = Vec::new();
     for (name, state, tree, _, addr) in &nodes {
-        let mut cfg = format!(
-            "[node]\nname = \"{name}\"\nstate_dir = \"{}\"\nlisten = \"{addr}\"\n\n[tree]\npath = \"{}\"\n",
-            state.display(),
-            tree.display()
-        );
-        for (pname, _, _, pid, paddr) in &nodes {
-            if pname != name {
-                cfg.push_str(&format!(
-                    "\n[[peer]]\nname = \"{pname}\"\nid = \"{pid}\"\naddress = \"{paddr}\"\n"
-                ));
-            }
-        }
+        let ids: Vec<(String, String, String)> = nodes
+            .iter()
+            .filter(|(pname, ..)| pname != name)
+            .map(|(pname, _, _, pid, paddr)| (pname.clone(), pid.to_string(), paddr.to_string()))
+            .collect();
+        let peers: Vec<(&str, &str, &str)> = ids
+            .iter()
+            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+            .collect();
+        let cfg = node_config(name, state, &addr.to_string(), tree, &peers);
         let path = dir.join(name).join("certmesh.toml");
         std::fs::write(&path, cfg)?;
         out.push((name.clone(), path, tree.clone()));

@@ -53,23 +53,6 @@ fn count(log: &str, needle: &str) -> usize {
     log.matches(needle).count()
 }
 
-/// Writes a config naming peers freely: (name, device ID, address).
-fn configure_raw(node: &Node, peers: &[(&str, &str, &str)]) {
-    let mut cfg = format!(
-        "[node]\nname = \"{}\"\nstate_dir = \"{}\"\nlisten = \"{}\"\n\n[tree]\npath = \"{}\"\n",
-        node.name,
-        node.state.display(),
-        node.addr,
-        node.tree.display()
-    );
-    for (name, id, addr) in peers {
-        cfg.push_str(&format!(
-            "\n[[peer]]\nname = \"{name}\"\nid = \"{id}\"\naddress = \"{addr}\"\n"
-        ));
-    }
-    fs::write(&node.config, cfg).unwrap();
-}
-
 /// The status entry of the peer called `name`.
 fn peer_status(node: &Node, name: &str) -> serde_json::Value {
     node.status()["peers"]
@@ -154,7 +137,7 @@ fn a_peer_presenting_another_id_is_refused_before_any_data() {
     let mut x = Node::new(dir.path(), "x", "127.0.0.84");
     let b = Node::new(dir.path(), "b", "127.0.0.85"); // identity only, never runs
                                                       // n1 believes "b" (B's ID) lives at x's address; x runs with its own certificate.
-    configure_raw(&n1, &[("b", &b.id, &x.addr)]);
+    n1.configure_raw(&[("b", &b.id, &x.addr)]);
     x.configure(&[&n1]);
     x.write("from-x", "must not arrive");
     n1.write("secret-on-n1", "must not leave");
@@ -183,7 +166,7 @@ fn a_node_at_another_peers_address_is_accepted_only_as_itself() {
     let nowhere = std::net::UdpSocket::bind("127.0.0.89:0").unwrap();
     let nowhere = nowhere.local_addr().unwrap().to_string();
     // C runs at the address n1 has for B.
-    configure_raw(&n1, &[("b", &b.id, &c.addr), ("c", &c.id, &nowhere)]);
+    n1.configure_raw(&[("b", &b.id, &c.addr), ("c", &c.id, &nowhere)]);
     c.configure(&[&n1]);
     c.write("from-c", "c's own file");
     n1.start();

@@ -89,19 +89,17 @@ impl Node {
 
     /// Writes the config listing `peers`.
     pub fn configure(&self, peers: &[&Node]) {
-        let mut cfg = format!(
-            "[node]\nname = \"{}\"\nstate_dir = \"{}\"\nlisten = \"{}\"\n\n[tree]\npath = \"{}\"\n",
-            self.name,
-            self.state.display(),
-            self.addr,
-            self.tree.display()
-        );
-        for p in peers {
-            cfg.push_str(&format!(
-                "\n[[peer]]\nname = \"{}\"\nid = \"{}\"\naddress = \"{}\"\n",
-                p.name, p.id, p.addr
-            ));
-        }
+        let peers: Vec<(&str, &str, &str)> = peers
+            .iter()
+            .map(|p| (p.name.as_str(), p.id.as_str(), p.addr.as_str()))
+            .collect();
+        self.configure_raw(&peers);
+    }
+
+    /// Writes a config naming peers freely: (name, device ID, address).
+    pub fn configure_raw(&self, peers: &[(&str, &str, &str)]) {
+        let cfg =
+            certmesh::demo::node_config(&self.name, &self.state, &self.addr, &self.tree, peers);
         fs::write(&self.config, cfg).unwrap();
     }
 
@@ -209,16 +207,9 @@ impl Node {
     }
 
     /// Writes through a temporary file and a rename, as an editor or a deploy tool
-    /// would: peers never see an empty or partial file in between. The temporary
-    /// file is under `.certmesh/tmp/`, which is never synced.
+    /// would: peers never see an empty or partial file in between.
     pub fn write_atomic(&self, rel: &str, content: &str) {
-        let p = self.tree.join(rel);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        let staging = self.tree.join(".certmesh/tmp");
-        fs::create_dir_all(&staging).unwrap();
-        let tmp = staging.join(format!("test-{}", std::process::id()));
-        fs::write(&tmp, content).unwrap();
-        fs::rename(tmp, p).unwrap();
+        certmesh::demo::write_atomic(&self.tree, rel, content.as_bytes()).unwrap();
     }
 
     pub fn read(&self, rel: &str) -> Option<String> {

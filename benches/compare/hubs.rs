@@ -141,19 +141,19 @@ fn write_configs(dir: &Path, n: usize, l: &Layout) -> Result<Vec<(String, PathBu
     }
     let mut out = Vec::with_capacity(n);
     for (i, (name, state, tree, _, addr)) in nodes.iter().enumerate() {
-        let mut cfg = format!(
-            "[node]\nname = \"{name}\"\nstate_dir = \"{}\"\nlisten = \"{addr}\"\n\n[tree]\npath = \"{}\"\n",
-            state.display(),
-            tree.display()
-        );
-        for (j, (pname, _, _, pid, paddr)) in nodes.iter().enumerate() {
-            if l.peered(i, j) {
-                let _ = write!(
-                    cfg,
-                    "\n[[peer]]\nname = \"{pname}\"\nid = \"{pid}\"\naddress = \"{paddr}\"\n"
-                );
-            }
-        }
+        let ids: Vec<(String, String, String)> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| l.peered(i, *j))
+            .map(|(_, (pname, _, _, pid, paddr))| {
+                (pname.clone(), pid.to_string(), paddr.to_string())
+            })
+            .collect();
+        let peers: Vec<(&str, &str, &str)> = ids
+            .iter()
+            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+            .collect();
+        let cfg = demo::node_config(name, state, &addr.to_string(), tree, &peers);
         let path = dir.join(name).join("certmesh.toml");
         std::fs::write(&path, cfg)?;
         out.push((name.clone(), path, tree.clone()));
