@@ -127,7 +127,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     engine.track_durability();
     engine.set_roster(identity.id, config.name.clone(), roster(&config.peers));
     let shared = Arc::new(Shared {
-        config: Mutex::new(config.clone()),
+        config: watch::channel(Arc::new(config.clone())).0,
         identity,
         tree,
         state: Mutex::new(State {
@@ -212,7 +212,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         hup,
     )));
     tasks.push(tokio::spawn(periodic_rescan(
-        shared.clone(),
+        Settings::new(&shared),
+        sync.clone(),
         watcher.clone(),
     )));
     tasks.push(tokio::spawn(collect_tombstones(shared.clone())));
@@ -313,10 +314,11 @@ pub fn reload(shared: &Arc<Shared>, new: Config) -> Vec<DeviceId> {
     }
     // Only what is reloaded live changes; the rest keeps the running values
     // (Config::needs_restart names them).
-    if let Ok(mut c) = shared.config.lock() {
+    shared.config.send_modify(|c| {
+        let c = Arc::make_mut(c);
         c.peers = new.peers;
         c.rescan_interval = new.rescan_interval;
-    }
+    });
     added
 }
 
@@ -459,13 +461,7 @@ async fn peers_and_reloads(
             return;
         }
         crate::systemd::reloading();
-        let old = match shared.config.lock() {
-            Ok(c) => c.clone(),
-            Err(_) => {
-                crate::systemd::reloaded(&crate::handles::Observer::new(&shared));
-                continue;
-            }
-        };
+        let old = shared.config();
         let file = old.file.clone();
         match Config::load(&file) {
             Ok(new) => {
@@ -518,15 +514,16 @@ async fn collect_tombstones(shared: Arc<Shared>) {
     }
 }
 
-async fn periodic_rescan(shared: Arc<Shared>, watcher: crate::watch::Watch) {
+/// A full rescan every `rescan_interval`; a SIGHUP that changes the interval starts
+/// the wait again with the new one.
+async fn periodic_rescan(settings: Settings, sync: SyncHandle, watcher: crate::watch::Watch) {
+    let mut config = settings.subscribe();
     loop {
-        let every = shared
-            .config
-            .lock()
-            .map(|c| c.rescan_interval)
-            .unwrap_or(Duration::from_secs(3600));
-        tokio::time::sleep(every).await;
-        watcher.full_rescan(&SyncHandle::new(&shared)).await;
+        let every = config.borrow_and_update().rescan_interval;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => watcher.full_rescan(&sync).await,
+            r = config.changed() => if r.is_err() { return },
+        }
     }
 }
 

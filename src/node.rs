@@ -102,7 +102,9 @@ pub enum PersistMsg {
 
 /// Shared by every task of the daemon.
 pub struct Shared {
-    pub config: Mutex<Config>,
+    /// The config as last (re)loaded: read with [`Shared::config`]; SIGHUP sends the
+    /// reloaded one, and `Settings::subscribe` wakes on it.
+    pub config: watch::Sender<Arc<Config>>,
     pub identity: Arc<Identity>,
     pub tree: Tree,
     pub state: Mutex<State>,
@@ -180,6 +182,11 @@ impl Shared {
 
     pub fn inline(&self) -> MutexGuard<'_, crate::inline::InlineCache> {
         self.inline.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The config as last (re)loaded (a cheap clone of the shared copy).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
     }
 
     pub fn me(&self) -> DeviceId {

@@ -278,3 +278,30 @@ fn edits_behind_a_directory_link_are_seen_after_a_restart() {
         });
     }
 }
+
+/// A SIGHUP that shortens `rescan_interval` applies now, not after the old interval
+/// (an hour) has run out: the periodic rescan waits on the config as well.
+#[test]
+fn sighup_shortening_the_rescan_interval_applies_at_once() {
+    let mut c = Cluster::new(1, None);
+    let n = &mut c.nodes[0];
+    let with_interval = |n: &crate::util::Node, every: &str| {
+        let cfg = fs::read_to_string(&n.config).unwrap();
+        let cfg = cfg.replace(
+            "[tree]\n",
+            &format!("[tree]\nrescan_interval = \"{every}\"\n"),
+        );
+        fs::write(&n.config, cfg).unwrap();
+    };
+    with_interval(n, "1h");
+    n.start();
+    let scans = |n: &crate::util::Node| n.status()["tree"]["scans"].as_u64().unwrap();
+    wait_until("the start-up scan", || scans(n) >= 1);
+    let before = scans(n);
+    n.configure(&[]);
+    with_interval(n, "1s");
+    n.signal(libc::SIGHUP);
+    wait_until("two periodic rescans a second apart", || {
+        scans(n) >= before + 2
+    });
+}

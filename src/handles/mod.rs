@@ -92,9 +92,15 @@ impl Settings {
         Settings(shared.clone())
     }
 
-    /// What `f` reads from the current config; `None` if a panic poisoned it.
+    /// What `f` reads from the current config (always `Some`; the `Option` is kept
+    /// for callers written when a poisoned lock could make it `None`).
     pub fn read<T>(&self, f: impl FnOnce(&Config) -> T) -> Option<T> {
-        self.0.config.lock().ok().map(|c| f(&c))
+        Some(f(&self.0.config()))
+    }
+
+    /// The config now, and a receiver that wakes when SIGHUP replaces it.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
+        self.0.config.subscribe()
     }
 }
 

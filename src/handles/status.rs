@@ -33,11 +33,7 @@ pub fn acme_handles(shared: &Arc<Shared>) -> crate::acme::Handles {
 /// The certificates part of the status (reads `live/<name>/cert.pem` of each).
 fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
     use crate::acme;
-    let certs = shared
-        .config
-        .lock()
-        .map(|c| c.certificates.clone())
-        .unwrap_or_default();
+    let certs = shared.config().certificates.clone();
     if certs.is_empty() {
         return Vec::new();
     }
@@ -84,17 +80,14 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
 /// Builds the status from the live state.
 fn status(shared: &Arc<Shared>) -> Status {
     let certificates = certificates(shared);
-    let (name, listen, tree) = shared
-        .config
-        .lock()
-        .map(|c| {
-            (
-                c.name.clone(),
-                c.listen.to_string(),
-                c.tree.display().to_string(),
-            )
-        })
-        .unwrap_or_default();
+    let (name, listen, tree) = {
+        let c = shared.config();
+        (
+            c.name.clone(),
+            c.listen.to_string(),
+            c.tree.display().to_string(),
+        )
+    };
     let now = crate::acme::unix_now();
     let mut st = shared.lock();
     let (ids, mut peers): (Vec<DeviceId>, Vec<PeerStatus>) = st

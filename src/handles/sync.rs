@@ -48,11 +48,7 @@ impl SyncHandle {
 
     /// This node's configured name.
     pub fn name(&self) -> String {
-        self.0
-            .config
-            .lock()
-            .map(|c| c.name.clone())
-            .unwrap_or_default()
+        self.0.config().name.clone()
     }
 
     /// A number for a new session, unique in this process.
@@ -305,12 +301,7 @@ impl SyncHandle {
         if !rescan.is_empty() {
             let _ = self.0.rescan.send(rescan);
         }
-        let certs = self
-            .0
-            .config
-            .lock()
-            .map(|c| crate::repair::names(writer, &c))
-            .unwrap_or_default();
+        let certs = crate::repair::names(writer, &self.0.config());
         self.0.repairs.touched(&certs, &touched);
         self.0.bump_progress();
     }
