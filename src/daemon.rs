@@ -98,18 +98,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     tracing::info!(node = %config.name, id = %identity.id, entries = report.entries, "index loaded");
 
-    let allowed: Allowed = Arc::new(std::sync::RwLock::new(
-        config
-            .peers
-            .iter()
-            .map(|p| (p.id, p.name.clone()))
-            .collect(),
-    ));
-    let transport = Arc::new(Transport::bind(
-        identity.clone(),
-        config.listen,
-        allowed.clone(),
-    )?);
+    // The config channel is the one peer registry: the transport's allow-list asks it
+    // at every handshake, the peer slots and the engine's roster follow it (reload).
+    let (config_tx, registry) = watch::channel(Arc::new(config.clone()));
+    let allowed: Allowed =
+        Arc::new(move |id: &DeviceId| registry.borrow().peers.iter().any(|p| p.id == *id));
+    let transport = Arc::new(Transport::bind(identity.clone(), config.listen, allowed)?);
     let peers = config
         .peers
         .iter()
@@ -127,7 +121,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     engine.track_durability();
     engine.set_roster(identity.id, config.name.clone(), roster(&config.peers));
     let shared = Arc::new(Shared {
-        config: watch::channel(Arc::new(config.clone())).0,
+        config: config_tx,
         identity,
         tree,
         state: Mutex::new(State {
@@ -142,7 +136,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         progress: watch::channel(0).0,
         pull: Notify::new(),
         rescan: rescan_tx,
-        allowed,
         started: Instant::now(),
         instance: rand::random(),
         session_ids: AtomicU64::new(1),
@@ -271,6 +264,14 @@ fn roster(peers: &[PeerConfig]) -> Vec<crate::core::cluster::Member> {
 /// Re-reads the peer list (SIGHUP): new peers are dialled, removed ones dropped.
 /// Applies a re-read config's peer list; returns the peers added (to dial).
 pub fn reload(shared: &Arc<Shared>, new: Config) -> Vec<DeviceId> {
+    // The registry first: from here on the transport admits exactly the new list.
+    // Only what is reloaded live changes; the rest keeps the running values
+    // (Config::needs_restart names them).
+    shared.config.send_modify(|c| {
+        let c = Arc::make_mut(c);
+        c.peers = new.peers.clone();
+        c.rescan_interval = new.rescan_interval;
+    });
     let mut added = Vec::new();
     {
         let mut st = shared.lock();
@@ -305,20 +306,10 @@ pub fn reload(shared: &Arc<Shared>, new: Config) -> Vec<DeviceId> {
         let me = shared.me();
         st.engine
             .set_roster(me, new.name.clone(), roster(&new.peers));
-        if let Ok(mut a) = shared.allowed.write() {
-            *a = new.peers.iter().map(|p| (p.id, p.name.clone())).collect();
-        }
     }
     for id in &added {
         tracing::info!(peer = %id, "peer added to config");
     }
-    // Only what is reloaded live changes; the rest keeps the running values
-    // (Config::needs_restart names them).
-    shared.config.send_modify(|c| {
-        let c = Arc::make_mut(c);
-        c.peers = new.peers;
-        c.rescan_interval = new.rescan_interval;
-    });
     added
 }
 

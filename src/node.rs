@@ -16,7 +16,6 @@ use crate::core::engine::{Engine, EngineError};
 use crate::identity::{DeviceId, Identity};
 use crate::paths::RelPath;
 use crate::store::{Journal, Pending};
-use crate::transport::Allowed;
 
 /// A live session with a peer.
 #[derive(Debug, Clone)]
@@ -116,7 +115,6 @@ pub struct Shared {
     pub pull: Notify,
     /// Paths for the scanner (from the watcher, and from the puller's deferrals).
     pub rescan: mpsc::UnboundedSender<Vec<RelPath>>,
-    pub allowed: Allowed,
     pub started: Instant,
     pub instance: u64,
     pub(crate) session_ids: AtomicU64,

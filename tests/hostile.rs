@@ -3,9 +3,8 @@
 //! content that does not match its hash. Each is refused and logged, nothing is
 //! written outside the tree, and the node keeps serving its other peer.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use certmesh::identity::{DeviceId, Identity};
@@ -17,7 +16,7 @@ use crate::util::{wait_until, Cluster, Node};
 fn transport_for(node: &Node, trusts: &Node) -> Transport {
     let me = Arc::new(Identity::load(&node.state).unwrap());
     let id: DeviceId = trusts.id.parse().unwrap();
-    let allowed = Arc::new(RwLock::new(HashMap::from([(id, trusts.name.clone())])));
+    let allowed = certmesh::transport::allow_only([id]);
     Transport::bind(me, node.addr.parse().unwrap(), allowed).unwrap()
 }
 

@@ -5,11 +5,10 @@
 //! attack the propagation between two healthy nodes is measured and printed.
 //! Addresses 127.0.0.80–99 only.
 
-use std::collections::HashMap;
 use std::fs;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use certmesh::identity::{DeviceId, Identity};
@@ -342,7 +341,7 @@ async fn a_certificate_without_its_key_fails_the_handshake() {
 fn evil_transport(evil: &Node, target: &Node) -> Transport {
     let me = Arc::new(Identity::load(&evil.state).unwrap());
     let id: DeviceId = target.id.parse().unwrap();
-    let allowed = Arc::new(RwLock::new(HashMap::from([(id, target.name.clone())])));
+    let allowed = certmesh::transport::allow_only([id]);
     Transport::bind(me, evil.addr.parse().unwrap(), allowed).unwrap()
 }
 

@@ -3,9 +3,8 @@
 //! exhaust memory with a frame of empty entries, or make nodes fetch files larger
 //! than `[tree] max_file_size`. Real `certmesh` processes on 127.0.0.60–69.
 
-use std::collections::HashMap;
 use std::fs;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use certmesh::control::Status;
@@ -78,7 +77,7 @@ async fn evil_session(
 ) -> (Transport, quinn::Connection, quinn::SendStream) {
     let me = Arc::new(Identity::load(&evil.state).unwrap());
     let id: DeviceId = target.id.parse().unwrap();
-    let allowed = Arc::new(RwLock::new(HashMap::from([(id, target.name.clone())])));
+    let allowed = certmesh::transport::allow_only([id]);
     let t = Transport::bind(me, evil.addr.parse().unwrap(), allowed).unwrap();
     let conn = t.connect(id, target.addr.parse().unwrap()).await.unwrap();
     let mut send = conn.open_uni().await.unwrap();

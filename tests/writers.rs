@@ -2,11 +2,10 @@
 //! on every record, also for records relayed by other nodes. Real `certmesh`
 //! processes on 127.0.5.1–60; the forger speaks the crate's wire module.
 
-use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use certmesh::control::Status;
 use certmesh::identity::{DeviceId, Identity};
@@ -230,7 +229,7 @@ struct Forger {
 async fn forger(f: &Node, target: &Node) -> Forger {
     let me = Arc::new(Identity::load(&f.state).unwrap());
     let id: DeviceId = target.id.parse().unwrap();
-    let allowed = Arc::new(RwLock::new(HashMap::from([(id, target.name.clone())])));
+    let allowed = certmesh::transport::allow_only([id]);
     let t = Transport::bind(me, f.addr.parse().unwrap(), allowed).unwrap();
     let conn = t.connect(id, target.addr.parse().unwrap()).await.unwrap();
     let mut send = conn.open_uni().await.unwrap();

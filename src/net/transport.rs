@@ -2,9 +2,8 @@
 //! sides accepting only certificates whose device ID is configured. The pinning
 //! happens inside the handshake, so an unknown device never gets to send a message.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -21,8 +20,16 @@ pub const ALPN: &[u8] = b"certmesh/1";
 /// The SNI every node presents (identity is the pinned certificate, not a name).
 pub const SERVER_NAME: &str = "certmesh";
 
-/// Device IDs allowed to connect, shared with the daemon so SIGHUP can change them.
-pub type Allowed = Arc<RwLock<HashMap<DeviceId, String>>>;
+/// Which device IDs may connect: asked at every handshake. The daemon derives it
+/// from the config channel (the one peer registry), so a SIGHUP that adds or removes
+/// a `[[peer]]` changes it with nothing kept in step by hand.
+pub type Allowed = Arc<dyn Fn(&DeviceId) -> bool + Send + Sync>;
+
+/// An allow-list of exactly these devices (tests and tools).
+pub fn allow_only(ids: impl IntoIterator<Item = DeviceId>) -> Allowed {
+    let ids: std::collections::HashSet<DeviceId> = ids.into_iter().collect();
+    Arc::new(move |id| ids.contains(id))
+}
 
 /// Errors setting up the endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -114,9 +121,14 @@ fn schemes() -> Vec<SignatureScheme> {
 }
 
 /// Server side: accept a client certificate only if its ID is configured.
-#[derive(Debug)]
 struct PinnedClients {
     allowed: Allowed,
+}
+
+impl std::fmt::Debug for PinnedClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PinnedClients")
+    }
 }
 
 impl ClientCertVerifier for PinnedClients {
@@ -131,12 +143,7 @@ impl ClientCertVerifier for PinnedClients {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let id = check_cert(end_entity, now)?;
-        let known = self
-            .allowed
-            .read()
-            .map(|a| a.contains_key(&id))
-            .unwrap_or(false);
-        if !known {
+        if !(self.allowed)(&id) {
             tracing::warn!(device = %id, "refused incoming connection from unknown device");
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
