@@ -4,7 +4,7 @@
 //! shutdown. The only module that imports every feature; the features take the
 //! shared state (`node`) and never import this one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -128,8 +128,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             engine,
             journal,
             peers,
-            applying: HashSet::new(),
-            rescan_after_apply: Vec::new(),
             errors,
         }),
         changed,

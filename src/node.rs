@@ -2,7 +2,7 @@
 //! (the sync [`Engine`] and the node's bookkeeping) behind a mutex held only for
 //! pure-core calls; I/O happens outside it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -49,10 +49,6 @@ pub struct State {
     /// Encodes index changes for the persister (no I/O under this lock).
     pub journal: Journal,
     pub peers: HashMap<DeviceId, PeerSlot>,
-    /// Paths being written by the puller: the scanner must not read them mid-apply.
-    pub applying: HashSet<RelPath>,
-    /// Paths the scanner skipped while they were being applied.
-    pub rescan_after_apply: Vec<RelPath>,
     pub errors: crate::telemetry::RecentErrors,
 }
 

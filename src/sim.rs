@@ -16,7 +16,7 @@
 //! (in-flight messages vanish) and a reconnect later, which triggers a fresh full
 //! index exchange.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,8 +84,6 @@ pub struct Node {
     /// Per connected peer: the engine's send token for the session.
     sessions: BTreeMap<usize, SendToken>,
     pipe: Pipeline,
-    /// Paths taken by the pipeline (the daemon's `State::applying`).
-    in_flight: HashSet<RelPath>,
     /// Fetched content waiting to be applied, by staging name.
     staging: BTreeMap<PathBuf, Vec<u8>>,
     staged: u64,
@@ -103,7 +101,6 @@ impl Node {
             up: true,
             sessions: BTreeMap::new(),
             pipe: Pipeline::new(limits),
-            in_flight: HashSet::new(),
             staging: BTreeMap::new(),
             staged: 0,
             inline: InlineCache::default(),
@@ -340,7 +337,6 @@ impl Sim {
         );
         node.engine = fresh.engine;
         node.pipe = fresh.pipe;
-        node.in_flight = fresh.in_flight;
         node.staging = fresh.staging;
         node.inline = fresh.inline;
         node.up = true;
@@ -578,17 +574,10 @@ impl Sim {
             let Node {
                 engine,
                 pipe,
-                in_flight,
                 inline,
                 ..
             } = &mut self.nodes[i];
-            pipe.refill(
-                engine,
-                in_flight,
-                |h| inline.get(h),
-                |id| connected.contains(id),
-                now,
-            );
+            pipe.refill(engine, |h| inline.get(h), |id| connected.contains(id), now);
         }
         let mut busy = false;
         while let Some(w) = self.nodes[i].pipe.next_fetch() {
@@ -605,15 +594,12 @@ impl Sim {
                 }
                 None => {
                     self.stats.fetch_failed += 1;
-                    node.pipe.fetch_failed(w, &mut node.in_flight, now)
+                    node.pipe.fetch_failed(w, &mut node.engine, now)
                 }
             }
         }
         let node = &mut self.nodes[i];
-        let Some(unit) = node
-            .pipe
-            .poll_apply(node.engine.plan(), &mut node.in_flight, now)
-        else {
+        let Some(unit) = node.pipe.poll_apply(&mut node.engine, now) else {
             return busy;
         };
         let results: Vec<(Work, Outcome)> = unit
@@ -624,8 +610,7 @@ impl Sim {
             })
             .collect();
         let node = &mut self.nodes[i];
-        node.pipe
-            .applied(results, &mut node.engine, &mut node.in_flight, now);
+        node.pipe.applied(results, &mut node.engine, now);
         true
     }
 

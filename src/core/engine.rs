@@ -8,7 +8,7 @@
 //! The daemon's async tasks (`peer`, `pull`, `watch`, `node`) and the simulator
 //! (`sim`) drive this same code. No tokio, no `std::fs`, no quinn here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::core::authorship::{self, Writers};
@@ -171,6 +171,12 @@ pub struct Engine {
     durable: Option<u64>,
     /// Cluster-wide barriers: relayed requests, reports, the barriers we run.
     cluster: Cluster,
+    /// Paths the puller has taken (fetching or applying them): the scanner must not
+    /// read them mid-apply, and their needs are not taken twice.
+    applying: HashSet<RelPath>,
+    /// Paths the scanner skipped while they were being applied: looked at again once
+    /// the apply is recorded.
+    rescan_after_apply: Vec<RelPath>,
     /// Test fault: acks one sequence further than `Plan::ack_for` allows, so a test
     /// can prove the simulator runs this code.
     #[cfg(test)]
@@ -192,9 +198,42 @@ impl Engine {
             },
             durable: None,
             cluster: Cluster::default(),
+            applying: HashSet::new(),
+            rescan_after_apply: Vec::new(),
             #[cfg(test)]
             break_acks: false,
         }
+    }
+
+    /// Paths the puller has taken and not yet recorded.
+    pub fn applying(&self) -> &HashSet<RelPath> {
+        &self.applying
+    }
+
+    /// The plan and the index to decide from, and the set of taken paths to mark:
+    /// the pipeline's view ([`crate::core::pipeline::Pipeline`]).
+    pub fn pipeline_parts(&mut self) -> (&Plan, &Index, &mut HashSet<RelPath>) {
+        (&self.plan, &self.index, &mut self.applying)
+    }
+
+    /// Whether `path` is being applied; if so, the scanner's look at it waits until
+    /// the apply is recorded ([`Engine::take_rescans_after_apply`]).
+    pub fn defer_if_applying(&mut self, path: &RelPath) -> bool {
+        if self.applying.contains(path) {
+            self.rescan_after_apply.push(path.clone());
+            return true;
+        }
+        false
+    }
+
+    /// The paths the scanner deferred while they were being applied.
+    pub fn take_rescans_after_apply(&mut self) -> Vec<RelPath> {
+        std::mem::take(&mut self.rescan_after_apply)
+    }
+
+    /// Whether anything under `dir` is being applied.
+    pub fn applying_within(&self, dir: &RelPath) -> bool {
+        self.applying.iter().any(|p| p.is_within(dir))
     }
 
     /// Signs what this node authors with `signer` and takes in only records

@@ -4,8 +4,8 @@
 //! fetching (QUIC) and applying (disk) it is told to; the simulator drives the same
 //! code with instant fetches and an in-memory tree.
 //!
-//! Paths taken here are marked in the caller's `in_flight` set (the daemon's
-//! `State::applying`), which the scanner also reads: a path in flight is rescanned
+//! Paths taken here are marked in the engine's set of paths being applied
+//! ([`Engine::applying`]), which the scanner also asks: a path in flight is rescanned
 //! only after its apply, so our own writes are never announced as local changes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -17,7 +17,7 @@ use crate::core::engine::Engine;
 use crate::identity::DeviceId;
 use crate::index::{ContentHash, Kind, LocalStat};
 use crate::paths::RelPath;
-use crate::plan::{Need, Plan};
+use crate::plan::Need;
 
 /// How often retries of paths no longer needed are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
@@ -181,8 +181,7 @@ impl Pipeline {
     /// unless woken since the last take and there is room.
     pub fn refill(
         &mut self,
-        engine: &Engine,
-        in_flight: &mut HashSet<RelPath>,
+        engine: &mut Engine,
         inline: impl Fn(&ContentHash) -> Option<Arc<Vec<u8>>>,
         connected: impl Fn(&DeviceId) -> bool,
         now: Instant,
@@ -193,7 +192,7 @@ impl Pipeline {
         }
         self.dirty = false;
         self.last_refill = Some(now);
-        let (plan, index) = (engine.plan(), engine.index());
+        let (plan, index, in_flight) = engine.pipeline_parts();
         // A path no longer needed (a newer record arrived, or ours won) keeps no
         // retry. At most once a second: under a flood of unfetchable needs there are
         // thousands of retries and a refill after every failed fetch.
@@ -288,7 +287,8 @@ impl Pipeline {
     }
 
     /// A fetch failed (every source tried): retried later.
-    pub fn fetch_failed(&mut self, w: Work, in_flight: &mut HashSet<RelPath>, now: Instant) {
+    pub fn fetch_failed(&mut self, w: Work, engine: &mut Engine, now: Instant) {
+        let (_, _, in_flight) = engine.pipeline_parts();
         self.fetching = self.fetching.saturating_sub(1);
         self.release_source(&w);
         self.later(w.path(), now);
@@ -305,12 +305,8 @@ impl Pipeline {
     /// work waited `apply_delay`. A symlink goes only with the last of what its
     /// target still needs: it keeps waiting while that is in flight, and is released
     /// (taken again later) when some of it is not in flight at all.
-    pub fn poll_apply(
-        &mut self,
-        plan: &Plan,
-        in_flight: &mut HashSet<RelPath>,
-        now: Instant,
-    ) -> Option<Vec<Work>> {
+    pub fn poll_apply(&mut self, engine: &mut Engine, now: Instant) -> Option<Vec<Work>> {
+        let (plan, _, in_flight) = engine.pipeline_parts();
         let l = &self.limits;
         let due = self.ready_since.is_some_and(|t| t + l.apply_delay <= now);
         let go = !self.applying
@@ -369,7 +365,6 @@ impl Pipeline {
         &mut self,
         results: Vec<(Work, Outcome)>,
         engine: &mut Engine,
-        in_flight: &mut HashSet<RelPath>,
         now: Instant,
     ) -> Recorded {
         self.applying = false;
@@ -377,7 +372,7 @@ impl Pipeline {
         let mut out = Recorded::default();
         for (w, outcome) in results {
             let p = w.need.target.path.clone();
-            in_flight.remove(&p);
+            engine.pipeline_parts().2.remove(&p);
             match outcome {
                 Outcome::Applied(stat) => {
                     self.retry.remove(&p);
@@ -493,63 +488,60 @@ mod tests {
     #[test]
     fn needs_are_fetched_then_applied_in_units() {
         let mut e = engine_needing(&[("a", 1), ("b", 2), ("c", 3)]);
-        let (mut p, mut flight, now) = (Pipeline::new(limits()), HashSet::new(), Instant::now());
-        p.refill(&e, &mut flight, |_| None, |_| true, now);
-        assert_eq!(flight.len(), 3);
+        let (mut p, now) = (Pipeline::new(limits()), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, now);
+        assert_eq!(e.applying().len(), 3);
         let a = p.next_fetch().unwrap();
         let b = p.next_fetch().unwrap();
         assert!(p.next_fetch().is_none(), "at most two fetches at once");
         assert_eq!(a.sources, vec![peer()]);
         p.fetched(a, "staged-a".into(), now);
         // b still fetching, c queued, one ready, not due: nothing applied yet.
-        assert!(p.poll_apply(e.plan(), &mut flight, now).is_none());
+        assert!(p.poll_apply(&mut e, now).is_none());
         let c = p.next_fetch().unwrap();
         p.fetched(b, "staged-b".into(), now);
         p.fetched(c, "staged-c".into(), now);
         // Nothing else is coming: a unit goes, at most two items.
-        let unit = p.poll_apply(e.plan(), &mut flight, now).unwrap();
+        let unit = p.poll_apply(&mut e, now).unwrap();
         assert_eq!(unit.len(), 2);
-        assert!(
-            p.poll_apply(e.plan(), &mut flight, now).is_none(),
-            "one unit at a time"
-        );
+        assert!(p.poll_apply(&mut e, now).is_none(), "one unit at a time");
         let results = unit
             .into_iter()
             .map(|w| (w, Outcome::Applied(None)))
             .collect();
-        let rec = p.applied(results, &mut e, &mut flight, now);
+        let rec = p.applied(results, &mut e, now);
         assert_eq!(rec.applied.len(), 2);
-        assert_eq!(flight.len(), 1);
-        assert_eq!(p.poll_apply(e.plan(), &mut flight, now).unwrap().len(), 1);
+        assert_eq!(e.applying().len(), 1);
+        assert_eq!(p.poll_apply(&mut e, now).unwrap().len(), 1);
     }
 
     #[test]
     fn ready_work_waits_for_more_only_until_the_delay() {
-        let e = engine_needing(&[("a", 1), ("b", 2), ("c", 3)]);
-        let (mut p, mut flight, t0) = (Pipeline::new(limits()), HashSet::new(), Instant::now());
-        p.refill(&e, &mut flight, |_| None, |_| true, t0);
+        let mut e = engine_needing(&[("a", 1), ("b", 2), ("c", 3)]);
+        let (mut p, t0) = (Pipeline::new(limits()), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, t0);
         let a = p.next_fetch().unwrap();
         p.fetched(a, "staged-a".into(), t0);
-        assert!(p.poll_apply(e.plan(), &mut flight, t0).is_none());
+        assert!(p.poll_apply(&mut e, t0).is_none());
         let due = p.next_wake().unwrap();
         assert_eq!(due, t0 + Limits::DEFAULT.apply_delay);
-        assert_eq!(p.poll_apply(e.plan(), &mut flight, due).unwrap().len(), 1);
+        assert_eq!(p.poll_apply(&mut e, due).unwrap().len(), 1);
     }
 
     #[test]
     fn a_failed_fetch_backs_off_and_is_retaken_after() {
-        let e = engine_needing(&[("a", 1)]);
-        let (mut p, mut flight, t0) = (Pipeline::new(limits()), HashSet::new(), Instant::now());
-        p.refill(&e, &mut flight, |_| None, |_| true, t0);
+        let mut e = engine_needing(&[("a", 1)]);
+        let (mut p, t0) = (Pipeline::new(limits()), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, t0);
         let a = p.next_fetch().unwrap();
-        p.fetch_failed(a, &mut flight, t0);
-        assert!(flight.is_empty());
-        p.refill(&e, &mut flight, |_| None, |_| true, t0);
+        p.fetch_failed(a, &mut e, t0);
+        assert!(e.applying().is_empty());
+        p.refill(&mut e, |_| None, |_| true, t0);
         assert!(p.next_fetch().is_none(), "not before its retry time");
         let at = p.next_wake().unwrap();
         assert_eq!(at, t0 + Duration::from_millis(500));
         p.wake();
-        p.refill(&e, &mut flight, |_| None, |_| true, at);
+        p.refill(&mut e, |_| None, |_| true, at);
         assert!(p.next_fetch().is_some());
     }
 
@@ -569,8 +561,8 @@ mod tests {
             per_peer_fetches: 1,
             ..limits()
         };
-        let (mut p, mut flight, now) = (Pipeline::new(tight), HashSet::new(), Instant::now());
-        p.refill(&e, &mut flight, |_| None, |_| true, now);
+        let (mut p, now) = (Pipeline::new(tight), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, now);
         let first = p.next_fetch().unwrap();
         let second = p.next_fetch().unwrap();
         assert_eq!(first.sources, vec![peer()]);
@@ -581,45 +573,45 @@ mod tests {
         );
         assert!(p.next_fetch().is_none());
         // The first peer's slot frees: its next need goes.
-        p.fetch_failed(first, &mut flight, now);
+        p.fetch_failed(first, &mut e, now);
         p.wake();
-        p.refill(&e, &mut flight, |_| None, |_| true, now);
+        p.refill(&mut e, |_| None, |_| true, now);
         assert!(p.next_fetch().is_some());
     }
 
     #[test]
     fn a_due_or_stale_retry_does_not_keep_waking() {
         let mut e = engine_needing(&[("a", 1)]);
-        let (mut p, mut flight, t0) = (Pipeline::new(limits()), HashSet::new(), Instant::now());
-        p.refill(&e, &mut flight, |_| None, |_| true, t0);
+        let (mut p, t0) = (Pipeline::new(limits()), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, t0);
         let a = p.next_fetch().unwrap();
-        p.fetch_failed(a, &mut flight, t0);
+        p.fetch_failed(a, &mut e, t0);
         let at = p.next_wake().unwrap();
         // Retaken at its time and fetching again: no timer for it meanwhile.
         p.wake();
-        p.refill(&e, &mut flight, |_| None, |_| true, at);
+        p.refill(&mut e, |_| None, |_| true, at);
         let a = p.next_fetch().unwrap();
         assert_eq!(p.next_wake(), None);
         // Fetched and applied: the need and its retry are gone.
         p.fetched(a, "staged-a".into(), at);
-        let unit = p.poll_apply(e.plan(), &mut flight, at).unwrap();
+        let unit = p.poll_apply(&mut e, at).unwrap();
         let done = unit
             .into_iter()
             .map(|w| (w, Outcome::Applied(None)))
             .collect();
-        let rec = p.applied(done, &mut e, &mut flight, at);
+        let rec = p.applied(done, &mut e, at);
         assert_eq!(rec.applied.len(), 1);
-        p.refill(&e, &mut flight, |_| None, |_| true, at);
+        p.refill(&mut e, |_| None, |_| true, at);
         assert_eq!(p.next_wake(), None);
         assert!(p.is_idle());
     }
 
     #[test]
     fn no_connected_source_no_work_and_inline_content_needs_no_fetch() {
-        let e = engine_needing(&[("a", 1), ("b", 2)]);
-        let (mut p, mut flight, now) = (Pipeline::new(limits()), HashSet::new(), Instant::now());
-        p.refill(&e, &mut flight, |_| None, |_| false, now);
-        assert!(flight.is_empty() && p.is_idle());
+        let mut e = engine_needing(&[("a", 1), ("b", 2)]);
+        let (mut p, now) = (Pipeline::new(limits()), Instant::now());
+        p.refill(&mut e, |_| None, |_| false, now);
+        assert!(e.applying().is_empty() && p.is_idle());
         let b_hash = e
             .plan()
             .needs()
@@ -629,14 +621,13 @@ mod tests {
             .hash;
         p.wake();
         p.refill(
-            &e,
-            &mut flight,
+            &mut e,
             |h| (*h == b_hash).then(|| Arc::new(b"b".to_vec())),
             |_| false,
             now,
         );
         assert!(p.next_fetch().is_none());
-        let unit = p.poll_apply(e.plan(), &mut flight, now).unwrap();
+        let unit = p.poll_apply(&mut e, now).unwrap();
         assert_eq!(unit.len(), 1);
         assert!(unit[0].inline.is_some());
     }

@@ -164,8 +164,7 @@ impl Mesh {
     /// Nothing under `dir` is still needed from a peer or being applied.
     pub fn settled_within(&self, dir: &RelPath) -> bool {
         let st = self.0.lock();
-        st.engine.plan().needs_within(dir).next().is_none()
-            && !st.applying.iter().any(|p| p.is_within(dir))
+        st.engine.plan().needs_within(dir).next().is_none() && !st.engine.applying_within(dir)
     }
 
     /// The node that last changed `path`, as the index records it.

@@ -238,14 +238,9 @@ impl SyncHandle {
     pub fn pull_turn(&self, pipe: &mut Pipeline, may_apply: bool, now: Instant) -> PullTurn {
         let mut guard = self.0.lock();
         let inline = self.0.inline(); // lock order: state, then inline cache
-        let State {
-            engine,
-            peers,
-            applying: in_flight,
-            ..
-        } = &mut *guard;
+        let State { engine, peers, .. } = &mut *guard;
         let connected = |id: &DeviceId| peers.get(id).is_some_and(|p| p.session.is_some());
-        pipe.refill(engine, in_flight, |h| inline.get(h), connected, now);
+        pipe.refill(engine, |h| inline.get(h), connected, now);
         let mut fetches = Vec::new();
         while let Some(w) = pipe.next_fetch() {
             let conns = w
@@ -255,9 +250,7 @@ impl SyncHandle {
                 .collect();
             fetches.push((w, conns));
         }
-        let apply = may_apply
-            .then(|| pipe.poll_apply(engine.plan(), in_flight, now))
-            .flatten();
+        let apply = may_apply.then(|| pipe.poll_apply(engine, now)).flatten();
         PullTurn { fetches, apply }
     }
 
@@ -268,7 +261,7 @@ impl SyncHandle {
         if let Some(e) = local {
             st.error(e);
         }
-        pipe.fetch_failed(w, &mut st.applying, Instant::now());
+        pipe.fetch_failed(w, &mut st.engine, Instant::now());
     }
 
     /// Records an applied unit in the index, tells the peers (after the persister),
@@ -278,12 +271,7 @@ impl SyncHandle {
         let (rescan, touched, writer) = {
             let mut st = self.0.lock();
             let since = st.engine.index().sequence();
-            let State {
-                engine,
-                applying: in_flight,
-                ..
-            } = &mut *st;
-            let rec = pipe.applied(done, engine, in_flight, Instant::now());
+            let rec = pipe.applied(done, &mut st.engine, Instant::now());
             for p in &rec.applied {
                 tracing::debug!(path = %p, "applied");
             }
@@ -294,7 +282,7 @@ impl SyncHandle {
                 st.error(format!("applying {p}: {why}"));
             }
             let mut rescan = rec.rescan;
-            rescan.append(&mut st.rescan_after_apply);
+            rescan.append(&mut st.engine.take_rescans_after_apply());
             st.commit(since, &self.0);
             (rescan, rec.applied, st.engine.is_writer())
         };
@@ -334,12 +322,7 @@ impl SyncHandle {
     /// Whether the puller is writing `path` now; if so, the scanner looks again once
     /// the apply is done.
     pub fn defer_if_applying(&self, path: &RelPath) -> bool {
-        let mut st = self.0.lock();
-        if st.applying.contains(path) {
-            st.rescan_after_apply.push(path.clone());
-            return true;
-        }
-        false
+        self.0.lock().engine.defer_if_applying(path)
     }
 
     /// Whether a file's stat matches what the index holds (no need to hash it).
@@ -380,8 +363,7 @@ impl SyncHandle {
             let now = crate::node::now_ns();
             let mut changed = 0;
             for (p, obs) in observed {
-                if st.applying.contains(&p) {
-                    st.rescan_after_apply.push(p);
+                if st.engine.defer_if_applying(&p) {
                     continue;
                 }
                 if let Some(r) = st.engine.observe(&p, obs, now) {
