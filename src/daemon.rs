@@ -286,7 +286,6 @@ pub fn reload(shared: &Arc<Shared>, new: Config) -> Vec<DeviceId> {
                 if let Some(s) = slot.session {
                     s.conn
                         .close(quinn::VarInt::from_u32(2), b"removed from config");
-                    s.outbox.notify_one();
                 }
                 slot.gone.notify_waiters();
             }

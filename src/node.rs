@@ -24,9 +24,6 @@ pub struct Session {
     pub instance: u64,
     pub dialed_by_me: bool,
     pub conn: quinn::Connection,
-    /// Wakes this session's sender: something is to be sent to the peer, or the
-    /// session was replaced or ended (see [`Shared::bump_progress`]).
-    pub outbox: Arc<Notify>,
 }
 
 /// Per configured peer.
@@ -173,20 +170,8 @@ impl Shared {
         false
     }
 
-    /// Something changed (acks, connections, barriers): wakes the tasks watching
-    /// `progress`, and the senders of exactly the peers the engine now has something
-    /// for. (Before, every change woke every sender: at a hub, each of N peers' acks
-    /// woke all N senders.) Must not be called with the state lock held.
     pub fn bump_progress(&self) {
         self.progress.send_modify(|v| *v += 1);
-        let st = self.lock();
-        for (id, slot) in &st.peers {
-            if let Some(s) = &slot.session {
-                if st.engine.wants_transmit(id) {
-                    s.outbox.notify_one();
-                }
-            }
-        }
     }
 
     pub fn inline(&self) -> MutexGuard<'_, crate::inline::InlineCache> {

@@ -323,11 +323,6 @@ impl Cluster {
     /// Messages for `peer`, oldest first. Nothing for a session that does not relay
     /// barriers (a node downgraded while they were queued would refuse the frames
     /// and reconnect, over and over): what was queued is dropped.
-    /// Whether [`Cluster::take_outbox`] would return anything for `peer`.
-    pub fn has_outbox(&self, peer: &DeviceId) -> bool {
-        self.relaying.contains(peer) && self.outbox.get(peer).is_some_and(|q| !q.msgs.is_empty())
-    }
-
     pub fn take_outbox(&mut self, peer: &DeviceId) -> Vec<ClusterMsg> {
         let q = self.outbox.remove(peer).unwrap_or_default().msgs;
         if self.relaying.contains(peer) {

@@ -435,22 +435,6 @@ impl Engine {
     /// What to send to `peer` in the session of `token` now, if anything, and
     /// counts it as sent. Every change goes to every peer, even the one it came
     /// from: the peer's view of us must stay exact for the conflict rule.
-    /// Whether [`Engine::poll_transmit`] has something for `peer` now (the same
-    /// conditions, without taking anything): the daemon wakes only those senders.
-    pub fn wants_transmit(&self, peer: &DeviceId) -> bool {
-        let Some(send) = self.sends.get(peer) else {
-            return false;
-        };
-        let upto = self
-            .durable
-            .map_or(self.index.sequence(), |d| d.min(self.index.sequence()));
-        let index = send.sent.is_none_or(|sent| upto > sent);
-        let ack = self.plan.ack_for(peer, &self.index);
-        #[cfg(test)]
-        let ack = ack + u64::from(self.break_acks);
-        index || ack != send.acked || self.cluster.has_outbox(peer)
-    }
-
     pub fn poll_transmit(&mut self, peer: DeviceId, token: SendToken) -> Option<Transmit> {
         let send = self.sends.get_mut(&peer).filter(|s| s.token == token)?;
         let upto = self

@@ -101,7 +101,6 @@ impl SyncHandle {
                     return None;
                 }
                 existing.conn.close(CLOSE_DUPLICATE.into(), b"replaced");
-                existing.outbox.notify_one();
                 crate::metrics::session_ended(&slot.config.name, &existing.conn);
             }
             slot.session = Some(session.clone());
@@ -124,7 +123,6 @@ impl SyncHandle {
                 if slot.session.as_ref().is_some_and(|s| s.id == session_id) {
                     if let Some(s) = slot.session.take() {
                         crate::metrics::session_ended(&slot.config.name, &s.conn);
-                        s.outbox.notify_one();
                     }
                     engine.disconnected(peer);
                     slot.gone.notify_waiters();

@@ -5,7 +5,6 @@
 //! anything invalid (on the wire or by the engine's rules) is disconnected and
 //! logged; the rest of the node is unaffected.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -67,7 +66,6 @@ pub async fn run_session_with_ready(
         instance: hello.instance,
         dialed_by_me,
         conn: conn.clone(),
-        outbox: Arc::new(tokio::sync::Notify::new()),
     };
     let Some(token) = sync.start_session(peer, &session, hello.relays_confirm) else {
         conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
@@ -80,20 +78,12 @@ pub async fn run_session_with_ready(
         let _ = r.send(());
     }
     tracing::info!(peer = %peer, name = %hello.name, %remote, dialed_by_me, "peer connected");
-    let sender = tokio::spawn(send_loop(
-        sync.clone(),
-        peer,
-        token,
-        session.outbox.clone(),
-        send,
-    ));
-    let stop_sender = sender.abort_handle();
+    let sender = tokio::spawn(send_loop(sync.clone(), peer, token, send));
     let server = tokio::spawn(serve_requests(sync.clone(), conn.clone()));
     let result = tokio::select! {
         r = recv_loop(&sync, peer, recv) => r,
         r = sender_result(sender) => r,
     };
-    stop_sender.abort();
     server.abort();
     match result {
         Ok(()) => tracing::info!(peer = %peer, "peer disconnected"),
@@ -200,14 +190,12 @@ async fn send_loop(
     sync: SyncHandle,
     peer: DeviceId,
     token: SendToken,
-    outbox: Arc<tokio::sync::Notify>,
     mut send: quinn::SendStream,
 ) -> Result<(), WireError> {
-    // Woken by new local records (every peer needs them) and by this session's
-    // outbox (an ack or barrier message for this peer; replaced or ended).
-    let (mut changed, _) = sync.subscribe();
+    let (mut changed, mut progress) = sync.subscribe();
     loop {
         changed.borrow_and_update();
+        progress.borrow_and_update();
         let Ok(transmit) = sync.poll_transmit(peer, token) else {
             return Ok(());
         };
@@ -234,7 +222,7 @@ async fn send_loop(
         }
         tokio::select! {
             r = changed.changed() => if r.is_err() { return Ok(()) },
-            _ = outbox.notified() => {}
+            r = progress.changed() => if r.is_err() { return Ok(()) },
         }
     }
 }
