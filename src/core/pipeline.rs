@@ -124,6 +124,8 @@ pub struct Pipeline {
     ready_since: Option<Instant>,
     /// A unit is being applied.
     applying: bool,
+    /// Its paths (given back by [`Pipeline::apply_lost`] if the apply dies).
+    unit: Vec<RelPath>,
     /// The needs may have changed: take again.
     dirty: bool,
     /// When `refill` last took: retries due by then were considered, so only later
@@ -149,6 +151,7 @@ impl Pipeline {
             ready_bytes: 0,
             ready_since: None,
             applying: false,
+            unit: Vec::new(),
             dirty: true,
             last_refill: None,
             last_prune: None,
@@ -354,6 +357,7 @@ impl Pipeline {
             return None;
         }
         self.applying = true;
+        self.unit = batch.iter().map(|w| w.path().clone()).collect();
         Some(batch)
     }
 
@@ -368,6 +372,7 @@ impl Pipeline {
         now: Instant,
     ) -> Recorded {
         self.applying = false;
+        self.unit.clear();
         self.dirty = true;
         let mut out = Recorded::default();
         for (w, outcome) in results {
@@ -397,10 +402,16 @@ impl Pipeline {
         out
     }
 
-    /// The apply task died without outcomes: its paths are no longer in flight.
-    pub fn apply_lost(&mut self) {
+    /// The apply task died without outcomes: its paths are no longer in flight and
+    /// are taken again after the retry delay.
+    pub fn apply_lost(&mut self, engine: &mut Engine, now: Instant) {
         self.applying = false;
         self.dirty = true;
+        let (_, _, in_flight) = engine.pipeline_parts();
+        for p in std::mem::take(&mut self.unit) {
+            in_flight.remove(&p);
+            self.later(&p, now);
+        }
     }
 
     /// When a timer should wake the pipeline: the next retry not yet due at the last
@@ -513,6 +524,26 @@ mod tests {
         assert_eq!(rec.applied.len(), 2);
         assert_eq!(e.applying().len(), 1);
         assert_eq!(p.poll_apply(&mut e, now).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_lost_apply_gives_its_paths_back_to_be_taken_again() {
+        let mut e = engine_needing(&[("a", 1)]);
+        let (mut p, t0) = (Pipeline::new(limits()), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, t0);
+        let a = p.next_fetch().unwrap();
+        p.fetched(a, "staged-a".into(), t0);
+        assert_eq!(p.poll_apply(&mut e, t0).unwrap().len(), 1);
+        // The apply task died (a panic): nothing recorded.
+        p.apply_lost(&mut e, t0);
+        assert!(e.applying().is_empty(), "the path stayed taken for good");
+        let later = t0 + Duration::from_secs(1);
+        p.wake();
+        p.refill(&mut e, |_| None, |_| true, later);
+        assert_eq!(
+            p.next_fetch().map(|w| w.path().to_string()),
+            Some("a".into())
+        );
     }
 
     #[test]

@@ -264,6 +264,11 @@ impl SyncHandle {
         pipe.fetch_failed(w, &mut st.engine, Instant::now());
     }
 
+    /// The apply task died without outcomes: its paths are taken again later.
+    pub fn apply_lost(&self, pipe: &mut Pipeline) {
+        pipe.apply_lost(&mut self.0.lock().engine, Instant::now());
+    }
+
     /// Records an applied unit in the index, tells the peers (after the persister),
     /// asks the scanner for deferred paths and the repairer for touched certificates.
     pub fn record_applied(&self, pipe: &mut Pipeline, done: Vec<(Work, Outcome)>) {

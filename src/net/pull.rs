@@ -82,7 +82,7 @@ pub async fn run(sync: SyncHandle) {
                     Ok(done) => sync.record_applied(&mut pipe, done),
                     Err(e) => {
                         tracing::error!(error = %e, "apply task failed");
-                        pipe.apply_lost();
+                        sync.apply_lost(&mut pipe);
                     }
                 }
             }
