@@ -45,10 +45,7 @@ impl CmCluster {
     }
 
     pub(crate) fn pids(&self) -> Vec<u32> {
-        self.nodes
-            .iter()
-            .filter_map(|n| n.child.as_ref().map(|c| c.id()))
-            .collect()
+        pids_of(self.nodes.iter().map(|n| &n.child))
     }
 
     pub(crate) fn trees<'a>(
@@ -57,13 +54,12 @@ impl CmCluster {
         jitter: Duration,
         timeout: Duration,
     ) -> Trees<'a> {
-        Trees {
+        Trees::of(
             label,
-            writer: &self.nodes[0].tree,
-            peers: self.nodes[1..].iter().map(|n| n.tree.as_path()).collect(),
+            self.nodes.iter().map(|n| n.tree.as_path()),
             jitter,
             timeout,
-        }
+        )
     }
 }
 

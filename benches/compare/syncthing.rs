@@ -57,10 +57,7 @@ pub(crate) struct StCluster {
 
 impl StCluster {
     pub(crate) fn pids(&self) -> Vec<u32> {
-        self.nodes
-            .iter()
-            .filter_map(|n| n.child.as_ref().map(|c| c.id()))
-            .collect()
+        pids_of(self.nodes.iter().map(|n| &n.child))
     }
 
     pub(crate) fn trees<'a>(
@@ -69,13 +66,12 @@ impl StCluster {
         jitter: Duration,
         timeout: Duration,
     ) -> Trees<'a> {
-        Trees {
+        Trees::of(
             label,
-            writer: &self.nodes[0].tree,
-            peers: self.nodes[1..].iter().map(|n| n.tree.as_path()).collect(),
+            self.nodes.iter().map(|n| n.tree.as_path()),
             jitter,
             timeout,
-        }
+        )
     }
 }
 

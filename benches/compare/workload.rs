@@ -123,6 +123,31 @@ pub(crate) struct Trees<'a> {
     pub(crate) timeout: Duration,
 }
 
+impl<'a> Trees<'a> {
+    /// The first of a cluster's `trees` writes, the others must see it.
+    pub(crate) fn of(
+        label: &'a str,
+        mut trees: impl Iterator<Item = &'a Path>,
+        jitter: Duration,
+        timeout: Duration,
+    ) -> Trees<'a> {
+        Trees {
+            label,
+            writer: trees.next().expect("a cluster has nodes"),
+            peers: trees.collect(),
+            jitter,
+            timeout,
+        }
+    }
+}
+
+/// The process IDs of the nodes that are running.
+pub(crate) fn pids_of<'a>(children: impl Iterator<Item = &'a Option<Child>>) -> Vec<u32> {
+    children
+        .filter_map(|c| c.as_ref().map(|c| c.id()))
+        .collect()
+}
+
 pub(crate) fn small_file_samples(
     t: &Trees,
     n: usize,

@@ -247,15 +247,20 @@ mod tests {
     use super::*;
     use crate::config::{ChallengeChoice, KeyType};
 
-    #[test]
-    fn recorded_records_are_kept_only_when_this_config_could_have_made_them() {
-        let cert = CertificateConfig {
+    /// `www`: `*.example.com` and `example.com`.
+    fn wildcard_and_apex() -> CertificateConfig {
+        CertificateConfig {
             name: "www".into(),
             domains: vec!["*.example.com".into(), "example.com".into()],
             key: KeyType::EcdsaP256,
             reuse_key: false,
             challenge: ChallengeChoice::Auto,
-        };
+        }
+    }
+
+    #[test]
+    fn recorded_records_are_kept_only_when_this_config_could_have_made_them() {
+        let cert = wildcard_and_apex();
         let v = "a".repeat(43);
         let json = format!(
             r#"{{"node":"lb0","records":[{{"fqdn":"_acme-challenge.example.com","value":"{v}"}},
@@ -276,13 +281,7 @@ mod tests {
 
     #[test]
     fn a_record_listed_twice_is_kept_once() {
-        let cert = CertificateConfig {
-            name: "www".into(),
-            domains: vec!["*.example.com".into(), "example.com".into()],
-            key: KeyType::EcdsaP256,
-            reuse_key: false,
-            challenge: ChallengeChoice::Auto,
-        };
+        let cert = wildcard_and_apex();
         let (a, b) = ("a".repeat(43), "b".repeat(43));
         // The wildcard and the bare name share a challenge name with two values:
         // both stay; the exact repeat goes.
