@@ -122,25 +122,47 @@ pub fn spawn(exe: &Path, name: &str, config: &Path, tree: &Path) -> anyhow::Resu
 }
 
 /// Waits until every node reports every peer connected.
+/// A node once seen with all its peers is not asked again until every node has been
+/// (asking hundreds of nodes for their status every few ms would slow what it
+/// measures); then one more round over all confirms it.
 pub async fn wait_connected(nodes: &[LocalNode], timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
+    let sockets = nodes
+        .iter()
+        .map(|n| Ok(crate::config::Config::load(&n.config)?.control_socket()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut waiting: Vec<usize> = (0..nodes.len()).collect();
+    let mut confirmed = false;
     loop {
-        let mut all = true;
-        for n in nodes {
-            let cfg = crate::config::Config::load(&n.config)?;
-            let ok = match crate::control::request(&cfg.control_socket(), "status").await {
+        let mut still = Vec::new();
+        for &i in &waiting {
+            let ok = match crate::control::request(&sockets[i], "status").await {
                 Ok(v) => v["peers"]
                     .as_array()
                     .is_some_and(|ps| ps.iter().all(|p| p["connected"].as_bool() == Some(true))),
                 Err(_) => false,
             };
-            all &= ok;
+            if !ok {
+                still.push(i);
+            }
         }
-        if all {
-            return Ok(());
+        match (still.is_empty(), confirmed) {
+            (true, true) => return Ok(()),
+            (true, false) => {
+                confirmed = true;
+                still = (0..nodes.len()).collect();
+            }
+            (false, _) => confirmed = false,
         }
+        waiting = still;
         if Instant::now() > deadline {
-            bail!("the mesh did not connect within {timeout:?}");
+            let names: Vec<&str> = waiting.iter().map(|&i| nodes[i].name.as_str()).collect();
+            bail!(
+                "the mesh did not connect within {timeout:?}: {} of {} nodes not connected to all their peers ({})",
+                names.len(),
+                nodes.len(),
+                names.join(", ")
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

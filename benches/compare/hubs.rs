@@ -16,6 +16,7 @@ const HUBS: usize = 2;
 
 pub struct HubsResult {
     pub n: usize,
+    pub trees: TreesOn,
     pub formation: f64,
     pub small: Stats,
     pub bundle: Stats,
@@ -214,9 +215,17 @@ pub fn run_hubs(
         l.per - HUBS
     );
     let _limit = InotifyInstances::raise((n as u64 + 512).max(1024))?;
-    let dir = tempfile::Builder::new()
-        .prefix("certmesh-bench-hubs-")
-        .tempdir()?;
+    // Declared before `dir`: unmounted after the nodes' directory is gone.
+    let tmpfs = match o.hubs_trees {
+        TreesOn::Tmpfs => Some(Tmpfs::mount("4g")?),
+        TreesOn::Disk => None,
+    };
+    let mut dir = tempfile::Builder::new();
+    dir.prefix("certmesh-bench-hubs-");
+    let dir = match &tmpfs {
+        Some(t) => dir.tempdir_in(t.path())?,
+        None => dir.tempdir()?,
+    };
     let configs = write_configs(dir.path(), n, &l)?;
     let busy0 = (
         Instant::now(),
@@ -300,6 +309,7 @@ pub fn run_hubs(
     let hubs = rss(true);
     let r = HubsResult {
         n,
+        trees: o.hubs_trees,
         formation,
         small,
         bundle,
@@ -334,14 +344,15 @@ pub fn run_hubs(
 pub fn render(results: &[HubsResult], samples: usize) -> String {
     let mut s = String::from(
         "\n### Hub topologies (`--only hubs`, issue 16)\n\n\
-         | nodes | connected after | small file to all p50 | p99 | bundle to all p50 | p99 | torn | barrier from an edge p50 | p99 | RSS per edge (mean / max) | RSS hub (max) | hub CPU per change | all nodes' CPU per change | others' CPU |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | nodes | trees on | connected after | small file to all p50 | p99 | bundle to all p50 | p99 | torn | barrier from an edge p50 | p99 | RSS per edge (mean / max) | RSS hub (max) | hub CPU per change | all nodes' CPU per change | others' CPU |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         let _ = writeln!(
             s,
-            "| {} | {:.2} s | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} MiB | {:.1} MiB | {:.1} ms | {:.0} ms | {:.2} cores |",
+            "| {} | {} | {:.2} s | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} MiB | {:.1} MiB | {:.1} ms | {:.0} ms | {:.2} cores |",
             r.n,
+            r.trees.name(),
             r.formation,
             fmt_secs(r.small.p50),
             fmt_secs(r.small.p99),
@@ -371,7 +382,10 @@ pub fn render(results: &[HubsResult], samples: usize) -> String {
          the small-file samples, per change; all nodes' CPU the same summed over every node (on 2 \
          cores, propagation to all can be no faster than half of it). Others' CPU: cores kept busy by other processes (other \
          builds) on average from the start to the last sample, out of the machine's total; \
-         anything well above 0 means the figures were taken under load."
+         anything well above 0 means the figures were taken under load. Trees on: \
+         tmpfs, every node's tree and state on a tmpfs mounted for the run (its fsyncs cost \
+         nothing: a fleet's nodes each flush to their own disk, not all to one), or disk \
+         (`$TMPDIR`: every node's three flushes per change on this machine's one disk)."
     );
     s
 }

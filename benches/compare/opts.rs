@@ -14,10 +14,28 @@ pub(crate) struct Opts {
     pub(crate) scale: Vec<usize>,
     /// Hub topology sizes (`--only hubs`).
     pub(crate) hubs: Vec<usize>,
+    /// Where the hub nodes' trees and state live (`--hubs-trees`).
+    pub(crate) hubs_trees: TreesOn,
     /// Sections to run (`--only`); empty: all.
     pub(crate) only: Vec<String>,
     pub(crate) acme_samples: usize,
     pub(crate) args: Vec<String>,
+}
+
+/// `--hubs-trees`: a tmpfs the run mounts, or the disk under `$TMPDIR`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TreesOn {
+    Tmpfs,
+    Disk,
+}
+
+impl TreesOn {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            TreesOn::Tmpfs => "tmpfs",
+            TreesOn::Disk => "disk",
+        }
+    }
 }
 
 impl Opts {
@@ -43,7 +61,10 @@ usage: cargo bench --bench compare -- [flags]
   --acme-samples N      issuances per cluster size (default 20)
   --hubs LIST           hub topology sizes for `--only hubs` (default 128; multiples of 4;
                         hubs run only when named in --only; raises
-                        fs.inotify.max_user_instances as root for the run)";
+                        fs.inotify.max_user_instances as root for the run)
+  --hubs-trees WHERE    tmpfs (default: a tmpfs mounted for the run, as root: 248 nodes'
+                        fsyncs on one machine's one disk measure that disk, not a fleet
+                        where every node has its own) or disk ($TMPDIR)";
 
 pub(crate) fn parse_opts() -> Result<Opts> {
     let args: Vec<String> = std::env::args()
@@ -62,6 +83,7 @@ pub(crate) fn parse_opts() -> Result<Opts> {
         rss_after_secs: if quick { 3 } else { 10 },
         scale: if quick { vec![16] } else { vec![16, 32] },
         hubs: vec![128],
+        hubs_trees: TreesOn::Tmpfs,
         only: Vec::new(),
         acme_samples: if quick { 3 } else { 20 },
         args: args.clone(),
@@ -116,6 +138,14 @@ pub(crate) fn parse_opts() -> Result<Opts> {
                 {
                     bail!("--hubs sizes must be multiples of 4 between 16 and 1000");
                 }
+            }
+            "--hubs-trees" => {
+                let v: String = val(&a, it.next())?;
+                o.hubs_trees = match v.as_str() {
+                    "tmpfs" => TreesOn::Tmpfs,
+                    "disk" => TreesOn::Disk,
+                    _ => bail!("--hubs-trees: {v:?} is neither tmpfs nor disk"),
+                };
             }
             "--only" => {
                 let v: String = val(&a, it.next())?;

@@ -142,3 +142,47 @@ pub(crate) fn measure_idle(
         threads_mean: pids.iter().map(|&p| threads(p) as f64).sum::<f64>() / n,
     })
 }
+
+/// A tmpfs mounted on a fresh directory for one run (as root), unmounted on drop.
+pub(crate) struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub(crate) fn mount(size: &str) -> Result<Tmpfs> {
+        let dir = tempfile::Builder::new()
+            .prefix("certmesh-bench-tmpfs-")
+            .tempdir()?;
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .context("running mount")?;
+        if !st.success() {
+            bail!(
+                "mounting a tmpfs on {} failed ({st}): run as root, or pass --hubs-trees disk",
+                dir.path().display()
+            );
+        }
+        Ok(Tmpfs { dir })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
