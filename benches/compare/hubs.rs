@@ -7,9 +7,14 @@
 //! the run (2 cores shared with other builds: figures under load are marked by
 //! it). One daemon needs
 //! one inotify instance: `fs.inotify.max_user_instances` (128 by default) is raised
-//! for the run (as root) and put back afterwards.
+//! for the run (as root) and put back afterwards. With pebble installed, an ACME
+//! part ([`acme`]): the writer orders, an edge three hops away answers the CA.
 
 use super::*;
+
+#[path = "hubs_acme.rs"]
+mod acme;
+use acme::AcmeSection;
 
 const REGIONS: usize = 4;
 const HUBS: usize = 2;
@@ -32,6 +37,7 @@ pub struct HubsResult {
     /// (the whole machine's busy time from `/proc/stat` minus the nodes' and the
     /// harness's own).
     pub others_cores: f64,
+    pub acme: AcmeSection,
 }
 
 /// CPU seconds all processes took (all CPUs, `/proc/stat`), or NaN.
@@ -218,6 +224,7 @@ pub fn run_hubs(
         .prefix("certmesh-bench-hubs-")
         .tempdir()?;
     let configs = write_configs(dir.path(), n, &l)?;
+    let ca = acme::prepare(dir.path(), &l, &configs, o)?;
     let busy0 = (
         Instant::now(),
         machine_busy_seconds(),
@@ -228,10 +235,15 @@ pub fn run_hubs(
     for (name, cfg, tree) in &configs {
         nodes.push(demo::spawn(exe, name, cfg, tree)?);
     }
-    let c = CmCluster { nodes, _dir: dir };
+    let mut c = CmCluster { nodes, _dir: dir };
     cm_wait_connected(rt, &c, Duration::from_secs(120))?;
     let formation = t0.elapsed().as_secs_f64();
     eprintln!("[hubs] {n} nodes connected after {formation:.2} s");
+    // The daemon's own first order runs at start: done before the samples.
+    let first = match &ca {
+        Ok(setup) => Some(setup.first(rt, &c, t0)),
+        Err(_) => None,
+    };
 
     // The writer is region 0's first edge: a far edge is three hops away.
     let writer = HUBS;
@@ -298,6 +310,23 @@ pub fn run_hubs(
         ((machine_busy_seconds() - busy0.1 - ours) / busy0.0.elapsed().as_secs_f64()).max(0.0);
     let edges = rss(false);
     let hubs = rss(true);
+    let acme = match ca {
+        Err(section) => section,
+        Ok(setup) => match first
+            .unwrap_or_else(|| Err(anyhow!("no first issuance")))
+            .and_then(|first| setup.runs(rt, &c, &l, first, o.acme_runs))
+        {
+            Ok(a) => AcmeSection::Ran(Box::new(a)),
+            Err(e) => AcmeSection::Broken(format!("{e:#}")),
+        },
+    };
+    if acme.failed() {
+        c._dir.disable_cleanup(true);
+        eprintln!(
+            "[hubs] ACME: kept {} (Pebble's and the nodes' logs) for diagnosis",
+            c._dir.path().display()
+        );
+    }
     let r = HubsResult {
         n,
         formation,
@@ -311,6 +340,7 @@ pub fn run_hubs(
         hub_cpu_per_change_ms,
         all_cpu_per_change_ms,
         others_cores,
+        acme,
     };
     eprintln!(
         "[hubs] {n}: small file p50 {} p99 {}; bundle p50 {} p99 {} ({} torn); barrier p50 {} p99 {}; RSS edge {:.1} MiB (max {:.1}), hub max {:.1} MiB; CPU per change: hub {:.1} ms, all nodes {:.0} ms",
@@ -373,5 +403,5 @@ pub fn render(results: &[HubsResult], samples: usize) -> String {
          builds) on average from the start to the last sample, out of the machine's total; \
          anything well above 0 means the figures were taken under load."
     );
-    s
+    s + &acme::render(results)
 }

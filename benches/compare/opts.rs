@@ -17,6 +17,8 @@ pub(crate) struct Opts {
     /// Sections to run (`--only`); empty: all.
     pub(crate) only: Vec<String>,
     pub(crate) acme_samples: usize,
+    /// `certmesh issue` requests in each hub run (`--acme-runs`); 0: no ACME there.
+    pub(crate) acme_runs: usize,
     pub(crate) args: Vec<String>,
 }
 
@@ -43,7 +45,10 @@ usage: cargo bench --bench compare -- [flags]
   --acme-samples N      issuances per cluster size (default 20)
   --hubs LIST           hub topology sizes for `--only hubs` (default 128; multiples of 4;
                         hubs run only when named in --only; raises
-                        fs.inotify.max_user_instances as root for the run)";
+                        fs.inotify.max_user_instances as root for the run)
+  --acme-runs N         in each hub run, with pebble installed: a local Pebble, the name
+                        pointed at an edge three hops from the renewer, N `certmesh issue`
+                        requests after the first issuance (default 20; 0: none)";
 
 pub(crate) fn parse_opts() -> Result<Opts> {
     let args: Vec<String> = std::env::args()
@@ -64,6 +69,7 @@ pub(crate) fn parse_opts() -> Result<Opts> {
         hubs: vec![128],
         only: Vec::new(),
         acme_samples: if quick { 3 } else { 20 },
+        acme_runs: if quick { 3 } else { 20 },
         args: args.clone(),
     };
     let mut it = args.iter().flat_map(|a| match a.split_once('=') {
@@ -80,6 +86,7 @@ pub(crate) fn parse_opts() -> Result<Opts> {
             "--skip-syncthing" => o.skip_syncthing = true,
             "--samples" => o.samples = val(&a, it.next())?,
             "--acme-samples" => o.acme_samples = val::<usize>(&a, it.next())?.max(1),
+            "--acme-runs" => o.acme_runs = val(&a, it.next())?,
             "--defaults-samples" => o.defaults_samples = val(&a, it.next())?,
             "--bulk-files" => o.bulk_files = val(&a, it.next())?,
             "--bulk-mib" => o.bulk_mib = val(&a, it.next())?,
