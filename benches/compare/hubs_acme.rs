@@ -52,6 +52,9 @@ pub struct AcmeRuns {
     pub reply: Option<Stats>,
     /// Request until the new pair is live on every node, successes only.
     pub live: Option<Stats>,
+    /// The barrier's part of each order, from the renewer's log (when its level
+    /// lets `certmesh::acme` info through).
+    pub barrier: Option<Stats>,
     /// The failed attempts' errors.
     pub failures: Vec<String>,
     /// Challenges Pebble's validator took up, by its log: one per order when no
@@ -149,6 +152,23 @@ fn tail(path: &Path, from: u64, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The cluster-wide barrier's time in each order (ms), from the renewer's log
+/// since byte `from`: only there with `RUST_LOG=warn,certmesh::acme=info`.
+fn order_barriers(log: &Path, from: u64) -> Vec<Duration> {
+    let Ok(b) = std::fs::read(log) else {
+        return Vec::new();
+    };
+    let text = String::from_utf8_lossy(b.get(from as usize..).unwrap_or_default());
+    text.lines()
+        .filter(|l| l.contains("challenges in place on every connected node"))
+        .filter_map(|l| {
+            let v = l.split("barrier_ms=").nth(1)?.split_whitespace().next()?;
+            let ms: f64 = v.trim_matches('"').parse().ok()?;
+            Some(Duration::from_secs_f64(ms / 1000.0))
+        })
+        .collect()
+}
+
 fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).map_or(0, |m| m.len())
 }
@@ -160,7 +180,9 @@ impl Setup {
     }
 
     /// Until every node has the renewer's live pair, which must be complete (key
-    /// matching cert); the time from `since`.
+    /// matching cert); the time from `since`. A node whose `live/www` does not
+    /// point at the renewer's version yet costs one `readlink` per poll: reading
+    /// 2 × 247 files each millisecond would take a core from the nodes measured.
     fn live_everywhere(
         &self,
         c: &CmCluster,
@@ -173,10 +195,15 @@ impl Setup {
         if !ok {
             bail!("live/www on the renewer: the key does not match the certificate");
         }
+        let link = std::fs::read_link(renewer.join("live/www")).ok();
         let want = pair(renewer).ok_or_else(|| anyhow!("live/www gone on the renewer"))?;
         let mut pending: Vec<usize> = (0..c.nodes.len()).filter(|&i| i != self.renewer).collect();
         loop {
-            pending.retain(|&i| pair(&c.nodes[i].tree).as_ref() != Some(&want));
+            pending.retain(|&i| {
+                let tree = &c.nodes[i].tree;
+                std::fs::read_link(tree.join("live/www")).ok() != link
+                    || pair(tree).as_ref() != Some(&want)
+            });
             if pending.is_empty() {
                 return Ok((since.elapsed(), serial));
             }
@@ -269,6 +296,7 @@ impl Setup {
         let node_log = c.nodes[self.renewer].config.with_file_name("node.log");
         let (mut reply, mut live, mut failures) = (Vec::new(), Vec::new(), Vec::new());
         let asked0 = self.tap.asked().len();
+        let log0 = file_len(&node_log);
         for k in 1..=runs {
             let marks = (
                 self.tap.asked().len(),
@@ -305,6 +333,7 @@ impl Setup {
         }
         let asked = self.tap.asked();
         let asked = asked.get(asked0..).unwrap_or_default();
+        let barriers = order_barriers(&node_log, log0);
         let r = AcmeRuns {
             renewer: l.name(self.renewer),
             target: l.name(self.target),
@@ -313,6 +342,7 @@ impl Setup {
             issued: reply.len(),
             reply: (!reply.is_empty()).then(|| stats(reply)),
             live: (!live.is_empty()).then(|| stats(live)),
+            barrier: (!barriers.is_empty()).then(|| stats(barriers)),
             failures,
             validated: std::fs::read_to_string(&self.ca.log).map_or(0, |t| {
                 t.matches("Pulled a task from the Tasks queue").count()
@@ -334,12 +364,13 @@ impl AcmeRuns {
             })
         };
         let mut out = format!(
-            "issued on the first attempt {} of {}; issue reply {}; live on all {}; \
-             challenges validated by Pebble (first issuance included): {}; validator requests \
+            "issued on the first attempt {} of {}; issue reply {} (the barrier in it {}); live on \
+             all {}; challenges validated by Pebble (first issuance included): {}; validator requests \
              at the far edge: {}, {} of them before the token had reached it",
             self.issued,
             self.asked,
             p(&self.reply),
+            p(&self.barrier),
             p(&self.live),
             self.validated,
             self.requests,
@@ -391,8 +422,9 @@ pub fn render(results: &[HubsResult]) -> String {
              answers a token it does not have from the shared account, so success alone does \
              not show that the barrier held). `certmesh issue` runs exactly \
              one order attempt: Ok is an issuance on the first attempt. Issue reply: request \
-             until the answer; live on all: request until every node reads the renewer's new \
-             key and certificate through `live/www`.\n",
+             until the answer; the barrier in it: from the renewer's log (`barrier_ms`, with \
+             `RUST_LOG=warn,certmesh::acme=info`; `-` otherwise); live on all: request until \
+             every node reads the renewer's new key and certificate through `live/www`.\n",
         );
     }
     s
