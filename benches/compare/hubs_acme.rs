@@ -408,11 +408,16 @@ pub fn render(results: &[HubsResult]) -> String {
         };
         let _ = writeln!(s, "- ACME, {} nodes: {line}.", r.n);
     }
+    let ran = results
+        .iter()
+        .any(|r| matches!(r.acme, AcmeSection::Ran(_) | AcmeSection::Broken(_)));
     if !s.is_empty() {
         s.insert_str(
             0,
             "\n#### ACME in the hub topology (issue 16, target 4)\n\n",
         );
+    }
+    if ran {
         s.push_str(
             "\nAgainst a local Pebble (validation sleep off, no authorization reuse: every order \
              is validated), the writer edge of region 0 orders, the only node with `[acme]`; \
