@@ -13,7 +13,9 @@
 //! 4. bulk initial sync between 2 nodes (N files / M MiB created on node 1 before start);
 //! 5. certmesh only: 16 and 32 node full meshes (formation time, propagation p50/p99);
 //! 6. certmesh only, with `--only hubs`: hub topologies of 128 (`--hubs 128,248`) real
-//!    processes on 127.1.0.0/16 (see `compare/hubs.rs`).
+//!    processes on 127.1.0.0/16 (see `compare/hubs.rs`); with pebble installed, also real
+//!    ACME orders from an edge, validated at an edge three hops away (`--acme-runs`,
+//!    `compare/hubs_acme.rs`).
 //!
 //! Syncthing (1.19, `/usr/bin/syncthing` or `$SYNCTHING`) runs fully offline: discovery,
 //! relays, NAT, STUN, usage and crash reporting and upgrades off; listen and GUI addresses on

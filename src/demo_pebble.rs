@@ -20,6 +20,9 @@ pub struct LocalCa {
     pub directory: String,
     pub ca_roots: PathBuf,
     pub http_port: u16,
+    /// Pebble's log (its validator says there which address it asked and what came
+    /// back).
+    pub log: PathBuf,
     dns_mgmt: String,
     children: Vec<Child>,
 }
@@ -63,6 +66,18 @@ impl LocalCa {
     /// Starts pebble-challtestsrv and pebble under `dir`; http-01 validations go to
     /// port `http_port` of whatever address the DNS gives.
     pub fn start(dir: &Path) -> anyhow::Result<LocalCa> {
+        Self::start_with(dir, None)
+    }
+
+    /// [`LocalCa::start`], but every order is validated: Pebble otherwise reuses a
+    /// valid authorization for about half of an account's orders
+    /// (`PEBBLE_AUTHZREUSE`, 50 by default), which then reach no validator at all.
+    pub fn start_validating_every_order(dir: &Path) -> anyhow::Result<LocalCa> {
+        Self::start_with(dir, Some(0))
+    }
+
+    /// `authz_reuse`: `PEBBLE_AUTHZREUSE` (percent), Pebble's default when `None`.
+    fn start_with(dir: &Path, authz_reuse: Option<u8>) -> anyhow::Result<LocalCa> {
         let dir = dir.join("pebble");
         std::fs::create_dir_all(&dir)?;
         // A throwaway CA for Pebble's own HTTPS API.
@@ -118,7 +133,12 @@ impl LocalCa {
             "externalAccountBindingRequired": false,
         }});
         std::fs::write(dir.join("pebble.json"), config.to_string())?;
-        let mut pebble = Command::new("pebble")
+        let log = dir.join("pebble.log");
+        let mut pebble = Command::new("pebble");
+        if let Some(p) = authz_reuse {
+            pebble.env("PEBBLE_AUTHZREUSE", p.to_string());
+        }
+        let mut pebble = pebble
             .arg("-config")
             .arg(dir.join("pebble.json"))
             .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
@@ -127,7 +147,7 @@ impl LocalCa {
             // one POST in 8,000 still fails, and over the benchmark's many orders that
             // made a CI run red. The demo and the bench measure sync, not that.
             .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .stdout(std::fs::File::create(dir.join("pebble.log"))?)
+            .stdout(std::fs::File::create(&log)?)
             .stderr(Stdio::null())
             .spawn()
             .context("starting pebble")?;
@@ -138,6 +158,7 @@ impl LocalCa {
             directory: format!("https://{api}/dir"),
             ca_roots,
             http_port,
+            log,
             dns_mgmt,
             children,
         })
@@ -163,15 +184,29 @@ impl LocalCa {
     /// The config sections a demo node gets: ACME from this CA, one certificate, and
     /// the built-in http-01 responder on the node's own address.
     pub fn node_config(&self, ip: &str) -> String {
+        self.acme_config() + &self.http_config(ip)
+    }
+
+    /// `[acme]` from this CA and one `[[certificate]]` (`www`, for [`DOMAIN`]).
+    pub fn acme_config(&self) -> String {
         format!(
             "\n[acme]\ndirectory = \"{}\"\ncontact = [\"mailto:demo@certmesh.demo\"]\nca_roots = \"{}\"\n\
-             \n[[certificate]]\nname = \"www\"\ndomains = [\"{DOMAIN}\"]\nkey = \"ecdsa-p256\"\n\
-             \n[http]\nlisten = \"{ip}:{}\"\n",
+             \n[[certificate]]\nname = \"www\"\ndomains = [\"{DOMAIN}\"]\nkey = \"ecdsa-p256\"\n",
             self.directory,
             self.ca_roots.display(),
-            self.http_port
         )
     }
+
+    /// `[http]`: the built-in http-01 responder on `ip`, at the port this CA's
+    /// validator asks.
+    pub fn http_config(&self, ip: &str) -> String {
+        http_config_at(&format!("{ip}:{}", self.http_port))
+    }
+}
+
+/// `[http]`: the built-in http-01 responder on `listen` (`ip:port`).
+pub fn http_config_at(listen: &str) -> String {
+    format!("\n[http]\nlisten = \"{listen}\"\n")
 }
 
 /// The live certificate's serial and whether its key matches, if complete.

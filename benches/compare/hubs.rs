@@ -7,9 +7,14 @@
 //! the run (2 cores shared with other builds: figures under load are marked by
 //! it). One daemon needs
 //! one inotify instance: `fs.inotify.max_user_instances` (128 by default) is raised
-//! for the run (as root) and put back afterwards.
+//! for the run (as root) and put back afterwards. With pebble installed, an ACME
+//! part ([`acme`]): the writer orders, an edge three hops away answers the CA.
 
 use super::*;
+
+#[path = "hubs_acme.rs"]
+mod acme;
+use acme::AcmeSection;
 
 const REGIONS: usize = 4;
 const HUBS: usize = 2;
@@ -33,6 +38,7 @@ pub struct HubsResult {
     /// (the whole machine's busy time from `/proc/stat` minus the nodes' and the
     /// harness's own).
     pub others_cores: f64,
+    pub acme: AcmeSection,
 }
 
 /// CPU seconds all processes took (all CPUs, `/proc/stat`), or NaN.
@@ -216,7 +222,7 @@ pub fn run_hubs(
     );
     let _limit = InotifyInstances::raise((n as u64 + 512).max(1024))?;
     // Declared before `dir`: unmounted after the nodes' directory is gone.
-    let tmpfs = match o.hubs_trees {
+    let mut tmpfs = match o.hubs_trees {
         TreesOn::Tmpfs => Some(Tmpfs::mount("4g")?),
         TreesOn::Disk => None,
     };
@@ -227,6 +233,7 @@ pub fn run_hubs(
         None => dir.tempdir()?,
     };
     let configs = write_configs(dir.path(), n, &l)?;
+    let ca = acme::prepare(dir.path(), &l, &configs, o)?;
     let busy0 = (
         Instant::now(),
         machine_busy_seconds(),
@@ -237,10 +244,15 @@ pub fn run_hubs(
     for (name, cfg, tree) in &configs {
         nodes.push(demo::spawn(exe, name, cfg, tree)?);
     }
-    let c = CmCluster { nodes, _dir: dir };
+    let mut c = CmCluster { nodes, _dir: dir };
     cm_wait_connected(rt, &c, Duration::from_secs(120))?;
     let formation = t0.elapsed().as_secs_f64();
     eprintln!("[hubs] {n} nodes connected after {formation:.2} s");
+    // The daemon's own first order runs at start: done before the samples.
+    let first = match &ca {
+        Ok(setup) => Some(setup.first(rt, &c, t0)),
+        Err(_) => None,
+    };
 
     // The writer is region 0's first edge: a far edge is three hops away.
     let writer = HUBS;
@@ -307,6 +319,26 @@ pub fn run_hubs(
         ((machine_busy_seconds() - busy0.1 - ours) / busy0.0.elapsed().as_secs_f64()).max(0.0);
     let edges = rss(false);
     let hubs = rss(true);
+    let acme = match ca {
+        Err(section) => section,
+        Ok(setup) => match first
+            .unwrap_or_else(|| Err(anyhow!("no first issuance")))
+            .and_then(|first| setup.runs(rt, &c, &l, first, o.acme_runs))
+        {
+            Ok(a) => AcmeSection::Ran(Box::new(a)),
+            Err(e) => AcmeSection::Broken(format!("{e:#}")),
+        },
+    };
+    if acme.failed() {
+        c._dir.disable_cleanup(true);
+        if let Some(t) = &mut tmpfs {
+            t.keep();
+        }
+        eprintln!(
+            "[hubs] ACME: kept {} (Pebble's and the nodes' logs) for diagnosis",
+            c._dir.path().display()
+        );
+    }
     let r = HubsResult {
         n,
         trees: o.hubs_trees,
@@ -321,6 +353,7 @@ pub fn run_hubs(
         hub_cpu_per_change_ms,
         all_cpu_per_change_ms,
         others_cores,
+        acme,
     };
     eprintln!(
         "[hubs] {n}: small file p50 {} p99 {}; bundle p50 {} p99 {} ({} torn); barrier p50 {} p99 {}; RSS edge {:.1} MiB (max {:.1}), hub max {:.1} MiB; CPU per change: hub {:.1} ms, all nodes {:.0} ms",
@@ -387,5 +420,5 @@ pub fn render(results: &[HubsResult], samples: usize) -> String {
          nothing: a fleet's nodes each flush to their own disk, not all to one), or disk \
          (`$TMPDIR`: every node's three flushes per change on this machine's one disk)."
     );
-    s
+    s + &acme::render(results)
 }

@@ -19,6 +19,8 @@ pub(crate) struct Opts {
     /// Sections to run (`--only`); empty: all.
     pub(crate) only: Vec<String>,
     pub(crate) acme_samples: usize,
+    /// `certmesh issue` requests in each hub run (`--acme-runs`); 0: no ACME there.
+    pub(crate) acme_runs: usize,
     pub(crate) args: Vec<String>,
 }
 
@@ -64,7 +66,10 @@ usage: cargo bench --bench compare -- [flags]
                         fs.inotify.max_user_instances as root for the run)
   --hubs-trees WHERE    tmpfs (default: a tmpfs mounted for the run, as root: 248 nodes'
                         fsyncs on one machine's one disk measure that disk, not a fleet
-                        where every node has its own) or disk ($TMPDIR)";
+                        where every node has its own) or disk ($TMPDIR)
+  --acme-runs N         in each hub run, with pebble installed: a local Pebble, the name
+                        pointed at an edge three hops from the renewer, N `certmesh issue`
+                        requests after the first issuance (default 20; 0: none)";
 
 pub(crate) fn parse_opts() -> Result<Opts> {
     let args: Vec<String> = std::env::args()
@@ -86,6 +91,7 @@ pub(crate) fn parse_opts() -> Result<Opts> {
         hubs_trees: TreesOn::Tmpfs,
         only: Vec::new(),
         acme_samples: if quick { 3 } else { 20 },
+        acme_runs: if quick { 3 } else { 20 },
         args: args.clone(),
     };
     let mut it = args.iter().flat_map(|a| match a.split_once('=') {
@@ -102,6 +108,7 @@ pub(crate) fn parse_opts() -> Result<Opts> {
             "--skip-syncthing" => o.skip_syncthing = true,
             "--samples" => o.samples = val(&a, it.next())?,
             "--acme-samples" => o.acme_samples = val::<usize>(&a, it.next())?.max(1),
+            "--acme-runs" => o.acme_runs = val(&a, it.next())?,
             "--defaults-samples" => o.defaults_samples = val(&a, it.next())?,
             "--bulk-files" => o.bulk_files = val(&a, it.next())?,
             "--bulk-mib" => o.bulk_mib = val(&a, it.next())?,

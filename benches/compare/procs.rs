@@ -146,6 +146,7 @@ pub(crate) fn measure_idle(
 /// A tmpfs mounted on a fresh directory for one run (as root), unmounted on drop.
 pub(crate) struct Tmpfs {
     dir: tempfile::TempDir,
+    keep: bool,
 }
 
 impl Tmpfs {
@@ -170,7 +171,13 @@ impl Tmpfs {
                 dir.path().display()
             );
         }
-        Ok(Tmpfs { dir })
+        Ok(Tmpfs { dir, keep: false })
+    }
+
+    /// Left mounted, with its files, for diagnosis.
+    pub(crate) fn keep(&mut self) {
+        self.keep = true;
+        self.dir.disable_cleanup(true);
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -180,6 +187,9 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         let _ = std::process::Command::new("umount")
             .arg("-l")
             .arg(self.dir.path())
