@@ -151,9 +151,15 @@ pub fn start(
     // that directory's inotify watch, and notify then reports its events under the
     // link's path, which the scanner does not follow (edits went unseen). Links out of
     // the tree would also be watched.
+    let event_root = sync.root().to_path_buf();
     let mut watcher = notify::RecommendedWatcher::new(
-        move |ev| {
-            let _ = tx.send(ev);
+        move |ev: notify::Result<notify::Event>| {
+            // Filtered here, on notify's thread: every apply raises half a dozen
+            // events in `.certmesh/tmp` and every read of the tree an open, and each
+            // one sent would wake the debouncer for nothing.
+            if matters(&event_root, &ev) {
+                let _ = tx.send(ev);
+            }
         },
         notify::Config::default().with_follow_symlinks(false),
     )
@@ -174,17 +180,14 @@ pub fn start(
     Ok(watch)
 }
 
-/// Collects events into batches: a burst ends after `QUIET` without events, or at
-/// `DEADLINE` after its first event.
+/// Collects events (those that [`matters`] let through) into batches: a burst ends
+/// after `QUIET` without events, or at `DEADLINE` after its first event.
 fn debounce(
     root: &std::path::Path,
     events: std::sync::mpsc::Receiver<notify::Result<notify::Event>>,
     out: mpsc::UnboundedSender<Batch>,
 ) {
     let add = |batch: &mut Batch, ev: notify::Result<notify::Event>| match ev {
-        // Reads and opens are not changes; they are also what our own scans and
-        // serving cause, so following them would loop.
-        Ok(ev) if is_read_only(&ev.kind) => {}
         Ok(ev) if !ev.need_rescan() => {
             if let Batch::Paths { paths, new_dirs } = batch {
                 let maybe_new_dir = is_new_dir(&ev.kind);
@@ -225,6 +228,24 @@ fn debounce(
             return;
         }
     }
+}
+
+/// False for an event that cannot change the index: a read or an open (also what our
+/// own scans and serving cause, so following them would loop), or one whose paths are
+/// all outside the tree or local-only (`.certmesh/tmp`, where applies stage files).
+/// Errors and overflows matter.
+fn matters(root: &std::path::Path, ev: &notify::Result<notify::Event>) -> bool {
+    let Ok(ev) = ev else {
+        return true;
+    };
+    if ev.need_rescan() {
+        return true;
+    }
+    !is_read_only(&ev.kind)
+        && ev
+            .paths
+            .iter()
+            .any(|p| RelPath::from_fs(root, p).is_some_and(|rel| !rel.is_local_only()))
 }
 
 /// A directory created, or anything renamed in (it may be a directory).
