@@ -31,6 +31,11 @@ pub struct HubsResult {
     pub rss_edge_max: f64,
     pub rss_hub_max: f64,
     pub hub_cpu_per_change_ms: f64,
+    /// A region-0 hub left idle after the samples: its peer count, and its CPU (ms)
+    /// and context switches per second per peer connection.
+    pub hub_peers: usize,
+    pub idle_hub_cpu_ms_per_peer_s: f64,
+    pub idle_hub_wakeups_per_peer_s: f64,
     /// utime+stime of every node over the small-file samples, per change: with
     /// all nodes on one machine, propagation is bound by it (÷ 2 cores).
     pub all_cpu_per_change_ms: f64,
@@ -300,6 +305,19 @@ pub fn run_hubs(
     }
     let confirm = stats(barrier);
 
+    // Idle cost per connection: keep-alives only (issue 16 item 3).
+    let hub_peers = (0..n).filter(|&j| l.peered(0, j)).count();
+    let idle = match hub_pid {
+        Some(p) => Some(measure_idle(
+            &label,
+            &[p],
+            Duration::from_secs(1),
+            Duration::from_secs(o.idle_secs.min(10)),
+        )?),
+        None => None,
+    };
+    let idle_window = o.idle_secs.min(10) as f64;
+
     let rss = |hub: bool| -> Vec<f64> {
         c.nodes
             .iter()
@@ -351,12 +369,18 @@ pub fn run_hubs(
         rss_edge_max: edges.iter().copied().fold(0.0, f64::max),
         rss_hub_max: hubs.iter().copied().fold(0.0, f64::max),
         hub_cpu_per_change_ms,
+        hub_peers,
+        idle_hub_cpu_ms_per_peer_s: idle.map_or(f64::NAN, |i| {
+            i.cpu_mean * 1000.0 / idle_window / hub_peers.max(1) as f64
+        }),
+        idle_hub_wakeups_per_peer_s: idle
+            .map_or(f64::NAN, |i| i.wakeups_mean / hub_peers.max(1) as f64),
         all_cpu_per_change_ms,
         others_cores,
         acme,
     };
     eprintln!(
-        "[hubs] {n}: small file p50 {} p99 {}; bundle p50 {} p99 {} ({} torn); barrier p50 {} p99 {}; RSS edge {:.1} MiB (max {:.1}), hub max {:.1} MiB; CPU per change: hub {:.1} ms, all nodes {:.0} ms",
+        "[hubs] {n}: small file p50 {} p99 {}; bundle p50 {} p99 {} ({} torn); barrier p50 {} p99 {}; RSS edge {:.1} MiB (max {:.1}), hub max {:.1} MiB; CPU per change: hub {:.1} ms, all nodes {:.0} ms; idle hub ({} peers): {:.3} ms CPU and {:.2} wake-ups per peer per second",
         fmt_secs(r.small.p50),
         fmt_secs(r.small.p99),
         fmt_secs(r.bundle.p50),
@@ -368,7 +392,10 @@ pub fn run_hubs(
         r.rss_edge_max,
         r.rss_hub_max,
         r.hub_cpu_per_change_ms,
-        r.all_cpu_per_change_ms
+        r.all_cpu_per_change_ms,
+        r.hub_peers,
+        r.idle_hub_cpu_ms_per_peer_s,
+        r.idle_hub_wakeups_per_peer_s
     );
     Ok(r)
 }
@@ -377,13 +404,13 @@ pub fn run_hubs(
 pub fn render(results: &[HubsResult], samples: usize) -> String {
     let mut s = String::from(
         "\n### Hub topologies (`--only hubs`, issue 16)\n\n\
-         | nodes | trees on | connected after | small file to all p50 | p99 | bundle to all p50 | p99 | torn | barrier from an edge p50 | p99 | RSS per edge (mean / max) | RSS hub (max) | hub CPU per change | all nodes' CPU per change | others' CPU |\n\
-         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | nodes | trees on | connected after | small file to all p50 | p99 | bundle to all p50 | p99 | torn | barrier from an edge p50 | p99 | RSS per edge (mean / max) | RSS hub (max) | hub CPU per change | all nodes' CPU per change | idle hub per peer connection: CPU / wake-ups per s | others' CPU |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.2} s | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} MiB | {:.1} MiB | {:.1} ms | {:.0} ms | {:.2} cores |",
+            "| {} | {} | {:.2} s | {} | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} MiB | {:.1} MiB | {:.1} ms | {:.0} ms | {:.3} ms / {:.2} ({} peers) | {:.2} cores |",
             r.n,
             r.trees.name(),
             r.formation,
@@ -399,6 +426,9 @@ pub fn render(results: &[HubsResult], samples: usize) -> String {
             r.rss_hub_max,
             r.hub_cpu_per_change_ms,
             r.all_cpu_per_change_ms,
+            r.idle_hub_cpu_ms_per_peer_s,
+            r.idle_hub_wakeups_per_peer_s,
+            r.hub_peers,
             r.others_cores
         );
     }
@@ -415,7 +445,10 @@ pub fn render(results: &[HubsResult], samples: usize) -> String {
          the small-file samples, per change; all nodes' CPU the same summed over every node (on 2 \
          cores, propagation to all can be no faster than half of it). Others' CPU: cores kept busy by other processes (other \
          builds) on average from the start to the last sample, out of the machine's total; \
-         anything well above 0 means the figures were taken under load. Trees on: \
+         anything well above 0 means the figures were taken under load. Idle hub: the \
+         region-0 hub left alone for up to 10 s after the barrier samples (QUIC keep-alives \
+         every 5 s per connection), its CPU and context switches divided by its peer count. \
+         Trees on: \
          tmpfs, every node's tree and state on a tmpfs mounted for the run (its fsyncs cost \
          nothing: a fleet's nodes each flush to their own disk, not all to one), or disk \
          (`$TMPDIR`: every node's three flushes per change on this machine's one disk)."
