@@ -415,6 +415,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_events_that_can_change_the_index_reach_the_debouncer() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode,
+        };
+        let root = std::path::Path::new("/srv/tree");
+        let ev = |kind: EventKind, paths: &[&str]| -> notify::Result<notify::Event> {
+            let mut e = notify::Event::new(kind);
+            for p in paths {
+                e = e.add_path(root.join(p));
+            }
+            Ok(e)
+        };
+        let create = EventKind::Create(CreateKind::File);
+        let rename = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        let open = EventKind::Access(AccessKind::Open(AccessMode::Any));
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        // An apply's staging file, and a read anywhere: nothing to rescan.
+        assert!(!matters(root, &ev(create, &[".certmesh/tmp/1f2e"])));
+        assert!(!matters(root, &ev(open, &["live/www/privkey.pem"])));
+        // Its rename into the tree, a write closed, a new file: rescanned.
+        assert!(matters(
+            root,
+            &ev(rename, &[".certmesh/tmp/1f2e", "live/www/privkey.pem"])
+        ));
+        assert!(matters(root, &ev(closed, &["live/www/privkey.pem"])));
+        assert!(matters(root, &ev(create, &["acme/x"])));
+        // Outside the tree, or a name that is not a tree path: nothing.
+        let mut outside = notify::Event::new(create);
+        outside = outside.add_path("/etc/passwd".into());
+        assert!(!matters(root, &Ok(outside)));
+        // Overflow and errors always get through (they mean a full rescan).
+        let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        assert!(matters(root, &Ok(overflow)));
+        assert!(matters(
+            root,
+            &Err(notify::Error::generic("queue overflow"))
+        ));
+    }
+
+    #[test]
     fn running_out_of_inotify_instances_or_watches_names_the_sysctl() {
         fn limit(name: &str) -> Option<u64> {
             Some(if name == "max_user_instances" {
