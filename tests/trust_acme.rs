@@ -238,3 +238,76 @@ fn trust_acme_forged_account_is_never_used() {
         "the forged CA was contacted"
     );
 }
+
+/// `.certmesh/acme/issued/<name>` is untrusted too (issue 15): a bad node that points
+/// the record of the live certificate at its own "CA" gets no traffic from the
+/// renewer (it only picks among the CAs in its own config), and the next issuance
+/// writes the true record back on every node. A record that does not parse is shown
+/// as no CA, and orders go on.
+#[test]
+fn trust_acme_forged_issuer_record_sends_no_traffic() {
+    if !tools_present() {
+        return;
+    }
+    let f = fleet("127.0.0.52", "127.0.0.59", "");
+    let (evil, hits) = counting_listener("127.0.0.59");
+    let rel = ".certmesh/acme/issued/www";
+    let real = f
+        .bad
+        .read(rel)
+        .expect("the issuer record of the first certificate");
+    let mut v: serde_json::Value = serde_json::from_str(&real).unwrap();
+    assert_eq!(v["directory"], f.pebble.directory.as_str());
+    // Same serial (it stays the live certificate's record), another directory.
+    v["directory"] = format!("https://{evil}/dir").into();
+    let forged = v.to_string();
+    f.bad.write(rel, &forged);
+    wait_until("the forged record on the renewer", || {
+        f.good.read(rel).as_deref() == Some(forged.as_str())
+    });
+    until_output(
+        &f.good,
+        &["issue", "www"],
+        "version 2 issued",
+        Duration::from_secs(90),
+    );
+    wait_version(&[&f.good, &f.bad], 2, "the new certificate on both nodes");
+    let true_record = |n: &Node| {
+        n.read(rel).is_some_and(|r| {
+            let v: serde_json::Value = serde_json::from_str(&r).unwrap_or_default();
+            v["directory"] == f.pebble.directory.as_str()
+        })
+    };
+    wait_until("the true record back on both nodes", || {
+        true_record(&f.good) && true_record(&f.bad)
+    });
+
+    // Garbage, larger than a record may be: no CA shown, the next order unharmed.
+    let junk = format!("{{\"serial\":\"{}\"}}", "0".repeat(8192));
+    f.bad.write(rel, &junk);
+    wait_until("the junk record on the renewer", || {
+        f.good.read(rel).as_deref() == Some(junk.as_str())
+    });
+    let st = f.good.status();
+    let cert = &st["certificates"][0];
+    assert_eq!(cert["name"], "www", "{st}");
+    assert!(cert["ca"].is_null(), "{st}");
+    until_output(
+        &f.good,
+        &["issue", "www"],
+        "version 3 issued",
+        Duration::from_secs(90),
+    );
+    wait_version(&[&f.good, &f.bad], 3, "the third certificate on both nodes");
+    wait_until("the true record back again", || {
+        true_record(&f.good) && true_record(&f.bad)
+    });
+    let root = f.pebble.root();
+    check_bundle(&f.good, &root);
+    check_bundle(&f.bad, &root);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the forged CA was contacted"
+    );
+}
