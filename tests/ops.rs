@@ -565,3 +565,120 @@ fn rotating_an_identity_as_the_readme_says() {
     a.stop();
     b.stop();
 }
+
+/// Issue 16, the Ansible path: the role's real template, rendered by real Ansible
+/// (ad hoc, `-c local`, one render per inventory host) from an INI inventory with
+/// `certmesh_hub` / `certmesh_region`, gives the hub topology, and every rendered
+/// config passes `certmesh check`. `certmesh_hub=false` written out in INI (a string
+/// there, not a boolean) makes no hub.
+#[test]
+fn ansible_role_renders_a_hub_topology() {
+    if Command::new("ansible").arg("--version").output().is_err() {
+        eprintln!("SKIP: ansible (Debian package ansible-core) is not installed");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    // Two regions × (2 hubs + 2 edges), on 127.0.7.40…
+    let shape = [
+        ("hub-a1", Some("true"), "a"),
+        ("hub-a2", Some("True"), "a"),
+        ("edge-a1", Some("false"), "a"),
+        ("edge-a2", None, "a"),
+        ("hub-b1", Some("yes"), "b"),
+        ("hub-b2", Some("true"), "b"),
+        ("edge-b1", Some("no"), "b"),
+        ("edge-b2", None, "b"),
+    ];
+    let nodes: Vec<Node> = shape
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _, _))| Node::new(d.path(), name, &format!("127.0.7.{}", 40 + i)))
+        .collect();
+    let template = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("packaging/ansible/roles/certmesh/templates/certmesh.toml.j2");
+    // Renders every host's config from an inventory whose hosts have these
+    // `certmesh_hub` values; returns the directory of the configs.
+    let render = |label: &str, hubs: &[Option<&str>]| -> PathBuf {
+        let mut inv = String::from("[certmesh]\n");
+        for ((n, (_, _, region)), hub) in nodes.iter().zip(shape).zip(hubs) {
+            let (ip, port) = n.addr.rsplit_once(':').unwrap();
+            inv += &format!(
+                "{} certmesh_address={ip} certmesh_port={port} certmesh_id={} certmesh_region={region} certmesh_state_dir={} certmesh_tree={}{}\n",
+                n.name,
+                n.id,
+                n.state.display(),
+                n.tree.display(),
+                hub.map(|h| format!(" certmesh_hub={h}")).unwrap_or_default(),
+            );
+        }
+        let inv_path = d.path().join(format!("{label}.ini"));
+        fs::write(&inv_path, inv).unwrap();
+        let out_dir = d.path().join(label);
+        fs::create_dir_all(&out_dir).unwrap();
+        let out = Command::new("ansible")
+            .args(["certmesh", "-i"])
+            .arg(&inv_path)
+            .args(["-c", "local", "-m", "ansible.builtin.template", "-a"])
+            .arg(format!(
+                "src={} dest={}/{{{{ inventory_hostname }}}}.toml",
+                template.display(),
+                out_dir.display()
+            ))
+            .args(["-e", "certmesh_group=certmesh certmesh_common_toml=''"])
+            .env("ANSIBLE_LOCAL_TEMP", d.path().join("ansible-tmp"))
+            .env("ANSIBLE_REMOTE_TEMP", d.path().join("ansible-tmp"))
+            .env("ANSIBLE_PYTHON_INTERPRETER", "auto_silent")
+            .env("ANSIBLE_NOCOLOR", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        out_dir
+    };
+    let peers_of = |dir: &Path, n: &Node| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_to_string(dir.join(format!("{}.toml", n.name)))
+            .unwrap()
+            .split("[[peer]]")
+            .skip(1)
+            .filter_map(|p| p.lines().find_map(|l| l.strip_prefix("name = \"")))
+            .map(|l| l.trim_end_matches('"').to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let hubs: Vec<Option<&str>> = shape.iter().map(|(_, h, _)| *h).collect();
+    let out_dir = render("hubs", &hubs);
+    let peers = |i: usize| peers_of(&out_dir, &nodes[i]);
+    assert_eq!(peers(2), ["hub-a1", "hub-a2"]);
+    assert_eq!(peers(3), ["hub-a1", "hub-a2"]);
+    assert_eq!(peers(6), ["hub-b1", "hub-b2"]);
+    assert_eq!(
+        peers(0),
+        ["edge-a1", "edge-a2", "hub-a2", "hub-b1", "hub-b2"]
+    );
+    assert_eq!(
+        peers(5),
+        ["edge-b1", "edge-b2", "hub-a1", "hub-a2", "hub-b1"]
+    );
+    // Every host a non-hub (false, or not set): the full mesh.
+    let mesh = render(
+        "mesh",
+        &[
+            Some("false"),
+            None,
+            Some("no"),
+            None,
+            None,
+            None,
+            None,
+            None,
+        ],
+    );
+    for n in &nodes {
+        assert_eq!(peers_of(&mesh, n).len(), nodes.len() - 1, "{}", n.name);
+    }
+    for n in &nodes {
+        let cfg = out_dir.join(format!("{}.toml", n.name));
+        let out = certmesh(&["check", "--config", cfg.to_str().unwrap()]);
+        assert!(out.status.success(), "{}: {}", n.name, text(&out));
+    }
+}
