@@ -57,6 +57,11 @@ enum Cmd {
     Check {
         #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Check these configs (a whole fleet, as config management renders them)
+        /// instead: each one, then the peer graph they form (one-sided or wrong
+        /// listings, unreachable addresses, pieces that never sync).
+        #[arg(long, value_name = "FILE", num_args = 1..)]
+        fleet: Vec<PathBuf>,
     },
     /// Run the daemon in the foreground (logs to stderr; SIGHUP re-reads peers).
     Run {
@@ -250,7 +255,8 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             let id = Identity::load(&state_dir).map_err(|e| Failure::Runtime(e.to_string()))?;
             println!("{}", id.id);
         }
-        Cmd::Check { config } => check(&config)?,
+        Cmd::Check { config, fleet } if fleet.is_empty() => check(&config)?,
+        Cmd::Check { fleet, .. } => check_fleet(&fleet)?,
         Cmd::Run { config } => {
             let c = load(&config)?;
             let rt = runtime()?;
@@ -328,6 +334,46 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
                 .map_err(rt_err)?;
         }
     }
+    Ok(())
+}
+
+/// `certmesh check --fleet`: every config as `check` does, then their peer graph.
+fn check_fleet(paths: &[PathBuf]) -> Result<(), Failure> {
+    let mut failed = Vec::new();
+    let mut configs = Vec::new();
+    for p in paths {
+        match check(p).and_then(|()| load(p)) {
+            Ok(c) => configs.push(c),
+            Err(Failure::Config(m) | Failure::Runtime(m)) => {
+                eprintln!("certmesh: {m}");
+                failed.push(p.display().to_string());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        return Err(Failure::Config(format!(
+            "fleet: {} of {} configs failed the check ({}); the peer graph was not checked",
+            failed.len(),
+            paths.len(),
+            failed.join(", ")
+        )));
+    }
+    let r = certmesh::ops::fleet::check(&configs, |c| {
+        Identity::load(&c.state_dir).ok().map(|i| i.id)
+    });
+    for w in &r.warnings {
+        eprintln!("fleet: warning: {w}");
+    }
+    if !r.errors.is_empty() {
+        return Err(Failure::Config(format!(
+            "fleet: {}",
+            r.errors.join("\nfleet: ")
+        )));
+    }
+    println!(
+        "fleet: ok ({} nodes, {} links listed at both ends, one connected graph)",
+        r.nodes, r.links
+    );
     Ok(())
 }
 

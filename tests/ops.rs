@@ -353,6 +353,51 @@ fn shell_path_generates_a_hub_topology() {
         peers_of(&nodes[0]),
         ["edge-a1", "edge-a2", "hub-a2", "hub-b1", "hub-b2"]
     );
+    // The rendered fleet, checked as one: every link listed at both ends, one piece.
+    for n in &nodes {
+        sh.render(&json, n);
+    }
+    let fleet = |nodes: &[Node]| {
+        let mut args = vec!["check".to_string(), "--fleet".to_string()];
+        args.extend(nodes.iter().map(|n| n.config.display().to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        certmesh(&args)
+    };
+    let out = fleet(&nodes);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("fleet: ok (8 nodes, 14 links"),
+        "{}",
+        text(&out)
+    );
+    // A hub that no longer lists one of its edges (a hand edit, a stale render):
+    // named, exit 2; with both hubs of region b dropping edge-b1, it is cut off.
+    let drop_peer = |n: &Node, peer: &str| {
+        let cfg = fs::read_to_string(&n.config).unwrap();
+        let kept: Vec<&str> = cfg
+            .split("[[peer]]")
+            .filter(|b| !b.contains(&format!("name = \"{peer}\"")))
+            .collect();
+        fs::write(&n.config, kept.join("[[peer]]")).unwrap();
+    };
+    drop_peer(&nodes[0], "edge-a1");
+    let out = fleet(&nodes);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("edge-a1 lists hub-a1, but hub-a1 does not list edge-a1"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("pieces"), "{}", text(&out));
+    drop_peer(&nodes[4], "edge-b1");
+    drop_peer(&nodes[5], "edge-b1");
+    let out = fleet(&nodes);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("falls apart into 2 pieces that never sync with each other: [hub-a1, hub-a2, edge-a1, edge-a2, hub-b1 and 2 more] [edge-b1]"),
+        "{}",
+        text(&out)
+    );
     // An edge in a region without a hub is refused.
     let bad = d.path().join("bad.json");
     let mut inv = inv;
@@ -676,9 +721,20 @@ fn ansible_role_renders_a_hub_topology() {
     for n in &nodes {
         assert_eq!(peers_of(&mesh, n).len(), nodes.len() - 1, "{}", n.name);
     }
-    for n in &nodes {
-        let cfg = out_dir.join(format!("{}.toml", n.name));
-        let out = certmesh(&["check", "--config", cfg.to_str().unwrap()]);
-        assert!(out.status.success(), "{}: {}", n.name, text(&out));
-    }
+    // Each config and the graph they form.
+    let mut args = vec!["check".to_string(), "--fleet".to_string()];
+    args.extend(nodes.iter().map(|n| {
+        out_dir
+            .join(format!("{}.toml", n.name))
+            .display()
+            .to_string()
+    }));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = certmesh(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("fleet: ok (8 nodes, 14 links"),
+        "{}",
+        text(&out)
+    );
 }

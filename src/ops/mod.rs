@@ -11,6 +11,7 @@
 pub mod census;
 pub mod control;
 pub mod firewall;
+pub mod fleet;
 pub mod hooks;
 pub mod logging;
 pub mod metrics;
