@@ -304,6 +304,58 @@ fn shell_path_generates_configs_that_check_accepts() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing \"address\""));
 }
 
+/// Two regions × (2 hubs + 2 edges): name, hub, region.
+const TWO_REGIONS: [(&str, bool, &str); 8] = [
+    ("hub-a1", true, "a"),
+    ("hub-a2", true, "a"),
+    ("edge-a1", false, "a"),
+    ("edge-a2", false, "a"),
+    ("hub-b1", true, "b"),
+    ("hub-b2", true, "b"),
+    ("edge-b1", false, "b"),
+    ("edge-b2", false, "b"),
+];
+
+/// `TWO_REGIONS`' nodes (identities made) on 127.0.7.`first`…
+fn two_regions(dir: &Path, first: usize) -> Vec<Node> {
+    TWO_REGIONS
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _, _))| Node::new(dir, name, &format!("127.0.7.{}", first + i)))
+        .collect()
+}
+
+/// `certmesh check --fleet` on these configs.
+fn check_fleet(configs: impl Iterator<Item = PathBuf>) -> Output {
+    let mut args = vec!["check".to_string(), "--fleet".to_string()];
+    args.extend(configs.map(|c| c.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    certmesh(&args)
+}
+
+/// `TWO_REGIONS` passed the fleet check: 6 hub–hub and 8 edge–hub links.
+fn fleet_ok(out: &Output) {
+    assert!(out.status.success(), "{}", text(out));
+    assert!(
+        text(out).contains("fleet: ok (8 nodes, 14 links"),
+        "{}",
+        text(out)
+    );
+}
+
+/// The `[[peer]]` names of a rendered config, sorted.
+fn configured_peers(config: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_to_string(config)
+        .unwrap()
+        .split("[[peer]]")
+        .skip(1)
+        .filter_map(|p| p.lines().find_map(|l| l.strip_prefix("name = \"")))
+        .map(|l| l.trim_end_matches('"').to_string())
+        .collect();
+    v.sort();
+    v
+}
+
 /// Issue 16: an inventory with `hub` / `region` renders a hub topology — each edge
 /// peered with the hubs of its region, each hub with every hub and its region's
 /// edges — and `certmesh check` accepts every config.
@@ -312,21 +364,8 @@ fn shell_path_generates_a_hub_topology() {
     let d = tempfile::tempdir().unwrap();
     let sh = Shell::new(d.path());
     // Two regions × (2 hubs + 2 edges), on 127.0.7.20…
-    let shape = [
-        ("hub-a1", true, "a"),
-        ("hub-a2", true, "a"),
-        ("edge-a1", false, "a"),
-        ("edge-a2", false, "a"),
-        ("hub-b1", true, "b"),
-        ("hub-b2", true, "b"),
-        ("edge-b1", false, "b"),
-        ("edge-b2", false, "b"),
-    ];
-    let nodes: Vec<Node> = shape
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _, _))| Node::new(d.path(), name, &format!("127.0.7.{}", 20 + i)))
-        .collect();
+    let shape = TWO_REGIONS;
+    let nodes = two_regions(d.path(), 20);
     let inv = serde_json::json!({
         "nodes": nodes.iter().zip(shape).map(|(n, (_, hub, region))| serde_json::json!({
             "name": n.name, "address": n.addr, "state_dir": n.state, "tree": n.tree,
@@ -337,15 +376,7 @@ fn shell_path_generates_a_hub_topology() {
     fs::write(&json, inv.to_string()).unwrap();
     let peers_of = |n: &Node| -> Vec<String> {
         sh.render(&json, n);
-        let mut v: Vec<String> = fs::read_to_string(&n.config)
-            .unwrap()
-            .split("[[peer]]")
-            .skip(1)
-            .filter_map(|p| p.lines().find_map(|l| l.strip_prefix("name = \"")))
-            .map(|l| l.trim_end_matches('"').to_string())
-            .collect();
-        v.sort();
-        v
+        configured_peers(&n.config)
     };
     assert_eq!(peers_of(&nodes[2]), ["hub-a1", "hub-a2"]);
     assert_eq!(peers_of(&nodes[7]), ["hub-b1", "hub-b2"]);
@@ -357,19 +388,8 @@ fn shell_path_generates_a_hub_topology() {
     for n in &nodes {
         sh.render(&json, n);
     }
-    let fleet = |nodes: &[Node]| {
-        let mut args = vec!["check".to_string(), "--fleet".to_string()];
-        args.extend(nodes.iter().map(|n| n.config.display().to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        certmesh(&args)
-    };
-    let out = fleet(&nodes);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("fleet: ok (8 nodes, 14 links"),
-        "{}",
-        text(&out)
-    );
+    let fleet = |nodes: &[Node]| check_fleet(nodes.iter().map(|n| n.config.clone()));
+    fleet_ok(&fleet(&nodes));
     // A hub that no longer lists one of its edges (a hand edit, a stale render):
     // named, exit 2; with both hubs of region b dropping edge-b1, it is cut off.
     let drop_peer = |n: &Node, peer: &str| {
@@ -380,23 +400,21 @@ fn shell_path_generates_a_hub_topology() {
             .collect();
         fs::write(&n.config, kept.join("[[peer]]")).unwrap();
     };
-    drop_peer(&nodes[0], "edge-a1");
-    let out = fleet(&nodes);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(
-        text(&out).contains("edge-a1 lists hub-a1, but hub-a1 does not list edge-a1"),
-        "{}",
+    // The fleet check fails (exit 2) naming `want`; its output.
+    let refused = |want: &str| -> String {
+        let out = fleet(&nodes);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert!(text(&out).contains(want), "{}", text(&out));
         text(&out)
-    );
-    assert!(!text(&out).contains("pieces"), "{}", text(&out));
+    };
+    drop_peer(&nodes[0], "edge-a1");
+    let out = refused("edge-a1 lists hub-a1, but hub-a1 does not list edge-a1");
+    assert!(!out.contains("pieces"), "{out}");
     drop_peer(&nodes[4], "edge-b1");
     drop_peer(&nodes[5], "edge-b1");
-    let out = fleet(&nodes);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(
-        text(&out).contains("falls apart into 2 pieces that never sync with each other: [hub-a1, hub-a2, edge-a1, edge-a2, hub-b1 and 2 more] [edge-b1]"),
-        "{}",
-        text(&out)
+    refused(
+        "falls apart into 2 pieces that never sync with each other: \
+         [hub-a1, hub-a2, edge-a1, edge-a2, hub-b1 and 2 more] [edge-b1]",
     );
     // An edge in a region without a hub is refused.
     let bad = d.path().join("bad.json");
@@ -624,21 +642,19 @@ fn ansible_role_renders_a_hub_topology() {
     }
     let d = tempfile::tempdir().unwrap();
     // Two regions × (2 hubs + 2 edges), on 127.0.7.40…
-    let shape = [
-        ("hub-a1", Some("true"), "a"),
-        ("hub-a2", Some("True"), "a"),
-        ("edge-a1", Some("false"), "a"),
-        ("edge-a2", None, "a"),
-        ("hub-b1", Some("yes"), "b"),
-        ("hub-b2", Some("true"), "b"),
-        ("edge-b1", Some("no"), "b"),
-        ("edge-b2", None, "b"),
+    // TWO_REGIONS' hubs and edges, as an INI inventory may write them.
+    let hubs = [
+        Some("true"),
+        Some("True"),
+        Some("false"),
+        None,
+        Some("yes"),
+        Some("true"),
+        Some("no"),
+        None,
     ];
-    let nodes: Vec<Node> = shape
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _, _))| Node::new(d.path(), name, &format!("127.0.7.{}", 40 + i)))
-        .collect();
+    let shape = TWO_REGIONS;
+    let nodes = two_regions(d.path(), 40);
     let template = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("packaging/ansible/roles/certmesh/templates/certmesh.toml.j2");
     // Renders every host's config from an inventory whose hosts have these
@@ -679,18 +695,7 @@ fn ansible_role_renders_a_hub_topology() {
         assert!(out.status.success(), "{}", text(&out));
         out_dir
     };
-    let peers_of = |dir: &Path, n: &Node| -> Vec<String> {
-        let mut v: Vec<String> = fs::read_to_string(dir.join(format!("{}.toml", n.name)))
-            .unwrap()
-            .split("[[peer]]")
-            .skip(1)
-            .filter_map(|p| p.lines().find_map(|l| l.strip_prefix("name = \"")))
-            .map(|l| l.trim_end_matches('"').to_string())
-            .collect();
-        v.sort();
-        v
-    };
-    let hubs: Vec<Option<&str>> = shape.iter().map(|(_, h, _)| *h).collect();
+    let peers_of = |dir: &Path, n: &Node| configured_peers(&dir.join(format!("{}.toml", n.name)));
     let out_dir = render("hubs", &hubs);
     let peers = |i: usize| peers_of(&out_dir, &nodes[i]);
     assert_eq!(peers(2), ["hub-a1", "hub-a2"]);
@@ -722,19 +727,9 @@ fn ansible_role_renders_a_hub_topology() {
         assert_eq!(peers_of(&mesh, n).len(), nodes.len() - 1, "{}", n.name);
     }
     // Each config and the graph they form.
-    let mut args = vec!["check".to_string(), "--fleet".to_string()];
-    args.extend(nodes.iter().map(|n| {
-        out_dir
-            .join(format!("{}.toml", n.name))
-            .display()
-            .to_string()
-    }));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = certmesh(&args);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("fleet: ok (8 nodes, 14 links"),
-        "{}",
-        text(&out)
-    );
+    fleet_ok(&check_fleet(
+        nodes
+            .iter()
+            .map(|n| out_dir.join(format!("{}.toml", n.name))),
+    ));
 }

@@ -73,6 +73,44 @@ fn run(node: &Node, args: &[&str]) -> String {
     )
 }
 
+/// The bad node writes `content` at `rel` in its own tree; returns once the renewer
+/// has it.
+fn plant(f: &Fleet, rel: &str, content: &str) {
+    f.bad.write(rel, content);
+    wait_until(&format!("the bad node's {rel} on the renewer"), || {
+        f.good.read(rel).as_deref() == Some(content)
+    });
+}
+
+/// `certmesh issue www` on the renewer until it issues `version`, then that version
+/// on both nodes.
+fn issue_version(f: &Fleet, version: u32) {
+    until_output(
+        &f.good,
+        &["issue", "www"],
+        &format!("version {version} issued"),
+        Duration::from_secs(90),
+    );
+    wait_version(
+        &[&f.good, &f.bad],
+        version,
+        &format!("certificate version {version} on both nodes"),
+    );
+}
+
+/// Both nodes hold a good bundle from the real CA, and the forged CA saw no
+/// connection.
+fn issued_and_untouched(f: &Fleet, hits: &AtomicUsize) {
+    let root = f.pebble.root();
+    check_bundle(&f.good, &root);
+    check_bundle(&f.bad, &root);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the forged CA was contacted"
+    );
+}
+
 /// Runs `args` on `node` every 200 ms until its output contains `want`.
 fn until_output(node: &Node, args: &[&str], want: &str, deadline: Duration) -> String {
     let start = Instant::now();
@@ -197,21 +235,11 @@ fn trust_acme_forged_account_is_never_used() {
         "newAccount": format!("https://{evil}/account"),
         "newOrder": format!("https://{evil}/order"),
     });
-    let forged = v.to_string();
-    f.bad.write(rel, &forged);
-    wait_until("the forged account on the renewer", || {
-        f.good.read(rel).as_deref() == Some(forged.as_str())
-    });
+    plant(&f, rel, &v.to_string());
     // A restart drops the account the renewer had loaded: it reads the file again.
     f.good.stop();
     f.good.start();
-    until_output(
-        &f.good,
-        &["issue", "www"],
-        "version 2 issued",
-        Duration::from_secs(90),
-    );
-    wait_version(&[&f.good, &f.bad], 2, "the new certificate on both nodes");
+    issue_version(&f, 2);
     assert_eq!(
         hits.load(Ordering::SeqCst),
         0,
@@ -229,14 +257,7 @@ fn trust_acme_forged_account_is_never_used() {
             })
         })
     });
-    let root = f.pebble.root();
-    check_bundle(&f.good, &root);
-    check_bundle(&f.bad, &root);
-    assert_eq!(
-        hits.load(Ordering::SeqCst),
-        0,
-        "the forged CA was contacted"
-    );
+    issued_and_untouched(&f, &hits);
 }
 
 /// `.certmesh/acme/issued/<name>` is untrusted too (issue 15): a bad node that points
@@ -260,18 +281,8 @@ fn trust_acme_forged_issuer_record_sends_no_traffic() {
     assert_eq!(v["directory"], f.pebble.directory.as_str());
     // Same serial (it stays the live certificate's record), another directory.
     v["directory"] = format!("https://{evil}/dir").into();
-    let forged = v.to_string();
-    f.bad.write(rel, &forged);
-    wait_until("the forged record on the renewer", || {
-        f.good.read(rel).as_deref() == Some(forged.as_str())
-    });
-    until_output(
-        &f.good,
-        &["issue", "www"],
-        "version 2 issued",
-        Duration::from_secs(90),
-    );
-    wait_version(&[&f.good, &f.bad], 2, "the new certificate on both nodes");
+    plant(&f, rel, &v.to_string());
+    issue_version(&f, 2);
     let true_record = |n: &Node| {
         n.read(rel).is_some_and(|r| {
             let v: serde_json::Value = serde_json::from_str(&r).unwrap_or_default();
@@ -283,31 +294,14 @@ fn trust_acme_forged_issuer_record_sends_no_traffic() {
     });
 
     // Garbage, larger than a record may be: no CA shown, the next order unharmed.
-    let junk = format!("{{\"serial\":\"{}\"}}", "0".repeat(8192));
-    f.bad.write(rel, &junk);
-    wait_until("the junk record on the renewer", || {
-        f.good.read(rel).as_deref() == Some(junk.as_str())
-    });
+    plant(&f, rel, &format!("{{\"serial\":\"{}\"}}", "0".repeat(8192)));
     let st = f.good.status();
     let cert = &st["certificates"][0];
     assert_eq!(cert["name"], "www", "{st}");
     assert!(cert["ca"].is_null(), "{st}");
-    until_output(
-        &f.good,
-        &["issue", "www"],
-        "version 3 issued",
-        Duration::from_secs(90),
-    );
-    wait_version(&[&f.good, &f.bad], 3, "the third certificate on both nodes");
+    issue_version(&f, 3);
     wait_until("the true record back again", || {
         true_record(&f.good) && true_record(&f.bad)
     });
-    let root = f.pebble.root();
-    check_bundle(&f.good, &root);
-    check_bundle(&f.bad, &root);
-    assert_eq!(
-        hits.load(Ordering::SeqCst),
-        0,
-        "the forged CA was contacted"
-    );
+    issued_and_untouched(&f, &hits);
 }
