@@ -214,6 +214,20 @@ fn confirm(
     }
 }
 
+/// Waits until `cpu` (seconds, summed over the nodes) grows by less than 5 % of one
+/// core over 250 ms, at most `limit`; the seconds waited.
+fn settle(cpu: &dyn Fn() -> f64, limit: Duration) -> f64 {
+    let t = Instant::now();
+    let window = Duration::from_millis(250);
+    loop {
+        let a = cpu();
+        std::thread::sleep(window);
+        if cpu() - a < 0.05 * window.as_secs_f64() || t.elapsed() > limit {
+            return t.elapsed().as_secs_f64();
+        }
+    }
+}
+
 pub fn run_hubs(
     exe: &Path,
     rt: &tokio::runtime::Runtime,
@@ -262,13 +276,17 @@ pub fn run_hubs(
     // The writer is region 0's first edge: a far edge is three hops away.
     let writer = HUBS;
     let hub_pid = c.nodes[0].child.as_ref().map(|c| c.id());
-    let cpu0 = hub_pid.and_then(|p| cpu_seconds(p).ok());
     let all_cpu = || -> f64 {
         c.pids()
             .into_iter()
             .filter_map(|p| cpu_seconds(p).ok())
             .sum()
     };
+    // Start-up work (rescans, index exchanges) still running would be counted as the
+    // first changes' CPU: wait until the nodes together idle.
+    let settled = settle(&all_cpu, Duration::from_secs(20));
+    eprintln!("[hubs] {n} nodes idle {settled:.2} s after connecting");
+    let cpu0 = hub_pid.and_then(|p| cpu_seconds(p).ok());
     let all0 = all_cpu();
     let label = format!("certmesh hubs {n}");
     let t = Trees {
@@ -435,7 +453,8 @@ pub fn render(results: &[HubsResult], samples: usize) -> String {
     let _ = writeln!(
         s,
         "\n{REGIONS} regions × ({HUBS} hubs + edges) on 127.1.0.0/16, all processes started at once; \
-         the writer is an edge of region 0 (three hops from the other regions' edges). \
+         the writer is an edge of region 0 (three hops from the other regions' edges); the \
+         samples start once the nodes together idle (under 5 % of a core over 250 ms). \
          Small file: {samples} samples (+1 warm-up), written atomically, until the content is on \
          every other node. Bundle: {samples} certificate versions (`archive/<name>/<i>/` \
          fullchain + key, then `live/<name>` flipped) until every other node reads the new pair \
