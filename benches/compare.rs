@@ -331,6 +331,8 @@ fn run_scale(exe: &Path, rt: &tokio::runtime::Runtime, n: usize, o: &Opts) -> Re
     cm_wait_connected(rt, &c, Duration::from_secs(120))?;
     let formation = t0.elapsed().as_secs_f64();
     eprintln!("[certmesh] {n} nodes fully connected after {formation:.2} s");
+    let settled = c.settle(Duration::from_secs(20));
+    eprintln!("[certmesh] {n} nodes idle {settled:.2} s after connecting");
     let label = format!("certmesh {n} nodes");
     let t = c.trees(&label, Duration::from_millis(50), Duration::from_secs(20));
     let small = stats(small_file_samples(&t, o.samples, true, true)?);

@@ -48,6 +48,32 @@ impl CmCluster {
         pids_of(self.nodes.iter().map(|n| &n.child))
     }
 
+    /// Waits until the nodes together take less than 5 % of one core in each of four
+    /// 250 ms windows in a row (at most `limit`), so that start-up work still running
+    /// (it comes in bursts) is not measured as the first samples' latency or CPU; the
+    /// seconds waited.
+    pub(crate) fn settle(&self, limit: Duration) -> f64 {
+        let cpu = || -> f64 {
+            self.pids()
+                .into_iter()
+                .filter_map(|p| cpu_seconds(p).ok())
+                .sum()
+        };
+        let t = Instant::now();
+        let window = Duration::from_millis(250);
+        let mut quiet = 0;
+        while quiet < 4 && t.elapsed() < limit {
+            let a = cpu();
+            std::thread::sleep(window);
+            if cpu() - a < 0.05 * window.as_secs_f64() {
+                quiet += 1;
+            } else {
+                quiet = 0;
+            }
+        }
+        t.elapsed().as_secs_f64()
+    }
+
     pub(crate) fn trees<'a>(
         &'a self,
         label: &'a str,

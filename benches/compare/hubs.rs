@@ -214,20 +214,6 @@ fn confirm(
     }
 }
 
-/// Waits until `cpu` (seconds, summed over the nodes) grows by less than 5 % of one
-/// core over 250 ms, at most `limit`; the seconds waited.
-fn settle(cpu: &dyn Fn() -> f64, limit: Duration) -> f64 {
-    let t = Instant::now();
-    let window = Duration::from_millis(250);
-    loop {
-        let a = cpu();
-        std::thread::sleep(window);
-        if cpu() - a < 0.05 * window.as_secs_f64() || t.elapsed() > limit {
-            return t.elapsed().as_secs_f64();
-        }
-    }
-}
-
 pub fn run_hubs(
     exe: &Path,
     rt: &tokio::runtime::Runtime,
@@ -284,7 +270,7 @@ pub fn run_hubs(
     };
     // Start-up work (rescans, index exchanges) still running would be counted as the
     // first changes' CPU: wait until the nodes together idle.
-    let settled = settle(&all_cpu, Duration::from_secs(20));
+    let settled = c.settle(Duration::from_secs(20));
     eprintln!("[hubs] {n} nodes idle {settled:.2} s after connecting");
     let cpu0 = hub_pid.and_then(|p| cpu_seconds(p).ok());
     let all0 = all_cpu();
