@@ -342,7 +342,7 @@ fn check_fleet(paths: &[PathBuf]) -> Result<(), Failure> {
     let mut failed = Vec::new();
     let mut configs = Vec::new();
     for p in paths {
-        match check(p).and_then(|()| load(p)) {
+        match check_config(p) {
             Ok(c) => configs.push(c),
             Err(Failure::Config(m) | Failure::Runtime(m)) => {
                 eprintln!("certmesh: {m}");
@@ -379,6 +379,11 @@ fn check_fleet(paths: &[PathBuf]) -> Result<(), Failure> {
 
 /// `certmesh check`: the config, the identity, the CA roots, the TSIG key and the tree.
 fn check(config: &std::path::Path) -> Result<(), Failure> {
+    check_config(config).map(drop)
+}
+
+/// What `check` does; the checked config.
+fn check_config(config: &std::path::Path) -> Result<Config, Failure> {
     let c = load(config)?;
     if let Ok(me) = Identity::load(&c.state_dir) {
         if let Some(p) = c.peers.iter().find(|p| p.id == me.id) {
@@ -431,7 +436,7 @@ fn check(config: &std::path::Path) -> Result<(), Failure> {
         if c.acme.is_some() { "on" } else { "off" },
         c.tree.display()
     );
-    Ok(())
+    Ok(c)
 }
 
 /// `certmesh status`: the daemon's answer, rendered or as JSON.

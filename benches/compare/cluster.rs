@@ -48,17 +48,20 @@ impl CmCluster {
         pids_of(self.nodes.iter().map(|n| &n.child))
     }
 
+    /// utime + stime of every node, summed.
+    pub(crate) fn cpu_seconds(&self) -> f64 {
+        self.pids()
+            .into_iter()
+            .filter_map(|p| cpu_seconds(p).ok())
+            .sum()
+    }
+
     /// Waits until the nodes together take less than 5 % of one core in each of four
     /// 250 ms windows in a row (at most `limit`), so that start-up work still running
     /// (it comes in bursts) is not measured as the first samples' latency or CPU; the
     /// seconds waited.
     pub(crate) fn settle(&self, limit: Duration) -> f64 {
-        let cpu = || -> f64 {
-            self.pids()
-                .into_iter()
-                .filter_map(|p| cpu_seconds(p).ok())
-                .sum()
-        };
+        let cpu = || self.cpu_seconds();
         let t = Instant::now();
         let window = Duration::from_millis(250);
         let mut quiet = 0;

@@ -262,18 +262,12 @@ pub fn run_hubs(
     // The writer is region 0's first edge: a far edge is three hops away.
     let writer = HUBS;
     let hub_pid = c.nodes[0].child.as_ref().map(|c| c.id());
-    let all_cpu = || -> f64 {
-        c.pids()
-            .into_iter()
-            .filter_map(|p| cpu_seconds(p).ok())
-            .sum()
-    };
     // Start-up work (rescans, index exchanges) still running would be counted as the
     // first changes' CPU: wait until the nodes together idle.
     let settled = c.settle(Duration::from_secs(20));
     eprintln!("[hubs] {n} nodes idle {settled:.2} s after connecting");
     let cpu0 = hub_pid.and_then(|p| cpu_seconds(p).ok());
-    let all0 = all_cpu();
+    let all0 = c.cpu_seconds();
     let label = format!("certmesh hubs {n}");
     let t = Trees {
         label: &label,
@@ -287,7 +281,7 @@ pub fn run_hubs(
     };
     let small_samples = small_file_samples(&t, o.samples, true, true)?;
     let cpu1 = hub_pid.and_then(|p| cpu_seconds(p).ok());
-    let all_cpu_per_change_ms = (all_cpu() - all0) * 1000.0 / (o.samples + 1) as f64;
+    let all_cpu_per_change_ms = (c.cpu_seconds() - all0) * 1000.0 / (o.samples + 1) as f64;
     let hub_cpu_per_change_ms = match (cpu0, cpu1) {
         (Some(a), Some(b)) => (b - a) * 1000.0 / (o.samples + 1) as f64,
         _ => f64::NAN,
@@ -330,12 +324,7 @@ pub fn run_hubs(
             .filter_map(|(_, x)| rss_mib(x.child.as_ref()?.id()).ok())
             .collect()
     };
-    let ours: f64 = c
-        .pids()
-        .into_iter()
-        .filter_map(|p| cpu_seconds(p).ok())
-        .sum::<f64>()
-        + cpu_seconds(std::process::id()).unwrap_or(f64::NAN)
+    let ours: f64 = c.cpu_seconds() + cpu_seconds(std::process::id()).unwrap_or(f64::NAN)
         - busy0.2.unwrap_or(f64::NAN);
     let others_cores =
         ((machine_busy_seconds() - busy0.1 - ours) / busy0.0.elapsed().as_secs_f64()).max(0.0);

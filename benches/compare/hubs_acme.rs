@@ -141,13 +141,17 @@ fn renewer_cert(
     s.certificates.into_iter().find(|c| c.name == "www")
 }
 
-/// The last `lines` lines of a file from byte `from` on.
-fn tail(path: &Path, from: u64, lines: usize) -> String {
+/// A log file's text from byte `from` on (empty if unreadable).
+fn read_from(path: &Path, from: u64) -> String {
     let Ok(b) = std::fs::read(path) else {
         return String::new();
     };
-    let b = b.get(from as usize..).unwrap_or_default();
-    let text = String::from_utf8_lossy(b);
+    String::from_utf8_lossy(b.get(from as usize..).unwrap_or_default()).into_owned()
+}
+
+/// The last `lines` lines of a file from byte `from` on.
+fn tail(path: &Path, from: u64, lines: usize) -> String {
+    let text = read_from(path, from);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
@@ -155,11 +159,8 @@ fn tail(path: &Path, from: u64, lines: usize) -> String {
 /// The cluster-wide barrier's time in each order (ms), from the renewer's log
 /// since byte `from`: only there with `RUST_LOG=warn,certmesh::acme=info`.
 fn order_barriers(log: &Path, from: u64) -> Vec<Duration> {
-    let Ok(b) = std::fs::read(log) else {
-        return Vec::new();
-    };
-    let text = String::from_utf8_lossy(b.get(from as usize..).unwrap_or_default());
-    text.lines()
+    read_from(log, from)
+        .lines()
         .filter(|l| l.contains("challenges in place on every connected node"))
         .filter_map(|l| {
             let v = l.split("barrier_ms=").nth(1)?.split_whitespace().next()?;

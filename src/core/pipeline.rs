@@ -468,6 +468,14 @@ mod tests {
     }
 
     /// An engine with a connected peer that announced `files` (new to us).
+    /// An engine needing `files` and a pipeline that has taken them in, at `t0`.
+    fn refilled(files: &[(&str, u8)]) -> (Engine, Pipeline, Instant) {
+        let mut e = engine_needing(files);
+        let (mut p, t0) = (Pipeline::new(limits()), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, t0);
+        (e, p, t0)
+    }
+
     fn engine_needing(files: &[(&str, u8)]) -> Engine {
         let mut e = Engine::new(Index::new(ShortId(1)), u64::MAX);
         e.connected(peer());
@@ -528,9 +536,7 @@ mod tests {
 
     #[test]
     fn a_lost_apply_gives_its_paths_back_to_be_taken_again() {
-        let mut e = engine_needing(&[("a", 1)]);
-        let (mut p, t0) = (Pipeline::new(limits()), Instant::now());
-        p.refill(&mut e, |_| None, |_| true, t0);
+        let (mut e, mut p, t0) = refilled(&[("a", 1)]);
         let a = p.next_fetch().unwrap();
         p.fetched(a, "staged-a".into(), t0);
         assert_eq!(p.poll_apply(&mut e, t0).unwrap().len(), 1);
@@ -548,9 +554,7 @@ mod tests {
 
     #[test]
     fn ready_work_waits_for_more_only_until_the_delay() {
-        let mut e = engine_needing(&[("a", 1), ("b", 2), ("c", 3)]);
-        let (mut p, t0) = (Pipeline::new(limits()), Instant::now());
-        p.refill(&mut e, |_| None, |_| true, t0);
+        let (mut e, mut p, t0) = refilled(&[("a", 1), ("b", 2), ("c", 3)]);
         let a = p.next_fetch().unwrap();
         p.fetched(a, "staged-a".into(), t0);
         assert!(p.poll_apply(&mut e, t0).is_none());
@@ -561,9 +565,7 @@ mod tests {
 
     #[test]
     fn a_failed_fetch_backs_off_and_is_retaken_after() {
-        let mut e = engine_needing(&[("a", 1)]);
-        let (mut p, t0) = (Pipeline::new(limits()), Instant::now());
-        p.refill(&mut e, |_| None, |_| true, t0);
+        let (mut e, mut p, t0) = refilled(&[("a", 1)]);
         let a = p.next_fetch().unwrap();
         p.fetch_failed(a, &mut e, t0);
         assert!(e.applying().is_empty());
@@ -612,9 +614,7 @@ mod tests {
 
     #[test]
     fn a_due_or_stale_retry_does_not_keep_waking() {
-        let mut e = engine_needing(&[("a", 1)]);
-        let (mut p, t0) = (Pipeline::new(limits()), Instant::now());
-        p.refill(&mut e, |_| None, |_| true, t0);
+        let (mut e, mut p, t0) = refilled(&[("a", 1)]);
         let a = p.next_fetch().unwrap();
         p.fetch_failed(a, &mut e, t0);
         let at = p.next_wake().unwrap();
