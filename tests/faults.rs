@@ -4,6 +4,8 @@
 
 use std::fs;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Once;
 use std::time::{Duration, SystemTime};
 
 use crate::util::{snapshot, wait_until, Cluster, Node};
@@ -29,6 +31,10 @@ fn must(args: &[&str]) {
 
 /// A bridge and one namespace per node, addresses 192.0.2.11… (TEST-NET-1) on links
 /// this test creates. Everything is removed on drop.
+///
+/// Names are `cm<pid>x<k>` + a suffix: unique per lab within this process (tests of
+/// one binary run in parallel) and across processes. A lab left behind by a killed
+/// run (no Drop after SIGKILL) is removed by the next run, since its pid is dead.
 struct Lab {
     tag: String,
     n: usize,
@@ -36,7 +42,13 @@ struct Lab {
 
 impl Lab {
     fn new(n: usize) -> Option<Lab> {
-        let tag = format!("cm{}", std::process::id() % 100_000);
+        static LABS: AtomicUsize = AtomicUsize::new(0);
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(remove_stale_labs);
+        let k = LABS.fetch_add(1, Ordering::Relaxed);
+        // "cm" + pid (≤ 7 digits) + "x" + k + "br"/"h9"…: within IFNAMSIZ (15) for k < 100.
+        let tag = format!("cm{}x{k}", std::process::id());
+        assert!(tag.len() + 3 <= 15, "lab name {tag} too long for an interface");
         if !sh(&["ip", "netns", "add", &format!("{tag}n0")]) {
             return None;
         }
@@ -116,6 +128,36 @@ impl Lab {
             node.configure(&crate::util::others(&nodes, i));
         }
         Cluster { nodes, dir }
+    }
+}
+
+/// The pid a lab name `cm<pid>x…` was made by, if it is one.
+fn lab_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("cm")?;
+    let (pid, _) = rest.split_once('x')?;
+    pid.parse().ok()
+}
+
+/// Removes the links and namespaces of labs whose process is gone.
+fn remove_stale_labs() {
+    let dead = |name: &str| lab_pid(name).is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+    let links = Command::new("ip").args(["-o", "link", "show"]).output();
+    let links = links.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    for line in links.lines() {
+        // "12: cm123x0h1@if11: <…>" → "cm123x0h1"
+        let Some(name) = line.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n)) else {
+            continue;
+        };
+        if dead(name) {
+            let _ = sh(&["ip", "link", "del", name]);
+        }
+    }
+    let spaces = fs::read_dir("/run/netns").into_iter().flatten().flatten();
+    for ns in spaces {
+        let name = ns.file_name().to_string_lossy().into_owned();
+        if dead(&name) {
+            let _ = sh(&["ip", "netns", "del", &name]);
+        }
     }
 }
 
