@@ -12,20 +12,17 @@
 //! remove it from every node's config first.
 
 use std::collections::BTreeSet;
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::acme::bundle::{self, chain_der, parse_leaf, Leaf};
+use crate::acme::bundle::{self, chain_der};
+use crate::acme::served::{self, check_pair, read_file, BundleFiles, MAX_PEM};
 use crate::acme::tree;
 use crate::handles::{Mesh, Reports, Settings, TreeWriter};
 use crate::identity::ShortId;
 use crate::keep;
 use crate::paths::RelPath;
 
-/// A PEM file of a bundle larger than this is not a certificate or key.
-const MAX_PEM: u64 = 1 << 20;
 /// After a batch touched a certificate, wait this long for more before checking.
 const SETTLE: Duration = Duration::from_millis(200);
 /// While changes to a certificate are still arriving, check again after this.
@@ -105,6 +102,19 @@ async fn run(h: Handles) {
     }
 }
 
+/// The configured domains of certificate `name` (none if it is not configured).
+fn domains_of(h: &Handles, name: &str) -> Vec<String> {
+    h.settings
+        .read(|c| {
+            c.certificates
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| c.domains.clone())
+        })
+        .flatten()
+        .unwrap_or_default()
+}
+
 /// Nothing still to arrive or being applied for this certificate.
 fn settled(mesh: &Mesh, name: &str) -> bool {
     ["live", "archive"].iter().all(|top| {
@@ -117,7 +127,8 @@ async fn repair(h: &Handles, name: &str) -> anyhow::Result<Option<RepairStatus>>
     let root = h.writer.root().to_path_buf();
     let now = crate::acme::unix_now();
     let n = name.to_string();
-    let decision = tokio::task::spawn_blocking(move || decide(&root, &n, now)).await?;
+    let domains = domains_of(h, name);
+    let decision = tokio::task::spawn_blocking(move || decide(&root, &n, &domains, now)).await?;
     let (why, r) = match decision {
         Decision::Healthy => return Ok(None),
         Decision::NothingGood(why) => {
@@ -206,48 +217,10 @@ pub struct Restore {
     pub caused_by: Option<ShortId>,
 }
 
-/// Reads a regular file (never through a symlink at its last component), bounded.
-fn read_file(p: &Path) -> Option<Vec<u8>> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(p)
-        .ok()?;
-    if !f.metadata().ok()?.is_file() {
-        return None;
-    }
-    let mut out = Vec::new();
-    f.take(MAX_PEM + 1).read_to_end(&mut out).ok()?;
-    (out.len() as u64 <= MAX_PEM).then_some(out)
-}
-
-/// The leaf of `fullchain` if `key` is its private key.
-pub fn check_pair(fullchain: &[u8], key: &[u8]) -> Result<Leaf, String> {
-    let ders = chain_der(fullchain).map_err(|e| format!("fullchain.pem: {e:#}"))?;
-    let leaf = parse_leaf(&ders[0]).map_err(|e| format!("fullchain.pem: {e:#}"))?;
-    let key = std::str::from_utf8(key)
-        .ok()
-        .and_then(|k| rcgen::KeyPair::from_pem(k).ok())
-        .ok_or("privkey.pem: no private key")?;
-    use rcgen::PublicKeyData;
-    if leaf.spki != key.subject_public_key_info() {
-        return Err("privkey.pem does not match fullchain.pem".into());
-    }
-    Ok(leaf)
-}
-
-/// Is `live/<name>` good? `Err` says what is wrong.
-pub fn health(root: &Path, name: &str) -> Result<(), String> {
-    let live = root.join("live").join(name);
-    if std::fs::symlink_metadata(&live).is_err() {
-        return Err(format!("live/{name} missing"));
-    }
-    let fc = read_file(&live.join("fullchain.pem"));
-    let key = read_file(&live.join("privkey.pem"));
-    match (fc, key) {
-        (Some(fc), Some(key)) => check_pair(&fc, &key).map(|_| ()),
-        _ => Err(format!("live/{name} dangling or incomplete")),
-    }
+/// Is `live/<name>` good (DESIGN §8: the leaf of `fullchain.pem`, checked against
+/// `cert.pem`, the key, the configured names and the chain)? `Err` says what is wrong.
+pub fn health(root: &Path, name: &str, domains: &[String]) -> Result<(), String> {
+    served::check_live(root, name, domains).map(|_| ())
 }
 
 /// Candidates for one file of one version: the file in place first, then the kept
@@ -291,9 +264,11 @@ fn versions(root: &Path, name: &str) -> BTreeSet<u32> {
     out
 }
 
-/// Decides whether and how to repair certificate `name` (pure reads, no writes).
-pub fn decide(root: &Path, name: &str, now_unix: i64) -> Decision {
-    let why = match health(root, name) {
+/// Decides whether and how to repair certificate `name` (pure reads, no writes):
+/// the newest version whose files, in place or kept, make a good bundle
+/// ([`served::check_bundle`]) that has not expired.
+pub fn decide(root: &Path, name: &str, domains: &[String], now_unix: i64) -> Decision {
+    let why = match health(root, name, domains) {
         Ok(()) => return Decision::Healthy,
         Err(why) => why,
     };
@@ -301,39 +276,27 @@ pub fn decide(root: &Path, name: &str, now_unix: i64) -> Decision {
         let dir = format!("archive/{name}/{n}");
         let fcs = candidates(root, &format!("{dir}/fullchain.pem"));
         let keys = candidates(root, &format!("{dir}/privkey.pem"));
-        let found = fcs.iter().find_map(|fc| {
-            keys.iter().find_map(|k| {
-                check_pair(&fc.0, &k.0)
-                    .ok()
-                    .filter(|leaf| leaf.validity.not_after > now_unix)
-                    .map(|_| (fc, k))
+        let pairs = fcs.iter().flat_map(|fc| keys.iter().map(move |k| (fc, k)));
+        let found = pairs
+            .filter(|(fc, k)| {
+                check_pair(&fc.0, &k.0).is_ok_and(|leaf| leaf.validity.not_after > now_unix)
             })
-        });
-        let Some((fc, key)) = found else {
+            .find_map(|(fc, key)| {
+                let (chosen, by) = assemble(root, &dir, &fc.0, &key.0);
+                let files = BundleFiles {
+                    fullchain: Some(fc.0.clone()),
+                    key: Some(key.0.clone()),
+                    cert: Some(chosen[0].1.clone()),
+                    chain: Some(chosen[1].1.clone()),
+                    combined: Some(chosen[4].1.clone()),
+                };
+                served::check_bundle(&files, domains)
+                    .is_ok()
+                    .then(|| (chosen, fc.1.or(key.1).or(by)))
+            });
+        let Some((chosen, caused_by)) = found else {
             continue;
         };
-        let mut caused_by = fc.1.or(key.1);
-        let mut chosen: Vec<(&'static str, Vec<u8>)> = Vec::new();
-        for file in bundle::FILES {
-            let data = match file {
-                "fullchain.pem" => fc.0.clone(),
-                "privkey.pem" => key.0.clone(),
-                other => {
-                    let cands = candidates(root, &format!("{dir}/{other}"));
-                    match cands
-                        .iter()
-                        .find(|c| consistent(other, &c.0, &fc.0, &key.0))
-                    {
-                        Some(c) => {
-                            caused_by = caused_by.or(c.1);
-                            c.0.clone()
-                        }
-                        None => derive(other, &fc.0, &key.0),
-                    }
-                }
-            };
-            chosen.push((file, data));
-        }
         let files = chosen
             .into_iter()
             .filter(|(f, d)| read_file(&root.join(format!("{dir}/{f}"))).as_ref() != Some(d))
@@ -360,6 +323,39 @@ pub fn decide(root: &Path, name: &str, now_unix: i64) -> Decision {
         };
     }
     Decision::NothingGood(why)
+}
+
+/// The files of one version around this fullchain and key, in [`bundle::FILES`]
+/// order: each one in place or kept if it fits, else made from the two; with who
+/// removed the kept ones used.
+fn assemble(
+    root: &Path,
+    dir: &str,
+    fc: &[u8],
+    key: &[u8],
+) -> (Vec<(&'static str, Vec<u8>)>, Option<ShortId>) {
+    let mut caused_by = None;
+    let chosen = bundle::FILES
+        .iter()
+        .map(|&file| {
+            let data = match file {
+                "fullchain.pem" => fc.to_vec(),
+                "privkey.pem" => key.to_vec(),
+                other => {
+                    let cands = candidates(root, &format!("{dir}/{other}"));
+                    match cands.iter().find(|c| consistent(other, &c.0, fc, key)) {
+                        Some(c) => {
+                            caused_by = caused_by.or(c.1);
+                            c.0.clone()
+                        }
+                        None => derive(other, fc, key),
+                    }
+                }
+            };
+            (file, data)
+        })
+        .collect();
+    (chosen, caused_by)
 }
 
 /// Does `data` fit as `file` next to this fullchain and key?
@@ -402,6 +398,10 @@ fn derive(file: &str, fc: &[u8], key: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use std::fs;
+
+    fn www() -> Vec<String> {
+        vec!["www.example.com".to_string()]
+    }
 
     fn bundle_pem(days: i64) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
@@ -449,9 +449,12 @@ mod tests {
         let (fc, key) = bundle_pem(90);
         place(root, 1, &fc, &key);
         let now = crate::acme::unix_now();
-        assert!(matches!(decide(root, "www", now), Decision::Healthy));
+        assert!(matches!(
+            decide(root, "www", &www(), now),
+            Decision::Healthy
+        ));
         kill_key(root, 1);
-        let Decision::Restore { why, restore } = decide(root, "www", now) else {
+        let Decision::Restore { why, restore } = decide(root, "www", &www(), now) else {
             panic!("not repaired");
         };
         assert!(why.contains("does not match"), "{why}");
@@ -473,7 +476,9 @@ mod tests {
         place(root, 2, &fc2, &key2);
         // Version 3: a broken one a peer made live.
         place(root, 3, &fc, &key2);
-        let Decision::Restore { restore, .. } = decide(root, "www", crate::acme::unix_now()) else {
+        let Decision::Restore { restore, .. } =
+            decide(root, "www", &www(), crate::acme::unix_now())
+        else {
             panic!("not repaired");
         };
         assert_eq!((restore.version, restore.flip_link), (2, true));
@@ -485,14 +490,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
         assert!(matches!(
-            decide(root, "www", crate::acme::unix_now()),
+            decide(root, "www", &www(), crate::acme::unix_now()),
             Decision::NothingGood(_)
         ));
         let (fc, key) = bundle_pem(-1);
         place(root, 1, &fc, &key);
         kill_key(root, 1);
         assert!(matches!(
-            decide(root, "www", crate::acme::unix_now()),
+            decide(root, "www", &www(), crate::acme::unix_now()),
             Decision::NothingGood(_)
         ));
     }

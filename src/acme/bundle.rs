@@ -174,11 +174,10 @@ fn archive_versions(root: &Path, name: &str) -> Vec<u32> {
     v
 }
 
-/// The certificate currently live for `name`, if any.
+/// The certificate currently served for `name` (the leaf of `fullchain.pem`, never
+/// `cert.pem`, which a peer can replace on its own), if any.
 pub fn live_leaf(root: &Path, name: &str) -> Option<Leaf> {
-    let pem = tree::read(root, &format!("live/{name}/cert.pem"))?;
-    let ders = chain_der(&pem).ok()?;
-    parse_leaf(&ders[0]).ok()
+    super::served::served_leaf(root, name)
 }
 
 /// The private key currently live for `name` (for `reuse_key`).

@@ -168,7 +168,8 @@ impl Driver {
         };
         let due = schedule::due_at(current, window, rt.jitter);
         self.handle.update(&cert.name, |r| {
-            r.next_renewal = Some(due.max(r.retry_at.unwrap_or(0)))
+            // "Due now" is 0: shown as now, never as 1970.
+            r.next_renewal = Some(due.max(r.retry_at.unwrap_or(0)).max(unix_now()))
         });
         due
     }

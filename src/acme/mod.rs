@@ -8,6 +8,8 @@
 //!   when an order moves to the next CA, which CA issued each live certificate.
 //! - [`order`]: one order — challenges through the tree, the ack barrier, finalize.
 //! - [`bundle`]: keys, CSRs, PEM, the versioned publish and `live/<name>` flip.
+//! - [`served`]: the leaf `live/<name>/fullchain.pem` serves and whether the bundle
+//!   around it is good (what status, metrics, the schedule and repair trust).
 //! - [`tree`]: atomic writes into the tree and waiting for the index to have them.
 //! - [`http`]: the optional built-in http-01 responder (`[http] listen`).
 //! - [`dns`]: dns-01 records (RFC 2136 + TSIG, or exec), the propagation check;
@@ -33,6 +35,7 @@ pub mod handle;
 pub mod http;
 pub mod order;
 pub mod schedule;
+pub mod served;
 pub mod tree;
 
 use std::collections::BTreeMap;
@@ -239,7 +242,41 @@ pub fn rfc3339(t: i64) -> String {
         .unwrap_or_else(|| t.to_string())
 }
 
-/// The validity of the live certificate `name`, read from the tree.
+/// What is wrong with the bundle `live/<name>` serves ([`served::check_live`]), with
+/// the node that last wrote the file at fault; `None` when it is good or absent
+/// (an absent certificate is ordered, not repaired).
+pub fn bundle_error(h: &Handles, name: &str, domains: &[String]) -> Option<String> {
+    let root = h.writer.root();
+    std::fs::symlink_metadata(root.join("live").join(name)).ok()?;
+    let why = served::check_live(root, name, domains).err()?;
+    let file = why
+        .strip_prefix(&format!("live/{name}/"))
+        .and_then(|r| r.split([':', ' ']).next())
+        .unwrap_or_default();
+    let author = bundle::live_version(root, name)
+        .and_then(|v| crate::paths::RelPath::parse(&format!("archive/{name}/{v}/{file}")).ok())
+        .and_then(|p| h.mesh.modified_by(&p))
+        .map(|id| {
+            if h.mesh.me().short() == id {
+                return this_node(&h.settings);
+            }
+            h.settings
+                .read(|c| {
+                    c.peers
+                        .iter()
+                        .find(|p| p.id.short() == id)
+                        .map(|p| p.name.clone())
+                })
+                .flatten()
+                .unwrap_or_else(|| format!("{:016x}", id.0))
+        });
+    Some(match author {
+        Some(a) => format!("{why} (last written by {a})"),
+        None => why,
+    })
+}
+
+/// The validity of the certificate `live/<name>/fullchain.pem` serves.
 pub fn live_validity(root: &Path, name: &str) -> Option<(Validity, Vec<String>, String)> {
-    bundle::live_leaf(root, name).map(|l| (l.validity, l.domains, l.serial))
+    served::served_leaf(root, name).map(|l| (l.validity, l.domains, l.serial))
 }

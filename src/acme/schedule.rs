@@ -291,6 +291,7 @@ impl std::fmt::Display for Wait {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Wait::Leased { node, until } => {
+                let until = super::rfc3339(*until);
                 write!(f, "{node} holds the renewal lease until {until}")
             }
             Wait::NotRenewer { renewer } => write!(f, "{renewer} is the renewer"),

@@ -8,6 +8,7 @@ use super::Observer;
 use crate::identity::DeviceId;
 use crate::node::Shared;
 use crate::ops::status::*;
+use crate::telemetry::RecentError;
 
 impl Observer {
     /// The status as `certmesh status` shows it.
@@ -30,7 +31,8 @@ pub fn acme_handles(shared: &Arc<Shared>) -> crate::acme::Handles {
     }
 }
 
-/// The certificates part of the status (reads `live/<name>/cert.pem` of each).
+/// The certificates part of the status (the leaf `live/<name>/fullchain.pem` serves,
+/// and whether the bundle around it is good).
 fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
     use crate::acme;
     let certs = shared.config().certificates.clone();
@@ -40,6 +42,7 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
     let now = acme::unix_now();
     let h = acme_handles(shared);
     let renewer = acme::renewer(&h).map(|id| acme::node_name(&h, id));
+    let me = acme::node_name(&h, h.mesh.me());
     certs
         .into_iter()
         .map(|c| {
@@ -50,6 +53,22 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
                 .map(|l| l.node);
             let na = live.as_ref().map(|(v, _, _)| v.not_after);
             let challenge = c.challenge_label().to_string();
+            let bundle_error = acme::bundle_error(&h, &c.name, &c.domains);
+            // Due from now on (before any jitter) and nobody will order it.
+            let in_window = live
+                .as_ref()
+                .is_some_and(|(v, _, _)| now >= acme::schedule::due_at(Some(*v), None, 0.0));
+            let planned = rt.as_ref().and_then(|r| r.next_renewal).is_some();
+            let warning = match (&renewer, in_window) {
+                (None, true) => Some(
+                    "inside its renewal window and no ACME node is reachable to renew it"
+                        .to_string(),
+                ),
+                (Some(r), true) if *r == me && !planned => {
+                    Some("inside its renewal window and no order is planned".to_string())
+                }
+                _ => None,
+            };
             CertStatus {
                 domains: c.domains,
                 not_after: na.map(acme::rfc3339),
@@ -59,10 +78,13 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
                 ca: live
                     .as_ref()
                     .and_then(|(_, _, s)| acme::ca::issuer(&shared.tree.root, &c.name, s)),
+                runway_s: live.as_ref().map(|(v, _, _)| acme::served::runway(*v, now)),
                 serial: live.map(|(_, _, s)| s),
                 renewer: renewer.clone(),
                 lease,
                 next_renewal: rt.as_ref().and_then(|r| r.next_renewal).map(acme::rfc3339),
+                next_renewal_unix: rt.as_ref().and_then(|r| r.next_renewal),
+                last_attempt_unix: rt.as_ref().and_then(|r| r.last_attempt),
                 state: rt.as_ref().map(|r| r.state),
                 last_attempt: rt.as_ref().and_then(|r| r.last_attempt).map(acme::rfc3339),
                 last_error: rt.as_ref().and_then(|r| r.last_error.clone()),
@@ -70,11 +92,51 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
                 waiting_for: rt.as_ref().and_then(|r| r.waiting_for.clone()),
                 last_took_ms: rt.as_ref().and_then(|r| r.last_took_ms),
                 dns_propagation: rt.as_ref().and_then(|r| r.dns_propagation.clone()),
+                bundle_error,
+                warning,
                 challenge,
                 name: c.name,
             }
         })
         .collect()
+}
+
+/// What still holds when `status` answers, as errors: peers not connected (with why),
+/// certificates whose last order failed, damaged bundles, certificates nobody renews.
+/// `--json` `errors[]`, the text list and the `certmesh_recent_errors` metric all
+/// read the one list these start.
+fn ongoing_errors(peers: &[PeerStatus], certs: &[CertStatus], now: i64) -> Vec<RecentError> {
+    let at = |t: Option<i64>, message: String| RecentError {
+        at_unix: t.unwrap_or(now),
+        message,
+        ongoing: true,
+    };
+    let mut out = Vec::new();
+    for p in peers.iter().filter(|p| !p.connected) {
+        if let Some(e) = &p.last_error {
+            out.push(at(None, format!("peer {}: {e}", p.name)));
+        }
+    }
+    for c in certs {
+        if let Some(e) = &c.last_error {
+            let n = c.failures;
+            let when = c.last_attempt_unix;
+            out.push(at(
+                when,
+                format!("certificate {} ({n} failures): {e}", c.name),
+            ));
+        }
+        if let Some(e) = &c.bundle_error {
+            out.push(at(
+                None,
+                format!("certificate {}: damaged bundle: {e}", c.name),
+            ));
+        }
+        if let Some(w) = &c.warning {
+            out.push(at(None, format!("certificate {}: {w}", c.name)));
+        }
+    }
+    out
 }
 
 /// Builds the status from the live state.
@@ -134,7 +196,7 @@ fn status(shared: &Arc<Shared>) -> Status {
             slot.last_sync = Some(now);
         }
     }
-    let errors = st.errors.iter().cloned().collect();
+    let recent: Vec<RecentError> = st.errors.iter().cloned().collect();
     let tree = TreeStatus {
         path: tree,
         files: st.engine.index().live_count(),
@@ -165,6 +227,8 @@ fn status(shared: &Arc<Shared>) -> Status {
     let role = crate::writers::role(st.engine.is_writer()).to_string();
     drop(st);
     peers.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut errors = ongoing_errors(&peers, &certificates, now);
+    errors.extend(recent);
     Status {
         node: NodeStatus {
             name,

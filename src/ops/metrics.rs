@@ -370,7 +370,7 @@ pub fn render(s: &Status, scrape: &Scrape, events: &Events) -> String {
     o.one(
         "certmesh_recent_errors",
         "gauge",
-        "Errors currently in the status error list (at most 20).",
+        "Errors in the status error list: conditions that still hold (peers down, certificates failing or damaged) plus the last 20 past ones.",
         s.errors.len(),
     );
     if let Some(p) = &scrape.process {
@@ -467,8 +467,35 @@ fn certificates(o: &mut Exposition, s: &Status, scrape: &Scrape, events: &Events
     o.family(
         "certmesh_certificate_not_after_timestamp_seconds",
         "gauge",
-        "Unix time the live certificate live/<cert>/cert.pem expires, configured or not (absent while none is live).",
+        "Unix time the certificate live/<cert>/fullchain.pem serves expires (its leaf, never cert.pem alone), configured or not (absent while none is live).",
         configured.chain(others).map(|(c, t)| (Some(("cert", c)), t)),
+    );
+    o.family(
+        "certmesh_certificate_runway_seconds",
+        "gauge",
+        "Seconds until the served leaf expires, less the time retries need (max(1 day, a tenth of the lifetime)): page when it nears 0.",
+        s.certificates
+            .iter()
+            .filter_map(|c| Some((Some(("cert", c.name.as_str())), c.runway_s?))),
+    );
+    o.family(
+        "certmesh_certificate_bundle_damaged",
+        "gauge",
+        "1 while live/<cert> is a damaged bundle (cert.pem, chain, key or names not matching the served leaf), else 0.",
+        s.certificates
+            .iter()
+            .map(|c| (Some(("cert", c.name.as_str())), u64::from(c.bundle_error.is_some()))),
+    );
+    o.family(
+        "certmesh_certificate_unscheduled",
+        "gauge",
+        "1 while the certificate is inside its renewal window and no order is scheduled, else 0.",
+        s.certificates.iter().map(|c| {
+            (
+                Some(("cert", c.name.as_str())),
+                u64::from(c.warning.is_some()),
+            )
+        }),
     );
     // Every configured certificate from 0, so rate() and increase() see the first.
     let per_cert = |e: Event| {

@@ -60,10 +60,14 @@ pub struct CertStatus {
     pub lease: Option<String>,
     /// RFC 3339 of the next automatic order (ACME nodes).
     pub next_renewal: Option<String>,
+    #[serde(default)]
+    pub next_renewal_unix: Option<i64>,
     /// idle | ordering | waiting | backoff (ACME nodes); `-` elsewhere.
     /// What the ACME driver is doing; `None` (`-`) where `[acme]` is not configured.
     pub state: Option<crate::acme::handle::AcmeState>,
     pub last_attempt: Option<String>,
+    #[serde(default)]
+    pub last_attempt_unix: Option<i64>,
     pub last_error: Option<String>,
     pub failures: u32,
     pub waiting_for: Option<String>,
@@ -75,6 +79,19 @@ pub struct CertStatus {
     /// and whether it serves the records yet.
     #[serde(default)]
     pub dns_propagation: Option<Vec<crate::acme::handle::NsProgress>>,
+    /// What is wrong with `live/<name>` when the bundle is damaged (a file that is not
+    /// the served leaf, a key that does not match, a broken chain), with the node
+    /// that last wrote it; `None` when the bundle is good or absent.
+    #[serde(default)]
+    pub bundle_error: Option<String>,
+    /// Seconds until the served leaf expires, less the time retries still need
+    /// (max(1 day, a tenth of the lifetime)): page when this nears 0.
+    #[serde(default)]
+    pub runway_s: Option<i64>,
+    /// Set when the certificate is inside its renewal window and no order is
+    /// scheduled (no ACME node to renew it, or this renewer has none planned).
+    #[serde(default)]
+    pub warning: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -329,6 +346,8 @@ pub fn render(s: &Status) -> String {
                     domains,
                     c.not_after.clone().unwrap_or_else(|| "missing".into()),
                     c.days_left.map_or_else(dash, |d| format!("{d:.1}")),
+                    c.runway_s
+                        .map_or_else(dash, |r| format!("{:.1}d", r as f64 / 86_400.0)),
                     c.version.map_or_else(dash, |v| v.to_string()),
                     c.ca.as_deref().map_or_else(dash, crate::acme::ca::ca_label),
                     c.renewer.clone().unwrap_or_else(dash),
@@ -346,6 +365,7 @@ pub fn render(s: &Status) -> String {
                 "DOMAINS",
                 "NOT AFTER",
                 "DAYS LEFT",
+                "RUNWAY",
                 "VER",
                 "CA",
                 "RENEWER",
@@ -384,30 +404,21 @@ pub fn render(s: &Status) -> String {
             rows,
         );
     }
-    // Last errors: per peer and per certificate, then the daemon's recent ones.
+    // Errors: what still holds (peers, certificates), then the daemon's recent ones;
+    // the same list as `--json` `errors[]` and the `certmesh_recent_errors` metric.
     let mut errors: Vec<String> = Vec::new();
-    for p in s.peers.iter().filter(|p| !p.connected) {
-        if let Some(e) = &p.last_error {
-            errors.push(format!("peer {}: {}", p.name, one_line(e, 160)));
-        }
-    }
-    for c in &s.certificates {
-        if let Some(e) = &c.last_error {
-            errors.push(format!(
-                "certificate {} ({} failures): {}",
-                c.name,
-                c.failures,
-                one_line(e, 160)
-            ));
-        }
+    let (ongoing, recent): (Vec<&RecentError>, Vec<&RecentError>) =
+        s.errors.iter().partition(|e| e.ongoing);
+    for e in ongoing {
+        errors.push(one_line(&e.message, 200));
     }
     const SHOWN: usize = 5;
-    let skipped = s.errors.len().saturating_sub(SHOWN);
-    for e in &s.errors[skipped..] {
+    let skipped = recent.len().saturating_sub(SHOWN);
+    for e in &recent[skipped..] {
         errors.push(format!(
             "{} ago: {}",
             age(now.saturating_sub(e.at_unix)),
-            one_line(&e.message, 160)
+            one_line(&e.message, 200)
         ));
     }
     let counters = &s.counters;
@@ -419,7 +430,10 @@ pub fn render(s: &Status) -> String {
     }
     if !errors.is_empty() {
         let more = if skipped > 0 {
-            format!(" (last {SHOWN} of {}, all in --json)", s.errors.len())
+            format!(
+                " (last {SHOWN} of {} past ones, all in --json)",
+                recent.len()
+            )
         } else {
             String::new()
         };
@@ -551,12 +565,19 @@ mod tests {
             certificates: Vec::new(),
             errors: vec![
                 RecentError {
+                    at_unix: 1_000_000,
+                    message: "peer lb2: timed out\nsecond line".into(),
+                    ongoing: true,
+                },
+                RecentError {
                     at_unix: 999_990,
                     message: "hook [\"false\"] failed".into(),
+                    ongoing: false,
                 },
                 RecentError {
                     at_unix: 999_000,
                     message: "index damaged".into(),
+                    ongoing: false,
                 },
             ],
             counters: Counters {

@@ -21,6 +21,10 @@ pub struct RecentError {
     pub at_unix: i64,
     /// What happened, one message as logged.
     pub message: String,
+    /// A condition that still holds when `status` answered (a peer not connected,
+    /// a certificate failing, a damaged bundle), rather than a past event.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ongoing: bool,
 }
 
 /// The last [`RECENT_ERRORS`] errors, oldest first.
@@ -33,7 +37,11 @@ impl RecentErrors {
         if self.0.len() == RECENT_ERRORS {
             self.0.pop_front();
         }
-        self.0.push_back(RecentError { at_unix, message });
+        self.0.push_back(RecentError {
+            at_unix,
+            message,
+            ongoing: false,
+        });
     }
 
     /// Oldest first.
