@@ -449,12 +449,52 @@ fn status(c: &Config, json: bool, cluster: Option<std::time::Duration>) -> Resul
         .map_err(rt_err)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-    } else {
-        let s: certmesh::control::Status = serde_json::from_value(v)
-            .map_err(|e| Failure::Runtime(format!("daemon answer: {e}")))?;
+    }
+    let s: certmesh::control::Status =
+        serde_json::from_value(v).map_err(|e| Failure::Runtime(format!("daemon answer: {e}")))?;
+    if !json {
         print!("{}", certmesh::control::render(&s));
     }
-    Ok(())
+    match cluster.map(|_| cluster_behind(&s)) {
+        Some(behind) if !behind.is_empty() => Err(Failure::Runtime(format!(
+            "cluster not in sync: {}",
+            behind.join(", ")
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// For `status --cluster`'s exit code: every direct peer not connected, and every
+/// node of the census that is down, behind or not in sync ("lb2 (down)").
+fn cluster_behind(s: &certmesh::control::Status) -> Vec<String> {
+    let mut out: Vec<String> = s
+        .peers
+        .iter()
+        .filter(|p| !p.connected)
+        .map(|p| format!("{} (not connected)", p.name))
+        .collect();
+    match &s.cluster {
+        None => out.push("no cluster answer".into()),
+        Some(c) => {
+            for n in &c.nodes {
+                let why = if !n.live {
+                    "down"
+                } else if !n.in_sync {
+                    "behind"
+                } else {
+                    continue;
+                };
+                let entry = format!("{} ({why})", n.name);
+                if !out.iter().any(|o| o.starts_with(&format!("{} (", n.name))) {
+                    out.push(entry);
+                }
+            }
+            if !c.in_sync && out.is_empty() {
+                out.push("the census did not complete in time".into());
+            }
+        }
+    }
+    out
 }
 
 /// `certmesh issue NAME`: one order now, with its steps on a terminal.

@@ -167,8 +167,14 @@ fn status_cluster_names_an_edge_two_hops_away_that_is_behind() {
     });
     // …the cluster is not: the frozen edge is behind.
     let c = cluster(&nodes[0], "1s");
+    // …and `status --cluster` says so in its exit code, naming the edge.
+    let cfg = nodes[0].config.to_str().unwrap();
+    let out = certmesh(&["status", "--config", cfg, "--cluster", "--timeout", "1s"]);
     nodes[2].signal(libc::SIGCONT);
     assert!(!c.in_sync, "{c:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cluster not in sync: edge"), "{err}");
     let edge = c
         .nodes
         .iter()

@@ -159,6 +159,17 @@ impl Driver {
         };
         if let Some(l) = &leaf {
             self.refresh_ari(cert, l).await;
+            // Another node published a new certificate since our last failure: our
+            // backoff, count and error no longer stand.
+            self.handle.update(&cert.name, |r| {
+                if r.state == AcmeState::Backoff && r.failed_serial.as_ref() != Some(&l.serial) {
+                    r.state = AcmeState::Idle;
+                    r.failures = 0;
+                    r.retry_at = None;
+                    r.last_error = None;
+                    r.failed_serial = None;
+                }
+            });
         }
         self.handle.update(&cert.name, |_| {});
         let rt = self.handle.runtime(&cert.name).unwrap_or_default();
@@ -418,6 +429,7 @@ impl Driver {
             }
             Err(f) => {
                 let msg = format!("{:#}", f.error);
+                let live = bundle::live_leaf(self.h.writer.root(), &cert.name).map(|l| l.serial);
                 h.reports.error(format!("acme: {}: {msg}", cert.name));
                 crate::telemetry::order_finished(&cert.name, false);
                 self.handle
@@ -428,7 +440,9 @@ impl Driver {
                     let wait = schedule::backoff(r.failures, rand::random(), f.retry_after);
                     r.state = AcmeState::Backoff;
                     r.retry_at = Some(unix_now().saturating_add(schedule::secs(wait)));
+                    r.next_renewal = r.retry_at;
                     r.last_error = Some(msg.clone());
+                    r.failed_serial = live;
                 });
                 // A broken account file or directory change: reload next time.
                 self.accounts.clear();

@@ -63,6 +63,10 @@ pub struct Runtime {
     pub(super) ari_serial: String,
     #[serde(skip)]
     pub(super) ari_next_query: i64,
+    /// Serial of the certificate live when the last order failed: when another node
+    /// publishes a new one, that failure no longer stands.
+    #[serde(skip)]
+    pub(super) failed_serial: Option<String>,
 }
 
 /// One authoritative nameserver during a dns-01 propagation check.
