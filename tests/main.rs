@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod dhparam;
 mod dns01;
+mod docs;
 mod fallback_ca;
 mod faults;
 mod hostile;
