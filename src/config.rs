@@ -399,6 +399,18 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// Prometheus `/metrics` endpoint address (`[metrics] listen`).
     pub metrics_listen: Option<SocketAddr>,
+    /// Where some keys are in the file, for the checks made after parsing.
+    pub lines: KeyLines,
+}
+
+/// Lines (1-based) of the keys checked against the disk or the identity after
+/// parsing, so those errors name the line too.
+#[derive(Debug, Clone, Default)]
+pub struct KeyLines {
+    /// `tree.path`.
+    pub tree_path: usize,
+    /// Each `[[peer]]`'s `id`, in `peers` order.
+    pub peer_ids: Vec<usize>,
 }
 
 impl Config {
@@ -452,11 +464,18 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().replace('\n', "\n  "),
         })?;
+        let line_of = |span: std::ops::Range<usize>| {
+            text[..span.start.min(text.len())].matches('\n').count() + 1
+        };
         let bad = |span: std::ops::Range<usize>, key: &str, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
-            line: text[..span.start.min(text.len())].matches('\n').count() + 1,
+            line: line_of(span),
             key: key.to_string(),
             message,
+        };
+        let lines = KeyLines {
+            tree_path: line_of(raw.tree.path.span()),
+            peer_ids: raw.peer.iter().map(|p| line_of(p.id.span())).collect(),
         };
         let (name, state_dir, listen) = node(&raw.node, &bad)?;
         let tree =
@@ -520,7 +539,47 @@ impl Config {
             hooks,
             http_listen,
             metrics_listen,
+            lines,
         })
+    }
+
+    /// `tree.path` exists and is a directory. certmesh never creates it: a typo would
+    /// otherwise become a new, synced tree nobody serves (issue 23).
+    pub fn check_tree_exists(&self) -> Result<(), ConfigError> {
+        let problem = match std::fs::metadata(&self.tree) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Ok(_) => "is not a directory".to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!(
+                "does not exist; certmesh does not create it (a typo would become a new tree): \
+                 create it, e.g. `install -d -m 2755 {}`, or fix the path",
+                self.tree.display()
+            ),
+            Err(e) => e.to_string(),
+        };
+        Err(ConfigError::Invalid {
+            path: self.file.clone(),
+            line: self.lines.tree_path,
+            key: "tree.path".into(),
+            message: format!("{}: {problem}", self.tree.display()),
+        })
+    }
+
+    /// No `[[peer]]` has this node's own device ID `me`.
+    pub fn check_not_own_peer(&self, me: DeviceId) -> Result<(), ConfigError> {
+        match self.peers.iter().position(|p| p.id == me) {
+            None => Ok(()),
+            Some(i) => Err(ConfigError::Invalid {
+                path: self.file.clone(),
+                line: self.lines.peer_ids.get(i).copied().unwrap_or(0),
+                key: "peer.id".into(),
+                message: format!(
+                    "peer {:?} has this node's own device ID (from node.state_dir {}); \
+                     list the other nodes' IDs (`certmesh id` on each)",
+                    self.peers[i].name,
+                    self.state_dir.display()
+                ),
+            }),
+        }
     }
 
     /// The control socket of the daemon using this config.

@@ -240,8 +240,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| Failure::Runtime(format!("starting the runtime: {e}")))
 }
 
-/// An error from the daemon or the runtime, with its causes.
+/// An error from the daemon or the runtime, with its causes; a config error the
+/// daemon found (a key checked against the disk or the identity) exits 2.
 fn rt_err(e: anyhow::Error) -> Failure {
+    if e.downcast_ref::<certmesh::config::ConfigError>().is_some() {
+        return Failure::Config(format!("{e:#}"));
+    }
     Failure::Runtime(format!("{e:#}"))
 }
 
@@ -259,6 +263,8 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         Cmd::Check { fleet, .. } => check_fleet(&fleet)?,
         Cmd::Run { config } => {
             let c = load(&config)?;
+            c.check_tree_exists()
+                .map_err(|e| Failure::Config(e.to_string()))?;
             let rt = runtime()?;
             let stop = {
                 let _in_runtime = rt.enter();
@@ -385,17 +391,20 @@ fn check(config: &std::path::Path) -> Result<(), Failure> {
 /// What `check` does; the checked config.
 fn check_config(config: &std::path::Path) -> Result<Config, Failure> {
     let c = load(config)?;
-    if let Ok(me) = Identity::load(&c.state_dir) {
-        if let Some(p) = c.peers.iter().find(|p| p.id == me.id) {
-            return Err(Failure::Config(format!(
-                "{}: peer {:?} has this node's own device ID",
-                config.display(),
-                p.name
-            )));
-        }
-        if let Err(e) = certmesh::writers::policy(&c, me.id) {
-            return Err(Failure::Config(e.to_string()));
-        }
+    c.check_tree_exists()
+        .map_err(|e| Failure::Config(e.to_string()))?;
+    let me = Identity::load(&c.state_dir).map_err(|e| {
+        Failure::Config(format!(
+            "{}: node.state_dir {}: no usable identity ({e}); create it with `certmesh init --state-dir {}`",
+            config.display(),
+            c.state_dir.display(),
+            c.state_dir.display()
+        ))
+    })?;
+    c.check_not_own_peer(me.id)
+        .map_err(|e| Failure::Config(e.to_string()))?;
+    if let Err(e) = certmesh::writers::policy(&c, me.id) {
+        return Err(Failure::Config(e.to_string()));
     }
     if let Some(roots) = c.acme.as_ref().and_then(|a| a.ca_roots.as_ref()) {
         if let Err(e) = std::fs::read(roots) {

@@ -1,0 +1,138 @@
+//! Issue 23: what a new operator hit — a state dir two daemons shared, a typo'd
+//! tree path that `run` created, orphaned http-01 tokens, orders that could not
+//! succeed, and messages that left them guessing. Real `certmesh` processes on
+//! 127.0.2.2–250.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Output;
+
+use crate::util::{certmesh, wait_until, Node};
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Two nodes that list each other, running and connected.
+fn pair(root: &Path, ips: [&str; 2]) -> (Node, Node) {
+    let mut a = Node::new(root, "a", ips[0]);
+    let mut b = Node::new(root, "b", ips[1]);
+    a.configure(&[&b]);
+    b.configure(&[&a]);
+    a.start();
+    b.start();
+    wait_until("a and b connected", || {
+        a.all_connected() && b.all_connected()
+    });
+    (a, b)
+}
+
+/// The line of `key = ` in a config file (1-based).
+fn line_of(config: &Path, key: &str) -> usize {
+    let text = fs::read_to_string(config).unwrap();
+    1 + text
+        .lines()
+        .position(|l| l.starts_with(&format!("{key} = ")))
+        .expect("key in the config")
+}
+
+#[test]
+fn a_second_run_on_a_live_state_dir_exits_naming_the_pid_and_touches_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = pair(d.path(), ["127.0.2.2", "127.0.2.3"]);
+    let index = a.state.join("index.db");
+    let before = fs::metadata(&index).unwrap();
+    let second = certmesh(&["run", "--config", a.config.to_str().unwrap()]);
+    let pid = a.child.as_ref().unwrap().id();
+    assert_eq!(second.status.code(), Some(1), "{}", text(&second));
+    assert!(
+        text(&second).contains(&format!("is in use by pid {pid}")),
+        "{}",
+        text(&second)
+    );
+    let after = fs::metadata(&index).unwrap();
+    assert_eq!(
+        (after.ino(), after.mtime(), after.mtime_nsec()),
+        (before.ino(), before.mtime(), before.mtime_nsec())
+    );
+    // The first daemon still syncs (and saves to the same file).
+    a.write("after-second-run.txt", "still here");
+    wait_until("b has the file", || {
+        b.read("after-second-run.txt").as_deref() == Some("still here")
+    });
+    assert_eq!(fs::metadata(&index).unwrap().ino(), before.ino());
+}
+
+/// A node whose config points at a tree path that does not exist.
+fn node_with_missing_tree(root: &Path, ip: &str) -> Node {
+    let n = Node::new(root, "typo", ip);
+    fs::remove_dir(&n.tree).unwrap();
+    n.configure(&[]);
+    n
+}
+
+#[test]
+fn check_refuses_a_tree_path_that_does_not_exist_naming_key_and_line() {
+    let d = tempfile::tempdir().unwrap();
+    let n = node_with_missing_tree(d.path(), "127.0.2.4");
+    let out = certmesh(&["check", "--config", n.config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let want = format!(":{}: tree.path", line_of(&n.config, "path"));
+    assert!(text(&out).contains(&want), "{}", text(&out));
+    assert!(text(&out).contains("does not exist"), "{}", text(&out));
+}
+
+#[test]
+fn run_refuses_a_tree_path_that_does_not_exist_and_does_not_create_it() {
+    let d = tempfile::tempdir().unwrap();
+    let n = node_with_missing_tree(d.path(), "127.0.2.5");
+    let out = certmesh(&["run", "--config", n.config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("tree.path"), "{}", text(&out));
+    assert!(!n.tree.exists());
+}
+
+#[test]
+fn check_refuses_a_tree_path_that_is_a_file() {
+    let d = tempfile::tempdir().unwrap();
+    let n = node_with_missing_tree(d.path(), "127.0.2.6");
+    fs::write(&n.tree, "not a dir").unwrap();
+    let out = certmesh(&["check", "--config", n.config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("is not a directory"), "{}", text(&out));
+}
+
+#[test]
+fn check_wants_an_identity_in_the_state_dir() {
+    let d = tempfile::tempdir().unwrap();
+    let n = Node::new(d.path(), "fresh", "127.0.2.7");
+    n.configure(&[]);
+    fs::remove_dir_all(&n.state).unwrap();
+    let out = certmesh(&["check", "--config", n.config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let hint = format!("certmesh init --state-dir {}", n.state.display());
+    assert!(text(&out).contains(&hint), "{}", text(&out));
+}
+
+#[test]
+fn own_device_id_as_a_peer_is_refused_with_its_line_by_check_and_run() {
+    let d = tempfile::tempdir().unwrap();
+    let n = Node::new(d.path(), "self", "127.0.2.8");
+    n.configure_raw(&[("me-again", &n.id, "127.0.2.9:22000")]);
+    let want = format!(":{}: peer.id", line_of(&n.config, "id"));
+    for cmd in ["check", "run"] {
+        let out = certmesh(&[cmd, "--config", n.config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", text(&out));
+        assert!(text(&out).contains(&want), "{cmd}: {}", text(&out));
+        assert!(
+            text(&out).contains("own device ID"),
+            "{cmd}: {}",
+            text(&out)
+        );
+    }
+}
