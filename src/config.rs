@@ -75,6 +75,9 @@ struct RawAcme {
     profile: Option<Spanned<String>>,
     /// How long peers get to acknowledge a challenge file before `set_ready` anyway.
     barrier_timeout: Option<Spanned<String>>,
+    /// How long a starting node waits for its first configured peer to connect
+    /// before it orders anyway (default 30s; no wait without peers).
+    startup_grace: Option<Spanned<String>>,
     /// How long a renewer's lease holds off the other nodes (default 2m).
     lease: Option<Spanned<String>>,
     /// Longest any one request to the CA may take, body included (default 30s).
@@ -287,6 +290,9 @@ pub struct AcmeConfig {
     pub eab: Option<(String, String)>,
     pub profile: Option<String>,
     pub barrier_timeout: Duration,
+    /// `acme.startup_grace`: at start-up, no order while none of the configured peers
+    /// is connected, for up to this long (issue 23).
+    pub startup_grace: Duration,
     /// Renewal lease duration: how long others wait for a renewer that went silent.
     pub lease: Duration,
     /// Longest any one request to the CA may take, body included.
@@ -893,6 +899,12 @@ fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, ConfigError> 
             parse_duration(s.get_ref()).map_err(|m| bad(s.span(), "acme.barrier_timeout", m))?
         }
     };
+    let startup_grace = match &a.startup_grace {
+        None => Duration::from_secs(30),
+        Some(s) => {
+            parse_duration(s.get_ref()).map_err(|m| bad(s.span(), "acme.startup_grace", m))?
+        }
+    };
     let lease = match &a.lease {
         None => Duration::from_secs(120),
         Some(s) => {
@@ -926,6 +938,7 @@ fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, ConfigError> 
         eab,
         profile: a.profile.as_ref().map(|p| p.get_ref().clone()),
         barrier_timeout,
+        startup_grace,
         lease,
         request_timeout,
         dns: a.dns.as_ref().map(|d| dns::dns(d, tree, bad)).transpose()?,
@@ -1444,6 +1457,7 @@ mod tests {
         assert_eq!(a.contact, ["mailto:ops@example.com"]);
         assert_eq!(a.profile.as_deref(), Some("shortlived"));
         assert_eq!(a.barrier_timeout, Duration::from_secs(10));
+        assert_eq!(a.startup_grace, Duration::from_secs(30));
         assert_eq!(a.request_timeout, Duration::from_secs(30));
         assert_eq!(c.certificates.len(), 2);
         assert_eq!(c.certificates[0].key, KeyType::Rsa3072);

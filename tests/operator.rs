@@ -8,6 +8,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Output;
 
+use crate::acme::{
+    enable_acme_with, free_tcp, live_version, nginx, tools_present, wait_version, Pebble, Proc,
+    DOMAIN,
+};
 use crate::util::{certmesh, wait_until, Node};
 
 fn text(out: &Output) -> String {
@@ -135,4 +139,117 @@ fn own_device_id_as_a_peer_is_refused_with_its_line_by_check_and_run() {
             text(&out)
         );
     }
+}
+
+/// Two nodes `a` (the only ACME node, so the renewer) and `b` listing each other,
+/// each with an nginx serving its `<tree>/acme`, a Pebble on `ips[2]`, and the
+/// certificate's name pointing at `b`: the CA validates against the node that did
+/// not order. Nothing started yet.
+struct AcmePair {
+    a: Node,
+    b: Node,
+    pebble: Pebble,
+    _web: Vec<Proc>,
+    _dir: tempfile::TempDir,
+}
+
+fn acme_pair(ips: [&str; 3], acme_extra: &str) -> AcmePair {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::new(dir.path(), "a", ips[0]);
+    let b = Node::new(dir.path(), "b", ips[1]);
+    a.configure(&[&b]);
+    b.configure(&[&a]);
+    let http_port = free_tcp(ips[0]);
+    let pebble = Pebble::start_on(&dir.path().join("pebble"), ips[2], http_port, false);
+    pebble.set_a(DOMAIN, ips[1]);
+    let web = [(&a, ips[0]), (&b, ips[1])]
+        .iter()
+        .map(|(n, ip)| {
+            fs::create_dir_all(n.tree.join("acme")).unwrap();
+            nginx(dir.path(), ip, http_port, &n.tree)
+        })
+        .collect();
+    enable_acme_with(&a, &pebble, acme_extra);
+    AcmePair {
+        a,
+        b,
+        pebble,
+        _web: web,
+        _dir: dir,
+    }
+}
+
+fn status_text(n: &Node) -> String {
+    text(&certmesh(&[
+        "status",
+        "--config",
+        n.config.to_str().unwrap(),
+    ]))
+}
+
+#[test]
+fn an_orphaned_http01_token_is_removed_on_every_node_by_the_next_order() {
+    if !tools_present() {
+        return;
+    }
+    let mut p = acme_pair(["127.0.2.20", "127.0.2.21", "127.0.2.22"], "");
+    p.a.start();
+    p.b.start();
+    wait_version(&[&p.a, &p.b], 1, "the first certificate on both nodes");
+    // What a renewer killed mid-order leaves: its token, synced to every node.
+    let orphan = "acme/.well-known/acme-challenge/LeftByAKilledRenewer-0123456789";
+    p.a.write(orphan, "LeftByAKilledRenewer-0123456789.thumbprint");
+    wait_until("b has the orphaned token", || p.b.read(orphan).is_some());
+    let out = certmesh(&["issue", "--config", p.a.config.to_str().unwrap(), "www"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), p.a.log());
+    wait_until("the orphaned token gone on a and b", || {
+        p.a.read(orphan).is_none() && p.b.read(orphan).is_none()
+    });
+    assert!(p.a.log().contains("removing an http-01 token left behind"));
+    let _ = &p.pebble;
+}
+
+#[test]
+fn a_renewer_started_alone_waits_for_a_peer_before_ordering() {
+    if !tools_present() {
+        return;
+    }
+    let mut p = acme_pair(
+        ["127.0.2.23", "127.0.2.24", "127.0.2.25"],
+        "startup_grace = \"60s\"\n",
+    );
+    p.a.start();
+    wait_until("a says it waits for a peer", || {
+        p.a.log().contains("no configured peer connected yet")
+    });
+    assert_eq!(live_version(&p.a), None, "ordered alone:\n{}", p.a.log());
+    p.b.start();
+    wait_version(&[&p.a, &p.b], 1, "the first certificate on both nodes");
+    assert!(
+        !status_text(&p.a).contains("acme: www"),
+        "{}",
+        status_text(&p.a)
+    );
+}
+
+#[test]
+fn a_failed_validation_names_the_peer_that_was_not_connected() {
+    if !tools_present() {
+        return;
+    }
+    let mut p = acme_pair(
+        ["127.0.2.26", "127.0.2.27", "127.0.2.28"],
+        "startup_grace = \"1s\"\n",
+    );
+    p.a.start();
+    wait_until("the failed order names b", || {
+        status_text(&p.a).contains("while b was not connected")
+    });
+    assert!(
+        p.a.log()
+            .contains("challenges in place on the connected nodes only"),
+        "{}",
+        p.a.log()
+    );
+    assert!(!p.a.log().contains("challenges in place on every node"));
 }
