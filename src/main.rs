@@ -229,7 +229,17 @@ fn main() -> ExitCode {
 }
 
 fn load(path: &std::path::Path) -> Result<Config, Failure> {
-    Config::load(path).map_err(|e| Failure::Config(e.to_string()))
+    Config::load(path).map_err(|e| match &e {
+        certmesh::config::ConfigError::Read { source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Failure::Config(format!(
+                "{e} (name this node's config with --config FILE or $CERTMESH_CONFIG; \
+                 {DEFAULT_CONFIG} is the default)"
+            ))
+        }
+        _ => Failure::Config(e.to_string()),
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
@@ -301,6 +311,9 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             }
             if v.failed > 0 {
                 return Err(Failure::Runtime(format!("{} renewals failed", v.failed)));
+            }
+            if force && !dry_run {
+                not_ordered(&v)?;
             }
         }
         Cmd::Confirm {
@@ -464,6 +477,27 @@ fn status(c: &Config, json: bool, cluster: Option<std::time::Duration>) -> Resul
         print!("{}", certmesh::control::render(&s));
     }
     Ok(())
+}
+
+/// `renew --force`: an error naming each certificate that was not ordered and why
+/// (another node holds its lease, say), so scripts do not take it for a renewal.
+fn not_ordered(v: &certmesh::acme::handle::RenewReport) -> Result<(), Failure> {
+    let skipped: Vec<String> = v
+        .results
+        .iter()
+        .filter(|r| r.ordered != Some(true))
+        .map(|r| match &r.waiting_for {
+            Some(w) => format!("{}: not ordered: {w}", r.name),
+            None => format!("{}: not ordered", r.name),
+        })
+        .collect();
+    if skipped.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::Runtime(format!(
+        "renew --force: {}",
+        skipped.join("; ")
+    )))
 }
 
 /// `certmesh issue NAME`: one order now, with its steps on a terminal.

@@ -253,3 +253,88 @@ fn a_failed_validation_names_the_peer_that_was_not_connected() {
     );
     assert!(!p.a.log().contains("challenges in place on every node"));
 }
+
+#[test]
+fn a_taken_listen_address_names_the_key_says_the_os_error_once_and_hints() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, _b) = pair(d.path(), ["127.0.2.30", "127.0.2.31"]);
+    // Another node's config on the same address (as after a restart too early).
+    let c = Node::with_listen(d.path(), "c", &a.addr);
+    c.configure(&[]);
+    let out = certmesh(&["run", "--config", c.config.to_str().unwrap()]);
+    let err = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("node.listen {}", a.addr)), "{err}");
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+    assert!(
+        err.contains("another certmesh may still be running"),
+        "{err}"
+    );
+}
+
+#[test]
+fn status_without_a_config_file_hints_the_flag_and_the_variable() {
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("nowhere.toml");
+    let out = certmesh(&["status", "--config", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--config FILE or $CERTMESH_CONFIG"));
+}
+
+#[test]
+fn a_wrong_peer_id_shows_expected_and_presented_in_status() {
+    let d = tempfile::tempdir().unwrap();
+    let mut a = Node::new(d.path(), "a", "127.0.2.32");
+    let mut b = Node::new(d.path(), "b", "127.0.2.33");
+    let other = Node::new(d.path(), "other", "127.0.2.34");
+    // a lists b's address with another node's ID (a valid ID, the wrong one).
+    a.configure_raw(&[("b", &other.id, &b.addr)]);
+    b.configure(&[&a]);
+    a.start();
+    b.start();
+    let want = format!("presented device ID {} but peer.id is {}", b.id, other.id);
+    let mut last = String::new();
+    let start = std::time::Instant::now();
+    while !last.contains(&want) && start.elapsed() < crate::util::DEADLINE {
+        last = text(&certmesh(&[
+            "status",
+            "--json",
+            "--config",
+            a.config.to_str().unwrap(),
+        ]));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(last.contains(&want), "{last}");
+}
+
+#[test]
+fn renew_force_exits_non_zero_naming_the_node_that_holds_the_lease() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut a, b) = pair(d.path(), ["127.0.2.35", "127.0.2.36"]);
+    let mut cfg = fs::read_to_string(&a.config).unwrap();
+    cfg.push_str(&format!(
+        "\n[acme]\ndirectory = \"https://127.0.2.37:1/dir\"\nstartup_grace = \"0s\"\n\
+         [[certificate]]\nname = \"www\"\ndomains = [\"{DOMAIN}\"]\n"
+    ));
+    a.stop();
+    fs::write(&a.config, cfg).unwrap();
+    // b holds the lease on www, as a renewer would while it orders.
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let lease = format!(r#"{{"holder":"{}","node":"b","expires":{expires}}}"#, b.id);
+    b.write(".certmesh/leases/www", &lease);
+    a.start();
+    wait_until("a has b's lease", || {
+        a.read(".certmesh/leases/www").as_deref() == Some(lease.as_str())
+    });
+    let out = certmesh(&["renew", "--force", "--config", a.config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("www: not ordered: b holds the renewal lease"),
+        "{}",
+        text(&out)
+    );
+}

@@ -55,6 +55,11 @@ impl Node {
         Self::with_addr(root, name, &addr)
     }
 
+    /// A node listening on `addr` (which may be taken: for bind errors).
+    pub fn with_listen(root: &Path, name: &str, addr: &str) -> Node {
+        Self::with_addr(root, name, addr)
+    }
+
     /// A node that will run inside network namespace `ns`, listening on `addr`.
     pub fn in_netns(root: &Path, name: &str, ns: &str, addr: &str) -> Node {
         let mut n = Self::with_addr(root, name, addr);

@@ -51,7 +51,7 @@ async fn startup_grace(h: &Handles) {
             said = true;
             tracing::info!(
                 grace = ?grace,
-                "no configured peer connected yet; not ordering until one is or acme.startup_grace ends"
+                "no configured peer connected yet; no order until one is or acme.startup_grace ends"
             );
         }
         let left = grace.saturating_sub(start.elapsed());
@@ -68,8 +68,8 @@ async fn startup_grace(h: &Handles) {
         tracing::warn!(
             not_connected = %missing.join(", "),
             grace = ?grace,
-            "no configured peer connected within acme.startup_grace; ordering alone \
-             (an http-01 validation that reaches one of them will fail)"
+            "no configured peer connected within acme.startup_grace; an order goes ahead \
+             alone (an http-01 validation that reaches one of them will fail)"
         );
     } else {
         tracing::info!(

@@ -226,7 +226,7 @@ pub(super) async fn remove_orphaned_tokens(h: &Handles) {
         .filter_map(|c| super::read_lease(h, &c.name))
         .find(|l| l.holder != me && l.fresh(now))
     {
-        tracing::debug!(node = %l.node, "another node is ordering; http-01 tokens left alone");
+        tracing::debug!(node = %l.node, "another node holds a fresh lease; http-01 tokens left alone");
         return;
     }
     let Ok(root) = crate::disk::safe_fs::Root::open(h.writer.root()) else {
