@@ -80,7 +80,12 @@ chmod 755 "$WORK/certmesh"
 sed "s#/usr/bin/certmesh#$WORK/certmesh#" packaging/certmesh.service >"$WORK/unit/certmesh.service"
 systemd-analyze verify "$WORK/unit/certmesh.service" || fail "systemd-analyze verify"
 ok "systemd-analyze verify certmesh.service"
-"$WORK/certmesh" check --config packaging/certmesh.toml >/dev/null || fail "shipped config"
+# `check` wants the tree and an identity: the shipped paths, moved into $WORK.
+"$WORK/certmesh" init --state-dir "$WORK/check-state" >/dev/null || fail "init for check"
+mkdir "$WORK/check-tree"
+sed -e "s#/var/lib/certmesh#$WORK/check-state#g" -e "s#/etc/ssl/certmesh#$WORK/check-tree#g" \
+    packaging/certmesh.toml >"$WORK/check.toml"
+"$WORK/certmesh" check --config "$WORK/check.toml" >/dev/null || fail "shipped config"
 ok "the shipped /etc/certmesh/certmesh.toml passes certmesh check"
 
 # The packaged man page and completions are those of the packaged binary.

@@ -75,6 +75,9 @@ struct RawAcme {
     profile: Option<Spanned<String>>,
     /// How long peers get to acknowledge a challenge file before `set_ready` anyway.
     barrier_timeout: Option<Spanned<String>>,
+    /// How long a starting node waits for its first configured peer to connect
+    /// before it orders anyway (default 30s; no wait without peers).
+    startup_grace: Option<Spanned<String>>,
     /// How long a renewer's lease holds off the other nodes (default 2m).
     lease: Option<Spanned<String>>,
     /// Longest any one request to the CA may take, body included (default 30s).
@@ -287,6 +290,9 @@ pub struct AcmeConfig {
     pub eab: Option<(String, String)>,
     pub profile: Option<String>,
     pub barrier_timeout: Duration,
+    /// `acme.startup_grace`: at start-up, no order while none of the configured peers
+    /// is connected, for up to this long (issue 23).
+    pub startup_grace: Duration,
     /// Renewal lease duration: how long others wait for a renewer that went silent.
     pub lease: Duration,
     /// Longest any one request to the CA may take, body included.
@@ -399,6 +405,18 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// Prometheus `/metrics` endpoint address (`[metrics] listen`).
     pub metrics_listen: Option<SocketAddr>,
+    /// Where some keys are in the file, for the checks made after parsing.
+    pub lines: KeyLines,
+}
+
+/// Lines (1-based) of the keys checked against the disk or the identity after
+/// parsing, so those errors name the line too.
+#[derive(Debug, Clone, Default)]
+pub struct KeyLines {
+    /// `tree.path`.
+    pub tree_path: usize,
+    /// Each `[[peer]]`'s `id`, in `peers` order.
+    pub peer_ids: Vec<usize>,
 }
 
 impl Config {
@@ -452,11 +470,18 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().replace('\n', "\n  "),
         })?;
+        let line_of = |span: std::ops::Range<usize>| {
+            text[..span.start.min(text.len())].matches('\n').count() + 1
+        };
         let bad = |span: std::ops::Range<usize>, key: &str, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
-            line: text[..span.start.min(text.len())].matches('\n').count() + 1,
+            line: line_of(span),
             key: key.to_string(),
             message,
+        };
+        let lines = KeyLines {
+            tree_path: line_of(raw.tree.path.span()),
+            peer_ids: raw.peer.iter().map(|p| line_of(p.id.span())).collect(),
         };
         let (name, state_dir, listen) = node(&raw.node, &bad)?;
         let tree =
@@ -520,7 +545,47 @@ impl Config {
             hooks,
             http_listen,
             metrics_listen,
+            lines,
         })
+    }
+
+    /// `tree.path` exists and is a directory. certmesh never creates it: a typo would
+    /// otherwise become a new, synced tree nobody serves (issue 23).
+    pub fn check_tree_exists(&self) -> Result<(), ConfigError> {
+        let problem = match std::fs::metadata(&self.tree) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Ok(_) => "is not a directory".to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!(
+                "does not exist; certmesh does not create it (a typo would become a new tree): \
+                 create it, e.g. `install -d -m 2755 {}`, or fix the path",
+                self.tree.display()
+            ),
+            Err(e) => e.to_string(),
+        };
+        Err(ConfigError::Invalid {
+            path: self.file.clone(),
+            line: self.lines.tree_path,
+            key: "tree.path".into(),
+            message: format!("{}: {problem}", self.tree.display()),
+        })
+    }
+
+    /// No `[[peer]]` has this node's own device ID `me`.
+    pub fn check_not_own_peer(&self, me: DeviceId) -> Result<(), ConfigError> {
+        match self.peers.iter().position(|p| p.id == me) {
+            None => Ok(()),
+            Some(i) => Err(ConfigError::Invalid {
+                path: self.file.clone(),
+                line: self.lines.peer_ids.get(i).copied().unwrap_or(0),
+                key: "peer.id".into(),
+                message: format!(
+                    "peer {:?} has this node's own device ID (from node.state_dir {}); \
+                     list the other nodes' IDs (`certmesh id` on each)",
+                    self.peers[i].name,
+                    self.state_dir.display()
+                ),
+            }),
+        }
     }
 
     /// The control socket of the daemon using this config.
@@ -834,6 +899,12 @@ fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, ConfigError> 
             parse_duration(s.get_ref()).map_err(|m| bad(s.span(), "acme.barrier_timeout", m))?
         }
     };
+    let startup_grace = match &a.startup_grace {
+        None => Duration::from_secs(30),
+        Some(s) => {
+            parse_duration(s.get_ref()).map_err(|m| bad(s.span(), "acme.startup_grace", m))?
+        }
+    };
     let lease = match &a.lease {
         None => Duration::from_secs(120),
         Some(s) => {
@@ -867,6 +938,7 @@ fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, ConfigError> 
         eab,
         profile: a.profile.as_ref().map(|p| p.get_ref().clone()),
         barrier_timeout,
+        startup_grace,
         lease,
         request_timeout,
         dns: a.dns.as_ref().map(|d| dns::dns(d, tree, bad)).transpose()?,
@@ -1385,6 +1457,7 @@ mod tests {
         assert_eq!(a.contact, ["mailto:ops@example.com"]);
         assert_eq!(a.profile.as_deref(), Some("shortlived"));
         assert_eq!(a.barrier_timeout, Duration::from_secs(10));
+        assert_eq!(a.startup_grace, Duration::from_secs(30));
         assert_eq!(a.request_timeout, Duration::from_secs(30));
         assert_eq!(c.certificates.len(), 2);
         assert_eq!(c.certificates[0].key, KeyType::Rsa3072);

@@ -64,7 +64,11 @@ fn persister(shared: Arc<Shared>, mut file: StoreFile, rx: std::sync::mpsc::Rece
 
 /// Runs the daemon until `shutdown` resolves; in-flight writes finish first.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Before anything in the state dir is read or written: one daemon per state dir.
+    let _lock = crate::disk::lock::StateLock::acquire(&config.state_dir)?;
     let identity = Arc::new(Identity::load(&config.state_dir)?);
+    config.check_not_own_peer(identity.id)?;
+    config.check_tree_exists()?;
     let tree = Tree::new(config.tree.clone());
     tree.prepare()
         .with_context(|| format!("preparing tree {}", config.tree.display()))?;

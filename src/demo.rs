@@ -76,6 +76,7 @@ pub fn write_mesh(dir: &Path, n: usize) -> anyhow::Result<Vec<(String, PathBuf, 
         let state = dir.join(&name).join("state");
         let tree = dir.join(&name).join("tree");
         let id = Identity::init(&state)?.id;
+        std::fs::create_dir_all(&tree)?; // `run` never creates the tree
         let addr = free_port(&format!("127.0.0.{}", i + 2))?;
         nodes.push((name, state, tree, id, addr));
     }

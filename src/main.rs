@@ -229,7 +229,17 @@ fn main() -> ExitCode {
 }
 
 fn load(path: &std::path::Path) -> Result<Config, Failure> {
-    Config::load(path).map_err(|e| Failure::Config(e.to_string()))
+    Config::load(path).map_err(|e| match &e {
+        certmesh::config::ConfigError::Read { source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Failure::Config(format!(
+                "{e} (name this node's config with --config FILE or $CERTMESH_CONFIG; \
+                 {DEFAULT_CONFIG} is the default)"
+            ))
+        }
+        _ => Failure::Config(e.to_string()),
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
@@ -240,8 +250,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| Failure::Runtime(format!("starting the runtime: {e}")))
 }
 
-/// An error from the daemon or the runtime, with its causes.
+/// An error from the daemon or the runtime, with its causes; a config error the
+/// daemon found (a key checked against the disk or the identity) exits 2.
 fn rt_err(e: anyhow::Error) -> Failure {
+    if e.downcast_ref::<certmesh::config::ConfigError>().is_some() {
+        return Failure::Config(format!("{e:#}"));
+    }
     Failure::Runtime(format!("{e:#}"))
 }
 
@@ -259,6 +273,8 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         Cmd::Check { fleet, .. } => check_fleet(&fleet)?,
         Cmd::Run { config } => {
             let c = load(&config)?;
+            c.check_tree_exists()
+                .map_err(|e| Failure::Config(e.to_string()))?;
             let rt = runtime()?;
             let stop = {
                 let _in_runtime = rt.enter();
@@ -295,6 +311,9 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             }
             if v.failed > 0 {
                 return Err(Failure::Runtime(format!("{} renewals failed", v.failed)));
+            }
+            if force && !dry_run {
+                not_ordered(&v)?;
             }
         }
         Cmd::Confirm {
@@ -385,17 +404,20 @@ fn check(config: &std::path::Path) -> Result<(), Failure> {
 /// What `check` does; the checked config.
 fn check_config(config: &std::path::Path) -> Result<Config, Failure> {
     let c = load(config)?;
-    if let Ok(me) = Identity::load(&c.state_dir) {
-        if let Some(p) = c.peers.iter().find(|p| p.id == me.id) {
-            return Err(Failure::Config(format!(
-                "{}: peer {:?} has this node's own device ID",
-                config.display(),
-                p.name
-            )));
-        }
-        if let Err(e) = certmesh::writers::policy(&c, me.id) {
-            return Err(Failure::Config(e.to_string()));
-        }
+    c.check_tree_exists()
+        .map_err(|e| Failure::Config(e.to_string()))?;
+    let me = Identity::load(&c.state_dir).map_err(|e| {
+        Failure::Config(format!(
+            "{}: node.state_dir {}: no usable identity ({e}); create it with `certmesh init --state-dir {}`",
+            config.display(),
+            c.state_dir.display(),
+            c.state_dir.display()
+        ))
+    })?;
+    c.check_not_own_peer(me.id)
+        .map_err(|e| Failure::Config(e.to_string()))?;
+    if let Err(e) = certmesh::writers::policy(&c, me.id) {
+        return Err(Failure::Config(e.to_string()));
     }
     if let Some(roots) = c.acme.as_ref().and_then(|a| a.ca_roots.as_ref()) {
         if let Err(e) = std::fs::read(roots) {
@@ -495,6 +517,27 @@ fn cluster_behind(s: &certmesh::control::Status) -> Vec<String> {
         }
     }
     out
+}
+
+/// `renew --force`: an error naming each certificate that was not ordered and why
+/// (another node holds its lease, say), so scripts do not take it for a renewal.
+fn not_ordered(v: &certmesh::acme::handle::RenewReport) -> Result<(), Failure> {
+    let skipped: Vec<String> = v
+        .results
+        .iter()
+        .filter(|r| r.ordered != Some(true))
+        .map(|r| match &r.waiting_for {
+            Some(w) => format!("{}: not ordered: {w}", r.name),
+            None => format!("{}: not ordered", r.name),
+        })
+        .collect();
+    if skipped.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::Runtime(format!(
+        "renew --force: {}",
+        skipped.join("; ")
+    )))
 }
 
 /// `certmesh issue NAME`: one order now, with its steps on a terminal.

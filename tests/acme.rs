@@ -627,7 +627,7 @@ fn one_node_issues_alone() {
 #[test]
 fn check_names_acme_config_problems() {
     let d = tempfile::tempdir().unwrap();
-    let base = "[node]\nname = \"lb0\"\nstate_dir = \"/var/lib/certmesh\"\nlisten = \"127.0.0.1:22000\"\n[tree]\npath = \"/etc/nginx/certs\"\n[acme]\ndirectory = \"https://acme.example/dir\"\n";
+    let base = &crate::util::localized_config("[node]\nname = \"lb0\"\nstate_dir = \"/var/lib/certmesh\"\nlisten = \"127.0.0.1:22000\"\n[tree]\npath = \"/etc/nginx/certs\"\n[acme]\ndirectory = \"https://acme.example/dir\"\n", d.path());
     let cert = |body: &str| format!("{base}[[certificate]]\n{body}");
     let cases = [
         (cert("name = \"www\"\ndomains = [\"www.example.com\"]\nkey = \"rsa1024\"\n"), "certificate.key"),

@@ -35,7 +35,12 @@ fn shipped_example_configs_pass_check() {
     for e in fs::read_dir(dir).unwrap().flatten() {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "toml") {
-            let out = certmesh(&["check", "--config", p.to_str().unwrap()]);
+            // Its tree and state dir moved into a temp dir: `check` wants both to exist.
+            let d = tempfile::tempdir().unwrap();
+            let text = crate::util::localized_config(&fs::read_to_string(&p).unwrap(), d.path());
+            let local = d.path().join("c.toml");
+            fs::write(&local, text).unwrap();
+            let out = certmesh(&["check", "--config", local.to_str().unwrap()]);
             assert!(
                 out.status.success(),
                 "{}: {}",
@@ -62,7 +67,7 @@ fn check_names_the_problem() {
     let mut typo = id.clone().into_bytes();
     typo[3] = if typo[3] == b'A' { b'B' } else { b'A' };
     let typo = String::from_utf8(typo).unwrap();
-    let base = "[node]\nname = \"lb0\"\nstate_dir = \"/var/lib/certmesh\"\nlisten = \"127.0.0.1:22000\"\n[tree]\npath = \"/etc/nginx/certs\"\n";
+    let base = &crate::util::localized_config("[node]\nname = \"lb0\"\nstate_dir = \"/var/lib/certmesh\"\nlisten = \"127.0.0.1:22000\"\n[tree]\npath = \"/etc/nginx/certs\"\n", d.path());
     let cases = [
         (
             format!(
@@ -76,7 +81,10 @@ fn check_names_the_problem() {
         ),
         (format!("{base}colour = 1\n"), "colour"),
         (base.replace("listen = \"127.0.0.1:22000\"\n", ""), "listen"),
-        (base.replace("/etc/nginx/certs", "certs"), "tree.path"),
+        (
+            base.replace(d.path().join("tree").to_str().unwrap(), "certs"),
+            "tree.path",
+        ),
         ("this is not toml".to_string(), "TOML"),
     ];
     for (text, needle) in cases {

@@ -784,6 +784,12 @@ fn dns01_check_reads_the_secret_file() {
         ),
     )
     .unwrap();
+    certmesh(&[
+        "init",
+        "--state-dir",
+        d.path().join("state").to_str().unwrap(),
+    ]);
+    fs::create_dir_all(d.path().join("tree")).unwrap();
     let check = || certmesh(&["check", "--config", cfg.to_str().unwrap()]);
     let out = check();
     let err = String::from_utf8_lossy(&out.stderr);

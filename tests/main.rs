@@ -13,6 +13,7 @@ mod hubs;
 mod import;
 mod metrics;
 mod observe;
+mod operator;
 mod ops;
 mod reload;
 mod security;

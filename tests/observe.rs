@@ -199,6 +199,7 @@ fn bad_metrics_listen_is_named() {
     let d = tempfile::tempdir().unwrap();
     let state = d.path().join("state");
     certmesh(&["init", "--state-dir", state.to_str().unwrap()]);
+    fs::create_dir_all(d.path().join("tree")).unwrap();
     let quic = std::net::UdpSocket::bind("127.0.0.72:0")
         .unwrap()
         .local_addr()

@@ -55,6 +55,11 @@ impl Node {
         Self::with_addr(root, name, &addr)
     }
 
+    /// A node listening on `addr` (which may be taken: for bind errors).
+    pub fn with_listen(root: &Path, name: &str, addr: &str) -> Node {
+        Self::with_addr(root, name, addr)
+    }
+
     /// A node that will run inside network namespace `ns`, listening on `addr`.
     pub fn in_netns(root: &Path, name: &str, ns: &str, addr: &str) -> Node {
         let mut n = Self::with_addr(root, name, addr);
@@ -67,6 +72,8 @@ impl Node {
         let state = dir.join("state");
         let out = certmesh(&["init", "--state-dir", state.to_str().unwrap()]);
         assert!(out.status.success(), "init failed: {out:?}");
+        // The tree exists before the daemon runs: `run` never creates it (issue 23).
+        fs::create_dir_all(dir.join("tree")).unwrap();
         let id = String::from_utf8(out.stdout)
             .unwrap()
             .lines()
@@ -424,4 +431,27 @@ pub fn others(nodes: &[Node], i: usize) -> Vec<&Node> {
         .filter(|(j, _)| *j != i)
         .map(|(_, p)| p)
         .collect()
+}
+
+/// A copy of a shipped config whose `node.state_dir` and `[tree] path` (and every
+/// other mention of them, e.g. `haproxy_crt`) point under `root`, with an identity
+/// and an existing tree there: what `check` needs to pass on a machine that is not
+/// the configured node.
+pub fn localized_config(text: &str, root: &Path) -> String {
+    let value = |key: &str, after: &str| -> String {
+        let start = text.find(after).expect("section present");
+        text[start..]
+            .lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .and_then(|l| l.split('"').nth(1))
+            .expect("key present")
+            .to_string()
+    };
+    let (state_dir, tree_path) = (value("state_dir", "[node]"), value("path", "[tree]"));
+    let (state, tree) = (root.join("state"), root.join("tree"));
+    let out = certmesh(&["init", "--state-dir", state.to_str().unwrap()]);
+    assert!(out.status.success(), "init failed: {out:?}");
+    fs::create_dir_all(&tree).unwrap();
+    text.replace(&state_dir, state.to_str().unwrap())
+        .replace(&tree_path, tree.to_str().unwrap())
 }

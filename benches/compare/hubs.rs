@@ -148,6 +148,7 @@ fn write_configs(dir: &Path, n: usize, l: &Layout) -> Result<Vec<(String, PathBu
         let tree = dir.join(&name).join("tree");
         std::fs::create_dir_all(&tree)?;
         let id = certmesh::identity::Identity::init(&state)?.id;
+        std::fs::create_dir_all(&tree)?; // `run` never creates the tree
         let addr = demo::free_port(&ip(i))?;
         nodes.push((name, state, tree, id, addr));
     }

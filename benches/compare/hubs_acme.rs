@@ -161,7 +161,7 @@ fn tail(path: &Path, from: u64, lines: usize) -> String {
 fn order_barriers(log: &Path, from: u64) -> Vec<Duration> {
     read_from(log, from)
         .lines()
-        .filter(|l| l.contains("challenges in place on every connected node"))
+        .filter(|l| l.contains("challenges in place on"))
         .filter_map(|l| {
             let v = l.split("barrier_ms=").nth(1)?.split_whitespace().next()?;
             let ms: f64 = v.trim_matches('"').parse().ok()?;

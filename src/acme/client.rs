@@ -134,7 +134,19 @@ fn transport_error(e: &instant_acme::Error) -> String {
         out.push_str(&c.to_string());
         cur = c.source();
     }
-    out.chars().take(300).collect()
+    if out.contains("UnknownIssuer") {
+        out.push_str(
+            " (the CA's HTTPS certificate is not signed by a root this host trusts: \
+             for a private or test CA, set acme.ca_roots to its root's PEM)",
+        );
+    }
+    // Long chains keep their end: the cause is there.
+    let n = out.chars().count();
+    if n > 400 {
+        let tail: String = out.chars().skip(n - 300).collect();
+        out = format!("{}…{tail}", out.chars().take(99).collect::<String>());
+    }
+    out
 }
 
 /// `": <detail>"` of a 5xx body: the problem document's `detail`, or the start of

@@ -21,22 +21,59 @@ use super::{
     unix_now, Acme, Command, Handles, LEASES_DIR,
 };
 use crate::config::{AcmeConfig, CertificateConfig};
-use crate::handles::Mesh;
 use crate::paths::RelPath;
 
-/// How long a starting node waits for its configured peers before ordering.
-const STARTUP_GRACE: Duration = Duration::from_secs(10);
+/// How long a starting node waits for every configured peer to be connected and in
+/// sync before it orders (after `acme.startup_grace` if none was).
+const FORMED_WAIT: Duration = Duration::from_secs(10);
 /// The driver's idle wakeups are at least this far apart.
 const MIN_WAKE: i64 = 60;
 /// ... and at most this far (to notice a certificate that fell due or a lost renewer).
 const MAX_WAKE: i64 = 3600;
 
-/// Waits until the mesh has formed, or [`STARTUP_GRACE`]: the renewer choice (which
-/// reads the peers' announcements in the tree) and the challenge barrier are only
-/// meaningful then.
-async fn startup_grace(mesh: &Mesh) {
-    if !mesh.wait_formed(STARTUP_GRACE).await {
+/// While none of the configured peers is connected, waits up to `acme.startup_grace`
+/// ([`schedule::startup_may_order`]): alone, an order would likely fail against a
+/// node that is down and count against the CA's limits. Then waits until the mesh
+/// has formed, or [`FORMED_WAIT`]: the renewer choice (which reads the peers'
+/// announcements in the tree) and the challenge barrier are only meaningful then.
+async fn startup_grace(h: &Handles) {
+    let start = tokio::time::Instant::now();
+    let grace = snapshot(&h.settings).map_or(Duration::ZERO, |(c, _)| c.startup_grace);
+    let mut progress = h.mesh.progress();
+    let mut said = false;
+    loop {
+        let configured = h.settings.read(|c| c.peers.len()).unwrap_or(0);
+        let connected = h.mesh.connected().len();
+        if schedule::startup_may_order(configured, connected, start.elapsed(), grace) {
+            break;
+        }
+        if !said {
+            said = true;
+            tracing::info!(
+                grace = ?grace,
+                "no configured peer connected yet; no order until one is or acme.startup_grace ends"
+            );
+        }
+        let left = grace.saturating_sub(start.elapsed());
+        let _ = tokio::time::timeout(left, progress.changed()).await;
+    }
+    if h.mesh.wait_formed(FORMED_WAIT).await {
+        return;
+    }
+    let missing = super::not_connected(h);
+    if missing.is_empty() {
+        return;
+    }
+    if h.mesh.connected().is_empty() {
+        tracing::warn!(
+            not_connected = %missing.join(", "),
+            grace = ?grace,
+            "no configured peer connected within acme.startup_grace; an order goes ahead \
+             alone (an http-01 validation that reaches one of them will fail)"
+        );
+    } else {
         tracing::info!(
+            not_connected = %missing.join(", "),
             "not every peer is connected and in sync; going ahead with the ones that are"
         );
     }
@@ -57,8 +94,11 @@ pub(super) async fn run(
     handle: Arc<Acme>,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
-    startup_grace(&h.mesh).await;
+    startup_grace(&h).await;
     super::dns01::sweep(&h).await;
+    if renewer(&h) == Some(h.mesh.me()) {
+        order::remove_orphaned_tokens(&h).await;
+    }
     let mut d = Driver {
         h,
         handle,
@@ -456,7 +496,7 @@ impl Driver {
         cert: &CertificateConfig,
     ) -> Result<order::Issued, order::Failed> {
         let h = self.h.clone();
-        let p = self.write_lease(cert).await?;
+        self.write_lease(cert).await?;
         let (cfg, _) =
             snapshot(&h.settings).ok_or_else(|| anyhow::anyhow!("[acme] was removed"))?;
         // Another node's lease already applied here won the conflict: it orders.
@@ -472,7 +512,7 @@ impl Driver {
             }
             let span = tracing::info_span!("ca", ca = %ca.directory);
             let result = self
-                .order_at(&cfg, cert, ca, &p, live_ca.as_ref())
+                .order_at(&cfg, cert, ca, live_ca.as_ref())
                 .instrument(span)
                 .await;
             let f = match result {
@@ -538,7 +578,6 @@ impl Driver {
         cfg: &AcmeConfig,
         cert: &CertificateConfig,
         ca: &Ca,
-        lease: &RelPath,
         live_ca: Option<&Ca>,
     ) -> Result<order::Issued, order::Failed> {
         let h = self.h.clone();
@@ -548,7 +587,7 @@ impl Driver {
         } else {
             None
         };
-        match order::run(&h, cfg, ca, &account, cert, replaces.clone(), lease).await {
+        match order::run(&h, cfg, ca, &account, cert, replaces.clone()).await {
             Err(f) if order::account_gone(&f.error) => {
                 tracing::warn!(
                     ca = %ca.directory,
@@ -556,7 +595,7 @@ impl Driver {
                 );
                 let account = account::create(&h.writer, cfg, ca).await?;
                 self.accounts.insert(ca.directory.clone(), account.clone());
-                order::run(&h, cfg, ca, &account, cert, replaces, lease).await
+                order::run(&h, cfg, ca, &account, cert, replaces).await
             }
             r => r,
         }

@@ -146,6 +146,20 @@ pub fn node_name(h: &Handles, id: DeviceId) -> String {
     h.mesh.peer_name(id).unwrap_or_else(|| id.to_string())
 }
 
+/// The configured peers without a live session now, by name.
+pub(crate) fn not_connected(h: &Handles) -> Vec<String> {
+    let connected = h.mesh.connected();
+    h.settings
+        .read(|c| {
+            c.peers
+                .iter()
+                .filter(|p| !connected.contains(&p.id))
+                .map(|p| p.name.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// This node's name (`name` in the config).
 fn this_node(settings: &Settings) -> String {
     settings.read(|c| c.name.clone()).unwrap_or_default()

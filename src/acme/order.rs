@@ -115,8 +115,8 @@ struct Placed {
 
 /// Orders `cert` from `ca` with its `account` and publishes it. `replaces`: the ARI
 /// identifier of the certificate being renewed, when that CA issued it and supports
-/// ARI. `lease`: our renewal lease, already in the local index; the order is dropped
-/// before `set_ready` if another's won.
+/// ARI. Our renewal lease is already in the local index; the order is dropped before
+/// `set_ready` if another's won.
 pub async fn run(
     h: &Handles,
     cfg: &AcmeConfig,
@@ -124,11 +124,10 @@ pub async fn run(
     account: &Account,
     cert: &CertificateConfig,
     replaces: Option<CertificateIdentifier<'static>>,
-    lease: &RelPath,
 ) -> Result<Issued, Failed> {
     let start = Instant::now();
     let mut placed = Placed::default();
-    let result = order(h, cfg, ca, account, cert, replaces, lease, &mut placed).await;
+    let result = order(h, cfg, ca, account, cert, replaces, &mut placed).await;
     // The order has settled: the tokens and TXT records go, whatever happened.
     let mut gone: Vec<(RelPath, Expect)> = placed
         .tokens
@@ -159,7 +158,6 @@ async fn order(
     account: &Account,
     cert: &CertificateConfig,
     replaces: Option<CertificateIdentifier<'static>>,
-    lease: &RelPath,
     placed: &mut Placed,
 ) -> Result<(u32, i64), Failed> {
     let t0 = Instant::now();
@@ -172,11 +170,23 @@ async fn order(
         written.push(w);
     }
     // 2. Every node has them, and our lease still stands.
-    barrier(h, cfg, &written, lease, t0).await?;
-    // Every peer has our lease now; if another node's lease won meanwhile, it orders.
+    barrier(h, cfg, &written, t0).await?;
+    // If another node's lease won meanwhile, it orders.
     lease_still_ours(h, cert)?;
-    // 3. Tell the CA.
-    validate(&mut order, cert, limit).await?;
+    // 3. Tell the CA. A failure while configured peers were not connected most likely
+    // came from one of them (the CA asked a node without the token): name them.
+    let missing = super::not_connected(h);
+    validate(&mut order, cert, limit).await.map_err(|e| {
+        if missing.is_empty() || written.is_empty() {
+            return e;
+        }
+        e.context(format!(
+            "validation failed while {} {} not connected (the likely target: the CA \
+             may have asked a node that did not have the challenge)",
+            missing.join(", "),
+            if missing.len() == 1 { "was" } else { "were" }
+        ))
+    })?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "order ready");
     // 4. Key, CSR, certificate.
     let b = finalize(h, &mut order, cert, limit).await?;
@@ -197,8 +207,57 @@ async fn before_ordering(
 ) -> Result<(), Failed> {
     tree::check_publish_target(h.writer.root(), &cert.name)
         .map_err(|e| anyhow!("not ordering {}: {e}", cert.name))?;
+    remove_orphaned_tokens(h).await;
     dns.prepare(h, cfg, cert).await?;
     Ok(())
+}
+
+/// http-01 tokens a renewer left when it died mid-order (they would stay, publicly
+/// served, on every node): removed by the next lease holder before it orders, and at
+/// start-up by the renewer, as dns-01 records are. Not while another node holds a
+/// fresh lease on any certificate: its order's tokens share the directory. This
+/// node's own orders run one at a time, so none of its tokens is live here.
+pub(super) async fn remove_orphaned_tokens(h: &Handles) {
+    let me = h.mesh.me();
+    let now = super::unix_now();
+    let certs = super::snapshot(&h.settings).map_or_else(Vec::new, |(_, c)| c);
+    if let Some(l) = certs
+        .iter()
+        .filter_map(|c| super::read_lease(h, &c.name))
+        .find(|l| l.holder != me && l.fresh(now))
+    {
+        tracing::debug!(node = %l.node, "another node holds a fresh lease; http-01 tokens left alone");
+        return;
+    }
+    let Ok(root) = crate::disk::safe_fs::Root::open(h.writer.root()) else {
+        return;
+    };
+    let Ok(dir) = root.dir(CHALLENGE_DIR) else {
+        return; // no challenge directory: nothing left behind
+    };
+    let names = match crate::disk::safe_fs::list(std::os::fd::AsFd::as_fd(&dir)) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing {CHALLENGE_DIR} for tokens left behind");
+            return;
+        }
+    };
+    let mut gone = Vec::new();
+    for name in names {
+        let Some(token) = std::str::from_utf8(&name).ok().filter(|t| valid_token(t)) else {
+            continue; // not a token certmesh writes (e.g. an operator's file): kept
+        };
+        let Ok(rel) = tree::rel(&format!("{CHALLENGE_DIR}/{token}")) else {
+            continue;
+        };
+        tracing::info!(%token, by = ?h.mesh.modified_by(&rel), "removing an http-01 token left behind");
+        gone.push((rel.clone(), h.writer.remove(&rel)));
+    }
+    if !gone.is_empty() {
+        if let Err(e) = h.writer.await_indexed(&gone, Duration::from_secs(5)).await {
+            tracing::debug!(error = %e, "token removal not indexed yet");
+        }
+    }
 }
 
 /// Places the order for `cert`'s domains (with the profile and ARI's `replaces`).
@@ -269,26 +328,25 @@ async fn place_challenges(
 }
 
 /// The barrier: the local index has every token, then every connected peer has
-/// acknowledged it. Only then may the CA's validator ask any node. Acks are
-/// cumulative, so this also means every peer has our renewal lease (written before
-/// the tokens); with no token to place, wait for the lease itself.
+/// acknowledged it. Only then may the CA's validator ask any node. With nothing to
+/// place (the CA reused every authorization: no token, no record) there is nothing
+/// for the validator to fetch, so no wait; the lease is checked right after.
 async fn barrier(
     h: &Handles,
     cfg: &AcmeConfig,
     written: &[(RelPath, Expect)],
-    lease: &RelPath,
     t0: Instant,
 ) -> anyhow::Result<()> {
-    if !written.is_empty() {
-        h.writer
-            .await_indexed(written, Duration::from_secs(10))
-            .await?;
+    if written.is_empty() {
+        tracing::info!("no challenge to place (authorizations reused); no barrier");
+        return Ok(());
     }
-    let last = h
-        .writer
-        .newest(written.iter().map(|(p, _)| p))
-        .unwrap_or(lease)
-        .clone();
+    h.writer
+        .await_indexed(written, Duration::from_secs(10))
+        .await?;
+    let Some(last) = h.writer.newest(written.iter().map(|(p, _)| p)).cloned() else {
+        return Ok(());
+    };
     let t_barrier = Instant::now();
     let acks = h.barrier.wait(&last, cfg.barrier_timeout).await;
     for a in &acks {
@@ -306,13 +364,27 @@ async fn barrier(
             ),
         }
     }
-    tracing::info!(
-        tokens = written.len(),
-        peers = acks.len(),
-        barrier_ms = format!("{:.1}", t_barrier.elapsed().as_secs_f64() * 1000.0),
-        since_order_ms = t0.elapsed().as_millis() as u64,
-        "challenges in place on every connected node"
-    );
+    let barrier_ms = format!("{:.1}", t_barrier.elapsed().as_secs_f64() * 1000.0);
+    let since_order_ms = t0.elapsed().as_millis() as u64;
+    let missing = super::not_connected(h);
+    if missing.is_empty() {
+        tracing::info!(
+            tokens = written.len(),
+            peers = acks.len(),
+            barrier_ms,
+            since_order_ms,
+            "challenges in place on every node"
+        );
+    } else {
+        tracing::warn!(
+            tokens = written.len(),
+            peers = acks.len(),
+            barrier_ms,
+            since_order_ms,
+            not_connected = %missing.join(", "),
+            "challenges in place on the connected nodes only; a validation that reaches a node not connected will fail"
+        );
+    }
     Ok(())
 }
 

@@ -323,9 +323,31 @@ pub fn may_order(
     Ok(())
 }
 
+/// At start-up, may this node order yet (issue 23)? Not while none of its
+/// `configured` peers is connected and `elapsed` is within `grace`: the CA could ask
+/// a node that is down for the token. A node without peers orders at once.
+pub fn startup_may_order(
+    configured: usize,
+    connected: usize,
+    elapsed: Duration,
+    grace: Duration,
+) -> bool {
+    configured == 0 || connected > 0 || elapsed >= grace
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn at_start_up_no_order_while_no_configured_peer_is_connected() {
+        let grace = Duration::from_secs(30);
+        let s = Duration::from_secs;
+        assert!(startup_may_order(0, 0, s(0), grace), "no peers: at once");
+        assert!(!startup_may_order(2, 0, s(29), grace), "alone: wait");
+        assert!(startup_may_order(2, 1, s(0), grace), "a peer is there");
+        assert!(startup_may_order(2, 0, s(30), grace), "grace over");
+    }
 
     const DAY: i64 = 86_400;
 

@@ -60,9 +60,15 @@ impl Tree {
         self.root.join(INTERNAL_DIR).join("conflicts")
     }
 
-    /// Creates the internal dirs and removes staging leftovers of a crash.
+    /// Creates the internal dirs and removes staging leftovers of a crash. The root
+    /// itself must exist: it is never created (a typo'd path would become a tree).
     pub fn prepare(&self) -> io::Result<()> {
-        fs::create_dir_all(&self.root)?;
+        if !self.root.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not a directory", self.root.display()),
+            ));
+        }
         let tmp = self.tmp_dir();
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
@@ -484,6 +490,7 @@ mod tests {
     #[test]
     fn batch_applies_dirs_files_links_and_keeps_keys_private() {
         let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("tree")).unwrap();
         let t = Tree::new(d.path().join("tree"));
         t.prepare().unwrap();
         let mut link = rec("live/www", Kind::Symlink, 0o777);
@@ -529,6 +536,7 @@ mod tests {
     #[test]
     fn local_change_is_not_clobbered_and_link_waits_for_target() {
         let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("tree")).unwrap();
         let t = Tree::new(d.path().join("tree"));
         t.prepare().unwrap();
         fs::write(t.root.join("f"), "mine").unwrap();
@@ -560,6 +568,7 @@ mod tests {
     #[test]
     fn link_waits_until_its_whole_target_is_applied() {
         let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("tree")).unwrap();
         let t = Tree::new(d.path().join("tree"));
         t.prepare().unwrap();
         let mut link = rec("live/www", Kind::Symlink, 0o777);
@@ -602,6 +611,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let outside = d.path().join("outside");
         fs::create_dir(&outside).unwrap();
+        fs::create_dir_all(d.path().join("tree")).unwrap();
         let t = Tree::new(d.path().join("tree"));
         t.prepare().unwrap();
         std::os::unix::fs::symlink(&outside, t.root.join("sneaky")).unwrap();
@@ -619,6 +629,7 @@ mod tests {
     #[test]
     fn conflict_keeps_loser() {
         let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("tree")).unwrap();
         let t = Tree::new(d.path().join("tree"));
         t.prepare().unwrap();
         fs::write(t.root.join("f"), "loser").unwrap();
@@ -639,6 +650,7 @@ mod tests {
     #[test]
     fn a_deletion_that_wins_a_conflict_keeps_the_loser_and_applies() {
         let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("tree")).unwrap();
         let t = Tree::new(d.path().join("tree"));
         t.prepare().unwrap();
         fs::write(t.root.join("f"), "local edit").unwrap();
@@ -686,6 +698,7 @@ mod tests {
     #[test]
     fn symlink_chain_escaping_the_tree_is_never_created() {
         let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("tree")).unwrap();
         let t = Tree::new(d.path().join("tree"));
         t.prepare().unwrap();
         fs::write(d.path().join("outside"), "secret").unwrap();
@@ -710,6 +723,7 @@ mod tests {
     #[test]
     fn link_through_a_link_is_refused_and_nothing_is_created() {
         let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("tree")).unwrap();
         let t = Tree::new(d.path().join("tree"));
         t.prepare().unwrap();
         fs::create_dir_all(t.root.join("real/sub")).unwrap();
@@ -731,6 +745,7 @@ mod tests {
     #[test]
     fn links_under_acme_or_into_internal_state_are_refused() {
         let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("tree")).unwrap();
         let t = Tree::new(d.path().join("tree"));
         t.prepare().unwrap();
         fs::create_dir_all(t.root.join("live/x")).unwrap();
@@ -755,6 +770,7 @@ mod tests {
     #[test]
     fn modes_are_clamped_whatever_the_peer_sent() {
         let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("tree")).unwrap();
         let t = Tree::new(d.path().join("tree"));
         t.prepare().unwrap();
         let combined = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n\
@@ -786,6 +802,7 @@ mod tests {
     #[test]
     fn mode_only_change_is_clamped_by_content() {
         let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("tree")).unwrap();
         let t = Tree::new(d.path().join("tree"));
         t.prepare().unwrap();
         fs::write(
@@ -806,6 +823,7 @@ mod tests {
     fn clamped_mode_is_not_seen_as_a_local_change() {
         use crate::index::Index;
         let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("tree")).unwrap();
         let t = Tree::new(d.path().join("tree"));
         t.prepare().unwrap();
         let mut index = Index::new(ShortId(2));

@@ -2,13 +2,14 @@
 //! for the sync engine. [`safe_fs`] (no-symlink access relative to the tree root
 //! handle), [`scan`] + [`watch`] (reading the tree, notify + debounce), [`apply`]
 //! (staged atomic writes of peers' changes), [`keep`] (versions a change replaced,
-//! under `.certmesh/kept/`), [`store`] (the index file) and [`atomic`] (the one atomic
+//! under `.certmesh/kept/`), [`store`] (the index file), [`lock`] (the state directory's lock) and [`atomic`] (the one atomic
 //! file write). Features above (ACME, hooks, repair) use these; these use only
 //! [`crate::core`] and [`crate::identity`] types.
 
 pub mod apply;
 pub mod atomic;
 pub mod keep;
+pub mod lock;
 pub mod safe_fs;
 pub mod scan;
 pub mod store;

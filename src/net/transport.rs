@@ -40,13 +40,49 @@ pub enum TransportError {
     /// The QUIC crypto config was refused.
     #[error("QUIC setup: {0}")]
     Quic(String),
-    /// Binding the UDP socket failed.
-    #[error("binding {addr}: {source}")]
+    /// Binding the UDP socket failed (the OS error is in the message, not chained,
+    /// so it is said once).
+    #[error("node.listen {addr}: cannot bind: {error}{}", bind_hint(error))]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
+
+/// The likely cause of a bind failure, and what to do.
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another certmesh may still be running on it, e.g. one just stopped that is \
+             finishing its writes: wait for it to exit, or check `ss -ulpn`)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            " (no interface of this host has that address: check node.listen)"
+        }
+        _ => "",
+    }
+}
+
+/// A peer that proved another device ID than the configured one: both IDs, so the
+/// refusal in `status` says which side's config is wrong.
+#[derive(Debug)]
+struct WrongDeviceId {
+    expected: DeviceId,
+    presented: DeviceId,
+}
+
+impl std::fmt::Display for WrongDeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the peer presented device ID {} but peer.id is {} (a wrong ID in this \
+             config, or another node at that address)",
+            self.presented, self.expected
+        )
+    }
+}
+
+impl std::error::Error for WrongDeviceId {}
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -181,6 +217,8 @@ impl ClientCertVerifier for PinnedClients {
 #[derive(Debug)]
 struct PinnedServer {
     expected: DeviceId,
+    /// The other device ID the server proved, if it did: for the dial's error.
+    presented: Arc<std::sync::Mutex<Option<DeviceId>>>,
 }
 
 impl ServerCertVerifier for PinnedServer {
@@ -195,6 +233,9 @@ impl ServerCertVerifier for PinnedServer {
         let id = check_cert(end_entity, now)?;
         if id != self.expected {
             tracing::warn!(expected = %self.expected, presented = %id, "refused: peer presented another device ID");
+            if let Ok(mut p) = self.presented.lock() {
+                *p = Some(id);
+            }
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
             ));
@@ -288,9 +329,9 @@ impl Transport {
             QuicServerConfig::try_from(server).map_err(|e| TransportError::Quic(e.to_string()))?;
         let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
         sc.transport_config(transport_config());
-        let bind_err = |source| TransportError::Bind {
+        let bind_err = |error| TransportError::Bind {
             addr: listen,
-            source,
+            error,
         };
         let socket = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
         grow_socket_buffers(&socket);
@@ -303,10 +344,23 @@ impl Transport {
 
     /// A client config that only accepts `expected` as the server.
     pub fn client_config(&self, expected: DeviceId) -> Result<quinn::ClientConfig, TransportError> {
+        self.pinned_client(expected, Default::default())
+    }
+
+    /// [`Self::client_config`], recording into `presented` the device ID a server
+    /// proved when it is not `expected`.
+    fn pinned_client(
+        &self,
+        expected: DeviceId,
+        presented: Arc<std::sync::Mutex<Option<DeviceId>>>,
+    ) -> Result<quinn::ClientConfig, TransportError> {
         let mut client = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedServer { expected }))
+            .with_custom_certificate_verifier(Arc::new(PinnedServer {
+                expected,
+                presented,
+            }))
             .with_client_auth_cert(vec![self.identity.cert.clone()], self.identity.key_der())?;
         client.alpn_protocols = vec![ALPN.to_vec()];
         let quic =
@@ -322,9 +376,19 @@ impl Transport {
         expected: DeviceId,
         addr: SocketAddr,
     ) -> anyhow::Result<quinn::Connection> {
-        let cc = self.client_config(expected)?;
-        let conn = self.endpoint.connect_with(cc, addr, SERVER_NAME)?.await?;
-        Ok(conn)
+        let presented = Arc::default();
+        let cc = self.pinned_client(expected, Arc::clone(&presented))?;
+        let result = self.endpoint.connect_with(cc, addr, SERVER_NAME)?.await;
+        let wrong = presented.lock().ok().and_then(|p| *p);
+        match (result, wrong) {
+            (Ok(conn), _) => Ok(conn),
+            (Err(_), Some(presented)) => Err(WrongDeviceId {
+                expected,
+                presented,
+            }
+            .into()),
+            (Err(e), None) => Err(e.into()),
+        }
     }
 }
 

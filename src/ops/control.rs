@@ -238,10 +238,13 @@ pub async fn request_with(
     req.push(b'\n');
     w.write_all(&req).await?;
     let mut lines = BufReader::new(r).lines();
-    let line = lines
-        .next_line()
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("daemon closed the control socket"))?;
+    let line = lines.next_line().await?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "the daemon closed the control socket without answering: it stopped or \
+                 crashed while handling the request; see its log (`journalctl -u certmesh`, \
+                 or the stderr of `certmesh run`) and whether it is still running"
+        )
+    })?;
     let v: serde_json::Value = serde_json::from_str(&line)?;
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         anyhow::bail!("daemon: {e}");

@@ -484,12 +484,17 @@ fn age(secs: i64) -> String {
     }
 }
 
-/// The first line of `s`, at most `max` characters.
+/// The first line of `s`, at most `max` characters. A longer one keeps its start and
+/// its end, where an error chain has its cause ("…: UnknownIssuer"), cut in between.
 fn one_line(s: &str, max: usize) -> String {
     let first = s.lines().next().unwrap_or("");
-    if first.chars().count() > max {
-        let mut t: String = first.chars().take(max).collect();
+    let n = first.chars().count();
+    if n > max {
+        let head = max / 3;
+        let tail = max.saturating_sub(head + 1);
+        let mut t: String = first.chars().take(head).collect();
         t.push('…');
+        t.extend(first.chars().skip(n - tail));
         t
     } else {
         first.to_string()
