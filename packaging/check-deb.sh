@@ -47,6 +47,7 @@ UNIT=$(grep -o '\./\(usr/\)\?lib/systemd/system/certmesh\.service$' "$WORK/conte
 grep -q ' \./etc/certmesh/certmesh\.toml$' "$WORK/contents" || fail "no /etc/certmesh/certmesh.toml"
 ok "contents: /usr/bin/certmesh, ${UNIT#.}, /etc/certmesh/certmesh.toml"
 for f in usr/share/man/man1/certmesh.1 usr/share/man/man1/certmesh-run.1 \
+    usr/share/man/man5/certmesh.toml.5 \
     usr/share/bash-completion/completions/certmesh \
     usr/share/zsh/vendor-completions/_certmesh \
     usr/share/fish/vendor_completions.d/certmesh.fish; do

@@ -45,11 +45,14 @@ struct Cli {
 enum Cmd {
     /// Create this node's identity (key + self-signed cert) if absent; print the device ID.
     Init {
+        /// The node's state directory (`[node] state_dir`): the identity is written
+        /// here as node-key.pem (0600) + node-cert.pem; created if absent.
         #[arg(long, value_name = "DIR")]
         state_dir: PathBuf,
     },
     /// Print this node's device ID.
     Id {
+        /// The node's state directory (`[node] state_dir`) holding its identity.
         #[arg(long, value_name = "DIR")]
         state_dir: PathBuf,
     },

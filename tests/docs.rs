@@ -55,9 +55,11 @@ fn accepted(dir: &Path, section: &str) -> Vec<String> {
     fs::write(&f, cfg).unwrap();
     let out = certmesh(&["check", "--config", f.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
+    // "expected one of `a`, `b`", or "expected `a`" for a table of one key.
     let list = err
-        .split("expected one of ")
+        .split("unknown field `zzz`, expected ")
         .nth(1)
+        .map(|l| l.trim_start_matches("one of "))
         .unwrap_or_else(|| panic!("{section}: no key list in {err}"));
     list.lines()
         .next()
