@@ -131,6 +131,11 @@ async fn repair(h: &Handles, name: &str) -> anyhow::Result<Option<RepairStatus>>
     let decision = tokio::task::spawn_blocking(move || decide(&root, &n, &domains, now)).await?;
     let (why, r) = match decision {
         Decision::Healthy => return Ok(None),
+        Decision::NothingGood(why) if why.ends_with(" missing") => {
+            // Not issued yet (or deleted with nothing kept): the ACME driver orders it.
+            tracing::debug!(cert = name, %why, "no certificate to repair; left to the ACME driver");
+            return Ok(None);
+        }
         Decision::NothingGood(why) => {
             tracing::info!(cert = name, %why, "certificate broken and nothing good kept; left to the ACME driver");
             return Ok(None);

@@ -92,6 +92,10 @@ pub async fn run_session_with_ready(
             if reason.is_none() {
                 sync.error(format!("peer {peer} ({remote}): {e}; disconnecting"));
                 conn.close(CLOSE_PROTOCOL.into(), b"protocol violation");
+            } else if matches!(reason, Some(quinn::ConnectionError::LocallyClosed)) {
+                // We closed it: the loser of a dial race (both sides dialled at once,
+                // one session is kept), or shutdown. Nothing for an operator.
+                tracing::debug!(peer = %peer, "duplicate or stopping session closed");
             } else {
                 tracing::info!(peer = %peer, reason = ?reason, "peer connection closed");
             }

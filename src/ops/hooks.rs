@@ -98,6 +98,15 @@ pub fn label(h: &HookConfig) -> String {
     }
 }
 
+/// How a hook is named in the `hook` label of `/metrics`: the command's path (not
+/// its arguments, which may hold anything) or the HAProxy socket.
+pub fn metric_label(h: &HookConfig) -> String {
+    match &h.action {
+        HookAction::Run(argv) => argv.first().cloned().unwrap_or_default(),
+        HookAction::Haproxy { socket, .. } => socket.to_string(),
+    }
+}
+
 async fn run_one(ctx: &Hooks, h: &HookConfig, names: &[String], paths: &[String]) {
     let started = std::time::Instant::now();
     let outcome = match &h.action {
@@ -112,7 +121,7 @@ async fn run_one(ctx: &Hooks, h: &HookConfig, names: &[String], paths: &[String]
             .await
         }
     };
-    crate::telemetry::hook_ran(&label(h));
+    crate::telemetry::hook_ran(&metric_label(h));
     match outcome {
         Ok(Ok(done)) => tracing::info!(
             hook = %label(h),
@@ -454,6 +463,18 @@ async fn haproxy_cli(socket: &HaproxySocket, command: &str) -> Result<String, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_metric_label_is_the_command_path_not_its_arguments() {
+        let hook = HookConfig {
+            paths: vec!["live/**".into()],
+            matcher: crate::config::Globs::new(&["live/**"]).unwrap(),
+            action: HookAction::Run(vec!["/usr/sbin/nginx".into(), "-s".into(), "reload".into()]),
+            timeout: Duration::from_secs(30),
+        };
+        assert_eq!(metric_label(&hook), "/usr/sbin/nginx");
+        assert_eq!(label(&hook), r#"["/usr/sbin/nginx", "-s", "reload"]"#);
+    }
 
     #[test]
     fn hook_lists_are_one_per_line_and_a_newline_cannot_forge_a_path() {

@@ -92,8 +92,10 @@ pub fn priority(level: &Level) -> u8 {
     }
 }
 
-/// What is logged when `RUST_LOG` is not set.
-const DEFAULT_FILTER: &str = "info,quinn=warn,rustls=warn";
+/// What is logged when `RUST_LOG` is not set. notify warns "unable to remove watch
+/// descriptor" whenever a watched directory goes away, which is normal here (old
+/// archive versions are pruned): only its errors are shown.
+const DEFAULT_FILTER: &str = "info,quinn=warn,rustls=warn,notify=error";
 
 /// The log filter from `RUST_LOG` (`level` and `target=level` directives, comma-
 /// separated), or the default with the reason when it does not parse. Targets nobody
