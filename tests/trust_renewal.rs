@@ -253,3 +253,141 @@ fn trust_renewal_no_order_for_a_certificate_that_cannot_be_published() {
     assert!(out.contains("certbot's layout"), "{out}");
     assert_eq!(f.pebble.orders(), before, "an order was placed:\n{out}");
 }
+
+/// Two nodes without ACME (modes need no CA): a good one and a bad one.
+fn pair(good_ip: &str, bad_ip: &str) -> (Node, Node, tempfile::TempDir) {
+    let dir = tempfile::Builder::new()
+        .prefix("certmesh-trust-renewal-")
+        .tempdir()
+        .unwrap();
+    let mut good = Node::new(dir.path(), "good", good_ip);
+    let mut bad = Node::new(dir.path(), "bad", bad_ip);
+    good.configure(&[&bad]);
+    bad.configure(&[&good]);
+    good.start();
+    bad.start();
+    wait_until("both nodes connected", || {
+        good.all_connected() && bad.all_connected()
+    });
+    (good, bad, dir)
+}
+
+/// The bad node places `data` at `rel` with `mode` (as a fresh file); returns the
+/// mode `good` holds it with once it has the same bytes.
+fn placed_mode(good: &Node, bad: &Node, rel: &str, data: &[u8], mode: u32) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    let p = bad.tree.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_file(&p);
+    std::fs::write(&p, data).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    let there = good.tree.join(rel);
+    wait_until(&format!("{rel} on the good node"), || {
+        std::fs::read(&there).is_ok_and(|d| d == data)
+    });
+    std::fs::metadata(&there).unwrap().permissions().mode() & 0o7777
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Key material in each format the issue names, made with openssl: (name, bytes).
+fn keys_in_every_format(dir: &std::path::Path) -> Vec<(&'static str, Vec<u8>)> {
+    let ssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        out.stdout
+    };
+    let d = |f: &str| dir.join(f).display().to_string();
+    std::fs::write(
+        dir.join("k.pem"),
+        ssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ]),
+    )
+    .unwrap();
+    ssl(&[
+        "req",
+        "-x509",
+        "-key",
+        &d("k.pem"),
+        "-subj",
+        "/CN=x",
+        "-days",
+        "1",
+        "-out",
+        &d("c.pem"),
+    ]);
+    let der = ssl(&["pkey", "-in", &d("k.pem"), "-outform", "DER"]);
+    let p12 = ssl(&[
+        "pkcs12",
+        "-export",
+        "-inkey",
+        &d("k.pem"),
+        "-in",
+        &d("c.pem"),
+        "-passout",
+        "pass:x",
+    ]);
+    let b64 = data_encoding::BASE64URL_NOPAD.encode(&der);
+    let account = format!(r#"{{"id":"https://ca.test/acct/1","key_pkcs8":"{b64}","urls":{{}}}}"#);
+    let jwk = r#"{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","d":"jpsQnnGQmL-YBIffH1136cspYG6-0iY7X1fCE9-E9LI"}"#;
+    vec![
+        ("account.json", account.into_bytes()),
+        ("key.der", der),
+        ("jwk.json", jwk.as_bytes().to_vec()),
+        ("bundle.p12", p12),
+    ]
+}
+
+#[test]
+fn trust_renewal_acme_secrets_stay_private_whatever_the_format() {
+    if !tools_present() {
+        return;
+    }
+    let (good, bad, dir) = pair("127.0.1.20", "127.0.1.21");
+    let internal = bad.tree.join(".certmesh");
+    std::fs::set_permissions(
+        &internal,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for (name, data) in keys_in_every_format(dir.path()) {
+        let rel = format!(".certmesh/acme/{name}");
+        assert_eq!(placed_mode(&good, &bad, &rel, &data, 0o644), 0o600, "{rel}");
+    }
+    assert_eq!(mode(&good.tree.join(".certmesh")), 0o700);
+    assert_eq!(mode(&good.tree.join(".certmesh/acme")) & 0o077, 0);
+}
+
+#[test]
+fn trust_renewal_keys_elsewhere_are_found_by_content() {
+    if !tools_present() {
+        return;
+    }
+    let (good, bad, dir) = pair("127.0.1.22", "127.0.1.23");
+    for (name, data) in keys_in_every_format(dir.path()) {
+        let rel = format!("custom/{name}");
+        // Today's rule outside .certmesh/acme: nothing for others, group kept.
+        assert_eq!(placed_mode(&good, &bad, &rel, &data, 0o644), 0o640, "{rel}");
+    }
+    // A certificate is no secret: its mode is left alone.
+    let cert = std::fs::read(dir.path().join("c.pem")).unwrap();
+    assert_eq!(
+        placed_mode(&good, &bad, "custom/c.pem", &cert, 0o644),
+        0o644
+    );
+}
