@@ -211,6 +211,14 @@ impl Pebble {
         assert!(out.starts_with("HTTP/1.1 200"), "add-a: {out}");
     }
 
+    /// Orders Pebble has been asked for so far (its log of `new-order` requests).
+    pub(crate) fn orders(&self) -> usize {
+        fs::read_to_string(self.dir.join("pebble.log"))
+            .unwrap_or_default()
+            .matches("POST /order-plz")
+            .count()
+    }
+
     /// Pebble's root (regenerated at every Pebble start), PEM.
     pub(crate) fn root(&self) -> String {
         let out = Command::new("curl")

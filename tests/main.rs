@@ -24,6 +24,7 @@ mod trust_acme;
 mod trust_keep;
 mod trust_links;
 mod trust_ops;
+mod trust_renewal;
 mod trust_served;
 mod trust_wire;
 mod util;

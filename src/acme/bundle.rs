@@ -152,26 +152,139 @@ pub fn live_version(root: &Path, name: &str) -> Option<u32> {
 pub const MAX_ARCHIVE_VERSION: u32 = 1_000_000;
 
 /// Version numbers present under `archive/<name>/` (real directories only, at most
-/// [`MAX_ARCHIVE_VERSION`]).
+/// [`MAX_ARCHIVE_VERSION`]), good or not.
 fn archive_versions(root: &Path, name: &str) -> Vec<u32> {
+    let mut v: Vec<u32> = archive_entries(root, name)
+        .into_iter()
+        .filter_map(|(n, is_dir)| is_dir.then_some(n.parse().ok()?))
+        .filter(|&v| v <= MAX_ARCHIVE_VERSION)
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// Most entries of `archive/<name>/` looked at (a real certificate has
+/// [`KEEP_VERSIONS`]; the rest is a peer's junk).
+const MAX_ARCHIVE_ENTRIES: usize = 1000;
+
+/// The entries of `archive/<name>/`: name, and whether it is a real directory.
+fn archive_entries(root: &Path, name: &str) -> Vec<(String, bool)> {
     let Ok(r) = Root::open(root) else {
         return Vec::new();
     };
     let Ok(dir) = r.dir(&format!("archive/{name}")) else {
         return Vec::new();
     };
-    let mut v: Vec<u32> = safe_fs::list(dir.as_fd())
+    safe_fs::list(dir.as_fd())
         .unwrap_or_default()
         .into_iter()
+        .take(MAX_ARCHIVE_ENTRIES)
         .filter_map(|n| {
             let n = String::from_utf8(n).ok()?;
             let m = safe_fs::lstat_at(dir.as_fd(), &n).ok()??;
-            m.is_dir().then_some(())?;
-            n.parse().ok().filter(|&v| v <= MAX_ARCHIVE_VERSION)
+            Some((n, m.is_dir()))
         })
-        .collect();
-    v.sort_unstable();
-    v
+        .collect()
+}
+
+/// Why `archive/<name>/<n>/` is not a good bundle, `None` if it is: `cert.pem`,
+/// `fullchain.pem` and `privkey.pem` parse, `cert.pem` is the leaf of
+/// `fullchain.pem`, and the key belongs to it.
+fn bundle_fault(root: &Path, name: &str, n: u32) -> Option<String> {
+    let dir = format!("archive/{name}/{n}");
+    let read =
+        |f: &str| tree::read_checked(root, &format!("{dir}/{f}")).map_err(|e| format!("{f}: {e}"));
+    let check = || -> Result<(), String> {
+        let cert = chain_der(&read("cert.pem")?).map_err(|e| format!("cert.pem: {e:#}"))?;
+        let full =
+            chain_der(&read("fullchain.pem")?).map_err(|e| format!("fullchain.pem: {e:#}"))?;
+        if cert.first() != full.first() {
+            return Err("cert.pem is not the leaf of fullchain.pem".into());
+        }
+        let leaf = parse_leaf(&full[0]).map_err(|e| format!("fullchain.pem: {e:#}"))?;
+        let key = String::from_utf8(read("privkey.pem")?)
+            .map_err(|_| "privkey.pem: not PEM".to_string())?;
+        let key = KeyPair::from_pem(&key).map_err(|e| format!("privkey.pem: {e}"))?;
+        if key.subject_public_key_info() != leaf.spki {
+            return Err("privkey.pem does not match the certificate".into());
+        }
+        Ok(())
+    };
+    check().err()
+}
+
+/// Where the next version of `name` goes, from the checks that publishing makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishPlan {
+    /// The new version number: above every good version, on a free name.
+    pub version: u32,
+    /// `live/<name>` is a directory or a file (not certmesh's link): the link
+    /// replaces it on publish.
+    pub replace_live: bool,
+    /// Entries of `archive/<name>/` that hold no good bundle (ignored), with why.
+    pub ignored: Vec<(String, String)>,
+}
+
+/// The checks publishing makes, run before an order too, so that no order is
+/// placed that cannot be published: the tree can take a new version of `name`
+/// ([`tree::check_publish_target`]; a directory at `live/<name>` is replaced when a
+/// good version exists, as it is then no certbot tree), and a version number is
+/// left. Junk under `archive/<name>/` neither raises the number nor blocks it: only
+/// versions holding a good bundle count, and the new one takes a free name.
+pub fn plan_publish(root: &Path, name: &str) -> Result<PublishPlan, tree::PublishTarget> {
+    let target = tree::check_publish_target(root, name);
+    let entries = archive_entries(root, name);
+    let mut good = Vec::new();
+    let mut ignored = Vec::new();
+    for (entry, is_dir) in &entries {
+        let n = entry
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= MAX_ARCHIVE_VERSION && n.to_string() == *entry);
+        let fault = match n {
+            _ if !is_dir => Some("not a directory".to_string()),
+            None => Some("not a version number".to_string()),
+            Some(n) => bundle_fault(root, name, n),
+        };
+        match (n, fault) {
+            (Some(n), None) => good.push(n),
+            (_, Some(why)) => ignored.push((format!("archive/{name}/{entry}"), why)),
+            (None, None) => {}
+        }
+    }
+    let replace_live = match target {
+        Ok(()) => live_is_not_a_link(root, name),
+        Err(tree::PublishTarget::CertbotLive { .. }) if !good.is_empty() => true,
+        Err(e) => return Err(e),
+    };
+    let taken: std::collections::HashSet<&str> = entries.iter().map(|(e, _)| e.as_str()).collect();
+    let mut version = good.iter().max().copied().unwrap_or(0);
+    let version = loop {
+        version = version.saturating_add(1);
+        if version > MAX_ARCHIVE_VERSION {
+            return Err(tree::PublishTarget::Blocked {
+                path: root.join(format!("archive/{name}")).display().to_string(),
+                what: "full (no version number left)",
+                want: "a free version number up to 1000000",
+            });
+        }
+        if !taken.contains(version.to_string().as_str()) {
+            break version;
+        }
+    };
+    Ok(PublishPlan {
+        version,
+        replace_live,
+        ignored,
+    })
+}
+
+/// `live/<name>` exists and is not a link (a file or a directory).
+fn live_is_not_a_link(root: &Path, name: &str) -> bool {
+    let m = Root::open(root)
+        .and_then(|r| r.dir("live"))
+        .and_then(|d| safe_fs::lstat_at(d.as_fd(), name));
+    matches!(m, Ok(Some(m)) if !m.file_type().is_symlink())
 }
 
 /// The certificate currently served for `name` (the leaf of `fullchain.pem`, never
@@ -193,16 +306,11 @@ pub fn live_key(root: &Path, name: &str) -> Option<KeyPair> {
 /// Returns the new version number and the local sequence of the flip.
 pub async fn publish(writer: &TreeWriter, name: &str, b: &Bundle) -> anyhow::Result<(u32, u64)> {
     let root = writer.root();
-    let n = archive_versions(root, name)
-        .last()
-        .copied()
-        .max(live_version(root, name).filter(|&v| v <= MAX_ARCHIVE_VERSION))
-        .unwrap_or(0)
-        .checked_add(1)
-        .filter(|&n| n <= MAX_ARCHIVE_VERSION)
-        .ok_or_else(|| {
-            anyhow::anyhow!("archive/{name}: no version number left below {MAX_ARCHIVE_VERSION}")
-        })?;
+    let plan = plan_publish(root, name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (path, why) in &plan.ignored {
+        tracing::warn!(cert = name, path = %path, "ignoring {path}: {why}");
+    }
+    let n = plan.version;
     let dir = format!("archive/{name}/{n}");
     let fullchain = b.fullchain();
     let combined = format!("{fullchain}{}", b.key);
@@ -230,6 +338,14 @@ pub async fn publish(writer: &TreeWriter, name: &str, b: &Bundle) -> anyhow::Res
         .await_indexed(&expect, Duration::from_secs(10))
         .await?;
     let link = tree::rel(&format!("live/{name}"))?;
+    if plan.replace_live {
+        // A directory or file where certmesh's link belongs (a good version exists,
+        // so no certbot tree): the link replaces it.
+        tracing::warn!(cert = name, "replacing live/{name}, which is not a link");
+        writer
+            .remove_all(&link)
+            .with_context(|| format!("replacing live/{name}"))?;
+    }
     let e = writer.symlink(&link, &format!("../archive/{name}/{n}"))?;
     let seq = writer
         .await_indexed(&[(link, e)], Duration::from_secs(10))
@@ -299,6 +415,64 @@ mod tests {
             .unwrap();
         assert!(e.to_string().contains("api.example.com"), "{e}");
         assert!(chain_der(b"no pem here").is_err());
+    }
+
+    /// Writes a good bundle at `archive/www/<n>/`.
+    fn good_version(root: &Path, n: u32) {
+        let key = generate_key(KeyType::EcdsaP256).unwrap();
+        let b = Bundle::new(&issue(&key, &["www.example.com"]), &key, &[]).unwrap();
+        let dir = root.join(format!("archive/www/{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cert.pem"), &b.cert).unwrap();
+        std::fs::write(dir.join("fullchain.pem"), b.fullchain()).unwrap();
+        std::fs::write(dir.join("privkey.pem"), &b.key).unwrap();
+    }
+
+    #[test]
+    fn junk_under_archive_neither_blocks_nor_raises_the_next_version() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        good_version(root, 1);
+        for junk in ["1000000", "2", "x"] {
+            std::fs::create_dir_all(root.join("archive/www").join(junk)).unwrap();
+        }
+        std::fs::write(root.join("archive/www/7"), "junk").unwrap();
+        // A version whose key does not match its certificate is junk too.
+        good_version(root, 5);
+        let other = generate_key(KeyType::EcdsaP256).unwrap().serialize_pem();
+        std::fs::write(root.join("archive/www/5/privkey.pem"), other).unwrap();
+        let plan = plan_publish(root, "www").unwrap();
+        assert_eq!(plan.version, 3, "{plan:?}");
+        assert!(!plan.replace_live);
+        let ignored: Vec<&str> = plan.ignored.iter().map(|(p, _)| p.as_str()).collect();
+        for p in ["1000000", "2", "x", "7", "5"] {
+            assert!(
+                ignored.contains(&format!("archive/www/{p}").as_str()),
+                "{plan:?}"
+            );
+        }
+        let why = &plan
+            .ignored
+            .iter()
+            .find(|(p, _)| p.ends_with("/5"))
+            .unwrap()
+            .1;
+        assert!(why.contains("does not match"), "{why}");
+    }
+
+    #[test]
+    fn a_live_dir_or_file_is_replaced_once_a_good_version_exists() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(root.join("live/www")).unwrap();
+        // No good version: a certbot tree, refused before any order.
+        let e = plan_publish(root, "www").unwrap_err();
+        assert!(matches!(e, tree::PublishTarget::CertbotLive { .. }), "{e}");
+        good_version(root, 1);
+        assert!(plan_publish(root, "www").unwrap().replace_live);
+        std::fs::remove_dir(root.join("live/www")).unwrap();
+        std::fs::write(root.join("live/www"), "junk").unwrap();
+        assert!(plan_publish(root, "www").unwrap().replace_live);
     }
 
     #[test]

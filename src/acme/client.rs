@@ -37,49 +37,61 @@ pub fn capped_retry_after(value: &str, now: SystemTime) -> Option<u64> {
 }
 
 /// Wraps the HTTPS client: each request (body included) within `timeout`, bodies at
-/// most [`MAX_RESPONSE_BYTES`], `Retry-After` capped ([`capped_retry_after`]). A
-/// transport failure, a timeout and an HTTP 5xx come back as [`CaUnavailable`] (what
-/// moves an order to the next CA).
-struct Guarded {
-    inner: Box<dyn HttpClient>,
+/// most [`MAX_RESPONSE_BYTES`] (counted while they stream, chunked ones included, so
+/// a CA that never ends a body costs at most that much memory), `Retry-After`
+/// capped ([`capped_retry_after`]). A transport failure, a timeout and an HTTP 5xx
+/// come back as [`CaUnavailable`] (what moves an order to the next CA).
+struct Guarded<C> {
+    inner: hyper_util::client::legacy::Client<C, BodyWrapper<Bytes>>,
     timeout: Duration,
 }
 
-impl HttpClient for Guarded {
+impl<C> HttpClient for Guarded<C>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
     fn request(
         &self,
         req: http::Request<BodyWrapper<Bytes>>,
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        use http_body_util::BodyExt;
         let what = format!("{} {}", req.method(), req.uri());
         let fut = self.inner.request(req);
         let timeout = self.timeout;
         Box::pin(async move {
             let other = |m: String| instant_acme::Error::Other(m.into());
             let exchange = async {
-                let mut rsp = fut.await.map_err(|e| {
+                let rsp = fut.await.map_err(|e| {
                     CaUnavailable::Unreachable {
                         what: what.clone(),
-                        why: transport_error(&e),
+                        why: transport_error(&instant_acme::Error::Other(Box::new(e))),
                     }
                     .into_acme()
                 })?;
-                let declared = rsp
-                    .parts
+                let (mut parts, body) = rsp.into_parts();
+                let declared = parts
                     .headers
                     .get(http::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
                 if declared.is_some_and(|n| n > MAX_RESPONSE_BYTES as u64) {
-                    return Err(other(format!("{what}: response body too large")));
+                    return Err(other(format!(
+                        "{what}: response body too large (Content-Length over {MAX_RESPONSE_BYTES} bytes)"
+                    )));
                 }
-                let body = rsp
-                    .body
-                    .into_bytes()
+                let body = http_body_util::Limited::new(body, MAX_RESPONSE_BYTES)
+                    .collect()
                     .await
-                    .map_err(instant_acme::Error::Other)?;
-                if body.len() > MAX_RESPONSE_BYTES {
-                    return Err(other(format!("{what}: response body too large")));
-                }
-                let status = rsp.parts.status;
+                    .map_err(|e| {
+                        if e.is::<http_body_util::LengthLimitError>() {
+                            other(format!(
+                                "{what}: response body too large (more than {MAX_RESPONSE_BYTES} bytes streamed; stopped reading)"
+                            ))
+                        } else {
+                            other(format!("{what}: reading the response: {e}"))
+                        }
+                    })?
+                    .to_bytes();
+                let status = parts.status;
                 if status.is_server_error() {
                     return Err(CaUnavailable::ServerError {
                         what: what.clone(),
@@ -90,7 +102,7 @@ impl HttpClient for Guarded {
                 }
                 let body = String::from_utf8(body.to_vec())
                     .map_err(|_| other(format!("{what}: response body is not UTF-8")))?;
-                let headers = &mut rsp.parts.headers;
+                let headers = &mut parts.headers;
                 let capped = headers.get(http::header::RETRY_AFTER).map(|v| {
                     v.to_str()
                         .ok()
@@ -105,9 +117,7 @@ impl HttpClient for Guarded {
                         headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
                     }
                 }
-                Ok(BytesResponse::from(http::Response::from_parts(
-                    rsp.parts, body,
-                )))
+                Ok(BytesResponse::from(http::Response::from_parts(parts, body)))
             };
             match tokio::time::timeout(timeout, exchange).await {
                 Ok(r) => r,
@@ -211,7 +221,7 @@ pub(super) fn http_client(cfg: &AcmeConfig) -> anyhow::Result<Box<dyn HttpClient
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector);
     Ok(Box::new(Guarded {
-        inner: Box::new(client),
+        inner: client,
         timeout: cfg.request_timeout,
     }))
 }
@@ -236,6 +246,65 @@ pub async fn within<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// A hostile "CA": answers every request with a chunked body that never ends;
+    /// counts the bytes it got out before the client hung up. It exists only to be
+    /// hostile (issue 24).
+    fn endless_chunked_server() -> (String, Arc<AtomicU64>) {
+        let l = std::net::TcpListener::bind("127.0.1.30:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let sent = Arc::new(AtomicU64::new(0));
+        let count = sent.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut req = [0u8; 4096];
+                let _ = std::io::Read::read(&mut s, &mut req);
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                            Transfer-Encoding: chunked\r\n\r\n";
+                if s.write_all(head.as_bytes()).is_err() {
+                    continue;
+                }
+                let chunk = format!("{:x}\r\n{}\r\n", 64 << 10, "a".repeat(64 << 10));
+                while s.write_all(chunk.as_bytes()).is_ok() {
+                    count.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                }
+            }
+        });
+        (addr, sent)
+    }
+
+    #[tokio::test]
+    async fn an_endless_chunked_body_is_cut_off_at_the_cap() {
+        let (addr, sent) = endless_chunked_server();
+        let client = Guarded {
+            inner:
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build(hyper_util::client::legacy::connect::HttpConnector::new()),
+            timeout: Duration::from_secs(30),
+        };
+        let req = http::Request::get(format!("http://{addr}/dir"))
+            .body(BodyWrapper::default())
+            .unwrap();
+        let t = std::time::Instant::now();
+        let e = match client.request(req).await {
+            Ok(_) => panic!("an endless body was accepted"),
+            Err(e) => e.to_string(),
+        };
+        let took = t.elapsed();
+        assert!(e.contains("response body too large"), "{e}");
+        assert!(e.contains("stopped reading"), "{e}");
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        // Read no further than the cap plus what the sockets buffer.
+        let out = sent.load(Ordering::SeqCst);
+        assert!(out < 16 << 20, "the server got {out} bytes out");
+        eprintln!(
+            "MEASURED: endless chunked body refused after {took:?}; server wrote {out} bytes"
+        );
+    }
 
     #[test]
     fn retry_after_is_capped() {

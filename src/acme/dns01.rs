@@ -167,7 +167,13 @@ async fn clean_leftovers(h: &Handles, publisher: &Publisher, cert: &CertificateC
         return;
     };
     let mut all_gone = true;
-    if let Some(p) = Presented::parse_for(&bytes, cert) {
+    let parsed = Presented::parse_checked(&bytes, cert);
+    for why in parsed.iter().flat_map(|(_, refused)| refused) {
+        let msg = format!("acme: {}: refused in {rel}: {why}", cert.name);
+        tracing::warn!("{msg}");
+        h.reports.error(msg);
+    }
+    if let Some((p, _)) = parsed {
         for r in &p.records {
             let result = match publisher.zone(&r.fqdn).await {
                 Ok(zone) => publisher.cleanup(&zone, r).await,

@@ -153,6 +153,8 @@ impl Driver {
     /// Orders what is due and ours; returns when to look again (Unix seconds): not
     /// sooner than [`MIN_WAKE`] from now, except to take over a lease that expires.
     async fn tick(&mut self) -> i64 {
+        // Adverts expire unless refreshed ([`super::advert::TTL`]).
+        super::advertise(&self.h);
         let Some((_, certs)) = snapshot(&self.h.settings) else {
             return unix_now() + MAX_WAKE;
         };

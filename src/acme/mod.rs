@@ -1,6 +1,7 @@
 //! Cluster ACME (DESIGN §5): any ACME-enabled node can order into the shared tree.
 //!
 //! - [`schedule`]: pure — when a certificate is due, backoff, renewer choice, leases.
+//! - [`advert`]: pure — whether an ACME advert counts (its own node wrote it, lately).
 //! - [`account`]: the account shared in `.certmesh/acme/account.json`.
 //! - [`client`]: the HTTPS client for the CA (roots, timeouts, size caps,
 //!   `Retry-After`).
@@ -25,6 +26,7 @@
 //! leases, node names).
 
 pub mod account;
+pub mod advert;
 pub mod bundle;
 pub mod ca;
 pub mod client;
@@ -91,6 +93,13 @@ pub fn start(h: &Handles) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
         tasks.push(http::start(h.writer.root().to_path_buf(), addr)?);
     }
     if !acme {
+        // A node without `[acme]` never speaks as one: an advert under its own ID
+        // (left from when it had `[acme]`, or written by hand) is removed now and
+        // whenever it comes back. A reader cannot change the tree (and its advert,
+        // written by someone else, never counts).
+        if h.mesh.is_writer() {
+            tasks.push(tokio::spawn(withdraw(h.clone())));
+        }
         return Ok(tasks);
     }
     let (tx, rx) = mpsc::unbounded_channel();
@@ -109,8 +118,9 @@ pub fn start(h: &Handles) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     Ok(tasks)
 }
 
-/// Device IDs that announced themselves as ACME-enabled (in the tree at `root`).
-pub fn acme_nodes(root: &Path) -> Vec<DeviceId> {
+/// Device IDs with a file under [`NODES_DIR`] (whether their advert counts is
+/// [`advert_counts`]'s question).
+fn advertised(root: &Path) -> Vec<DeviceId> {
     std::fs::read_dir(root.join(NODES_DIR))
         .into_iter()
         .flatten()
@@ -119,17 +129,44 @@ pub fn acme_nodes(root: &Path) -> Vec<DeviceId> {
         .collect()
 }
 
-/// The renewer as this node sees it: the lowest device ID among the ACME nodes
-/// that are this node (if `[acme]` is on) or connected to it. `None` if there is none.
+/// Whether `id`'s advert counts ([`advert::check`]): the index names `id` as its last
+/// writer and it is fresh. A refused advert is logged once per content.
+fn advert_counts(h: &Handles, id: DeviceId) -> bool {
+    let rel = format!("{NODES_DIR}/{id}");
+    let Ok(p) = tree::rel(&rel) else {
+        return false;
+    };
+    let Some(bytes) = tree::read(h.writer.root(), &rel) else {
+        return false;
+    };
+    let author = h.mesh.modified_by(&p);
+    let Err(why) = advert::check(id, author, &bytes, unix_now()) else {
+        return true;
+    };
+    let content = *blake3::hash(&bytes).as_bytes();
+    let first = h.slot.get().is_none_or(|a| {
+        a.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first_report(&rel, content)
+    });
+    if first {
+        tracing::warn!(path = %rel, "ignoring the ACME advert: {why}");
+    }
+    false
+}
+
+/// The renewer as this node sees it: the lowest device ID among this node (if
+/// `[acme]` is on) and the connected peers whose advert counts. `None` if there is
+/// none; a node without `[acme]` never names itself.
 pub fn renewer(h: &Handles) -> Option<DeviceId> {
     let me = h.mesh.me();
     let enabled = h.settings.read(|c| c.acme.is_some()).unwrap_or(false);
-    let adverts = acme_nodes(h.writer.root());
     let live = h.mesh.connected();
-    let connected: Vec<DeviceId> = adverts
+    let connected: Vec<DeviceId> = advertised(h.writer.root())
         .into_iter()
-        .filter(|id| *id != me)
-        .filter(|id| live.contains(id))
+        .filter(|id| *id != me && live.contains(id))
+        .filter(|id| advert_counts(h, *id))
         .collect();
     if enabled {
         Some(schedule::renewer(me, &connected))
@@ -225,16 +262,57 @@ pub fn read_lease(h: &Handles, name: &str) -> Option<RenewalLease> {
     })
 }
 
-fn advertise(h: &Handles) {
+/// Writes (or refreshes) this node's advert when [`advert::needs_refresh`] says so.
+pub(crate) fn advertise(h: &Handles) {
     let me = h.mesh.me();
     let name = this_node(&h.settings);
     let rel = format!("{NODES_DIR}/{me}");
-    if tree::read(h.writer.root(), &rel).as_deref() == Some(name.as_bytes()) {
+    let p = match tree::rel(&rel) {
+        Ok(p) => p,
+        Err(e) => {
+            return h
+                .reports
+                .error(format!("acme: announcing this node: {e:#}"))
+        }
+    };
+    let now = unix_now();
+    let bytes = tree::read(h.writer.root(), &rel);
+    let current = bytes.as_deref().map(|b| (b, h.mesh.modified_by(&p)));
+    if !advert::needs_refresh(me, &name, current, now) {
         return;
     }
-    if let Err(e) = tree::rel(&rel).and_then(|p| h.writer.write(&p, name.as_bytes(), 0o644)) {
+    let a = advert::Advert {
+        node: name,
+        refreshed: now,
+    };
+    if let Err(e) = h.writer.write(&p, &a.to_json(), 0o644) {
         h.reports
             .error(format!("acme: announcing this node: {e:#}"));
+    }
+}
+
+/// On a node without `[acme]`: removes the advert under its own ID at start and
+/// each time it comes back (checked when the mesh makes progress, which every
+/// local change does once a peer acknowledges it).
+async fn withdraw(h: Handles) {
+    let rel = format!("{NODES_DIR}/{}", h.mesh.me());
+    let Ok(p) = tree::rel(&rel) else {
+        return;
+    };
+    let mut progress = h.mesh.progress();
+    let mut stopping = h.mesh.stopping();
+    loop {
+        if tree::read(h.writer.root(), &rel).is_some() {
+            h.writer.remove(&p);
+            tracing::warn!(
+                path = %rel,
+                "removed this node's ACME advert: it has no [acme], so it never renews"
+            );
+        }
+        tokio::select! {
+            changed = progress.changed() => if changed.is_err() { return },
+            _ = stopping.changed() => return,
+        }
     }
 }
 

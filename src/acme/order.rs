@@ -205,8 +205,14 @@ async fn before_ordering(
     cert: &CertificateConfig,
     dns: &mut dns01::Dns01,
 ) -> Result<(), Failed> {
-    tree::check_publish_target(h.writer.root(), &cert.name)
+    // The same checks as publishing makes: no order that cannot be published.
+    let plan = super::bundle::plan_publish(h.writer.root(), &cert.name)
         .map_err(|e| anyhow!("not ordering {}: {e}", cert.name))?;
+    for (path, why) in &plan.ignored {
+        tracing::warn!(cert = %cert.name, path = %path, "ignoring {path}: {why}");
+        h.reports
+            .error(format!("acme: {}: ignoring {path}: {why}", cert.name));
+    }
     remove_orphaned_tokens(h).await;
     dns.prepare(h, cfg, cert).await?;
     Ok(())

@@ -67,12 +67,22 @@ pub fn due_at(current: Option<Validity>, ari: Option<Window>, jitter: f64) -> i6
         .saturating_sub((lifetime as f64 / 15.0 * jitter) as i64)
 }
 
+/// Time an ARI window must leave before expiry for retries: a day, or a tenth of
+/// the lifetime if that is more.
+pub fn ari_reserve(v: Validity) -> i64 {
+    let lifetime = v.not_after.saturating_sub(v.not_before).max(0);
+    (lifetime / 10).max(86_400)
+}
+
 /// An ARI window as trusted: clamped to the certificate's lifetime (a CA cannot
-/// push a renewal past expiry, nor before issuance); `None` if nothing is left.
+/// push a renewal before issuance), and ending at least [`ari_reserve`] before
+/// expiry (a window that ends at notAfter would leave one last-second attempt);
+/// a window wholly past that point becomes that point. `None` if it is inverted.
 pub fn clamp_window(w: Window, v: Validity) -> Option<Window> {
-    let start = w.start.clamp(v.not_before, v.not_after);
-    let end = w.end.clamp(v.not_before, v.not_after);
-    (start <= end && w.start <= w.end).then_some(Window { start, end })
+    let latest = v.not_after.saturating_sub(ari_reserve(v)).max(v.not_before);
+    let end = w.end.clamp(v.not_before, latest);
+    let start = w.start.clamp(v.not_before, end);
+    (w.start <= w.end).then_some(Window { start, end })
 }
 
 /// The CA's ARI retry hint as used: ask again after 10 minutes at the soonest and
@@ -611,50 +621,48 @@ b","expires":5}}"#
         );
         assert_eq!(ari_retry(Duration::ZERO), Duration::from_secs(600));
         let v = Validity {
-            not_before: 100,
-            not_after: 1000,
+            not_before: 0,
+            not_after: 90 * DAY,
         };
-        let far = Window {
-            start: 500,
-            end: i64::MAX,
+        let w = |start, end| Window { start, end };
+        // Never later than a tenth of the lifetime (9 days) before expiry.
+        assert_eq!(
+            clamp_window(w(50 * DAY, i64::MAX), v),
+            Some(w(50 * DAY, 81 * DAY))
+        );
+        assert_eq!(clamp_window(w(i64::MIN, -5), v), Some(w(0, 0)));
+        assert_eq!(clamp_window(w(80 * DAY, 20 * DAY), v), None);
+        let all = clamp_window(w(i64::MIN, i64::MAX), v).unwrap();
+        let due = due_at(Some(v), Some(all), 0.99);
+        assert!((0..=81 * DAY).contains(&due), "{due}");
+    }
+
+    #[test]
+    fn an_ari_window_leaves_a_day_or_a_tenth_of_the_lifetime_for_retries() {
+        let w = |start, end| Window { start, end };
+        let v = Validity {
+            not_before: 0,
+            not_after: 90 * DAY,
         };
+        // Ending exactly at notAfter: moved back to 9 days before it.
         assert_eq!(
-            clamp_window(far, v),
-            Some(Window {
-                start: 500,
-                end: 1000
-            })
+            clamp_window(w(85 * DAY, 90 * DAY), v),
+            Some(w(81 * DAY, 81 * DAY))
         );
-        let early = Window {
-            start: i64::MIN,
-            end: 50,
+        // A 6-day certificate: a tenth is less than a day, so a day.
+        let short = Validity {
+            not_before: 0,
+            not_after: 6 * DAY,
         };
+        assert_eq!(ari_reserve(short), DAY);
         assert_eq!(
-            clamp_window(early, v),
-            Some(Window {
-                start: 100,
-                end: 100
-            })
+            clamp_window(w(4 * DAY, 6 * DAY), short),
+            Some(w(4 * DAY, 5 * DAY))
         );
+        // A window the CA placed well before the reserve is kept as is.
         assert_eq!(
-            clamp_window(
-                Window {
-                    start: 900,
-                    end: 200
-                },
-                v
-            ),
-            None
+            clamp_window(w(60 * DAY, 62 * DAY), v),
+            Some(w(60 * DAY, 62 * DAY))
         );
-        let w = clamp_window(
-            Window {
-                start: i64::MIN,
-                end: i64::MAX,
-            },
-            v,
-        )
-        .unwrap();
-        let due = due_at(Some(v), Some(w), 0.99);
-        assert!((100..=1000).contains(&due), "{due}");
     }
 }

@@ -242,8 +242,10 @@ pub enum PublishTarget {
 }
 
 /// Checks that a new version of `name` can be published: `live` and `archive` are
-/// absent or real directories, `archive/<name>` too, and `live/<name>` is absent or a
-/// link (any link: it is replaced, never followed).
+/// absent or real directories, `archive/<name>` too, and `live/<name>` is absent, a
+/// link (any link: it is replaced, never followed) or a file (replaced too). A
+/// directory there is refused as certbot's; [`crate::acme::bundle::plan_publish`]
+/// replaces it when certmesh's own good versions exist.
 pub fn check_publish_target(root: &Path, name: &str) -> Result<(), PublishTarget> {
     let shown = |rel: &str| root.join(rel).display().to_string();
     let io = |rel: &str, e: std::io::Error| PublishTarget::Io {
@@ -302,11 +304,8 @@ pub fn check_publish_target(root: &Path, name: &str) -> Result<(), PublishTarget
             name: name.to_string(),
             tree: root.display().to_string(),
         }),
-        Some(m) => Err(PublishTarget::Blocked {
-            path: shown(&rel),
-            what: kind(&m),
-            want: "a link to archive/<name>/<n> there (or nothing)",
-        }),
+        // A file (or other non-directory) is replaced by the link on publish.
+        Some(_) => Ok(()),
     }
 }
 

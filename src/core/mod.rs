@@ -1,7 +1,8 @@
 //! The pure sync core: no sockets, no files, no clocks — time and events come in as
 //! arguments, decisions go out as values. It holds the [`engine`] (index, peers' views,
 //! what to send) and the puller's [`pipeline`] (what to fetch, when to apply, retries),
-//! and their value types: [`paths`], [`version`], [`index`], [`plan`], [`inline`].
+//! and their value types: [`paths`], [`version`], [`index`], [`plan`], [`inline`];
+//! [`secret`] tells key material by content.
 //! (The device ID types still live in `identity`, beside the key loading.)
 
 pub mod authorship;
@@ -12,4 +13,5 @@ pub mod inline;
 pub mod paths;
 pub mod pipeline;
 pub mod plan;
+pub mod secret;
 pub mod version;

@@ -137,6 +137,13 @@ impl RelPath {
         })
     }
 
+    /// `.certmesh` itself or anything below `.certmesh/acme/` (the shared ACME
+    /// account and state): private to the daemon's user on every node (issue 24).
+    pub fn is_private_state(&self) -> bool {
+        let acme = format!("{INTERNAL_DIR}/{ACME_DIR}");
+        self.0 == INTERNAL_DIR || self.0 == acme || self.0.starts_with(&format!("{acme}/"))
+    }
+
     /// Private keys keep "other" permission bits off on every node.
     pub fn is_private_key(&self) -> bool {
         let name = self.name().to_ascii_lowercase();

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::OFlags;
 
+use crate::core::secret;
 use crate::index::{FileRecord, Kind, LocalStat};
 use crate::paths::{RelPath, INTERNAL_DIR};
 use crate::safe_fs::{self, KeyScanner, LinkError, Root};
@@ -68,6 +69,12 @@ impl Tree {
                 io::ErrorKind::NotFound,
                 format!("{} is not a directory", self.root.display()),
             ));
+        }
+        // `.certmesh/` holds the shared ACME account: private to this user, whatever
+        // mode it was given (by hand, or by a peer before this version).
+        let internal = self.root.join(INTERNAL_DIR);
+        if fs::symlink_metadata(&internal).is_ok_and(|m| m.is_dir()) {
+            fs::set_permissions(&internal, fs::Permissions::from_mode(0o700))?;
         }
         let tmp = self.tmp_dir();
         if tmp.exists() {
@@ -233,7 +240,8 @@ impl Tree {
     /// sticky bit, nothing group- or world-writable; a private key (by name or by content) never
     /// readable by others; an already-private file never readable by group or others.
     fn local_mode(&self, r: &FileRecord, existing: Option<&Metadata>, holds_key: bool) -> u32 {
-        let private = existing.is_some_and(|m| m.is_file() && m.permissions().mode() & 0o077 == 0);
+        let private = r.path.is_private_state()
+            || existing.is_some_and(|m| m.is_file() && m.permissions().mode() & 0o077 == 0);
         clamp_file_mode(r.mode, r.path.is_private_key() || holds_key, private)
     }
 
@@ -254,7 +262,7 @@ impl Tree {
     ) -> io::Result<()> {
         let mut mode = self.local_mode(r, existing, false);
         // Only read the content when it could still loosen something.
-        if mode & 0o007 != 0 && KeyScanner::scan(f)? {
+        if mode & 0o007 != 0 && holds_key(f)? {
             mode = self.local_mode(r, existing, true);
         }
         safe_fs::chmod_fd(f.as_fd(), mode)?;
@@ -355,7 +363,7 @@ impl Tree {
         }
         match r.kind {
             Kind::Directory => {
-                let mode = clamp_dir_mode(r.mode);
+                let mode = clamp_dir_mode(r.mode, r.path.is_private_state());
                 safe_fs::mkdir_at(dir.as_fd(), name, mode)?;
                 let d = safe_fs::open_at(dir.as_fd(), name, OFlags::RDONLY | OFlags::DIRECTORY)?;
                 safe_fs::chmod_fd(d.as_fd(), mode)?;
@@ -433,9 +441,35 @@ pub fn clamp_file_mode(requested: u32, private_key: bool, already_private: bool)
     mode
 }
 
-/// A directory's mode on this node: at most 0755.
-pub fn clamp_dir_mode(requested: u32) -> u32 {
-    requested & 0o755
+/// A directory's mode on this node: at most 0755; at most 0700 for `private`
+/// state (`.certmesh` itself, `.certmesh/acme/**`).
+pub fn clamp_dir_mode(requested: u32, private: bool) -> u32 {
+    if private {
+        requested & 0o700
+    } else {
+        requested & 0o755
+    }
+}
+
+/// Whether the open file holds private key material: PEM text anywhere in it, or,
+/// for a file of at most [`secret::MAX_JUDGED`] bytes, DER, PKCS#12 or JSON key
+/// material ([`secret::holds_key_material`]).
+fn holds_key(f: &File) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata()?.len();
+    if len > secret::MAX_JUDGED as u64 {
+        return KeyScanner::scan(f);
+    }
+    let mut data = vec![0u8; len as usize];
+    let mut at = 0;
+    while at < data.len() {
+        match f.read_at(&mut data[at..], at as u64)? {
+            0 => break,
+            n => at += n,
+        }
+    }
+    data.truncate(at);
+    Ok(secret::holds_key_material(&data))
 }
 
 /// The relative path of `p`'s parent (`""` for the root).

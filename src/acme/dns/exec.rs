@@ -23,6 +23,14 @@ pub async fn run(
         fqdn: fqdn.to_string(),
         why,
     };
+    // Only a key-authorization digest is ever passed on (never an option-like or
+    // oversized string from a peer's record file).
+    if !super::is_digest(value) {
+        return Err(fail(format!(
+            "refused the value {:?}: not a key-authorization digest",
+            value.chars().take(60).collect::<String>()
+        )));
+    }
     let (prog, args) = argv
         .split_first()
         .ok_or_else(|| fail("empty argv".into()))?;

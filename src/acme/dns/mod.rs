@@ -10,10 +10,12 @@ mod exec;
 pub mod key;
 pub mod wire;
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use hickory_proto::dnssec::tsig::TSigner;
+
 use serde::{Deserialize, Serialize};
 
 pub use error::DnsError;
@@ -41,23 +43,73 @@ pub struct Presented {
     pub records: Vec<Record>,
 }
 
+/// Most values kept per challenge name (a name carries one per identifier it
+/// validates: the bare name and its wildcard make two).
+pub const MAX_VALUES_PER_NAME: usize = 4;
+
+/// Whether `value` has exactly the shape of a dns-01 value: the base64url (no
+/// padding) SHA-256 digest of a key authorization, 43 characters decoding to 32
+/// bytes. Only such values reach DNS updates and `exec` programs.
+pub fn is_digest(value: &str) -> bool {
+    value.len() == 43
+        && data_encoding::BASE64URL_NOPAD
+            .decode(value.as_bytes())
+            .is_ok_and(|d| d.len() == 32)
+}
+
 impl Presented {
     /// Parses the (untrusted, peer-written) file and keeps only records this node's
-    /// config could have made for `cert`: a challenge name of one of its domains and
-    /// a key-authorization digest (43 base64url characters), each once (a file
-    /// listing a record twice would otherwise have it removed twice).
+    /// config could have made for `cert` ([`Presented::parse_checked`]).
     pub fn parse_for(bytes: &[u8], cert: &CertificateConfig) -> Option<Presented> {
+        Self::parse_checked(bytes, cert).map(|(p, _)| p)
+    }
+
+    /// [`Presented::parse_for`], with what was refused and why (one line each, at
+    /// most a few): a record is kept only for a challenge name of one of `cert`'s
+    /// domains, with a value of the digest shape ([`is_digest`]), each once (a file
+    /// listing a record twice would otherwise have it removed twice), and at most
+    /// [`MAX_VALUES_PER_NAME`] per name.
+    pub fn parse_checked(
+        bytes: &[u8],
+        cert: &CertificateConfig,
+    ) -> Option<(Presented, Vec<String>)> {
         let mut p: Presented = serde_json::from_slice(bytes).ok()?;
         let mut seen = std::collections::HashSet::new();
+        let mut per_name: BTreeMap<String, usize> = BTreeMap::new();
+        let mut refused = Vec::new();
+        let mut refuse = |why: String| {
+            if refused.len() < 8 {
+                refused.push(why);
+            }
+        };
         p.records.retain(|r| {
-            cert.domains.iter().any(|d| challenge_name(d) == r.fqdn)
-                && r.value.len() == 43
-                && r.value
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                && seen.insert((r.fqdn.clone(), r.value.clone()))
+            let shown: String = r.value.chars().take(60).collect();
+            if !cert.domains.iter().any(|d| challenge_name(d) == r.fqdn) {
+                refuse(format!("{:?}: not a challenge name of {}", r.fqdn, cert.name));
+                return false;
+            }
+            if !is_digest(&r.value) {
+                refuse(format!(
+                    "{}: value {shown:?} is not a key-authorization digest (43 base64url characters)",
+                    r.fqdn
+                ));
+                return false;
+            }
+            if !seen.insert((r.fqdn.clone(), r.value.clone())) {
+                return false;
+            }
+            let n = per_name.entry(r.fqdn.clone()).or_default();
+            *n += 1;
+            if *n > MAX_VALUES_PER_NAME {
+                refuse(format!(
+                    "{}: more than {MAX_VALUES_PER_NAME} values",
+                    r.fqdn
+                ));
+                return false;
+            }
+            true
         });
-        Some(p)
+        Some((p, refused))
     }
 }
 
@@ -258,10 +310,45 @@ mod tests {
         }
     }
 
+    fn digest(n: u8) -> String {
+        data_encoding::BASE64URL_NOPAD.encode(&[n; 32])
+    }
+
+    #[test]
+    fn only_the_exact_digest_shape_is_a_value() {
+        assert!(is_digest(&digest(7)));
+        // 43 base64url characters whose last one carries bits a digest cannot have.
+        assert!(!is_digest(&"a".repeat(43)));
+        assert!(!is_digest(&format!("{}=", &digest(7)[..42])));
+        assert!(!is_digest(&format!("+{}", &digest(7)[1..])));
+        assert!(!is_digest(&digest(7)[..42]));
+        assert!(!is_digest(&format!("{}A", digest(7))));
+    }
+
+    #[test]
+    fn a_record_file_with_thousands_of_values_keeps_a_few_and_names_the_rest() {
+        let cert = wildcard_and_apex();
+        let records: Vec<String> = (0..12_000u32)
+            .map(|i| {
+                let v = data_encoding::BASE64URL_NOPAD.encode(&[i.to_be_bytes(); 8].concat());
+                format!(r#"{{"fqdn":"_acme-challenge.example.com","value":"{v}"}}"#)
+            })
+            .chain([r#"{"fqdn":"_acme-challenge.example.com","value":"-rf"}"#.to_string()])
+            .collect();
+        let json = format!(r#"{{"node":"bad","records":[{}]}}"#, records.join(","));
+        let (p, refused) = Presented::parse_checked(json.as_bytes(), &cert).unwrap();
+        assert_eq!(p.records.len(), MAX_VALUES_PER_NAME);
+        assert!(
+            refused.iter().any(|r| r.contains("more than 4 values")),
+            "{refused:?}"
+        );
+        assert!(refused.len() <= 8);
+    }
+
     #[test]
     fn recorded_records_are_kept_only_when_this_config_could_have_made_them() {
         let cert = wildcard_and_apex();
-        let v = "a".repeat(43);
+        let v = digest(1);
         let json = format!(
             r#"{{"node":"lb0","records":[{{"fqdn":"_acme-challenge.example.com","value":"{v}"}},
             {{"fqdn":"_acme-challenge.other.org","value":"{v}"}},
@@ -282,7 +369,7 @@ mod tests {
     #[test]
     fn a_record_listed_twice_is_kept_once() {
         let cert = wildcard_and_apex();
-        let (a, b) = ("a".repeat(43), "b".repeat(43));
+        let (a, b) = (digest(1), digest(2));
         // The wildcard and the bare name share a challenge name with two values:
         // both stay; the exact repeat goes.
         let json = format!(
