@@ -27,5 +27,6 @@ mod trust_ops;
 mod trust_renewal;
 mod trust_served;
 mod trust_wire;
+mod tutorial;
 mod util;
 mod writers;
