@@ -62,10 +62,20 @@ fn persister(shared: Arc<Shared>, mut file: StoreFile, rx: std::sync::mpsc::Rece
     }
 }
 
+/// The bounds on kept versions: `[tree] kept_max_size` bytes, and as many versions
+/// as the default allows.
+fn kept_budget(config: &Config) -> crate::keep::Budget {
+    crate::keep::Budget {
+        max_bytes: config.kept_max_size,
+        ..crate::keep::Budget::default()
+    }
+}
+
 /// Runs the daemon until `shutdown` resolves; in-flight writes finish first.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let identity = Arc::new(Identity::load(&config.state_dir)?);
-    let tree = Tree::new(config.tree.clone());
+    let mut tree = Tree::new(config.tree.clone());
+    tree.kept = kept_budget(&config);
     tree.prepare()
         .with_context(|| format!("preparing tree {}", config.tree.display()))?;
     let mut index = Index::new(identity.id.short());
@@ -184,7 +194,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         TreeWriter::new(&shared),
         Reports::new(&shared),
     ));
-    if let Err(e) = crate::keep::prune_all(&shared.tree.root, now_ns()) {
+    if let Err(e) = crate::keep::prune_all(&shared.tree.root, now_ns(), shared.tree.kept) {
         tracing::warn!(error = %e, "pruning kept versions");
     }
     tasks.push(crate::repair::start(crate::repair::Handles {

@@ -18,6 +18,7 @@ mod security;
 mod sync;
 mod systemd;
 mod trust_acme;
+mod trust_budget;
 mod trust_keep;
 mod trust_links;
 mod trust_ops;

@@ -12,6 +12,98 @@ use crate::version::Relation;
 
 /// `[tree] max_file_size` when not configured.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 64 << 20;
+
+/// `[tree] min_disk_free`: the free space a fetch must leave on the tree's filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinFree {
+    /// Hundredths of a percent of the filesystem's size (500 = 5 %).
+    Basis(u32),
+    Bytes(u64),
+}
+
+impl MinFree {
+    /// The bytes to leave free on a filesystem of `total` bytes.
+    pub fn bytes(self, total: u64) -> u64 {
+        match self {
+            MinFree::Basis(b) => (total as u128 * b as u128 / 10_000) as u64,
+            MinFree::Bytes(n) => n,
+        }
+    }
+}
+
+impl std::fmt::Display for MinFree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MinFree::Basis(b) => write!(f, "{}.{:02}%", b / 100, b % 100),
+            MinFree::Bytes(n) => write!(f, "{n} bytes"),
+        }
+    }
+}
+
+/// The tree budgets (issue 25): past any of them, peers' new paths (and growth of
+/// held files) are not fetched. Nothing already held is removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreeBudget {
+    /// `[tree] max_size`: bytes of file content this node holds in the tree.
+    pub max_size: u64,
+    /// `[tree] max_files`: live paths (files, directories, links) in the tree.
+    pub max_files: usize,
+    /// `[tree] min_disk_free`.
+    pub min_disk_free: MinFree,
+}
+
+impl Default for TreeBudget {
+    fn default() -> Self {
+        TreeBudget {
+            max_size: 256 << 20,
+            max_files: 200_000,
+            min_disk_free: MinFree::Basis(500),
+        }
+    }
+}
+
+/// The tree's filesystem, as last measured by the shell (`statvfs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskSpace {
+    /// Bytes available to this process.
+    pub free: u64,
+    /// Size of the filesystem.
+    pub total: u64,
+}
+
+/// Which budget refused a peer's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetKind {
+    MaxSize,
+    MaxFiles,
+    MinDiskFree,
+    /// The peer's view holds `MAX_PEER_RECORDS` or `MAX_PEER_BYTES`.
+    PeerView,
+}
+
+impl BudgetKind {
+    /// The config key (or cap) named in status and logs.
+    pub fn key(self) -> &'static str {
+        match self {
+            BudgetKind::MaxSize => "max_size",
+            BudgetKind::MaxFiles => "max_files",
+            BudgetKind::MinDiskFree => "min_disk_free",
+            BudgetKind::PeerView => "peer_view",
+        }
+    }
+}
+
+/// A peer's path not fetched because of a budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: BudgetKind,
+    /// The peer that announced it.
+    pub peer: Option<DeviceId>,
+    pub size: u64,
+}
+
+/// Most refused paths remembered for `status` (more are only counted).
+pub const MAX_REFUSALS: usize = 10_000;
 /// Most bytes (estimated by [`record_cost`]) the records one peer announced may hold
 /// in its view. A record at every wire limit costs ~29 KiB (so ≥ 2 200 such records
 /// fit), a typical one ~0.3 KiB (~200 000 fit; `peer::MAX_PEER_RECORDS` caps the
