@@ -126,8 +126,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // issue 13: sign what this node authors; take in only what `writers` allows.
     let signer = Arc::new(crate::identity::NodeSigner::new(&identity)?);
     let writers = crate::writers::policy(&config, identity.id)?;
-    let mut engine =
-        Engine::new(index, config.max_file_size).with_authorship(Some(signer), writers);
+    let mut engine = Engine::new(index, config.max_file_size)
+        .with_budget(config.budget)
+        .with_authorship(Some(signer), writers);
     engine.track_durability();
     engine.set_roster(identity.id, config.name.clone(), roster(&config.peers));
     let shared = Arc::new(Shared {
@@ -218,6 +219,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         watcher.clone(),
     )));
     tasks.push(tokio::spawn(collect_tombstones(shared.clone())));
+    tasks.push(tokio::spawn(measure_disk(sync.clone())));
     tracing::info!(listen = %config.listen, tree = %config.tree.display(), peers = config.peers.len(), "certmesh running");
     tasks.extend(crate::systemd::ready(&crate::handles::Observer::new(
         &shared,
@@ -490,6 +492,19 @@ const TOMBSTONE_SWEEP: Duration = Duration::from_secs(3600);
 /// Drops tombstones every configured peer has acknowledged and that are older than
 /// `index::TOMBSTONE_RETENTION`, so deletions (and a peer's floods of them) do not
 /// grow the index forever.
+/// How often the tree's filesystem is measured besides each index frame.
+const DISK_MEASURE: Duration = Duration::from_secs(5);
+
+/// Measures free disk every [`DISK_MEASURE`]: paths `[tree] min_disk_free` refused
+/// are fetched once space returns, even when no peer sends anything.
+async fn measure_disk(sync: SyncHandle) {
+    loop {
+        tokio::time::sleep(DISK_MEASURE).await;
+        let s = sync.clone();
+        let _ = tokio::task::spawn_blocking(move || s.disk_measured()).await;
+    }
+}
+
 async fn collect_tombstones(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(TOMBSTONE_SWEEP).await;

@@ -182,3 +182,158 @@ fn after_a_mass_deletion_and_a_flood_repair_brings_the_certificate_back_unchange
         n.stop();
     }
 }
+
+/// `status --json` `tree.refused` of `n`: (path, reason, peer).
+fn refusals(n: &Node) -> Vec<(String, String, String)> {
+    let s = n.status();
+    s["tree"]["refused"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    let f = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+                    (f("path"), f("reason"), f("peer"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until `n` lists a path under `junk/` refused for `reason`, sent by `bad`.
+fn wait_refused(n: &Node, reason: &str) {
+    wait_until(&format!("{} refuses junk for {reason}", n.name), || {
+        refusals(n)
+            .iter()
+            .any(|(p, r, peer)| p.starts_with("junk/") && r == reason && peer == "bad")
+    });
+}
+
+/// Bytes of each file under `junk/` on `n`.
+fn junk(n: &Node) -> Vec<u64> {
+    fs::read_dir(n.tree.join("junk"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The bad node's peer entry for `name` says in sync: everything acknowledged,
+/// the refused paths too.
+fn acked_by(bad: &Node, name: &str) -> bool {
+    bad.status()["peers"]
+        .as_array()
+        .is_some_and(|ps| ps.iter().any(|p| p["name"] == name && p["in_sync"] == true))
+}
+
+#[test]
+fn max_files_refuses_a_bad_nodes_new_paths_and_keeps_what_is_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let ips = ["127.0.3.8", "127.0.3.9", "127.0.3.10"];
+    let mut nodes = trio(dir.path(), ips, "max_files = 20\n");
+    start(&mut nodes);
+    let (writer, good, bad) = (&nodes[0], &nodes[1], &nodes[2]);
+    writer.write_atomic("held.pem", "HELD");
+    wait_until("held.pem on good", || good.read("held.pem").is_some());
+
+    for i in 0..40 {
+        bad.write_atomic(&format!("junk/{i}.pem"), "junk");
+    }
+    wait_refused(good, "max_files");
+    wait_until("good acknowledged the refused paths", || {
+        acked_by(bad, "good")
+    });
+    assert!(good.status()["tree"]["files"].as_u64().unwrap() <= 20);
+    assert!(junk(good).len() < 40);
+    // Nothing held is removed, and changes to held paths still arrive.
+    writer.write_atomic("held.pem", "HELD v2");
+    wait_until("held.pem v2 on good", || {
+        good.read("held.pem").as_deref() == Some("HELD v2")
+    });
+    assert!(nodes[1].all_connected());
+    for n in &mut nodes {
+        n.stop();
+    }
+}
+
+#[test]
+fn max_size_refuses_what_would_grow_the_tree_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ips = ["127.0.3.11", "127.0.3.12", "127.0.3.13"];
+    let mut nodes = trio(dir.path(), ips, "max_size = \"1MiB\"\n");
+    start(&mut nodes);
+    let (good, bad) = (&nodes[1], &nodes[2]);
+    for i in 0..4 {
+        bad.write_atomic(&format!("junk/{i}.bin"), &"x".repeat(300 << 10));
+    }
+    wait_refused(good, "max_size");
+    wait_until("good acknowledged the refused paths", || {
+        acked_by(bad, "good")
+    });
+    let held: u64 = junk(good).iter().sum();
+    assert!(held <= 1 << 20, "good holds {held} bytes of junk");
+    assert!(nodes[0].all_connected() && nodes[1].all_connected());
+    for n in &mut nodes {
+        n.stop();
+    }
+}
+
+/// Mounts a tmpfs of `size` on `dir` until dropped (`None`: not root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "certmesh-budget",
+            ])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn min_disk_free_refuses_a_fetch_that_would_leave_less() {
+    let dir = tempfile::tempdir().unwrap();
+    let ips = ["127.0.3.14", "127.0.3.15", "127.0.3.16"];
+    let mut nodes = trio(dir.path(), ips, "");
+    add_tree_keys(&nodes[1], "min_disk_free = \"6MiB\"\n");
+    let Some(_disk) = Tmpfs::mount(&nodes[1].tree, "10m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    start(&mut nodes);
+    let (good, bad) = (&nodes[1], &nodes[2]);
+    for i in 0..5 {
+        bad.write_atomic(&format!("junk/{i}.bin"), &"x".repeat(1 << 20));
+    }
+    wait_refused(good, "min_disk_free");
+    wait_until("good acknowledged the refused paths", || {
+        acked_by(bad, "good")
+    });
+    let free = certmesh::safe_fs::disk_space(&good.tree).unwrap().free;
+    assert!(free >= 6 << 20, "{free} bytes left free");
+    assert!(junk(good).len() < 5);
+    assert!(nodes[1].all_connected());
+    for n in &mut nodes {
+        n.stop();
+    }
+}

@@ -16,7 +16,7 @@ use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Me
 use crate::identity::{DeviceId, NodeSigner};
 use crate::index::{FileRecord, Index, LocalStat, Observed};
 use crate::paths::RelPath;
-use crate::plan::{OverBudget, Plan, PlanEvent};
+use crate::plan::{DiskSpace, OverBudget, Plan, PlanEvent, TreeBudget};
 
 /// Largest content sent inline with its record.
 pub const MAX_INLINE: usize = 16 << 10;
@@ -203,6 +203,20 @@ impl Engine {
             #[cfg(test)]
             break_acks: false,
         }
+    }
+
+    /// Applies the tree budgets (`[tree] max_size`, `max_files`, `min_disk_free`).
+    pub fn with_budget(mut self, budget: TreeBudget) -> Self {
+        self.plan.set_budget(budget);
+        self
+    }
+
+    /// The tree's filesystem was measured: `min_disk_free` is checked against it,
+    /// and paths a budget refused are decided again when there is room. Returns
+    /// whether something is needed now that was not.
+    pub fn handle_disk_space(&mut self, disk: DiskSpace) -> bool {
+        self.plan.set_disk_space(disk);
+        self.plan.recheck_budgets(&self.index)
     }
 
     /// Paths the puller has taken and not yet recorded.

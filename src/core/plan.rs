@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::identity::DeviceId;
-use crate::index::{ContentHash, FileRecord, Index, Kind, MAX_INDEX_BYTES, MAX_INDEX_RECORDS};
+use crate::index::{
+    held_bytes, ContentHash, FileRecord, Index, Kind, MAX_INDEX_BYTES, MAX_INDEX_RECORDS,
+};
 use crate::paths::RelPath;
 use crate::version::Relation;
 
@@ -104,6 +106,8 @@ pub struct Refusal {
 
 /// Most refused paths remembered for `status` (more are only counted).
 pub const MAX_REFUSALS: usize = 10_000;
+/// Growth of free disk after which refused paths are decided again.
+pub const RECHECK_FREE: u64 = 1 << 20;
 /// Most bytes (estimated by [`record_cost`]) the records one peer announced may hold
 /// in its view. A record at every wire limit costs ~29 KiB (so ≥ 2 200 such records
 /// fit), a typical one ~0.3 KiB (~200 000 fit; `peer::MAX_PEER_RECORDS` caps the
@@ -111,16 +115,16 @@ pub const MAX_REFUSALS: usize = 10_000;
 /// this node keep across reconnects is bounded by `MAX_INDEX_RECORDS` and tombstone
 /// collection (`Index::collect_tombstones`).
 pub const MAX_PEER_BYTES: usize = 64 << 20;
-/// Estimated heap bytes a record announced by a peer holds in its view.
-pub fn record_cost(r: &FileRecord) -> usize {
-    r.heap_cost()
-}
-
 /// A peer announced more than its view may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("announced records would hold ~{bytes} bytes, more than the {MAX_PEER_BYTES} a peer may")]
 pub struct OverBudget {
     pub bytes: usize,
+}
+
+/// Estimated heap bytes a record announced by a peer holds in its view.
+pub fn record_cost(r: &FileRecord) -> usize {
+    r.heap_cost()
 }
 
 /// Something the plan decided that the node should log once.
@@ -131,6 +135,14 @@ pub enum PlanEvent {
     TooLarge { path: RelPath, size: u64, max: u64 },
     /// The index holds `MAX_INDEX_RECORDS`: a peer's new path was not taken in.
     IndexFull { path: RelPath },
+    /// A peer's path not fetched because of a tree budget or the peer's view cap
+    /// (reported for the first few, then at each power of two of `total`).
+    OverBudget {
+        path: RelPath,
+        refusal: Refusal,
+        /// Paths refused by a budget since start.
+        total: u64,
+    },
     /// Records of a peer refused for their authorship (issue 13): `count` in one
     /// batch, the first of them at `path`, claiming `author`.
     NotAuthorized {
@@ -147,6 +159,13 @@ pub struct Need {
     pub target: FileRecord,
     /// The local content loses a conflict and must be kept as a conflict copy.
     pub conflict: bool,
+}
+
+impl Need {
+    /// A live path this node does not hold yet (`[tree] max_files`).
+    fn new_path(&self, local: Option<&FileRecord>) -> bool {
+        !self.target.deleted && local.is_none_or(|l| l.deleted)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -166,6 +185,19 @@ pub struct Plan {
     /// Sum of `heap_cost` over the needs' targets.
     needs_bytes: usize,
     max_file_size: u64,
+    budget: TreeBudget,
+    /// The tree's filesystem, as last measured (`None`: not yet; not checked).
+    disk: Option<DiskSpace>,
+    /// Needs that add a live path ([`Need::new_path`]), and the content bytes all
+    /// needs fetch: what is coming on top of the index, for the budgets.
+    needs_new_paths: HashSet<RelPath>,
+    needs_fetch_bytes: u64,
+    /// Peers' paths not fetched because of a budget (at most [`MAX_REFUSALS`]).
+    refused: BTreeMap<RelPath, Refusal>,
+    refused_total: u64,
+    /// Free disk, live paths and content bytes when budget refusals were last
+    /// decided again ([`Plan::recheck_budgets`]).
+    rechecked: (u64, usize, u64),
     max_index_records: usize,
     max_index_bytes: usize,
     /// Peers' files larger than `max_file_size`, not fetched: path → (hash, size).
@@ -194,6 +226,13 @@ impl Plan {
             needs: BTreeMap::new(),
             needs_bytes: 0,
             max_file_size,
+            budget: TreeBudget::default(),
+            disk: None,
+            needs_new_paths: HashSet::new(),
+            needs_fetch_bytes: 0,
+            refused: BTreeMap::new(),
+            refused_total: 0,
+            rechecked: (0, 0, 0),
             max_index_records: MAX_INDEX_RECORDS,
             max_index_bytes: MAX_INDEX_BYTES,
             too_large: BTreeMap::new(),
@@ -202,6 +241,60 @@ impl Plan {
             events: Vec::new(),
             reverts: HashMap::new(),
         }
+    }
+
+    /// Applies the tree budgets to peers' paths evaluated from now on.
+    pub fn set_budget(&mut self, budget: TreeBudget) {
+        self.budget = budget;
+    }
+
+    /// The tree's filesystem was measured (`[tree] min_disk_free`).
+    pub fn set_disk_space(&mut self, disk: DiskSpace) {
+        self.disk = Some(disk);
+    }
+
+    /// Decides again the paths a tree budget refused, once there is room again:
+    /// free disk grew by [`RECHECK_FREE`] or the tree shrank since the last time.
+    /// Returns whether any of them is needed now.
+    pub fn recheck_budgets(&mut self, index: &Index) -> bool {
+        let now = (
+            self.disk.map_or(0, |d| d.free),
+            index.live_count(),
+            index.content_bytes(),
+        );
+        let (free, live, bytes) = self.rechecked;
+        let room = now.0 >= free.saturating_add(RECHECK_FREE) || now.1 < live || now.2 < bytes;
+        if !room {
+            // Keep the tightest mark, so the next growth of room is measured from it.
+            self.rechecked = (free.min(now.0), live.max(now.1), bytes.max(now.2));
+            return false;
+        }
+        self.rechecked = now;
+        let paths: Vec<RelPath> = self
+            .refused
+            .iter()
+            .filter(|(_, r)| r.reason != BudgetKind::PeerView)
+            .map(|(p, _)| p.clone())
+            .collect();
+        let before = self.needs.len();
+        for p in &paths {
+            self.evaluate(p, index);
+        }
+        self.needs.len() > before
+    }
+
+    /// Peers' paths not fetched because of a budget (at most [`MAX_REFUSALS`]).
+    pub fn refused(&self) -> impl Iterator<Item = (&RelPath, &Refusal)> {
+        self.refused.iter()
+    }
+
+    pub fn refused_len(&self) -> usize {
+        self.refused.len()
+    }
+
+    /// Paths refused by a budget since start (also those no longer listed).
+    pub fn refused_total(&self) -> u64 {
+        self.refused_total
     }
 
     /// Records an event for the node to log.
@@ -246,6 +339,37 @@ impl Plan {
             return Err(OverBudget { bytes });
         }
         Ok(())
+    }
+
+    /// Lists `p` as refused by a budget and reports it (the first few, then at each
+    /// power of two).
+    fn refuse(&mut self, p: &RelPath, refusal: Refusal) {
+        let room = self.refused.len() < MAX_REFUSALS;
+        let new = match self.refused.get_mut(p) {
+            Some(r) => {
+                let new = r.reason != refusal.reason;
+                *r = refusal.clone();
+                new
+            }
+            None => {
+                if room {
+                    self.refused.insert(p.clone(), refusal.clone());
+                }
+                true
+            }
+        };
+        if !new {
+            return;
+        }
+        self.refused_total += 1;
+        let total = self.refused_total;
+        if total <= 16 || total.is_power_of_two() {
+            self.events.push(PlanEvent::OverBudget {
+                path: p.clone(),
+                refusal,
+                total,
+            });
+        }
     }
 
     /// Estimated bytes the records `peer` announced hold.
@@ -357,6 +481,15 @@ impl Plan {
     /// Re-derives the need for one path after its local record or a peer's changed.
     pub fn evaluate(&mut self, p: &RelPath, index: &Index) {
         let local = index.get(p).map(|e| &e.record);
+        // A peer-view refusal stays (the record is not in any view to re-derive);
+        // a budget refusal is decided again below.
+        if self
+            .refused
+            .get(p)
+            .is_some_and(|r| r.reason != BudgetKind::PeerView)
+        {
+            self.refused.remove(p);
+        }
         // Contenders: peers' records the local one has not seen…
         let seen = self
             .peers
@@ -410,20 +543,83 @@ impl Plan {
                 conflict: false,
             })
         });
-        let need = need.filter(|n| self.fetchable(n) && self.adoptable(n, local, index));
-        match need {
-            Some(n) => {
-                self.needs_bytes += n.target.heap_cost();
-                if let Some(old) = self.needs.insert(p.clone(), n) {
-                    self.needs_bytes = self.needs_bytes.saturating_sub(old.target.heap_cost());
-                }
-            }
-            None => {
-                if let Some(old) = self.needs.remove(p) {
-                    self.needs_bytes = self.needs_bytes.saturating_sub(old.target.heap_cost());
-                }
-            }
+        let need = need.filter(|n| {
+            self.fetchable(n)
+                && self.within_budget(n, local, index)
+                && self.adoptable(n, local, index)
+        });
+        if let Some(old) = self.needs.remove(p) {
+            self.needs_bytes = self.needs_bytes.saturating_sub(old.target.heap_cost());
+            self.needs_fetch_bytes = self
+                .needs_fetch_bytes
+                .saturating_sub(held_bytes(&old.target));
+            self.needs_new_paths.remove(p);
         }
+        if let Some(n) = need {
+            self.needs_bytes += n.target.heap_cost();
+            self.needs_fetch_bytes += held_bytes(&n.target);
+            if n.new_path(local) {
+                self.needs_new_paths.insert(p.clone());
+            }
+            self.needs.insert(p.clone(), n);
+        }
+    }
+
+    /// False for a peer's path past a tree budget (issue 25): a new live path when
+    /// the tree holds `max_files`; content that grows what this node holds past
+    /// `max_size`; any content to fetch that would leave less than `min_disk_free`.
+    /// What is already needed and what comes on top (needs not yet applied) counts,
+    /// minus this path's own earlier need. Deletions always pass; nothing held is
+    /// removed. Refused paths are listed with the peer that announced them.
+    fn within_budget(&mut self, n: &Need, local: Option<&FileRecord>, index: &Index) -> bool {
+        let t = &n.target;
+        let p = &t.path;
+        if t.deleted {
+            return true;
+        }
+        let (old_new, old_fetch) = match self.needs.get(p) {
+            Some(o) => (self.needs_new_paths.contains(p), held_bytes(&o.target)),
+            None => (false, 0),
+        };
+        let held = local.map_or(0, held_bytes);
+        let fetch = held_bytes(t);
+        let pending = self.needs_fetch_bytes.saturating_sub(old_fetch);
+        let b = self.budget;
+        let reason = if n.new_path(local)
+            && index.live_count() + self.needs_new_paths.len() - usize::from(old_new) >= b.max_files
+        {
+            Some(BudgetKind::MaxFiles)
+        } else if fetch > held && index.content_bytes() + pending + (fetch - held) > b.max_size {
+            Some(BudgetKind::MaxSize)
+        } else if self.disk.is_some_and(|d| {
+            fetch > 0
+                && local.is_none_or(|l| l.deleted || l.hash != t.hash)
+                && d.free.saturating_sub(pending + fetch) < b.min_disk_free.bytes(d.total)
+        }) {
+            Some(BudgetKind::MinDiskFree)
+        } else {
+            None
+        };
+        let Some(reason) = reason else {
+            return true;
+        };
+        let peer = self
+            .peers
+            .iter()
+            .filter(|(_, v)| {
+                v.records
+                    .get(p)
+                    .is_some_and(|(r, _)| r.version == t.version)
+            })
+            .map(|(d, _)| *d)
+            .min();
+        let refusal = Refusal {
+            reason,
+            peer,
+            size: t.size,
+        };
+        self.refuse(p, refusal);
+        false
     }
 
     /// False for a live file larger than `max_file_size`: remembered for `status`,
@@ -634,6 +830,105 @@ mod tests {
         plan.connected(peer, &index);
         assert_eq!(plan.peer_bytes(&peer), 0);
         plan.admit(&peer, &more).unwrap();
+    }
+
+    /// A plan with `budget`, an index holding `held` (path, size) files, a peer.
+    fn budgeted(budget: TreeBudget, held: &[(&str, u64)]) -> (Plan, Index, DeviceId) {
+        let mut index = Index::new(ShortId(1));
+        for (p, size) in held {
+            index.put(record(p, *size, 1), None);
+        }
+        let mut plan = Plan::default();
+        plan.set_budget(budget);
+        let peer = connected(&mut plan, &index);
+        (plan, index, peer)
+    }
+
+    /// The peer's new record for `path`: newer than anything held.
+    fn newer(path: &str, size: u64) -> FileRecord {
+        let mut r = record(path, size, 2);
+        r.version = VersionVector::from_pairs(vec![(ShortId(1), 1), (ShortId(2), 5)]);
+        r
+    }
+
+    fn refused_for(plan: &Plan, path: &str) -> Option<BudgetKind> {
+        plan.refused()
+            .find(|(p, _)| p.as_str() == path)
+            .map(|(_, r)| r.reason)
+    }
+
+    #[test]
+    fn max_files_refuses_new_paths_and_keeps_updates_and_deletions() {
+        let budget = TreeBudget {
+            max_files: 2,
+            ..TreeBudget::default()
+        };
+        let (mut plan, index, peer) = budgeted(budget, &[("a", 1)]);
+        let mut gone = newer("a", 1);
+        gone.deleted = true;
+        let batch = vec![(newer("b", 1), 1), (newer("c", 1), 2), (gone, 3)];
+        plan.receive(peer, batch, 3, &index);
+        let needed: Vec<&str> = plan.needs().map(|n| n.target.path.as_str()).collect();
+        assert_eq!(
+            needed,
+            ["a", "b"],
+            "one new path fits, the deletion always does"
+        );
+        assert_eq!(refused_for(&plan, "c"), Some(BudgetKind::MaxFiles));
+        assert_eq!(plan.refused().next().unwrap().1.peer, Some(peer));
+        assert!(matches!(
+            &plan.take_events()[..],
+            [PlanEvent::OverBudget { total: 1, .. }]
+        ));
+    }
+
+    #[test]
+    fn max_size_refuses_content_that_grows_the_tree_past_it() {
+        let budget = TreeBudget {
+            max_size: 100,
+            ..TreeBudget::default()
+        };
+        let (mut plan, index, peer) = budgeted(budget, &[("held", 60)]);
+        let batch = vec![
+            (newer("new", 30), 1),
+            (newer("more", 20), 2),
+            (newer("held", 50), 3),
+        ];
+        plan.receive(peer, batch, 3, &index);
+        assert!(plan.need(&RelPath::parse("new").unwrap()).is_some());
+        assert_eq!(refused_for(&plan, "more"), Some(BudgetKind::MaxSize));
+        // Shrinking a held file is always fetched.
+        assert!(plan.need(&RelPath::parse("held").unwrap()).is_some());
+    }
+
+    #[test]
+    fn min_disk_free_refuses_a_fetch_that_would_leave_less() {
+        let budget = TreeBudget {
+            min_disk_free: MinFree::Basis(1000), // 10 % of 1000 bytes
+            ..TreeBudget::default()
+        };
+        let (mut plan, index, peer) = budgeted(budget, &[]);
+        plan.set_disk_space(DiskSpace {
+            free: 300,
+            total: 1000,
+        });
+        plan.receive(
+            peer,
+            vec![(newer("a", 150), 1), (newer("b", 100), 2)],
+            2,
+            &index,
+        );
+        assert!(plan.need(&RelPath::parse("a").unwrap()).is_some());
+        assert_eq!(refused_for(&plan, "b"), Some(BudgetKind::MinDiskFree));
+        assert_eq!(MinFree::Basis(500).bytes(2000), 100);
+        // Space returns: the refused path is decided again and needed.
+        plan.set_disk_space(DiskSpace {
+            free: 300 + RECHECK_FREE,
+            total: 1000 + RECHECK_FREE,
+        });
+        assert!(plan.recheck_budgets(&index));
+        assert!(plan.need(&RelPath::parse("b").unwrap()).is_some());
+        assert_eq!(plan.refused_len(), 0);
     }
 
     #[test]

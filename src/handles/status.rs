@@ -152,6 +152,24 @@ fn status(shared: &Arc<Shared>) -> Status {
             })
             .collect(),
         too_large_count: st.engine.plan().too_large_len(),
+        refused: st
+            .engine
+            .plan()
+            .refused()
+            .take(REFUSED_SHOWN)
+            .map(|(p, r)| RefusedPath {
+                path: p.as_str().to_string(),
+                reason: r.reason.key().to_string(),
+                peer: r.peer.map(|id| {
+                    st.peers
+                        .get(&id)
+                        .map_or_else(|| id.to_string(), |s| s.config.name.clone())
+                }),
+                size: r.size,
+            })
+            .collect(),
+        refused_count: st.engine.plan().refused_len(),
+        refused_total: st.engine.plan().refused_total(),
         not_adopted: st.engine.plan().not_adopted(),
         not_sent: st
             .engine

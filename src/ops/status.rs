@@ -106,6 +106,16 @@ pub struct TreeStatus {
     pub too_large: Vec<TooLargeFile>,
     #[serde(default)]
     pub too_large_count: usize,
+    /// Peers' paths not fetched because of a tree budget (`[tree] max_size`,
+    /// `max_files`, `min_disk_free`) or a peer's view cap (at most `REFUSED_SHOWN`
+    /// listed; `refused_count` counts those remembered, `refused_total` all since
+    /// start).
+    #[serde(default)]
+    pub refused: Vec<RefusedPath>,
+    #[serde(default)]
+    pub refused_count: usize,
+    #[serde(default)]
+    pub refused_total: u64,
     /// Times a peer's new path was not taken in because the index was full
     /// (`index::MAX_INDEX_RECORDS`), since start.
     #[serde(default)]
@@ -127,6 +137,21 @@ pub struct RefusedStatus {
     /// Device ID the last refused record claimed as its author.
     pub last_author: Option<String>,
     pub last_reason: Option<String>,
+}
+
+/// How many paths refused by a budget `status` lists.
+pub const REFUSED_SHOWN: usize = 100;
+
+/// A peer's path not fetched because of a budget.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefusedPath {
+    pub path: String,
+    /// `max_size`, `max_files`, `min_disk_free` (the `[tree]` key) or `peer_view`
+    /// (the peer's view holds its cap of records or bytes).
+    pub reason: String,
+    /// The peer that sent it (its name, or its device ID).
+    pub peer: Option<String>,
+    pub size: u64,
 }
 
 /// How many files too large `status` lists.
@@ -215,6 +240,23 @@ pub fn render(s: &Status) -> String {
             o,
             "… and {} more files too large",
             s.tree.too_large_count - s.tree.too_large.len()
+        );
+    }
+    for f in &s.tree.refused {
+        let _ = writeln!(
+            o,
+            "over budget, not fetched: {} ({} bytes from {}; see [tree] {})",
+            f.path,
+            f.size,
+            f.peer.as_deref().unwrap_or("?"),
+            f.reason
+        );
+    }
+    if s.tree.refused_total > s.tree.refused.len() as u64 {
+        let _ = writeln!(
+            o,
+            "… {} paths refused by a budget since start",
+            s.tree.refused_total
         );
     }
     if s.tree.not_adopted > 0 {
@@ -507,6 +549,14 @@ mod tests {
                     size: 2 << 20,
                 }],
                 too_large_count: 1,
+                refused: vec![RefusedPath {
+                    path: "junk/1.bin".into(),
+                    reason: "max_size".into(),
+                    peer: Some("lb2".into()),
+                    size: 60 << 20,
+                }],
+                refused_count: 1,
+                refused_total: 1,
                 not_adopted: 0,
                 not_sent: vec!["live/www/cert.pem".into()],
                 not_sent_count: 2,
@@ -605,6 +655,7 @@ mod tests {
             "1m35s ago",
             "live/www missing",
             "too large, not fetched: big.iso (2097152 bytes",
+            "over budget, not fetched: junk/1.bin (62914560 bytes from lb2; see [tree] max_size)",
             "  reader",
             "not sent: this node is not a writer (2 local changes put back): live/www/cert.pem",
             "refused from lb2: 3 records for their authorship (last: live/www/privkey.pem, \
