@@ -109,19 +109,16 @@ pub const MAX_REFUSALS: usize = 10_000;
 /// Growth of free disk after which refused paths are decided again.
 pub const RECHECK_FREE: u64 = 1 << 20;
 /// Most bytes (estimated by [`record_cost`]) the records one peer announced may hold
-/// in its view. A record at every wire limit costs ~29 KiB (so ≥ 2 200 such records
-/// fit), a typical one ~0.3 KiB (~200 000 fit; `peer::MAX_PEER_RECORDS` caps the
-/// count at 100 000 first). The view is dropped on disconnect; what a peer can make
-/// this node keep across reconnects is bounded by `MAX_INDEX_RECORDS` and tombstone
-/// collection (`Index::collect_tombstones`).
-pub const MAX_PEER_BYTES: usize = 64 << 20;
-/// A peer announced more than its view may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("announced records would hold ~{bytes} bytes, more than the {MAX_PEER_BYTES} a peer may")]
-pub struct OverBudget {
-    pub bytes: usize,
-}
-
+/// in its view: the same as the index may hold ([`MAX_INDEX_BYTES`]), so an honest
+/// peer's full index always fits (issue 25: below it, every full index sent after a
+/// reconnect overflowed and every session dropped). Past it, the peer's new paths are
+/// refused and named, and the session stays up. The view is dropped on disconnect;
+/// what a peer can make this node keep across reconnects is bounded by
+/// `MAX_INDEX_RECORDS` and tombstone collection (`Index::collect_tombstones`).
+pub const MAX_PEER_BYTES: usize = MAX_INDEX_BYTES;
+/// Most records one peer's view holds: the same as the index ([`MAX_INDEX_RECORDS`]),
+/// for the same reason as [`MAX_PEER_BYTES`].
+pub const MAX_PEER_RECORDS: usize = MAX_INDEX_RECORDS;
 /// Estimated heap bytes a record announced by a peer holds in its view.
 pub fn record_cost(r: &FileRecord) -> usize {
     r.heap_cost()
@@ -323,22 +320,49 @@ impl Plan {
         self.reverts.get(p).copied().unwrap_or(false)
     }
 
-    /// Checks, before `receive`, that `records` fit the peer's byte budget.
-    pub fn admit(&self, peer: &DeviceId, records: &[(FileRecord, u64)]) -> Result<(), OverBudget> {
-        let Some(view) = self.peers.get(peer) else {
-            return Ok(());
+    /// Splits `records` into those the peer's view has room for and those it has
+    /// not: a path already in the view always fits (it replaces), a new one only
+    /// while the view holds fewer than [`MAX_PEER_RECORDS`] records and
+    /// [`MAX_PEER_BYTES`]. The refused ones are listed ([`Plan::refused`]) and never
+    /// needed, so they are acknowledged as refused; the session goes on.
+    pub fn admit(
+        &mut self,
+        peer: DeviceId,
+        records: Vec<(FileRecord, u64)>,
+    ) -> (Vec<(FileRecord, u64)>, Vec<FileRecord>) {
+        let Some(view) = self.peers.get(&peer) else {
+            return (records, Vec::new());
         };
-        let mut bytes = view.bytes;
-        for (r, _) in records {
-            bytes += record_cost(r);
-            if let Some((old, _)) = view.records.get(&r.path) {
-                bytes = bytes.saturating_sub(record_cost(old));
+        let (mut count, mut bytes) = (view.records.len(), view.bytes);
+        let mut added: HashSet<RelPath> = HashSet::new();
+        let mut refused = Vec::new();
+        let mut ok = Vec::with_capacity(records.len());
+        for (r, seq) in records {
+            let cost = record_cost(&r);
+            match view.records.get(&r.path) {
+                Some((old, _)) => bytes = (bytes + cost).saturating_sub(record_cost(old)),
+                None if added.contains(&r.path) => bytes += cost,
+                None if count < MAX_PEER_RECORDS && bytes + cost <= MAX_PEER_BYTES => {
+                    count += 1;
+                    bytes += cost;
+                    added.insert(r.path.clone());
+                }
+                None => {
+                    refused.push(r);
+                    continue;
+                }
             }
+            ok.push((r, seq));
         }
-        if bytes > MAX_PEER_BYTES {
-            return Err(OverBudget { bytes });
+        for r in &refused {
+            let refusal = Refusal {
+                reason: BudgetKind::PeerView,
+                peer: Some(peer),
+                size: r.size,
+            };
+            self.refuse(&r.path, refusal);
         }
-        Ok(())
+        (ok, refused)
     }
 
     /// Lists `p` as refused by a budget and reports it (the first few, then at each
@@ -803,33 +827,38 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_view_is_bounded_in_bytes() {
+    fn a_peer_view_is_bounded_in_bytes_and_refuses_new_paths_past_it() {
         let index = Index::new(ShortId(100));
         let mut plan = Plan::default();
         let peer = connected(&mut plan, &index);
         // Records at the wire's limits: a 4 KiB path and 1024 version entries.
         let big = |i: usize| {
-            let name = format!("{i:04}{}", "x".repeat(200));
-            let path = vec![name; MAX_PATH / 205].join("/");
+            let name = format!("{i:05}{}", "x".repeat(200));
+            let path = vec![name; MAX_PATH / 206].join("/");
             (record(&path, 1, 1024), i as u64 + 1)
         };
         let cost = record_cost(&big(0).0);
         assert!(cost > 20 << 10, "{cost}");
         let fit = MAX_PEER_BYTES / cost;
-        let batch: Vec<_> = (0..fit).map(big).collect();
-        plan.admit(&peer, &batch).unwrap();
-        plan.receive(peer, batch, fit as u64, &index);
+        let (ok, over) = plan.admit(peer, (0..fit).map(big).collect());
+        assert!(over.is_empty());
+        plan.receive(peer, ok, fit as u64, &index);
         assert!(plan.peer_bytes(&peer) <= MAX_PEER_BYTES);
         // The same records again replace, they do not add up…
-        plan.admit(&peer, &(0..fit).map(big).collect::<Vec<_>>())
-            .unwrap();
-        // …new ones are refused.
-        let more: Vec<_> = (fit..fit + 1).map(big).collect();
-        assert!(plan.admit(&peer, &more).is_err());
+        let (ok, over) = plan.admit(peer, (0..fit).map(big).collect());
+        assert_eq!((ok.len(), over.len()), (fit, 0));
+        // …a new one is refused and named, with the peer.
+        let (ok, over) = plan.admit(peer, vec![big(fit)]);
+        assert_eq!((ok.len(), over.len()), (0, 1));
+        let (p, r) = plan.refused().next().unwrap();
+        assert_eq!(
+            (p, r.reason, r.peer),
+            (&big(fit).0.path, BudgetKind::PeerView, Some(peer))
+        );
         // A reconnect starts a new view.
         plan.connected(peer, &index);
         assert_eq!(plan.peer_bytes(&peer), 0);
-        plan.admit(&peer, &more).unwrap();
+        assert_eq!(plan.admit(peer, vec![big(fit)]).1.len(), 0);
     }
 
     /// A plan with `budget`, an index holding `held` (path, size) files, a peer.
