@@ -105,6 +105,7 @@ fn status(shared: &Arc<Shared>) -> Status {
             let unacked = st.engine.index().changed_since(acked).count();
             let last_sync = if in_sync { Some(now) } else { slot.last_sync };
             let refused = st.engine.refused().get(id).cloned().unwrap_or_default();
+            let over_cap = st.engine.over_cap().get(id).cloned().unwrap_or_default();
             let p = PeerStatus {
                 name: slot.config.name.clone(),
                 id: id.to_string(),
@@ -123,6 +124,10 @@ fn status(shared: &Arc<Shared>) -> Status {
                     last_path: refused.last_path.map(|p| p.as_str().to_string()),
                     last_author: refused.last_author.map(|a| a.to_string()),
                     last_reason: refused.last_reason,
+                },
+                over_cap: OverCapStatus {
+                    count: over_cap.count,
+                    last_path: over_cap.last_path.map(|p| p.as_str().to_string()),
                 },
             };
             (*id, p)

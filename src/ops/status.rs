@@ -191,6 +191,17 @@ pub struct PeerStatus {
     /// Records this peer sent that were refused for their authorship.
     #[serde(default)]
     pub refused: RefusedStatus,
+    /// New paths this peer sent while its view held its cap (200,000 records or
+    /// 256 MiB): refused, the session kept (issue 25).
+    #[serde(default)]
+    pub over_cap: OverCapStatus,
+}
+
+/// A peer's new paths refused because its view was full, since start.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct OverCapStatus {
+    pub count: u64,
+    pub last_path: Option<String>,
 }
 
 /// Renders the status as tables for people: node, tree, peers, certificates,
@@ -311,6 +322,15 @@ pub fn render(s: &Status) -> String {
     );
     if let Some(c) = &s.cluster {
         o.push_str(&crate::ops::census::render(c));
+    }
+    for p in s.peers.iter().filter(|p| p.over_cap.count > 0) {
+        let _ = writeln!(
+            o,
+            "refused from {}: {} new paths, its view is full (last: {})",
+            p.name,
+            p.over_cap.count,
+            p.over_cap.last_path.as_deref().unwrap_or("-")
+        );
     }
     for p in s.peers.iter().filter(|p| p.refused.count > 0) {
         let r = &p.refused;
@@ -576,6 +596,10 @@ mod tests {
                     last_sync_unix: Some(1_000_000),
                     last_sync: None,
                     refused: RefusedStatus::default(),
+                    over_cap: OverCapStatus {
+                        count: 7,
+                        last_path: Some("flood/9.pem".into()),
+                    },
                 },
                 PeerStatus {
                     name: "lb2".into(),
@@ -596,6 +620,7 @@ mod tests {
                         last_author: Some("B".into()),
                         last_reason: Some("the signature does not match the record".into()),
                     },
+                    over_cap: OverCapStatus::default(),
                 },
             ],
             certificates: Vec::new(),
@@ -657,6 +682,7 @@ mod tests {
             "too large, not fetched: big.iso (2097152 bytes",
             "over budget, not fetched: junk/1.bin (62914560 bytes from lb2; see [tree] max_size)",
             "  reader",
+            "refused from lb1: 7 new paths, its view is full (last: flood/9.pem)",
             "not sent: this node is not a writer (2 local changes put back): live/www/cert.pem",
             "refused from lb2: 3 records for their authorship (last: live/www/privkey.pem, \
              claiming lb1 (B): the signature does not match the record)",
