@@ -194,6 +194,21 @@ struct RawTree {
     /// "64MiB", "1GiB", or a number of bytes. Larger ones are not fetched (shown in
     /// `status`); local files of any size are still announced.
     max_file_size: Option<Spanned<RawSize>>,
+    /// Most bytes of file content this node holds in the tree (default "256MiB"):
+    /// past it, peers' new paths and growing files are not fetched (shown in
+    /// `status`, acknowledged as refused); nothing held is removed.
+    max_size: Option<Spanned<RawSize>>,
+    /// Most live paths in the tree (default 200000): past it, peers' new paths are
+    /// not fetched (shown in `status`); nothing held is removed.
+    max_files: Option<Spanned<u64>>,
+    /// Free space a fetch must leave on the tree's filesystem (default "5%"): a
+    /// percentage like "5%" or "0.5%", or a size like "1GiB". A peer's file that
+    /// would leave less is not fetched (shown in `status`).
+    min_disk_free: Option<Spanned<RawSize>>,
+    /// Most bytes the versions kept of what peers' changes replaced or deleted may
+    /// hold together (default "256MiB"; `certmesh restore`). Versions of another
+    /// node's work are evicted last.
+    kept_max_size: Option<Spanned<RawSize>>,
     /// The nodes allowed to change the tree: this node's name, `[[peer]]` names, or
     /// device IDs of nodes further away. Absent: every node may. Records whose
     /// author is not listed are refused; a node not listed keeps its own tree at the
@@ -394,6 +409,10 @@ pub struct Config {
     pub dhparam: Option<crate::dhgroup::DhGroup>,
     /// `tree.max_file_size`: larger files from peers are not fetched.
     pub max_file_size: u64,
+    /// `tree.max_size`, `tree.max_files`, `tree.min_disk_free`.
+    pub budget: crate::plan::TreeBudget,
+    /// `tree.kept_max_size`: the bytes kept versions may hold together.
+    pub kept_max_size: u64,
     /// `tree.writers`: `None`, every node may change the tree.
     pub writers: Option<Vec<Writer>>,
     pub peers: Vec<PeerConfig>,
@@ -426,7 +445,7 @@ impl Config {
         // Sections without PartialEq compare by their Debug rendering: any change counts.
         let dbg = |v: &dyn std::fmt::Debug| format!("{v:?}");
         let mut out = Vec::new();
-        let checks: [(&'static str, bool); 12] = [
+        let checks: [(&'static str, bool); 14] = [
             ("tree.writers", self.writers != new.writers),
             ("node.name", self.name != new.name),
             ("node.state_dir", self.state_dir != new.state_dir),
@@ -436,6 +455,11 @@ impl Config {
             (
                 "tree.max_file_size",
                 self.max_file_size != new.max_file_size,
+            ),
+            ("tree.budget", self.budget != new.budget),
+            (
+                "tree.kept_max_size",
+                self.kept_max_size != new.kept_max_size,
             ),
             ("acme", dbg(&self.acme) != dbg(&new.acme)),
             (
@@ -497,6 +521,8 @@ impl Config {
             rescan_interval,
             dhparam,
             max_file_size,
+            budget,
+            kept_max_size,
         } = tree_settings(&raw.tree, &bad)?;
         let peers = peers(&raw.peer, &name, &bad)?;
         let writers = raw
@@ -538,6 +564,8 @@ impl Config {
             rescan_interval,
             dhparam,
             max_file_size,
+            budget,
+            kept_max_size,
             writers,
             peers,
             acme,
@@ -619,9 +647,97 @@ struct TreeSettings {
     rescan_interval: Duration,
     dhparam: Option<crate::dhgroup::DhGroup>,
     max_file_size: u64,
+    budget: crate::plan::TreeBudget,
+    kept_max_size: u64,
 }
 
-/// `[tree]`: `rescan_interval` (at least 1s), `dhparam`, `max_file_size`.
+/// A size key of `[tree]`: its value in bytes, or `default` when absent.
+fn size_key(
+    v: &Option<Spanned<RawSize>>,
+    key: &str,
+    default: u64,
+    bad: &Bad,
+) -> Result<u64, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => match s.get_ref() {
+            RawSize::Bytes(n) => Ok(*n),
+            RawSize::Text(t) => parse_size(t),
+        }
+        .map_err(|m| bad(s.span(), key, m)),
+    }
+}
+
+/// `[tree] max_size`, `max_files`, `min_disk_free` and `kept_max_size`.
+fn budgets(t: &RawTree, bad: &Bad) -> Result<(crate::plan::TreeBudget, u64), ConfigError> {
+    use crate::plan::{MinFree, TreeBudget};
+    let d = TreeBudget::default();
+    let positive = |v: &Option<Spanned<RawSize>>, key: &str, default: u64| {
+        let n = size_key(v, key, default, bad)?;
+        match v {
+            Some(s) if n == 0 => Err(bad(s.span(), key, "must be more than 0".into())),
+            _ => Ok(n),
+        }
+    };
+    let max_size = positive(&t.max_size, "tree.max_size", d.max_size)?;
+    let kept = positive(
+        &t.kept_max_size,
+        "tree.kept_max_size",
+        crate::keep::MAX_TOTAL_BYTES,
+    )?;
+    let max_files = match &t.max_files {
+        None => d.max_files,
+        Some(s) => match usize::try_from(*s.get_ref()) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(bad(
+                    s.span(),
+                    "tree.max_files",
+                    format!("{} is not a number of files above 0", s.get_ref()),
+                ))
+            }
+        },
+    };
+    let min_disk_free = match &t.min_disk_free {
+        None => d.min_disk_free,
+        Some(s) => match s.get_ref() {
+            RawSize::Bytes(n) => MinFree::Bytes(*n),
+            RawSize::Text(v) if v.trim().ends_with('%') => MinFree::Basis(
+                parse_percent(v).map_err(|m| bad(s.span(), "tree.min_disk_free", m))?,
+            ),
+            RawSize::Text(v) => {
+                MinFree::Bytes(parse_size(v).map_err(|m| bad(s.span(), "tree.min_disk_free", m))?)
+            }
+        },
+    };
+    let budget = TreeBudget {
+        max_size,
+        max_files,
+        min_disk_free,
+    };
+    Ok((budget, kept))
+}
+
+/// "5%" or "0.5%" as hundredths of a percent, at most 100 %.
+fn parse_percent(v: &str) -> Result<u32, String> {
+    let num = v.trim().trim_end_matches('%').trim();
+    let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+    let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+    let ok = digits(whole) && (frac.is_empty() || (digits(frac) && frac.len() <= 2));
+    let basis = ok
+        .then(|| {
+            let w: u32 = whole.parse().ok()?;
+            let f: u32 = format!("{frac:0<2}").parse().ok()?;
+            w.checked_mul(100)?.checked_add(f)
+        })
+        .flatten()
+        .filter(|b| *b <= 10_000);
+    basis.ok_or_else(|| {
+        format!("{v:?} is not a percentage from 0% to 100% (e.g. \"5%\") or a size (e.g. \"1GiB\")")
+    })
+}
+
+/// `[tree]`: `rescan_interval` (at least 1s), `dhparam`, `max_file_size`, budgets.
 fn tree_settings(t: &RawTree, bad: &Bad) -> Result<TreeSettings, ConfigError> {
     let rescan_interval = match &t.rescan_interval {
         None => Duration::from_secs(3600),
@@ -652,18 +768,19 @@ fn tree_settings(t: &RawTree, bad: &Bad) -> Result<TreeSettings, ConfigError> {
             )
         })?),
     };
-    let max_file_size = match &t.max_file_size {
-        None => crate::plan::DEFAULT_MAX_FILE_SIZE,
-        Some(s) => match s.get_ref() {
-            RawSize::Bytes(n) => Ok(*n),
-            RawSize::Text(t) => parse_size(t),
-        }
-        .map_err(|m| bad(s.span(), "tree.max_file_size", m))?,
-    };
+    let max_file_size = size_key(
+        &t.max_file_size,
+        "tree.max_file_size",
+        crate::plan::DEFAULT_MAX_FILE_SIZE,
+        bad,
+    )?;
+    let (budget, kept_max_size) = budgets(t, bad)?;
     Ok(TreeSettings {
         rescan_interval,
         dhparam,
         max_file_size,
+        budget,
+        kept_max_size,
     })
 }
 
@@ -1329,6 +1446,37 @@ mod tests {
         Config::parse(Path::new("c.toml"), text)
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn tree_budgets_take_sizes_percentages_and_refuse_nonsense() {
+        use crate::plan::{MinFree, TreeBudget};
+        let parse = |extra: &str| Config::parse(Path::new("c.toml"), &cfg(extra));
+        let d = parse("").unwrap();
+        assert_eq!(d.budget, TreeBudget::default());
+        assert_eq!(d.budget.min_disk_free, MinFree::Basis(500));
+        let c = parse(
+            "max_size = \"1GiB\"\nmax_files = 10\nmin_disk_free = \"0.5%\"\nkept_max_size = 4096\n",
+        )
+        .unwrap();
+        assert_eq!(c.budget.max_size, 1 << 30);
+        assert_eq!(c.budget.max_files, 10);
+        assert_eq!(c.budget.min_disk_free, MinFree::Basis(50));
+        assert_eq!(c.kept_max_size, 4096);
+        let c = parse("min_disk_free = \"2GiB\"\n").unwrap();
+        assert_eq!(c.budget.min_disk_free, MinFree::Bytes(2 << 30));
+        for (extra, key) in [
+            ("min_disk_free = \"101%\"\n", "tree.min_disk_free"),
+            ("min_disk_free = \"five%\"\n", "tree.min_disk_free"),
+            ("min_disk_free = \"5 parsecs\"\n", "tree.min_disk_free"),
+            ("max_size = 0\n", "tree.max_size"),
+            ("max_files = 0\n", "tree.max_files"),
+            ("kept_max_size = \"lots\"\n", "tree.kept_max_size"),
+        ] {
+            let e = parse(extra).unwrap_err().to_string();
+            assert!(e.contains(&format!("c.toml:8: {key}")), "{extra}: {e}");
+        }
+        assert!(parse("max_bytes = 1\n").is_err(), "unknown key accepted");
     }
 
     #[test]

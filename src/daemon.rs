@@ -65,6 +65,15 @@ fn persister(shared: Arc<Shared>, mut file: StoreFile, rx: std::sync::mpsc::Rece
     }
 }
 
+/// The bounds on kept versions: `[tree] kept_max_size` bytes, and as many versions
+/// as the default allows.
+fn kept_budget(config: &Config) -> crate::keep::Budget {
+    crate::keep::Budget {
+        max_bytes: config.kept_max_size,
+        ..crate::keep::Budget::default()
+    }
+}
+
 /// Runs the daemon until `shutdown` resolves; in-flight writes finish first.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     // Before anything in the state dir is read or written: one daemon per state dir.
@@ -72,7 +81,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let identity = Arc::new(Identity::load(&config.state_dir)?);
     config.check_not_own_peer(identity.id)?;
     config.check_tree_exists()?;
-    let tree = Tree::new(config.tree.clone());
+    let mut tree = Tree::new(config.tree.clone());
+    tree.kept = kept_budget(&config);
     tree.prepare()
         .with_context(|| format!("preparing tree {}", config.tree.display()))?;
     let mut index = Index::new(identity.id.short());
@@ -123,8 +133,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // issue 13: sign what this node authors; take in only what `writers` allows.
     let signer = Arc::new(crate::identity::NodeSigner::new(&identity)?);
     let writers = crate::writers::policy(&config, identity.id)?;
-    let mut engine =
-        Engine::new(index, config.max_file_size).with_authorship(Some(signer), writers);
+    let mut engine = Engine::new(index, config.max_file_size)
+        .with_budget(config.budget)
+        .with_authorship(Some(signer), writers);
     engine.track_durability();
     engine.set_roster(identity.id, config.name.clone(), roster(&config.peers));
     let shared = Arc::new(Shared {
@@ -191,7 +202,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         TreeWriter::new(&shared),
         Reports::new(&shared),
     ));
-    if let Err(e) = crate::keep::prune_all(&shared.tree.root, now_ns()) {
+    if let Err(e) = crate::keep::prune_all(&shared.tree.root, now_ns(), shared.tree.kept) {
         tracing::warn!(error = %e, "pruning kept versions");
     }
     tasks.push(crate::repair::start(crate::repair::Handles {
@@ -215,6 +226,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         watcher.clone(),
     )));
     tasks.push(tokio::spawn(collect_tombstones(shared.clone())));
+    tasks.push(tokio::spawn(measure_disk(sync.clone())));
     tracing::info!(listen = %config.listen, tree = %config.tree.display(), peers = config.peers.len(), "certmesh running");
     tasks.extend(crate::systemd::ready(&crate::handles::Observer::new(
         &shared,
@@ -490,6 +502,19 @@ const TOMBSTONE_SWEEP: Duration = Duration::from_secs(3600);
 /// Drops tombstones every configured peer has acknowledged and that are older than
 /// `index::TOMBSTONE_RETENTION`, so deletions (and a peer's floods of them) do not
 /// grow the index forever.
+/// How often the tree's filesystem is measured besides each index frame.
+const DISK_MEASURE: Duration = Duration::from_secs(5);
+
+/// Measures free disk every [`DISK_MEASURE`]: paths `[tree] min_disk_free` refused
+/// are fetched once space returns, even when no peer sends anything.
+async fn measure_disk(sync: SyncHandle) {
+    loop {
+        tokio::time::sleep(DISK_MEASURE).await;
+        let s = sync.clone();
+        let _ = tokio::task::spawn_blocking(move || s.disk_measured()).await;
+    }
+}
+
 async fn collect_tombstones(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(TOMBSTONE_SWEEP).await;

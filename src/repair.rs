@@ -437,10 +437,17 @@ mod tests {
             reason: keep::Reason::Replaced,
             modified_by: ShortId(42),
             version: Default::default(),
+            content_by: None,
         };
-        keep::keep(root, &p, &cause, crate::clock::now_ns())
-            .unwrap()
-            .unwrap();
+        keep::keep(
+            root,
+            &p,
+            &cause,
+            crate::clock::now_ns(),
+            keep::Budget::default(),
+        )
+        .unwrap()
+        .unwrap();
         let (_, other) = bundle_pem(90);
         let tmp = root.join("new-key");
         fs::write(&tmp, other).unwrap();

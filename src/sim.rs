@@ -1355,4 +1355,20 @@ mod tests {
         );
         assert!(pct(0.99) < 1_000.0);
     }
+
+    /// Issue 25: per-peer caps are the index's own, so an honest tree of 150,000
+    /// paths syncs among three nodes, and after a node restarts every full index
+    /// sent again fits: no session is refused (a refusal fails `check_converged`).
+    #[test]
+    fn an_honest_tree_of_150_000_paths_syncs_and_survives_a_restart() {
+        let mut sim = Sim::mesh(3, 25);
+        for i in 0..150_000 {
+            sim.write(0, &format!("t/{}/{i}.pem", i % 300), b"x");
+        }
+        quiet_and_converged(&mut sim);
+        assert_eq!(sim.nodes[2].engine.index().live_count(), 150_000);
+        sim.crash(1);
+        sim.restart(1);
+        quiet_and_converged(&mut sim);
+    }
 }

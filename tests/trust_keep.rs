@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::util::{certmesh, wait_until, Node};
 
-const FILES: [&str; 5] = [
+pub const FILES: [&str; 5] = [
     "cert.pem",
     "chain.pem",
     "fullchain.pem",
@@ -40,7 +40,7 @@ fn mesh_on(root: &Path, ips: [&str; 3]) -> Vec<Node> {
 }
 
 /// A bundle in the certbot layout, as publish writes it: `archive/www/1/` + `live/www`.
-fn place_bundle(tree: &Path) -> Vec<(String, Vec<u8>)> {
+pub fn place_bundle(tree: &Path) -> Vec<(String, Vec<u8>)> {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["www.example.com".to_string()])
         .unwrap()
@@ -66,7 +66,7 @@ fn place_bundle(tree: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-fn has_bundle(n: &Node, want: &[(String, Vec<u8>)]) -> bool {
+pub fn has_bundle(n: &Node, want: &[(String, Vec<u8>)]) -> bool {
     want.iter()
         .all(|(f, data)| fs::read(n.tree.join("live/www").join(f)).ok().as_ref() == Some(data))
 }

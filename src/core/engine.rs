@@ -16,35 +16,28 @@ use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Me
 use crate::identity::{DeviceId, NodeSigner};
 use crate::index::{FileRecord, Index, LocalStat, Observed};
 use crate::paths::RelPath;
-use crate::plan::{OverBudget, Plan, PlanEvent};
+use crate::plan::{DiskSpace, Plan, PlanEvent, TreeBudget};
 
 /// Largest content sent inline with its record.
 pub const MAX_INLINE: usize = 16 << 10;
 
-/// Most records one peer may announce (bounds memory against an index flood: about
-/// 0.7 KiB each, so ~70 MiB; a certificate tree has a few thousand). Bytes are
-/// bounded too: `plan::MAX_PEER_BYTES`.
-pub const MAX_PEER_RECORDS: usize = 100_000;
+/// Most records one peer's view holds (`plan::MAX_PEER_RECORDS`, the index's own
+/// cap): past it, its new paths are refused and the session stays up.
+pub const MAX_PEER_RECORDS: usize = crate::plan::MAX_PEER_RECORDS;
 
 /// A peer broke a rule of the sync protocol; the session with it should end.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
-    /// The peer announced more records than [`MAX_PEER_RECORDS`].
-    #[error("more than {MAX_PEER_RECORDS} records")]
-    TooManyRecords,
-    /// The peer's announced records would exceed its byte budget.
-    #[error(transparent)]
-    OverBudget(#[from] OverBudget),
     /// The peer acknowledged a sequence we never handed out.
     #[error("acknowledges sequence {acked}, ours is only {ours}")]
     AckBeyond { acked: u64, ours: u64 },
 }
 
 impl EngineError {
-    /// The kind of message that broke the rule (`"index"` or `"ack"`).
+    /// The kind of message that broke the rule (`"ack"`; a cap on what a peer
+    /// announces is never one: its new paths are refused, the session goes on).
     pub fn what(&self) -> &'static str {
         match self {
-            EngineError::TooManyRecords | EngineError::OverBudget(_) => "index",
             EngineError::AckBeyond { .. } => "ack",
         }
     }
@@ -109,6 +102,13 @@ pub struct Refused {
     pub last_reason: Option<String>,
 }
 
+/// New paths of one peer refused because its view held its cap, since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OverCap {
+    pub count: u64,
+    pub last_path: Option<RelPath>,
+}
+
 /// Most paths [`NotSent::recent`] remembers.
 pub const NOT_SENT_RECENT: usize = 16;
 
@@ -129,6 +129,8 @@ struct Authority {
     /// This node may change the tree (it is in `writers`, or there is no list).
     writer: bool,
     refused: HashMap<DeviceId, Refused>,
+    /// New paths of each peer refused because its view was full (issue 25).
+    over_cap: HashMap<DeviceId, OverCap>,
     not_sent: NotSent,
     /// One copy of each author's certificate, shared by its records (at most
     /// [`MAX_SHARED_CERTS`] authors; beyond, records keep their own copy).
@@ -203,6 +205,20 @@ impl Engine {
             #[cfg(test)]
             break_acks: false,
         }
+    }
+
+    /// Applies the tree budgets (`[tree] max_size`, `max_files`, `min_disk_free`).
+    pub fn with_budget(mut self, budget: TreeBudget) -> Self {
+        self.plan.set_budget(budget);
+        self
+    }
+
+    /// The tree's filesystem was measured: `min_disk_free` is checked against it,
+    /// and paths a budget refused are decided again when there is room. Returns
+    /// whether something is needed now that was not.
+    pub fn handle_disk_space(&mut self, disk: DiskSpace) -> bool {
+        self.plan.set_disk_space(disk);
+        self.plan.recheck_budgets(&self.index)
     }
 
     /// Paths the puller has taken and not yet recorded.
@@ -284,6 +300,11 @@ impl Engine {
         &self.authority.refused
     }
 
+    /// Per peer, new paths refused because its view held its cap, since start.
+    pub fn over_cap(&self) -> &HashMap<DeviceId, OverCap> {
+        &self.authority.over_cap
+    }
+
     /// A reader's local changes that were not sent.
     pub fn not_sent(&self) -> &NotSent {
         &self.authority.not_sent
@@ -351,18 +372,21 @@ impl Engine {
     }
 
     /// Records announced by `peer` (each with its sequence), up to `last_sequence`:
-    /// refused beyond [`MAX_PEER_RECORDS`] or the peer's byte budget, otherwise
-    /// taken into its view and the needs re-derived.
+    /// taken into its view and the needs re-derived. New paths past the view's cap
+    /// ([`MAX_PEER_RECORDS`], `plan::MAX_PEER_BYTES`) are refused, counted for the
+    /// peer and named, and acknowledged as refused: a cap never ends the session.
     pub fn handle_index(
         &mut self,
         peer: DeviceId,
         records: Vec<(FileRecord, u64)>,
         last_sequence: u64,
     ) -> Result<(), EngineError> {
-        if self.plan.peer_record_count(&peer) + records.len() > MAX_PEER_RECORDS {
-            return Err(EngineError::TooManyRecords);
+        let (records, over) = self.plan.admit(peer, records);
+        if let Some(last) = over.last() {
+            let stats = self.authority.over_cap.entry(peer).or_default();
+            stats.count += over.len() as u64;
+            stats.last_path = Some(last.path.clone());
         }
-        self.plan.admit(&peer, &records)?;
         let mut records = self.authorized(peer, records);
         for (r, _) in &mut records {
             self.authority.share_cert(r);
@@ -735,6 +759,61 @@ mod tests {
             e.observe(&p, Some(seen), 1);
         }
         e
+    }
+
+    /// A peer's record for `n/<i>` written by device `by`.
+    fn announced(i: usize, by: u64) -> (FileRecord, u64) {
+        let r = FileRecord {
+            path: RelPath::parse(&format!("n/{i}")).unwrap(),
+            kind: crate::index::Kind::File,
+            size: 1,
+            mode: 0o644,
+            mtime_ns: 1,
+            hash: crate::index::ContentHash([1; 32]),
+            target: String::new(),
+            version: crate::version::VersionVector::from_pairs(vec![(ShortId(by), 1)]),
+            deleted: false,
+            modified_by: ShortId(by),
+            auth: None,
+        };
+        (r, i as u64 + 1)
+    }
+
+    /// Sends `n` records in frames of 2,000 (the wire's limit), as a session does.
+    fn announce(e: &mut Engine, from: DeviceId, range: std::ops::Range<usize>, by: u64) {
+        let ids: Vec<usize> = range.collect();
+        for chunk in ids.chunks(2_000) {
+            let frame: Vec<_> = chunk.iter().map(|i| announced(*i, by)).collect();
+            let last = frame.last().map_or(0, |(_, s)| *s);
+            e.handle_index(from, frame, last)
+                .expect("a cap is never a reason to drop the session");
+        }
+    }
+
+    #[test]
+    fn caps_refuse_new_paths_and_never_end_a_session_at_real_scale() {
+        let mut e = engine_with(&[]);
+        let honest = DeviceId([7; 32]);
+        // An honest tree of 150,000 paths, sent again in full after a reconnect.
+        for _ in 0..2 {
+            e.connected(honest);
+            announce(&mut e, honest, 0..150_000, 7);
+        }
+        assert_eq!(e.plan().peer_record_count(&honest), 150_000);
+        assert!(e.over_cap().get(&honest).is_none());
+        // A bad peer's 250,000 paths: its view fills to the cap, the rest is
+        // refused and named, the session goes on.
+        e.connected(peer());
+        announce(&mut e, peer(), 150_000..400_000, 9);
+        assert_eq!(e.plan().peer_record_count(&peer()), MAX_PEER_RECORDS);
+        let refused = &e.over_cap()[&peer()];
+        assert_eq!(refused.count, 400_000 - 150_000 - MAX_PEER_RECORDS as u64);
+        assert_eq!(refused.last_path.as_ref().unwrap().as_str(), "n/399999");
+        assert!(e.refused().is_empty(), "counted as refused for authorship");
+        // Past the view cap, and past `max_files` for what fits in the view: all
+        // counted, the first `MAX_REFUSALS` listed in `status`.
+        assert!(e.plan().refused_total() >= 250_000 - MAX_PEER_RECORDS as u64);
+        assert_eq!(e.plan().refused_len(), crate::plan::MAX_REFUSALS);
     }
 
     #[test]

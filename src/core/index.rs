@@ -147,6 +147,15 @@ pub struct Entry {
     pub stat: Option<LocalStat>,
 }
 
+/// The content bytes a record holds in the tree (0 for a deletion, link or directory).
+pub fn held_bytes(r: &FileRecord) -> u64 {
+    if r.deleted || r.kind != Kind::File {
+        0
+    } else {
+        r.size
+    }
+}
+
 /// The local index.
 #[derive(Debug)]
 pub struct Index {
@@ -156,6 +165,10 @@ pub struct Index {
     sequence: u64,
     /// Sum of `heap_cost` over the records.
     bytes: usize,
+    /// Live (not deleted) records.
+    live: usize,
+    /// Sum of `size` over the live file records: the content held in the tree.
+    content_bytes: u64,
 }
 
 impl Index {
@@ -166,6 +179,8 @@ impl Index {
             by_sequence: BTreeMap::new(),
             sequence: 0,
             bytes: 0,
+            live: 0,
+            content_bytes: 0,
         }
     }
 
@@ -201,6 +216,10 @@ impl Index {
             self.forget(&old);
         }
         self.bytes += entry.record.heap_cost();
+        if !entry.record.deleted {
+            self.live += 1;
+            self.content_bytes += held_bytes(&entry.record);
+        }
         self.by_sequence
             .insert(entry.sequence, entry.record.path.clone());
         self.entries.insert(entry.record.path.clone(), entry);
@@ -208,6 +227,10 @@ impl Index {
 
     fn forget(&mut self, old: &Entry) {
         self.bytes = self.bytes.saturating_sub(old.record.heap_cost());
+        if !old.record.deleted {
+            self.live = self.live.saturating_sub(1);
+            self.content_bytes = self.content_bytes.saturating_sub(held_bytes(&old.record));
+        }
         if self.by_sequence.get(&old.sequence) == Some(&old.record.path) {
             self.by_sequence.remove(&old.sequence);
         }
@@ -215,7 +238,12 @@ impl Index {
 
     /// Live (not deleted) records.
     pub fn live_count(&self) -> usize {
-        self.entries.values().filter(|e| !e.record.deleted).count()
+        self.live
+    }
+
+    /// Bytes of file content the live records hold (`[tree] max_size`).
+    pub fn content_bytes(&self) -> u64 {
+        self.content_bytes
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
@@ -462,6 +490,8 @@ pub(crate) mod tests {
         assert_eq!((ix.len(), tombstones(&ix), ix.sequence()), (1, 0, 7));
         let live = ix.entries().next().unwrap().record.heap_cost();
         assert_eq!(ix.bytes(), live);
+        assert_eq!(ix.live_count(), 1);
+        assert_eq!(ix.content_bytes(), ix.entries().next().unwrap().record.size);
         assert_eq!(ix.changed_since(0).count(), 1);
     }
 

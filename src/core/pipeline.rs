@@ -75,6 +75,8 @@ pub struct Work {
     /// What the scanner last saw at the path: the apply refuses to overwrite a
     /// local change made since.
     pub expect: Option<LocalStat>,
+    /// The author of the live local record the need replaces (for the kept version).
+    pub replaces_author: Option<crate::identity::ShortId>,
     /// Connected peers to fetch from, in order; empty when no fetch is needed.
     pub sources: Vec<DeviceId>,
     /// The content, when it came inline with the record.
@@ -250,9 +252,13 @@ impl Pipeline {
             }
             in_flight.insert(p.clone());
             taken += 1;
+            let replaces_author = local
+                .filter(|e| !e.record.deleted)
+                .map(|e| e.record.modified_by);
             let w = Work {
                 need: need.clone(),
                 expect,
+                replaces_author,
                 sources,
                 inline,
                 staged: None,

@@ -6,29 +6,122 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::identity::DeviceId;
-use crate::index::{ContentHash, FileRecord, Index, Kind, MAX_INDEX_BYTES, MAX_INDEX_RECORDS};
+use crate::index::{
+    held_bytes, ContentHash, FileRecord, Index, Kind, MAX_INDEX_BYTES, MAX_INDEX_RECORDS,
+};
 use crate::paths::RelPath;
 use crate::version::Relation;
 
 /// `[tree] max_file_size` when not configured.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 64 << 20;
+
+/// `[tree] min_disk_free`: the free space a fetch must leave on the tree's filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinFree {
+    /// Hundredths of a percent of the filesystem's size (500 = 5 %).
+    Basis(u32),
+    Bytes(u64),
+}
+
+impl MinFree {
+    /// The bytes to leave free on a filesystem of `total` bytes.
+    pub fn bytes(self, total: u64) -> u64 {
+        match self {
+            MinFree::Basis(b) => (total as u128 * b as u128 / 10_000) as u64,
+            MinFree::Bytes(n) => n,
+        }
+    }
+}
+
+impl std::fmt::Display for MinFree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MinFree::Basis(b) => write!(f, "{}.{:02}%", b / 100, b % 100),
+            MinFree::Bytes(n) => write!(f, "{n} bytes"),
+        }
+    }
+}
+
+/// The tree budgets (issue 25): past any of them, peers' new paths (and growth of
+/// held files) are not fetched. Nothing already held is removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreeBudget {
+    /// `[tree] max_size`: bytes of file content this node holds in the tree.
+    pub max_size: u64,
+    /// `[tree] max_files`: live paths (files, directories, links) in the tree.
+    pub max_files: usize,
+    /// `[tree] min_disk_free`.
+    pub min_disk_free: MinFree,
+}
+
+impl Default for TreeBudget {
+    fn default() -> Self {
+        TreeBudget {
+            max_size: 256 << 20,
+            max_files: 200_000,
+            min_disk_free: MinFree::Basis(500),
+        }
+    }
+}
+
+/// The tree's filesystem, as last measured by the shell (`statvfs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskSpace {
+    /// Bytes available to this process.
+    pub free: u64,
+    /// Size of the filesystem.
+    pub total: u64,
+}
+
+/// Which budget refused a peer's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetKind {
+    MaxSize,
+    MaxFiles,
+    MinDiskFree,
+    /// The peer's view holds `MAX_PEER_RECORDS` or `MAX_PEER_BYTES`.
+    PeerView,
+}
+
+impl BudgetKind {
+    /// The config key (or cap) named in status and logs.
+    pub fn key(self) -> &'static str {
+        match self {
+            BudgetKind::MaxSize => "max_size",
+            BudgetKind::MaxFiles => "max_files",
+            BudgetKind::MinDiskFree => "min_disk_free",
+            BudgetKind::PeerView => "peer_view",
+        }
+    }
+}
+
+/// A peer's path not fetched because of a budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: BudgetKind,
+    /// The peer that announced it.
+    pub peer: Option<DeviceId>,
+    pub size: u64,
+}
+
+/// Most refused paths remembered for `status` (more are only counted).
+pub const MAX_REFUSALS: usize = 10_000;
+/// Growth of free disk after which refused paths are decided again.
+pub const RECHECK_FREE: u64 = 1 << 20;
 /// Most bytes (estimated by [`record_cost`]) the records one peer announced may hold
-/// in its view. A record at every wire limit costs ~29 KiB (so ≥ 2 200 such records
-/// fit), a typical one ~0.3 KiB (~200 000 fit; `peer::MAX_PEER_RECORDS` caps the
-/// count at 100 000 first). The view is dropped on disconnect; what a peer can make
-/// this node keep across reconnects is bounded by `MAX_INDEX_RECORDS` and tombstone
-/// collection (`Index::collect_tombstones`).
-pub const MAX_PEER_BYTES: usize = 64 << 20;
+/// in its view: the same as the index may hold ([`MAX_INDEX_BYTES`]), so an honest
+/// peer's full index always fits (issue 25: below it, every full index sent after a
+/// reconnect overflowed and every session dropped). Past it, the peer's new paths are
+/// refused and named, and the session stays up. The view is dropped on disconnect;
+/// what a peer can make this node keep across reconnects is bounded by
+/// `MAX_INDEX_RECORDS` and tombstone collection (`Index::collect_tombstones`).
+pub const MAX_PEER_BYTES: usize = MAX_INDEX_BYTES;
+/// Most records one peer's view holds: the same as the index ([`MAX_INDEX_RECORDS`]),
+/// for the same reason as [`MAX_PEER_BYTES`].
+pub const MAX_PEER_RECORDS: usize = MAX_INDEX_RECORDS;
 /// Estimated heap bytes a record announced by a peer holds in its view.
 pub fn record_cost(r: &FileRecord) -> usize {
     r.heap_cost()
-}
-
-/// A peer announced more than its view may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("announced records would hold ~{bytes} bytes, more than the {MAX_PEER_BYTES} a peer may")]
-pub struct OverBudget {
-    pub bytes: usize,
 }
 
 /// Something the plan decided that the node should log once.
@@ -39,6 +132,14 @@ pub enum PlanEvent {
     TooLarge { path: RelPath, size: u64, max: u64 },
     /// The index holds `MAX_INDEX_RECORDS`: a peer's new path was not taken in.
     IndexFull { path: RelPath },
+    /// A peer's path not fetched because of a tree budget or the peer's view cap
+    /// (reported for the first few, then at each power of two of `total`).
+    OverBudget {
+        path: RelPath,
+        refusal: Refusal,
+        /// Paths refused by a budget since start.
+        total: u64,
+    },
     /// Records of a peer refused for their authorship (issue 13): `count` in one
     /// batch, the first of them at `path`, claiming `author`.
     NotAuthorized {
@@ -55,6 +156,13 @@ pub struct Need {
     pub target: FileRecord,
     /// The local content loses a conflict and must be kept as a conflict copy.
     pub conflict: bool,
+}
+
+impl Need {
+    /// A live path this node does not hold yet (`[tree] max_files`).
+    fn new_path(&self, local: Option<&FileRecord>) -> bool {
+        !self.target.deleted && local.is_none_or(|l| l.deleted)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -74,6 +182,19 @@ pub struct Plan {
     /// Sum of `heap_cost` over the needs' targets.
     needs_bytes: usize,
     max_file_size: u64,
+    budget: TreeBudget,
+    /// The tree's filesystem, as last measured (`None`: not yet; not checked).
+    disk: Option<DiskSpace>,
+    /// Needs that add a live path ([`Need::new_path`]), and the content bytes all
+    /// needs fetch: what is coming on top of the index, for the budgets.
+    needs_new_paths: HashSet<RelPath>,
+    needs_fetch_bytes: u64,
+    /// Peers' paths not fetched because of a budget (at most [`MAX_REFUSALS`]).
+    refused: BTreeMap<RelPath, Refusal>,
+    refused_total: u64,
+    /// Free disk, live paths and content bytes when budget refusals were last
+    /// decided again ([`Plan::recheck_budgets`]).
+    rechecked: (u64, usize, u64),
     max_index_records: usize,
     max_index_bytes: usize,
     /// Peers' files larger than `max_file_size`, not fetched: path → (hash, size).
@@ -102,6 +223,13 @@ impl Plan {
             needs: BTreeMap::new(),
             needs_bytes: 0,
             max_file_size,
+            budget: TreeBudget::default(),
+            disk: None,
+            needs_new_paths: HashSet::new(),
+            needs_fetch_bytes: 0,
+            refused: BTreeMap::new(),
+            refused_total: 0,
+            rechecked: (0, 0, 0),
             max_index_records: MAX_INDEX_RECORDS,
             max_index_bytes: MAX_INDEX_BYTES,
             too_large: BTreeMap::new(),
@@ -110,6 +238,60 @@ impl Plan {
             events: Vec::new(),
             reverts: HashMap::new(),
         }
+    }
+
+    /// Applies the tree budgets to peers' paths evaluated from now on.
+    pub fn set_budget(&mut self, budget: TreeBudget) {
+        self.budget = budget;
+    }
+
+    /// The tree's filesystem was measured (`[tree] min_disk_free`).
+    pub fn set_disk_space(&mut self, disk: DiskSpace) {
+        self.disk = Some(disk);
+    }
+
+    /// Decides again the paths a tree budget refused, once there is room again:
+    /// free disk grew by [`RECHECK_FREE`] or the tree shrank since the last time.
+    /// Returns whether any of them is needed now.
+    pub fn recheck_budgets(&mut self, index: &Index) -> bool {
+        let now = (
+            self.disk.map_or(0, |d| d.free),
+            index.live_count(),
+            index.content_bytes(),
+        );
+        let (free, live, bytes) = self.rechecked;
+        let room = now.0 >= free.saturating_add(RECHECK_FREE) || now.1 < live || now.2 < bytes;
+        if !room {
+            // Keep the tightest mark, so the next growth of room is measured from it.
+            self.rechecked = (free.min(now.0), live.max(now.1), bytes.max(now.2));
+            return false;
+        }
+        self.rechecked = now;
+        let paths: Vec<RelPath> = self
+            .refused
+            .iter()
+            .filter(|(_, r)| r.reason != BudgetKind::PeerView)
+            .map(|(p, _)| p.clone())
+            .collect();
+        let before = self.needs.len();
+        for p in &paths {
+            self.evaluate(p, index);
+        }
+        self.needs.len() > before
+    }
+
+    /// Peers' paths not fetched because of a budget (at most [`MAX_REFUSALS`]).
+    pub fn refused(&self) -> impl Iterator<Item = (&RelPath, &Refusal)> {
+        self.refused.iter()
+    }
+
+    pub fn refused_len(&self) -> usize {
+        self.refused.len()
+    }
+
+    /// Paths refused by a budget since start (also those no longer listed).
+    pub fn refused_total(&self) -> u64 {
+        self.refused_total
     }
 
     /// Records an event for the node to log.
@@ -138,22 +320,80 @@ impl Plan {
         self.reverts.get(p).copied().unwrap_or(false)
     }
 
-    /// Checks, before `receive`, that `records` fit the peer's byte budget.
-    pub fn admit(&self, peer: &DeviceId, records: &[(FileRecord, u64)]) -> Result<(), OverBudget> {
-        let Some(view) = self.peers.get(peer) else {
-            return Ok(());
+    /// Splits `records` into those the peer's view has room for and those it has
+    /// not: a path already in the view always fits (it replaces), a new one only
+    /// while the view holds fewer than [`MAX_PEER_RECORDS`] records and
+    /// [`MAX_PEER_BYTES`]. The refused ones are listed ([`Plan::refused`]) and never
+    /// needed, so they are acknowledged as refused; the session goes on.
+    pub fn admit(
+        &mut self,
+        peer: DeviceId,
+        records: Vec<(FileRecord, u64)>,
+    ) -> (Vec<(FileRecord, u64)>, Vec<FileRecord>) {
+        let Some(view) = self.peers.get(&peer) else {
+            return (records, Vec::new());
         };
-        let mut bytes = view.bytes;
-        for (r, _) in records {
-            bytes += record_cost(r);
-            if let Some((old, _)) = view.records.get(&r.path) {
-                bytes = bytes.saturating_sub(record_cost(old));
+        let (mut count, mut bytes) = (view.records.len(), view.bytes);
+        let mut added: HashSet<RelPath> = HashSet::new();
+        let mut refused = Vec::new();
+        let mut ok = Vec::with_capacity(records.len());
+        for (r, seq) in records {
+            let cost = record_cost(&r);
+            match view.records.get(&r.path) {
+                Some((old, _)) => bytes = (bytes + cost).saturating_sub(record_cost(old)),
+                None if added.contains(&r.path) => bytes += cost,
+                None if count < MAX_PEER_RECORDS && bytes + cost <= MAX_PEER_BYTES => {
+                    count += 1;
+                    bytes += cost;
+                    added.insert(r.path.clone());
+                }
+                None => {
+                    refused.push(r);
+                    continue;
+                }
             }
+            ok.push((r, seq));
         }
-        if bytes > MAX_PEER_BYTES {
-            return Err(OverBudget { bytes });
+        for r in &refused {
+            let refusal = Refusal {
+                reason: BudgetKind::PeerView,
+                peer: Some(peer),
+                size: r.size,
+            };
+            self.refuse(&r.path, refusal);
         }
-        Ok(())
+        (ok, refused)
+    }
+
+    /// Lists `p` as refused by a budget and reports it (the first few, then at each
+    /// power of two).
+    fn refuse(&mut self, p: &RelPath, refusal: Refusal) {
+        let room = self.refused.len() < MAX_REFUSALS;
+        let new = match self.refused.get_mut(p) {
+            Some(r) => {
+                let new = r.reason != refusal.reason;
+                *r = refusal.clone();
+                new
+            }
+            None => {
+                if room {
+                    self.refused.insert(p.clone(), refusal.clone());
+                }
+                true
+            }
+        };
+        if !new {
+            return;
+        }
+        self.refused_total += 1;
+        let total = self.refused_total;
+        if total <= 16 || total.is_power_of_two() {
+            self.events.push(PlanEvent::OverBudget {
+                path: p.clone(),
+                refusal,
+                total,
+            });
+        }
     }
 
     /// Estimated bytes the records `peer` announced hold.
@@ -265,6 +505,15 @@ impl Plan {
     /// Re-derives the need for one path after its local record or a peer's changed.
     pub fn evaluate(&mut self, p: &RelPath, index: &Index) {
         let local = index.get(p).map(|e| &e.record);
+        // A peer-view refusal stays (the record is not in any view to re-derive);
+        // a budget refusal is decided again below.
+        if self
+            .refused
+            .get(p)
+            .is_some_and(|r| r.reason != BudgetKind::PeerView)
+        {
+            self.refused.remove(p);
+        }
         // Contenders: peers' records the local one has not seen…
         let seen = self
             .peers
@@ -318,20 +567,83 @@ impl Plan {
                 conflict: false,
             })
         });
-        let need = need.filter(|n| self.fetchable(n) && self.adoptable(n, local, index));
-        match need {
-            Some(n) => {
-                self.needs_bytes += n.target.heap_cost();
-                if let Some(old) = self.needs.insert(p.clone(), n) {
-                    self.needs_bytes = self.needs_bytes.saturating_sub(old.target.heap_cost());
-                }
-            }
-            None => {
-                if let Some(old) = self.needs.remove(p) {
-                    self.needs_bytes = self.needs_bytes.saturating_sub(old.target.heap_cost());
-                }
-            }
+        let need = need.filter(|n| {
+            self.fetchable(n)
+                && self.within_budget(n, local, index)
+                && self.adoptable(n, local, index)
+        });
+        if let Some(old) = self.needs.remove(p) {
+            self.needs_bytes = self.needs_bytes.saturating_sub(old.target.heap_cost());
+            self.needs_fetch_bytes = self
+                .needs_fetch_bytes
+                .saturating_sub(held_bytes(&old.target));
+            self.needs_new_paths.remove(p);
         }
+        if let Some(n) = need {
+            self.needs_bytes += n.target.heap_cost();
+            self.needs_fetch_bytes += held_bytes(&n.target);
+            if n.new_path(local) {
+                self.needs_new_paths.insert(p.clone());
+            }
+            self.needs.insert(p.clone(), n);
+        }
+    }
+
+    /// False for a peer's path past a tree budget (issue 25): a new live path when
+    /// the tree holds `max_files`; content that grows what this node holds past
+    /// `max_size`; any content to fetch that would leave less than `min_disk_free`.
+    /// What is already needed and what comes on top (needs not yet applied) counts,
+    /// minus this path's own earlier need. Deletions always pass; nothing held is
+    /// removed. Refused paths are listed with the peer that announced them.
+    fn within_budget(&mut self, n: &Need, local: Option<&FileRecord>, index: &Index) -> bool {
+        let t = &n.target;
+        let p = &t.path;
+        if t.deleted {
+            return true;
+        }
+        let (old_new, old_fetch) = match self.needs.get(p) {
+            Some(o) => (self.needs_new_paths.contains(p), held_bytes(&o.target)),
+            None => (false, 0),
+        };
+        let held = local.map_or(0, held_bytes);
+        let fetch = held_bytes(t);
+        let pending = self.needs_fetch_bytes.saturating_sub(old_fetch);
+        let b = self.budget;
+        let reason = if n.new_path(local)
+            && index.live_count() + self.needs_new_paths.len() - usize::from(old_new) >= b.max_files
+        {
+            Some(BudgetKind::MaxFiles)
+        } else if fetch > held && index.content_bytes() + pending + (fetch - held) > b.max_size {
+            Some(BudgetKind::MaxSize)
+        } else if self.disk.is_some_and(|d| {
+            fetch > 0
+                && local.is_none_or(|l| l.deleted || l.hash != t.hash)
+                && d.free.saturating_sub(pending + fetch) < b.min_disk_free.bytes(d.total)
+        }) {
+            Some(BudgetKind::MinDiskFree)
+        } else {
+            None
+        };
+        let Some(reason) = reason else {
+            return true;
+        };
+        let peer = self
+            .peers
+            .iter()
+            .filter(|(_, v)| {
+                v.records
+                    .get(p)
+                    .is_some_and(|(r, _)| r.version == t.version)
+            })
+            .map(|(d, _)| *d)
+            .min();
+        let refusal = Refusal {
+            reason,
+            peer,
+            size: t.size,
+        };
+        self.refuse(p, refusal);
+        false
     }
 
     /// False for a live file larger than `max_file_size`: remembered for `status`,
@@ -515,33 +827,137 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_view_is_bounded_in_bytes() {
+    fn a_peer_view_is_bounded_in_bytes_and_refuses_new_paths_past_it() {
         let index = Index::new(ShortId(100));
         let mut plan = Plan::default();
         let peer = connected(&mut plan, &index);
         // Records at the wire's limits: a 4 KiB path and 1024 version entries.
         let big = |i: usize| {
-            let name = format!("{i:04}{}", "x".repeat(200));
-            let path = vec![name; MAX_PATH / 205].join("/");
+            let name = format!("{i:05}{}", "x".repeat(200));
+            let path = vec![name; MAX_PATH / 206].join("/");
             (record(&path, 1, 1024), i as u64 + 1)
         };
         let cost = record_cost(&big(0).0);
         assert!(cost > 20 << 10, "{cost}");
         let fit = MAX_PEER_BYTES / cost;
-        let batch: Vec<_> = (0..fit).map(big).collect();
-        plan.admit(&peer, &batch).unwrap();
-        plan.receive(peer, batch, fit as u64, &index);
+        let (ok, over) = plan.admit(peer, (0..fit).map(big).collect());
+        assert!(over.is_empty());
+        plan.receive(peer, ok, fit as u64, &index);
         assert!(plan.peer_bytes(&peer) <= MAX_PEER_BYTES);
         // The same records again replace, they do not add up…
-        plan.admit(&peer, &(0..fit).map(big).collect::<Vec<_>>())
-            .unwrap();
-        // …new ones are refused.
-        let more: Vec<_> = (fit..fit + 1).map(big).collect();
-        assert!(plan.admit(&peer, &more).is_err());
+        let (ok, over) = plan.admit(peer, (0..fit).map(big).collect());
+        assert_eq!((ok.len(), over.len()), (fit, 0));
+        // …a new one is refused and named, with the peer.
+        let (ok, over) = plan.admit(peer, vec![big(fit)]);
+        assert_eq!((ok.len(), over.len()), (0, 1));
+        let (p, r) = plan.refused().next().unwrap();
+        assert_eq!(
+            (p, r.reason, r.peer),
+            (&big(fit).0.path, BudgetKind::PeerView, Some(peer))
+        );
         // A reconnect starts a new view.
         plan.connected(peer, &index);
         assert_eq!(plan.peer_bytes(&peer), 0);
-        plan.admit(&peer, &more).unwrap();
+        assert_eq!(plan.admit(peer, vec![big(fit)]).1.len(), 0);
+    }
+
+    /// A plan with `budget`, an index holding `held` (path, size) files, a peer.
+    fn budgeted(budget: TreeBudget, held: &[(&str, u64)]) -> (Plan, Index, DeviceId) {
+        let mut index = Index::new(ShortId(1));
+        for (p, size) in held {
+            index.put(record(p, *size, 1), None);
+        }
+        let mut plan = Plan::default();
+        plan.set_budget(budget);
+        let peer = connected(&mut plan, &index);
+        (plan, index, peer)
+    }
+
+    /// The peer's new record for `path`: newer than anything held.
+    fn newer(path: &str, size: u64) -> FileRecord {
+        let mut r = record(path, size, 2);
+        r.version = VersionVector::from_pairs(vec![(ShortId(1), 1), (ShortId(2), 5)]);
+        r
+    }
+
+    fn refused_for(plan: &Plan, path: &str) -> Option<BudgetKind> {
+        plan.refused()
+            .find(|(p, _)| p.as_str() == path)
+            .map(|(_, r)| r.reason)
+    }
+
+    #[test]
+    fn max_files_refuses_new_paths_and_keeps_updates_and_deletions() {
+        let budget = TreeBudget {
+            max_files: 2,
+            ..TreeBudget::default()
+        };
+        let (mut plan, index, peer) = budgeted(budget, &[("a", 1)]);
+        let mut gone = newer("a", 1);
+        gone.deleted = true;
+        let batch = vec![(newer("b", 1), 1), (newer("c", 1), 2), (gone, 3)];
+        plan.receive(peer, batch, 3, &index);
+        let needed: Vec<&str> = plan.needs().map(|n| n.target.path.as_str()).collect();
+        assert_eq!(
+            needed,
+            ["a", "b"],
+            "one new path fits, the deletion always does"
+        );
+        assert_eq!(refused_for(&plan, "c"), Some(BudgetKind::MaxFiles));
+        assert_eq!(plan.refused().next().unwrap().1.peer, Some(peer));
+        assert!(matches!(
+            &plan.take_events()[..],
+            [PlanEvent::OverBudget { total: 1, .. }]
+        ));
+    }
+
+    #[test]
+    fn max_size_refuses_content_that_grows_the_tree_past_it() {
+        let budget = TreeBudget {
+            max_size: 100,
+            ..TreeBudget::default()
+        };
+        let (mut plan, index, peer) = budgeted(budget, &[("held", 60)]);
+        let batch = vec![
+            (newer("new", 30), 1),
+            (newer("more", 20), 2),
+            (newer("held", 50), 3),
+        ];
+        plan.receive(peer, batch, 3, &index);
+        assert!(plan.need(&RelPath::parse("new").unwrap()).is_some());
+        assert_eq!(refused_for(&plan, "more"), Some(BudgetKind::MaxSize));
+        // Shrinking a held file is always fetched.
+        assert!(plan.need(&RelPath::parse("held").unwrap()).is_some());
+    }
+
+    #[test]
+    fn min_disk_free_refuses_a_fetch_that_would_leave_less() {
+        let budget = TreeBudget {
+            min_disk_free: MinFree::Basis(1000), // 10 % of 1000 bytes
+            ..TreeBudget::default()
+        };
+        let (mut plan, index, peer) = budgeted(budget, &[]);
+        plan.set_disk_space(DiskSpace {
+            free: 300,
+            total: 1000,
+        });
+        plan.receive(
+            peer,
+            vec![(newer("a", 150), 1), (newer("b", 100), 2)],
+            2,
+            &index,
+        );
+        assert!(plan.need(&RelPath::parse("a").unwrap()).is_some());
+        assert_eq!(refused_for(&plan, "b"), Some(BudgetKind::MinDiskFree));
+        assert_eq!(MinFree::Basis(500).bytes(2000), 100);
+        // Space returns: the refused path is decided again and needed.
+        plan.set_disk_space(DiskSpace {
+            free: 300 + RECHECK_FREE,
+            total: 1000 + RECHECK_FREE,
+        });
+        assert!(plan.recheck_budgets(&index));
+        assert!(plan.need(&RelPath::parse("b").unwrap()).is_some());
+        assert_eq!(plan.refused_len(), 0);
     }
 
     #[test]

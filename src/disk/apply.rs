@@ -38,6 +38,9 @@ pub struct Item {
     pub expect: Option<LocalStat>,
     /// The local content lost a conflict: keep it under `.certmesh/conflicts/`.
     pub conflict: bool,
+    /// Who wrote what the record replaces (the local record's author), for the
+    /// kept version ([`crate::keep::before_apply`]).
+    pub replaces_author: Option<crate::identity::ShortId>,
 }
 
 pub use crate::core::pipeline::Outcome;
@@ -46,11 +49,16 @@ pub use crate::core::pipeline::Outcome;
 #[derive(Debug, Clone)]
 pub struct Tree {
     pub root: PathBuf,
+    /// Bounds on the versions kept of what peers' changes replace.
+    pub kept: crate::keep::Budget,
 }
 
 impl Tree {
     pub fn new(root: PathBuf) -> Self {
-        Tree { root }
+        Tree {
+            root,
+            kept: crate::keep::Budget::default(),
+        }
     }
 
     pub fn tmp_dir(&self) -> PathBuf {
@@ -320,7 +328,14 @@ impl Tree {
         // keep (disk/keep.rs): the regular file a peer's change is about to replace or
         // delete is kept under `.certmesh/kept/` first (hard link; a conflict loser
         // is already gone to `.certmesh/conflicts/`).
-        crate::keep::before_apply(&self.root, r, item.staged.is_some(), existing.as_ref());
+        crate::keep::before_apply(
+            &self.root,
+            r,
+            item.staged.is_some(),
+            existing.as_ref(),
+            item.replaces_author,
+            self.kept,
+        );
         dirty.insert(parent_rel(&r.path));
         if r.deleted {
             return match &existing {
@@ -535,18 +550,21 @@ mod tests {
                 staged: None,
                 expect: None,
                 conflict: false,
+                replaces_author: None,
             },
             Item {
                 record: rec("archive/www/1/privkey.pem", Kind::File, 0o644),
                 staged: Some(stage(&t, "KEY")),
                 expect: None,
                 conflict: false,
+                replaces_author: None,
             },
             Item {
                 record: rec("archive/www/1", Kind::Directory, 0o755),
                 staged: None,
                 expect: None,
                 conflict: false,
+                replaces_author: None,
             },
         ];
         let out = t.apply(&items);
@@ -582,12 +600,14 @@ mod tests {
                 staged: Some(stage(&t, "theirs")),
                 expect: None,
                 conflict: false,
+                replaces_author: None,
             },
             Item {
                 record: link,
                 staged: None,
                 expect: None,
                 conflict: false,
+                replaces_author: None,
             },
         ];
         let out = t.apply(&items);
@@ -613,12 +633,14 @@ mod tests {
                 staged: None,
                 expect: None,
                 conflict: false,
+                replaces_author: None,
             },
             Item {
                 record: rec("archive/www/2/cert.pem", Kind::File, 0o644),
                 staged: Some(stage(&t, "C")),
                 expect: None,
                 conflict: false,
+                replaces_author: None,
             },
             // The key's content never arrived: staged path missing.
             Item {
@@ -626,12 +648,14 @@ mod tests {
                 staged: Some(t.tmp_dir().join("missing")),
                 expect: None,
                 conflict: false,
+                replaces_author: None,
             },
             Item {
                 record: link,
                 staged: None,
                 expect: None,
                 conflict: false,
+                replaces_author: None,
             },
         ];
         let out = t.apply(&items);
@@ -654,6 +678,7 @@ mod tests {
             staged: Some(stage(&t, "x")),
             expect: None,
             conflict: false,
+            replaces_author: None,
         }];
         let out = t.apply(&items);
         assert!(matches!(out[0], Outcome::Failed(_)), "{out:?}");
@@ -673,6 +698,7 @@ mod tests {
             staged: Some(stage(&t, "winner")),
             expect: Some(st),
             conflict: true,
+            replaces_author: None,
         }];
         assert!(matches!(t.apply(&items)[0], Outcome::Applied(_)));
         assert_eq!(fs::read_to_string(t.root.join("f")).unwrap(), "winner");
@@ -696,6 +722,7 @@ mod tests {
             staged: None,
             expect: Some(st),
             conflict: true,
+            replaces_author: None,
         }];
         // Before: the loser was moved away, then the unlink found nothing (ENOENT).
         let out = t.apply(&items);
@@ -712,6 +739,7 @@ mod tests {
             staged,
             expect: None,
             conflict: false,
+            replaces_author: None,
         }
     }
 

@@ -6,9 +6,32 @@
 //! (a hard link to the replaced inode when possible, else a copy) and the same name
 //! with `.json` is its [`KeptMeta`]. Bounds, applied whenever a version is kept (and
 //! at start): the last [`MAX_VERSIONS_PER_PATH`] versions and [`MAX_AGE`] per path;
-//! in total [`MAX_TOTAL_BYTES`] and [`MAX_TOTAL_VERSIONS`], oldest pruned first. Files
-//! above [`MAX_FILE_SIZE`] are not kept, nor anything under [`NOT_KEPT`] (challenge
-//! tokens and renewal leases churn and are worthless later).
+//! in total a [`Budget`] (default [`MAX_TOTAL_BYTES`] and [`MAX_TOTAL_VERSIONS`];
+//! `[tree] kept_max_size`). Files above [`MAX_FILE_SIZE`] are not kept, nor anything
+//! under [`NOT_KEPT`] (challenge tokens and renewal leases churn and are worthless
+//! later).
+//!
+//! # A peer cannot flush what it destroyed (issue 24)
+//! Each kept version records who wrote the content it holds (`content_by`: the
+//! author of the record it replaced) next to who replaced or deleted it
+//! (`modified_by`). The totals evict in two tiers, oldest first within each:
+//! 1. *own edits*: content the same node then replaced or deleted (a node rewriting
+//!    its own file, e.g. a junk file replaced again and again);
+//! 2. *others' work*: content one node wrote and another node destroyed: a writer's
+//!    hand-placed `custom/site.pem`, the renewer's `archive/<name>/<n>/` bundle, the
+//!    ACME account files, `dhparam.pem`. Evicted only when tier 1 is empty.
+//!
+//! So whatever a bad node floods the store with is its own edits, and it evicts only
+//! its own edits; to grow tier 2 it must destroy other nodes' files, of which there
+//! are only as many as honest nodes wrote (each kept once per content: the newest
+//! kept version is never duplicated). A bad node that first rewrites another node's
+//! file with the same bytes (taking the authorship) keeps that file's version
+//! in tier 2 at that moment: an authorship change alone keeps a version. This holds
+//! for every path, so it needs no list of what matters and covers files that are not
+//! configured certificates. What it cannot protect is content the destroying node
+//! wrote itself (a bad renewer's own last bundle): that node could as well never
+//! have written it. Authorship is the record's `modified_by` as the real `certmesh`
+//! sets it, signed when `[tree] writers` is set.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -77,6 +100,38 @@ pub struct KeptMeta {
     pub modified_by: String,
     /// The version vector of that change: short ID (hex) → counter.
     pub record_version: BTreeMap<String, u64>,
+    /// Short ID (16 hex digits) of the device that wrote the kept content (the
+    /// author of the record it replaced). Absent in versions kept before this field
+    /// existed: counted as another node's work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_by: Option<String>,
+}
+
+impl KeptMeta {
+    /// Content one device wrote and another replaced or deleted: evicted last.
+    pub fn is_others_work(&self) -> bool {
+        self.content_by
+            .as_ref()
+            .is_none_or(|by| !by.eq_ignore_ascii_case(&self.modified_by))
+    }
+}
+
+/// Bounds on all kept versions together (`[tree] kept_max_size`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Kept content, in bytes.
+    pub max_bytes: u64,
+    /// Kept versions.
+    pub max_versions: usize,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            max_bytes: MAX_TOTAL_BYTES,
+            max_versions: MAX_TOTAL_VERSIONS,
+        }
+    }
 }
 
 /// Why metadata was refused.
@@ -118,6 +173,9 @@ pub fn parse_meta(data: &[u8]) -> Result<KeptMeta, MetaError> {
     if m.record_version.len() > MAX_META_COUNTERS || m.record_version.keys().any(|k| !is_hex(k, 16))
     {
         return bad("record_version", "too many or malformed device keys".into());
+    }
+    if m.content_by.as_ref().is_some_and(|c| !is_hex(c, 16)) {
+        return bad("content_by", "not 16 hex digits".into());
     }
     Ok(m)
 }
@@ -177,16 +235,20 @@ pub fn is_kept(p: &RelPath) -> bool {
 
 /// Called by apply right before a peer's record replaces or deletes what is at
 /// `record.path`: keeps the regular file there, if any. `replaces_content`: the
-/// record brings new content (not only a mode or mtime change). Never fails the
-/// apply: problems are logged.
+/// record brings new content (not only a mode or mtime change). `content_by`: the
+/// author of the local record being replaced; a change of author alone keeps a
+/// version too (see the module doc). Never fails the apply: problems are logged.
 pub fn before_apply(
     tree: &Path,
     record: &FileRecord,
     replaces_content: bool,
     existing: Option<&fs::Metadata>,
+    content_by: Option<ShortId>,
+    budget: Budget,
 ) {
     let Some(m) = existing else { return };
-    let replaced = record.deleted || record.kind != Kind::File || replaces_content;
+    let new_author = content_by.is_some_and(|a| a != record.modified_by);
+    let replaced = record.deleted || record.kind != Kind::File || replaces_content || new_author;
     if !m.is_file() || !replaced || !is_kept(&record.path) || m.len() > MAX_FILE_SIZE {
         return;
     }
@@ -203,8 +265,9 @@ pub fn before_apply(
             .iter()
             .map(|(d, c)| (short_hex(*d), *c))
             .collect(),
+        content_by,
     };
-    match keep(tree, &record.path, &cause, crate::clock::now_ns()) {
+    match keep(tree, &record.path, &cause, crate::clock::now_ns(), budget) {
         Ok(Some(v)) => {
             tracing::info!(path = %record.path, kept = %v.content.display(), by = %cause_name(&cause), "kept the version a peer's change replaced")
         }
@@ -226,6 +289,8 @@ pub struct Cause {
     pub reason: Reason,
     pub modified_by: ShortId,
     pub version: BTreeMap<String, u64>,
+    /// Who wrote the content being kept, when known.
+    pub content_by: Option<ShortId>,
 }
 
 static KEPT_SINCE_TOTALS: AtomicU64 = AtomicU64::new(0);
@@ -238,6 +303,7 @@ pub fn keep(
     path: &RelPath,
     cause: &Cause,
     now_ns: i64,
+    budget: Budget,
 ) -> io::Result<Option<KeptVersion>> {
     let root = kept_root(tree);
     let dir = path.under(&root);
@@ -258,8 +324,11 @@ pub fn keep(
         prune_path(&dir, path, now_ns)?;
         let n = KEPT_SINCE_TOTALS.fetch_add(1, Ordering::Relaxed) + 1;
         let b = BYTES_SINCE_TOTALS.fetch_add(v.size, Ordering::Relaxed) + v.size;
-        if n >= TOTALS_EVERY || b >= TOTALS_EVERY_BYTES {
-            prune_all(tree, now_ns)?;
+        // A small budget is checked more often, so it holds within a quarter.
+        let every_bytes = TOTALS_EVERY_BYTES.min(budget.max_bytes / 4);
+        let every = TOTALS_EVERY.min(budget.max_versions as u64 / 4).max(1);
+        if n >= every || b >= every_bytes {
+            prune_all(tree, now_ns, budget)?;
         }
     }
     Ok(kept)
@@ -297,6 +366,7 @@ fn finish_keep(
         reason: cause.reason,
         modified_by: short_hex(cause.modified_by),
         record_version: cause.version.clone(),
+        content_by: cause.content_by.map(short_hex),
     };
     let stem = format!("{:020}-{}", now_ns.max(0), &hash[..16]);
     let content = dir.join(format!("{stem}.{CONTENT_EXT}"));
@@ -436,9 +506,10 @@ fn prune_path(dir: &Path, path: &RelPath, now_ns: i64) -> io::Result<usize> {
     Ok(removed)
 }
 
-/// Applies every bound to the whole store: per path, then the totals (oldest first).
-/// Returns how many versions were removed.
-pub fn prune_all(tree: &Path, now_ns: i64) -> io::Result<usize> {
+/// Applies every bound to the whole store: per path, then the totals: own edits
+/// first, then others' work, oldest first in each (module doc). Returns how many
+/// versions were removed.
+pub fn prune_all(tree: &Path, now_ns: i64, budget: Budget) -> io::Result<usize> {
     KEPT_SINCE_TOTALS.store(0, Ordering::Relaxed);
     BYTES_SINCE_TOTALS.store(0, Ordering::Relaxed);
     let mut removed = 0;
@@ -448,11 +519,13 @@ pub fn prune_all(tree: &Path, now_ns: i64) -> io::Result<usize> {
         removed += prune_path(&dir, &p, now_ns)?;
         all.extend(versions_in(&dir, &p)?);
     }
-    all.sort_by_key(|v| std::cmp::Reverse(v.kept_at_ns));
+    // What is kept longest comes first: others' work, then newest first.
+    let others = |v: &KeptVersion| v.meta.as_ref().is_none_or(KeptMeta::is_others_work);
+    all.sort_by_key(|v| (!others(v), std::cmp::Reverse(v.kept_at_ns)));
     let mut bytes = 0u64;
     for (i, v) in all.iter().enumerate() {
         bytes = bytes.saturating_add(v.size);
-        if i >= MAX_TOTAL_VERSIONS || bytes > MAX_TOTAL_BYTES {
+        if i >= budget.max_versions || bytes > budget.max_bytes {
             remove_version(v);
             removed += 1;
         }
@@ -548,6 +621,7 @@ mod tests {
             reason: Reason::Replaced,
             modified_by: ShortId(0xabcd),
             version: [(short_hex(ShortId(0xabcd)), 3)].into_iter().collect(),
+            content_by: None,
         }
     }
 
@@ -572,10 +646,14 @@ mod tests {
         let p = RelPath::parse("dhparam.pem").unwrap();
         for i in 0..7i64 {
             replace(&t.join("dhparam.pem"), &format!("v{i}"));
-            let v = keep(&t, &p, &cause(), 1_000 + i).unwrap().unwrap();
+            let v = keep(&t, &p, &cause(), 1_000 + i, Budget::default())
+                .unwrap()
+                .unwrap();
             assert_eq!(v.meta.as_ref().unwrap().modified_by, "000000000000abcd");
             // Same content again: not kept twice.
-            assert!(keep(&t, &p, &cause(), 2_000 + i).unwrap().is_none());
+            assert!(keep(&t, &p, &cause(), 2_000 + i, Budget::default())
+                .unwrap()
+                .is_none());
         }
         let vs = list(&t, &p).unwrap();
         assert_eq!(vs.len(), MAX_VERSIONS_PER_PATH);
@@ -599,12 +677,102 @@ mod tests {
         let b = RelPath::parse("b.pem").unwrap();
         fs::create_dir_all(t.join("a")).unwrap();
         fs::write(t.join("a/old.pem"), "old").unwrap();
-        keep(&t, &a, &cause(), 1).unwrap().unwrap();
+        keep(&t, &a, &cause(), 1, Budget::default())
+            .unwrap()
+            .unwrap();
         fs::write(t.join("b.pem"), "new").unwrap();
-        keep(&t, &b, &cause(), 31 * DAY).unwrap().unwrap();
-        assert_eq!(prune_all(&t, 31 * DAY + 1).unwrap(), 1);
+        keep(&t, &b, &cause(), 31 * DAY, Budget::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(prune_all(&t, 31 * DAY + 1, Budget::default()).unwrap(), 1);
         assert!(list(&t, &a).unwrap().is_empty());
         assert_eq!(list(&t, &b).unwrap().len(), 1);
+    }
+
+    /// Kept because `by` replaced content `content_by` wrote.
+    fn cause_by(by: u64, content_by: u64) -> Cause {
+        Cause {
+            content_by: Some(ShortId(content_by)),
+            modified_by: ShortId(by),
+            ..cause()
+        }
+    }
+
+    #[test]
+    fn a_flood_of_own_edits_never_evicts_what_another_node_wrote() {
+        let (_d, t) = tree();
+        let site = RelPath::parse("site.pem").unwrap();
+        fs::write(t.join("site.pem"), "the writer's certificate").unwrap();
+        // Node 0xbad deletes node 0x600d's file, then floods: a junk file it wrote,
+        // replaced again and again, across many paths, far past the budget.
+        keep(&t, &site, &cause_by(0xbad, 0x600d), 1, Budget::default())
+            .unwrap()
+            .unwrap();
+        let budget = Budget {
+            max_bytes: 4096,
+            max_versions: 8,
+        };
+        for i in 0..40i64 {
+            let junk = RelPath::parse(&format!("junk{}", i % 10)).unwrap();
+            replace(&t.join(junk.as_str()), &format!("{i:0>1000}"));
+            keep(&t, &junk, &cause_by(0xbad, 0xbad), 10 + i, budget).unwrap();
+        }
+        prune_all(&t, 100, budget).unwrap();
+        let kept = list(&t, &site).unwrap();
+        assert_eq!(kept.len(), 1, "the flood evicted another node's work");
+        assert_eq!(kept[0].read().unwrap(), b"the writer's certificate");
+        let total: usize = list_paths(&t)
+            .unwrap()
+            .iter()
+            .map(|p| list(&t, p).unwrap().len())
+            .sum();
+        assert!(total <= budget.max_versions, "{total} versions kept");
+    }
+
+    #[test]
+    fn taking_the_authorship_of_unchanged_content_keeps_it_as_the_authors() {
+        let (_d, t) = tree();
+        fs::write(t.join("dhparam.pem"), "DH").unwrap();
+        let m = fs::metadata(t.join("dhparam.pem")).unwrap();
+        let r = FileRecord {
+            path: RelPath::parse("dhparam.pem").unwrap(),
+            kind: Kind::File,
+            size: 2,
+            mode: 0o644,
+            mtime_ns: 5,
+            hash: ContentHash::default(),
+            target: String::new(),
+            version: VersionVector::from_pairs(vec![(ShortId(0xbad), 1)]),
+            deleted: false,
+            modified_by: ShortId(0xbad),
+            auth: None,
+        };
+        // Same bytes, only the author changes: kept, as the old author's work.
+        before_apply(
+            &t,
+            &r,
+            false,
+            Some(&m),
+            Some(ShortId(0x600d)),
+            Budget::default(),
+        );
+        let v = list(&t, &r.path).unwrap();
+        assert_eq!(v.len(), 1);
+        assert!(v[0].meta.as_ref().unwrap().is_others_work());
+        // Its later deletion by the new author does not add an own-edit copy.
+        let del = FileRecord {
+            deleted: true,
+            ..r.clone()
+        };
+        before_apply(
+            &t,
+            &del,
+            false,
+            Some(&m),
+            Some(ShortId(0xbad)),
+            Budget::default(),
+        );
+        assert_eq!(list(&t, &r.path).unwrap().len(), 1);
     }
 
     #[test]
@@ -626,15 +794,15 @@ mod tests {
             auth: None,
         };
         let m = fs::metadata(t.join(r.path.as_str())).unwrap();
-        before_apply(&t, &r, false, Some(&m));
+        before_apply(&t, &r, false, Some(&m), None, Budget::default());
         assert!(list_paths(&t).unwrap().is_empty());
         fs::write(t.join("f"), "x").unwrap();
         r.path = RelPath::parse("f").unwrap();
         let m = fs::metadata(t.join("f")).unwrap();
         r.deleted = false;
-        before_apply(&t, &r, false, Some(&m)); // mode-only change: nothing kept
+        before_apply(&t, &r, false, Some(&m), None, Budget::default()); // mode-only change: nothing kept
         assert!(list_paths(&t).unwrap().is_empty());
-        before_apply(&t, &r, true, Some(&m));
+        before_apply(&t, &r, true, Some(&m), None, Budget::default());
         let v = list(&t, &r.path).unwrap();
         assert_eq!(
             v[0].meta.as_ref().unwrap().record_version["0000000000000007"],
@@ -653,6 +821,7 @@ mod tests {
             reason: Reason::Deleted,
             modified_by: "0".repeat(16),
             record_version: BTreeMap::new(),
+            content_by: Some("1".repeat(16)),
         };
         let bytes = serde_json::to_vec(&good).unwrap();
         assert_eq!(parse_meta(&bytes).unwrap(), good);
@@ -676,7 +845,9 @@ mod tests {
         let p = RelPath::parse("archive/x/1/privkey.pem").unwrap();
         fs::create_dir_all(t.join("archive/x/1")).unwrap();
         fs::write(t.join(p.as_str()), "-----BEGIN PRIVATE KEY-----\nold").unwrap();
-        keep(&t, &p, &cause(), 10).unwrap().unwrap();
+        keep(&t, &p, &cause(), 10, Budget::default())
+            .unwrap()
+            .unwrap();
         fs::remove_dir_all(t.join("archive")).unwrap();
         assert!(matches!(
             restore(&t, &p, 2),

@@ -485,6 +485,23 @@ fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::rfind(hay, needle)
 }
 
+/// Free and total bytes of the filesystem holding `dir` (`statvfs`; free as this
+/// unprivileged process sees it), for `[tree] min_disk_free`.
+pub fn disk_space(dir: &Path) -> io::Result<crate::plan::DiskSpace> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: `c` is a NUL-terminated path; `st` is written by the call before use.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let frsize = st.f_frsize as u64;
+    Ok(crate::plan::DiskSpace {
+        free: (st.f_bavail as u64).saturating_mul(frsize),
+        total: (st.f_blocks as u64).saturating_mul(frsize),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -167,6 +167,7 @@ fn status(shared: &Arc<Shared>) -> Status {
             let unacked = st.engine.index().changed_since(acked).count();
             let last_sync = if in_sync { Some(now) } else { slot.last_sync };
             let refused = st.engine.refused().get(id).cloned().unwrap_or_default();
+            let over_cap = st.engine.over_cap().get(id).cloned().unwrap_or_default();
             let p = PeerStatus {
                 name: slot.config.name.clone(),
                 id: id.to_string(),
@@ -185,6 +186,10 @@ fn status(shared: &Arc<Shared>) -> Status {
                     last_path: refused.last_path.map(|p| p.as_str().to_string()),
                     last_author: refused.last_author.map(|a| a.to_string()),
                     last_reason: refused.last_reason,
+                },
+                over_cap: OverCapStatus {
+                    count: over_cap.count,
+                    last_path: over_cap.last_path.map(|p| p.as_str().to_string()),
                 },
             };
             (*id, p)
@@ -214,6 +219,24 @@ fn status(shared: &Arc<Shared>) -> Status {
             })
             .collect(),
         too_large_count: st.engine.plan().too_large_len(),
+        refused: st
+            .engine
+            .plan()
+            .refused()
+            .take(REFUSED_SHOWN)
+            .map(|(p, r)| RefusedPath {
+                path: p.as_str().to_string(),
+                reason: r.reason.key().to_string(),
+                peer: r.peer.map(|id| {
+                    st.peers
+                        .get(&id)
+                        .map_or_else(|| id.to_string(), |s| s.config.name.clone())
+                }),
+                size: r.size,
+            })
+            .collect(),
+        refused_count: st.engine.plan().refused_len(),
+        refused_total: st.engine.plan().refused_total(),
         not_adopted: st.engine.plan().not_adopted(),
         not_sent: st
             .engine

@@ -153,14 +153,32 @@ impl SyncHandle {
         records: Vec<(FileRecord, u64)>,
         last_sequence: u64,
     ) -> Result<(), EngineError> {
+        // Measured outside the lock, per frame: `[tree] min_disk_free` is checked
+        // against the latest figure.
+        let disk = crate::safe_fs::disk_space(&self.0.tree.root);
         {
             let mut st = self.0.lock();
+            if let Ok(d) = disk {
+                st.engine.handle_disk_space(d);
+            }
             st.engine.handle_index(peer, records, last_sequence)?;
             report_plan_events(&mut st, peer);
         }
         self.0.pull.notify_one();
         self.0.bump_progress();
         Ok(())
+    }
+
+    /// Measures the tree's filesystem for `[tree] min_disk_free` (also called every
+    /// few seconds, so refused paths are fetched once space returns).
+    pub fn disk_measured(&self) {
+        let Ok(d) = crate::safe_fs::disk_space(&self.0.tree.root) else {
+            return;
+        };
+        if self.0.lock().engine.handle_disk_space(d) {
+            self.0.pull.notify_one();
+            self.0.bump_progress();
+        }
     }
 
     /// An ack from the peer.
@@ -423,6 +441,18 @@ fn report_plan_events(st: &mut State, peer: DeviceId) {
                         |s| format!("{} ({peer})", s.config.name)
                     )
                 ));
+            }
+            PlanEvent::OverBudget {
+                path,
+                refusal,
+                total,
+            } => {
+                let from = refusal.peer.unwrap_or(peer);
+                tracing::warn!(
+                    peer = %from, path = %path, size = refusal.size,
+                    budget = refusal.reason.key(), refused_since_start = total,
+                    "over a tree budget: not fetched (acknowledged as refused)"
+                );
             }
             PlanEvent::IndexFull { path } => st.error(format!(
                 "the index holds {} records: new paths from peers are not taken in \

@@ -151,6 +151,7 @@ fn start_apply(tree: &crate::apply::Tree, unit: Vec<Work>) -> tokio::task::JoinH
                 staged: w.staged.take(),
                 expect: w.expect,
                 conflict: w.need.conflict,
+                replaces_author: w.replaces_author,
             });
             ready.push(w);
         }

@@ -123,6 +123,16 @@ pub struct TreeStatus {
     pub too_large: Vec<TooLargeFile>,
     #[serde(default)]
     pub too_large_count: usize,
+    /// Peers' paths not fetched because of a tree budget (`[tree] max_size`,
+    /// `max_files`, `min_disk_free`) or a peer's view cap (at most `REFUSED_SHOWN`
+    /// listed; `refused_count` counts those remembered, `refused_total` all since
+    /// start).
+    #[serde(default)]
+    pub refused: Vec<RefusedPath>,
+    #[serde(default)]
+    pub refused_count: usize,
+    #[serde(default)]
+    pub refused_total: u64,
     /// Times a peer's new path was not taken in because the index was full
     /// (`index::MAX_INDEX_RECORDS`), since start.
     #[serde(default)]
@@ -144,6 +154,21 @@ pub struct RefusedStatus {
     /// Device ID the last refused record claimed as its author.
     pub last_author: Option<String>,
     pub last_reason: Option<String>,
+}
+
+/// How many paths refused by a budget `status` lists.
+pub const REFUSED_SHOWN: usize = 100;
+
+/// A peer's path not fetched because of a budget.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefusedPath {
+    pub path: String,
+    /// `max_size`, `max_files`, `min_disk_free` (the `[tree]` key) or `peer_view`
+    /// (the peer's view holds its cap of records or bytes).
+    pub reason: String,
+    /// The peer that sent it (its name, or its device ID).
+    pub peer: Option<String>,
+    pub size: u64,
 }
 
 /// How many files too large `status` lists.
@@ -183,6 +208,17 @@ pub struct PeerStatus {
     /// Records this peer sent that were refused for their authorship.
     #[serde(default)]
     pub refused: RefusedStatus,
+    /// New paths this peer sent while its view held its cap (200,000 records or
+    /// 256 MiB): refused, the session kept (issue 25).
+    #[serde(default)]
+    pub over_cap: OverCapStatus,
+}
+
+/// A peer's new paths refused because its view was full, since start.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct OverCapStatus {
+    pub count: u64,
+    pub last_path: Option<String>,
 }
 
 /// Renders the status as tables for people: node, tree, peers, certificates,
@@ -232,6 +268,23 @@ pub fn render(s: &Status) -> String {
             o,
             "… and {} more files too large",
             s.tree.too_large_count - s.tree.too_large.len()
+        );
+    }
+    for f in &s.tree.refused {
+        let _ = writeln!(
+            o,
+            "over budget, not fetched: {} ({} bytes from {}; see [tree] {})",
+            f.path,
+            f.size,
+            f.peer.as_deref().unwrap_or("?"),
+            f.reason
+        );
+    }
+    if s.tree.refused_total > s.tree.refused.len() as u64 {
+        let _ = writeln!(
+            o,
+            "… {} paths refused by a budget since start",
+            s.tree.refused_total
         );
     }
     if s.tree.not_adopted > 0 {
@@ -286,6 +339,15 @@ pub fn render(s: &Status) -> String {
     );
     if let Some(c) = &s.cluster {
         o.push_str(&crate::ops::census::render(c));
+    }
+    for p in s.peers.iter().filter(|p| p.over_cap.count > 0) {
+        let _ = writeln!(
+            o,
+            "refused from {}: {} new paths, its view is full (last: {})",
+            p.name,
+            p.over_cap.count,
+            p.over_cap.last_path.as_deref().unwrap_or("-")
+        );
     }
     for p in s.peers.iter().filter(|p| p.refused.count > 0) {
         let r = &p.refused;
@@ -526,6 +588,14 @@ mod tests {
                     size: 2 << 20,
                 }],
                 too_large_count: 1,
+                refused: vec![RefusedPath {
+                    path: "junk/1.bin".into(),
+                    reason: "max_size".into(),
+                    peer: Some("lb2".into()),
+                    size: 60 << 20,
+                }],
+                refused_count: 1,
+                refused_total: 1,
                 not_adopted: 0,
                 not_sent: vec!["live/www/cert.pem".into()],
                 not_sent_count: 2,
@@ -545,6 +615,10 @@ mod tests {
                     last_sync_unix: Some(1_000_000),
                     last_sync: None,
                     refused: RefusedStatus::default(),
+                    over_cap: OverCapStatus {
+                        count: 7,
+                        last_path: Some("flood/9.pem".into()),
+                    },
                 },
                 PeerStatus {
                     name: "lb2".into(),
@@ -565,6 +639,7 @@ mod tests {
                         last_author: Some("B".into()),
                         last_reason: Some("the signature does not match the record".into()),
                     },
+                    over_cap: OverCapStatus::default(),
                 },
             ],
             certificates: Vec::new(),
@@ -631,7 +706,9 @@ mod tests {
             "1m35s ago",
             "live/www missing",
             "too large, not fetched: big.iso (2097152 bytes",
+            "over budget, not fetched: junk/1.bin (62914560 bytes from lb2; see [tree] max_size)",
             "  reader",
+            "refused from lb1: 7 new paths, its view is full (last: flood/9.pem)",
             "not sent: this node is not a writer (2 local changes put back): live/www/cert.pem",
             "refused from lb2: 3 records for their authorship (last: live/www/privkey.pem, \
              claiming lb1 (B): the signature does not match the record)",
