@@ -45,6 +45,7 @@ pub mod handles;
 pub mod identity;
 pub mod import;
 pub mod node;
+pub mod probe;
 pub mod repair;
 #[cfg(test)]
 mod sim;

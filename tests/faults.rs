@@ -48,7 +48,10 @@ impl Lab {
         let k = LABS.fetch_add(1, Ordering::Relaxed);
         // "cm" + pid (≤ 7 digits) + "x" + k + "br"/"h9"…: within IFNAMSIZ (15) for k < 100.
         let tag = format!("cm{}x{k}", std::process::id());
-        assert!(tag.len() + 3 <= 15, "lab name {tag} too long for an interface");
+        assert!(
+            tag.len() + 3 <= 15,
+            "lab name {tag} too long for an interface"
+        );
         if !sh(&["ip", "netns", "add", &format!("{tag}n0")]) {
             return None;
         }
@@ -140,12 +143,20 @@ fn lab_pid(name: &str) -> Option<u32> {
 
 /// Removes the links and namespaces of labs whose process is gone.
 fn remove_stale_labs() {
-    let dead = |name: &str| lab_pid(name).is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+    let dead = |name: &str| {
+        lab_pid(name).is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    };
     let links = Command::new("ip").args(["-o", "link", "show"]).output();
-    let links = links.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let links = links
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     for line in links.lines() {
         // "12: cm123x0h1@if11: <…>" → "cm123x0h1"
-        let Some(name) = line.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n)) else {
+        let Some(name) = line
+            .split(": ")
+            .nth(1)
+            .map(|n| n.split('@').next().unwrap_or(n))
+        else {
             continue;
         };
         if dead(name) {

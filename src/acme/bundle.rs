@@ -153,7 +153,7 @@ pub const MAX_ARCHIVE_VERSION: u32 = 1_000_000;
 
 /// Version numbers present under `archive/<name>/` (real directories only, at most
 /// [`MAX_ARCHIVE_VERSION`]).
-fn archive_versions(root: &Path, name: &str) -> Vec<u32> {
+pub fn archive_versions(root: &Path, name: &str) -> Vec<u32> {
     let Ok(r) = Root::open(root) else {
         return Vec::new();
     };

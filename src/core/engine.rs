@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::core::authorship::{self, Writers};
 use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Member, Report};
+use crate::core::served::{ServedBoard, ServedRecord};
 use crate::identity::{DeviceId, NodeSigner};
 use crate::index::{FileRecord, Index, LocalStat, Observed};
 use crate::paths::RelPath;
@@ -38,6 +39,9 @@ pub enum EngineError {
     /// The peer acknowledged a sequence we never handed out.
     #[error("acknowledges sequence {acked}, ours is only {ours}")]
     AckBeyond { acked: u64, ours: u64 },
+    /// The peer's serving-probe report broke a bound (issue 26).
+    #[error("served report: {0}")]
+    Served(String),
 }
 
 impl EngineError {
@@ -46,6 +50,7 @@ impl EngineError {
         match self {
             EngineError::TooManyRecords | EngineError::OverBudget(_) => "index",
             EngineError::AckBeyond { .. } => "ack",
+            EngineError::Served(_) => "served",
         }
     }
 }
@@ -87,6 +92,9 @@ pub struct Transmit {
     pub ack: Option<u64>,
     /// Cluster-wide barrier requests and reports (issue 16), after the ack.
     pub cluster: Vec<ClusterMsg>,
+    /// This node's serving-probe results, when they changed since last sent
+    /// (issue 26; only to peers that take them).
+    pub served: Option<Vec<ServedRecord>>,
 }
 
 /// What a sender has sent in one session (what `send_loop` used to keep).
@@ -97,6 +105,10 @@ struct SendState {
     sent: Option<u64>,
     /// The last ack sent.
     acked: u64,
+    /// The peer takes serving-probe reports (said in its hello).
+    takes_served: bool,
+    /// The generation of our serving-probe results last sent.
+    served_sent: u64,
 }
 
 /// Records of one peer refused for their authorship (issue 13), since start.
@@ -171,6 +183,8 @@ pub struct Engine {
     durable: Option<u64>,
     /// Cluster-wide barriers: relayed requests, reports, the barriers we run.
     cluster: Cluster,
+    /// What this node's and its peers' frontends serve (issue 26).
+    served: ServedBoard,
     /// Paths the puller has taken (fetching or applying them): the scanner must not
     /// read them mid-apply, and their needs are not taken twice.
     applying: HashSet<RelPath>,
@@ -198,6 +212,7 @@ impl Engine {
             },
             durable: None,
             cluster: Cluster::default(),
+            served: ServedBoard::default(),
             applying: HashSet::new(),
             rescan_after_apply: Vec::new(),
             #[cfg(test)]
@@ -330,6 +345,8 @@ impl Engine {
             token,
             sent: None,
             acked: 0,
+            takes_served: false,
+            served_sent: 0,
         };
         self.sends.insert(peer, state);
         self.cluster.set_relaying(peer, false);
@@ -464,11 +481,19 @@ impl Engine {
             send.acked = a;
         }
         let cluster = self.cluster.take_outbox(&peer);
-        (index.is_some() || ack.is_some() || !cluster.is_empty()).then_some(Transmit {
-            index,
-            ack,
-            cluster,
-        })
+        let generation = self.served.generation();
+        let served = (send.takes_served && send.served_sent != generation).then(|| {
+            send.served_sent = generation;
+            self.served.mine().to_vec()
+        });
+        (index.is_some() || ack.is_some() || !cluster.is_empty() || served.is_some()).then_some(
+            Transmit {
+                index,
+                ack,
+                cluster,
+                served,
+            },
+        )
     }
 
     /// The scanner saw `seen` at `p` (`None`: nothing there) at `now_ns`: a local
@@ -581,6 +606,38 @@ impl Engine {
     /// (at start and on reload).
     pub fn set_roster(&mut self, me: DeviceId, name: String, roster: Vec<Member>) {
         self.cluster.set_roster(me, name, roster);
+    }
+
+    /// `peer` takes serving-probe reports (issue 26): it is sent ours.
+    pub fn peer_takes_served(&mut self, peer: DeviceId) {
+        if let Some(s) = self.sends.get_mut(&peer) {
+            s.takes_served = true;
+        }
+    }
+
+    /// This node's latest serving-probe results.
+    pub fn set_served(&mut self, records: Vec<ServedRecord>) {
+        self.served.set_mine(records);
+    }
+
+    /// `peer`'s serving-probe report, filed under `peer` (the connection's device
+    /// ID): a node reports only for itself.
+    pub fn handle_served(
+        &mut self,
+        peer: DeviceId,
+        records: Vec<ServedRecord>,
+    ) -> Result<(), EngineError> {
+        if !self.sends.contains_key(&peer) {
+            return Ok(());
+        }
+        self.served
+            .handle_peer(peer, records)
+            .map_err(EngineError::Served)
+    }
+
+    /// What this node's and its peers' frontends serve.
+    pub fn served(&self) -> &ServedBoard {
+        &self.served
     }
 
     /// `peer`'s current session relays barriers (its hello said so).

@@ -12,4 +12,5 @@ pub mod inline;
 pub mod paths;
 pub mod pipeline;
 pub mod plan;
+pub mod served;
 pub mod version;

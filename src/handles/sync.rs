@@ -85,6 +85,7 @@ impl SyncHandle {
         peer: DeviceId,
         session: &Session,
         relays_confirm: bool,
+        takes_served: bool,
     ) -> Option<SendToken> {
         let me = self.me();
         let token = {
@@ -108,6 +109,9 @@ impl SyncHandle {
             let token = engine.connected(peer);
             if relays_confirm {
                 engine.peer_relays(peer);
+            }
+            if takes_served {
+                engine.peer_takes_served(peer);
             }
             token
         };
@@ -175,6 +179,15 @@ impl SyncHandle {
         let now = crate::node::now_ns();
         self.0.lock().engine.handle_confirm(peer, c, now);
         self.0.bump_progress();
+    }
+
+    /// The peer's serving-probe report (issue 26), filed under `peer`.
+    pub fn served_received(
+        &self,
+        peer: DeviceId,
+        records: Vec<crate::core::served::ServedRecord>,
+    ) -> Result<(), EngineError> {
+        self.0.lock().engine.handle_served(peer, records)
     }
 
     /// A barrier report from the peer.

@@ -20,6 +20,7 @@ pub mod pb {
 }
 
 pub mod cluster;
+pub mod served;
 
 /// Largest control frame accepted (an index batch of ~1000 records fits easily).
 pub const MAX_FRAME: usize = 4 << 20;
@@ -619,6 +620,7 @@ mod tests {
                         instance: 5,
                         version: "0.1.0".into(),
                         relays_confirm: false,
+                        takes_served: false,
                     })),
                 },
                 "0a0e0a036c623010051a05302e312e30",
@@ -909,7 +911,7 @@ mod tests {
         #[test]
         fn frames_round_trip(name in ".{0,20}", inst in any::<u64>(), seq in 0..=MAX_SEQUENCE, rs in prop::collection::vec(arb_record(), 0..4)) {
             for frame in [
-                pb::Frame { body: Some(pb::frame::Body::Hello(pb::Hello { name: name.clone(), instance: inst, version: "1".into(), relays_confirm: false })) },
+                pb::Frame { body: Some(pb::frame::Body::Hello(pb::Hello { name: name.clone(), instance: inst, version: "1".into(), relays_confirm: false, takes_served: false })) },
                 pb::Frame { body: Some(pb::frame::Body::Ack(pb::Ack { sequence: seq })) },
                 pb::Frame { body: Some(pb::frame::Body::Index(pb::IndexUpdate {
                     files: rs.iter().map(|r| record_to_wire(r, seq)).collect(),

@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod hooks;
 pub mod logging;
 pub mod metrics;
+pub mod served;
 pub mod status;
 pub mod systemd;
 pub mod telemetry;
