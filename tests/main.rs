@@ -15,6 +15,7 @@ mod observe;
 mod ops;
 mod reload;
 mod security;
+mod served;
 mod sync;
 mod systemd;
 mod trust_acme;
