@@ -1,6 +1,7 @@
 //! Integration tests: real `certmesh` processes talking QUIC on 127.0.0.x.
 
 mod acme;
+mod alerts;
 mod cli;
 mod crash;
 mod dhparam;

@@ -8,7 +8,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use certmesh::identity::{DeviceId, Identity};
 use certmesh::ops::status::{CertStatus, Status};
+use certmesh::transport::Transport;
+use certmesh::wire::{self, pb};
 
 use crate::reload::{have, Bundle, Ca, Proc, HOST, NAME};
 use crate::util::{free_tcp, wait_listening, wait_until, Node};
@@ -296,4 +299,154 @@ fn a_frontend_that_is_down_is_named_and_its_hook_not_rerun() {
         text.contains("lb3 (nginx) handshake failed: connection refused"),
         "{text}"
     );
+}
+
+/// A configured peer built from the crate's wire module: hello (taking served
+/// reports), then `frame`. Returns the connection.
+async fn evil_peer_sends(evil: &Node, target: &Node, frame: pb::Frame) -> quinn::Connection {
+    let me = std::sync::Arc::new(Identity::load(&evil.state).unwrap());
+    let id: DeviceId = target.id.parse().unwrap();
+    let t = Transport::bind(
+        me,
+        evil.addr.parse().unwrap(),
+        certmesh::transport::allow_only([id]),
+    )
+    .unwrap();
+    let conn = t.connect(id, target.addr.parse().unwrap()).await.unwrap();
+    let mut send = conn.open_uni().await.unwrap();
+    let hello = pb::Hello {
+        name: "lb2".into(), // claims another node's name: ignored, the device ID counts
+        instance: 1,
+        version: "x".into(),
+        relays_confirm: false,
+        takes_served: true,
+    };
+    let hello = pb::Frame {
+        body: Some(pb::frame::Body::Hello(hello)),
+    };
+    wire::write_msg(&mut send, &hello).await.unwrap();
+    let mut recv = conn.accept_uni().await.unwrap();
+    let _: Option<pb::Frame> = wire::read_msg(&mut recv, wire::MAX_FRAME).await.unwrap();
+    wire::write_msg(&mut send, &frame).await.unwrap();
+    // Keep the streams open with the connection.
+    std::mem::forget((send, recv));
+    conn
+}
+
+fn served_frame(probes: Vec<pb::ServedProbe>) -> pb::Frame {
+    pb::Frame {
+        body: Some(pb::frame::Body::Served(pb::Served { probes })),
+    }
+}
+
+/// `n1` (certificate www, peers `lb2` and `evil`) running.
+fn target_with_two_peers(dir: &Path) -> (Node, Node, Node) {
+    let mut n1 = Node::new(dir, "n1", "127.0.4.20");
+    let lb2 = Node::new(dir, "lb2", "127.0.4.21");
+    let evil = Node::new(dir, "evil", "127.0.4.22");
+    n1.configure(&[&lb2, &evil]);
+    let mut cfg = fs::read_to_string(&n1.config).unwrap();
+    cfg.push_str(&format!(
+        "\n[[certificate]]\nname = \"{NAME}\"\ndomains = [\"{HOST}\"]\n"
+    ));
+    fs::write(&n1.config, cfg).unwrap();
+    n1.start();
+    (n1, lb2, evil)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_reports_only_for_itself() {
+    let dir = tempdir();
+    let (n1, _lb2, evil) = target_with_two_peers(dir.path());
+    let probe = pb::ServedProbe {
+        cert: NAME.into(),
+        frontend: "nginx".into(),
+        leaf_sha256: vec![7; 32],
+        not_after_unix: 4_000_000_000,
+        seen_unix: 1,
+        since_unix: 1,
+        ..Default::default()
+    };
+    let _conn = evil_peer_sends(&evil, &n1, served_frame(vec![probe])).await;
+    let status = || -> Status { serde_json::from_value(n1.status()).unwrap() };
+    let www = |s: Status| s.certificates.into_iter().find(|c| c.name == NAME).unwrap();
+    tokio::task::block_in_place(|| {
+        wait_until("n1 files the report", || !www(status()).served.is_empty())
+    });
+    let served = www(status()).served;
+    assert_eq!(served.len(), 1, "{served:?}");
+    assert_eq!(
+        served[0].node, "evil",
+        "filed under the sender, not the name it claims"
+    );
+    assert!(
+        !served[0].current,
+        "the sender cannot declare its leaf current"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_breaking_a_bound_disconnects_the_peer() {
+    let dir = tempdir();
+    let (n1, _lb2, evil) = target_with_two_peers(dir.path());
+    let both = pb::ServedProbe {
+        cert: NAME.into(),
+        frontend: "nginx".into(),
+        leaf_sha256: vec![7; 32],
+        error: "x".repeat(10_000),
+        ..Default::default()
+    };
+    let conn = evil_peer_sends(&evil, &n1, served_frame(vec![both])).await;
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(30), conn.closed()).await;
+    assert!(
+        matches!(closed, Ok(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code.into_inner() == 3),
+        "{closed:?}"
+    );
+}
+
+#[test]
+fn the_served_metrics_name_the_certificate_and_frontend() {
+    if !have("nginx") {
+        return;
+    }
+    let (dir, ca) = (tempdir(), Ca::new());
+    let ip = "127.0.4.30";
+    let node = Node::new(dir.path(), "solo", ip);
+    node.configure(&[]);
+    let d = dir.path().join("nginx-solo");
+    fs::create_dir_all(&d).unwrap();
+    let frontend = format!("{ip}:{}", free_tcp(ip));
+    let metrics = format!("{ip}:{}", free_tcp(ip));
+    fs::write(d.join("nginx.conf"), nginx_conf(&d, &frontend, &node.tree)).unwrap();
+    let mut cfg = fs::read_to_string(&node.config).unwrap();
+    cfg.push_str(&node_extra(&d, &frontend, Hook::Reload));
+    cfg.push_str(&format!("\n[metrics]\nlisten = \"{metrics}\"\n"));
+    fs::write(&node.config, cfg).unwrap();
+    ca.bundle(0x4001).publish(&node.tree, 1);
+    let mut solo = Member {
+        node,
+        nginx: None,
+        dir: d,
+        frontend,
+    };
+    solo.start_nginx();
+    solo.node.start();
+    let series =
+        format!("certmesh_served_certificate_current{{cert=\"{NAME}\",frontend=\"nginx\"}}");
+    wait_until("the first probe round exported", || {
+        crate::metrics::sample(&crate::metrics::scrape(&metrics), &series) == Some(1.0)
+    });
+    let text = crate::metrics::scrape(&metrics);
+    let (ok, said) = crate::metrics::promtool(&text);
+    assert!(ok && said.trim().is_empty(), "promtool: {said}\n{text}");
+    let not_after = format!(
+        "certmesh_served_certificate_not_after_timestamp_seconds{{cert=\"{NAME}\",frontend=\"nginx\"}}"
+    );
+    let live = solo
+        .www()
+        .and_then(|c| c.not_after_unix)
+        .expect("a live certificate");
+    assert_eq!(crate::metrics::sample(&text, &not_after), Some(live as f64));
+    let failures = "certmesh_frontend_probe_failures_total{frontend=\"nginx\"}";
+    assert_eq!(crate::metrics::sample(&text, failures), Some(0.0));
 }

@@ -451,6 +451,9 @@ pub fn precheck_frame(bytes: &[u8]) -> Result<(), WireError> {
         if field == 4 || field == 5 {
             return precheck_cluster(field, index);
         }
+        if field == 6 {
+            return served::precheck(index); // Frame.served
+        }
         if field != 2 {
             return Ok(()); // Frame.index
         }
@@ -536,6 +539,9 @@ pub fn decode_frame_at(bytes: &[u8], now_us: u64) -> Result<pb::Frame, WireError
         }
         Some(pb::frame::Body::Report(r)) => {
             cluster::report_from_wire(r.clone())?;
+        }
+        Some(pb::frame::Body::Served(s)) => {
+            served::served_from_wire(s.clone())?;
         }
         _ => {}
     }

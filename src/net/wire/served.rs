@@ -3,7 +3,7 @@
 //! hash of 32 bytes, a leaf or an error). The sender cuts its report at
 //! [`SEND_BYTES`], well under the frame limit.
 
-use super::{invalid, pb, WireError};
+use super::{for_each_len_field, invalid, pb, WireError};
 use crate::core::served::{ServedRecord, MAX_SERVED_RECORDS};
 
 /// Most encoded bytes of records one `Served` frame carries (the rest are left out).
@@ -36,6 +36,23 @@ pub fn served_to_wire(records: &[ServedRecord]) -> pb::Served {
         probes.push(p);
     }
     pb::Served { probes }
+}
+
+/// Counts the probes of a `Served` (field 6 of `Frame`) on its raw bytes, refusing
+/// more than [`MAX_SERVED_RECORDS`] before anything is decoded (and allocated): a
+/// 4 MiB frame of empty probes would otherwise decode to about 2 million records.
+pub fn precheck(body: &[u8]) -> Result<(), WireError> {
+    let mut n = 0usize;
+    for_each_len_field(body, |field, _| {
+        n += usize::from(field == 1);
+        if n > MAX_SERVED_RECORDS {
+            return Err(invalid(
+                "served",
+                format!("more than {MAX_SERVED_RECORDS} records"),
+            ));
+        }
+        Ok(())
+    })
 }
 
 /// Validates a received report.
@@ -117,6 +134,18 @@ mod tests {
             bytes,
             [10, 13, 10, 1, b'w', 18, 1, b'n', 42, 1, b'e', 48, 1, 56, 1]
         );
+    }
+
+    #[test]
+    fn a_frame_of_empty_probes_is_refused_before_decoding() {
+        use prost::Message;
+        let f = pb::Frame {
+            body: Some(pb::frame::Body::Served(pb::Served {
+                probes: vec![pb::ServedProbe::default(); MAX_SERVED_RECORDS + 1],
+            })),
+        };
+        let err = super::super::precheck_frame(&f.encode_to_vec()).unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
     }
 
     #[test]
