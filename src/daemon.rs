@@ -180,7 +180,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         reports: crate::handles::Reports::new(&shared),
         probes: Some(shared.probes.clone()),
     }));
-    tasks.extend(crate::probe::start(crate::probe::Handles {
+    tasks.push(crate::probe::start(crate::probe::Handles {
         settings: Settings::new(&shared),
         reports: Reports::new(&shared),
         served: crate::handles::served::ServedReports::new(&shared),

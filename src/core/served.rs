@@ -123,11 +123,6 @@ impl ServedBoard {
     pub fn peers(&self) -> impl Iterator<Item = (&DeviceId, &[ServedRecord])> {
         self.peers.iter().map(|(d, r)| (d, r.as_slice()))
     }
-
-    /// Forgets peers no longer configured.
-    pub fn retain_peers(&mut self, keep: impl Fn(&DeviceId) -> bool) {
-        self.peers.retain(|d, _| keep(d));
-    }
 }
 
 /// Cuts `s` to at most `max` bytes, on a character boundary.

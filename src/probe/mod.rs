@@ -111,13 +111,11 @@ pub struct Handles {
     pub served: ServedReports,
 }
 
-/// Starts the probes if any `[[frontend]]` is configured.
-pub fn start(h: Handles) -> Option<tokio::task::JoinHandle<()>> {
-    let any = h
-        .settings
-        .read(|c| !c.frontends.is_empty())
-        .unwrap_or(false);
-    any.then(|| tokio::spawn(run(h)))
+/// Starts the probes. Always: the hook runner reports to them, and `[[frontend]]`
+/// is read again at every round (a SIGHUP may add one); without any, a round every
+/// 5 minutes finds nothing to do.
+pub fn start(h: Handles) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(h))
 }
 
 /// The leaves a certificate has in the tree: the one `live/<name>` exposes, and
@@ -371,7 +369,12 @@ async fn run(h: Handles) {
         }
         let due = d.rollouts.probes_due(Instant::now());
         if !due.is_empty() {
-            let verdicts = d.probe(Some(&due)).await;
+            let mut verdicts = d.probe(Some(&due)).await;
+            // A certificate no frontend serves has nothing to wait for (and must not
+            // stay due, which would spin this loop).
+            for c in due {
+                verdicts.entry(c).or_insert(Verdict::Current);
+            }
             feed(&mut d, verdicts);
         }
         for cert in d.rollouts.reruns_due(Instant::now()) {
