@@ -191,8 +191,20 @@ async fn round(targets: Vec<(FrontendConfig, String, String)>) -> Vec<Seen> {
     for (_, list) in by_frontend {
         set.spawn(async move {
             let mut out = Vec::with_capacity(list.len());
+            // A frontend that refuses or ignores connections does so for every
+            // certificate: the rest of the round is not spent on it (500
+            // certificates x 5 s).
+            let mut down: Option<String> = None;
             for (f, cert, sni) in list {
-                let result = tls::probe(f.address, &sni).await;
+                let result = match &down {
+                    Some(e) => Err(e.clone()),
+                    None => tls::probe(f.address, &sni).await,
+                };
+                if let Err(e) = &result {
+                    if tls::unreachable(e) {
+                        down = Some(e.clone());
+                    }
+                }
                 out.push(Seen {
                     frontend: f.name,
                     cert,

@@ -126,6 +126,12 @@ pub fn presented(der: &[u8]) -> Presented {
     }
 }
 
+/// Whether a probe error means the frontend takes no connections at all (as
+/// opposed to a failed handshake for one name).
+pub fn unreachable(error: &str) -> bool {
+    error == "connection refused" || error.starts_with("timed out")
+}
+
 /// An I/O error as people say it: "connection refused", not "Connection refused
 /// (os error 111)".
 fn io_reason(e: std::io::Error) -> String {
