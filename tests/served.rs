@@ -8,9 +8,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use certmesh::identity::{DeviceId, Identity};
+use certmesh::core::served::ServedRecord;
+use certmesh::identity::{DeviceId, Identity, NodeSigner};
 use certmesh::ops::status::{CertStatus, Status};
 use certmesh::transport::Transport;
+use certmesh::wire::served::{served_to_wire, sign_report};
 use certmesh::wire::{self, pb};
 
 use crate::reload::{have, Bundle, Ca, Proc, HOST, NAME};
@@ -333,9 +335,31 @@ async fn evil_peer_sends(evil: &Node, target: &Node, frame: pb::Frame) -> quinn:
     conn
 }
 
-fn served_frame(probes: Vec<pb::ServedProbe>) -> pb::Frame {
+/// `evil`'s report of `records`, signed with its own key, as one frame; `edit`
+/// changes it after signing.
+fn evil_report(
+    evil: &Node,
+    records: &[ServedRecord],
+    edit: impl FnOnce(&mut pb::Served),
+) -> pb::Frame {
+    let signer = NodeSigner::new(&Identity::load(&evil.state).unwrap()).unwrap();
+    let r = sign_report(&signer, "evil", 1, records).unwrap();
+    let mut s = served_to_wire(&r);
+    edit(&mut s);
     pb::Frame {
-        body: Some(pb::frame::Body::Served(pb::Served { probes })),
+        body: Some(pb::frame::Body::Served(s)),
+    }
+}
+
+fn claim(leaf: Option<[u8; 32]>, error: Option<&str>) -> ServedRecord {
+    ServedRecord {
+        cert: NAME.into(),
+        frontend: "nginx".into(),
+        leaf_sha256: leaf,
+        not_after_unix: leaf.map(|_| 4_000_000_000),
+        error: error.map(Into::into),
+        seen_unix: 1,
+        since_unix: 1,
     }
 }
 
@@ -354,20 +378,17 @@ fn target_with_two_peers(dir: &Path) -> (Node, Node, Node) {
     (n1, lb2, evil)
 }
 
+async fn closed_with_protocol_error(conn: &quinn::Connection) -> bool {
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(30), conn.closed()).await;
+    matches!(closed, Ok(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code.into_inner() == 3)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_reports_only_for_itself() {
+async fn a_peer_reports_for_itself_never_as_current_by_its_own_word() {
     let dir = tempdir();
     let (n1, _lb2, evil) = target_with_two_peers(dir.path());
-    let probe = pb::ServedProbe {
-        cert: NAME.into(),
-        frontend: "nginx".into(),
-        leaf_sha256: vec![7; 32],
-        not_after_unix: 4_000_000_000,
-        seen_unix: 1,
-        since_unix: 1,
-        ..Default::default()
-    };
-    let _conn = evil_peer_sends(&evil, &n1, served_frame(vec![probe])).await;
+    let frame = evil_report(&evil, &[claim(Some([7; 32]), None)], |_| {});
+    let _conn = evil_peer_sends(&evil, &n1, frame).await;
     let status = || -> Status { serde_json::from_value(n1.status()).unwrap() };
     let www = |s: Status| s.certificates.into_iter().find(|c| c.name == NAME).unwrap();
     tokio::task::block_in_place(|| {
@@ -377,7 +398,7 @@ async fn a_peer_reports_only_for_itself() {
     assert_eq!(served.len(), 1, "{served:?}");
     assert_eq!(
         served[0].node, "evil",
-        "filed under the sender, not the name it claims"
+        "filed under its signer, not the name it claims"
     );
     assert!(
         !served[0].current,
@@ -386,21 +407,87 @@ async fn a_peer_reports_only_for_itself() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_report_for_another_node() {
+    let dir = tempdir();
+    let (n1, lb2, evil) = target_with_two_peers(dir.path());
+    let lb2_id: DeviceId = lb2.id.parse().unwrap();
+    let frame = evil_report(&evil, &[claim(Some([7; 32]), None)], |s| {
+        s.origin = lb2_id.0.to_vec(); // lb2's ID, evil's certificate and signature
+    });
+    let conn = evil_peer_sends(&evil, &n1, frame).await;
+    assert!(closed_with_protocol_error(&conn).await);
+    let s: Status = serde_json::from_value(n1.status()).unwrap();
+    let www = s.certificates.iter().find(|c| c.name == NAME).unwrap();
+    assert!(www.served.is_empty(), "{:?}", www.served);
+    assert!(
+        n1.log().contains("the certificate is not the origin's"),
+        "{}",
+        n1.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_breaking_a_bound_disconnects_the_peer() {
     let dir = tempdir();
     let (n1, _lb2, evil) = target_with_two_peers(dir.path());
-    let both = pb::ServedProbe {
-        cert: NAME.into(),
-        frontend: "nginx".into(),
-        leaf_sha256: vec![7; 32],
-        error: "x".repeat(10_000),
-        ..Default::default()
-    };
-    let conn = evil_peer_sends(&evil, &n1, served_frame(vec![both])).await;
-    let closed = tokio::time::timeout(std::time::Duration::from_secs(30), conn.closed()).await;
-    assert!(
-        matches!(closed, Ok(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code.into_inner() == 3),
-        "{closed:?}"
+    let both = claim(Some([7; 32]), Some("and an error"));
+    let conn = evil_peer_sends(&evil, &n1, evil_report(&evil, &[both], |_| {})).await;
+    assert!(closed_with_protocol_error(&conn).await);
+}
+
+#[test]
+fn a_report_travels_through_a_hub_to_a_node_that_does_not_list_its_origin() {
+    if !have("nginx") {
+        return;
+    }
+    let (dir, ca) = (tempdir(), Ca::new());
+    let ips = ["127.0.4.31", "127.0.4.32", "127.0.4.33"];
+    let names = ["edge-a", "hub", "edge-c"];
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| Node::new(dir.path(), names[i], ips[i]))
+        .collect();
+    nodes[0].configure(&[&nodes[1]]);
+    nodes[1].configure(&[&nodes[0], &nodes[2]]);
+    nodes[2].configure(&[&nodes[1]]);
+    let d = dir.path().join("nginx-edge-a");
+    fs::create_dir_all(&d).unwrap();
+    let frontend = format!("{}:{}", ips[0], free_tcp(ips[0]));
+    fs::write(
+        d.join("nginx.conf"),
+        nginx_conf(&d, &frontend, &nodes[0].tree),
+    )
+    .unwrap();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut cfg = fs::read_to_string(&n.config).unwrap();
+        match i {
+            0 => cfg.push_str(&node_extra(&d, &frontend, Hook::Reload)),
+            _ => cfg.push_str(&format!(
+                "\n[[certificate]]\nname = \"{NAME}\"\ndomains = [\"{HOST}\"]\n"
+            )),
+        }
+        fs::write(&n.config, cfg).unwrap();
+    }
+    ca.bundle(0x5001).publish(&nodes[0].tree, 1);
+    let mut fleet: Vec<Member> = nodes
+        .into_iter()
+        .map(|node| Member {
+            node,
+            nginx: None,
+            dir: d.clone(),
+            frontend: frontend.clone(),
+        })
+        .collect();
+    fleet[0].start_nginx();
+    for m in &mut fleet {
+        m.node.start();
+    }
+    wait_until(
+        "edge-c sees edge-a serving the current leaf, through the hub",
+        || {
+            fleet[2]
+                .www()
+                .is_some_and(|c| entry(&c, "edge-a").is_some_and(|s| s.current))
+        },
     );
 }
 

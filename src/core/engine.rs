@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::core::authorship::{self, Writers};
 use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Member, Report};
-use crate::core::served::{ServedBoard, ServedRecord};
+use crate::core::served::{ServedBoard, ServedRecord, SignedReport};
 use crate::identity::{DeviceId, NodeSigner};
 use crate::index::{FileRecord, Index, LocalStat, Observed};
 use crate::paths::RelPath;
@@ -92,9 +92,9 @@ pub struct Transmit {
     pub ack: Option<u64>,
     /// Cluster-wide barrier requests and reports (issue 16), after the ack.
     pub cluster: Vec<ClusterMsg>,
-    /// This node's serving-probe results, when they changed since last sent
-    /// (issue 26; only to peers that take them).
-    pub served: Option<Vec<ServedRecord>>,
+    /// Serving-probe reports (issue 26): this node's newest and those it relays
+    /// (only to peers that take them).
+    pub served: Vec<SignedReport>,
 }
 
 /// What a sender has sent in one session (what `send_loop` used to keep).
@@ -107,8 +107,6 @@ struct SendState {
     acked: u64,
     /// The peer takes serving-probe reports (said in its hello).
     takes_served: bool,
-    /// The generation of our serving-probe results last sent.
-    served_sent: u64,
 }
 
 /// Records of one peer refused for their authorship (issue 13), since start.
@@ -346,7 +344,6 @@ impl Engine {
             sent: None,
             acked: 0,
             takes_served: false,
-            served_sent: 0,
         };
         self.sends.insert(peer, state);
         self.cluster.set_relaying(peer, false);
@@ -357,6 +354,7 @@ impl Engine {
     /// The session with `peer` ended: its view and send state are dropped.
     pub fn disconnected(&mut self, peer: DeviceId) {
         self.sends.remove(&peer);
+        self.served.disconnected(&peer);
         self.plan.disconnected(peer, &self.index);
         self.cluster.disconnected(&peer);
         self.refresh_cluster();
@@ -481,12 +479,12 @@ impl Engine {
             send.acked = a;
         }
         let cluster = self.cluster.take_outbox(&peer);
-        let generation = self.served.generation();
-        let served = (send.takes_served && send.served_sent != generation).then(|| {
-            send.served_sent = generation;
-            self.served.mine().to_vec()
-        });
-        (index.is_some() || ack.is_some() || !cluster.is_empty() || served.is_some()).then_some(
+        let served = if send.takes_served {
+            self.served.take_outbox(&peer)
+        } else {
+            Vec::new()
+        };
+        (index.is_some() || ack.is_some() || !cluster.is_empty() || !served.is_empty()).then_some(
             Transmit {
                 index,
                 ack,
@@ -605,6 +603,7 @@ impl Engine {
     /// This node's device ID, name and configured peers, for cluster-wide barriers
     /// (at start and on reload).
     pub fn set_roster(&mut self, me: DeviceId, name: String, roster: Vec<Member>) {
+        self.served.set_me(me);
         self.cluster.set_roster(me, name, roster);
     }
 
@@ -612,26 +611,43 @@ impl Engine {
     pub fn peer_takes_served(&mut self, peer: DeviceId) {
         if let Some(s) = self.sends.get_mut(&peer) {
             s.takes_served = true;
+            self.served.connected(peer);
         }
     }
 
-    /// This node's latest serving-probe results.
-    pub fn set_served(&mut self, records: Vec<ServedRecord>) {
-        self.served.set_mine(records);
+    /// Connected peers that take serving-probe reports.
+    fn served_peers(&self) -> Vec<DeviceId> {
+        self.sends
+            .iter()
+            .filter(|(_, s)| s.takes_served)
+            .map(|(d, _)| *d)
+            .collect()
     }
 
-    /// `peer`'s serving-probe report, filed under `peer` (the connection's device
-    /// ID): a node reports only for itself.
+    /// This node's latest serving-probe results, and its signed report of them
+    /// (sent to every peer that takes reports).
+    pub fn set_served(&mut self, records: Vec<ServedRecord>, report: Option<SignedReport>) {
+        self.served.set_mine(records);
+        if let Some(r) = report {
+            let peers = self.served_peers();
+            self.served.publish_mine(r, &peers);
+        }
+    }
+
+    /// A serving-probe report from `peer` (its origin's signature already
+    /// checked): kept if newest, relayed on to the peers not yet asked.
     pub fn handle_served(
         &mut self,
         peer: DeviceId,
+        report: SignedReport,
         records: Vec<ServedRecord>,
     ) -> Result<(), EngineError> {
         if !self.sends.contains_key(&peer) {
             return Ok(());
         }
+        let peers = self.served_peers();
         self.served
-            .handle_peer(peer, records)
+            .handle_report(peer, report, records, &peers)
             .map_err(EngineError::Served)
     }
 

@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use crate::core::served::ServedRecord;
+use crate::core::served::{ServedRecord, SignedReport};
+use crate::identity::NodeSigner;
 use crate::node::Shared;
 use crate::probe::Probes;
 
@@ -16,10 +17,21 @@ impl ServedReports {
         ServedReports(shared.clone())
     }
 
-    /// This node's latest results: the peers' senders are woken to send them.
-    pub fn set_mine(&self, records: Vec<ServedRecord>) {
-        self.0.lock().engine.set_served(records);
+    /// This node's latest results and its signed report of them: the peers'
+    /// senders are woken to send it.
+    pub fn set_mine(&self, records: Vec<ServedRecord>, report: Option<SignedReport>) {
+        self.0.lock().engine.set_served(records, report);
         self.0.bump_progress();
+    }
+
+    /// A signer with this node's key (reports are signed outside the state lock).
+    pub fn signer(&self) -> Option<NodeSigner> {
+        NodeSigner::new(&self.0.identity).ok()
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> String {
+        self.0.config().name.clone()
     }
 
     /// The probes' shared side (hook runs in, re-runs out, counters).

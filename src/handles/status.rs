@@ -95,10 +95,17 @@ fn served_by_cert(
             .iter()
             .map(|r| (me.clone(), r.clone()))
             .collect();
-        for (id, recs) in board.peers() {
-            if let Some(slot) = st.peers.get(id) {
-                out.extend(recs.iter().map(|r| (slot.config.name.clone(), r.clone())));
-            }
+        for (id, own_name, recs) in board.others() {
+            // A configured peer by its configured name; a node further away by the
+            // name it signed, marked when it would pose as a known one.
+            let name = match st.peers.get(id) {
+                Some(slot) => slot.config.name.clone(),
+                None if own_name == me || st.peers.values().any(|s| s.config.name == own_name) => {
+                    format!("{own_name} (unverified {})", &id.to_string()[..7])
+                }
+                None => own_name.to_string(),
+            };
+            out.extend(recs.iter().map(|r| (name.clone(), r.clone())));
         }
         out
     };

@@ -181,13 +181,17 @@ impl SyncHandle {
         self.0.bump_progress();
     }
 
-    /// The peer's serving-probe report (issue 26), filed under `peer`.
+    /// A serving-probe report relayed by the peer (issue 26), its origin's
+    /// signature already checked; the senders are woken for what is relayed on.
     pub fn served_received(
         &self,
         peer: DeviceId,
+        report: crate::core::served::SignedReport,
         records: Vec<crate::core::served::ServedRecord>,
     ) -> Result<(), EngineError> {
-        self.0.lock().engine.handle_served(peer, records)
+        self.0.lock().engine.handle_served(peer, report, records)?;
+        self.0.bump_progress();
+        Ok(())
     }
 
     /// A barrier report from the peer.

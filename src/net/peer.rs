@@ -222,8 +222,8 @@ async fn send_loop(
                 };
                 wire::write_msg(&mut send, &pb::Frame { body: Some(body) }).await?;
             }
-            if let Some(served) = t.served {
-                let body = pb::frame::Body::Served(served_to_wire(&served));
+            for r in t.served {
+                let body = pb::frame::Body::Served(served_to_wire(&r));
                 wire::write_msg(&mut send, &pb::Frame { body: Some(body) }).await?;
             }
         }
@@ -293,8 +293,9 @@ async fn recv_loop(
                 sync.report_received(peer, r);
             }
             Some(pb::frame::Body::Served(s)) => {
-                let records = served_from_wire(s)?;
-                sync.served_received(peer, records).map_err(refused)?;
+                let (report, records) = served_from_wire(s)?;
+                sync.served_received(peer, report, records)
+                    .map_err(refused)?;
             }
             Some(pb::frame::Body::Hello(_)) | None => {
                 return Err(WireError::Invalid {

@@ -229,6 +229,10 @@ struct Driver {
     rollouts: Rollouts,
     /// Latest record per (certificate, frontend).
     last: BTreeMap<(String, String), ServedRecord>,
+    /// Signs this node's reports (`None`: the key cannot sign; nothing is sent).
+    signer: Option<crate::identity::NodeSigner>,
+    /// This node's last report generation (unix milliseconds, always growing).
+    generation: u64,
 }
 
 impl Driver {
@@ -294,10 +298,22 @@ impl Driver {
             self.last.insert((s.cert, s.frontend), rec);
         }
         self.last.retain(|k, _| keep.contains(k));
-        self.h
-            .served
-            .set_mine(self.last.values().cloned().collect());
+        self.publish();
         verdicts
+    }
+
+    /// Signs this node's latest records as a new generation and hands them to the
+    /// engine (which sends them to the peers).
+    fn publish(&mut self) {
+        let records = crate::core::served::normalize(self.last.values().cloned().collect());
+        let now_ms = u64::try_from(crate::clock::unix_now()).unwrap_or(0) * 1000;
+        self.generation = self.generation.saturating_add(1).max(now_ms);
+        let name = self.h.served.name();
+        let report = self
+            .signer
+            .as_ref()
+            .and_then(|s| crate::wire::served::sign_report(s, &name, self.generation, &records));
+        self.h.served.set_mine(records, report);
     }
 
     /// Takes the hook runs reported since the last call.
@@ -356,10 +372,16 @@ async fn run(h: Handles) {
     for f in h.settings.read(|c| c.frontends.clone()).unwrap_or_default() {
         lock(&probes.0.failures).entry(f.name).or_default();
     }
+    let signer = h.served.signer();
+    if signer.is_none() {
+        tracing::error!("the node key cannot sign: serving-probe results are not sent to peers");
+    }
     let mut d = Driver {
         h,
         rollouts: Rollouts::default(),
         last: BTreeMap::new(),
+        signer,
+        generation: 0,
     };
     let mut periodic = tokio::time::Instant::now() + FIRST_ROUND;
     loop {
