@@ -12,6 +12,7 @@ use toml::Spanned;
 use crate::identity::{DeviceId, DeviceIdError};
 
 mod dns;
+pub mod frontend;
 mod globs;
 
 pub use dns::{ChallengeChoice, DnsConfig, DnsProvider, TsigAlgorithm, TsigKeyConfig};
@@ -51,6 +52,8 @@ struct RawConfig {
     certificate: Vec<RawCertificate>,
     #[serde(default)]
     hook: Vec<RawHook>,
+    #[serde(default)]
+    frontend: Vec<frontend::RawFrontend>,
     http: Option<RawHttp>,
     metrics: Option<RawMetrics>,
 }
@@ -420,6 +423,8 @@ pub struct Config {
     pub acme: Option<AcmeConfig>,
     pub certificates: Vec<CertificateConfig>,
     pub hooks: Vec<HookConfig>,
+    /// `[[frontend]]`: this node's TLS servers, probed for what they serve.
+    pub frontends: Vec<frontend::FrontendConfig>,
     /// Built-in http-01 responder address.
     pub http_listen: Option<SocketAddr>,
     /// Prometheus `/metrics` endpoint address (`[metrics] listen`).
@@ -545,6 +550,7 @@ impl Config {
             .iter()
             .map(|h| hook(h, &bad))
             .collect::<Result<Vec<_>, _>>()?;
+        let frontends = frontend::frontends(&raw.frontend, &certificates, &bad)?;
         let http_listen = raw
             .http
             .as_ref()
@@ -571,6 +577,7 @@ impl Config {
             acme,
             certificates,
             hooks,
+            frontends,
             http_listen,
             metrics_listen,
             lines,

@@ -161,6 +161,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         acme: std::sync::OnceLock::new(),
         hook_failures: AtomicU64::new(0),
         repairs: Default::default(),
+        probes: Default::default(),
         persist: Mutex::new(persist_tx),
     });
     let persist_thread = {
@@ -195,6 +196,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         changes: crate::handles::Changes::new(&shared),
         settings: crate::handles::Settings::new(&shared),
         reports: crate::handles::Reports::new(&shared),
+        probes: Some(shared.probes.clone()),
+    }));
+    tasks.push(crate::probe::start(crate::probe::Handles {
+        settings: Settings::new(&shared),
+        reports: Reports::new(&shared),
+        served: crate::handles::served::ServedReports::new(&shared),
     }));
     tasks.extend(crate::dhparam::start(
         &Settings::new(&shared),

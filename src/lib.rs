@@ -16,7 +16,7 @@
 //!   [`systemd`], [`logging`].
 //! - Features: [`acme`] (cluster ACME, http-01 and dns-01), [`import`] (certbot /
 //!   lego trees), [`repair`] and [`keep`] (nothing lost for good), [`dhparam`],
-//!   [`writers`] (who may change the tree).
+//!   [`writers`] (who may change the tree), [`probe`] (what the frontends serve).
 //! - [`config`], [`identity`], [`node`] (the shared state) and [`daemon`] (the wiring:
 //!   starts and stops every task); [`demo`] (a 3-node mesh on loopback).
 //!
@@ -45,6 +45,7 @@ pub mod handles;
 pub mod identity;
 pub mod import;
 pub mod node;
+pub mod probe;
 pub mod repair;
 #[cfg(test)]
 mod sim;

@@ -126,6 +126,8 @@ pub struct Shared {
     pub hook_failures: AtomicU64,
     /// Certificate repairs: queue and recent results (`status`).
     pub repairs: crate::telemetry::Repairs,
+    /// Serving probes: hook runs in, hook re-runs out, failure counters (issue 26).
+    pub probes: crate::probe::Probes,
     /// The persister's queue (see [`persister`]).
     pub(crate) persist: Mutex<std::sync::mpsc::Sender<PersistMsg>>,
 }

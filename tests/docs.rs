@@ -45,6 +45,7 @@ fn accepted(dir: &Path, section: &str) -> Vec<String> {
     );
     let acme = "[acme]\ndirectory = \"https://ca.example/dir\"\n";
     let cfg = match section {
+        "top" => format!("zzz = 1\n{base}"),
         "[node]" => base.replace("[tree]", "zzz = 1\n[tree]"),
         "[tree]" => format!("{base}zzz = 1\n"),
         "[acme]" => format!("{base}{acme}zzz = 1\n"),
@@ -96,6 +97,13 @@ fn the_config_man_page_lists_every_key_the_parser_accepts() {
             doc.contains_key(section),
             "{section} not on the page: {sections:?}"
         );
+    }
+    // Every top-level table the parser knows has its section on the page.
+    for table in accepted(dir.path(), "top") {
+        let documented = sections
+            .iter()
+            .any(|s| s.trim_matches(['[', ']']).split('.').next() == Some(table.as_str()));
+        assert!(documented, "[{table}] has no section on the page: {sections:?}");
     }
     for (section, keys) in &doc {
         let want = accepted(dir.path(), section);

@@ -1,6 +1,7 @@
 //! Integration tests: real `certmesh` processes talking QUIC on 127.0.0.x.
 
 mod acme;
+mod alerts;
 mod cli;
 mod crash;
 mod dhparam;
@@ -18,6 +19,7 @@ mod ops;
 mod reload;
 mod security;
 mod status;
+mod served;
 mod sync;
 mod systemd;
 mod trust_acme;

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use crate::util::{wait_until, Node};
 
 /// `GET /metrics` on `addr`: the body of a 200 answer.
-fn scrape(addr: &str) -> String {
+pub(crate) fn scrape(addr: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
@@ -23,7 +23,7 @@ fn scrape(addr: &str) -> String {
 }
 
 /// The value of the sample `series` (name and labels exactly as served).
-fn sample(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
@@ -37,7 +37,7 @@ fn families(text: &str) -> BTreeSet<String> {
 }
 
 /// `promtool check metrics` on `text`: its exit status and what it said.
-fn promtool(text: &str) -> (bool, String) {
+pub(crate) fn promtool(text: &str) -> (bool, String) {
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

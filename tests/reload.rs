@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use crate::util::{wait_listening, wait_until, Node};
 
-const NAME: &str = "www";
-const HOST: &str = "www.reload.test";
+pub(crate) const NAME: &str = "www";
+pub(crate) const HOST: &str = "www.reload.test";
 
 /// A server stopped (and reaped) on drop: SIGTERM first, so nginx's master takes its
 /// workers with it (a SIGKILLed master leaves them running), SIGKILL if it lingers.
-struct Proc {
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
 }
 
 impl Drop for Proc {
@@ -39,7 +39,7 @@ impl Drop for Proc {
     }
 }
 
-fn have(bin: &str) -> bool {
+pub(crate) fn have(bin: &str) -> bool {
     let ok = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
         .iter()
         .any(|d| Path::new(d).join(bin).exists());
@@ -51,22 +51,22 @@ fn have(bin: &str) -> bool {
 }
 
 /// A test CA and certificates for [`HOST`] with chosen serial numbers.
-struct Ca {
+pub(crate) struct Ca {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     pem: String,
     der: Vec<u8>,
 }
 
 /// One version's files, as the ACME client writes them.
-struct Bundle {
-    cert: String,
+pub(crate) struct Bundle {
+    pub(crate) cert: String,
     chain: String,
-    key: String,
+    pub(crate) key: String,
     serial: Vec<u8>,
 }
 
 impl Ca {
-    fn new() -> Ca {
+    pub(crate) fn new() -> Ca {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -81,7 +81,7 @@ impl Ca {
         }
     }
 
-    fn bundle(&self, serial: u64) -> Bundle {
+    pub(crate) fn bundle(&self, serial: u64) -> Bundle {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec![HOST.to_string()]).unwrap();
         params.serial_number = Some(rcgen::SerialNumber::from(serial));
@@ -108,7 +108,7 @@ impl Bundle {
     /// Publishes version `n` into `tree` the way the ACME client does: the five
     /// files staged under `.certmesh/tmp/` and renamed into `archive/<name>/<n>/`,
     /// then `live/<name>` flipped by renaming a new symlink over it.
-    fn publish(&self, tree: &Path, n: u32) {
+    pub(crate) fn publish(&self, tree: &Path, n: u32) {
         let tmp = tree.join(".certmesh/tmp");
         let dir = tree.join(format!("archive/{NAME}/{n}"));
         fs::create_dir_all(&tmp).unwrap();

@@ -87,6 +87,7 @@ async fn evil_session(
             instance: 1,
             version: "x".into(),
             relays_confirm: false,
+            takes_served: false,
         })),
     };
     wire::write_msg(&mut send, &hello).await.unwrap();

@@ -239,6 +239,7 @@ async fn forger(f: &Node, target: &Node) -> Forger {
             instance: 1,
             version: "x".into(),
             relays_confirm: false,
+            takes_served: false,
         })),
     };
     wire::write_msg(&mut send, &hello).await.unwrap();

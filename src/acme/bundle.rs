@@ -153,7 +153,7 @@ pub const MAX_ARCHIVE_VERSION: u32 = 1_000_000;
 
 /// Version numbers present under `archive/<name>/` (real directories only, at most
 /// [`MAX_ARCHIVE_VERSION`]), good or not.
-fn archive_versions(root: &Path, name: &str) -> Vec<u32> {
+pub fn archive_versions(root: &Path, name: &str) -> Vec<u32> {
     let mut v: Vec<u32> = archive_entries(root, name)
         .into_iter()
         .filter_map(|(n, is_dir)| is_dir.then_some(n.parse().ok()?))

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::core::authorship::{self, Writers};
 use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Member, Report};
+use crate::core::served::{ServedBoard, ServedRecord, SignedReport};
 use crate::identity::{DeviceId, NodeSigner};
 use crate::index::{FileRecord, Index, LocalStat, Observed};
 use crate::paths::RelPath;
@@ -31,6 +32,9 @@ pub enum EngineError {
     /// The peer acknowledged a sequence we never handed out.
     #[error("acknowledges sequence {acked}, ours is only {ours}")]
     AckBeyond { acked: u64, ours: u64 },
+    /// The peer's serving-probe report broke a bound (issue 26).
+    #[error("served report: {0}")]
+    Served(String),
 }
 
 impl EngineError {
@@ -39,6 +43,7 @@ impl EngineError {
     pub fn what(&self) -> &'static str {
         match self {
             EngineError::AckBeyond { .. } => "ack",
+            EngineError::Served(_) => "served",
         }
     }
 }
@@ -80,6 +85,9 @@ pub struct Transmit {
     pub ack: Option<u64>,
     /// Cluster-wide barrier requests and reports (issue 16), after the ack.
     pub cluster: Vec<ClusterMsg>,
+    /// Serving-probe reports (issue 26): this node's newest and those it relays
+    /// (only to peers that take them).
+    pub served: Vec<SignedReport>,
 }
 
 /// What a sender has sent in one session (what `send_loop` used to keep).
@@ -90,6 +98,8 @@ struct SendState {
     sent: Option<u64>,
     /// The last ack sent.
     acked: u64,
+    /// The peer takes serving-probe reports (said in its hello).
+    takes_served: bool,
 }
 
 /// Records of one peer refused for their authorship (issue 13), since start.
@@ -173,6 +183,8 @@ pub struct Engine {
     durable: Option<u64>,
     /// Cluster-wide barriers: relayed requests, reports, the barriers we run.
     cluster: Cluster,
+    /// What this node's and its peers' frontends serve (issue 26).
+    served: ServedBoard,
     /// Paths the puller has taken (fetching or applying them): the scanner must not
     /// read them mid-apply, and their needs are not taken twice.
     applying: HashSet<RelPath>,
@@ -200,6 +212,7 @@ impl Engine {
             },
             durable: None,
             cluster: Cluster::default(),
+            served: ServedBoard::default(),
             applying: HashSet::new(),
             rescan_after_apply: Vec::new(),
             #[cfg(test)]
@@ -351,6 +364,7 @@ impl Engine {
             token,
             sent: None,
             acked: 0,
+            takes_served: false,
         };
         self.sends.insert(peer, state);
         self.cluster.set_relaying(peer, false);
@@ -361,6 +375,7 @@ impl Engine {
     /// The session with `peer` ended: its view and send state are dropped.
     pub fn disconnected(&mut self, peer: DeviceId) {
         self.sends.remove(&peer);
+        self.served.disconnected(&peer);
         self.plan.disconnected(peer, &self.index);
         self.cluster.disconnected(&peer);
         self.refresh_cluster();
@@ -488,11 +503,19 @@ impl Engine {
             send.acked = a;
         }
         let cluster = self.cluster.take_outbox(&peer);
-        (index.is_some() || ack.is_some() || !cluster.is_empty()).then_some(Transmit {
-            index,
-            ack,
-            cluster,
-        })
+        let served = if send.takes_served {
+            self.served.take_outbox(&peer)
+        } else {
+            Vec::new()
+        };
+        (index.is_some() || ack.is_some() || !cluster.is_empty() || !served.is_empty()).then_some(
+            Transmit {
+                index,
+                ack,
+                cluster,
+                served,
+            },
+        )
     }
 
     /// The scanner saw `seen` at `p` (`None`: nothing there) at `now_ns`: a local
@@ -604,7 +627,57 @@ impl Engine {
     /// This node's device ID, name and configured peers, for cluster-wide barriers
     /// (at start and on reload).
     pub fn set_roster(&mut self, me: DeviceId, name: String, roster: Vec<Member>) {
+        self.served.set_me(me);
         self.cluster.set_roster(me, name, roster);
+    }
+
+    /// `peer` takes serving-probe reports (issue 26): it is sent ours.
+    pub fn peer_takes_served(&mut self, peer: DeviceId) {
+        if let Some(s) = self.sends.get_mut(&peer) {
+            s.takes_served = true;
+            self.served.connected(peer);
+        }
+    }
+
+    /// Connected peers that take serving-probe reports.
+    fn served_peers(&self) -> Vec<DeviceId> {
+        self.sends
+            .iter()
+            .filter(|(_, s)| s.takes_served)
+            .map(|(d, _)| *d)
+            .collect()
+    }
+
+    /// This node's latest serving-probe results, and its signed report of them
+    /// (sent to every peer that takes reports).
+    pub fn set_served(&mut self, records: Vec<ServedRecord>, report: Option<SignedReport>) {
+        self.served.set_mine(records);
+        if let Some(r) = report {
+            let peers = self.served_peers();
+            self.served.publish_mine(r, &peers);
+        }
+    }
+
+    /// A serving-probe report from `peer` (its origin's signature already
+    /// checked): kept if newest, relayed on to the peers not yet asked.
+    pub fn handle_served(
+        &mut self,
+        peer: DeviceId,
+        report: SignedReport,
+        records: Vec<ServedRecord>,
+    ) -> Result<(), EngineError> {
+        if !self.sends.contains_key(&peer) {
+            return Ok(());
+        }
+        let peers = self.served_peers();
+        self.served
+            .handle_report(peer, report, records, &peers)
+            .map_err(EngineError::Served)
+    }
+
+    /// What this node's and its peers' frontends serve.
+    pub fn served(&self) -> &ServedBoard {
+        &self.served
     }
 
     /// `peer`'s current session relays barriers (its hello said so).

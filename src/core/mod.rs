@@ -14,4 +14,5 @@ pub mod paths;
 pub mod pipeline;
 pub mod plan;
 pub mod secret;
+pub mod served;
 pub mod version;

@@ -17,6 +17,7 @@
 //!   probe (the systemd status line and watchdog).
 
 mod acme;
+pub mod served;
 mod status;
 mod sync;
 

@@ -40,6 +40,7 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
         return Vec::new();
     }
     let now = acme::unix_now();
+    let mut served = served_by_cert(shared);
     let h = acme_handles(shared);
     let renewer = acme::renewer(&h).map(|id| acme::node_name(&h, id));
     let me = acme::node_name(&h, h.mesh.me());
@@ -95,6 +96,7 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
                 bundle_error,
                 warning,
                 challenge,
+                served: served.remove(&c.name).unwrap_or_default(),
                 name: c.name,
             }
         })
@@ -137,6 +139,64 @@ fn ongoing_errors(peers: &[PeerStatus], certs: &[CertStatus], now: i64) -> Vec<R
         }
     }
     out
+}
+
+/// What every node's frontends serve, per certificate (issue 26): this node's and
+/// its peers' latest probe results, judged against this node's tree (a peer says
+/// which leaf it saw, never whether it is current).
+fn served_by_cert(
+    shared: &Arc<Shared>,
+) -> std::collections::HashMap<String, Vec<crate::ops::served::ServedStatus>> {
+    use crate::core::served::ServedRecord;
+    let me = shared.config().name.clone();
+    let records: Vec<(String, ServedRecord)> = {
+        let st = shared.lock();
+        let board = st.engine.served();
+        let mut out: Vec<_> = board
+            .mine()
+            .iter()
+            .map(|r| (me.clone(), r.clone()))
+            .collect();
+        for (id, own_name, recs) in board.others() {
+            // A configured peer by its configured name; a node further away by the
+            // name it signed, marked when it would pose as a known one.
+            let name = match st.peers.get(id) {
+                Some(slot) => slot.config.name.clone(),
+                None if own_name == me || st.peers.values().any(|s| s.config.name == own_name) => {
+                    format!("{own_name} (unverified {})", &id.to_string()[..7])
+                }
+                None => own_name.to_string(),
+            };
+            out.extend(recs.iter().map(|r| (name.clone(), r.clone())));
+        }
+        out
+    };
+    let mut leaves: std::collections::HashMap<String, crate::probe::Leaves> = Default::default();
+    let mut by_cert: std::collections::HashMap<String, Vec<_>> = Default::default();
+    for (node, r) in records {
+        let l = leaves
+            .entry(r.cert.clone())
+            .or_insert_with(|| crate::probe::Leaves::read(&shared.tree.root, &r.cert));
+        let sha = r.leaf_sha256;
+        by_cert
+            .entry(r.cert)
+            .or_default()
+            .push(crate::ops::served::ServedStatus {
+                node,
+                frontend: r.frontend,
+                current: sha.as_ref().is_some_and(|s| l.is_current(s)),
+                version: sha.as_ref().and_then(|s| l.version_of(s)),
+                leaf_sha256: sha.map(|s| data_encoding::HEXLOWER.encode(&s)),
+                not_after_unix: r.not_after_unix,
+                error: r.error,
+                seen_unix: r.seen_unix,
+                since_unix: r.since_unix,
+            });
+    }
+    for v in by_cert.values_mut() {
+        v.sort_by(|a, b| (&a.node, &a.frontend).cmp(&(&b.node, &b.frontend)));
+    }
+    by_cert
 }
 
 /// Builds the status from the live state.
@@ -270,6 +330,7 @@ fn status(shared: &Arc<Shared>) -> Status {
                 .hook_failures
                 .load(std::sync::atomic::Ordering::Relaxed),
             acme_failures: shared.acme.get().map_or(0, |a| a.failures_total()),
+            probe_failures: shared.probes.failures(),
         },
         repairs: shared.repairs.recent(),
         cluster: None,

@@ -85,6 +85,7 @@ impl SyncHandle {
         peer: DeviceId,
         session: &Session,
         relays_confirm: bool,
+        takes_served: bool,
     ) -> Option<SendToken> {
         let me = self.me();
         let token = {
@@ -108,6 +109,9 @@ impl SyncHandle {
             let token = engine.connected(peer);
             if relays_confirm {
                 engine.peer_relays(peer);
+            }
+            if takes_served {
+                engine.peer_takes_served(peer);
             }
             token
         };
@@ -193,6 +197,19 @@ impl SyncHandle {
         let now = crate::node::now_ns();
         self.0.lock().engine.handle_confirm(peer, c, now);
         self.0.bump_progress();
+    }
+
+    /// A serving-probe report relayed by the peer (issue 26), its origin's
+    /// signature already checked; the senders are woken for what is relayed on.
+    pub fn served_received(
+        &self,
+        peer: DeviceId,
+        report: crate::core::served::SignedReport,
+        records: Vec<crate::core::served::ServedRecord>,
+    ) -> Result<(), EngineError> {
+        self.0.lock().engine.handle_served(peer, report, records)?;
+        self.0.bump_progress();
+        Ok(())
     }
 
     /// A barrier report from the peer.

@@ -16,6 +16,7 @@ use crate::identity::DeviceId;
 use crate::node::Session;
 use crate::paths::RelPath;
 use crate::wire::cluster::{confirm_from_wire, confirm_to_wire, report_from_wire, report_to_wire};
+use crate::wire::served::{served_from_wire, served_to_wire};
 use crate::wire::{
     self, pb, record_from_wire, record_to_wire, WireError, INDEX_BATCH, MAX_FRAME, MAX_HEADER,
 };
@@ -67,7 +68,8 @@ pub async fn run_session_with_ready(
         dialed_by_me,
         conn: conn.clone(),
     };
-    let Some(token) = sync.start_session(peer, &session, hello.relays_confirm) else {
+    let Some(token) = sync.start_session(peer, &session, hello.relays_confirm, hello.takes_served)
+    else {
         conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
         if let Some(r) = ready {
             let _ = r.send(());
@@ -122,6 +124,7 @@ async fn exchange_hello(
             instance: sync.instance(),
             version: env!("CARGO_PKG_VERSION").into(),
             relays_confirm: true,
+            takes_served: true,
         })),
     };
     wire::write_msg(&mut send, &hello).await?;
@@ -223,6 +226,10 @@ async fn send_loop(
                 };
                 wire::write_msg(&mut send, &pb::Frame { body: Some(body) }).await?;
             }
+            for r in t.served {
+                let body = pb::frame::Body::Served(served_to_wire(&r));
+                wire::write_msg(&mut send, &pb::Frame { body: Some(body) }).await?;
+            }
         }
         tokio::select! {
             r = changed.changed() => if r.is_err() { return Ok(()) },
@@ -288,6 +295,11 @@ async fn recv_loop(
             Some(pb::frame::Body::Report(r)) => {
                 let r = report_from_wire(r)?;
                 sync.report_received(peer, r);
+            }
+            Some(pb::frame::Body::Served(s)) => {
+                let (report, records) = served_from_wire(s)?;
+                sync.served_received(peer, report, records)
+                    .map_err(refused)?;
             }
             Some(pb::frame::Body::Hello(_)) | None => {
                 return Err(WireError::Invalid {

@@ -20,6 +20,7 @@ pub mod pb {
 }
 
 pub mod cluster;
+pub mod served;
 
 /// Largest control frame accepted (an index batch of ~1000 records fits easily).
 pub const MAX_FRAME: usize = 4 << 20;
@@ -450,6 +451,9 @@ pub fn precheck_frame(bytes: &[u8]) -> Result<(), WireError> {
         if field == 4 || field == 5 {
             return precheck_cluster(field, index);
         }
+        if field == 6 {
+            return served::precheck(index); // Frame.served
+        }
         if field != 2 {
             return Ok(()); // Frame.index
         }
@@ -536,6 +540,9 @@ pub fn decode_frame_at(bytes: &[u8], now_us: u64) -> Result<pb::Frame, WireError
         Some(pb::frame::Body::Report(r)) => {
             cluster::report_from_wire(r.clone())?;
         }
+        Some(pb::frame::Body::Served(s)) => {
+            served::served_from_wire(s.clone())?;
+        }
         _ => {}
     }
     Ok(frame)
@@ -619,6 +626,7 @@ mod tests {
                         instance: 5,
                         version: "0.1.0".into(),
                         relays_confirm: false,
+                        takes_served: false,
                     })),
                 },
                 "0a0e0a036c623010051a05302e312e30",
@@ -909,7 +917,7 @@ mod tests {
         #[test]
         fn frames_round_trip(name in ".{0,20}", inst in any::<u64>(), seq in 0..=MAX_SEQUENCE, rs in prop::collection::vec(arb_record(), 0..4)) {
             for frame in [
-                pb::Frame { body: Some(pb::frame::Body::Hello(pb::Hello { name: name.clone(), instance: inst, version: "1".into(), relays_confirm: false })) },
+                pb::Frame { body: Some(pb::frame::Body::Hello(pb::Hello { name: name.clone(), instance: inst, version: "1".into(), relays_confirm: false, takes_served: false })) },
                 pb::Frame { body: Some(pb::frame::Body::Ack(pb::Ack { sequence: seq })) },
                 pb::Frame { body: Some(pb::frame::Body::Index(pb::IndexUpdate {
                     files: rs.iter().map(|r| record_to_wire(r, seq)).collect(),

@@ -34,6 +34,9 @@ pub struct Hooks {
     pub changes: Changes,
     pub settings: Settings,
     pub reports: Reports,
+    /// Serving probes: told which certificates' hooks ran (and how), and asking
+    /// for re-runs when a frontend kept an old certificate (issue 26).
+    pub probes: Option<crate::probe::Probes>,
 }
 
 /// Starts the hook runner if any `[[hook]]` is configured.
@@ -61,8 +64,12 @@ async fn run(ctx: Hooks) {
     let mut changed = ctx.changes.subscribe();
     let mut seen = *changed.borrow_and_update();
     loop {
-        if changed.changed().await.is_err() {
-            return;
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return },
+            certs = rerun_requested(&ctx) => {
+                rerun(&ctx, &certs).await;
+                continue;
+            }
         }
         // Debounce: until QUIET without a change, at most DEADLINE.
         let start = tokio::time::Instant::now();
@@ -77,6 +84,7 @@ async fn run(ctx: Hooks) {
         let paths = ctx.changes.touched_since(seen);
         seen = now;
         let hooks: Vec<HookConfig> = ctx.settings.read(|c| c.hooks.clone()).unwrap_or_default();
+        let mut ran = Ran::default();
         for h in hooks {
             let matched: Vec<&String> = paths.iter().filter(|p| h.matcher.is_match(p)).collect();
             if matched.is_empty() {
@@ -85,9 +93,99 @@ async fn run(ctx: Hooks) {
             let names = cert_names(&matched);
             let list: Vec<String> = matched.into_iter().cloned().collect();
             // One at a time per burst, in config order; never blocks sync.
-            run_one(&ctx, &h, &names, &list).await;
+            let r = run_one(&ctx, &h, &names, &list).await;
+            ran.add(&names, r);
+        }
+        ran.tell(&ctx, false);
+    }
+}
+
+/// Outcomes of one burst's hooks per certificate, for the serving probes.
+#[derive(Default)]
+struct Ran(std::collections::BTreeMap<String, Result<(), String>>);
+
+impl Ran {
+    fn add(&mut self, names: &[String], r: Result<(), String>) {
+        for n in names {
+            let e = self.0.entry(n.clone()).or_insert(Ok(()));
+            if let Err(why) = &r {
+                *e = Err(match e {
+                    Err(before) => format!("{before}; {why}"),
+                    Ok(()) => why.clone(),
+                });
+            }
         }
     }
+
+    /// Tells the probes: one report for the certificates whose hooks all worked,
+    /// one per certificate whose hook failed (with the output).
+    fn tell(self, ctx: &Hooks, rerun: bool) {
+        let Some(p) = &ctx.probes else { return };
+        let mut ok = Vec::new();
+        for (cert, r) in self.0 {
+            match r {
+                Ok(()) => ok.push(cert),
+                Err(output) => p.hook_ran(crate::probe::HookRan {
+                    certs: vec![cert],
+                    ok: false,
+                    output,
+                    rerun,
+                }),
+            }
+        }
+        p.hook_ran(crate::probe::HookRan {
+            certs: ok,
+            ok: true,
+            output: String::new(),
+            rerun,
+        });
+    }
+}
+
+/// Waits for the serving probes to ask for hook re-runs (never, without probes).
+async fn rerun_requested(ctx: &Hooks) -> Vec<String> {
+    match &ctx.probes {
+        Some(p) => p.rerun_requested().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Re-runs the hooks of `certs` (those matching `live/<name>/…`) because a frontend
+/// still serves an older certificate; tells the probes how it went.
+async fn rerun(ctx: &Hooks, certs: &[String]) {
+    let hooks: Vec<HookConfig> = ctx.settings.read(|c| c.hooks.clone()).unwrap_or_default();
+    let mut ran = Ran::default();
+    for cert in certs {
+        let paths: Vec<String> = [
+            "",
+            "/fullchain.pem",
+            "/privkey.pem",
+            "/combined.pem",
+            "/cert.pem",
+        ]
+        .iter()
+        .map(|f| format!("live/{cert}{f}"))
+        .collect();
+        let names = vec![cert.clone()];
+        let mut any = false;
+        for h in &hooks {
+            let list: Vec<String> = paths
+                .iter()
+                .filter(|p| h.matcher.is_match(p))
+                .cloned()
+                .collect();
+            if list.is_empty() {
+                continue;
+            }
+            any = true;
+            let r = run_one(ctx, h, &names, &list).await;
+            ran.add(&names, r);
+        }
+        if !any {
+            ran.add(&names, Err(format!("no [[hook]] matches live/{cert}")));
+        }
+    }
+    ran.tell(ctx, true);
 }
 
 /// How a hook is named in logs and errors.
@@ -107,7 +205,12 @@ pub fn metric_label(h: &HookConfig) -> String {
     }
 }
 
-async fn run_one(ctx: &Hooks, h: &HookConfig, names: &[String], paths: &[String]) {
+async fn run_one(
+    ctx: &Hooks,
+    h: &HookConfig,
+    names: &[String],
+    paths: &[String],
+) -> Result<(), String> {
     let started = std::time::Instant::now();
     let outcome = match &h.action {
         HookAction::Run(argv) => {
@@ -122,16 +225,19 @@ async fn run_one(ctx: &Hooks, h: &HookConfig, names: &[String], paths: &[String]
         }
     };
     crate::telemetry::hook_ran(&metric_label(h));
-    match outcome {
-        Ok(Ok(done)) => tracing::info!(
-            hook = %label(h),
-            changed = %names.join(" "),
-            ms = started.elapsed().as_millis() as u64,
-            "hook ran: {done}"
-        ),
-        Ok(Err(e)) => ctx.reports.hook_failed(format!("hook {}: {e}", label(h))),
+    let failed = match outcome {
+        Ok(Ok(done)) => {
+            tracing::info!(
+                hook = %label(h),
+                changed = %names.join(" "),
+                ms = started.elapsed().as_millis() as u64,
+                "hook ran: {done}"
+            );
+            return Ok(());
+        }
+        Ok(Err(e)) => format!("hook {}: {e}", label(h)),
         // Dropping the future killed a command (`kill_on_drop`) or closed the socket.
-        Err(_) => ctx.reports.hook_failed(format!(
+        Err(_) => format!(
             "hook {} timed out after {:?} and was {}",
             label(h),
             h.timeout,
@@ -140,8 +246,10 @@ async fn run_one(ctx: &Hooks, h: &HookConfig, names: &[String], paths: &[String]
                 HookAction::Haproxy { .. } =>
                     "abandoned (a retry updates HAProxy's open transaction)",
             }
-        )),
-    }
+        ),
+    };
+    ctx.reports.hook_failed(failed.clone());
+    Err(failed)
 }
 
 /// `run = [argv]`.

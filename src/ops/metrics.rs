@@ -334,6 +334,7 @@ pub fn render(s: &Status, scrape: &Scrape, events: &Events) -> String {
         s.tree.not_sent_count,
     );
     certificates(&mut o, s, scrape, events);
+    served(&mut o, s);
     let unlabelled = |e: Event| events.get(e, "");
     o.one(
         "certmesh_applied_files_total",
@@ -518,6 +519,56 @@ fn certificates(o: &mut Exposition, s: &Status, scrape: &Scrape, events: &Events
         "counter",
         "ACME orders that failed on this node since start.",
         per_cert(Event::OrderFailure),
+    );
+}
+
+/// What this node's frontends serve (issue 26), per certificate and frontend.
+fn served(o: &mut Exposition, s: &Status) {
+    let mine: Vec<(&str, &crate::ops::served::ServedStatus)> = s
+        .certificates
+        .iter()
+        .flat_map(|c| c.served.iter().map(move |e| (c.name.as_str(), e)))
+        .filter(|(_, e)| e.node == s.node.name)
+        .collect();
+    let two = |o: &mut Exposition,
+               name: &str,
+               kind: &str,
+               help: &str,
+               v: &dyn Fn(&crate::ops::served::ServedStatus) -> Option<i64>| {
+        let _ = writeln!(o.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (cert, e) in &mine {
+            if let Some(value) = v(e) {
+                let _ = writeln!(
+                    o.0,
+                    "{name}{{cert=\"{}\",frontend=\"{}\"}} {value}",
+                    escape(cert),
+                    escape(&e.frontend)
+                );
+            }
+        }
+    };
+    two(
+        o,
+        "certmesh_served_certificate_not_after_timestamp_seconds",
+        "gauge",
+        "Unix time the certificate this node's frontend serves for <cert> expires (absent while the probe fails).",
+        &|e| e.not_after_unix,
+    );
+    two(
+        o,
+        "certmesh_served_certificate_current",
+        "gauge",
+        "1 if this node's frontend serves the leaf of live/<cert>/fullchain.pem, else 0.",
+        &|e| Some(i64::from(e.current)),
+    );
+    o.family(
+        "certmesh_frontend_probe_failures_total",
+        "counter",
+        "Serving probes of this node's frontend that failed (no TLS handshake) since start.",
+        s.counters
+            .probe_failures
+            .iter()
+            .map(|(f, v)| (Some(("frontend", f.as_str())), *v)),
     );
 }
 

@@ -6,7 +6,8 @@
 //! when matching paths change), [`firewall`] (nftables / iptables rules from the
 //! config), [`systemd`] (readiness, status line, reload, watchdog) and [`logging`]
 //! (stderr, journald or `<N>`-prefixed lines); [`census`] (`status --cluster`: is
-//! the whole cluster in sync).
+//! the whole cluster in sync); [`served`] (what each node's frontends serve, as
+//! `status` shows it).
 
 pub mod census;
 pub mod control;
@@ -15,6 +16,7 @@ pub mod fleet;
 pub mod hooks;
 pub mod logging;
 pub mod metrics;
+pub mod served;
 pub mod status;
 pub mod systemd;
 pub mod telemetry;

@@ -34,6 +34,9 @@ pub struct Counters {
     pub hook_failures: u64,
     /// ACME orders that failed (0 on nodes without `[acme]`).
     pub acme_failures: u64,
+    /// Failed serving probes per frontend (issue 26).
+    #[serde(default)]
+    pub probe_failures: std::collections::BTreeMap<String, u64>,
 }
 
 /// One configured certificate as this node sees it: what is live in the tree, and
@@ -92,6 +95,9 @@ pub struct CertStatus {
     /// scheduled (no ACME node to renew it, or this renewer has none planned).
     #[serde(default)]
     pub warning: Option<String>,
+    /// What each node's frontends serve (issue 26), one entry per node and frontend.
+    #[serde(default)]
+    pub served: Vec<crate::ops::served::ServedStatus>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -339,6 +345,7 @@ pub fn render(s: &Status) -> String {
     );
     if let Some(c) = &s.cluster {
         o.push_str(&crate::ops::census::render(c));
+        o.push_str(&crate::ops::served::render_cluster(s));
     }
     for p in s.peers.iter().filter(|p| p.over_cap.count > 0) {
         let _ = writeln!(
@@ -438,6 +445,7 @@ pub fn render(s: &Status) -> String {
             ],
             certs,
         );
+        o.push_str(&crate::ops::served::render(s));
     }
     if !s.repairs.is_empty() {
         let _ = writeln!(o);
@@ -663,6 +671,7 @@ mod tests {
             counters: Counters {
                 hook_failures: 1,
                 acme_failures: 0,
+                probe_failures: Default::default(),
             },
             repairs: vec![crate::repair::RepairStatus {
                 certificate: "www".into(),

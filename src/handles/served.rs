@@ -1,0 +1,41 @@
+//! The serving probes' handle (issue 26): publish this node's latest results to the
+//! engine (which sends them to the peers), and reach the probes' shared side.
+
+use std::sync::Arc;
+
+use crate::core::served::{ServedRecord, SignedReport};
+use crate::identity::NodeSigner;
+use crate::node::Shared;
+use crate::probe::Probes;
+
+/// Where the probes put what this node's frontends serve.
+#[derive(Clone)]
+pub struct ServedReports(Arc<Shared>);
+
+impl ServedReports {
+    pub fn new(shared: &Arc<Shared>) -> Self {
+        ServedReports(shared.clone())
+    }
+
+    /// This node's latest results and its signed report of them: the peers'
+    /// senders are woken to send it.
+    pub fn set_mine(&self, records: Vec<ServedRecord>, report: Option<SignedReport>) {
+        self.0.lock().engine.set_served(records, report);
+        self.0.bump_progress();
+    }
+
+    /// A signer with this node's key (reports are signed outside the state lock).
+    pub fn signer(&self) -> Option<NodeSigner> {
+        NodeSigner::new(&self.0.identity).ok()
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> String {
+        self.0.config().name.clone()
+    }
+
+    /// The probes' shared side (hook runs in, re-runs out, counters).
+    pub fn probes(&self) -> &Probes {
+        &self.0.probes
+    }
+}

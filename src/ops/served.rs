@@ -1,0 +1,151 @@
+//! What the fleet serves, as `status` shows it (issue 26): per certificate, each
+//! node's and frontend's served leaf (`certificates[].served[]`), one summary line
+//! ("served: current on 2/3 nodes; lb7 (nginx) serves version 1 (current 2) since
+//! 14:02:10 UTC; lb9 (nginx) handshake failed: connection refused"), and, with
+//! `--cluster`, the nodes that do not serve the current version.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ops::status::{CertStatus, Status};
+
+/// One node's frontend, for one certificate (`certificates[].served[]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedStatus {
+    /// The node's name, as in the peer lists.
+    pub node: String,
+    pub frontend: String,
+    /// The served leaf is the leaf of `live/<name>/fullchain.pem` on the node
+    /// answering `status`.
+    pub current: bool,
+    /// The `archive/<name>/<n>` whose leaf is served, when still kept.
+    pub version: Option<u32>,
+    /// Hex SHA-256 of the served leaf's DER.
+    pub leaf_sha256: Option<String>,
+    pub not_after_unix: Option<i64>,
+    /// Why the handshake failed.
+    pub error: Option<String>,
+    pub seen_unix: i64,
+    /// Since when this leaf (or this failure) has been seen.
+    pub since_unix: i64,
+}
+
+/// "HH:MM:SS UTC" of a unix time.
+fn clock(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map(|t| format!("{:02}:{:02}:{:02} UTC", t.hour(), t.minute(), t.second()))
+        .unwrap_or_else(|_| unix.to_string())
+}
+
+/// Nodes that report for `c`, and those of them whose every frontend is current.
+fn counts(c: &CertStatus) -> (usize, usize) {
+    let mut nodes: Vec<&str> = c.served.iter().map(|s| s.node.as_str()).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let current = nodes
+        .iter()
+        .filter(|n| c.served.iter().filter(|s| s.node == **n).all(|s| s.current))
+        .count();
+    (nodes.len(), current)
+}
+
+/// What one entry that is not current says, after the node's name.
+fn problem(s: &ServedStatus, c: &CertStatus) -> String {
+    if let Some(e) = &s.error {
+        return format!("handshake failed: {e}");
+    }
+    let what = match (s.version, c.version) {
+        (Some(v), Some(cur)) => format!("version {v} (current {cur})"),
+        (Some(v), None) => format!("version {v}"),
+        (None, _) => format!(
+            "another leaf ({}…)",
+            s.leaf_sha256
+                .as_deref()
+                .map_or("?", |h| &h[..h.len().min(12)])
+        ),
+    };
+    format!("serves {what} since {}", clock(s.since_unix))
+}
+
+/// The summary line of one certificate, `None` when no node reported for it.
+pub fn line(c: &CertStatus) -> Option<String> {
+    let (nodes, current) = counts(c);
+    if nodes == 0 {
+        return None;
+    }
+    let mut out = format!("served {}: current on {current}/{nodes} nodes", c.name);
+    for s in c.served.iter().filter(|s| !s.current) {
+        out.push_str(&format!("; {} ({}) {}", s.node, s.frontend, problem(s, c)));
+    }
+    Some(out)
+}
+
+/// Every certificate's summary line.
+pub fn render(s: &Status) -> String {
+    let mut o = String::new();
+    for l in s.certificates.iter().filter_map(line) {
+        o.push_str(&l);
+        o.push('\n');
+    }
+    o
+}
+
+/// `status --cluster`: the nodes that do not serve the current version, by name.
+pub fn render_cluster(s: &Status) -> String {
+    let mut behind: Vec<String> = Vec::new();
+    for c in &s.certificates {
+        for e in c.served.iter().filter(|e| !e.current) {
+            behind.push(format!(
+                "{} ({} {}: {})",
+                e.node,
+                c.name,
+                e.frontend,
+                problem(e, c)
+            ));
+        }
+    }
+    if behind.is_empty() {
+        return String::new();
+    }
+    format!("not serving the current version: {}\n", behind.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(node: &str, current: bool, version: Option<u32>, error: Option<&str>) -> ServedStatus {
+        ServedStatus {
+            node: node.into(),
+            frontend: "nginx".into(),
+            current,
+            version,
+            leaf_sha256: error.is_none().then(|| "ab".repeat(32)),
+            not_after_unix: None,
+            error: error.map(Into::into),
+            seen_unix: 50_000,
+            since_unix: 50_520,
+        }
+    }
+
+    #[test]
+    fn the_line_names_nodes_on_an_old_version_and_failed_handshakes() {
+        let mut c: CertStatus = serde_json::from_value(serde_json::json!({"name": "www",
+            "domains": [], "not_after": null, "not_after_unix": null, "days_left": null,
+            "version": 13, "serial": null, "renewer": null, "lease": null,
+            "next_renewal": null, "state": null, "last_attempt": null,
+            "last_error": null, "failures": 0, "waiting_for": null, "last_took_ms": null}))
+        .expect("a certificate status");
+        c.served = vec![
+            entry("lb1", true, Some(13), None),
+            entry("lb7", false, Some(12), None),
+            entry("lb9", false, None, Some("connection refused")),
+        ];
+        assert_eq!(
+            line(&c).as_deref(),
+            Some(
+                "served www: current on 1/3 nodes; lb7 (nginx) serves version 12 (current 13) \
+                 since 14:02:00 UTC; lb9 (nginx) handshake failed: connection refused"
+            )
+        );
+    }
+}
