@@ -21,7 +21,8 @@ fn mesh(root: &Path) -> Vec<Node> {
     mesh_on(root, ["127.0.0.70", "127.0.0.71", "127.0.0.72"])
 }
 
-fn mesh_on(root: &Path, ips: [&str; 3]) -> Vec<Node> {
+/// [`mesh`] on the given addresses.
+pub fn mesh_on(root: &Path, ips: [&str; 3]) -> Vec<Node> {
     let names = ["good1", "good2", "bad"];
     let nodes: Vec<Node> = names
         .iter()

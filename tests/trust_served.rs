@@ -57,26 +57,8 @@ fn place(tree: &Path) -> Issued {
     b
 }
 
-/// Three nodes; the first two list `www` in their config, the third is the bad one.
-fn mesh(root: &Path, ips: [&str; 3]) -> Vec<Node> {
-    let nodes: Vec<Node> = ["good1", "good2", "bad"]
-        .iter()
-        .zip(ips)
-        .map(|(n, ip)| Node::new(root, n, ip))
-        .collect();
-    for (i, n) in nodes.iter().enumerate() {
-        n.configure(&crate::util::others(&nodes, i));
-        if n.name.starts_with("good") {
-            let mut cfg = fs::read_to_string(&n.config).unwrap();
-            cfg.push_str("\n[[certificate]]\nname = \"www\"\ndomains = [\"www.example.com\"]\n");
-            fs::write(&n.config, cfg).unwrap();
-        }
-    }
-    nodes
-}
-
 fn started(root: &Path, ips: [&str; 3]) -> (Vec<Node>, Issued) {
-    let mut nodes = mesh(root, ips);
+    let mut nodes = crate::trust_keep::mesh_on(root, ips);
     let b = place(&nodes[0].tree);
     for n in nodes.iter_mut() {
         n.start();
