@@ -20,7 +20,7 @@ use crate::util::{free_tcp, wait_listening, wait_until, Node};
 
 /// How a node's `[[hook]]` reloads its nginx.
 #[derive(Clone, Copy, PartialEq)]
-enum Hook {
+pub(crate) enum Hook {
     /// `nginx -s reload` (and a line in `hook-runs`).
     Reload,
     /// A line in `hook-runs`, then exit 1 with a message, as a failed config test.
@@ -28,8 +28,8 @@ enum Hook {
 }
 
 /// One node with its nginx (not started for a frontend that is down).
-struct Member {
-    node: Node,
+pub(crate) struct Member {
+    pub(crate) node: Node,
     nginx: Option<Proc>,
     /// nginx's directory (config, logs, the hook's run counter).
     dir: PathBuf,
@@ -37,19 +37,19 @@ struct Member {
 }
 
 impl Member {
-    fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         serde_json::from_value(self.node.status())
             .unwrap_or_else(|e| panic!("{} status: {e}\n{}", self.node.name, self.node.log()))
     }
 
-    fn www(&self) -> Option<CertStatus> {
+    pub(crate) fn www(&self) -> Option<CertStatus> {
         self.status()
             .certificates
             .into_iter()
             .find(|c| c.name == NAME)
     }
 
-    fn hook_runs(&self) -> usize {
+    pub(crate) fn hook_runs(&self) -> usize {
         fs::read_to_string(self.dir.join("hook-runs"))
             .map(|s| s.lines().count())
             .unwrap_or(0)
@@ -119,7 +119,7 @@ fn node_extra(d: &Path, addr: &str, hook: Hook) -> String {
 /// Three nodes on `ips` with `hooks`; `down` (an index) gets no nginx. Version 1 is
 /// published on the first node before start; every node has it and every running
 /// nginx serves it when this returns.
-fn fleet(
+pub(crate) fn fleet(
     dir: &Path,
     ips: [&str; 3],
     hooks: [Hook; 3],
@@ -175,7 +175,7 @@ fn fleet(
     members
 }
 
-fn tempdir() -> tempfile::TempDir {
+pub(crate) fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("certmesh-served-")
         .tempdir()
@@ -183,7 +183,10 @@ fn tempdir() -> tempfile::TempDir {
 }
 
 /// `c`'s entry for `node`, if it reported.
-fn entry<'a>(c: &'a CertStatus, node: &str) -> Option<&'a certmesh::ops::served::ServedStatus> {
+pub(crate) fn entry<'a>(
+    c: &'a CertStatus,
+    node: &str,
+) -> Option<&'a certmesh::ops::served::ServedStatus> {
     c.served.iter().find(|s| s.node == node)
 }
 
@@ -360,6 +363,7 @@ fn claim(leaf: Option<[u8; 32]>, error: Option<&str>) -> ServedRecord {
         error: error.map(Into::into),
         seen_unix: 1,
         since_unix: 1,
+        since_ms: 1000,
     }
 }
 

@@ -60,6 +60,8 @@ struct Inner {
     failures: Mutex<BTreeMap<String, u64>>,
     /// Last hook output per certificate (what a repair shows when it gives up).
     hook_output: Mutex<HashMap<String, String>>,
+    /// Rollout times (issue 26 item 3): each certificate's last, and the histogram.
+    times: Mutex<crate::core::rollout_time::RolloutTimes>,
 }
 
 /// The probes' shared side (a cheap clone).
@@ -95,6 +97,14 @@ impl Probes {
     /// Failed handshakes per frontend since start.
     pub fn failures(&self) -> BTreeMap<String, u64> {
         lock(&self.0.failures).clone()
+    }
+
+    /// Rollout times: `f` reads or updates them.
+    pub fn rollout_times<T>(
+        &self,
+        f: impl FnOnce(&mut crate::core::rollout_time::RolloutTimes) -> T,
+    ) -> T {
+        f(&mut lock(&self.0.times))
     }
 
     fn ask_rerun(&self, cert: String) {
@@ -257,7 +267,8 @@ impl Driver {
             })
             .unwrap_or_default();
         let seen = round(targets).await;
-        let now = crate::clock::unix_now();
+        let now_ms = crate::clock::now_ns() / 1_000_000;
+        let now = now_ms.div_euclid(1000);
         let mut leaves: HashMap<String, Leaves> = HashMap::new();
         let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
         for s in seen {
@@ -289,10 +300,12 @@ impl Driver {
                 error: s.result.err(),
                 seen_unix: now,
                 since_unix: now,
+                since_ms: now_ms,
             };
             if let Some(old) = self.last.get(&(s.cert.clone(), s.frontend.clone())) {
                 if old.same_outcome(&rec) {
                     rec.since_unix = old.since_unix;
+                    rec.since_ms = old.since_ms;
                 }
             }
             self.last.insert((s.cert, s.frontend), rec);
