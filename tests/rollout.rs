@@ -4,8 +4,12 @@
 //! `live/` back when the publisher's own frontend does not take the new version.
 //! Nodes and servers on 127.0.11.2–127.0.11.250.
 
+use std::time::Instant;
+
+use certmesh::acme::handle::AcmeState;
+
 use crate::reload::{have, Ca, NAME};
-use crate::served::{fleet, tempdir, Hook};
+use crate::served::{entry, fleet, fleet_with, tempdir, Hook};
 use crate::util::wait_until;
 
 #[test]
@@ -39,4 +43,64 @@ fn a_new_version_shows_its_rollout_time_and_the_last_node() {
     let text = String::from_utf8_lossy(&text.stdout);
     let want = format!("rollout {NAME}: version 2 served everywhere ");
     assert!(text.contains(&want), "{text}");
+}
+
+/// How long the publisher's probes may take before they give up on a version
+/// (`probe::rollout::WINDOW`).
+const WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[test]
+fn verify_rolls_back_a_version_the_publishers_frontend_does_not_serve() {
+    if !have("nginx") {
+        return;
+    }
+    let (dir, ca) = (tempdir(), Ca::new());
+    let ips = ["127.0.11.5", "127.0.11.6", "127.0.11.7"];
+    // lb1 publishes (and has [acme], with a CA it never needs to reach); its reload
+    // hook fails as nginx's config test would, so its nginx keeps version 1.
+    let acme = "\n[acme]\ndirectory = \"https://127.0.11.5:9/dir\"\n";
+    let verify = "rollout = \"verify\"\n";
+    let hooks = [Hook::Broken, Hook::Reload, Hook::Reload];
+    let extra = [(verify, acme), (verify, ""), (verify, "")];
+    let fleet = fleet_with(dir.path(), ips, hooks, None, &ca, extra);
+    let published = Instant::now();
+    ca.bundle(0x8002).publish(&fleet[0].node.tree, 2);
+    for m in &fleet[1..] {
+        wait_until("lb2 and lb3 serve version 2 at first", || {
+            m.www().is_some_and(|c| {
+                entry(&c, &m.node.name).is_some_and(|s| s.current && s.version == Some(2))
+            })
+        });
+    }
+    for m in &fleet {
+        wait_until("live/www back on version 1 on every node", || {
+            m.www().is_some_and(|c| c.version == Some(1))
+        });
+    }
+    for m in &fleet[1..] {
+        wait_until("lb2 and lb3 serve version 1 again", || {
+            m.www().is_some_and(|c| {
+                entry(&c, &m.node.name).is_some_and(|s| s.current && s.version == Some(1))
+            })
+        });
+    }
+    let took = published.elapsed();
+    assert!(took < WINDOW, "version 2 was served for {took:?}");
+    let lb3 = &fleet[2].node;
+    assert!(
+        lb3.tree.join("archive/www/2/fullchain.pem").exists(),
+        "kept"
+    );
+    let listed = lb3
+        .read(".certmesh/acme/rolled-back/www")
+        .unwrap_or_default();
+    assert!(
+        listed.contains(" 2 "),
+        "version 2's leaf listed: {listed:?}"
+    );
+    let c = fleet[0].www().expect("www");
+    assert_eq!((c.state, c.failures), (Some(AcmeState::Backoff), 1));
+    let e = c.last_error.unwrap_or_default();
+    assert!(e.contains("rolled back to version 1"), "{e}");
+    assert!(e.contains("configuration test failed"), "{e}");
 }

@@ -97,6 +97,11 @@ fn nginx_conf(d: &Path, addr: &str, tree: &Path) -> String {
 
 /// The `[[certificate]]`, `[[frontend]]` and `[[hook]]` of a node.
 fn node_extra(d: &Path, addr: &str, hook: Hook) -> String {
+    node_extra_with(d, addr, hook, "")
+}
+
+/// [`node_extra`] with `cert_keys` added to the `[[certificate]]`.
+fn node_extra_with(d: &Path, addr: &str, hook: Hook, cert_keys: &str) -> String {
     let runs = d.join("hook-runs");
     let run = match hook {
         Hook::Reload => format!(
@@ -110,7 +115,7 @@ fn node_extra(d: &Path, addr: &str, hook: Hook) -> String {
         ),
     };
     format!(
-        "\n[[certificate]]\nname = \"{NAME}\"\ndomains = [\"{HOST}\"]\n\
+        "\n[[certificate]]\nname = \"{NAME}\"\ndomains = [\"{HOST}\"]\n{cert_keys}\
          \n[[frontend]]\nname = \"nginx\"\naddress = \"{addr}\"\n\
          \n[[hook]]\npaths = [\"live/{NAME}/**\"]\nrun = {run}\ntimeout = \"10s\"\n"
     )
@@ -125,6 +130,19 @@ pub(crate) fn fleet(
     hooks: [Hook; 3],
     down: Option<usize>,
     ca: &Ca,
+) -> Vec<Member> {
+    fleet_with(dir, ips, hooks, down, ca, [("", ""); 3])
+}
+
+/// [`fleet`] with, per node, keys added to its `[[certificate]]` and text appended
+/// to its config.
+pub(crate) fn fleet_with(
+    dir: &Path,
+    ips: [&str; 3],
+    hooks: [Hook; 3],
+    down: Option<usize>,
+    ca: &Ca,
+    extra: [(&str, &str); 3],
 ) -> Vec<Member> {
     let names = ["lb1", "lb2", "lb3"];
     let nodes: Vec<Node> = (0..3).map(|i| Node::new(dir, names[i], ips[i])).collect();
@@ -149,7 +167,8 @@ pub(crate) fn fleet(
         members[i].node.configure(&others);
         let m = &members[i];
         let mut cfg = fs::read_to_string(&m.node.config).unwrap();
-        cfg.push_str(&node_extra(&m.dir, &m.frontend, hooks[i]));
+        cfg.push_str(&node_extra_with(&m.dir, &m.frontend, hooks[i], extra[i].0));
+        cfg.push_str(extra[i].1);
         fs::write(&m.node.config, cfg).unwrap();
     }
     ca.bundle(0x1001).publish(&members[0].node.tree, 1);

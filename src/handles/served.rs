@@ -41,6 +41,29 @@ impl ServedReports {
     pub fn probes(&self) -> &Probes {
         &self.0.probes
     }
+
+    /// This node made the last change of `live/<cert>` (the index's author).
+    pub fn live_flipped_by_me(&self, cert: &str) -> bool {
+        let Ok(link) = RelPath::parse(&format!("live/{cert}")) else {
+            return false;
+        };
+        let me = self.0.me().short();
+        let st = self.0.lock();
+        st.engine
+            .index()
+            .get(&link)
+            .is_some_and(|e| !e.record.deleted && e.record.modified_by == me)
+    }
+
+    /// Writes into the tree (a rollback's flip and its list of rolled-back leaves).
+    pub fn writer(&self) -> crate::handles::TreeWriter {
+        crate::handles::TreeWriter::new(&self.0)
+    }
+
+    /// The ACME driver's handle, on nodes with `[acme]`.
+    pub fn acme(&self) -> Option<Arc<crate::acme::handle::Acme>> {
+        self.0.acme.get().cloned()
+    }
 }
 
 /// The last finished rollout of `cert` (issue 26 item 3), given what `served` shows

@@ -17,6 +17,7 @@
 
 pub mod rollout;
 pub mod tls;
+pub mod verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -412,7 +413,7 @@ async fn run(h: Handles) {
         if now >= periodic {
             periodic = now + next_period();
             let verdicts = d.probe(None).await;
-            feed(&mut d, verdicts);
+            feed(&mut d, verdicts).await;
         }
         let due = d.rollouts.probes_due(Instant::now());
         if !due.is_empty() {
@@ -422,7 +423,7 @@ async fn run(h: Handles) {
             for c in due {
                 verdicts.entry(c).or_insert(Verdict::Current);
             }
-            feed(&mut d, verdicts);
+            feed(&mut d, verdicts).await;
         }
         for cert in d.rollouts.reruns_due(Instant::now()) {
             tracing::info!(cert = %cert, "re-running the hook: a frontend serves another leaf");
@@ -431,12 +432,36 @@ async fn run(h: Handles) {
     }
 }
 
-/// Hands a round's verdicts to the rollouts; reports what they decide.
-fn feed(d: &mut Driver, verdicts: BTreeMap<String, Verdict>) {
+/// Hands a round's verdicts to the rollouts; reports what they decide. A change
+/// still not served after the window (or after the hook re-runs, when the hook
+/// failed) goes to [`verify`], which rolls it back under `rollout = "verify"`.
+async fn feed(d: &mut Driver, verdicts: BTreeMap<String, Verdict>) {
     let now = Instant::now();
     for (cert, v) in verdicts {
-        if let Some(o) = d.rollouts.probed(&cert, v, now) {
-            d.report(&cert, o);
+        let started = d.rollouts.started(&cert);
+        let Some(o) = d.rollouts.probed(&cert, v, now) else {
+            continue;
+        };
+        let late = started.is_some_and(|s| now.duration_since(s) >= rollout::WINDOW);
+        let why = match o {
+            Outcome::GaveUp(n) => Some(format!("another leaf after {n} hook re-runs")),
+            Outcome::Rerun(_) if late => Some(format!(
+                "another leaf after {} s",
+                rollout::WINDOW.as_secs()
+            )),
+            Outcome::Rerun(_) => None,
+        };
+        d.report(&cert, o);
+        if let Some(why) = why {
+            let output = lock(&d.h.served.probes().0.hook_output)
+                .get(&cert)
+                .cloned()
+                .unwrap_or_default();
+            let why = match output.trim() {
+                "" => why,
+                out => format!("{why}; hook: {out}"),
+            };
+            verify::after_failed_rollout(&d.h, &cert, why).await;
         }
     }
 }
