@@ -104,3 +104,41 @@ fn verify_rolls_back_a_version_the_publishers_frontend_does_not_serve() {
     assert!(e.contains("rolled back to version 1"), "{e}");
     assert!(e.contains("configuration test failed"), "{e}");
 }
+
+#[test]
+fn the_dashboard_is_json_and_queries_only_documented_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("packaging/certmesh-grafana.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 3);
+    let mut names = Vec::new();
+    for t in panels.iter().flat_map(|p| p["targets"].as_array().unwrap()) {
+        let expr = t["expr"].as_str().expect("a query");
+        for (i, _) in expr.match_indices("certmesh_") {
+            let name: String = expr[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            names.push(name);
+        }
+    }
+    for wanted in [
+        "certmesh_served_certificate_version",
+        "certmesh_certificate_runway_seconds",
+        "certmesh_rollout_seconds_bucket",
+    ] {
+        assert!(names.iter().any(|n| n == wanted), "{wanted} not queried");
+    }
+    for n in names {
+        let family = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| n.strip_suffix(s))
+            .unwrap_or(&n);
+        assert!(
+            readme.contains(&format!("| `{family}` |")),
+            "{n} is not in README's metrics table"
+        );
+    }
+}

@@ -556,6 +556,13 @@ fn served(o: &mut Exposition, s: &Status) {
     );
     two(
         o,
+        "certmesh_served_certificate_version",
+        "gauge",
+        "The archive/<cert>/<n> whose leaf this node's frontend serves for <cert> (absent when not kept or the probe fails).",
+        &|e| e.version.map(i64::from),
+    );
+    two(
+        o,
         "certmesh_served_certificate_current",
         "gauge",
         "1 if this node's frontend serves the leaf of live/<cert>/fullchain.pem, else 0.",
