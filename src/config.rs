@@ -136,6 +136,10 @@ struct RawCertificate {
     reuse_key: bool,
     /// "http-01" | "dns-01"; unset: dns-01 for wildcard names, http-01 for the rest.
     challenge: Option<Spanned<String>>,
+    /// "publish" (default) | "verify": after publishing a new version, the node that
+    /// published it checks its own frontends and flips `live/` back if they do not
+    /// serve it (issue 26 item 6).
+    rollout: Option<Spanned<String>>,
 }
 
 /// `[[hook]]`
@@ -335,6 +339,9 @@ pub struct CertificateConfig {
     pub reuse_key: bool,
     /// Which identifiers use dns-01 ([`ChallengeChoice::uses_dns`]).
     pub challenge: ChallengeChoice,
+    /// `rollout = "verify"`: the publisher's own frontends must serve a new version,
+    /// or it flips `live/<name>` back (issue 26 item 6).
+    pub verify_rollout: bool,
 }
 
 impl CertificateConfig {
@@ -1200,12 +1207,26 @@ fn certificate(c: &RawCertificate, bad: &Bad) -> Result<CertificateConfig, Confi
             ));
         }
     }
+    let verify_rollout = match c.rollout.as_ref().map(|r| (r.get_ref().as_str(), r.span())) {
+        None | Some(("publish", _)) => false,
+        Some(("verify", _)) => true,
+        Some((other, span)) => {
+            return Err(bad(
+                span,
+                "certificate.rollout",
+                format!(
+                    "certificate {name:?}: unknown rollout {other:?} (expected \"publish\" or \"verify\")"
+                ),
+            ))
+        }
+    };
     Ok(CertificateConfig {
         name,
         domains: domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
         key,
         reuse_key: c.reuse_key,
         challenge,
+        verify_rollout,
     })
 }
 
@@ -1802,6 +1823,24 @@ mod tests {
             &cfg("[[certificate]]\nname = \"w\"\ndomains = [\"*.example.com\"]\n"),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn rollout_is_publish_or_verify() {
+        let with = |v: &str| {
+            cfg(&format!(
+                "[[certificate]]\nname = \"w\"\ndomains = [\"a.example.com\"]\nrollout = \"{v}\"\n"
+            ))
+        };
+        let c = Config::parse(Path::new("c.toml"), &with("verify")).unwrap();
+        assert!(c.certificates[0].verify_rollout);
+        let c = Config::parse(Path::new("c.toml"), &with("publish")).unwrap();
+        assert!(!c.certificates[0].verify_rollout);
+        let e = err(&with("check"));
+        assert!(
+            e.contains("certificate.rollout") && e.contains("\"verify\""),
+            "{e}"
+        );
     }
 
     fn cert_dns01_without_dns() -> String {

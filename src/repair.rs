@@ -271,18 +271,40 @@ fn versions(root: &Path, name: &str) -> BTreeSet<u32> {
 
 /// Decides whether and how to repair certificate `name` (pure reads, no writes):
 /// the newest version whose files, in place or kept, make a good bundle
-/// ([`served::check_bundle`]) that has not expired.
+/// ([`served::check_bundle`]) that has not expired, and whose leaf a rollout did
+/// not take back ([`crate::acme::rolled_back`]) — unless only such are left.
 pub fn decide(root: &Path, name: &str, domains: &[String], now_unix: i64) -> Decision {
     let why = match health(root, name, domains) {
         Ok(()) => return Decision::Healthy,
         Err(why) => why,
     };
+    let rolled_back = crate::acme::rolled_back::read(root, name);
+    let restore = newest_good(root, name, domains, now_unix, &rolled_back)
+        .or_else(|| newest_good(root, name, domains, now_unix, &[]));
+    match restore {
+        Some(restore) => Decision::Restore { why, restore },
+        None => Decision::NothingGood(why),
+    }
+}
+
+/// The newest version that makes a good, unexpired bundle whose leaf is not in
+/// `skip`, as a [`Restore`].
+fn newest_good(
+    root: &Path,
+    name: &str,
+    domains: &[String],
+    now_unix: i64,
+    skip: &[[u8; 32]],
+) -> Option<Restore> {
     for n in versions(root, name).into_iter().rev() {
         let dir = format!("archive/{name}/{n}");
         let fcs = candidates(root, &format!("{dir}/fullchain.pem"));
         let keys = candidates(root, &format!("{dir}/privkey.pem"));
         let pairs = fcs.iter().flat_map(|fc| keys.iter().map(move |k| (fc, k)));
         let found = pairs
+            .filter(|(fc, _)| {
+                crate::acme::rolled_back::leaf_sha256(&fc.0).is_none_or(|l| !skip.contains(&l))
+            })
             .filter(|(fc, k)| {
                 check_pair(&fc.0, &k.0).is_ok_and(|leaf| leaf.validity.not_after > now_unix)
             })
@@ -317,17 +339,14 @@ pub fn decide(root: &Path, name: &str, domains: &[String], now_unix: i64) -> Dec
         let target = format!("../archive/{name}/{n}");
         let flip_link = std::fs::read_link(root.join("live").join(name))
             .map_or(true, |t| t.to_str() != Some(target.as_str()));
-        return Decision::Restore {
-            why,
-            restore: Restore {
-                version: n,
-                files,
-                flip_link,
-                caused_by,
-            },
-        };
+        return Some(Restore {
+            version: n,
+            files,
+            flip_link,
+            caused_by,
+        });
     }
-    Decision::NothingGood(why)
+    None
 }
 
 /// The files of one version around this fullchain and key, in [`bundle::FILES`]
@@ -495,6 +514,35 @@ mod tests {
         };
         assert_eq!((restore.version, restore.flip_link), (2, true));
         assert!(restore.files.is_empty());
+    }
+
+    #[test]
+    fn a_rolled_back_version_is_not_restored_while_an_older_good_one_exists() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let (fc1, key1) = bundle_pem(90);
+        place(root, 1, &fc1, &key1);
+        let (fc2, key2) = bundle_pem(90);
+        place(root, 2, &fc2, &key2);
+        place(root, 3, &fc1, &key2); // broken, live
+        let leaf2 = crate::acme::rolled_back::leaf_sha256(fc2.as_bytes()).unwrap();
+        let marker = root.join(crate::acme::rolled_back::rel("www"));
+        fs::create_dir_all(marker.parent().unwrap()).unwrap();
+        fs::write(
+            &marker,
+            crate::acme::rolled_back::with_entry(b"", &leaf2, 2, 0),
+        )
+        .unwrap();
+        let restored = |root: &Path| match decide(root, "www", &www(), crate::acme::unix_now()) {
+            Decision::Restore { restore, .. } => restore.version,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(restored(root), 1);
+        // A marker listing every good leaf (forged) cannot leave it broken.
+        let leaf1 = crate::acme::rolled_back::leaf_sha256(fc1.as_bytes()).unwrap();
+        let both = crate::acme::rolled_back::with_entry(&fs::read(&marker).unwrap(), &leaf1, 1, 0);
+        fs::write(&marker, both).unwrap();
+        assert_eq!(restored(root), 2);
     }
 
     #[test]

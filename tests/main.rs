@@ -17,6 +17,7 @@ mod observe;
 mod operator;
 mod ops;
 mod reload;
+mod rollout;
 mod security;
 mod served;
 mod status;

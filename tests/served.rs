@@ -20,7 +20,7 @@ use crate::util::{free_tcp, wait_listening, wait_until, Node};
 
 /// How a node's `[[hook]]` reloads its nginx.
 #[derive(Clone, Copy, PartialEq)]
-enum Hook {
+pub(crate) enum Hook {
     /// `nginx -s reload` (and a line in `hook-runs`).
     Reload,
     /// A line in `hook-runs`, then exit 1 with a message, as a failed config test.
@@ -28,8 +28,8 @@ enum Hook {
 }
 
 /// One node with its nginx (not started for a frontend that is down).
-struct Member {
-    node: Node,
+pub(crate) struct Member {
+    pub(crate) node: Node,
     nginx: Option<Proc>,
     /// nginx's directory (config, logs, the hook's run counter).
     dir: PathBuf,
@@ -37,19 +37,19 @@ struct Member {
 }
 
 impl Member {
-    fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         serde_json::from_value(self.node.status())
             .unwrap_or_else(|e| panic!("{} status: {e}\n{}", self.node.name, self.node.log()))
     }
 
-    fn www(&self) -> Option<CertStatus> {
+    pub(crate) fn www(&self) -> Option<CertStatus> {
         self.status()
             .certificates
             .into_iter()
             .find(|c| c.name == NAME)
     }
 
-    fn hook_runs(&self) -> usize {
+    pub(crate) fn hook_runs(&self) -> usize {
         fs::read_to_string(self.dir.join("hook-runs"))
             .map(|s| s.lines().count())
             .unwrap_or(0)
@@ -97,6 +97,11 @@ fn nginx_conf(d: &Path, addr: &str, tree: &Path) -> String {
 
 /// The `[[certificate]]`, `[[frontend]]` and `[[hook]]` of a node.
 fn node_extra(d: &Path, addr: &str, hook: Hook) -> String {
+    node_extra_with(d, addr, hook, "")
+}
+
+/// [`node_extra`] with `cert_keys` added to the `[[certificate]]`.
+fn node_extra_with(d: &Path, addr: &str, hook: Hook, cert_keys: &str) -> String {
     let runs = d.join("hook-runs");
     let run = match hook {
         Hook::Reload => format!(
@@ -110,7 +115,7 @@ fn node_extra(d: &Path, addr: &str, hook: Hook) -> String {
         ),
     };
     format!(
-        "\n[[certificate]]\nname = \"{NAME}\"\ndomains = [\"{HOST}\"]\n\
+        "\n[[certificate]]\nname = \"{NAME}\"\ndomains = [\"{HOST}\"]\n{cert_keys}\
          \n[[frontend]]\nname = \"nginx\"\naddress = \"{addr}\"\n\
          \n[[hook]]\npaths = [\"live/{NAME}/**\"]\nrun = {run}\ntimeout = \"10s\"\n"
     )
@@ -119,12 +124,25 @@ fn node_extra(d: &Path, addr: &str, hook: Hook) -> String {
 /// Three nodes on `ips` with `hooks`; `down` (an index) gets no nginx. Version 1 is
 /// published on the first node before start; every node has it and every running
 /// nginx serves it when this returns.
-fn fleet(
+pub(crate) fn fleet(
     dir: &Path,
     ips: [&str; 3],
     hooks: [Hook; 3],
     down: Option<usize>,
     ca: &Ca,
+) -> Vec<Member> {
+    fleet_with(dir, ips, hooks, down, ca, [("", ""); 3])
+}
+
+/// [`fleet`] with, per node, keys added to its `[[certificate]]` and text appended
+/// to its config.
+pub(crate) fn fleet_with(
+    dir: &Path,
+    ips: [&str; 3],
+    hooks: [Hook; 3],
+    down: Option<usize>,
+    ca: &Ca,
+    extra: [(&str, &str); 3],
 ) -> Vec<Member> {
     let names = ["lb1", "lb2", "lb3"];
     let nodes: Vec<Node> = (0..3).map(|i| Node::new(dir, names[i], ips[i])).collect();
@@ -149,7 +167,8 @@ fn fleet(
         members[i].node.configure(&others);
         let m = &members[i];
         let mut cfg = fs::read_to_string(&m.node.config).unwrap();
-        cfg.push_str(&node_extra(&m.dir, &m.frontend, hooks[i]));
+        cfg.push_str(&node_extra_with(&m.dir, &m.frontend, hooks[i], extra[i].0));
+        cfg.push_str(extra[i].1);
         fs::write(&m.node.config, cfg).unwrap();
     }
     ca.bundle(0x1001).publish(&members[0].node.tree, 1);
@@ -175,7 +194,7 @@ fn fleet(
     members
 }
 
-fn tempdir() -> tempfile::TempDir {
+pub(crate) fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("certmesh-served-")
         .tempdir()
@@ -183,7 +202,10 @@ fn tempdir() -> tempfile::TempDir {
 }
 
 /// `c`'s entry for `node`, if it reported.
-fn entry<'a>(c: &'a CertStatus, node: &str) -> Option<&'a certmesh::ops::served::ServedStatus> {
+pub(crate) fn entry<'a>(
+    c: &'a CertStatus,
+    node: &str,
+) -> Option<&'a certmesh::ops::served::ServedStatus> {
     c.served.iter().find(|s| s.node == node)
 }
 
@@ -360,6 +382,7 @@ fn claim(leaf: Option<[u8; 32]>, error: Option<&str>) -> ServedRecord {
         error: error.map(Into::into),
         seen_unix: 1,
         since_unix: 1,
+        since_ms: 1000,
     }
 }
 

@@ -177,6 +177,26 @@ impl Acme {
         f(r);
     }
 
+    /// A `rollout = "verify"` took back the version this node just published (issue
+    /// 26 item 6): the certificate counts as failed, like an order, with the same
+    /// backoff. `live_serial`: the serial live again (while it stays live, the failure
+    /// stands; a newer version from another node clears it).
+    pub fn rollout_failed(&self, name: &str, why: String, live_serial: Option<String>) {
+        self.failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.update(name, |r| {
+            r.failures += 1;
+            let wait = super::schedule::backoff(r.failures, rand::random(), None);
+            let now = crate::clock::unix_now();
+            r.state = AcmeState::Backoff;
+            r.retry_at = Some(now.saturating_add(super::schedule::secs(wait)));
+            r.next_renewal = r.retry_at;
+            r.last_attempt = Some(now);
+            r.last_error = Some(why);
+            r.failed_serial = live_serial;
+        });
+    }
+
     /// `certmesh issue NAME`: order now (unless another node holds the lease).
     pub async fn issue(&self, name: String) -> Result<IssueReply, String> {
         let (reply, rx) = oneshot::channel();

@@ -12,6 +12,7 @@
 //! - [`served`]: the leaf `live/<name>/fullchain.pem` serves and whether the bundle
 //!   around it is good (what status, metrics, the schedule and repair trust).
 //! - [`tree`]: atomic writes into the tree and waiting for the index to have them.
+//! - [`rolled_back`]: the leaves a `rollout = "verify"` took back (repair skips them).
 //! - [`http`]: the optional built-in http-01 responder (`[http] listen`).
 //! - [`dns`]: dns-01 records (RFC 2136 + TSIG, or exec), the propagation check;
 //!   `dns01`: their place in an order and the sweep of records a crash left.
@@ -36,6 +37,7 @@ mod driver;
 pub mod handle;
 pub mod http;
 pub mod order;
+pub mod rolled_back;
 pub mod schedule;
 pub mod served;
 pub mod tree;

@@ -13,6 +13,7 @@ pub mod inline;
 pub mod paths;
 pub mod pipeline;
 pub mod plan;
+pub mod rollout_time;
 pub mod secret;
 pub mod served;
 pub mod version;

@@ -46,6 +46,9 @@ pub struct ServedRecord {
     pub seen_unix: i64,
     /// Since when this frontend has served this leaf (or failed this way).
     pub since_unix: i64,
+    /// The same in unix milliseconds, for the rollout time (0: not known, e.g. a
+    /// report from an older node).
+    pub since_ms: i64,
 }
 
 impl ServedRecord {
@@ -334,6 +337,7 @@ mod tests {
             error: sha.is_none().then(|| "connection refused".to_string()),
             seen_unix: 5,
             since_unix: 5,
+            since_ms: 5000,
         }
     }
 

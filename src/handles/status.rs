@@ -70,12 +70,18 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
                 }
                 _ => None,
             };
+            let served = served.remove(&c.name).unwrap_or_default();
+            let version = crate::acme::bundle::live_version(&shared.tree.root, &c.name);
+            let rollout = crate::handles::served::rollout(shared, &c.name, version, &served);
             CertStatus {
+                last_rollout_ms: rollout.as_ref().map(|r| r.ms),
+                last_rollout_version: rollout.as_ref().map(|r| r.version),
+                last_rollout_node: rollout.map(|r| r.last_node),
                 domains: c.domains,
                 not_after: na.map(acme::rfc3339),
                 not_after_unix: na,
                 days_left: na.map(|t| ((t - now) as f64 / 86400.0 * 10.0).round() / 10.0),
-                version: crate::acme::bundle::live_version(&shared.tree.root, &c.name),
+                version,
                 ca: live
                     .as_ref()
                     .and_then(|(_, _, s)| acme::ca::issuer(&shared.tree.root, &c.name, s)),
@@ -96,7 +102,7 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
                 bundle_error,
                 warning,
                 challenge,
-                served: served.remove(&c.name).unwrap_or_default(),
+                served,
                 name: c.name,
             }
         })
@@ -191,6 +197,7 @@ fn served_by_cert(
                 error: r.error,
                 seen_unix: r.seen_unix,
                 since_unix: r.since_unix,
+                since_ms: r.since_ms,
             });
     }
     for v in by_cert.values_mut() {
@@ -331,6 +338,7 @@ fn status(shared: &Arc<Shared>) -> Status {
                 .load(std::sync::atomic::Ordering::Relaxed),
             acme_failures: shared.acme.get().map_or(0, |a| a.failures_total()),
             probe_failures: shared.probes.failures(),
+            rollout_seconds: shared.probes.rollout_times(|t| t.histogram().clone()),
         },
         repairs: shared.repairs.recent(),
         cluster: None,

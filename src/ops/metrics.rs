@@ -556,10 +556,31 @@ fn served(o: &mut Exposition, s: &Status) {
     );
     two(
         o,
+        "certmesh_served_certificate_version",
+        "gauge",
+        "The archive/<cert>/<n> whose leaf this node's frontend serves for <cert> (absent when not kept or the probe fails).",
+        &|e| e.version.map(i64::from),
+    );
+    two(
+        o,
         "certmesh_served_certificate_current",
         "gauge",
         "1 if this node's frontend serves the leaf of live/<cert>/fullchain.pem, else 0.",
         &|e| Some(i64::from(e.current)),
+    );
+    let h = &s.counters.rollout_seconds;
+    let name = "certmesh_rollout_seconds";
+    let _ = writeln!(
+        o.0,
+        "# HELP {name} Time from this node's publish of a certificate version (the live/<cert> flip) until every node's frontends served it (each node's probe clock).\n# TYPE {name} histogram"
+    );
+    for (le, n) in h.cumulative() {
+        let _ = writeln!(o.0, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(
+        o.0,
+        "{name}_sum {}\n{name}_count {}",
+        h.sum_seconds, h.count
     );
     o.family(
         "certmesh_frontend_probe_failures_total",
@@ -695,6 +716,9 @@ mod tests {
             "certmesh_applied_files_total 0",
             "certmesh_hook_failures_total 2",
             "# TYPE certmesh_hook_failures_total counter",
+            "# TYPE certmesh_rollout_seconds histogram",
+            "certmesh_rollout_seconds_bucket{le=\"+Inf\"} 0",
+            "certmesh_rollout_seconds_count 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -710,7 +734,13 @@ mod tests {
                 declared.insert(rest.split(' ').next().unwrap().to_string());
             } else if !l.starts_with('#') {
                 let name = l.split(['{', ' ']).next().unwrap();
-                assert!(declared.contains(name), "{l}");
+                // A histogram's samples carry a suffix on its family's name.
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .filter(|f| declared.contains(*f))
+                    .unwrap_or(name);
+                assert!(declared.contains(family), "{l}");
             }
         }
     }

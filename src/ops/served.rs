@@ -27,6 +27,9 @@ pub struct ServedStatus {
     pub seen_unix: i64,
     /// Since when this leaf (or this failure) has been seen.
     pub since_unix: i64,
+    /// The same in unix milliseconds (0: not reported).
+    #[serde(default)]
+    pub since_ms: i64,
 }
 
 /// "HH:MM:SS UTC" of a unix time.
@@ -79,12 +82,26 @@ pub fn line(c: &CertStatus) -> Option<String> {
     Some(out)
 }
 
-/// Every certificate's summary line.
+/// The last finished rollout of one certificate, `None` before the first.
+pub fn rollout_line(c: &CertStatus) -> Option<String> {
+    let ms = c.last_rollout_ms?;
+    Some(format!(
+        "rollout {}: version {} served everywhere {ms} ms after its publish (last: {})",
+        c.name,
+        c.last_rollout_version
+            .map_or_else(|| "?".into(), |v| v.to_string()),
+        c.last_rollout_node.as_deref().unwrap_or("?")
+    ))
+}
+
+/// Every certificate's summary line, and its last rollout.
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
-    for l in s.certificates.iter().filter_map(line) {
-        o.push_str(&l);
-        o.push('\n');
+    for c in &s.certificates {
+        for l in [line(c), rollout_line(c)].into_iter().flatten() {
+            o.push_str(&l);
+            o.push('\n');
+        }
     }
     o
 }
@@ -124,6 +141,7 @@ mod tests {
             error: error.map(Into::into),
             seen_unix: 50_000,
             since_unix: 50_520,
+            since_ms: 50_520_000,
         }
     }
 

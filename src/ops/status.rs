@@ -37,6 +37,9 @@ pub struct Counters {
     /// Failed serving probes per frontend (issue 26).
     #[serde(default)]
     pub probe_failures: std::collections::BTreeMap<String, u64>,
+    /// Rollout times of the versions this node published (issue 26 item 3).
+    #[serde(default)]
+    pub rollout_seconds: crate::core::rollout_time::Histogram,
 }
 
 /// One configured certificate as this node sees it: what is live in the tree, and
@@ -98,6 +101,15 @@ pub struct CertStatus {
     /// What each node's frontends serve (issue 26), one entry per node and frontend.
     #[serde(default)]
     pub served: Vec<crate::ops::served::ServedStatus>,
+    /// The last finished rollout (issue 26 item 3): milliseconds from the publish of
+    /// `last_rollout_version` (the `live/<name>` flip, publisher's clock) until the
+    /// last node's frontends served it (`last_rollout_node`, its own clock).
+    #[serde(default)]
+    pub last_rollout_ms: Option<u64>,
+    #[serde(default)]
+    pub last_rollout_version: Option<u32>,
+    #[serde(default)]
+    pub last_rollout_node: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -671,7 +683,7 @@ mod tests {
             counters: Counters {
                 hook_failures: 1,
                 acme_failures: 0,
-                probe_failures: Default::default(),
+                ..Default::default()
             },
             repairs: vec![crate::repair::RepairStatus {
                 certificate: "www".into(),

@@ -17,6 +17,7 @@
 
 pub mod rollout;
 pub mod tls;
+pub mod verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -60,6 +61,8 @@ struct Inner {
     failures: Mutex<BTreeMap<String, u64>>,
     /// Last hook output per certificate (what a repair shows when it gives up).
     hook_output: Mutex<HashMap<String, String>>,
+    /// Rollout times (issue 26 item 3): each certificate's last, and the histogram.
+    times: Mutex<crate::core::rollout_time::RolloutTimes>,
 }
 
 /// The probes' shared side (a cheap clone).
@@ -95,6 +98,14 @@ impl Probes {
     /// Failed handshakes per frontend since start.
     pub fn failures(&self) -> BTreeMap<String, u64> {
         lock(&self.0.failures).clone()
+    }
+
+    /// Rollout times: `f` reads or updates them.
+    pub fn rollout_times<T>(
+        &self,
+        f: impl FnOnce(&mut crate::core::rollout_time::RolloutTimes) -> T,
+    ) -> T {
+        f(&mut lock(&self.0.times))
     }
 
     fn ask_rerun(&self, cert: String) {
@@ -257,7 +268,8 @@ impl Driver {
             })
             .unwrap_or_default();
         let seen = round(targets).await;
-        let now = crate::clock::unix_now();
+        let now_ms = crate::clock::now_ns() / 1_000_000;
+        let now = now_ms.div_euclid(1000);
         let mut leaves: HashMap<String, Leaves> = HashMap::new();
         let mut verdicts: BTreeMap<String, Verdict> = BTreeMap::new();
         for s in seen {
@@ -289,10 +301,12 @@ impl Driver {
                 error: s.result.err(),
                 seen_unix: now,
                 since_unix: now,
+                since_ms: now_ms,
             };
             if let Some(old) = self.last.get(&(s.cert.clone(), s.frontend.clone())) {
                 if old.same_outcome(&rec) {
                     rec.since_unix = old.since_unix;
+                    rec.since_ms = old.since_ms;
                 }
             }
             self.last.insert((s.cert, s.frontend), rec);
@@ -399,7 +413,7 @@ async fn run(h: Handles) {
         if now >= periodic {
             periodic = now + next_period();
             let verdicts = d.probe(None).await;
-            feed(&mut d, verdicts);
+            feed(&mut d, verdicts).await;
         }
         let due = d.rollouts.probes_due(Instant::now());
         if !due.is_empty() {
@@ -409,7 +423,7 @@ async fn run(h: Handles) {
             for c in due {
                 verdicts.entry(c).or_insert(Verdict::Current);
             }
-            feed(&mut d, verdicts);
+            feed(&mut d, verdicts).await;
         }
         for cert in d.rollouts.reruns_due(Instant::now()) {
             tracing::info!(cert = %cert, "re-running the hook: a frontend serves another leaf");
@@ -418,12 +432,36 @@ async fn run(h: Handles) {
     }
 }
 
-/// Hands a round's verdicts to the rollouts; reports what they decide.
-fn feed(d: &mut Driver, verdicts: BTreeMap<String, Verdict>) {
+/// Hands a round's verdicts to the rollouts; reports what they decide. A change
+/// still not served after the window (or after the hook re-runs, when the hook
+/// failed) goes to [`verify`], which rolls it back under `rollout = "verify"`.
+async fn feed(d: &mut Driver, verdicts: BTreeMap<String, Verdict>) {
     let now = Instant::now();
     for (cert, v) in verdicts {
-        if let Some(o) = d.rollouts.probed(&cert, v, now) {
-            d.report(&cert, o);
+        let started = d.rollouts.started(&cert);
+        let Some(o) = d.rollouts.probed(&cert, v, now) else {
+            continue;
+        };
+        let late = started.is_some_and(|s| now.duration_since(s) >= rollout::WINDOW);
+        let why = match o {
+            Outcome::GaveUp(n) => Some(format!("another leaf after {n} hook re-runs")),
+            Outcome::Rerun(_) if late => Some(format!(
+                "another leaf after {} s",
+                rollout::WINDOW.as_secs()
+            )),
+            Outcome::Rerun(_) => None,
+        };
+        d.report(&cert, o);
+        if let Some(why) = why {
+            let output = lock(&d.h.served.probes().0.hook_output)
+                .get(&cert)
+                .cloned()
+                .unwrap_or_default();
+            let why = match output.trim() {
+                "" => why,
+                out => format!("{why}; hook: {out}"),
+            };
+            verify::after_failed_rollout(&d.h, &cert, why).await;
         }
     }
 }

@@ -70,6 +70,8 @@ struct Rollout {
     phase: Phase,
     next: Instant,
     reruns: u32,
+    /// When the change's first hook run was reported (kept across re-runs).
+    started: Instant,
 }
 
 /// Rollouts in progress, by certificate name.
@@ -82,9 +84,9 @@ impl Rollouts {
     /// A hook ran for `cert` (`ok`: it exited 0). `rerun`: it was one this asked
     /// for (the count goes on); otherwise a new change starts a fresh count.
     pub fn hook_ran(&mut self, cert: &str, ok: bool, rerun: bool, now: Instant) {
-        let reruns = match (rerun, self.certs.get(cert)) {
-            (true, Some(r)) => r.reruns,
-            _ => 0,
+        let (reruns, started) = match (rerun, self.certs.get(cert)) {
+            (true, Some(r)) => (r.reruns, r.started),
+            _ => (0, now),
         };
         self.certs.insert(
             cert.to_string(),
@@ -96,8 +98,14 @@ impl Rollouts {
                 },
                 next: now + STEPS[0],
                 reruns,
+                started,
             },
         );
+    }
+
+    /// When the change of `cert` being checked began (its first hook run).
+    pub fn started(&self, cert: &str) -> Option<Instant> {
+        self.certs.get(cert).map(|r| r.started)
     }
 
     /// Certificates to probe now.

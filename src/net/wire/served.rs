@@ -33,6 +33,7 @@ pub fn encode_list(records: &[ServedRecord]) -> Vec<u8> {
             error: r.error.clone().unwrap_or_default(),
             seen_unix: r.seen_unix,
             since_unix: r.since_unix,
+            since_ms: r.since_ms,
         };
         bytes += p.encoded_len() + 4;
         if bytes > SEND_BYTES {
@@ -137,6 +138,7 @@ pub fn served_from_wire(s: pb::Served) -> Result<(SignedReport, Vec<ServedRecord
                 error: (!p.error.is_empty()).then_some(p.error),
                 seen_unix: p.seen_unix,
                 since_unix: p.since_unix,
+                since_ms: p.since_ms,
             })
         })
         .collect::<Result<Vec<_>, WireError>>()?;
@@ -208,6 +210,7 @@ mod tests {
                 error: leaf.is_none().then(|| "connection refused".into()),
                 seen_unix: seen,
                 since_unix: seen,
+                since_ms: seen.wrapping_mul(3),
             })
     }
 
@@ -240,6 +243,7 @@ mod tests {
             error: Some("e".into()),
             seen_unix: 1,
             since_unix: 1,
+            since_ms: 0,
         };
         assert_eq!(
             encode_list(&[r]),
