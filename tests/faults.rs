@@ -198,18 +198,22 @@ fn partition_heals_into_one_tree_with_nothing_lost() {
     // Both sides change things while cut off from each other.
     c.nodes[0].write("from-majority", "n1 wrote this during the partition");
     c.nodes[2].write("from-minority", "n3 wrote this during the partition");
-    c.nodes[0].write("dhparam.pem", "n1's edit (earlier)");
-    c.nodes[2].write("dhparam.pem", "n3's edit (later)");
-    let set = |n: &Node, t| {
-        fs::OpenOptions::new()
+    // Each edit lands whole with its mtime already set (written beside the tree,
+    // then renamed in): a scan between a write and a later set_modified would see
+    // the write's own mtime, and which side won would depend on timing.
+    let edit = |n: &Node, content: &str, t: SystemTime| {
+        let tmp = n.dir.join("dhparam.edit");
+        fs::write(&tmp, content).unwrap();
+        fs::File::options()
             .write(true)
-            .open(n.tree.join("dhparam.pem"))
+            .open(&tmp)
             .unwrap()
             .set_modified(t)
-            .unwrap()
+            .unwrap();
+        fs::rename(&tmp, n.tree.join("dhparam.pem")).unwrap();
     };
-    set(&c.nodes[0], now - Duration::from_secs(30));
-    set(&c.nodes[2], now);
+    edit(&c.nodes[0], "n1's edit (earlier)", now - Duration::from_secs(30));
+    edit(&c.nodes[2], "n3's edit (later)", now);
     wait_until("the majority side converges on its own", || {
         c.nodes[1].read("from-majority").is_some()
     });
