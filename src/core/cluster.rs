@@ -36,6 +36,11 @@ pub const MAX_RELAYS: usize = 64;
 pub const MAX_BARRIERS: usize = 16;
 /// Most nodes one census tracks (a bigger cluster is not waited for beyond it).
 pub const MAX_CENSUS_NODES: usize = 16_384;
+/// Most reporter entries (who said it is connected to, or in sync with, whom) one
+/// census keeps across all its nodes. Without it, forged reports could grow a
+/// barrier to [`MAX_CENSUS_NODES`] × [`MAX_CENSUS_NODES`] entries; a real cluster
+/// has a few links per node (a 248-node hub topology has about 500).
+pub const MAX_CENSUS_LINKS: usize = 65_536;
 /// Most messages queued for one peer (a slow peer makes a barrier time out, not
 /// memory grow).
 pub const MAX_OUTBOX: usize = 4096;
@@ -186,6 +191,8 @@ pub struct Census {
     path: RelPath,
     version: VersionVector,
     nodes: HashMap<DeviceId, Seen>,
+    /// Entries in every node's `connected_to` (bounded by [`MAX_CENSUS_LINKS`]).
+    links: usize,
 }
 
 /// Barrier state of one node: its identity and configured peers, the requests it
@@ -428,6 +435,7 @@ impl Cluster {
                 path,
                 version,
                 nodes: HashMap::new(),
+                links: 0,
             },
         );
         true
@@ -733,6 +741,12 @@ impl Census {
             let p = self.nodes.entry(n.device).or_default();
             if p.name.is_empty() {
                 p.name = n.name;
+            }
+            if !p.connected_to.contains_key(&r.node) {
+                if self.links >= MAX_CENSUS_LINKS {
+                    continue;
+                }
+                self.links += 1;
             }
             p.has |= n.has;
             p.relays |= n.relays;
@@ -1156,6 +1170,48 @@ mod tests {
         deliver(&mut nodes);
         let s = status(&mut nodes[0]);
         assert!(s.done && s.nodes.iter().all(|n| n.in_sync), "{s:?}");
+    }
+
+    /// A device ID from a number (more than the 255 `dev` makes).
+    fn many(i: u32) -> DeviceId {
+        let mut d = [0xee; 32];
+        d[..4].copy_from_slice(&i.to_le_bytes());
+        DeviceId(d)
+    }
+
+    #[test]
+    fn forged_reports_keep_a_census_within_its_caps() {
+        let mut n = Node::new(1, &[2]);
+        let r = token();
+        n.index.put(r.clone(), None);
+        let (p, v) = (r.path.clone(), r.version.clone());
+        assert!(n.with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));
+        let census = n.cluster.barriers.get_mut(&7).unwrap();
+        // 4,096 reporters, each naming the same 4,096 peers: 16 M links unbounded.
+        let peers: Vec<Neighbor> = (0..MAX_REPORT_PEERS as u32)
+            .map(|i| Neighbor {
+                device: many(1 << 20 | i),
+                name: String::new(),
+                connected: true,
+                has: false,
+                relays: true,
+                in_sync: false,
+            })
+            .collect();
+        for i in 0..64u32 {
+            census.merge(Report {
+                id: 7,
+                node: many(i),
+                name: "x".into(),
+                has: true,
+                peers: peers.clone(),
+            });
+        }
+        let links: usize = census.nodes.values().map(|s| s.connected_to.len()).sum();
+        let synced: usize = census.nodes.values().map(|s| s.in_sync_with.len()).sum();
+        assert!(links <= MAX_CENSUS_LINKS && synced <= MAX_CENSUS_LINKS);
+        assert_eq!(links, MAX_CENSUS_LINKS, "filled to the cap");
+        assert!(census.nodes.len() <= MAX_CENSUS_NODES);
     }
 
     #[test]

@@ -107,7 +107,16 @@ pub struct Refused {
     /// The author the last refused record claimed (`None`: it claimed none).
     pub last_author: Option<DeviceId>,
     pub last_reason: Option<String>,
+    /// Start of the current one-minute window (issue 25: refusals have consequences).
+    pub window_start_ns: i64,
+    /// Records refused in the current window.
+    pub in_window: u64,
 }
+
+/// Most peers whose refused records are tallied. Only configured peers hold
+/// sessions, so this is a bound, not a limit a fleet meets; beyond it the tally with
+/// the fewest refusals is forgotten.
+pub const MAX_REFUSED_PEERS: usize = 1024;
 
 /// Most paths [`NotSent::recent`] remembers.
 pub const NOT_SENT_RECENT: usize = 16;
@@ -139,6 +148,21 @@ struct Authority {
 const MAX_SHARED_CERTS: usize = 1024;
 
 impl Authority {
+    /// The tally of `peer`, made room for within [`MAX_REFUSED_PEERS`].
+    fn tally(&mut self, peer: DeviceId) -> &mut Refused {
+        if self.refused.len() >= MAX_REFUSED_PEERS && !self.refused.contains_key(&peer) {
+            if let Some(least) = self
+                .refused
+                .iter()
+                .min_by_key(|(_, r)| r.count)
+                .map(|(d, _)| *d)
+            {
+                self.refused.remove(&least);
+            }
+        }
+        self.refused.entry(peer).or_default()
+    }
+
     /// Makes `r` share the copy of its author's certificate already held, if equal.
     fn share_cert(&mut self, r: &mut FileRecord) {
         let Some(a) = r.auth.as_mut() else {
@@ -397,7 +421,7 @@ impl Engine {
                 Ok(()) => out.push((r, seq)),
                 Err(why) => {
                     let author = r.auth.as_ref().map(|a| a.author);
-                    let stats = self.authority.refused.entry(peer).or_default();
+                    let stats = self.authority.tally(peer);
                     stats.count += 1;
                     stats.last_path = Some(r.path.clone());
                     stats.last_author = author;
@@ -824,6 +848,25 @@ mod tests {
         e.applied(need, None);
         let t = e.poll_transmit(peer(), token).unwrap();
         assert_eq!(t.ack, Some(3));
+    }
+
+    #[test]
+    fn refused_tallies_are_capped_whatever_the_peers() {
+        let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX)
+            .with_authorship(None, Writers::only([DeviceId([1; 32])]));
+        let unsigned = crate::index::tests::file("a", 1, 1);
+        let p = RelPath::parse("a").unwrap();
+        let r = Index::new(ShortId(7))
+            .observe(&p, Some(unsigned), 1)
+            .unwrap();
+        for i in 0..MAX_REFUSED_PEERS as u32 + 500 {
+            let mut d = [0; 32];
+            d[..4].copy_from_slice(&i.to_le_bytes());
+            e.connected(DeviceId(d));
+            e.handle_index(DeviceId(d), vec![(r.clone(), 1)], 1)
+                .unwrap();
+        }
+        assert_eq!(e.refused().len(), MAX_REFUSED_PEERS);
     }
 
     #[test]
