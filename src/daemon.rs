@@ -120,6 +120,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // issue 13: sign what this node authors; take in only what `writers` allows.
     let signer = Arc::new(crate::identity::NodeSigner::new(&identity)?);
     let writers = crate::writers::policy(&config, identity.id)?;
+    let checker = writers.clone();
     let mut engine =
         Engine::new(index, config.max_file_size).with_authorship(Some(signer), writers);
     engine.track_durability();
@@ -148,6 +149,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         hook_failures: AtomicU64::new(0),
         repairs: Default::default(),
         persist: Mutex::new(persist_tx),
+        writers: Mutex::new(checker),
     });
     let persist_thread = {
         let s = shared.clone();
@@ -249,6 +251,7 @@ fn new_slot(config: PeerConfig) -> PeerSlot {
         last_error: None,
         last_acked: 0,
         last_sync: None,
+        penalty: None,
     }
 }
 
@@ -363,6 +366,18 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
                 slot.session.is_some(),
             )
         };
+        let penalty = shared
+            .lock()
+            .peers
+            .get(&peer)
+            .and_then(|s| s.penalty)
+            .map(|p| p.left(Instant::now()))
+            .filter(|w| !w.is_zero());
+        if let (false, Some(wait)) = (connected, penalty) {
+            tracing::debug!(peer = %peer, ?wait, "backing off from a misbehaving peer");
+            tokio::time::sleep(wait).await;
+            continue;
+        }
         if connected {
             let notified = gone.notified();
             // Re-check after registering, so a wakeup between the two is not lost.

@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use crate::core::authorship::{self, Writers};
+use crate::core::authorship::{self, Refusal, Writers};
 use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Member, Report};
 use crate::identity::{DeviceId, NodeSigner};
 use crate::index::{FileRecord, Index, LocalStat, Observed};
@@ -38,13 +38,22 @@ pub enum EngineError {
     /// The peer acknowledged a sequence we never handed out.
     #[error("acknowledges sequence {acked}, ours is only {ours}")]
     AckBeyond { acked: u64, ours: u64 },
+    /// The peer sent more records refused for their authorship in a minute than
+    /// [`MAX_REFUSED_PER_MINUTE`] (issue 25: refusals have consequences).
+    #[error(
+        "too many refused records: {count} refused for their authorship within a minute \
+         (at most {limit})"
+    )]
+    RefusingTooMuch { count: u64, limit: u64 },
 }
 
 impl EngineError {
     /// The kind of message that broke the rule (`"index"` or `"ack"`).
     pub fn what(&self) -> &'static str {
         match self {
-            EngineError::TooManyRecords | EngineError::OverBudget(_) => "index",
+            EngineError::TooManyRecords
+            | EngineError::OverBudget(_)
+            | EngineError::RefusingTooMuch { .. } => "index",
             EngineError::AckBeyond { .. } => "ack",
         }
     }
@@ -117,6 +126,16 @@ pub struct Refused {
 /// sessions, so this is a bound, not a limit a fleet meets; beyond it the tally with
 /// the fewest refusals is forgotten.
 pub const MAX_REFUSED_PEERS: usize = 1024;
+/// Records one peer may send within [`REFUSAL_WINDOW_NS`] that are refused for
+/// their authorship; one more ends its session ([`EngineError::RefusingTooMuch`]).
+/// An honest peer sends none (a relay forwards what it took in, checked).
+pub const MAX_REFUSED_PER_MINUTE: u64 = 1000;
+/// The window [`MAX_REFUSED_PER_MINUTE`] counts in.
+pub const REFUSAL_WINDOW_NS: i64 = 60_000_000_000;
+
+/// The verdict on each record's authorship, made before the state lock is taken
+/// (`None`: not made; the engine checks under the lock).
+pub type Verdicts = Vec<Option<Result<(), Refusal>>>;
 
 /// Most paths [`NotSent::recent`] remembers.
 pub const NOT_SENT_RECENT: usize = 16;
@@ -383,11 +402,41 @@ impl Engine {
         records: Vec<(FileRecord, u64)>,
         last_sequence: u64,
     ) -> Result<(), EngineError> {
+        self.handle_index_checked(peer, records, Vec::new(), last_sequence, None)
+    }
+
+    /// Which of `records` the authorship check must look at (none without
+    /// `writers`; a record identical to ours needs none). The caller verifies those
+    /// outside the state lock ([`Writers::key_for`], [`authorship::verify`]) and
+    /// gives the verdicts to [`Engine::handle_index_checked`].
+    pub fn unchecked(&self, records: &[(FileRecord, u64)]) -> Vec<bool> {
+        let restricted = self.authority.writers.is_restricted();
+        records
+            .iter()
+            .map(|(r, _)| restricted && self.index.get(&r.path).is_none_or(|e| e.record != *r))
+            .collect()
+    }
+
+    /// As [`Engine::handle_index`], with `verdicts` made outside the lock (one per
+    /// record, or fewer: the rest are checked here). With `now_ns`, a peer that
+    /// sends more than [`MAX_REFUSED_PER_MINUTE`] refused records in a minute is
+    /// refused ([`EngineError::RefusingTooMuch`]), its records not taken in.
+    pub fn handle_index_checked(
+        &mut self,
+        peer: DeviceId,
+        records: Vec<(FileRecord, u64)>,
+        verdicts: Verdicts,
+        last_sequence: u64,
+        now_ns: Option<i64>,
+    ) -> Result<(), EngineError> {
         if self.plan.peer_record_count(&peer) + records.len() > MAX_PEER_RECORDS {
             return Err(EngineError::TooManyRecords);
         }
         self.plan.admit(&peer, &records)?;
-        let mut records = self.authorized(peer, records);
+        let (mut records, refused) = self.authorized(peer, records, verdicts);
+        if let Some(now) = now_ns {
+            self.count_refusals(peer, refused, now)?;
+        }
         for (r, _) in &mut records {
             self.authority.share_cert(r);
         }
@@ -399,21 +448,27 @@ impl Engine {
     /// `writers`). A record identical to our own needs no check (it was checked or
     /// made here). The others are refused: counted for `peer`, reported once per
     /// batch, left out of its view (so never needed) and acknowledged as refused.
+    /// Also returns how many were refused.
     fn authorized(
         &mut self,
         peer: DeviceId,
         records: Vec<(FileRecord, u64)>,
-    ) -> Vec<(FileRecord, u64)> {
+        verdicts: Verdicts,
+    ) -> (Vec<(FileRecord, u64)>, u64) {
         if !self.authority.writers.is_restricted() {
-            return records;
+            return (records, 0);
         }
         let mut first: Option<(RelPath, Option<DeviceId>, String)> = None;
         let mut refused = 0;
         let mut out = Vec::with_capacity(records.len());
+        let mut verdicts = verdicts.into_iter();
         for (r, seq) in records {
+            let made = verdicts.next().flatten();
             let same_as_ours = self.index.get(&r.path).is_some_and(|e| e.record == r);
             let verdict = if same_as_ours {
                 Ok(())
+            } else if let Some(v) = made {
+                v
             } else {
                 self.authority.writers.check(&r)
             };
@@ -439,7 +494,35 @@ impl Engine {
                 count: refused,
             });
         }
-        out
+        (out, refused)
+    }
+
+    /// Counts `refused` records of `peer` in its one-minute window; an error once
+    /// they pass [`MAX_REFUSED_PER_MINUTE`].
+    fn count_refusals(
+        &mut self,
+        peer: DeviceId,
+        refused: u64,
+        now: i64,
+    ) -> Result<(), EngineError> {
+        if refused == 0 {
+            return Ok(());
+        }
+        let t = self.authority.tally(peer);
+        if now.saturating_sub(t.window_start_ns) >= REFUSAL_WINDOW_NS || t.in_window == 0 {
+            t.window_start_ns = now;
+            t.in_window = 0;
+        }
+        t.in_window += refused;
+        if t.in_window > MAX_REFUSED_PER_MINUTE {
+            let count = t.in_window;
+            t.in_window = 0;
+            return Err(EngineError::RefusingTooMuch {
+                count,
+                limit: MAX_REFUSED_PER_MINUTE,
+            });
+        }
+        Ok(())
     }
 
     /// `peer` acknowledged our records up to `sequence`; refused beyond our sequence.
@@ -848,6 +931,41 @@ mod tests {
         e.applied(need, None);
         let t = e.poll_transmit(peer(), token).unwrap();
         assert_eq!(t.ack, Some(3));
+    }
+
+    #[test]
+    fn a_peer_refused_too_often_in_a_minute_is_refused_itself() {
+        let (_d1, writer) = authorship::tests::signer();
+        let (_d2, relay) = authorship::tests::signer();
+        let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX)
+            .with_authorship(None, Writers::only([writer.id()]));
+        e.connected(peer());
+        let batch = |n: u64, from: u64| -> Vec<(FileRecord, u64)> {
+            (from..from + n)
+                .map(|i| (signed_by(&relay, &format!("f{i}"), 1, 1), i + 1))
+                .collect()
+        };
+        let minute = REFUSAL_WINDOW_NS;
+        let ok = |e: &mut Engine, b, now| e.handle_index_checked(peer(), b, vec![], 1, Some(now));
+        // 1,000 in one minute are tolerated (counted, logged)…
+        ok(&mut e, batch(600, 0), 1).unwrap();
+        ok(&mut e, batch(400, 600), minute / 2).unwrap();
+        // …a new minute starts afresh…
+        ok(&mut e, batch(900, 1000), minute + 2).unwrap();
+        // …and the 1,001st in one minute ends the session, whatever the verdicts'
+        // origin (made outside the lock here).
+        let b = batch(101, 2000);
+        let verdicts = b.iter().map(|_| Some(Err(Refusal::BadSignature))).collect();
+        let err = e
+            .handle_index_checked(peer(), b, verdicts, 1, Some(minute + 3))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            EngineError::RefusingTooMuch {
+                count: 1001,
+                limit: MAX_REFUSED_PER_MINUTE
+            }
+        ));
     }
 
     #[test]

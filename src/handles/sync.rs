@@ -10,18 +10,22 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use crate::apply::Tree;
+use crate::core::authorship;
 use crate::core::cluster::{Confirm, Report};
-use crate::core::engine::{EngineError, SendToken, Transmit};
+use crate::core::engine::{EngineError, SendToken, Transmit, Verdicts};
 use crate::core::pipeline::{Outcome, Pipeline, Work};
 use crate::identity::DeviceId;
 use crate::index::{ContentHash, FileRecord, Kind, LocalStat, Observed};
 use crate::inline::InlineCache;
-use crate::node::{Session, Shared, State};
+use crate::node::{Penalty, Session, Shared, State};
 use crate::paths::RelPath;
 use crate::plan::PlanEvent;
 
 /// Close code for a duplicate (or replaced) session.
 pub const CLOSE_DUPLICATE: u32 = 1;
+/// Close code for a peer that sent too many refused records (issue 25), and for its
+/// sessions while this node backs off from it.
+pub const CLOSE_REFUSING: u32 = 4;
 
 /// The session's send state was replaced or ended: its sender stops.
 #[derive(Debug)]
@@ -91,6 +95,16 @@ impl SyncHandle {
             let mut st = self.0.lock();
             let State { peers, engine, .. } = &mut *st;
             let slot = peers.get_mut(&peer)?;
+            if slot
+                .penalty
+                .is_some_and(|p| !p.left(Instant::now()).is_zero())
+            {
+                session.conn.close(
+                    CLOSE_REFUSING.into(),
+                    b"backing off: too many refused records",
+                );
+                return None;
+            }
             if let Some(existing) = &slot.session {
                 let preferred = |s: &Session| s.dialed_by_me == (me < peer);
                 let existing_alive = existing.conn.close_reason().is_none();
@@ -147,20 +161,60 @@ impl SyncHandle {
 
     /// Records from the peer's index (inline content already in the cache): the
     /// engine checks and learns them; the puller is woken for what is now needed.
+    ///
+    /// Signatures are verified before the state lock is taken (issue 25), so a
+    /// peer's junk stalls no other task: a short lock to learn which records differ
+    /// from ours, the arithmetic with no lock, then the verdicts go in. A peer past
+    /// [`crate::core::engine::MAX_REFUSED_PER_MINUTE`] is disconnected and backed
+    /// off from ([`Penalty`]).
     pub fn index_received(
         &self,
         peer: DeviceId,
         records: Vec<(FileRecord, u64)>,
         last_sequence: u64,
     ) -> Result<(), EngineError> {
+        let unchecked = self.0.lock().engine.unchecked(&records);
+        let verdicts = self.verify(&records, &unchecked);
         {
             let mut st = self.0.lock();
-            st.engine.handle_index(peer, records, last_sequence)?;
+            let now = crate::node::now_ns();
+            let r =
+                st.engine
+                    .handle_index_checked(peer, records, verdicts, last_sequence, Some(now));
             report_plan_events(&mut st, peer);
+            if let Err(e @ EngineError::RefusingTooMuch { .. }) = &r {
+                penalize(&mut st, peer, e);
+            }
+            r?;
         }
         self.0.pull.notify_one();
         self.0.bump_progress();
         Ok(())
+    }
+
+    /// The verdict on each record marked in `unchecked`, with no state lock held
+    /// (the policy copy's lock is held only to look keys up).
+    fn verify(&self, records: &[(FileRecord, u64)], unchecked: &[bool]) -> Verdicts {
+        if !unchecked.contains(&true) {
+            return Vec::new();
+        }
+        let keys: Vec<_> = {
+            let mut w = self.0.writers();
+            records
+                .iter()
+                .zip(unchecked)
+                .map(|((r, _), u)| u.then(|| w.key_for(r)))
+                .collect()
+        };
+        keys.into_iter()
+            .zip(records)
+            .map(|(k, (r, _))| {
+                k.map(|k| match k? {
+                    Some(key) => authorship::verify(&key, r),
+                    None => Ok(()),
+                })
+            })
+            .collect()
     }
 
     /// An ack from the peer.
@@ -397,6 +451,29 @@ impl SyncHandle {
             self.0.bump_progress();
         }
     }
+}
+
+/// Ends `peer`'s session for `why` and backs off from it (each strike doubles the
+/// wait): named in the log, in `status` errors and in the peer's `last_error`.
+fn penalize(st: &mut State, peer: DeviceId, why: &EngineError) {
+    let now = Instant::now();
+    let Some(slot) = st.peers.get_mut(&peer) else {
+        return;
+    };
+    let p = Penalty::strike(slot.penalty, now);
+    slot.penalty = Some(p);
+    let msg = format!(
+        "{why}; disconnected, no session for {} s (strike {})",
+        p.left(now).as_secs(),
+        p.strikes
+    );
+    slot.last_error = Some(msg.clone());
+    if let Some(s) = &slot.session {
+        s.conn
+            .close(CLOSE_REFUSING.into(), b"too many refused records");
+    }
+    let name = slot.config.name.clone();
+    st.error(format!("peer {name} ({peer}): {msg}"));
 }
 
 /// Logs what the plan decided about a peer's records: each file too large once per
