@@ -21,6 +21,7 @@ mod status;
 mod sync;
 mod systemd;
 mod trust_acme;
+mod trust_cluster;
 mod trust_flood;
 mod trust_keep;
 mod trust_links;

@@ -302,6 +302,9 @@ impl Engine {
                 }
             }
         }
+        if let Some(s) = &signer {
+            self.cluster.set_signer(s.clone());
+        }
         self.authority = Authority {
             signer,
             writers,
@@ -769,9 +772,31 @@ impl Engine {
         self.cluster.handle_confirm(&v, peer, req, now_ns);
     }
 
-    /// A barrier report from `peer`: merged, or passed on toward its origin.
+    /// A barrier report from `peer`: merged, or passed on toward its origin, if
+    /// signed by the node it is about (checked here; see
+    /// [`Engine::handle_report_checked`] to check outside the lock).
     pub fn handle_report(&mut self, peer: DeviceId, report: Report) {
-        self.cluster.handle_report(peer, report);
+        let verified = cluster::verify_report(&report);
+        self.cluster.handle_report(peer, report, verified);
+    }
+
+    /// As [`Engine::handle_report`], `verified` by the caller
+    /// ([`cluster::verify_report`]). A report not signed by its node is dropped and
+    /// counts as a refused record of `peer` ([`MAX_REFUSED_PER_MINUTE`]).
+    pub fn handle_report_checked(
+        &mut self,
+        peer: DeviceId,
+        report: Report,
+        verified: bool,
+        now_ns: i64,
+    ) -> Result<(), EngineError> {
+        if self.cluster.handle_report(peer, report, verified) {
+            return Ok(());
+        }
+        let t = self.authority.tally(peer);
+        t.count += 1;
+        t.last_reason = Some("a barrier report not signed by the node it is about".into());
+        self.count_refusals(peer, 1, now_ns)
     }
 
     /// Reports what changed to the origins of the barriers we relay.

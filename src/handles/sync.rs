@@ -231,10 +231,21 @@ impl SyncHandle {
         self.0.bump_progress();
     }
 
-    /// A barrier report from the peer.
-    pub fn report_received(&self, peer: DeviceId, r: Report) {
-        self.0.lock().engine.handle_report(peer, r);
+    /// A barrier report from the peer, its signature checked before the state lock
+    /// is taken (issue 25). Refused ones count toward the peer's refusals.
+    pub fn report_received(&self, peer: DeviceId, r: Report) -> Result<(), EngineError> {
+        let verified = crate::core::cluster::verify_report(&r);
+        {
+            let mut st = self.0.lock();
+            let now = crate::node::now_ns();
+            let res = st.engine.handle_report_checked(peer, r, verified, now);
+            if let Err(e @ EngineError::RefusingTooMuch { .. }) = &res {
+                penalize(&mut st, peer, e);
+            }
+            res?;
+        }
         self.0.bump_progress();
+        Ok(())
     }
 
     /// The size of `path` if this node has exactly that content indexed as a live

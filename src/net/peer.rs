@@ -287,7 +287,7 @@ async fn recv_loop(
             }
             Some(pb::frame::Body::Report(r)) => {
                 let r = report_from_wire(r)?;
-                sync.report_received(peer, r);
+                sync.report_received(peer, r).map_err(refused)?;
             }
             Some(pb::frame::Body::Hello(_)) | None => {
                 return Err(WireError::Invalid {

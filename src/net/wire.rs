@@ -482,7 +482,13 @@ pub fn precheck_frame(bytes: &[u8]) -> Result<(), WireError> {
 /// Counts the device IDs and version entries of a `Confirm` (field 4 of `Frame`)
 /// or the peers of a `Report` (field 5) before they are decoded (and allocated).
 fn precheck_cluster(frame_field: u64, body: &[u8]) -> Result<(), WireError> {
-    use crate::core::cluster::{MAX_ASKED, MAX_REPORT_PEERS};
+    use crate::core::cluster::{MAX_ASKED, MAX_CONFIRM_BYTES, MAX_REPORT_PEERS};
+    if frame_field == 4 && body.len() > MAX_CONFIRM_BYTES {
+        return Err(invalid(
+            "confirm",
+            format!("{} bytes (at most {MAX_CONFIRM_BYTES})", body.len()),
+        ));
+    }
     let limits: &[(u64, usize)] = if frame_field == 4 {
         &[(7, MAX_ASKED), (4, MAX_VERSION_ENTRIES)] // Confirm.asked, Confirm.version
     } else {
