@@ -63,6 +63,8 @@ struct Evil {
     conn: quinn::Connection,
     send: quinn::SendStream,
     confirms: Arc<Mutex<Vec<pb::Confirm>>>,
+    /// (id, reporting node) of the reports routed back to it.
+    reports: Arc<Mutex<Vec<(u64, Vec<u8>)>>>,
     signer: NodeSigner,
 }
 
@@ -86,11 +88,14 @@ async fn evil(e: &Node, target: &Node) -> Evil {
     wire::write_msg(&mut send, &frame).await.unwrap();
     let mut recv = conn.accept_uni().await.unwrap();
     let confirms = Arc::new(Mutex::new(Vec::new()));
-    let collect = confirms.clone();
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let (collect, answers) = (confirms.clone(), reports.clone());
     tokio::spawn(async move {
         while let Ok(Some(f)) = wire::read_msg::<_, pb::Frame>(&mut recv, wire::MAX_FRAME).await {
-            if let Some(pb::frame::Body::Confirm(c)) = f.body {
-                collect.lock().unwrap().push(c);
+            match f.body {
+                Some(pb::frame::Body::Confirm(c)) => collect.lock().unwrap().push(c),
+                Some(pb::frame::Body::Report(r)) => answers.lock().unwrap().push((r.id, r.node)),
+                _ => {}
             }
         }
     });
@@ -99,6 +104,7 @@ async fn evil(e: &Node, target: &Node) -> Evil {
         conn,
         send,
         confirms,
+        reports,
         signer,
     }
 }
@@ -255,15 +261,15 @@ async fn a_flood_of_confirms_does_not_delay_a_real_barrier() {
     let ev = evil(&e, &h).await;
     let e_id = ev.signer.id();
     let (conn, _t) = (ev.conn, ev._t);
-    // The biggest requests, fresh ids, the longest TTL, e as origin, until the
-    // real barrier is done.
-    // It answers the real barrier for itself (as an honest relay would; otherwise
-    // the barrier rightly waits for it).
+    // Requests with fresh ids and the longest TTL, e as origin, until the real
+    // barrier is done: 32 small ones (they take every relay slot a peer may hold
+    // on the nodes behind h), then the biggest the wire allows. It answers the real
+    // barrier for itself (as an honest relay would; otherwise the barrier rightly
+    // waits for it).
     let (mut send, confirms, signer) = (ev.send, ev.confirms, ev.signer);
-    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let reports = ev.reports;
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let flood = tokio::spawn(async move {
-        let mut started_tx = Some(started_tx);
         let mut id = 0u64;
         let mut answered = false;
         while stopped.try_recv().is_err() {
@@ -282,17 +288,29 @@ async fn a_flood_of_confirms_does_not_delay_a_real_barrier() {
                     .unwrap();
                 answered = true;
             }
-            let body = pb::frame::Body::Confirm(big_confirm(id, e_id));
+            let mut c = big_confirm(id, e_id);
+            if id < 32 {
+                c.asked.clear();
+            }
+            let body = pb::frame::Body::Confirm(c);
             let frame = pb::Frame { body: Some(body) };
             wire::write_msg(&mut send, &frame).await.unwrap();
             id += 1;
-            if id == 100 {
-                let _ = started_tx.take().unwrap().send(());
-            }
         }
         id
     });
-    started.await.unwrap();
+    // The flood holds h's routes to x: x answers its requests (half the slots a
+    // peer may hold is enough to know h took them all: they came in one burst).
+    let x_id = x.id.parse::<DeviceId>().unwrap().0.to_vec();
+    wait("x answers the flood", || {
+        let r = reports.lock().unwrap();
+        let ids: std::collections::HashSet<u64> = r
+            .iter()
+            .filter(|(_, n)| *n == x_id)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.len() >= cluster::MAX_RELAYS_PER_PEER / 2
+    });
     o.write("live/two.pem", "two\n");
     wait("two on x", || x.read("live/two.pem").is_some());
     let (reply, during) = tokio::task::block_in_place(|| confirm(&o, "live/two.pem", "10s"));
