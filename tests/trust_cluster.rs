@@ -56,6 +56,9 @@ fn confirm(node: &Node, path: &str, timeout: &str) -> (ConfirmReply, Duration) {
     (reply, took)
 }
 
+/// (id, reporting node) of the reports routed back to the flooder.
+type Answers = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
 /// A relaying session as `e` with `target`: what it sends goes through `send`; the
 /// barrier requests `target` sends are collected.
 struct Evil {
@@ -64,7 +67,7 @@ struct Evil {
     send: quinn::SendStream,
     confirms: Arc<Mutex<Vec<pb::Confirm>>>,
     /// (id, reporting node) of the reports routed back to it.
-    reports: Arc<Mutex<Vec<(u64, Vec<u8>)>>>,
+    reports: Answers,
     signer: NodeSigner,
 }
 
