@@ -28,6 +28,7 @@ async fn hello(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStrea
             instance: 1,
             version: "x".into(),
             relays_confirm: false,
+            signs_reports: false,
         })),
     };
     wire::write_msg(&mut send, &h).await.unwrap();

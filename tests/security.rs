@@ -355,6 +355,7 @@ async fn hello(conn: &quinn::Connection, instance: u64) -> (quinn::SendStream, q
             instance,
             version: "x".into(),
             relays_confirm: false,
+            signs_reports: false,
         })),
     };
     wire::write_msg(&mut send, &h).await.unwrap();

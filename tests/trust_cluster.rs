@@ -84,6 +84,7 @@ async fn evil(e: &Node, target: &Node) -> Evil {
         instance: 1,
         version: "x".into(),
         relays_confirm: true,
+        signs_reports: true,
     };
     let frame = pb::Frame {
         body: Some(pb::frame::Body::Hello(hello)),

@@ -97,6 +97,7 @@ async fn session(
         instance: rand_instance(),
         version: "x".into(),
         relays_confirm: false,
+        signs_reports: false,
     };
     let frame = pb::Frame {
         body: Some(pb::frame::Body::Hello(hello)),

@@ -87,6 +87,7 @@ async fn evil_session(
             instance: 1,
             version: "x".into(),
             relays_confirm: false,
+            signs_reports: false,
         })),
     };
     wire::write_msg(&mut send, &hello).await.unwrap();

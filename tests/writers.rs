@@ -239,6 +239,7 @@ async fn forger(f: &Node, target: &Node) -> Forger {
             instance: 1,
             version: "x".into(),
             relays_confirm: false,
+            signs_reports: false,
         })),
     };
     wire::write_msg(&mut send, &hello).await.unwrap();

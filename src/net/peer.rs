@@ -67,7 +67,8 @@ pub async fn run_session_with_ready(
         dialed_by_me,
         conn: conn.clone(),
     };
-    let Some(token) = sync.start_session(peer, &session, hello.relays_confirm) else {
+    let relays = hello.relays_confirm && hello.signs_reports;
+    let Some(token) = sync.start_session(peer, &session, relays) else {
         conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
         if let Some(r) = ready {
             let _ = r.send(());
@@ -122,6 +123,7 @@ async fn exchange_hello(
             instance: sync.instance(),
             version: env!("CARGO_PKG_VERSION").into(),
             relays_confirm: true,
+            signs_reports: true,
         })),
     };
     wire::write_msg(&mut send, &hello).await?;

@@ -625,9 +625,22 @@ mod tests {
                         instance: 5,
                         version: "0.1.0".into(),
                         relays_confirm: false,
+                        signs_reports: false,
                     })),
                 },
                 "0a0e0a036c623010051a05302e312e30",
+            ),
+            (
+                pb::Frame {
+                    body: Some(pb::frame::Body::Hello(pb::Hello {
+                        name: "lb0".into(),
+                        instance: 5,
+                        version: "0.1.0".into(),
+                        relays_confirm: true,
+                        signs_reports: true,
+                    })),
+                },
+                "0a120a036c623010051a05302e312e3020012801",
             ),
             (
                 pb::Frame {
@@ -915,7 +928,7 @@ mod tests {
         #[test]
         fn frames_round_trip(name in ".{0,20}", inst in any::<u64>(), seq in 0..=MAX_SEQUENCE, rs in prop::collection::vec(arb_record(), 0..4)) {
             for frame in [
-                pb::Frame { body: Some(pb::frame::Body::Hello(pb::Hello { name: name.clone(), instance: inst, version: "1".into(), relays_confirm: false })) },
+                pb::Frame { body: Some(pb::frame::Body::Hello(pb::Hello { name: name.clone(), instance: inst, version: "1".into(), relays_confirm: false, signs_reports: false })) },
                 pb::Frame { body: Some(pb::frame::Body::Ack(pb::Ack { sequence: seq })) },
                 pb::Frame { body: Some(pb::frame::Body::Index(pb::IndexUpdate {
                     files: rs.iter().map(|r| record_to_wire(r, seq)).collect(),
