@@ -363,12 +363,15 @@ impl Budget {
     }
 }
 
+/// About the encoded size of a request.
+fn confirm_size(c: &Confirm) -> usize {
+    64 + c.path.as_str().len() + 24 * c.version.pairs().len() + 34 * c.asked.len()
+}
+
 /// About the encoded size of a message, for [`MAX_OUTBOX_BYTES`].
 fn approx_size(m: &ClusterMsg) -> usize {
     match m {
-        ClusterMsg::Confirm(c) => {
-            64 + c.path.as_str().len() + 24 * c.version.pairs().len() + 34 * c.asked.len()
-        }
+        ClusterMsg::Confirm(c) => confirm_size(c),
         ClusterMsg::Report(r) => {
             64 + r.name.len()
                 + r.seal
@@ -481,7 +484,7 @@ impl Cluster {
     /// taken from the budget of its own requests or of those it relays.
     fn within_budget(&mut self, from: DeviceId, req: &Confirm, now_ns: i64) -> bool {
         let own = req.origin == from;
-        let cost = approx_size(&ClusterMsg::Confirm(req.clone())) as u64;
+        let cost = confirm_size(req) as u64;
         self.budgets
             .entry((from, own))
             .or_insert_with(|| Budget::new(own, now_ns))
@@ -1515,6 +1518,39 @@ mod tests {
             frames <= 4,
             "{frames} frames for one request repeated 3,000 times"
         );
+    }
+
+    #[test]
+    fn remembered_requests_are_capped() {
+        let mut n = Node::new(2, &[1, 3]);
+        let r = token();
+        for i in 0..MAX_SEEN as u32 + 5_000 {
+            let req = Confirm {
+                id: u64::from(i),
+                origin: many(i),
+                path: r.path.clone(),
+                version: r.version.clone(),
+                hops: 0,
+                ttl_ms: 0,
+                asked: vec![],
+                sync: false,
+            };
+            n.cluster.first_sight(&req, 0);
+        }
+        assert_eq!(n.cluster.seen.len(), MAX_SEEN);
+        // Once they expire, room is made again.
+        let late = Confirm {
+            id: 1 << 40,
+            origin: dev(9),
+            path: r.path.clone(),
+            version: r.version.clone(),
+            hops: 0,
+            ttl_ms: 0,
+            asked: vec![],
+            sync: false,
+        };
+        assert!(n.cluster.first_sight(&late, SEEN_FOR_NS + 1));
+        assert_eq!(n.cluster.seen.len(), 1);
     }
 
     #[test]
