@@ -369,3 +369,24 @@ fn direct_status(st: &State, path: &RelPath) -> crate::core::cluster::BarrierSta
     let done = nodes.iter().all(|n| n.has);
     BarrierStatus { nodes, done }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_strike_doubles_the_backoff_up_to_the_maximum_and_is_forgotten_later() {
+        let t0 = Instant::now();
+        let mut p = None;
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            let next = Penalty::strike(p, t0);
+            waits.push(next.left(t0).as_secs());
+            p = Some(next);
+        }
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 320, 600, 600, 600]);
+        let long_after = p.unwrap().until + PENALTY_FORGET + Duration::from_secs(1);
+        let fresh = Penalty::strike(p, long_after);
+        assert_eq!((fresh.strikes, fresh.left(long_after)), (1, PENALTY_BASE));
+    }
+}
