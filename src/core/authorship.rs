@@ -119,6 +119,16 @@ pub enum Refusal {
     BadSignature,
 }
 
+impl Refusal {
+    /// The record claims an authorship it does not have: a signature or certificate
+    /// that does not match, or a `modified_by` another than its signer. No honest
+    /// relay sends one (records travel unchanged), unlike an unsigned record (an old
+    /// node) or an author outside `writers` (a config that differs between nodes).
+    pub fn is_forged(&self) -> bool {
+        !matches!(self, Refusal::Unsigned | Refusal::NotAWriter)
+    }
+}
+
 /// The `[tree] writers` policy and the public keys of writers seen so far.
 #[derive(Debug, Default, Clone)]
 pub struct Writers {

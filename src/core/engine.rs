@@ -38,10 +38,11 @@ pub enum EngineError {
     /// The peer acknowledged a sequence we never handed out.
     #[error("acknowledges sequence {acked}, ours is only {ours}")]
     AckBeyond { acked: u64, ours: u64 },
-    /// The peer sent more records refused for their authorship in a minute than
-    /// [`MAX_REFUSED_PER_MINUTE`] (issue 25: refusals have consequences).
+    /// The peer sent more records with forged authorship (or unsigned barrier
+    /// reports) in a minute than [`MAX_REFUSED_PER_MINUTE`] (issue 25: refusals
+    /// have consequences).
     #[error(
-        "too many refused records: {count} refused for their authorship within a minute \
+        "too many refused records: {count} with forged authorship within a minute \
          (at most {limit})"
     )]
     RefusingTooMuch { count: u64, limit: u64 },
@@ -126,9 +127,12 @@ pub struct Refused {
 /// sessions, so this is a bound, not a limit a fleet meets; beyond it the tally with
 /// the fewest refusals is forgotten.
 pub const MAX_REFUSED_PEERS: usize = 1024;
-/// Records one peer may send within [`REFUSAL_WINDOW_NS`] that are refused for
-/// their authorship; one more ends its session ([`EngineError::RefusingTooMuch`]).
-/// An honest peer sends none (a relay forwards what it took in, checked).
+/// Records one peer may send within [`REFUSAL_WINDOW_NS`] that are refused as
+/// forged ([`Refusal::is_forged`]: each cost a signature check) or barrier reports
+/// not signed by their node; one more ends its session
+/// ([`EngineError::RefusingTooMuch`]). An honest peer sends none (a relay forwards
+/// records and reports unchanged); records refused only because their author is
+/// not in this node's `writers` do not count (a config mismatch explains them).
 pub const MAX_REFUSED_PER_MINUTE: u64 = 1000;
 /// The window [`MAX_REFUSED_PER_MINUTE`] counts in.
 pub const REFUSAL_WINDOW_NS: i64 = 60_000_000_000;
@@ -451,7 +455,7 @@ impl Engine {
     /// `writers`). A record identical to our own needs no check (it was checked or
     /// made here). The others are refused: counted for `peer`, reported once per
     /// batch, left out of its view (so never needed) and acknowledged as refused.
-    /// Also returns how many were refused.
+    /// Also returns how many were refused as forged ([`Refusal::is_forged`]).
     fn authorized(
         &mut self,
         peer: DeviceId,
@@ -463,6 +467,7 @@ impl Engine {
         }
         let mut first: Option<(RelPath, Option<DeviceId>, String)> = None;
         let mut refused = 0;
+        let mut forged = 0;
         let mut out = Vec::with_capacity(records.len());
         let mut verdicts = verdicts.into_iter();
         for (r, seq) in records {
@@ -485,6 +490,7 @@ impl Engine {
                     stats.last_author = author;
                     stats.last_reason = Some(why.to_string());
                     refused += 1;
+                    forged += u64::from(why.is_forged());
                     first.get_or_insert((r.path, author, why.to_string()));
                 }
             }
@@ -497,7 +503,7 @@ impl Engine {
                 count: refused,
             });
         }
-        (out, refused)
+        (out, forged)
     }
 
     /// Counts `refused` records of `peer` in its one-minute window; an error once
@@ -961,18 +967,29 @@ mod tests {
     #[test]
     fn a_peer_refused_too_often_in_a_minute_is_refused_itself() {
         let (_d1, writer) = authorship::tests::signer();
-        let (_d2, relay) = authorship::tests::signer();
         let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX)
             .with_authorship(None, Writers::only([writer.id()]));
         e.connected(peer());
+        // Records in the writer's name, altered after signing (a junk signature).
         let batch = |n: u64, from: u64| -> Vec<(FileRecord, u64)> {
             (from..from + n)
-                .map(|i| (signed_by(&relay, &format!("f{i}"), 1, 1), i + 1))
+                .map(|i| {
+                    let mut r = signed_by(&writer, &format!("f{i}"), 1, 1);
+                    r.size += 1;
+                    (r, i + 1)
+                })
                 .collect()
         };
         let minute = REFUSAL_WINDOW_NS;
         let ok = |e: &mut Engine, b, now| e.handle_index_checked(peer(), b, vec![], 1, Some(now));
-        // 1,000 in one minute are tolerated (counted, logged)…
+        // An author outside `writers` (a config mismatch explains it) never ends
+        // the session, however many…
+        let (_d3, outsider) = authorship::tests::signer();
+        let theirs: Vec<(FileRecord, u64)> = (0..3000)
+            .map(|i| (signed_by(&outsider, &format!("o{i}"), 1, 1), i + 1))
+            .collect();
+        ok(&mut e, theirs, 0).unwrap();
+        // …forged ones do: 1,000 in one minute are tolerated (counted, logged)…
         ok(&mut e, batch(600, 0), 1).unwrap();
         ok(&mut e, batch(400, 600), minute / 2).unwrap();
         // …a new minute starts afresh…
