@@ -12,7 +12,7 @@ use certmesh::control::ConfirmReply;
 use certmesh::core::cluster::{self, Neighbor, Report};
 use certmesh::identity::{DeviceId, Identity, NodeSigner};
 use certmesh::transport::Transport;
-use certmesh::wire::cluster::report_to_wire;
+use certmesh::wire::cluster::{confirm_from_wire, confirm_to_wire, report_to_wire};
 use certmesh::wire::{self, pb};
 
 use crate::util::{certmesh, wait_until, Node};
@@ -217,6 +217,13 @@ async fn forged_reports_that_others_have_a_path_never_complete_a_barrier() {
     assert!(ev.conn.close_reason().is_none(), "e's own reports are fine");
 }
 
+/// `c` signed by `signer` (its origin, if honest).
+fn sealed(c: pb::Confirm, signer: &NodeSigner) -> pb::Confirm {
+    let mut c = confirm_from_wire(c).unwrap();
+    cluster::seal_confirm(&mut c, signer);
+    confirm_to_wire(&c)
+}
+
 /// A `Confirm` as big as the wire allows, from `origin`.
 fn big_confirm(id: u64, origin: DeviceId) -> pb::Confirm {
     pb::Confirm {
@@ -237,6 +244,7 @@ fn big_confirm(id: u64, origin: DeviceId) -> pb::Confirm {
             })
             .collect(),
         sync: true,
+        ..Default::default()
     }
 }
 
@@ -296,7 +304,7 @@ async fn a_flood_of_confirms_does_not_delay_a_real_barrier() {
             if id < 32 {
                 c.asked.clear();
             }
-            let body = pb::frame::Body::Confirm(c);
+            let body = pb::frame::Body::Confirm(sealed(c, &signer));
             let frame = pb::Frame { body: Some(body) };
             wire::write_msg(&mut send, &frame).await.unwrap();
             id += 1;
@@ -341,4 +349,54 @@ async fn a_flood_of_confirms_does_not_delay_a_real_barrier() {
         conn.close_reason().is_none(),
         "a flood is dropped, not a violation"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_another_nodes_name_are_refused_and_cut_off() {
+    // o — h, and `e` (played here) on h, sending requests that name o as origin:
+    // unsigned, or signed by e itself.
+    let dir = tmp();
+    let mut o = Node::new(dir.path(), "o", "127.0.6.25");
+    let mut h = Node::new(dir.path(), "h", "127.0.6.26");
+    let e = Node::new(dir.path(), "e", "127.0.6.27");
+    o.configure(&[&h]);
+    h.configure(&[&o, &e]);
+    o.start();
+    h.start();
+    wait("o and h connected", || o.all_connected());
+    let mut ev = evil(&e, &h).await;
+    let o_id: DeviceId = o.id.parse().unwrap();
+    let mut own = confirm_from_wire(big_confirm(0, ev.signer.id())).unwrap();
+    assert!(cluster::seal_confirm(&mut own, &ev.signer));
+    for id in 0..1_100u64 {
+        let mut c = big_confirm(id, o_id);
+        c.asked.clear();
+        if id % 2 == 1 {
+            c.signature = own.seal.as_ref().unwrap().signature.clone();
+            c.origin_cert = own.seal.as_ref().unwrap().cert.to_vec();
+        }
+        if wire::write_msg(
+            &mut ev.send,
+            &pb::Frame {
+                body: Some(pb::frame::Body::Confirm(c)),
+            },
+        )
+        .await
+        .is_err()
+        {
+            break;
+        }
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(30), ev.conn.closed()).await;
+    match closed {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            let reason = String::from_utf8_lossy(&c.reason);
+            assert!(reason.contains("too many refused records"), "{reason}");
+        }
+        other => panic!("not cut off: {other:?}"),
+    }
+    let st: certmesh::control::Status = serde_json::from_value(h.status()).unwrap();
+    let p = st.peers.iter().find(|p| p.name == "e").unwrap();
+    let why = p.refused.last_reason.as_deref().unwrap_or_default();
+    assert!(why.contains("not signed by its origin"), "{why}");
 }

@@ -95,6 +95,9 @@ pub struct Confirm {
     pub asked: Vec<DeviceId>,
     /// Also report, per peer, whether it is in sync (`status --cluster`).
     pub sync: bool,
+    /// The origin's signature and certificate (issue 25); `None` when made by a
+    /// node without a signing key (tests) or received without them.
+    pub seal: Option<Seal>,
 }
 
 /// What a node knows of one of its configured peers.
@@ -173,18 +176,61 @@ pub fn seal(r: &mut Report, signer: &NodeSigner) -> bool {
     true
 }
 
+/// The bytes an origin signs for `c`: what relays never change.
+pub fn confirm_message(c: &Confirm) -> Vec<u8> {
+    let mut m = Vec::with_capacity(96 + c.path.as_str().len());
+    m.extend_from_slice(b"certmesh confirm v1\0");
+    m.extend_from_slice(&c.id.to_be_bytes());
+    m.extend_from_slice(&c.origin.0);
+    m.extend_from_slice(&(c.path.as_str().len() as u64).to_be_bytes());
+    m.extend_from_slice(c.path.as_str().as_bytes());
+    let pairs = c.version.pairs();
+    m.extend_from_slice(&(pairs.len() as u64).to_be_bytes());
+    for (d, v) in pairs {
+        m.extend_from_slice(&d.0.to_be_bytes());
+        m.extend_from_slice(&v.to_be_bytes());
+    }
+    m.extend_from_slice(&c.ttl_ms.to_be_bytes());
+    m.push(u8::from(c.sync));
+    m
+}
+
+/// Seals `c` as its origin (`c.origin` must be the signer's device ID).
+pub fn seal_confirm(c: &mut Confirm, signer: &NodeSigner) -> bool {
+    if c.origin != signer.id() {
+        return false;
+    }
+    let Some(signature) = signer.sign(&confirm_message(c)) else {
+        return false;
+    };
+    c.seal = Some(Seal {
+        signature,
+        cert: signer.cert().clone(),
+    });
+    true
+}
+
+/// Whether `c` was signed by its origin (pure arithmetic, run with no lock held).
+pub fn verify_confirm(c: &Confirm) -> bool {
+    verify_seal(c.seal.as_ref(), &c.origin, &confirm_message(c))
+}
+
+fn verify_seal(seal: Option<&Seal>, who: &DeviceId, msg: &[u8]) -> bool {
+    let Some(s) = seal else {
+        return false;
+    };
+    if DeviceId::of_cert(&s.cert) != *who {
+        return false;
+    }
+    identity::cert_public_key(&s.cert)
+        .is_ok_and(|key| identity::verify_p256(&key, msg, &s.signature))
+}
+
 /// Whether `r` was signed by the node it is about (issue 25): its certificate is
 /// that node's (SHA-256 equals `r.node`) and the signature covers exactly `r`. Pure
 /// arithmetic, no state: callers run it with no lock held.
 pub fn verify_report(r: &Report) -> bool {
-    let Some(s) = &r.seal else {
-        return false;
-    };
-    if DeviceId::of_cert(&s.cert) != r.node {
-        return false;
-    }
-    identity::cert_public_key(&s.cert)
-        .is_ok_and(|key| identity::verify_p256(&key, &report_message(r), &s.signature))
+    verify_seal(r.seal.as_ref(), &r.node, &report_message(r))
 }
 
 /// What a barrier asks (see [`Cluster::start_with`]).
@@ -365,7 +411,12 @@ impl Budget {
 
 /// About the encoded size of a request.
 fn confirm_size(c: &Confirm) -> usize {
-    64 + c.path.as_str().len() + 24 * c.version.pairs().len() + 34 * c.asked.len()
+    64 + c.path.as_str().len()
+        + 24 * c.version.pairs().len()
+        + 34 * c.asked.len()
+        + c.seal
+            .as_ref()
+            .map_or(0, |s| s.signature.len() + s.cert.len())
 }
 
 /// About the encoded size of a message, for [`MAX_OUTBOX_BYTES`].
@@ -571,7 +622,12 @@ impl Cluster {
             ttl_ms: ttl_ms.min(MAX_TTL_MS),
             asked: targets.iter().copied().take(MAX_ASKED).collect(),
             sync,
+            seal: None,
         };
+        let mut req = req;
+        if let Some(s) = &self.signer {
+            seal_confirm(&mut req, s);
+        }
         for t in &targets {
             self.send(*t, ClusterMsg::Confirm(req.clone()));
         }
@@ -600,11 +656,37 @@ impl Cluster {
     /// may have lost what was on the way: this node reports again in full and asks
     /// again the nodes it asked, so the reports behind it come again too.
     ///
+    /// `verified` says whether [`verify_confirm`] held (the caller runs it outside
+    /// any lock). With a signer set, a request relayed for another origin counts
+    /// only if its origin signed it (a peer's own request is authenticated by its
+    /// connection); otherwise it is dropped and false returned, so the caller can
+    /// count the refusal.
+    ///
     /// Each request costs `from` one token of its budget ([`CONFIRM_BURST`]), and
     /// at most [`MAX_RELAYS_PER_PEER`] routes back to one peer are kept: beyond,
     /// its requests are dropped unanswered.
-    pub fn handle_confirm(&mut self, v: &View, from: DeviceId, req: Confirm, now_ns: i64) {
+    pub fn handle_confirm(
+        &mut self,
+        v: &View,
+        from: DeviceId,
+        req: Confirm,
+        verified: bool,
+        now_ns: i64,
+    ) -> bool {
         self.now_ns = now_ns;
+        if self.signer.is_some() && req.origin != from && !verified {
+            return false;
+        }
+        // A peer's own request without its signature (a node from before issue 25)
+        // is answered, not relayed: the next hop could not check it.
+        let forward = self.signer.is_none() || verified;
+        self.relay(v, from, req, forward, now_ns);
+        true
+    }
+
+    /// [`Cluster::handle_confirm`] once the request is authenticated; relayed
+    /// further only when `forward`.
+    fn relay(&mut self, v: &View, from: DeviceId, req: Confirm, forward: bool, now_ns: i64) {
         if !self.within_budget(from, &req, now_ns) {
             return;
         }
@@ -657,10 +739,11 @@ impl Cluster {
         let mut skip: HashSet<DeviceId> = req.asked.iter().copied().collect();
         skip.insert(from);
         skip.insert(req.origin);
-        let targets = if req.hops > 0 {
-            self.targets(v, &skip)
-        } else {
+        let last_hop = req.hops == 0 || !forward;
+        let targets = if last_hop {
             Vec::new()
+        } else {
+            self.targets(v, &skip)
         };
         let mut asked = req.asked.clone();
         for t in &targets {
@@ -678,7 +761,7 @@ impl Cluster {
         }
         let sent: HashSet<DeviceId> = targets.iter().copied().collect();
         skip.extend(targets);
-        if req.hops == 0 {
+        if last_hop {
             // Not relayed any further, to late-comers either.
             skip.extend(self.roster.iter().map(|m| m.device));
         }
@@ -689,7 +772,7 @@ impl Cluster {
                 req: fwd,
                 asked: skip,
                 sent,
-                last_hop: req.hops == 0,
+                last_hop,
                 path: req.path,
                 version: req.version,
                 expires_ns: now_ns.saturating_add(ttl_ns),
@@ -1036,7 +1119,7 @@ mod tests {
                         moved = true;
                         match m {
                             ClusterMsg::Confirm(c) => {
-                                nodes[j].with_view(|cl, v| cl.handle_confirm(v, from, c, 0))
+                                nodes[j].with_view(|cl, v| cl.handle_confirm(v, from, c, true, 0));
                             }
                             ClusterMsg::Report(r) => {
                                 nodes[j].cluster.handle_report(from, r, true);
@@ -1209,13 +1292,14 @@ mod tests {
             ttl_ms: 1000,
             asked: vec![],
             sync: false,
+            seal: None,
         };
-        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), 0));
+        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), true, 0));
         // Answered, not relayed (no hops left)…
         assert!(!n.cluster.outbox.contains_key(&dev(3)));
         assert_eq!(n.cluster.take_outbox(&dev(1)).len(), 1);
         // …and a second copy of the same request is ignored.
-        n.with_view(|c, v| c.handle_confirm(v, dev(3), req, 0));
+        n.with_view(|c, v| c.handle_confirm(v, dev(3), req, true, 0));
         assert!(n.cluster.outbox.is_empty());
     }
 
@@ -1304,11 +1388,12 @@ mod tests {
             ttl_ms: 1000,
             asked: vec![dev(1), dev(2)],
             sync: false,
+            seal: None,
         };
-        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), 0));
+        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), true, 0));
         assert_eq!(n.cluster.take_outbox(&dev(3)).len(), 1, "relayed to 3");
         assert_eq!(n.cluster.take_outbox(&dev(1)).len(), 1, "reported to 1");
-        n.with_view(|c, v| c.handle_confirm(v, dev(3), req, 0));
+        n.with_view(|c, v| c.handle_confirm(v, dev(3), req, true, 0));
         assert!(n.cluster.outbox.is_empty());
     }
 
@@ -1473,6 +1558,47 @@ mod tests {
     }
 
     #[test]
+    fn a_request_is_relayed_only_if_its_origin_signed_it() {
+        use crate::core::authorship::tests::signer;
+        let (_d1, me) = signer();
+        let (_d2, o) = signer();
+        // This node (with a signing key) peers with 1 and 3; `o` is behind 1.
+        let mut n = Node::new(2, &[1, 3]);
+        n.cluster.set_signer(Arc::new(me));
+        let r = token();
+        let req = |id: u64, origin: DeviceId| Confirm {
+            id,
+            origin,
+            path: r.path.clone(),
+            version: r.version.clone(),
+            hops: 4,
+            ttl_ms: 1000,
+            asked: vec![],
+            sync: false,
+            seal: None,
+        };
+        let mut give = |c: Confirm| {
+            let ok = verify_confirm(&c);
+            let taken = n.with_view(|cl, v| cl.handle_confirm(v, dev(1), c, ok, 0));
+            (taken, n.cluster.take_outbox(&dev(3)).len())
+        };
+        // Claiming `o` as origin without its signature: refused, not relayed.
+        assert_eq!(give(req(1, o.id())), (false, 0));
+        let mut altered = req(2, o.id());
+        assert!(seal_confirm(&mut altered, &o));
+        altered.ttl_ms = MAX_TTL_MS;
+        assert_eq!(give(altered), (false, 0));
+        // Signed by `o`: relayed (hops and asked may change on the way).
+        let mut signed = req(3, o.id());
+        assert!(seal_confirm(&mut signed, &o));
+        signed.hops = 2;
+        assert_eq!(give(signed), (true, 1));
+        // A peer's own request unsigned (an older node): answered, not relayed.
+        assert_eq!(give(req(4, dev(1))), (true, 0));
+        assert!(!n.cluster.take_outbox(&dev(1)).is_empty(), "answered");
+    }
+
+    #[test]
     fn a_request_is_relayed_once_per_link_and_remembered_past_a_ttl_of_zero() {
         let mut n = Node::new(2, &[1, 3]);
         let r = token();
@@ -1485,8 +1611,9 @@ mod tests {
             ttl_ms: 0,
             asked: vec![dev(1)],
             sync: false,
+            seal: None,
         };
-        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), 0));
+        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), true, 0));
         assert_eq!(n.cluster.take_outbox(&dev(3)).len(), 1, "relayed to 3");
         // The same request again from its route back (no reconnect in between),
         // and again after its TTL of 0 ran out, from anyone: nothing more.
@@ -1496,11 +1623,11 @@ mod tests {
             (3, 2_000_000_000),
             (1, 59_000_000_000),
         ] {
-            n.with_view(|c, v| c.handle_confirm(v, dev(from), req.clone(), t));
+            n.with_view(|c, v| c.handle_confirm(v, dev(from), req.clone(), true, t));
             assert!(n.cluster.take_outbox(&dev(3)).is_empty(), "at {t} ns");
         }
         // A minute later it may be a new barrier of the same origin and id.
-        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), 61_000_000_000));
+        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), true, 61_000_000_000));
         assert_eq!(n.cluster.take_outbox(&dev(3)).len(), 1);
         // With a TTL, repeats from the route back re-ask at most once a second.
         let req = Confirm {
@@ -1511,7 +1638,7 @@ mod tests {
         let mut frames = 0;
         for ms in 0..3_000 {
             let t = 100_000_000_000 + ms * 1_000_000;
-            n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), t));
+            n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), true, t));
             frames += n.cluster.take_outbox(&dev(3)).len();
         }
         assert!(
@@ -1534,6 +1661,7 @@ mod tests {
                 ttl_ms: 0,
                 asked: vec![],
                 sync: false,
+                seal: None,
             };
             n.cluster.first_sight(&req, 0);
         }
@@ -1548,6 +1676,7 @@ mod tests {
             ttl_ms: 0,
             asked: vec![],
             sync: false,
+            seal: None,
         };
         assert!(n.cluster.first_sight(&late, SEEN_FOR_NS + 1));
         assert_eq!(n.cluster.seen.len(), 1);

@@ -768,6 +768,20 @@ impl Engine {
 
     /// A barrier request from `peer`: relayed and answered (see [`cluster`]).
     pub fn handle_confirm(&mut self, peer: DeviceId, req: Confirm, now_ns: i64) {
+        let verified = cluster::verify_confirm(&req);
+        let _ = self.handle_confirm_checked(peer, req, verified, now_ns);
+    }
+
+    /// As [`Engine::handle_confirm`], `verified` by the caller
+    /// ([`cluster::verify_confirm`]). A request relayed for an origin that did not
+    /// sign it is dropped and counts as a refused record of `peer`.
+    pub fn handle_confirm_checked(
+        &mut self,
+        peer: DeviceId,
+        req: Confirm,
+        verified: bool,
+        now_ns: i64,
+    ) -> Result<(), EngineError> {
         let sends = &self.sends;
         let connected = |d: &DeviceId| sends.contains_key(d);
         let v = cluster::View {
@@ -775,7 +789,13 @@ impl Engine {
             plan: &self.plan,
             connected: &connected,
         };
-        self.cluster.handle_confirm(&v, peer, req, now_ns);
+        if self.cluster.handle_confirm(&v, peer, req, verified, now_ns) {
+            return Ok(());
+        }
+        let t = self.authority.tally(peer);
+        t.count += 1;
+        t.last_reason = Some("a barrier request not signed by its origin".into());
+        self.count_refusals(peer, 1, now_ns)
     }
 
     /// A barrier report from `peer`: merged, or passed on toward its origin, if

@@ -225,10 +225,22 @@ impl SyncHandle {
     }
 
     /// A barrier request relayed by the peer (issue 16).
-    pub fn confirm_received(&self, peer: DeviceId, c: Confirm) {
-        let now = crate::node::now_ns();
-        self.0.lock().engine.handle_confirm(peer, c, now);
+    ///
+    /// Its origin's signature is checked before the state lock is taken (issue
+    /// 25); refused ones count toward the peer's refusals.
+    pub fn confirm_received(&self, peer: DeviceId, c: Confirm) -> Result<(), EngineError> {
+        let verified = crate::core::cluster::verify_confirm(&c);
+        {
+            let mut st = self.0.lock();
+            let now = crate::node::now_ns();
+            let res = st.engine.handle_confirm_checked(peer, c, verified, now);
+            if let Err(e @ EngineError::RefusingTooMuch { .. }) = &res {
+                penalize(&mut st, peer, e);
+            }
+            res?;
+        }
         self.0.bump_progress();
+        Ok(())
     }
 
     /// A barrier report from the peer, its signature checked before the state lock

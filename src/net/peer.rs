@@ -285,7 +285,7 @@ async fn recv_loop(
             Some(pb::frame::Body::Confirm(c)) => {
                 let c = confirm_from_wire(c)?;
                 tracing::trace!(peer = %peer, id = c.id, path = %c.path, "barrier request");
-                sync.confirm_received(peer, c);
+                sync.confirm_received(peer, c).map_err(refused)?;
             }
             Some(pb::frame::Body::Report(r)) => {
                 let r = report_from_wire(r)?;

@@ -31,6 +31,11 @@ pub fn confirm_to_wire(c: &Confirm) -> pb::Confirm {
         ttl_ms: c.ttl_ms,
         asked: c.asked.iter().map(|d| d.0.to_vec()).collect(),
         sync: c.sync,
+        signature: c
+            .seal
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.signature.clone()),
+        origin_cert: c.seal.as_ref().map_or_else(Vec::new, |s| s.cert.to_vec()),
     }
 }
 
@@ -65,6 +70,26 @@ fn device(what: &'static str, b: &[u8]) -> Result<DeviceId, WireError> {
     <[u8; 32]>::try_from(b)
         .map(DeviceId)
         .map_err(|_| invalid(what, format!("device ID of {} bytes", b.len())))
+}
+
+/// A signature and certificate: both or neither, each within its bound.
+fn seal(what: &'static str, signature: Vec<u8>, cert: Vec<u8>) -> Result<Option<Seal>, WireError> {
+    match (signature.is_empty(), cert.is_empty()) {
+        (true, true) => Ok(None),
+        (false, false) => {
+            if signature.len() > MAX_SIGNATURE || cert.len() > MAX_AUTHOR_CERT {
+                return Err(invalid(what, "oversized signature or certificate"));
+            }
+            Ok(Some(Seal {
+                signature,
+                cert: cert.into(),
+            }))
+        }
+        _ => Err(invalid(
+            what,
+            "a signature without a certificate, or the reverse",
+        )),
+    }
 }
 
 fn name(what: &'static str, n: String) -> Result<String, WireError> {
@@ -120,6 +145,7 @@ pub fn confirm_from_wire(c: pb::Confirm) -> Result<Confirm, WireError> {
         ttl_ms: c.ttl_ms,
         asked,
         sync: c.sync,
+        seal: seal(W, c.signature, c.origin_cert)?,
     })
 }
 
@@ -143,24 +169,7 @@ pub fn report_from_wire(r: pb::Report) -> Result<Report, WireError> {
             })
         })
         .collect::<Result<_, WireError>>()?;
-    let seal = match (r.signature.is_empty(), r.node_cert.is_empty()) {
-        (true, true) => None,
-        (false, false) => {
-            if r.signature.len() > MAX_SIGNATURE || r.node_cert.len() > MAX_AUTHOR_CERT {
-                return Err(invalid(W, "oversized signature or certificate"));
-            }
-            Some(Seal {
-                signature: r.signature,
-                cert: r.node_cert.into(),
-            })
-        }
-        _ => {
-            return Err(invalid(
-                W,
-                "a signature without a certificate, or the reverse",
-            ))
-        }
-    };
+    let seal = seal(W, r.signature, r.node_cert)?;
     Ok(Report {
         id: r.id,
         node: device(W, &r.node)?,
@@ -191,6 +200,7 @@ mod tests {
             ttl_ms: 1000,
             asked: vec![DeviceId([2; 32])],
             sync: false,
+            seal: None,
         }
     }
 
@@ -230,6 +240,29 @@ mod tests {
             ),
             "the Report encoding drifted"
         );
+    }
+
+    #[test]
+    fn snapshot_sealed_confirm() {
+        let c = Confirm {
+            asked: vec![],
+            seal: Some(Seal {
+                signature: vec![0xaa; 2],
+                cert: vec![0xbb; 2].into(),
+            }),
+            ..sample_confirm()
+        };
+        let bytes = confirm_to_wire(&c).encode_to_vec();
+        assert_eq!(
+            hex(&bytes),
+            format!(
+                "0807122001{}1a0661636d652f74220408011002280330e8074a02aaaa5202bbbb",
+                "01".repeat(31)
+            ),
+            "the sealed Confirm encoding drifted"
+        );
+        let back = confirm_from_wire(pb::Confirm::decode(bytes.as_slice()).unwrap()).unwrap();
+        assert_eq!(back, c);
     }
 
     #[test]
@@ -383,7 +416,7 @@ mod tests {
             else {
                 panic!("not a confirm")
             };
-            cl.handle_confirm(&v, from, confirm_from_wire(c).unwrap(), now);
+            cl.handle_confirm(&v, from, confirm_from_wire(c).unwrap(), true, now);
         };
         let flood = |id: u64| Confirm {
             id,
@@ -518,6 +551,7 @@ mod tests {
                 ttl_ms: ttl,
                 asked: asked.into_iter().map(DeviceId).collect(),
                 sync,
+                seal: None,
             };
             let bytes = confirm_to_wire(&c).encode_to_vec();
             let back = confirm_from_wire(pb::Confirm::decode(bytes.as_slice()).unwrap()).unwrap();
