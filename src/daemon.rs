@@ -133,6 +133,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // issue 13: sign what this node authors; take in only what `writers` allows.
     let signer = Arc::new(crate::identity::NodeSigner::new(&identity)?);
     let writers = crate::writers::policy(&config, identity.id)?;
+    let checker = writers.clone();
     let mut engine = Engine::new(index, config.max_file_size)
         .with_budget(config.budget)
         .with_authorship(Some(signer), writers);
@@ -163,6 +164,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         repairs: Default::default(),
         probes: Default::default(),
         persist: Mutex::new(persist_tx),
+        writers: Mutex::new(checker),
     });
     let persist_thread = {
         let s = shared.clone();
@@ -274,6 +276,7 @@ fn new_slot(config: PeerConfig) -> PeerSlot {
         last_error: None,
         last_acked: 0,
         last_sync: None,
+        penalty: None,
     }
 }
 
@@ -388,6 +391,18 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
                 slot.session.is_some(),
             )
         };
+        let penalty = shared
+            .lock()
+            .peers
+            .get(&peer)
+            .and_then(|s| s.penalty)
+            .map(|p| p.left(Instant::now()))
+            .filter(|w| !w.is_zero());
+        if let (false, Some(wait)) = (connected, penalty) {
+            tracing::debug!(peer = %peer, ?wait, "backing off from a misbehaving peer");
+            tokio::time::sleep(wait).await;
+            continue;
+        }
         if connected {
             let notified = gone.notified();
             // Re-check after registering, so a wakeup between the two is not lost.

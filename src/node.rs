@@ -26,6 +26,43 @@ pub struct Session {
     pub conn: quinn::Connection,
 }
 
+/// A peer disconnected for sending too much refused input (issue 25): no session
+/// with it, in either direction, until `until`; each strike doubles the wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Penalty {
+    pub until: Instant,
+    pub strikes: u32,
+}
+
+/// The first wait after a strike.
+pub const PENALTY_BASE: Duration = Duration::from_secs(5);
+/// The longest wait.
+pub const PENALTY_MAX: Duration = Duration::from_secs(600);
+/// A strike this long after the last wait ended starts again from [`PENALTY_BASE`].
+pub const PENALTY_FORGET: Duration = Duration::from_secs(3600);
+
+impl Penalty {
+    /// The penalty after one more strike at `now`.
+    pub fn strike(prev: Option<Penalty>, now: Instant) -> Penalty {
+        let strikes = match prev {
+            Some(p) if now < p.until + PENALTY_FORGET => p.strikes.saturating_add(1),
+            _ => 1,
+        };
+        let wait = PENALTY_BASE
+            .saturating_mul(1 << (strikes - 1).min(16))
+            .min(PENALTY_MAX);
+        Penalty {
+            until: now + wait,
+            strikes,
+        }
+    }
+
+    /// How long until sessions are allowed again (zero: now).
+    pub fn left(&self, now: Instant) -> Duration {
+        self.until.saturating_duration_since(now)
+    }
+}
+
 /// Per configured peer.
 #[derive(Debug)]
 pub struct PeerSlot {
@@ -40,6 +77,8 @@ pub struct PeerSlot {
     /// Unix seconds of the last ack from this peer, or of the last time it was seen
     /// fully in sync (`status`, metrics).
     pub last_sync: Option<i64>,
+    /// Backing off from this peer after it was disconnected for misbehaving.
+    pub penalty: Option<Penalty>,
 }
 
 /// Everything the pure core needs, under one lock.
@@ -130,11 +169,19 @@ pub struct Shared {
     pub probes: crate::probe::Probes,
     /// The persister's queue (see [`persister`]).
     pub(crate) persist: Mutex<std::sync::mpsc::Sender<PersistMsg>>,
+    /// A copy of the `[tree] writers` policy for checking records' signatures
+    /// before the state lock is taken (issue 25); held only to look up a key.
+    pub writers: Mutex<crate::core::authorship::Writers>,
 }
 
 impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The `[tree] writers` policy copy (see [`Shared::writers`]).
+    pub fn writers(&self) -> MutexGuard<'_, crate::core::authorship::Writers> {
+        self.writers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues index bytes for the persister (in commit order: callers hold the
@@ -323,4 +370,25 @@ fn direct_status(st: &State, path: &RelPath) -> crate::core::cluster::BarrierSta
         .collect();
     let done = nodes.iter().all(|n| n.has);
     BarrierStatus { nodes, done }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_strike_doubles_the_backoff_up_to_the_maximum_and_is_forgotten_later() {
+        let t0 = Instant::now();
+        let mut p = None;
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            let next = Penalty::strike(p, t0);
+            waits.push(next.left(t0).as_secs());
+            p = Some(next);
+        }
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 320, 600, 600, 600]);
+        let long_after = p.unwrap().until + PENALTY_FORGET + Duration::from_secs(1);
+        let fresh = Penalty::strike(p, long_after);
+        assert_eq!((fresh.strikes, fresh.left(long_after)), (1, PENALTY_BASE));
+    }
 }

@@ -212,7 +212,11 @@ fn partition_heals_into_one_tree_with_nothing_lost() {
             .unwrap();
         fs::rename(&tmp, n.tree.join("dhparam.pem")).unwrap();
     };
-    edit(&c.nodes[0], "n1's edit (earlier)", now - Duration::from_secs(30));
+    edit(
+        &c.nodes[0],
+        "n1's edit (earlier)",
+        now - Duration::from_secs(30),
+    );
     edit(&c.nodes[2], "n3's edit (later)", now);
     wait_until("the majority side converges on its own", || {
         c.nodes[1].read("from-majority").is_some()

@@ -29,6 +29,7 @@ async fn hello(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStrea
             version: "x".into(),
             relays_confirm: false,
             takes_served: false,
+            signs_reports: false,
         })),
     };
     wire::write_msg(&mut send, &h).await.unwrap();

@@ -25,6 +25,8 @@ mod sync;
 mod systemd;
 mod trust_acme;
 mod trust_budget;
+mod trust_cluster;
+mod trust_flood;
 mod trust_keep;
 mod trust_links;
 mod trust_ops;

@@ -356,6 +356,7 @@ async fn hello(conn: &quinn::Connection, instance: u64) -> (quinn::SendStream, q
             version: "x".into(),
             relays_confirm: false,
             takes_served: false,
+            signs_reports: false,
         })),
     };
     wire::write_msg(&mut send, &h).await.unwrap();

@@ -344,6 +344,7 @@ async fn evil_peer_sends(evil: &Node, target: &Node, frame: pb::Frame) -> quinn:
         version: "x".into(),
         relays_confirm: false,
         takes_served: true,
+        signs_reports: false,
     };
     let hello = pb::Frame {
         body: Some(pb::frame::Body::Hello(hello)),

@@ -88,6 +88,7 @@ async fn evil_session(
             version: "x".into(),
             relays_confirm: false,
             takes_served: false,
+            signs_reports: false,
         })),
     };
     wire::write_msg(&mut send, &hello).await.unwrap();

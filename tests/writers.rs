@@ -240,6 +240,7 @@ async fn forger(f: &Node, target: &Node) -> Forger {
             version: "x".into(),
             relays_confirm: false,
             takes_served: false,
+            signs_reports: false,
         })),
     };
     wire::write_msg(&mut send, &hello).await.unwrap();

@@ -12,7 +12,21 @@ thread_local! {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let _ = certmesh::wire::decode_frame(data);
+    use certmesh::wire::pb::frame::Body;
+    // Barrier frames: validated, then their signatures checked (issue 25).
+    match certmesh::wire::decode_frame(data).ok().and_then(|f| f.body) {
+        Some(Body::Confirm(c)) => {
+            if let Ok(c) = certmesh::wire::cluster::confirm_from_wire(c) {
+                let _ = certmesh::core::cluster::verify_confirm(&c);
+            }
+        }
+        Some(Body::Report(r)) => {
+            if let Ok(r) = certmesh::wire::cluster::report_from_wire(r) {
+                let _ = certmesh::core::cluster::verify_report(&r);
+            }
+        }
+        _ => {}
+    }
     // The length-prefixed reader: the limit is checked before allocating.
     let mut r: &[u8] = data;
     let _ = RT.with(|rt| {

@@ -119,8 +119,18 @@ pub enum Refusal {
     BadSignature,
 }
 
+impl Refusal {
+    /// The record claims an authorship it does not have: a signature or certificate
+    /// that does not match, or a `modified_by` another than its signer. No honest
+    /// relay sends one (records travel unchanged), unlike an unsigned record (an old
+    /// node) or an author outside `writers` (a config that differs between nodes).
+    pub fn is_forged(&self) -> bool {
+        !matches!(self, Refusal::Unsigned | Refusal::NotAWriter)
+    }
+}
+
 /// The `[tree] writers` policy and the public keys of writers seen so far.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Writers {
     /// `None`: everyone may write (nothing is checked).
     allowed: Option<HashSet<DeviceId>>,
@@ -155,8 +165,19 @@ impl Writers {
     /// Checks a record received from a peer: its author may write and signed exactly
     /// this record. Always `Ok` when everyone may write.
     pub fn check(&mut self, r: &FileRecord) -> Result<(), Refusal> {
+        match self.key_for(r)? {
+            Some(key) => verify(&key, r),
+            None => Ok(()),
+        }
+    }
+
+    /// The cheap half of [`Writers::check`] (issue 25): the policy, and the
+    /// public key to verify `r` with (`None`: nothing to verify, everyone may write).
+    /// The costly half, [`verify`], needs no access to the policy, so callers run it
+    /// with no lock held.
+    pub fn key_for(&mut self, r: &FileRecord) -> Result<Option<Vec<u8>>, Refusal> {
         let Some(allowed) = &self.allowed else {
-            return Ok(());
+            return Ok(None);
         };
         let a = r.auth.as_ref().ok_or(Refusal::Unsigned)?;
         if a.author.short() != r.modified_by {
@@ -177,11 +198,18 @@ impl Writers {
                 self.keys.entry(a.author).or_insert(k)
             }
         };
-        if identity::verify_p256(key, &signed_message(r, &a.author), &a.signature) {
-            Ok(())
-        } else {
-            Err(Refusal::BadSignature)
-        }
+        Ok(Some(key.clone()))
+    }
+}
+
+/// Whether `r`'s signature verifies with `key`, its author's public key from
+/// [`Writers::key_for`] (the ECDSA arithmetic, no state).
+pub fn verify(key: &[u8], r: &FileRecord) -> Result<(), Refusal> {
+    let a = r.auth.as_ref().ok_or(Refusal::Unsigned)?;
+    if identity::verify_p256(key, &signed_message(r, &a.author), &a.signature) {
+        Ok(())
+    } else {
+        Err(Refusal::BadSignature)
     }
 }
 

@@ -13,8 +13,9 @@
 //! [`Cluster`] and hands it the index, the plan and who is connected.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
-use crate::identity::DeviceId;
+use crate::identity::{self, DeviceId, NodeSigner};
 use crate::index::Index;
 use crate::paths::RelPath;
 use crate::plan::Plan;
@@ -22,8 +23,11 @@ use crate::version::VersionVector;
 
 /// Most hops a request is relayed (a hub topology needs 3–4).
 pub const MAX_HOPS: u32 = 16;
-/// Most device IDs a request lists as already asked (and most peers in a report).
-pub const MAX_ASKED: usize = 4096;
+/// Most device IDs a request lists as already asked (issue 25: 1,024, about 35 KB;
+/// a bigger cluster is asked again by the relays that reach it).
+pub const MAX_ASKED: usize = 1024;
+/// Most bytes one encoded request takes (a full `asked` list fits).
+pub const MAX_CONFIRM_BYTES: usize = 40 << 10;
 /// Most peers one report lists.
 pub const MAX_REPORT_PEERS: usize = 4096;
 /// Longest node name in a report, in bytes.
@@ -31,11 +35,16 @@ pub const MAX_NAME: usize = 255;
 /// Longest time a relay keeps a route back (a request may ask for less).
 pub const MAX_TTL_MS: u64 = 600_000;
 /// Most requests a node relays at once (older routes are dropped first).
-pub const MAX_RELAYS: usize = 64;
+pub const MAX_RELAYS: usize = 256;
 /// Most barriers a node runs at once as origin.
 pub const MAX_BARRIERS: usize = 16;
 /// Most nodes one census tracks (a bigger cluster is not waited for beyond it).
 pub const MAX_CENSUS_NODES: usize = 16_384;
+/// Most reporter entries (who said it is connected to, or in sync with, whom) one
+/// census keeps across all its nodes. Without it, forged reports could grow a
+/// barrier to [`MAX_CENSUS_NODES`] × [`MAX_CENSUS_NODES`] entries; a real cluster
+/// has a few links per node (a 248-node hub topology has about 500).
+pub const MAX_CENSUS_LINKS: usize = 65_536;
 /// Most messages queued for one peer (a slow peer makes a barrier time out, not
 /// memory grow).
 pub const MAX_OUTBOX: usize = 4096;
@@ -43,15 +52,33 @@ pub const MAX_OUTBOX: usize = 4096;
 /// reading while reports of 4,096 neighbours are routed to it holds 4 MiB, not
 /// gigabytes.
 pub const MAX_OUTBOX_BYTES: usize = 4 << 20;
-/// Most requests relayed at once on behalf of one peer (its further ids are
-/// dropped): one hostile peer cannot take the whole relay table.
+/// Most requests relayed at once on behalf of one peer for one origin (its further
+/// ids are dropped): one hostile peer cannot take the whole relay table, nor the
+/// share of the origins its relay forwards for.
 pub const MAX_RELAYS_PER_PEER: usize = 16;
-/// Requests accepted from one peer in a burst; then one per [`CONFIRM_REFILL_NS`].
-/// Each costs a flood through the cluster, so a peer sending them at line rate
-/// is slowed to this pace (the rest are dropped: their origins time out).
-pub const CONFIRM_BURST: u32 = 32;
-/// One more request accepted from a peer per this many nanoseconds.
-pub const CONFIRM_REFILL_NS: i64 = 250_000_000;
+/// Bytes of its own requests (it is their origin) accepted from one peer in a
+/// burst; then [`CONFIRM_RATE`] bytes a second. Each request costs a flood through
+/// the cluster, so a peer sending them at line rate is slowed to this pace (the rest
+/// are dropped: their origins time out). Counted in bytes (issue 25), each request
+/// at least [`CONFIRM_MIN_COST`].
+pub const CONFIRM_BURST: u64 = 64 << 10;
+/// Bytes a second a peer's own-request budget refills.
+pub const CONFIRM_RATE: u64 = 16 << 10;
+/// The least a request costs of a budget, however small.
+pub const CONFIRM_MIN_COST: u64 = 4096;
+/// Requests a peer relays for others have their own budget, this many times its own:
+/// a flood one peer sends is relayed within its own budget, so it can never use up
+/// its relay's budget on the next hop and hold up other origins' barriers there.
+pub const RELAYED_SHARE: u64 = 4;
+/// How long a relay remembers a request's `(origin, id)` however short its TTL, so
+/// that it is relayed at most once (a TTL of 0 does not make it circulate again).
+pub const SEEN_FOR_NS: i64 = 60_000_000_000;
+/// Least time between two repeats of a request that a relay takes as re-asks (one
+/// request makes at most one frame per link, and a repeated one one more per this).
+pub const REASK_EVERY_NS: i64 = 1_000_000_000;
+/// Most `(origin, id)` pairs remembered; when full, new requests are dropped until
+/// the oldest expire (the budgets bound how fast it fills).
+pub const MAX_SEEN: usize = 16_384;
 
 /// "Tell `origin` which nodes have `path` at `version` or newer."
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +95,9 @@ pub struct Confirm {
     pub asked: Vec<DeviceId>,
     /// Also report, per peer, whether it is in sync (`status --cluster`).
     pub sync: bool,
+    /// The origin's signature and certificate (issue 25); `None` when made by a
+    /// node without a signing key (tests) or received without them.
+    pub seal: Option<Seal>,
 }
 
 /// What a node knows of one of its configured peers.
@@ -94,6 +124,113 @@ pub struct Report {
     pub name: String,
     pub has: bool,
     pub peers: Vec<Neighbor>,
+    /// The reporting node's signature and certificate (issue 25); `None` when made
+    /// by a node without a signing key (tests) or received without them.
+    pub seal: Option<Seal>,
+}
+
+/// A node's signature over what it reports about itself and its peers, with its
+/// node certificate (whose SHA-256 is the node's device ID).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seal {
+    pub signature: Vec<u8>,
+    pub cert: Arc<[u8]>,
+}
+
+/// The bytes a node signs for `r`: a domain tag, then every field, length-prefixed
+/// where variable, big-endian.
+pub fn report_message(r: &Report) -> Vec<u8> {
+    let mut m = Vec::with_capacity(96 + r.peers.len() * 48);
+    m.extend_from_slice(b"certmesh report v1\0");
+    m.extend_from_slice(&r.id.to_be_bytes());
+    m.extend_from_slice(&r.node.0);
+    m.extend_from_slice(&(r.name.len() as u64).to_be_bytes());
+    m.extend_from_slice(r.name.as_bytes());
+    m.push(u8::from(r.has));
+    m.extend_from_slice(&(r.peers.len() as u64).to_be_bytes());
+    for n in &r.peers {
+        m.extend_from_slice(&n.device.0);
+        m.extend_from_slice(&(n.name.len() as u64).to_be_bytes());
+        m.extend_from_slice(n.name.as_bytes());
+        let flags = [n.connected, n.has, n.relays, n.in_sync]
+            .iter()
+            .enumerate()
+            .fold(0u8, |f, (i, b)| f | (u8::from(*b) << i));
+        m.push(flags);
+    }
+    m
+}
+
+/// Seals `r` as its node (`r.node` must be the signer's device ID).
+pub fn seal(r: &mut Report, signer: &NodeSigner) -> bool {
+    if r.node != signer.id() {
+        return false;
+    }
+    let Some(signature) = signer.sign(&report_message(r)) else {
+        return false;
+    };
+    r.seal = Some(Seal {
+        signature,
+        cert: signer.cert().clone(),
+    });
+    true
+}
+
+/// The bytes an origin signs for `c`: what relays never change.
+pub fn confirm_message(c: &Confirm) -> Vec<u8> {
+    let mut m = Vec::with_capacity(96 + c.path.as_str().len());
+    m.extend_from_slice(b"certmesh confirm v1\0");
+    m.extend_from_slice(&c.id.to_be_bytes());
+    m.extend_from_slice(&c.origin.0);
+    m.extend_from_slice(&(c.path.as_str().len() as u64).to_be_bytes());
+    m.extend_from_slice(c.path.as_str().as_bytes());
+    let pairs = c.version.pairs();
+    m.extend_from_slice(&(pairs.len() as u64).to_be_bytes());
+    for (d, v) in pairs {
+        m.extend_from_slice(&d.0.to_be_bytes());
+        m.extend_from_slice(&v.to_be_bytes());
+    }
+    m.extend_from_slice(&c.ttl_ms.to_be_bytes());
+    m.push(u8::from(c.sync));
+    m
+}
+
+/// Seals `c` as its origin (`c.origin` must be the signer's device ID).
+pub fn seal_confirm(c: &mut Confirm, signer: &NodeSigner) -> bool {
+    if c.origin != signer.id() {
+        return false;
+    }
+    let Some(signature) = signer.sign(&confirm_message(c)) else {
+        return false;
+    };
+    c.seal = Some(Seal {
+        signature,
+        cert: signer.cert().clone(),
+    });
+    true
+}
+
+/// Whether `c` was signed by its origin (pure arithmetic, run with no lock held).
+pub fn verify_confirm(c: &Confirm) -> bool {
+    verify_seal(c.seal.as_ref(), &c.origin, &confirm_message(c))
+}
+
+fn verify_seal(seal: Option<&Seal>, who: &DeviceId, msg: &[u8]) -> bool {
+    let Some(s) = seal else {
+        return false;
+    };
+    if DeviceId::of_cert(&s.cert) != *who {
+        return false;
+    }
+    identity::cert_public_key(&s.cert)
+        .is_ok_and(|key| identity::verify_p256(&key, msg, &s.signature))
+}
+
+/// Whether `r` was signed by the node it is about (issue 25): its certificate is
+/// that node's (SHA-256 equals `r.node`) and the signature covers exactly `r`. Pure
+/// arithmetic, no state: callers run it with no lock held.
+pub fn verify_report(r: &Report) -> bool {
+    verify_seal(r.seal.as_ref(), &r.node, &report_message(r))
 }
 
 /// What a barrier asks (see [`Cluster::start_with`]).
@@ -162,6 +299,15 @@ struct Relay {
     expires_ns: i64,
     /// What this node last reported (`None`: nothing yet).
     last: Option<(bool, HashMap<DeviceId, Neighbor>)>,
+    /// When it was taken in (the oldest goes first when the table is full).
+    born_ns: i64,
+    /// The route back reconnected since: a repeat of the request from it is taken
+    /// as a re-ask (sent again to who was asked, reported again in full).
+    /// Otherwise at most one repeat per [`REASK_EVERY_NS`] is (a relay behind a
+    /// reconnected one is re-asked that way); the rest cost nothing.
+    rewind: bool,
+    /// When a repeat was last taken as a re-ask.
+    reasked_ns: Option<i64>,
 }
 
 /// What the origin learnt of one node.
@@ -175,6 +321,9 @@ struct Seen {
     connected_to: HashMap<DeviceId, bool>,
     /// Reporter → whether it is in sync with this node.
     in_sync_with: HashMap<DeviceId, bool>,
+    /// A reporter said it acknowledged the path (said only of peers that do not
+    /// relay; a node that relays counts only by its own signed report).
+    claimed: bool,
 }
 
 /// One barrier this node runs as origin.
@@ -186,6 +335,8 @@ pub struct Census {
     path: RelPath,
     version: VersionVector,
     nodes: HashMap<DeviceId, Seen>,
+    /// Entries in every node's `connected_to` (bounded by [`MAX_CENSUS_LINKS`]).
+    links: usize,
 }
 
 /// Barrier state of one node: its identity and configured peers, the requests it
@@ -199,8 +350,14 @@ pub struct Cluster {
     relays: HashMap<u64, Relay>,
     barriers: HashMap<u64, Census>,
     outbox: HashMap<DeviceId, Outbox>,
-    /// Requests each peer may still send (see [`CONFIRM_BURST`]).
-    budgets: HashMap<DeviceId, Budget>,
+    /// Bytes of requests each peer may still send, its own (`true`) and relayed
+    /// ones (see [`CONFIRM_BURST`], [`RELAYED_SHARE`]).
+    budgets: HashMap<(DeviceId, bool), Budget>,
+    /// `(origin, id)` of requests taken in, and until when they are remembered.
+    seen: HashMap<(DeviceId, u64), i64>,
+    /// Signs this node's reports (issue 25); with it, only reports signed by the
+    /// node they are about are counted or relayed.
+    signer: Option<Arc<NodeSigner>>,
     now_ns: i64,
 }
 
@@ -211,44 +368,67 @@ struct Outbox {
     bytes: usize,
 }
 
-/// A token bucket: requests one peer may still send.
+/// A token bucket of bytes: requests one peer may still send.
 #[derive(Debug, Clone, Copy)]
 struct Budget {
-    tokens: u32,
-    /// When the last token was added (or the bucket was last full).
+    tokens: u64,
+    /// When the bucket was last refilled.
     at_ns: i64,
+    /// Its size and refill per second ([`CONFIRM_BURST`], [`CONFIRM_RATE`], times
+    /// [`RELAYED_SHARE`] for relayed requests).
+    burst: u64,
+    rate: u64,
 }
 
 impl Budget {
-    /// Takes one token at `now_ns`, refilled at one per [`CONFIRM_REFILL_NS`] up to
-    /// [`CONFIRM_BURST`]; false when there is none.
-    fn take(&mut self, now_ns: i64) -> bool {
-        let add = now_ns.saturating_sub(self.at_ns).max(0) / CONFIRM_REFILL_NS;
-        let add = u32::try_from(add).unwrap_or(u32::MAX);
-        if add > 0 {
-            self.tokens = self.tokens.saturating_add(add).min(CONFIRM_BURST);
-            self.at_ns = if self.tokens == CONFIRM_BURST {
-                now_ns
-            } else {
-                self.at_ns + i64::from(add) * CONFIRM_REFILL_NS
-            };
+    fn new(own: bool, now_ns: i64) -> Budget {
+        let k = if own { 1 } else { RELAYED_SHARE };
+        Budget {
+            tokens: CONFIRM_BURST * k,
+            at_ns: now_ns,
+            burst: CONFIRM_BURST * k,
+            rate: CONFIRM_RATE * k,
         }
-        if self.tokens == 0 {
+    }
+
+    /// Takes `cost` bytes at `now_ns` after refilling; false (nothing taken) when
+    /// there are not that many.
+    fn take(&mut self, cost: u64, now_ns: i64) -> bool {
+        let ns = u64::try_from(now_ns.saturating_sub(self.at_ns)).unwrap_or(0);
+        let add = u64::try_from(u128::from(ns) * u128::from(self.rate) / 1_000_000_000)
+            .unwrap_or(u64::MAX);
+        if add > 0 {
+            self.tokens = self.tokens.saturating_add(add).min(self.burst);
+            self.at_ns = now_ns;
+        }
+        if self.tokens < cost {
             return false;
         }
-        self.tokens -= 1;
+        self.tokens -= cost;
         true
     }
+}
+
+/// About the encoded size of a request.
+fn confirm_size(c: &Confirm) -> usize {
+    64 + c.path.as_str().len()
+        + 24 * c.version.pairs().len()
+        + 34 * c.asked.len()
+        + c.seal
+            .as_ref()
+            .map_or(0, |s| s.signature.len() + s.cert.len())
 }
 
 /// About the encoded size of a message, for [`MAX_OUTBOX_BYTES`].
 fn approx_size(m: &ClusterMsg) -> usize {
     match m {
-        ClusterMsg::Confirm(c) => {
-            64 + c.path.as_str().len() + 24 * c.version.pairs().len() + 34 * c.asked.len()
-        }
+        ClusterMsg::Confirm(c) => confirm_size(c),
         ClusterMsg::Report(r) => {
-            64 + r.name.len() + r.peers.iter().map(|n| 44 + n.name.len()).sum::<usize>()
+            64 + r.name.len()
+                + r.seal
+                    .as_ref()
+                    .map_or(0, |s| s.signature.len() + s.cert.len())
+                + r.peers.iter().map(|n| 44 + n.name.len()).sum::<usize>()
         }
     }
 }
@@ -287,8 +467,14 @@ impl Cluster {
         self.me = Some(me);
         self.name = name;
         self.budgets
-            .retain(|d, _| roster.iter().any(|m| m.device == *d));
+            .retain(|(d, _), _| roster.iter().any(|m| m.device == *d));
         self.roster = roster;
+    }
+
+    /// Signs this node's reports from now on, and counts or relays only signed
+    /// ones (issue 25).
+    pub fn set_signer(&mut self, signer: Arc<NodeSigner>) {
+        self.signer = Some(signer);
     }
 
     /// Whether `peer`'s current session relays barriers (from its hello).
@@ -316,6 +502,7 @@ impl Cluster {
             }
             if r.from == *peer {
                 r.last = None;
+                r.rewind = true;
             }
         }
     }
@@ -344,15 +531,34 @@ impl Cluster {
         }
     }
 
-    /// `from` may send one more request now ([`CONFIRM_BURST`]).
-    fn within_budget(&mut self, from: DeviceId, now_ns: i64) -> bool {
+    /// `from` may send `req` now: its bytes (at least [`CONFIRM_MIN_COST`]) are
+    /// taken from the budget of its own requests or of those it relays.
+    fn within_budget(&mut self, from: DeviceId, req: &Confirm, now_ns: i64) -> bool {
+        let own = req.origin == from;
+        let cost = confirm_size(req) as u64;
         self.budgets
-            .entry(from)
-            .or_insert(Budget {
-                tokens: CONFIRM_BURST,
-                at_ns: now_ns,
-            })
-            .take(now_ns)
+            .entry((from, own))
+            .or_insert_with(|| Budget::new(own, now_ns))
+            .take(cost.max(CONFIRM_MIN_COST), now_ns)
+    }
+
+    /// Remembers `(origin, id)` for at least [`SEEN_FOR_NS`]; false when it was
+    /// already, or when [`MAX_SEEN`] are remembered.
+    fn first_sight(&mut self, req: &Confirm, now_ns: i64) -> bool {
+        let key = (req.origin, req.id);
+        if self.seen.get(&key).is_some_and(|t| *t > now_ns) {
+            return false;
+        }
+        if self.seen.len() >= MAX_SEEN {
+            self.seen.retain(|_, t| *t > now_ns);
+            if self.seen.len() >= MAX_SEEN {
+                return false;
+            }
+        }
+        let ttl_ns = i64::try_from(req.ttl_ms.min(MAX_TTL_MS) * 1_000_000).unwrap_or(i64::MAX);
+        let until = now_ns.saturating_add(ttl_ns.max(SEEN_FOR_NS));
+        self.seen.insert(key, until);
+        true
     }
 
     /// Connected peers that relay, and are not in `skip`.
@@ -416,7 +622,12 @@ impl Cluster {
             ttl_ms: ttl_ms.min(MAX_TTL_MS),
             asked: targets.iter().copied().take(MAX_ASKED).collect(),
             sync,
+            seal: None,
         };
+        let mut req = req;
+        if let Some(s) = &self.signer {
+            seal_confirm(&mut req, s);
+        }
         for t in &targets {
             self.send(*t, ClusterMsg::Confirm(req.clone()));
         }
@@ -428,6 +639,7 @@ impl Cluster {
                 path,
                 version,
                 nodes: HashMap::new(),
+                links: 0,
             },
         );
         true
@@ -444,16 +656,52 @@ impl Cluster {
     /// may have lost what was on the way: this node reports again in full and asks
     /// again the nodes it asked, so the reports behind it come again too.
     ///
+    /// `verified` says whether [`verify_confirm`] held (the caller runs it outside
+    /// any lock). With a signer set, a request relayed for another origin counts
+    /// only if its origin signed it (a peer's own request is authenticated by its
+    /// connection); otherwise it is dropped and false returned, so the caller can
+    /// count the refusal.
+    ///
     /// Each request costs `from` one token of its budget ([`CONFIRM_BURST`]), and
     /// at most [`MAX_RELAYS_PER_PEER`] routes back to one peer are kept: beyond,
     /// its requests are dropped unanswered.
-    pub fn handle_confirm(&mut self, v: &View, from: DeviceId, req: Confirm, now_ns: i64) {
+    pub fn handle_confirm(
+        &mut self,
+        v: &View,
+        from: DeviceId,
+        req: Confirm,
+        verified: bool,
+        now_ns: i64,
+    ) -> bool {
         self.now_ns = now_ns;
-        if !self.within_budget(from, now_ns) {
+        if self.signer.is_some() && req.origin != from && !verified {
+            return false;
+        }
+        // A peer's own request without its signature (a node from before issue 25)
+        // is answered, not relayed: the next hop could not check it.
+        let forward = self.signer.is_none() || verified;
+        self.relay(v, from, req, forward, now_ns);
+        true
+    }
+
+    /// [`Cluster::handle_confirm`] once the request is authenticated; relayed
+    /// further only when `forward`.
+    fn relay(&mut self, v: &View, from: DeviceId, req: Confirm, forward: bool, now_ns: i64) {
+        if !self.within_budget(from, &req, now_ns) {
             return;
         }
+        if self
+            .relays
+            .get(&req.id)
+            .is_some_and(|r| r.expires_ns <= now_ns)
+        {
+            self.relays.remove(&req.id);
+        }
         if let Some(r) = self.relays.get_mut(&req.id) {
-            if r.from == from && r.expires_ns > now_ns {
+            let reask = r.rewind || r.reasked_ns.is_none_or(|t| now_ns - t >= REASK_EVERY_NS);
+            if r.from == from && reask {
+                r.rewind = false;
+                r.reasked_ns = Some(now_ns);
                 r.last = None;
                 let again: Vec<DeviceId> = r.sent.iter().copied().collect();
                 let fwd = r.req.clone();
@@ -467,15 +715,21 @@ impl Cluster {
         if Some(req.origin) == self.me || self.barriers.contains_key(&req.id) {
             return;
         }
+        if !self.first_sight(&req, now_ns) {
+            return;
+        }
         self.relays.retain(|_, r| r.expires_ns > now_ns);
-        if self.relays.values().filter(|r| r.from == from).count() >= MAX_RELAYS_PER_PEER {
+        let mine = |r: &Relay| r.from == from && r.req.origin == req.origin;
+        if self.relays.values().filter(|r| mine(r)).count() >= MAX_RELAYS_PER_PEER {
             return;
         }
         if self.relays.len() >= MAX_RELAYS {
+            // The oldest taken in goes (not the soonest to expire: a flood with the
+            // longest TTL would push out every real barrier's short route).
             if let Some(oldest) = self
                 .relays
                 .iter()
-                .min_by_key(|(_, r)| r.expires_ns)
+                .min_by_key(|(_, r)| r.born_ns)
                 .map(|(id, _)| *id)
             {
                 self.relays.remove(&oldest);
@@ -485,10 +739,11 @@ impl Cluster {
         let mut skip: HashSet<DeviceId> = req.asked.iter().copied().collect();
         skip.insert(from);
         skip.insert(req.origin);
-        let targets = if req.hops > 0 {
-            self.targets(v, &skip)
-        } else {
+        let last_hop = req.hops == 0 || !forward;
+        let targets = if last_hop {
             Vec::new()
+        } else {
+            self.targets(v, &skip)
         };
         let mut asked = req.asked.clone();
         for t in &targets {
@@ -506,7 +761,7 @@ impl Cluster {
         }
         let sent: HashSet<DeviceId> = targets.iter().copied().collect();
         skip.extend(targets);
-        if req.hops == 0 {
+        if last_hop {
             // Not relayed any further, to late-comers either.
             skip.extend(self.roster.iter().map(|m| m.device));
         }
@@ -517,11 +772,14 @@ impl Cluster {
                 req: fwd,
                 asked: skip,
                 sent,
-                last_hop: req.hops == 0,
+                last_hop,
                 path: req.path,
                 version: req.version,
                 expires_ns: now_ns.saturating_add(ttl_ns),
                 last: None,
+                born_ns: now_ns,
+                rewind: false,
+                reasked_ns: None,
             },
         );
         self.refresh(v);
@@ -529,14 +787,21 @@ impl Cluster {
 
     /// A report from `from`: merged when this node is its origin, otherwise passed
     /// on toward the origin (dropped when the route is unknown or expired).
-    pub fn handle_report(&mut self, from: DeviceId, report: Report) {
+    /// `verified` says whether [`verify_report`] held (the caller runs it outside
+    /// any lock); with a signer set, an unverified report is neither counted nor
+    /// relayed (issue 25: a report about node X counts only if X signed it), and
+    /// false is returned so the caller can count the refusal.
+    pub fn handle_report(&mut self, from: DeviceId, report: Report, verified: bool) -> bool {
         let _ = from;
+        if self.signer.is_some() && !verified {
+            return false;
+        }
         if Some(report.node) == self.me {
-            return;
+            return true;
         }
         if let Some(c) = self.barriers.get_mut(&report.id) {
             c.merge(report);
-            return;
+            return true;
         }
         let now = self.now_ns;
         let Some(to) = self
@@ -545,9 +810,10 @@ impl Cluster {
             .filter(|r| r.expires_ns > now)
             .map(|r| r.from)
         else {
-            return;
+            return true;
         };
         self.send(to, ClusterMsg::Report(report));
+        true
     }
 
     /// Re-evaluates every live relay and reports what changed (after an apply, an
@@ -607,9 +873,15 @@ impl Cluster {
                         name: self.name.clone(),
                         has,
                         peers: delta,
+                        seal: None,
                     },
                 ));
                 r.last = Some((has, peers));
+            }
+        }
+        if let Some(signer) = &self.signer {
+            for (_, report) in &mut out {
+                seal(report, signer);
             }
         }
         for (to, report) in out {
@@ -654,7 +926,7 @@ impl Cluster {
             let connected = (v.connected)(&m.device);
             let relays = connected && self.relaying.contains(&m.device);
             let seen = c.nodes.get(&m.device);
-            let has = seen.is_some_and(|s| s.has)
+            let has = seen.is_some_and(|s| s.has || (s.claimed && !relays))
                 || (connected && v.acked(&m.device, &c.path, &c.version));
             let reported = seen.is_some_and(|s| s.reported);
             let asked = c.asked.contains(&m.device);
@@ -679,14 +951,15 @@ impl Cluster {
             }
             let live = s.reported || s.connected_to.values().any(|c| *c);
             let in_sync = sync && live && s.links_in_sync();
-            waiting |= live && (!s.has || (s.relays && !s.reported));
+            let has = s.has || (s.claimed && !s.relays);
+            waiting |= live && (!has || (s.relays && !s.reported));
             waiting |= sync && live && !in_sync;
             nodes.insert(
                 *d,
                 NodeStatus {
                     device: *d,
                     name: s.name.clone(),
-                    has: s.has,
+                    has,
                     live,
                     in_sync,
                 },
@@ -734,7 +1007,13 @@ impl Census {
             if p.name.is_empty() {
                 p.name = n.name;
             }
-            p.has |= n.has;
+            if !p.connected_to.contains_key(&r.node) {
+                if self.links >= MAX_CENSUS_LINKS {
+                    continue;
+                }
+                self.links += 1;
+            }
+            p.claimed |= n.has;
             p.relays |= n.relays;
             p.connected_to.insert(r.node, n.connected);
             p.in_sync_with.insert(r.node, n.in_sync);
@@ -840,9 +1119,11 @@ mod tests {
                         moved = true;
                         match m {
                             ClusterMsg::Confirm(c) => {
-                                nodes[j].with_view(|cl, v| cl.handle_confirm(v, from, c, 0))
+                                nodes[j].with_view(|cl, v| cl.handle_confirm(v, from, c, true, 0));
                             }
-                            ClusterMsg::Report(r) => nodes[j].cluster.handle_report(from, r),
+                            ClusterMsg::Report(r) => {
+                                nodes[j].cluster.handle_report(from, r, true);
+                            }
                         }
                     }
                 }
@@ -996,7 +1277,9 @@ mod tests {
                 name: "n3".into(),
                 has: true,
                 peers: vec![],
+                seal: None,
             },
+            true,
         );
         assert!(n.cluster.outbox.is_empty());
         let r = token();
@@ -1009,13 +1292,14 @@ mod tests {
             ttl_ms: 1000,
             asked: vec![],
             sync: false,
+            seal: None,
         };
-        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), 0));
+        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), true, 0));
         // Answered, not relayed (no hops left)…
         assert!(!n.cluster.outbox.contains_key(&dev(3)));
         assert_eq!(n.cluster.take_outbox(&dev(1)).len(), 1);
         // …and a second copy of the same request is ignored.
-        n.with_view(|c, v| c.handle_confirm(v, dev(3), req, 0));
+        n.with_view(|c, v| c.handle_confirm(v, dev(3), req, true, 0));
         assert!(n.cluster.outbox.is_empty());
     }
 
@@ -1059,7 +1343,7 @@ mod tests {
         // Node 3's report travels to node 2 and is relayed…
         for m in nodes[2].cluster.take_outbox(&dev(2)) {
             if let ClusterMsg::Report(rep) = m {
-                nodes[1].cluster.handle_report(dev(3), rep);
+                nodes[1].cluster.handle_report(dev(3), rep, true);
             }
         }
         // …and lost with the 1–2 connection.
@@ -1104,11 +1388,12 @@ mod tests {
             ttl_ms: 1000,
             asked: vec![dev(1), dev(2)],
             sync: false,
+            seal: None,
         };
-        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), 0));
+        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), true, 0));
         assert_eq!(n.cluster.take_outbox(&dev(3)).len(), 1, "relayed to 3");
         assert_eq!(n.cluster.take_outbox(&dev(1)).len(), 1, "reported to 1");
-        n.with_view(|c, v| c.handle_confirm(v, dev(3), req, 0));
+        n.with_view(|c, v| c.handle_confirm(v, dev(3), req, true, 0));
         assert!(n.cluster.outbox.is_empty());
     }
 
@@ -1156,6 +1441,245 @@ mod tests {
         deliver(&mut nodes);
         let s = status(&mut nodes[0]);
         assert!(s.done && s.nodes.iter().all(|n| n.in_sync), "{s:?}");
+    }
+
+    /// A device ID from a number (more than the 255 `dev` makes).
+    fn many(i: u32) -> DeviceId {
+        let mut d = [0xee; 32];
+        d[..4].copy_from_slice(&i.to_le_bytes());
+        DeviceId(d)
+    }
+
+    #[test]
+    fn forged_reports_keep_a_census_within_its_caps() {
+        let mut n = Node::new(1, &[2]);
+        let r = token();
+        n.index.put(r.clone(), None);
+        let (p, v) = (r.path.clone(), r.version.clone());
+        assert!(n.with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));
+        let census = n.cluster.barriers.get_mut(&7).unwrap();
+        // 4,096 reporters, each naming the same 4,096 peers: 16 M links unbounded.
+        let peers: Vec<Neighbor> = (0..MAX_REPORT_PEERS as u32)
+            .map(|i| Neighbor {
+                device: many(1 << 20 | i),
+                name: String::new(),
+                connected: true,
+                has: false,
+                relays: true,
+                in_sync: false,
+            })
+            .collect();
+        for i in 0..64u32 {
+            census.merge(Report {
+                id: 7,
+                node: many(i),
+                name: "x".into(),
+                has: true,
+                peers: peers.clone(),
+                seal: None,
+            });
+        }
+        let links: usize = census.nodes.values().map(|s| s.connected_to.len()).sum();
+        let synced: usize = census.nodes.values().map(|s| s.in_sync_with.len()).sum();
+        assert!(links <= MAX_CENSUS_LINKS && synced <= MAX_CENSUS_LINKS);
+        assert_eq!(links, MAX_CENSUS_LINKS, "filled to the cap");
+        assert!(census.nodes.len() <= MAX_CENSUS_NODES);
+    }
+
+    #[test]
+    fn a_report_about_a_node_counts_only_if_that_node_signed_it() {
+        use crate::core::authorship::tests::signer;
+        let (_d1, o) = signer();
+        let o = Arc::new(o);
+        let (_d2, e) = signer();
+        let (_d3, x) = signer();
+        // The origin peers with `e` (a relay, hostile) only; `x` is behind it.
+        let mut cl = Cluster::default();
+        let m = |s: &NodeSigner, n: &str| Member {
+            device: s.id(),
+            name: n.into(),
+        };
+        cl.set_roster(o.id(), "o".into(), vec![m(&e, "e")]);
+        cl.set_signer(o.clone());
+        cl.set_relaying(e.id(), true);
+        let mut n = Node::new(1, &[]);
+        n.cluster = cl;
+        n.connected.insert(e.id());
+        let r = token();
+        n.index.put(r.clone(), None);
+        let (p, v) = (r.path.clone(), r.version.clone());
+        assert!(n.with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));
+        let report = |node: DeviceId, name: &str, peers: Vec<Neighbor>| Report {
+            id: 7,
+            node,
+            name: name.into(),
+            has: true,
+            peers,
+            seal: None,
+        };
+        let x_live = Neighbor {
+            device: x.id(),
+            name: "x".into(),
+            connected: true,
+            has: true,
+            relays: true,
+            in_sync: false,
+        };
+        // `e` reports for itself (signed): `x` is live behind it and relays.
+        let mut own = report(e.id(), "e", vec![x_live]);
+        assert!(seal(&mut own, &e));
+        let give = |n: &mut Node, r: Report| {
+            let ok = verify_report(&r);
+            n.cluster.handle_report(e.id(), r, ok)
+        };
+        assert!(give(&mut n, own));
+        // Forged reports "x has it": unsigned, signed by `e`, or x's seal on
+        // another report: none counts.
+        assert!(!give(&mut n, report(x.id(), "x", vec![])));
+        let mut by_e = report(x.id(), "x", vec![]);
+        let mut e_own = report(e.id(), "e", vec![]);
+        assert!(seal(&mut e_own, &e));
+        by_e.seal = e_own.seal;
+        assert!(!give(&mut n, by_e));
+        let mut genuine = report(x.id(), "x", vec![]);
+        genuine.has = false;
+        assert!(seal(&mut genuine, &x));
+        let mut altered = genuine.clone();
+        altered.has = true;
+        assert!(!give(&mut n, altered));
+        let st = status(&mut n);
+        let sx = st.nodes.iter().find(|s| s.device == x.id()).unwrap();
+        assert!(!st.done && sx.live && !sx.has, "{st:?}");
+        // x's own signed report, relayed by `e`, counts.
+        let mut real = report(x.id(), "x", vec![]);
+        assert!(seal(&mut real, &x));
+        assert!(give(&mut n, real));
+        assert!(status(&mut n).done);
+    }
+
+    #[test]
+    fn a_request_is_relayed_only_if_its_origin_signed_it() {
+        use crate::core::authorship::tests::signer;
+        let (_d1, me) = signer();
+        let (_d2, o) = signer();
+        // This node (with a signing key) peers with 1 and 3; `o` is behind 1.
+        let mut n = Node::new(2, &[1, 3]);
+        n.cluster.set_signer(Arc::new(me));
+        let r = token();
+        let req = |id: u64, origin: DeviceId| Confirm {
+            id,
+            origin,
+            path: r.path.clone(),
+            version: r.version.clone(),
+            hops: 4,
+            ttl_ms: 1000,
+            asked: vec![],
+            sync: false,
+            seal: None,
+        };
+        let mut give = |c: Confirm| {
+            let ok = verify_confirm(&c);
+            let taken = n.with_view(|cl, v| cl.handle_confirm(v, dev(1), c, ok, 0));
+            (taken, n.cluster.take_outbox(&dev(3)).len())
+        };
+        // Claiming `o` as origin without its signature: refused, not relayed.
+        assert_eq!(give(req(1, o.id())), (false, 0));
+        let mut altered = req(2, o.id());
+        assert!(seal_confirm(&mut altered, &o));
+        altered.ttl_ms = MAX_TTL_MS;
+        assert_eq!(give(altered), (false, 0));
+        // Signed by `o`: relayed (hops and asked may change on the way).
+        let mut signed = req(3, o.id());
+        assert!(seal_confirm(&mut signed, &o));
+        signed.hops = 2;
+        assert_eq!(give(signed), (true, 1));
+        // A peer's own request unsigned (an older node): answered, not relayed.
+        assert_eq!(give(req(4, dev(1))), (true, 0));
+        assert!(!n.cluster.take_outbox(&dev(1)).is_empty(), "answered");
+    }
+
+    #[test]
+    fn a_request_is_relayed_once_per_link_and_remembered_past_a_ttl_of_zero() {
+        let mut n = Node::new(2, &[1, 3]);
+        let r = token();
+        let req = Confirm {
+            id: 5,
+            origin: dev(9),
+            path: r.path.clone(),
+            version: r.version.clone(),
+            hops: 4,
+            ttl_ms: 0,
+            asked: vec![dev(1)],
+            sync: false,
+            seal: None,
+        };
+        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), true, 0));
+        assert_eq!(n.cluster.take_outbox(&dev(3)).len(), 1, "relayed to 3");
+        // The same request again from its route back (no reconnect in between),
+        // and again after its TTL of 0 ran out, from anyone: nothing more.
+        for (from, t) in [
+            (1, 0),
+            (1, 1_000_000),
+            (3, 2_000_000_000),
+            (1, 59_000_000_000),
+        ] {
+            n.with_view(|c, v| c.handle_confirm(v, dev(from), req.clone(), true, t));
+            assert!(n.cluster.take_outbox(&dev(3)).is_empty(), "at {t} ns");
+        }
+        // A minute later it may be a new barrier of the same origin and id.
+        n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), true, 61_000_000_000));
+        assert_eq!(n.cluster.take_outbox(&dev(3)).len(), 1);
+        // With a TTL, repeats from the route back re-ask at most once a second.
+        let req = Confirm {
+            id: 6,
+            ttl_ms: 10_000,
+            ..req
+        };
+        let mut frames = 0;
+        for ms in 0..3_000 {
+            let t = 100_000_000_000 + ms * 1_000_000;
+            n.with_view(|c, v| c.handle_confirm(v, dev(1), req.clone(), true, t));
+            frames += n.cluster.take_outbox(&dev(3)).len();
+        }
+        assert!(
+            frames <= 4,
+            "{frames} frames for one request repeated 3,000 times"
+        );
+    }
+
+    #[test]
+    fn remembered_requests_are_capped() {
+        let mut n = Node::new(2, &[1, 3]);
+        let r = token();
+        for i in 0..MAX_SEEN as u32 + 5_000 {
+            let req = Confirm {
+                id: u64::from(i),
+                origin: many(i),
+                path: r.path.clone(),
+                version: r.version.clone(),
+                hops: 0,
+                ttl_ms: 0,
+                asked: vec![],
+                sync: false,
+                seal: None,
+            };
+            n.cluster.first_sight(&req, 0);
+        }
+        assert_eq!(n.cluster.seen.len(), MAX_SEEN);
+        // Once they expire, room is made again.
+        let late = Confirm {
+            id: 1 << 40,
+            origin: dev(9),
+            path: r.path.clone(),
+            version: r.version.clone(),
+            hops: 0,
+            ttl_ms: 0,
+            asked: vec![],
+            sync: false,
+            seal: None,
+        };
+        assert!(n.cluster.first_sight(&late, SEEN_FOR_NS + 1));
+        assert_eq!(n.cluster.seen.len(), 1);
     }
 
     #[test]

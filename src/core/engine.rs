@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use crate::core::authorship::{self, Writers};
+use crate::core::authorship::{self, Refusal, Writers};
 use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Member, Report};
 use crate::core::served::{ServedBoard, ServedRecord, SignedReport};
 use crate::identity::{DeviceId, NodeSigner};
@@ -35,6 +35,14 @@ pub enum EngineError {
     /// The peer's serving-probe report broke a bound (issue 26).
     #[error("served report: {0}")]
     Served(String),
+    /// The peer sent more records with forged authorship (or unsigned barrier
+    /// reports) in a minute than [`MAX_REFUSED_PER_MINUTE`] (issue 25: refusals
+    /// have consequences).
+    #[error(
+        "too many refused records: {count} with forged authorship within a minute \
+         (at most {limit})"
+    )]
+    RefusingTooMuch { count: u64, limit: u64 },
 }
 
 impl EngineError {
@@ -42,6 +50,7 @@ impl EngineError {
     /// announces is never one: its new paths are refused, the session goes on).
     pub fn what(&self) -> &'static str {
         match self {
+            EngineError::RefusingTooMuch { .. } => "index",
             EngineError::AckBeyond { .. } => "ack",
             EngineError::Served(_) => "served",
         }
@@ -110,6 +119,10 @@ pub struct Refused {
     /// The author the last refused record claimed (`None`: it claimed none).
     pub last_author: Option<DeviceId>,
     pub last_reason: Option<String>,
+    /// Start of the current one-minute window (issue 25: refusals have consequences).
+    pub window_start_ns: i64,
+    /// Records refused in the current window.
+    pub in_window: u64,
 }
 
 /// New paths of one peer refused because its view held its cap, since start.
@@ -118,6 +131,23 @@ pub struct OverCap {
     pub count: u64,
     pub last_path: Option<RelPath>,
 }
+/// Most peers whose refused records are tallied. Only configured peers hold
+/// sessions, so this is a bound, not a limit a fleet meets; beyond it the tally with
+/// the fewest refusals is forgotten.
+pub const MAX_REFUSED_PEERS: usize = 1024;
+/// Records one peer may send within [`REFUSAL_WINDOW_NS`] that are refused as
+/// forged ([`Refusal::is_forged`]: each cost a signature check) or barrier reports
+/// not signed by their node; one more ends its session
+/// ([`EngineError::RefusingTooMuch`]). An honest peer sends none (a relay forwards
+/// records and reports unchanged); records refused only because their author is
+/// not in this node's `writers` do not count (a config mismatch explains them).
+pub const MAX_REFUSED_PER_MINUTE: u64 = 1000;
+/// The window [`MAX_REFUSED_PER_MINUTE`] counts in.
+pub const REFUSAL_WINDOW_NS: i64 = 60_000_000_000;
+
+/// The verdict on each record's authorship, made before the state lock is taken
+/// (`None`: not made; the engine checks under the lock).
+pub type Verdicts = Vec<Option<Result<(), Refusal>>>;
 
 /// Most paths [`NotSent::recent`] remembers.
 pub const NOT_SENT_RECENT: usize = 16;
@@ -151,6 +181,21 @@ struct Authority {
 const MAX_SHARED_CERTS: usize = 1024;
 
 impl Authority {
+    /// The tally of `peer`, made room for within [`MAX_REFUSED_PEERS`].
+    fn tally(&mut self, peer: DeviceId) -> &mut Refused {
+        if self.refused.len() >= MAX_REFUSED_PEERS && !self.refused.contains_key(&peer) {
+            if let Some(least) = self
+                .refused
+                .iter()
+                .min_by_key(|(_, r)| r.count)
+                .map(|(d, _)| *d)
+            {
+                self.refused.remove(&least);
+            }
+        }
+        self.refused.entry(peer).or_default()
+    }
+
     /// Makes `r` share the copy of its author's certificate already held, if equal.
     fn share_cert(&mut self, r: &mut FileRecord) {
         let Some(a) = r.auth.as_mut() else {
@@ -288,6 +333,9 @@ impl Engine {
                 }
             }
         }
+        if let Some(s) = &signer {
+            self.cluster.set_signer(s.clone());
+        }
         self.authority = Authority {
             signer,
             writers,
@@ -396,13 +444,45 @@ impl Engine {
         records: Vec<(FileRecord, u64)>,
         last_sequence: u64,
     ) -> Result<(), EngineError> {
-        let (records, over) = self.plan.admit(peer, records);
+        self.handle_index_checked(peer, records, Vec::new(), last_sequence, None)
+    }
+
+    /// Which of `records` the authorship check must look at (none without
+    /// `writers`; a record identical to ours needs none). The caller verifies those
+    /// outside the state lock ([`Writers::key_for`], [`authorship::verify`]) and
+    /// gives the verdicts to [`Engine::handle_index_checked`].
+    pub fn unchecked(&self, records: &[(FileRecord, u64)]) -> Vec<bool> {
+        let restricted = self.authority.writers.is_restricted();
+        records
+            .iter()
+            .map(|(r, _)| restricted && self.index.get(&r.path).is_none_or(|e| e.record != *r))
+            .collect()
+    }
+
+    /// As [`Engine::handle_index`], with `verdicts` made outside the lock (one per
+    /// record, or fewer: the rest are checked here). With `now_ns`, a peer that
+    /// sends more than [`MAX_REFUSED_PER_MINUTE`] refused records in a minute is
+    /// refused ([`EngineError::RefusingTooMuch`]), its records not taken in.
+    pub fn handle_index_checked(
+        &mut self,
+        peer: DeviceId,
+        records: Vec<(FileRecord, u64)>,
+        verdicts: Verdicts,
+        last_sequence: u64,
+        now_ns: Option<i64>,
+    ) -> Result<(), EngineError> {
+        // Authorship first (its verdicts follow the records' order), then the cap:
+        // forged records never take room in the peer's view.
+        let (records, refused) = self.authorized(peer, records, verdicts);
+        if let Some(now) = now_ns {
+            self.count_refusals(peer, refused, now)?;
+        }
+        let (mut records, over) = self.plan.admit(peer, records);
         if let Some(last) = over.last() {
             let stats = self.authority.over_cap.entry(peer).or_default();
             stats.count += over.len() as u64;
             stats.last_path = Some(last.path.clone());
         }
-        let mut records = self.authorized(peer, records);
         for (r, _) in &mut records {
             self.authority.share_cert(r);
         }
@@ -414,21 +494,28 @@ impl Engine {
     /// `writers`). A record identical to our own needs no check (it was checked or
     /// made here). The others are refused: counted for `peer`, reported once per
     /// batch, left out of its view (so never needed) and acknowledged as refused.
+    /// Also returns how many were refused as forged ([`Refusal::is_forged`]).
     fn authorized(
         &mut self,
         peer: DeviceId,
         records: Vec<(FileRecord, u64)>,
-    ) -> Vec<(FileRecord, u64)> {
+        verdicts: Verdicts,
+    ) -> (Vec<(FileRecord, u64)>, u64) {
         if !self.authority.writers.is_restricted() {
-            return records;
+            return (records, 0);
         }
         let mut first: Option<(RelPath, Option<DeviceId>, String)> = None;
         let mut refused = 0;
+        let mut forged = 0;
         let mut out = Vec::with_capacity(records.len());
+        let mut verdicts = verdicts.into_iter();
         for (r, seq) in records {
+            let made = verdicts.next().flatten();
             let same_as_ours = self.index.get(&r.path).is_some_and(|e| e.record == r);
             let verdict = if same_as_ours {
                 Ok(())
+            } else if let Some(v) = made {
+                v
             } else {
                 self.authority.writers.check(&r)
             };
@@ -436,12 +523,13 @@ impl Engine {
                 Ok(()) => out.push((r, seq)),
                 Err(why) => {
                     let author = r.auth.as_ref().map(|a| a.author);
-                    let stats = self.authority.refused.entry(peer).or_default();
+                    let stats = self.authority.tally(peer);
                     stats.count += 1;
                     stats.last_path = Some(r.path.clone());
                     stats.last_author = author;
                     stats.last_reason = Some(why.to_string());
                     refused += 1;
+                    forged += u64::from(why.is_forged());
                     first.get_or_insert((r.path, author, why.to_string()));
                 }
             }
@@ -454,7 +542,35 @@ impl Engine {
                 count: refused,
             });
         }
-        out
+        (out, forged)
+    }
+
+    /// Counts `refused` records of `peer` in its one-minute window; an error once
+    /// they pass [`MAX_REFUSED_PER_MINUTE`].
+    fn count_refusals(
+        &mut self,
+        peer: DeviceId,
+        refused: u64,
+        now: i64,
+    ) -> Result<(), EngineError> {
+        if refused == 0 {
+            return Ok(());
+        }
+        let t = self.authority.tally(peer);
+        if now.saturating_sub(t.window_start_ns) >= REFUSAL_WINDOW_NS || t.in_window == 0 {
+            t.window_start_ns = now;
+            t.in_window = 0;
+        }
+        t.in_window += refused;
+        if t.in_window > MAX_REFUSED_PER_MINUTE {
+            let count = t.in_window;
+            t.in_window = 0;
+            return Err(EngineError::RefusingTooMuch {
+                count,
+                limit: MAX_REFUSED_PER_MINUTE,
+            });
+        }
+        Ok(())
     }
 
     /// `peer` acknowledged our records up to `sequence`; refused beyond our sequence.
@@ -749,6 +865,20 @@ impl Engine {
 
     /// A barrier request from `peer`: relayed and answered (see [`cluster`]).
     pub fn handle_confirm(&mut self, peer: DeviceId, req: Confirm, now_ns: i64) {
+        let verified = cluster::verify_confirm(&req);
+        let _ = self.handle_confirm_checked(peer, req, verified, now_ns);
+    }
+
+    /// As [`Engine::handle_confirm`], `verified` by the caller
+    /// ([`cluster::verify_confirm`]). A request relayed for an origin that did not
+    /// sign it is dropped and counts as a refused record of `peer`.
+    pub fn handle_confirm_checked(
+        &mut self,
+        peer: DeviceId,
+        req: Confirm,
+        verified: bool,
+        now_ns: i64,
+    ) -> Result<(), EngineError> {
         let sends = &self.sends;
         let connected = |d: &DeviceId| sends.contains_key(d);
         let v = cluster::View {
@@ -756,12 +886,40 @@ impl Engine {
             plan: &self.plan,
             connected: &connected,
         };
-        self.cluster.handle_confirm(&v, peer, req, now_ns);
+        if self.cluster.handle_confirm(&v, peer, req, verified, now_ns) {
+            return Ok(());
+        }
+        let t = self.authority.tally(peer);
+        t.count += 1;
+        t.last_reason = Some("a barrier request not signed by its origin".into());
+        self.count_refusals(peer, 1, now_ns)
     }
 
-    /// A barrier report from `peer`: merged, or passed on toward its origin.
+    /// A barrier report from `peer`: merged, or passed on toward its origin, if
+    /// signed by the node it is about (checked here; see
+    /// [`Engine::handle_report_checked`] to check outside the lock).
     pub fn handle_report(&mut self, peer: DeviceId, report: Report) {
-        self.cluster.handle_report(peer, report);
+        let verified = cluster::verify_report(&report);
+        self.cluster.handle_report(peer, report, verified);
+    }
+
+    /// As [`Engine::handle_report`], `verified` by the caller
+    /// ([`cluster::verify_report`]). A report not signed by its node is dropped and
+    /// counts as a refused record of `peer` ([`MAX_REFUSED_PER_MINUTE`]).
+    pub fn handle_report_checked(
+        &mut self,
+        peer: DeviceId,
+        report: Report,
+        verified: bool,
+        now_ns: i64,
+    ) -> Result<(), EngineError> {
+        if self.cluster.handle_report(peer, report, verified) {
+            return Ok(());
+        }
+        let t = self.authority.tally(peer);
+        t.count += 1;
+        t.last_reason = Some("a barrier report not signed by the node it is about".into());
+        self.count_refusals(peer, 1, now_ns)
     }
 
     /// Reports what changed to the origins of the barriers we relay.
@@ -976,6 +1134,71 @@ mod tests {
         e.applied(need, None);
         let t = e.poll_transmit(peer(), token).unwrap();
         assert_eq!(t.ack, Some(3));
+    }
+
+    #[test]
+    fn a_peer_refused_too_often_in_a_minute_is_refused_itself() {
+        let (_d1, writer) = authorship::tests::signer();
+        let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX)
+            .with_authorship(None, Writers::only([writer.id()]));
+        e.connected(peer());
+        // Records in the writer's name, altered after signing (a junk signature).
+        let batch = |n: u64, from: u64| -> Vec<(FileRecord, u64)> {
+            (from..from + n)
+                .map(|i| {
+                    let mut r = signed_by(&writer, &format!("f{i}"), 1, 1);
+                    r.size += 1;
+                    (r, i + 1)
+                })
+                .collect()
+        };
+        let minute = REFUSAL_WINDOW_NS;
+        let ok = |e: &mut Engine, b, now| e.handle_index_checked(peer(), b, vec![], 1, Some(now));
+        // An author outside `writers` (a config mismatch explains it) never ends
+        // the session, however many…
+        let (_d3, outsider) = authorship::tests::signer();
+        let theirs: Vec<(FileRecord, u64)> = (0..3000)
+            .map(|i| (signed_by(&outsider, &format!("o{i}"), 1, 1), i + 1))
+            .collect();
+        ok(&mut e, theirs, 0).unwrap();
+        // …forged ones do: 1,000 in one minute are tolerated (counted, logged)…
+        ok(&mut e, batch(600, 0), 1).unwrap();
+        ok(&mut e, batch(400, 600), minute / 2).unwrap();
+        // …a new minute starts afresh…
+        ok(&mut e, batch(900, 1000), minute + 2).unwrap();
+        // …and the 1,001st in one minute ends the session, whatever the verdicts'
+        // origin (made outside the lock here).
+        let b = batch(101, 2000);
+        let verdicts = b.iter().map(|_| Some(Err(Refusal::BadSignature))).collect();
+        let err = e
+            .handle_index_checked(peer(), b, verdicts, 1, Some(minute + 3))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            EngineError::RefusingTooMuch {
+                count: 1001,
+                limit: MAX_REFUSED_PER_MINUTE
+            }
+        ));
+    }
+
+    #[test]
+    fn refused_tallies_are_capped_whatever_the_peers() {
+        let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX)
+            .with_authorship(None, Writers::only([DeviceId([1; 32])]));
+        let unsigned = crate::index::tests::file("a", 1, 1);
+        let p = RelPath::parse("a").unwrap();
+        let r = Index::new(ShortId(7))
+            .observe(&p, Some(unsigned), 1)
+            .unwrap();
+        for i in 0..MAX_REFUSED_PEERS as u32 + 500 {
+            let mut d = [0; 32];
+            d[..4].copy_from_slice(&i.to_le_bytes());
+            e.connected(DeviceId(d));
+            e.handle_index(DeviceId(d), vec![(r.clone(), 1)], 1)
+                .unwrap();
+        }
+        assert_eq!(e.refused().len(), MAX_REFUSED_PEERS);
     }
 
     #[test]

@@ -111,6 +111,11 @@ pub struct Recorded {
     pub failed: Vec<(RelPath, String)>,
 }
 
+/// Most paths backing off after a failed fetch (pending retries). Peers' needs are
+/// bounded by their view caps already; this bounds the retry table on its own, so a
+/// peer that announces paths it never serves cannot grow it past a few MiB.
+pub const MAX_RETRIES: usize = 1 << 16;
+
 /// The puller's state between events.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -456,7 +461,16 @@ impl Pipeline {
         }
     }
 
+    /// Backs `p` off after a failure. At [`MAX_RETRIES`] paths backing off, paths no
+    /// longer needed are dropped first; if it is still full, `p` is not remembered
+    /// (it is taken again at a later refill, which failed fetches pace).
     fn later(&mut self, p: &RelPath, now: Instant) {
+        if self.retry.len() >= MAX_RETRIES && !self.retry.contains_key(p) {
+            self.retry.retain(|_, (t, _)| *t > now);
+            if self.retry.len() >= MAX_RETRIES {
+                return;
+            }
+        }
         let e = self.retry.entry(p.clone()).or_insert((now, 0));
         e.1 = (e.1 + 1).min(7);
         e.0 = now + Duration::from_millis(250 << e.1);
@@ -468,6 +482,20 @@ mod tests {
     use super::*;
     use crate::identity::ShortId;
     use crate::index::{FileRecord, Index};
+
+    #[test]
+    fn pending_retries_are_capped_under_a_flood_of_failures() {
+        let mut p = Pipeline::new(limits());
+        let now = Instant::now();
+        for i in 0..MAX_RETRIES + 5_000 {
+            p.later(&RelPath::parse(&format!("f/{i}")).unwrap(), now);
+        }
+        assert_eq!(p.retry.len(), MAX_RETRIES);
+        // Once the backoffs are due, room is made for new failures.
+        let later = now + Duration::from_secs(60);
+        p.later(&RelPath::parse("g").unwrap(), later);
+        assert_eq!(p.retry.len(), 1);
+    }
 
     fn peer() -> DeviceId {
         DeviceId([9; 32])

@@ -23,7 +23,7 @@ mod sync;
 
 pub use acme::{AcmeSlot, Barrier};
 pub use status::acme_handles;
-pub use sync::{PullTurn, SessionOver, SyncHandle, CLOSE_DUPLICATE};
+pub use sync::{PullTurn, SessionOver, SyncHandle, CLOSE_DUPLICATE, CLOSE_REFUSING};
 
 use std::collections::BTreeSet;
 use std::path::Path;

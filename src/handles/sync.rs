@@ -10,18 +10,22 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use crate::apply::Tree;
+use crate::core::authorship;
 use crate::core::cluster::{Confirm, Report};
-use crate::core::engine::{EngineError, SendToken, Transmit};
+use crate::core::engine::{EngineError, SendToken, Transmit, Verdicts};
 use crate::core::pipeline::{Outcome, Pipeline, Work};
 use crate::identity::DeviceId;
 use crate::index::{ContentHash, FileRecord, Kind, LocalStat, Observed};
 use crate::inline::InlineCache;
-use crate::node::{Session, Shared, State};
+use crate::node::{Penalty, Session, Shared, State};
 use crate::paths::RelPath;
 use crate::plan::PlanEvent;
 
 /// Close code for a duplicate (or replaced) session.
 pub const CLOSE_DUPLICATE: u32 = 1;
+/// Close code for a peer that sent too many refused records (issue 25), and for its
+/// sessions while this node backs off from it.
+pub const CLOSE_REFUSING: u32 = 4;
 
 /// The session's send state was replaced or ended: its sender stops.
 #[derive(Debug)]
@@ -92,6 +96,16 @@ impl SyncHandle {
             let mut st = self.0.lock();
             let State { peers, engine, .. } = &mut *st;
             let slot = peers.get_mut(&peer)?;
+            if slot
+                .penalty
+                .is_some_and(|p| !p.left(Instant::now()).is_zero())
+            {
+                session.conn.close(
+                    CLOSE_REFUSING.into(),
+                    b"backing off: too many refused records",
+                );
+                return None;
+            }
             if let Some(existing) = &slot.session {
                 let preferred = |s: &Session| s.dialed_by_me == (me < peer);
                 let existing_alive = existing.conn.close_reason().is_none();
@@ -151,6 +165,12 @@ impl SyncHandle {
 
     /// Records from the peer's index (inline content already in the cache): the
     /// engine checks and learns them; the puller is woken for what is now needed.
+    ///
+    /// Signatures are verified before the state lock is taken (issue 25), so a
+    /// peer's junk stalls no other task: a short lock to learn which records differ
+    /// from ours, the arithmetic with no lock, then the verdicts go in. A peer past
+    /// [`crate::core::engine::MAX_REFUSED_PER_MINUTE`] is disconnected and backed
+    /// off from ([`Penalty`]).
     pub fn index_received(
         &self,
         peer: DeviceId,
@@ -158,15 +178,24 @@ impl SyncHandle {
         last_sequence: u64,
     ) -> Result<(), EngineError> {
         // Measured outside the lock, per frame: `[tree] min_disk_free` is checked
-        // against the latest figure.
+        // against the latest figure; signatures are verified outside it too.
         let disk = crate::safe_fs::disk_space(&self.0.tree.root);
+        let unchecked = self.0.lock().engine.unchecked(&records);
+        let verdicts = self.verify(&records, &unchecked);
         {
             let mut st = self.0.lock();
             if let Ok(d) = disk {
                 st.engine.handle_disk_space(d);
             }
-            st.engine.handle_index(peer, records, last_sequence)?;
+            let now = crate::node::now_ns();
+            let r =
+                st.engine
+                    .handle_index_checked(peer, records, verdicts, last_sequence, Some(now));
             report_plan_events(&mut st, peer);
+            if let Err(e @ EngineError::RefusingTooMuch { .. }) = &r {
+                penalize(&mut st, peer, e);
+            }
+            r?;
         }
         self.0.pull.notify_one();
         self.0.bump_progress();
@@ -185,6 +214,31 @@ impl SyncHandle {
         }
     }
 
+    /// The verdict on each record marked in `unchecked`, with no state lock held
+    /// (the policy copy's lock is held only to look keys up).
+    fn verify(&self, records: &[(FileRecord, u64)], unchecked: &[bool]) -> Verdicts {
+        if !unchecked.contains(&true) {
+            return Vec::new();
+        }
+        let keys: Vec<_> = {
+            let mut w = self.0.writers();
+            records
+                .iter()
+                .zip(unchecked)
+                .map(|((r, _), u)| u.then(|| w.key_for(r)))
+                .collect()
+        };
+        keys.into_iter()
+            .zip(records)
+            .map(|(k, (r, _))| {
+                k.map(|k| match k? {
+                    Some(key) => authorship::verify(&key, r),
+                    None => Ok(()),
+                })
+            })
+            .collect()
+    }
+
     /// An ack from the peer.
     pub fn ack_received(&self, peer: DeviceId, sequence: u64) -> Result<(), EngineError> {
         self.0.lock().acked(peer, sequence)?;
@@ -193,10 +247,22 @@ impl SyncHandle {
     }
 
     /// A barrier request relayed by the peer (issue 16).
-    pub fn confirm_received(&self, peer: DeviceId, c: Confirm) {
-        let now = crate::node::now_ns();
-        self.0.lock().engine.handle_confirm(peer, c, now);
+    ///
+    /// Its origin's signature is checked before the state lock is taken (issue
+    /// 25); refused ones count toward the peer's refusals.
+    pub fn confirm_received(&self, peer: DeviceId, c: Confirm) -> Result<(), EngineError> {
+        let verified = crate::core::cluster::verify_confirm(&c);
+        {
+            let mut st = self.0.lock();
+            let now = crate::node::now_ns();
+            let res = st.engine.handle_confirm_checked(peer, c, verified, now);
+            if let Err(e @ EngineError::RefusingTooMuch { .. }) = &res {
+                penalize(&mut st, peer, e);
+            }
+            res?;
+        }
         self.0.bump_progress();
+        Ok(())
     }
 
     /// A serving-probe report relayed by the peer (issue 26), its origin's
@@ -212,10 +278,21 @@ impl SyncHandle {
         Ok(())
     }
 
-    /// A barrier report from the peer.
-    pub fn report_received(&self, peer: DeviceId, r: Report) {
-        self.0.lock().engine.handle_report(peer, r);
+    /// A barrier report from the peer, its signature checked before the state lock
+    /// is taken (issue 25). Refused ones count toward the peer's refusals.
+    pub fn report_received(&self, peer: DeviceId, r: Report) -> Result<(), EngineError> {
+        let verified = crate::core::cluster::verify_report(&r);
+        {
+            let mut st = self.0.lock();
+            let now = crate::node::now_ns();
+            let res = st.engine.handle_report_checked(peer, r, verified, now);
+            if let Err(e @ EngineError::RefusingTooMuch { .. }) = &res {
+                penalize(&mut st, peer, e);
+            }
+            res?;
+        }
         self.0.bump_progress();
+        Ok(())
     }
 
     /// The size of `path` if this node has exactly that content indexed as a live
@@ -432,6 +509,29 @@ impl SyncHandle {
             self.0.bump_progress();
         }
     }
+}
+
+/// Ends `peer`'s session for `why` and backs off from it (each strike doubles the
+/// wait): named in the log, in `status` errors and in the peer's `last_error`.
+fn penalize(st: &mut State, peer: DeviceId, why: &EngineError) {
+    let now = Instant::now();
+    let Some(slot) = st.peers.get_mut(&peer) else {
+        return;
+    };
+    let p = Penalty::strike(slot.penalty, now);
+    slot.penalty = Some(p);
+    let msg = format!(
+        "{why}; disconnected, no session for {} s (strike {})",
+        p.left(now).as_secs(),
+        p.strikes
+    );
+    slot.last_error = Some(msg.clone());
+    if let Some(s) = &slot.session {
+        s.conn
+            .close(CLOSE_REFUSING.into(), b"too many refused records");
+    }
+    let name = slot.config.name.clone();
+    st.error(format!("peer {name} ({peer}): {msg}"));
 }
 
 /// Logs what the plan decided about a peer's records: each file too large once per

@@ -68,8 +68,8 @@ pub async fn run_session_with_ready(
         dialed_by_me,
         conn: conn.clone(),
     };
-    let Some(token) = sync.start_session(peer, &session, hello.relays_confirm, hello.takes_served)
-    else {
+    let relays = hello.relays_confirm && hello.signs_reports;
+    let Some(token) = sync.start_session(peer, &session, relays, hello.takes_served) else {
         conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
         if let Some(r) = ready {
             let _ = r.send(());
@@ -125,6 +125,7 @@ async fn exchange_hello(
             version: env!("CARGO_PKG_VERSION").into(),
             relays_confirm: true,
             takes_served: true,
+            signs_reports: true,
         })),
     };
     wire::write_msg(&mut send, &hello).await?;
@@ -290,11 +291,11 @@ async fn recv_loop(
             Some(pb::frame::Body::Confirm(c)) => {
                 let c = confirm_from_wire(c)?;
                 tracing::trace!(peer = %peer, id = c.id, path = %c.path, "barrier request");
-                sync.confirm_received(peer, c);
+                sync.confirm_received(peer, c).map_err(refused)?;
             }
             Some(pb::frame::Body::Report(r)) => {
                 let r = report_from_wire(r)?;
-                sync.report_received(peer, r);
+                sync.report_received(peer, r).map_err(refused)?;
             }
             Some(pb::frame::Body::Served(s)) => {
                 let (report, records) = served_from_wire(s)?;

@@ -486,7 +486,13 @@ pub fn precheck_frame(bytes: &[u8]) -> Result<(), WireError> {
 /// Counts the device IDs and version entries of a `Confirm` (field 4 of `Frame`)
 /// or the peers of a `Report` (field 5) before they are decoded (and allocated).
 fn precheck_cluster(frame_field: u64, body: &[u8]) -> Result<(), WireError> {
-    use crate::core::cluster::{MAX_ASKED, MAX_REPORT_PEERS};
+    use crate::core::cluster::{MAX_ASKED, MAX_CONFIRM_BYTES, MAX_REPORT_PEERS};
+    if frame_field == 4 && body.len() > MAX_CONFIRM_BYTES {
+        return Err(invalid(
+            "confirm",
+            format!("{} bytes (at most {MAX_CONFIRM_BYTES})", body.len()),
+        ));
+    }
     let limits: &[(u64, usize)] = if frame_field == 4 {
         &[(7, MAX_ASKED), (4, MAX_VERSION_ENTRIES)] // Confirm.asked, Confirm.version
     } else {
@@ -627,9 +633,23 @@ mod tests {
                         version: "0.1.0".into(),
                         relays_confirm: false,
                         takes_served: false,
+                        signs_reports: false,
                     })),
                 },
                 "0a0e0a036c623010051a05302e312e30",
+            ),
+            (
+                pb::Frame {
+                    body: Some(pb::frame::Body::Hello(pb::Hello {
+                        name: "lb0".into(),
+                        instance: 5,
+                        version: "0.1.0".into(),
+                        relays_confirm: true,
+                        takes_served: false,
+                        signs_reports: true,
+                    })),
+                },
+                "0a120a036c623010051a05302e312e3020013001",
             ),
             (
                 pb::Frame {
@@ -917,7 +937,7 @@ mod tests {
         #[test]
         fn frames_round_trip(name in ".{0,20}", inst in any::<u64>(), seq in 0..=MAX_SEQUENCE, rs in prop::collection::vec(arb_record(), 0..4)) {
             for frame in [
-                pb::Frame { body: Some(pb::frame::Body::Hello(pb::Hello { name: name.clone(), instance: inst, version: "1".into(), relays_confirm: false, takes_served: false })) },
+                pb::Frame { body: Some(pb::frame::Body::Hello(pb::Hello { name: name.clone(), instance: inst, version: "1".into(), relays_confirm: false, takes_served: false, signs_reports: false })) },
                 pb::Frame { body: Some(pb::frame::Body::Ack(pb::Ack { sequence: seq })) },
                 pb::Frame { body: Some(pb::frame::Body::Index(pb::IndexUpdate {
                     files: rs.iter().map(|r| record_to_wire(r, seq)).collect(),

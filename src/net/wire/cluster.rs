@@ -3,8 +3,10 @@
 //! 32 bytes, names, counts, hops, paths, versions).
 
 use super::{invalid, pb, WireError, MAX_VERSION_ENTRIES};
+use crate::core::authorship::{MAX_AUTHOR_CERT, MAX_SIGNATURE};
 use crate::core::cluster::{
-    Confirm, Neighbor, Report, MAX_ASKED, MAX_HOPS, MAX_NAME, MAX_REPORT_PEERS, MAX_TTL_MS,
+    Confirm, Neighbor, Report, Seal, MAX_ASKED, MAX_CONFIRM_BYTES, MAX_HOPS, MAX_NAME,
+    MAX_REPORT_PEERS, MAX_TTL_MS,
 };
 use crate::identity::{DeviceId, ShortId};
 use crate::paths::RelPath;
@@ -29,6 +31,11 @@ pub fn confirm_to_wire(c: &Confirm) -> pb::Confirm {
         ttl_ms: c.ttl_ms,
         asked: c.asked.iter().map(|d| d.0.to_vec()).collect(),
         sync: c.sync,
+        signature: c
+            .seal
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.signature.clone()),
+        origin_cert: c.seal.as_ref().map_or_else(Vec::new, |s| s.cert.to_vec()),
     }
 }
 
@@ -51,6 +58,11 @@ pub fn report_to_wire(r: &Report) -> pb::Report {
                 in_sync: n.in_sync,
             })
             .collect(),
+        signature: r
+            .seal
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.signature.clone()),
+        node_cert: r.seal.as_ref().map_or_else(Vec::new, |s| s.cert.to_vec()),
     }
 }
 
@@ -58,6 +70,26 @@ fn device(what: &'static str, b: &[u8]) -> Result<DeviceId, WireError> {
     <[u8; 32]>::try_from(b)
         .map(DeviceId)
         .map_err(|_| invalid(what, format!("device ID of {} bytes", b.len())))
+}
+
+/// A signature and certificate: both or neither, each within its bound.
+fn seal(what: &'static str, signature: Vec<u8>, cert: Vec<u8>) -> Result<Option<Seal>, WireError> {
+    match (signature.is_empty(), cert.is_empty()) {
+        (true, true) => Ok(None),
+        (false, false) => {
+            if signature.len() > MAX_SIGNATURE || cert.len() > MAX_AUTHOR_CERT {
+                return Err(invalid(what, "oversized signature or certificate"));
+            }
+            Ok(Some(Seal {
+                signature,
+                cert: cert.into(),
+            }))
+        }
+        _ => Err(invalid(
+            what,
+            "a signature without a certificate, or the reverse",
+        )),
+    }
 }
 
 fn name(what: &'static str, n: String) -> Result<String, WireError> {
@@ -70,6 +102,13 @@ fn name(what: &'static str, n: String) -> Result<String, WireError> {
 /// Validates a received request.
 pub fn confirm_from_wire(c: pb::Confirm) -> Result<Confirm, WireError> {
     const W: &str = "confirm";
+    let bytes = prost::Message::encoded_len(&c);
+    if bytes > MAX_CONFIRM_BYTES {
+        return Err(invalid(
+            W,
+            format!("{bytes} bytes (at most {MAX_CONFIRM_BYTES})"),
+        ));
+    }
     let path = RelPath::parse_shared(&c.path)?;
     if c.version.is_empty() || c.version.len() > MAX_VERSION_ENTRIES {
         return Err(invalid(W, format!("{} version entries", c.version.len())));
@@ -106,6 +145,7 @@ pub fn confirm_from_wire(c: pb::Confirm) -> Result<Confirm, WireError> {
         ttl_ms: c.ttl_ms,
         asked,
         sync: c.sync,
+        seal: seal(W, c.signature, c.origin_cert)?,
     })
 }
 
@@ -129,12 +169,14 @@ pub fn report_from_wire(r: pb::Report) -> Result<Report, WireError> {
             })
         })
         .collect::<Result<_, WireError>>()?;
+    let seal = seal(W, r.signature, r.node_cert)?;
     Ok(Report {
         id: r.id,
         node: device(W, &r.node)?,
         name: name(W, r.name)?,
         has: r.has,
         peers,
+        seal,
     })
 }
 
@@ -158,6 +200,7 @@ mod tests {
             ttl_ms: 1000,
             asked: vec![DeviceId([2; 32])],
             sync: false,
+            seal: None,
         }
     }
 
@@ -186,6 +229,7 @@ mod tests {
                 relays: true,
                 in_sync: false,
             }],
+            seal: None,
         };
         assert_eq!(
             hex(&report_to_wire(&r).encode_to_vec()),
@@ -196,6 +240,56 @@ mod tests {
             ),
             "the Report encoding drifted"
         );
+    }
+
+    #[test]
+    fn snapshot_sealed_confirm() {
+        let c = Confirm {
+            asked: vec![],
+            seal: Some(Seal {
+                signature: vec![0xaa; 2],
+                cert: vec![0xbb; 2].into(),
+            }),
+            ..sample_confirm()
+        };
+        let bytes = confirm_to_wire(&c).encode_to_vec();
+        assert_eq!(
+            hex(&bytes),
+            format!(
+                "0807122001{}1a0661636d652f74220408011002280330e8074a02aaaa5202bbbb",
+                "01".repeat(31)
+            ),
+            "the sealed Confirm encoding drifted"
+        );
+        let back = confirm_from_wire(pb::Confirm::decode(bytes.as_slice()).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn snapshot_sealed_report() {
+        let r = Report {
+            id: 7,
+            node: DeviceId([3; 32]),
+            name: "h".into(),
+            has: true,
+            peers: vec![],
+            seal: Some(Seal {
+                signature: vec![0xaa; 2],
+                cert: vec![0xbb; 2].into(),
+            }),
+        };
+        let bytes = report_to_wire(&r).encode_to_vec();
+        assert_eq!(
+            hex(&bytes),
+            format!("0807122003{}1a016820013202aaaa3a02bbbb", "03".repeat(31)),
+            "the sealed Report encoding drifted"
+        );
+        let back = report_from_wire(pb::Report::decode(bytes.as_slice()).unwrap()).unwrap();
+        assert_eq!(back, r);
+        // Half a seal is refused.
+        let mut half = report_to_wire(&r);
+        half.node_cert.clear();
+        assert!(report_from_wire(half).is_err());
     }
 
     #[test]
@@ -225,6 +319,7 @@ mod tests {
             name: "x".repeat(MAX_NAME + 1),
             has: false,
             peers: vec![],
+            ..Default::default()
         };
         assert!(report_from_wire(r.clone()).is_err());
         let many = pb::Report {
@@ -243,7 +338,22 @@ mod tests {
             body: Some(pb::frame::Body::Confirm(c)),
         };
         let err = super::super::precheck_frame(&f.encode_to_vec()).unwrap_err();
-        assert!(err.to_string().contains("more than 4096"), "{err}");
+        assert!(err.to_string().contains("more than 1024"), "{err}");
+        // Within every count, a Confirm is still bounded in bytes.
+        let mut c = confirm_to_wire(&sample_confirm());
+        c.asked = vec![vec![7; 32]; MAX_ASKED];
+        c.version = (0..MAX_VERSION_ENTRIES as u64)
+            .map(|d| pb::Counter {
+                device: u64::MAX - d,
+                value: u64::MAX,
+            })
+            .collect();
+        let f = pb::Frame {
+            body: Some(pb::frame::Body::Confirm(c.clone())),
+        };
+        let err = super::super::precheck_frame(&f.encode_to_vec()).unwrap_err();
+        assert!(err.to_string().contains("bytes (at most 40960)"), "{err}");
+        assert!(confirm_from_wire(c).is_err());
         let r = pb::Report {
             peers: vec![pb::Neighbor::default(); MAX_REPORT_PEERS + 1],
             ..Default::default()
@@ -266,8 +376,8 @@ mod tests {
     #[test]
     fn a_flood_of_confirms_from_one_peer_is_capped() {
         use crate::core::cluster::{
-            Cluster, ClusterMsg, Member, View, CONFIRM_BURST, CONFIRM_REFILL_NS, MAX_OUTBOX_BYTES,
-            MAX_RELAYS_PER_PEER,
+            Cluster, ClusterMsg, Member, View, CONFIRM_BURST, CONFIRM_MIN_COST, CONFIRM_RATE,
+            MAX_OUTBOX_BYTES,
         };
         use crate::index::Index;
         use crate::plan::Plan;
@@ -306,7 +416,7 @@ mod tests {
             else {
                 panic!("not a confirm")
             };
-            cl.handle_confirm(&v, from, confirm_from_wire(c).unwrap(), now);
+            cl.handle_confirm(&v, from, confirm_from_wire(c).unwrap(), true, now);
         };
         let flood = |id: u64| Confirm {
             id,
@@ -325,12 +435,27 @@ mod tests {
             receive(&mut cl, hostile, flood(id), now);
             now += 10_000; // 200 requests in 2 ms
         }
+        // Its budget counts bytes: a burst of CONFIRM_BURST, whatever the count.
+        let wire_bytes = |q: &[ClusterMsg]| -> usize {
+            q.iter()
+                .map(|m| match m {
+                    ClusterMsg::Confirm(c) => confirm_to_wire(c).encoded_len(),
+                    ClusterMsg::Report(r) => report_to_wire(r).encoded_len(),
+                })
+                .sum()
+        };
+        let mut taken = 0;
         for peer in [good, other] {
             let relayed = cl.take_outbox(&peer);
-            assert_eq!(relayed.len(), MAX_RELAYS_PER_PEER, "requests relayed");
+            assert!(
+                wire_bytes(&relayed) <= CONFIRM_BURST as usize,
+                "bytes relayed"
+            );
+            assert!(!relayed.is_empty(), "the burst is taken");
+            taken = relayed.len();
         }
         let reports = cl.take_outbox(&hostile);
-        assert_eq!(reports.len(), MAX_RELAYS_PER_PEER, "reports to the flooder");
+        assert_eq!(reports.len(), taken, "reports to the flooder");
         // A good peer's request is still relayed and answered.
         receive(
             &mut cl,
@@ -344,7 +469,8 @@ mod tests {
         assert_eq!(cl.take_outbox(&good).len(), 1, "report to the good peer");
         assert_eq!(cl.take_outbox(&other).len(), 1, "relayed for the good peer");
         // The flooder's routes expire (1 s); its budget refills at its pace only:
-        // two seconds later, eight more of its requests are taken.
+        // two seconds later, small requests are taken up to what refilled, each
+        // costing at least CONFIRM_MIN_COST.
         let later = now + 2_000_000_000;
         for id in 20_000..20_100u64 {
             let c = Confirm {
@@ -353,9 +479,14 @@ mod tests {
             };
             receive(&mut cl, hostile, c, later);
         }
-        let refill = usize::try_from(2_000_000_000 / CONFIRM_REFILL_NS).unwrap();
-        assert_eq!(cl.take_outbox(&other).len(), refill, "refilled at its pace");
-        assert!(refill < CONFIRM_BURST as usize);
+        let most = (CONFIRM_BURST as usize)
+            .min(CONFIRM_BURST as usize - taken * 34 * (MAX_ASKED - 1) + 2 * CONFIRM_RATE as usize)
+            / CONFIRM_MIN_COST as usize;
+        let refilled = cl.take_outbox(&other).len();
+        assert!(
+            refilled > 0 && refilled <= most,
+            "{refilled} of at most {most}"
+        );
         // What one peer's queue can hold is bounded by bytes: a peer that stops
         // reading is sent reports until MAX_OUTBOX_BYTES, then nothing more.
         let mut cl2 = Cluster::default();
@@ -384,11 +515,12 @@ mod tests {
                     in_sync: true,
                 })
                 .collect(),
+            seal: None,
         };
         let bytes = report_to_wire(&big).encode_to_vec();
         for _ in 0..10 {
             let r = report_from_wire(pb::Report::decode(bytes.as_slice()).unwrap()).unwrap();
-            cl2.handle_report(hostile, r);
+            cl2.handle_report(hostile, r, true);
         }
         let queued: usize = cl2
             .take_outbox(&hostile)
@@ -419,6 +551,7 @@ mod tests {
                 ttl_ms: ttl,
                 asked: asked.into_iter().map(DeviceId).collect(),
                 sync,
+                seal: None,
             };
             let bytes = confirm_to_wire(&c).encode_to_vec();
             let back = confirm_from_wire(pb::Confirm::decode(bytes.as_slice()).unwrap()).unwrap();
@@ -436,6 +569,7 @@ mod tests {
                 peers: peers.into_iter().map(|(d, name, (connected, has, relays, in_sync))| Neighbor {
                     device: DeviceId(d), name, connected, has, relays, in_sync,
                 }).collect(),
+                seal: None,
             };
             let bytes = report_to_wire(&r).encode_to_vec();
             let back = report_from_wire(pb::Report::decode(bytes.as_slice()).unwrap()).unwrap();
