@@ -14,6 +14,7 @@ use crate::identity::{DeviceId, DeviceIdError};
 mod dns;
 pub mod frontend;
 mod globs;
+pub mod tree_certs;
 
 pub use dns::{ChallengeChoice, DnsConfig, DnsProvider, TsigAlgorithm, TsigKeyConfig};
 pub use globs::Globs;
@@ -335,6 +336,30 @@ pub struct CertificateConfig {
     pub reuse_key: bool,
     /// Which identifiers use dns-01 ([`ChallengeChoice::uses_dns`]).
     pub challenge: ChallengeChoice,
+    /// Where it was declared: this node's config file, or the tree
+    /// (`.certmesh/certificates/<name>.toml`, `certmesh cert add`).
+    pub source: CertSource,
+}
+
+/// Where a certificate was declared (`status` `certificates[].source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertSource {
+    /// A `[[certificate]]` block in this node's config (wins on conflict).
+    #[default]
+    Config,
+    /// A file under `.certmesh/certificates/` in the replicated tree.
+    Tree,
+}
+
+impl CertSource {
+    /// "config" or "tree".
+    pub fn label(self) -> &'static str {
+        match self {
+            CertSource::Config => "config",
+            CertSource::Tree => "tree",
+        }
+    }
 }
 
 impl CertificateConfig {
@@ -469,7 +494,7 @@ impl Config {
             ("acme", dbg(&self.acme) != dbg(&new.acme)),
             (
                 "certificate",
-                dbg(&self.certificates) != dbg(&new.certificates),
+                dbg(&self.configured_certificates()) != dbg(&new.configured_certificates()),
             ),
             ("hook", dbg(&self.hooks) != dbg(&new.hooks)),
             ("http.listen", self.http_listen != new.http_listen),
@@ -481,6 +506,14 @@ impl Config {
             }
         }
         out
+    }
+
+    /// The `[[certificate]]` blocks of the config file, without those the tree adds.
+    pub fn configured_certificates(&self) -> Vec<&CertificateConfig> {
+        self.certificates
+            .iter()
+            .filter(|c| c.source == CertSource::Config)
+            .collect()
     }
 
     /// Reads and validates a config file.
@@ -1206,6 +1239,7 @@ fn certificate(c: &RawCertificate, bad: &Bad) -> Result<CertificateConfig, Confi
         key,
         reuse_key: c.reuse_key,
         challenge,
+        source: CertSource::Config,
     })
 }
 

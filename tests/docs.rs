@@ -103,7 +103,10 @@ fn the_config_man_page_lists_every_key_the_parser_accepts() {
         let documented = sections
             .iter()
             .any(|s| s.trim_matches(['[', ']']).split('.').next() == Some(table.as_str()));
-        assert!(documented, "[{table}] has no section on the page: {sections:?}");
+        assert!(
+            documented,
+            "[{table}] has no section on the page: {sections:?}"
+        );
     }
     for (section, keys) in &doc {
         let want = accepted(dir.path(), section);

@@ -2,6 +2,7 @@
 
 mod acme;
 mod alerts;
+mod certs;
 mod cli;
 mod crash;
 mod dhparam;
@@ -18,8 +19,8 @@ mod operator;
 mod ops;
 mod reload;
 mod security;
-mod status;
 mod served;
+mod status;
 mod sync;
 mod systemd;
 mod trust_acme;

@@ -108,6 +108,8 @@ pub(super) async fn run(
     // Peers connecting and leaving bump `progress`: when that changes who the
     // renewer is (the renewer went away, say), look again at once.
     let mut progress = d.h.mesh.progress();
+    // The set of certificates changed (`certmesh cert add` on some node): look now.
+    let mut config = d.h.settings.subscribe();
     let mut seen_renewer = renewer(&d.h);
     loop {
         let wake = d.tick().await;
@@ -116,6 +118,12 @@ pub(super) async fn run(
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => break,
+                changed = config.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
                 changed = progress.changed() => {
                     if changed.is_err() {
                         return;
@@ -338,7 +346,9 @@ impl Driver {
             return Err("[acme] is not configured on this node".into());
         };
         let Some(cert) = certs.into_iter().find(|c| c.name == name) else {
-            return Err(format!("no [[certificate]] named {name:?} in the config"));
+            return Err(format!(
+                "no certificate named {name:?} (neither a [[certificate]] block nor a tree entry)"
+            ));
         };
         match self.attempt(&cert, true).await {
             Ok(i) => Ok(IssueReply {

@@ -97,6 +97,7 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
                 warning,
                 challenge,
                 served: served.remove(&c.name).unwrap_or_default(),
+                source: c.source,
                 name: c.name,
             }
         })

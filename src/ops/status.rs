@@ -98,6 +98,10 @@ pub struct CertStatus {
     /// What each node's frontends serve (issue 26), one entry per node and frontend.
     #[serde(default)]
     pub served: Vec<crate::ops::served::ServedStatus>,
+    /// Where it is declared: `"config"` (a `[[certificate]]` block) or `"tree"`
+    /// (`certmesh cert add`, `.certmesh/certificates/<name>.toml`).
+    #[serde(default)]
+    pub source: crate::config::CertSource,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -391,6 +395,10 @@ pub fn render(s: &Status) -> String {
                     (_, Some(w)) => w.clone(),
                     _ => String::new(),
                 };
+                if c.source == crate::config::CertSource::Tree {
+                    let sep = if note.is_empty() { "" } else { "; " };
+                    note = format!("{note}{sep}from the tree");
+                }
                 if let Some(p) = &c.dns_propagation {
                     let have = p.iter().filter(|n| n.has_record).count();
                     let missing: Vec<&str> = p

@@ -307,6 +307,7 @@ mod tests {
             key: KeyType::EcdsaP256,
             reuse_key: false,
             challenge: ChallengeChoice::Auto,
+            source: crate::config::CertSource::Config,
         }
     }
 
