@@ -86,6 +86,9 @@ struct RawAcme {
     lease: Option<Spanned<String>>,
     /// Longest any one request to the CA may take, body included (default 30s).
     request_timeout: Option<Spanned<String>>,
+    /// New orders per hour at most, per CA (default 50: half of Let's Encrypt's
+    /// 300 per 3 hours).
+    max_orders_per_hour: Option<Spanned<i64>>,
     /// `[acme.dns]`: how dns-01 records are published (needed for wildcards).
     dns: Option<Spanned<dns::RawDns>>,
 }
@@ -294,6 +297,9 @@ impl KeyType {
     }
 }
 
+/// `acme.max_orders_per_hour` unset: 150 per 3 hours, half of Let's Encrypt's 300.
+pub const DEFAULT_MAX_ORDERS_PER_HOUR: u32 = 50;
+
 /// `[acme]`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmeConfig {
@@ -316,6 +322,8 @@ pub struct AcmeConfig {
     pub lease: Duration,
     /// Longest any one request to the CA may take, body included.
     pub request_timeout: Duration,
+    /// `acme.max_orders_per_hour`: the renewer's order budget (issue 29).
+    pub max_orders_per_hour: u32,
     /// `[acme.dns]`: dns-01 provider; `None`: only http-01 certificates can be ordered.
     pub dns: Option<DnsConfig>,
 }
@@ -1087,6 +1095,19 @@ fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, ConfigError> 
             d
         }
     };
+    let max_orders_per_hour = match &a.max_orders_per_hour {
+        None => DEFAULT_MAX_ORDERS_PER_HOUR,
+        Some(n) => u32::try_from(*n.get_ref())
+            .ok()
+            .filter(|n| (1..=100_000).contains(n))
+            .ok_or_else(|| {
+                bad(
+                    n.span(),
+                    "acme.max_orders_per_hour",
+                    format!("{} is not between 1 and 100000", n.get_ref()),
+                )
+            })?,
+    };
     Ok(AcmeConfig {
         directory,
         fallback,
@@ -1098,6 +1119,7 @@ fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, ConfigError> 
         startup_grace,
         lease,
         request_timeout,
+        max_orders_per_hour,
         dns: a.dns.as_ref().map(|d| dns::dns(d, tree, bad)).transpose()?,
     })
 }

@@ -281,3 +281,68 @@ fn certs_a_config_block_overrides_a_tree_entry() {
     let (ok, out) = cert(&f.renewer, &["add", "site", "--domain", "x.certs.test"]);
     assert!(!ok && out.contains("[[certificate]] block"), "{out}");
 }
+
+/// The renewer's `acme_queue` in its status.
+fn queue(f: &Fleet) -> serde_json::Value {
+    f.renewer.status()["acme_queue"].clone()
+}
+
+#[test]
+fn certs_orders_beyond_the_hourly_budget_wait_in_the_queue() {
+    if !tools_present() {
+        return;
+    }
+    let f = fleet(
+        ["127.0.12.50", "127.0.12.51", "127.0.12.52"],
+        "max_orders_per_hour = 2\n",
+    );
+    for name in ["q1", "q2", "q3", "q4"] {
+        let domain = format!("{name}.certs.test");
+        f.resolve(&domain);
+        assert!(cert(&f.b, &["add", name, "--domain", &domain]).0);
+    }
+    wait_until("two issued, two queued", || {
+        let q = queue(&f);
+        q["queued"] == 2 && q["budget_left"] == 0
+    });
+    let live = ["q1", "q2", "q3", "q4"]
+        .iter()
+        .filter(|n| f.renewer.tree.join(format!("live/{n}")).exists())
+        .count();
+    assert_eq!(live, 2);
+    let q = queue(&f);
+    assert!(
+        q["eta_s"].as_i64().is_some_and(|e| e > 3000 && e <= 3600),
+        "{q}"
+    );
+    assert_eq!(q["next"][0]["kind"], "new");
+}
+
+#[test]
+fn certs_a_forged_far_future_ca_pause_holds_at_most_the_cap() {
+    if !tools_present() {
+        return;
+    }
+    let f = fleet(["127.0.12.60", "127.0.12.61", "127.0.12.62"], "");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // Another writer claims the CA rate-limits the fleet for a year.
+    let id = &blake3::hash(f.pebble.directory.as_bytes()).to_hex()[..16];
+    let pause = serde_json::json!({
+        "since": now, "until": now + 365 * 86_400, "directory": f.pebble.directory,
+    });
+    f.c.write_atomic(&format!(".certmesh/acme/paused/{id}"), &pause.to_string());
+    f.resolve("late.certs.test");
+    assert!(cert(&f.b, &["add", "late", "--domain", "late.certs.test"]).0);
+    wait_until("the renewer sees the pause and queues the order", || {
+        queue(&f)["queued"] == 1
+    });
+    let until = queue(&f)["paused_until"].as_i64().unwrap();
+    assert!(
+        until <= now + 6 * 3600 + 5,
+        "paused until {until}, now {now}"
+    );
+    assert!(!f.renewer.tree.join("live/late").exists());
+}

@@ -335,5 +335,6 @@ fn status(shared: &Arc<Shared>) -> Status {
         },
         repairs: shared.repairs.recent(),
         cluster: None,
+        acme_queue: shared.acme.get().map(|a| a.queue()),
     }
 }
