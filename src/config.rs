@@ -156,6 +156,8 @@ struct RawHook {
     haproxy_crt: Option<Spanned<String>>,
     /// Killed after this long (default 30s).
     timeout: Option<Spanned<String>>,
+    /// While changes keep coming, runs at most once per this long (default 5s).
+    min_interval: Option<Spanned<String>>,
 }
 
 /// `[http]`
@@ -398,7 +400,14 @@ pub struct HookConfig {
     pub matcher: Globs,
     pub action: HookAction,
     pub timeout: Duration,
+    /// `hook.min_interval`: while certificates keep changing, the hook runs at most
+    /// once per this long, and never later than [`HOOK_MAX_DELAY`] after the first
+    /// change a run covers (issue 29).
+    pub min_interval: Duration,
 }
+
+/// A hook run never comes later than this after the first change it covers.
+pub const HOOK_MAX_DELAY: Duration = Duration::from_secs(30);
 
 /// What a `[[hook]]` does when its paths change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1287,11 +1296,28 @@ fn hook(h: &RawHook, bad: &Bad) -> Result<HookConfig, ConfigError> {
             "must be more than 0".into(),
         ));
     }
+    let min_interval = match &h.min_interval {
+        None => Duration::from_secs(5),
+        Some(s) => {
+            parse_duration(s.get_ref()).map_err(|m| bad(s.span(), "hook.min_interval", m))?
+        }
+    };
+    if min_interval > HOOK_MAX_DELAY {
+        return Err(bad(
+            h.min_interval.as_ref().map_or(h.paths.span(), |t| t.span()),
+            "hook.min_interval",
+            format!(
+                "at most {}s (a run never comes later than that after a change)",
+                HOOK_MAX_DELAY.as_secs()
+            ),
+        ));
+    }
     Ok(HookConfig {
         paths: h.paths.get_ref().clone(),
         matcher,
         action,
         timeout,
+        min_interval,
     })
 }
 

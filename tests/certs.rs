@@ -346,3 +346,60 @@ fn certs_a_forged_far_future_ca_pause_holds_at_most_the_cap() {
     );
     assert!(!f.renewer.tree.join("live/late").exists());
 }
+
+/// Each line of `node`'s hook log: the certificates one run covered.
+fn hook_runs(node: &Node) -> Vec<Vec<String>> {
+    fs::read_to_string(node.dir.join("hook.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect()
+}
+
+#[test]
+fn certs_hooks_coalesce_while_certificates_keep_changing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = [
+        Node::new(dir.path(), "w", "127.0.12.70"),
+        Node::new(dir.path(), "p", "127.0.12.71"),
+    ];
+    nodes[0].configure(&[&nodes[1]]);
+    nodes[1].configure(&[&nodes[0]]);
+    for n in &nodes {
+        let log = n.dir.join("hook.log");
+        append(
+            n,
+            &format!(
+                "\n[[hook]]\npaths = [\"live/**\"]\nrun = [\"sh\", \"-c\", \
+                 \"echo $CERTMESH_CHANGED >> {}\"]\n",
+                log.display()
+            ),
+        );
+    }
+    for n in &mut nodes {
+        n.start();
+    }
+    wait_until("connected", || nodes[0].all_connected());
+    // 50 certificates published one after another over about 6 s, each change well
+    // apart from the next (each alone would be its own burst).
+    for i in 0..50 {
+        nodes[0].write_atomic(&format!("live/c{i:02}/fullchain.pem"), &format!("{i}"));
+        std::thread::sleep(std::time::Duration::from_millis(120));
+    }
+    for n in &nodes {
+        wait_until(
+            &format!("every certificate's hook ran on {}", n.name),
+            || {
+                let covered: std::collections::BTreeSet<String> =
+                    hook_runs(n).into_iter().flatten().collect();
+                covered.len() == 50
+            },
+        );
+        let runs = hook_runs(n).len();
+        assert!(
+            runs <= 4,
+            "{}: {runs} hook runs for 50 certificates",
+            n.name
+        );
+    }
+}

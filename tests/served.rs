@@ -112,7 +112,8 @@ fn node_extra(d: &Path, addr: &str, hook: Hook) -> String {
     format!(
         "\n[[certificate]]\nname = \"{NAME}\"\ndomains = [\"{HOST}\"]\n\
          \n[[frontend]]\nname = \"nginx\"\naddress = \"{addr}\"\n\
-         \n[[hook]]\npaths = [\"live/{NAME}/**\"]\nrun = {run}\ntimeout = \"10s\"\n"
+         \n[[hook]]\npaths = [\"live/{NAME}/**\"]\nrun = {run}\ntimeout = \"10s\"\n\
+         min_interval = \"0s\"\n"
     )
 }
 
