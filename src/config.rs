@@ -14,6 +14,7 @@ use crate::identity::{DeviceId, DeviceIdError};
 mod dns;
 pub mod frontend;
 mod globs;
+pub mod tree_certs;
 
 pub use dns::{ChallengeChoice, DnsConfig, DnsProvider, TsigAlgorithm, TsigKeyConfig};
 pub use globs::Globs;
@@ -85,6 +86,9 @@ struct RawAcme {
     lease: Option<Spanned<String>>,
     /// Longest any one request to the CA may take, body included (default 30s).
     request_timeout: Option<Spanned<String>>,
+    /// New orders per hour at most, per CA (default 50: half of Let's Encrypt's
+    /// 300 per 3 hours).
+    max_orders_per_hour: Option<Spanned<i64>>,
     /// `[acme.dns]`: how dns-01 records are published (needed for wildcards).
     dns: Option<Spanned<dns::RawDns>>,
 }
@@ -156,6 +160,8 @@ struct RawHook {
     haproxy_crt: Option<Spanned<String>>,
     /// Killed after this long (default 30s).
     timeout: Option<Spanned<String>>,
+    /// While changes keep coming, runs at most once per this long (default 5s).
+    min_interval: Option<Spanned<String>>,
 }
 
 /// `[http]`
@@ -297,6 +303,9 @@ impl KeyType {
     }
 }
 
+/// `acme.max_orders_per_hour` unset: 150 per 3 hours, half of Let's Encrypt's 300.
+pub const DEFAULT_MAX_ORDERS_PER_HOUR: u32 = 50;
+
 /// `[acme]`, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmeConfig {
@@ -319,6 +328,8 @@ pub struct AcmeConfig {
     pub lease: Duration,
     /// Longest any one request to the CA may take, body included.
     pub request_timeout: Duration,
+    /// `acme.max_orders_per_hour`: the renewer's order budget (issue 29).
+    pub max_orders_per_hour: u32,
     /// `[acme.dns]`: dns-01 provider; `None`: only http-01 certificates can be ordered.
     pub dns: Option<DnsConfig>,
 }
@@ -342,6 +353,30 @@ pub struct CertificateConfig {
     /// `rollout = "verify"`: the publisher's own frontends must serve a new version,
     /// or it flips `live/<name>` back (issue 26 item 6).
     pub verify_rollout: bool,
+    /// Where it was declared: this node's config file, or the tree
+    /// (`.certmesh/certificates/<name>.toml`, `certmesh cert add`).
+    pub source: CertSource,
+}
+
+/// Where a certificate was declared (`status` `certificates[].source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertSource {
+    /// A `[[certificate]]` block in this node's config (wins on conflict).
+    #[default]
+    Config,
+    /// A file under `.certmesh/certificates/` in the replicated tree.
+    Tree,
+}
+
+impl CertSource {
+    /// "config" or "tree".
+    pub fn label(self) -> &'static str {
+        match self {
+            CertSource::Config => "config",
+            CertSource::Tree => "tree",
+        }
+    }
 }
 
 impl CertificateConfig {
@@ -372,7 +407,14 @@ pub struct HookConfig {
     pub matcher: Globs,
     pub action: HookAction,
     pub timeout: Duration,
+    /// `hook.min_interval`: while certificates keep changing, the hook runs at most
+    /// once per this long, and never later than [`HOOK_MAX_DELAY`] after the first
+    /// change a run covers (issue 29).
+    pub min_interval: Duration,
 }
+
+/// A hook run never comes later than this after the first change it covers.
+pub const HOOK_MAX_DELAY: Duration = Duration::from_secs(30);
 
 /// What a `[[hook]]` does when its paths change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -476,7 +518,7 @@ impl Config {
             ("acme", dbg(&self.acme) != dbg(&new.acme)),
             (
                 "certificate",
-                dbg(&self.certificates) != dbg(&new.certificates),
+                dbg(&self.configured_certificates()) != dbg(&new.configured_certificates()),
             ),
             ("hook", dbg(&self.hooks) != dbg(&new.hooks)),
             ("http.listen", self.http_listen != new.http_listen),
@@ -488,6 +530,14 @@ impl Config {
             }
         }
         out
+    }
+
+    /// The `[[certificate]]` blocks of the config file, without those the tree adds.
+    pub fn configured_certificates(&self) -> Vec<&CertificateConfig> {
+        self.certificates
+            .iter()
+            .filter(|c| c.source == CertSource::Config)
+            .collect()
     }
 
     /// Reads and validates a config file.
@@ -1061,6 +1111,19 @@ fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, ConfigError> 
             d
         }
     };
+    let max_orders_per_hour = match &a.max_orders_per_hour {
+        None => DEFAULT_MAX_ORDERS_PER_HOUR,
+        Some(n) => u32::try_from(*n.get_ref())
+            .ok()
+            .filter(|n| (1..=100_000).contains(n))
+            .ok_or_else(|| {
+                bad(
+                    n.span(),
+                    "acme.max_orders_per_hour",
+                    format!("{} is not between 1 and 100000", n.get_ref()),
+                )
+            })?,
+    };
     Ok(AcmeConfig {
         directory,
         fallback,
@@ -1072,6 +1135,7 @@ fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, ConfigError> 
         startup_grace,
         lease,
         request_timeout,
+        max_orders_per_hour,
         dns: a.dns.as_ref().map(|d| dns::dns(d, tree, bad)).transpose()?,
     })
 }
@@ -1227,6 +1291,7 @@ fn certificate(c: &RawCertificate, bad: &Bad) -> Result<CertificateConfig, Confi
         reuse_key: c.reuse_key,
         challenge,
         verify_rollout,
+        source: CertSource::Config,
     })
 }
 
@@ -1252,11 +1317,28 @@ fn hook(h: &RawHook, bad: &Bad) -> Result<HookConfig, ConfigError> {
             "must be more than 0".into(),
         ));
     }
+    let min_interval = match &h.min_interval {
+        None => Duration::from_secs(5),
+        Some(s) => {
+            parse_duration(s.get_ref()).map_err(|m| bad(s.span(), "hook.min_interval", m))?
+        }
+    };
+    if min_interval > HOOK_MAX_DELAY {
+        return Err(bad(
+            h.min_interval.as_ref().map_or(h.paths.span(), |t| t.span()),
+            "hook.min_interval",
+            format!(
+                "at most {}s (a run never comes later than that after a change)",
+                HOOK_MAX_DELAY.as_secs()
+            ),
+        ));
+    }
     Ok(HookConfig {
         paths: h.paths.get_ref().clone(),
         matcher,
         action,
         timeout,
+        min_interval,
     })
 }
 

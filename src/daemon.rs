@@ -178,6 +178,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let watcher = crate::watch::start(sync.clone(), rescan_rx)?;
     watcher.full_rescan(&sync).await;
     let puller = tokio::spawn(crate::pull::run(sync.clone()));
+    // The tree's certificate entries join the config's before anything reads them.
+    crate::certs::load(&Settings::new(&shared), &shared.tree.root);
     // Every other task: stopped (aborted, then awaited) on shutdown, after the puller
     // and the persister have finished their writes.
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
@@ -193,6 +195,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         },
         &config.control_socket(),
     )?;
+    tasks.push(tokio::spawn(crate::certs::follow(
+        crate::handles::Changes::new(&shared),
+        Settings::new(&shared),
+        Reports::new(&shared),
+    )));
     tasks.extend(crate::acme::start(&crate::handles::acme_handles(&shared))?);
     tasks.extend(crate::hooks::start(crate::hooks::Hooks {
         changes: crate::handles::Changes::new(&shared),

@@ -16,7 +16,8 @@
 //!   [`systemd`], [`logging`].
 //! - Features: [`acme`] (cluster ACME, http-01 and dns-01), [`import`] (certbot /
 //!   lego trees), [`repair`] and [`keep`] (nothing lost for good), [`dhparam`],
-//!   [`writers`] (who may change the tree), [`probe`] (what the frontends serve).
+//!   [`writers`] (who may change the tree), [`probe`] (what the frontends serve),
+//!   [`certs`] (certificates as data in the tree).
 //! - [`config`], [`identity`], [`node`] (the shared state) and [`daemon`] (the wiring:
 //!   starts and stops every task); [`demo`] (a 3-node mesh on loopback).
 //!
@@ -24,6 +25,7 @@
 //! the crate has always used (`crate::store`, `crate::control`, …).
 
 pub mod acme;
+pub mod certs;
 pub mod clock;
 pub mod config;
 pub mod core;

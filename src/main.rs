@@ -168,6 +168,13 @@ enum Cmd {
         /// certbot's config dir (e.g. /etc/letsencrypt) or lego's --path (e.g. ~/.lego).
         path: PathBuf,
     },
+    /// Certificates kept as data in the tree (`.certmesh/certificates/<name>.toml`),
+    /// which every node learns through sync: add, remove, list. `[[certificate]]`
+    /// blocks in a node's config win over a tree entry of the same name.
+    Cert {
+        #[command(subcommand)]
+        cmd: CertCmd,
+    },
     /// Start a 3-node mesh on loopback in a temp dir, show a file propagating, clean up.
     Demo {
         /// How many propagation samples to take.
@@ -185,6 +192,49 @@ enum Cmd {
     Man {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
+    },
+}
+
+/// `certmesh cert ...`.
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Add certificate NAME (or replace its entry): the renewer orders it and every
+    /// node syncs it. Only on a writer.
+    Add {
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Directory name under `live/` and `archive/`.
+        name: String,
+        /// A DNS name of the certificate (repeat for more; `*.` for a wildcard).
+        #[arg(long = "domain", value_name = "DOMAIN", required = true)]
+        domains: Vec<String>,
+        /// rsa2048 | rsa3072 | rsa4096 | ecdsa-p256 (default) | ecdsa-p384.
+        #[arg(long)]
+        key: Option<String>,
+        /// "http-01" or "dns-01"; unset: dns-01 for wildcards, http-01 for the rest.
+        #[arg(long)]
+        challenge: Option<String>,
+        /// Keep the current private key on renewal.
+        #[arg(long)]
+        reuse_key: bool,
+    },
+    /// Remove certificate NAME's entry: renewals stop, `live/` and `archive/` stay
+    /// (unless --purge). Only on a writer.
+    Remove {
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        name: String,
+        /// Also delete `live/NAME` and `archive/NAME/` (peers keep them for `restore`).
+        #[arg(long)]
+        purge: bool,
+    },
+    /// The certificates of this node's config and tree, with where each came from.
+    List {
+        #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Machine-readable output (`certificates[]`, `refused[]`).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -350,6 +400,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         }
         Cmd::Man { out_dir } => man(out_dir.as_deref())?,
         Cmd::Import { config, from, path } => import(&load(&config)?, from, &path)?,
+        Cmd::Cert { cmd } => cert(cmd)?,
         Cmd::Demo { samples } => {
             runtime()?
                 .block_on(certmesh::demo::run(samples))
@@ -543,10 +594,81 @@ fn not_ordered(v: &certmesh::acme::handle::RenewReport) -> Result<(), Failure> {
     )))
 }
 
+/// `certmesh cert add|remove|list`.
+fn cert(cmd: CertCmd) -> Result<(), Failure> {
+    use certmesh::certs::{self, CertError};
+    let fail = |e: CertError| match e {
+        CertError::Io { .. } => Failure::Runtime(e.to_string()),
+        e => Failure::Config(e.to_string()),
+    };
+    match cmd {
+        CertCmd::Add {
+            config,
+            name,
+            domains,
+            key,
+            challenge,
+            reuse_key,
+        } => {
+            let c = load(&config)?;
+            let cert = certs::from_args(
+                &name,
+                &domains,
+                key.as_deref(),
+                challenge.as_deref(),
+                reuse_key,
+            )
+            .map_err(fail)?;
+            let rel = certs::add(&c, &cert).map_err(fail)?;
+            println!("{name}: wrote {rel}; every node learns it through sync");
+        }
+        CertCmd::Remove {
+            config,
+            name,
+            purge,
+        } => {
+            let removed = certs::remove(&load(&config)?, &name, purge).map_err(fail)?;
+            println!("{name}: removed {}", removed.join(", "));
+        }
+        CertCmd::List { config, json } => {
+            let (rows, refused) = certs::list(&load(&config)?);
+            if json {
+                let refused: Vec<String> = refused.iter().map(|r| r.to_string()).collect();
+                print_json(&serde_json::json!({ "certificates": rows, "refused": refused }));
+                return Ok(());
+            }
+            for r in &rows {
+                let over = if r.overrides_tree_entry {
+                    " (overrides a tree entry)"
+                } else {
+                    ""
+                };
+                let live = if r.live { "live" } else { "not live yet" };
+                println!(
+                    "{}  {}  {}{over}  {live}",
+                    r.name,
+                    r.domains.join(","),
+                    r.source.label()
+                );
+            }
+            for r in refused {
+                eprintln!("certmesh: {r}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `certmesh issue NAME`: one order now, with its steps on a terminal.
 fn issue(config: &std::path::Path, name: &str, json: bool) -> Result<(), Failure> {
     let c = load(config)?;
-    if !c.certificates.iter().any(|x| x.name == name) {
+    let in_tree = || {
+        certmesh::certs::read(&c.tree, c.acme.as_ref())
+            .certs
+            .iter()
+            .any(|x| x.name == name)
+    };
+    if !c.certificates.iter().any(|x| x.name == name) && !in_tree() {
         return Err(Failure::Config(format!(
             "{}: no [[certificate]] named {name:?}",
             config.display()

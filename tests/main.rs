@@ -2,6 +2,7 @@
 
 mod acme;
 mod alerts;
+mod certs;
 mod cli;
 mod crash;
 mod dhparam;

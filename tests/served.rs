@@ -117,7 +117,8 @@ fn node_extra_with(d: &Path, addr: &str, hook: Hook, cert_keys: &str) -> String 
     format!(
         "\n[[certificate]]\nname = \"{NAME}\"\ndomains = [\"{HOST}\"]\n{cert_keys}\
          \n[[frontend]]\nname = \"nginx\"\naddress = \"{addr}\"\n\
-         \n[[hook]]\npaths = [\"live/{NAME}/**\"]\nrun = {run}\ntimeout = \"10s\"\n"
+         \n[[hook]]\npaths = [\"live/{NAME}/**\"]\nrun = {run}\ntimeout = \"10s\"\n\
+         min_interval = \"0s\"\n"
     )
 }
 

@@ -139,6 +139,14 @@ pub fn falls_over(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Whether an order's error is the CA's ACME `rateLimited` answer.
+pub fn rate_limited(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<instant_acme::Error>(),
+            Some(instant_acme::Error::Api(p)) if p.r#type.as_deref() == Some(RATE_LIMITED))
+    })
+}
+
 /// When to try again after every CA failed: not before the soonest Retry-After if
 /// every CA gave one (each would refuse until then); `None` (the usual backoff) if
 /// any did not, since that one may be back at any time.

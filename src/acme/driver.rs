@@ -13,8 +13,10 @@ use instant_acme::{Account, CertificateIdentifier};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::budget::{self, Budget, Due, Kind, PAUSED_DIR};
 use super::ca::{self, Ca};
 use super::handle::{AcmeState, IssueReply, RenewReport, RenewResult};
+use super::handle::{QueueStatus, QueuedOrder};
 use super::schedule::{self, RenewalLease, Window};
 use super::{
     account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, this_node, tree,
@@ -87,6 +89,10 @@ struct Driver {
     /// Per directory URL: `false` once the directory showed it has no ARI, `true`
     /// once it answered an ARI query.
     ari: BTreeMap<String, bool>,
+    /// Orders placed in the last hour (`[acme] max_orders_per_hour`).
+    budget: Budget,
+    /// Per directory URL: when this node first saw the CA paused, without a break.
+    pause_seen: BTreeMap<String, i64>,
 }
 
 pub(super) async fn run(
@@ -99,15 +105,20 @@ pub(super) async fn run(
     if renewer(&h) == Some(h.mesh.me()) {
         order::remove_orphaned_tokens(&h).await;
     }
+    let h2 = h.clone();
     let mut d = Driver {
         h,
         handle,
         accounts: BTreeMap::new(),
         ari: BTreeMap::new(),
+        budget: Budget::per_hour(snapshot(&h2.settings).map_or(1, |(c, _)| c.max_orders_per_hour)),
+        pause_seen: BTreeMap::new(),
     };
     // Peers connecting and leaving bump `progress`: when that changes who the
     // renewer is (the renewer went away, say), look again at once.
     let mut progress = d.h.mesh.progress();
+    // The set of certificates changed (`certmesh cert add` on some node): look now.
+    let mut config = d.h.settings.subscribe();
     let mut seen_renewer = renewer(&d.h);
     loop {
         let wake = d.tick().await;
@@ -116,6 +127,12 @@ pub(super) async fn run(
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => break,
+                changed = config.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
                 changed = progress.changed() => {
                     if changed.is_err() {
                         return;
@@ -150,42 +167,151 @@ pub(super) async fn run(
 }
 
 impl Driver {
-    /// Orders what is due and ours; returns when to look again (Unix seconds): not
-    /// sooner than [`MIN_WAKE`] from now, except to take over a lease that expires.
+    /// Orders what is due and ours, under the budget (renewals first, then new
+    /// names, soonest expiry first); returns when to look again (Unix seconds): not
+    /// sooner than [`MIN_WAKE`] from now, except to take over a lease that expires
+    /// or when the budget frees a slot.
     async fn tick(&mut self) -> i64 {
         // Adverts expire unless refreshed ([`super::advert::TTL`]).
         super::advertise(&self.h);
-        let Some((_, certs)) = snapshot(&self.h.settings) else {
+        let Some((cfg, certs)) = snapshot(&self.h.settings) else {
             return unix_now() + MAX_WAKE;
         };
         let mut wake = unix_now() + MAX_WAKE;
+        let mut due = Vec::new();
         for cert in &certs {
             let now = unix_now();
-            let due = self.due(cert).await;
+            let due_at = self.due(cert).await;
             let retry_at = self
                 .handle
                 .runtime(&cert.name)
                 .and_then(|r| r.retry_at)
                 .unwrap_or(0);
-            let at = due.max(retry_at);
+            let at = due_at.max(retry_at);
             if at > now {
                 wake = wake.min(at.max(now.saturating_add(MIN_WAKE)));
                 continue;
             }
-            match self.attempt(cert, false).await {
-                Ok(_) => {}
-                Err(Attempt::Wait(schedule::Wait::Leased { until, .. })) => {
-                    // The holder may be gone: look again right when its lease ends.
-                    wake = wake.min(until.saturating_add(1).min(now + MIN_WAKE));
-                }
-                Err(Attempt::Wait(_)) => wake = wake.min(now + MIN_WAKE),
-                Err(Attempt::Failed(_)) => {
-                    let r = self.handle.runtime(&cert.name).and_then(|r| r.retry_at);
-                    wake = wake.min(r.unwrap_or(now + MIN_WAKE).max(now + MIN_WAKE));
+            due.push(match bundle::live_leaf(self.h.writer.root(), &cert.name) {
+                Some(l) => Due {
+                    name: cert.name.clone(),
+                    kind: Kind::Renewal,
+                    key: l.validity.not_after,
+                },
+                None => Due {
+                    name: cert.name.clone(),
+                    kind: Kind::New,
+                    key: at,
+                },
+            });
+        }
+        let mut queue: std::collections::VecDeque<Due> = budget::queue(due).into();
+        let paused = self.all_paused(&cfg, unix_now());
+        match paused {
+            Some(until) => wake = wake.min(until.saturating_add(1)),
+            None => {
+                while !queue.is_empty() {
+                    let now = unix_now();
+                    if self.budget.left(now) == 0 {
+                        wake = wake.min(self.budget.next_slot(now).max(now + 1));
+                        break;
+                    }
+                    let Some(d) = queue.pop_front() else { break };
+                    let Some(cert) = certs.iter().find(|c| c.name == d.name) else {
+                        continue;
+                    };
+                    wake = wake.min(self.order_due(cert).await);
                 }
             }
         }
+        self.publish_queue(&cfg, &queue);
         wake
+    }
+
+    /// One automatic attempt for a due certificate; when to look again.
+    async fn order_due(&mut self, cert: &CertificateConfig) -> i64 {
+        let now = unix_now();
+        match self.attempt(cert, false).await {
+            Ok(_) => now + MAX_WAKE,
+            Err(Attempt::Wait(schedule::Wait::Leased { until, .. })) => {
+                // The holder may be gone: look again right when its lease ends.
+                until.saturating_add(1).min(now + MIN_WAKE)
+            }
+            Err(Attempt::Wait(_)) => now + MIN_WAKE,
+            Err(Attempt::Failed(_)) => {
+                let r = self.handle.runtime(&cert.name).and_then(|r| r.retry_at);
+                r.unwrap_or(now + MIN_WAKE).max(now + MIN_WAKE)
+            }
+        }
+    }
+
+    /// What `status` shows of the queue.
+    fn publish_queue(&mut self, cfg: &AcmeConfig, queue: &std::collections::VecDeque<Due>) {
+        let now = unix_now();
+        let first = Ca::all(cfg).into_iter().next();
+        let q = QueueStatus {
+            queued: queue.len(),
+            next: queue
+                .iter()
+                .take(10)
+                .map(|d| QueuedOrder {
+                    name: d.name.clone(),
+                    kind: d.kind,
+                })
+                .collect(),
+            budget_left: self.budget.left(now),
+            max_per_hour: cfg.max_orders_per_hour,
+            eta_s: self.budget.eta(queue.len(), now),
+            paused_until: first.and_then(|ca| self.pause_of(&ca, now)),
+        };
+        *self.handle.queue.lock().unwrap_or_else(|p| p.into_inner()) = q;
+    }
+
+    /// Until when a CA is paused after a `rateLimited` answer (the tree's
+    /// `.certmesh/acme/paused/<ca-id>`, capped: [`budget::paused_until`]).
+    fn pause_of(&mut self, ca: &Ca, now: i64) -> Option<i64> {
+        let rel = format!("{PAUSED_DIR}/{}", ca::ca_id(&ca.directory));
+        let p = tree::read(self.h.writer.root(), &rel)
+            .and_then(|b| budget::Pause::parse(&b, &ca.directory));
+        if !p.as_ref().is_some_and(|p| budget::pause_active(p, now)) {
+            self.pause_seen.remove(&ca.directory);
+            return None;
+        }
+        let first = *self.pause_seen.entry(ca.directory.clone()).or_insert(now);
+        budget::paused_until(p.as_ref(), now, first)
+    }
+
+    /// The soonest end of the CAs' pauses when every CA is paused.
+    fn all_paused(&mut self, cfg: &AcmeConfig, now: i64) -> Option<i64> {
+        let mut soonest: Option<i64> = None;
+        for ca in Ca::all(cfg) {
+            let until = self.pause_of(&ca, now)?;
+            soonest = Some(soonest.map_or(until, |s| s.min(until)));
+        }
+        soonest
+    }
+
+    /// Shares a CA's `rateLimited` answer with the fleet: no node orders from it
+    /// until its Retry-After (at most [`budget::MAX_PAUSE`]).
+    fn write_pause(&self, ca: &Ca, retry_after: Option<Duration>) {
+        let now = unix_now();
+        let wait = retry_after
+            .map_or(3600, schedule::secs)
+            .clamp(1, budget::MAX_PAUSE);
+        let pause = budget::Pause {
+            since: now,
+            until: now.saturating_add(wait),
+            directory: ca.directory.clone(),
+        };
+        let rel = format!("{PAUSED_DIR}/{}", ca::ca_id(&ca.directory));
+        tracing::warn!(ca = %ca.directory, until = %rfc3339(pause.until), "the CA rate-limits us: pausing orders to it fleet-wide");
+        match tree::rel(&rel).and_then(|p| self.h.writer.write(&p, &pause.to_json(), 0o644)) {
+            Ok(_) => {}
+            Err(e) => self.h.reports.error(format!(
+                "acme: writing the pause of CA {}: {e:#}",
+                ca.directory
+            )),
+        }
     }
 
     /// When `cert` is due (0: now), updating `next_renewal` in its runtime.
@@ -338,7 +464,9 @@ impl Driver {
             return Err("[acme] is not configured on this node".into());
         };
         let Some(cert) = certs.into_iter().find(|c| c.name == name) else {
-            return Err(format!("no [[certificate]] named {name:?} in the config"));
+            return Err(format!(
+                "no certificate named {name:?} (neither a [[certificate]] block nor a tree entry)"
+            ));
         };
         match self.attempt(&cert, true).await {
             Ok(i) => Ok(IssueReply {
@@ -426,6 +554,8 @@ impl Driver {
             r.waiting_for = None;
             r.last_attempt = Some(now);
         });
+        // Every order counts against the budget, an operator's too.
+        self.budget.spend(now);
         tracing::info!(cert = %cert.name, domains = ?cert.domains, forced, "ordering");
         let span = tracing::info_span!("order", cert = %cert.name);
         let result = self.lease_and_order(cert).instrument(span).await;
@@ -508,6 +638,20 @@ impl Driver {
         // Each CA in turn while the one before is down or rate-limits.
         let mut down: Vec<(String, order::Failed)> = Vec::new();
         for (i, ca) in cas.iter().enumerate() {
+            if let Some(until) = self.pause_of(ca, unix_now()) {
+                let f = order::Failed {
+                    error: anyhow::anyhow!(
+                        "paused after the CA rate-limited the fleet, until {}",
+                        rfc3339(until)
+                    ),
+                    retry_after: Some(Duration::from_secs(
+                        until.saturating_sub(unix_now()).max(1) as u64
+                    )),
+                    lost_to: None,
+                };
+                down.push((ca.directory.clone(), f));
+                continue;
+            }
             if i > 0 {
                 // The CAs before may have taken a while: the lease starts again.
                 self.write_lease(cert).await?;
@@ -517,6 +661,11 @@ impl Driver {
                 .order_at(&cfg, cert, ca, live_ca.as_ref())
                 .instrument(span)
                 .await;
+            if let Err(f) = &result {
+                if ca::rate_limited(&f.error) {
+                    self.write_pause(ca, f.retry_after);
+                }
+            }
             let f = match result {
                 Ok(issued) => return Ok(issued),
                 Err(f) if f.lost_to.is_some() || cas.len() == 1 => return Err(f),
@@ -584,6 +733,9 @@ impl Driver {
     ) -> Result<order::Issued, order::Failed> {
         let h = self.h.clone();
         let account = self.account(cfg, ca).await?;
+        // A renewal names the certificate it replaces (Let's Encrypt exempts those
+        // from its rate limits) whenever the CA offers ARI: `due` asked it first.
+        // (instant-acme refuses `replaces` towards a directory without ARI.)
         let replaces = if live_ca == Some(ca) && self.ari.get(&ca.directory) == Some(&true) {
             self.cert_id(&cert.name)
         } else {

@@ -151,11 +151,43 @@ pub struct Acme {
     pub(super) failures: std::sync::atomic::AtomicU64,
     /// When each lease content was first seen (a lease holds at most `lease` from then).
     pub(super) leases: Mutex<LeaseClock>,
+    /// The order queue under the budget, as of the driver's last look (issue 29).
+    pub(super) queue: Mutex<QueueStatus>,
+}
+
+/// The renewer's order queue (`status` `acme_queue`): what is due but waits for the
+/// budget (`[acme] max_orders_per_hour`) or a CA's pause.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStatus {
+    /// Due certificates not yet ordered.
+    pub queued: usize,
+    /// The first few, in the order they will be ordered: renewals first.
+    pub next: Vec<QueuedOrder>,
+    /// Orders the budget allows now, of `max_per_hour`.
+    pub budget_left: u32,
+    pub max_per_hour: u32,
+    /// Seconds until the queue is empty at this budget (ignoring pauses).
+    pub eta_s: Option<i64>,
+    /// Until when (unix seconds) the first CA is paused after a `rateLimited`
+    /// answer, fleet-wide.
+    pub paused_until: Option<i64>,
+}
+
+/// One queued order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedOrder {
+    pub name: String,
+    pub kind: super::budget::Kind,
 }
 
 impl Acme {
     pub(super) fn rt(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Runtime>> {
         self.runtime.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The order queue as of the driver's last look.
+    pub fn queue(&self) -> QueueStatus {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn runtime(&self, name: &str) -> Option<Runtime> {

@@ -1,6 +1,7 @@
 //! Cluster ACME (DESIGN §5): any ACME-enabled node can order into the shared tree.
 //!
 //! - [`schedule`]: pure — when a certificate is due, backoff, renewer choice, leases.
+//! - [`budget`]: pure — orders per hour, the queue (renewals first), CA pauses.
 //! - [`advert`]: pure — whether an ACME advert counts (its own node wrote it, lately).
 //! - [`account`]: the account shared in `.certmesh/acme/account.json`.
 //! - [`client`]: the HTTPS client for the CA (roots, timeouts, size caps,
@@ -28,6 +29,7 @@
 
 pub mod account;
 pub mod advert;
+pub mod budget;
 pub mod bundle;
 pub mod ca;
 pub mod client;
@@ -110,6 +112,7 @@ pub fn start(h: &Handles) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
         commands: tx,
         failures: Default::default(),
         leases: Mutex::new(LeaseClock::default()),
+        queue: Mutex::new(Default::default()),
     });
     if !h.slot.set(handle.clone()) {
         anyhow::bail!("the ACME task was started twice");

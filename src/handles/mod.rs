@@ -99,9 +99,24 @@ impl Settings {
         Some(f(&self.0.config()))
     }
 
-    /// The config now, and a receiver that wakes when SIGHUP replaces it.
+    /// The config now, and a receiver that wakes when SIGHUP replaces it or the
+    /// set of certificates changes.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
         self.0.config.subscribe()
+    }
+
+    /// Makes `tree` (the tree's valid `.certmesh/certificates/` entries) part of the
+    /// effective certificates, after the config's own blocks, which win on a name
+    /// both declare (issue 29). Says whether the set changed (subscribers wake then).
+    pub fn set_tree_certificates(&self, tree: Vec<crate::config::CertificateConfig>) -> bool {
+        self.0.config.send_if_modified(|c| {
+            let new = crate::config::tree_certs::effective(&c.configured_certificates(), tree);
+            if new == c.certificates {
+                return false;
+            }
+            Arc::make_mut(c).certificates = new;
+            true
+        })
     }
 }
 

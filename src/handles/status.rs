@@ -103,6 +103,7 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
                 warning,
                 challenge,
                 served,
+                source: c.source,
                 name: c.name,
             }
         })
@@ -342,5 +343,6 @@ fn status(shared: &Arc<Shared>) -> Status {
         },
         repairs: shared.repairs.recent(),
         cluster: None,
+        acme_queue: shared.acme.get().map(|a| a.queue()),
     }
 }

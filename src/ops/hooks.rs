@@ -1,7 +1,8 @@
 //! `[[hook]]`: actions run once per applied change of matching paths, on every
 //! node, whether the change was made here (the ACME client, an operator) or applied
 //! from a peer. A burst of changes (a published bundle: five files and a link) is
-//! debounced into one run. Two kinds of action:
+//! debounced into one run, and while changes keep coming each hook runs at most once
+//! per its `min_interval` (`coalesce`). Two kinds of action:
 //! - `run = [argv]`: a command without a shell; the names of the certificates that
 //!   changed are in `CERTMESH_CHANGED`, the changed paths in `CERTMESH_PATHS`, one
 //!   per line (a path holding a control character, which a hostile peer may send, is
@@ -20,8 +21,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::config::{HaproxySocket, HookAction, HookConfig};
+use crate::config::{HaproxySocket, HookAction, HookConfig, HOOK_MAX_DELAY};
 use crate::handles::{Changes, Reports, Settings};
+use crate::ops::coalesce::Coalesce;
 
 /// Quiet time that ends a burst of changes.
 const QUIET: Duration = Duration::from_millis(100);
@@ -63,40 +65,59 @@ pub fn cert_names(paths: &[&String]) -> Vec<String> {
 async fn run(ctx: Hooks) {
     let mut changed = ctx.changes.subscribe();
     let mut seen = *changed.borrow_and_update();
+    // Hooks need a restart to change: one coalescer per configured hook.
+    let hooks: Vec<HookConfig> = ctx.settings.read(|c| c.hooks.clone()).unwrap_or_default();
+    let mut waiting: Vec<Coalesce> = hooks
+        .iter()
+        .map(|h| Coalesce::new(h.min_interval, HOOK_MAX_DELAY))
+        .collect();
     loop {
+        let next = waiting.iter().filter_map(Coalesce::due_at).min();
         tokio::select! {
-            r = changed.changed() => if r.is_err() { return },
+            r = changed.changed() => {
+                if r.is_err() { return }
+                // Debounce: until QUIET without a change, at most DEADLINE.
+                let start = tokio::time::Instant::now();
+                while start.elapsed() < DEADLINE {
+                    match tokio::time::timeout(QUIET, changed.changed()).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(_)) => return,
+                        Err(_) => break,
+                    }
+                }
+                let now = *changed.borrow_and_update();
+                let paths = ctx.changes.touched_since(seen);
+                seen = now;
+                let at = tokio::time::Instant::now();
+                for (h, w) in hooks.iter().zip(&mut waiting) {
+                    w.add(paths.iter().filter(|p| h.matcher.is_match(p)).cloned(), at);
+                }
+            }
+            _ = sleep_until(next) => {}
             certs = rerun_requested(&ctx) => {
                 rerun(&ctx, &certs).await;
                 continue;
             }
         }
-        // Debounce: until QUIET without a change, at most DEADLINE.
-        let start = tokio::time::Instant::now();
-        while start.elapsed() < DEADLINE {
-            match tokio::time::timeout(QUIET, changed.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) => return,
-                Err(_) => break,
-            }
-        }
-        let now = *changed.borrow_and_update();
-        let paths = ctx.changes.touched_since(seen);
-        seen = now;
-        let hooks: Vec<HookConfig> = ctx.settings.read(|c| c.hooks.clone()).unwrap_or_default();
+        let now = tokio::time::Instant::now();
         let mut ran = Ran::default();
-        for h in hooks {
-            let matched: Vec<&String> = paths.iter().filter(|p| h.matcher.is_match(p)).collect();
-            if matched.is_empty() {
-                continue;
-            }
+        for (h, w) in hooks.iter().zip(&mut waiting) {
+            let Some(list) = w.take(now) else { continue };
+            let matched: Vec<&String> = list.iter().collect();
             let names = cert_names(&matched);
-            let list: Vec<String> = matched.into_iter().cloned().collect();
-            // One at a time per burst, in config order; never blocks sync.
-            let r = run_one(&ctx, &h, &names, &list).await;
+            // One at a time, in config order; never blocks sync.
+            let r = run_one(&ctx, h, &names, &list).await;
             ran.add(&names, r);
         }
         ran.tell(&ctx, false);
+    }
+}
+
+/// Sleeps until `at`, or forever when nothing waits.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -579,6 +600,7 @@ mod tests {
             matcher: crate::config::Globs::new(&["live/**"]).unwrap(),
             action: HookAction::Run(vec!["/usr/sbin/nginx".into(), "-s".into(), "reload".into()]),
             timeout: Duration::from_secs(30),
+            min_interval: Duration::from_secs(5),
         };
         assert_eq!(metric_label(&hook), "/usr/sbin/nginx");
         assert_eq!(label(&hook), r#"["/usr/sbin/nginx", "-s", "reload"]"#);

@@ -10,6 +10,7 @@
 //! `status` shows it).
 
 pub mod census;
+pub mod coalesce;
 pub mod control;
 pub mod firewall;
 pub mod fleet;

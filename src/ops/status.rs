@@ -25,6 +25,10 @@ pub struct Status {
     /// The whole cluster's sync, behind hubs too (only with `status --cluster`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::ops::census::ClusterSync>,
+    /// ACME nodes: the orders waiting for `[acme] max_orders_per_hour` or a CA's
+    /// pause, the budget left and when the queue will be empty (issue 29).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme_queue: Option<crate::acme::handle::QueueStatus>,
 }
 
 /// Monotonic counters since the daemon started.
@@ -110,6 +114,10 @@ pub struct CertStatus {
     pub last_rollout_version: Option<u32>,
     #[serde(default)]
     pub last_rollout_node: Option<String>,
+    /// Where it is declared: `"config"` (a `[[certificate]]` block) or `"tree"`
+    /// (`certmesh cert add`, `.certmesh/certificates/<name>.toml`).
+    #[serde(default)]
+    pub source: crate::config::CertSource,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -403,6 +411,10 @@ pub fn render(s: &Status) -> String {
                     (_, Some(w)) => w.clone(),
                     _ => String::new(),
                 };
+                if c.source == crate::config::CertSource::Tree {
+                    let sep = if note.is_empty() { "" } else { "; " };
+                    note = format!("{note}{sep}from the tree");
+                }
                 if let Some(p) = &c.dns_propagation {
                     let have = p.iter().filter(|n| n.has_record).count();
                     let missing: Vec<&str> = p
@@ -458,6 +470,29 @@ pub fn render(s: &Status) -> String {
             certs,
         );
         o.push_str(&crate::ops::served::render(s));
+    }
+    if let Some(q) = s
+        .acme_queue
+        .as_ref()
+        .filter(|q| q.queued > 0 || q.paused_until.is_some())
+    {
+        let _ = writeln!(
+            o,
+            "\norders: {} queued (next: {}), budget {}/{} per hour left, empty in {}{}",
+            q.queued,
+            q.next
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            q.budget_left,
+            q.max_per_hour,
+            q.eta_s.map_or_else(dash, age),
+            q.paused_until.map_or_else(String::new, |t| format!(
+                "; CA paused until {}",
+                crate::acme::rfc3339(t)
+            ))
+        );
     }
     if !s.repairs.is_empty() {
         let _ = writeln!(o);
@@ -694,6 +729,7 @@ mod tests {
                 reason: "live/www missing".into(),
             }],
             cluster: None,
+            acme_queue: None,
         }
     }
 

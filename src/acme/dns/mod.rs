@@ -308,6 +308,7 @@ mod tests {
             reuse_key: false,
             challenge: ChallengeChoice::Auto,
             verify_rollout: false,
+            source: crate::config::CertSource::Config,
         }
     }
 
