@@ -169,10 +169,14 @@ fn trust_renewal_a_node_without_acme_cannot_become_the_renewer() {
     let rel = format!(".certmesh/acme/nodes/{}", f.bad.id);
     f.bad.write(&rel, &advert("bad"));
     // The bad node's own certmesh (no [acme]) takes the claim back.
+    // (In sync too: otherwise the file may not have reached the good node yet, and
+    // arrive, briefly, after the check.)
     wait_until("the bad node's advert removed on both nodes", || {
         f.bad.log().contains("removed this node's ACME advert")
             && f.bad.read(&rel).is_none()
             && f.good.read(&rel).is_none()
+            && f.good.all_in_sync()
+            && f.bad.all_in_sync()
     });
     assert_eq!(renewer(&f.good), "good", "{}", f.good.log());
     renewal_reaches_everyone(&f);

@@ -135,7 +135,7 @@ fn advertised(root: &Path) -> Vec<DeviceId> {
 }
 
 /// Whether `id`'s advert counts ([`advert::check`]): the index names `id` as its last
-/// writer and it is fresh. A refused advert is logged once per content.
+/// writer and it is fresh. A refused advert is logged once per content and reason.
 fn advert_counts(h: &Handles, id: DeviceId) -> bool {
     let rel = format!("{NODES_DIR}/{id}");
     let Ok(p) = tree::rel(&rel) else {
@@ -148,7 +148,11 @@ fn advert_counts(h: &Handles, id: DeviceId) -> bool {
     let Err(why) = advert::check(id, author, &bytes, unix_now()) else {
         return true;
     };
-    let content = *blake3::hash(&bytes).as_bytes();
+    // Once per content and reason: a record that arrives after the file turns "no
+    // record" into the real reason, which is worth its own line.
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&bytes).update(why.to_string().as_bytes());
+    let content = *hasher.finalize().as_bytes();
     let first = h.slot.get().is_none_or(|a| {
         a.leases
             .lock()
