@@ -64,6 +64,9 @@ fn persister(shared: Arc<Shared>, mut file: StoreFile, rx: std::sync::mpsc::Rece
 
 /// Runs the daemon until `shutdown` resolves; in-flight writes finish first.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // First of all, the `[http] listen` port (issue 25): from systemd socket
+    // activation or bound now, so no other local user can take it while we start.
+    let http = crate::net::activation::http_listener(config.http_listen)?;
     // Before anything in the state dir is read or written: one daemon per state dir.
     let _lock = crate::disk::lock::StateLock::acquire(&config.state_dir)?;
     let identity = Arc::new(Identity::load(&config.state_dir)?);
@@ -176,7 +179,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         },
         &config.control_socket(),
     )?;
-    tasks.extend(crate::acme::start(&crate::handles::acme_handles(&shared))?);
+    tasks.extend(crate::acme::start(
+        &crate::handles::acme_handles(&shared),
+        http,
+    )?);
     tasks.extend(crate::hooks::start(crate::hooks::Hooks {
         changes: crate::handles::Changes::new(&shared),
         settings: crate::handles::Settings::new(&shared),

@@ -15,6 +15,7 @@ mod metrics;
 mod observe;
 mod operator;
 mod ops;
+mod port_held;
 mod reload;
 mod security;
 mod status;
