@@ -28,5 +28,6 @@ mod trust_ops;
 mod trust_renewal;
 mod trust_served;
 mod trust_wire;
+mod unauth_load;
 mod util;
 mod writers;

@@ -4,8 +4,9 @@
 //! a token it does not have yet statelessly with `<token>.<account thumbprint>`: the
 //! account is shared, so the answer is right whichever node placed the order.
 //! Only regular files with token-shaped names directly in the challenge directory are
-//! served (no link followed, at most 4 KiB); at most 256 connections at once; an
-//! accept error (EMFILE) pauses the loop, never ends it.
+//! served (no link followed, at most 4 KiB); at most 256 connections at once, and over
+//! that the oldest is dropped for the newcomer (slow clients cannot keep the CA out);
+//! an accept error (EMFILE) pauses the loop, never ends it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,7 +36,8 @@ pub fn start(
     let addr = std.local_addr().context("http.listen socket address")?;
     let listener = TcpListener::from_std(std)?;
     tracing::info!(%addr, "http-01 responder listening");
-    let clients = Clients::new("http-01 responder", MAX_CLIENTS);
+    // A slowloris must not keep the CA out: over the cap the oldest client goes.
+    let clients = Clients::new("http-01 responder", MAX_CLIENTS).evicting_oldest();
     let limit = Some(Duration::from_secs(10));
     let root: Arc<Path> = root.into();
     Ok(crate::clients::serve_forever(
