@@ -18,6 +18,7 @@ mod ops;
 mod port_held;
 mod reload;
 mod security;
+mod small_first;
 mod status;
 mod sync;
 mod systemd;

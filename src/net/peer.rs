@@ -27,6 +27,10 @@ pub use crate::core::engine::MAX_PEER_RECORDS;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent content requests served per connection.
 const MAX_SERVING: usize = 64;
+/// QUIC send priorities (higher first; bulk content stays at 0): the index stream,
+/// then the content of small changes.
+const PRIORITY_INDEX: i32 = 2;
+const PRIORITY_SMALL: i32 = 1;
 /// A served file is read in pieces of at most this size.
 const READ_CHUNK: usize = 1 << 20;
 
@@ -116,6 +120,8 @@ async fn exchange_hello(
     conn: &quinn::Connection,
 ) -> Result<(quinn::SendStream, quinn::RecvStream, pb::Hello), WireError> {
     let mut send = conn.open_uni().await.map_err(io)?;
+    // Records and acks go before any file content on this connection.
+    let _ = send.set_priority(PRIORITY_INDEX);
     let hello = pb::Frame {
         body: Some(pb::frame::Body::Hello(pb::Hello {
             name: sync.name(),
@@ -363,6 +369,10 @@ async fn serve_one(
         let _ = send.finish();
         return Ok(());
     };
+    // Small changes' content goes before a bulk transfer's on this connection.
+    if crate::core::pipeline::is_small_file(&path, size) {
+        let _ = send.set_priority(PRIORITY_SMALL);
+    }
     wire::write_msg(
         &mut send,
         &pb::Response {
