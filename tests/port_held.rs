@@ -128,6 +128,7 @@ fn without_activation_a_taken_port_stops_the_start_before_the_state_dir_is_touch
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("http.listen"), "{err}");
+    assert!(err.contains("ss -tlpn"), "no hint: {err}");
     let state: Vec<_> = fs::read_dir(&n.state)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -155,7 +155,9 @@ pub struct Pipeline {
     /// Of `fetching`, the small lane's.
     small_fetching: usize,
     /// Queued or running fetches per first source.
-    per_peer: HashMap<DeviceId, usize>,
+    /// Keyed by lane too (true: the small lane), so a peer's bulk at its cap never
+    /// holds up the same peer's small changes.
+    per_peer: HashMap<(DeviceId, bool), usize>,
     ready: Vec<Work>,
     ready_bytes: u64,
     ready_since: Option<Instant>,
@@ -167,6 +169,9 @@ pub struct Pipeline {
     dirty: bool,
     /// The same, for the small lane (taken even while the bulk's queue is full).
     small_dirty: bool,
+    /// The small changes ready could not go in a unit of their own (links waiting
+    /// for their targets): not tried again until more is ready or a unit applied.
+    small_stalled: bool,
     /// When `refill` last took: retries due by then were considered, so only later
     /// ones need a timer.
     last_refill: Option<Instant>,
@@ -195,6 +200,7 @@ impl Pipeline {
             unit: Vec::new(),
             dirty: true,
             small_dirty: true,
+            small_stalled: false,
             last_refill: None,
             last_prune: None,
             #[cfg(test)]
@@ -296,17 +302,16 @@ impl Pipeline {
                 if sources.is_empty() {
                     continue; // no connected peer has it; woken again when one connects
                 }
-                // Prefer a source with room; none: it waits (not counted as taken).
-                let cap = self.limits.per_peer_fetches;
-                match sources
-                    .iter()
-                    .position(|id| self.per_peer.get(id).copied().unwrap_or(0) < cap)
-                {
+                // Prefer a source with room in this lane; none: it waits (not
+                // counted as taken).
+                let (cap, lane) = (self.limits.per_peer_fetches, is_small(&need.target));
+                let count = |id: &DeviceId| self.per_peer.get(&(*id, lane)).copied();
+                match sources.iter().position(|id| count(id).unwrap_or(0) < cap) {
                     Some(0) => {}
                     Some(i) => sources.swap(0, i),
                     None => continue,
                 }
-                *self.per_peer.entry(sources[0]).or_default() += 1;
+                *self.per_peer.entry((sources[0], lane)).or_default() += 1;
             }
             in_flight.insert(p.clone());
             match as_bulk {
@@ -335,6 +340,7 @@ impl Pipeline {
     fn push_ready(&mut self, w: Work, now: Instant) {
         self.ready_bytes += w.need.target.size;
         self.ready_since.get_or_insert(now);
+        self.small_stalled &= !is_small(&w.need.target);
         // Units are taken from the front: the urgent ones go in the next.
         match is_urgent(w.path()) {
             true => self.ready.insert(0, w),
@@ -407,7 +413,8 @@ impl Pipeline {
                 || self.ready.len() >= l.apply_items
                 || self.ready_bytes >= l.apply_bytes
                 || due;
-        let small_go = !bulk_go && self.ready.iter().any(|w| is_small(&w.need.target));
+        let small_go =
+            !bulk_go && !self.small_stalled && self.ready.iter().any(|w| is_small(&w.need.target));
         if self.applying || self.ready.is_empty() || !(bulk_go || small_go) {
             return None;
         }
@@ -427,6 +434,7 @@ impl Pipeline {
         };
         let in_batch: HashSet<RelPath> = batch.iter().map(|w| w.path().clone()).collect();
         let mut keep = Vec::new();
+        let mut released = false;
         let mut i = 0;
         while i < batch.len() {
             let Some(target) = batch[i].link_target() else {
@@ -448,6 +456,7 @@ impl Pipeline {
             } else {
                 let w = batch.swap_remove(i);
                 in_flight.remove(w.path());
+                released = true;
             }
         }
         self.ready.extend(keep);
@@ -460,8 +469,11 @@ impl Pipeline {
             (false, false) => waiting_since.or(Some(now)),
         };
         self.dirty = true;
-        self.small_dirty = true;
+        // Released links are taken again by the small lane; a stalled small unit
+        // (links still waiting) costs no scan.
+        self.small_dirty |= released || !batch.is_empty();
         if batch.is_empty() {
+            self.small_stalled = !bulk_go;
             return None;
         }
         self.applying = true;
@@ -483,6 +495,7 @@ impl Pipeline {
         self.unit.clear();
         self.dirty = true;
         self.small_dirty = true;
+        self.small_stalled = false;
         let mut out = Recorded::default();
         for (w, outcome) in results {
             let p = w.need.target.path.clone();
@@ -552,10 +565,11 @@ impl Pipeline {
 
     fn release_source(&mut self, w: &Work) {
         if let Some(first) = w.sources.first() {
-            if let Some(n) = self.per_peer.get_mut(first) {
+            let key = (*first, is_small(&w.need.target));
+            if let Some(n) = self.per_peer.get_mut(&key) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    self.per_peer.remove(first);
+                    self.per_peer.remove(&key);
                 }
             }
         }
@@ -849,5 +863,22 @@ mod tests {
             .collect();
         p.applied(results, &mut e, now);
         assert_eq!(p.next_wake(), Some(now + Limits::DEFAULT.apply_delay));
+    }
+
+    #[test]
+    fn a_peer_at_its_bulk_cap_still_serves_its_small_changes() {
+        let mut e = engine_needing_sized(&[("a", 1, 1 << 20), ("b", 2, 1 << 20), ("z", 4, 100)]);
+        let tight = Limits {
+            per_peer_fetches: 1,
+            ..limits()
+        };
+        let (mut p, now) = (Pipeline::new(tight), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, now);
+        let taken: HashSet<String> = e.applying().iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            taken,
+            ["a", "z"].map(String::from).into(),
+            "b waits for a's slot"
+        );
     }
 }

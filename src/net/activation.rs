@@ -34,7 +34,16 @@ pub fn http_listener(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListe
         return Ok(None);
     };
     if passed.is_empty() {
-        let l = TcpListener::bind(addr).with_context(|| format!("http.listen {addr}"))?;
+        let l = TcpListener::bind(addr).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    " (another certmesh with this config may still be running, or another \
+                     program holds the port: check `ss -tlpn`)"
+                }
+                _ => "",
+            };
+            anyhow::anyhow!("http.listen {addr}: cannot bind: {e}{hint}")
+        })?;
         return Ok(Some(l));
     }
     let l = take(&passed)?;
