@@ -1,7 +1,9 @@
 //! Small changes first (issue 25 item 3): while one node pushes a few hundred MiB of
-//! large files to the others, a small change written on a third node (an ACME token,
-//! a certificate) reaches every node at once: it never queues behind the bulk, not in
-//! the puller's fetch queue, not in the apply units, not on the sender's streams.
+//! large files, or 20,000 small ones, to the others, a small change written on a third
+//! node (an ACME token, a certificate) reaches every node at once: it never queues
+//! behind the bulk, not in the puller's fetch queue, not in the apply units, not on
+//! the sender's streams. (Before the small lane: 3.7 s behind the 250 MiB bulk, and
+//! more than 2 s behind the 20,000 files.)
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -102,4 +104,38 @@ fn a_small_change_overtakes_a_bulk_transfer_to_every_node() {
         bulk_still_running,
         "the bulk finished first: the test proved nothing (make it larger)"
     );
+}
+
+#[test]
+fn a_token_overtakes_a_flood_of_small_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = mesh(dir.path());
+    let (bulk, rx, small) = (&nodes[0], &nodes[1], &nodes[2]);
+    let staging = dir.path().join("flood-staging");
+    fs::create_dir_all(&staging).unwrap();
+    for d in 0..200 {
+        let sub = staging.join(format!("d{d:03}"));
+        fs::create_dir(&sub).unwrap();
+        for i in 0..100 {
+            fs::write(sub.join(format!("{i}.pem")), format!("{d}/{i}")).unwrap();
+        }
+    }
+    fs::rename(&staging, bulk.tree.join("flood")).unwrap();
+    wait_until("the flood is under way", || {
+        fs::read_dir(rx.tree.join("flood")).is_ok_and(|d| d.count() > 0)
+    });
+    let started = Instant::now();
+    small.write(
+        "acme/.well-known/acme-challenge/tok-flood",
+        "tok-flood.thumb",
+    );
+    let token = arrival(
+        &[bulk, rx],
+        "acme/.well-known/acme-challenge/tok-flood",
+        15,
+        started,
+    );
+    let flood_left = fs::read_dir(rx.tree.join("flood/d199")).map_or(100, |d| 100 - d.count());
+    eprintln!("during a 20,000-file flood: token on every node after {token:?} ({flood_left} of the last directory's files still missing on rx)");
+    assert!(token.is_some(), "the token queued behind the flood");
 }
