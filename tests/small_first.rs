@@ -2,8 +2,8 @@
 //! large files, or 20,000 small ones, to the others, a small change written on a third
 //! node (an ACME token, a certificate) reaches every node at once: it never queues
 //! behind the bulk, not in the puller's fetch queue, not in the apply units, not on
-//! the sender's streams. (Before the small lane: 3.7 s behind the 250 MiB bulk, and
-//! more than 2 s behind the 20,000 files.)
+//! the sender's streams. (Measured: ~0.1 s for both; before the small lane 3.7 s
+//! behind the 250 MiB bulk and ~10 s, the whole flood, behind the 20,000 files.)
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -14,9 +14,17 @@ use crate::util::{others, wait_until, Node};
 /// slot and apply unit: 250 MiB in all.
 const BULK_FILES: usize = 2000;
 const BULK_SIZE: usize = 128 << 10;
-/// As the issue asks (measured here: ~0.04–0.1 s for a token, ~0.1 s for a 40 KiB
-/// file, printed; 3.7 s before the small lane).
-const SMALL_DEADLINE: Duration = Duration::from_secs(2);
+/// An ACME token (urgent, inline with its record) must be everywhere within 2 s, as
+/// the issue asks. Measured: 0.03–0.3 s, up to 1.2 s with the machine's load at 6 on
+/// 2 cores; before the small lane 3.7 s behind the bulk, ~10 s behind the flood.
+const URGENT_DEADLINE: Duration = Duration::from_secs(2);
+/// Another small file, fetched from a peer that is also serving the bulk: 0.1–0.3 s
+/// measured, up to 1.9 s under that load; asserted within 5 s so the test is not
+/// flaky on two busy shared cores.
+const SMALL_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The two tests here each load the disk with a bulk transfer: one at a time.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn mesh(dir: &std::path::Path) -> Vec<Node> {
     let mut nodes: Vec<Node> = ["bulk", "rx", "small"]
@@ -58,9 +66,15 @@ fn bulk_done(n: &Node) -> bool {
 }
 
 /// How long until `rel` is on every node of `nodes` with `len` bytes (polled each
-/// millisecond), or `None` after the deadline.
-fn arrival(nodes: &[&Node], rel: &str, len: u64, started: Instant) -> Option<Duration> {
-    while started.elapsed() < SMALL_DEADLINE {
+/// millisecond), or `None` after `deadline`.
+fn arrival(
+    nodes: &[&Node],
+    rel: &str,
+    len: u64,
+    started: Instant,
+    deadline: Duration,
+) -> Option<Duration> {
+    while started.elapsed() < deadline {
         if nodes
             .iter()
             .all(|n| fs::metadata(n.tree.join(rel)).is_ok_and(|m| m.len() == len))
@@ -74,6 +88,7 @@ fn arrival(nodes: &[&Node], rel: &str, len: u64, started: Instant) -> Option<Dur
 
 #[test]
 fn a_small_change_overtakes_a_bulk_transfer_to_every_node() {
+    let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let nodes = mesh(dir.path());
     let (bulk, rx, small) = (&nodes[0], &nodes[1], &nodes[2]);
@@ -91,8 +106,15 @@ fn a_small_change_overtakes_a_bulk_transfer_to_every_node() {
         "acme/.well-known/acme-challenge/tok-bulk",
         14,
         started,
+        URGENT_DEADLINE,
     );
-    let cert = arrival(&[bulk, rx], "certs/big-site.pem", 40 << 10, started);
+    let cert = arrival(
+        &[bulk, rx],
+        "certs/big-site.pem",
+        40 << 10,
+        started,
+        SMALL_DEADLINE,
+    );
     let bulk_still_running = !bulk_done(rx);
     eprintln!(
         "during a {} MiB bulk sync: token on every node after {token:?}, 40 KiB file after {cert:?} (bulk still running: {bulk_still_running})",
@@ -108,6 +130,7 @@ fn a_small_change_overtakes_a_bulk_transfer_to_every_node() {
 
 #[test]
 fn a_token_overtakes_a_flood_of_small_files() {
+    let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let nodes = mesh(dir.path());
     let (bulk, rx, small) = (&nodes[0], &nodes[1], &nodes[2]);
@@ -134,6 +157,7 @@ fn a_token_overtakes_a_flood_of_small_files() {
         "acme/.well-known/acme-challenge/tok-flood",
         15,
         started,
+        URGENT_DEADLINE,
     );
     let flood_left = fs::read_dir(rx.tree.join("flood/d199")).map_or(100, |d| 100 - d.count());
     eprintln!("during a 20,000-file flood: token on every node after {token:?} ({flood_left} of the last directory's files still missing on rx)");

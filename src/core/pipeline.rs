@@ -22,7 +22,7 @@ use crate::core::engine::Engine;
 use crate::identity::DeviceId;
 use crate::index::{ContentHash, FileRecord, Kind, LocalStat};
 use crate::paths::RelPath;
-use crate::plan::Need;
+use crate::plan::{Need, Plan};
 
 /// How often retries of paths no longer needed are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
@@ -33,6 +33,16 @@ pub const SMALL_FILE: u64 = 64 << 10;
 const SMALL_LANE_FETCHES: usize = 8;
 /// Small changes that may be in flight beyond `in_flight`.
 const SMALL_LANE_IN_FLIGHT: usize = 1024;
+/// Urgent paths (`.certmesh/`, `acme/`, `live/`) that may be in flight beyond that.
+const URGENT_IN_FLIGHT: usize = 256;
+
+/// The lanes of ready work, in the order their units go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Lane {
+    Bulk,
+    Small,
+    Urgent,
+}
 
 /// Whether a record is a small change, which never waits behind a bulk transfer: the
 /// cluster's own state (`.certmesh/`), ACME challenges (`acme/`), the live links
@@ -50,10 +60,15 @@ pub fn is_small_file(p: &RelPath, size: u64) -> bool {
 /// Whether a path is the cluster's own state, an ACME challenge or a live link: first
 /// in the small lane too (ahead of a burst of other small files).
 fn is_urgent(p: &RelPath) -> bool {
-    ["live/", "acme/", ".certmesh/"]
-        .iter()
-        .any(|d| p.as_str().starts_with(d))
+    URGENT_DIRS.iter().any(|d| {
+        p.as_str()
+            .strip_prefix(d)
+            .is_some_and(|r| r.starts_with('/'))
+    })
 }
+
+/// The directories of urgent paths.
+const URGENT_DIRS: [&str; 3] = [".certmesh", "acme", "live"];
 
 /// What happened to one item of an applied unit.
 #[derive(Debug)]
@@ -234,8 +249,10 @@ impl Pipeline {
     /// Takes needs that are not in flight, not waiting for a retry, and fetchable
     /// from a `connected` peer (or needing no fetch: a deletion, a link, content we
     /// have, or content `inline` has), marking them in `in_flight`. Does nothing
-    /// unless woken since the last take and there is room; while the bulk's queue is
-    /// full, small changes are still taken (up to their own room).
+    /// unless woken since the last take and there is room. Urgent paths are looked up
+    /// first (cheaply: the needs are sorted by path) and taken whatever the queues
+    /// hold; other small changes while the small lane's queue runs short, even when
+    /// the bulk's is full.
     pub fn refill(
         &mut self,
         engine: &mut Engine,
@@ -243,12 +260,18 @@ impl Pipeline {
         connected: impl Fn(&DeviceId) -> bool,
         now: Instant,
     ) {
-        let room = self.limits.in_flight.saturating_sub(self.in_flight());
-        let bulk = self.dirty && self.queued.len() < self.limits.parallel_fetches && room > 0;
-        let small_room =
-            (self.limits.in_flight + SMALL_LANE_IN_FLIGHT).saturating_sub(self.in_flight());
-        let small = self.small_dirty && small_room > 0;
-        if !bulk && !small {
+        // Room in flight: the bulk's, then the small lane's extra, then a last reserve
+        // for urgent paths (not taken by a burst of other small files).
+        let free = |extra: usize| (self.limits.in_flight + extra).saturating_sub(self.in_flight());
+        let (room, small_room) = (free(0), free(SMALL_LANE_IN_FLIGHT));
+        let urgent_room = free(SMALL_LANE_IN_FLIGHT + URGENT_IN_FLIGHT);
+        // A scan of every need (a peer at its fetch cap has its needs skipped, not
+        // ended on) runs only while a lane's queue runs short, as fetches drain it.
+        let parallel = self.limits.parallel_fetches;
+        let bulk = self.dirty && self.queued.len() + self.small_queued.len() < parallel && room > 0;
+        let small = self.small_dirty && self.small_queued.len() < parallel && small_room > 0;
+        let urgent = self.small_dirty && urgent_room > 0;
+        if !bulk && !small && !urgent {
             return;
         }
         self.small_dirty = false;
@@ -264,77 +287,106 @@ impl Pipeline {
             self.last_prune = Some(now);
             self.retry.retain(|p, _| plan.need(p).is_some());
         }
-        let (mut taken, mut small_taken) = (0, 0);
-        for need in plan.needs() {
-            let as_bulk = bulk && taken < room;
-            let as_small = !as_bulk && small_taken < small_room && is_small(&need.target);
-            if !as_bulk && !as_small {
-                if small_taken >= small_room {
-                    break;
-                }
-                continue;
-            }
-            let p = &need.target.path;
-            if in_flight.contains(p) || self.retry.get(p).is_some_and(|(t, _)| *t > now) {
-                continue;
-            }
-            let local = index.get(p);
-            // What the disk must still hold for the write to go ahead: the local
-            // record's stat (a reader's file on a path the writers deleted, too).
-            let expect = local
-                .filter(|e| !e.record.deleted || plan.is_reverting(p))
-                .and_then(|e| e.stat);
-            let have_content = local.is_some_and(|e| {
-                !e.record.deleted
-                    && e.record.kind == Kind::File
-                    && e.record.hash == need.target.hash
-            }) && !plan.reverting_content(p);
-            let wants_content =
-                need.target.kind == Kind::File && !need.target.deleted && !have_content;
-            let inline = wants_content.then(|| inline(&need.target.hash)).flatten();
-            let mut sources = Vec::new();
-            if wants_content && inline.is_none() {
-                sources = plan
-                    .sources(need)
-                    .into_iter()
-                    .filter(|id| connected(id))
+        let mut taken = 0;
+        let take = |this: &mut Self, need: &Need, in_flight: &mut HashSet<RelPath>| {
+            usize::from(this.take(need, plan, index, in_flight, &inline, &connected, now))
+        };
+        if urgent {
+            for dir in URGENT_DIRS {
+                let dir = RelPath::parse(dir).expect("a valid path");
+                let within: Vec<&Need> = plan
+                    .needs_within(&dir)
+                    .filter_map(|p| plan.need(p))
                     .collect();
-                if sources.is_empty() {
-                    continue; // no connected peer has it; woken again when one connects
+                for need in within {
+                    if taken >= urgent_room {
+                        break;
+                    }
+                    taken += take(self, need, in_flight);
                 }
-                // Prefer a source with room in this lane; none: it waits (not
-                // counted as taken).
-                let (cap, lane) = (self.limits.per_peer_fetches, is_small(&need.target));
-                let count = |id: &DeviceId| self.per_peer.get(&(*id, lane)).copied();
-                match sources.iter().position(|id| count(id).unwrap_or(0) < cap) {
-                    Some(0) => {}
-                    Some(i) => sources.swap(0, i),
-                    None => continue,
-                }
-                *self.per_peer.entry((sources[0], lane)).or_default() += 1;
-            }
-            in_flight.insert(p.clone());
-            match as_bulk {
-                true => taken += 1,
-                false => small_taken += 1,
-            }
-            let w = Work {
-                need: need.clone(),
-                expect,
-                sources,
-                inline,
-                staged: None,
-            };
-            if w.sources.is_empty() {
-                self.push_ready(w, now);
-            } else if is_urgent(w.path()) {
-                self.small_queued.push_front(w);
-            } else if is_small(&w.need.target) {
-                self.small_queued.push_back(w);
-            } else {
-                self.queued.push_back(w);
             }
         }
+        if !bulk && !small {
+            return;
+        }
+        for need in plan.needs() {
+            let lane_has_room = match (bulk && taken < room, small && taken < small_room) {
+                (true, _) => true,
+                (false, false) => break,
+                (false, true) => is_small(&need.target),
+            };
+            if lane_has_room {
+                taken += take(self, need, in_flight);
+            }
+        }
+    }
+
+    /// Takes one need unless it is in flight, waiting for a retry, or has no
+    /// connected source with room in its lane; true if taken.
+    #[allow(clippy::too_many_arguments)]
+    fn take(
+        &mut self,
+        need: &Need,
+        plan: &Plan,
+        index: &crate::index::Index,
+        in_flight: &mut HashSet<RelPath>,
+        inline: &impl Fn(&ContentHash) -> Option<Arc<Vec<u8>>>,
+        connected: &impl Fn(&DeviceId) -> bool,
+        now: Instant,
+    ) -> bool {
+        let p = &need.target.path;
+        if in_flight.contains(p) || self.retry.get(p).is_some_and(|(t, _)| *t > now) {
+            return false;
+        }
+        let local = index.get(p);
+        // What the disk must still hold for the write to go ahead: the local
+        // record's stat (a reader's file on a path the writers deleted, too).
+        let expect = local
+            .filter(|e| !e.record.deleted || plan.is_reverting(p))
+            .and_then(|e| e.stat);
+        let have_content = local.is_some_and(|e| {
+            !e.record.deleted && e.record.kind == Kind::File && e.record.hash == need.target.hash
+        }) && !plan.reverting_content(p);
+        let wants_content = need.target.kind == Kind::File && !need.target.deleted && !have_content;
+        let inline = wants_content.then(|| inline(&need.target.hash)).flatten();
+        let mut sources = Vec::new();
+        if wants_content && inline.is_none() {
+            sources = plan
+                .sources(need)
+                .into_iter()
+                .filter(|id| connected(id))
+                .collect();
+            if sources.is_empty() {
+                return false; // no connected peer has it; woken again when one connects
+            }
+            // Prefer a source with room in this lane; none: it waits (not taken).
+            let (cap, lane) = (self.limits.per_peer_fetches, is_small(&need.target));
+            let count = |id: &DeviceId| self.per_peer.get(&(*id, lane)).copied();
+            match sources.iter().position(|id| count(id).unwrap_or(0) < cap) {
+                Some(0) => {}
+                Some(i) => sources.swap(0, i),
+                None => return false,
+            }
+            *self.per_peer.entry((sources[0], lane)).or_default() += 1;
+        }
+        in_flight.insert(p.clone());
+        let w = Work {
+            need: need.clone(),
+            expect,
+            sources,
+            inline,
+            staged: None,
+        };
+        if w.sources.is_empty() {
+            self.push_ready(w, now);
+        } else if is_urgent(w.path()) {
+            self.small_queued.push_front(w);
+        } else if is_small(&w.need.target) {
+            self.small_queued.push_back(w);
+        } else {
+            self.queued.push_back(w);
+        }
+        true
     }
 
     fn push_ready(&mut self, w: Work, now: Instant) {
@@ -413,24 +465,40 @@ impl Pipeline {
                 || self.ready.len() >= l.apply_items
                 || self.ready_bytes >= l.apply_bytes
                 || due;
-        let small_go =
-            !bulk_go && !self.small_stalled && self.ready.iter().any(|w| is_small(&w.need.target));
-        if self.applying || self.ready.is_empty() || !(bulk_go || small_go) {
-            return None;
-        }
+        // Which unit goes: urgent paths alone and at once; else the bulk's when due
+        // (everything ready, from the front); else the small changes alone, at once.
+        let lane = |w: &Work| match (is_urgent(w.path()), is_small(&w.need.target)) {
+            (true, _) => Lane::Urgent,
+            (false, true) => Lane::Small,
+            (false, false) => Lane::Bulk,
+        };
+        let top = match self.small_stalled {
+            true => None,
+            false => self.ready.iter().map(lane).max(),
+        };
+        let pick = match top {
+            Some(Lane::Urgent) => Some(Lane::Urgent),
+            _ if bulk_go => Some(Lane::Bulk),
+            Some(Lane::Small) => Some(Lane::Small),
+            _ => None,
+        };
+        let pick = pick.filter(|_| !self.applying && !self.ready.is_empty())?;
+        let all = pick == Lane::Bulk;
         let waiting_since = self.ready_since;
-        let mut batch: Vec<Work> = if bulk_go {
+        let mut batch: Vec<Work> = if all {
+            // Small changes ready go in this unit, whatever its size cap leaves out.
+            self.ready.sort_by_key(|w| std::cmp::Reverse(lane(w)));
             let n = self.ready.len().min(l.batch_items);
             self.ready.drain(..n).collect()
         } else {
-            let (mut small, rest): (Vec<Work>, Vec<Work>) = std::mem::take(&mut self.ready)
+            let (mut first, rest): (Vec<Work>, Vec<Work>) = std::mem::take(&mut self.ready)
                 .into_iter()
-                .partition(|w| is_small(&w.need.target));
+                .partition(|w| lane(w) >= pick);
             self.ready = rest;
-            if small.len() > l.batch_items {
-                self.ready.extend(small.drain(l.batch_items..));
+            if first.len() > l.batch_items {
+                self.ready.extend(first.drain(l.batch_items..));
             }
-            small
+            first
         };
         let in_batch: HashSet<RelPath> = batch.iter().map(|w| w.path().clone()).collect();
         let mut keep = Vec::new();
@@ -463,7 +531,7 @@ impl Pipeline {
         self.ready_bytes = self.ready.iter().map(|w| w.need.target.size).sum();
         // What stays (links waiting for their targets) waits for the next round; the
         // bulk's ready work left by a small unit keeps its place in time.
-        self.ready_since = match (self.ready.is_empty(), bulk_go) {
+        self.ready_since = match (self.ready.is_empty(), all) {
             (true, _) => None,
             (false, true) => Some(now),
             (false, false) => waiting_since.or(Some(now)),
@@ -473,7 +541,7 @@ impl Pipeline {
         // (links still waiting) costs no scan.
         self.small_dirty |= released || !batch.is_empty();
         if batch.is_empty() {
-            self.small_stalled = !bulk_go;
+            self.small_stalled = !all;
             return None;
         }
         self.applying = true;
