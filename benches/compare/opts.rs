@@ -162,12 +162,11 @@ pub(crate) fn parse_opts() -> Result<Opts> {
                     .map(|s| s.trim().to_string())
                     .filter(|s| !s.is_empty())
                     .collect();
-                if let Some(bad) = o
-                    .only
-                    .iter()
-                    .find(|s| !["latency", "bulk", "scale", "acme", "hubs"].contains(&s.as_str()))
-                {
-                    bail!("--only: unknown section {bad:?} (latency, bulk, scale, acme, hubs)");
+                if let Some(bad) = o.only.iter().find(|s| {
+                    !["latency", "bulk", "bulk-small", "scale", "acme", "hubs"]
+                        .contains(&s.as_str())
+                }) {
+                    bail!("--only: unknown section {bad:?} (latency, bulk, bulk-small, scale, acme, hubs)");
                 }
             }
             "-h" | "--help" => {
