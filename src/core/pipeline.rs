@@ -491,9 +491,17 @@ impl Pipeline {
             let n = self.ready.len().min(l.batch_items);
             self.ready.drain(..n).collect()
         } else {
-            let (mut first, rest): (Vec<Work>, Vec<Work>) = std::mem::take(&mut self.ready)
-                .into_iter()
-                .partition(|w| lane(w) >= pick);
+            // With a link of this lane goes what of its target is ready (a `live/`
+            // flip and its archive version apply as one unit, as before the lanes).
+            let targets: Vec<RelPath> = self
+                .ready
+                .iter()
+                .filter(|w| lane(w) >= pick)
+                .filter_map(Work::link_target)
+                .collect();
+            let goes = |w: &Work| lane(w) >= pick || targets.iter().any(|t| w.path().is_within(t));
+            let (mut first, rest): (Vec<Work>, Vec<Work>) =
+                std::mem::take(&mut self.ready).into_iter().partition(goes);
             self.ready = rest;
             if first.len() > l.batch_items {
                 self.ready.extend(first.drain(l.batch_items..));
@@ -948,5 +956,40 @@ mod tests {
             ["a", "z"].map(String::from).into(),
             "b waits for a's slot"
         );
+    }
+
+    #[test]
+    fn a_ready_live_flip_goes_at_once_with_its_archive_files() {
+        let mut e = engine_needing_sized(&[
+            ("archive/www/2/cert.pem", 1, 1 << 20),
+            ("bulk/a", 2, 1 << 20),
+            ("bulk/b", 3, 1 << 20),
+        ]);
+        let (mut p, now) = (Pipeline::new(limits()), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, now);
+        let fetching: Vec<Work> = std::iter::from_fn(|| p.next_fetch()).collect();
+        let mut link = fetching[0].need.clone();
+        (link.target.path, link.target.kind) = (RelPath::parse("live/www").unwrap(), Kind::Symlink);
+        link.target.target = "../archive/www/2".into();
+        for w in fetching {
+            if w.path().as_str() != "bulk/b" {
+                p.fetched(w, "staged".into(), now);
+            }
+        }
+        e.pipeline_parts().2.insert(link.target.path.clone());
+        p.push_ready(
+            Work {
+                need: link,
+                expect: None,
+                sources: Vec::new(),
+                inline: None,
+                staged: None,
+            },
+            now,
+        );
+        let unit = p.poll_apply(&mut e, now).expect("the flip goes at once");
+        let mut paths: Vec<String> = unit.iter().map(|w| w.path().to_string()).collect();
+        paths.sort();
+        assert_eq!(paths, ["archive/www/2/cert.pem", "live/www"]);
     }
 }
