@@ -283,6 +283,45 @@ fn run_certmesh_bulk(exe: &Path, o: &Opts) -> Result<f64> {
     Ok(took.as_secs_f64())
 }
 
+/// Small-file latency while a bulk transfer runs (issue 25 item 3): node 1 holds the
+/// bulk before start and pushes it to nodes 2 and 3; meanwhile node 3 writes small
+/// files, each timed until it is on nodes 1 and 2. Returns the latencies and whether
+/// the bulk was still running on node 2 after the last sample.
+fn run_certmesh_bulk_small(
+    exe: &Path,
+    rt: &tokio::runtime::Runtime,
+    o: &Opts,
+) -> Result<(Stats, bool)> {
+    eprintln!(
+        "[certmesh] small files during a bulk sync: {} files / {} MiB, 3 nodes",
+        o.bulk_files, o.bulk_mib
+    );
+    let mut bulk = None;
+    let (c, _) = cm_start(exe, 3, |cfgs| {
+        bulk = Some(make_bulk(&cfgs[0].2, o.bulk_files, o.bulk_mib)?);
+        Ok(())
+    })?;
+    let bulk = bulk.expect("prepared");
+    cm_wait_connected(rt, &c, Duration::from_secs(30))?;
+    let t = Trees {
+        label: "certmesh during bulk",
+        writer: &c.nodes[2].tree,
+        peers: vec![&c.nodes[0].tree, &c.nodes[1].tree],
+        jitter: Duration::from_millis(50),
+        timeout: Duration::from_secs(10),
+    };
+    let small = stats(small_file_samples(&t, o.samples, false, false)?);
+    let still = !bulk.files.iter().all(|(rel, len)| {
+        std::fs::metadata(c.nodes[1].tree.join(rel)).is_ok_and(|m| m.len() == *len)
+    });
+    eprintln!(
+        "[certmesh] small file during bulk: p50 {:.1} ms, p99 {:.1} ms (bulk still running after the last: {still})",
+        small.p50 * 1000.0,
+        small.p99 * 1000.0
+    );
+    Ok((small, still))
+}
+
 fn run_syncthing_bulk(st: &Path, o: &Opts) -> Result<f64> {
     let label = "syncthing bulk";
     eprintln!(
@@ -378,6 +417,15 @@ fn main() -> Result<()> {
         scale.push(run_scale(&exe, &rt, n, &o).with_context(|| format!("certmesh, {n} nodes"))?);
     }
 
+    let bulk_small = if o.runs("bulk-small") {
+        Some(run_certmesh_bulk_small(&exe, &rt, &o).context("certmesh, small files during bulk")?)
+    } else {
+        None
+    };
+    if let Some((_, false)) = &bulk_small {
+        notes.push("Small files during bulk: the bulk finished before the last sample, so the later samples ran without it (use a larger --bulk-mib).".into());
+    }
+
     let mut hub_results = Vec::new();
     if o.only.iter().any(|s| s == "hubs") {
         for &n in &o.hubs {
@@ -453,6 +501,9 @@ fn main() -> Result<()> {
         o.idle_secs,
         1000.0 / clk_tck()
     ));
+    if bulk_small.is_some() {
+        notes.push(format!("Small file during a bulk sync: 3 nodes; the bulk ({} files / {} MiB) is created on node 1 before start and pushed to nodes 2 and 3; once connected, node 3 writes {} small files (as the latency rows, 0–50 ms pause before each), each timed until it is on nodes 1 and 2, while node 2 and 3 are still pulling the bulk (small changes have their own lane: issue 25 item 3).", o.bulk_files, o.bulk_mib, o.samples));
+    }
     notes.push("Bulk: files created on node 1 before any process starts; timed from starting the processes until every file has its size on node 2 (contents compared afterwards); MB = 10^6 bytes.".into());
     notes.push(format!(
         "Ratios are Syncthing ÷ certmesh: above 1 means certmesh is faster/smaller, except in the MB/s and files/s rows. Whole run: {:.0} s.",
@@ -470,6 +521,7 @@ fn main() -> Result<()> {
         &def,
         cm_bulk,
         st_bulk,
+        bulk_small.as_ref().map(|(s, _)| s),
         &scale,
         acme.as_ref(),
         &notes,

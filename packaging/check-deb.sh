@@ -81,6 +81,16 @@ chmod 755 "$WORK/certmesh"
 sed "s#/usr/bin/certmesh#$WORK/certmesh#" packaging/certmesh.service >"$WORK/unit/certmesh.service"
 systemd-analyze verify "$WORK/unit/certmesh.service" || fail "systemd-analyze verify"
 ok "systemd-analyze verify certmesh.service"
+# The optional socket unit (holds [http] listen across restarts), verified with the
+# service it activates.
+SOCKET=$(grep -o '\./\(usr/\)\?lib/systemd/system/certmesh-http\.socket$' "$WORK/contents" | head -n 1)
+[ -n "$SOCKET" ] || fail "no certmesh-http.socket under /lib/systemd/system in $DEB"
+dpkg-deb --fsys-tarfile "$DEB" | tar -xOf - "$SOCKET" >"$WORK/unit/certmesh-http.socket"
+cmp -s "$WORK/unit/certmesh-http.socket" packaging/certmesh-http.socket ||
+    fail "the packaged socket unit differs from packaging/certmesh-http.socket"
+systemd-analyze verify "$WORK/unit/certmesh-http.socket" "$WORK/unit/certmesh.service" ||
+    fail "systemd-analyze verify certmesh-http.socket"
+ok "systemd-analyze verify certmesh-http.socket"
 # `check` wants the tree and an identity: the shipped paths, moved into $WORK.
 "$WORK/certmesh" init --state-dir "$WORK/check-state" >/dev/null || fail "init for check"
 mkdir "$WORK/check-tree"

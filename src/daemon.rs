@@ -76,6 +76,9 @@ fn kept_budget(config: &Config) -> crate::keep::Budget {
 
 /// Runs the daemon until `shutdown` resolves; in-flight writes finish first.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // First of all, the `[http] listen` port (issue 25): from systemd socket
+    // activation or bound now, so no other local user can take it while we start.
+    let http = crate::net::activation::http_listener(config.http_listen)?;
     // Before anything in the state dir is read or written: one daemon per state dir.
     let _lock = crate::disk::lock::StateLock::acquire(&config.state_dir)?;
     let identity = Arc::new(Identity::load(&config.state_dir)?);
@@ -200,7 +203,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         Settings::new(&shared),
         Reports::new(&shared),
     )));
-    tasks.extend(crate::acme::start(&crate::handles::acme_handles(&shared))?);
+    tasks.extend(crate::acme::start(
+        &crate::handles::acme_handles(&shared),
+        http,
+    )?);
     tasks.extend(crate::hooks::start(crate::hooks::Hooks {
         changes: crate::handles::Changes::new(&shared),
         settings: crate::handles::Settings::new(&shared),
@@ -353,17 +359,29 @@ pub fn reload(shared: &Arc<Shared>, new: Config) -> Vec<DeviceId> {
 /// Accepts sessions; they end with this task (their set is dropped with it).
 async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
     let mut sessions = tokio::task::JoinSet::new();
+    // Handshakes in flight: past a threshold a client proves its address (Retry),
+    // at the cap new ones are turned away (issue 25: unauthenticated load).
+    let handshakes = crate::net::admission::Handshakes::default();
     loop {
         let incoming = tokio::select! {
             i = transport.endpoint.accept() => match i { Some(i) => i, None => return },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
+        let Some((incoming, in_flight)) = handshakes.admit(incoming) else {
+            continue;
+        };
         let shared = shared.clone();
         sessions.spawn(async move {
             let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => crate::peer::run_session(SyncHandle::new(&shared), conn, false).await,
-                Err(e) => tracing::debug!(%remote, error = %e, "incoming handshake failed"),
+            let done = tokio::time::timeout(crate::net::admission::HANDSHAKE_TIMEOUT, incoming);
+            let handshake = done.await;
+            drop(in_flight);
+            match handshake {
+                Ok(Ok(conn)) => {
+                    crate::peer::run_session(SyncHandle::new(&shared), conn, false).await
+                }
+                Ok(Err(e)) => tracing::debug!(%remote, error = %e, "incoming handshake failed"),
+                Err(_) => tracing::debug!(%remote, "incoming handshake timed out"),
             }
         });
     }

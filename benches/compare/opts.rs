@@ -58,7 +58,8 @@ usage: cargo bench --bench compare -- [flags]
   --idle-secs S         idle window for CPU / context switches (default 30)
   --skip-syncthing      certmesh only
   --only LIST           sections to run, comma separated: latency (small file, bundle,
-                        idle), bulk, scale, acme (issuance against a local Pebble on 1
+                        idle), bulk, bulk-small (small-file latency during a bulk
+                        sync, 3 nodes), scale, acme (issuance against a local Pebble on 1
                         and 3 nodes; skipped when pebble is not installed) (default: all)
   --acme-samples N      issuances per cluster size (default 20)
   --hubs LIST           hub topology sizes for `--only hubs` (default 128; multiples of 4;
@@ -161,12 +162,11 @@ pub(crate) fn parse_opts() -> Result<Opts> {
                     .map(|s| s.trim().to_string())
                     .filter(|s| !s.is_empty())
                     .collect();
-                if let Some(bad) = o
-                    .only
-                    .iter()
-                    .find(|s| !["latency", "bulk", "scale", "acme", "hubs"].contains(&s.as_str()))
-                {
-                    bail!("--only: unknown section {bad:?} (latency, bulk, scale, acme, hubs)");
+                if let Some(bad) = o.only.iter().find(|s| {
+                    !["latency", "bulk", "bulk-small", "scale", "acme", "hubs"]
+                        .contains(&s.as_str())
+                }) {
+                    bail!("--only: unknown section {bad:?} (latency, bulk, bulk-small, scale, acme, hubs)");
                 }
             }
             "-h" | "--help" => {

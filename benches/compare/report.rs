@@ -102,6 +102,7 @@ pub(crate) fn render_report(
     def: &SysResult,
     cm_bulk: Option<f64>,
     st_bulk: Option<f64>,
+    bulk_small: Option<&Stats>,
     scale: &[ScaleResult],
     acme: Option<&(Stats, Stats)>,
     notes: &[String],
@@ -262,6 +263,25 @@ pub(crate) fn render_report(
         st_bulk.map(|s| files / s),
         target,
     );
+    // 4b. small files while a bulk transfer runs (certmesh only)
+    if let Some(s) = bulk_small {
+        t.row(
+            "small file during a bulk sync, 3 nodes: p50",
+            Unit::Secs,
+            Some(s.p50),
+            None,
+            None,
+            String::new(),
+        );
+        t.row(
+            "small file during a bulk sync, 3 nodes: p99",
+            Unit::Secs,
+            Some(s.p99),
+            None,
+            None,
+            check(s.p99 <= 2.0, "≤ 2 s"),
+        );
+    }
     // 5. scale
     for s in scale {
         let f_target = if s.n == 32 {

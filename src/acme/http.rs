@@ -4,10 +4,10 @@
 //! a token it does not have yet statelessly with `<token>.<account thumbprint>`: the
 //! account is shared, so the answer is right whichever node placed the order.
 //! Only regular files with token-shaped names directly in the challenge directory are
-//! served (no link followed, at most 4 KiB); at most 256 connections at once; an
-//! accept error (EMFILE) pauses the loop, never ends it.
+//! served (no link followed, at most 4 KiB); at most 256 connections at once, and over
+//! that the oldest is dropped for the newcomer (slow clients cannot keep the CA out);
+//! an accept error (EMFILE) pauses the loop, never ends it.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,13 +26,18 @@ const MAX_CLIENTS: usize = 256;
 /// A key authorization is under 100 bytes; anything over this is not one.
 const MAX_TOKEN_FILE: u64 = 4096;
 
-/// Binds and serves the tree at `root` in the background.
-pub fn start(root: PathBuf, addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let std = std::net::TcpListener::bind(addr).with_context(|| format!("http.listen {addr}"))?;
+/// Serves the tree at `root` in the background on `std`, the `[http] listen` socket
+/// the daemon took first thing at start (bound, or passed by systemd).
+pub fn start(
+    root: PathBuf,
+    std: std::net::TcpListener,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     std.set_nonblocking(true)?;
+    let addr = std.local_addr().context("http.listen socket address")?;
     let listener = TcpListener::from_std(std)?;
     tracing::info!(%addr, "http-01 responder listening");
-    let clients = Clients::new("http-01 responder", MAX_CLIENTS);
+    // A slowloris must not keep the CA out: over the cap the oldest client goes.
+    let clients = Clients::new("http-01 responder", MAX_CLIENTS).evicting_oldest();
     let limit = Some(Duration::from_secs(10));
     let root: Arc<Path> = root.into();
     Ok(crate::clients::serve_forever(

@@ -85,16 +85,17 @@ pub struct Handles {
     pub slot: AcmeSlot,
 }
 
-/// Starts the ACME driver (and the http-01 responder) if `[acme]` / `[http]` are
-/// configured. Call once, after the control socket is up.
-pub fn start(h: &Handles) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let (acme, http) = h
-        .settings
-        .read(|c| (c.acme.is_some(), c.http_listen))
-        .unwrap_or((false, None));
+/// Starts the ACME driver if `[acme]` is configured, and the http-01 responder on
+/// `http` (the `[http] listen` socket, taken before anything else at start). Call
+/// once, after the control socket is up.
+pub fn start(
+    h: &Handles,
+    http: Option<std::net::TcpListener>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let acme = h.settings.read(|c| c.acme.is_some()).unwrap_or(false);
     let mut tasks = Vec::new();
-    if let Some(addr) = http {
-        tasks.push(http::start(h.writer.root().to_path_buf(), addr)?);
+    if let Some(listener) = http {
+        tasks.push(http::start(h.writer.root().to_path_buf(), listener)?);
     }
     if !acme {
         // A node without `[acme]` never speaks as one: an advert under its own ID

@@ -4,6 +4,11 @@
 //! fetching (QUIC) and applying (disk) it is told to; the simulator drives the same
 //! code with instant fetches and an in-memory tree.
 //!
+//! Small changes have their own lane ([`is_small`]: anything under `.certmesh/`,
+//! `acme/` or `live/`, any file under 64 KiB, links, directories, deletions): they are
+//! taken even when the bulk's fetch queue is full, fetched first on slots of their
+//! own, and applied in a unit of their own at once, never behind a bulk transfer.
+//!
 //! Paths taken here are marked in the engine's set of paths being applied
 //! ([`Engine::applying`]), which the scanner also asks: a path in flight is rescanned
 //! only after its apply, so our own writes are never announced as local changes.
@@ -15,12 +20,55 @@ use std::time::{Duration, Instant};
 
 use crate::core::engine::Engine;
 use crate::identity::DeviceId;
-use crate::index::{ContentHash, Kind, LocalStat};
+use crate::index::{ContentHash, FileRecord, Kind, LocalStat};
 use crate::paths::RelPath;
-use crate::plan::Need;
+use crate::plan::{Need, Plan};
 
 /// How often retries of paths no longer needed are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// A file smaller than this is a small change (see [`is_small`]).
+pub const SMALL_FILE: u64 = 64 << 10;
+/// Fetches of small changes that may run beyond `parallel_fetches`.
+const SMALL_LANE_FETCHES: usize = 8;
+/// Small changes that may be in flight beyond `in_flight`.
+const SMALL_LANE_IN_FLIGHT: usize = 1024;
+/// Urgent paths (`.certmesh/`, `acme/`, `live/`) that may be in flight beyond that.
+const URGENT_IN_FLIGHT: usize = 256;
+
+/// The lanes of ready work, in the order their units go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Lane {
+    Bulk,
+    Small,
+    Urgent,
+}
+
+/// Whether a record is a small change, which never waits behind a bulk transfer: the
+/// cluster's own state (`.certmesh/`), ACME challenges (`acme/`), the live links
+/// (`live/`), any file under [`SMALL_FILE`], and what carries no content (links,
+/// directories, deletions).
+pub fn is_small(r: &FileRecord) -> bool {
+    r.kind != Kind::File || r.deleted || is_small_file(&r.path, r.size)
+}
+
+/// Whether a file of `size` bytes at `p` is a small change (see [`is_small`]).
+pub fn is_small_file(p: &RelPath, size: u64) -> bool {
+    size < SMALL_FILE || is_urgent(p)
+}
+
+/// Whether a path is the cluster's own state, an ACME challenge or a live link: first
+/// in the small lane too (ahead of a burst of other small files).
+fn is_urgent(p: &RelPath) -> bool {
+    URGENT_DIRS.iter().any(|d| {
+        p.as_str()
+            .strip_prefix(d)
+            .is_some_and(|r| r.starts_with('/'))
+    })
+}
+
+/// The directories of urgent paths.
+const URGENT_DIRS: [&str; 3] = [".certmesh", "acme", "live"];
 
 /// What happened to one item of an applied unit.
 #[derive(Debug)]
@@ -123,9 +171,15 @@ pub struct Pipeline {
     /// Per path: not before, and how many failures in a row (backoff 0.5 s … 32 s).
     retry: HashMap<RelPath, (Instant, u32)>,
     queued: VecDeque<Work>,
+    /// The small lane's fetches, started before `queued`'s on slots of their own.
+    small_queued: VecDeque<Work>,
     fetching: usize,
+    /// Of `fetching`, the small lane's.
+    small_fetching: usize,
     /// Queued or running fetches per first source.
-    per_peer: HashMap<DeviceId, usize>,
+    /// Keyed by lane too (true: the small lane), so a peer's bulk at its cap never
+    /// holds up the same peer's small changes.
+    per_peer: HashMap<(DeviceId, bool), usize>,
     ready: Vec<Work>,
     ready_bytes: u64,
     ready_since: Option<Instant>,
@@ -135,6 +189,11 @@ pub struct Pipeline {
     unit: Vec<RelPath>,
     /// The needs may have changed: take again.
     dirty: bool,
+    /// The same, for the small lane (taken even while the bulk's queue is full).
+    small_dirty: bool,
+    /// The small changes ready could not go in a unit of their own (links waiting
+    /// for their targets): not tried again until more is ready or a unit applied.
+    small_stalled: bool,
     /// When `refill` last took: retries due by then were considered, so only later
     /// ones need a timer.
     last_refill: Option<Instant>,
@@ -152,7 +211,9 @@ impl Pipeline {
             limits,
             retry: HashMap::new(),
             queued: VecDeque::new(),
+            small_queued: VecDeque::new(),
             fetching: 0,
+            small_fetching: 0,
             per_peer: HashMap::new(),
             ready: Vec::new(),
             ready_bytes: 0,
@@ -160,6 +221,8 @@ impl Pipeline {
             applying: false,
             unit: Vec::new(),
             dirty: true,
+            small_dirty: true,
+            small_stalled: false,
             last_refill: None,
             last_prune: None,
             #[cfg(test)]
@@ -174,21 +237,29 @@ impl Pipeline {
     /// The needs or the connected peers changed (or a timer fired): take again.
     pub fn wake(&mut self) {
         self.dirty = true;
+        self.small_dirty = true;
     }
 
     /// Nothing queued, fetching, ready or being applied.
     pub fn is_idle(&self) -> bool {
-        self.queued.is_empty() && self.fetching == 0 && self.ready.is_empty() && !self.applying
+        self.queued.is_empty()
+            && self.small_queued.is_empty()
+            && self.fetching == 0
+            && self.ready.is_empty()
+            && !self.applying
     }
 
     fn in_flight(&self) -> usize {
-        self.queued.len() + self.fetching + self.ready.len()
+        self.queued.len() + self.small_queued.len() + self.fetching + self.ready.len()
     }
 
     /// Takes needs that are not in flight, not waiting for a retry, and fetchable
     /// from a `connected` peer (or needing no fetch: a deletion, a link, content we
     /// have, or content `inline` has), marking them in `in_flight`. Does nothing
-    /// unless woken since the last take and there is room.
+    /// unless woken since the last take and there is room. Urgent paths are looked up
+    /// first (cheaply: the needs are sorted by path) and taken whatever the queues
+    /// hold; other small changes while the small lane's queue runs short, even when
+    /// the bulk's is full.
     pub fn refill(
         &mut self,
         engine: &mut Engine,
@@ -196,12 +267,25 @@ impl Pipeline {
         connected: impl Fn(&DeviceId) -> bool,
         now: Instant,
     ) {
-        let room = self.limits.in_flight.saturating_sub(self.in_flight());
-        if !self.dirty || self.queued.len() >= self.limits.parallel_fetches || room == 0 {
+        // Room in flight: the bulk's, then the small lane's extra, then a last reserve
+        // for urgent paths (not taken by a burst of other small files).
+        let free = |extra: usize| (self.limits.in_flight + extra).saturating_sub(self.in_flight());
+        let (room, small_room) = (free(0), free(SMALL_LANE_IN_FLIGHT));
+        let urgent_room = free(SMALL_LANE_IN_FLIGHT + URGENT_IN_FLIGHT);
+        // A scan of every need (a peer at its fetch cap has its needs skipped, not
+        // ended on) runs only while a lane's queue runs short, as fetches drain it.
+        let parallel = self.limits.parallel_fetches;
+        let bulk = self.dirty && self.queued.len() + self.small_queued.len() < parallel && room > 0;
+        let small = self.small_dirty && self.small_queued.len() < parallel && small_room > 0;
+        let urgent = self.small_dirty && urgent_room > 0;
+        if !bulk && !small && !urgent {
             return;
         }
-        self.dirty = false;
-        self.last_refill = Some(now);
+        self.small_dirty = false;
+        if bulk {
+            self.dirty = false;
+            self.last_refill = Some(now);
+        }
         let (plan, index, in_flight) = engine.pipeline_parts();
         // A path no longer needed (a newer record arrived, or ours won) keeps no
         // retry. At most once a second: under a flood of unfetchable needs there are
@@ -211,80 +295,136 @@ impl Pipeline {
             self.retry.retain(|p, _| plan.need(p).is_some());
         }
         let mut taken = 0;
-        for need in plan.needs() {
-            if taken >= room {
-                break;
-            }
-            let p = &need.target.path;
-            if in_flight.contains(p) || self.retry.get(p).is_some_and(|(t, _)| *t > now) {
-                continue;
-            }
-            let local = index.get(p);
-            // What the disk must still hold for the write to go ahead: the local
-            // record's stat (a reader's file on a path the writers deleted, too).
-            let expect = local
-                .filter(|e| !e.record.deleted || plan.is_reverting(p))
-                .and_then(|e| e.stat);
-            let have_content = local.is_some_and(|e| {
-                !e.record.deleted
-                    && e.record.kind == Kind::File
-                    && e.record.hash == need.target.hash
-            }) && !plan.reverting_content(p);
-            let wants_content =
-                need.target.kind == Kind::File && !need.target.deleted && !have_content;
-            let inline = wants_content.then(|| inline(&need.target.hash)).flatten();
-            let mut sources = Vec::new();
-            if wants_content && inline.is_none() {
-                sources = plan
-                    .sources(need)
-                    .into_iter()
-                    .filter(|id| connected(id))
+        let take = |this: &mut Self, need: &Need, in_flight: &mut HashSet<RelPath>| {
+            usize::from(this.take(need, plan, index, in_flight, &inline, &connected, now))
+        };
+        if urgent {
+            for dir in URGENT_DIRS {
+                let dir = RelPath::parse(dir).expect("a valid path");
+                let within: Vec<&Need> = plan
+                    .needs_within(&dir)
+                    .filter_map(|p| plan.need(p))
                     .collect();
-                if sources.is_empty() {
-                    continue; // no connected peer has it; woken again when one connects
+                for need in within {
+                    if taken >= urgent_room {
+                        break;
+                    }
+                    taken += take(self, need, in_flight);
                 }
-                // Prefer a source with room; none: it waits (not counted as taken).
-                let cap = self.limits.per_peer_fetches;
-                match sources
-                    .iter()
-                    .position(|id| self.per_peer.get(id).copied().unwrap_or(0) < cap)
-                {
-                    Some(0) => {}
-                    Some(i) => sources.swap(0, i),
-                    None => continue,
-                }
-                *self.per_peer.entry(sources[0]).or_default() += 1;
-            }
-            in_flight.insert(p.clone());
-            taken += 1;
-            let replaces_author = local
-                .filter(|e| !e.record.deleted)
-                .map(|e| e.record.modified_by);
-            let w = Work {
-                need: need.clone(),
-                expect,
-                replaces_author,
-                sources,
-                inline,
-                staged: None,
-            };
-            if w.sources.is_empty() {
-                self.push_ready(w, now);
-            } else {
-                self.queued.push_back(w);
             }
         }
+        if !bulk && !small {
+            return;
+        }
+        for need in plan.needs() {
+            let lane_has_room = match (bulk && taken < room, small && taken < small_room) {
+                (true, _) => true,
+                (false, false) => break,
+                (false, true) => is_small(&need.target),
+            };
+            if lane_has_room {
+                taken += take(self, need, in_flight);
+            }
+        }
+    }
+
+    /// Takes one need unless it is in flight, waiting for a retry, or has no
+    /// connected source with room in its lane; true if taken.
+    #[allow(clippy::too_many_arguments)]
+    fn take(
+        &mut self,
+        need: &Need,
+        plan: &Plan,
+        index: &crate::index::Index,
+        in_flight: &mut HashSet<RelPath>,
+        inline: &impl Fn(&ContentHash) -> Option<Arc<Vec<u8>>>,
+        connected: &impl Fn(&DeviceId) -> bool,
+        now: Instant,
+    ) -> bool {
+        let p = &need.target.path;
+        if in_flight.contains(p) || self.retry.get(p).is_some_and(|(t, _)| *t > now) {
+            return false;
+        }
+        let local = index.get(p);
+        // What the disk must still hold for the write to go ahead: the local
+        // record's stat (a reader's file on a path the writers deleted, too).
+        let expect = local
+            .filter(|e| !e.record.deleted || plan.is_reverting(p))
+            .and_then(|e| e.stat);
+        let have_content = local.is_some_and(|e| {
+            !e.record.deleted && e.record.kind == Kind::File && e.record.hash == need.target.hash
+        }) && !plan.reverting_content(p);
+        let wants_content = need.target.kind == Kind::File && !need.target.deleted && !have_content;
+        let inline = wants_content.then(|| inline(&need.target.hash)).flatten();
+        let mut sources = Vec::new();
+        if wants_content && inline.is_none() {
+            sources = plan
+                .sources(need)
+                .into_iter()
+                .filter(|id| connected(id))
+                .collect();
+            if sources.is_empty() {
+                return false; // no connected peer has it; woken again when one connects
+            }
+            // Prefer a source with room in this lane; none: it waits (not taken).
+            let (cap, lane) = (self.limits.per_peer_fetches, is_small(&need.target));
+            let count = |id: &DeviceId| self.per_peer.get(&(*id, lane)).copied();
+            match sources.iter().position(|id| count(id).unwrap_or(0) < cap) {
+                Some(0) => {}
+                Some(i) => sources.swap(0, i),
+                None => return false,
+            }
+            *self.per_peer.entry((sources[0], lane)).or_default() += 1;
+        }
+        in_flight.insert(p.clone());
+        let replaces_author = local
+            .filter(|e| !e.record.deleted)
+            .map(|e| e.record.modified_by);
+        let w = Work {
+            need: need.clone(),
+            expect,
+            replaces_author,
+            sources,
+            inline,
+            staged: None,
+        };
+        if w.sources.is_empty() {
+            self.push_ready(w, now);
+        } else if is_urgent(w.path()) {
+            self.small_queued.push_front(w);
+        } else if is_small(&w.need.target) {
+            self.small_queued.push_back(w);
+        } else {
+            self.queued.push_back(w);
+        }
+        true
     }
 
     fn push_ready(&mut self, w: Work, now: Instant) {
         self.ready_bytes += w.need.target.size;
         self.ready_since.get_or_insert(now);
-        self.ready.push(w);
+        self.small_stalled &= !is_small(&w.need.target);
+        // Units are taken from the front: the urgent ones go in the next.
+        match is_urgent(w.path()) {
+            true => self.ready.insert(0, w),
+            false => self.ready.push(w),
+        }
     }
 
-    /// The next work to fetch, while fewer than `parallel_fetches` run.
+    /// The next work to fetch: a small change first, while fewer than
+    /// `parallel_fetches` plus the small lane's own slots run in all; else a bulk one
+    /// while fewer than `parallel_fetches` of the bulk's run (and the same total).
     pub fn next_fetch(&mut self) -> Option<Work> {
-        if self.fetching >= self.limits.parallel_fetches {
+        let slots = self.limits.parallel_fetches;
+        if self.fetching >= slots + SMALL_LANE_FETCHES {
+            return None;
+        }
+        if let Some(w) = self.small_queued.pop_front() {
+            self.fetching += 1;
+            self.small_fetching += 1;
+            return Some(w);
+        }
+        if self.fetching - self.small_fetching >= slots {
             return None;
         }
         let w = self.queued.pop_front()?;
@@ -292,10 +432,18 @@ impl Pipeline {
         Some(w)
     }
 
+    /// A fetch ended (either way): its slot is free.
+    fn fetch_ended(&mut self, w: &Work) {
+        self.fetching = self.fetching.saturating_sub(1);
+        if is_small(&w.need.target) {
+            self.small_fetching = self.small_fetching.saturating_sub(1);
+        }
+        self.release_source(w);
+    }
+
     /// A fetch finished: its content waits in `staged`.
     pub fn fetched(&mut self, mut w: Work, staged: PathBuf, now: Instant) {
-        self.fetching = self.fetching.saturating_sub(1);
-        self.release_source(&w);
+        self.fetch_ended(&w);
         w.staged = Some(staged);
         self.push_ready(w, now);
     }
@@ -303,8 +451,7 @@ impl Pipeline {
     /// A fetch failed (every source tried): retried later.
     pub fn fetch_failed(&mut self, w: Work, engine: &mut Engine, now: Instant) {
         let (_, _, in_flight) = engine.pipeline_parts();
-        self.fetching = self.fetching.saturating_sub(1);
-        self.release_source(&w);
+        self.fetch_ended(&w);
         self.later(w.path(), now);
         #[cfg(test)]
         if self.break_failures {
@@ -316,26 +463,65 @@ impl Pipeline {
 
     /// The next unit to apply, if one should go now: when nothing is being applied
     /// and either nothing else is coming, or enough is ready, or the oldest ready
-    /// work waited `apply_delay`. A symlink goes only with the last of what its
+    /// work waited `apply_delay` — or, at once, a unit of the small changes ready
+    /// (the bulk's ready work keeps waiting for its own turn). A symlink goes only with the last of what its
     /// target still needs: it keeps waiting while that is in flight, and is released
     /// (taken again later) when some of it is not in flight at all.
     pub fn poll_apply(&mut self, engine: &mut Engine, now: Instant) -> Option<Vec<Work>> {
         let (plan, _, in_flight) = engine.pipeline_parts();
         let l = &self.limits;
         let due = self.ready_since.is_some_and(|t| t + l.apply_delay <= now);
-        let go = !self.applying
-            && !self.ready.is_empty()
-            && ((self.fetching == 0 && self.queued.is_empty())
+        let bulk_go =
+            (self.fetching == 0 && self.queued.is_empty() && self.small_queued.is_empty())
                 || self.ready.len() >= l.apply_items
                 || self.ready_bytes >= l.apply_bytes
-                || due);
-        if !go {
-            return None;
-        }
-        let n = self.ready.len().min(l.batch_items);
-        let mut batch: Vec<Work> = self.ready.drain(..n).collect();
+                || due;
+        // Which unit goes: urgent paths alone and at once; else the bulk's when due
+        // (everything ready, from the front); else the small changes alone, at once.
+        let lane = |w: &Work| match (is_urgent(w.path()), is_small(&w.need.target)) {
+            (true, _) => Lane::Urgent,
+            (false, true) => Lane::Small,
+            (false, false) => Lane::Bulk,
+        };
+        let top = match self.small_stalled {
+            true => None,
+            false => self.ready.iter().map(lane).max(),
+        };
+        let pick = match top {
+            Some(Lane::Urgent) => Some(Lane::Urgent),
+            _ if bulk_go => Some(Lane::Bulk),
+            Some(Lane::Small) => Some(Lane::Small),
+            _ => None,
+        };
+        let pick = pick.filter(|_| !self.applying && !self.ready.is_empty())?;
+        let all = pick == Lane::Bulk;
+        let waiting_since = self.ready_since;
+        let mut batch: Vec<Work> = if all {
+            // Small changes ready go in this unit, whatever its size cap leaves out.
+            self.ready.sort_by_key(|w| std::cmp::Reverse(lane(w)));
+            let n = self.ready.len().min(l.batch_items);
+            self.ready.drain(..n).collect()
+        } else {
+            // With a link of this lane goes what of its target is ready (a `live/`
+            // flip and its archive version apply as one unit, as before the lanes).
+            let targets: Vec<RelPath> = self
+                .ready
+                .iter()
+                .filter(|w| lane(w) >= pick)
+                .filter_map(Work::link_target)
+                .collect();
+            let goes = |w: &Work| lane(w) >= pick || targets.iter().any(|t| w.path().is_within(t));
+            let (mut first, rest): (Vec<Work>, Vec<Work>) =
+                std::mem::take(&mut self.ready).into_iter().partition(goes);
+            self.ready = rest;
+            if first.len() > l.batch_items {
+                self.ready.extend(first.drain(l.batch_items..));
+            }
+            first
+        };
         let in_batch: HashSet<RelPath> = batch.iter().map(|w| w.path().clone()).collect();
         let mut keep = Vec::new();
+        let mut released = false;
         let mut i = 0;
         while i < batch.len() {
             let Some(target) = batch[i].link_target() else {
@@ -357,14 +543,24 @@ impl Pipeline {
             } else {
                 let w = batch.swap_remove(i);
                 in_flight.remove(w.path());
+                released = true;
             }
         }
         self.ready.extend(keep);
         self.ready_bytes = self.ready.iter().map(|w| w.need.target.size).sum();
-        // What stays (links waiting for their targets) waits for the next round.
-        self.ready_since = (!self.ready.is_empty()).then_some(now);
+        // What stays (links waiting for their targets) waits for the next round; the
+        // bulk's ready work left by a small unit keeps its place in time.
+        self.ready_since = match (self.ready.is_empty(), all) {
+            (true, _) => None,
+            (false, true) => Some(now),
+            (false, false) => waiting_since.or(Some(now)),
+        };
         self.dirty = true;
+        // Released links are taken again by the small lane; a stalled small unit
+        // (links still waiting) costs no scan.
+        self.small_dirty |= released || !batch.is_empty();
         if batch.is_empty() {
+            self.small_stalled = !all;
             return None;
         }
         self.applying = true;
@@ -385,6 +581,8 @@ impl Pipeline {
         self.applying = false;
         self.unit.clear();
         self.dirty = true;
+        self.small_dirty = true;
+        self.small_stalled = false;
         let mut out = Recorded::default();
         for (w, outcome) in results {
             let p = w.need.target.path.clone();
@@ -418,6 +616,7 @@ impl Pipeline {
     pub fn apply_lost(&mut self, engine: &mut Engine, now: Instant) {
         self.applying = false;
         self.dirty = true;
+        self.small_dirty = true;
         let (_, _, in_flight) = engine.pipeline_parts();
         for p in std::mem::take(&mut self.unit) {
             in_flight.remove(&p);
@@ -446,16 +645,18 @@ impl Pipeline {
     /// are returned for removal).
     pub fn drain_staged(&mut self) -> Vec<PathBuf> {
         self.queued.clear();
+        self.small_queued.clear();
         self.per_peer.clear();
         self.ready.drain(..).filter_map(|w| w.staged).collect()
     }
 
     fn release_source(&mut self, w: &Work) {
         if let Some(first) = w.sources.first() {
-            if let Some(n) = self.per_peer.get_mut(first) {
+            let key = (*first, is_small(&w.need.target));
+            if let Some(n) = self.per_peer.get_mut(&key) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    self.per_peer.remove(first);
+                    self.per_peer.remove(&key);
                 }
             }
         }
@@ -510,17 +711,25 @@ mod tests {
         (e, p, t0)
     }
 
+    /// As [`engine_needing_sized`], every file of the bulk's size.
     fn engine_needing(files: &[(&str, u8)]) -> Engine {
+        let sized: Vec<(&str, u8, u64)> = files.iter().map(|(p, b)| (*p, *b, SMALL_FILE)).collect();
+        engine_needing_sized(&sized)
+    }
+
+    /// An engine with a connected peer that announced `files` (path, content byte,
+    /// size), new to us.
+    fn engine_needing_sized(files: &[(&str, u8, u64)]) -> Engine {
         let mut e = Engine::new(Index::new(ShortId(1)), u64::MAX);
         e.connected(peer());
         let mut them = Index::new(ShortId(2));
         let records: Vec<(FileRecord, u64)> = files
             .iter()
-            .map(|(p, b)| {
+            .map(|(p, b, size)| {
                 let p = RelPath::parse(p).unwrap();
-                let r = them
-                    .observe(&p, Some(crate::index::tests::file(p.as_str(), *b, 1)), 1)
-                    .unwrap();
+                let mut obs = crate::index::tests::file(p.as_str(), *b, 1);
+                (obs.size, obs.stat.size) = (*size, *size);
+                let r = them.observe(&p, Some(obs), 1).unwrap();
                 let seq = them.sequence();
                 (r, seq)
             })
@@ -620,9 +829,9 @@ mod tests {
         e.connected(other);
         let mut them = Index::new(ShortId(3));
         let z = RelPath::parse("z").unwrap();
-        let r = them
-            .observe(&z, Some(crate::index::tests::file("z", 9, 1)), 1)
-            .unwrap();
+        let mut obs = crate::index::tests::file("z", 9, 1);
+        (obs.size, obs.stat.size) = (SMALL_FILE, SMALL_FILE); // a bulk file too
+        let r = them.observe(&z, Some(obs), 1).unwrap();
         e.handle_index(other, vec![(r, 1)], 1).unwrap();
         let tight = Limits {
             per_peer_fetches: 1,
@@ -695,5 +904,127 @@ mod tests {
         let unit = p.poll_apply(&mut e, now).unwrap();
         assert_eq!(unit.len(), 1);
         assert!(unit[0].inline.is_some());
+    }
+
+    #[test]
+    fn what_is_a_small_change() {
+        let rec = |p: &str, size: u64| {
+            let mut obs = crate::index::tests::file(p, 1, 1);
+            obs.size = size;
+            let mut i = Index::new(ShortId(1));
+            i.observe(&RelPath::parse(p).unwrap(), Some(obs), 1)
+                .unwrap()
+        };
+        assert!(is_small(&rec("certs/a.pem", SMALL_FILE - 1)));
+        assert!(!is_small(&rec("certs/a.pem", SMALL_FILE)));
+        for urgent in [
+            "live/www/x",
+            "acme/.well-known/acme-challenge/t",
+            ".certmesh/acme/a",
+        ] {
+            assert!(is_small(&rec(urgent, 1 << 30)), "{urgent}");
+        }
+        assert!(!is_small(&rec("archive/livex", 1 << 30)));
+    }
+
+    #[test]
+    fn a_small_change_is_taken_when_the_bulk_has_no_room_and_fetched_first() {
+        let mut e = engine_needing_sized(&[
+            ("a", 1, 1 << 20),
+            ("b", 2, 1 << 20),
+            ("c", 3, 1 << 20),
+            ("z", 4, 100),
+        ]);
+        let tight = Limits {
+            in_flight: 2,
+            parallel_fetches: 1,
+            ..Limits::DEFAULT
+        };
+        let (mut p, now) = (Pipeline::new(tight), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, now);
+        let taken: HashSet<String> = e.applying().iter().map(|p| p.to_string()).collect();
+        assert_eq!(taken, ["a", "b", "z"].map(String::from).into());
+        let order: Vec<String> = std::iter::from_fn(|| p.next_fetch())
+            .map(|w| w.path().to_string())
+            .collect();
+        assert_eq!(order, ["z", "a"], "the small one first, then one bulk slot");
+    }
+
+    #[test]
+    fn a_ready_small_change_is_applied_at_once_in_its_own_unit() {
+        let mut e = engine_needing_sized(&[("a", 1, 1 << 20), ("b", 2, 1 << 20), ("z", 4, 100)]);
+        let (mut p, now) = (Pipeline::new(limits()), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, now);
+        let z = p.next_fetch().unwrap();
+        let a = p.next_fetch().unwrap();
+        let _b = p.next_fetch().unwrap(); // still fetching
+        p.fetched(a, "staged-a".into(), now);
+        p.fetched(z, "staged-z".into(), now);
+        let unit = p
+            .poll_apply(&mut e, now)
+            .expect("the small change goes at once");
+        let paths: Vec<String> = unit.iter().map(|w| w.path().to_string()).collect();
+        assert_eq!(paths, ["z"], "the bulk's ready work waits for its own turn");
+        // The bulk's ready work kept its place in time: due after the delay from then.
+        assert_eq!(p.next_wake(), None, "nothing due while the unit is applied");
+        let results = unit
+            .into_iter()
+            .map(|w| (w, Outcome::Applied(None)))
+            .collect();
+        p.applied(results, &mut e, now);
+        assert_eq!(p.next_wake(), Some(now + Limits::DEFAULT.apply_delay));
+    }
+
+    #[test]
+    fn a_peer_at_its_bulk_cap_still_serves_its_small_changes() {
+        let mut e = engine_needing_sized(&[("a", 1, 1 << 20), ("b", 2, 1 << 20), ("z", 4, 100)]);
+        let tight = Limits {
+            per_peer_fetches: 1,
+            ..limits()
+        };
+        let (mut p, now) = (Pipeline::new(tight), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, now);
+        let taken: HashSet<String> = e.applying().iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            taken,
+            ["a", "z"].map(String::from).into(),
+            "b waits for a's slot"
+        );
+    }
+
+    #[test]
+    fn a_ready_live_flip_goes_at_once_with_its_archive_files() {
+        let mut e = engine_needing_sized(&[
+            ("archive/www/2/cert.pem", 1, 1 << 20),
+            ("bulk/a", 2, 1 << 20),
+            ("bulk/b", 3, 1 << 20),
+        ]);
+        let (mut p, now) = (Pipeline::new(limits()), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, now);
+        let fetching: Vec<Work> = std::iter::from_fn(|| p.next_fetch()).collect();
+        let mut link = fetching[0].need.clone();
+        (link.target.path, link.target.kind) = (RelPath::parse("live/www").unwrap(), Kind::Symlink);
+        link.target.target = "../archive/www/2".into();
+        for w in fetching {
+            if w.path().as_str() != "bulk/b" {
+                p.fetched(w, "staged".into(), now);
+            }
+        }
+        e.pipeline_parts().2.insert(link.target.path.clone());
+        p.push_ready(
+            Work {
+                need: link,
+                expect: None,
+                replaces_author: None,
+                sources: Vec::new(),
+                inline: None,
+                staged: None,
+            },
+            now,
+        );
+        let unit = p.poll_apply(&mut e, now).expect("the flip goes at once");
+        let mut paths: Vec<String> = unit.iter().map(|w| w.path().to_string()).collect();
+        paths.sort();
+        assert_eq!(paths, ["archive/www/2/cert.pem", "live/www"]);
     }
 }

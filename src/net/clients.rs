@@ -1,20 +1,26 @@
 //! Admission for the local services reachable by others (the http-01 responder,
 //! `/metrics`, the control socket): a cap on clients served at once — over it a new
-//! connection is closed at once — and accept errors (EMFILE under a flood) that pause
-//! the loop briefly instead of ending it, warned about at most every 10 s.
+//! connection is closed at once, or, for a service that must answer a newcomer (the
+//! http-01 responder: the CA comes last, after any slowloris), the oldest client is
+//! dropped to make room — and accept errors (EMFILE under a flood) that pause the
+//! loop briefly instead of ending it, warned about at most every 10 s.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 /// Pause after a failed accept: the descriptors a flood holds need time to close.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Least time between two warnings of one service.
 const WARN_EVERY: Duration = Duration::from_secs(10);
+/// How long a newcomer waits for the slot of the client dropped for it (the dropped
+/// task releases it as soon as the runtime cancels it: microseconds).
+const EVICT_WAIT: Duration = Duration::from_secs(1);
 
 /// The clients of one service.
 #[derive(Debug)]
@@ -23,6 +29,8 @@ pub struct Clients {
     max: usize,
     slots: Arc<Semaphore>,
     last_warn: Option<Instant>,
+    /// Over the cap, drop the oldest client instead of the new one.
+    evict_oldest: bool,
 }
 
 impl Clients {
@@ -33,7 +41,17 @@ impl Clients {
             max,
             slots: Arc::new(Semaphore::new(max)),
             last_warn: None,
+            evict_oldest: false,
         }
+    }
+
+    /// Over the cap, the oldest client is dropped to make room for the new one: a
+    /// flood of slow clients (slowloris) then cannot keep out a client that asks and
+    /// goes, such as the CA validating a challenge; to drop it a flood would have to
+    /// open `max` connections in the milliseconds it is served.
+    pub fn evicting_oldest(mut self) -> Self {
+        self.evict_oldest = true;
+        self
     }
 
     /// A slot for a new client, held until the permit drops; `None` (and a throttled
@@ -41,8 +59,11 @@ impl Clients {
     pub fn admit(&mut self) -> Option<OwnedSemaphorePermit> {
         let slot = self.slots.clone().try_acquire_owned().ok();
         if slot.is_none() {
-            let max = self.max;
-            self.warn(format_args!("{max} clients already, closing a new one"));
+            let (max, whom) = match self.evict_oldest {
+                true => (self.max, "dropping the oldest"),
+                false => (self.max, "closing a new one"),
+            };
+            self.warn(format_args!("{max} clients already, {whom}"));
         }
         slot
     }
@@ -101,6 +122,9 @@ where
         // The connections' tasks belong to this one: aborting the loop at shutdown
         // drops the set, which aborts them too.
         let mut serving = tokio::task::JoinSet::new();
+        // Clients in the order they came (with `evict_oldest`): finished ones are
+        // skipped when the oldest is dropped, and pruned once they pile up.
+        let mut arrived: VecDeque<AbortHandle> = VecDeque::new();
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -108,12 +132,24 @@ where
             };
             match accepted {
                 Ok(stream) => {
-                    let Some(slot) = clients.admit() else {
-                        continue;
+                    let slot = match clients.admit() {
+                        Some(slot) => Some(slot),
+                        None if clients.evict_oldest && evict(&mut arrived) => None,
+                        None => continue,
                     };
                     let what = clients.what;
+                    let slots = clients.slots.clone();
                     let work = serve(stream);
-                    serving.spawn(async move {
+                    let task = serving.spawn(async move {
+                        let slot = match slot {
+                            Some(s) => s,
+                            None => match tokio::time::timeout(EVICT_WAIT, slots.acquire_owned())
+                                .await
+                            {
+                                Ok(Ok(s)) => s,
+                                _ => return,
+                            },
+                        };
                         let result = match limit {
                             Some(l) => tokio::time::timeout(l, work)
                                 .await
@@ -125,11 +161,28 @@ where
                         }
                         drop(slot);
                     });
+                    if clients.evict_oldest {
+                        if arrived.len() >= 2 * clients.max {
+                            arrived.retain(|t| !t.is_finished());
+                        }
+                        arrived.push_back(task);
+                    }
                 }
                 Err(e) => clients.accept_failed(&e).await,
             }
         }
     })
+}
+
+/// Drops the oldest client still being served; false if there is none.
+fn evict(arrived: &mut VecDeque<AbortHandle>) -> bool {
+    while let Some(t) = arrived.pop_front() {
+        if !t.is_finished() {
+            t.abort();
+            return true;
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -144,5 +197,29 @@ mod tests {
         assert!(c.admit().is_none(), "a third client got in");
         drop(a);
         assert!(c.admit().is_some(), "a freed slot was not reused");
+    }
+
+    #[tokio::test]
+    async fn over_the_cap_the_oldest_client_is_dropped_for_a_newcomer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clients = Clients::new("test", 2).evicting_oldest();
+        // Each client gets "hi" once it has sent a line (slow ones never do).
+        let server = serve_forever(listener, clients, None, |mut s: TcpStream| async move {
+            let mut b = [0u8; 1];
+            while s.read(&mut b).await? == 1 && b[0] != b'\n' {}
+            s.write_all(b"hi").await
+        });
+        let mut slow1 = TcpStream::connect(addr).await.unwrap();
+        let _slow2 = TcpStream::connect(addr).await.unwrap();
+        let mut fresh = TcpStream::connect(addr).await.unwrap();
+        fresh.write_all(b"GET\n").await.unwrap();
+        let mut reply = String::new();
+        fresh.read_to_string(&mut reply).await.unwrap();
+        assert_eq!(reply, "hi");
+        // The oldest was dropped to make room: its connection is closed.
+        assert_eq!(slow1.read(&mut [0u8; 1]).await.unwrap(), 0);
+        server.abort();
     }
 }

@@ -28,6 +28,9 @@ pub use crate::core::engine::MAX_PEER_RECORDS;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent content requests served per connection.
 const MAX_SERVING: usize = 64;
+/// QUIC send priority of a small change's content (higher first; bulk content and
+/// the index stream stay at 0).
+const PRIORITY_SMALL: i32 = 1;
 /// A served file is read in pieces of at most this size.
 const READ_CHUNK: usize = 1 << 20;
 
@@ -117,6 +120,8 @@ async fn exchange_hello(
     sync: &SyncHandle,
     conn: &quinn::Connection,
 ) -> Result<(quinn::SendStream, quinn::RecvStream, pb::Hello), WireError> {
+    // No stream priority here: measured, a raised priority on this stream cost every
+    // change ~0.4 ms (small-file p50 1.5 → 1.9 ms, bundle 3.0 → 3.9 ms).
     let mut send = conn.open_uni().await.map_err(io)?;
     let hello = pb::Frame {
         body: Some(pb::frame::Body::Hello(pb::Hello {
@@ -376,6 +381,10 @@ async fn serve_one(
         let _ = send.finish();
         return Ok(());
     };
+    // Small changes' content goes before a bulk transfer's on this connection.
+    if crate::core::pipeline::is_small_file(&path, size) {
+        let _ = send.set_priority(PRIORITY_SMALL);
+    }
     wire::write_msg(
         &mut send,
         &pb::Response {

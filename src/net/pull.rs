@@ -172,16 +172,21 @@ enum FetchError {
 }
 
 /// Appends `buf` to the staging file (created on first use), off the async threads.
+/// A small change (`small`) has writers of its own: it never waits behind a bulk
+/// transfer's writes.
 async fn write_staged(
     file: Option<std::fs::File>,
     dest: &std::path::Path,
     buf: Vec<u8>,
+    small: bool,
 ) -> Result<std::fs::File, FetchError> {
     let dest = dest.to_path_buf();
     // Creating files in one staging directory from many threads at once only makes
     // them spin on its lock: two writers at a time are as fast and cost less CPU.
     static WRITERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-    let _permit = WRITERS
+    static SMALL_WRITERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    let writers = if small { &SMALL_WRITERS } else { &WRITERS };
+    let _permit = writers
         .acquire()
         .await
         .map_err(|e| FetchError::Local(e.to_string()))?;
@@ -212,6 +217,7 @@ async fn fetch(
     size: u64,
     dest: &std::path::Path,
 ) -> Result<(), FetchError> {
+    let small = crate::core::pipeline::is_small_file(path, size);
     let retry = |e: &dyn std::fmt::Display| FetchError::Retry(e.to_string());
     let stalled = || {
         FetchError::Retry(format!(
@@ -277,7 +283,7 @@ async fn fetch(
                 if pending.len() >= WRITE_CHUNK {
                     let full = std::mem::replace(&mut pending, Vec::with_capacity(cap));
                     hasher.update(&full); // whole buffers: BLAKE3's SIMD path
-                    file = Some(write_staged(file, dest, full).await?);
+                    file = Some(write_staged(file, dest, full, small).await?);
                 }
                 window_need = window_need.saturating_sub(n);
                 if window_need == 0 {
@@ -298,6 +304,6 @@ async fn fetch(
             "content does not match its BLAKE3 hash".into(),
         ));
     }
-    write_staged(file, dest, pending).await?;
+    write_staged(file, dest, pending, small).await?;
     Ok(())
 }
