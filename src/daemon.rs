@@ -76,11 +76,14 @@ fn kept_budget(config: &Config) -> crate::keep::Budget {
 
 /// Runs the daemon until `shutdown` resolves; in-flight writes finish first.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    // First of all, the `[http] listen` port (issue 25): from systemd socket
-    // activation or bound now, so no other local user can take it while we start.
-    let http = crate::net::activation::http_listener(config.http_listen)?;
-    // Before anything in the state dir is read or written: one daemon per state dir.
+    // First, one daemon per state dir: a second `run` of a live node stops here,
+    // naming the holder's pid (it would otherwise fail on the port below with a
+    // less telling error), before anything in the state dir is read or written.
     let _lock = crate::disk::lock::StateLock::acquire(&config.state_dir)?;
+    // Then, before any slow start-up work, the `[http] listen` port (issue 25):
+    // from systemd socket activation or bound now, so no other local user can take
+    // it while we start.
+    let http = crate::net::activation::http_listener(config.http_listen)?;
     let identity = Arc::new(Identity::load(&config.state_dir)?);
     config.check_not_own_peer(identity.id)?;
     config.check_tree_exists()?;

@@ -117,7 +117,7 @@ fn across_a_restart_the_port_stays_held_and_a_waiting_request_is_answered() {
 }
 
 #[test]
-fn without_activation_a_taken_port_stops_the_start_before_the_state_dir_is_touched() {
+fn without_activation_a_taken_port_stops_the_start_before_the_index_is_touched() {
     let dir = tempfile::tempdir().unwrap();
     let squatter = TcpListener::bind("127.0.7.4:0").unwrap();
     let n = node_with_http(dir.path(), "127.0.7.4", &squatter);
@@ -133,10 +133,10 @@ fn without_activation_a_taken_port_stops_the_start_before_the_state_dir_is_touch
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
+    // Only the state dir's lock (taken first, so a second `run` names the running
+    // one's pid) may be there: nothing was loaded or written.
     assert!(
-        state
-            .iter()
-            .all(|f| !f.contains("lock") && !f.contains("index")),
-        "the state dir was touched before the port was taken: {state:?}"
+        state.iter().all(|f| !f.contains("index")),
+        "the index was touched before the port was taken: {state:?}"
     );
 }
