@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 use certmesh::acme::dns::{challenge_name, Presented};
-use certmesh::config::{CertificateConfig, ChallengeChoice, KeyType};
+use certmesh::config::{CertSource, CertificateConfig, ChallengeChoice, KeyType};
 
 fuzz_target!(|data: &[u8]| {
     let cert = CertificateConfig {
@@ -14,6 +14,8 @@ fuzz_target!(|data: &[u8]| {
         key: KeyType::EcdsaP256,
         reuse_key: false,
         challenge: ChallengeChoice::Auto,
+        verify_rollout: false,
+        source: CertSource::Config,
     };
     if let Some(p) = Presented::parse_for(data, &cert) {
         for (i, r) in p.records.iter().enumerate() {
