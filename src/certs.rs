@@ -48,7 +48,7 @@ pub fn read(tree: &Path, acme: Option<&AcmeConfig>) -> TreeCerts {
     let mut out = TreeCerts::default();
     let refuse =
         |out: &mut TreeCerts, path: String, why: String| out.refused.push(Refused { path, why });
-    let root = match crate::safe_fs::Root::open(tree) {
+    let root = match crate::disk::safe_fs::Root::open(tree) {
         Ok(r) => r,
         Err(e) => {
             refuse(&mut out, DIR.into(), format!("opening the tree: {e}"));
@@ -290,10 +290,10 @@ pub fn add(c: &Config, cert: &CertificateConfig) -> Result<String, CertError> {
         let path = path.to_string();
         move |source| CertError::Io { path, source }
     };
-    let staging = c.tree.join(crate::paths::INTERNAL_DIR).join("tmp");
+    let staging = c.tree.join(crate::core::paths::INTERNAL_DIR).join("tmp");
     make_dir(&staging, 0o700).map_err(io(".certmesh/tmp"))?;
     make_dir(&c.tree.join(DIR), 0o755).map_err(io(DIR))?;
-    crate::atomic::replace_via(&staging, &c.tree.join(&rel), text.as_bytes(), 0o644)
+    crate::disk::atomic::replace_via(&staging, &c.tree.join(&rel), text.as_bytes(), 0o644)
         .map_err(io(&rel))?;
     Ok(rel)
 }

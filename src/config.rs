@@ -462,7 +462,7 @@ pub struct Config {
     /// `tree.max_file_size`: larger files from peers are not fetched.
     pub max_file_size: u64,
     /// `tree.max_size`, `tree.max_files`, `tree.min_disk_free`.
-    pub budget: crate::plan::TreeBudget,
+    pub budget: crate::core::plan::TreeBudget,
     /// `tree.kept_max_size`: the bytes kept versions may hold together.
     pub kept_max_size: u64,
     /// `tree.writers`: `None`, every node may change the tree.
@@ -711,7 +711,7 @@ struct TreeSettings {
     rescan_interval: Duration,
     dhparam: Option<crate::dhgroup::DhGroup>,
     max_file_size: u64,
-    budget: crate::plan::TreeBudget,
+    budget: crate::core::plan::TreeBudget,
     kept_max_size: u64,
 }
 
@@ -733,8 +733,8 @@ fn size_key(
 }
 
 /// `[tree] max_size`, `max_files`, `min_disk_free` and `kept_max_size`.
-fn budgets(t: &RawTree, bad: &Bad) -> Result<(crate::plan::TreeBudget, u64), ConfigError> {
-    use crate::plan::{MinFree, TreeBudget};
+fn budgets(t: &RawTree, bad: &Bad) -> Result<(crate::core::plan::TreeBudget, u64), ConfigError> {
+    use crate::core::plan::{MinFree, TreeBudget};
     let d = TreeBudget::default();
     let positive = |v: &Option<Spanned<RawSize>>, key: &str, default: u64| {
         let n = size_key(v, key, default, bad)?;
@@ -747,7 +747,7 @@ fn budgets(t: &RawTree, bad: &Bad) -> Result<(crate::plan::TreeBudget, u64), Con
     let kept = positive(
         &t.kept_max_size,
         "tree.kept_max_size",
-        crate::keep::MAX_TOTAL_BYTES,
+        crate::disk::keep::MAX_TOTAL_BYTES,
     )?;
     let max_files = match &t.max_files {
         None => d.max_files,
@@ -835,7 +835,7 @@ fn tree_settings(t: &RawTree, bad: &Bad) -> Result<TreeSettings, ConfigError> {
     let max_file_size = size_key(
         &t.max_file_size,
         "tree.max_file_size",
-        crate::plan::DEFAULT_MAX_FILE_SIZE,
+        crate::core::plan::DEFAULT_MAX_FILE_SIZE,
         bad,
     )?;
     let (budget, kept_max_size) = budgets(t, bad)?;
@@ -1560,7 +1560,7 @@ mod tests {
 
     #[test]
     fn tree_budgets_take_sizes_percentages_and_refuse_nonsense() {
-        use crate::plan::{MinFree, TreeBudget};
+        use crate::core::plan::{MinFree, TreeBudget};
         let parse = |extra: &str| Config::parse(Path::new("c.toml"), &cfg(extra));
         let d = parse("").unwrap();
         assert_eq!(d.budget, TreeBudget::default());

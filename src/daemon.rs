@@ -13,15 +13,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::apply::Tree;
 use crate::config::{Config, PeerConfig};
 use crate::core::engine::Engine;
+use crate::core::index::Index;
+use crate::disk::apply::Tree;
+use crate::disk::store::{Store, StoreFile};
 use crate::handles::{Mesh, Reports, Settings, SyncHandle, TreeWriter};
 use crate::identity::{DeviceId, Identity};
-use crate::index::Index;
+use crate::net::transport::{Allowed, Transport};
 use crate::node::{now_ns, PeerSlot, PersistMsg, Shared, State};
-use crate::store::{Store, StoreFile};
-use crate::transport::{Allowed, Transport};
 
 /// A handshake on the backnet takes milliseconds; one that has not completed by then
 /// went to a peer that was not listening yet: try again rather than wait.
@@ -67,10 +67,10 @@ fn persister(shared: Arc<Shared>, mut file: StoreFile, rx: std::sync::mpsc::Rece
 
 /// The bounds on kept versions: `[tree] kept_max_size` bytes, and as many versions
 /// as the default allows.
-fn kept_budget(config: &Config) -> crate::keep::Budget {
-    crate::keep::Budget {
+fn kept_budget(config: &Config) -> crate::disk::keep::Budget {
+    crate::disk::keep::Budget {
         max_bytes: config.kept_max_size,
-        ..crate::keep::Budget::default()
+        ..crate::disk::keep::Budget::default()
     }
 }
 
@@ -94,7 +94,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut index = Index::new(identity.id.short());
     let (store, report) = Store::open(&config.state_dir, &mut index)
         .with_context(|| format!("opening the index in {}", config.state_dir.display()))?;
-    let mut errors = crate::telemetry::RecentErrors::default();
+    let mut errors = crate::ops::telemetry::RecentErrors::default();
     let started_unix = i64::try_from(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -181,20 +181,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     // Watch first, then scan: nothing changed in between is missed.
     let sync = SyncHandle::new(&shared);
-    let watcher = crate::watch::start(sync.clone(), rescan_rx)?;
+    let watcher = crate::disk::watch::start(sync.clone(), rescan_rx)?;
     watcher.full_rescan(&sync).await;
-    let puller = tokio::spawn(crate::pull::run(sync.clone()));
+    let puller = tokio::spawn(crate::net::pull::run(sync.clone()));
     // The tree's certificate entries join the config's before anything reads them.
     crate::certs::load(&Settings::new(&shared), &shared.tree.root);
     // Every other task: stopped (aborted, then awaited) on shutdown, after the puller
     // and the persister have finished their writes.
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-    tasks.extend(crate::metrics::start(
+    tasks.extend(crate::ops::metrics::start(
         crate::handles::Settings::new(&shared),
         crate::handles::Observer::new(&shared),
     )?);
-    let control = crate::control::start(
-        crate::control::Handles {
+    let control = crate::ops::control::start(
+        crate::ops::control::Handles {
             observer: crate::handles::Observer::new(&shared),
             acme: crate::handles::AcmeSlot::new(&shared),
             barrier: crate::handles::Barrier::new(&shared),
@@ -210,7 +210,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         &crate::handles::acme_handles(&shared),
         http,
     )?);
-    tasks.extend(crate::hooks::start(crate::hooks::Hooks {
+    tasks.extend(crate::ops::hooks::start(crate::ops::hooks::Hooks {
         changes: crate::handles::Changes::new(&shared),
         settings: crate::handles::Settings::new(&shared),
         reports: crate::handles::Reports::new(&shared),
@@ -227,7 +227,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         TreeWriter::new(&shared),
         Reports::new(&shared),
     ));
-    if let Err(e) = crate::keep::prune_all(&shared.tree.root, now_ns(), shared.tree.kept) {
+    if let Err(e) = crate::disk::keep::prune_all(&shared.tree.root, now_ns(), shared.tree.kept) {
         tracing::warn!(error = %e, "pruning kept versions");
     }
     tasks.push(crate::repair::start(crate::repair::Handles {
@@ -253,12 +253,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tasks.push(tokio::spawn(collect_tombstones(shared.clone())));
     tasks.push(tokio::spawn(measure_disk(sync.clone())));
     tracing::info!(listen = %config.listen, tree = %config.tree.display(), peers = config.peers.len(), "certmesh running");
-    tasks.extend(crate::systemd::ready(&crate::handles::Observer::new(
+    tasks.extend(crate::ops::systemd::ready(&crate::handles::Observer::new(
         &shared,
     )));
 
     shutdown.await;
-    crate::systemd::stopping();
+    crate::ops::systemd::stopping();
     tracing::info!("shutting down: finishing in-flight writes");
     shared.stopping.send_replace(true);
     shared.pull.notify_one();
@@ -381,7 +381,7 @@ async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
             drop(in_flight);
             match handshake {
                 Ok(Ok(conn)) => {
-                    crate::peer::run_session(SyncHandle::new(&shared), conn, false).await
+                    crate::net::peer::run_session(SyncHandle::new(&shared), conn, false).await
                 }
                 Ok(Err(e)) => tracing::debug!(%remote, error = %e, "incoming handshake failed"),
                 Err(_) => tracing::debug!(%remote, "incoming handshake timed out"),
@@ -452,7 +452,7 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
                 // The session runs on; this loop waits for it to end via `gone`.
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 _session = Some(AbortOnDrop(tokio::spawn(async move {
-                    crate::peer::run_session_with_ready(
+                    crate::net::peer::run_session_with_ready(
                         SyncHandle::new(&shared2),
                         conn,
                         true,
@@ -521,7 +521,7 @@ async fn peers_and_reloads(
         if got.is_none() {
             return;
         }
-        crate::systemd::reloading();
+        crate::ops::systemd::reloading();
         let old = shared.config();
         let file = old.file.clone();
         match Config::load(&file) {
@@ -542,7 +542,7 @@ async fn peers_and_reloads(
                 .lock()
                 .error(format!("SIGHUP: config not reloaded: {e}")),
         }
-        crate::systemd::reloaded(&crate::handles::Observer::new(&shared));
+        crate::ops::systemd::reloaded(&crate::handles::Observer::new(&shared));
     }
 }
 
@@ -590,7 +590,7 @@ async fn collect_tombstones(shared: Arc<Shared>) {
 
 /// A full rescan every `rescan_interval`; a SIGHUP that changes the interval starts
 /// the wait again with the new one.
-async fn periodic_rescan(settings: Settings, sync: SyncHandle, watcher: crate::watch::Watch) {
+async fn periodic_rescan(settings: Settings, sync: SyncHandle, watcher: crate::disk::watch::Watch) {
     let mut config = settings.subscribe();
     loop {
         let every = config.borrow_and_update().rescan_interval;

@@ -137,7 +137,7 @@ pub async fn wait_connected(nodes: &[LocalNode], timeout: Duration) -> anyhow::R
     loop {
         let mut still = Vec::new();
         for &i in &waiting {
-            let ok = match crate::control::request(&sockets[i], "status").await {
+            let ok = match crate::ops::control::request(&sockets[i], "status").await {
                 Ok(v) => v["peers"]
                     .as_array()
                     .is_some_and(|ps| ps.iter().all(|p| p["connected"].as_bool() == Some(true))),
@@ -371,7 +371,7 @@ async fn issue_until_live(
     let mut asked = None;
     for n in nodes {
         let cfg = crate::config::Config::load(&n.config)?;
-        match crate::control::issue(&cfg.control_socket(), "www").await {
+        match crate::ops::control::issue(&cfg.control_socket(), "www").await {
             Ok(_) => {
                 asked = Some(n.name.clone());
                 break;

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 
 use crate::acme::tree;
+use crate::core::index::ContentHash;
 use crate::handles::{Mesh, Reports, Settings, TreeWriter};
-use crate::index::ContentHash;
 
 /// Where the group goes, relative to the tree.
 pub const FILE: &str = "dhparam.pem";
@@ -87,7 +87,7 @@ pub fn place(root: &Path, group: DhGroup) -> anyhow::Result<Placed> {
     if let Some(found) = existing(&dest, group) {
         return Ok(found);
     }
-    let staging = crate::apply::Tree::new(root.to_path_buf());
+    let staging = crate::disk::apply::Tree::new(root.to_path_buf());
     let tmp = staging
         .stage_bytes(group.pem().as_bytes())
         .context("staging")?;
@@ -189,7 +189,7 @@ mod tests {
     fn writes_once_and_keeps_what_is_there() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        crate::apply::Tree::new(root.to_path_buf())
+        crate::disk::apply::Tree::new(root.to_path_buf())
             .prepare()
             .unwrap();
         assert_eq!(place(root, DhGroup::Ffdhe2048).unwrap(), Placed::Written);

@@ -304,7 +304,7 @@ pub fn verify_p256(public_key: &[u8], msg: &[u8], signature: &[u8]) -> bool {
 
 /// Writes a 0600 file atomically and durably.
 fn write_private(path: &Path, data: &[u8]) -> Result<(), IdentityError> {
-    crate::atomic::replace(path, data, 0o600).map_err(|source| IdentityError::Io {
+    crate::disk::atomic::replace(path, data, 0o600).map_err(|source| IdentityError::Io {
         path: path.to_path_buf(),
         source,
     })

@@ -250,7 +250,7 @@ enum FirewallFormat {
     Ip6tables,
 }
 
-impl From<FirewallFormat> for certmesh::firewall::Format {
+impl From<FirewallFormat> for certmesh::ops::firewall::Format {
     fn from(f: FirewallFormat) -> Self {
         match f {
             FirewallFormat::Nft => Self::Nft,
@@ -267,7 +267,7 @@ enum Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    certmesh::logging::init();
+    certmesh::ops::logging::init();
     match dispatch(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(m)) => {
@@ -351,7 +351,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
         } => {
             let c = load(&config)?;
             let v = runtime()?
-                .block_on(certmesh::control::renew(
+                .block_on(certmesh::ops::control::renew(
                     &c.control_socket(),
                     force,
                     dry_run,
@@ -381,7 +381,7 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             interface,
         } => {
             let c = load(&config)?;
-            let rules = certmesh::firewall::render(&c, format.into(), interface.as_deref())
+            let rules = certmesh::ops::firewall::render(&c, format.into(), interface.as_deref())
                 .map_err(|e| Failure::Config(e.to_string()))?;
             print!("{rules}");
         }
@@ -517,19 +517,19 @@ fn check_config(config: &std::path::Path) -> Result<Config, Failure> {
 
 /// `certmesh status`: the daemon's answer, rendered or as JSON.
 fn status(c: &Config, json: bool, cluster: Option<std::time::Duration>) -> Result<(), Failure> {
-    let req = certmesh::control::Request::Status {
+    let req = certmesh::ops::control::Request::Status {
         cluster_ms: cluster.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
     };
     let v = runtime()?
-        .block_on(certmesh::control::send(&c.control_socket(), &req))
+        .block_on(certmesh::ops::control::send(&c.control_socket(), &req))
         .map_err(rt_err)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     }
-    let s: certmesh::control::Status =
+    let s: certmesh::ops::control::Status =
         serde_json::from_value(v).map_err(|e| Failure::Runtime(format!("daemon answer: {e}")))?;
     if !json {
-        print!("{}", certmesh::control::render(&s));
+        print!("{}", certmesh::ops::control::render(&s));
     }
     match cluster.map(|_| cluster_behind(&s)) {
         Some(behind) if !behind.is_empty() => Err(Failure::Runtime(format!(
@@ -542,7 +542,7 @@ fn status(c: &Config, json: bool, cluster: Option<std::time::Duration>) -> Resul
 
 /// For `status --cluster`'s exit code: every direct peer not connected, and every
 /// node of the census that is down, behind or not in sync ("lb2 (down)").
-fn cluster_behind(s: &certmesh::control::Status) -> Vec<String> {
+fn cluster_behind(s: &certmesh::ops::control::Status) -> Vec<String> {
     let mut out: Vec<String> = s
         .peers
         .iter()
@@ -683,7 +683,7 @@ fn issue(config: &std::path::Path, name: &str, json: bool) -> Result<(), Failure
             c.tree.clone(),
         ))
     });
-    let v = rt.block_on(certmesh::control::issue(&c.control_socket(), name));
+    let v = rt.block_on(certmesh::ops::control::issue(&c.control_socket(), name));
     if let Some(p) = progress {
         p.abort();
     }
@@ -706,17 +706,17 @@ fn confirm(
     timeout: std::time::Duration,
     json: bool,
 ) -> Result<(), Failure> {
-    let req = certmesh::control::Request::Confirm {
+    let req = certmesh::ops::control::Request::Confirm {
         path,
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
     };
     let v = runtime()?
-        .block_on(certmesh::control::send(&c.control_socket(), &req))
+        .block_on(certmesh::ops::control::send(&c.control_socket(), &req))
         .map_err(rt_err)?;
     if json {
         print_json(&v);
     }
-    let r: certmesh::control::ConfirmReply = serde_json::from_value(v.clone())
+    let r: certmesh::ops::control::ConfirmReply = serde_json::from_value(v.clone())
         .map_err(|_| Failure::Runtime(format!("daemon answer: {v}")))?;
     if !json {
         for n in &r.nodes {
@@ -743,8 +743,8 @@ async fn issue_progress(socket: PathBuf, name: String, tree: PathBuf) {
     let mut first_version = None;
     let mut last = String::new();
     loop {
-        if let Ok(v) = certmesh::control::request(&socket, "status").await {
-            if let Ok(s) = serde_json::from_value::<certmesh::control::Status>(v) {
+        if let Ok(v) = certmesh::ops::control::request(&socket, "status").await {
+            if let Ok(s) = serde_json::from_value::<certmesh::ops::control::Status>(v) {
                 let tokens = std::fs::read_dir(&challenges).map_or(0, |d| d.count());
                 if let Some(cert) = s.certificates.iter().find(|c| c.name == name) {
                     let first = *first_version.get_or_insert(cert.version);
@@ -764,8 +764,8 @@ async fn issue_progress(socket: PathBuf, name: String, tree: PathBuf) {
 /// challenge files in the tree and how many connected peers acknowledged them, and
 /// a live version newer than the one the order started from.
 fn issue_step(
-    cert: &certmesh::control::CertStatus,
-    peers: &[certmesh::control::PeerStatus],
+    cert: &certmesh::ops::control::CertStatus,
+    peers: &[certmesh::ops::control::PeerStatus],
     challenges: usize,
     started_at: Option<u32>,
 ) -> String {
@@ -865,7 +865,7 @@ fn restore(
     list: bool,
     json: bool,
 ) -> Result<(), Failure> {
-    use certmesh::keep;
+    use certmesh::disk::keep;
     let io = |e: std::io::Error| Failure::Runtime(format!("{}: {e}", c.tree.display()));
     let Some(path) = path else {
         let mut kept = Vec::new();
@@ -889,7 +889,7 @@ fn restore(
         }
         return Ok(());
     };
-    let rel = certmesh::paths::RelPath::parse_shared(path)
+    let rel = certmesh::core::paths::RelPath::parse_shared(path)
         .map_err(|e| Failure::Config(format!("PATH {path:?}: {e}")))?;
     let kept_at = |ns: i64| certmesh::acme::rfc3339(ns / 1_000_000_000);
     if !list {
@@ -943,7 +943,7 @@ fn restore(
 }
 
 /// Why a version was kept: `replaced by lb1`, `deleted by lb2`, or `unknown`.
-fn cause(c: &Config, meta: Option<&certmesh::keep::KeptMeta>) -> String {
+fn cause(c: &Config, meta: Option<&certmesh::disk::keep::KeptMeta>) -> String {
     meta.map_or_else(
         || "unknown".to_string(),
         |m| {
@@ -952,8 +952,8 @@ fn cause(c: &Config, meta: Option<&certmesh::keep::KeptMeta>) -> String {
                 |id| certmesh::repair::name_of(&c.peers, certmesh::identity::ShortId(id)),
             );
             let what = match m.reason {
-                certmesh::keep::Reason::Replaced => "replaced",
-                certmesh::keep::Reason::Deleted => "deleted",
+                certmesh::disk::keep::Reason::Replaced => "replaced",
+                certmesh::disk::keep::Reason::Deleted => "deleted",
             };
             format!("{what} by {by}")
         },
@@ -1039,7 +1039,7 @@ fn man(out_dir: Option<&std::path::Path>) -> Result<(), Failure> {
 mod tests {
     use super::*;
 
-    fn cert(state: &str, version: Option<u32>) -> certmesh::control::CertStatus {
+    fn cert(state: &str, version: Option<u32>) -> certmesh::ops::control::CertStatus {
         serde_json::from_value(serde_json::json!({"name": "www", "domains": [],
             "not_after": null, "not_after_unix": null, "days_left": null,
             "version": version, "serial": null, "renewer": null, "lease": null,
@@ -1048,7 +1048,7 @@ mod tests {
         .expect("a certificate status")
     }
 
-    fn peer(connected: bool, in_sync: bool) -> certmesh::control::PeerStatus {
+    fn peer(connected: bool, in_sync: bool) -> certmesh::ops::control::PeerStatus {
         serde_json::from_value(serde_json::json!({"name": "p", "id": "Y",
             "address": "127.0.1.2:1", "connected": connected, "in_sync": in_sync,
             "rtt_ms": null, "acked": 0, "pending_from": 0, "last_error": null}))

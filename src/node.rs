@@ -9,13 +9,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::apply::Tree;
 use crate::config::{Config, PeerConfig};
 use crate::core::cluster::BarrierStatus;
 use crate::core::engine::{Engine, EngineError};
+use crate::core::paths::RelPath;
+use crate::disk::apply::Tree;
+use crate::disk::store::{Journal, Pending};
 use crate::identity::{DeviceId, Identity};
-use crate::paths::RelPath;
-use crate::store::{Journal, Pending};
 
 /// A live session with a peer.
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ pub struct State {
     /// Encodes index changes for the persister (no I/O under this lock).
     pub journal: Journal,
     pub peers: HashMap<DeviceId, PeerSlot>,
-    pub errors: crate::telemetry::RecentErrors,
+    pub errors: crate::ops::telemetry::RecentErrors,
 }
 
 impl State {
@@ -156,7 +156,7 @@ pub struct Shared {
     /// Rescans run (for `status`: an idle node does none).
     pub scans: AtomicU64,
     /// Recent small contents, sent inline with their records.
-    pub inline: Mutex<crate::inline::InlineCache>,
+    pub inline: Mutex<crate::core::inline::InlineCache>,
     /// Set once shutdown begins: no new batches start.
     pub stopping: watch::Sender<bool>,
     /// The ACME driver, when `[acme]` is configured (for `status`, `issue`, `renew`).
@@ -164,7 +164,7 @@ pub struct Shared {
     /// Hooks that failed to start, exited non-zero or timed out (metrics).
     pub hook_failures: AtomicU64,
     /// Certificate repairs: queue and recent results (`status`).
-    pub repairs: crate::telemetry::Repairs,
+    pub repairs: crate::ops::telemetry::Repairs,
     /// Serving probes: hook runs in, hook re-runs out, failure counters (issue 26).
     pub probes: crate::probe::Probes,
     /// The persister's queue (see [`persister`]).
@@ -223,7 +223,7 @@ impl Shared {
         self.progress.send_modify(|v| *v += 1);
     }
 
-    pub fn inline(&self) -> MutexGuard<'_, crate::inline::InlineCache> {
+    pub fn inline(&self) -> MutexGuard<'_, crate::core::inline::InlineCache> {
         self.inline.lock().unwrap_or_else(|p| p.into_inner())
     }
 

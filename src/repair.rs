@@ -2,7 +2,7 @@
 //! peer's change deletes or breaks one (`live/<name>` missing or dangling, key not
 //! matching the leaf of `fullchain.pem`, unparsable), the same certificate is put
 //! back from the files still in `archive/<name>/` and the kept versions
-//! ([`crate::keep`]), written into the tree as a normal local change so it
+//! ([`crate::disk::keep`]), written into the tree as a normal local change so it
 //! replicates. No new order: when nothing good (unexpired, matching) is left, the
 //! ACME driver orders the missing certificate as it always does.
 //!
@@ -18,10 +18,10 @@ use std::time::Duration;
 use crate::acme::bundle::{self, chain_der};
 use crate::acme::served::{self, check_pair, read_file, BundleFiles, MAX_PEM};
 use crate::acme::tree;
+use crate::core::paths::RelPath;
+use crate::disk::keep;
 use crate::handles::{Mesh, Reports, Settings, TreeWriter};
 use crate::identity::ShortId;
-use crate::keep;
-use crate::paths::RelPath;
 
 /// After a batch touched a certificate, wait this long for more before checking.
 const SETTLE: Duration = Duration::from_millis(200);
@@ -30,7 +30,7 @@ const RETRY: Duration = Duration::from_secs(1);
 /// How long the start-up check waits for the mesh to form first.
 const START_GRACE: Duration = Duration::from_secs(10);
 
-pub use crate::telemetry::{RepairStatus, Repairs};
+pub use crate::ops::telemetry::{RepairStatus, Repairs};
 
 /// What the repair task uses of the daemon.
 #[derive(Clone)]

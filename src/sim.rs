@@ -26,12 +26,12 @@ use rand::{RngExt, SeedableRng};
 
 use crate::core::cluster::{ClusterMsg, Member};
 use crate::core::engine::{Engine, SendToken, Transmit};
+use crate::core::index::{ContentHash, FileRecord, Index, Kind, LocalStat, Observed};
+use crate::core::inline::InlineCache;
+use crate::core::paths::RelPath;
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
+use crate::core::plan::DEFAULT_MAX_FILE_SIZE;
 use crate::identity::DeviceId;
-use crate::index::{ContentHash, FileRecord, Index, Kind, LocalStat, Observed};
-use crate::inline::InlineCache;
-use crate::paths::RelPath;
-use crate::plan::DEFAULT_MAX_FILE_SIZE;
 
 const MS: i64 = 1_000_000;
 
@@ -446,7 +446,7 @@ impl Sim {
                 .iter()
                 .filter_map(|(r, _, d)| Some((r, d.as_ref()?)))
                 .try_for_each(|(r, d)| {
-                    crate::wire::check_inline(r, d).map_err(|e| e.to_string())?;
+                    crate::net::wire::check_inline(r, d).map_err(|e| e.to_string())?;
                     node.inline.insert(r.hash, d.clone());
                     Ok(())
                 })

@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use certmesh::identity::{DeviceId, Identity};
-use certmesh::transport::Transport;
-use certmesh::wire::{self, pb};
+use certmesh::net::transport::Transport;
+use certmesh::net::wire::{self, pb};
 
 use crate::util::{wait_until, Cluster, Node};
 
 fn transport_for(node: &Node, trusts: &Node) -> Transport {
     let me = Arc::new(Identity::load(&node.state).unwrap());
     let id: DeviceId = trusts.id.parse().unwrap();
-    let allowed = certmesh::transport::allow_only([id]);
+    let allowed = certmesh::net::transport::allow_only([id]);
     Transport::bind(me, node.addr.parse().unwrap(), allowed).unwrap()
 }
 

@@ -3,8 +3,8 @@
 //! the renewer.
 
 use crate::util::{certmesh, wait_until, Node};
-use certmesh::control::{ConfirmReply, Status};
 use certmesh::ops::census::ClusterSync;
+use certmesh::ops::control::{ConfirmReply, Status};
 
 /// renewer (0) — hub (1) — edge (2), started and connected.
 fn chain() -> (tempfile::TempDir, Vec<Node>) {
@@ -64,7 +64,7 @@ fn indexed(node: &Node, path: &str) -> bool {
     serde_json::from_slice::<ConfirmReply>(&out.stdout).is_ok()
 }
 
-fn node<'a>(r: &'a ConfirmReply, name: &str) -> &'a certmesh::control::ConfirmedNode {
+fn node<'a>(r: &'a ConfirmReply, name: &str) -> &'a certmesh::ops::control::ConfirmedNode {
     r.nodes
         .iter()
         .find(|n| n.name == name)

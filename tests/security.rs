@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use certmesh::identity::{DeviceId, Identity};
-use certmesh::transport::{Transport, ALPN, SERVER_NAME};
-use certmesh::wire::{self, pb};
+use certmesh::net::transport::{Transport, ALPN, SERVER_NAME};
+use certmesh::net::wire::{self, pb};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::util::{wait_until, Cluster, Node};
@@ -343,7 +343,7 @@ async fn a_certificate_without_its_key_fails_the_handshake() {
 fn evil_transport(evil: &Node, target: &Node) -> Transport {
     let me = Arc::new(Identity::load(&evil.state).unwrap());
     let id: DeviceId = target.id.parse().unwrap();
-    let allowed = certmesh::transport::allow_only([id]);
+    let allowed = certmesh::net::transport::allow_only([id]);
     Transport::bind(me, evil.addr.parse().unwrap(), allowed).unwrap()
 }
 

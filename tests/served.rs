@@ -10,10 +10,10 @@ use std::process::{Command, Stdio};
 
 use certmesh::core::served::ServedRecord;
 use certmesh::identity::{DeviceId, Identity, NodeSigner};
+use certmesh::net::transport::Transport;
+use certmesh::net::wire::served::{served_to_wire, sign_report};
+use certmesh::net::wire::{self, pb};
 use certmesh::ops::status::{CertStatus, Status};
-use certmesh::transport::Transport;
-use certmesh::wire::served::{served_to_wire, sign_report};
-use certmesh::wire::{self, pb};
 
 use crate::reload::{have, Bundle, Ca, Proc, HOST, NAME};
 use crate::util::{free_tcp, wait_listening, wait_until, Node};
@@ -334,7 +334,7 @@ async fn evil_peer_sends(evil: &Node, target: &Node, frame: pb::Frame) -> quinn:
     let t = Transport::bind(
         me,
         evil.addr.parse().unwrap(),
-        certmesh::transport::allow_only([id]),
+        certmesh::net::transport::allow_only([id]),
     )
     .unwrap();
     let conn = t.connect(id, target.addr.parse().unwrap()).await.unwrap();

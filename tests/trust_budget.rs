@@ -329,7 +329,9 @@ fn min_disk_free_refuses_a_fetch_that_would_leave_less() {
     wait_until("good acknowledged the refused paths", || {
         acked_by(bad, "good")
     });
-    let free = certmesh::safe_fs::disk_space(&good.tree).unwrap().free;
+    let free = certmesh::disk::safe_fs::disk_space(&good.tree)
+        .unwrap()
+        .free;
     assert!(free >= 6 << 20, "{free} bytes left free");
     assert!(junk(good).len() < 5);
     assert!(nodes[1].all_connected());

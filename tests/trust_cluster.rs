@@ -8,12 +8,12 @@ use std::fs;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use certmesh::control::ConfirmReply;
 use certmesh::core::cluster::{self, Neighbor, Report};
 use certmesh::identity::{DeviceId, Identity, NodeSigner};
-use certmesh::transport::Transport;
-use certmesh::wire::cluster::{confirm_from_wire, confirm_to_wire, report_to_wire};
-use certmesh::wire::{self, pb};
+use certmesh::net::transport::Transport;
+use certmesh::net::wire::cluster::{confirm_from_wire, confirm_to_wire, report_to_wire};
+use certmesh::net::wire::{self, pb};
+use certmesh::ops::control::ConfirmReply;
 
 use crate::util::{certmesh, wait_until, Node};
 
@@ -75,7 +75,7 @@ async fn evil(e: &Node, target: &Node) -> Evil {
     let me = Identity::load(&e.state).unwrap();
     let signer = NodeSigner::new(&me).unwrap();
     let id: DeviceId = target.id.parse().unwrap();
-    let allowed = certmesh::transport::allow_only([id]);
+    let allowed = certmesh::net::transport::allow_only([id]);
     let t = Transport::bind(Arc::new(me), e.addr.parse().unwrap(), allowed).unwrap();
     let conn = t.connect(id, target.addr.parse().unwrap()).await.unwrap();
     let mut send = conn.open_uni().await.unwrap();
@@ -396,7 +396,7 @@ async fn requests_in_another_nodes_name_are_refused_and_cut_off() {
         }
         other => panic!("not cut off: {other:?}"),
     }
-    let st: certmesh::control::Status = serde_json::from_value(h.status()).unwrap();
+    let st: certmesh::ops::control::Status = serde_json::from_value(h.status()).unwrap();
     let p = st.peers.iter().find(|p| p.name == "e").unwrap();
     let why = p.refused.last_reason.as_deref().unwrap_or_default();
     assert!(why.contains("not signed by its origin"), "{why}");

@@ -9,11 +9,11 @@ use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use certmesh::control::Status;
 use certmesh::handles::CLOSE_REFUSING;
 use certmesh::identity::{DeviceId, Identity, NodeSigner};
-use certmesh::transport::Transport;
-use certmesh::wire::{self, pb};
+use certmesh::net::transport::Transport;
+use certmesh::net::wire::{self, pb};
+use certmesh::ops::control::Status;
 
 use crate::util::{certmesh, wait_until, Node};
 
@@ -89,7 +89,7 @@ async fn session(
     if let Some(p) = port {
         addr.set_port(p);
     }
-    let t = Transport::bind(me, addr, certmesh::transport::allow_only([id])).unwrap();
+    let t = Transport::bind(me, addr, certmesh::net::transport::allow_only([id])).unwrap();
     let conn = t.connect(id, target.addr.parse().unwrap()).await.unwrap();
     let mut send = conn.open_uni().await.unwrap();
     let hello = pb::Hello {

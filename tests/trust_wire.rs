@@ -7,10 +7,10 @@ use std::fs;
 use std::sync::Arc;
 use std::time::Duration;
 
-use certmesh::control::Status;
 use certmesh::identity::{DeviceId, Identity};
-use certmesh::transport::Transport;
-use certmesh::wire::{self, pb};
+use certmesh::net::transport::Transport;
+use certmesh::net::wire::{self, pb};
+use certmesh::ops::control::Status;
 
 use crate::util::{wait_until, Node};
 
@@ -77,7 +77,7 @@ async fn evil_session(
 ) -> (Transport, quinn::Connection, quinn::SendStream) {
     let me = Arc::new(Identity::load(&evil.state).unwrap());
     let id: DeviceId = target.id.parse().unwrap();
-    let allowed = certmesh::transport::allow_only([id]);
+    let allowed = certmesh::net::transport::allow_only([id]);
     let t = Transport::bind(me, evil.addr.parse().unwrap(), allowed).unwrap();
     let conn = t.connect(id, target.addr.parse().unwrap()).await.unwrap();
     let mut send = conn.open_uni().await.unwrap();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use certmesh::identity::{DeviceId, Identity};
-use certmesh::transport::Transport;
+use certmesh::net::transport::Transport;
 
 use crate::acme::{enable_acme_with, tools_present, wait_version, Pebble, DOMAIN};
 use crate::util::{certmesh, free_tcp, wait_until, Node};
@@ -132,7 +132,8 @@ impl Flood {
             let attempts = attempts.clone();
             let bind = format!("{ip}:0").parse().unwrap();
             let _enter = runtime.enter();
-            let t = Transport::bind(me, bind, certmesh::transport::allow_only([victim])).unwrap();
+            let t =
+                Transport::bind(me, bind, certmesh::net::transport::allow_only([victim])).unwrap();
             runtime.spawn(async move {
                 loop {
                     let dial = t.connect(victim, addr);

@@ -7,10 +7,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use certmesh::control::Status;
 use certmesh::identity::{DeviceId, Identity};
-use certmesh::transport::Transport;
-use certmesh::wire::{self, pb};
+use certmesh::net::transport::Transport;
+use certmesh::net::wire::{self, pb};
+use certmesh::ops::control::Status;
 
 use crate::util::{wait_until, Node};
 
@@ -229,7 +229,7 @@ struct Forger {
 async fn forger(f: &Node, target: &Node) -> Forger {
     let me = Arc::new(Identity::load(&f.state).unwrap());
     let id: DeviceId = target.id.parse().unwrap();
-    let allowed = certmesh::transport::allow_only([id]);
+    let allowed = certmesh::net::transport::allow_only([id]);
     let t = Transport::bind(me, f.addr.parse().unwrap(), allowed).unwrap();
     let conn = t.connect(id, target.addr.parse().unwrap()).await.unwrap();
     let mut send = conn.open_uni().await.unwrap();

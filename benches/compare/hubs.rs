@@ -184,12 +184,12 @@ fn confirm(
     since: Instant,
 ) -> Result<Duration> {
     let cfg = certmesh::config::Config::load(&node.config)?;
-    let req = certmesh::control::Request::Confirm {
+    let req = certmesh::ops::control::Request::Confirm {
         path: rel.to_string(),
         timeout_ms: 30_000,
     };
     loop {
-        let v = match rt.block_on(certmesh::control::send(&cfg.control_socket(), &req)) {
+        let v = match rt.block_on(certmesh::ops::control::send(&cfg.control_socket(), &req)) {
             Ok(v) => v,
             Err(e) if format!("{e:#}").contains("not in this node's index") => {
                 if since.elapsed() > Duration::from_secs(30) {
@@ -201,7 +201,7 @@ fn confirm(
             Err(e) => return Err(e),
         };
         let took = since.elapsed();
-        let r: certmesh::control::ConfirmReply =
+        let r: certmesh::ops::control::ConfirmReply =
             serde_json::from_value(v.clone()).map_err(|e| anyhow!("confirm: {e}: {v}"))?;
         let have = r.nodes.iter().filter(|x| x.after_ms.is_some()).count();
         if !r.done || have != n - 1 {

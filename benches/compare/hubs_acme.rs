@@ -135,7 +135,7 @@ fn renewer_cert(
     socket: &Path,
 ) -> Option<certmesh::ops::status::CertStatus> {
     let v = rt
-        .block_on(certmesh::control::request(socket, "status"))
+        .block_on(certmesh::ops::control::request(socket, "status"))
         .ok()?;
     let s: certmesh::ops::status::Status = serde_json::from_value(v).ok()?;
     s.certificates.into_iter().find(|c| c.name == "www")
@@ -305,7 +305,7 @@ impl Setup {
                 file_len(&node_log),
             );
             let t = Instant::now();
-            match rt.block_on(certmesh::control::issue(&socket, "www")) {
+            match rt.block_on(certmesh::ops::control::issue(&socket, "www")) {
                 Ok(r) => {
                     let answered = t.elapsed();
                     let (all, serial) = self.live_everywhere(c, t, Duration::from_secs(60))?;

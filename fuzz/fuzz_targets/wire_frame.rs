@@ -12,16 +12,16 @@ thread_local! {
 }
 
 fuzz_target!(|data: &[u8]| {
-    use certmesh::wire::pb::frame::Body;
+    use certmesh::net::wire::pb::frame::Body;
     // Barrier frames: validated, then their signatures checked (issue 25).
-    match certmesh::wire::decode_frame(data).ok().and_then(|f| f.body) {
+    match certmesh::net::wire::decode_frame(data).ok().and_then(|f| f.body) {
         Some(Body::Confirm(c)) => {
-            if let Ok(c) = certmesh::wire::cluster::confirm_from_wire(c) {
+            if let Ok(c) = certmesh::net::wire::cluster::confirm_from_wire(c) {
                 let _ = certmesh::core::cluster::verify_confirm(&c);
             }
         }
         Some(Body::Report(r)) => {
-            if let Ok(r) = certmesh::wire::cluster::report_from_wire(r) {
+            if let Ok(r) = certmesh::net::wire::cluster::report_from_wire(r) {
                 let _ = certmesh::core::cluster::verify_report(&r);
             }
         }
@@ -30,9 +30,9 @@ fuzz_target!(|data: &[u8]| {
     // The length-prefixed reader: the limit is checked before allocating.
     let mut r: &[u8] = data;
     let _ = RT.with(|rt| {
-        rt.block_on(certmesh::wire::read_msg::<_, certmesh::wire::pb::Frame>(
+        rt.block_on(certmesh::net::wire::read_msg::<_, certmesh::net::wire::pb::Frame>(
             &mut r,
-            certmesh::wire::MAX_FRAME,
+            certmesh::net::wire::MAX_FRAME,
         ))
     });
 });

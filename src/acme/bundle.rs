@@ -14,8 +14,8 @@ use x509_parser::pem::Pem;
 use super::schedule::Validity;
 use super::tree;
 use crate::config::KeyType;
+use crate::disk::safe_fs::{self, Root};
 use crate::handles::TreeWriter;
-use crate::safe_fs::{self, Root};
 
 /// The files of one version, `archive/<name>/<n>/`.
 pub const FILES: [&str; 5] = [

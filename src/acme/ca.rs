@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use super::tree::{self, Expect};
 use crate::config::AcmeConfig;
+use crate::core::paths::RelPath;
 use crate::handles::TreeWriter;
-use crate::paths::RelPath;
 
 /// The first CA's account (the one file of a single `directory`, as before lists).
 pub const ACCOUNT_FILE: &str = ".certmesh/acme/account.json";

@@ -11,7 +11,7 @@ use super::dns::{challenge_name, Presented, Publisher, Record, RECORDS_DIR};
 use super::tree::{self, Expect};
 use super::Handles;
 use crate::config::{AcmeConfig, CertificateConfig};
-use crate::paths::RelPath;
+use crate::core::paths::RelPath;
 
 /// The dns-01 part of one order.
 #[derive(Default)]

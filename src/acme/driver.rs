@@ -23,7 +23,7 @@ use super::{
     unix_now, Acme, Command, Handles, LEASES_DIR,
 };
 use crate::config::{AcmeConfig, CertificateConfig};
-use crate::paths::RelPath;
+use crate::core::paths::RelPath;
 
 /// How long a starting node waits for every configured peer to be connected and in
 /// sync before it orders (after `acme.startup_grace` if none was).
@@ -574,7 +574,7 @@ impl Driver {
                     ms = i.took.as_millis() as u64,
                     "certificate issued and published"
                 );
-                crate::telemetry::order_finished(&cert.name, true);
+                crate::ops::telemetry::order_finished(&cert.name, true);
                 self.handle.update(&cert.name, |r| {
                     r.state = AcmeState::Idle;
                     r.failures = 0;
@@ -603,7 +603,7 @@ impl Driver {
                 let msg = format!("{:#}", f.error);
                 let live = bundle::live_leaf(self.h.writer.root(), &cert.name).map(|l| l.serial);
                 h.reports.error(format!("acme: {}: {msg}", cert.name));
-                crate::telemetry::order_finished(&cert.name, false);
+                crate::ops::telemetry::order_finished(&cert.name, false);
                 self.handle
                     .failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

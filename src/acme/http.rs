@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{account::ACCOUNT_FILE, order::CHALLENGE_DIR, tree};
-use crate::clients::Clients;
+use crate::net::clients::Clients;
 
 const PREFIX: &str = "/.well-known/acme-challenge/";
 
@@ -40,7 +40,7 @@ pub fn start(
     let clients = Clients::new("http-01 responder", MAX_CLIENTS).evicting_oldest();
     let limit = Some(Duration::from_secs(10));
     let root: Arc<Path> = root.into();
-    Ok(crate::clients::serve_forever(
+    Ok(crate::net::clients::serve_forever(
         listener,
         clients,
         limit,
@@ -100,7 +100,7 @@ pub fn answer(root: &Path, target: &str) -> Option<Vec<u8>> {
 /// The content of `acme/.well-known/acme-challenge/<token>` if it is a regular file
 /// (reached without following any link) of at most [`MAX_TOKEN_FILE`] bytes.
 fn token_file(root: &Path, token: &str) -> Option<Vec<u8>> {
-    let r = crate::safe_fs::Root::open(root).ok()?;
+    let r = crate::disk::safe_fs::Root::open(root).ok()?;
     r.read(&format!("{CHALLENGE_DIR}/{token}"), MAX_TOKEN_FILE)
         .ok()
 }

@@ -356,7 +356,9 @@ pub fn bundle_error(h: &Handles, name: &str, domains: &[String]) -> Option<Strin
         .and_then(|r| r.split([':', ' ']).next())
         .unwrap_or_default();
     let author = bundle::live_version(root, name)
-        .and_then(|v| crate::paths::RelPath::parse(&format!("archive/{name}/{v}/{file}")).ok())
+        .and_then(|v| {
+            crate::core::paths::RelPath::parse(&format!("archive/{name}/{v}/{file}")).ok()
+        })
         .and_then(|p| h.mesh.modified_by(&p))
         .map(|id| {
             if h.mesh.me().short() == id {

@@ -19,7 +19,7 @@ use super::dns01;
 use super::tree::{self, Expect};
 use super::Handles;
 use crate::config::{AcmeConfig, CertificateConfig};
-use crate::paths::RelPath;
+use crate::core::paths::RelPath;
 
 /// Where http-01 key authorizations go (nginx: `root <tree>/acme;`).
 pub const CHALLENGE_DIR: &str = "acme/.well-known/acme-challenge";

@@ -2,7 +2,7 @@
 //! up: stage under `.certmesh/tmp/` (local-only, same filesystem), fsync, rename into
 //! place; then make sure the local index holds the change before relying on it
 //! ([`index_shows`]; the wait is [`crate::handles::TreeWriter::await_indexed`]).
-//! Everything goes through the tree's directory handle ([`crate::safe_fs`]) and follows
+//! Everything goes through the tree's directory handle ([`crate::disk::safe_fs`]) and follows
 //! no link, except `live/<name>`, which certmesh made: it is read with `readlinkat` and
 //! followed only when it is exactly `../archive/<name>/<n>` ([`live_version`]).
 
@@ -14,9 +14,9 @@ use std::path::Path;
 use anyhow::Context;
 use rustix::fs::{Mode, OFlags};
 
-use crate::index::{ContentHash, Index, Kind};
-use crate::paths::{RelPath, INTERNAL_DIR};
-use crate::safe_fs::{self, Root};
+use crate::core::index::{ContentHash, Index, Kind};
+use crate::core::paths::{RelPath, INTERNAL_DIR};
+use crate::disk::safe_fs::{self, Root};
 
 /// Largest file certmesh reads back from its tree (PEM chains, leases, the account).
 pub const MAX_READ: u64 = 1 << 20;
@@ -343,8 +343,8 @@ mod tests {
 
     #[test]
     fn the_index_shows_a_write_only_with_its_content_and_kind() {
+        use crate::core::index::tests::file;
         use crate::identity::ShortId;
-        use crate::index::tests::file;
         let mut index = Index::new(ShortId(1));
         let p = rel("live/www.pem").unwrap();
         assert!(index_shows(&index, &p, &Expect::Gone));

@@ -13,8 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
+use crate::core::index::{FileRecord, Kind};
 use crate::identity::{self, DeviceId, NodeSigner};
-use crate::index::{FileRecord, Kind};
 
 /// Longest signature accepted (an ECDSA P-256 DER signature has at most 72 bytes).
 pub const MAX_SIGNATURE: usize = 80;
@@ -216,10 +216,10 @@ pub fn verify(key: &[u8], r: &FileRecord) -> Result<(), Refusal> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::core::index::ContentHash;
+    use crate::core::paths::RelPath;
+    use crate::core::version::VersionVector;
     use crate::identity::{Identity, ShortId};
-    use crate::index::ContentHash;
-    use crate::paths::RelPath;
-    use crate::version::VersionVector;
 
     pub fn signer() -> (tempfile::TempDir, NodeSigner) {
         let dir = tempfile::tempdir().unwrap();

@@ -15,11 +15,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::core::index::Index;
+use crate::core::paths::RelPath;
+use crate::core::plan::Plan;
+use crate::core::version::VersionVector;
 use crate::identity::{self, DeviceId, NodeSigner};
-use crate::index::Index;
-use crate::paths::RelPath;
-use crate::plan::Plan;
-use crate::version::VersionVector;
 
 /// Most hops a request is relayed (a hub topology needs 3–4).
 pub const MAX_HOPS: u32 = 16;
@@ -1093,17 +1093,21 @@ mod tests {
             f(&mut self.cluster, &v)
         }
 
-        fn apply(&mut self, r: &crate::index::FileRecord) {
+        fn apply(&mut self, r: &crate::core::index::FileRecord) {
             self.index.put(r.clone(), None);
             self.with_view(|c, v| c.refresh(v));
         }
     }
 
-    fn token() -> crate::index::FileRecord {
+    fn token() -> crate::core::index::FileRecord {
         let mut ix = Index::new(ShortId(1));
         let p = RelPath::parse("acme/tok").unwrap();
-        ix.observe(&p, Some(crate::index::tests::file("acme/tok", 1, 1)), 1)
-            .unwrap()
+        ix.observe(
+            &p,
+            Some(crate::core::index::tests::file("acme/tok", 1, 1)),
+            1,
+        )
+        .unwrap()
     }
 
     /// Delivers every queued message between `nodes` (indexed by device byte - 1)
@@ -1143,7 +1147,7 @@ mod tests {
         ]
     }
 
-    fn start(nodes: &mut [Node], r: &crate::index::FileRecord) {
+    fn start(nodes: &mut [Node], r: &crate::core::index::FileRecord) {
         nodes[0].index.put(r.clone(), None);
         let (p, v) = (r.path.clone(), r.version.clone());
         assert!(nodes[0].with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));

@@ -13,18 +13,18 @@ use std::sync::Arc;
 
 use crate::core::authorship::{self, Refusal, Writers};
 use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Member, Report};
+use crate::core::index::{FileRecord, Index, LocalStat, Observed};
+use crate::core::paths::RelPath;
+use crate::core::plan::{DiskSpace, Plan, PlanEvent, TreeBudget};
 use crate::core::served::{ServedBoard, ServedRecord, SignedReport};
 use crate::identity::{DeviceId, NodeSigner};
-use crate::index::{FileRecord, Index, LocalStat, Observed};
-use crate::paths::RelPath;
-use crate::plan::{DiskSpace, Plan, PlanEvent, TreeBudget};
 
 /// Largest content sent inline with its record.
 pub const MAX_INLINE: usize = 16 << 10;
 
 /// Most records one peer's view holds (`plan::MAX_PEER_RECORDS`, the index's own
 /// cap): past it, its new paths are refused and the session stays up.
-pub const MAX_PEER_RECORDS: usize = crate::plan::MAX_PEER_RECORDS;
+pub const MAX_PEER_RECORDS: usize = crate::core::plan::MAX_PEER_RECORDS;
 
 /// A peer broke a rule of the sync protocol; the session with it should end.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -961,7 +961,7 @@ fn changes(
             let send_inline = !full
                 && !peer_has_content
                 && !r.deleted
-                && r.kind == crate::index::Kind::File
+                && r.kind == crate::core::index::Kind::File
                 && r.size as usize <= MAX_INLINE;
             Outgoing {
                 record: r.clone(),
@@ -986,7 +986,7 @@ mod tests {
         let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX);
         for (i, p) in paths.iter().enumerate() {
             let p = RelPath::parse(p).unwrap();
-            let seen = crate::index::tests::file(p.as_str(), i as u8, 1);
+            let seen = crate::core::index::tests::file(p.as_str(), i as u8, 1);
             e.observe(&p, Some(seen), 1);
         }
         e
@@ -996,13 +996,13 @@ mod tests {
     fn announced(i: usize, by: u64) -> (FileRecord, u64) {
         let r = FileRecord {
             path: RelPath::parse(&format!("n/{i}")).unwrap(),
-            kind: crate::index::Kind::File,
+            kind: crate::core::index::Kind::File,
             size: 1,
             mode: 0o644,
             mtime_ns: 1,
-            hash: crate::index::ContentHash([1; 32]),
+            hash: crate::core::index::ContentHash([1; 32]),
             target: String::new(),
-            version: crate::version::VersionVector::from_pairs(vec![(ShortId(by), 1)]),
+            version: crate::core::version::VersionVector::from_pairs(vec![(ShortId(by), 1)]),
             deleted: false,
             modified_by: ShortId(by),
             auth: None,
@@ -1044,7 +1044,7 @@ mod tests {
         // Past the view cap, and past `max_files` for what fits in the view: all
         // counted, the first `MAX_REFUSALS` listed in `status`.
         assert!(e.plan().refused_total() >= 250_000 - MAX_PEER_RECORDS as u64);
-        assert_eq!(e.plan().refused_len(), crate::plan::MAX_REFUSALS);
+        assert_eq!(e.plan().refused_len(), crate::core::plan::MAX_REFUSALS);
     }
 
     #[test]
@@ -1057,7 +1057,7 @@ mod tests {
         assert_eq!((ix.records.len(), ix.upto, t.ack), (2, 2, None));
         assert_eq!(e.poll_transmit(peer(), token), None);
         let c = RelPath::parse("c").unwrap();
-        e.observe(&c, Some(crate::index::tests::file("c", 7, 2)), 2);
+        e.observe(&c, Some(crate::core::index::tests::file("c", 7, 2)), 2);
         let ix = e.poll_transmit(peer(), token).unwrap().index.unwrap();
         assert!(!ix.full);
         assert_eq!((ix.records.len(), ix.upto), (1, 3));
@@ -1081,7 +1081,7 @@ mod tests {
         let token = e.connected(peer());
         e.poll_transmit(peer(), token);
         let p = RelPath::parse("x").unwrap();
-        let seen = crate::index::tests::file("x", 3, 1);
+        let seen = crate::core::index::tests::file("x", 3, 1);
         let record = e.observe(&p, Some(seen), 1).unwrap();
         // The peer announces our own record back: nothing needed, acked at once.
         e.handle_index(peer(), vec![(record, 4)], 4).unwrap();
@@ -1098,7 +1098,7 @@ mod tests {
     ) -> FileRecord {
         let mut ix = Index::new(s.id().short());
         let p = RelPath::parse(path).unwrap();
-        let seen = crate::index::tests::file(path, content, 1);
+        let seen = crate::core::index::tests::file(path, content, 1);
         let mut r = ix.observe(&p, Some(seen), counter as i64 * 1000).unwrap();
         assert!(authorship::sign(&mut r, s));
         r
@@ -1113,7 +1113,7 @@ mod tests {
         let token = e.connected(peer());
         let honest = signed_by(&writer, "a", 1, 1);
         let mut forged = signed_by(&writer, "b", 2, 1);
-        forged.hash = crate::index::ContentHash([9; 32]);
+        forged.hash = crate::core::index::ContentHash([9; 32]);
         let own = signed_by(&relay, "c", 3, 1);
         e.handle_index(peer(), vec![(honest, 1), (forged, 2), (own, 3)], 3)
             .unwrap();
@@ -1186,7 +1186,7 @@ mod tests {
     fn refused_tallies_are_capped_whatever_the_peers() {
         let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX)
             .with_authorship(None, Writers::only([DeviceId([1; 32])]));
-        let unsigned = crate::index::tests::file("a", 1, 1);
+        let unsigned = crate::core::index::tests::file("a", 1, 1);
         let p = RelPath::parse("a").unwrap();
         let r = Index::new(ShortId(7))
             .observe(&p, Some(unsigned), 1)
@@ -1213,20 +1213,23 @@ mod tests {
         let r = signed_by(&writer, "live/cert.pem", 1, 1);
         e.handle_index(peer(), vec![(r.clone(), 1)], 1).unwrap();
         let need = e.plan().need(&r.path).unwrap().target.clone();
-        e.applied(need, Some(crate::index::tests::file("x", 1, 1).stat));
+        e.applied(need, Some(crate::core::index::tests::file("x", 1, 1).stat));
         let seq = e.index().sequence();
         // The reader edits the file: nothing recorded, nothing to send…
-        let edited = crate::index::tests::file("live/cert.pem", 7, 5);
+        let edited = crate::core::index::tests::file("live/cert.pem", 7, 5);
         assert_eq!(e.observe(&r.path, Some(edited), 5), None);
         assert_eq!(e.index().sequence(), seq);
         assert_eq!(e.not_sent().count, 1);
         // …and the writers' version is needed again, content fetched anew.
         assert_eq!(e.plan().need(&r.path).unwrap().target, r);
         assert!(e.reverting_content(&r.path));
-        e.applied(r.clone(), Some(crate::index::tests::file("x", 1, 9).stat));
+        e.applied(
+            r.clone(),
+            Some(crate::core::index::tests::file("x", 1, 9).stat),
+        );
         assert!(e.plan().need(&r.path).is_none() && !e.reverting_content(&r.path));
         // A chmod is put back too (same content: no fetch).
-        let mut chmod = crate::index::tests::file("live/cert.pem", 1, 9);
+        let mut chmod = crate::core::index::tests::file("live/cert.pem", 1, 9);
         (chmod.mode, chmod.stat.mode) = (0o600, 0o600);
         assert_eq!(e.observe(&r.path, Some(chmod), 10), None);
         assert!(e.plan().need(&r.path).is_some() && !e.reverting_content(&r.path));
@@ -1245,7 +1248,7 @@ mod tests {
         let p = RelPath::parse("live/old.pem").unwrap();
         ix.observe(
             &p,
-            Some(crate::index::tests::file("live/old.pem", 1, 1)),
+            Some(crate::core::index::tests::file("live/old.pem", 1, 1)),
             1000,
         );
         let mut gone = ix.observe(&p, None, 2000).unwrap();
@@ -1255,7 +1258,7 @@ mod tests {
         e.applied(need, None);
         assert!(e.plan().need(&gone.path).is_none());
         // The reader makes the file again: not recorded, and the deletion is needed.
-        let back = crate::index::tests::file("live/old.pem", 3, 5);
+        let back = crate::core::index::tests::file("live/old.pem", 3, 5);
         assert_eq!(e.observe(&gone.path, Some(back), 5), None);
         assert_eq!(e.not_sent().count, 1);
         assert_eq!(e.plan().need(&gone.path).unwrap().target, gone);
@@ -1274,7 +1277,7 @@ mod tests {
             .with_authorship(Some(me.clone()), Writers::only([me.id()]));
         let p = RelPath::parse("a").unwrap();
         let r = e
-            .observe(&p, Some(crate::index::tests::file("a", 1, 1)), 1)
+            .observe(&p, Some(crate::core::index::tests::file("a", 1, 1)), 1)
             .unwrap();
         let mut check = Writers::only([me.id()]);
         assert_eq!(check.check(&r), Ok(()));
@@ -1296,7 +1299,7 @@ mod tests {
             let p = RelPath::parse(p).unwrap();
             e.observe(
                 &p,
-                Some(crate::index::tests::file(p.as_str(), 5 + i as u8, 2)),
+                Some(crate::core::index::tests::file(p.as_str(), 5 + i as u8, 2)),
                 2,
             );
         }

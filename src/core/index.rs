@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::time::Duration;
 
+use crate::core::paths::RelPath;
+use crate::core::version::VersionVector;
 use crate::identity::ShortId;
-use crate::paths::RelPath;
-use crate::version::VersionVector;
 
 /// What a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

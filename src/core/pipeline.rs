@@ -19,10 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::core::engine::Engine;
+use crate::core::index::{ContentHash, FileRecord, Kind, LocalStat};
+use crate::core::paths::RelPath;
+use crate::core::plan::{Need, Plan};
 use crate::identity::DeviceId;
-use crate::index::{ContentHash, FileRecord, Kind, LocalStat};
-use crate::paths::RelPath;
-use crate::plan::{Need, Plan};
 
 /// How often retries of paths no longer needed are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
@@ -335,7 +335,7 @@ impl Pipeline {
         &mut self,
         need: &Need,
         plan: &Plan,
-        index: &crate::index::Index,
+        index: &crate::core::index::Index,
         in_flight: &mut HashSet<RelPath>,
         inline: &impl Fn(&ContentHash) -> Option<Arc<Vec<u8>>>,
         connected: &impl Fn(&DeviceId) -> bool,
@@ -681,8 +681,8 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::index::{FileRecord, Index};
     use crate::identity::ShortId;
-    use crate::index::{FileRecord, Index};
 
     #[test]
     fn pending_retries_are_capped_under_a_flood_of_failures() {
@@ -727,7 +727,7 @@ mod tests {
             .iter()
             .map(|(p, b, size)| {
                 let p = RelPath::parse(p).unwrap();
-                let mut obs = crate::index::tests::file(p.as_str(), *b, 1);
+                let mut obs = crate::core::index::tests::file(p.as_str(), *b, 1);
                 (obs.size, obs.stat.size) = (*size, *size);
                 let r = them.observe(&p, Some(obs), 1).unwrap();
                 let seq = them.sequence();
@@ -829,7 +829,7 @@ mod tests {
         e.connected(other);
         let mut them = Index::new(ShortId(3));
         let z = RelPath::parse("z").unwrap();
-        let mut obs = crate::index::tests::file("z", 9, 1);
+        let mut obs = crate::core::index::tests::file("z", 9, 1);
         (obs.size, obs.stat.size) = (SMALL_FILE, SMALL_FILE); // a bulk file too
         let r = them.observe(&z, Some(obs), 1).unwrap();
         e.handle_index(other, vec![(r, 1)], 1).unwrap();
@@ -909,7 +909,7 @@ mod tests {
     #[test]
     fn what_is_a_small_change() {
         let rec = |p: &str, size: u64| {
-            let mut obs = crate::index::tests::file(p, 1, 1);
+            let mut obs = crate::core::index::tests::file(p, 1, 1);
             obs.size = size;
             let mut i = Index::new(ShortId(1));
             i.observe(&RelPath::parse(p).unwrap(), Some(obs), 1)

@@ -5,12 +5,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::identity::DeviceId;
-use crate::index::{
+use crate::core::index::{
     held_bytes, ContentHash, FileRecord, Index, Kind, MAX_INDEX_BYTES, MAX_INDEX_RECORDS,
 };
-use crate::paths::RelPath;
-use crate::version::Relation;
+use crate::core::paths::RelPath;
+use crate::core::version::Relation;
+use crate::identity::DeviceId;
 
 /// `[tree] max_file_size` when not configured.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 64 << 20;
@@ -782,10 +782,10 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::index::ContentHash;
+    use crate::core::paths::MAX_PATH;
+    use crate::core::version::VersionVector;
     use crate::identity::ShortId;
-    use crate::index::ContentHash;
-    use crate::paths::MAX_PATH;
-    use crate::version::VersionVector;
 
     fn record(path: &str, size: u64, counters: u64) -> FileRecord {
         FileRecord {
@@ -987,7 +987,11 @@ mod tests {
             ..Plan::default()
         };
         let mine = RelPath::parse("mine").unwrap();
-        index.observe(&mine, Some(crate::index::tests::file("mine", 1, 1)), 1);
+        index.observe(
+            &mine,
+            Some(crate::core::index::tests::file("mine", 1, 1)),
+            1,
+        );
         let peer = connected(&mut plan, &index);
         let records: Vec<_> = (0..5)
             .map(|i| (record(&format!("p{i}"), 1, 1), i + 1))

@@ -2,7 +2,7 @@
 //! `.certmesh/tmp/` (content verified, mode set, fsynced), then everything is renamed
 //! into place, directories first and symlinks last, then the touched directories are
 //! fsynced. A path changed locally since the last scan is never clobbered; a path is
-//! never reached through a symlink (everything goes through [`crate::safe_fs`], relative
+//! never reached through a symlink (everything goes through [`crate::disk::safe_fs`], relative
 //! to the tree's directory handle); a link is created only when its target is on disk
 //! and reached through real directories; modes are clamped whatever the peer sent
 //! (nothing world-writable, directories at most 0755, a file holding a PEM private key,
@@ -18,11 +18,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::OFlags;
 
+use crate::core::index::{FileRecord, Kind, LocalStat};
+use crate::core::paths::{RelPath, INTERNAL_DIR};
 use crate::core::secret;
-use crate::index::{FileRecord, Kind, LocalStat};
-use crate::paths::{RelPath, INTERNAL_DIR};
-use crate::safe_fs::{self, KeyScanner, LinkError, Root};
-use crate::scan::local_stat;
+use crate::disk::safe_fs::{self, KeyScanner, LinkError, Root};
+use crate::disk::scan::local_stat;
 
 /// Above this many staged files, one `syncfs` replaces per-file fsyncs.
 const SYNCFS_THRESHOLD: usize = 32;
@@ -39,7 +39,7 @@ pub struct Item {
     /// The local content lost a conflict: keep it under `.certmesh/conflicts/`.
     pub conflict: bool,
     /// Who wrote what the record replaces (the local record's author), for the
-    /// kept version ([`crate::keep::before_apply`]).
+    /// kept version ([`crate::disk::keep::before_apply`]).
     pub replaces_author: Option<crate::identity::ShortId>,
 }
 
@@ -50,14 +50,14 @@ pub use crate::core::pipeline::Outcome;
 pub struct Tree {
     pub root: PathBuf,
     /// Bounds on the versions kept of what peers' changes replace.
-    pub kept: crate::keep::Budget,
+    pub kept: crate::disk::keep::Budget,
 }
 
 impl Tree {
     pub fn new(root: PathBuf) -> Self {
         Tree {
             root,
-            kept: crate::keep::Budget::default(),
+            kept: crate::disk::keep::Budget::default(),
         }
     }
 
@@ -125,7 +125,7 @@ impl Tree {
     pub fn apply(&self, items: &[Item]) -> Vec<Outcome> {
         let out = self.apply_batch(items);
         let count = |f: fn(&Outcome) -> bool| out.iter().filter(|o| f(o)).count();
-        crate::telemetry::applied(
+        crate::ops::telemetry::applied(
             count(|o| matches!(o, Outcome::Applied(_))),
             count(|o| matches!(o, Outcome::Failed(_))),
         );
@@ -328,7 +328,7 @@ impl Tree {
         // keep (disk/keep.rs): the regular file a peer's change is about to replace or
         // delete is kept under `.certmesh/kept/` first (hard link; a conflict loser
         // is already gone to `.certmesh/conflicts/`).
-        crate::keep::before_apply(
+        crate::disk::keep::before_apply(
             &self.root,
             r,
             item.staged.is_some(),
@@ -423,7 +423,7 @@ impl Tree {
         let to = h.root.make_dirs(dest_dir, 0o700, &mut Vec::new())?;
         safe_fs::rename_at(dir, p.name(), to.as_fd(), dest_name)?;
         tracing::warn!(path = %p, kept = %dest, "conflict: local version lost, kept a copy");
-        crate::telemetry::conflict_kept();
+        crate::ops::telemetry::conflict_kept();
         Ok(())
     }
 }
@@ -510,9 +510,9 @@ fn syncfs(dir: BorrowedFd<'_>) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::index::ContentHash;
+    use crate::core::version::VersionVector;
     use crate::identity::ShortId;
-    use crate::index::ContentHash;
-    use crate::version::VersionVector;
 
     fn rec(path: &str, kind: Kind, mode: u32) -> FileRecord {
         FileRecord {
@@ -883,7 +883,7 @@ mod tests {
 
     #[test]
     fn clamped_mode_is_not_seen_as_a_local_change() {
-        use crate::index::Index;
+        use crate::core::index::Index;
         let d = tempfile::tempdir().unwrap();
         fs::create_dir_all(d.path().join("tree")).unwrap();
         let t = Tree::new(d.path().join("tree"));
@@ -907,12 +907,12 @@ mod tests {
         }
         for p in ["d", "d/combined.pem"] {
             let p = RelPath::parse(p).unwrap();
-            let crate::scan::Seen::Present { kind, stat, target } =
-                crate::scan::look(&t.root, &p).unwrap()
+            let crate::disk::scan::Seen::Present { kind, stat, target } =
+                crate::disk::scan::look(&t.root, &p).unwrap()
             else {
                 panic!("{p} not present")
             };
-            let (o, _) = crate::scan::observe(&t.root, &p, kind, stat, target)
+            let (o, _) = crate::disk::scan::observe(&t.root, &p, kind, stat, target)
                 .unwrap()
                 .unwrap();
             assert!(index.observe(&p, Some(o), 1).is_none(), "{p} re-announced");

@@ -43,9 +43,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::index::{FileRecord, Kind};
+use crate::core::paths::{RelPath, INTERNAL_DIR};
 use crate::identity::ShortId;
-use crate::index::{FileRecord, Kind};
-use crate::paths::{RelPath, INTERNAL_DIR};
 
 /// Versions kept per path (newest first; older ones are pruned).
 pub const MAX_VERSIONS_PER_PATH: usize = 5;
@@ -571,18 +571,18 @@ pub fn restore(tree: &Path, path: &RelPath, n: usize) -> Result<KeptVersion, Res
     // Never world-writable; a private key (by content) never readable by others.
     // The same clamp as a peer's change gets (apply.rs): at most 0755.
     let mut mode = v.meta.as_ref().map_or(0o600, |m| m.mode) & 0o755;
-    let mut keys = crate::safe_fs::KeyScanner::new();
+    let mut keys = crate::disk::safe_fs::KeyScanner::new();
     keys.feed(&data);
     if keys.found() {
         mode &= !0o007;
     }
-    let staging = tree.join(crate::paths::INTERNAL_DIR).join("tmp");
+    let staging = tree.join(crate::core::paths::INTERNAL_DIR).join("tmp");
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&staging)?;
     make_parents(tree, path)?;
-    crate::atomic::replace_via(&staging, &path.under(tree), &data, mode)?;
+    crate::disk::atomic::replace_via(&staging, &path.under(tree), &data, mode)?;
     Ok(v.clone())
 }
 
@@ -611,8 +611,8 @@ fn make_parents(tree: &Path, path: &RelPath) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::ContentHash;
-    use crate::version::VersionVector;
+    use crate::core::index::ContentHash;
+    use crate::core::version::VersionVector;
 
     const DAY: i64 = 86_400 * 1_000_000_000;
 

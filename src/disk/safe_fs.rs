@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, CWD};
 use rustix::io::Errno;
 
-use crate::paths::{PathError, RelPath};
+use crate::core::paths::{PathError, RelPath};
 
 /// Set once `openat2` turned out to be missing (ENOSYS): walk components instead.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
@@ -487,7 +487,7 @@ fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Free and total bytes of the filesystem holding `dir` (`statvfs`; free as this
 /// unprivileged process sees it), for `[tree] min_disk_free`.
-pub fn disk_space(dir: &Path) -> io::Result<crate::plan::DiskSpace> {
+pub fn disk_space(dir: &Path) -> io::Result<crate::core::plan::DiskSpace> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
     // SAFETY: `c` is a NUL-terminated path; `st` is written by the call before use.
@@ -496,7 +496,7 @@ pub fn disk_space(dir: &Path) -> io::Result<crate::plan::DiskSpace> {
         return Err(io::Error::last_os_error());
     }
     let frsize = st.f_frsize as u64;
-    Ok(crate::plan::DiskSpace {
+    Ok(crate::core::plan::DiskSpace {
         free: (st.f_bavail as u64).saturating_mul(frsize),
         total: (st.f_blocks as u64).saturating_mul(frsize),
     })

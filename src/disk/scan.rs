@@ -1,6 +1,6 @@
 //! Reading the tree: lstat + BLAKE3 of single paths (what the watcher asks for) and a
 //! full walk (start-up and the periodic safety-net rescan). Never follows symlinks:
-//! paths are opened relative to the tree's handle (see [`crate::safe_fs`]), and a
+//! paths are opened relative to the tree's handle (see [`crate::disk::safe_fs`]), and a
 //! local link a peer's link would be refused for is skipped, not announced.
 
 use std::fs;
@@ -12,9 +12,9 @@ use std::path::Path;
 
 use rustix::fs::{Mode, OFlags};
 
-use crate::index::{ContentHash, Kind, LocalStat, Observed};
-use crate::paths::{RelPath, INTERNAL_DIR};
-use crate::safe_fs::{self, LinkError, Root};
+use crate::core::index::{ContentHash, Kind, LocalStat, Observed};
+use crate::core::paths::{RelPath, INTERNAL_DIR};
+use crate::disk::safe_fs::{self, LinkError, Root};
 
 /// What is at a path right now.
 #[derive(Debug)]
@@ -145,9 +145,12 @@ fn hash_open(
     again: impl FnOnce() -> io::Result<fs::Metadata>,
 ) -> io::Result<Option<Hashed>> {
     let before = local_stat(&f.metadata()?);
-    let (hash, data) = if before.size as usize <= crate::wire::MAX_INLINE {
+    let (hash, data) = if before.size as usize <= crate::net::wire::MAX_INLINE {
         let mut data = Vec::with_capacity(before.size as usize);
-        Read::read_to_end(&mut f.take(crate::wire::MAX_INLINE as u64 + 1), &mut data)?;
+        Read::read_to_end(
+            &mut f.take(crate::net::wire::MAX_INLINE as u64 + 1),
+            &mut data,
+        )?;
         (ContentHash(*blake3::hash(&data).as_bytes()), Some(data))
     } else {
         let mut h = blake3::Hasher::new();

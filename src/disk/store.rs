@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
-use crate::index::{Entry, Index, LocalStat};
-use crate::wire::{now_us, pb, record_from_wire, record_to_wire};
+use crate::core::index::{Entry, Index, LocalStat};
+use crate::net::wire::{now_us, pb, record_from_wire, record_to_wire};
 
 const MAGIC: &[u8; 8] = b"CMIDX01\n";
 /// Largest entry loaded. A record at every wire limit (a `MAX_PATH` path and link
@@ -286,16 +286,16 @@ fn encode_compacted(index: &Index) -> Vec<u8> {
 /// Replaces the file at `path` with `bytes` atomically and durably; returns it
 /// opened for appending.
 fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<fs::File> {
-    crate::atomic::replace(path, bytes, 0o600)?;
+    crate::disk::atomic::replace(path, bytes, 0o600)?;
     fs::OpenOptions::new().append(true).open(path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::index::tests::file;
+    use crate::core::paths::RelPath;
     use crate::identity::ShortId;
-    use crate::index::tests::file;
-    use crate::paths::RelPath;
 
     #[test]
     fn survives_reopen_torn_tail_and_garbage() {
@@ -335,8 +335,8 @@ mod tests {
     /// `MAX_PATH` link target, `MAX_VERSION_ENTRIES` counters at the clock bound with
     /// 10-byte device ids, every integer at its widest.
     fn largest_record(now_us: u64) -> pb::FileInfo {
-        use crate::paths::MAX_PATH;
-        use crate::wire::{MAX_CLOCK_AHEAD_US, MAX_SEQUENCE, MAX_VERSION_ENTRIES};
+        use crate::core::paths::MAX_PATH;
+        use crate::net::wire::{MAX_CLOCK_AHEAD_US, MAX_SEQUENCE, MAX_VERSION_ENTRIES};
         let name = "n".repeat(254);
         let mut path = vec![name.as_str(); 16].join("/");
         path.push('/');
@@ -369,7 +369,7 @@ mod tests {
 
     #[test]
     fn the_largest_record_the_wire_accepts_is_stored_and_reloaded() {
-        let now = crate::wire::now_us();
+        let now = crate::net::wire::now_us();
         let f = largest_record(now);
         assert_eq!((f.path.len(), f.symlink_target.len()), (4096, 4096));
         let (record, sequence) = record_from_wire(f, now).expect("the wire accepts it");
@@ -402,7 +402,8 @@ mod tests {
             let mut record = record_from_wire(largest_record(now), now).unwrap().0;
             record.path = RelPath::parse(name).unwrap();
             record.target = "x".into();
-            record.version = crate::version::VersionVector::from_pairs(vec![(ShortId(2), counter)]);
+            record.version =
+                crate::core::version::VersionVector::from_pairs(vec![(ShortId(2), counter)]);
             Entry {
                 record,
                 sequence: counter,

@@ -11,10 +11,10 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use crate::core::index::{Kind, Observed};
+use crate::core::paths::RelPath;
+use crate::disk::scan::{self, Seen};
 use crate::handles::SyncHandle;
-use crate::index::{Kind, Observed};
-use crate::paths::RelPath;
-use crate::scan::{self, Seen};
 
 /// Quiet time that ends a burst of events.
 const QUIET: Duration = Duration::from_micros(300);

@@ -14,9 +14,9 @@ use tokio::sync::watch;
 use super::{Mesh, TreeWriter};
 use crate::acme::handle::Acme;
 use crate::acme::tree::{self, Expect};
+use crate::core::paths::RelPath;
 use crate::identity::DeviceId;
 use crate::node::{PeerAck, Shared};
-use crate::paths::RelPath;
 
 impl Mesh {
     /// Wakes when peers connect or leave and when acks arrive.

@@ -35,11 +35,11 @@ use tokio::sync::watch;
 
 use crate::acme::tree::{self, Expect, Staged};
 use crate::config::Config;
+use crate::core::index::Kind;
+use crate::core::paths::RelPath;
 use crate::identity::{DeviceId, ShortId};
-use crate::index::Kind;
 use crate::node::Shared;
-use crate::paths::RelPath;
-use crate::telemetry::Repairs;
+use crate::ops::telemetry::Repairs;
 
 /// Committed changes of the tree.
 #[derive(Clone)]

@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
+use crate::core::paths::RelPath;
 use crate::core::rollout_time::{Finished, Published, Seen};
 use crate::core::served::{ServedRecord, SignedReport};
 use crate::identity::NodeSigner;
 use crate::node::Shared;
 use crate::ops::served::ServedStatus;
-use crate::paths::RelPath;
 use crate::probe::Probes;
 
 /// Where the probes put what this node's frontends serve.

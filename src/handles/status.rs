@@ -8,7 +8,7 @@ use super::Observer;
 use crate::identity::DeviceId;
 use crate::node::Shared;
 use crate::ops::status::*;
-use crate::telemetry::RecentError;
+use crate::ops::telemetry::RecentError;
 
 impl Observer {
     /// The status as `certmesh status` shows it.

@@ -9,17 +9,17 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::apply::Tree;
 use crate::core::authorship;
 use crate::core::cluster::{Confirm, Report};
 use crate::core::engine::{EngineError, SendToken, Transmit, Verdicts};
+use crate::core::index::{ContentHash, FileRecord, Kind, LocalStat, Observed};
+use crate::core::inline::InlineCache;
+use crate::core::paths::RelPath;
 use crate::core::pipeline::{Outcome, Pipeline, Work};
+use crate::core::plan::PlanEvent;
+use crate::disk::apply::Tree;
 use crate::identity::DeviceId;
-use crate::index::{ContentHash, FileRecord, Kind, LocalStat, Observed};
-use crate::inline::InlineCache;
 use crate::node::{Penalty, Session, Shared, State};
-use crate::paths::RelPath;
-use crate::plan::PlanEvent;
 
 /// Close code for a duplicate (or replaced) session.
 pub const CLOSE_DUPLICATE: u32 = 1;
@@ -116,7 +116,7 @@ impl SyncHandle {
                     return None;
                 }
                 existing.conn.close(CLOSE_DUPLICATE.into(), b"replaced");
-                crate::metrics::session_ended(&slot.config.name, &existing.conn);
+                crate::ops::metrics::session_ended(&slot.config.name, &existing.conn);
             }
             slot.session = Some(session.clone());
             slot.last_error = None;
@@ -140,7 +140,7 @@ impl SyncHandle {
             if let Some(slot) = peers.get_mut(&peer) {
                 if slot.session.as_ref().is_some_and(|s| s.id == session_id) {
                     if let Some(s) = slot.session.take() {
-                        crate::metrics::session_ended(&slot.config.name, &s.conn);
+                        crate::ops::metrics::session_ended(&slot.config.name, &s.conn);
                     }
                     engine.disconnected(peer);
                     slot.gone.notify_waiters();
@@ -179,7 +179,7 @@ impl SyncHandle {
     ) -> Result<(), EngineError> {
         // Measured outside the lock, per frame: `[tree] min_disk_free` is checked
         // against the latest figure; signatures are verified outside it too.
-        let disk = crate::safe_fs::disk_space(&self.0.tree.root);
+        let disk = crate::disk::safe_fs::disk_space(&self.0.tree.root);
         let unchecked = self.0.lock().engine.unchecked(&records);
         let verdicts = self.verify(&records, &unchecked);
         {
@@ -205,7 +205,7 @@ impl SyncHandle {
     /// Measures the tree's filesystem for `[tree] min_disk_free` (also called every
     /// few seconds, so refused paths are fetched once space returns).
     pub fn disk_measured(&self) {
-        let Ok(d) = crate::safe_fs::disk_space(&self.0.tree.root) else {
+        let Ok(d) = crate::disk::safe_fs::disk_space(&self.0.tree.root) else {
             return;
         };
         if self.0.lock().engine.handle_disk_space(d) {
@@ -574,7 +574,7 @@ fn report_plan_events(st: &mut State, peer: DeviceId) {
             PlanEvent::IndexFull { path } => st.error(format!(
                 "the index holds {} records: new paths from peers are not taken in \
                  (first: {path} from {peer})",
-                crate::index::MAX_INDEX_RECORDS
+                crate::core::index::MAX_INDEX_RECORDS
             )),
         }
     }

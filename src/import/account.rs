@@ -208,7 +208,7 @@ pub(super) fn write_account(tree: &Path, bytes: &[u8]) -> Result<String, ImportE
         .create(dir)
         .map_err(io(dir))?;
     // Staged under `.certmesh/tmp` (same file system, not watched) and renamed.
-    crate::atomic::replace_via(&tree.join(".certmesh/tmp"), &dest, bytes, 0o600)
+    crate::disk::atomic::replace_via(&tree.join(".certmesh/tmp"), &dest, bytes, 0o600)
         .map_err(io(&dest))?;
     Ok(format!("account: imported into {}", dest.display()))
 }

@@ -11,15 +11,17 @@ use tokio::sync::oneshot;
 
 use crate::core::cluster::ClusterMsg;
 use crate::core::engine::{EngineError, IndexSend, SendToken};
+use crate::core::paths::RelPath;
 use crate::handles::SyncHandle;
 use crate::identity::DeviceId;
-use crate::node::Session;
-use crate::paths::RelPath;
-use crate::wire::cluster::{confirm_from_wire, confirm_to_wire, report_from_wire, report_to_wire};
-use crate::wire::served::{served_from_wire, served_to_wire};
-use crate::wire::{
+use crate::net::wire::cluster::{
+    confirm_from_wire, confirm_to_wire, report_from_wire, report_to_wire,
+};
+use crate::net::wire::served::{served_from_wire, served_to_wire};
+use crate::net::wire::{
     self, pb, record_from_wire, record_to_wire, WireError, INDEX_BATCH, MAX_FRAME, MAX_HEADER,
 };
+use crate::node::Session;
 
 /// Close codes.
 pub use crate::handles::CLOSE_DUPLICATE;
@@ -46,7 +48,7 @@ pub async fn run_session_with_ready(
     dialed_by_me: bool,
     ready: Option<oneshot::Sender<()>>,
 ) {
-    let Some(peer) = crate::transport::peer_device(&conn) else {
+    let Some(peer) = crate::net::transport::peer_device(&conn) else {
         conn.close(CLOSE_PROTOCOL.into(), b"no certificate");
         return;
     };

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use crate::apply::Item;
+use crate::core::index::ContentHash;
+use crate::core::paths::RelPath;
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
+use crate::disk::apply::Item;
 use crate::handles::SyncHandle;
 use crate::identity::DeviceId;
-use crate::index::ContentHash;
-use crate::paths::RelPath;
-use crate::wire::{self, pb, MAX_HEADER};
+use crate::net::wire::{self, pb, MAX_HEADER};
 
 /// Received content is written to staging in pieces of about this size.
 const WRITE_CHUNK: usize = 4 << 20;
@@ -110,7 +110,7 @@ async fn fetch_work(
             Ok(()) => return (w, Ok(dest)),
             Err(FetchError::Hostile(why)) => {
                 tracing::warn!(peer = %peer, path = %path, why = %why, "peer sent bad content; disconnecting it");
-                conn.close(crate::peer::CLOSE_PROTOCOL.into(), b"bad content");
+                conn.close(crate::net::peer::CLOSE_PROTOCOL.into(), b"bad content");
                 last = why;
             }
             Err(FetchError::Retry(why)) => last = why,
@@ -129,7 +129,10 @@ async fn fetch_work(
 }
 
 /// Applies a unit on a blocking thread; inline content is staged in the same call.
-fn start_apply(tree: &crate::apply::Tree, unit: Vec<Work>) -> tokio::task::JoinHandle<Applied> {
+fn start_apply(
+    tree: &crate::disk::apply::Tree,
+    unit: Vec<Work>,
+) -> tokio::task::JoinHandle<Applied> {
     tracing::trace!(n = unit.len(), "apply start");
     let tree = tree.clone();
     tokio::task::spawn_blocking(move || {

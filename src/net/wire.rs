@@ -8,10 +8,10 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::core::authorship::{Authorship, MAX_AUTHOR_CERT, MAX_SIGNATURE};
+use crate::core::index::{ContentHash, FileRecord, Kind};
+use crate::core::paths::{PathError, RelPath};
+use crate::core::version::VersionVector;
 use crate::identity::{DeviceId, ShortId};
-use crate::index::{ContentHash, FileRecord, Kind};
-use crate::paths::{PathError, RelPath};
-use crate::version::VersionVector;
 
 /// Generated protobuf types.
 #[allow(clippy::all, missing_docs)]

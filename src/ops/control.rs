@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::clients::Clients;
 use crate::handles::{AcmeSlot, Barrier, Observer};
+use crate::net::clients::Clients;
 
 pub use crate::ops::status::*;
 
@@ -79,7 +79,7 @@ pub struct ConfirmedNode {
 
 /// Runs [`crate::node::wait_peers_have`] for the control socket.
 async fn confirm(h: &Handles, path: &str, timeout_ms: u64) -> serde_json::Value {
-    let path = match crate::paths::RelPath::parse_shared(path) {
+    let path = match crate::core::paths::RelPath::parse_shared(path) {
         Ok(p) => p,
         Err(e) => return serde_json::json!({ "error": format!("{path}: {e}") }),
     };
@@ -132,7 +132,7 @@ pub fn start(h: Handles, path: &Path) -> anyhow::Result<tokio::task::JoinHandle<
     // Over the cap a connection is closed at once: a stuck or flooding local client
     // cannot exhaust descriptors or tasks. Idle clients are dropped by `serve`.
     let clients = Clients::new("control socket", MAX_CLIENTS);
-    Ok(crate::clients::serve_forever(
+    Ok(crate::net::clients::serve_forever(
         listener,
         clients,
         None,

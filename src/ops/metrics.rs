@@ -1,6 +1,6 @@
 //! The optional Prometheus endpoint (`[metrics] listen`): `GET /metrics` in the text
 //! exposition format (version 0.0.4), built from the same snapshot as `status`, plus
-//! event counters bumped where things happen (in [`crate::telemetry`]:
+//! event counters bumped where things happen (in [`crate::ops::telemetry`]:
 //! `order_finished`, `applied`, `conflict_kept`; here: [`session_ended`]) and the standard `process_*` metrics read
 //! from `/proc/self`. Names follow Prometheus conventions: base units, `_total` on
 //! counters, `_timestamp_seconds` for Unix times, no `node` label (the scrape adds
@@ -15,10 +15,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::clients::Clients;
-use crate::control::{PeerStatus, Status};
 use crate::handles::{Observer, Settings};
-use crate::telemetry::{events, Event, Events};
+use crate::net::clients::Clients;
+use crate::ops::control::{PeerStatus, Status};
+use crate::ops::telemetry::{events, Event, Events};
 
 /// Largest request head read.
 const MAX_REQUEST: usize = 8 << 10;
@@ -40,7 +40,7 @@ pub fn start(
     tracing::info!(%addr, "metrics endpoint listening");
     let clients = Clients::new("metrics", MAX_CLIENTS);
     let limit = Some(CLIENT_TIMEOUT);
-    Ok(Some(crate::clients::serve_forever(
+    Ok(Some(crate::net::clients::serve_forever(
         listener,
         clients,
         limit,
@@ -185,7 +185,7 @@ fn live_only(settings: &Settings, root: &std::path::Path) -> Vec<(String, i64)> 
 /// the live figures to the totals. Called with the state lock held.
 pub fn session_ended(peer: &str, conn: &quinn::Connection) {
     let stats = conn.stats();
-    crate::telemetry::sessions_ended(peer, stats.udp_rx.bytes, stats.udp_tx.bytes);
+    crate::ops::telemetry::sessions_ended(peer, stats.udp_rx.bytes, stats.udp_tx.bytes);
 }
 
 /// The standard `process_*` metrics, from `/proc/self` (Linux).

@@ -1,11 +1,11 @@
 //! What `certmesh status` shows: the typed answer (`status --json`, the keys are
 //! stable) and its rendering as tables for people. Built from the node's state by
 //! [`crate::handles::Observer::status`]; sent over the control socket
-//! ([`crate::control`]); read by `/metrics` and the systemd status line.
+//! ([`crate::ops::control`]); read by `/metrics` and the systemd status line.
 
 use serde::{Deserialize, Serialize};
 
-use crate::telemetry::RecentError;
+use crate::ops::telemetry::RecentError;
 
 /// `certmesh status --json`: the keys are stable.
 #[derive(Debug, Serialize, Deserialize)]

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::control::Status;
 use crate::handles::Observer;
+use crate::ops::control::Status;
 
 /// How long the status line waits after a change before it is recomputed, so a burst
 /// of acks (a bulk sync) costs one `status` computation, not thousands.

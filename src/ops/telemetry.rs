@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::paths::RelPath;
+use crate::core::paths::RelPath;
 
 /// How many recent errors are kept (and shown by `status --json`).
 pub const RECENT_ERRORS: usize = 20;

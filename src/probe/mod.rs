@@ -323,10 +323,9 @@ impl Driver {
         let now_ms = u64::try_from(crate::clock::unix_now()).unwrap_or(0) * 1000;
         self.generation = self.generation.saturating_add(1).max(now_ms);
         let name = self.h.served.name();
-        let report = self
-            .signer
-            .as_ref()
-            .and_then(|s| crate::wire::served::sign_report(s, &name, self.generation, &records));
+        let report = self.signer.as_ref().and_then(|s| {
+            crate::net::wire::served::sign_report(s, &name, self.generation, &records)
+        });
         self.h.served.set_mine(records, report);
     }
 

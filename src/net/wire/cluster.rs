@@ -8,9 +8,9 @@ use crate::core::cluster::{
     Confirm, Neighbor, Report, Seal, MAX_ASKED, MAX_CONFIRM_BYTES, MAX_HOPS, MAX_NAME,
     MAX_REPORT_PEERS, MAX_TTL_MS,
 };
+use crate::core::paths::RelPath;
+use crate::core::version::VersionVector;
 use crate::identity::{DeviceId, ShortId};
-use crate::paths::RelPath;
-use crate::version::VersionVector;
 
 /// Converts a request for sending.
 pub fn confirm_to_wire(c: &Confirm) -> pb::Confirm {
@@ -379,8 +379,8 @@ mod tests {
             Cluster, ClusterMsg, Member, View, CONFIRM_BURST, CONFIRM_MIN_COST, CONFIRM_RATE,
             MAX_OUTBOX_BYTES,
         };
-        use crate::index::Index;
-        use crate::plan::Plan;
+        use crate::core::index::Index;
+        use crate::core::plan::Plan;
         let (hostile, good, other, me) = (
             DeviceId([1; 32]),
             DeviceId([3; 32]),
