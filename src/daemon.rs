@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::config::{Config, PeerConfig};
+use crate::config::{peer::PeerConfig, Config};
 use crate::core::engine::Engine;
 use crate::core::index::Index;
 use crate::disk::apply::Tree;

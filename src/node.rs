@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::config::{Config, PeerConfig};
+use crate::config::{peer::PeerConfig, Config};
 use crate::core::cluster::BarrierStatus;
 use crate::core::engine::{Engine, EngineError};
 use crate::core::paths::RelPath;

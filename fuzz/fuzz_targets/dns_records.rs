@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 use certmesh::acme::dns::{challenge_name, Presented};
-use certmesh::config::{CertSource, CertificateConfig, ChallengeChoice, KeyType};
+use certmesh::config::{certificate::CertSource, certificate::CertificateConfig, dns::ChallengeChoice, certificate::KeyType};
 
 fuzz_target!(|data: &[u8]| {
     let cert = CertificateConfig {

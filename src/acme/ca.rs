@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::tree::{self, Expect};
-use crate::config::AcmeConfig;
+use crate::config::acme::AcmeConfig;
 use crate::core::paths::RelPath;
 use crate::handles::TreeWriter;
 

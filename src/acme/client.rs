@@ -14,7 +14,7 @@ use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
 
 use super::ca::CaUnavailable;
 use super::schedule::MAX_RETRY_AFTER;
-use crate::config::AcmeConfig;
+use crate::config::acme::AcmeConfig;
 
 /// A CA response body is at most this many bytes (a chain is a few KiB).
 pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Bad, CertificateConfig, ConfigError};
+use super::certificate::CertificateConfig;
+use super::{Bad, ConfigError};
 
 /// `[[frontend]]`
 #[derive(Deserialize)]

@@ -5,10 +5,10 @@
 //! effective set (the config's blocks, then the tree's entries; the config wins on a
 //! name both declare). Reading the directory is `crate::certs`.
 
-use super::{
-    certificate, AcmeConfig, CertSource, CertificateConfig, ChallengeChoice, ConfigError, KeyType,
-    RawCertificate,
-};
+use super::acme::AcmeConfig;
+use super::certificate::{certificate, CertSource, CertificateConfig, KeyType, RawCertificate};
+use super::dns::ChallengeChoice;
+use super::ConfigError;
 
 /// Where the entries live, relative to the tree.
 pub const DIR: &str = ".certmesh/certificates";

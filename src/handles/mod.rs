@@ -108,7 +108,10 @@ impl Settings {
     /// Makes `tree` (the tree's valid `.certmesh/certificates/` entries) part of the
     /// effective certificates, after the config's own blocks, which win on a name
     /// both declare (issue 29). Says whether the set changed (subscribers wake then).
-    pub fn set_tree_certificates(&self, tree: Vec<crate::config::CertificateConfig>) -> bool {
+    pub fn set_tree_certificates(
+        &self,
+        tree: Vec<crate::config::certificate::CertificateConfig>,
+    ) -> bool {
         self.0.config.send_if_modified(|c| {
             let new = crate::config::tree_certs::effective(&c.configured_certificates(), tree);
             if new == c.certificates {

@@ -117,7 +117,7 @@ pub struct CertStatus {
     /// Where it is declared: `"config"` (a `[[certificate]]` block) or `"tree"`
     /// (`certmesh cert add`, `.certmesh/certificates/<name>.toml`).
     #[serde(default)]
-    pub source: crate::config::CertSource,
+    pub source: crate::config::certificate::CertSource,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -411,7 +411,7 @@ pub fn render(s: &Status) -> String {
                     (_, Some(w)) => w.clone(),
                     _ => String::new(),
                 };
-                if c.source == crate::config::CertSource::Tree {
+                if c.source == crate::config::certificate::CertSource::Tree {
                     let sep = if note.is_empty() { "" } else { "; " };
                     note = format!("{note}{sep}from the tree");
                 }
