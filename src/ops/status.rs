@@ -733,6 +733,82 @@ mod tests {
         }
     }
 
+    /// `sample()` with every section filled: certificates (a lease, a tree entry, a
+    /// dns-01 propagation, a missing one) and an order queue.
+    fn full_sample() -> Status {
+        let mut s = sample();
+        s.certificates = serde_json::from_value(serde_json::json!([
+            {
+                "name": "www", "domains": ["www.example.com", "example.com"],
+                "not_after": "2026-03-01T00:00:00Z", "days_left": 42.25, "version": 3,
+                "ca": "https://acme-v02.api.letsencrypt.org/directory",
+                "renewer": "lb0", "next_renewal": "2026-02-01T00:00:00Z",
+                "state": "waiting", "failures": 0, "lease": "lb1",
+                "challenge": "http-01", "runway_s": 3_000_000, "source": "tree",
+                "last_rollout_ms": 1500, "last_rollout_version": 3,
+                "last_rollout_node": "lb2"
+            },
+            {
+                "name": "wild", "domains": ["*.example.com"], "failures": 2,
+                "challenge": "dns-01", "waiting_for": "the mesh",
+                "dns_propagation": [
+                    {"nameserver": "ns1 (192.0.2.1)", "has_record": true, "error": null},
+                    {"nameserver": "ns2 (192.0.2.2)", "has_record": false, "error": null}
+                ]
+            },
+            {"name": "none", "domains": [], "failures": 0, "challenge": "http-01"}
+        ]))
+        .expect("the sample certificates are valid status JSON");
+        s.acme_queue = Some(
+            serde_json::from_value(serde_json::json!({
+                "queued": 2,
+                "next": [{"name": "wild", "kind": "new"}, {"name": "none", "kind": "renewal"}],
+                "budget_left": 1, "max_per_hour": 50, "eta_s": 4000,
+                "paused_until": 1_000_600
+            }))
+            .expect("the sample queue is valid status JSON"),
+        );
+        s
+    }
+
+    #[test]
+    fn a_full_status_renders_exactly() {
+        assert_eq!(render(&full_sample()), GOLDEN);
+    }
+
+    const GOLDEN: &str = concat!(
+        "node lb0 (AAAA)  listen 127.0.0.1:22000  up 2h01m  reader\n",
+        "\n",
+        "TREE              FILES  OUT OF SYNC  SCANS  SEQUENCE\n",
+        "/etc/nginx/certs  42     3            7      120\n",
+        "too large, not fetched: big.iso (2097152 bytes; see [tree] max_file_size)\n",
+        "over budget, not fetched: junk/1.bin (62914560 bytes from lb2; see [tree] max_size)\n",
+        "not sent: this node is not a writer (2 local changes put back): live/www/cert.pem\n",
+        "\n",
+        "PEER  ADDRESS         CONNECTED  RTT     SYNC           LAST SYNC\n",
+        "lb1   10.0.0.2:22000  yes        0.41ms  in sync        just now\n",
+        "lb2   10.0.0.3:22000  no         -       4 out of sync  5m12s ago\n",
+        "refused from lb1: 7 new paths, its view is full (last: flood/9.pem)\n",
+        "refused from lb2: 3 records for their authorship (last: live/www/privkey.pem, claiming lb1 (B): the signature does not match the record)\n",
+        "\n",
+        "CERTIFICATE  DOMAINS               NOT AFTER             DAYS LEFT  RUNWAY  VER  CA                            RENEWER  NEXT RENEWAL          STATE    CHALLENGE  NOTE\n",
+        "www          www.example.com (+1)  2026-03-01T00:00:00Z  42.2       34.7d   3    acme-v02.api.letsencrypt.org  lb0      2026-02-01T00:00:00Z  waiting  http-01    lease held by lb1; from the tree\n",
+        "wild         *.example.com         missing               -          -       -    -                             -        -                     -        dns-01     the mesh; dns-01 TXT on 1/2 nameservers, waiting for ns2 (192.0.2.2)\n",
+        "none         -                     missing               -          -       -    -                             -        -                     -        http-01\n",
+        "rollout www: version 3 served everywhere 1500 ms after its publish (last: lb2)\n",
+        "\n",
+        "orders: 2 queued (next: wild, none), budget 1/50 per hour left, empty in 1h06m; CA paused until 1970-01-12T13:56:40Z\n",
+        "\n",
+        "REPAIRED  WHEN       CAUSED BY  FROM VERSION  WHAT WAS WRONG\n",
+        "www       1m35s ago  lb2        3             live/www missing\n",
+        "\n",
+        "ERRORS\n",
+        "  peer lb2: timed out\n",
+        "  10s ago: hook [\"false\"] failed\n",
+        "  16m40s ago: index damaged\n",
+        "  since start: 1 hook failures, 0 ACME failures\n",
+    );
+
     #[test]
     fn table_is_aligned_and_complete() {
         let out = render(&sample());
