@@ -3,6 +3,8 @@
 //! [`crate::handles::Observer::status`]; sent over the control socket
 //! ([`crate::ops::control`]); read by `/metrics` and the systemd status line.
 
+use std::fmt::Write;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ops::telemetry::RecentError;
@@ -250,14 +252,29 @@ pub struct OverCapStatus {
 /// Renders the status as tables for people: node, tree, peers, certificates,
 /// recent errors.
 pub fn render(s: &Status) -> String {
-    use std::fmt::Write;
     let now = if s.node.now_unix > 0 {
         s.node.now_unix
     } else {
         crate::acme::unix_now()
     };
-    let dash = || "-".to_string();
     let mut o = String::new();
+    render_node(&mut o, s);
+    render_tree(&mut o, s);
+    render_peers(&mut o, s, now);
+    render_certificates(&mut o, s);
+    render_queue(&mut o, s);
+    render_repairs(&mut o, s, now);
+    render_errors(&mut o, s, now);
+    o
+}
+
+/// `-`: a value that is not known or does not apply.
+fn dash() -> String {
+    "-".to_string()
+}
+
+/// The first line: name, device ID, address, uptime and role.
+fn render_node(o: &mut String, s: &Status) {
     let _ = writeln!(
         o,
         "node {} ({})  listen {}  up {}{}\n",
@@ -271,8 +288,12 @@ pub fn render(s: &Status) -> String {
             format!("  {}", s.node.role)
         }
     );
+}
+
+/// The tree's table, then the paths not fetched or not sent.
+fn render_tree(o: &mut String, s: &Status) {
     table(
-        &mut o,
+        o,
         &["TREE", "FILES", "OUT OF SYNC", "SCANS", "SEQUENCE"],
         vec![vec![
             s.tree.path.clone(),
@@ -329,6 +350,11 @@ pub fn render(s: &Status) -> String {
         );
     }
     let _ = writeln!(o);
+}
+
+/// The peers' table, the cluster's sync (`--cluster`), then what each peer sent that
+/// was refused.
+fn render_peers(o: &mut String, s: &Status, now: i64) {
     let peers = s
         .peers
         .iter()
@@ -359,7 +385,7 @@ pub fn render(s: &Status) -> String {
         })
         .collect();
     table(
-        &mut o,
+        o,
         &["PEER", "ADDRESS", "CONNECTED", "RTT", "SYNC", "LAST SYNC"],
         peers,
     );
@@ -395,134 +421,159 @@ pub fn render(s: &Status) -> String {
             r.last_reason.as_deref().unwrap_or("-")
         );
     }
-    if !s.certificates.is_empty() {
-        let _ = writeln!(o);
-        let certs = s
-            .certificates
-            .iter()
-            .map(|c| {
-                let domains = match c.domains.as_slice() {
-                    [] => dash(),
-                    [one] => one.clone(),
-                    [first, rest @ ..] => format!("{first} (+{})", rest.len()),
-                };
-                let mut note = match (&c.lease, &c.waiting_for) {
-                    (Some(l), _) => format!("lease held by {l}"),
-                    (_, Some(w)) => w.clone(),
-                    _ => String::new(),
-                };
-                if c.source == crate::config::certificate::CertSource::Tree {
-                    let sep = if note.is_empty() { "" } else { "; " };
-                    note = format!("{note}{sep}from the tree");
-                }
-                if let Some(p) = &c.dns_propagation {
-                    let have = p.iter().filter(|n| n.has_record).count();
-                    let missing: Vec<&str> = p
-                        .iter()
-                        .filter(|n| !n.has_record)
-                        .map(|n| n.nameserver.as_str())
-                        .collect();
-                    let sep = if note.is_empty() { "" } else { "; " };
-                    note = format!(
-                        "{note}{sep}{} TXT on {have}/{} nameservers{}",
-                        c.challenge,
-                        p.len(),
-                        if missing.is_empty() {
-                            String::new()
-                        } else {
-                            format!(", waiting for {}", missing.join(", "))
-                        }
-                    );
-                }
-                vec![
-                    c.name.clone(),
-                    domains,
-                    c.not_after.clone().unwrap_or_else(|| "missing".into()),
-                    c.days_left.map_or_else(dash, |d| format!("{d:.1}")),
-                    c.runway_s
-                        .map_or_else(dash, |r| format!("{:.1}d", r as f64 / 86_400.0)),
-                    c.version.map_or_else(dash, |v| v.to_string()),
-                    c.ca.as_deref().map_or_else(dash, crate::acme::ca::ca_label),
-                    c.renewer.clone().unwrap_or_else(dash),
-                    c.next_renewal.clone().unwrap_or_else(dash),
-                    c.state.map_or_else(dash, |s| s.as_str().to_string()),
-                    c.challenge.clone(),
-                    note,
-                ]
-            })
-            .collect();
-        table(
-            &mut o,
-            &[
-                "CERTIFICATE",
-                "DOMAINS",
-                "NOT AFTER",
-                "DAYS LEFT",
-                "RUNWAY",
-                "VER",
-                "CA",
-                "RENEWER",
-                "NEXT RENEWAL",
-                "STATE",
-                "CHALLENGE",
-                "NOTE",
-            ],
-            certs,
-        );
-        o.push_str(&crate::ops::served::render(s));
+}
+
+/// The certificates' table and what the frontends serve; nothing without
+/// certificates.
+fn render_certificates(o: &mut String, s: &Status) {
+    if s.certificates.is_empty() {
+        return;
     }
-    if let Some(q) = s
+    let _ = writeln!(o);
+    let certs = s.certificates.iter().map(certificate_row).collect();
+    table(
+        o,
+        &[
+            "CERTIFICATE",
+            "DOMAINS",
+            "NOT AFTER",
+            "DAYS LEFT",
+            "RUNWAY",
+            "VER",
+            "CA",
+            "RENEWER",
+            "NEXT RENEWAL",
+            "STATE",
+            "CHALLENGE",
+            "NOTE",
+        ],
+        certs,
+    );
+    o.push_str(&crate::ops::served::render(s));
+}
+
+/// One row of the certificates' table.
+fn certificate_row(c: &CertStatus) -> Vec<String> {
+    let domains = match c.domains.as_slice() {
+        [] => dash(),
+        [one] => one.clone(),
+        [first, rest @ ..] => format!("{first} (+{})", rest.len()),
+    };
+    vec![
+        c.name.clone(),
+        domains,
+        c.not_after.clone().unwrap_or_else(|| "missing".into()),
+        c.days_left.map_or_else(dash, |d| format!("{d:.1}")),
+        c.runway_s
+            .map_or_else(dash, |r| format!("{:.1}d", r as f64 / 86_400.0)),
+        c.version.map_or_else(dash, |v| v.to_string()),
+        c.ca.as_deref().map_or_else(dash, crate::acme::ca::ca_label),
+        c.renewer.clone().unwrap_or_else(dash),
+        c.next_renewal.clone().unwrap_or_else(dash),
+        c.state.map_or_else(dash, |s| s.as_str().to_string()),
+        c.challenge.clone(),
+        certificate_note(c),
+    ]
+}
+
+/// The NOTE column: the lease or what the order waits for, a tree entry, the dns-01
+/// propagation.
+fn certificate_note(c: &CertStatus) -> String {
+    let mut note = match (&c.lease, &c.waiting_for) {
+        (Some(l), _) => format!("lease held by {l}"),
+        (_, Some(w)) => w.clone(),
+        _ => String::new(),
+    };
+    if c.source == crate::config::certificate::CertSource::Tree {
+        let sep = if note.is_empty() { "" } else { "; " };
+        note = format!("{note}{sep}from the tree");
+    }
+    if let Some(p) = &c.dns_propagation {
+        let have = p.iter().filter(|n| n.has_record).count();
+        let missing: Vec<&str> = p
+            .iter()
+            .filter(|n| !n.has_record)
+            .map(|n| n.nameserver.as_str())
+            .collect();
+        let sep = if note.is_empty() { "" } else { "; " };
+        note = format!(
+            "{note}{sep}{} TXT on {have}/{} nameservers{}",
+            c.challenge,
+            p.len(),
+            if missing.is_empty() {
+                String::new()
+            } else {
+                format!(", waiting for {}", missing.join(", "))
+            }
+        );
+    }
+    note
+}
+
+/// ACME nodes: the orders waiting for the budget or a CA's pause; nothing when none
+/// wait.
+fn render_queue(o: &mut String, s: &Status) {
+    let Some(q) = s
         .acme_queue
         .as_ref()
         .filter(|q| q.queued > 0 || q.paused_until.is_some())
-    {
-        let _ = writeln!(
-            o,
-            "\norders: {} queued (next: {}), budget {}/{} per hour left, empty in {}{}",
-            q.queued,
-            q.next
-                .iter()
-                .map(|n| n.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            q.budget_left,
-            q.max_per_hour,
-            q.eta_s.map_or_else(dash, age),
-            q.paused_until.map_or_else(String::new, |t| format!(
-                "; CA paused until {}",
-                crate::acme::rfc3339(t)
-            ))
-        );
-    }
-    if !s.repairs.is_empty() {
-        let _ = writeln!(o);
-        let rows = s
-            .repairs
+    else {
+        return;
+    };
+    let _ = writeln!(
+        o,
+        "\norders: {} queued (next: {}), budget {}/{} per hour left, empty in {}{}",
+        q.queued,
+        q.next
             .iter()
-            .map(|r| {
-                vec![
-                    r.certificate.clone(),
-                    format!("{} ago", age(now - r.at_unix)),
-                    r.caused_by.clone(),
-                    r.from_version.to_string(),
-                    one_line(&r.reason, 80),
-                ]
-            })
-            .collect();
-        table(
-            &mut o,
-            &[
-                "REPAIRED",
-                "WHEN",
-                "CAUSED BY",
-                "FROM VERSION",
-                "WHAT WAS WRONG",
-            ],
-            rows,
-        );
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        q.budget_left,
+        q.max_per_hour,
+        q.eta_s.map_or_else(dash, age),
+        q.paused_until.map_or_else(String::new, |t| format!(
+            "; CA paused until {}",
+            crate::acme::rfc3339(t)
+        ))
+    );
+}
+
+/// The certificates this node put back after a peer broke them; nothing without any.
+fn render_repairs(o: &mut String, s: &Status, now: i64) {
+    if s.repairs.is_empty() {
+        return;
     }
-    // Errors: what still holds (peers, certificates), then the daemon's recent ones;
-    // the same list as `--json` `errors[]` and the `certmesh_recent_errors` metric.
+    let _ = writeln!(o);
+    let rows = s
+        .repairs
+        .iter()
+        .map(|r| {
+            vec![
+                r.certificate.clone(),
+                format!("{} ago", age(now - r.at_unix)),
+                r.caused_by.clone(),
+                r.from_version.to_string(),
+                one_line(&r.reason, 80),
+            ]
+        })
+        .collect();
+    table(
+        o,
+        &[
+            "REPAIRED",
+            "WHEN",
+            "CAUSED BY",
+            "FROM VERSION",
+            "WHAT WAS WRONG",
+        ],
+        rows,
+    );
+}
+
+/// Errors: what still holds (peers, certificates), then the daemon's recent ones;
+/// the same list as `--json` `errors[]` and the `certmesh_recent_errors` metric.
+fn render_errors(o: &mut String, s: &Status, now: i64) {
     let mut errors: Vec<String> = Vec::new();
     let (ongoing, recent): (Vec<&RecentError>, Vec<&RecentError>) =
         s.errors.iter().partition(|e| e.ongoing);
@@ -545,21 +596,21 @@ pub fn render(s: &Status) -> String {
             counters.hook_failures, counters.acme_failures
         ));
     }
-    if !errors.is_empty() {
-        let more = if skipped > 0 {
-            format!(
-                " (last {SHOWN} of {} past ones, all in --json)",
-                recent.len()
-            )
-        } else {
-            String::new()
-        };
-        let _ = writeln!(o, "\nERRORS{more}");
-        for e in errors {
-            let _ = writeln!(o, "  {e}");
-        }
+    if errors.is_empty() {
+        return;
     }
-    o
+    let more = if skipped > 0 {
+        format!(
+            " (last {SHOWN} of {} past ones, all in --json)",
+            recent.len()
+        )
+    } else {
+        String::new()
+    };
+    let _ = writeln!(o, "\nERRORS{more}");
+    for e in errors {
+        let _ = writeln!(o, "  {e}");
+    }
 }
 
 /// Left-aligned columns as wide as their widest cell; the last one is not padded.
