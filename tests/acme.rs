@@ -231,7 +231,7 @@ impl Pebble {
     }
 }
 
-/// One nginx serving `<tree>/acme` on `ip:port`, as in the README snippet.
+/// One nginx serving `<tree>/acme` on `ip:port`, as in docs/acme.md's nginx snippet.
 pub(crate) fn nginx(dir: &Path, ip: &str, port: u16, tree: &Path) -> Proc {
     let body = format!(
         "location /.well-known/acme-challenge/ {{ root {}/acme; }}",
