@@ -97,7 +97,7 @@ fn pair(dir: &std::path::Path) -> (Node, Node, String) {
 }
 
 #[test]
-fn metrics_pass_promtool_and_match_the_readme() {
+fn metrics_pass_promtool_and_match_the_monitoring_guide() {
     let dir = tempfile::Builder::new()
         .prefix("certmesh-metrics-")
         .tempdir()
