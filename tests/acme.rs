@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use certmesh::identity::DeviceId;
 
-pub(crate) use crate::util::free_tcp;
+use crate::util::free_tcp;
 use crate::util::{certmesh, free_udp, wait_listening, Cluster, Node};
 
 pub(crate) const DOMAIN: &str = "www.certmesh.test";
