@@ -1,4 +1,4 @@
-//! Certificates as data (issue 29): the desired set of certificates also lives in
+//! Certificates as data: the desired set of certificates also lives in
 //! the replicated tree, one small file per certificate under
 //! `.certmesh/certificates/<name>.toml` (parsing and the merge rule:
 //! `config::tree_certs`). This file owns the disk and daemon side:

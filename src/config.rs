@@ -284,7 +284,7 @@ impl Config {
     }
 
     /// `tree.path` exists and is a directory. certmesh never creates it: a typo would
-    /// otherwise become a new, synced tree nobody serves (issue 23).
+    /// otherwise become a new, synced tree nobody serves.
     pub fn check_tree_exists(&self) -> Result<(), ConfigError> {
         let problem = match std::fs::metadata(&self.tree) {
             Ok(m) if m.is_dir() => return Ok(()),

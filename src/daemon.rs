@@ -51,7 +51,7 @@ fn persister(shared: Arc<Shared>, mut file: StoreFile, rx: std::sync::mpsc::Rece
         if let Some(seq) = upto {
             let mut st = shared.lock();
             if let Err(e) = written {
-                // As before the persister: reported, and the change still goes out
+                // Reported, and the change still goes out
                 // (the tree holds it; a restart rescans).
                 st.error(format!("writing the index: {e}"));
             }
@@ -517,7 +517,7 @@ pub fn reload(shared: &Arc<Shared>, new: Config) -> Vec<DeviceId> {
 async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
     let mut sessions = tokio::task::JoinSet::new();
     // Handshakes in flight: past a threshold a client proves its address (Retry),
-    // at the cap new ones are turned away (issue 25: unauthenticated load).
+    // at the cap new ones are turned away (unauthenticated load).
     let handshakes = crate::net::admission::Handshakes::default();
     loop {
         let incoming = tokio::select! {

@@ -1,4 +1,4 @@
-//! Rate limits by design (issue 29 item 2), pure: no I/O, time passed in.
+//! Rate limits by design, pure: no I/O, time passed in.
 //!
 //! - [`Budget`]: at most `max` new orders in any sliding `window` (`[acme]
 //!   max_orders_per_hour`: `max` per 3600 s). Let's Encrypt allows 300 new orders per

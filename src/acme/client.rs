@@ -252,7 +252,7 @@ mod tests {
 
     /// A hostile "CA": answers every request with a chunked body that never ends;
     /// counts the bytes it got out before the client hung up. It exists only to be
-    /// hostile (issue 24).
+    /// hostile.
     fn endless_chunked_server() -> (String, Arc<AtomicU64>) {
         let l = std::net::TcpListener::bind("127.0.1.30:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();

@@ -96,13 +96,13 @@ pub struct AcmeConfig {
     pub profile: Option<String>,
     pub barrier_timeout: Duration,
     /// `acme.startup_grace`: at start-up, no order while none of the configured peers
-    /// is connected, for up to this long (issue 23).
+    /// is connected, for up to this long.
     pub startup_grace: Duration,
     /// Renewal lease duration: how long others wait for a renewer that went silent.
     pub lease: Duration,
     /// Longest any one request to the CA may take, body included.
     pub request_timeout: Duration,
-    /// `acme.max_orders_per_hour`: the renewer's order budget (issue 29).
+    /// `acme.max_orders_per_hour`: the renewer's order budget.
     pub max_orders_per_hour: u32,
     /// `[acme.dns]`: dns-01 provider; `None`: only http-01 certificates can be ordered.
     pub dns: Option<DnsConfig>,

@@ -25,7 +25,7 @@ pub(super) struct RawCertificate {
     challenge: Option<Spanned<String>>,
     /// "publish" (default) | "verify": after publishing a new version, the node that
     /// published it checks its own frontends and flips `live/` back if they do not
-    /// serve it (issue 26 item 6).
+    /// serve it.
     rollout: Option<Spanned<String>>,
 }
 
@@ -64,7 +64,7 @@ pub struct CertificateConfig {
     /// Which identifiers use dns-01 ([`ChallengeChoice::uses_dns`]).
     pub challenge: ChallengeChoice,
     /// `rollout = "verify"`: the publisher's own frontends must serve a new version,
-    /// or it flips `live/<name>` back (issue 26 item 6).
+    /// or it flips `live/<name>` back.
     pub verify_rollout: bool,
     /// Where it was declared: this node's config file, or the tree
     /// (`.certmesh/certificates/<name>.toml`, `certmesh cert add`).

@@ -1,4 +1,4 @@
-//! `[[frontend]]` (issue 26): the TLS servers of this node (nginx, HAProxy) that the
+//! `[[frontend]]`: the TLS servers of this node (nginx, HAProxy) that the
 //! serving probes shake hands with, to read which certificate each one presents.
 //! Parsed and validated here like the rest of the config.
 

@@ -40,7 +40,7 @@ pub struct HookConfig {
     pub timeout: Duration,
     /// `hook.min_interval`: while certificates keep changing, the hook runs at most
     /// once per this long, and never later than [`HOOK_MAX_DELAY`] after the first
-    /// change a run covers (issue 29).
+    /// change a run covers.
     pub min_interval: Duration,
 }
 

@@ -43,7 +43,7 @@ pub(super) struct RawTree {
     /// The nodes allowed to change the tree: this node's name, `[[peer]]` names, or
     /// device IDs of nodes further away. Absent: every node may. Records whose
     /// author is not listed are refused; a node not listed keeps its own tree at the
-    /// writers' version (issue 13).
+    /// writers' version.
     pub(super) writers: Option<Spanned<Vec<Spanned<String>>>>,
 }
 

@@ -1,4 +1,4 @@
-//! Certificates as data (issue 29): `.certmesh/certificates/<name>.toml` in the
+//! Certificates as data: `.certmesh/certificates/<name>.toml` in the
 //! replicated tree, one small file per certificate, written by `certmesh cert add`.
 //! Pure: parsing and validating one entry (the same rules as a `[[certificate]]`
 //! block, plus a size cap and the file name matching `name`), rendering one, and the

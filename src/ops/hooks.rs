@@ -39,7 +39,7 @@ pub struct Hooks {
     pub settings: Settings,
     pub reports: Reports,
     /// Serving probes: told which certificates' hooks ran (and how), and asking
-    /// for re-runs when a frontend kept an old certificate (issue 26).
+    /// for re-runs when a frontend kept an old certificate.
     pub probes: Option<crate::probe::Probes>,
 }
 

@@ -28,7 +28,7 @@ pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::ops::census::ClusterSync>,
     /// ACME nodes: the orders waiting for `[acme] max_orders_per_hour` or a CA's
-    /// pause, the budget left and when the queue will be empty (issue 29).
+    /// pause, the budget left and when the queue will be empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acme_queue: Option<crate::acme::handle::QueueStatus>,
 }
@@ -40,10 +40,10 @@ pub struct Counters {
     pub hook_failures: u64,
     /// ACME orders that failed (0 on nodes without `[acme]`).
     pub acme_failures: u64,
-    /// Failed serving probes per frontend (issue 26).
+    /// Failed serving probes per frontend.
     #[serde(default)]
     pub probe_failures: std::collections::BTreeMap<String, u64>,
-    /// Rollout times of the versions this node published (issue 26 item 3).
+    /// Rollout times of the versions this node published.
     #[serde(default)]
     pub rollout_seconds: crate::core::rollout_time::Histogram,
 }
@@ -104,10 +104,10 @@ pub struct CertStatus {
     /// scheduled (no ACME node to renew it, or this renewer has none planned).
     #[serde(default)]
     pub warning: Option<String>,
-    /// What each node's frontends serve (issue 26), one entry per node and frontend.
+    /// What each node's frontends serve, one entry per node and frontend.
     #[serde(default)]
     pub served: Vec<crate::ops::served::ServedStatus>,
-    /// The last finished rollout (issue 26 item 3): milliseconds from the publish of
+    /// The last finished rollout: milliseconds from the publish of
     /// `last_rollout_version` (the `live/<name>` flip, publisher's clock) until the
     /// last node's frontends served it (`last_rollout_node`, its own clock).
     #[serde(default)]
@@ -131,7 +131,7 @@ pub struct NodeStatus {
     /// The daemon's clock (unix seconds) when it answered: ages are relative to it.
     #[serde(default)]
     pub now_unix: i64,
-    /// "writer" or "reader" (`[tree] writers`, issue 13).
+    /// "writer" or "reader" (`[tree] writers`).
     #[serde(default)]
     pub role: String,
 }
@@ -173,7 +173,7 @@ pub struct TreeStatus {
     pub not_sent_count: u64,
 }
 
-/// Records of one peer not taken in because of their authorship (issue 13).
+/// Records of one peer not taken in because of their authorship.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct RefusedStatus {
     /// Since start.
@@ -237,7 +237,7 @@ pub struct PeerStatus {
     #[serde(default)]
     pub refused: RefusedStatus,
     /// New paths this peer sent while its view held its cap (200,000 records or
-    /// 256 MiB): refused, the session kept (issue 25).
+    /// 256 MiB): refused, the session kept.
     #[serde(default)]
     pub over_cap: OverCapStatus,
 }

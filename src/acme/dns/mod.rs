@@ -1,4 +1,4 @@
-//! dns-01 (issue 15): TXT records `_acme-challenge.<name>` put in place by RFC 2136
+//! dns-01: TXT records `_acme-challenge.<name>` put in place by RFC 2136
 //! updates with TSIG ([`wire`], [`key`]) or an operator's program ([`exec`]), checked
 //! on every authoritative nameserver of the zone before the CA is told, removed
 //! afterwards. What was presented is recorded in the tree
