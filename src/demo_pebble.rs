@@ -38,7 +38,9 @@ pub struct Options<'a> {
     /// `PEBBLE_AUTHZREUSE`, the percentage of orders that reuse a valid authorization
     /// (and reach no validator); `None`: Pebble's default, 50.
     pub authz_reuse: Option<u8>,
+    /// Free TCP ports on `ip` (the API, its management API, TLS, the DNS's API).
     pub free_tcp: FreePort,
+    /// A free UDP port on `ip` for the DNS.
     pub free_udp: FreePort,
 }
 

@@ -115,6 +115,8 @@ impl AcmeConfig {
     }
 }
 
+/// `[acme]`, validated: the directories, contacts, EAB, timings, order budget and
+/// `[acme.dns]`.
 pub(super) fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, ConfigError> {
     let (directory, fallback) = directories(&a.directory, bad)?;
     let mut contact = Vec::new();

@@ -145,6 +145,8 @@ pub(super) fn certificates(
     Ok(certificates)
 }
 
+/// One `[[certificate]]`, validated: its name, domains, key type, challenge and
+/// rollout (also how `config::tree_certs` reads a tree entry).
 pub(super) fn certificate(c: &RawCertificate, bad: &Bad) -> Result<CertificateConfig, ConfigError> {
     let name = c.name.get_ref().clone();
     if !valid_cert_name(&name) {

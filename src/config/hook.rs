@@ -79,6 +79,7 @@ impl std::fmt::Display for HaproxySocket {
     }
 }
 
+/// One `[[hook]]`, validated: its globs, action, timeout and `min_interval`.
 pub(super) fn hook(h: &RawHook, bad: &Bad) -> Result<HookConfig, ConfigError> {
     if h.paths.get_ref().is_empty() {
         return Err(bad(

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+/// A path key's value, which must be absolute.
 pub(super) fn absolute(s: &Spanned<String>) -> Result<PathBuf, String> {
     let p = PathBuf::from(s.get_ref());
     if !p.is_absolute() {
