@@ -38,3 +38,24 @@ pub(super) fn node(n: &RawNode, bad: &Bad) -> Result<(String, PathBuf, SocketAdd
     })?;
     Ok((name, state_dir, listen))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{cfg, err};
+
+    #[test]
+    fn state_dir_must_be_absolute_and_listen_an_address() {
+        let e = err(&cfg("").replace("/var/lib/certmesh", "relative"));
+        assert!(
+            e.contains("node.state_dir") && e.contains("absolute"),
+            "{e}"
+        );
+        let e = err(&cfg("").replace("127.0.0.1:22000", "localhost"));
+        assert!(
+            e.contains(":4: node.listen") && e.contains("ip:port"),
+            "{e}"
+        );
+        let e = err(&cfg("").replace("\"lb0\"", "\" \""));
+        assert!(e.contains(":2: node.name") && e.contains("empty"), "{e}");
+    }
+}

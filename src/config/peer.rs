@@ -73,3 +73,30 @@ pub(super) fn peers(
     }
     Ok(peers)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{cfg, err};
+    use crate::identity::DeviceId;
+
+    #[test]
+    fn bad_peers_are_named_with_their_line() {
+        let id = DeviceId::of_cert(b"x").to_string();
+        let mut typo = id.clone().into_bytes();
+        typo[0] = if typo[0] == b'A' { b'B' } else { b'A' };
+        let typo = String::from_utf8(typo).unwrap();
+        let peer = |id: &str, address: &str| {
+            format!("[[peer]]\nname = \"lb1\"\nid = \"{id}\"\naddress = \"{address}\"\n")
+        };
+        let e = err(&cfg(&peer(&typo, "127.0.0.2:1")));
+        assert!(e.contains(":10: peer.id") && e.contains("mistyped"), "{e}");
+        let e = err(&cfg(&peer(&id, "nowhere")));
+        assert!(e.contains("peer.address"), "{e}");
+        let twice = format!(
+            "{}[[peer]]\nname = \"lb2\"\nid = \"{id}\"\naddress = \"127.0.0.3:1\"\n",
+            peer(&id, "127.0.0.2:1")
+        );
+        let e = err(&cfg(&twice));
+        assert!(e.contains("listed twice") && e.contains(":14:"), "{e}");
+    }
+}
