@@ -33,8 +33,9 @@ use crate::handles::served::ServedReports;
 use crate::handles::{Reports, Settings};
 use rollout::{Outcome, Rollouts, Verdict};
 
-/// Time between periodic rounds (each ±10 %).
-pub const PERIOD: Duration = Duration::from_secs(300);
+/// Time between periodic rounds (each ±10 %): the period receivers judge a report's
+/// freshness by (`core::served::STALE_AFTER_MS` is 3 of them).
+pub const PERIOD: Duration = Duration::from_millis(crate::core::served::REPORT_PERIOD_MS as u64);
 /// Delay of the first round after start.
 const FIRST_ROUND: Duration = Duration::from_secs(1);
 
