@@ -16,6 +16,9 @@
 //!    processes on 127.1.0.0/16 (see `compare/hubs.rs`); with pebble installed, also real
 //!    ACME orders from an edge, validated at an edge three hops away (`--acme-runs`,
 //!    `compare/hubs_acme.rs`).
+//! 7. with pebble, `--only acme`: issuance on 1 vs 3 nodes and, with nginx installed,
+//!    issued → served by every node's nginx next to issued → live everywhere
+//!    (`compare/served.rs`).
 //!
 //! Syncthing (1.19, `/usr/bin/syncthing` or `$SYNCTHING`) runs fully offline: discovery,
 //! relays, NAT, STUN, usage and crash reporting and upgrades off; listen and GUI addresses on
