@@ -744,6 +744,7 @@ impl Engine {
     /// (at start and on reload).
     pub fn set_roster(&mut self, me: DeviceId, name: String, roster: Vec<Member>) {
         self.served.set_me(me);
+        self.served.set_peers(roster.iter().map(|m| m.device));
         self.cluster.set_roster(me, name, roster);
     }
 
@@ -775,19 +776,21 @@ impl Engine {
     }
 
     /// A serving-probe report from `peer` (its origin's signature already
-    /// checked): kept if newest, relayed on to the peers not yet asked.
+    /// checked), received at `now_ms` (unix milliseconds): kept if newest, relayed
+    /// on to the peers not yet asked.
     pub fn handle_served(
         &mut self,
         peer: DeviceId,
         report: SignedReport,
         records: Vec<ServedRecord>,
+        now_ms: i64,
     ) -> Result<(), EngineError> {
         if !self.sends.contains_key(&peer) {
             return Ok(());
         }
         let peers = self.served_peers();
         self.served
-            .handle_report(peer, report, records, &peers)
+            .handle_report(peer, report, records, &peers, now_ms)
             .map_err(EngineError::Served)
     }
 

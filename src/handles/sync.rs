@@ -273,7 +273,11 @@ impl SyncHandle {
         report: crate::core::served::SignedReport,
         records: Vec<crate::core::served::ServedRecord>,
     ) -> Result<(), EngineError> {
-        self.0.lock().engine.handle_served(peer, report, records)?;
+        let now_ms = crate::clock::now_ns() / 1_000_000;
+        self.0
+            .lock()
+            .engine
+            .handle_served(peer, report, records, now_ms)?;
         self.0.bump_progress();
         Ok(())
     }
