@@ -222,6 +222,11 @@ struct RawTree {
     /// hold together (default "256MiB"; `certmesh restore`). Versions of another
     /// node's work are evicted last.
     kept_max_size: Option<Spanned<RawSize>>,
+    /// How long a deletion this node learned of is remembered (default "7d", at
+    /// least "1s"); with `writers`, also the replay horizon: a live record its author
+    /// last signed longer ago is refused for a path this node does not hold, and
+    /// writers re-sign their live records every half of it (issue 25).
+    tombstone_retention: Option<Spanned<String>>,
     /// The nodes allowed to change the tree: this node's name, `[[peer]]` names, or
     /// device IDs of nodes further away. Absent: every node may. Records whose
     /// author is not listed are refused; a node not listed keeps its own tree at the
@@ -465,6 +470,9 @@ pub struct Config {
     pub budget: crate::core::plan::TreeBudget,
     /// `tree.kept_max_size`: the bytes kept versions may hold together.
     pub kept_max_size: u64,
+    /// `tree.tombstone_retention`: how long learned deletions are kept; the replay
+    /// horizon.
+    pub tombstone_retention: Duration,
     /// `tree.writers`: `None`, every node may change the tree.
     pub writers: Option<Vec<Writer>>,
     pub peers: Vec<PeerConfig>,
@@ -499,7 +507,11 @@ impl Config {
         // Sections without PartialEq compare by their Debug rendering: any change counts.
         let dbg = |v: &dyn std::fmt::Debug| format!("{v:?}");
         let mut out = Vec::new();
-        let checks: [(&'static str, bool); 14] = [
+        let checks: [(&'static str, bool); 15] = [
+            (
+                "tree.tombstone_retention",
+                self.tombstone_retention != new.tombstone_retention,
+            ),
             ("tree.writers", self.writers != new.writers),
             ("node.name", self.name != new.name),
             ("node.state_dir", self.state_dir != new.state_dir),
@@ -585,6 +597,7 @@ impl Config {
             max_file_size,
             budget,
             kept_max_size,
+            tombstone_retention,
         } = tree_settings(&raw.tree, &bad)?;
         let peers = peers(&raw.peer, &name, &bad)?;
         let writers = raw
@@ -629,6 +642,7 @@ impl Config {
             max_file_size,
             budget,
             kept_max_size,
+            tombstone_retention,
             writers,
             peers,
             acme,
@@ -713,6 +727,7 @@ struct TreeSettings {
     max_file_size: u64,
     budget: crate::core::plan::TreeBudget,
     kept_max_size: u64,
+    tombstone_retention: Duration,
 }
 
 /// A size key of `[tree]`: its value in bytes, or `default` when absent.
@@ -801,23 +816,38 @@ fn parse_percent(v: &str) -> Result<u32, String> {
     })
 }
 
-/// `[tree]`: `rescan_interval` (at least 1s), `dhparam`, `max_file_size`, budgets.
-fn tree_settings(t: &RawTree, bad: &Bad) -> Result<TreeSettings, ConfigError> {
-    let rescan_interval = match &t.rescan_interval {
-        None => Duration::from_secs(3600),
-        Some(s) => {
-            let d = parse_duration(s.get_ref())
-                .map_err(|m| bad(s.span(), "tree.rescan_interval", m))?;
-            if d < Duration::from_secs(1) {
-                return Err(bad(
-                    s.span(),
-                    "tree.rescan_interval",
-                    "must be at least 1s".into(),
-                ));
-            }
-            d
-        }
+/// A duration key of `[tree]` of at least 1s, or `default` when absent.
+fn duration_key(
+    v: &Option<Spanned<String>>,
+    key: &str,
+    default: Duration,
+    bad: &Bad,
+) -> Result<Duration, ConfigError> {
+    let Some(s) = v else {
+        return Ok(default);
     };
+    let d = parse_duration(s.get_ref()).map_err(|m| bad(s.span(), key, m))?;
+    if d < Duration::from_secs(1) {
+        return Err(bad(s.span(), key, "must be at least 1s".into()));
+    }
+    Ok(d)
+}
+
+/// `[tree]`: `rescan_interval` and `tombstone_retention` (at least 1s), `dhparam`,
+/// `max_file_size`, budgets.
+fn tree_settings(t: &RawTree, bad: &Bad) -> Result<TreeSettings, ConfigError> {
+    let rescan_interval = duration_key(
+        &t.rescan_interval,
+        "tree.rescan_interval",
+        Duration::from_secs(3600),
+        bad,
+    )?;
+    let tombstone_retention = duration_key(
+        &t.tombstone_retention,
+        "tree.tombstone_retention",
+        crate::core::index::TOMBSTONE_RETENTION,
+        bad,
+    )?;
     let dhparam = match &t.dhparam {
         None => None,
         Some(s) => Some(crate::dhgroup::DhGroup::parse(s.get_ref()).ok_or_else(|| {
@@ -845,6 +875,7 @@ fn tree_settings(t: &RawTree, bad: &Bad) -> Result<TreeSettings, ConfigError> {
         max_file_size,
         budget,
         kept_max_size,
+        tombstone_retention,
     })
 }
 
