@@ -290,15 +290,21 @@ impl Index {
     }
 
     /// Stores `record` (from a peer or a local change) under a fresh sequence number,
-    /// learned at `now_ns` (the time of a version already held is kept).
+    /// learned at `now_ns`. The time of a version already held is kept. A deletion of
+    /// a path not held (recorded only to pass it on, or taken back from a peer right
+    /// after this node collected it) counts as learned when its author made it, at
+    /// most now: otherwise two nodes that collect at different times would hand the
+    /// tombstone back and forth, each time for a full retention.
     pub fn put(&mut self, record: FileRecord, stat: Option<LocalStat>, now_ns: i64) -> u64 {
         self.sequence += 1;
         let seq = self.sequence;
-        let learned_ns = self
-            .entries
-            .get(&record.path)
-            .filter(|e| e.record.version == record.version)
-            .map_or(now_ns, |e| e.learned_ns);
+        let learned_ns = match self.entries.get(&record.path) {
+            Some(e) if e.record.version == record.version => e.learned_ns,
+            None if record.deleted => crate::core::authorship::vouched_ns(&record)
+                .unwrap_or(record.mtime_ns)
+                .min(now_ns),
+            _ => now_ns,
+        };
         self.insert(Entry {
             record,
             sequence: seq,
@@ -560,6 +566,24 @@ pub(crate) mod tests {
             .is_empty());
         let gone = ix.collect_tombstones(t0 + 8 * day, 9, TOMBSTONE_RETENTION);
         assert_eq!(gone, vec![p]);
+    }
+
+    #[test]
+    fn a_deletion_of_a_path_not_held_counts_from_when_it_was_made() {
+        let day = 24 * 3600 * 1_000_000_000i64;
+        let mut ix = Index::new(ShortId(1));
+        let p = RelPath::parse("a").unwrap();
+        let mut gone = Index::new(ShortId(2))
+            .observe(&p, Some(file("a", 1, 1)), day)
+            .unwrap();
+        (gone.deleted, gone.mtime_ns) = (true, 2 * day);
+        ix.put(gone.clone(), None, 9 * day);
+        assert_eq!(ix.get(&p).unwrap().learned_ns, 2 * day);
+        // Never later than now (an author clock ahead).
+        let mut ix = Index::new(ShortId(1));
+        gone.mtime_ns = 20 * day;
+        ix.put(gone, None, 9 * day);
+        assert_eq!(ix.get(&p).unwrap().learned_ns, 9 * day);
     }
 
     #[test]
