@@ -16,7 +16,7 @@
 //! attested at its deletion, so once tombstones are collected no relay can bring it
 //! back, while an unchanged old file keeps reaching new nodes. The v1 signature stays
 //! for nodes that predate attestations (they ignore the new fields); a record without
-//! an attestation is dated by its signed `mtime_ns` and its author's version counter.
+//! an attestation is dated by its author's signed version counter (µs).
 //!
 //! Pure apart from the signature arithmetic (no I/O, no clock).
 
@@ -167,17 +167,18 @@ fn attest(r: &FileRecord, signer: &NodeSigner, now_ns: i64) -> Option<Attestatio
 }
 
 /// When the author last vouched for `r` (ns since the epoch; `None`: unsigned): its
-/// attestation's time, or, for a record from a node that predates attestations, the
-/// later of its `mtime_ns` and its author's version counter (µs, at least the time
-/// of the change): both signed by v1, neither later than the author's last change.
+/// attestation's time, or, for a record without one (from a node that predates
+/// attestations, or stripped by a relay), its author's version counter: signed by
+/// v1, it is the author's clock in µs at the change (never earlier), and a receiver
+/// refuses counters more than a day ahead of its own clock. Never the author-set
+/// `mtime_ns`, which a file may carry from any date, the future included.
 pub fn vouched_ns(r: &FileRecord) -> Option<i64> {
     let a = r.auth.as_ref()?;
     if let Some(t) = &a.attestation {
         return Some(t.signed_ns);
     }
     let counter = r.version.counter(r.modified_by);
-    let counter_ns = i64::try_from(counter.saturating_mul(1000)).unwrap_or(i64::MAX);
-    Some(r.mtime_ns.max(counter_ns))
+    Some(i64::try_from(counter.saturating_mul(1000)).unwrap_or(i64::MAX))
 }
 
 /// Whether a live record vouched for longer than `horizon_ns` before `now_ns` is a
@@ -489,7 +490,7 @@ pub(crate) mod tests {
             r.auth.as_ref().unwrap().signature,
             renewed.auth.as_ref().unwrap().signature
         );
-        // Stripped (an old node relayed it): dated by its signed mtime and counter.
+        // Stripped (an old node relayed it): dated by its author's signed counter.
         let mut v1 = r.clone();
         v1.auth.as_mut().unwrap().attestation = None;
         assert_eq!(policy.check(&v1), Ok(()));

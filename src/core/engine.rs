@@ -1418,6 +1418,14 @@ mod tests {
             .unwrap()
             .contains("replay horizon"));
         assert_eq!(refused.in_window, 0, "not counted as forged");
+        // Its attestation stripped (as a node of the older version relays it): dated
+        // by its author's signed counter, refused all the same.
+        let mut stripped = old.clone();
+        stripped.auth.as_mut().unwrap().attestation = None;
+        e.handle_index_checked(peer(), vec![(stripped, 1)], vec![], 1, Some(18 * DAY))
+            .unwrap();
+        assert_eq!(e.refused()[&peer()].count, 2);
+        assert!(e.plan().need(&old.path).is_none());
         // Within the horizon it is taken.
         e.handle_index_checked(peer(), vec![(old.clone(), 2)], vec![], 2, Some(16 * DAY))
             .unwrap();
