@@ -360,6 +360,23 @@ mod tests {
     }
 
     #[test]
+    fn tombstone_retention_defaults_to_a_week_and_is_at_least_a_second() {
+        let parse = |extra: &str| Config::parse(Path::new("c.toml"), &cfg(extra));
+        let week = crate::core::index::TOMBSTONE_RETENTION;
+        assert_eq!(parse("").unwrap().tombstone_retention, week);
+        let c = parse("tombstone_retention = \"3s\"\n").unwrap();
+        assert_eq!(c.tombstone_retention, std::time::Duration::from_secs(3));
+        for bad in ["\"500ms\"", "\"soon\""] {
+            let e = parse(&format!("tombstone_retention = {bad}\n")).unwrap_err();
+            let e = e.to_string();
+            assert!(
+                e.contains("c.toml:8: tree.tombstone_retention"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn writers_name_this_node_peers_or_device_ids() {
         let id = DeviceId::of_cert(b"x");
         let far = DeviceId::of_cert(b"far");
