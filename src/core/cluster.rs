@@ -1108,7 +1108,7 @@ mod tests {
         }
 
         fn apply(&mut self, r: &crate::core::index::FileRecord) {
-            self.index.put(r.clone(), None);
+            self.index.put(r.clone(), None, 0);
             self.with_view(|c, v| c.refresh(v));
         }
     }
@@ -1162,7 +1162,7 @@ mod tests {
     }
 
     fn start(nodes: &mut [Node], r: &crate::core::index::FileRecord) {
-        nodes[0].index.put(r.clone(), None);
+        nodes[0].index.put(r.clone(), None, 0);
         let (p, v) = (r.path.clone(), r.version.clone());
         assert!(nodes[0].with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));
     }
@@ -1427,7 +1427,7 @@ mod tests {
             }
         }
         let r = token();
-        nodes[0].index.put(r.clone(), None);
+        nodes[0].index.put(r.clone(), None, 0);
         let ask = Ask {
             id: 7,
             path: r.path.clone(),
@@ -1472,7 +1472,7 @@ mod tests {
     fn forged_reports_keep_a_census_within_its_caps() {
         let mut n = Node::new(1, &[2]);
         let r = token();
-        n.index.put(r.clone(), None);
+        n.index.put(r.clone(), None, 0);
         let (p, v) = (r.path.clone(), r.version.clone());
         assert!(n.with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));
         let census = n.cluster.barriers.get_mut(&7).unwrap();
@@ -1524,7 +1524,7 @@ mod tests {
         n.cluster = cl;
         n.connected.insert(e.id());
         let r = token();
-        n.index.put(r.clone(), None);
+        n.index.put(r.clone(), None, 0);
         let (p, v) = (r.path.clone(), r.version.clone());
         assert!(n.with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));
         let report = |node: DeviceId, name: &str, peers: Vec<Neighbor>| Report {
