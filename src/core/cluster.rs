@@ -1610,7 +1610,7 @@ mod tests {
             n.connected.insert(h.id());
         }
         let r = token();
-        n.index.put(r.clone(), None);
+        n.index.put(r.clone(), None, 0);
         let (p, v) = (r.path.clone(), r.version.clone());
         assert!(n.with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));
         let claim = Neighbor {
