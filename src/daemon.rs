@@ -48,6 +48,7 @@ fn persister(shared: Arc<Shared>, mut file: StoreFile, rx: std::sync::mpsc::Rece
             }
         }
         let written = file.write(writes);
+        tracing::trace!(target: crate::clock::STAGE, stage = "persisted", t_us = crate::clock::mono_us());
         if let Some(seq) = upto {
             let mut st = shared.lock();
             if let Err(e) = written {

@@ -158,6 +158,7 @@ pub fn start(
             // events in `.certmesh/tmp` and every read of the tree an open, and each
             // one sent would wake the debouncer for nothing.
             if matters(&event_root, &ev) {
+                tracing::trace!(target: crate::clock::STAGE, stage = "event", t_us = crate::clock::mono_us());
                 let _ = tx.send(ev);
             }
         },
@@ -224,6 +225,7 @@ fn debounce(
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
+        tracing::trace!(target: crate::clock::STAGE, stage = "debounced", t_us = crate::clock::mono_us());
         if out.send(batch).is_err() {
             return;
         }
@@ -388,6 +390,7 @@ fn look_at(
                 }
                 match scan::observe(root, &p, kind, stat, target) {
                     Ok(Some((o, data))) => {
+                        tracing::trace!(target: crate::clock::STAGE, stage = "hashed", path = %p, t_us = crate::clock::mono_us());
                         if let Some(d) = data {
                             sync.remember_inline(o.hash, d);
                         }
