@@ -47,7 +47,8 @@ impl Batch {
 /// rescan; watching new directories ourselves before rescanning them closes that gap.
 #[derive(Clone)]
 pub struct Watch {
-    watcher: Arc<std::sync::Mutex<notify::RecommendedWatcher>>,
+    /// `None` once stopped.
+    watcher: Arc<std::sync::Mutex<Option<notify::RecommendedWatcher>>>,
 }
 
 impl Watch {
@@ -55,6 +56,9 @@ impl Watch {
     /// events. A directory gone meanwhile is not an error.
     fn cover(&self, dir: &std::path::Path) {
         let Ok(mut w) = self.watcher.lock() else {
+            return;
+        };
+        let Some(w) = w.as_mut() else {
             return;
         };
         match w.watch(dir, RecursiveMode::Recursive) {
@@ -66,6 +70,13 @@ impl Watch {
                 tracing::warn!(dir = %dir.display(), error = %explain(&e, sysctl), "watching a new directory")
             }
         }
+    }
+
+    /// Stops watching (shutdown): notify's thread closes the inotify instance now,
+    /// while the node stops, not when the last clone of this handle goes.
+    pub fn stop(&self) {
+        let w = self.watcher.lock().ok().and_then(|mut w| w.take());
+        drop(w);
     }
 
     /// Re-covers the whole tree (watches lost to an overflow come back), then rescans
@@ -170,7 +181,7 @@ pub fn start(
         .watch(sync.root(), RecursiveMode::Recursive)
         .map_err(|e| anyhow::anyhow!(explain(&e, sysctl)))?;
     let watch = Watch {
-        watcher: Arc::new(std::sync::Mutex::new(watcher)),
+        watcher: Arc::new(std::sync::Mutex::new(Some(watcher))),
     };
     let (batches_tx, batches_rx) = mpsc::unbounded_channel();
     let root = sync.root().to_path_buf();
