@@ -546,7 +546,7 @@ fn main() -> Result<()> {
         &notes,
     );
     let report = match stage_table {
-        Some(s) => report + "\n" + &s,
+        Some(s) => report + "\n## Where a small file's time goes\n\n" + &s,
         None => report,
     };
     let report = if hub_results.is_empty() {

@@ -10,7 +10,7 @@ use super::*;
 /// The writer's steps, in order: (stage, what the step from the previous one covers).
 const WRITER: &[(&str, &str)] = &[
     ("event", "inotify delivers the rename (notify's thread)"),
-    ("debounced", "debounce: 300 µs of quiet ends the burst"),
+    ("debounced", "debounce: 300 µs of quiet ends the burst (a whole token: at once)"),
     ("hashed", "scan task woken, stat + read + BLAKE3"),
     ("locked", "state lock taken for the observations"),
     ("signed", "index update + ECDSA signature + plan"),
@@ -80,10 +80,12 @@ fn first(evs: &[Ev], stage: &str, from: u64, until: u64) -> Option<u64> {
         .map(|e| e.t_us)
 }
 
-/// One sample: when the harness renamed the file in, and when each peer first read it.
+/// One sample: when the harness renamed the file in, when each peer first read it,
+/// and whether it was an ACME challenge token (the others are `certs/*.pem`).
 struct Sample {
     t0: u64,
     seen: Vec<u64>,
+    token: bool,
 }
 
 /// Follows `steps` from `start` on one node's events: each step's duration (µs) and
@@ -114,7 +116,10 @@ fn median(mut v: Vec<u64>) -> Option<u64> {
 
 /// Runs the samples on a 3-node cluster with the trace on; returns the Markdown section.
 pub(crate) fn run_stages(exe: &Path, rt: &tokio::runtime::Runtime, o: &Opts) -> Result<String> {
-    eprintln!("[certmesh] stage trace: {} small files, 3 nodes", o.samples);
+    eprintln!(
+        "[certmesh] stage trace: {} challenge tokens and {} other small files, 3 nodes",
+        o.samples, o.samples
+    );
     let old_log = std::env::var_os("RUST_LOG");
     std::env::set_var("RUST_LOG", "warn,certmesh::stage=trace");
     std::env::set_var("CERTMESH_LOG_FORMAT", "json");
@@ -138,20 +143,29 @@ pub(crate) fn run_stages(exe: &Path, rt: &tokio::runtime::Runtime, o: &Opts) -> 
         .iter()
         .map(|l| read_events(l))
         .collect::<Result<Vec<_>>>()?;
-    Ok(render_stages(&evs, &samples))
+    let mut out = render_stages(&evs, &samples, true);
+    out.push('\n');
+    out.push_str(&render_stages(&evs, &samples, false));
+    Ok(out)
 }
 
 /// Small files written on node 1, each timed on `CLOCK_MONOTONIC` until both peers read
-/// it; then a pause, so that the acks land before the next sample's window.
+/// it; then a pause, so that the acks land before the next sample's window. `n` ACME
+/// challenge tokens and `n` other small files, in alternation.
 fn timed_samples(c: &CmCluster, n: usize) -> Result<Vec<Sample>> {
     let mut rng = rand::rng();
     let writer = &c.nodes[0].tree;
     let mut out = Vec::new();
-    for i in 0..=n {
-        let rel = format!(
-            "acme/.well-known/acme-challenge/stage-{i}-{:08x}",
-            rng.random::<u32>()
-        );
+    for i in 0..2 * n + 2 {
+        let token = i % 2 == 0;
+        let rel = if token {
+            format!(
+                "acme/.well-known/acme-challenge/stage-{i}-{:08x}",
+                rng.random::<u32>()
+            )
+        } else {
+            format!("certs/stage-{i}-{:08x}.pem", rng.random::<u32>())
+        };
         let mut content = format!("{rel}.").into_bytes();
         content.resize(SMALL_SIZE, b'x');
         let tmp = writer.with_file_name(format!(".bench-{}", rng.random::<u64>()));
@@ -174,11 +188,12 @@ fn timed_samples(c: &CmCluster, n: usize) -> Result<Vec<Sample>> {
             std::thread::sleep(Duration::from_micros(100));
         }
         std::thread::sleep(Duration::from_millis(30));
-        if i > 0 {
-            // The first one warms up.
+        if i > 1 {
+            // The first of each kind warms up.
             out.push(Sample {
                 t0,
                 seen: seen.into_iter().flatten().collect(),
+                token,
             });
         }
     }
@@ -186,7 +201,7 @@ fn timed_samples(c: &CmCluster, n: usize) -> Result<Vec<Sample>> {
 }
 
 /// The table: per step, the median duration and the median time since the write.
-fn render_stages(evs: &[Vec<Ev>], samples: &[Sample]) -> String {
+fn render_stages(evs: &[Vec<Ev>], samples: &[Sample], tokens: bool) -> String {
     let mut writer: Vec<Vec<(u64, u64)>> = vec![Vec::new(); WRITER.len()];
     let mut peer: Vec<Vec<(u64, u64)>> = vec![Vec::new(); PEER.len()];
     let mut seen: Vec<u64> = Vec::new();
@@ -194,6 +209,9 @@ fn render_stages(evs: &[Vec<Ev>], samples: &[Sample]) -> String {
     let mut acks: Vec<u64> = Vec::new();
     for (i, s) in samples.iter().enumerate() {
         let until = samples.get(i + 1).map_or(u64::MAX, |n| n.t0);
+        if s.token != tokens {
+            continue;
+        }
         let w = follow(&evs[0], WRITER, s.t0, s.t0, until);
         for (acc, v) in writer.iter_mut().zip(&w) {
             acc.extend(*v);
@@ -229,10 +247,11 @@ fn render_stages(evs: &[Vec<Ev>], samples: &[Sample]) -> String {
         }
     }
     let mut out = format!(
-        "## Where a small file's time goes\n\n{} samples, 3 nodes, medians in µs (`compare -- --only stages`). \
+        "### {}\n\n{} samples, 3 nodes, medians in µs (`compare -- --only stages`). \
          \"step\" is the time from the previous row, \"since write\" from the harness's rename into node 1's tree.\n\n\
          | node | stage | step covers | step p50 | since write p50 |\n|---|---|---|---:|---:|\n",
-        samples.len()
+        if tokens { "An ACME challenge token (`acme/.well-known/acme-challenge/*`)" } else { "Another small file (`certs/*.pem`)" },
+        samples.iter().filter(|s| s.token == tokens).count()
     );
     let mut row = |node: &str, stage: &str, what: &str, v: &[(u64, u64)]| {
         let step = median(v.iter().map(|x| x.0).collect());
