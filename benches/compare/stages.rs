@@ -10,7 +10,10 @@ use super::*;
 /// The writer's steps, in order: (stage, what the step from the previous one covers).
 const WRITER: &[(&str, &str)] = &[
     ("event", "inotify delivers the rename (notify's thread)"),
-    ("debounced", "debounce: 300 µs of quiet ends the burst (a whole token: at once)"),
+    (
+        "debounced",
+        "debounce: 300 µs of quiet ends the burst (a whole token: at once)",
+    ),
     ("hashed", "scan task woken, stat + read + BLAKE3"),
     ("locked", "state lock taken for the observations"),
     ("signed", "index update + ECDSA signature + plan"),

@@ -13,7 +13,7 @@ use x509_parser::pem::Pem;
 
 use super::schedule::Validity;
 use super::tree;
-use crate::config::KeyType;
+use crate::config::certificate::KeyType;
 use crate::disk::safe_fs::{self, Root};
 use crate::handles::TreeWriter;
 
