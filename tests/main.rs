@@ -13,6 +13,7 @@ mod faults;
 mod hostile;
 mod hubs;
 mod import;
+mod many_certs;
 mod metrics;
 mod observe;
 mod operator;
