@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use certmesh::identity::DeviceId;
 
-pub(crate) use crate::util::free_tcp;
+use crate::util::free_tcp;
 use crate::util::{certmesh, free_udp, wait_listening, Cluster, Node};
 
 pub(crate) const DOMAIN: &str = "www.certmesh.test";
@@ -231,7 +231,7 @@ impl Pebble {
     }
 }
 
-/// One nginx serving `<tree>/acme` on `ip:port`, as in the README snippet.
+/// One nginx serving `<tree>/acme` on `ip:port`, as in docs/acme.md's nginx snippet.
 pub(crate) fn nginx(dir: &Path, ip: &str, port: u16, tree: &Path) -> Proc {
     let body = format!(
         "location /.well-known/acme-challenge/ {{ root {}/acme; }}",

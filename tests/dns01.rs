@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use certmesh::identity::DeviceId;
 
-use crate::acme::{free_tcp, ISSUE_DEADLINE};
+use crate::acme::ISSUE_DEADLINE;
+use crate::util::free_tcp;
 use crate::util::{certmesh, wait_listening, wait_until, Node};
 
 const ZONE: &str = "certmesh.test";

@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::acme::free_tcp;
-use crate::util::{certmesh, wait_listening, Node};
+use crate::util::{certmesh, free_tcp, free_udp, wait_listening, Node};
 
 const DOMAIN: &str = "www.import.test";
 const RENEW_DEADLINE: Duration = Duration::from_secs(90);
@@ -77,11 +76,7 @@ impl Pebble {
         fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
         fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
 
-        let dns_port = std::net::UdpSocket::bind(format!("{ip}:0"))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let dns_port = free_udp(ip);
         let dns_mgmt = format!("{ip}:{}", free_tcp(ip));
         let dns_log = dir.join("challtestsrv.log");
         let mut dns = Command::new("pebble-challtestsrv")

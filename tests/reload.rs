@@ -417,7 +417,7 @@ fn nginx_reload_hook_serves_the_new_certificate() {
     let b_tree = dir.path().join("b").join("tree");
     let port = crate::util::free_tcp("127.0.0.63");
     let addr = format!("127.0.0.63:{port}");
-    // The README's nginx snippet, pointed at node b's tree.
+    // docs/acme.md's nginx snippet, pointed at node b's tree.
     let conf = format!(
         "user root;\ndaemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
          events {{ worker_connections 64; }}\n\

@@ -22,9 +22,9 @@ use crate::util::{wait_until, Cluster, Node};
 /// (generous: the machine is shared; the measured times are printed).
 const PROPAGATION_DEADLINE: Duration = Duration::from_secs(10);
 /// While an index flood is being taken in (and until it is cut off), a healthy
-/// write may wait behind it for longer; it must still arrive. (Seen at 10-20 s on a
-/// loaded 2-core machine, also before the puller moved into `core::pipeline`.)
-const FLOOD_PROPAGATION_DEADLINE: Duration = Duration::from_secs(45);
+/// write may wait behind it for longer; it must still arrive. (10-20 s on a loaded
+/// 2-core machine; over 45 s when the whole suite ran beside other builds.)
+const FLOOD_PROPAGATION_DEADLINE: Duration = Duration::from_secs(90);
 /// The attacked node's resident memory must stay under this.
 const RSS_BOUND_MIB: u64 = 200;
 /// The flood stops here whatever happens, so a failing run does not take the machine.
