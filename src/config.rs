@@ -14,6 +14,7 @@ use crate::identity::{DeviceId, DeviceIdError};
 mod dns;
 pub mod frontend;
 mod globs;
+mod metrics;
 pub mod tree_certs;
 
 pub use dns::{ChallengeChoice, DnsConfig, DnsProvider, TsigAlgorithm, TsigKeyConfig};
@@ -56,7 +57,7 @@ struct RawConfig {
     #[serde(default)]
     frontend: Vec<frontend::RawFrontend>,
     http: Option<RawHttp>,
-    metrics: Option<RawMetrics>,
+    metrics: Option<metrics::RawMetrics>,
 }
 
 /// `[acme]`: present on the nodes allowed to order certificates.
@@ -169,15 +170,6 @@ struct RawHook {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     /// Address of the built-in http-01 responder.
-    listen: Spanned<String>,
-}
-
-/// `[metrics]`
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMetrics {
-    /// Address of the Prometheus `/metrics` endpoint (plain HTTP; keep it local or
-    /// on the backnet).
     listen: Spanned<String>,
 }
 
@@ -478,6 +470,8 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// Prometheus `/metrics` endpoint address (`[metrics] listen`).
     pub metrics_listen: Option<SocketAddr>,
+    /// `[metrics] per_certificate`: series per certificate, or aggregates only.
+    pub metrics_per_certificate: bool,
     /// Where some keys are in the file, for the checks made after parsing.
     pub lines: KeyLines,
 }
@@ -637,6 +631,7 @@ impl Config {
             frontends,
             http_listen,
             metrics_listen,
+            metrics_per_certificate: metrics::per_certificate(raw.metrics.as_ref()),
             lines,
         })
     }

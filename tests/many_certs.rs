@@ -60,3 +60,25 @@ fn status_summarises_many_certificates_and_shows_one_in_full() {
         "{unknown}"
     );
 }
+
+#[test]
+fn metrics_without_per_certificate_series_keep_the_aggregates() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.43.3:{}", crate::util::free_tcp("127.0.43.3"));
+    let extra = format!("\n[metrics]\nlisten = \"{listen}\"\nper_certificate = false\n");
+    let _node = node_with_certs(dir.path(), "127.0.43.3", 25, &extra);
+    let text = crate::metrics::scrape(&listen);
+    let (ok, said) = crate::metrics::promtool(&text);
+    assert!(ok, "promtool: {said}\n{text}");
+    assert!(!text.contains("cert=\""), "{text}");
+    assert_eq!(
+        crate::metrics::sample(&text, "certmesh_certificates{state=\"missing\"}"),
+        Some(25.0),
+        "{text}"
+    );
+    assert_eq!(
+        crate::metrics::sample(&text, "certmesh_acme_orders_total"),
+        Some(0.0),
+        "{text}"
+    );
+}
