@@ -164,7 +164,7 @@ enum Cmd {
     },
     /// Adopt the certificates (and account, where possible) of a certbot or lego tree
     /// into certmesh's layout without a new order; the paths nginx already uses stay
-    /// valid (see README "Moving from certbot or lego").
+    /// valid (see docs/migrating.md).
     Import {
         #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,

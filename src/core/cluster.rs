@@ -1033,7 +1033,7 @@ pub fn peer_warnings(peers: usize) -> Vec<String> {
         ],
         1 => vec![
             "one [[peer]] only: if it fails, this node is cut off from the cluster (peer \
-             each edge node with two hubs; README \"Large fleets\")"
+             each edge node with two hubs; docs/large-fleets.md)"
                 .into(),
         ],
         _ => Vec::new(),
