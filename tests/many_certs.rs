@@ -82,3 +82,73 @@ fn metrics_without_per_certificate_series_keep_the_aggregates() {
         "{text}"
     );
 }
+
+/// Version numbers under `archive/www/` on `node`.
+fn archived(node: &Node) -> Vec<u32> {
+    let mut v: Vec<u32> = fs::read_dir(node.tree.join("archive/www"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Issue 29 item 3: five issuances with `[acme] keep_versions = 2` leave the last
+/// two versions under `archive/www/` on both nodes (the renewer prunes, the
+/// deletions replicate); the live one is among them.
+#[test]
+fn old_archive_versions_are_pruned_on_every_node() {
+    use crate::acme::{enable_acme_with, live_version, nginx, tools_present, wait_version};
+    use crate::acme::{Pebble, DOMAIN};
+    if !tools_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ip_a, ip_b) = ("127.0.43.10", "127.0.43.11");
+    let mut a = Node::new(dir.path(), "renewer", ip_a);
+    let mut b = Node::new(dir.path(), "peer", ip_b);
+    a.configure(&[&b]);
+    b.configure(&[&a]);
+    let pebble = Pebble::start_on(
+        &dir.path().join("pebble"),
+        ip_a,
+        crate::util::free_tcp(ip_a),
+        false,
+    );
+    pebble.set_a(DOMAIN, ip_a);
+    fs::create_dir_all(a.tree.join("acme")).unwrap();
+    let _web = nginx(dir.path(), ip_a, pebble.http_port, &a.tree);
+    enable_acme_with(&a, &pebble, "keep_versions = 2\n");
+    a.start();
+    b.start();
+    wait_version(&[&a, &b], 1, "the first certificate");
+    for v in 2..=5 {
+        let out = certmesh(&["issue", "--config", a.config.to_str().unwrap(), "www"]);
+        assert!(out.status.success(), "issue: {out:?}\n{}", a.log());
+        wait_version(&[&a, &b], v, "a new version");
+    }
+    for n in [&a, &b] {
+        wait_until("only the last two versions kept", || archived(n) == [4, 5]);
+        assert_eq!(live_version(n), Some(5), "{}", n.name);
+        assert!(n.tree.join("live/www/privkey.pem").exists(), "{}", n.name);
+    }
+}
+
+#[test]
+fn keep_versions_below_two_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::new(dir.path(), "solo", "127.0.43.12");
+    node.configure(&[]);
+    let mut cfg = fs::read_to_string(&node.config).unwrap();
+    cfg.push_str("\n[acme]\ndirectory = \"https://ca.example/dir\"\nkeep_versions = 1\n");
+    fs::write(&node.config, cfg).unwrap();
+    let out = certmesh(&["check", "--config", node.config.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("acme.keep_versions") && err.contains("1 is not between 2 and 1000"),
+        "{err}"
+    );
+}
