@@ -286,8 +286,11 @@ fn with_local_ca(
     dir: &Path,
     configs: &[(String, PathBuf, PathBuf)],
     quiet: bool,
-) -> anyhow::Result<crate::demo_pebble::LocalCa> {
-    let ca = crate::demo_pebble::LocalCa::start(dir)?;
+) -> anyhow::Result<crate::demo_pebble::Pebble> {
+    let ca = crate::demo_pebble::Pebble::start(
+        &dir.join("pebble"),
+        &crate::demo_pebble::Options::default(),
+    )?;
     let mut ids = Vec::new();
     for (i, (_, cfg, _)) in configs.iter().enumerate() {
         let ip = format!("127.0.0.{}", i + 2);
@@ -398,7 +401,7 @@ async fn issue_until_live(
 pub struct AcmeCluster {
     nodes: Vec<LocalNode>,
     serial: String,
-    _ca: crate::demo_pebble::LocalCa,
+    _ca: crate::demo_pebble::Pebble,
     _dir: tempfile::TempDir,
 }
 

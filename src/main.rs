@@ -83,7 +83,7 @@ enum Cmd {
         #[arg(long)]
         cluster: bool,
         /// How long `--cluster` waits for the cluster to be in sync ("5s", "500ms").
-        #[arg(long, default_value = "5s", value_parser = certmesh::config::parse_duration)]
+        #[arg(long, default_value = "5s", value_parser = certmesh::config::values::parse_duration)]
         timeout: std::time::Duration,
         /// One certificate in full (its table row has only some of it).
         #[arg(long, value_name = "NAME", conflicts_with = "all")]
@@ -124,7 +124,7 @@ enum Cmd {
         /// A path in the tree, relative to its root.
         path: String,
         /// Give up after this long ("30s", "500ms").
-        #[arg(long, default_value = "30s", value_parser = certmesh::config::parse_duration)]
+        #[arg(long, default_value = "30s", value_parser = certmesh::config::values::parse_duration)]
         timeout: std::time::Duration,
         /// Print the daemon's answer as JSON (`done`, `nodes[]`).
         #[arg(long)]
@@ -497,7 +497,7 @@ fn check_config(config: &std::path::Path) -> Result<Config, Failure> {
             )));
         }
     }
-    if let Some(certmesh::config::DnsProvider::Rfc2136 { key, .. }) = c
+    if let Some(certmesh::config::dns::DnsProvider::Rfc2136 { key, .. }) = c
         .acme
         .as_ref()
         .and_then(|a| a.dns.as_ref())
@@ -869,7 +869,7 @@ fn refuse_on_a_reader(c: &Config) -> Result<(), Failure> {
     let names: Vec<String> = writers
         .iter()
         .map(|w| match w {
-            certmesh::config::Writer::Peer { name, .. } => name.clone(),
+            certmesh::config::tree::Writer::Peer { name, .. } => name.clone(),
             other => other.id(me).to_string(),
         })
         .collect();

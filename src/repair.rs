@@ -53,7 +53,7 @@ fn configured(h: &Handles) -> Vec<String> {
 }
 
 /// The certificates this node repairs, for [`Repairs::touched`]: the configured ones,
-/// none on a reader (issue 13: its repair would be put back).
+/// none on a reader (its repair would be put back).
 pub fn names(is_writer: bool, config: &crate::config::Config) -> Vec<String> {
     if !is_writer {
         return Vec::new();
@@ -192,7 +192,7 @@ fn node_name(h: &Handles, id: ShortId) -> String {
 }
 
 /// The name of the peer with this short ID, or the ID in hex.
-pub fn name_of(peers: &[crate::config::PeerConfig], id: ShortId) -> String {
+pub fn name_of(peers: &[crate::config::peer::PeerConfig], id: ShortId) -> String {
     peers
         .iter()
         .find(|p| p.id.short() == id)

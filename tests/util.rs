@@ -429,19 +429,16 @@ pub fn next_port(mut free: impl FnMut(u16) -> bool) -> u16 {
     panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
-/// Pebble's JSON config with its API, management and TLS ports free on `ip`, the
-/// `cert.pem` / `key.pem` in `dir`, and http-01 validation on `http_port`.
-pub fn pebble_config(dir: &Path, ip: &str, http_port: u16) -> serde_json::Value {
-    serde_json::json!({"pebble": {
-        "listenAddress": format!("{ip}:{}", free_tcp(ip)),
-        "managementListenAddress": format!("{ip}:{}", free_tcp(ip)),
-        "certificate": dir.join("cert.pem"),
-        "privateKey": dir.join("key.pem"),
-        "httpPort": http_port,
-        "tlsPort": free_tcp(ip),
-        "ocspResponderURL": "",
-        "externalAccountBindingRequired": false,
-    }})
+/// Options for the crate's Pebble launcher on `ip`: ports from [`next_port`], every
+/// order validated (no authorization reuse).
+pub fn pebble_options(ip: &str) -> certmesh::demo_pebble::Options<'_> {
+    certmesh::demo_pebble::Options {
+        ip,
+        authz_reuse: Some(0),
+        free_tcp: |ip| Ok(free_tcp(ip)),
+        free_udp: |ip| Ok(free_udp(ip)),
+        ..Default::default()
+    }
 }
 
 /// Every node of `nodes` but the `i`-th: its peers in a full mesh.

@@ -34,7 +34,7 @@ struct Fleet {
     joined: Vec<String>,
     metrics: Vec<String>,
     renewer: usize,
-    _ca: certmesh::demo_pebble::LocalCa,
+    _ca: certmesh::demo_pebble::Pebble,
     dir: tempfile::TempDir,
 }
 
@@ -53,7 +53,13 @@ fn start_fleet(exe: &Path, n: usize) -> Result<Fleet> {
         .prefix("certmesh-bench-certs-")
         .tempdir()?;
     let configs = demo::write_mesh(dir.path(), 4)?;
-    let ca = certmesh::demo_pebble::LocalCa::start_always_valid(dir.path())?;
+    let ca = certmesh::demo_pebble::Pebble::start(
+        &dir.path().join("pebble"),
+        &certmesh::demo_pebble::Options {
+            always_valid: true,
+            ..Default::default()
+        },
+    )?;
     let mut joined = Vec::new();
     let mut metrics = Vec::new();
     let mut ids = Vec::new();

@@ -1,4 +1,4 @@
-//! The renewal scheduler's agenda (issue 29): when each certificate next needs a
+//! The renewal scheduler's agenda: when each certificate next needs a
 //! look, in time order, so a tick costs O(due), not O(all). A tick takes what has
 //! come due and what changed since the last one (a new config, a peer's new
 //! `live/<name>`); everything else waits in the map untouched. Pure: times are Unix

@@ -13,7 +13,7 @@ use x509_parser::pem::Pem;
 
 use super::schedule::Validity;
 use super::tree;
-use crate::config::KeyType;
+use crate::config::certificate::KeyType;
 use crate::disk::safe_fs::{self, Root};
 use crate::handles::TreeWriter;
 
@@ -27,7 +27,7 @@ pub const FILES: [&str; 5] = [
 ];
 /// Versions kept under `archive/<name>/` unless `[acme] keep_versions` says
 /// otherwise (older ones, and their keys, are pruned).
-pub const KEEP_VERSIONS: u32 = crate::config::DEFAULT_KEEP_VERSIONS;
+pub const KEEP_VERSIONS: u32 = crate::config::acme::DEFAULT_KEEP_VERSIONS;
 
 /// A new private key of the configured type.
 pub fn generate_key(kind: KeyType) -> anyhow::Result<KeyPair> {

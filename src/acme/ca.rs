@@ -15,11 +15,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::tree::{self, Expect};
-use crate::config::AcmeConfig;
+use crate::config::acme::AcmeConfig;
 use crate::core::paths::RelPath;
 use crate::handles::TreeWriter;
 
-/// The first CA's account (the one file of a single `directory`, as before lists).
+/// The first CA's account (the one file when `directory` names a single CA).
 pub const ACCOUNT_FILE: &str = ".certmesh/acme/account.json";
 
 /// Accounts of every CA but the first, one file per CA.

@@ -10,7 +10,7 @@ use anyhow::anyhow;
 use super::dns::{challenge_name, Presented, Publisher, Record, RECORDS_DIR};
 use super::tree::{self, Expect};
 use super::Handles;
-use crate::config::{AcmeConfig, CertificateConfig};
+use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
 
 /// The dns-01 part of one order.

@@ -23,7 +23,7 @@ use super::{
     account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, this_node, tree,
     unix_now, Acme, Command, Handles, LEASES_DIR,
 };
-use crate::config::{AcmeConfig, CertificateConfig};
+use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
 
 /// How long a starting node waits for every configured peer to be connected and in

@@ -51,7 +51,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::config::{AcmeConfig, CertificateConfig};
+use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
 use crate::identity::DeviceId;
 use handle::Command;

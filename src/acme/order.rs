@@ -18,7 +18,7 @@ use super::client::within;
 use super::dns01;
 use super::tree::{self, Expect};
 use super::Handles;
-use crate::config::{AcmeConfig, CertificateConfig};
+use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
 
 /// Where http-01 key authorizations go (nginx: `root <tree>/acme;`).

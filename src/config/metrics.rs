@@ -1,5 +1,5 @@
 //! `[metrics]`: the Prometheus endpoint's address, and whether it exports one series
-//! per certificate or only aggregates (issue 29: at 10,000 certificates the
+//! per certificate or only aggregates (at 10,000 certificates the
 //! per-certificate series are most of the scrape).
 
 use serde::Deserialize;

@@ -503,7 +503,7 @@ impl Pipeline {
             self.ready.drain(..n).collect()
         } else {
             // With a link of this lane goes what of its target is ready (a `live/`
-            // flip and its archive version apply as one unit, as before the lanes).
+            // flip and its archive version apply as one unit).
             let targets: Vec<RelPath> = self
                 .ready
                 .iter()

@@ -1,10 +1,10 @@
-//! What the fleet serves (issue 26): the latest serving-probe results of this node
+//! What the fleet serves: the latest serving-probe results of this node
 //! (set by the probes) and of every other node that reports, near or far.
 //!
 //! A node speaks only for itself: its report ([`SignedReport`]) is signed with its
 //! node key over [`signed_message`] and relayed unchanged, so no node can report for
 //! another, and a relay cannot alter what it forwards. Reports travel like the
-//! census (issue 16): hop by hop, each node forwarding a new generation once to its
+//! census: hop by hop, each node forwarding a new generation once to its
 //! connected peers not yet listed in the report's `asked` list (which it extends),
 //! so a full mesh sends each report once per link and hubs carry reports between
 //! regions. The viewer, not the reporter, decides whether a served leaf is current

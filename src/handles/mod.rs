@@ -1,4 +1,4 @@
-//! Narrow handles onto the daemon's shared state (issue #12): a feature takes the
+//! Narrow handles onto the daemon's shared state: a feature takes the
 //! handles it uses, not the whole [`Shared`], so what it can see and change is plain
 //! from its signature, and the state behind a handle can change without touching the
 //! feature. The daemon's wiring makes them (`daemon.rs`); the handles hold the state
@@ -107,8 +107,11 @@ impl Settings {
 
     /// Makes `tree` (the tree's valid `.certmesh/certificates/` entries) part of the
     /// effective certificates, after the config's own blocks, which win on a name
-    /// both declare (issue 29). Says whether the set changed (subscribers wake then).
-    pub fn set_tree_certificates(&self, tree: Vec<crate::config::CertificateConfig>) -> bool {
+    /// both declare. Says whether the set changed (subscribers wake then).
+    pub fn set_tree_certificates(
+        &self,
+        tree: Vec<crate::config::certificate::CertificateConfig>,
+    ) -> bool {
         self.0.config.send_if_modified(|c| {
             let new = crate::config::tree_certs::effective(&c.configured_certificates(), tree);
             if new == c.certificates {
@@ -172,7 +175,7 @@ impl Mesh {
         self.0.me()
     }
 
-    /// Whether this node may change the tree (issue #13: readers may not).
+    /// Whether this node may change the tree (readers may not).
     pub fn is_writer(&self) -> bool {
         self.0.lock().engine.is_writer()
     }

@@ -1,4 +1,4 @@
-//! The serving probes' handle (issue 26): publish this node's latest results to the
+//! The serving probes' handle: publish this node's latest results to the
 //! engine (which sends them to the peers), and reach the probes' shared side.
 
 use std::sync::Arc;
@@ -66,7 +66,7 @@ impl ServedReports {
     }
 }
 
-/// The last finished rollout of `cert` (issue 26 item 3), given what `served` shows
+/// The last finished rollout of `cert`, given what `served` shows
 /// now: the publish is the `live/<cert>` flip of the live `version` (its index
 /// record's mtime, by the publisher's clock; this node's own flips are counted in
 /// the histogram), the end the latest `since` of the nodes' probes.

@@ -148,7 +148,7 @@ fn ongoing_errors(peers: &[PeerStatus], certs: &[CertStatus], now: i64) -> Vec<R
     out
 }
 
-/// What every node's frontends serve, per certificate (issue 26): this node's and
+/// What every node's frontends serve, per certificate: this node's and
 /// its peers' latest probe results, judged against this node's tree (a peer says
 /// which leaf it saw, never whether it is current).
 fn served_by_cert(

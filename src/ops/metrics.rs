@@ -324,7 +324,7 @@ pub fn render(s: &Status, scrape: &Scrape, events: &Events) -> String {
         "Rescans of the tree since start (watcher-driven and periodic).",
         s.tree.scans,
     );
-    // issue 13 (writers): this node's role, a reader's local changes not sent.
+    // `[tree] writers`: this node's role, a reader's local changes not sent.
     o.one(
         "certmesh_writer",
         "gauge",
@@ -442,7 +442,7 @@ fn peers(o: &mut Exposition, s: &Status, scrape: &Scrape) {
         "Unix time of the last successful sync with the peer: its last ack, or the last time it was seen fully in sync (absent: never since start).",
         &|p| p.last_sync_unix.map(|t| t.to_string()),
     );
-    // issue 13 (writers): records refused for their authorship, per peer.
+    // `[tree] writers`: records refused for their authorship, per peer.
     per_peer(
         "certmesh_peer_refused_authorship_total",
         "counter",
@@ -532,7 +532,7 @@ fn certificates(o: &mut Exposition, s: &Status, scrape: &Scrape, events: &Events
     );
 }
 
-/// The certificates in a few series whatever their number (issue 29): counts by
+/// The certificates in a few series whatever their number: counts by
 /// state, the earliest expiry, the smallest runway, leaves served but not current.
 fn aggregates(o: &mut Exposition, s: &Status) {
     let certs = &s.certificates;
@@ -620,7 +620,7 @@ fn totals(o: &mut Exposition, events: &Events) {
     );
 }
 
-/// What this node's frontends serve (issue 26), per certificate and frontend.
+/// What this node's frontends serve, per certificate and frontend.
 fn served(o: &mut Exposition, s: &Status) {
     let mine: Vec<(&str, &crate::ops::served::ServedStatus)> = s
         .certificates

@@ -1,4 +1,4 @@
-//! What the fleet serves, as `status` shows it (issue 26): per certificate, each
+//! What the fleet serves, as `status` shows it: per certificate, each
 //! node's and frontend's served leaf (`certificates[].served[]`), one summary line
 //! ("served: current on 2/3 nodes; lb7 (nginx) serves version 1 (current 2) since
 //! 14:02:10 UTC; lb9 (nginx) handshake failed: connection refused"), and, with

@@ -1,4 +1,4 @@
-//! Serving probes (issue 26): what this node's frontends actually hand out. For each
+//! Serving probes: what this node's frontends actually hand out. For each
 //! `[[frontend]]` and each certificate it serves, a TLS handshake with SNI reads the
 //! presented leaf ([`tls`]); the result (leaf SHA-256, notAfter, whether it is the
 //! leaf of `live/<name>/fullchain.pem`, the error, when) goes to the engine, which
@@ -61,7 +61,7 @@ struct Inner {
     failures: Mutex<BTreeMap<String, u64>>,
     /// Last hook output per certificate (what a repair shows when it gives up).
     hook_output: Mutex<HashMap<String, String>>,
-    /// Rollout times (issue 26 item 3): each certificate's last, and the histogram.
+    /// Rollout times: each certificate's last, and the histogram.
     times: Mutex<crate::core::rollout_time::RolloutTimes>,
 }
 

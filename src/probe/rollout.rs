@@ -1,5 +1,5 @@
 //! When to probe a certificate again after its hook ran, and when to re-run the
-//! hook (issue 26 item 5). Pure: time comes in as `now`, decisions go out as values.
+//! hook. Pure: time comes in as `now`, decisions go out as values.
 //!
 //! After a hook run that follows a change, the certificate is probed on a short
 //! schedule (servers such as nginx reload asynchronously) for up to [`WINDOW`]. A
