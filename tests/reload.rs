@@ -82,7 +82,11 @@ impl Ca {
     }
 
     pub(crate) fn bundle(&self, serial: u64) -> Bundle {
-        let key = rcgen::KeyPair::generate().unwrap();
+        self.bundle_with_key(serial, rcgen::KeyPair::generate().unwrap())
+    }
+
+    /// A bundle whose leaf has `key` (e.g. RSA, where [`Ca::bundle`] makes ECDSA).
+    pub(crate) fn bundle_with_key(&self, serial: u64, key: rcgen::KeyPair) -> Bundle {
         let mut params = rcgen::CertificateParams::new(vec![HOST.to_string()]).unwrap();
         params.serial_number = Some(rcgen::SerialNumber::from(serial));
         let leaf = params.signed_by(&key, &self.issuer).unwrap();

@@ -30,11 +30,17 @@ const RSS_BOUND_MIB: u64 = 200;
 /// The flood stops here whatever happens, so a failing run does not take the machine.
 const RSS_SAFETY_MIB: u64 = 600;
 
+/// A temp dir for one test's nodes; kept after the test (and named) when
+/// `CERTMESH_TEST_KEEP` is set, to read the nodes' logs.
 fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("certmesh-sec-")
-        .tempdir()
-        .unwrap()
+    let mut b = tempfile::Builder::new();
+    b.prefix("certmesh-sec-");
+    if std::env::var_os("CERTMESH_TEST_KEEP").is_some() {
+        b.disable_cleanup(true);
+    }
+    let d = b.tempdir().unwrap();
+    eprintln!("nodes under {}", d.path().display());
+    d
 }
 
 fn wait_within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
@@ -454,6 +460,13 @@ fn propagation_until(
             &format!("{rel} on {}", to.name),
             || to.read(&rel).as_deref() == Some(content.as_str()),
         );
+        if t.elapsed() > Duration::from_secs(1) {
+            eprintln!(
+                "{rel} took {:?}, arrived {:?} after the start",
+                t.elapsed(),
+                start.elapsed()
+            );
+        }
         out.push(t.elapsed());
         if done() || start.elapsed() > Duration::from_secs(120) {
             break;

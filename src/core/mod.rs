@@ -8,6 +8,7 @@
 pub mod authorship;
 pub mod cluster;
 pub mod engine;
+pub mod fair;
 pub mod index;
 pub mod inline;
 pub mod paths;

@@ -87,6 +87,7 @@ pub fn rollout(
     };
     let seen: Vec<Seen> = served
         .iter()
+        .filter(|s| !s.stale)
         .map(|s| Seen {
             node: &s.node,
             current: s.current,

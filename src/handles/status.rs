@@ -156,15 +156,18 @@ fn served_by_cert(
 ) -> std::collections::HashMap<String, Vec<crate::ops::served::ServedStatus>> {
     use crate::core::served::ServedRecord;
     let me = shared.config().name.clone();
-    let records: Vec<(String, ServedRecord)> = {
+    let now_ms = crate::clock::now_ns() / 1_000_000;
+    // (node, record, stale): a report not refreshed lately is shown, not counted.
+    let records: Vec<(String, ServedRecord, bool)> = {
         let st = shared.lock();
         let board = st.engine.served();
         let mut out: Vec<_> = board
             .mine()
             .iter()
-            .map(|r| (me.clone(), r.clone()))
+            .map(|r| (me.clone(), r.clone(), false))
             .collect();
-        for (id, own_name, recs) in board.others() {
+        for o in board.others(now_ms) {
+            let (id, own_name) = (o.device, o.name);
             // A configured peer by its configured name; a node further away by the
             // name it signed, marked when it would pose as a known one.
             let name = match st.peers.get(id) {
@@ -174,13 +177,13 @@ fn served_by_cert(
                 }
                 None => own_name.to_string(),
             };
-            out.extend(recs.iter().map(|r| (name.clone(), r.clone())));
+            out.extend(o.records.iter().map(|r| (name.clone(), r.clone(), o.stale)));
         }
         out
     };
     let mut leaves: std::collections::HashMap<String, crate::probe::Leaves> = Default::default();
     let mut by_cert: std::collections::HashMap<String, Vec<_>> = Default::default();
-    for (node, r) in records {
+    for (node, r, stale) in records {
         let l = leaves
             .entry(r.cert.clone())
             .or_insert_with(|| crate::probe::Leaves::read(&shared.tree.root, &r.cert));
@@ -199,6 +202,7 @@ fn served_by_cert(
                 seen_unix: r.seen_unix,
                 since_unix: r.since_unix,
                 since_ms: r.since_ms,
+                stale,
             });
     }
     for v in by_cert.values_mut() {

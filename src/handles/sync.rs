@@ -188,9 +188,12 @@ impl SyncHandle {
                 st.engine.handle_disk_space(d);
             }
             let now = crate::node::now_ns();
+            let since = st.engine.index().sequence();
             let r =
                 st.engine
                     .handle_index_checked(peer, records, verdicts, last_sequence, Some(now));
+            // Renewed attestations taken in (issue 25 item 9) are persisted, then sent.
+            st.commit(since, &self.0);
             report_plan_events(&mut st, peer);
             if let Err(e @ EngineError::RefusingTooMuch { .. }) = &r {
                 penalize(&mut st, peer, e);
@@ -273,7 +276,11 @@ impl SyncHandle {
         report: crate::core::served::SignedReport,
         records: Vec<crate::core::served::ServedRecord>,
     ) -> Result<(), EngineError> {
-        self.0.lock().engine.handle_served(peer, report, records)?;
+        let now_ms = crate::clock::now_ns() / 1_000_000;
+        self.0
+            .lock()
+            .engine
+            .handle_served(peer, report, records, now_ms)?;
         self.0.bump_progress();
         Ok(())
     }
@@ -388,7 +395,7 @@ impl SyncHandle {
         let (rescan, touched, writer) = {
             let mut st = self.0.lock();
             let since = st.engine.index().sequence();
-            let rec = pipe.applied(done, &mut st.engine, Instant::now());
+            let rec = pipe.applied(done, &mut st.engine, Instant::now(), crate::clock::now_ns());
             for p in &rec.applied {
                 tracing::debug!(path = %p, "applied");
             }

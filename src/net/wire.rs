@@ -7,7 +7,7 @@ use std::time::Duration;
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::core::authorship::{Authorship, MAX_AUTHOR_CERT, MAX_SIGNATURE};
+use crate::core::authorship::{Attestation, Authorship, MAX_AUTHOR_CERT, MAX_SIGNATURE};
 use crate::core::index::{ContentHash, FileRecord, Kind};
 use crate::core::paths::{PathError, RelPath};
 use crate::core::version::VersionVector;
@@ -100,6 +100,7 @@ fn invalid(what: &'static str, why: impl Into<String>) -> WireError {
 
 /// Converts a local record for sending.
 pub fn record_to_wire(r: &FileRecord, sequence: u64) -> pb::FileInfo {
+    let attestation = r.auth.as_ref().and_then(|a| a.attestation.as_ref());
     pb::FileInfo {
         path: r.path.as_str().to_string(),
         kind: match r.kind {
@@ -132,6 +133,8 @@ pub fn record_to_wire(r: &FileRecord, sequence: u64) -> pb::FileInfo {
         author: r.auth.as_ref().map_or(Vec::new(), |a| a.author.0.to_vec()),
         signature: r.auth.as_ref().map_or(Vec::new(), |a| a.signature.clone()),
         author_cert: r.auth.as_ref().map_or(Vec::new(), |a| a.cert.to_vec()),
+        signed_ns: attestation.map_or(0, |t| t.signed_ns),
+        attestation: attestation.map_or(Vec::new(), |t| t.signature.clone()),
     }
 }
 
@@ -214,7 +217,18 @@ pub fn record_from_wire(f: pb::FileInfo, now_us: u64) -> Result<(FileRecord, u64
     if f.mode & !0o7777 != 0 {
         return Err(invalid("record", format!("{path}: mode {:o}", f.mode)));
     }
-    let auth = authorship_from_wire(&path, f.author, f.signature, f.author_cert)?;
+    let attestation = attestation_from_wire(&path, f.signed_ns, f.attestation, now_us)?;
+    let mut auth = authorship_from_wire(&path, f.author, f.signature, f.author_cert)?;
+    match (&mut auth, attestation) {
+        (Some(a), t) => a.attestation = t,
+        (None, Some(_)) => {
+            return Err(invalid(
+                "record",
+                format!("{path}: an attestation without an author"),
+            ))
+        }
+        (None, None) => {}
+    }
     Ok((
         FileRecord {
             path,
@@ -266,6 +280,39 @@ fn authorship_from_wire(
         author: DeviceId(author),
         signature,
         cert: cert.into(),
+        attestation: None,
+    }))
+}
+
+/// The attestation fields of a record: both or none; its time not beyond
+/// `now_us + MAX_CLOCK_AHEAD_US`, as for counters.
+fn attestation_from_wire(
+    path: &RelPath,
+    signed_ns: i64,
+    signature: Vec<u8>,
+    now_us: u64,
+) -> Result<Option<Attestation>, WireError> {
+    if signed_ns == 0 && signature.is_empty() {
+        return Ok(None);
+    }
+    if signature.is_empty() || signature.len() > MAX_SIGNATURE {
+        return Err(invalid(
+            "record",
+            format!("{path}: attestation signature of {} bytes", signature.len()),
+        ));
+    }
+    let limit = now_us
+        .saturating_add(MAX_CLOCK_AHEAD_US)
+        .saturating_mul(1000);
+    if signed_ns <= 0 || signed_ns as u64 > limit {
+        return Err(invalid(
+            "record",
+            format!("{path}: attested at {signed_ns} ns, not a time this node's clock allows"),
+        ));
+    }
+    Ok(Some(Attestation {
+        signed_ns,
+        signature,
     }))
 }
 
@@ -696,11 +743,15 @@ mod tests {
         let mut r = sample();
         r.modified_by = signer.id().short();
         r.version = VersionVector::from_pairs(vec![(signer.id().short(), 3)]);
-        assert!(crate::core::authorship::sign(&mut r, &signer));
+        assert!(crate::core::authorship::sign(&mut r, &signer, 1));
         let f = record_to_wire(&r, 1);
         let back = record_from_wire(f.clone(), now_us()).unwrap().0;
         assert_eq!(back, r);
-        let cases: [fn(&mut pb::FileInfo); 5] = [
+        let cases: [fn(&mut pb::FileInfo); 9] = [
+            |f| f.attestation.clear(),
+            |f| f.attestation = vec![1; MAX_SIGNATURE + 1],
+            |f| f.signed_ns = -1,
+            |f| f.signed_ns = i64::MAX,
             |f| f.author.truncate(31),
             |f| f.signature.clear(),
             |f| f.signature = vec![1; MAX_SIGNATURE + 1],
@@ -714,8 +765,22 @@ mod tests {
             assert!(err.contains("live/www/privkey.pem"), "{err}");
         }
         // None at all: an unsigned record (an older node).
+        let (f_author, f_signature, f_cert) =
+            (f.author.clone(), f.signature.clone(), f.author_cert.clone());
         let mut unsigned = f;
         (unsigned.author, unsigned.signature, unsigned.author_cert) = Default::default();
+        let mut attested_only = unsigned.clone();
+        (unsigned.signed_ns, unsigned.attestation) = Default::default();
+        assert!(record_from_wire(attested_only.clone(), now_us()).is_err());
+        // A record from a node that predates attestations: v1 only.
+        (
+            attested_only.author,
+            attested_only.signature,
+            attested_only.author_cert,
+        ) = (f_author, f_signature, f_cert);
+        (attested_only.signed_ns, attested_only.attestation) = Default::default();
+        let v1 = record_from_wire(attested_only, now_us()).unwrap().0;
+        assert!(v1.auth.is_some_and(|a| a.attestation.is_none()));
         assert!(record_from_wire(unsigned, now_us())
             .unwrap()
             .0

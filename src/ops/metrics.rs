@@ -666,6 +666,25 @@ fn served(o: &mut Exposition, s: &Status) {
         "1 if this node's frontend serves the leaf of live/<cert>/fullchain.pem, else 0.",
         &|e| Some(i64::from(e.current)),
     );
+    let name = "certmesh_served_nodes";
+    let _ = writeln!(
+        o.0,
+        "# HELP {name} Nodes whose latest report says all their frontends serve live/<cert> (state=current), some do not (not_current), or whose report was not refreshed within 3 probe periods (stale; counted in neither). Nodes removed from the peer list are not counted.\n# TYPE {name} gauge"
+    );
+    for c in s.certificates.iter().filter(|c| !c.served.is_empty()) {
+        let n = crate::ops::served::counts(c);
+        for (state, v) in [
+            ("current", n.current),
+            ("not_current", n.not_current),
+            ("stale", n.stale),
+        ] {
+            let _ = writeln!(
+                o.0,
+                "{name}{{cert=\"{}\",state=\"{state}\"}} {v}",
+                escape(&c.name)
+            );
+        }
+    }
 }
 
 /// Rollout times and probe failures: per node and frontend, whatever the number of
