@@ -41,6 +41,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use certmesh::demo::{self, LocalNode};
 use rand::{Rng, RngExt, SeedableRng};
 
+#[path = "compare/certs.rs"]
+mod certs;
 #[path = "compare/cluster.rs"]
 mod cluster;
 #[path = "compare/hubs.rs"]
@@ -93,6 +95,11 @@ fn target_dir() -> PathBuf {
 
 /// The release binary; warns when a source file is newer than it.
 fn certmesh_exe() -> Result<PathBuf> {
+    // Another build (a debug one, say, while the release build is not there yet);
+    // the report's header names the binary.
+    if let Some(exe) = std::env::var_os("CERTMESH_BENCH_EXE") {
+        return Ok(PathBuf::from(exe));
+    }
     let exe = target_dir().join("release").join("certmesh");
     let meta = std::fs::metadata(&exe).map_err(|_| {
         anyhow!(
@@ -456,6 +463,15 @@ fn main() -> Result<()> {
         None
     };
 
+    // Many certificates: long, so only when named (`--only certs`).
+    let many = if o.only.iter().any(|s| s == "certs") {
+        if !certmesh::demo_pebble::available() {
+            bail!("--only certs needs pebble and pebble-challtestsrv");
+        }
+        Some(certs::run_certs(&exe, &o).context("certmesh, many certificates")?)
+    } else {
+        None
+    };
     let acme = if o.runs("acme") && certmesh::demo_pebble::available() {
         Some(run_acme(&exe, &rt, &o).context("certmesh, ACME")?)
     } else {
@@ -573,6 +589,10 @@ fn main() -> Result<()> {
         report
     } else {
         report + &hubs::render(&hub_results, o.samples)
+    };
+    let report = match &many {
+        Some(r) => report + &certs::render(r),
+        None => report,
     };
     println!("{report}");
     let path = target_dir().join("bench-report.md");

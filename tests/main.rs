@@ -15,6 +15,7 @@ mod fleet_serves;
 mod hostile;
 mod hubs;
 mod import;
+mod many_certs;
 mod metrics;
 mod observe;
 mod operator;

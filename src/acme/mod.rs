@@ -29,6 +29,7 @@
 
 pub mod account;
 pub mod advert;
+pub mod agenda;
 pub mod budget;
 pub mod bundle;
 pub mod ca;

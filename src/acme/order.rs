@@ -511,6 +511,7 @@ async fn publish(
     if let Err(e) = ca::record_issuer(&h.writer, &cert.name, &b.leaf.serial, &ca.directory) {
         tracing::warn!(cert = %cert.name, error = %e, "recording which CA issued the certificate");
     }
-    let (version, _) = bundle::publish(&h.writer, &cert.name, b).await?;
+    let keep = super::snapshot(&h.settings).map_or(bundle::KEEP_VERSIONS, |(c, _)| c.keep_versions);
+    let (version, _) = bundle::publish(&h.writer, &cert.name, b, keep).await?;
     Ok(version)
 }

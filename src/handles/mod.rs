@@ -191,6 +191,23 @@ impl Mesh {
         let st = self.0.lock();
         st.engine.index().get(path).map(|e| e.record.modified_by)
     }
+
+    /// The certificates whose `live/<name>` or `archive/<name>/…` changed after the
+    /// local sequence `since` (from here or a peer), and the sequence now: what the
+    /// renewal scheduler looks at again. O(changes), not O(tree).
+    pub fn certificates_changed_since(&self, since: u64) -> (BTreeSet<String>, u64) {
+        let st = self.0.lock();
+        let index = st.engine.index();
+        let names = index
+            .changed_since(since)
+            .filter_map(|e| {
+                let p = e.record.path.as_str();
+                let rest = p.strip_prefix("live/").or(p.strip_prefix("archive/"))?;
+                Some(rest.split('/').next()?.to_string())
+            })
+            .collect();
+        (names, index.sequence())
+    }
 }
 
 /// Writes into the tree and waits until the local index holds the change (see
