@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::identity::{DeviceId, DeviceIdError};
+use crate::core::device::{DeviceId, DeviceIdError};
 
 mod dns;
 pub mod frontend;

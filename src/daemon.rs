@@ -14,12 +14,13 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::{Config, PeerConfig};
+use crate::core::device::DeviceId;
 use crate::core::engine::Engine;
 use crate::core::index::Index;
 use crate::disk::apply::Tree;
 use crate::disk::store::{Store, StoreFile};
 use crate::handles::{Mesh, Reports, Settings, SyncHandle, TreeWriter};
-use crate::identity::{DeviceId, Identity};
+use crate::identity::Identity;
 use crate::net::transport::{Allowed, Transport};
 use crate::node::{now_ns, PeerSlot, PersistMsg, Shared, State};
 
@@ -137,7 +138,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (journal, store_file) = store.split();
     let (persist_tx, persist_rx) = std::sync::mpsc::channel();
     // issue 13: sign what this node authors; take in only what `writers` allows.
-    let signer = Arc::new(crate::identity::NodeSigner::new(&identity)?);
+    let signer = Arc::new(identity.signer()?);
     let writers = crate::writers::policy(&config, identity.id)?;
     let checker = writers.clone();
     let mut engine = Engine::new(index, config.max_file_size)

@@ -11,11 +11,12 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::{Config, PeerConfig};
 use crate::core::cluster::BarrierStatus;
+use crate::core::device::DeviceId;
 use crate::core::engine::{Engine, EngineError};
 use crate::core::paths::RelPath;
 use crate::disk::apply::Tree;
 use crate::disk::store::{Journal, Pending};
-use crate::identity::{DeviceId, Identity};
+use crate::identity::Identity;
 
 /// A live session with a peer.
 #[derive(Debug, Clone)]

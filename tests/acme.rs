@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use certmesh::identity::DeviceId;
+use certmesh::core::device::DeviceId;
 
 pub(crate) use crate::util::free_tcp;
 use crate::util::{certmesh, free_udp, wait_listening, Cluster, Node};

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use certmesh::identity::DeviceId;
+use certmesh::core::device::DeviceId;
 
 use crate::acme::{free_tcp, ISSUE_DEADLINE};
 use crate::util::{certmesh, wait_listening, wait_until, Node};

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use certmesh::identity::{DeviceId, Identity};
+use certmesh::core::device::DeviceId;
+use certmesh::identity::Identity;
 use certmesh::net::transport::Transport;
 use certmesh::net::wire::{self, pb};
 

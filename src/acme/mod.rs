@@ -51,8 +51,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use crate::config::{AcmeConfig, CertificateConfig};
+use crate::core::device::DeviceId;
 use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
-use crate::identity::DeviceId;
 use handle::Command;
 pub use handle::{Acme, Runtime};
 use schedule::{LeaseClock, RenewalLease, Validity};

@@ -343,8 +343,8 @@ mod tests {
 
     #[test]
     fn the_index_shows_a_write_only_with_its_content_and_kind() {
+        use crate::core::device::ShortId;
         use crate::core::index::tests::file;
-        use crate::identity::ShortId;
         let mut index = Index::new(ShortId(1));
         let p = rel("live/www.pem").unwrap();
         assert!(index_shows(&index, &p, &Expect::Gone));

@@ -13,8 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
+use crate::core::device::{self, DeviceId, NodeSigner};
 use crate::core::index::{FileRecord, Kind};
-use crate::identity::{self, DeviceId, NodeSigner};
 
 /// Longest signature accepted (an ECDSA P-256 DER signature has at most 72 bytes).
 pub const MAX_SIGNATURE: usize = 80;
@@ -194,7 +194,7 @@ impl Writers {
                 if DeviceId::of_cert(&a.cert) != a.author {
                     return Err(Refusal::CertMismatch);
                 }
-                let k = identity::cert_public_key(&a.cert).map_err(Refusal::BadCert)?;
+                let k = device::cert_public_key(&a.cert).map_err(Refusal::BadCert)?;
                 self.keys.entry(a.author).or_insert(k)
             }
         };
@@ -206,7 +206,7 @@ impl Writers {
 /// [`Writers::key_for`] (the ECDSA arithmetic, no state).
 pub fn verify(key: &[u8], r: &FileRecord) -> Result<(), Refusal> {
     let a = r.auth.as_ref().ok_or(Refusal::Unsigned)?;
-    if identity::verify_p256(key, &signed_message(r, &a.author), &a.signature) {
+    if device::verify_p256(key, &signed_message(r, &a.author), &a.signature) {
         Ok(())
     } else {
         Err(Refusal::BadSignature)
@@ -216,16 +216,13 @@ pub fn verify(key: &[u8], r: &FileRecord) -> Result<(), Refusal> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::core::device::ShortId;
     use crate::core::index::ContentHash;
     use crate::core::paths::RelPath;
     use crate::core::version::VersionVector;
-    use crate::identity::{Identity, ShortId};
 
-    pub fn signer() -> (tempfile::TempDir, NodeSigner) {
-        let dir = tempfile::tempdir().unwrap();
-        let id = Identity::init(dir.path()).unwrap();
-        let s = NodeSigner::new(&id).unwrap();
-        (dir, s)
+    pub fn signer() -> NodeSigner {
+        crate::core::device::tests::signer()
     }
 
     fn record(by: &NodeSigner, counter: u64) -> FileRecord {
@@ -246,7 +243,7 @@ pub(crate) mod tests {
 
     #[test]
     fn everyone_may_write_without_writers() {
-        let (_d, w) = signer();
+        let w = signer();
         let mut policy = Writers::everyone();
         assert!(policy.check(&record(&w, 1)).is_ok());
         assert!(policy.allows(&w.id()) && !policy.is_restricted());
@@ -254,7 +251,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_writer_signed_record_is_taken_and_any_change_to_it_is_not() {
-        let (_d, w) = signer();
+        let w = signer();
         let mut policy = Writers::only([w.id()]);
         let mut r = record(&w, 1);
         assert_eq!(policy.check(&r), Err(Refusal::Unsigned));
@@ -284,8 +281,8 @@ pub(crate) mod tests {
 
     #[test]
     fn forged_and_reattributed_records_are_refused() {
-        let (_d1, w) = signer();
-        let (_d2, relay) = signer();
+        let w = signer();
+        let relay = signer();
         let mut policy = Writers::only([w.id()]);
         // The relay signs a record in its own name: not a writer.
         let mut own = record(&relay, 1);
@@ -322,8 +319,8 @@ pub(crate) mod tests {
 
     #[test]
     fn signing_a_record_of_someone_else_does_nothing() {
-        let (_d1, w) = signer();
-        let (_d2, other) = signer();
+        let w = signer();
+        let other = signer();
         let mut r = record(&w, 1);
         assert!(!sign(&mut r, &other));
         assert!(r.auth.is_none());

@@ -15,11 +15,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::core::device::{self, DeviceId, NodeSigner};
 use crate::core::index::Index;
 use crate::core::paths::RelPath;
 use crate::core::plan::Plan;
 use crate::core::version::VersionVector;
-use crate::identity::{self, DeviceId, NodeSigner};
 
 /// Most hops a request is relayed (a hub topology needs 3–4).
 pub const MAX_HOPS: u32 = 16;
@@ -222,8 +222,7 @@ fn verify_seal(seal: Option<&Seal>, who: &DeviceId, msg: &[u8]) -> bool {
     if DeviceId::of_cert(&s.cert) != *who {
         return false;
     }
-    identity::cert_public_key(&s.cert)
-        .is_ok_and(|key| identity::verify_p256(&key, msg, &s.signature))
+    device::cert_public_key(&s.cert).is_ok_and(|key| device::verify_p256(&key, msg, &s.signature))
 }
 
 /// Whether `r` was signed by the node it is about (issue 25): its certificate is
@@ -1043,7 +1042,7 @@ pub fn peer_warnings(peers: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::ShortId;
+    use crate::core::device::ShortId;
 
     fn dev(n: u8) -> DeviceId {
         DeviceId([n; 32])
@@ -1493,10 +1492,10 @@ mod tests {
     #[test]
     fn a_report_about_a_node_counts_only_if_that_node_signed_it() {
         use crate::core::authorship::tests::signer;
-        let (_d1, o) = signer();
+        let o = signer();
         let o = Arc::new(o);
-        let (_d2, e) = signer();
-        let (_d3, x) = signer();
+        let e = signer();
+        let x = signer();
         // The origin peers with `e` (a relay, hostile) only; `x` is behind it.
         let mut cl = Cluster::default();
         let m = |s: &NodeSigner, n: &str| Member {
@@ -1564,8 +1563,8 @@ mod tests {
     #[test]
     fn a_request_is_relayed_only_if_its_origin_signed_it() {
         use crate::core::authorship::tests::signer;
-        let (_d1, me) = signer();
-        let (_d2, o) = signer();
+        let me = signer();
+        let o = signer();
         // This node (with a signing key) peers with 1 and 3; `o` is behind 1.
         let mut n = Node::new(2, &[1, 3]);
         n.cluster.set_signer(Arc::new(me));

@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use crate::core::authorship::{self, Refusal, Writers};
 use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Member, Report};
+use crate::core::device::{DeviceId, NodeSigner};
 use crate::core::index::{FileRecord, Index, LocalStat, Observed};
 use crate::core::paths::RelPath;
 use crate::core::plan::{DiskSpace, Plan, PlanEvent, TreeBudget};
 use crate::core::served::{ServedBoard, ServedRecord, SignedReport};
-use crate::identity::{DeviceId, NodeSigner};
 
 /// Largest content sent inline with its record.
 pub const MAX_INLINE: usize = 16 << 10;
@@ -398,7 +398,7 @@ impl Engine {
     }
 
     /// Our short device id, as the index stamps versions with it.
-    pub fn me(&self) -> crate::identity::ShortId {
+    pub fn me(&self) -> crate::core::device::ShortId {
         self.index.me()
     }
 
@@ -976,7 +976,7 @@ fn changes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::ShortId;
+    use crate::core::device::ShortId;
 
     fn peer() -> DeviceId {
         DeviceId([9; 32])
@@ -1091,7 +1091,7 @@ mod tests {
     }
 
     fn signed_by(
-        s: &crate::identity::NodeSigner,
+        s: &crate::core::device::NodeSigner,
         path: &str,
         content: u8,
         counter: u64,
@@ -1106,8 +1106,8 @@ mod tests {
 
     #[test]
     fn records_not_signed_by_a_writer_are_refused_counted_and_acked() {
-        let (_d1, writer) = authorship::tests::signer();
-        let (_d2, relay) = authorship::tests::signer();
+        let writer = authorship::tests::signer();
+        let relay = authorship::tests::signer();
         let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX)
             .with_authorship(None, Writers::only([writer.id()]));
         let token = e.connected(peer());
@@ -1138,7 +1138,7 @@ mod tests {
 
     #[test]
     fn a_peer_refused_too_often_in_a_minute_is_refused_itself() {
-        let (_d1, writer) = authorship::tests::signer();
+        let writer = authorship::tests::signer();
         let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX)
             .with_authorship(None, Writers::only([writer.id()]));
         e.connected(peer());
@@ -1156,7 +1156,7 @@ mod tests {
         let ok = |e: &mut Engine, b, now| e.handle_index_checked(peer(), b, vec![], 1, Some(now));
         // An author outside `writers` (a config mismatch explains it) never ends
         // the session, however many…
-        let (_d3, outsider) = authorship::tests::signer();
+        let outsider = authorship::tests::signer();
         let theirs: Vec<(FileRecord, u64)> = (0..3000)
             .map(|i| (signed_by(&outsider, &format!("o{i}"), 1, 1), i + 1))
             .collect();
@@ -1203,8 +1203,8 @@ mod tests {
 
     #[test]
     fn a_readers_local_change_is_not_recorded_and_is_put_back() {
-        let (_d, me) = authorship::tests::signer();
-        let (_d2, writer) = authorship::tests::signer();
+        let me = authorship::tests::signer();
+        let writer = authorship::tests::signer();
         let signer = Arc::new(me);
         let mut e = Engine::new(Index::new(signer.id().short()), u64::MAX)
             .with_authorship(Some(signer.clone()), Writers::only([writer.id()]));
@@ -1237,8 +1237,8 @@ mod tests {
 
     #[test]
     fn a_file_a_reader_makes_again_after_the_writers_deleted_it_goes_again() {
-        let (_d, me) = authorship::tests::signer();
-        let (_d2, writer) = authorship::tests::signer();
+        let me = authorship::tests::signer();
+        let writer = authorship::tests::signer();
         let signer = Arc::new(me);
         let mut e = Engine::new(Index::new(signer.id().short()), u64::MAX)
             .with_authorship(Some(signer.clone()), Writers::only([writer.id()]));
@@ -1271,7 +1271,7 @@ mod tests {
 
     #[test]
     fn a_writer_signs_its_changes() {
-        let (_d, me) = authorship::tests::signer();
+        let me = authorship::tests::signer();
         let me = Arc::new(me);
         let mut e = Engine::new(Index::new(me.id().short()), u64::MAX)
             .with_authorship(Some(me.clone()), Writers::only([me.id()]));

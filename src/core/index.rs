@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::time::Duration;
 
+use crate::core::device::ShortId;
 use crate::core::paths::RelPath;
 use crate::core::version::VersionVector;
-use crate::identity::ShortId;
 
 /// What a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -18,11 +18,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::core::device::DeviceId;
 use crate::core::engine::Engine;
 use crate::core::index::{ContentHash, FileRecord, Kind, LocalStat};
 use crate::core::paths::RelPath;
 use crate::core::plan::{Need, Plan};
-use crate::identity::DeviceId;
 
 /// How often retries of paths no longer needed are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
@@ -124,7 +124,7 @@ pub struct Work {
     /// local change made since.
     pub expect: Option<LocalStat>,
     /// The author of the live local record the need replaces (for the kept version).
-    pub replaces_author: Option<crate::identity::ShortId>,
+    pub replaces_author: Option<crate::core::device::ShortId>,
     /// Connected peers to fetch from, in order; empty when no fetch is needed.
     pub sources: Vec<DeviceId>,
     /// The content, when it came inline with the record.
@@ -681,8 +681,8 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::device::ShortId;
     use crate::core::index::{FileRecord, Index};
-    use crate::identity::ShortId;
 
     #[test]
     fn pending_retries_are_capped_under_a_flood_of_failures() {

@@ -40,7 +40,7 @@ pub struct Item {
     pub conflict: bool,
     /// Who wrote what the record replaces (the local record's author), for the
     /// kept version ([`crate::disk::keep::before_apply`]).
-    pub replaces_author: Option<crate::identity::ShortId>,
+    pub replaces_author: Option<crate::core::device::ShortId>,
 }
 
 pub use crate::core::pipeline::Outcome;
@@ -510,9 +510,9 @@ fn syncfs(dir: BorrowedFd<'_>) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::device::ShortId;
     use crate::core::index::ContentHash;
     use crate::core::version::VersionVector;
-    use crate::identity::ShortId;
 
     fn rec(path: &str, kind: Kind, mode: u32) -> FileRecord {
         FileRecord {

@@ -43,9 +43,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::device::ShortId;
 use crate::core::index::{FileRecord, Kind};
 use crate::core::paths::{RelPath, INTERNAL_DIR};
-use crate::identity::ShortId;
 
 /// Versions kept per path (newest first; older ones are pruned).
 pub const MAX_VERSIONS_PER_PATH: usize = 5;

@@ -293,9 +293,9 @@ fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::device::ShortId;
     use crate::core::index::tests::file;
     use crate::core::paths::RelPath;
-    use crate::identity::ShortId;
 
     #[test]
     fn survives_reopen_torn_tail_and_garbage() {

@@ -35,9 +35,9 @@ use tokio::sync::watch;
 
 use crate::acme::tree::{self, Expect, Staged};
 use crate::config::Config;
+use crate::core::device::{DeviceId, ShortId};
 use crate::core::index::Kind;
 use crate::core::paths::RelPath;
-use crate::identity::{DeviceId, ShortId};
 use crate::node::Shared;
 use crate::ops::telemetry::Repairs;
 

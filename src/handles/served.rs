@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
+use crate::core::device::NodeSigner;
 use crate::core::paths::RelPath;
 use crate::core::rollout_time::{Finished, Published, Seen};
 use crate::core::served::{ServedRecord, SignedReport};
-use crate::identity::NodeSigner;
 use crate::node::Shared;
 use crate::ops::served::ServedStatus;
 use crate::probe::Probes;
@@ -29,7 +29,7 @@ impl ServedReports {
 
     /// A signer with this node's key (reports are signed outside the state lock).
     pub fn signer(&self) -> Option<NodeSigner> {
-        NodeSigner::new(&self.0.identity).ok()
+        self.0.identity.signer().ok()
     }
 
     /// This node's name.

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::Observer;
-use crate::identity::DeviceId;
+use crate::core::device::DeviceId;
 use crate::node::Shared;
 use crate::ops::status::*;
 use crate::ops::telemetry::RecentError;

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::core::authorship;
 use crate::core::cluster::{Confirm, Report};
+use crate::core::device::DeviceId;
 use crate::core::engine::{EngineError, SendToken, Transmit, Verdicts};
 use crate::core::index::{ContentHash, FileRecord, Kind, LocalStat, Observed};
 use crate::core::inline::InlineCache;
@@ -18,7 +19,6 @@ use crate::core::paths::RelPath;
 use crate::core::pipeline::{Outcome, Pipeline, Work};
 use crate::core::plan::PlanEvent;
 use crate::disk::apply::Tree;
-use crate::identity::DeviceId;
 use crate::node::{Penalty, Session, Shared, State};
 
 /// Close code for a duplicate (or replaced) session.

@@ -10,10 +10,10 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::core::cluster::ClusterMsg;
+use crate::core::device::DeviceId;
 use crate::core::engine::{EngineError, IndexSend, SendToken};
 use crate::core::paths::RelPath;
 use crate::handles::SyncHandle;
-use crate::identity::DeviceId;
 use crate::net::wire::cluster::{
     confirm_from_wire, confirm_to_wire, report_from_wire, report_to_wire,
 };

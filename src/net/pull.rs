@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
+use crate::core::device::DeviceId;
 use crate::core::index::ContentHash;
 use crate::core::paths::RelPath;
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
 use crate::disk::apply::Item;
 use crate::handles::SyncHandle;
-use crate::identity::DeviceId;
 use crate::net::wire::{self, pb, MAX_HEADER};
 
 /// Received content is written to staging in pieces of about this size.

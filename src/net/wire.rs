@@ -8,10 +8,10 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::core::authorship::{Authorship, MAX_AUTHOR_CERT, MAX_SIGNATURE};
+use crate::core::device::{DeviceId, ShortId};
 use crate::core::index::{ContentHash, FileRecord, Kind};
 use crate::core::paths::{PathError, RelPath};
 use crate::core::version::VersionVector;
-use crate::identity::{DeviceId, ShortId};
 
 /// Generated protobuf types.
 #[allow(clippy::all, missing_docs)]
@@ -692,7 +692,7 @@ mod tests {
 
     #[test]
     fn authorship_travels_intact_and_malformed_authorship_is_refused() {
-        let (_d, signer) = crate::core::authorship::tests::signer();
+        let signer = crate::core::authorship::tests::signer();
         let mut r = sample();
         r.modified_by = signer.id().short();
         r.version = VersionVector::from_pairs(vec![(signer.id().short(), 3)]);

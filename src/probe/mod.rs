@@ -241,7 +241,7 @@ struct Driver {
     /// Latest record per (certificate, frontend).
     last: BTreeMap<(String, String), ServedRecord>,
     /// Signs this node's reports (`None`: the key cannot sign; nothing is sent).
-    signer: Option<crate::identity::NodeSigner>,
+    signer: Option<crate::core::device::NodeSigner>,
     /// This node's last report generation (unix milliseconds, always growing).
     generation: u64,
 }

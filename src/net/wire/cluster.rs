@@ -8,9 +8,9 @@ use crate::core::cluster::{
     Confirm, Neighbor, Report, Seal, MAX_ASKED, MAX_CONFIRM_BYTES, MAX_HOPS, MAX_NAME,
     MAX_REPORT_PEERS, MAX_TTL_MS,
 };
+use crate::core::device::{DeviceId, ShortId};
 use crate::core::paths::RelPath;
 use crate::core::version::VersionVector;
-use crate::identity::{DeviceId, ShortId};
 
 /// Converts a request for sending.
 pub fn confirm_to_wire(c: &Confirm) -> pb::Confirm {
