@@ -27,11 +27,12 @@ use rand::{RngExt, SeedableRng};
 use crate::core::cluster::{ClusterMsg, Member};
 use crate::core::device::DeviceId;
 use crate::core::engine::{Engine, SendToken, Transmit};
-use crate::core::index::{ContentHash, FileRecord, Index, Kind, LocalStat, Observed};
+use crate::core::index::{Index, LocalStat, Observed};
 use crate::core::inline::InlineCache;
 use crate::core::paths::RelPath;
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
 use crate::core::plan::DEFAULT_MAX_FILE_SIZE;
+use crate::core::record::{ContentHash, FileRecord, Kind};
 
 const MS: i64 = 1_000_000;
 

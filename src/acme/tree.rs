@@ -14,8 +14,9 @@ use std::path::Path;
 use anyhow::Context;
 use rustix::fs::{Mode, OFlags};
 
-use crate::core::index::{ContentHash, Index, Kind};
+use crate::core::index::Index;
 use crate::core::paths::{RelPath, INTERNAL_DIR};
+use crate::core::record::{ContentHash, Kind};
 use crate::disk::safe_fs::{self, Root};
 
 /// Largest file certmesh reads back from its tree (PEM chains, leases, the account).

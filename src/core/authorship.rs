@@ -10,41 +10,14 @@
 //! Pure apart from the signature arithmetic (no I/O, no clock).
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
-use std::sync::Arc;
 
 use crate::core::device::{self, DeviceId, NodeSigner};
-use crate::core::index::{FileRecord, Kind};
+use crate::core::record::{Authorship, FileRecord, Kind};
 
 /// Longest signature accepted (an ECDSA P-256 DER signature has at most 72 bytes).
 pub const MAX_SIGNATURE: usize = 80;
 /// Largest author certificate accepted (a node certificate has ~400 bytes).
 pub const MAX_AUTHOR_CERT: usize = 4096;
-
-/// Who made a record's version, and the proof.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Authorship {
-    /// The author's full device ID.
-    pub author: DeviceId,
-    /// ECDSA P-256 / SHA-256 (DER) over [`signed_message`].
-    pub signature: Vec<u8>,
-    /// The author's node certificate (DER); shared between records of one author.
-    pub cert: Arc<[u8]>,
-}
-
-impl fmt::Debug for Authorship {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "signed by {:?}", self.author)
-    }
-}
-
-impl Authorship {
-    /// Estimated heap bytes (the certificate is shared, counted once per record
-    /// anyway: a bound, not an exact figure).
-    pub fn heap_cost(&self) -> usize {
-        32 + self.signature.len() + self.cert.len()
-    }
-}
 
 /// The bytes an author signs for `r`: a domain tag, then every field that decides what
 /// the record does, length-prefixed, big-endian.
@@ -217,8 +190,8 @@ pub fn verify(key: &[u8], r: &FileRecord) -> Result<(), Refusal> {
 pub(crate) mod tests {
     use super::*;
     use crate::core::device::ShortId;
-    use crate::core::index::ContentHash;
     use crate::core::paths::RelPath;
+    use crate::core::record::ContentHash;
     use crate::core::version::VersionVector;
 
     pub fn signer() -> NodeSigner {

@@ -1092,13 +1092,13 @@ mod tests {
             f(&mut self.cluster, &v)
         }
 
-        fn apply(&mut self, r: &crate::core::index::FileRecord) {
+        fn apply(&mut self, r: &crate::core::record::FileRecord) {
             self.index.put(r.clone(), None);
             self.with_view(|c, v| c.refresh(v));
         }
     }
 
-    fn token() -> crate::core::index::FileRecord {
+    fn token() -> crate::core::record::FileRecord {
         let mut ix = Index::new(ShortId(1));
         let p = RelPath::parse("acme/tok").unwrap();
         ix.observe(
@@ -1146,7 +1146,7 @@ mod tests {
         ]
     }
 
-    fn start(nodes: &mut [Node], r: &crate::core::index::FileRecord) {
+    fn start(nodes: &mut [Node], r: &crate::core::record::FileRecord) {
         nodes[0].index.put(r.clone(), None);
         let (p, v) = (r.path.clone(), r.version.clone());
         assert!(nodes[0].with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));

@@ -14,9 +14,10 @@ use std::sync::Arc;
 use crate::core::authorship::{self, Refusal, Writers};
 use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Member, Report};
 use crate::core::device::{DeviceId, NodeSigner};
-use crate::core::index::{FileRecord, Index, LocalStat, Observed};
+use crate::core::index::{Index, LocalStat, Observed};
 use crate::core::paths::RelPath;
 use crate::core::plan::{DiskSpace, Plan, PlanEvent, TreeBudget};
+use crate::core::record::FileRecord;
 use crate::core::served::{ServedBoard, ServedRecord, SignedReport};
 
 /// Largest content sent inline with its record.
@@ -961,7 +962,7 @@ fn changes(
             let send_inline = !full
                 && !peer_has_content
                 && !r.deleted
-                && r.kind == crate::core::index::Kind::File
+                && r.kind == crate::core::record::Kind::File
                 && r.size as usize <= MAX_INLINE;
             Outgoing {
                 record: r.clone(),
@@ -996,11 +997,11 @@ mod tests {
     fn announced(i: usize, by: u64) -> (FileRecord, u64) {
         let r = FileRecord {
             path: RelPath::parse(&format!("n/{i}")).unwrap(),
-            kind: crate::core::index::Kind::File,
+            kind: crate::core::record::Kind::File,
             size: 1,
             mode: 0o644,
             mtime_ns: 1,
-            hash: crate::core::index::ContentHash([1; 32]),
+            hash: crate::core::record::ContentHash([1; 32]),
             target: String::new(),
             version: crate::core::version::VersionVector::from_pairs(vec![(ShortId(by), 1)]),
             deleted: false,
@@ -1113,7 +1114,7 @@ mod tests {
         let token = e.connected(peer());
         let honest = signed_by(&writer, "a", 1, 1);
         let mut forged = signed_by(&writer, "b", 2, 1);
-        forged.hash = crate::core::index::ContentHash([9; 32]);
+        forged.hash = crate::core::record::ContentHash([9; 32]);
         let own = signed_by(&relay, "c", 3, 1);
         e.handle_index(peer(), vec![(honest, 1), (forged, 2), (own, 3)], 3)
             .unwrap();

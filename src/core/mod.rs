@@ -14,6 +14,7 @@ pub mod inline;
 pub mod paths;
 pub mod pipeline;
 pub mod plan;
+pub mod record;
 pub mod rollout_time;
 pub mod secret;
 pub mod served;

@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use crate::core::device::DeviceId;
 use crate::core::engine::Engine;
-use crate::core::index::{ContentHash, FileRecord, Kind, LocalStat};
+use crate::core::index::LocalStat;
 use crate::core::paths::RelPath;
 use crate::core::plan::{Need, Plan};
+use crate::core::record::{ContentHash, FileRecord, Kind};
 
 /// How often retries of paths no longer needed are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
@@ -682,7 +683,8 @@ impl Pipeline {
 mod tests {
     use super::*;
     use crate::core::device::ShortId;
-    use crate::core::index::{FileRecord, Index};
+    use crate::core::index::Index;
+    use crate::core::record::FileRecord;
 
     #[test]
     fn pending_retries_are_capped_under_a_flood_of_failures() {

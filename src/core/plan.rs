@@ -6,10 +6,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::core::device::DeviceId;
-use crate::core::index::{
-    held_bytes, ContentHash, FileRecord, Index, Kind, MAX_INDEX_BYTES, MAX_INDEX_RECORDS,
-};
+use crate::core::index::{held_bytes, Index, MAX_INDEX_BYTES, MAX_INDEX_RECORDS};
 use crate::core::paths::RelPath;
+use crate::core::record::{ContentHash, FileRecord, Kind};
 use crate::core::version::Relation;
 
 /// `[tree] max_file_size` when not configured.
@@ -783,8 +782,8 @@ impl Plan {
 mod tests {
     use super::*;
     use crate::core::device::ShortId;
-    use crate::core::index::ContentHash;
     use crate::core::paths::MAX_PATH;
+    use crate::core::record::ContentHash;
     use crate::core::version::VersionVector;
 
     fn record(path: &str, size: u64, counters: u64) -> FileRecord {

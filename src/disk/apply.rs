@@ -18,8 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::OFlags;
 
-use crate::core::index::{FileRecord, Kind, LocalStat};
+use crate::core::index::LocalStat;
 use crate::core::paths::{RelPath, INTERNAL_DIR};
+use crate::core::record::{FileRecord, Kind};
 use crate::core::secret;
 use crate::disk::safe_fs::{self, KeyScanner, LinkError, Root};
 use crate::disk::scan::local_stat;
@@ -511,7 +512,7 @@ fn syncfs(dir: BorrowedFd<'_>) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::core::device::ShortId;
-    use crate::core::index::ContentHash;
+    use crate::core::record::ContentHash;
     use crate::core::version::VersionVector;
 
     fn rec(path: &str, kind: Kind, mode: u32) -> FileRecord {

@@ -12,8 +12,9 @@ use std::path::Path;
 
 use rustix::fs::{Mode, OFlags};
 
-use crate::core::index::{ContentHash, Kind, LocalStat, Observed};
+use crate::core::index::{LocalStat, Observed};
 use crate::core::paths::{RelPath, INTERNAL_DIR};
+use crate::core::record::{ContentHash, Kind};
 use crate::disk::safe_fs::{self, LinkError, Root};
 
 /// What is at a path right now.

@@ -36,8 +36,8 @@ use tokio::sync::watch;
 use crate::acme::tree::{self, Expect, Staged};
 use crate::config::Config;
 use crate::core::device::{DeviceId, ShortId};
-use crate::core::index::Kind;
 use crate::core::paths::RelPath;
+use crate::core::record::Kind;
 use crate::node::Shared;
 use crate::ops::telemetry::Repairs;
 

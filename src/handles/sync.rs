@@ -13,11 +13,12 @@ use crate::core::authorship;
 use crate::core::cluster::{Confirm, Report};
 use crate::core::device::DeviceId;
 use crate::core::engine::{EngineError, SendToken, Transmit, Verdicts};
-use crate::core::index::{ContentHash, FileRecord, Kind, LocalStat, Observed};
+use crate::core::index::{LocalStat, Observed};
 use crate::core::inline::InlineCache;
 use crate::core::paths::RelPath;
 use crate::core::pipeline::{Outcome, Pipeline, Work};
 use crate::core::plan::PlanEvent;
+use crate::core::record::{ContentHash, FileRecord, Kind};
 use crate::disk::apply::Tree;
 use crate::node::{Penalty, Session, Shared, State};
 

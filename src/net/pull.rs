@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use crate::core::device::DeviceId;
-use crate::core::index::ContentHash;
 use crate::core::paths::RelPath;
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
+use crate::core::record::ContentHash;
 use crate::disk::apply::Item;
 use crate::handles::SyncHandle;
 use crate::net::wire::{self, pb, MAX_HEADER};

@@ -7,10 +7,11 @@ use std::time::Duration;
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::core::authorship::{Authorship, MAX_AUTHOR_CERT, MAX_SIGNATURE};
+use crate::core::authorship::{MAX_AUTHOR_CERT, MAX_SIGNATURE};
 use crate::core::device::{DeviceId, ShortId};
-use crate::core::index::{ContentHash, FileRecord, Kind};
 use crate::core::paths::{PathError, RelPath};
+use crate::core::record::Authorship;
+use crate::core::record::{ContentHash, FileRecord, Kind};
 use crate::core::version::VersionVector;
 
 /// Generated protobuf types.
