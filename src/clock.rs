@@ -15,3 +15,10 @@ pub fn now_ns() -> i64 {
 pub fn unix_now() -> i64 {
     now_ns() / 1_000_000_000
 }
+
+/// The clock as version counters use it: µs since the epoch.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}

@@ -8,12 +8,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use certmesh::core::codec::pb;
 use certmesh::core::device::DeviceId;
 use certmesh::core::served::ServedRecord;
 use certmesh::identity::Identity;
 use certmesh::net::transport::Transport;
+use certmesh::net::wire;
 use certmesh::net::wire::served::{served_to_wire, sign_report};
-use certmesh::net::wire::{self, pb};
 use certmesh::ops::status::{CertStatus, Status};
 
 use crate::reload::{have, Bundle, Ca, Proc, HOST, NAME};

@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use certmesh::core::cluster::{self, Neighbor, Report};
+use certmesh::core::codec::pb;
 use certmesh::core::device::{DeviceId, NodeSigner};
 use certmesh::identity::Identity;
 use certmesh::net::transport::Transport;
+use certmesh::net::wire;
 use certmesh::net::wire::cluster::{confirm_from_wire, confirm_to_wire, report_to_wire};
-use certmesh::net::wire::{self, pb};
 use certmesh::ops::control::ConfirmReply;
 
 use crate::util::{certmesh, wait_until, Node};

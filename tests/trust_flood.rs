@@ -9,11 +9,12 @@ use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use certmesh::core::codec::pb;
 use certmesh::core::device::DeviceId;
 use certmesh::handles::CLOSE_REFUSING;
 use certmesh::identity::Identity;
 use certmesh::net::transport::Transport;
-use certmesh::net::wire::{self, pb};
+use certmesh::net::wire;
 use certmesh::ops::control::Status;
 
 use crate::util::{certmesh, wait_until, Node};

@@ -7,6 +7,7 @@
 
 pub mod authorship;
 pub mod cluster;
+pub mod codec;
 pub mod device;
 pub mod engine;
 pub mod index;

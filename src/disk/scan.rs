@@ -146,10 +146,10 @@ fn hash_open(
     again: impl FnOnce() -> io::Result<fs::Metadata>,
 ) -> io::Result<Option<Hashed>> {
     let before = local_stat(&f.metadata()?);
-    let (hash, data) = if before.size as usize <= crate::net::wire::MAX_INLINE {
+    let (hash, data) = if before.size as usize <= crate::core::engine::MAX_INLINE {
         let mut data = Vec::with_capacity(before.size as usize);
         Read::read_to_end(
-            &mut f.take(crate::net::wire::MAX_INLINE as u64 + 1),
+            &mut f.take(crate::core::engine::MAX_INLINE as u64 + 1),
             &mut data,
         )?;
         (ContentHash(*blake3::hash(&data).as_bytes()), Some(data))

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::core::cluster::ClusterMsg;
+use crate::core::codec::{pb, record_from_wire, record_to_wire, WireError};
 use crate::core::device::DeviceId;
 use crate::core::engine::{EngineError, IndexSend, SendToken};
 use crate::core::paths::RelPath;
@@ -18,9 +19,7 @@ use crate::net::wire::cluster::{
     confirm_from_wire, confirm_to_wire, report_from_wire, report_to_wire,
 };
 use crate::net::wire::served::{served_from_wire, served_to_wire};
-use crate::net::wire::{
-    self, pb, record_from_wire, record_to_wire, WireError, INDEX_BATCH, MAX_FRAME, MAX_HEADER,
-};
+use crate::net::wire::{self, INDEX_BATCH, MAX_FRAME, MAX_HEADER};
 use crate::node::Session;
 
 /// Close codes.
@@ -278,7 +277,7 @@ async fn recv_loop(
             Some(pb::frame::Body::Index(ix)) => {
                 tracing::trace!(peer = %peer, n = ix.files.len(), "received index");
                 wire::check_last_sequence(ix.last_sequence)?;
-                let now = wire::now_us();
+                let now = crate::clock::now_us();
                 let mut records = Vec::with_capacity(ix.files.len());
                 for mut f in ix.files {
                     let data = std::mem::take(&mut f.data);

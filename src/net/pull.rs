@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
+use crate::core::codec::{pb, WireError};
 use crate::core::device::DeviceId;
 use crate::core::paths::RelPath;
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
 use crate::core::record::ContentHash;
 use crate::disk::apply::Item;
 use crate::handles::SyncHandle;
-use crate::net::wire::{self, pb, MAX_HEADER};
+use crate::net::wire::{self, MAX_HEADER};
 
 /// Received content is written to staging in pieces of about this size.
 const WRITE_CHUNK: usize = 4 << 20;
@@ -242,7 +243,7 @@ async fn fetch(
             .await
             .map_err(|e| match e {
                 // A lost connection or reset stream is not the peer's fault.
-                wire::WireError::Io(_) => retry(&e),
+                WireError::Io(_) => retry(&e),
                 e => FetchError::Hostile(format!("bad response header: {e}")),
             })?
             .ok_or_else(|| retry(&"stream ended"))?;

@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use prost::Message;
 
-use super::{for_each_len_field, invalid, pb, WireError};
+use super::for_each_len_field;
 use crate::core::authorship::{MAX_AUTHOR_CERT, MAX_SIGNATURE};
+use crate::core::codec::{invalid, pb, WireError};
 use crate::core::device::{cert_public_key, verify_p256, DeviceId};
 use crate::core::served::{
     check_records, signed_message, ServedRecord, SignedReport, MAX_ASKED, MAX_SERVED_NAME,
