@@ -159,8 +159,14 @@ fn start_apply(
             });
             ready.push(w);
         }
-        let outcomes = tree.apply(&items);
-        let mut done: Applied = ready.into_iter().zip(outcomes).collect();
+        let batch = tree.apply(&items);
+        let count = |f: fn(&Outcome) -> bool| batch.outcomes.iter().filter(|o| f(o)).count();
+        crate::ops::telemetry::applied(
+            count(|o| matches!(o, Outcome::Applied(_))),
+            count(|o| matches!(o, Outcome::Failed(_))),
+        );
+        crate::ops::telemetry::conflict_kept(batch.conflicts_kept);
+        let mut done: Applied = ready.into_iter().zip(batch.outcomes).collect();
         done.extend(failed);
         done
     })

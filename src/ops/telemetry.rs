@@ -225,9 +225,9 @@ pub fn applied(ok: usize, failed: usize) {
     bump(Event::ApplyFailure, "", failed as u64);
 }
 
-/// A conflict's local loser was kept under `.certmesh/conflicts/`.
-pub fn conflict_kept() {
-    bump(Event::Conflict, "", 1);
+/// `n` conflicts' local losers were kept under `.certmesh/conflicts/`.
+pub fn conflict_kept(n: usize) {
+    bump(Event::Conflict, "", n as u64);
 }
 
 /// Sessions with `peer` ended having moved these UDP bytes.
