@@ -95,7 +95,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let mut index = Index::new(identity.id.short());
     let (store, report) = Store::open(&config.state_dir, &mut index)
         .with_context(|| format!("opening the index in {}", config.state_dir.display()))?;
-    let mut errors = crate::ops::telemetry::RecentErrors::default();
+    let mut errors = crate::telemetry::RecentErrors::default();
     let started_unix = i64::try_from(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)

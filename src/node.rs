@@ -89,7 +89,7 @@ pub struct State {
     /// Encodes index changes for the persister (no I/O under this lock).
     pub journal: Journal,
     pub peers: HashMap<DeviceId, PeerSlot>,
-    pub errors: crate::ops::telemetry::RecentErrors,
+    pub errors: crate::telemetry::RecentErrors,
 }
 
 impl State {
@@ -165,7 +165,7 @@ pub struct Shared {
     /// Hooks that failed to start, exited non-zero or timed out (metrics).
     pub hook_failures: AtomicU64,
     /// Certificate repairs: queue and recent results (`status`).
-    pub repairs: crate::ops::telemetry::Repairs,
+    pub repairs: crate::telemetry::Repairs,
     /// Serving probes: hook runs in, hook re-runs out, failure counters (issue 26).
     pub probes: crate::probe::Probes,
     /// The persister's queue (see [`persister`]).

@@ -30,7 +30,7 @@ const RETRY: Duration = Duration::from_secs(1);
 /// How long the start-up check waits for the mesh to form first.
 const START_GRACE: Duration = Duration::from_secs(10);
 
-pub use crate::ops::telemetry::{RepairStatus, Repairs};
+use crate::telemetry::RepairStatus;
 
 /// What the repair task uses of the daemon.
 #[derive(Clone)]

@@ -574,7 +574,7 @@ impl Driver {
                     ms = i.took.as_millis() as u64,
                     "certificate issued and published"
                 );
-                crate::ops::telemetry::order_finished(&cert.name, true);
+                crate::telemetry::order_finished(&cert.name, true);
                 self.handle.update(&cert.name, |r| {
                     r.state = AcmeState::Idle;
                     r.failures = 0;
@@ -603,7 +603,7 @@ impl Driver {
                 let msg = format!("{:#}", f.error);
                 let live = bundle::live_leaf(self.h.writer.root(), &cert.name).map(|l| l.serial);
                 h.reports.error(format!("acme: {}: {msg}", cert.name));
-                crate::ops::telemetry::order_finished(&cert.name, false);
+                crate::telemetry::order_finished(&cert.name, false);
                 self.handle
                     .failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

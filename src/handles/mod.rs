@@ -39,7 +39,7 @@ use crate::core::device::{DeviceId, ShortId};
 use crate::core::paths::RelPath;
 use crate::core::record::Kind;
 use crate::node::Shared;
-use crate::ops::telemetry::Repairs;
+use crate::telemetry::Repairs;
 
 /// Committed changes of the tree.
 #[derive(Clone)]

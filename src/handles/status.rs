@@ -8,7 +8,7 @@ use super::Observer;
 use crate::core::device::DeviceId;
 use crate::node::Shared;
 use crate::ops::status::*;
-use crate::ops::telemetry::RecentError;
+use crate::telemetry::RecentError;
 
 impl Observer {
     /// The status as `certmesh status` shows it.

@@ -161,11 +161,11 @@ fn start_apply(
         }
         let batch = tree.apply(&items);
         let count = |f: fn(&Outcome) -> bool| batch.outcomes.iter().filter(|o| f(o)).count();
-        crate::ops::telemetry::applied(
+        crate::telemetry::applied(
             count(|o| matches!(o, Outcome::Applied(_))),
             count(|o| matches!(o, Outcome::Failed(_))),
         );
-        crate::ops::telemetry::conflict_kept(batch.conflicts_kept);
+        crate::telemetry::conflict_kept(batch.conflicts_kept);
         let mut done: Applied = ready.into_iter().zip(batch.outcomes).collect();
         done.extend(failed);
         done

@@ -245,7 +245,7 @@ async fn run_one(
             .await
         }
     };
-    crate::ops::telemetry::hook_ran(&metric_label(h));
+    crate::telemetry::hook_ran(&metric_label(h));
     let failed = match outcome {
         Ok(Ok(done)) => {
             tracing::info!(

@@ -1,7 +1,8 @@
 //! What the daemon reports about itself, typed: recent errors (`status` ERRORS, and
 //! `--json` `errors[].at_unix` / `errors[].message`, a bounded ring) and the repair
-//! queue with its recent results. It imports nothing of the daemon, so both the
-//! daemon's state and the control socket's types can hold it.
+//! queue with its recent results, and the process-wide event counters behind
+//! `/metrics`. It imports nothing but `core`, so every layer can record into it and
+//! `ops` reads it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;
