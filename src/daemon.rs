@@ -182,9 +182,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     // Watch first, then scan: nothing changed in between is missed.
     let sync = SyncHandle::new(&shared);
-    let watcher = crate::disk::watch::start(sync.clone(), rescan_rx)?;
+    let watcher = crate::tasks::watch::start(sync.clone(), rescan_rx)?;
     watcher.full_rescan(&sync).await;
-    let puller = tokio::spawn(crate::net::pull::run(sync.clone()));
+    let puller = tokio::spawn(crate::tasks::pull::run(sync.clone()));
     // The tree's certificate entries join the config's before anything reads them.
     crate::certs::load(&Settings::new(&shared), &shared.tree.root);
     // Every other task: stopped (aborted, then awaited) on shutdown, after the puller
@@ -382,7 +382,7 @@ async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
             drop(in_flight);
             match handshake {
                 Ok(Ok(conn)) => {
-                    crate::net::peer::run_session(SyncHandle::new(&shared), conn, false).await
+                    crate::tasks::peer::run_session(SyncHandle::new(&shared), conn, false).await
                 }
                 Ok(Err(e)) => tracing::debug!(%remote, error = %e, "incoming handshake failed"),
                 Err(_) => tracing::debug!(%remote, "incoming handshake timed out"),
@@ -453,7 +453,7 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
                 // The session runs on; this loop waits for it to end via `gone`.
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 _session = Some(AbortOnDrop(tokio::spawn(async move {
-                    crate::net::peer::run_session_with_ready(
+                    crate::tasks::peer::run_session_with_ready(
                         SyncHandle::new(&shared2),
                         conn,
                         true,
@@ -591,7 +591,11 @@ async fn collect_tombstones(shared: Arc<Shared>) {
 
 /// A full rescan every `rescan_interval`; a SIGHUP that changes the interval starts
 /// the wait again with the new one.
-async fn periodic_rescan(settings: Settings, sync: SyncHandle, watcher: crate::disk::watch::Watch) {
+async fn periodic_rescan(
+    settings: Settings,
+    sync: SyncHandle,
+    watcher: crate::tasks::watch::Watch,
+) {
     let mut config = settings.subscribe();
     loop {
         let every = config.borrow_and_update().rescan_interval;

@@ -1,6 +1,6 @@
 //! The tree and the state directory on disk: everything that touches the file system
 //! for the sync engine. [`safe_fs`] (no-symlink access relative to the tree root
-//! handle), [`scan`] + [`watch`] (reading the tree, notify + debounce), [`apply`]
+//! handle), [`scan`] (reading the tree), [`apply`]
 //! (staged atomic writes of peers' changes), [`keep`] (versions a change replaced,
 //! under `.certmesh/kept/`), [`store`] (the index file), [`lock`] (the state directory's lock) and [`atomic`] (the one atomic
 //! file write). Features above (ACME, hooks, repair) use these; these use only
@@ -13,4 +13,3 @@ pub mod lock;
 pub mod safe_fs;
 pub mod scan;
 pub mod store;
-pub mod watch;

@@ -23,9 +23,8 @@ use crate::net::wire::{self, INDEX_BATCH, MAX_FRAME, MAX_HEADER};
 use crate::node::Session;
 
 /// Close codes.
-pub use crate::handles::CLOSE_DUPLICATE;
+use crate::handles::CLOSE_DUPLICATE;
 pub const CLOSE_PROTOCOL: u32 = 3;
-pub use crate::core::engine::MAX_PEER_RECORDS;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent content requests served per connection.
 const MAX_SERVING: usize = 64;

@@ -111,7 +111,7 @@ async fn fetch_work(
             Ok(()) => return (w, Ok(dest)),
             Err(FetchError::Hostile(why)) => {
                 tracing::warn!(peer = %peer, path = %path, why = %why, "peer sent bad content; disconnecting it");
-                conn.close(crate::net::peer::CLOSE_PROTOCOL.into(), b"bad content");
+                conn.close(crate::tasks::peer::CLOSE_PROTOCOL.into(), b"bad content");
                 last = why;
             }
             Err(FetchError::Retry(why)) => last = why,
