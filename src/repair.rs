@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use crate::acme::bundle::{self, chain_der};
 use crate::acme::served::{self, check_pair, read_file, BundleFiles, MAX_PEM};
-use crate::acme::tree;
 use crate::core::device::ShortId;
 use crate::core::paths::RelPath;
 use crate::disk::keep;
+use crate::disk::tree;
 use crate::handles::{Mesh, Reports, Settings, TreeWriter};
 
 /// After a batch touched a certificate, wait this long for more before checking.

@@ -19,11 +19,12 @@ use super::handle::{AcmeState, IssueReply, RenewReport, RenewResult};
 use super::handle::{QueueStatus, QueuedOrder};
 use super::schedule::{self, RenewalLease, Window};
 use super::{
-    account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, this_node, tree,
-    unix_now, Acme, Command, Handles, LEASES_DIR,
+    account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, this_node, unix_now,
+    Acme, Command, Handles, LEASES_DIR,
 };
 use crate::config::{AcmeConfig, CertificateConfig};
 use crate::core::paths::RelPath;
+use crate::disk::tree;
 
 /// How long a starting node waits for every configured peer to be connected and in
 /// sync before it orders (after `acme.startup_grace` if none was).

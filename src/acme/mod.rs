@@ -12,7 +12,6 @@
 //! - [`bundle`]: keys, CSRs, PEM, the versioned publish and `live/<name>` flip.
 //! - [`served`]: the leaf `live/<name>/fullchain.pem` serves and whether the bundle
 //!   around it is good (what status, metrics, the schedule and repair trust).
-//! - [`tree`]: atomic writes into the tree and waiting for the index to have them.
 //! - [`rolled_back`]: the leaves a `rollout = "verify"` took back (repair skips them).
 //! - [`http`]: the optional built-in http-01 responder (`[http] listen`).
 //! - [`dns`]: dns-01 records (RFC 2136 + TSIG, or exec), the propagation check;
@@ -42,7 +41,6 @@ pub mod order;
 pub mod rolled_back;
 pub mod schedule;
 pub mod served;
-pub mod tree;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -52,6 +50,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{AcmeConfig, CertificateConfig};
 use crate::core::device::DeviceId;
+use crate::disk::tree;
 use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
 use handle::Command;
 pub use handle::{Acme, Runtime};

@@ -33,11 +33,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::acme::tree::{self, Expect, Staged};
 use crate::config::Config;
 use crate::core::device::{DeviceId, ShortId};
 use crate::core::paths::RelPath;
 use crate::core::record::Kind;
+use crate::disk::tree::{self, Expect, Staged};
 use crate::node::Shared;
 use crate::telemetry::Repairs;
 
@@ -191,7 +191,7 @@ impl Mesh {
 }
 
 /// Writes into the tree and waits until the local index holds the change (see
-/// [`crate::acme::tree`] for how: staged under `.certmesh/tmp/`, fsynced, renamed,
+/// [`crate::disk::tree`] for how: staged under `.certmesh/tmp/`, fsynced, renamed,
 /// no link followed).
 #[derive(Clone)]
 pub struct TreeWriter(Arc<Shared>);

@@ -400,7 +400,7 @@ async fn haproxy_swap(
     let rel = format!("live/{cert}/combined.pem");
     let file = root.join(&rel);
     let root = root.to_path_buf();
-    let read = tokio::task::spawn_blocking(move || crate::acme::tree::read_checked(&root, &rel))
+    let read = tokio::task::spawn_blocking(move || crate::disk::tree::read_checked(&root, &rel))
         .await
         .map_err(|e| format!("reading {}: {e}", file.display()))?;
     let pem = read

@@ -142,7 +142,7 @@ impl Leaves {
     /// Reads `live/<name>/fullchain.pem` and `archive/<name>/<n>/fullchain.pem`.
     pub fn read(root: &Path, name: &str) -> Leaves {
         let leaf = |rel: String| {
-            let pem = crate::acme::tree::read(root, &rel)?;
+            let pem = crate::disk::tree::read(root, &rel)?;
             let ders = crate::acme::bundle::chain_der(&pem).ok()?;
             ders.first().map(|d| tls::presented(d).sha256)
         };
