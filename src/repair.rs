@@ -49,16 +49,9 @@ pub fn start(h: Handles) -> tokio::task::JoinHandle<()> {
 
 fn configured(h: &Handles) -> Vec<String> {
     let writer = h.mesh.is_writer();
-    h.settings.read(|c| names(writer, c)).unwrap_or_default()
-}
-
-/// The certificates this node repairs, for [`Repairs::touched`]: the configured ones,
-/// none on a reader (issue 13: its repair would be put back).
-pub fn names(is_writer: bool, config: &crate::config::Config) -> Vec<String> {
-    if !is_writer {
-        return Vec::new();
-    }
-    config.certificates.iter().map(|c| c.name.clone()).collect()
+    h.settings
+        .read(|c| crate::handles::repaired(writer, c))
+        .unwrap_or_default()
 }
 
 async fn run(h: Handles) {

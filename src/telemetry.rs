@@ -236,3 +236,10 @@ pub fn sessions_ended(peer: &str, received: u64, sent: u64) {
     bump(Event::BytesReceived, peer, received);
     bump(Event::BytesSent, peer, sent);
 }
+
+/// A registered session with `peer` ended or was replaced: its traffic moves from
+/// the live figures to the totals. Called with the state lock held.
+pub fn session_ended(peer: &str, conn: &quinn::Connection) {
+    let stats = conn.stats();
+    crate::telemetry::sessions_ended(peer, stats.udp_rx.bytes, stats.udp_tx.bytes);
+}

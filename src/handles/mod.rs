@@ -279,3 +279,12 @@ impl Observer {
         f(&peers)
     }
 }
+
+/// The certificates this node repairs, for [`crate::telemetry::Repairs::touched`]: the
+/// configured ones, none on a reader (issue 13: its repair would be put back).
+pub fn repaired(is_writer: bool, config: &crate::config::Config) -> Vec<String> {
+    if !is_writer {
+        return Vec::new();
+    }
+    config.certificates.iter().map(|c| c.name.clone()).collect()
+}

@@ -117,7 +117,7 @@ impl SyncHandle {
                     return None;
                 }
                 existing.conn.close(CLOSE_DUPLICATE.into(), b"replaced");
-                crate::ops::metrics::session_ended(&slot.config.name, &existing.conn);
+                crate::telemetry::session_ended(&slot.config.name, &existing.conn);
             }
             slot.session = Some(session.clone());
             slot.last_error = None;
@@ -141,7 +141,7 @@ impl SyncHandle {
             if let Some(slot) = peers.get_mut(&peer) {
                 if slot.session.as_ref().is_some_and(|s| s.id == session_id) {
                     if let Some(s) = slot.session.take() {
-                        crate::ops::metrics::session_ended(&slot.config.name, &s.conn);
+                        crate::telemetry::session_ended(&slot.config.name, &s.conn);
                     }
                     engine.disconnected(peer);
                     slot.gone.notify_waiters();
@@ -407,7 +407,7 @@ impl SyncHandle {
         if !rescan.is_empty() {
             let _ = self.0.rescan.send(rescan);
         }
-        let certs = crate::repair::names(writer, &self.0.config());
+        let certs = super::repaired(writer, &self.0.config());
         self.0.repairs.touched(&certs, &touched);
         self.0.bump_progress();
     }
