@@ -208,7 +208,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         Reports::new(&shared),
     )));
     tasks.extend(crate::acme::start(
-        &crate::handles::acme_handles(&shared),
+        &crate::acme::acme_handles(&shared),
         http,
     )?);
     tasks.extend(crate::ops::hooks::start(crate::ops::hooks::Hooks {

@@ -65,6 +65,20 @@ pub fn unix_now() -> i64 {
     crate::clock::unix_now()
 }
 
+/// The ACME feature's handles (the daemon starts the driver with them; `status`
+/// reads the renewer, leases and node names through them).
+pub fn acme_handles(shared: &Arc<crate::node::Shared>) -> Handles {
+    use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
+    Handles {
+        settings: Settings::new(shared),
+        mesh: Mesh::new(shared),
+        writer: TreeWriter::new(shared),
+        reports: Reports::new(shared),
+        barrier: Barrier::new(shared),
+        slot: AcmeSlot::new(shared),
+    }
+}
+
 /// What the ACME code uses of the daemon, each a narrow handle (`crate::handles`).
 #[derive(Clone)]
 pub struct Handles {

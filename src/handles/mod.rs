@@ -18,11 +18,9 @@
 
 mod acme;
 pub mod served;
-mod status;
 mod sync;
 
 pub use acme::{AcmeSlot, Barrier};
-pub use status::acme_handles;
 pub use sync::{PullTurn, SessionOver, SyncHandle, CLOSE_DUPLICATE, CLOSE_REFUSING};
 
 use std::collections::BTreeSet;
@@ -231,9 +229,10 @@ impl TreeWriter {
     }
 }
 
-/// What `status` shows, and when it may have changed.
+/// What `status` shows (built in [`crate::ops::observe`], which reads the state
+/// through it), and when it may have changed.
 #[derive(Clone)]
-pub struct Observer(Arc<Shared>);
+pub struct Observer(pub(crate) Arc<Shared>);
 
 impl Observer {
     pub fn new(shared: &Arc<Shared>) -> Self {

@@ -1,6 +1,6 @@
 //! What operators see and wire up: [`control`] (the local socket behind `status`,
 //! `issue`, `renew`, `confirm`), [`status`] (what `certmesh status` shows, typed,
-//! and its tables), [`metrics`] (optional Prometheus `/metrics`, reading the counters
+//! and its tables; [`observe`] builds it from the node's state), [`metrics`] (optional Prometheus `/metrics`, reading the counters
 //! of [`crate::telemetry`]), [`hooks`] (commands or HAProxy hot swaps
 //! when matching paths change), [`firewall`] (nftables / iptables rules from the
 //! config), [`systemd`] (readiness, status line, reload, watchdog) and [`logging`]
@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod hooks;
 pub mod logging;
 pub mod metrics;
+pub mod observe;
 pub mod served;
 pub mod status;
 pub mod systemd;

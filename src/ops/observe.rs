@@ -4,8 +4,9 @@
 
 use std::sync::Arc;
 
-use super::Observer;
+use crate::acme::acme_handles;
 use crate::core::device::DeviceId;
+use crate::handles::Observer;
 use crate::node::Shared;
 use crate::ops::status::*;
 use crate::telemetry::RecentError;
@@ -14,20 +15,6 @@ impl Observer {
     /// The status as `certmesh status` shows it.
     pub fn status(&self) -> Status {
         status(&self.0)
-    }
-}
-
-/// The ACME feature's handles (the daemon starts the driver with them; `status`
-/// reads the renewer, leases and node names through them).
-pub fn acme_handles(shared: &Arc<Shared>) -> crate::acme::Handles {
-    use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
-    crate::acme::Handles {
-        settings: Settings::new(shared),
-        mesh: Mesh::new(shared),
-        writer: TreeWriter::new(shared),
-        reports: Reports::new(shared),
-        barrier: Barrier::new(shared),
-        slot: AcmeSlot::new(shared),
     }
 }
 
