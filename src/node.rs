@@ -167,7 +167,7 @@ pub struct Shared {
     /// Certificate repairs: queue and recent results (`status`).
     pub repairs: crate::telemetry::Repairs,
     /// Serving probes: hook runs in, hook re-runs out, failure counters (issue 26).
-    pub probes: crate::probe::Probes,
+    pub probes: crate::telemetry::Probes,
     /// The persister's queue (see [`persister`]).
     pub(crate) persist: Mutex<std::sync::mpsc::Sender<PersistMsg>>,
     /// A copy of the `[tree] writers` policy for checking records' signatures

@@ -7,7 +7,7 @@ use crate::core::device::NodeSigner;
 use crate::core::paths::RelPath;
 use crate::core::served::{ServedRecord, SignedReport};
 use crate::node::Shared;
-use crate::probe::Probes;
+use crate::telemetry::Probes;
 
 /// Where the probes put what this node's frontends serve.
 #[derive(Clone)]

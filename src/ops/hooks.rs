@@ -38,7 +38,7 @@ pub struct Hooks {
     pub reports: Reports,
     /// Serving probes: told which certificates' hooks ran (and how), and asking
     /// for re-runs when a frontend kept an old certificate (issue 26).
-    pub probes: Option<crate::probe::Probes>,
+    pub probes: Option<crate::telemetry::Probes>,
 }
 
 /// Starts the hook runner if any `[[hook]]` is configured.
@@ -146,7 +146,7 @@ impl Ran {
         for (cert, r) in self.0 {
             match r {
                 Ok(()) => ok.push(cert),
-                Err(output) => p.hook_ran(crate::probe::HookRan {
+                Err(output) => p.hook_ran(crate::telemetry::HookRan {
                     certs: vec![cert],
                     ok: false,
                     output,
@@ -154,7 +154,7 @@ impl Ran {
                 }),
             }
         }
-        p.hook_ran(crate::probe::HookRan {
+        p.hook_ran(crate::telemetry::HookRan {
             certs: ok,
             ok: true,
             output: String::new(),
