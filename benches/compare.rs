@@ -16,6 +16,9 @@
 //!    processes on 127.1.0.0/16 (see `compare/hubs.rs`); with pebble installed, also real
 //!    ACME orders from an edge, validated at an edge three hops away (`--acme-runs`,
 //!    `compare/hubs_acme.rs`).
+//! 7. with pebble, `--only acme`: issuance on 1 vs 3 nodes and, with nginx installed,
+//!    issued → served by every node's nginx next to issued → live everywhere
+//!    (`compare/served.rs`).
 //!
 //! Syncthing (1.19, `/usr/bin/syncthing` or `$SYNCTHING`) runs fully offline: discovery,
 //! relays, NAT, STUN, usage and crash reporting and upgrades off; listen and GUI addresses on
@@ -48,6 +51,8 @@ mod opts;
 mod procs;
 #[path = "compare/report.rs"]
 mod report;
+#[path = "compare/served.rs"]
+mod served;
 #[path = "compare/syncthing.rs"]
 mod syncthing;
 #[path = "compare/workload.rs"]
@@ -444,6 +449,17 @@ fn main() -> Result<()> {
         }
         None
     };
+    let acme_served = if acme.is_some() && served::available() {
+        Some(
+            served::run_acme_served(&exe, &rt, o.acme_samples)
+                .context("certmesh, ACME with nginx")?,
+        )
+    } else {
+        if acme.is_some() {
+            notes.push("Issued → served rows skipped: nginx not installed.".into());
+        }
+        None
+    };
 
     // Syncthing failures are reported in the table rather than aborting the run.
     let mut tuned = SysResult::default();
@@ -513,6 +529,9 @@ fn main() -> Result<()> {
     if acme.is_some() {
         notes.push(format!("ACME: a local Pebble (Debian package, validation sleep off) and pebble-challtestsrv as its DNS; the first issuance at start is awaited, then {} times `certmesh issue` over the control socket until the new certificate (key matching) is live on every node. With 3 nodes the CA's DNS points the name at a node that did not order, so the http-01 token must travel through the tree (and every peer acknowledge it) before the CA is told to validate, and the bundle must reach the others; with 1 node nothing is synced.", o.acme_samples));
     }
+    if acme_served.is_some() {
+        notes.push(format!("Issued → served: the 3-node ACME cluster again, each node with a real nginx (1 worker) serving its own live/www and a [[hook]] running `nginx -s reload` (min_interval 0s), and the node's [[frontend]] probing it. {} times `certmesh issue`; each is timed until the new certificate is live in every tree (\"live everywhere\", as the ACME rows) and until every nginx presents the new leaf in a TLS handshake made by the benchmark itself every 5 ms (the serving probe's handshake, not the probes' own schedule or timestamps). The difference is the hook, nginx's graceful reload and its new worker taking connections.", o.acme_samples));
+    }
     let report = render_report(
         &o,
         &header,
@@ -524,6 +543,7 @@ fn main() -> Result<()> {
         bulk_small.as_ref().map(|(s, _)| s),
         &scale,
         acme.as_ref(),
+        acme_served.as_ref(),
         &notes,
     );
     let report = if hub_results.is_empty() {

@@ -49,6 +49,8 @@ ok "contents: /usr/bin/certmesh, ${UNIT#.}, /etc/certmesh/certmesh.toml"
 for f in usr/share/man/man1/certmesh.1 usr/share/man/man1/certmesh-run.1 \
     usr/share/man/man5/certmesh.toml.5 \
     usr/share/bash-completion/completions/certmesh \
+    usr/share/doc/certmesh/README.md usr/share/doc/certmesh/docs/acme.md \
+    usr/share/doc/certmesh/docs/security.md usr/share/doc/certmesh/BENCHMARKS.md \
     usr/share/zsh/vendor-completions/_certmesh \
     usr/share/fish/vendor_completions.d/certmesh.fish; do
     grep -q " \./$f\(\.gz\)\?\$" "$WORK/contents" || fail "no /$f in $DEB"

@@ -1,4 +1,4 @@
-//! Certificates as data (issue 29): the desired set of certificates also lives in
+//! Certificates as data: the desired set of certificates also lives in
 //! the replicated tree, one small file per certificate under
 //! `.certmesh/certificates/<name>.toml` (parsing and the merge rule:
 //! `config::tree_certs`). This file owns the disk and daemon side:
@@ -17,7 +17,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::tree_certs::{self, DIR, MAX_ENTRIES, MAX_ENTRY_BYTES};
-use crate::config::{AcmeConfig, CertSource, CertificateConfig, Config};
+use crate::config::{
+    acme::AcmeConfig, certificate::CertSource, certificate::CertificateConfig, Config,
+};
 use crate::handles::{Changes, Reports, Settings};
 
 /// An entry in the tree that was not taken, and why.
@@ -258,7 +260,7 @@ pub fn check_writer(c: &Config) -> Result<(), CertError> {
     let names: Vec<String> = writers
         .iter()
         .map(|w| match w {
-            crate::config::Writer::Peer { name, .. } => name.clone(),
+            crate::config::tree::Writer::Peer { name, .. } => name.clone(),
             other => other.id(me).to_string(),
         })
         .collect();

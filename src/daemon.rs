@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::config::{Config, PeerConfig};
+use crate::config::{peer::PeerConfig, Config};
 use crate::core::device::DeviceId;
 use crate::core::engine::Engine;
 use crate::core::index::Index;
@@ -52,7 +52,7 @@ fn persister(shared: Arc<Shared>, mut file: StoreFile, rx: std::sync::mpsc::Rece
         if let Some(seq) = upto {
             let mut st = shared.lock();
             if let Err(e) = written {
-                // As before the persister: reported, and the change still goes out
+                // Reported, and the change still goes out
                 // (the tree holds it; a restart rescans).
                 st.error(format!("writing the index: {e}"));
             }
@@ -77,21 +77,75 @@ fn kept_budget(config: &Config) -> crate::disk::keep::Budget {
 
 /// Runs the daemon until `shutdown` resolves; in-flight writes finish first.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let opened = open(&config)?;
+    let running = spawn(&config, opened).await?;
+    shutdown.await;
+    stop(&config, running).await;
+    Ok(())
+}
+
+/// What `open` takes from the state dir and the tree before anything runs.
+struct Opened {
+    /// Held until the daemon has stopped: one daemon per state dir.
+    lock: crate::disk::lock::StateLock,
+    /// `[http] listen`, from systemd or bound by `open`.
+    http: Option<std::net::TcpListener>,
+    identity: Arc<Identity>,
+    tree: Tree,
+    index: Index,
+    store: Store,
+    /// What was wrong with the index file, shown in `status` from the start.
+    errors: crate::telemetry::RecentErrors,
+}
+
+/// The running daemon: what `stop` stops, in its order.
+struct Running {
+    lock: crate::disk::lock::StateLock,
+    shared: Arc<Shared>,
+    transport: Arc<Transport>,
+    watcher: crate::tasks::watch::Watch,
+    puller: tokio::task::JoinHandle<()>,
+    persist_thread: std::thread::JoinHandle<()>,
+    control: tokio::task::JoinHandle<()>,
+    /// Every other task: aborted, then awaited.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The state dir lock, the `[http]` port, the identity, the checks against them, the
+/// tree and the index, in that order.
+fn open(config: &Config) -> anyhow::Result<Opened> {
     // First, one daemon per state dir: a second `run` of a live node stops here,
     // naming the holder's pid (it would otherwise fail on the port below with a
     // less telling error), before anything in the state dir is read or written.
-    let _lock = crate::disk::lock::StateLock::acquire(&config.state_dir)?;
-    // Then, before any slow start-up work, the `[http] listen` port (issue 25):
-    // from systemd socket activation or bound now, so no other local user can take
-    // it while we start.
+    let lock = crate::disk::lock::StateLock::acquire(&config.state_dir)?;
+    // Then, before any slow start-up work, the `[http] listen` port: from systemd
+    // socket activation or bound now, so no other local user can take it while we
+    // start.
     let http = crate::net::activation::http_listener(config.http_listen)?;
     let identity = Arc::new(Identity::load(&config.state_dir)?);
     config.check_not_own_peer(identity.id)?;
     config.check_tree_exists()?;
     let mut tree = Tree::new(config.tree.clone());
-    tree.kept = kept_budget(&config);
+    tree.kept = kept_budget(config);
     tree.prepare()
         .with_context(|| format!("preparing tree {}", config.tree.display()))?;
+    let (index, store, errors) = open_index(config, &identity)?;
+    Ok(Opened {
+        lock,
+        http,
+        identity,
+        tree,
+        index,
+        store,
+        errors,
+    })
+}
+
+/// Loads the index file; what was damaged or refused in it becomes a recent error.
+fn open_index(
+    config: &Config,
+    identity: &Identity,
+) -> anyhow::Result<(Index, Store, crate::telemetry::RecentErrors)> {
     let mut index = Index::new(identity.id.short());
     let (store, report) = Store::open(&config.state_dir, &mut index)
         .with_context(|| format!("opening the index in {}", config.state_dir.display()))?;
@@ -121,58 +175,38 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         errors.push(started_unix, msg);
     }
     tracing::info!(node = %config.name, id = %identity.id, entries = report.entries, "index loaded");
+    Ok((index, store, errors))
+}
 
+/// The QUIC endpoint, the shared state and the persister, then the watcher's first
+/// scan and the puller, then every other task.
+async fn spawn(config: &Config, opened: Opened) -> anyhow::Result<Running> {
+    let Opened {
+        lock,
+        http,
+        identity,
+        tree,
+        index,
+        store,
+        errors,
+    } = opened;
     // The config channel is the one peer registry: the transport's allow-list asks it
     // at every handshake, the peer slots and the engine's roster follow it (reload).
     let (config_tx, registry) = watch::channel(Arc::new(config.clone()));
     let allowed: Allowed =
         Arc::new(move |id: &DeviceId| registry.borrow().peers.iter().any(|p| p.id == *id));
     let transport = Arc::new(Transport::bind(identity.clone(), config.listen, allowed)?);
-    let peers = config
-        .peers
-        .iter()
-        .map(|p| (p.id, new_slot(p.clone())))
-        .collect();
     let (rescan_tx, rescan_rx) = mpsc::unbounded_channel();
-    let (changed, _) = watch::channel(index.sequence());
     let (journal, store_file) = store.split();
     let (persist_tx, persist_rx) = std::sync::mpsc::channel();
-    // issue 13: sign what this node authors; take in only what `writers` allows.
-    let signer = Arc::new(identity.signer()?);
-    let writers = crate::writers::policy(&config, identity.id)?;
-    let checker = writers.clone();
-    let mut engine = Engine::new(index, config.max_file_size)
-        .with_budget(config.budget)
-        .with_authorship(Some(signer), writers);
-    engine.track_durability();
-    engine.set_roster(identity.id, config.name.clone(), roster(&config.peers));
-    let shared = Arc::new(Shared {
-        config: config_tx,
+    let parts = Parts {
         identity,
         tree,
-        state: Mutex::new(State {
-            engine,
-            journal,
-            peers,
-            errors,
-        }),
-        changed,
-        progress: watch::channel(0).0,
-        pull: Notify::new(),
-        rescan: rescan_tx,
-        started: Instant::now(),
-        instance: rand::random(),
-        session_ids: AtomicU64::new(1),
-        scans: AtomicU64::new(0),
-        stopping: watch::channel(false).0,
-        inline: Mutex::new(Default::default()),
-        acme: std::sync::OnceLock::new(),
-        hook_failures: AtomicU64::new(0),
-        repairs: Default::default(),
-        probes: Default::default(),
-        persist: Mutex::new(persist_tx),
-        writers: Mutex::new(checker),
-    });
+        index,
+        journal,
+        errors,
+    };
+    let shared = share(config, config_tx, parts, rescan_tx, persist_tx)?;
     let persist_thread = {
         let s = shared.clone();
         std::thread::Builder::new()
@@ -187,57 +221,160 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let puller = tokio::spawn(crate::tasks::pull::run(sync.clone()));
     // The tree's certificate entries join the config's before anything reads them.
     crate::certs::load(&Settings::new(&shared), &shared.tree.root);
-    // Every other task: stopped (aborted, then awaited) on shutdown, after the puller
-    // and the persister have finished their writes.
+    let (control, mut tasks) = spawn_features(config, &shared, http)?;
+    tasks.extend(spawn_sync(config, &shared, &transport, &sync, &watcher));
+    Ok(Running {
+        lock,
+        shared,
+        transport,
+        watcher,
+        puller,
+        persist_thread,
+        control,
+        tasks,
+    })
+}
+
+/// What `open` read that the shared state holds.
+struct Parts {
+    identity: Arc<Identity>,
+    tree: Tree,
+    index: Index,
+    journal: crate::disk::store::Journal,
+    errors: crate::telemetry::RecentErrors,
+}
+
+/// The shared state: the engine over the index (signing what this node authors,
+/// taking in only what `writers` allows), the peer slots and the channels.
+fn share(
+    config: &Config,
+    config_tx: watch::Sender<Arc<Config>>,
+    parts: Parts,
+    rescan: mpsc::UnboundedSender<Vec<crate::core::paths::RelPath>>,
+    persist: std::sync::mpsc::Sender<PersistMsg>,
+) -> anyhow::Result<Arc<Shared>> {
+    let Parts {
+        identity,
+        tree,
+        index,
+        journal,
+        errors,
+    } = parts;
+    let peers = config
+        .peers
+        .iter()
+        .map(|p| (p.id, new_slot(p.clone())))
+        .collect();
+    let (changed, _) = watch::channel(index.sequence());
+    let signer = Arc::new(identity.signer()?);
+    let writers = crate::writers::policy(config, identity.id)?;
+    let checker = writers.clone();
+    let mut engine = Engine::new(index, config.max_file_size)
+        .with_budget(config.budget)
+        .with_authorship(Some(signer), writers);
+    engine.track_durability();
+    engine.set_roster(identity.id, config.name.clone(), roster(&config.peers));
+    Ok(Arc::new(Shared {
+        config: config_tx,
+        identity,
+        tree,
+        state: Mutex::new(State {
+            engine,
+            journal,
+            peers,
+            errors,
+        }),
+        changed,
+        progress: watch::channel(0).0,
+        pull: Notify::new(),
+        rescan,
+        started: Instant::now(),
+        instance: rand::random(),
+        session_ids: AtomicU64::new(1),
+        scans: AtomicU64::new(0),
+        stopping: watch::channel(false).0,
+        inline: Mutex::new(Default::default()),
+        acme: std::sync::OnceLock::new(),
+        hook_failures: AtomicU64::new(0),
+        repairs: Default::default(),
+        probes: Default::default(),
+        persist: Mutex::new(persist),
+        writers: Mutex::new(checker),
+    }))
+}
+
+/// The features over the shared state: metrics, the control socket (returned apart:
+/// it stops before the rest), certificates from the tree, ACME, hooks, probes,
+/// dhparam and repairs.
+fn spawn_features(
+    config: &Config,
+    shared: &Arc<Shared>,
+    http: Option<std::net::TcpListener>,
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<()>,
+    Vec<tokio::task::JoinHandle<()>>,
+)> {
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     tasks.extend(crate::ops::metrics::start(
-        crate::handles::Settings::new(&shared),
-        crate::handles::Observer::new(&shared),
+        crate::handles::Settings::new(shared),
+        crate::handles::Observer::new(shared),
     )?);
     let control = crate::ops::control::start(
         crate::ops::control::Handles {
-            observer: crate::handles::Observer::new(&shared),
-            acme: crate::handles::AcmeSlot::new(&shared),
-            barrier: crate::handles::Barrier::new(&shared),
+            observer: crate::handles::Observer::new(shared),
+            acme: crate::handles::AcmeSlot::new(shared),
+            barrier: crate::handles::Barrier::new(shared),
         },
         &config.control_socket(),
     )?;
     tasks.push(tokio::spawn(crate::certs::follow(
-        crate::handles::Changes::new(&shared),
-        Settings::new(&shared),
-        Reports::new(&shared),
+        crate::handles::Changes::new(shared),
+        Settings::new(shared),
+        Reports::new(shared),
     )));
     tasks.extend(crate::acme::start(
-        &crate::acme::acme_handles(&shared),
+        &crate::acme::acme_handles(shared),
         http,
     )?);
     tasks.extend(crate::ops::hooks::start(crate::ops::hooks::Hooks {
-        changes: crate::handles::Changes::new(&shared),
-        settings: crate::handles::Settings::new(&shared),
-        reports: crate::handles::Reports::new(&shared),
+        changes: crate::handles::Changes::new(shared),
+        settings: crate::handles::Settings::new(shared),
+        reports: crate::handles::Reports::new(shared),
         probes: Some(shared.probes.clone()),
     }));
     tasks.push(crate::probe::start(crate::probe::Handles {
-        settings: Settings::new(&shared),
-        reports: Reports::new(&shared),
-        served: crate::handles::served::ServedReports::new(&shared),
+        settings: Settings::new(shared),
+        reports: Reports::new(shared),
+        served: crate::handles::served::ServedReports::new(shared),
     }));
     tasks.extend(crate::dhparam::start(
-        &Settings::new(&shared),
-        Mesh::new(&shared),
-        TreeWriter::new(&shared),
-        Reports::new(&shared),
+        &Settings::new(shared),
+        Mesh::new(shared),
+        TreeWriter::new(shared),
+        Reports::new(shared),
     ));
     if let Err(e) = crate::disk::keep::prune_all(&shared.tree.root, now_ns(), shared.tree.kept) {
         tracing::warn!(error = %e, "pruning kept versions");
     }
     tasks.push(crate::repair::start(crate::repair::Handles {
-        settings: Settings::new(&shared),
-        mesh: Mesh::new(&shared),
-        writer: TreeWriter::new(&shared),
-        reports: Reports::new(&shared),
+        settings: Settings::new(shared),
+        mesh: Mesh::new(shared),
+        writer: TreeWriter::new(shared),
+        reports: Reports::new(shared),
     }));
-    tasks.push(tokio::spawn(accept_loop(shared.clone(), transport.clone())));
+    Ok((control, tasks))
+}
+
+/// The sync tasks: accepting peers, dialling them and reloading the list on SIGHUP,
+/// the periodic rescan, tombstone collection and the disk measure; then READY=1.
+fn spawn_sync(
+    config: &Config,
+    shared: &Arc<Shared>,
+    transport: &Arc<Transport>,
+    sync: &SyncHandle,
+    watcher: &crate::tasks::watch::Watch,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = vec![tokio::spawn(accept_loop(shared.clone(), transport.clone()))];
     // Installed before READY=1: a `systemctl reload` right after start must not kill us.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     tasks.push(tokio::spawn(peers_and_reloads(
@@ -247,7 +384,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         hup,
     )));
     tasks.push(tokio::spawn(periodic_rescan(
-        Settings::new(&shared),
+        Settings::new(shared),
         sync.clone(),
         watcher.clone(),
     )));
@@ -255,10 +392,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tasks.push(tokio::spawn(measure_disk(sync.clone())));
     tracing::info!(listen = %config.listen, tree = %config.tree.display(), peers = config.peers.len(), "certmesh running");
     tasks.extend(crate::ops::systemd::ready(&crate::handles::Observer::new(
-        &shared,
+        shared,
     )));
+    tasks
+}
 
-    shutdown.await;
+/// Stops in this order: the puller finishes its writes, the persister writes what
+/// was committed, connections close, the control socket and every task stop, and
+/// the state dir lock goes last.
+async fn stop(config: &Config, running: Running) {
+    let Running {
+        lock,
+        shared,
+        transport,
+        watcher,
+        puller,
+        persist_thread,
+        control,
+        tasks,
+    } = running;
     crate::ops::systemd::stopping();
     tracing::info!("shutting down: finishing in-flight writes");
     shared.stopping.send_replace(true);
@@ -282,7 +434,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // peer that is down would hold the exit for its whole timeout (2 s measured).
     let _ = tokio::time::timeout(CLOSE_LINGER, transport.endpoint.wait_idle()).await;
     tracing::info!("stopped");
-    Ok(())
+    drop(shared);
+    drop(transport);
+    drop(lock);
 }
 
 fn new_slot(config: PeerConfig) -> PeerSlot {
@@ -364,7 +518,7 @@ pub fn reload(shared: &Arc<Shared>, new: Config) -> Vec<DeviceId> {
 async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
     let mut sessions = tokio::task::JoinSet::new();
     // Handshakes in flight: past a threshold a client proves its address (Retry),
-    // at the cap new ones are turned away (issue 25: unauthenticated load).
+    // at the cap new ones are turned away (unauthenticated load).
     let handshakes = crate::net::admission::Handshakes::default();
     loop {
         let incoming = tokio::select! {

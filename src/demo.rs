@@ -286,8 +286,11 @@ fn with_local_ca(
     dir: &Path,
     configs: &[(String, PathBuf, PathBuf)],
     quiet: bool,
-) -> anyhow::Result<crate::demo_pebble::LocalCa> {
-    let ca = crate::demo_pebble::LocalCa::start(dir)?;
+) -> anyhow::Result<crate::demo_pebble::Pebble> {
+    let ca = crate::demo_pebble::Pebble::start(
+        &dir.join("pebble"),
+        &crate::demo_pebble::Options::default(),
+    )?;
     let mut ids = Vec::new();
     for (i, (_, cfg, _)) in configs.iter().enumerate() {
         let ip = format!("127.0.0.{}", i + 2);
@@ -398,17 +401,31 @@ async fn issue_until_live(
 pub struct AcmeCluster {
     nodes: Vec<LocalNode>,
     serial: String,
-    _ca: crate::demo_pebble::LocalCa,
+    _ca: crate::demo_pebble::Pebble,
     _dir: tempfile::TempDir,
 }
 
 impl AcmeCluster {
     pub async fn start(exe: &Path, n: usize) -> anyhow::Result<AcmeCluster> {
+        Self::start_with(exe, n, &|_, _| String::new()).await
+    }
+
+    /// [`AcmeCluster::start`] with `extra(i, tree)` appended to node `i`'s config
+    /// (e.g. a `[[frontend]]` and a reload `[[hook]]`).
+    pub async fn start_with(
+        exe: &Path,
+        n: usize,
+        extra: &dyn Fn(usize, &Path) -> String,
+    ) -> anyhow::Result<AcmeCluster> {
         let dir = tempfile::Builder::new()
             .prefix("certmesh-bench-acme-")
             .tempdir()?;
         let configs = write_mesh(dir.path(), n)?;
         let ca = with_local_ca(dir.path(), &configs, true)?;
+        for (i, (_, cfg, tree)) in configs.iter().enumerate() {
+            let text = std::fs::read_to_string(cfg)? + &extra(i, tree);
+            std::fs::write(cfg, text)?;
+        }
         let nodes: Vec<LocalNode> = configs
             .iter()
             .map(|(name, cfg, tree)| spawn(exe, name, cfg, tree))
@@ -421,6 +438,11 @@ impl AcmeCluster {
             _ca: ca,
             _dir: dir,
         })
+    }
+
+    /// Each node's tree.
+    pub fn trees(&self) -> Vec<PathBuf> {
+        self.nodes.iter().map(|n| n.tree.clone()).collect()
     }
 
     /// `certmesh issue` until the new certificate is live on every node.

@@ -83,7 +83,7 @@ enum Cmd {
         #[arg(long)]
         cluster: bool,
         /// How long `--cluster` waits for the cluster to be in sync ("5s", "500ms").
-        #[arg(long, default_value = "5s", value_parser = certmesh::config::parse_duration)]
+        #[arg(long, default_value = "5s", value_parser = certmesh::config::values::parse_duration)]
         timeout: std::time::Duration,
     },
     /// Ask the running daemon to order certificate NAME now (waits for the result).
@@ -118,7 +118,7 @@ enum Cmd {
         /// A path in the tree, relative to its root.
         path: String,
         /// Give up after this long ("30s", "500ms").
-        #[arg(long, default_value = "30s", value_parser = certmesh::config::parse_duration)]
+        #[arg(long, default_value = "30s", value_parser = certmesh::config::values::parse_duration)]
         timeout: std::time::Duration,
         /// Print the daemon's answer as JSON (`done`, `nodes[]`).
         #[arg(long)]
@@ -158,7 +158,7 @@ enum Cmd {
     },
     /// Adopt the certificates (and account, where possible) of a certbot or lego tree
     /// into certmesh's layout without a new order; the paths nginx already uses stay
-    /// valid (see README "Moving from certbot or lego").
+    /// valid (see docs/migrating.md).
     Import {
         #[arg(long, value_name = "FILE", env = "CERTMESH_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
@@ -482,7 +482,7 @@ fn check_config(config: &std::path::Path) -> Result<Config, Failure> {
             )));
         }
     }
-    if let Some(certmesh::config::DnsProvider::Rfc2136 { key, .. }) = c
+    if let Some(certmesh::config::dns::DnsProvider::Rfc2136 { key, .. }) = c
         .acme
         .as_ref()
         .and_then(|a| a.dns.as_ref())
@@ -845,7 +845,7 @@ fn refuse_on_a_reader(c: &Config) -> Result<(), Failure> {
     let names: Vec<String> = writers
         .iter()
         .map(|w| match w {
-            certmesh::config::Writer::Peer { name, .. } => name.clone(),
+            certmesh::config::tree::Writer::Peer { name, .. } => name.clone(),
             other => other.id(me).to_string(),
         })
         .collect();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::config::{Config, PeerConfig};
+use crate::config::{peer::PeerConfig, Config};
 use crate::core::cluster::BarrierStatus;
 use crate::core::device::DeviceId;
 use crate::core::engine::{Engine, EngineError};
@@ -27,7 +27,7 @@ pub struct Session {
     pub conn: quinn::Connection,
 }
 
-/// A peer disconnected for sending too much refused input (issue 25): no session
+/// A peer disconnected for sending too much refused input: no session
 /// with it, in either direction, until `until`; each strike doubles the wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Penalty {
@@ -166,12 +166,12 @@ pub struct Shared {
     pub hook_failures: AtomicU64,
     /// Certificate repairs: queue and recent results (`status`).
     pub repairs: crate::telemetry::Repairs,
-    /// Serving probes: hook runs in, hook re-runs out, failure counters (issue 26).
+    /// Serving probes: hook runs in, hook re-runs out, failure counters.
     pub probes: crate::telemetry::Probes,
     /// The persister's queue (see [`persister`]).
     pub(crate) persist: Mutex<std::sync::mpsc::Sender<PersistMsg>>,
     /// A copy of the `[tree] writers` policy for checking records' signatures
-    /// before the state lock is taken (issue 25); held only to look up a key.
+    /// before the state lock is taken; held only to look up a key.
     pub writers: Mutex<crate::core::authorship::Writers>,
 }
 
@@ -253,7 +253,7 @@ pub struct PeerAck {
 }
 
 /// Waits until every live node of the cluster — direct peers and the nodes behind
-/// them (issue 16) — has the current local version of `path` (applied it, or
+/// them — has the current local version of `path` (applied it, or
 /// something newer), or until `timeout`. The barrier the ACME client uses before
 /// telling the CA to validate. Direct peers are judged by their acks (and by their
 /// reports, when they relay barriers); nodes further away by the reports relayed

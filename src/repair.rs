@@ -185,7 +185,7 @@ fn node_name(h: &Handles, id: ShortId) -> String {
 }
 
 /// The name of the peer with this short ID, or the ID in hex.
-pub fn name_of(peers: &[crate::config::PeerConfig], id: ShortId) -> String {
+pub fn name_of(peers: &[crate::config::peer::PeerConfig], id: ShortId) -> String {
     peers
         .iter()
         .find(|p| p.id.short() == id)

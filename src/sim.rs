@@ -118,7 +118,7 @@ enum Msg {
     /// the sequence they bring the receiver up to.
     Index(Vec<WireRecord>, u64),
     Ack(u64),
-    /// A cluster-wide barrier request or report (issue 16).
+    /// A cluster-wide barrier request or report.
     Cluster(ClusterMsg),
 }
 
@@ -786,7 +786,7 @@ mod tests {
         sim.check_converged().unwrap();
     }
 
-    /// Issue 13 in the simulator: nodes with real keys, `writers` = node 0 only, in
+    /// `[tree] writers` in the simulator: nodes with real keys, `writers` = node 0 only, in
     /// a chain 0 – 1 – 2. The relay's own edit is put back and never reaches node 2;
     /// the writer's changes reach it through the relay, signatures intact.
     #[test]
@@ -1235,7 +1235,7 @@ mod tests {
         Sim::hubs(4, 2, edges, (MS, 5 * MS), (20 * MS, 150 * MS), seed)
     }
 
-    /// Issue 16: a barrier started on an edge is done only once every node — edges
+    /// A barrier started on an edge is done only once every node — edges
     /// of other regions three hops away included — has the token, and then it is.
     #[test]
     fn a_barrier_in_a_hub_topology_waits_for_every_edge() {
@@ -1269,12 +1269,12 @@ mod tests {
         quiet_and_converged(&mut sim);
     }
 
-    /// Issue 16, item 4: 1,000 simulated nodes (4 regions × (2 hubs + 248 edges)),
+    /// 1,000 simulated nodes (4 regions × (2 hubs + 248 edges)),
     /// WAN latencies between regions; prints propagation of a small file from an
     /// edge to every node and the barrier's time, in simulated time. Run with
     /// `cargo test --release --lib sim::tests::hubs_1000 -- --ignored --nocapture`
     /// (about 50 s of wall time here; `SIM_HUBS_EDGES=48 SIM_HUBS_ROUNDS=3` for a
-    /// 200-node run in a second). Figures: BENCHMARKS.md, "Session 6".
+    /// 200-node run in a second). Figures: BENCHMARKS.md, "Hub topologies".
     #[test]
     #[ignore = "a measurement: prints figures"]
     fn hubs_1000_nodes_wan_propagation() {
@@ -1351,7 +1351,7 @@ mod tests {
         assert!(pct(0.99) < 1_000.0);
     }
 
-    /// Issue 25: per-peer caps are the index's own, so an honest tree of 150,000
+    /// Per-peer caps are the index's own, so an honest tree of 150,000
     /// paths syncs among three nodes, and after a node restarts every full index
     /// sent again fits: no session is refused (a refusal fails `check_converged`).
     #[test]

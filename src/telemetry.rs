@@ -271,7 +271,7 @@ pub(crate) struct Inner {
     pub(crate) failures: Mutex<BTreeMap<String, u64>>,
     /// Last hook output per certificate (what a repair shows when it gives up).
     pub(crate) hook_output: Mutex<HashMap<String, String>>,
-    /// Rollout times (issue 26 item 3): each certificate's last, and the histogram.
+    /// Rollout times: each certificate's last, and the histogram.
     pub(crate) times: Mutex<crate::core::rollout_time::RolloutTimes>,
 }
 

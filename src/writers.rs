@@ -1,4 +1,4 @@
-//! `[tree] writers` at start-up (issue 13): the configured entries resolved to
+//! `[tree] writers` at start-up: the configured entries resolved to
 //! device IDs, and the rule that only writers may renew certificates. The checks on
 //! records live in the pure core (`core::authorship`); this is the edge that turns
 //! the config and this node's identity into that policy.

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use certmesh::core::device::DeviceId;
 
-pub(crate) use crate::util::free_tcp;
-use crate::util::{certmesh, free_udp, wait_listening, Cluster, Node};
+use crate::util::free_tcp;
+use crate::util::{certmesh, wait_listening, Cluster, Node};
 
 pub(crate) const DOMAIN: &str = "www.certmesh.test";
 /// An external account binding key (Pebble's documented example).
@@ -57,18 +57,15 @@ pub(crate) fn tools_present() -> bool {
     ok
 }
 
-/// Pebble + its DNS, with a TLS cert for 127.0.0.1 from a CA made here.
-pub(crate) struct Pebble {
-    dir: PathBuf,
-    /// PEM of the CA that signed Pebble's HTTPS cert (certmesh's `ca_roots`).
-    pub ca_roots: PathBuf,
-    pub directory: String,
-    mgmt: String,
-    dns_mgmt: String,
-    pub http_port: u16,
-    dns: String,
-    pebble: Option<Proc>,
-    _dns: Proc,
+/// The crate's Pebble launcher (Pebble + its DNS) with this suite's ports; panics
+/// where the launcher returns an error.
+pub(crate) struct Pebble(certmesh::demo_pebble::Pebble);
+
+impl std::ops::Deref for Pebble {
+    type Target = certmesh::demo_pebble::Pebble;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Pebble {
@@ -83,147 +80,35 @@ impl Pebble {
 
     /// Pebble and its DNS on `ip`, files in `dir` (several may run side by side).
     pub(crate) fn start_on(dir: &Path, ip: &str, http_port: u16, eab: bool) -> Pebble {
-        let dir = dir.to_path_buf();
-        fs::create_dir_all(&dir).unwrap();
-        // HTTPS identity for Pebble's API.
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(rcgen::DnType::CommonName, "certmesh test minica");
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), ip.into()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let ca_roots = dir.join("minica.pem");
-        fs::write(&ca_roots, ca_cert.pem()).unwrap();
-        fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
-        fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-
-        let dns_port = free_udp(ip);
-        let dns_mgmt = format!("{ip}:{}", free_tcp(ip));
-        let dns_log = dir.join("challtestsrv.log");
-        let mut dns = Command::new("pebble-challtestsrv")
-            .args([
-                "-dns01",
-                &format!("{ip}:{dns_port}"),
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-                "-management",
-                &dns_mgmt,
-                "-defaultIPv6",
-                "",
-            ])
-            .stdout(fs::File::create(&dns_log).unwrap())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting pebble-challtestsrv");
-        wait_listening(&dns_mgmt, "pebble-challtestsrv", &mut dns, &dns_log);
-        let dns = Proc { child: dns };
-        let mut config = crate::util::pebble_config(&dir, ip, http_port);
-        let api = config["pebble"]["listenAddress"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let mgmt = config["pebble"]["managementListenAddress"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        if eab {
-            config["pebble"]["externalAccountBindingRequired"] = true.into();
-            config["pebble"]["externalAccountMACKeys"] = serde_json::json!({ EAB.0: EAB.1 });
-        }
-        fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
-        let mut p = Pebble {
-            directory: format!("https://{api}/dir"),
-            ca_roots,
-            mgmt,
-            dns_mgmt,
-            http_port,
-            dns: format!("{ip}:{dns_port}"),
-            pebble: None,
-            _dns: dns,
-            dir,
+        let options = certmesh::demo_pebble::Options {
+            http_port: Some(http_port),
+            eab: eab.then_some(EAB),
+            ..crate::util::pebble_options(ip)
         };
-        p.start_ca();
-        p
+        Pebble(certmesh::demo_pebble::Pebble::start(dir, &options).expect("starting pebble"))
     }
 
     /// Stops the CA itself (its DNS keeps running): its port refuses connections.
     pub(crate) fn stop_ca(&mut self) {
-        self.pebble = None;
+        self.0.stop_ca();
     }
 
     /// Starts (or restarts) the CA itself: a restarted Pebble has a new root and
     /// has forgotten every account.
     pub(crate) fn start_ca(&mut self) {
-        self.pebble = None;
-        let dns = self.dns.clone();
-        let log = self.dir.join("pebble.log");
-        let mut child = Command::new("pebble")
-            .args([
-                "-config",
-                self.dir.join("pebble.json").to_str().unwrap(),
-                "-dnsserver",
-                &dns,
-            ])
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .stdout(
-                fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            )
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting pebble");
-        let api = self
-            .directory
-            .trim_start_matches("https://")
-            .trim_end_matches("/dir")
-            .to_string();
-        wait_listening(&api, "pebble", &mut child, &log);
-        self.pebble = Some(Proc { child });
+        self.0.start_ca().expect("restarting pebble");
     }
 
     /// Points `host` at `ip` in Pebble's DNS.
     pub(crate) fn set_a(&self, host: &str, ip: &str) {
-        let body = serde_json::json!({"host": host, "addresses": [ip]}).to_string();
-        let mut s = std::net::TcpStream::connect(&self.dns_mgmt).unwrap();
-        write!(
-            s,
-            "POST /add-a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        assert!(out.starts_with("HTTP/1.1 200"), "add-a: {out}");
-    }
-
-    /// Orders Pebble has been asked for so far (its log of `new-order` requests).
-    pub(crate) fn orders(&self) -> usize {
-        fs::read_to_string(self.dir.join("pebble.log"))
-            .unwrap_or_default()
-            .matches("POST /order-plz")
-            .count()
+        self.0.set_a(host, ip).expect("add-a");
     }
 
     /// Pebble's root (regenerated at every Pebble start), PEM.
     pub(crate) fn root(&self) -> String {
         let out = Command::new("curl")
             .args(["-sf", "--cacert", self.ca_roots.to_str().unwrap()])
-            .arg(format!("https://{}/roots/0", self.mgmt))
+            .arg(format!("https://{}/roots/0", self.management))
             .output()
             .expect("curl");
         assert!(out.status.success(), "GET /roots/0: {out:?}");
@@ -231,7 +116,7 @@ impl Pebble {
     }
 }
 
-/// One nginx serving `<tree>/acme` on `ip:port`, as in the README snippet.
+/// One nginx serving `<tree>/acme` on `ip:port`, as in docs/acme.md's nginx snippet.
 pub(crate) fn nginx(dir: &Path, ip: &str, port: u16, tree: &Path) -> Proc {
     let body = format!(
         "location /.well-known/acme-challenge/ {{ root {}/acme; }}",
@@ -552,7 +437,7 @@ fn three_nodes_issue_with_the_validator_hitting_another_node() {
     // Pebble down: issue fails, status shows it, the live certificate is untouched.
     let before = fs::read(r.tree.join("live/www/fullchain.pem")).unwrap();
     let mut pebble = pebble;
-    pebble.pebble = None;
+    pebble.stop_ca();
     let out = certmesh(&["issue", "--config", r.config.to_str().unwrap(), "www"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let s = r.status();

@@ -1,7 +1,7 @@
 //! `packaging/certmesh-alerts.yml` (issue 26): `promtool check rules` accepts it,
 //! `promtool test rules` runs its unit tests (each alert fires on the series it is
 //! for, and not before its `for:`), and every metric it uses is one the daemon
-//! serves (the README's table, which `metrics::` checks against `/metrics`).
+//! serves (docs/monitoring.md's table, which `metrics::` checks against `/metrics`).
 
 use std::process::Command;
 
@@ -31,7 +31,7 @@ fn alert_rules_pass_their_unit_tests() {
 #[test]
 fn alert_rules_use_only_metrics_the_daemon_serves() {
     let rules = include_str!("../packaging/certmesh-alerts.yml");
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../docs/monitoring.md");
     let used: Vec<&str> = rules
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| w.starts_with("certmesh_"))
@@ -40,7 +40,7 @@ fn alert_rules_use_only_metrics_the_daemon_serves() {
     for m in used {
         assert!(
             readme.contains(&format!("| `{m}` |")),
-            "{m} is not in the README's metric table"
+            "{m} is not in the metric table of docs/monitoring.md"
         );
     }
 }

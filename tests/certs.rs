@@ -5,7 +5,8 @@
 
 use std::fs;
 
-use crate::acme::{free_tcp, nginx, tools_present, Pebble, Proc, ISSUE_DEADLINE};
+use crate::acme::{nginx, tools_present, Pebble, Proc, ISSUE_DEADLINE};
+use crate::util::free_tcp;
 use crate::util::{certmesh, wait_until, Node};
 
 /// `renewer` (the only `[acme]` node), `b` and `c`, in a full mesh; nginx serves

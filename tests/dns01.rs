@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use certmesh::core::device::DeviceId;
 
-use crate::acme::{free_tcp, ISSUE_DEADLINE};
-use crate::util::{certmesh, wait_listening, wait_until, Node};
+use crate::acme::ISSUE_DEADLINE;
+use crate::util::free_tcp;
+use crate::util::{certmesh, wait_until, Node};
 
 const ZONE: &str = "certmesh.test";
 const NS1: &str = "127.0.6.53";
@@ -232,56 +233,24 @@ struct Ca {
     http_port: u16,
     ca_roots: PathBuf,
     log: PathBuf,
-    _p: Proc,
+    _p: certmesh::demo_pebble::Pebble,
 }
 
 impl Ca {
     fn start(dir: &Path) -> Ca {
-        let dir = dir.join("pebble");
-        fs::create_dir_all(&dir).unwrap();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec![CA_IP.into()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let ca_roots = dir.join("minica.pem");
-        fs::write(&ca_roots, ca_cert.pem()).unwrap();
-        fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
-        fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-        let http_port = free_tcp("127.0.6.4");
-        let config = crate::util::pebble_config(&dir, CA_IP, http_port);
-        let api = config["pebble"]["listenAddress"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
-        let log = dir.join("pebble.log");
-        let mut child = Command::new("pebble")
-            .args([
-                "-config",
-                dir.join("pebble.json").to_str().unwrap(),
-                "-dnsserver",
-                &format!("{NS1}:53"),
-            ])
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .stdout(fs::File::create(&log).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
+        let options = certmesh::demo_pebble::Options {
+            http_port: Some(free_tcp("127.0.6.4")),
+            dns_server: Some(format!("{NS1}:53")),
+            ..crate::util::pebble_options(CA_IP)
+        };
+        let p = certmesh::demo_pebble::Pebble::start(&dir.join("pebble"), &options)
             .expect("starting pebble");
-        wait_listening(&api, "pebble", &mut child, &log);
         Ca {
-            directory: format!("https://{api}/dir"),
-            http_port,
-            ca_roots,
-            log,
-            _p: Proc(child),
+            directory: p.directory.clone(),
+            http_port: p.http_port,
+            ca_roots: p.ca_roots.clone(),
+            log: p.log.clone(),
+            _p: p,
         }
     }
 

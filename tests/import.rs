@@ -5,12 +5,13 @@
 //! Only loopback addresses 127.0.2.1–127.0.2.60 are used.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::acme::free_tcp;
-use crate::util::{certmesh, wait_listening, Node};
+use certmesh::demo_pebble::Pebble;
+
+use crate::util::{certmesh, free_tcp, wait_listening, Node};
 
 const DOMAIN: &str = "www.import.test";
 const RENEW_DEADLINE: Duration = Duration::from_secs(90);
@@ -48,89 +49,12 @@ fn tools_present(extra: &str) -> bool {
 }
 
 /// Pebble + pebble-challtestsrv on `ip` (every name resolves to `ip`).
-struct Pebble {
-    directory: String,
-    ca_roots: PathBuf,
-    log: PathBuf,
-    http_port: u16,
-    _procs: Vec<Proc>,
-}
-
-impl Pebble {
-    fn start(dir: &Path, ip: &str) -> Pebble {
-        let dir = dir.join("pebble");
-        fs::create_dir_all(&dir).unwrap();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(rcgen::DnType::CommonName, "certmesh import test minica");
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec![ip.to_string()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let ca_roots = dir.join("minica.pem");
-        fs::write(&ca_roots, ca_cert.pem()).unwrap();
-        fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
-        fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-
-        let dns_port = std::net::UdpSocket::bind(format!("{ip}:0"))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dns_mgmt = format!("{ip}:{}", free_tcp(ip));
-        let dns_log = dir.join("challtestsrv.log");
-        let mut dns = Command::new("pebble-challtestsrv")
-            .args(["-dns01", &format!("{ip}:{dns_port}")])
-            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
-            .args(["-management", &dns_mgmt, "-defaultIPv6", ""])
-            .args(["-defaultIPv4", ip])
-            .stdout(fs::File::create(&dns_log).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting pebble-challtestsrv");
-        wait_listening(&dns_mgmt, "pebble-challtestsrv", &mut dns, &dns_log);
-        let dns = Proc::new(dns);
-        let http_port = free_tcp(ip);
-        let config = crate::util::pebble_config(&dir, ip, http_port);
-        let api = config["pebble"]["listenAddress"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
-        let log = dir.join("pebble.log");
-        let mut ca = Command::new("pebble")
-            .args(["-config", dir.join("pebble.json").to_str().unwrap()])
-            .args(["-dnsserver", &format!("{ip}:{dns_port}")])
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .stdout(fs::File::create(&log).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting pebble");
-        wait_listening(&api, "pebble", &mut ca, &log);
-        Pebble {
-            directory: format!("https://{api}/dir"),
-            ca_roots,
-            log,
-            http_port,
-            _procs: vec![Proc::new(ca), dns],
-        }
-    }
-
-    /// Certificates Pebble has issued so far (one per finalized order).
-    fn issued(&self) -> usize {
-        fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("Issued certificate serial"))
-            .count()
-    }
+fn start_pebble(dir: &Path, ip: &str) -> Pebble {
+    let options = certmesh::demo_pebble::Options {
+        default_ipv4: Some(ip),
+        ..crate::util::pebble_options(ip)
+    };
+    Pebble::start(&dir.join("pebble"), &options).expect("starting pebble")
 }
 
 /// nginx on `ip:port` with TLS from `cert` + `key` (the paths an operator's config
@@ -276,7 +200,7 @@ fn certbot_tree_imported_renews_once_and_nginx_keeps_its_paths() {
         .tempdir()
         .unwrap();
     let (ca_ip, web_ip) = ("127.0.2.11", "127.0.2.13");
-    let pebble = Pebble::start(dir.path(), ca_ip);
+    let pebble = start_pebble(dir.path(), ca_ip);
     // DNS answers ca_ip for every name: certbot's standalone server and, later,
     // certmesh's built-in responder listen there.
     let certbot_dir = dir.path().join("certbot");
@@ -395,7 +319,7 @@ fn lego_tree_imported_with_its_account_renews_once() {
         .tempdir()
         .unwrap();
     let (ca_ip, web_ip) = ("127.0.2.21", "127.0.2.23");
-    let pebble = Pebble::start(dir.path(), ca_ip);
+    let pebble = start_pebble(dir.path(), ca_ip);
     let lego = dir.path().join("lego");
     let out = Command::new("lego")
         .args(["--server", &pebble.directory, "--accept-tos"])

@@ -10,6 +10,7 @@ mod dns01;
 mod docs;
 mod fallback_ca;
 mod faults;
+mod fleet_serves;
 mod hostile;
 mod hubs;
 mod import;

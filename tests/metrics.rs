@@ -1,5 +1,5 @@
 //! The Prometheus endpoint against a real daemon: `promtool check metrics` accepts it,
-//! the names the README lists are the names served, and the event counters move
+//! the names docs/monitoring.md lists are the names served, and the event counters move
 //! with real sync traffic. Real processes on 127.0.3.1–127.0.3.60.
 
 use std::collections::BTreeSet;
@@ -57,12 +57,12 @@ pub(crate) fn promtool(text: &str) -> (bool, String) {
     (out.status.success(), said)
 }
 
-/// Metric names in the README's Prometheus table (first column).
+/// Metric names in docs/monitoring.md's Prometheus table (first column).
 fn readme_names() -> BTreeSet<String> {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../docs/monitoring.md");
     let table = readme
         .split_once("| metric | labels | meaning |")
-        .expect("the README's metric table")
+        .expect("the metric table in docs/monitoring.md")
         .1;
     table
         .lines()
@@ -97,7 +97,7 @@ fn pair(dir: &std::path::Path) -> (Node, Node, String) {
 }
 
 #[test]
-fn metrics_pass_promtool_and_match_the_readme() {
+fn metrics_pass_promtool_and_match_the_monitoring_guide() {
     let dir = tempfile::Builder::new()
         .prefix("certmesh-metrics-")
         .tempdir()
@@ -112,10 +112,13 @@ fn metrics_pass_promtool_and_match_the_readme() {
     assert!(documented.len() > 20, "{documented:?}");
     let undocumented: Vec<_> = served.difference(&documented).collect();
     let missing: Vec<_> = documented.difference(&served).collect();
-    assert!(undocumented.is_empty(), "not in README: {undocumented:?}");
+    assert!(
+        undocumented.is_empty(),
+        "not in docs/monitoring.md: {undocumented:?}"
+    );
     assert!(
         missing.is_empty(),
-        "in README, not served: {missing:?}\n{text}"
+        "in docs/monitoring.md, not served: {missing:?}\n{text}"
     );
 
     assert!(!text.contains("node="), "{text}");

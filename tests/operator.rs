@@ -9,9 +9,9 @@ use std::path::Path;
 use std::process::Output;
 
 use crate::acme::{
-    enable_acme_with, free_tcp, live_version, nginx, tools_present, wait_version, Pebble, Proc,
-    DOMAIN,
+    enable_acme_with, live_version, nginx, tools_present, wait_version, Pebble, Proc, DOMAIN,
 };
+use crate::util::free_tcp;
 use crate::util::{certmesh, wait_until, Node};
 
 fn text(out: &Output) -> String {

@@ -82,7 +82,11 @@ impl Ca {
     }
 
     pub(crate) fn bundle(&self, serial: u64) -> Bundle {
-        let key = rcgen::KeyPair::generate().unwrap();
+        self.bundle_with_key(serial, rcgen::KeyPair::generate().unwrap())
+    }
+
+    /// A bundle whose leaf has `key` (e.g. RSA, where [`Ca::bundle`] makes ECDSA).
+    pub(crate) fn bundle_with_key(&self, serial: u64, key: rcgen::KeyPair) -> Bundle {
         let mut params = rcgen::CertificateParams::new(vec![HOST.to_string()]).unwrap();
         params.serial_number = Some(rcgen::SerialNumber::from(serial));
         let leaf = params.signed_by(&key, &self.issuer).unwrap();
@@ -417,7 +421,7 @@ fn nginx_reload_hook_serves_the_new_certificate() {
     let b_tree = dir.path().join("b").join("tree");
     let port = crate::util::free_tcp("127.0.0.63");
     let addr = format!("127.0.0.63:{port}");
-    // The README's nginx snippet, pointed at node b's tree.
+    // docs/acme.md's nginx snippet, pointed at node b's tree.
     let conf = format!(
         "user root;\ndaemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
          events {{ worker_connections 64; }}\n\

@@ -110,7 +110,7 @@ fn the_dashboard_is_json_and_queries_only_documented_metrics() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(root.join("packaging/certmesh-grafana.json")).unwrap();
     let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(root.join("docs/monitoring.md")).unwrap();
     let panels = dash["panels"].as_array().expect("panels");
     assert!(panels.len() >= 3);
     let mut names = Vec::new();
@@ -138,7 +138,7 @@ fn the_dashboard_is_json_and_queries_only_documented_metrics() {
             .unwrap_or(&n);
         assert!(
             readme.contains(&format!("| `{family}` |")),
-            "{n} is not in README's metrics table"
+            "{n} is not in the metrics table of docs/monitoring.md"
         );
     }
 }

@@ -34,7 +34,7 @@ pub(crate) struct Member {
     pub(crate) node: Node,
     nginx: Option<Proc>,
     /// nginx's directory (config, logs, the hook's run counter).
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     frontend: String,
 }
 

@@ -97,11 +97,19 @@ fn every_kind_of_change_reaches_every_peer() {
         .iter()
         .map(|n| n.status()["tree"]["sequence"].as_u64().unwrap())
         .collect();
-    for (before, after) in seqs.iter().zip(&after) {
+    for ((before, after), n) in seqs.iter().zip(&after).zip(&c.nodes) {
+        let changes: Vec<String> = n
+            .log()
+            .lines()
+            .filter(|l| l.contains("local change"))
+            .map(str::to_string)
+            .collect();
         assert_eq!(
             before.as_u64().unwrap() + 1,
             *after,
-            "a node re-announced what it applied"
+            "{} re-announced what it applied; its local changes:\n{}",
+            n.name,
+            changes.join("\n")
         );
     }
     for n in &mut c.nodes {

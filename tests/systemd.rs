@@ -290,7 +290,8 @@ fn no_color_means_no_escapes_on_a_terminal() {
 /// `--json` answers for scripts (Pebble validating through the built-in responder).
 #[test]
 fn issue_shows_progress_on_a_terminal_and_json_for_scripts() {
-    use crate::acme::{enable_acme_with, free_tcp, wait_version, Pebble, DOMAIN};
+    use crate::acme::{enable_acme_with, wait_version, Pebble, DOMAIN};
+    use crate::util::free_tcp;
     if !crate::acme::tools_present() || Command::new("script").arg("-V").output().is_err() {
         return;
     }

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::acme::{
-    check_bundle, enable_acme_with, free_tcp, nginx, tools_present, wait_version, Pebble, Proc,
-    DOMAIN,
+    check_bundle, enable_acme_with, nginx, tools_present, wait_version, Pebble, Proc, DOMAIN,
 };
+use crate::util::free_tcp;
 use crate::util::{certmesh, wait_until, Node};
 
 /// A healthy renewer (the only ACME node) and a bad peer, with the first

@@ -81,10 +81,7 @@ fn a_burst_of_changes_runs_a_hook_once_with_one_path_per_line() {
 #[test]
 fn control_socket_and_responder_survive_a_flood_and_running_out_of_descriptors() {
     let dir = tempfile::tempdir().unwrap();
-    let http = {
-        let l = std::net::TcpListener::bind("127.0.0.93:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let http = format!("127.0.0.93:{}", crate::util::free_tcp("127.0.0.93"));
     // b runs with few descriptors, as under a full process table.
     let (a, b) = pair(
         dir.path(),

@@ -8,9 +8,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use certmesh::core::device::DeviceId;
 
 use crate::acme::{
-    check_bundle, enable_acme_with, free_tcp, nginx, tools_present, wait_version, Pebble, Proc,
-    DOMAIN,
+    check_bundle, enable_acme_with, nginx, tools_present, wait_version, Pebble, Proc, DOMAIN,
 };
+use crate::util::free_tcp;
 use crate::util::{certmesh, wait_until, Node};
 
 /// The renewer (`good`, the only `[acme]` node), a bad peer and, if asked, a

@@ -50,9 +50,7 @@ pub struct Node {
 impl Node {
     /// Creates the identity and picks a free port on `ip`; no config yet.
     pub fn new(root: &Path, name: &str, ip: &str) -> Node {
-        let sock = std::net::UdpSocket::bind(format!("{ip}:0")).unwrap();
-        let addr = sock.local_addr().unwrap().to_string();
-        Self::with_addr(root, name, &addr)
+        Self::with_addr(root, name, &format!("{ip}:{}", free_udp(ip)))
     }
 
     /// A node listening on `addr` (which may be taken: for bind errors).
@@ -396,31 +394,51 @@ pub fn wait_listening(
     panic!("{what} did not listen on {addr}");
 }
 
-/// A free TCP port on `ip` (bound, then released for the caller to use).
+/// A free TCP port on `ip`, for the caller to bind (see [`next_port`]).
 pub fn free_tcp(ip: &str) -> u16 {
-    let l = std::net::TcpListener::bind(format!("{ip}:0")).expect("binding a free TCP port");
-    l.local_addr().expect("local address").port()
+    next_port(|p| std::net::TcpListener::bind((ip, p)).is_ok())
 }
 
-/// A free UDP port on `ip` (bound, then released).
+/// A free UDP port on `ip`, for the caller to bind (see [`next_port`]).
 pub fn free_udp(ip: &str) -> u16 {
-    let s = std::net::UdpSocket::bind(format!("{ip}:0")).expect("binding a free UDP port");
-    s.local_addr().expect("local address").port()
+    next_port(|p| std::net::UdpSocket::bind((ip, p)).is_ok())
 }
 
-/// Pebble's JSON config with its API, management and TLS ports free on `ip`, the
-/// `cert.pem` / `key.pem` in `dir`, and http-01 validation on `http_port`.
-pub fn pebble_config(dir: &Path, ip: &str, http_port: u16) -> serde_json::Value {
-    serde_json::json!({"pebble": {
-        "listenAddress": format!("{ip}:{}", free_tcp(ip)),
-        "managementListenAddress": format!("{ip}:{}", free_tcp(ip)),
-        "certificate": dir.join("cert.pem"),
-        "privateKey": dir.join("key.pem"),
-        "httpPort": http_port,
-        "tlsPort": free_tcp(ip),
-        "ocspResponderURL": "",
-        "externalAccountBindingRequired": false,
-    }})
+/// The next port that `free` says is free, from a counter below the kernel's ephemeral
+/// range (32768–60999). A port asked for with `:0` and released could be handed out
+/// again by the kernel, to another test's socket, before the caller binds it; a port
+/// from this counter is never handed out twice in one test process and never chosen by
+/// the kernel. The counter starts at a random place so that two test processes on one
+/// machine rarely walk the same ports.
+pub fn next_port(mut free: impl FnMut(u16) -> bool) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    if NEXT.load(Ordering::Relaxed) == 0 {
+        let seed = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+        let _ = NEXT.compare_exchange(0, LOW + seed, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (n - LOW) % SPAN) as u16;
+        if free(port) {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
+}
+
+/// Options for the crate's Pebble launcher on `ip`: ports from [`next_port`], every
+/// order validated (no authorization reuse).
+pub fn pebble_options(ip: &str) -> certmesh::demo_pebble::Options<'_> {
+    certmesh::demo_pebble::Options {
+        ip,
+        authz_reuse: Some(0),
+        free_tcp: |ip| Ok(free_tcp(ip)),
+        free_udp: |ip| Ok(free_udp(ip)),
+        ..Default::default()
+    }
 }
 
 /// Every node of `nodes` but the `i`-th: its peers in a full mesh.

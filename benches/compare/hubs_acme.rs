@@ -12,7 +12,7 @@
 //! for it and keeps the temp dir.
 
 use super::*;
-use certmesh::demo_pebble::{self, LocalCa};
+use certmesh::demo_pebble::{self, Pebble};
 
 #[path = "tap.rs"]
 mod tap;
@@ -68,7 +68,7 @@ pub struct AcmeRuns {
 
 /// The CA and who orders, who is asked.
 pub struct Setup {
-    ca: LocalCa,
+    ca: Pebble,
     tap: tap::Tap,
     renewer: usize,
     target: usize,
@@ -89,7 +89,14 @@ pub fn prepare(
         eprintln!("[hubs] ACME skipped: pebble / pebble-challtestsrv not installed");
         return Ok(Err(AcmeSection::Skipped));
     }
-    let ca = LocalCa::start_validating_every_order(dir)?;
+    let ca = Pebble::start(
+        &dir.join("pebble"),
+        // Every order validated: with reuse, about half reach no validator at all.
+        &demo_pebble::Options {
+            authz_reuse: Some(0),
+            ..demo_pebble::Options::default()
+        },
+    )?;
     // The writer edge of region 0 orders; an edge of region 3 is asked.
     let renewer = HUBS;
     let target = (REGIONS - 1) * l.per + HUBS;

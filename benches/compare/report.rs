@@ -105,6 +105,7 @@ pub(crate) fn render_report(
     bulk_small: Option<&Stats>,
     scale: &[ScaleResult],
     acme: Option<&(Stats, Stats)>,
+    acme_served: Option<&(Stats, Stats)>,
     notes: &[String],
 ) -> String {
     let mut t = Table { rows: Vec::new() };
@@ -342,6 +343,21 @@ pub(crate) fn render_report(
             None,
             check(extra <= 0.05, "≤ 50 ms"),
         );
+    }
+    // 7. Issued → served by every node's nginx (issue 26 item 3).
+    if let Some((live, served)) = acme_served {
+        for (label, st) in [("live everywhere", live), ("served by every nginx", served)] {
+            for (p, v) in [("p50", st.p50), ("p99", st.p99)] {
+                t.row(
+                    &format!("ACME issue → {label}, 3 nodes + nginx: {p}"),
+                    Unit::Secs,
+                    Some(v),
+                    None,
+                    None,
+                    String::new(),
+                );
+            }
+        }
     }
 
     let mut out = String::new();

@@ -22,7 +22,7 @@
 # reload certmesh`) may be set per node (paths without spaces). A node that already
 # has an `id` in the inventory is not asked again.
 #
-# Hub topology (large fleets, see README "Large fleets"): give nodes `"hub": true`
+# Hub topology (large fleets, see docs/large-fleets.md): give nodes `"hub": true`
 # and every node a `"region"`. Then each edge peers with the hubs of its region
 # (two is the rule: one can fail), and each hub with every other hub and with the
 # edges of its region. Without any hub, every node peers with every other (full mesh).

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ca::Ca;
 use super::client::{http_client, within};
-use crate::config::AcmeConfig;
+use crate::config::acme::AcmeConfig;
 use crate::disk::tree;
 use crate::handles::TreeWriter;
 

@@ -1,4 +1,4 @@
-//! ACME adverts (`.certmesh/acme/nodes/<device id>`, issue 24): an ACME-enabled node
+//! ACME adverts (`.certmesh/acme/nodes/<device id>`): an ACME-enabled node
 //! says it may renew, and keeps saying so. An advert counts only if the index record
 //! of the file names the device it speaks for as its last writer (signed whenever
 //! `[tree] writers` is set) and its `refreshed` time is recent by this node's clock,

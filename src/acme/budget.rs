@@ -1,9 +1,9 @@
-//! Rate limits by design (issue 29 item 2), pure: no I/O, time passed in.
+//! Rate limits by design, pure: no I/O, time passed in.
 //!
 //! - [`Budget`]: at most `max` new orders in any sliding `window` (`[acme]
 //!   max_orders_per_hour`: `max` per 3600 s). Let's Encrypt allows 300 new orders per
 //!   3 hours per account; the default (50/h, 150 per 3 h) leaves half for others
-//!   (`config::DEFAULT_MAX_ORDERS_PER_HOUR`).
+//!   (`config::acme::DEFAULT_MAX_ORDERS_PER_HOUR`).
 //! - [`queue`]: what is due, in the order it is ordered — renewals first, then new
 //!   names, each soonest expiry (or longest waiting) first.
 //! - [`Pause`]: a CA's `rateLimited` answer, shared in the tree

@@ -12,7 +12,7 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData};
 use x509_parser::pem::Pem;
 
 use super::schedule::Validity;
-use crate::config::KeyType;
+use crate::config::certificate::KeyType;
 use crate::disk::safe_fs::{self, Root};
 use crate::disk::tree;
 use crate::handles::TreeWriter;

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::AcmeConfig;
+use crate::config::acme::AcmeConfig;
 use crate::core::paths::RelPath;
 use crate::disk::tree::{self, Expect};
 use crate::handles::TreeWriter;
 
-/// The first CA's account (the one file of a single `directory`, as before lists).
+/// The first CA's account (the one file when `directory` names a single CA).
 pub const ACCOUNT_FILE: &str = ".certmesh/acme/account.json";
 
 /// Accounts of every CA but the first, one file per CA.

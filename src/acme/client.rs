@@ -14,7 +14,7 @@ use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
 
 use super::ca::CaUnavailable;
 use super::schedule::MAX_RETRY_AFTER;
-use crate::config::AcmeConfig;
+use crate::config::acme::AcmeConfig;
 
 /// A CA response body is at most this many bytes (a chain is a few KiB).
 pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
@@ -252,7 +252,7 @@ mod tests {
 
     /// A hostile "CA": answers every request with a chunked body that never ends;
     /// counts the bytes it got out before the client hung up. It exists only to be
-    /// hostile (issue 24).
+    /// hostile.
     fn endless_chunked_server() -> (String, Arc<AtomicU64>) {
         let l = std::net::TcpListener::bind("127.0.1.30:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();

@@ -9,7 +9,7 @@ use anyhow::anyhow;
 
 use super::dns::{challenge_name, Presented, Publisher, Record, RECORDS_DIR};
 use super::Handles;
-use crate::config::{AcmeConfig, CertificateConfig};
+use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
 use crate::disk::tree::{self, Expect};
 

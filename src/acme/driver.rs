@@ -22,7 +22,7 @@ use super::{
     account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, this_node, unix_now,
     Acme, Command, Handles, LEASES_DIR,
 };
-use crate::config::{AcmeConfig, CertificateConfig};
+use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
 use crate::disk::tree;
 

@@ -151,7 +151,7 @@ pub struct Acme {
     pub(super) failures: std::sync::atomic::AtomicU64,
     /// When each lease content was first seen (a lease holds at most `lease` from then).
     pub(super) leases: Mutex<LeaseClock>,
-    /// The order queue under the budget, as of the driver's last look (issue 29).
+    /// The order queue under the budget, as of the driver's last look.
     pub(super) queue: Mutex<QueueStatus>,
 }
 

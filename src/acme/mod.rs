@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::config::{AcmeConfig, CertificateConfig};
+use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::device::DeviceId;
 use crate::disk::tree;
 use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};

@@ -17,7 +17,7 @@ use super::ca::{self, Ca};
 use super::client::within;
 use super::dns01;
 use super::Handles;
-use crate::config::{AcmeConfig, CertificateConfig};
+use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
 use crate::disk::tree::{self, Expect};
 

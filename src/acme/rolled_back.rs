@@ -1,4 +1,4 @@
-//! Versions a `rollout = "verify"` took back (issue 26 item 6): the leaves listed in
+//! Versions a `rollout = "verify"` took back: the leaves listed in
 //! `.certmesh/acme/rolled-back/<name>`, one line each (`<leaf sha256 hex> <version>
 //! <unix time>`). Repair ([`crate::repair`]) does not restore a listed leaf while an
 //! older good version exists; nothing else reads the file: the next version number

@@ -333,7 +333,7 @@ pub fn may_order(
     Ok(())
 }
 
-/// At start-up, may this node order yet (issue 23)? Not while none of its
+/// At start-up, may this node order yet? Not while none of its
 /// `configured` peers is connected and `elapsed` is within `grace`: the CA could ask
 /// a node that is down for the token. A node without peers orders at once.
 pub fn startup_may_order(

@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{absolute, parse_duration, Bad, ConfigError};
+use super::values::{absolute, parse_duration};
+use super::{Bad, ConfigError};
 
 /// `[acme.dns]`
 #[derive(Deserialize)]
@@ -313,4 +314,93 @@ pub(super) fn dns(d: &Spanned<RawDns>, tree: &Path, bad: &Bad) -> Result<DnsConf
             .map(|r| socket_addr(r, "acme.dns.resolver", bad))
             .transpose()?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::ACME;
+    use crate::config::tests::{cfg, err};
+    use crate::config::Config;
+    use std::path::Path;
+
+    const DNS: &str = "[acme.dns]\nserver = \"192.0.2.53\"\ntsig_key_name = \"certmesh\"\ntsig_secret_file = \"/etc/certmesh/tsig.key\"\n";
+
+    #[test]
+    fn dns01_config_and_the_challenge_rule() {
+        let c = Config::parse(
+            Path::new("c.toml"),
+            &cfg(&format!(
+                "{ACME}{DNS}zone = \"Example.com.\"\npropagation_timeout = \"30s\"\n\
+                 [[certificate]]\nname = \"mixed\"\ndomains = [\"*.example.com\", \"example.com\"]\n\
+                 [[certificate]]\nname = \"all\"\ndomains = [\"internal.example.com\"]\nchallenge = \"dns-01\"\n\
+                 [[certificate]]\nname = \"web\"\ndomains = [\"www.example.com\"]\nchallenge = \"http-01\"\n"
+            )),
+        )
+        .unwrap();
+        let d = c.acme.unwrap().dns.unwrap();
+        assert_eq!(d.zone.as_deref(), Some("example.com"));
+        assert_eq!(d.propagation_timeout, Duration::from_secs(30));
+        match d.provider {
+            DnsProvider::Rfc2136 { server, key } => {
+                assert_eq!(server, "192.0.2.53:53".parse().unwrap());
+                assert_eq!(key.algorithm, TsigAlgorithm::HmacSha256);
+                assert_eq!(key.name, "certmesh");
+            }
+            other => panic!("{other:?}"),
+        }
+        let labels: Vec<&str> = c.certificates.iter().map(|c| c.challenge_label()).collect();
+        assert_eq!(labels, ["dns-01+http-01", "dns-01", "http-01"]);
+        assert!(c.certificates[0].challenge.uses_dns("*.example.com"));
+        assert!(!c.certificates[0].challenge.uses_dns("example.com"));
+        let exec = Config::parse(
+            Path::new("c.toml"),
+            &cfg(&format!("{ACME}[acme.dns]\nexec = [\"/usr/local/bin/dns-txt\", \"--zone\", \"x\"]\nexec_timeout = \"5s\"\n")),
+        )
+        .unwrap();
+        assert_eq!(
+            exec.acme.unwrap().dns.unwrap().provider,
+            DnsProvider::Exec {
+                argv: vec!["/usr/local/bin/dns-txt".into(), "--zone".into(), "x".into()],
+                timeout: Duration::from_secs(5)
+            }
+        );
+    }
+
+    #[test]
+    fn bad_dns01_config_is_named() {
+        let dns = |extra: &str| cfg(&format!("{ACME}{DNS}{extra}"));
+        let cases = [
+            (cfg(&format!("{ACME}[acme.dns]\nserver = \"192.0.2.53\"\n")), "acme.dns.tsig_key_name", "missing"),
+            (dns("tsig_algorithm = \"hmac-md5\"\n"), "acme.dns.tsig_algorithm", "hmac-sha256"),
+            (dns("exec = [\"/bin/true\"]\n"), "acme.dns.exec", "not both"),
+            (dns("propagation_timeout = \"soon\"\n"), "acme.dns.propagation_timeout", ""),
+            (dns("zone = \"bad zone\"\n"), "acme.dns.zone", "not a DNS zone"),
+            (dns("resolver = \"dns.example\"\n"), "acme.dns.resolver", "IP address"),
+            (dns("colour = 1\n"), "colour", ""),
+            (cfg(&format!("{ACME}{DNS}").replace("/etc/certmesh/tsig.key", "/etc/nginx/certs/tsig.key")), "acme.dns.tsig_secret_file", "inside tree.path"),
+            (cfg(&format!("{ACME}{DNS}").replace("/etc/certmesh/tsig.key", "tsig.key")), "acme.dns.tsig_secret_file", "absolute"),
+            (cfg(&format!("{ACME}[acme.dns]\nexec = [\"dns-txt\"]\n")), "acme.dns.exec", "absolute"),
+            (dns("[[certificate]]\nname = \"w\"\ndomains = [\"*.example.com\"]\nchallenge = \"http-01\"\n"), "certificate.challenge", "only dns-01"),
+            (dns("[[certificate]]\nname = \"w\"\ndomains = [\"a.example.com\"]\nchallenge = \"tls-alpn-01\"\n"), "certificate.challenge", "unknown challenge"),
+            (cert_dns01_without_dns(), "certificate.challenge", "[acme.dns]"),
+        ];
+        for (text, key, what) in cases {
+            let e = err(&text);
+            assert!(
+                e.contains(key) && e.contains(what),
+                "expected {key} / {what:?} in: {e}"
+            );
+        }
+        // A node without [acme] shows wildcard certificates without needing [acme.dns].
+        Config::parse(
+            Path::new("c.toml"),
+            &cfg("[[certificate]]\nname = \"w\"\ndomains = [\"*.example.com\"]\n"),
+        )
+        .unwrap();
+    }
+
+    fn cert_dns01_without_dns() -> String {
+        cfg(&format!("{ACME}[[certificate]]\nname = \"w\"\ndomains = [\"a.example.com\"]\nchallenge = \"dns-01\"\n"))
+    }
 }

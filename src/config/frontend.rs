@@ -1,4 +1,4 @@
-//! `[[frontend]]` (issue 26): the TLS servers of this node (nginx, HAProxy) that the
+//! `[[frontend]]`: the TLS servers of this node (nginx, HAProxy) that the
 //! serving probes shake hands with, to read which certificate each one presents.
 //! Parsed and validated here like the rest of the config.
 
@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Bad, CertificateConfig, ConfigError};
+use super::certificate::CertificateConfig;
+use super::{Bad, ConfigError};
 
 /// `[[frontend]]`
 #[derive(Deserialize)]

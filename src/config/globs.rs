@@ -1,10 +1,9 @@
 //! `[[hook]] paths`: shell-style globs over tree-relative paths.
 //!
 //! `*` and `?` stay inside one path component, `**` spans components, `[a-z]` is a
-//! class and `{a,b}` an alternative (expanded here into one pattern each, as
-//! globset did before). Built on the `glob` crate, which has no regex engine behind
-//! it: the regex crates were the largest part of the binary that nothing else needed
-//! (issue #14 item 7).
+//! class and `{a,b}` an alternative (expanded here into one pattern each). Built on
+//! the `glob` crate, which has no regex engine behind it: a regex engine would be
+//! the largest part of the binary, and nothing else needs one.
 
 use glob::{MatchOptions, Pattern};
 

@@ -1,14 +1,14 @@
-//! Certificates as data (issue 29): `.certmesh/certificates/<name>.toml` in the
+//! Certificates as data: `.certmesh/certificates/<name>.toml` in the
 //! replicated tree, one small file per certificate, written by `certmesh cert add`.
 //! Pure: parsing and validating one entry (the same rules as a `[[certificate]]`
 //! block, plus a size cap and the file name matching `name`), rendering one, and the
 //! effective set (the config's blocks, then the tree's entries; the config wins on a
 //! name both declare). Reading the directory is `crate::certs`.
 
-use super::{
-    certificate, AcmeConfig, CertSource, CertificateConfig, ChallengeChoice, ConfigError, KeyType,
-    RawCertificate,
-};
+use super::acme::AcmeConfig;
+use super::certificate::{certificate, CertSource, CertificateConfig, KeyType, RawCertificate};
+use super::dns::ChallengeChoice;
+use super::ConfigError;
 
 /// Where the entries live, relative to the tree.
 pub const DIR: &str = ".certmesh/certificates";

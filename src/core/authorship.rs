@@ -1,4 +1,4 @@
-//! Who may change the tree (issue 13): each record carries its author's full device
+//! Who may change the tree: each record carries its author's full device
 //! ID, the author's signature over everything that makes the record (path, version
 //! vector, kind, size, mode, mtime, content hash, link target, deletion, the
 //! `modified_by` short id) and the author's node certificate. Relays forward all three
@@ -144,7 +144,7 @@ impl Writers {
         }
     }
 
-    /// The cheap half of [`Writers::check`] (issue 25): the policy, and the
+    /// The cheap half of [`Writers::check`]: the policy, and the
     /// public key to verify `r` with (`None`: nothing to verify, everyone may write).
     /// The costly half, [`verify`], needs no access to the policy, so callers run it
     /// with no lock held.

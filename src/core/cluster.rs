@@ -1,4 +1,4 @@
-//! The cluster-wide barrier (issue 16): which nodes, near or far, have a path at a
+//! The cluster-wide barrier: which nodes, near or far, have a path at a
 //! version. Acks only tell a node about its direct peers; behind a hub, an edge two
 //! hops away is invisible to them. So the asking node (the *origin*) floods a
 //! [`Confirm`] request hop by hop; every node relays each request once (by id) to
@@ -23,7 +23,7 @@ use crate::core::version::VersionVector;
 
 /// Most hops a request is relayed (a hub topology needs 3–4).
 pub const MAX_HOPS: u32 = 16;
-/// Most device IDs a request lists as already asked (issue 25: 1,024, about 35 KB;
+/// Most device IDs a request lists as already asked (1,024, about 35 KB;
 /// a bigger cluster is asked again by the relays that reach it).
 pub const MAX_ASKED: usize = 1024;
 /// Most bytes one encoded request takes (a full `asked` list fits).
@@ -59,7 +59,7 @@ pub const MAX_RELAYS_PER_PEER: usize = 16;
 /// Bytes of its own requests (it is their origin) accepted from one peer in a
 /// burst; then [`CONFIRM_RATE`] bytes a second. Each request costs a flood through
 /// the cluster, so a peer sending them at line rate is slowed to this pace (the rest
-/// are dropped: their origins time out). Counted in bytes (issue 25), each request
+/// are dropped: their origins time out). Counted in bytes, each request
 /// at least [`CONFIRM_MIN_COST`].
 pub const CONFIRM_BURST: u64 = 64 << 10;
 /// Bytes a second a peer's own-request budget refills.
@@ -95,7 +95,7 @@ pub struct Confirm {
     pub asked: Vec<DeviceId>,
     /// Also report, per peer, whether it is in sync (`status --cluster`).
     pub sync: bool,
-    /// The origin's signature and certificate (issue 25); `None` when made by a
+    /// The origin's signature and certificate; `None` when made by a
     /// node without a signing key (tests) or received without them.
     pub seal: Option<Seal>,
 }
@@ -124,7 +124,7 @@ pub struct Report {
     pub name: String,
     pub has: bool,
     pub peers: Vec<Neighbor>,
-    /// The reporting node's signature and certificate (issue 25); `None` when made
+    /// The reporting node's signature and certificate; `None` when made
     /// by a node without a signing key (tests) or received without them.
     pub seal: Option<Seal>,
 }
@@ -225,7 +225,7 @@ fn verify_seal(seal: Option<&Seal>, who: &DeviceId, msg: &[u8]) -> bool {
     device::cert_public_key(&s.cert).is_ok_and(|key| device::verify_p256(&key, msg, &s.signature))
 }
 
-/// Whether `r` was signed by the node it is about (issue 25): its certificate is
+/// Whether `r` was signed by the node it is about: its certificate is
 /// that node's (SHA-256 equals `r.node`) and the signature covers exactly `r`. Pure
 /// arithmetic, no state: callers run it with no lock held.
 pub fn verify_report(r: &Report) -> bool {
@@ -354,7 +354,7 @@ pub struct Cluster {
     budgets: HashMap<(DeviceId, bool), Budget>,
     /// `(origin, id)` of requests taken in, and until when they are remembered.
     seen: HashMap<(DeviceId, u64), i64>,
-    /// Signs this node's reports (issue 25); with it, only reports signed by the
+    /// Signs this node's reports; with it, only reports signed by the
     /// node they are about are counted or relayed.
     signer: Option<Arc<NodeSigner>>,
     now_ns: i64,
@@ -471,7 +471,7 @@ impl Cluster {
     }
 
     /// Signs this node's reports from now on, and counts or relays only signed
-    /// ones (issue 25).
+    /// ones.
     pub fn set_signer(&mut self, signer: Arc<NodeSigner>) {
         self.signer = Some(signer);
     }
@@ -676,7 +676,7 @@ impl Cluster {
         if self.signer.is_some() && req.origin != from && !verified {
             return false;
         }
-        // A peer's own request without its signature (a node from before issue 25)
+        // A peer's own request without its signature (a node that does not sign)
         // is answered, not relayed: the next hop could not check it.
         let forward = self.signer.is_none() || verified;
         self.relay(v, from, req, forward, now_ns);
@@ -788,7 +788,7 @@ impl Cluster {
     /// on toward the origin (dropped when the route is unknown or expired).
     /// `verified` says whether [`verify_report`] held (the caller runs it outside
     /// any lock); with a signer set, an unverified report is neither counted nor
-    /// relayed (issue 25: a report about node X counts only if X signed it), and
+    /// relayed (a report about node X counts only if X signed it), and
     /// false is returned so the caller can count the refusal.
     pub fn handle_report(&mut self, from: DeviceId, report: Report, verified: bool) -> bool {
         let _ = from;
@@ -1032,7 +1032,7 @@ pub fn peer_warnings(peers: usize) -> Vec<String> {
         ],
         1 => vec![
             "one [[peer]] only: if it fails, this node is cut off from the cluster (peer \
-             each edge node with two hubs; README \"Large fleets\")"
+             each edge node with two hubs; docs/large-fleets.md)"
                 .into(),
         ],
         _ => Vec::new(),

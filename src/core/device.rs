@@ -114,8 +114,8 @@ impl FromStr for DeviceId {
 }
 
 /// Signs with this node's key (ECDSA P-256 with SHA-256, ASN.1 DER signatures, the
-/// algorithm of the node certificate): how a node signs the records it authors
-/// (issue 13). The certificate travels with each signature so any node can check it
+/// algorithm of the node certificate): how a node signs the records it authors.
+/// The certificate travels with each signature so any node can check it
 /// against the author's device ID.
 pub struct NodeSigner {
     id: DeviceId,

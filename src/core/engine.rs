@@ -33,11 +33,11 @@ pub enum EngineError {
     /// The peer acknowledged a sequence we never handed out.
     #[error("acknowledges sequence {acked}, ours is only {ours}")]
     AckBeyond { acked: u64, ours: u64 },
-    /// The peer's serving-probe report broke a bound (issue 26).
+    /// The peer's serving-probe report broke a bound.
     #[error("served report: {0}")]
     Served(String),
     /// The peer sent more records with forged authorship (or unsigned barrier
-    /// reports) in a minute than [`MAX_REFUSED_PER_MINUTE`] (issue 25: refusals
+    /// reports) in a minute than [`MAX_REFUSED_PER_MINUTE`] (refusals
     /// have consequences).
     #[error(
         "too many refused records: {count} with forged authorship within a minute \
@@ -93,14 +93,14 @@ pub struct Transmit {
     pub index: Option<IndexSend>,
     /// The peer's sequence we acknowledge, when it changed since the last one sent.
     pub ack: Option<u64>,
-    /// Cluster-wide barrier requests and reports (issue 16), after the ack.
+    /// Cluster-wide barrier requests and reports, after the ack.
     pub cluster: Vec<ClusterMsg>,
-    /// Serving-probe reports (issue 26): this node's newest and those it relays
+    /// Serving-probe reports: this node's newest and those it relays
     /// (only to peers that take them).
     pub served: Vec<SignedReport>,
 }
 
-/// What a sender has sent in one session (what `send_loop` used to keep).
+/// What a sender has sent in one session.
 #[derive(Debug)]
 struct SendState {
     token: SendToken,
@@ -112,7 +112,7 @@ struct SendState {
     takes_served: bool,
 }
 
-/// Records of one peer refused for their authorship (issue 13), since start.
+/// Records of one peer refused for their authorship, since start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Refused {
     pub count: u64,
@@ -120,7 +120,7 @@ pub struct Refused {
     /// The author the last refused record claimed (`None`: it claimed none).
     pub last_author: Option<DeviceId>,
     pub last_reason: Option<String>,
-    /// Start of the current one-minute window (issue 25: refusals have consequences).
+    /// Start of the current one-minute window (refusals have consequences).
     pub window_start_ns: i64,
     /// Records refused in the current window.
     pub in_window: u64,
@@ -162,7 +162,7 @@ pub struct NotSent {
     pub recent: VecDeque<RelPath>,
 }
 
-/// Signing what this node authors and checking what peers send (issue 13).
+/// Signing what this node authors and checking what peers send.
 #[derive(Debug, Default)]
 struct Authority {
     signer: Option<Arc<NodeSigner>>,
@@ -170,7 +170,7 @@ struct Authority {
     /// This node may change the tree (it is in `writers`, or there is no list).
     writer: bool,
     refused: HashMap<DeviceId, Refused>,
-    /// New paths of each peer refused because its view was full (issue 25).
+    /// New paths of each peer refused because its view was full.
     over_cap: HashMap<DeviceId, OverCap>,
     not_sent: NotSent,
     /// One copy of each author's certificate, shared by its records (at most
@@ -229,7 +229,7 @@ pub struct Engine {
     durable: Option<u64>,
     /// Cluster-wide barriers: relayed requests, reports, the barriers we run.
     cluster: Cluster,
-    /// What this node's and its peers' frontends serve (issue 26).
+    /// What this node's and its peers' frontends serve.
     served: ServedBoard,
     /// Paths the puller has taken (fetching or applying them): the scanner must not
     /// read them mid-apply, and their needs are not taken twice.
@@ -745,10 +745,11 @@ impl Engine {
     /// (at start and on reload).
     pub fn set_roster(&mut self, me: DeviceId, name: String, roster: Vec<Member>) {
         self.served.set_me(me);
+        self.served.set_peers(roster.iter().map(|m| m.device));
         self.cluster.set_roster(me, name, roster);
     }
 
-    /// `peer` takes serving-probe reports (issue 26): it is sent ours.
+    /// `peer` takes serving-probe reports: it is sent ours.
     pub fn peer_takes_served(&mut self, peer: DeviceId) {
         if let Some(s) = self.sends.get_mut(&peer) {
             s.takes_served = true;
@@ -776,19 +777,21 @@ impl Engine {
     }
 
     /// A serving-probe report from `peer` (its origin's signature already
-    /// checked): kept if newest, relayed on to the peers not yet asked.
+    /// checked), received at `now_ms` (unix milliseconds): kept if newest, relayed
+    /// on to the peers not yet asked.
     pub fn handle_served(
         &mut self,
         peer: DeviceId,
         report: SignedReport,
         records: Vec<ServedRecord>,
+        now_ms: i64,
     ) -> Result<(), EngineError> {
         if !self.sends.contains_key(&peer) {
             return Ok(());
         }
         let peers = self.served_peers();
         self.served
-            .handle_report(peer, report, records, &peers)
+            .handle_report(peer, report, records, &peers, now_ms)
             .map_err(EngineError::Served)
     }
 

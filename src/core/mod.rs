@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod codec;
 pub mod device;
 pub mod engine;
+pub mod fair;
 pub mod index;
 pub mod inline;
 pub mod paths;

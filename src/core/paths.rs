@@ -138,7 +138,7 @@ impl RelPath {
     }
 
     /// `.certmesh` itself or anything below `.certmesh/acme/` (the shared ACME
-    /// account and state): private to the daemon's user on every node (issue 24).
+    /// account and state): private to the daemon's user on every node.
     pub fn is_private_state(&self) -> bool {
         let acme = format!("{INTERNAL_DIR}/{ACME_DIR}");
         self.0 == INTERNAL_DIR || self.0 == acme || self.0.starts_with(&format!("{acme}/"))

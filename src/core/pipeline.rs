@@ -13,13 +13,14 @@
 //! ([`Engine::applying`]), which the scanner also asks: a path in flight is rescanned
 //! only after its apply, so our own writes are never announced as local changes.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::core::device::DeviceId;
 use crate::core::engine::Engine;
+use crate::core::fair::Fair;
 use crate::core::index::LocalStat;
 use crate::core::paths::RelPath;
 use crate::core::plan::{Need, Plan};
@@ -171,9 +172,10 @@ pub struct Pipeline {
     limits: Limits,
     /// Per path: not before, and how many failures in a row (backoff 0.5 s … 32 s).
     retry: HashMap<RelPath, (Instant, u32)>,
-    queued: VecDeque<Work>,
+    /// Fetches waiting for a slot, taking turns by first source ([`Fair`]).
+    queued: Fair<Option<DeviceId>, Work>,
     /// The small lane's fetches, started before `queued`'s on slots of their own.
-    small_queued: VecDeque<Work>,
+    small_queued: Fair<Option<DeviceId>, Work>,
     fetching: usize,
     /// Of `fetching`, the small lane's.
     small_fetching: usize,
@@ -211,8 +213,8 @@ impl Pipeline {
         Pipeline {
             limits,
             retry: HashMap::new(),
-            queued: VecDeque::new(),
-            small_queued: VecDeque::new(),
+            queued: Fair::default(),
+            small_queued: Fair::default(),
             fetching: 0,
             small_fetching: 0,
             per_peer: HashMap::new(),
@@ -389,14 +391,15 @@ impl Pipeline {
             inline,
             staged: None,
         };
+        let first = w.sources.first().copied();
         if w.sources.is_empty() {
             self.push_ready(w, now);
         } else if is_urgent(w.path()) {
-            self.small_queued.push_front(w);
+            self.small_queued.push_front(first, w);
         } else if is_small(&w.need.target) {
-            self.small_queued.push_back(w);
+            self.small_queued.push_back(first, w);
         } else {
-            self.queued.push_back(w);
+            self.queued.push_back(first, w);
         }
         true
     }
@@ -504,7 +507,7 @@ impl Pipeline {
             self.ready.drain(..n).collect()
         } else {
             // With a link of this lane goes what of its target is ready (a `live/`
-            // flip and its archive version apply as one unit, as before the lanes).
+            // flip and its archive version apply as one unit).
             let targets: Vec<RelPath> = self
                 .ready
                 .iter()
@@ -723,8 +726,15 @@ mod tests {
     /// size), new to us.
     fn engine_needing_sized(files: &[(&str, u8, u64)]) -> Engine {
         let mut e = Engine::new(Index::new(ShortId(1)), u64::MAX);
-        e.connected(peer());
-        let mut them = Index::new(ShortId(2));
+        announce(&mut e, peer(), ShortId(2), files);
+        e
+    }
+
+    /// `from` (short ID `short`) connects and announces `files` (path, content byte,
+    /// size), new to us.
+    fn announce(e: &mut Engine, from: DeviceId, short: ShortId, files: &[(&str, u8, u64)]) {
+        e.connected(from);
+        let mut them = Index::new(short);
         let records: Vec<(FileRecord, u64)> = files
             .iter()
             .map(|(p, b, size)| {
@@ -737,8 +747,26 @@ mod tests {
             })
             .collect();
         let last = them.sequence();
-        e.handle_index(peer(), records, last).unwrap();
-        e
+        e.handle_index(from, records, last).unwrap();
+    }
+
+    #[test]
+    fn a_peers_backlog_does_not_hold_up_another_peers_small_change() {
+        let flood: Vec<String> = (0..100).map(|i| format!("flood/{i:03}")).collect();
+        let files: Vec<(&str, u8, u64)> = flood.iter().map(|p| (p.as_str(), 1, 1)).collect();
+        let mut e = Engine::new(Index::new(ShortId(1)), u64::MAX);
+        announce(&mut e, peer(), ShortId(2), &files);
+        let healthy = DeviceId([7; 32]);
+        announce(&mut e, healthy, ShortId(3), &[("healthy/x", 2, 1)]);
+        let (mut p, now) = (Pipeline::new(limits()), Instant::now());
+        p.refill(&mut e, |_| None, |_| true, now);
+        // The flooder's fetches never end (it does not answer); the healthy peer's
+        // change still gets the second slot, not the 101st.
+        let first: Vec<DeviceId> = (0..2)
+            .filter_map(|_| p.next_fetch())
+            .map(|w| w.sources[0])
+            .collect();
+        assert_eq!(first, [peer(), healthy]);
     }
 
     fn limits() -> Limits {

@@ -41,7 +41,7 @@ impl std::fmt::Display for MinFree {
     }
 }
 
-/// The tree budgets (issue 25): past any of them, peers' new paths (and growth of
+/// The tree budgets: past any of them, peers' new paths (and growth of
 /// held files) are not fetched. Nothing already held is removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TreeBudget {
@@ -109,7 +109,7 @@ pub const MAX_REFUSALS: usize = 10_000;
 pub const RECHECK_FREE: u64 = 1 << 20;
 /// Most bytes (estimated by [`record_cost`]) the records one peer announced may hold
 /// in its view: the same as the index may hold ([`MAX_INDEX_BYTES`]), so an honest
-/// peer's full index always fits (issue 25: below it, every full index sent after a
+/// peer's full index always fits (below it, every full index sent after a
 /// reconnect overflowed and every session dropped). Past it, the peer's new paths are
 /// refused and named, and the session stays up. The view is dropped on disconnect;
 /// what a peer can make this node keep across reconnects is bounded by
@@ -139,7 +139,7 @@ pub enum PlanEvent {
         /// Paths refused by a budget since start.
         total: u64,
     },
-    /// Records of a peer refused for their authorship (issue 13): `count` in one
+    /// Records of a peer refused for their authorship: `count` in one
     /// batch, the first of them at `path`, claiming `author`.
     NotAuthorized {
         path: RelPath,
@@ -588,7 +588,7 @@ impl Plan {
         }
     }
 
-    /// False for a peer's path past a tree budget (issue 25): a new live path when
+    /// False for a peer's path past a tree budget: a new live path when
     /// the tree holds `max_files`; content that grows what this node holds past
     /// `max_size`; any content to fetch that would leave less than `min_disk_free`.
     /// What is already needed and what comes on top (needs not yet applied) counts,

@@ -44,7 +44,7 @@ pub struct FileRecord {
     pub version: VersionVector,
     pub deleted: bool,
     pub modified_by: ShortId,
-    /// The author's signature (issue 13), forwarded unchanged by relays; `None` for
+    /// The author's signature, forwarded unchanged by relays; `None` for
     /// records of nodes that do not sign (older versions, the simulator).
     pub auth: Option<Authorship>,
 }

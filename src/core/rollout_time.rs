@@ -1,4 +1,4 @@
-//! The rollout time (issue 26 item 3): from the publish of a version of a
+//! The rollout time: from the publish of a version of a
 //! certificate (the `live/<name>` flip, by the publisher's clock: the mtime its
 //! index record carries) until every node that reports serving probes serves that
 //! version's leaf on every frontend (each node's own clock: the moment its probe

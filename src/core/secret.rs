@@ -1,4 +1,4 @@
-//! Does a file hold private key material, whatever its format (issue 24)? PEM text
+//! Does a file hold private key material, whatever its format? PEM text
 //! (`-----BEGIN … PRIVATE KEY-----`), DER (PKCS#8, encrypted PKCS#8, SEC1, PKCS#1),
 //! PKCS#12, and JSON holding a JWK with its private `d` member or a base64 string
 //! that decodes to one of those DER forms (instant-acme's `key_pkcs8`). A small DER

@@ -1,17 +1,22 @@
-//! What the fleet serves (issue 26): the latest serving-probe results of this node
+//! What the fleet serves: the latest serving-probe results of this node
 //! (set by the probes) and of every other node that reports, near or far.
 //!
 //! A node speaks only for itself: its report ([`SignedReport`]) is signed with its
 //! node key over [`signed_message`] and relayed unchanged, so no node can report for
 //! another, and a relay cannot alter what it forwards. Reports travel like the
-//! census (issue 16): hop by hop, each node forwarding a new generation once to its
+//! census: hop by hop, each node forwarding a new generation once to its
 //! connected peers not yet listed in the report's `asked` list (which it extends),
 //! so a full mesh sends each report once per link and hubs carry reports between
 //! regions. The viewer, not the reporter, decides whether a served leaf is current
 //! (against its own tree).
 //!
+//! Reports that no longer describe the fleet are not counted: a node removed from
+//! the peer list (on reload) has its report dropped and any relayed copy refused
+//! until it is configured again; a report not refreshed within [`STALE_AFTER_MS`]
+//! (each node sends a new generation every probe round) is shown as stale.
+//!
 //! Pure: no I/O, no clock, no crypto (the wire layer checks signatures before a
-//! report gets here). The engine owns one [`ServedBoard`].
+//! report gets here; time comes in as `now_ms`). The engine owns one [`ServedBoard`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -30,6 +35,11 @@ pub const MAX_ORIGINS: usize = 4096;
 pub const MAX_STORED_BYTES: usize = 64 << 20;
 /// Most device IDs a report lists as already sent it.
 pub const MAX_ASKED: usize = 4096;
+/// How often each node probes and reports at the least (`probe::PERIOD`, ±10 %).
+pub const REPORT_PERIOD_MS: i64 = 300_000;
+/// A report not refreshed for this long (3 probe periods, by this node's clock) is
+/// stale: shown as such, never counted as serving an old certificate.
+pub const STALE_AFTER_MS: i64 = 3 * REPORT_PERIOD_MS;
 
 /// One probe result: what `frontend` presented for `cert`, and when.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +161,21 @@ pub fn signed_message(origin: &DeviceId, generation: u64, name: &str, list: &[u8
 struct Stored {
     report: SignedReport,
     records: Vec<ServedRecord>,
+    /// When this node received the origin's latest generation (its own clock).
+    received_ms: i64,
+}
+
+/// Another node's latest report, as `status` reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct OtherReport<'a> {
+    pub device: &'a DeviceId,
+    /// The name the node signed.
+    pub name: &'a str,
+    pub records: &'a [ServedRecord],
+    /// When this node received it (unix milliseconds, its own clock).
+    pub received_ms: i64,
+    /// Not refreshed within [`STALE_AFTER_MS`].
+    pub stale: bool,
 }
 
 /// This node's results and the other nodes' latest.
@@ -164,6 +189,11 @@ pub struct ServedBoard {
     bytes: usize,
     /// Per peer: reports to send it (by origin), with the `asked` list to send.
     outbox: HashMap<DeviceId, BTreeMap<DeviceId, Vec<DeviceId>>>,
+    /// The configured peers (the last roster).
+    peers: BTreeSet<DeviceId>,
+    /// Nodes removed from the peer list: their reports are refused until they are
+    /// configured again (bounded by [`MAX_ORIGINS`]).
+    departed: BTreeSet<DeviceId>,
 }
 
 impl Default for ServedBoard {
@@ -175,6 +205,8 @@ impl Default for ServedBoard {
             others: HashMap::new(),
             bytes: 0,
             outbox: HashMap::new(),
+            peers: BTreeSet::new(),
+            departed: BTreeSet::new(),
         }
     }
 }
@@ -182,6 +214,27 @@ impl Default for ServedBoard {
 impl ServedBoard {
     pub fn set_me(&mut self, me: DeviceId) {
         self.me = me;
+    }
+
+    /// The configured peers (at start and on reload). A peer no longer listed has
+    /// left the fleet: its report is dropped, and copies other nodes still relay
+    /// are refused until it is listed again.
+    pub fn set_peers(&mut self, peers: impl IntoIterator<Item = DeviceId>) {
+        let new: BTreeSet<DeviceId> = peers.into_iter().collect();
+        let gone: Vec<DeviceId> = self.peers.difference(&new).copied().collect();
+        for d in gone {
+            if let Some(s) = self.others.remove(&d) {
+                self.bytes -= s.report.bytes();
+            }
+            for out in self.outbox.values_mut() {
+                out.remove(&d);
+            }
+            if self.departed.len() < MAX_ORIGINS {
+                self.departed.insert(d);
+            }
+        }
+        self.departed.retain(|d| !new.contains(d));
+        self.peers = new;
     }
 
     /// This node's latest results (for its own `status`).
@@ -204,22 +257,24 @@ impl ServedBoard {
         self.mine_report = Some(report);
     }
 
-    /// A report `from` a peer, its signature already checked: kept when it is the
-    /// origin's newest (and within the budgets), then relayed to the peers in
-    /// `connected` that it does not list as asked.
+    /// A report `from` a peer, its signature already checked, received at
+    /// `now_ms`: kept when it is the origin's newest (and within the budgets, and
+    /// the origin has not left the fleet), then relayed to the peers in `connected`
+    /// that it does not list as asked.
     pub fn handle_report(
         &mut self,
         from: DeviceId,
         report: SignedReport,
         records: Vec<ServedRecord>,
         connected: &[DeviceId],
+        now_ms: i64,
     ) -> Result<(), String> {
         let me = self.me;
         check_records(&records)?;
         if report.asked.len() > MAX_ASKED {
             return Err(format!("{} asked", report.asked.len()));
         }
-        if report.origin == me {
+        if report.origin == me || self.departed.contains(&report.origin) {
             return Ok(());
         }
         let old = self.others.get(&report.origin);
@@ -258,6 +313,7 @@ impl ServedBoard {
                     ..report
                 },
                 records,
+                received_ms: now_ms,
             },
         );
         Ok(())
@@ -300,11 +356,15 @@ impl ServedBoard {
             .collect()
     }
 
-    /// Every other node's latest report: (device, its own name, records).
-    pub fn others(&self) -> impl Iterator<Item = (&DeviceId, &str, &[ServedRecord])> {
-        self.others
-            .iter()
-            .map(|(d, s)| (d, s.report.name.as_str(), s.records.as_slice()))
+    /// Every other node's latest report, judged stale or not at `now_ms`.
+    pub fn others(&self, now_ms: i64) -> impl Iterator<Item = OtherReport<'_>> {
+        self.others.iter().map(move |(d, s)| OtherReport {
+            device: d,
+            name: s.report.name.as_str(),
+            records: s.records.as_slice(),
+            received_ms: s.received_ms,
+            stale: now_ms.saturating_sub(s.received_ms) > STALE_AFTER_MS,
+        })
     }
 }
 
@@ -360,14 +420,14 @@ mod tests {
         let mut b = ServedBoard::default();
         let peer = DeviceId([7; 32]);
         let twice = vec![rec("a", Some(1)), rec("a", Some(2))];
-        let e = b.handle_report(peer, report(7, 1), twice, &[]);
+        let e = b.handle_report(peer, report(7, 1), twice, &[], 0);
         assert!(e.unwrap_err().contains("twice"));
         let mut both = rec("a", Some(1));
         both.error = Some("x".into());
         assert!(b
-            .handle_report(peer, report(7, 1), vec![both], &[])
+            .handle_report(peer, report(7, 1), vec![both], &[], 0)
             .is_err());
-        assert_eq!(b.others().count(), 0);
+        assert_eq!(b.others(0).count(), 0);
     }
 
     #[test]
@@ -378,7 +438,7 @@ mod tests {
         let connected = [edge1, edge2, other_hub];
         let mut r = report(1, 10);
         r.asked = vec![edge1, other_hub];
-        hub.handle_report(edge1, r.clone(), vec![rec("a", Some(1))], &connected)
+        hub.handle_report(edge1, r.clone(), vec![rec("a", Some(1))], &connected, 0)
             .unwrap();
         assert!(hub.take_outbox(&other_hub).is_empty(), "listed as asked");
         assert!(hub.take_outbox(&edge1).is_empty(), "the origin");
@@ -386,11 +446,11 @@ mod tests {
         assert_eq!(sent.len(), 1);
         assert!(sent[0].asked.contains(&edge2) && sent[0].asked.contains(&ME));
         // The same generation again (from the other hub): not relayed again.
-        hub.handle_report(other_hub, r, vec![rec("a", Some(1))], &connected)
+        hub.handle_report(other_hub, r, vec![rec("a", Some(1))], &connected, 0)
             .unwrap();
         assert!(hub.take_outbox(&edge2).is_empty());
         assert_eq!(
-            hub.others().next().map(|(_, n, r)| (n, r.len())),
+            hub.others(0).next().map(|o| (o.name, o.records.len())),
             Some(("n1", 1))
         );
     }
@@ -399,12 +459,12 @@ mod tests {
     fn an_older_generation_never_replaces_a_newer_one() {
         let mut b = ServedBoard::default();
         let peer = DeviceId([7; 32]);
-        b.handle_report(peer, report(7, 2), vec![rec("a", Some(2))], &[])
+        b.handle_report(peer, report(7, 2), vec![rec("a", Some(2))], &[], 0)
             .unwrap();
-        b.handle_report(peer, report(7, 1), vec![rec("a", Some(1))], &[])
+        b.handle_report(peer, report(7, 1), vec![rec("a", Some(1))], &[], 0)
             .unwrap();
-        let (_, _, records) = b.others().next().unwrap();
-        assert_eq!(records[0].leaf_sha256, Some([2; 32]));
+        let o = b.others(0).next().unwrap();
+        assert_eq!(o.records[0].leaf_sha256, Some([2; 32]));
     }
 
     #[test]
@@ -416,5 +476,46 @@ mod tests {
         assert_ne!(base, m(1, 1, "b", b"x"));
         assert_ne!(base, m(1, 1, "a", b"y"));
         assert_ne!(m(1, 1, "ab", b"c"), m(1, 1, "a", b"bc"));
+    }
+
+    #[test]
+    fn a_peer_removed_from_the_config_is_dropped_and_not_taken_again() {
+        let mut b = ServedBoard::default();
+        let (lb2, lb3) = (DeviceId([2; 32]), DeviceId([3; 32]));
+        b.set_peers([lb2, lb3]);
+        b.handle_report(lb3, report(3, 1), vec![rec("a", Some(1))], &[], 0)
+            .unwrap();
+        b.set_peers([lb2]);
+        assert_eq!(b.others(0).count(), 0);
+        // lb2 still lists lb3 and relays its next report: refused.
+        b.handle_report(lb2, report(3, 2), vec![rec("a", Some(1))], &[], 0)
+            .unwrap();
+        assert_eq!(b.others(0).count(), 0);
+        // Listed again: taken again.
+        b.set_peers([lb2, lb3]);
+        b.handle_report(lb3, report(3, 3), vec![rec("a", Some(1))], &[], 0)
+            .unwrap();
+        assert_eq!(b.others(0).count(), 1);
+    }
+
+    #[test]
+    fn a_report_not_refreshed_for_three_periods_is_stale() {
+        let mut b = ServedBoard::default();
+        let peer = DeviceId([7; 32]);
+        b.handle_report(peer, report(7, 1), vec![rec("a", Some(1))], &[], 1_000)
+            .unwrap();
+        let stale = |b: &ServedBoard, now| b.others(now).next().map(|o| o.stale);
+        assert_eq!(stale(&b, 1_000 + STALE_AFTER_MS), Some(false));
+        assert_eq!(stale(&b, 1_001 + STALE_AFTER_MS), Some(true));
+        // A new generation refreshes it.
+        b.handle_report(
+            peer,
+            report(7, 2),
+            vec![rec("a", Some(1))],
+            &[],
+            2 * STALE_AFTER_MS,
+        )
+        .unwrap();
+        assert_eq!(stale(&b, 2 * STALE_AFTER_MS + 1), Some(false));
     }
 }

@@ -737,7 +737,8 @@ mod tests {
             conflict: true,
             replaces_author: None,
         }];
-        // Before: the loser was moved away, then the unlink found nothing (ENOENT).
+        // The loser is kept and the path removed, with no ENOENT from unlinking
+        // what was just moved away.
         let out = t.apply(&items).outcomes;
         assert!(matches!(out[0], Outcome::Applied(None)), "{out:?}");
         assert!(fs::symlink_metadata(t.root.join("f")).is_err());

@@ -11,7 +11,7 @@
 //! under [`NOT_KEPT`] (challenge tokens and renewal leases churn and are worthless
 //! later).
 //!
-//! # A peer cannot flush what it destroyed (issue 24)
+//! # A peer cannot flush what it destroyed
 //! Each kept version records who wrote the content it holds (`content_by`: the
 //! author of the record it replaced) next to who replaced or deleted it
 //! (`modified_by`). The totals evict in two tiers, oldest first within each:

@@ -1,4 +1,4 @@
-//! The state directory's lock (issue 23): `certmesh run` holds an exclusive `flock`
+//! The state directory's lock: `certmesh run` holds an exclusive `flock`
 //! on `<state_dir>/lock` from before it reads anything there until it exits, so a
 //! second daemon with the same config stops before it loads or rewrites `index.db`.
 //! The holder's pid is written into the file for the second one's message. The

@@ -1,4 +1,4 @@
-//! Narrow handles onto the daemon's shared state (issue #12): a feature takes the
+//! Narrow handles onto the daemon's shared state: a feature takes the
 //! handles it uses, not the whole [`Shared`], so what it can see and change is plain
 //! from its signature, and the state behind a handle can change without touching the
 //! feature. The daemon's wiring makes them (`daemon.rs`); the handles hold the state
@@ -105,8 +105,11 @@ impl Settings {
 
     /// Makes `tree` (the tree's valid `.certmesh/certificates/` entries) part of the
     /// effective certificates, after the config's own blocks, which win on a name
-    /// both declare (issue 29). Says whether the set changed (subscribers wake then).
-    pub fn set_tree_certificates(&self, tree: Vec<crate::config::CertificateConfig>) -> bool {
+    /// both declare. Says whether the set changed (subscribers wake then).
+    pub fn set_tree_certificates(
+        &self,
+        tree: Vec<crate::config::certificate::CertificateConfig>,
+    ) -> bool {
         self.0.config.send_if_modified(|c| {
             let new = crate::config::tree_certs::effective(&c.configured_certificates(), tree);
             if new == c.certificates {
@@ -170,7 +173,7 @@ impl Mesh {
         self.0.me()
     }
 
-    /// Whether this node may change the tree (issue #13: readers may not).
+    /// Whether this node may change the tree (readers may not).
     pub fn is_writer(&self) -> bool {
         self.0.lock().engine.is_writer()
     }
@@ -280,7 +283,7 @@ impl Observer {
 }
 
 /// The certificates this node repairs, for [`crate::telemetry::Repairs::touched`]: the
-/// configured ones, none on a reader (issue 13: its repair would be put back).
+/// configured ones, none on a reader (its repair would be put back).
 pub fn repaired(is_writer: bool, config: &crate::config::Config) -> Vec<String> {
     if !is_writer {
         return Vec::new();

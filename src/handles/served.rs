@@ -1,4 +1,4 @@
-//! The serving probes' handle (issue 26): publish this node's latest results to the
+//! The serving probes' handle: publish this node's latest results to the
 //! engine (which sends them to the peers), and reach the probes' shared side.
 
 use std::sync::Arc;

@@ -24,7 +24,7 @@ use crate::node::{Penalty, Session, Shared, State};
 
 /// Close code for a duplicate (or replaced) session.
 pub const CLOSE_DUPLICATE: u32 = 1;
-/// Close code for a peer that sent too many refused records (issue 25), and for its
+/// Close code for a peer that sent too many refused records, and for its
 /// sessions while this node backs off from it.
 pub const CLOSE_REFUSING: u32 = 4;
 
@@ -167,7 +167,7 @@ impl SyncHandle {
     /// Records from the peer's index (inline content already in the cache): the
     /// engine checks and learns them; the puller is woken for what is now needed.
     ///
-    /// Signatures are verified before the state lock is taken (issue 25), so a
+    /// Signatures are verified before the state lock is taken, so a
     /// peer's junk stalls no other task: a short lock to learn which records differ
     /// from ours, the arithmetic with no lock, then the verdicts go in. A peer past
     /// [`crate::core::engine::MAX_REFUSED_PER_MINUTE`] is disconnected and backed
@@ -247,7 +247,7 @@ impl SyncHandle {
         Ok(())
     }
 
-    /// A barrier request relayed by the peer (issue 16).
+    /// A barrier request relayed by the peer.
     ///
     /// Its origin's signature is checked before the state lock is taken (issue
     /// 25); refused ones count toward the peer's refusals.
@@ -266,7 +266,7 @@ impl SyncHandle {
         Ok(())
     }
 
-    /// A serving-probe report relayed by the peer (issue 26), its origin's
+    /// A serving-probe report relayed by the peer, its origin's
     /// signature already checked; the senders are woken for what is relayed on.
     pub fn served_received(
         &self,
@@ -274,13 +274,17 @@ impl SyncHandle {
         report: crate::core::served::SignedReport,
         records: Vec<crate::core::served::ServedRecord>,
     ) -> Result<(), EngineError> {
-        self.0.lock().engine.handle_served(peer, report, records)?;
+        let now_ms = crate::clock::now_ns() / 1_000_000;
+        self.0
+            .lock()
+            .engine
+            .handle_served(peer, report, records, now_ms)?;
         self.0.bump_progress();
         Ok(())
     }
 
     /// A barrier report from the peer, its signature checked before the state lock
-    /// is taken (issue 25). Refused ones count toward the peer's refusals.
+    /// is taken. Refused ones count toward the peer's refusals.
     pub fn report_received(&self, peer: DeviceId, r: Report) -> Result<(), EngineError> {
         let verified = crate::core::cluster::verify_report(&r);
         {
@@ -492,8 +496,7 @@ impl SyncHandle {
             if changed > 0 {
                 tracing::info!(changed, "local changes");
             }
-            // A reader's local changes are not sent but put back by the puller
-            // (issue 13).
+            // A reader's local changes are not sent but put back by the puller.
             let put_back = st.engine.not_sent().count != not_sent;
             if put_back {
                 tracing::info!(

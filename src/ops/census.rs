@@ -1,4 +1,4 @@
-//! `certmesh status --cluster` (issue 16): whether the whole cluster is in sync, not
+//! `certmesh status --cluster`: whether the whole cluster is in sync, not
 //! only this node's direct peers. Behind a hub, an edge two hops away is invisible
 //! to the per-peer `in_sync`; a census (a cluster-wide barrier on this node's newest
 //! record, [`crate::node::census`]) asks every node whether it is in sync with each

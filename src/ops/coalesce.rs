@@ -1,6 +1,6 @@
-//! Hook coalescing (issue 29), pure: time is passed in. While certificates keep
+//! Hook coalescing, pure: time is passed in. While certificates keep
 //! changing, one `[[hook]]` runs at most once per its `min_interval`, and never later
-//! than `config::HOOK_MAX_DELAY` after the first change a run covers. The hook
+//! than `config::hook::HOOK_MAX_DELAY` after the first change a run covers. The hook
 //! runner (`hooks.rs`) keeps one [`Coalesce`] per hook, adds each debounced burst's
 //! matching paths, and runs the hook when [`Coalesce::take`] hands them out.
 

@@ -49,7 +49,7 @@ pub enum Request {
         dry_run: bool,
     },
     /// Wait until every live node of the cluster has `path` as this node has it
-    /// (the ACME challenge barrier, on any path; issue 16).
+    /// (the ACME challenge barrier, on any path).
     Confirm {
         path: String,
         /// Give up after this many milliseconds.

@@ -1,5 +1,5 @@
 //! `certmesh check --fleet`: the configs of a whole fleet, as config management
-//! renders them, checked together (issue 16). One config only shows its own peers;
+//! renders them, checked together. One config only shows its own peers;
 //! all of them show the peer graph: a node listed by a peer it does not list back
 //! (its handshake refuses that peer, so the link never forms), the same node listed
 //! under different device IDs, a peer dialled at an address the node does not listen

@@ -21,7 +21,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::config::{HaproxySocket, HookAction, HookConfig, HOOK_MAX_DELAY};
+use crate::config::{
+    hook::HaproxySocket, hook::HookAction, hook::HookConfig, hook::HOOK_MAX_DELAY,
+};
 use crate::handles::{Changes, Reports, Settings};
 use crate::ops::coalesce::Coalesce;
 
@@ -37,7 +39,7 @@ pub struct Hooks {
     pub settings: Settings,
     pub reports: Reports,
     /// Serving probes: told which certificates' hooks ran (and how), and asking
-    /// for re-runs when a frontend kept an old certificate (issue 26).
+    /// for re-runs when a frontend kept an old certificate.
     pub probes: Option<crate::telemetry::Probes>,
 }
 
@@ -597,7 +599,7 @@ mod tests {
     fn the_metric_label_is_the_command_path_not_its_arguments() {
         let hook = HookConfig {
             paths: vec!["live/**".into()],
-            matcher: crate::config::Globs::new(&["live/**"]).unwrap(),
+            matcher: crate::config::globs::Globs::new(&["live/**"]).unwrap(),
             action: HookAction::Run(vec!["/usr/sbin/nginx".into(), "-s".into(), "reload".into()]),
             timeout: Duration::from_secs(30),
             min_interval: Duration::from_secs(5),

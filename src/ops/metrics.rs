@@ -313,7 +313,7 @@ pub fn render(s: &Status, scrape: &Scrape, events: &Events) -> String {
         "Rescans of the tree since start (watcher-driven and periodic).",
         s.tree.scans,
     );
-    // issue 13 (writers): this node's role, a reader's local changes not sent.
+    // `[tree] writers`: this node's role, a reader's local changes not sent.
     o.one(
         "certmesh_writer",
         "gauge",
@@ -425,7 +425,7 @@ fn peers(o: &mut Exposition, s: &Status, scrape: &Scrape) {
         "Unix time of the last successful sync with the peer: its last ack, or the last time it was seen fully in sync (absent: never since start).",
         &|p| p.last_sync_unix.map(|t| t.to_string()),
     );
-    // issue 13 (writers): records refused for their authorship, per peer.
+    // `[tree] writers`: records refused for their authorship, per peer.
     per_peer(
         "certmesh_peer_refused_authorship_total",
         "counter",
@@ -515,7 +515,7 @@ fn certificates(o: &mut Exposition, s: &Status, scrape: &Scrape, events: &Events
     );
 }
 
-/// What this node's frontends serve (issue 26), per certificate and frontend.
+/// What this node's frontends serve, per certificate and frontend.
 fn served(o: &mut Exposition, s: &Status) {
     let mine: Vec<(&str, &crate::ops::served::ServedStatus)> = s
         .certificates
@@ -561,6 +561,25 @@ fn served(o: &mut Exposition, s: &Status) {
         "1 if this node's frontend serves the leaf of live/<cert>/fullchain.pem, else 0.",
         &|e| Some(i64::from(e.current)),
     );
+    let name = "certmesh_served_nodes";
+    let _ = writeln!(
+        o.0,
+        "# HELP {name} Nodes whose latest report says all their frontends serve live/<cert> (state=current), some do not (not_current), or whose report was not refreshed within 3 probe periods (stale; counted in neither). Nodes removed from the peer list are not counted.\n# TYPE {name} gauge"
+    );
+    for c in s.certificates.iter().filter(|c| !c.served.is_empty()) {
+        let n = crate::ops::served::counts(c);
+        for (state, v) in [
+            ("current", n.current),
+            ("not_current", n.not_current),
+            ("stale", n.stale),
+        ] {
+            let _ = writeln!(
+                o.0,
+                "{name}{{cert=\"{}\",state=\"{state}\"}} {v}",
+                escape(&c.name)
+            );
+        }
+    }
     let h = &s.counters.rollout_seconds;
     let name = "certmesh_rollout_seconds";
     let _ = writeln!(

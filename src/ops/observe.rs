@@ -138,7 +138,7 @@ fn ongoing_errors(peers: &[PeerStatus], certs: &[CertStatus], now: i64) -> Vec<R
     out
 }
 
-/// What every node's frontends serve, per certificate (issue 26): this node's and
+/// What every node's frontends serve, per certificate: this node's and
 /// its peers' latest probe results, judged against this node's tree (a peer says
 /// which leaf it saw, never whether it is current).
 fn served_by_cert(
@@ -146,15 +146,18 @@ fn served_by_cert(
 ) -> std::collections::HashMap<String, Vec<crate::ops::served::ServedStatus>> {
     use crate::core::served::ServedRecord;
     let me = shared.config().name.clone();
-    let records: Vec<(String, ServedRecord)> = {
+    let now_ms = crate::clock::now_ns() / 1_000_000;
+    // (node, record, stale): a report not refreshed lately is shown, not counted.
+    let records: Vec<(String, ServedRecord, bool)> = {
         let st = shared.lock();
         let board = st.engine.served();
         let mut out: Vec<_> = board
             .mine()
             .iter()
-            .map(|r| (me.clone(), r.clone()))
+            .map(|r| (me.clone(), r.clone(), false))
             .collect();
-        for (id, own_name, recs) in board.others() {
+        for o in board.others(now_ms) {
+            let (id, own_name) = (o.device, o.name);
             // A configured peer by its configured name; a node further away by the
             // name it signed, marked when it would pose as a known one.
             let name = match st.peers.get(id) {
@@ -164,13 +167,13 @@ fn served_by_cert(
                 }
                 None => own_name.to_string(),
             };
-            out.extend(recs.iter().map(|r| (name.clone(), r.clone())));
+            out.extend(o.records.iter().map(|r| (name.clone(), r.clone(), o.stale)));
         }
         out
     };
     let mut leaves: std::collections::HashMap<String, crate::probe::Leaves> = Default::default();
     let mut by_cert: std::collections::HashMap<String, Vec<_>> = Default::default();
-    for (node, r) in records {
+    for (node, r, stale) in records {
         let l = leaves
             .entry(r.cert.clone())
             .or_insert_with(|| crate::probe::Leaves::read(&shared.tree.root, &r.cert));
@@ -189,6 +192,7 @@ fn served_by_cert(
                 seen_unix: r.seen_unix,
                 since_unix: r.since_unix,
                 since_ms: r.since_ms,
+                stale,
             });
     }
     for v in by_cert.values_mut() {
@@ -337,7 +341,7 @@ fn status(shared: &Arc<Shared>) -> Status {
     }
 }
 
-/// The last finished rollout of `cert` (issue 26 item 3), given what `served` shows
+/// The last finished rollout of `cert`, given what `served` shows
 /// now: the publish is the `live/<cert>` flip of the live `version` (its index
 /// record's mtime, by the publisher's clock; this node's own flips are counted in
 /// the histogram), the end the latest `since` of the nodes' probes.
@@ -358,6 +362,7 @@ pub fn rollout(
     };
     let seen: Vec<Seen> = served
         .iter()
+        .filter(|s| !s.stale)
         .map(|s| Seen {
             node: &s.node,
             current: s.current,

@@ -1,8 +1,12 @@
-//! What the fleet serves, as `status` shows it (issue 26): per certificate, each
+//! What the fleet serves, as `status` shows it: per certificate, each
 //! node's and frontend's served leaf (`certificates[].served[]`), one summary line
 //! ("served: current on 2/3 nodes; lb7 (nginx) serves version 1 (current 2) since
 //! 14:02:10 UTC; lb9 (nginx) handshake failed: connection refused"), and, with
 //! `--cluster`, the nodes that do not serve the current version.
+//!
+//! A stale report (not refreshed within `core::served::STALE_AFTER_MS`) is listed
+//! as such and left out of the counts: a node that stopped reporting is not known
+//! to serve an old certificate. Nodes removed from the peer list are not listed.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +34,9 @@ pub struct ServedStatus {
     /// The same in unix milliseconds (0: not reported).
     #[serde(default)]
     pub since_ms: i64,
+    /// The node's report was not refreshed lately: not counted either way.
+    #[serde(default)]
+    pub stale: bool,
 }
 
 /// "HH:MM:SS UTC" of a unix time.
@@ -39,20 +46,45 @@ fn clock(unix: i64) -> String {
         .unwrap_or_else(|_| unix.to_string())
 }
 
-/// Nodes that report for `c`, and those of them whose every frontend is current.
-fn counts(c: &CertStatus) -> (usize, usize) {
-    let mut nodes: Vec<&str> = c.served.iter().map(|s| s.node.as_str()).collect();
+/// How many nodes report what for one certificate (status and `/metrics` both
+/// count with this).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Nodes with a fresh report whose every frontend serves the current leaf.
+    pub current: usize,
+    /// Nodes with a fresh report of which some frontend does not.
+    pub not_current: usize,
+    /// Nodes whose report is stale (counted in neither).
+    pub stale: usize,
+}
+
+/// What the nodes report for `c`.
+pub fn counts(c: &CertStatus) -> Counts {
+    let mut nodes: Vec<(&str, bool)> = c
+        .served
+        .iter()
+        .map(|s| (s.node.as_str(), s.stale))
+        .collect();
     nodes.sort_unstable();
     nodes.dedup();
-    let current = nodes
-        .iter()
-        .filter(|n| c.served.iter().filter(|s| s.node == **n).all(|s| s.current))
-        .count();
-    (nodes.len(), current)
+    let mut out = Counts::default();
+    for (n, stale) in nodes {
+        if stale {
+            out.stale += 1;
+        } else if c.served.iter().filter(|s| s.node == n).all(|s| s.current) {
+            out.current += 1;
+        } else {
+            out.not_current += 1;
+        }
+    }
+    out
 }
 
 /// What one entry that is not current says, after the node's name.
 fn problem(s: &ServedStatus, c: &CertStatus) -> String {
+    if s.stale {
+        return format!("report stale (last seen {})", clock(s.seen_unix));
+    }
     if let Some(e) = &s.error {
         return format!("handshake failed: {e}");
     }
@@ -71,12 +103,13 @@ fn problem(s: &ServedStatus, c: &CertStatus) -> String {
 
 /// The summary line of one certificate, `None` when no node reported for it.
 pub fn line(c: &CertStatus) -> Option<String> {
-    let (nodes, current) = counts(c);
-    if nodes == 0 {
+    let n = counts(c);
+    let nodes = n.current + n.not_current;
+    if nodes + n.stale == 0 {
         return None;
     }
-    let mut out = format!("served {}: current on {current}/{nodes} nodes", c.name);
-    for s in c.served.iter().filter(|s| !s.current) {
+    let mut out = format!("served {}: current on {}/{nodes} nodes", c.name, n.current);
+    for s in c.served.iter().filter(|s| !s.current || s.stale) {
         out.push_str(&format!("; {} ({}) {}", s.node, s.frontend, problem(s, c)));
     }
     Some(out)
@@ -110,7 +143,7 @@ pub fn render(s: &Status) -> String {
 pub fn render_cluster(s: &Status) -> String {
     let mut behind: Vec<String> = Vec::new();
     for c in &s.certificates {
-        for e in c.served.iter().filter(|e| !e.current) {
+        for e in c.served.iter().filter(|e| !e.current && !e.stale) {
             behind.push(format!(
                 "{} ({} {}: {})",
                 e.node,
@@ -142,6 +175,7 @@ mod tests {
             seen_unix: 50_000,
             since_unix: 50_520,
             since_ms: 50_520_000,
+            stale: false,
         }
     }
 
@@ -163,6 +197,28 @@ mod tests {
             Some(
                 "served www: current on 1/3 nodes; lb7 (nginx) serves version 12 (current 13) \
                  since 14:02:00 UTC; lb9 (nginx) handshake failed: connection refused"
+            )
+        );
+    }
+
+    #[test]
+    fn a_stale_report_is_named_but_not_counted() {
+        let mut c: CertStatus = serde_json::from_value(serde_json::json!({"name": "www",
+            "domains": [], "not_after": null, "not_after_unix": null, "days_left": null,
+            "version": 13, "serial": null, "renewer": null, "lease": null,
+            "next_renewal": null, "state": null, "last_attempt": null,
+            "last_error": null, "failures": 0, "waiting_for": null, "last_took_ms": null}))
+        .expect("a certificate status");
+        let mut old = entry("lb7", false, Some(12), None);
+        old.stale = true;
+        c.served = vec![entry("lb1", true, Some(13), None), old];
+        let n = counts(&c);
+        assert_eq!((n.current, n.not_current, n.stale), (1, 0, 1));
+        assert_eq!(
+            line(&c).as_deref(),
+            Some(
+                "served www: current on 1/1 nodes; lb7 (nginx) report stale (last seen \
+                 13:53:20 UTC)"
             )
         );
     }

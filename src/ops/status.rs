@@ -3,6 +3,8 @@
 //! [`crate::handles::Observer::status`]; sent over the control socket
 //! ([`crate::ops::control`]); read by `/metrics` and the systemd status line.
 
+use std::fmt::Write;
+
 use serde::{Deserialize, Serialize};
 
 use crate::telemetry::RecentError;
@@ -26,7 +28,7 @@ pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::ops::census::ClusterSync>,
     /// ACME nodes: the orders waiting for `[acme] max_orders_per_hour` or a CA's
-    /// pause, the budget left and when the queue will be empty (issue 29).
+    /// pause, the budget left and when the queue will be empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acme_queue: Option<crate::acme::handle::QueueStatus>,
 }
@@ -38,10 +40,10 @@ pub struct Counters {
     pub hook_failures: u64,
     /// ACME orders that failed (0 on nodes without `[acme]`).
     pub acme_failures: u64,
-    /// Failed serving probes per frontend (issue 26).
+    /// Failed serving probes per frontend.
     #[serde(default)]
     pub probe_failures: std::collections::BTreeMap<String, u64>,
-    /// Rollout times of the versions this node published (issue 26 item 3).
+    /// Rollout times of the versions this node published.
     #[serde(default)]
     pub rollout_seconds: crate::core::rollout_time::Histogram,
 }
@@ -102,10 +104,10 @@ pub struct CertStatus {
     /// scheduled (no ACME node to renew it, or this renewer has none planned).
     #[serde(default)]
     pub warning: Option<String>,
-    /// What each node's frontends serve (issue 26), one entry per node and frontend.
+    /// What each node's frontends serve, one entry per node and frontend.
     #[serde(default)]
     pub served: Vec<crate::ops::served::ServedStatus>,
-    /// The last finished rollout (issue 26 item 3): milliseconds from the publish of
+    /// The last finished rollout: milliseconds from the publish of
     /// `last_rollout_version` (the `live/<name>` flip, publisher's clock) until the
     /// last node's frontends served it (`last_rollout_node`, its own clock).
     #[serde(default)]
@@ -117,7 +119,7 @@ pub struct CertStatus {
     /// Where it is declared: `"config"` (a `[[certificate]]` block) or `"tree"`
     /// (`certmesh cert add`, `.certmesh/certificates/<name>.toml`).
     #[serde(default)]
-    pub source: crate::config::CertSource,
+    pub source: crate::config::certificate::CertSource,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -129,7 +131,7 @@ pub struct NodeStatus {
     /// The daemon's clock (unix seconds) when it answered: ages are relative to it.
     #[serde(default)]
     pub now_unix: i64,
-    /// "writer" or "reader" (`[tree] writers`, issue 13).
+    /// "writer" or "reader" (`[tree] writers`).
     #[serde(default)]
     pub role: String,
 }
@@ -171,7 +173,7 @@ pub struct TreeStatus {
     pub not_sent_count: u64,
 }
 
-/// Records of one peer not taken in because of their authorship (issue 13).
+/// Records of one peer not taken in because of their authorship.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct RefusedStatus {
     /// Since start.
@@ -235,7 +237,7 @@ pub struct PeerStatus {
     #[serde(default)]
     pub refused: RefusedStatus,
     /// New paths this peer sent while its view held its cap (200,000 records or
-    /// 256 MiB): refused, the session kept (issue 25).
+    /// 256 MiB): refused, the session kept.
     #[serde(default)]
     pub over_cap: OverCapStatus,
 }
@@ -250,14 +252,29 @@ pub struct OverCapStatus {
 /// Renders the status as tables for people: node, tree, peers, certificates,
 /// recent errors.
 pub fn render(s: &Status) -> String {
-    use std::fmt::Write;
     let now = if s.node.now_unix > 0 {
         s.node.now_unix
     } else {
         crate::acme::unix_now()
     };
-    let dash = || "-".to_string();
     let mut o = String::new();
+    render_node(&mut o, s);
+    render_tree(&mut o, s);
+    render_peers(&mut o, s, now);
+    render_certificates(&mut o, s);
+    render_queue(&mut o, s);
+    render_repairs(&mut o, s, now);
+    render_errors(&mut o, s, now);
+    o
+}
+
+/// `-`: a value that is not known or does not apply.
+fn dash() -> String {
+    "-".to_string()
+}
+
+/// The first line: name, device ID, address, uptime and role.
+fn render_node(o: &mut String, s: &Status) {
     let _ = writeln!(
         o,
         "node {} ({})  listen {}  up {}{}\n",
@@ -271,8 +288,12 @@ pub fn render(s: &Status) -> String {
             format!("  {}", s.node.role)
         }
     );
+}
+
+/// The tree's table, then the paths not fetched or not sent.
+fn render_tree(o: &mut String, s: &Status) {
     table(
-        &mut o,
+        o,
         &["TREE", "FILES", "OUT OF SYNC", "SCANS", "SEQUENCE"],
         vec![vec![
             s.tree.path.clone(),
@@ -329,6 +350,11 @@ pub fn render(s: &Status) -> String {
         );
     }
     let _ = writeln!(o);
+}
+
+/// The peers' table, the cluster's sync (`--cluster`), then what each peer sent that
+/// was refused.
+fn render_peers(o: &mut String, s: &Status, now: i64) {
     let peers = s
         .peers
         .iter()
@@ -359,7 +385,7 @@ pub fn render(s: &Status) -> String {
         })
         .collect();
     table(
-        &mut o,
+        o,
         &["PEER", "ADDRESS", "CONNECTED", "RTT", "SYNC", "LAST SYNC"],
         peers,
     );
@@ -395,134 +421,159 @@ pub fn render(s: &Status) -> String {
             r.last_reason.as_deref().unwrap_or("-")
         );
     }
-    if !s.certificates.is_empty() {
-        let _ = writeln!(o);
-        let certs = s
-            .certificates
-            .iter()
-            .map(|c| {
-                let domains = match c.domains.as_slice() {
-                    [] => dash(),
-                    [one] => one.clone(),
-                    [first, rest @ ..] => format!("{first} (+{})", rest.len()),
-                };
-                let mut note = match (&c.lease, &c.waiting_for) {
-                    (Some(l), _) => format!("lease held by {l}"),
-                    (_, Some(w)) => w.clone(),
-                    _ => String::new(),
-                };
-                if c.source == crate::config::CertSource::Tree {
-                    let sep = if note.is_empty() { "" } else { "; " };
-                    note = format!("{note}{sep}from the tree");
-                }
-                if let Some(p) = &c.dns_propagation {
-                    let have = p.iter().filter(|n| n.has_record).count();
-                    let missing: Vec<&str> = p
-                        .iter()
-                        .filter(|n| !n.has_record)
-                        .map(|n| n.nameserver.as_str())
-                        .collect();
-                    let sep = if note.is_empty() { "" } else { "; " };
-                    note = format!(
-                        "{note}{sep}{} TXT on {have}/{} nameservers{}",
-                        c.challenge,
-                        p.len(),
-                        if missing.is_empty() {
-                            String::new()
-                        } else {
-                            format!(", waiting for {}", missing.join(", "))
-                        }
-                    );
-                }
-                vec![
-                    c.name.clone(),
-                    domains,
-                    c.not_after.clone().unwrap_or_else(|| "missing".into()),
-                    c.days_left.map_or_else(dash, |d| format!("{d:.1}")),
-                    c.runway_s
-                        .map_or_else(dash, |r| format!("{:.1}d", r as f64 / 86_400.0)),
-                    c.version.map_or_else(dash, |v| v.to_string()),
-                    c.ca.as_deref().map_or_else(dash, crate::acme::ca::ca_label),
-                    c.renewer.clone().unwrap_or_else(dash),
-                    c.next_renewal.clone().unwrap_or_else(dash),
-                    c.state.map_or_else(dash, |s| s.as_str().to_string()),
-                    c.challenge.clone(),
-                    note,
-                ]
-            })
-            .collect();
-        table(
-            &mut o,
-            &[
-                "CERTIFICATE",
-                "DOMAINS",
-                "NOT AFTER",
-                "DAYS LEFT",
-                "RUNWAY",
-                "VER",
-                "CA",
-                "RENEWER",
-                "NEXT RENEWAL",
-                "STATE",
-                "CHALLENGE",
-                "NOTE",
-            ],
-            certs,
-        );
-        o.push_str(&crate::ops::served::render(s));
+}
+
+/// The certificates' table and what the frontends serve; nothing without
+/// certificates.
+fn render_certificates(o: &mut String, s: &Status) {
+    if s.certificates.is_empty() {
+        return;
     }
-    if let Some(q) = s
+    let _ = writeln!(o);
+    let certs = s.certificates.iter().map(certificate_row).collect();
+    table(
+        o,
+        &[
+            "CERTIFICATE",
+            "DOMAINS",
+            "NOT AFTER",
+            "DAYS LEFT",
+            "RUNWAY",
+            "VER",
+            "CA",
+            "RENEWER",
+            "NEXT RENEWAL",
+            "STATE",
+            "CHALLENGE",
+            "NOTE",
+        ],
+        certs,
+    );
+    o.push_str(&crate::ops::served::render(s));
+}
+
+/// One row of the certificates' table.
+fn certificate_row(c: &CertStatus) -> Vec<String> {
+    let domains = match c.domains.as_slice() {
+        [] => dash(),
+        [one] => one.clone(),
+        [first, rest @ ..] => format!("{first} (+{})", rest.len()),
+    };
+    vec![
+        c.name.clone(),
+        domains,
+        c.not_after.clone().unwrap_or_else(|| "missing".into()),
+        c.days_left.map_or_else(dash, |d| format!("{d:.1}")),
+        c.runway_s
+            .map_or_else(dash, |r| format!("{:.1}d", r as f64 / 86_400.0)),
+        c.version.map_or_else(dash, |v| v.to_string()),
+        c.ca.as_deref().map_or_else(dash, crate::acme::ca::ca_label),
+        c.renewer.clone().unwrap_or_else(dash),
+        c.next_renewal.clone().unwrap_or_else(dash),
+        c.state.map_or_else(dash, |s| s.as_str().to_string()),
+        c.challenge.clone(),
+        certificate_note(c),
+    ]
+}
+
+/// The NOTE column: the lease or what the order waits for, a tree entry, the dns-01
+/// propagation.
+fn certificate_note(c: &CertStatus) -> String {
+    let mut note = match (&c.lease, &c.waiting_for) {
+        (Some(l), _) => format!("lease held by {l}"),
+        (_, Some(w)) => w.clone(),
+        _ => String::new(),
+    };
+    if c.source == crate::config::certificate::CertSource::Tree {
+        let sep = if note.is_empty() { "" } else { "; " };
+        note = format!("{note}{sep}from the tree");
+    }
+    if let Some(p) = &c.dns_propagation {
+        let have = p.iter().filter(|n| n.has_record).count();
+        let missing: Vec<&str> = p
+            .iter()
+            .filter(|n| !n.has_record)
+            .map(|n| n.nameserver.as_str())
+            .collect();
+        let sep = if note.is_empty() { "" } else { "; " };
+        note = format!(
+            "{note}{sep}{} TXT on {have}/{} nameservers{}",
+            c.challenge,
+            p.len(),
+            if missing.is_empty() {
+                String::new()
+            } else {
+                format!(", waiting for {}", missing.join(", "))
+            }
+        );
+    }
+    note
+}
+
+/// ACME nodes: the orders waiting for the budget or a CA's pause; nothing when none
+/// wait.
+fn render_queue(o: &mut String, s: &Status) {
+    let Some(q) = s
         .acme_queue
         .as_ref()
         .filter(|q| q.queued > 0 || q.paused_until.is_some())
-    {
-        let _ = writeln!(
-            o,
-            "\norders: {} queued (next: {}), budget {}/{} per hour left, empty in {}{}",
-            q.queued,
-            q.next
-                .iter()
-                .map(|n| n.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            q.budget_left,
-            q.max_per_hour,
-            q.eta_s.map_or_else(dash, age),
-            q.paused_until.map_or_else(String::new, |t| format!(
-                "; CA paused until {}",
-                crate::acme::rfc3339(t)
-            ))
-        );
-    }
-    if !s.repairs.is_empty() {
-        let _ = writeln!(o);
-        let rows = s
-            .repairs
+    else {
+        return;
+    };
+    let _ = writeln!(
+        o,
+        "\norders: {} queued (next: {}), budget {}/{} per hour left, empty in {}{}",
+        q.queued,
+        q.next
             .iter()
-            .map(|r| {
-                vec![
-                    r.certificate.clone(),
-                    format!("{} ago", age(now - r.at_unix)),
-                    r.caused_by.clone(),
-                    r.from_version.to_string(),
-                    one_line(&r.reason, 80),
-                ]
-            })
-            .collect();
-        table(
-            &mut o,
-            &[
-                "REPAIRED",
-                "WHEN",
-                "CAUSED BY",
-                "FROM VERSION",
-                "WHAT WAS WRONG",
-            ],
-            rows,
-        );
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        q.budget_left,
+        q.max_per_hour,
+        q.eta_s.map_or_else(dash, age),
+        q.paused_until.map_or_else(String::new, |t| format!(
+            "; CA paused until {}",
+            crate::acme::rfc3339(t)
+        ))
+    );
+}
+
+/// The certificates this node put back after a peer broke them; nothing without any.
+fn render_repairs(o: &mut String, s: &Status, now: i64) {
+    if s.repairs.is_empty() {
+        return;
     }
-    // Errors: what still holds (peers, certificates), then the daemon's recent ones;
-    // the same list as `--json` `errors[]` and the `certmesh_recent_errors` metric.
+    let _ = writeln!(o);
+    let rows = s
+        .repairs
+        .iter()
+        .map(|r| {
+            vec![
+                r.certificate.clone(),
+                format!("{} ago", age(now - r.at_unix)),
+                r.caused_by.clone(),
+                r.from_version.to_string(),
+                one_line(&r.reason, 80),
+            ]
+        })
+        .collect();
+    table(
+        o,
+        &[
+            "REPAIRED",
+            "WHEN",
+            "CAUSED BY",
+            "FROM VERSION",
+            "WHAT WAS WRONG",
+        ],
+        rows,
+    );
+}
+
+/// Errors: what still holds (peers, certificates), then the daemon's recent ones;
+/// the same list as `--json` `errors[]` and the `certmesh_recent_errors` metric.
+fn render_errors(o: &mut String, s: &Status, now: i64) {
     let mut errors: Vec<String> = Vec::new();
     let (ongoing, recent): (Vec<&RecentError>, Vec<&RecentError>) =
         s.errors.iter().partition(|e| e.ongoing);
@@ -545,21 +596,21 @@ pub fn render(s: &Status) -> String {
             counters.hook_failures, counters.acme_failures
         ));
     }
-    if !errors.is_empty() {
-        let more = if skipped > 0 {
-            format!(
-                " (last {SHOWN} of {} past ones, all in --json)",
-                recent.len()
-            )
-        } else {
-            String::new()
-        };
-        let _ = writeln!(o, "\nERRORS{more}");
-        for e in errors {
-            let _ = writeln!(o, "  {e}");
-        }
+    if errors.is_empty() {
+        return;
     }
-    o
+    let more = if skipped > 0 {
+        format!(
+            " (last {SHOWN} of {} past ones, all in --json)",
+            recent.len()
+        )
+    } else {
+        String::new()
+    };
+    let _ = writeln!(o, "\nERRORS{more}");
+    for e in errors {
+        let _ = writeln!(o, "  {e}");
+    }
 }
 
 /// Left-aligned columns as wide as their widest cell; the last one is not padded.
@@ -732,6 +783,82 @@ mod tests {
             acme_queue: None,
         }
     }
+
+    /// `sample()` with every section filled: certificates (a lease, a tree entry, a
+    /// dns-01 propagation, a missing one) and an order queue.
+    fn full_sample() -> Status {
+        let mut s = sample();
+        s.certificates = serde_json::from_value(serde_json::json!([
+            {
+                "name": "www", "domains": ["www.example.com", "example.com"],
+                "not_after": "2026-03-01T00:00:00Z", "days_left": 42.25, "version": 3,
+                "ca": "https://acme-v02.api.letsencrypt.org/directory",
+                "renewer": "lb0", "next_renewal": "2026-02-01T00:00:00Z",
+                "state": "waiting", "failures": 0, "lease": "lb1",
+                "challenge": "http-01", "runway_s": 3_000_000, "source": "tree",
+                "last_rollout_ms": 1500, "last_rollout_version": 3,
+                "last_rollout_node": "lb2"
+            },
+            {
+                "name": "wild", "domains": ["*.example.com"], "failures": 2,
+                "challenge": "dns-01", "waiting_for": "the mesh",
+                "dns_propagation": [
+                    {"nameserver": "ns1 (192.0.2.1)", "has_record": true, "error": null},
+                    {"nameserver": "ns2 (192.0.2.2)", "has_record": false, "error": null}
+                ]
+            },
+            {"name": "none", "domains": [], "failures": 0, "challenge": "http-01"}
+        ]))
+        .expect("the sample certificates are valid status JSON");
+        s.acme_queue = Some(
+            serde_json::from_value(serde_json::json!({
+                "queued": 2,
+                "next": [{"name": "wild", "kind": "new"}, {"name": "none", "kind": "renewal"}],
+                "budget_left": 1, "max_per_hour": 50, "eta_s": 4000,
+                "paused_until": 1_000_600
+            }))
+            .expect("the sample queue is valid status JSON"),
+        );
+        s
+    }
+
+    #[test]
+    fn a_full_status_renders_exactly() {
+        assert_eq!(render(&full_sample()), GOLDEN);
+    }
+
+    const GOLDEN: &str = concat!(
+        "node lb0 (AAAA)  listen 127.0.0.1:22000  up 2h01m  reader\n",
+        "\n",
+        "TREE              FILES  OUT OF SYNC  SCANS  SEQUENCE\n",
+        "/etc/nginx/certs  42     3            7      120\n",
+        "too large, not fetched: big.iso (2097152 bytes; see [tree] max_file_size)\n",
+        "over budget, not fetched: junk/1.bin (62914560 bytes from lb2; see [tree] max_size)\n",
+        "not sent: this node is not a writer (2 local changes put back): live/www/cert.pem\n",
+        "\n",
+        "PEER  ADDRESS         CONNECTED  RTT     SYNC           LAST SYNC\n",
+        "lb1   10.0.0.2:22000  yes        0.41ms  in sync        just now\n",
+        "lb2   10.0.0.3:22000  no         -       4 out of sync  5m12s ago\n",
+        "refused from lb1: 7 new paths, its view is full (last: flood/9.pem)\n",
+        "refused from lb2: 3 records for their authorship (last: live/www/privkey.pem, claiming lb1 (B): the signature does not match the record)\n",
+        "\n",
+        "CERTIFICATE  DOMAINS               NOT AFTER             DAYS LEFT  RUNWAY  VER  CA                            RENEWER  NEXT RENEWAL          STATE    CHALLENGE  NOTE\n",
+        "www          www.example.com (+1)  2026-03-01T00:00:00Z  42.2       34.7d   3    acme-v02.api.letsencrypt.org  lb0      2026-02-01T00:00:00Z  waiting  http-01    lease held by lb1; from the tree\n",
+        "wild         *.example.com         missing               -          -       -    -                             -        -                     -        dns-01     the mesh; dns-01 TXT on 1/2 nameservers, waiting for ns2 (192.0.2.2)\n",
+        "none         -                     missing               -          -       -    -                             -        -                     -        http-01\n",
+        "rollout www: version 3 served everywhere 1500 ms after its publish (last: lb2)\n",
+        "\n",
+        "orders: 2 queued (next: wild, none), budget 1/50 per hour left, empty in 1h06m; CA paused until 1970-01-12T13:56:40Z\n",
+        "\n",
+        "REPAIRED  WHEN       CAUSED BY  FROM VERSION  WHAT WAS WRONG\n",
+        "www       1m35s ago  lb2        3             live/www missing\n",
+        "\n",
+        "ERRORS\n",
+        "  peer lb2: timed out\n",
+        "  10s ago: hook [\"false\"] failed\n",
+        "  16m40s ago: index damaged\n",
+        "  since start: 1 hook failures, 0 ACME failures\n",
+    );
 
     #[test]
     fn table_is_aligned_and_complete() {

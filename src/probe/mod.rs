@@ -1,4 +1,4 @@
-//! Serving probes (issue 26): what this node's frontends actually hand out. For each
+//! Serving probes: what this node's frontends actually hand out. For each
 //! `[[frontend]]` and each certificate it serves, a TLS handshake with SNI reads the
 //! presented leaf ([`tls`]); the result (leaf SHA-256, notAfter, whether it is the
 //! leaf of `live/<name>/fullchain.pem`, the error, when) goes to the engine, which
@@ -31,8 +31,9 @@ use crate::handles::served::ServedReports;
 use crate::handles::{Reports, Settings};
 use rollout::{Outcome, Rollouts, Verdict};
 
-/// Time between periodic rounds (each ±10 %).
-pub const PERIOD: Duration = Duration::from_secs(300);
+/// Time between periodic rounds (each ±10 %): the period receivers judge a report's
+/// freshness by (`core::served::STALE_AFTER_MS` is 3 of them).
+pub const PERIOD: Duration = Duration::from_millis(crate::core::served::REPORT_PERIOD_MS as u64);
 /// Delay of the first round after start.
 const FIRST_ROUND: Duration = Duration::from_secs(1);
 
@@ -170,6 +171,9 @@ struct Driver {
     signer: Option<crate::core::device::NodeSigner>,
     /// This node's last report generation (unix milliseconds, always growing).
     generation: u64,
+    /// Per certificate, the last failed handshake of a frontend that took the
+    /// connection ("nginx: received fatal alert: HandshakeFailure").
+    broken: BTreeMap<String, String>,
 }
 
 impl Driver {
@@ -205,14 +209,15 @@ impl Driver {
             let v = match &s.result {
                 Ok(p) if l.live.is_none() || l.is_current(&p.sha256) => Verdict::Current,
                 Ok(_) => Verdict::Stale,
-                Err(_) => Verdict::Unreachable,
+                Err(e) if tls::unreachable(e) => Verdict::Unreachable,
+                Err(e) => {
+                    self.broken
+                        .insert(s.cert.clone(), format!("{}: {e}", s.frontend));
+                    Verdict::Broken
+                }
             };
             let e = verdicts.entry(s.cert.clone()).or_insert(Verdict::Current);
-            *e = match (*e, v) {
-                (Verdict::Stale, _) | (_, Verdict::Stale) => Verdict::Stale,
-                (Verdict::Unreachable, _) | (_, Verdict::Unreachable) => Verdict::Unreachable,
-                _ => Verdict::Current,
-            };
+            *e = e.worst(v);
             if let Err(why) = &s.result {
                 *lock(&self.h.served.probes().0.failures)
                     .entry(s.frontend.clone())
@@ -270,8 +275,16 @@ impl Driver {
         }
     }
 
-    /// Tells people what a rollout round decided.
-    fn report(&self, cert: &str, outcome: Outcome) {
+    /// What a frontend does wrong for `cert`, after a round that found `v`.
+    fn wrong(&self, cert: &str, v: Verdict) -> String {
+        match (v, self.broken.get(cert)) {
+            (Verdict::Broken, Some(e)) => format!("fails the handshake ({e})"),
+            _ => "serves another leaf".into(),
+        }
+    }
+
+    /// Tells people what a rollout round decided (`wrong`: what the frontend does).
+    fn report(&self, cert: &str, outcome: Outcome, wrong: &str) {
         let output = lock(&self.h.served.probes().0.hook_output)
             .get(cert)
             .cloned()
@@ -283,12 +296,12 @@ impl Driver {
         };
         match outcome {
             Outcome::Rerun(n) => self.h.reports.error(format!(
-                "certificate {cert}: a frontend still serves another leaf than live/{cert}; \
+                "certificate {cert}: a frontend still {wrong} instead of live/{cert}; \
                  re-running its hook ({n} of {}){output}",
                 rollout::MAX_RERUNS
             )),
             Outcome::GaveUp(n) => self.h.reports.error(format!(
-                "certificate {cert}: a frontend still serves another leaf than live/{cert} \
+                "certificate {cert}: a frontend still {wrong} instead of live/{cert} \
                  after {n} hook re-runs; giving up until the next change{output}"
             )),
         }
@@ -321,6 +334,7 @@ async fn run(h: Handles) {
         last: BTreeMap::new(),
         signer,
         generation: 0,
+        broken: BTreeMap::new(),
     };
     let mut periodic = tokio::time::Instant::now() + FIRST_ROUND;
     loop {
@@ -364,19 +378,19 @@ async fn feed(d: &mut Driver, verdicts: BTreeMap<String, Verdict>) {
     let now = Instant::now();
     for (cert, v) in verdicts {
         let started = d.rollouts.started(&cert);
+        let wrong = d.wrong(&cert, v);
         let Some(o) = d.rollouts.probed(&cert, v, now) else {
             continue;
         };
         let late = started.is_some_and(|s| now.duration_since(s) >= rollout::WINDOW);
         let why = match o {
-            Outcome::GaveUp(n) => Some(format!("another leaf after {n} hook re-runs")),
-            Outcome::Rerun(_) if late => Some(format!(
-                "another leaf after {} s",
-                rollout::WINDOW.as_secs()
-            )),
+            Outcome::GaveUp(n) => Some(format!("it {wrong} after {n} hook re-runs")),
+            Outcome::Rerun(_) if late => {
+                Some(format!("it {wrong} after {} s", rollout::WINDOW.as_secs()))
+            }
             Outcome::Rerun(_) => None,
         };
-        d.report(&cert, o);
+        d.report(&cert, o, &wrong);
         if let Some(why) = why {
             let output = lock(&d.h.served.probes().0.hook_output)
                 .get(&cert)

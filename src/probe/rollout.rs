@@ -1,5 +1,5 @@
 //! When to probe a certificate again after its hook ran, and when to re-run the
-//! hook (issue 26 item 5). Pure: time comes in as `now`, decisions go out as values.
+//! hook. Pure: time comes in as `now`, decisions go out as values.
 //!
 //! After a hook run that follows a change, the certificate is probed on a short
 //! schedule (servers such as nginx reload asynchronously) for up to [`WINDOW`]. A
@@ -7,7 +7,9 @@
 //! when the hook itself failed: no reload is coming) gets the hook re-run, at most
 //! [`MAX_RERUNS`] times with a growing delay; then the repair gives up until the
 //! next change. A frontend that does not answer is named but never makes a hook
-//! re-run: re-running cannot bring a server up, and must not storm it.
+//! re-run: re-running cannot bring a server up, and must not storm it. A frontend
+//! that answers but whose handshake fails (it refused the new bundle, or offers
+//! nothing a client can use with it) counts like one on another leaf.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -40,6 +42,25 @@ pub enum Verdict {
     Stale,
     /// No frontend presents another leaf, but one did not answer.
     Unreachable,
+    /// A frontend took the connection but the TLS handshake failed.
+    Broken,
+}
+
+impl Verdict {
+    /// The verdict of a round with both `self` and `other` among its frontends.
+    pub fn worst(self, other: Verdict) -> Verdict {
+        let rank = |v: Verdict| match v {
+            Verdict::Current => 0,
+            Verdict::Unreachable => 1,
+            Verdict::Stale => 2,
+            Verdict::Broken => 3,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
+    }
 }
 
 /// What to tell people after a round.
@@ -169,13 +190,13 @@ impl Rollouts {
                 self.certs.remove(cert);
                 None
             }
-            Verdict::Stale if r.reruns < MAX_RERUNS => {
+            Verdict::Stale | Verdict::Broken if r.reruns < MAX_RERUNS => {
                 r.reruns += 1;
                 r.phase = Phase::Rerun;
                 r.next = now + backoff(r.reruns);
                 Some(Outcome::Rerun(r.reruns))
             }
-            Verdict::Stale => {
+            Verdict::Stale | Verdict::Broken => {
                 let n = r.reruns;
                 self.certs.remove(cert);
                 Some(Outcome::GaveUp(n))
@@ -260,5 +281,22 @@ mod tests {
         r.hook_ran("www", false, false, t0);
         let (_, reruns) = drive(&mut r, Verdict::Stale, false, t0);
         assert_eq!(reruns, MAX_RERUNS);
+    }
+
+    #[test]
+    fn a_failing_handshake_is_checked_for_the_window_then_repaired_like_another_leaf() {
+        let (mut r, t0) = (Rollouts::default(), Instant::now());
+        r.hook_ran("www", true, false, t0);
+        let mut now;
+        let first = loop {
+            now = r.next_wakeup().expect("still checking");
+            if let Some(o) = r.probed("www", Verdict::Broken, now) {
+                break o;
+            }
+        };
+        assert_eq!(first, Outcome::Rerun(1));
+        assert!(now >= t0 + WINDOW - STEPS[STEPS.len() - 1]);
+        assert_eq!(Verdict::Stale.worst(Verdict::Broken), Verdict::Broken);
+        assert_eq!(Verdict::Unreachable.worst(Verdict::Stale), Verdict::Stale);
     }
 }

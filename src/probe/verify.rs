@@ -1,4 +1,4 @@
-//! `rollout = "verify"` (issue 26 item 6): when this node published a version of a
+//! `rollout = "verify"`: when this node published a version of a
 //! certificate and its own frontends do not serve it within the probe schedule (the
 //! hook failed, the server refused the bundle or kept the old one), `live/<name>` goes
 //! back to the version before, for the whole fleet.

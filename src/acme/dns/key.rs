@@ -9,7 +9,7 @@ use hickory_proto::dnssec::tsig::TSigner;
 use hickory_proto::rr::Name;
 
 use super::DnsError;
-use crate::config::{TsigAlgorithm, TsigKeyConfig};
+use crate::config::{dns::TsigAlgorithm, dns::TsigKeyConfig};
 
 /// Largest secret file read (a key clause is a few hundred bytes).
 const MAX_FILE: u64 = 64 * 1024;

@@ -1,4 +1,4 @@
-//! dns-01 (issue 15): TXT records `_acme-challenge.<name>` put in place by RFC 2136
+//! dns-01: TXT records `_acme-challenge.<name>` put in place by RFC 2136
 //! updates with TSIG ([`wire`], [`key`]) or an operator's program ([`exec`]), checked
 //! on every authoritative nameserver of the zone before the CA is told, removed
 //! afterwards. What was presented is recorded in the tree
@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use error::DnsError;
 
 use super::handle::NsProgress;
-use crate::config::{CertificateConfig, DnsConfig, DnsProvider};
+use crate::config::{certificate::CertificateConfig, dns::DnsConfig, dns::DnsProvider};
 
 /// Where each certificate's presented records are recorded (replicated).
 pub const RECORDS_DIR: &str = ".certmesh/acme/dns";
@@ -297,7 +297,7 @@ fn system_resolver() -> Result<SocketAddr, DnsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ChallengeChoice, KeyType};
+    use crate::config::{certificate::KeyType, dns::ChallengeChoice};
 
     /// `www`: `*.example.com` and `example.com`.
     fn wildcard_and_apex() -> CertificateConfig {
@@ -308,7 +308,7 @@ mod tests {
             reuse_key: false,
             challenge: ChallengeChoice::Auto,
             verify_rollout: false,
-            source: crate::config::CertSource::Config,
+            source: crate::config::certificate::CertSource::Config,
         }
     }
 

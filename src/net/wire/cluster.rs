@@ -1,4 +1,4 @@
-//! Cluster-wide barrier messages (issue 16) on the wire: [`Confirm`] and [`Report`]
+//! Cluster-wide barrier messages on the wire: [`Confirm`] and [`Report`]
 //! to and from their protobuf form, every bound checked on receipt (device IDs of
 //! 32 bytes, names, counts, hops, paths, versions).
 
@@ -369,7 +369,7 @@ mod tests {
         assert!(super::super::decode_frame(&f.encode_to_vec()).is_ok());
     }
 
-    /// Issue 16: a configured but hostile peer floods Confirms (fresh ids, the
+    /// A configured but hostile peer floods Confirms (fresh ids, the
     /// longest `asked` list the wire allows), decoded as the receive loop does. The
     /// relay keeps at most `MAX_RELAYS_PER_PEER` of its requests, takes them at the
     /// budget's pace, bounds what it queues by bytes, and still answers a good peer.

@@ -1,4 +1,4 @@
-//! Serving-probe reports (issue 26) on the wire: [`SignedReport`]s to and from the
+//! Serving-probe reports on the wire: [`SignedReport`]s to and from the
 //! protobuf `Served` frame. On receipt every bound is checked before anything is
 //! decoded or allocated (probe count, asked count, certificate and signature
 //! sizes), then the origin's certificate must hash to its device ID and its key
