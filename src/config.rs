@@ -107,6 +107,9 @@ pub struct Config {
     pub budget: crate::core::plan::TreeBudget,
     /// `tree.kept_max_size`: the bytes kept versions may hold together.
     pub kept_max_size: u64,
+    /// `tree.tombstone_retention`: how long learned deletions are kept; the replay
+    /// horizon.
+    pub tombstone_retention: Duration,
     /// `tree.writers`: `None`, every node may change the tree.
     pub writers: Option<Vec<Writer>>,
     pub peers: Vec<PeerConfig>,
@@ -141,7 +144,11 @@ impl Config {
         // Sections without PartialEq compare by their Debug rendering: any change counts.
         let dbg = |v: &dyn std::fmt::Debug| format!("{v:?}");
         let mut out = Vec::new();
-        let checks: [(&'static str, bool); 14] = [
+        let checks: [(&'static str, bool); 15] = [
+            (
+                "tree.tombstone_retention",
+                self.tombstone_retention != new.tombstone_retention,
+            ),
             ("tree.writers", self.writers != new.writers),
             ("node.name", self.name != new.name),
             ("node.state_dir", self.state_dir != new.state_dir),
@@ -227,6 +234,7 @@ impl Config {
             max_file_size,
             budget,
             kept_max_size,
+            tombstone_retention,
         } = tree::tree_settings(&raw.tree, &bad)?;
         let peers = peer::peers(&raw.peer, &name, &bad)?;
         let writers = raw
@@ -271,6 +279,7 @@ impl Config {
             max_file_size,
             budget,
             kept_max_size,
+            tombstone_retention,
             writers,
             peers,
             acme,

@@ -271,7 +271,8 @@ fn share(
     let checker = writers.clone();
     let mut engine = Engine::new(index, config.max_file_size)
         .with_budget(config.budget)
-        .with_authorship(Some(signer), writers);
+        .with_retention(config.tombstone_retention)
+        .with_authorship(Some(signer), writers, now_ns());
     engine.track_durability();
     engine.set_roster(identity.id, config.name.clone(), roster(&config.peers));
     Ok(Arc::new(Shared {
@@ -701,12 +702,14 @@ async fn peers_and_reloads(
     }
 }
 
-/// How often tombstones are looked at for collection.
+/// How often, at most, tombstones are looked at for collection and attestations
+/// for renewal (more often with a `[tree] tombstone_retention` under 8 h: an eighth
+/// of it).
 const TOMBSTONE_SWEEP: Duration = Duration::from_secs(3600);
 
-/// Drops tombstones every configured peer has acknowledged and that are older than
-/// `index::TOMBSTONE_RETENTION`, so deletions (and a peer's floods of them) do not
-/// grow the index forever.
+/// Most attestations renewed per sweep: 40,000 records renew over four sweeps.
+const REATTEST_PER_SWEEP: usize = 10_000;
+
 /// How often the tree's filesystem is measured besides each index frame.
 const DISK_MEASURE: Duration = Duration::from_secs(5);
 
@@ -720,27 +723,45 @@ async fn measure_disk(sync: SyncHandle) {
     }
 }
 
+/// Drops tombstones every configured peer has acknowledged and that this node
+/// learned of longer than `[tree] tombstone_retention` ago, so deletions (and a
+/// peer's floods of them) do not grow the index forever; and renews the attestations
+/// of this writer's live records before they are half of it old (issue 25 item 9), so
+/// they keep reaching new nodes while a deleted file's last record ages out. The
+/// first sweep runs at start (a node back from a long stop renews at once).
 async fn collect_tombstones(shared: Arc<Shared>) {
+    let every = TOMBSTONE_SWEEP.min(shared.lock().engine.retention() / 8);
     loop {
-        tokio::time::sleep(TOMBSTONE_SWEEP).await;
-        let mut st = shared.lock();
-        let acked_by_all = st.peers.values().map(|s| s.last_acked).min();
-        let gone = st
-            .engine
-            .collect_tombstones(now_ns(), acked_by_all.unwrap_or(u64::MAX));
-        if gone.is_empty() {
-            continue;
-        }
-        tracing::info!(
-            n = gone.len(),
-            "collected tombstones acknowledged by every peer"
-        );
-        let State {
-            journal, engine, ..
-        } = &mut *st;
-        let p = journal.prepare_rewrite(engine.index());
-        shared.persist(engine.index().sequence(), p);
+        sweep(&shared);
+        tokio::time::sleep(every).await;
     }
+}
+
+/// One round of [`collect_tombstones`].
+fn sweep(shared: &Shared) {
+    let mut st = shared.lock();
+    let since = st.engine.index().sequence();
+    let renewed = st.engine.reattest_due(now_ns(), REATTEST_PER_SWEEP);
+    if renewed > 0 {
+        tracing::debug!(n = renewed, "renewed the attestations of our records");
+        st.commit(since, shared);
+    }
+    let acked_by_all = st.peers.values().map(|s| s.last_acked).min();
+    let gone = st
+        .engine
+        .collect_tombstones(now_ns(), acked_by_all.unwrap_or(u64::MAX));
+    if gone.is_empty() {
+        return;
+    }
+    tracing::info!(
+        n = gone.len(),
+        "collected tombstones acknowledged by every peer"
+    );
+    let State {
+        journal, engine, ..
+    } = &mut *st;
+    let p = journal.prepare_rewrite(engine.index());
+    shared.persist(engine.index().sequence(), p);
 }
 
 /// A full rescan every `rescan_interval`; a SIGHUP that changes the interval starts

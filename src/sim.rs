@@ -611,7 +611,7 @@ impl Sim {
             })
             .collect();
         let node = &mut self.nodes[i];
-        node.pipe.applied(results, &mut node.engine, now);
+        node.pipe.applied(results, &mut node.engine, now, self.now);
         true
     }
 
@@ -800,7 +800,7 @@ mod tests {
             for (node, s) in sim.nodes.iter_mut().zip(&signers) {
                 node.id = s.id();
                 node.engine = Engine::new(Index::new(s.id().short()), DEFAULT_MAX_FILE_SIZE)
-                    .with_authorship(Some(s.clone()), Writers::only([writer]));
+                    .with_authorship(Some(s.clone()), Writers::only([writer]), 1);
             }
             sim.link(0, 1);
             sim.link(1, 2);

@@ -35,6 +35,7 @@ mod trust_keep;
 mod trust_links;
 mod trust_ops;
 mod trust_renewal;
+mod trust_replay;
 mod trust_served;
 mod trust_wire;
 mod tutorial;

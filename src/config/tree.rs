@@ -40,6 +40,11 @@ pub(super) struct RawTree {
     /// hold together (default "256MiB"; `certmesh restore`). Versions of another
     /// node's work are evicted last.
     kept_max_size: Option<Spanned<RawSize>>,
+    /// How long a deletion this node learned of is remembered (default "7d", at
+    /// least "1s"); with `writers`, also the replay horizon: a live record its author
+    /// last signed longer ago is refused for a path this node does not hold, and
+    /// writers re-sign their live records every half of it (issue 25).
+    tombstone_retention: Option<Spanned<String>>,
     /// The nodes allowed to change the tree: this node's name, `[[peer]]` names, or
     /// device IDs of nodes further away. Absent: every node may. Records whose
     /// author is not listed are refused; a node not listed keeps its own tree at the
@@ -83,6 +88,7 @@ pub(super) struct TreeSettings {
     pub(super) max_file_size: u64,
     pub(super) budget: crate::core::plan::TreeBudget,
     pub(super) kept_max_size: u64,
+    pub(super) tombstone_retention: Duration,
 }
 
 /// A size key of `[tree]`: its value in bytes, or `default` when absent.
@@ -171,23 +177,38 @@ fn parse_percent(v: &str) -> Result<u32, String> {
     })
 }
 
-/// `[tree]`: `rescan_interval` (at least 1s), `dhparam`, `max_file_size`, budgets.
-pub(super) fn tree_settings(t: &RawTree, bad: &Bad) -> Result<TreeSettings, ConfigError> {
-    let rescan_interval = match &t.rescan_interval {
-        None => Duration::from_secs(3600),
-        Some(s) => {
-            let d = parse_duration(s.get_ref())
-                .map_err(|m| bad(s.span(), "tree.rescan_interval", m))?;
-            if d < Duration::from_secs(1) {
-                return Err(bad(
-                    s.span(),
-                    "tree.rescan_interval",
-                    "must be at least 1s".into(),
-                ));
-            }
-            d
-        }
+/// A duration key of `[tree]` of at least 1s, or `default` when absent.
+fn duration_key(
+    v: &Option<Spanned<String>>,
+    key: &str,
+    default: Duration,
+    bad: &Bad,
+) -> Result<Duration, ConfigError> {
+    let Some(s) = v else {
+        return Ok(default);
     };
+    let d = parse_duration(s.get_ref()).map_err(|m| bad(s.span(), key, m))?;
+    if d < Duration::from_secs(1) {
+        return Err(bad(s.span(), key, "must be at least 1s".into()));
+    }
+    Ok(d)
+}
+
+/// `[tree]`: `rescan_interval` and `tombstone_retention` (at least 1s), `dhparam`,
+/// `max_file_size`, budgets.
+pub(super) fn tree_settings(t: &RawTree, bad: &Bad) -> Result<TreeSettings, ConfigError> {
+    let rescan_interval = duration_key(
+        &t.rescan_interval,
+        "tree.rescan_interval",
+        Duration::from_secs(3600),
+        bad,
+    )?;
+    let tombstone_retention = duration_key(
+        &t.tombstone_retention,
+        "tree.tombstone_retention",
+        crate::core::index::TOMBSTONE_RETENTION,
+        bad,
+    )?;
     let dhparam = match &t.dhparam {
         None => None,
         Some(s) => Some(crate::dhgroup::DhGroup::parse(s.get_ref()).ok_or_else(|| {
@@ -215,6 +236,7 @@ pub(super) fn tree_settings(t: &RawTree, bad: &Bad) -> Result<TreeSettings, Conf
         max_file_size,
         budget,
         kept_max_size,
+        tombstone_retention,
     })
 }
 
@@ -335,6 +357,23 @@ mod tests {
             assert!(e.contains(&format!("c.toml:8: {key}")), "{extra}: {e}");
         }
         assert!(parse("max_bytes = 1\n").is_err(), "unknown key accepted");
+    }
+
+    #[test]
+    fn tombstone_retention_defaults_to_a_week_and_is_at_least_a_second() {
+        let parse = |extra: &str| Config::parse(Path::new("c.toml"), &cfg(extra));
+        let week = crate::core::index::TOMBSTONE_RETENTION;
+        assert_eq!(parse("").unwrap().tombstone_retention, week);
+        let c = parse("tombstone_retention = \"3s\"\n").unwrap();
+        assert_eq!(c.tombstone_retention, std::time::Duration::from_secs(3));
+        for bad in ["\"500ms\"", "\"soon\""] {
+            let e = parse(&format!("tombstone_retention = {bad}\n")).unwrap_err();
+            let e = e.to_string();
+            assert!(
+                e.contains("c.toml:8: tree.tombstone_retention"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

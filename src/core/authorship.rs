@@ -7,12 +7,23 @@
 //! is that device ID (the same pinning as the TLS handshake), so no relay can forge,
 //! re-attribute, or replay an older record as newer (the version vector is signed).
 //!
+//! Replay after deletion (issue 25 item 9): a record also carries an *attestation*,
+//! the author's second signature over the same fields plus the time it was made
+//! (`signed_ns`, message "v2"). Writers renew the attestations of their live records
+//! before they are half the replay horizon old (same version, same content), and a
+//! receiver refuses a live record whose attestation is older than the horizon for a
+//! path it does not hold ([`Refusal::Stale`]): a deleted file's last record stops being
+//! attested at its deletion, so once tombstones are collected no relay can bring it
+//! back, while an unchanged old file keeps reaching new nodes. The v1 signature stays
+//! for nodes that predate attestations (they ignore the new fields); a record without
+//! an attestation is dated by its author's signed version counter (µs).
+//!
 //! Pure apart from the signature arithmetic (no I/O, no clock).
 
 use std::collections::{HashMap, HashSet};
 
 use crate::core::device::{self, DeviceId, NodeSigner};
-use crate::core::record::{Authorship, FileRecord, Kind};
+use crate::core::record::{Attestation, Authorship, FileRecord, Kind};
 
 /// Longest signature accepted (an ECDSA P-256 DER signature has at most 72 bytes).
 pub const MAX_SIGNATURE: usize = 80;
@@ -24,6 +35,21 @@ pub const MAX_AUTHOR_CERT: usize = 4096;
 pub fn signed_message(r: &FileRecord, author: &DeviceId) -> Vec<u8> {
     let mut m = Vec::with_capacity(128 + r.path.as_str().len() + r.target.len());
     m.extend_from_slice(b"certmesh record v1\0");
+    record_fields(&mut m, r, author);
+    m
+}
+
+/// The bytes of an attestation: a v2 domain tag, the signing time, then what
+/// [`signed_message`] covers.
+pub fn attested_message(r: &FileRecord, author: &DeviceId, signed_ns: i64) -> Vec<u8> {
+    let mut m = Vec::with_capacity(136 + r.path.as_str().len() + r.target.len());
+    m.extend_from_slice(b"certmesh record v2\0");
+    m.extend_from_slice(&signed_ns.to_be_bytes());
+    record_fields(&mut m, r, author);
+    m
+}
+
+fn record_fields(m: &mut Vec<u8>, r: &FileRecord, author: &DeviceId) {
     m.extend_from_slice(&author.0);
     let mut bytes = |b: &[u8]| {
         m.extend_from_slice(&(b.len() as u64).to_be_bytes());
@@ -48,12 +74,12 @@ pub fn signed_message(r: &FileRecord, author: &DeviceId) -> Vec<u8> {
         m.extend_from_slice(&d.0.to_be_bytes());
         m.extend_from_slice(&v.to_be_bytes());
     }
-    m
 }
 
-/// Signs `r` as its author (`r.modified_by` must be the signer's short id; a record
-/// of someone else is left as it is). False if signing failed (no randomness).
-pub fn sign(r: &mut FileRecord, signer: &NodeSigner) -> bool {
+/// Signs `r` as its author at `now_ns`, with both signatures (`r.modified_by` must
+/// be the signer's short id; a record of someone else is left as it is). False if
+/// signing failed (no randomness).
+pub fn sign(r: &mut FileRecord, signer: &NodeSigner, now_ns: i64) -> bool {
     let author = signer.id();
     if r.modified_by != author.short() {
         return false;
@@ -61,12 +87,90 @@ pub fn sign(r: &mut FileRecord, signer: &NodeSigner) -> bool {
     let Some(signature) = signer.sign(&signed_message(r, &author)) else {
         return false;
     };
+    let Some(attestation) = attest(r, signer, now_ns) else {
+        return false;
+    };
     r.auth = Some(Authorship {
         author,
         signature,
         cert: signer.cert().clone(),
+        attestation: Some(attestation),
     });
     true
+}
+
+/// Renews the attestation of `r`, a record the signer authored and signed, at
+/// `now_ns`: same version, same v1 signature. False if it is not the signer's or
+/// signing failed.
+pub fn reattest(r: &mut FileRecord, signer: &NodeSigner, now_ns: i64) -> bool {
+    if r.auth.as_ref().is_none_or(|a| a.author != signer.id()) {
+        return false;
+    }
+    let Some(fresh) = attest(r, signer, now_ns) else {
+        return false;
+    };
+    if let Some(a) = r.auth.as_mut() {
+        a.attestation = Some(fresh);
+    }
+    true
+}
+
+fn attest(r: &FileRecord, signer: &NodeSigner, now_ns: i64) -> Option<Attestation> {
+    let signature = signer.sign(&attested_message(r, &signer.id(), now_ns))?;
+    Some(Attestation {
+        signed_ns: now_ns,
+        signature,
+    })
+}
+
+/// When the author last vouched for `r` (ns since the epoch; `None`: unsigned): its
+/// attestation's time, or, for a record without one (from a node that predates
+/// attestations, or stripped by a relay), its author's version counter: signed by
+/// v1, it is the author's clock in µs at the change (never earlier), and a receiver
+/// refuses counters more than a day ahead of its own clock. Never the author-set
+/// `mtime_ns`, which a file may carry from any date, the future included.
+pub fn vouched_ns(r: &FileRecord) -> Option<i64> {
+    let a = r.auth.as_ref()?;
+    if let Some(t) = &a.attestation {
+        return Some(t.signed_ns);
+    }
+    let counter = r.version.counter(r.modified_by);
+    Some(i64::try_from(counter.saturating_mul(1000)).unwrap_or(i64::MAX))
+}
+
+/// Whether a live record vouched for longer than `horizon_ns` before `now_ns` is a
+/// possible replay ([`Refusal::Stale`]); tombstones never are (they bring nothing
+/// back).
+pub fn stale(r: &FileRecord, now_ns: i64, horizon_ns: i64) -> Option<Refusal> {
+    if r.deleted {
+        return None;
+    }
+    let vouched = vouched_ns(r)?;
+    (vouched < now_ns.saturating_sub(horizon_ns)).then(|| Refusal::Stale {
+        age_s: now_ns.saturating_sub(vouched) / 1_000_000_000,
+    })
+}
+
+/// Whether `theirs` renews the attestation of `ours`: the same record (version and
+/// every field) by the same author, attested later. Such a record is taken as a
+/// metadata refresh: nothing is fetched or applied.
+pub fn renews(ours: &FileRecord, theirs: &FileRecord) -> bool {
+    let (Some(a), Some(b)) = (&ours.auth, &theirs.auth) else {
+        return false;
+    };
+    let newer = match (&a.attestation, &b.attestation) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(x), Some(y)) => y.signed_ns > x.signed_ns,
+    };
+    let same = FileRecord {
+        auth: None,
+        ..ours.clone()
+    } == FileRecord {
+        auth: None,
+        ..theirs.clone()
+    };
+    newer && same && a.author == b.author
 }
 
 /// Why a record was not taken in.
@@ -90,6 +194,11 @@ pub enum Refusal {
     /// The signature does not match the record (forged, altered or replayed).
     #[error("the signature does not match the record")]
     BadSignature,
+    /// A live record for a path this node does not hold, last vouched for by its
+    /// author longer ago than the replay horizon: possibly a deleted file's record
+    /// replayed after its tombstone was collected (issue 25 item 9).
+    #[error("signed {age_s}s ago, beyond the replay horizon, for a path this node does not hold")]
+    Stale { age_s: i64 },
 }
 
 impl Refusal {
@@ -98,7 +207,10 @@ impl Refusal {
     /// relay sends one (records travel unchanged), unlike an unsigned record (an old
     /// node) or an author outside `writers` (a config that differs between nodes).
     pub fn is_forged(&self) -> bool {
-        !matches!(self, Refusal::Unsigned | Refusal::NotAWriter)
+        !matches!(
+            self,
+            Refusal::Unsigned | Refusal::NotAWriter | Refusal::Stale { .. }
+        )
     }
 }
 
@@ -175,14 +287,26 @@ impl Writers {
     }
 }
 
-/// Whether `r`'s signature verifies with `key`, its author's public key from
-/// [`Writers::key_for`] (the ECDSA arithmetic, no state).
+/// Whether `r`'s signatures verify with `key`, its author's public key from
+/// [`Writers::key_for`] (the ECDSA arithmetic, no state): the v1 signature and, when
+/// present, the attestation (both, so nothing this node relays is refused as forged
+/// by a node of either version).
 pub fn verify(key: &[u8], r: &FileRecord) -> Result<(), Refusal> {
     let a = r.auth.as_ref().ok_or(Refusal::Unsigned)?;
-    if device::verify_p256(key, &signed_message(r, &a.author), &a.signature) {
-        Ok(())
-    } else {
-        Err(Refusal::BadSignature)
+    if !device::verify_p256(key, &signed_message(r, &a.author), &a.signature) {
+        return Err(Refusal::BadSignature);
+    }
+    match &a.attestation {
+        Some(t)
+            if !device::verify_p256(
+                key,
+                &attested_message(r, &a.author, t.signed_ns),
+                &t.signature,
+            ) =>
+        {
+            Err(Refusal::BadSignature)
+        }
+        _ => Ok(()),
     }
 }
 
@@ -228,7 +352,7 @@ pub(crate) mod tests {
         let mut policy = Writers::only([w.id()]);
         let mut r = record(&w, 1);
         assert_eq!(policy.check(&r), Err(Refusal::Unsigned));
-        assert!(sign(&mut r, &w));
+        assert!(sign(&mut r, &w, 1));
         assert_eq!(policy.check(&r), Ok(()));
         // A replay of the record as newer: the version is signed.
         let mut newer = r.clone();
@@ -259,7 +383,7 @@ pub(crate) mod tests {
         let mut policy = Writers::only([w.id()]);
         // The relay signs a record in its own name: not a writer.
         let mut own = record(&relay, 1);
-        assert!(sign(&mut own, &relay));
+        assert!(sign(&mut own, &relay, 1));
         assert_eq!(policy.check(&own), Err(Refusal::NotAWriter));
         // The relay claims the writer's authorship with its own signature and cert.
         let mut forged = record(&w, 1);
@@ -271,11 +395,12 @@ pub(crate) mod tests {
         assert_eq!(policy.check(&forged), Err(Refusal::CertMismatch));
         // …or with the writer's certificate (which every record of it carries).
         let mut genuine = record(&w, 1);
-        sign(&mut genuine, &w);
+        sign(&mut genuine, &w, 1);
         forged.auth = Some(Authorship {
             author: w.id(),
             signature: auth.signature.clone(),
             cert: genuine.auth.as_ref().unwrap().cert.clone(),
+            attestation: None,
         });
         assert_eq!(policy.check(&forged), Err(Refusal::BadSignature));
         // A writer's signature moved to a record attributed to someone else.
@@ -290,12 +415,67 @@ pub(crate) mod tests {
         assert_eq!(policy.check(&genuine), Ok(()));
     }
 
+    const DAY: i64 = 24 * 3600 * 1_000_000_000;
+
+    #[test]
+    fn an_attestation_is_checked_and_dates_the_record() {
+        let w = signer();
+        let mut policy = Writers::only([w.id()]);
+        let mut r = record(&w, 1);
+        assert!(sign(&mut r, &w, 10 * DAY));
+        assert_eq!(vouched_ns(&r), Some(10 * DAY));
+        // Its time cannot be moved by a relay: the attestation covers it.
+        let mut later = r.clone();
+        later
+            .auth
+            .as_mut()
+            .unwrap()
+            .attestation
+            .as_mut()
+            .unwrap()
+            .signed_ns = 20 * DAY;
+        assert_eq!(policy.check(&later), Err(Refusal::BadSignature));
+        // Renewed: same v1 signature, a newer time that verifies.
+        let mut renewed = r.clone();
+        assert!(reattest(&mut renewed, &w, 20 * DAY));
+        assert_eq!(policy.check(&renewed), Ok(()));
+        assert!(renews(&r, &renewed) && !renews(&renewed, &r));
+        assert_eq!(
+            r.auth.as_ref().unwrap().signature,
+            renewed.auth.as_ref().unwrap().signature
+        );
+        // Stripped (an old node relayed it): dated by its author's signed counter.
+        let mut v1 = r.clone();
+        v1.auth.as_mut().unwrap().attestation = None;
+        assert_eq!(policy.check(&v1), Ok(()));
+        assert_eq!(
+            vouched_ns(&v1),
+            Some(1000),
+            "counter 1 (µs) is later than mtime 5 ns"
+        );
+    }
+
+    #[test]
+    fn only_live_records_vouched_for_beyond_the_horizon_are_stale() {
+        let w = signer();
+        let mut r = record(&w, 1);
+        assert!(sign(&mut r, &w, 10 * DAY));
+        assert_eq!(stale(&r, 16 * DAY, 7 * DAY), None);
+        let refusal = stale(&r, 18 * DAY, 7 * DAY).unwrap();
+        assert_eq!(refusal, Refusal::Stale { age_s: 8 * 86_400 });
+        assert!(!refusal.is_forged());
+        // A tombstone brings nothing back: never stale.
+        let mut gone = r.clone();
+        gone.deleted = true;
+        assert_eq!(stale(&gone, 18 * DAY, 7 * DAY), None);
+    }
+
     #[test]
     fn signing_a_record_of_someone_else_does_nothing() {
         let w = signer();
         let other = signer();
         let mut r = record(&w, 1);
-        assert!(!sign(&mut r, &other));
+        assert!(!sign(&mut r, &other, 1));
         assert!(r.auth.is_none());
     }
 }

@@ -320,9 +320,9 @@ struct Seen {
     connected_to: HashMap<DeviceId, bool>,
     /// Reporter → whether it is in sync with this node.
     in_sync_with: HashMap<DeviceId, bool>,
-    /// A reporter said it acknowledged the path (said only of peers that do not
-    /// relay; a node that relays counts only by its own signed report).
-    claimed: bool,
+    /// Reporters that said this node acknowledged the path (said of peers that do
+    /// not relay: a node that relays counts only by its own signed report).
+    claimed_by: HashSet<DeviceId>,
 }
 
 /// One barrier this node runs as origin.
@@ -918,6 +918,11 @@ impl Cluster {
     pub fn status(&self, v: &View, id: u64) -> Option<BarrierStatus> {
         let c = self.barriers.get(&id)?;
         let me = self.me?;
+        // With signed reports, one reporter's word is not enough: it could name any
+        // node as a peer that does not relay and has the path. Two must say so (an
+        // edge is peered with two hubs); a node with one route waits for its own
+        // acks or `barrier_timeout`.
+        let claims = if self.signer.is_some() { 2 } else { 1 };
         let mut nodes: HashMap<DeviceId, NodeStatus> = HashMap::new();
         let mut waiting = false;
         let sync = c.req.sync;
@@ -925,7 +930,7 @@ impl Cluster {
             let connected = (v.connected)(&m.device);
             let relays = connected && self.relaying.contains(&m.device);
             let seen = c.nodes.get(&m.device);
-            let has = seen.is_some_and(|s| s.has || (s.claimed && !relays))
+            let has = seen.is_some_and(|s| s.has || (s.claimed(claims) && !relays))
                 || (connected && v.acked(&m.device, &c.path, &c.version));
             let reported = seen.is_some_and(|s| s.reported);
             let asked = c.asked.contains(&m.device);
@@ -950,7 +955,7 @@ impl Cluster {
             }
             let live = s.reported || s.connected_to.values().any(|c| *c);
             let in_sync = sync && live && s.links_in_sync();
-            let has = s.has || (s.claimed && !s.relays);
+            let has = s.has || (s.claimed(claims) && !s.relays);
             waiting |= live && (!has || (s.relays && !s.reported));
             waiting |= sync && live && !in_sync;
             nodes.insert(
@@ -974,6 +979,12 @@ impl Cluster {
 }
 
 impl Seen {
+    /// Whether the word of `claims` reporters that this node, which does not relay
+    /// (an older node: it cannot report itself), acknowledged the path is heard.
+    fn claimed(&self, claims: usize) -> bool {
+        self.claimed_by.len() >= claims
+    }
+
     /// Every reporter connected to this node said it is in sync with it.
     fn links_in_sync(&self) -> bool {
         self.connected_to
@@ -985,7 +996,8 @@ impl Seen {
 
 impl Census {
     /// Takes in one node's report: it is live and says whether it has the path;
-    /// its peers are known to exist, connected to it or not.
+    /// its peers are known to exist, connected to it or not, and which of them
+    /// acknowledged the path (see [`Seen::claimed`]).
     fn merge(&mut self, r: Report) {
         let room = |nodes: &HashMap<DeviceId, Seen>, d: &DeviceId| {
             nodes.contains_key(d) || nodes.len() < MAX_CENSUS_NODES
@@ -1012,7 +1024,9 @@ impl Census {
                 }
                 self.links += 1;
             }
-            p.claimed |= n.has;
+            if n.has {
+                p.claimed_by.insert(r.node);
+            }
             p.relays |= n.relays;
             p.connected_to.insert(r.node, n.connected);
             p.in_sync_with.insert(r.node, n.in_sync);
@@ -1093,7 +1107,7 @@ mod tests {
         }
 
         fn apply(&mut self, r: &crate::core::record::FileRecord) {
-            self.index.put(r.clone(), None);
+            self.index.put(r.clone(), None, 0);
             self.with_view(|c, v| c.refresh(v));
         }
     }
@@ -1147,7 +1161,7 @@ mod tests {
     }
 
     fn start(nodes: &mut [Node], r: &crate::core::record::FileRecord) {
-        nodes[0].index.put(r.clone(), None);
+        nodes[0].index.put(r.clone(), None, 0);
         let (p, v) = (r.path.clone(), r.version.clone());
         assert!(nodes[0].with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));
     }
@@ -1412,7 +1426,7 @@ mod tests {
             }
         }
         let r = token();
-        nodes[0].index.put(r.clone(), None);
+        nodes[0].index.put(r.clone(), None, 0);
         let ask = Ask {
             id: 7,
             path: r.path.clone(),
@@ -1457,7 +1471,7 @@ mod tests {
     fn forged_reports_keep_a_census_within_its_caps() {
         let mut n = Node::new(1, &[2]);
         let r = token();
-        n.index.put(r.clone(), None);
+        n.index.put(r.clone(), None, 0);
         let (p, v) = (r.path.clone(), r.version.clone());
         assert!(n.with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));
         let census = n.cluster.barriers.get_mut(&7).unwrap();
@@ -1509,7 +1523,7 @@ mod tests {
         n.cluster = cl;
         n.connected.insert(e.id());
         let r = token();
-        n.index.put(r.clone(), None);
+        n.index.put(r.clone(), None, 0);
         let (p, v) = (r.path.clone(), r.version.clone());
         assert!(n.with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));
         let report = |node: DeviceId, name: &str, peers: Vec<Neighbor>| Report {
@@ -1528,13 +1542,26 @@ mod tests {
             relays: true,
             in_sync: false,
         };
-        // `e` reports for itself (signed): `x` is live behind it and relays.
-        let mut own = report(e.id(), "e", vec![x_live]);
-        assert!(seal(&mut own, &e));
         let give = |n: &mut Node, r: Report| {
             let ok = verify_report(&r);
             n.cluster.handle_report(e.id(), r, ok)
         };
+        // `e`'s own signed report says x has it and does not relay (so could not
+        // report itself), before anything else is heard of x: that claim does not
+        // count either, or the barrier completes on e's word alone.
+        let claim = Neighbor {
+            relays: false,
+            ..x_live.clone()
+        };
+        let mut own = report(e.id(), "e", vec![claim]);
+        assert!(seal(&mut own, &e));
+        assert!(give(&mut n, own));
+        let st = status(&mut n);
+        let sx = st.nodes.iter().find(|s| s.device == x.id()).unwrap();
+        assert!(!st.done && sx.live && !sx.has, "{st:?}");
+        // `e` reports for itself (signed): `x` is live behind it and relays.
+        let mut own = report(e.id(), "e", vec![x_live]);
+        assert!(seal(&mut own, &e));
         assert!(give(&mut n, own));
         // Forged reports "x has it": unsigned, signed by `e`, or x's seal on
         // another report: none counts.
@@ -1558,6 +1585,63 @@ mod tests {
         assert!(seal(&mut real, &x));
         assert!(give(&mut n, real));
         assert!(status(&mut n).done);
+    }
+
+    #[test]
+    fn with_signed_reports_an_older_node_counts_on_the_word_of_two_reporters() {
+        use crate::core::authorship::tests::signer;
+        let o = signer();
+        let h1 = signer();
+        let h2 = signer();
+        let x = DeviceId([42; 32]);
+        // The origin peers with two hubs; `x`, an older node, sits behind both.
+        let mut cl = Cluster::default();
+        let m = |s: &NodeSigner, n: &str| Member {
+            device: s.id(),
+            name: n.into(),
+        };
+        cl.set_roster(o.id(), "o".into(), vec![m(&h1, "h1"), m(&h2, "h2")]);
+        cl.set_signer(Arc::new(o));
+        let mut n = Node::new(1, &[]);
+        n.cluster = cl;
+        for h in [&h1, &h2] {
+            n.cluster.set_relaying(h.id(), true);
+            n.connected.insert(h.id());
+        }
+        let r = token();
+        n.index.put(r.clone(), None, 0);
+        let (p, v) = (r.path.clone(), r.version.clone());
+        assert!(n.with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));
+        let claim = Neighbor {
+            device: x,
+            name: "x".into(),
+            connected: true,
+            has: true,
+            relays: false,
+            in_sync: false,
+        };
+        let mut heard = Vec::new();
+        for (hub, name) in [(&h1, "h1"), (&h2, "h2")] {
+            let mut own = Report {
+                id: 7,
+                node: hub.id(),
+                name: name.into(),
+                has: true,
+                peers: vec![claim.clone()],
+                seal: None,
+            };
+            assert!(seal(&mut own, hub));
+            let ok = verify_report(&own);
+            assert!(n.cluster.handle_report(hub.id(), own, ok));
+            let st = status(&mut n);
+            let sx = st.nodes.iter().find(|s| s.device == x).unwrap();
+            heard.push((st.done, sx.has));
+        }
+        assert_eq!(
+            heard,
+            [(false, false), (true, true)],
+            "one hub's word, then two"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::core::authorship::{MAX_AUTHOR_CERT, MAX_SIGNATURE};
 use crate::core::device::{DeviceId, ShortId};
 use crate::core::paths::{PathError, RelPath};
-use crate::core::record::{Authorship, ContentHash, FileRecord, Kind};
+use crate::core::record::{Attestation, Authorship, ContentHash, FileRecord, Kind};
 use crate::core::version::VersionVector;
 
 /// Generated protobuf types.
@@ -68,6 +68,7 @@ pub fn invalid(what: &'static str, why: impl Into<String>) -> WireError {
 
 /// Converts a local record for sending.
 pub fn record_to_wire(r: &FileRecord, sequence: u64) -> pb::FileInfo {
+    let attestation = r.auth.as_ref().and_then(|a| a.attestation.as_ref());
     pb::FileInfo {
         path: r.path.as_str().to_string(),
         kind: match r.kind {
@@ -100,6 +101,8 @@ pub fn record_to_wire(r: &FileRecord, sequence: u64) -> pb::FileInfo {
         author: r.auth.as_ref().map_or(Vec::new(), |a| a.author.0.to_vec()),
         signature: r.auth.as_ref().map_or(Vec::new(), |a| a.signature.clone()),
         author_cert: r.auth.as_ref().map_or(Vec::new(), |a| a.cert.to_vec()),
+        signed_ns: attestation.map_or(0, |t| t.signed_ns),
+        attestation: attestation.map_or(Vec::new(), |t| t.signature.clone()),
     }
 }
 
@@ -175,7 +178,18 @@ pub fn record_from_wire(f: pb::FileInfo, now_us: u64) -> Result<(FileRecord, u64
     if f.mode & !0o7777 != 0 {
         return Err(invalid("record", format!("{path}: mode {:o}", f.mode)));
     }
-    let auth = authorship_from_wire(&path, f.author, f.signature, f.author_cert)?;
+    let attestation = attestation_from_wire(&path, f.signed_ns, f.attestation, now_us)?;
+    let mut auth = authorship_from_wire(&path, f.author, f.signature, f.author_cert)?;
+    match (&mut auth, attestation) {
+        (Some(a), t) => a.attestation = t,
+        (None, Some(_)) => {
+            return Err(invalid(
+                "record",
+                format!("{path}: an attestation without an author"),
+            ))
+        }
+        (None, None) => {}
+    }
     Ok((
         FileRecord {
             path,
@@ -227,5 +241,38 @@ fn authorship_from_wire(
         author: DeviceId(author),
         signature,
         cert: cert.into(),
+        attestation: None,
+    }))
+}
+
+/// The attestation fields of a record: both or none; its time not beyond
+/// `now_us + MAX_CLOCK_AHEAD_US`, as for counters.
+fn attestation_from_wire(
+    path: &RelPath,
+    signed_ns: i64,
+    signature: Vec<u8>,
+    now_us: u64,
+) -> Result<Option<Attestation>, WireError> {
+    if signed_ns == 0 && signature.is_empty() {
+        return Ok(None);
+    }
+    if signature.is_empty() || signature.len() > MAX_SIGNATURE {
+        return Err(invalid(
+            "record",
+            format!("{path}: attestation signature of {} bytes", signature.len()),
+        ));
+    }
+    let limit = now_us
+        .saturating_add(MAX_CLOCK_AHEAD_US)
+        .saturating_mul(1000);
+    if signed_ns <= 0 || signed_ns as u64 > limit {
+        return Err(invalid(
+            "record",
+            format!("{path}: attested at {signed_ns} ns, not a time this node's clock allows"),
+        ));
+    }
+    Ok(Some(Attestation {
+        signed_ns,
+        signature,
     }))
 }

@@ -10,11 +10,12 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::core::authorship::{self, Refusal, Writers};
 use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Member, Report};
 use crate::core::device::{DeviceId, NodeSigner};
-use crate::core::index::{Index, LocalStat, Observed};
+use crate::core::index::{Index, LocalStat, Observed, TOMBSTONE_RETENTION};
 use crate::core::paths::RelPath;
 use crate::core::plan::{DiskSpace, Plan, PlanEvent, TreeBudget};
 use crate::core::record::FileRecord;
@@ -237,6 +238,9 @@ pub struct Engine {
     /// Paths the scanner skipped while they were being applied: looked at again once
     /// the apply is recorded.
     rescan_after_apply: Vec<RelPath>,
+    /// `[tree] tombstone_retention`: how long a learned deletion is kept, and the
+    /// replay horizon for records of paths not held (issue 25 item 9).
+    retention: Duration,
     /// Test fault: acks one sequence further than `Plan::ack_for` allows, so a test
     /// can prove the simulator runs this code.
     #[cfg(test)]
@@ -261,9 +265,17 @@ impl Engine {
             served: ServedBoard::default(),
             applying: HashSet::new(),
             rescan_after_apply: Vec::new(),
+            retention: TOMBSTONE_RETENTION,
             #[cfg(test)]
             break_acks: false,
         }
+    }
+
+    /// Keeps learned deletions for `retention` (`[tree] tombstone_retention`), which
+    /// is also the replay horizon.
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
     }
 
     /// Applies the tree budgets (`[tree] max_size`, `max_files`, `min_disk_free`).
@@ -313,8 +325,13 @@ impl Engine {
 
     /// Signs what this node authors with `signer` and takes in only records
     /// `writers` allows. Records of ours loaded unsigned (written before this
-    /// version) are signed now, so they pass other nodes' checks.
-    pub fn with_authorship(mut self, signer: Option<Arc<NodeSigner>>, writers: Writers) -> Self {
+    /// version) are signed now (at `now_ns`), so they pass other nodes' checks.
+    pub fn with_authorship(
+        mut self,
+        signer: Option<Arc<NodeSigner>>,
+        writers: Writers,
+        now_ns: i64,
+    ) -> Self {
         let writer = signer
             .as_ref()
             .map_or(!writers.is_restricted(), |s| writers.allows(&s.id()));
@@ -327,7 +344,7 @@ impl Engine {
                 .map(|e| e.record.clone())
                 .collect();
             for mut r in unsigned {
-                if authorship::sign(&mut r, s) {
+                if authorship::sign(&mut r, s, now_ns) {
                     if let Some(a) = r.auth {
                         self.index.set_auth(&r.path, a);
                     }
@@ -474,10 +491,11 @@ impl Engine {
     ) -> Result<(), EngineError> {
         // Authorship first (its verdicts follow the records' order), then the cap:
         // forged records never take room in the peer's view.
-        let (records, refused) = self.authorized(peer, records, verdicts);
+        let (records, refused) = self.authorized(peer, records, verdicts, now_ns);
         if let Some(now) = now_ns {
             self.count_refusals(peer, refused, now)?;
         }
+        self.take_renewals(&records);
         let (mut records, over) = self.plan.admit(peer, records);
         if let Some(last) = over.last() {
             let stats = self.authority.over_cap.entry(peer).or_default();
@@ -496,11 +514,15 @@ impl Engine {
     /// made here). The others are refused: counted for `peer`, reported once per
     /// batch, left out of its view (so never needed) and acknowledged as refused.
     /// Also returns how many were refused as forged ([`Refusal::is_forged`]).
+    /// With `now_ns`, a live record for a path not held whose author vouched for it
+    /// longer than the retention ago is refused as a possible replay
+    /// ([`Refusal::Stale`]; not counted as forged).
     fn authorized(
         &mut self,
         peer: DeviceId,
         records: Vec<(FileRecord, u64)>,
         verdicts: Verdicts,
+        now_ns: Option<i64>,
     ) -> (Vec<(FileRecord, u64)>, u64) {
         if !self.authority.writers.is_restricted() {
             return (records, 0);
@@ -520,6 +542,13 @@ impl Engine {
             } else {
                 self.authority.writers.check(&r)
             };
+            let verdict = verdict.and_then(|()| match now_ns {
+                Some(now) if self.index.get(&r.path).is_none() => {
+                    let horizon = i64::try_from(self.retention.as_nanos()).unwrap_or(i64::MAX);
+                    authorship::stale(&r, now, horizon).map_or(Ok(()), Err)
+                }
+                _ => Ok(()),
+            });
             match verdict {
                 Ok(()) => out.push((r, seq)),
                 Err(why) => {
@@ -544,6 +573,64 @@ impl Engine {
             });
         }
         (out, forged)
+    }
+
+    /// Takes in renewed attestations of records this node holds (same version, same
+    /// fields, attested later; checked by [`Engine::authorized`]): the authorship is
+    /// replaced under a new sequence, so it is passed on, with no fetch, no apply and
+    /// no hook. Only with `writers`, where attestations are checked.
+    fn take_renewals(&mut self, records: &[(FileRecord, u64)]) {
+        if !self.authority.writers.is_restricted() {
+            return;
+        }
+        for (r, _) in records {
+            let renews = self
+                .index
+                .get(&r.path)
+                .is_some_and(|e| authorship::renews(&e.record, r));
+            if let (true, Some(a)) = (renews, &r.auth) {
+                self.index.reattest(&r.path, a.clone());
+            }
+        }
+    }
+
+    /// Renews the attestation of up to `limit` of our own records (live, authored
+    /// and signed here) attested longer than half the retention before `now_ns`, or
+    /// never: each gets a new sequence and reaches every peer as a metadata refresh.
+    /// Only with `writers` (only then are attestations checked). Returns how many.
+    pub fn reattest_due(&mut self, now_ns: i64, limit: usize) -> usize {
+        let Some(s) = self.authority.signer.clone() else {
+            return 0;
+        };
+        if !self.authority.writers.is_restricted() || !self.authority.writer {
+            return 0;
+        }
+        let half = i64::try_from(self.retention.as_nanos() / 2).unwrap_or(i64::MAX);
+        let due: Vec<FileRecord> = self
+            .index
+            .entries()
+            .filter(|e| !e.record.deleted)
+            .filter(|e| e.record.auth.as_ref().is_some_and(|a| a.author == s.id()))
+            .filter(|e| {
+                authorship::vouched_ns(&e.record).is_none_or(|t| t < now_ns.saturating_sub(half))
+                    || e.record
+                        .auth
+                        .as_ref()
+                        .is_some_and(|a| a.attestation.is_none())
+            })
+            .take(limit)
+            .map(|e| e.record.clone())
+            .collect();
+        let mut n = 0;
+        for mut r in due {
+            if authorship::reattest(&mut r, &s, now_ns) {
+                if let Some(a) = r.auth {
+                    self.index.reattest(&r.path, a);
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     /// Counts `refused` records of `peer` in its one-minute window; an error once
@@ -649,7 +736,7 @@ impl Engine {
         }
         let mut changed = self.index.observe(p, seen, now_ns)?;
         if let Some(s) = &self.authority.signer {
-            if authorship::sign(&mut changed, s) {
+            if authorship::sign(&mut changed, s, now_ns) {
                 if let Some(a) = &changed.auth {
                     self.index.set_auth(p, a.clone());
                 }
@@ -723,22 +810,29 @@ impl Engine {
         self.plan.reverting_content(p)
     }
 
-    /// A needed record was written to the tree (`stat`: what is on disk now, `None`
-    /// for a deletion): it becomes the local record. Returns its sequence.
-    pub fn applied(&mut self, record: FileRecord, stat: Option<LocalStat>) -> u64 {
+    /// A needed record was written to the tree at `now_ns` (`stat`: what is on disk
+    /// now, `None` for a deletion): it becomes the local record, learned now. Returns
+    /// its sequence.
+    pub fn applied(&mut self, record: FileRecord, stat: Option<LocalStat>, now_ns: i64) -> u64 {
         let p = record.path.clone();
         self.plan.reverted(&p);
-        let seq = self.index.put(record, stat);
+        let seq = self.index.put(record, stat, now_ns);
         self.plan.evaluate(&p, &self.index);
         self.refresh_cluster();
         seq
     }
 
-    /// Drops tombstones older than `index::TOMBSTONE_RETENTION` at `now_ns` that
+    /// Drops tombstones learned longer than the retention before `now_ns` that
     /// every peer acknowledged (`acked_by_all`). Needs are not re-derived: every peer
     /// has seen the deletion, so none can still announce what it replaced.
     pub fn collect_tombstones(&mut self, now_ns: i64, acked_by_all: u64) -> Vec<RelPath> {
-        self.index.collect_tombstones(now_ns, acked_by_all)
+        self.index
+            .collect_tombstones(now_ns, acked_by_all, self.retention)
+    }
+
+    /// The retention of learned deletions and replay horizon.
+    pub fn retention(&self) -> Duration {
+        self.retention
     }
 
     /// This node's device ID, name and configured peers, for cluster-wide barriers
@@ -1104,7 +1198,7 @@ mod tests {
         let p = RelPath::parse(path).unwrap();
         let seen = crate::core::index::tests::file(path, content, 1);
         let mut r = ix.observe(&p, Some(seen), counter as i64 * 1000).unwrap();
-        assert!(authorship::sign(&mut r, s));
+        assert!(authorship::sign(&mut r, s, 1));
         r
     }
 
@@ -1112,8 +1206,11 @@ mod tests {
     fn records_not_signed_by_a_writer_are_refused_counted_and_acked() {
         let writer = authorship::tests::signer();
         let relay = authorship::tests::signer();
-        let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX)
-            .with_authorship(None, Writers::only([writer.id()]));
+        let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX).with_authorship(
+            None,
+            Writers::only([writer.id()]),
+            1,
+        );
         let token = e.connected(peer());
         let honest = signed_by(&writer, "a", 1, 1);
         let mut forged = signed_by(&writer, "b", 2, 1);
@@ -1135,7 +1232,7 @@ mod tests {
         // everything is acknowledged.
         e.poll_transmit(peer(), token);
         let need = e.plan().needs().next().unwrap().target.clone();
-        e.applied(need, None);
+        e.applied(need, None, 1);
         let t = e.poll_transmit(peer(), token).unwrap();
         assert_eq!(t.ack, Some(3));
     }
@@ -1143,8 +1240,11 @@ mod tests {
     #[test]
     fn a_peer_refused_too_often_in_a_minute_is_refused_itself() {
         let writer = authorship::tests::signer();
-        let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX)
-            .with_authorship(None, Writers::only([writer.id()]));
+        let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX).with_authorship(
+            None,
+            Writers::only([writer.id()]),
+            1,
+        );
         e.connected(peer());
         // Records in the writer's name, altered after signing (a junk signature).
         let batch = |n: u64, from: u64| -> Vec<(FileRecord, u64)> {
@@ -1188,8 +1288,11 @@ mod tests {
 
     #[test]
     fn refused_tallies_are_capped_whatever_the_peers() {
-        let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX)
-            .with_authorship(None, Writers::only([DeviceId([1; 32])]));
+        let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX).with_authorship(
+            None,
+            Writers::only([DeviceId([1; 32])]),
+            1,
+        );
         let unsigned = crate::core::index::tests::file("a", 1, 1);
         let p = RelPath::parse("a").unwrap();
         let r = Index::new(ShortId(7))
@@ -1210,14 +1313,21 @@ mod tests {
         let me = authorship::tests::signer();
         let writer = authorship::tests::signer();
         let signer = Arc::new(me);
-        let mut e = Engine::new(Index::new(signer.id().short()), u64::MAX)
-            .with_authorship(Some(signer.clone()), Writers::only([writer.id()]));
+        let mut e = Engine::new(Index::new(signer.id().short()), u64::MAX).with_authorship(
+            Some(signer.clone()),
+            Writers::only([writer.id()]),
+            1,
+        );
         assert!(!e.is_writer());
         e.connected(peer());
         let r = signed_by(&writer, "live/cert.pem", 1, 1);
         e.handle_index(peer(), vec![(r.clone(), 1)], 1).unwrap();
         let need = e.plan().need(&r.path).unwrap().target.clone();
-        e.applied(need, Some(crate::core::index::tests::file("x", 1, 1).stat));
+        e.applied(
+            need,
+            Some(crate::core::index::tests::file("x", 1, 1).stat),
+            1,
+        );
         let seq = e.index().sequence();
         // The reader edits the file: nothing recorded, nothing to send…
         let edited = crate::core::index::tests::file("live/cert.pem", 7, 5);
@@ -1230,6 +1340,7 @@ mod tests {
         e.applied(
             r.clone(),
             Some(crate::core::index::tests::file("x", 1, 9).stat),
+            1,
         );
         assert!(e.plan().need(&r.path).is_none() && !e.reverting_content(&r.path));
         // A chmod is put back too (same content: no fetch).
@@ -1244,8 +1355,11 @@ mod tests {
         let me = authorship::tests::signer();
         let writer = authorship::tests::signer();
         let signer = Arc::new(me);
-        let mut e = Engine::new(Index::new(signer.id().short()), u64::MAX)
-            .with_authorship(Some(signer.clone()), Writers::only([writer.id()]));
+        let mut e = Engine::new(Index::new(signer.id().short()), u64::MAX).with_authorship(
+            Some(signer.clone()),
+            Writers::only([writer.id()]),
+            1,
+        );
         e.connected(peer());
         // The writer made live/old.pem and deleted it: its tombstone reaches us.
         let mut ix = Index::new(writer.id().short());
@@ -1256,29 +1370,170 @@ mod tests {
             1000,
         );
         let mut gone = ix.observe(&p, None, 2000).unwrap();
-        assert!(gone.deleted && authorship::sign(&mut gone, &writer));
+        assert!(gone.deleted && authorship::sign(&mut gone, &writer, 1));
         e.handle_index(peer(), vec![(gone.clone(), 1)], 1).unwrap();
         let need = e.plan().need(&gone.path).unwrap().target.clone();
-        e.applied(need, None);
+        e.applied(need, None, 1);
         assert!(e.plan().need(&gone.path).is_none());
         // The reader makes the file again: not recorded, and the deletion is needed.
         let back = crate::core::index::tests::file("live/old.pem", 3, 5);
         assert_eq!(e.observe(&gone.path, Some(back), 5), None);
         assert_eq!(e.not_sent().count, 1);
         assert_eq!(e.plan().need(&gone.path).unwrap().target, gone);
-        e.applied(gone.clone(), None);
+        e.applied(gone.clone(), None, 1);
         assert!(e.plan().need(&gone.path).is_none());
         // Seen gone afterwards: nothing more to do.
         assert_eq!(e.observe(&gone.path, None, 6), None);
         assert!(e.plan().need(&gone.path).is_none());
     }
 
+    const DAY: i64 = 24 * 3600 * 1_000_000_000;
+
+    /// A reader's engine with `writer` in `writers`, a retention of 7 days.
+    fn reader_of(writer: &crate::core::device::NodeSigner) -> Engine {
+        let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX).with_authorship(
+            None,
+            Writers::only([writer.id()]),
+            1,
+        );
+        e.connected(peer());
+        e
+    }
+
+    /// `writer`'s record of `path`, changed and attested at `at`.
+    fn attested(
+        w: &crate::core::device::NodeSigner,
+        path: &str,
+        content: u8,
+        at: i64,
+    ) -> FileRecord {
+        let mut r = signed_by(w, path, content, (at / 1000) as u64);
+        assert!(authorship::reattest(&mut r, w, at));
+        r
+    }
+
+    #[test]
+    fn a_record_attested_beyond_the_horizon_is_refused_for_a_path_not_held() {
+        let w = authorship::tests::signer();
+        let mut e = reader_of(&w);
+        let old = attested(&w, "live/gone.pem", 1, 10 * DAY);
+        e.handle_index_checked(peer(), vec![(old.clone(), 1)], vec![], 1, Some(18 * DAY))
+            .unwrap();
+        assert!(e.plan().need(&old.path).is_none());
+        let refused = &e.refused()[&peer()];
+        assert!(refused
+            .last_reason
+            .as_ref()
+            .unwrap()
+            .contains("replay horizon"));
+        assert_eq!(refused.in_window, 0, "not counted as forged");
+        // Its attestation stripped (as a node of the older version relays it): dated
+        // by its author's signed counter, refused all the same.
+        let mut stripped = old.clone();
+        stripped.auth.as_mut().unwrap().attestation = None;
+        e.handle_index_checked(peer(), vec![(stripped, 1)], vec![], 1, Some(18 * DAY))
+            .unwrap();
+        assert_eq!(e.refused()[&peer()].count, 2);
+        assert!(e.plan().need(&old.path).is_none());
+        // Within the horizon it is taken.
+        e.handle_index_checked(peer(), vec![(old.clone(), 2)], vec![], 2, Some(16 * DAY))
+            .unwrap();
+        assert!(e.plan().need(&old.path).is_some());
+    }
+
+    #[test]
+    fn a_stale_record_is_taken_for_a_path_held() {
+        let w = authorship::tests::signer();
+        let mut e = reader_of(&w);
+        let first = attested(&w, "live/a.pem", 1, 9 * DAY);
+        e.applied(first.clone(), None, 9 * DAY);
+        let mut newer = first.clone();
+        newer.version.bump_at(w.id().short(), 0).unwrap();
+        newer.hash = crate::core::record::ContentHash([2; 32]);
+        assert!(authorship::sign(&mut newer, &w, 10 * DAY));
+        e.handle_index_checked(peer(), vec![(newer.clone(), 1)], vec![], 1, Some(18 * DAY))
+            .unwrap();
+        assert_eq!(e.plan().need(&newer.path).unwrap().target, newer);
+    }
+
+    #[test]
+    fn an_old_file_reattested_reaches_a_new_node_and_renews_a_held_one() {
+        let w = authorship::tests::signer();
+        // Written a year ago, attested again yesterday.
+        let year_old = attested(&w, "dhparam.pem", 1, DAY);
+        let mut renewed = year_old.clone();
+        assert!(authorship::reattest(&mut renewed, &w, 365 * DAY));
+        let mut fresh = reader_of(&w);
+        fresh
+            .handle_index_checked(
+                peer(),
+                vec![(renewed.clone(), 1)],
+                vec![],
+                1,
+                Some(366 * DAY),
+            )
+            .unwrap();
+        assert!(fresh.plan().need(&renewed.path).is_some());
+        // A node that holds it takes the renewal as metadata: a new sequence, the
+        // same learned time, nothing to fetch.
+        let mut held = reader_of(&w);
+        held.applied(year_old.clone(), None, 2 * DAY);
+        let seq = held.index().sequence();
+        held.handle_index_checked(
+            peer(),
+            vec![(renewed.clone(), 1)],
+            vec![],
+            1,
+            Some(366 * DAY),
+        )
+        .unwrap();
+        let e = held.index().get(&renewed.path).unwrap();
+        assert_eq!(
+            (&e.record, e.sequence, e.learned_ns),
+            (&renewed, seq + 1, 2 * DAY)
+        );
+        assert!(held.plan().need(&renewed.path).is_none());
+        // The older attestation again changes nothing.
+        held.handle_index_checked(peer(), vec![(year_old, 2)], vec![], 2, Some(366 * DAY))
+            .unwrap();
+        assert_eq!(held.index().sequence(), seq + 1);
+    }
+
+    #[test]
+    fn a_writer_renews_its_live_records_at_half_the_retention() {
+        let me = authorship::tests::signer();
+        let me = Arc::new(me);
+        let mut e = Engine::new(Index::new(me.id().short()), u64::MAX).with_authorship(
+            Some(me.clone()),
+            Writers::only([me.id()]),
+            1,
+        );
+        let p = RelPath::parse("a").unwrap();
+        e.observe(&p, Some(crate::core::index::tests::file("a", 1, 1)), DAY);
+        let q = RelPath::parse("b").unwrap();
+        e.observe(&q, Some(crate::core::index::tests::file("b", 1, 1)), DAY);
+        e.observe(&q, None, DAY);
+        assert_eq!(e.reattest_due(4 * DAY, 100), 0);
+        assert_eq!(
+            e.reattest_due(5 * DAY, 100),
+            1,
+            "the live one, not the tombstone"
+        );
+        let r = &e.index().get(&p).unwrap().record;
+        assert_eq!(authorship::vouched_ns(r), Some(5 * DAY));
+        assert_eq!(Writers::only([me.id()]).check(r), Ok(()));
+        assert_eq!(e.reattest_due(5 * DAY, 100), 0);
+    }
+
     #[test]
     fn a_writer_signs_its_changes() {
         let me = authorship::tests::signer();
         let me = Arc::new(me);
-        let mut e = Engine::new(Index::new(me.id().short()), u64::MAX)
-            .with_authorship(Some(me.clone()), Writers::only([me.id()]));
+        let mut e = Engine::new(Index::new(me.id().short()), u64::MAX).with_authorship(
+            Some(me.clone()),
+            Writers::only([me.id()]),
+            1,
+        );
         let p = RelPath::parse("a").unwrap();
         let r = e
             .observe(&p, Some(crate::core::index::tests::file("a", 1, 1)), 1)

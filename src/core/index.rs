@@ -28,9 +28,13 @@ pub const MAX_INDEX_RECORDS: usize = 200_000;
 /// a loophole for records at every wire limit (~29 KiB each).
 pub const MAX_INDEX_BYTES: usize = 256 << 20;
 
-/// How long a tombstone is kept at least (from its deletion time, `mtime_ns`) before
-/// it may be collected, and only once every configured peer has acknowledged it. A
-/// peer away for longer than this may bring a deleted file back.
+/// How long a tombstone is kept at least (from when this node learned of the
+/// deletion, [`Entry::learned_ns`], on its own clock) before it may be collected, and
+/// only once every configured peer has acknowledged it; the default of
+/// `[tree] tombstone_retention`. It is also the replay horizon: with `[tree]
+/// writers`, a live record signed longer ago than this is refused for a path the
+/// receiver does not hold (`core::authorship::Refusal::Stale`), so a relay cannot
+/// bring back a deleted file once its tombstone is gone.
 pub const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What the local filesystem showed at the last scan or apply: when a new stat
@@ -61,6 +65,10 @@ pub struct Entry {
     pub record: FileRecord,
     pub sequence: u64,
     pub stat: Option<LocalStat>,
+    /// This node's clock (ns since the epoch) when it first took this version in (a
+    /// local change: when scanned). Tombstones are collected by it, never by the
+    /// author-set `mtime_ns`.
+    pub learned_ns: i64,
 }
 
 /// The content bytes a record holds in the tree (0 for a deletion, link or directory).
@@ -197,16 +205,42 @@ impl Index {
             .is_some_and(|e| !e.record.deleted && e.stat.as_ref() == Some(stat))
     }
 
-    /// Stores `record` (from a peer or a local change) under a fresh sequence number.
-    pub fn put(&mut self, record: FileRecord, stat: Option<LocalStat>) -> u64 {
+    /// Stores `record` (from a peer or a local change) under a fresh sequence number,
+    /// learned at `now_ns`. The time of a version already held is kept. A deletion of
+    /// a path not held (recorded only to pass it on, or taken back from a peer right
+    /// after this node collected it) counts as learned when its author made it, at
+    /// most now: otherwise two nodes that collect at different times would hand the
+    /// tombstone back and forth, each time for a full retention.
+    pub fn put(&mut self, record: FileRecord, stat: Option<LocalStat>, now_ns: i64) -> u64 {
         self.sequence += 1;
         let seq = self.sequence;
+        let learned_ns = match self.entries.get(&record.path) {
+            Some(e) if e.record.version == record.version => e.learned_ns,
+            None if record.deleted => crate::core::authorship::vouched_ns(&record)
+                .unwrap_or(record.mtime_ns)
+                .min(now_ns),
+            _ => now_ns,
+        };
         self.insert(Entry {
             record,
             sequence: seq,
             stat,
+            learned_ns,
         });
         seq
+    }
+
+    /// Replaces the authorship of the record at `p` (a newer attestation of the same
+    /// version) under a fresh sequence number, so peers are sent it; the learned time
+    /// and the stat stay. Returns the sequence, `None` if `p` is not held.
+    pub fn reattest(&mut self, p: &RelPath, auth: crate::core::record::Authorship) -> Option<u64> {
+        let mut e = self.entries.remove(p)?;
+        self.forget(&e);
+        self.sequence += 1;
+        e.sequence = self.sequence;
+        e.record.auth = Some(auth);
+        self.insert(e);
+        Some(self.sequence)
     }
 
     /// Restores an entry as persisted (no new sequence number).
@@ -216,12 +250,18 @@ impl Index {
     }
 
     /// Collects tombstones that every configured peer has acknowledged (`acked_by_all`
-    /// is the lowest sequence of ours any of them acknowledged) and that are older than
-    /// [`TOMBSTONE_RETENTION`] at `now_ns`. The newest record is never collected, so
-    /// the sequence survives a restart (it is restored from the records). Returns the
+    /// is the lowest sequence of ours any of them acknowledged) and that this node
+    /// learned of longer than `retention` ([`TOMBSTONE_RETENTION`] by default) before
+    /// `now_ns`, on its own clock. The newest record is never collected, so the
+    /// sequence survives a restart (it is restored from the records). Returns the
     /// collected paths.
-    pub fn collect_tombstones(&mut self, now_ns: i64, acked_by_all: u64) -> Vec<RelPath> {
-        let retention = TOMBSTONE_RETENTION.as_nanos() as i64;
+    pub fn collect_tombstones(
+        &mut self,
+        now_ns: i64,
+        acked_by_all: u64,
+        retention: Duration,
+    ) -> Vec<RelPath> {
+        let retention = i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
         let cutoff = now_ns.saturating_sub(retention);
         let newest = self.sequence;
         let gone: Vec<RelPath> = self
@@ -231,7 +271,7 @@ impl Index {
                 e.record.deleted
                     && e.sequence <= acked_by_all
                     && e.sequence < newest
-                    && e.record.mtime_ns < cutoff
+                    && e.learned_ns < cutoff
             })
             .map(|e| e.record.path.clone())
             .collect();
@@ -285,7 +325,7 @@ impl Index {
                 r.mtime_ns = now_ns.max(e.record.mtime_ns);
                 r.modified_by = self.me;
                 r.auth = None;
-                self.put(r.clone(), None);
+                self.put(r.clone(), None, now_ns);
                 Some(r)
             }
             (prev, Some(o)) => {
@@ -318,7 +358,7 @@ impl Index {
                     modified_by: self.me,
                     auth: None,
                 };
-                self.put(r.clone(), Some(o.stat));
+                self.put(r.clone(), Some(o.stat), now_ns);
                 Some(r)
             }
         }
@@ -396,13 +436,19 @@ pub(crate) mod tests {
         ); // 7
         let tombstones = |ix: &Index| ix.entries().filter(|e| e.record.deleted).count();
         // Acked by every peer, but not yet retained long enough.
-        assert!(ix.collect_tombstones(t0 + 6 * day, 7).is_empty());
+        assert!(ix
+            .collect_tombstones(t0 + 6 * day, 7, TOMBSTONE_RETENTION)
+            .is_empty());
         // Retained long enough, but one peer has only acked up to 3.
-        let gone = ix.collect_tombstones(t0 + 8 * day, 3);
+        let gone = ix.collect_tombstones(t0 + 8 * day, 3, TOMBSTONE_RETENTION);
         assert_eq!(gone, vec![RelPath::parse("a").unwrap()]);
         assert_eq!(tombstones(&ix), 2);
         // Everyone acked everything: all go; the live file stays, the sequence too.
-        assert_eq!(ix.collect_tombstones(t0 + 8 * day, 7).len(), 2);
+        assert_eq!(
+            ix.collect_tombstones(t0 + 8 * day, 7, TOMBSTONE_RETENTION)
+                .len(),
+            2
+        );
         assert_eq!((ix.len(), tombstones(&ix), ix.sequence()), (1, 0, 7));
         let live = ix.entries().next().unwrap().record.heap_cost();
         assert_eq!(ix.bytes(), live);
@@ -412,12 +458,55 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn tombstones_are_collected_by_when_this_node_learned_them_not_by_their_mtime() {
+        let day = 24 * 3600 * 1_000_000_000i64;
+        let t0 = 100 * day;
+        let mut ix = Index::new(ShortId(1));
+        let p = RelPath::parse("a").unwrap();
+        // A peer's deletion whose author-set mtime is ancient, learned at t0.
+        let mut gone = ix.observe(&p, Some(file("a", 1, 1)), 1).unwrap();
+        gone.version.bump_at(ShortId(2), 5).unwrap();
+        (gone.deleted, gone.mtime_ns, gone.modified_by) = (true, 1, ShortId(2));
+        ix.put(gone.clone(), None, t0);
+        assert_eq!(ix.get(&p).unwrap().learned_ns, t0);
+        // The same version again (a renewed signature, a restore) keeps its time.
+        ix.put(gone, None, t0 + 6 * day);
+        assert_eq!(ix.get(&p).unwrap().learned_ns, t0);
+        ix.observe(&RelPath::parse("b").unwrap(), Some(file("b", 1, t0)), t0);
+        assert!(ix
+            .collect_tombstones(t0 + 6 * day, 9, TOMBSTONE_RETENTION)
+            .is_empty());
+        let gone = ix.collect_tombstones(t0 + 8 * day, 9, TOMBSTONE_RETENTION);
+        assert_eq!(gone, vec![p]);
+    }
+
+    #[test]
+    fn a_deletion_of_a_path_not_held_counts_from_when_it_was_made() {
+        let day = 24 * 3600 * 1_000_000_000i64;
+        let mut ix = Index::new(ShortId(1));
+        let p = RelPath::parse("a").unwrap();
+        let mut gone = Index::new(ShortId(2))
+            .observe(&p, Some(file("a", 1, 1)), day)
+            .unwrap();
+        (gone.deleted, gone.mtime_ns) = (true, 2 * day);
+        ix.put(gone.clone(), None, 9 * day);
+        assert_eq!(ix.get(&p).unwrap().learned_ns, 2 * day);
+        // Never later than now (an author clock ahead).
+        let mut ix = Index::new(ShortId(1));
+        gone.mtime_ns = 20 * day;
+        ix.put(gone, None, 9 * day);
+        assert_eq!(ix.get(&p).unwrap().learned_ns, 9 * day);
+    }
+
+    #[test]
     fn the_newest_record_is_never_collected() {
         let mut ix = Index::new(ShortId(1));
         let p = RelPath::parse("a").unwrap();
         ix.observe(&p, Some(file("a", 1, 1)), 1);
         ix.observe(&p, None, 1);
-        assert!(ix.collect_tombstones(i64::MAX, u64::MAX).is_empty());
+        assert!(ix
+            .collect_tombstones(i64::MAX, u64::MAX, TOMBSTONE_RETENTION)
+            .is_empty());
     }
 
     #[test]

@@ -575,12 +575,13 @@ impl Pipeline {
     /// A unit was applied (`results`: each work with its outcome): applied records
     /// become local ones in `engine`; deferred and failed ones are retried later;
     /// when anything was applied, waiting retries go at once (a link's target may be
-    /// there now).
+    /// there now). `now_ns` is the wall clock the index records as learned.
     pub fn applied(
         &mut self,
         results: Vec<(Work, Outcome)>,
         engine: &mut Engine,
         now: Instant,
+        now_ns: i64,
     ) -> Recorded {
         self.applying = false;
         self.unit.clear();
@@ -594,7 +595,7 @@ impl Pipeline {
             match outcome {
                 Outcome::Applied(stat) => {
                     self.retry.remove(&p);
-                    engine.applied(w.need.target, stat);
+                    engine.applied(w.need.target, stat, now_ns);
                     out.applied.push(p);
                 }
                 Outcome::Deferred(_) => {
@@ -801,7 +802,7 @@ mod tests {
             .into_iter()
             .map(|w| (w, Outcome::Applied(None)))
             .collect();
-        let rec = p.applied(results, &mut e, now);
+        let rec = p.applied(results, &mut e, now, 1);
         assert_eq!(rec.applied.len(), 2);
         assert_eq!(e.applying().len(), 1);
         assert_eq!(p.poll_apply(&mut e, now).unwrap().len(), 1);
@@ -903,7 +904,7 @@ mod tests {
             .into_iter()
             .map(|w| (w, Outcome::Applied(None)))
             .collect();
-        let rec = p.applied(done, &mut e, at);
+        let rec = p.applied(done, &mut e, at, 1);
         assert_eq!(rec.applied.len(), 1);
         p.refill(&mut e, |_| None, |_| true, at);
         assert_eq!(p.next_wake(), None);
@@ -1001,7 +1002,7 @@ mod tests {
             .into_iter()
             .map(|w| (w, Outcome::Applied(None)))
             .collect();
-        p.applied(results, &mut e, now);
+        p.applied(results, &mut e, now, 1);
         assert_eq!(p.next_wake(), Some(now + Limits::DEFAULT.apply_delay));
     }
 

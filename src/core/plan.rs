@@ -813,7 +813,7 @@ mod tests {
         // Records our own covers are not re-evaluated, unless the one they replace
         // was a contender: a peer going back to what we have drops the need.
         let mut index = Index::new(ShortId(1));
-        index.put(record("a", 1, 1), None);
+        index.put(record("a", 1, 1), None, 0);
         let mut plan = Plan::default();
         let peer = connected(&mut plan, &index);
         plan.receive(peer, vec![(record("a", 2, 2), 1)], 1, &index);
@@ -864,7 +864,7 @@ mod tests {
     fn budgeted(budget: TreeBudget, held: &[(&str, u64)]) -> (Plan, Index, DeviceId) {
         let mut index = Index::new(ShortId(1));
         for (p, size) in held {
-            index.put(record(p, *size, 1), None);
+            index.put(record(p, *size, 1), None, 0);
         }
         let mut plan = Plan::default();
         plan.set_budget(budget);

@@ -98,10 +98,21 @@ impl FileRecord {
 pub struct Authorship {
     /// The author's full device ID.
     pub author: DeviceId,
-    /// ECDSA P-256 / SHA-256 (DER) over [`signed_message`].
+    /// ECDSA P-256 / SHA-256 (DER) over [`crate::core::authorship::signed_message`].
     pub signature: Vec<u8>,
     /// The author's node certificate (DER); shared between records of one author.
     pub cert: Arc<[u8]>,
+    /// The author's dated signature (`None`: from a node that predates them).
+    pub attestation: Option<Attestation>,
+}
+
+/// The author's signature over [`crate::core::authorship::attested_message`]: the record as of `signed_ns`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attestation {
+    /// The author's clock when it signed (ns since the epoch).
+    pub signed_ns: i64,
+    /// ECDSA P-256 / SHA-256 (DER) over [`crate::core::authorship::attested_message`].
+    pub signature: Vec<u8>,
 }
 
 impl fmt::Debug for Authorship {
@@ -114,6 +125,11 @@ impl Authorship {
     /// Estimated heap bytes (the certificate is shared, counted once per record
     /// anyway: a bound, not an exact figure).
     pub fn heap_cost(&self) -> usize {
-        32 + self.signature.len() + self.cert.len()
+        32 + self.signature.len()
+            + self.cert.len()
+            + self
+                .attestation
+                .as_ref()
+                .map_or(0, |a| 16 + a.signature.len())
     }
 }

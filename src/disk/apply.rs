@@ -927,7 +927,7 @@ mod tests {
             let Outcome::Applied(stat) = o else {
                 panic!("{o:?}")
             };
-            index.put(r, stat);
+            index.put(r, stat, 1);
         }
         for p in ["d", "d/combined.pem"] {
             let p = RelPath::parse(p).unwrap();

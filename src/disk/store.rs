@@ -52,6 +52,7 @@ fn encode(e: &Entry, out: &mut Vec<u8>) {
             ino: s.ino,
             ctime_ns: s.ctime_ns,
         }),
+        learned_ns: e.learned_ns,
     };
     let body = msg.encode_to_vec();
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -75,7 +76,21 @@ fn decode(body: &[u8], now_us: u64) -> Result<Entry, String> {
             ino: s.ino,
             ctime_ns: s.ctime_ns,
         }),
+        learned_ns: learned_at(msg.learned_ns, now_us),
     })
+}
+
+/// The learned time of a stored entry: as stored, never later than the clock
+/// reading `now_us`; an entry stored before learned times were kept (0) counts as
+/// learned at load, so its tombstone is kept a full retention from now, never
+/// collected at once as if learned in 1970.
+fn learned_at(stored_ns: i64, now_us: u64) -> i64 {
+    let now_ns = i64::try_from(now_us.saturating_mul(1000)).unwrap_or(i64::MAX);
+    if stored_ns <= 0 {
+        now_ns
+    } else {
+        stored_ns.min(now_ns)
+    }
 }
 
 /// Bytes for the index file, prepared (encoded) under the state lock and written
@@ -365,6 +380,8 @@ mod tests {
             author: vec![0xff; 32],
             signature: vec![0xff; crate::core::authorship::MAX_SIGNATURE],
             author_cert: vec![0xff; crate::core::authorship::MAX_AUTHOR_CERT],
+            signed_ns: ((now_us + MAX_CLOCK_AHEAD_US) * 1000) as i64,
+            attestation: vec![0xff; crate::core::authorship::MAX_SIGNATURE],
         }
     }
 
@@ -384,6 +401,7 @@ mod tests {
                 ino: u64::MAX,
                 ctime_ns: i64::MIN,
             }),
+            learned_ns: i64::MAX,
         };
         let mut bytes = MAGIC.to_vec();
         encode(&entry, &mut bytes);
@@ -394,6 +412,29 @@ mod tests {
         let rep = load_bytes_at(&bytes, &mut ix, now);
         assert!(rep.damaged.is_none() && rep.skipped.is_empty(), "{rep:?}");
         assert_eq!(ix.get(&entry.record.path).unwrap().record, entry.record);
+    }
+
+    #[test]
+    fn learned_times_are_stored_and_an_old_store_loads_as_learned_now() {
+        let now = 1_000_000_000_000;
+        let (record, sequence) = record_from_wire(largest_record(now), now).unwrap();
+        let mut entry = Entry {
+            record,
+            sequence,
+            stat: None,
+            learned_ns: 5_000,
+        };
+        let load = |e: &Entry| {
+            let mut bytes = MAGIC.to_vec();
+            encode(e, &mut bytes);
+            let mut ix = Index::new(ShortId(1));
+            load_bytes_at(&bytes, &mut ix, now);
+            ix.get(&e.record.path).unwrap().learned_ns
+        };
+        assert_eq!(load(&entry), 5_000);
+        // Written before learned times were kept: never 1970, the load time.
+        entry.learned_ns = 0;
+        assert_eq!(load(&entry), (now * 1000) as i64);
     }
 
     #[test]
@@ -409,6 +450,7 @@ mod tests {
                 record,
                 sequence: counter,
                 stat: None,
+                learned_ns: 1,
             }
         };
         let mut bytes = MAGIC.to_vec();

@@ -189,9 +189,12 @@ impl SyncHandle {
                 st.engine.handle_disk_space(d);
             }
             let now = crate::node::now_ns();
+            let since = st.engine.index().sequence();
             let r =
                 st.engine
                     .handle_index_checked(peer, records, verdicts, last_sequence, Some(now));
+            // Renewed attestations taken in (issue 25 item 9) are persisted, then sent.
+            st.commit(since, &self.0);
             report_plan_events(&mut st, peer);
             if let Err(e @ EngineError::RefusingTooMuch { .. }) = &r {
                 penalize(&mut st, peer, e);
@@ -393,7 +396,7 @@ impl SyncHandle {
         let (rescan, touched, writer) = {
             let mut st = self.0.lock();
             let since = st.engine.index().sequence();
-            let rec = pipe.applied(done, &mut st.engine, Instant::now());
+            let rec = pipe.applied(done, &mut st.engine, Instant::now(), crate::clock::now_ns());
             for p in &rec.applied {
                 tracing::debug!(path = %p, "applied");
             }

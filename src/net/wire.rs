@@ -476,11 +476,15 @@ mod tests {
         let mut r = sample();
         r.modified_by = signer.id().short();
         r.version = VersionVector::from_pairs(vec![(signer.id().short(), 3)]);
-        assert!(crate::core::authorship::sign(&mut r, &signer));
+        assert!(crate::core::authorship::sign(&mut r, &signer, 1));
         let f = record_to_wire(&r, 1);
         let back = record_from_wire(f.clone(), now_us()).unwrap().0;
         assert_eq!(back, r);
-        let cases: [fn(&mut pb::FileInfo); 5] = [
+        let cases: [fn(&mut pb::FileInfo); 9] = [
+            |f| f.attestation.clear(),
+            |f| f.attestation = vec![1; MAX_SIGNATURE + 1],
+            |f| f.signed_ns = -1,
+            |f| f.signed_ns = i64::MAX,
             |f| f.author.truncate(31),
             |f| f.signature.clear(),
             |f| f.signature = vec![1; MAX_SIGNATURE + 1],
@@ -494,8 +498,22 @@ mod tests {
             assert!(err.contains("live/www/privkey.pem"), "{err}");
         }
         // None at all: an unsigned record (an older node).
+        let (f_author, f_signature, f_cert) =
+            (f.author.clone(), f.signature.clone(), f.author_cert.clone());
         let mut unsigned = f;
         (unsigned.author, unsigned.signature, unsigned.author_cert) = Default::default();
+        let mut attested_only = unsigned.clone();
+        (unsigned.signed_ns, unsigned.attestation) = Default::default();
+        assert!(record_from_wire(attested_only.clone(), now_us()).is_err());
+        // A record from a node that predates attestations: v1 only.
+        (
+            attested_only.author,
+            attested_only.signature,
+            attested_only.author_cert,
+        ) = (f_author, f_signature, f_cert);
+        (attested_only.signed_ns, attested_only.attestation) = Default::default();
+        let v1 = record_from_wire(attested_only, now_us()).unwrap().0;
+        assert!(v1.auth.is_some_and(|a| a.attestation.is_none()));
         assert!(record_from_wire(unsigned, now_us())
             .unwrap()
             .0
