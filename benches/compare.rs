@@ -53,6 +53,10 @@ mod procs;
 mod report;
 #[path = "compare/served.rs"]
 mod served;
+#[path = "compare/stages.rs"]
+mod stages;
+#[path = "compare/stop.rs"]
+mod stop;
 #[path = "compare/syncthing.rs"]
 mod syncthing;
 #[path = "compare/workload.rs"]
@@ -441,6 +445,17 @@ fn main() -> Result<()> {
         }
     }
 
+    let stops = if o.runs("stop") {
+        Some(stop::run_stops(&exe, &rt, o.stop_samples).context("certmesh, stop")?)
+    } else {
+        None
+    };
+    let stage_table = if o.only.iter().any(|s| s == "stages") {
+        Some(stages::run_stages(&exe, &rt, &o).context("certmesh, stage trace")?)
+    } else {
+        None
+    };
+
     let acme = if o.runs("acme") && certmesh::demo_pebble::available() {
         Some(run_acme(&exe, &rt, &o).context("certmesh, ACME")?)
     } else {
@@ -526,6 +541,9 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     ));
 
+    if stops.is_some() {
+        notes.push(format!("Stop: SIGTERM to node 3 of 3, timed until the process has exited (waitpid), {} times each: idle, and mid-sync (node 1 writes 200 files of 2 KiB, SIGTERM as soon as the first is on node 3's disk; after the restart every file must arrive whole). The node is restarted and the mesh waited for after each stop.", o.stop_samples));
+    }
     if acme.is_some() {
         notes.push(format!("ACME: a local Pebble (Debian package, validation sleep off) and pebble-challtestsrv as its DNS; the first issuance at start is awaited, then {} times `certmesh issue` over the control socket until the new certificate (key matching) is live on every node. With 3 nodes the CA's DNS points the name at a node that did not order, so the http-01 token must travel through the tree (and every peer acknowledge it) before the CA is told to validate, and the bundle must reach the others; with 1 node nothing is synced.", o.acme_samples));
     }
@@ -544,8 +562,13 @@ fn main() -> Result<()> {
         &scale,
         acme.as_ref(),
         acme_served.as_ref(),
+        stops.as_ref(),
         &notes,
     );
+    let report = match stage_table {
+        Some(s) => report + "\n## Where a small file's time goes\n\n" + &s,
+        None => report,
+    };
     let report = if hub_results.is_empty() {
         report
     } else {

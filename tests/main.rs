@@ -3,6 +3,7 @@
 mod acme;
 mod alerts;
 mod certs;
+mod clean_stop;
 mod cli;
 mod crash;
 mod dhparam;

@@ -19,6 +19,8 @@ pub(crate) struct Opts {
     /// Sections to run (`--only`); empty: all.
     pub(crate) only: Vec<String>,
     pub(crate) acme_samples: usize,
+    /// SIGTERM → exit measurements of each kind (`--stop-samples`).
+    pub(crate) stop_samples: usize,
     /// `certmesh issue` requests in each hub run (`--acme-runs`); 0: no ACME there.
     pub(crate) acme_runs: usize,
     pub(crate) args: Vec<String>,
@@ -60,8 +62,12 @@ usage: cargo bench --bench compare -- [flags]
   --only LIST           sections to run, comma separated: latency (small file, bundle,
                         idle), bulk, bulk-small (small-file latency during a bulk
                         sync, 3 nodes), scale, acme (issuance against a local Pebble on 1
-                        and 3 nodes; skipped when pebble is not installed) (default: all)
+                        and 3 nodes; skipped when pebble is not installed), stop
+                        (SIGTERM → exit of an idle node and of one mid-sync) (default:
+                        all); also `stages` (the stage trace of --samples small files,
+                        run only when named)
   --acme-samples N      issuances per cluster size (default 20)
+  --stop-samples N      stops of each kind for `stop` (default 20)
   --hubs LIST           hub topology sizes for `--only hubs` (default 128; multiples of 4;
                         hubs run only when named in --only; raises
                         fs.inotify.max_user_instances as root for the run)
@@ -92,6 +98,7 @@ pub(crate) fn parse_opts() -> Result<Opts> {
         hubs_trees: TreesOn::Tmpfs,
         only: Vec::new(),
         acme_samples: if quick { 3 } else { 20 },
+        stop_samples: if quick { 3 } else { 20 },
         acme_runs: if quick { 3 } else { 20 },
         args: args.clone(),
     };
@@ -109,6 +116,7 @@ pub(crate) fn parse_opts() -> Result<Opts> {
             "--skip-syncthing" => o.skip_syncthing = true,
             "--samples" => o.samples = val(&a, it.next())?,
             "--acme-samples" => o.acme_samples = val::<usize>(&a, it.next())?.max(1),
+            "--stop-samples" => o.stop_samples = val::<usize>(&a, it.next())?.max(1),
             "--acme-runs" => o.acme_runs = val(&a, it.next())?,
             "--defaults-samples" => o.defaults_samples = val(&a, it.next())?,
             "--bulk-files" => o.bulk_files = val(&a, it.next())?,
@@ -163,10 +171,19 @@ pub(crate) fn parse_opts() -> Result<Opts> {
                     .filter(|s| !s.is_empty())
                     .collect();
                 if let Some(bad) = o.only.iter().find(|s| {
-                    !["latency", "bulk", "bulk-small", "scale", "acme", "hubs"]
-                        .contains(&s.as_str())
+                    ![
+                        "latency",
+                        "bulk",
+                        "bulk-small",
+                        "scale",
+                        "acme",
+                        "hubs",
+                        "stop",
+                        "stages",
+                    ]
+                    .contains(&s.as_str())
                 }) {
-                    bail!("--only: unknown section {bad:?} (latency, bulk, bulk-small, scale, acme, hubs)");
+                    bail!("--only: unknown section {bad:?} (latency, bulk, bulk-small, scale, acme, hubs, stop, stages)");
                 }
             }
             "-h" | "--help" => {

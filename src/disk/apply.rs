@@ -171,6 +171,7 @@ impl Tree {
                     safe_fs::open_at(h.tmp.as_fd(), name, OFlags::RDONLY)?.sync_all()
                 })
         };
+        tracing::trace!(target: crate::clock::STAGE, stage = "fsynced", t_us = crate::clock::mono_us());
         if let Err(e) = sync_result {
             for &i in &staged {
                 out[i].get_or_insert(Outcome::Failed(format!("fsync: {e}")));
@@ -216,12 +217,14 @@ impl Tree {
                 Err(e) => Outcome::Failed(format!("{}: {e}", item.record.path)),
             });
         }
+        tracing::trace!(target: crate::clock::STAGE, stage = "renamed", t_us = crate::clock::mono_us());
         // 3. Make the renames durable.
         for d in &dirty_dirs {
             if let Err(e) = h.root.dir(d).and_then(|fd| File::from(fd).sync_all()) {
                 tracing::warn!(dir = %d, error = %e, "fsync of directory failed");
             }
         }
+        tracing::trace!(target: crate::clock::STAGE, stage = "dirs_synced", t_us = crate::clock::mono_us());
         // Failed staged files must not linger.
         for item in items {
             if let Ok(name) = self.staged_name(item.staged.as_deref()) {

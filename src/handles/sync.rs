@@ -183,6 +183,7 @@ impl SyncHandle {
         let disk = crate::disk::safe_fs::disk_space(&self.0.tree.root);
         let unchecked = self.0.lock().engine.unchecked(&records);
         let verdicts = self.verify(&records, &unchecked);
+        tracing::trace!(target: crate::clock::STAGE, stage = "verified", t_us = crate::clock::mono_us());
         {
             let mut st = self.0.lock();
             if let Ok(d) = disk {
@@ -201,6 +202,7 @@ impl SyncHandle {
             }
             r?;
         }
+        tracing::trace!(target: crate::clock::STAGE, stage = "planned", t_us = crate::clock::mono_us());
         self.0.pull.notify_one();
         self.0.bump_progress();
         Ok(())
@@ -409,6 +411,7 @@ impl SyncHandle {
             let mut rescan = rec.rescan;
             rescan.append(&mut st.engine.take_rescans_after_apply());
             st.commit(since, &self.0);
+            tracing::trace!(target: crate::clock::STAGE, stage = "recorded", t_us = crate::clock::mono_us());
             (rescan, rec.applied, st.engine.is_writer())
         };
         if !rescan.is_empty() {
@@ -483,6 +486,7 @@ impl SyncHandle {
             for e in errors {
                 st.error(format!("scan: {e}"));
             }
+            tracing::trace!(target: crate::clock::STAGE, stage = "locked", t_us = crate::clock::mono_us());
             let since = st.engine.index().sequence();
             let not_sent = st.engine.not_sent().count;
             let now = crate::node::now_ns();
@@ -492,6 +496,7 @@ impl SyncHandle {
                     continue;
                 }
                 if let Some(r) = st.engine.observe(&p, obs, now) {
+                    tracing::trace!(target: crate::clock::STAGE, stage = "signed", path = %p, t_us = crate::clock::mono_us());
                     tracing::debug!(path = %p, deleted = r.deleted, "local change");
                     changed += 1;
                 }
@@ -507,6 +512,7 @@ impl SyncHandle {
                 );
             }
             st.commit(since, &self.0);
+            tracing::trace!(target: crate::clock::STAGE, stage = "committed", t_us = crate::clock::mono_us());
             (changed, put_back)
         };
         if put_back || changed > 0 {

@@ -217,6 +217,7 @@ async fn send_loop(
                 let (full, upto) = (ix.full, ix.upto);
                 let files = to_frames(&sync, ix);
                 send_records(&mut send, files, upto, full).await?;
+                tracing::trace!(target: crate::clock::STAGE, stage = "sent", t_us = crate::clock::mono_us());
                 tracing::trace!(peer = %peer, upto, full, "sent index");
             }
             if let Some(ack) = t.ack {
@@ -224,6 +225,7 @@ async fn send_loop(
                     body: Some(pb::frame::Body::Ack(pb::Ack { sequence: ack })),
                 };
                 wire::write_msg(&mut send, &f).await?;
+                tracing::trace!(target: crate::clock::STAGE, stage = "ack_sent", t_us = crate::clock::mono_us());
             }
             for m in t.cluster {
                 let body = match m {
@@ -274,6 +276,7 @@ async fn recv_loop(
         };
         match frame.body {
             Some(pb::frame::Body::Index(ix)) => {
+                tracing::trace!(target: crate::clock::STAGE, stage = "received", t_us = crate::clock::mono_us());
                 tracing::trace!(peer = %peer, n = ix.files.len(), "received index");
                 wire::check_last_sequence(ix.last_sequence)?;
                 let now = crate::clock::now_us();
@@ -291,6 +294,7 @@ async fn recv_loop(
                     .map_err(refused)?;
             }
             Some(pb::frame::Body::Ack(a)) => {
+                tracing::trace!(target: crate::clock::STAGE, stage = "ack_received", t_us = crate::clock::mono_us());
                 sync.ack_received(peer, a.sequence).map_err(refused)?;
             }
             Some(pb::frame::Body::Confirm(c)) => {

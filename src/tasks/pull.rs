@@ -69,7 +69,10 @@ pub async fn run(sync: SyncHandle) {
         let wake = pipe.next_wake().map(tokio::time::Instant::from_std);
         tokio::select! {
             Some(r) = fetches.join_next(), if !fetches.is_empty() => match r {
-                Ok((w, Ok(staged))) => pipe.fetched(w, staged, Instant::now()),
+                Ok((w, Ok(staged))) => {
+                    tracing::trace!(target: crate::clock::STAGE, stage = "fetched", t_us = crate::clock::mono_us());
+                    pipe.fetched(w, staged, Instant::now())
+                }
                 Ok((w, Err(FetchFailure::Local(e)))) => sync.fetch_failed(&mut pipe, w, Some(e)),
                 Ok((w, Err(FetchFailure::Remote(e)))) => {
                     tracing::debug!("{e}");
@@ -135,8 +138,10 @@ fn start_apply(
     unit: Vec<Work>,
 ) -> tokio::task::JoinHandle<Applied> {
     tracing::trace!(n = unit.len(), "apply start");
+    tracing::trace!(target: crate::clock::STAGE, stage = "apply_start", t_us = crate::clock::mono_us());
     let tree = tree.clone();
     tokio::task::spawn_blocking(move || {
+        tracing::trace!(target: crate::clock::STAGE, stage = "apply_thread", t_us = crate::clock::mono_us());
         let mut ready = Vec::with_capacity(unit.len());
         let mut items = Vec::with_capacity(unit.len());
         let mut failed = Vec::new();
@@ -159,6 +164,7 @@ fn start_apply(
             });
             ready.push(w);
         }
+        tracing::trace!(target: crate::clock::STAGE, stage = "written", t_us = crate::clock::mono_us());
         let batch = tree.apply(&items);
         let count = |f: fn(&Outcome) -> bool| batch.outcomes.iter().filter(|o| f(o)).count();
         crate::telemetry::applied(
