@@ -16,6 +16,13 @@ pub fn unix_now() -> i64 {
     now_ns() / 1_000_000_000
 }
 
+/// The clock as version counters use it: µs since the epoch.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// The tracing target of the stage trace (issue 28): one TRACE event per step of a
 /// change's way from the inotify event to the peer's rename and ack, each with
 /// `stage` and `t_us` ([`mono_us`]). Off unless `RUST_LOG` names this target

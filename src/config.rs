@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::identity::DeviceId;
+use crate::core::device::DeviceId;
 
 pub mod acme;
 pub mod certificate;

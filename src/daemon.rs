@@ -14,12 +14,13 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::{peer::PeerConfig, Config};
+use crate::core::device::DeviceId;
 use crate::core::engine::Engine;
 use crate::core::index::Index;
 use crate::disk::apply::Tree;
 use crate::disk::store::{Store, StoreFile};
 use crate::handles::{Mesh, Reports, Settings, SyncHandle, TreeWriter};
-use crate::identity::{DeviceId, Identity};
+use crate::identity::Identity;
 use crate::net::transport::{Allowed, Transport};
 use crate::node::{now_ns, PeerSlot, PersistMsg, Shared, State};
 
@@ -95,7 +96,7 @@ struct Opened {
     index: Index,
     store: Store,
     /// What was wrong with the index file, shown in `status` from the start.
-    errors: crate::ops::telemetry::RecentErrors,
+    errors: crate::telemetry::RecentErrors,
 }
 
 /// The running daemon: what `stop` stops, in its order.
@@ -103,7 +104,7 @@ struct Running {
     lock: crate::disk::lock::StateLock,
     shared: Arc<Shared>,
     transport: Arc<Transport>,
-    watcher: crate::disk::watch::Watch,
+    watcher: crate::tasks::watch::Watch,
     puller: tokio::task::JoinHandle<()>,
     persist_thread: std::thread::JoinHandle<()>,
     control: tokio::task::JoinHandle<()>,
@@ -145,11 +146,11 @@ fn open(config: &Config) -> anyhow::Result<Opened> {
 fn open_index(
     config: &Config,
     identity: &Identity,
-) -> anyhow::Result<(Index, Store, crate::ops::telemetry::RecentErrors)> {
+) -> anyhow::Result<(Index, Store, crate::telemetry::RecentErrors)> {
     let mut index = Index::new(identity.id.short());
     let (store, report) = Store::open(&config.state_dir, &mut index)
         .with_context(|| format!("opening the index in {}", config.state_dir.display()))?;
-    let mut errors = crate::ops::telemetry::RecentErrors::default();
+    let mut errors = crate::telemetry::RecentErrors::default();
     let started_unix = i64::try_from(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -216,9 +217,9 @@ async fn spawn(config: &Config, opened: Opened) -> anyhow::Result<Running> {
 
     // Watch first, then scan: nothing changed in between is missed.
     let sync = SyncHandle::new(&shared);
-    let watcher = crate::disk::watch::start(sync.clone(), rescan_rx)?;
+    let watcher = crate::tasks::watch::start(sync.clone(), rescan_rx)?;
     watcher.full_rescan(&sync).await;
-    let puller = tokio::spawn(crate::net::pull::run(sync.clone()));
+    let puller = tokio::spawn(crate::tasks::pull::run(sync.clone()));
     // The tree's certificate entries join the config's before anything reads them.
     crate::certs::load(&Settings::new(&shared), &shared.tree.root);
     let (control, mut tasks) = spawn_features(config, &shared, http)?;
@@ -241,7 +242,7 @@ struct Parts {
     tree: Tree,
     index: Index,
     journal: crate::disk::store::Journal,
-    errors: crate::ops::telemetry::RecentErrors,
+    errors: crate::telemetry::RecentErrors,
 }
 
 /// The shared state: the engine over the index (signing what this node authors,
@@ -266,7 +267,7 @@ fn share(
         .map(|p| (p.id, new_slot(p.clone())))
         .collect();
     let (changed, _) = watch::channel(index.sequence());
-    let signer = Arc::new(crate::identity::NodeSigner::new(&identity)?);
+    let signer = Arc::new(identity.signer()?);
     let writers = crate::writers::policy(config, identity.id)?;
     let checker = writers.clone();
     let mut engine = Engine::new(index, config.max_file_size)
@@ -334,7 +335,7 @@ fn spawn_features(
         Reports::new(shared),
     )));
     tasks.extend(crate::acme::start(
-        &crate::handles::acme_handles(shared),
+        &crate::acme::acme_handles(shared),
         http,
     )?);
     tasks.extend(crate::ops::hooks::start(crate::ops::hooks::Hooks {
@@ -373,7 +374,7 @@ fn spawn_sync(
     shared: &Arc<Shared>,
     transport: &Arc<Transport>,
     sync: &SyncHandle,
-    watcher: &crate::disk::watch::Watch,
+    watcher: &crate::tasks::watch::Watch,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = vec![tokio::spawn(accept_loop(shared.clone(), transport.clone()))];
     // Installed before READY=1: a `systemctl reload` right after start must not kill us.
@@ -539,7 +540,7 @@ async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
             drop(in_flight);
             match handshake {
                 Ok(Ok(conn)) => {
-                    crate::net::peer::run_session(SyncHandle::new(&shared), conn, false).await
+                    crate::tasks::peer::run_session(SyncHandle::new(&shared), conn, false).await
                 }
                 Ok(Err(e)) => tracing::debug!(%remote, error = %e, "incoming handshake failed"),
                 Err(_) => tracing::debug!(%remote, "incoming handshake timed out"),
@@ -610,7 +611,7 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
                 // The session runs on; this loop waits for it to end via `gone`.
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 _session = Some(AbortOnDrop(tokio::spawn(async move {
-                    crate::net::peer::run_session_with_ready(
+                    crate::tasks::peer::run_session_with_ready(
                         SyncHandle::new(&shared2),
                         conn,
                         true,
@@ -768,7 +769,11 @@ fn sweep(shared: &Shared) {
 
 /// A full rescan every `rescan_interval`; a SIGHUP that changes the interval starts
 /// the wait again with the new one.
-async fn periodic_rescan(settings: Settings, sync: SyncHandle, watcher: crate::disk::watch::Watch) {
+async fn periodic_rescan(
+    settings: Settings,
+    sync: SyncHandle,
+    watcher: crate::tasks::watch::Watch,
+) {
     let mut config = settings.subscribe();
     loop {
         let every = config.borrow_and_update().rescan_interval;

@@ -973,7 +973,7 @@ fn cause(c: &Config, meta: Option<&certmesh::disk::keep::KeptMeta>) -> String {
         |m| {
             let by = u64::from_str_radix(&m.modified_by, 16).map_or_else(
                 |_| m.modified_by.clone(),
-                |id| certmesh::repair::name_of(&c.peers, certmesh::identity::ShortId(id)),
+                |id| certmesh::repair::name_of(&c.peers, certmesh::core::device::ShortId(id)),
             );
             let what = match m.reason {
                 certmesh::disk::keep::Reason::Replaced => "replaced",

@@ -1,6 +1,6 @@
 //! A certificate bundle as it lives in the tree: keys, CSRs, PEM splitting, the
 //! key-matches-cert check, and the versioned publish (`archive/<name>/<n>/` then the
-//! `live/<name>` flip). The tree is read and pruned through [`crate::acme::tree`],
+//! `live/<name>` flip). The tree is read and pruned through [`crate::disk::tree`],
 //! which follows no link but a well-formed `live/<name>`.
 
 use std::os::fd::AsFd;
@@ -12,9 +12,9 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData};
 use x509_parser::pem::Pem;
 
 use super::schedule::Validity;
-use super::tree;
 use crate::config::certificate::KeyType;
 use crate::disk::safe_fs::{self, Root};
+use crate::disk::tree;
 use crate::handles::TreeWriter;
 
 /// The files of one version, `archive/<name>/<n>/`.

@@ -20,11 +20,12 @@ use super::handle::{AcmeState, IssueReply, RenewReport, RenewResult};
 use super::handle::{QueueStatus, QueuedOrder};
 use super::schedule::{self, RenewalLease, Window};
 use super::{
-    account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, this_node, tree,
-    unix_now, Acme, Command, Handles, LEASES_DIR,
+    account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, this_node, unix_now,
+    Acme, Command, Handles, LEASES_DIR,
 };
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
+use crate::disk::tree;
 
 /// How long a starting node waits for every configured peer to be connected and in
 /// sync before it orders (after `acme.startup_grace` if none was).
@@ -659,7 +660,7 @@ impl Driver {
                     ms = i.took.as_millis() as u64,
                     "certificate issued and published"
                 );
-                crate::ops::telemetry::order_finished(&cert.name, true);
+                crate::telemetry::order_finished(&cert.name, true);
                 self.handle.update(&cert.name, |r| {
                     r.state = AcmeState::Idle;
                     r.failures = 0;
@@ -688,7 +689,7 @@ impl Driver {
                 let msg = format!("{:#}", f.error);
                 let live = bundle::live_leaf(self.h.writer.root(), &cert.name).map(|l| l.serial);
                 h.reports.error(format!("acme: {}: {msg}", cert.name));
-                crate::ops::telemetry::order_finished(&cert.name, false);
+                crate::telemetry::order_finished(&cert.name, false);
                 self.handle
                     .failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -16,10 +16,10 @@ use super::bundle::{self, Bundle};
 use super::ca::{self, Ca};
 use super::client::within;
 use super::dns01;
-use super::tree::{self, Expect};
 use super::Handles;
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
+use crate::disk::tree::{self, Expect};
 
 /// Where http-01 key authorizations go (nginx: `root <tree>/acme;`).
 pub const CHALLENGE_DIR: &str = "acme/.well-known/acme-challenge";

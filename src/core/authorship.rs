@@ -21,57 +21,14 @@
 //! Pure apart from the signature arithmetic (no I/O, no clock).
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
-use std::sync::Arc;
 
-use crate::core::index::{FileRecord, Kind};
-use crate::identity::{self, DeviceId, NodeSigner};
+use crate::core::device::{self, DeviceId, NodeSigner};
+use crate::core::record::{Attestation, Authorship, FileRecord, Kind};
 
 /// Longest signature accepted (an ECDSA P-256 DER signature has at most 72 bytes).
 pub const MAX_SIGNATURE: usize = 80;
 /// Largest author certificate accepted (a node certificate has ~400 bytes).
 pub const MAX_AUTHOR_CERT: usize = 4096;
-
-/// Who made a record's version, and the proof.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Authorship {
-    /// The author's full device ID.
-    pub author: DeviceId,
-    /// ECDSA P-256 / SHA-256 (DER) over [`signed_message`].
-    pub signature: Vec<u8>,
-    /// The author's node certificate (DER); shared between records of one author.
-    pub cert: Arc<[u8]>,
-    /// The author's dated signature (`None`: from a node that predates them).
-    pub attestation: Option<Attestation>,
-}
-
-/// The author's signature over [`attested_message`]: the record as of `signed_ns`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attestation {
-    /// The author's clock when it signed (ns since the epoch).
-    pub signed_ns: i64,
-    /// ECDSA P-256 / SHA-256 (DER) over [`attested_message`].
-    pub signature: Vec<u8>,
-}
-
-impl fmt::Debug for Authorship {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "signed by {:?}", self.author)
-    }
-}
-
-impl Authorship {
-    /// Estimated heap bytes (the certificate is shared, counted once per record
-    /// anyway: a bound, not an exact figure).
-    pub fn heap_cost(&self) -> usize {
-        32 + self.signature.len()
-            + self.cert.len()
-            + self
-                .attestation
-                .as_ref()
-                .map_or(0, |a| 16 + a.signature.len())
-    }
-}
 
 /// The bytes an author signs for `r`: a domain tag, then every field that decides what
 /// the record does, length-prefixed, big-endian.
@@ -322,7 +279,7 @@ impl Writers {
                 if DeviceId::of_cert(&a.cert) != a.author {
                     return Err(Refusal::CertMismatch);
                 }
-                let k = identity::cert_public_key(&a.cert).map_err(Refusal::BadCert)?;
+                let k = device::cert_public_key(&a.cert).map_err(Refusal::BadCert)?;
                 self.keys.entry(a.author).or_insert(k)
             }
         };
@@ -336,12 +293,12 @@ impl Writers {
 /// by a node of either version).
 pub fn verify(key: &[u8], r: &FileRecord) -> Result<(), Refusal> {
     let a = r.auth.as_ref().ok_or(Refusal::Unsigned)?;
-    if !identity::verify_p256(key, &signed_message(r, &a.author), &a.signature) {
+    if !device::verify_p256(key, &signed_message(r, &a.author), &a.signature) {
         return Err(Refusal::BadSignature);
     }
     match &a.attestation {
         Some(t)
-            if !identity::verify_p256(
+            if !device::verify_p256(
                 key,
                 &attested_message(r, &a.author, t.signed_ns),
                 &t.signature,
@@ -356,16 +313,13 @@ pub fn verify(key: &[u8], r: &FileRecord) -> Result<(), Refusal> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::core::index::ContentHash;
+    use crate::core::device::ShortId;
     use crate::core::paths::RelPath;
+    use crate::core::record::ContentHash;
     use crate::core::version::VersionVector;
-    use crate::identity::{Identity, ShortId};
 
-    pub fn signer() -> (tempfile::TempDir, NodeSigner) {
-        let dir = tempfile::tempdir().unwrap();
-        let id = Identity::init(dir.path()).unwrap();
-        let s = NodeSigner::new(&id).unwrap();
-        (dir, s)
+    pub fn signer() -> NodeSigner {
+        crate::core::device::tests::signer()
     }
 
     fn record(by: &NodeSigner, counter: u64) -> FileRecord {
@@ -386,7 +340,7 @@ pub(crate) mod tests {
 
     #[test]
     fn everyone_may_write_without_writers() {
-        let (_d, w) = signer();
+        let w = signer();
         let mut policy = Writers::everyone();
         assert!(policy.check(&record(&w, 1)).is_ok());
         assert!(policy.allows(&w.id()) && !policy.is_restricted());
@@ -394,7 +348,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_writer_signed_record_is_taken_and_any_change_to_it_is_not() {
-        let (_d, w) = signer();
+        let w = signer();
         let mut policy = Writers::only([w.id()]);
         let mut r = record(&w, 1);
         assert_eq!(policy.check(&r), Err(Refusal::Unsigned));
@@ -424,8 +378,8 @@ pub(crate) mod tests {
 
     #[test]
     fn forged_and_reattributed_records_are_refused() {
-        let (_d1, w) = signer();
-        let (_d2, relay) = signer();
+        let w = signer();
+        let relay = signer();
         let mut policy = Writers::only([w.id()]);
         // The relay signs a record in its own name: not a writer.
         let mut own = record(&relay, 1);
@@ -465,7 +419,7 @@ pub(crate) mod tests {
 
     #[test]
     fn an_attestation_is_checked_and_dates_the_record() {
-        let (_d, w) = signer();
+        let w = signer();
         let mut policy = Writers::only([w.id()]);
         let mut r = record(&w, 1);
         assert!(sign(&mut r, &w, 10 * DAY));
@@ -503,7 +457,7 @@ pub(crate) mod tests {
 
     #[test]
     fn only_live_records_vouched_for_beyond_the_horizon_are_stale() {
-        let (_d, w) = signer();
+        let w = signer();
         let mut r = record(&w, 1);
         assert!(sign(&mut r, &w, 10 * DAY));
         assert_eq!(stale(&r, 16 * DAY, 7 * DAY), None);
@@ -518,8 +472,8 @@ pub(crate) mod tests {
 
     #[test]
     fn signing_a_record_of_someone_else_does_nothing() {
-        let (_d1, w) = signer();
-        let (_d2, other) = signer();
+        let w = signer();
+        let other = signer();
         let mut r = record(&w, 1);
         assert!(!sign(&mut r, &other, 1));
         assert!(r.auth.is_none());

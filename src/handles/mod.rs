@@ -18,11 +18,9 @@
 
 mod acme;
 pub mod served;
-mod status;
 mod sync;
 
 pub use acme::{AcmeSlot, Barrier};
-pub use status::acme_handles;
 pub use sync::{PullTurn, SessionOver, SyncHandle, CLOSE_DUPLICATE, CLOSE_REFUSING};
 
 use std::collections::BTreeSet;
@@ -33,13 +31,13 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::acme::tree::{self, Expect, Staged};
 use crate::config::Config;
-use crate::core::index::Kind;
+use crate::core::device::{DeviceId, ShortId};
 use crate::core::paths::RelPath;
-use crate::identity::{DeviceId, ShortId};
+use crate::core::record::Kind;
+use crate::disk::tree::{self, Expect, Staged};
 use crate::node::Shared;
-use crate::ops::telemetry::Repairs;
+use crate::telemetry::Repairs;
 
 /// Committed changes of the tree.
 #[derive(Clone)]
@@ -211,7 +209,7 @@ impl Mesh {
 }
 
 /// Writes into the tree and waits until the local index holds the change (see
-/// [`crate::acme::tree`] for how: staged under `.certmesh/tmp/`, fsynced, renamed,
+/// [`crate::disk::tree`] for how: staged under `.certmesh/tmp/`, fsynced, renamed,
 /// no link followed).
 #[derive(Clone)]
 pub struct TreeWriter(Arc<Shared>);
@@ -251,9 +249,10 @@ impl TreeWriter {
     }
 }
 
-/// What `status` shows, and when it may have changed.
+/// What `status` shows (built in [`crate::ops::observe`], which reads the state
+/// through it), and when it may have changed.
 #[derive(Clone)]
-pub struct Observer(Arc<Shared>);
+pub struct Observer(pub(crate) Arc<Shared>);
 
 impl Observer {
     pub fn new(shared: &Arc<Shared>) -> Self {
@@ -298,4 +297,13 @@ impl Observer {
             .collect();
         f(&peers)
     }
+}
+
+/// The certificates this node repairs, for [`crate::telemetry::Repairs::touched`]: the
+/// configured ones, none on a reader (its repair would be put back).
+pub fn repaired(is_writer: bool, config: &crate::config::Config) -> Vec<String> {
+    if !is_writer {
+        return Vec::new();
+    }
+    config.certificates.iter().map(|c| c.name.clone()).collect()
 }

@@ -11,14 +11,15 @@ use tokio::sync::watch;
 
 use crate::core::authorship;
 use crate::core::cluster::{Confirm, Report};
+use crate::core::device::DeviceId;
 use crate::core::engine::{EngineError, SendToken, Transmit, Verdicts};
-use crate::core::index::{ContentHash, FileRecord, Kind, LocalStat, Observed};
+use crate::core::index::{LocalStat, Observed};
 use crate::core::inline::InlineCache;
 use crate::core::paths::RelPath;
 use crate::core::pipeline::{Outcome, Pipeline, Work};
 use crate::core::plan::PlanEvent;
+use crate::core::record::{ContentHash, FileRecord, Kind};
 use crate::disk::apply::Tree;
-use crate::identity::DeviceId;
 use crate::node::{Penalty, Session, Shared, State};
 
 /// Close code for a duplicate (or replaced) session.
@@ -116,7 +117,7 @@ impl SyncHandle {
                     return None;
                 }
                 existing.conn.close(CLOSE_DUPLICATE.into(), b"replaced");
-                crate::ops::metrics::session_ended(&slot.config.name, &existing.conn);
+                crate::telemetry::session_ended(&slot.config.name, &existing.conn);
             }
             slot.session = Some(session.clone());
             slot.last_error = None;
@@ -140,7 +141,7 @@ impl SyncHandle {
             if let Some(slot) = peers.get_mut(&peer) {
                 if slot.session.as_ref().is_some_and(|s| s.id == session_id) {
                     if let Some(s) = slot.session.take() {
-                        crate::ops::metrics::session_ended(&slot.config.name, &s.conn);
+                        crate::telemetry::session_ended(&slot.config.name, &s.conn);
                     }
                     engine.disconnected(peer);
                     slot.gone.notify_waiters();
@@ -416,7 +417,7 @@ impl SyncHandle {
         if !rescan.is_empty() {
             let _ = self.0.rescan.send(rescan);
         }
-        let certs = crate::repair::names(writer, &self.0.config());
+        let certs = super::repaired(writer, &self.0.config());
         self.0.repairs.touched(&certs, &touched);
         self.0.bump_progress();
     }

@@ -13,7 +13,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::identity::{DeviceId, Identity};
+use crate::core::device::DeviceId;
+use crate::identity::Identity;
 
 /// The ALPN protocol of this wire version.
 pub const ALPN: &[u8] = b"certmesh/1";

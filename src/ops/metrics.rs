@@ -1,7 +1,7 @@
 //! The optional Prometheus endpoint (`[metrics] listen`): `GET /metrics` in the text
 //! exposition format (version 0.0.4), built from the same snapshot as `status`, plus
-//! event counters bumped where things happen (in [`crate::ops::telemetry`]:
-//! `order_finished`, `applied`, `conflict_kept`; here: [`session_ended`]) and the standard `process_*` metrics read
+//! event counters bumped where things happen (in [`crate::telemetry`]:
+//! `order_finished`, `applied`, `conflict_kept`, `session_ended`) and the standard `process_*` metrics read
 //! from `/proc/self`. Names follow Prometheus conventions: base units, `_total` on
 //! counters, `_timestamp_seconds` for Unix times, no `node` label (the scrape adds
 //! `instance`). A tiny HTTP/1 responder on a tokio listener: one request per
@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::handles::{Observer, Settings};
 use crate::net::clients::Clients;
 use crate::ops::control::{PeerStatus, Status};
-use crate::ops::telemetry::{events, Event, Events};
+use crate::telemetry::{events, Event, Events};
 
 /// Largest request head read.
 const MAX_REQUEST: usize = 8 << 10;
@@ -183,13 +183,6 @@ fn live_only(settings: &Settings, root: &std::path::Path) -> Vec<(String, i64)> 
         .collect();
     out.sort();
     out
-}
-
-/// A registered session with `peer` ended or was replaced: its traffic moves from
-/// the live figures to the totals. Called with the state lock held.
-pub fn session_ended(peer: &str, conn: &quinn::Connection) {
-    let stats = conn.stats();
-    crate::ops::telemetry::sessions_ended(peer, stats.udp_rx.bytes, stats.udp_tx.bytes);
 }
 
 /// The standard `process_*` metrics, from `/proc/self` (Linux).

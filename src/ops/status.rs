@@ -7,7 +7,7 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ops::telemetry::RecentError;
+use crate::telemetry::RecentError;
 
 /// `certmesh status --json`: the keys are stable.
 #[derive(Debug, Serialize, Deserialize)]
@@ -23,7 +23,7 @@ pub struct Status {
     /// Certificates this node put back after a peer's change broke them, oldest
     /// first: `repairs[].certificate`, `.at`, `.caused_by`, `.from_version`.
     #[serde(default)]
-    pub repairs: Vec<crate::repair::RepairStatus>,
+    pub repairs: Vec<crate::telemetry::RepairStatus>,
     /// The whole cluster's sync, behind hubs too (only with `status --cluster`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::ops::census::ClusterSync>,
@@ -1060,7 +1060,7 @@ mod tests {
                 acme_failures: 0,
                 ..Default::default()
             },
-            repairs: vec![crate::repair::RepairStatus {
+            repairs: vec![crate::telemetry::RepairStatus {
                 certificate: "www".into(),
                 at: String::new(),
                 at_unix: 1_000_000 - 95,

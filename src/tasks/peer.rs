@@ -10,23 +10,21 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::core::cluster::ClusterMsg;
+use crate::core::codec::{pb, record_from_wire, record_to_wire, WireError};
+use crate::core::device::DeviceId;
 use crate::core::engine::{EngineError, IndexSend, SendToken};
 use crate::core::paths::RelPath;
 use crate::handles::SyncHandle;
-use crate::identity::DeviceId;
 use crate::net::wire::cluster::{
     confirm_from_wire, confirm_to_wire, report_from_wire, report_to_wire,
 };
 use crate::net::wire::served::{served_from_wire, served_to_wire};
-use crate::net::wire::{
-    self, pb, record_from_wire, record_to_wire, WireError, INDEX_BATCH, MAX_FRAME, MAX_HEADER,
-};
+use crate::net::wire::{self, INDEX_BATCH, MAX_FRAME, MAX_HEADER};
 use crate::node::Session;
 
 /// Close codes.
-pub use crate::handles::CLOSE_DUPLICATE;
+use crate::handles::CLOSE_DUPLICATE;
 pub const CLOSE_PROTOCOL: u32 = 3;
-pub use crate::core::engine::MAX_PEER_RECORDS;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent content requests served per connection.
 const MAX_SERVING: usize = 64;
@@ -281,7 +279,7 @@ async fn recv_loop(
                 tracing::trace!(target: crate::clock::STAGE, stage = "received", t_us = crate::clock::mono_us());
                 tracing::trace!(peer = %peer, n = ix.files.len(), "received index");
                 wire::check_last_sequence(ix.last_sequence)?;
-                let now = wire::now_us();
+                let now = crate::clock::now_us();
                 let mut records = Vec::with_capacity(ix.files.len());
                 for mut f in ix.files {
                     let data = std::mem::take(&mut f.data);

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use crate::core::index::ContentHash;
+use crate::core::codec::{pb, WireError};
+use crate::core::device::DeviceId;
 use crate::core::paths::RelPath;
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
+use crate::core::record::ContentHash;
 use crate::disk::apply::Item;
 use crate::handles::SyncHandle;
-use crate::identity::DeviceId;
-use crate::net::wire::{self, pb, MAX_HEADER};
+use crate::net::wire::{self, MAX_HEADER};
 
 /// Received content is written to staging in pieces of about this size.
 const WRITE_CHUNK: usize = 4 << 20;
@@ -113,7 +114,7 @@ async fn fetch_work(
             Ok(()) => return (w, Ok(dest)),
             Err(FetchError::Hostile(why)) => {
                 tracing::warn!(peer = %peer, path = %path, why = %why, "peer sent bad content; disconnecting it");
-                conn.close(crate::net::peer::CLOSE_PROTOCOL.into(), b"bad content");
+                conn.close(crate::tasks::peer::CLOSE_PROTOCOL.into(), b"bad content");
                 last = why;
             }
             Err(FetchError::Retry(why)) => last = why,
@@ -164,8 +165,14 @@ fn start_apply(
             ready.push(w);
         }
         tracing::trace!(target: crate::clock::STAGE, stage = "written", t_us = crate::clock::mono_us());
-        let outcomes = tree.apply(&items);
-        let mut done: Applied = ready.into_iter().zip(outcomes).collect();
+        let batch = tree.apply(&items);
+        let count = |f: fn(&Outcome) -> bool| batch.outcomes.iter().filter(|o| f(o)).count();
+        crate::telemetry::applied(
+            count(|o| matches!(o, Outcome::Applied(_))),
+            count(|o| matches!(o, Outcome::Failed(_))),
+        );
+        crate::telemetry::conflict_kept(batch.conflicts_kept);
+        let mut done: Applied = ready.into_iter().zip(batch.outcomes).collect();
         done.extend(failed);
         done
     })
@@ -248,7 +255,7 @@ async fn fetch(
             .await
             .map_err(|e| match e {
                 // A lost connection or reset stream is not the peer's fault.
-                wire::WireError::Io(_) => retry(&e),
+                WireError::Io(_) => retry(&e),
                 e => FetchError::Hostile(format!("bad response header: {e}")),
             })?
             .ok_or_else(|| retry(&"stream ended"))?;

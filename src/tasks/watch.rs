@@ -12,8 +12,9 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::core::index::{Kind, Observed};
+use crate::core::index::Observed;
 use crate::core::paths::RelPath;
+use crate::core::record::Kind;
 use crate::disk::scan::{self, Seen};
 use crate::handles::SyncHandle;
 
