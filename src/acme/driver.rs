@@ -105,7 +105,7 @@ struct Driver {
     /// The local index sequence up to which tree changes were looked at.
     seen_sequence: u64,
     /// The renewer at the last tick: a new one looks at every certificate again.
-    seen_renewer: Option<crate::identity::DeviceId>,
+    seen_renewer: Option<crate::core::device::DeviceId>,
 }
 
 pub(super) async fn run(
