@@ -41,6 +41,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use certmesh::demo::{self, LocalNode};
 use rand::{Rng, RngExt, SeedableRng};
 
+#[path = "compare/certs.rs"]
+mod certs;
 #[path = "compare/cluster.rs"]
 mod cluster;
 #[path = "compare/hubs.rs"]
@@ -53,6 +55,10 @@ mod procs;
 mod report;
 #[path = "compare/served.rs"]
 mod served;
+#[path = "compare/stages.rs"]
+mod stages;
+#[path = "compare/stop.rs"]
+mod stop;
 #[path = "compare/syncthing.rs"]
 mod syncthing;
 #[path = "compare/workload.rs"]
@@ -89,6 +95,11 @@ fn target_dir() -> PathBuf {
 
 /// The release binary; warns when a source file is newer than it.
 fn certmesh_exe() -> Result<PathBuf> {
+    // Another build (a debug one, say, while the release build is not there yet);
+    // the report's header names the binary.
+    if let Some(exe) = std::env::var_os("CERTMESH_BENCH_EXE") {
+        return Ok(PathBuf::from(exe));
+    }
     let exe = target_dir().join("release").join("certmesh");
     let meta = std::fs::metadata(&exe).map_err(|_| {
         anyhow!(
@@ -441,6 +452,26 @@ fn main() -> Result<()> {
         }
     }
 
+    let stops = if o.runs("stop") {
+        Some(stop::run_stops(&exe, &rt, o.stop_samples).context("certmesh, stop")?)
+    } else {
+        None
+    };
+    let stage_table = if o.only.iter().any(|s| s == "stages") {
+        Some(stages::run_stages(&exe, &rt, &o).context("certmesh, stage trace")?)
+    } else {
+        None
+    };
+
+    // Many certificates: long, so only when named (`--only certs`).
+    let many = if o.only.iter().any(|s| s == "certs") {
+        if !certmesh::demo_pebble::available() {
+            bail!("--only certs needs pebble and pebble-challtestsrv");
+        }
+        Some(certs::run_certs(&exe, &o).context("certmesh, many certificates")?)
+    } else {
+        None
+    };
     let acme = if o.runs("acme") && certmesh::demo_pebble::available() {
         Some(run_acme(&exe, &rt, &o).context("certmesh, ACME")?)
     } else {
@@ -526,6 +557,9 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     ));
 
+    if stops.is_some() {
+        notes.push(format!("Stop: SIGTERM to node 3 of 3, timed until the process has exited (waitpid), {} times each: idle, and mid-sync (node 1 writes 200 files of 2 KiB, SIGTERM as soon as the first is on node 3's disk; after the restart every file must arrive whole). The node is restarted and the mesh waited for after each stop.", o.stop_samples));
+    }
     if acme.is_some() {
         notes.push(format!("ACME: a local Pebble (Debian package, validation sleep off) and pebble-challtestsrv as its DNS; the first issuance at start is awaited, then {} times `certmesh issue` over the control socket until the new certificate (key matching) is live on every node. With 3 nodes the CA's DNS points the name at a node that did not order, so the http-01 token must travel through the tree (and every peer acknowledge it) before the CA is told to validate, and the bundle must reach the others; with 1 node nothing is synced.", o.acme_samples));
     }
@@ -544,12 +578,21 @@ fn main() -> Result<()> {
         &scale,
         acme.as_ref(),
         acme_served.as_ref(),
+        stops.as_ref(),
         &notes,
     );
+    let report = match stage_table {
+        Some(s) => report + "\n## Where a small file's time goes\n\n" + &s,
+        None => report,
+    };
     let report = if hub_results.is_empty() {
         report
     } else {
         report + &hubs::render(&hub_results, o.samples)
+    };
+    let report = match &many {
+        Some(r) => report + &certs::render(r),
+        None => report,
     };
     println!("{report}");
     let path = target_dir().join("bench-report.md");

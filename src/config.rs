@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::identity::DeviceId;
+use crate::core::device::DeviceId;
 
 pub mod acme;
 pub mod certificate;
@@ -19,6 +19,7 @@ pub mod dns;
 pub mod frontend;
 pub mod globs;
 pub mod hook;
+mod metrics;
 pub mod node;
 pub mod peer;
 pub mod tree;
@@ -70,7 +71,7 @@ struct RawConfig {
     #[serde(default)]
     frontend: Vec<frontend::RawFrontend>,
     http: Option<RawHttp>,
-    metrics: Option<RawMetrics>,
+    metrics: Option<metrics::RawMetrics>,
 }
 
 /// `[http]`
@@ -78,15 +79,6 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     /// Address of the built-in http-01 responder.
-    listen: Spanned<String>,
-}
-
-/// `[metrics]`
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMetrics {
-    /// Address of the Prometheus `/metrics` endpoint (plain HTTP; keep it local or
-    /// on the backnet).
     listen: Spanned<String>,
 }
 
@@ -123,6 +115,8 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// Prometheus `/metrics` endpoint address (`[metrics] listen`).
     pub metrics_listen: Option<SocketAddr>,
+    /// `[metrics] per_certificate`: series per certificate, or aggregates only.
+    pub metrics_per_certificate: bool,
     /// Where some keys are in the file, for the checks made after parsing.
     pub lines: KeyLines,
 }
@@ -288,6 +282,7 @@ impl Config {
             frontends,
             http_listen,
             metrics_listen,
+            metrics_per_certificate: metrics::per_certificate(raw.metrics.as_ref()),
             lines,
         })
     }

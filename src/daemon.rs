@@ -14,20 +14,21 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::{peer::PeerConfig, Config};
+use crate::core::device::DeviceId;
 use crate::core::engine::Engine;
 use crate::core::index::Index;
 use crate::disk::apply::Tree;
 use crate::disk::store::{Store, StoreFile};
 use crate::handles::{Mesh, Reports, Settings, SyncHandle, TreeWriter};
-use crate::identity::{DeviceId, Identity};
+use crate::identity::Identity;
 use crate::net::transport::{Allowed, Transport};
 use crate::node::{now_ns, PeerSlot, PersistMsg, Shared, State};
 
 /// A handshake on the backnet takes milliseconds; one that has not completed by then
 /// went to a peer that was not listening yet: try again rather than wait.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a stopping node lets its closed connections drain (DESIGN §6: an idle
-/// node stops in ≤ 100 ms).
+/// How long a stopping node waits at most for its peers' CONNECTION_CLOSE packets to
+/// go out (DESIGN §6: an idle node stops in ≤ 100 ms).
 const CLOSE_LINGER: Duration = Duration::from_millis(30);
 
 /// Writes the index file on its own thread, in the order commits were made, with
@@ -49,6 +50,7 @@ fn persister(shared: Arc<Shared>, mut file: StoreFile, rx: std::sync::mpsc::Rece
         }
         let written = file.write(writes);
         if let Some(seq) = upto {
+            tracing::trace!(target: crate::clock::STAGE, stage = "persisted", t_us = crate::clock::mono_us());
             let mut st = shared.lock();
             if let Err(e) = written {
                 // Reported, and the change still goes out
@@ -94,7 +96,7 @@ struct Opened {
     index: Index,
     store: Store,
     /// What was wrong with the index file, shown in `status` from the start.
-    errors: crate::ops::telemetry::RecentErrors,
+    errors: crate::telemetry::RecentErrors,
 }
 
 /// The running daemon: what `stop` stops, in its order.
@@ -102,7 +104,7 @@ struct Running {
     lock: crate::disk::lock::StateLock,
     shared: Arc<Shared>,
     transport: Arc<Transport>,
-    watcher: crate::disk::watch::Watch,
+    watcher: crate::tasks::watch::Watch,
     puller: tokio::task::JoinHandle<()>,
     persist_thread: std::thread::JoinHandle<()>,
     control: tokio::task::JoinHandle<()>,
@@ -144,11 +146,11 @@ fn open(config: &Config) -> anyhow::Result<Opened> {
 fn open_index(
     config: &Config,
     identity: &Identity,
-) -> anyhow::Result<(Index, Store, crate::ops::telemetry::RecentErrors)> {
+) -> anyhow::Result<(Index, Store, crate::telemetry::RecentErrors)> {
     let mut index = Index::new(identity.id.short());
     let (store, report) = Store::open(&config.state_dir, &mut index)
         .with_context(|| format!("opening the index in {}", config.state_dir.display()))?;
-    let mut errors = crate::ops::telemetry::RecentErrors::default();
+    let mut errors = crate::telemetry::RecentErrors::default();
     let started_unix = i64::try_from(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -215,9 +217,9 @@ async fn spawn(config: &Config, opened: Opened) -> anyhow::Result<Running> {
 
     // Watch first, then scan: nothing changed in between is missed.
     let sync = SyncHandle::new(&shared);
-    let watcher = crate::disk::watch::start(sync.clone(), rescan_rx)?;
+    let watcher = crate::tasks::watch::start(sync.clone(), rescan_rx)?;
     watcher.full_rescan(&sync).await;
-    let puller = tokio::spawn(crate::net::pull::run(sync.clone()));
+    let puller = tokio::spawn(crate::tasks::pull::run(sync.clone()));
     // The tree's certificate entries join the config's before anything reads them.
     crate::certs::load(&Settings::new(&shared), &shared.tree.root);
     let (control, mut tasks) = spawn_features(config, &shared, http)?;
@@ -240,7 +242,7 @@ struct Parts {
     tree: Tree,
     index: Index,
     journal: crate::disk::store::Journal,
-    errors: crate::ops::telemetry::RecentErrors,
+    errors: crate::telemetry::RecentErrors,
 }
 
 /// The shared state: the engine over the index (signing what this node authors,
@@ -265,7 +267,7 @@ fn share(
         .map(|p| (p.id, new_slot(p.clone())))
         .collect();
     let (changed, _) = watch::channel(index.sequence());
-    let signer = Arc::new(crate::identity::NodeSigner::new(&identity)?);
+    let signer = Arc::new(identity.signer()?);
     let writers = crate::writers::policy(config, identity.id)?;
     let checker = writers.clone();
     let mut engine = Engine::new(index, config.max_file_size)
@@ -333,7 +335,7 @@ fn spawn_features(
         Reports::new(shared),
     )));
     tasks.extend(crate::acme::start(
-        &crate::handles::acme_handles(shared),
+        &crate::acme::acme_handles(shared),
         http,
     )?);
     tasks.extend(crate::ops::hooks::start(crate::ops::hooks::Hooks {
@@ -372,7 +374,7 @@ fn spawn_sync(
     shared: &Arc<Shared>,
     transport: &Arc<Transport>,
     sync: &SyncHandle,
-    watcher: &crate::disk::watch::Watch,
+    watcher: &crate::tasks::watch::Watch,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = vec![tokio::spawn(accept_loop(shared.clone(), transport.clone()))];
     // Installed before READY=1: a `systemctl reload` right after start must not kill us.
@@ -415,24 +417,26 @@ async fn stop(config: &Config, running: Running) {
     tracing::info!("shutting down: finishing in-flight writes");
     shared.stopping.send_replace(true);
     shared.pull.notify_one();
+    // Its inotify teardown (~20 ms in the kernel) runs beside the rest of the stop.
+    watcher.stop();
     let _ = tokio::time::timeout(Duration::from_secs(30), puller).await;
     // What the last apply and scan committed reaches the disk before we exit.
     if let Ok(tx) = shared.persist.lock() {
         let _ = tx.send(PersistMsg::Stop);
     }
     let _ = tokio::task::spawn_blocking(move || persist_thread.join()).await;
-    transport
-        .endpoint
-        .close(quinn::VarInt::from_u32(0), b"shutdown");
-    drop(watcher);
+    let sessions = shared
+        .lock()
+        .peers
+        .values()
+        .filter_map(|s| Some(s.session.as_ref()?.conn.clone()))
+        .collect();
+    let closing = crate::net::transport::Closing::start(&transport.endpoint, sessions);
     control.abort();
     tasks.iter().for_each(|t| t.abort());
     let _ = tokio::time::timeout(Duration::from_secs(2), futures_join(tasks)).await;
     let _ = std::fs::remove_file(config.control_socket());
-    // `close` above already sent every peer its CONNECTION_CLOSE; waiting out the
-    // draining period only absorbs stray packets, and a handshake still in flight to a
-    // peer that is down would hold the exit for its whole timeout (2 s measured).
-    let _ = tokio::time::timeout(CLOSE_LINGER, transport.endpoint.wait_idle()).await;
+    closing.sent(CLOSE_LINGER).await;
     tracing::info!("stopped");
     drop(shared);
     drop(transport);
@@ -536,7 +540,7 @@ async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
             drop(in_flight);
             match handshake {
                 Ok(Ok(conn)) => {
-                    crate::net::peer::run_session(SyncHandle::new(&shared), conn, false).await
+                    crate::tasks::peer::run_session(SyncHandle::new(&shared), conn, false).await
                 }
                 Ok(Err(e)) => tracing::debug!(%remote, error = %e, "incoming handshake failed"),
                 Err(_) => tracing::debug!(%remote, "incoming handshake timed out"),
@@ -607,7 +611,7 @@ async fn dial_loop(shared: Arc<Shared>, transport: Arc<Transport>, peer: DeviceI
                 // The session runs on; this loop waits for it to end via `gone`.
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 _session = Some(AbortOnDrop(tokio::spawn(async move {
-                    crate::net::peer::run_session_with_ready(
+                    crate::tasks::peer::run_session_with_ready(
                         SyncHandle::new(&shared2),
                         conn,
                         true,
@@ -769,7 +773,11 @@ fn sweep(shared: &Shared) {
 
 /// A full rescan every `rescan_interval`; a SIGHUP that changes the interval starts
 /// the wait again with the new one.
-async fn periodic_rescan(settings: Settings, sync: SyncHandle, watcher: crate::disk::watch::Watch) {
+async fn periodic_rescan(
+    settings: Settings,
+    sync: SyncHandle,
+    watcher: crate::tasks::watch::Watch,
+) {
     let mut config = settings.subscribe();
     loop {
         let every = config.borrow_and_update().rescan_interval;

@@ -38,6 +38,9 @@ pub struct Options<'a> {
     /// `PEBBLE_AUTHZREUSE`, the percentage of orders that reuse a valid authorization
     /// (and reach no validator); `None`: Pebble's default, 50.
     pub authz_reuse: Option<u8>,
+    /// `PEBBLE_VA_ALWAYS_VALID`: every challenge passes without a request (the
+    /// many-certificates benchmark measures certmesh's side of thousands of orders).
+    pub always_valid: bool,
     /// Free TCP ports on `ip` (the API, its management API, TLS, the DNS's API).
     pub free_tcp: FreePort,
     /// A free UDP port on `ip` for the DNS.
@@ -54,6 +57,7 @@ impl Default for Options<'_> {
             default_ipv4: None,
             eab: None,
             authz_reuse: None,
+            always_valid: false,
             free_tcp: |ip| Ok(TcpListener::bind((ip, 0))?.local_addr()?.port()),
             free_udp: |ip| Ok(std::net::UdpSocket::bind((ip, 0))?.local_addr()?.port()),
         }
@@ -78,6 +82,7 @@ pub struct Pebble {
     /// pebble-challtestsrv's management API, when this launcher started it.
     dns_mgmt: Option<String>,
     authz_reuse: Option<u8>,
+    always_valid: bool,
     ca: Option<Child>,
     dns: Option<Child>,
 }
@@ -219,6 +224,7 @@ impl Pebble {
             dns_server,
             dns_mgmt,
             authz_reuse: o.authz_reuse,
+            always_valid: o.always_valid,
             ca: None,
             dns,
         };
@@ -244,6 +250,9 @@ impl Pebble {
         let mut cmd = Command::new("pebble");
         if let Some(p) = self.authz_reuse {
             cmd.env("PEBBLE_AUTHZREUSE", p.to_string());
+        }
+        if self.always_valid {
+            cmd.env("PEBBLE_VA_ALWAYS_VALID", "1");
         }
         let mut child = cmd
             .arg("-config")

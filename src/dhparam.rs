@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 
-use crate::acme::tree;
-use crate::core::index::ContentHash;
+use crate::core::record::ContentHash;
+use crate::disk::tree;
 use crate::handles::{Mesh, Reports, Settings, TreeWriter};
 
 /// Where the group goes, relative to the tree.

@@ -9,18 +9,20 @@
 //!   ([`core::version`], [`core::index`], [`core::plan`], [`core::paths`],
 //!   [`core::inline`], [`core::authorship`]).
 //! - [`disk`]: the tree and the state directory ([`disk::safe_fs`], [`disk::scan`],
-//!   [`disk::watch`], [`disk::apply`], [`disk::keep`], [`disk::store`],
+//!   [`disk::apply`], [`disk::keep`], [`disk::store`],
 //!   [`disk::atomic`]).
 //! - [`net`]: [`net::transport`] (quinn + pinned mTLS), [`net::wire`] (protobuf from
-//!   `proto/`, framing), [`net::peer`] (one task per connection), [`net::pull`]
-//!   (fetch + apply batches), [`net::clients`] (local HTTP/control listeners).
-//! - [`ops`]: [`ops::control`], [`ops::metrics`], [`ops::telemetry`], [`ops::hooks`],
+//!   `proto/`, framing), [`net::clients`] (local HTTP/control listeners).
+//! - [`tasks`]: [`tasks::peer`] (one task per connection), [`tasks::pull`] (fetch +
+//!   apply batches), [`tasks::watch`] (notify + debounce), over the [`handles`].
+//! - [`ops`]: [`ops::control`], [`ops::metrics`], [`ops::hooks`],
 //!   [`ops::firewall`], [`ops::systemd`], [`ops::logging`].
 //! - Features: [`acme`] (cluster ACME, http-01 and dns-01), [`import`] (certbot /
 //!   lego trees), [`repair`] and [`disk::keep`] (nothing lost for good), [`dhparam`],
 //!   [`writers`] (who may change the tree), [`probe`] (what the frontends serve),
 //!   [`certs`] (certificates as data in the tree).
-//! - [`config`], [`identity`], [`node`] (the shared state) and [`daemon`] (the wiring:
+//! - [`clock`] and [`telemetry`] (counters and recent errors any layer records into),
+//!   [`config`], [`identity`], [`node`] (the shared state) and [`daemon`] (the wiring:
 //!   starts and stops every task); [`demo`] (a 3-node mesh on loopback).
 
 pub mod acme;
@@ -44,4 +46,6 @@ pub mod probe;
 pub mod repair;
 #[cfg(test)]
 mod sim;
+pub mod tasks;
+pub mod telemetry;
 pub mod writers;

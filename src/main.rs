@@ -85,6 +85,12 @@ enum Cmd {
         /// How long `--cluster` waits for the cluster to be in sync ("5s", "500ms").
         #[arg(long, default_value = "5s", value_parser = certmesh::config::values::parse_duration)]
         timeout: std::time::Duration,
+        /// One certificate in full (its table row has only some of it).
+        #[arg(long, value_name = "NAME", conflicts_with = "all")]
+        cert: Option<String>,
+        /// Every certificate in the table; above 20, `status` summarises them.
+        #[arg(long)]
+        all: bool,
     },
     /// Ask the running daemon to order certificate NAME now (waits for the result).
     Issue {
@@ -341,7 +347,16 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             json,
             cluster,
             timeout,
-        } => status(&load(&config)?, json, cluster.then_some(timeout))?,
+            cert,
+            all,
+        } => {
+            let view = match (&cert, all) {
+                (Some(name), _) => certmesh::ops::status::CertView::One(name),
+                (None, true) => certmesh::ops::status::CertView::All,
+                (None, false) => certmesh::ops::status::CertView::Auto,
+            };
+            status(&load(&config)?, json, cluster.then_some(timeout), view)?
+        }
         Cmd::Issue { config, name, json } => issue(&config, &name, json)?,
         Cmd::Renew {
             config,
@@ -516,7 +531,12 @@ fn check_config(config: &std::path::Path) -> Result<Config, Failure> {
 }
 
 /// `certmesh status`: the daemon's answer, rendered or as JSON.
-fn status(c: &Config, json: bool, cluster: Option<std::time::Duration>) -> Result<(), Failure> {
+fn status(
+    c: &Config,
+    json: bool,
+    cluster: Option<std::time::Duration>,
+    view: certmesh::ops::status::CertView<'_>,
+) -> Result<(), Failure> {
     let req = certmesh::ops::control::Request::Status {
         cluster_ms: cluster.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
     };
@@ -528,10 +548,14 @@ fn status(c: &Config, json: bool, cluster: Option<std::time::Duration>) -> Resul
     }
     let s: certmesh::ops::control::Status =
         serde_json::from_value(v).map_err(|e| Failure::Runtime(format!("daemon answer: {e}")))?;
+    let behind = cluster.map(|_| cluster_behind(&s));
     if !json {
-        print!("{}", certmesh::ops::control::render(&s));
+        print!(
+            "{}",
+            certmesh::ops::status::render_view(s, view).map_err(Failure::Runtime)?
+        );
     }
-    match cluster.map(|_| cluster_behind(&s)) {
+    match behind {
         Some(behind) if !behind.is_empty() => Err(Failure::Runtime(format!(
             "cluster not in sync: {}",
             behind.join(", ")
@@ -949,7 +973,7 @@ fn cause(c: &Config, meta: Option<&certmesh::disk::keep::KeptMeta>) -> String {
         |m| {
             let by = u64::from_str_radix(&m.modified_by, 16).map_or_else(
                 |_| m.modified_by.clone(),
-                |id| certmesh::repair::name_of(&c.peers, certmesh::identity::ShortId(id)),
+                |id| certmesh::repair::name_of(&c.peers, certmesh::core::device::ShortId(id)),
             );
             let what = match m.reason {
                 certmesh::disk::keep::Reason::Replaced => "replaced",

@@ -11,11 +11,12 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::{peer::PeerConfig, Config};
 use crate::core::cluster::BarrierStatus;
+use crate::core::device::DeviceId;
 use crate::core::engine::{Engine, EngineError};
 use crate::core::paths::RelPath;
 use crate::disk::apply::Tree;
 use crate::disk::store::{Journal, Pending};
-use crate::identity::{DeviceId, Identity};
+use crate::identity::Identity;
 
 /// A live session with a peer.
 #[derive(Debug, Clone)]
@@ -88,7 +89,7 @@ pub struct State {
     /// Encodes index changes for the persister (no I/O under this lock).
     pub journal: Journal,
     pub peers: HashMap<DeviceId, PeerSlot>,
-    pub errors: crate::ops::telemetry::RecentErrors,
+    pub errors: crate::telemetry::RecentErrors,
 }
 
 impl State {
@@ -164,9 +165,9 @@ pub struct Shared {
     /// Hooks that failed to start, exited non-zero or timed out (metrics).
     pub hook_failures: AtomicU64,
     /// Certificate repairs: queue and recent results (`status`).
-    pub repairs: crate::ops::telemetry::Repairs,
+    pub repairs: crate::telemetry::Repairs,
     /// Serving probes: hook runs in, hook re-runs out, failure counters.
-    pub probes: crate::probe::Probes,
+    pub probes: crate::telemetry::Probes,
     /// The persister's queue (see [`persister`]).
     pub(crate) persist: Mutex<std::sync::mpsc::Sender<PersistMsg>>,
     /// A copy of the `[tree] writers` policy for checking records' signatures

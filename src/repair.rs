@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use crate::acme::bundle::{self, chain_der};
 use crate::acme::served::{self, check_pair, read_file, BundleFiles, MAX_PEM};
-use crate::acme::tree;
+use crate::core::device::ShortId;
 use crate::core::paths::RelPath;
 use crate::disk::keep;
+use crate::disk::tree;
 use crate::handles::{Mesh, Reports, Settings, TreeWriter};
-use crate::identity::ShortId;
 
 /// After a batch touched a certificate, wait this long for more before checking.
 const SETTLE: Duration = Duration::from_millis(200);
@@ -30,7 +30,7 @@ const RETRY: Duration = Duration::from_secs(1);
 /// How long the start-up check waits for the mesh to form first.
 const START_GRACE: Duration = Duration::from_secs(10);
 
-pub use crate::ops::telemetry::{RepairStatus, Repairs};
+use crate::telemetry::RepairStatus;
 
 /// What the repair task uses of the daemon.
 #[derive(Clone)]
@@ -49,16 +49,9 @@ pub fn start(h: Handles) -> tokio::task::JoinHandle<()> {
 
 fn configured(h: &Handles) -> Vec<String> {
     let writer = h.mesh.is_writer();
-    h.settings.read(|c| names(writer, c)).unwrap_or_default()
-}
-
-/// The certificates this node repairs, for [`Repairs::touched`]: the configured ones,
-/// none on a reader (its repair would be put back).
-pub fn names(is_writer: bool, config: &crate::config::Config) -> Vec<String> {
-    if !is_writer {
-        return Vec::new();
-    }
-    config.certificates.iter().map(|c| c.name.clone()).collect()
+    h.settings
+        .read(|c| crate::handles::repaired(writer, c))
+        .unwrap_or_default()
 }
 
 async fn run(h: Handles) {

@@ -25,13 +25,14 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::core::cluster::{ClusterMsg, Member};
+use crate::core::device::DeviceId;
 use crate::core::engine::{Engine, SendToken, Transmit};
-use crate::core::index::{ContentHash, FileRecord, Index, Kind, LocalStat, Observed};
+use crate::core::index::{Index, LocalStat, Observed};
 use crate::core::inline::InlineCache;
 use crate::core::paths::RelPath;
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
 use crate::core::plan::DEFAULT_MAX_FILE_SIZE;
-use crate::identity::DeviceId;
+use crate::core::record::{ContentHash, FileRecord, Kind};
 
 const MS: i64 = 1_000_000;
 
@@ -791,12 +792,7 @@ mod tests {
     #[test]
     fn only_writers_change_the_tree_also_through_a_relay() {
         use crate::core::authorship::{tests::signer, Writers};
-        let (dirs, signers): (Vec<_>, Vec<_>) = (0..3)
-            .map(|_| {
-                let (dir, s) = signer();
-                (dir, Arc::new(s))
-            })
-            .unzip();
+        let signers: Vec<_> = (0..3).map(|_| Arc::new(signer())).collect();
         let writer = signers[0].id();
         let path = "live/www/cert.pem";
         for seed in 0..20 {
@@ -822,7 +818,6 @@ mod tests {
                 assert!(n.engine.refused().is_empty(), "seed {seed}");
             }
         }
-        drop(dirs);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::core::authorship::Writers;
-use crate::identity::DeviceId;
+use crate::core::device::DeviceId;
 
 /// This node is not a writer but has `[acme]`: it would renew into a tree it may
 /// not change.

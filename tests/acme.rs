@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use certmesh::identity::DeviceId;
+use certmesh::core::device::DeviceId;
 
 use crate::util::free_tcp;
 use crate::util::{certmesh, wait_listening, Cluster, Node};

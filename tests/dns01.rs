@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use certmesh::identity::DeviceId;
+use certmesh::core::device::DeviceId;
 
 use crate::acme::ISSUE_DEADLINE;
 use crate::util::free_tcp;

@@ -59,7 +59,8 @@ fn accepted(dir: &Path, section: &str) -> Vec<String> {
     fs::write(&f, cfg).unwrap();
     let out = certmesh(&["check", "--config", f.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    // "expected one of `a`, `b`", or "expected `a`" for a table of one key.
+    // "expected one of `a`, `b`, `c`", "expected `a` or `b`" for two keys, or
+    // "expected `a`" for a table of one key.
     let list = err
         .split("unknown field `zzz`, expected ")
         .nth(1)
@@ -69,6 +70,7 @@ fn accepted(dir: &Path, section: &str) -> Vec<String> {
         .next()
         .unwrap_or_default()
         .split(", ")
+        .flat_map(|k| k.split(" or "))
         .map(|k| k.trim_matches('`').to_string())
         .collect()
 }

@@ -187,7 +187,7 @@ fn two_nodes_fall_over_and_come_back_to_the_first_ca() {
     }
     let http_port = free_tcp("127.0.8.2");
     // The validator asks the node that does not order.
-    let ids: Vec<certmesh::identity::DeviceId> =
+    let ids: Vec<certmesh::core::device::DeviceId> =
         nodes.iter().map(|n| n.id.parse().unwrap()).collect();
     let renewer = usize::from(ids[1] < ids[0]);
     let target = format!("127.0.8.{}", 3 - renewer);

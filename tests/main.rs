@@ -3,6 +3,7 @@
 mod acme;
 mod alerts;
 mod certs;
+mod clean_stop;
 mod cli;
 mod crash;
 mod dhparam;
@@ -14,6 +15,7 @@ mod fleet_serves;
 mod hostile;
 mod hubs;
 mod import;
+mod many_certs;
 mod metrics;
 mod observe;
 mod operator;

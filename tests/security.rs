@@ -11,9 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use certmesh::identity::{DeviceId, Identity};
+use certmesh::core::codec::pb;
+use certmesh::core::device::DeviceId;
+use certmesh::identity::Identity;
 use certmesh::net::transport::{Transport, ALPN, SERVER_NAME};
-use certmesh::net::wire::{self, pb};
+use certmesh::net::wire;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::util::{wait_until, Cluster, Node};

@@ -8,11 +8,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use certmesh::core::codec::pb;
+use certmesh::core::device::DeviceId;
 use certmesh::core::served::ServedRecord;
-use certmesh::identity::{DeviceId, Identity, NodeSigner};
+use certmesh::identity::Identity;
 use certmesh::net::transport::Transport;
+use certmesh::net::wire;
 use certmesh::net::wire::served::{served_to_wire, sign_report};
-use certmesh::net::wire::{self, pb};
 use certmesh::ops::status::{CertStatus, Status};
 
 use crate::reload::{have, Bundle, Ca, Proc, HOST, NAME};
@@ -366,7 +368,7 @@ fn evil_report(
     records: &[ServedRecord],
     edit: impl FnOnce(&mut pb::Served),
 ) -> pb::Frame {
-    let signer = NodeSigner::new(&Identity::load(&evil.state).unwrap()).unwrap();
+    let signer = Identity::load(&evil.state).unwrap().signer().unwrap();
     let r = sign_report(&signer, "evil", 1, records).unwrap();
     let mut s = served_to_wire(&r);
     edit(&mut s);

@@ -138,8 +138,12 @@ fn after_a_mass_deletion_and_a_flood_repair_brings_the_certificate_back_unchange
     let mut nodes = trio(dir.path(), ips, "kept_max_size = \"1MiB\"\n");
     let bundle = place_bundle(&nodes[0].tree);
     start(&mut nodes);
+    // Whole, directories too: a directory record applied after the deletion below
+    // would bring its (empty) directory back, and the deletion would not reach it.
     for n in &nodes[1..] {
-        wait_until(&format!("bundle on {}", n.name), || has_bundle(n, &bundle));
+        wait_until(&format!("bundle on {}", n.name), || {
+            has_bundle(n, &bundle) && n.status()["tree"]["out_of_sync"] == 0
+        });
     }
 
     // The bad node deletes every certificate, then floods past the kept budget.

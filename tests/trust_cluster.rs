@@ -9,10 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use certmesh::core::cluster::{self, Neighbor, Report};
-use certmesh::identity::{DeviceId, Identity, NodeSigner};
+use certmesh::core::codec::pb;
+use certmesh::core::device::{DeviceId, NodeSigner};
+use certmesh::identity::Identity;
 use certmesh::net::transport::Transport;
+use certmesh::net::wire;
 use certmesh::net::wire::cluster::{confirm_from_wire, confirm_to_wire, report_to_wire};
-use certmesh::net::wire::{self, pb};
 use certmesh::ops::control::ConfirmReply;
 
 use crate::util::{certmesh, wait_until, Node};
@@ -73,7 +75,7 @@ struct Evil {
 
 async fn evil(e: &Node, target: &Node) -> Evil {
     let me = Identity::load(&e.state).unwrap();
-    let signer = NodeSigner::new(&me).unwrap();
+    let signer = me.signer().unwrap();
     let id: DeviceId = target.id.parse().unwrap();
     let allowed = certmesh::net::transport::allow_only([id]);
     let t = Transport::bind(Arc::new(me), e.addr.parse().unwrap(), allowed).unwrap();

@@ -9,10 +9,12 @@ use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use certmesh::core::codec::pb;
+use certmesh::core::device::DeviceId;
 use certmesh::handles::CLOSE_REFUSING;
-use certmesh::identity::{DeviceId, Identity, NodeSigner};
+use certmesh::identity::Identity;
 use certmesh::net::transport::Transport;
-use certmesh::net::wire::{self, pb};
+use certmesh::net::wire;
 use certmesh::ops::control::Status;
 
 use crate::util::{certmesh, wait_until, Node};
@@ -123,7 +125,7 @@ fn rand_instance() -> u64 {
 /// every one costs the receiver a full ECDSA verification, then is refused.
 fn junk(w: &Node, f: &Node, from: usize, n: usize) -> Vec<pb::FileInfo> {
     let wi = Identity::load(&w.state).unwrap();
-    let fs = NodeSigner::new(&Identity::load(&f.state).unwrap()).unwrap();
+    let fs = Identity::load(&f.state).unwrap().signer().unwrap();
     let short = u64::from_be_bytes(wi.id.0[..8].try_into().unwrap());
     (from..from + n)
         .map(|i| pb::FileInfo {

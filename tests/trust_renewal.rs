@@ -5,7 +5,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use certmesh::identity::DeviceId;
+use certmesh::core::device::DeviceId;
 
 use crate::acme::{
     check_bundle, enable_acme_with, nginx, tools_present, wait_version, Pebble, Proc, DOMAIN,

@@ -7,9 +7,11 @@ use std::fs;
 use std::sync::Arc;
 use std::time::Duration;
 
-use certmesh::identity::{DeviceId, Identity};
+use certmesh::core::codec::pb;
+use certmesh::core::device::DeviceId;
+use certmesh::identity::Identity;
 use certmesh::net::transport::Transport;
-use certmesh::net::wire::{self, pb};
+use certmesh::net::wire;
 use certmesh::ops::control::Status;
 
 use crate::util::{wait_until, Node};

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use certmesh::identity::{DeviceId, Identity};
+use certmesh::core::device::DeviceId;
+use certmesh::identity::Identity;
 use certmesh::net::transport::Transport;
 
 use crate::acme::{enable_acme_with, tools_present, wait_version, Pebble, DOMAIN};

@@ -7,9 +7,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use certmesh::identity::{DeviceId, Identity};
+use certmesh::core::codec::pb;
+use certmesh::core::device::DeviceId;
+use certmesh::identity::Identity;
 use certmesh::net::transport::Transport;
-use certmesh::net::wire::{self, pb};
+use certmesh::net::wire;
 use certmesh::ops::control::Status;
 
 use crate::util::{wait_until, Node};

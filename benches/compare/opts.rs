@@ -19,8 +19,14 @@ pub(crate) struct Opts {
     /// Sections to run (`--only`); empty: all.
     pub(crate) only: Vec<String>,
     pub(crate) acme_samples: usize,
+    /// SIGTERM → exit measurements of each kind (`--stop-samples`).
+    pub(crate) stop_samples: usize,
     /// `certmesh issue` requests in each hub run (`--acme-runs`); 0: no ACME there.
     pub(crate) acme_runs: usize,
+    /// Certificates in `--only certs` (`--certs`).
+    pub(crate) certs: usize,
+    /// How long `--only certs` waits for every certificate to be live.
+    pub(crate) certs_timeout_s: u64,
     pub(crate) args: Vec<String>,
 }
 
@@ -60,8 +66,12 @@ usage: cargo bench --bench compare -- [flags]
   --only LIST           sections to run, comma separated: latency (small file, bundle,
                         idle), bulk, bulk-small (small-file latency during a bulk
                         sync, 3 nodes), scale, acme (issuance against a local Pebble on 1
-                        and 3 nodes; skipped when pebble is not installed) (default: all)
+                        and 3 nodes; skipped when pebble is not installed), stop
+                        (SIGTERM → exit of an idle node and of one mid-sync) (default:
+                        all); also `stages` (the stage trace of --samples small files,
+                        run only when named)
   --acme-samples N      issuances per cluster size (default 20)
+  --stop-samples N      stops of each kind for `stop` (default 20)
   --hubs LIST           hub topology sizes for `--only hubs` (default 128; multiples of 4;
                         hubs run only when named in --only; raises
                         fs.inotify.max_user_instances as root for the run)
@@ -70,7 +80,13 @@ usage: cargo bench --bench compare -- [flags]
                         where every node has its own) or disk ($TMPDIR)
   --acme-runs N         in each hub run, with pebble installed: a local Pebble, the name
                         pointed at an edge three hops from the renewer, N `certmesh issue`
-                        requests after the first issuance (default 20; 0: none)";
+                        requests after the first issuance (default 20; 0: none)
+  --certs N             `--only certs` (run only when named): N certificates as tree entries
+                        on 3 nodes, issued by a local Pebble (always valid, no sleep,
+                        budget raised); time to issue all, orders/s, CPU per order, status
+                        and /metrics latency and size, RSS, hook runs, a 4th node's join
+                        (default 10000)
+  --certs-timeout S     how long `--only certs` waits for all to be live (default 10800)";
 
 pub(crate) fn parse_opts() -> Result<Opts> {
     let args: Vec<String> = std::env::args()
@@ -92,7 +108,10 @@ pub(crate) fn parse_opts() -> Result<Opts> {
         hubs_trees: TreesOn::Tmpfs,
         only: Vec::new(),
         acme_samples: if quick { 3 } else { 20 },
+        stop_samples: if quick { 3 } else { 20 },
         acme_runs: if quick { 3 } else { 20 },
+        certs: if quick { 100 } else { 10_000 },
+        certs_timeout_s: 3 * 3600,
         args: args.clone(),
     };
     let mut it = args.iter().flat_map(|a| match a.split_once('=') {
@@ -109,7 +128,10 @@ pub(crate) fn parse_opts() -> Result<Opts> {
             "--skip-syncthing" => o.skip_syncthing = true,
             "--samples" => o.samples = val(&a, it.next())?,
             "--acme-samples" => o.acme_samples = val::<usize>(&a, it.next())?.max(1),
+            "--stop-samples" => o.stop_samples = val::<usize>(&a, it.next())?.max(1),
             "--acme-runs" => o.acme_runs = val(&a, it.next())?,
+            "--certs" => o.certs = val::<usize>(&a, it.next())?.max(1),
+            "--certs-timeout" => o.certs_timeout_s = val(&a, it.next())?,
             "--defaults-samples" => o.defaults_samples = val(&a, it.next())?,
             "--bulk-files" => o.bulk_files = val(&a, it.next())?,
             "--bulk-mib" => o.bulk_mib = val(&a, it.next())?,
@@ -163,10 +185,20 @@ pub(crate) fn parse_opts() -> Result<Opts> {
                     .filter(|s| !s.is_empty())
                     .collect();
                 if let Some(bad) = o.only.iter().find(|s| {
-                    !["latency", "bulk", "bulk-small", "scale", "acme", "hubs"]
-                        .contains(&s.as_str())
+                    ![
+                        "latency",
+                        "bulk",
+                        "bulk-small",
+                        "scale",
+                        "acme",
+                        "hubs",
+                        "stop",
+                        "stages",
+                        "certs",
+                    ]
+                    .contains(&s.as_str())
                 }) {
-                    bail!("--only: unknown section {bad:?} (latency, bulk, bulk-small, scale, acme, hubs)");
+                    bail!("--only: unknown section {bad:?} (latency, bulk, bulk-small, scale, acme, hubs, stop, stages, certs)");
                 }
             }
             "-h" | "--help" => {

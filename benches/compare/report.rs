@@ -106,6 +106,7 @@ pub(crate) fn render_report(
     scale: &[ScaleResult],
     acme: Option<&(Stats, Stats)>,
     acme_served: Option<&(Stats, Stats)>,
+    stops: Option<&(Stats, Stats)>,
     notes: &[String],
 ) -> String {
     let mut t = Table { rows: Vec::new() };
@@ -357,6 +358,31 @@ pub(crate) fn render_report(
                     String::new(),
                 );
             }
+        }
+    }
+
+    // 8. SIGTERM → exit (issue 28 item 4)
+    if let Some((idle, busy)) = stops {
+        for (label, st, target) in [
+            ("idle node", idle, check(idle.p50 <= 0.1, "≤ 100 ms")),
+            ("node mid-sync", busy, String::new()),
+        ] {
+            t.row(
+                &format!("SIGTERM → exit, {label}: p50"),
+                Unit::Secs,
+                Some(st.p50),
+                None,
+                None,
+                target,
+            );
+            t.row(
+                &format!("SIGTERM → exit, {label}: max"),
+                Unit::Secs,
+                Some(st.max),
+                None,
+                None,
+                String::new(),
+            );
         }
     }
 

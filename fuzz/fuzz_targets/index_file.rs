@@ -3,6 +3,6 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let mut index = certmesh::core::index::Index::new(certmesh::identity::ShortId(1));
+    let mut index = certmesh::core::index::Index::new(certmesh::core::device::ShortId(1));
     let _ = certmesh::disk::store::load_bytes(data, &mut index);
 });

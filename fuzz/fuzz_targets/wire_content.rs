@@ -5,8 +5,8 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(req) = certmesh::net::wire::pb::Request::decode(data) {
+    if let Ok(req) = certmesh::core::codec::pb::Request::decode(data) {
         let _ = certmesh::core::paths::RelPath::parse_shared(&req.path);
     }
-    let _ = certmesh::net::wire::pb::Response::decode(data);
+    let _ = certmesh::core::codec::pb::Response::decode(data);
 });

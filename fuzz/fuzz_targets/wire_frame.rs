@@ -12,7 +12,7 @@ thread_local! {
 }
 
 fuzz_target!(|data: &[u8]| {
-    use certmesh::net::wire::pb::frame::Body;
+    use certmesh::core::codec::pb::frame::Body;
     // Barrier frames: validated, then their signatures checked (issue 25).
     match certmesh::net::wire::decode_frame(data).ok().and_then(|f| f.body) {
         Some(Body::Confirm(c)) => {
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     // The length-prefixed reader: the limit is checked before allocating.
     let mut r: &[u8] = data;
     let _ = RT.with(|rt| {
-        rt.block_on(certmesh::net::wire::read_msg::<_, certmesh::net::wire::pb::Frame>(
+        rt.block_on(certmesh::net::wire::read_msg::<_, certmesh::core::codec::pb::Frame>(
             &mut r,
             certmesh::net::wire::MAX_FRAME,
         ))

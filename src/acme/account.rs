@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::ca::Ca;
 use super::client::{http_client, within};
-use super::tree;
 use crate::config::acme::AcmeConfig;
+use crate::disk::tree;
 use crate::handles::TreeWriter;
 
 pub use super::ca::ACCOUNT_FILE;

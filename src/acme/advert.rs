@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::{DeviceId, ShortId};
+use crate::core::device::{DeviceId, ShortId};
 
 /// The owner rewrites its advert when it is older than this (the ACME driver wakes
 /// at least this often).

@@ -1,6 +1,6 @@
 //! A certificate bundle as it lives in the tree: keys, CSRs, PEM splitting, the
 //! key-matches-cert check, and the versioned publish (`archive/<name>/<n>/` then the
-//! `live/<name>` flip). The tree is read and pruned through [`crate::acme::tree`],
+//! `live/<name>` flip). The tree is read and pruned through [`crate::disk::tree`],
 //! which follows no link but a well-formed `live/<name>`.
 
 use std::os::fd::AsFd;
@@ -12,9 +12,9 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData};
 use x509_parser::pem::Pem;
 
 use super::schedule::Validity;
-use super::tree;
 use crate::config::certificate::KeyType;
 use crate::disk::safe_fs::{self, Root};
+use crate::disk::tree;
 use crate::handles::TreeWriter;
 
 /// The files of one version, `archive/<name>/<n>/`.
@@ -25,8 +25,9 @@ pub const FILES: [&str; 5] = [
     "privkey.pem",
     "combined.pem",
 ];
-/// Versions kept under `archive/<name>/` (older ones, and their keys, are pruned).
-pub const KEEP_VERSIONS: u32 = 3;
+/// Versions kept under `archive/<name>/` unless `[acme] keep_versions` says
+/// otherwise (older ones, and their keys, are pruned).
+pub const KEEP_VERSIONS: u32 = crate::config::acme::DEFAULT_KEEP_VERSIONS;
 
 /// A new private key of the configured type.
 pub fn generate_key(kind: KeyType) -> anyhow::Result<KeyPair> {
@@ -303,8 +304,14 @@ pub fn live_key(root: &Path, name: &str) -> Option<KeyPair> {
 /// until the local index holds every file, flips `live/<name>` to it, waits for the
 /// index again, then prunes old versions. Peers apply the link only after its target
 /// is complete, so no node ever exposes a key that does not match its certificate.
-/// Returns the new version number and the local sequence of the flip.
-pub async fn publish(writer: &TreeWriter, name: &str, b: &Bundle) -> anyhow::Result<(u32, u64)> {
+/// Returns the new version number and the local sequence of the flip. `keep`:
+/// versions kept, the new one included.
+pub async fn publish(
+    writer: &TreeWriter,
+    name: &str,
+    b: &Bundle,
+    keep: u32,
+) -> anyhow::Result<(u32, u64)> {
     let root = writer.root();
     let plan = plan_publish(root, name).map_err(|e| anyhow::anyhow!("{e}"))?;
     for (path, why) in &plan.ignored {
@@ -350,15 +357,15 @@ pub async fn publish(writer: &TreeWriter, name: &str, b: &Bundle) -> anyhow::Res
     let seq = writer
         .await_indexed(&[(link, e)], Duration::from_secs(10))
         .await?;
-    prune(writer, name, n);
+    prune(writer, name, n, keep);
     Ok((n, seq))
 }
 
-/// Removes archive versions older than the last [`KEEP_VERSIONS`] (never the live one).
-fn prune(writer: &TreeWriter, name: &str, live: u32) {
+/// Removes archive versions older than the last `keep` (never the live one).
+fn prune(writer: &TreeWriter, name: &str, live: u32, keep: u32) {
     let root = writer.root();
     let versions = archive_versions(root, name);
-    let keep_from = versions.len().saturating_sub(KEEP_VERSIONS as usize);
+    let keep_from = versions.len().saturating_sub(keep.max(1) as usize);
     for v in &versions[..keep_from] {
         if *v == live {
             continue;

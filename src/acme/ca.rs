@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::tree::{self, Expect};
 use crate::config::acme::AcmeConfig;
 use crate::core::paths::RelPath;
+use crate::disk::tree::{self, Expect};
 use crate::handles::TreeWriter;
 
 /// The first CA's account (the one file when `directory` names a single CA).

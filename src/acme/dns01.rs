@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use anyhow::anyhow;
 
 use super::dns::{challenge_name, Presented, Publisher, Record, RECORDS_DIR};
-use super::tree::{self, Expect};
 use super::Handles;
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
+use crate::disk::tree::{self, Expect};
 
 /// The dns-01 part of one order.
 #[derive(Default)]

@@ -5,7 +5,7 @@
 //! attempt starts at the first and moves to the next while a CA is down or
 //! rate-limits ([`ca::falls_over`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,17 +13,19 @@ use instant_acme::{Account, CertificateIdentifier};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::agenda::Agenda;
 use super::budget::{self, Budget, Due, Kind, PAUSED_DIR};
 use super::ca::{self, Ca};
 use super::handle::{AcmeState, IssueReply, RenewReport, RenewResult};
 use super::handle::{QueueStatus, QueuedOrder};
 use super::schedule::{self, RenewalLease, Window};
 use super::{
-    account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, this_node, tree,
-    unix_now, Acme, Command, Handles, LEASES_DIR,
+    account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, this_node, unix_now,
+    Acme, Command, Handles, LEASES_DIR,
 };
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
+use crate::disk::tree;
 
 /// How long a starting node waits for every configured peer to be connected and in
 /// sync before it orders (after `acme.startup_grace` if none was).
@@ -93,6 +95,17 @@ struct Driver {
     budget: Budget,
     /// Per directory URL: when this node first saw the CA paused, without a break.
     pause_seen: BTreeMap<String, i64>,
+    /// When each certificate next needs a look: a tick costs O(due), not O(all).
+    agenda: Agenda,
+    /// The certificates by name, as of `config` (rebuilt when the config changes).
+    certs: HashMap<String, CertificateConfig>,
+    acme: Option<AcmeConfig>,
+    /// The config as the driver last took it in (`None`: not yet).
+    config: Option<tokio::sync::watch::Receiver<Arc<crate::config::Config>>>,
+    /// The local index sequence up to which tree changes were looked at.
+    seen_sequence: u64,
+    /// The renewer at the last tick: a new one looks at every certificate again.
+    seen_renewer: Option<crate::identity::DeviceId>,
 }
 
 pub(super) async fn run(
@@ -113,6 +126,12 @@ pub(super) async fn run(
         ari: BTreeMap::new(),
         budget: Budget::per_hour(snapshot(&h2.settings).map_or(1, |(c, _)| c.max_orders_per_hour)),
         pause_seen: BTreeMap::new(),
+        agenda: Agenda::default(),
+        certs: HashMap::new(),
+        acme: None,
+        config: None,
+        seen_sequence: 0,
+        seen_renewer: None,
     };
     // Peers connecting and leaving bump `progress`: when that changes who the
     // renewer is (the renewer went away, say), look again at once.
@@ -170,26 +189,30 @@ impl Driver {
     /// Orders what is due and ours, under the budget (renewals first, then new
     /// names, soonest expiry first); returns when to look again (Unix seconds): not
     /// sooner than [`MIN_WAKE`] from now, except to take over a lease that expires
-    /// or when the budget frees a slot.
+    /// or when the budget frees a slot. Looks only at the certificates the agenda
+    /// hands out: due, or changed since the last tick.
     async fn tick(&mut self) -> i64 {
         // Adverts expire unless refreshed ([`super::advert::TTL`]).
         super::advertise(&self.h);
-        let Some((cfg, certs)) = snapshot(&self.h.settings) else {
+        let Some(cfg) = self.refresh() else {
             return unix_now() + MAX_WAKE;
         };
         let mut wake = unix_now() + MAX_WAKE;
         let mut due = Vec::new();
-        for cert in &certs {
+        let looked = self.agenda.take(unix_now());
+        tracing::debug!(
+            looked = looked.len(),
+            waiting = self.agenda.len(),
+            "renewal tick"
+        );
+        for name in looked {
+            let Some(cert) = self.certs.get(&name).cloned() else {
+                continue;
+            };
             let now = unix_now();
-            let due_at = self.due(cert).await;
-            let retry_at = self
-                .handle
-                .runtime(&cert.name)
-                .and_then(|r| r.retry_at)
-                .unwrap_or(0);
-            let at = due_at.max(retry_at);
+            let (at, look) = self.look_at(&cert).await;
             if at > now {
-                wake = wake.min(at.max(now.saturating_add(MIN_WAKE)));
+                self.agenda.set(&name, look);
                 continue;
             }
             due.push(match bundle::live_leaf(self.h.writer.root(), &cert.name) {
@@ -217,15 +240,78 @@ impl Driver {
                         break;
                     }
                     let Some(d) = queue.pop_front() else { break };
-                    let Some(cert) = certs.iter().find(|c| c.name == d.name) else {
+                    let Some(cert) = self.certs.get(&d.name).cloned() else {
                         continue;
                     };
-                    wake = wake.min(self.order_due(cert).await);
+                    let again = self.order_due(&cert).await;
+                    self.agenda.set(&d.name, again);
+                    wake = wake.min(again);
                 }
             }
         }
+        // Still due: looked at again at the next tick.
+        let now = unix_now();
+        for d in &queue {
+            self.agenda.set(&d.name, now);
+        }
         self.publish_queue(&cfg, &queue);
+        if let Some(next) = self.agenda.next_at() {
+            wake = wake.min(next.max(now.saturating_add(MIN_WAKE)));
+        }
         wake
+    }
+
+    /// The `[acme]` config, after bringing the agenda up to date with what changed
+    /// since the last tick: the certificates (a new config: O(all), then only),
+    /// the renewer, the tree under `live/` and `archive/` (O(changes)).
+    fn refresh(&mut self) -> Option<AcmeConfig> {
+        let rx = self
+            .config
+            .get_or_insert_with(|| self.h.settings.subscribe());
+        // A fresh receiver has seen nothing yet: the first tick takes it all in.
+        let fresh = self.certs.is_empty() && self.acme.is_none();
+        if fresh || rx.has_changed().unwrap_or(false) {
+            let config = rx.borrow_and_update().clone();
+            if self.acme.as_ref() != config.acme.as_ref() {
+                self.agenda.mark_all();
+            }
+            let certs: HashMap<String, CertificateConfig> = config
+                .certificates
+                .iter()
+                .map(|c| (c.name.clone(), c.clone()))
+                .collect();
+            for (name, c) in &certs {
+                if self.certs.get(name).is_some_and(|old| old != c) {
+                    self.agenda.mark(name);
+                }
+            }
+            self.agenda.sync(certs.keys().map(String::as_str));
+            self.certs = certs;
+            self.acme = config.acme.clone();
+        }
+        let (changed, sequence) = self.h.mesh.certificates_changed_since(self.seen_sequence);
+        self.seen_sequence = sequence;
+        for name in changed.iter().filter(|n| self.certs.contains_key(*n)) {
+            self.agenda.mark(name);
+        }
+        let who = renewer(&self.h);
+        if who != self.seen_renewer {
+            self.seen_renewer = who;
+            self.agenda.mark_all();
+        }
+        self.acme.clone()
+    }
+
+    /// When `cert` is due (its renewal time or its backoff, whichever is later),
+    /// and when to look at it again if it is not due yet: then, or sooner when
+    /// its ARI window should be asked for again.
+    async fn look_at(&mut self, cert: &CertificateConfig) -> (i64, i64) {
+        let due_at = self.due(cert).await;
+        let rt = self.handle.runtime(&cert.name).unwrap_or_default();
+        let at = due_at.max(rt.retry_at.unwrap_or(0));
+        let ari = rt.ari_next_query;
+        let look = if ari > unix_now() { at.min(ari) } else { at };
+        (at, look)
     }
 
     /// One automatic attempt for a due certificate; when to look again.
@@ -574,7 +660,7 @@ impl Driver {
                     ms = i.took.as_millis() as u64,
                     "certificate issued and published"
                 );
-                crate::ops::telemetry::order_finished(&cert.name, true);
+                crate::telemetry::order_finished(&cert.name, true);
                 self.handle.update(&cert.name, |r| {
                     r.state = AcmeState::Idle;
                     r.failures = 0;
@@ -603,7 +689,7 @@ impl Driver {
                 let msg = format!("{:#}", f.error);
                 let live = bundle::live_leaf(self.h.writer.root(), &cert.name).map(|l| l.serial);
                 h.reports.error(format!("acme: {}: {msg}", cert.name));
-                crate::ops::telemetry::order_finished(&cert.name, false);
+                crate::telemetry::order_finished(&cert.name, false);
                 self.handle
                     .failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

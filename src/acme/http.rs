@@ -16,7 +16,8 @@ use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{account::ACCOUNT_FILE, order::CHALLENGE_DIR, tree};
+use super::{account::ACCOUNT_FILE, order::CHALLENGE_DIR};
+use crate::disk::tree;
 use crate::net::clients::Clients;
 
 const PREFIX: &str = "/.well-known/acme-challenge/";

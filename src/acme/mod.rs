@@ -12,7 +12,6 @@
 //! - [`bundle`]: keys, CSRs, PEM, the versioned publish and `live/<name>` flip.
 //! - [`served`]: the leaf `live/<name>/fullchain.pem` serves and whether the bundle
 //!   around it is good (what status, metrics, the schedule and repair trust).
-//! - [`tree`]: atomic writes into the tree and waiting for the index to have them.
 //! - [`rolled_back`]: the leaves a `rollout = "verify"` took back (repair skips them).
 //! - [`http`]: the optional built-in http-01 responder (`[http] listen`).
 //! - [`dns`]: dns-01 records (RFC 2136 + TSIG, or exec), the propagation check;
@@ -29,6 +28,7 @@
 
 pub mod account;
 pub mod advert;
+pub mod agenda;
 pub mod budget;
 pub mod bundle;
 pub mod ca;
@@ -42,7 +42,6 @@ pub mod order;
 pub mod rolled_back;
 pub mod schedule;
 pub mod served;
-pub mod tree;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -51,8 +50,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
+use crate::core::device::DeviceId;
+use crate::disk::tree;
 use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
-use crate::identity::DeviceId;
 use handle::Command;
 pub use handle::{Acme, Runtime};
 use schedule::{LeaseClock, RenewalLease, Validity};
@@ -64,6 +64,20 @@ pub const LEASES_DIR: &str = ".certmesh/leases";
 
 pub fn unix_now() -> i64 {
     crate::clock::unix_now()
+}
+
+/// The ACME feature's handles (the daemon starts the driver with them; `status`
+/// reads the renewer, leases and node names through them).
+pub fn acme_handles(shared: &Arc<crate::node::Shared>) -> Handles {
+    use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
+    Handles {
+        settings: Settings::new(shared),
+        mesh: Mesh::new(shared),
+        writer: TreeWriter::new(shared),
+        reports: Reports::new(shared),
+        barrier: Barrier::new(shared),
+        slot: AcmeSlot::new(shared),
+    }
 }
 
 /// What the ACME code uses of the daemon, each a narrow handle (`crate::handles`).

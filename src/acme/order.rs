@@ -16,10 +16,10 @@ use super::bundle::{self, Bundle};
 use super::ca::{self, Ca};
 use super::client::within;
 use super::dns01;
-use super::tree::{self, Expect};
 use super::Handles;
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
+use crate::disk::tree::{self, Expect};
 
 /// Where http-01 key authorizations go (nginx: `root <tree>/acme;`).
 pub const CHALLENGE_DIR: &str = "acme/.well-known/acme-challenge";
@@ -511,6 +511,7 @@ async fn publish(
     if let Err(e) = ca::record_issuer(&h.writer, &cert.name, &b.leaf.serial, &ca.directory) {
         tracing::warn!(cert = %cert.name, error = %e, "recording which CA issued the certificate");
     }
-    let (version, _) = bundle::publish(&h.writer, &cert.name, b).await?;
+    let keep = super::snapshot(&h.settings).map_or(bundle::KEEP_VERSIONS, |(c, _)| c.keep_versions);
+    let (version, _) = bundle::publish(&h.writer, &cert.name, b, keep).await?;
     Ok(version)
 }

@@ -41,6 +41,9 @@ pub(super) struct RawAcme {
     /// New orders per hour at most, per CA (default 50: half of Let's Encrypt's
     /// 300 per 3 hours).
     max_orders_per_hour: Option<Spanned<i64>>,
+    /// Versions kept under `archive/<name>/`, the live one included (default 3,
+    /// at least 2 so a rollback has the one before).
+    keep_versions: Option<Spanned<i64>>,
     /// `[acme.dns]`: how dns-01 records are published (needed for wildcards).
     dns: Option<Spanned<dns::RawDns>>,
 }
@@ -77,6 +80,8 @@ impl<'de> Deserialize<'de> for RawDirectories {
     }
 }
 
+/// `acme.keep_versions` unset: archive versions kept per certificate.
+pub const DEFAULT_KEEP_VERSIONS: u32 = 3;
 /// `acme.max_orders_per_hour` unset: 150 per 3 hours, half of Let's Encrypt's 300.
 pub const DEFAULT_MAX_ORDERS_PER_HOUR: u32 = 50;
 
@@ -104,6 +109,9 @@ pub struct AcmeConfig {
     pub request_timeout: Duration,
     /// `acme.max_orders_per_hour`: the renewer's order budget.
     pub max_orders_per_hour: u32,
+    /// `acme.keep_versions`: archive versions kept per certificate; older ones
+    /// are pruned by the renewer on publish.
+    pub keep_versions: u32,
     /// `[acme.dns]`: dns-01 provider; `None`: only http-01 certificates can be ordered.
     pub dns: Option<DnsConfig>,
 }
@@ -219,6 +227,19 @@ pub(super) fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, Co
                 )
             })?,
     };
+    let keep_versions = match &a.keep_versions {
+        None => DEFAULT_KEEP_VERSIONS,
+        Some(n) => u32::try_from(*n.get_ref())
+            .ok()
+            .filter(|n| (2..=1000).contains(n))
+            .ok_or_else(|| {
+                bad(
+                    n.span(),
+                    "acme.keep_versions",
+                    format!("{} is not between 2 and 1000", n.get_ref()),
+                )
+            })?,
+    };
     Ok(AcmeConfig {
         directory,
         fallback,
@@ -231,6 +252,7 @@ pub(super) fn acme(a: &RawAcme, tree: &Path, bad: &Bad) -> Result<AcmeConfig, Co
         lease,
         request_timeout,
         max_orders_per_hour,
+        keep_versions,
         dns: a.dns.as_ref().map(|d| dns::dns(d, tree, bad)).transpose()?,
     })
 }

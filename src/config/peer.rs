@@ -6,7 +6,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{Bad, ConfigError};
-use crate::identity::DeviceId;
+use crate::core::device::DeviceId;
 
 /// `[[peer]]`
 #[derive(Deserialize)]
@@ -77,7 +77,7 @@ pub(super) fn peers(
 #[cfg(test)]
 mod tests {
     use crate::config::tests::{cfg, err};
-    use crate::identity::DeviceId;
+    use crate::core::device::DeviceId;
 
     #[test]
     fn bad_peers_are_named_with_their_line() {

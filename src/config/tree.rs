@@ -9,7 +9,7 @@ use toml::Spanned;
 use super::peer::PeerConfig;
 use super::values::{parse_duration, parse_size};
 use super::{Bad, ConfigError};
-use crate::identity::{DeviceId, DeviceIdError};
+use crate::core::device::{DeviceId, DeviceIdError};
 
 /// `[tree]`
 #[derive(Deserialize)]
@@ -303,7 +303,7 @@ pub(super) fn writers(
 mod tests {
     use crate::config::tests::{cfg, err};
     use crate::config::Config;
-    use crate::identity::DeviceId;
+    use crate::core::device::DeviceId;
     use std::path::Path;
 
     #[test]

@@ -30,75 +30,14 @@
 //! Pure apart from the signature arithmetic (no I/O, no clock).
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
-use std::sync::Arc;
 
-use crate::core::index::{FileRecord, Kind};
-use crate::identity::{self, DeviceId, NodeSigner};
+use crate::core::device::{self, DeviceId, NodeSigner};
+use crate::core::record::{Attestation, Attester, Authorship, FileRecord, Kind};
 
 /// Longest signature accepted (an ECDSA P-256 DER signature has at most 72 bytes).
 pub const MAX_SIGNATURE: usize = 80;
 /// Largest author certificate accepted (a node certificate has ~400 bytes).
 pub const MAX_AUTHOR_CERT: usize = 4096;
-
-/// Who made a record's version, and the proof.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Authorship {
-    /// The author's full device ID.
-    pub author: DeviceId,
-    /// ECDSA P-256 / SHA-256 (DER) over [`signed_message`].
-    pub signature: Vec<u8>,
-    /// The author's node certificate (DER); shared between records of one author.
-    pub cert: Arc<[u8]>,
-    /// The author's dated signature (`None`: from a node that predates them).
-    pub attestation: Option<Attestation>,
-}
-
-/// A dated signature over the record: the author's over [`attested_message`], or
-/// another writer's over [`attested_message_by`] (`by`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attestation {
-    /// The signer's clock when it signed (ns since the epoch).
-    pub signed_ns: i64,
-    /// ECDSA P-256 / SHA-256 (DER) over [`attested_message`] (or
-    /// [`attested_message_by`] with `by`).
-    pub signature: Vec<u8>,
-    /// The signer when not the author (`None`: the author).
-    pub by: Option<Attester>,
-}
-
-/// A writer that attested someone else's record.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Attester {
-    /// Its full device ID.
-    pub id: DeviceId,
-    /// Its node certificate (DER); SHA-256 of it == `id`.
-    pub cert: Arc<[u8]>,
-}
-
-impl fmt::Debug for Attester {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "attested by {:?}", self.id)
-    }
-}
-
-impl fmt::Debug for Authorship {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "signed by {:?}", self.author)
-    }
-}
-
-impl Authorship {
-    /// Estimated heap bytes (the certificate is shared, counted once per record
-    /// anyway: a bound, not an exact figure).
-    pub fn heap_cost(&self) -> usize {
-        32 + self.signature.len()
-            + self.cert.len()
-            + self.attestation.as_ref().map_or(0, |a| {
-                16 + a.signature.len() + a.by.as_ref().map_or(0, |b| 32 + b.cert.len())
-            })
-    }
-}
 
 /// The bytes an author signs for `r`: a domain tag, then every field that decides what
 /// the record does, length-prefixed, big-endian.
@@ -415,7 +354,7 @@ impl Writers {
         if DeviceId::of_cert(cert) != *id {
             return Err(Refusal::CertMismatch);
         }
-        let k = identity::cert_public_key(cert).map_err(Refusal::BadCert)?;
+        let k = device::cert_public_key(cert).map_err(Refusal::BadCert)?;
         let others = self.keys.keys().filter(|d| !self.allows(d)).count();
         if writer || others < MAX_OTHER_KEYS {
             self.keys.insert(*id, k.clone());
@@ -431,7 +370,7 @@ impl Writers {
 /// then refused if that device is not a writer ([`Refusal::AttesterNotAWriter`]).
 pub fn verify(keys: &Keys, r: &FileRecord) -> Result<(), Refusal> {
     let a = r.auth.as_ref().ok_or(Refusal::Unsigned)?;
-    if !identity::verify_p256(&keys.author, &signed_message(r, &a.author), &a.signature) {
+    if !device::verify_p256(&keys.author, &signed_message(r, &a.author), &a.signature) {
         return Err(Refusal::BadSignature);
     }
     let Some(t) = &a.attestation else {
@@ -450,7 +389,7 @@ pub fn verify(keys: &Keys, r: &FileRecord) -> Result<(), Refusal> {
         ),
         (Some(_), None) => return Err(Refusal::BadSignature),
     };
-    if !identity::verify_p256(key, &message, &t.signature) {
+    if !device::verify_p256(key, &message, &t.signature) {
         return Err(Refusal::BadSignature);
     }
     match &t.by {
@@ -462,16 +401,13 @@ pub fn verify(keys: &Keys, r: &FileRecord) -> Result<(), Refusal> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::core::index::ContentHash;
+    use crate::core::device::ShortId;
     use crate::core::paths::RelPath;
+    use crate::core::record::ContentHash;
     use crate::core::version::VersionVector;
-    use crate::identity::{Identity, ShortId};
 
-    pub fn signer() -> (tempfile::TempDir, NodeSigner) {
-        let dir = tempfile::tempdir().unwrap();
-        let id = Identity::init(dir.path()).unwrap();
-        let s = NodeSigner::new(&id).unwrap();
-        (dir, s)
+    pub fn signer() -> NodeSigner {
+        crate::core::device::tests::signer()
     }
 
     fn record(by: &NodeSigner, counter: u64) -> FileRecord {
@@ -492,7 +428,7 @@ pub(crate) mod tests {
 
     #[test]
     fn everyone_may_write_without_writers() {
-        let (_d, w) = signer();
+        let w = signer();
         let mut policy = Writers::everyone();
         assert!(policy.check(&record(&w, 1)).is_ok());
         assert!(policy.allows(&w.id()) && !policy.is_restricted());
@@ -500,7 +436,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_writer_signed_record_is_taken_and_any_change_to_it_is_not() {
-        let (_d, w) = signer();
+        let w = signer();
         let mut policy = Writers::only([w.id()]);
         let mut r = record(&w, 1);
         assert_eq!(policy.check(&r), Err(Refusal::Unsigned));
@@ -530,8 +466,8 @@ pub(crate) mod tests {
 
     #[test]
     fn forged_and_reattributed_records_are_refused() {
-        let (_d1, w) = signer();
-        let (_d2, relay) = signer();
+        let w = signer();
+        let relay = signer();
         let mut policy = Writers::only([w.id()]);
         // The relay signs a record in its own name: not a writer.
         let mut own = record(&relay, 1);
@@ -571,7 +507,7 @@ pub(crate) mod tests {
 
     #[test]
     fn an_attestation_is_checked_and_dates_the_record() {
-        let (_d, w) = signer();
+        let w = signer();
         let mut policy = Writers::only([w.id()]);
         let mut r = record(&w, 1);
         assert!(sign(&mut r, &w, 10 * DAY));
@@ -609,7 +545,7 @@ pub(crate) mod tests {
 
     #[test]
     fn only_live_records_vouched_for_beyond_the_horizon_are_stale() {
-        let (_d, w) = signer();
+        let w = signer();
         let mut r = record(&w, 1);
         assert!(sign(&mut r, &w, 10 * DAY));
         assert_eq!(stale(&r, 16 * DAY, 7 * DAY), None);
@@ -624,8 +560,8 @@ pub(crate) mod tests {
 
     #[test]
     fn another_writer_attests_a_record_in_its_own_name_and_nothing_else_changes() {
-        let (_d1, w) = signer();
-        let (_d2, b) = signer();
+        let w = signer();
+        let b = signer();
         let mut policy = Writers::only([w.id(), b.id()]);
         let mut r = record(&w, 1);
         assert!(sign(&mut r, &w, DAY));
@@ -663,8 +599,8 @@ pub(crate) mod tests {
 
     #[test]
     fn a_readers_attestation_is_refused_and_forged_only_when_its_signature_is_bad() {
-        let (_d1, w) = signer();
-        let (_d2, reader) = signer();
+        let w = signer();
+        let reader = signer();
         let mut policy = Writers::only([w.id()]);
         let mut r = record(&w, 1);
         assert!(sign(&mut r, &w, DAY));
@@ -688,8 +624,8 @@ pub(crate) mod tests {
 
     #[test]
     fn signing_a_record_of_someone_else_does_nothing() {
-        let (_d1, w) = signer();
-        let (_d2, other) = signer();
+        let w = signer();
+        let other = signer();
         let mut r = record(&w, 1);
         assert!(!sign(&mut r, &other, 1));
         assert!(r.auth.is_none());

@@ -15,11 +15,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::core::device::{self, DeviceId, NodeSigner};
 use crate::core::index::Index;
 use crate::core::paths::RelPath;
 use crate::core::plan::Plan;
 use crate::core::version::VersionVector;
-use crate::identity::{self, DeviceId, NodeSigner};
 
 /// Most hops a request is relayed (a hub topology needs 3–4).
 pub const MAX_HOPS: u32 = 16;
@@ -222,8 +222,7 @@ fn verify_seal(seal: Option<&Seal>, who: &DeviceId, msg: &[u8]) -> bool {
     if DeviceId::of_cert(&s.cert) != *who {
         return false;
     }
-    identity::cert_public_key(&s.cert)
-        .is_ok_and(|key| identity::verify_p256(&key, msg, &s.signature))
+    device::cert_public_key(&s.cert).is_ok_and(|key| device::verify_p256(&key, msg, &s.signature))
 }
 
 /// Whether `r` was signed by the node it is about: its certificate is
@@ -1057,7 +1056,7 @@ pub fn peer_warnings(peers: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::ShortId;
+    use crate::core::device::ShortId;
 
     fn dev(n: u8) -> DeviceId {
         DeviceId([n; 32])
@@ -1107,13 +1106,13 @@ mod tests {
             f(&mut self.cluster, &v)
         }
 
-        fn apply(&mut self, r: &crate::core::index::FileRecord) {
+        fn apply(&mut self, r: &crate::core::record::FileRecord) {
             self.index.put(r.clone(), None, 0);
             self.with_view(|c, v| c.refresh(v));
         }
     }
 
-    fn token() -> crate::core::index::FileRecord {
+    fn token() -> crate::core::record::FileRecord {
         let mut ix = Index::new(ShortId(1));
         let p = RelPath::parse("acme/tok").unwrap();
         ix.observe(
@@ -1161,7 +1160,7 @@ mod tests {
         ]
     }
 
-    fn start(nodes: &mut [Node], r: &crate::core::index::FileRecord) {
+    fn start(nodes: &mut [Node], r: &crate::core::record::FileRecord) {
         nodes[0].index.put(r.clone(), None, 0);
         let (p, v) = (r.path.clone(), r.version.clone());
         assert!(nodes[0].with_view(|c, view| c.start(view, 7, p, v, 10_000, 0)));
@@ -1507,10 +1506,10 @@ mod tests {
     #[test]
     fn a_report_about_a_node_counts_only_if_that_node_signed_it() {
         use crate::core::authorship::tests::signer;
-        let (_d1, o) = signer();
+        let o = signer();
         let o = Arc::new(o);
-        let (_d2, e) = signer();
-        let (_d3, x) = signer();
+        let e = signer();
+        let x = signer();
         // The origin peers with `e` (a relay, hostile) only; `x` is behind it.
         let mut cl = Cluster::default();
         let m = |s: &NodeSigner, n: &str| Member {
@@ -1591,9 +1590,9 @@ mod tests {
     #[test]
     fn with_signed_reports_an_older_node_counts_on_the_word_of_two_reporters() {
         use crate::core::authorship::tests::signer;
-        let (_d1, o) = signer();
-        let (_d2, h1) = signer();
-        let (_d3, h2) = signer();
+        let o = signer();
+        let h1 = signer();
+        let h2 = signer();
         let x = DeviceId([42; 32]);
         // The origin peers with two hubs; `x`, an older node, sits behind both.
         let mut cl = Cluster::default();
@@ -1648,8 +1647,8 @@ mod tests {
     #[test]
     fn a_request_is_relayed_only_if_its_origin_signed_it() {
         use crate::core::authorship::tests::signer;
-        let (_d1, me) = signer();
-        let (_d2, o) = signer();
+        let me = signer();
+        let o = signer();
         // This node (with a signing key) peers with 1 and 3; `o` is behind 1.
         let mut n = Node::new(2, &[1, 3]);
         n.cluster.set_signer(Arc::new(me));

@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use crate::core::authorship::{self, Refusal, Writers};
 use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Member, Report};
-use crate::core::index::{FileRecord, Index, LocalStat, Observed, TOMBSTONE_RETENTION};
+use crate::core::device::{DeviceId, NodeSigner};
+use crate::core::index::{Index, LocalStat, Observed, TOMBSTONE_RETENTION};
 use crate::core::paths::RelPath;
 use crate::core::plan::{DiskSpace, Plan, PlanEvent, TreeBudget};
+use crate::core::record::FileRecord;
 use crate::core::served::{ServedBoard, ServedRecord, SignedReport};
-use crate::identity::{DeviceId, NodeSigner};
 
 /// Largest content sent inline with its record.
 pub const MAX_INLINE: usize = 16 << 10;
@@ -421,7 +422,7 @@ impl Engine {
     }
 
     /// Our short device id, as the index stamps versions with it.
-    pub fn me(&self) -> crate::identity::ShortId {
+    pub fn me(&self) -> crate::core::device::ShortId {
         self.index.me()
     }
 
@@ -1073,7 +1074,7 @@ fn changes(
             let send_inline = !full
                 && !peer_has_content
                 && !r.deleted
-                && r.kind == crate::core::index::Kind::File
+                && r.kind == crate::core::record::Kind::File
                 && r.size as usize <= MAX_INLINE;
             Outgoing {
                 record: r.clone(),
@@ -1088,7 +1089,7 @@ fn changes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::ShortId;
+    use crate::core::device::ShortId;
 
     fn peer() -> DeviceId {
         DeviceId([9; 32])
@@ -1108,11 +1109,11 @@ mod tests {
     fn announced(i: usize, by: u64) -> (FileRecord, u64) {
         let r = FileRecord {
             path: RelPath::parse(&format!("n/{i}")).unwrap(),
-            kind: crate::core::index::Kind::File,
+            kind: crate::core::record::Kind::File,
             size: 1,
             mode: 0o644,
             mtime_ns: 1,
-            hash: crate::core::index::ContentHash([1; 32]),
+            hash: crate::core::record::ContentHash([1; 32]),
             target: String::new(),
             version: crate::core::version::VersionVector::from_pairs(vec![(ShortId(by), 1)]),
             deleted: false,
@@ -1203,7 +1204,7 @@ mod tests {
     }
 
     fn signed_by(
-        s: &crate::identity::NodeSigner,
+        s: &crate::core::device::NodeSigner,
         path: &str,
         content: u8,
         counter: u64,
@@ -1218,8 +1219,8 @@ mod tests {
 
     #[test]
     fn records_not_signed_by_a_writer_are_refused_counted_and_acked() {
-        let (_d1, writer) = authorship::tests::signer();
-        let (_d2, relay) = authorship::tests::signer();
+        let writer = authorship::tests::signer();
+        let relay = authorship::tests::signer();
         let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX).with_authorship(
             None,
             Writers::only([writer.id()]),
@@ -1228,7 +1229,7 @@ mod tests {
         let token = e.connected(peer());
         let honest = signed_by(&writer, "a", 1, 1);
         let mut forged = signed_by(&writer, "b", 2, 1);
-        forged.hash = crate::core::index::ContentHash([9; 32]);
+        forged.hash = crate::core::record::ContentHash([9; 32]);
         let own = signed_by(&relay, "c", 3, 1);
         e.handle_index(peer(), vec![(honest, 1), (forged, 2), (own, 3)], 3)
             .unwrap();
@@ -1253,7 +1254,7 @@ mod tests {
 
     #[test]
     fn a_peer_refused_too_often_in_a_minute_is_refused_itself() {
-        let (_d1, writer) = authorship::tests::signer();
+        let writer = authorship::tests::signer();
         let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX).with_authorship(
             None,
             Writers::only([writer.id()]),
@@ -1274,7 +1275,7 @@ mod tests {
         let ok = |e: &mut Engine, b, now| e.handle_index_checked(peer(), b, vec![], 1, Some(now));
         // An author outside `writers` (a config mismatch explains it) never ends
         // the session, however many…
-        let (_d3, outsider) = authorship::tests::signer();
+        let outsider = authorship::tests::signer();
         let theirs: Vec<(FileRecord, u64)> = (0..3000)
             .map(|i| (signed_by(&outsider, &format!("o{i}"), 1, 1), i + 1))
             .collect();
@@ -1324,8 +1325,8 @@ mod tests {
 
     #[test]
     fn a_readers_local_change_is_not_recorded_and_is_put_back() {
-        let (_d, me) = authorship::tests::signer();
-        let (_d2, writer) = authorship::tests::signer();
+        let me = authorship::tests::signer();
+        let writer = authorship::tests::signer();
         let signer = Arc::new(me);
         let mut e = Engine::new(Index::new(signer.id().short()), u64::MAX).with_authorship(
             Some(signer.clone()),
@@ -1366,8 +1367,8 @@ mod tests {
 
     #[test]
     fn a_file_a_reader_makes_again_after_the_writers_deleted_it_goes_again() {
-        let (_d, me) = authorship::tests::signer();
-        let (_d2, writer) = authorship::tests::signer();
+        let me = authorship::tests::signer();
+        let writer = authorship::tests::signer();
         let signer = Arc::new(me);
         let mut e = Engine::new(Index::new(signer.id().short()), u64::MAX).with_authorship(
             Some(signer.clone()),
@@ -1404,7 +1405,7 @@ mod tests {
     const DAY: i64 = 24 * 3600 * 1_000_000_000;
 
     /// A reader's engine with `writer` in `writers`, a retention of 7 days.
-    fn reader_of(writer: &crate::identity::NodeSigner) -> Engine {
+    fn reader_of(writer: &crate::core::device::NodeSigner) -> Engine {
         let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX).with_authorship(
             None,
             Writers::only([writer.id()]),
@@ -1415,7 +1416,12 @@ mod tests {
     }
 
     /// `writer`'s record of `path`, changed and attested at `at`.
-    fn attested(w: &crate::identity::NodeSigner, path: &str, content: u8, at: i64) -> FileRecord {
+    fn attested(
+        w: &crate::core::device::NodeSigner,
+        path: &str,
+        content: u8,
+        at: i64,
+    ) -> FileRecord {
         let mut r = signed_by(w, path, content, (at / 1000) as u64);
         assert!(authorship::reattest(&mut r, w, at));
         r
@@ -1423,7 +1429,7 @@ mod tests {
 
     #[test]
     fn a_record_attested_beyond_the_horizon_is_refused_for_a_path_not_held() {
-        let (_d, w) = authorship::tests::signer();
+        let w = authorship::tests::signer();
         let mut e = reader_of(&w);
         let old = attested(&w, "live/gone.pem", 1, 10 * DAY);
         e.handle_index_checked(peer(), vec![(old.clone(), 1)], vec![], 1, Some(18 * DAY))
@@ -1452,13 +1458,13 @@ mod tests {
 
     #[test]
     fn a_stale_record_is_taken_for_a_path_held() {
-        let (_d, w) = authorship::tests::signer();
+        let w = authorship::tests::signer();
         let mut e = reader_of(&w);
         let first = attested(&w, "live/a.pem", 1, 9 * DAY);
         e.applied(first.clone(), None, 9 * DAY);
         let mut newer = first.clone();
         newer.version.bump_at(w.id().short(), 0).unwrap();
-        newer.hash = crate::core::index::ContentHash([2; 32]);
+        newer.hash = crate::core::record::ContentHash([2; 32]);
         assert!(authorship::sign(&mut newer, &w, 10 * DAY));
         e.handle_index_checked(peer(), vec![(newer.clone(), 1)], vec![], 1, Some(18 * DAY))
             .unwrap();
@@ -1467,7 +1473,7 @@ mod tests {
 
     #[test]
     fn an_old_file_reattested_reaches_a_new_node_and_renews_a_held_one() {
-        let (_d, w) = authorship::tests::signer();
+        let w = authorship::tests::signer();
         // Written a year ago, attested again yesterday.
         let year_old = attested(&w, "dhparam.pem", 1, DAY);
         let mut renewed = year_old.clone();
@@ -1510,7 +1516,7 @@ mod tests {
 
     #[test]
     fn a_writer_renews_its_live_records_at_half_the_retention() {
-        let (_d, me) = authorship::tests::signer();
+        let me = authorship::tests::signer();
         let me = Arc::new(me);
         let mut e = Engine::new(Index::new(me.id().short()), u64::MAX).with_authorship(
             Some(me.clone()),
@@ -1535,7 +1541,7 @@ mod tests {
     }
 
     /// A writer's engine (`me`) with `others` in `writers` too, a retention of 7 days.
-    fn writer_among(me: &Arc<crate::identity::NodeSigner>, others: &[DeviceId]) -> Engine {
+    fn writer_among(me: &Arc<crate::core::device::NodeSigner>, others: &[DeviceId]) -> Engine {
         let mut ids = others.to_vec();
         ids.push(me.id());
         let mut e = Engine::new(Index::new(me.id().short()), u64::MAX).with_authorship(
@@ -1549,10 +1555,10 @@ mod tests {
 
     #[test]
     fn a_writer_attests_a_silent_writers_records_at_three_quarters_of_the_retention() {
-        let (_d1, me) = authorship::tests::signer();
+        let me = authorship::tests::signer();
         let me = Arc::new(me);
-        let (_d2, gone) = authorship::tests::signer();
-        let (_d3, outsider) = authorship::tests::signer();
+        let gone = authorship::tests::signer();
+        let outsider = authorship::tests::signer();
         let mut e = writer_among(&me, &[gone.id()]);
         let theirs = attested(&gone, "dhparam.pem", 1, DAY);
         e.applied(theirs.clone(), None, DAY);
@@ -1577,8 +1583,8 @@ mod tests {
 
     #[test]
     fn a_reader_cannot_keep_a_stale_record_alive_by_attesting_it() {
-        let (_d1, w) = authorship::tests::signer();
-        let (_d2, reader) = authorship::tests::signer();
+        let w = authorship::tests::signer();
+        let reader = authorship::tests::signer();
         let mut e = reader_of(&w);
         // The last record of a file deleted long ago, attested yesterday by a reader.
         let mut old = attested(&w, "live/gone.pem", 1, DAY);
@@ -1605,8 +1611,8 @@ mod tests {
 
     #[test]
     fn a_reader_attests_nothing() {
-        let (_d1, w) = authorship::tests::signer();
-        let (_d2, me) = authorship::tests::signer();
+        let w = authorship::tests::signer();
+        let me = authorship::tests::signer();
         let mut e = Engine::new(Index::new(me.id().short()), u64::MAX).with_authorship(
             Some(Arc::new(me)),
             Writers::only([w.id()]),
@@ -1618,7 +1624,7 @@ mod tests {
 
     #[test]
     fn a_writer_signs_its_changes() {
-        let (_d, me) = authorship::tests::signer();
+        let me = authorship::tests::signer();
         let me = Arc::new(me);
         let mut e = Engine::new(Index::new(me.id().short()), u64::MAX).with_authorship(
             Some(me.clone()),

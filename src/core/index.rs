@@ -6,93 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::time::Duration;
 
+use crate::core::device::ShortId;
 use crate::core::paths::RelPath;
-use crate::core::version::VersionVector;
-use crate::identity::ShortId;
-
-/// What a path is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    File,
-    Directory,
-    Symlink,
-}
-
-/// BLAKE3 of a file's content.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct ContentHash(pub [u8; 32]);
-
-impl std::fmt::Debug for ContentHash {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for b in &self.0[..6] {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-/// The replicated state of one path. Records with equal versions are identical on
-/// every node (except `mode`, which local policy may tighten on apply).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileRecord {
-    pub path: RelPath,
-    pub kind: Kind,
-    pub size: u64,
-    pub mode: u32,
-    pub mtime_ns: i64,
-    pub hash: ContentHash,
-    pub target: String,
-    pub version: VersionVector,
-    pub deleted: bool,
-    pub modified_by: ShortId,
-    /// The author's signature, forwarded unchanged by relays; `None` for
-    /// records of nodes that do not sign (older versions, the simulator).
-    pub auth: Option<crate::core::authorship::Authorship>,
-}
-
-/// The fixed part of [`FileRecord::heap_cost`]: the record and its sequence (~150
-/// bytes), a map slot and the path's allocation headers.
-pub const RECORD_OVERHEAD: usize = 256;
-
-impl FileRecord {
-    /// Estimated heap bytes this record holds in a map keyed by its path: the path
-    /// twice (key and record), the link target, 16 bytes per version entry, and
-    /// [`RECORD_OVERHEAD`].
-    pub fn heap_cost(&self) -> usize {
-        RECORD_OVERHEAD
-            + 2 * self.path.as_str().len()
-            + self.target.len()
-            + 16 * self.version.pairs().len()
-            + self.auth.as_ref().map_or(0, |a| a.heap_cost())
-    }
-
-    /// Same bytes on disk (kind, content, link target, deletion), ignoring metadata.
-    pub fn same_content(&self, other: &FileRecord) -> bool {
-        self.deleted == other.deleted
-            && (self.deleted
-                || (self.kind == other.kind
-                    && self.hash == other.hash
-                    && self.target == other.target))
-    }
-
-    /// The deterministic conflict rule: of two concurrent records, the later mtime
-    /// wins, ties go to the higher device, then to content and metadata so the order
-    /// is total (two different records never tie).
-    pub fn wins_over(&self, other: &FileRecord) -> bool {
-        let key = |r: &FileRecord| {
-            (
-                r.mtime_ns,
-                r.modified_by,
-                r.deleted,
-                r.hash,
-                r.mode,
-                r.kind as u8,
-                r.target.clone(),
-            )
-        };
-        key(self) > key(other)
-    }
-}
+use crate::core::record::{Authorship, ContentHash, FileRecord, Kind};
 
 /// The version counter floor for a change made at `now_ns`: microseconds.
 fn clock(now_ns: i64) -> u64 {
@@ -317,11 +233,7 @@ impl Index {
     /// Replaces the authorship of the record at `p` (a newer attestation of the same
     /// version) under a fresh sequence number, so peers are sent it; the learned time
     /// and the stat stay. Returns the sequence, `None` if `p` is not held.
-    pub fn reattest(
-        &mut self,
-        p: &RelPath,
-        auth: crate::core::authorship::Authorship,
-    ) -> Option<u64> {
+    pub fn reattest(&mut self, p: &RelPath, auth: crate::core::record::Authorship) -> Option<u64> {
         let mut e = self.entries.remove(p)?;
         self.forget(&e);
         self.sequence += 1;
@@ -373,7 +285,7 @@ impl Index {
 
     /// Attaches the author's signature to the record at `p` (same sequence: the
     /// signature is made right after the change is recorded, before it is sent).
-    pub fn set_auth(&mut self, p: &RelPath, auth: crate::core::authorship::Authorship) {
+    pub fn set_auth(&mut self, p: &RelPath, auth: Authorship) {
         if let Some(mut e) = self.entries.remove(p) {
             self.forget(&e);
             e.record.auth = Some(auth);

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::core::index::ContentHash;
+use crate::core::record::ContentHash;
 
 const MAX_ENTRIES: usize = 1024;
 const MAX_BYTES: usize = 8 << 20;

@@ -2,11 +2,13 @@
 //! arguments, decisions go out as values. It holds the [`engine`] (index, peers' views,
 //! what to send) and the puller's [`pipeline`] (what to fetch, when to apply, retries),
 //! and their value types: [`paths`], [`version`], [`index`], [`plan`], [`inline`];
-//! [`secret`] tells key material by content.
-//! (The device ID types still live in `identity`, beside the key loading.)
+//! [`secret`] tells key material by content. [`device`] holds the device ID
+//! and record signing as values; key files are `crate::identity`'s.
 
 pub mod authorship;
 pub mod cluster;
+pub mod codec;
+pub mod device;
 pub mod engine;
 pub mod fair;
 pub mod index;
@@ -14,6 +16,7 @@ pub mod inline;
 pub mod paths;
 pub mod pipeline;
 pub mod plan;
+pub mod record;
 pub mod rollout_time;
 pub mod secret;
 pub mod served;

@@ -18,12 +18,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::core::device::DeviceId;
 use crate::core::engine::Engine;
 use crate::core::fair::Fair;
-use crate::core::index::{ContentHash, FileRecord, Kind, LocalStat};
+use crate::core::index::LocalStat;
 use crate::core::paths::RelPath;
 use crate::core::plan::{Need, Plan};
-use crate::identity::DeviceId;
+use crate::core::record::{ContentHash, FileRecord, Kind};
 
 /// How often retries of paths no longer needed are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
@@ -125,7 +126,7 @@ pub struct Work {
     /// local change made since.
     pub expect: Option<LocalStat>,
     /// The author of the live local record the need replaces (for the kept version).
-    pub replaces_author: Option<crate::identity::ShortId>,
+    pub replaces_author: Option<crate::core::device::ShortId>,
     /// Connected peers to fetch from, in order; empty when no fetch is needed.
     pub sources: Vec<DeviceId>,
     /// The content, when it came inline with the record.
@@ -685,8 +686,9 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::index::{FileRecord, Index};
-    use crate::identity::ShortId;
+    use crate::core::device::ShortId;
+    use crate::core::index::Index;
+    use crate::core::record::FileRecord;
 
     #[test]
     fn pending_retries_are_capped_under_a_flood_of_failures() {

@@ -5,12 +5,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::core::index::{
-    held_bytes, ContentHash, FileRecord, Index, Kind, MAX_INDEX_BYTES, MAX_INDEX_RECORDS,
-};
+use crate::core::device::DeviceId;
+use crate::core::index::{held_bytes, Index, MAX_INDEX_BYTES, MAX_INDEX_RECORDS};
 use crate::core::paths::RelPath;
+use crate::core::record::{ContentHash, FileRecord, Kind};
 use crate::core::version::Relation;
-use crate::identity::DeviceId;
 
 /// `[tree] max_file_size` when not configured.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 64 << 20;
@@ -782,10 +781,10 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::index::ContentHash;
+    use crate::core::device::ShortId;
     use crate::core::paths::MAX_PATH;
+    use crate::core::record::ContentHash;
     use crate::core::version::VersionVector;
-    use crate::identity::ShortId;
 
     fn record(path: &str, size: u64, counters: u64) -> FileRecord {
         FileRecord {

@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::identity::DeviceId;
+use crate::core::device::DeviceId;
 
 /// Most records one node reports (one per frontend and certificate).
 pub const MAX_SERVED_RECORDS: usize = 16_384;

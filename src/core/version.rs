@@ -3,7 +3,7 @@
 
 use std::cmp::Ordering;
 
-use crate::identity::ShortId;
+use crate::core::device::ShortId;
 
 /// How two version vectors relate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

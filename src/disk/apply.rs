@@ -18,8 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::OFlags;
 
-use crate::core::index::{FileRecord, Kind, LocalStat};
+use crate::core::index::LocalStat;
 use crate::core::paths::{RelPath, INTERNAL_DIR};
+use crate::core::record::{FileRecord, Kind};
 use crate::core::secret;
 use crate::disk::safe_fs::{self, KeyScanner, LinkError, Root};
 use crate::disk::scan::local_stat;
@@ -40,10 +41,19 @@ pub struct Item {
     pub conflict: bool,
     /// Who wrote what the record replaces (the local record's author), for the
     /// kept version ([`crate::disk::keep::before_apply`]).
-    pub replaces_author: Option<crate::identity::ShortId>,
+    pub replaces_author: Option<crate::core::device::ShortId>,
 }
 
-pub use crate::core::pipeline::Outcome;
+use crate::core::pipeline::Outcome;
+
+/// What applying one batch did: an outcome per item, in the order of the items, and
+/// how many local losers of a conflict were kept under `.certmesh/conflicts/`. The
+/// caller counts them for metrics.
+#[derive(Debug)]
+pub struct AppliedBatch {
+    pub outcomes: Vec<Outcome>,
+    pub conflicts_kept: usize,
+}
 
 /// The tree root and its staging area.
 #[derive(Debug, Clone)]
@@ -121,25 +131,18 @@ impl Tree {
         Ok(p)
     }
 
-    /// Applies a batch. Outcomes are in the order of `items` (and counted for metrics).
-    pub fn apply(&self, items: &[Item]) -> Vec<Outcome> {
-        let out = self.apply_batch(items);
-        let count = |f: fn(&Outcome) -> bool| out.iter().filter(|o| f(o)).count();
-        crate::ops::telemetry::applied(
-            count(|o| matches!(o, Outcome::Applied(_))),
-            count(|o| matches!(o, Outcome::Failed(_))),
-        );
-        out
-    }
-
-    fn apply_batch(&self, items: &[Item]) -> Vec<Outcome> {
+    /// Applies a batch: what each item came to, in the order of `items`.
+    pub fn apply(&self, items: &[Item]) -> AppliedBatch {
         let h = match Handles::open(self) {
             Ok(h) => h,
             Err(e) => {
-                return items
-                    .iter()
-                    .map(|_| Outcome::Failed(format!("opening the tree: {e}")))
-                    .collect()
+                return AppliedBatch {
+                    outcomes: items
+                        .iter()
+                        .map(|_| Outcome::Failed(format!("opening the tree: {e}")))
+                        .collect(),
+                    conflicts_kept: 0,
+                }
             }
         };
         let mut out: Vec<Option<Outcome>> = items.iter().map(|_| None).collect();
@@ -168,6 +171,7 @@ impl Tree {
                     safe_fs::open_at(h.tmp.as_fd(), name, OFlags::RDONLY)?.sync_all()
                 })
         };
+        tracing::trace!(target: crate::clock::STAGE, stage = "fsynced", t_us = crate::clock::mono_us());
         if let Err(e) = sync_result {
             for &i in &staged {
                 out[i].get_or_insert(Outcome::Failed(format!("fsync: {e}")));
@@ -213,21 +217,27 @@ impl Tree {
                 Err(e) => Outcome::Failed(format!("{}: {e}", item.record.path)),
             });
         }
+        tracing::trace!(target: crate::clock::STAGE, stage = "renamed", t_us = crate::clock::mono_us());
         // 3. Make the renames durable.
         for d in &dirty_dirs {
             if let Err(e) = h.root.dir(d).and_then(|fd| File::from(fd).sync_all()) {
                 tracing::warn!(dir = %d, error = %e, "fsync of directory failed");
             }
         }
+        tracing::trace!(target: crate::clock::STAGE, stage = "dirs_synced", t_us = crate::clock::mono_us());
         // Failed staged files must not linger.
         for item in items {
             if let Ok(name) = self.staged_name(item.staged.as_deref()) {
                 let _ = safe_fs::unlink_at(h.tmp.as_fd(), name, false);
             }
         }
-        out.into_iter()
-            .map(|o| o.unwrap_or(Outcome::Failed("not applied".into())))
-            .collect()
+        AppliedBatch {
+            outcomes: out
+                .into_iter()
+                .map(|o| o.unwrap_or(Outcome::Failed("not applied".into())))
+                .collect(),
+            conflicts_kept: h.conflicts_kept.get(),
+        }
     }
 
     /// The name of a staged file inside `.certmesh/tmp/` (staging is only ever there).
@@ -423,7 +433,7 @@ impl Tree {
         let to = h.root.make_dirs(dest_dir, 0o700, &mut Vec::new())?;
         safe_fs::rename_at(dir, p.name(), to.as_fd(), dest_name)?;
         tracing::warn!(path = %p, kept = %dest, "conflict: local version lost, kept a copy");
-        crate::ops::telemetry::conflict_kept();
+        h.conflicts_kept.set(h.conflicts_kept.get() + 1);
         Ok(())
     }
 }
@@ -432,13 +442,19 @@ impl Tree {
 struct Handles {
     root: Root,
     tmp: OwnedFd,
+    /// Local losers of a conflict kept so far in this batch.
+    conflicts_kept: std::cell::Cell<usize>,
 }
 
 impl Handles {
     fn open(tree: &Tree) -> io::Result<Handles> {
         let root = Root::open(&tree.root)?;
         let tmp = root.dir(&format!("{INTERNAL_DIR}/tmp"))?;
-        Ok(Handles { root, tmp })
+        Ok(Handles {
+            root,
+            tmp,
+            conflicts_kept: Default::default(),
+        })
     }
 }
 
@@ -510,9 +526,9 @@ fn syncfs(dir: BorrowedFd<'_>) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::index::ContentHash;
+    use crate::core::device::ShortId;
+    use crate::core::record::ContentHash;
     use crate::core::version::VersionVector;
-    use crate::identity::ShortId;
 
     fn rec(path: &str, kind: Kind, mode: u32) -> FileRecord {
         FileRecord {
@@ -567,7 +583,7 @@ mod tests {
                 replaces_author: None,
             },
         ];
-        let out = t.apply(&items);
+        let out = t.apply(&items).outcomes;
         assert!(
             out.iter().all(|o| matches!(o, Outcome::Applied(_))),
             "{out:?}"
@@ -610,7 +626,7 @@ mod tests {
                 replaces_author: None,
             },
         ];
-        let out = t.apply(&items);
+        let out = t.apply(&items).outcomes;
         assert!(
             matches!(out[0], Outcome::Deferred(_)) && matches!(out[1], Outcome::Deferred(_)),
             "{out:?}"
@@ -658,7 +674,7 @@ mod tests {
                 replaces_author: None,
             },
         ];
-        let out = t.apply(&items);
+        let out = t.apply(&items).outcomes;
         assert!(matches!(out[2], Outcome::Failed(_)), "{out:?}");
         assert!(matches!(out[3], Outcome::Deferred(_)), "{out:?}");
         assert!(fs::symlink_metadata(t.root.join("live/www")).is_err());
@@ -680,7 +696,7 @@ mod tests {
             conflict: false,
             replaces_author: None,
         }];
-        let out = t.apply(&items);
+        let out = t.apply(&items).outcomes;
         assert!(matches!(out[0], Outcome::Failed(_)), "{out:?}");
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
     }
@@ -700,7 +716,7 @@ mod tests {
             conflict: true,
             replaces_author: None,
         }];
-        assert!(matches!(t.apply(&items)[0], Outcome::Applied(_)));
+        assert!(matches!(t.apply(&items).outcomes[0], Outcome::Applied(_)));
         assert_eq!(fs::read_to_string(t.root.join("f")).unwrap(), "winner");
         let kept: Vec<_> = fs::read_dir(t.conflicts_dir()).unwrap().flatten().collect();
         assert_eq!(kept.len(), 1);
@@ -726,7 +742,7 @@ mod tests {
         }];
         // The loser is kept and the path removed, with no ENOENT from unlinking
         // what was just moved away.
-        let out = t.apply(&items);
+        let out = t.apply(&items).outcomes;
         assert!(matches!(out[0], Outcome::Applied(None)), "{out:?}");
         assert!(fs::symlink_metadata(t.root.join("f")).is_err());
         let kept: Vec<_> = fs::read_dir(t.conflicts_dir()).unwrap().flatten().collect();
@@ -768,13 +784,15 @@ mod tests {
         fs::create_dir_all(t.root.join("deep/a/b/c")).unwrap();
         fs::create_dir_all(t.root.join("x")).unwrap();
         // The first link is fine on its own (a shallower directory inside the tree).
-        let out = t.apply(&[link("deep/a/b/c/l", "../../../../x")]);
+        let out = t.apply(&[link("deep/a/b/c/l", "../../../../x")]).outcomes;
         assert!(matches!(out[0], Outcome::Applied(_)), "{out:?}");
         let chain = "../deep/a/b/c/l/../../../../../outside";
-        let out = t.apply(&[
-            link("pub/steal", chain),
-            link("pub/thru", "../deep/a/b/c/l"),
-        ]);
+        let out = t
+            .apply(&[
+                link("pub/steal", chain),
+                link("pub/thru", "../deep/a/b/c/l"),
+            ])
+            .outcomes;
         assert!(
             out.iter().all(|o| matches!(o, Outcome::Failed(_))),
             "{out:?}"
@@ -792,7 +810,9 @@ mod tests {
         fs::create_dir_all(t.root.join("real/sub")).unwrap();
         fs::write(t.root.join("real/sub/f"), "x").unwrap();
         std::os::unix::fs::symlink("real", t.root.join("alias")).unwrap();
-        let out = t.apply(&[link("l1", "alias/sub/f"), link("l2", "alias")]);
+        let out = t
+            .apply(&[link("l1", "alias/sub/f"), link("l2", "alias")])
+            .outcomes;
         for o in &out {
             assert!(
                 matches!(o, Outcome::Failed(why) if why.contains("through another link")),
@@ -801,7 +821,7 @@ mod tests {
         }
         assert!(fs::symlink_metadata(t.root.join("l1")).is_err());
         // Through real directories it goes.
-        let out = t.apply(&[link("l3", "real/sub/f")]);
+        let out = t.apply(&[link("l3", "real/sub/f")]).outcomes;
         assert!(matches!(out[0], Outcome::Applied(_)), "{out:?}");
     }
 
@@ -815,13 +835,15 @@ mod tests {
         fs::write(t.root.join("live/x/privkey.pem"), "KEY").unwrap();
         fs::create_dir_all(t.root.join(".certmesh/acme")).unwrap();
         fs::write(t.root.join(".certmesh/acme/account.json"), "{}").unwrap();
-        let out = t.apply(&[
-            link(
-                "acme/.well-known/acme-challenge/k",
-                "../../../live/x/privkey.pem",
-            ),
-            link("acct", ".certmesh/acme/account.json"),
-        ]);
+        let out = t
+            .apply(&[
+                link(
+                    "acme/.well-known/acme-challenge/k",
+                    "../../../live/x/privkey.pem",
+                ),
+                link("acct", ".certmesh/acme/account.json"),
+            ])
+            .outcomes;
         assert!(
             out.iter().all(|o| matches!(o, Outcome::Failed(_))),
             "{out:?}"
@@ -838,19 +860,21 @@ mod tests {
         t.prepare().unwrap();
         let combined = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n\
                         -----BEGIN EC PRIVATE KEY-----\nMHc\n-----END EC PRIVATE KEY-----\n";
-        let out = t.apply(&[
-            item(rec("d", Kind::Directory, 0o777), None),
-            item(
-                rec("d/plain.pem", Kind::File, 0o666),
-                Some(stage(&t, "cert")),
-            ),
-            item(
-                rec("d/combined.pem", Kind::File, 0o644),
-                Some(stage(&t, combined)),
-            ),
-            item(rec("d/suid", Kind::File, 0o4755), Some(stage(&t, "#!"))),
-            item(rec("d/sticky", Kind::Directory, 0o1777), None),
-        ]);
+        let out = t
+            .apply(&[
+                item(rec("d", Kind::Directory, 0o777), None),
+                item(
+                    rec("d/plain.pem", Kind::File, 0o666),
+                    Some(stage(&t, "cert")),
+                ),
+                item(
+                    rec("d/combined.pem", Kind::File, 0o644),
+                    Some(stage(&t, combined)),
+                ),
+                item(rec("d/suid", Kind::File, 0o4755), Some(stage(&t, "#!"))),
+                item(rec("d/sticky", Kind::Directory, 0o1777), None),
+            ])
+            .outcomes;
         assert!(
             out.iter().all(|o| matches!(o, Outcome::Applied(_))),
             "{out:?}"
@@ -877,7 +901,7 @@ mod tests {
         let st = local_stat(&fs::symlink_metadata(t.root.join("bundle")).unwrap());
         let mut it = item(rec("bundle", Kind::File, 0o666), None);
         it.expect = Some(st);
-        let out = t.apply(&[it]);
+        let out = t.apply(&[it]).outcomes;
         assert!(matches!(out[0], Outcome::Applied(_)), "{out:?}");
         assert_eq!(mode_of(&t, "bundle"), 0o640);
     }
@@ -895,10 +919,12 @@ mod tests {
         let content = "-----BEGIN PRIVATE KEY-----\n";
         key.hash = ContentHash(*blake3::hash(content.as_bytes()).as_bytes());
         key.size = content.len() as u64;
-        let out = t.apply(&[
-            item(dir.clone(), None),
-            item(key.clone(), Some(stage(&t, content))),
-        ]);
+        let out = t
+            .apply(&[
+                item(dir.clone(), None),
+                item(key.clone(), Some(stage(&t, content))),
+            ])
+            .outcomes;
         // What pull.rs does with the outcome, then what the scanner sees next.
         for (r, o) in [dir, key].into_iter().zip(out) {
             let Outcome::Applied(stat) = o else {

@@ -3,7 +3,7 @@
 //! destination's directory is fsynced. A crash leaves the old file or the new one,
 //! never a mix. Used for the node identity, the index file and restored versions.
 //! (Writes into the replicated tree from peers and ACME go through `apply` and
-//! `acme::tree`, which add link-safe directory handles on top of the same steps.)
+//! `disk::tree`, which add link-safe directory handles on top of the same steps.)
 
 use std::fs;
 use std::io::{self, Write};

@@ -43,9 +43,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::index::{FileRecord, Kind};
+use crate::core::device::ShortId;
 use crate::core::paths::{RelPath, INTERNAL_DIR};
-use crate::identity::ShortId;
+use crate::core::record::{FileRecord, Kind};
 
 /// Versions kept per path (newest first; older ones are pruned).
 pub const MAX_VERSIONS_PER_PATH: usize = 5;
@@ -611,7 +611,7 @@ fn make_parents(tree: &Path, path: &RelPath) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::index::ContentHash;
+    use crate::core::record::ContentHash;
     use crate::core::version::VersionVector;
 
     const DAY: i64 = 86_400 * 1_000_000_000;

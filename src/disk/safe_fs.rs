@@ -7,7 +7,7 @@
 //! handle (`renameat`, `unlinkat`, `mkdirat`, `symlinkat`) and change modes with
 //! `fchmod` on an opened descriptor, never by path. The one link certmesh follows,
 //! `live/<name> -> ../archive/<name>/<n>`, is read with `readlinkat` and checked by
-//! `acme::tree`. Also here: [`check_link`] (a link target checked against the disk,
+//! `disk::tree`. Also here: [`check_link`] (a link target checked against the disk,
 //! component by component) and [`KeyScanner`] (a PEM private key found by content).
 
 use std::fs::{File, Metadata};

@@ -12,8 +12,9 @@ use std::path::Path;
 
 use rustix::fs::{Mode, OFlags};
 
-use crate::core::index::{ContentHash, Kind, LocalStat, Observed};
+use crate::core::index::{LocalStat, Observed};
 use crate::core::paths::{RelPath, INTERNAL_DIR};
+use crate::core::record::{ContentHash, Kind};
 use crate::disk::safe_fs::{self, LinkError, Root};
 
 /// What is at a path right now.
@@ -145,10 +146,10 @@ fn hash_open(
     again: impl FnOnce() -> io::Result<fs::Metadata>,
 ) -> io::Result<Option<Hashed>> {
     let before = local_stat(&f.metadata()?);
-    let (hash, data) = if before.size as usize <= crate::net::wire::MAX_INLINE {
+    let (hash, data) = if before.size as usize <= crate::core::engine::MAX_INLINE {
         let mut data = Vec::with_capacity(before.size as usize);
         Read::read_to_end(
-            &mut f.take(crate::net::wire::MAX_INLINE as u64 + 1),
+            &mut f.take(crate::core::engine::MAX_INLINE as u64 + 1),
             &mut data,
         )?;
         (ContentHash(*blake3::hash(&data).as_bytes()), Some(data))

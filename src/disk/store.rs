@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
+use crate::clock::now_us;
+use crate::core::codec::{pb, record_from_wire, record_to_wire};
 use crate::core::index::{Entry, Index, LocalStat};
-use crate::net::wire::{now_us, pb, record_from_wire, record_to_wire};
 
 const MAGIC: &[u8; 8] = b"CMIDX01\n";
 /// Largest entry loaded. A record at every wire limit (a `MAX_PATH` path and link
@@ -309,9 +310,9 @@ fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::device::ShortId;
     use crate::core::index::tests::file;
     use crate::core::paths::RelPath;
-    use crate::identity::ShortId;
 
     #[test]
     fn survives_reopen_torn_tail_and_garbage() {
@@ -351,8 +352,8 @@ mod tests {
     /// `MAX_PATH` link target, `MAX_VERSION_ENTRIES` counters at the clock bound with
     /// 10-byte device ids, every integer at its widest.
     fn largest_record(now_us: u64) -> pb::FileInfo {
+        use crate::core::codec::{MAX_CLOCK_AHEAD_US, MAX_SEQUENCE, MAX_VERSION_ENTRIES};
         use crate::core::paths::MAX_PATH;
-        use crate::net::wire::{MAX_CLOCK_AHEAD_US, MAX_SEQUENCE, MAX_VERSION_ENTRIES};
         let name = "n".repeat(254);
         let mut path = vec![name.as_str(); 16].join("/");
         path.push('/');
@@ -392,7 +393,7 @@ mod tests {
 
     #[test]
     fn the_largest_record_the_wire_accepts_is_stored_and_reloaded() {
-        let now = crate::net::wire::now_us();
+        let now = crate::clock::now_us();
         let f = largest_record(now);
         assert_eq!((f.path.len(), f.symlink_target.len()), (4096, 4096));
         let (record, sequence) = record_from_wire(f, now).expect("the wire accepts it");

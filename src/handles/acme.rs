@@ -13,9 +13,9 @@ use tokio::sync::watch;
 
 use super::{Mesh, TreeWriter};
 use crate::acme::handle::Acme;
-use crate::acme::tree::{self, Expect};
+use crate::core::device::DeviceId;
 use crate::core::paths::RelPath;
-use crate::identity::DeviceId;
+use crate::disk::tree::{self, Expect};
 use crate::node::{PeerAck, Shared};
 
 impl Mesh {

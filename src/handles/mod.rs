@@ -18,11 +18,9 @@
 
 mod acme;
 pub mod served;
-mod status;
 mod sync;
 
 pub use acme::{AcmeSlot, Barrier};
-pub use status::acme_handles;
 pub use sync::{PullTurn, SessionOver, SyncHandle, CLOSE_DUPLICATE, CLOSE_REFUSING};
 
 use std::collections::BTreeSet;
@@ -33,13 +31,13 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::acme::tree::{self, Expect, Staged};
 use crate::config::Config;
-use crate::core::index::Kind;
+use crate::core::device::{DeviceId, ShortId};
 use crate::core::paths::RelPath;
-use crate::identity::{DeviceId, ShortId};
+use crate::core::record::Kind;
+use crate::disk::tree::{self, Expect, Staged};
 use crate::node::Shared;
-use crate::ops::telemetry::Repairs;
+use crate::telemetry::Repairs;
 
 /// Committed changes of the tree.
 #[derive(Clone)]
@@ -191,10 +189,27 @@ impl Mesh {
         let st = self.0.lock();
         st.engine.index().get(path).map(|e| e.record.modified_by)
     }
+
+    /// The certificates whose `live/<name>` or `archive/<name>/…` changed after the
+    /// local sequence `since` (from here or a peer), and the sequence now: what the
+    /// renewal scheduler looks at again. O(changes), not O(tree).
+    pub fn certificates_changed_since(&self, since: u64) -> (BTreeSet<String>, u64) {
+        let st = self.0.lock();
+        let index = st.engine.index();
+        let names = index
+            .changed_since(since)
+            .filter_map(|e| {
+                let p = e.record.path.as_str();
+                let rest = p.strip_prefix("live/").or(p.strip_prefix("archive/"))?;
+                Some(rest.split('/').next()?.to_string())
+            })
+            .collect();
+        (names, index.sequence())
+    }
 }
 
 /// Writes into the tree and waits until the local index holds the change (see
-/// [`crate::acme::tree`] for how: staged under `.certmesh/tmp/`, fsynced, renamed,
+/// [`crate::disk::tree`] for how: staged under `.certmesh/tmp/`, fsynced, renamed,
 /// no link followed).
 #[derive(Clone)]
 pub struct TreeWriter(Arc<Shared>);
@@ -234,9 +249,10 @@ impl TreeWriter {
     }
 }
 
-/// What `status` shows, and when it may have changed.
+/// What `status` shows (built in [`crate::ops::observe`], which reads the state
+/// through it), and when it may have changed.
 #[derive(Clone)]
-pub struct Observer(Arc<Shared>);
+pub struct Observer(pub(crate) Arc<Shared>);
 
 impl Observer {
     pub fn new(shared: &Arc<Shared>) -> Self {
@@ -281,4 +297,13 @@ impl Observer {
             .collect();
         f(&peers)
     }
+}
+
+/// The certificates this node repairs, for [`crate::telemetry::Repairs::touched`]: the
+/// configured ones, none on a reader (its repair would be put back).
+pub fn repaired(is_writer: bool, config: &crate::config::Config) -> Vec<String> {
+    if !is_writer {
+        return Vec::new();
+    }
+    config.certificates.iter().map(|c| c.name.clone()).collect()
 }

@@ -3,13 +3,11 @@
 
 use std::sync::Arc;
 
+use crate::core::device::NodeSigner;
 use crate::core::paths::RelPath;
-use crate::core::rollout_time::{Finished, Published, Seen};
 use crate::core::served::{ServedRecord, SignedReport};
-use crate::identity::NodeSigner;
 use crate::node::Shared;
-use crate::ops::served::ServedStatus;
-use crate::probe::Probes;
+use crate::telemetry::Probes;
 
 /// Where the probes put what this node's frontends serve.
 #[derive(Clone)]
@@ -29,7 +27,7 @@ impl ServedReports {
 
     /// A signer with this node's key (reports are signed outside the state lock).
     pub fn signer(&self) -> Option<NodeSigner> {
-        NodeSigner::new(&self.0.identity).ok()
+        self.0.identity.signer().ok()
     }
 
     /// This node's name.
@@ -64,51 +62,4 @@ impl ServedReports {
     pub fn acme(&self) -> Option<Arc<crate::acme::handle::Acme>> {
         self.0.acme.get().cloned()
     }
-}
-
-/// The last finished rollout of `cert`, given what `served` shows
-/// now: the publish is the `live/<cert>` flip of the live `version` (its index
-/// record's mtime, by the publisher's clock; this node's own flips are counted in
-/// the histogram), the end the latest `since` of the nodes' probes.
-pub fn rollout(
-    shared: &Arc<Shared>,
-    cert: &str,
-    version: Option<u32>,
-    served: &[ServedStatus],
-) -> Option<Finished> {
-    let link = RelPath::parse(&format!("live/{cert}")).ok()?;
-    let flip = {
-        let st = shared.lock();
-        st.engine
-            .index()
-            .get(&link)
-            .filter(|e| !e.record.deleted)
-            .map(|e| (e.record.mtime_ns, e.record.modified_by))
-    };
-    let seen: Vec<Seen> = served
-        .iter()
-        .filter(|s| !s.stale)
-        .map(|s| Seen {
-            node: &s.node,
-            current: s.current,
-            since_ms: if s.since_ms > 0 {
-                s.since_ms
-            } else {
-                s.since_unix.saturating_mul(1000)
-            },
-        })
-        .collect();
-    let started = i64::try_from(shared.started.elapsed().as_millis()).unwrap_or(i64::MAX);
-    let start_ms = (crate::clock::now_ns() / 1_000_000).saturating_sub(started);
-    shared.probes.rollout_times(|t| match (version, flip) {
-        (Some(version), Some((mtime_ns, by))) => {
-            let p = Published {
-                version,
-                publish_ms: mtime_ns / 1_000_000,
-                mine: by == shared.me().short(),
-            };
-            t.observe(cert, p, &seen, start_ms)
-        }
-        _ => t.last(cert),
-    })
 }

@@ -11,14 +11,15 @@ use tokio::sync::watch;
 
 use crate::core::authorship;
 use crate::core::cluster::{Confirm, Report};
+use crate::core::device::DeviceId;
 use crate::core::engine::{EngineError, SendToken, Transmit, Verdicts};
-use crate::core::index::{ContentHash, FileRecord, Kind, LocalStat, Observed};
+use crate::core::index::{LocalStat, Observed};
 use crate::core::inline::InlineCache;
 use crate::core::paths::RelPath;
 use crate::core::pipeline::{Outcome, Pipeline, Work};
 use crate::core::plan::PlanEvent;
+use crate::core::record::{ContentHash, FileRecord, Kind};
 use crate::disk::apply::Tree;
-use crate::identity::DeviceId;
 use crate::node::{Penalty, Session, Shared, State};
 
 /// Close code for a duplicate (or replaced) session.
@@ -116,7 +117,7 @@ impl SyncHandle {
                     return None;
                 }
                 existing.conn.close(CLOSE_DUPLICATE.into(), b"replaced");
-                crate::ops::metrics::session_ended(&slot.config.name, &existing.conn);
+                crate::telemetry::session_ended(&slot.config.name, &existing.conn);
             }
             slot.session = Some(session.clone());
             slot.last_error = None;
@@ -140,7 +141,7 @@ impl SyncHandle {
             if let Some(slot) = peers.get_mut(&peer) {
                 if slot.session.as_ref().is_some_and(|s| s.id == session_id) {
                     if let Some(s) = slot.session.take() {
-                        crate::ops::metrics::session_ended(&slot.config.name, &s.conn);
+                        crate::telemetry::session_ended(&slot.config.name, &s.conn);
                     }
                     engine.disconnected(peer);
                     slot.gone.notify_waiters();
@@ -182,6 +183,7 @@ impl SyncHandle {
         let disk = crate::disk::safe_fs::disk_space(&self.0.tree.root);
         let unchecked = self.0.lock().engine.unchecked(&records);
         let verdicts = self.verify(&records, &unchecked);
+        tracing::trace!(target: crate::clock::STAGE, stage = "verified", t_us = crate::clock::mono_us());
         {
             let mut st = self.0.lock();
             if let Ok(d) = disk {
@@ -200,6 +202,7 @@ impl SyncHandle {
             }
             r?;
         }
+        tracing::trace!(target: crate::clock::STAGE, stage = "planned", t_us = crate::clock::mono_us());
         self.0.pull.notify_one();
         self.0.bump_progress();
         Ok(())
@@ -408,12 +411,13 @@ impl SyncHandle {
             let mut rescan = rec.rescan;
             rescan.append(&mut st.engine.take_rescans_after_apply());
             st.commit(since, &self.0);
+            tracing::trace!(target: crate::clock::STAGE, stage = "recorded", t_us = crate::clock::mono_us());
             (rescan, rec.applied, st.engine.is_writer())
         };
         if !rescan.is_empty() {
             let _ = self.0.rescan.send(rescan);
         }
-        let certs = crate::repair::names(writer, &self.0.config());
+        let certs = super::repaired(writer, &self.0.config());
         self.0.repairs.touched(&certs, &touched);
         self.0.bump_progress();
     }
@@ -482,6 +486,7 @@ impl SyncHandle {
             for e in errors {
                 st.error(format!("scan: {e}"));
             }
+            tracing::trace!(target: crate::clock::STAGE, stage = "locked", t_us = crate::clock::mono_us());
             let since = st.engine.index().sequence();
             let not_sent = st.engine.not_sent().count;
             let now = crate::node::now_ns();
@@ -491,6 +496,7 @@ impl SyncHandle {
                     continue;
                 }
                 if let Some(r) = st.engine.observe(&p, obs, now) {
+                    tracing::trace!(target: crate::clock::STAGE, stage = "signed", path = %p, t_us = crate::clock::mono_us());
                     tracing::debug!(path = %p, deleted = r.deleted, "local change");
                     changed += 1;
                 }
@@ -506,6 +512,7 @@ impl SyncHandle {
                 );
             }
             st.commit(since, &self.0);
+            tracing::trace!(target: crate::clock::STAGE, stage = "committed", t_us = crate::clock::mono_us());
             (changed, put_back)
         };
         if put_back || changed > 0 {

@@ -153,9 +153,9 @@ pub fn import(cfg: &Config, from: Source, path: &Path) -> Result<Report, ImportE
     let found = find(cfg, from, &path, &mut report)?;
     // Everything checked: the publish targets in the tree, before any write.
     for f in &found {
-        if let Err(e) = crate::acme::tree::check_publish_target(&tree, &f.name) {
+        if let Err(e) = crate::disk::tree::check_publish_target(&tree, &f.name) {
             let certbot_own =
-                in_place && matches!(e, crate::acme::tree::PublishTarget::CertbotLive { .. });
+                in_place && matches!(e, crate::disk::tree::PublishTarget::CertbotLive { .. });
             if !certbot_own {
                 return Err(bad(&tree, e.to_string()));
             }
@@ -288,7 +288,7 @@ fn keep_paths_valid(
 /// this user cannot read is not reported here (config management may run `check` as
 /// another user than the daemon); the daemon reports it before ordering.
 pub fn check_tree(cfg: &Config) -> Vec<String> {
-    use crate::acme::tree::{check_publish_target, PublishTarget};
+    use crate::disk::tree::{check_publish_target, PublishTarget};
     cfg.certificates
         .iter()
         .filter_map(|c| {

@@ -8,8 +8,8 @@ use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
 
 use super::{bad, io, Compat, Found, ImportError};
 use crate::acme::bundle::{chain_der, parse_leaf, pem_cert};
-use crate::acme::tree::MAX_READ;
 use crate::config::certificate::CertificateConfig;
+use crate::disk::tree::MAX_READ;
 
 /// Reads a file of the source that must resolve inside `base` (certbot's links do).
 pub(super) fn read_inside(base: &Path, p: &Path) -> Result<Vec<u8>, ImportError> {

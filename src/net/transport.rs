@@ -13,7 +13,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::identity::{DeviceId, Identity};
+use crate::core::device::DeviceId;
+use crate::identity::Identity;
 
 /// The ALPN protocol of this wire version.
 pub const ALPN: &[u8] = b"certmesh/1";
@@ -299,6 +300,43 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     t.receive_window(quinn::VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
     Arc::new(t)
+}
+
+/// A stopping node's connections, closed: [`Closing::sent`] waits until each has sent
+/// its CONNECTION_CLOSE, not for the draining period (which only absorbs stray
+/// packets) nor for a handshake still in flight to a peer that is down.
+pub struct Closing {
+    conns: Vec<(quinn::Connection, u64)>,
+}
+
+impl Closing {
+    /// Closes every connection of `endpoint`; `conns` are those to see off.
+    pub fn start(endpoint: &quinn::Endpoint, conns: Vec<quinn::Connection>) -> Closing {
+        let conns = conns
+            .into_iter()
+            .map(|c| {
+                let sent = c.stats().udp_tx.datagrams;
+                (c, sent)
+            })
+            .collect();
+        endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+        Closing { conns }
+    }
+
+    /// Returns once every connection sent a datagram after the close (the close
+    /// packet is the only one a closed connection sends), or after `linger`.
+    pub async fn sent(self, linger: Duration) {
+        let deadline = tokio::time::Instant::now() + linger;
+        let pending = || {
+            self.conns
+                .iter()
+                .any(|(c, before)| c.stats().udp_tx.datagrams <= *before)
+        };
+        while pending() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tracing::trace!(target: crate::clock::STAGE, stage = "close_sent", t_us = crate::clock::mono_us());
+    }
 }
 
 /// The bound endpoint plus what is needed to dial pinned peers.

@@ -251,7 +251,7 @@ mod tests {
 
     fn config(listen: &str, peers: &[&str]) -> Config {
         let ids: Vec<String> = (0..peers.len())
-            .map(|i| crate::identity::DeviceId::of_cert(&[i as u8]).to_string())
+            .map(|i| crate::core::device::DeviceId::of_cert(&[i as u8]).to_string())
             .collect();
         let mut text = format!(
             "[node]\nname = \"lb0\"\nstate_dir = \"/var/lib/certmesh\"\nlisten = \"{listen}\"\n\

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 
 use crate::config::Config;
-use crate::identity::DeviceId;
+use crate::core::device::DeviceId;
 
 /// What the fleet's peer graph looks like, and what is wrong with it.
 #[derive(Debug, Default, PartialEq, Eq)]

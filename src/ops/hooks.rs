@@ -40,7 +40,7 @@ pub struct Hooks {
     pub reports: Reports,
     /// Serving probes: told which certificates' hooks ran (and how), and asking
     /// for re-runs when a frontend kept an old certificate.
-    pub probes: Option<crate::probe::Probes>,
+    pub probes: Option<crate::telemetry::Probes>,
 }
 
 /// Starts the hook runner if any `[[hook]]` is configured.
@@ -148,7 +148,7 @@ impl Ran {
         for (cert, r) in self.0 {
             match r {
                 Ok(()) => ok.push(cert),
-                Err(output) => p.hook_ran(crate::probe::HookRan {
+                Err(output) => p.hook_ran(crate::telemetry::HookRan {
                     certs: vec![cert],
                     ok: false,
                     output,
@@ -156,7 +156,7 @@ impl Ran {
                 }),
             }
         }
-        p.hook_ran(crate::probe::HookRan {
+        p.hook_ran(crate::telemetry::HookRan {
             certs: ok,
             ok: true,
             output: String::new(),
@@ -247,7 +247,7 @@ async fn run_one(
             .await
         }
     };
-    crate::ops::telemetry::hook_ran(&metric_label(h));
+    crate::telemetry::hook_ran(&metric_label(h));
     let failed = match outcome {
         Ok(Ok(done)) => {
             tracing::info!(
@@ -402,7 +402,7 @@ async fn haproxy_swap(
     let rel = format!("live/{cert}/combined.pem");
     let file = root.join(&rel);
     let root = root.to_path_buf();
-    let read = tokio::task::spawn_blocking(move || crate::acme::tree::read_checked(&root, &rel))
+    let read = tokio::task::spawn_blocking(move || crate::disk::tree::read_checked(&root, &rel))
         .await
         .map_err(|e| format!("reading {}: {e}", file.display()))?;
     let pem = read

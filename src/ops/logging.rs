@@ -214,7 +214,7 @@ mod tests {
         assert!(t.would_enable("certmesh::node", &Level::INFO));
         assert!(!t.would_enable("quinn_proto::connection", &Level::INFO));
         let (t, _) = filter(Some("certmesh=debug"));
-        assert!(t.would_enable("certmesh::net::peer", &Level::DEBUG));
+        assert!(t.would_enable("certmesh::tasks::peer", &Level::DEBUG));
         assert!(t.would_enable("quinn", &Level::ERROR));
         assert!(!t.would_enable("quinn", &Level::WARN));
         let (t, bad) = filter(Some("warn,certmesh=trace"));

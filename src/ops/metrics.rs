@@ -1,7 +1,7 @@
 //! The optional Prometheus endpoint (`[metrics] listen`): `GET /metrics` in the text
 //! exposition format (version 0.0.4), built from the same snapshot as `status`, plus
-//! event counters bumped where things happen (in [`crate::ops::telemetry`]:
-//! `order_finished`, `applied`, `conflict_kept`; here: [`session_ended`]) and the standard `process_*` metrics read
+//! event counters bumped where things happen (in [`crate::telemetry`]:
+//! `order_finished`, `applied`, `conflict_kept`, `session_ended`) and the standard `process_*` metrics read
 //! from `/proc/self`. Names follow Prometheus conventions: base units, `_total` on
 //! counters, `_timestamp_seconds` for Unix times, no `node` label (the scrape adds
 //! `instance`). A tiny HTTP/1 responder on a tokio listener: one request per
@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::handles::{Observer, Settings};
 use crate::net::clients::Clients;
 use crate::ops::control::{PeerStatus, Status};
-use crate::ops::telemetry::{events, Event, Events};
+use crate::telemetry::{events, Event, Events};
 
 /// Largest request head read.
 const MAX_REQUEST: usize = 8 << 10;
@@ -130,6 +130,8 @@ pub struct Scrape {
     /// the live one).
     pub peer_bytes: Vec<(String, u64, u64)>,
     pub process: Option<Process>,
+    /// `[metrics] per_certificate`: series per certificate besides the aggregates.
+    pub per_certificate: bool,
 }
 
 fn scrape(settings: &Settings, observer: &Observer) -> Scrape {
@@ -137,6 +139,7 @@ fn scrape(settings: &Settings, observer: &Observer) -> Scrape {
         unconfigured: live_only(settings, observer.root()),
         peer_bytes: peer_bytes(observer),
         process: Process::read(),
+        per_certificate: settings.read(|c| c.metrics_per_certificate).unwrap_or(true),
     }
 }
 
@@ -163,7 +166,8 @@ fn peer_bytes(observer: &Observer) -> Vec<(String, u64, u64)> {
 
 /// Certificates live in the tree but not configured here: name and not-after.
 fn live_only(settings: &Settings, root: &std::path::Path) -> Vec<(String, i64)> {
-    let configured: Vec<String> = settings
+    // A set: with 10,000 certificates a list made this scan quadratic.
+    let configured: std::collections::HashSet<String> = settings
         .read(|c| c.certificates.iter().map(|c| c.name.clone()).collect())
         .unwrap_or_default();
     let mut out: Vec<(String, i64)> = std::fs::read_dir(root.join("live"))
@@ -179,13 +183,6 @@ fn live_only(settings: &Settings, root: &std::path::Path) -> Vec<(String, i64)> 
         .collect();
     out.sort();
     out
-}
-
-/// A registered session with `peer` ended or was replaced: its traffic moves from
-/// the live figures to the totals. Called with the state lock held.
-pub fn session_ended(peer: &str, conn: &quinn::Connection) {
-    let stats = conn.stats();
-    crate::ops::telemetry::sessions_ended(peer, stats.udp_rx.bytes, stats.udp_tx.bytes);
 }
 
 /// The standard `process_*` metrics, from `/proc/self` (Linux).
@@ -333,8 +330,14 @@ pub fn render(s: &Status, scrape: &Scrape, events: &Events) -> String {
         "Local changes of this reader node not sent and put back, since start.",
         s.tree.not_sent_count,
     );
-    certificates(&mut o, s, scrape, events);
-    served(&mut o, s);
+    aggregates(&mut o, s);
+    if scrape.per_certificate {
+        certificates(&mut o, s, scrape, events);
+        served(&mut o, s);
+    } else {
+        totals(&mut o, events);
+    }
+    rollouts(&mut o, s);
     let unlabelled = |e: Event| events.get(e, "");
     o.one(
         "certmesh_applied_files_total",
@@ -522,6 +525,94 @@ fn certificates(o: &mut Exposition, s: &Status, scrape: &Scrape, events: &Events
     );
 }
 
+/// The certificates in a few series whatever their number: counts by
+/// state, the earliest expiry, the smallest runway, leaves served but not current.
+fn aggregates(o: &mut Exposition, s: &Status) {
+    let certs = &s.certificates;
+    let live = certs.iter().filter(|c| c.not_after_unix.is_some()).count();
+    o.family(
+        "certmesh_certificates",
+        "gauge",
+        "Configured certificates (config and tree) by state: live (live/<cert> serves a leaf) or missing.",
+        [
+            (Some(("state", "live")), live),
+            (Some(("state", "missing")), certs.len() - live),
+        ],
+    );
+    let count =
+        |f: fn(&crate::ops::status::CertStatus) -> bool| certs.iter().filter(|c| f(c)).count();
+    o.one(
+        "certmesh_certificates_damaged",
+        "gauge",
+        "Certificates whose live/<cert> is a damaged bundle.",
+        count(|c| c.bundle_error.is_some()),
+    );
+    o.one(
+        "certmesh_certificates_unscheduled",
+        "gauge",
+        "Certificates inside their renewal window with no order scheduled.",
+        count(|c| c.warning.is_some()),
+    );
+    o.one(
+        "certmesh_certificates_failing",
+        "gauge",
+        "Certificates whose last order on this node failed.",
+        count(|c| c.last_error.is_some()),
+    );
+    o.family(
+        "certmesh_certificates_earliest_not_after_timestamp_seconds",
+        "gauge",
+        "Unix time the first of the live certificates expires (absent while none is live).",
+        certs
+            .iter()
+            .filter_map(|c| c.not_after_unix)
+            .min()
+            .map(|t| (None, t)),
+    );
+    o.family(
+        "certmesh_certificates_min_runway_seconds",
+        "gauge",
+        "The smallest runway of the live certificates: page when it nears 0.",
+        certs
+            .iter()
+            .filter_map(|c| c.runway_s)
+            .min()
+            .map(|t| (None, t)),
+    );
+    let mut stale: BTreeMap<&str, u64> = BTreeMap::new();
+    for e in certs
+        .iter()
+        .flat_map(|c| &c.served)
+        .filter(|e| e.node == s.node.name)
+    {
+        *stale.entry(e.frontend.as_str()).or_default() += u64::from(!e.current);
+    }
+    o.family(
+        "certmesh_served_certificates_not_current",
+        "gauge",
+        "Certificates this node's frontend serves with another leaf than live/<cert>/fullchain.pem, per frontend.",
+        stale.into_iter().map(|(f, n)| (Some(("frontend", f)), n)),
+    );
+}
+
+/// `[metrics] per_certificate = false`: the order counters summed over the
+/// certificates (the same families, without the `cert` label).
+fn totals(o: &mut Exposition, events: &Events) {
+    let sum = |e: Event| events.of(e).map(|(_, v)| v).fold(0u64, u64::saturating_add);
+    o.one(
+        "certmesh_acme_orders_total",
+        "counter",
+        "ACME orders this node finished (issued or failed) since start.",
+        sum(Event::Order),
+    );
+    o.one(
+        "certmesh_acme_order_failures_total",
+        "counter",
+        "ACME orders that failed on this node since start.",
+        sum(Event::OrderFailure),
+    );
+}
+
 /// What this node's frontends serve, per certificate and frontend.
 fn served(o: &mut Exposition, s: &Status) {
     let mine: Vec<(&str, &crate::ops::served::ServedStatus)> = s
@@ -587,6 +678,11 @@ fn served(o: &mut Exposition, s: &Status) {
             );
         }
     }
+}
+
+/// Rollout times and probe failures: per node and frontend, whatever the number of
+/// certificates.
+fn rollouts(o: &mut Exposition, s: &Status) {
     let h = &s.counters.rollout_seconds;
     let name = "certmesh_rollout_seconds";
     let _ = writeln!(
@@ -688,6 +784,83 @@ mod tests {
         assert_eq!(escape("plain.example.com"), "plain.example.com");
     }
 
+    /// A status with `n` live certificates (`c<i>.example.com` expiring at
+    /// 1,800,000,000 + i) and one finished order each.
+    fn many(n: usize) -> (Status, Events) {
+        let certs: Vec<serde_json::Value> = (0..n)
+            .map(|i| {
+                serde_json::json!({"name": format!("c{i}.example.com"),
+                    "domains": [format!("c{i}.example.com")], "failures": 0,
+                    "not_after_unix": 1_800_000_000 + i as i64,
+                    "runway_s": 5_000_000 + i as i64, "state": "idle", "source": "tree"})
+            })
+            .collect();
+        let s = serde_json::from_value(serde_json::json!({
+            "node": {"name": "lb0", "id": "X", "listen": "127.0.0.1:1", "uptime_s": 5},
+            "tree": {"path": "/t", "files": 4 * n, "out_of_sync": 0, "sequence": 9},
+            "peers": [], "certificates": certs, "errors": []
+        }))
+        .unwrap();
+        let mut events = Events::default();
+        for i in 0..n {
+            events.add(Event::Order, &format!("c{i}.example.com"), 1);
+        }
+        (s, events)
+    }
+
+    fn scrape_of(per_certificate: bool) -> Scrape {
+        Scrape {
+            per_certificate,
+            ..Scrape::default()
+        }
+    }
+
+    #[test]
+    fn aggregates_replace_per_certificate_series_when_turned_off() {
+        let (s, events) = many(30);
+        let text = render(&s, &scrape_of(false), &events);
+        assert!(!text.contains("cert=\""), "{text}");
+        for line in [
+            "certmesh_certificates{state=\"live\"} 30",
+            "certmesh_certificates{state=\"missing\"} 0",
+            "certmesh_certificates_earliest_not_after_timestamp_seconds 1800000000",
+            "certmesh_certificates_min_runway_seconds 5000000",
+            "certmesh_acme_orders_total 30",
+            "certmesh_rollout_seconds_count 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in:\n{text}"
+            );
+        }
+        let full = render(&s, &scrape_of(true), &events);
+        assert!(full.contains("certmesh_acme_orders_total{cert=\"c29.example.com\"} 1"));
+        assert!(full.contains("certmesh_certificates{state=\"live\"} 30"));
+    }
+
+    /// Issue 29 item 3: `/metrics` ≤ 5 MB and rendered well within 1 s at 10,000
+    /// certificates, both ways.
+    #[test]
+    fn ten_thousand_certificates_both_ways() {
+        let (s, events) = many(10_000);
+        for per_certificate in [true, false] {
+            let t = std::time::Instant::now();
+            let text = render(&s, &scrape_of(per_certificate), &events);
+            let took = t.elapsed();
+            eprintln!(
+                "10,000 certificates, per_certificate = {per_certificate}: {} bytes in {took:?}",
+                text.len()
+            );
+            let slack = if cfg!(debug_assertions) { 3 } else { 1 };
+            assert!(
+                took < std::time::Duration::from_millis(500 * slack),
+                "{took:?}"
+            );
+            let max = if per_certificate { 5 << 20 } else { 16 << 10 };
+            assert!(text.len() < max, "{} bytes", text.len());
+        }
+    }
+
     #[test]
     fn exposition_format() {
         let s: Status = serde_json::from_value(serde_json::json!({
@@ -710,6 +883,7 @@ mod tests {
             unconfigured: vec![("www".into(), 1800000000)],
             peer_bytes: vec![("lb1".into(), 1200, 900)],
             process: None,
+            per_certificate: true,
         };
         let mut events = Events::default();
         events.add(Event::Order, "www", 2);

@@ -1,8 +1,7 @@
 //! What operators see and wire up: [`control`] (the local socket behind `status`,
 //! `issue`, `renew`, `confirm`), [`status`] (what `certmesh status` shows, typed,
-//! and its tables), [`metrics`] (optional Prometheus `/metrics`),
-//! [`telemetry`] (typed recent errors, repair results and event counters, imported by
-//! any feature without importing the daemon), [`hooks`] (commands or HAProxy hot swaps
+//! and its tables; [`observe`] builds it from the node's state), [`metrics`] (optional Prometheus `/metrics`, reading the counters
+//! of [`crate::telemetry`]), [`hooks`] (commands or HAProxy hot swaps
 //! when matching paths change), [`firewall`] (nftables / iptables rules from the
 //! config), [`systemd`] (readiness, status line, reload, watchdog) and [`logging`]
 //! (stderr, journald or `<N>`-prefixed lines); [`census`] (`status --cluster`: is
@@ -17,7 +16,7 @@ pub mod fleet;
 pub mod hooks;
 pub mod logging;
 pub mod metrics;
+pub mod observe;
 pub mod served;
 pub mod status;
 pub mod systemd;
-pub mod telemetry;

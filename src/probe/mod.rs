@@ -11,7 +11,7 @@
 //! most [`tls::TIMEOUT`]; certificates changing together share one round.
 //!
 //! Repair: a frontend still on another leaf after the schedule gets the hook re-run
-//! (the hook runner is asked through [`Probes::rerun_requested`]), at most
+//! (the hook runner is asked through [`crate::telemetry::Probes::rerun_requested`]), at most
 //! [`rollout::MAX_RERUNS`] times with backoff; failures are logged and shown in
 //! `status` with the hook's output.
 
@@ -21,10 +21,8 @@ pub mod verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-use tokio::sync::Notify;
 
 use crate::config::frontend::FrontendConfig;
 use crate::config::Config;
@@ -39,80 +37,8 @@ pub const PERIOD: Duration = Duration::from_millis(crate::core::served::REPORT_P
 /// Delay of the first round after start.
 const FIRST_ROUND: Duration = Duration::from_secs(1);
 
-/// A hook run the hook runner reports for the certificates it concerned.
-#[derive(Debug, Clone)]
-pub struct HookRan {
-    pub certs: Vec<String>,
-    /// Every matching hook exited 0.
-    pub ok: bool,
-    /// The failing hooks' output (empty when `ok`).
-    pub output: String,
-    /// It was a re-run this module asked for.
-    pub rerun: bool,
-}
-
-/// What the probes share with the hook runner, `status` and `/metrics`.
-#[derive(Debug, Default)]
-struct Inner {
-    hook_runs: Mutex<Vec<HookRan>>,
-    wake: Notify,
-    reruns: Mutex<BTreeSet<String>>,
-    rerun_wake: Notify,
-    /// Failed handshakes per frontend, since start.
-    failures: Mutex<BTreeMap<String, u64>>,
-    /// Last hook output per certificate (what a repair shows when it gives up).
-    hook_output: Mutex<HashMap<String, String>>,
-    /// Rollout times: each certificate's last, and the histogram.
-    times: Mutex<crate::core::rollout_time::RolloutTimes>,
-}
-
-/// The probes' shared side (a cheap clone).
-#[derive(Debug, Clone, Default)]
-pub struct Probes(Arc<Inner>);
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Probes {
-    /// The hook runner ran the hooks of some certificates.
-    pub fn hook_ran(&self, ev: HookRan) {
-        if ev.certs.is_empty() {
-            return;
-        }
-        lock(&self.0.hook_runs).push(ev);
-        self.0.wake.notify_one();
-    }
-
-    /// Waits until a hook re-run is asked for; returns the certificates.
-    pub async fn rerun_requested(&self) -> Vec<String> {
-        loop {
-            let notified = self.0.rerun_wake.notified();
-            let taken = std::mem::take(&mut *lock(&self.0.reruns));
-            if !taken.is_empty() {
-                return taken.into_iter().collect();
-            }
-            notified.await;
-        }
-    }
-
-    /// Failed handshakes per frontend since start.
-    pub fn failures(&self) -> BTreeMap<String, u64> {
-        lock(&self.0.failures).clone()
-    }
-
-    /// Rollout times: `f` reads or updates them.
-    pub fn rollout_times<T>(
-        &self,
-        f: impl FnOnce(&mut crate::core::rollout_time::RolloutTimes) -> T,
-    ) -> T {
-        f(&mut lock(&self.0.times))
-    }
-
-    fn ask_rerun(&self, cert: String) {
-        lock(&self.0.reruns).insert(cert);
-        self.0.rerun_wake.notify_one();
-    }
 }
 
 /// What the probe task uses of the daemon.
@@ -143,7 +69,7 @@ impl Leaves {
     /// Reads `live/<name>/fullchain.pem` and `archive/<name>/<n>/fullchain.pem`.
     pub fn read(root: &Path, name: &str) -> Leaves {
         let leaf = |rel: String| {
-            let pem = crate::acme::tree::read(root, &rel)?;
+            let pem = crate::disk::tree::read(root, &rel)?;
             let ders = crate::acme::bundle::chain_der(&pem).ok()?;
             ders.first().map(|d| tls::presented(d).sha256)
         };
@@ -242,7 +168,7 @@ struct Driver {
     /// Latest record per (certificate, frontend).
     last: BTreeMap<(String, String), ServedRecord>,
     /// Signs this node's reports (`None`: the key cannot sign; nothing is sent).
-    signer: Option<crate::identity::NodeSigner>,
+    signer: Option<crate::core::device::NodeSigner>,
     /// This node's last report generation (unix milliseconds, always growing).
     generation: u64,
     /// Per certificate, the last failed handshake of a frontend that took the

@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::acme::bundle::{archive_versions, live_version};
 use crate::acme::rolled_back::{self, leaf_sha256};
 use crate::acme::served::{check_bundle, read_file, BundleFiles};
-use crate::acme::tree;
+use crate::disk::tree;
 
 use super::Handles;
 

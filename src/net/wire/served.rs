@@ -9,13 +9,14 @@ use std::sync::Arc;
 
 use prost::Message;
 
-use super::{for_each_len_field, invalid, pb, WireError};
+use super::for_each_len_field;
 use crate::core::authorship::{MAX_AUTHOR_CERT, MAX_SIGNATURE};
+use crate::core::codec::{invalid, pb, WireError};
+use crate::core::device::{cert_public_key, verify_p256, DeviceId};
 use crate::core::served::{
     check_records, signed_message, ServedRecord, SignedReport, MAX_ASKED, MAX_SERVED_NAME,
     MAX_SERVED_RECORDS,
 };
-use crate::identity::{cert_public_key, verify_p256, DeviceId};
 
 /// Most bytes of an encoded list (the sender leaves out records beyond it).
 pub const SEND_BYTES: usize = 3 << 20;
@@ -163,7 +164,7 @@ pub fn served_from_wire(s: pb::Served) -> Result<(SignedReport, Vec<ServedRecord
 /// Signs this node's `records` as report `generation` (the probes do this after
 /// each round). `None` if the key cannot sign.
 pub fn sign_report(
-    signer: &crate::identity::NodeSigner,
+    signer: &crate::core::device::NodeSigner,
     name: &str,
     generation: u64,
     records: &[ServedRecord],
@@ -214,7 +215,7 @@ mod tests {
             })
     }
 
-    fn signer() -> (tempfile::TempDir, crate::identity::NodeSigner) {
+    fn signer() -> crate::core::device::NodeSigner {
         crate::core::authorship::tests::signer()
     }
 
@@ -225,7 +226,7 @@ mod tests {
             let mut records = records;
             records.sort_by(|a, b| (&a.cert, &a.frontend).cmp(&(&b.cert, &b.frontend)));
             records.dedup_by(|a, b| a.cert == b.cert && a.frontend == b.frontend);
-            let (_dir, s) = signer();
+            let s = signer();
             let r = sign_report(&s, "lb1", 7, &records).unwrap();
             let (back, got) = served_from_wire(served_to_wire(&r)).unwrap();
             prop_assert_eq!(back, r);
@@ -253,8 +254,8 @@ mod tests {
 
     #[test]
     fn a_report_for_another_node_or_altered_on_the_way_is_refused() {
-        let (_d1, a) = signer();
-        let (_d2, b) = signer();
+        let a = signer();
+        let b = signer();
         let good = served_to_wire(&sign_report(&a, "a", 1, &[]).unwrap());
         let mut other = good.clone();
         other.origin = b.id().0.to_vec(); // claims b, a's certificate

@@ -4,30 +4,20 @@
 
 use std::sync::Arc;
 
-use super::Observer;
-use crate::identity::DeviceId;
+use crate::acme::acme_handles;
+use crate::core::device::DeviceId;
+use crate::core::paths::RelPath;
+use crate::core::rollout_time::{Finished, Published, Seen};
+use crate::handles::Observer;
 use crate::node::Shared;
+use crate::ops::served::ServedStatus;
 use crate::ops::status::*;
-use crate::ops::telemetry::RecentError;
+use crate::telemetry::RecentError;
 
 impl Observer {
     /// The status as `certmesh status` shows it.
     pub fn status(&self) -> Status {
         status(&self.0)
-    }
-}
-
-/// The ACME feature's handles (the daemon starts the driver with them; `status`
-/// reads the renewer, leases and node names through them).
-pub fn acme_handles(shared: &Arc<Shared>) -> crate::acme::Handles {
-    use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
-    crate::acme::Handles {
-        settings: Settings::new(shared),
-        mesh: Mesh::new(shared),
-        writer: TreeWriter::new(shared),
-        reports: Reports::new(shared),
-        barrier: Barrier::new(shared),
-        slot: AcmeSlot::new(shared),
     }
 }
 
@@ -72,7 +62,7 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
             };
             let served = served.remove(&c.name).unwrap_or_default();
             let version = crate::acme::bundle::live_version(&shared.tree.root, &c.name);
-            let rollout = crate::handles::served::rollout(shared, &c.name, version, &served);
+            let rollout = rollout(shared, &c.name, version, &served);
             CertStatus {
                 last_rollout_ms: rollout.as_ref().map(|r| r.ms),
                 last_rollout_version: rollout.as_ref().map(|r| r.version),
@@ -349,4 +339,51 @@ fn status(shared: &Arc<Shared>) -> Status {
         cluster: None,
         acme_queue: shared.acme.get().map(|a| a.queue()),
     }
+}
+
+/// The last finished rollout of `cert`, given what `served` shows
+/// now: the publish is the `live/<cert>` flip of the live `version` (its index
+/// record's mtime, by the publisher's clock; this node's own flips are counted in
+/// the histogram), the end the latest `since` of the nodes' probes.
+pub fn rollout(
+    shared: &Arc<Shared>,
+    cert: &str,
+    version: Option<u32>,
+    served: &[ServedStatus],
+) -> Option<Finished> {
+    let link = RelPath::parse(&format!("live/{cert}")).ok()?;
+    let flip = {
+        let st = shared.lock();
+        st.engine
+            .index()
+            .get(&link)
+            .filter(|e| !e.record.deleted)
+            .map(|e| (e.record.mtime_ns, e.record.modified_by))
+    };
+    let seen: Vec<Seen> = served
+        .iter()
+        .filter(|s| !s.stale)
+        .map(|s| Seen {
+            node: &s.node,
+            current: s.current,
+            since_ms: if s.since_ms > 0 {
+                s.since_ms
+            } else {
+                s.since_unix.saturating_mul(1000)
+            },
+        })
+        .collect();
+    let started = i64::try_from(shared.started.elapsed().as_millis()).unwrap_or(i64::MAX);
+    let start_ms = (crate::clock::now_ns() / 1_000_000).saturating_sub(started);
+    shared.probes.rollout_times(|t| match (version, flip) {
+        (Some(version), Some((mtime_ns, by))) => {
+            let p = Published {
+                version,
+                publish_ms: mtime_ns / 1_000_000,
+                mine: by == shared.me().short(),
+            };
+            t.observe(cert, p, &seen, start_ms)
+        }
+        _ => t.last(cert),
+    })
 }

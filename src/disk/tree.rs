@@ -14,8 +14,9 @@ use std::path::Path;
 use anyhow::Context;
 use rustix::fs::{Mode, OFlags};
 
-use crate::core::index::{ContentHash, Index, Kind};
+use crate::core::index::Index;
 use crate::core::paths::{RelPath, INTERNAL_DIR};
+use crate::core::record::{ContentHash, Kind};
 use crate::disk::safe_fs::{self, Root};
 
 /// Largest file certmesh reads back from its tree (PEM chains, leases, the account).
@@ -343,8 +344,8 @@ mod tests {
 
     #[test]
     fn the_index_shows_a_write_only_with_its_content_and_kind() {
+        use crate::core::device::ShortId;
         use crate::core::index::tests::file;
-        use crate::identity::ShortId;
         let mut index = Index::new(ShortId(1));
         let p = rel("live/www.pem").unwrap();
         assert!(index_shows(&index, &p, &Expect::Gone));

@@ -1,10 +1,11 @@
 //! What the daemon reports about itself, typed: recent errors (`status` ERRORS, and
 //! `--json` `errors[].at_unix` / `errors[].message`, a bounded ring) and the repair
-//! queue with its recent results. It imports nothing of the daemon, so both the
-//! daemon's state and the control socket's types can hold it.
+//! queue with its recent results, the process-wide event counters behind `/metrics`,
+//! and the serving probes' shared side ([`Probes`]). It imports nothing but `core`, so
+//! every layer can record into it and `ops` reads it.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -225,13 +226,100 @@ pub fn applied(ok: usize, failed: usize) {
     bump(Event::ApplyFailure, "", failed as u64);
 }
 
-/// A conflict's local loser was kept under `.certmesh/conflicts/`.
-pub fn conflict_kept() {
-    bump(Event::Conflict, "", 1);
+/// `n` conflicts' local losers were kept under `.certmesh/conflicts/`.
+pub fn conflict_kept(n: usize) {
+    bump(Event::Conflict, "", n as u64);
 }
 
 /// Sessions with `peer` ended having moved these UDP bytes.
 pub fn sessions_ended(peer: &str, received: u64, sent: u64) {
     bump(Event::BytesReceived, peer, received);
     bump(Event::BytesSent, peer, sent);
+}
+
+/// A registered session with `peer` ended or was replaced: its traffic moves from
+/// the live figures to the totals. Called with the state lock held.
+pub fn session_ended(peer: &str, conn: &quinn::Connection) {
+    let stats = conn.stats();
+    crate::telemetry::sessions_ended(peer, stats.udp_rx.bytes, stats.udp_tx.bytes);
+}
+
+// ---------------------------------------------------------------------------------------
+// The serving probes' shared side: hook runs in, hook re-runs out, failure counters.
+
+/// A hook run the hook runner reports for the certificates it concerned.
+#[derive(Debug, Clone)]
+pub struct HookRan {
+    pub certs: Vec<String>,
+    /// Every matching hook exited 0.
+    pub ok: bool,
+    /// The failing hooks' output (empty when `ok`).
+    pub output: String,
+    /// It was a re-run this module asked for.
+    pub rerun: bool,
+}
+
+/// What the serving probes (`crate::probe`) share with the hook runner, `status` and
+/// `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Inner {
+    pub(crate) hook_runs: Mutex<Vec<HookRan>>,
+    pub(crate) wake: Notify,
+    pub(crate) reruns: Mutex<BTreeSet<String>>,
+    pub(crate) rerun_wake: Notify,
+    /// Failed handshakes per frontend, since start.
+    pub(crate) failures: Mutex<BTreeMap<String, u64>>,
+    /// Last hook output per certificate (what a repair shows when it gives up).
+    pub(crate) hook_output: Mutex<HashMap<String, String>>,
+    /// Rollout times: each certificate's last, and the histogram.
+    pub(crate) times: Mutex<crate::core::rollout_time::RolloutTimes>,
+}
+
+/// The probes' shared side (a cheap clone).
+#[derive(Debug, Clone, Default)]
+pub struct Probes(pub(crate) Arc<Inner>);
+
+impl Probes {
+    /// The hook runner ran the hooks of some certificates.
+    pub fn hook_ran(&self, ev: HookRan) {
+        if ev.certs.is_empty() {
+            return;
+        }
+        lock(&self.0.hook_runs).push(ev);
+        self.0.wake.notify_one();
+    }
+
+    /// Waits until a hook re-run is asked for; returns the certificates.
+    pub async fn rerun_requested(&self) -> Vec<String> {
+        loop {
+            let notified = self.0.rerun_wake.notified();
+            let taken = std::mem::take(&mut *lock(&self.0.reruns));
+            if !taken.is_empty() {
+                return taken.into_iter().collect();
+            }
+            notified.await;
+        }
+    }
+
+    /// Failed handshakes per frontend since start.
+    pub fn failures(&self) -> BTreeMap<String, u64> {
+        lock(&self.0.failures).clone()
+    }
+
+    /// Rollout times: `f` reads or updates them.
+    pub fn rollout_times<T>(
+        &self,
+        f: impl FnOnce(&mut crate::core::rollout_time::RolloutTimes) -> T,
+    ) -> T {
+        f(&mut lock(&self.0.times))
+    }
+
+    pub(crate) fn ask_rerun(&self, cert: String) {
+        lock(&self.0.reruns).insert(cert);
+        self.0.rerun_wake.notify_one();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -10,23 +10,21 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::core::cluster::ClusterMsg;
+use crate::core::codec::{pb, record_from_wire, record_to_wire, WireError};
+use crate::core::device::DeviceId;
 use crate::core::engine::{EngineError, IndexSend, SendToken};
 use crate::core::paths::RelPath;
 use crate::handles::SyncHandle;
-use crate::identity::DeviceId;
 use crate::net::wire::cluster::{
     confirm_from_wire, confirm_to_wire, report_from_wire, report_to_wire,
 };
 use crate::net::wire::served::{served_from_wire, served_to_wire};
-use crate::net::wire::{
-    self, pb, record_from_wire, record_to_wire, WireError, INDEX_BATCH, MAX_FRAME, MAX_HEADER,
-};
+use crate::net::wire::{self, INDEX_BATCH, MAX_FRAME, MAX_HEADER};
 use crate::node::Session;
 
 /// Close codes.
-pub use crate::handles::CLOSE_DUPLICATE;
+use crate::handles::CLOSE_DUPLICATE;
 pub const CLOSE_PROTOCOL: u32 = 3;
-pub use crate::core::engine::MAX_PEER_RECORDS;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent content requests served per connection.
 const MAX_SERVING: usize = 64;
@@ -219,6 +217,7 @@ async fn send_loop(
                 let (full, upto) = (ix.full, ix.upto);
                 let files = to_frames(&sync, ix);
                 send_records(&mut send, files, upto, full).await?;
+                tracing::trace!(target: crate::clock::STAGE, stage = "sent", t_us = crate::clock::mono_us());
                 tracing::trace!(peer = %peer, upto, full, "sent index");
             }
             if let Some(ack) = t.ack {
@@ -226,6 +225,7 @@ async fn send_loop(
                     body: Some(pb::frame::Body::Ack(pb::Ack { sequence: ack })),
                 };
                 wire::write_msg(&mut send, &f).await?;
+                tracing::trace!(target: crate::clock::STAGE, stage = "ack_sent", t_us = crate::clock::mono_us());
             }
             for m in t.cluster {
                 let body = match m {
@@ -276,9 +276,10 @@ async fn recv_loop(
         };
         match frame.body {
             Some(pb::frame::Body::Index(ix)) => {
+                tracing::trace!(target: crate::clock::STAGE, stage = "received", t_us = crate::clock::mono_us());
                 tracing::trace!(peer = %peer, n = ix.files.len(), "received index");
                 wire::check_last_sequence(ix.last_sequence)?;
-                let now = wire::now_us();
+                let now = crate::clock::now_us();
                 let mut records = Vec::with_capacity(ix.files.len());
                 for mut f in ix.files {
                     let data = std::mem::take(&mut f.data);
@@ -293,6 +294,7 @@ async fn recv_loop(
                     .map_err(refused)?;
             }
             Some(pb::frame::Body::Ack(a)) => {
+                tracing::trace!(target: crate::clock::STAGE, stage = "ack_received", t_us = crate::clock::mono_us());
                 sync.ack_received(peer, a.sequence).map_err(refused)?;
             }
             Some(pb::frame::Body::Confirm(c)) => {

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use crate::core::index::ContentHash;
+use crate::core::codec::{pb, WireError};
+use crate::core::device::DeviceId;
 use crate::core::paths::RelPath;
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
+use crate::core::record::ContentHash;
 use crate::disk::apply::Item;
 use crate::handles::SyncHandle;
-use crate::identity::DeviceId;
-use crate::net::wire::{self, pb, MAX_HEADER};
+use crate::net::wire::{self, MAX_HEADER};
 
 /// Received content is written to staging in pieces of about this size.
 const WRITE_CHUNK: usize = 4 << 20;
@@ -68,7 +69,10 @@ pub async fn run(sync: SyncHandle) {
         let wake = pipe.next_wake().map(tokio::time::Instant::from_std);
         tokio::select! {
             Some(r) = fetches.join_next(), if !fetches.is_empty() => match r {
-                Ok((w, Ok(staged))) => pipe.fetched(w, staged, Instant::now()),
+                Ok((w, Ok(staged))) => {
+                    tracing::trace!(target: crate::clock::STAGE, stage = "fetched", t_us = crate::clock::mono_us());
+                    pipe.fetched(w, staged, Instant::now())
+                }
                 Ok((w, Err(FetchFailure::Local(e)))) => sync.fetch_failed(&mut pipe, w, Some(e)),
                 Ok((w, Err(FetchFailure::Remote(e)))) => {
                     tracing::debug!("{e}");
@@ -110,7 +114,7 @@ async fn fetch_work(
             Ok(()) => return (w, Ok(dest)),
             Err(FetchError::Hostile(why)) => {
                 tracing::warn!(peer = %peer, path = %path, why = %why, "peer sent bad content; disconnecting it");
-                conn.close(crate::net::peer::CLOSE_PROTOCOL.into(), b"bad content");
+                conn.close(crate::tasks::peer::CLOSE_PROTOCOL.into(), b"bad content");
                 last = why;
             }
             Err(FetchError::Retry(why)) => last = why,
@@ -134,8 +138,10 @@ fn start_apply(
     unit: Vec<Work>,
 ) -> tokio::task::JoinHandle<Applied> {
     tracing::trace!(n = unit.len(), "apply start");
+    tracing::trace!(target: crate::clock::STAGE, stage = "apply_start", t_us = crate::clock::mono_us());
     let tree = tree.clone();
     tokio::task::spawn_blocking(move || {
+        tracing::trace!(target: crate::clock::STAGE, stage = "apply_thread", t_us = crate::clock::mono_us());
         let mut ready = Vec::with_capacity(unit.len());
         let mut items = Vec::with_capacity(unit.len());
         let mut failed = Vec::new();
@@ -158,8 +164,15 @@ fn start_apply(
             });
             ready.push(w);
         }
-        let outcomes = tree.apply(&items);
-        let mut done: Applied = ready.into_iter().zip(outcomes).collect();
+        tracing::trace!(target: crate::clock::STAGE, stage = "written", t_us = crate::clock::mono_us());
+        let batch = tree.apply(&items);
+        let count = |f: fn(&Outcome) -> bool| batch.outcomes.iter().filter(|o| f(o)).count();
+        crate::telemetry::applied(
+            count(|o| matches!(o, Outcome::Applied(_))),
+            count(|o| matches!(o, Outcome::Failed(_))),
+        );
+        crate::telemetry::conflict_kept(batch.conflicts_kept);
+        let mut done: Applied = ready.into_iter().zip(batch.outcomes).collect();
         done.extend(failed);
         done
     })
@@ -242,7 +255,7 @@ async fn fetch(
             .await
             .map_err(|e| match e {
                 // A lost connection or reset stream is not the peer's fault.
-                wire::WireError::Io(_) => retry(&e),
+                WireError::Io(_) => retry(&e),
                 e => FetchError::Hostile(format!("bad response header: {e}")),
             })?
             .ok_or_else(|| retry(&"stream ended"))?;

@@ -1,5 +1,6 @@
 //! Turning filesystem activity into index changes: notify (inotify) events are
-//! debounced for 300 µs of quiet (hard deadline 10 ms) and the touched paths rescanned;
+//! debounced for 300 µs of quiet (hard deadline 10 ms; a burst of whole ACME challenge
+//! tokens ends at once when nothing is queued behind it) and the touched paths rescanned;
 //! a full rescan runs at start-up, on watcher overflow and periodically as a safety
 //! net. Paths being applied by the puller are rescanned only after their apply, so our
 //! own writes are never announced as new local changes.
@@ -11,8 +12,9 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::core::index::{Kind, Observed};
+use crate::core::index::Observed;
 use crate::core::paths::RelPath;
+use crate::core::record::Kind;
 use crate::disk::scan::{self, Seen};
 use crate::handles::SyncHandle;
 
@@ -46,7 +48,8 @@ impl Batch {
 /// rescan; watching new directories ourselves before rescanning them closes that gap.
 #[derive(Clone)]
 pub struct Watch {
-    watcher: Arc<std::sync::Mutex<notify::RecommendedWatcher>>,
+    /// `None` once stopped.
+    watcher: Arc<std::sync::Mutex<Option<notify::RecommendedWatcher>>>,
 }
 
 impl Watch {
@@ -54,6 +57,9 @@ impl Watch {
     /// events. A directory gone meanwhile is not an error.
     fn cover(&self, dir: &std::path::Path) {
         let Ok(mut w) = self.watcher.lock() else {
+            return;
+        };
+        let Some(w) = w.as_mut() else {
             return;
         };
         match w.watch(dir, RecursiveMode::Recursive) {
@@ -65,6 +71,13 @@ impl Watch {
                 tracing::warn!(dir = %dir.display(), error = %explain(&e, sysctl), "watching a new directory")
             }
         }
+    }
+
+    /// Stops watching (shutdown): notify's thread closes the inotify instance now,
+    /// while the node stops, not when the last clone of this handle goes.
+    pub fn stop(&self) {
+        let w = self.watcher.lock().ok().and_then(|mut w| w.take());
+        drop(w);
     }
 
     /// Re-covers the whole tree (watches lost to an overflow come back), then rescans
@@ -158,6 +171,7 @@ pub fn start(
             // events in `.certmesh/tmp` and every read of the tree an open, and each
             // one sent would wake the debouncer for nothing.
             if matters(&event_root, &ev) {
+                tracing::trace!(target: crate::clock::STAGE, stage = "event", t_us = crate::clock::mono_us());
                 let _ = tx.send(ev);
             }
         },
@@ -168,7 +182,7 @@ pub fn start(
         .watch(sync.root(), RecursiveMode::Recursive)
         .map_err(|e| anyhow::anyhow!(explain(&e, sysctl)))?;
     let watch = Watch {
-        watcher: Arc::new(std::sync::Mutex::new(watcher)),
+        watcher: Arc::new(std::sync::Mutex::new(Some(watcher))),
     };
     let (batches_tx, batches_rx) = mpsc::unbounded_channel();
     let root = sync.root().to_path_buf();
@@ -211,6 +225,8 @@ fn debounce(
     };
     while let Ok(first) = events.recv() {
         let mut batch = Batch::paths([]);
+        let mut tokens = Tokens::default();
+        tokens.see(root, &first);
         add(&mut batch, first);
         let deadline = std::time::Instant::now() + DEADLINE;
         loop {
@@ -218,15 +234,72 @@ fn debounce(
             if now >= deadline {
                 break;
             }
-            match events.recv_timeout(QUIET.min(deadline - now)) {
-                Ok(ev) => add(&mut batch, ev),
+            // A burst of whole challenge tokens ends with nothing queued behind it.
+            let quiet = if tokens.complete() {
+                Duration::ZERO
+            } else {
+                QUIET
+            };
+            match events.recv_timeout(quiet.min(deadline - now)) {
+                Ok(ev) => {
+                    tokens.see(root, &ev);
+                    add(&mut batch, ev)
+                }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
+        tracing::trace!(target: crate::clock::STAGE, stage = "debounced", t_us = crate::clock::mono_us());
         if out.send(batch).is_err() {
             return;
         }
+    }
+}
+
+/// Where http-01 challenge tokens live (`acme::order::CHALLENGE_DIR`).
+const TOKEN_DIR: &str = "acme/.well-known/acme-challenge/";
+
+/// Whether a burst so far is only ACME challenge tokens, the last one left whole.
+/// A token is one file, served on its own and written in one step (renamed into
+/// place, or closed after writing): nothing else belongs in its batch, so its burst
+/// need not wait out [`QUIET`] (issue 28: the fixed delay was ~15 % of a token's way
+/// to the peers). Any other path keeps the quiet time that holds a bundle's files and
+/// its link flip together.
+#[derive(Default)]
+struct Tokens {
+    other: bool,
+    last_whole: bool,
+}
+
+impl Tokens {
+    fn see(&mut self, root: &std::path::Path, ev: &notify::Result<notify::Event>) {
+        use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+        let Ok(ev) = ev else {
+            self.other = true;
+            return;
+        };
+        // Tree paths only: a staged file renamed in from `.certmesh/tmp` is named too.
+        let paths: Vec<RelPath> = ev
+            .paths
+            .iter()
+            .filter_map(|p| RelPath::from_fs(root, p))
+            .filter(|r| !r.is_local_only())
+            .collect();
+        let token = |r: &RelPath| {
+            r.as_str()
+                .strip_prefix(TOKEN_DIR)
+                .is_some_and(|name| !name.is_empty() && !name.contains('/'))
+        };
+        self.other |= ev.need_rescan() || paths.is_empty() || !paths.iter().all(token);
+        self.last_whole = matches!(
+            ev.kind,
+            notify::EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+                | notify::EventKind::Access(AccessKind::Close(AccessMode::Write))
+        );
+    }
+
+    fn complete(&self) -> bool {
+        !self.other && self.last_whole
     }
 }
 
@@ -388,6 +461,7 @@ fn look_at(
                 }
                 match scan::observe(root, &p, kind, stat, target) {
                     Ok(Some((o, data))) => {
+                        tracing::trace!(target: crate::clock::STAGE, stage = "hashed", path = %p, t_us = crate::clock::mono_us());
                         if let Some(d) = data {
                             sync.remember_inline(o.hash, d);
                         }
@@ -413,6 +487,48 @@ fn look_at(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_challenge_token_ends_its_burst_anything_else_waits() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode,
+        };
+        let root = std::path::Path::new("/srv/tree");
+        let ev = |kind: EventKind, paths: &[&str]| -> notify::Result<notify::Event> {
+            let e = paths
+                .iter()
+                .fold(notify::Event::new(kind), |e, p| e.add_path(root.join(p)));
+            Ok(e)
+        };
+        let burst = |evs: &[notify::Result<notify::Event>]| {
+            let mut t = Tokens::default();
+            evs.iter().for_each(|e| t.see(root, e));
+            t.complete()
+        };
+        let to = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        let both = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        let created = EventKind::Create(CreateKind::File);
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        let tok = "acme/.well-known/acme-challenge/tok1";
+        // Renamed in (from outside, or staged by certmesh), or written and closed.
+        assert!(burst(&[ev(to, &[tok])]));
+        assert!(burst(&[
+            ev(to, &[tok]),
+            ev(both, &[".certmesh/tmp/1f2e", tok])
+        ]));
+        assert!(burst(&[ev(created, &[tok]), ev(closed, &[tok])]));
+        // Still being written; another path in the burst; not a token.
+        assert!(!burst(&[ev(created, &[tok])]));
+        assert!(!burst(&[
+            ev(to, &["archive/www/2/cert.pem"]),
+            ev(to, &[tok])
+        ]));
+        assert!(!burst(&[ev(
+            to,
+            &["acme/.well-known/acme-challenge/dir/x"]
+        )]));
+        assert!(!burst(&[ev(created, &["acme/.well-known/acme-challenge"])]));
+    }
 
     #[test]
     fn only_events_that_can_change_the_index_reach_the_debouncer() {
