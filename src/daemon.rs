@@ -730,7 +730,8 @@ async fn measure_disk(sync: SyncHandle) {
 /// learned of longer than `[tree] tombstone_retention` ago, so deletions (and a
 /// peer's floods of them) do not grow the index forever; and renews the attestations
 /// of this writer's live records before they are half of it old (issue 25 item 9), so
-/// they keep reaching new nodes while a deleted file's last record ages out. The
+/// they keep reaching new nodes while a deleted file's last record ages out, and
+/// those of a silent writer once they are 3/4 of it old (in this writer's name). The
 /// first sweep runs at start (a node back from a long stop renews at once).
 async fn collect_tombstones(shared: Arc<Shared>) {
     let every = TOMBSTONE_SWEEP.min(shared.lock().engine.retention() / 8);
@@ -746,7 +747,10 @@ fn sweep(shared: &Shared) {
     let since = st.engine.index().sequence();
     let renewed = st.engine.reattest_due(now_ns(), REATTEST_PER_SWEEP);
     if renewed > 0 {
-        tracing::debug!(n = renewed, "renewed the attestations of our records");
+        tracing::debug!(
+            n = renewed,
+            "renewed attestations (ours, or of a silent writer)"
+        );
         st.commit(since, shared);
     }
     let acked_by_all = st.peers.values().map(|s| s.last_acked).min();

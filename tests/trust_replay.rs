@@ -159,3 +159,78 @@ fn an_honest_file_older_than_the_horizon_still_reaches_a_rebuilt_node() {
         fresh.read(OLD).as_deref() == Some("honest, written long ago\n")
     });
 }
+
+// A departed writer (issue 25 item 9 follow-up): another writer keeps its files
+// attested, a reader cannot. Real processes on 127.0.47.2–127.0.47.250.
+
+/// `[tree] writers` (device IDs) and the short retention in `n`'s config.
+fn set_writers(n: &Node, writers: &[&Node]) {
+    let ids: Vec<String> = writers.iter().map(|w| format!("\"{}\"", w.id)).collect();
+    let cfg = fs::read_to_string(&n.config).unwrap();
+    let keys = format!(
+        "[tree]\nwriters = [{}]\ntombstone_retention = \"{RETENTION}\"\n",
+        ids.join(", ")
+    );
+    fs::write(&n.config, cfg.replacen("[tree]\n", &keys, 1)).unwrap();
+}
+
+/// Author `a` and `keeper`, peers of each other; `c` (not started) knows only
+/// `keeper`. `a` writes [`OLD`], `keeper` takes it, `a` stops for good; returns once
+/// more than the retention has passed since then, with `c` yet to join.
+/// `keeper_is_writer`: whether the others list `keeper` in `[tree] writers` (it
+/// lists itself either way).
+fn author_gone(root: &Path, keeper_is_writer: bool) -> [Node; 3] {
+    let [mut a, mut keeper, c] = [
+        Node::new(root, "a", "127.0.47.2"),
+        Node::new(root, "keeper", "127.0.47.3"),
+        Node::new(root, "c", "127.0.47.4"),
+    ];
+    a.configure(&[&keeper]);
+    keeper.configure(&[&a, &c]);
+    c.configure(&[&keeper]);
+    // Honest writers: `a`, and `keeper` only if it is one; a reader that lists
+    // itself in its own config is what an attacker would run.
+    let honest: Vec<&Node> = if keeper_is_writer {
+        vec![&a, &keeper]
+    } else {
+        vec![&a]
+    };
+    set_writers(&a, &honest);
+    set_writers(&c, &honest);
+    set_writers(&keeper, &[&a, &keeper]);
+    a.start();
+    keeper.start();
+    a.write(OLD, "written by a departed writer\n");
+    wait_until("the keeper has the file", || keeper.read(OLD).is_some());
+    a.stop();
+    let gone = Instant::now();
+    wait_until("more than the retention since the author left", || {
+        gone.elapsed().as_secs_f64() > 4.0
+    });
+    [a, keeper, c]
+}
+
+#[test]
+fn another_writer_keeps_a_departed_writers_file_reaching_new_nodes() {
+    let dir = tmp();
+    let [_a, keeper, mut c] = author_gone(dir.path(), true);
+    c.start();
+    wait_until("the departed writer's file reaches the new node", || {
+        c.read(OLD).as_deref() == Some("written by a departed writer\n")
+    });
+    assert!(keeper.log().contains("renewed attestations"));
+}
+
+#[test]
+fn a_reader_cannot_keep_a_departed_writers_file_alive_by_attesting_it() {
+    let dir = tmp();
+    let [_a, keeper, mut c] = author_gone(dir.path(), false);
+    c.start();
+    let refusal = || refused_from(&c, &keeper, OLD);
+    wait_until("the new node decides on the reader's record", || {
+        refusal().is_some() || c.read(OLD).is_some()
+    });
+    assert_eq!(c.read(OLD), None, "a reader kept a stale record alive");
+    let why = refusal().unwrap();
+    assert!(why.contains("not a writer"), "{why}");
+}

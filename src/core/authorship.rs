@@ -18,12 +18,21 @@
 //! for nodes that predate attestations (they ignore the new fields); a record without
 //! an attestation is dated by its author's signed version counter (µs).
 //!
+//! A departed author (issue 25 item 9 follow-up): any other writer that holds a live
+//! record whose attestation is older than 3/4 of the horizon attests it in its own
+//! name ([`Attestation::by`], message "v2 by"): the author renews at 1/2, so this
+//! happens only once the author has been silent for a quarter of the horizon. The
+//! record (version, author, v1 signature) is unchanged. A receiver takes such an
+//! attestation only from a device `writers` allows whose signature verifies; a
+//! reader's is refused ([`Refusal::AttesterNotAWriter`], forged only if its
+//! signature is bad), so a reader cannot keep a deleted file's record alive.
+//!
 //! Pure apart from the signature arithmetic (no I/O, no clock).
 
 use std::collections::{HashMap, HashSet};
 
 use crate::core::device::{self, DeviceId, NodeSigner};
-use crate::core::record::{Attestation, Authorship, FileRecord, Kind};
+use crate::core::record::{Attestation, Attester, Authorship, FileRecord, Kind};
 
 /// Longest signature accepted (an ECDSA P-256 DER signature has at most 72 bytes).
 pub const MAX_SIGNATURE: usize = 80;
@@ -44,6 +53,22 @@ pub fn signed_message(r: &FileRecord, author: &DeviceId) -> Vec<u8> {
 pub fn attested_message(r: &FileRecord, author: &DeviceId, signed_ns: i64) -> Vec<u8> {
     let mut m = Vec::with_capacity(136 + r.path.as_str().len() + r.target.len());
     m.extend_from_slice(b"certmesh record v2\0");
+    m.extend_from_slice(&signed_ns.to_be_bytes());
+    record_fields(&mut m, r, author);
+    m
+}
+
+/// The bytes of an attestation by `by`, a writer other than the author: its own
+/// domain tag, the signer, the signing time, then what [`signed_message`] covers.
+pub fn attested_message_by(
+    r: &FileRecord,
+    author: &DeviceId,
+    by: &DeviceId,
+    signed_ns: i64,
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(168 + r.path.as_str().len() + r.target.len());
+    m.extend_from_slice(b"certmesh record v2 by\0");
+    m.extend_from_slice(&by.0);
     m.extend_from_slice(&signed_ns.to_be_bytes());
     record_fields(&mut m, r, author);
     m
@@ -99,14 +124,29 @@ pub fn sign(r: &mut FileRecord, signer: &NodeSigner, now_ns: i64) -> bool {
     true
 }
 
-/// Renews the attestation of `r`, a record the signer authored and signed, at
-/// `now_ns`: same version, same v1 signature. False if it is not the signer's or
-/// signing failed.
+/// Renews the attestation of `r`, a signed record, at `now_ns`: same version, same
+/// author and v1 signature. A record of someone else is attested in the signer's
+/// name ([`Attestation::by`]). False if `r` is unsigned or signing failed.
 pub fn reattest(r: &mut FileRecord, signer: &NodeSigner, now_ns: i64) -> bool {
-    if r.auth.as_ref().is_none_or(|a| a.author != signer.id()) {
+    let Some(author) = r.auth.as_ref().map(|a| a.author) else {
         return false;
-    }
-    let Some(fresh) = attest(r, signer, now_ns) else {
+    };
+    let fresh = if author == signer.id() {
+        attest(r, signer, now_ns)
+    } else {
+        let id = signer.id();
+        signer
+            .sign(&attested_message_by(r, &author, &id, now_ns))
+            .map(|signature| Attestation {
+                signed_ns: now_ns,
+                signature,
+                by: Some(Attester {
+                    id,
+                    cert: signer.cert().clone(),
+                }),
+            })
+    };
+    let Some(fresh) = fresh else {
         return false;
     };
     if let Some(a) = r.auth.as_mut() {
@@ -120,6 +160,7 @@ fn attest(r: &FileRecord, signer: &NodeSigner, now_ns: i64) -> Option<Attestatio
     Some(Attestation {
         signed_ns: now_ns,
         signature,
+        by: None,
     })
 }
 
@@ -199,6 +240,9 @@ pub enum Refusal {
     /// replayed after its tombstone was collected (issue 25 item 9).
     #[error("signed {age_s}s ago, beyond the replay horizon, for a path this node does not hold")]
     Stale { age_s: i64 },
+    /// Attested (in its own name) by a device that is not in `[tree] writers`.
+    #[error("attested by device {0:?}, which is not a writer")]
+    AttesterNotAWriter(DeviceId),
 }
 
 impl Refusal {
@@ -209,10 +253,25 @@ impl Refusal {
     pub fn is_forged(&self) -> bool {
         !matches!(
             self,
-            Refusal::Unsigned | Refusal::NotAWriter | Refusal::Stale { .. }
+            Refusal::Unsigned
+                | Refusal::NotAWriter
+                | Refusal::Stale { .. }
+                | Refusal::AttesterNotAWriter(_)
         )
     }
 }
+
+/// The public keys to verify a record with ([`Writers::key_for`], [`verify`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    /// The author's.
+    pub author: Vec<u8>,
+    /// With an attestation by another device: its key, and whether `writers` allows it.
+    pub attester: Option<(Vec<u8>, bool)>,
+}
+
+/// Most public keys kept of devices `writers` does not allow (attesters refused).
+const MAX_OTHER_KEYS: usize = 64;
 
 /// The `[tree] writers` policy and the public keys of writers seen so far.
 #[derive(Debug, Default, Clone)]
@@ -248,19 +307,21 @@ impl Writers {
     }
 
     /// Checks a record received from a peer: its author may write and signed exactly
-    /// this record. Always `Ok` when everyone may write.
+    /// this record, and its attestation is by the author or another writer. Always
+    /// `Ok` when everyone may write.
     pub fn check(&mut self, r: &FileRecord) -> Result<(), Refusal> {
         match self.key_for(r)? {
-            Some(key) => verify(&key, r),
+            Some(keys) => verify(&keys, r),
             None => Ok(()),
         }
     }
 
     /// The cheap half of [`Writers::check`]: the policy, and the
-    /// public key to verify `r` with (`None`: nothing to verify, everyone may write).
+    /// public keys to verify `r` with (`None`: nothing to verify, everyone may write).
     /// The costly half, [`verify`], needs no access to the policy, so callers run it
-    /// with no lock held.
-    pub fn key_for(&mut self, r: &FileRecord) -> Result<Option<Vec<u8>>, Refusal> {
+    /// with no lock held. An attester outside `writers` gets its key too (its
+    /// signature decides whether the refusal counts as forged).
+    pub fn key_for(&mut self, r: &FileRecord) -> Result<Option<Keys>, Refusal> {
         let Some(allowed) = &self.allowed else {
             return Ok(None);
         };
@@ -273,39 +334,66 @@ impl Writers {
         if !allowed.contains(&a.author) {
             return Err(Refusal::NotAWriter);
         }
-        let key = match self.keys.get(&a.author) {
-            Some(k) => k,
-            None => {
-                if DeviceId::of_cert(&a.cert) != a.author {
-                    return Err(Refusal::CertMismatch);
-                }
-                let k = device::cert_public_key(&a.cert).map_err(Refusal::BadCert)?;
-                self.keys.entry(a.author).or_insert(k)
+        let author = self.key_of(&a.author, &a.cert, true)?;
+        let attester = match a.attestation.as_ref().and_then(|t| t.by.as_ref()) {
+            Some(b) => {
+                let allowed = self.allows(&b.id);
+                Some((self.key_of(&b.id, &b.cert, allowed)?, allowed))
             }
+            None => None,
         };
-        Ok(Some(key.clone()))
+        Ok(Some(Keys { author, attester }))
+    }
+
+    /// The public key of `id` from `cert`, which must be its certificate; kept for
+    /// writers (and a few others).
+    fn key_of(&mut self, id: &DeviceId, cert: &[u8], writer: bool) -> Result<Vec<u8>, Refusal> {
+        if let Some(k) = self.keys.get(id) {
+            return Ok(k.clone());
+        }
+        if DeviceId::of_cert(cert) != *id {
+            return Err(Refusal::CertMismatch);
+        }
+        let k = device::cert_public_key(cert).map_err(Refusal::BadCert)?;
+        let others = self.keys.keys().filter(|d| !self.allows(d)).count();
+        if writer || others < MAX_OTHER_KEYS {
+            self.keys.insert(*id, k.clone());
+        }
+        Ok(k)
     }
 }
 
-/// Whether `r`'s signatures verify with `key`, its author's public key from
-/// [`Writers::key_for`] (the ECDSA arithmetic, no state): the v1 signature and, when
-/// present, the attestation (both, so nothing this node relays is refused as forged
-/// by a node of either version).
-pub fn verify(key: &[u8], r: &FileRecord) -> Result<(), Refusal> {
+/// Whether `r`'s signatures verify with `keys` from [`Writers::key_for`] (the ECDSA
+/// arithmetic, no state): the v1 signature and, when present, the attestation (both,
+/// so nothing this node relays is refused as forged by a node of either version).
+/// An attestation by another device than the author verifies with its key, and is
+/// then refused if that device is not a writer ([`Refusal::AttesterNotAWriter`]).
+pub fn verify(keys: &Keys, r: &FileRecord) -> Result<(), Refusal> {
     let a = r.auth.as_ref().ok_or(Refusal::Unsigned)?;
-    if !device::verify_p256(key, &signed_message(r, &a.author), &a.signature) {
+    if !device::verify_p256(&keys.author, &signed_message(r, &a.author), &a.signature) {
         return Err(Refusal::BadSignature);
     }
-    match &a.attestation {
-        Some(t)
-            if !device::verify_p256(
-                key,
-                &attested_message(r, &a.author, t.signed_ns),
-                &t.signature,
-            ) =>
-        {
-            Err(Refusal::BadSignature)
-        }
+    let Some(t) = &a.attestation else {
+        return Ok(());
+    };
+    let (key, message, writer) = match (&t.by, &keys.attester) {
+        (None, _) => (
+            &keys.author,
+            attested_message(r, &a.author, t.signed_ns),
+            true,
+        ),
+        (Some(b), Some((key, writer))) => (
+            key,
+            attested_message_by(r, &a.author, &b.id, t.signed_ns),
+            *writer,
+        ),
+        (Some(_), None) => return Err(Refusal::BadSignature),
+    };
+    if !device::verify_p256(key, &message, &t.signature) {
+        return Err(Refusal::BadSignature);
+    }
+    match &t.by {
+        Some(b) if !writer => Err(Refusal::AttesterNotAWriter(b.id)),
         _ => Ok(()),
     }
 }
@@ -468,6 +556,70 @@ pub(crate) mod tests {
         let mut gone = r.clone();
         gone.deleted = true;
         assert_eq!(stale(&gone, 18 * DAY, 7 * DAY), None);
+    }
+
+    #[test]
+    fn another_writer_attests_a_record_in_its_own_name_and_nothing_else_changes() {
+        let w = signer();
+        let b = signer();
+        let mut policy = Writers::only([w.id(), b.id()]);
+        let mut r = record(&w, 1);
+        assert!(sign(&mut r, &w, DAY));
+        let mut kept = r.clone();
+        assert!(reattest(&mut kept, &b, 9 * DAY));
+        assert_eq!(policy.check(&kept), Ok(()));
+        assert_eq!(vouched_ns(&kept), Some(9 * DAY));
+        assert!(renews(&r, &kept));
+        let (a, k) = (r.auth.as_ref().unwrap(), kept.auth.as_ref().unwrap());
+        assert_eq!((a.author, &a.signature), (k.author, &k.signature));
+        let t = k.attestation.as_ref().unwrap();
+        assert_eq!(t.by.as_ref().map(|x| x.id), Some(b.id()));
+        // Passed off as the author's own attestation, or moved in time: refused.
+        let mut as_author = kept.clone();
+        as_author
+            .auth
+            .as_mut()
+            .unwrap()
+            .attestation
+            .as_mut()
+            .unwrap()
+            .by = None;
+        assert_eq!(policy.check(&as_author), Err(Refusal::BadSignature));
+        let mut later = kept.clone();
+        later
+            .auth
+            .as_mut()
+            .unwrap()
+            .attestation
+            .as_mut()
+            .unwrap()
+            .signed_ns = 20 * DAY;
+        assert_eq!(policy.check(&later), Err(Refusal::BadSignature));
+    }
+
+    #[test]
+    fn a_readers_attestation_is_refused_and_forged_only_when_its_signature_is_bad() {
+        let w = signer();
+        let reader = signer();
+        let mut policy = Writers::only([w.id()]);
+        let mut r = record(&w, 1);
+        assert!(sign(&mut r, &w, DAY));
+        let mut kept = r.clone();
+        assert!(reattest(&mut kept, &reader, 9 * DAY));
+        let refusal = policy.check(&kept).unwrap_err();
+        assert_eq!(refusal, Refusal::AttesterNotAWriter(reader.id()));
+        assert!(!refusal.is_forged());
+        assert!(refusal.to_string().contains("not a writer"), "{refusal}");
+        // Its signature over another time: forged.
+        let mut bad = kept.clone();
+        let t = bad.auth.as_mut().unwrap().attestation.as_mut().unwrap();
+        t.signed_ns += 1;
+        assert!(policy.check(&bad).unwrap_err().is_forged());
+        // Claiming a writer's name with the reader's certificate: forged.
+        let mut claimed = kept.clone();
+        let t = claimed.auth.as_mut().unwrap().attestation.as_mut().unwrap();
+        t.by.as_mut().unwrap().id = w.id();
+        assert!(policy.check(&claimed).unwrap_err().is_forged());
     }
 
     #[test]

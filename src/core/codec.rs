@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::core::authorship::{MAX_AUTHOR_CERT, MAX_SIGNATURE};
 use crate::core::device::{DeviceId, ShortId};
 use crate::core::paths::{PathError, RelPath};
-use crate::core::record::{Attestation, Authorship, ContentHash, FileRecord, Kind};
+use crate::core::record::{Attestation, Attester, Authorship, ContentHash, FileRecord, Kind};
 use crate::core::version::VersionVector;
 
 /// Generated protobuf types.
@@ -69,6 +69,12 @@ pub fn invalid(what: &'static str, why: impl Into<String>) -> WireError {
 /// Converts a local record for sending.
 pub fn record_to_wire(r: &FileRecord, sequence: u64) -> pb::FileInfo {
     let attestation = r.auth.as_ref().and_then(|a| a.attestation.as_ref());
+    // The author's attestation in 16/17, another writer's in 18-21 (never both).
+    let (own, by) = match attestation {
+        Some(t) if t.by.is_some() => (None, Some(t)),
+        t => (t, None),
+    };
+    let attester = by.and_then(|t| t.by.as_ref());
     pb::FileInfo {
         path: r.path.as_str().to_string(),
         kind: match r.kind {
@@ -101,8 +107,12 @@ pub fn record_to_wire(r: &FileRecord, sequence: u64) -> pb::FileInfo {
         author: r.auth.as_ref().map_or(Vec::new(), |a| a.author.0.to_vec()),
         signature: r.auth.as_ref().map_or(Vec::new(), |a| a.signature.clone()),
         author_cert: r.auth.as_ref().map_or(Vec::new(), |a| a.cert.to_vec()),
-        signed_ns: attestation.map_or(0, |t| t.signed_ns),
-        attestation: attestation.map_or(Vec::new(), |t| t.signature.clone()),
+        signed_ns: own.map_or(0, |t| t.signed_ns),
+        attestation: own.map_or(Vec::new(), |t| t.signature.clone()),
+        attested_by_ns: by.map_or(0, |t| t.signed_ns),
+        attested_by_signature: by.map_or(Vec::new(), |t| t.signature.clone()),
+        attested_by: attester.map_or(Vec::new(), |b| b.id.0.to_vec()),
+        attested_by_cert: attester.map_or(Vec::new(), |b| b.cert.to_vec()),
     }
 }
 
@@ -178,7 +188,30 @@ pub fn record_from_wire(f: pb::FileInfo, now_us: u64) -> Result<(FileRecord, u64
     if f.mode & !0o7777 != 0 {
         return Err(invalid("record", format!("{path}: mode {:o}", f.mode)));
     }
-    let attestation = attestation_from_wire(&path, f.signed_ns, f.attestation, now_us)?;
+    let own = attestation_from_wire(&path, f.signed_ns, f.attestation, now_us)?;
+    let by = attestation_from_wire(&path, f.attested_by_ns, f.attested_by_signature, now_us)?;
+    let attester = attester_from_wire(&path, f.attested_by, f.attested_by_cert)?;
+    let attestation = match (own, by, attester) {
+        (own, None, None) => own,
+        (None, Some(mut t), Some(b)) => {
+            t.by = Some(b);
+            Some(t)
+        }
+        (Some(_), Some(_), _) => {
+            return Err(invalid(
+                "record",
+                format!("{path}: two attestations (the author's and another's)"),
+            ))
+        }
+        _ => {
+            return Err(invalid(
+                "record",
+                format!(
+                "{path}: an attestation by another device needs both its signature and its signer"
+            ),
+            ))
+        }
+    };
     let mut auth = authorship_from_wire(&path, f.author, f.signature, f.author_cert)?;
     match (&mut auth, attestation) {
         (Some(a), t) => a.attestation = t,
@@ -274,5 +307,34 @@ fn attestation_from_wire(
     Ok(Some(Attestation {
         signed_ns,
         signature,
+        by: None,
+    }))
+}
+
+/// The signer of an attestation by another device than the author: both fields or
+/// none, within their sizes.
+fn attester_from_wire(
+    path: &RelPath,
+    id: Vec<u8>,
+    cert: Vec<u8>,
+) -> Result<Option<Attester>, WireError> {
+    if id.is_empty() && cert.is_empty() {
+        return Ok(None);
+    }
+    let Ok(id) = <[u8; 32]>::try_from(id.as_slice()) else {
+        return Err(invalid(
+            "record",
+            format!("{path}: attester of {} bytes", id.len()),
+        ));
+    };
+    if cert.is_empty() || cert.len() > MAX_AUTHOR_CERT {
+        return Err(invalid(
+            "record",
+            format!("{path}: attester certificate of {} bytes", cert.len()),
+        ));
+    }
+    Ok(Some(Attester {
+        id: DeviceId(id),
+        cert: cert.into(),
     }))
 }

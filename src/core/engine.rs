@@ -198,18 +198,24 @@ impl Authority {
         self.refused.entry(peer).or_default()
     }
 
-    /// Makes `r` share the copy of its author's certificate already held, if equal.
+    /// Makes `r` share the copies of its author's (and attester's) certificate
+    /// already held, if equal.
     fn share_cert(&mut self, r: &mut FileRecord) {
         let Some(a) = r.auth.as_mut() else {
             return;
         };
-        match self.certs.get(&a.author) {
-            Some(c) if *c == a.cert => a.cert = c.clone(),
+        self.share(a.author, &mut a.cert);
+        if let Some(b) = a.attestation.as_mut().and_then(|t| t.by.as_mut()) {
+            self.share(b.id, &mut b.cert);
+        }
+    }
+
+    fn share(&mut self, id: DeviceId, cert: &mut Arc<[u8]>) {
+        match self.certs.get(&id) {
+            Some(c) if c == cert => *cert = c.clone(),
             Some(_) => {}
-            None if self.certs.len() < MAX_SHARED_CERTS
-                && DeviceId::of_cert(&a.cert) == a.author =>
-            {
-                self.certs.insert(a.author, a.cert.clone());
+            None if self.certs.len() < MAX_SHARED_CERTS && DeviceId::of_cert(cert) == id => {
+                self.certs.insert(id, cert.clone());
             }
             None => {}
         }
@@ -594,10 +600,13 @@ impl Engine {
         }
     }
 
-    /// Renews the attestation of up to `limit` of our own records (live, authored
-    /// and signed here) attested longer than half the retention before `now_ns`, or
-    /// never: each gets a new sequence and reaches every peer as a metadata refresh.
-    /// Only with `writers` (only then are attestations checked). Returns how many.
+    /// Renews the attestation of up to `limit` live records: our own (authored and
+    /// signed here) attested longer than half the retention before `now_ns`, or
+    /// never; and those of other writers attested longer than 3/4 of it (their author
+    /// silent for a quarter of the retention: gone, or away), in our name. Each gets a
+    /// new sequence and reaches every peer as a metadata refresh (version and author
+    /// unchanged). Only with `writers` (only then are attestations checked), and only
+    /// on a writer. Returns how many.
     pub fn reattest_due(&mut self, now_ns: i64, limit: usize) -> usize {
         let Some(s) = self.authority.signer.clone() else {
             return 0;
@@ -606,17 +615,23 @@ impl Engine {
             return 0;
         }
         let half = i64::try_from(self.retention.as_nanos() / 2).unwrap_or(i64::MAX);
+        let three_quarters = i64::try_from(self.retention.as_nanos() / 4 * 3).unwrap_or(i64::MAX);
+        let me = s.id();
+        let writers = &self.authority.writers;
         let due: Vec<FileRecord> = self
             .index
             .entries()
             .filter(|e| !e.record.deleted)
-            .filter(|e| e.record.auth.as_ref().is_some_and(|a| a.author == s.id()))
             .filter(|e| {
-                authorship::vouched_ns(&e.record).is_none_or(|t| t < now_ns.saturating_sub(half))
-                    || e.record
-                        .auth
-                        .as_ref()
-                        .is_some_and(|a| a.attestation.is_none())
+                let Some(a) = e.record.auth.as_ref() else {
+                    return false;
+                };
+                let vouched = authorship::vouched_ns(&e.record).unwrap_or(i64::MIN);
+                if a.author == me {
+                    vouched < now_ns.saturating_sub(half) || a.attestation.is_none()
+                } else {
+                    writers.allows(&a.author) && vouched < now_ns.saturating_sub(three_quarters)
+                }
             })
             .take(limit)
             .map(|e| e.record.clone())
@@ -1523,6 +1538,88 @@ mod tests {
         assert_eq!(authorship::vouched_ns(r), Some(5 * DAY));
         assert_eq!(Writers::only([me.id()]).check(r), Ok(()));
         assert_eq!(e.reattest_due(5 * DAY, 100), 0);
+    }
+
+    /// A writer's engine (`me`) with `others` in `writers` too, a retention of 7 days.
+    fn writer_among(me: &Arc<crate::core::device::NodeSigner>, others: &[DeviceId]) -> Engine {
+        let mut ids = others.to_vec();
+        ids.push(me.id());
+        let mut e = Engine::new(Index::new(me.id().short()), u64::MAX).with_authorship(
+            Some(me.clone()),
+            Writers::only(ids),
+            1,
+        );
+        e.connected(peer());
+        e
+    }
+
+    #[test]
+    fn a_writer_attests_a_silent_writers_records_at_three_quarters_of_the_retention() {
+        let me = authorship::tests::signer();
+        let me = Arc::new(me);
+        let gone = authorship::tests::signer();
+        let outsider = authorship::tests::signer();
+        let mut e = writer_among(&me, &[gone.id()]);
+        let theirs = attested(&gone, "dhparam.pem", 1, DAY);
+        e.applied(theirs.clone(), None, DAY);
+        // Not a writer here: its record is left to age.
+        e.applied(attested(&outsider, "other.pem", 1, DAY), None, DAY);
+        // 5 days old: under 3/4 of 7 days (the author would renew at 3.5).
+        assert_eq!(e.reattest_due(6 * DAY, 100), 0);
+        assert_eq!(e.reattest_due(7 * DAY, 100), 1);
+        let kept = &e.index().get(&theirs.path).unwrap().record;
+        assert_eq!(authorship::vouched_ns(kept), Some(7 * DAY));
+        let by = kept.auth.as_ref().unwrap().attestation.as_ref().unwrap();
+        assert_eq!(by.by.as_ref().map(|b| b.id), Some(me.id()));
+        assert_eq!(
+            (&kept.version, kept.modified_by),
+            (&theirs.version, theirs.modified_by)
+        );
+        assert!(e.plan().need(&theirs.path).is_none(), "nothing to fetch");
+        assert_eq!(Writers::only([me.id(), gone.id()]).check(kept), Ok(()));
+        // Once per sweep: renewed now, not again until 3/4 of the retention later.
+        assert_eq!(e.reattest_due(7 * DAY, 100), 0);
+    }
+
+    #[test]
+    fn a_reader_cannot_keep_a_stale_record_alive_by_attesting_it() {
+        let w = authorship::tests::signer();
+        let reader = authorship::tests::signer();
+        let mut e = reader_of(&w);
+        // The last record of a file deleted long ago, attested yesterday by a reader.
+        let mut old = attested(&w, "live/gone.pem", 1, DAY);
+        assert!(authorship::reattest(&mut old, &reader, 17 * DAY));
+        e.handle_index_checked(peer(), vec![(old.clone(), 1)], vec![], 1, Some(18 * DAY))
+            .unwrap();
+        assert!(e.plan().need(&old.path).is_none());
+        let refused = &e.refused()[&peer()];
+        assert!(refused
+            .last_reason
+            .as_ref()
+            .unwrap()
+            .contains("not a writer"));
+        assert_eq!(refused.in_window, 0, "not counted as forged");
+        // Nor renew a record held: its attestation stays the writer's.
+        let held = attested(&w, "live/a.pem", 1, 10 * DAY);
+        e.applied(held.clone(), None, 10 * DAY);
+        let mut renewed = held.clone();
+        assert!(authorship::reattest(&mut renewed, &reader, 17 * DAY));
+        e.handle_index_checked(peer(), vec![(renewed, 2)], vec![], 2, Some(18 * DAY))
+            .unwrap();
+        assert_eq!(e.index().get(&held.path).unwrap().record, held);
+    }
+
+    #[test]
+    fn a_reader_attests_nothing() {
+        let w = authorship::tests::signer();
+        let me = authorship::tests::signer();
+        let mut e = Engine::new(Index::new(me.id().short()), u64::MAX).with_authorship(
+            Some(Arc::new(me)),
+            Writers::only([w.id()]),
+            1,
+        );
+        e.applied(attested(&w, "a.pem", 1, DAY), None, DAY);
+        assert_eq!(e.reattest_due(30 * DAY, 100), 0);
     }
 
     #[test]

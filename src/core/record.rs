@@ -106,13 +106,32 @@ pub struct Authorship {
     pub attestation: Option<Attestation>,
 }
 
-/// The author's signature over [`crate::core::authorship::attested_message`]: the record as of `signed_ns`.
+/// A dated signature over the record: the author's over
+/// [`crate::core::authorship::attested_message`], or another writer's over
+/// [`crate::core::authorship::attested_message_by`] (`by`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attestation {
-    /// The author's clock when it signed (ns since the epoch).
+    /// The signer's clock when it signed (ns since the epoch).
     pub signed_ns: i64,
-    /// ECDSA P-256 / SHA-256 (DER) over [`crate::core::authorship::attested_message`].
+    /// ECDSA P-256 / SHA-256 (DER) over the message above.
     pub signature: Vec<u8>,
+    /// The signer when not the author (`None`: the author).
+    pub by: Option<Attester>,
+}
+
+/// A writer that attested someone else's record.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Attester {
+    /// Its full device ID.
+    pub id: DeviceId,
+    /// Its node certificate (DER); SHA-256 of it == `id`.
+    pub cert: Arc<[u8]>,
+}
+
+impl fmt::Debug for Attester {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "attested by {:?}", self.id)
+    }
 }
 
 impl fmt::Debug for Authorship {
@@ -130,6 +149,8 @@ impl Authorship {
             + self
                 .attestation
                 .as_ref()
-                .map_or(0, |a| 16 + a.signature.len())
+                .map_or(0, |a| {
+                    16 + a.signature.len() + a.by.as_ref().map_or(0, |b| 32 + b.cert.len())
+                })
     }
 }

@@ -18,7 +18,8 @@ use crate::core::index::{Entry, Index, LocalStat};
 
 const MAGIC: &[u8; 8] = b"CMIDX01\n";
 /// Largest entry loaded. A record at every wire limit (a `MAX_PATH` path and link
-/// target, `MAX_VERSION_ENTRIES` counters) encodes to ~33 KiB (tested below).
+/// target, `MAX_VERSION_ENTRIES` counters, two certificates) encodes to ~37 KiB
+/// (tested below).
 const MAX_ENTRY: usize = 64 << 10;
 /// Longest body read past when skipping an entry that is intact but too long.
 const MAX_SKIP: usize = 16 << 20;
@@ -380,8 +381,13 @@ mod tests {
             author: vec![0xff; 32],
             signature: vec![0xff; crate::core::authorship::MAX_SIGNATURE],
             author_cert: vec![0xff; crate::core::authorship::MAX_AUTHOR_CERT],
-            signed_ns: ((now_us + MAX_CLOCK_AHEAD_US) * 1000) as i64,
-            attestation: vec![0xff; crate::core::authorship::MAX_SIGNATURE],
+            // Another writer's attestation (its certificate is the larger form).
+            signed_ns: 0,
+            attestation: Vec::new(),
+            attested_by_ns: ((now_us + MAX_CLOCK_AHEAD_US) * 1000) as i64,
+            attested_by_signature: vec![0xff; crate::core::authorship::MAX_SIGNATURE],
+            attested_by: vec![0xfe; 32],
+            attested_by_cert: vec![0xff; crate::core::authorship::MAX_AUTHOR_CERT],
         }
     }
 

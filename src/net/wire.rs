@@ -471,6 +471,34 @@ mod tests {
     }
 
     #[test]
+    fn another_writers_attestation_travels_in_its_own_fields() {
+        let author = crate::core::authorship::tests::signer();
+        let other = crate::core::authorship::tests::signer();
+        let mut r = sample();
+        r.modified_by = author.id().short();
+        r.version = VersionVector::from_pairs(vec![(author.id().short(), 3)]);
+        assert!(crate::core::authorship::sign(&mut r, &author, 1));
+        assert!(crate::core::authorship::reattest(&mut r, &other, 2));
+        let f = record_to_wire(&r, 1);
+        // A node that predates it sees a v1 record (no attestation it would refuse).
+        assert_eq!((f.signed_ns, f.attestation.len()), (0, 0));
+        assert_eq!(record_from_wire(f.clone(), now_us()).unwrap().0, r);
+        let cases: [fn(&mut pb::FileInfo); 5] = [
+            |f| f.attested_by.clear(),
+            |f| f.attested_by_cert.clear(),
+            |f| f.attested_by_cert = vec![1; MAX_AUTHOR_CERT + 1],
+            |f| f.attested_by_signature.clear(),
+            |f| (f.signed_ns, f.attestation) = (1, vec![1; 8]),
+        ];
+        for case in cases {
+            let mut bad = f.clone();
+            case(&mut bad);
+            let err = record_from_wire(bad, now_us()).unwrap_err().to_string();
+            assert!(err.contains("live/www/privkey.pem"), "{err}");
+        }
+    }
+
+    #[test]
     fn authorship_travels_intact_and_malformed_authorship_is_refused() {
         let signer = crate::core::authorship::tests::signer();
         let mut r = sample();
