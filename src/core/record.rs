@@ -146,11 +146,8 @@ impl Authorship {
     pub fn heap_cost(&self) -> usize {
         32 + self.signature.len()
             + self.cert.len()
-            + self
-                .attestation
-                .as_ref()
-                .map_or(0, |a| {
-                    16 + a.signature.len() + a.by.as_ref().map_or(0, |b| 32 + b.cert.len())
-                })
+            + self.attestation.as_ref().map_or(0, |a| {
+                16 + a.signature.len() + a.by.as_ref().map_or(0, |b| 32 + b.cert.len())
+            })
     }
 }
