@@ -139,11 +139,16 @@ pub fn render(s: &Status) -> String {
     o
 }
 
-/// `status --cluster`: the nodes that do not serve the current version, by name.
+/// `status --cluster`: the nodes that do not serve the current version, by name, and
+/// those whose report went stale (nothing says what they serve now).
 pub fn render_cluster(s: &Status) -> String {
+    not_serving(&s.certificates)
+}
+
+fn not_serving(certificates: &[CertStatus]) -> String {
     let mut behind: Vec<String> = Vec::new();
-    for c in &s.certificates {
-        for e in c.served.iter().filter(|e| !e.current && !e.stale) {
+    for c in certificates {
+        for e in c.served.iter().filter(|e| !e.current || e.stale) {
             behind.push(format!(
                 "{} ({} {}: {})",
                 e.node,
@@ -214,6 +219,11 @@ mod tests {
         c.served = vec![entry("lb1", true, Some(13), None), old];
         let n = counts(&c);
         assert_eq!((n.current, n.not_current, n.stale), (1, 0, 1));
+        assert_eq!(
+            not_serving(std::slice::from_ref(&c)),
+            "not serving the current version: lb7 (www nginx: report stale (last seen \
+             13:53:20 UTC))\n"
+        );
         assert_eq!(
             line(&c).as_deref(),
             Some(
