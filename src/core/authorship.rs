@@ -505,6 +505,13 @@ pub(crate) mod tests {
 
     const DAY: i64 = 24 * 3600 * 1_000_000_000;
 
+    fn attestation_mut(r: &mut FileRecord) -> &mut Attestation {
+        r.auth
+            .as_mut()
+            .and_then(|a| a.attestation.as_mut())
+            .expect("an attested record")
+    }
+
     #[test]
     fn an_attestation_is_checked_and_dates_the_record() {
         let w = signer();
@@ -514,14 +521,7 @@ pub(crate) mod tests {
         assert_eq!(vouched_ns(&r), Some(10 * DAY));
         // Its time cannot be moved by a relay: the attestation covers it.
         let mut later = r.clone();
-        later
-            .auth
-            .as_mut()
-            .unwrap()
-            .attestation
-            .as_mut()
-            .unwrap()
-            .signed_ns = 20 * DAY;
+        attestation_mut(&mut later).signed_ns = 20 * DAY;
         assert_eq!(policy.check(&later), Err(Refusal::BadSignature));
         // Renewed: same v1 signature, a newer time that verifies.
         let mut renewed = r.clone();
@@ -576,24 +576,10 @@ pub(crate) mod tests {
         assert_eq!(t.by.as_ref().map(|x| x.id), Some(b.id()));
         // Passed off as the author's own attestation, or moved in time: refused.
         let mut as_author = kept.clone();
-        as_author
-            .auth
-            .as_mut()
-            .unwrap()
-            .attestation
-            .as_mut()
-            .unwrap()
-            .by = None;
+        attestation_mut(&mut as_author).by = None;
         assert_eq!(policy.check(&as_author), Err(Refusal::BadSignature));
         let mut later = kept.clone();
-        later
-            .auth
-            .as_mut()
-            .unwrap()
-            .attestation
-            .as_mut()
-            .unwrap()
-            .signed_ns = 20 * DAY;
+        attestation_mut(&mut later).signed_ns = 20 * DAY;
         assert_eq!(policy.check(&later), Err(Refusal::BadSignature));
     }
 

@@ -184,14 +184,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_line_names_nodes_on_an_old_version_and_failed_handshakes() {
-        let mut c: CertStatus = serde_json::from_value(serde_json::json!({"name": "www",
+    fn www_at_version_13() -> CertStatus {
+        serde_json::from_value(serde_json::json!({"name": "www",
             "domains": [], "not_after": null, "not_after_unix": null, "days_left": null,
             "version": 13, "serial": null, "renewer": null, "lease": null,
             "next_renewal": null, "state": null, "last_attempt": null,
             "last_error": null, "failures": 0, "waiting_for": null, "last_took_ms": null}))
-        .expect("a certificate status");
+        .expect("a certificate status")
+    }
+
+    #[test]
+    fn the_line_names_nodes_on_an_old_version_and_failed_handshakes() {
+        let mut c = www_at_version_13();
         c.served = vec![
             entry("lb1", true, Some(13), None),
             entry("lb7", false, Some(12), None),
@@ -208,12 +212,7 @@ mod tests {
 
     #[test]
     fn a_stale_report_is_named_but_not_counted() {
-        let mut c: CertStatus = serde_json::from_value(serde_json::json!({"name": "www",
-            "domains": [], "not_after": null, "not_after_unix": null, "days_left": null,
-            "version": 13, "serial": null, "renewer": null, "lease": null,
-            "next_renewal": null, "state": null, "last_attempt": null,
-            "last_error": null, "failures": 0, "waiting_for": null, "last_took_ms": null}))
-        .expect("a certificate status");
+        let mut c = www_at_version_13();
         let mut old = entry("lb7", false, Some(12), None);
         old.stale = true;
         c.served = vec![entry("lb1", true, Some(13), None), old];
