@@ -90,15 +90,7 @@ pub fn record_to_wire(r: &FileRecord, sequence: u64) -> pb::FileInfo {
         } else {
             Vec::new()
         },
-        version: r
-            .version
-            .pairs()
-            .iter()
-            .map(|(d, v)| pb::Counter {
-                device: d.0,
-                value: *v,
-            })
-            .collect(),
+        version: version_to_wire(&r.version),
         deleted: r.deleted,
         sequence,
         symlink_target: r.target.clone(),
@@ -337,4 +329,15 @@ fn attester_from_wire(
         id: DeviceId(id),
         cert: cert.into(),
     }))
+}
+
+/// A version vector as the wire carries it.
+pub fn version_to_wire(v: &VersionVector) -> Vec<pb::Counter> {
+    v.pairs()
+        .iter()
+        .map(|(d, v)| pb::Counter {
+            device: d.0,
+            value: *v,
+        })
+        .collect()
 }

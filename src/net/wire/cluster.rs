@@ -18,15 +18,7 @@ pub fn confirm_to_wire(c: &Confirm) -> pb::Confirm {
         id: c.id,
         origin: c.origin.0.to_vec(),
         path: c.path.as_str().to_string(),
-        version: c
-            .version
-            .pairs()
-            .iter()
-            .map(|(d, v)| pb::Counter {
-                device: d.0,
-                value: *v,
-            })
-            .collect(),
+        version: crate::core::codec::version_to_wire(&c.version),
         hops: c.hops,
         ttl_ms: c.ttl_ms,
         asked: c.asked.iter().map(|d| d.0.to_vec()).collect(),
