@@ -841,8 +841,13 @@ impl Engine {
     /// every peer acknowledged (`acked_by_all`). Needs are not re-derived: every peer
     /// has seen the deletion, so none can still announce what it replaced.
     pub fn collect_tombstones(&mut self, now_ns: i64, acked_by_all: u64) -> Vec<RelPath> {
-        self.index
-            .collect_tombstones(now_ns, acked_by_all, self.retention)
+        let gone = self
+            .index
+            .collect_tombstones(now_ns, acked_by_all, self.retention);
+        for p in &gone {
+            self.plan.repend(p, &self.index);
+        }
+        gone
     }
 
     /// The retention of learned deletions and replay horizon.
