@@ -196,8 +196,11 @@ pub struct Plan {
     /// Peers' paths not fetched because of a budget (at most [`MAX_REFUSALS`]).
     refused: BTreeMap<RelPath, Refusal>,
     refused_total: u64,
-    /// Free disk, live paths and content bytes when budget refusals were last
-    /// decided again ([`Plan::recheck_budgets`]).
+    /// Of `refused`, those refused for a full peer view (at most half the list, so
+    /// the budget refusals, which are decided again, always find room in it).
+    view_refusals: usize,
+    /// Free disk, live paths and content bytes (each with what the needs add) when
+    /// budget refusals were last decided again ([`Plan::recheck_budgets`]).
     rechecked: (u64, usize, u64),
     max_index_records: usize,
     max_index_bytes: usize,
@@ -233,6 +236,7 @@ impl Plan {
             needs_fetch_bytes: 0,
             refused: BTreeMap::new(),
             refused_total: 0,
+            view_refusals: 0,
             rechecked: (0, 0, 0),
             max_index_records: MAX_INDEX_RECORDS,
             max_index_bytes: MAX_INDEX_BYTES,
@@ -255,13 +259,15 @@ impl Plan {
     }
 
     /// Decides again the paths a tree budget refused, once there is room again:
-    /// free disk grew by [`RECHECK_FREE`] or the tree shrank since the last time.
+    /// free disk grew by [`RECHECK_FREE`], or the tree with what its needs add shrank,
+    /// since the last time (a peer that announced 200,000 paths went away: its needs,
+    /// never fetched, no longer count against `max_files`).
     /// Returns whether any of them is needed now.
     pub fn recheck_budgets(&mut self, index: &Index) -> bool {
         let now = (
             self.disk.map_or(0, |d| d.free),
-            index.live_count(),
-            index.content_bytes(),
+            index.live_count() + self.needs_new_paths.len(),
+            index.content_bytes() + self.needs_fetch_bytes,
         );
         let (free, live, bytes) = self.rechecked;
         let room = now.0 >= free.saturating_add(RECHECK_FREE) || now.1 < live || now.2 < bytes;
@@ -372,16 +378,24 @@ impl Plan {
     /// Lists `p` as refused by a budget and reports it (the first few, then at each
     /// power of two).
     fn refuse(&mut self, p: &RelPath, refusal: Refusal) {
-        let room = self.refused.len() < MAX_REFUSALS;
+        let is_view = refusal.reason == BudgetKind::PeerView;
         let new = match self.refused.get_mut(p) {
             Some(r) => {
+                let was_view = r.reason == BudgetKind::PeerView;
                 let new = r.reason != refusal.reason;
                 *r = refusal.clone();
+                self.view_refusals = (self.view_refusals + usize::from(is_view))
+                    .saturating_sub(usize::from(was_view));
                 new
             }
             None => {
+                // A budget refusal must be listed to be decided again when there is
+                // room; a flood of full-view refusals takes at most half the list.
+                let room = self.refused.len() < MAX_REFUSALS
+                    && (!is_view || self.view_refusals < MAX_REFUSALS / 2);
                 if room {
                     self.refused.insert(p.clone(), refusal.clone());
+                    self.view_refusals += usize::from(is_view);
                 }
                 true
             }
@@ -995,6 +1009,49 @@ mod tests {
         assert!(plan.recheck_budgets(&index));
         assert!(plan.need(&RelPath::parse("b").unwrap()).is_some());
         assert_eq!(plan.refused_len(), 0);
+    }
+
+    #[test]
+    fn a_peers_unfetched_needs_stop_counting_against_max_files_once_it_is_gone() {
+        let budget = TreeBudget {
+            max_files: 3,
+            ..TreeBudget::default()
+        };
+        let (mut plan, index, flooder) = budgeted(budget, &[]);
+        let flood: Vec<_> = (0..3)
+            .map(|i| (newer(&format!("f/{i}"), 1), i + 1))
+            .collect();
+        plan.receive(flooder, flood, 3, &index);
+        // A healthy peer's new file: refused while the flooder's needs fill the budget…
+        let healthy = DeviceId([8; 32]);
+        plan.connected(healthy, &index);
+        plan.receive(healthy, vec![(newer("healthy/a", 1), 1)], 1, &index);
+        assert_eq!(refused_for(&plan, "healthy/a"), Some(BudgetKind::MaxFiles));
+        assert!(!plan.recheck_budgets(&index), "no room yet");
+        // …and fetched once the flooder is gone, its needs with it.
+        plan.disconnected(flooder, &index);
+        assert!(plan.recheck_budgets(&index));
+        assert!(plan.need(&RelPath::parse("healthy/a").unwrap()).is_some());
+    }
+
+    #[test]
+    fn full_view_refusals_leave_room_in_the_list_for_budget_refusals() {
+        let budget = TreeBudget {
+            max_files: 1,
+            ..TreeBudget::default()
+        };
+        let (mut plan, index, peer) = budgeted(budget, &[("held", 1)]);
+        let view = Refusal {
+            reason: BudgetKind::PeerView,
+            peer: Some(peer),
+            size: 1,
+        };
+        for i in 0..MAX_REFUSALS {
+            plan.refuse(&RelPath::parse(&format!("v/{i}")).unwrap(), view.clone());
+        }
+        assert_eq!(plan.refused_len(), MAX_REFUSALS / 2);
+        plan.receive(peer, vec![(newer("b", 1), 1)], 1, &index);
+        assert_eq!(refused_for(&plan, "b"), Some(BudgetKind::MaxFiles));
     }
 
     #[test]
