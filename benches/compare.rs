@@ -43,6 +43,8 @@ use rand::{Rng, RngExt, SeedableRng};
 
 #[path = "compare/certs.rs"]
 mod certs;
+#[path = "compare/certs_scale.rs"]
+mod certs_scale;
 #[path = "compare/cluster.rs"]
 mod cluster;
 #[path = "compare/hubs.rs"]
@@ -472,6 +474,13 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    // What many existing certificates cost status, /metrics and start-up: only when
+    // named (`--only certs-scale`).
+    let scale_certs = if o.only.iter().any(|s| s == "certs-scale") {
+        Some(certs_scale::run_certs_scale(&exe, &o).context("certmesh, planted certificates")?)
+    } else {
+        None
+    };
     let acme = if o.runs("acme") && certmesh::demo_pebble::available() {
         Some(run_acme(&exe, &rt, &o).context("certmesh, ACME")?)
     } else {
@@ -592,6 +601,10 @@ fn main() -> Result<()> {
     };
     let report = match &many {
         Some(r) => report + &certs::render(r),
+        None => report,
+    };
+    let report = match &scale_certs {
+        Some(r) => report + &certs_scale::render(r),
         None => report,
     };
     println!("{report}");
