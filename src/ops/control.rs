@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::handles::{AcmeSlot, Barrier, Observer};
+use crate::handles::{AcmeSlot, Barrier};
+use crate::ops::observe::StatusSource;
 use crate::net::clients::Clients;
 
 pub use crate::ops::status::*;
@@ -19,7 +20,7 @@ pub use crate::ops::status::*;
 /// What the control socket answers from.
 #[derive(Clone)]
 pub struct Handles {
-    pub observer: Observer,
+    pub status: StatusSource,
     pub acme: AcmeSlot,
     pub barrier: Barrier,
 }
@@ -83,7 +84,7 @@ async fn confirm(h: &Handles, path: &str, timeout_ms: u64) -> serde_json::Value 
         Ok(p) => p,
         Err(e) => return serde_json::json!({ "error": format!("{path}: {e}") }),
     };
-    if !h.observer.indexed(&path) {
+    if !h.status.observer().indexed(&path) {
         return serde_json::json!({ "error": format!("{path} is not in this node's index") });
     }
     let timeout = Duration::from_millis(timeout_ms.min(600_000));
@@ -164,7 +165,7 @@ async fn serve(h: Handles, stream: UnixStream) -> anyhow::Result<()> {
                 };
                 serde_json::to_value(Status {
                     cluster,
-                    ..h.observer.status()
+                    ..h.status.status()
                 })?
             }
             Ok(Request::Issue { name }) => match (h.acme.get(), name) {
