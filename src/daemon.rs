@@ -402,6 +402,11 @@ fn spawn_sync(
     tasks.push(tokio::spawn(measure_disk(sync.clone())));
     tracing::info!(listen = %config.listen, tree = %config.tree.display(), peers = config.peers.len(), "certmesh running");
     tasks.extend(crate::ops::systemd::ready(status));
+    // Fill the certificates' cache now, not in the first `status` or scrape.
+    let warm = status.clone();
+    tasks.push(tokio::spawn(async move {
+        let _ = tokio::task::spawn_blocking(move || warm.status()).await;
+    }));
     tasks
 }
 

@@ -29,6 +29,10 @@ pub(crate) struct ScaleResult {
     pub(crate) start_s: f64,
     /// Restart over the stored index.
     pub(crate) restart_s: f64,
+    /// The first `status --json` and scrape, asked as soon as the socket answers
+    /// (the cache still cold or warming).
+    pub(crate) first_status_s: f64,
+    pub(crate) first_scrape_s: f64,
     pub(crate) status: Timed,
     pub(crate) status_json: Timed,
     pub(crate) metrics: Timed,
@@ -165,6 +169,7 @@ pub(crate) fn run_certs_scale(exe: &Path, o: &Opts) -> Result<ScaleResult> {
     })?;
     let start_s = until_control(&c.nodes[0], t0)?;
     eprintln!("[certmesh] certs-scale: planted in {plant_s:.1} s, started in {start_s:.1} s");
+    let first_status_s = status_once(exe, &c.nodes[0], &["--json"])?.0.as_secs_f64();
     c.settle(Duration::from_secs(120));
     let node = &c.nodes[0];
     let status = timed(|| status_once(exe, node, &[]))?;
@@ -183,6 +188,7 @@ pub(crate) fn run_certs_scale(exe: &Path, o: &Opts) -> Result<ScaleResult> {
     let t = Instant::now();
     c.nodes[0] = demo::spawn(exe, &name, &cfg, &tree)?;
     let restart_s = until_control(&c.nodes[0], t)?;
+    let first_scrape_s = scrape_once(&metrics)?.0.as_secs_f64();
     c.settle(Duration::from_secs(120));
     let metrics_aggregate = timed(|| scrape_once(&metrics))?;
     let rss_aggregate_mib = rss_mib(pid(&c)).unwrap_or(0.0);
@@ -191,6 +197,8 @@ pub(crate) fn run_certs_scale(exe: &Path, o: &Opts) -> Result<ScaleResult> {
         plant_s,
         start_s,
         restart_s,
+        first_status_s,
+        first_scrape_s,
         status,
         status_json,
         metrics: metrics_full,
@@ -224,6 +232,14 @@ pub(crate) fn render(r: &ScaleResult) -> String {
             format!("{:.1} s", r.start_s),
         ),
         ("restart over the stored index", format!("{:.1} s", r.restart_s)),
+        (
+            "first `status --json` once the socket answers",
+            format!("{:.1} s", r.first_status_s),
+        ),
+        (
+            "first `/metrics` after the restart (aggregates)",
+            format!("{:.1} s", r.first_scrape_s),
+        ),
         ("`status` (text summary)", t(&r.status)),
         ("`status --json`", t(&r.status_json)),
         ("`/metrics`, per-certificate series", t(&r.metrics)),

@@ -129,6 +129,8 @@ pub struct CertCache {
     reads: Arc<std::sync::atomic::AtomicU64>,
     /// Files changed within this of a look are not trusted to the cache.
     racy: std::time::Duration,
+    /// Held by a whole pass over the certificates ([`CertCache::pass`]).
+    pass: Arc<Mutex<()>>,
 }
 
 impl Default for CertCache {
@@ -144,7 +146,16 @@ impl CertCache {
             entries: Default::default(),
             reads: Default::default(),
             racy,
+            pass: Default::default(),
         }
+    }
+
+    /// One pass over the certificates at a time: a `status` asked while another
+    /// fills the cache (the start-up warm-up, a scrape) waits for it and then finds
+    /// every entry, instead of reading the same files beside it. Nothing that
+    /// holds it waits on anything but the files.
+    pub fn pass(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.pass.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The facts of `name`: the cached ones while its files and domains are

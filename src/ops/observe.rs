@@ -48,6 +48,7 @@ impl StatusSource {
 fn certificates(shared: &Arc<Shared>, cache: &CertCache) -> Vec<CertStatus> {
     use crate::acme;
     let certs = shared.config().certificates.clone();
+    let _pass = cache.pass();
     cache.retain(&certs.iter().map(|c| c.name.as_str()).collect());
     if certs.is_empty() {
         return Vec::new();
