@@ -129,7 +129,10 @@ fn scrape_once(addr: &str) -> Result<(Duration, usize)> {
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;
-    let head = out.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |p| p + 4);
+    let head = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |p| p + 4);
     if !out.starts_with(b"HTTP/1.1 200") {
         bail!("/metrics: {}", String::from_utf8_lossy(&out[..head]));
     }
@@ -155,7 +158,10 @@ fn timed(mut one: impl FnMut() -> Result<(Duration, usize)>) -> Result<Timed> {
 pub(crate) fn run_certs_scale(exe: &Path, o: &Opts) -> Result<ScaleResult> {
     let n = o.certs;
     eprintln!("[certmesh] certs-scale: planting {n} certificates on one node");
-    let metrics = format!("127.0.0.2:{}", TcpListener::bind("127.0.0.2:0")?.local_addr()?.port());
+    let metrics = format!(
+        "127.0.0.2:{}",
+        TcpListener::bind("127.0.0.2:0")?.local_addr()?.port()
+    );
     let mut plant_s = 0.0;
     let (mut c, t0) = cm_start(exe, 1, |configs| {
         let (_, cfg, tree) = &configs[0];
@@ -226,12 +232,18 @@ pub(crate) fn render(r: &ScaleResult) -> String {
         )
     };
     let rows = [
-        ("planting the tree (bench side)", format!("{:.1} s", r.plant_s)),
+        (
+            "planting the tree (bench side)",
+            format!("{:.1} s", r.plant_s),
+        ),
         (
             "start, empty index, until the control socket answers",
             format!("{:.1} s", r.start_s),
         ),
-        ("restart over the stored index", format!("{:.1} s", r.restart_s)),
+        (
+            "restart over the stored index",
+            format!("{:.1} s", r.restart_s),
+        ),
         (
             "first `status --json` once the socket answers",
             format!("{:.1} s", r.first_status_s),
@@ -243,7 +255,10 @@ pub(crate) fn render(r: &ScaleResult) -> String {
         ("`status` (text summary)", t(&r.status)),
         ("`status --json`", t(&r.status_json)),
         ("`/metrics`, per-certificate series", t(&r.metrics)),
-        ("`/metrics`, `per_certificate = false`", t(&r.metrics_aggregate)),
+        (
+            "`/metrics`, `per_certificate = false`",
+            t(&r.metrics_aggregate),
+        ),
         (
             "RSS (per-certificate / aggregates after the restart)",
             format!("{:.0} / {:.0} MiB", r.rss_mib, r.rss_aggregate_mib),

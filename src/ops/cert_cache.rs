@@ -322,7 +322,13 @@ mod tests {
         assert!(cache.facts(d.path(), "www", &www()).fault.is_none());
         let more = vec!["www.example.com".into(), "api.example.com".into()];
         let f = cache.facts(d.path(), "www", &more);
-        assert!(f.fault.as_deref().unwrap_or_default().contains("api.example.com"), "{f:?}");
+        assert!(
+            f.fault
+                .as_deref()
+                .unwrap_or_default()
+                .contains("api.example.com"),
+            "{f:?}"
+        );
     }
 
     #[test]

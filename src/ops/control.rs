@@ -12,8 +12,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::handles::{AcmeSlot, Barrier};
-use crate::ops::observe::StatusSource;
 use crate::net::clients::Clients;
+use crate::ops::observe::StatusSource;
 
 pub use crate::ops::status::*;
 
@@ -238,7 +238,11 @@ pub async fn request_with(
 
 /// Client side: the daemon's answer to `status`, typed, decoded once.
 pub async fn status(socket: &Path, cluster_ms: Option<u64>) -> anyhow::Result<Status> {
-    let line = answer_line(socket, serde_json::to_value(Request::Status { cluster_ms })?).await?;
+    let line = answer_line(
+        socket,
+        serde_json::to_value(Request::Status { cluster_ms })?,
+    )
+    .await?;
     serde_json::from_str(&line).map_err(|e| anyhow::anyhow!("daemon answer: {e}"))
 }
 

@@ -16,9 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::handles::{Observer, Settings};
-use crate::ops::observe::StatusSource;
 use crate::net::clients::Clients;
 use crate::ops::control::{PeerStatus, Status};
+use crate::ops::observe::StatusSource;
 use crate::telemetry::{events, Event, Events};
 
 /// Largest request head read.

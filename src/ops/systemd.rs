@@ -13,8 +13,8 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 
 use crate::handles::Observer;
-use crate::ops::observe::StatusSource;
 use crate::ops::control::Status;
+use crate::ops::observe::StatusSource;
 
 /// How long the status line waits after a change before it is recomputed, so a burst
 /// of acks (a bulk sync) costs one `status` computation, not thousands.
@@ -52,7 +52,10 @@ pub fn ready(source: &StatusSource) -> Vec<tokio::task::JoinHandle<()>> {
     send(&[NotifyState::Ready, NotifyState::Status(&line)]);
     let mut tasks = vec![tokio::spawn(status_updates(source.clone(), line))];
     if let Some(timeout) = sd_notify::watchdog_enabled() {
-        tasks.push(tokio::spawn(watchdog(source.observer().clone(), timeout / 2)));
+        tasks.push(tokio::spawn(watchdog(
+            source.observer().clone(),
+            timeout / 2,
+        )));
     }
     tasks
 }
