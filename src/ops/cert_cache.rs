@@ -121,10 +121,13 @@ fn derive(root: &Path, name: &str, domains: &[String]) -> CertFacts {
     }
 }
 
+/// Each certificate's facts with the key they were derived under, by name.
+type Entries = HashMap<String, (Key, Arc<CertFacts>)>;
+
 /// The facts of every certificate `status` has looked at, by name. Clones share it.
 #[derive(Clone)]
 pub struct CertCache {
-    entries: Arc<Mutex<HashMap<String, (Key, Arc<CertFacts>)>>>,
+    entries: Arc<Mutex<Entries>>,
     /// Facts read from the files (misses), for tests and logs.
     reads: Arc<std::sync::atomic::AtomicU64>,
     /// Files changed within this of a look are not trusted to the cache.
@@ -190,7 +193,7 @@ impl CertCache {
         self.reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Key, Arc<CertFacts>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         // The map holds plain values: one left by a panicking reader is still whole.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
