@@ -19,6 +19,10 @@
 //! 7. with pebble, `--only acme`: issuance on 1 vs 3 nodes and, with nginx installed,
 //!    issued → served by every node's nginx next to issued → live everywhere
 //!    (`compare/served.rs`).
+//! 8. only when named: `--only certs` (N certificates issued by a local Pebble on 3
+//!    nodes, `compare/certs.rs`) and `--only certs-scale` (N bundles planted in one
+//!    node's tree, no ACME: start-up, `status` and `/metrics` latency and size, RSS;
+//!    `compare/certs_scale.rs`).
 //!
 //! Syncthing (1.19, `/usr/bin/syncthing` or `$SYNCTHING`) runs fully offline: discovery,
 //! relays, NAT, STUN, usage and crash reporting and upgrades off; listen and GUI addresses on
