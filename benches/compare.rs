@@ -19,6 +19,10 @@
 //! 7. with pebble, `--only acme`: issuance on 1 vs 3 nodes and, with nginx installed,
 //!    issued → served by every node's nginx next to issued → live everywhere
 //!    (`compare/served.rs`).
+//! 8. only when named: `--only certs` (N certificates issued by a local Pebble on 3
+//!    nodes, `compare/certs.rs`) and `--only certs-scale` (N bundles planted in one
+//!    node's tree, no ACME: start-up, `status` and `/metrics` latency and size, RSS;
+//!    `compare/certs_scale.rs`).
 //!
 //! Syncthing (1.19, `/usr/bin/syncthing` or `$SYNCTHING`) runs fully offline: discovery,
 //! relays, NAT, STUN, usage and crash reporting and upgrades off; listen and GUI addresses on
@@ -43,6 +47,8 @@ use rand::{Rng, RngExt, SeedableRng};
 
 #[path = "compare/certs.rs"]
 mod certs;
+#[path = "compare/certs_scale.rs"]
+mod certs_scale;
 #[path = "compare/cluster.rs"]
 mod cluster;
 #[path = "compare/hubs.rs"]
@@ -472,6 +478,13 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    // What many existing certificates cost status, /metrics and start-up: only when
+    // named (`--only certs-scale`).
+    let scale_certs = if o.only.iter().any(|s| s == "certs-scale") {
+        Some(certs_scale::run_certs_scale(&exe, &o).context("certmesh, planted certificates")?)
+    } else {
+        None
+    };
     let acme = if o.runs("acme") && certmesh::demo_pebble::available() {
         Some(run_acme(&exe, &rt, &o).context("certmesh, ACME")?)
     } else {
@@ -592,6 +605,10 @@ fn main() -> Result<()> {
     };
     let report = match &many {
         Some(r) => report + &certs::render(r),
+        None => report,
+    };
+    let report = match &scale_certs {
+        Some(r) => report + &certs_scale::render(r),
         None => report,
     };
     println!("{report}");

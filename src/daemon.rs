@@ -23,6 +23,7 @@ use crate::handles::{Mesh, Reports, Settings, SyncHandle, TreeWriter};
 use crate::identity::Identity;
 use crate::net::transport::{Allowed, Transport};
 use crate::node::{now_ns, PeerSlot, PersistMsg, Shared, State};
+use crate::ops::observe::StatusSource;
 
 /// A handshake on the backnet takes milliseconds; one that has not completed by then
 /// went to a peer that was not listening yet: try again rather than wait.
@@ -222,8 +223,12 @@ async fn spawn(config: &Config, opened: Opened) -> anyhow::Result<Running> {
     let puller = tokio::spawn(crate::tasks::pull::run(sync.clone()));
     // The tree's certificate entries join the config's before anything reads them.
     crate::certs::load(&Settings::new(&shared), &shared.tree.root);
-    let (control, mut tasks) = spawn_features(config, &shared, http)?;
-    tasks.extend(spawn_sync(config, &shared, &transport, &sync, &watcher));
+    // One status source: the control socket, /metrics and systemd share its cache.
+    let status = StatusSource::new(crate::handles::Observer::new(&shared));
+    let (control, mut tasks) = spawn_features(config, &shared, http, &status)?;
+    tasks.extend(spawn_sync(
+        config, &shared, &transport, &sync, &watcher, &status,
+    ));
     Ok(Running {
         lock,
         shared,
@@ -312,6 +317,7 @@ fn spawn_features(
     config: &Config,
     shared: &Arc<Shared>,
     http: Option<std::net::TcpListener>,
+    status: &StatusSource,
 ) -> anyhow::Result<(
     tokio::task::JoinHandle<()>,
     Vec<tokio::task::JoinHandle<()>>,
@@ -319,11 +325,11 @@ fn spawn_features(
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     tasks.extend(crate::ops::metrics::start(
         crate::handles::Settings::new(shared),
-        crate::handles::Observer::new(shared),
+        status.clone(),
     )?);
     let control = crate::ops::control::start(
         crate::ops::control::Handles {
-            observer: crate::handles::Observer::new(shared),
+            status: status.clone(),
             acme: crate::handles::AcmeSlot::new(shared),
             barrier: crate::handles::Barrier::new(shared),
         },
@@ -375,6 +381,7 @@ fn spawn_sync(
     transport: &Arc<Transport>,
     sync: &SyncHandle,
     watcher: &crate::tasks::watch::Watch,
+    status: &StatusSource,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = vec![tokio::spawn(accept_loop(shared.clone(), transport.clone()))];
     // Installed before READY=1: a `systemctl reload` right after start must not kill us.
@@ -384,6 +391,7 @@ fn spawn_sync(
         transport.clone(),
         config.peers.iter().map(|p| p.id).collect(),
         hup,
+        status.clone(),
     )));
     tasks.push(tokio::spawn(periodic_rescan(
         Settings::new(shared),
@@ -393,9 +401,12 @@ fn spawn_sync(
     tasks.push(tokio::spawn(collect_tombstones(shared.clone())));
     tasks.push(tokio::spawn(measure_disk(sync.clone())));
     tracing::info!(listen = %config.listen, tree = %config.tree.display(), peers = config.peers.len(), "certmesh running");
-    tasks.extend(crate::ops::systemd::ready(&crate::handles::Observer::new(
-        shared,
-    )));
+    tasks.extend(crate::ops::systemd::ready(status));
+    // Fill the certificates' cache now, not in the first `status` or scrape.
+    let warm = status.clone();
+    tasks.push(tokio::spawn(async move {
+        let _ = tokio::task::spawn_blocking(move || warm.status()).await;
+    }));
     tasks
 }
 
@@ -660,6 +671,7 @@ async fn peers_and_reloads(
     transport: Arc<Transport>,
     peers: Vec<DeviceId>,
     hup: std::io::Result<tokio::signal::unix::Signal>,
+    status: StatusSource,
 ) {
     let mut dialers = tokio::task::JoinSet::new();
     for id in peers {
@@ -701,7 +713,7 @@ async fn peers_and_reloads(
                 .lock()
                 .error(format!("SIGHUP: config not reloaded: {e}")),
         }
-        crate::ops::systemd::reloaded(&crate::handles::Observer::new(&shared));
+        crate::ops::systemd::reloaded(&status);
     }
 }
 

@@ -537,17 +537,23 @@ fn status(
     cluster: Option<std::time::Duration>,
     view: certmesh::ops::status::CertView<'_>,
 ) -> Result<(), Failure> {
-    let req = certmesh::ops::control::Request::Status {
-        cluster_ms: cluster.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-    };
-    let v = runtime()?
-        .block_on(certmesh::ops::control::send(&c.control_socket(), &req))
+    let cluster_ms = cluster.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+    let socket = c.control_socket();
+    if json && cluster.is_none() {
+        // Printed as the daemon sent it, pretty: no typed decode needed.
+        let req = certmesh::ops::control::Request::Status { cluster_ms };
+        let v = runtime()?
+            .block_on(certmesh::ops::control::send(&socket, &req))
+            .map_err(rt_err)?;
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    let s = runtime()?
+        .block_on(certmesh::ops::control::status(&socket, cluster_ms))
         .map_err(rt_err)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
     }
-    let s: certmesh::ops::control::Status =
-        serde_json::from_value(v).map_err(|e| Failure::Runtime(format!("daemon answer: {e}")))?;
     let behind = cluster.map(|_| cluster_behind(&s));
     if !json {
         print!(

@@ -86,6 +86,9 @@ usage: cargo bench --bench compare -- [flags]
                         budget raised); time to issue all, orders/s, CPU per order, status
                         and /metrics latency and size, RSS, hook runs, a 4th node's join
                         (default 10000)
+  --only certs-scale    (run only when named) --certs N good bundles and their tree entries
+                        planted on one node (no ACME): start-up, status / --json / /metrics
+                        latency and size (both metrics settings), RSS
   --certs-timeout S     how long `--only certs` waits for all to be live (default 10800)";
 
 pub(crate) fn parse_opts() -> Result<Opts> {
@@ -195,10 +198,11 @@ pub(crate) fn parse_opts() -> Result<Opts> {
                         "stop",
                         "stages",
                         "certs",
+                        "certs-scale",
                     ]
                     .contains(&s.as_str())
                 }) {
-                    bail!("--only: unknown section {bad:?} (latency, bulk, bulk-small, scale, acme, hubs, stop, stages, certs)");
+                    bail!("--only: unknown section {bad:?} (latency, bulk, bulk-small, scale, acme, hubs, stop, stages, certs, certs-scale)");
                 }
             }
             "-h" | "--help" => {

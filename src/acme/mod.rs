@@ -365,6 +365,13 @@ pub fn bundle_error(h: &Handles, name: &str, domains: &[String]) -> Option<Strin
     let root = h.writer.root();
     std::fs::symlink_metadata(root.join("live").join(name)).ok()?;
     let why = served::check_live(root, name, domains).err()?;
+    Some(with_author(h, name, why))
+}
+
+/// `why` (a [`served::check_live`] error) with the node that last wrote the file it
+/// names, when the index knows.
+pub fn with_author(h: &Handles, name: &str, why: String) -> String {
+    let root = h.writer.root();
     let file = why
         .strip_prefix(&format!("live/{name}/"))
         .and_then(|r| r.split([':', ' ']).next())
@@ -388,10 +395,10 @@ pub fn bundle_error(h: &Handles, name: &str, domains: &[String]) -> Option<Strin
                 .flatten()
                 .unwrap_or_else(|| format!("{:016x}", id.0))
         });
-    Some(match author {
+    match author {
         Some(a) => format!("{why} (last written by {a})"),
         None => why,
-    })
+    }
 }
 
 /// The validity of the certificate `live/<name>/fullchain.pem` serves.

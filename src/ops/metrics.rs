@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::handles::{Observer, Settings};
 use crate::net::clients::Clients;
 use crate::ops::control::{PeerStatus, Status};
+use crate::ops::observe::StatusSource;
 use crate::telemetry::{events, Event, Events};
 
 /// Largest request head read.
@@ -30,7 +31,7 @@ const MAX_CLIENTS: usize = 16;
 /// Starts the endpoint if `[metrics] listen` is configured.
 pub fn start(
     settings: Settings,
-    observer: Observer,
+    source: StatusSource,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let addr = settings.read(|c| c.metrics_listen).flatten();
     let Some(addr) = addr else {
@@ -45,8 +46,8 @@ pub fn start(
         clients,
         limit,
         move |stream| {
-            let (settings, observer) = (settings.clone(), observer.clone());
-            async move { serve(&settings, &observer, stream).await }
+            let (settings, source) = (settings.clone(), source.clone());
+            async move { serve(&settings, &source, stream).await }
         },
     )))
 }
@@ -60,7 +61,7 @@ fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 async fn serve(
     settings: &Settings,
-    observer: &Observer,
+    source: &StatusSource,
     mut stream: TcpStream,
 ) -> std::io::Result<()> {
     let mut head = Vec::new();
@@ -82,7 +83,11 @@ async fn serve(
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
-            let body = render(&observer.status(), &scrape(settings, observer), &events());
+            let body = render(
+                &source.status(),
+                &scrape(settings, source.observer()),
+                &events(),
+            );
             let body = if method == "HEAD" { "" } else { &body };
             respond(
                 &mut stream,
@@ -135,11 +140,17 @@ pub struct Scrape {
 }
 
 fn scrape(settings: &Settings, observer: &Observer) -> Scrape {
+    let per_certificate = settings.read(|c| c.metrics_per_certificate).unwrap_or(true);
     Scrape {
-        unconfigured: live_only(settings, observer.root()),
+        // Only the per-certificate series show them: no walk of live/ otherwise.
+        unconfigured: if per_certificate {
+            live_only(settings, observer.root())
+        } else {
+            Vec::new()
+        },
         peer_bytes: peer_bytes(observer),
         process: Process::read(),
-        per_certificate: settings.read(|c| c.metrics_per_certificate).unwrap_or(true),
+        per_certificate,
     }
 }
 

@@ -1,6 +1,7 @@
 //! What operators see and wire up: [`control`] (the local socket behind `status`,
 //! `issue`, `renew`, `confirm`), [`status`] (what `certmesh status` shows, typed,
-//! and its tables; [`observe`] builds it from the node's state), [`metrics`] (optional Prometheus `/metrics`, reading the counters
+//! and its tables; [`observe`] builds it from the node's state, [`cert_cache`] keeps
+//! what each certificate's files say until they change), [`metrics`] (optional Prometheus `/metrics`, reading the counters
 //! of [`crate::telemetry`]), [`hooks`] (commands or HAProxy hot swaps
 //! when matching paths change), [`firewall`] (nftables / iptables rules from the
 //! config), [`systemd`] (readiness, status line, reload, watchdog) and [`logging`]
@@ -9,6 +10,7 @@
 //! `status` shows it).
 
 pub mod census;
+pub mod cert_cache;
 pub mod coalesce;
 pub mod control;
 pub mod firewall;

@@ -1,6 +1,6 @@
-//! Builds what `status` shows from the node's state ([`Observer::status`]): one
-//! short pass under the state lock for the peers and the tree, the certificates
-//! from the tree and the ACME driver outside it.
+//! Builds what `status` shows from the node's state ([`StatusSource::status`]):
+//! one short pass under the state lock for the peers and the tree, the certificates
+//! from the tree (through [`CertCache`]) and the ACME driver outside it.
 
 use std::sync::Arc;
 
@@ -10,22 +10,46 @@ use crate::core::paths::RelPath;
 use crate::core::rollout_time::{Finished, Published, Seen};
 use crate::handles::Observer;
 use crate::node::Shared;
+use crate::ops::cert_cache::CertCache;
 use crate::ops::served::ServedStatus;
 use crate::ops::status::*;
 use crate::telemetry::RecentError;
 
-impl Observer {
+/// What `status` is built from: the node, through its [`Observer`], and what each
+/// certificate's files say, cached until they change ([`CertCache`]). The daemon
+/// makes one; its clones (the control socket, `/metrics`, systemd) share the cache.
+#[derive(Clone)]
+pub struct StatusSource {
+    observer: Observer,
+    cache: CertCache,
+}
+
+impl StatusSource {
+    pub fn new(observer: Observer) -> Self {
+        StatusSource {
+            observer,
+            cache: CertCache::default(),
+        }
+    }
+
     /// The status as `certmesh status` shows it.
     pub fn status(&self) -> Status {
-        status(&self.0)
+        status(&self.observer.0, &self.cache)
+    }
+
+    /// The node's other views (index, peers, wake-ups).
+    pub fn observer(&self) -> &Observer {
+        &self.observer
     }
 }
 
 /// The certificates part of the status (the leaf `live/<name>/fullchain.pem` serves,
 /// and whether the bundle around it is good).
-fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
+fn certificates(shared: &Arc<Shared>, cache: &CertCache) -> Vec<CertStatus> {
     use crate::acme;
     let certs = shared.config().certificates.clone();
+    let _pass = cache.pass();
+    cache.retain(&certs.iter().map(|c| c.name.as_str()).collect());
     if certs.is_empty() {
         return Vec::new();
     }
@@ -37,18 +61,21 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
     certs
         .into_iter()
         .map(|c| {
-            let live = acme::live_validity(&shared.tree.root, &c.name);
+            let facts = cache.facts(&shared.tree.root, &c.name, &c.domains);
+            let live = facts.leaf.as_ref();
             let rt = shared.acme.get().and_then(|a| a.runtime(&c.name));
             let lease = acme::read_lease(&h, &c.name)
                 .filter(|l| l.fresh(now))
                 .map(|l| l.node);
-            let na = live.as_ref().map(|(v, _, _)| v.not_after);
+            let na = live.map(|l| l.validity.not_after);
             let challenge = c.challenge_label().to_string();
-            let bundle_error = acme::bundle_error(&h, &c.name, &c.domains);
+            let bundle_error = facts
+                .fault
+                .clone()
+                .map(|why| acme::with_author(&h, &c.name, why));
             // Due from now on (before any jitter) and nobody will order it.
-            let in_window = live
-                .as_ref()
-                .is_some_and(|(v, _, _)| now >= acme::schedule::due_at(Some(*v), None, 0.0));
+            let in_window =
+                live.is_some_and(|l| now >= acme::schedule::due_at(Some(l.validity), None, 0.0));
             let planned = rt.as_ref().and_then(|r| r.next_renewal).is_some();
             let warning = match (&renewer, in_window) {
                 (None, true) => Some(
@@ -61,7 +88,7 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
                 _ => None,
             };
             let served = served.remove(&c.name).unwrap_or_default();
-            let version = crate::acme::bundle::live_version(&shared.tree.root, &c.name);
+            let version = facts.version;
             let rollout = rollout(shared, &c.name, version, &served);
             CertStatus {
                 last_rollout_ms: rollout.as_ref().map(|r| r.ms),
@@ -72,11 +99,9 @@ fn certificates(shared: &Arc<Shared>) -> Vec<CertStatus> {
                 not_after_unix: na,
                 days_left: na.map(|t| ((t - now) as f64 / 86400.0 * 10.0).round() / 10.0),
                 version,
-                ca: live
-                    .as_ref()
-                    .and_then(|(_, _, s)| acme::ca::issuer(&shared.tree.root, &c.name, s)),
-                runway_s: live.as_ref().map(|(v, _, _)| acme::served::runway(*v, now)),
-                serial: live.map(|(_, _, s)| s),
+                ca: facts.ca.clone(),
+                runway_s: live.map(|l| acme::served::runway(l.validity, now)),
+                serial: live.map(|l| l.serial.clone()),
                 renewer: renewer.clone(),
                 lease,
                 next_renewal: rt.as_ref().and_then(|r| r.next_renewal).map(acme::rfc3339),
@@ -202,8 +227,8 @@ fn served_by_cert(
 }
 
 /// Builds the status from the live state.
-fn status(shared: &Arc<Shared>) -> Status {
-    let certificates = certificates(shared);
+fn status(shared: &Arc<Shared>, cache: &CertCache) -> Status {
+    let certificates = certificates(shared, cache);
     let (name, listen, tree) = {
         let c = shared.config();
         (

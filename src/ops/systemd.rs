@@ -14,6 +14,7 @@ use sd_notify::NotifyState;
 
 use crate::handles::Observer;
 use crate::ops::control::Status;
+use crate::ops::observe::StatusSource;
 
 /// How long the status line waits after a change before it is recomputed, so a burst
 /// of acks (a bulk sync) costs one `status` computation, not thousands.
@@ -43,15 +44,18 @@ fn send(states: &[NotifyState]) {
 
 /// The daemon is up (endpoint bound, index loaded, control socket listening): tells
 /// systemd, then keeps the status line and the watchdog going.
-pub fn ready(observer: &Observer) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn ready(source: &StatusSource) -> Vec<tokio::task::JoinHandle<()>> {
     if !enabled() {
         return Vec::new();
     }
-    let line = summary(&observer.status());
+    let line = summary(&source.status());
     send(&[NotifyState::Ready, NotifyState::Status(&line)]);
-    let mut tasks = vec![tokio::spawn(status_updates(observer.clone(), line))];
+    let mut tasks = vec![tokio::spawn(status_updates(source.clone(), line))];
     if let Some(timeout) = sd_notify::watchdog_enabled() {
-        tasks.push(tokio::spawn(watchdog(observer.clone(), timeout / 2)));
+        tasks.push(tokio::spawn(watchdog(
+            source.observer().clone(),
+            timeout / 2,
+        )));
     }
     tasks
 }
@@ -68,11 +72,11 @@ pub fn reloading() {
 }
 
 /// The SIGHUP re-read is done (applied or refused: either way the daemon runs on).
-pub fn reloaded(observer: &Observer) {
+pub fn reloaded(source: &StatusSource) {
     if !enabled() {
         return;
     }
-    let line = summary(&observer.status());
+    let line = summary(&source.status());
     send(&[NotifyState::Ready, NotifyState::Status(&line)]);
 }
 
@@ -85,8 +89,8 @@ pub fn stopping() {
 
 /// `STATUS=` whenever the summary changes: woken by index changes and acks (peers
 /// connecting and syncing), at most once per `STATUS_SETTLE`.
-async fn status_updates(observer: Observer, mut last: String) {
-    let (mut changed, mut progress) = observer.subscribe();
+async fn status_updates(source: StatusSource, mut last: String) {
+    let (mut changed, mut progress) = source.observer().subscribe();
     loop {
         tokio::select! {
             r = changed.changed() => if r.is_err() { return },
@@ -96,7 +100,7 @@ async fn status_updates(observer: Observer, mut last: String) {
         tokio::time::sleep(STATUS_SETTLE).await;
         changed.borrow_and_update();
         progress.borrow_and_update();
-        let line = summary(&observer.status());
+        let line = summary(&source.status());
         if line != last {
             send(&[NotifyState::Status(&line)]);
             last = line;

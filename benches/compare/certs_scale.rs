@@ -1,0 +1,279 @@
+//! `--only certs-scale` (issue 29 item 3): what N certificates cost the machinery
+//! once they exist, without ordering them. N good bundles are planted in one node's
+//! tree as the renewer publishes them (`archive/<name>/1/` with the five files,
+//! `live/<name>` → `../archive/<name>/1`), one test CA signing N leaves, plus the N
+//! entries `certmesh cert add` writes (`.certmesh/certificates/<name>.toml`). The
+//! node has no `[acme]`, so nothing is ordered. Measured: start-up until the control
+//! socket answers (it opens after the first scan), `status` and `status --json`
+//! latency and size (the real binary, [`SAMPLES`] each), `/metrics` latency and size,
+//! RSS; then the node restarts with `[metrics] per_certificate = false` and the
+//! restart and the aggregate scrape are measured the same way.
+
+use super::*;
+
+/// Samples of each `status` / `/metrics` measure.
+const SAMPLES: usize = 5;
+
+/// (p50, max) seconds and the size in bytes of the last answer.
+pub(crate) struct Timed {
+    pub(crate) p50: f64,
+    pub(crate) max: f64,
+    pub(crate) bytes: usize,
+}
+
+/// What `--only certs-scale` measured.
+pub(crate) struct ScaleResult {
+    pub(crate) n: usize,
+    pub(crate) plant_s: f64,
+    /// Start with an empty index (every file hashed), until the control socket answers.
+    pub(crate) start_s: f64,
+    /// Restart over the stored index.
+    pub(crate) restart_s: f64,
+    /// The first `status --json` and scrape, asked as soon as the socket answers
+    /// (the cache still cold or warming).
+    pub(crate) first_status_s: f64,
+    pub(crate) first_scrape_s: f64,
+    pub(crate) status: Timed,
+    pub(crate) status_json: Timed,
+    pub(crate) metrics: Timed,
+    pub(crate) metrics_aggregate: Timed,
+    pub(crate) rss_mib: f64,
+    pub(crate) rss_aggregate_mib: f64,
+}
+
+/// Writes `n` good bundles and their tree entries into `tree`.
+fn plant(tree: &Path, n: usize) -> Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    let issuer = Issuer::new(ca, ca_key);
+    // One leaf key for all: key generation is not what is measured.
+    let key = KeyPair::generate()?;
+    let key_pem = key.serialize_pem();
+    let now = time::OffsetDateTime::now_utc();
+    let entries = tree.join(".certmesh/certificates");
+    std::fs::create_dir_all(&entries)?;
+    std::fs::create_dir_all(tree.join("live"))?;
+    for i in 0..n {
+        let name = format!("c{i}");
+        let domain = format!("{name}.bench.test");
+        let mut p = CertificateParams::new(vec![domain.clone()])?;
+        p.not_before = now - time::Duration::days(1);
+        p.not_after = now + time::Duration::days(89);
+        let cert = p.signed_by(&key, &issuer)?.pem();
+        let fullchain = format!("{cert}{ca_pem}");
+        let dir = tree.join(format!("archive/{name}/1"));
+        std::fs::create_dir_all(&dir)?;
+        for (file, data, mode) in [
+            ("cert.pem", cert.as_str(), 0o644),
+            ("chain.pem", ca_pem.as_str(), 0o644),
+            ("fullchain.pem", fullchain.as_str(), 0o644),
+            ("privkey.pem", key_pem.as_str(), 0o640),
+            ("combined.pem", &format!("{fullchain}{key_pem}"), 0o640),
+        ] {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(dir.join(file))?
+                .write_all(data.as_bytes())?;
+        }
+        std::os::unix::fs::symlink(
+            format!("../archive/{name}/1"),
+            tree.join("live").join(&name),
+        )?;
+        std::fs::write(
+            entries.join(format!("{name}.toml")),
+            format!("name = \"{name}\"\ndomains = [\"{domain}\"]\nkey = \"ecdsa-p256\"\n"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Seconds from `t0` until the node's control socket accepts a connection.
+fn until_control(node: &LocalNode, t0: Instant) -> Result<f64> {
+    let sock = node.config.with_file_name("state").join("control.sock");
+    loop {
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            return Ok(t0.elapsed().as_secs_f64());
+        }
+        if t0.elapsed() > Duration::from_secs(1800) {
+            bail!("the control socket {} never answered", sock.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `certmesh status` with `args`: seconds and bytes of output.
+fn status_once(exe: &Path, node: &LocalNode, args: &[&str]) -> Result<(Duration, usize)> {
+    let t = Instant::now();
+    let out = Command::new(exe)
+        .arg("status")
+        .arg("--config")
+        .arg(&node.config)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!("status: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((t.elapsed(), out.stdout.len()))
+}
+
+/// `GET /metrics`: seconds and bytes of the body.
+fn scrape_once(addr: &str) -> Result<(Duration, usize)> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr)?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let head = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |p| p + 4);
+    if !out.starts_with(b"HTTP/1.1 200") {
+        bail!("/metrics: {}", String::from_utf8_lossy(&out[..head]));
+    }
+    Ok((t.elapsed(), out.len() - head))
+}
+
+fn timed(mut one: impl FnMut() -> Result<(Duration, usize)>) -> Result<Timed> {
+    let mut v = Vec::with_capacity(SAMPLES);
+    let mut bytes = 0;
+    for _ in 0..SAMPLES {
+        let (d, b) = one()?;
+        v.push(d);
+        bytes = b;
+    }
+    let s = stats(v);
+    Ok(Timed {
+        p50: s.p50,
+        max: s.max,
+        bytes,
+    })
+}
+
+pub(crate) fn run_certs_scale(exe: &Path, o: &Opts) -> Result<ScaleResult> {
+    let n = o.certs;
+    eprintln!("[certmesh] certs-scale: planting {n} certificates on one node");
+    let metrics = format!(
+        "127.0.0.2:{}",
+        TcpListener::bind("127.0.0.2:0")?.local_addr()?.port()
+    );
+    let mut plant_s = 0.0;
+    let (mut c, t0) = cm_start(exe, 1, |configs| {
+        let (_, cfg, tree) = &configs[0];
+        let t = Instant::now();
+        plant(tree, n)?;
+        plant_s = t.elapsed().as_secs_f64();
+        let mut text = std::fs::read_to_string(cfg)?;
+        text.push_str(&format!("\n[metrics]\nlisten = \"{metrics}\"\n"));
+        std::fs::write(cfg, text)?;
+        Ok(())
+    })?;
+    let start_s = until_control(&c.nodes[0], t0)?;
+    eprintln!("[certmesh] certs-scale: planted in {plant_s:.1} s, started in {start_s:.1} s");
+    let first_status_s = status_once(exe, &c.nodes[0], &["--json"])?.0.as_secs_f64();
+    c.settle(Duration::from_secs(120));
+    let node = &c.nodes[0];
+    let status = timed(|| status_once(exe, node, &[]))?;
+    let status_json = timed(|| status_once(exe, node, &["--json"]))?;
+    let metrics_full = timed(|| scrape_once(&metrics))?;
+    let pid = |c: &CmCluster| c.pids().first().copied().unwrap_or(0);
+    let rss_full = rss_mib(pid(&c)).unwrap_or(0.0);
+    let (name, cfg, tree) = (node.name.clone(), node.config.clone(), node.tree.clone());
+    // Again with the aggregates only: a restart over the stored index.
+    c.stop_all();
+    let text = std::fs::read_to_string(&cfg)?;
+    std::fs::write(
+        &cfg,
+        text.replace("\n[metrics]\n", "\n[metrics]\nper_certificate = false\n"),
+    )?;
+    let t = Instant::now();
+    c.nodes[0] = demo::spawn(exe, &name, &cfg, &tree)?;
+    let restart_s = until_control(&c.nodes[0], t)?;
+    let first_scrape_s = scrape_once(&metrics)?.0.as_secs_f64();
+    c.settle(Duration::from_secs(120));
+    let metrics_aggregate = timed(|| scrape_once(&metrics))?;
+    let rss_aggregate_mib = rss_mib(pid(&c)).unwrap_or(0.0);
+    Ok(ScaleResult {
+        n,
+        plant_s,
+        start_s,
+        restart_s,
+        first_status_s,
+        first_scrape_s,
+        status,
+        status_json,
+        metrics: metrics_full,
+        metrics_aggregate,
+        rss_mib: rss_full,
+        rss_aggregate_mib,
+    })
+}
+
+/// The report's section.
+pub(crate) fn render(r: &ScaleResult) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "\n## Many certificates, planted ({} on one node, {SAMPLES} samples each)\n",
+        r.n
+    );
+    let _ = writeln!(o, "| measure | value |\n|---|---|");
+    let t = |x: &Timed| {
+        format!(
+            "p50 {:.0} ms, max {:.0} ms, {}",
+            x.p50 * 1e3,
+            x.max * 1e3,
+            size(x.bytes)
+        )
+    };
+    let rows = [
+        (
+            "planting the tree (bench side)",
+            format!("{:.1} s", r.plant_s),
+        ),
+        (
+            "start, empty index, until the control socket answers",
+            format!("{:.1} s", r.start_s),
+        ),
+        (
+            "restart over the stored index",
+            format!("{:.1} s", r.restart_s),
+        ),
+        (
+            "first `status --json` once the socket answers",
+            format!("{:.1} s", r.first_status_s),
+        ),
+        (
+            "first `/metrics` after the restart (aggregates)",
+            format!("{:.1} s", r.first_scrape_s),
+        ),
+        ("`status` (text summary)", t(&r.status)),
+        ("`status --json`", t(&r.status_json)),
+        ("`/metrics`, per-certificate series", t(&r.metrics)),
+        (
+            "`/metrics`, `per_certificate = false`",
+            t(&r.metrics_aggregate),
+        ),
+        (
+            "RSS (per-certificate / aggregates after the restart)",
+            format!("{:.0} / {:.0} MiB", r.rss_mib, r.rss_aggregate_mib),
+        ),
+    ];
+    for (k, v) in rows {
+        let _ = writeln!(o, "| {k} | {v} |");
+    }
+    o
+}
+
+fn size(b: usize) -> String {
+    if b >= 1_000_000 {
+        format!("{:.2} MB", b as f64 / 1e6)
+    } else {
+        format!("{:.1} KB", b as f64 / 1e3)
+    }
+}
