@@ -134,12 +134,15 @@ fn pid(n: &LocalNode) -> Option<u32> {
 }
 
 /// `GET /metrics` at `addr`: (seconds, body).
-fn scrape(addr: &str) -> Result<(f64, String)> {
+pub(crate) fn scrape(addr: &str) -> Result<(f64, String)> {
     let t = Instant::now();
     let mut s = TcpStream::connect(addr)?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
+    if !out.starts_with("HTTP/1.1 200") {
+        bail!("/metrics: {}", out.lines().next().unwrap_or(""));
+    }
     let body = out
         .split_once("\r\n\r\n")
         .map_or("", |(_, b)| b)
@@ -148,7 +151,7 @@ fn scrape(addr: &str) -> Result<(f64, String)> {
 }
 
 /// `certmesh status` (with `args`) against `node`: (seconds, bytes of output).
-fn status(exe: &Path, node: &LocalNode, args: &[&str]) -> Result<(f64, usize)> {
+pub(crate) fn status(exe: &Path, node: &LocalNode, args: &[&str]) -> Result<(f64, usize)> {
     let t = Instant::now();
     let out = Command::new(exe)
         .arg("status")

@@ -107,36 +107,16 @@ fn until_control(node: &LocalNode, t0: Instant) -> Result<f64> {
     }
 }
 
-/// `certmesh status` with `args`: seconds and bytes of output.
+/// `certmesh status` with `args`: how long and bytes of output.
 fn status_once(exe: &Path, node: &LocalNode, args: &[&str]) -> Result<(Duration, usize)> {
-    let t = Instant::now();
-    let out = Command::new(exe)
-        .arg("status")
-        .arg("--config")
-        .arg(&node.config)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!("status: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok((t.elapsed(), out.stdout.len()))
+    let (s, bytes) = crate::certs::status(exe, node, args)?;
+    Ok((Duration::from_secs_f64(s), bytes))
 }
 
-/// `GET /metrics`: seconds and bytes of the body.
+/// `GET /metrics`: how long and bytes of the body.
 fn scrape_once(addr: &str) -> Result<(Duration, usize)> {
-    let t = Instant::now();
-    let mut s = TcpStream::connect(addr)?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)?;
-    let head = out
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(0, |p| p + 4);
-    if !out.starts_with(b"HTTP/1.1 200") {
-        bail!("/metrics: {}", String::from_utf8_lossy(&out[..head]));
-    }
-    Ok((t.elapsed(), out.len() - head))
+    let (s, body) = crate::certs::scrape(addr)?;
+    Ok((Duration::from_secs_f64(s), body.len()))
 }
 
 fn timed(mut one: impl FnMut() -> Result<(Duration, usize)>) -> Result<Timed> {
