@@ -177,15 +177,16 @@ pub fn check_live(root: &Path, name: &str, domains: &[String]) -> Result<Leaf, S
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    struct Ca {
-        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-        pem: String,
+    /// A test CA: its issuer and its certificate's PEM.
+    pub(crate) struct Ca {
+        pub issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+        pub pem: String,
     }
 
-    fn ca() -> Ca {
+    pub(crate) fn ca() -> Ca {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -197,7 +198,7 @@ mod tests {
     }
 
     /// A bundle for www.example.com as publish writes it, signed by `ca`.
-    fn bundle(ca: &Ca, year: i32) -> BundleFiles {
+    pub(crate) fn bundle(ca: &Ca, year: i32) -> BundleFiles {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::new(vec!["www.example.com".into()]).unwrap();
         p.not_after = rcgen::date_time_ymd(year, 1, 1);
@@ -212,7 +213,7 @@ mod tests {
         }
     }
 
-    fn www() -> Vec<String> {
+    pub(crate) fn www() -> Vec<String> {
         vec!["www.example.com".into()]
     }
 

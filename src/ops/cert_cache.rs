@@ -203,50 +203,29 @@ impl CertCache {
 mod tests {
     use super::*;
 
-    struct Ca {
-        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-        pem: String,
-    }
-
-    fn ca() -> Ca {
-        let key = rcgen::KeyPair::generate().expect("a key");
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let pem = p.self_signed(&key).expect("a CA").pem();
-        Ca {
-            issuer: rcgen::Issuer::new(p, key),
-            pem,
-        }
-    }
+    use crate::acme::served::tests::{bundle, ca, www, Ca};
 
     /// Publishes a good bundle for `www.example.com` as version `v` of `www`
     /// (`archive/www/<v>/`, `live/www` → it); returns the leaf's PEM.
     fn publish(root: &Path, ca: &Ca, v: u32) -> String {
-        let key = rcgen::KeyPair::generate().expect("a key");
-        let p = rcgen::CertificateParams::new(vec!["www.example.com".into()]).expect("params");
-        let leaf = p.signed_by(&key, &ca.issuer).expect("a leaf").pem();
-        let k = key.serialize_pem();
-        let full = format!("{leaf}{}", ca.pem);
+        let b = bundle(ca, 2031);
         let dir = root.join(format!("archive/www/{v}"));
         std::fs::create_dir_all(&dir).expect("archive dir");
         for (f, data) in [
-            ("cert.pem", leaf.clone()),
-            ("chain.pem", ca.pem.clone()),
-            ("fullchain.pem", full.clone()),
-            ("privkey.pem", k.clone()),
-            ("combined.pem", format!("{full}{k}")),
+            ("cert.pem", &b.cert),
+            ("chain.pem", &b.chain),
+            ("fullchain.pem", &b.fullchain),
+            ("privkey.pem", &b.key),
+            ("combined.pem", &b.combined),
         ] {
-            std::fs::write(dir.join(f), data).expect("a bundle file");
+            std::fs::write(dir.join(f), data.as_deref().unwrap_or_default())
+                .expect("a bundle file");
         }
         std::fs::create_dir_all(root.join("live")).expect("live dir");
         let tmp = root.join("live/.www.tmp");
         std::os::unix::fs::symlink(format!("../archive/www/{v}"), &tmp).expect("link");
         std::fs::rename(&tmp, root.join("live/www")).expect("flip");
-        leaf
-    }
-
-    fn www() -> Vec<String> {
-        vec!["www.example.com".into()]
+        String::from_utf8(b.cert.unwrap_or_default()).expect("PEM")
     }
 
     /// A cache that trusts even files written a moment ago (the tests' files are).
