@@ -13,16 +13,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::clock::now_ns;
 use crate::config::{peer::PeerConfig, Config};
 use crate::core::device::DeviceId;
 use crate::core::engine::Engine;
 use crate::core::index::Index;
 use crate::disk::apply::Tree;
 use crate::disk::store::{Store, StoreFile};
-use crate::handles::{Mesh, Reports, Settings, SyncHandle, TreeWriter};
+use crate::handles::sync::SyncHandle;
+use crate::handles::{Mesh, Reports, Settings, TreeWriter};
 use crate::identity::Identity;
 use crate::net::transport::{Allowed, Transport};
-use crate::node::{now_ns, PeerSlot, PersistMsg, Shared, State};
+use crate::node::{PeerSlot, PersistMsg, Shared, State};
 use crate::ops::observe::StatusSource;
 
 /// A handshake on the backnet takes milliseconds; one that has not completed by then
@@ -330,8 +332,8 @@ fn spawn_features(
     let control = crate::ops::control::start(
         crate::ops::control::Handles {
             status: status.clone(),
-            acme: crate::handles::AcmeSlot::new(shared),
-            barrier: crate::handles::Barrier::new(shared),
+            acme: crate::handles::acme::AcmeSlot::new(shared),
+            barrier: crate::handles::acme::Barrier::new(shared),
         },
         &config.control_socket(),
     )?;

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 
 use crate::core::record::ContentHash;
+use crate::dhgroup::DhGroup;
 use crate::disk::tree;
 use crate::handles::{Mesh, Reports, Settings, TreeWriter};
 
@@ -25,8 +26,6 @@ const MESH_GRACE: Duration = Duration::from_secs(10);
 /// mtime of a written file: RFC 7919's publication (2016-08-01). Older than any
 /// operator's file, so a concurrent operator file wins the sync's conflict rule.
 const WRITTEN_MTIME: Duration = Duration::from_secs(1_470_009_600);
-
-pub use crate::dhgroup::DhGroup;
 
 /// What [`place`] found or did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

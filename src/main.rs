@@ -572,7 +572,7 @@ fn status(
 
 /// For `status --cluster`'s exit code: every direct peer not connected, and every
 /// node of the census that is down, behind or not in sync ("lb2 (down)").
-fn cluster_behind(s: &certmesh::ops::control::Status) -> Vec<String> {
+fn cluster_behind(s: &certmesh::ops::status::Status) -> Vec<String> {
     let mut out: Vec<String> = s
         .peers
         .iter()
@@ -774,7 +774,7 @@ async fn issue_progress(socket: PathBuf, name: String, tree: PathBuf) {
     let mut last = String::new();
     loop {
         if let Ok(v) = certmesh::ops::control::request(&socket, "status").await {
-            if let Ok(s) = serde_json::from_value::<certmesh::ops::control::Status>(v) {
+            if let Ok(s) = serde_json::from_value::<certmesh::ops::status::Status>(v) {
                 let tokens = std::fs::read_dir(&challenges).map_or(0, |d| d.count());
                 if let Some(cert) = s.certificates.iter().find(|c| c.name == name) {
                     let first = *first_version.get_or_insert(cert.version);
@@ -794,8 +794,8 @@ async fn issue_progress(socket: PathBuf, name: String, tree: PathBuf) {
 /// challenge files in the tree and how many connected peers acknowledged them, and
 /// a live version newer than the one the order started from.
 fn issue_step(
-    cert: &certmesh::ops::control::CertStatus,
-    peers: &[certmesh::ops::control::PeerStatus],
+    cert: &certmesh::ops::status::CertStatus,
+    peers: &[certmesh::ops::status::PeerStatus],
     challenges: usize,
     started_at: Option<u32>,
 ) -> String {
@@ -1069,7 +1069,7 @@ fn man(out_dir: Option<&std::path::Path>) -> Result<(), Failure> {
 mod tests {
     use super::*;
 
-    fn cert(state: &str, version: Option<u32>) -> certmesh::ops::control::CertStatus {
+    fn cert(state: &str, version: Option<u32>) -> certmesh::ops::status::CertStatus {
         serde_json::from_value(serde_json::json!({"name": "www", "domains": [],
             "not_after": null, "not_after_unix": null, "days_left": null,
             "version": version, "serial": null, "renewer": null, "lease": null,
@@ -1078,7 +1078,7 @@ mod tests {
         .expect("a certificate status")
     }
 
-    fn peer(connected: bool, in_sync: bool) -> certmesh::ops::control::PeerStatus {
+    fn peer(connected: bool, in_sync: bool) -> certmesh::ops::status::PeerStatus {
         serde_json::from_value(serde_json::json!({"name": "p", "id": "Y",
             "address": "127.0.1.2:1", "connected": connected, "in_sync": in_sync,
             "rtt_ms": null, "acked": 0, "pending_from": 0, "last_error": null}))

@@ -2,6 +2,7 @@
 //! (the sync [`Engine`] and the node's bookkeeping) behind a mutex held only for
 //! pure-core calls; I/O happens outside it.
 
+use crate::clock::now_ns;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -237,8 +238,6 @@ impl Shared {
         self.identity.id
     }
 }
-
-pub use crate::clock::now_ns;
 
 /// How one node answered a barrier.
 #[derive(Debug, Clone)]

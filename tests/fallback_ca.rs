@@ -8,7 +8,7 @@ use std::fs;
 use std::path::Path;
 
 use certmesh::acme::ca::{other_account_file, ACCOUNTS_DIR};
-use certmesh::ops::control::Status;
+use certmesh::ops::status::Status;
 
 use crate::acme::{check_bundle, tools_present, wait_version, Pebble, Proc, DOMAIN};
 use crate::util::{certmesh, free_tcp, others, wait_listening, wait_until, Node};

@@ -4,7 +4,8 @@
 
 use crate::util::{certmesh, wait_until, Node};
 use certmesh::ops::census::ClusterSync;
-use certmesh::ops::control::{ConfirmReply, Status};
+use certmesh::ops::control::ConfirmReply;
+use certmesh::ops::status::Status;
 
 /// renewer (0) — hub (1) — edge (2), started and connected.
 fn chain() -> (tempfile::TempDir, Vec<Node>) {

@@ -398,7 +398,7 @@ async fn requests_in_another_nodes_name_are_refused_and_cut_off() {
         }
         other => panic!("not cut off: {other:?}"),
     }
-    let st: certmesh::ops::control::Status = serde_json::from_value(h.status()).unwrap();
+    let st: certmesh::ops::status::Status = serde_json::from_value(h.status()).unwrap();
     let p = st.peers.iter().find(|p| p.name == "e").unwrap();
     let why = p.refused.last_reason.as_deref().unwrap_or_default();
     assert!(why.contains("not signed by its origin"), "{why}");

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use certmesh::core::codec::pb;
 use certmesh::core::device::DeviceId;
-use certmesh::handles::CLOSE_REFUSING;
+use certmesh::handles::sync::CLOSE_REFUSING;
 use certmesh::identity::Identity;
 use certmesh::net::transport::Transport;
 use certmesh::net::wire;
-use certmesh::ops::control::Status;
+use certmesh::ops::status::Status;
 
 use crate::util::{certmesh, wait_until, Node};
 

@@ -10,7 +10,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Instant;
 
-use certmesh::ops::control::Status;
+use certmesh::ops::status::Status;
 
 use crate::util::{wait_until, Node};
 

@@ -12,7 +12,7 @@ use certmesh::core::device::DeviceId;
 use certmesh::identity::Identity;
 use certmesh::net::transport::Transport;
 use certmesh::net::wire;
-use certmesh::ops::control::Status;
+use certmesh::ops::status::Status;
 
 use crate::util::{wait_until, Node};
 

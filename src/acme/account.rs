@@ -12,13 +12,12 @@ use anyhow::Context;
 use instant_acme::{Account, AccountCredentials, ExternalAccountKey, NewAccount};
 use serde::{Deserialize, Serialize};
 
-use super::ca::Ca;
+use super::ca::{Ca, ACCOUNT_FILE};
 use super::client::{http_client, within};
 use crate::config::acme::AcmeConfig;
 use crate::disk::tree;
 use crate::handles::TreeWriter;
 
-pub use super::ca::ACCOUNT_FILE;
 /// An account file is at most this many bytes.
 pub const MAX_ACCOUNT_BYTES: usize = 64 * 1024;
 

@@ -16,12 +16,12 @@ use tracing::Instrument;
 use super::agenda::Agenda;
 use super::budget::{self, Budget, Due, Kind, PAUSED_DIR};
 use super::ca::{self, Ca};
+use super::handle::{Acme, QueueStatus, QueuedOrder};
 use super::handle::{AcmeState, IssueReply, RenewReport, RenewResult};
-use super::handle::{QueueStatus, QueuedOrder};
 use super::schedule::{self, RenewalLease, Window};
 use super::{
     account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, this_node, unix_now,
-    Acme, Command, Handles, LEASES_DIR,
+    Command, Handles, LEASES_DIR,
 };
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;

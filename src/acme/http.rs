@@ -16,7 +16,7 @@ use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{account::ACCOUNT_FILE, order::CHALLENGE_DIR};
+use super::{ca::ACCOUNT_FILE, order::CHALLENGE_DIR};
 use crate::disk::tree;
 use crate::net::clients::Clients;
 

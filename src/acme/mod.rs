@@ -52,9 +52,9 @@ use tokio::sync::mpsc;
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::device::DeviceId;
 use crate::disk::tree;
-use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
+use crate::handles::acme::{AcmeSlot, Barrier};
+use crate::handles::{Mesh, Reports, Settings, TreeWriter};
 use handle::Command;
-pub use handle::{Acme, Runtime};
 use schedule::{LeaseClock, RenewalLease, Validity};
 
 /// Each ACME-enabled node announces itself with a file here named by its device ID.
@@ -69,7 +69,8 @@ pub fn unix_now() -> i64 {
 /// The ACME feature's handles (the daemon starts the driver with them; `status`
 /// reads the renewer, leases and node names through them).
 pub fn acme_handles(shared: &Arc<crate::node::Shared>) -> Handles {
-    use crate::handles::{AcmeSlot, Barrier, Mesh, Reports, Settings, TreeWriter};
+    use crate::handles::acme::{AcmeSlot, Barrier};
+    use crate::handles::{Mesh, Reports, Settings, TreeWriter};
     Handles {
         settings: Settings::new(shared),
         mesh: Mesh::new(shared),
@@ -122,7 +123,7 @@ pub fn start(
         return Ok(tasks);
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    let handle = Arc::new(Acme {
+    let handle = Arc::new(handle::Acme {
         runtime: Mutex::new(BTreeMap::new()),
         commands: tx,
         failures: Default::default(),

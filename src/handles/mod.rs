@@ -16,12 +16,9 @@
 //! - [`Observer`]: what `status` shows, when it may have changed, and a liveness
 //!   probe (the systemd status line and watchdog).
 
-mod acme;
+pub mod acme;
 pub mod served;
-mod sync;
-
-pub use acme::{AcmeSlot, Barrier};
-pub use sync::{PullTurn, SessionOver, SyncHandle, CLOSE_DUPLICATE, CLOSE_REFUSING};
+pub mod sync;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -189,7 +189,7 @@ impl SyncHandle {
             if let Ok(d) = disk {
                 st.engine.handle_disk_space(d);
             }
-            let now = crate::node::now_ns();
+            let now = crate::clock::now_ns();
             let since = st.engine.index().sequence();
             let r =
                 st.engine
@@ -260,7 +260,7 @@ impl SyncHandle {
         let verified = crate::core::cluster::verify_confirm(&c);
         {
             let mut st = self.0.lock();
-            let now = crate::node::now_ns();
+            let now = crate::clock::now_ns();
             let res = st.engine.handle_confirm_checked(peer, c, verified, now);
             if let Err(e @ EngineError::RefusingTooMuch { .. }) = &res {
                 penalize(&mut st, peer, e);
@@ -294,7 +294,7 @@ impl SyncHandle {
         let verified = crate::core::cluster::verify_report(&r);
         {
             let mut st = self.0.lock();
-            let now = crate::node::now_ns();
+            let now = crate::clock::now_ns();
             let res = st.engine.handle_report_checked(peer, r, verified, now);
             if let Err(e @ EngineError::RefusingTooMuch { .. }) = &res {
                 penalize(&mut st, peer, e);
@@ -489,7 +489,7 @@ impl SyncHandle {
             tracing::trace!(target: crate::clock::STAGE, stage = "locked", t_us = crate::clock::mono_us());
             let since = st.engine.index().sequence();
             let not_sent = st.engine.not_sent().count;
-            let now = crate::node::now_ns();
+            let now = crate::clock::now_ns();
             let mut changed = 0;
             for (p, obs) in observed {
                 if st.engine.defer_if_applying(&p) {

@@ -10,7 +10,8 @@ use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
 
 use super::source::read_inside;
 use super::{bad, io, ImportError};
-use crate::acme::account::{https_origin, parse_account, ACCOUNT_FILE};
+use crate::acme::account::{https_origin, parse_account};
+use crate::acme::ca::ACCOUNT_FILE;
 
 /// certmesh's account file content for an account URL and a P-256 PKCS#8 key,
 /// checked with the same parser the daemon uses.

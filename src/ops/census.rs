@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::handles::Barrier;
+use crate::handles::acme::Barrier;
 
 /// The cluster as a census found it (`status.cluster`, only with `--cluster`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -11,11 +11,10 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::handles::{AcmeSlot, Barrier};
+use crate::handles::acme::{AcmeSlot, Barrier};
 use crate::net::clients::Clients;
 use crate::ops::observe::StatusSource;
-
-pub use crate::ops::status::*;
+use crate::ops::status::Status;
 
 /// What the control socket answers from.
 #[derive(Clone)]

@@ -17,8 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::handles::{Observer, Settings};
 use crate::net::clients::Clients;
-use crate::ops::control::{PeerStatus, Status};
 use crate::ops::observe::StatusSource;
+use crate::ops::status::{PeerStatus, Status};
 use crate::telemetry::{events, Event, Events};
 
 /// Largest request head read.

@@ -13,8 +13,8 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 
 use crate::handles::Observer;
-use crate::ops::control::Status;
 use crate::ops::observe::StatusSource;
+use crate::ops::status::Status;
 
 /// How long the status line waits after a change before it is recomputed, so a burst
 /// of acks (a bulk sync) costs one `status` computation, not thousands.

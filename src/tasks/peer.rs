@@ -14,7 +14,7 @@ use crate::core::codec::{pb, record_from_wire, record_to_wire, WireError};
 use crate::core::device::DeviceId;
 use crate::core::engine::{EngineError, IndexSend, SendToken};
 use crate::core::paths::RelPath;
-use crate::handles::SyncHandle;
+use crate::handles::sync::SyncHandle;
 use crate::net::wire::cluster::{
     confirm_from_wire, confirm_to_wire, report_from_wire, report_to_wire,
 };
@@ -23,7 +23,7 @@ use crate::net::wire::{self, INDEX_BATCH, MAX_FRAME, MAX_HEADER};
 use crate::node::Session;
 
 /// Close codes.
-use crate::handles::CLOSE_DUPLICATE;
+use crate::handles::sync::CLOSE_DUPLICATE;
 pub const CLOSE_PROTOCOL: u32 = 3;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent content requests served per connection.

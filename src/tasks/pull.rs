@@ -15,7 +15,7 @@ use crate::core::paths::RelPath;
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
 use crate::core::record::ContentHash;
 use crate::disk::apply::Item;
-use crate::handles::SyncHandle;
+use crate::handles::sync::SyncHandle;
 use crate::net::wire::{self, MAX_HEADER};
 
 /// Received content is written to staging in pieces of about this size.

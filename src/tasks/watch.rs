@@ -16,7 +16,7 @@ use crate::core::index::Observed;
 use crate::core::paths::RelPath;
 use crate::core::record::Kind;
 use crate::disk::scan::{self, Seen};
-use crate::handles::SyncHandle;
+use crate::handles::sync::SyncHandle;
 
 /// Quiet time that ends a burst of events.
 const QUIET: Duration = Duration::from_micros(300);

@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use super::DnsError;
+use super::error::DnsError;
 
 /// Most of a failing program's stderr kept in the error.
 const STDERR_KEPT: usize = 2000;

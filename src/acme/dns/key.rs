@@ -8,7 +8,7 @@ use hickory_proto::dnssec::rdata::tsig::TsigAlgorithm as WireAlgorithm;
 use hickory_proto::dnssec::tsig::TSigner;
 use hickory_proto::rr::Name;
 
-use super::DnsError;
+use super::error::DnsError;
 use crate::config::{dns::TsigAlgorithm, dns::TsigKeyConfig};
 
 /// Largest secret file read (a key clause is a few hundred bytes).

@@ -5,20 +5,20 @@
 //! (`.certmesh/acme/dns/<certificate>`), so whichever node orders next removes
 //! records a crashed renewer left behind.
 
-mod error;
+pub mod error;
 mod exec;
 pub mod key;
 pub mod wire;
 
 use std::collections::BTreeMap;
+
+use error::DnsError;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use hickory_proto::dnssec::tsig::TSigner;
 
 use serde::{Deserialize, Serialize};
-
-pub use error::DnsError;
 
 use super::handle::NsProgress;
 use crate::config::{certificate::CertificateConfig, dns::DnsConfig, dns::DnsProvider};

@@ -14,7 +14,7 @@ use hickory_proto::rr::{Name, RData, RecordSet, RecordType};
 use hickory_proto::serialize::binary::BinEncodable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::DnsError;
+use super::error::DnsError;
 
 /// One query or update may take this long (UDP, then TCP if truncated).
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(3);
