@@ -330,7 +330,7 @@ fn spawn_features(
         status.clone(),
     )?);
     let control = crate::ops::control::start(
-        crate::ops::control::Handles {
+        crate::ops::control::ControlHandles {
             status: status.clone(),
             acme: crate::handles::acme::AcmeSlot::new(shared),
             barrier: crate::handles::acme::Barrier::new(shared),
@@ -352,7 +352,7 @@ fn spawn_features(
         reports: crate::handles::Reports::new(shared),
         probes: Some(shared.probes.clone()),
     }));
-    tasks.push(crate::probe::start(crate::probe::Handles {
+    tasks.push(crate::probe::start(crate::probe::ProbeHandles {
         settings: Settings::new(shared),
         reports: Reports::new(shared),
         served: crate::handles::served::ServedReports::new(shared),
@@ -366,7 +366,7 @@ fn spawn_features(
     if let Err(e) = crate::disk::keep::prune_all(&shared.tree.root, now_ns(), shared.tree.kept) {
         tracing::warn!(error = %e, "pruning kept versions");
     }
-    tasks.push(crate::repair::start(crate::repair::Handles {
+    tasks.push(crate::repair::start(crate::repair::RepairHandles {
         settings: Settings::new(shared),
         mesh: Mesh::new(shared),
         writer: TreeWriter::new(shared),

@@ -34,7 +34,7 @@ use crate::telemetry::RepairStatus;
 
 /// What the repair task uses of the daemon.
 #[derive(Clone)]
-pub struct Handles {
+pub struct RepairHandles {
     pub settings: Settings,
     pub mesh: Mesh,
     pub writer: TreeWriter,
@@ -43,18 +43,18 @@ pub struct Handles {
 
 /// Starts the repair task: one check of every configured certificate once the mesh
 /// has formed, then one after each applied batch that touched one.
-pub fn start(h: Handles) -> tokio::task::JoinHandle<()> {
+pub fn start(h: RepairHandles) -> tokio::task::JoinHandle<()> {
     tokio::spawn(run(h))
 }
 
-fn configured(h: &Handles) -> Vec<String> {
+fn configured(h: &RepairHandles) -> Vec<String> {
     let writer = h.mesh.is_writer();
     h.settings
         .read(|c| crate::handles::repaired(writer, c))
         .unwrap_or_default()
 }
 
-async fn run(h: Handles) {
+async fn run(h: RepairHandles) {
     h.mesh.wait_formed(START_GRACE).await;
     let repairs = h.reports.repairs();
     repairs.lock_pending().extend(configured(&h));
@@ -96,7 +96,7 @@ async fn run(h: Handles) {
 }
 
 /// The configured domains of certificate `name` (none if it is not configured).
-fn domains_of(h: &Handles, name: &str) -> Vec<String> {
+fn domains_of(h: &RepairHandles, name: &str) -> Vec<String> {
     h.settings
         .read(|c| {
             c.certificates
@@ -116,7 +116,7 @@ fn settled(mesh: &Mesh, name: &str) -> bool {
 }
 
 /// Checks one certificate and puts it back if it is broken and something good is left.
-async fn repair(h: &Handles, name: &str) -> anyhow::Result<Option<RepairStatus>> {
+async fn repair(h: &RepairHandles, name: &str) -> anyhow::Result<Option<RepairStatus>> {
     let root = h.writer.root().to_path_buf();
     let now = crate::acme::unix_now();
     let n = name.to_string();
@@ -175,7 +175,7 @@ async fn repair(h: &Handles, name: &str) -> anyhow::Result<Option<RepairStatus>>
 }
 
 /// The configured name of the node with this short ID (or the ID in hex).
-fn node_name(h: &Handles, id: ShortId) -> String {
+fn node_name(h: &RepairHandles, id: ShortId) -> String {
     if h.mesh.me().short() == id {
         return h.settings.read(|c| c.name.clone()).unwrap_or_default();
     }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use anyhow::anyhow;
 
 use super::dns::{challenge_name, Presented, Publisher, Record, RECORDS_DIR};
-use super::Handles;
+use super::AcmeHandles;
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
 use crate::disk::tree::{self, Expect};
@@ -37,7 +37,7 @@ impl Dns01 {
     /// dns-01 identifier.
     pub async fn prepare(
         &mut self,
-        h: &Handles,
+        h: &AcmeHandles,
         cfg: &AcmeConfig,
         cert: &CertificateConfig,
     ) -> anyhow::Result<()> {
@@ -78,7 +78,7 @@ impl Dns01 {
     /// file for the barrier.
     pub async fn present(
         &mut self,
-        h: &Handles,
+        h: &AcmeHandles,
         cfg: &AcmeConfig,
         name: &str,
     ) -> anyhow::Result<Option<(RelPath, Expect)>> {
@@ -129,7 +129,7 @@ impl Dns01 {
 
     /// Removes what was presented; the record file goes once every record is gone
     /// (else it stays, and the next order retries). Returns what the index must show.
-    pub async fn finish(&mut self, h: &Handles, name: &str) -> Vec<(RelPath, Expect)> {
+    pub async fn finish(&mut self, h: &AcmeHandles, name: &str) -> Vec<(RelPath, Expect)> {
         if let Some(a) = h.slot.get() {
             a.update(name, |r| r.dns_propagation = None);
         }
@@ -159,7 +159,7 @@ impl Dns01 {
 
 /// Removes the records listed in `cert`'s record file (left by a renewer that died
 /// or failed to clean up), then the file if it did not change meanwhile.
-async fn clean_leftovers(h: &Handles, publisher: &Publisher, cert: &CertificateConfig) {
+async fn clean_leftovers(h: &AcmeHandles, publisher: &Publisher, cert: &CertificateConfig) {
     let Ok(rel) = record_file(&cert.name) else {
         return;
     };
@@ -200,7 +200,7 @@ async fn clean_leftovers(h: &Handles, publisher: &Publisher, cert: &CertificateC
 
 /// At start-up: records left by a crash, for every certificate that no other node
 /// is ordering right now.
-pub async fn sweep(h: &Handles) {
+pub async fn sweep(h: &AcmeHandles) {
     let Some((cfg, certs)) = super::snapshot(&h.settings) else {
         return;
     };

@@ -21,7 +21,7 @@ use super::handle::{AcmeState, IssueReply, RenewReport, RenewResult};
 use super::schedule::{self, RenewalLease, Window};
 use super::{
     account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, this_node, unix_now,
-    Command, Handles, LEASES_DIR,
+    AcmeHandles, Command, LEASES_DIR,
 };
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
@@ -40,7 +40,7 @@ const MAX_WAKE: i64 = 3600;
 /// node that is down and count against the CA's limits. Then waits until the mesh
 /// has formed, or [`FORMED_WAIT`]: the renewer choice (which reads the peers'
 /// announcements in the tree) and the challenge barrier are only meaningful then.
-async fn startup_grace(h: &Handles) {
+async fn startup_grace(h: &AcmeHandles) {
     let start = tokio::time::Instant::now();
     let grace = snapshot(&h.settings).map_or(Duration::ZERO, |(c, _)| c.startup_grace);
     let mut progress = h.mesh.progress();
@@ -84,7 +84,7 @@ async fn startup_grace(h: &Handles) {
 }
 
 struct Driver {
-    h: Handles,
+    h: AcmeHandles,
     handle: Arc<Acme>,
     /// The loaded account of each CA, by directory URL.
     accounts: BTreeMap<String, Account>,
@@ -109,7 +109,7 @@ struct Driver {
 }
 
 pub(super) async fn run(
-    h: Handles,
+    h: AcmeHandles,
     handle: Arc<Acme>,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {

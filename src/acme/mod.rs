@@ -22,7 +22,7 @@
 //! - [`handle`]: the handle the control socket talks to (plain data and channels; it
 //!   imports nothing of the daemon, so the shared state can hold it).
 //!
-//! This file: [`Handles`] (what ACME uses of the daemon: the daemon's wiring builds
+//! This file: [`AcmeHandles`] (what ACME uses of the daemon: the daemon's wiring builds
 //! them), starting it all, and what both the driver and `status` need (renewer,
 //! leases, node names).
 
@@ -68,10 +68,10 @@ pub fn unix_now() -> i64 {
 
 /// The ACME feature's handles (the daemon starts the driver with them; `status`
 /// reads the renewer, leases and node names through them).
-pub fn acme_handles(shared: &Arc<crate::node::Shared>) -> Handles {
+pub fn acme_handles(shared: &Arc<crate::node::Shared>) -> AcmeHandles {
     use crate::handles::acme::{AcmeSlot, Barrier};
     use crate::handles::{Mesh, Reports, Settings, TreeWriter};
-    Handles {
+    AcmeHandles {
         settings: Settings::new(shared),
         mesh: Mesh::new(shared),
         writer: TreeWriter::new(shared),
@@ -83,7 +83,7 @@ pub fn acme_handles(shared: &Arc<crate::node::Shared>) -> Handles {
 
 /// What the ACME code uses of the daemon, each a narrow handle (`crate::handles`).
 #[derive(Clone)]
-pub struct Handles {
+pub struct AcmeHandles {
     /// `[acme]`, the certificates, this node's name and its configured peers.
     pub settings: Settings,
     /// Who this node is, who is connected and what they are called, and when that
@@ -104,7 +104,7 @@ pub struct Handles {
 /// `http` (the `[http] listen` socket, taken before anything else at start). Call
 /// once, after the control socket is up.
 pub fn start(
-    h: &Handles,
+    h: &AcmeHandles,
     http: Option<std::net::TcpListener>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let acme = h.settings.read(|c| c.acme.is_some()).unwrap_or(false);
@@ -152,7 +152,7 @@ fn advertised(root: &Path) -> Vec<DeviceId> {
 
 /// Whether `id`'s advert counts ([`advert::check`]): the index names `id` as its last
 /// writer and it is fresh. A refused advert is logged once per content and reason.
-fn advert_counts(h: &Handles, id: DeviceId) -> bool {
+fn advert_counts(h: &AcmeHandles, id: DeviceId) -> bool {
     let rel = format!("{NODES_DIR}/{id}");
     let Ok(p) = tree::rel(&rel) else {
         return false;
@@ -184,7 +184,7 @@ fn advert_counts(h: &Handles, id: DeviceId) -> bool {
 /// The renewer as this node sees it: the lowest device ID among this node (if
 /// `[acme]` is on) and the connected peers whose advert counts. `None` if there is
 /// none; a node without `[acme]` never names itself.
-pub fn renewer(h: &Handles) -> Option<DeviceId> {
+pub fn renewer(h: &AcmeHandles) -> Option<DeviceId> {
     let me = h.mesh.me();
     let enabled = h.settings.read(|c| c.acme.is_some()).unwrap_or(false);
     let live = h.mesh.connected();
@@ -201,7 +201,7 @@ pub fn renewer(h: &Handles) -> Option<DeviceId> {
 }
 
 /// A device's node name (this node or a configured peer).
-pub fn node_name(h: &Handles, id: DeviceId) -> String {
+pub fn node_name(h: &AcmeHandles, id: DeviceId) -> String {
     if id == h.mesh.me() {
         return this_node(&h.settings);
     }
@@ -209,7 +209,7 @@ pub fn node_name(h: &Handles, id: DeviceId) -> String {
 }
 
 /// The configured peers without a live session now, by name.
-pub(crate) fn not_connected(h: &Handles) -> Vec<String> {
+pub(crate) fn not_connected(h: &AcmeHandles) -> Vec<String> {
     let connected = h.mesh.connected();
     h.settings
         .read(|c| {
@@ -238,7 +238,7 @@ fn mono_now() -> std::time::Duration {
 /// this node or a configured peer as holder, else it is ignored (logged once per
 /// content); its `expires` is lowered to at most `[acme] lease` after this node first
 /// saw that content.
-pub fn read_lease(h: &Handles, name: &str) -> Option<RenewalLease> {
+pub fn read_lease(h: &AcmeHandles, name: &str) -> Option<RenewalLease> {
     let bytes = tree::read(h.writer.root(), &format!("{LEASES_DIR}/{name}"))?;
     let content = *blake3::hash(&bytes).as_bytes();
     let (known, max) = h.settings.read(|c| {
@@ -288,7 +288,7 @@ pub fn read_lease(h: &Handles, name: &str) -> Option<RenewalLease> {
 }
 
 /// Writes (or refreshes) this node's advert when [`advert::needs_refresh`] says so.
-pub(crate) fn advertise(h: &Handles) {
+pub(crate) fn advertise(h: &AcmeHandles) {
     let me = h.mesh.me();
     let name = this_node(&h.settings);
     let rel = format!("{NODES_DIR}/{me}");
@@ -319,7 +319,7 @@ pub(crate) fn advertise(h: &Handles) {
 /// On a node without `[acme]`: removes the advert under its own ID at start and
 /// each time it comes back (checked when the mesh makes progress, which every
 /// local change does once a peer acknowledges it).
-async fn withdraw(h: Handles) {
+async fn withdraw(h: AcmeHandles) {
     let rel = format!("{NODES_DIR}/{}", h.mesh.me());
     let Ok(p) = tree::rel(&rel) else {
         return;
@@ -362,7 +362,7 @@ pub fn rfc3339(t: i64) -> String {
 /// What is wrong with the bundle `live/<name>` serves ([`served::check_live`]), with
 /// the node that last wrote the file at fault; `None` when it is good or absent
 /// (an absent certificate is ordered, not repaired).
-pub fn bundle_error(h: &Handles, name: &str, domains: &[String]) -> Option<String> {
+pub fn bundle_error(h: &AcmeHandles, name: &str, domains: &[String]) -> Option<String> {
     let root = h.writer.root();
     std::fs::symlink_metadata(root.join("live").join(name)).ok()?;
     let why = served::check_live(root, name, domains).err()?;
@@ -371,7 +371,7 @@ pub fn bundle_error(h: &Handles, name: &str, domains: &[String]) -> Option<Strin
 
 /// `why` (a [`served::check_live`] error) with the node that last wrote the file it
 /// names, when the index knows.
-pub fn with_author(h: &Handles, name: &str, why: String) -> String {
+pub fn with_author(h: &AcmeHandles, name: &str, why: String) -> String {
     let root = h.writer.root();
     let file = why
         .strip_prefix(&format!("live/{name}/"))

@@ -16,7 +16,7 @@ use super::bundle::{self, Bundle};
 use super::ca::{self, Ca};
 use super::client::within;
 use super::dns01;
-use super::Handles;
+use super::AcmeHandles;
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
 use crate::disk::tree::{self, Expect};
@@ -118,7 +118,7 @@ struct Placed {
 /// ARI. Our renewal lease is already in the local index; the order is dropped before
 /// `set_ready` if another's won.
 pub async fn run(
-    h: &Handles,
+    h: &AcmeHandles,
     cfg: &AcmeConfig,
     ca: &Ca,
     account: &Account,
@@ -152,7 +152,7 @@ pub async fn run(
 /// The steps of one order; what it placed is left in `placed` for [`run`] to remove.
 #[allow(clippy::too_many_arguments)]
 async fn order(
-    h: &Handles,
+    h: &AcmeHandles,
     cfg: &AcmeConfig,
     ca: &Ca,
     account: &Account,
@@ -200,7 +200,7 @@ async fn order(
 /// the key, the zones and leftovers, so a bad secret or a missing zone costs no
 /// order either.
 async fn before_ordering(
-    h: &Handles,
+    h: &AcmeHandles,
     cfg: &AcmeConfig,
     cert: &CertificateConfig,
     dns: &mut dns01::Dns01,
@@ -223,7 +223,7 @@ async fn before_ordering(
 /// start-up by the renewer, as dns-01 records are. Not while another node holds a
 /// fresh lease on any certificate: its order's tokens share the directory. This
 /// node's own orders run one at a time, so none of its tokens is live here.
-pub(super) async fn remove_orphaned_tokens(h: &Handles) {
+pub(super) async fn remove_orphaned_tokens(h: &AcmeHandles) {
     let me = h.mesh.me();
     let now = super::unix_now();
     let certs = super::snapshot(&h.settings).map_or_else(Vec::new, |(_, c)| c);
@@ -294,7 +294,7 @@ async fn new_order(
 /// `placed.tokens`) and hands each dns-01 value to `placed.dns`. Returns what the
 /// index must show.
 async fn place_challenges(
-    h: &Handles,
+    h: &AcmeHandles,
     order: &mut Order,
     cert: &CertificateConfig,
     limit: Duration,
@@ -338,7 +338,7 @@ async fn place_challenges(
 /// place (the CA reused every authorization: no token, no record) there is nothing
 /// for the validator to fetch, so no wait; the lease is checked right after.
 async fn barrier(
-    h: &Handles,
+    h: &AcmeHandles,
     cfg: &AcmeConfig,
     written: &[(RelPath, Expect)],
     t0: Instant,
@@ -396,7 +396,7 @@ async fn barrier(
 
 /// Our lease stands: no other node's fresh lease is in the tree (if one won, that
 /// node orders, not us).
-pub(super) fn lease_still_ours(h: &Handles, cert: &CertificateConfig) -> Result<(), Failed> {
+pub(super) fn lease_still_ours(h: &AcmeHandles, cert: &CertificateConfig) -> Result<(), Failed> {
     if let Some(l) = super::read_lease(h, &cert.name) {
         if l.holder != h.mesh.me() && l.fresh(super::unix_now()) {
             return Err(Failed {
@@ -459,7 +459,7 @@ async fn validate(
 /// A fresh key (or the live one, with `reuse_key`), the CSR, finalize, and the
 /// certificate chain as a bundle.
 async fn finalize(
-    h: &Handles,
+    h: &AcmeHandles,
     order: &mut Order,
     cert: &CertificateConfig,
     limit: Duration,
@@ -503,7 +503,7 @@ async fn finalize(
 /// Records which CA issued it (before the flip: peers have it when they show the
 /// new version), then publishes the bundle as one unit; the new version.
 async fn publish(
-    h: &Handles,
+    h: &AcmeHandles,
     ca: &Ca,
     cert: &CertificateConfig,
     b: &Bundle,

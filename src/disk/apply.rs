@@ -133,7 +133,7 @@ impl Tree {
 
     /// Applies a batch: what each item came to, in the order of `items`.
     pub fn apply(&self, items: &[Item]) -> AppliedBatch {
-        let h = match Handles::open(self) {
+        let h = match OpenDirs::open(self) {
             Ok(h) => h,
             Err(e) => {
                 return AppliedBatch {
@@ -264,7 +264,7 @@ impl Tree {
     }
 
     /// Sets the staged file's final mode and mtime (content scanned for a key first).
-    fn finish_staged(&self, h: &Handles, item: &Item) -> io::Result<()> {
+    fn finish_staged(&self, h: &OpenDirs, item: &Item) -> io::Result<()> {
         let name = self.staged_name(item.staged.as_deref())?;
         let existing = h.root.lstat(item.record.path.as_str()).ok().flatten();
         let f = safe_fs::open_at(h.tmp.as_fd(), name, OFlags::RDONLY)?;
@@ -291,7 +291,7 @@ impl Tree {
     /// directories (0755); a parent that is a link or not a directory is refused.
     fn ensure_parents(
         &self,
-        h: &Handles,
+        h: &OpenDirs,
         p: &RelPath,
         dirty: &mut BTreeSet<String>,
     ) -> io::Result<OwnedFd> {
@@ -304,7 +304,7 @@ impl Tree {
 
     fn apply_one(
         &self,
-        h: &Handles,
+        h: &OpenDirs,
         item: &Item,
         dirty: &mut BTreeSet<String>,
     ) -> io::Result<Outcome> {
@@ -423,7 +423,7 @@ impl Tree {
 
     /// Moves the local losing copy (`name` in `dir`) to
     /// `.certmesh/conflicts/<path>.conflict-<time>`.
-    fn keep_conflict(&self, h: &Handles, p: &RelPath, dir: BorrowedFd<'_>) -> io::Result<()> {
+    fn keep_conflict(&self, h: &OpenDirs, p: &RelPath, dir: BorrowedFd<'_>) -> io::Result<()> {
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -439,18 +439,18 @@ impl Tree {
 }
 
 /// The tree root and the staging directory, opened once per batch.
-struct Handles {
+struct OpenDirs {
     root: Root,
     tmp: OwnedFd,
     /// Local losers of a conflict kept so far in this batch.
     conflicts_kept: std::cell::Cell<usize>,
 }
 
-impl Handles {
-    fn open(tree: &Tree) -> io::Result<Handles> {
+impl OpenDirs {
+    fn open(tree: &Tree) -> io::Result<OpenDirs> {
         let root = Root::open(&tree.root)?;
         let tmp = root.dir(&format!("{INTERNAL_DIR}/tmp"))?;
-        Ok(Handles {
+        Ok(OpenDirs {
             root,
             tmp,
             conflicts_kept: Default::default(),

@@ -18,7 +18,7 @@ use crate::ops::status::Status;
 
 /// What the control socket answers from.
 #[derive(Clone)]
-pub struct Handles {
+pub struct ControlHandles {
     pub status: StatusSource,
     pub acme: AcmeSlot,
     pub barrier: Barrier,
@@ -78,7 +78,7 @@ pub struct ConfirmedNode {
 }
 
 /// Runs [`crate::node::wait_peers_have`] for the control socket.
-async fn confirm(h: &Handles, path: &str, timeout_ms: u64) -> serde_json::Value {
+async fn confirm(h: &ControlHandles, path: &str, timeout_ms: u64) -> serde_json::Value {
     let path = match crate::core::paths::RelPath::parse_shared(path) {
         Ok(p) => p,
         Err(e) => return serde_json::json!({ "error": format!("{path}: {e}") }),
@@ -116,7 +116,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
 }
 
 /// Listens on the control socket.
-pub fn start(h: Handles, path: &Path) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+pub fn start(h: ControlHandles, path: &Path) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!(
@@ -145,7 +145,7 @@ const MAX_CLIENTS: usize = 32;
 /// A client that sends no complete request line for this long is dropped.
 const IDLE: Duration = Duration::from_secs(30);
 
-async fn serve(h: Handles, stream: UnixStream) -> anyhow::Result<()> {
+async fn serve(h: ControlHandles, stream: UnixStream) -> anyhow::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r.take(64 << 10)).lines();
     while let Some(line) = tokio::time::timeout(IDLE, lines.next_line())

@@ -43,7 +43,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// What the probe task uses of the daemon.
 #[derive(Clone)]
-pub struct Handles {
+pub struct ProbeHandles {
     pub settings: Settings,
     pub reports: Reports,
     pub served: ServedReports,
@@ -52,7 +52,7 @@ pub struct Handles {
 /// Starts the probes. Always: the hook runner reports to them, and `[[frontend]]`
 /// is read again at every round (a SIGHUP may add one); without any, a round every
 /// 5 minutes finds nothing to do.
-pub fn start(h: Handles) -> tokio::task::JoinHandle<()> {
+pub fn start(h: ProbeHandles) -> tokio::task::JoinHandle<()> {
     tokio::spawn(run(h))
 }
 
@@ -163,7 +163,7 @@ async fn round(targets: Vec<(FrontendConfig, String, String)>) -> Vec<Seen> {
 
 /// The probe task's own state.
 struct Driver {
-    h: Handles,
+    h: ProbeHandles,
     rollouts: Rollouts,
     /// Latest record per (certificate, frontend).
     last: BTreeMap<(String, String), ServedRecord>,
@@ -318,7 +318,7 @@ fn next_period() -> Duration {
     PERIOD.mul_f64(jitter)
 }
 
-async fn run(h: Handles) {
+async fn run(h: ProbeHandles) {
     let probes = h.served.probes().clone();
     // Every frontend's failure counter from 0, so rate() sees the first failure.
     for f in h.settings.read(|c| c.frontends.clone()).unwrap_or_default() {

@@ -19,7 +19,7 @@ use crate::acme::rolled_back::{self, leaf_sha256};
 use crate::acme::served::{check_bundle, read_file, BundleFiles};
 use crate::disk::tree;
 
-use super::Handles;
+use super::ProbeHandles;
 
 /// A rollback to make.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +61,7 @@ pub fn plan(root: &Path, name: &str, domains: &[String], now_unix: i64) -> Optio
 /// After the schedule ended with `cert` still not served by this node's frontends
 /// (`why`): rolls back when the certificate has `rollout = "verify"` and this node
 /// published the live version.
-pub async fn after_failed_rollout(h: &Handles, cert: &str, why: String) {
+pub async fn after_failed_rollout(h: &ProbeHandles, cert: &str, why: String) {
     let found = h.settings.read(|c| {
         let cc = c.certificates.iter().find(|x| x.name == cert)?;
         cc.verify_rollout
@@ -100,7 +100,7 @@ pub async fn after_failed_rollout(h: &Handles, cert: &str, why: String) {
 }
 
 /// Lists the leaf as rolled back, then flips `live/<cert>` to the older version.
-async fn apply(h: &Handles, cert: &str, p: &Plan) -> anyhow::Result<()> {
+async fn apply(h: &ProbeHandles, cert: &str, p: &Plan) -> anyhow::Result<()> {
     let w = h.served.writer();
     let list = rolled_back::rel(cert);
     let old = read_file(&w.root().join(&list)).unwrap_or_default();
