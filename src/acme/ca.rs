@@ -147,6 +147,19 @@ pub fn rate_limited(e: &anyhow::Error) -> bool {
     })
 }
 
+/// ACME's `badNonce`: the CA refused the request's nonce before looking at it
+/// (RFC 8555 §6.5: retry with a fresh one; Pebble refuses 5 % of them on purpose).
+pub const BAD_NONCE: &str = "urn:ietf:params:acme:error:badNonce";
+
+/// Whether an error is the CA's `badNonce` answer (left after instant-acme's own
+/// retries): the request was not acted on, so sending it again is safe.
+pub fn bad_nonce(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<instant_acme::Error>(),
+            Some(instant_acme::Error::Api(p)) if p.r#type.as_deref() == Some(BAD_NONCE))
+    })
+}
+
 /// When to try again after every CA failed: not before the soonest Retry-After if
 /// every CA gave one (each would refuse until then); `None` (the usual backoff) if
 /// any did not, since that one may be back at any time.
@@ -229,6 +242,15 @@ mod tests {
         )
         .expect("a problem document");
         instant_acme::Error::Api(p)
+    }
+
+    #[test]
+    fn a_bad_nonce_is_told_apart_from_other_problems() {
+        assert!(bad_nonce(&acme_err(problem(BAD_NONCE, 400))));
+        assert!(!bad_nonce(&acme_err(problem(RATE_LIMITED, 429))));
+        assert!(!bad_nonce(&anyhow::anyhow!(
+            "badNonce in a message is not the type"
+        )));
     }
 
     #[test]

@@ -456,6 +456,9 @@ async fn validate(
     Ok(())
 }
 
+/// How many more times finalize is sent when the CA keeps refusing its nonce.
+const BAD_NONCE_RETRIES: u32 = 3;
+
 /// A fresh key (or the live one, with `reuse_key`), the CSR, finalize, and the
 /// certificate chain as a bundle.
 async fn finalize(
@@ -478,7 +481,18 @@ async fn finalize(
         }
     };
     let csr = bundle::csr(&cert.domains, &key)?;
-    within(limit, "finalize", order.finalize_csr(&csr)).await?;
+    // A nonce refused three times in a row (instant-acme retries twice) is still
+    // no answer to the request: send it again, a few times, before giving up.
+    let mut refused = 0;
+    loop {
+        match within(limit, "finalize", order.finalize_csr(&csr)).await {
+            Err(e) if super::ca::bad_nonce(&e) && refused < BAD_NONCE_RETRIES => {
+                refused += 1;
+                tracing::debug!(refused, "finalize: the CA refused the nonce; sending again");
+            }
+            r => break r?,
+        }
+    }
     // Many CAs (Pebble among them) answer finalize with the order already valid.
     let ready = match order.state().status {
         OrderStatus::Valid => {
