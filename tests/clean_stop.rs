@@ -5,39 +5,12 @@
 
 use std::fs;
 
-use crate::util::{snapshot, wait_until, Node};
+use crate::util::{intact, pair, self_checking, snapshot, wait_until, Node};
 
 /// Files in the batch: more than one apply unit takes at once on a busy machine.
 const FILES: usize = 300;
 
 /// Content that proves its own integrity: the first line is the BLAKE3 of the rest.
-fn self_checking(i: usize) -> Vec<u8> {
-    let body: Vec<u8> = (0..3000).map(|k| (i * 31 + k * 7) as u8).collect();
-    let mut out = format!("{}\n", blake3::hash(&body).to_hex()).into_bytes();
-    out.extend_from_slice(&body);
-    out
-}
-
-fn intact(content: &[u8]) -> bool {
-    content.len() > 65
-        && content[64] == b'\n'
-        && blake3::hash(&content[65..]).to_hex().as_bytes() == &content[..64]
-}
-
-/// Two connected nodes on 127.0.46.x: (writer, receiver).
-fn pair(root: &std::path::Path) -> (Node, Node) {
-    let mut a = Node::new(root, "a", "127.0.46.2");
-    let mut b = Node::new(root, "b", "127.0.46.3");
-    a.configure(&[&b]);
-    b.configure(&[&a]);
-    a.start();
-    b.start();
-    wait_until("a and b connected", || {
-        a.all_connected() && b.all_connected()
-    });
-    (a, b)
-}
-
 /// The batch, written on `a` file by file (temp file beside the tree, rename), one
 /// every millisecond so that `b` takes it in over many apply units.
 fn write_batch(a: &Node) -> std::thread::JoinHandle<()> {
@@ -46,7 +19,7 @@ fn write_batch(a: &Node) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for i in 0..FILES {
             let tmp = tree.with_file_name(format!("w{i}.tmp"));
-            fs::write(&tmp, self_checking(i)).unwrap();
+            fs::write(&tmp, self_checking(i as u64, 3000)).unwrap();
             fs::rename(&tmp, tree.join(format!("batch/f{i:03}.pem"))).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
@@ -56,7 +29,7 @@ fn write_batch(a: &Node) -> std::thread::JoinHandle<()> {
 #[test]
 fn sigterm_mid_batch_leaves_whole_files_and_a_matching_index() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, mut b) = pair(dir.path());
+    let (a, mut b) = pair(dir.path(), ["127.0.46.2", "127.0.46.3"]);
     let writer = write_batch(&a);
     let first = b.tree.join("batch/f000.pem");
     wait_until("the batch reaching b", || first.exists());

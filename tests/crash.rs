@@ -7,23 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::util::{snapshot, Cluster};
-
-/// Content that proves its own integrity: first line is the BLAKE3 of the rest.
-fn self_checking(seed: u64, len: usize) -> Vec<u8> {
-    let body: Vec<u8> = (0..len)
-        .map(|i| (seed as usize * 31 + i * 7) as u8)
-        .collect();
-    let mut out = format!("{}\n", blake3::hash(&body).to_hex()).into_bytes();
-    out.extend_from_slice(&body);
-    out
-}
-
-fn intact(content: &[u8]) -> bool {
-    content.len() > 65
-        && content[64] == b'\n'
-        && blake3::hash(&content[65..]).to_hex().as_bytes() == &content[..64]
-}
+use crate::util::{intact, self_checking, snapshot, Cluster};
 
 #[test]
 fn kill_9_during_updates_never_leaves_partial_files() {

@@ -12,7 +12,7 @@ use crate::acme::{
     enable_acme_with, live_version, nginx, tools_present, wait_version, Pebble, Proc, DOMAIN,
 };
 use crate::util::free_tcp;
-use crate::util::{certmesh, wait_until, Node};
+use crate::util::{certmesh, pair, wait_until, Node};
 
 fn text(out: &Output) -> String {
     format!(
@@ -20,20 +20,6 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// Two nodes that list each other, running and connected.
-fn pair(root: &Path, ips: [&str; 2]) -> (Node, Node) {
-    let mut a = Node::new(root, "a", ips[0]);
-    let mut b = Node::new(root, "b", ips[1]);
-    a.configure(&[&b]);
-    b.configure(&[&a]);
-    a.start();
-    b.start();
-    wait_until("a and b connected", || {
-        a.all_connected() && b.all_connected()
-    });
-    (a, b)
 }
 
 /// The line of `key = ` in a config file (1-based).

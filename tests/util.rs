@@ -473,3 +473,34 @@ pub fn localized_config(text: &str, root: &Path) -> String {
     text.replace(&state_dir, state.to_str().unwrap())
         .replace(&tree_path, tree.to_str().unwrap())
 }
+
+/// Content that proves its own integrity: first line is the BLAKE3 of the rest.
+pub fn self_checking(seed: u64, len: usize) -> Vec<u8> {
+    let body: Vec<u8> = (0..len)
+        .map(|i| (seed as usize * 31 + i * 7) as u8)
+        .collect();
+    let mut out = format!("{}\n", blake3::hash(&body).to_hex()).into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Whether `content` made by [`self_checking`] is whole.
+pub fn intact(content: &[u8]) -> bool {
+    content.len() > 65
+        && content[64] == b'\n'
+        && blake3::hash(&content[65..]).to_hex().as_bytes() == &content[..64]
+}
+
+/// Two nodes named a and b on `ips` that list each other, running and connected.
+pub fn pair(root: &Path, ips: [&str; 2]) -> (Node, Node) {
+    let mut a = Node::new(root, "a", ips[0]);
+    let mut b = Node::new(root, "b", ips[1]);
+    a.configure(&[&b]);
+    b.configure(&[&a]);
+    a.start();
+    b.start();
+    wait_until("a and b connected", || {
+        a.all_connected() && b.all_connected()
+    });
+    (a, b)
+}
