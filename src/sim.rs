@@ -595,7 +595,7 @@ impl Sim {
                 }
                 None => {
                     self.stats.fetch_failed += 1;
-                    node.pipe.fetch_failed(w, &mut node.engine, now)
+                    node.pipe.fetch_failed(w, &mut node.engine, now, true)
                 }
             }
         }

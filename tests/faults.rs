@@ -344,9 +344,7 @@ fn damaged_index_is_reported_and_rebuilt_without_loss() {
 fn full_disk_keeps_old_files_and_completes_when_space_returns() {
     let mut c = Cluster::new(2, None);
     // A disk that fills despite `[tree] min_disk_free` (trust_budget.rs tests that).
-    let cfg = fs::read_to_string(&c.nodes[1].config).unwrap();
-    let cfg = cfg.replacen("[tree]\n", "[tree]\nmin_disk_free = 0\n", 1);
-    fs::write(&c.nodes[1].config, cfg).unwrap();
+    c.nodes[1].add_tree_keys("min_disk_free = 0\n");
     let tree = c.nodes[1].tree.clone();
     fs::create_dir_all(&tree).unwrap();
     if !sh(&[

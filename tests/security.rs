@@ -692,6 +692,52 @@ async fn an_index_flood_past_the_cap_is_refused_within_the_memory_bound() {
     assert!(r.log.contains("peer_view"), "{}", r.log);
 }
 
+/// A connected peer that announces paths it never serves cannot keep a healthy
+/// peer's new file out under `[tree] max_files`: needs no source delivered hold no
+/// room until they are tried again (issue 25).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_a_peer_never_serves_do_not_crowd_out_a_healthy_file_under_max_files() {
+    let dir = tmp();
+    let mut n1 = Node::new(dir.path(), "n1", "127.0.48.2");
+    let mut n2 = Node::new(dir.path(), "n2", "127.0.48.3");
+    let evil = Node::new(dir.path(), "evil", "127.0.48.4");
+    n1.configure(&[&n2, &evil]);
+    n1.add_tree_keys("max_files = 200\n");
+    n2.configure(&[&n1]);
+    n1.start();
+    n2.start();
+    wait_until("n1 and n2 connected", || n2.all_connected());
+    let t = evil_transport(&evil, &n1);
+    let conn = t
+        .connect(n1.id.parse().unwrap(), n1.addr.parse().unwrap())
+        .await
+        .unwrap();
+    let (mut send, _recv) = hello(&conn, 1).await;
+    answer_not_found(conn.clone());
+    wire::write_msg(&mut send, &flood_frame(1, 0, 1000))
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| {
+        wait_until("n1 refuses the flood for max_files", || {
+            n1.status()["tree"]["refused"].as_array().is_some_and(|a| {
+                a.iter().any(|r| {
+                    r["reason"] == "max_files"
+                        && r["path"].as_str().is_some_and(|p| p.starts_with("flood/"))
+                })
+            })
+        });
+        n2.write("healthy/new.pem", "HEALTHY");
+        wait_until(
+            "the healthy file on n1 while the flooder is connected",
+            || n1.read("healthy/new.pem").as_deref() == Some("HEALTHY"),
+        );
+    });
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    let files = n1.status()["tree"]["files"].as_u64().unwrap();
+    assert!(files <= 200, "n1 holds {files} files");
+    conn.close(0u32.into(), b"done");
+}
+
 /// Writes `bytes` one per second.
 fn trickle<W>(mut w: W, bytes: Vec<u8>)
 where

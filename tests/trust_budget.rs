@@ -19,18 +19,9 @@ fn trio(root: &Path, ips: [&str; 3], tree_keys: &str) -> Vec<Node> {
         .collect();
     for (i, n) in nodes.iter().enumerate() {
         n.configure(&crate::util::others(&nodes, i));
-        add_tree_keys(n, tree_keys);
+        n.add_tree_keys(tree_keys);
     }
     nodes
-}
-
-fn add_tree_keys(n: &Node, keys: &str) {
-    let cfg = fs::read_to_string(&n.config).unwrap();
-    fs::write(
-        &n.config,
-        cfg.replacen("[tree]\n", &format!("[tree]\n{keys}"), 1),
-    )
-    .unwrap();
 }
 
 fn start(nodes: &mut [Node]) {
@@ -319,7 +310,7 @@ fn min_disk_free_refuses_a_fetch_that_would_leave_less() {
     let dir = tempfile::tempdir().unwrap();
     let ips = ["127.0.3.14", "127.0.3.15", "127.0.3.16"];
     let mut nodes = trio(dir.path(), ips, "");
-    add_tree_keys(&nodes[1], "min_disk_free = \"6MiB\"\n");
+    nodes[1].add_tree_keys("min_disk_free = \"6MiB\"\n");
     let Some(_disk) = Tmpfs::mount(&nodes[1].tree, "10m") else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
         return;

@@ -33,9 +33,9 @@ fn trio(root: &Path) -> [Node; 3] {
     ];
     for (i, n) in nodes.iter().enumerate() {
         n.configure(&crate::util::others(&nodes, i));
-        let cfg = fs::read_to_string(&n.config).unwrap();
-        let keys = format!("[tree]\nwriters = [\"w\"]\ntombstone_retention = \"{RETENTION}\"\n");
-        fs::write(&n.config, cfg.replacen("[tree]\n", &keys, 1)).unwrap();
+        n.add_tree_keys(&format!(
+            "writers = [\"w\"]\ntombstone_retention = \"{RETENTION}\"\n"
+        ));
     }
     nodes
 }
@@ -166,12 +166,10 @@ fn an_honest_file_older_than_the_horizon_still_reaches_a_rebuilt_node() {
 /// `[tree] writers` (device IDs) and the short retention in `n`'s config.
 fn set_writers(n: &Node, writers: &[&Node]) {
     let ids: Vec<String> = writers.iter().map(|w| format!("\"{}\"", w.id)).collect();
-    let cfg = fs::read_to_string(&n.config).unwrap();
-    let keys = format!(
-        "[tree]\nwriters = [{}]\ntombstone_retention = \"{RETENTION}\"\n",
+    n.add_tree_keys(&format!(
+        "writers = [{}]\ntombstone_retention = \"{RETENTION}\"\n",
         ids.join(", ")
-    );
-    fs::write(&n.config, cfg.replacen("[tree]\n", &keys, 1)).unwrap();
+    ));
 }
 
 /// Author `a` and `keeper`, peers of each other; `c` (not started) knows only

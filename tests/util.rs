@@ -205,6 +205,13 @@ impl Node {
             })
     }
 
+    /// Adds `keys` (TOML lines) at the top of the configuration's `[tree]` table.
+    pub fn add_tree_keys(&self, keys: &str) {
+        let cfg = fs::read_to_string(&self.config).unwrap();
+        let cfg = cfg.replacen("[tree]\n", &format!("[tree]\n{keys}"), 1);
+        fs::write(&self.config, cfg).unwrap();
+    }
+
     pub fn write(&self, rel: &str, content: &str) {
         let p = self.tree.join(rel);
         fs::create_dir_all(p.parent().unwrap()).unwrap();

@@ -298,6 +298,16 @@ impl Engine {
         self.plan.recheck_budgets(&self.index)
     }
 
+    /// No source delivered the content of the need at `p` ([`Plan::undelivered`]).
+    pub fn undelivered(&mut self, p: &RelPath) {
+        self.plan.undelivered(p);
+    }
+
+    /// The undelivered need at `p` is tried again ([`Plan::reclaim`]).
+    pub fn reclaim(&mut self, p: &RelPath) {
+        self.plan.reclaim(p, &self.index);
+    }
+
     /// Paths the puller has taken and not yet recorded.
     pub fn applying(&self) -> &HashSet<RelPath> {
         &self.applying

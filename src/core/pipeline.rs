@@ -13,7 +13,7 @@
 //! ([`Engine::applying`]), which the scanner also asks: a path in flight is rescanned
 //! only after its apply, so our own writes are never announced as local changes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -172,6 +172,9 @@ pub struct Pipeline {
     limits: Limits,
     /// Per path: not before, and how many failures in a row (backoff 0.5 s … 32 s).
     retry: HashMap<RelPath, (Instant, u32)>,
+    /// Needs no source delivered, by when they are tried again: then they count
+    /// against the tree budgets again ([`Plan::reclaim`]) before they are taken.
+    undelivered: BTreeSet<(Instant, RelPath)>,
     /// Fetches waiting for a slot, taking turns by first source ([`Fair`]).
     queued: Fair<Option<DeviceId>, Work>,
     /// The small lane's fetches, started before `queued`'s on slots of their own.
@@ -213,6 +216,7 @@ impl Pipeline {
         Pipeline {
             limits,
             retry: HashMap::new(),
+            undelivered: BTreeSet::new(),
             queued: Fair::default(),
             small_queued: Fair::default(),
             fetching: 0,
@@ -270,6 +274,15 @@ impl Pipeline {
         connected: impl Fn(&DeviceId) -> bool,
         now: Instant,
     ) {
+        // Undelivered needs due again hold their room under the budgets again.
+        while let Some((t, _)) = self.undelivered.first() {
+            if *t > now {
+                break;
+            }
+            if let Some((_, p)) = self.undelivered.pop_first() {
+                engine.reclaim(&p);
+            }
+        }
         // Room in flight: the bulk's, then the small lane's extra, then a last reserve
         // for urgent paths (not taken by a burst of other small files).
         let free = |extra: usize| (self.limits.in_flight + extra).saturating_sub(self.in_flight());
@@ -452,11 +465,18 @@ impl Pipeline {
         self.push_ready(w, now);
     }
 
-    /// A fetch failed (every source tried): retried later.
-    pub fn fetch_failed(&mut self, w: Work, engine: &mut Engine, now: Instant) {
-        let (_, _, in_flight) = engine.pipeline_parts();
+    /// A fetch failed (every source tried): retried later. `undelivered`: the sources
+    /// did not deliver (not a local failure to write), so until it is retried the
+    /// need holds no room under the tree budgets ([`Plan::undelivered`]).
+    pub fn fetch_failed(&mut self, w: Work, engine: &mut Engine, now: Instant, undelivered: bool) {
         self.fetch_ended(&w);
         self.later(w.path(), now);
+        if undelivered {
+            engine.undelivered(w.path());
+            let due = self.retry.get(w.path()).map_or(now, |(t, _)| *t);
+            self.undelivered.insert((due, w.path().clone()));
+        }
+        let (_, _, in_flight) = engine.pipeline_parts();
         #[cfg(test)]
         if self.break_failures {
             return;
@@ -841,7 +861,7 @@ mod tests {
     fn a_failed_fetch_backs_off_and_is_retaken_after() {
         let (mut e, mut p, t0) = refilled(&[("a", 1)]);
         let a = p.next_fetch().unwrap();
-        p.fetch_failed(a, &mut e, t0);
+        p.fetch_failed(a, &mut e, t0, true);
         assert!(e.applying().is_empty());
         p.refill(&mut e, |_| None, |_| true, t0);
         assert!(p.next_fetch().is_none(), "not before its retry time");
@@ -849,6 +869,28 @@ mod tests {
         assert_eq!(at, t0 + Duration::from_millis(500));
         p.wake();
         p.refill(&mut e, |_| None, |_| true, at);
+        assert!(p.next_fetch().is_some());
+    }
+
+    #[test]
+    fn an_undelivered_need_holds_its_budget_room_again_once_retried() {
+        let (mut e, mut p, t0) = refilled(&[("a", 1)]);
+        let a = RelPath::parse("a").unwrap();
+        let w = p.next_fetch().unwrap();
+        p.fetch_failed(w, &mut e, t0, false);
+        assert!(
+            !e.plan().is_undelivered(&a),
+            "a local failure holds its room"
+        );
+        let at = p.next_wake().unwrap();
+        p.wake();
+        p.refill(&mut e, |_| None, |_| true, at);
+        let w = p.next_fetch().unwrap();
+        p.fetch_failed(w, &mut e, at, true);
+        assert!(e.plan().is_undelivered(&a) && e.plan().need(&a).is_some());
+        let again = p.next_wake().unwrap();
+        p.refill(&mut e, |_| None, |_| true, again);
+        assert!(!e.plan().is_undelivered(&a), "counted again when retried");
         assert!(p.next_fetch().is_some());
     }
 
@@ -880,7 +922,7 @@ mod tests {
         );
         assert!(p.next_fetch().is_none());
         // The first peer's slot frees: its next need goes.
-        p.fetch_failed(first, &mut e, now);
+        p.fetch_failed(first, &mut e, now, true);
         p.wake();
         p.refill(&mut e, |_| None, |_| true, now);
         assert!(p.next_fetch().is_some());
@@ -890,7 +932,7 @@ mod tests {
     fn a_due_or_stale_retry_does_not_keep_waking() {
         let (mut e, mut p, t0) = refilled(&[("a", 1)]);
         let a = p.next_fetch().unwrap();
-        p.fetch_failed(a, &mut e, t0);
+        p.fetch_failed(a, &mut e, t0, true);
         let at = p.next_wake().unwrap();
         // Retaken at its time and fetching again: no timer for it meanwhile.
         p.wake();

@@ -193,6 +193,11 @@ pub struct Plan {
     /// needs fetch: what is coming on top of the index, for the budgets.
     needs_new_paths: HashSet<RelPath>,
     needs_fetch_bytes: u64,
+    /// Needs whose sources all failed to deliver the content ([`Plan::undelivered`]):
+    /// still needed (and so not acknowledged), but holding no room under the tree
+    /// budgets until they are tried again ([`Plan::reclaim`]). A peer that announces
+    /// paths it never serves cannot fill `max_files` against the other peers' files.
+    undelivered: HashSet<RelPath>,
     /// Peers' paths not fetched because of a budget (at most [`MAX_REFUSALS`]).
     refused: BTreeMap<RelPath, Refusal>,
     refused_total: u64,
@@ -234,6 +239,7 @@ impl Plan {
             disk: None,
             needs_new_paths: HashSet::new(),
             needs_fetch_bytes: 0,
+            undelivered: HashSet::new(),
             refused: BTreeMap::new(),
             refused_total: 0,
             view_refusals: 0,
@@ -272,22 +278,43 @@ impl Plan {
         let (free, live, bytes) = self.rechecked;
         let room = now.0 >= free.saturating_add(RECHECK_FREE) || now.1 < live || now.2 < bytes;
         if !room {
-            // Keep the tightest mark, so the next growth of room is measured from it.
-            self.rechecked = (free.min(now.0), live.max(now.1), bytes.max(now.2));
+            self.mark_tight(index);
             return false;
         }
         self.rechecked = now;
-        let paths: Vec<RelPath> = self
-            .refused
-            .iter()
-            .filter(|(_, r)| r.reason != BudgetKind::PeerView)
-            .map(|(p, _)| p.clone())
-            .collect();
+        // Taking turns by the peer that announced them, the peer with the fewest
+        // refusals first: the room that opened up goes to every peer's paths, not
+        // first to one peer's thousands of refusals.
+        let mut by_peer: BTreeMap<Option<DeviceId>, Vec<RelPath>> = BTreeMap::new();
+        for (p, r) in &self.refused {
+            if r.reason != BudgetKind::PeerView {
+                by_peer.entry(r.peer).or_default().push(p.clone());
+            }
+        }
+        let mut turns: Vec<Vec<RelPath>> = by_peer.into_values().collect();
+        turns.sort_by_key(Vec::len);
+        let mut turns: Vec<std::vec::IntoIter<RelPath>> =
+            turns.into_iter().map(Vec::into_iter).collect();
+        let mut paths = Vec::new();
+        while !turns.is_empty() {
+            turns.retain_mut(|t| t.next().map(|p| paths.push(p)).is_some());
+        }
         let before = self.needs.len();
         for p in &paths {
             self.evaluate(p, index);
         }
         self.needs.len() > before
+    }
+
+    /// Keeps the tightest mark of room (least free disk, most live paths and bytes
+    /// with what the needs add), so the next growth of room is measured from it.
+    fn mark_tight(&mut self, index: &Index) {
+        let (free, live, bytes) = self.rechecked;
+        self.rechecked = (
+            free.min(self.disk.map_or(0, |d| d.free)),
+            live.max(index.live_count() + self.needs_new_paths.len()),
+            bytes.max(index.content_bytes() + self.needs_fetch_bytes),
+        );
     }
 
     /// Peers' paths not fetched because of a budget (at most [`MAX_REFUSALS`]).
@@ -594,9 +621,11 @@ impl Plan {
         });
         if let Some(old) = self.needs.remove(p) {
             self.needs_bytes = self.needs_bytes.saturating_sub(old.target.heap_cost());
-            self.needs_fetch_bytes = self
-                .needs_fetch_bytes
-                .saturating_sub(held_bytes(&old.target));
+            if !self.undelivered.remove(p) {
+                self.needs_fetch_bytes = self
+                    .needs_fetch_bytes
+                    .saturating_sub(held_bytes(&old.target));
+            }
             self.needs_new_paths.remove(p);
         }
         if let Some(n) = need {
@@ -640,6 +669,7 @@ impl Plan {
             return true;
         }
         let (old_new, old_fetch) = match self.needs.get(p) {
+            Some(_) if self.undelivered.contains(p) => (false, 0),
             Some(o) => (self.needs_new_paths.contains(p), held_bytes(&o.target)),
             None => (false, 0),
         };
@@ -665,6 +695,8 @@ impl Plan {
         let Some(reason) = reason else {
             return true;
         };
+        // Room shows against the budget as it was when this path was refused.
+        self.mark_tight(index);
         let peer = self
             .peers
             .iter()
@@ -729,6 +761,57 @@ impl Plan {
         }
         self.not_adopted += 1;
         false
+    }
+
+    /// Every source of the need at `p` failed to deliver its content: it stays
+    /// needed (retried, not acknowledged) but stops counting against the tree
+    /// budgets, so a peer's paths it announces and never serves do not refuse other
+    /// peers' files. The room it held shows at the next [`Plan::recheck_budgets`].
+    pub fn undelivered(&mut self, p: &RelPath) {
+        let Some(n) = self.needs.get(p) else {
+            return;
+        };
+        if self.undelivered.insert(p.clone()) {
+            self.needs_fetch_bytes = self.needs_fetch_bytes.saturating_sub(held_bytes(&n.target));
+            self.needs_new_paths.remove(p);
+        }
+    }
+
+    pub fn is_undelivered(&self, p: &RelPath) -> bool {
+        self.undelivered.contains(p)
+    }
+
+    /// An undelivered need is about to be tried again: it counts against the budgets
+    /// again, and is decided again (refused if the room it held was taken meanwhile).
+    pub fn reclaim(&mut self, p: &RelPath, index: &Index) {
+        if !self.undelivered.remove(p) {
+            return;
+        }
+        let Some(n) = self.needs.get(p) else {
+            return;
+        };
+        self.needs_fetch_bytes += held_bytes(&n.target);
+        if n.new_path(index.get(p).map(|e| &e.record)) {
+            self.needs_new_paths.insert(p.clone());
+        }
+        self.evaluate(p, index);
+    }
+
+    /// Test check: the kept budget counts equal a scan of the needs.
+    #[cfg(test)]
+    pub(crate) fn check_budget_counts(&self, index: &Index) {
+        let counted = || {
+            self.needs
+                .iter()
+                .filter(|(p, _)| !self.undelivered.contains(*p))
+        };
+        let new_paths: HashSet<&RelPath> = counted()
+            .filter(|(p, n)| n.new_path(index.get(p).map(|e| &e.record)))
+            .map(|(p, _)| p)
+            .collect();
+        let bytes: u64 = counted().map(|(_, n)| held_bytes(&n.target)).sum();
+        assert_eq!(new_paths, self.needs_new_paths.iter().collect());
+        assert_eq!(bytes, self.needs_fetch_bytes);
     }
 
     pub fn needs(&self) -> impl Iterator<Item = &Need> {
@@ -1032,6 +1115,55 @@ mod tests {
         plan.disconnected(flooder, &index);
         assert!(plan.recheck_budgets(&index));
         assert!(plan.need(&RelPath::parse("healthy/a").unwrap()).is_some());
+    }
+
+    #[test]
+    fn needs_no_source_delivers_hold_no_room_under_max_files_until_tried_again() {
+        let budget = TreeBudget {
+            max_files: 3,
+            ..TreeBudget::default()
+        };
+        let (mut plan, index, flooder) = budgeted(budget, &[]);
+        let flood: Vec<_> = (0..6)
+            .map(|i| (newer(&format!("f/{i}"), 1), i + 1))
+            .collect();
+        plan.receive(flooder, flood, 6, &index);
+        // (A healthy peer that sorts after the flooder.)
+        let healthy = DeviceId([10; 32]);
+        plan.connected(healthy, &index);
+        plan.receive(healthy, vec![(newer("healthy/a", 1), 1)], 1, &index);
+        assert_eq!(refused_for(&plan, "healthy/a"), Some(BudgetKind::MaxFiles));
+        // The flooder serves none of its paths: while connected, they stop counting,
+        // and the room goes to the peer with fewer refusals first.
+        let f0 = RelPath::parse("f/0").unwrap();
+        plan.undelivered(&f0);
+        plan.undelivered(&f0); // twice: counted off once
+        assert!(plan.recheck_budgets(&index));
+        assert!(plan.need(&RelPath::parse("healthy/a").unwrap()).is_some());
+        for i in 1..3 {
+            plan.undelivered(&RelPath::parse(&format!("f/{i}")).unwrap());
+        }
+        plan.recheck_budgets(&index);
+        assert!(plan.need(&RelPath::parse("healthy/a").unwrap()).is_some());
+        // Still needed (not acknowledged past), and decided again when retried: the
+        // room the healthy file took is not there for all of them any more.
+        assert!(plan.need(&f0).is_some() && plan.is_undelivered(&f0));
+        assert_eq!(plan.ack_for(&flooder, &index), 0);
+        plan.check_budget_counts(&index);
+        for i in 0..6 {
+            plan.reclaim(&RelPath::parse(&format!("f/{i}")).unwrap(), &index);
+        }
+        let needed = (0..6)
+            .filter(|i| {
+                let p = RelPath::parse(&format!("f/{i}")).unwrap();
+                plan.need(&p).is_some() && !plan.is_undelivered(&p)
+            })
+            .count();
+        assert_eq!(
+            needed, 2,
+            "max_files holds with the reclaimed needs counted again"
+        );
+        plan.check_budget_counts(&index);
     }
 
     #[test]

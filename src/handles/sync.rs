@@ -380,10 +380,11 @@ impl SyncHandle {
     /// (writing here failed), otherwise the sources did not deliver.
     pub fn fetch_failed(&self, pipe: &mut Pipeline, w: Work, local: Option<String>) {
         let mut st = self.0.lock();
+        let undelivered = local.is_none();
         if let Some(e) = local {
             st.error(e);
         }
-        pipe.fetch_failed(w, &mut st.engine, Instant::now());
+        pipe.fetch_failed(w, &mut st.engine, Instant::now(), undelivered);
     }
 
     /// The apply task died without outcomes: its paths are taken again later.
