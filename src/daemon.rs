@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::acme::handle::AcmeSlot;
 use crate::clock::now_ns;
 use crate::config::{peer::PeerConfig, Config};
 use crate::core::device::DeviceId;
@@ -226,8 +227,9 @@ async fn spawn(config: &Config, opened: Opened) -> anyhow::Result<Running> {
     // The tree's certificate entries join the config's before anything reads them.
     crate::certs::load(&Settings::new(&shared), &shared.tree.root);
     // One status source: the control socket, /metrics and systemd share its cache.
-    let status = StatusSource::new(crate::handles::Observer::new(&shared));
-    let (control, mut tasks) = spawn_features(config, &shared, http, &status)?;
+    let acme = AcmeSlot::default();
+    let status = StatusSource::new(crate::handles::Observer::new(&shared), acme.clone());
+    let (control, mut tasks) = spawn_features(config, &shared, http, &status, &acme)?;
     tasks.extend(spawn_sync(
         config, &shared, &transport, &sync, &watcher, &status,
     ));
@@ -303,7 +305,6 @@ fn share(
         scans: AtomicU64::new(0),
         stopping: watch::channel(false).0,
         inline: Mutex::new(Default::default()),
-        acme: std::sync::OnceLock::new(),
         hook_failures: AtomicU64::new(0),
         repairs: Default::default(),
         probes: Default::default(),
@@ -320,6 +321,7 @@ fn spawn_features(
     shared: &Arc<Shared>,
     http: Option<std::net::TcpListener>,
     status: &StatusSource,
+    acme: &AcmeSlot,
 ) -> anyhow::Result<(
     tokio::task::JoinHandle<()>,
     Vec<tokio::task::JoinHandle<()>>,
@@ -332,7 +334,7 @@ fn spawn_features(
     let control = crate::ops::control::start(
         crate::ops::control::ControlHandles {
             status: status.clone(),
-            acme: crate::handles::acme::AcmeSlot::new(shared),
+            acme: acme.clone(),
             barrier: crate::handles::acme::Barrier::new(shared),
         },
         &config.control_socket(),
@@ -343,7 +345,7 @@ fn spawn_features(
         Reports::new(shared),
     )));
     tasks.extend(crate::acme::start(
-        &crate::acme::acme_handles(shared),
+        &crate::acme::acme_handles(shared, acme.clone()),
         http,
     )?);
     tasks.extend(crate::ops::hooks::start(crate::ops::hooks::Hooks {
@@ -356,6 +358,7 @@ fn spawn_features(
         settings: Settings::new(shared),
         reports: Reports::new(shared),
         served: crate::handles::served::ServedReports::new(shared),
+        acme: acme.clone(),
     }));
     tasks.extend(crate::dhparam::start(
         &Settings::new(shared),

@@ -351,9 +351,9 @@ fn dispatch(cmd: Cmd) -> Result<(), Failure> {
             all,
         } => {
             let view = match (&cert, all) {
-                (Some(name), _) => certmesh::ops::status::CertView::One(name),
-                (None, true) => certmesh::ops::status::CertView::All,
-                (None, false) => certmesh::ops::status::CertView::Auto,
+                (Some(name), _) => certmesh::ops::render::CertView::One(name),
+                (None, true) => certmesh::ops::render::CertView::All,
+                (None, false) => certmesh::ops::render::CertView::Auto,
             };
             status(&load(&config)?, json, cluster.then_some(timeout), view)?
         }
@@ -535,7 +535,7 @@ fn status(
     c: &Config,
     json: bool,
     cluster: Option<std::time::Duration>,
-    view: certmesh::ops::status::CertView<'_>,
+    view: certmesh::ops::render::CertView<'_>,
 ) -> Result<(), Failure> {
     let cluster_ms = cluster.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
     let socket = c.control_socket();
@@ -558,7 +558,7 @@ fn status(
     if !json {
         print!(
             "{}",
-            certmesh::ops::status::render_view(s, view).map_err(Failure::Runtime)?
+            certmesh::ops::render::render_view(s, view).map_err(Failure::Runtime)?
         );
     }
     match behind {

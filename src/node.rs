@@ -161,8 +161,6 @@ pub struct Shared {
     pub inline: Mutex<crate::core::inline::InlineCache>,
     /// Set once shutdown begins: no new batches start.
     pub stopping: watch::Sender<bool>,
-    /// The ACME driver, when `[acme]` is configured (for `status`, `issue`, `renew`).
-    pub acme: std::sync::OnceLock<Arc<crate::acme::handle::Acme>>,
     /// Hooks that failed to start, exited non-zero or timed out (metrics).
     pub hook_failures: AtomicU64,
     /// Certificate repairs: queue and recent results (`status`).

@@ -208,7 +208,7 @@ pub(crate) fn tempdir() -> tempfile::TempDir {
 pub(crate) fn entry<'a>(
     c: &'a CertStatus,
     node: &str,
-) -> Option<&'a certmesh::ops::served::ServedStatus> {
+) -> Option<&'a certmesh::ops::status::ServedStatus> {
     c.served.iter().find(|s| s.node == node)
 }
 

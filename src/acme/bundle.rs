@@ -288,12 +288,6 @@ fn live_is_not_a_link(root: &Path, name: &str) -> bool {
     matches!(m, Ok(Some(m)) if !m.file_type().is_symlink())
 }
 
-/// The certificate currently served for `name` (the leaf of `fullchain.pem`, never
-/// `cert.pem`, which a peer can replace on its own), if any.
-pub fn live_leaf(root: &Path, name: &str) -> Option<Leaf> {
-    super::served::served_leaf(root, name)
-}
-
 /// The private key currently live for `name` (for `reuse_key`).
 pub fn live_key(root: &Path, name: &str) -> Option<KeyPair> {
     let pem = String::from_utf8(tree::read(root, &format!("live/{name}/privkey.pem"))?).ok()?;

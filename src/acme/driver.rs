@@ -20,8 +20,8 @@ use super::handle::{Acme, QueueStatus, QueuedOrder};
 use super::handle::{AcmeState, IssueReply, RenewReport, RenewResult};
 use super::schedule::{self, RenewalLease, Window};
 use super::{
-    account, bundle, node_name, order, read_lease, renewer, rfc3339, snapshot, this_node, unix_now,
-    AcmeHandles, Command, LEASES_DIR,
+    account, bundle, node_name, order, read_lease, renewer, rfc3339, served, snapshot, this_node,
+    unix_now, AcmeHandles, Command, LEASES_DIR,
 };
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
@@ -215,18 +215,20 @@ impl Driver {
                 self.agenda.set(&name, look);
                 continue;
             }
-            due.push(match bundle::live_leaf(self.h.writer.root(), &cert.name) {
-                Some(l) => Due {
-                    name: cert.name.clone(),
-                    kind: Kind::Renewal,
-                    key: l.validity.not_after,
+            due.push(
+                match served::served_leaf(self.h.writer.root(), &cert.name) {
+                    Some(l) => Due {
+                        name: cert.name.clone(),
+                        kind: Kind::Renewal,
+                        key: l.validity.not_after,
+                    },
+                    None => Due {
+                        name: cert.name.clone(),
+                        kind: Kind::New,
+                        key: at,
+                    },
                 },
-                None => Due {
-                    name: cert.name.clone(),
-                    kind: Kind::New,
-                    key: at,
-                },
-            });
+            );
         }
         let mut queue: std::collections::VecDeque<Due> = budget::queue(due).into();
         let paused = self.all_paused(&cfg, unix_now());
@@ -402,7 +404,7 @@ impl Driver {
 
     /// When `cert` is due (0: now), updating `next_renewal` in its runtime.
     async fn due(&mut self, cert: &CertificateConfig) -> i64 {
-        let leaf = bundle::live_leaf(self.h.writer.root(), &cert.name);
+        let leaf = served::served_leaf(self.h.writer.root(), &cert.name);
         let missing_domain = leaf
             .as_ref()
             .is_some_and(|l| cert.domains.iter().any(|d| !l.domains.contains(d)));
@@ -522,7 +524,7 @@ impl Driver {
     /// as the first CA's.
     fn live_ca(&self, cfg: &AcmeConfig, name: &str) -> Option<Ca> {
         let root = self.h.writer.root();
-        let leaf = bundle::live_leaf(root, name)?;
+        let leaf = served::served_leaf(root, name)?;
         let cas = Ca::all(cfg);
         match ca::issuer(root, name, &leaf.serial) {
             Some(dir) => cas.into_iter().find(|c| c.directory == dir),
@@ -687,7 +689,7 @@ impl Driver {
             }
             Err(f) => {
                 let msg = format!("{:#}", f.error);
-                let live = bundle::live_leaf(self.h.writer.root(), &cert.name).map(|l| l.serial);
+                let live = served::served_leaf(self.h.writer.root(), &cert.name).map(|l| l.serial);
                 h.reports.error(format!("acme: {}: {msg}", cert.name));
                 crate::telemetry::order_finished(&cert.name, false);
                 self.handle

@@ -4,7 +4,7 @@
 //! code and the daemon importing each other.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -249,5 +249,23 @@ impl Acme {
             })
             .map_err(|_| STOPPED.to_string())?;
         rx.await.map_err(|_| STOPPED.to_string())?
+    }
+}
+
+/// Where the driver's handle is kept once it runs: made by the daemon before the
+/// features start, set by the driver, read by `status`, `issue`, `renew` and the
+/// probes' rollback. Empty where `[acme]` is not running.
+#[derive(Clone, Default)]
+pub struct AcmeSlot(Arc<OnceLock<Arc<Acme>>>);
+
+impl AcmeSlot {
+    /// Keeps the driver's handle; `false` if one is kept already.
+    pub fn set(&self, acme: Arc<Acme>) -> bool {
+        self.0.set(acme).is_ok()
+    }
+
+    /// The driver's handle, `None` where `[acme]` is not running.
+    pub fn get(&self) -> Option<&Arc<Acme>> {
+        self.0.get()
     }
 }

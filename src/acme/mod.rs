@@ -49,10 +49,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
+use crate::acme::handle::AcmeSlot;
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::device::DeviceId;
 use crate::disk::tree;
-use crate::handles::acme::{AcmeSlot, Barrier};
+use crate::handles::acme::Barrier;
 use crate::handles::{Mesh, Reports, Settings, TreeWriter};
 use handle::Command;
 use schedule::{LeaseClock, RenewalLease, Validity};
@@ -68,8 +69,8 @@ pub fn unix_now() -> i64 {
 
 /// The ACME feature's handles (the daemon starts the driver with them; `status`
 /// reads the renewer, leases and node names through them).
-pub fn acme_handles(shared: &Arc<crate::node::Shared>) -> AcmeHandles {
-    use crate::handles::acme::{AcmeSlot, Barrier};
+pub fn acme_handles(shared: &Arc<crate::node::Shared>, slot: AcmeSlot) -> AcmeHandles {
+    use crate::handles::acme::Barrier;
     use crate::handles::{Mesh, Reports, Settings, TreeWriter};
     AcmeHandles {
         settings: Settings::new(shared),
@@ -77,7 +78,7 @@ pub fn acme_handles(shared: &Arc<crate::node::Shared>) -> AcmeHandles {
         writer: TreeWriter::new(shared),
         reports: Reports::new(shared),
         barrier: Barrier::new(shared),
-        slot: AcmeSlot::new(shared),
+        slot,
     }
 }
 

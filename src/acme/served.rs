@@ -67,7 +67,9 @@ pub fn read_file(p: &Path) -> Option<Vec<u8>> {
     (out.len() as u64 <= MAX_PEM).then_some(out)
 }
 
-/// The leaf `live/<name>/fullchain.pem` serves, whatever the rest of the bundle says.
+/// The certificate currently served for `name`: the leaf `live/<name>/fullchain.pem`
+/// serves, whatever the rest of the bundle says (never `cert.pem`, which a peer can
+/// replace on its own).
 pub fn served_leaf(root: &Path, name: &str) -> Option<Leaf> {
     let fc = read_file(&root.join("live").join(name).join("fullchain.pem"))?;
     let ders = chain_der(&fc).ok()?;

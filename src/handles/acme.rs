@@ -1,7 +1,6 @@
 //! What the ACME feature (`crate::acme`) uses of the daemon beyond the handles the
 //! other features share: who is connected and what they are called ([`Mesh`]), more
-//! tree writes ([`TreeWriter`]), the cluster-wide barrier ([`Barrier`]) and where the
-//! driver's handle is kept for the control socket ([`AcmeSlot`]). Like the others,
+//! tree writes ([`TreeWriter`]) and the cluster-wide barrier ([`Barrier`]). Like the others,
 //! each wraps the shared state privately; the state lock is taken only for short
 //! reads of the engine and the peer table, never across I/O or an `await`.
 
@@ -12,7 +11,6 @@ use anyhow::bail;
 use tokio::sync::watch;
 
 use super::{Mesh, TreeWriter};
-use crate::acme::handle::Acme;
 use crate::core::device::DeviceId;
 use crate::core::paths::RelPath;
 use crate::disk::tree::{self, Expect};
@@ -134,26 +132,5 @@ impl Barrier {
         timeout: Duration,
     ) -> Option<(RelPath, crate::core::cluster::BarrierStatus)> {
         crate::node::census(&self.0, timeout).await
-    }
-}
-
-/// Where the ACME driver's handle is kept once it runs (`status`, `issue`, `renew`
-/// and the lease clock reach it there).
-#[derive(Clone)]
-pub struct AcmeSlot(Arc<Shared>);
-
-impl AcmeSlot {
-    pub fn new(shared: &Arc<Shared>) -> Self {
-        AcmeSlot(shared.clone())
-    }
-
-    /// Keeps the driver's handle; `false` if one is kept already.
-    pub fn set(&self, acme: Arc<Acme>) -> bool {
-        self.0.acme.set(acme).is_ok()
-    }
-
-    /// The driver's handle, `None` where `[acme]` is not running.
-    pub fn get(&self) -> Option<&Arc<Acme>> {
-        self.0.acme.get()
     }
 }

@@ -57,9 +57,4 @@ impl ServedReports {
     pub fn writer(&self) -> crate::handles::TreeWriter {
         crate::handles::TreeWriter::new(&self.0)
     }
-
-    /// The ACME driver's handle, on nodes with `[acme]`.
-    pub fn acme(&self) -> Option<Arc<crate::acme::handle::Acme>> {
-        self.0.acme.get().cloned()
-    }
 }

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::handles::acme::{AcmeSlot, Barrier};
+use crate::acme::handle::AcmeSlot;
+use crate::handles::acme::Barrier;
 use crate::net::clients::Clients;
 use crate::ops::observe::StatusSource;
 use crate::ops::status::Status;

@@ -626,7 +626,7 @@ fn totals(o: &mut Exposition, events: &Events) {
 
 /// What this node's frontends serve, per certificate and frontend.
 fn served(o: &mut Exposition, s: &Status) {
-    let mine: Vec<(&str, &crate::ops::served::ServedStatus)> = s
+    let mine: Vec<(&str, &crate::ops::status::ServedStatus)> = s
         .certificates
         .iter()
         .flat_map(|c| c.served.iter().map(move |e| (c.name.as_str(), e)))
@@ -636,7 +636,7 @@ fn served(o: &mut Exposition, s: &Status) {
                name: &str,
                kind: &str,
                help: &str,
-               v: &dyn Fn(&crate::ops::served::ServedStatus) -> Option<i64>| {
+               v: &dyn Fn(&crate::ops::status::ServedStatus) -> Option<i64>| {
         let _ = writeln!(o.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (cert, e) in &mine {
             if let Some(value) = v(e) {

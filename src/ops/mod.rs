@@ -1,6 +1,6 @@
 //! What operators see and wire up: [`control`] (the local socket behind `status`,
-//! `issue`, `renew`, `confirm`), [`status`] (what `certmesh status` shows, typed,
-//! and its tables; [`observe`] builds it from the node's state, [`cert_cache`] keeps
+//! `issue`, `renew`, `confirm`), [`status`] (what `certmesh status` shows, typed;
+//! [`render`] makes its tables; [`observe`] builds it from the node's state, [`cert_cache`] keeps
 //! what each certificate's files say until they change), [`metrics`] (optional Prometheus `/metrics`, reading the counters
 //! of [`crate::telemetry`]), [`hooks`] (commands or HAProxy hot swaps
 //! when matching paths change), [`firewall`] (nftables / iptables rules from the
@@ -19,6 +19,7 @@ pub mod hooks;
 pub mod logging;
 pub mod metrics;
 pub mod observe;
+pub mod render;
 pub mod served;
 pub mod status;
 pub mod systemd;

@@ -5,13 +5,14 @@
 use std::sync::Arc;
 
 use crate::acme::acme_handles;
+use crate::acme::handle::AcmeSlot;
 use crate::core::device::DeviceId;
 use crate::core::paths::RelPath;
 use crate::core::rollout_time::{Finished, Published, Seen};
 use crate::handles::Observer;
 use crate::node::Shared;
 use crate::ops::cert_cache::CertCache;
-use crate::ops::served::ServedStatus;
+
 use crate::ops::status::*;
 use crate::telemetry::RecentError;
 
@@ -22,19 +23,21 @@ use crate::telemetry::RecentError;
 pub struct StatusSource {
     observer: Observer,
     cache: CertCache,
+    acme: AcmeSlot,
 }
 
 impl StatusSource {
-    pub fn new(observer: Observer) -> Self {
+    pub fn new(observer: Observer, acme: AcmeSlot) -> Self {
         StatusSource {
             observer,
             cache: CertCache::default(),
+            acme,
         }
     }
 
     /// The status as `certmesh status` shows it.
     pub fn status(&self) -> Status {
-        status(&self.observer.0, &self.cache)
+        status(&self.observer.0, &self.cache, &self.acme)
     }
 
     /// The node's other views (index, peers, wake-ups).
@@ -45,7 +48,7 @@ impl StatusSource {
 
 /// The certificates part of the status (the leaf `live/<name>/fullchain.pem` serves,
 /// and whether the bundle around it is good).
-fn certificates(shared: &Arc<Shared>, cache: &CertCache) -> Vec<CertStatus> {
+fn certificates(shared: &Arc<Shared>, cache: &CertCache, slot: &AcmeSlot) -> Vec<CertStatus> {
     use crate::acme;
     let certs = shared.config().certificates.clone();
     let _pass = cache.pass();
@@ -55,7 +58,7 @@ fn certificates(shared: &Arc<Shared>, cache: &CertCache) -> Vec<CertStatus> {
     }
     let now = acme::unix_now();
     let mut served = served_by_cert(shared);
-    let h = acme_handles(shared);
+    let h = acme_handles(shared, slot.clone());
     let renewer = acme::renewer(&h).map(|id| acme::node_name(&h, id));
     let me = acme::node_name(&h, h.mesh.me());
     certs
@@ -63,7 +66,7 @@ fn certificates(shared: &Arc<Shared>, cache: &CertCache) -> Vec<CertStatus> {
         .map(|c| {
             let facts = cache.facts(&shared.tree.root, &c.name, &c.domains);
             let live = facts.leaf.as_ref();
-            let rt = shared.acme.get().and_then(|a| a.runtime(&c.name));
+            let rt = slot.get().and_then(|a| a.runtime(&c.name));
             let lease = acme::read_lease(&h, &c.name)
                 .filter(|l| l.fresh(now))
                 .map(|l| l.node);
@@ -168,7 +171,7 @@ fn ongoing_errors(peers: &[PeerStatus], certs: &[CertStatus], now: i64) -> Vec<R
 /// which leaf it saw, never whether it is current).
 fn served_by_cert(
     shared: &Arc<Shared>,
-) -> std::collections::HashMap<String, Vec<crate::ops::served::ServedStatus>> {
+) -> std::collections::HashMap<String, Vec<crate::ops::status::ServedStatus>> {
     use crate::core::served::ServedRecord;
     let me = shared.config().name.clone();
     let now_ms = crate::clock::now_ns() / 1_000_000;
@@ -206,7 +209,7 @@ fn served_by_cert(
         by_cert
             .entry(r.cert)
             .or_default()
-            .push(crate::ops::served::ServedStatus {
+            .push(crate::ops::status::ServedStatus {
                 node,
                 frontend: r.frontend,
                 current: sha.as_ref().is_some_and(|s| l.is_current(s)),
@@ -227,8 +230,8 @@ fn served_by_cert(
 }
 
 /// Builds the status from the live state.
-fn status(shared: &Arc<Shared>, cache: &CertCache) -> Status {
-    let certificates = certificates(shared, cache);
+fn status(shared: &Arc<Shared>, cache: &CertCache, acme: &AcmeSlot) -> Status {
+    let certificates = certificates(shared, cache, acme);
     let (name, listen, tree) = {
         let c = shared.config();
         (
@@ -356,13 +359,13 @@ fn status(shared: &Arc<Shared>, cache: &CertCache) -> Status {
             hook_failures: shared
                 .hook_failures
                 .load(std::sync::atomic::Ordering::Relaxed),
-            acme_failures: shared.acme.get().map_or(0, |a| a.failures_total()),
+            acme_failures: acme.get().map_or(0, |a| a.failures_total()),
             probe_failures: shared.probes.failures(),
             rollout_seconds: shared.probes.rollout_times(|t| t.histogram().clone()),
         },
         repairs: shared.repairs.recent(),
         cluster: None,
-        acme_queue: shared.acme.get().map(|a| a.queue()),
+        acme_queue: acme.get().map(|a| a.queue()),
     }
 }
 

@@ -8,36 +8,7 @@
 //! as such and left out of the counts: a node that stopped reporting is not known
 //! to serve an old certificate. Nodes removed from the peer list are not listed.
 
-use serde::{Deserialize, Serialize};
-
-use crate::ops::status::{CertStatus, Status};
-
-/// One node's frontend, for one certificate (`certificates[].served[]`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServedStatus {
-    /// The node's name, as in the peer lists.
-    pub node: String,
-    pub frontend: String,
-    /// The served leaf is the leaf of `live/<name>/fullchain.pem` on the node
-    /// answering `status`.
-    pub current: bool,
-    /// The `archive/<name>/<n>` whose leaf is served, when still kept.
-    pub version: Option<u32>,
-    /// Hex SHA-256 of the served leaf's DER.
-    pub leaf_sha256: Option<String>,
-    pub not_after_unix: Option<i64>,
-    /// Why the handshake failed.
-    pub error: Option<String>,
-    pub seen_unix: i64,
-    /// Since when this leaf (or this failure) has been seen.
-    pub since_unix: i64,
-    /// The same in unix milliseconds (0: not reported).
-    #[serde(default)]
-    pub since_ms: i64,
-    /// The node's report was not refreshed lately: not counted either way.
-    #[serde(default)]
-    pub stale: bool,
-}
+use crate::ops::status::{CertStatus, ServedStatus, Status};
 
 /// "HH:MM:SS UTC" of a unix time.
 fn clock(unix: i64) -> String {

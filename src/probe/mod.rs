@@ -47,6 +47,8 @@ pub struct ProbeHandles {
     pub settings: Settings,
     pub reports: Reports,
     pub served: ServedReports,
+    /// The ACME driver's handle: a rolled-back version counts as a failed order.
+    pub acme: crate::acme::handle::AcmeSlot,
 }
 
 /// Starts the probes. Always: the hook runner reports to them, and `[[frontend]]`

@@ -94,7 +94,7 @@ pub async fn after_failed_rollout(h: &ProbeHandles, cert: &str, why: String) {
     );
     tracing::warn!(cert, from = p.from, to = p.to, "{msg}");
     h.reports.error(msg.clone());
-    if let Some(acme) = h.served.acme() {
+    if let Some(acme) = h.acme.get() {
         acme.rollout_failed(cert, msg, Some(p.to_serial.clone()));
     }
 }
