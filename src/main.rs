@@ -541,7 +541,10 @@ fn status(
     let socket = c.control_socket();
     if json && cluster.is_none() {
         // Printed as the daemon sent it, pretty: no typed decode needed.
-        let req = certmesh::ops::control::Request::Status { cluster_ms };
+        let req = certmesh::ops::control::Request::Status {
+            cluster_ms,
+            summary: false,
+        };
         let v = runtime()?
             .block_on(certmesh::ops::control::send(&socket, &req))
             .map_err(rt_err)?;
@@ -549,7 +552,11 @@ fn status(
         return Ok(());
     }
     let s = runtime()?
-        .block_on(certmesh::ops::control::status(&socket, cluster_ms))
+        .block_on(certmesh::ops::control::status(
+            &socket,
+            cluster_ms,
+            !json && view == certmesh::ops::render::CertView::Auto,
+        ))
         .map_err(rt_err)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());

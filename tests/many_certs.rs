@@ -47,6 +47,21 @@ fn status_summarises_many_certificates_and_shows_one_in_full() {
     );
     assert!(summary.contains("0 live, 25 missing"), "{summary}");
     assert!(!summary.contains("c24.example.com"), "{summary}");
+    // The daemon sent them summed up, not every one.
+    let sent = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(certmesh::ops::control::status(
+            &node.state.join("control.sock"),
+            None,
+            true,
+        ))
+        .unwrap();
+    assert!(sent.certificates.is_empty(), "{:?}", sent.certificates);
+    let summed = sent.cert_summary.expect("summed up");
+    assert_eq!(
+        (summed.total, summed.missing, summed.soonest.len()),
+        (25, 25, 5)
+    );
     let (ok, one) = status_text(&node, &["--cert", "c24"]);
     assert!(ok && one.contains("domains       c24.example.com"), "{one}");
     let (ok, all) = status_text(&node, &["--all"]);

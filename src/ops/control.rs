@@ -34,6 +34,10 @@ pub enum Request {
     Status {
         #[serde(default)]
         cluster_ms: Option<u64>,
+        /// Past [`crate::ops::status::SUMMARY_ABOVE`] certificates, send them summed
+        /// up ([`Status::cert_summary`]) instead of every one (text `status`).
+        #[serde(default)]
+        summary: bool,
     },
     /// Order `name` now.
     Issue {
@@ -157,7 +161,10 @@ async fn serve(h: ControlHandles, stream: UnixStream) -> anyhow::Result<()> {
         let answer = match parse_request(&line) {
             // Straight to bytes: at 10,000 certificates the answer is ~9 MB, and a
             // `serde_json::Value` of it first cost as much again.
-            Ok(Request::Status { cluster_ms }) => {
+            Ok(Request::Status {
+                cluster_ms,
+                summary,
+            }) => {
                 let cluster = match cluster_ms {
                     Some(ms) => Some(
                         crate::ops::census::run(&h.barrier, Duration::from_millis(ms.min(600_000)))
@@ -165,10 +172,14 @@ async fn serve(h: ControlHandles, stream: UnixStream) -> anyhow::Result<()> {
                     ),
                     None => None,
                 };
-                let mut out = serde_json::to_vec(&Status {
+                let mut s = Status {
                     cluster,
                     ..h.status.status()
-                })?;
+                };
+                if summary {
+                    s.summarise();
+                }
+                let mut out = serde_json::to_vec(&s)?;
                 out.push(b'\n');
                 w.write_all(&out).await?;
                 continue;
@@ -237,12 +248,17 @@ pub async fn request_with(
 }
 
 /// Client side: the daemon's answer to `status`, typed, decoded once.
-pub async fn status(socket: &Path, cluster_ms: Option<u64>) -> anyhow::Result<Status> {
-    let line = answer_line(
-        socket,
-        serde_json::to_value(Request::Status { cluster_ms })?,
-    )
-    .await?;
+/// `summary`: many certificates come summed up ([`Request::Status`]).
+pub async fn status(
+    socket: &Path,
+    cluster_ms: Option<u64>,
+    summary: bool,
+) -> anyhow::Result<Status> {
+    let request = Request::Status {
+        cluster_ms,
+        summary,
+    };
+    let line = answer_line(socket, serde_json::to_value(request)?).await?;
     serde_json::from_str(&line).map_err(|e| anyhow::anyhow!("daemon answer: {e}"))
 }
 
@@ -283,7 +299,10 @@ mod tests {
         use super::{parse_request, Request};
         assert_eq!(
             parse_request(r#"{"cmd":"status"}"#),
-            Ok(Request::Status { cluster_ms: None })
+            Ok(Request::Status {
+                cluster_ms: None,
+                summary: false
+            })
         );
         assert_eq!(
             parse_request(r#"{"cmd":"renew","force":true}"#),

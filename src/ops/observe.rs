@@ -366,6 +366,7 @@ fn status(shared: &Arc<Shared>, cache: &CertCache, acme: &AcmeSlot) -> Status {
         repairs: shared.repairs.recent(),
         cluster: None,
         acme_queue: acme.get().map(|a| a.queue()),
+        cert_summary: None,
     }
 }
 

@@ -371,15 +371,6 @@ fn render_errors(o: &mut String, s: &Status, now: i64) {
     }
 }
 
-/// Above this many certificates, `certmesh status` summarises them:
-/// counts by state, the soonest expiries, those with errors and the order queue;
-/// `--all` shows the full table, `--cert NAME` one certificate.
-pub const SUMMARY_ABOVE: usize = 20;
-/// How many of the soonest expiries the summary lists.
-const SOONEST_SHOWN: usize = 5;
-/// How many certificates with errors the summary lists.
-const FAILING_SHOWN: usize = 10;
-
 /// Which certificates `certmesh status` shows as text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CertView<'a> {
@@ -410,13 +401,20 @@ pub fn render_view(mut s: Status, view: CertView<'_>) -> Result<String, String> 
             Ok(render_cert(c, now_of(&s)))
         }
         CertView::All => Ok(render(&s)),
-        CertView::Auto if s.certificates.len() <= SUMMARY_ABOVE => Ok(render(&s)),
+        CertView::Auto if s.cert_summary.is_none() && s.certificates.len() <= SUMMARY_ABOVE => {
+            Ok(render(&s))
+        }
         CertView::Auto => {
-            let certs = std::mem::take(&mut s.certificates);
+            // Summed up by the daemon, or here (a daemon that sent every certificate).
+            let summary = match s.cert_summary.take() {
+                Some(summary) => summary,
+                None => CertSummary::of(&s.certificates),
+            };
+            s.certificates.clear();
             let queue = s.acme_queue.take();
             let mut o = render(&s);
             o.push('\n');
-            o.push_str(&render_summary(&certs, queue.as_ref(), now_of(&s)));
+            o.push_str(&render_summary(&summary, queue.as_ref(), now_of(&s)));
             Ok(o)
         }
     }
@@ -434,30 +432,37 @@ fn now_of(s: &Status) -> i64 {
 /// Many certificates in a screenful: counts by state, the soonest expiries, those
 /// with errors, the order queue.
 pub fn render_summary(
-    certs: &[CertStatus],
+    sum: &CertSummary,
     queue: Option<&crate::acme::handle::QueueStatus>,
     now: i64,
 ) -> String {
     use std::fmt::Write;
     let mut o = String::new();
-    let from_tree = certs
-        .iter()
-        .filter(|c| c.source == crate::config::certificate::CertSource::Tree)
-        .count();
     let _ = writeln!(
         o,
         "CERTIFICATES {} ({} from the tree, {} from the config)",
-        certs.len(),
-        from_tree,
-        certs.len() - from_tree
+        sum.total,
+        sum.from_tree,
+        sum.total - sum.from_tree
     );
-    let _ = writeln!(o, "  {}", state_counts(certs));
-    o.push('\n');
-    let mut soonest: Vec<&CertStatus> = certs.iter().collect();
-    soonest.sort_by_key(|c| (c.not_after_unix.unwrap_or(i64::MIN), c.name.as_str()));
-    let rows = soonest
+    let states: Vec<String> = sum
+        .by_state
         .iter()
-        .take(SOONEST_SHOWN)
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+    let _ = writeln!(
+        o,
+        "  {} live, {} missing, {} damaged, {} unscheduled; {}",
+        sum.live,
+        sum.missing,
+        sum.damaged,
+        sum.unscheduled,
+        states.join(", ")
+    );
+    o.push('\n');
+    let rows = sum
+        .soonest
+        .iter()
         .map(|c| {
             vec![
                 c.name.clone(),
@@ -483,12 +488,11 @@ pub fn render_summary(
         ],
         rows,
     );
-    let failing: Vec<&CertStatus> = certs.iter().filter(|c| has_error(c)).collect();
-    if !failing.is_empty() {
+    if sum.failing_total > 0 {
         o.push('\n');
-        let rows = failing
+        let rows = sum
+            .failing
             .iter()
-            .take(FAILING_SHOWN)
             .map(|c| {
                 vec![
                     c.name.clone(),
@@ -498,11 +502,11 @@ pub fn render_summary(
             })
             .collect();
         table(&mut o, &["WITH ERRORS", "FAILURES", "ERROR"], rows);
-        if failing.len() > FAILING_SHOWN {
+        if sum.failing_total > sum.failing.len() {
             let _ = writeln!(
                 o,
                 "… and {} more with errors",
-                failing.len() - FAILING_SHOWN
+                sum.failing_total - sum.failing.len()
             );
         }
     }
@@ -514,30 +518,6 @@ pub fn render_summary(
         "\none certificate in full: certmesh status --cert NAME; all of them: --all or --json"
     );
     o
-}
-
-/// `10000 certificates: 9980 live, 20 missing; 9990 idle, ...`.
-fn state_counts(certs: &[CertStatus]) -> String {
-    let mut by_state: std::collections::BTreeMap<&str, usize> = Default::default();
-    for c in certs {
-        *by_state
-            .entry(c.state.map_or("no acme here", |s| s.as_str()))
-            .or_default() += 1;
-    }
-    let count = |f: fn(&CertStatus) -> bool| certs.iter().filter(|c| f(c)).count();
-    let states: Vec<String> = by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
-    format!(
-        "{} live, {} missing, {} damaged, {} unscheduled; {}",
-        count(|c| c.not_after_unix.is_some()),
-        count(|c| c.not_after_unix.is_none()),
-        count(|c| c.bundle_error.is_some()),
-        count(|c| c.warning.is_some()),
-        states.join(", ")
-    )
-}
-
-fn has_error(c: &CertStatus) -> bool {
-    c.last_error.is_some() || c.bundle_error.is_some() || c.warning.is_some()
 }
 
 /// What is wrong with a certificate: its last order's error, a damaged bundle, a
@@ -828,6 +808,7 @@ mod tests {
             }],
             cluster: None,
             acme_queue: None,
+            cert_summary: None,
         }
     }
 
@@ -1033,6 +1014,25 @@ mod tests {
             .collect();
         assert_eq!(soonest, ["c0", "c10", "c20", "c1", "c2"], "{out}");
         assert!(!out.contains("c29"), "{out}");
+    }
+
+    #[test]
+    fn the_summary_the_daemon_sends_reads_as_the_full_list_would_and_is_small() {
+        let whole = render_view(many(30), CertView::Auto).unwrap();
+        let mut s = many(30);
+        s.summarise();
+        assert!(s.certificates.is_empty());
+        let sent: Status = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(render_view(sent, CertView::Auto).unwrap(), whole);
+        let mut big = many(10_000);
+        let listed = serde_json::to_vec(&big).unwrap().len();
+        big.summarise();
+        let summed = serde_json::to_vec(&big).unwrap().len();
+        eprintln!("10,000 certificates: {listed} bytes listed, {summed} bytes summed up");
+        assert!(summed < 32 << 10, "{summed} bytes");
+        let mut few = many(20);
+        few.summarise();
+        assert_eq!(few.certificates.len(), 20, "20 keep the table");
     }
 
     #[test]

@@ -29,6 +29,84 @@ pub struct Status {
     /// pause, the budget left and when the queue will be empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acme_queue: Option<crate::acme::handle::QueueStatus>,
+    /// Past [`SUMMARY_ABOVE`] certificates, when the client asked for a summary
+    /// (text `status`): the certificates summed up here, and `certificates` empty, so
+    /// 10,000 of them are not sent to be counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_summary: Option<CertSummary>,
+}
+
+/// Above this many certificates, text `status` shows a screenful instead of a
+/// table: counts by state, the soonest expiries, those with errors and the order
+/// queue; `--all` shows the full table, `--cert NAME` one certificate.
+pub const SUMMARY_ABOVE: usize = 20;
+/// How many of the soonest expiries the summary lists.
+pub const SOONEST_SHOWN: usize = 5;
+/// How many certificates with errors the summary lists.
+pub const FAILING_SHOWN: usize = 10;
+
+/// Many certificates summed up ([`Status::cert_summary`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CertSummary {
+    pub total: usize,
+    /// Of `total`, those from `certs/` entries in the tree (the rest from the config).
+    pub from_tree: usize,
+    /// With a served leaf, without one, with a damaged bundle, with a warning.
+    pub live: usize,
+    pub missing: usize,
+    pub damaged: usize,
+    pub unscheduled: usize,
+    /// ACME state → how many ("no acme here" where this node runs no ACME).
+    pub by_state: std::collections::BTreeMap<String, usize>,
+    /// The [`SOONEST_SHOWN`] soonest to expire (missing ones first).
+    pub soonest: Vec<CertStatus>,
+    /// The first [`FAILING_SHOWN`] with an error, of `failing_total`.
+    pub failing: Vec<CertStatus>,
+    pub failing_total: usize,
+}
+
+impl CertSummary {
+    pub fn of(certs: &[CertStatus]) -> CertSummary {
+        let count = |f: fn(&CertStatus) -> bool| certs.iter().filter(|c| f(c)).count();
+        let mut by_state = std::collections::BTreeMap::new();
+        for c in certs {
+            let s = c.state.map_or("no acme here", |s| s.as_str());
+            *by_state.entry(s.to_string()).or_default() += 1;
+        }
+        let mut soonest: Vec<&CertStatus> = certs.iter().collect();
+        soonest.sort_by_key(|c| (c.not_after_unix.unwrap_or(i64::MIN), c.name.as_str()));
+        let failing: Vec<&CertStatus> = certs.iter().filter(|c| c.has_error()).collect();
+        CertSummary {
+            total: certs.len(),
+            from_tree: count(|c| c.source == crate::config::certificate::CertSource::Tree),
+            live: count(|c| c.not_after_unix.is_some()),
+            missing: count(|c| c.not_after_unix.is_none()),
+            damaged: count(|c| c.bundle_error.is_some()),
+            unscheduled: count(|c| c.warning.is_some()),
+            by_state,
+            soonest: soonest.into_iter().take(SOONEST_SHOWN).cloned().collect(),
+            failing_total: failing.len(),
+            failing: failing.into_iter().take(FAILING_SHOWN).cloned().collect(),
+        }
+    }
+}
+
+impl Status {
+    /// Past [`SUMMARY_ABOVE`] certificates, keeps them summed up in `cert_summary`
+    /// instead of listed (what text `status` asks the daemon for).
+    pub fn summarise(&mut self) {
+        if self.certificates.len() > SUMMARY_ABOVE {
+            self.cert_summary = Some(CertSummary::of(&self.certificates));
+            self.certificates = Vec::new();
+        }
+    }
+}
+
+impl CertStatus {
+    /// Its last order failed, its bundle is damaged, or it has a warning.
+    pub fn has_error(&self) -> bool {
+        self.last_error.is_some() || self.bundle_error.is_some() || self.warning.is_some()
+    }
 }
 
 /// Monotonic counters since the daemon started.
@@ -48,7 +126,7 @@ pub struct Counters {
 
 /// One configured certificate as this node sees it: what is live in the tree, and
 /// (on ACME nodes) the driver's plans.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CertStatus {
     pub name: String,
     pub domains: Vec<String>,
