@@ -23,6 +23,15 @@ const URGENT_DEADLINE: Duration = Duration::from_secs(2);
 /// flaky on two busy shared cores.
 const SMALL_DEADLINE: Duration = Duration::from_secs(5);
 
+/// Directories of 100 small files in the flood: 20,000 files. The full scale,
+/// 110,000, on demand: `CERTMESH_FLOOD_DIRS=1100 cargo test --test main small_first::`.
+fn flood_dirs() -> usize {
+    std::env::var("CERTMESH_FLOOD_DIRS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+
 /// The two tests here each load the disk with a bulk transfer: one at a time.
 static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -136,7 +145,8 @@ fn a_token_overtakes_a_flood_of_small_files() {
     let (bulk, rx, small) = (&nodes[0], &nodes[1], &nodes[2]);
     let staging = dir.path().join("flood-staging");
     fs::create_dir_all(&staging).unwrap();
-    for d in 0..200 {
+    let dirs = flood_dirs();
+    for d in 0..dirs {
         let sub = staging.join(format!("d{d:03}"));
         fs::create_dir(&sub).unwrap();
         for i in 0..100 {
@@ -159,7 +169,8 @@ fn a_token_overtakes_a_flood_of_small_files() {
         started,
         URGENT_DEADLINE,
     );
-    let flood_left = fs::read_dir(rx.tree.join("flood/d199")).map_or(100, |d| 100 - d.count());
-    eprintln!("during a 20,000-file flood: token on every node after {token:?} ({flood_left} of the last directory's files still missing on rx)");
+    let last = rx.tree.join(format!("flood/d{:03}", dirs - 1));
+    let flood_left = fs::read_dir(last).map_or(100, |d| 100 - d.count());
+    eprintln!("during a {}-file flood: token on every node after {token:?} ({flood_left} of the last directory's files still missing on rx)", dirs * 100);
     assert!(token.is_some(), "the token queued behind the flood");
 }
