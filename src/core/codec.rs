@@ -3,6 +3,8 @@
 //! file) could put in one. Pure: the receiver's clock comes in as an argument. Both the
 //! index store (`crate::disk::store`) and the wire (`crate::net::wire`) use it.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::core::authorship::{MAX_AUTHOR_CERT, MAX_SIGNATURE};
@@ -265,7 +267,7 @@ fn authorship_from_wire(
     Ok(Some(Authorship {
         author: DeviceId(author),
         signature,
-        cert: cert.into(),
+        cert: shared_cert(cert),
         attestation: None,
     }))
 }
@@ -327,8 +329,32 @@ fn attester_from_wire(
     }
     Ok(Some(Attester {
         id: DeviceId(id),
-        cert: cert.into(),
+        cert: shared_cert(cert),
     }))
+}
+
+/// Distinct author and attester certificates kept to be shared ([`shared_cert`]).
+const SHARED_CERTS: usize = 256;
+
+/// `cert` as a copy shared with every record decoded with the same certificate:
+/// every record carries its author's certificate (~450 bytes), and a fleet has a
+/// few authors, so the index, each peer's view and an index file just loaded hold
+/// one copy per author instead of one per record (90,000 of them at 10,000
+/// certificates). Past [`SHARED_CERTS`] distinct ones (junk from a hostile peer)
+/// the set starts again: sharing is lost, never correctness.
+fn shared_cert(cert: Vec<u8>) -> Arc<[u8]> {
+    static SEEN: Mutex<Option<HashSet<Arc<[u8]>>>> = Mutex::new(None);
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    let seen = seen.get_or_insert_with(HashSet::new);
+    if let Some(c) = seen.get(cert.as_slice()) {
+        return c.clone();
+    }
+    if seen.len() >= SHARED_CERTS {
+        seen.clear();
+    }
+    let c: Arc<[u8]> = cert.into();
+    seen.insert(c.clone());
+    c
 }
 
 /// A version vector as the wire carries it.
@@ -340,4 +366,50 @@ pub fn version_to_wire(v: &VersionVector) -> Vec<pb::Counter> {
             value: *v,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed(path: &str, cert: &[u8]) -> pb::FileInfo {
+        let r = FileRecord {
+            path: RelPath::parse(path).unwrap(),
+            kind: Kind::File,
+            size: 1,
+            mode: 0o644,
+            mtime_ns: 1,
+            hash: ContentHash([7; 32]),
+            target: String::new(),
+            version: VersionVector::from_pairs(vec![(ShortId(9), 1)]),
+            deleted: false,
+            modified_by: ShortId(9),
+            auth: Some(Authorship {
+                author: DeviceId([7; 32]),
+                signature: vec![1; 64],
+                cert: cert.into(),
+                attestation: None,
+            }),
+        };
+        record_to_wire(&r, 1)
+    }
+
+    #[test]
+    fn records_decoded_with_one_author_share_its_certificate() {
+        let cert = vec![0x30; 450];
+        let decode = |path: &str, cert: &[u8]| {
+            let (r, _) = record_from_wire(signed(path, cert), 1 << 60).unwrap();
+            r.auth.unwrap().cert
+        };
+        let (a, b) = (decode("a", &cert), decode("b", &cert));
+        assert!(Arc::ptr_eq(&a, &b), "one copy per author");
+        let other = decode("c", &[0x31; 450]);
+        assert!(!Arc::ptr_eq(&a, &other) && *other == [0x31; 450][..]);
+        // Junk past the bound: the set starts again, the bytes stay right.
+        for i in 0..SHARED_CERTS + 1 {
+            let junk = decode("j", &(i as u32).to_be_bytes().repeat(100));
+            assert_eq!(&junk[..4], &(i as u32).to_be_bytes());
+        }
+        assert_eq!(*decode("d", &cert), cert[..]);
+    }
 }
