@@ -540,26 +540,45 @@ async fn accept_loop(shared: Arc<Shared>, transport: Arc<Transport>) {
     // Handshakes in flight: past a threshold a client proves its address (Retry),
     // at the cap new ones are turned away (unauthenticated load).
     let handshakes = crate::net::admission::Handshakes::default();
+    // Addresses whose handshakes keep failing: their Initials are dropped a while.
+    let strangers = crate::net::admission::Strangers::default();
     loop {
         let incoming = tokio::select! {
             i = transport.endpoint.accept() => match i { Some(i) => i, None => return },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
-        let Some((incoming, in_flight)) = handshakes.admit(incoming) else {
+        let Some((incoming, in_flight)) = handshakes.admit(incoming, &strangers) else {
             continue;
         };
-        let shared = shared.clone();
+        let (shared, strangers) = (shared.clone(), strangers.clone());
         sessions.spawn(async move {
             let remote = incoming.remote_address();
             let done = tokio::time::timeout(crate::net::admission::HANDSHAKE_TIMEOUT, incoming);
             let handshake = done.await;
             drop(in_flight);
-            match handshake {
+            let why = match handshake {
                 Ok(Ok(conn)) => {
-                    crate::tasks::peer::run_session(SyncHandle::new(&shared), conn, false).await
+                    return crate::tasks::peer::run_session(SyncHandle::new(&shared), conn, false)
+                        .await;
                 }
-                Ok(Err(e)) => tracing::debug!(%remote, error = %e, "incoming handshake failed"),
-                Err(_) => tracing::debug!(%remote, "incoming handshake timed out"),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_string(),
+            };
+            tracing::debug!(%remote, error = %why, "incoming handshake failed");
+            let a_peer = shared
+                .config()
+                .peers
+                .iter()
+                .any(|p| p.address.ip() == remote.ip());
+            if !a_peer && strangers.failed(remote.ip(), std::time::Instant::now()) {
+                tracing::warn!(
+                    %remote,
+                    "handshakes from {} failed {} times in {:?} ({why}): its handshakes are dropped for {:?}",
+                    remote.ip(),
+                    crate::net::admission::FAILS_TO_SHUN,
+                    crate::net::admission::SHUN_WINDOW,
+                    crate::net::admission::SHUN_FOR,
+                );
             }
         });
     }

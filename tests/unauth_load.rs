@@ -2,7 +2,7 @@
 //! must not keep the CA out or the fleet from syncing. The http-01 responder answers
 //! real Pebble while 300 slow clients hold connections to it; a flood of QUIC
 //! handshakes from devices that are not configured does not stop small files from
-//! syncing between two real nodes.
+//! syncing between two real nodes, and the address they come from is shunned.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -119,7 +119,8 @@ struct Flood {
 }
 
 impl Flood {
-    fn start(dir: &std::path::Path, ip: &str, target: &Node, concurrent: usize) -> Flood {
+    /// `concurrent` strangers dialling `target` in a loop, the i-th from `ips[i % len]`.
+    fn start(dir: &std::path::Path, ips: &[String], target: &Node, concurrent: usize) -> Flood {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -131,7 +132,7 @@ impl Flood {
         for i in 0..concurrent {
             let me = Arc::new(Identity::init(&dir.join(format!("stranger{i}"))).unwrap());
             let attempts = attempts.clone();
-            let bind = format!("{ip}:0").parse().unwrap();
+            let bind = format!("{}:0", ips[i % ips.len()]).parse().unwrap();
             let _enter = runtime.enter();
             let t =
                 Transport::bind(me, bind, certmesh::net::transport::allow_only([victim])).unwrap();
@@ -188,7 +189,10 @@ fn a_handshake_flood_from_strangers_does_not_stop_small_files() {
     });
     let calm = small_file_times(&a, &b, "calm", 10);
 
-    let flood = Flood::start(dir.path(), "127.0.7.22", &b, 64);
+    // 64 strangers on 64 addresses: enough at once for b to ask for Retries, and
+    // each address shunned after its third failed handshake.
+    let ips: Vec<String> = (100..164).map(|i| format!("127.0.7.{i}")).collect();
+    let flood = Flood::start(dir.path(), &ips, &b, 64);
     wait_until("the flood is under way", || {
         flood.attempts.load(Ordering::Relaxed) >= 200
     });
@@ -198,6 +202,11 @@ fn a_handshake_flood_from_strangers_does_not_stop_small_files() {
     assert!(
         b.log().contains("handshake: Retry"),
         "b never asked the flood to prove its address:\n{}",
+        b.log()
+    );
+    assert!(
+        b.log().contains("its handshakes are dropped for"),
+        "b never shunned the address whose handshakes kept failing:\n{}",
         b.log()
     );
     assert!(a.all_connected(), "the flood broke the a-b session");

@@ -7,10 +7,21 @@
 //! else ignored: nothing is reflected to a spoofed address). A handshake that has
 //! not completed after [`HANDSHAKE_TIMEOUT`] is dropped (peers on a backnet take
 //! milliseconds). Sessions already up are not affected.
+//!
+//! A Retry stops spoofed sources only: a stranger with a real address echoes the
+//! token, and each of its handshakes still costs a signature. So an address whose
+//! handshakes failed [`FAILS_TO_SHUN`] times within [`SHUN_WINDOW`] (a device ID not
+//! in the peer list, a bad certificate, a handshake that never completed) is
+//! [`Strangers::shunned`] for [`SHUN_FOR`]: its Initials are dropped before any TLS
+//! work. Only an address that completed the first flights of a handshake can be
+//! counted, so a spoofed source cannot get a peer's address shunned; configured
+//! peers' addresses are never counted.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Handshakes in flight from which on a new one must prove its address (Retry).
 pub const RETRY_ABOVE: usize = 16;
@@ -18,6 +29,66 @@ pub const RETRY_ABOVE: usize = 16;
 pub const MAX_IN_FLIGHT: usize = 128;
 /// A handshake not done by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Failed handshakes from one address, within [`SHUN_WINDOW`], that shun it.
+pub const FAILS_TO_SHUN: u32 = 3;
+/// The window in which those failures count.
+pub const SHUN_WINDOW: Duration = Duration::from_secs(10);
+/// How long a shunned address's Initials are dropped.
+pub const SHUN_FOR: Duration = Duration::from_secs(30);
+/// Addresses remembered at most (a flood from many addresses starts the table
+/// again: they are then only as costly as before, never more).
+const MAX_REMEMBERED: usize = 4096;
+
+/// Addresses whose handshakes failed, and those shunned for it.
+#[derive(Debug, Clone, Default)]
+pub struct Strangers(Arc<Mutex<HashMap<IpAddr, Failures>>>);
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    /// When the first failure of the current window was seen.
+    since: Instant,
+    count: u32,
+    until: Option<Instant>,
+}
+
+impl Strangers {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Failures>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A handshake from `ip` failed at `now`; true if that shuns the address.
+    pub fn failed(&self, ip: IpAddr, now: Instant) -> bool {
+        let mut t = self.table();
+        if t.len() >= MAX_REMEMBERED && !t.contains_key(&ip) {
+            t.retain(|_, f| f.until.is_some_and(|u| u > now));
+            if t.len() >= MAX_REMEMBERED {
+                t.clear();
+            }
+        }
+        let f = t.entry(ip).or_insert(Failures {
+            since: now,
+            count: 0,
+            until: None,
+        });
+        if now.duration_since(f.since) > SHUN_WINDOW {
+            (f.since, f.count) = (now, 0);
+        }
+        f.count += 1;
+        if f.count >= FAILS_TO_SHUN && f.until.is_none_or(|u| u <= now) {
+            f.until = Some(now + SHUN_FOR);
+            return true;
+        }
+        false
+    }
+
+    /// Whether Initials from `ip` are dropped at `now`.
+    pub fn shunned(&self, ip: IpAddr, now: Instant) -> bool {
+        self.table()
+            .get(&ip)
+            .is_some_and(|f| f.until.is_some_and(|u| u > now))
+    }
+}
 
 /// What to do with a new Initial.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +143,16 @@ impl Handshakes {
 
     /// Applies the rule to `incoming`: the handshake to await (counted until the
     /// returned guard drops), or `None` when it was retried, refused or ignored.
-    pub fn admit(&self, incoming: quinn::Incoming) -> Option<(quinn::Incoming, InFlight)> {
+    pub fn admit(
+        &self,
+        incoming: quinn::Incoming,
+        strangers: &Strangers,
+    ) -> Option<(quinn::Incoming, InFlight)> {
         let remote = incoming.remote_address();
+        if strangers.shunned(remote.ip(), Instant::now()) {
+            incoming.ignore();
+            return None;
+        }
         let validated = incoming.remote_address_validated();
         match decide(self.in_flight(), validated, incoming.may_retry()) {
             Decision::Accept => {
@@ -121,6 +200,38 @@ mod tests {
     fn at_the_cap_nothing_more_starts_and_nothing_is_reflected_unproven() {
         assert_eq!(decide(MAX_IN_FLIGHT, true, false), Decision::Refuse);
         assert_eq!(decide(MAX_IN_FLIGHT, false, true), Decision::Ignore);
+    }
+
+    #[test]
+    fn an_address_whose_handshakes_keep_failing_is_shunned_for_a_while() {
+        let s = Strangers::default();
+        let (ip, other): (IpAddr, IpAddr) =
+            ("127.0.0.50".parse().unwrap(), "127.0.0.51".parse().unwrap());
+        let t0 = Instant::now();
+        assert!(!s.failed(ip, t0) && !s.failed(ip, t0 + Duration::from_secs(1)));
+        assert!(!s.shunned(ip, t0 + Duration::from_secs(1)));
+        assert!(s.failed(ip, t0 + Duration::from_secs(2)), "the third shuns");
+        assert!(s.shunned(ip, t0 + Duration::from_secs(3)));
+        assert!(
+            !s.shunned(other, t0 + Duration::from_secs(3)),
+            "per address"
+        );
+        assert!(!s.shunned(ip, t0 + Duration::from_secs(2) + SHUN_FOR));
+        // Failures spread wider than the window never add up.
+        let slow = Strangers::default();
+        for i in 0..10u64 {
+            assert!(!slow.failed(ip, t0 + (SHUN_WINDOW + Duration::from_secs(1)) * i as u32));
+        }
+    }
+
+    #[test]
+    fn the_table_of_addresses_stays_bounded() {
+        let s = Strangers::default();
+        let t0 = Instant::now();
+        for i in 0..(MAX_REMEMBERED as u32 + 10) {
+            s.failed(IpAddr::from(i.to_be_bytes()), t0);
+        }
+        assert!(s.table().len() <= MAX_REMEMBERED);
     }
 
     #[test]
