@@ -23,6 +23,9 @@
 //!    nodes, `compare/certs.rs`) and `--only certs-scale` (N bundles planted in one
 //!    node's tree, no ACME: start-up, `status` and `/metrics` latency and size, RSS;
 //!    `compare/certs_scale.rs`).
+//! 9. certmesh only, `--only handshake-flood` (also in a full run): small files a → b on
+//!    2 nodes, calm and while 64 unconfigured devices flood b with QUIC handshakes
+//!    (issue 25 item 7, `compare/handshake_flood.rs`).
 //!
 //! Syncthing (1.19, `/usr/bin/syncthing` or `$SYNCTHING`) runs fully offline: discovery,
 //! relays, NAT, STUN, usage and crash reporting and upgrades off; listen and GUI addresses on
@@ -51,6 +54,8 @@ mod certs;
 mod certs_scale;
 #[path = "compare/cluster.rs"]
 mod cluster;
+#[path = "compare/handshake_flood.rs"]
+mod handshake_flood;
 #[path = "compare/hubs.rs"]
 mod hubs;
 #[path = "compare/opts.rs"]
@@ -463,6 +468,14 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let flood = if o.runs("handshake-flood") {
+        Some(
+            handshake_flood::run_handshake_flood(&exe, &rt, &o)
+                .context("certmesh, small files during a handshake flood")?,
+        )
+    } else {
+        None
+    };
     let stage_table = if o.only.iter().any(|s| s == "stages") {
         Some(stages::run_stages(&exe, &rt, &o).context("certmesh, stage trace")?)
     } else {
@@ -573,6 +586,18 @@ fn main() -> Result<()> {
     if stops.is_some() {
         notes.push(format!("Stop: SIGTERM to node 3 of 3, timed until the process has exited (waitpid), {} times each: idle, and mid-sync (node 1 writes 200 files of 2 KiB, SIGTERM as soon as the first is on node 3's disk; after the restart every file must arrive whole). The node is restarted and the mesh waited for after each stop.", o.stop_samples));
     }
+    if let Some(f) = &flood {
+        notes.push(format!("Handshake flood (issue 25 item 7; certmesh only, Syncthing has no equivalent row): 2 nodes on 127.0.0.2–3 (b's log at `certmesh::net::admission=debug`, to count its Retries), settled; {n} small files written on a and timed until on b (as the latency rows: 0–50 ms pause before each), calm, after one warm-up sample; then {s} devices no node has configured, each with its own identity (temp dir) and QUIC endpoint on {ip}, dial b over and over with certmesh's own transport (1 s timeout per attempt; every attempt a real Initial and, if admitted, a TLS handshake b's device-ID pin refuses), in one tokio worker thread of the harness on the same machine; once {w} attempts were made, {n} small files again, then the flood stops and a–b must still be connected. b answers with a stateless Retry past {ra} handshakes in flight and turns new ones away at {mx} (`net::admission`). {a} attempts in all. CPU rows: utime + stime of b and of the harness process over each set of samples, as a share of one core (of {c} cores); the harness holds the 100 µs poller and, during the flood, the strangers' side of every handshake. With {n} samples p99 is the maximum.",
+            n = o.samples,
+            s = handshake_flood::STRANGERS,
+            ip = handshake_flood::FLOOD_IP,
+            w = handshake_flood::WARM_ATTEMPTS,
+            ra = certmesh::net::admission::RETRY_ABOVE,
+            mx = certmesh::net::admission::MAX_IN_FLIGHT,
+            a = f.attempts,
+            c = std::thread::available_parallelism().map_or(0, |n| n.get()),
+        ));
+    }
     if acme.is_some() {
         notes.push(format!("ACME: a local Pebble (Debian package, validation sleep off) and pebble-challtestsrv as its DNS; the first issuance at start is awaited, then {} times `certmesh issue` over the control socket until the new certificate (key matching) is live on every node. With 3 nodes the CA's DNS points the name at a node that did not order, so the http-01 token must travel through the tree (and every peer acknowledge it) before the CA is told to validate, and the bundle must reach the others; with 1 node nothing is synced.", o.acme_samples));
     }
@@ -592,6 +617,7 @@ fn main() -> Result<()> {
         acme.as_ref(),
         acme_served.as_ref(),
         stops.as_ref(),
+        flood.as_ref(),
         &notes,
     );
     let report = match stage_table {

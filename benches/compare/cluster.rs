@@ -115,6 +115,27 @@ pub(crate) fn cm_start(
     Ok((CmCluster { nodes, _dir: dir }, t0))
 }
 
+/// [`cm_start`] with environment variables set for the nodes (`RUST_LOG`, say), as
+/// the harness's own environment is what `demo::spawn` passes on; restored after.
+pub(crate) fn cm_start_env(
+    exe: &Path,
+    n: usize,
+    env: &[(&str, &str)],
+) -> Result<(CmCluster, Instant)> {
+    let old: Vec<_> = env.iter().map(|(k, _)| (*k, std::env::var_os(k))).collect();
+    for (k, v) in env {
+        std::env::set_var(k, v);
+    }
+    let started = cm_start(exe, n, |_| Ok(()));
+    for (k, v) in old {
+        match v {
+            Some(v) => std::env::set_var(k, v),
+            None => std::env::remove_var(k),
+        }
+    }
+    started
+}
+
 pub(crate) fn cm_wait_connected(
     rt: &tokio::runtime::Runtime,
     c: &CmCluster,

@@ -67,9 +67,11 @@ usage: cargo bench --bench compare -- [flags]
                         idle), bulk, bulk-small (small-file latency during a bulk
                         sync, 3 nodes), scale, acme (issuance against a local Pebble on 1
                         and 3 nodes; skipped when pebble is not installed), stop
-                        (SIGTERM → exit of an idle node and of one mid-sync) (default:
-                        all); also `stages` (the stage trace of --samples small files,
-                        run only when named)
+                        (SIGTERM → exit of an idle node and of one mid-sync),
+                        handshake-flood (small-file p50/p99 a → b, 2 nodes, calm and
+                        while 64 unconfigured devices flood b with QUIC handshakes)
+                        (default: all); also `stages` (the stage trace of --samples
+                        small files, run only when named)
   --acme-samples N      issuances per cluster size (default 20)
   --stop-samples N      stops of each kind for `stop` (default 20)
   --hubs LIST           hub topology sizes for `--only hubs` (default 128; multiples of 4;
@@ -199,10 +201,11 @@ pub(crate) fn parse_opts() -> Result<Opts> {
                         "stages",
                         "certs",
                         "certs-scale",
+                        "handshake-flood",
                     ]
                     .contains(&s.as_str())
                 }) {
-                    bail!("--only: unknown section {bad:?} (latency, bulk, bulk-small, scale, acme, hubs, stop, stages, certs, certs-scale)");
+                    bail!("--only: unknown section {bad:?} (latency, bulk, bulk-small, scale, acme, hubs, stop, stages, certs, certs-scale, handshake-flood)");
                 }
             }
             "-h" | "--help" => {

@@ -29,6 +29,8 @@ pub(crate) enum Unit {
     Cpu,
     Rate(&'static str),
     Count,
+    /// A ratio of two figures of the same system (printed as `1.23×`).
+    Ratio,
 }
 
 pub(crate) fn fmt_val(v: f64, u: Unit) -> String {
@@ -38,6 +40,7 @@ pub(crate) fn fmt_val(v: f64, u: Unit) -> String {
         Unit::Cpu => format!("{v:.2} s"),
         Unit::Rate(unit) => format!("{v:.1} {unit}"),
         Unit::Count => format!("{v:.0}"),
+        Unit::Ratio => fmt_ratio(v),
     }
 }
 
@@ -107,6 +110,7 @@ pub(crate) fn render_report(
     acme: Option<&(Stats, Stats)>,
     acme_served: Option<&(Stats, Stats)>,
     stops: Option<&(Stats, Stats)>,
+    flood: Option<&handshake_flood::FloodResult>,
     notes: &[String],
 ) -> String {
     let mut t = Table { rows: Vec::new() };
@@ -383,6 +387,79 @@ pub(crate) fn render_report(
                 None,
                 String::new(),
             );
+        }
+    }
+
+    // 9. Small files during a flood of QUIC handshakes (issue 25 item 7)
+    if let Some(f) = flood {
+        let name = "small file a → b, 2 nodes";
+        for (when, st) in [("calm", &f.calm), ("during a handshake flood", &f.flooded)] {
+            for (p, v) in [("p50", st.p50), ("p99", st.p99)] {
+                t.row(
+                    &format!("{name}, {when}: {p}"),
+                    Unit::Secs,
+                    Some(v),
+                    None,
+                    None,
+                    String::new(),
+                );
+            }
+        }
+        let ratio = f.flooded.p99 / f.calm.p99;
+        t.row(
+            &format!("{name}: p99 during the flood ÷ calm"),
+            Unit::Ratio,
+            Some(ratio),
+            None,
+            None,
+            check(ratio <= 2.0, "≤ 2× calm"),
+        );
+        t.row(
+            &format!(
+                "handshake flood: attempts ({} strangers)",
+                handshake_flood::STRANGERS
+            ),
+            Unit::Count,
+            Some(f.attempts as f64),
+            None,
+            None,
+            String::new(),
+        );
+        t.row(
+            "handshake flood: attempts/s during the flooded samples",
+            Unit::Rate("/s"),
+            Some(f.rate),
+            None,
+            None,
+            String::new(),
+        );
+        for (what, n) in [
+            ("Retries sent by b", f.retries),
+            ("handshakes b refused at the cap", f.refused),
+        ] {
+            t.row(
+                &format!("handshake flood: {what}"),
+                Unit::Count,
+                Some(n as f64),
+                None,
+                None,
+                String::new(),
+            );
+        }
+        for (who, (calm, flooded)) in [
+            ("node b", f.b_cpu),
+            ("the harness (poller; + the strangers)", f.harness_cpu),
+        ] {
+            for (when, v) in [("calm", calm), ("during the flood", flooded)] {
+                t.row(
+                    &format!("handshake flood: CPU of {who}, {when}"),
+                    Unit::Rate("% of a core"),
+                    Some(v * 100.0),
+                    None,
+                    None,
+                    String::new(),
+                );
+            }
         }
     }
 

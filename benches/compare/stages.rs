@@ -123,16 +123,14 @@ pub(crate) fn run_stages(exe: &Path, rt: &tokio::runtime::Runtime, o: &Opts) -> 
         "[certmesh] stage trace: {} challenge tokens and {} other small files, 3 nodes",
         o.samples, o.samples
     );
-    let old_log = std::env::var_os("RUST_LOG");
-    std::env::set_var("RUST_LOG", "warn,certmesh::stage=trace");
-    std::env::set_var("CERTMESH_LOG_FORMAT", "json");
-    let started = cm_start(exe, 3, |_| Ok(()));
-    match old_log {
-        Some(v) => std::env::set_var("RUST_LOG", v),
-        None => std::env::remove_var("RUST_LOG"),
-    }
-    std::env::remove_var("CERTMESH_LOG_FORMAT");
-    let (mut c, _) = started?;
+    let (mut c, _) = cm_start_env(
+        exe,
+        3,
+        &[
+            ("RUST_LOG", "warn,certmesh::stage=trace"),
+            ("CERTMESH_LOG_FORMAT", "json"),
+        ],
+    )?;
     cm_wait_connected(rt, &c, Duration::from_secs(30))?;
     c.settle(Duration::from_secs(10));
     let samples = timed_samples(&c, o.samples)?;
