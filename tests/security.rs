@@ -491,10 +491,20 @@ fn propagation_until(
 
 /// Two healthy nodes and an evil identity configured on the first.
 fn healthy_pair_and_evil(dir: &std::path::Path, ips: [&str; 3]) -> (Node, Node, Node) {
+    healthy_pair_and_evil_with(dir, ips, "")
+}
+
+/// The same, with `n1_tree_keys` added to n1's `[tree]`.
+fn healthy_pair_and_evil_with(
+    dir: &std::path::Path,
+    ips: [&str; 3],
+    n1_tree_keys: &str,
+) -> (Node, Node, Node) {
     let mut n1 = Node::new(dir, "n1", ips[0]);
     let mut n2 = Node::new(dir, "n2", ips[1]);
     let evil = Node::new(dir, "evil", ips[2]);
     n1.configure(&[&n2, &evil]);
+    n1.add_tree_keys(n1_tree_keys);
     n2.configure(&[&n1]);
     n1.start();
     n2.start();
@@ -698,15 +708,11 @@ async fn an_index_flood_past_the_cap_is_refused_within_the_memory_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_a_peer_never_serves_do_not_crowd_out_a_healthy_file_under_max_files() {
     let dir = tmp();
-    let mut n1 = Node::new(dir.path(), "n1", "127.0.48.2");
-    let mut n2 = Node::new(dir.path(), "n2", "127.0.48.3");
-    let evil = Node::new(dir.path(), "evil", "127.0.48.4");
-    n1.configure(&[&n2, &evil]);
-    n1.add_tree_keys("max_files = 200\n");
-    n2.configure(&[&n1]);
-    n1.start();
-    n2.start();
-    wait_until("n1 and n2 connected", || n2.all_connected());
+    let (n1, n2, evil) = healthy_pair_and_evil_with(
+        dir.path(),
+        ["127.0.48.2", "127.0.48.3", "127.0.48.4"],
+        "max_files = 200\n",
+    );
     let t = evil_transport(&evil, &n1);
     let conn = t
         .connect(n1.id.parse().unwrap(), n1.addr.parse().unwrap())

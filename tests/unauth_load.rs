@@ -178,15 +178,7 @@ fn small_file_times(from: &Node, to: &Node, tag: &str, count: usize) -> Vec<Dura
 #[test]
 fn a_handshake_flood_from_strangers_does_not_stop_small_files() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = Node::new(dir.path(), "a", "127.0.7.20");
-    let mut b = Node::new(dir.path(), "b", "127.0.7.21");
-    a.configure(&[&b]);
-    b.configure(&[&a]);
-    a.start();
-    b.start();
-    wait_until("a and b connected", || {
-        a.all_connected() && b.all_connected()
-    });
+    let (a, b) = crate::util::pair(dir.path(), ["127.0.7.20", "127.0.7.21"]);
     let calm = small_file_times(&a, &b, "calm", 10);
 
     // 64 strangers on 64 addresses: enough at once for b to ask for Retries, and
