@@ -21,8 +21,9 @@
 //!    (`compare/served.rs`).
 //! 8. only when named: `--only certs` (N certificates issued by a local Pebble on 3
 //!    nodes, `compare/certs.rs`) and `--only certs-scale` (N bundles planted in one
-//!    node's tree, no ACME: start-up, `status` and `/metrics` latency and size, RSS;
-//!    `compare/certs_scale.rs`).
+//!    node's tree, no ACME: start-up, `status` and `/metrics` latency and size, RSS,
+//!    then a new node's join against Syncthing's initial sync of the same tree;
+//!    `compare/certs_scale.rs`, `compare/certs_join.rs`).
 //!
 //! Syncthing (1.19, `/usr/bin/syncthing` or `$SYNCTHING`) runs fully offline: discovery,
 //! relays, NAT, STUN, usage and crash reporting and upgrades off; listen and GUI addresses on
@@ -47,6 +48,8 @@ use rand::{Rng, RngExt, SeedableRng};
 
 #[path = "compare/certs.rs"]
 mod certs;
+#[path = "compare/certs_join.rs"]
+mod certs_join;
 #[path = "compare/certs_scale.rs"]
 mod certs_scale;
 #[path = "compare/cluster.rs"]
@@ -481,7 +484,10 @@ fn main() -> Result<()> {
     // What many existing certificates cost status, /metrics and start-up: only when
     // named (`--only certs-scale`).
     let scale_certs = if o.only.iter().any(|s| s == "certs-scale") {
-        Some(certs_scale::run_certs_scale(&exe, &o).context("certmesh, planted certificates")?)
+        Some(
+            certs_scale::run_certs_scale(&exe, st.as_deref(), &o)
+                .context("certmesh, planted certificates")?,
+        )
     } else {
         None
     };

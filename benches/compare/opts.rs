@@ -88,7 +88,9 @@ usage: cargo bench --bench compare -- [flags]
                         (default 10000)
   --only certs-scale    (run only when named) --certs N good bundles and their tree entries
                         planted on one node (no ACME): start-up, status / --json / /metrics
-                        latency and size (both metrics settings), RSS
+                        latency and size (both metrics settings), RSS; then a new node
+                        joins (until it holds every file) against two Syncthing instances'
+                        initial sync of a copy of the tree
   --certs-timeout S     how long `--only certs` waits for all to be live (default 10800)";
 
 pub(crate) fn parse_opts() -> Result<Opts> {
