@@ -195,15 +195,18 @@ pub(crate) fn run_certs_scale(exe: &Path, st: Option<&Path>, o: &Opts) -> Result
     let metrics_aggregate = timed(|| scrape_once(&metrics))?;
     let rss_aggregate_mib = rss_mib(pid(&c)).unwrap_or(0.0);
     // A new node joins; failures become the row's text.
+    let timeout =
+        crate::certs_join::join_timeout(&planted).min(Duration::from_secs(o.certs_timeout_s));
+    let joiner = &configs[1];
     let join =
-        crate::certs_join::certmesh_join(exe, &mut c, &metrics, &peer, &configs[1], &planted)
+        crate::certs_join::certmesh_join(exe, &mut c, &metrics, &peer, joiner, &planted, timeout)
             .map_err(|e| {
                 eprintln!("certmesh join failed: {e:#}");
                 format!("{e:#}")
             });
     c.stop_all();
     let st_join = st.map(|st| {
-        crate::certs_join::syncthing_join(st, &tree, &planted).map_err(|e| {
+        crate::certs_join::syncthing_join(st, &tree, &planted, timeout).map_err(|e| {
             eprintln!("syncthing join failed: {e:#}");
             format!("{e:#}")
         })

@@ -91,7 +91,8 @@ usage: cargo bench --bench compare -- [flags]
                         latency and size (both metrics settings), RSS; then a new node
                         joins (until it holds every file) against two Syncthing instances'
                         initial sync of a copy of the tree
-  --certs-timeout S     how long `--only certs` waits for all to be live (default 10800)";
+  --certs-timeout S     how long `--only certs` waits for all to be live (default 10800);
+                        also the most certs-scale's join waits (else 300 s + 20 ms per file)";
 
 pub(crate) fn parse_opts() -> Result<Opts> {
     let args: Vec<String> = std::env::args()
