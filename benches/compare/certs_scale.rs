@@ -198,6 +198,16 @@ pub(crate) fn run_certs_scale(exe: &Path, st: Option<&Path>, o: &Opts) -> Result
     let timeout =
         crate::certs_join::join_timeout(&planted).min(Duration::from_secs(o.certs_timeout_s));
     let joiner = &configs[1];
+    // The new node's `/metrics` too, for whoever watches the join (not scraped here).
+    let joiner_metrics = format!(
+        "127.0.0.3:{}",
+        TcpListener::bind("127.0.0.3:0")?.local_addr()?.port()
+    );
+    let text = std::fs::read_to_string(&joiner.1)?;
+    std::fs::write(
+        &joiner.1,
+        text + &format!("\n[metrics]\nlisten = \"{joiner_metrics}\"\nper_certificate = false\n"),
+    )?;
     let join =
         crate::certs_join::certmesh_join(exe, &mut c, &metrics, &peer, joiner, &planted, timeout)
             .map_err(|e| {
