@@ -21,8 +21,9 @@
 //!    (`compare/served.rs`).
 //! 8. only when named: `--only certs` (N certificates issued by a local Pebble on 3
 //!    nodes, `compare/certs.rs`) and `--only certs-scale` (N bundles planted in one
-//!    node's tree, no ACME: start-up, `status` and `/metrics` latency and size, RSS;
-//!    `compare/certs_scale.rs`).
+//!    node's tree, no ACME: start-up, `status` and `/metrics` latency and size, RSS,
+//!    then a new node's join against Syncthing's initial sync of the same tree;
+//!    `compare/certs_scale.rs`, `compare/certs_join.rs`).
 //! 9. certmesh only, `--only handshake-flood` (also in a full run): small files a → b on
 //!    2 nodes, calm and while 64 unconfigured devices flood b with QUIC handshakes
 //!    (issue 25 item 7, `compare/handshake_flood.rs`).
@@ -50,6 +51,8 @@ use rand::{Rng, RngExt, SeedableRng};
 
 #[path = "compare/certs.rs"]
 mod certs;
+#[path = "compare/certs_join.rs"]
+mod certs_join;
 #[path = "compare/certs_scale.rs"]
 mod certs_scale;
 #[path = "compare/cluster.rs"]
@@ -494,7 +497,10 @@ fn main() -> Result<()> {
     // What many existing certificates cost status, /metrics and start-up: only when
     // named (`--only certs-scale`).
     let scale_certs = if o.only.iter().any(|s| s == "certs-scale") {
-        Some(certs_scale::run_certs_scale(&exe, &o).context("certmesh, planted certificates")?)
+        Some(
+            certs_scale::run_certs_scale(&exe, st.as_deref(), &o)
+                .context("certmesh, planted certificates")?,
+        )
     } else {
         None
     };

@@ -38,7 +38,7 @@ struct Fleet {
     dir: tempfile::TempDir,
 }
 
-fn without_peer(cfg: &str, peer: &str) -> String {
+pub(crate) fn without_peer(cfg: &str, peer: &str) -> String {
     let marker = format!("\n[[peer]]\nname = \"{peer}\"\n");
     let Some(start) = cfg.find(&marker) else {
         return cfg.to_string();

@@ -1,15 +1,17 @@
 //! `--only certs-scale` (issue 29 item 3): what N certificates cost the machinery
 //! once they exist, without ordering them. N good bundles are planted in one node's
 //! tree as the renewer publishes them (`archive/<name>/1/` with the five files,
-//! `live/<name>` → `../archive/<name>/1`), one test CA signing N leaves, plus the N
+//! `live/<name>` → `../archive/<name>/1`), one test CA signing N leaves (a key each), plus the N
 //! entries `certmesh cert add` writes (`.certmesh/certificates/<name>.toml`). The
 //! node has no `[acme]`, so nothing is ordered. Measured: start-up until the control
 //! socket answers (it opens after the first scan), `status` and `status --json`
 //! latency and size (the real binary, [`SAMPLES`] each), `/metrics` latency and size,
 //! RSS; then the node restarts with `[metrics] per_certificate = false` and the
-//! restart and the aggregate scrape are measured the same way.
+//! restart and the aggregate scrape are measured the same way. Last, a new node joins
+//! and Syncthing syncs a copy of the same tree between two instances (`certs_join`).
 
 use super::*;
+use crate::certs_join::{Join, Planted, StJoin};
 
 /// Samples of each `status` / `/metrics` measure.
 const SAMPLES: usize = 5;
@@ -39,29 +41,36 @@ pub(crate) struct ScaleResult {
     pub(crate) metrics_aggregate: Timed,
     pub(crate) rss_mib: f64,
     pub(crate) rss_aggregate_mib: f64,
+    /// What was planted, for the join.
+    pub(crate) planted: Planted,
+    /// A new node's join (`certs_join`); Syncthing's when it was run.
+    pub(crate) join: Result<Join, String>,
+    pub(crate) st_join: Option<Result<StJoin, String>>,
 }
 
-/// Writes `n` good bundles and their tree entries into `tree`.
-fn plant(tree: &Path, n: usize) -> Result<()> {
+/// Writes `n` good bundles and their tree entries into `tree`; what was written.
+fn plant(tree: &Path, n: usize) -> Result<Planted> {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca_pem = ca.self_signed(&ca_key)?.pem();
     let issuer = Issuer::new(ca, ca_key);
-    // One leaf key for all: key generation is not what is measured.
-    let key = KeyPair::generate()?;
-    let key_pem = key.serialize_pem();
     let now = time::OffsetDateTime::now_utc();
     let entries = tree.join(".certmesh/certificates");
     std::fs::create_dir_all(&entries)?;
     std::fs::create_dir_all(tree.join("live"))?;
+    let mut planted = Planted::default();
     for i in 0..n {
         let name = format!("c{i}");
         let domain = format!("{name}.bench.test");
         let mut p = CertificateParams::new(vec![domain.clone()])?;
         p.not_before = now - time::Duration::days(1);
         p.not_after = now + time::Duration::days(89);
+        // A key each, as real bundles have (a P-256 key costs microseconds): with one
+        // key for all, a system that reuses content it holds would gain at the join.
+        let key = KeyPair::generate()?;
+        let key_pem = key.serialize_pem();
         let cert = p.signed_by(&key, &issuer)?.pem();
         let fullchain = format!("{cert}{ca_pem}");
         let dir = tree.join(format!("archive/{name}/1"));
@@ -80,17 +89,16 @@ fn plant(tree: &Path, n: usize) -> Result<()> {
                 .mode(mode)
                 .open(dir.join(file))?
                 .write_all(data.as_bytes())?;
+            planted.file(format!("archive/{name}/1/{file}"), data.len());
         }
-        std::os::unix::fs::symlink(
-            format!("../archive/{name}/1"),
-            tree.join("live").join(&name),
-        )?;
-        std::fs::write(
-            entries.join(format!("{name}.toml")),
-            format!("name = \"{name}\"\ndomains = [\"{domain}\"]\nkey = \"ecdsa-p256\"\n"),
-        )?;
+        let target = format!("../archive/{name}/1");
+        std::os::unix::fs::symlink(&target, tree.join("live").join(&name))?;
+        planted.link(format!("live/{name}"), target);
+        let entry = format!("name = \"{name}\"\ndomains = [\"{domain}\"]\nkey = \"ecdsa-p256\"\n");
+        std::fs::write(entries.join(format!("{name}.toml")), &entry)?;
+        planted.file(format!(".certmesh/certificates/{name}.toml"), entry.len());
     }
-    Ok(())
+    Ok(planted)
 }
 
 /// Seconds from `t0` until the node's control socket accepts a connection.
@@ -135,24 +143,33 @@ fn timed(mut one: impl FnMut() -> Result<(Duration, usize)>) -> Result<Timed> {
     })
 }
 
-pub(crate) fn run_certs_scale(exe: &Path, o: &Opts) -> Result<ScaleResult> {
+pub(crate) fn run_certs_scale(exe: &Path, st: Option<&Path>, o: &Opts) -> Result<ScaleResult> {
     let n = o.certs;
     eprintln!("[certmesh] certs-scale: planting {n} certificates on one node");
     let metrics = format!(
         "127.0.0.2:{}",
         TcpListener::bind("127.0.0.2:0")?.local_addr()?.port()
     );
-    let mut plant_s = 0.0;
-    let (mut c, t0) = cm_start(exe, 1, |configs| {
-        let (_, cfg, tree) = &configs[0];
-        let t = Instant::now();
-        plant(tree, n)?;
-        plant_s = t.elapsed().as_secs_f64();
-        let mut text = std::fs::read_to_string(cfg)?;
-        text.push_str(&format!("\n[metrics]\nlisten = \"{metrics}\"\n"));
-        std::fs::write(cfg, text)?;
-        Ok(())
-    })?;
+    // Two nodes' configs, peered both ways; node 2 starts only at the join, and node
+    // 1 learns of it then (so the measures before are those of a node alone).
+    let dir = tempfile::Builder::new()
+        .prefix("certmesh-bench-")
+        .tempdir()?;
+    let configs = demo::write_mesh(dir.path(), 2)?;
+    let (name, cfg, tree) = configs[0].clone();
+    let t = Instant::now();
+    let planted = plant(&tree, n)?;
+    let plant_s = t.elapsed().as_secs_f64();
+    let full = std::fs::read_to_string(&cfg)?;
+    let peer = crate::certs_join::peer_block(&full, "node2")?;
+    let mut text = crate::certs::without_peer(&full, "node2");
+    text.push_str(&format!("\n[metrics]\nlisten = \"{metrics}\"\n"));
+    std::fs::write(&cfg, text)?;
+    let t0 = Instant::now();
+    let mut c = CmCluster {
+        nodes: vec![demo::spawn(exe, &name, &cfg, &tree)?],
+        _dir: dir,
+    };
     let start_s = until_control(&c.nodes[0], t0)?;
     eprintln!("[certmesh] certs-scale: planted in {plant_s:.1} s, started in {start_s:.1} s");
     let first_status_s = status_once(exe, &c.nodes[0], &["--json"])?.0.as_secs_f64();
@@ -163,7 +180,6 @@ pub(crate) fn run_certs_scale(exe: &Path, o: &Opts) -> Result<ScaleResult> {
     let metrics_full = timed(|| scrape_once(&metrics))?;
     let pid = |c: &CmCluster| c.pids().first().copied().unwrap_or(0);
     let rss_full = rss_mib(pid(&c)).unwrap_or(0.0);
-    let (name, cfg, tree) = (node.name.clone(), node.config.clone(), node.tree.clone());
     // Again with the aggregates only: a restart over the stored index.
     c.stop_all();
     let text = std::fs::read_to_string(&cfg)?;
@@ -178,6 +194,33 @@ pub(crate) fn run_certs_scale(exe: &Path, o: &Opts) -> Result<ScaleResult> {
     c.settle(Duration::from_secs(120));
     let metrics_aggregate = timed(|| scrape_once(&metrics))?;
     let rss_aggregate_mib = rss_mib(pid(&c)).unwrap_or(0.0);
+    // A new node joins; failures become the row's text.
+    let timeout =
+        crate::certs_join::join_timeout(&planted).min(Duration::from_secs(o.certs_timeout_s));
+    let joiner = &configs[1];
+    // The new node's `/metrics` too, for whoever watches the join (not scraped here).
+    let joiner_metrics = format!(
+        "127.0.0.3:{}",
+        TcpListener::bind("127.0.0.3:0")?.local_addr()?.port()
+    );
+    let text = std::fs::read_to_string(&joiner.1)?;
+    std::fs::write(
+        &joiner.1,
+        text + &format!("\n[metrics]\nlisten = \"{joiner_metrics}\"\nper_certificate = false\n"),
+    )?;
+    let join =
+        crate::certs_join::certmesh_join(exe, &mut c, &metrics, &peer, joiner, &planted, timeout)
+            .map_err(|e| {
+                eprintln!("certmesh join failed: {e:#}");
+                format!("{e:#}")
+            });
+    c.stop_all();
+    let st_join = st.map(|st| {
+        crate::certs_join::syncthing_join(st, &tree, &planted, timeout).map_err(|e| {
+            eprintln!("syncthing join failed: {e:#}");
+            format!("{e:#}")
+        })
+    });
     Ok(ScaleResult {
         n,
         plant_s,
@@ -191,6 +234,9 @@ pub(crate) fn run_certs_scale(exe: &Path, o: &Opts) -> Result<ScaleResult> {
         metrics_aggregate,
         rss_mib: rss_full,
         rss_aggregate_mib,
+        planted,
+        join,
+        st_join,
     })
 }
 
@@ -247,7 +293,7 @@ pub(crate) fn render(r: &ScaleResult) -> String {
     for (k, v) in rows {
         let _ = writeln!(o, "| {k} | {v} |");
     }
-    o
+    o + &crate::certs_join::render(r.n, &r.planted, r.start_s, &r.join, &r.st_join)
 }
 
 fn size(b: usize) -> String {

@@ -90,8 +90,11 @@ usage: cargo bench --bench compare -- [flags]
                         (default 10000)
   --only certs-scale    (run only when named) --certs N good bundles and their tree entries
                         planted on one node (no ACME): start-up, status / --json / /metrics
-                        latency and size (both metrics settings), RSS
-  --certs-timeout S     how long `--only certs` waits for all to be live (default 10800)";
+                        latency and size (both metrics settings), RSS; then a new node
+                        joins (until it holds every file) against two Syncthing instances'
+                        initial sync of a copy of the tree
+  --certs-timeout S     how long `--only certs` waits for all to be live (default 10800);
+                        also the most certs-scale's join waits (else 300 s + 20 ms per file)";
 
 pub(crate) fn parse_opts() -> Result<Opts> {
     let args: Vec<String> = std::env::args()

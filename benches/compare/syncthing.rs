@@ -268,21 +268,28 @@ pub(crate) fn st_prepare(
 pub(crate) fn st_spawn(st: &Path, c: &mut StCluster) -> Result<Instant> {
     let t0 = Instant::now();
     for n in &mut c.nodes {
-        let log = std::fs::File::create(n.home.join("syncthing.log"))?;
-        let child = Command::new(st)
-            .arg("serve")
-            .arg(format!("--home={}", n.home.display()))
-            .args(["--no-browser", "--no-restart", "--no-upgrade"])
-            .env("STNODEFAULTFOLDER", "1")
-            .env("STNOUPGRADE", "1")
-            .env("STNORESTART", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", st.display()))?;
-        n.child = Some(child);
+        st_spawn_one(st, n)?;
     }
+    Ok(t0)
+}
+
+/// Starts one instance; the instant just before.
+pub(crate) fn st_spawn_one(st: &Path, n: &mut StNode) -> Result<Instant> {
+    let t0 = Instant::now();
+    let log = std::fs::File::create(n.home.join("syncthing.log"))?;
+    let child = Command::new(st)
+        .arg("serve")
+        .arg(format!("--home={}", n.home.display()))
+        .args(["--no-browser", "--no-restart", "--no-upgrade"])
+        .env("STNODEFAULTFOLDER", "1")
+        .env("STNOUPGRADE", "1")
+        .env("STNORESTART", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", st.display()))?;
+    n.child = Some(child);
     Ok(t0)
 }
 
