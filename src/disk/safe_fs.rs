@@ -305,14 +305,15 @@ pub fn list(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
-/// The names directly in the directory `fd` with their `d_type` (may be `Unknown`).
-pub fn list_typed(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, rustix::fs::FileType)>> {
+/// The names directly in the directory `fd` with their `d_type` (may be `Unknown`)
+/// and inode number.
+pub fn list_typed(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, rustix::fs::FileType, u64)>> {
     let mut out = Vec::new();
     for ent in rustix::fs::Dir::read_from(fd)? {
         let ent = ent?;
         let n = ent.file_name().to_bytes().to_vec();
         if n != b"." && n != b".." {
-            out.push((n, ent.file_type()));
+            out.push((n, ent.file_type(), ent.ino()));
         }
     }
     Ok(out)

@@ -198,11 +198,13 @@ pub fn observe(
 }
 
 /// Every syncable path under `root` (directories before their contents), skipping
-/// local-only internal state. Unreadable directories are reported, not fatal.
+/// local-only internal state, into `out`; the directories among them also into `dirs`
+/// with their inode numbers. Unreadable directories are reported, not fatal.
 pub fn walk(
     root: &Path,
     start: Option<&RelPath>,
     out: &mut Vec<RelPath>,
+    dirs: &mut Vec<(RelPath, u64)>,
     errors: &mut Vec<String>,
 ) {
     let shown = start.map_or_else(|| root.to_path_buf(), |s| s.under(root));
@@ -226,7 +228,7 @@ pub fn walk(
             return;
         }
     };
-    for (name, kind) in names {
+    for (name, kind, ino) in names {
         let name = std::ffi::OsString::from_vec(name);
         let Some(name) = name.to_str() else {
             errors.push(format!(
@@ -256,7 +258,8 @@ pub fn walk(
         };
         out.push(rel.clone());
         if is_dir {
-            walk(root, Some(&rel), out, errors);
+            dirs.push((rel.clone(), ino));
+            walk(root, Some(&rel), out, dirs, errors);
         }
     }
 }
@@ -287,7 +290,13 @@ mod tests {
         std::os::unix::fs::symlink("b/f", root.join("a/in")).unwrap();
         let mut out = Vec::new();
         let mut errs = Vec::new();
-        walk(root, None, &mut out, &mut errs);
+        let mut dirs = Vec::new();
+        walk(root, None, &mut out, &mut dirs, &mut errs);
+        let mut dir_names: Vec<&str> = dirs.iter().map(|(d, _)| d.as_str()).collect();
+        dir_names.sort();
+        assert_eq!(dir_names, [".certmesh", "a", "a/b"]);
+        let ino = |d: &str| fs::metadata(root.join(d)).unwrap().ino();
+        assert!(dirs.iter().all(|(d, i)| *i == ino(d.as_str())));
         let mut names: Vec<String> = out.iter().map(|p| p.to_string()).collect();
         names.sort();
         assert_eq!(names, [".certmesh", "a", "a/b", "a/b/f", "a/in", "a/out"]);

@@ -5,7 +5,7 @@
 //! net. Paths being applied by the puller are rescanned only after their apply, so our
 //! own writes are never announced as new local changes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +50,61 @@ impl Batch {
 pub struct Watch {
     /// `None` once stopped.
     watcher: Arc<std::sync::Mutex<Option<notify::RecommendedWatcher>>>,
+    covered: Arc<std::sync::Mutex<Covered>>,
+}
+
+/// The directories known to hold an inotify watch, each as a hash of its path and
+/// inode (a directory removed and made again under the same name is a new one).
+///
+/// A full rescan covers only directories missing here (their create event was lost
+/// in a queue overflow), never the whole tree again: covering it makes notify's
+/// thread open every directory (each open is an event on it and on its parent) while
+/// it reads none, so from about 8,000 directories the kernel queue (16,384 events)
+/// overflowed, and the overflow asked for the next full rescan, without end, also on
+/// an idle node (issue 29).
+#[derive(Default)]
+struct Covered {
+    /// `None` until the first full rescan: the tree was just watched whole at start,
+    /// so that walk's directories are what is covered.
+    known: Option<HashSet<u64>>,
+}
+
+impl Covered {
+    fn key(dir: &RelPath, ino: u64) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        (dir.as_str(), ino).hash(&mut h);
+        h.finish()
+    }
+
+    /// After a full walk (`dirs` in walk order, parents first): the directories to
+    /// cover, each the topmost of an uncovered subtree. The walk becomes what is known
+    /// (so removed directories are forgotten).
+    fn after_full_walk(&mut self, dirs: &[(RelPath, u64)]) -> Vec<RelPath> {
+        let walked: HashSet<u64> = dirs.iter().map(|(d, i)| Self::key(d, *i)).collect();
+        let mut tops: Vec<RelPath> = Vec::new();
+        if let Some(known) = &self.known {
+            for (d, i) in dirs {
+                let below_last = tops.last().is_some_and(|t| {
+                    d.as_str()
+                        .strip_prefix(t.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
+                });
+                if !below_last && !known.contains(&Self::key(d, *i)) {
+                    tops.push(d.clone());
+                }
+            }
+        }
+        self.known = Some(walked);
+        tops
+    }
+
+    /// Directories covered since (new ones, with what was found below them).
+    fn add(&mut self, dirs: &[(RelPath, u64)]) {
+        if let Some(known) = &mut self.known {
+            known.extend(dirs.iter().map(|(d, i)| Self::key(d, *i)));
+        }
+    }
 }
 
 impl Watch {
@@ -80,13 +135,35 @@ impl Watch {
         drop(w);
     }
 
-    /// Re-covers the whole tree (watches lost to an overflow come back), then rescans
-    /// everything on disk and everything in the index.
+    /// Rescans everything on disk and everything in the index, covering first the
+    /// directories that lost their watch (and walking them again, for what was made
+    /// in them meanwhile).
     pub async fn full_rescan(&self, sync: &SyncHandle) {
         let (w, s) = (self.clone(), sync.clone());
         let r = tokio::task::spawn_blocking(move || {
-            w.cover(s.root());
-            rescan_blocking(&s, Vec::new(), true)
+            let root = s.root();
+            let mut errors = Vec::new();
+            let (mut all, mut dirs) = (Vec::new(), Vec::new());
+            scan::walk(root, None, &mut all, &mut dirs, &mut errors);
+            let tops = match w.covered.lock() {
+                Ok(mut c) => c.after_full_walk(&dirs),
+                Err(_) => Vec::new(),
+            };
+            if !tops.is_empty() {
+                tracing::info!(
+                    dirs = tops.len(),
+                    "watching directories whose watch was missing"
+                );
+            }
+            let mut again = Vec::new();
+            for d in &tops {
+                w.cover(&d.under(root));
+                scan::walk(root, Some(d), &mut all, &mut again, &mut errors);
+            }
+            w.note_covered(&again);
+            let mut todo: BTreeSet<RelPath> = all.into_iter().collect();
+            todo.extend(s.indexed_paths());
+            rescan_blocking(&s, todo, errors)
         })
         .await;
         if let Err(e) = r {
@@ -94,17 +171,43 @@ impl Watch {
         }
     }
 
+    fn note_covered(&self, dirs: &[(RelPath, u64)]) {
+        if let Ok(mut c) = self.covered.lock() {
+            c.add(dirs);
+        }
+    }
+
     /// Watches the new directories, then rescans the paths.
     async fn rescan_new(&self, sync: &SyncHandle, paths: Vec<RelPath>, new_dirs: Vec<RelPath>) {
+        use std::os::unix::fs::MetadataExt;
         let (w, s) = (self.clone(), sync.clone());
         let r = tokio::task::spawn_blocking(move || {
+            let root = s.root();
+            let mut covered = Vec::new();
             for d in &new_dirs {
-                let abs = d.under(s.root());
-                if std::fs::symlink_metadata(&abs).is_ok_and(|m| m.is_dir()) {
-                    w.cover(&abs);
+                let abs = d.under(root);
+                if let Ok(m) = std::fs::symlink_metadata(&abs) {
+                    if m.is_dir() {
+                        w.cover(&abs);
+                        covered.push((d.clone(), m.ino()));
+                    }
                 }
             }
-            rescan_blocking(&s, paths, false)
+            let mut errors = Vec::new();
+            let mut dirs = Vec::new();
+            let todo = expand(&s, paths, &mut dirs, &mut errors);
+            // What was found below a directory just covered is covered too.
+            let within = |d: &RelPath| {
+                covered.iter().any(|(c, _)| {
+                    d.as_str()
+                        .strip_prefix(c.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
+                })
+            };
+            dirs.retain(|(d, _)| within(d));
+            covered.extend(dirs);
+            w.note_covered(&covered);
+            rescan_blocking(&s, todo, errors)
         })
         .await;
         if let Err(e) = r {
@@ -183,6 +286,7 @@ pub fn start(
         .map_err(|e| anyhow::anyhow!(explain(&e, sysctl)))?;
     let watch = Watch {
         watcher: Arc::new(std::sync::Mutex::new(Some(watcher))),
+        covered: Arc::default(),
     };
     let (batches_tx, batches_rx) = mpsc::unbounded_channel();
     let root = sync.root().to_path_buf();
@@ -391,38 +495,29 @@ async fn scan_loop(
     }
 }
 
-fn rescan_blocking(sync: &SyncHandle, paths: Vec<RelPath>, full: bool) {
+fn rescan_blocking(sync: &SyncHandle, todo: BTreeSet<RelPath>, mut errors: Vec<String>) {
     sync.count_scan();
-    let mut errors = Vec::new();
-    let todo = expand(sync, paths, full, &mut errors);
     let observed = look_at(sync, todo, &mut errors);
     sync.observed(observed, errors);
 }
 
-/// The paths to look at: directories bring their contents, vanished ones their
-/// indexed children; a full rescan is everything on disk and in the index.
+/// The paths to look at: directories bring their contents (and go into `dirs`),
+/// vanished ones their indexed children.
 fn expand(
     sync: &SyncHandle,
     paths: Vec<RelPath>,
-    full: bool,
+    dirs: &mut Vec<(RelPath, u64)>,
     errors: &mut Vec<String>,
 ) -> BTreeSet<RelPath> {
     let root = sync.root();
     let mut todo: BTreeSet<RelPath> = BTreeSet::new();
-    if full {
-        let mut all = Vec::new();
-        scan::walk(root, None, &mut all, errors);
-        todo.extend(all);
-        todo.extend(sync.indexed_paths());
-        return todo;
-    }
     for p in paths {
         if p.is_local_only() {
             continue;
         }
         let mut below = Vec::new();
         if std::fs::symlink_metadata(p.under(root)).is_ok_and(|m| m.is_dir()) {
-            scan::walk(root, Some(&p), &mut below, errors);
+            scan::walk(root, Some(&p), &mut below, dirs, errors);
         }
         todo.extend(below);
         todo.extend(sync.indexed_within(&p));
@@ -487,6 +582,39 @@ fn look_at(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_rescan_covers_only_directories_whose_watch_may_be_missing() {
+        let d = |p: &str, ino: u64| (RelPath::parse(p).unwrap(), ino);
+        let names = |v: Vec<RelPath>| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let mut c = Covered::default();
+        let tree = [d("a", 1), d("a/x", 2), d("b", 3)];
+        // The first walk follows the watch of the whole tree at start: nothing to cover.
+        assert!(c.after_full_walk(&tree).is_empty());
+        // Nothing changed: nothing to cover (this was the endless rescan).
+        assert!(c.after_full_walk(&tree).is_empty());
+        // New directories unseen (their events lost): only the topmost of each subtree;
+        // `b` made again (new inode) has lost its watch too.
+        let grown = [
+            d("a", 1),
+            d("a/x", 2),
+            d("a/y", 4),
+            d("a/y/z", 5),
+            d("ab", 6),
+            d("b", 7),
+        ];
+        assert_eq!(names(c.after_full_walk(&grown)), ["a/y", "ab", "b"]);
+        assert!(c.after_full_walk(&grown).is_empty());
+        // One covered by a path batch meanwhile is not covered again.
+        let mut more = grown.to_vec();
+        more.push(d("c", 8));
+        c.add(&[d("c", 8)]);
+        assert!(c.after_full_walk(&more).is_empty());
+        // A removed directory is forgotten: made again, even with the same inode, it
+        // is covered.
+        assert!(c.after_full_walk(&grown).is_empty());
+        assert_eq!(names(c.after_full_walk(&more)), ["c"]);
+    }
 
     #[test]
     fn a_whole_challenge_token_ends_its_burst_anything_else_waits() {
