@@ -13,7 +13,7 @@
 //! ([`Engine::applying`]), which the scanner also asks: a path in flight is rescanned
 //! only after its apply, so our own writes are never announced as local changes.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -142,12 +142,23 @@ impl Work {
 
     /// A symlink to a directory whose content may still have to arrive.
     fn link_target(&self) -> Option<RelPath> {
-        let r = &self.need.target;
-        if r.kind != Kind::Symlink || r.deleted {
-            return None;
-        }
-        r.path.resolve_symlink_target(&r.target).ok()
+        link_target(&self.need.target)
     }
+}
+
+/// Where a symlink record points, when it is a live link (the directory it names may
+/// still need content).
+fn link_target(r: &FileRecord) -> Option<RelPath> {
+    if r.kind != Kind::Symlink || r.deleted {
+        return None;
+    }
+    r.path.resolve_symlink_target(&r.target).ok()
+}
+
+/// Whether something `target` still needs is not in flight: a link to it taken now
+/// could not go in a unit, only be released again (see [`Pipeline::poll_apply`]).
+fn target_waits(plan: &Plan, target: &RelPath, in_flight: &HashSet<RelPath>) -> bool {
+    plan.needs_within(target).any(|p| !in_flight.contains(p))
 }
 
 /// What recording an applied unit did, for the caller to report.
@@ -186,7 +197,8 @@ pub struct Pipeline {
     /// Keyed by lane too (true: the small lane), so a peer's bulk at its cap never
     /// holds up the same peer's small changes.
     per_peer: HashMap<(DeviceId, bool), usize>,
-    ready: Vec<Work>,
+    /// Urgent work at the front (units are taken from there).
+    ready: VecDeque<Work>,
     ready_bytes: u64,
     ready_since: Option<Instant>,
     /// A unit is being applied.
@@ -222,7 +234,7 @@ impl Pipeline {
             fetching: 0,
             small_fetching: 0,
             per_peer: HashMap::new(),
-            ready: Vec::new(),
+            ready: VecDeque::new(),
             ready_bytes: 0,
             ready_since: None,
             applying: false,
@@ -325,6 +337,21 @@ impl Pipeline {
                     if taken >= urgent_room {
                         break;
                     }
+                    // A link brings what its target still needs into this lane, so
+                    // a `live/` flip and its archive version arrive together.
+                    if let Some(t) = link_target(&need.target) {
+                        let missing: Vec<&Need> = plan
+                            .needs_within(&t)
+                            .filter(|p| !in_flight.contains(*p))
+                            .filter_map(|p| plan.need(p))
+                            .collect();
+                        for m in missing {
+                            if taken >= urgent_room {
+                                break;
+                            }
+                            taken += take(self, m, in_flight);
+                        }
+                    }
                     taken += take(self, need, in_flight);
                 }
             }
@@ -359,6 +386,11 @@ impl Pipeline {
     ) -> bool {
         let p = &need.target.path;
         if in_flight.contains(p) || self.retry.get(p).is_some_and(|(t, _)| *t > now) {
+            return false;
+        }
+        // A link waits untaken until everything its target needs is in flight (issue 29: taken
+        // early, 10,000 joining `live/` links were taken and released again and again).
+        if link_target(&need.target).is_some_and(|t| target_waits(plan, &t, in_flight)) {
             return false;
         }
         let local = index.get(p);
@@ -423,8 +455,8 @@ impl Pipeline {
         self.small_stalled &= !is_small(&w.need.target);
         // Units are taken from the front: the urgent ones go in the next.
         match is_urgent(w.path()) {
-            true => self.ready.insert(0, w),
-            false => self.ready.push(w),
+            true => self.ready.push_front(w),
+            false => self.ready.push_back(w),
         }
     }
 
@@ -522,7 +554,9 @@ impl Pipeline {
         let waiting_since = self.ready_since;
         let mut batch: Vec<Work> = if all {
             // Small changes ready go in this unit, whatever its size cap leaves out.
-            self.ready.sort_by_key(|w| std::cmp::Reverse(lane(w)));
+            self.ready
+                .make_contiguous()
+                .sort_by_key(|w| std::cmp::Reverse(lane(w)));
             let n = self.ready.len().min(l.batch_items);
             self.ready.drain(..n).collect()
         } else {
@@ -535,8 +569,9 @@ impl Pipeline {
                 .filter_map(Work::link_target)
                 .collect();
             let goes = |w: &Work| lane(w) >= pick || targets.iter().any(|t| w.path().is_within(t));
-            let (mut first, rest): (Vec<Work>, Vec<Work>) =
+            let (first, rest): (VecDeque<Work>, VecDeque<Work>) =
                 std::mem::take(&mut self.ready).into_iter().partition(goes);
+            let mut first = Vec::from(first);
             self.ready = rest;
             if first.len() > l.batch_items {
                 self.ready.extend(first.drain(l.batch_items..));
@@ -769,6 +804,84 @@ mod tests {
             .collect();
         let last = them.sequence();
         e.handle_index(from, records, last).unwrap();
+    }
+
+    /// `from` announces `files` (path, content byte; bulk-sized) and, if `link`, then
+    /// the link `live/x -> ../archive/x/1`.
+    fn announce_with_link(
+        e: &mut Engine,
+        from: DeviceId,
+        short: ShortId,
+        files: &[&str],
+        link: bool,
+    ) {
+        e.connected(from);
+        let mut them = Index::new(short);
+        let mut records = Vec::new();
+        for (i, p) in files.iter().enumerate() {
+            let p = RelPath::parse(p).unwrap();
+            let mut obs = crate::core::index::tests::file(p.as_str(), i as u8 + 1, 1);
+            (obs.size, obs.stat.size) = (SMALL_FILE, SMALL_FILE);
+            records.push((them.observe(&p, Some(obs), 1).unwrap(), them.sequence()));
+        }
+        if link {
+            let p = RelPath::parse("live/x").unwrap();
+            let mut obs = crate::core::index::tests::file(p.as_str(), 0, 1);
+            (obs.kind, obs.target) = (Kind::Symlink, "../archive/x/1".into());
+            records.push((them.observe(&p, Some(obs), 1).unwrap(), them.sequence()));
+        }
+        let last = them.sequence();
+        e.handle_index(from, records, last).unwrap();
+    }
+
+    #[test]
+    fn a_live_link_brings_its_archive_version_into_its_unit() {
+        let mut e = Engine::new(Index::new(ShortId(1)), u64::MAX);
+        let version = ["archive/x/1/cert.pem", "archive/x/1/key.pem"];
+        announce_with_link(&mut e, peer(), ShortId(2), &version, true);
+        let limits = Limits {
+            batch_items: 8,
+            ..limits()
+        };
+        let (mut p, t0) = (Pipeline::new(limits), Instant::now());
+        // The urgent lane takes the link with what its target needs, not the link alone.
+        p.refill(&mut e, |_| None, |_| true, t0);
+        assert_eq!(e.applying().len(), 3);
+        while let Some(w) = p.next_fetch() {
+            let staged = format!("staged-{}", w.path()).into();
+            p.fetched(w, staged, t0);
+        }
+        let mut unit: Vec<String> = p
+            .poll_apply(&mut e, t0)
+            .unwrap()
+            .iter()
+            .map(|w| w.path().to_string())
+            .collect();
+        unit.sort();
+        assert_eq!(
+            unit,
+            ["archive/x/1/cert.pem", "archive/x/1/key.pem", "live/x"],
+            "{:?}",
+            e.applying()
+        );
+    }
+
+    #[test]
+    fn a_link_whose_target_cannot_be_fetched_yet_is_not_taken() {
+        // The version's file comes only from a peer that is not connected.
+        let mut e = Engine::new(Index::new(ShortId(1)), u64::MAX);
+        announce_with_link(&mut e, peer(), ShortId(2), &["archive/x/1/cert.pem"], false);
+        let other = DeviceId([7; 32]);
+        announce_with_link(&mut e, other, ShortId(3), &[], true);
+        let (mut p, t0) = (Pipeline::new(limits()), Instant::now());
+        p.refill(&mut e, |_| None, |id| *id == other, t0);
+        // Taken, it could only be released again by every unit (issue 29).
+        assert!(e.applying().is_empty(), "{:?}", e.applying());
+        assert!(p.poll_apply(&mut e, t0).is_none());
+        // Once the file's source is there, both go.
+        p.wake();
+        p.refill(&mut e, |_| None, |_| true, t0);
+        assert_eq!(e.applying().len(), 2);
     }
 
     #[test]
