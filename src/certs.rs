@@ -12,7 +12,8 @@
 //! - [`add`], [`remove`], [`list`]: what `certmesh cert add|remove|list` does — a
 //!   write into the tree the running daemon replicates like any local change.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::Duration;
 
@@ -44,13 +45,47 @@ pub struct TreeCerts {
     pub refused: Vec<Refused>,
 }
 
+/// Entries parsed before, by name, with their file's stamp at that read: an entry
+/// whose file did not change is neither read nor parsed again (issue 29: a join of
+/// 10,000 certificates read and parsed every entry on each of ~340 changes). Parsing
+/// depends on `[acme]`, so another `[acme]` starts it afresh.
+#[derive(Default)]
+pub struct Cache {
+    acme: Option<AcmeConfig>,
+    entries: HashMap<String, (Stamp, Result<CertificateConfig, String>)>,
+}
+
+/// Inode, size, mtime and ctime (ns): any write or replacement changes one.
+type Stamp = (u64, u64, i64, i64);
+
+fn stamp(m: &std::fs::Metadata) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+    (
+        m.ino(),
+        m.size(),
+        ns(m.mtime(), m.mtime_nsec()),
+        ns(m.ctime(), m.ctime_nsec()),
+    )
+}
+
 /// Reads every entry under `<tree>/.certmesh/certificates/`, following no link.
 /// `acme`: this node's `[acme]` (a dns-01 entry needs `[acme.dns]`).
 pub fn read(tree: &Path, acme: Option<&AcmeConfig>) -> TreeCerts {
+    read_cached(tree, acme, &mut Cache::default())
+}
+
+/// [`read`], parsing only the entries changed since `cache` was filled.
+pub fn read_cached(tree: &Path, acme: Option<&AcmeConfig>, cache: &mut Cache) -> TreeCerts {
+    use crate::disk::safe_fs;
+    if cache.acme.as_ref() != acme {
+        cache.entries.clear();
+        cache.acme = acme.cloned();
+    }
     let mut out = TreeCerts::default();
     let refuse =
         |out: &mut TreeCerts, path: String, why: String| out.refused.push(Refused { path, why });
-    let root = match crate::disk::safe_fs::Root::open(tree) {
+    let root = match safe_fs::Root::open(tree) {
         Ok(r) => r,
         Err(e) => {
             refuse(&mut out, DIR.into(), format!("opening the tree: {e}"));
@@ -58,7 +93,10 @@ pub fn read(tree: &Path, acme: Option<&AcmeConfig>) -> TreeCerts {
         }
     };
     match root.lstat(DIR) {
-        Ok(None) => return out,
+        Ok(None) => {
+            cache.entries.clear();
+            return out;
+        }
         Ok(Some(m)) if m.is_dir() => {}
         Ok(Some(_)) => {
             refuse(&mut out, DIR.into(), "not a directory".into());
@@ -69,11 +107,17 @@ pub fn read(tree: &Path, acme: Option<&AcmeConfig>) -> TreeCerts {
             return out;
         }
     }
-    let mut names: Vec<String> = match std::fs::read_dir(tree.join(DIR)) {
-        Ok(d) => d
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
+    let listed = root
+        .dir(DIR)
+        .and_then(|fd| safe_fs::list(fd.as_fd()).map(|names| (fd, names)));
+    let (dir, mut names): (_, Vec<String>) = match listed {
+        Ok((fd, names)) => (
+            fd,
+            names
+                .into_iter()
+                .map(|n| String::from_utf8_lossy(&n).into_owned())
+                .collect(),
+        ),
         Err(e) => {
             refuse(&mut out, DIR.into(), e.to_string());
             return out;
@@ -92,34 +136,54 @@ pub fn read(tree: &Path, acme: Option<&AcmeConfig>) -> TreeCerts {
             ),
         );
     }
+    let mut kept = HashMap::with_capacity(names.len());
     for name in names {
         let rel = format!("{DIR}/{name}");
-        let text = match root.read(&rel, MAX_ENTRY_BYTES) {
-            Ok(bytes) => match String::from_utf8(bytes) {
-                Ok(t) => t,
-                Err(_) => {
-                    refuse(&mut out, rel, "not UTF-8 text".into());
-                    continue;
-                }
-            },
+        let now = match safe_fs::lstat_at(dir.as_fd(), &name) {
+            Ok(Some(m)) => stamp(&m),
+            Ok(None) => continue, // removed meanwhile
             Err(e) => {
                 refuse(&mut out, rel, e.to_string());
                 continue;
             }
         };
-        match tree_certs::parse_entry(&name, &text, acme) {
-            Ok(c) => out.certs.push(c),
-            Err(why) => refuse(&mut out, rel, why),
+        let parsed = match cache.entries.remove(&name) {
+            Some((then, parsed)) if then == now => parsed,
+            _ => parse_file(dir.as_fd(), &name, acme),
+        };
+        match &parsed {
+            Ok(c) => out.certs.push(c.clone()),
+            Err(why) => refuse(&mut out, rel, why.clone()),
         }
+        kept.insert(name, (now, parsed));
     }
+    cache.entries = kept;
     out
 }
 
+/// Reads and parses one entry: a regular file of at most [`MAX_ENTRY_BYTES`], UTF-8.
+fn parse_file(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &str,
+    acme: Option<&AcmeConfig>,
+) -> Result<CertificateConfig, String> {
+    use crate::disk::safe_fs;
+    use rustix::fs::OFlags;
+    let f = safe_fs::open_at(dir, name, OFlags::RDONLY | OFlags::NONBLOCK)
+        .map_err(|e| e.to_string())?;
+    if !f.metadata().map_err(|e| e.to_string())?.is_file() {
+        return Err(format!("{DIR}/{name} is not a regular file"));
+    }
+    let bytes = safe_fs::read_bounded(&f, MAX_ENTRY_BYTES).map_err(|e| e.to_string())?;
+    let text = String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
+    tree_certs::parse_entry(name, &text, acme)
+}
+
 /// Puts the tree's entries into the effective certificates now; returns what was
-/// refused.
-pub fn load(settings: &Settings, tree: &Path) -> Vec<Refused> {
+/// refused. `cache`: what the last load parsed (see [`Cache`]).
+pub fn load(settings: &Settings, tree: &Path, cache: &mut Cache) -> Vec<Refused> {
     let acme = settings.read(|c| c.acme.clone()).flatten();
-    let t = read(tree, acme.as_ref());
+    let t = read_cached(tree, acme.as_ref(), cache);
     if settings.set_tree_certificates(t.certs) {
         let n = settings.read(|c| c.certificates.len()).unwrap_or_default();
         tracing::info!(certificates = n, "the set of certificates changed");
@@ -134,7 +198,8 @@ const SETTLE: Duration = Duration::from_millis(200);
 /// Recomputes the effective certificates whenever a change touches
 /// `.certmesh/certificates/`; each entry refused is logged and reported once (until
 /// it changes).
-pub async fn follow(changes: Changes, settings: Settings, reports: Reports) {
+pub async fn follow(changes: Changes, settings: Settings, reports: Reports, cache: Cache) {
+    let cache = std::sync::Arc::new(std::sync::Mutex::new(cache));
     let mut reported: BTreeSet<Refused> = BTreeSet::new();
     let mut rx = changes.subscribe();
     let mut seen = *rx.borrow_and_update();
@@ -158,8 +223,17 @@ pub async fn follow(changes: Changes, settings: Settings, reports: Reports) {
             seen = *rx.borrow_and_update();
         }
         first = false;
-        let (s, root) = (settings.clone(), changes.root().to_path_buf());
-        let Ok(refused) = tokio::task::spawn_blocking(move || load(&s, &root)).await else {
+        let (s, root, c) = (
+            settings.clone(),
+            changes.root().to_path_buf(),
+            cache.clone(),
+        );
+        let Ok(refused) = tokio::task::spawn_blocking(move || match c.lock() {
+            Ok(mut c) => load(&s, &root, &mut c),
+            Err(_) => load(&s, &root, &mut Cache::default()),
+        })
+        .await
+        else {
             continue;
         };
         let now: BTreeSet<Refused> = refused.into_iter().collect();
@@ -390,4 +464,46 @@ pub fn list(c: &Config) -> (Vec<Listed>, Vec<Refused>) {
         })
         .collect();
     (rows, t.refused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(tree: &Path, name: &str, domain: &str) {
+        let dir = tree.join(DIR);
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = format!("name = \"{name}\"\ndomains = [\"{domain}\"]\n");
+        std::fs::write(dir.join(format!("{name}.toml")), text).unwrap();
+    }
+
+    fn domains(t: &TreeCerts) -> Vec<String> {
+        t.certs.iter().flat_map(|c| c.domains.clone()).collect()
+    }
+
+    #[test]
+    fn only_changed_entries_are_read_again_and_removed_ones_are_forgotten() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path();
+        write(tree, "a", "a.example");
+        write(tree, "b", "b.example");
+        let mut cache = Cache::default();
+        let t = read_cached(tree, None, &mut cache);
+        assert_eq!(domains(&t), ["a.example", "b.example"]);
+        // What the cache holds for an unchanged file is used, not the file: mark it.
+        if let Some((_, Ok(c))) = cache.entries.get_mut("a.toml") {
+            c.domains = vec!["cached.example".into()];
+        }
+        write(tree, "b", "b2.example");
+        std::fs::write(tree.join(DIR).join("c.toml"), "junk").unwrap();
+        let t = read_cached(tree, None, &mut cache);
+        assert_eq!(domains(&t), ["cached.example", "b2.example"]);
+        assert_eq!(t.refused.len(), 1, "{:?}", t.refused);
+        assert!(t.refused[0].path.ends_with("c.toml"));
+        // Gone from the tree, gone from the cache.
+        std::fs::remove_file(tree.join(DIR).join("b.toml")).unwrap();
+        let t = read_cached(tree, None, &mut cache);
+        assert_eq!(domains(&t), ["cached.example"]);
+        assert_eq!(cache.entries.len(), 2);
+    }
 }

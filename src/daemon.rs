@@ -225,11 +225,12 @@ async fn spawn(config: &Config, opened: Opened) -> anyhow::Result<Running> {
     watcher.full_rescan(&sync).await;
     let puller = tokio::spawn(crate::tasks::pull::run(sync.clone()));
     // The tree's certificate entries join the config's before anything reads them.
-    crate::certs::load(&Settings::new(&shared), &shared.tree.root);
+    let mut entries = crate::certs::Cache::default();
+    crate::certs::load(&Settings::new(&shared), &shared.tree.root, &mut entries);
     // One status source: the control socket, /metrics and systemd share its cache.
     let acme = AcmeSlot::default();
     let status = StatusSource::new(crate::handles::Observer::new(&shared), acme.clone());
-    let (control, mut tasks) = spawn_features(config, &shared, http, &status, &acme)?;
+    let (control, mut tasks) = spawn_features(config, &shared, http, &status, &acme, entries)?;
     tasks.extend(spawn_sync(
         config, &shared, &transport, &sync, &watcher, &status,
     ));
@@ -322,6 +323,7 @@ fn spawn_features(
     http: Option<std::net::TcpListener>,
     status: &StatusSource,
     acme: &AcmeSlot,
+    entries: crate::certs::Cache,
 ) -> anyhow::Result<(
     tokio::task::JoinHandle<()>,
     Vec<tokio::task::JoinHandle<()>>,
@@ -343,6 +345,7 @@ fn spawn_features(
         crate::handles::Changes::new(shared),
         Settings::new(shared),
         Reports::new(shared),
+        entries,
     )));
     tasks.extend(crate::acme::start(
         &crate::acme::acme_handles(shared, acme.clone()),

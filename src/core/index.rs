@@ -2,7 +2,7 @@
 //! sequence number per change (what peers are sent as increments), and the local stat
 //! cache that lets a rescan skip hashing unchanged files. Pure: no I/O.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::time::Duration;
 
@@ -84,7 +84,8 @@ pub fn held_bytes(r: &FileRecord) -> u64 {
 #[derive(Debug)]
 pub struct Index {
     me: ShortId,
-    entries: HashMap<RelPath, Entry>,
+    /// Sorted, so a directory's paths are one range ([`Index::paths_within`]).
+    entries: BTreeMap<RelPath, Entry>,
     by_sequence: BTreeMap<u64, RelPath>,
     sequence: u64,
     /// Sum of `heap_cost` over the records.
@@ -99,7 +100,7 @@ impl Index {
     pub fn new(me: ShortId) -> Self {
         Index {
             me,
-            entries: HashMap::new(),
+            entries: BTreeMap::new(),
             by_sequence: BTreeMap::new(),
             sequence: 0,
             bytes: 0,
@@ -190,11 +191,11 @@ impl Index {
     }
 
     /// Paths at or below `dir` (for a directory that vanished or was moved away).
+    /// One range of the sorted paths: O(log n + found), not a pass over the index
+    /// (issue 29: each rescanned path and each changed link asked this).
     pub fn paths_within(&self, dir: &RelPath) -> Vec<RelPath> {
-        self.entries
-            .keys()
-            .filter(|p| p.is_within(dir))
-            .cloned()
+        dir.within_map(&self.entries)
+            .map(|(p, _)| p.clone())
             .collect()
     }
 

@@ -56,6 +56,14 @@ pub enum PathError {
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RelPath(String);
 
+/// As its text: ordered the same (the derived `Ord` is the `String`'s), so a sorted
+/// map of paths can be ranged by `&str` ([`RelPath::within_map`]).
+impl std::borrow::Borrow<str> for RelPath {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl RelPath {
     /// Validates a path received from a peer or built from disk.
     pub fn parse(s: &str) -> Result<Self, PathError> {
@@ -122,6 +130,21 @@ impl RelPath {
     }
 
     /// True when `self` is `other` or below it.
+    /// The entries of `map` at or below this path ([`RelPath::is_within`]): one lookup
+    /// and one range of the sorted paths, O(log n + found). (A range from the path
+    /// itself would also pass `a-b`, `a0`… on its way to `a/`.)
+    pub fn within_map<'a, V>(
+        &self,
+        map: &'a std::collections::BTreeMap<RelPath, V>,
+    ) -> impl Iterator<Item = (&'a RelPath, &'a V)> + 'a {
+        use std::ops::Bound;
+        // '0' is the byte after '/': every "<self>/…" sorts between the two.
+        let (lo, hi) = (format!("{}/", self.0), format!("{}0", self.0));
+        map.get_key_value(self).into_iter().chain(
+            map.range::<str, _>((Bound::Included(lo.as_str()), Bound::Excluded(hi.as_str()))),
+        )
+    }
+
     pub fn is_within(&self, other: &RelPath) -> bool {
         self.0 == other.0
             || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
@@ -225,6 +248,29 @@ impl fmt::Debug for RelPath {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn within_map_is_the_path_and_what_is_below_it_only() {
+        let map: std::collections::BTreeMap<RelPath, ()> = [
+            "a", "a-b", "a-b/c", "a.x", "a/b", "a/b/c", "a0", "a0/x", "ab", "b", "live/c1",
+            "live/c10",
+        ]
+        .iter()
+        .map(|p| (RelPath::parse(p).unwrap(), ()))
+        .collect();
+        let within = |d: &str| -> Vec<String> {
+            RelPath::parse(d)
+                .unwrap()
+                .within_map(&map)
+                .map(|(p, _)| p.to_string())
+                .collect()
+        };
+        assert_eq!(within("a"), ["a", "a/b", "a/b/c"]);
+        assert_eq!(within("a/b"), ["a/b", "a/b/c"]);
+        assert_eq!(within("live/c1"), ["live/c1"]);
+        assert_eq!(within("a-b"), ["a-b", "a-b/c"]);
+        assert!(within("z").is_empty());
+    }
 
     #[test]
     fn refuses_escapes() {

@@ -820,11 +820,7 @@ impl Plan {
 
     /// Needed paths at or below `dir`.
     pub fn needs_within<'a>(&'a self, dir: &'a RelPath) -> impl Iterator<Item = &'a RelPath> + 'a {
-        self.needs
-            .range(dir.clone()..)
-            .map(|(p, _)| p)
-            .take_while(move |p| p.as_str().starts_with(dir.as_str()))
-            .filter(move |p| p.is_within(dir))
+        dir.within_map(&self.needs).map(|(p, _)| p)
     }
 
     pub fn need(&self, p: &RelPath) -> Option<&Need> {
