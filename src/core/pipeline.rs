@@ -329,13 +329,12 @@ impl Pipeline {
         if urgent {
             for dir in URGENT_DIRS {
                 let dir = RelPath::parse(dir).expect("a valid path");
-                let within: Vec<&Need> = plan
-                    .needs_within(&dir)
-                    .filter_map(|p| plan.need(p))
-                    .collect();
-                for need in within {
+                for need in plan.needs_within(&dir).filter_map(|p| plan.need(p)) {
                     if taken >= urgent_room {
                         break;
+                    }
+                    if in_flight.contains(&need.target.path) {
+                        continue;
                     }
                     // A link brings what its target still needs into this lane, so
                     // a `live/` flip and its archive version arrive together.
@@ -406,6 +405,14 @@ impl Pipeline {
         let inline = wants_content.then(|| inline(&need.target.hash)).flatten();
         let mut sources = Vec::new();
         if wants_content && inline.is_none() {
+            // Every connected peer at its cap in this lane: no source could take it,
+            // and finding its sources costs a lookup per peer (issue 29: a join's
+            // refills spent a fifth of their time so).
+            let (cap, lane) = (self.limits.per_peer_fetches, is_small(&need.target));
+            let room = |id: &DeviceId| self.per_peer.get(&(*id, lane)).copied().unwrap_or(0) < cap;
+            if !plan.peer_ids().any(|id| connected(id) && room(id)) {
+                return false;
+            }
             sources = plan
                 .sources(need)
                 .into_iter()

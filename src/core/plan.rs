@@ -831,6 +831,11 @@ impl Plan {
         self.needs.len()
     }
 
+    /// The peers whose records are kept (connected or not).
+    pub fn peer_ids(&self) -> impl Iterator<Item = &DeviceId> {
+        self.peers.keys()
+    }
+
     /// Connected peers that announced exactly this content for the path.
     pub fn sources(&self, need: &Need) -> Vec<DeviceId> {
         let mut out: Vec<DeviceId> = self
