@@ -145,6 +145,20 @@ impl RelPath {
         )
     }
 
+    /// [`RelPath::within_map`]'s entries that sort after `after`.
+    pub fn within_map_after<'a, V>(
+        &self,
+        map: &'a std::collections::BTreeMap<RelPath, V>,
+        after: &RelPath,
+    ) -> impl Iterator<Item = (&'a RelPath, &'a V)> + 'a {
+        use std::ops::Bound;
+        let hi = format!("{}0", self.0);
+        let lo = after.0.clone();
+        let dir = self.clone();
+        map.range::<str, _>((Bound::Excluded(lo.as_str()), Bound::Excluded(hi.as_str())))
+            .filter(move |(p, _)| p.is_within(&dir))
+    }
+
     pub fn is_within(&self, other: &RelPath) -> bool {
         self.0 == other.0
             || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
@@ -270,6 +284,16 @@ mod tests {
         assert_eq!(within("live/c1"), ["live/c1"]);
         assert_eq!(within("a-b"), ["a-b", "a-b/c"]);
         assert!(within("z").is_empty());
+        let after = |d: &str, a: &str| -> Vec<String> {
+            RelPath::parse(d)
+                .unwrap()
+                .within_map_after(&map, &RelPath::parse(a).unwrap())
+                .map(|(p, _)| p.to_string())
+                .collect()
+        };
+        assert_eq!(after("a", "a"), ["a/b", "a/b/c"]);
+        assert_eq!(after("a", "a/b"), ["a/b/c"]);
+        assert!(after("a", "a/b/c").is_empty());
     }
 
     #[test]

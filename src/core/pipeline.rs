@@ -69,6 +69,9 @@ fn is_urgent(p: &RelPath) -> bool {
     })
 }
 
+/// Links the urgent lane looks at per refill (with what their targets need).
+const LINKS_PER_REFILL: usize = 256;
+
 /// The directories of urgent paths.
 const URGENT_DIRS: [&str; 3] = [".certmesh", "acme", "live"];
 
@@ -212,6 +215,9 @@ pub struct Pipeline {
     /// The small changes ready could not go in a unit of their own (links waiting
     /// for their targets): not tried again until more is ready or a unit applied.
     small_stalled: bool,
+    /// Where the urgent lane's look at links stopped in each of [`URGENT_DIRS`]
+    /// ([`LINKS_PER_REFILL`]); the next refill resumes after it.
+    link_cursor: [Option<RelPath>; URGENT_DIRS.len()],
     /// When `refill` last took: retries due by then were considered, so only later
     /// ones need a timer.
     last_refill: Option<Instant>,
@@ -242,6 +248,7 @@ impl Pipeline {
             dirty: true,
             small_dirty: true,
             small_stalled: false,
+            link_cursor: Default::default(),
             last_refill: None,
             last_prune: None,
             #[cfg(test)]
@@ -327,18 +334,28 @@ impl Pipeline {
             usize::from(this.take(need, plan, index, in_flight, &inline, &connected, now))
         };
         if urgent {
-            for dir in URGENT_DIRS {
+            // Links looked at go up to a budget per refill, resuming where the last
+            // stopped: a join of 3,000 certificates refilled after each small unit,
+            // each time looking at every `live/` link's target (issue 29).
+            for (d, dir) in URGENT_DIRS.iter().enumerate() {
                 let dir = RelPath::parse(dir).expect("a valid path");
-                for need in plan.needs_within(&dir).filter_map(|p| plan.need(p)) {
+                let cursor = self.link_cursor[d].take();
+                let mut links = 0;
+                for (path, need) in plan.needs_within_from(&dir, cursor.as_ref()) {
                     if taken >= urgent_room {
                         break;
                     }
-                    if in_flight.contains(&need.target.path) {
+                    if in_flight.contains(path) {
                         continue;
                     }
                     // A link brings what its target still needs into this lane, so
                     // a `live/` flip and its archive version arrive together.
                     if let Some(t) = link_target(&need.target) {
+                        if links == LINKS_PER_REFILL {
+                            self.link_cursor[d] = Some(path.clone());
+                            break;
+                        }
+                        links += 1;
                         let missing: Vec<&Need> = plan
                             .needs_within(&t)
                             .filter(|p| !in_flight.contains(*p))

@@ -823,6 +823,24 @@ impl Plan {
         dir.within_map(&self.needs).map(|(p, _)| p)
     }
 
+    /// [`Plan::needs_within`] from just after `after` on, then from the start up to
+    /// `after` (a scan that resumes where the last one stopped).
+    pub fn needs_within_from<'a>(
+        &'a self,
+        dir: &'a RelPath,
+        after: Option<&'a RelPath>,
+    ) -> Box<dyn Iterator<Item = (&'a RelPath, &'a Need)> + 'a> {
+        match after {
+            Some(a) if a.is_within(dir) => Box::new(
+                dir.within_map_after(&self.needs, a).chain(
+                    dir.within_map(&self.needs)
+                        .take_while(move |(p, _)| *p <= a),
+                ),
+            ),
+            _ => Box::new(dir.within_map(&self.needs)),
+        }
+    }
+
     pub fn need(&self, p: &RelPath) -> Option<&Need> {
         self.needs.get(p)
     }
