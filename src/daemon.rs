@@ -227,6 +227,7 @@ async fn spawn(config: &Config, opened: Opened) -> anyhow::Result<Running> {
     // The tree's certificate entries join the config's before anything reads them.
     let mut entries = crate::certs::Cache::default();
     crate::certs::load(&Settings::new(&shared), &shared.tree.root, &mut entries);
+    release_freed_memory();
     // One status source: the control socket, /metrics and systemd share its cache.
     let acme = AcmeSlot::default();
     let status = StatusSource::new(crate::handles::Observer::new(&shared), acme.clone());
@@ -808,6 +809,18 @@ fn sweep(shared: &Shared) {
     } = &mut *st;
     let p = journal.prepare_rewrite(engine.index());
     shared.persist(engine.index().sequence(), p);
+}
+
+/// Gives memory freed so far back to the system: glibc keeps freed heap for reuse,
+/// and the index load and first scan peak far above what stays (issue 29: a 161 MB
+/// heap peak for 112 MB kept at 10,000 certificates, RSS 170 MB).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only hands free pages back to the kernel; it reads or moves
+    // no memory of ours.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// A full rescan every `rescan_interval`; a SIGHUP that changes the interval starts
