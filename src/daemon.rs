@@ -82,6 +82,7 @@ fn kept_budget(config: &Config) -> crate::disk::keep::Budget {
 
 /// Runs the daemon until `shutdown` resolves; in-flight writes finish first.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    big_buffers_from_mmap();
     let opened = open(&config)?;
     let running = spawn(&config, opened).await?;
     shutdown.await;
@@ -820,6 +821,19 @@ fn release_freed_memory() {
     // no memory of ours.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Buffers of 1 MiB and more (a `status --json` of 10,000 certificates is 8.8 MB,
+/// a scan's batch of records, the persister's run) come from their own mapping and
+/// go back to the system when freed. glibc's default raises that bound to the size
+/// of each such buffer freed, so after the first status they stayed in the heap
+/// (issue 29: RSS).
+fn big_buffers_from_mmap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it reads or moves no memory.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }
 

@@ -180,10 +180,7 @@ impl Index {
 
     /// The record changed last (`None`: the index is empty).
     pub fn newest(&self) -> Option<&Entry> {
-        self.by_sequence
-            .values()
-            .rev()
-            .find_map(|p| self.get(p))
+        self.by_sequence.values().rev().find_map(|p| self.get(p))
     }
 
     /// Records changed after `sequence`, in sequence order.
