@@ -76,22 +76,12 @@ pub(crate) struct Join {
     pub(crate) progress: Vec<(f64, usize)>,
 }
 
-/// CPU seconds of `pid` and of its children: Syncthing 1.19 runs its work in a child
-/// of the process started, even with `--no-restart`.
+/// CPU seconds of `pid` and of its descendants ([`process_tree`]).
 fn cpu_tree(pid: u32) -> f64 {
-    let mut sum = cpu_seconds(pid).unwrap_or(0.0);
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+    process_tree(pid)
         .into_iter()
-        .flatten();
-    for t in tasks.flatten() {
-        let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-        sum += kids
-            .split_whitespace()
-            .filter_map(|k| k.parse().ok())
-            .map(cpu_tree)
-            .sum::<f64>();
-    }
-    sum
+        .filter_map(|p| cpu_seconds(p).ok())
+        .sum()
 }
 
 /// Checks at most this many missing entries per poll, going round the list, so that
@@ -309,7 +299,8 @@ pub(crate) fn syncthing_join(
     };
     eprintln!("[{label}] scanned in {scan_s:.1} s; the second instance starts");
     let t0 = st_spawn_one(st, &mut c.nodes[1])?;
-    let pids = c.pids();
+    // The processes started (their children are counted by `cpu_tree`).
+    let pids = pids_of(c.nodes.iter().map(|n| &n.child));
     let join = wait_held(
         &c.nodes[1].tree,
         planted,

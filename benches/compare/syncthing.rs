@@ -56,8 +56,12 @@ pub(crate) struct StCluster {
 }
 
 impl StCluster {
+    /// Each instance's processes: the one started and its worker child.
     pub(crate) fn pids(&self) -> Vec<u32> {
         pids_of(self.nodes.iter().map(|n| &n.child))
+            .into_iter()
+            .flat_map(process_tree)
+            .collect()
     }
 
     pub(crate) fn trees<'a>(

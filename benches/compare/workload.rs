@@ -142,6 +142,22 @@ impl<'a> Trees<'a> {
 }
 
 /// The process IDs of the nodes that are running.
+/// `pid` and its descendants: Syncthing 1.19 runs its work in a child of the process
+/// started, even with `--no-restart`, so its RSS and CPU are the child's too.
+pub(crate) fn process_tree(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    for t in tasks.flatten() {
+        let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for k in kids.split_whitespace().filter_map(|k| k.parse().ok()) {
+            out.extend(process_tree(k));
+        }
+    }
+    out
+}
+
 pub(crate) fn pids_of<'a>(children: impl Iterator<Item = &'a Option<Child>>) -> Vec<u32> {
     children
         .filter_map(|c| c.as_ref().map(|c| c.id()))
