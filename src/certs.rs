@@ -58,15 +58,22 @@ pub struct Cache {
 /// Inode, size, mtime and ctime (ns): any write or replacement changes one.
 type Stamp = (u64, u64, i64, i64);
 
-fn stamp(m: &std::fs::Metadata) -> Stamp {
-    use std::os::unix::fs::MetadataExt;
+/// The stamp of `name` in `dir`, not following a link, in one `fstatat` (a join of
+/// 10,000 certificates stamped every entry on each change: an `openat` and an
+/// `fstat` each were 11 % of the new node's CPU). `None`: gone.
+fn stamp_at(dir: std::os::fd::BorrowedFd<'_>, name: &str) -> std::io::Result<Option<Stamp>> {
+    use rustix::fs::{statat, AtFlags};
     let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
-    (
-        m.ino(),
-        m.size(),
-        ns(m.mtime(), m.mtime_nsec()),
-        ns(m.ctime(), m.ctime_nsec()),
-    )
+    match statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some((
+            st.st_ino,
+            u64::try_from(st.st_size).unwrap_or(0),
+            ns(st.st_mtime, st.st_mtime_nsec as i64),
+            ns(st.st_ctime, st.st_ctime_nsec as i64),
+        ))),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Reads every entry under `<tree>/.certmesh/certificates/`, following no link.
@@ -139,8 +146,8 @@ pub fn read_cached(tree: &Path, acme: Option<&AcmeConfig>, cache: &mut Cache) ->
     let mut kept = HashMap::with_capacity(names.len());
     for name in names {
         let rel = format!("{DIR}/{name}");
-        let now = match safe_fs::lstat_at(dir.as_fd(), &name) {
-            Ok(Some(m)) => stamp(&m),
+        let now = match stamp_at(dir.as_fd(), &name) {
+            Ok(Some(st)) => st,
             Ok(None) => continue, // removed meanwhile
             Err(e) => {
                 refuse(&mut out, rel, e.to_string());
