@@ -580,7 +580,7 @@ impl Pipeline {
             // Small changes ready go in this unit, whatever its size cap leaves out.
             self.ready
                 .make_contiguous()
-                .sort_by_key(|w| std::cmp::Reverse(lane(w)));
+                .sort_by_cached_key(|w| std::cmp::Reverse(lane(w)));
             let n = self.ready.len().min(l.batch_items);
             self.ready.drain(..n).collect()
         } else {
