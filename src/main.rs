@@ -272,6 +272,7 @@ enum Failure {
 }
 
 fn main() -> ExitCode {
+    certmesh::daemon::tune_allocator();
     let cli = Cli::parse();
     certmesh::ops::logging::init();
     match dispatch(cli.cmd) {

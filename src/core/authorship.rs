@@ -32,10 +32,8 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::core::device::{self, DeviceId, NodeSigner};
-use crate::core::record::{Attestation, Attester, Authorship, FileRecord, Kind};
+use crate::core::record::{Attestation, Attester, Authorship, FileRecord, Kind, Signature};
 
-/// Longest signature accepted (an ECDSA P-256 DER signature has at most 72 bytes).
-pub const MAX_SIGNATURE: usize = 80;
 /// Largest author certificate accepted (a node certificate has ~400 bytes).
 pub const MAX_AUTHOR_CERT: usize = 4096;
 
@@ -109,7 +107,10 @@ pub fn sign(r: &mut FileRecord, signer: &NodeSigner, now_ns: i64) -> bool {
     if r.modified_by != author.short() {
         return false;
     }
-    let Some(signature) = signer.sign(&signed_message(r, &author)) else {
+    let Some(signature) = signer
+        .sign(&signed_message(r, &author))
+        .and_then(|s| Signature::from_slice(&s))
+    else {
         return false;
     };
     let Some(attestation) = attest(r, signer, now_ns) else {
@@ -137,13 +138,14 @@ pub fn reattest(r: &mut FileRecord, signer: &NodeSigner, now_ns: i64) -> bool {
         let id = signer.id();
         signer
             .sign(&attested_message_by(r, &author, &id, now_ns))
+            .and_then(|s| Signature::from_slice(&s))
             .map(|signature| Attestation {
                 signed_ns: now_ns,
                 signature,
-                by: Some(Attester {
+                by: Some(Box::new(Attester {
                     id,
                     cert: signer.cert().clone(),
-                }),
+                })),
             })
     };
     let Some(fresh) = fresh else {
@@ -156,7 +158,8 @@ pub fn reattest(r: &mut FileRecord, signer: &NodeSigner, now_ns: i64) -> bool {
 }
 
 fn attest(r: &FileRecord, signer: &NodeSigner, now_ns: i64) -> Option<Attestation> {
-    let signature = signer.sign(&attested_message(r, &signer.id(), now_ns))?;
+    let signature =
+        Signature::from_slice(&signer.sign(&attested_message(r, &signer.id(), now_ns))?)?;
     Some(Attestation {
         signed_ns: now_ns,
         signature,
@@ -486,7 +489,7 @@ pub(crate) mod tests {
         sign(&mut genuine, &w, 1);
         forged.auth = Some(Authorship {
             author: w.id(),
-            signature: auth.signature.clone(),
+            signature: auth.signature,
             cert: genuine.auth.as_ref().unwrap().cert.clone(),
             attestation: None,
         });

@@ -7,10 +7,12 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::core::authorship::{MAX_AUTHOR_CERT, MAX_SIGNATURE};
+use crate::core::authorship::MAX_AUTHOR_CERT;
 use crate::core::device::{DeviceId, ShortId};
 use crate::core::paths::{PathError, RelPath};
-use crate::core::record::{Attestation, Attester, Authorship, ContentHash, FileRecord, Kind};
+use crate::core::record::{
+    Attestation, Attester, Authorship, ContentHash, FileRecord, Kind, Signature,
+};
 use crate::core::version::VersionVector;
 
 /// Generated protobuf types.
@@ -99,12 +101,12 @@ pub fn record_to_wire(r: &FileRecord, sequence: u64) -> pb::FileInfo {
         modified_by: r.modified_by.0,
         data: Vec::new(),
         author: r.auth.as_ref().map_or(Vec::new(), |a| a.author.0.to_vec()),
-        signature: r.auth.as_ref().map_or(Vec::new(), |a| a.signature.clone()),
+        signature: r.auth.as_ref().map_or(Vec::new(), |a| a.signature.to_vec()),
         author_cert: r.auth.as_ref().map_or(Vec::new(), |a| a.cert.to_vec()),
         signed_ns: own.map_or(0, |t| t.signed_ns),
-        attestation: own.map_or(Vec::new(), |t| t.signature.clone()),
+        attestation: own.map_or(Vec::new(), |t| t.signature.to_vec()),
         attested_by_ns: by.map_or(0, |t| t.signed_ns),
-        attested_by_signature: by.map_or(Vec::new(), |t| t.signature.clone()),
+        attested_by_signature: by.map_or(Vec::new(), |t| t.signature.to_vec()),
         attested_by: attester.map_or(Vec::new(), |b| b.id.0.to_vec()),
         attested_by_cert: attester.map_or(Vec::new(), |b| b.cert.to_vec()),
     }
@@ -188,7 +190,7 @@ pub fn record_from_wire(f: pb::FileInfo, now_us: u64) -> Result<(FileRecord, u64
     let attestation = match (own, by, attester) {
         (own, None, None) => own,
         (None, Some(mut t), Some(b)) => {
-            t.by = Some(b);
+            t.by = Some(Box::new(b));
             Some(t)
         }
         (Some(_), Some(_), _) => {
@@ -252,12 +254,12 @@ fn authorship_from_wire(
             format!("{path}: author of {} bytes", author.len()),
         ));
     };
-    if signature.is_empty() || signature.len() > MAX_SIGNATURE {
+    let Some(signature) = Signature::from_slice(&signature) else {
         return Err(invalid(
             "record",
             format!("{path}: signature of {} bytes", signature.len()),
         ));
-    }
+    };
     if cert.is_empty() || cert.len() > MAX_AUTHOR_CERT {
         return Err(invalid(
             "record",
@@ -283,12 +285,12 @@ fn attestation_from_wire(
     if signed_ns == 0 && signature.is_empty() {
         return Ok(None);
     }
-    if signature.is_empty() || signature.len() > MAX_SIGNATURE {
+    let Some(signature) = Signature::from_slice(&signature) else {
         return Err(invalid(
             "record",
             format!("{path}: attestation signature of {} bytes", signature.len()),
         ));
-    }
+    };
     let limit = now_us
         .saturating_add(MAX_CLOCK_AHEAD_US)
         .saturating_mul(1000);
@@ -386,7 +388,7 @@ mod tests {
             modified_by: ShortId(9),
             auth: Some(Authorship {
                 author: DeviceId([7; 32]),
-                signature: vec![1; 64],
+                signature: Signature::from_slice(&[1; 64]).unwrap(),
                 cert: cert.into(),
                 attestation: None,
             }),

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Longest path accepted, in bytes.
 pub const MAX_PATH: usize = 4096;
@@ -52,11 +53,12 @@ pub enum PathError {
     SymlinkIntoInternal { link: String, target: String },
 }
 
-/// A relative, normalised, '/'-separated path inside the tree.
+/// A relative, normalised, '/'-separated path inside the tree. Shared text: the
+/// index's key, its record and its sequence map hold one copy (issue 29: RSS).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RelPath(String);
+pub struct RelPath(Arc<str>);
 
-/// As its text: ordered the same (the derived `Ord` is the `String`'s), so a sorted
+/// As its text: ordered the same (the derived `Ord` is the text's), so a sorted
 /// map of paths can be ranged by `&str` ([`RelPath::within_map`]).
 impl std::borrow::Borrow<str> for RelPath {
     fn borrow(&self) -> &str {
@@ -87,7 +89,7 @@ impl RelPath {
                 return Err(PathError::TooLong(s.to_string()));
             }
         }
-        Ok(RelPath(s.to_string()))
+        Ok(RelPath(Arc::from(s)))
     }
 
     /// Validates and also refuses local-only internal paths: what a peer may send.
@@ -111,22 +113,24 @@ impl RelPath {
 
     /// Where this path lives under `root`.
     pub fn under(&self, root: &Path) -> PathBuf {
-        root.join(&self.0)
+        root.join(self.as_str())
     }
 
     /// The parent path, `None` at top level.
     pub fn parent(&self) -> Option<RelPath> {
-        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_string()))
+        self.as_str()
+            .rfind('/')
+            .map(|i| RelPath(Arc::from(&self.as_str()[..i])))
     }
 
     /// The last component.
     pub fn name(&self) -> &str {
-        self.0.rsplit('/').next().unwrap_or(&self.0)
+        self.as_str().rsplit('/').next().unwrap_or(self.as_str())
     }
 
     /// Number of components.
     pub fn depth(&self) -> usize {
-        self.0.split('/').count()
+        self.as_str().split('/').count()
     }
 
     /// True when `self` is `other` or below it.
@@ -139,7 +143,7 @@ impl RelPath {
     ) -> impl Iterator<Item = (&'a RelPath, &'a V)> + 'a {
         use std::ops::Bound;
         // '0' is the byte after '/': every "<self>/…" sorts between the two.
-        let (lo, hi) = (format!("{}/", self.0), format!("{}0", self.0));
+        let (lo, hi) = (format!("{}/", self.as_str()), format!("{}0", self.as_str()));
         map.get_key_value(self).into_iter().chain(
             map.range::<str, _>((Bound::Included(lo.as_str()), Bound::Excluded(hi.as_str()))),
         )
@@ -152,25 +156,26 @@ impl RelPath {
         after: &RelPath,
     ) -> impl Iterator<Item = (&'a RelPath, &'a V)> + 'a {
         use std::ops::Bound;
-        let hi = format!("{}0", self.0);
-        let lo = after.0.clone();
+        let hi = format!("{}0", self.as_str());
+        let lo = after.clone();
         let dir = self.clone();
         map.range::<str, _>((Bound::Excluded(lo.as_str()), Bound::Excluded(hi.as_str())))
             .filter(move |(p, _)| p.is_within(&dir))
     }
 
     pub fn is_within(&self, other: &RelPath) -> bool {
-        self.0 == other.0
-            || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+        self.as_str() == other.as_str()
+            || (self.as_str().starts_with(other.as_str())
+                && self.as_str().as_bytes().get(other.as_str().len()) == Some(&b'/'))
     }
 
     /// `.certmesh/tmp/**`, `.certmesh/conflicts/**` and `.certmesh/kept/**` (versions
     /// a peer's change replaced or deleted): never replicated.
     pub fn is_local_only(&self) -> bool {
-        let s = &self.0;
+        let s = self.as_str();
         LOCAL_ONLY_DIRS.iter().any(|d| {
             let base = format!("{INTERNAL_DIR}/{d}");
-            s == &base || s.starts_with(&(base + "/"))
+            s == base || s.starts_with(&(base + "/"))
         })
     }
 
@@ -178,7 +183,9 @@ impl RelPath {
     /// account and state): private to the daemon's user on every node.
     pub fn is_private_state(&self) -> bool {
         let acme = format!("{INTERNAL_DIR}/{ACME_DIR}");
-        self.0 == INTERNAL_DIR || self.0 == acme || self.0.starts_with(&format!("{acme}/"))
+        self.as_str() == INTERNAL_DIR
+            || self.as_str() == acme
+            || self.as_str().starts_with(&format!("{acme}/"))
     }
 
     /// Private keys keep "other" permission bits off on every node.
@@ -199,11 +206,11 @@ impl RelPath {
     /// which `apply` then checks on disk, component by component).
     pub fn resolve_symlink_target(&self, target: &str) -> Result<RelPath, PathError> {
         let escape = || PathError::EscapingSymlink {
-            link: self.0.clone(),
+            link: self.as_str().to_string(),
             target: target.to_string(),
         };
-        if self.0 == ACME_DIR || self.0.starts_with(&format!("{ACME_DIR}/")) {
-            return Err(PathError::SymlinkUnderAcme(self.0.clone()));
+        if self.as_str() == ACME_DIR || self.as_str().starts_with(&format!("{ACME_DIR}/")) {
+            return Err(PathError::SymlinkUnderAcme(self.as_str().to_string()));
         }
         if target.is_empty() || target.starts_with('/') || target.len() > MAX_PATH {
             return Err(escape());
@@ -211,8 +218,8 @@ impl RelPath {
         if target.contains('\0') {
             return Err(PathError::Nul);
         }
-        let mut stack: Vec<&str> = match self.0.rfind('/') {
-            Some(i) => self.0[..i].split('/').collect(),
+        let mut stack: Vec<&str> = match self.as_str().rfind('/') {
+            Some(i) => self.as_str()[..i].split('/').collect(),
             None => Vec::new(),
         };
         let mut named = false;
@@ -221,7 +228,7 @@ impl RelPath {
                 "" | "." => {}
                 ".." if named => {
                     return Err(PathError::WindingSymlink {
-                        link: self.0.clone(),
+                        link: self.as_str().to_string(),
                         target: target.to_string(),
                     })
                 }
@@ -239,11 +246,11 @@ impl RelPath {
         }
         if stack[0] == INTERNAL_DIR {
             return Err(PathError::SymlinkIntoInternal {
-                link: self.0.clone(),
+                link: self.as_str().to_string(),
                 target: target.to_string(),
             });
         }
-        Ok(RelPath(stack.join("/")))
+        Ok(RelPath(Arc::from(stack.join("/"))))
     }
 }
 

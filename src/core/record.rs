@@ -93,13 +93,53 @@ impl FileRecord {
     }
 }
 
+/// Longest signature accepted (an ECDSA P-256 DER signature has at most 72 bytes).
+pub const MAX_SIGNATURE: usize = 80;
+
+/// A signature of 1 to [`MAX_SIGNATURE`] bytes, held inline: every index entry holds
+/// two, and on the heap each cost 104 bytes and an allocation per copy (issue 29: RSS
+/// at 90,000 entries).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Signature {
+    /// Never 0: the niche lets `Option<Attestation>` and `Option<Authorship>` take no
+    /// extra word.
+    len: std::num::NonZeroU8,
+    bytes: [u8; MAX_SIGNATURE],
+}
+
+impl Signature {
+    /// `None` when `b` is empty or longer than [`MAX_SIGNATURE`].
+    pub fn from_slice(b: &[u8]) -> Option<Signature> {
+        if b.len() > MAX_SIGNATURE {
+            return None;
+        }
+        let len = std::num::NonZeroU8::new(u8::try_from(b.len()).ok()?)?;
+        let mut bytes = [0; MAX_SIGNATURE];
+        bytes[..b.len()].copy_from_slice(b);
+        Some(Signature { len, bytes })
+    }
+}
+
+impl std::ops::Deref for Signature {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len.get())]
+    }
+}
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "signature of {} bytes", self.len)
+    }
+}
+
 /// Who made a record's version, and the proof.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Authorship {
     /// The author's full device ID.
     pub author: DeviceId,
     /// ECDSA P-256 / SHA-256 (DER) over [`crate::core::authorship::signed_message`].
-    pub signature: Vec<u8>,
+    pub signature: Signature,
     /// The author's node certificate (DER); shared between records of one author.
     pub cert: Arc<[u8]>,
     /// The author's dated signature (`None`: from a node that predates them).
@@ -114,9 +154,10 @@ pub struct Attestation {
     /// The signer's clock when it signed (ns since the epoch).
     pub signed_ns: i64,
     /// ECDSA P-256 / SHA-256 (DER) over the message above.
-    pub signature: Vec<u8>,
-    /// The signer when not the author (`None`: the author).
-    pub by: Option<Attester>,
+    pub signature: Signature,
+    /// The signer when not the author (`None`: the author); boxed, as most
+    /// attestations are the author's own.
+    pub by: Option<Box<Attester>>,
 }
 
 /// A writer that attested someone else's record.
@@ -149,5 +190,31 @@ impl Authorship {
             + self.attestation.as_ref().map_or(0, |a| {
                 16 + a.signature.len() + a.by.as_ref().map_or(0, |b| 32 + b.cert.len())
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_is_one_to_max_signature_bytes_and_reads_back_as_given() {
+        assert!(Signature::from_slice(&[]).is_none());
+        assert!(Signature::from_slice(&[1; MAX_SIGNATURE + 1]).is_none());
+        let der: Vec<u8> = (0..71).collect();
+        let s = Signature::from_slice(&der).unwrap();
+        assert_eq!(&*s, der.as_slice());
+        assert_eq!(
+            &*Signature::from_slice(&[9; MAX_SIGNATURE]).unwrap(),
+            &[9; MAX_SIGNATURE]
+        );
+        assert_ne!(s, Signature::from_slice(&der[..70]).unwrap());
+    }
+
+    #[test]
+    fn optional_signatures_take_no_extra_word() {
+        use std::mem::size_of;
+        assert_eq!(size_of::<Option<Attestation>>(), size_of::<Attestation>());
+        assert_eq!(size_of::<Option<Authorship>>(), size_of::<Authorship>());
     }
 }

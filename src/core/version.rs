@@ -3,6 +3,8 @@
 
 use std::cmp::Ordering;
 
+use smallvec::SmallVec;
+
 use crate::core::device::ShortId;
 
 /// How two version vectors relate.
@@ -22,16 +24,17 @@ pub enum Relation {
 #[error("version counter of device {0:?} is at its maximum")]
 pub struct CounterOverflow(pub ShortId);
 
-/// Sorted `(device, counter)` pairs, no zero counters.
+/// Sorted `(device, counter)` pairs, no zero counters. One pair inline: almost every
+/// record has one author, and an index entry then holds no second allocation.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct VersionVector(Vec<(ShortId, u64)>);
+pub struct VersionVector(SmallVec<[(ShortId, u64); 1]>);
 
 impl VersionVector {
     /// Builds from unsorted pairs; duplicate devices keep their highest counter.
     pub fn from_pairs(mut pairs: Vec<(ShortId, u64)>) -> Self {
         pairs.retain(|(_, v)| *v > 0);
         pairs.sort();
-        let mut out: Vec<(ShortId, u64)> = Vec::with_capacity(pairs.len());
+        let mut out: SmallVec<[(ShortId, u64); 1]> = SmallVec::with_capacity(pairs.len());
         for (d, v) in pairs {
             match out.last_mut() {
                 Some(last) if last.0 == d => last.1 = last.1.max(v),
@@ -82,7 +85,7 @@ impl VersionVector {
 
     /// The element-wise maximum: a vector that has seen both.
     pub fn merge(&self, other: &Self) -> Self {
-        let mut pairs = self.0.clone();
+        let mut pairs = self.0.to_vec();
         pairs.extend_from_slice(&other.0);
         Self::from_pairs(pairs)
     }

@@ -386,13 +386,13 @@ mod tests {
             modified_by: u64::MAX,
             data: Vec::new(),
             author: vec![0xff; 32],
-            signature: vec![0xff; crate::core::authorship::MAX_SIGNATURE],
+            signature: vec![0xff; crate::core::record::MAX_SIGNATURE],
             author_cert: vec![0xff; crate::core::authorship::MAX_AUTHOR_CERT],
             // Another writer's attestation (its certificate is the larger form).
             signed_ns: 0,
             attestation: Vec::new(),
             attested_by_ns: ((now_us + MAX_CLOCK_AHEAD_US) * 1000) as i64,
-            attested_by_signature: vec![0xff; crate::core::authorship::MAX_SIGNATURE],
+            attested_by_signature: vec![0xff; crate::core::record::MAX_SIGNATURE],
             attested_by: vec![0xfe; 32],
             attested_by_cert: vec![0xff; crate::core::authorship::MAX_AUTHOR_CERT],
         }

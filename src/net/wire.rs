@@ -331,11 +331,12 @@ pub fn decode_frame_at(bytes: &[u8], now_us: u64) -> Result<pb::Frame, WireError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::authorship::{MAX_AUTHOR_CERT, MAX_SIGNATURE};
+    use crate::core::authorship::MAX_AUTHOR_CERT;
     use crate::core::codec::{record_to_wire, MAX_CLOCK_AHEAD_US};
     use crate::core::device::ShortId;
     use crate::core::paths::RelPath;
     use crate::core::record::ContentHash;
+    use crate::core::record::MAX_SIGNATURE;
     use crate::core::version::VersionVector;
     use proptest::prelude::*;
 

@@ -67,10 +67,13 @@ impl Stamp {
 }
 
 /// What a certificate's facts were derived from: `live/<name>`, its bundle files,
-/// the issued-by record, and the configured domains.
+/// the issued-by record, and the configured domains. The stamps are kept as a
+/// BLAKE3 digest (16 bytes, where the stamps themselves took 560 per certificate:
+/// issue 29, RSS at 10,000 certificates) and the newest file time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Key {
-    stamps: Vec<Option<Stamp>>,
+    stamps: [u8; 16],
+    newest_ns: i128,
     domains: Vec<String>,
 }
 
@@ -78,22 +81,38 @@ impl Key {
     /// Some file changed within `margin` of `now_ns` (or lies in the future).
     fn racy(&self, now_ns: i128, margin: std::time::Duration) -> bool {
         let margin = i128::try_from(margin.as_nanos()).unwrap_or(i128::MAX);
-        self.stamps
-            .iter()
-            .flatten()
-            .any(|s| s.ctime_ns.max(s.mtime_ns).saturating_add(margin) > now_ns)
+        self.newest_ns.saturating_add(margin) > now_ns
     }
 
     fn of(root: &Path, name: &str, domains: &[String]) -> Key {
         let live = root.join("live").join(name);
-        let mut stamps = Vec::with_capacity(FILES.len() + 2);
-        stamps.push(Stamp::of(&live));
-        stamps.extend(FILES.iter().map(|f| Stamp::of(&live.join(f))));
-        stamps.push(Stamp::of(
-            &root.join(crate::acme::ca::ISSUED_DIR).join(name),
-        ));
+        let mut paths = Vec::with_capacity(FILES.len() + 2);
+        paths.push(live.clone());
+        paths.extend(FILES.iter().map(|f| live.join(f)));
+        paths.push(root.join(crate::acme::ca::ISSUED_DIR).join(name));
+        let mut h = blake3::Hasher::new();
+        let mut newest_ns = i128::MIN;
+        for p in &paths {
+            match Stamp::of(p) {
+                None => {
+                    h.update(&[0]);
+                }
+                Some(s) => {
+                    h.update(&[1]);
+                    for n in [s.dev, s.ino, s.size] {
+                        h.update(&n.to_le_bytes());
+                    }
+                    h.update(&s.mtime_ns.to_le_bytes());
+                    h.update(&s.ctime_ns.to_le_bytes());
+                    newest_ns = newest_ns.max(s.mtime_ns).max(s.ctime_ns);
+                }
+            }
+        }
+        let mut stamps = [0; 16];
+        stamps.copy_from_slice(&h.finalize().as_bytes()[..16]);
         Key {
             stamps,
+            newest_ns,
             domains: domains.to_vec(),
         }
     }

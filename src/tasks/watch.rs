@@ -85,11 +85,7 @@ impl Covered {
         let mut tops: Vec<RelPath> = Vec::new();
         if let Some(known) = &self.known {
             for (d, i) in dirs {
-                let below_last = tops.last().is_some_and(|t| {
-                    d.as_str()
-                        .strip_prefix(t.as_str())
-                        .is_some_and(|rest| rest.starts_with('/'))
-                });
+                let below_last = tops.last().is_some_and(|t| d.is_within(t));
                 if !below_last && !known.contains(&Self::key(d, *i)) {
                     tops.push(d.clone());
                 }
@@ -197,14 +193,7 @@ impl Watch {
             let mut dirs = Vec::new();
             let todo = expand(&s, paths, &mut dirs, &mut errors);
             // What was found below a directory just covered is covered too.
-            let within = |d: &RelPath| {
-                covered.iter().any(|(c, _)| {
-                    d.as_str()
-                        .strip_prefix(c.as_str())
-                        .is_some_and(|rest| rest.starts_with('/'))
-                })
-            };
-            dirs.retain(|(d, _)| within(d));
+            dirs.retain(|(d, _)| covered.iter().any(|(c, _)| d.is_within(c)));
             covered.extend(dirs);
             w.note_covered(&covered);
             rescan_blocking(&s, todo, errors)

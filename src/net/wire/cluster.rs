@@ -2,7 +2,7 @@
 //! to and from their protobuf form, every bound checked on receipt (device IDs of
 //! 32 bytes, names, counts, hops, paths, versions).
 
-use crate::core::authorship::{MAX_AUTHOR_CERT, MAX_SIGNATURE};
+use crate::core::authorship::MAX_AUTHOR_CERT;
 use crate::core::cluster::{
     Confirm, Neighbor, Report, Seal, MAX_ASKED, MAX_CONFIRM_BYTES, MAX_HOPS, MAX_NAME,
     MAX_REPORT_PEERS, MAX_TTL_MS,
@@ -10,6 +10,7 @@ use crate::core::cluster::{
 use crate::core::codec::{invalid, pb, WireError, MAX_VERSION_ENTRIES};
 use crate::core::device::{DeviceId, ShortId};
 use crate::core::paths::RelPath;
+use crate::core::record::MAX_SIGNATURE;
 use crate::core::version::VersionVector;
 
 /// Converts a request for sending.

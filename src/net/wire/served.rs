@@ -10,9 +10,10 @@ use std::sync::Arc;
 use prost::Message;
 
 use super::for_each_len_field;
-use crate::core::authorship::{MAX_AUTHOR_CERT, MAX_SIGNATURE};
+use crate::core::authorship::MAX_AUTHOR_CERT;
 use crate::core::codec::{invalid, pb, WireError};
 use crate::core::device::{cert_public_key, verify_p256, DeviceId};
+use crate::core::record::MAX_SIGNATURE;
 use crate::core::served::{
     check_records, signed_message, ServedRecord, SignedReport, MAX_ASKED, MAX_SERVED_NAME,
     MAX_SERVED_RECORDS,
