@@ -202,6 +202,17 @@ pub(crate) fn run_certs(exe: &Path, o: &Opts) -> Result<CertsResult> {
         std::thread::sleep(Duration::from_millis(250));
     }
     let issue_s = t0.elapsed().as_secs_f64();
+    // `CERTMESH_BENCH_LOGS=DIR`: the three nodes' logs of the issuance, kept (run
+    // with `RUST_LOG=warn,certmesh::acme=debug` for each order's stages).
+    if let Some(dir) = std::env::var_os("CERTMESH_BENCH_LOGS") {
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir)?;
+        for (i, x) in f.nodes[..3].iter().enumerate() {
+            let log = x.config.with_file_name("node.log");
+            std::fs::copy(&log, dir.join(format!("node{}.log", i + 1)))
+                .with_context(|| format!("copying {}", log.display()))?;
+        }
+    }
     let cpu: Vec<f64> = f.nodes[..3]
         .iter()
         .zip(&cpu0)

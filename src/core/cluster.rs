@@ -52,9 +52,9 @@ pub const MAX_OUTBOX: usize = 4096;
 /// reading while reports of 4,096 neighbours are routed to it holds 4 MiB, not
 /// gigabytes.
 pub const MAX_OUTBOX_BYTES: usize = 4 << 20;
-/// Most requests relayed at once on behalf of one peer for one origin (its further
-/// ids are dropped): one hostile peer cannot take the whole relay table, nor the
-/// share of the origins its relay forwards for.
+/// Most requests relayed at once on behalf of one peer for one origin (a further id
+/// replaces the oldest of them): one hostile peer cannot take the whole relay table,
+/// nor the share of the origins its relay forwards for.
 pub const MAX_RELAYS_PER_PEER: usize = 16;
 /// Bytes of its own requests (it is their origin) accepted from one peer in a
 /// burst; then [`CONFIRM_RATE`] bytes a second. Each request costs a flood through
@@ -662,8 +662,8 @@ impl Cluster {
     /// count the refusal.
     ///
     /// Each request costs `from` one token of its budget ([`CONFIRM_BURST`]), and
-    /// at most [`MAX_RELAYS_PER_PEER`] routes back to one peer are kept: beyond,
-    /// its requests are dropped unanswered.
+    /// at most [`MAX_RELAYS_PER_PEER`] routes back to one peer for one origin are
+    /// kept: beyond, a new request replaces the oldest of them.
     pub fn handle_confirm(
         &mut self,
         v: &View,
@@ -720,7 +720,20 @@ impl Cluster {
         self.relays.retain(|_, r| r.expires_ns > now_ns);
         let mine = |r: &Relay| r.from == from && r.req.origin == req.origin;
         if self.relays.values().filter(|r| mine(r)).count() >= MAX_RELAYS_PER_PEER {
-            return;
+            // Its oldest route goes: an origin runs its barriers one after another,
+            // so that one is almost surely finished (its route lives on until its
+            // TTL). Dropping the new request instead stalled a renewer ordering
+            // three certificates a second for a full barrier timeout after every
+            // 16th order. A flood only replaces the flooder's own routes.
+            if let Some(oldest) = self
+                .relays
+                .iter()
+                .filter(|(_, r)| mine(r))
+                .min_by_key(|(_, r)| r.born_ns)
+                .map(|(id, _)| *id)
+            {
+                self.relays.remove(&oldest);
+            }
         }
         if self.relays.len() >= MAX_RELAYS {
             // The oldest taken in goes (not the soonest to expire: a flood with the
@@ -1126,6 +1139,11 @@ mod tests {
     /// Delivers every queued message between `nodes` (indexed by device byte - 1)
     /// until none is left.
     fn deliver(nodes: &mut [Node]) {
+        deliver_at(nodes, 0);
+    }
+
+    /// [`deliver`] at `now` (ns).
+    fn deliver_at(nodes: &mut [Node], now: i64) {
         loop {
             let mut moved = false;
             for i in 0..nodes.len() {
@@ -1136,7 +1154,8 @@ mod tests {
                         moved = true;
                         match m {
                             ClusterMsg::Confirm(c) => {
-                                nodes[j].with_view(|cl, v| cl.handle_confirm(v, from, c, true, 0));
+                                nodes[j]
+                                    .with_view(|cl, v| cl.handle_confirm(v, from, c, true, now));
                             }
                             ClusterMsg::Report(r) => {
                                 nodes[j].cluster.handle_report(from, r, true);
@@ -1214,6 +1233,27 @@ mod tests {
         n.plan.connected(dev(2), &n.index);
         nodes[0].plan.acked(dev(2), 1);
         assert!(!status(&mut nodes[0]).done);
+    }
+
+    #[test]
+    fn an_origin_running_more_barriers_than_a_relay_keeps_routes_for_is_answered_every_time() {
+        // A renewer ordering three certificates a second: each barrier done at once,
+        // while the relay's routes live on for their TTL. The relay keeps the newest.
+        let mut nodes = vec![Node::new(1, &[2]), Node::new(2, &[1])];
+        let r = token();
+        nodes[0].index.put(r.clone(), None, 0);
+        nodes[1].apply(&r);
+        for (i, id) in (100..100 + 3 * MAX_RELAYS_PER_PEER as u64).enumerate() {
+            let now = i as i64 * 350_000_000;
+            let (p, v) = (r.path.clone(), r.version.clone());
+            assert!(nodes[0].with_view(|c, view| c.start(view, id, p, v, 10_000, now)));
+            deliver_at(&mut nodes, now);
+            let s = nodes[0].with_view(|c, v| c.status(v, id)).unwrap();
+            assert!(s.done, "barrier {id}: {s:?}");
+            nodes[0].cluster.finish(id);
+        }
+        let routes = nodes[1].cluster.relays.len();
+        assert_eq!(routes, MAX_RELAYS_PER_PEER, "routes kept");
     }
 
     #[test]
