@@ -470,7 +470,6 @@ fn new_slot(config: PeerConfig) -> PeerSlot {
         session: None,
         gone: Arc::new(Notify::new()),
         last_error: None,
-        last_acked: 0,
         last_sync: None,
         penalty: None,
     }
@@ -794,10 +793,7 @@ fn sweep(shared: &Shared) {
         );
         st.commit(since, shared);
     }
-    let acked_by_all = st.peers.values().map(|s| s.last_acked).min();
-    let gone = st
-        .engine
-        .collect_tombstones(now_ns(), acked_by_all.unwrap_or(u64::MAX));
+    let gone = st.engine.collect_tombstones(now_ns());
     if gone.is_empty() {
         return;
     }

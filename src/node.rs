@@ -73,9 +73,6 @@ pub struct PeerSlot {
     /// Woken when the session ends, so the dialler tries again.
     pub gone: Arc<Notify>,
     pub last_error: Option<String>,
-    /// Our sequence this peer last acknowledged; kept across disconnects (for the
-    /// items it is missing while away).
-    pub last_acked: u64,
     /// Unix seconds of the last ack from this peer, or of the last time it was seen
     /// fully in sync (`status`, metrics).
     pub last_sync: Option<i64>,
@@ -108,7 +105,6 @@ impl State {
     pub fn acked(&mut self, peer: DeviceId, sequence: u64) -> Result<(), EngineError> {
         self.engine.handle_ack(peer, sequence)?;
         if let Some(slot) = self.peers.get_mut(&peer) {
-            slot.last_acked = slot.last_acked.max(sequence);
             slot.last_sync = Some(now_ns() / 1_000_000_000);
         }
         Ok(())

@@ -236,6 +236,10 @@ pub struct Engine {
     durable: Option<u64>,
     /// Cluster-wide barriers: relayed requests, reports, the barriers we run.
     cluster: Cluster,
+    /// The highest sequence of ours each configured peer acknowledged, kept across
+    /// its sessions (the plan's view of a peer goes when it disconnects): the one
+    /// ack store, read by tombstone collection and `status`.
+    acked: HashMap<DeviceId, u64>,
     /// What this node's and its peers' frontends serve.
     served: ServedBoard,
     /// Paths the puller has taken (fetching or applying them): the scanner must not
@@ -268,6 +272,7 @@ impl Engine {
             },
             durable: None,
             cluster: Cluster::default(),
+            acked: HashMap::new(),
             served: ServedBoard::default(),
             applying: HashSet::new(),
             rescan_after_apply: Vec::new(),
@@ -696,8 +701,17 @@ impl Engine {
             });
         }
         self.plan.acked(peer, sequence);
+        if let Some(a) = self.acked.get_mut(&peer) {
+            *a = (*a).max(sequence);
+        }
         self.refresh_cluster();
         Ok(())
+    }
+
+    /// The highest sequence of ours `peer` acknowledged in any session since this
+    /// node started (0 for a peer not configured, or that never acked).
+    pub fn peer_acked(&self, peer: &DeviceId) -> u64 {
+        self.acked.get(peer).copied().unwrap_or(0)
     }
 
     /// What to send to `peer` in the session of `token` now, if anything, and
@@ -848,9 +862,11 @@ impl Engine {
     }
 
     /// Drops tombstones learned longer than the retention before `now_ns` that
-    /// every peer acknowledged (`acked_by_all`). Needs are not re-derived: every peer
-    /// has seen the deletion, so none can still announce what it replaced.
-    pub fn collect_tombstones(&mut self, now_ns: i64, acked_by_all: u64) -> Vec<RelPath> {
+    /// every configured peer, connected or not, acknowledged. Needs are not
+    /// re-derived: every peer has seen the deletion, so none can still announce what
+    /// it replaced.
+    pub fn collect_tombstones(&mut self, now_ns: i64) -> Vec<RelPath> {
+        let acked_by_all = self.acked.values().copied().min().unwrap_or(u64::MAX);
         let gone = self
             .index
             .collect_tombstones(now_ns, acked_by_all, self.retention);
@@ -867,7 +883,14 @@ impl Engine {
 
     /// This node's device ID, name and configured peers, for cluster-wide barriers
     /// (at start and on reload).
+    /// Acks of peers still configured are kept; a removed peer no longer holds
+    /// tombstones back, and a new one holds them until it acknowledges.
     pub fn set_roster(&mut self, me: DeviceId, name: String, roster: Vec<Member>) {
+        let acked: HashMap<DeviceId, u64> = roster
+            .iter()
+            .map(|m| (m.device, self.peer_acked(&m.device)))
+            .collect();
+        self.acked = acked;
         self.served.set_me(me);
         self.served.set_peers(roster.iter().map(|m| m.device));
         self.cluster.set_roster(me, name, roster);
@@ -1686,6 +1709,49 @@ mod tests {
         e.persisted(u64::MAX); // never beyond what exists
         let ix = e.poll_transmit(peer(), token).unwrap().index.unwrap();
         assert_eq!((ix.upto, ix.records.len()), (3, 1));
+    }
+
+    #[test]
+    fn a_tombstone_goes_only_once_every_configured_peer_acked_it_in_any_session() {
+        let mut e = engine_with(&["a", "b"]);
+        let other = DeviceId([8; 32]);
+        let member = |device, name: &str| Member {
+            device,
+            name: name.into(),
+        };
+        let roster = vec![member(peer(), "p"), member(other, "o")];
+        e.set_roster(DeviceId([1; 32]), "me".into(), roster.clone());
+        let (a, b) = (RelPath::parse("a").unwrap(), RelPath::parse("b").unwrap());
+        e.observe(&a, None, 1);
+        e.observe(&b, Some(crate::core::index::tests::file("b", 7, 1)), 1);
+        let top = e.index().sequence();
+        let later = i64::MAX / 2;
+        // The peer acks everything, then goes away; the other never connected.
+        e.connected(peer());
+        e.handle_ack(peer(), top).unwrap();
+        e.disconnected(peer());
+        assert_eq!(e.peer_acked(&peer()), top, "kept across the session");
+        assert!(
+            e.collect_tombstones(later).is_empty(),
+            "the other has not acked"
+        );
+        // The other acks: the peer's ack from its earlier session still counts.
+        e.connected(other);
+        e.handle_ack(other, top).unwrap();
+        assert_eq!(e.collect_tombstones(later), vec![a.clone()]);
+        // A reload keeps what the remaining peers acked; a new peer holds the next.
+        e.observe(&b, None, 2);
+        e.observe(&a, Some(crate::core::index::tests::file("a", 9, 1)), 2);
+        let newer = vec![member(peer(), "p"), member(DeviceId([7; 32]), "new")];
+        e.set_roster(DeviceId([1; 32]), "me".into(), newer);
+        e.connected(peer());
+        e.handle_ack(peer(), e.index().sequence()).unwrap();
+        assert!(
+            e.collect_tombstones(later).is_empty(),
+            "the new peer has not acked"
+        );
+        e.set_roster(DeviceId([1; 32]), "me".into(), vec![member(peer(), "p")]);
+        assert_eq!(e.collect_tombstones(later), vec![b]);
     }
 
     #[test]

@@ -248,11 +248,7 @@ fn status(shared: &Arc<Shared>, cache: &CertCache, acme: &AcmeSlot) -> Status {
         .map(|(id, slot)| {
             let conn = slot.session.as_ref().map(|s| &s.conn);
             let in_sync = conn.is_some() && st.engine.plan().in_sync(id, st.engine.index());
-            let acked = if conn.is_some() {
-                st.engine.plan().peer_acked(id).max(slot.last_acked)
-            } else {
-                slot.last_acked
-            };
+            let acked = st.engine.peer_acked(id);
             let pending_from = st.engine.plan().pending_from(id, st.engine.index());
             let unacked = st.engine.index().changed_since(acked).count();
             let last_sync = if in_sync { Some(now) } else { slot.last_sync };
@@ -265,7 +261,7 @@ fn status(shared: &Arc<Shared>, cache: &CertCache, acme: &AcmeSlot) -> Status {
                 connected: conn.is_some(),
                 in_sync,
                 rtt_ms: conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
-                acked: st.engine.plan().peer_acked(id),
+                acked,
                 pending_from,
                 last_error: slot.last_error.clone(),
                 out_of_sync: if in_sync { 0 } else { unacked + pending_from },
