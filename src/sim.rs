@@ -1183,6 +1183,53 @@ mod tests {
         eprintln!("broken acks: {err}");
     }
 
+    /// Tombstones in the simulator: node 1 is away while node 0 deletes the file
+    /// node 1 wrote, and node 0 collects the tombstone as soon as the core allows
+    /// (retention zero). When node 1 comes back with the old file, the deletion still
+    /// wins. Break the rule that every configured peer, connected or not, must have
+    /// acknowledged a tombstone and the deleted file comes back.
+    fn a_deletion_survives_tombstone_collection(broken: bool) -> Result<(), String> {
+        let mut sim = Sim::new(2, 11);
+        for n in &mut sim.nodes {
+            let e = std::mem::replace(
+                &mut n.engine,
+                Engine::new(Index::new(n.id.short()), DEFAULT_MAX_FILE_SIZE),
+            );
+            n.engine =
+                Engine::new(e.into_index(), DEFAULT_MAX_FILE_SIZE).with_retention(Duration::ZERO);
+            n.engine.break_tombstone_gate = broken;
+        }
+        sim.link(0, 1);
+        sim.write(1, "live/old/cert.pem", b"old");
+        sim.run_until_quiet(QUIET)?;
+        sim.check_converged()?;
+        sim.partition(0, 1);
+        sim.delete(0, "live/old/cert.pem");
+        sim.write(0, "live/new/cert.pem", b"new");
+        sim.now += MS;
+        let collected = sim.nodes[0].engine.collect_tombstones(sim.now).len();
+        sim.heal_all();
+        sim.run_until_quiet(QUIET)?;
+        sim.check_converged()?;
+        match (0..2).find(|&i| sim.content(i, "live/old/cert.pem").is_some()) {
+            Some(i) => Err(format!(
+                "node {i}: the deleted file came back ({collected} tombstones collected)"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    #[test]
+    fn a_tombstone_is_kept_until_a_peer_that_was_away_has_it() {
+        a_deletion_survives_tombstone_collection(false).unwrap();
+        let err = match a_deletion_survives_tombstone_collection(true) {
+            Ok(()) => panic!("broken rule passed"),
+            Err(e) => e,
+        };
+        assert!(err.contains("came back"), "{err}");
+        eprintln!("broken tombstone gate: {err}");
+    }
+
     /// The sim runs the production pipeline: a fetch fails because the source's
     /// content changed meanwhile; break the rule that a failed fetch leaves the
     /// flight (and is retried) and the newer content never arrives.

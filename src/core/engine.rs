@@ -255,6 +255,10 @@ pub struct Engine {
     /// can prove the simulator runs this code.
     #[cfg(test)]
     pub(crate) break_acks: bool,
+    /// Test fault: collects tombstones once the connected peers acked them,
+    /// forgetting those away, so a test can prove the simulator runs this rule.
+    #[cfg(test)]
+    pub(crate) break_tombstone_gate: bool,
 }
 
 impl Engine {
@@ -279,6 +283,8 @@ impl Engine {
             retention: TOMBSTONE_RETENTION,
             #[cfg(test)]
             break_acks: false,
+            #[cfg(test)]
+            break_tombstone_gate: false,
         }
     }
 
@@ -866,7 +872,20 @@ impl Engine {
     /// re-derived: every peer has seen the deletion, so none can still announce what
     /// it replaced.
     pub fn collect_tombstones(&mut self, now_ns: i64) -> Vec<RelPath> {
-        let acked_by_all = self.acked.values().copied().min().unwrap_or(u64::MAX);
+        let counted = |_peer: &DeviceId| {
+            #[cfg(test)]
+            if self.break_tombstone_gate {
+                return self.plan.is_connected(_peer);
+            }
+            true
+        };
+        let acked_by_all = self
+            .acked
+            .iter()
+            .filter(|(peer, _)| counted(peer))
+            .map(|(_, a)| *a)
+            .min()
+            .unwrap_or(u64::MAX);
         let gone = self
             .index
             .collect_tombstones(now_ns, acked_by_all, self.retention);
