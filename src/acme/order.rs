@@ -223,36 +223,28 @@ async fn before_ordering(
 /// start-up by the renewer, as dns-01 records are. Not while another node holds a
 /// fresh lease on any certificate: its order's tokens share the directory. This
 /// node's own orders run one at a time, so none of its tokens is live here.
+///
+/// Runs before every order, so it costs O(tokens + leases present), not O(the
+/// certificates): the token directory is looked at first (almost always empty), and
+/// only the lease files that exist are read (issue 29: at 10,000 certificates,
+/// reading every certificate's lease took 60 % of the renewer's CPU).
 pub(super) async fn remove_orphaned_tokens(h: &AcmeHandles) {
+    let tokens = left_tokens(h);
+    if tokens.is_empty() {
+        return;
+    }
     let me = h.mesh.me();
     let now = super::unix_now();
-    let certs = super::snapshot(&h.settings).map_or_else(Vec::new, |(_, c)| c);
-    if let Some(l) = certs
+    if let Some(l) = lease_names(h)
         .iter()
-        .filter_map(|c| super::read_lease(h, &c.name))
+        .filter_map(|name| super::read_lease(h, name))
         .find(|l| l.holder != me && l.fresh(now))
     {
         tracing::debug!(node = %l.node, "another node holds a fresh lease; http-01 tokens left alone");
         return;
     }
-    let Ok(root) = crate::disk::safe_fs::Root::open(h.writer.root()) else {
-        return;
-    };
-    let Ok(dir) = root.dir(CHALLENGE_DIR) else {
-        return; // no challenge directory: nothing left behind
-    };
-    let names = match crate::disk::safe_fs::list(std::os::fd::AsFd::as_fd(&dir)) {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(error = %e, "listing {CHALLENGE_DIR} for tokens left behind");
-            return;
-        }
-    };
     let mut gone = Vec::new();
-    for name in names {
-        let Some(token) = std::str::from_utf8(&name).ok().filter(|t| valid_token(t)) else {
-            continue; // not a token certmesh writes (e.g. an operator's file): kept
-        };
+    for token in tokens {
         let Ok(rel) = tree::rel(&format!("{CHALLENGE_DIR}/{token}")) else {
             continue;
         };
@@ -264,6 +256,46 @@ pub(super) async fn remove_orphaned_tokens(h: &AcmeHandles) {
             tracing::debug!(error = %e, "token removal not indexed yet");
         }
     }
+}
+
+/// The names in `dir` of the tree, none when it is missing or unreadable.
+fn names_in(h: &AcmeHandles, dir: &str) -> Vec<String> {
+    let Ok(root) = crate::disk::safe_fs::Root::open(h.writer.root()) else {
+        return Vec::new();
+    };
+    let Ok(d) = root.dir(dir) else {
+        return Vec::new(); // no such directory: nothing in it
+    };
+    match crate::disk::safe_fs::list(std::os::fd::AsFd::as_fd(&d)) {
+        Ok(names) => names
+            .into_iter()
+            .filter_map(|n| String::from_utf8(n).ok())
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "listing {dir}");
+            Vec::new()
+        }
+    }
+}
+
+/// The http-01 tokens in the tree (an operator's other files there are kept).
+fn left_tokens(h: &AcmeHandles) -> Vec<String> {
+    let mut t = names_in(h, CHALLENGE_DIR);
+    t.retain(|n| valid_token(n));
+    t
+}
+
+/// The configured certificates that have a lease file in the tree (a peer's lease
+/// files for other names are not read).
+fn lease_names(h: &AcmeHandles) -> Vec<String> {
+    let mut names = names_in(h, super::LEASES_DIR);
+    let configured = |n: &String| {
+        h.settings
+            .read(|c| c.certificates.iter().any(|x| &x.name == n))
+            .unwrap_or(false)
+    };
+    names.retain(configured);
+    names
 }
 
 /// Places the order for `cert`'s domains (with the profile and ARI's `replaces`).
