@@ -64,6 +64,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn applied_paths_queue_only_the_repaired_certificates_they_touch() {
+        let r = Repairs::default();
+        let paths: Vec<crate::core::paths::RelPath> = [
+            "live/www/cert.pem",
+            "archive/www/3/cert.pem",
+            "archive/api/1/privkey.pem",
+            "live/other/cert.pem",
+            "certs/www.pem",
+            "live",
+        ]
+        .iter()
+        .map(|p| crate::core::paths::RelPath::parse(p).unwrap())
+        .collect();
+        let asked = std::cell::RefCell::new(Vec::new());
+        r.touched(
+            |n| {
+                asked.borrow_mut().push(n.to_string());
+                n != "other"
+            },
+            &paths,
+        );
+        let pending: Vec<String> = r.lock_pending().iter().cloned().collect();
+        assert_eq!(pending, ["api", "www"]);
+        assert_eq!(
+            asked.into_inner(),
+            ["api", "other", "www"],
+            "one look per name"
+        );
+    }
+
+    #[test]
     fn the_ring_keeps_the_newest_in_order() {
         let mut r = RecentErrors::default();
         for i in 0..(RECENT_ERRORS as i64 + 5) {
@@ -104,17 +135,26 @@ pub struct Repairs {
 }
 
 impl Repairs {
-    /// The puller applied these paths from peers: queue the certificates they touch.
-    pub fn touched<'a>(&self, names: &[String], paths: impl IntoIterator<Item = &'a RelPath>) {
-        let mut hit = BTreeSet::new();
+    /// The puller applied these paths from peers: queue the certificates they touch
+    /// that `repaired` names. Costs O(paths), plus one `repaired` call per name a
+    /// path touches: no list of every certificate per applied batch (issue 29).
+    pub fn touched<'a>(
+        &self,
+        repaired: impl Fn(&str) -> bool,
+        paths: impl IntoIterator<Item = &'a RelPath>,
+    ) {
+        let mut names = BTreeSet::new();
         for p in paths {
             let mut parts = p.as_str().splitn(3, '/');
             if let (Some("live" | "archive"), Some(n)) = (parts.next(), parts.next()) {
-                if names.iter().any(|c| c == n) {
-                    hit.insert(n.to_string());
-                }
+                names.insert(n);
             }
         }
+        let hit: BTreeSet<String> = names
+            .into_iter()
+            .filter(|n| repaired(n))
+            .map(str::to_string)
+            .collect();
         if !hit.is_empty() {
             self.lock_pending().extend(hit);
             self.wake.notify_one();

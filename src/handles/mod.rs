@@ -296,8 +296,8 @@ impl Observer {
     }
 }
 
-/// The certificates this node repairs, for [`crate::telemetry::Repairs::touched`]: the
-/// configured ones, none on a reader (its repair would be put back).
+/// The certificates this node repairs (the repair task's first pass): the configured
+/// ones, none on a reader (its repair would be put back).
 pub fn repaired(is_writer: bool, config: &crate::config::Config) -> Vec<String> {
     if !is_writer {
         return Vec::new();

@@ -418,8 +418,9 @@ impl SyncHandle {
         if !rescan.is_empty() {
             let _ = self.0.rescan.send(rescan);
         }
-        let certs = super::repaired(writer, &self.0.config());
-        self.0.repairs.touched(&certs, &touched);
+        let config = self.0.config();
+        let repaired = |n: &str| writer && config.certificates.iter().any(|c| c.name == n);
+        self.0.repairs.touched(repaired, &touched);
         self.0.bump_progress();
     }
 }
