@@ -201,12 +201,7 @@ impl Shared {
         let mut progress = self.progress.subscribe();
         while start.elapsed() < grace {
             {
-                let st = self.lock();
-                let formed = st.engine.plan().needs_len() == 0
-                    && st.peers.iter().all(|(id, s)| {
-                        s.session.is_some() && st.engine.plan().in_sync(id, st.engine.index())
-                    });
-                if formed {
+                if self.lock().engine.mesh_formed() {
                     return true;
                 }
             }
@@ -276,7 +271,7 @@ pub async fn wait_peers_have(shared: &Shared, path: &RelPath, timeout: Duration)
             } else {
                 None
             };
-            let status = status.unwrap_or_else(|| direct_status(&st, path));
+            let status = status.unwrap_or_else(|| st.engine.direct_barrier_status(path));
             for n in &status.nodes {
                 let ack = acks.entry(n.device).or_insert_with(|| PeerAck {
                     peer: n.device,
@@ -343,27 +338,6 @@ pub async fn census(shared: &Shared, timeout: Duration) -> Option<(RelPath, Barr
     };
     shared.lock().engine.finish_barrier(id);
     Some((path, status?))
-}
-
-/// The barrier over direct peers only, by their acks (when the cluster-wide one
-/// cannot start).
-fn direct_status(st: &State, path: &RelPath) -> crate::core::cluster::BarrierStatus {
-    use crate::core::cluster::{BarrierStatus, NodeStatus};
-    let seq = st.engine.index().get(path).map_or(0, |e| e.sequence);
-    let nodes: Vec<NodeStatus> = st
-        .peers
-        .iter()
-        .filter(|(_, slot)| slot.session.is_some())
-        .map(|(id, slot)| NodeStatus {
-            device: *id,
-            name: slot.config.name.clone(),
-            has: st.engine.plan().peer_acked(id) >= seq,
-            live: true,
-            in_sync: st.engine.plan().in_sync(id, st.engine.index()),
-        })
-        .collect();
-    let done = nodes.iter().all(|n| n.has);
-    BarrierStatus { nodes, done }
 }
 
 #[cfg(test)]

@@ -560,6 +560,11 @@ impl Cluster {
         true
     }
 
+    /// The configured peers (names as the config gives them).
+    pub fn roster(&self) -> &[Member] {
+        &self.roster
+    }
+
     /// Connected peers that relay, and are not in `skip`.
     fn targets(&self, v: &View, skip: &HashSet<DeviceId>) -> Vec<DeviceId> {
         let mut t: Vec<DeviceId> = self

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::core::authorship::{self, Refusal, Writers};
-use crate::core::cluster::{self, BarrierStatus, Cluster, ClusterMsg, Confirm, Member, Report};
+use crate::core::cluster::{
+    self, BarrierStatus, Cluster, ClusterMsg, Confirm, Member, NodeStatus, Report,
+};
 use crate::core::device::{DeviceId, NodeSigner};
 use crate::core::index::{Index, LocalStat, Observed, TOMBSTONE_RETENTION};
 use crate::core::paths::RelPath;
@@ -865,6 +867,38 @@ impl Engine {
         self.plan.evaluate(&p, &self.index);
         self.refresh_cluster();
         seq
+    }
+
+    /// Every configured peer is connected and in sync, and nothing is needed: the
+    /// mesh has formed (decisions that read the peers' state from the tree, such as
+    /// who renews, wait for it).
+    pub fn mesh_formed(&self) -> bool {
+        self.plan.needs_len() == 0
+            && self.cluster.roster().iter().all(|m| {
+                self.plan.is_connected(&m.device) && self.plan.in_sync(&m.device, &self.index)
+            })
+    }
+
+    /// The barrier over the configured peers connected now, judged by their acks in
+    /// this session: what a barrier falls back to when a cluster-wide one cannot
+    /// start (too many running). Peers not connected are not waited for.
+    pub fn direct_barrier_status(&self, path: &RelPath) -> BarrierStatus {
+        let seq = self.index.get(path).map_or(0, |e| e.sequence);
+        let nodes: Vec<NodeStatus> = self
+            .cluster
+            .roster()
+            .iter()
+            .filter(|m| self.plan.is_connected(&m.device))
+            .map(|m| NodeStatus {
+                device: m.device,
+                name: m.name.clone(),
+                has: self.plan.peer_acked(&m.device) >= seq,
+                live: true,
+                in_sync: self.plan.in_sync(&m.device, &self.index),
+            })
+            .collect();
+        let done = nodes.iter().all(|n| n.has);
+        BarrierStatus { nodes, done }
     }
 
     /// Drops tombstones learned longer than the retention before `now_ns` that
@@ -1771,6 +1805,60 @@ mod tests {
         );
         e.set_roster(DeviceId([1; 32]), "me".into(), vec![member(peer(), "p")]);
         assert_eq!(e.collect_tombstones(later), vec![b]);
+    }
+
+    #[test]
+    fn the_direct_barrier_waits_for_the_connected_peers_acks_only() {
+        let mut e = engine_with(&["a"]);
+        let (away, other) = (DeviceId([8; 32]), DeviceId([7; 32]));
+        let roster = [(peer(), "p"), (away, "away"), (other, "o")]
+            .into_iter()
+            .map(|(device, name)| Member {
+                device,
+                name: name.into(),
+            })
+            .collect();
+        e.set_roster(DeviceId([1; 32]), "me".into(), roster);
+        let a = RelPath::parse("a").unwrap();
+        e.connected(peer());
+        e.connected(other);
+        e.handle_ack(peer(), 1).unwrap();
+        let s = e.direct_barrier_status(&a);
+        let names: Vec<(&str, bool)> = s.nodes.iter().map(|n| (n.name.as_str(), n.has)).collect();
+        assert_eq!(names, [("p", true), ("o", false)]);
+        assert!(!s.done);
+        e.handle_ack(other, 1).unwrap();
+        assert!(
+            e.direct_barrier_status(&a).done,
+            "the peer away is not waited for"
+        );
+        // An ack from an earlier session does not count: the peer may have lost it.
+        e.disconnected(other);
+        e.connected(other);
+        assert!(!e.direct_barrier_status(&a).done);
+    }
+
+    #[test]
+    fn the_mesh_has_formed_when_every_configured_peer_is_connected_and_in_sync() {
+        let mut e = engine_with(&["a"]);
+        let away = DeviceId([8; 32]);
+        let roster = [(peer(), "p"), (away, "away")]
+            .into_iter()
+            .map(|(device, name)| Member {
+                device,
+                name: name.into(),
+            })
+            .collect();
+        e.set_roster(DeviceId([1; 32]), "me".into(), roster);
+        e.connected(peer());
+        assert!(!e.mesh_formed(), "nothing acked yet");
+        e.handle_ack(peer(), 1).unwrap();
+        assert!(!e.mesh_formed(), "a configured peer is away");
+        e.connected(away);
+        e.handle_ack(away, 1).unwrap();
+        assert!(e.mesh_formed());
+        e.disconnected(peer());
+        assert!(!e.mesh_formed());
     }
 
     #[test]
