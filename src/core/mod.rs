@@ -2,7 +2,7 @@
 //! arguments, decisions go out as values. It holds the [`engine`] (index, peers' views,
 //! what to send) and the puller's [`pipeline`] (what to fetch, when to apply, retries),
 //! and their value types: [`paths`], [`version`], [`index`], [`plan`], [`inline`];
-//! [`secret`] tells key material by content. [`device`] holds the device ID
+//! [`secret`] tells key material by content; [`session`] keeps one session per peer. [`device`] holds the device ID
 //! and record signing as values; key files are `crate::identity`'s.
 
 pub mod authorship;
@@ -20,4 +20,5 @@ pub mod record;
 pub mod rollout_time;
 pub mod secret;
 pub mod served;
+pub mod session;
 pub mod version;

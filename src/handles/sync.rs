@@ -108,12 +108,12 @@ impl SyncHandle {
                 return None;
             }
             if let Some(existing) = &slot.session {
-                let preferred = |s: &Session| s.dialed_by_me == (me < peer);
-                let existing_alive = existing.conn.close_reason().is_none();
-                if existing_alive
-                    && existing.instance == session.instance
-                    && (preferred(existing) || !preferred(session))
-                {
+                let facts = |s: &Session| crate::core::session::SessionFacts {
+                    instance: s.instance,
+                    dialed_by_me: s.dialed_by_me,
+                    alive: s.conn.close_reason().is_none(),
+                };
+                if !crate::core::session::replaces(me, peer, facts(existing), facts(session)) {
                     return None;
                 }
                 existing.conn.close(CLOSE_DUPLICATE.into(), b"replaced");
