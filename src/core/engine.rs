@@ -1186,6 +1186,16 @@ mod tests {
         DeviceId([9; 32])
     }
 
+    /// A roster of `(device, name)`.
+    fn members(m: &[(DeviceId, &str)]) -> Vec<Member> {
+        m.iter()
+            .map(|(device, name)| Member {
+                device: *device,
+                name: (*name).into(),
+            })
+            .collect()
+    }
+
     fn engine_with(paths: &[&str]) -> Engine {
         let mut e = Engine::new(Index::new(ShortId(100)), u64::MAX);
         for (i, p) in paths.iter().enumerate() {
@@ -1768,12 +1778,11 @@ mod tests {
     fn a_tombstone_goes_only_once_every_configured_peer_acked_it_in_any_session() {
         let mut e = engine_with(&["a", "b"]);
         let other = DeviceId([8; 32]);
-        let member = |device, name: &str| Member {
-            device,
-            name: name.into(),
-        };
-        let roster = vec![member(peer(), "p"), member(other, "o")];
-        e.set_roster(DeviceId([1; 32]), "me".into(), roster.clone());
+        e.set_roster(
+            DeviceId([1; 32]),
+            "me".into(),
+            members(&[(peer(), "p"), (other, "o")]),
+        );
         let (a, b) = (RelPath::parse("a").unwrap(), RelPath::parse("b").unwrap());
         e.observe(&a, None, 1);
         e.observe(&b, Some(crate::core::index::tests::file("b", 7, 1)), 1);
@@ -1795,7 +1804,7 @@ mod tests {
         // A reload keeps what the remaining peers acked; a new peer holds the next.
         e.observe(&b, None, 2);
         e.observe(&a, Some(crate::core::index::tests::file("a", 9, 1)), 2);
-        let newer = vec![member(peer(), "p"), member(DeviceId([7; 32]), "new")];
+        let newer = members(&[(peer(), "p"), (DeviceId([7; 32]), "new")]);
         e.set_roster(DeviceId([1; 32]), "me".into(), newer);
         e.connected(peer());
         e.handle_ack(peer(), e.index().sequence()).unwrap();
@@ -1803,7 +1812,7 @@ mod tests {
             e.collect_tombstones(later).is_empty(),
             "the new peer has not acked"
         );
-        e.set_roster(DeviceId([1; 32]), "me".into(), vec![member(peer(), "p")]);
+        e.set_roster(DeviceId([1; 32]), "me".into(), members(&[(peer(), "p")]));
         assert_eq!(e.collect_tombstones(later), vec![b]);
     }
 
@@ -1811,13 +1820,7 @@ mod tests {
     fn the_direct_barrier_waits_for_the_connected_peers_acks_only() {
         let mut e = engine_with(&["a"]);
         let (away, other) = (DeviceId([8; 32]), DeviceId([7; 32]));
-        let roster = [(peer(), "p"), (away, "away"), (other, "o")]
-            .into_iter()
-            .map(|(device, name)| Member {
-                device,
-                name: name.into(),
-            })
-            .collect();
+        let roster = members(&[(peer(), "p"), (away, "away"), (other, "o")]);
         e.set_roster(DeviceId([1; 32]), "me".into(), roster);
         let a = RelPath::parse("a").unwrap();
         e.connected(peer());
@@ -1842,13 +1845,7 @@ mod tests {
     fn the_mesh_has_formed_when_every_configured_peer_is_connected_and_in_sync() {
         let mut e = engine_with(&["a"]);
         let away = DeviceId([8; 32]);
-        let roster = [(peer(), "p"), (away, "away")]
-            .into_iter()
-            .map(|(device, name)| Member {
-                device,
-                name: name.into(),
-            })
-            .collect();
+        let roster = members(&[(peer(), "p"), (away, "away")]);
         e.set_roster(DeviceId([1; 32]), "me".into(), roster);
         e.connected(peer());
         assert!(!e.mesh_formed(), "nothing acked yet");
