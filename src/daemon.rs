@@ -4,7 +4,6 @@
 //! shutdown. The only module that imports every feature; the features take the
 //! shared state (`node`) and never import this one.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -497,41 +496,32 @@ pub fn reload(shared: &Arc<Shared>, new: Config) -> Vec<DeviceId> {
         c.peers = new.peers.clone();
         c.rescan_interval = new.rescan_interval;
     });
-    let mut added = Vec::new();
-    {
+    let added = {
         let mut st = shared.lock();
-        let wanted: HashMap<DeviceId, PeerConfig> =
-            new.peers.iter().map(|p| (p.id, p.clone())).collect();
-        let removed: Vec<DeviceId> = st
-            .peers
-            .keys()
-            .filter(|id| !wanted.contains_key(id))
-            .copied()
-            .collect();
-        for id in removed {
-            if let Some(slot) = st.peers.remove(&id) {
+        let me = shared.me();
+        let change = st
+            .engine
+            .set_roster(me, new.name.clone(), roster(&new.peers));
+        for id in &change.removed {
+            if let Some(slot) = st.peers.remove(id) {
                 if let Some(s) = slot.session {
                     s.conn
                         .close(quinn::VarInt::from_u32(2), b"removed from config");
                 }
                 slot.gone.notify_waiters();
             }
-            st.engine.disconnected(id);
             tracing::info!(peer = %id, "peer removed from config");
         }
-        for (id, p) in wanted {
-            match st.peers.get_mut(&id) {
-                Some(slot) => slot.config = p,
+        for p in &new.peers {
+            match st.peers.get_mut(&p.id) {
+                Some(slot) => slot.config = p.clone(),
                 None => {
-                    st.peers.insert(id, new_slot(p));
-                    added.push(id);
+                    st.peers.insert(p.id, new_slot(p.clone()));
                 }
             }
         }
-        let me = shared.me();
-        st.engine
-            .set_roster(me, new.name.clone(), roster(&new.peers));
-    }
+        change.added
+    };
     for id in &added {
         tracing::info!(peer = %id, "peer added to config");
     }

@@ -224,6 +224,13 @@ impl Authority {
     }
 }
 
+/// What a new roster changed ([`Engine::set_roster`]), each list sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RosterChange {
+    pub added: Vec<DeviceId>,
+    pub removed: Vec<DeviceId>,
+}
+
 /// The index, the plan and the per-peer send state, changed only together.
 #[derive(Debug)]
 pub struct Engine {
@@ -934,11 +941,25 @@ impl Engine {
         self.retention
     }
 
-    /// This node's device ID, name and configured peers, for cluster-wide barriers
-    /// (at start and on reload).
-    /// Acks of peers still configured are kept; a removed peer no longer holds
-    /// tombstones back, and a new one holds them until it acknowledges.
-    pub fn set_roster(&mut self, me: DeviceId, name: String, roster: Vec<Member>) {
+    /// This node's device ID, name and configured peers (at start and on reload):
+    /// returns which peers the new roster adds and removes. A removed peer is
+    /// disconnected here (the caller closes its session) and no longer holds
+    /// tombstones back; acks of peers still configured are kept, and a new peer
+    /// holds tombstones until it acknowledges them.
+    pub fn set_roster(&mut self, me: DeviceId, name: String, roster: Vec<Member>) -> RosterChange {
+        let before: HashSet<DeviceId> = self.cluster.roster().iter().map(|m| m.device).collect();
+        let after: HashSet<DeviceId> = roster.iter().map(|m| m.device).collect();
+        let mut change = RosterChange {
+            added: after.difference(&before).copied().collect(),
+            removed: before.difference(&after).copied().collect(),
+        };
+        change.added.sort();
+        change.removed.sort();
+        for id in &change.removed {
+            if self.plan.is_connected(id) {
+                self.disconnected(*id);
+            }
+        }
         let acked: HashMap<DeviceId, u64> = roster
             .iter()
             .map(|m| (m.device, self.peer_acked(&m.device)))
@@ -947,6 +968,7 @@ impl Engine {
         self.served.set_me(me);
         self.served.set_peers(roster.iter().map(|m| m.device));
         self.cluster.set_roster(me, name, roster);
+        change
     }
 
     /// `peer` takes serving-probe reports: it is sent ours.
@@ -1814,6 +1836,32 @@ mod tests {
         );
         e.set_roster(DeviceId([1; 32]), "me".into(), members(&[(peer(), "p")]));
         assert_eq!(e.collect_tombstones(later), vec![b]);
+    }
+
+    #[test]
+    fn a_new_roster_says_what_it_added_and_removed_and_disconnects_the_removed() {
+        let mut e = engine_with(&["a"]);
+        let (gone, new) = (DeviceId([8; 32]), DeviceId([7; 32]));
+        let me = DeviceId([1; 32]);
+        let first = e.set_roster(me, "me".into(), members(&[(peer(), "p"), (gone, "g")]));
+        assert_eq!(first.added, [gone, peer()]);
+        e.connected(gone);
+        let change = e.set_roster(me, "me".into(), members(&[(peer(), "p"), (new, "n")]));
+        assert_eq!(
+            change,
+            RosterChange {
+                added: vec![new],
+                removed: vec![gone],
+            }
+        );
+        assert!(
+            !e.plan().is_connected(&gone),
+            "a removed peer is disconnected"
+        );
+        assert_eq!(
+            e.set_roster(me, "me".into(), members(&[(peer(), "p"), (new, "n")])),
+            RosterChange::default()
+        );
     }
 
     #[test]
