@@ -20,8 +20,8 @@ use super::handle::{Acme, QueueStatus, QueuedOrder};
 use super::handle::{AcmeState, IssueReply, RenewReport, RenewResult};
 use super::schedule::{self, RenewalLease, Window};
 use super::{
-    account, bundle, node_name, order, read_lease, renewer, rfc3339, served, snapshot, this_node,
-    unix_now, AcmeHandles, Command, LEASES_DIR,
+    account, acme_config, bundle, node_name, order, read_lease, renewer, rfc3339, served, snapshot,
+    this_node, unix_now, AcmeHandles, Command, LEASES_DIR,
 };
 use crate::config::{acme::AcmeConfig, certificate::CertificateConfig};
 use crate::core::paths::RelPath;
@@ -42,7 +42,7 @@ const MAX_WAKE: i64 = 3600;
 /// announcements in the tree) and the challenge barrier are only meaningful then.
 async fn startup_grace(h: &AcmeHandles) {
     let start = tokio::time::Instant::now();
-    let grace = snapshot(&h.settings).map_or(Duration::ZERO, |(c, _)| c.startup_grace);
+    let grace = acme_config(&h.settings).map_or(Duration::ZERO, |c| c.startup_grace);
     let mut progress = h.mesh.progress();
     let mut said = false;
     loop {
@@ -124,7 +124,7 @@ pub(super) async fn run(
         handle,
         accounts: BTreeMap::new(),
         ari: BTreeMap::new(),
-        budget: Budget::per_hour(snapshot(&h2.settings).map_or(1, |(c, _)| c.max_orders_per_hour)),
+        budget: Budget::per_hour(acme_config(&h2.settings).map_or(1, |c| c.max_orders_per_hour)),
         pause_seen: BTreeMap::new(),
         agenda: Agenda::default(),
         certs: HashMap::new(),
@@ -447,7 +447,7 @@ impl Driver {
         if renewer(&self.h) != Some(self.h.mesh.me()) {
             return;
         }
-        let Some((cfg, _)) = snapshot(&self.h.settings) else {
+        let Some(cfg) = acme_config(&self.h.settings) else {
             return;
         };
         // ARI is asked of the CA that issued the live certificate.
@@ -717,8 +717,7 @@ impl Driver {
     ) -> Result<order::Issued, order::Failed> {
         let h = self.h.clone();
         self.write_lease(cert).await?;
-        let (cfg, _) =
-            snapshot(&h.settings).ok_or_else(|| anyhow::anyhow!("[acme] was removed"))?;
+        let cfg = acme_config(&h.settings).ok_or_else(|| anyhow::anyhow!("[acme] was removed"))?;
         // Another node's lease already applied here won the conflict: it orders.
         order::lease_still_ours(&h, cert)?;
         let cas = Ca::all(&cfg);
@@ -800,7 +799,7 @@ impl Driver {
     async fn write_lease(&self, cert: &CertificateConfig) -> anyhow::Result<RelPath> {
         let h = &self.h;
         let node = this_node(&h.settings);
-        let ttl = snapshot(&h.settings).map_or(Duration::from_secs(120), |(c, _)| c.lease);
+        let ttl = acme_config(&h.settings).map_or(Duration::from_secs(120), |c| c.lease);
         let lease = RenewalLease::new(h.mesh.me(), &node, unix_now(), ttl);
         let p = tree::rel(&format!("{LEASES_DIR}/{}", cert.name))?;
         let e = h.writer.write(&p, &lease.to_json(), 0o644)?;

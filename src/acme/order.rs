@@ -557,7 +557,7 @@ async fn publish(
     if let Err(e) = ca::record_issuer(&h.writer, &cert.name, &b.leaf.serial, &ca.directory) {
         tracing::warn!(cert = %cert.name, error = %e, "recording which CA issued the certificate");
     }
-    let keep = super::snapshot(&h.settings).map_or(bundle::KEEP_VERSIONS, |(c, _)| c.keep_versions);
+    let keep = super::acme_config(&h.settings).map_or(bundle::KEEP_VERSIONS, |c| c.keep_versions);
     let (version, _) = bundle::publish(&h.writer, &cert.name, b, keep).await?;
     Ok(version)
 }
