@@ -813,19 +813,18 @@ fn release_freed_memory() {
 /// Sets glibc's allocator for a long-running daemon holding a large index (issue 29:
 /// RSS); call it before the runtime's threads start.
 ///
-/// - One arena: each thread otherwise gets its own, and the index built by the
-///   scanner's threads left 15 MB of free pages spread over them at 10,000
-///   certificates (113 against 128 MB). Small allocations stay per thread in glibc's
-///   tcache, so the hot path takes no shared lock for them.
-/// - Buffers of 1 MiB and more (a `status --json` of 10,000 certificates is 8.8 MB,
-///   a scan's batch of records, the persister's run) come from their own mapping and
-///   go back to the system when freed. glibc's default raises that bound to the size
-///   of each such buffer freed, so after the first status they stayed in the heap.
+/// Buffers of 1 MiB and more (a `status --json` of 10,000 certificates is 8.8 MB, a
+/// scan's batch of records, the persister's run) come from their own mapping and go
+/// back to the system when freed. glibc's default raises that bound to the size of
+/// each such buffer freed, so after the first status they stayed in the heap.
+///
+/// One arena (`M_ARENA_MAX` 1) saved another 15 MB at 10,000 certificates but
+/// stalled a node digesting an index flood: with every thread on one arena, a small
+/// file waited 90 s (`security::an_index_flood_past_the_cap_is_refused_within_the_memory_bound`).
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; it reads or moves no memory.
+    // SAFETY: mallopt only sets an allocator parameter; it reads or moves no memory.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }
