@@ -289,12 +289,13 @@ fn left_tokens(h: &AcmeHandles) -> Vec<String> {
 /// files for other names are not read).
 fn lease_names(h: &AcmeHandles) -> Vec<String> {
     let mut names = names_in(h, super::LEASES_DIR);
-    let configured = |n: &String| {
-        h.settings
-            .read(|c| c.certificates.iter().any(|x| &x.name == n))
-            .unwrap_or(false)
-    };
-    names.retain(configured);
+    // One set of the configured names: a peer's many lease files cost O(files), not
+    // O(files × certificates).
+    let configured: std::collections::HashSet<String> = h
+        .settings
+        .read(|c| c.certificates.iter().map(|x| x.name.clone()).collect())
+        .unwrap_or_default();
+    names.retain(|n| configured.contains(n));
     names
 }
 
