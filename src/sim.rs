@@ -399,7 +399,7 @@ impl Sim {
                     .flatten()
                     .filter(|f| hash(&f.content) == o.record.hash)
                     .map(|f| Arc::new(f.content.clone()));
-                (o.record, o.sequence, data)
+                (FileRecord::clone(&o.record), o.sequence, data)
             });
             self.send(from, to, Msg::Index(records.collect(), ix.upto));
         }

@@ -74,6 +74,17 @@ pub(crate) struct Join {
     pub(crate) cpu_joiner: f64,
     /// Entries held every 10 s: (seconds, held), to see the rate along the way.
     pub(crate) progress: Vec<(f64, usize)>,
+    /// RSS (MiB, the process and its children) when the join ended: the node holding
+    /// the tree, the joining one. Each now holds the other's view of the whole tree.
+    pub(crate) rss: [f64; 2],
+}
+
+/// RSS in MiB of `pid` and of its descendants ([`process_tree`]).
+fn rss_tree(pid: u32) -> f64 {
+    process_tree(pid)
+        .into_iter()
+        .filter_map(|p| rss_mib(p).ok())
+        .sum()
 }
 
 /// CPU seconds of `pid` and of its descendants ([`process_tree`]).
@@ -140,6 +151,7 @@ fn wait_held(
                 cpu_source: cpu1[0] - cpu0[0],
                 cpu_joiner: cpu1[1] - cpu0[1],
                 progress,
+                rss: pids.map(rss_tree),
             });
         }
         if secs >= next_report {
@@ -402,6 +414,17 @@ pub(crate) fn render(
         "| CPU during the join, node holding the tree / new node | {} | {} | |",
         cpu(cmj),
         cpu(stj)
+    );
+    let rss = |j: Option<&Join>| {
+        j.map_or("-".into(), |j| {
+            format!("{:.0} / {:.0} MiB", j.rss[0], j.rss[1])
+        })
+    };
+    let _ = writeln!(
+        o,
+        "| RSS when the join ended, node holding the tree / new node | {} | {} | |",
+        rss(cmj),
+        rss(stj)
     );
     let _ = writeln!(
         o,

@@ -69,7 +69,7 @@ pub struct SendToken(u64);
 /// One of our records to announce to a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
-    pub record: FileRecord,
+    pub record: Arc<FileRecord>,
     /// Our sequence number for it.
     pub sequence: u64,
     /// The peer announced exactly this (live) content: no need to send it inline.
@@ -377,7 +377,7 @@ impl Engine {
                 .entries()
                 .filter(|e| e.record.modified_by == s.id().short())
                 .filter(|e| e.record.auth.as_ref().is_none_or(|a| a.author != s.id()))
-                .map(|e| e.record.clone())
+                .map(|e| FileRecord::clone(&e.record))
                 .collect();
             for mut r in unsigned {
                 if authorship::sign(&mut r, s, now_ns) {
@@ -509,7 +509,7 @@ impl Engine {
         let restricted = self.authority.writers.is_restricted();
         records
             .iter()
-            .map(|(r, _)| restricted && self.index.get(&r.path).is_none_or(|e| e.record != *r))
+            .map(|(r, _)| restricted && self.index.get(&r.path).is_none_or(|e| *e.record != *r))
             .collect()
     }
 
@@ -570,7 +570,7 @@ impl Engine {
         let mut verdicts = verdicts.into_iter();
         for (r, seq) in records {
             let made = verdicts.next().flatten();
-            let same_as_ours = self.index.get(&r.path).is_some_and(|e| e.record == r);
+            let same_as_ours = self.index.get(&r.path).is_some_and(|e| *e.record == r);
             let verdict = if same_as_ours {
                 Ok(())
             } else if let Some(v) = made {
@@ -664,7 +664,7 @@ impl Engine {
                 }
             })
             .take(limit)
-            .map(|e| e.record.clone())
+            .map(|e| FileRecord::clone(&e.record))
             .collect();
         let mut n = 0;
         for mut r in due {
@@ -867,10 +867,16 @@ impl Engine {
     /// A needed record was written to the tree at `now_ns` (`stat`: what is on disk
     /// now, `None` for a deletion): it becomes the local record, learned now. Returns
     /// its sequence.
-    pub fn applied(&mut self, record: FileRecord, stat: Option<LocalStat>, now_ns: i64) -> u64 {
+    pub fn applied(
+        &mut self,
+        record: impl Into<Arc<FileRecord>>,
+        stat: Option<LocalStat>,
+        now_ns: i64,
+    ) -> u64 {
+        let record = record.into();
         let p = record.path.clone();
         self.plan.reverted(&p);
-        let seq = self.index.put(record, stat, now_ns);
+        let seq = self.index.put_shared(record, stat, now_ns);
         self.plan.evaluate(&p, &self.index);
         self.refresh_cluster();
         seq
@@ -1246,6 +1252,47 @@ mod tests {
         (r, i as u64 + 1)
     }
 
+    #[test]
+    fn peers_announcing_what_this_node_holds_or_needs_share_one_copy_of_each_record() {
+        let (b, c) = (DeviceId([7; 32]), DeviceId([8; 32]));
+        let mut e = engine_with(&["held.pem"]);
+        e.connected(b);
+        e.connected(c);
+        // A peer in sync announces our own record back: its view holds ours.
+        let held = FileRecord::clone(
+            &e.index()
+                .get(&RelPath::parse("held.pem").unwrap())
+                .unwrap()
+                .record,
+        );
+        e.handle_index(b, vec![(held.clone(), 1)], 1).unwrap();
+        let ours = &*e.index().get(&held.path).unwrap().record;
+        assert!(std::ptr::eq(
+            e.plan().peer_record(&b, &held.path).unwrap(),
+            ours
+        ));
+        // Two peers announce the same new record: one copy, in both views and the
+        // need; once applied, the index holds that copy too.
+        let (new, _) = announced(1, 7);
+        e.handle_index(b, vec![(new.clone(), 2)], 2).unwrap();
+        e.handle_index(c, vec![(new.clone(), 1)], 1).unwrap();
+        let need = e.plan().need(&new.path).unwrap().target.clone();
+        let in_b = e.plan().peer_record(&b, &new.path).unwrap();
+        let in_c = e.plan().peer_record(&c, &new.path).unwrap();
+        assert!(std::ptr::eq(in_b, &*need) && std::ptr::eq(in_c, &*need));
+        e.applied(need.clone(), None, 1);
+        assert!(std::ptr::eq(
+            &*e.index().get(&new.path).unwrap().record,
+            &*need
+        ));
+        // A different record from a peer is its own copy, and changes nothing held.
+        let (mut other, _) = announced(1, 7);
+        other.size = 2;
+        e.handle_index(c, vec![(other.clone(), 2)], 2).unwrap();
+        assert_eq!(e.plan().peer_record(&c, &new.path), Some(&other));
+        assert_eq!(*e.index().get(&new.path).unwrap().record, new);
+    }
+
     /// Sends `n` records in frames of 2,000 (the wire's limit), as a session does.
     fn announce(e: &mut Engine, from: DeviceId, range: std::ops::Range<usize>, by: u64) {
         let ids: Vec<usize> = range.collect();
@@ -1473,7 +1520,7 @@ mod tests {
         assert_eq!(e.index().sequence(), seq);
         assert_eq!(e.not_sent().count, 1);
         // …and the writers' version is needed again, content fetched anew.
-        assert_eq!(e.plan().need(&r.path).unwrap().target, r);
+        assert_eq!(*e.plan().need(&r.path).unwrap().target, r);
         assert!(e.reverting_content(&r.path));
         e.applied(
             r.clone(),
@@ -1517,7 +1564,7 @@ mod tests {
         let back = crate::core::index::tests::file("live/old.pem", 3, 5);
         assert_eq!(e.observe(&gone.path, Some(back), 5), None);
         assert_eq!(e.not_sent().count, 1);
-        assert_eq!(e.plan().need(&gone.path).unwrap().target, gone);
+        assert_eq!(*e.plan().need(&gone.path).unwrap().target, gone);
         e.applied(gone.clone(), None, 1);
         assert!(e.plan().need(&gone.path).is_none());
         // Seen gone afterwards: nothing more to do.
@@ -1591,7 +1638,7 @@ mod tests {
         assert!(authorship::sign(&mut newer, &w, 10 * DAY));
         e.handle_index_checked(peer(), vec![(newer.clone(), 1)], vec![], 1, Some(18 * DAY))
             .unwrap();
-        assert_eq!(e.plan().need(&newer.path).unwrap().target, newer);
+        assert_eq!(*e.plan().need(&newer.path).unwrap().target, newer);
     }
 
     #[test]
@@ -1627,7 +1674,7 @@ mod tests {
         .unwrap();
         let e = held.index().get(&renewed.path).unwrap();
         assert_eq!(
-            (&e.record, e.sequence, e.learned_ns),
+            (&*e.record, e.sequence, e.learned_ns),
             (&renewed, seq + 1, 2 * DAY)
         );
         assert!(held.plan().need(&renewed.path).is_none());
@@ -1729,7 +1776,7 @@ mod tests {
         assert!(authorship::reattest(&mut renewed, &reader, 17 * DAY));
         e.handle_index_checked(peer(), vec![(renewed, 2)], vec![], 2, Some(18 * DAY))
             .unwrap();
-        assert_eq!(e.index().get(&held.path).unwrap().record, held);
+        assert_eq!(*e.index().get(&held.path).unwrap().record, held);
     }
 
     #[test]
@@ -1760,7 +1807,7 @@ mod tests {
             .unwrap();
         let mut check = Writers::only([me.id()]);
         assert_eq!(check.check(&r), Ok(()));
-        assert_eq!(e.index().get(&p).unwrap().record, r);
+        assert_eq!(*e.index().get(&p).unwrap().record, r);
         let gone = e.observe(&p, None, 2).unwrap();
         assert_eq!(check.check(&gone), Ok(()));
     }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::core::device::ShortId;
@@ -62,7 +63,9 @@ pub struct Observed {
 
 #[derive(Debug, Clone)]
 pub struct Entry {
-    pub record: FileRecord,
+    /// Shared: a peer's announced record equal to this one is the same allocation in
+    /// its view ([`crate::core::plan`]), so each peer does not cost a copy of the index.
+    pub record: Arc<FileRecord>,
     pub sequence: u64,
     pub stat: Option<LocalStat>,
     /// This node's clock (ns since the epoch) when it first took this version in (a
@@ -85,9 +88,9 @@ pub fn held_bytes(r: &FileRecord) -> u64 {
 pub struct Index {
     me: ShortId,
     /// Sorted, so a directory's paths are one range ([`Index::paths_within`]).
-    /// Boxed: a B-tree node then holds 11 small slots, not 11 entries of ~350 bytes
-    /// each with a node's slack (issue 29: 67 of 112 MB at 10,000 certificates).
-    entries: BTreeMap<RelPath, Box<Entry>>,
+    /// An entry is small (its record is shared, [`Entry::record`]), so it sits in the
+    /// B-tree node itself.
+    entries: BTreeMap<RelPath, Entry>,
     by_sequence: BTreeMap<u64, RelPath>,
     sequence: u64,
     /// Sum of `heap_cost` over the records.
@@ -121,7 +124,7 @@ impl Index {
     }
 
     pub fn get(&self, p: &RelPath) -> Option<&Entry> {
-        self.entries.get(p).map(|e| &**e)
+        self.entries.get(p)
     }
 
     pub fn len(&self) -> usize {
@@ -149,8 +152,7 @@ impl Index {
         }
         self.by_sequence
             .insert(entry.sequence, entry.record.path.clone());
-        self.entries
-            .insert(entry.record.path.clone(), Box::new(entry));
+        self.entries.insert(entry.record.path.clone(), entry);
     }
 
     fn forget(&mut self, old: &Entry) {
@@ -175,7 +177,7 @@ impl Index {
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.entries.values().map(|e| &**e)
+        self.entries.values()
     }
 
     /// The record changed last (`None`: the index is empty).
@@ -213,6 +215,16 @@ impl Index {
     /// most now: otherwise two nodes that collect at different times would hand the
     /// tombstone back and forth, each time for a full retention.
     pub fn put(&mut self, record: FileRecord, stat: Option<LocalStat>, now_ns: i64) -> u64 {
+        self.put_shared(Arc::new(record), stat, now_ns)
+    }
+
+    /// [`Index::put`] of a record that may already be held elsewhere (a peer's view).
+    pub fn put_shared(
+        &mut self,
+        record: Arc<FileRecord>,
+        stat: Option<LocalStat>,
+        now_ns: i64,
+    ) -> u64 {
         self.sequence += 1;
         let seq = self.sequence;
         let learned_ns = match self.entries.get(&record.path) {
@@ -239,8 +251,8 @@ impl Index {
         self.forget(&e);
         self.sequence += 1;
         e.sequence = self.sequence;
-        e.record.auth = Some(auth);
-        self.insert(*e);
+        Arc::make_mut(&mut e.record).auth = Some(auth);
+        self.insert(e);
         Some(self.sequence)
     }
 
@@ -289,8 +301,8 @@ impl Index {
     pub fn set_auth(&mut self, p: &RelPath, auth: Authorship) {
         if let Some(mut e) = self.entries.remove(p) {
             self.forget(&e);
-            e.record.auth = Some(auth);
-            self.insert(*e);
+            Arc::make_mut(&mut e.record).auth = Some(auth);
+            self.insert(e);
         }
     }
 
@@ -314,7 +326,7 @@ impl Index {
             (None, None) => None,
             (Some(e), None) if e.record.deleted => None,
             (Some(e), None) => {
-                let mut r = e.record.clone();
+                let mut r = FileRecord::clone(&e.record);
                 if let Err(e) = r.version.bump_at(self.me, clock(now_ns)) {
                     tracing::error!(path = %p, error = %e, "deletion not recorded");
                     return None;

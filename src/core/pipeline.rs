@@ -1213,8 +1213,9 @@ mod tests {
         p.refill(&mut e, |_| None, |_| true, now);
         let fetching: Vec<Work> = std::iter::from_fn(|| p.next_fetch()).collect();
         let mut link = fetching[0].need.clone();
-        (link.target.path, link.target.kind) = (RelPath::parse("live/www").unwrap(), Kind::Symlink);
-        link.target.target = "../archive/www/2".into();
+        let t = Arc::make_mut(&mut link.target);
+        (t.path, t.kind) = (RelPath::parse("live/www").unwrap(), Kind::Symlink);
+        t.target = "../archive/www/2".into();
         for w in fetching {
             if w.path().as_str() != "bulk/b" {
                 p.fetched(w, "staged".into(), now);

@@ -4,6 +4,7 @@
 //! every index change; the puller reads `needs()`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::core::device::DeviceId;
 use crate::core::index::{held_bytes, Index, MAX_INDEX_BYTES, MAX_INDEX_RECORDS};
@@ -152,7 +153,8 @@ pub enum PlanEvent {
 /// One record to bring in. `target.version` is the version to store once applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Need {
-    pub target: FileRecord,
+    /// The view's record itself (shared), which the index then holds once applied.
+    pub target: Arc<FileRecord>,
     /// The local content loses a conflict and must be kept as a conflict copy.
     pub conflict: bool,
 }
@@ -166,7 +168,10 @@ impl Need {
 
 #[derive(Debug, Default)]
 struct PeerView {
-    records: HashMap<RelPath, (FileRecord, u64)>,
+    /// Shared with the index (or a need) when equal to its record: a peer in sync
+    /// costs a map slot per path, not a copy of every record (issue 29: at 10,000
+    /// certificates each peer's view was a second index).
+    records: HashMap<RelPath, (Arc<FileRecord>, u64)>,
     /// Sum of `record_cost` over `records`.
     bytes: usize,
     received_upto: u64,
@@ -176,6 +181,19 @@ struct PeerView {
     /// ([`Plan::ack_for`]); kept as the needs change, so acknowledging costs
     /// O(1), not a scan of every need (200,000 under a flood, once per send).
     pending: BTreeSet<u64>,
+}
+
+/// `r` as one allocation shared with an equal record this node already holds: its
+/// own (a peer in sync announces what we have) or a need's (several peers announce
+/// the same new record before it is applied).
+fn shared_copy(r: FileRecord, index: &Index, needs: &BTreeMap<RelPath, Need>) -> Arc<FileRecord> {
+    if let Some(e) = index.get(&r.path).filter(|e| *e.record == r) {
+        return e.record.clone();
+    }
+    if let Some(n) = needs.get(&r.path).filter(|n| *n.target == r) {
+        return n.target.clone();
+    }
+    Arc::new(r)
 }
 
 /// Peers' views and the needs derived from them.
@@ -512,7 +530,8 @@ impl Plan {
             view.bytes += record_cost(&r);
             let path = r.path.clone();
             let new_covered = covered(&r);
-            let old = view.records.insert(r.path.clone(), (r, seq));
+            let r = shared_copy(r, index, &self.needs);
+            let old = view.records.insert(path.clone(), (r, seq));
             if let Some((old, old_seq)) = &old {
                 view.bytes = view.bytes.saturating_sub(record_cost(old));
                 // Pending again below (`evaluate`) if the new record is.
@@ -546,12 +565,12 @@ impl Plan {
 
     /// The peer's announced record for a path.
     pub fn peer_record(&self, peer: &DeviceId, p: &RelPath) -> Option<&FileRecord> {
-        self.peers.get(peer)?.records.get(p).map(|(r, _)| r)
+        self.peers.get(peer)?.records.get(p).map(|(r, _)| &**r)
     }
 
     /// Re-derives the need for one path after its local record or a peer's changed.
     pub fn evaluate(&mut self, p: &RelPath, index: &Index) {
-        let local = index.get(p).map(|e| &e.record);
+        let local = index.get(p).map(|e| &*e.record);
         // A peer-view refusal stays (the record is not in any view to re-derive);
         // a budget refusal is decided again below.
         if self
@@ -567,7 +586,7 @@ impl Plan {
             .values()
             .filter_map(|v| v.records.get(p).map(|(r, _)| r))
             .filter(|r| !local.is_some_and(|l| l.version.covers(&r.version)));
-        let mut contenders: Vec<&FileRecord> = Vec::new();
+        let mut contenders: Vec<&Arc<FileRecord>> = Vec::new();
         for r in seen {
             if !contenders.iter().any(|c| c.version == r.version) {
                 contenders.push(r);
@@ -608,9 +627,9 @@ impl Plan {
         };
         // A reader's local change: the local record (the writers' version) goes back.
         let need = need.or_else(|| {
-            let l = local.filter(|_| self.reverts.contains_key(p))?;
+            let l = index.get(p).filter(|_| self.reverts.contains_key(p))?;
             Some(Need {
-                target: l.clone(),
+                target: l.record.clone(),
                 conflict: false,
             })
         });
@@ -791,7 +810,7 @@ impl Plan {
             return;
         };
         self.needs_fetch_bytes += held_bytes(&n.target);
-        if n.new_path(index.get(p).map(|e| &e.record)) {
+        if n.new_path(index.get(p).map(|e| &*e.record)) {
             self.needs_new_paths.insert(p.clone());
         }
         self.evaluate(p, index);
@@ -806,7 +825,7 @@ impl Plan {
                 .filter(|(p, _)| !self.undelivered.contains(*p))
         };
         let new_paths: HashSet<&RelPath> = counted()
-            .filter(|(p, n)| n.new_path(index.get(p).map(|e| &e.record)))
+            .filter(|(p, n)| n.new_path(index.get(p).map(|e| &*e.record)))
             .map(|(p, _)| p)
             .collect();
         let bytes: u64 = counted().map(|(_, n)| held_bytes(&n.target)).sum();

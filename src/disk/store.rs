@@ -68,7 +68,7 @@ fn decode(body: &[u8], now_us: u64) -> Result<Entry, String> {
     let (record, sequence) =
         record_from_wire(record, now_us).map_err(|e| format!("refused entry: {e}"))?;
     Ok(Entry {
-        record,
+        record: std::sync::Arc::new(record),
         sequence,
         stat: msg.stat.map(|s| LocalStat {
             size: s.size,
@@ -405,7 +405,7 @@ mod tests {
         assert_eq!((f.path.len(), f.symlink_target.len()), (4096, 4096));
         let (record, sequence) = record_from_wire(f, now).expect("the wire accepts it");
         let entry = Entry {
-            record,
+            record: record.into(),
             sequence,
             stat: Some(LocalStat {
                 size: u64::MAX,
@@ -432,7 +432,7 @@ mod tests {
         let now = 1_000_000_000_000;
         let (record, sequence) = record_from_wire(largest_record(now), now).unwrap();
         let mut entry = Entry {
-            record,
+            record: record.into(),
             sequence,
             stat: None,
             learned_ns: 5_000,
@@ -460,7 +460,7 @@ mod tests {
             record.version =
                 crate::core::version::VersionVector::from_pairs(vec![(ShortId(2), counter)]);
             Entry {
-                record,
+                record: record.into(),
                 sequence: counter,
                 stat: None,
                 learned_ns: 1,

@@ -13,7 +13,7 @@ use crate::core::codec::{pb, WireError};
 use crate::core::device::DeviceId;
 use crate::core::paths::RelPath;
 use crate::core::pipeline::{Limits, Outcome, Pipeline, Work};
-use crate::core::record::ContentHash;
+use crate::core::record::{ContentHash, FileRecord};
 use crate::disk::apply::Item;
 use crate::handles::sync::SyncHandle;
 use crate::net::wire::{self, MAX_HEADER};
@@ -156,7 +156,7 @@ fn start_apply(
                 }
             }
             items.push(Item {
-                record: w.need.target.clone(),
+                record: FileRecord::clone(&w.need.target),
                 staged: w.staged.take(),
                 expect: w.expect,
                 conflict: w.need.conflict,
