@@ -475,12 +475,15 @@ impl Engine {
     }
 
     /// The session with `peer` ended: its view and send state are dropped.
-    pub fn disconnected(&mut self, peer: DeviceId) {
+    /// Returns whether a path refused for lack of room is needed now (the peer's
+    /// needs, e.g. a flood of paths it never served, are gone with it).
+    pub fn disconnected(&mut self, peer: DeviceId) -> bool {
         self.sends.remove(&peer);
         self.served.disconnected(&peer);
         self.plan.disconnected(peer, &self.index);
         self.cluster.disconnected(&peer);
         self.refresh_cluster();
+        self.plan.recheck_budgets(&self.index)
     }
 
     /// True while `token` is the current session's send state for `peer`.

@@ -81,6 +81,9 @@ pub enum BudgetKind {
     MinDiskFree,
     /// The peer's view holds `MAX_PEER_RECORDS` or `MAX_PEER_BYTES`.
     PeerView,
+    /// The index and the needs hold `MAX_INDEX_RECORDS` or `MAX_INDEX_BYTES`: a new
+    /// path waits for room (a flooding peer's needs go when it does).
+    IndexFull,
 }
 
 impl BudgetKind {
@@ -91,6 +94,7 @@ impl BudgetKind {
             BudgetKind::MaxFiles => "max_files",
             BudgetKind::MinDiskFree => "min_disk_free",
             BudgetKind::PeerView => "peer_view",
+            BudgetKind::IndexFull => "index_full",
         }
     }
 }
@@ -224,7 +228,8 @@ pub struct Plan {
     view_refusals: usize,
     /// Free disk, live paths and content bytes (each with what the needs add) when
     /// budget refusals were last decided again ([`Plan::recheck_budgets`]).
-    rechecked: (u64, usize, u64),
+    /// And the records the index and the needs hold (`IndexFull`).
+    rechecked: (u64, usize, u64, usize),
     max_index_records: usize,
     max_index_bytes: usize,
     /// Peers' files larger than `max_file_size`, not fetched: path → (hash, size).
@@ -261,7 +266,7 @@ impl Plan {
             refused: BTreeMap::new(),
             refused_total: 0,
             view_refusals: 0,
-            rechecked: (0, 0, 0),
+            rechecked: (0, 0, 0, 0),
             max_index_records: MAX_INDEX_RECORDS,
             max_index_bytes: MAX_INDEX_BYTES,
             too_large: BTreeMap::new(),
@@ -292,9 +297,13 @@ impl Plan {
             self.disk.map_or(0, |d| d.free),
             index.live_count() + self.needs_new_paths.len(),
             index.content_bytes() + self.needs_fetch_bytes,
+            index.len() + self.needs.len(),
         );
-        let (free, live, bytes) = self.rechecked;
-        let room = now.0 >= free.saturating_add(RECHECK_FREE) || now.1 < live || now.2 < bytes;
+        let (free, live, bytes, records) = self.rechecked;
+        let room = now.0 >= free.saturating_add(RECHECK_FREE)
+            || now.1 < live
+            || now.2 < bytes
+            || now.3 < records;
         if !room {
             self.mark_tight(index);
             return false;
@@ -327,11 +336,12 @@ impl Plan {
     /// Keeps the tightest mark of room (least free disk, most live paths and bytes
     /// with what the needs add), so the next growth of room is measured from it.
     fn mark_tight(&mut self, index: &Index) {
-        let (free, live, bytes) = self.rechecked;
+        let (free, live, bytes, records) = self.rechecked;
         self.rechecked = (
             free.min(self.disk.map_or(0, |d| d.free)),
             live.max(index.live_count() + self.needs_new_paths.len()),
             bytes.max(index.content_bytes() + self.needs_fetch_bytes),
+            records.max(index.len() + self.needs.len()),
         );
     }
 
@@ -423,6 +433,23 @@ impl Plan {
     /// Lists `p` as refused by a budget and reports it (the first few, then at each
     /// power of two).
     fn refuse(&mut self, p: &RelPath, refusal: Refusal) {
+        if !self.list_refusal(p, &refusal) {
+            return;
+        }
+        self.refused_total += 1;
+        let total = self.refused_total;
+        if total <= 16 || total.is_power_of_two() {
+            self.events.push(PlanEvent::OverBudget {
+                path: p.clone(),
+                refusal,
+                total,
+            });
+        }
+    }
+
+    /// Lists `p` as refused (when there is room in the list); says whether that is
+    /// new (a path not listed, or listed for another reason).
+    fn list_refusal(&mut self, p: &RelPath, refusal: &Refusal) -> bool {
         let is_view = refusal.reason == BudgetKind::PeerView;
         let new = match self.refused.get_mut(p) {
             Some(r) => {
@@ -445,18 +472,20 @@ impl Plan {
                 true
             }
         };
-        if !new {
-            return;
-        }
-        self.refused_total += 1;
-        let total = self.refused_total;
-        if total <= 16 || total.is_power_of_two() {
-            self.events.push(PlanEvent::OverBudget {
-                path: p.clone(),
-                refusal,
-                total,
-            });
-        }
+        new
+    }
+
+    /// The lowest peer whose view holds `t`'s version of its path.
+    fn announcer(&self, t: &FileRecord) -> Option<DeviceId> {
+        self.peers
+            .iter()
+            .filter(|(_, v)| {
+                v.records
+                    .get(&t.path)
+                    .is_some_and(|(r, _)| r.version == t.version)
+            })
+            .map(|(d, _)| *d)
+            .min()
     }
 
     /// Estimated bytes the records `peer` announced hold.
@@ -716,19 +745,9 @@ impl Plan {
         };
         // Room shows against the budget as it was when this path was refused.
         self.mark_tight(index);
-        let peer = self
-            .peers
-            .iter()
-            .filter(|(_, v)| {
-                v.records
-                    .get(p)
-                    .is_some_and(|(r, _)| r.version == t.version)
-            })
-            .map(|(d, _)| *d)
-            .min();
         let refusal = Refusal {
             reason,
-            peer,
+            peer: self.announcer(t),
             size: t.size,
         };
         self.refuse(p, refusal);
@@ -778,6 +797,16 @@ impl Plan {
         if self.not_adopted == 0 {
             self.events.push(PlanEvent::IndexFull { path: p.clone() });
         }
+        // Listed, so it is decided again once there is room (a flooding peer's needs
+        // go when it does): otherwise an honest peer's new file, announced while the
+        // index was full, would never be fetched in this session (issue 29).
+        self.mark_tight(index);
+        let refusal = Refusal {
+            reason: BudgetKind::IndexFull,
+            peer: self.announcer(&n.target),
+            size: n.target.size,
+        };
+        self.list_refusal(p, &refusal);
         self.not_adopted += 1;
         false
     }
@@ -1272,6 +1301,38 @@ mod tests {
         r.version = VersionVector::from_pairs(vec![(ShortId(1), 5), (ShortId(100), 9)]);
         plan.receive(peer, vec![(r, 6)], 6, &index);
         assert!(plan.need(&mine).is_some());
+    }
+
+    #[test]
+    fn a_new_path_refused_while_a_flood_filled_the_index_is_taken_once_the_flooder_goes() {
+        let index = Index::new(ShortId(100));
+        let mut plan = Plan {
+            max_index_records: 3,
+            ..Plan::default()
+        };
+        let flooder = connected(&mut plan, &index);
+        let honest = DeviceId([3; 32]);
+        plan.connected(honest, &index);
+        let flood: Vec<_> = (0..3)
+            .map(|i| (record(&format!("flood{i}"), 1, 1), i + 1))
+            .collect();
+        plan.receive(flooder, flood, 3, &index);
+        let file = record("healthy", 1, 1);
+        plan.receive(honest, vec![(file.clone(), 1)], 1, &index);
+        assert!(plan.need(&file.path).is_none());
+        let listed: Vec<_> = plan
+            .refused()
+            .map(|(p, r)| (p.clone(), r.reason, r.peer))
+            .collect();
+        assert_eq!(
+            listed,
+            [(file.path.clone(), BudgetKind::IndexFull, Some(honest))]
+        );
+        assert!(!plan.recheck_budgets(&index), "no room yet");
+        plan.disconnected(flooder, &index);
+        assert!(plan.recheck_budgets(&index));
+        assert!(plan.need(&file.path).is_some());
+        assert_eq!(plan.refused_len(), 0);
     }
 
     #[test]

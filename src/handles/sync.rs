@@ -135,6 +135,7 @@ impl SyncHandle {
 
     /// The session ended: its peer is disconnected unless a newer session replaced it.
     pub fn end_session(&self, peer: DeviceId, session_id: u64) {
+        let mut needed = false;
         {
             let mut st = self.0.lock();
             let State { peers, engine, .. } = &mut *st;
@@ -143,10 +144,13 @@ impl SyncHandle {
                     if let Some(s) = slot.session.take() {
                         crate::telemetry::session_ended(&slot.config.name, &s.conn);
                     }
-                    engine.disconnected(peer);
+                    needed = engine.disconnected(peer);
                     slot.gone.notify_waiters();
                 }
             }
+        }
+        if needed {
+            self.0.pull.notify_one();
         }
         self.0.bump_progress();
     }
