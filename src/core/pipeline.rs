@@ -586,13 +586,16 @@ impl Pipeline {
         } else {
             // With a link of this lane goes what of its target is ready (a `live/`
             // flip and its archive version apply as one unit).
-            let targets: Vec<RelPath> = self
+            // A set, looked up by each path's ancestors: with 10,000 `live/` links
+            // ready in a join, a scan of the targets per ready path was O(ready ×
+            // links) string compares per unit (issue 29).
+            let targets: HashSet<RelPath> = self
                 .ready
                 .iter()
                 .filter(|w| lane(w) >= pick)
                 .filter_map(Work::link_target)
                 .collect();
-            let goes = |w: &Work| lane(w) >= pick || targets.iter().any(|t| w.path().is_within(t));
+            let goes = |w: &Work| lane(w) >= pick || within_any(w.path(), &targets);
             let (first, rest): (VecDeque<Work>, VecDeque<Work>) =
                 std::mem::take(&mut self.ready).into_iter().partition(goes);
             let mut first = Vec::from(first);
@@ -762,12 +765,31 @@ impl Pipeline {
     }
 }
 
+/// Whether `p` is one of `dirs` or lies below one (each of its ancestors looked up).
+fn within_any(p: &RelPath, dirs: &HashSet<RelPath>) -> bool {
+    let s = p.as_str();
+    !dirs.is_empty()
+        && (dirs.contains(s) || s.match_indices('/').any(|(i, _)| dirs.contains(&s[..i])))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::core::device::ShortId;
     use crate::core::index::Index;
     use crate::core::record::FileRecord;
+
+    #[test]
+    fn within_any_finds_a_path_itself_and_below_but_not_a_sibling_with_the_same_prefix() {
+        let dirs: HashSet<RelPath> = ["archive/www/2", "x"]
+            .iter()
+            .map(|p| RelPath::parse(p).unwrap())
+            .collect();
+        let within = |p: &str| within_any(&RelPath::parse(p).unwrap(), &dirs);
+        assert!(within("archive/www/2") && within("archive/www/2/cert.pem") && within("x/y/z"));
+        assert!(!within("archive/www/20/cert.pem") && !within("archive/www") && !within("xy"));
+        assert!(!within_any(&RelPath::parse("x").unwrap(), &HashSet::new()));
+    }
 
     #[test]
     fn pending_retries_are_capped_under_a_flood_of_failures() {
