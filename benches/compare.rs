@@ -290,6 +290,22 @@ fn run_syncthing_3(
     Ok(())
 }
 
+/// Raises each node's `[tree] max_size` (default 256 MiB) above the bulk, which
+/// would otherwise stop at the budget, refused and named (as a fleet's would).
+fn room_for_bulk(cfgs: &[(String, PathBuf, PathBuf)], mib: u64) -> Result<()> {
+    for (_, cfg, _) in cfgs {
+        let text = std::fs::read_to_string(cfg)?;
+        let sized = text.replacen(
+            "\n[tree]\n",
+            &format!("\n[tree]\nmax_size = \"{}MiB\"\n", 2 * mib + 256),
+            1,
+        );
+        anyhow::ensure!(sized != text, "no [tree] section in {}", cfg.display());
+        std::fs::write(cfg, sized)?;
+    }
+    Ok(())
+}
+
 fn run_certmesh_bulk(exe: &Path, o: &Opts) -> Result<f64> {
     eprintln!(
         "[certmesh] bulk: {} files / {} MiB, 2 nodes",
@@ -297,6 +313,7 @@ fn run_certmesh_bulk(exe: &Path, o: &Opts) -> Result<f64> {
     );
     let mut bulk = None;
     let (c, t0) = cm_start(exe, 2, |cfgs| {
+        room_for_bulk(cfgs, o.bulk_mib)?;
         bulk = Some(make_bulk(&cfgs[0].2, o.bulk_files, o.bulk_mib)?);
         Ok(())
     })?;
@@ -328,6 +345,7 @@ fn run_certmesh_bulk_small(
     );
     let mut bulk = None;
     let (c, _) = cm_start(exe, 3, |cfgs| {
+        room_for_bulk(cfgs, o.bulk_mib)?;
         bulk = Some(make_bulk(&cfgs[0].2, o.bulk_files, o.bulk_mib)?);
         Ok(())
     })?;

@@ -97,6 +97,11 @@ impl BudgetKind {
             BudgetKind::IndexFull => "index_full",
         }
     }
+
+    /// A cap a peer reaches by announcing paths, not a budget of this node's tree.
+    fn is_flood(self) -> bool {
+        matches!(self, BudgetKind::PeerView | BudgetKind::IndexFull)
+    }
 }
 
 /// A peer's path not fetched because of a budget.
@@ -110,6 +115,11 @@ pub struct Refusal {
 
 /// Most refused paths remembered for `status` (more are only counted).
 pub const MAX_REFUSALS: usize = 10_000;
+/// Most of [`MAX_REFUSALS`] one peer's paths refused for a full view or a full index
+/// may take, so one peer's flood (its needs filling the index) leaves room in the list
+/// for the other peers' `index_full` refusals, which are decided again once there is
+/// room.
+pub const MAX_REFUSALS_PER_PEER: usize = MAX_REFUSALS / 4;
 /// Growth of free disk after which refused paths are decided again.
 pub const RECHECK_FREE: u64 = 1 << 20;
 /// Most bytes (estimated by [`record_cost`]) the records one peer announced may hold
@@ -226,6 +236,9 @@ pub struct Plan {
     /// Of `refused`, those refused for a full peer view (at most half the list, so
     /// the budget refusals, which are decided again, always find room in it).
     view_refusals: usize,
+    /// Of `refused`, how many full-view and full-index refusals each peer's paths
+    /// take ([`MAX_REFUSALS_PER_PEER`]).
+    listed_by: HashMap<Option<DeviceId>, usize>,
     /// Free disk, live paths and content bytes (each with what the needs add) when
     /// budget refusals were last decided again ([`Plan::recheck_budgets`]).
     /// And the records the index and the needs hold (`IndexFull`).
@@ -266,6 +279,7 @@ impl Plan {
             refused: BTreeMap::new(),
             refused_total: 0,
             view_refusals: 0,
+            listed_by: HashMap::new(),
             rechecked: (0, 0, 0, 0),
             max_index_records: MAX_INDEX_RECORDS,
             max_index_bytes: MAX_INDEX_BYTES,
@@ -455,24 +469,50 @@ impl Plan {
             Some(r) => {
                 let was_view = r.reason == BudgetKind::PeerView;
                 let new = r.reason != refusal.reason;
-                *r = refusal.clone();
+                let was = std::mem::replace(r, refusal.clone());
                 self.view_refusals = (self.view_refusals + usize::from(is_view))
                     .saturating_sub(usize::from(was_view));
+                self.unlist(&was);
+                self.list(refusal);
                 new
             }
             None => {
                 // A budget refusal must be listed to be decided again when there is
-                // room; a flood of full-view refusals takes at most half the list.
+                // room; a flood of full-view refusals takes at most half the list,
+                // and one peer's refusals a quarter.
+                let by = self.listed_by.get(&refusal.peer).copied().unwrap_or(0);
                 let room = self.refused.len() < MAX_REFUSALS
-                    && (!is_view || self.view_refusals < MAX_REFUSALS / 2);
+                    && (!is_view || self.view_refusals < MAX_REFUSALS / 2)
+                    && (!refusal.reason.is_flood() || by < MAX_REFUSALS_PER_PEER);
                 if room {
                     self.refused.insert(p.clone(), refusal.clone());
                     self.view_refusals += usize::from(is_view);
+                    self.list(refusal);
                 }
                 true
             }
         };
         new
+    }
+
+    /// Counts a refusal that joined the list against its peer (full view or index).
+    fn list(&mut self, r: &Refusal) {
+        if r.reason.is_flood() {
+            *self.listed_by.entry(r.peer).or_default() += 1;
+        }
+    }
+
+    /// A refusal left the list.
+    fn unlist(&mut self, r: &Refusal) {
+        if !r.reason.is_flood() {
+            return;
+        }
+        if let Some(n) = self.listed_by.get_mut(&r.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.listed_by.remove(&r.peer);
+            }
+        }
     }
 
     /// The lowest peer whose view holds `t`'s version of its path.
@@ -607,7 +647,9 @@ impl Plan {
             .get(p)
             .is_some_and(|r| r.reason != BudgetKind::PeerView)
         {
-            self.refused.remove(p);
+            if let Some(r) = self.refused.remove(p) {
+                self.unlist(&r);
+            }
         }
         // Contenders: peers' records the local one has not seen…
         let seen = self
@@ -1248,9 +1290,42 @@ mod tests {
         for i in 0..MAX_REFUSALS {
             plan.refuse(&RelPath::parse(&format!("v/{i}")).unwrap(), view.clone());
         }
-        assert_eq!(plan.refused_len(), MAX_REFUSALS / 2);
+        assert_eq!(
+            plan.refused_len(),
+            MAX_REFUSALS_PER_PEER.min(MAX_REFUSALS / 2)
+        );
         plan.receive(peer, vec![(newer("b", 1), 1)], 1, &index);
         assert_eq!(refused_for(&plan, "b"), Some(BudgetKind::MaxFiles));
+    }
+
+    #[test]
+    fn one_peers_flood_of_index_full_refusals_leaves_room_in_the_list_for_another_peers() {
+        let mut plan = Plan::default();
+        let (flooder, honest) = (DeviceId([9; 32]), DeviceId([3; 32]));
+        let full = |peer| Refusal {
+            reason: BudgetKind::IndexFull,
+            peer: Some(peer),
+            size: 1,
+        };
+        for i in 0..MAX_REFUSALS {
+            plan.list_refusal(&RelPath::parse(&format!("f/{i}")).unwrap(), &full(flooder));
+        }
+        assert_eq!(plan.refused_len(), MAX_REFUSALS_PER_PEER);
+        let healthy = RelPath::parse("healthy").unwrap();
+        plan.list_refusal(&healthy, &full(honest));
+        assert_eq!(
+            plan.refused()
+                .find(|(p, _)| **p == healthy)
+                .map(|(_, r)| r.peer),
+            Some(Some(honest))
+        );
+        // Budget refusals are this node's own limits: not capped per peer.
+        let budget = Refusal {
+            reason: BudgetKind::MaxFiles,
+            ..full(flooder)
+        };
+        plan.list_refusal(&RelPath::parse("b").unwrap(), &budget);
+        assert_eq!(plan.refused_len(), MAX_REFUSALS_PER_PEER + 2);
     }
 
     #[test]
