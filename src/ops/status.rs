@@ -267,8 +267,9 @@ pub const REFUSED_SHOWN: usize = 100;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RefusedPath {
     pub path: String,
-    /// `max_size`, `max_files`, `min_disk_free` (the `[tree]` key) or `peer_view`
-    /// (the peer's view holds its cap of records or bytes).
+    /// `max_size`, `max_files`, `min_disk_free` (the `[tree]` key), `peer_view`
+    /// (the peer's view holds its cap of records or bytes) or `index_full` (the index
+    /// and the needs hold theirs: decided again when there is room).
     pub reason: String,
     /// The peer that sent it (its name, or its device ID).
     pub peer: Option<String>,
