@@ -139,14 +139,14 @@ pub(crate) fn render_report(
         let (a, b, c) = trio(&|r| r.small.as_ref().map(pick));
         let target = match (name, a) {
             ("p50", Some(v)) => {
-                let mut s = check(v <= 0.005, "≤ 5 ms");
+                let mut s = check(v <= 0.0015, "≤ 1.5 ms");
                 if let Some(tv) = b {
                     s.push_str("; ");
-                    s.push_str(&check(tv / v >= 100.0, "≥ 100× vs tuned"));
+                    s.push_str(&check(tv / v >= 400.0, "≥ 400× vs tuned"));
                 }
                 s
             }
-            ("p99", Some(v)) => check(v <= 0.025, "≤ 25 ms"),
+            ("p99", Some(v)) => check(v <= 0.003, "≤ 3 ms"),
             _ => String::new(),
         };
         t.row(
@@ -171,8 +171,8 @@ pub(crate) fn render_report(
     for (name, pick) in [picks[1], picks[3], picks[4]] {
         let (a, b, c) = trio(&|r| r.bundle.as_ref().map(pick));
         let target = match (name, a) {
-            ("p50", Some(v)) => check(v <= 0.005, "≤ 5 ms"),
-            ("p99", Some(v)) => check(v <= 0.025, "≤ 25 ms"),
+            ("p50", Some(v)) => check(v <= 0.0025, "≤ 2.5 ms"),
+            ("p99", Some(v)) => check(v <= 0.005, "≤ 5 ms"),
             _ => String::new(),
         };
         t.row(
@@ -250,7 +250,7 @@ pub(crate) fn render_report(
         String::new(),
     );
     let target = match (cm_bulk, st_bulk) {
-        (Some(c), Some(s)) => check(s / c >= 2.0, "≥ 2× Syncthing"),
+        (Some(c), Some(s)) => check(s / c >= 3.0, "≥ 3× Syncthing"),
         _ => String::new(),
     };
     t.row(
